@@ -1,0 +1,1 @@
+"""Pallas GPU kernels (Triton lowering for any NVIDIA GPU; Mosaic GPU for Hopper)."""

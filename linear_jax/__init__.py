@@ -1,0 +1,8 @@
+"""linear_jax: linear attention, gated linear attention, the delta rule family and selective
+state-space scans in JAX, each as a `lax.scan` reference, a chunk-parallel XLA form and, where it
+is hot, a Pallas kernel."""
+
+from linear_jax import ops
+
+__version__ = "0.1.0.dev0"
+__all__ = ["ops"]

@@ -1,0 +1,39 @@
+"""The one place where `impl=` is resolved.
+
+Every op passes its name, the requested `impl`, the sequence length and the implementations it has.
+`"auto"` picks by platform: the Pallas kernel on an accelerator when the op has one, otherwise the
+chunk-parallel XLA form; a single step (T == 1, decoding) always takes the recurrent form, which is
+the same function with no chunk padding. Explicit requests are honoured or refused, never swapped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+import jax
+
+Impl = Literal["auto", "recurrent", "chunk", "pallas"]
+IMPLS: tuple[str, ...] = ("auto", "recurrent", "chunk", "pallas")
+_ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
+
+
+def platform() -> str:
+    return jax.default_backend()
+
+
+def resolve(op: str, impl: str, T: int, available: Mapping[str, object]) -> str:
+    """Returns the implementation name to run; raises ValueError for unknown or missing impls."""
+    if impl not in IMPLS:
+        raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
+    if impl != "auto":
+        if impl not in available:
+            raise ValueError(
+                f"{op}: impl={impl!r} is not implemented for this op; available: {sorted(available)}"
+            )
+        return impl
+    if T == 1 and "recurrent" in available:
+        return "recurrent"
+    if platform() in _ACCELERATORS and "pallas" in available:
+        return "pallas"
+    return "chunk" if "chunk" in available else "recurrent"

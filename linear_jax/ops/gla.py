@@ -1,0 +1,63 @@
+"""Gated linear attention: a log-decay per head, step and key channel.
+
+    S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T,        o_t = scale * S_t^T q_t
+
+Shapes: q, k [B, T, Hk, K]; v [B, T, H, V] (H a multiple of Hk); g [B, T, H, K] with g <= 0;
+state S [B, H, K, V] float32; o [B, T, H, V] in v's dtype.
+
+Yang et al. 2024, "Gated Linear Attention Transformers with Hardware-Efficient Training". With
+k = 1 - exp(g) this is HGRN2's state expansion (Qin et al. 2024, "HGRN2: Gated Linear RNNs with
+State Expansion").
+
+impl: "recurrent" (lax.scan reference), "chunk" (chunk-parallel XLA with sub-chunked intra-chunk
+blocks; see `linear_jax.ops.common.decay_chunk`), "pallas" when a kernel is registered, "auto".
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from linear_jax.kernels import registry
+from linear_jax.ops import _checks, _dispatch
+from linear_jax.ops.common.decay_chunk import chunk_decay
+from linear_jax.ops.common.heads import default_scale, repeat_heads
+from linear_jax.ops.common.recurrent import scan_time
+
+
+def gla_recurrent(q, k, v, g, *, scale, initial_state, segment_ids):
+    """The reference: one step per token. Inputs already validated, heads expanded."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    f32 = lambda x: x.astype(jnp.float32)
+    S0 = jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None else f32(initial_state)
+
+    def step(S, x):
+        q_t, k_t, v_t, g_t = x
+        S = jnp.exp(g_t)[..., :, None] * S + k_t[..., :, None] * v_t[..., None, :]
+        return S, jnp.einsum("bhk,bhkv->bhv", q_t, S, precision="highest")
+
+    return scan_time(step, S0, (f32(q) * scale, f32(k), f32(v), f32(g)), segment_ids)
+
+
+def gla_chunk(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size):
+    return chunk_decay(q, k, v, g, scale=scale, initial_state=initial_state,
+                       segment_ids=segment_ids, chunk_size=chunk_size)
+
+
+def gla(q, k, v, g, *, scale=None, initial_state=None, segment_ids=None, chunk_size=64,
+        impl="auto"):
+    """Vector-gated linear attention. Returns `(o [B,T,H,V], final_state [B,H,K,V] float32)`."""
+    B, T, H, K, V = _checks.check_qkv("gla", q, k, v)
+    _checks.check_gate("gla", "g", g, B, T, H, K)
+    _checks.check_log_decay("g", g)
+    _checks.check_state("initial_state", initial_state, (B, H, K, V), "[B, H, K, V]")
+    _checks.check_segment_ids(segment_ids, B, T)
+    _checks.check_chunk_size(chunk_size)
+    impls = {"recurrent": gla_recurrent, "chunk": gla_chunk, **registry.kernels_for("gla")}
+    name = _dispatch.resolve("gla", impl, T, impls)
+    q, k = repeat_heads(q, H), repeat_heads(k, H)
+    kw = dict(scale=default_scale(scale, K), initial_state=initial_state, segment_ids=segment_ids)
+    if name != "recurrent":
+        kw["chunk_size"] = chunk_size
+    o, S = impls[name](q, k, v, g, **kw)
+    return o.astype(v.dtype), S

@@ -1,0 +1,37 @@
+"""Causal linear attention (Katharopoulos et al. 2020, "Transformers are RNNs").
+
+    S_t = S_{t-1} + k_t v_t^T,        o_t = scale * S_t^T q_t
+
+and with `normalize=True`
+
+    z_t = z_{t-1} + k_t,              o_t = scale * S_t^T q_t / (scale * q_t^T z_t + eps)
+
+Shapes: q, k [B, T, Hk, K] (feature-mapped already, see `feature_maps`); v [B, T, H, V];
+o [B, T, H, V] in v's dtype. The normaliser is an extra value column of ones: with
+`normalize=True` the state is [B, H, K, V + 1] float32 whose last column is z.
+
+This is `simple_gla` with no gate, so it runs on that op's recurrent, chunk and kernel paths.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from linear_jax.ops import _checks
+from linear_jax.ops.simple_gla import simple_gla
+
+
+def linear_attention(q, k, v, *, normalize=False, eps=1e-6, scale=None, initial_state=None,
+                     segment_ids=None, chunk_size=64, impl="auto"):
+    """Returns `(o [B,T,H,V], final_state [B,H,K,V] float32)` ([B,H,K,V+1] with normalize)."""
+    B, T, H, K, V = _checks.check_qkv("linear_attention", q, k, v)
+    if not normalize:
+        return simple_gla(q, k, v, None, scale=scale, initial_state=initial_state,
+                          segment_ids=segment_ids, chunk_size=chunk_size, impl=impl)
+    _checks.check_state("initial_state", initial_state, (B, H, K, V + 1), "[B, H, K, V + 1]")
+    ones = jnp.ones(v.shape[:-1] + (1,), jnp.float32)
+    v_aug = jnp.concatenate([v.astype(jnp.float32), ones], axis=-1)
+    o, S = simple_gla(q, k, v_aug, None, scale=scale, initial_state=initial_state,
+                      segment_ids=segment_ids, chunk_size=chunk_size, impl=impl)
+    o = o[..., :V] / (o[..., V:] + eps)
+    return o.astype(v.dtype), S
