@@ -8,12 +8,14 @@ with g absent (linear attention), a scalar per head (simple GLA, RetNet, Mamba-2
     o_i   = (q_i * exp(G_i))^T S_in  +  sum_{j<=i} [sum_k q_ik k_jk exp(G_ik - G_jk)] v_j
     S_out = exp(G_last) * S_in       +  sum_j (k_j * exp(G_last - G_j)) v_j^T
 
-Every exponent above is <= 0 because G decreases along the chunk, so nothing overflows: a decay can
-only underflow to an exact 0. The scalar gate factors the intra-chunk term as (q k^T) * exp(G_i - G_j)
-masked before the exp. The vector gate cannot be factored through one reference point without ratios
-exp(-G) that overflow, so the chunk is cut into sub-chunks of length c: a block of queries a and keys
-b < a factors through the gate at the end of sub-chunk b (both factors <= 1), and the diagonal blocks
-are formed elementwise from a [c, c, K] tensor.
+Every exponent above is a sum of gates over a span, <= 0, so nothing overflows: a decay can only
+underflow to an exact 0. Each span sum is formed from exactly the gates inside the span
+(`linear_jax.ops.common.gates`), never as a difference G_i - G_j, so the gradient of g stays exact
+when the decay is strong. The scalar gate gives the intra-chunk term (q k^T) * exp(segsum(g)). The
+vector gate cannot be factored through one reference point without ratios exp(-G) that overflow, so
+the chunk is cut into sub-chunks of length c: a block of queries a and keys b < a factors through the
+gate at the end of sub-chunk b (both factors <= 1), and the diagonal blocks are formed elementwise
+from a [c, c, K] tensor.
 
 Packed documents enter as masks, never as -inf gates (a -inf inside a cumulative sum would swamp the
 finite differences around it): the intra term keeps pairs in the same document, the incoming state
@@ -33,6 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from linear_jax.ops.common.chunking import chunk_docs, from_chunks, to_chunks
+from linear_jax.ops.common.gates import cumsum_incl, rev_cumsum_excl, segsum
 
 _HI = lax.Precision.HIGHEST
 SUB_CHUNK = 16
@@ -47,30 +50,42 @@ def _causal(C):
     return i[:, None] >= i[None, :]
 
 
-def _intra_scalar(q, k, G, mask):
-    """q, k [B,H,N,C,K]; G [B,H,N,C]; mask [B,H|1,N,C,C] -> A [B,H,N,C,C]."""
-    diff = jnp.where(mask, G[..., :, None] - G[..., None, :], -jnp.inf)
-    return _einsum("bhnik,bhnjk->bhnij", q, k) * jnp.exp(diff)
+def _intra_scalar(q, k, g, mask):
+    """q, k [B,H,N,C,K]; g [B,H,N,C]; mask [B|1,1,N|1,C,C] -> A [B,H,N,C,C]."""
+    D = jnp.where(mask, segsum(g), -jnp.inf)
+    return _einsum("bhnik,bhnjk->bhnij", q, k) * jnp.exp(D)
 
 
-def _intra_vector(q, k, G, mask, c):
-    """Vector gate: G [B,H,N,C,K]; sub-chunks of length c (see the module docstring)."""
+def _intra_vector(q, k, g, mask, c):
+    """Vector gate: g [B,H,N,C,K]; sub-chunks of length c (see the module docstring)."""
     B, H, N, C, K = q.shape
     s = C // c
-    qs, ks, Gs = (x.reshape(B, H, N, s, c, K) for x in (q, k, G))
-    ref = Gs[..., -1, :]                                   # [B,H,N,s,K]: gate ending sub-chunk b
-    later = (jnp.arange(s)[:, None] > jnp.arange(s)[None, :])[:, None, :, None]  # a > b
-    # query sub-chunk a against key sub-chunk b < a, both factors through ref_b are <= 1
-    dq = jnp.where(later, Gs[..., :, :, None, :] - ref[..., None, None, :, :], -jnp.inf)
-    qt = qs[..., :, :, None, :] * jnp.exp(dq)              # [B,H,N,a,c,b,K]
-    kt = ks * jnp.exp(ref[..., None, :] - Gs)              # [B,H,N,b,c,K]
-    A = _einsum("zhnaiyk,zhnyjk->zhnaiyj", qt, kt)         # [B,H,N,a,c,b,c]
-    tri = _causal(c)[..., None]
-    dd = jnp.where(tri, Gs[..., :, None, :] - Gs[..., None, :, :], -jnp.inf)
-    diag = (qs[..., :, None, :] * jnp.exp(dd) * ks[..., None, :, :]).sum(-1)  # [B,H,N,s,c,c]
+    qs, ks, gs = (x.reshape(B, H, N, s, c, K) for x in (q, k, g))
+    # off-diagonal blocks, queries of sub-chunk a against keys of sub-chunk b < a, factored through
+    # the end of b: exp(span (end_b, i]) * exp(span (j, end_b]), both spans summed without ratios
+    tot = jnp.moveaxis(gs.sum(axis=4), -2, -1)                 # [B,H,N,K,s]
+    span = segsum(tot)                                          # [..., K, x, y]: (y, x] sub-chunks
+    between = jnp.concatenate([jnp.full_like(span[..., :1, :], -jnp.inf), span[..., :-1, :]], -2)
+    between = jnp.moveaxis(between, -3, -1)                     # [B,H,N,a,b,K]: (b, a) exclusive
+    dq = cumsum_incl(gs, axis=4)[..., :, :, None, :] + between[..., :, None, :, :]
+    qt = qs[..., :, :, None, :] * jnp.exp(dq)                   # [B,H,N,a,c,b,K]
+    kt = ks * jnp.exp(rev_cumsum_excl(gs, axis=4))              # [B,H,N,b,c,K]
+    A = _einsum("zhnaiyk,zhnyjk->zhnaiyj", qt, kt)              # [B,H,N,a,c,b,c]
+    # diagonal blocks: elementwise in K
+    dd = jnp.moveaxis(segsum(jnp.moveaxis(gs, -1, -2)), -3, -1)  # [B,H,N,s,c,c,K]
+    diag = (qs[..., :, None, :] * jnp.exp(dd) * ks[..., None, :, :]).sum(-1)
     eye = jnp.eye(s, dtype=bool)[:, None, :, None]
     A = A + jnp.where(eye, diag[..., :, :, None, :], 0.0)
     return jnp.where(mask, A.reshape(B, H, N, C, C), 0.0)
+
+
+def _map_chunks(f, *xs, batch: int = 8):
+    """f over chunks a few at a time, rebuilt in the backward pass: the [c, c, K] temporaries of
+    the vector gate then live for one batch of chunks, not for the whole sequence."""
+    N = xs[0].shape[2]
+    xs = [jnp.moveaxis(jnp.broadcast_to(x, x.shape[:2] + (N,) + x.shape[3:]), 2, 0) for x in xs]
+    body = jax.checkpoint(lambda x: f(*(a[:, :, None] for a in x))[:, :, 0])
+    return jnp.moveaxis(lax.map(body, xs, batch_size=min(batch, N)), 0, 2)
 
 
 def chunk_decay(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size):
@@ -86,7 +101,7 @@ def chunk_decay(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size):
     qc, kc, vc = to_chunks(f32(q) * scale, C), to_chunks(f32(k), C), to_chunks(f32(v), C)
     N = qc.shape[2]
     kind = "none" if g is None else ("scalar" if g.ndim == 3 else "vector")
-    G = None if g is None else jnp.cumsum(to_chunks(f32(g), C), axis=3)
+    gc = None if g is None else to_chunks(f32(g), C)
 
     causal = _causal(C)
     if segment_ids is None:
@@ -105,18 +120,16 @@ def chunk_decay(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size):
         A = jnp.where(same, _einsum("bhnik,bhnjk->bhnij", qc, kc), 0.0)
         q_in, k_out, decay = qc, kc, None
     elif kind == "scalar":
-        A = _intra_scalar(qc, kc, G, same)
-        last = G[..., -1:]
-        q_in = qc * jnp.exp(G)[..., None]
-        k_out = kc * jnp.exp(last - G)[..., None]
-        decay = jnp.exp(last[..., 0])[..., None, None]         # [B,H,N,1,1]
+        A = _intra_scalar(qc, kc, gc, same)
+        q_in = qc * jnp.exp(cumsum_incl(gc, 3))[..., None]
+        k_out = kc * jnp.exp(rev_cumsum_excl(gc, 3))[..., None]
+        decay = jnp.exp(gc.sum(3))[..., None, None]            # [B,H,N,1,1]
     else:
         c = math.gcd(C, SUB_CHUNK)
-        A = jax.checkpoint(_intra_vector, static_argnums=(4,))(qc, kc, G, same, c)
-        last = G[..., -1:, :]
-        q_in = qc * jnp.exp(G)
-        k_out = kc * jnp.exp(last - G)
-        decay = jnp.exp(last[..., 0, :])[..., None]            # [B,H,N,K,1]
+        A = _map_chunks(lambda *x: _intra_vector(*x, c), qc, kc, gc, same)
+        q_in = qc * jnp.exp(cumsum_incl(gc, 3))
+        k_out = kc * jnp.exp(rev_cumsum_excl(gc, 3))
+        decay = jnp.exp(gc.sum(3))[..., None]                  # [B,H,N,K,1]
 
     q_in = jnp.where(in_rows[..., None], q_in, 0.0)
     k_out = jnp.where(out_rows[..., None], k_out, 0.0)

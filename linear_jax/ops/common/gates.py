@@ -1,0 +1,39 @@
+"""Sums of log-decays over spans, formed so that gradients stay exact at strong decay.
+
+The decay between steps j < i is exp(sum_{j<s<=i} g_s). Writing that sum as a difference of two
+cumulative sums (G_i - G_j) is exact in the forward pass but not in the backward: the gradient of a
+pair reaches every g_s twice, once with each sign, and the two O(1) contributions of pairs with no
+decay (i = j) cancel only to rounding. When the true d(g) is tiny (g = -20 makes it ~1e-9) that
+rounding is all that is left (the silent d(gate) corruption users report for other libraries).
+The helpers below form each span sum from exactly the g_s inside the span (Mamba-2's "segsum"),
+so a pair's gradient reaches only the gates between its two ends and nothing cancels.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def cumsum_incl(g, axis: int):
+    """sum_{s <= i} g_s along `axis`."""
+    return jnp.cumsum(g, axis=axis)
+
+
+def rev_cumsum_excl(g, axis: int):
+    """sum_{s > i} g_s along `axis` (a shift, then a reverse cumulative sum: no subtraction)."""
+    g = jnp.moveaxis(g, axis, -1)
+    shifted = jnp.concatenate([g[..., 1:], jnp.zeros_like(g[..., :1])], axis=-1)
+    out = jnp.flip(jnp.cumsum(jnp.flip(shifted, -1), axis=-1), -1)
+    return jnp.moveaxis(out, -1, axis)
+
+
+def segsum(g):
+    """D[..., i, j] = sum_{j < s <= i} g[..., s] for i >= j, and -inf above the diagonal.
+
+    g [..., C] -> [..., C, C], over the last axis.
+    """
+    C = g.shape[-1]
+    s = jnp.arange(C)
+    x = jnp.where(s[:, None] > s[None, :], g[..., :, None], 0.0)  # x[s, j] = g_s for s > j
+    d = jnp.cumsum(x, axis=-2)                                       # d[i, j] = sum_{j<s<=i} g_s
+    return jnp.where(s[:, None] >= s[None, :], d, -jnp.inf)

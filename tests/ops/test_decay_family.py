@@ -1,0 +1,188 @@
+"""Op-specific tests for linear_attention, simple_gla and gla (the contract suite covers the rest)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from linear_jax.ops.gla import gla
+from linear_jax.ops.linear_attention import linear_attention
+from linear_jax.ops.simple_gla import simple_gla
+from tests.ops.spec_decay import decay_reference
+from tests.utils import assert_close, segments
+
+
+def test_reference_on_a_hand_computed_case():
+    # K = V = 1, two steps, decay 1/2: S1 = 1*2 = 2, o1 = 2; S2 = 0.5*2 + 1*3 = 4, o2 = 4 * 1.
+    q = jnp.ones((1, 2, 1, 1))
+    k = jnp.array([1.0, 1.0]).reshape(1, 2, 1, 1)
+    v = jnp.array([2.0, 3.0]).reshape(1, 2, 1, 1)
+    g = jnp.log(jnp.array([1.0, 0.5])).reshape(1, 2, 1)
+    for impl in ("recurrent", "chunk"):
+        o, S = simple_gla(q, k, v, g, scale=1.0, impl=impl)
+        np.testing.assert_allclose(np.asarray(o).ravel(), [2.0, 4.0], rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(S).ravel(), [4.0], rtol=1e-6)
+    # a reset at t = 1 drops S1: o2 = 3
+    o, _ = simple_gla(q, k, v, g, scale=1.0, segment_ids=jnp.array([[0, 1]]), impl="recurrent")
+    np.testing.assert_allclose(np.asarray(o).ravel(), [2.0, 3.0], rtol=1e-6)
+
+
+def _draw(rng, B, T, H, K, V, gate):
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)
+    q, k, v = f(B, T, H, K), f(B, T, H, K), f(B, T, H, V)
+    k = k / np.linalg.norm(k, axis=-1, keepdims=True)
+    shape = (B, T, H) if gate == "scalar" else (B, T, H, K)
+    return q, k, v, shape
+
+
+GATES = {
+    "zero": lambda rng, s: np.zeros(s, np.float32),
+    "tiny": lambda rng, s: np.full(s, -1e-4, np.float32),
+    "minus5": lambda rng, s: np.full(s, -5.0, np.float32),
+    "minus20": lambda rng, s: np.full(s, -20.0, np.float32),
+    "mixed": lambda rng, s: np.where(rng.uniform(size=s) < 0.5, 0.0, -1e3).astype(np.float32),
+}
+
+
+@pytest.mark.parametrize("gate_kind,op", [("scalar", simple_gla), ("vector", gla)],
+                         ids=["simple_gla", "gla"])
+@pytest.mark.parametrize("gate", list(GATES))
+def test_extreme_gates_forward_and_backward(gate_kind, op, gate):
+    """T = 8192 bf16 inputs with fp32 state: chunk == recurrent, outputs and every gradient."""
+    rng = np.random.default_rng(0)
+    q, k, v, gshape = _draw(rng, 1, 8192, 1, 8, 8, gate_kind)
+    g = GATES[gate](rng, gshape)
+    q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
+    seg = jnp.asarray(segments(rng, 1, 8192, p=0.002))
+    do = jnp.asarray(rng.standard_normal((1, 8192, 1, 8)), jnp.float32)
+
+    def loss(impl, q, k, v, g):
+        o, S = op(q, k, v, g, segment_ids=seg, impl=impl)
+        return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(S)
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(1, 2, 3, 4)), static_argnums=0)
+    (lc, gc), (lr, gr) = grad("chunk", q, k, v, g), grad("recurrent", q, k, v, g)
+    assert np.isfinite(float(lc))
+    assert abs(float(lc) - float(lr)) <= 1e-3 * max(1.0, abs(float(lr)))
+    for name, a, b in zip("qkvg", gc, gr):
+        assert_close(a.astype(jnp.float32), b.astype(jnp.float32), 2e-2, f"d{name}")
+
+
+@pytest.mark.parametrize("op,gate_kind", [(simple_gla, "scalar"), (gla, "vector")],
+                         ids=["simple_gla", "gla"])
+def test_no_nan_over_long_sequences(op, gate_kind):
+    rng = np.random.default_rng(1)
+    q, k, v, gshape = _draw(rng, 1, 4096, 2, 16, 16, gate_kind)
+    g = rng.uniform(-20.0, 0.0, gshape).astype(np.float32)
+    o, S = jax.jit(lambda *a: op(*a, impl="chunk"))(q, k, v, g)
+    assert np.isfinite(np.asarray(o)).all() and np.isfinite(np.asarray(S)).all()
+    dq = jax.jit(jax.grad(lambda q: op(q, k, v, g, impl="chunk")[0].sum()))(q)
+    assert np.isfinite(np.asarray(dq)).all()
+
+
+def test_linear_attention_normalize_is_a_ratio():
+    rng = np.random.default_rng(2)
+    q, k, v = (np.exp(0.2 * rng.standard_normal((1, 33, 2, 8))).astype(np.float32)
+               for _ in range(3))
+    o, S = linear_attention(q, k, v, normalize=True, impl="chunk", chunk_size=16)
+    num, _ = decay_reference(*(x.astype(np.float64) for x in (q, k, v)), None, None, None, 8**-0.5)
+    den = 8**-0.5 * np.einsum("bthk,bthk->bth", q, np.cumsum(k, axis=1))
+    assert_close(o, num / (den[..., None] + 1e-6), 1e-5, "normalised output")
+    assert S.shape == (1, 2, 8, 9)
+    np.testing.assert_allclose(np.asarray(S[..., -1]), k.sum(1), rtol=1e-5)
+
+
+def test_grouped_heads_equal_repeated_heads():
+    rng = np.random.default_rng(3)
+    q, k = (rng.standard_normal((2, 20, 2, 8)).astype(np.float32) for _ in range(2))
+    v = rng.standard_normal((2, 20, 6, 4)).astype(np.float32)
+    g = -rng.uniform(0, 1, (2, 20, 6)).astype(np.float32)
+    o, S = simple_gla(q, k, v, g, impl="chunk", chunk_size=8)
+    o2, S2 = simple_gla(np.repeat(q, 3, 2), np.repeat(k, 3, 2), v, g, impl="recurrent")
+    assert_close(o, o2, 1e-5, "grouped output")
+    assert_close(S, S2, 1e-5, "grouped state")
+
+
+def test_padding_never_changes_real_outputs():
+    """A sequence padded at the end (its own segment id) gives the same outputs on the real part."""
+    rng = np.random.default_rng(4)
+    q, k, v = (rng.standard_normal((1, 40, 2, 8)).astype(np.float32) for _ in range(3))
+    g = -rng.uniform(0, 1, (1, 40, 2, 8)).astype(np.float32)
+    o, _ = gla(q[:, :30], k[:, :30], v[:, :30], g[:, :30], impl="chunk", chunk_size=16)
+    seg = np.array([[0] * 30 + [1] * 10], np.int32)
+    o_pad, _ = gla(q, k, v, g, segment_ids=seg, impl="chunk", chunk_size=16)
+    assert_close(o_pad[:, :30], o, 1e-6, "real tokens")
+
+
+def test_no_gradient_crosses_a_document_boundary():
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((1, 24, 1, 4)).astype(np.float32) for _ in range(3))
+    g = -rng.uniform(0, 1, (1, 24, 1)).astype(np.float32)
+    seg = np.array([[0] * 10 + [1] * 14], np.int32)
+    dk = jax.grad(lambda k: simple_gla(q, k, v, g, segment_ids=seg, impl="chunk",
+                                       chunk_size=8)[0][:, 10:].sum())(k)
+    assert np.all(np.asarray(dk)[:, :10] == 0.0)
+    assert np.any(np.asarray(dk)[:, 10:] != 0.0)
+
+
+def test_backward_is_deterministic():
+    rng = np.random.default_rng(6)
+    q, k, v = (rng.standard_normal((1, 70, 2, 8)).astype(np.float32) for _ in range(3))
+    g = -rng.uniform(0, 1, (1, 70, 2, 8)).astype(np.float32)
+    f = jax.jit(jax.grad(lambda q, k, v, g: gla(q, k, v, g, impl="chunk")[0].sum(),
+                         argnums=(0, 1, 2, 3)))
+    a, b = f(q, k, v, g), f(q, k, v, g)
+    for x, y in zip(a, b):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("op,gate_kind", [(simple_gla, "scalar"), (gla, "vector")],
+                         ids=["simple_gla", "gla"])
+def test_chunk_backward_memory_is_linear_in_T(op, gate_kind):
+    """jit(grad) of the chunk path keeps chunk states, never per-step states or a [T, T] matrix."""
+    B, H, K, V = 1, 1, 64, 64
+
+    def temp_bytes(T):
+        s = jax.ShapeDtypeStruct
+        g = s((B, T, H) if gate_kind == "scalar" else (B, T, H, K), jnp.float32)
+        args = (s((B, T, H, K), jnp.float32), s((B, T, H, K), jnp.float32),
+                s((B, T, H, V), jnp.float32), g)
+        loss = lambda q, k, v, g: op(q, k, v, g, impl="chunk")[0].sum()
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(*args).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    t1, t2 = temp_bytes(8192), temp_bytes(16384)
+    per_step_states = 8192 * K * V * 4          # what a stored [T, K, V] would take
+    assert t1 < per_step_states / 2, f"{t1 / 2**20:.1f} MiB of temporaries at T=8192"
+    assert t2 < 2.1 * t1, f"temporaries grow faster than T: {t1 / 2**20:.1f} -> {t2 / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda q, k, v, g: simple_gla(q[0], k, v, g), "q must have rank 4"),
+        (lambda q, k, v, g: simple_gla(q, k[:, :5], v, g), "q and k"),
+        (lambda q, k, v, g: simple_gla(q, k, v[:1], g), "batch size"),
+        (lambda q, k, v, g: simple_gla(q, k, v[:, :, :1], g), "heads"),
+        (lambda q, k, v, g: simple_gla(q, k, v, g[..., None]), "g must have rank 3"),
+        (lambda q, k, v, g: simple_gla(q, k, v, g, impl="fast"), "impl"),
+        (lambda q, k, v, g: simple_gla(q, k, v, -g), "log-space decays"),
+        (lambda q, k, v, g: simple_gla(q, k, v, g, segment_ids=np.zeros((2, 8), np.float32)),
+         "segment_ids must be an integer"),
+        (lambda q, k, v, g: simple_gla(q, k, v, g, initial_state=np.zeros((2, 2, 3, 4))),
+         "initial_state"),
+        (lambda q, k, v, g: simple_gla(q, k, v, g, chunk_size=0), "chunk_size"),
+        (lambda q, k, v, g: gla(q, k, v, g), "g must have rank 4"),
+        (lambda q, k, v, g: linear_attention(q, k, v, normalize=True,
+                                             initial_state=np.zeros((2, 2, 4, 3))),
+         r"\[B, H, K, V \+ 1\]"),
+    ],
+)
+def test_bad_input_raises_value_error(call, match):
+    q = k = np.ones((2, 8, 2, 4), np.float32)
+    v = np.ones((2, 8, 2, 3), np.float32)
+    g = -np.ones((2, 8, 2), np.float32)
+    with pytest.raises(ValueError, match=match):
+        call(q, k, v, g)
