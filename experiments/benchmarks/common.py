@@ -1,0 +1,78 @@
+"""What every benchmark script shares: timing, the machine's two ceilings, floors, JSON output.
+
+A floor is the larger of two times: the fewest bytes the op must move (every input read once, every
+output written once) over the measured memory bandwidth, and the FLOPs of the algorithm over the
+measured matrix rate. Measured time over the floor is the gap left.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+RESULTS = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results")
+
+
+def median_ms(f, *args, reps: int = 10, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
+
+
+def compile_seconds(f, *args) -> float:
+    t0 = time.perf_counter()
+    f.lower(*args).compile()
+    return time.perf_counter() - t0
+
+
+def measure_ceilings(n_bytes: int = 1 << 27, n: int = 2048) -> dict:
+    """Bandwidth (bytes read + written per s) of a large copy, FLOP/s of a float32 matmul."""
+    x = jnp.ones((n_bytes // 4,), jnp.float32)
+    copy = jax.jit(lambda x: x * 1.0001)
+    bw = 2 * n_bytes / (median_ms(copy, x, reps=5) / 1e3)
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    mm = jax.jit(lambda a: a @ a)
+    flops = 2 * n**3 / (median_ms(mm, a, reps=5) / 1e3)
+    return {"bytes_per_s": bw, "flop_per_s": flops}
+
+
+def decay_family_cost(B, T, H, K, V, C, gate: str, itemsize: int = 4) -> dict:
+    """Bytes and FLOPs of one chunked forward pass (gate: none | scalar | vector)."""
+    g_elems = {"none": 0, "scalar": B * T * H, "vector": B * T * H * K}[gate]
+    moved = itemsize * (B * T * H * (2 * K + 2 * V) + g_elems)        # q, k, v, g in; o out
+    flops = 2 * B * H * T * (C * K + C * V + 2 * K * V)                 # intra qk, Av; inter qS, k^T v
+    return {"bytes": moved, "flops": flops}
+
+
+def floor_ms(cost: dict, ceilings: dict) -> float:
+    return 1e3 * max(cost["bytes"] / ceilings["bytes_per_s"], cost["flops"] / ceilings["flop_per_s"])
+
+
+def write_json(name: str, rows: list, **meta) -> str:
+    os.makedirs(RESULTS, exist_ok=True)
+    dev = jax.devices()[0]
+    payload = {
+        "device": dev.device_kind,
+        "platform": dev.platform,
+        "host": platform.processor() or platform.machine(),
+        "jax": jax.__version__,
+        "date": datetime.date.today().isoformat(),
+        **meta,
+        "rows": rows,
+    }
+    path = os.path.normpath(os.path.join(RESULTS, name))
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+    return path
