@@ -1,11 +1,29 @@
 """Linear recurrences as plain functions.
 
-Every op takes `[B, T, H, D]` inputs and the keyword arguments `scale`, `initial_state`,
-`segment_ids`, `chunk_size`, `impl`, and returns `(output, final_state)` with the state in float32.
+Every op takes `[B, T, ...]` inputs and the keyword arguments `initial_state`, `segment_ids`,
+`chunk_size`, `impl` (and `scale` where there is a query), and returns `(output, final_state)` with
+the state in float32.
 """
 
+from linear_jax.ops import feature_maps, norms
+from linear_jax.ops.delta_product import delta_product
+from linear_jax.ops.delta_rule import delta_rule, efla_beta, gated_delta_rule
 from linear_jax.ops.gla import gla
 from linear_jax.ops.linear_attention import linear_attention
+from linear_jax.ops.mlstm import mlstm
 from linear_jax.ops.simple_gla import simple_gla
+from linear_jax.ops.ssd import ssd
 
-__all__ = ["gla", "linear_attention", "simple_gla"]
+__all__ = [
+    "delta_product",
+    "delta_rule",
+    "efla_beta",
+    "feature_maps",
+    "gated_delta_rule",
+    "gla",
+    "linear_attention",
+    "mlstm",
+    "norms",
+    "simple_gla",
+    "ssd",
+]

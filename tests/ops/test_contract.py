@@ -2,7 +2,9 @@
 
 Each test compares with an independent float64 NumPy recurrence (outputs, final state) or with the
 `lax.scan` reference (gradients of every float input, initial_state included, through the output
-and the final state). Shapes are chosen so T is not a multiple of the chunk size.
+and the final state). Shapes are chosen so T is not a multiple of the chunk size. A state may be a
+tuple of arrays (mLSTM's (C, n, m)): it is drawn, compared and reset leaf by leaf, and a reset
+zeroes every leaf.
 """
 
 from __future__ import annotations
@@ -31,14 +33,40 @@ def _run(spec, impl, args, kwargs, S0=None, seg=None, chunk_size=C):
 
 
 def _f64(args):
-    return {n: (np.asarray(x, np.float64) if np.issubdtype(np.asarray(x).dtype, np.floating)
-                else np.asarray(x)) for n, x in args.items()}
+    """float64 copies of the real float inputs (bf16 included: NumPy does not count it as float)."""
+    real_float = lambda x: jnp.issubdtype(jnp.result_type(x), jnp.floating)
+    return {n: np.asarray(x).astype(np.float64) if real_float(x) else np.asarray(x)
+            for n, x in args.items()}
+
+
+def _draw_state(rng, shape):
+    """A float32 state of `shape`, or a tuple of them when `shape` is a tuple of shapes."""
+    if all(isinstance(d, (int, np.integer)) for d in shape):
+        return rng.standard_normal(shape).astype(np.float32)
+    return tuple(_draw_state(rng, s) for s in shape)
+
+
+def _state_f64(S):
+    return jax.tree.map(lambda s: np.asarray(s, np.float64), S)
+
+
+def _close(a, b, tol, what):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb), f"{what}: {len(la)} state arrays, expected {len(lb)}"
+    for n, (x, y) in enumerate(zip(la, lb, strict=True)):
+        assert_close(x, y, tol, what if len(la) == 1 else f"{what}[{n}]")
+
+
+def _reset(S, r):
+    """Zeroes the state of the batch rows where `r` [B] is True."""
+    r = jnp.asarray(r)
+    return jax.tree.map(lambda s: jnp.where(r.reshape((-1,) + (1,) * (s.ndim - 1)), 0.0, s), S)
 
 
 def _draw(spec, seed, dtype=np.float32, b=B, t=T):
     rng = np.random.default_rng(seed)
     args, kwargs = spec.make(rng, b, t, dtype)
-    S0 = rng.standard_normal(spec.state_shape(args)).astype(np.float32)
+    S0 = _draw_state(rng, spec.state_shape(args))
     seg = segments(rng, b, t, p=0.08) if spec.has_segments else None
     return args, kwargs, S0, seg
 
@@ -48,10 +76,10 @@ def test_matches_float64_reference(case):
     spec, impl = case
     args, kwargs, S0, seg = _draw(spec, 0)
     o, S = jax.jit(lambda a: _run(spec, impl, a, kwargs, S0, seg))(args)
-    ro, rS = spec.reference(_f64(args), np.asarray(S0, np.float64), seg)
-    assert o.shape == ro.shape and S.dtype == jnp.float32
+    ro, rS = spec.reference(_f64(args), _state_f64(S0), seg)
+    assert o.shape == ro.shape and all(s.dtype == jnp.float32 for s in jax.tree.leaves(S))
     assert_close(o, ro, TOL["float32"], f"{spec.name}/{impl} output")
-    assert_close(S, rS, TOL["float32"], f"{spec.name}/{impl} final state")
+    _close(S, rS, TOL["float32"], f"{spec.name}/{impl} final state")
 
 
 @pytest.mark.parametrize("case", CASES, ids=ids)
@@ -61,7 +89,7 @@ def test_no_state_no_segments(case):
     o, S = _run(spec, impl, args, kwargs, chunk_size=8)
     ro, rS = spec.reference(_f64(args), None, None)
     assert_close(o, ro, TOL["float32"], "output")
-    assert_close(S, rS, TOL["float32"], "final state")
+    _close(S, rS, TOL["float32"], "final state")
 
 
 @pytest.mark.parametrize("case", CASES, ids=ids)
@@ -71,10 +99,10 @@ def test_bf16_inputs(case):
     args = {n: (jnp.asarray(x, jnp.bfloat16) if np.asarray(x).dtype == np.float32 else x)
             for n, x in args.items()}
     o, S = _run(spec, impl, args, kwargs, S0, seg)
-    ro, rS = spec.reference(_f64(args), np.asarray(S0, np.float64), seg)
-    assert o.dtype == jnp.bfloat16 and S.dtype == jnp.float32
+    ro, rS = spec.reference(_f64(args), _state_f64(S0), seg)
+    assert o.dtype == jnp.bfloat16 and all(s.dtype == jnp.float32 for s in jax.tree.leaves(S))
     assert_close(o, ro, TOL["bfloat16"], "output")
-    assert_close(S, rS, TOL["float32"] * 10, "final state")
+    _close(S, rS, TOL["float32"] * 10, "final state")
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[1] != "recurrent"], ids=ids)
@@ -88,18 +116,19 @@ def test_gradients_match_reference(case):
         full = dict(args, **diff)
         o, S = _run(spec, impl_, full, kwargs, S0_, seg)
         do = jnp.asarray(rng_do, jnp.float32)
-        dS = jnp.asarray(rng_dS, jnp.float32)
-        return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(S * dS)
+        dS = jax.tree.map(lambda d: jnp.asarray(d, jnp.float32), rng_dS)
+        return jnp.sum(o.astype(jnp.float32) * do) + sum(
+            jnp.sum(s * d) for s, d in zip(jax.tree.leaves(S), jax.tree.leaves(dS), strict=True))
 
     o, S = _run(spec, "recurrent", args, kwargs, S0, seg)
     rng_do = rng.standard_normal(o.shape)
-    rng_dS = rng.standard_normal(S.shape)
+    rng_dS = jax.tree.map(lambda s: rng.standard_normal(s.shape), S)
     diff = {n: args[n] for n in names}
     grad = jax.jit(jax.grad(loss, argnums=(1, 2)), static_argnums=0)
     got, want = grad(impl, diff, S0), grad("recurrent", diff, S0)
     for n in names:
         assert_close(got[0][n], want[0][n], TOL["float32"], f"d{n}")
-    assert_close(got[1], want[1], TOL["float32"], "d initial_state")
+    _close(got[1], want[1], TOL["float32"], "d initial_state")
 
 
 @pytest.mark.parametrize("spec", [s for s in SPECS if "chunk" in s.impls], ids=lambda s: s.name)
@@ -113,11 +142,10 @@ def test_split_and_step_decode_equal_full(spec):
     seg_h, seg_t = (None, None) if seg is None else (seg[:, :cut], seg[:, cut:])
     o1, S1 = _run(spec, "chunk", head, kwargs, S0, seg_h)
     if seg is not None:  # a reset at the cut is a change between cut-1 and cut
-        S1 = jnp.where(jnp.asarray(seg[:, cut] != seg[:, cut - 1]).reshape((-1,) + (1,) * (S1.ndim - 1)),
-                       0.0, S1)
+        S1 = _reset(S1, seg[:, cut] != seg[:, cut - 1])
     o2, S2 = _run(spec, "chunk", tail, kwargs, S1, seg_t)
     assert_close(jnp.concatenate([o1, o2], axis=1), o, TOL["float32"], "split output")
-    assert_close(S2, S, TOL["float32"], "split state")
+    _close(S2, S, TOL["float32"], "split state")
     # decode the first 5 tokens one at a time through impl="auto" (T == 1 -> recurrent)
     St, outs = S0, []
     for t in range(5):
@@ -126,8 +154,7 @@ def test_split_and_step_decode_equal_full(spec):
         ot, St = _run(spec, "auto", step, kwargs, St, None if seg is None else seg[:, t:t + 1])
         outs.append(ot)
         if seg is not None and t + 1 < 29:
-            St = jnp.where(jnp.asarray(seg[:, t + 1] != seg[:, t]).reshape((-1,) + (1,) * (St.ndim - 1)),
-                           0.0, St)
+            St = _reset(St, seg[:, t + 1] != seg[:, t])
     assert_close(jnp.concatenate(outs, axis=1), o[:, :5], TOL["float32"], "step decode")
 
 

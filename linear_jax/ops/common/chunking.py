@@ -74,3 +74,24 @@ def chunk_docs(segment_ids, T: int, C: int):
     doc = pad_time(doc, N * C, axis=1, mode="edge").reshape(doc.shape[0], N, C)
     doc_in = jnp.concatenate([jnp.zeros_like(doc[:, :1, 0]), doc[:, :-1, -1]], axis=1)
     return doc, doc_in
+
+
+def doc_masks(segment_ids, T: int, C: int, N: int):
+    """The masks a chunk form needs for packed documents (documents are contiguous, so each is exact).
+
+    same [B|1, 1, N|1, C, C]: causal pairs in the same document; in_rows [B|1, 1, N|1, C]: rows
+    still in the document that entered the chunk (they read S_in); out_rows: rows in the chunk's
+    last document (they write S_out); keep [B|1, 1, N]: the chunk holds no reset (S_in survives).
+    Without segment ids every mask is all-true and broadcasts.
+    """
+    i = jnp.arange(C)
+    causal = i[:, None] >= i[None, :]
+    if segment_ids is None:
+        ones = jnp.ones((1, 1, N, C), bool)
+        return causal[None, None, None], ones, ones, jnp.ones((1, 1, N), bool)
+    doc, doc_in = chunk_docs(segment_ids, T, C)                  # [B,N,C], [B,N]
+    same = (causal & (doc[..., :, None] == doc[..., None, :]))[:, None]
+    in_rows = (doc == doc_in[..., None])[:, None]
+    out_rows = (doc == doc[..., -1:])[:, None]
+    keep = (doc[..., -1] == doc_in)[:, None]
+    return same, in_rows, out_rows, keep

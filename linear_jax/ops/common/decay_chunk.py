@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from linear_jax.ops.common.chunking import chunk_docs, from_chunks, to_chunks
+from linear_jax.ops.common.chunking import doc_masks, from_chunks, to_chunks
 from linear_jax.ops.common.gates import cumsum_incl, rev_cumsum_excl, segsum
 
 _HI = lax.Precision.HIGHEST
@@ -43,11 +43,6 @@ SUB_CHUNK = 16
 
 def _einsum(spec, *xs):
     return jnp.einsum(spec, *xs, precision=_HI, preferred_element_type=jnp.float32)
-
-
-def _causal(C):
-    i = jnp.arange(C)
-    return i[:, None] >= i[None, :]
 
 
 def _intra_scalar(q, k, g, mask):
@@ -103,18 +98,7 @@ def chunk_decay(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size):
     kind = "none" if g is None else ("scalar" if g.ndim == 3 else "vector")
     gc = None if g is None else to_chunks(f32(g), C)
 
-    causal = _causal(C)
-    if segment_ids is None:
-        same = causal[None, None, None]                        # [1,1,1,C,C]
-        in_rows = jnp.ones((1, 1, N, C), bool)
-        out_rows = jnp.ones((1, 1, N, C), bool)
-        keep = jnp.ones((1, 1, N), bool)
-    else:
-        doc, doc_in = chunk_docs(segment_ids, T, C)            # [B,N,C], [B,N]
-        same = (causal & (doc[..., :, None] == doc[..., None, :]))[:, None]
-        in_rows = (doc == doc_in[..., None])[:, None]
-        out_rows = (doc == doc[..., -1:])[:, None]
-        keep = (doc[..., -1] == doc_in)[:, None]
+    same, in_rows, out_rows, keep = doc_masks(segment_ids, T, C, N)
 
     if kind == "none":
         A = jnp.where(same, _einsum("bhnik,bhnjk->bhnij", qc, kc), 0.0)
