@@ -8,13 +8,25 @@ the state in float32.
 from linear_jax.ops import feature_maps, norms
 from linear_jax.ops.delta_product import delta_product
 from linear_jax.ops.delta_rule import delta_rule, efla_beta, gated_delta_rule
+from linear_jax.ops.diagonal_scan import diagonal_scan
 from linear_jax.ops.gla import gla
+from linear_jax.ops.hgrn import hgrn
 from linear_jax.ops.linear_attention import linear_attention
 from linear_jax.ops.mlstm import mlstm
+from linear_jax.ops.s4d import causal_conv, s4d_discretize, s4d_kernel
+from linear_jax.ops.selective_scan import selective_scan
+from linear_jax.ops.short_conv import short_conv
 from linear_jax.ops.simple_gla import simple_gla
 from linear_jax.ops.ssd import ssd
 
 __all__ = [
+    "causal_conv",
+    "diagonal_scan",
+    "hgrn",
+    "s4d_discretize",
+    "s4d_kernel",
+    "selective_scan",
+    "short_conv",
     "delta_product",
     "delta_rule",
     "efla_beta",

@@ -3,7 +3,10 @@
 Every op passes its name, the requested `impl`, the sequence length and the implementations it has.
 `"auto"` picks by platform: the Pallas kernel on an accelerator when the op has one, otherwise the
 chunk-parallel XLA form; a single step (T == 1, decoding) always takes the recurrent form, which is
-the same function with no chunk padding. Explicit requests are honoured or refused, never swapped.
+the same function with no chunk padding. The element-wise scans (a vector state, not a matrix) are
+cheaper as a plain `lax.scan` than as a chunked associative scan on a CPU, forward and backward
+(measured: benchmarks/results/scans_xla_cpu.json), so `"auto"` takes their recurrent form there.
+Explicit requests are honoured or refused, never swapped.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import jax
 Impl = Literal["auto", "recurrent", "chunk", "pallas"]
 IMPLS: tuple[str, ...] = ("auto", "recurrent", "chunk", "pallas")
 _ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
+_ELEMENTWISE = ("hgrn", "diagonal_scan", "selective_scan")
 
 
 def platform() -> str:
@@ -34,6 +38,9 @@ def resolve(op: str, impl: str, T: int, available: Mapping[str, object]) -> str:
         return impl
     if T == 1 and "recurrent" in available:
         return "recurrent"
-    if platform() in _ACCELERATORS and "pallas" in available:
+    on_accelerator = platform() in _ACCELERATORS
+    if on_accelerator and "pallas" in available:
         return "pallas"
+    if not on_accelerator and op in _ELEMENTWISE and "recurrent" in available:
+        return "recurrent"
     return "chunk" if "chunk" in available else "recurrent"

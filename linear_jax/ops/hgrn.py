@@ -1,0 +1,66 @@
+"""HGRN: an element-wise gated linear recurrence with log-space forget gates.
+
+    h_t = exp(g_t) * h_{t-1} + x_t,        output h_t
+
+Shapes: x, g [B, T, D] with g <= 0; state h [B, D] float32; output [B, T, D] in x's dtype.
+
+Qin et al. 2023, "Hierarchically Gated Recurrent Neural Network for Sequence Modeling". The layer
+computes the forget gate f = exp(g) (lower-bounded per layer) and feeds x = (1 - f) * i to this op;
+the op itself is the bare recurrence, as in FLA's `chunk_hgrn`.
+
+impl: "recurrent" (lax.scan reference), "chunk" (chunked element-wise scan; see
+`linear_jax.ops.common.elementwise_chunk`), "pallas" when a kernel is registered, "auto".
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from linear_jax.kernels import registry
+from linear_jax.ops import _checks, _dispatch
+from linear_jax.ops.common.elementwise_chunk import chunk_scan
+from linear_jax.ops.common.recurrent import scan_time
+
+
+def hgrn_recurrent(x, g, *, initial_state, segment_ids):
+    """The reference: one step per token. Inputs already validated."""
+    B, _, D = x.shape
+    f32 = lambda y: y.astype(jnp.float32)
+    h0 = jnp.zeros((B, D), jnp.float32) if initial_state is None else f32(initial_state)
+
+    def step(h, inp):
+        x_t, g_t = inp
+        h = jnp.exp(g_t) * h + x_t
+        return h, h
+
+    return scan_time(step, h0, (f32(x), f32(g)), segment_ids)
+
+
+def hgrn_chunk(x, g, *, initial_state, segment_ids, chunk_size):
+    f32 = lambda y: None if y is None else y.astype(jnp.float32)
+    return chunk_scan(jnp.exp(f32(g)), f32(x), initial_state=f32(initial_state),
+                      segment_ids=segment_ids, chunk_size=chunk_size)
+
+
+def hgrn(x, g, *, initial_state=None, segment_ids=None, chunk_size=64, impl="auto"):
+    """HGRN recurrence. Returns `(h [B,T,D], final_state [B,D] float32)`.
+
+    `g [B, T, D]` holds log forget gates (<= 0): f = exp(g).
+    """
+    _checks.check_rank("x", x, 3, "[B, T, D]")
+    _checks.check_float("x", x)
+    _checks.check_rank("g", g, 3, "[B, T, D]")
+    _checks.check_float("g", g)
+    _checks.check_shape("g", g, x.shape, "[B, T, D]")
+    _checks.check_log_decay("g", g)
+    B, T, D = x.shape
+    _checks.check_state("initial_state", initial_state, (B, D), "[B, D]")
+    _checks.check_segment_ids(segment_ids, B, T)
+    _checks.check_chunk_size(chunk_size)
+    impls = {"recurrent": hgrn_recurrent, "chunk": hgrn_chunk, **registry.kernels_for("hgrn")}
+    name = _dispatch.resolve("hgrn", impl, T, impls)
+    kw = dict(initial_state=initial_state, segment_ids=segment_ids)
+    if name != "recurrent":
+        kw["chunk_size"] = chunk_size
+    h, hT = impls[name](x, g, **kw)
+    return h.astype(x.dtype), hT
