@@ -1,6 +1,10 @@
 """linear_jax: linear attention, gated linear attention, the delta rule family and selective
 state-space scans in JAX, each as a `lax.scan` reference, a chunk-parallel XLA form and, where it
-is hot, a Pallas kernel."""
+is hot, a Pallas kernel; Flax NNX mixers and language models on top.
+
+Submodules: `ops` (pure functions), `layers` (NNX token mixers), `models` (LM, generate),
+`parallel` (sequence parallelism over a mesh axis), `training` (sharded training harness).
+"""
 
 from linear_jax import ops
 

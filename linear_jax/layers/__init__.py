@@ -1,0 +1,76 @@
+"""Flax NNX token mixers, one per file, each a thin module over the ops in `linear_jax.ops`.
+
+Every mixer follows one contract: `Mixer(d_model, num_heads, *, rngs, dtype, param_dtype, ...)`,
+`__call__(x [B, T, D], *, segment_ids=None, cache=None) -> (y [B, T, D], new_cache)` and
+`init_cache(batch_size, dtype, *, max_len=None)`. `make_mixer` builds one by name.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from linear_jax.layers.attention import Attention
+from linear_jax.layers.based import Based
+from linear_jax.layers.delta_product import DeltaProduct
+from linear_jax.layers.deltanet import EFLA, DeltaNet
+from linear_jax.layers.gated_deltanet import GatedDeltaNet
+from linear_jax.layers.gla import GLA
+from linear_jax.layers.gsa import GSA
+from linear_jax.layers.hedgehog import Hedgehog
+from linear_jax.layers.hgrn import HGRN
+from linear_jax.layers.hgrn2 import HGRN2
+from linear_jax.layers.hla import HLA
+from linear_jax.layers.linear_attention import LinearAttention
+from linear_jax.layers.mamba import Mamba
+from linear_jax.layers.mamba2 import Mamba2
+from linear_jax.layers.mlstm import MLSTM
+from linear_jax.layers.mom import MoM
+from linear_jax.layers.rebased import ReBased
+from linear_jax.layers.retnet import Lightning, RetNet
+
+MIXERS = {
+    "attention": Attention,
+    "linear_attention": LinearAttention,
+    "retnet": RetNet,
+    "lightning": Lightning,
+    "gla": GLA,
+    "hgrn2": HGRN2,
+    "deltanet": DeltaNet,
+    "gated_deltanet": GatedDeltaNet,
+    "delta_product": DeltaProduct,
+    "efla": EFLA,
+    "hgrn": HGRN,
+    "mamba": Mamba,
+    "mamba2": Mamba2,
+    "based": Based,
+    "rebased": ReBased,
+    "hedgehog": Hedgehog,
+    "gsa": GSA,
+    "mom": MoM,
+    "mlstm": MLSTM,
+    "hla": HLA,
+}
+
+
+# Arguments the model passes to every mixer; a mixer that has no use for one does not take it.
+_COMMON = ("num_heads", "chunk_size", "impl", "layer_idx", "num_layers", "std")
+
+
+def _accepts(cls, name: str) -> bool:
+    return any(name in inspect.signature(c.__init__).parameters
+               for c in cls.__mro__ if "__init__" in c.__dict__)
+
+
+def make_mixer(name: str, d_model: int, num_heads: int, *, rngs, **kw):
+    """Builds mixer `name`. Of the common arguments (`_COMMON`) a mixer gets those it takes
+    (`chunk_size` means nothing to attention, `num_heads` to Mamba); any other keyword is the
+    mixer's own option and reaches it unfiltered, so a misspelt option raises."""
+    if name not in MIXERS:
+        raise ValueError(f"unknown mixer {name!r}; known: {sorted(MIXERS)}")
+    cls = MIXERS[name]
+    kw = {k: v for k, v in dict(kw, num_heads=num_heads).items()
+          if k not in _COMMON or _accepts(cls, k)}
+    return cls(d_model, rngs=rngs, **kw)
+
+
+__all__ = ["MIXERS", "make_mixer", *(c.__name__ for c in MIXERS.values())]

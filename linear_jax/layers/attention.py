@@ -1,0 +1,121 @@
+"""Causal softmax attention (Vaswani et al. 2017) with grouped KV heads (GQA; Ainslie et al.
+2023), rotary positions (RoPE; Su et al. 2021), an optional sliding window (Longformer / Mistral;
+the softmax half of Based), or block-local attention (TNL's DiagAttention: each token attends to
+the earlier tokens of its own block of `block_size`).
+
+Training calls `jax.nn.dot_product_attention`, which takes cuDNN's flash attention on GPU when the
+mask is plain causal (+ window); packed documents add a document mask. Positions restart at each
+document, so packed == separate exactly.
+
+Decoding uses a preallocated KV cache of `max_len` slots with a write index: a call on T tokens
+writes slots [index, index + T) and attends over the written slots (cost O(max_len) per token,
+the baseline the linear mixers are measured against). The caller sizes the cache; writing past
+`max_len` is not checked under jit.
+
+Parameters: D (H + 2 Hk) Dh + H Dh D (q, k, v, o). Cache: k, v [B, L, Hk, Dh], the document index of
+each slot `doc` [B, L], `index`, and per row the current document's number and start position.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from linear_jax.layers.common import DEFAULT_STD, dense, heads, merge_heads, new_seg, out_std
+
+
+def rope(x, pos, theta: float):
+    """Rotates pairs (x_i, x_{i + d/2}) of x [B, T, H, d] by pos [B, T] * theta^(-2i/d)."""
+    d = x.shape[-1] // 2
+    freq = theta ** (-jnp.arange(d, dtype=jnp.float32) / d)
+    ang = pos.astype(jnp.float32)[..., None, None] * freq            # [B, T, 1, d]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    c, s = jnp.cos(ang), jnp.sin(ang)
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], -1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, d_model: int, num_heads: int, *, num_kv_heads: int | None = None,
+                 head_dim: int | None = None, window: int | None = None,
+                 block_size: int | None = None, rope_theta: float | None = 10000.0,
+                 impl: str = "auto", num_layers: int | None = None, std: float = DEFAULT_STD,
+                 rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+        self.H, self.Hk = num_heads, num_kv_heads or num_heads
+        if self.H % self.Hk:
+            raise ValueError(f"num_heads={self.H} must be a multiple of num_kv_heads={self.Hk}")
+        self.Dh = head_dim or d_model // num_heads
+        self.window, self.block_size, self.rope_theta = window, block_size, rope_theta
+        if impl not in ("auto", "xla", "cudnn"):
+            raise ValueError(f"Attention: impl must be 'auto', 'xla' or 'cudnn', got {impl!r}")
+        self.implementation = None if impl == "auto" else impl
+        mk = partial(dense, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.q_proj = mk(d_model, self.H * self.Dh, ("embed", "heads"), std=std)
+        self.k_proj = mk(d_model, self.Hk * self.Dh, ("embed", "heads"), std=std)
+        self.v_proj = mk(d_model, self.Hk * self.Dh, ("embed", "heads"), std=std)
+        self.o_proj = mk(self.H * self.Dh, d_model, ("heads", "embed"),
+                         std=out_std(std, num_layers))
+
+    def init_cache(self, batch_size: int, dtype=jnp.float32, *, max_len: int) -> dict:
+        # distinct arrays for every entry, so the whole cache can be donated
+        kv = lambda: jnp.zeros((batch_size, max_len, self.Hk, self.Dh), dtype)
+        zb = lambda: jnp.zeros((batch_size,), jnp.int32)
+        return {"k": kv(), "v": kv(), "doc": jnp.zeros((batch_size, max_len), jnp.int32),
+                "index": jnp.zeros((), jnp.int32), "doc_last": zb(), "start": zb(),
+                "seg": new_seg(batch_size)}
+
+    def _docs(self, pos, segment_ids, cache):
+        """Document number and start position of every new token ([B, T] each)."""
+        B, T = pos.shape
+        if segment_ids is None:
+            reset = jnp.zeros((B, T), bool)
+        else:
+            first = jnp.zeros((B, 1), bool) if cache is None else \
+                (segment_ids[:, :1] != cache["seg"][:, None]) & (cache["index"] > 0)
+            reset = jnp.concatenate([first, segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+        doc0 = 0 if cache is None else cache["doc_last"][:, None]
+        start0 = jnp.zeros((B, 1), jnp.int32) if cache is None else cache["start"][:, None]
+        doc = doc0 + jnp.cumsum(reset, 1, dtype=jnp.int32)
+        start = jax.lax.cummax(jnp.where(reset, pos, start0), axis=1)
+        return doc, start
+
+    def _mask(self, pos_q, doc_q, pos_k, doc_k, start_q):
+        """bool [B, 1, Tq, Tk]: causal, same document, inside the window / block."""
+        m = (pos_k[:, None, :] <= pos_q[:, :, None]) & (doc_k[:, None, :] == doc_q[:, :, None])
+        if self.window is not None:
+            m &= pos_q[:, :, None] - pos_k[:, None, :] < self.window
+        if self.block_size is not None:
+            blk = lambda p: (p - start_q[..., None]) // self.block_size   # in-document blocks
+            m &= blk(pos_k[:, None, :]) == blk(pos_q[:, :, None])
+        return m[:, None]
+
+    def __call__(self, x, *, segment_ids=None, cache=None):
+        """x [B, T, D] -> (y [B, T, D], new cache or None when called without one)."""
+        B, T, _ = x.shape
+        q, k, v = heads(self.q_proj(x), self.H), heads(self.k_proj(x), self.Hk), \
+            heads(self.v_proj(x), self.Hk)
+        index = 0 if cache is None else cache["index"]
+        pos = jnp.broadcast_to(index + jnp.arange(T, dtype=jnp.int32), (B, T))
+        doc, start = self._docs(pos, segment_ids, cache)
+        if self.rope_theta is not None:
+            q, k = rope(q, pos - start, self.rope_theta), rope(k, pos - start, self.rope_theta)
+        attend = partial(jax.nn.dot_product_attention, implementation=self.implementation)
+        if cache is None:
+            if segment_ids is None and self.block_size is None:
+                window = None if self.window is None else (self.window - 1, 0)
+                o = attend(q, k, v, is_causal=True, local_window_size=window)
+            else:
+                o = attend(q, k, v, mask=self._mask(pos, doc, pos, doc, start))
+            return self.o_proj(merge_heads(o)), None
+        upd = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype),
+                                                                  index, axis=1)
+        ck, cv, cdoc = upd(cache["k"], k), upd(cache["v"], v), upd(cache["doc"], doc)
+        pos_k = jnp.broadcast_to(jnp.arange(ck.shape[1], dtype=jnp.int32), cdoc.shape)
+        mask = self._mask(pos, doc, pos_k, cdoc, start)
+        o = attend(q, ck.astype(q.dtype), cv.astype(q.dtype), mask=mask)
+        seg = cache["seg"] if segment_ids is None else segment_ids[:, -1].astype(jnp.int32)
+        new = {"k": ck, "v": cv, "doc": cdoc, "index": index + T, "doc_last": doc[:, -1],
+               "start": start[:, -1], "seg": seg}
+        return self.o_proj(merge_heads(o)), new

@@ -1,0 +1,73 @@
+"""Feed-forward blocks: the SwiGLU MLP and a top-k mixture of experts.
+
+SwiGLU (Shazeer 2020, "GLU Variants Improve Transformer"): y = (silu(x W_1) * x W_3) W_2.
+Parameters: 3 D F.
+
+MoE (Shazeer et al. 2017; Fedus et al. 2022, "Switch Transformers"; the Mixtral router; used over
+linear mixers in Sun et al. 2025, "Linear-MoE"): a router picks the top-k of E SwiGLU experts per
+token, their outputs are mixed by the renormalised router probabilities, and the load-balancing loss
+
+    aux = E * sum_e f_e P_e,    f_e = fraction of routed (token, slot) pairs sent to e,
+                                P_e = mean router probability of e
+
+is returned for the trainer to add (weighted). Dispatch is dense: every expert runs on every token
+and the unselected outputs are weighted by zero, which is exact and simple; a capacity-bounded
+gather dispatch is what large expert counts need. Parameters: D E (router) + 3 E D F.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from linear_jax.layers.common import DEFAULT_STD, dense, out_std, param
+
+
+class MLP(nnx.Module):
+    def __init__(self, d_model: int, d_ff: int, *, num_layers: int | None = None,
+                 std: float = DEFAULT_STD, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+        mk = partial(dense, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.w_gate = mk(d_model, d_ff, ("embed", "mlp"), std=std)
+        self.w_up = mk(d_model, d_ff, ("embed", "mlp"), std=std)
+        self.w_down = mk(d_ff, d_model, ("mlp", "embed"), std=out_std(std, num_layers))
+
+    def __call__(self, x):
+        return self.w_down(jax.nn.silu(self.w_gate(x)) * self.w_up(x)), jnp.zeros((), jnp.float32)
+
+
+class MoE(nnx.Module):
+    """Returns `(y, aux)` with the load-balancing loss `aux` (1 at perfect balance)."""
+
+    def __init__(self, d_model: int, d_ff: int, *, num_experts: int = 8, top_k: int = 2,
+                 num_layers: int | None = None, std: float = DEFAULT_STD, rngs: nnx.Rngs,
+                 dtype=None, param_dtype=jnp.float32):
+        E = num_experts
+        self.top_k, self.dtype = top_k, dtype
+        self.router = dense(d_model, E, ("embed", None), rngs=rngs, dtype=jnp.float32,
+                            param_dtype=param_dtype, std=std)
+        init, init_out = nnx.initializers.normal(std), nnx.initializers.normal(
+            out_std(std, num_layers))
+        self.w_gate = param(rngs, init, (E, d_model, d_ff), ("experts", "embed", "mlp"),
+                            param_dtype)
+        self.w_up = param(rngs, init, (E, d_model, d_ff), ("experts", "embed", "mlp"),
+                          param_dtype)
+        self.w_down = param(rngs, init_out, (E, d_ff, d_model), ("experts", "mlp", "embed"),
+                            param_dtype)
+
+    def __call__(self, x):
+        E = self.w_gate.shape[0]
+        probs = jax.nn.softmax(self.router(x.astype(jnp.float32)), axis=-1)       # [B, T, E]
+        top_p, top_e = jax.lax.top_k(probs, self.top_k)
+        chosen = jax.nn.one_hot(top_e, E, dtype=jnp.float32)                      # [B, T, k, E]
+        weights = jnp.einsum("btk,btke->bte", top_p / top_p.sum(-1, keepdims=True), chosen)
+        dtype = self.dtype or x.dtype
+        w = lambda p: p[...].astype(dtype)
+        h = jax.nn.silu(jnp.einsum("btd,edf->btef", x, w(self.w_gate))) * \
+            jnp.einsum("btd,edf->btef", x, w(self.w_up))
+        y = jnp.einsum("btef,efd,bte->btd", h, w(self.w_down), weights.astype(dtype))
+        frac = chosen.sum(2).mean((0, 1)) / self.top_k
+        aux = E * jnp.sum(frac * probs.mean((0, 1)))
+        return y.astype(dtype), aux

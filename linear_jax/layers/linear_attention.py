@@ -1,0 +1,50 @@
+"""Linear attention (Katharopoulos et al. 2020, "Transformers are RNNs: Fast Autoregressive
+Transformers with Linear Attention"): softmax replaced by the kernel phi(q)^T phi(k) with
+phi = elu + 1, so causal attention is the recurrence S_t = S_{t-1} + phi(k_t) v_t^T.
+
+    o_t = phi(q_t)^T S_t / (phi(q_t)^T z_t),    z_t = z_{t-1} + phi(k_t)    (normalize=True)
+
+`normalize=False` drops the denominator and normalises the output per head instead (the stable
+choice of later work, e.g. TransNormer). Defaults: key and value head dim d_model / num_heads, no
+output gate, no short conv, scale 1 with the normaliser (it cancels) and K^-1/2 without.
+Based, ReBased and Hedgehog are this layer with another feature map (`features`, `feature_width`).
+
+Parameters: 4 D^2 (q, k, v, o with H K = H V = D) [+ V output norm when normalize=False].
+State: [B, H, F, V] float32 (F the feature width), [B, H, F, V + 1] with the normaliser.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from linear_jax.layers.base import QKVMixer
+from linear_jax.ops.feature_maps import elu_plus_one
+from linear_jax.ops.linear_attention import linear_attention
+
+
+class LinearAttention(QKVMixer):
+    def __init__(self, d_model: int, num_heads: int, *, head_dim: int | None = None,
+                 key_dim: int | None = None, normalize: bool = True, **kw):
+        head_dim = head_dim or d_model // num_heads
+        kw.setdefault("output_norm", not normalize)
+        super().__init__(d_model, num_heads, key_dim=key_dim or head_dim, value_dim=head_dim,
+                         **kw)
+        self.normalize = normalize
+
+    def feature_width(self) -> int:
+        return self.K
+
+    def features(self, q, k):
+        return elu_plus_one(q), elu_plus_one(k)
+
+    def init_states(self, batch_size: int) -> dict:
+        F, V = self.feature_width(), self.V + int(self.normalize)
+        return {"state": jnp.zeros((batch_size, self.H, F, V), jnp.float32)}
+
+    def mix(self, x, q, k, v, states, segment_ids):
+        q, k = self.features(q, k)
+        o, S = linear_attention(q, k, v, normalize=self.normalize,
+                                scale=1.0 if self.normalize else None,
+                                initial_state=states["state"], segment_ids=segment_ids,
+                                **dict(self.op_kw))
+        return o, {"state": S}

@@ -1,0 +1,75 @@
+"""Mamba (Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces").
+
+    x, z = x W_in                                         [B, T, E] each, E = expand * D
+    u    = silu(conv(x))                                  depthwise, width 4, with bias
+    dt, B, C = u W_x                                      dt [R], B, C [N]; dt -> dt W_dt (+ bias)
+    y    = selective_scan(u, dt, A = -exp(A_log), B, C, D, z)   per channel state [N]
+    out  = y W_out
+
+Paper choices: expand 2, N = 16, R = ceil(D / 16), A_log = log(1..N) per channel (S4D-real), D = 1,
+dt = softplus(dt + dt_bias) with softplus(dt_bias) log-uniform in [1e-3, 1e-1]. Ops:
+`linear_jax.ops.selective_scan` and `linear_jax.ops.short_conv`. Mamba has no heads.
+
+Parameters: 2 D E (in) + 4 E + E (conv) + E (R + 2 N) + R E + E (dt) + E N + E (A, D) + E D (out).
+State: h [B, E, N] float32; conv state [B, 3, E].
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import jax.numpy as jnp
+from flax import nnx
+
+from linear_jax.layers.common import (
+    DEFAULT_STD,
+    dense,
+    dt_bias_init,
+    enter,
+    leave,
+    new_seg,
+    out_std,
+    param,
+)
+from linear_jax.layers.short_conv import ShortConv
+from linear_jax.ops.selective_scan import selective_scan
+
+
+class Mamba(nnx.Module):
+    def __init__(self, d_model: int, *, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_rank: int | None = None, chunk_size: int = 64, impl: str = "auto",
+                 num_layers: int | None = None, std: float = DEFAULT_STD, rngs: nnx.Rngs,
+                 dtype=None, param_dtype=jnp.float32):
+        E, N = expand * d_model, d_state
+        self.E, self.N, self.R = E, N, dt_rank or math.ceil(d_model / 16)
+        self.op_kw = (("chunk_size", chunk_size), ("impl", impl))   # hashable: static graph data
+        mk = partial(dense, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.in_proj = mk(d_model, 2 * E, ("embed", "mlp"), std=std)
+        self.conv = ShortConv(E, d_conv, activation="silu", use_bias=True, axis="mlp", rngs=rngs,
+                              dtype=dtype, param_dtype=param_dtype)
+        self.x_proj = mk(E, self.R + 2 * N, ("mlp", None), std=std)
+        self.dt_proj = dense(self.R, E, (None, "mlp"), rngs=rngs, dtype=dtype,
+                             param_dtype=param_dtype, std=self.R ** -0.5, use_bias=True,
+                             bias_init=dt_bias_init)
+        a_init = lambda key, shape, dt: jnp.log(jnp.broadcast_to(
+            jnp.arange(1, shape[1] + 1, dtype=dt), shape))
+        self.A_log = param(rngs, a_init, (E, N), ("mlp", None), param_dtype)
+        self.D = param(rngs, nnx.initializers.ones, (E,), ("mlp",), param_dtype)
+        self.out_proj = mk(E, d_model, ("mlp", "embed"), std=out_std(std, num_layers))
+
+    def init_cache(self, batch_size: int, dtype=jnp.float32, **_) -> dict:
+        return {"state": jnp.zeros((batch_size, self.E, self.N), jnp.float32),
+                "conv": self.conv.init_state(batch_size, dtype), "seg": new_seg(batch_size)}
+
+    def __call__(self, x, *, segment_ids=None, cache=None):
+        cache = self.init_cache(x.shape[0], x.dtype) if cache is None else cache
+        states = enter(cache, segment_ids)
+        xs, z = jnp.split(self.in_proj(x), 2, axis=-1)
+        u, conv = self.conv(xs, segment_ids=segment_ids, state=states["conv"].astype(xs.dtype))
+        dt, Bm, Cm = jnp.split(self.x_proj(u), [self.R, self.R + self.N], axis=-1)
+        y, S = selective_scan(u, self.dt_proj(dt), -jnp.exp(self.A_log[...].astype(jnp.float32)),
+                              Bm, Cm, self.D[...], z, delta_softplus=True,
+                              initial_state=states["state"], segment_ids=segment_ids,
+                              **dict(self.op_kw))
+        return self.out_proj(y), leave(cache, segment_ids, state=S, conv=conv)

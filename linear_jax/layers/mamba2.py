@@ -1,0 +1,78 @@
+"""Mamba-2 (Dao & Gu 2024, "Transformers are SSMs: Generalized Models and Efficient Algorithms
+Through Structured State Space Duality").
+
+    z, x, B, C, dt = x W_in                 z, x [E]; B, C [G N]; dt [H]; E = expand * D, P = E / H
+    x, B, C = silu(conv([x, B, C]))         one depthwise conv (width 4, bias) over the three
+    y    = ssd(x, dt, A = -exp(A_log), B, C, D, dt_bias)     scalar decay per head, state [N, P]
+    out  = RMSNorm(y * silu(z)) W_out       the gated norm, gate applied before normalising
+
+Paper choices: expand 2, N = 64 (here `d_state`, default 16 for small models), one group (G = 1) of
+B and C shared by the heads, A = exp(A_log) uniform in [1, 16], softplus(dt_bias) log-uniform in
+[1e-3, 1e-1], D = 1. Ops: `linear_jax.ops.ssd` and `linear_jax.ops.short_conv`.
+
+Parameters: D (2 E + 2 G N + H) (in) + 4 (E + 2 G N) + (E + 2 G N) (conv) + 3 H + E (norm) + E D.
+State: h [B, H, N, P] float32; conv state [B, 3, E + 2 G N].
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from linear_jax.layers.common import (
+    DEFAULT_STD,
+    RMSNorm,
+    a_log_init,
+    dense,
+    dt_bias_init,
+    enter,
+    leave,
+    new_seg,
+    out_std,
+    param,
+)
+from linear_jax.layers.short_conv import ShortConv
+from linear_jax.ops.ssd import ssd
+
+
+class Mamba2(nnx.Module):
+    def __init__(self, d_model: int, num_heads: int, *, d_state: int = 16, d_conv: int = 4,
+                 expand: int = 2, num_groups: int = 1, chunk_size: int = 64, impl: str = "auto",
+                 num_layers: int | None = None, std: float = DEFAULT_STD, rngs: nnx.Rngs,
+                 dtype=None, param_dtype=jnp.float32):
+        E, H, G, N = expand * d_model, num_heads, num_groups, d_state
+        if E % H:
+            raise ValueError(f"expand * d_model = {E} must be a multiple of num_heads = {H}")
+        self.E, self.H, self.G, self.N, self.P = E, H, G, N, E // H
+        self.op_kw = (("chunk_size", chunk_size), ("impl", impl))   # hashable: static graph data
+        mk = partial(dense, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.in_proj = mk(d_model, 2 * E + 2 * G * N + H, ("embed", "mlp"), std=std)
+        self.conv = ShortConv(E + 2 * G * N, d_conv, activation="silu", use_bias=True,
+                              axis="mlp", rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.A_log = param(rngs, a_log_init, (H,), ("heads",), param_dtype)
+        self.dt_bias = param(rngs, dt_bias_init, (H,), ("heads",), param_dtype)
+        self.D = param(rngs, nnx.initializers.ones, (H,), ("heads",), param_dtype)
+        self.norm = RMSNorm(E, axis="mlp", rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.out_proj = mk(E, d_model, ("mlp", "embed"), std=out_std(std, num_layers))
+
+    def init_cache(self, batch_size: int, dtype=jnp.float32, **_) -> dict:
+        return {"state": jnp.zeros((batch_size, self.H, self.N, self.P), jnp.float32),
+                "conv": self.conv.init_state(batch_size, dtype), "seg": new_seg(batch_size)}
+
+    def __call__(self, x, *, segment_ids=None, cache=None):
+        cache = self.init_cache(x.shape[0], x.dtype) if cache is None else cache
+        states = enter(cache, segment_ids)
+        E, GN = self.E, self.G * self.N
+        z, xbc, dt = jnp.split(self.in_proj(x), [E, 2 * E + 2 * GN], axis=-1)
+        xbc, conv = self.conv(xbc, segment_ids=segment_ids, state=states["conv"].astype(x.dtype))
+        xs, Bm, Cm = jnp.split(xbc, [E, E + GN], axis=-1)
+        group = lambda m: m.reshape(m.shape[:2] + (self.G, self.N))
+        y, S = ssd(xs.reshape(xs.shape[:2] + (self.H, self.P)), dt,
+                   -jnp.exp(self.A_log[...].astype(jnp.float32)), group(Bm), group(Cm),
+                   self.D[...], self.dt_bias[...], initial_state=states["state"],
+                   segment_ids=segment_ids, **dict(self.op_kw))
+        y = y.reshape(xs.shape) * jax.nn.silu(z)
+        return self.out_proj(self.norm(y)), leave(cache, segment_ids, state=S, conv=conv)

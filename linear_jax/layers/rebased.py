@@ -1,0 +1,35 @@
+"""ReBased (Aksenov et al. 2024, "Linear Transformers with Learnable Kernel Functions are Better
+In-Context Models"): Based with a learnable quadratic kernel and no constant or linear term.
+
+    z = gamma * LayerNorm(x) + beta,    phi(x) = vec(z z^T),    phi(q) . phi(k) = (z_q . z_k)^2
+
+gamma, beta [d] are learned (shared by q, k and the heads), on 16-dim query/key projections, with
+the normaliser. Op: `linear_attention` over `feature_maps.rebased_features`.
+
+Parameters: D (2 H d + D) + D^2 + 2 d. State: [B, H, d^2, D/H + 1] float32.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from linear_jax.layers.common import param
+from linear_jax.layers.linear_attention import LinearAttention
+from linear_jax.ops.feature_maps import rebased_features
+
+
+class ReBased(LinearAttention):
+    def __init__(self, d_model: int, num_heads: int, *, feature_dim: int = 16, rngs,
+                 param_dtype=jnp.float32, **kw):
+        super().__init__(d_model, num_heads, key_dim=feature_dim, normalize=True, rngs=rngs,
+                         param_dtype=param_dtype, **kw)
+        self.gamma = param(rngs, nnx.initializers.ones, (feature_dim,), ("kv",), param_dtype)
+        self.beta = param(rngs, nnx.initializers.zeros, (feature_dim,), ("kv",), param_dtype)
+
+    def feature_width(self) -> int:
+        return self.K ** 2
+
+    def features(self, q, k):
+        phi = lambda x: rebased_features(x, self.gamma[...], self.beta[...])
+        return phi(q), phi(k)

@@ -1,0 +1,94 @@
+"""`LMConfig`: everything that shapes a language model, as one frozen, validated dataclass.
+
+The mixer of each layer comes from `layers` (an explicit list, e.g. the hybrids of LASP-2H and
+Linear-MoE) or from `mixer` with softmax attention every `attn_every`-th layer (layers
+attn_every - 1, 2 attn_every - 1, ...; 0 means none). `mixer_options` maps a mixer name to extra
+constructor arguments (e.g. `{"attention": {"window": 512}, "gla": {"expand_k": 1.0}}`).
+The feed-forward is a SwiGLU MLP (`ffn="mlp"`) or a top-k mixture of experts (`ffn="moe"`, on
+every `moe_every`-th layer, the others keeping the MLP).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from linear_jax.layers import MIXERS
+
+FFNS = ("mlp", "moe")
+
+
+def _freeze(options) -> tuple:
+    return tuple(sorted((name, tuple(sorted(dict(kw).items()))) for name, kw in
+                        dict(options).items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+    vocab_size: int
+    d_model: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    mixer: str = "gla"
+    attn_every: int = 0
+    layers: tuple[str, ...] | None = None
+    mixer_options: Mapping[str, Mapping] | tuple = ()
+    ffn: str = "mlp"
+    d_ff: int | None = None                  # default: 8/3 d_model rounded up to a multiple of 8
+    num_experts: int = 8
+    top_k: int = 2
+    moe_every: int = 1
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    norm_eps: float = 1e-6
+    chunk_size: int = 64
+    impl: str = "auto"
+    dtype: str | None = None                 # computation dtype, e.g. "bfloat16"; None: params'
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        # stored hashable (the config is static data of the model's graph)
+        set_ = lambda k, v: object.__setattr__(self, k, v)
+        set_("mixer_options", _freeze(self.mixer_options))
+        if self.layers is not None:
+            set_("layers", tuple(self.layers))
+        for name, what in ((self.vocab_size, "vocab_size"), (self.d_model, "d_model"),
+                           (self.num_layers, "num_layers"), (self.num_heads, "num_heads")):
+            if not isinstance(name, int) or name < 1:
+                raise ValueError(f"LMConfig: {what} must be a positive int, got {name!r}")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"LMConfig: num_heads={self.num_heads} must divide "
+                             f"d_model={self.d_model}")
+        if self.layers is not None and len(self.layers) != self.num_layers:
+            raise ValueError(f"LMConfig: layers lists {len(self.layers)} mixers but "
+                             f"num_layers={self.num_layers}")
+        if self.attn_every < 0:
+            raise ValueError(f"LMConfig: attn_every must be >= 0, got {self.attn_every}")
+        unknown = sorted({m for m in self.layer_mixers() if m not in MIXERS} |
+                         {m for m, _ in self.mixer_options if m not in MIXERS})
+        if unknown:
+            raise ValueError(f"LMConfig: unknown mixer(s) {unknown}; known: {sorted(MIXERS)}")
+        if self.ffn not in FFNS:
+            raise ValueError(f"LMConfig: ffn must be one of {FFNS}, got {self.ffn!r}")
+        if self.ffn == "moe" and not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"LMConfig: top_k={self.top_k} must be in [1, num_experts="
+                             f"{self.num_experts}]")
+        if self.moe_every < 1:
+            raise ValueError(f"LMConfig: moe_every must be >= 1, got {self.moe_every}")
+
+    def layer_mixers(self) -> tuple[str, ...]:
+        if self.layers is not None:
+            return self.layers
+        k = self.attn_every
+        return tuple("attention" if k and (i + 1) % k == 0 else self.mixer
+                     for i in range(self.num_layers))
+
+    def options(self, mixer: str) -> dict:
+        return dict(dict(self.mixer_options).get(mixer, ()))
+
+    def layer_ffn(self, i: int) -> str:
+        return "moe" if self.ffn == "moe" and (i + 1) % self.moe_every == 0 else "mlp"
+
+    @property
+    def ff_width(self) -> int:
+        return self.d_ff or -(-(8 * self.d_model // 3) // 8) * 8
