@@ -1,0 +1,176 @@
+"""pallas_call plumbing and custom_vjp shared by the TPU kernels of the decay family (simple GLA,
+GLA) and of the delta rule (with its per-token `beta`).
+
+A kernel module gives its forward and backward bodies; this module lays the inputs out
+(`_layout`), builds the grid (B, H, N) with batch and heads "parallel" and the chunks "arbitrary"
+(sequential, the [K, V] float32 state carried in VMEM scratch), and wires the custom_vjp: the
+forward pass under autodiff also writes every chunk's entering state (the backward needs S_in per
+chunk; recomputing it would take a second sweep), and the backward sweeps the chunks in reverse
+(index map n -> N-1-n) carrying dS = dL/dS_out.
+
+Ref order seen by the bodies:
+  forward:  q, k, v, gate, [beta], [docs], s0 | o, s_final, [s_chunks] | S (scratch), *extra
+  backward: q, k, v, gate, [beta], [docs], s_chunks, do, ds_final
+            | dq, dk, dv, dgate, [dbeta], ds0 | dS, *extra
+Vector gates come as [C, K_pad] blocks. Per-token scalars (a scalar gate, beta, the relative
+document index) come as [N, C] tables resident in VMEM for a whole (b, h) and read one row per
+chunk (`_layout.table_row`): a [T, 1] array would be padded to 128 lanes in HBM and cost as much
+bandwidth as q. Their gradients leave the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from linear_jax.kernels.tpu import _compat, _layout
+from linear_jax.kernels.tpu._layout import F32
+from linear_jax.kernels.tpu.config import TpuConfig
+
+_SQ = _compat.SQUEEZED
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelDef:
+    """One op's kernel bodies. `scratch(C, K_pad, V_pad, cfg)` lists extra VMEM scratch."""
+
+    name: str
+    vector_gate: bool
+    fwd: Callable
+    bwd: Callable
+    beta: bool = False
+    fwd_scratch: Callable = lambda C, Kp, Vp, cfg: []
+    bwd_scratch: Callable = lambda C, Kp, Vp, cfg: []
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    kdef: KernelDef
+    C: int
+    scale: float
+    mode: str             # "exact" (float32 operands) or "fast" (bf16 operands)
+    cfg: TpuConfig
+
+
+def _table(x, C):
+    """[..., T_pad] -> [..., N, C]."""
+    return x.reshape(x.shape[:-1] + (x.shape[-1] // C, C))
+
+
+def _in_specs(s, N, Kp, Vp, docs, reverse):
+    C = s.C
+    c = (lambda n: N - 1 - n) if reverse else (lambda n: n)
+    tok = lambda D: pl.BlockSpec((_SQ, _SQ, C, D), lambda b, h, n: (b, h, c(n), 0))
+    specs = [tok(Kp), tok(Kp), tok(Vp)]
+    table = pl.BlockSpec((_SQ, _SQ, N, C), lambda b, h, n: (b, h, 0, 0))
+    specs.append(tok(Kp) if s.kdef.vector_gate else table)
+    if s.kdef.beta:
+        specs.append(table)
+    if docs:
+        specs.append(pl.BlockSpec((_SQ, N, C), lambda b, h, n: (b, 0, 0)))
+    state = pl.BlockSpec((_SQ, _SQ, Kp, Vp), lambda b, h, n: (b, h, 0, 0))
+    chunk_state = pl.BlockSpec((_SQ, _SQ, _SQ, Kp, Vp), lambda b, h, n: (b, h, c(n), 0, 0))
+    return specs, tok, table, state, chunk_state
+
+
+def _call(s, kernel, name, grid, in_specs, out_specs, out_shape, scratch):
+    return pl.pallas_call(
+        kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
+        scratch_shapes=scratch, name=name,
+        compiler_params=_compat.compiler_params(("parallel", "parallel", "arbitrary"),
+                                                s.cfg.vmem_limit_bytes),
+        interpret=_compat.interpret_arg(s.cfg.interpret))
+
+
+def _args(s, g, beta, docs):
+    return ([g if s.kdef.vector_gate else _table(g, s.C)]
+            + ([_table(beta, s.C)] if s.kdef.beta else []) + ([docs] if docs is not None else []))
+
+
+def _forward(s, q, k, v, g, beta, docs, s0, save):
+    B, H, Tp, Kp = q.shape
+    Vp, N = v.shape[-1], Tp // s.C
+    specs, tok, _, state, chunk_state = _in_specs(s, N, Kp, Vp, docs is not None, reverse=False)
+    out_shape = [jax.ShapeDtypeStruct((B, H, Tp, Vp), v.dtype),
+                 jax.ShapeDtypeStruct((B, H, Kp, Vp), F32)]
+    out_specs = [tok(Vp), state]
+    if save:
+        out_shape.append(jax.ShapeDtypeStruct((B, H, N, Kp, Vp), F32))
+        out_specs.append(chunk_state)
+    kernel = functools.partial(s.kdef.fwd, C=s.C, scale=s.scale, docs=docs is not None,
+                               save=save, mode=s.mode, cfg=s.cfg)
+    scratch = [pltpu.VMEM((Kp, Vp), F32)] + s.kdef.fwd_scratch(s.C, Kp, Vp, s.cfg)
+    args = [q, k, v, *_args(s, g, beta, docs), s0]
+    return _call(s, kernel, f"{s.kdef.name}_fwd", (B, H, N), specs + [state], out_specs,
+                 out_shape, scratch)(*args)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _core(s, q, k, v, g, beta, docs, s0):
+    o, sT = _forward(s, q, k, v, g, beta, docs, s0, save=False)
+    return o, sT
+
+
+def _core_fwd(s, q, k, v, g, beta, docs, s0):
+    o, sT, sc = _forward(s, q, k, v, g, beta, docs, s0, save=True)
+    return (o, sT), (q, k, v, g, beta, docs, sc)
+
+
+def _core_bwd(s, res, cts):
+    q, k, v, g, beta, docs, sc = res
+    do, dsT = cts
+    B, H, Tp, Kp = q.shape
+    Vp, N = v.shape[-1], Tp // s.C
+    specs, tok, table, state, chunk_state = _in_specs(s, N, Kp, Vp, docs is not None,
+                                                      reverse=True)
+    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)]
+    out_specs = [tok(Kp), tok(Kp), tok(Vp)]
+    table_shape = jax.ShapeDtypeStruct((B, H, N, s.C), F32)
+    out_shape.append(jax.ShapeDtypeStruct(g.shape, F32) if s.kdef.vector_gate else table_shape)
+    out_specs.append(tok(Kp) if s.kdef.vector_gate else table)
+    if s.kdef.beta:
+        out_shape.append(table_shape)
+        out_specs.append(table)
+    out_shape.append(jax.ShapeDtypeStruct((B, H, Kp, Vp), F32))
+    out_specs.append(state)
+    kernel = functools.partial(s.kdef.bwd, C=s.C, scale=s.scale, docs=docs is not None,
+                               mode=s.mode, cfg=s.cfg)
+    scratch = [pltpu.VMEM((Kp, Vp), F32)] + s.kdef.bwd_scratch(s.C, Kp, Vp, s.cfg)
+    args = [q, k, v, *_args(s, g, beta, docs), sc, do.astype(v.dtype), dsT.astype(F32)]
+    dq, dk, dv, dg, *dbeta, ds0 = _call(
+        s, kernel, f"{s.kdef.name}_bwd", (B, H, N), specs + [chunk_state, tok(Vp), state],
+        out_specs, out_shape, scratch)(*args)
+    dbeta = dbeta[0].reshape(beta.shape) if s.kdef.beta else None
+    return dq, dk, dv, dg.reshape(g.shape), dbeta, None, ds0
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def run(kdef: KernelDef, q, k, v, g, *, scale, initial_state, segment_ids, chunk_size,
+        config: TpuConfig, beta=None):
+    """The op-level entry: [B, T, H, D] inputs (heads expanded) -> (o in v's dtype, S float32)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
+    C = config.chunk_for(chunk_size, jnp.dtype(dtype).itemsize)
+    Tp = _layout.round_up(T, C)
+    Kp, Vp = _layout.round_up(K, config.lane), _layout.round_up(V, config.lane)
+    s = _Static(kdef, C, float(scale), "fast" if dtype == jnp.bfloat16 else "exact", config)
+    qh, kh = (_layout.heads_major(x.astype(dtype), Tp, Kp) for x in (q, k))
+    vh = _layout.heads_major(v.astype(dtype), Tp, Vp)
+    if kdef.vector_gate:
+        gh = _layout.heads_major(g.astype(F32), Tp, Kp)                   # [B, H, T_pad, K_pad]
+    else:
+        g = jnp.zeros((B, T, H), F32) if g is None else g.astype(F32)
+        gh = jnp.swapaxes(_layout.pad_time(g, Tp), 1, 2)                   # [B, H, T_pad]
+    bh = jnp.swapaxes(_layout.pad_time(beta.astype(F32), Tp), 1, 2) if kdef.beta else None
+    docs = None if segment_ids is None else _layout.doc_table(segment_ids, T, C)
+    s0 = _layout.pad_state(initial_state, B, H, Kp, Vp)
+    o, S = _core(s, qh, kh, vh, gh, bh, docs, s0)
+    return _layout.from_heads_major(o, T, V).astype(v.dtype), S[:, :, :K, :V]

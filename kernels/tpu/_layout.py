@@ -1,0 +1,131 @@
+"""Wrapper-side layout shared by the TPU kernels, and the in-kernel matmul and gate helpers.
+
+Kernels see head-major blocks `[C, D]` of `[B, H, T_pad, D_pad]` arrays: T padded to a multiple of
+the chunk C (zero rows change no state), K and V padded to the lane width (zero columns add
+nothing). Per-token scalars (a scalar gate, beta, and for packed documents the document index
+relative to the document entering the chunk, `linear_jax.ops.common.chunking.chunk_docs`) come as
+[N, C] tables; the kernel reads its chunk's row [1, C] and forms the column [C, 1] from it with a
+masked lane sum, so a [C, C] mask is one compare of two broadcasts and nothing needs a transpose.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from linear_jax.ops.common.chunking import chunk_docs, pad_time
+
+F32 = jnp.float32
+HIGHEST = lax.Precision.HIGHEST
+
+
+def round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def heads_major(x, T_pad: int, D_pad: int):
+    """[B, T, H, D] -> [B, H, T_pad, D_pad], zero-padded."""
+    x = pad_time(x, T_pad)
+    x = jnp.pad(x, [(0, 0)] * 3 + [(0, D_pad - x.shape[-1])])
+    return jnp.swapaxes(x, 1, 2)
+
+
+def from_heads_major(x, T: int, D: int):
+    """[B, H, T_pad, D_pad] -> [B, T, H, D]."""
+    return jnp.swapaxes(x[:, :, :T, :D], 1, 2)
+
+
+def pad_state(S, B, H, K_pad, V_pad):
+    if S is None:
+        return jnp.zeros((B, H, K_pad, V_pad), F32)
+    K, V = S.shape[-2:]
+    return jnp.pad(S.astype(F32), [(0, 0), (0, 0), (0, K_pad - K), (0, V_pad - V)])
+
+
+def doc_table(segment_ids, T: int, C: int):
+    """Document index relative to the one entering the chunk, float32 [B, N, C] (small integers,
+    exact in float32; compared in the kernel, never summed)."""
+    doc, doc_in = chunk_docs(segment_ids, T, C)            # [B, N, C], [B, N]
+    return (doc - doc_in[..., None]).astype(F32)
+
+
+# ---- in-kernel helpers -------------------------------------------------------------------------
+
+def dot(a, b, *, ta: bool = False, tb: bool = False, mode: str = "exact"):
+    """a @ b with a or b transposed, float32 accumulation.
+
+    mode "exact": float32 operands at HIGHEST precision (multi-pass on the MXU). "mask": `a` is a
+      0/1 matrix (exact in bf16) and `b` float32 split exactly into three bf16 parts: three passes
+      give the float32 result of HIGHEST's six; this forms the span sums of gates and routes their
+      gradients. "fast": bf16 operands, one MXU pass.
+    "split": `a` as a sum of two bf16 parts, `b` in bf16 (for bf16 inputs, where b is exact in bf16
+      and a is a float32 product that feeds the carried state, so the state keeps ~16 bits).
+    "split3": both split, three passes (hi hi + lo hi + hi lo): ~16 bits for two float32 operands.
+    """
+    dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
+    if mode == "exact":
+        return lax.dot_general(a.astype(F32), b.astype(F32), dims, precision=HIGHEST,
+                               preferred_element_type=F32)
+    bf = jnp.bfloat16
+    if mode == "mask":
+        a, b = a.astype(bf), b.astype(F32)
+        out = None
+        for _ in range(3):
+            part = b.astype(bf)
+            term = lax.dot_general(a, part, dims, preferred_element_type=F32)
+            out = term if out is None else out + term
+            b = b - part.astype(F32)
+        return out
+    bb = b.astype(bf)
+    hi = a.astype(bf)
+    out = lax.dot_general(hi, bb, dims, preferred_element_type=F32)
+    if mode in ("split", "split3"):
+        lo = (a.astype(F32) - hi.astype(F32)).astype(bf)
+        out = out + lax.dot_general(lo, bb, dims, preferred_element_type=F32)
+    if mode == "split3":
+        b_lo = (b.astype(F32) - bb.astype(F32)).astype(bf)
+        out = out + lax.dot_general(hi, b_lo, dims, preferred_element_type=F32)
+    return out
+
+
+def chunk_index(reverse: bool):
+    """The chunk this grid step works on (the backward sweeps the chunks in reverse)."""
+    n = pl.program_id(2)
+    return pl.num_programs(2) - 1 - n if reverse else n
+
+
+def table_row(ref, idx, row, col):
+    """Row idx of a resident [N, C] table as (column [C, 1], row [1, C]), float32."""
+    r = ref[pl.ds(idx, 1), :].astype(F32)
+    return jnp.sum(jnp.where(row == col, r, 0.0), axis=1, keepdims=True), r
+
+
+def store_row(ref, idx, column, row, col):
+    """Writes a column [C, 1] as row idx of a resident [N, C] table."""
+    ref[pl.ds(idx, 1), :] = jnp.sum(jnp.where(row == col, column, 0.0), axis=0, keepdims=True)
+
+
+def doc_masks_at(ref, idx, row, col):
+    """`doc_masks` for chunk idx of the document table ref (None: a single document)."""
+    if ref is None:
+        return doc_masks(None, None, row, col)
+    return doc_masks(*table_row(ref, idx, row, col), row, col)
+
+
+def iotas(C: int):
+    return lax.broadcasted_iota(jnp.int32, (C, C), 0), lax.broadcasted_iota(jnp.int32, (C, C), 1)
+
+
+def doc_masks(dc, dr, row, col):
+    """Masks of the decay chunk form (`linear_jax.ops.common.decay_chunk`) from the relative
+    document index as a column dc [C, 1] and a row dr [1, C], float32 (None: a single document).
+
+    Returns same [C, C] (causal, same document), in_rows [C, 1] (rows the entering state reaches),
+    out_rows [C, 1] (rows that write the leaving state), keep [1, 1] (the entering state survives).
+    """
+    causal = row >= col
+    if dc is None:
+        return causal, None, None, None
+    last = jnp.max(dr, axis=1, keepdims=True)               # documents only increase in a chunk
+    return causal & (dc == dr), dc == 0.0, dc == last, last == 0.0

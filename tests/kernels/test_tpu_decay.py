@@ -1,0 +1,124 @@
+"""The TPU kernels (simple_gla, gla, delta_rule, gated_delta_rule) in Pallas TPU interpret mode.
+
+Outputs, final states and the gradients of every float input (q, k, v, g, beta, initial_state)
+against the `lax.scan` reference, with packed documents, an initial state, T not a multiple of the
+chunk, K != V (neither a lane multiple: the wrapper pads), fp32 and bf16, several sub-chunks per
+chunk for GLA, no gate (delta_rule) and strong decay (g down to -30, where a gate gradient formed
+from differences of cumulative sums would be rounding noise). Interpret mode is slow: tiny shapes,
+one jax.grad per case that also returns the outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from linear_jax.kernels.tpu import delta_rule as tpu_delta
+from linear_jax.kernels.tpu import gla as tpu_gla
+from linear_jax.kernels.tpu import simple_gla as tpu_sgla
+from linear_jax.kernels.tpu.config import TpuConfig
+
+from linear_jax.ops.delta_rule import delta_rule_recurrent
+from linear_jax.ops.gla import gla_recurrent
+from linear_jax.ops.simple_gla import simple_gla_recurrent
+from tests.utils import TOL, assert_close, l2norm, log_sigmoid_gates, segments
+
+B, H, K, V = 2, 2, 12, 10
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    kernel: Callable
+    reference: Callable
+    gate: Callable | None        # T -> gate shape, or None (no gate)
+    beta: bool = False           # delta rule: fn(q, k, v, g, beta, ...), keys l2-normalised
+
+
+OPS = {
+    "simple_gla": Op(tpu_sgla.simple_gla, simple_gla_recurrent, lambda T: (B, T, H)),
+    "gla": Op(tpu_gla.gla, gla_recurrent, lambda T: (B, T, H, K)),
+    "delta_rule": Op(tpu_delta.delta_rule, delta_rule_recurrent, None, beta=True),
+    "gated_delta_rule": Op(tpu_delta.delta_rule, delta_rule_recurrent, lambda T: (B, T, H),
+                           beta=True),
+}
+# (dtype, T, chunk_size, packed documents + initial state, GLA sub-chunk, gate range)
+CASES = [
+    # 3 chunks, the last partial; 2 sub-chunks per chunk for GLA
+    ("float32", 37, 16, True, 8, (-4.0, 4.0)),
+    # no documents, no initial state; strong decay: dg is tiny (~1e-9 of the other gradients at
+    # g = -20) and must still match to fp32 precision, which differences of cumulative sums lose
+    ("float32", 20, 8, False, 8, (-30.0, -8.0)),
+    ("bfloat16", 37, 16, True, 16, (-4.0, 4.0)),
+]
+
+
+def _inputs(op, dtype, T, extras, gate_lo=-4.0, gate_hi=4.0, seed=0):
+    """Differentiable inputs in call order (q, k, v, [g], [beta]) and S0, seg, do, dS."""
+    spec, rng = OPS[op], np.random.default_rng(seed)
+    f = lambda *s: jnp.asarray(rng.standard_normal(s), dtype)
+    k = f(B, T, H, K)
+    if spec.beta:
+        k = jnp.asarray(l2norm(np.asarray(k, np.float32)), dtype)
+    args = [f(B, T, H, K), k, f(B, T, H, V)]
+    if spec.gate is not None:
+        args.append(jnp.asarray(log_sigmoid_gates(rng, spec.gate(T), gate_lo, gate_hi), dtype))
+    if spec.beta:   # in (0, 2): negative eigenvalues of the transition included
+        args.append(jnp.asarray(2 / (1 + np.exp(-rng.standard_normal((B, T, H)))), dtype))
+    S0 = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32) if extras else None
+    seg = jnp.asarray(segments(rng, B, T, p=0.08)) if extras else None
+    do = jnp.asarray(rng.standard_normal((B, T, H, V)), jnp.float32)
+    dS = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32)
+    return args, S0, seg, do, dS
+
+
+def _loss(op, fn, seg, do, dS, with_s0, **kw):
+    spec = OPS[op]
+
+    def loss(*a):
+        *a, S0 = a
+        a = a[:3] + ([a[3]] if spec.gate is not None else [None]) + a[3 + (spec.gate is not None):]
+        o, S = fn(*a, scale=K**-0.5, initial_state=S0 if with_s0 else None, segment_ids=seg, **kw)
+        return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(S * dS), (o, S)
+    return loss
+
+
+def _check(op, args, S0, seg, do, dS, C, sub, tol_o, tol_S, tol_g):
+    spec = OPS[op]
+    S0_ = jnp.zeros((B, H, K, V), jnp.float32) if S0 is None else S0
+    argnums = tuple(range(len(args) + (S0 is not None)))
+    grad = lambda f: jax.grad(f, argnums=argnums, has_aux=True)(*args, S0_)
+    cfg = TpuConfig(sub_chunk=sub)
+    got, (o, S) = grad(_loss(op, spec.kernel, seg, do, dS, S0 is not None, chunk_size=C,
+                             config=cfg))
+    want, (ro, rS) = grad(_loss(op, spec.reference, seg, do, dS, S0 is not None))
+    assert o.dtype == args[2].dtype and S.dtype == jnp.float32 and o.shape == ro.shape
+    assert_close(o, ro, tol_o, f"{op} output")
+    assert_close(S, rS, tol_S, f"{op} final state")
+    names = ["dq", "dk", "dv"] + ["dg"] * (spec.gate is not None) + ["dbeta"] * spec.beta
+    names += ["d initial_state"] if S0 is not None else []
+    for name, a, b in zip(names, got, want, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert_close(a, b, tol_g, f"{op} {name}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-T{c[1]}-C{c[2]}-docs{c[3]}")
+@pytest.mark.parametrize("op", list(OPS))
+def test_matches_recurrent_reference(op, case):
+    dtype, T, C, extras, sub, (lo, hi) = case
+    args, S0, seg, do, dS = _inputs(op, jnp.dtype(dtype), T, extras, lo, hi)
+    if dtype == "float32":
+        tols = (TOL["float32"],) * 3
+    else:   # against the reference on the same bf16 values; the state is carried in float32
+        tols = (TOL["bfloat16"], TOL["float32"] * 10, TOL["bfloat16"])
+    _check(op, args, S0, seg, do, dS, C, sub, *tols)
+
+
+@pytest.mark.parametrize("bad", [dict(chunk=12), dict(lane=64), dict(sub_chunk=24),
+                                 dict(vmem_limit_bytes=0)])
+def test_config_rejects_bad_tunables(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        TpuConfig(**bad)
