@@ -11,7 +11,17 @@ import importlib
 
 import jax
 
-_KERNELS: dict[str, dict[str, str]] = {}
+_KERNELS: dict[str, dict[str, str]] = {
+    # linear_attention (and its normalised form) runs on simple_gla's kernel with g = None
+    "simple_gla": {"gpu": "linear_jax.kernels.gpu.decay:decay",
+                   "tpu": "linear_jax.kernels.tpu.simple_gla:simple_gla"},
+    "gla": {"gpu": "linear_jax.kernels.gpu.decay:decay",
+            "tpu": "linear_jax.kernels.tpu.gla:gla"},
+    "delta_rule": {"gpu": "linear_jax.kernels.gpu.delta:delta",
+                   "tpu": "linear_jax.kernels.tpu.delta_rule:delta_rule"},
+    "gated_delta_rule": {"gpu": "linear_jax.kernels.gpu.delta:delta",
+                         "tpu": "linear_jax.kernels.tpu.delta_rule:delta_rule"},
+}
 
 
 def _family(backend: str) -> str:

@@ -1,0 +1,112 @@
+"""Correctness of every op with a GPU kernel (impl="pallas") on the device, forward and backward.
+
+    python -m experiments.benchmarks.check_gpu [--quick]
+
+Ops: linear_attention, simple_gla, gla, delta_rule, gated_delta_rule.
+Against the float32 XLA chunk form (HIGHEST-precision dots) and, where T is short, the lax.scan
+reference: outputs, final states and the gradients of q, k, v, g and the initial state, with packed
+documents and an initial state, at T in {100, 2048, 8192} and K = V in {64, 128} (float32 inputs),
+and bf16 inputs at T = 2048 (compared with the reference run on the same bf16 values). Fresh random
+inputs per case. Writes benchmarks/results/check_gpu_<device>.json; exits 1 on any failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.benchmarks import common
+from linear_jax import ops
+
+TOL = {"float32": 1e-3, "bfloat16": 2.5e-2}
+OPS = {
+    "linear_attention": lambda q, k, v, g, **kw: ops.linear_attention(q, k, v, **kw),
+    "simple_gla": ops.simple_gla,
+    "gla": ops.gla,
+    "delta_rule": lambda q, k, v, g, beta, **kw: ops.delta_rule(q, k, v, beta, **kw),
+    "gated_delta_rule": ops.gated_delta_rule,
+}
+DELTA = ("delta_rule", "gated_delta_rule")
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if not np.isfinite(a).all():
+        return float("inf")
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def case(op, B, T, H, D, dtype, seed, ref_impl):
+    rng = np.random.default_rng(seed)
+    f = lambda *s: jnp.asarray(rng.standard_normal(s), dtype)
+    unit = lambda x: (x / jnp.linalg.norm(x.astype(jnp.float32), axis=-1, keepdims=True)).astype(
+        x.dtype)
+    logsig = lambda s: jnp.asarray(-np.logaddexp(0.0, -rng.standard_normal(s) - 2.0), jnp.float32)
+    x = dict(q=f(B, T, H, D), k=unit(f(B, T, H, D)), v=f(B, T, H, D),
+             S0=jnp.asarray(rng.standard_normal((B, H, D, D)), jnp.float32))
+    x["g"] = {"simple_gla": logsig((B, T, H)), "gla": logsig((B, T, H, D)) / 4,
+              "gated_delta_rule": logsig((B, T, H))}.get(op)
+    if op in DELTA:
+        x["beta"] = jax.nn.sigmoid(jnp.asarray(rng.standard_normal((B, T, H)), jnp.float32))
+    seg = jnp.asarray(np.cumsum(rng.uniform(size=(B, T)) < 1 / 300, axis=1) % 3, jnp.int32)
+    do = jnp.asarray(rng.standard_normal((B, T, H, D)), jnp.float32)
+    dS = jnp.asarray(rng.standard_normal((B, H, D, D)), jnp.float32)
+    names = [n for n in ("q", "k", "v", "g", "beta", "S0") if x.get(n) is not None]
+
+    def run(impl, d):
+        a = dict(x, **d)
+        extra = (a["beta"],) if "beta" in a else ()
+        o, S = OPS[op](a["q"], a["k"], a["v"], a["g"], *extra, initial_state=a["S0"],
+                       segment_ids=seg, impl=impl)
+        return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(S * dS), (o, S)
+
+    vg = lambda impl: jax.jit(jax.value_and_grad(lambda d: run(impl, d), has_aux=True))
+    d = {n: x[n] for n in names}
+    (_, (o, S)), g = vg("pallas")(d)
+    (_, (ro, rS)), rg = vg(ref_impl)({n: v.astype(jnp.float32) for n, v in d.items()})
+    errs = {"o": rel(o, ro), "S": rel(S, rS), **{f"d{n}": rel(g[n], rg[n]) for n in names}}
+    return errs
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args(argv)
+    grid = [(T, D, "float32") for T in (100, 2048, 8192) for D in (64, 128)]
+    grid += [(2048, D, "bfloat16") for D in (64, 128)]
+    if a.quick:
+        grid = [(100, 64, "float32"), (2048, 128, "bfloat16")]
+    rows, bad, seed = [], 0, 0
+    for op in OPS:
+        for T, D, dt in grid if op != "linear_attention" else grid[:1] + grid[-1:]:
+            seed += 1
+            B, H = (2, 4) if T <= 2048 else (1, 4)
+            ref = "recurrent" if T <= 2048 else "chunk"
+            t0 = time.perf_counter()
+            try:
+                errs = case(op, B, T, H, D, getattr(jnp, dt), seed, ref)
+                worst = max(errs.values())
+                ok = worst <= TOL[dt]
+                err = None
+            except Exception as e:  # a kernel that fails to compile is a failure, reported
+                errs, worst, ok, err = {}, float("inf"), False, f"{type(e).__name__}: {e}"[:600]
+            bad += not ok
+            rows.append(dict(op=op, B=B, T=T, H=H, K=D, V=D, dtype=dt, reference=ref, errors=errs,
+                             worst=worst, tol=TOL[dt], ok=ok, error=err,
+                             seconds=time.perf_counter() - t0))
+            print(f"{'ok  ' if ok else 'FAIL'} {op:<17} T={T:<5} D={D:<4} {dt:<9} vs {ref:<9} "
+                  f"worst {worst:.2e} " + " ".join(f"{k}={v:.1e}" for k, v in errs.items())
+                  + (f"  {err}" if err else ""), flush=True)
+    dev = jax.devices()[0].device_kind.replace(" ", "_")
+    path = common.write_json(f"check_gpu_{dev}.json", rows, failures=bad, tolerances=TOL)
+    print(f"{'FAILED: ' + str(bad) + ' case(s)' if bad else 'all passed'}; wrote {path}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Shared pieces of the GPU decay-family kernels: tunables, block specs, packed-document masks.
+
+Every kernel reads the public layout `[B, T, H, X]` in place (no transposes): a block spec squeezes
+B and H, keeps T whole or one chunk, and tiles X. Padded shapes: T to a multiple of the chunk C,
+K to a power of two (one tile, for q k^T), V to a multiple of the value block BV. Gates enter as
+`G`, the chunk-local inclusive cumulative sum of g in float32 (formed in XLA, whose autodiff turns
+dG back into dg), `[B, T, H]` (scalar gate) or `[B, T, H, K]` (vector gate).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from linear_jax.kernels._compat import pl
+
+
+def _pow2(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+def next_pow2(x: int, lo: int = 16) -> int:
+    p = lo
+    while p < x:
+        p *= 2
+    return p
+
+
+@dataclasses.dataclass(frozen=True)
+class DecayConfig:
+    """Tunables of the decay-family kernels (linear_attention, simple_gla, gla).
+
+    chunk: C, rows per chunk (the op's chunk_size, clamped to [16, 128] and a power of two).
+    sub_chunk: c, rows of the vector gate's sub-chunks (both factors of an off-diagonal block <= 1).
+    block_k, block_v: tiles of the state [K, V] in the sequential state passes.
+    block_v_out: value tile of the output kernel and of the backward's value loop.
+    """
+
+    chunk: int = 64
+    sub_chunk: int = 16
+    block_k: int = 64
+    block_v: int = 64
+    block_v_out: int = 64
+    warps_state: int = 4
+    stages_state: int = 2
+    warps_out: int = 4
+    stages_out: int = 2
+    warps_bwd: int = 8
+    stages_bwd: int = 1
+    warps_intra: int = 4
+
+    def __post_init__(self):
+        for name in ("chunk", "sub_chunk", "block_k", "block_v", "block_v_out"):
+            val = getattr(self, name)
+            if not _pow2(val) or val < 16:
+                raise ValueError(f"DecayConfig.{name} must be a power of two >= 16, got {val}")
+        if self.chunk > 128 or self.chunk % self.sub_chunk:
+            raise ValueError(f"DecayConfig: chunk {self.chunk} must be <= 128 and a multiple of "
+                             f"sub_chunk {self.sub_chunk}")
+        for name in ("warps_state", "warps_out", "warps_bwd", "warps_intra"):
+            if getattr(self, name) not in (1, 2, 4, 8, 16):
+                raise ValueError(f"DecayConfig.{name} must be 1, 2, 4, 8 or 16")
+        for name in ("stages_state", "stages_out", "stages_bwd"):
+            if not 1 <= getattr(self, name) <= 6:
+                raise ValueError(f"DecayConfig.{name} must be in [1, 6]")
+
+    def for_chunk(self, chunk_size: int) -> DecayConfig:
+        return dataclasses.replace(self, chunk=min(128, next_pow2(int(chunk_size))))
+
+
+def value_block(Vp: int, want: int) -> int:
+    """Largest power-of-two tile <= want dividing Vp (a multiple of 16)."""
+    b = want
+    while Vp % b:
+        b //= 2
+    return b
+
+
+# Block specs on the public layout. Grids put B*H first (bh // H, bh % H pick batch and head);
+# `t` / `x` name the grid axes (counted after bh) that pick the time block and the last-dim tile.
+def spec(H, tb, xb=None, t=None, x=None):
+    """[B, T, H(, X)]: blocks of tb rows of T (all of T when t is None) and xb of X."""
+    pick = lambda g, a: 0 if a is None else g[a]
+    if xb is None:
+        return pl.BlockSpec((None, tb, None), lambda bh, *g: (bh // H, pick(g, t), bh % H))
+    return pl.BlockSpec((None, tb, None, xb),
+                        lambda bh, *g: (bh // H, pick(g, t), bh % H, pick(g, x)))
+
+
+def doc_spec(H, Tp):
+    return pl.BlockSpec((None, Tp), lambda bh, *g: (bh // H, 0))
+
+
+def state_spec(H, kb, vb, k=None, v=None):
+    """[B, H, K, V] states, tiles kb x vb picked by grid axes k, v."""
+    pick = lambda g, a: 0 if a is None else g[a]
+    return pl.BlockSpec((None, None, kb, vb),
+                        lambda bh, *g: (bh // H, bh % H, pick(g, k), pick(g, v)))
+
+
+def states_spec(H, N, kb, vb, n=None, k=None, v=None):
+    """[B, H, N, K, V] per-chunk states: all N (n None) or chunk g[n]; tiles kb x vb."""
+    pick = lambda g, a: 0 if a is None else g[a]
+    shape = (None, None, N if n is None else None, kb, vb)
+    return pl.BlockSpec(shape, lambda bh, *g: (bh // H, bh % H, pick(g, n), pick(g, k), pick(g, v)))
+
+
+def chunk_masks(doc_ref, n, C, with_pairs: bool):
+    """Packed-document masks of chunk n from the document index (see chunking.chunk_docs).
+
+    Returns (in_rows [C] rows still in the entering document, out_rows [C] rows in the chunk's last
+    document, keep: scalar, the state crosses the chunk, same [C, C] causal same-document pairs).
+    """
+    d = doc_ref[pl.ds(n * C, C)]
+    d_last = doc_ref[n * C + C - 1]
+    d_in = doc_ref[jnp.maximum(n * C - 1, 0)]
+    same = None
+    if with_pairs:
+        same = d[:, None] == d[None, :]
+    return d == d_in, d == d_last, d_last == d_in, same
+
+
+def causal(C):
+    i = jnp.arange(C, dtype=jnp.int32)
+    return i[:, None] >= i[None, :]

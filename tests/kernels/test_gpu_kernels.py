@@ -1,0 +1,110 @@
+"""The GPU decay-family kernels (`impl="pallas"`), run in Pallas interpret mode on CPU.
+
+Outputs, final states and the gradients of every float input (q, k, v, g, initial_state) against
+the `lax.scan` reference, with packed documents, an initial state, T not a multiple of the chunk
+and K != V (neither a power of two: the op pads inside). Tiny shapes: interpret mode is slow.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from linear_jax.kernels import registry
+from linear_jax.kernels.gpu.common import DecayConfig
+
+from linear_jax import ops
+from tests.utils import TOL, assert_close, log_sigmoid_gates, segments
+
+B, T, H, K, V, C = 2, 37, 2, 24, 20, 16
+OPS = {
+    "linear_attention": (lambda q, k, v, g, **kw: ops.linear_attention(q, k, v, **kw), None),
+    "simple_gla": (ops.simple_gla, (B, T, H)),
+    "gla": (ops.gla, (B, T, H, K)),
+    "delta_rule": (lambda q, k, v, g, beta, **kw: ops.delta_rule(q, k, v, beta, **kw), None),
+    "gated_delta_rule": (ops.gated_delta_rule, (B, T, H)),
+}
+DELTA = ("delta_rule", "gated_delta_rule")
+
+
+def _inputs(rng, op, dtype, gate_lo=-4.0, t=T):
+    f = lambda *s: jnp.asarray(rng.standard_normal(s), dtype)
+    gshape = OPS[op][1]
+    g = None if gshape is None else jnp.asarray(
+        log_sigmoid_gates(rng, (gshape[0], t) + gshape[2:], lo=gate_lo), jnp.float32)
+    x = dict(q=f(B, t, H, K), k=f(B, t, H, K), v=f(B, t, H, V), g=g,
+             S0=jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32))
+    if op in DELTA:  # unit keys, beta in (0, 1) as the papers use them
+        x["k"] = (x["k"] / jnp.linalg.norm(x["k"].astype(jnp.float32), axis=-1,
+                                           keepdims=True)).astype(dtype)
+        x["beta"] = jnp.asarray(1 / (1 + np.exp(-rng.standard_normal((B, t, H)))), dtype)
+    return x
+
+
+def _check(op, x, seg, tol, tol_state, chunk=C):
+    fn = OPS[op][0]
+    rng = np.random.default_rng(1)
+    do = jnp.asarray(rng.standard_normal((B, x["q"].shape[1], H, V)), jnp.float32)
+    dS = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32)
+    names = ["q", "k", "v", "S0"] + ([] if x["g"] is None else ["g"]) + (
+        ["beta"] if "beta" in x else [])
+
+    def loss(impl, d):
+        a = dict(x, **d)
+        extra = (a["beta"],) if "beta" in a else ()
+        o, S = fn(a["q"], a["k"], a["v"], a["g"], *extra, initial_state=a["S0"], segment_ids=seg,
+                  chunk_size=chunk, impl=impl)
+        return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(S * dS), (o, S)
+
+    d = {n: x[n] for n in names}
+    vg = lambda impl: jax.jit(jax.value_and_grad(lambda d: loss(impl, d), has_aux=True))
+    (_, (o, S)), grads = vg("pallas")(d)
+    (_, (ro, rS)), rgrads = vg("recurrent")(
+        {n: v.astype(jnp.float32) for n, v in d.items()})
+    assert o.dtype == x["v"].dtype and S.dtype == jnp.float32
+    assert_close(o, ro, tol, f"{op} output")
+    assert_close(S, rS, tol_state, f"{op} final state")
+    for n in names:
+        assert grads[n].dtype == x[n].dtype
+        assert_close(grads[n], rgrads[n], tol, f"{op} d{n}")
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_float32_with_state_and_documents(op):
+    rng = np.random.default_rng(0)
+    _check(op, _inputs(rng, op, jnp.float32), segments(rng, B, T, p=0.08), TOL["float32"],
+           TOL["float32"])
+
+
+@pytest.mark.parametrize("op", ["simple_gla", "gla", "gated_delta_rule"])
+def test_bfloat16(op):
+    rng = np.random.default_rng(2)
+    _check(op, _inputs(rng, op, jnp.bfloat16), segments(rng, B, T, p=0.08), TOL["bfloat16"],
+           TOL["float32"] * 10)
+
+
+def test_gla_no_documents_whole_chunks_strong_decay():
+    """T a multiple of C, no segment ids, gates down to about -30: nothing overflows."""
+    rng = np.random.default_rng(3)
+    _check("gla", _inputs(rng, "gla", jnp.float32, gate_lo=-30.0, t=32), None, TOL["float32"],
+           TOL["float32"], chunk=32)
+
+
+@pytest.mark.parametrize("op", DELTA)
+def test_delta_blocked_ut_transform(op):
+    """C = 64: four 16-row sub-chunks in the UT transform's blocked substitution."""
+    rng = np.random.default_rng(4)
+    _check(op, _inputs(rng, op, jnp.float32, t=70), segments(rng, B, 70, p=0.03), TOL["float32"],
+           TOL["float32"], chunk=64)
+
+
+def test_registry_and_config():
+    assert "pallas" in registry.kernels_for("simple_gla")
+    for op in ("gla", "delta_rule", "gated_delta_rule"):
+        assert "pallas" in registry.kernels_for(op)
+    assert DecayConfig().for_chunk(8).chunk == 16 and DecayConfig().for_chunk(100).chunk == 128
+    with pytest.raises(ValueError, match="block_v"):
+        DecayConfig(block_v=48)
+    with pytest.raises(ValueError, match="chunk"):
+        DecayConfig(chunk=256)
