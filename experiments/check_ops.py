@@ -18,22 +18,15 @@ import numpy as np
 from tqdm import tqdm
 
 from experiments import op_examples
+from experiments.benchmarks import common
 
 
 def _rel(a, b) -> float:
-    a, b = (np.asarray(jax.tree.leaves(x)[0] if isinstance(x, tuple) else x, np.float64)
-            for x in (a, b))
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
-def _median_ms(f, args, reps: int) -> float:
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times))
+    """Relative-norm error over every array of a result (states may be tuples, values complex)."""
+    num = sum(float(np.linalg.norm(np.asarray(x) - np.asarray(y)) ** 2)
+              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+    den = sum(float(np.linalg.norm(np.asarray(y)) ** 2) for y in jax.tree.leaves(b))
+    return (num / max(den, 1e-60)) ** 0.5
 
 
 def main(argv=None) -> int:
@@ -65,7 +58,7 @@ def main(argv=None) -> int:
             e_out, e_state = _rel(out, ref[0]), _rel(state, ref[1])
             ok = e_out < 2e-4 and e_state < 2e-4 and bool(jnp.isfinite(out).all())
             failures += not ok
-            ms = _median_ms(f, (ex.inputs,), args.reps)
+            ms = common.median_ms(f, ex.inputs, reps=args.reps, warmup=0)
             rows.append((ex.name, impl, e_out, e_state, ms, compile_s, "ok" if ok else "FAIL"))
 
     header = f"{'op':<28}{'impl':<11}{'err(o)':>10}{'err(S)':>10}{'ms':>10}{'compile s':>11}  check"

@@ -23,6 +23,9 @@ class Example:
     impls: tuple[str, ...] = ("recurrent", "chunk", "pallas")
 
 
+_XLA = ("recurrent", "chunk")
+
+
 def _segments(rng, B, T, mean_len=300):
     return np.cumsum(rng.uniform(size=(B, T)) < 1.0 / mean_len, axis=1).astype(np.int32)
 
@@ -35,9 +38,34 @@ def examples(B: int, T: int, H: int, D: int, seed: int = 0) -> list[Example]:
     seg = _segments(rng, B, T)
     q, k, v = f(B, T, H, D), f(B, T, H, D), f(B, T, H, D)
     common = {"q": q, "k": k, "v": v, "segment_ids": seg}
-    out = [
+    beta = (1.0 / (1.0 + np.exp(-f(B, T, H)))).astype(np.float32)
+    n = 2                                                       # DeltaProduct's Householder steps
+    D_ch, N = H * D, 16                                         # channels and state of the scans
+    decay = lambda *s: logsig(rng.standard_normal(s).astype(np.float32) + 3.0)
+    return [
         Example("linear_attention", ops.linear_attention, dict(common)),
-        Example("simple_gla", ops.simple_gla, dict(common, g=logsig(f(B, T, H) + 3.0))),
-        Example("gla", ops.gla, dict(common, g=logsig(f(B, T, H, D) + 3.0) / 4)),
+        Example("simple_gla", ops.simple_gla, dict(common, g=decay(B, T, H))),
+        Example("gla", ops.gla, dict(common, g=decay(B, T, H, D) / 4)),
+        Example("delta_rule", ops.delta_rule, dict(common, k=unit(k), beta=beta)),
+        Example("delta_rule[exact]", ops.delta_rule, dict(common, beta=beta), {"exact": True}),
+        Example("gated_delta_rule", ops.gated_delta_rule,
+                dict(common, k=unit(k), g=decay(B, T, H), beta=beta)),
+        Example("delta_product", ops.delta_product,
+                dict(common, k=unit(f(B, T, n, H, D)), v=f(B, T, n, H, D),
+                     beta=(2.0 / (1.0 + np.exp(-f(B, T, n, H)))).astype(np.float32),
+                     g=decay(B, T, H))),
+        Example("ssd", ops.ssd,
+                {"x": v, "dt": f(B, T, H), "A": -np.exp(f(H)), "B": f(B, T, 1, D),
+                 "C": f(B, T, 1, D), "D": f(H), "dt_bias": f(H), "segment_ids": seg}),
+        Example("mlstm", ops.mlstm, dict(common, i=f(B, T, H), f=f(B, T, H) + 3.0), impls=_XLA),
+        Example("hgrn", ops.hgrn, {"x": f(B, T, D_ch), "g": decay(B, T, D_ch),
+                                   "segment_ids": seg}, impls=_XLA),
+        Example("diagonal_scan[complex]", ops.diagonal_scan,
+                {"a": (np.exp(decay(B, T, D_ch) + 1j * f(B, T, D_ch))).astype(np.complex64),
+                 "x": (f(B, T, D_ch) + 1j * f(B, T, D_ch)).astype(np.complex64),
+                 "segment_ids": seg}, impls=_XLA),
+        Example("selective_scan", ops.selective_scan,
+                {"u": f(B, T, D_ch), "delta": f(B, T, D_ch), "A": -np.exp(f(D_ch, N)),
+                 "B": f(B, T, N), "C": f(B, T, N), "D": f(D_ch), "z": f(B, T, D_ch),
+                 "segment_ids": seg}, {"delta_softplus": True}, impls=_XLA),
     ]
-    return out

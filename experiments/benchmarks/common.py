@@ -52,12 +52,13 @@ def decay_family_cost(B, T, H, K, V, C, gate: str, itemsize: int = 4) -> dict:
     """Bytes and FLOPs of one chunked forward pass (gate: none | scalar | vector)."""
     g_elems = {"none": 0, "scalar": B * T * H, "vector": B * T * H * K}[gate]
     moved = itemsize * (B * T * H * (2 * K + 2 * V) + g_elems)        # q, k, v, g in; o out
-    flops = 2 * B * H * T * (C * K + C * V + 2 * K * V)                 # intra qk, Av; inter qS, k^T v
+    flops = 2 * B * H * T * (C * K + C * V + 2 * K * V)   # intra qk, Av; inter qS, k^T v
     return {"bytes": moved, "flops": flops}
 
 
 def floor_ms(cost: dict, ceilings: dict) -> float:
-    return 1e3 * max(cost["bytes"] / ceilings["bytes_per_s"], cost["flops"] / ceilings["flop_per_s"])
+    return 1e3 * max(cost["bytes"] / ceilings["bytes_per_s"],
+                     cost["flops"] / ceilings["flop_per_s"])
 
 
 def write_json(name: str, rows: list, **meta) -> str:

@@ -38,7 +38,8 @@ def main(argv=None) -> int:
         for ex in op_examples.examples(a.batch, T, a.heads, a.dim):
             if ex.name not in GATE:
                 continue
-            cost = common.decay_family_cost(a.batch, T, a.heads, a.dim, a.dim, a.chunk, GATE[ex.name])
+            cost = common.decay_family_cost(a.batch, T, a.heads, a.dim, a.dim, a.chunk,
+                                            GATE[ex.name])
             for impl in ("recurrent", "chunk"):
                 fwd = jax.jit(lambda kw, impl=impl, ex=ex: ex.fn(**kw, impl=impl,
                                                                  chunk_size=a.chunk)[0])

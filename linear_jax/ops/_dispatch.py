@@ -33,7 +33,8 @@ def resolve(op: str, impl: str, T: int, available: Mapping[str, object]) -> str:
     if impl != "auto":
         if impl not in available:
             raise ValueError(
-                f"{op}: impl={impl!r} is not implemented for this op; available: {sorted(available)}"
+                f"{op}: impl={impl!r} is not implemented for this op; "
+                f"available: {sorted(available)}"
             )
         return impl
     if T == 1 and "recurrent" in available:

@@ -46,7 +46,7 @@ from jax import lax
 
 from linear_jax.kernels import registry
 from linear_jax.ops import _checks, _dispatch
-from linear_jax.ops.common.chunking import chunk_docs, from_chunks, num_chunks, to_chunks
+from linear_jax.ops.common.chunking import doc_masks, from_chunks, num_chunks, to_chunks
 from linear_jax.ops.common.gates import rev_cumsum_excl, segsum
 from linear_jax.ops.common.heads import default_scale, repeat_heads
 from linear_jax.ops.common.recurrent import scan_time
@@ -90,20 +90,6 @@ def mlstm_recurrent(q, k, v, i, f, *, scale, initial_state, segment_ids, eps):
     return scan_time(step, _state0(initial_state, B, H, K, v.shape[-1]), xs, segment_ids)
 
 
-def _masks(segment_ids, T, C, N):
-    """same [B|1,1,N|1,C,C] (causal, same document), in_rows / out_rows [B|1,1,N|1,C] (rows in the
-    document entering / leaving the chunk), keep [B|1,1,N] (no reset inside the chunk)."""
-    s = jnp.arange(C)
-    causal = s[:, None] >= s[None, :]
-    if segment_ids is None:
-        ones = jnp.ones((1, 1, N, C), bool)
-        return causal[None, None, None], ones, ones, jnp.ones((1, 1, N), bool)
-    doc, doc_in = chunk_docs(segment_ids, T, C)                   # [B,N,C], [B,N]
-    same = (causal & (doc[..., :, None] == doc[..., None, :]))[:, None]
-    return (same, (doc == doc_in[..., None])[:, None], (doc == doc[..., -1:])[:, None],
-            (doc[..., -1] == doc_in)[:, None])
-
-
 def mlstm_chunk(q, k, v, i, f, *, scale, initial_state, segment_ids, chunk_size, eps):
     """Chunk-parallel mLSTM (see the module docstring). Returns h float32 and (C, n, m)."""
     B, T, H, K = q.shape
@@ -114,7 +100,7 @@ def mlstm_chunk(q, k, v, i, f, *, scale, initial_state, segment_ids, chunk_size,
     vc = to_chunks(jnp.concatenate([f32(v), jnp.ones(v.shape[:-1] + (1,), jnp.float32)], -1), Cs)
     ic = to_chunks(f32(i), Cs)
     lc = to_chunks(jax.nn.log_sigmoid(f32(f)), Cs)               # padding: l = 0, no decay
-    same, in_rows, out_rows, keep = _masks(segment_ids, T, Cs, N)
+    same, in_rows, out_rows, keep = doc_masks(segment_ids, T, Cs, N)
     real = (jnp.arange(N * Cs) < T).reshape(1, 1, N, Cs)          # padded steps add no candidate
 
     # F(doc start, i]: the gates of row i's document up to i, summed from exactly those gates

@@ -19,7 +19,7 @@ import numpy as np
 class OpSpec:
     name: str
     fn: Callable                      # the public op: fn(**args, **kwargs)
-    # make(rng, B, T, dtype) -> (args: dict of array inputs named as the op's parameters, kwargs: extra
+    # make(rng, B, T, dtype) -> (args: array inputs named as the op's parameters, kwargs: extra
     # static keyword arguments); float inputs in `dtype`.
     make: Callable
     # reference(args as float64 NumPy, initial_state or None, segment_ids or None) -> (o, S),

@@ -137,8 +137,9 @@ def test_split_and_step_decode_equal_full(spec):
     args, kwargs, S0, seg = _draw(spec, 5, t=29)
     o, S = _run(spec, "chunk", args, kwargs, S0, seg)
     cut = 11
-    head = {n: x[:, :cut] if np.ndim(x) >= 2 and np.shape(x)[1] == 29 else x for n, x in args.items()}
-    tail = {n: x[:, cut:] if np.ndim(x) >= 2 and np.shape(x)[1] == 29 else x for n, x in args.items()}
+    timed = lambda x: np.ndim(x) >= 2 and np.shape(x)[1] == 29
+    head = {n: x[:, :cut] if timed(x) else x for n, x in args.items()}
+    tail = {n: x[:, cut:] if timed(x) else x for n, x in args.items()}
     seg_h, seg_t = (None, None) if seg is None else (seg[:, :cut], seg[:, cut:])
     o1, S1 = _run(spec, "chunk", head, kwargs, S0, seg_h)
     if seg is not None:  # a reset at the cut is a change between cut-1 and cut

@@ -1,4 +1,4 @@
-"""Op-specific tests for linear_attention, simple_gla and gla (the contract suite covers the rest)."""
+"""Op-specific tests for linear_attention, simple_gla and gla (the contract suite does the rest)."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def test_extreme_gates_forward_and_backward(gate_kind, op, gate):
     (lc, gc), (lr, gr) = grad("chunk", q, k, v, g), grad("recurrent", q, k, v, g)
     assert np.isfinite(float(lc))
     assert abs(float(lc) - float(lr)) <= 1e-3 * max(1.0, abs(float(lr)))
-    for name, a, b in zip("qkvg", gc, gr):
+    for name, a, b in zip("qkvg", gc, gr, strict=True):
         assert_close(a.astype(jnp.float32), b.astype(jnp.float32), 2e-2, f"d{name}")
 
 
@@ -134,7 +134,7 @@ def test_backward_is_deterministic():
     f = jax.jit(jax.grad(lambda q, k, v, g: gla(q, k, v, g, impl="chunk")[0].sum(),
                          argnums=(0, 1, 2, 3)))
     a, b = f(q, k, v, g), f(q, k, v, g)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert np.array_equal(np.asarray(x), np.asarray(y))
 
 
@@ -156,7 +156,7 @@ def test_chunk_backward_memory_is_linear_in_T(op, gate_kind):
     t1, t2 = temp_bytes(8192), temp_bytes(16384)
     per_step_states = 8192 * K * V * 4          # what a stored [T, K, V] would take
     assert t1 < per_step_states / 2, f"{t1 / 2**20:.1f} MiB of temporaries at T=8192"
-    assert t2 < 2.1 * t1, f"temporaries grow faster than T: {t1 / 2**20:.1f} -> {t2 / 2**20:.1f} MiB"
+    assert t2 < 2.1 * t1, f"grows faster than T: {t1 / 2**20:.1f} -> {t2 / 2**20:.1f} MiB"
 
 
 @pytest.mark.parametrize(

@@ -1,1 +1,1 @@
-"""Machinery shared by the ops: chunking, segment masks, the recurrent driver, chunk state passing."""
+"""Machinery shared by the ops: chunking, document masks, span sums, the recurrent driver."""

@@ -77,7 +77,7 @@ def chunk_docs(segment_ids, T: int, C: int):
 
 
 def doc_masks(segment_ids, T: int, C: int, N: int):
-    """The masks a chunk form needs for packed documents (documents are contiguous, so each is exact).
+    """The masks a chunk form needs for packed documents (contiguous documents: each is exact).
 
     same [B|1, 1, N|1, C, C]: causal pairs in the same document; in_rows [B|1, 1, N|1, C]: rows
     still in the document that entered the chunk (they read S_in); out_rows: rows in the chunk's

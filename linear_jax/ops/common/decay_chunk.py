@@ -11,11 +11,11 @@ with g absent (linear attention), a scalar per head (simple GLA, RetNet, Mamba-2
 Every exponent above is a sum of gates over a span, <= 0, so nothing overflows: a decay can only
 underflow to an exact 0. Each span sum is formed from exactly the gates inside the span
 (`linear_jax.ops.common.gates`), never as a difference G_i - G_j, so the gradient of g stays exact
-when the decay is strong. The scalar gate gives the intra-chunk term (q k^T) * exp(segsum(g)). The
-vector gate cannot be factored through one reference point without ratios exp(-G) that overflow, so
-the chunk is cut into sub-chunks of length c: a block of queries a and keys b < a factors through the
-gate at the end of sub-chunk b (both factors <= 1), and the diagonal blocks are formed elementwise
-from a [c, c, K] tensor.
+when the decay is strong. The scalar gate gives the intra-chunk term (q k^T) * exp(segsum(g)).
+The vector gate cannot be factored through one reference point without ratios exp(-G) that
+overflow, so the chunk is cut into sub-chunks of length c: a block of queries a and keys b < a
+factors through the gate at the end of sub-chunk b (both factors <= 1), and the diagonal blocks are
+formed elementwise from a [c, c, K] tensor.
 
 Packed documents enter as masks, never as -inf gates (a -inf inside a cumulative sum would swamp the
 finite differences around it): the intra term keeps pairs in the same document, the incoming state
@@ -29,6 +29,7 @@ the backward pass (`jax.checkpoint`) so only the [C, C] intra matrix is kept.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +84,70 @@ def _map_chunks(f, *xs, batch: int = 8):
     return jnp.moveaxis(lax.map(body, xs, batch_size=min(batch, N)), 0, 2)
 
 
+class ChunkPieces(NamedTuple):
+    """Everything of the chunk form that needs no state (the stage before the state scan).
+
+    A [B,H,N,C,C] intra-chunk matrix; v [B,H,N,C,V] chunked values; q_in [B,H,N,C,K] queries
+    decayed to the chunk start (zero on rows past a reset); dS [B,H,N,K,V] what the chunk writes
+    into the state from zero; log_decay [B|1,H|1,N,K|1,1] the chunk's total log decay (0 without a
+    gate); keep [B|1,1,N,1,1] the chunk holds no reset, so the entering state survives it.
+    """
+
+    A: jax.Array
+    v: jax.Array
+    q_in: jax.Array
+    dS: jax.Array
+    log_decay: jax.Array
+    keep: jax.Array
+
+
+def chunk_pieces(q, k, v, g, *, scale, segment_ids, chunk_size) -> ChunkPieces:
+    """The state-free stage of the chunk form (shared with the sequence-parallel ZeCO staging).
+
+    q, k [B,T,H,K]; v [B,T,H,V]; g None | [B,T,H] | [B,T,H,K]. Inputs are promoted to float32.
+    """
+    T = q.shape[1]
+    C = int(chunk_size)
+    f32 = lambda x: x.astype(jnp.float32)
+    qc, kc, vc = to_chunks(f32(q) * scale, C), to_chunks(f32(k), C), to_chunks(f32(v), C)
+    N = qc.shape[2]
+    same, in_rows, out_rows, keep = doc_masks(segment_ids, T, C, N)
+    if g is None:
+        A = jnp.where(same, _einsum("bhnik,bhnjk->bhnij", qc, kc), 0.0)
+        q_in, k_out = qc, kc
+        log_decay = jnp.zeros((1, 1, N, 1, 1), jnp.float32)
+    else:
+        gc = to_chunks(f32(g), C)
+        vector = g.ndim == 4
+        if vector:
+            c = math.gcd(C, SUB_CHUNK)
+            A = _map_chunks(lambda *x: _intra_vector(*x, c), qc, kc, gc, same)
+        else:
+            A = _intra_scalar(qc, kc, gc, same)
+        e_in, e_out = jnp.exp(cumsum_incl(gc, 3)), jnp.exp(rev_cumsum_excl(gc, 3))
+        q_in = qc * (e_in if vector else e_in[..., None])
+        k_out = kc * (e_out if vector else e_out[..., None])
+        log_decay = gc.sum(3)[..., None] if vector else gc.sum(3)[..., None, None]
+    q_in = jnp.where(in_rows[..., None], q_in, 0.0)
+    k_out = jnp.where(out_rows[..., None], k_out, 0.0)
+    dS = _einsum("bhnck,bhncv->bhnkv", k_out, vc)
+    return ChunkPieces(A, vc, q_in, dS, log_decay, keep[..., None, None])
+
+
+def pass_states(pieces: ChunkPieces, S0):
+    """The chunk state scan: returns (final state, entering state of every chunk [B,H,N,K,V])."""
+    B, H, N = pieces.dS.shape[:3]
+    decay = jnp.where(pieces.keep, jnp.exp(pieces.log_decay), 0.0)
+    decay = jnp.broadcast_to(decay, (B, H, N) + decay.shape[3:])
+
+    def step(S, inp):
+        d, ds = inp
+        return d * S + ds, S
+
+    S_final, S_in = lax.scan(step, S0, (jnp.moveaxis(decay, 2, 0), jnp.moveaxis(pieces.dS, 2, 0)))
+    return S_final, jnp.moveaxis(S_in, 0, 2)
+
+
 def chunk_decay(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size):
     """Chunk-parallel decay recurrence.
 
@@ -91,46 +156,9 @@ def chunk_decay(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size):
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    C = int(chunk_size)
-    f32 = lambda x: x.astype(jnp.float32)
-    qc, kc, vc = to_chunks(f32(q) * scale, C), to_chunks(f32(k), C), to_chunks(f32(v), C)
-    N = qc.shape[2]
-    kind = "none" if g is None else ("scalar" if g.ndim == 3 else "vector")
-    gc = None if g is None else to_chunks(f32(g), C)
-
-    same, in_rows, out_rows, keep = doc_masks(segment_ids, T, C, N)
-
-    if kind == "none":
-        A = jnp.where(same, _einsum("bhnik,bhnjk->bhnij", qc, kc), 0.0)
-        q_in, k_out, decay = qc, kc, None
-    elif kind == "scalar":
-        A = _intra_scalar(qc, kc, gc, same)
-        q_in = qc * jnp.exp(cumsum_incl(gc, 3))[..., None]
-        k_out = kc * jnp.exp(rev_cumsum_excl(gc, 3))[..., None]
-        decay = jnp.exp(gc.sum(3))[..., None, None]            # [B,H,N,1,1]
-    else:
-        c = math.gcd(C, SUB_CHUNK)
-        A = _map_chunks(lambda *x: _intra_vector(*x, c), qc, kc, gc, same)
-        q_in = qc * jnp.exp(cumsum_incl(gc, 3))
-        k_out = kc * jnp.exp(rev_cumsum_excl(gc, 3))
-        decay = jnp.exp(gc.sum(3))[..., None]                  # [B,H,N,K,1]
-
-    q_in = jnp.where(in_rows[..., None], q_in, 0.0)
-    k_out = jnp.where(out_rows[..., None], k_out, 0.0)
-    dS = _einsum("bhnck,bhncv->bhnkv", k_out, vc)
-    keep = keep[..., None, None]
-    if decay is None:
-        decay = jnp.ones((1, 1, N, 1, 1), jnp.float32)
-    decay = jnp.where(keep, decay, 0.0)
-    decay = jnp.broadcast_to(decay, (B, H, N) + decay.shape[3:])
-
-    S0 = jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None else f32(initial_state)
-
-    def step(S, inp):
-        d, ds = inp
-        return d * S + ds, S
-
-    S_final, S_in = lax.scan(step, S0, (jnp.moveaxis(decay, 2, 0), jnp.moveaxis(dS, 2, 0)))
-    S_in = jnp.moveaxis(S_in, 0, 2)                            # [B,H,N,K,V] entering states
-    o = _einsum("bhnij,bhnjv->bhniv", A, vc) + _einsum("bhnik,bhnkv->bhniv", q_in, S_in)
+    p = chunk_pieces(q, k, v, g, scale=scale, segment_ids=segment_ids, chunk_size=chunk_size)
+    S0 = (jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None
+          else initial_state.astype(jnp.float32))
+    S_final, S_in = pass_states(p, S0)
+    o = _einsum("bhnij,bhnjv->bhniv", p.A, p.v) + _einsum("bhnik,bhnkv->bhniv", p.q_in, S_in)
     return from_chunks(o, T), S_final

@@ -1,0 +1,80 @@
+"""The JAX-version-specific pieces of `linear_jax.parallel`, in one place.
+
+Tested on jax 0.10.x (CPU) and 0.11.x (GPU). What moves between versions: where `shard_map` lives
+and whether its checking flag is `check_vma` or `check_rep`; the axis types `jax.make_mesh`
+defaults to (Explicit in recent versions, which `shard_map` rejects for unsharded inputs); how an
+all-gather whose result is the same on every device is spelled (`all_gather(..., to="invarying")`,
+else the older `all_gather_invariant`); whether values carry a varying-manual-axes (vma) type.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import jax
+from jax import lax
+
+try:
+    _shard_map = jax.shard_map
+except AttributeError:  # jax < 0.7
+    from jax.experimental.shard_map import shard_map as _shard_map
+
+_CHECK_KW = "check_vma" if "check_vma" in inspect.signature(_shard_map).parameters else "check_rep"
+_GATHER_TO = "to" in inspect.signature(lax.all_gather).parameters
+
+
+def shard_map(f, *, mesh, in_specs, out_specs, check=True):
+    """`shard_map` under either spelling of its checking flag."""
+    return _shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, **{_CHECK_KW: check})
+
+
+def make_mesh(shape, names, devices=None):
+    """A mesh with Auto axis types (shard_map takes replicated inputs on those)."""
+    devices = jax.devices()[: int(_prod(shape))] if devices is None else list(devices)
+    try:
+        from jax.sharding import AxisType
+    except ImportError:
+        return jax.make_mesh(tuple(shape), tuple(names), devices=devices)
+    return jax.make_mesh(tuple(shape), tuple(names), axis_types=(AxisType.Auto,) * len(shape),
+                         devices=devices)
+
+
+def _prod(xs):
+    out = 1
+    for x in xs:
+        out *= x
+    return out
+
+
+def varying_axes(x) -> frozenset:
+    """The mesh axes `x` is typed as varying over inside `shard_map` (empty when the JAX version
+    or an unchecked `shard_map` does not track them)."""
+    aval = jax.typeof(x)
+    vma = getattr(aval, "vma", None)                      # jax 0.6 - 0.9
+    if vma is None:
+        vma = getattr(getattr(aval, "manual_axis_type", None), "varying", None)  # jax 0.10+
+    return frozenset(vma or ())
+
+
+def all_gather_same(x, axis_name):
+    """`all_gather` stacked on a new leading axis, typed as the same on every device where the
+    JAX version can say so (then a scan over it stays invariant and needs no psum)."""
+    if _GATHER_TO:
+        return lax.all_gather(x, axis_name, to="invarying")
+    try:
+        from jax._src.lax.parallel import all_gather_invariant
+    except ImportError:
+        return lax.all_gather(x, axis_name)
+    return all_gather_invariant(x, axis_name)
+
+
+def zeros_varying(shape, *like):
+    """float32 zeros typed as varying over every axis any of `like` varies over: a zero initial
+    state handed to a single-device op whose `lax.scan` carry must match its varying inputs."""
+    axes = frozenset().union(*(varying_axes(x) for x in like if x is not None))
+    z = jax.numpy.zeros(shape, jax.numpy.float32)
+    if not axes:
+        return z
+    if hasattr(lax, "pcast"):
+        return lax.pcast(z, tuple(sorted(axes)), to="varying")
+    return lax.pvary(z, tuple(sorted(axes)))

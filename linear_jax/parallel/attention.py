@@ -1,0 +1,88 @@
+"""Sequence-parallel causal softmax attention for hybrid models (LASP-2H style), on the same
+`seq` axis and layout as the linear layers.
+
+Each device all-gathers K and V along the sequence (one collective each; with GQA they are small)
+and attends with its local queries against the gathered keys under the causal mask of the global
+positions. Autodiff transposes the gathers into reduce-scatters of dK and dV. Memory is the full
+K, V plus a [T_loc, T] score block per head.
+
+Layouts. "contiguous": device p holds tokens [p T_loc, (p+1) T_loc); under a causal mask device p
+does (2p + 1) half-blocks of work, 3:1 between the two devices at P = 2. "zigzag": the sequence is
+cut into 2P chunks and device i holds chunks i and 2P-1-i, which balances the causal work. Move a
+global array into or out of zigzag order with `to_zigzag` / `from_zigzag` (a permutation of the
+time axis; under a sequence sharding XLA turns it into an all-to-all). The linear ops of this
+package assume the contiguous layout: keep zigzag to the softmax layers, or permute around them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from linear_jax.ops.common.chunking import doc_index
+from linear_jax.parallel.mesh import run_on_mesh
+
+LAYOUTS = ("contiguous", "zigzag")
+
+
+def positions(T: int, P: int, layout: str) -> np.ndarray:
+    """int [P, T // P]: the global position of every token each device holds."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "contiguous":
+        return np.arange(T).reshape(P, T // P)
+    if T % (2 * P):
+        raise ValueError(f"the zigzag layout needs T={T} to be a multiple of 2P={2 * P}")
+    c = T // (2 * P)
+    chunks = np.arange(T).reshape(2 * P, c)
+    return np.stack([np.concatenate([chunks[i], chunks[2 * P - 1 - i]]) for i in range(P)])
+
+
+def to_zigzag(x, P: int, axis: int = 1):
+    """Global sequence order -> zigzag order (device i's chunks i and 2P-1-i next to each other)."""
+    return jnp.take(x, positions(x.shape[axis], P, "zigzag").reshape(-1), axis=axis)
+
+
+def from_zigzag(x, P: int, axis: int = 1):
+    """Zigzag order -> global sequence order."""
+    inv = np.argsort(positions(x.shape[axis], P, "zigzag").reshape(-1))
+    return jnp.take(x, inv, axis=axis)
+
+
+def attention_local(q, k, v, *, axis_name="seq", layout="contiguous", scale=None,
+                    segment_ids=None):
+    """Causal attention of the local queries against the whole sequence; call inside
+    `shard_map`. q [B,T_loc,H,D]; k, v [B,T_loc,Hkv,D] (H a multiple of Hkv); segment_ids
+    [B,T_loc] or None (packed documents: a query sees keys of its own document only).
+    Returns o [B,T_loc,H,D] in q's dtype."""
+    P = lax.axis_size(axis_name)
+    T_loc = q.shape[1]
+    pos = jnp.asarray(positions(P * T_loc, P, layout))           # static table
+    pos_q = pos[lax.axis_index(axis_name)]
+    pos_k = pos.reshape(-1)
+    k_all = lax.all_gather(k, axis_name, axis=1, tiled=True)
+    v_all = lax.all_gather(v, axis_name, axis=1, tiled=True)
+    mask = (pos_q[:, None] >= pos_k[None, :])[None, None]         # [1,1,T_loc,T]
+    if segment_ids is not None:
+        seg = lax.all_gather(segment_ids, axis_name, axis=1, tiled=True)
+        seg = seg[:, jnp.argsort(pos_k)]                           # global order
+        doc = doc_index(seg)
+        same = doc[:, pos_q][:, :, None] == doc[:, pos_k][:, None, :]
+        mask = mask & same[:, None]
+    return jax.nn.dot_product_attention(q, k_all, v_all, mask=mask, scale=scale)
+
+
+def attention(q, k, v, *, axis_name="seq", mesh=None, batch_axes=None, head_axes=None,
+              layout="contiguous", scale=None, segment_ids=None):
+    """Sequence-parallel causal softmax attention. With `mesh=None` call it inside `shard_map`
+    (see `attention_local`); with a `Mesh` it builds the `shard_map`, inputs laid out in
+    `layout` order along T (use `to_zigzag` first for "zigzag"). Returns o [B,T,H,D]."""
+    if mesh is None:
+        return attention_local(q, k, v, axis_name=axis_name, layout=layout, scale=scale,
+                               segment_ids=segment_ids)
+    local = lambda q, k, v, initial_state, **a: attention_local(q, k, v, layout=layout,
+                                                                 scale=scale, **a)
+    return run_on_mesh(local, mesh, (q, k, v), segment_ids=segment_ids, seq_axis=axis_name,
+                       batch_axes=batch_axes, head_axes=head_axes, with_state=False)

@@ -1,0 +1,52 @@
+"""What the compiled program of `jit(grad(f))` holds, per layer: two all-gathers on the custom-VJP
+path (the forward one packs M, N and the segment ends; the backward one gathers D = Q~^T dO), no
+reduce-scatter, and no second local forward pass ("saved" mode holds as many sequential loops as
+the single-device op's own gradient; "rerun" one more: the local forward run again)."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from linear_jax import parallel as sp
+from linear_jax.parallel import _compat
+from tests.parallel.common import SINGLE, draw
+
+pytestmark = pytest.mark.timeout(300)
+P, T, C = 4, 256, 8   # 8 chunks per shard: the chunk scans stay loops in the HLO
+
+
+def hlo_of_grad(fn, x, seg):
+    loss = lambda x: jnp.sum(fn(**x, segment_ids=seg)[0].astype(jnp.float32) ** 2)
+    return jax.jit(jax.grad(loss)).lower(x).compile().as_text()
+
+
+def count(txt, op):
+    return len(re.findall(rf"\b{op}(?:-start)?\(", txt))
+
+
+@pytest.mark.parametrize("op,other", [("gla", "autodiff"), ("gated_delta_rule", "rerun")])
+def test_collectives_and_loops(op, other):
+    mesh = _compat.make_mesh((P,), ("seq",), jax.devices()[:P])
+    x = draw(op, 1, T)
+    seg = jnp.zeros((1, T), jnp.int32)
+    single = hlo_of_grad(lambda **a: SINGLE[op](**a, chunk_size=C, impl="chunk"),
+                         draw(op, 1, T // P), seg[:, : T // P])
+    loops = count(single, "while")
+    assert loops >= 2       # the op's own chunk scan and its transpose: the count means something
+    run = lambda mode: hlo_of_grad(
+        lambda **a: getattr(sp, op)(**a, chunk_size=C, mesh=mesh, mode=mode), x, seg)
+    txt = run("saved")
+    assert count(txt, "all-gather") == 2
+    assert count(txt, "reduce-scatter") == count(txt, "all-reduce") == 0
+    assert count(txt, "while") == loops
+    txt = run(other)
+    if other == "rerun":    # the ordinary backward from S_in runs the local forward again
+        assert count(txt, "all-gather") == 2
+        assert count(txt, "while") > loops
+    else:                   # autodiff transposes the gather into a reduction
+        assert count(txt, "all-gather") == 1
+        assert count(txt, "all-reduce") + count(txt, "reduce-scatter") >= 1
