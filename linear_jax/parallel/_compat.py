@@ -68,10 +68,11 @@ def all_gather_same(x, axis_name):
     return all_gather_invariant(x, axis_name)
 
 
-def zeros_varying(shape, *like):
-    """float32 zeros typed as varying over every axis any of `like` varies over: a zero initial
-    state handed to a single-device op whose `lax.scan` carry must match its varying inputs."""
-    axes = frozenset().union(*(varying_axes(x) for x in like if x is not None))
+def zeros_varying(shape, *like, exclude=()):
+    """float32 zeros typed as varying over every axis any of `like` varies over (less `exclude`):
+    a zero initial state handed to a single-device op whose `lax.scan` carry must match its varying
+    inputs, or a zero state replicated along the sequence axis but split with the batch."""
+    axes = frozenset().union(*(varying_axes(x) for x in like if x is not None)) - set(exclude)
     z = jax.numpy.zeros(shape, jax.numpy.float32)
     if not axes:
         return z

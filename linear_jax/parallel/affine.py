@@ -5,7 +5,7 @@ state S_in, the shard's outputs and leaving state are
 
     O = O_loc + Q~ S_in,        S_out = M S_in + N
 
-(`docs/sequence_parallel.md`, `/work/shared/design/SEQUENCE_PARALLEL.md` §2). An op supplies two
+(`docs/sequence_parallel.md`, the design note SEQUENCE_PARALLEL.md §2). An op supplies two
 local functions: `pre(x, seg) -> (parts, N, M)`, its one local pass from a zero state, and
 `post(x, seg, parts, S_in) -> O`, linear in S_in (the correction GEMM O_loc + Q~ S_in, or, staged,
 ZeCO's elementwise fix of the chunk states). This module does the rest:
@@ -175,8 +175,10 @@ def affine_shard(pre: Callable, post: Callable, kind: str, x, state_shape, initi
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    S0 = (jnp.zeros(state_shape, jnp.float32) if initial_state is None
-          else initial_state.astype(jnp.float32))
+    # a missing initial state is zeros split like the batch (not along the sequence axis), so its
+    # cotangent has the type of a user's initial state
+    S0 = (_compat.zeros_varying(state_shape, *jax.tree.leaves(x), exclude=(axis_name,))
+          if initial_state is None else initial_state.astype(jnp.float32))
     if mode == "autodiff":
         return _forward(pre, post, kind, x, segment_ids, S0, axis_name)
 

@@ -72,6 +72,13 @@ def test_grouped_heads_normalized_attention_and_no_initial_state():
     compare("gla", mesh_of((4,), ("seq",)), x, packed_segments(2, T))
 
 
+def test_no_initial_state_on_a_batch_sharded_mesh():
+    """The zero initial state is split like the batch, so its cotangent types check (regression)."""
+    x = draw("gated_delta_rule", 2, T, seed=7)
+    del x["initial_state"]
+    compare("gated_delta_rule", mesh_of((2, 2), ("data", "seq")), x, packed_segments(2, T))
+
+
 def test_bf16_inputs():
     x = draw("gated_delta_rule", 2, T, seed=7, dtype=jnp.bfloat16)
     seg = packed_segments(2, T)
