@@ -186,3 +186,15 @@ def test_bad_input_raises_value_error(call, match):
     g = -np.ones((2, 8, 2), np.float32)
     with pytest.raises(ValueError, match=match):
         call(q, k, v, g)
+
+
+@pytest.mark.parametrize("chunk_size", [8, 16, 32, 48, 64])
+def test_gla_every_sub_chunk_count(chunk_size):
+    """1 to 4 sub-chunks per chunk (two once crashed XLA's CPU backend in the backward pass)."""
+    rng = np.random.default_rng(7)
+    q, k, v = (rng.standard_normal((1, 100, 2, 16)).astype(np.float32) for _ in range(3))
+    g = -rng.uniform(0, 1, (1, 100, 2, 16)).astype(np.float32)
+    grad = lambda impl: jax.jit(jax.grad(
+        lambda q, g: gla(q, k, v, g, impl=impl, chunk_size=chunk_size)[0].sum(), argnums=(0, 1)))
+    for a, b in zip(grad("chunk")(q, g), grad("recurrent")(q, g), strict=True):
+        assert_close(a, b, 2e-4, "gradient")

@@ -57,22 +57,26 @@ def _intra_vector(q, k, g, mask, c):
     B, H, N, C, K = q.shape
     s = C // c
     qs, ks, gs = (x.reshape(B, H, N, s, c, K) for x in (q, k, g))
-    # off-diagonal blocks, queries of sub-chunk a against keys of sub-chunk b < a, factored through
-    # the end of b: exp(span (end_b, i]) * exp(span (j, end_b]), both spans summed without ratios
-    tot = jnp.moveaxis(gs.sum(axis=4), -2, -1)                 # [B,H,N,K,s]
-    span = segsum(tot)                                          # [..., K, x, y]: (y, x] sub-chunks
-    between = jnp.concatenate([jnp.full_like(span[..., :1, :], -jnp.inf), span[..., :-1, :]], -2)
-    between = jnp.moveaxis(between, -3, -1)                     # [B,H,N,a,b,K]: (b, a) exclusive
-    dq = cumsum_incl(gs, axis=4)[..., :, :, None, :] + between[..., :, None, :, :]
-    qt = qs[..., :, :, None, :] * jnp.exp(dq)                   # [B,H,N,a,c,b,K]
-    kt = ks * jnp.exp(rev_cumsum_excl(gs, axis=4))              # [B,H,N,b,c,K]
-    A = _einsum("zhnaiyk,zhnyjk->zhnaiyj", qt, kt)              # [B,H,N,a,c,b,c]
+    into = cumsum_incl(gs, axis=4)                        # (start of a sub-chunk, i]
+    kt = ks * jnp.exp(rev_cumsum_excl(gs, axis=4))        # keys decayed to their sub-chunk's end
+    total = gs.sum(axis=4)                                # [B,H,N,s,K]
     # diagonal blocks: elementwise in K
-    dd = jnp.moveaxis(segsum(jnp.moveaxis(gs, -1, -2)), -3, -1)  # [B,H,N,s,c,c,K]
+    dd = jnp.moveaxis(segsum(jnp.moveaxis(gs, -1, -2)), -3, -1)       # [B,H,N,s,c,c,K]
     diag = (qs[..., :, None, :] * jnp.exp(dd) * ks[..., None, :, :]).sum(-1)
-    eye = jnp.eye(s, dtype=bool)[:, None, :, None]
-    A = A + jnp.where(eye, diag[..., :, :, None, :], 0.0)
-    return jnp.where(mask, A.reshape(B, H, N, C, C), 0.0)
+    zero = jnp.zeros((B, H, N, c, c), jnp.float32)
+    rows = []
+    for a in range(s):
+        row = [zero] * s
+        row[a] = diag[:, :, :, a]
+        # keys of sub-chunk b < a: the span (j, i] is (j, end of b] + the sub-chunks between +
+        # (start of a, i], each a sum of gates with no subtraction
+        between = jnp.zeros((B, H, N, K), jnp.float32)
+        for b in range(a - 1, -1, -1):
+            qt = qs[:, :, :, a] * jnp.exp(into[:, :, :, a] + between[..., None, :])
+            row[b] = _einsum("bhnik,bhnjk->bhnij", qt, kt[:, :, :, b])
+            between = between + total[:, :, :, b]
+        rows.append(jnp.concatenate(row, axis=-1))
+    return jnp.where(mask, jnp.concatenate(rows, axis=-2), 0.0)
 
 
 def _map_chunks(f, *xs, batch: int = 8):
