@@ -135,24 +135,25 @@ def test_gradients_match_reference(case):
 def test_split_and_step_decode_equal_full(spec):
     """Whole sequence == random split with the state carried == token-by-token decode."""
     args, kwargs, S0, seg = _draw(spec, 5, t=29)
-    o, S = _run(spec, "chunk", args, kwargs, S0, seg)
+    # jitted: eager dispatch of the chunk forms dominates the suite's time otherwise
+    run = jax.jit(lambda impl, a, S, sg: _run(spec, impl, a, kwargs, S, sg), static_argnums=0)
+    o, S = run("chunk", args, S0, seg)
     cut = 11
     timed = lambda x: np.ndim(x) >= 2 and np.shape(x)[1] == 29
     head = {n: x[:, :cut] if timed(x) else x for n, x in args.items()}
     tail = {n: x[:, cut:] if timed(x) else x for n, x in args.items()}
     seg_h, seg_t = (None, None) if seg is None else (seg[:, :cut], seg[:, cut:])
-    o1, S1 = _run(spec, "chunk", head, kwargs, S0, seg_h)
+    o1, S1 = run("chunk", head, S0, seg_h)
     if seg is not None:  # a reset at the cut is a change between cut-1 and cut
         S1 = _reset(S1, seg[:, cut] != seg[:, cut - 1])
-    o2, S2 = _run(spec, "chunk", tail, kwargs, S1, seg_t)
+    o2, S2 = run("chunk", tail, S1, seg_t)
     assert_close(jnp.concatenate([o1, o2], axis=1), o, TOL["float32"], "split output")
     _close(S2, S, TOL["float32"], "split state")
     # decode the first 5 tokens one at a time through impl="auto" (T == 1 -> recurrent)
     St, outs = S0, []
     for t in range(5):
-        step = {n: x[:, t:t + 1] if np.ndim(x) >= 2 and np.shape(x)[1] == 29 else x
-                for n, x in args.items()}
-        ot, St = _run(spec, "auto", step, kwargs, St, None if seg is None else seg[:, t:t + 1])
+        step = {n: x[:, t:t + 1] if timed(x) else x for n, x in args.items()}
+        ot, St = run("auto", step, St, None if seg is None else seg[:, t:t + 1])
         outs.append(ot)
         if seg is not None and t + 1 < 29:
             St = _reset(St, seg[:, t + 1] != seg[:, t])
@@ -165,8 +166,9 @@ def test_vmap_over_extra_axis(spec):
     a2, _, _, _ = _draw(spec, 7, t=9)
     stacked = {n: np.stack([a1[n], a2[n]]) for n in a1}
     impl = "chunk" if "chunk" in spec.impls else spec.impls[0]
-    o, _ = jax.vmap(lambda a: _run(spec, impl, a, kwargs, chunk_size=4))(stacked)
-    assert_close(o[1], _run(spec, impl, a2, kwargs, chunk_size=4)[0], TOL["float32"], "vmap")
+    one = lambda a: _run(spec, impl, a, kwargs, chunk_size=4)[0]
+    o = jax.jit(jax.vmap(one))(stacked)
+    assert_close(o[1], jax.jit(one)(a2), TOL["float32"], "vmap")
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
