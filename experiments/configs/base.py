@@ -1,0 +1,44 @@
+"""Defaults shared by every task config; a task config overrides what it needs.
+
+Sections: `task` (data), `model` (fields of `linear_jax.models.LMConfig`; vocab_size comes from
+the task unless set), `train` (optimiser, steps, batch, logging, checkpoints), `eval`, `mesh` (axis
+sizes, -1 fills the devices) and `sharding.rules` (logical parameter axis -> mesh axes).
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.workdir = "runs/default"
+
+    c.task = ml_collections.ConfigDict({"name": "mqar", "seq_len": 64, "params": {}})
+
+    # bfloat16 compute from float32 master weights; "float32" for exact comparisons
+    c.model = ml_collections.ConfigDict({
+        "d_model": 64, "num_layers": 2, "num_heads": 2, "mixer": "gla", "impl": "auto",
+        "dtype": "bfloat16", "param_dtype": "float32",
+    })
+
+    c.train = ml_collections.ConfigDict({
+        "steps": 1000, "batch_size": 64, "microbatches": 1,
+        "lr": 3e-3, "warmup_steps": 100, "min_lr_ratio": 0.1, "b1": 0.9, "b2": 0.95,
+        "weight_decay": 0.1, "clip_norm": 1.0, "aux_loss_weight": 0.01,
+        "log_every": 10, "checkpoint_every": 500, "keep_checkpoints": 2, "progress": True,
+    })
+
+    c.eval = ml_collections.ConfigDict({"every": 250, "batches": 4, "batch_size": 64,
+                                        "seq_lens": ()})
+
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "seq": 1})
+
+    # Unnamed dimensions and names without a rule are replicated.
+    c.sharding = ml_collections.ConfigDict({"rules": (
+        ("embed", "fsdp"),
+        ("heads", "tensor"),
+        ("mlp", "tensor"),
+        ("vocab", "tensor"),
+        ("experts", None),
+    )})
+    return c

@@ -1,0 +1,11 @@
+"""The training harness: mesh and sharding rules, optimiser, sharded train/eval steps, orbax
+checkpoints, metrics, deterministic data (synthetic tasks, packed text) and the loop.
+
+`train(config)` runs a whole experiment from an ml_collections config
+(`experiments/configs/*.py`); the pieces are importable on their own from a notebook.
+"""
+
+from linear_jax.training.loop import train
+from linear_jax.training.mesh import ConfigError, make_mesh
+
+__all__ = ["ConfigError", "make_mesh", "train"]

@@ -1,0 +1,192 @@
+"""The training loop: config -> mesh, data, model, sharded state -> steps, evals, checkpoints.
+
+    eval_shape(model) -> shardings from the rules -> jit(init, out_shardings) (or restore)
+    for each step: batch -> jit(train_step, donated state) -> metrics of the previous step -> log
+                   every `eval.every`: eval sets; every `train.checkpoint_every`: async save
+
+`train(config)` is the whole run and returns the final metrics; it is what `experiments/train.py`
+calls and what a notebook calls. A configuration that cannot run raises `ConfigError` before any
+compilation; a non-finite loss or gradient stops the run (`result["stopped"] == "nan"`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from linear_jax.training import checkpoint, data, metrics, optim, sharding, step
+from linear_jax.training.mesh import ConfigError, make_mesh
+
+
+def build_model(model_config, vocab_size: int, seed: int):
+    """A zero-argument constructor of the LM described by `model_config` (LMConfig fields)."""
+    from linear_jax.models import LM, LMConfig
+
+    kwargs = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+    if kwargs.get("vocab_size") is not None and kwargs["vocab_size"] < vocab_size:
+        raise ConfigError(f"model.vocab_size={kwargs['vocab_size']} < the task's {vocab_size}")
+    kwargs["vocab_size"] = kwargs.get("vocab_size") or vocab_size
+    try:
+        lm_config = LMConfig(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model: {e}") from None
+    return lambda: LM(lm_config, rngs=nnx.Rngs(seed))
+
+
+def mesh_context(mesh, rules):
+    """The mesh and the logical rules, for code that shards activations or runs shard_map."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(mesh))
+    stack.enter_context(nnx.logical_axis_rules(tuple((k, v or None) for k, v in rules.items())))
+    return stack
+
+
+def _check(config, mesh) -> None:
+    tr = config.train
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    if tr.steps <= 0 or tr.batch_size <= 0 or tr.microbatches <= 0:
+        raise ConfigError("train.steps, train.batch_size and train.microbatches must be positive")
+    if tr.batch_size % (tr.microbatches * rows):
+        raise ConfigError(f"train.batch_size={tr.batch_size} must be a multiple of "
+                          f"train.microbatches x data x fsdp = {tr.microbatches} x {rows}")
+    if config.eval.batch_size % rows:
+        raise ConfigError(f"eval.batch_size={config.eval.batch_size} must be a multiple of "
+                          f"data x fsdp = {rows}")
+    if config.task.seq_len % mesh.shape["seq"]:
+        raise ConfigError(f"task.seq_len={config.task.seq_len} must be a multiple of "
+                          f"seq = {mesh.shape['seq']}")
+
+
+def _eval_sources(config):
+    ev = config.eval
+    lengths = [None] + [n for n in ev.get("seq_lens", ()) if n != config.task.seq_len]
+    return {("eval" if n is None else f"eval_len{n}"): data.make_source(
+        config.task, split="eval", batch_size=ev.batch_size, seed=config.seed, seq_len=n)
+        for n in lengths}
+
+
+def evaluate(eval_step, state, source, num_batches: int, batch_sharding) -> dict[str, float]:
+    if isinstance(source, data.TextSource):
+        num_batches = max(1, min(num_batches, source.num_rows // source.batch_size))
+    totals = {}
+    for i in range(num_batches):
+        sums = jax.device_get(eval_step(state, data.to_device(source.batch(i), batch_sharding)))
+        totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
+    w = max(totals["weight"], 1.0)
+    return {"loss": totals["loss"] / w, "accuracy": totals["correct"] / w}
+
+
+def train(config, *, devices=None) -> dict:
+    """Runs (or resumes) the run in `config.workdir`; returns the last train and eval metrics."""
+    tr, workdir = config.train, pathlib.Path(config.workdir)
+    mesh = make_mesh(config.mesh, devices)
+    rules = sharding.check_rules(config.sharding.rules)
+    _check(config, mesh)
+    source = data.make_source(config.task, split="train", batch_size=tr.batch_size,
+                              seed=config.seed)
+    evals = _eval_sources(config)
+    make_model = build_model(config.model, source.vocab_size, config.seed)
+    tx = optim.make_optimizer(tr)
+    batch_sh = sharding.batch_sharding(mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    with mesh_context(mesh, rules):
+        init = step.init_fn(make_model, tx)
+        graphdef, abstract_state = _abstract(init)
+        shardings = sharding.tree_shardings(abstract_state, mesh, rules)
+        num_params = _count(abstract_state["params"])
+        logging.info("parameters: %s (%s)", f"{num_params:,}",
+                     sharding.describe(shardings["params"]))
+        ckpt = checkpoint.Checkpointer(workdir / "checkpoints", every=tr.checkpoint_every,
+                                       keep=tr.keep_checkpoints)
+        try:
+            restored = ckpt.restore(checkpoint.abstract(abstract_state, shardings))
+        except (ValueError, KeyError) as e:
+            raise ConfigError(f"{workdir / 'checkpoints'} holds a checkpoint that does not fit "
+                              f"this model and optimiser (use another workdir): "
+                              f"{str(e).splitlines()[0][:300]}") from None
+        if restored is None:
+            state = jax.jit(lambda: init()[1], out_shardings=shardings)()
+            position, start = 0, 0
+        else:
+            state, position, start = restored
+        train_step = jax.jit(
+            step.make_train_step(graphdef, tx, microbatches=tr.microbatches,
+                                 aux_weight=tr.aux_loss_weight, lr_schedule=optim.schedule(tr)),
+            in_shardings=(shardings, batch_sh), out_shardings=(shardings, replicated),
+            donate_argnums=0)
+        eval_step = jax.jit(step.make_eval_step(graphdef),
+                            in_shardings=(shardings, batch_sh), out_shardings=replicated)
+        result = _run(config, state, position, start, source, evals, train_step, eval_step,
+                      ckpt, batch_sh, workdir, resumed=restored is not None)
+    return {**result, "params": num_params}
+
+
+def _abstract(init):
+    out = {}
+
+    def shapes_only():
+        out["graphdef"], state = init()
+        return state
+
+    abstract_state = jax.eval_shape(shapes_only)
+    return out["graphdef"], abstract_state
+
+
+def _count(params) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def _run(config, state, position, start, source, evals, train_step, eval_step, ckpt, batch_sh,
+         workdir, *, resumed):
+    tr, ev = config.train, config.eval
+    writer = metrics.JsonlWriter(workdir / "metrics.jsonl", resume_step=start if resumed else None)
+    progress = metrics.Progress(start, tr.steps, enabled=tr.progress)
+    lagged, tokens_per_step = metrics.Lagged(), tr.batch_size * config.task.seq_len
+    result = {"step": start, "train": {}, "eval": {}, "stopped": None}
+    t_start = time.perf_counter()
+
+    def record(done) -> bool:
+        s, m = done
+        m["tokens_per_s"] = progress.update(s, m, tokens_per_step)
+        result["step"], result["train"] = s, m
+        if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
+            logging.error("non-finite loss %s / grad norm %s at step %d: stopping",
+                          m["loss"], m["grad_norm"], s)
+            writer.write(s, "train", m)
+            result["stopped"] = "nan"
+            return False
+        if s % tr.log_every == 0 or s == tr.steps or s == start + 1:
+            writer.write(s, "train", m)
+        return True
+
+    try:
+        for s in range(start, tr.steps):
+            batch = data.to_device(source.batch(position), batch_sh)
+            state, m = train_step(state, batch)
+            position += 1
+            eval_due = (s + 1) % ev.every == 0 or s + 1 == tr.steps
+            # Before an eval (which blocks anyway) this step's metrics are fetched too.
+            ready = [lagged.push(s + 1, m)] + ([lagged.flush()] if eval_due else [])
+            if not all(record(d) for d in ready if d is not None):
+                break
+            if eval_due:
+                for name, src in evals.items():
+                    result["eval"][name] = evaluate(eval_step, state, src, ev.batches, batch_sh)
+                    writer.write(s + 1, name, result["eval"][name])
+                logging.info("step %d: %s", s + 1, "; ".join(
+                    f"{k} loss {v['loss']:.4f} acc {v['accuracy']:.4f}"
+                    for k, v in result["eval"].items()))
+                progress.restart_clock()
+            ckpt.save(s + 1, state, position, force=s + 1 == tr.steps)
+    finally:
+        progress.close()
+        ckpt.close()
+    result["seconds"] = time.perf_counter() - t_start
+    return result

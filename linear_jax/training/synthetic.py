@@ -1,0 +1,150 @@
+"""Synthetic tasks: pure NumPy generators of token batches, seeded.
+
+Every generator has the signature `gen(rng, batch, seq_len, **task_params)` and returns
+`{"tokens": int32 [B, T], "targets": int32 [B, T], "mask": float32 [B, T]}`: the model reads
+`tokens[:, t]` and is scored on predicting `targets[:, t]` where `mask[:, t] > 0`. `vocab_size(name,
+**task_params)` is the number of token ids a model needs. Token 0 is padding/blank in every task.
+
+- mqar: multi-query associative recall (Arora et al. 2023, *Zoology*; Based): key-value pairs, then
+  the keys again at random later positions; each query must be answered with its value.
+- parity / modular_addition / s5: state tracking (Grazzi et al. 2024, *Unlocking state-tracking in
+  linear RNNs through negative eigenvalues*; Merrill et al. 2024): after every input, output the
+  running parity of the bits / running sum mod m / running composition of S5 permutations.
+- icl_regression: noise-free in-context linear regression (Garg et al. 2022) with discrete values:
+  x in {-1, +1}^d, a per-sequence w in {-1, 0, 1}^d, y = w.x; the model must predict y from x.
+- selective_copy: data tokens scattered among blanks; after a separator, emit them in order
+  (Gu & Dao 2023, *Mamba*, section 3.1).
+- induction: a random token sequence repeated; in the repeat every next token is predictable by
+  copying what followed the current token before (Olsson et al. 2022, induction heads).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+
+def _batch(tokens, targets, mask) -> dict[str, np.ndarray]:
+    return {"tokens": tokens.astype(np.int32), "targets": targets.astype(np.int32),
+            "mask": mask.astype(np.float32)}
+
+
+def mqar(rng, batch, seq_len, num_kv_pairs=8, num_keys=None, num_values=None):
+    """Keys are ids [1, 1 + num_keys), values [1 + num_keys, 1 + num_keys + num_values)."""
+    n = num_kv_pairs
+    nk, nv = num_keys or 4 * n, num_values or 4 * n
+    if seq_len < 4 * n:
+        raise ValueError(f"mqar: seq_len={seq_len} must be >= 4 * num_kv_pairs = {4 * n}")
+    keys = 1 + np.argsort(rng.random((batch, nk)), axis=1)[:, :n]      # distinct per row
+    values = 1 + nk + rng.integers(0, nv, (batch, n))
+    tokens = np.zeros((batch, seq_len), np.int64)
+    targets = np.zeros_like(tokens)
+    tokens[:, 0:2 * n:2], tokens[:, 1:2 * n:2] = keys, values
+    # Each pair is queried once, in random order, at distinct even offsets after the context.
+    slots = (seq_len - 2 * n) // 2
+    pos = 2 * n + 2 * np.sort(np.argsort(rng.random((batch, slots)), axis=1)[:, :n], axis=1)
+    order = np.argsort(rng.random((batch, n)), axis=1)
+    rows = np.arange(batch)[:, None]
+    tokens[rows, pos] = keys[rows, order]
+    targets[rows, pos] = values[rows, order]
+    mask = np.zeros(tokens.shape, np.float32)
+    mask[rows, pos] = 1.0
+    return _batch(tokens, targets, mask)
+
+
+def parity(rng, batch, seq_len):
+    x = rng.integers(0, 2, (batch, seq_len))
+    y = np.cumsum(x, axis=1) % 2
+    return _batch(1 + x, 1 + y, np.ones(x.shape))
+
+
+def modular_addition(rng, batch, seq_len, modulus=5):
+    x = rng.integers(0, modulus, (batch, seq_len))
+    y = np.cumsum(x, axis=1) % modulus
+    return _batch(1 + x, 1 + y, np.ones(x.shape))
+
+
+_S5 = np.array(list(itertools.permutations(range(5))))                  # [120, 5]
+_S5_INDEX = {tuple(p): i for i, p in enumerate(_S5)}
+# _S5_COMPOSE[a, b] = index of the permutation "apply a, then b": (b o a)(i) = b[a[i]].
+_S5_COMPOSE = np.array([[_S5_INDEX[tuple(_S5[b][_S5[a]])] for b in range(120)] for a in range(120)])
+
+
+def s5(rng, batch, seq_len):
+    x = rng.integers(0, 120, (batch, seq_len))
+    y = np.empty_like(x)
+    acc = x[:, 0]
+    y[:, 0] = acc
+    for t in range(1, seq_len):
+        acc = _S5_COMPOSE[acc, x[:, t]]
+        y[:, t] = acc
+    return _batch(1 + x, 1 + y, np.ones(x.shape))
+
+
+def icl_regression(rng, batch, seq_len, dim=4):
+    """Examples of d + 1 tokens: x as d ids {1: -1, 2: +1}, then y as id 3 + (y + d).
+
+    The target of the last x token of each example is y; only those positions are scored.
+    """
+    n_ex = seq_len // (dim + 1)
+    w = rng.integers(-1, 2, (batch, 1, dim))
+    x = 2 * rng.integers(0, 2, (batch, n_ex, dim)) - 1
+    y = np.sum(w * x, axis=-1)                                            # [B, n_ex] in [-d, d]
+    ex = np.concatenate([(x + 3) // 2, (3 + y + dim)[..., None]], axis=-1)  # [B, n_ex, d + 1]
+    tokens = np.zeros((batch, seq_len), np.int64)
+    tokens[:, :n_ex * (dim + 1)] = ex.reshape(batch, -1)
+    targets = np.zeros_like(tokens)
+    mask = np.zeros(tokens.shape, np.float32)
+    last_x = np.arange(n_ex) * (dim + 1) + dim - 1
+    targets[:, last_x] = 3 + y + dim
+    mask[:, last_x] = 1.0
+    return _batch(tokens, targets, mask)
+
+
+def selective_copy(rng, batch, seq_len, num_tokens=8, num_symbols=8):
+    """Data ids 1..num_symbols among blanks (0), a separator, then the data again in order."""
+    n, sep = num_tokens, num_symbols + 1
+    ctx = seq_len - n
+    data = 1 + rng.integers(0, num_symbols, (batch, n))
+    pos = np.sort(np.argsort(rng.random((batch, ctx - 1)), axis=1)[:, :n], axis=1)
+    rows = np.arange(batch)[:, None]
+    tokens = np.zeros((batch, seq_len), np.int64)
+    tokens[rows, pos] = data
+    tokens[:, ctx - 1] = sep
+    tokens[:, ctx:] = data                  # teacher forcing: the copy so far is visible
+    targets = np.zeros_like(tokens)
+    targets[:, ctx - 1:seq_len - 1] = data
+    mask = np.zeros(tokens.shape, np.float32)
+    mask[:, ctx - 1:seq_len - 1] = 1.0
+    return _batch(tokens, targets, mask)
+
+
+def induction(rng, batch, seq_len, num_symbols=32):
+    """A random prefix of length seq_len // 2 then its copy; the copy's next tokens are scored."""
+    half = seq_len // 2
+    prefix = 1 + rng.integers(0, num_symbols, (batch, half))
+    seq = np.concatenate([prefix, prefix, np.zeros((batch, seq_len + 1 - 2 * half), np.int64)], 1)
+    tokens, targets = seq[:, :seq_len], seq[:, 1:seq_len + 1]
+    mask = np.zeros(tokens.shape, np.float32)
+    mask[:, half:2 * half - 1] = 1.0
+    return _batch(tokens, targets, mask)
+
+
+GENERATORS = {
+    "mqar": mqar, "parity": parity, "modular_addition": modular_addition, "s5": s5,
+    "icl_regression": icl_regression, "selective_copy": selective_copy, "induction": induction,
+}
+
+
+def vocab_size(name: str, **params) -> int:
+    if name == "mqar":
+        n = params.get("num_kv_pairs", 8)
+        return 1 + (params.get("num_keys") or 4 * n) + (params.get("num_values") or 4 * n)
+    if name == "icl_regression":
+        return 3 + 2 * params.get("dim", 4) + 1
+    if name == "selective_copy":
+        return params.get("num_symbols", 8) + 2
+    if name == "induction":
+        return params.get("num_symbols", 32) + 1
+    return 1 + {"parity": 2, "modular_addition": params.get("modulus", 5), "s5": 120}[name]
