@@ -41,10 +41,10 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 from jax import lax
-from jax.scipy.linalg import solve_triangular
 
 from linear_jax.ops.common.chunking import doc_masks, from_chunks, to_chunks
 from linear_jax.ops.common.gates import cumsum_incl, rev_cumsum_excl, segsum
+from linear_jax.ops.common.triangular import unit_lower_solve
 
 _HI = lax.Precision.HIGHEST
 
@@ -72,11 +72,11 @@ def _intra(q, k, v, beta, g, same, in_rows, out_rows):
         q_in, k_in = q * e_in, k * e_in
         k_out = k * jnp.exp(rev_cumsum_excl(g, 3))[..., None]
         decay = jnp.exp(g.sum(3))[..., None, None]
-    # the diagonal is zeroed, not just ignored by unit_diagonal, so no gradient reaches k_i . k_i
+    # strictly lower: the unit diagonal is implied, so no gradient reaches k_i . k_i
     strict = ~jnp.eye(C, dtype=bool)
     L = jnp.where(strict, beta[..., :, None] * _einsum("bhnik,bhnjk->bhnij", k, k) * gamma, 0.0)
     rhs = beta[..., None] * jnp.concatenate([v, jnp.where(in_rows[..., None], k_in, 0.0)], -1)
-    X = solve_triangular(L, rhs, lower=True, unit_diagonal=True)
+    X = unit_lower_solve(L, rhs)
     U, W = X[..., : v.shape[-1]], X[..., v.shape[-1]:]
     A = _einsum("bhnik,bhnjk->bhnij", q, k) * gamma
     q_in = jnp.where(in_rows[..., None], q_in, 0.0)
