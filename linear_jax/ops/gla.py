@@ -21,7 +21,7 @@ from linear_jax.kernels import registry
 from linear_jax.ops import _checks, _dispatch
 from linear_jax.ops.common.decay_chunk import chunk_decay
 from linear_jax.ops.common.heads import default_scale, repeat_heads
-from linear_jax.ops.common.recurrent import scan_time
+from linear_jax.ops.common.recurrent import scan_time, state_or_zeros
 
 
 def gla_recurrent(q, k, v, g, *, scale, initial_state, segment_ids):
@@ -29,7 +29,7 @@ def gla_recurrent(q, k, v, g, *, scale, initial_state, segment_ids):
     B, T, H, K = q.shape
     V = v.shape[-1]
     f32 = lambda x: x.astype(jnp.float32)
-    S0 = jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None else f32(initial_state)
+    S0 = state_or_zeros(initial_state, (B, H, K, V))
 
     def step(S, x):
         q_t, k_t, v_t, g_t = x

@@ -19,14 +19,14 @@ import jax.numpy as jnp
 from linear_jax.kernels import registry
 from linear_jax.ops import _checks, _dispatch
 from linear_jax.ops.common.elementwise_chunk import chunk_scan
-from linear_jax.ops.common.recurrent import scan_time
+from linear_jax.ops.common.recurrent import scan_time, state_or_zeros
 
 
 def hgrn_recurrent(x, g, *, initial_state, segment_ids):
     """The reference: one step per token. Inputs already validated."""
     B, _, D = x.shape
     f32 = lambda y: y.astype(jnp.float32)
-    h0 = jnp.zeros((B, D), jnp.float32) if initial_state is None else f32(initial_state)
+    h0 = state_or_zeros(initial_state, (B, D))
 
     def step(h, inp):
         x_t, g_t = inp

@@ -37,6 +37,7 @@ from jax import lax
 
 from linear_jax.ops.common.chunking import doc_masks, from_chunks, to_chunks
 from linear_jax.ops.common.gates import cumsum_incl, rev_cumsum_excl, segsum
+from linear_jax.ops.common.recurrent import state_or_zeros
 
 _HI = lax.Precision.HIGHEST
 SUB_CHUNK = 16
@@ -161,8 +162,7 @@ def chunk_decay(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size):
     B, T, H, K = q.shape
     V = v.shape[-1]
     p = chunk_pieces(q, k, v, g, scale=scale, segment_ids=segment_ids, chunk_size=chunk_size)
-    S0 = (jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None
-          else initial_state.astype(jnp.float32))
+    S0 = state_or_zeros(initial_state, (B, H, K, V))
     S_final, S_in = pass_states(p, S0)
     o = _einsum("bhnij,bhnjv->bhniv", p.A, p.v) + _einsum("bhnik,bhnkv->bhniv", p.q_in, S_in)
     return from_chunks(o, T), S_final

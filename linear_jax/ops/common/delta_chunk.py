@@ -44,6 +44,7 @@ from jax import lax
 
 from linear_jax.ops.common.chunking import doc_masks, from_chunks, to_chunks
 from linear_jax.ops.common.gates import cumsum_incl, rev_cumsum_excl, segsum
+from linear_jax.ops.common.recurrent import state_or_zeros
 from linear_jax.ops.common.triangular import unit_lower_solve
 
 _HI = lax.Precision.HIGHEST
@@ -110,7 +111,7 @@ def chunk_delta(q, k, v, beta, g, *, scale, initial_state, segment_ids, chunk_si
         u = U_n - _einsum("bhck,bhkv->bhcv", W_n, S)
         return d_n * S + _einsum("bhck,bhcv->bhkv", k_n, u), (S, u)
 
-    S0 = jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None else f32(initial_state)
+    S0 = state_or_zeros(initial_state, (B, H, K, V))
     xs = tuple(jnp.moveaxis(x, 2, 0) for x in (W, U, k_out, decay))
     S_final, (S_in, u) = lax.scan(step, S0, xs)
     S_in, u = jnp.moveaxis(S_in, 0, 2), jnp.moveaxis(u, 0, 2)   # [B,H,N,K,V], [B,H,N,C,V]

@@ -16,6 +16,13 @@ from jax import lax
 from linear_jax.ops.common.chunking import resets
 
 
+def state_or_zeros(initial_state, shape):
+    """The initial state in float32, or zeros of `shape` when none is given."""
+    if initial_state is None:
+        return jnp.zeros(shape, jnp.float32)
+    return jnp.asarray(initial_state).astype(jnp.float32)
+
+
 def _zero_state(state):
     return jax.tree.map(jnp.zeros_like, state)
 
