@@ -58,7 +58,10 @@ def plot(runs: dict[str, list[dict]], out, metrics=("loss", "accuracy"), title=N
         if metric == "loss":
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(ticker.ScalarFormatter())
-            ax.yaxis.set_minor_formatter(ticker.ScalarFormatter())
+            low, high = ax.get_ylim()
+            # minor labels only within one decade: over several they overprint each other
+            ax.yaxis.set_minor_formatter(ticker.ScalarFormatter() if high <= 10 * low
+                                         else ticker.NullFormatter())
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(cells):]:
         ax.axis("off")

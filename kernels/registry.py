@@ -21,6 +21,9 @@ _KERNELS: dict[str, dict[str, str]] = {
                    "tpu": "linear_jax.kernels.tpu.delta_rule:delta_rule"},
     "gated_delta_rule": {"gpu": "linear_jax.kernels.gpu.delta:delta",
                          "tpu": "linear_jax.kernels.tpu.delta_rule:delta_rule"},
+    "hgrn": {"gpu": "linear_jax.kernels.gpu.elementwise:hgrn"},
+    "diagonal_scan": {"gpu": "linear_jax.kernels.gpu.elementwise:diagonal_scan"},
+    "selective_scan": {"gpu": "linear_jax.kernels.gpu.selective:selective_scan"},
 }
 
 

@@ -7,7 +7,10 @@ median ms of the forward and of forward+backward (grad of sum(o * do) w.r.t. q, 
 compiled program's memory (arguments + outputs + temporaries), achieved TB/s and TFLOP/s against the
 measured ceilings, the floor of the shape, and the ratio to flash-linear-attention and to
 jax-linear-attention (benchmarks/anchors/h100-anchors.json; ratio = anchor ms / our ms, > 1 is
-faster). --sweep also times a few kernel tilings (recorded under impl "pallas[...]").
+faster). Each time is measured the way its anchor was: `fwd_ms` / `fwdbwd_ms` with calls queued
+back to back (device time, as do_bench timed fla), `*_sync_ms` each call waited for on the host
+(as jla was timed); the ratio to fla uses the first, to jla the second. --sweep also times a few
+kernel tilings (recorded under impl "pallas[...]").
 Writes benchmarks/results/ops_gpu_<device>.json and prints a table.
 """
 
@@ -25,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from linear_jax.kernels.gpu import decay as gpu_decay
 
-from experiments.benchmarks import common
+from experiments.benchmarks import common, profile
 from linear_jax import ops
 
 ANCHORS = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "anchors",
@@ -41,7 +44,8 @@ OPS = {  # name: (call(x, impl) -> o, gate, anchor names in fla / jla)
                                                           x["beta"], impl=i)[0],
                          "gated_delta", ("gated_delta_rule", "gated_deltanet")),
 }
-SWEEP = {"bv32": dict(block_v=32), "bk32bv32": dict(block_k=32, block_v=32),
+SWEEP = {"min_programs0": dict(min_programs=0), "bwd_k64": dict(block_k_bwd=64),
+         "bv32": dict(block_v=32), "bk32bv32": dict(block_k=32, block_v=32),
          "out128": dict(block_v_out=128), "out32": dict(block_v_out=32), "bwd4": dict(warps_bwd=4),
          "stages3": dict(stages_state=3, stages_out=3)}
 
@@ -55,14 +59,21 @@ def ceilings(n_copy=1 << 28, n_mm=8192):
     return {"bytes_per_s": bw, "flop_per_s": 2 * n_mm**3 / (median(mm, a, 20) / 1e3)}
 
 
-def median(f, x, reps, warmup=5):
+def median(f, x, reps, warmup=5, inner=1):
+    """Median ms per call over `reps` timings of `inner` back-to-back calls, synchronised once.
+
+    inner=1 times each call to its result on the host, as jax-linear-attention's anchors were
+    timed; inner=10 keeps the device busy between calls (device time, as triton's do_bench
+    measured flash-linear-attention's anchors)."""
     for _ in range(warmup):
         jax.block_until_ready(f(x))
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        jax.block_until_ready(f(x))
-        ts.append(time.perf_counter() - t0)
+        for _ in range(inner):
+            out = f(x)
+        jax.block_until_ready(out)
+        ts.append((time.perf_counter() - t0) / inner)
     return 1e3 * float(np.median(ts))
 
 
@@ -99,7 +110,7 @@ def inputs(B, T, H, D, gate, seed=0):
     return x, n(ks[3], (B, T, H, D))
 
 
-def bench(call, impl, x, do, reps):
+def bench(call, impl, x, do, reps, prof=False):
     fwd = jax.jit(lambda x: call(x, impl))
     loss = lambda x: jnp.sum(call(x, impl).astype(jnp.float32) * do.astype(jnp.float32))
     fb = jax.jit(jax.grad(loss))
@@ -109,8 +120,13 @@ def bench(call, impl, x, do, reps):
     comp = time.perf_counter() - t0
     mem = lambda c: (lambda m: None if m is None else int(m.argument_size_in_bytes
                      + m.output_size_in_bytes + m.temp_size_in_bytes))(c.memory_analysis())
-    return dict(compile_s=comp, fwd_ms=median(cf, x, reps), fwdbwd_ms=median(cb, x, reps),
-                fwd_mem_bytes=mem(cf), fwdbwd_mem_bytes=mem(cb))
+    r = dict(compile_s=comp, fwd_ms=median(cf, x, reps, inner=10),
+             fwdbwd_ms=median(cb, x, reps, inner=10), fwd_sync_ms=median(cf, x, reps),
+             fwdbwd_sync_ms=median(cb, x, reps), fwd_mem_bytes=mem(cf), fwdbwd_mem_bytes=mem(cb))
+    if prof:
+        r["fwd_kernels_us"] = profile.kernel_times(cf, x)
+        r["fwdbwd_kernels_us"] = profile.kernel_times(cb, x)
+    return r
 
 
 def main(argv=None) -> int:
@@ -118,8 +134,13 @@ def main(argv=None) -> int:
     p.add_argument("--T", type=int, nargs="+", default=[2048, 8192, 32768])
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--sweep", nargs="*", default=None, metavar="NAME",
+                   help=f"also time these kernel tilings (all if none named): {', '.join(SWEEP)}")
     p.add_argument("--ops", nargs="+", default=list(OPS))
+    p.add_argument("--profile", action="store_true",
+                   help="per-kernel device times of the Pallas impl (from a profiler trace)")
+    p.add_argument("--impls", nargs="+", default=["chunk", "pallas"])
+    p.add_argument("--tag", default="", help="suffix of the JSON file name (keeps runs apart)")
     p.add_argument("--quick", action="store_true", help="tiny shapes: checks the script runs")
     a = p.parse_args(argv)
     if a.quick:
@@ -133,21 +154,25 @@ def main(argv=None) -> int:
     rows = []
     base = gpu_decay.CONFIG
     dev = jax.devices()[0].device_kind.replace(" ", "_")
-    save = lambda: common.write_json(f"ops_gpu_{dev}.json", rows, ceilings=ceil, tokens=a.tokens,
-                                     note="ratio x lib = anchor ms / our ms (> 1: we are faster)")
+    tag = f"_{a.tag}" if a.tag else ""
+    save = lambda: common.write_json(
+        f"ops_gpu_{dev}{tag}.json", rows, ceilings=ceil, tokens=a.tokens,
+        note="ratio x lib = anchor ms / our ms (> 1: we are faster)")
     for T in a.T:
         B = max(1, a.tokens // T)
         for op in a.ops:
             call, gate, names = OPS[op]
             x, do = inputs(B, T, H, D, gate)
             c = cost(B, T, H, D, D, C, gate)
-            variants = [("chunk", None), ("pallas", None)]
-            if a.sweep:
-                variants += [(f"pallas[{k}]", v) for k, v in SWEEP.items()]
+            variants = [(i, None) for i in a.impls]
+            if a.sweep is not None:
+                variants += [(f"pallas[{k}]", v) for k, v in SWEEP.items()
+                             if not a.sweep or k in a.sweep]
             for name, over in variants:
                 gpu_decay.CONFIG = dataclasses.replace(base, **(over or {}))
                 try:
-                    r = bench(call, name.split("[")[0], x, do, a.reps)
+                    r = bench(call, name.split("[")[0], x, do, a.reps,
+                              a.profile and name.startswith("pallas"))
                 except Exception as e:
                     print(f"{op} {name} T={T}: {type(e).__name__}: {str(e)[:400]}", flush=True)
                     rows.append(dict(op=op, impl=name, T=T, B=B, error=str(e)[:600]))
@@ -162,11 +187,11 @@ def main(argv=None) -> int:
                                                       c[f"{ph}_flops"] / ceil["flop_per_s"])
                     row[f"{ph}_TBps"] = c[f"{ph}_bytes"] / s / 1e12
                     row[f"{ph}_TFLOPs"] = c[f"{ph}_flops"] / s / 1e12
-                    for lib, key in (("fla", f"fla.{names[0]}.{ph}_ms"),
-                                     ("jla", f"jla.{names[1]}.{ph}_ms")):
+                    for lib, key, ours in (("fla", f"fla.{names[0]}.{ph}_ms", f"{ph}_ms"),
+                                           ("jla", f"jla.{names[1]}.{ph}_ms", f"{ph}_sync_ms")):
                         ref = anchors.get(T, {}).get(key)
                         row[f"{ph}_{lib}_ms"] = ref
-                        row[f"{ph}_vs_{lib}"] = None if ref is None else ref / row[f"{ph}_ms"]
+                        row[f"{ph}_vs_{lib}"] = None if ref is None else ref / row[ours]
                 rows.append(row)
                 save()
                 f = lambda v: "  -  " if v is None else f"{v:5.2f}"
@@ -176,6 +201,10 @@ def main(argv=None) -> int:
                       f"fwdbwd {row['fwdbwd_ms']:7.3f} ms (floor {row['fwdbwd_floor_ms']:.3f}, "
                       f"x fla {f(row['fwdbwd_vs_fla'])}, x jla {f(row['fwdbwd_vs_jla'])})  "
                       f"mem {(row['fwdbwd_mem_bytes'] or 0) / 2**30:.2f} GiB", flush=True)
+                for ph in ("fwd", "fwdbwd"):
+                    if f"{ph}_kernels_us" in row:
+                        print(f"  {ph} kernels:\n" + profile.format_times(row[f"{ph}_kernels_us"]),
+                              flush=True)
     print("wrote", save())
     return 0
 

@@ -3,7 +3,9 @@
     python -m experiments.benchmarks.render
 
 Reads benchmarks/results/ops_gpu_*.json and check_gpu_*.json (written by ops_gpu.py and
-check_gpu.py on the device); every number in the README comes from them.
+check_gpu.py on the device); every number in the README comes from them. Files end in the kernel
+version they measured (`_v1`, `_v2`, ...; benchmarks/NOTES.md says what each version changed); the
+summary takes each (op, T) cell from the newest version that measured it.
 """
 
 from __future__ import annotations
@@ -26,13 +28,46 @@ FLOPs at the measured bf16 matmul rate, whichever is larger. Notes, predictions 
 """
 
 
+def _version(path) -> str:
+    stem = os.path.basename(path).rsplit(".", 1)[0]
+    tail = stem.rsplit("_", 1)[-1]
+    return tail if tail.startswith("v") and tail[1:].isdigit() else "v0"
+
+
+def summary_table(files) -> list[str]:
+    """Our Pallas kernels against the anchors, each cell from the newest version measuring it."""
+    best = {}
+    for path, data in sorted(files, key=lambda f: int(_version(f[0])[1:])):
+        for r in data["rows"]:
+            if r.get("impl") == "pallas" and "error" not in r:
+                best[(r["op"], r["T"])] = (_version(path), r)
+    if not best:
+        return []
+    out = ["## Summary: impl=\"pallas\" against the anchors", "",
+           "Median ms; in brackets the anchor's time over ours (above 1: we are faster). Each row "
+           "comes from the newest kernel version that measured it (column v).", "",
+           "| op | T (B) | v | fwd | fla fwd | jla fwd | fwd+bwd | fla fwd+bwd | jla fwd+bwd |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    cell = lambda r, lib, ph: ("-" if r.get(f"{ph}_{lib}_ms") is None else
+                               f"{r[f'{ph}_{lib}_ms']:.2f} ({r[f'{ph}_vs_{lib}']:.2f}x)")
+    for (op, T), (v, r) in sorted(best.items()):
+        out.append(f"| {op} | {T} ({r['B']}) | {v} | {r['fwd_ms']:.3f} | {cell(r, 'fla', 'fwd')} "
+                   f"| {cell(r, 'jla', 'fwd')} | {r['fwdbwd_ms']:.3f} | {cell(r, 'fla', 'fwdbwd')} "
+                   f"| {cell(r, 'jla', 'fwdbwd')} |")
+    return out + [""]
+
+
 def _f(x, nd=3):
     return "-" if x is None else f"{x:.{nd}f}"
 
 
-def ops_table(data) -> list[str]:
+def ops_table(data, version="") -> list[str]:
     c = data.get("ceilings", {})
-    out = [f"## Timings: {data['device']} (jax {data['jax']}, {data['date']})", "",
+    how = ("calls queued back to back (the ratio to jla uses each call timed to its result)"
+           if any("fwd_sync_ms" in r for r in data["rows"]) else
+           "each call timed to its result on the host")
+    out = [f"## Timings {version}: {data['device']} (jax {data['jax']}, {data['date']})", "",
+           f"Timed with {how}.", "",
            f"Measured ceilings: {c.get('bytes_per_s', 0) / 1e12:.2f} TB/s copy, "
            f"{c.get('flop_per_s', 0) / 1e12:.0f} TFLOP/s bf16 matmul.", "",
            "| op | T | impl | fwd ms | floor | x fla | x jla | fwd+bwd ms | floor | x fla | x jla "
@@ -53,8 +88,8 @@ def ops_table(data) -> list[str]:
     return out + [""]
 
 
-def check_table(data) -> list[str]:
-    out = [f"## Correctness: {data['device']} (jax {data['jax']}, {data['date']})", "",
+def check_table(data, version="") -> list[str]:
+    out = [f"## Correctness {version}: {data['device']} (jax {data['jax']}, {data['date']})", "",
            f"impl=\"pallas\" against the float32 reference (`check_gpu.py`); failures: "
            f"{data.get('failures')}.", "",
            "| op | T | K=V | dtype | reference | worst relative error | tolerance | ok |",
@@ -99,12 +134,15 @@ def plot(data, path) -> bool:
 def main() -> int:
     lines = [INTRO]
     found = False
-    for p in sorted(glob.glob(os.path.join(BENCH, "results", "check_gpu_*.json"))):
-        lines += check_table(json.load(open(p)))
+    newest = lambda pattern: sorted(glob.glob(os.path.join(BENCH, "results", pattern)),
+                                    key=lambda p: -int(_version(p)[1:]))
+    ops_files = [(p, json.load(open(p))) for p in newest("ops_gpu_*.json")]
+    lines += summary_table(ops_files)
+    for p in newest("check_gpu_*.json"):
+        lines += check_table(json.load(open(p)), _version(p))
         found = True
-    for p in sorted(glob.glob(os.path.join(BENCH, "results", "ops_gpu_*.json"))):
-        data = json.load(open(p))
-        lines += ops_table(data)
+    for p, data in ops_files:
+        lines += ops_table(data, _version(p))
         png = os.path.basename(p).replace(".json", ".png")
         if plot(data, os.path.join(BENCH, png)):
             lines += [f"![ms vs T]({png})", ""]

@@ -33,7 +33,7 @@ def state_pass(x, y, G, doc, S0, *, cfg, kind, has_seg, reverse, scale, state_dt
     Vp = y.shape[-1]
     C = cfg.chunk
     N = Tp // C
-    BK, BV = min(cfg.block_k, Kp), common.value_block(Vp, cfg.block_v)
+    BK, BV = common.state_tiles(B * H, Kp, Vp, cfg)
     exact = x.dtype == jnp.float32
     vector = kind == "vector"
     f32 = jnp.float32
@@ -43,7 +43,7 @@ def state_pass(x, y, G, doc, S0, *, cfg, kind, has_seg, reverse, scale, state_dt
             n = N - 1 - i if reverse else i
             hs_ref[n] = S.astype(hs_ref.dtype)
             xn = x_ref[pl.ds(n * C, C), :].astype(f32)
-            yn = y_ref[pl.ds(n * C, C), :].astype(f32)
+            yn = y_ref[pl.ds(n * C, C), :]
             decay = jnp.float32(1.0)
             if kind != "none":
                 if vector:
@@ -61,7 +61,8 @@ def state_pass(x, y, G, doc, S0, *, cfg, kind, has_seg, reverse, scale, state_dt
                 in_rows, out_rows, keep, _ = common.chunk_masks(doc_ref, n, C, False)
                 xn = jnp.where((in_rows if reverse else out_rows)[:, None], xn, 0.0)
                 decay = jnp.where(keep, decay, 0.0)
-            return decay * S + dot(xn, yn, ta=True, exact=exact)
+            # bf16/fp16 operands, float32 accumulation: the gated keys are <= |k| in size
+            return decay * S + dot(xn.astype(yn.dtype), yn, ta=True, exact=exact)
 
         S = jax.lax.fori_loop(0, N, step, s0_ref[...].astype(f32))
         send_ref[...] = S

@@ -34,6 +34,10 @@ class DecayConfig:
     sub_chunk: c, rows of the vector gate's sub-chunks (both factors of an off-diagonal block <= 1).
     block_k, block_v: tiles of the state [K, V] in the sequential state passes.
     block_v_out: value tile of the output kernel and of the backward's value loop.
+    block_k_bwd: key tile of the decay family's backward kernel (the K axis of its grid).
+    min_programs: the state passes halve their tiles (down to 32 x 16) while their grid has fewer
+      programs than this: at B*H = 16 a [64, 64] tiling leaves 64 programs, half an H100's SMs idle
+      through a pass that is sequential in T.
     """
 
     chunk: int = 64
@@ -41,6 +45,8 @@ class DecayConfig:
     block_k: int = 64
     block_v: int = 64
     block_v_out: int = 64
+    block_k_bwd: int = 128
+    min_programs: int = 256
     warps_state: int = 4
     stages_state: int = 2
     warps_out: int = 4
@@ -50,7 +56,7 @@ class DecayConfig:
     warps_intra: int = 4
 
     def __post_init__(self):
-        for name in ("chunk", "sub_chunk", "block_k", "block_v", "block_v_out"):
+        for name in ("chunk", "sub_chunk", "block_k", "block_v", "block_v_out", "block_k_bwd"):
             val = getattr(self, name)
             if not _pow2(val) or val < 16:
                 raise ValueError(f"DecayConfig.{name} must be a power of two >= 16, got {val}")
@@ -74,6 +80,25 @@ def value_block(Vp: int, want: int) -> int:
     while Vp % b:
         b //= 2
     return b
+
+
+def state_tiles(BH: int, Kp: int, Vp: int, cfg: DecayConfig, split_k: bool = True,
+                min_bv: int = 16):
+    """(BK, BV) of a sequential state pass over a grid (BH, Kp/BK, Vp/BV): the configured tiles,
+    the larger one halved (BK >= 32, BV >= min_bv) while the grid has fewer than
+    cfg.min_programs. (The delta rule's passes keep all of K and re-read W per value tile, hence
+    their larger min_bv.)"""
+    BK = min(cfg.block_k, Kp) if split_k else Kp
+    BV = value_block(Vp, cfg.block_v)
+    while BH * (Kp // BK) * (Vp // BV) < cfg.min_programs:
+        can_k, can_v = split_k and BK > 32, BV > min_bv
+        if can_k and (BK > BV or not can_v):
+            BK //= 2
+        elif can_v:
+            BV //= 2
+        else:
+            break
+    return BK, BV
 
 
 # Block specs on the public layout. Grids put B*H first (bh // H, bh % H pick batch and head);

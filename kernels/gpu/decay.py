@@ -92,56 +92,84 @@ def output(q, k, v, G, A, doc, hs, *, cfg, kind, has_seg, scale):
 
 
 def _backward_main(q, k, v, G, A, doc, hs, dhs, do, *, cfg, kind, has_seg, scale):
-    """dv, and dq, dk, dG (scalar/none gate) or the inter-chunk parts and dA (vector gate)."""
+    """dv, and dq, dk, dG (scalar/none gate) or the inter-chunk parts and dA (vector gate).
+
+    Grid (B*H, N, Kp/BK): each program owns one K tile of dq, dk (and dG); the program of the first
+    tile also writes dv (and dA), which need all of K. The scalar gate's dG is summed over the
+    K tiles afterwards."""
     B, Tp, H, Kp = q.shape
     Vp, C = v.shape[-1], cfg.chunk
-    N, BV = Tp // C, common.value_block(Vp, cfg.block_v_out)
+    BK, BV = min(cfg.block_k_bwd, Kp), common.value_block(Vp, cfg.block_v_out)
+    N, NK = Tp // C, Kp // BK
     exact, vec, cd = q.dtype == f32, kind == "vector", q.dtype
 
     def kernel(q_ref, k_ref, v_ref, g_ref, a_ref, doc_ref, h_ref, dh_ref, do_ref, *outs):
-        n = pl.program_id(1)
+        n, kb = pl.program_id(1), pl.program_id(2)
+        # dv and dA need all of K: the first K tile's program writes them
+        on_first = (lambda f: f()) if NK == 1 else pl.when(kb == 0)
+        kc = pl.ds(kb * BK, BK)
         q, k = q_ref[...], k_ref[...]
-        G, Gl = _gate_terms(g_ref, kind, C)
+        qb, kbt = q_ref[:, kc], k_ref[:, kc]
         mask = common.causal(C)
-        wq = jnp.ones((C, 1), f32) if G is None else jnp.exp(G)
-        wk = jnp.ones((C, 1), f32) if G is None else jnp.exp(Gl - G)
-        decay = jnp.float32(1.0) if G is None else jnp.exp(Gl)
+        if kind == "none":
+            G = Gt = None
+            wq = wk = wk_full = jnp.ones((C, 1), f32)
+            decay = jnp.float32(1.0)
+        elif vec:
+            G, Gt, Glt = g_ref[...], g_ref[:, kc], g_ref[pl.ds(C - 1, 1), kc]
+            wq, wk, decay = jnp.exp(Gt), jnp.exp(Glt - Gt), jnp.exp(Glt)
+            wk_full = jnp.exp(g_ref[pl.ds(C - 1, 1), :] - G)
+        else:
+            G = Gt = g_ref[...][:, None]
+            Gl = g_ref[C - 1]
+            wq, wk, decay = jnp.exp(G), jnp.exp(Gl - G), jnp.exp(Gl)
+            wk_full = wk
         if has_seg:
             in_rows, out_rows, keep, same = common.chunk_masks(doc_ref, n, C, True)
             mask = mask & same
             wq = jnp.where(in_rows[:, None], wq, 0.0)
             wk = jnp.where(out_rows[:, None], wk, 0.0)
+            wk_full = jnp.where(out_rows[:, None], wk_full, 0.0)
             decay = jnp.where(keep, decay, 0.0)
         A = a_ref[...] if vec else _intra_scalar(q, k, G, mask, scale, exact)
-        Acd, kh = A.astype(cd), (k.astype(f32) * wk).astype(cd)
+        Acd, kh = A.astype(cd), (k.astype(f32) * wk_full).astype(cd)
         dA = jnp.zeros((C, C), f32)
-        dqi, dki = jnp.zeros((C, Kp), f32), jnp.zeros((C, Kp), f32)
-        hd = jnp.zeros((Kp,), f32)
+        dqi, dki = jnp.zeros((C, BK), f32), jnp.zeros((C, BK), f32)
+        hd = jnp.zeros((BK,), f32)
         for b in range(Vp // BV):
             cols = pl.ds(b * BV, BV)
             v_b, do_b = v_ref[:, cols], do_ref[:, cols]
-            h_b, dh_b = h_ref[:, cols], dh_ref[:, cols]
+            h_b, dh_b = h_ref[kc, cols], dh_ref[kc, cols]
             dA += dot(do_b, v_b, tb=True, exact=exact)
-            dv = dot(Acd, do_b, ta=True, exact=exact) + dot(kh, dh_b.astype(cd), exact=exact)
-            outs[0][:, cols] = dv.astype(outs[0].dtype)
             dqi += dot(do_b, h_b.astype(cd), tb=True, exact=exact)
             dki += dot(v_b, dh_b.astype(cd), tb=True, exact=exact)
             hd += jnp.sum(h_b.astype(f32) * dh_b.astype(f32), axis=1)
+
+            @on_first
+            def _():
+                dv = (dot(Acd, do_b, ta=True, exact=exact)
+                      + dot(kh, dh_ref[:, cols].astype(cd), exact=exact))
+                outs[0][:, cols] = dv.astype(outs[0].dtype)
+
         dA = jnp.where(mask, dA, 0.0)
         dqs = dqi * wq                                     # d(scaled q), inter-chunk part
         dki = dki * wk
-        kf, qs = k.astype(f32), q.astype(f32) * scale
+        kf, qs = kbt.astype(f32), qb.astype(f32) * scale
         last = (jnp.arange(C, dtype=jnp.int32) == C - 1)[:, None]
         if vec:
             dGl = jnp.sum(kf * dki, axis=0)[None, :] + decay * hd[None, :]
-            outs[1][...] = dA
+
+            @on_first
+            def _():
+                outs[1][...] = dA
+
             outs[2][...] = dqs * scale
             outs[3][...] = dki
             outs[4][...] = qs * dqs - kf * dki + jnp.where(last, dGl, 0.0)
             return
         dAE = dA if G is None else dA * jnp.exp(jnp.where(mask, G - G.reshape(1, -1), -jnp.inf))
-        dqs = dqs + dot(dAE.astype(cd), k, exact=exact)
-        dk = dki + dot(dAE.astype(cd), q, ta=True, exact=exact) * scale
+        dqs = dqs + dot(dAE.astype(cd), kbt, exact=exact)
+        dk = dki + dot(dAE.astype(cd), qb, ta=True, exact=exact) * scale
         outs[1][...] = (dqs * scale).astype(outs[1].dtype)
         outs[2][...] = dk.astype(outs[2].dtype)
         if G is not None:
@@ -152,23 +180,29 @@ def _backward_main(q, k, v, G, A, doc, hs, dhs, do, *, cfg, kind, has_seg, scale
             outs[3][...] = jnp.zeros((C,), f32)
 
     rows = lambda X: common.spec(H, C, X, t=0)
+    tile = common.spec(H, C, BK, t=0, x=1)
     g_spec = rows(Kp) if vec else common.spec(H, C, t=0)
     in_specs = [rows(Kp), rows(Kp), rows(Vp), g_spec, rows(C) if vec else common.spec(H, C, t=0),
                 common.doc_spec(H, Tp), common.states_spec(H, N, Kp, Vp, n=0),
                 common.states_spec(H, N, Kp, Vp, n=0), rows(Vp)]
     shp = lambda X, dt: jax.ShapeDtypeStruct((B, Tp, H) + X, dt)
     if vec:
-        out_specs = [rows(Vp), rows(C), rows(Kp), rows(Kp), rows(Kp)]
+        out_specs = [rows(Vp), rows(C), tile, tile, tile]
         out_shape = [shp((Vp,), v.dtype), shp((C,), f32), shp((Kp,), f32), shp((Kp,), f32),
                      shp((Kp,), f32)]
     else:
-        out_specs = [rows(Vp), rows(Kp), rows(Kp), common.spec(H, C, t=0)]
-        out_shape = [shp((Vp,), v.dtype), shp((Kp,), q.dtype), shp((Kp,), k.dtype), shp((), f32)]
-    return pl.pallas_call(
-        kernel, grid=(B * H, N), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        per_tile = pl.BlockSpec((None, None, C, None), lambda bh, n, kb: (kb, bh // H, n, bh % H))
+        out_specs = [rows(Vp), tile, tile, per_tile]
+        out_shape = [shp((Vp,), v.dtype), shp((Kp,), q.dtype), shp((Kp,), k.dtype),
+                     jax.ShapeDtypeStruct((NK, B, Tp, H), f32)]
+    outs = pl.pallas_call(
+        kernel, grid=(B * H, N, NK), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         compiler_params=triton_params(cfg.warps_bwd, cfg.stages_bwd),
         interpret=interpret(), name="decay_backward",
     )(q, k, v, G, G if A is None else A, doc, hs, dhs, do)
+    if not vec:
+        outs = (*outs[:3], jnp.sum(outs[3], axis=0))
+    return outs
 
 
 @functools.cache

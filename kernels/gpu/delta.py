@@ -32,7 +32,7 @@ f32 = jnp.float32
 def _state_pass(k, W, U, G, doc, S0, *, cfg, gated, has_seg, u_dtype):
     B, Tp, H, Kp = k.shape
     Vp, C = U.shape[-1], cfg.chunk
-    N, BV = Tp // C, common.value_block(Vp, cfg.block_v)
+    N, BV = Tp // C, common.state_tiles(B * H, Kp, Vp, cfg, split_k=False, min_bv=32)[1]
     exact = k.dtype == f32
 
     def kernel(k_ref, w_ref, uu_ref, g_ref, doc_ref, s0_ref, hs_ref, u_ref, send_ref):

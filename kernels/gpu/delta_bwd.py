@@ -48,7 +48,7 @@ def _gamma(G, mask):
 def state_bwd(q, k, do, G, doc, W, dS, *, cfg, gated, has_seg, scale, state_dtype):
     B, Tp, H, Kp = q.shape
     Vp, C = do.shape[-1], cfg.chunk
-    N, BV = Tp // C, common.value_block(Vp, cfg.block_v)
+    N, BV = Tp // C, common.state_tiles(B * H, Kp, Vp, cfg, split_k=False, min_bv=32)[1]
     exact, cd = q.dtype == f32, q.dtype
 
     def kernel(q_ref, k_ref, do_ref, g_ref, doc_ref, w_ref, ds_ref, dhs_ref, du_ref, dh0_ref):
@@ -89,89 +89,147 @@ def state_bwd(q, k, do, G, doc, W, dS, *, cfg, gated, has_seg, scale, state_dtyp
 
 
 def backward(q, k, v, beta, G, doc, hs, dhs, u, du, do, W, Tm, *, cfg, gated, has_seg, scale):
-    """dq, dk, dv (input dtypes), dbeta and dG [B,Tp,H] float32."""
-    B, Tp, H, Kp = q.shape
-    Vp, C = v.shape[-1], cfg.chunk
-    BV, exact, cd = common.value_block(Vp, cfg.block_v_out), q.dtype == f32, q.dtype
+    """dq, dk, dv (input dtypes), dbeta and dG [B,Tp,H] float32, in two parallel kernels: the
+    state-side terms tiled over K (`_backward_states`), then the UT transform's backward
+    (`_backward_wy`). Two smaller programs instead of one keep the float32 tiles in registers."""
+    dq, dk1, dW, dG1 = _backward_states(q, k, G, doc, hs, dhs, u, du, do, cfg=cfg, gated=gated,
+                                        has_seg=has_seg, scale=scale)
+    dk, dv, dbeta, dG = _backward_wy(k, v, beta, G, doc, Tm, du, dW, dk1, jnp.sum(dG1, axis=0),
+                                     cfg=cfg, gated=gated, has_seg=has_seg)
+    return dq, dk, dv, dbeta, dG
 
-    def kernel(q_ref, k_ref, v_ref, b_ref, g_ref, doc_ref, h_ref, dh_ref, u_ref, du_ref, do_ref,
-               w_ref, t_ref, dq_ref, dk_ref, dv_ref, db_ref, dg_ref):
-        n = pl.program_id(1)
+
+def _backward_states(q, k, G, doc, hs, dhs, u, du, do, *, cfg, gated, has_seg, scale):
+    """Per chunk and K tile kb: dA = do u^T, dq, the k_out and intra parts of dk, dW = -du S_n^T,
+    and the gate terms that need no T; grid (B*H, N, Kp/BK)."""
+    B, Tp, H, Kp = q.shape
+    Vp, C = u.shape[-1], cfg.chunk
+    BK, BV = min(cfg.block_k, Kp), common.value_block(Vp, cfg.block_v_out)
+    NK, exact, cd = Kp // BK, q.dtype == f32, q.dtype
+
+    def kernel(q_ref, k_ref, g_ref, doc_ref, h_ref, dh_ref, u_ref, du_ref, do_ref,
+               dq_ref, dk_ref, dw_ref, dg_ref):
+        n, kb = pl.program_id(1), pl.program_id(2)
         r = jnp.arange(C, dtype=jnp.int32)
+        kcols = pl.ds(kb * BK, BK)
         q, k = q_ref[...], k_ref[...]
-        qf, kf, beta, Tm = q.astype(f32), k.astype(f32), b_ref[...][:, None], t_ref[...]
+        qb, kbt = q_ref[:, kcols], k_ref[:, kcols]
         incl, w_in, w_out, keep = _pairs(doc_ref, n, C, has_seg)
-        strict = incl & (r[:, None] > r[None, :])
         G = g_ref[...][:, None] if gated else None
         gam = _gamma(G, incl)
         Gl = g_ref[C - 1] if gated else None
         decay = _decay(keep, Gl)
         if gated:
             w_in, w_out = w_in * jnp.exp(G), w_out * jnp.exp(Gl - G)
-        kk = dot(k, k, tb=True, exact=exact)
-        A = dot(q, k, tb=True, exact=exact) * scale * gam
-        L = jnp.where(strict, beta * kk * gam, 0.0)
-        kin = kf * w_in
-        dA, dT = jnp.zeros((C, C), f32), jnp.zeros((C, C), f32)
-        dqi, dko, dW = (jnp.zeros((C, Kp), f32) for _ in range(3))
-        dbeta, hd = jnp.zeros((C,), f32), jnp.zeros((Kp,), f32)
+        dA = jnp.zeros((C, C), f32)
+        dqi, dko, dW = (jnp.zeros((C, BK), f32) for _ in range(3))
+        hd = jnp.zeros((BK,), f32)
         for b in range(Vp // BV):
             cols = pl.ds(b * BV, BV)
-            do_b, u_b, du_b, v_b = do_ref[:, cols], u_ref[:, cols], du_ref[:, cols], v_ref[:, cols]
-            h_b, dh_b = h_ref[:, cols].astype(f32), dh_ref[:, cols].astype(f32)
+            do_b, u_b, du_b = do_ref[:, cols], u_ref[:, cols], du_ref[:, cols]
+            h_b, dh_b = h_ref[:, cols], dh_ref[:, cols]
             dA += dot(do_b, u_b, tb=True, exact=exact)
-            dqi += dot(do_b.astype(f32), h_b, tb=True, exact=exact)
-            dko += dot(u_b.astype(f32), dh_b, tb=True, exact=exact)
-            dW -= dot(du_b, h_b, tb=True, exact=exact)
+            dqi += dot(do_b, h_b.astype(cd), tb=True, exact=exact)
+            dko += dot(u_b, dh_b.astype(cd), tb=True, exact=exact)
+            dW -= dot(du_b, h_b.astype(f32), tb=True, exact=exact)
+            hd += jnp.sum(h_b.astype(f32) * dh_b.astype(f32), axis=1)
+        dA = jnp.where(incl, dA, 0.0)
+        dAg = (dA * gam).astype(cd)
+        dqin = dqi * w_in                                         # grad of q_in / scale
+        dq_ref[...] = ((dot(dAg, kbt, exact=exact) + dqin) * scale).astype(dq_ref.dtype)
+        dkout = dko * w_out
+        dk_ref[...] = dot(dAg, qb, ta=True, exact=exact) * scale + dkout
+        dw_ref[...] = dW
+        if gated:
+            kout_term = jnp.sum(dkout * kbt.astype(f32), axis=1)
+            dG = jnp.sum(dqin * qb.astype(f32), axis=1) * scale - kout_term
+            dGl = jnp.sum(kout_term) + decay * jnp.sum(hd)
+            dG = dG + jnp.where(r == C - 1, dGl, 0.0)
+            A = dot(q, k, tb=True, exact=exact) * scale * gam
+            PA = dA * A
+            pair = jnp.sum(PA, axis=1) - jnp.sum(PA, axis=0)
+            dg_ref[...] = dG + jnp.where(kb == 0, pair, 0.0)
+        else:
+            dg_ref[...] = jnp.zeros((C,), f32)
+
+    rows = lambda X: common.spec(H, C, X, t=0)
+    tile = common.spec(H, C, BK, t=0, x=1)
+    st = lambda: common.states_spec(H, Tp // C, BK, Vp, n=0, k=1)
+    return pl.pallas_call(
+        kernel, grid=(B * H, Tp // C, NK),
+        in_specs=[rows(Kp), rows(Kp), common.spec(H, C, t=0), common.doc_spec(H, Tp), st(), st(),
+                  rows(Vp), rows(Vp), rows(Vp)],
+        out_specs=[tile, tile, tile,
+                   pl.BlockSpec((None, None, C, None), lambda bh, n, kb: (kb, bh // H, n, bh % H))],
+        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, Kp), q.dtype),
+                   jax.ShapeDtypeStruct((B, Tp, H, Kp), f32),
+                   jax.ShapeDtypeStruct((B, Tp, H, Kp), f32),
+                   jax.ShapeDtypeStruct((NK, B, Tp, H), f32)],
+        compiler_params=triton_params(cfg.warps_bwd, cfg.stages_bwd),
+        interpret=interpret(), name="delta_backward_states",
+    )(q, k, G, doc, hs, dhs, u, du, do)
+
+
+def _backward_wy(k, v, beta, G, doc, Tm, du, dW, dk1, dG1, *, cfg, gated, has_seg):
+    """The UT transform's backward per chunk: d(beta v) = T^T du, d(beta k_in) = T^T dW,
+    dT, dL = -T^T dT T^T; finishes dk, dv, dbeta and dG; grid (B*H, N)."""
+    B, Tp, H, Kp = k.shape
+    Vp, C = v.shape[-1], cfg.chunk
+    BV, exact, cd = common.value_block(Vp, cfg.block_v_out), k.dtype == f32, k.dtype
+
+    def kernel(k_ref, v_ref, b_ref, g_ref, doc_ref, t_ref, du_ref, dw_ref, dk1_ref, dg1_ref,
+               dk_ref, dv_ref, db_ref, dg_ref):
+        n = pl.program_id(1)
+        r = jnp.arange(C, dtype=jnp.int32)
+        k = k_ref[...]
+        kf, beta, Tm = k.astype(f32), b_ref[...][:, None], t_ref[...]
+        incl, w_in, _, _ = _pairs(doc_ref, n, C, has_seg)
+        strict = incl & (r[:, None] > r[None, :])
+        G = g_ref[...][:, None] if gated else None
+        gam = _gamma(G, incl)
+        if gated:
+            w_in = w_in * jnp.exp(G)
+        kk = dot(k, k, tb=True, exact=exact)
+        kin = kf * w_in
+        dT = jnp.zeros((C, C), f32)
+        dbeta = jnp.zeros((C,), f32)
+        for b in range(Vp // BV):
+            cols = pl.ds(b * BV, BV)
+            du_b, v_b = du_ref[:, cols], v_ref[:, cols].astype(f32)
             tdu = dot(Tm, du_b, ta=True, exact=exact)
             dv_ref[:, cols] = (beta * tdu).astype(dv_ref.dtype)
-            bv = v_b.astype(f32) * beta
-            dbeta += jnp.sum(v_b.astype(f32) * tdu, axis=1)
-            dT += dot(du_b, bv, tb=True, exact=exact)
-            hd += jnp.sum(h_b * dh_b, axis=1)
-        dA = jnp.where(incl, dA, 0.0)
-        dAg = dA * gam
-        qs = qf * scale
-        dqin = dqi * w_in                                         # grad of q_in / scale
-        dq_s = dot(dAg.astype(cd), k, exact=exact) + dqin
-        dkout = dko * w_out
-        dk = dot(dAg.astype(cd), q, ta=True, exact=exact) * scale + dkout
+            dbeta += jnp.sum(v_b * tdu, axis=1)
+            dT += dot(du_b, v_b * beta, tb=True, exact=exact)
+        dW = dw_ref[...]
         tdw = dot(Tm, dW, ta=True, exact=exact)
         dkin = beta * tdw
         dbeta += jnp.sum(kin * tdw, axis=1)
-        dk += dkin * w_in
         dT += dot(dW, kin * beta, tb=True, exact=exact)
         dL = -dot(dot(Tm, dT, ta=True, exact=exact), Tm, tb=True, exact=exact)
         dL = jnp.where(strict, dL, 0.0)
         M = dL * gam
         dbeta += jnp.sum(M * kk, axis=1)
-        dKK = beta * M
-        dk += dot(dKK, kf, exact=exact) + dot(dKK, kf, ta=True, exact=exact)
-        dq_ref[...] = (dq_s * scale).astype(dq_ref.dtype)
+        dKK = (beta * M).astype(cd)
+        dk = (dk1_ref[...] + dkin * w_in + dot(dKK, k, exact=exact)
+              + dot(dKK, k, ta=True, exact=exact))
         dk_ref[...] = dk.astype(dk_ref.dtype)
         db_ref[...] = dbeta
         if gated:
-            PA, PL = dA * A, dL * L
-            dG = (jnp.sum(PA, axis=1) - jnp.sum(PA, axis=0) + jnp.sum(PL, axis=1)
-                  - jnp.sum(PL, axis=0) + jnp.sum(dqin * qs, axis=1) + jnp.sum(dkin * kin, axis=1))
-            kout_term = jnp.sum(dkout * kf, axis=1)
-            dG = dG - kout_term
-            dGl = jnp.sum(kout_term) + decay * jnp.sum(hd)
-            dg_ref[...] = dG + jnp.where(r == C - 1, dGl, 0.0)
+            PL = M * (beta * kk)                                  # dL * L on the strict part
+            dg_ref[...] = (dg1_ref[...] + jnp.sum(PL, axis=1) - jnp.sum(PL, axis=0)
+                           + jnp.sum(dkin * kin, axis=1))
         else:
             dg_ref[...] = jnp.zeros((C,), f32)
 
     rows = lambda X: common.spec(H, C, X, t=0)
     vec = lambda: common.spec(H, C, t=0)
-    st = lambda: common.states_spec(H, Tp // C, Kp, Vp, n=0)
     shp = lambda X, dt: jax.ShapeDtypeStruct((B, Tp, H) + X, dt)
     return pl.pallas_call(
         kernel, grid=(B * H, Tp // C),
-        in_specs=[rows(Kp), rows(Kp), rows(Vp), vec(), vec(), common.doc_spec(H, Tp), st(), st(),
-                  rows(Vp), rows(Vp), rows(Vp), rows(Kp), rows(C)],
-        out_specs=[rows(Kp), rows(Kp), rows(Vp), vec(), vec()],
-        out_shape=[shp((Kp,), q.dtype), shp((Kp,), k.dtype), shp((Vp,), v.dtype), shp((), f32),
-                   shp((), f32)],
+        in_specs=[rows(Kp), rows(Vp), vec(), vec(), common.doc_spec(H, Tp), rows(C), rows(Vp),
+                  rows(Kp), rows(Kp), vec()],
+        out_specs=[rows(Kp), rows(Vp), vec(), vec()],
+        out_shape=[shp((Kp,), k.dtype), shp((Vp,), v.dtype), shp((), f32), shp((), f32)],
         compiler_params=triton_params(cfg.warps_bwd, cfg.stages_bwd),
-        interpret=interpret(), name="delta_backward",
-    )(q, k, v, beta, G, doc, hs, dhs, u, du, do, W, Tm)
+        interpret=interpret(), name="delta_backward_wy",
+    )(k, v, beta, G, doc, Tm, du, dW, dk1, dG1)

@@ -10,7 +10,9 @@ T is formed by blocked forward substitution over sub-chunks of c rows: each diag
 T_aa = (I + L_aa)^{-1} row by row (T_i = e_i - sum_{j<i} L_ij T_j, c sequential steps on a [c, c]
 tile), then the blocks below it, T_ab = -T_aa sum_{b<=m<a} L_am T_mb, as small matmuls. Only the
 products a triangular solve forms are formed: no power of L (whose entries can reach C(C, m) for
-correlated keys) and no exp(-G). Grid (B*H, N).
+correlated keys) and no exp(-G). Two kernels, both over grid (B*H, N): `delta_ut_inverse` forms T
+from 16-row blocks, `delta_ut_apply` reads T back as one [C, C] tile for W and U as full-chunk
+matmuls (small [c, c] products run far below the matrix units' rate).
 """
 
 from __future__ import annotations
@@ -39,11 +41,17 @@ def ut_transform(k, v, beta, G, doc, *, cfg, gated, has_seg):
     """k [B,Tp,H,Kp], v [B,Tp,H,Vp], beta [B,Tp,H] float32, G [B,Tp,H] float32 (used if gated),
     doc [B,Tp] int32. Returns W [B,Tp,H,Kp], U [B,Tp,H,Vp] and T [B,Tp,H,C] (kept for the
     backward), float32."""
-    B, Tp, H, Kp = k.shape
-    Vp, C, c = v.shape[-1], cfg.chunk, cfg.sub_chunk
-    s, BV, exact = C // c, common.value_block(Vp, cfg.block_v_out), k.dtype == f32
+    Tm = _inverse(k, beta, G, doc, cfg=cfg, gated=gated, has_seg=has_seg)
+    W, U = _apply(k, v, beta, G, doc, Tm, cfg=cfg, gated=gated, has_seg=has_seg)
+    return W, U, Tm
 
-    def kernel(k_ref, v_ref, b_ref, g_ref, doc_ref, w_ref, u_ref, t_ref):
+
+def _inverse(k, beta, G, doc, *, cfg, gated, has_seg):
+    B, Tp, H, Kp = k.shape
+    C, c = cfg.chunk, cfg.sub_chunk
+    s, exact = C // c, k.dtype == f32
+
+    def kernel(k_ref, b_ref, g_ref, doc_ref, t_ref):
         n = pl.program_id(1)
         r = jnp.arange(c, dtype=jnp.int32)
         blk = lambda ref, a: ref[pl.ds(a * c, c)]
@@ -61,49 +69,59 @@ def ut_transform(k, v, beta, G, doc, *, cfg, gated, has_seg):
                 x = x * jnp.exp(jnp.where(mask, Gs[a] - Gs[m].reshape(1, c), -jnp.inf))
             return jnp.where(mask, x, 0.0)
 
+        L = {(a, m): L_block(a, m) for a in range(s) for m in range(a + 1)}
         T = {}
         for a in range(s):
-            T[a, a] = _invert_unit_lower(L_block(a, a), c)
+            T[a, a] = _invert_unit_lower(L[a, a], c)
             for b in range(a - 1, -1, -1):
                 acc = jnp.zeros((c, c), f32)
                 for m in range(b, a):
-                    acc += dot(L_block(a, m), T[m, b], exact=True)
+                    acc += dot(L[a, m], T[m, b], exact=True)
                 T[a, b] = -dot(T[a, a], acc, exact=True)
-        d_in = doc_ref[jnp.maximum(n * C - 1, 0)] if has_seg else None
-        bk = []                                  # beta k_in, per sub-chunk
-        for m in range(s):
-            x = ks[m].astype(f32) * betas[m]
-            if gated:
-                x = x * jnp.exp(Gs[m])
-            if has_seg:
-                x = jnp.where((docs[m] == d_in)[:, None], x, 0.0)
-            bk.append(x)
-        # W = T beta k_in and U = T beta v, one row block at a time (T is block lower triangular)
         for a in range(s):
-            rows = pl.ds(a * c, c)
             for b in range(s):
-                t_ref[rows, pl.ds(b * c, c)] = T[a, b] if b <= a else jnp.zeros((c, c), f32)
-            w = jnp.zeros((c, Kp), f32)
-            for b in range(a + 1):
-                w += dot(T[a, b], bk[b], exact=exact)
-            w_ref[rows, :] = w
-            for vb in range(Vp // BV):
-                cols = pl.ds(vb * BV, BV)
-                u = jnp.zeros((c, BV), f32)
-                for b in range(a + 1):
-                    u += dot(T[a, b], v_ref[pl.ds(b * c, c), cols].astype(f32) * betas[b],
-                             exact=exact)
-                u_ref[rows, cols] = u
+                t_ref[pl.ds(a * c, c), pl.ds(b * c, c)] = (T[a, b] if b <= a
+                                                           else jnp.zeros((c, c), f32))
+
+    rows = lambda X: common.spec(H, C, X, t=0)
+    return pl.pallas_call(
+        kernel, grid=(B * H, Tp // C),
+        in_specs=[rows(Kp), common.spec(H, C, t=0), common.spec(H, C, t=0),
+                  common.doc_spec(H, Tp)],
+        out_specs=rows(C),
+        out_shape=jax.ShapeDtypeStruct((B, Tp, H, C), f32),
+        compiler_params=triton_params(cfg.warps_out, 1),
+        interpret=interpret(), name="delta_ut_inverse",
+    )(k, beta, G, doc)
+
+
+def _apply(k, v, beta, G, doc, Tm, *, cfg, gated, has_seg):
+    B, Tp, H, Kp = k.shape
+    Vp, C = v.shape[-1], cfg.chunk
+    BV, exact = common.value_block(Vp, cfg.block_v_out), k.dtype == f32
+
+    def kernel(k_ref, v_ref, b_ref, g_ref, doc_ref, t_ref, w_ref, u_ref):
+        n = pl.program_id(1)
+        Tm, beta = t_ref[...], b_ref[...][:, None]
+        x = k_ref[...].astype(f32) * beta                    # beta k_in
+        if gated:
+            x = x * jnp.exp(g_ref[...][:, None])
+        if has_seg:
+            in_rows = doc_ref[pl.ds(n * C, C)] == doc_ref[jnp.maximum(n * C - 1, 0)]
+            x = jnp.where(in_rows[:, None], x, 0.0)
+        w_ref[...] = dot(Tm, x, exact=exact)
+        for vb in range(Vp // BV):
+            cols = pl.ds(vb * BV, BV)
+            u_ref[:, cols] = dot(Tm, v_ref[:, cols].astype(f32) * beta, exact=exact)
 
     rows = lambda X: common.spec(H, C, X, t=0)
     return pl.pallas_call(
         kernel, grid=(B * H, Tp // C),
         in_specs=[rows(Kp), rows(Vp), common.spec(H, C, t=0), common.spec(H, C, t=0),
-                  common.doc_spec(H, Tp)],
-        out_specs=[rows(Kp), rows(Vp), rows(C)],
+                  common.doc_spec(H, Tp), rows(C)],
+        out_specs=[rows(Kp), rows(Vp)],
         out_shape=[jax.ShapeDtypeStruct((B, Tp, H, Kp), f32),
-                   jax.ShapeDtypeStruct((B, Tp, H, Vp), f32),
-                   jax.ShapeDtypeStruct((B, Tp, H, C), f32)],
-        compiler_params=triton_params(cfg.warps_out, 1),
-        interpret=interpret(), name="delta_ut_transform",
-    )(k, v, beta, G, doc)
+                   jax.ShapeDtypeStruct((B, Tp, H, Vp), f32)],
+        compiler_params=triton_params(cfg.warps_out, cfg.stages_out),
+        interpret=interpret(), name="delta_ut_apply",
+    )(k, v, beta, G, doc, Tm)

@@ -1,8 +1,10 @@
 """Flax NNX token mixers, one per file, each a thin module over the ops in `linear_jax.ops`.
 
 Every mixer follows one contract: `Mixer(d_model, num_heads, *, rngs, dtype, param_dtype, ...)`,
-`__call__(x [B, T, D], *, segment_ids=None, cache=None) -> (y [B, T, D], new_cache)` and
-`init_cache(batch_size, dtype, *, max_len=None)`. `make_mixer` builds one by name.
+`__call__(x [B, T, D], *, segment_ids=None, cache=None, seq_parallel=None) -> (y [B, T, D],
+new_cache)` and `init_cache(batch_size, dtype, *, max_len=None)`. `make_mixer` builds one by name.
+`seq_parallel` (a `linear_jax.parallel.SeqParallel`) runs the call split along T over a mesh
+axis; `supports_seq_parallel(name)` says which mixers can (the others raise).
 """
 
 from __future__ import annotations
@@ -73,4 +75,12 @@ def make_mixer(name: str, d_model: int, num_heads: int, *, rngs, **kw):
     return cls(d_model, rngs=rngs, **kw)
 
 
-__all__ = ["MIXERS", "make_mixer", *(c.__name__ for c in MIXERS.values())]
+def supports_seq_parallel(name: str) -> bool:
+    """Whether mixer `name` runs sequence-parallel (`seq_parallel=` in its call)."""
+    if name not in MIXERS:
+        raise ValueError(f"unknown mixer {name!r}; known: {sorted(MIXERS)}")
+    return MIXERS[name].SEQ_PARALLEL
+
+
+__all__ = ["MIXERS", "make_mixer", "supports_seq_parallel",
+           *(c.__name__ for c in MIXERS.values())]

@@ -12,6 +12,11 @@ writes slots [index, index + T) and attends over the written slots (cost O(max_l
 the baseline the linear mixers are measured against). The caller sizes the cache; writing past
 `max_len` is not checked under jit.
 
+Sequence parallelism (`seq_parallel=SeqParallel(mesh)`, training calls without a cache): the
+projections and RoPE (positions and document starts of the global order) run on the T-split
+activations, the attention itself through `linear_jax.parallel.dispatch.attention` (K, V
+all-gathered along the axis, LASP-2H; contiguous or zigzag layout).
+
 Parameters: D (H + 2 Hk) Dh + H Dh D (q, k, v, o). Cache: k, v [B, L, Hk, Dh], the document index of
 each slot `doc` [B, L], `index`, and per row the current document's number and start position.
 """
@@ -25,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from linear_jax.layers.common import DEFAULT_STD, dense, heads, merge_heads, new_seg, out_std
+from linear_jax.parallel import dispatch
 
 
 def rope(x, pos, theta: float):
@@ -38,6 +44,8 @@ def rope(x, pos, theta: float):
 
 
 class Attention(nnx.Module):
+    SEQ_PARALLEL = True
+
     def __init__(self, d_model: int, num_heads: int, *, num_kv_heads: int | None = None,
                  head_dim: int | None = None, window: int | None = None,
                  block_size: int | None = None, rope_theta: float | None = 10000.0,
@@ -91,8 +99,13 @@ class Attention(nnx.Module):
             m &= blk(pos_k[:, None, :]) == blk(pos_q[:, :, None])
         return m[:, None]
 
-    def __call__(self, x, *, segment_ids=None, cache=None):
-        """x [B, T, D] -> (y [B, T, D], new cache or None when called without one)."""
+    def __call__(self, x, *, segment_ids=None, cache=None, seq_parallel=None):
+        """x [B, T, D] -> (y [B, T, D], new cache or None when called without one).
+        `seq_parallel`: T split over its mesh (calls without a cache only)."""
+        sp = dispatch.is_active(seq_parallel)
+        if sp and cache is not None:
+            raise NotImplementedError("Attention: decoding with a KV cache is not sequence-"
+                                      "parallel; call with seq_parallel=None")
         B, T, _ = x.shape
         q, k, v = heads(self.q_proj(x), self.H), heads(self.k_proj(x), self.Hk), \
             heads(self.v_proj(x), self.Hk)
@@ -102,6 +115,10 @@ class Attention(nnx.Module):
         if self.rope_theta is not None:
             q, k = rope(q, pos - start, self.rope_theta), rope(k, pos - start, self.rope_theta)
         attend = partial(jax.nn.dot_product_attention, implementation=self.implementation)
+        if sp:
+            o = dispatch.attention(q, k, v, seq_parallel=seq_parallel, segment_ids=segment_ids,
+                                   window=self.window, block_size=self.block_size)
+            return self.o_proj(merge_heads(o)), None
         if cache is None:
             if segment_ids is None and self.block_size is None:
                 window = None if self.window is None else (self.window - 1, 0)

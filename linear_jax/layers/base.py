@@ -13,6 +13,11 @@ per token (n = 1 except DeltaProduct). Parameters: D (Hk K + n Hk K + n H V) pro
 The cache holds the mixer's state(s) (float32, `init_states`), the conv state (`conv`) and the last
 segment id (`seg`); `__call__` starts from it and returns the next one, so a prefill is a call with
 an empty cache and a decode step is a call on one token.
+
+Sequence parallelism: `__call__(..., seq_parallel=SeqParallel(mesh))` runs the short conv and the
+mixer's op split along T over the mesh axis (`linear_jax.parallel.dispatch`): a mixer calls its op
+only through `recurrence(name, ..., seq_parallel=seq_parallel)`. A mixer whose op has no parallel
+form sets `SEQ_PARALLEL = False` and raises when called with an active one.
 """
 
 from __future__ import annotations
@@ -35,11 +40,14 @@ from linear_jax.layers.common import (
     out_std,
 )
 from linear_jax.layers.short_conv import ShortConv
+from linear_jax.parallel import dispatch
 
 
 class QKVMixer(nnx.Module):
     """Base of the linear-attention family. Subclasses implement `mix` (and `init_states` when
     their state is not one `[B, H, K, V]` array)."""
+
+    SEQ_PARALLEL = True      # whether `mix` runs sequence-parallel (through `recurrence`)
 
     def __init__(self, d_model: int, num_heads: int, *, key_dim: int, value_dim: int,
                  num_kv_heads: int | None = None, steps: int = 1, conv_size: int = 0,
@@ -69,8 +77,9 @@ class QKVMixer(nnx.Module):
         self.o_proj = mk(H * value_dim, d_model, ("heads", "embed"), std=out_std(std, num_layers))
 
     # -- what a mixer supplies -------------------------------------------------------------------
-    def mix(self, x, q, k, v, states: dict, segment_ids):
-        """q [B,T,Hk,K], k [B,T,n*Hk,K], v [B,T,n*H,V] -> (o [B,T,H,V], new states dict)."""
+    def mix(self, x, q, k, v, states: dict, segment_ids, seq_parallel=None):
+        """q [B,T,Hk,K], k [B,T,n*Hk,K], v [B,T,n*H,V] -> (o [B,T,H,V], new states dict).
+        The op is called through `recurrence(name, ..., seq_parallel=seq_parallel)`."""
         raise NotImplementedError
 
     def init_states(self, batch_size: int) -> dict:
@@ -83,7 +92,9 @@ class QKVMixer(nnx.Module):
             cache["conv"] = self.conv.init_state(batch_size, dtype)
         return cache
 
-    def __call__(self, x, *, segment_ids=None, cache=None):
+    def __call__(self, x, *, segment_ids=None, cache=None, seq_parallel=None):
+        if not self.SEQ_PARALLEL:
+            dispatch.unsupported(self, seq_parallel)
         cache = self.init_cache(x.shape[0], x.dtype) if cache is None else cache
         states = enter(cache, segment_ids)
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -91,10 +102,11 @@ class QKVMixer(nnx.Module):
         if self.conv is not None:
             conv_state = states.pop("conv").astype(q.dtype)
             qkv, new["conv"] = self.conv(jnp.concatenate([q, k, v], -1), segment_ids=segment_ids,
-                                         state=conv_state)
+                                         state=conv_state, seq_parallel=seq_parallel)
             q, k, v = jnp.split(qkv, [self.dims[0], self.dims[0] + self.dims[1]], axis=-1)
         o, mixed = self.mix(x, heads(q, self.Hk), heads(k, self.steps * self.Hk),
-                            heads(v, self.steps * self.H), states, segment_ids)
+                            heads(v, self.steps * self.H), states, segment_ids,
+                            seq_parallel=seq_parallel)
         return self.output(o, x), leave(cache, segment_ids, **mixed, **new)
 
     def output(self, o, x):

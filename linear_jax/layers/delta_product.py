@@ -25,6 +25,8 @@ from linear_jax.ops.delta_product import delta_product
 
 
 class DeltaProduct(DeltaNet):
+    SEQ_PARALLEL = False     # no sequence-parallel delta_product op yet
+
     def __init__(self, d_model: int, num_heads: int, *, num_householder: int = 2,
                  gated: bool = True, allow_neg_eigval: bool = True, rngs, dtype=None,
                  param_dtype=jnp.float32, **kw):
@@ -35,7 +37,7 @@ class DeltaProduct(DeltaNet):
         self.decay = (DecayGate(d_model, num_heads, rngs=rngs, dtype=dtype,
                                 param_dtype=param_dtype) if gated else None)
 
-    def mix(self, x, q, k, v, states, segment_ids):
+    def mix(self, x, q, k, v, states, segment_ids, seq_parallel=None):
         q, k, beta = self.qkb(x, q, k)
         split = lambda a: a.reshape(a.shape[:2] + (self.steps, -1) + a.shape[3:])
         g = None if self.decay is None else self.decay(x)

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 
 from linear_jax.layers.base import QKVMixer
 from linear_jax.layers.common import dense
-from linear_jax.ops.delta_rule import delta_rule
 from linear_jax.ops.norms import l2norm
+from linear_jax.parallel.dispatch import recurrence
 
 
 class DeltaNet(QKVMixer):
@@ -51,10 +51,11 @@ class DeltaNet(QKVMixer):
         beta = self.beta_max * jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))
         return l2norm(q), l2norm(k), beta
 
-    def mix(self, x, q, k, v, states, segment_ids):
+    def mix(self, x, q, k, v, states, segment_ids, seq_parallel=None):
         q, k, beta = self.qkb(x, q, k)
-        o, S = delta_rule(q, k, v, beta, exact=self.exact, initial_state=states["state"],
-                          segment_ids=segment_ids, **dict(self.op_kw))
+        o, S = recurrence("delta_rule", q, k, v, beta, exact=self.exact,
+                          initial_state=states["state"], segment_ids=segment_ids,
+                          seq_parallel=seq_parallel, **dict(self.op_kw))
         return o, {"state": S}
 
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from linear_jax.layers.common import DecayGate
 from linear_jax.layers.deltanet import DeltaNet
-from linear_jax.ops.delta_rule import gated_delta_rule
+from linear_jax.parallel.dispatch import recurrence
 
 
 class GatedDeltaNet(DeltaNet):
@@ -29,9 +29,9 @@ class GatedDeltaNet(DeltaNet):
         self.decay = DecayGate(d_model, num_heads, rngs=rngs, dtype=dtype,
                                param_dtype=param_dtype)
 
-    def mix(self, x, q, k, v, states, segment_ids):
+    def mix(self, x, q, k, v, states, segment_ids, seq_parallel=None):
         q, k, beta = self.qkb(x, q, k)
-        o, S = gated_delta_rule(q, k, v, self.decay(x), beta, exact=self.exact,
-                                initial_state=states["state"], segment_ids=segment_ids,
-                                **dict(self.op_kw))
+        o, S = recurrence("gated_delta_rule", q, k, v, self.decay(x), beta, exact=self.exact,
+                          initial_state=states["state"], segment_ids=segment_ids,
+                          seq_parallel=seq_parallel, **dict(self.op_kw))
         return o, {"state": S}

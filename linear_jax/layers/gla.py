@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from linear_jax.layers.base import QKVMixer
 from linear_jax.layers.common import dense, heads
-from linear_jax.ops.gla import gla
+from linear_jax.parallel.dispatch import recurrence
 
 
 class GLA(QKVMixer):
@@ -38,9 +38,9 @@ class GLA(QKVMixer):
         self.gk_up = mk(gate_rank, self.H * K, (None, "heads"), use_bias=True)
         self.gate_normalizer = gate_normalizer
 
-    def mix(self, x, q, k, v, states, segment_ids):
+    def mix(self, x, q, k, v, states, segment_ids, seq_parallel=None):
         logit = heads(self.gk_up(self.gk_down(x)), self.H).astype(jnp.float32)
         g = jax.nn.log_sigmoid(logit) / self.gate_normalizer
-        o, S = gla(q, k, v, g, initial_state=states["state"], segment_ids=segment_ids,
-                   **dict(self.op_kw))
+        o, S = recurrence("gla", q, k, v, g, initial_state=states["state"],
+                          segment_ids=segment_ids, seq_parallel=seq_parallel, **dict(self.op_kw))
         return o, {"state": S}

@@ -25,8 +25,7 @@ import jax.numpy as jnp
 
 from linear_jax.layers.base import QKVMixer
 from linear_jax.layers.common import dense, heads
-from linear_jax.ops.gla import gla
-from linear_jax.ops.simple_gla import simple_gla
+from linear_jax.parallel.dispatch import recurrence
 
 
 class GSA(QKVMixer):
@@ -44,14 +43,16 @@ class GSA(QKVMixer):
         return {"keys": jnp.zeros((B, H * m, self.K, 1), jnp.float32),
                 "values": jnp.zeros((B, H, m, self.V), jnp.float32)}
 
-    def mix(self, x, q, k, v, states, segment_ids):
+    def mix(self, x, q, k, v, states, segment_ids, seq_parallel=None):
         q, k, v = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)
         g = jax.nn.log_sigmoid(heads(self.f_proj(x), self.H).astype(jnp.float32)) / self.tau
         write = -jnp.expm1(g)                                          # 1 - alpha, [B, T, H, m]
         flat = lambda a: a.reshape(a.shape[:2] + (self.H * self.m,) + a.shape[4:])
-        run = partial(dict, segment_ids=segment_ids, **dict(self.op_kw))
-        s, S_keys = simple_gla(q, k, flat(write)[..., None], flat(g),
+        run = partial(dict, segment_ids=segment_ids, seq_parallel=seq_parallel,
+                      **dict(self.op_kw))
+        s, S_keys = recurrence("simple_gla", q, k, flat(write)[..., None], flat(g),
                                initial_state=states["keys"], **run())
         p = jax.nn.softmax(s.reshape(g.shape).astype(jnp.float32), axis=-1)
-        o, S_values = gla(p, write, v, g, scale=1.0, initial_state=states["values"], **run())
+        o, S_values = recurrence("gla", p, write, v, g, scale=1.0,
+                                 initial_state=states["values"], **run())
         return o, {"keys": S_keys, "values": S_values}

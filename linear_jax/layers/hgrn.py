@@ -32,9 +32,12 @@ from linear_jax.layers.common import (
     out_std,
 )
 from linear_jax.ops.hgrn import hgrn
+from linear_jax.parallel.dispatch import unsupported
 
 
 class HGRN(nnx.Module):
+    SEQ_PARALLEL = False     # no sequence-parallel hgrn op yet
+
     def __init__(self, d_model: int, num_heads: int, *, lower_bound: float = 0.0,
                  chunk_size: int = 64, impl: str = "auto", num_layers: int | None = None,
                  std: float = DEFAULT_STD, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
@@ -51,7 +54,8 @@ class HGRN(nnx.Module):
     def init_cache(self, batch_size: int, dtype=jnp.float32, **_) -> dict:
         return {"state": jnp.zeros((batch_size, self.D), jnp.float32), "seg": new_seg(batch_size)}
 
-    def __call__(self, x, *, segment_ids=None, cache=None):
+    def __call__(self, x, *, segment_ids=None, cache=None, seq_parallel=None):
+        unsupported(self, seq_parallel)
         cache = self.init_cache(x.shape[0]) if cache is None else cache
         states = enter(cache, segment_ids)
         f = self.f_proj(x).astype(jnp.float32)

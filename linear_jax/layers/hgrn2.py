@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from linear_jax.layers.base import QKVMixer
-from linear_jax.ops.gla import gla
+from linear_jax.parallel.dispatch import recurrence
 
 
 class HGRN2(QKVMixer):
@@ -29,12 +29,13 @@ class HGRN2(QKVMixer):
         super().__init__(d_model, num_heads, key_dim=E, value_dim=d_model // num_heads, **kw)
         self.lower_bound = lower_bound
 
-    def mix(self, x, q, f, v, states, segment_ids):
+    def mix(self, x, q, f, v, states, segment_ids, seq_parallel=None):
         f = f.astype(jnp.float32)
         if self.lower_bound:
             g = jnp.log(self.lower_bound + (1 - self.lower_bound) * jax.nn.sigmoid(f))
         else:
             g = jax.nn.log_sigmoid(f)
-        o, S = gla(jax.nn.silu(q), -jnp.expm1(g), v, g, initial_state=states["state"],
-                   segment_ids=segment_ids, **dict(self.op_kw))
+        o, S = recurrence("gla", jax.nn.silu(q), -jnp.expm1(g), v, g,
+                          initial_state=states["state"], segment_ids=segment_ids,
+                          seq_parallel=seq_parallel, **dict(self.op_kw))
         return o, {"state": S}

@@ -24,7 +24,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from linear_jax.layers.base import QKVMixer
-from linear_jax.ops.linear_attention import linear_attention
+from linear_jax.parallel.dispatch import recurrence
 
 
 class HLA(QKVMixer):
@@ -37,9 +37,10 @@ class HLA(QKVMixer):
         z = lambda *s: jnp.zeros((batch_size, self.H) + s, jnp.float32)
         return {"S": z(self.K, self.K), "C": z(self.K, self.V), "G": z(self.K, self.V)}
 
-    def mix(self, x, q, k, v, states, segment_ids):
-        la = lambda q_, k_, v_, s: linear_attention(q_, k_, v_, initial_state=s,
-                                                    segment_ids=segment_ids, **dict(self.op_kw))
+    def mix(self, x, q, k, v, states, segment_ids, seq_parallel=None):
+        la = lambda q_, k_, v_, s: recurrence("linear_attention", q_, k_, v_, initial_state=s,
+                                              segment_ids=segment_ids,
+                                              seq_parallel=seq_parallel, **dict(self.op_kw))
         f32 = lambda a: a.astype(jnp.float32)
         q, k, v = f32(q), f32(k), f32(v)
         u, S = la(q, k, k, states["S"])

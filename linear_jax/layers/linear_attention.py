@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from linear_jax.layers.base import QKVMixer
 from linear_jax.ops.feature_maps import elu_plus_one
-from linear_jax.ops.linear_attention import linear_attention
+from linear_jax.parallel.dispatch import recurrence
 
 
 class LinearAttention(QKVMixer):
@@ -41,10 +41,10 @@ class LinearAttention(QKVMixer):
         F, V = self.feature_width(), self.V + int(self.normalize)
         return {"state": jnp.zeros((batch_size, self.H, F, V), jnp.float32)}
 
-    def mix(self, x, q, k, v, states, segment_ids):
+    def mix(self, x, q, k, v, states, segment_ids, seq_parallel=None):
         q, k = self.features(q, k)
-        o, S = linear_attention(q, k, v, normalize=self.normalize,
-                                scale=1.0 if self.normalize else None,
-                                initial_state=states["state"], segment_ids=segment_ids,
-                                **dict(self.op_kw))
+        o, S = recurrence("linear_attention", q, k, v, normalize=self.normalize,
+                          scale=1.0 if self.normalize else None, initial_state=states["state"],
+                          segment_ids=segment_ids, seq_parallel=seq_parallel,
+                          **dict(self.op_kw))
         return o, {"state": S}

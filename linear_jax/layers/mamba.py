@@ -34,9 +34,12 @@ from linear_jax.layers.common import (
 )
 from linear_jax.layers.short_conv import ShortConv
 from linear_jax.ops.selective_scan import selective_scan
+from linear_jax.parallel.dispatch import unsupported
 
 
 class Mamba(nnx.Module):
+    SEQ_PARALLEL = False     # no sequence-parallel selective_scan op yet
+
     def __init__(self, d_model: int, *, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank: int | None = None, chunk_size: int = 64, impl: str = "auto",
                  num_layers: int | None = None, std: float = DEFAULT_STD, rngs: nnx.Rngs,
@@ -62,7 +65,8 @@ class Mamba(nnx.Module):
         return {"state": jnp.zeros((batch_size, self.E, self.N), jnp.float32),
                 "conv": self.conv.init_state(batch_size, dtype), "seg": new_seg(batch_size)}
 
-    def __call__(self, x, *, segment_ids=None, cache=None):
+    def __call__(self, x, *, segment_ids=None, cache=None, seq_parallel=None):
+        unsupported(self, seq_parallel)
         cache = self.init_cache(x.shape[0], x.dtype) if cache is None else cache
         states = enter(cache, segment_ids)
         xs, z = jnp.split(self.in_proj(x), 2, axis=-1)

@@ -35,10 +35,12 @@ from linear_jax.layers.common import (
     param,
 )
 from linear_jax.layers.short_conv import ShortConv
-from linear_jax.ops.ssd import ssd
+from linear_jax.parallel.dispatch import recurrence
 
 
 class Mamba2(nnx.Module):
+    SEQ_PARALLEL = True
+
     def __init__(self, d_model: int, num_heads: int, *, d_state: int = 16, d_conv: int = 4,
                  expand: int = 2, num_groups: int = 1, chunk_size: int = 64, impl: str = "auto",
                  num_layers: int | None = None, std: float = DEFAULT_STD, rngs: nnx.Rngs,
@@ -62,17 +64,19 @@ class Mamba2(nnx.Module):
         return {"state": jnp.zeros((batch_size, self.H, self.N, self.P), jnp.float32),
                 "conv": self.conv.init_state(batch_size, dtype), "seg": new_seg(batch_size)}
 
-    def __call__(self, x, *, segment_ids=None, cache=None):
+    def __call__(self, x, *, segment_ids=None, cache=None, seq_parallel=None):
         cache = self.init_cache(x.shape[0], x.dtype) if cache is None else cache
         states = enter(cache, segment_ids)
         E, GN = self.E, self.G * self.N
         z, xbc, dt = jnp.split(self.in_proj(x), [E, 2 * E + 2 * GN], axis=-1)
-        xbc, conv = self.conv(xbc, segment_ids=segment_ids, state=states["conv"].astype(x.dtype))
+        xbc, conv = self.conv(xbc, segment_ids=segment_ids, state=states["conv"].astype(x.dtype),
+                              seq_parallel=seq_parallel)
         xs, Bm, Cm = jnp.split(xbc, [E, E + GN], axis=-1)
         group = lambda m: m.reshape(m.shape[:2] + (self.G, self.N))
-        y, S = ssd(xs.reshape(xs.shape[:2] + (self.H, self.P)), dt,
-                   -jnp.exp(self.A_log[...].astype(jnp.float32)), group(Bm), group(Cm),
-                   self.D[...], self.dt_bias[...], initial_state=states["state"],
-                   segment_ids=segment_ids, **dict(self.op_kw))
+        y, S = recurrence("ssd", xs.reshape(xs.shape[:2] + (self.H, self.P)), dt,
+                          -jnp.exp(self.A_log[...].astype(jnp.float32)), group(Bm), group(Cm),
+                          self.D[...], self.dt_bias[...], initial_state=states["state"],
+                          segment_ids=segment_ids, seq_parallel=seq_parallel,
+                          **dict(self.op_kw))
         y = y.reshape(xs.shape) * jax.nn.silu(z)
         return self.out_proj(self.norm(y)), leave(cache, segment_ids, state=S, conv=conv)

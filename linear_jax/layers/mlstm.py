@@ -28,6 +28,8 @@ from linear_jax.ops.mlstm import mlstm
 
 
 class MLSTM(QKVMixer):
+    SEQ_PARALLEL = False     # no sequence-parallel mLSTM (its stabiliser m is not affine)
+
     def __init__(self, d_model: int, num_heads: int, *, qk_factor: float = 0.5, rngs,
                  dtype=None, param_dtype=jnp.float32, **kw):
         K, V = int(d_model * qk_factor) // num_heads, d_model // num_heads
@@ -45,7 +47,7 @@ class MLSTM(QKVMixer):
         z = lambda *s: jnp.zeros(s, jnp.float32)
         return {"C": z(B, H, K, V), "n": z(B, H, K), "m": z(B, H)}
 
-    def mix(self, x, q, k, v, states, segment_ids):
+    def mix(self, x, q, k, v, states, segment_ids, seq_parallel=None):
         f32 = lambda a: a.astype(jnp.float32)
         h, (C, n, m) = mlstm(q, k, v, f32(self.i_proj(x)), f32(self.f_proj(x)),
                              initial_state=(states["C"], states["n"], states["m"]),

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 
 from linear_jax.layers.base import QKVMixer
 from linear_jax.layers.common import DecayGate, dense
-from linear_jax.ops.delta_rule import gated_delta_rule
 from linear_jax.ops.norms import l2norm
+from linear_jax.parallel.dispatch import recurrence
 
 
 class MoM(QKVMixer):
@@ -51,7 +51,7 @@ class MoM(QKVMixer):
         H = (self.M + 1) * self.H
         return {"state": jnp.zeros((batch_size, H, self.K, self.V), jnp.float32)}
 
-    def mix(self, x, q, k, v, states, segment_ids):
+    def mix(self, x, q, k, v, states, segment_ids, seq_parallel=None):
         B, T, H, M1 = x.shape[0], x.shape[1], self.H, self.M + 1
         probs = jax.nn.softmax(self.router(x.astype(jnp.float32)), -1)
         top_p, top_m = jax.lax.top_k(probs, self.top_k)
@@ -62,8 +62,9 @@ class MoM(QKVMixer):
         beta = jnp.where(written, jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32)), 0.0)
         g = jnp.where(written, self.decay(x), 0.0)
         q = jnp.tile(l2norm(q), (1, 1, M1, 1))           # memory-major heads: (memory, head)
-        o, S = gated_delta_rule(q, l2norm(k), v, g, beta, initial_state=states["state"],
-                                segment_ids=segment_ids, **dict(self.op_kw))
+        o, S = recurrence("gated_delta_rule", q, l2norm(k), v, g, beta,
+                          initial_state=states["state"], segment_ids=segment_ids,
+                          seq_parallel=seq_parallel, **dict(self.op_kw))
         o = jnp.einsum("btmhv,btm->bthv", o.reshape(B, T, M1, H, -1).astype(jnp.float32),
                        weights)
         return o, {"state": S}

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from linear_jax.layers.base import QKVMixer
-from linear_jax.ops.simple_gla import simple_gla
+from linear_jax.parallel.dispatch import recurrence
 
 
 def retnet_decays(H: int) -> np.ndarray:
@@ -46,12 +46,12 @@ class Retention(QKVMixer):
         self.log_decay = tuple(float(g) for g in log_decay)
         self.qk_activation = qk_activation
 
-    def mix(self, x, q, k, v, states, segment_ids):
+    def mix(self, x, q, k, v, states, segment_ids, seq_parallel=None):
         if self.qk_activation is not None:
             q, k = self.qk_activation(q), self.qk_activation(k)
         g = jnp.broadcast_to(jnp.asarray(self.log_decay, jnp.float32), v.shape[:3])
-        o, S = simple_gla(q, k, v, g, initial_state=states["state"], segment_ids=segment_ids,
-                          **dict(self.op_kw))
+        o, S = recurrence("simple_gla", q, k, v, g, initial_state=states["state"],
+                          segment_ids=segment_ids, seq_parallel=seq_parallel, **dict(self.op_kw))
         return o, {"state": S}
 
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from linear_jax.layers.common import param
-from linear_jax.ops.short_conv import short_conv
+from linear_jax.parallel.dispatch import short_conv
 
 
 class ShortConv(nnx.Module):
@@ -30,11 +30,14 @@ class ShortConv(nnx.Module):
         self.bias = (param(rngs, nnx.initializers.zeros, (dim,), (axis,), param_dtype)
                      if use_bias else None)
 
-    def __call__(self, x, *, segment_ids=None, state=None):
+    def __call__(self, x, *, segment_ids=None, state=None, seq_parallel=None):
+        """`seq_parallel` (a `linear_jax.parallel.SeqParallel`): x split along T over its mesh,
+        each shard receiving the last `width - 1` inputs of the previous one (a halo)."""
         dtype = self.dtype or x.dtype
         bias = None if self.bias is None else self.bias[...].astype(dtype)
         return short_conv(x.astype(dtype), self.weight[...].astype(dtype), bias,
-                          activation=self.activation, initial_state=state, segment_ids=segment_ids)
+                          activation=self.activation, initial_state=state, segment_ids=segment_ids,
+                          seq_parallel=seq_parallel)
 
     def init_state(self, batch_size: int, dtype=jnp.float32):
         return jnp.zeros((batch_size, self.width - 1, self.dim), dtype)

@@ -7,9 +7,11 @@
 Initialisation (GPT-2 / fla): every weight normal(0, init_std), the output projections of the
 residual branches (mixer W_o, MLP W_2) scaled by 1 / sqrt(2 num_layers), norms at 1.
 
-`__call__(tokens, *, segment_ids=None, cache=None) -> (logits, new_cache, aux)`: logits float32
-[B, T, vocab]; the cache is one entry per layer (`init_cache`); aux is the MoE load-balancing loss
-averaged over MoE layers (0 without MoE), for the trainer to weight.
+`__call__(tokens, *, segment_ids=None, cache=None, seq_parallel=None) -> (logits, new_cache,
+aux)`: logits float32 [B, T, vocab]; the cache is one entry per layer (`init_cache`); aux is the MoE
+load-balancing loss averaged over MoE layers (0 without MoE), for the trainer to weight.
+`seq_parallel` (`linear_jax.parallel.SeqParallel`) is handed to every mixer: their time-mixing ops
+run split along T over its mesh axis, everything else is per token (docs/sequence_parallel.md).
 Parameters: V D (+ V D untied head) + D + sum over layers (2 D + mixer + ffn).
 """
 
@@ -39,8 +41,9 @@ class Block(nnx.Module):
         self.ffn = (MoE(c.d_model, c.ff_width, num_experts=c.num_experts, top_k=c.top_k, **ffn_kw)
                     if c.layer_ffn(layer_idx) == "moe" else MLP(c.d_model, c.ff_width, **ffn_kw))
 
-    def __call__(self, h, *, segment_ids=None, cache=None):
-        y, cache = self.mixer(self.norm1(h), segment_ids=segment_ids, cache=cache)
+    def __call__(self, h, *, segment_ids=None, cache=None, seq_parallel=None):
+        y, cache = self.mixer(self.norm1(h), segment_ids=segment_ids, cache=cache,
+                              seq_parallel=seq_parallel)
         h = h + y
         y, aux = self.ffn(self.norm2(h))
         return h + y, cache, aux
@@ -64,14 +67,14 @@ class LM(nnx.Module):
         """One cache per layer; attention layers preallocate `max_len` positions."""
         return [b.mixer.init_cache(batch_size, dtype, max_len=max_len) for b in self.blocks]
 
-    def __call__(self, tokens, *, segment_ids=None, cache=None):
+    def __call__(self, tokens, *, segment_ids=None, cache=None, seq_parallel=None):
         h = jnp.take(self.embed[...], tokens, axis=0)
         if self.dtype is not None:
             h = h.astype(self.dtype)
         caches = [None] * len(self.blocks) if cache is None else cache
         new, aux = [], jnp.zeros((), jnp.float32)
         for block, c in zip(self.blocks, caches, strict=True):
-            h, c, a = block(h, segment_ids=segment_ids, cache=c)
+            h, c, a = block(h, segment_ids=segment_ids, cache=c, seq_parallel=seq_parallel)
             new.append(c)
             aux = aux + a
         h = self.norm(h)

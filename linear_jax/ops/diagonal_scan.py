@@ -81,6 +81,8 @@ def diagonal_scan(a, x, *, initial_state=None, segment_ids=None, chunk_size=64, 
     complex_ = any(_is_complex(v) for v in (a, x, initial_state))
     dtype = jnp.complex64 if complex_ else jnp.float32
     a_, x_, h0 = _cast(dtype, a, x, initial_state)
+    if name == "pallas" and not complex_:
+        a_, x_ = a, x  # the kernel reads bf16/fp16 in place and computes in float32
     kw = dict(initial_state=h0, segment_ids=segment_ids)
     if name != "recurrent":
         kw["chunk_size"] = chunk_size

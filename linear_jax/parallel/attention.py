@@ -52,11 +52,13 @@ def from_zigzag(x, P: int, axis: int = 1):
 
 
 def attention_local(q, k, v, *, axis_name="seq", layout="contiguous", scale=None,
-                    segment_ids=None):
+                    segment_ids=None, window=None, block_size=None):
     """Causal attention of the local queries against the whole sequence; call inside
     `shard_map`. q [B,T_loc,H,D]; k, v [B,T_loc,Hkv,D] (H a multiple of Hkv); segment_ids
-    [B,T_loc] or None (packed documents: a query sees keys of its own document only).
-    Returns o [B,T_loc,H,D] in q's dtype."""
+    [B,T_loc] or None (packed documents: a query sees keys of its own document only); `window`:
+    a query sees the `window` latest positions (itself included); `block_size`: only keys of its
+    own block of `block_size` positions, counted from its document's start (TNL's
+    DiagAttention). Returns o [B,T_loc,H,D] in q's dtype."""
     P = lax.axis_size(axis_name)
     T_loc = q.shape[1]
     pos = jnp.asarray(positions(P * T_loc, P, layout))           # static table
@@ -65,24 +67,36 @@ def attention_local(q, k, v, *, axis_name="seq", layout="contiguous", scale=None
     k_all = lax.all_gather(k, axis_name, axis=1, tiled=True)
     v_all = lax.all_gather(v, axis_name, axis=1, tiled=True)
     mask = (pos_q[:, None] >= pos_k[None, :])[None, None]         # [1,1,T_loc,T]
+    if window is not None:
+        mask = mask & (pos_q[:, None] - pos_k[None, :] < window)[None, None]
+    start_q = start_k = 0
     if segment_ids is not None:
         seg = lax.all_gather(segment_ids, axis_name, axis=1, tiled=True)
         seg = seg[:, jnp.argsort(pos_k)]                           # global order
         doc = doc_index(seg)
         same = doc[:, pos_q][:, :, None] == doc[:, pos_k][:, None, :]
         mask = mask & same[:, None]
+        if block_size is not None:     # each position's document start, in global order
+            t = jnp.arange(P * T_loc, dtype=jnp.int32)
+            fresh = jnp.concatenate([jnp.ones_like(doc[:, :1], bool), doc[:, 1:] != doc[:, :-1]],
+                                    axis=1)
+            start = lax.cummax(jnp.where(fresh, t, 0), axis=1)
+            start_q, start_k = start[:, pos_q][:, :, None], start[:, pos_k][:, None, :]
+    if block_size is not None:   # within one document (masked above), start_q == start_k
+        blk_q = (pos_q[None, :, None] - start_q) // block_size
+        blk_k = (pos_k[None, None, :] - start_k) // block_size
+        mask = mask & (blk_q == blk_k)[:, None]
     return jax.nn.dot_product_attention(q, k_all, v_all, mask=mask, scale=scale)
 
 
 def attention(q, k, v, *, axis_name="seq", mesh=None, batch_axes=None, head_axes=None,
-              layout="contiguous", scale=None, segment_ids=None):
+              layout="contiguous", scale=None, segment_ids=None, window=None, block_size=None):
     """Sequence-parallel causal softmax attention. With `mesh=None` call it inside `shard_map`
     (see `attention_local`); with a `Mesh` it builds the `shard_map`, inputs laid out in
     `layout` order along T (use `to_zigzag` first for "zigzag"). Returns o [B,T,H,D]."""
+    kw = dict(layout=layout, scale=scale, window=window, block_size=block_size)
     if mesh is None:
-        return attention_local(q, k, v, axis_name=axis_name, layout=layout, scale=scale,
-                               segment_ids=segment_ids)
-    local = lambda q, k, v, initial_state, **a: attention_local(q, k, v, layout=layout,
-                                                                 scale=scale, **a)
+        return attention_local(q, k, v, axis_name=axis_name, segment_ids=segment_ids, **kw)
+    local = lambda q, k, v, initial_state, **a: attention_local(q, k, v, **kw, **a)
     return run_on_mesh(local, mesh, (q, k, v), segment_ids=segment_ids, seq_axis=axis_name,
                        batch_axes=batch_axes, head_axes=head_axes, with_state=False)

@@ -10,15 +10,21 @@ Packed documents: the halo holds zeros at positions of an earlier document than 
 shard's last token (what `short_conv` returns as its cache), and the receiving shard drops it
 when a document starts exactly at its first token (the first id differs from the previous
 shard's last id, sent along in the same `ppermute`, its bits reinterpreted as a float).
+
+`halo_short_conv` works on the local shard inside a `shard_map`; `short_conv(..., mesh=)` builds
+the `shard_map` around it (what the layers reach through `linear_jax.parallel.dispatch`).
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from linear_jax.ops.common.chunking import doc_index
-from linear_jax.ops.short_conv import short_conv
+from linear_jax.ops.short_conv import short_conv as _short_conv
+from linear_jax.parallel import _compat
+from linear_jax.parallel.mesh import BATCH_AXES, _axes
 
 
 def halo_short_conv(x, weight, bias=None, *, axis_name="seq", activation=None,
@@ -30,8 +36,8 @@ def halo_short_conv(x, weight, bias=None, *, axis_name="seq", activation=None,
     B, T, D = x.shape
     W = weight.shape[0]
     if W == 1:
-        return short_conv(x, weight, bias, activation=activation, segment_ids=segment_ids,
-                          impl=impl)
+        return _short_conv(x, weight, bias, activation=activation, segment_ids=segment_ids,
+                           impl=impl)
     if T < W - 1:
         raise ValueError(f"halo_short_conv: each shard needs at least W-1={W - 1} tokens, "
                          f"got x{tuple(x.shape)}")
@@ -54,5 +60,31 @@ def halo_short_conv(x, weight, bias=None, *, axis_name="seq", activation=None,
         cache = jnp.where(idx == 0, initial_state.astype(jnp.float32), cache)
     else:
         cache = jnp.where(idx == 0, 0.0, cache)
-    return short_conv(x, weight, bias, activation=activation, initial_state=cache,
-                      segment_ids=segment_ids, impl=impl)
+    return _short_conv(x, weight, bias, activation=activation, initial_state=cache,
+                       segment_ids=segment_ids, impl=impl)
+
+
+def short_conv(x, weight, bias=None, *, mesh, axis_name="seq", batch_axes=None, activation=None,
+               initial_state=None, segment_ids=None, impl="auto"):
+    """Sequence-parallel `linear_jax.ops.short_conv` over `mesh`: builds the `shard_map` around
+    `halo_short_conv`. x [B,T,D] and segment_ids [B,T] split as P(batch, seq), the weight, bias
+    and channels replicated, initial_state [B,W-1,D] as P(batch). Returns (y [B,T,D], the cache
+    after the whole sequence [B,W-1,D] float32), as `short_conv`."""
+    T, W, n = x.shape[1], weight.shape[0], mesh.shape[axis_name]
+    if T % n or T // n < W - 1:
+        raise ValueError(f"short_conv: T={T} must be a multiple of the size {n} of the mesh axis "
+                         f"{axis_name!r}, with at least W-1={W - 1} tokens per shard")
+    b = _axes(mesh, batch_axes, BATCH_AXES)
+    x_spec, rows = P(b, axis_name), P(b)
+
+    def body(x, weight, bias, init, seg):
+        y, cache = halo_short_conv(x, weight, bias, axis_name=axis_name, activation=activation,
+                                   initial_state=init, segment_ids=seg, impl=impl)
+        return y, cache[:, None]                       # each shard's cache, stacked along seq
+
+    spec = lambda a, s: None if a is None else s
+    f = _compat.shard_map(body, mesh=mesh, in_specs=(
+        x_spec, P(), spec(bias, P()), spec(initial_state, rows), spec(segment_ids, x_spec)),
+        out_specs=(x_spec, x_spec))
+    y, caches = f(x, weight, bias, initial_state, segment_ids)
+    return y, caches[:, -1]

@@ -7,6 +7,11 @@
 `train(config)` is the whole run and returns the final metrics; it is what `experiments/train.py`
 calls and what a notebook calls. A configuration that cannot run raises `ConfigError` before any
 compilation; a non-finite loss or gradient stops the run (`result["stopped"] == "nan"`).
+
+Sequence parallelism: a mesh with `mesh.seq > 1` splits every sequence over the `seq` axis
+(`linear_jax.parallel.SeqParallel`, handed to the train and eval steps). The optional config
+section `seq_parallel` may set its `attention_layout` ("contiguous" | "zigzag") and `mode`
+("saved" | "rerun" | "autodiff"); without it the defaults apply.
 """
 
 from __future__ import annotations
@@ -24,19 +29,53 @@ from linear_jax.training import checkpoint, data, metrics, optim, sharding, step
 from linear_jax.training.mesh import ConfigError, make_mesh
 
 
-def build_model(model_config, vocab_size: int, seed: int):
-    """A zero-argument constructor of the LM described by `model_config` (LMConfig fields)."""
-    from linear_jax.models import LM, LMConfig
+def lm_config(model_config, vocab_size: int):
+    """The `LMConfig` described by `model_config` (LMConfig fields; vocab_size from the task
+    unless set)."""
+    from linear_jax.models import LMConfig
 
     kwargs = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
     if kwargs.get("vocab_size") is not None and kwargs["vocab_size"] < vocab_size:
         raise ConfigError(f"model.vocab_size={kwargs['vocab_size']} < the task's {vocab_size}")
     kwargs["vocab_size"] = kwargs.get("vocab_size") or vocab_size
     try:
-        lm_config = LMConfig(**kwargs)
+        return LMConfig(**kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model: {e}") from None
-    return lambda: LM(lm_config, rngs=nnx.Rngs(seed))
+
+
+def build_model(model_config, vocab_size: int, seed: int):
+    """A zero-argument constructor of the LM described by `model_config` (LMConfig fields)."""
+    from linear_jax.models import LM
+
+    cfg = lm_config(model_config, vocab_size)
+    return lambda: LM(cfg, rngs=nnx.Rngs(seed))
+
+
+def seq_parallel_of(config, mesh, model_config):
+    """The `SeqParallel` of a mesh with `seq > 1` (None otherwise), from the optional config
+    section `seq_parallel`; a ConfigError when a layer of the model has no parallel form."""
+    if mesh.shape["seq"] == 1:
+        return None
+    from linear_jax.layers import supports_seq_parallel
+    from linear_jax.parallel import SeqParallel
+
+    cannot = sorted({m for m in model_config.layer_mixers() if not supports_seq_parallel(m)})
+    if cannot:
+        raise ConfigError(f"mesh.seq={mesh.shape['seq']}: mixer(s) {cannot} have no "
+                          f"sequence-parallel form; use mesh.seq=1")
+    options = config.get("seq_parallel") or {}
+    options = options.to_dict() if hasattr(options, "to_dict") else dict(options)
+    try:
+        sp = SeqParallel(mesh, **options)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"seq_parallel: {e}") from None
+    if sp.attention_layout == "zigzag" and config.task.seq_len % (2 * sp.size):
+        raise ConfigError(f"seq_parallel.attention_layout='zigzag' needs task.seq_len="
+                          f"{config.task.seq_len} to be a multiple of 2 x seq = {2 * sp.size}")
+    logging.info("sequence parallel: T split over %d shards of mesh axis 'seq' (attention "
+                 "layout %s, backward %s)", sp.size, sp.attention_layout, sp.mode)
+    return sp
 
 
 def mesh_context(mesh, rules):
@@ -58,9 +97,10 @@ def _check(config, mesh) -> None:
     if config.eval.batch_size % rows:
         raise ConfigError(f"eval.batch_size={config.eval.batch_size} must be a multiple of "
                           f"data x fsdp = {rows}")
-    if config.task.seq_len % mesh.shape["seq"]:
-        raise ConfigError(f"task.seq_len={config.task.seq_len} must be a multiple of "
-                          f"seq = {mesh.shape['seq']}")
+    for name, n in [("task.seq_len", config.task.seq_len)] + [
+            ("eval.seq_lens", n) for n in config.eval.get("seq_lens", ())]:
+        if n % mesh.shape["seq"]:
+            raise ConfigError(f"{name}: {n} must be a multiple of seq = {mesh.shape['seq']}")
 
 
 def _eval_sources(config):
@@ -91,6 +131,8 @@ def train(config, *, devices=None) -> dict:
     source = data.make_source(config.task, split="train", batch_size=tr.batch_size,
                               seed=config.seed)
     evals = _eval_sources(config)
+    model_config = lm_config(config.model, source.vocab_size)
+    seq_parallel = seq_parallel_of(config, mesh, model_config)
     make_model = build_model(config.model, source.vocab_size, config.seed)
     tx = optim.make_optimizer(tr)
     batch_sh = sharding.batch_sharding(mesh)
@@ -118,10 +160,11 @@ def train(config, *, devices=None) -> dict:
             state, position, start = restored
         train_step = jax.jit(
             step.make_train_step(graphdef, tx, microbatches=tr.microbatches,
-                                 aux_weight=tr.aux_loss_weight, lr_schedule=optim.schedule(tr)),
+                                 aux_weight=tr.aux_loss_weight, lr_schedule=optim.schedule(tr),
+                                 seq_parallel=seq_parallel),
             in_shardings=(shardings, batch_sh), out_shardings=(shardings, replicated),
             donate_argnums=0)
-        eval_step = jax.jit(step.make_eval_step(graphdef),
+        eval_step = jax.jit(step.make_eval_step(graphdef, seq_parallel),
                             in_shardings=(shardings, batch_sh), out_shardings=replicated)
         result = _run(config, state, position, start, source, evals, train_step, eval_step,
                       ckpt, batch_sh, workdir, resumed=restored is not None)

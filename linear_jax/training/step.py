@@ -8,6 +8,12 @@ from float32 master weights, so gradients and updates are float32; logits and th
 Batches are dicts `tokens`, `targets`, `mask` (float weights of the scored positions) and optional
 `segment_ids`; the loss is the masked mean cross-entropy over the whole global batch, so a step
 with k microbatches computes exactly the gradient of a step with one.
+
+Sequence parallelism: with `seq_parallel=SeqParallel(mesh)` (`linear_jax.parallel`) the steps hand
+it to the model, whose mixers then run their time-mixing ops split along T over the mesh axis
+`seq`. The batch is laid out `P(("data", "fsdp"), "seq")` (`sharding.batch_sharding`), so every
+activation keeps its T axis on `seq`; parameters are replicated along it. Loss and gradients are
+those of the unsharded step (tests/parallel/test_model.py).
 """
 
 from __future__ import annotations
@@ -35,10 +41,11 @@ def init_fn(make_model, tx):
     return init
 
 
-def _sums(graphdef, params, rest, batch, aux_weight):
+def _sums(graphdef, params, rest, batch, aux_weight, seq_parallel=None):
     """Summed (not averaged) loss terms of one (micro)batch, and the model's updated rest."""
     model = nnx.merge(graphdef, params, rest)
-    out = model(batch["tokens"], segment_ids=batch.get("segment_ids"))
+    sp = {} if seq_parallel is None else {"seq_parallel": seq_parallel}
+    out = model(batch["tokens"], segment_ids=batch.get("segment_ids"), **sp)
     logits = out[0].astype(jnp.float32)
     mask = batch["mask"]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
@@ -53,14 +60,15 @@ def _sums(graphdef, params, rest, batch, aux_weight):
 
 
 def make_train_step(graphdef, tx, *, microbatches: int = 1, aux_weight: float = 0.0,
-                    lr_schedule=None):
-    """(state, batch) -> (state, metrics); batch rows split into `microbatches` scanned slices."""
+                    lr_schedule=None, seq_parallel=None):
+    """(state, batch) -> (state, metrics); batch rows split into `microbatches` scanned slices;
+    `seq_parallel`: a `linear_jax.parallel.SeqParallel` handed to the model (or None)."""
 
     def train_step(state: State, batch) -> tuple[State, dict]:
         total = jnp.maximum(jnp.sum(batch["mask"]), 1.0)
 
         def scaled(params, rest, b):
-            obj, aux = _sums(graphdef, params, rest, b, aux_weight)
+            obj, aux = _sums(graphdef, params, rest, b, aux_weight, seq_parallel)
             return obj / total, aux
 
         grad_fn = jax.grad(scaled, has_aux=True)
@@ -90,11 +98,11 @@ def make_train_step(graphdef, tx, *, microbatches: int = 1, aux_weight: float = 
     return train_step
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, seq_parallel=None):
     """(state, batch) -> summed loss / correct / weight; the caller divides after summing."""
 
     def eval_step(state: State, batch) -> dict:
-        _, (sums, _) = _sums(graphdef, state["params"], state["rest"], batch, 0.0)
+        _, (sums, _) = _sums(graphdef, state["params"], state["rest"], batch, 0.0, seq_parallel)
         return sums
 
     return eval_step

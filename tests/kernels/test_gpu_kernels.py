@@ -91,9 +91,10 @@ def test_gla_no_documents_whole_chunks_strong_decay():
            TOL["float32"], chunk=32)
 
 
-@pytest.mark.parametrize("op", DELTA)
-def test_delta_blocked_ut_transform(op):
-    """C = 64: four 16-row sub-chunks in the UT transform's blocked substitution."""
+@pytest.mark.parametrize("op", ("gla",) + DELTA)
+def test_four_sub_chunks(op):
+    """C = 64: four 16-row sub-chunks (GLA's intra blocks, the UT transform's blocked
+    substitution), with documents starting inside sub-chunks."""
     rng = np.random.default_rng(4)
     _check(op, _inputs(rng, op, jnp.float32, t=70), segments(rng, B, 70, p=0.03), TOL["float32"],
            TOL["float32"], chunk=64)
@@ -108,3 +109,14 @@ def test_registry_and_config():
         DecayConfig(block_v=48)
     with pytest.raises(ValueError, match="chunk"):
         DecayConfig(chunk=256)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_backward_tiled_over_k(op, monkeypatch):
+    """block_k = 16 < K: the backward kernels and the state passes run two K tiles (the gate's
+    partial sums over K are added afterwards)."""
+    from linear_jax.kernels.gpu import decay as gpu_decay
+    monkeypatch.setattr(gpu_decay, "CONFIG", DecayConfig(block_k=16, block_k_bwd=16))
+    rng = np.random.default_rng(5)
+    _check(op, _inputs(rng, op, jnp.float32, t=21), segments(rng, B, 21, p=0.08),
+           TOL["float32"], TOL["float32"])

@@ -48,8 +48,8 @@ def test_lowers_to_triton(case):
     text = exp.mlir_module()
     names = ["decay_state_fwd", "decay_output", "decay_state_bwd", "decay_backward"]
     if "delta" in gate:
-        names = ["delta_ut_transform", "delta_state_fwd", "decay_output", "delta_state_bwd",
-                 "delta_backward"]
+        names = ["delta_ut_inverse", "delta_ut_apply", "delta_state_fwd", "decay_output",
+                 "delta_state_bwd", "delta_backward_states", "delta_backward_wy"]
     if gate == "vector":
         names += ["gla_intra_forward", "gla_intra_backward"]
     for name in names:

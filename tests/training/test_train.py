@@ -47,9 +47,10 @@ def test_sharded_8_devices_matches_single_device(tmp_path):
     assert jax.device_count() == 8, "tests/conftest.py provides 8 host devices"
     steps = {"train__steps": 4, "train__checkpoint_every": 0, "eval__every": 4}
     one = loop.train(tiny(tmp_path / "one", mesh__data=1, **steps), devices=jax.devices()[:1])
-    # data x fsdp x tensor = 2 x 2 x 2, and two accumulated microbatches of 4 rows
-    eight = loop.train(tiny(tmp_path / "eight", mesh__data=2, mesh__fsdp=2, mesh__tensor=2,
-                            train__microbatches=2, **steps))
+    # fsdp x tensor x seq = 2 x 2 x 2 (each sequence split in two: the quickstart's mixer and its
+    # short conv run sequence-parallel), and two accumulated microbatches of 4 rows
+    eight = loop.train(tiny(tmp_path / "eight", mesh__data=1, mesh__fsdp=2, mesh__tensor=2,
+                            mesh__seq=2, train__microbatches=2, **steps))
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "eight")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5)
@@ -109,6 +110,8 @@ def test_resume_after_kill_replays_the_same_curve(tmp_path):
     ({"mesh__data": 3}, "mesh"),
     ({"train__batch_size": 6, "mesh__data": 4}, "batch_size"),
     ({"task__name": "no_such_task"}, "unknown task"),
+    ({"mesh__seq": 2, "model__mixer": "hgrn"}, "no sequence-parallel form"),
+    ({"mesh__seq": 4, "task__seq_len": 30}, "multiple of seq = 4"),
 ])
 def test_bad_config_raises_config_error(tmp_path, over, message):
     with pytest.raises(ConfigError, match=message):

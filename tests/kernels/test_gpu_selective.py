@@ -1,0 +1,127 @@
+"""The GPU selective-scan kernel (`selective_scan`, impl="pallas"), in Pallas interpret mode on CPU.
+
+Outputs, final states and the gradients of every float input (u and delta, hence the kernel's dt
+and dt * u inputs, A, B, C, the initial state) against the `lax.scan` reference, with packed
+documents, an initial state, grouped B / C, T not a multiple of the chunk and channels / state
+sizes that the kernel pads; the Triton lowering of forward and backward; the benchmark's --quick
+run. Tiny shapes: interpret mode is slow.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+from linear_jax.kernels import _compat, registry
+from linear_jax.kernels.gpu import selective
+
+from linear_jax.ops.selective_scan import selective_scan
+from tests.utils import TOL, assert_close, segments
+
+TRITON = "__gpu$xla.gpu.triton"
+NAMES = ("u", "delta", "A", "B", "C", "h0")
+
+
+def _inputs(rng, Bz, T, D, N, G, dtype):
+    f = lambda *s: jnp.asarray(rng.standard_normal(s), dtype)
+    bc = (Bz, T, N) if G is None else (Bz, T, G, N)
+    return dict(u=f(Bz, T, D), delta=jnp.asarray(0.5 * np.abs(rng.standard_normal((Bz, T, D))),
+                                                 dtype),
+                A=-jnp.exp(jnp.asarray(rng.standard_normal((D, N)), jnp.float32)), B=f(*bc),
+                C=f(*bc), h0=jnp.asarray(rng.standard_normal((Bz, D, N)), jnp.float32))
+
+
+def _check(x, seg, tol, chunk, **opts):
+    Bz, T, D = x["u"].shape
+    rng = np.random.default_rng(1)
+    dy = jnp.asarray(rng.standard_normal((Bz, T, D)), jnp.float32)
+    dS = jnp.asarray(rng.standard_normal(x["h0"].shape), jnp.float32)
+
+    def run(impl, d):
+        return selective_scan(d["u"], d["delta"], d["A"], d["B"], d["C"], initial_state=d["h0"],
+                              segment_ids=seg, chunk_size=chunk, impl=impl, **opts)
+
+    def loss(impl, d):
+        y, S = run(impl, d)
+        return jnp.sum(y.astype(jnp.float32) * dy) + jnp.sum(S * dS), (y, S)
+
+    vg = lambda impl: jax.jit(jax.value_and_grad(lambda d: loss(impl, d), has_aux=True))
+    (_, (y, S)), grads = vg("pallas")(x)
+    (_, (ry, rS)), rgrads = vg("recurrent")(x)
+    fy, fS = jax.jit(lambda d: run("pallas", d))(x)                # the forward without residuals
+    assert y.dtype == x["u"].dtype and S.dtype == jnp.float32
+    assert_close(y, ry, tol, "output")
+    assert_close(fy, ry, tol, "output (no grad)")
+    assert_close(S, rS, 1e-5, "final state")
+    assert_close(fS, rS, 1e-5, "final state (no grad)")
+    for n in NAMES:
+        assert grads[n].dtype == x[n].dtype
+        assert_close(grads[n], rgrads[n], tol, f"d{n}")
+
+
+def test_float32_grouped_with_state_and_documents():
+    """G = 2 groups of 20 channels (padded to 32: two channel blocks per group), N = 6 (padded
+    to 8), T = 37 in chunks of 8 (padded to 40), documents starting inside chunks."""
+    rng = np.random.default_rng(0)
+    x = _inputs(rng, 2, 37, 40, 6, 2, jnp.float32)
+    _check(x, jnp.asarray(segments(rng, 2, 37, p=0.08)), 1e-5, 8)
+
+
+def test_bfloat16_ungrouped_with_options():
+    """[B, T, N] B / C, bf16 inputs (the reference runs on the same bf16 values), D, z,
+    delta_bias and softplus around the kernel, T = 21 with the default chunk_size."""
+    rng = np.random.default_rng(2)
+    x = _inputs(rng, 2, 21, 24, 16, None, jnp.bfloat16)
+    opts = dict(D=jnp.ones((24,), jnp.float32), z=x["u"] * 2,
+                delta_bias=jnp.full((24,), -1.0, jnp.float32), delta_softplus=True)
+    _check(x, jnp.asarray(segments(rng, 2, 21, p=0.1)), TOL["bfloat16"] / 2, 64, **opts)
+
+
+def test_whole_chunks_no_documents_wide_blocks(monkeypatch):
+    """T a multiple of C, no segment ids, one 64-channel block (no channel padding)."""
+    monkeypatch.setattr(selective, "CONFIG", selective.SelectiveConfig(chunk=4, block_d=64,
+                                                                       min_block_d=64))
+    rng = np.random.default_rng(3)
+    _check(_inputs(rng, 1, 16, 64, 4, None, jnp.float32), None, 1e-5, 64)
+
+
+def test_registry_and_config():
+    assert "pallas" in registry.kernels_for("selective_scan")
+    assert selective.SelectiveConfig().block(1, 1, 2048) == 16
+    assert selective.SelectiveConfig().block(64, 1, 2048) == 32
+    with pytest.raises(ValueError, match="block_d"):
+        selective.SelectiveConfig(block_d=48)
+    with pytest.raises(ValueError, match="chunk"):
+        selective.SelectiveConfig(chunk=100)
+
+
+@pytest.mark.parametrize("dtype,G,N", [(jnp.bfloat16, None, 16), (jnp.float32, 2, 6)],
+                         ids=["bf16-N16", "f32-grouped-N6"])
+def test_lowers_to_triton(dtype, G, N):
+    Bz, T, D = 1, 200, 64
+    sds = jax.ShapeDtypeStruct
+    bc = sds((Bz, T, N) if G is None else (Bz, T, G, N), dtype)
+    args = (sds((Bz, T, D), dtype), sds((Bz, T, D), dtype), sds((D, N), jnp.float32), bc, bc,
+            sds((Bz, D, N), jnp.float32), sds((Bz, T), jnp.int32))
+
+    def loss(u, delta, A, B, C, h0, seg):
+        y, S = selective_scan(u, delta, A, B, C, initial_state=h0, segment_ids=seg, impl="pallas")
+        return jnp.sum(y.astype(jnp.float32)) + jnp.sum(S)
+
+    with _compat.lower_for_gpu():
+        exp = export.export(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5))),
+                            platforms=["cuda"],
+                            disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON)])(*args)
+    text = exp.mlir_module()
+    for name in ("selective_scan_fwd", "selective_scan_bwd"):
+        assert f'name = "{name}"' in text, name
+    assert "num_warps" in text
+
+
+def test_benchmark_quick_runs(tmp_path, monkeypatch):
+    from experiments.benchmarks import common, scans_gpu
+    monkeypatch.setattr(common, "RESULTS", str(tmp_path))
+    assert scans_gpu.main(["--quick"]) == 0
+    assert list(tmp_path.glob("scans_gpu_*.json"))
