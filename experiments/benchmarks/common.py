@@ -20,14 +20,20 @@ import numpy as np
 RESULTS = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results")
 
 
-def median_ms(f, *args, reps: int = 10, warmup: int = 2) -> float:
+def median_ms(f, *args, reps: int = 10, warmup: int = 2, inner: int = 1) -> float:
+    """Median ms per call over `reps` timings of `inner` back-to-back calls, synchronised once.
+
+    inner=1 times each call to its result on the host; inner > 1 keeps the device busy between
+    calls (device time, as triton's do_bench measures)."""
     for _ in range(warmup):
         jax.block_until_ready(f(*args))
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t0)
+        for _ in range(inner):
+            out = f(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / inner)
     return 1e3 * float(np.median(times))
 
 

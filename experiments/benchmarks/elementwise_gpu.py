@@ -108,20 +108,6 @@ def check(ops, B, T, D):
     return rows
 
 
-def median_ms(f, x, reps, warmup=3, inner=10):
-    """Median ms per call over `reps` timings of `inner` back-to-back calls (device time)."""
-    for _ in range(warmup):
-        jax.block_until_ready(f(x))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            out = f(x)
-        jax.block_until_ready(out)
-        ts.append((time.perf_counter() - t0) / inner)
-    return 1e3 * float(np.median(ts))
-
-
 def bench(call, impl, d, dy, reps):
     fwd = jax.jit(lambda d: call(d, impl))
     fb = jax.jit(jax.grad(_loss(call, impl, dy)))
@@ -130,8 +116,8 @@ def bench(call, impl, d, dy, reps):
     cb = fb.lower(d).compile()
     comp = time.perf_counter() - t0
     inner = 1 if jax.default_backend() == "cpu" else 10
-    return dict(compile_s=comp, fwd_ms=median_ms(cf, d, reps, inner=inner),
-                fwdbwd_ms=median_ms(cb, d, reps, inner=inner))
+    med = lambda c: common.median_ms(c, d, reps=reps, warmup=3, inner=inner)
+    return dict(compile_s=comp, fwd_ms=med(cf), fwdbwd_ms=med(cb))
 
 
 def main(argv=None) -> int:

@@ -25,7 +25,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from linear_jax.kernels.gpu import decay as gpu_decay
 
 from experiments.benchmarks import common, profile
@@ -53,28 +52,12 @@ SWEEP = {"min_programs0": dict(min_programs=0), "bwd_k64": dict(block_k_bwd=64),
 def ceilings(n_copy=1 << 28, n_mm=8192):
     """Measured: bytes/s of a 1 GiB copy (read + write), bf16 FLOP/s of an 8192^3 matmul."""
     x = jax.random.normal(jax.random.key(0), (n_copy,), jnp.float32)
-    bw = 2 * x.nbytes / (median(jax.jit(lambda x: x * 1.0001), x, 20) / 1e3)
+    bw = 2 * x.nbytes / (common.median_ms(jax.jit(lambda x: x * 1.0001), x, reps=20,
+                                          warmup=5) / 1e3)
     a = jax.random.normal(jax.random.key(1), (n_mm, n_mm), jnp.bfloat16)
     mm = jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=jnp.float32).astype(a.dtype))
-    return {"bytes_per_s": bw, "flop_per_s": 2 * n_mm**3 / (median(mm, a, 20) / 1e3)}
-
-
-def median(f, x, reps, warmup=5, inner=1):
-    """Median ms per call over `reps` timings of `inner` back-to-back calls, synchronised once.
-
-    inner=1 times each call to its result on the host, as jax-linear-attention's anchors were
-    timed; inner=10 keeps the device busy between calls (device time, as triton's do_bench
-    measured flash-linear-attention's anchors)."""
-    for _ in range(warmup):
-        jax.block_until_ready(f(x))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            out = f(x)
-        jax.block_until_ready(out)
-        ts.append((time.perf_counter() - t0) / inner)
-    return 1e3 * float(np.median(ts))
+    mm_ms = common.median_ms(mm, a, reps=20, warmup=5)
+    return {"bytes_per_s": bw, "flop_per_s": 2 * n_mm**3 / (mm_ms / 1e3)}
 
 
 def cost(B, T, H, K, V, C, gate):
@@ -120,9 +103,10 @@ def bench(call, impl, x, do, reps, prof=False):
     comp = time.perf_counter() - t0
     mem = lambda c: (lambda m: None if m is None else int(m.argument_size_in_bytes
                      + m.output_size_in_bytes + m.temp_size_in_bytes))(c.memory_analysis())
-    r = dict(compile_s=comp, fwd_ms=median(cf, x, reps, inner=10),
-             fwdbwd_ms=median(cb, x, reps, inner=10), fwd_sync_ms=median(cf, x, reps),
-             fwdbwd_sync_ms=median(cb, x, reps), fwd_mem_bytes=mem(cf), fwdbwd_mem_bytes=mem(cb))
+    # queued back to back (device time, as do_bench timed fla) and each call waited for (as jla)
+    med = lambda c, inner: common.median_ms(c, x, reps=reps, warmup=5, inner=inner)
+    r = dict(compile_s=comp, fwd_ms=med(cf, 10), fwdbwd_ms=med(cb, 10), fwd_sync_ms=med(cf, 1),
+             fwdbwd_sync_ms=med(cb, 1), fwd_mem_bytes=mem(cf), fwdbwd_mem_bytes=mem(cb))
     if prof:
         r["fwd_kernels_us"] = profile.kernel_times(cf, x)
         r["fwdbwd_kernels_us"] = profile.kernel_times(cb, x)
