@@ -6,8 +6,9 @@ bf16, H=16, K=V=128, B*T=16384 tokens. For each op with a kernel and each impl: 
 median ms of the forward and of forward+backward (grad of sum(o * do) w.r.t. q, k, v, g, beta), the
 compiled program's memory (arguments + outputs + temporaries), achieved TB/s and TFLOP/s against the
 measured ceilings, the floor of the shape, and the ratio to flash-linear-attention and to
-jax-linear-attention (benchmarks/anchors/h100-anchors.json; ratio = anchor ms / our ms, > 1 is
-faster). Each time is measured the way its anchor was: `fwd_ms` / `fwdbwd_ms` with calls queued
+jax-linear-attention (benchmarks/anchors/<device>-anchors.json, measured on this device kind by
+`anchors.py`, else the H100 file; ratio = anchor ms / our ms, > 1 is faster). Each time is
+measured the way its anchor was: `fwd_ms` / `fwdbwd_ms` with calls queued
 back to back (device time, as do_bench timed fla), `*_sync_ms` each call waited for on the host
 (as jla was timed); the ratio to fla uses the first, to jla the second. --sweep also times a few
 kernel tilings (recorded under impl "pallas[...]").
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -27,11 +27,10 @@ import jax
 import jax.numpy as jnp
 from linear_jax.kernels.gpu import decay as gpu_decay
 
+from experiments.benchmarks import anchors as anchor_files
 from experiments.benchmarks import common, profile
 from linear_jax import ops
 
-ANCHORS = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "anchors",
-                       "h100-anchors.json")
 OPS = {  # name: (call(x, impl) -> o, gate, anchor names in fla / jla)
     "simple_gla": (lambda x, i: ops.simple_gla(x["q"], x["k"], x["v"], x["g"], impl=i)[0],
                    "scalar", ("simple_gla", "simple_gla")),
@@ -46,7 +45,9 @@ OPS = {  # name: (call(x, impl) -> o, gate, anchor names in fla / jla)
 SWEEP = {"min_programs0": dict(min_programs=0), "bwd_k64": dict(block_k_bwd=64),
          "bv32": dict(block_v=32), "bk32bv32": dict(block_k=32, block_v=32),
          "out128": dict(block_v_out=128), "out32": dict(block_v_out=32), "bwd4": dict(warps_bwd=4),
-         "stages3": dict(stages_state=3, stages_out=3)}
+         "stages3": dict(stages_state=3, stages_out=3), "intra_w1": dict(warps_intra=1),
+         "intra_w2": dict(warps_intra=2), "intra_w8": dict(warps_intra=8),
+         "sub32": dict(sub_chunk=32)}
 
 
 def ceilings(n_copy=1 << 28, n_mm=8192):
@@ -130,7 +131,8 @@ def main(argv=None) -> int:
     if a.quick:
         a.T, a.tokens, a.reps = [128], 256, 2
     H, D, C = 16, 128, 64
-    anchors = {r["T"]: r for r in json.load(open(ANCHORS))["rows"]}
+    anchor_path, anchors = anchor_files.anchors_for(jax.devices()[0].device_kind)
+    print("anchors:", anchor_path, flush=True)
     ceil = ceilings(1 << 20, 512) if a.quick else ceilings()
     print(f"ceilings: {ceil['bytes_per_s'] / 1e12:.2f} TB/s, "
           f"{ceil['flop_per_s'] / 1e12:.0f} TFLOP/s",
@@ -141,6 +143,7 @@ def main(argv=None) -> int:
     tag = f"_{a.tag}" if a.tag else ""
     save = lambda: common.write_json(
         f"ops_gpu_{dev}{tag}.json", rows, ceilings=ceil, tokens=a.tokens,
+        anchors=os.path.basename(anchor_path),
         note="ratio x lib = anchor ms / our ms (> 1: we are faster)")
     for T in a.T:
         B = max(1, a.tokens // T)

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One device call: `bash benchmarks/run_device.sh STEP...` on a GPU machine with no internet, from the
+# repository root, with the peers' wheels in .whl (see benchmarks/anchors/README.md) where the
+# anchors step runs. Every step writes its JSON under benchmarks/results/, its log to $LOGS, and is cut
+# at its own time limit so that later steps still run; at the end the new JSON files and the logs
+# are packed into $OUT/results.tgz (the device tool brings back at most 8 files).
+#   anchors   fla and jla on this device -> benchmarks/anchors/<device>-anchors.json
+#   check     check_gpu, the full grid (every kernel vs the float32 reference, fwd + bwd)
+#   ops       ops_gpu: the four chunk ops, impl=pallas, T in {2048, 8192, 32768}, profiled
+#   sweep     ops_gpu tilings at T=2048
+#   scans     scans_gpu and elementwise_gpu: check + timings of the element-wise scan kernels
+set -uo pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+OUT=${OUT:-/tmp/out}; LOGS=/tmp/logs; mkdir -p "$OUT" "$LOGS"; touch /tmp/stamp
+# kernels/ installs as linear_jax.kernels (pyproject's package-dir); without an install, a link does
+[ -e linear_jax/kernels ] || ln -s ../kernels linear_jax/kernels
+TAG=${TAG:-}
+step() { local name=$1 limit=$2; shift 2; echo "== $name ($(date +%T))"
+  timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1; echo "   rc=$? ($(date +%T))"; tail -n "${TAIL:-25}" "$LOGS/$name.log"; }
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
+python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
+if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+  --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"; fi
+export PROBE_T=2048,8192,32768
+for s in "$@"; do case $s in
+  anchors)
+    TAIL=3 OUT=$LOGS step jla "${JLA_S:-150}" python3 benchmarks/anchors/probe_jla.py
+    TAIL=3 OUT=$LOGS step fla "${FLA_S:-240}" python3 benchmarks/anchors/probe_fla_torch.py
+    step anchors 60 python3 -m experiments.benchmarks.anchors $LOGS/*.json ;;
+  jla) TAIL=3 OUT=$LOGS step jla "${JLA_S:-150}" python3 benchmarks/anchors/probe_jla.py ;;
+  check) step check "${CHECK_S:-420}" python3 -m experiments.benchmarks.check_gpu ;;
+  ops) TAIL=120 step ops "${OPS_S:-420}" python3 -m experiments.benchmarks.ops_gpu --impls pallas --profile \
+         --reps 20 --tag "$TAG" ;;
+  sweep) TAIL=40 step sweep "${SWEEP_S:-240}" python3 -m experiments.benchmarks.ops_gpu --T 2048 --impls pallas \
+           --reps 10 --tag "sweep$TAG" --ops ${SWEEP_OPS:-simple_gla gla} --sweep ${SWEEP:-} ;;
+  scans) step scans "${SCANS_S:-150}" python3 -m experiments.benchmarks.scans_gpu --sweep
+         step elementwise "${SCANS_S:-150}" python3 -m experiments.benchmarks.elementwise_gpu --sweep ;;
+  *) echo "unknown step $s"; exit 2 ;;
+esac; done
+find benchmarks/results benchmarks/anchors -name '*.json' -newer /tmp/stamp > /tmp/new
+tar czf "$OUT/results.tgz" -T /tmp/new -C /tmp logs && tar tzf "$OUT/results.tgz"
