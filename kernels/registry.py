@@ -24,6 +24,7 @@ _KERNELS: dict[str, dict[str, str]] = {
     "hgrn": {"gpu": "linear_jax.kernels.gpu.elementwise:hgrn"},
     "diagonal_scan": {"gpu": "linear_jax.kernels.gpu.elementwise:diagonal_scan"},
     "selective_scan": {"gpu": "linear_jax.kernels.gpu.selective:selective_scan"},
+    "mlstm": {"gpu": "linear_jax.kernels.gpu.mlstm:mlstm"},
 }
 
 

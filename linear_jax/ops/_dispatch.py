@@ -22,7 +22,7 @@ _ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
 _ELEMENTWISE = ("hgrn", "diagonal_scan", "selective_scan")
 # Kernels that have passed interpret-mode tests but not yet a device check: reachable with
 # impl="pallas", not chosen by "auto" until check_gpu/scans_gpu have run on a GPU.
-_UNCHECKED_ON_DEVICE = ("hgrn", "diagonal_scan", "selective_scan")
+_UNCHECKED_ON_DEVICE = ("hgrn", "diagonal_scan", "selective_scan", "mlstm")
 
 
 def platform() -> str:

@@ -60,8 +60,11 @@ def _einsum(spec, *xs):
     return jnp.einsum(spec, *xs, precision=_HI, preferred_element_type=jnp.float32)
 
 
-def _floor(m):
-    return jnp.exp(jnp.minimum(-m, _MAX_LOG_FLOOR))
+def normalise(num, nq, m, eps):
+    """h = num / (max(|nq|, exp(-m)) + eps), the floor guarded as the module docstring says;
+    num [..., V], nq and m [...]."""
+    den = jnp.maximum(jnp.abs(nq), jnp.exp(jnp.minimum(-m, _MAX_LOG_FLOOR))) + eps
+    return num / den[..., None]
 
 
 def _state0(initial_state, B, H, K, V):
@@ -83,8 +86,7 @@ def mlstm_recurrent(q, k, v, i, f, *, scale, initial_state, segment_ids, eps):
         C = a[..., None, None] * C + b[..., None, None] * k_t[..., :, None] * v_t[..., None, :]
         n = a[..., None] * n + b[..., None] * k_t
         num = jnp.einsum("bhk,bhkv->bhv", q_t, C, precision=_HI)
-        den = jnp.maximum(jnp.abs(jnp.sum(q_t * n, -1)), _floor(m_new)) + eps
-        return (C, n, m_new), num / den[..., None]
+        return (C, n, m_new), normalise(num, jnp.sum(q_t * n, -1), m_new, eps)
 
     xs = (f32(q) * scale, f32(k), f32(v), f32(i), jax.nn.log_sigmoid(f32(f)))
     return scan_time(step, _state0(initial_state, B, H, K, v.shape[-1]), xs, segment_ids)
@@ -136,8 +138,7 @@ def mlstm_chunk(q, k, v, i, f, *, scale, initial_state, segment_ids, chunk_size,
     w_in = jnp.where(in_rows, jnp.exp(enter - m), 0.0)
     out = _einsum("bhnij,bhnjv->bhniv", P, vc) + w_in[..., None] * _einsum(
         "bhnik,bhnkv->bhniv", qc, S_in)
-    den = jnp.maximum(jnp.abs(out[..., V]), _floor(m)) + eps
-    h = from_chunks(out[..., :V] / den[..., None], T)
+    h = from_chunks(normalise(out[..., :V], out[..., V], m, eps), T)
     return h, (S_fin[..., :V], S_fin[..., V], m_fin)
 
 
