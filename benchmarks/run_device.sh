@@ -6,6 +6,7 @@
 # are packed into $OUT/results.tgz (the device tool brings back at most 8 files).
 #   anchors   fla and jla on this device -> benchmarks/anchors/<device>-anchors.json
 #   check     check_gpu, the full grid (every kernel vs the float32 reference, fwd + bwd)
+#   quick     check_gpu --quick (T=100 fp32 D=64 and T=2048 bf16 D=128)
 #   ops       ops_gpu: the four chunk ops, impl=pallas, T in {2048, 8192, 32768}, profiled
 #   sweep     ops_gpu tilings at T=2048
 #   scans     scans_gpu and elementwise_gpu: check + timings of the element-wise scan kernels
@@ -29,9 +30,10 @@ for s in "$@"; do case $s in
     step anchors 60 python3 -m experiments.benchmarks.anchors $LOGS/*.json ;;
   jla) TAIL=3 OUT=$LOGS step jla "${JLA_S:-150}" python3 benchmarks/anchors/probe_jla.py ;;
   check) step check "${CHECK_S:-420}" python3 -m experiments.benchmarks.check_gpu ;;
+  quick) step quick "${CHECK_S:-150}" python3 -m experiments.benchmarks.check_gpu --quick ;;
   ops) TAIL=120 step ops "${OPS_S:-420}" python3 -m experiments.benchmarks.ops_gpu --impls pallas --profile \
          --reps 20 --tag "$TAG" ;;
-  sweep) TAIL=40 step sweep "${SWEEP_S:-240}" python3 -m experiments.benchmarks.ops_gpu --T 2048 --impls pallas \
+  sweep) TAIL=40 step sweep "${SWEEP_S:-240}" python3 -m experiments.benchmarks.ops_gpu --T ${SWEEP_T:-2048} --impls pallas \
            --reps 10 --tag "sweep$TAG" --ops ${SWEEP_OPS:-simple_gla gla} --sweep ${SWEEP:-} ;;
   scans) step scans "${SCANS_S:-150}" python3 -m experiments.benchmarks.scans_gpu --sweep
          step elementwise "${SCANS_S:-150}" python3 -m experiments.benchmarks.elementwise_gpu --sweep ;;

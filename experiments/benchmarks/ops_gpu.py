@@ -47,7 +47,11 @@ SWEEP = {"min_programs0": dict(min_programs=0), "bwd_k64": dict(block_k_bwd=64),
          "out128": dict(block_v_out=128), "out32": dict(block_v_out=32), "bwd4": dict(warps_bwd=4),
          "stages3": dict(stages_state=3, stages_out=3), "intra_w1": dict(warps_intra=1),
          "intra_w2": dict(warps_intra=2), "intra_w8": dict(warps_intra=8),
-         "sub32": dict(sub_chunk=32)}
+         "sub32": dict(sub_chunk=32), "fused": dict(fused_fwd=True),
+         "two_pass": dict(fused_fwd=False), "fused_w8": dict(fused_fwd=True, warps_fused=8),
+         "fused_bv32": dict(fused_fwd=True, block_v_fused=32),
+         "fused_s1": dict(fused_fwd=True, stages_fused=1)}
+GLA_ONLY = ("warps_intra",)   # tilings of a kernel only gla runs
 
 
 def ceilings(n_copy=1 << 28, n_mm=8192):
@@ -154,7 +158,8 @@ def main(argv=None) -> int:
             variants = [(i, None) for i in a.impls]
             if a.sweep is not None:
                 variants += [(f"pallas[{k}]", v) for k, v in SWEEP.items()
-                             if not a.sweep or k in a.sweep]
+                             if (not a.sweep or k in a.sweep)
+                             and (op == "gla" or not set(v) & set(GLA_ONLY))]
             for name, over in variants:
                 gpu_decay.CONFIG = dataclasses.replace(base, **(over or {}))
                 try:

@@ -38,6 +38,8 @@ class DecayConfig:
     min_programs: the state passes halve their tiles (down to 32 x 16) while their grid has fewer
       programs than this: at B*H = 16 a [64, 64] tiling leaves 64 programs, half an H100's SMs idle
       through a pass that is sequential in T.
+    fused_fwd: the forward as one state-and-output pass (`fused.py`): True, False, or None to
+      decide by the grid it would have (`fused.use_fused`); block_v_fused is its value tile.
     """
 
     chunk: int = 64
@@ -54,19 +56,24 @@ class DecayConfig:
     warps_bwd: int = 8
     stages_bwd: int = 1
     warps_intra: int = 4
+    fused_fwd: bool | None = None
+    block_v_fused: int = 64
+    warps_fused: int = 4
+    stages_fused: int = 2
 
     def __post_init__(self):
-        for name in ("chunk", "sub_chunk", "block_k", "block_v", "block_v_out", "block_k_bwd"):
+        for name in ("chunk", "sub_chunk", "block_k", "block_v", "block_v_out", "block_k_bwd",
+                     "block_v_fused"):
             val = getattr(self, name)
             if not _pow2(val) or val < 16:
                 raise ValueError(f"DecayConfig.{name} must be a power of two >= 16, got {val}")
         if self.chunk > 128 or self.chunk % self.sub_chunk:
             raise ValueError(f"DecayConfig: chunk {self.chunk} must be <= 128 and a multiple of "
                              f"sub_chunk {self.sub_chunk}")
-        for name in ("warps_state", "warps_out", "warps_bwd", "warps_intra"):
+        for name in ("warps_state", "warps_out", "warps_bwd", "warps_intra", "warps_fused"):
             if getattr(self, name) not in (1, 2, 4, 8, 16):
                 raise ValueError(f"DecayConfig.{name} must be 1, 2, 4, 8 or 16")
-        for name in ("stages_state", "stages_out", "stages_bwd"):
+        for name in ("stages_state", "stages_out", "stages_bwd", "stages_fused"):
             if not 1 <= getattr(self, name) <= 6:
                 raise ValueError(f"DecayConfig.{name} must be in [1, 6]")
 

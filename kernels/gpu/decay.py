@@ -27,7 +27,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from linear_jax.kernels._compat import dot, interpret, pl, triton_params
-from linear_jax.kernels.gpu import common, intra
+from linear_jax.kernels.gpu import common, fused, intra
 from linear_jax.kernels.gpu.chunk_state import state_pass
 
 from linear_jax.ops.common.chunking import doc_index, pad_time
@@ -211,9 +211,14 @@ def _core(cfg, kind, has_seg, scale):
     kw = dict(cfg=cfg, kind=kind, has_seg=has_seg)
     sdt = lambda x: f32 if x.dtype == f32 else x.dtype
 
-    def fwd(q, k, v, G, doc, h0):
-        hs, S = state_pass(k, v, G, doc, h0, reverse=False, scale=1.0, state_dtype=sdt(q), **kw)
+    def fwd(q, k, v, G, doc, h0, residuals=True):
+        B, Tp, H, _ = q.shape
         A = intra.intra_forward(q, k, G, doc, scale=scale, **kw) if kind == "vector" else None
+        if fused.use_fused(B * H, Tp, v.shape[-1], cfg):
+            o, S, *hs = fused.forward(q, k, v, G, doc, h0, A=A, scale=scale, residuals=residuals,
+                                      **kw)
+            return (o, S), (q, k, v, G, doc, hs[0] if hs else None, A)
+        hs, S = state_pass(k, v, G, doc, h0, reverse=False, scale=1.0, state_dtype=sdt(q), **kw)
         o = output(q, k, v, G, A, doc, hs, scale=scale, **kw)
         return (o, S), (q, k, v, G, doc, hs, A)
 
@@ -230,7 +235,7 @@ def _core(cfg, kind, has_seg, scale):
             dv, dq, dk, dG = outs
         return dq, dk, dv, dG, None, dh0
 
-    f = jax.custom_vjp(lambda *a: fwd(*a)[0])
+    f = jax.custom_vjp(lambda *a: fwd(*a, residuals=False)[0])
     f.defvjp(fwd, bwd)
     return f
 

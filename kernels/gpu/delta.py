@@ -22,7 +22,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from linear_jax.kernels._compat import dot, interpret, pl, triton_params
-from linear_jax.kernels.gpu import common, decay, delta_bwd, wy
+from linear_jax.kernels.gpu import common, decay, delta_bwd, fused, wy
 
 from linear_jax.ops.common.chunking import doc_index, pad_time
 
@@ -70,7 +70,15 @@ def _state_pass(k, W, U, G, doc, S0, *, cfg, gated, has_seg, u_dtype):
     )(k, W, U, G, doc, S0)
 
 
-def _forward(q, k, v, G, beta, h0, doc, *, cfg, gated, has_seg, scale):
+def _forward(q, k, v, G, beta, h0, doc, *, cfg, gated, has_seg, scale, residuals=True):
+    B, Tp, H, _ = q.shape
+    if fused.use_fused(B * H, Tp, v.shape[-1], cfg):
+        Tm = wy.inverse(k, beta, G, doc, cfg=cfg, gated=gated, has_seg=has_seg)
+        o, S, *res = fused.forward(q, k, v, G, doc, h0, cfg=cfg, scale=scale, Tm=Tm, beta=beta,
+                                   kind="gated_delta" if gated else "delta", has_seg=has_seg,
+                                   residuals=residuals)
+        hs, u, W = res if residuals else (None,) * 3
+        return (o, S), (hs, u, W, Tm)
     W, U, Tm = wy.ut_transform(k, v, beta, G, doc, cfg=cfg, gated=gated, has_seg=has_seg)
     hs, u, S = _state_pass(k, W, U, G, doc, h0, cfg=cfg, gated=gated, has_seg=has_seg,
                            u_dtype=v.dtype)
@@ -97,7 +105,7 @@ def _core(cfg, has_seg, scale, gated):
                                                    Tm, **kw)
         return dq, dk, dv, dG, dbeta, dh0, None
 
-    f = jax.custom_vjp(lambda *a: fwd(*a)[0])
+    f = jax.custom_vjp(lambda *a: _forward(*a, **kw, residuals=False)[0])
     f.defvjp(fwd, bwd)
     return f
 

@@ -15,6 +15,13 @@ and adds the inter-chunk parts from `decay._backward_main`, with dG = q * dq - k
 part that already holds the chunk-last-row terms). Grid (B*H, N, C/c): each program owns the c rows
 of one sub-chunk (its row block of A; its dq, dk, dG), and loops (not unrolled) over the blocks
 it needs, so the kernels stay small and the programs many.
+
+Where a chunk's whole decay is mild, the blocks and columns are not needed: when every channel's
+gate summed over the chunk is >= -SPAN (the common case: logsigmoid gates / 16 sum to about -3 over
+64 rows), exp(G_i - G_j) = exp(G_i) * exp(-G_j) with exp(G_i) in [exp(-SPAN), 1] and exp(-G_j) in
+[1, exp(SPAN)], both far inside the operand type's range, so the row block is one matmul through
+the chunk start (and dq, dk one each), with the same per-product rounding as the blocked form. The
+test is made per chunk at run time; chunks with stronger decay take the blocked path above.
 """
 
 from __future__ import annotations
@@ -25,6 +32,17 @@ from linear_jax.kernels._compat import dot, interpret, pl, triton_params
 from linear_jax.kernels.gpu import common
 
 f32 = jnp.float32
+
+
+def span_limit(dtype) -> float:
+    """Largest chunk decay (in log space) taken by the one-matmul path: exp(SPAN) and exp(-SPAN)
+    stay normal numbers in the dot operands' type (float16's range is e^+-11)."""
+    return 8.0 if dtype == jnp.float16 else 60.0
+
+
+def _mild(g_ref, C, dtype):
+    """The chunk's decay is mild: every channel's summed gate >= -span_limit."""
+    return jnp.min(g_ref[pl.ds(C - 1, 1), :]) >= -span_limit(dtype)
 
 
 def _sub_rows(H, c, s, X):
@@ -63,22 +81,31 @@ def intra_forward(q, k, G, doc, *, cfg, kind, has_seg, scale):
             a_ref[:, pl.ds(b * c, c)] = same_doc(blk, b) * scale
             return carry
 
-        jax.lax.fori_loop(0, a, off_diagonal, 0)
-
         def diagonal(j, blk):                   # key column j of the diagonal block
             t = pl.ds(a * c + j, 1)
             e = jnp.exp(jnp.where(r[:, None] >= j, Ga - g_ref[t, :], -jnp.inf))
             col = jnp.sum(qa * k_ref[t, :].astype(f32) * e, axis=1)
             return blk + jnp.where(r[None, :] == j, col[:, None], 0.0)
 
-        blk = jax.lax.fori_loop(0, c, diagonal, jnp.zeros((c, c), f32))
-        a_ref[:, pl.ds(a * c, c)] = same_doc(blk, a) * scale
-
         def above(b, carry):
             a_ref[:, pl.ds(b * c, c)] = jnp.zeros((c, c), f32)
             return carry
 
-        jax.lax.fori_loop(a + 1, s, above, 0)
+        def blocked():
+            jax.lax.fori_loop(0, a, off_diagonal, 0)
+            blk = jax.lax.fori_loop(0, c, diagonal, jnp.zeros((c, c), f32))
+            a_ref[:, pl.ds(a * c, c)] = same_doc(blk, a) * scale
+            jax.lax.fori_loop(a + 1, s, above, 0)
+
+        def one_matmul():
+            kf = (k_ref[...].astype(f32) * jnp.exp(-g_ref[...])).astype(cd)
+            blk = dot((qa * jnp.exp(Ga)).astype(cd), kf, tb=True, exact=exact)
+            mask = (a * c + r)[:, None] >= jnp.arange(C, dtype=jnp.int32)[None, :]
+            if has_seg:
+                mask = mask & (da[:, None] == doc_ref[pl.ds(n * C, C)][None, :])
+            a_ref[...] = jnp.where(mask, blk, 0.0) * scale
+
+        jax.lax.cond(_mild(g_ref, C, cd), one_matmul, blocked)
 
     return pl.pallas_call(
         kernel, grid=(B * H, Tp // C, s),
@@ -129,10 +156,21 @@ def intra_backward(q, k, G, dA, dq_p, dk_p, dG_p, *, cfg, kind, has_seg, scale):
                 jnp.where(r[:, None] <= j, Gj - Ga, -jnp.inf))
             return dq, dk
 
-        zero = jnp.zeros((c, Kp), f32)
-        dq = jax.lax.fori_loop(0, a, keys_before, zero)
-        dk = jax.lax.fori_loop(a + 1, s, queries_after, zero)
-        dq, dk = jax.lax.fori_loop(0, c, diagonal, (dq, dk))
+        def blocked():
+            zero = jnp.zeros((c, Kp), f32)
+            dq = jax.lax.fori_loop(0, a, keys_before, zero)
+            dk = jax.lax.fori_loop(a + 1, s, queries_after, zero)
+            return jax.lax.fori_loop(0, c, diagonal, (dq, dk))
+
+        def one_matmul():                       # dA is masked already
+            G = g_ref[...]
+            kf = (k_ref[...].astype(f32) * jnp.exp(-G)).astype(cd)
+            qf = (q_ref[...].astype(f32) * jnp.exp(G)).astype(cd)
+            dq = dot(da_ref[rows_a, :].astype(cd), kf, exact=exact) * jnp.exp(Ga)
+            dk = dot(da_ref[:, rows_a].astype(cd), qf, ta=True, exact=exact) * jnp.exp(-Ga)
+            return dq, dk
+
+        dq, dk = jax.lax.cond(_mild(g_ref, C, cd), one_matmul, blocked)
         dq, dk = dq * scale, dk * scale
         dq_ref[...] = (dq + dqp_ref[...]).astype(dq_ref.dtype)
         dk_ref[...] = (dk + dkp_ref[...]).astype(dk_ref.dtype)

@@ -41,12 +41,13 @@ def ut_transform(k, v, beta, G, doc, *, cfg, gated, has_seg):
     """k [B,Tp,H,Kp], v [B,Tp,H,Vp], beta [B,Tp,H] float32, G [B,Tp,H] float32 (used if gated),
     doc [B,Tp] int32. Returns W [B,Tp,H,Kp], U [B,Tp,H,Vp] and T [B,Tp,H,C] (kept for the
     backward), float32."""
-    Tm = _inverse(k, beta, G, doc, cfg=cfg, gated=gated, has_seg=has_seg)
+    Tm = inverse(k, beta, G, doc, cfg=cfg, gated=gated, has_seg=has_seg)
     W, U = _apply(k, v, beta, G, doc, Tm, cfg=cfg, gated=gated, has_seg=has_seg)
     return W, U, Tm
 
 
-def _inverse(k, beta, G, doc, *, cfg, gated, has_seg):
+def inverse(k, beta, G, doc, *, cfg, gated, has_seg):
+    """T = (I + L)^{-1} of every chunk, [B, Tp, H, C] float32."""
     B, Tp, H, Kp = k.shape
     C, c = cfg.chunk, cfg.sub_chunk
     s, exact = C // c, k.dtype == f32

@@ -62,23 +62,34 @@ def _check(op, x, seg, tol, tol_state, chunk=C):
     (_, (o, S)), grads = vg("pallas")(d)
     (_, (ro, rS)), rgrads = vg("recurrent")(
         {n: v.astype(jnp.float32) for n, v in d.items()})
+    _, (po, pS) = jax.jit(lambda d: loss("pallas", d))(d)   # the primal alone: no residuals kept
     assert o.dtype == x["v"].dtype and S.dtype == jnp.float32
-    assert_close(o, ro, tol, f"{op} output")
-    assert_close(S, rS, tol_state, f"{op} final state")
+    for out, state, how in ((o, S, "under grad"), (po, pS, "primal")):
+        assert_close(out, ro, tol, f"{op} output ({how})")
+        assert_close(state, rS, tol_state, f"{op} final state ({how})")
     for n in names:
         assert grads[n].dtype == x[n].dtype
         assert_close(grads[n], rgrads[n], tol, f"{op} d{n}")
 
 
+@pytest.fixture(params=[True, False], ids=["fused", "two_pass"])
+def forward_form(request, monkeypatch):
+    """The forward as one state-and-output pass (`fused.py`) or as a state pass then an output
+    kernel; the op picks by grid size, so both are forced here."""
+    from linear_jax.kernels.gpu import decay as gpu_decay
+    monkeypatch.setattr(gpu_decay, "CONFIG", DecayConfig(fused_fwd=request.param))
+    return request.param
+
+
 @pytest.mark.parametrize("op", list(OPS))
-def test_float32_with_state_and_documents(op):
+def test_float32_with_state_and_documents(op, forward_form):
     rng = np.random.default_rng(0)
     _check(op, _inputs(rng, op, jnp.float32), segments(rng, B, T, p=0.08), TOL["float32"],
            TOL["float32"])
 
 
 @pytest.mark.parametrize("op", ["simple_gla", "gla", "gated_delta_rule"])
-def test_bfloat16(op):
+def test_bfloat16(op, forward_form):
     rng = np.random.default_rng(2)
     _check(op, _inputs(rng, op, jnp.bfloat16), segments(rng, B, T, p=0.08), TOL["bfloat16"],
            TOL["float32"] * 10)
@@ -91,8 +102,25 @@ def test_gla_no_documents_whole_chunks_strong_decay():
            TOL["float32"], chunk=32)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gla_mild_and_strong_chunks(dtype):
+    """GLA's intra blocks take one matmul through the chunk start where the chunk's decay is mild
+    and the blocked form where it is not (kernels/gpu/intra.py): chunks of both kinds in one call,
+    one channel at a time crossing the limit, with documents."""
+    from linear_jax.kernels.gpu.intra import span_limit
+    rng = np.random.default_rng(6)
+    x = _inputs(rng, "gla", jnp.dtype(dtype), t=64)
+    lim = span_limit(jnp.dtype(dtype))
+    g = np.full((B, 64, H, K), -0.05, np.float32)
+    g[:, 16:32] = -1.2 * lim / 16          # chunk 1: every channel past the limit
+    g[:, 40:48, :, 3] = -lim / 4           # chunk 2: one channel past it
+    x["g"] = jnp.asarray(g)
+    _check("gla", x, segments(rng, B, 64, p=0.05), TOL[dtype],
+           TOL["float32"] * (10 if dtype == "bfloat16" else 1))
+
+
 @pytest.mark.parametrize("op", ("gla",) + DELTA)
-def test_four_sub_chunks(op):
+def test_four_sub_chunks(op, forward_form):
     """C = 64: four 16-row sub-chunks (GLA's intra blocks, the UT transform's blocked
     substitution), with documents starting inside sub-chunks."""
     rng = np.random.default_rng(4)

@@ -14,6 +14,7 @@ import pytest
 from jax import export
 from linear_jax.kernels import _compat
 from linear_jax.kernels.gpu import decay, delta
+from linear_jax.kernels.gpu.common import DecayConfig
 
 TRITON = "__gpu$xla.gpu.triton"
 CASES = [("none", jnp.bfloat16, 128, 128), ("scalar", jnp.bfloat16, 128, 128),
@@ -22,9 +23,10 @@ CASES = [("none", jnp.bfloat16, 128, 128), ("scalar", jnp.bfloat16, 128, 128),
          ("gated_delta", jnp.float32, 48, 96)]
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two_pass"])
 @pytest.mark.parametrize("case", CASES,
                          ids=lambda c: f"{c[0]}-{jnp.dtype(c[1]).name}-{c[2]}x{c[3]}")
-def test_lowers_to_triton(case):
+def test_lowers_to_triton(case, fused):
     gate, dtype, K, V = case
     B, T, H = 1, 200, 2
     sds = jax.ShapeDtypeStruct
@@ -34,7 +36,8 @@ def test_lowers_to_triton(case):
             sds((B, H, K, V), jnp.float32), sds((B, T), jnp.int32), sds((B, T, H), dtype))
 
     def loss(q, k, v, g, S0, seg, beta):
-        kw = dict(scale=K**-0.5, initial_state=S0, segment_ids=seg, chunk_size=64)
+        kw = dict(scale=K**-0.5, initial_state=S0, segment_ids=seg, chunk_size=64,
+                  config=DecayConfig(fused_fwd=fused))
         if "delta" in gate:
             o, S = delta.delta(q, k, v, g, beta, **kw)
         else:
@@ -42,14 +45,21 @@ def test_lowers_to_triton(case):
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(S)
 
     argnums = ((0, 1, 2, 4) if g is None else (0, 1, 2, 3, 4)) + ((6,) if "delta" in gate else ())
+    lower = lambda f: export.export(
+        jax.jit(f), platforms=["cuda"],
+        disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON)])(*args).mlir_module()
     with _compat.lower_for_gpu():
-        exp = export.export(jax.jit(jax.value_and_grad(loss, argnums=argnums)), platforms=["cuda"],
-                            disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON)])(*args)
-    text = exp.mlir_module()
-    names = ["decay_state_fwd", "decay_output", "decay_state_bwd", "decay_backward"]
+        text = lower(jax.value_and_grad(loss, argnums=argnums))
+        primal = lower(loss)                     # the forward alone keeps no residuals
+    fwd = [f"{gate}_fused_fwd"] if fused else ["decay_state_fwd", "decay_output"]
+    names = fwd + ["decay_state_bwd", "decay_backward"]
     if "delta" in gate:
-        names = ["delta_ut_inverse", "delta_ut_apply", "delta_state_fwd", "decay_output",
-                 "delta_state_bwd", "delta_backward_states", "delta_backward_wy"]
+        fwd = ([f"{gate}_fused_fwd"] if fused else
+               ["delta_ut_apply", "delta_state_fwd", "decay_output"])
+        names = ["delta_ut_inverse"] + fwd + ["delta_state_bwd", "delta_backward_states",
+                                              "delta_backward_wy"]
+    for name in fwd:
+        assert f'name = "{name}"' in primal, name
     if gate == "vector":
         names += ["gla_intra_forward", "gla_intra_backward"]
     for name in names:
