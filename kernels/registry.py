@@ -23,7 +23,8 @@ _KERNELS: dict[str, dict[str, str]] = {
                          "tpu": "linear_jax.kernels.tpu.delta_rule:delta_rule"},
     "hgrn": {"gpu": "linear_jax.kernels.gpu.elementwise:hgrn"},
     "diagonal_scan": {"gpu": "linear_jax.kernels.gpu.elementwise:diagonal_scan"},
-    "selective_scan": {"gpu": "linear_jax.kernels.gpu.selective:selective_scan"},
+    "selective_scan": {"gpu": "linear_jax.kernels.gpu.selective:selective_scan",
+                       "tpu": "linear_jax.kernels.tpu.selective:selective_scan"},
     "mlstm": {"gpu": "linear_jax.kernels.gpu.mlstm:mlstm"},
 }
 
