@@ -16,8 +16,8 @@
    fields of `linear_jax.kernels.gpu.mlstm.CONFIG`), recorded as impl "pallas[name]"; the chunk
    is the op's chunk_size (--chunk).
 
---quick: tiny shapes, 2 reps, checked against the chunk form only (runs in interpret mode on a CPU
-in seconds).
+--quick: tiny shapes, 2 reps, checked against the chunk form only, pallas timed alone (runs in
+interpret mode on a CPU in seconds).
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def cost(B, T, H, K, V, C, itemsize):
     return {"bytes": fwd_b, "flops": flops}, {"bytes": fwd_b + bwd_b, "flops": 3 * flops}
 
 
-def time_shapes(shapes, H, D, chunk, reps, sweep, rows, save, ceil):
+def time_shapes(shapes, H, D, chunk, reps, impls, sweep, rows, save, ceil):
     """Appends a row per (shape, impl) to `rows` and saves after each."""
     print(f"\nceilings: {ceil['bytes_per_s'] / 1e9:.0f} GB/s, {ceil['flop_per_s'] / 1e12:.1f} "
           f"TFLOP/s (float32 matmul)")
@@ -122,7 +122,7 @@ def time_shapes(shapes, H, D, chunk, reps, sweep, rows, save, ceil):
                jnp.ones((B, H, D), jnp.float32), jnp.ones((B, H), jnp.float32))
         c_f, c_a = cost(B, T, H, D, D, chunk, 2)
         floor_f, floor_a = common.floor_ms(c_f, ceil), common.floor_ms(c_a, ceil)
-        for impl, over in ([("pallas", {}), ("chunk", {})]
+        for impl, over in ([(i, {}) for i in impls]
                            + [(f"pallas[{k}]", SWEEP[k]) for k in sweep]):
             name = impl.split("[")[0]
             row = {"impl": impl, "B": B, "T": T, "H": H, "K": D, "V": D, "dtype": "bfloat16",
@@ -176,7 +176,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     ceil = common.measure_ceilings(*((1 << 22, 256) if a.quick else ()))
-    time_shapes(shapes, a.heads, a.dim, a.chunk, a.reps, sweep, rows, save, ceil)
+    impls = ["pallas"] if a.quick else ["pallas", "chunk"]
+    time_shapes(shapes, a.heads, a.dim, a.chunk, a.reps, impls, sweep, rows, save, ceil)
     print(f"wrote {save()}")
     return 0
 
