@@ -12,7 +12,7 @@ rows, with q already scaled, l = logsigmoid(f), D_ij = sum_{j<s<=i} l_s, the ent
     alpha = keep exp(g + m_in - m_out),   g = the last document's gates in the chunk,
     beta_j = exp(R_j + i_j - m_out) on the last document's rows,   R_j = sum_{s>j} l_s
 
-m is not found inside the kernels: it is the recurrent m_t itself, m_t = max(l_t + m_{t-1}, i_t)
+The kernels do not form m: it is the recurrent m_t itself, m_t = max(l_t + m_{t-1}, i_t)
 (restarting from 0 at a reset), a scalar recurrence that XLA runs as one max-plus associative scan
 (`running_max`). The kernels take m and m_prev (m_{t-1}; m_0's predecessor is the initial m) as
 inputs, so m_in and m_out are m_prev of the chunk's first row and m of its last; every exponent
