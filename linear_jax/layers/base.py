@@ -60,6 +60,7 @@ class QKVMixer(nnx.Module):
             raise ValueError(f"num_heads={H} must be a multiple of num_kv_heads={Hk}")
         self.d_model, self.H, self.Hk, self.K, self.V, self.steps = d_model, H, Hk, key_dim, \
             value_dim, steps
+        self.std = std           # the init std a subclass gives its own (gate) projections
         self.op_kw = (("chunk_size", chunk_size), ("impl", impl))   # hashable: static graph data
         self.dims = (Hk * key_dim, steps * Hk * key_dim, steps * H * value_dim)
         mk = partial(dense, rngs=rngs, dtype=dtype, param_dtype=param_dtype)

@@ -35,7 +35,7 @@ class DeltaProduct(DeltaNet):
                          allow_neg_eigval=allow_neg_eigval, rngs=rngs, dtype=dtype,
                          param_dtype=param_dtype, **kw)
         self.decay = (DecayGate(d_model, num_heads, rngs=rngs, dtype=dtype,
-                                param_dtype=param_dtype) if gated else None)
+                                param_dtype=param_dtype, std=self.std) if gated else None)
 
     def mix(self, x, q, k, v, states, segment_ids, seq_parallel=None):
         q, k, beta = self.qkb(x, q, k)

@@ -40,7 +40,7 @@ class DeltaNet(QKVMixer):
                          conv_size=conv_size, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                          **kw)
         mk = partial(dense, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.b_proj = mk(d_model, self.steps * num_heads, ("embed", "heads"))
+        self.b_proj = mk(d_model, self.steps * num_heads, ("embed", "heads"), std=self.std)
         self.beta_max = 2.0 if allow_neg_eigval else 1.0
         self.exact = exact
 

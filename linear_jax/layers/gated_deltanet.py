@@ -27,7 +27,7 @@ class GatedDeltaNet(DeltaNet):
         super().__init__(d_model, num_heads, expand_v=expand_v, rngs=rngs, dtype=dtype,
                          param_dtype=param_dtype, **kw)
         self.decay = DecayGate(d_model, num_heads, rngs=rngs, dtype=dtype,
-                               param_dtype=param_dtype)
+                               param_dtype=param_dtype, std=self.std)
 
     def mix(self, x, q, k, v, states, segment_ids, seq_parallel=None):
         q, k, beta = self.qkb(x, q, k)

@@ -34,8 +34,8 @@ class GLA(QKVMixer):
         super().__init__(d_model, num_heads, key_dim=K, value_dim=V, rngs=rngs, dtype=dtype,
                          param_dtype=param_dtype, **kw)
         mk = partial(dense, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.gk_down = mk(d_model, gate_rank, ("embed", None))
-        self.gk_up = mk(gate_rank, self.H * K, (None, "heads"), use_bias=True)
+        self.gk_down = mk(d_model, gate_rank, ("embed", None), std=self.std)
+        self.gk_up = mk(gate_rank, self.H * K, (None, "heads"), use_bias=True, std=self.std)
         self.gate_normalizer = gate_normalizer
 
     def mix(self, x, q, k, v, states, segment_ids, seq_parallel=None):

@@ -36,7 +36,7 @@ class GSA(QKVMixer):
                          param_dtype=param_dtype, **kw)
         self.m, self.tau = num_slots, gate_normalizer
         self.f_proj = dense(d_model, num_heads * num_slots, ("embed", "heads"), rngs=rngs,
-                            dtype=dtype, param_dtype=param_dtype)
+                            dtype=dtype, param_dtype=param_dtype, std=self.std)
 
     def init_states(self, batch_size: int) -> dict:
         B, H, m = batch_size, self.H, self.m

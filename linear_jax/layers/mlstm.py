@@ -39,7 +39,7 @@ class MLSTM(QKVMixer):
         f_bias = lambda key, shape, dt: jnp.asarray(np.linspace(3.0, 6.0, shape[0]), dt)
         i_bias = lambda key, shape, dt: jnp.full(shape, -10.0, dt)
         mk = partial(dense, d_model, num_heads, ("embed", "heads"), rngs=rngs, dtype=dtype,
-                     param_dtype=param_dtype, use_bias=True)
+                     param_dtype=param_dtype, use_bias=True, std=self.std)
         self.i_proj, self.f_proj = mk(bias_init=i_bias), mk(bias_init=f_bias)
 
     def init_states(self, batch_size: int) -> dict:

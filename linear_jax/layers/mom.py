@@ -41,11 +41,11 @@ class MoM(QKVMixer):
                          **kw)
         self.M, self.top_k = num_memories, top_k
         self.router = dense(d_model, num_memories, ("embed", None), rngs=rngs, dtype=jnp.float32,
-                            param_dtype=param_dtype)
+                            param_dtype=param_dtype, std=self.std)
         self.b_proj = dense(d_model, M1 * num_heads, ("embed", "heads"), rngs=rngs, dtype=dtype,
-                            param_dtype=param_dtype)
+                            param_dtype=param_dtype, std=self.std)
         self.decay = DecayGate(d_model, M1 * num_heads, rngs=rngs, dtype=dtype,
-                               param_dtype=param_dtype)
+                               param_dtype=param_dtype, std=self.std)
 
     def init_states(self, batch_size: int) -> dict:
         H = (self.M + 1) * self.H
