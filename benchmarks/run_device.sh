@@ -10,6 +10,7 @@
 #   ops       ops_gpu: the four chunk ops, impl=pallas, T in {2048, 8192, 32768}, profiled
 #   sweep     ops_gpu tilings at T=2048
 #   scans     scans_gpu and elementwise_gpu: check + timings of the element-wise scan kernels
+#   mlstm     mlstm_gpu: check + timings of the mLSTM kernel
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-/tmp/out}; LOGS=/tmp/logs; mkdir -p "$OUT" "$LOGS"; touch /tmp/stamp
@@ -37,6 +38,7 @@ for s in "$@"; do case $s in
            --reps 10 --tag "sweep$TAG" --ops ${SWEEP_OPS:-simple_gla gla} --sweep ${SWEEP:-} ;;
   scans) step scans "${SCANS_S:-150}" python3 -m experiments.benchmarks.scans_gpu --sweep
          step elementwise "${SCANS_S:-150}" python3 -m experiments.benchmarks.elementwise_gpu --sweep ;;
+  mlstm) step mlstm "${MLSTM_S:-150}" python3 -m experiments.benchmarks.mlstm_gpu ;;
   *) echo "unknown step $s"; exit 2 ;;
 esac; done
 find benchmarks/results benchmarks/anchors -name '*.json' -newer /tmp/stamp > /tmp/new

@@ -48,11 +48,17 @@ def triton_params(num_warps: int, num_stages: int):
     return None if interpret() else _TritonParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def dot(a, b, *, ta: bool = False, tb: bool = False, exact: bool = False):
+def dot(a, b, *, ta: bool = False, tb: bool = False, exact: bool = False,
+        split_tf32: bool = False):
     """a @ b (a^T if ta, b^T if tb) with float32 accumulation.
 
-    `exact` asks for IEEE float32 products (Triton's default for a float32 dot is tf32).
+    `exact` asks for IEEE float32 products (Triton's default for a float32 dot is tf32, and IEEE
+    runs on the CUDA cores, not the matrix units). `split_tf32` asks for float32-accurate products
+    on the matrix units: three tf32 products of the split operands (Triton's tf32x3); interpret mode
+    (a CPU) computes them in IEEE float32.
     """
     dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
     prec = lax.Precision.HIGHEST if exact else None
+    if split_tf32:
+        prec = lax.Precision.HIGHEST if interpret() else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
     return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=jax.numpy.float32)

@@ -6,13 +6,19 @@ document, see `linear_jax.ops.common.delta_chunk`):
     L = strictly_lower(diag(beta) (K K^T * Gamma)),   T = (I + L)^{-1}
     W = T diag(beta) (K * exp(G) * in_rows),          U = T diag(beta) V
 
-T is formed by blocked forward substitution over sub-chunks of c rows: each diagonal block
-T_aa = (I + L_aa)^{-1} row by row (T_i = e_i - sum_{j<i} L_ij T_j, c sequential steps on a [c, c]
-tile), then the blocks below it, T_ab = -T_aa sum_{b<=m<a} L_am T_mb, as small matmuls. Only the
-products a triangular solve forms are formed: no power of L (whose entries can reach C(C, m) for
-correlated keys) and no exp(-G). Two kernels, both over grid (B*H, N): `delta_ut_inverse` forms T
-from 16-row blocks, `delta_ut_apply` reads T back as one [C, C] tile for W and U as full-chunk
-matmuls (small [c, c] products run far below the matrix units' rate).
+T is formed over sub-chunks of c rows. The diagonal blocks D = diag_a (I + L_aa)^{-1} by forward
+substitution, all s = C / c blocks at once: step i sets row i of every block, D <- D + P_i (I - D)
+- (P_i L_d) D with P_i the projector on rows i, c + i, ... and L_d the block-diagonal part of L, so
+each of the c sequential steps is one [C, C] masked matmul rather than c steps per block. Then, with
+L_o the strictly block-lower rest and M = D L_o (block-nilpotent: M^s = 0),
+
+    T = (I + L)^{-1} = (I + M)^{-1} D = (I - M)(I + M^2)(I + M^4)... D      (log2(s) factors)
+
+the block forward substitution regrouped as whole-chunk matmuls. No power of L itself is formed
+(whose entries can reach C(C, m) for correlated keys), only powers of the block-scaled M, whose
+nilpotency index is s, and no exp(-G). Two kernels, both over grid (B*H, N): `delta_ut_inverse`
+forms T, `delta_ut_apply` reads it back as one [C, C] tile for W and U (the two-pass forward; the
+one-pass forward of `fused.py` applies T itself).
 """
 
 from __future__ import annotations
@@ -23,18 +29,6 @@ from linear_jax.kernels._compat import dot, interpret, pl, triton_params
 from linear_jax.kernels.gpu import common
 
 f32 = jnp.float32
-
-
-def _invert_unit_lower(L, c):
-    """(I + L)^{-1} for a strictly lower [c, c] L, one row per step."""
-    r = jnp.arange(c, dtype=jnp.int32)
-
-    def row(i, Tm):
-        Li = jnp.sum(jnp.where(r[:, None] == i, L, 0.0), axis=0)              # L[i, :]
-        new = jnp.where(r == i, 1.0, 0.0) - jnp.sum(Li[:, None] * Tm, axis=0)
-        return jnp.where(r[:, None] == i, new[None, :], Tm)
-
-    return jax.lax.fori_loop(0, c, row, jnp.zeros((c, c), f32))
 
 
 def ut_transform(k, v, beta, G, doc, *, cfg, gated, has_seg):
@@ -54,35 +48,33 @@ def inverse(k, beta, G, doc, *, cfg, gated, has_seg):
 
     def kernel(k_ref, b_ref, g_ref, doc_ref, t_ref):
         n = pl.program_id(1)
-        r = jnp.arange(c, dtype=jnp.int32)
-        blk = lambda ref, a: ref[pl.ds(a * c, c)]
-        ks = [k_ref[pl.ds(a * c, c), :] for a in range(s)]
-        betas = [blk(b_ref, a)[:, None] for a in range(s)]
-        Gs = [blk(g_ref, a)[:, None] for a in range(s)] if gated else None
-        docs = [doc_ref[pl.ds(n * C + a * c, c)] for a in range(s)] if has_seg else None
+        r = jnp.arange(C, dtype=jnp.int32)
+        mask = r[:, None] > r[None, :]
+        if has_seg:
+            d = doc_ref[pl.ds(n * C, C)]
+            mask = mask & (d[:, None] == d[None, :])
+        k = k_ref[...]
+        L = dot(k, k, tb=True, exact=exact) * b_ref[...][:, None]
+        if gated:
+            G = g_ref[...][:, None]
+            L = L * jnp.exp(jnp.where(mask, G - G.reshape(1, C), -jnp.inf))
+        L = jnp.where(mask, L, 0.0)
+        diag_block = (r[:, None] // c) == (r[None, :] // c)
+        eye = jnp.where(r[:, None] == r[None, :], 1.0, 0.0)
 
-        def L_block(a, m):  # L_am, rows of sub-chunk a, columns of sub-chunk m <= a
-            mask = r[:, None] > r[None, :] if a == m else jnp.ones((c, c), bool)
-            if has_seg:
-                mask = mask & (docs[a][:, None] == docs[m][None, :])
-            x = dot(ks[a], ks[m], tb=True, exact=exact) * betas[a]
-            if gated:
-                x = x * jnp.exp(jnp.where(mask, Gs[a] - Gs[m].reshape(1, c), -jnp.inf))
-            return jnp.where(mask, x, 0.0)
+        def row(i, D):                          # row i of every diagonal block
+            on = (r % c == i)[:, None]
+            Li = jnp.where(on & diag_block, L, 0.0)
+            return jnp.where(on, eye, D) - dot(Li, D, split_tf32=True)
 
-        L = {(a, m): L_block(a, m) for a in range(s) for m in range(a + 1)}
-        T = {}
-        for a in range(s):
-            T[a, a] = _invert_unit_lower(L[a, a], c)
-            for b in range(a - 1, -1, -1):
-                acc = jnp.zeros((c, c), f32)
-                for m in range(b, a):
-                    acc += dot(L[a, m], T[m, b], exact=True)
-                T[a, b] = -dot(T[a, a], acc, exact=True)
-        for a in range(s):
-            for b in range(s):
-                t_ref[pl.ds(a * c, c), pl.ds(b * c, c)] = (T[a, b] if b <= a
-                                                           else jnp.zeros((c, c), f32))
+        D = jax.lax.fori_loop(0, c, row, jnp.zeros((C, C), f32))
+        M = dot(D, jnp.where(diag_block, 0.0, L), split_tf32=True)
+        T = D - dot(M, D, split_tf32=True)       # (I - M) D
+        P = M
+        for _ in range((s - 1).bit_length() - 1):  # (I + M^2)(I + M^4)...: M^s = 0
+            P = dot(P, P, split_tf32=True)
+            T = T + dot(P, T, split_tf32=True)
+        t_ref[...] = T
 
     rows = lambda X: common.spec(H, C, X, t=0)
     return pl.pallas_call(
