@@ -18,7 +18,7 @@ def base_config() -> ml_collections.ConfigDict:
     # bfloat16 compute from float32 master weights; "float32" for exact comparisons
     c.model = ml_collections.ConfigDict({
         "d_model": 64, "num_layers": 2, "num_heads": 2, "mixer": "gla", "impl": "auto",
-        "dtype": "bfloat16", "param_dtype": "float32",
+        "dtype": "bfloat16", "param_dtype": "float32", "init_std": 0.02,
     })
 
     c.train = ml_collections.ConfigDict({
@@ -26,6 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
         "lr": 3e-3, "warmup_steps": 100, "min_lr_ratio": 0.1, "b1": 0.9, "b2": 0.95,
         "weight_decay": 0.1, "clip_norm": 1.0, "aux_loss_weight": 0.01,
         "log_every": 10, "checkpoint_every": 500, "keep_checkpoints": 2, "progress": True,
+        "tensorboard": False,     # also write <workdir>/tensorboard/events.out.tfevents.*
     })
 
     c.eval = ml_collections.ConfigDict({"every": 250, "batches": 4, "batch_size": 64,

@@ -189,7 +189,9 @@ def _count(params) -> int:
 def _run(config, state, position, start, source, evals, train_step, eval_step, ckpt, batch_sh,
          workdir, *, resumed):
     tr, ev = config.train, config.eval
-    writer = metrics.JsonlWriter(workdir / "metrics.jsonl", resume_step=start if resumed else None)
+    writer = metrics.JsonlWriter(workdir / "metrics.jsonl", resume_step=start if resumed else None,
+                                 tensorboard=workdir / "tensorboard" if tr.get("tensorboard")
+                                 else None)
     progress = metrics.Progress(start, tr.steps, enabled=tr.progress)
     lagged, tokens_per_step = metrics.Lagged(), tr.batch_size * config.task.seq_len
     result = {"step": start, "train": {}, "eval": {}, "stopped": None}

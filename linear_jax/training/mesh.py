@@ -60,7 +60,9 @@ def initialize_distributed(coordinator_address: str | None = None,
                            process_id: int | None = None) -> None:
     """Join a multi-host job. With no arguments the cluster is detected (SLURM, Open MPI,
     Kubernetes, Cloud TPU); otherwise every process passes the same coordinator `host:port` and
-    process count, and its own id."""
+    process count, and its own id. CPU processes exchange collectives through gloo (jax's
+    default `jax_cpu_collectives_implementation`); tests/training/test_distributed.py trains with
+    two local CPU processes of 2 devices each (`JAX_NUM_CPU_DEVICES=2`)."""
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
     logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())

@@ -19,13 +19,20 @@ from tqdm import tqdm
 
 
 class JsonlWriter:
-    """Appends records to `path`; only process 0 writes (every host computes the same values)."""
+    """Appends records to `path`; only process 0 writes (every host computes the same values).
+    With `tensorboard` (a directory) every record is also written there as TensorBoard scalars
+    `<split>/<metric>` (`linear_jax.training.tensorboard`, no TensorFlow needed)."""
 
-    def __init__(self, path, *, resume_step: int | None = None):
+    def __init__(self, path, *, resume_step: int | None = None, tensorboard=None):
         self.path = pathlib.Path(path)
         self.enabled = jax.process_index() == 0
+        self.events = None
         if not self.enabled:
             return
+        if tensorboard is not None:
+            from linear_jax.training.tensorboard import EventWriter
+
+            self.events = EventWriter(tensorboard)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if resume_step is not None and self.path.exists():
@@ -40,6 +47,9 @@ class JsonlWriter:
                   **{k: _plain(v) for k, v in values.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.events is not None:
+            self.events.scalars(step, {f"{split}/{k}": v for k, v in record.items()
+                                       if k not in ("step", "split") and isinstance(v, (int, float))})
 
 
 def _plain(v):
@@ -74,11 +84,12 @@ def _fetch(item):
 
 
 class Progress:
-    """A tqdm bar with the loss and tokens/s (input tokens / wall time between fetches)."""
+    """A tqdm bar with the loss and tokens/s (input tokens / wall time between fetches); shown by
+    process 0 only."""
 
     def __init__(self, start: int, total: int, *, enabled: bool = True):
-        self._bar = tqdm(total=total, initial=start, disable=not enabled, unit="step",
-                         dynamic_ncols=True)
+        self._bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
+                         disable=not enabled or jax.process_index() != 0)
         self._last = (start, time.perf_counter())
 
     def update(self, step: int, metrics: dict, tokens_per_step: int) -> float:
