@@ -81,6 +81,12 @@ class DecayConfig:
         return dataclasses.replace(self, chunk=min(128, next_pow2(int(chunk_size))))
 
 
+def half_dtype(dtype):
+    """Where a kernel stores an intermediate that its partner reads back in float32: float32 for
+    float32 inputs, else bfloat16 (float16's range would not hold dW = -du S^T, say)."""
+    return jnp.float32 if dtype == jnp.float32 else jnp.bfloat16
+
+
 def value_block(Vp: int, want: int) -> int:
     """Largest power-of-two tile <= want dividing Vp (a multiple of 16)."""
     b = want

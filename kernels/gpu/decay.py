@@ -214,7 +214,7 @@ def _core(cfg, kind, has_seg, scale):
     def fwd(q, k, v, G, doc, h0, residuals=True):
         B, Tp, H, _ = q.shape
         A = intra.intra_forward(q, k, G, doc, scale=scale, **kw) if kind == "vector" else None
-        if fused.use_fused(B * H, Tp, v.shape[-1], cfg):
+        if fused.use_fused(B * H, Tp, v.shape[-1], cfg, residuals):
             o, S, *hs = fused.forward(q, k, v, G, doc, h0, A=A, scale=scale, residuals=residuals,
                                       **kw)
             return (o, S), (q, k, v, G, doc, hs[0] if hs else None, A)

@@ -39,7 +39,7 @@ def _state_pass(k, W, U, G, doc, S0, *, cfg, gated, has_seg, u_dtype):
         def step(n, S):
             hs_ref[n] = S.astype(hs_ref.dtype)
             rows = pl.ds(n * C, C)
-            u = uu_ref[rows, :] - dot(w_ref[rows, :], S, exact=exact)
+            u = uu_ref[rows, :] - dot(w_ref[rows, :].astype(f32), S, exact=exact)
             u_ref[rows, :] = u.astype(u_ref.dtype)
             kn = k_ref[rows, :].astype(f32)
             decay_ = jnp.float32(1.0)
@@ -72,7 +72,7 @@ def _state_pass(k, W, U, G, doc, S0, *, cfg, gated, has_seg, u_dtype):
 
 def _forward(q, k, v, G, beta, h0, doc, *, cfg, gated, has_seg, scale, residuals=True):
     B, Tp, H, _ = q.shape
-    if fused.use_fused(B * H, Tp, v.shape[-1], cfg):
+    if fused.use_fused(B * H, Tp, v.shape[-1], cfg, residuals):
         Tm = wy.inverse(k, beta, G, doc, cfg=cfg, gated=gated, has_seg=has_seg)
         o, S, *res = fused.forward(q, k, v, G, doc, h0, cfg=cfg, scale=scale, Tm=Tm, beta=beta,
                                    kind="gated_delta" if gated else "delta", has_seg=has_seg,

@@ -66,10 +66,10 @@ def state_bwd(q, k, do, G, doc, W, dS, *, cfg, gated, has_seg, scale, state_dtyp
                 w_in, w_out = w_in * jnp.exp(G), w_out * jnp.exp(Gl - G)
             kout = k.astype(f32) * w_out
             du = dot(A.astype(cd), do, ta=True, exact=exact) + dot(kout, dS, exact=exact)
-            du_ref[rows, :] = du
+            du_ref[rows, :] = du.astype(du_ref.dtype)
             qin = q.astype(f32) * (scale * w_in)
             return (decay * dS + dot(qin, do.astype(f32), ta=True, exact=exact)
-                    - dot(w_ref[rows, :], du, ta=True, exact=exact))
+                    - dot(w_ref[rows, :].astype(f32), du, ta=True, exact=exact))
 
         dh0_ref[...] = jax.lax.fori_loop(0, N, step, ds_ref[...])
 
@@ -81,7 +81,7 @@ def state_bwd(q, k, do, G, doc, W, dS, *, cfg, gated, has_seg, scale, state_dtyp
         out_specs=[common.states_spec(H, N, Kp, BV, v=0), seq(BV, 0),
                    common.state_spec(H, Kp, BV, v=0)],
         out_shape=[jax.ShapeDtypeStruct((B, H, N, Kp, Vp), state_dtype),
-                   jax.ShapeDtypeStruct((B, Tp, H, Vp), f32),
+                   jax.ShapeDtypeStruct((B, Tp, H, Vp), common.half_dtype(cd)),
                    jax.ShapeDtypeStruct((B, H, Kp, Vp), f32)],
         compiler_params=triton_params(cfg.warps_state, cfg.stages_state),
         interpret=interpret(), name="delta_state_bwd",
@@ -131,15 +131,15 @@ def _backward_states(q, k, G, doc, hs, dhs, u, du, do, *, cfg, gated, has_seg, s
             dA += dot(do_b, u_b, tb=True, exact=exact)
             dqi += dot(do_b, h_b.astype(cd), tb=True, exact=exact)
             dko += dot(u_b, dh_b.astype(cd), tb=True, exact=exact)
-            dW -= dot(du_b, h_b.astype(f32), tb=True, exact=exact)
+            dW -= dot(du_b.astype(f32), h_b.astype(f32), tb=True, exact=exact)
             hd += jnp.sum(h_b.astype(f32) * dh_b.astype(f32), axis=1)
         dA = jnp.where(incl, dA, 0.0)
         dAg = (dA * gam).astype(cd)
         dqin = dqi * w_in                                         # grad of q_in / scale
         dq_ref[...] = ((dot(dAg, kbt, exact=exact) + dqin) * scale).astype(dq_ref.dtype)
         dkout = dko * w_out
-        dk_ref[...] = dot(dAg, qb, ta=True, exact=exact) * scale + dkout
-        dw_ref[...] = dW
+        dk_ref[...] = (dot(dAg, qb, ta=True, exact=exact) * scale + dkout).astype(dk_ref.dtype)
+        dw_ref[...] = dW.astype(dw_ref.dtype)
         if gated:
             kout_term = jnp.sum(dkout * kbt.astype(f32), axis=1)
             dG = jnp.sum(dqin * qb.astype(f32), axis=1) * scale - kout_term
@@ -162,8 +162,8 @@ def _backward_states(q, k, G, doc, hs, dhs, u, du, do, *, cfg, gated, has_seg, s
         out_specs=[tile, tile, tile,
                    pl.BlockSpec((None, None, C, None), lambda bh, n, kb: (kb, bh // H, n, bh % H))],
         out_shape=[jax.ShapeDtypeStruct((B, Tp, H, Kp), q.dtype),
-                   jax.ShapeDtypeStruct((B, Tp, H, Kp), f32),
-                   jax.ShapeDtypeStruct((B, Tp, H, Kp), f32),
+                   jax.ShapeDtypeStruct((B, Tp, H, Kp), common.half_dtype(cd)),
+                   jax.ShapeDtypeStruct((B, Tp, H, Kp), common.half_dtype(cd)),
                    jax.ShapeDtypeStruct((NK, B, Tp, H), f32)],
         compiler_params=triton_params(cfg.warps_bwd, cfg.stages_bwd),
         interpret=interpret(), name="delta_backward_states",
@@ -195,12 +195,12 @@ def _backward_wy(k, v, beta, G, doc, Tm, du, dW, dk1, dG1, *, cfg, gated, has_se
         dbeta = jnp.zeros((C,), f32)
         for b in range(Vp // BV):
             cols = pl.ds(b * BV, BV)
-            du_b, v_b = du_ref[:, cols], v_ref[:, cols].astype(f32)
+            du_b, v_b = du_ref[:, cols].astype(f32), v_ref[:, cols].astype(f32)
             tdu = dot(Tm, du_b, ta=True, exact=exact)
             dv_ref[:, cols] = (beta * tdu).astype(dv_ref.dtype)
             dbeta += jnp.sum(v_b * tdu, axis=1)
             dT += dot(du_b, v_b * beta, tb=True, exact=exact)
-        dW = dw_ref[...]
+        dW = dw_ref[...].astype(f32)
         tdw = dot(Tm, dW, ta=True, exact=exact)
         dkin = beta * tdw
         dbeta += jnp.sum(kin * tdw, axis=1)
@@ -210,7 +210,7 @@ def _backward_wy(k, v, beta, G, doc, Tm, du, dW, dk1, dG1, *, cfg, gated, has_se
         M = dL * gam
         dbeta += jnp.sum(M * kk, axis=1)
         dKK = (beta * M).astype(cd)
-        dk = (dk1_ref[...] + dkin * w_in + dot(dKK, k, exact=exact)
+        dk = (dk1_ref[...].astype(f32) + dkin * w_in + dot(dKK, k, exact=exact)
               + dot(dKK, k, ta=True, exact=exact))
         dk_ref[...] = dk.astype(dk_ref.dtype)
         db_ref[...] = dbeta

@@ -14,7 +14,8 @@ states S_n, and for the delta rule u and W). Against the two-kernel form (a stat
 every S_n, then a parallel output kernel that reads them back), this drops the states' round trip:
 at K = V = 128 and C = 64 each chunk's state is twice the size of its q. The price is parallelism:
 B * H * V / BV programs, each sequential over T / C chunks, so `decay.py` and `delta.py` take this
-form while that grid fills the GPU (`use_fused`) and the two-kernel form otherwise.
+form for the forward alone while that grid fills the GPU (`use_fused`), the two-kernel form
+otherwise.
 """
 
 from __future__ import annotations
@@ -36,12 +37,16 @@ def value_tile(BH: int, Vp: int, cfg: common.DecayConfig) -> int:
     return BV
 
 
-def use_fused(BH: int, Tp: int, Vp: int, cfg: common.DecayConfig) -> bool:
-    """The one-pass form while its grid keeps enough programs busy for the chunks each walks."""
+def use_fused(BH: int, Tp: int, Vp: int, cfg: common.DecayConfig, residuals: bool) -> bool:
+    """The one-pass form for the forward alone while its grid fills the GPU. Measured on an H200
+    (benchmarks/results/ops_gpu_NVIDIA_H200_sweep.json, bf16, H = 16, K = V = 128): simple_gla
+    0.18 vs 0.28 ms at T = 2048 (256 programs), but 1.26 vs 0.85 ms at T = 32768 (128 programs of
+    512 chunks); and under differentiation, where it must also write every state, slower at both
+    (1.06 vs 0.96 ms forward + backward at T = 2048)."""
     if cfg.fused_fwd is not None:
         return cfg.fused_fwd
     programs = BH * (Vp // value_tile(BH, Vp, cfg))
-    return programs >= cfg.min_programs // 2 or Tp // cfg.chunk <= 8
+    return not residuals and (programs >= cfg.min_programs or Tp // cfg.chunk <= 8)
 
 
 def forward(q, k, v, G, doc, S0, *, cfg, kind, has_seg, scale, A=None, Tm=None, beta=None,
@@ -50,7 +55,8 @@ def forward(q, k, v, G, doc, S0, *, cfg, kind, has_seg, scale, A=None, Tm=None, 
 
     kind: "none" | "scalar" | "vector" (A [B,Tp,H,C] given) | "delta" | "gated_delta" (Tm
     [B,Tp,H,C] and beta [B,Tp,H] given). Returns (o, S_end) and, with `residuals`, the entering
-    states [B,H,N,Kp,Vp] (plus u [B,Tp,H,Vp] and W [B,Tp,H,Kp] float32 for the delta rule).
+    states [B,H,N,Kp,Vp] (plus u [B,Tp,H,Vp] and W [B,Tp,H,Kp], `common.half_dtype`, for the
+    delta rule).
     """
     B, Tp, H, Kp = q.shape
     Vp, C = v.shape[-1], cfg.chunk
@@ -97,7 +103,7 @@ def forward(q, k, v, G, doc, S0, *, cfg, kind, has_seg, scale, A=None, Tm=None, 
 
                     @pl.when(first_tile)
                     def _():
-                        res[2][rows, :] = W
+                        res[2][rows, :] = W.astype(res[2].dtype)
             else:
                 y = v_ref[rows, :]
             if residuals:
@@ -130,7 +136,7 @@ def forward(q, k, v, G, doc, S0, *, cfg, kind, has_seg, scale, A=None, Tm=None, 
         if is_delta:
             out_specs += [seq(BV, 0), seq(Kp)]
             out_shape += [jax.ShapeDtypeStruct((B, Tp, H, Vp), v.dtype),
-                          jax.ShapeDtypeStruct((B, Tp, H, Kp), f32)]
+                          jax.ShapeDtypeStruct((B, Tp, H, Kp), common.half_dtype(q.dtype))]
     return pl.pallas_call(
         kernel, grid=(B * H, Vp // BV), in_specs=in_specs, out_specs=out_specs,
         out_shape=out_shape, compiler_params=triton_params(cfg.warps_fused, cfg.stages_fused),

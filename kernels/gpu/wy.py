@@ -33,8 +33,8 @@ f32 = jnp.float32
 
 def ut_transform(k, v, beta, G, doc, *, cfg, gated, has_seg):
     """k [B,Tp,H,Kp], v [B,Tp,H,Vp], beta [B,Tp,H] float32, G [B,Tp,H] float32 (used if gated),
-    doc [B,Tp] int32. Returns W [B,Tp,H,Kp], U [B,Tp,H,Vp] and T [B,Tp,H,C] (kept for the
-    backward), float32."""
+    doc [B,Tp] int32. Returns W [B,Tp,H,Kp] (`common.half_dtype`), and U [B,Tp,H,Vp] and
+    T [B,Tp,H,C] (kept for the backward) in float32."""
     Tm = inverse(k, beta, G, doc, cfg=cfg, gated=gated, has_seg=has_seg)
     W, U = _apply(k, v, beta, G, doc, Tm, cfg=cfg, gated=gated, has_seg=has_seg)
     return W, U, Tm
@@ -45,6 +45,9 @@ def inverse(k, beta, G, doc, *, cfg, gated, has_seg):
     B, Tp, H, Kp = k.shape
     C, c = cfg.chunk, cfg.sub_chunk
     s, exact = C // c, k.dtype == f32
+    # float32 inputs: float32-accurate products (3xTF32); bf16/fp16 inputs: tf32, whose rounding
+    # (2^-11) stays below the inputs' own
+    prec = dict(split_tf32=exact)
 
     def kernel(k_ref, b_ref, g_ref, doc_ref, t_ref):
         n = pl.program_id(1)
@@ -65,15 +68,15 @@ def inverse(k, beta, G, doc, *, cfg, gated, has_seg):
         def row(i, D):                          # row i of every diagonal block
             on = (r % c == i)[:, None]
             Li = jnp.where(on & diag_block, L, 0.0)
-            return jnp.where(on, eye, D) - dot(Li, D, split_tf32=True)
+            return jnp.where(on, eye, D) - dot(Li, D, **prec)
 
         D = jax.lax.fori_loop(0, c, row, jnp.zeros((C, C), f32))
-        M = dot(D, jnp.where(diag_block, 0.0, L), split_tf32=True)
-        T = D - dot(M, D, split_tf32=True)       # (I - M) D
+        M = dot(D, jnp.where(diag_block, 0.0, L), **prec)
+        T = D - dot(M, D, **prec)       # (I - M) D
         P = M
         for _ in range((s - 1).bit_length() - 1):  # (I + M^2)(I + M^4)...: M^s = 0
-            P = dot(P, P, split_tf32=True)
-            T = T + dot(P, T, split_tf32=True)
+            P = dot(P, P, **prec)
+            T = T + dot(P, T, **prec)
         t_ref[...] = T
 
     rows = lambda X: common.spec(H, C, X, t=0)
@@ -102,7 +105,7 @@ def _apply(k, v, beta, G, doc, Tm, *, cfg, gated, has_seg):
         if has_seg:
             in_rows = doc_ref[pl.ds(n * C, C)] == doc_ref[jnp.maximum(n * C - 1, 0)]
             x = jnp.where(in_rows[:, None], x, 0.0)
-        w_ref[...] = dot(Tm, x, exact=exact)
+        w_ref[...] = dot(Tm, x, exact=exact).astype(w_ref.dtype)
         for vb in range(Vp // BV):
             cols = pl.ds(vb * BV, BV)
             u_ref[:, cols] = dot(Tm, v_ref[:, cols].astype(f32) * beta, exact=exact)
@@ -113,7 +116,7 @@ def _apply(k, v, beta, G, doc, Tm, *, cfg, gated, has_seg):
         in_specs=[rows(Kp), rows(Vp), common.spec(H, C, t=0), common.spec(H, C, t=0),
                   common.doc_spec(H, Tp), rows(C)],
         out_specs=[rows(Kp), rows(Vp)],
-        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, Kp), f32),
+        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, Kp), common.half_dtype(k.dtype)),
                    jax.ShapeDtypeStruct((B, Tp, H, Vp), f32)],
         compiler_params=triton_params(cfg.warps_out, cfg.stages_out),
         interpret=interpret(), name="delta_ut_apply",
