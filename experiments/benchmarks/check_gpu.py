@@ -4,21 +4,25 @@
 
 Ops: linear_attention, simple_gla, gla, delta_rule, gated_delta_rule.
 Against the float32 XLA chunk form (HIGHEST-precision dots) and, where T is short, the lax.scan
-reference: outputs, final states and the gradients of q, k, v, g and the initial state, with packed
-documents and an initial state, at T in {100, 2048, 8192} and K = V in {64, 128} (float32 inputs),
-and bf16 inputs at T = 2048 (compared with the reference run on the same bf16 values). Fresh random
-inputs per case. Writes benchmarks/results/check_gpu_<device>.json; exits 1 on any failure.
+reference: outputs, final states (under differentiation, from the forward alone, and from the
+forward forced into the one-pass form) and the gradients of q, k, v, g and the initial state, with
+packed documents and an initial state, at T in {100, 2048, 8192} and K = V in {64, 128} (float32
+inputs), and bf16 inputs at T = 2048 (compared with the reference run on the same bf16 values).
+Fresh random inputs per case. Writes benchmarks/results/check_gpu_<device>.json; exits 1 on any
+failure.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from linear_jax.kernels.gpu import decay as gpu_decay
 
 from experiments.benchmarks import common
 from linear_jax import ops
@@ -70,6 +74,16 @@ def case(op, B, T, H, D, dtype, seed, ref_impl):
     (_, (o, S)), g = vg("pallas")(d)
     (_, (ro, rS)), rg = vg(ref_impl)({n: v.astype(jnp.float32) for n, v in d.items()})
     errs = {"o": rel(o, ro), "S": rel(S, rS), **{f"d{n}": rel(g[n], rg[n]) for n in names}}
+    # the forward alone keeps no residuals and may take the one-pass form: check it as chosen and
+    # forced (at these sizes the choice is the two-pass form except at T = 100)
+    for tag, over in (("primal", {}), ("fused", dict(fused_fwd=True))):
+        base = gpu_decay.CONFIG
+        gpu_decay.CONFIG = dataclasses.replace(base, **over)
+        try:
+            po, pS = jax.jit(lambda d: run("pallas", d)[1])(d)
+        finally:
+            gpu_decay.CONFIG = base
+        errs[f"o_{tag}"], errs[f"S_{tag}"] = rel(po, ro), rel(pS, rS)
     return errs
 
 
