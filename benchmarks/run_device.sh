@@ -33,7 +33,7 @@ for s in "$@"; do case $s in
   check) step check "${CHECK_S:-420}" python3 -m experiments.benchmarks.check_gpu ;;
   quick) step quick "${CHECK_S:-150}" python3 -m experiments.benchmarks.check_gpu --quick ;;
   ops) TAIL=120 step ops "${OPS_S:-420}" python3 -m experiments.benchmarks.ops_gpu --impls pallas --profile \
-         --reps 20 --tag "$TAG" ;;
+         --reps "${REPS:-20}" --tag "$TAG" ;;
   sweep) TAIL=40 step sweep "${SWEEP_S:-240}" python3 -m experiments.benchmarks.ops_gpu --T ${SWEEP_T:-2048} --impls pallas \
            --reps 10 --tag "sweep$TAG" --ops ${SWEEP_OPS:-simple_gla gla} --sweep ${SWEEP:-} ;;
   scans) step scans "${SCANS_S:-150}" python3 -m experiments.benchmarks.scans_gpu --sweep
