@@ -7,7 +7,7 @@ Each size `WIDTHxLAYERS` sets `model.d_model` and `model.num_layers` (everything
 config) and trains in `<workdir>/d<WIDTH>_l<LAYERS>` (an existing run resumes or is reused). The
 fit is least squares in log-log space, `loss = a * params^b`, with numpy; the results (sizes,
 parameter counts, losses, a, b) go to `<workdir>/scaling.json` and the plot to
-`<workdir>/scaling.png`.
+`<workdir>/scaling.png`. `--table=<workdir>/scaling.json` prints a finished sweep as markdown.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -29,6 +30,8 @@ from linear_jax.training.mesh import ConfigError  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Task config file.")
 _SIZES = flags.DEFINE_list("sizes", ["32x2", "64x2", "96x3", "128x4"], "WIDTHxLAYERS, ...")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/scaling", "Parent directory of the runs.")
+_TABLE = flags.DEFINE_string("table", None, "Print the markdown table of this scaling.json "
+                             "(sizes, parameters, eval losses, the fit) and exit.")
 
 
 def fit_power_law(params, losses) -> tuple[float, float]:
@@ -47,6 +50,9 @@ def plot(points, a, b, out, title) -> None:
     for p in points:
         ax.annotate(p["size"], (p["params"], p["eval_loss"]), fontsize=7,
                     textcoords="offset points", xytext=(4, 4))
+    for axis in (ax.yaxis,):                  # plain numbers: the losses span under a decade
+        axis.set_major_formatter(ticker.ScalarFormatter())
+        axis.set_minor_formatter(ticker.ScalarFormatter())
     ax.set_xlabel("parameters N")
     ax.set_ylabel("final eval loss")
     ax.set_title(title)
@@ -57,9 +63,22 @@ def plot(points, a, b, out, title) -> None:
     plt.close(fig)
 
 
+def table(summary: dict) -> str:
+    fit = summary["fit"]
+    rows = ["| size (width x layers) | params | final eval loss (nats/byte) |", "|---|---|---|"]
+    rows += [f"| {p['size']} | {p['params']:,} | {p['eval_loss']:.4f} |"
+             for p in summary["points"]]
+    rows.append(f"\n{summary['task']} with {summary['mixer']}, {summary['steps']} steps each; "
+                f"fit: eval loss = {fit['a']:.3f} * params^{fit['b']:.4f}")
+    return "\n".join(rows)
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _TABLE.value:
+        print(table(json.loads(pathlib.Path(_TABLE.value).read_text())))
+        return
     if _CONFIG.value is None:
         raise app.UsageError("--config is required")
     root, points = pathlib.Path(_WORKDIR.value), []
