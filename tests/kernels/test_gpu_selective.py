@@ -3,8 +3,9 @@
 Outputs, final states and the gradients of every float input (u and delta, hence the kernel's dt
 and dt * u inputs, A, B, C, the initial state) against the `lax.scan` reference, with packed
 documents, an initial state, grouped B / C, T not a multiple of the chunk and channels / state
-sizes that the kernel pads; the Triton lowering of forward and backward; the benchmark's --quick
-run. Tiny shapes: interpret mode is slow.
+sizes that the kernel pads; the chunk-parallel path and the sequential fallback, alone and mixed
+in one call, with resets inside parallel chunks; the Triton lowering of forward and backward; the
+benchmark's --quick run. Tiny shapes: interpret mode is slow.
 """
 
 from __future__ import annotations
@@ -87,6 +88,68 @@ def test_whole_chunks_no_documents_wide_blocks(monkeypatch):
     _check(_inputs(rng, 1, 16, 64, 4, None, jnp.float32), None, 1e-5, 64)
 
 
+def _spans(x, C):
+    """Each chunk's largest decay span -sum_t dt_t A [B, chunks] (the kernel's dt is delta here),
+    over all channels: a chunk takes the parallel path in every program iff it is <= span."""
+    dt = np.asarray(x["delta"], np.float64)
+    Bz, T, D = dt.shape
+    dt = np.pad(dt, ((0, 0), (0, -T % C), (0, 0))).reshape(Bz, -1, C, D).sum(2)
+    return (dt[..., None] * -np.asarray(x["A"], np.float64)).max(axis=(2, 3))
+
+
+def _mild_inputs(rng, Bz, T, D, N, G, scale=0.02):
+    x = _inputs(rng, Bz, T, D, N, G, jnp.float32)
+    x["delta"] = jnp.asarray(scale * np.abs(rng.standard_normal((Bz, T, D))), jnp.float32)
+    return x
+
+
+def test_parallel_path_all_chunks():
+    """Mild decays: every chunk (C = 16) takes the parallel path; grouped B / C, T = 45 padded to
+    48, N = 6 padded to 8, an initial state."""
+    rng = np.random.default_rng(10)
+    x = _mild_inputs(rng, 2, 45, 32, 6, 2)
+    spans = _spans(x, 16)
+    assert spans.max() <= selective.CONFIG.span / 4, spans
+    _check(x, None, 1e-5, 16)
+
+
+def test_sequential_fallback_all_chunks():
+    """Strong decays (dt |A| up to ~50 per step): every chunk's span exceeds `span`, so each runs
+    step by step, with documents."""
+    rng = np.random.default_rng(11)
+    x = _inputs(rng, 1, 40, 32, 8, None, jnp.float32)
+    x["delta"] = jnp.asarray(2.0 + np.abs(rng.standard_normal((1, 40, 32))), jnp.float32)
+    assert _spans(x, 16).min() > selective.CONFIG.span
+    _check(x, jnp.asarray(segments(rng, 1, 40, p=0.1)), 1e-5, 16)
+
+
+def test_parallel_and_sequential_chunks_in_one_call():
+    """Chunks 0 and 2 mild, chunks 1 and 3 strong (one channel is enough to make a chunk fall
+    back): the state crosses between the two kinds both ways, forward and backward."""
+    rng = np.random.default_rng(12)
+    x = _mild_inputs(rng, 2, 64, 32, 8, None)
+    delta = np.asarray(x["delta"]).copy()
+    delta[:, 16:32, 5] = 8.0
+    delta[:, 48:64, :] += 1.5
+    x["delta"] = jnp.asarray(delta)
+    spans = _spans(x, 16)
+    assert (spans[:, ::2] <= selective.CONFIG.span / 4).all(), spans
+    assert (spans[:, 1::2] > selective.CONFIG.span).all(), spans
+    _check(x, None, 1e-5, 16)
+
+
+def test_resets_inside_parallel_chunks():
+    """Mild decays with documents: a reset at a chunk's first step (t = 16), two resets in one
+    chunk, one in another, a reset on the last step of a chunk (t = 47), and the random ones of
+    the second sequence; all chunks parallel."""
+    rng = np.random.default_rng(13)
+    x = _mild_inputs(rng, 2, 48, 32, 8, None)
+    seg = segments(rng, 2, 48, p=0.12)
+    seg[0] = np.cumsum(np.isin(np.arange(48), [5, 9, 16, 27, 47]))
+    assert _spans(x, 16).max() <= selective.CONFIG.span / 4
+    _check(x, jnp.asarray(seg.astype(np.int32)), 1e-5, 16)
+
+
 def test_registry_and_config():
     assert "pallas" in registry.kernels_for("selective_scan")
     assert selective.SelectiveConfig().block(1, 1, 2048) == 16
@@ -95,6 +158,8 @@ def test_registry_and_config():
         selective.SelectiveConfig(block_d=48)
     with pytest.raises(ValueError, match="chunk"):
         selective.SelectiveConfig(chunk=100)
+    with pytest.raises(ValueError, match="span"):
+        selective.SelectiveConfig(span=100.0)
 
 
 @pytest.mark.parametrize("dtype,G,N", [(jnp.bfloat16, None, 16), (jnp.float32, 2, 6)],
