@@ -47,8 +47,8 @@ Sequential (otherwise: decays too strong for e^{-L} in float32, C < 16 or `paral
 steps one at a time, unrolled (a chunk's row loads are issued before its dependent steps, see
 `elementwise.py`), a = exp(dt A) formed per step; the backward recomputes the chunk's C states in
 registers, then runs the C reverse steps. Both paths compute the same function. Per (t, d, n) the
-parallel one spends an exp and a reciprocal (the sequential one: an exp forward, two backward) and
-C multiply-adds per masked product (one forward, two backward), but no step waits on the previous.
+parallel one spends two exp2 (e^L, e^{-L}; the sequential one: one forward, two backward) and C
+multiply-adds per masked product (one forward, two backward), but no step waits on the previous.
 
 Padding (inside, undone on return): T to a multiple of C with dt = x = 0 (a = 1, no input: the
 state passes through); each group's channels to a multiple of BD and N to a power of two with zeros
@@ -70,6 +70,9 @@ from linear_jax.ops.common.chunking import resets
 
 f32 = jnp.float32
 MIN_DOT = 16  # Triton's smallest dot dimension: the parallel path needs C >= 16 and BD * N >= 16
+# Decays are formed as exp2(dt A log2 e): exp2 lowers to libdevice's exp2f (one ex2.approx), expf to
+# a longer range-reduced sequence, and the exps are most of the per-element work.
+LOG2E = 1.4426950408889634
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,10 +126,10 @@ def _rows(refs, t, has_seg):
             c_ref[t, :].astype(f32), r_ref[t] != 0 if has_seg else None)
 
 
-def _decay(dt, r, A):
-    """a = exp(dt A) [BD, N], 0 where a document starts (formed per step: C of them would not
-    fit in registers)."""
-    a = jnp.exp(dt[:, None] * A)
+def _decay(dt, r, A2):
+    """a = exp(dt A) [BD, N] from A2 = A log2 e, 0 where a document starts (formed per step: C of
+    them would not fit in registers)."""
+    a = jnp.exp2(dt[:, None] * A2)
     return a if r is None else jnp.where(r, 0.0, a)
 
 
@@ -150,14 +153,15 @@ def _blocks(refs, t0, dt, has_seg):
             k)
 
 
-def _logs(dt, A):
-    """The chunk's rebased log decays L [C, BD, N] (|L| <= span / 2), e^L, e^{-L}, e^M with M the
-    rebase (log decay from the chunk's start to its midpoint), and e^{L_{C-1}} [BD, N]."""
+def _logs(dt, A2):
+    """From A2 = A log2 e: e^L, e^{-L} [C, BD, N] of the chunk's rebased log decays L (|L| <= span
+    / 2), e^M with M the rebase (log decay from the chunk's start to its midpoint), and
+    e^{L_{C-1}} [BD, N]."""
     half = 0.5 * jnp.sum(dt, axis=0)                             # [BD]
-    L = (jnp.cumsum(dt, axis=0) - half[None, :])[:, :, None] * A[None]
-    E = jnp.exp(L)                                               # e^{-L} as 1 / e^L: one exp
+    L2 = (jnp.cumsum(dt, axis=0) - half[None, :])[:, :, None] * A2[None]
     last = jnp.sum(dt, axis=0) - half
-    return E, 1.0 / E, jnp.exp(half[:, None] * A), jnp.exp(last[:, None] * A)
+    return (jnp.exp2(L2), jnp.exp2(-L2), jnp.exp2(half[:, None] * A2),
+            jnp.exp2(last[:, None] * A2))
 
 
 def _masks(C, k):
@@ -184,12 +188,12 @@ def _where_doc(k, value, cond_k):
     return value if k is None else jnp.where(cond_k(k)[:, None, None], value, 0.0)
 
 
-def _par_states(blocks, A, h, has_seg):
+def _par_states(blocks, A2, h, has_seg):
     """The parallel path's states of a chunk entered with h [BD, N]: (a_t h_{t-1}, h_t) [C, BD, N],
     plus (e^L, e^{-L}, e^M, e^{L_{C-1}}, the strictly upper mask) for the backward."""
     dt, x, Bm, _, k = blocks
     C = dt.shape[0]
-    E, Einv, eM, eLast = _logs(dt, A)
+    E, Einv, eM, eLast = _logs(dt, A2)
     lo, up = _masks(C, k)
     b = x[:, :, None] * Bm[:, None, :]
     carried = _where_doc(k, (eM * h)[None], lambda k: k == 0)
@@ -223,13 +227,14 @@ def _forward(dt, x, A, Bm, Cm, h0, r, *, C, BD, has_seg, save, cfg):
 
     def kernel(dt_ref, x_ref, a_ref, b_ref, c_ref, h0_ref, r_ref, y_ref, hT_ref, *hs_ref):
         A_ = a_ref[...].astype(f32)
+        A2 = A_ * LOG2E
         refs = (dt_ref, x_ref, b_ref, c_ref, r_ref)
 
         def sequential(t0, h, _):
             rows = [_rows(refs, t0 + i, has_seg) for i in range(C)]
             ys = []
             for dti, xi, Bi, Ci, ri in rows:
-                h = _decay(dti, ri, A_) * h + xi[:, None] * Bi[None, :]
+                h = _decay(dti, ri, A2) * h + xi[:, None] * Bi[None, :]
                 ys.append(jnp.sum(h * Ci[None, :], axis=1))
             for i in range(C):
                 y_ref[t0 + i, :] = ys[i].astype(y_ref.dtype)
@@ -237,7 +242,7 @@ def _forward(dt, x, A, Bm, Cm, h0, r, *, C, BD, has_seg, save, cfg):
 
         def parallel(t0, h, dt):
             blocks = _blocks(refs, t0, dt, has_seg)
-            _, hs, _ = _par_states(blocks, A_, h, has_seg)
+            _, hs, _ = _par_states(blocks, A2, h, has_seg)
             y = jnp.sum(hs * blocks[3][:, None, :], axis=2)
             y_ref[pl.ds(t0, C), :] = y.astype(y_ref.dtype)
             return _last(hs)
@@ -285,6 +290,7 @@ def _backward(dt, x, A, Bm, Cm, hs, dy, dhT, r, *, C, BD, has_seg, cfg):
     def kernel(dt_ref, x_ref, a_ref, b_ref, c_ref, hs_ref, dy_ref, dhT_ref, r_ref,
                ddt_ref, dx_ref, dA_ref, dB_ref, dC_ref, dh0_ref):
         A_ = a_ref[...].astype(f32)
+        A2 = A_ * LOG2E
         refs = (dt_ref, x_ref, b_ref, c_ref, r_ref)
 
         def sequential(t0, c, lam, dA, _):
@@ -292,11 +298,11 @@ def _backward(dt, x, A, Bm, Cm, hs, dy, dhT, r, *, C, BD, has_seg, cfg):
             dys = [dy_ref[t0 + i, :].astype(f32) for i in range(C)]
             hs_c = [hs_ref[c]]                                   # h_{t0-1}, then h_t0 ..
             for dti, xi, Bi, _, ri in rows:
-                hs_c.append(_decay(dti, ri, A_) * hs_c[-1] + xi[:, None] * Bi[None, :])
+                hs_c.append(_decay(dti, ri, A2) * hs_c[-1] + xi[:, None] * Bi[None, :])
             out = [None] * C
             for i in reversed(range(C)):
                 dti, xi, Bi, Ci, ri = rows[i]
-                a = _decay(dti, ri, A_)                          # recomputed, not kept
+                a = _decay(dti, ri, A2)                          # recomputed, not kept
                 g = dys[i][:, None] * Ci[None, :] + lam
                 e = g * hs_c[i] * a
                 dA = dA + e * dti[:, None]
@@ -314,7 +320,7 @@ def _backward(dt, x, A, Bm, Cm, hs, dy, dhT, r, *, C, BD, has_seg, cfg):
             _, x, Bm, Cm, k = blocks = _blocks(refs, t0, dt, has_seg)
             rows = pl.ds(t0, C)
             dy = dy_ref[rows, :].astype(f32)
-            ha, h, (E, Einv, eM, eLast, up) = _par_states(blocks, A_, hs_ref[c], has_seg)
+            ha, h, (E, Einv, eM, eLast, up) = _par_states(blocks, A2, hs_ref[c], has_seg)
             dC_ref[rows, :] = jnp.sum(dy[:, :, None] * h, axis=1).astype(dC_ref.dtype)
             q = dy[:, :, None] * Cm[:, None, :]
             w = E * q                                            # e^{L_s} q_s
