@@ -72,6 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_heads", type=int, default=2)
     p.add_argument("--conv_size", type=int, default=4,
                    help="short convolution width for the mixers that take `conv_size` (0: none)")
+    p.add_argument("--init_std", type=float, default=0.02,
+                   help="model.init_std; 0: d_model^-1/2 per cell (at small widths the GPT-2 "
+                        "0.02 leaves gated mixers at chance for longer; experiments/README.md)")
     p.add_argument("--dtype", default="bfloat16", help="model compute dtype")
     p.add_argument("--impl", default=None,
                    help=f"op implementation for every mixer (default: auto, except {IMPL})")
@@ -114,6 +117,7 @@ def cell_config(args, mixer: str, d_model: int, lr: float, workdir: pathlib.Path
         options = {mixer: {"conv_size": args.conv_size}}
     c.model.update(mixer=mixer, d_model=d_model, num_layers=args.num_layers,
                    num_heads=args.num_heads, dtype=args.dtype,
+                   init_std=args.init_std if args.init_std > 0 else d_model ** -0.5,
                    impl=args.impl or IMPL.get(mixer, "auto"))
     c.model.mixer_options = ml_collections.ConfigDict(options)   # replaced, not merged
     c.train.update(steps=args.steps, batch_size=args.batch_size, lr=lr,

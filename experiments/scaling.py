@@ -20,8 +20,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib import ticker  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from linear_jax.training import loop  # noqa: E402

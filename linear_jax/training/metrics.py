@@ -48,8 +48,8 @@ class JsonlWriter:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.events is not None:
-            self.events.scalars(step, {f"{split}/{k}": v for k, v in record.items()
-                                       if k not in ("step", "split") and isinstance(v, (int, float))})
+            self.events.scalars(step, {f"{split}/{k}": record[k] for k in values
+                                       if isinstance(record[k], (int, float))})
 
 
 def _plain(v):

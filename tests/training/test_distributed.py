@@ -53,7 +53,7 @@ def test_two_processes_match_single_device(tmp_path):
                 p.wait()
     for i, (p, (out, err)) in enumerate(zip(procs, outs, strict=True)):
         assert p.returncode == 0, f"process {i}:\n{err[-3000:]}"
-        assert "process %d of 2, 2 local / 4 global devices" % i in err
+        assert f"process {i} of 2, 2 local / 4 global devices" in err
         assert "final (step 4" in out
 
     one = loop.train(tiny(tmp_path / "one", mesh__data=1, train__steps=4,
