@@ -38,15 +38,17 @@ def value_tile(BH: int, Vp: int, cfg: common.DecayConfig) -> int:
 
 
 def use_fused(BH: int, Tp: int, Vp: int, cfg: common.DecayConfig, residuals: bool) -> bool:
-    """The one-pass form for the forward alone while its grid fills the GPU. Measured on an H200
-    (benchmarks/results/ops_gpu_NVIDIA_H200_sweep.json, bf16, H = 16, K = V = 128): simple_gla
-    0.18 vs 0.28 ms at T = 2048 (256 programs), but 1.26 vs 0.85 ms at T = 32768 (128 programs of
-    512 chunks); and under differentiation, where it must also write every state, slower at both
-    (1.06 vs 0.96 ms forward + backward at T = 2048)."""
+    """The one-pass form for the forward alone, while a full value tile (cfg.block_v_fused) still
+    gives a full grid. Measured on an H200 (benchmarks/results/ops_gpu_NVIDIA_H200_sweep*.json,
+    bf16, H = 16, K = V = 128): simple_gla 0.18 vs 0.28 ms at T = 2048 (256 programs of 64
+    values), but 0.44 vs 0.37 ms at T = 8192 and 1.26 vs 0.85 ms at T = 32768, where the grid is
+    filled only by narrowing the tile (each program then recomputes q k^T for 16 values), and the
+    delta rule 1.61 vs 1.00 ms at T = 8192; under differentiation, where it must also write every
+    state, slower at every T (1.06 vs 0.96 ms forward + backward at T = 2048)."""
     if cfg.fused_fwd is not None:
         return cfg.fused_fwd
-    programs = BH * (Vp // value_tile(BH, Vp, cfg))
-    return not residuals and (programs >= cfg.min_programs or Tp // cfg.chunk <= 8)
+    full_tile = BH * (Vp // common.value_block(Vp, cfg.block_v_fused)) >= cfg.min_programs
+    return not residuals and (full_tile or Tp // cfg.chunk <= 8)
 
 
 def forward(q, k, v, G, doc, S0, *, cfg, kind, has_seg, scale, A=None, Tm=None, beta=None,

@@ -20,6 +20,9 @@ NO_KERNEL = {"recurrent": 1, "chunk": 2}
         ("gpu", "mlstm", NO_KERNEL, 1024, "chunk"),
         ("cpu", "hgrn", NO_KERNEL, 1024, "recurrent"),         # element-wise scans on a CPU
         ("gpu", "hgrn", NO_KERNEL, 1024, "chunk"),
+        ("gpu", "selective_scan", CHUNK_FAMILY, 1024, "pallas"),   # checked on the device
+        ("gpu", "hgrn", CHUNK_FAMILY, 1024, "pallas"),
+        ("gpu", "mlstm", CHUNK_FAMILY, 1024, "chunk"),             # its device check is partial
         ("gpu", "gla", CHUNK_FAMILY, 1, "recurrent"),          # one decoding step
         ("cpu", "delta_rule", NO_KERNEL, 1, "recurrent"),
     ],
