@@ -14,6 +14,8 @@ import dataclasses
 import jax.numpy as jnp
 from linear_jax.kernels._compat import pl
 
+from linear_jax.ops.common.chunking import pad_time
+
 
 def _pow2(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
@@ -79,6 +81,18 @@ class DecayConfig:
 
     def for_chunk(self, chunk_size: int) -> DecayConfig:
         return dataclasses.replace(self, chunk=min(128, next_pow2(int(chunk_size))))
+
+
+def padded_inputs(q, k, v, C: int):
+    """(Tp, Kp, Vp, pad) of an op's entry: T to a multiple of C, K to a power of two (one tile for
+    q k^T), V to a multiple of 16; `pad(x, X)` casts a [B, T, H, *] input to the kernels' dtype
+    (bf16 / fp16 as given, anything else float32) and zero-pads it to [B, Tp, H, X]."""
+    T, K, V = q.shape[1], q.shape[-1], v.shape[-1]
+    Tp, Kp, Vp = -(-T // C) * C, next_pow2(K), -(-V // 16) * 16
+    dt = jnp.result_type(q, k, v)
+    dt = dt if dt in (jnp.bfloat16, jnp.float16) else jnp.float32
+    pad = lambda x, X: jnp.pad(pad_time(x.astype(dt), Tp), ((0, 0),) * 3 + ((0, X - x.shape[-1]),))
+    return Tp, Kp, Vp, pad
 
 
 def half_dtype(dtype):

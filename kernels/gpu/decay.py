@@ -246,10 +246,7 @@ def decay(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size, config=N
     V = v.shape[-1]
     cfg = (config or CONFIG).for_chunk(chunk_size)
     C = cfg.chunk
-    Tp, Kp, Vp = -(-T // C) * C, common.next_pow2(K), -(-V // 16) * 16
-    dt = jnp.result_type(q, k, v)
-    dt = dt if dt in (jnp.bfloat16, jnp.float16) else f32
-    pad = lambda x, X: jnp.pad(pad_time(x.astype(dt), Tp), ((0, 0),) * 3 + ((0, X - x.shape[-1]),))
+    Tp, Kp, Vp, pad = common.padded_inputs(q, k, v, C)
     kind = "none" if g is None else ("scalar" if g.ndim == 3 else "vector")
     if kind == "none":
         G = jnp.zeros((B, Tp, H), f32)

@@ -116,10 +116,7 @@ def delta(q, k, v, g, beta, *, scale, initial_state, segment_ids, chunk_size, co
     V = v.shape[-1]
     cfg = (config or decay.CONFIG).for_chunk(chunk_size)
     C = cfg.chunk
-    Tp, Kp, Vp = -(-T // C) * C, common.next_pow2(K), -(-V // 16) * 16
-    dt = jnp.result_type(q, k, v)
-    dt = dt if dt in (jnp.bfloat16, jnp.float16) else f32
-    pad = lambda x, X: jnp.pad(pad_time(x.astype(dt), Tp), ((0, 0),) * 3 + ((0, X - x.shape[-1]),))
+    Tp, Kp, Vp, pad = common.padded_inputs(q, k, v, C)
     has_seg = segment_ids is not None
     doc = (pad_time(doc_index(segment_ids), Tp, mode="edge") if has_seg
            else jnp.zeros((B, Tp), jnp.int32)).astype(jnp.int32)

@@ -306,10 +306,7 @@ def mlstm(q, k, v, i, f, *, scale, initial_state, segment_ids, chunk_size, eps, 
     V = v.shape[-1]
     cfg = (config or CONFIG).for_chunk(chunk_size)
     C = cfg.chunk
-    Tp, Kp, Vp = -(-T // C) * C, common.next_pow2(K), -(-V // 16) * 16
-    dt = jnp.result_type(q, k, v)
-    dt = dt if dt in (jnp.bfloat16, jnp.float16) else f32
-    pad = lambda x, X: jnp.pad(pad_time(x.astype(dt), Tp), ((0, 0),) * 3 + ((0, X - x.shape[-1]),))
+    Tp, Kp, Vp, pad = common.padded_inputs(q, k, v, C)
     if initial_state is None:
         C0, n0, m0 = (jnp.zeros(s, f32) for s in ((B, H, K, V), (B, H, K), (B, H)))
     else:
