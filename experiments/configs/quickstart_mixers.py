@@ -16,15 +16,21 @@ in the model, a layer with no decay cannot tell which key preceded a value.
 from experiments.configs.quickstart import get_config as quickstart
 
 MIXERS = ("attention", "deltanet", "gated_deltanet", "gla", "linear_attention", "mamba2")
+# a hybrid probe: a linear-attention layer with its short conv below one softmax-attention layer
+HYBRIDS = {"linear_attention+attention": ("linear_attention", "attention")}
 _CONV = {"gla": {"conv_size": 4}, "linear_attention": {"conv_size": 4}}
 
 
 def get_config(mixer: str = "gla"):
-    if mixer not in MIXERS:
-        raise ValueError(f"quickstart_mixers: mixer {mixer!r} is not one of {MIXERS}")
+    if mixer not in MIXERS + tuple(HYBRIDS):
+        raise ValueError(f"quickstart_mixers: mixer {mixer!r} is not one of "
+                         f"{MIXERS + tuple(HYBRIDS)}")
     c = quickstart()
     c.workdir = f"runs/quickstart_{mixer}"
-    c.model.mixer_options = {mixer: _CONV.get(mixer, {})}
-    c.model.update(mixer=mixer, init_std=c.model.d_model ** -0.5)
+    layers = HYBRIDS.get(mixer, (mixer,))
+    c.model.mixer_options = {m: _CONV.get(m, {}) for m in layers}
+    c.model.update(mixer=layers[-1], init_std=c.model.d_model ** -0.5)
+    if mixer in HYBRIDS:
+        c.model.layers = layers
     c.train.update(steps=400, checkpoint_every=0)
     return c
