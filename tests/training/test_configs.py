@@ -1,0 +1,39 @@
+"""The experiment configs that name mixers build valid models: every `quickstart_mixers` entry
+(its init std reaching the model) and the state-tracking configs with DeltaProduct."""
+
+import jax
+import pytest
+from flax import nnx
+
+from experiments.configs import quickstart_mixers, state_tracking
+from linear_jax.models import LM
+from linear_jax.training import data
+from linear_jax.training.loop import lm_config
+
+
+def _model_config(c):
+    vocab = data.make_source(c.task, split="train", batch_size=1, seed=0).vocab_size
+    return lm_config(c.model, vocab)
+
+
+@pytest.mark.parametrize("name", quickstart_mixers.MIXERS + tuple(quickstart_mixers.HYBRIDS))
+def test_quickstart_mixers_config_builds(name):
+    cfg = _model_config(quickstart_mixers.get_config(name))
+    assert cfg.init_std == cfg.d_model ** -0.5
+    assert cfg.layer_mixers() == quickstart_mixers.HYBRIDS.get(name, (name,) * cfg.num_layers)
+    jax.eval_shape(lambda: nnx.split(LM(cfg, rngs=nnx.Rngs(0)))[1])
+
+
+@pytest.mark.parametrize("task", state_tracking.TASKS)
+def test_state_tracking_with_delta_product_builds(task):
+    c = state_tracking.get_config(task)
+    c.model.mixer = "delta_product"
+    cfg = _model_config(c)
+    assert cfg.options("delta_product") == {"allow_neg_eigval": True, "gated": False,
+                                            "num_householder": 2}
+    jax.eval_shape(lambda: nnx.split(LM(cfg, rngs=nnx.Rngs(0)))[1])
+
+
+def test_unknown_quickstart_mixer_raises():
+    with pytest.raises(ValueError, match="not one of"):
+        quickstart_mixers.get_config("no_such_mixer")
