@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
-from linear_jax.kernels._compat import pl
+from linear_jax.kernels._compat import dot, pl
 
 from linear_jax.ops.common.chunking import pad_time
 
@@ -170,6 +170,15 @@ def chunk_masks(doc_ref, n, C, with_pairs: bool):
     if with_pairs:
         same = d[:, None] == d[None, :]
     return d == d_in, d == d_last, d_last == d_in, same
+
+
+def intra_scalar(q, k, G, mask, scale, exact):
+    """A = scale q k^T * exp(G_i - G_j) on the causal same-document pairs (G [C, 1] or None: no
+    gate), 0 elsewhere."""
+    A = dot(q, k, tb=True, exact=exact) * scale
+    if G is None:
+        return jnp.where(mask, A, 0.0)
+    return A * jnp.exp(jnp.where(mask, G - G.reshape(1, -1), -jnp.inf))
 
 
 def causal(C):

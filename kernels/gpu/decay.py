@@ -45,13 +45,6 @@ def _gate_terms(g_ref, kind, C):
     return g_ref[...][:, None], g_ref[C - 1]
 
 
-def _intra_scalar(q, k, G, mask, scale, exact):
-    A = dot(q, k, tb=True, exact=exact) * scale
-    if G is None:
-        return jnp.where(mask, A, 0.0)
-    return A * jnp.exp(jnp.where(mask, G - G.reshape(1, -1), -jnp.inf))
-
-
 def output(q, k, v, G, A, doc, hs, *, cfg, kind, has_seg, scale):
     """o = A v + (q exp(G) in)^T S_n per chunk; A from q k^T (scalar/no gate) or given (vector)."""
     B, Tp, H, Kp = q.shape
@@ -69,7 +62,7 @@ def output(q, k, v, G, A, doc, hs, *, cfg, kind, has_seg, scale):
             in_rows, _, _, same = common.chunk_masks(doc_ref, n, C, True)
             mask = mask & same
             w = jnp.where(in_rows[:, None], w, 0.0)
-        A = a_ref[...] if kind == "vector" else _intra_scalar(q, k, G, mask, scale, exact)
+        A = a_ref[...] if kind == "vector" else common.intra_scalar(q, k, G, mask, scale, exact)
         qh = (q.astype(f32) * w).astype(q.dtype)
         o = dot(A.astype(q.dtype), v_ref[...], exact=exact)
         o = o + dot(qh, h_ref[...].astype(q.dtype), exact=exact)
@@ -131,7 +124,7 @@ def _backward_main(q, k, v, G, A, doc, hs, dhs, do, *, cfg, kind, has_seg, scale
             wk = jnp.where(out_rows[:, None], wk, 0.0)
             wk_full = jnp.where(out_rows[:, None], wk_full, 0.0)
             decay = jnp.where(keep, decay, 0.0)
-        A = a_ref[...] if vec else _intra_scalar(q, k, G, mask, scale, exact)
+        A = a_ref[...] if vec else common.intra_scalar(q, k, G, mask, scale, exact)
         Acd, kh = A.astype(cd), (k.astype(f32) * wk_full).astype(cd)
         dA = jnp.zeros((C, C), f32)
         dqi, dki = jnp.zeros((C, BK), f32), jnp.zeros((C, BK), f32)

@@ -66,7 +66,6 @@ def forward(q, k, v, G, doc, S0, *, cfg, kind, has_seg, scale, A=None, Tm=None, 
     exact, cd = q.dtype == f32, q.dtype
     is_delta = kind in ("delta", "gated_delta")
     gate = {"delta": "none", "gated_delta": "scalar"}.get(kind, kind)
-    sdt = f32 if exact else q.dtype
 
     def kernel(q_ref, k_ref, v_ref, g_ref, x_ref, b_ref, doc_ref, s0_ref, o_ref, send_ref, *res):
         first_tile = pl.program_id(1) == 0
@@ -89,13 +88,8 @@ def forward(q, k, v, G, doc, S0, *, cfg, kind, has_seg, scale, A=None, Tm=None, 
                 w_in = jnp.where(in_rows[:, None], w_in, 0.0)
                 w_out = jnp.where(out_rows[:, None], w_out, 0.0)
                 decay = jnp.where(keep, decay, 0.0)
-            if gate == "vector":
-                Amat = x_ref[rows, :]
-            else:
-                Amat = dot(q, k, tb=True, exact=exact) * scale
-                if gate == "scalar":
-                    Amat = Amat * jnp.exp(jnp.where(mask, Gn - Gn.reshape(1, C), -jnp.inf))
-                Amat = jnp.where(mask, Amat, 0.0)
+            Amat = (x_ref[rows, :] if gate == "vector" else
+                    common.intra_scalar(q, k, Gn if gate == "scalar" else None, mask, scale, exact))
             if is_delta:
                 Tn, bn = x_ref[rows, :], b_ref[rows][:, None]
                 W = dot(Tn, k.astype(f32) * (bn * w_in), exact=exact)
@@ -110,10 +104,9 @@ def forward(q, k, v, G, doc, S0, *, cfg, kind, has_seg, scale, A=None, Tm=None, 
                 y = v_ref[rows, :]
             if residuals:
                 res[0][n] = S.astype(res[0].dtype)
-            Sc = S.astype(sdt)
             yc = y.astype(cd)
             qh = (q.astype(f32) * (scale * w_in)).astype(cd)
-            o = dot(Amat.astype(cd), yc, exact=exact) + dot(qh, Sc.astype(cd), exact=exact)
+            o = dot(Amat.astype(cd), yc, exact=exact) + dot(qh, S.astype(cd), exact=exact)
             o_ref[rows, :] = o.astype(o_ref.dtype)
             kh = k.astype(f32) * w_out
             if is_delta:  # u and the keys in float32, as the two-kernel state pass
@@ -134,7 +127,7 @@ def forward(q, k, v, G, doc, S0, *, cfg, kind, has_seg, scale, A=None, Tm=None, 
                  jax.ShapeDtypeStruct((B, H, Kp, Vp), f32)]
     if residuals:
         out_specs.append(common.states_spec(H, N, Kp, BV, v=0))
-        out_shape.append(jax.ShapeDtypeStruct((B, H, N, Kp, Vp), sdt))
+        out_shape.append(jax.ShapeDtypeStruct((B, H, N, Kp, Vp), cd))   # as the state pass
         if is_delta:
             out_specs += [seq(BV, 0), seq(Kp)]
             out_shape += [jax.ShapeDtypeStruct((B, Tp, H, Vp), v.dtype),
