@@ -11,6 +11,10 @@
 #   sweep     ops_gpu tilings at T=2048
 #   scans     scans_gpu and elementwise_gpu: check + timings of the element-wise scan kernels
 #   mlstm     mlstm_gpu: check + timings of the mLSTM kernel
+#   mqar      experiments.mqar_sweep, the default grid, in /tmp/mqar (a carried experiments/results/
+#             mqar_sweep/runs is copied in first, so an interrupted sweep resumes); JSON, PNG and
+#             each cell's result + metrics come back under logs/mqar
+#   s5        S5 state tracking with DeltaProduct (S5_ARGS: extra --config flags) -> logs/s5
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-/tmp/out}; LOGS=/tmp/logs; mkdir -p "$OUT" "$LOGS"; touch /tmp/stamp
@@ -39,6 +43,13 @@ for s in "$@"; do case $s in
   scans) step scans "${SCANS_S:-150}" python3 -m experiments.benchmarks.scans_gpu --sweep
          step elementwise "${SCANS_S:-150}" python3 -m experiments.benchmarks.elementwise_gpu --sweep ;;
   mlstm) step mlstm "${MLSTM_S:-150}" python3 -m experiments.benchmarks.mlstm_gpu ;;
+  mqar) mkdir -p /tmp/mqar; [ -d experiments/results/mqar_sweep/runs ] && cp -r experiments/results/mqar_sweep/runs /tmp/mqar/
+        TAIL=30 step mqar "${MQAR_S:-540}" python3 -m experiments.mqar_sweep --out=/tmp/mqar --init_std=0 ${MQAR_ARGS:-}
+        (cd /tmp/mqar && find . -name '*.json' -o -name '*.png' -o -name '*.jsonl' | grep -v checkpoints \
+          | tar cf - -T - | (mkdir -p $LOGS/mqar && cd $LOGS/mqar && tar xf -)) ;;
+  s5) TAIL=30 step s5 "${S5_S:-240}" python3 -m experiments.train --config=experiments/configs/state_tracking.py:s5 \
+        --config.workdir=/tmp/s5 --config.train.progress=False ${S5_ARGS:-}
+      mkdir -p $LOGS/s5 && cp /tmp/s5/*.json* /tmp/s5/*.png $LOGS/s5/ 2>/dev/null ;;
   *) echo "unknown step $s"; exit 2 ;;
 esac; done
 find benchmarks/results benchmarks/anchors -name '*.json' -newer /tmp/stamp > /tmp/new
