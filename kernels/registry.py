@@ -24,7 +24,7 @@ _KERNELS: dict[str, dict[str, str]] = {
     "hgrn": {"gpu": "linear_jax.kernels.gpu.elementwise:hgrn"},
     "diagonal_scan": {"gpu": "linear_jax.kernels.gpu.elementwise:diagonal_scan"},
     "selective_scan": {"gpu": "linear_jax.kernels.gpu.selective:selective_scan",
-                       "tpu": "linear_jax.kernels.tpu.selective:selective_scan"},
+                       "tpu": "linear_jax.kernels.tpu.selective:selective_scan_op"},
     "mlstm": {"gpu": "linear_jax.kernels.gpu.mlstm:mlstm"},
 }
 

@@ -96,6 +96,12 @@ class SelectiveConfig:
     stages: int = 1
     parallel: bool = True
     span: float = 60.0
+    # layout "lanes": the fused kernel of selective_lanes.py (fields lane_*); "tile": this module's
+    lane_block_d: int = 32
+    lane_chunk: int = 8
+    lane_warps: int = 1
+    lane_warps_bwd: int = 1
+    layout: str = "lanes"
 
     def __post_init__(self):
         for name in ("block_d", "min_block_d"):
@@ -106,6 +112,12 @@ class SelectiveConfig:
             raise ValueError(f"SelectiveConfig.chunk must be in [1, 64], got {self.chunk}")
         if self.warps not in (1, 2, 4, 8) or self.warps_bwd not in (1, 2, 4, 8):
             raise ValueError("SelectiveConfig.warps, warps_bwd must be 1, 2, 4 or 8")
+        if self.layout not in ("lanes", "tile"):
+            raise ValueError("SelectiveConfig.layout must be 'lanes' or 'tile', got "
+                             f"{self.layout!r}")
+        if not _pow2(self.lane_block_d) or not 1 <= self.lane_chunk <= 32:
+            raise ValueError("SelectiveConfig.lane_block_d must be a power of two and lane_chunk "
+                             f"in [1, 32], got {self.lane_block_d}, {self.lane_chunk}")
         if not 0.0 <= self.span <= 80.0:
             raise ValueError(f"SelectiveConfig.span must be in [0, 80], got {self.span}")
 
@@ -390,10 +402,24 @@ def _core(cfg, has_seg, C, BD):
     return f
 
 
-def selective_scan(dt, x, A, Bm, Cm, *, initial_state, segment_ids, chunk_size, config=None):
-    """The op's impl signature: dt, x = dt * u [B, T, D]; A [D, N]; Bm, Cm [B, T, G, N];
-    initial_state [B, D, N] or None. Returns (y [B, T, D] in x's dtype, final state [B, D, N]
-    float32)."""
+def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, *, initial_state,
+                   segment_ids, chunk_size, config=None):
+    """The op's impl signature (`linear_jax.ops.selective_scan.unfused` says it): the fused lanes
+    kernel, or with layout "tile" this module's kernel with the step size, D and z in XLA."""
+    cfg = config or CONFIG
+    kw = dict(initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size)
+    if cfg.layout == "lanes":
+        from linear_jax.kernels.gpu import selective_lanes
+        return selective_lanes.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                              cfg=cfg, **kw)
+    from linear_jax.ops.selective_scan import unfused
+    tile = functools.partial(selective_scan_tile, config=cfg)
+    return unfused(tile)(u, delta, A, B, C, D, z, delta_bias, delta_softplus, **kw)
+
+
+def selective_scan_tile(dt, x, A, Bm, Cm, *, initial_state, segment_ids, chunk_size, config=None):
+    """dt, x = dt * u [B, T, D]; A [D, N]; Bm, Cm [B, T, G, N]; initial_state [B, D, N] or None.
+    Returns (y [B, T, D] in x's dtype, final state [B, D, N] float32)."""
     cfg = config or CONFIG
     Bsz, T, D = x.shape
     G, N = Bm.shape[2:]

@@ -309,3 +309,10 @@ def selective_scan(dt, x, A, Bm, Cm, *, initial_state, segment_ids, chunk_size, 
     y, hT = _core(s)(seq(dt), seq(x), pad(chan(f32(A), 0), 1, Np).T, grouped(Bm), grouped(Cm),
                      jnp.swapaxes(pad(chan(h0, 1), 2, Np), 1, 2), r)
     return unchan(y[:, :T], 2).astype(x.dtype), unchan(jnp.swapaxes(hT, 1, 2)[..., :N], 1)
+
+
+def selective_scan_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, **kw):
+    """The op's impl signature (the registry's entry): the step size, the D skip and the z gate run
+    in XLA around `selective_scan`."""
+    from linear_jax.ops.selective_scan import unfused
+    return unfused(selective_scan)(u, delta, A, B, C, D, z, delta_bias, delta_softplus, **kw)

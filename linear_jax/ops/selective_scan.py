@@ -15,7 +15,9 @@ underflows to an exact 0.
 impl: "recurrent" (lax.scan reference), "chunk" (a `lax.scan` over chunks that builds each chunk's
 [C, D, N] decays and inputs inside its body, scans them in parallel and keeps only one [D, N] state
 per chunk for the backward pass; see `linear_jax.ops.common.elementwise_chunk`), "pallas" when a
-kernel is registered, "auto".
+kernel is registered, "auto". Every impl takes the op's own arguments (`unfused` below says the
+signature); the XLA forms and the TPU kernel form dt, dt * u and the D skip / z gate in XLA
+around their scan, the GPU kernel fuses them.
 """
 
 from __future__ import annotations
@@ -62,6 +64,41 @@ def selective_scan_chunk(dt, dtu, A, Bm, Cm, *, initial_state, segment_ids, chun
                             chunk_size=chunk_size)
 
 
+def prepare(u, delta, A, B, C, delta_bias, delta_softplus):
+    """The op's arguments as the unfused impls take them, float32: (dt, dt * u, A, B, C) with
+    B, C grouped [B, T, G, N]."""
+    f32 = lambda x: x.astype(jnp.float32)
+    dt = f32(delta)
+    if delta_bias is not None:
+        dt = dt + f32(delta_bias)
+    if delta_softplus:
+        dt = jax.nn.softplus(dt)
+    group = lambda M: f32(M)[:, :, None] if M.ndim == 3 else f32(M)
+    return dt, dt * f32(u), f32(A), group(B), group(C)
+
+
+def finish(y, u, D, z):
+    """y + D u, then times silu(z) (float32)."""
+    y = y.astype(jnp.float32)
+    if D is not None:
+        y = y + D.astype(jnp.float32) * u.astype(jnp.float32)
+    if z is not None:
+        y = y * jax.nn.silu(z.astype(jnp.float32))
+    return y
+
+
+def unfused(core):
+    """An impl with the op's arguments from `core(dt, dt * u, A, B, C, **kw)`: the step size, the
+    D skip and the z gate in XLA around it. Every impl takes (u, delta, A, B, C, D, z, delta_bias,
+    delta_softplus, *, initial_state, segment_ids[, chunk_size]) and returns (y, final state); a
+    kernel may fuse what this does in XLA."""
+    def impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, **kw):
+        y, hT = core(*prepare(u, delta, A, B, C, delta_bias, delta_softplus), **kw)
+        return finish(y, u, D, z), hT
+
+    return impl
+
+
 def _check_bc(name, M, Bsz, T, D, N):
     if M is None or jnp.ndim(M) not in (3, 4):
         raise ValueError(f"{name} must have shape [B, T, N] or grouped [B, T, G, N], got "
@@ -98,23 +135,12 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     _checks.check_state("initial_state", initial_state, (Bsz, Dm, N), "[B, D, N]")
     _checks.check_segment_ids(segment_ids, Bsz, T)
     _checks.check_chunk_size(chunk_size)
-    impls = {"recurrent": selective_scan_recurrent, "chunk": selective_scan_chunk,
+    impls = {"recurrent": unfused(selective_scan_recurrent), "chunk": unfused(selective_scan_chunk),
              **registry.kernels_for("selective_scan")}
     name = _dispatch.resolve("selective_scan", impl, T, impls)
-
-    f32 = lambda x: None if x is None else x.astype(jnp.float32)
-    u32, dt = f32(u), f32(delta)
-    if delta_bias is not None:
-        dt = dt + f32(delta_bias)
-    if delta_softplus:
-        dt = jax.nn.softplus(dt)
-    group = lambda M: f32(M)[:, :, None] if M.ndim == 3 else f32(M)
-    kw = dict(initial_state=f32(initial_state), segment_ids=segment_ids)
+    kw = dict(initial_state=None if initial_state is None else initial_state.astype(jnp.float32),
+              segment_ids=segment_ids)
     if name != "recurrent":
         kw["chunk_size"] = chunk_size
-    y, hT = impls[name](dt, dt * u32, f32(A), group(B), group(C), **kw)
-    if D is not None:
-        y = y + f32(D) * u32
-    if z is not None:
-        y = y * jax.nn.silu(f32(z))
+    y, hT = impls[name](u, delta, A, B, C, D, z, delta_bias, delta_softplus, **kw)
     return y.astype(u.dtype), hT

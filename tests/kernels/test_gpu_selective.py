@@ -1,14 +1,20 @@
-"""The GPU selective-scan kernel (`selective_scan`, impl="pallas"), in Pallas interpret mode on CPU.
+"""The GPU selective-scan kernels (`selective_scan`, impl="pallas"), interpret mode on CPU.
 
-Outputs, final states and the gradients of every float input (u and delta, hence the kernel's dt
-and dt * u inputs, A, B, C, the initial state) against the `lax.scan` reference, with packed
-documents, an initial state, grouped B / C, T not a multiple of the chunk and channels / state
-sizes that the kernel pads; the chunk-parallel path and the sequential fallback, alone and mixed
-in one call, with resets inside parallel chunks; the Triton lowering of forward and backward; the
-benchmark's --quick run. Tiny shapes: interpret mode is slow.
+The fused "lanes" kernel (the default layout): outputs, final state and the gradients of every
+float input (u, delta, A, B, C, D, z, delta_bias, the initial state) with softplus, packed
+documents, grouped B / C, T not a multiple of the chunk and padded channels; a mutation of its
+backward (the decay factor dropped from d(dt A)) fails the first test. The "tile" kernel (the
+`tile` fixture): outputs, final states and the gradients of u, delta, A, B, C and the initial
+state against the `lax.scan` reference, with packed documents, an initial state, grouped B / C, T
+not a multiple of the chunk and channels / state sizes that the kernel pads; the chunk-parallel
+path and the sequential fallback, alone and mixed in one call, with resets inside parallel
+chunks. Both: the Triton lowering of forward and backward; the benchmark's --quick run. Tiny
+shapes: interpret mode is slow.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +31,13 @@ TRITON = "__gpu$xla.gpu.triton"
 NAMES = ("u", "delta", "A", "B", "C", "h0")
 
 
+@pytest.fixture
+def tile(monkeypatch):
+    """The tile layout's kernel (step size, D and z in XLA) with the module's other defaults."""
+    monkeypatch.setattr(selective, "CONFIG",
+                        dataclasses.replace(selective.CONFIG, layout="tile"))
+
+
 def _inputs(rng, Bz, T, D, N, G, dtype):
     f = lambda *s: jnp.asarray(rng.standard_normal(s), dtype)
     bc = (Bz, T, N) if G is None else (Bz, T, G, N)
@@ -34,15 +47,16 @@ def _inputs(rng, Bz, T, D, N, G, dtype):
                 C=f(*bc), h0=jnp.asarray(rng.standard_normal((Bz, D, N)), jnp.float32))
 
 
-def _check(x, seg, tol, chunk, **opts):
+def _check(x, seg, tol, chunk, names=NAMES, **opts):
     Bz, T, D = x["u"].shape
     rng = np.random.default_rng(1)
     dy = jnp.asarray(rng.standard_normal((Bz, T, D)), jnp.float32)
     dS = jnp.asarray(rng.standard_normal(x["h0"].shape), jnp.float32)
 
     def run(impl, d):
+        kw = {**opts, **{n: d[n] for n in ("D", "z", "delta_bias") if n in d}}
         return selective_scan(d["u"], d["delta"], d["A"], d["B"], d["C"], initial_state=d["h0"],
-                              segment_ids=seg, chunk_size=chunk, impl=impl, **opts)
+                              segment_ids=seg, chunk_size=chunk, impl=impl, **kw)
 
     def loss(impl, d):
         y, S = run(impl, d)
@@ -57,12 +71,38 @@ def _check(x, seg, tol, chunk, **opts):
     assert_close(fy, ry, tol, "output (no grad)")
     assert_close(S, rS, 1e-5, "final state")
     assert_close(fS, rS, 1e-5, "final state (no grad)")
-    for n in NAMES:
+    for n in names:
         assert grads[n].dtype == x[n].dtype
         assert_close(grads[n], rgrads[n], tol, f"d{n}")
 
 
-def test_float32_grouped_with_state_and_documents():
+def test_lanes_float32_grouped_softplus_documents(monkeypatch):
+    """The fused kernel, float32: G = 2 groups of 12 channels (padded to 16), N = 3, T = 21 in
+    chunks of 4 (padded to 24), documents starting inside chunks, an initial state, every option
+    (D, z, delta_bias, softplus) and the gradients of all of them."""
+    monkeypatch.setattr(selective, "CONFIG", dataclasses.replace(selective.CONFIG, lane_chunk=4))
+    rng = np.random.default_rng(20)
+    x = _inputs(rng, 2, 21, 24, 3, 2, jnp.float32)
+    x.update(D=jnp.asarray(rng.standard_normal(24), jnp.float32),
+             z=jnp.asarray(rng.standard_normal((2, 21, 24)), jnp.float32),
+             delta_bias=jnp.asarray(rng.standard_normal(24), jnp.float32))
+    seg = segments(rng, 2, 21, p=0.15)
+    seg[0] = np.cumsum(np.isin(np.arange(21), [4, 6, 7, 20]))      # at and inside chunk starts
+    _check(x, jnp.asarray(seg.astype(np.int32)), 1e-5, 64,
+           names=NAMES + ("D", "z", "delta_bias"), delta_softplus=True)
+
+
+def test_lanes_bfloat16_no_documents():
+    """The fused kernel on bf16 inputs (read as bf16, arithmetic in float32; the reference runs
+    on the same bf16 values), the default lane chunk with T = 13 (padded), no segment ids, D and z
+    but no softplus."""
+    rng = np.random.default_rng(21)
+    x = _inputs(rng, 1, 13, 32, 4, None, jnp.bfloat16)
+    x.update(D=jnp.ones((32,), jnp.float32), z=x["u"] * 2)
+    _check(x, None, TOL["bfloat16"] / 2, 64, names=NAMES + ("D",))
+
+
+def test_float32_grouped_with_state_and_documents(tile):
     """G = 2 groups of 20 channels (padded to 32: two channel blocks per group), N = 6 (padded
     to 8), T = 37 in chunks of 8 (padded to 40), documents starting inside chunks."""
     rng = np.random.default_rng(0)
@@ -70,7 +110,7 @@ def test_float32_grouped_with_state_and_documents():
     _check(x, jnp.asarray(segments(rng, 2, 37, p=0.08)), 1e-5, 8)
 
 
-def test_bfloat16_ungrouped_with_options():
+def test_bfloat16_ungrouped_with_options(tile):
     """[B, T, N] B / C, bf16 inputs (the reference runs on the same bf16 values), D, z,
     delta_bias and softplus around the kernel, T = 21 with the default chunk_size."""
     rng = np.random.default_rng(2)
@@ -82,8 +122,8 @@ def test_bfloat16_ungrouped_with_options():
 
 def test_whole_chunks_no_documents_wide_blocks(monkeypatch):
     """T a multiple of C, no segment ids, one 64-channel block (no channel padding)."""
-    monkeypatch.setattr(selective, "CONFIG", selective.SelectiveConfig(chunk=4, block_d=64,
-                                                                       min_block_d=64))
+    monkeypatch.setattr(selective, "CONFIG", selective.SelectiveConfig(
+        chunk=4, block_d=64, min_block_d=64, layout="tile"))
     rng = np.random.default_rng(3)
     _check(_inputs(rng, 1, 16, 64, 4, None, jnp.float32), None, 1e-5, 64)
 
@@ -103,7 +143,7 @@ def _mild_inputs(rng, Bz, T, D, N, G, scale=0.02):
     return x
 
 
-def test_parallel_path_all_chunks():
+def test_parallel_path_all_chunks(tile):
     """Mild decays: every chunk (C = 16) takes the parallel path; grouped B / C, T = 45 padded to
     48, N = 6 padded to 8, an initial state."""
     rng = np.random.default_rng(10)
@@ -113,7 +153,7 @@ def test_parallel_path_all_chunks():
     _check(x, None, 1e-5, 16)
 
 
-def test_sequential_fallback_all_chunks():
+def test_sequential_fallback_all_chunks(tile):
     """Strong decays (dt |A| up to ~50 per step): every chunk's span exceeds `span`, so each runs
     step by step, with documents."""
     rng = np.random.default_rng(11)
@@ -123,7 +163,7 @@ def test_sequential_fallback_all_chunks():
     _check(x, jnp.asarray(segments(rng, 1, 40, p=0.1)), 1e-5, 16)
 
 
-def test_parallel_and_sequential_chunks_in_one_call():
+def test_parallel_and_sequential_chunks_in_one_call(tile):
     """Chunks 0 and 2 mild, chunks 1 and 3 strong (one channel is enough to make a chunk fall
     back): the state crosses between the two kinds both ways, forward and backward."""
     rng = np.random.default_rng(12)
@@ -138,7 +178,7 @@ def test_parallel_and_sequential_chunks_in_one_call():
     _check(x, None, 1e-5, 16)
 
 
-def test_resets_inside_parallel_chunks():
+def test_resets_inside_parallel_chunks(tile):
     """Mild decays with documents: a reset at a chunk's first step (t = 16), two resets in one
     chunk, one in another, a reset on the last step of a chunk (t = 47), and the random ones of
     the second sequence; all chunks parallel."""
@@ -160,11 +200,18 @@ def test_registry_and_config():
         selective.SelectiveConfig(chunk=100)
     with pytest.raises(ValueError, match="span"):
         selective.SelectiveConfig(span=100.0)
+    with pytest.raises(ValueError, match="layout"):
+        selective.SelectiveConfig(layout="rows")
+    with pytest.raises(ValueError, match="lane_block_d"):
+        selective.SelectiveConfig(lane_block_d=24)
 
 
-@pytest.mark.parametrize("dtype,G,N", [(jnp.bfloat16, None, 16), (jnp.float32, 2, 6)],
-                         ids=["bf16-N16", "f32-grouped-N6"])
-def test_lowers_to_triton(dtype, G, N):
+@pytest.mark.parametrize("dtype,G,N,layout", [(jnp.bfloat16, None, 16, "lanes"),
+                                               (jnp.float32, 2, 6, "lanes"),
+                                               (jnp.bfloat16, None, 16, "tile")],
+                         ids=["lanes-bf16-N16", "lanes-f32-grouped-N6", "tile-bf16-N16"])
+def test_lowers_to_triton(dtype, G, N, layout, monkeypatch):
+    monkeypatch.setattr(selective, "CONFIG", dataclasses.replace(selective.CONFIG, layout=layout))
     Bz, T, D = 1, 200, 64
     sds = jax.ShapeDtypeStruct
     bc = sds((Bz, T, N) if G is None else (Bz, T, G, N), dtype)
@@ -172,7 +219,9 @@ def test_lowers_to_triton(dtype, G, N):
             sds((Bz, D, N), jnp.float32), sds((Bz, T), jnp.int32))
 
     def loss(u, delta, A, B, C, h0, seg):
-        y, S = selective_scan(u, delta, A, B, C, initial_state=h0, segment_ids=seg, impl="pallas")
+        y, S = selective_scan(u, delta, A, B, C, D=A[:, 0], z=u, delta_bias=A[:, 0],
+                              delta_softplus=True, initial_state=h0, segment_ids=seg,
+                              impl="pallas")
         return jnp.sum(y.astype(jnp.float32)) + jnp.sum(S)
 
     with _compat.lower_for_gpu():
@@ -180,7 +229,8 @@ def test_lowers_to_triton(dtype, G, N):
                             platforms=["cuda"],
                             disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON)])(*args)
     text = exp.mlir_module()
-    for name in ("selective_scan_fwd", "selective_scan_bwd"):
+    stem = "selective_scan_fused" if layout == "lanes" else "selective_scan"
+    for name in (f"{stem}_fwd", f"{stem}_bwd"):
         assert f'name = "{name}"' in text, name
     assert "num_warps" in text
 
