@@ -3,10 +3,14 @@
 A floor is the larger of two times: the fewest bytes the op must move (every input read once, every
 output written once) over the measured memory bandwidth, and the FLOPs of the algorithm over the
 measured matrix rate. Measured time over the floor is the gap left.
+
+A sweep times one op under several kernel configs: `run_variant` swaps the kernel module's CONFIG
+for the duration of one measurement and hands back the measurement or the exception it raised.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -35,6 +39,29 @@ def median_ms(f, *args, reps: int = 10, warmup: int = 2, inner: int = 1) -> floa
         jax.block_until_ready(out)
         times.append((time.perf_counter() - t0) / inner)
     return 1e3 * float(np.median(times))
+
+
+def time_fwd_bwd(row: dict, fwd, fwd_bwd, *args, reps: int) -> dict:
+    """row["fwd_ms"], then row["fwdbwd_ms"]: median ms of fwd(*args) and of fwd_bwd(*args) (if
+    the second raises, the row keeps the first)."""
+    row["fwd_ms"] = median_ms(fwd, *args, reps=reps)
+    row["fwdbwd_ms"] = median_ms(fwd_bwd, *args, reps=reps)
+    return row
+
+
+def run_variant(module, over: dict, measure):
+    """measure() with `module.CONFIG` (a kernel module's frozen config, read when a kernel is
+    traced) replaced by dataclasses.replace(CONFIG, **over) and restored afterwards: (its result,
+    None), or (None, the exception) when it raised, e.g. a config that does not compile or an impl
+    out of memory, so that one variant's failure is recorded and the sweep goes on."""
+    base = module.CONFIG
+    module.CONFIG = dataclasses.replace(base, **over)
+    try:
+        return measure(), None
+    except Exception as e:  # noqa: BLE001 - any failure is the variant's result
+        return None, e
+    finally:
+        module.CONFIG = base
 
 
 def compile_seconds(f, *args) -> float:

@@ -21,7 +21,6 @@ Writes benchmarks/results/elementwise_gpu_<device>.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 
@@ -157,7 +156,6 @@ def main(argv=None) -> int:
                   file=sys.stderr)
         return 1
 
-    base = elementwise.CONFIG
     for T in a.T:
         B = max(1, a.tokens // T)
         for D in a.D:
@@ -168,21 +166,18 @@ def main(argv=None) -> int:
                                  jnp.complex64 if cplx else jnp.bfloat16)
                 item = 8 if cplx else 2
                 cost = dict(fwd_bytes=3 * B * T * D * item, fwdbwd_bytes=8 * B * T * D * item)
-                variants = [(i, None) for i in a.impls]
+                variants = [(i, {}) for i in a.impls]
                 if a.sweep is not None:
                     variants += [(f"pallas[{k}]", v) for k, v in SWEEP.items()
                                  if not a.sweep or k in a.sweep]
                 for name, over in variants:
-                    elementwise.CONFIG = dataclasses.replace(base, **(over or {}))
-                    try:
-                        r = bench(call, name.split("[")[0], d, dy, a.reps)
-                    except Exception as e:  # a config that fails to compile is recorded
-                        print(f"{op} {name} T={T} D={D}: {type(e).__name__}: {str(e)[:400]}",
+                    r, err = common.run_variant(elementwise, over, lambda: bench(
+                        call, name.split("[")[0], d, dy, a.reps))
+                    if err is not None:  # a config that fails to compile is recorded
+                        print(f"{op} {name} T={T} D={D}: {type(err).__name__}: {str(err)[:400]}",
                               flush=True)
-                        rows.append(dict(op=op, impl=name, B=B, T=T, D=D, error=str(e)[:600]))
+                        rows.append(dict(op=op, impl=name, B=B, T=T, D=D, error=str(err)[:600]))
                         continue
-                    finally:
-                        elementwise.CONFIG = base
                     row = dict(op=op, impl=name, B=B, T=T, D=D,
                                dtype="complex64" if cplx else "bfloat16", **r, **cost)
                     for ph in ("fwd", "fwdbwd"):

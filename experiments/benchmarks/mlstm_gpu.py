@@ -13,8 +13,8 @@
    floor of the shape (`cost`: the larger of its HBM bytes over the measured copy bandwidth and its
    FLOPs over the measured matmul rate, `common.floor_ms`). Writes
    benchmarks/results/mlstm_gpu_<device>.json. --sweep also times kernel configs (`DecayConfig`
-   fields of `linear_jax.kernels.gpu.mlstm.CONFIG`), recorded as impl "pallas[name]"; the chunk
-   is the op's chunk_size (--chunk).
+   fields of `linear_jax.kernels.gpu.mlstm.CONFIG`, or the op's `chunk_size`), recorded as impl
+   "pallas[name]"; the chunk is otherwise the op's chunk_size (--chunk).
 
 --quick: tiny shapes, 2 reps, checked against the chunk form only, pallas timed alone (runs in
 interpret mode on a CPU in seconds).
@@ -23,7 +23,6 @@ interpret mode on a CPU in seconds).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 import jax
@@ -42,7 +41,8 @@ CHECKS = [  # (B, T, Hk, H, K, V)
 QUICK_CHECKS = [(1, 19, 1, 2, 8, 12)]
 SWEEP = {"bv32": dict(block_v=32, block_v_out=32), "bv128": dict(block_v=128, block_v_out=128),
          "minprog64": dict(min_programs=64), "warps8": dict(warps_state=8, warps_out=8),
-         "bwd_warps4": dict(warps_bwd=4), "stages3": dict(stages_state=3, stages_out=3)}
+         "bwd_warps4": dict(warps_bwd=4), "stages3": dict(stages_state=3, stages_out=3),
+         "chunk128": dict(chunk_size=128), "chunk256": dict(chunk_size=256)}
 
 
 def inputs(B, T, Hk, H, K, V, dtype, seed=0):
@@ -115,35 +115,30 @@ def time_shapes(shapes, H, D, chunk, reps, impls, sweep, rows, save, ceil):
           f"TFLOP/s (float32 matmul)")
     print(f"{'impl':<18}{'B':>4}{'T':>7}{'fwd ms':>10}{'floor':>9}{'x':>8}"
           f"{'fwd+bwd ms':>12}{'floor':>9}{'x':>8}")
-    base = gpu_mlstm.CONFIG
     for B, T in shapes:
         x, seg = inputs(B, T, H, H, D, D, jnp.bfloat16)
         cot = (jnp.ones((B, T, H, D), jnp.float32), jnp.ones((B, H, D, D), jnp.float32),
                jnp.ones((B, H, D), jnp.float32), jnp.ones((B, H), jnp.float32))
-        c_f, c_a = cost(B, T, H, D, D, chunk, 2)
-        floor_f, floor_a = common.floor_ms(c_f, ceil), common.floor_ms(c_a, ceil)
         for impl, over in ([(i, {}) for i in impls]
                            + [(f"pallas[{k}]", SWEEP[k]) for k in sweep]):
+            over = dict(over)
+            C = over.pop("chunk_size", chunk)      # the op's; the other keys are CONFIG fields
+            c_f, c_a = cost(B, T, H, D, D, C, 2)
+            floor_f, floor_a = common.floor_ms(c_f, ceil), common.floor_ms(c_a, ceil)
             name = impl.split("[")[0]
             row = {"impl": impl, "B": B, "T": T, "H": H, "K": D, "V": D, "dtype": "bfloat16",
-                   "chunk_size": chunk, "fwd_floor_ms": floor_f, "fwdbwd_floor_ms": floor_a}
-            gpu_mlstm.CONFIG = dataclasses.replace(base, **over)
-            try:
-                row["fwd_ms"] = common.median_ms(_forward(name, chunk), x, seg, reps=reps)
-                row["fwdbwd_ms"] = common.median_ms(_fwd_bwd(name, chunk, cot), x, seg, reps=reps)
-            except Exception as e:  # noqa: BLE001 - e.g. a config that does not compile
-                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                   "chunk_size": C, "fwd_floor_ms": floor_f, "fwdbwd_floor_ms": floor_a}
+            _, err = common.run_variant(gpu_mlstm, over, lambda: common.time_fwd_bwd(
+                row, _forward(name, C), _fwd_bwd(name, C, cot), x, seg, reps=reps))
+            if err is not None:  # e.g. a config that does not compile
+                row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
                 print(f"{impl:<18}{B:>4}{T:>7}  {row['error']}")
-                rows.append(row)
-                save()
-                continue
-            finally:
-                gpu_mlstm.CONFIG = base
             rows.append(row)
             save()
-            print(f"{impl:<18}{B:>4}{T:>7}{row['fwd_ms']:>10.3f} {floor_f:>8.3g}"
-                  f" {row['fwd_ms'] / floor_f:>7.3g}{row['fwdbwd_ms']:>12.3f} {floor_a:>8.3g}"
-                  f" {row['fwdbwd_ms'] / floor_a:>7.3g}", flush=True)
+            if err is None:
+                print(f"{impl:<18}{B:>4}{T:>7}{row['fwd_ms']:>10.3f} {floor_f:>8.3g}"
+                      f" {row['fwd_ms'] / floor_f:>7.3g}{row['fwdbwd_ms']:>12.3f} {floor_a:>8.3g}"
+                      f" {row['fwdbwd_ms'] / floor_a:>7.3g}", flush=True)
 
 
 def main(argv=None) -> int:

@@ -18,7 +18,6 @@ Writes benchmarks/results/ops_gpu_<device>.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
@@ -142,7 +141,6 @@ def main(argv=None) -> int:
           f"{ceil['flop_per_s'] / 1e12:.0f} TFLOP/s",
           flush=True)
     rows = []
-    base = gpu_decay.CONFIG
     dev = jax.devices()[0].device_kind.replace(" ", "_")
     tag = f"_{a.tag}" if a.tag else ""
     save = lambda: common.write_json(
@@ -155,22 +153,19 @@ def main(argv=None) -> int:
             call, gate, names = OPS[op]
             x, do = inputs(B, T, H, D, gate)
             c = cost(B, T, H, D, D, C, gate)
-            variants = [(i, None) for i in a.impls]
+            variants = [(i, {}) for i in a.impls]
             if a.sweep is not None:
                 variants += [(f"pallas[{k}]", v) for k, v in SWEEP.items()
                              if (not a.sweep or k in a.sweep)
                              and (op == "gla" or not set(v) & set(GLA_ONLY))]
             for name, over in variants:
-                gpu_decay.CONFIG = dataclasses.replace(base, **(over or {}))
-                try:
-                    r = bench(call, name.split("[")[0], x, do, a.reps,
-                              a.profile and name.startswith("pallas"))
-                except Exception as e:
-                    print(f"{op} {name} T={T}: {type(e).__name__}: {str(e)[:400]}", flush=True)
-                    rows.append(dict(op=op, impl=name, T=T, B=B, error=str(e)[:600]))
+                r, err = common.run_variant(gpu_decay, over, lambda: bench(
+                    call, name.split("[")[0], x, do, a.reps,
+                    a.profile and name.startswith("pallas")))
+                if err is not None:
+                    print(f"{op} {name} T={T}: {type(err).__name__}: {str(err)[:400]}", flush=True)
+                    rows.append(dict(op=op, impl=name, T=T, B=B, error=str(err)[:600]))
                     continue
-                finally:
-                    gpu_decay.CONFIG = base
                 row = dict(op=op, impl=name, B=B, T=T, H=H, K=D, V=D, chunk=C, dtype="bfloat16",
                            **r, **c)
                 for ph in ("fwd", "fwdbwd"):

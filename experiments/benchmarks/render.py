@@ -3,9 +3,12 @@
     python -m experiments.benchmarks.render
 
 Reads benchmarks/results/ops_gpu_*.json and check_gpu_*.json (written by ops_gpu.py and
-check_gpu.py on the device); every number in the README comes from them. Files end in the kernel
-version they measured (`_v1`, `_v2`, ...; benchmarks/NOTES.md says what each version changed); the
-summary takes each (op, T) cell from the newest version that measured it.
+check_gpu.py on the device), and the scan kernels' scans_gpu_*.json, elementwise_gpu_*.json and
+mlstm_gpu_*.json (scans_gpu.py, elementwise_gpu.py, mlstm_gpu.py); every number in the README comes
+from them. Files end in the kernel version they measured (`_v1`, `_v2`, ...; benchmarks/NOTES.md
+says what each version changed) or the device run they come from (`_run1`, ...: an older run kept
+beside the newest, which has the plain name the script writes). The summary takes each (op, T) cell
+from the newest version that measured it; the scan sections show each device's newest file.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 
 from experiments.benchmarks import anchors as anchor_files
 
@@ -32,13 +36,46 @@ over ours: above 1 we are faster. Each device's summary uses the anchors measure
 kind (`benchmarks/anchors/<device>-anchors.json`, by `experiments/benchmarks/anchors.py`) where
 they exist, else the H100 ones. Floors: every input read once and every output written once at
 the measured copy bandwidth, or the chunk algorithm's FLOPs at the measured bf16 matmul rate,
-whichever is larger. Notes, predictions and history: `benchmarks/NOTES.md`.
+whichever is larger. The scan kernels' sections (selective scan, element-wise scans, mLSTM) state
+their own shapes and floors. Notes, predictions and history: `benchmarks/NOTES.md`.
 """
+# the scan kernels' results: (title, file pattern, the row fields that make the shape, script)
+SCANS = [("Selective scan", "scans_gpu_*.json", ("B", "T", "D", "N", "chunk_size"),
+          "scans_gpu.py"),
+         ("Element-wise scans", "elementwise_gpu_*.json", ("B", "T", "D"), "elementwise_gpu.py"),
+         ("mLSTM", "mlstm_gpu_*.json", ("B", "T", "H", "K", "V", "chunk_size"), "mlstm_gpu.py")]
+SHORT = {"chunk_size": "C"}
+
 
 def _version(path) -> str:
+    """What a result file's name ends in: `vN` (kernel version N) or `runN` (device run N); "v0"
+    for neither (the plain name a script writes, or a tag such as a tiling sweep's)."""
     stem = os.path.basename(path).rsplit(".", 1)[0]
     tail = stem.rsplit("_", 1)[-1]
-    return tail if tail.startswith("v") and tail[1:].isdigit() else "v0"
+    return tail if re.fullmatch(r"(v|run)\d+", tail) else "v0"
+
+
+def _number(path) -> int:
+    return int(re.sub(r"\D", "", _version(path)))
+
+
+def newest(pattern) -> list[tuple[str, dict]]:
+    """(path, data) of the result files matching `pattern`, per device newest first: the plain name
+    the script writes (its latest run), then by version or run number, tagged files last."""
+    files = [(p, json.load(open(p))) for p in glob.glob(os.path.join(BENCH, "results", pattern))]
+
+    def order(f):
+        path, data = f
+        plain = os.path.basename(path) == pattern.replace("*", data["device"].replace(" ", "_"))
+        return data["device"], not plain, -_number(path), path
+    return sorted(files, key=order)
+
+
+def newest_per_device(pattern) -> list[tuple[str, dict]]:
+    first = {}
+    for path, data in newest(pattern):
+        first.setdefault(data["device"], (path, data))
+    return list(first.values())
 
 
 def summary_table(files) -> list[str]:
@@ -46,7 +83,7 @@ def summary_table(files) -> list[str]:
     newest kernel version that measured it."""
     best: dict[str, dict] = {}
     versioned = [f for f in files if _version(f[0]) != "v0"]      # not the tiling sweeps
-    for path, data in sorted(versioned, key=lambda f: int(_version(f[0])[1:])):
+    for path, data in sorted(versioned, key=lambda f: _number(f[0])):
         for r in data["rows"]:
             if r.get("impl") == "pallas" and "error" not in r:
                 best.setdefault(data["device"], {})[(r["op"], r["T"])] = (_version(path), r)
@@ -121,6 +158,68 @@ def check_table(data, version="") -> list[str]:
     return out + [""]
 
 
+def _checks(data) -> list[dict]:
+    """The float32 checks a scan script recorded: `checks` (scans_gpu, mlstm_gpu: a dict of errors
+    per row) or `check` (elementwise_gpu: one error, `rel_err`, per row)."""
+    return data.get("checks", data.get("check", []))
+
+
+def checks_summary(data) -> list[str]:
+    """n passed / total of the checks, the worst relative error and where, and any failures."""
+    rows = _checks(data)
+    if not rows:
+        return ["No correctness checks recorded."]
+
+    def worst(r):
+        errs = r.get("errors") or {r.get("what", "?"): r["rel_err"]}
+        name = max(errs, key=errs.get)
+        where = " ".join(f"{k}={v}" for k, v in r.items()
+                         if k not in ("errors", "rel_err", "what", "ok") and v is not None)
+        return errs[name], f"{name} at {where}"
+
+    err, where = max(worst(r) for r in rows)
+    out = [f"Correctness, float32, impl=\"pallas\" against the XLA forms: "
+           f"{sum(r['ok'] for r in rows)} of {len(rows)} checks pass at tolerance "
+           f"{data.get('check_tol', 0):.0e}; worst relative error {err:.2e} ({where})."]
+    failed = [worst(r) for r in rows if not r["ok"]]
+    if failed:
+        out += ["", "Failed: " + "; ".join(f"{w} ({e:.2e})" for e, w in failed) + "."]
+    return out
+
+
+def scan_table(title, keys, script, path, data) -> list[str]:
+    rows = data["rows"]
+    c = data.get("ceilings", {})
+    floor = data.get("floor") or data.get("note", "").removeprefix("floor = ")
+    out = [f"## {title}: {data['device']} (jax {data['jax']}, {data['date']})"
+           + (" --quick" if data.get("quick") else ""), "",
+           f"From `{os.path.basename(path)}` (`{script}`), this device's newest.", "",
+           *checks_summary(data), ""]
+    if floor:
+        out += [f"Floor: {floor}"
+                + (f"; measured copy bandwidth {c['bytes_per_s'] / 1e12:.2f} TB/s"
+                   if "bytes_per_s" in c else "") + ".", ""]
+    if not rows:
+        failed = not all(r["ok"] for r in _checks(data))
+        return out + [("No timings: a check failed, and the script stops before timing."
+                       if failed else "No timings recorded."), ""]
+    op = any("op" in r for r in rows)
+    out += [("| op " if op else "") + "| shape | impl | fwd ms | fwd floor ms | x floor "
+            "| fwd+bwd ms | floor ms | x floor |",
+            ("|---" if op else "") + "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        head = (f"| {r['op']} " if op else "") + "| " + " ".join(
+            f"{SHORT.get(k, k)}={r[k]}" for k in keys if k in r) + f" | {r['impl']} "
+        if "error" in r:
+            out.append(head + f"| failed: {r['error'][:80].replace('|', '/')} |" + " |" * 5)
+            continue
+        ratio = lambda ph: r[f"{ph}_ms"] / r[f"{ph}_floor_ms"]
+        out.append(head + f"| {_f(r['fwd_ms'])} | {_f(r['fwd_floor_ms'])} | {_f(ratio('fwd'), 1)} "
+                   f"| {_f(r['fwdbwd_ms'])} | {_f(r['fwdbwd_floor_ms'])} "
+                   f"| {_f(ratio('fwdbwd'), 1)} |")
+    return out + [""]
+
+
 def plot(data, path) -> bool:
     try:
         import matplotlib
@@ -155,12 +254,14 @@ def plot(data, path) -> bool:
 def main() -> int:
     lines = [INTRO]
     found = False
-    newest = lambda pattern: sorted(glob.glob(os.path.join(BENCH, "results", pattern)),
-                                    key=lambda p: -int(_version(p)[1:]))
-    ops_files = [(p, json.load(open(p))) for p in newest("ops_gpu_*.json")]
+    ops_files = newest("ops_gpu_*.json")
     lines += summary_table(ops_files)
-    for p in newest("check_gpu_*.json"):
-        lines += check_table(json.load(open(p)), _version(p))
+    for title, pattern, keys, script in SCANS:
+        for p, data in newest_per_device(pattern):
+            lines += scan_table(title, keys, script, p, data)
+            found = True
+    for p, data in newest("check_gpu_*.json"):
+        lines += check_table(data, _version(p))
         found = True
     for p, data in ops_files:
         lines += ops_table(data, _version(p))
@@ -169,8 +270,8 @@ def main() -> int:
             lines += [f"![ms vs T]({png})", ""]
         found = True
     if not found:
-        lines += ["No GPU results are committed yet: run `check_gpu.py` and `ops_gpu.py` on a GPU "
-                  "and copy their JSON into `benchmarks/results/`.", ""]
+        lines += ["No GPU results are committed yet: run `check_gpu.py`, `ops_gpu.py` or a scan "
+                  "script on a GPU and copy their JSON into `benchmarks/results/`.", ""]
     with open(os.path.join(BENCH, "README.md"), "w") as f:
         f.write("\n".join(lines))
     print("wrote", os.path.join(BENCH, "README.md"))

@@ -4,8 +4,9 @@
     python -m experiments.benchmarks.scans_gpu --quick          # CPU, seconds: the script runs
 
 1. Correctness, float32: impl="pallas" against impl="chunk" (and the lax.scan reference where T is
-   short) at a few shapes, with packed documents, an initial state and grouped B / C: outputs,
-   final states and the gradients of u, delta, A, B, C and the initial state. Any relative error
+   short) at a few shapes, with packed documents, an initial state and grouped B / C (every second
+   shape also with D, z, delta_bias and softplus): outputs, final states and the gradients of
+   every float input. Any relative error
    (||a - b|| / ||b||) above --tol prints FAIL and the script exits 1 before timing.
 2. Timings, bf16 inputs, D = 2048 channels, N = 16, B * T = 16384 (each BxT of --shapes): median ms
    of the forward and of forward + backward for pallas, chunk and one `lax.associative_scan` over
@@ -21,7 +22,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 import jax
@@ -33,13 +33,14 @@ from experiments.benchmarks import common
 from experiments.benchmarks.scans_xla import _selective_assoc
 from linear_jax.ops.selective_scan import selective_scan
 
-DIFF = ("u", "delta", "A", "B", "C", "initial_state")
 CHECKS = [  # (B, T, D, N, G): G None means B, C [B, T, N]
     (2, 300, 64, 16, None), (1, 1000, 96, 6, 2), (2, 2048, 256, 16, None), (1, 4096, 512, 16, 4)]
 QUICK_CHECKS = [(2, 19, 24, 3, 2)]
-SWEEP = {"chunk8": dict(chunk=8), "chunk32": dict(chunk=32), "bd16": dict(block_d=16),
-         "bd64": dict(block_d=64, min_block_d=64), "warps2": dict(warps=2, warps_bwd=2),
-         "warps8": dict(warps=8, warps_bwd=8)}
+SWEEP = {"tile": dict(layout="tile"), "tile_chunk8": dict(layout="tile", chunk=8),
+         "lane_chunk4": dict(lane_chunk=4), "lane_chunk16": dict(lane_chunk=16),
+         "lane_bd16": dict(lane_block_d=16), "lane_bd64": dict(lane_block_d=64, lane_warps=2,
+                                                              lane_warps_bwd=2),
+         "lane_bd128": dict(lane_block_d=128, lane_warps=4, lane_warps_bwd=4)}
 
 
 def rel(a, b):
@@ -49,7 +50,8 @@ def rel(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def inputs(B, T, D, N, G, dtype, seed=0):
+def inputs(B, T, D, N, G, dtype, seed=0, options=False):
+    """The op's inputs; with `options` also D, z and delta_bias (and softplus: see `_impl`)."""
     rng = np.random.default_rng(seed)
     f = lambda *s: jnp.asarray(rng.standard_normal(s), dtype)
     bc = (B, T, N) if G is None else (B, T, G, N)
@@ -57,6 +59,9 @@ def inputs(B, T, D, N, G, dtype, seed=0):
     x = dict(u=f(B, T, D), delta=jnp.asarray(np.abs(0.1 * rng.standard_normal((B, T, D))), dtype),
              A=-jnp.exp(jnp.asarray(rng.standard_normal((D, N)), jnp.float32)), B=f(*bc),
              C=f(*bc), initial_state=jnp.asarray(rng.standard_normal((B, D, N)), jnp.float32))
+    if options:
+        x.update(D=f(D).astype(jnp.float32), z=f(B, T, D),
+                 delta_bias=jnp.asarray(rng.uniform(-4, -1, D), jnp.float32))
     return x, seg
 
 
@@ -64,7 +69,8 @@ def _impl(impl, chunk):
     if impl == "assoc":
         return lambda x, seg: _selective_assoc(**{k: v.astype(jnp.float32) for k, v in x.items()},
                                                segment_ids=seg)
-    return lambda x, seg: selective_scan(**x, segment_ids=seg, chunk_size=chunk, impl=impl)
+    return lambda x, seg: selective_scan(**x, delta_softplus="delta_bias" in x, segment_ids=seg,
+                                         chunk_size=chunk, impl=impl)
 
 
 def _fwd_bwd(fn, dy, dS):
@@ -77,7 +83,7 @@ def _fwd_bwd(fn, dy, dS):
 def check(shapes, chunk, tol) -> list:
     rows = []
     for i, (B, T, D, N, G) in enumerate(shapes):
-        x, seg = inputs(B, T, D, N, G, jnp.float32, seed=i)
+        x, seg = inputs(B, T, D, N, G, jnp.float32, seed=i, options=i % 2 == 1)
         rng = np.random.default_rng(100 + i)
         dy = jnp.asarray(rng.standard_normal((B, T, D)), jnp.float32)
         dS = jnp.asarray(rng.standard_normal((B, D, N)), jnp.float32)
@@ -85,7 +91,7 @@ def check(shapes, chunk, tol) -> list:
         for ref in ("chunk",) + (("recurrent",) if T <= 1000 else ()):
             (_, (ry, rS)), rg = _fwd_bwd(_impl(ref, chunk), dy, dS)(x, seg)
             errs = {"y": rel(y, ry), "final_state": rel(S, rS),
-                    **{f"d{n}": rel(g[n], rg[n]) for n in DIFF}}
+                    **{f"d{n}": rel(g[n], rg[n]) for n in g}}
             worst = max(errs.values())
             ok = worst <= tol
             rows.append({"B": B, "T": T, "D": D, "N": N, "G": G, "ref": ref, "errors": errs,
@@ -115,29 +121,22 @@ def time_shapes(shapes, D, N, chunk, reps, bw, sweep, rows, save):
         dS = jnp.ones((B, D, N), jnp.float32)
         fwd_b, all_b = hbm_bytes(B, T, D, N, 2)
         floor_f, floor_a = 1e3 * fwd_b / bw, 1e3 * all_b / bw
-        base = selective.CONFIG
         for impl, over in ([("pallas", {}), ("chunk", {})]
                            + [(f"pallas[{k}]", SWEEP[k]) for k in sweep] + [("assoc", {})]):
             fn = _impl(impl.split("[")[0], chunk)
             row = {"impl": impl, "B": B, "T": T, "D": D, "N": N, "dtype": "bfloat16",
                    "chunk_size": chunk, "fwd_floor_ms": floor_f, "fwdbwd_floor_ms": floor_a}
-            selective.CONFIG = dataclasses.replace(base, **over)
-            try:
-                row["fwd_ms"] = common.median_ms(jax.jit(fn), x, seg, reps=reps)
-                row["fwdbwd_ms"] = common.median_ms(_fwd_bwd(fn, dy, dS), x, seg, reps=reps)
-            except Exception as e:  # noqa: BLE001 - e.g. the associative scan out of memory
-                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            _, err = common.run_variant(selective, over, lambda: common.time_fwd_bwd(
+                row, jax.jit(fn), _fwd_bwd(fn, dy, dS), x, seg, reps=reps))
+            if err is not None:  # e.g. the associative scan out of memory
+                row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
                 print(f"{impl:<16}{B:>4}{T:>7}{D:>6}{N:>4}  {row['error']}")
-                rows.append(row)
-                save()
-                continue
-            finally:
-                selective.CONFIG = base
             rows.append(row)
             save()
-            print(f"{impl:<16}{B:>4}{T:>7}{D:>6}{N:>4}{row['fwd_ms']:>10.3f} {floor_f:>8.3g}"
-                  f" {row['fwd_ms'] / floor_f:>7.3g}{row['fwdbwd_ms']:>12.3f} {floor_a:>8.3g}"
-                  f" {row['fwdbwd_ms'] / floor_a:>7.3g}", flush=True)
+            if err is None:
+                print(f"{impl:<16}{B:>4}{T:>7}{D:>6}{N:>4}{row['fwd_ms']:>10.3f} {floor_f:>8.3g}"
+                      f" {row['fwd_ms'] / floor_f:>7.3g}{row['fwdbwd_ms']:>12.3f} {floor_a:>8.3g}"
+                      f" {row['fwdbwd_ms'] / floor_a:>7.3g}", flush=True)
 
 
 def main(argv=None) -> int:

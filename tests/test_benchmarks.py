@@ -1,0 +1,85 @@
+"""The benchmark scripts' shared pieces without a device: a kernel-config variant is timed under its
+config and the module's CONFIG comes back whatever happened; render.py turns a scan script's JSON
+(checks, timed rows, a failed variant's row) into its README section, and picks each device's
+newest result file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+
+import pytest
+
+from experiments.benchmarks import common, render
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    chunk: int = 64
+    warps: int = 4
+
+
+def test_run_variant_swaps_and_restores_config():
+    module = types.SimpleNamespace(CONFIG=_Config())
+    assert common.run_variant(module, {"warps": 8}, lambda: module.CONFIG.warps) == (8, None)
+
+    def fails():
+        raise RuntimeError(f"does not compile at chunk {module.CONFIG.chunk}")
+    result, err = common.run_variant(module, {"chunk": 128}, fails)
+    assert result is None and str(err) == "does not compile at chunk 128"
+    assert module.CONFIG == _Config()
+    with pytest.raises(TypeError):  # a field the config does not have is the caller's mistake
+        common.run_variant(module, {"chunk_size": 128}, lambda: None)
+    assert module.CONFIG == _Config()
+
+
+def test_time_fwd_bwd_keeps_the_forward_when_the_backward_fails():
+    row = {}
+
+    def bwd():
+        raise MemoryError
+    with pytest.raises(MemoryError):
+        common.time_fwd_bwd(row, lambda: 1, bwd, reps=1)
+    assert set(row) == {"fwd_ms"}
+
+
+def _mlstm_file(ok=True):
+    """As mlstm_gpu.py writes it: checks, a timed row and a failed sweep variant's row."""
+    shape = {"B": 8, "T": 2048, "H": 16, "K": 128, "V": 128, "dtype": "bfloat16"}
+    return {"device": "NVIDIA H200", "platform": "gpu", "jax": "0.11.2", "date": "2026-12-03",
+            "checks": [{"B": 2, "T": 300, "Hk": 4, "H": 4, "K": 64, "V": 64, "ref": "chunk",
+                        "errors": {"h": 1e-7, "dq": 3e-6 if ok else 3e-3}, "ok": ok}],
+            "check_tol": 1e-4, "quick": False, "floor": "max(bytes / bandwidth, FLOPs / rate)",
+            "rows": [{"impl": "pallas", **shape, "chunk_size": 64, "fwd_floor_ms": 0.25,
+                      "fwdbwd_floor_ms": 0.75, "fwd_ms": 1.0, "fwdbwd_ms": 3.0},
+                     {"impl": "pallas[chunk128]", **shape, "chunk_size": 128,
+                      "fwd_floor_ms": 0.5, "fwdbwd_floor_ms": 1.5,
+                      "error": "ValueError: chunk 128 | 256"}] if ok else []}
+
+
+def test_scan_section_of_an_mlstm_file():
+    title, _, keys, script = render.SCANS[-1]
+    text = "\n".join(render.scan_table(title, keys, script, "mlstm_gpu_NVIDIA_H200.json",
+                                       _mlstm_file()))
+    assert "## mLSTM: NVIDIA H200 (jax 0.11.2, 2026-12-03)" in text
+    assert "1 of 1 checks pass" in text and "3.00e-06 (dq at B=2 T=300" in text
+    assert ("| B=8 T=2048 H=16 K=128 V=128 C=64 | pallas | 1.000 | 0.250 | 4.0 | 3.000 | 0.750 "
+            "| 4.0 |") in text
+    assert "| pallas[chunk128] | failed: ValueError: chunk 128 / 256 | | | | | |" in text
+    failed = "\n".join(render.scan_table(title, keys, script, "x.json", _mlstm_file(ok=False)))
+    assert "0 of 1 checks pass" in failed and "Failed: dq at" in failed
+    assert "No timings: a check failed" in failed
+
+
+def test_newest_per_device_prefers_the_plain_name(tmp_path, monkeypatch):
+    (tmp_path / "results").mkdir()
+    monkeypatch.setattr(render, "BENCH", str(tmp_path))
+    for name, device in [("scans_gpu_NVIDIA_H200_run1.json", "NVIDIA H200"),
+                         ("scans_gpu_NVIDIA_H200.json", "NVIDIA H200"),
+                         ("scans_gpu_NVIDIA_H100_80GB_HBM3_run1.json", "NVIDIA H100 80GB HBM3"),
+                         ("scans_gpu_NVIDIA_H100_80GB_HBM3_run2.json", "NVIDIA H100 80GB HBM3")]:
+        (tmp_path / "results" / name).write_text(json.dumps({"device": device, "rows": []}))
+    picked = [p.rsplit("/", 1)[-1] for p, _ in render.newest_per_device("scans_gpu_*.json")]
+    assert picked == ["scans_gpu_NVIDIA_H100_80GB_HBM3_run2.json", "scans_gpu_NVIDIA_H200.json"]
+    assert render.newest_per_device("mlstm_gpu_*.json") == []
