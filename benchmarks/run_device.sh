@@ -9,7 +9,8 @@
 #   quick     check_gpu --quick (T=100 fp32 D=64 and T=2048 bf16 D=128)
 #   ops       ops_gpu: the four chunk ops, impl=pallas, T in {2048, 8192, 32768}, profiled
 #   sweep     ops_gpu tilings at T=2048
-#   scans     scans_gpu and elementwise_gpu: check + timings of the element-wise scan kernels
+#   scans     scans_gpu: check + timings of the selective-scan kernel (SCANS_ARGS: its flags)
+#   elementwise  elementwise_gpu: check + timings of the hgrn / diagonal_scan kernels
 #   mlstm     mlstm_gpu: check + timings of the mLSTM kernel
 #   mqar      experiments.mqar_sweep, the default grid, in /tmp/mqar (a carried experiments/results/
 #             mqar_sweep/runs is copied in first, so an interrupted sweep resumes); JSON, PNG and
@@ -27,6 +28,15 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,no
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
   --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"; fi
+# the training stack for the mqar and s5 steps, which the device lacks: wheels in .whl_train, from
+# `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64
+#  -d .whl_train` of ml_collections flax orbax-checkpoint chex tqdm absl-py msgpack treescope
+#  tensorstore etils nest_asyncio aiofiles humanize simplejson toolz rich markdown-it-py mdurl
+#  pygments prometheus-client psutil uvloop protobuf pyyaml typing_extensions fsspec
+#  importlib_resources zipp (the versions pinned to this machine's where they matter)
+train_env() { [ -d /tmp/site_train ] || { [ -d .whl_train ] && python3 -m pip install -q --no-index \
+  --no-deps --no-compile --no-cache-dir --target /tmp/site_train .whl_train/*.whl; }
+  export PYTHONPATH="$PYTHONPATH:/tmp/site_train"; }
 export PROBE_T=2048,8192,32768
 for s in "$@"; do case $s in
   anchors)
@@ -40,14 +50,14 @@ for s in "$@"; do case $s in
          --reps "${REPS:-20}" --tag "$TAG" ;;
   sweep) TAIL=40 step sweep "${SWEEP_S:-240}" python3 -m experiments.benchmarks.ops_gpu --T ${SWEEP_T:-2048} --impls pallas \
            --reps 10 --tag "sweep$TAG" --ops ${SWEEP_OPS:-simple_gla gla} --sweep ${SWEEP:-} ;;
-  scans) step scans "${SCANS_S:-150}" python3 -m experiments.benchmarks.scans_gpu --sweep
-         step elementwise "${SCANS_S:-150}" python3 -m experiments.benchmarks.elementwise_gpu --sweep ;;
+  scans) step scans "${SCANS_S:-150}" python3 -m experiments.benchmarks.scans_gpu ${SCANS_ARGS:---sweep} ;;
+  elementwise) step elementwise "${SCANS_S:-150}" python3 -m experiments.benchmarks.elementwise_gpu --sweep ;;
   mlstm) step mlstm "${MLSTM_S:-150}" python3 -m experiments.benchmarks.mlstm_gpu ;;
-  mqar) mkdir -p /tmp/mqar; [ -d experiments/results/mqar_sweep/runs ] && cp -r experiments/results/mqar_sweep/runs /tmp/mqar/
+  mqar) train_env; mkdir -p /tmp/mqar; [ -d experiments/results/mqar_sweep/runs ] && cp -r experiments/results/mqar_sweep/runs /tmp/mqar/
         TAIL=30 step mqar "${MQAR_S:-540}" python3 -m experiments.mqar_sweep --out=/tmp/mqar --init_std=0 ${MQAR_ARGS:-}
         (cd /tmp/mqar && find . -name '*.json' -o -name '*.png' -o -name '*.jsonl' | grep -v checkpoints \
           | tar cf - -T - | (mkdir -p $LOGS/mqar && cd $LOGS/mqar && tar xf -)) ;;
-  s5) TAIL=30 step s5 "${S5_S:-240}" python3 -m experiments.train --config=experiments/configs/state_tracking.py:s5 \
+  s5) train_env; TAIL=30 step s5 "${S5_S:-240}" python3 -m experiments.train --config=experiments/configs/state_tracking.py:s5 \
         --config.workdir=/tmp/s5 --config.train.progress=False ${S5_ARGS:-}
       mkdir -p $LOGS/s5 && cp /tmp/s5/*.json* /tmp/s5/*.png $LOGS/s5/ 2>/dev/null ;;
   *) echo "unknown step $s"; exit 2 ;;
