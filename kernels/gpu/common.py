@@ -10,7 +10,6 @@ dG back into dg), `[B, T, H]` (scalar gate) or `[B, T, H, K]` (vector gate).
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 
 import jax.numpy as jnp
 from linear_jax.kernels._compat import dot, pl
@@ -33,8 +32,7 @@ def next_pow2(x: int, lo: int = 16) -> int:
 class DecayConfig:
     """Tunables of the decay-family kernels (linear_attention, simple_gla, gla).
 
-    chunk: C, rows per chunk (the op's chunk_size, clamped to [16, MAX_CHUNK] and a power of two;
-      MAX_CHUNK is 128, raised by a kernel whose config tiles inside the chunk, as mLSTM's does).
+    chunk: C, rows per chunk (the op's chunk_size, clamped to [16, 128] and a power of two).
     sub_chunk: c, rows of the vector gate's sub-chunks (both factors of an off-diagonal block <= 1).
     block_k, block_v: tiles of the state [K, V] in the sequential state passes.
     block_v_out: value tile of the output kernel and of the backward's value loop.
@@ -64,7 +62,6 @@ class DecayConfig:
     block_v_fused: int = 64
     warps_fused: int = 4
     stages_fused: int = 2
-    MAX_CHUNK: ClassVar[int] = 128
 
     def __post_init__(self):
         for name in ("chunk", "sub_chunk", "block_k", "block_v", "block_v_out", "block_k_bwd",
@@ -72,9 +69,9 @@ class DecayConfig:
             val = getattr(self, name)
             if not _pow2(val) or val < 16:
                 raise ValueError(f"DecayConfig.{name} must be a power of two >= 16, got {val}")
-        if self.chunk > self.MAX_CHUNK or self.chunk % self.sub_chunk:
-            raise ValueError(f"{type(self).__name__}: chunk {self.chunk} must be <= "
-                             f"{self.MAX_CHUNK} and a multiple of sub_chunk {self.sub_chunk}")
+        if self.chunk > 128 or self.chunk % self.sub_chunk:
+            raise ValueError(f"DecayConfig: chunk {self.chunk} must be <= 128 and a multiple of "
+                             f"sub_chunk {self.sub_chunk}")
         for name in ("warps_state", "warps_out", "warps_bwd", "warps_intra", "warps_fused"):
             if getattr(self, name) not in (1, 2, 4, 8, 16):
                 raise ValueError(f"DecayConfig.{name} must be 1, 2, 4, 8 or 16")
@@ -83,7 +80,7 @@ class DecayConfig:
                 raise ValueError(f"DecayConfig.{name} must be in [1, 6]")
 
     def for_chunk(self, chunk_size: int) -> DecayConfig:
-        return dataclasses.replace(self, chunk=min(self.MAX_CHUNK, next_pow2(int(chunk_size))))
+        return dataclasses.replace(self, chunk=min(128, next_pow2(int(chunk_size))))
 
 
 def padded_inputs(q, k, v, C: int):
