@@ -85,9 +85,13 @@ class SelectiveConfig:
     span: the exponents are rebased to the chunk's midpoint, so factors reach e^{span / 2} (up to
     80: e^40, far from float32's e^88); in interpret mode the parallel path's relative errors were
     ~2e-7 at spans up to 18 and ~5e-7 at 73 (the sequential path: ~1e-7).
+
+    Defaults from the H200 runs (benchmarks/NOTES.md, B=4 T=4096 D=2048 N=16 bf16, fwd / fwd+bwd):
+    tile at chunk 8 (every chunk sequential) 2.79 / 5.99 ms, tile at chunk 16 (parallel chunks)
+    3.10 / 9.53 ms, the fused lanes kernel 6.06 / 14.13 ms; so layout "tile", chunk 8.
     """
 
-    chunk: int = 16
+    chunk: int = 8
     block_d: int = 32
     min_block_d: int = 16
     min_programs: int = 264
@@ -96,12 +100,12 @@ class SelectiveConfig:
     stages: int = 1
     parallel: bool = True
     span: float = 60.0
-    # layout "lanes": the fused kernel of selective_lanes.py (fields lane_*); "tile": this module's
+    # layout "tile": this module's kernel; "lanes": the fused kernel of selective_lanes.py (lane_*)
     lane_block_d: int = 32
     lane_chunk: int = 8
     lane_warps: int = 1
     lane_warps_bwd: int = 1
-    layout: str = "lanes"
+    layout: str = "tile"
 
     def __post_init__(self):
         for name in ("block_d", "min_block_d"):

@@ -21,10 +21,11 @@ IMPLS: tuple[str, ...] = ("auto", "recurrent", "chunk", "pallas")
 _ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
 _ELEMENTWISE = ("hgrn", "diagonal_scan", "selective_scan")
 # Kernels that have passed interpret-mode tests but not yet a device check: reachable with
-# impl="pallas", not chosen by "auto" until their check has run on a GPU. hgrn, diagonal_scan and
-# selective_scan passed theirs on an H200 (benchmarks/results/logs/run1_elementwise.log,
-# run3_output_tail.log); mlstm passed two of its four shapes before the device time ran out.
-_UNCHECKED_ON_DEVICE = ("mlstm",)
+# impl="pallas", not chosen by "auto" until their check has run on a GPU. None at present: hgrn,
+# diagonal_scan and selective_scan passed theirs on an H200 (benchmarks/results/logs/
+# run1_elementwise.log, run3_output_tail.log, run5_scans_lanes.log), mlstm all four shapes
+# (run7_mlstm.log).
+_UNCHECKED_ON_DEVICE: tuple[str, ...] = ()
 
 
 def platform() -> str:

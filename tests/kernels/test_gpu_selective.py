@@ -1,10 +1,10 @@
 """The GPU selective-scan kernels (`selective_scan`, impl="pallas"), interpret mode on CPU.
 
-The fused "lanes" kernel (the default layout): outputs, final state and the gradients of every
+The fused "lanes" kernel (layout="lanes"): outputs, final state and the gradients of every
 float input (u, delta, A, B, C, D, z, delta_bias, the initial state) with softplus, packed
 documents, grouped B / C, T not a multiple of the chunk and padded channels; a mutation of its
 backward (the decay factor dropped from d(dt A)) fails the first test. The "tile" kernel (the
-`tile` fixture): outputs, final states and the gradients of u, delta, A, B, C and the initial
+default layout; the `tile` fixture pins it at chunk 16, where chunks can run in parallel): outputs, final states and the gradients of u, delta, A, B, C and the initial
 state against the `lax.scan` reference, with packed documents, an initial state, grouped B / C, T
 not a multiple of the chunk and channels / state sizes that the kernel pads; the chunk-parallel
 path and the sequential fallback, alone and mixed in one call, with resets inside parallel
@@ -33,9 +33,15 @@ NAMES = ("u", "delta", "A", "B", "C", "h0")
 
 @pytest.fixture
 def tile(monkeypatch):
-    """The tile layout's kernel (step size, D and z in XLA) with the module's other defaults."""
+    """The tile layout's kernel (step size, D and z in XLA) at chunk 16 (the parallel path's
+    smallest), the module's other defaults."""
     monkeypatch.setattr(selective, "CONFIG",
-                        dataclasses.replace(selective.CONFIG, layout="tile"))
+                        dataclasses.replace(selective.CONFIG, layout="tile", chunk=16))
+
+
+@pytest.fixture
+def lanes(monkeypatch):
+    monkeypatch.setattr(selective, "CONFIG", dataclasses.replace(selective.CONFIG, layout="lanes"))
 
 
 def _inputs(rng, Bz, T, D, N, G, dtype):
@@ -76,7 +82,7 @@ def _check(x, seg, tol, chunk, names=NAMES, **opts):
         assert_close(grads[n], rgrads[n], tol, f"d{n}")
 
 
-def test_lanes_float32_grouped_softplus_documents(monkeypatch):
+def test_lanes_float32_grouped_softplus_documents(monkeypatch, lanes):
     """The fused kernel, float32: G = 2 groups of 12 channels (padded to 16), N = 3, T = 21 in
     chunks of 4 (padded to 24), documents starting inside chunks, an initial state, every option
     (D, z, delta_bias, softplus) and the gradients of all of them."""
@@ -92,7 +98,7 @@ def test_lanes_float32_grouped_softplus_documents(monkeypatch):
            names=NAMES + ("D", "z", "delta_bias"), delta_softplus=True)
 
 
-def test_lanes_bfloat16_no_documents():
+def test_lanes_bfloat16_no_documents(lanes):
     """The fused kernel on bf16 inputs (read as bf16, arithmetic in float32; the reference runs
     on the same bf16 values), the default lane chunk with T = 13 (padded), no segment ids, D and z
     but no softplus."""

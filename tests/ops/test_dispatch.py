@@ -22,7 +22,7 @@ NO_KERNEL = {"recurrent": 1, "chunk": 2}
         ("gpu", "hgrn", NO_KERNEL, 1024, "chunk"),
         ("gpu", "selective_scan", CHUNK_FAMILY, 1024, "pallas"),   # checked on the device
         ("gpu", "hgrn", CHUNK_FAMILY, 1024, "pallas"),
-        ("gpu", "mlstm", CHUNK_FAMILY, 1024, "chunk"),             # its device check is partial
+        ("gpu", "mlstm", CHUNK_FAMILY, 1024, "pallas"),            # checked on the device
         ("gpu", "gla", CHUNK_FAMILY, 1, "recurrent"),          # one decoding step
         ("cpu", "delta_rule", NO_KERNEL, 1, "recurrent"),
     ],
@@ -39,3 +39,12 @@ def test_explicit_impls_are_honoured_or_refused(monkeypatch):
         _dispatch.resolve("mlstm", "pallas", 10, NO_KERNEL)
     with pytest.raises(ValueError, match="impl must be one of"):
         _dispatch.resolve("gla", "triton", 10, CHUNK_FAMILY)
+
+
+def test_auto_skips_kernels_not_yet_checked_on_a_device(monkeypatch):
+    """A kernel listed as unchecked is reachable with impl="pallas" but not chosen by "auto"."""
+    monkeypatch.setattr(_dispatch, "platform", lambda: "gpu")
+    monkeypatch.setattr(_dispatch, "_UNCHECKED_ON_DEVICE", ("mlstm",))
+    assert _dispatch.resolve("mlstm", "auto", 1024, CHUNK_FAMILY) == "chunk"
+    assert _dispatch.resolve("mlstm", "pallas", 1024, CHUNK_FAMILY) == "pallas"
+    assert _dispatch.resolve("gla", "auto", 1024, CHUNK_FAMILY) == "pallas"
