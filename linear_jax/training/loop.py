@@ -171,6 +171,26 @@ def train(config, *, devices=None) -> dict:
     return {**result, "params": num_params}
 
 
+def load_model(config, *, devices=None):
+    """The model of the run in `config.workdir` at its latest checkpoint, as an nnx module (for
+    evaluations beyond the training loop's); raises FileNotFoundError when there is none."""
+    mesh = make_mesh(config.mesh, devices)
+    rules = sharding.check_rules(config.sharding.rules)
+    vocab = data.make_source(config.task, split="train", batch_size=1, seed=config.seed).vocab_size
+    make_model = build_model(config.model, vocab, config.seed)
+    with mesh_context(mesh, rules):
+        graphdef, abstract_state = _abstract(step.init_fn(make_model,
+                                                          optim.make_optimizer(config.train)))
+        shardings = sharding.tree_shardings(abstract_state, mesh, rules)
+        ckpt = checkpoint.Checkpointer(pathlib.Path(config.workdir) / "checkpoints", every=1)
+        restored = ckpt.restore(checkpoint.abstract(abstract_state, shardings))
+        ckpt.close()
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint in {config.workdir}/checkpoints")
+    state = restored[0]
+    return nnx.merge(graphdef, state["params"], state["rest"])
+
+
 def _abstract(init):
     out = {}
 

@@ -1,11 +1,12 @@
-"""The experiment configs that name mixers build valid models: every `quickstart_mixers` entry
-(its init std reaching the model) and the state-tracking configs with DeltaProduct."""
+"""The experiment configs that name mixers build valid models: every `quickstart_mixers` and
+`lm_mixers` entry (its init std reaching the model) and the state-tracking configs with
+DeltaProduct."""
 
 import jax
 import pytest
 from flax import nnx
 
-from experiments.configs import quickstart_mixers, state_tracking
+from experiments.configs import lm_mixers, quickstart_mixers, state_tracking
 from linear_jax.models import LM
 from linear_jax.training import data
 from linear_jax.training.loop import lm_config
@@ -24,6 +25,13 @@ def test_quickstart_mixers_config_builds(name):
     jax.eval_shape(lambda: nnx.split(LM(cfg, rngs=nnx.Rngs(0)))[1])
 
 
+@pytest.mark.parametrize("name", lm_mixers.MIXERS)
+def test_lm_mixers_config_builds(name):
+    cfg = _model_config(lm_mixers.get_config(name))
+    assert cfg.init_std == cfg.d_model ** -0.5 and cfg.layer_mixers() == (name,) * cfg.num_layers
+    jax.eval_shape(lambda: nnx.split(LM(cfg, rngs=nnx.Rngs(0)))[1])
+
+
 @pytest.mark.parametrize("task", state_tracking.TASKS)
 def test_state_tracking_with_delta_product_builds(task):
     c = state_tracking.get_config(task)
@@ -37,3 +45,5 @@ def test_state_tracking_with_delta_product_builds(task):
 def test_unknown_quickstart_mixer_raises():
     with pytest.raises(ValueError, match="not one of"):
         quickstart_mixers.get_config("no_such_mixer")
+    with pytest.raises(ValueError, match="not one of"):
+        lm_mixers.get_config("no_such_mixer")

@@ -1,0 +1,24 @@
+"""Byte-level Shakespeare (`lm_shakespeare.py`) with the token mixer chosen after the colon, at a
+comparable parameter count (width 128, 2 layers: the mixers' own projections differ by a few
+percent, Mamba-2 and Gated DeltaNet more; each run records its count), all with init std
+d_model^-1/2 (see experiments/README.md, "MQAR at the quick-start size") and a short convolution
+(the mixers that do not build one themselves get width 4; attention none, RoPE instead).
+
+    python -m experiments.train --config=experiments/configs/lm_mixers.py:deltanet
+"""
+
+from experiments.configs.lm_shakespeare import get_config as lm_shakespeare
+
+MIXERS = ("attention", "deltanet", "gated_deltanet", "gla", "linear_attention", "mamba2")
+_CONV = {"gla": {"conv_size": 4}, "linear_attention": {"conv_size": 4}}
+
+
+def get_config(mixer: str = "gla"):
+    if mixer not in MIXERS:
+        raise ValueError(f"lm_mixers: mixer {mixer!r} is not one of {MIXERS}")
+    c = lm_shakespeare()
+    c.workdir = f"runs/lm_{mixer}"
+    c.model.mixer_options = {mixer: _CONV.get(mixer, {})}
+    c.model.update(mixer=mixer, init_std=c.model.d_model ** -0.5)
+    c.train.update(steps=400, checkpoint_every=0)
+    return c
