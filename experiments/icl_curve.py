@@ -2,8 +2,8 @@
 model and for least squares on the same prefixes (Garg et al. 2022, "What Can Transformers Learn
 In-Context?"; von Oswald et al. 2023, "Transformers learn in-context by gradient descent").
 
-    python -m experiments.icl_curve --workdir=experiments/results/icl_curve      # trains, then evaluates
-    python -m experiments.icl_curve --quick --workdir=/tmp/icl_quick             # CPU smoke test
+    python -m experiments.icl_curve --workdir=experiments/results/icl_curve   # train, evaluate
+    python -m experiments.icl_curve --quick --workdir=/tmp/icl_quick          # CPU smoke test
 
 The task is `configs/icl_regression.py`'s: per sequence a weight w in {-1, 0, 1}^d, examples
 x in {-1, 1}^d with y = w.x written as tokens, the model scored on predicting y after x (the run

@@ -1,15 +1,15 @@
 """The GPU selective-scan kernels (`selective_scan`, impl="pallas"), interpret mode on CPU.
 
-The fused "lanes" kernel (layout="lanes"): outputs, final state and the gradients of every
-float input (u, delta, A, B, C, D, z, delta_bias, the initial state) with softplus, packed
-documents, grouped B / C, T not a multiple of the chunk and padded channels; a mutation of its
-backward (the decay factor dropped from d(dt A)) fails the first test. The "tile" kernel (the
-default layout; the `tile` fixture pins it at chunk 16, where chunks can run in parallel): outputs, final states and the gradients of u, delta, A, B, C and the initial
-state against the `lax.scan` reference, with packed documents, an initial state, grouped B / C, T
-not a multiple of the chunk and channels / state sizes that the kernel pads; the chunk-parallel
-path and the sequential fallback, alone and mixed in one call, with resets inside parallel
-chunks. Both: the Triton lowering of forward and backward; the benchmark's --quick run. Tiny
-shapes: interpret mode is slow.
+The fused "lanes" kernel (layout="lanes"): outputs, final state and the gradients of every float
+input (u, delta, A, B, C, D, z, delta_bias, the initial state) with softplus, packed documents,
+grouped B / C, T not a multiple of the chunk and padded channels; a mutation of its backward (the
+decay factor dropped from d(dt A)) fails the first test. The "tile" kernel (the default layout;
+the `tile` fixture pins it at chunk 16, where chunks can run in parallel): outputs, final states
+and the gradients of u, delta, A, B, C and the initial state against the `lax.scan` reference,
+with packed documents, an initial state, grouped B / C, T not a multiple of the chunk and channels
+/ state sizes that the kernel pads; the chunk-parallel path and the sequential fallback, alone and
+mixed in one call, with resets inside parallel chunks. Both: the Triton lowering of forward and
+backward; the benchmark's --quick run. Tiny shapes: interpret mode is slow.
 """
 
 from __future__ import annotations
