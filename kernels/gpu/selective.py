@@ -66,7 +66,7 @@ from jax import lax
 from linear_jax.kernels._compat import dot, interpret, pl, triton_params
 from linear_jax.kernels.gpu.common import _pow2, next_pow2
 
-from linear_jax.ops.common.chunking import resets
+from linear_jax.ops.common.chunking import pad_groups, pad_to, resets, unpad_groups
 
 f32 = jnp.float32
 MIN_DOT = 16  # Triton's smallest dot dimension: the parallel path needs C >= 16 and BD * N >= 16
@@ -433,19 +433,9 @@ def selective_scan_tile(dt, x, A, Bm, Cm, *, initial_state, segment_ids, chunk_s
     C = max(1, min(cfg.chunk, chunk_size))
     Tp = -(-T // C) * C
 
-    def pad(v, axis, to):                       # zeros at the end of `axis`, up to size `to`
-        return jnp.pad(v, [(0, to - s if i == axis else 0) for i, s in enumerate(v.shape)])
-
-    def chan(v, axis):                          # pad every group's channels Dg -> Dgp
-        s = v.shape
-        v = pad(v.reshape(s[:axis] + (G, Dg) + s[axis + 1:]), axis + 1, Dgp)
-        return v.reshape(s[:axis] + (G * Dgp,) + s[axis + 1:])
-
-    def unchan(v, axis):
-        s = v.shape
-        v = v.reshape(s[:axis] + (G, Dgp) + s[axis + 1:])
-        v = lax.slice_in_dim(v, 0, Dg, axis=axis + 1)
-        return v.reshape(s[:axis] + (D,) + s[axis + 1:])
+    pad = pad_to
+    chan = lambda v, axis: pad_groups(v, axis, G, Dgp)
+    unchan = lambda v, axis: unpad_groups(v, axis, G, Dg)
 
     h0 = jnp.zeros((Bsz, D, N), f32) if initial_state is None else initial_state.astype(f32)
     has_seg = segment_ids is not None

@@ -39,7 +39,7 @@ from jax import lax
 from linear_jax.kernels._compat import interpret, pl, triton_params
 from linear_jax.kernels.gpu.common import next_pow2
 
-from linear_jax.ops.common.chunking import resets
+from linear_jax.ops.common.chunking import pad_groups, pad_to, resets, unpad_groups
 
 f32 = jnp.float32
 LOG2E = 1.4426950408889634
@@ -314,18 +314,9 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, *, initi
     Cs = max(1, min(cfg.lane_chunk, chunk_size))
     Tp = -(-T // Cs) * Cs
 
-    def pad(v, axis, to):
-        return jnp.pad(v, [(0, to - n if i == axis else 0) for i, n in enumerate(v.shape)])
-
-    def chan(v, axis):                          # every group's channels Dg -> Dgp
-        sh = v.shape
-        v = pad(v.reshape(sh[:axis] + (G, Dg) + sh[axis + 1:]), axis + 1, Dgp)
-        return v.reshape(sh[:axis] + (G * Dgp,) + sh[axis + 1:])
-
-    def unchan(v, axis):
-        sh = v.shape
-        v = lax.slice_in_dim(v.reshape(sh[:axis] + (G, Dgp) + sh[axis + 1:]), 0, Dg, axis=axis + 1)
-        return v.reshape(sh[:axis] + (Dm,) + sh[axis + 1:])
+    pad = pad_to
+    chan = lambda v, axis: pad_groups(v, axis, G, Dgp)
+    unchan = lambda v, axis: unpad_groups(v, axis, G, Dg)
 
     vec = lambda v: chan(jnp.zeros((Dm,), f32) if v is None else v.astype(f32), 0)
     seq = lambda v: pad(chan(v, 2), 1, Tp)

@@ -47,7 +47,7 @@ from linear_jax.kernels.tpu import _compat
 from linear_jax.kernels.tpu._layout import F32, round_up
 from linear_jax.kernels.tpu.config import DEFAULT, TpuConfig
 
-from linear_jax.ops.common.chunking import pad_time, resets
+from linear_jax.ops.common.chunking import pad_groups, pad_time, pad_to, resets, unpad_groups
 
 _SQ = _compat.SQUEEZED
 
@@ -286,18 +286,9 @@ def selective_scan(dt, x, A, Bm, Cm, *, initial_state, segment_ids, chunk_size, 
     Tp = round_up(T, C)
     s = _Static(C, cfg.block(Dgp), segment_ids is not None, cfg)
 
-    def pad(v, axis, to):                       # zeros at the end of `axis`, up to size `to`
-        return jnp.pad(v, [(0, to - n if i == axis else 0) for i, n in enumerate(v.shape)])
-
-    def chan(v, axis):                          # every group's channels Dg -> Dgp
-        sh = v.shape
-        v = pad(v.reshape(sh[:axis] + (G, Dg) + sh[axis + 1:]), axis + 1, Dgp)
-        return v.reshape(sh[:axis] + (G * Dgp,) + sh[axis + 1:])
-
-    def unchan(v, axis):
-        sh = v.shape
-        v = lax.slice_in_dim(v.reshape(sh[:axis] + (G, Dgp) + sh[axis + 1:]), 0, Dg, axis=axis + 1)
-        return v.reshape(sh[:axis] + (D,) + sh[axis + 1:])
+    pad = pad_to
+    chan = lambda v, axis: pad_groups(v, axis, G, Dgp)
+    unchan = lambda v, axis: unpad_groups(v, axis, G, Dg)
 
     f32 = lambda v: v.astype(F32)
     seq = lambda v: pad_time(chan(f32(v), 2), Tp)

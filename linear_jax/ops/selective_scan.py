@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from linear_jax.kernels import registry
 from linear_jax.ops import _checks, _dispatch
 from linear_jax.ops.common.elementwise_chunk import chunk_scan_fused
+from linear_jax.ops.common.gates import step_size
 from linear_jax.ops.common.recurrent import scan_time
 
 
@@ -68,11 +69,7 @@ def prepare(u, delta, A, B, C, delta_bias, delta_softplus):
     """The op's arguments as the unfused impls take them, float32: (dt, dt * u, A, B, C) with
     B, C grouped [B, T, G, N]."""
     f32 = lambda x: x.astype(jnp.float32)
-    dt = f32(delta)
-    if delta_bias is not None:
-        dt = dt + f32(delta_bias)
-    if delta_softplus:
-        dt = jax.nn.softplus(dt)
+    dt = step_size(delta, delta_bias, delta_softplus)
     group = lambda M: f32(M)[:, :, None] if M.ndim == 3 else f32(M)
     return dt, dt * f32(u), f32(A), group(B), group(C)
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from linear_jax.kernels import registry
 from linear_jax.ops import _checks, _dispatch
+from linear_jax.ops.common.gates import step_size
 from linear_jax.ops.simple_gla import simple_gla
 
 
@@ -78,11 +79,7 @@ def ssd(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=True, *, initial_state
     name = _dispatch.resolve("ssd", impl, T, available)
 
     f32 = lambda a: a.astype(jnp.float32)
-    dt = f32(dt)
-    if dt_bias is not None:
-        dt = dt + f32(dt_bias)
-    if dt_softplus:
-        dt = jax.nn.softplus(dt)
+    dt = step_size(dt, dt_bias, dt_softplus)
     v = f32(x) * dt[..., None]
     o, h = simple_gla(C, B, v, dt * f32(A), scale=1.0, initial_state=initial_state,
                       segment_ids=segment_ids, chunk_size=chunk_size, impl=name)

@@ -5,9 +5,9 @@ input maps are elementwise: with `mesh=` they run on the sharded global arrays b
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
+from linear_jax.ops.common.gates import step_size
 from linear_jax.parallel.decay import DEFAULT_MODE, simple_gla
 
 
@@ -17,11 +17,7 @@ def ssd(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=True, *, axis_name="se
     """Sequence-parallel `linear_jax.ops.ssd` (mesh arguments as `parallel.simple_gla`).
     Returns `(y [B,T,H,P], final_state [B,H,N,P] float32)`."""
     f32 = lambda a: a.astype(jnp.float32)
-    dt = f32(dt)
-    if dt_bias is not None:
-        dt = dt + f32(dt_bias)
-    if dt_softplus:
-        dt = jax.nn.softplus(dt)
+    dt = step_size(dt, dt_bias, dt_softplus)
     o, h = simple_gla(C, B, f32(x) * dt[..., None], dt * f32(A), axis_name=axis_name, mesh=mesh,
                       batch_axes=batch_axes, head_axes=head_axes, scale=1.0,
                       initial_state=initial_state, segment_ids=segment_ids,

@@ -13,6 +13,7 @@ initial state applies there).
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 
@@ -27,6 +28,27 @@ def pad_time(x, T_pad: int, axis: int = 1, mode: str = "constant"):
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, T_pad - T)
     return jnp.pad(x, widths, mode=mode)
+
+
+def pad_to(x, axis: int, size: int):
+    """Zeros at the end of `axis`, up to `size`."""
+    return pad_time(x, size, axis=axis)
+
+
+def pad_groups(x, axis: int, groups: int, size: int):
+    """`axis` as `groups` equal slices, each zero-padded at its end to `size` (channels grouped
+    as B / C of a selective scan: a kernel's channel blocks must not straddle two groups)."""
+    s = x.shape
+    x = pad_to(x.reshape(s[:axis] + (groups, s[axis] // groups) + s[axis + 1:]), axis + 1, size)
+    return x.reshape(s[:axis] + (groups * size,) + s[axis + 1:])
+
+
+def unpad_groups(x, axis: int, groups: int, size: int):
+    """The inverse of `pad_groups`: the first `size` entries of each of the `groups` slices."""
+    s = x.shape
+    x = x.reshape(s[:axis] + (groups, s[axis] // groups) + s[axis + 1:])
+    x = jax.lax.slice_in_dim(x, 0, size, axis=axis + 1)
+    return x.reshape(s[:axis] + (groups * size,) + s[axis + 1:])
 
 
 def to_chunks(x, C: int):

@@ -11,6 +11,7 @@ so a pair's gradient reaches only the gates between its two ends and nothing can
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 
@@ -37,3 +38,11 @@ def segsum(g):
     x = jnp.where(s[:, None] > s[None, :], g[..., :, None], 0.0)  # x[s, j] = g_s for s > j
     d = jnp.cumsum(x, axis=-2)                                       # d[i, j] = sum_{j<s<=i} g_s
     return jnp.where(s[:, None] >= s[None, :], d, -jnp.inf)
+
+
+def step_size(dt, bias=None, softplus: bool = False):
+    """Mamba's step size in float32: softplus(dt + bias), or dt + bias without `softplus`."""
+    dt = dt.astype(jnp.float32)
+    if bias is not None:
+        dt = dt + bias.astype(jnp.float32)
+    return jax.nn.softplus(dt) if softplus else dt
