@@ -64,9 +64,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from linear_jax.kernels._compat import dot, interpret, pl, triton_params
+from linear_jax.kernels.gpu import selective_lanes
 from linear_jax.kernels.gpu.common import _pow2, next_pow2
 
 from linear_jax.ops.common.chunking import pad_groups, pad_to, resets, unpad_groups
+from linear_jax.ops.selective_scan import unfused
 
 f32 = jnp.float32
 MIN_DOT = 16  # Triton's smallest dot dimension: the parallel path needs C >= 16 and BD * N >= 16
@@ -413,10 +415,8 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, *, initi
     cfg = config or CONFIG
     kw = dict(initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size)
     if cfg.layout == "lanes":
-        from linear_jax.kernels.gpu import selective_lanes
         return selective_lanes.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                               cfg=cfg, **kw)
-    from linear_jax.ops.selective_scan import unfused
     tile = functools.partial(selective_scan_tile, config=cfg)
     return unfused(tile)(u, delta, A, B, C, D, z, delta_bias, delta_softplus, **kw)
 

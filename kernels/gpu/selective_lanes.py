@@ -31,6 +31,7 @@ padded for the arithmetic (lanes are unrolled), only in B / C's blocks.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -55,20 +56,19 @@ def _step_size(dl, bias, softplus):
     return jnp.where(x > 0, x + jnp.log1p(jnp.exp(-x)), jnp.log1p(jnp.exp(x))) if softplus else x
 
 
+@dataclasses.dataclass(frozen=True)
 class _S:
-    """The static facts of one call (hashable: a `functools.cache` key)."""
+    """The static facts of one call (hashable: the `functools.cache` key of `_core`)."""
 
-    def __init__(self, T, C, BD, N, softplus, has_z, has_seg, warps, warps_bwd):
-        self.T, self.C, self.BD, self.N = T, C, BD, N
-        self.softplus, self.has_z, self.has_seg = softplus, has_z, has_seg
-        self.warps, self.warps_bwd = warps, warps_bwd
-        self._key = (T, C, BD, N, softplus, has_z, has_seg, warps, warps_bwd)
-
-    def __hash__(self):
-        return hash(self._key)
-
-    def __eq__(self, other):
-        return isinstance(other, _S) and self._key == other._key
+    T: int
+    C: int
+    BD: int
+    N: int
+    softplus: bool
+    has_z: bool
+    has_seg: bool
+    warps: int
+    warps_bwd: int
 
 
 def _load(s, refs, t, dy_ref=None):

@@ -48,6 +48,7 @@ from linear_jax.kernels.tpu._layout import F32, round_up
 from linear_jax.kernels.tpu.config import DEFAULT, TpuConfig
 
 from linear_jax.ops.common.chunking import pad_groups, pad_time, pad_to, resets, unpad_groups
+from linear_jax.ops.selective_scan import unfused
 
 _SQ = _compat.SQUEEZED
 
@@ -305,5 +306,4 @@ def selective_scan(dt, x, A, Bm, Cm, *, initial_state, segment_ids, chunk_size, 
 def selective_scan_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, **kw):
     """The op's impl signature (the registry's entry): the step size, the D skip and the z gate run
     in XLA around `selective_scan`."""
-    from linear_jax.ops.selective_scan import unfused
     return unfused(selective_scan)(u, delta, A, B, C, D, z, delta_bias, delta_softplus, **kw)
