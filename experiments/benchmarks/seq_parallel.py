@@ -36,9 +36,11 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from experiments.benchmarks import common  # noqa: E402
-from linear_jax import ops  # noqa: E402
+from linear_jax import (
+    _compat,  # noqa: E402
+    ops,  # noqa: E402
+)
 from linear_jax import parallel as sp  # noqa: E402
-from linear_jax.parallel import _compat  # noqa: E402
 
 DECAY = ("linear_attention", "simple_gla", "gla")
 DELTA = ("delta_rule", "gated_delta_rule")

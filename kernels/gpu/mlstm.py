@@ -49,7 +49,7 @@ from linear_jax.kernels._compat import dot, interpret, pl, triton_params
 from linear_jax.kernels.gpu import common
 
 from linear_jax.ops.common.chunking import doc_index, pad_time, resets
-from linear_jax.ops.mlstm import normalise
+from linear_jax.ops.common.normalise import normalise
 
 CONFIG = common.DecayConfig()
 f32 = jnp.float32

@@ -68,7 +68,7 @@ from linear_jax.kernels.gpu import selective_lanes
 from linear_jax.kernels.gpu.common import _pow2, next_pow2
 
 from linear_jax.ops.common.chunking import pad_groups, pad_to, resets, unpad_groups
-from linear_jax.ops.selective_scan import unfused
+from linear_jax.ops.common.selective import unfused
 
 f32 = jnp.float32
 MIN_DOT = 16  # Triton's smallest dot dimension: the parallel path needs C >= 16 and BD * N >= 16

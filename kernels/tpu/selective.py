@@ -48,7 +48,7 @@ from linear_jax.kernels.tpu._layout import F32, round_up
 from linear_jax.kernels.tpu.config import DEFAULT, TpuConfig
 
 from linear_jax.ops.common.chunking import pad_groups, pad_time, pad_to, resets, unpad_groups
-from linear_jax.ops.selective_scan import unfused
+from linear_jax.ops.common.selective import unfused
 
 _SQ = _compat.SQUEEZED
 

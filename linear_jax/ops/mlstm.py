@@ -49,22 +49,15 @@ from linear_jax.ops import _checks, _dispatch
 from linear_jax.ops.common.chunking import doc_masks, from_chunks, num_chunks, to_chunks
 from linear_jax.ops.common.gates import rev_cumsum_excl, segsum
 from linear_jax.ops.common.heads import default_scale, repeat_heads
+from linear_jax.ops.common.normalise import normalise
 from linear_jax.ops.common.recurrent import scan_time
 
 _HI = lax.Precision.HIGHEST
-_MAX_LOG_FLOOR = 80.0        # exp(80) ~ 5.5e34: finite in float32, see the module docstring
 f32 = lambda x: x.astype(jnp.float32)
 
 
 def _einsum(spec, *xs):
     return jnp.einsum(spec, *xs, precision=_HI, preferred_element_type=jnp.float32)
-
-
-def normalise(num, nq, m, eps):
-    """h = num / (max(|nq|, exp(-m)) + eps), the floor guarded as the module docstring says;
-    num [..., V], nq and m [...]."""
-    den = jnp.maximum(jnp.abs(nq), jnp.exp(jnp.minimum(-m, _MAX_LOG_FLOOR))) + eps
-    return num / den[..., None]
 
 
 def _state0(initial_state, B, H, K, V):

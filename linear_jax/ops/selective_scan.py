@@ -22,14 +22,13 @@ around their scan, the GPU kernel fuses them.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from linear_jax.kernels import registry
 from linear_jax.ops import _checks, _dispatch
 from linear_jax.ops.common.elementwise_chunk import chunk_scan_fused
-from linear_jax.ops.common.gates import step_size
 from linear_jax.ops.common.recurrent import scan_time
+from linear_jax.ops.common.selective import unfused
 
 
 def _per_channel(M, D: int):
@@ -63,37 +62,6 @@ def selective_scan_chunk(dt, dtu, A, Bm, Cm, *, initial_state, segment_ids, chun
 
     return chunk_scan_fused(make, read, (dt, dtu, Bm, Cm), h0, segment_ids=segment_ids,
                             chunk_size=chunk_size)
-
-
-def prepare(u, delta, A, B, C, delta_bias, delta_softplus):
-    """The op's arguments as the unfused impls take them, float32: (dt, dt * u, A, B, C) with
-    B, C grouped [B, T, G, N]."""
-    f32 = lambda x: x.astype(jnp.float32)
-    dt = step_size(delta, delta_bias, delta_softplus)
-    group = lambda M: f32(M)[:, :, None] if M.ndim == 3 else f32(M)
-    return dt, dt * f32(u), f32(A), group(B), group(C)
-
-
-def finish(y, u, D, z):
-    """y + D u, then times silu(z) (float32)."""
-    y = y.astype(jnp.float32)
-    if D is not None:
-        y = y + D.astype(jnp.float32) * u.astype(jnp.float32)
-    if z is not None:
-        y = y * jax.nn.silu(z.astype(jnp.float32))
-    return y
-
-
-def unfused(core):
-    """An impl with the op's arguments from `core(dt, dt * u, A, B, C, **kw)`: the step size, the
-    D skip and the z gate in XLA around it. Every impl takes (u, delta, A, B, C, D, z, delta_bias,
-    delta_softplus, *, initial_state, segment_ids[, chunk_size]) and returns (y, final state); a
-    kernel may fuse what this does in XLA."""
-    def impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, **kw):
-        y, hT = core(*prepare(u, delta, A, B, C, delta_bias, delta_softplus), **kw)
-        return finish(y, u, D, z), hT
-
-    return impl
 
 
 def _check_bc(name, M, Bsz, T, D, N):

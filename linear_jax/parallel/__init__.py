@@ -6,8 +6,8 @@ or layer call, runs a whole model split along T (`linear_jax.parallel.dispatch`)
 docs/sequence_parallel.md.
 """
 
+from linear_jax._compat import make_mesh
 from linear_jax.parallel import attention, conv, dispatch
-from linear_jax.parallel._compat import make_mesh
 from linear_jax.parallel.decay import gla, linear_attention, simple_gla
 from linear_jax.parallel.delta import delta_rule, gated_delta_rule
 from linear_jax.parallel.dispatch import SeqParallel

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from linear_jax.parallel import _compat
+from linear_jax import _compat
 
 _HI = lax.Precision.HIGHEST
 MODES = ("saved", "rerun", "autodiff")

@@ -21,9 +21,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from linear_jax import _compat
 from linear_jax.ops.common.chunking import doc_index
 from linear_jax.ops.short_conv import short_conv as _short_conv
-from linear_jax.parallel import _compat
 from linear_jax.parallel.mesh import BATCH_AXES, _axes
 
 

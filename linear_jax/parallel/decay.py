@@ -26,10 +26,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from linear_jax import ops
+from linear_jax import _compat, ops
 from linear_jax.ops.common.chunking import doc_index
 from linear_jax.ops.common.heads import default_scale, repeat_heads
-from linear_jax.parallel import _compat, zeco
+from linear_jax.parallel import zeco
 from linear_jax.parallel.affine import affine_shard
 from linear_jax.parallel.mesh import resolved_impl, run_on_mesh
 

@@ -20,9 +20,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from linear_jax import ops
+from linear_jax import _compat, ops
 from linear_jax.ops.common.heads import default_scale
-from linear_jax.parallel import _compat
 from linear_jax.parallel.affine import affine_shard
 from linear_jax.parallel.decay import DEFAULT_MODE
 from linear_jax.parallel.mesh import run_on_mesh

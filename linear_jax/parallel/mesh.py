@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from jax.sharding import PartitionSpec as P
 
+from linear_jax import _compat
 from linear_jax.kernels import registry
 from linear_jax.ops import _dispatch
-from linear_jax.parallel import _compat
 
 BATCH_AXES = ("data", "fsdp")
 HEAD_AXES = ("tensor",)

@@ -21,10 +21,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
+from linear_jax import _compat
 from linear_jax.ops.common.chunking import from_chunks, to_chunks
 from linear_jax.ops.common.decay_chunk import chunk_pieces, pass_states
 from linear_jax.ops.common.heads import repeat_heads
-from linear_jax.parallel import _compat
 
 
 def _einsum(spec, *xs):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from linear_jax import _compat
 from linear_jax.ops.short_conv import short_conv
-from linear_jax.parallel import _compat
 from linear_jax.parallel.attention import attention, from_zigzag, positions, to_zigzag
 from linear_jax.parallel.conv import halo_short_conv
 from tests.parallel.common import packed_segments

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from linear_jax import ops
+from linear_jax import _compat, ops
 from linear_jax import parallel as sp
-from linear_jax.parallel import _compat
 from tests.parallel.common import SINGLE, C, compare, draw, packed_segments
 from tests.utils import assert_close
 

@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from linear_jax import _compat
 from linear_jax import parallel as sp
-from linear_jax.parallel import _compat
 from tests.parallel.common import SINGLE, draw
 
 pytestmark = pytest.mark.timeout(300)

@@ -1,10 +1,11 @@
-"""The JAX-version-specific pieces of `linear_jax.parallel`, in one place.
+"""Everything in linear_jax that depends on the JAX version, in one place.
 
-Tested on jax 0.10.x (CPU) and 0.11.x (GPU). What moves between versions: where `shard_map` lives
-and whether its checking flag is `check_vma` or `check_rep`; the axis types `jax.make_mesh`
-defaults to (Explicit in recent versions, which `shard_map` rejects for unsharded inputs); how an
-all-gather whose result is the same on every device is spelled (`all_gather(..., to="invarying")`,
-else the older `all_gather_invariant`); whether values carry a varying-manual-axes (vma) type.
+Tested on jax 0.10.x (CPU) and 0.11.x (GPU). For `linear_jax.parallel`, what moves between
+versions: where `shard_map` lives and whether its checking flag is `check_vma` or `check_rep`; the
+axis types `jax.make_mesh` defaults to (Explicit in recent versions, which `shard_map` rejects for
+unsharded inputs); how an all-gather whose result is the same on every device is spelled
+(`all_gather(..., to="invarying")`, else the older `all_gather_invariant`); whether values carry a
+varying-manual-axes (vma) type.
 """
 
 from __future__ import annotations

@@ -1,0 +1,286 @@
+"""Every kernel's tunables, as frozen dataclasses, and their per-device defaults: the one place.
+
+A config is an argument: `op(..., impl="pallas", config=TritonChunkConfig(chunk=128))`, or a tuple
+of configs held by a model (`LMConfig.kernel_config`) from which each kernel takes the one of its
+type. `Class.default(device)` is what a kernel runs with when given none; it reads the device's
+multiprocessor count where a tunable depends on it (grids are sized to keep every SM busy).
+
+Every config has `interpret`: None runs compiled on the kernel's own platform and in Pallas
+interpret mode on a CPU; True forces interpret mode; False forces the compiled lowering, which is
+how tests export a kernel for its platform from a CPU host (`jax.export(..., platforms=[...])`).
+
+This module imports nothing from Pallas, so models and configs can hold kernel configs cheaply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+# Multiprocessors of the GPU the tunables were measured on (H100 / H200): grids are sized in
+# multiples of this when a device does not report its own count.
+_DEFAULT_SMS = 132
+
+
+def _pow2(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+def next_pow2(x: int, lo: int = 16) -> int:
+    p = lo
+    while p < x:
+        p *= 2
+    return p
+
+
+def multiprocessors(device) -> int:
+    """The device's SM count (`core_count` on CUDA devices), else that of an H100 / H200."""
+    n = getattr(device, "core_count", None) if device is not None else None
+    return int(n) if n else _DEFAULT_SMS
+
+
+def _check_interpret(cls, value):
+    if value not in (None, True, False):
+        raise ValueError(f"{cls}.interpret must be None, True or False, got {value!r}")
+
+
+# --- Triton-lowered GPU kernels (any NVIDIA GPU) -------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class TritonChunkConfig:
+    """The Triton kernels of the chunk family: linear attention, simple GLA, GLA (vector gate),
+    the delta rule and Gated DeltaNet, and mLSTM (`kernels/gpu/`).
+
+    chunk: C, rows per chunk (the op's chunk_size, clamped to [16, 128] and a power of two).
+    sub_chunk: c, rows of the vector gate's sub-chunks (both factors of an off-diagonal block <= 1)
+      and of the UT inverse's diagonal blocks.
+    block_k, block_v: tiles of the state [K, V] in the sequential state passes.
+    block_v_out: value tile of the output kernel and of the backward's value loop.
+    block_k_bwd: key tile of the backward kernel (the K axis of its grid).
+    min_programs: the state passes halve their tiles (down to 32 x 16) while their grid has fewer
+      programs than this (256, swept on an H100 and an H200: at B*H = 16 a [64, 64] tiling leaves
+      64 programs, half the SMs idle through a pass that is sequential in T).
+    fused_fwd: the forward as one state-and-output pass: True, False, or None to decide by the grid
+      it would have; block_v_fused is its value tile.
+    warps_* / stages_*: Triton's num_warps and num_stages of each kernel.
+    """
+
+    chunk: int = 64
+    sub_chunk: int = 16
+    block_k: int = 64
+    block_v: int = 64
+    block_v_out: int = 64
+    block_k_bwd: int = 128
+    min_programs: int = 256
+    warps_state: int = 4
+    stages_state: int = 2
+    warps_out: int = 4
+    stages_out: int = 2
+    warps_bwd: int = 8
+    stages_bwd: int = 1
+    warps_intra: int = 4
+    fused_fwd: bool | None = None
+    block_v_fused: int = 64
+    warps_fused: int = 4
+    stages_fused: int = 2
+    interpret: bool | None = None
+
+    def __post_init__(self):
+        name = type(self).__name__
+        for f in ("chunk", "sub_chunk", "block_k", "block_v", "block_v_out", "block_k_bwd",
+                  "block_v_fused"):
+            val = getattr(self, f)
+            if not _pow2(val) or val < 16:
+                raise ValueError(f"{name}.{f} must be a power of two >= 16, got {val}")
+        if self.chunk > 128 or self.chunk % self.sub_chunk:
+            raise ValueError(f"{name}: chunk {self.chunk} must be <= 128 and a multiple of "
+                             f"sub_chunk {self.sub_chunk}")
+        for f in ("warps_state", "warps_out", "warps_bwd", "warps_intra", "warps_fused"):
+            if getattr(self, f) not in (1, 2, 4, 8, 16):
+                raise ValueError(f"{name}.{f} must be 1, 2, 4, 8 or 16, got {getattr(self, f)}")
+        for f in ("stages_state", "stages_out", "stages_bwd", "stages_fused"):
+            if not 1 <= getattr(self, f) <= 6:
+                raise ValueError(f"{name}.{f} must be in [1, 6], got {getattr(self, f)}")
+        if self.min_programs < 1:
+            raise ValueError(f"{name}.min_programs must be positive, got {self.min_programs}")
+        _check_interpret(name, self.interpret)
+
+    @classmethod
+    def default(cls, device=None) -> TritonChunkConfig:
+        return cls()
+
+    def for_chunk(self, chunk_size: int) -> TritonChunkConfig:
+        """This config at the op's chunk_size (a power of two in [16, 128])."""
+        return dataclasses.replace(self, chunk=min(128, next_pow2(int(chunk_size))))
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonScanConfig:
+    """The Triton kernels of the element-wise scans (hgrn, diagonal_scan; `kernels/gpu/`).
+
+    chunk, chunk_bwd: time steps unrolled per loop iteration (all their loads in flight at once);
+      the op's chunk_size caps both. The backward reads three rows per step, hence its shorter
+      chunk (registers); complex inputs (two planes per row) halve both.
+    block_d: channels per program (a power of two), halved (down to min_block_d) while the grid has
+      fewer than min_programs programs: the work is sequential in T, so parallelism is B * D / BD.
+    warps: warps per program (None: BD / 32, one channel per thread, clamped to [1, 8]).
+    """
+
+    chunk: int = 64
+    chunk_bwd: int = 32
+    block_d: int = 128
+    min_block_d: int = 32
+    min_programs: int = 2 * _DEFAULT_SMS
+    warps: int | None = None
+    stages: int = 1
+    interpret: bool | None = None
+
+    def __post_init__(self):
+        name = type(self).__name__
+        for f in ("block_d", "min_block_d"):
+            if not _pow2(getattr(self, f)) or getattr(self, f) < 16:
+                raise ValueError(f"{name}.{f} must be a power of two >= 16, got {getattr(self, f)}")
+        for f in ("chunk", "chunk_bwd"):
+            if not 1 <= getattr(self, f) <= 128:
+                raise ValueError(f"{name}.{f} must be in [1, 128], got {getattr(self, f)}")
+        if self.warps not in (None, 1, 2, 4, 8, 16):
+            raise ValueError(f"{name}.warps must be None, 1, 2, 4, 8 or 16, got {self.warps}")
+        _check_interpret(name, self.interpret)
+
+    @classmethod
+    def default(cls, device=None) -> TritonScanConfig:
+        return cls(min_programs=2 * multiprocessors(device))
+
+    def block(self, B: int, D: int) -> int:
+        bd = min(self.block_d, next_pow2(D))
+        while B * -(-D // bd) < self.min_programs and bd > self.min_block_d:
+            bd //= 2
+        return bd
+
+    def num_warps(self, bd: int) -> int:
+        return self.warps or max(1, min(8, bd // 32))
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonSelectiveConfig:
+    """The Triton kernel of the selective scan (Mamba-1; `kernels/gpu/selective.py`).
+
+    chunk: C, steps between stored states (capped by the op's chunk_size; a program holds
+    [C, BD, N] float32 tiles). block_d: channels per program, halved (down to min_block_d) while
+    the grid has fewer than min_programs programs. parallel: take the time-parallel path for
+    chunks whose decay span (-sum_t dt_t A over the chunk, every element) is at most `span` (needs
+    C >= 16); other chunks, and every chunk when False, run step by step. span: the exponents are
+    rebased to the chunk's midpoint, so factors reach e^{span / 2} (up to 80: e^40, far from
+    float32's e^88).
+
+    Defaults from the H200 runs (benchmarks/NOTES.md, B=4 T=4096 D=2048 N=16 bf16, fwd / fwd+bwd):
+    chunk 8 (every chunk sequential) 2.79 / 5.99 ms against chunk 16 (parallel chunks) 3.10 / 9.53.
+    """
+
+    chunk: int = 8
+    block_d: int = 32
+    min_block_d: int = 16
+    min_programs: int = 2 * _DEFAULT_SMS
+    warps: int = 4
+    warps_bwd: int = 4
+    stages: int = 1
+    parallel: bool = True
+    span: float = 60.0
+    interpret: bool | None = None
+
+    def __post_init__(self):
+        name = type(self).__name__
+        for f in ("block_d", "min_block_d"):
+            if not _pow2(getattr(self, f)):
+                raise ValueError(f"{name}.{f} must be a power of two, got {getattr(self, f)}")
+        if not 1 <= self.chunk <= 64:
+            raise ValueError(f"{name}.chunk must be in [1, 64], got {self.chunk}")
+        if self.warps not in (1, 2, 4, 8) or self.warps_bwd not in (1, 2, 4, 8):
+            raise ValueError(f"{name}.warps, warps_bwd must be 1, 2, 4 or 8")
+        if not 0.0 <= self.span <= 80.0:
+            raise ValueError(f"{name}.span must be in [0, 80], got {self.span}")
+        _check_interpret(name, self.interpret)
+
+    @classmethod
+    def default(cls, device=None) -> TritonSelectiveConfig:
+        return cls(min_programs=2 * multiprocessors(device))
+
+    def block(self, B: int, G: int, Dg: int) -> int:
+        bd = min(self.block_d, next_pow2(Dg, 1))
+        while B * G * -(-Dg // bd) < self.min_programs and bd > self.min_block_d:
+            bd //= 2
+        return bd
+
+
+# --- Mosaic TPU kernels --------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class TpuConfig:
+    """The Mosaic TPU kernels of the chunk family (simple GLA, GLA, the delta rule; `kernels/tpu/`).
+
+    chunk: time block per grid step (the chunk of the chunk-parallel form). None takes the op's
+      `chunk_size`, rounded up to the dtype's sublane packing (8 rows for 32-bit, 16 for 16-bit).
+      64 or 128 keep the [C, C] intra matrices one MXU tile.
+    lane: K and V are zero-padded to a multiple of this (the vreg lane width and MXU edge).
+    sub_chunk: GLA's sub-chunk (the vector gate's intra-chunk factoring); a power of 2, used as
+      gcd(chunk, sub_chunk).
+    vmem_limit_bytes: scoped VMEM limit handed to Mosaic (None: the compiler default).
+    """
+
+    chunk: int | None = None
+    lane: int = 128
+    sub_chunk: int = 16
+    vmem_limit_bytes: int | None = None
+    interpret: bool | None = None
+
+    def __post_init__(self):
+        if self.chunk is not None and (self.chunk < 8 or self.chunk % 8):
+            raise ValueError(f"TpuConfig.chunk must be a positive multiple of 8, got {self.chunk}")
+        if self.lane < 128 or self.lane % 128:
+            raise ValueError(f"TpuConfig.lane must be a multiple of 128, got {self.lane}")
+        if self.sub_chunk < 8 or self.sub_chunk & (self.sub_chunk - 1):
+            raise ValueError(f"TpuConfig.sub_chunk must be a power of 2 >= 8, got {self.sub_chunk}")
+        if self.vmem_limit_bytes is not None and self.vmem_limit_bytes <= 0:
+            raise ValueError("TpuConfig.vmem_limit_bytes must be positive, got "
+                             f"{self.vmem_limit_bytes}")
+        _check_interpret("TpuConfig", self.interpret)
+
+    @classmethod
+    def default(cls, device=None) -> TpuConfig:
+        return cls()
+
+    def chunk_for(self, chunk_size: int, itemsize: int) -> int:
+        pack = 8 * max(1, 4 // itemsize)
+        C = self.chunk or int(chunk_size)
+        return -(-C // pack) * pack
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuSelectiveConfig:
+    """The Mosaic TPU kernel of the selective scan (`kernels/tpu/selective.py`).
+
+    block_d: channels per program (lanes, a multiple of 128; lowered to the largest multiple of
+    128 dividing each group's padded channels). tpu: chunk (the op's chunk_size when None),
+    vmem_limit_bytes and interpret, as for the other TPU kernels.
+    """
+
+    block_d: int = 256
+    tpu: TpuConfig = TpuConfig()
+
+    def __post_init__(self):
+        if self.block_d < 128 or self.block_d % 128:
+            raise ValueError(f"TpuSelectiveConfig.block_d must be a positive multiple of 128, "
+                             f"got {self.block_d}")
+
+    @property
+    def interpret(self):
+        return self.tpu.interpret
+
+    @classmethod
+    def default(cls, device=None) -> TpuSelectiveConfig:
+        return cls()
+
+    def block(self, Dgp: int) -> int:
+        bd = min(self.block_d, Dgp)
+        while Dgp % bd:
+            bd -= 128
+        return bd
