@@ -284,3 +284,50 @@ class TpuSelectiveConfig:
         while Dgp % bd:
             bd -= 128
         return bd
+
+
+# --- Mosaic GPU kernels (Hopper: TMA, wgmma, warpgroups) -----------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class HopperChunkConfig:
+    """The Mosaic GPU (Hopper, sm_90) kernels of the chunk family (`kernels/gpu/hopper/`).
+
+    chunk: C, rows per chunk: 64 (one wgmma M tile; the [C, C] intra blocks stay in registers).
+    stages: depth of the TMA pipeline of the sequential walks (forward, reverse state pass): chunks
+      in flight in shared memory while one computes (2 or 3; 3 takes ~210 KB of SMEM at K=V=128).
+    stages_grad: the same for the chunk-parallel gradient kernel (its stage holds 8 tiles: 2 fit).
+    grad_programs: CTAs of the persistent gradient kernel (None: the device's SM count).
+    semantics: the Mosaic GPU lowering, "lane" (explicit register layouts; the default of jax
+      0.10) or "warpgroup" (the default of jax 0.11). The kernels lower under both.
+    approx_math: let exp lower to the fast approximate instruction (ex2.approx).
+    """
+
+    chunk: int = 64
+    stages: int = 2
+    stages_grad: int = 2
+    grad_programs: int | None = None
+    semantics: str = "lane"
+    approx_math: bool = False
+    interpret: bool | None = None
+
+    def __post_init__(self):
+        name = type(self).__name__
+        if self.chunk != 64:
+            raise ValueError(f"{name}.chunk must be 64 (one wgmma tile), got {self.chunk}")
+        if self.stages not in (2, 3) or self.stages_grad not in (1, 2):
+            raise ValueError(f"{name}: stages must be 2 or 3 and stages_grad 1 or 2, got "
+                             f"{self.stages}, {self.stages_grad}")
+        if self.grad_programs is not None and self.grad_programs < 1:
+            raise ValueError(f"{name}.grad_programs must be positive, got {self.grad_programs}")
+        if self.semantics not in ("lane", "warpgroup"):
+            raise ValueError(f"{name}.semantics must be 'lane' or 'warpgroup', got "
+                             f"{self.semantics!r}")
+        _check_interpret(name, self.interpret)
+
+    @classmethod
+    def default(cls, device=None) -> HopperChunkConfig:
+        return cls(grad_programs=multiprocessors(device))
+
+    def for_chunk(self, chunk_size: int) -> HopperChunkConfig:
+        """The op's chunk_size does not change the kernels' chunk (64: one wgmma tile)."""
+        return self

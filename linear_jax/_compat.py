@@ -80,3 +80,48 @@ def zeros_varying(shape, *like, exclude=()):
     if hasattr(lax, "pcast"):
         return lax.pcast(z, tuple(sorted(axes)), to="varying")
     return lax.pvary(z, tuple(sorted(axes)))
+
+
+# --- Mosaic GPU (Pallas on Hopper; kernels/gpu/hopper) ----------------------------------------------
+# Imported lazily: `import linear_jax` never pulls in Pallas. What moves between jax 0.10 (CPU, CI)
+# and 0.11 (the device), as read from jax's source at both:
+# - `plgpu.kernel` takes `out_shape=` or `out_type=` in 0.10 and only `out_type=` in 0.11.2: we
+#   always pass `out_type=`.
+# - `CompilerParams.lowering_semantics` defaults to Lane in 0.10 and to Warpgroup in 0.11.0: we
+#   always pass it (HopperChunkConfig.semantics), so both versions lower the same program.
+# - `plgpu.load(ref, idx, layout=...)` needs the index in 0.10 and deprecates it in 0.11: we write
+#   `layout_cast(ref[...], layout)`, which is what `load` does in both.
+# - `pl.pallas_call(..., compiler_params=plgpu.CompilerParams())` does not lower on the GPU in
+#   0.11.2 (checked on the device): kernels use `plgpu.kernel`.
+# - The GPU interpreter (`InterpretGPUParams`, only under jax._src in 0.10 and 0.11) runs TMA copies,
+#   mbarriers and SMEM loads on a CPU, but in 0.10.2 not `layout_cast`, nor a wgmma whose operand is
+#   transposed or held in registers: the kernels swap those for plain ops when interpreting.
+
+
+def mosaic_gpu():
+    """(pl, plgpu): `jax.experimental.pallas` and its Mosaic GPU module."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    return pl, plgpu
+
+
+def mosaic_gpu_interpret_params():
+    """The parameters that run a `plgpu.kernel` in the GPU interpreter on a CPU."""
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    return InterpretGPUParams()
+
+
+def mosaic_gpu_kernel(body, *, out_type, grid, grid_names, num_threads, thread_name,
+                      scratch_types, semantics: str, approx_math: bool, interpret: bool,
+                      name: str):
+    """`plgpu.kernel` with the lowering semantics named ("lane" | "warpgroup") and the output
+    types under the keyword both versions take; in the GPU interpreter when `interpret`."""
+    _, plgpu = mosaic_gpu()
+    sem = {"lane": plgpu.LoweringSemantics.Lane,
+           "warpgroup": plgpu.LoweringSemantics.Warpgroup}[semantics]
+    extra = {"interpret": mosaic_gpu_interpret_params()} if interpret else {}
+    return plgpu.kernel(
+        body, out_type=out_type, grid=grid, grid_names=grid_names, num_threads=num_threads,
+        thread_name=thread_name, scratch_types=scratch_types, kernel_name=name,
+        compiler_params=plgpu.CompilerParams(lowering_semantics=sem, approx_math=approx_math),
+        **extra)

@@ -1,0 +1,212 @@
+"""Shared pieces of the Hopper (Mosaic GPU) kernels: the register/matmul vocabulary, SMEM tiles,
+input checks and padding, and the per-token gate rows every scalar-gate kernel reads.
+
+Layouts. A compute warpgroup holds [64, N] float32 tiles in the wgmma accumulator layout
+(`Layout.WGMMA`); a vector indexed by the rows of such a tile is `WGMMA.reduce(1)` ("row"), one
+indexed by its columns `WGMMA.reduce(0)` ("col"). bf16/fp16 tiles in SMEM are tiled (8, 64) with the
+128-byte swizzle (the wgmma operand format, and what TMA writes); float32 tiles staged for TMA are
+tiled (8, 32) with the same swizzle (an unswizzled float32 tile has no conflict-free transfer to
+the accumulator layout).
+
+Interpret mode (`HopperChunkConfig.interpret`, or any CPU backend): the kernels run in jax's GPU
+interpreter, which executes TMA copies, mbarriers and SMEM loads and stores but (jax 0.10.2) neither
+`layout_cast` nor a wgmma with a transposed or register operand; `Ops` then computes each matmul
+with `jnp.dot` on the loaded tiles (float32 accumulation, as the wgmma) and drops layout hints. The
+pipeline, indexing, masks and gate algebra are thus checked on a CPU; the wgmma operand plumbing
+and the register layouts only on the device.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax._src.pallas import core as _pallas_core
+from jax._src.state import types as _state_types
+
+from linear_jax._compat import mosaic_gpu
+from linear_jax.ops.common.chunking import doc_index, pad_time
+from linear_jax.ops.common.gates import rev_cumsum_excl
+
+pl, plgpu = mosaic_gpu()
+f32 = jnp.float32
+LANES = 64          # columns of one swizzled bf16 tile (128 bytes): the unit of every K / V split
+
+
+def interpreting(cfg) -> bool:
+    """Whether the kernels run in the GPU interpreter: cfg.interpret, or None on a CPU backend."""
+    if cfg.interpret is not None:
+        return bool(cfg.interpret)
+    return jax.default_backend() == "cpu"
+
+
+def tile_transforms(dtype):
+    """SMEM transforms of a wgmma / TMA tile of `dtype` (128-byte swizzle)."""
+    cols = 128 // jnp.dtype(dtype).itemsize
+    return (plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(128))
+
+
+def smem(shape, dtype):
+    return plgpu.SMEM(shape, dtype, transforms=tile_transforms(dtype))
+
+
+def _is_ref(x) -> bool:
+    if isinstance(x, _pallas_core.TransformedRef):
+        return True
+    return isinstance(jax.typeof(x), _state_types.AbstractRef)
+
+
+class Ops:
+    """The in-kernel vocabulary, compiled (wgmma, layouts) or interpreted (jnp.dot, no layouts)."""
+
+    def __init__(self, interpret: bool):
+        self.interpret = interpret
+
+    # -- layouts ---------------------------------------------------------------------------------
+    def acc(self, x):
+        """x as a [64, N] tile in the accumulator layout."""
+        return x if self.interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA)
+
+    def row(self, x):
+        """x [64] as a vector over the rows of an accumulator tile."""
+        return x if self.interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1))
+
+    def col(self, x):
+        """x [N] as a vector over the columns of an accumulator tile."""
+        return x if self.interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(0))
+
+    def iota(self, shape, dim):
+        if self.interpret:
+            return lax.broadcasted_iota(jnp.int32, shape, dim)
+        return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+    def zeros(self, shape):
+        return self.acc(jnp.zeros(shape, f32))
+
+    @staticmethod
+    def rows_of(vec, shape):
+        """A row vector broadcast over the columns of a [64, N] tile."""
+        return lax.broadcast_in_dim(vec, shape, [0])
+
+    @staticmethod
+    def cols_of(vec, shape):
+        """A column vector broadcast over the rows of a [M, N] tile."""
+        return lax.broadcast_in_dim(vec, shape, [1])
+
+    def registers(self, n: int, action: str):
+        if not self.interpret:
+            plgpu.set_max_registers(n, action=action)
+
+    # -- matmuls ---------------------------------------------------------------------------------
+    def _value(self, x, t):
+        x = x[...] if _is_ref(x) else x
+        return x.T if t else x
+
+    def mm(self, *products):
+        """Float32 results of several products issued together, then awaited once.
+
+        Each product is (a, b, acc, ta, tb): a [M, K] (a ref in SMEM, or a bf16/fp16 array in the
+        accumulator layout), b [K, N] a ref in SMEM, ta / tb read the ref transposed, acc None
+        (start from zero) or a float32 [M, N] array to accumulate onto."""
+        if self.interpret:
+            outs = []
+            for a, b, acc, ta, tb in products:
+                r = jnp.dot(self._value(a, ta), self._value(b, tb), preferred_element_type=f32)
+                outs.append(r if acc is None else acc + r)
+            return outs
+        shapes, inits = [], []
+        for a, b, acc, ta, tb in products:
+            m = a.shape[1] if ta else a.shape[0]
+            n = b.shape[0] if tb else b.shape[1]
+            shapes.append((m, n))
+            inits.append(plgpu.ACC.init(self.zeros((m, n)) if acc is None else acc))
+
+        def body(refs):
+            for ref, (a, b, _, ta, tb) in zip(refs, products):
+                plgpu.wgmma(ref, plgpu.transpose_ref(a, (1, 0)) if ta else a,
+                            plgpu.transpose_ref(b, (1, 0)) if tb else b)
+
+        return list(pl.run_state(body)(tuple(inits)))
+
+    def dot(self, a, b, acc=None, *, ta=False, tb=False):
+        return self.mm((a, b, acc, ta, tb))[0]
+
+
+def prod(a, b, acc=None, *, ta=False, tb=False):
+    """One product for `Ops.mm`."""
+    return (a, b, acc, ta, tb)
+
+
+# -- inputs -----------------------------------------------------------------------------------------
+def check_inputs(name: str, q, k, v):
+    """The kernels' dtype and sizes: bf16 / fp16 (the tensor cores' operands; float32 inputs are
+    refused, not rounded: the registry's Triton kernel or the chunk form computes them exactly),
+    K and V at most 128 (padded with zeros to 64 or 128). Returns (dtype, Kp, Vp)."""
+    dt = jnp.result_type(q, k, v)
+    if dt not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"{name} (Mosaic GPU): inputs must be bfloat16 or float16, got {dt}; "
+                         f"float32 runs on impl='pallas:triton' or impl='chunk'")
+    K, V = q.shape[-1], v.shape[-1]
+    if K > 128 or V > 128:
+        raise ValueError(f"{name} (Mosaic GPU): K and V must be at most 128, got K={K}, V={V}; "
+                         f"use impl='pallas:triton' or impl='chunk'")
+    pad = lambda d: LANES if d <= LANES else 2 * LANES
+    return dt, pad(K), pad(V)
+
+
+def pad_input(x, Tp: int, X: int, dt):
+    """[B, T, H, *] in dtype dt, zero-padded to Tp rows and X columns (zeros are neutral)."""
+    x = pad_time(x.astype(dt), Tp)
+    return jnp.pad(x, ((0, 0),) * 3 + ((0, X - x.shape[-1]),))
+
+
+def gate_rows(g, doc, *, scale: float, C: int, H: int):
+    """The per-token float32 rows every scalar-gate kernel reads, [B, H, R, Tp], and their names.
+
+    With G the chunk-local inclusive cumulative gate and the packed-document masks of
+    `chunking.doc_masks` (in: the row still reads the entering state; out: the row is in the
+    chunk's last document; keep: no reset inside the chunk):
+        gq  = scale exp(G_i) in_i              factor of q_i's read of the entering state
+        gk  = exp(G_last - G_j) out_j          factor of k_j v_j's write into the leaving state
+        dec = keep exp(G_last)                 the chunk's decay of the state (same on every row)
+        G   (gated only)                       for the intra-chunk decay exp(G_i - G_j), i >= j
+        doc (segment ids only)                 the document index, as float32 (exact below 2^24)
+    g: None or [B, Tp, H] float32 log decays; doc: None or [B, Tp] int32 (`padded_doc`). The
+    exponent of gk is formed as a span sum (no difference of cumulative sums). Returns (rows, or
+    None when there is neither gate nor document, and the row names)."""
+    names = row_names(g is not None, doc is not None)
+    if g is None and doc is None:
+        return None, names
+    B, Tp = (g if g is not None else doc).shape[:2]
+    N = Tp // C
+    if g is None:
+        gc = jnp.zeros((B, 1, N, C), f32)
+    else:
+        gc = jnp.moveaxis(g.astype(f32), 2, 1).reshape(B, g.shape[2], N, C)
+    G = jnp.cumsum(gc, axis=-1)
+    after = rev_cumsum_excl(gc, axis=-1)                            # sum_{s > j} g_s in the chunk
+    gq = scale * jnp.exp(G)
+    gk = jnp.exp(after)
+    dec = jnp.broadcast_to(jnp.exp(G[..., -1:]), G.shape)
+    rows = {"gq": gq, "gk": gk, "dec": dec, "G": G}
+    if doc is not None:
+        doc = doc.reshape(B, N, C)
+        d_in = jnp.concatenate([jnp.zeros_like(doc[:, :1, 0]), doc[:, :-1, -1]], axis=1)
+        in_rows = (doc == d_in[..., None])[:, None]
+        out_rows = (doc == doc[..., -1:])[:, None]
+        keep = (doc[..., -1] == d_in)[:, None, :, None]
+        rows["gq"] = jnp.where(in_rows, gq, 0.0)
+        rows["gk"] = jnp.where(out_rows, gk, 0.0)
+        rows["dec"] = jnp.where(keep, dec, 0.0)
+        rows["doc"] = jnp.broadcast_to(doc[:, None].astype(f32), G.shape)
+    out = jnp.stack([jnp.broadcast_to(rows[n], (B, H, N, C)) for n in names], axis=2)
+    return out.reshape(B, H, len(names), Tp), names
+
+
+def row_names(gated: bool, has_doc: bool):
+    return ("gq", "gk", "dec") + (("G",) if gated else ()) + (("doc",) if has_doc else ())
+
+
+def padded_doc(segment_ids, Tp: int):
+    """The document index [B, Tp] int32, padding continuing the last document."""
+    return pad_time(doc_index(segment_ids), Tp, mode="edge").astype(jnp.int32)
