@@ -294,8 +294,9 @@ class HopperChunkConfig:
 
     chunk: C, rows per chunk: 64 (one wgmma M tile; the [C, C] intra blocks stay in registers).
     stages: depth of the TMA pipeline of the sequential walks (forward, reverse state pass): chunks
-      in flight in shared memory while one computes (2 or 3; 3 takes ~210 KB of SMEM at K=V=128).
-    stages_grad: the same for the chunk-parallel gradient kernel (its stage holds 8 tiles: 2 fit).
+      in flight in shared memory while one computes (2 or 3; at K = V = 128 a stage is 49 KB and
+      the rest 96 KB, so 3 exceed the 227 KB of a CTA there: the kernel raises ValueError).
+    stages_grad: the same for the chunk-parallel gradient kernel (97 KB a stage at K = V = 128).
     grad_programs: CTAs of the persistent gradient kernel (None: the device's SM count).
     semantics: the Mosaic GPU lowering, "lane" (explicit register layouts; the default of jax
       0.10) or "warpgroup" (the default of jax 0.11). The kernels lower under both.

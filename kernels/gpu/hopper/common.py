@@ -50,6 +50,28 @@ def smem(shape, dtype):
     return plgpu.SMEM(shape, dtype, transforms=tile_transforms(dtype))
 
 
+# Dynamic SMEM a CTA may take on an H100 / H200 (227 KB), less what the lowering adds for mbarriers
+# and cross-warp reductions.
+SMEM_BYTES = 227 * 1024 - 2048
+
+
+def check_smem(name: str, scratch) -> int:
+    """The SMEM bytes of a kernel's scratch list; ValueError past SMEM_BYTES (export on a CPU
+    would not notice: the limit is the device's)."""
+    total = 0
+    for s in scratch:
+        if isinstance(s, plgpu.Barrier):
+            continue
+        n = jnp.dtype(s.dtype).itemsize
+        for d in s.shape:
+            n *= d
+        total += n
+    if total > SMEM_BYTES:
+        raise ValueError(f"{name}: {total / 1024:.1f} KB of shared memory exceeds the "
+                         f"{SMEM_BYTES / 1024:.1f} KB a CTA can have; lower the config's stages")
+    return total
+
+
 def _is_ref(x) -> bool:
     if isinstance(x, _pallas_core.TransformedRef):
         return True

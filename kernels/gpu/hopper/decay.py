@@ -64,7 +64,7 @@ from linear_jax._compat import mosaic_gpu_kernel
 from linear_jax.kernels.configs import HopperChunkConfig, multiprocessors
 from linear_jax.kernels.gpu.hopper.common import (
     LANES, Ops, check_inputs, f32, gate_rows, interpreting, pad_input, padded_doc, pl, plgpu,
-    prod, smem)
+    check_smem, prod, smem)
 from linear_jax.ops.common.chunking import pad_time
 
 PRODUCER_REGS, CONSUMER_REGS = 40, 232
@@ -76,12 +76,14 @@ def _gates(ops, gs, names, C, *, reverse: bool, scale: float):
     shape = (C, C)
     r, c = ops.iota(shape, 0), ops.iota(shape, 1)
     mask = (c >= r) if reverse else (r >= c)
+    # each vector is loaded twice, once per layout (a register relayout row <-> column does not
+    # exist)
     if "doc" in names:
-        d = gs.at[names.index("doc")][...]
-        mask = mask & (ops.rows_of(ops.row(d), shape) == ops.cols_of(ops.col(d), shape))
+        d = gs.at[names.index("doc")]
+        mask = mask & (ops.rows_of(ops.row(d[...]), shape) == ops.cols_of(ops.col(d[...]), shape))
     if "G" in names:
-        G = gs.at[names.index("G")][...]
-        Gr, Gc = ops.rows_of(ops.row(G), shape), ops.cols_of(ops.col(G), shape)
+        G = gs.at[names.index("G")]
+        Gr, Gc = ops.rows_of(ops.row(G[...]), shape), ops.cols_of(ops.col(G[...]), shape)
         span = (Gc - Gr) if reverse else (Gr - Gc)           # sum of the gates in (j, i]: <= 0
         E = scale * jnp.exp(jnp.minimum(span, 0.0))
     else:
@@ -149,14 +151,14 @@ def walk(x, y, z, rows, s0, *, names, read_row, write_row, reverse, scale, cfg, 
             ops.registers(CONSUMER_REGS, "increase")
             vc = pl.ds(w * LANES, LANES)
             kblk = [pl.ds(r * LANES, LANES) for r in range(NKB)]
-            fw, ow, ww = fs.at[w], os_.at[w], ws.at[w]
+            fw, ow, ww, sw = fs.at[w], os_.at[w], ws.at[w], st.at[w]
             S = []
             for kr in kblk:                               # the initial state, 64 rows at a time
                 plgpu.copy_gmem_to_smem(s0_ref.at[b, h, kr, vc], fw, own_bar.at[w])
                 plgpu.barrier_wait(own_bar.at[w])
                 blk = ops.acc(fw[...])
                 S.append(blk)
-                st[kr, vc] = blk.astype(dt)
+                sw[kr, :] = blk.astype(dt)
                 plgpu.commit_smem()                       # also: fw is read before it is reused
 
             def step_fn(step, S):
@@ -165,8 +167,8 @@ def walk(x, y, z, rows, s0, *, names, read_row, write_row, reverse, scale, cfg, 
                 xq, yk, zv = xs.at[slot], ys.at[slot], zs.at[slot]
                 plgpu.barrier_wait(in_bar.at[slot])
                 if residuals:                             # S_n, as this chunk reads it
-                    plgpu.copy_smem_to_gmem(st.at[:, vc], states_ref.at[b, h, n, :, vc])
-                A, o = ops.mm(prod(xq, yk, tb=True), prod(xq, st.at[:, vc]))
+                    plgpu.copy_smem_to_gmem(sw, states_ref.at[b, h, n, :, vc])
+                A, o = ops.mm(prod(xq, yk, tb=True), prod(xq, sw))
                 g = gs.at[slot] if has_rows else None
                 A = A * _gates(ops, g, names, C, reverse=reverse, scale=scale)
                 if has_rows:
@@ -190,7 +192,7 @@ def walk(x, y, z, rows, s0, *, names, read_row, write_row, reverse, scale, cfg, 
                 plgpu.barrier_arrive(used_bar.at[slot])   # every read of this slot is complete
                 plgpu.wait_smem_to_gmem(1, wait_read_only=True)   # the state store has read st
                 for i, kr in enumerate(kblk):
-                    st[kr, vc] = S[i].astype(dt)
+                    sw[kr, :] = S[i].astype(dt)
                 plgpu.commit_smem()
                 return tuple(S)
 
@@ -209,11 +211,12 @@ def walk(x, y, z, rows, s0, *, names, read_row, write_row, reverse, scale, cfg, 
     scratch = [smem((stages, C, K), dt), smem((stages, C, K), dt), smem((stages, C, V), dt)]
     if has_rows:
         scratch.append(plgpu.SMEM((stages, rows.shape[2], C), f32))
-    scratch += [smem((K, V), dt), smem((NW, C, LANES), dt), smem((NW, C, LANES), dt),
+    scratch += [smem((NW, K, LANES), dt), smem((NW, C, LANES), dt), smem((NW, C, LANES), dt),
                 smem((NW, LANES, LANES), f32),
                 plgpu.Barrier(num_arrivals=n_copies, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=NW, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=1, num_barriers=NW)]
+    check_smem("simple_gla walk", scratch)
     kernel = mosaic_gpu_kernel(
         body, out_type=out_type, grid=(B, H), grid_names=("b", "h"), num_threads=NW + 1,
         thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
@@ -331,7 +334,7 @@ def grad(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
                 da_s[...] = (dk + dki).astype(dt)         # the dk wgmma has read dA: reuse
                 sts[0] = Qq
                 sts[1] = Qk
-                sts[2] = R if gated else jnp.zeros_like(Qq)
+                sts[2] = R if gated else ops.row(jnp.zeros((C,), f32))
                 sts[3] = Qd
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(oq_s, dq_ref.at[b, t, h, kr])
@@ -351,6 +354,7 @@ def grad(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
                 plgpu.Barrier(num_arrivals=1, num_barriers=stages)]
     out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, K), dt),
                 jax.ShapeDtypeStruct((NKB, B, H, 4, Tp), f32)]
+    check_smem("simple_gla grad", scratch)
     kernel = mosaic_gpu_kernel(
         body, out_type=out_type, grid=(progs,), grid_names=("p",), num_threads=2,
         thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
