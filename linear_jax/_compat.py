@@ -82,7 +82,7 @@ def zeros_varying(shape, *like, exclude=()):
     return lax.pvary(z, tuple(sorted(axes)))
 
 
-# --- Mosaic GPU (Pallas on Hopper; kernels/gpu/hopper) ----------------------------------------------
+# --- Mosaic GPU (Pallas on Hopper; kernels/gpu/hopper) --------------------------------------------
 # Imported lazily: `import linear_jax` never pulls in Pallas. What moves between jax 0.10 (CPU, CI)
 # and 0.11 (the device), as read from jax's source at both:
 # - `plgpu.kernel` takes `out_shape=` or `out_type=` in 0.10 and only `out_type=` in 0.11.2: we
@@ -93,9 +93,10 @@ def zeros_varying(shape, *like, exclude=()):
 #   `layout_cast(ref[...], layout)`, which is what `load` does in both.
 # - `pl.pallas_call(..., compiler_params=plgpu.CompilerParams())` does not lower on the GPU in
 #   0.11.2 (checked on the device): kernels use `plgpu.kernel`.
-# - The GPU interpreter (`InterpretGPUParams`, only under jax._src in 0.10 and 0.11) runs TMA copies,
-#   mbarriers and SMEM loads on a CPU, but in 0.10.2 not `layout_cast`, nor a wgmma whose operand is
-#   transposed or held in registers: the kernels swap those for plain ops when interpreting.
+# - The GPU interpreter (`InterpretGPUParams`, only under jax._src in 0.10 and 0.11) runs TMA
+#   copies, mbarriers and SMEM loads on a CPU, but in 0.10.2 not `layout_cast`, nor a wgmma whose
+#   operand is transposed or held in registers: the kernels swap those for plain ops when
+#   interpreting.
 
 
 def mosaic_gpu():

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from linear_jax.kernels.configs import HopperChunkConfig
 from linear_jax.kernels.gpu.hopper import decay as hopper_decay
 from linear_jax.ops import simple_gla
@@ -45,6 +46,6 @@ def test_simple_gla_matches_chunk_form(strong):
     grads_r, (o_r, S_r) = jax.grad(lambda *a: loss(ref, *a), argnums=range(5), has_aux=True)(
         f32(q), f32(k), f32(v), g, S0)
     assert rel(o, o_r) < 1e-2 and rel(S, S_r) < 1e-2
-    for name, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), grads, grads_r):
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), grads, grads_r, strict=True):
         assert not bool(jnp.isnan(f32(a)).any()), name
         assert rel(a, b) < 1e-2, (name, rel(a, b))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import pytest
+
 from linear_jax.kernels.configs import HopperChunkConfig
 from linear_jax.kernels.gpu.hopper import decay as hopper_decay
 

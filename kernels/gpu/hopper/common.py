@@ -144,7 +144,7 @@ class Ops:
             inits.append(plgpu.ACC.init(self.zeros((m, n)) if acc is None else acc))
 
         def body(refs):
-            for ref, (a, b, _, ta, tb) in zip(refs, products):
+            for ref, (a, b, _, ta, tb) in zip(refs, products, strict=True):
                 plgpu.wgmma(ref, plgpu.transpose_ref(a, (1, 0)) if ta else a,
                             plgpu.transpose_ref(b, (1, 0)) if tb else b)
 
@@ -159,7 +159,7 @@ def prod(a, b, acc=None, *, ta=False, tb=False):
     return (a, b, acc, ta, tb)
 
 
-# -- inputs -----------------------------------------------------------------------------------------
+# -- inputs ---------------------------------------------------------------------------------------
 def check_inputs(name: str, q, k, v):
     """The kernels' dtype and sizes: bf16 / fp16 (the tensor cores' operands; float32 inputs are
     refused, not rounded: the registry's Triton kernel or the chunk form computes them exactly),

@@ -16,10 +16,11 @@ Stages.
                 dS_n   = dec_n dS_n+1 + q^T diag(gq) do
             (dS carried on chip, dS_N = d final state, dS_0 = d initial state), writing dv and every
             dS_n+1; then `grad`, chunk-parallel (a persistent grid over (b, h, chunk, key tile)):
-                dq = (do v^T * E) k + diag(gq) do S_n^T,   dk = (do v^T * E)^T q + diag(gk) v dS_n+1^T
+                dq = (do v^T * E) k + diag(gq) do S_n^T
+                dk = (do v^T * E)^T q + diag(gk) v dS_n+1^T
             and the gate terms, each routed to the gates of its span (no difference of two sums,
             so the gate gradient stays exact at strong decay; issue 16):
-                dg_s = sum_{i>=s} Qq_i + sum_{j<s} Qk_j + Qd_n + sum_{i>=s>j} (do v^T * q k^T * E)_ij
+                dg_s = sum_{i>=s} Qq_i + sum_{j<s} Qk_j + Qd_n + sum_{i>=s>j} (dov^T * qk^T * E)_ij
             with Qq_i = q_i . (gq_i do_i S_n^T), Qk_j = k_j . (gk_j v_j dS_n+1^T) and
             Qd_n = dec_n <S_n, dS_n+1>: a pair (i, j) reaches the gate g_s only when j < s <= i, so
             the diagonal pairs (no decay) never touch dg. The prefix sums over the chunk run in XLA.
@@ -63,8 +64,20 @@ from jax import lax
 from linear_jax._compat import mosaic_gpu_kernel
 from linear_jax.kernels.configs import HopperChunkConfig, multiprocessors
 from linear_jax.kernels.gpu.hopper.common import (
-    LANES, Ops, check_inputs, f32, gate_rows, interpreting, pad_input, padded_doc, pl, plgpu,
-    check_smem, prod, smem)
+    LANES,
+    Ops,
+    check_inputs,
+    check_smem,
+    f32,
+    gate_rows,
+    interpreting,
+    pad_input,
+    padded_doc,
+    pl,
+    plgpu,
+    prod,
+    smem,
+)
 from linear_jax.ops.common.chunking import pad_time
 
 PRODUCER_REGS, CONSUMER_REGS = 40, 232
