@@ -332,3 +332,54 @@ class HopperChunkConfig:
     def for_chunk(self, chunk_size: int) -> HopperChunkConfig:
         """The op's chunk_size does not change the kernels' chunk (64: one wgmma tile)."""
         return self
+
+
+@dataclasses.dataclass(frozen=True)
+class HopperDeltaConfig:
+    """The Mosaic GPU (Hopper, sm_90) kernels of the delta rule and Gated DeltaNet
+    (`kernels/gpu/hopper/delta.py`, `delta_bwd.py`).
+
+    chunk: C, rows per chunk: 64 (one wgmma M tile).
+    stages: depth of the TMA pipeline of the two sequential walks (2: at K = V = 128 a stage is
+      66 KB forward and 75 KB in reverse; 3 do not fit in the 227 KB of a CTA: ValueError).
+    stages_prep: the same for the chunk-parallel UT kernel, per consumer warpgroup (33 KB a stage).
+    prep_consumers: consumer warpgroups of the UT kernel, each on its own chunks (1 or 2): the
+      inverse is a chain of a dozen dependent wgmmas, so two chains per SM hide each other's
+      latency.
+    stages_grad: the same for the chunk-parallel gradient kernel (98 KB a stage at K = V = 128).
+    programs: CTAs of the persistent kernels (UT, gradient); None: the device's SM count.
+    semantics, approx_math: as `HopperChunkConfig`.
+    """
+
+    chunk: int = 64
+    stages: int = 2
+    stages_prep: int = 2
+    prep_consumers: int = 2
+    stages_grad: int = 2
+    programs: int | None = None
+    semantics: str = "lane"
+    approx_math: bool = False
+    interpret: bool | None = None
+
+    def __post_init__(self):
+        name = type(self).__name__
+        if self.chunk != 64:
+            raise ValueError(f"{name}.chunk must be 64 (one wgmma tile), got {self.chunk}")
+        for f, ok in (("stages", (2, 3)), ("stages_prep", (1, 2)), ("stages_grad", (1, 2)),
+                      ("prep_consumers", (1, 2))):
+            if getattr(self, f) not in ok:
+                raise ValueError(f"{name}.{f} must be one of {ok}, got {getattr(self, f)}")
+        if self.programs is not None and self.programs < 1:
+            raise ValueError(f"{name}.programs must be positive, got {self.programs}")
+        if self.semantics not in ("lane", "warpgroup"):
+            raise ValueError(f"{name}.semantics must be 'lane' or 'warpgroup', got "
+                             f"{self.semantics!r}")
+        _check_interpret(name, self.interpret)
+
+    @classmethod
+    def default(cls, device=None) -> HopperDeltaConfig:
+        return cls(programs=multiprocessors(device))
+
+    def for_chunk(self, chunk_size: int) -> HopperDeltaConfig:
+        """The op's chunk_size does not change the kernels' chunk (64: one wgmma tile)."""
+        return self

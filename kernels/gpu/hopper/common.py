@@ -232,3 +232,46 @@ def row_names(gated: bool, has_doc: bool):
 def padded_doc(segment_ids, Tp: int):
     """The document index [B, Tp] int32, padding continuing the last document."""
     return pad_time(doc_index(segment_ids), Tp, mode="edge").astype(jnp.int32)
+
+
+# -- added for the delta-rule kernels -------------------------------------------------------------
+def term(a, b, *, ta=False, tb=False):
+    """One product a @ b of an `mm_sum` group (operands as `Ops.mm`)."""
+    return (a, b, ta, tb)
+
+
+def mm_sum(ops, *groups):
+    """Float32 results of several accumulations issued together, then awaited once.
+
+    Each group is (acc, terms): acc None (start from zero) or a float32 [M, N] array, terms a
+    list of `term`s whose products all add onto that accumulator (one wgmma each, the same
+    accumulator registers), so a sum of products costs no register add and no extra wait."""
+    if ops.interpret:
+        outs = []
+        for acc, terms in groups:
+            r = acc
+            for a, b, ta, tb in terms:
+                d = jnp.dot(ops._value(a, ta), ops._value(b, tb), preferred_element_type=f32)
+                r = d if r is None else r + d
+            outs.append(r)
+        return outs
+    inits = []
+    for acc, terms in groups:
+        a, b, ta, tb = terms[0]
+        m = a.shape[1] if ta else a.shape[0]
+        n = b.shape[0] if tb else b.shape[1]
+        inits.append(plgpu.ACC.init(ops.zeros((m, n)) if acc is None else acc))
+
+    def body(refs):
+        for ref, (_, terms) in zip(refs, groups, strict=True):
+            for a, b, ta, tb in terms:
+                plgpu.wgmma(ref, plgpu.transpose_ref(a, (1, 0)) if ta else a,
+                            plgpu.transpose_ref(b, (1, 0)) if tb else b)
+
+    return list(pl.run_state(body)(tuple(inits)))
+
+
+def split_hi_lo(x, dt):
+    """x (float32) as hi + lo in dt: ~16 mantissa bits from two 16-bit operands."""
+    hi = x.astype(dt)
+    return hi, (x - hi.astype(f32)).astype(dt)

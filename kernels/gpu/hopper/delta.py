@@ -1,0 +1,522 @@
+"""The delta rule and Gated DeltaNet on Hopper: Mosaic GPU kernels with TMA pipelines, wgmma and
+warp-specialised warpgroups. The forward and the custom_vjp live here; the backward kernels in
+`delta_bwd.py`.
+
+The math (`linear_jax.ops.common.delta_chunk`; per chunk of C = 64 rows, G the chunk-local
+cumulative gate, g = 0 for the delta rule, the rows gq, gk, dec of `common.gate_rows` and
+ein = exp(G) in, beta the writing strengths):
+
+    L     = strictly_lower(diag(beta) (K K^T * Gamma)),  Gamma_ij = exp(G_i - G_j), same document
+    T     = (I + L)^-1
+    W     = T diag(beta ein) K,        U = T diag(beta) V
+    u     = U - W S_n
+    o     = (q k^T * E) u + diag(gq) q S_n               E = scale Gamma on i >= j, same document
+    S_n+1 = dec S_n + k^T diag(gk) u
+
+Stages.
+  `prep`  chunk-parallel (a persistent grid over (b, h, chunk)): T by recursive doubling on
+          wgmma, then W and U; writes -W and U (bf16; the walk reads them) and, under
+          differentiation, T (bf16, for the backward).
+  `walk`  one CTA per (b, h) walks the chunks in order with the float32 state on chip: u = U - W S_n
+          (one wgmma onto U), o, S_n+1. Under differentiation it also writes the entering state
+          S_n of every chunk and u (bf16, the very tiles its wgmmas read).
+  backward (`delta_bwd`): the reverse walk (dS carried on chip; writes dB_v = T^T du and every
+          dS_n+1), then a chunk-parallel gradient kernel; XLA finishes dv = beta dB_v, dbeta and the
+          prefix sums of the gate gradient.
+
+Why T, W, U are formed outside the walk. The walk is sequential in T: at B H = 16 (T = 32768) it
+runs 16 CTAs on 132 SMs and every instruction on its per-chunk chain is latency. The inverse is a
+chain of 12 dependent [64, 64] wgmmas (~4 us per chunk); inside the walk it would multiply the walk
+by ~3. Outside, it runs on all SMs, two chunks at a time per SM (two consumer warpgroups), and the
+walk's own chain is two dependent wgmmas per chunk (W S_n, then k^T u), one more than simple_gla's.
+The price is HBM traffic: -W and U are written and read once more (4 x 67 MB at the anchor shape,
+~0.06 ms), against the ~0.5 ms a fused inverse would add to the walk at T = 32768.
+
+The inverse. T = (I + L)^-1 by recursive doubling of the diagonal blocks: X <- X - X M X with M the
+part of L coupling two neighbouring b-blocks (exact: M X M = 0), b = 2, 4, .., 32 (b = 1 is
+elementwise: X = I - M), as bf16 wgmmas with float32 accumulation: 10 products, relative error up
+to ~1e-2 for correlated keys and beta near 2. One Newton step then restores float32-level accuracy:
+R = I - (I + L) X with L X in split precision (hi + lo bf16, three wgmmas), X <- X + X R (R is
+small, one bf16 wgmma): error ~1e-5 against float64 on the same inputs (random keys, correlated
+keys, beta in (0, 2)). W and U take T in split precision too (two wgmmas each); they are then
+rounded to bf16 once, as the inputs are.
+
+Tiles and warpgroups (K, V in {64, 128}; C = 64).
+  prep: grid (#SMs,), two consumer warpgroups each taking every (2 #SMs)-th chunk, one producer
+        (40 registers) streaming k, v [64, K|V] bf16 and the gate rows into two slots per
+        consumer. A consumer forms K K^T (wgmma), L, the inverse through three [64, 64] bf16 SMEM
+        tiles of its own, -W and U (A = T diag(.) from registers, hi + lo); -W and U go out by TMA
+        from the chunk's own k and v slots (the slot is released once the store has read it).
+  walk: grid (B, H), as simple_gla's: V/64 consumer warpgroups each owning 64 state columns in
+        float32 registers (K/64 accumulator blocks of [64, 64]), one producer streaming q, k,
+        -W, U [64, K|V] bf16 and the rows into 2 slots (66 KB each at K = V = 128). Per chunk a
+        consumer issues u = U + (-W) S_n, q k^T and q S_n together (S_n bf16 in SMEM), stores u
+        and gk u (bf16) to SMEM, then o = A u + gq q S_n and S <- dec S + k^T (gk u) together.
+        The initial and final states cross SMEM as bf16 hi + lo pairs (the sum keeps ~16 bits),
+        so no float32 tile is needed: 198 KB of SMEM at K = V = 128.
+
+Roofline at the anchor shapes (bf16, H = 16, K = V = 128, B T = 16384; H200 ~4.3 TB/s,
+~790 TFLOP/s bf16; one [B, T, H, 128] bf16 tensor is 67 MB, 4096 chunk-heads):
+  prep      reads k, v (134 MB), writes -W, U (134 MB) (+ T, 34 MB)     268 MB   0.062 ms
+            24 [64,64,64] wgmmas per chunk-head: 26 GFLOP                         0.033 ms
+            latency: 12 dependent wgmma steps per chunk, 2 chains per SM,
+            31 chunks per SM: ~60 us
+  walk      reads q, k, -W, U (268 MB), writes o (67 MB)                 335 MB   0.078 ms
+            (+ S_n 134 MB, u 67 MB under differentiation)
+            latency-bound below B H ~ 132: 2 dependent wgmmas + 2 SMEM round trips per chunk,
+            ~3 us per chunk: T = 2048 ~0.1 ms, T = 32768 (512 chunks, 16 CTAs) ~1.5 ms
+  forward   ~0.17 ms (T = 2048) against jax-linear-attention's 0.309 / 0.328 ms (deltanet /
+            gated); at T = 32768 the walk dominates (anchors 0.742 / 0.825 ms): the two-level
+            walk of the issue is the cure there.
+
+Inputs bf16 / fp16 (fp32 raises ValueError); K, V <= 128 zero-padded to 64 or 128; T zero-padded
+to a multiple of 64 (padded rows have beta = 0, k = v = 0: they write nothing).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from linear_jax._compat import mosaic_gpu_kernel
+from linear_jax.kernels.configs import HopperDeltaConfig, multiprocessors
+from linear_jax.kernels.gpu.hopper.common import (
+    LANES,
+    Ops,
+    check_inputs,
+    check_smem,
+    f32,
+    gate_rows,
+    interpreting,
+    mm_sum,
+    pad_input,
+    padded_doc,
+    pl,
+    plgpu,
+    prod,
+    smem,
+    split_hi_lo,
+    term,
+)
+from linear_jax.ops.common.chunking import pad_time
+
+PRODUCER_REGS, CONSUMER_REGS = 40, 232
+
+
+# -- gate rows and pair factors -------------------------------------------------------------------
+def delta_rows(g, doc, beta, *, scale: float, C: int, H: int):
+    """The per-token float32 rows of every delta kernel, [B, H, R, Tp], and their names: those of
+    `common.gate_rows` (gq, gk, dec, and G, doc when present) and
+        beta                               the writing strength
+        ein = exp(G_i) in_i                factor of k_i in W (rows past a reset read no state)
+    g None or [B, Tp, H] float32; doc None or [B, Tp] int32; beta [B, Tp, H]."""
+    B, Tp = beta.shape[:2]
+    base, names = gate_rows(g, doc, scale=scale, C=C, H=H)
+    if base is None:                                   # no gate, no documents: constant rows
+        base = jnp.broadcast_to(jnp.asarray([scale, 1.0, 1.0], f32)[None, None, :, None],
+                                (B, H, 3, Tp))
+    ein = base[:, :, names.index("gq")] / scale
+    bt = jnp.moveaxis(beta.astype(f32), 2, 1)
+    rows = jnp.concatenate([base, bt[:, :, None], ein[:, :, None]], axis=2)
+    return rows, names + ("beta", "ein")
+
+
+def pairs(ops, g, names, C, *, reverse: bool, strict: bool):
+    """(mask, decay) of a chunk's intra pairs from its gate rows g ([R, C] in SMEM): mask the
+    causal (strict: i > j) same-document pairs, decay exp(G_i - G_j) (None without a gate, <= 1
+    on the mask, formed as a clamped span so nothing overflows off it). Rows of the [C, C] result
+    are queries i, or keys j when `reverse` (the transpose)."""
+    shape = (C, C)
+    r, c = ops.iota(shape, 0), ops.iota(shape, 1)
+    if reverse:
+        mask = (c > r) if strict else (c >= r)
+    else:
+        mask = (r > c) if strict else (r >= c)
+    # a vector is loaded once per layout (there is no register relayout row <-> column)
+    if "doc" in names:
+        d = g.at[names.index("doc")]
+        mask = mask & (ops.rows_of(ops.row(d[...]), shape) == ops.cols_of(ops.col(d[...]), shape))
+    if "G" not in names:
+        return mask, None
+    G = g.at[names.index("G")]
+    Gr, Gc = ops.rows_of(ops.row(G[...]), shape), ops.cols_of(ops.col(G[...]), shape)
+    span = (Gc - Gr) if reverse else (Gr - Gc)
+    return mask, jnp.exp(jnp.minimum(span, 0.0))
+
+
+def row_vec(ops, g, names, name, shape):
+    """The named gate row of a chunk broadcast over the columns of a [64, N] tile."""
+    return ops.rows_of(ops.row(g.at[names.index(name)][...]), shape)
+
+
+# -- the UT transform -----------------------------------------------------------------------------
+def unit_lower_inverse(ops, L, xt, yt, rt, dt):
+    """(I + L)^-1 for L [C, C] float32 strictly lower triangular (registers), through three
+    [C, C] SMEM tiles of dtype dt; see the module docstring."""
+    C = L.shape[0]
+    shape = (C, C)
+    r, c = ops.iota(shape, 0), ops.iota(shape, 1)
+    eye = jnp.where(r == c, 1.0, 0.0)
+    x = lax.bitwise_xor(r, c)                     # pairs whose highest differing bit is log2(b)
+
+    def coupling(b):
+        return jnp.where((x >= b) & (x < 2 * b), L, 0.0)
+
+    X = eye - coupling(1)
+    b = 2
+    while b < C:
+        M = coupling(b)
+        xt[...] = X.astype(dt)
+        plgpu.commit_smem()
+        Y = ops.dot(M.astype(dt), xt)
+        yt[...] = Y.astype(dt)
+        plgpu.commit_smem()
+        X = X - ops.dot(X.astype(dt), yt)
+        b *= 2
+    # one Newton step, X <- X + X (I - (I + L) X), the residual in split precision
+    xh, xl = split_hi_lo(X, dt)
+    lh, ll = split_hi_lo(L, dt)
+    xt[...] = xh
+    yt[...] = xl
+    plgpu.commit_smem()
+    (LX,) = mm_sum(ops, (None, [term(lh, xt), term(ll, xt), term(lh, yt)]))
+    rt[...] = (eye - X - LX).astype(dt)
+    plgpu.commit_smem()
+    return ops.dot(xh, rt, acc=X)
+
+
+def prep(k, v, rows, *, names, cfg, residuals):
+    """-W, U [B, Tp, H, K|V] in k's dtype (and, with `residuals`, T [B, H, N, C, C]) of every
+    chunk, chunk-parallel. rows: `delta_rows`."""
+    B, Tp, H, K = k.shape
+    V, C, dt = v.shape[-1], cfg.chunk, k.dtype
+    N = Tp // C
+    items = B * H * N
+    NC, stages = cfg.prep_consumers, cfg.stages_prep
+    progs = max(1, min(cfg.programs or multiprocessors(jax.devices()[0]), -(-items // NC)))
+    lanes = progs * NC
+    ops = Ops(interpreting(cfg))
+    R = rows.shape[2]
+    ib, ie = names.index("beta"), names.index("ein")
+
+    def decode(item):
+        n, bh = lax.rem(item, N), lax.div(item, N)
+        return lax.div(bh, H), lax.rem(bh, H), n
+
+    def body(k_ref, v_ref, g_ref, wm_ref, u_ref, *refs):
+        refs = list(refs)
+        t_ref = refs.pop(0) if residuals else None
+        ks, vs, gs, xt, yt, rt, in_bar, used_bar = refs
+        pid, w = lax.axis_index("p"), lax.axis_index("wg")
+
+        def count(c):                                  # items lane, lane + lanes, ...
+            return lax.div(items - (pid * NC + c) + lanes - 1, lanes)
+
+        @pl.when(w == NC)
+        def _producer():
+            ops.registers(PRODUCER_REGS, "decrease")
+
+            def issue(c, i, s):
+                b, h, n = decode(pid * NC + c + i * lanes)
+                t, j = pl.ds(n * C, C), c * stages + s
+                bar = in_bar.at[j]
+                plgpu.copy_gmem_to_smem(k_ref.at[b, t, h], ks.at[j], bar)
+                plgpu.copy_gmem_to_smem(v_ref.at[b, t, h], vs.at[j], bar)
+                plgpu.copy_gmem_to_smem(g_ref.at[b, h, :, t], gs.at[j], bar)
+
+            for s in range(stages):
+                for c in range(NC):
+                    pl.when(s < count(c))(functools.partial(issue, c, s, s))
+
+            @pl.loop(stages, count(0))                 # lane 0 has the most items
+            def _(i):
+                s = lax.rem(i, stages)
+                for c in range(NC):
+                    @pl.when(i < count(c))
+                    def _(c=c):
+                        plgpu.barrier_wait(used_bar.at[c * stages + s])
+                        issue(c, i, s)
+
+            for s in range(stages):                    # observe the last releases too
+                for c in range(NC):
+                    pl.when(s < count(c))(
+                        lambda j=c * stages + s: plgpu.barrier_wait(used_bar.at[j]))
+
+        @pl.when(w < NC)
+        def _consumer():
+            ops.registers(CONSUMER_REGS, "increase")
+            x_t, y_t, r_t = xt.at[w], yt.at[w], rt.at[w]
+
+            @pl.loop(0, count(w))
+            def _(i):
+                j = w * stages + lax.rem(i, stages)
+                b, h, n = decode(pid * NC + w + i * lanes)
+                t = pl.ds(n * C, C)
+                kk, vv, g = ks.at[j], vs.at[j], gs.at[j]
+                plgpu.barrier_wait(in_bar.at[j])
+                KK = ops.dot(kk, kk, tb=True)
+                mask, decay = pairs(ops, g, names, C, reverse=False, strict=True)
+                L = KK * row_vec(ops, g, names, "beta", (C, C))
+                L = jnp.where(mask, L if decay is None else L * decay, 0.0)
+                Tm = unit_lower_inverse(ops, L, x_t, y_t, r_t, dt)
+                bcol = ops.col(g.at[ib][...])
+                Tb = Tm * ops.cols_of(bcol, (C, C))                       # T diag(beta)
+                Tw = -(Tb * ops.cols_of(ops.col(g.at[ie][...]), (C, C)))  # -T diag(beta ein)
+                wh, wl = split_hi_lo(Tw, dt)
+                uh, ul = split_hi_lo(Tb, dt)
+                Wm, U = mm_sum(ops, (None, [term(wh, kk), term(wl, kk)]),
+                               (None, [term(uh, vv), term(ul, vv)]))
+                kk[...] = Wm.astype(dt)                # the slot's reads are complete: reuse it
+                vv[...] = U.astype(dt)
+                if residuals:
+                    y_t[...] = Tm.astype(dt)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(kk, wm_ref.at[b, t, h])
+                plgpu.copy_smem_to_gmem(vv, u_ref.at[b, t, h])
+                if residuals:
+                    plgpu.copy_smem_to_gmem(y_t, t_ref.at[b, h, n])
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # before the slot is refilled
+                plgpu.barrier_arrive(used_bar.at[j])
+
+            plgpu.wait_smem_to_gmem(0)
+
+    out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, V), dt)]
+    if residuals:
+        out_type.append(jax.ShapeDtypeStruct((B, H, N, C, C), dt))
+    scratch = [smem((NC * stages, C, K), dt), smem((NC * stages, C, V), dt),
+               plgpu.SMEM((NC * stages, R, C), f32),
+               smem((NC, C, C), dt), smem((NC, C, C), dt), smem((NC, C, C), dt),
+               plgpu.Barrier(num_arrivals=3, num_barriers=NC * stages),
+               plgpu.Barrier(num_arrivals=1, num_barriers=NC * stages)]
+    check_smem("delta prep", scratch)
+    kernel = mosaic_gpu_kernel(
+        body, out_type=out_type, grid=(progs,), grid_names=("p",), num_threads=NC + 1,
+        thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
+        approx_math=cfg.approx_math, interpret=ops.interpret, name="delta_prep")
+    return kernel(k, v, rows)
+
+
+# -- the forward walk -----------------------------------------------------------------------------
+def walk(q, k, wm, u0, rows, s0, *, names, scale, cfg, residuals):
+    """The sequential forward walk over the chunks of each (b, h).
+
+    q, k, wm (-W) [B, Tp, H, K]; u0 (U) [B, Tp, H, V]; rows `delta_rows`; s0 the initial state as
+    (hi, lo) [B, H, K, V] in q's dtype. Returns o [B, Tp, H, V], the final state as (hi, lo), and
+    with `residuals` the entering states [B, H, N, K, V] and u [B, Tp, H, V] (q's dtype).
+    """
+    B, Tp, H, K = q.shape
+    V, C, dt = u0.shape[-1], cfg.chunk, q.dtype
+    N, NW, NKB = Tp // C, V // LANES, K // LANES
+    stages = min(cfg.stages, N)
+    ops = Ops(interpreting(cfg))
+    R = rows.shape[2]
+    blk = (C, LANES)
+
+    def body(q_ref, k_ref, w_ref, u_ref, g_ref, s0h_ref, s0l_ref, o_ref, sh_ref, sl_ref, *refs):
+        refs = list(refs)
+        if residuals:
+            states_ref, uo_ref = refs.pop(0), refs.pop(0)
+        xs, ys, ws, zs, gs, st, ut, gt, in_bar, used_bar, own_bar = refs
+        b, h, w = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
+
+        @pl.when(w == NW)
+        def _producer():
+            ops.registers(PRODUCER_REGS, "decrease")
+
+            def issue(step, slot):
+                t = pl.ds(step * C, C)
+                bar = in_bar.at[slot]
+                plgpu.copy_gmem_to_smem(q_ref.at[b, t, h], xs.at[slot], bar)
+                plgpu.copy_gmem_to_smem(k_ref.at[b, t, h], ys.at[slot], bar)
+                plgpu.copy_gmem_to_smem(w_ref.at[b, t, h], ws.at[slot], bar)
+                plgpu.copy_gmem_to_smem(u_ref.at[b, t, h], zs.at[slot], bar)
+                plgpu.copy_gmem_to_smem(g_ref.at[b, h, :, t], gs.at[slot], bar)
+
+            for s in range(stages):
+                issue(s, s)
+
+            @pl.loop(stages, N)
+            def _(step):
+                slot = lax.rem(step, stages)
+                plgpu.barrier_wait(used_bar.at[slot])     # the consumers are done with step - S
+                issue(step, slot)
+
+            for s in range(stages):                       # observe the last releases too
+                plgpu.barrier_wait(used_bar.at[lax.rem(N - stages + s, stages)])
+
+        @pl.when(w < NW)
+        def _consumer():
+            ops.registers(CONSUMER_REGS, "increase")
+            vc = pl.ds(w * LANES, LANES)
+            kblk = [pl.ds(r * LANES, LANES) for r in range(NKB)]
+            sw, uw, gw = st.at[w], ut.at[w], gt.at[w]
+            S = load_state(ops, (s0h_ref, s0l_ref), b, h, vc, sw, own_bar.at[w], kblk)
+
+            def step_fn(n, S):
+                slot = lax.rem(n, stages)
+                t = pl.ds(n * C, C)
+                xq, yk, wmm, zu, g = xs.at[slot], ys.at[slot], ws.at[slot], zs.at[slot], gs.at[slot]
+                plgpu.barrier_wait(in_bar.at[slot])
+                if residuals:                             # S_n, as this chunk reads it
+                    plgpu.copy_smem_to_gmem(sw, states_ref.at[b, h, n, :, vc])
+                Uc = ops.acc(zu.at[:, vc][...]).astype(f32)
+                u, A, o = mm_sum(ops, (Uc, [term(wmm, sw)]), (None, [term(xq, yk, tb=True)]),
+                                 (None, [term(xq, sw)]))
+                mask, decay = pairs(ops, g, names, C, reverse=False, strict=False)
+                A = jnp.where(mask, A * scale if decay is None else A * (scale * decay), 0.0)
+                o = o * row_vec(ops, g, names, "gq", blk)
+                dec = g[names.index("dec"), 0]
+                # the last chunk's stores (o from gw, u from uw) and this one's state store
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                uw[...] = u.astype(dt)
+                gw[...] = (u * row_vec(ops, g, names, "gk", blk)).astype(dt)
+                plgpu.commit_smem()
+                if residuals:
+                    plgpu.copy_smem_to_gmem(uw, uo_ref.at[b, t, h, vc])
+                o, *S = ops.mm(prod(A.astype(dt), uw, o),
+                               *[prod(yk.at[:, kr], gw, S[i] * dec, ta=True)
+                                 for i, kr in enumerate(kblk)])
+                plgpu.barrier_arrive(used_bar.at[slot])   # every read of this slot is complete
+                gw[...] = o.astype(dt)                    # the S update has read gw
+                for i, kr in enumerate(kblk):
+                    sw[kr, :] = S[i].astype(dt)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(gw, o_ref.at[b, t, h, vc])
+                return tuple(S)
+
+            S = lax.fori_loop(0, N, step_fn, tuple(S))
+            store_state(S, (sh_ref, sl_ref), b, h, vc, sw, kblk, dt)
+
+    out_type = [jax.ShapeDtypeStruct((B, Tp, H, V), dt), jax.ShapeDtypeStruct((B, H, K, V), dt),
+                jax.ShapeDtypeStruct((B, H, K, V), dt)]
+    if residuals:
+        out_type += [jax.ShapeDtypeStruct((B, H, N, K, V), dt),
+                     jax.ShapeDtypeStruct((B, Tp, H, V), dt)]
+    scratch = [smem((stages, C, K), dt), smem((stages, C, K), dt), smem((stages, C, K), dt),
+               smem((stages, C, V), dt), plgpu.SMEM((stages, R, C), f32),
+               smem((NW, K, LANES), dt), smem((NW, C, LANES), dt), smem((NW, C, LANES), dt),
+               plgpu.Barrier(num_arrivals=5, num_barriers=stages),
+               plgpu.Barrier(num_arrivals=NW, num_barriers=stages),
+               plgpu.Barrier(num_arrivals=1, num_barriers=NW)]
+    check_smem("delta walk", scratch)
+    kernel = mosaic_gpu_kernel(
+        body, out_type=out_type, grid=(B, H), grid_names=("b", "h"), num_threads=NW + 1,
+        thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
+        approx_math=cfg.approx_math, interpret=ops.interpret, name="delta_walk")
+    return kernel(q, k, wm, u0, rows, *s0)
+
+
+def load_state(ops, refs, b, h, vc, sw, bar, kblk):
+    """The float32 state columns vc of (b, h) from (hi, lo) in GMEM, through the bf16 state tile
+    sw, as K/64 accumulator blocks; sw is left holding hi + lo rounded (the chunk's S_n)."""
+    S = None
+    for ref in refs:
+        plgpu.copy_gmem_to_smem(ref.at[b, h, :, vc], sw, bar)
+        plgpu.barrier_wait(bar)
+        part = [ops.acc(sw[kr, :]).astype(f32) for kr in kblk]
+        S = part if S is None else [a + p for a, p in zip(S, part, strict=True)]
+        plgpu.commit_smem()                               # every read of sw before it is reused
+    for i, kr in enumerate(kblk):
+        sw[kr, :] = S[i].astype(sw.dtype)
+    plgpu.commit_smem()
+    return S
+
+
+def store_state(S, refs, b, h, vc, sw, kblk, dt):
+    """The float32 state blocks S to (hi, lo) in GMEM through the state tile sw."""
+    hi_ref, lo_ref = refs
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    his = []
+    for i, kr in enumerate(kblk):
+        hi = S[i].astype(dt)
+        his.append(hi)
+        sw[kr, :] = hi
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(sw, hi_ref.at[b, h, :, vc])
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    for i, kr in enumerate(kblk):
+        sw[kr, :] = (S[i] - his[i].astype(f32)).astype(dt)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(sw, lo_ref.at[b, h, :, vc])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def split_state(S, dt):
+    """A float32 state as (hi, lo) in dt (what `walk` reads)."""
+    return split_hi_lo(S, dt)
+
+
+# -- custom_vjp and the op entry ------------------------------------------------------------------
+@functools.cache
+def _core(cfg: HopperDeltaConfig, scale: float, gated: bool, has_doc: bool):
+    """custom_vjp of (q, k, v, g, beta, doc, h0) -> (o, S_end) on padded inputs."""
+    from linear_jax.kernels.gpu.hopper import delta_bwd
+
+    C = cfg.chunk
+
+    def rows_of(g, doc, beta, H):
+        return delta_rows(g if gated else None, doc if has_doc else None, beta, scale=scale,
+                          C=C, H=H)
+
+    def fwd(q, k, v, g, beta, doc, h0, residuals=True):
+        dt = q.dtype
+        rows, names = rows_of(g, doc, beta, q.shape[2])
+        wm, u0, *tm = prep(k, v, rows, names=names, cfg=cfg, residuals=residuals)
+        o, sh, sl, *res = walk(q, k, wm, u0, rows, split_state(h0, dt), names=names,
+                               scale=scale, cfg=cfg, residuals=residuals)
+        S = sh.astype(f32) + sl.astype(f32)
+        if not residuals:
+            return (o, S), None
+        states, u = res
+        return (o, S), (q, k, v, g, beta, doc, wm, tm[0], states, u)
+
+    def bwd(res, cts):
+        q, k, v, g, beta, doc, wm, tm, states, u = res
+        do, dS = cts
+        dt = q.dtype
+        do = do.astype(dt)
+        rows, names = rows_of(g, doc, beta, q.shape[2])
+        dbv, dh, dl, dstates = delta_bwd.walk_rev(q, k, do, wm, tm, rows, split_state(dS, dt),
+                                                  names=names, scale=scale, cfg=cfg)
+        dq, dk, stats = delta_bwd.grad(q, k, do, u, dbv, rows, states, dstates, names=names,
+                                       scale=scale, cfg=cfg)
+        dbvf = dbv.astype(f32)
+        dv = (dbvf * beta[..., None]).astype(v.dtype)
+        dbeta, dg = delta_bwd.gate_terms(stats, C)
+        dbeta = dbeta + jnp.sum(dbvf * v.astype(f32), axis=-1)
+        dg = dg if gated else jnp.zeros_like(g)
+        return dq, dk, dv, dg, dbeta, None, dh.astype(f32) + dl.astype(f32)
+
+    f = jax.custom_vjp(lambda *a: fwd(*a, residuals=False)[0])
+    f.defvjp(fwd, bwd)
+    return f
+
+
+def delta(q, k, v, g, beta, *, scale, initial_state, segment_ids, chunk_size, config=None):
+    """The op-level entry of delta_rule (g None) and gated_delta_rule (the kernel registry's
+    signature).
+
+    q, k [B, T, H, K] (heads expanded), v [B, T, H, V], bf16 or fp16 (float32: ValueError);
+    g None or [B, T, H] log decays <= 0; beta [B, T, H] (any float dtype); initial_state None or
+    [B, H, K, V]; segment_ids None or [B, T]. K, V <= 128 (zero-padded to 64 or 128), T padded to
+    a multiple of 64 (chunk_size does not change the kernels' chunk). Returns (o [B, T, H, V] in
+    v's dtype, S [B, H, K, V] float32), differentiable in q, k, v, g, beta and initial_state.
+    """
+    cfg = (config or HopperDeltaConfig.default(jax.devices()[0])).for_chunk(chunk_size)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dt, Kp, Vp = check_inputs("delta_rule", q, k, v)
+    C = cfg.chunk
+    Tp = -(-T // C) * C
+    gp = jnp.zeros((B, Tp, H), f32) if g is None else pad_time(g.astype(f32), Tp)
+    bp = pad_time(beta.astype(f32), Tp)
+    doc = (jnp.zeros((B, Tp), jnp.int32) if segment_ids is None else padded_doc(segment_ids, Tp))
+    h0 = (jnp.zeros((B, H, Kp, Vp), f32) if initial_state is None else
+          jnp.pad(initial_state.astype(f32), ((0, 0), (0, 0), (0, Kp - K), (0, Vp - V))))
+    core = _core(cfg, float(scale), g is not None, segment_ids is not None)
+    o, S = core(pad_input(q, Tp, Kp, dt), pad_input(k, Tp, Kp, dt), pad_input(v, Tp, Vp, dt),
+                gp, bp, doc, h0)
+    return o[:, :T, :, :V].astype(v.dtype), S[:, :, :K, :V]

@@ -1,0 +1,369 @@
+"""Backward kernels of the delta rule and Gated DeltaNet on Hopper (Mosaic GPU); the forward, the
+notation and the custom_vjp are in `delta.py` (-W is stored, so u = U + (-W) S_n).
+
+The gradient, per chunk, given do and dS_n+1:
+
+    du     = (q k^T * E)^T do + diag(gk) k dS_n+1
+    dS_n   = dec dS_n+1 + q^T diag(gq) do + (-W)^T du
+    dB_v   = T^T du                          (B_v = diag(beta) V, U = T B_v)
+    dB_k   = T^T dW = -dB_v S_n^T            (B_k = diag(beta ein) K, W = T B_k, dW = -du S_n^T)
+    dL     = -T^T (du B_v^T + dW B_k^T) T^T = -dB_v u^T    (strictly lower, same document)
+
+The last line is why no T, U or W reaches the gradient kernel: B_v - B_k S_n = (I + L) u, so
+dT T^T-products collapse to dB_v u^T. Then
+
+    dv     = diag(beta) dB_v
+    dq     = (do u^T * E) k + diag(gq) do S_n^T
+    dk     = (do u^T * E)^T q + diag(gk) u dS_n+1^T - diag(beta ein) dB_v S_n^T + (dKK + dKK^T) k
+    dKK    = dL * Gamma * beta (rows)
+    dbeta  = rowsum(dB_v * v) - ein rowsum(k * dB_v S_n^T) + rowsum(dL * K K^T * Gamma)
+
+and each gate term is routed to the gates of its span (g_s enters exp(G_i - G_j) for j < s <= i,
+exp(G_i) for s <= i, exp(G_last - G_j) for s > j, exp(G_last) for all s), so no gate gradient is
+a difference of two large sums and the diagonal pairs never touch dg (exact at strong decay):
+
+    dg_s = sum_{i>=s} (Qq_i + Qi_i) + sum_{j<s} Qk_j + Qd + sum_{i>=s>j} (dA*A + dL*L)_ij
+    Qq_i = gq_i q_i . (do S_n^T)_i,  Qi_i = -beta_i ein_i k_i . (dB_v S_n^T)_i,
+    Qk_j = gk_j k_j . (u dS_n+1^T)_j,  Qd = dec <S_n, dS_n+1>
+
+Stages.
+  `walk_rev`  one CTA per (b, h), chunks from the last: dS carried on chip as simple_gla's reverse
+              walk; per chunk a consumer issues k q^T and k dS_n+1 together, forms du, stores du and
+              gq do to SMEM, then issues T^T du and the dS update (q^T (gq do) + (-W)^T du onto
+              dec dS) together. Writes dB_v and every dS_n+1 (bf16); dS_0 as bf16 hi + lo.
+  `grad`      chunk-parallel, a persistent grid over (b, h, chunk, 64-key tile): dq, dk of the tile
+              and the per-row gate and beta terms (the K-contracted pair products q k^T, k k^T enter
+              dbeta and dg linearly, so each tile adds its part; XLA sums the tiles and takes the
+              prefix sums over the chunk).
+  XLA         dv = beta dB_v, rowsum(dB_v * v) (one fused elementwise pass), dg's prefix sums.
+
+Tiles and warpgroups.
+  walk_rev: grid (B, H); V/64 consumers each owning dS[:, 64 columns] (float32 registers), one
+        producer streaming q, k, do, -W [64, K|V] bf16, T [64, 64] bf16 and the rows into 2 slots
+        (74 KB each at K = V = 128); per consumer the bf16 dS tile and two [64, 64] tiles (du; gq
+        do, then dB_v for its TMA store): 212 KB.
+  grad: grid (#SMs,), one consumer, one producer, 2 slots of q, k [64, 64], do, u, dB_v [64, V],
+        S_n, dS_n+1 [64 keys, V] and the rows (98 KB each at K = V = 128); dA * E and dKK in bf16
+        SMEM (transposed A operands), reused to stage dq and dk: 221 KB.
+
+Roofline at the anchor shapes (bf16, H = 16, K = V = 128, B T = 16384; 4096 chunk-heads):
+  walk_rev  reads q, k, do, -W (268 MB), T (34 MB); writes dB_v (67 MB), dS_n+1 (134 MB):
+            503 MB, 0.12 ms; latency-bound like the forward walk (~3 us per chunk).
+  grad      reads per key tile q, k (half each), do, u, dB_v, S_n and dS_n+1 tiles: 2 x 98 KB per
+            chunk-head = 800 MB; writes dq, dk (134 MB): 0.22 ms; ~20 [64,64,64] wgmmas per
+            item (8192 items): 86 GFLOP, 0.11 ms. Memory-bound.
+  XLA       dv and rowsum(dB_v v): ~200 MB, 0.05 ms.
+  fwd+bwd   forward with residuals (~0.2 ms) + ~0.4 ms: ~0.6 ms at T = 2048 against
+            jax-linear-attention's 0.922 / 0.833 ms (deltanet / gated).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from linear_jax._compat import mosaic_gpu_kernel
+from linear_jax.kernels.configs import multiprocessors
+from linear_jax.kernels.gpu.hopper.common import (
+    LANES,
+    Ops,
+    check_smem,
+    f32,
+    interpreting,
+    mm_sum,
+    pl,
+    plgpu,
+    smem,
+    term,
+)
+from linear_jax.kernels.gpu.hopper.delta import (
+    CONSUMER_REGS,
+    PRODUCER_REGS,
+    load_state,
+    pairs,
+    row_vec,
+    store_state,
+)
+
+N_STATS = 5          # Qq + Qi, Qk, the pair term R, Qd, dbeta (without the dB_v v term)
+
+
+def walk_rev(q, k, do, wm, tm, rows, dS, *, names, scale, cfg):
+    """The reverse walk. q, k, wm (-W) [B, Tp, H, K]; do [B, Tp, H, V]; tm (T) [B, H, N, C, C];
+    rows `delta.delta_rows`; dS the cotangent of the final state as (hi, lo) [B, H, K, V].
+    Returns dB_v [B, Tp, H, V], dS_0 as (hi, lo) and every dS_n+1 [B, H, N, K, V] (q's dtype)."""
+    B, Tp, H, K = q.shape
+    V, C, dt = do.shape[-1], cfg.chunk, q.dtype
+    N, NW, NKB = Tp // C, V // LANES, K // LANES
+    stages = min(cfg.stages, N)
+    ops = Ops(interpreting(cfg))
+    R = rows.shape[2]
+    blk = (C, LANES)
+
+    def body(q_ref, k_ref, do_ref, w_ref, t_ref, g_ref, dh_ref, dl_ref,
+             dbv_ref, sh_ref, sl_ref, ds_ref,
+             xs, ys, zs, ws, ts, gs, st, dut, qt, in_bar, used_bar, own_bar):
+        b, h, w = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
+
+        @pl.when(w == NW)
+        def _producer():
+            ops.registers(PRODUCER_REGS, "decrease")
+
+            def issue(step, slot):
+                n = N - 1 - step
+                t = pl.ds(n * C, C)
+                bar = in_bar.at[slot]
+                plgpu.copy_gmem_to_smem(q_ref.at[b, t, h], xs.at[slot], bar)
+                plgpu.copy_gmem_to_smem(k_ref.at[b, t, h], ys.at[slot], bar)
+                plgpu.copy_gmem_to_smem(do_ref.at[b, t, h], zs.at[slot], bar)
+                plgpu.copy_gmem_to_smem(w_ref.at[b, t, h], ws.at[slot], bar)
+                plgpu.copy_gmem_to_smem(t_ref.at[b, h, n], ts.at[slot], bar)
+                plgpu.copy_gmem_to_smem(g_ref.at[b, h, :, t], gs.at[slot], bar)
+
+            for s in range(stages):
+                issue(s, s)
+
+            @pl.loop(stages, N)
+            def _(step):
+                slot = lax.rem(step, stages)
+                plgpu.barrier_wait(used_bar.at[slot])
+                issue(step, slot)
+
+            for s in range(stages):                       # observe the last releases too
+                plgpu.barrier_wait(used_bar.at[lax.rem(N - stages + s, stages)])
+
+        @pl.when(w < NW)
+        def _consumer():
+            ops.registers(CONSUMER_REGS, "increase")
+            vc = pl.ds(w * LANES, LANES)
+            kblk = [pl.ds(r * LANES, LANES) for r in range(NKB)]
+            sw, dw, qw = st.at[w], dut.at[w], qt.at[w]
+            dS0 = load_state(ops, (dh_ref, dl_ref), b, h, vc, sw, own_bar.at[w], kblk)
+
+            def step_fn(step, dS):
+                n, slot = N - 1 - step, lax.rem(step, stages)
+                t = pl.ds(n * C, C)
+                xq, yk, dd, wmm, tt, g = (xs.at[slot], ys.at[slot], zs.at[slot], ws.at[slot],
+                                          ts.at[slot], gs.at[slot])
+                plgpu.barrier_wait(in_bar.at[slot])
+                plgpu.copy_smem_to_gmem(sw, ds_ref.at[b, h, n, :, vc])    # dS_n+1
+                At, kdS = mm_sum(ops, (None, [term(yk, xq, tb=True)]), (None, [term(yk, sw)]))
+                mask, decay = pairs(ops, g, names, C, reverse=True, strict=False)
+                At = jnp.where(mask, At * scale if decay is None else At * (scale * decay), 0.0)
+                du = ops.dot(At.astype(dt), dd.at[:, vc],
+                             acc=kdS * row_vec(ops, g, names, "gk", blk))
+                gdo = ops.acc(dd.at[:, vc][...]).astype(f32) * row_vec(ops, g, names, "gq", blk)
+                dec = g[names.index("dec"), 0]
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # dB_v of the last chunk, dS_n+1
+                dw[...] = du.astype(dt)
+                qw[...] = gdo.astype(dt)
+                plgpu.commit_smem()
+                dbv, *dS = mm_sum(
+                    ops, (None, [term(tt, dw, ta=True)]),
+                    *[(dS[i] * dec, [term(xq.at[:, kr], qw, ta=True),
+                                     term(wmm.at[:, kr], dw, ta=True)])
+                      for i, kr in enumerate(kblk)])
+                plgpu.barrier_arrive(used_bar.at[slot])   # every read of this slot is complete
+                qw[...] = dbv.astype(dt)                  # the dS update has read qw
+                for i, kr in enumerate(kblk):
+                    sw[kr, :] = dS[i].astype(dt)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(qw, dbv_ref.at[b, t, h, vc])
+                return tuple(dS)
+
+            dS = lax.fori_loop(0, N, step_fn, tuple(dS0))
+            store_state(dS, (sh_ref, sl_ref), b, h, vc, sw, kblk, dt)
+
+    out_type = [jax.ShapeDtypeStruct((B, Tp, H, V), dt), jax.ShapeDtypeStruct((B, H, K, V), dt),
+                jax.ShapeDtypeStruct((B, H, K, V), dt),
+                jax.ShapeDtypeStruct((B, H, N, K, V), dt)]
+    scratch = [smem((stages, C, K), dt), smem((stages, C, K), dt), smem((stages, C, V), dt),
+               smem((stages, C, K), dt), smem((stages, C, C), dt),
+               plgpu.SMEM((stages, R, C), f32),
+               smem((NW, K, LANES), dt), smem((NW, C, LANES), dt), smem((NW, C, LANES), dt),
+               plgpu.Barrier(num_arrivals=6, num_barriers=stages),
+               plgpu.Barrier(num_arrivals=NW, num_barriers=stages),
+               plgpu.Barrier(num_arrivals=1, num_barriers=NW)]
+    check_smem("delta reverse walk", scratch)
+    kernel = mosaic_gpu_kernel(
+        body, out_type=out_type, grid=(B, H), grid_names=("b", "h"), num_threads=NW + 1,
+        thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
+        approx_math=cfg.approx_math, interpret=ops.interpret, name="delta_walk_rev")
+    return kernel(q, k, do, wm, tm, rows, *dS)
+
+
+def grad(q, k, do, u, dbv, rows, states, dstates, *, names, scale, cfg):
+    """dq, dk and the per-row gate and beta terms of every chunk, chunk-parallel.
+
+    q, k [B, Tp, H, K]; do, u, dbv (dB_v) [B, Tp, H, V]; rows `delta.delta_rows`; states /
+    dstates [B, H, N, K, V] the S_n and dS_n+1 of each chunk. Returns dq, dk (q's dtype) and
+    stats [K/64, B, H, N_STATS, Tp] float32, each key tile's part of: Qq + Qi, Qk, the pair term
+    R, Qd (in each chunk's entries, one state row each) and dbeta (without rowsum(dB_v v)).
+    """
+    B, Tp, H, K = q.shape
+    V, C, dt = do.shape[-1], cfg.chunk, q.dtype
+    N, NKB = Tp // C, K // LANES
+    items = B * H * N * NKB
+    progs = min(cfg.programs or multiprocessors(jax.devices()[0]), items)
+    stages = cfg.stages_grad
+    ops = Ops(interpreting(cfg))
+    gated = "G" in names
+    R = rows.shape[2]
+    shape = (C, C)
+
+    def decode(item):
+        kb, rest = lax.rem(item, NKB), lax.div(item, NKB)
+        n, bh = lax.rem(rest, N), lax.div(rest, N)
+        return lax.div(bh, H), lax.rem(bh, H), n, kb
+
+    def body(q_ref, k_ref, do_ref, u_ref, bv_ref, g_ref, s_ref, ds_ref, dq_ref, dk_ref, stats_ref,
+             qs, ks, dos, us, bvs, gs, ss, dss, da_s, dk_s, *refs):
+        refs = list(refs)
+        up_s = refs.pop(0) if gated else None
+        sts, in_bar, used_bar = refs
+        pid, w = lax.axis_index("p"), lax.axis_index("wg")
+        count = lax.div(items - pid + progs - 1, progs)   # items pid, pid + progs, ...
+
+        @pl.when(w == 1)
+        def _producer():
+            ops.registers(PRODUCER_REGS, "decrease")
+
+            def issue(i, slot):
+                b, h, n, kb = decode(pid + i * progs)
+                t, kr = pl.ds(n * C, C), pl.ds(kb * LANES, LANES)
+                bar = in_bar.at[slot]
+                plgpu.copy_gmem_to_smem(q_ref.at[b, t, h, kr], qs.at[slot], bar)
+                plgpu.copy_gmem_to_smem(k_ref.at[b, t, h, kr], ks.at[slot], bar)
+                for src, dst in ((do_ref, dos), (u_ref, us), (bv_ref, bvs)):
+                    plgpu.copy_gmem_to_smem(src.at[b, t, h], dst.at[slot], bar)
+                plgpu.copy_gmem_to_smem(g_ref.at[b, h, :, t], gs.at[slot], bar)
+                plgpu.copy_gmem_to_smem(s_ref.at[b, h, n, kr], ss.at[slot], bar)
+                plgpu.copy_gmem_to_smem(ds_ref.at[b, h, n, kr], dss.at[slot], bar)
+
+            for s in range(stages):
+                pl.when(s < count)(functools.partial(issue, s, s))
+
+            @pl.loop(stages, count)
+            def _(i):
+                slot = lax.rem(i, stages)
+                plgpu.barrier_wait(used_bar.at[slot])
+                issue(i, slot)
+
+            for s in range(stages):                       # observe the last releases too
+                pl.when(s < count)(lambda s=s: plgpu.barrier_wait(used_bar.at[s]))
+
+        @pl.when(w == 0)
+        def _consumer():
+            ops.registers(CONSUMER_REGS, "increase")
+            r, c = ops.iota(shape, 0), ops.iota(shape, 1)
+            if gated:                                     # U_js = [j < s], exact in bf16
+                up_s[...] = (r < c).astype(dt)
+                plgpu.commit_smem()
+
+            @pl.loop(0, count)
+            def _(i):
+                slot = lax.rem(i, stages)
+                b, h, n, kb = decode(pid + i * progs)
+                t, kr = pl.ds(n * C, C), pl.ds(kb * LANES, LANES)
+                qq, kk, dd, uu, bv, g = (qs.at[slot], ks.at[slot], dos.at[slot], us.at[slot],
+                                         bvs.at[slot], gs.at[slot])
+                sn, dsn = ss.at[slot], dss.at[slot]
+                plgpu.barrier_wait(in_bar.at[slot])
+                dA, dBu, QK, KK = mm_sum(ops, (None, [term(dd, uu, tb=True)]),
+                                         (None, [term(bv, uu, tb=True)]),
+                                         (None, [term(qq, kk, tb=True)]),
+                                         (None, [term(kk, kk, tb=True)]))
+                mask, decay = pairs(ops, g, names, C, reverse=False, strict=False)
+                E = jnp.where(mask, scale if decay is None else scale * decay, 0.0)
+                gam = jnp.where(mask & (r > c), 1.0 if decay is None else decay, 0.0)
+                dAE = dA * E                                  # d(q k^T)
+                dLg = -dBu * gam                              # dL * Gamma on the strict pairs
+                dKK = dLg * row_vec(ops, g, names, "beta", shape)
+                db = jnp.sum(dLg * KK, axis=1)
+                if gated:                                     # the pair term, X = P U
+                    P = dAE * QK + dKK * KK
+                    hi = P.astype(dt)
+                    lo = (P - hi.astype(f32)).astype(dt)
+                    X = mm_sum(ops, (None, [term(hi, up_s), term(lo, up_s)]))[0]
+                    Rg = jnp.sum(jnp.where(r >= c, X, 0.0), axis=0)   # sum over i >= s
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # last item's stores are out
+                dAEh = dAE.astype(dt)
+                da_s[...] = dAEh
+                dk_s[...] = dKK.astype(dt)
+                plgpu.commit_smem()
+                dk, dko, dbk = mm_sum(
+                    ops, (None, [term(da_s, qq, ta=True), term(dk_s, kk, ta=True),
+                                 term(dKK.astype(dt), kk)]),
+                    (None, [term(uu, dsn, tb=True)]), (None, [term(bv, sn, tb=True)]))
+                kf = ops.acc(kk[...]).astype(f32)
+                gk = row_vec(ops, g, names, "gk", shape)
+                ein = row_vec(ops, g, names, "ein", shape)
+                be = row_vec(ops, g, names, "beta", shape) * ein
+                dk = dk + gk * dko - be * dbk
+                kdbk = jnp.sum(kf * dbk, axis=1)
+                db = db - ops.row(g.at[names.index("ein")][...]) * kdbk
+                dq, dqs = mm_sum(ops, (None, [term(dAEh, kk)]), (None, [term(dd, sn, tb=True)]))
+                gq = row_vec(ops, g, names, "gq", shape)
+                dq = dq + gq * dqs
+                if gated:
+                    qf = ops.acc(qq[...]).astype(f32)
+                    Qa = jnp.sum(qf * gq * dqs, axis=1) - jnp.sum(kf * be * dbk, axis=1)
+                    Qk = jnp.sum(kf * gk * dko, axis=1)
+                    Qd = None
+                    for vb in range(V // LANES):           # <S_n, dS_n+1>, 64 columns at a time
+                        cols = pl.ds(vb * LANES, LANES)
+                        x = jnp.sum(ops.acc(sn.at[:, cols][...]).astype(f32) *
+                                    ops.acc(dsn.at[:, cols][...]).astype(f32), axis=1)
+                        Qd = x if Qd is None else Qd + x
+                    Qd = Qd * g[names.index("dec"), 0]
+                plgpu.barrier_arrive(used_bar.at[slot])   # every read of this slot is complete
+                da_s[...] = dq.astype(dt)                 # the dk wgmma has read da_s, dk_s
+                dk_s[...] = dk.astype(dt)
+                zero = ops.row(jnp.zeros((C,), f32))
+                sts[0] = Qa if gated else zero
+                sts[1] = Qk if gated else zero
+                sts[2] = Rg if gated else zero
+                sts[3] = Qd if gated else zero
+                sts[4] = db
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(da_s, dq_ref.at[b, t, h, kr])
+                plgpu.copy_smem_to_gmem(dk_s, dk_ref.at[b, t, h, kr])
+                plgpu.copy_smem_to_gmem(sts, stats_ref.at[kb, b, h, :, t])
+
+            plgpu.wait_smem_to_gmem(0)
+
+    scratch = [smem((stages, C, LANES), dt), smem((stages, C, LANES), dt),
+               smem((stages, C, V), dt), smem((stages, C, V), dt), smem((stages, C, V), dt),
+               plgpu.SMEM((stages, R, C), f32),
+               smem((stages, LANES, V), dt), smem((stages, LANES, V), dt),
+               smem((C, C), dt), smem((C, C), dt)]
+    if gated:
+        scratch.append(smem((C, C), dt))
+    scratch += [plgpu.SMEM((N_STATS, C), f32),
+                plgpu.Barrier(num_arrivals=8, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=1, num_barriers=stages)]
+    out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, K), dt),
+                jax.ShapeDtypeStruct((NKB, B, H, N_STATS, Tp), f32)]
+    check_smem("delta grad", scratch)
+    kernel = mosaic_gpu_kernel(
+        body, out_type=out_type, grid=(progs,), grid_names=("p",), num_threads=2,
+        thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
+        approx_math=cfg.approx_math, interpret=ops.interpret, name="delta_grad")
+    return kernel(q, k, do, u, dbv, rows, states, dstates)
+
+
+def gate_terms(stats, C):
+    """(dbeta, dg) [B, Tp, H] from the gradient kernel's per-chunk terms (dbeta without the
+    rowsum(dB_v v) term; dg meaningful for a gated rule only)."""
+    _, B, H, _, Tp = stats.shape
+    x = stats.sum(0).reshape(B, H, N_STATS, Tp // C, C)
+    Qa, Qk, R, Qd, db = (x[:, :, i] for i in range(N_STATS))
+    after = jnp.flip(jnp.cumsum(jnp.flip(Qa, -1), -1), -1)           # sum_{i >= s}
+    before = jnp.cumsum(Qk, -1)                                      # sum_{j < s}, exactly
+    before = jnp.concatenate([jnp.zeros_like(before[..., :1]), before[..., :-1]], -1)
+    dg = after + before + jnp.sum(Qd, -1, keepdims=True) + R
+    move = lambda a: jnp.moveaxis(a.reshape(B, H, Tp), 1, 2)
+    return move(db), move(dg)
