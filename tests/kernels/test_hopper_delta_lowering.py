@@ -1,0 +1,83 @@
+"""The Hopper (Mosaic GPU) delta-rule kernels lower for CUDA, forward and backward, from a CPU host.
+
+`jax.export(..., platforms=["cuda"])` runs the Pallas -> Mosaic GPU lowering of each `plgpu.kernel`
+(UT prep, forward walk, reverse walk, gradient kernel: TMA copies, mbarriers, wgmma, register
+layouts); PTX assembly happens on the device only. Both ops (gated_delta_rule, delta_rule as
+g = None), two shapes each, both lowering semantics.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from linear_jax.kernels.configs import HopperDeltaConfig
+from linear_jax.kernels.gpu.hopper import delta as hopper_delta
+
+# (semantics, B, T, H, K, V, gated, packed documents + initial state)
+CASES = [
+    ("lane", 2, 2048, 4, 128, 128, True, True),      # the anchor tile sizes
+    ("lane", 1, 200, 2, 64, 64, True, False),        # T % 64 != 0, one value warpgroup
+    ("lane", 2, 2048, 4, 128, 128, False, False),    # delta_rule at the anchor tile sizes
+    ("lane", 1, 200, 2, 100, 48, False, True),       # delta_rule; K, V padded to 128, 64
+    ("warpgroup", 1, 256, 2, 128, 128, True, True),
+]
+
+
+def _export(case, grad):
+    sem, B, T, H, K, V, gated, extras = case
+    cfg = HopperDeltaConfig(interpret=False, programs=132, semantics=sem)
+    bf = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
+    f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+    structs = [bf(B, T, H, K), bf(B, T, H, K), bf(B, T, H, V), f32(B, T, H)]
+    structs += [f32(B, T, H)] if gated else []
+    n_diff = len(structs)
+    if extras:
+        structs += [f32(B, H, K, V), jax.ShapeDtypeStruct((B, T), jnp.int32)]
+
+    def f(*a):
+        x, rest = list(a[:n_diff]), a[n_diff:]
+        S0, seg = rest if rest else (None, None)
+        g = x[4] if gated else None
+        return hopper_delta.delta(x[0], x[1], x[2], g, x[3], scale=K**-0.5, initial_state=S0,
+                                  segment_ids=seg, chunk_size=64, config=cfg)
+
+    def loss(*a):
+        o, S = f(*a)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(S)
+
+    argnums = tuple(range(n_diff)) + ((n_diff,) if extras else ())
+    fn = jax.grad(loss, argnums=argnums) if grad else f
+    return jax.export.export(jax.jit(fn), platforms=["cuda"])(*structs)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "bwd"])
+@pytest.mark.parametrize(
+    "case", CASES, ids=lambda c: f"{c[0]}-{'gated' if c[6] else 'delta'}-T{c[2]}-K{c[4]}V{c[5]}")
+def test_delta_exports_for_cuda(case, grad):
+    text = _export(case, grad).mlir_module()
+    kernels = text.count("mosaic_gpu")
+    assert kernels >= (4 if grad else 2), "expected the Mosaic GPU kernels in the module"
+
+
+def test_float32_and_wide_heads_are_refused():
+    x = jnp.zeros((1, 64, 1, 64), jnp.float32)
+    b = jnp.zeros((1, 64, 1), jnp.float32)
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        hopper_delta.delta(x, x, x, None, b, scale=1.0, initial_state=None, segment_ids=None,
+                           chunk_size=64)
+    y = jnp.zeros((1, 64, 1, 192), jnp.bfloat16)
+    with pytest.raises(ValueError, match="at most 128"):
+        hopper_delta.delta(y, y, y, None, b, scale=1.0, initial_state=None, segment_ids=None,
+                           chunk_size=64)
+
+
+def test_three_walk_stages_do_not_fit_at_128():
+    cfg = HopperDeltaConfig(interpret=False, stages=3)
+    x = jax.ShapeDtypeStruct((1, 256, 1, 128), jnp.bfloat16)
+    b = jax.ShapeDtypeStruct((1, 256, 1), jnp.float32)
+    f = lambda q, beta: hopper_delta.delta(q, q, q, None, beta, scale=1.0, initial_state=None,
+                                           segment_ids=None, chunk_size=64, config=cfg)
+    with pytest.raises(ValueError, match="shared memory"):
+        jax.export.export(jax.jit(f), platforms=["cuda"])(x, b)
