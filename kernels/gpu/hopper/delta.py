@@ -53,7 +53,7 @@ Tiles and warpgroups (K, V in {64, 128}; C = 64).
         consumer issues u = U + (-W) S_n, q k^T and q S_n together (S_n bf16 in SMEM), stores u
         and gk u (bf16) to SMEM, then o = A u + gq q S_n and S <- dec S + k^T (gk u) together.
         The initial and final states cross SMEM as bf16 hi + lo pairs (the sum keeps ~16 bits),
-        so no float32 tile is needed: 198 KB of SMEM at K = V = 128.
+        so no float32 tile is needed: 196 KB of SMEM at K = V = 128 (prep: 183 KB).
 
 Roofline at the anchor shapes (bf16, H = 16, K = V = 128, B T = 16384; H200 ~4.3 TB/s,
 ~790 TFLOP/s bf16; one [B, T, H, 128] bf16 tensor is 67 MB, 4096 chunk-heads):
