@@ -19,8 +19,14 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-/tmp/out}; LOGS=/tmp/logs; mkdir -p "$OUT" "$LOGS"; touch /tmp/stamp
-# kernels/ installs as linear_jax.kernels (pyproject's package-dir); without an install, a link does
-[ -e linear_jax/kernels ] || ln -s ../kernels linear_jax/kernels
+# The package as users get it: kernels/ lands as linear_jax.kernels (pyproject's package-dir). The
+# device has no internet but has setuptools and wheel, hence no index and no build isolation.
+if ! python3 -m pip install -q --no-deps --no-build-isolation --no-index -e .; then
+  # fallback, only when that install fails: the link makes `import linear_jax.kernels` find
+  # kernels/ from the source tree (PYTHONPATH above) as the install would
+  echo "pip install -e . failed; linking linear_jax/kernels -> ../kernels"
+  [ -e linear_jax/kernels ] || ln -s ../kernels linear_jax/kernels
+fi
 TAG=${TAG:-}
 step() { local name=$1 limit=$2; shift 2; echo "== $name ($(date +%T))"
   timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1; echo "   rc=$? ($(date +%T))"; tail -n "${TAIL:-25}" "$LOGS/$name.log"; }

@@ -1,37 +1,52 @@
-"""The benchmark scripts' shared pieces without a device: a kernel-config variant is timed under its
-config and the module's CONFIG comes back whatever happened; render.py turns a scan script's JSON
-(checks, timed rows, a failed variant's row) into its README section, and picks each device's
-newest result file."""
+"""The benchmark scripts' shared pieces without a device: a kernel-config variant is built from a
+base config and handed to the measurement (which passes it to the op as `config=`), a failure is
+recorded, not raised; render.py turns a scan script's JSON (checks, timed rows, a failed variant's
+row) into its README section, and picks each device's newest result file."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import types
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from experiments.benchmarks import common, render
+from linear_jax import ops
+from linear_jax.kernels.configs import TritonChunkConfig, TritonScanConfig
 
 
-@dataclasses.dataclass(frozen=True)
-class _Config:
-    chunk: int = 64
-    warps: int = 4
+def test_run_variant_passes_the_variant_config():
+    base = TritonScanConfig(chunk=64, warps=4)
+    assert common.run_variant(base, {"warps": 8}, lambda c: c) == (
+        TritonScanConfig(chunk=64, warps=8), None)
 
-
-def test_run_variant_swaps_and_restores_config():
-    module = types.SimpleNamespace(CONFIG=_Config())
-    assert common.run_variant(module, {"warps": 8}, lambda: module.CONFIG.warps) == (8, None)
-
-    def fails():
-        raise RuntimeError(f"does not compile at chunk {module.CONFIG.chunk}")
-    result, err = common.run_variant(module, {"chunk": 128}, fails)
+    def fails(c):
+        raise RuntimeError(f"does not compile at chunk {c.chunk}")
+    result, err = common.run_variant(base, {"chunk": 128}, fails)
     assert result is None and str(err) == "does not compile at chunk 128"
-    assert module.CONFIG == _Config()
+    assert base == TritonScanConfig(chunk=64, warps=4)       # the base is never touched
     with pytest.raises(TypeError):  # a field the config does not have is the caller's mistake
-        common.run_variant(module, {"chunk_size": 128}, lambda: None)
-    assert module.CONFIG == _Config()
+        common.run_variant(base, {"chunk_size": 128}, lambda c: None)
+    with pytest.raises(ValueError, match="block_d must be a power of two"):   # checked at once
+        common.run_variant(base, {"block_d": 48}, lambda c: None)
+
+
+def test_a_variant_reaches_the_kernel():
+    """What the scripts do with a variant: the op runs the Triton kernel (interpret mode on a CPU)
+    under the config built from the base, matching the chunk form."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 20, 48)), jnp.float32)
+    g = -jnp.asarray(rng.uniform(0, 1, (2, 20, 48)), jnp.float32)
+    run = lambda impl, config=None: ops.hgrn(x, g, chunk_size=8, impl=impl, config=config)[0]
+    out, err = common.run_variant(TritonScanConfig.default(jax.devices()[0]),
+                                  {"block_d": 16, "min_block_d": 16, "chunk": 4},
+                                  lambda cfg: run("pallas:triton", (cfg,)))
+    assert err is None
+    np.testing.assert_allclose(out, run("chunk"), rtol=1e-5, atol=1e-5)
+    _, err = common.run_variant(TritonChunkConfig(), {}, lambda cfg: run("pallas:triton", cfg))
+    assert isinstance(err, ValueError) and "does not configure the triton kernel" in str(err)
 
 
 def test_time_fwd_bwd_keeps_the_forward_when_the_backward_fails():

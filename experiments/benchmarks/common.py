@@ -4,8 +4,10 @@ A floor is the larger of two times: the fewest bytes the op must move (every inp
 output written once) over the measured memory bandwidth, and the FLOPs of the algorithm over the
 measured matrix rate. Measured time over the floor is the gap left.
 
-A sweep times one op under several kernel configs: `run_variant` swaps the kernel module's CONFIG
-for the duration of one measurement and hands back the measurement or the exception it raised.
+A sweep times one op under several kernel configs: `run_variant` builds each variant's config
+from a base config (`dataclasses.replace(base, **over)`), hands it to the measurement, which passes
+it to the op as `config=`, and returns the measurement or the exception it raised. Nothing global
+changes between variants.
 """
 
 from __future__ import annotations
@@ -49,19 +51,17 @@ def time_fwd_bwd(row: dict, fwd, fwd_bwd, *args, reps: int) -> dict:
     return row
 
 
-def run_variant(module, over: dict, measure):
-    """measure() with `module.CONFIG` (a kernel module's frozen config, read when a kernel is
-    traced) replaced by dataclasses.replace(CONFIG, **over) and restored afterwards: (its result,
+def run_variant(base, over: dict, measure):
+    """measure(config) with config = dataclasses.replace(base, **over), `base` a kernel config
+    (`linear_jax.kernels.configs`) that the caller passes on to the op as `config=`: (its result,
     None), or (None, the exception) when it raised, e.g. a config that does not compile or an impl
-    out of memory, so that one variant's failure is recorded and the sweep goes on."""
-    base = module.CONFIG
-    module.CONFIG = dataclasses.replace(base, **over)
+    out of memory, so that one variant's failure is recorded and the sweep goes on. A field the
+    config does not have raises here: a sweep naming it is the script's mistake."""
+    config = dataclasses.replace(base, **over)
     try:
-        return measure(), None
+        return measure(config), None
     except Exception as e:  # noqa: BLE001 - any failure is the variant's result
         return None, e
-    finally:
-        module.CONFIG = base
 
 
 def compile_seconds(f, *args) -> float:

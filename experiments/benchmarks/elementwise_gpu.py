@@ -14,7 +14,8 @@ diagonal scan): median ms of the forward and of forward+backward (grad of sum(h 
 w.r.t. every float input), calls queued back to back (device time), the compile seconds, and the
 HBM floor of the shape: forward reads a, x and writes h; the backward reads a, h, dy and writes
 da, dx; floor = bytes / measured copy bandwidth. --sweep also times kernel configs
-(`ScanConfig` fields, recorded as impl "pallas[name]").
+(`TritonScanConfig` fields over its device default, passed to the op as `config=`; impl
+"pallas:triton", recorded as impl "pallas[name]").
 Writes benchmarks/results/elementwise_gpu_<device>.json and prints a table.
 """
 
@@ -27,9 +28,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from linear_jax.kernels.gpu import elementwise
 
 from experiments.benchmarks import common
+from linear_jax.kernels.configs import TritonScanConfig
 from linear_jax.ops.diagonal_scan import diagonal_scan
 from linear_jax.ops.hgrn import hgrn
 
@@ -42,7 +43,8 @@ CHECK_TOL = 1e-4
 
 
 def _case(op, B, T, D, dtype, seed=0, segments=True):
-    """(call(d) -> (h, hT), inputs d: the differentiated arrays) of one op at one shape."""
+    """(call(d, impl, config=None) -> (h, hT), inputs d: the differentiated arrays) of one op at
+    one shape."""
     rng = np.random.default_rng(seed)
     f = lambda *s: rng.standard_normal(s).astype(np.float32)
     seg = (np.cumsum(rng.uniform(size=(B, T)) < 1 / 300, axis=1).astype(np.int32) if segments
@@ -52,8 +54,8 @@ def _case(op, B, T, D, dtype, seed=0, segments=True):
         g = -np.logaddexp(0.0, -(f(B, T, D) + 3.0))                      # log_sigmoid, mostly > -1
         d = dict(x=jnp.asarray(f(B, T, D), dtype), g=jnp.asarray(g, dtype),
                  h0=jnp.asarray(f(B, D)))
-        return (lambda d, impl: hgrn(d["x"], d["g"], initial_state=d["h0"], segment_ids=seg,
-                                     impl=impl)), d
+        return (lambda d, impl, config=None: hgrn(d["x"], d["g"], initial_state=d["h0"],
+                                                  segment_ids=seg, impl=impl, config=config)), d
     if op == "diagonal_scan":
         d = dict(a=jnp.asarray(np.tanh(2 * f(B, T, D)), dtype), x=jnp.asarray(f(B, T, D), dtype),
                  h0=jnp.asarray(f(B, D)))
@@ -62,13 +64,14 @@ def _case(op, B, T, D, dtype, seed=0, segments=True):
         c = lambda *s: f(*s) + 1j * f(*s)
         d = dict(a=jnp.asarray(a, jnp.complex64), x=jnp.asarray(c(B, T, D), jnp.complex64),
                  h0=jnp.asarray(c(B, D), jnp.complex64))
-    return (lambda d, impl: diagonal_scan(d["a"], d["x"], initial_state=d["h0"], segment_ids=seg,
-                                          impl=impl)), d
+    return (lambda d, impl, config=None: diagonal_scan(d["a"], d["x"], initial_state=d["h0"],
+                                                       segment_ids=seg, impl=impl,
+                                                       config=config)), d
 
 
-def _loss(call, impl, dy):
+def _loss(call, impl, dy, config=None):
     def loss(d):
-        h, hT = call(d, impl)
+        h, hT = call(d, impl, config)
         re = lambda z, w: jnp.sum(jnp.real(z * jnp.conj(w)).astype(jnp.float32))
         return re(h, dy) + jnp.sum(jnp.real(hT)) + jnp.sum(jnp.imag(hT))
     return loss
@@ -107,9 +110,9 @@ def check(ops, B, T, D):
     return rows
 
 
-def bench(call, impl, d, dy, reps):
-    fwd = jax.jit(lambda d: call(d, impl))
-    fb = jax.jit(jax.grad(_loss(call, impl, dy)))
+def bench(call, impl, config, d, dy, reps):
+    fwd = jax.jit(lambda d: call(d, impl, config))
+    fb = jax.jit(jax.grad(_loss(call, impl, dy, config)))
     t0 = time.perf_counter()
     cf = fwd.lower(d).compile()
     cb = fb.lower(d).compile()
@@ -136,6 +139,7 @@ def main(argv=None) -> int:
     if a.quick:
         a.T, a.D, a.tokens, a.reps, check_shape = [12], [32], 24, 2, (2, 21, 40)
     dev = jax.devices()[0].device_kind.replace(" ", "_")
+    base = TritonScanConfig.default(jax.devices()[0])
     tag = f"_{a.tag}" if a.tag else ""
     print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
 
@@ -166,13 +170,15 @@ def main(argv=None) -> int:
                                  jnp.complex64 if cplx else jnp.bfloat16)
                 item = 8 if cplx else 2
                 cost = dict(fwd_bytes=3 * B * T * D * item, fwdbwd_bytes=8 * B * T * D * item)
-                variants = [(i, {}) for i in a.impls]
+                # (row name, impl, config fields over the default): the sweep is the Triton
+                # kernel's; a tuple config leaves any other kernel its defaults
+                variants = [(i, i, {}) for i in a.impls]
                 if a.sweep is not None:
-                    variants += [(f"pallas[{k}]", v) for k, v in SWEEP.items()
+                    variants += [(f"pallas[{k}]", "pallas:triton", v) for k, v in SWEEP.items()
                                  if not a.sweep or k in a.sweep]
-                for name, over in variants:
-                    r, err = common.run_variant(elementwise, over, lambda: bench(
-                        call, name.split("[")[0], d, dy, a.reps))
+                for name, impl, over in variants:
+                    r, err = common.run_variant(base, over, lambda cfg: bench(
+                        call, impl, (cfg,), d, dy, a.reps))
                     if err is not None:  # a config that fails to compile is recorded
                         print(f"{op} {name} T={T} D={D}: {type(err).__name__}: {str(err)[:400]}",
                               flush=True)

@@ -12,9 +12,10 @@
    --shapes): median ms of the forward and of forward + backward for pallas and chunk, against the
    floor of the shape (`cost`: the larger of its HBM bytes over the measured copy bandwidth and its
    FLOPs over the measured matmul rate, `common.floor_ms`). Writes
-   benchmarks/results/mlstm_gpu_<device>.json. --sweep also times kernel configs (`DecayConfig`
-   fields of `linear_jax.kernels.gpu.mlstm.CONFIG`, or the op's `chunk_size`), recorded as impl
-   "pallas[name]"; the chunk is otherwise the op's chunk_size (--chunk).
+   benchmarks/results/mlstm_gpu_<device>.json. --sweep also times kernel configs
+   (`TritonChunkConfig` fields over its device default, passed to the op as `config=`, or the
+   op's `chunk_size`; impl "pallas:triton"), recorded as impl "pallas[name]"; the chunk is
+   otherwise the op's chunk_size (--chunk).
 
 --quick: tiny shapes, 2 reps, checked against the chunk form only, pallas timed alone (runs in
 interpret mode on a CPU in seconds).
@@ -28,10 +29,10 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from linear_jax.kernels.gpu import mlstm as gpu_mlstm
 
 from experiments.benchmarks import common
 from experiments.benchmarks.scans_gpu import rel
+from linear_jax.kernels.configs import TritonChunkConfig
 from linear_jax.ops.mlstm import mlstm
 
 DIFF = ("q", "k", "v", "i", "f", "C0", "n0", "m0")
@@ -58,21 +59,22 @@ def inputs(B, T, Hk, H, K, V, dtype, seed=0):
     return x, seg
 
 
-def _fwd_bwd(impl, chunk, cot):
+def _fwd_bwd(impl, chunk, cot, config=None):
     def loss(x, seg):
         h, (C, n, m) = mlstm(x["q"], x["k"], x["v"], x["i"], x["f"],
                              initial_state=(x["C0"], x["n0"], x["m0"]), segment_ids=seg,
-                             chunk_size=chunk, impl=impl)
+                             chunk_size=chunk, impl=impl, config=config)
         dh, dC, dn, dm = cot
         return (jnp.sum(h.astype(jnp.float32) * dh) + jnp.sum(C * dC) + jnp.sum(n * dn)
                 + jnp.sum(m * dm)), (h, (C, n, m))
     return jax.jit(jax.value_and_grad(loss, has_aux=True))
 
 
-def _forward(impl, chunk):
+def _forward(impl, chunk, config=None):
     return jax.jit(lambda x, seg: mlstm(x["q"], x["k"], x["v"], x["i"], x["f"],
                                         initial_state=(x["C0"], x["n0"], x["m0"]),
-                                        segment_ids=seg, chunk_size=chunk, impl=impl))
+                                        segment_ids=seg, chunk_size=chunk, impl=impl,
+                                        config=config))
 
 
 def check(shapes, chunk, tol, recurrent_up_to=1000) -> list:
@@ -115,21 +117,23 @@ def time_shapes(shapes, H, D, chunk, reps, impls, sweep, rows, save, ceil):
           f"TFLOP/s (float32 matmul)")
     print(f"{'impl':<18}{'B':>4}{'T':>7}{'fwd ms':>10}{'floor':>9}{'x':>8}"
           f"{'fwd+bwd ms':>12}{'floor':>9}{'x':>8}")
+    base = TritonChunkConfig.default(jax.devices()[0])
     for B, T in shapes:
         x, seg = inputs(B, T, H, H, D, D, jnp.bfloat16)
         cot = (jnp.ones((B, T, H, D), jnp.float32), jnp.ones((B, H, D, D), jnp.float32),
                jnp.ones((B, H, D), jnp.float32), jnp.ones((B, H), jnp.float32))
-        for impl, over in ([(i, {}) for i in impls]
-                           + [(f"pallas[{k}]", SWEEP[k]) for k in sweep]):
+        # (row name, impl, config fields over the default): the sweep is the Triton kernel's
+        for impl, name, over in ([(i, i, {}) for i in impls]
+                                 + [(f"pallas[{k}]", "pallas:triton", SWEEP[k]) for k in sweep]):
             over = dict(over)
-            C = over.pop("chunk_size", chunk)      # the op's; the other keys are CONFIG fields
+            C = over.pop("chunk_size", chunk)      # the op's; the other keys are config fields
             c_f, c_a = cost(B, T, H, D, D, C, 2)
             floor_f, floor_a = common.floor_ms(c_f, ceil), common.floor_ms(c_a, ceil)
-            name = impl.split("[")[0]
             row = {"impl": impl, "B": B, "T": T, "H": H, "K": D, "V": D, "dtype": "bfloat16",
                    "chunk_size": C, "fwd_floor_ms": floor_f, "fwdbwd_floor_ms": floor_a}
-            _, err = common.run_variant(gpu_mlstm, over, lambda: common.time_fwd_bwd(
-                row, _forward(name, C), _fwd_bwd(name, C, cot), x, seg, reps=reps))
+            _, err = common.run_variant(base, over, lambda cfg: common.time_fwd_bwd(
+                row, _forward(name, C, (cfg,)), _fwd_bwd(name, C, cot, (cfg,)), x, seg,
+                reps=reps))
             if err is not None:  # e.g. a config that does not compile
                 row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
                 print(f"{impl:<18}{B:>4}{T:>7}  {row['error']}")

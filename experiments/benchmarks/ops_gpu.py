@@ -11,7 +11,8 @@ jax-linear-attention (benchmarks/anchors/<device>-anchors.json, measured on this
 measured the way its anchor was: `fwd_ms` / `fwdbwd_ms` with calls queued
 back to back (device time, as do_bench timed fla), `*_sync_ms` each call waited for on the host
 (as jla was timed); the ratio to fla uses the first, to jla the second. --sweep also times a few
-kernel tilings (recorded under impl "pallas[...]").
+tilings of the Triton kernels (`TritonChunkConfig` fields over its device default, passed as
+`config=`; impl "pallas:triton", recorded under impl "pallas[...]").
 Writes benchmarks/results/ops_gpu_<device>.json and prints a table.
 """
 
@@ -24,21 +25,23 @@ import time
 
 import jax
 import jax.numpy as jnp
-from linear_jax.kernels.gpu import decay as gpu_decay
 
 from experiments.benchmarks import anchors as anchor_files
 from experiments.benchmarks import common, profile
 from linear_jax import ops
+from linear_jax.kernels.configs import TritonChunkConfig
 
-OPS = {  # name: (call(x, impl) -> o, gate, anchor names in fla / jla)
-    "simple_gla": (lambda x, i: ops.simple_gla(x["q"], x["k"], x["v"], x["g"], impl=i)[0],
+OPS = {  # name: (call(x, impl, config) -> o, gate, anchor names in fla / jla)
+    "simple_gla": (lambda x, i, c: ops.simple_gla(x["q"], x["k"], x["v"], x["g"], impl=i,
+                                                  config=c)[0],
                    "scalar", ("simple_gla", "simple_gla")),
-    "gla": (lambda x, i: ops.gla(x["q"], x["k"], x["v"], x["g"], impl=i)[0], "vector",
-            ("gla", "gla")),
-    "delta_rule": (lambda x, i: ops.delta_rule(x["q"], x["k"], x["v"], x["beta"], impl=i)[0],
+    "gla": (lambda x, i, c: ops.gla(x["q"], x["k"], x["v"], x["g"], impl=i, config=c)[0],
+            "vector", ("gla", "gla")),
+    "delta_rule": (lambda x, i, c: ops.delta_rule(x["q"], x["k"], x["v"], x["beta"], impl=i,
+                                                  config=c)[0],
                    "delta", ("delta_rule", "deltanet")),
-    "gated_delta_rule": (lambda x, i: ops.gated_delta_rule(x["q"], x["k"], x["v"], x["g"],
-                                                          x["beta"], impl=i)[0],
+    "gated_delta_rule": (lambda x, i, c: ops.gated_delta_rule(x["q"], x["k"], x["v"], x["g"],
+                                                             x["beta"], impl=i, config=c)[0],
                          "gated_delta", ("gated_delta_rule", "gated_deltanet")),
 }
 SWEEP = {"min_programs0": dict(min_programs=0), "bwd_k64": dict(block_k_bwd=64),
@@ -97,9 +100,9 @@ def inputs(B, T, H, D, gate, seed=0):
     return x, n(ks[3], (B, T, H, D))
 
 
-def bench(call, impl, x, do, reps, prof=False):
-    fwd = jax.jit(lambda x: call(x, impl))
-    loss = lambda x: jnp.sum(call(x, impl).astype(jnp.float32) * do.astype(jnp.float32))
+def bench(call, impl, config, x, do, reps, prof=False):
+    fwd = jax.jit(lambda x: call(x, impl, config))
+    loss = lambda x: jnp.sum(call(x, impl, config).astype(jnp.float32) * do.astype(jnp.float32))
     fb = jax.jit(jax.grad(loss))
     t0 = time.perf_counter()
     cf = fwd.lower(x).compile()
@@ -127,13 +130,15 @@ def main(argv=None) -> int:
     p.add_argument("--ops", nargs="+", default=list(OPS))
     p.add_argument("--profile", action="store_true",
                    help="per-kernel device times of the Pallas impl (from a profiler trace)")
-    p.add_argument("--impls", nargs="+", default=["chunk", "pallas"])
+    p.add_argument("--impls", nargs="+", default=["chunk", "pallas"],
+                   help="impls as the ops take them, e.g. chunk pallas pallas:triton")
     p.add_argument("--tag", default="", help="suffix of the JSON file name (keeps runs apart)")
     p.add_argument("--quick", action="store_true", help="tiny shapes: checks the script runs")
     a = p.parse_args(argv)
     if a.quick:
         a.T, a.tokens, a.reps = [128], 256, 2
     H, D, C = 16, 128, 64
+    base = TritonChunkConfig.default(jax.devices()[0])
     anchor_path, anchors = anchor_files.anchors_for(jax.devices()[0].device_kind)
     print("anchors:", anchor_path, flush=True)
     ceil = ceilings(1 << 20, 512) if a.quick else ceilings()
@@ -153,15 +158,17 @@ def main(argv=None) -> int:
             call, gate, names = OPS[op]
             x, do = inputs(B, T, H, D, gate)
             c = cost(B, T, H, D, D, C, gate)
-            variants = [(i, {}) for i in a.impls]
+            # (row name, impl, config fields over the default): the tilings are the Triton
+            # kernel's, so they name it; a tuple config leaves any other kernel its defaults
+            variants = [(i, i, {}) for i in a.impls]
             if a.sweep is not None:
-                variants += [(f"pallas[{k}]", v) for k, v in SWEEP.items()
+                variants += [(f"pallas[{k}]", "pallas:triton", v) for k, v in SWEEP.items()
                              if (not a.sweep or k in a.sweep)
                              and (op == "gla" or not set(v) & set(GLA_ONLY))]
-            for name, over in variants:
-                r, err = common.run_variant(gpu_decay, over, lambda: bench(
-                    call, name.split("[")[0], x, do, a.reps,
-                    a.profile and name.startswith("pallas")))
+            for name, impl, over in variants:
+                r, err = common.run_variant(base, over, lambda cfg: bench(
+                    call, impl, (cfg,), x, do, a.reps,
+                    a.profile and impl.startswith("pallas")))
                 if err is not None:
                     print(f"{op} {name} T={T}: {type(err).__name__}: {str(err)[:400]}", flush=True)
                     rows.append(dict(op=op, impl=name, T=T, B=B, error=str(err)[:600]))

@@ -14,7 +14,8 @@
    every output written once (backward: inputs and dy read, gradients written) at --bw bytes/s.
    Writes benchmarks/results/scans_gpu_<device>.json. (The op casts bf16 inputs to float32 and
    forms dt * u in XLA before the kernel, so every impl moves more than this floor.) --sweep also
-   times kernel configs (`SelectiveConfig` fields), recorded as impl "pallas[name]".
+   times kernel configs (`TritonSelectiveConfig` fields over its device default, passed to the op
+   as `config=`; impl "pallas:triton"), recorded as impl "pallas[name]".
 
 --quick: tiny shapes, chunk_size 4 and 2 reps (runs in interpret mode on a CPU in seconds).
 """
@@ -27,20 +28,20 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from linear_jax.kernels.gpu import selective
 
 from experiments.benchmarks import common
 from experiments.benchmarks.scans_xla import _selective_assoc
+from linear_jax.kernels.configs import TritonSelectiveConfig
 from linear_jax.ops.selective_scan import selective_scan
 
 CHECKS = [  # (B, T, D, N, G): G None means B, C [B, T, N]
     (2, 300, 64, 16, None), (1, 1000, 96, 6, 2), (2, 2048, 256, 16, None), (1, 4096, 512, 16, 4)]
 QUICK_CHECKS = [(2, 19, 24, 3, 2)]
-SWEEP = {"tile": dict(layout="tile"), "tile_chunk8": dict(layout="tile", chunk=8),
-         "lane_chunk4": dict(lane_chunk=4), "lane_chunk16": dict(lane_chunk=16),
-         "lane_bd16": dict(lane_block_d=16), "lane_bd64": dict(lane_block_d=64, lane_warps=2,
-                                                              lane_warps_bwd=2),
-         "lane_bd128": dict(lane_block_d=128, lane_warps=4, lane_warps_bwd=4)}
+# the default is chunk 8, every chunk step by step; chunk 16 takes the time-parallel path where
+# a chunk's decay is mild (benchmarks/NOTES.md)
+SWEEP = {"chunk4": dict(chunk=4), "chunk16": dict(chunk=16),
+         "chunk16_seq": dict(chunk=16, parallel=False), "bd16": dict(block_d=16),
+         "bd64": dict(block_d=64), "warps2": dict(warps=2, warps_bwd=2)}
 
 
 def rel(a, b):
@@ -65,12 +66,12 @@ def inputs(B, T, D, N, G, dtype, seed=0, options=False):
     return x, seg
 
 
-def _impl(impl, chunk):
+def _impl(impl, chunk, config=None):
     if impl == "assoc":
         return lambda x, seg: _selective_assoc(**{k: v.astype(jnp.float32) for k, v in x.items()},
                                                segment_ids=seg)
     return lambda x, seg: selective_scan(**x, delta_softplus="delta_bias" in x, segment_ids=seg,
-                                         chunk_size=chunk, impl=impl)
+                                         chunk_size=chunk, impl=impl, config=config)
 
 
 def _fwd_bwd(fn, dy, dS):
@@ -115,19 +116,25 @@ def time_shapes(shapes, D, N, chunk, reps, bw, sweep, rows, save):
     last: at full size it may run out of memory)."""
     print(f"\n{'impl':<16}{'B':>4}{'T':>7}{'D':>6}{'N':>4}{'fwd ms':>10}{'floor':>9}{'x':>8}"
           f"{'fwd+bwd ms':>12}{'floor':>9}{'x':>8}")
+    base = TritonSelectiveConfig.default(jax.devices()[0])
     for B, T in shapes:
         x, seg = inputs(B, T, D, N, None, jnp.bfloat16)
         dy = jnp.ones((B, T, D), jnp.float32)
         dS = jnp.ones((B, D, N), jnp.float32)
         fwd_b, all_b = hbm_bytes(B, T, D, N, 2)
         floor_f, floor_a = 1e3 * fwd_b / bw, 1e3 * all_b / bw
-        for impl, over in ([("pallas", {}), ("chunk", {})]
-                           + [(f"pallas[{k}]", SWEEP[k]) for k in sweep] + [("assoc", {})]):
-            fn = _impl(impl.split("[")[0], chunk)
+        # (row name, impl, config fields over the default): the sweep is the Triton kernel's
+        for impl, name, over in ([("pallas", "pallas", {}), ("chunk", "chunk", {})]
+                                 + [(f"pallas[{k}]", "pallas:triton", SWEEP[k]) for k in sweep]
+                                 + [("assoc", "assoc", {})]):
             row = {"impl": impl, "B": B, "T": T, "D": D, "N": N, "dtype": "bfloat16",
                    "chunk_size": chunk, "fwd_floor_ms": floor_f, "fwdbwd_floor_ms": floor_a}
-            _, err = common.run_variant(selective, over, lambda: common.time_fwd_bwd(
-                row, jax.jit(fn), _fwd_bwd(fn, dy, dS), x, seg, reps=reps))
+
+            def measure(cfg, name=name, row=row):
+                fn = _impl(name, chunk, (cfg,))
+                return common.time_fwd_bwd(row, jax.jit(fn), _fwd_bwd(fn, dy, dS), x, seg,
+                                           reps=reps)
+            _, err = common.run_variant(base, over, measure)
             if err is not None:  # e.g. the associative scan out of memory
                 row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
                 print(f"{impl:<16}{B:>4}{T:>7}{D:>6}{N:>4}  {row['error']}")

@@ -4,7 +4,9 @@ Every mixer follows one contract: `Mixer(d_model, num_heads, *, rngs, dtype, par
 `__call__(x [B, T, D], *, segment_ids=None, cache=None, seq_parallel=None) -> (y [B, T, D],
 new_cache)` and `init_cache(batch_size, dtype, *, max_len=None)`. `make_mixer` builds one by name.
 `seq_parallel` (a `linear_jax.parallel.SeqParallel`) runs the call split along T over a mesh
-axis; `supports_seq_parallel(name)` says which mixers can (the others raise).
+axis; `supports_seq_parallel(name)` says which mixers can (the others raise). A mixer over a linear
+op takes `chunk_size`, `impl` and `kernel_config` (a kernel config or a tuple of them) and hands
+them to its op as `chunk_size=`, `impl=`, `config=`.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ MIXERS = {
 
 
 # Arguments the model passes to every mixer; a mixer that has no use for one does not take it.
-_COMMON = ("num_heads", "chunk_size", "impl", "layer_idx", "num_layers", "std")
+_COMMON = ("num_heads", "chunk_size", "impl", "kernel_config", "layer_idx", "num_layers", "std")
 
 
 def _accepts(cls, name: str) -> bool:

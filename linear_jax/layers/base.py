@@ -45,7 +45,9 @@ from linear_jax.parallel import dispatch
 
 class QKVMixer(nnx.Module):
     """Base of the linear-attention family. Subclasses implement `mix` (and `init_states` when
-    their state is not one `[B, H, K, V]` array)."""
+    their state is not one `[B, H, K, V]` array). `chunk_size`, `impl` and `kernel_config` (a
+    kernel config or a tuple of them, hashable) reach the op as `chunk_size=`, `impl=`,
+    `config=` through `op_kw`."""
 
     SEQ_PARALLEL = True      # whether `mix` runs sequence-parallel (through `recurrence`)
 
@@ -53,15 +55,16 @@ class QKVMixer(nnx.Module):
                  num_kv_heads: int | None = None, steps: int = 1, conv_size: int = 0,
                  output_norm: bool = True, output_gate: bool = False,
                  gate_activation=jax.nn.silu, norm_eps: float = 1e-6, chunk_size: int = 64,
-                 impl: str = "auto", num_layers: int | None = None, std: float = DEFAULT_STD,
-                 rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+                 impl: str = "auto", kernel_config=None, num_layers: int | None = None,
+                 std: float = DEFAULT_STD, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
         H, Hk = num_heads, num_kv_heads or num_heads
         if H % Hk:
             raise ValueError(f"num_heads={H} must be a multiple of num_kv_heads={Hk}")
         self.d_model, self.H, self.Hk, self.K, self.V, self.steps = d_model, H, Hk, key_dim, \
             value_dim, steps
         self.std = std           # the init std a subclass gives its own (gate) projections
-        self.op_kw = (("chunk_size", chunk_size), ("impl", impl))   # hashable: static graph data
+        # hashable: static graph data
+        self.op_kw = (("chunk_size", chunk_size), ("impl", impl), ("config", kernel_config))
         self.dims = (Hk * key_dim, steps * Hk * key_dim, steps * H * value_dim)
         mk = partial(dense, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.q_proj = mk(d_model, self.dims[0], ("embed", "heads"), std=std)

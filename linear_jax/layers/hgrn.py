@@ -39,10 +39,12 @@ class HGRN(nnx.Module):
     SEQ_PARALLEL = False     # no sequence-parallel hgrn op yet
 
     def __init__(self, d_model: int, num_heads: int, *, lower_bound: float = 0.0,
-                 chunk_size: int = 64, impl: str = "auto", num_layers: int | None = None,
-                 std: float = DEFAULT_STD, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+                 chunk_size: int = 64, impl: str = "auto", kernel_config=None,
+                 num_layers: int | None = None, std: float = DEFAULT_STD, rngs: nnx.Rngs,
+                 dtype=None, param_dtype=jnp.float32):
         self.D, self.H, self.lower_bound = d_model, num_heads, lower_bound
-        self.op_kw = (("chunk_size", chunk_size), ("impl", impl))   # hashable: static graph data
+        # hashable: static graph data
+        self.op_kw = (("chunk_size", chunk_size), ("impl", impl), ("config", kernel_config))
         mk = partial(dense, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.i_proj = mk(d_model, d_model, ("embed", "heads"), std=std)
         self.f_proj = mk(d_model, d_model, ("embed", "heads"), std=std)

@@ -42,11 +42,12 @@ class Mamba(nnx.Module):
 
     def __init__(self, d_model: int, *, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank: int | None = None, chunk_size: int = 64, impl: str = "auto",
-                 num_layers: int | None = None, std: float = DEFAULT_STD, rngs: nnx.Rngs,
-                 dtype=None, param_dtype=jnp.float32):
+                 kernel_config=None, num_layers: int | None = None, std: float = DEFAULT_STD,
+                 rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
         E, N = expand * d_model, d_state
         self.E, self.N, self.R = E, N, dt_rank or math.ceil(d_model / 16)
-        self.op_kw = (("chunk_size", chunk_size), ("impl", impl))   # hashable: static graph data
+        # hashable: static graph data
+        self.op_kw = (("chunk_size", chunk_size), ("impl", impl), ("config", kernel_config))
         mk = partial(dense, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.in_proj = mk(d_model, 2 * E, ("embed", "mlp"), std=std)
         self.conv = ShortConv(E, d_conv, activation="silu", use_bias=True, axis="mlp", rngs=rngs,

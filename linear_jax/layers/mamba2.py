@@ -43,13 +43,14 @@ class Mamba2(nnx.Module):
 
     def __init__(self, d_model: int, num_heads: int, *, d_state: int = 16, d_conv: int = 4,
                  expand: int = 2, num_groups: int = 1, chunk_size: int = 64, impl: str = "auto",
-                 num_layers: int | None = None, std: float = DEFAULT_STD, rngs: nnx.Rngs,
-                 dtype=None, param_dtype=jnp.float32):
+                 kernel_config=None, num_layers: int | None = None, std: float = DEFAULT_STD,
+                 rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
         E, H, G, N = expand * d_model, num_heads, num_groups, d_state
         if E % H:
             raise ValueError(f"expand * d_model = {E} must be a multiple of num_heads = {H}")
         self.E, self.H, self.G, self.N, self.P = E, H, G, N, E // H
-        self.op_kw = (("chunk_size", chunk_size), ("impl", impl))   # hashable: static graph data
+        # hashable: static graph data
+        self.op_kw = (("chunk_size", chunk_size), ("impl", impl), ("config", kernel_config))
         mk = partial(dense, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.in_proj = mk(d_model, 2 * E + 2 * G * N + H, ("embed", "mlp"), std=std)
         self.conv = ShortConv(E + 2 * G * N, d_conv, activation="silu", use_bias=True,

@@ -6,12 +6,18 @@ attn_every - 1, 2 attn_every - 1, ...; 0 means none). `mixer_options` maps a mix
 constructor arguments (e.g. `{"attention": {"window": 512}, "gla": {"expand_k": 1.0}}`).
 The feed-forward is a SwiGLU MLP (`ffn="mlp"`) or a top-k mixture of experts (`ffn="moe"`, on
 every `moe_every`-th layer, the others keeping the MLP).
+
+`impl` and `kernel_config` reach every mixer's op as `impl=` and `config=`: `kernel_config` is a
+tuple of kernel configs (`linear_jax.kernels.configs`, e.g. `(TritonChunkConfig(block_v=32),
+TpuConfig(chunk=128))`), from which each kernel takes the one of its type; kernels without one in
+it run with their device defaults.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import Any
 
 from linear_jax.layers import MIXERS
 
@@ -21,6 +27,30 @@ FFNS = ("mlp", "moe")
 def _freeze(options) -> tuple:
     return tuple(sorted((name, tuple(sorted(dict(kw).items()))) for name, kw in
                         dict(options).items()))
+
+
+def _kernel_configs(configs) -> tuple:
+    """`kernel_config` as a tuple of frozen dataclasses with a `default` constructor (what
+    `linear_jax.kernels.configs` holds), at most one per type. A lone config is a tuple of one."""
+    if dataclasses.is_dataclass(configs) and not isinstance(configs, type):
+        configs = (configs,)
+    if not isinstance(configs, (tuple, list)):
+        raise ValueError(f"LMConfig: kernel_config must be a tuple of kernel configs, got "
+                         f"{type(configs).__name__} {configs!r}")
+    configs = tuple(configs)
+    for c in configs:
+        if (not dataclasses.is_dataclass(c) or isinstance(c, type)
+                or not type(c).__dataclass_params__.frozen or not callable(
+                    getattr(type(c), "default", None))):
+            raise ValueError(f"LMConfig: kernel_config must hold kernel configs (frozen "
+                             f"dataclasses of linear_jax.kernels.configs), got "
+                             f"{type(c).__name__} {c!r}")
+    names = [type(c).__name__ for c in configs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"LMConfig: kernel_config holds more than one {', '.join(twice)}; "
+                         f"give at most one config per kernel type")
+    return configs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +73,7 @@ class LMConfig:
     norm_eps: float = 1e-6
     chunk_size: int = 64
     impl: str = "auto"
+    kernel_config: tuple[Any, ...] = ()      # kernel configs, each kernel takes the one of its type
     dtype: str | None = None                 # computation dtype, e.g. "bfloat16"; None: params'
     param_dtype: str = "float32"
 
@@ -50,6 +81,7 @@ class LMConfig:
         # stored hashable (the config is static data of the model's graph)
         set_ = lambda k, v: object.__setattr__(self, k, v)
         set_("mixer_options", _freeze(self.mixer_options))
+        set_("kernel_config", _kernel_configs(self.kernel_config))
         if self.layers is not None:
             set_("layers", tuple(self.layers))
         for name, what in ((self.vocab_size, "vocab_size"), (self.d_model, "d_model"),

@@ -34,8 +34,9 @@ class Block(nnx.Module):
         self.mixer_name = c.layer_mixers()[layer_idx]
         self.norm1 = RMSNorm(c.d_model, eps=c.norm_eps, **kw)
         self.mixer = make_mixer(self.mixer_name, c.d_model, c.num_heads, chunk_size=c.chunk_size,
-                                impl=c.impl, num_layers=c.num_layers, layer_idx=layer_idx,
-                                std=c.init_std, **c.options(self.mixer_name), **kw)
+                                impl=c.impl, kernel_config=c.kernel_config,
+                                num_layers=c.num_layers, layer_idx=layer_idx, std=c.init_std,
+                                **c.options(self.mixer_name), **kw)
         self.norm2 = RMSNorm(c.d_model, eps=c.norm_eps, **kw)
         ffn_kw = dict(num_layers=c.num_layers, std=c.init_std, **kw)
         self.ffn = (MoE(c.d_model, c.ff_width, num_experts=c.num_experts, top_k=c.top_k, **ffn_kw)

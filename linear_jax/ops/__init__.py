@@ -1,8 +1,9 @@
 """Linear recurrences as plain functions.
 
 Every op takes `[B, T, ...]` inputs and the keyword arguments `initial_state`, `segment_ids`,
-`chunk_size`, `impl` (and `scale` where there is a query), and returns `(output, final_state)` with
-the state in float32.
+`chunk_size`, `impl`, `config` (and `scale` where there is a query), and returns
+`(output, final_state)` with the state in float32. Each op module registers the op's record of
+implementations in `registry`, which resolves `impl` and `config` (docs/architecture.md).
 """
 
 from linear_jax.ops import feature_maps, norms

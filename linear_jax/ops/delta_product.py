@@ -16,15 +16,14 @@ g [B, T, H] or None; state S [B, H, K, V] float32; o [B, T, H, V] in v's dtype.
 impl: "recurrent" (lax.scan over tokens, n steps inside each), "chunk" (the n steps interleaved
 into a delta rule over T * n steps whose gate sits on each token's first step and whose query is
 read only on its last; `chunk_size` counts those interleaved steps; see
-`linear_jax.ops.common.delta_chunk`), "pallas" when a kernel is registered, "auto".
+`linear_jax.ops.common.delta_chunk`), "auto"; resolved by `linear_jax.ops.registry` (no kernel yet).
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from linear_jax.kernels import registry
-from linear_jax.ops import _checks, _dispatch
+from linear_jax.ops import _checks, registry
 from linear_jax.ops.common.delta_chunk import chunk_delta
 from linear_jax.ops.common.heads import default_scale, repeat_heads
 from linear_jax.ops.common.recurrent import scan_time, state_or_zeros
@@ -89,21 +88,25 @@ def _check(q, k, v, beta, g):
     return B, T, n, H, K, v.shape[-1]
 
 
+registry.register(registry.OpRecord("delta_product", reference=delta_product_recurrent,
+                                    chunk=delta_product_chunk))
+
+
 def delta_product(q, k, v, beta, g=None, *, scale=None, initial_state=None, segment_ids=None,
-                  chunk_size=64, impl="auto"):
+                  chunk_size=64, impl="auto", config=None):
     """DeltaProduct with n = k.shape[2] steps per token. Returns
     `(o [B,T,H,V], final_state [B,H,K,V] float32)`. `g [B, T, H]` (optional) decays once per
-    token, before its first step."""
+    token, before its first step.
+
+    `config` (a kernel config or a tuple of them) is taken for the uniform call of every op;
+    this op has no kernel, so it is ignored.
+    """
     B, T, n, H, K, V = _check(q, k, v, beta, g)
     _checks.check_state("initial_state", initial_state, (B, H, K, V), "[B, H, K, V]")
     _checks.check_segment_ids(segment_ids, B, T)
     _checks.check_chunk_size(chunk_size)
-    impls = {"recurrent": delta_product_recurrent, "chunk": delta_product_chunk,
-             **registry.kernels_for("delta_product")}
-    name = _dispatch.resolve("delta_product", impl, T, impls)
+    run = registry.dispatch("delta_product", impl, T, config)
     q, k = repeat_heads(q, H), repeat_heads(k, H, axis=3)
-    kw = dict(scale=default_scale(scale, K), initial_state=initial_state, segment_ids=segment_ids)
-    if name != "recurrent":
-        kw["chunk_size"] = chunk_size
-    o, S = impls[name](q, k, v, beta, g, **kw)
+    o, S = run(q, k, v, beta, g, scale=default_scale(scale, K), initial_state=initial_state,
+               segment_ids=segment_ids, chunk_size=chunk_size)
     return o.astype(v.dtype), S

@@ -20,8 +20,9 @@ Shapes: q, k [B, T, Hk, K]; v [B, T, H, V] (H a multiple of Hk); beta, g [B, T, 
 [B, H, K, V] float32; o [B, T, H, V] in v's dtype.
 
 impl: "recurrent" (lax.scan reference), "chunk" (chunk-parallel WY/UT form; see
-`linear_jax.ops.common.delta_chunk`), "pallas" when a kernel is registered (called as
-`fn(q, k, v, g, beta, ...)` with heads expanded and g None for `delta_rule`), "auto".
+`linear_jax.ops.common.delta_chunk`), "pallas" / "pallas:<backend>" (the kernels of the two records
+below, called as `fn(q, k, v, g, beta, ...)` with heads expanded and g None for `delta_rule`),
+"auto"; resolved by `linear_jax.ops.registry`.
 """
 
 from __future__ import annotations
@@ -29,8 +30,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from linear_jax.kernels import registry
-from linear_jax.ops import _checks, _dispatch
+from linear_jax.ops import _checks, registry
 from linear_jax.ops.common.delta_chunk import chunk_delta
 from linear_jax.ops.common.heads import default_scale, repeat_heads
 from linear_jax.ops.common.recurrent import scan_time, state_or_zeros
@@ -95,7 +95,22 @@ def delta_rule_chunk(q, k, v, g, beta, *, scale, initial_state, segment_ids, chu
                        segment_ids=segment_ids, chunk_size=chunk_size)
 
 
-def _delta(op, q, k, v, g, beta, exact, scale, initial_state, segment_ids, chunk_size, impl):
+# delta_rule is gated_delta_rule at g = 0: the same forms and kernels (a kernel skips the gate
+# when g is None), two records so that each op names itself in errors and has its own parallel form
+_KERNELS = (registry.Kernel("triton", "linear_jax.kernels.gpu.delta:delta",
+                            "linear_jax.kernels.configs:TritonChunkConfig"),
+            registry.Kernel("tpu", "linear_jax.kernels.tpu.delta_rule:delta_rule",
+                            "linear_jax.kernels.configs:TpuConfig"))
+registry.register(registry.OpRecord(
+    "delta_rule", reference=delta_rule_recurrent, chunk=delta_rule_chunk, kernels=_KERNELS,
+    seq_parallel="linear_jax.parallel.delta:delta_rule"))
+registry.register(registry.OpRecord(
+    "gated_delta_rule", reference=delta_rule_recurrent, chunk=delta_rule_chunk, kernels=_KERNELS,
+    seq_parallel="linear_jax.parallel.delta:gated_delta_rule"))
+
+
+def _delta(op, q, k, v, g, beta, exact, scale, initial_state, segment_ids, chunk_size, impl,
+           config):
     B, T, H, K, V = _checks.check_qkv(op, q, k, v)
     _checks.check_gate(op, "beta", beta, B, T, H)
     if g is not None:
@@ -104,33 +119,35 @@ def _delta(op, q, k, v, g, beta, exact, scale, initial_state, segment_ids, chunk
     _checks.check_state("initial_state", initial_state, (B, H, K, V), "[B, H, K, V]")
     _checks.check_segment_ids(segment_ids, B, T)
     _checks.check_chunk_size(chunk_size)
-    impls = {"recurrent": delta_rule_recurrent, "chunk": delta_rule_chunk,
-             **registry.kernels_for(op)}
-    name = _dispatch.resolve(op, impl, T, impls)
+    run = registry.dispatch(op, impl, T, config)
     q, k = repeat_heads(q, H), repeat_heads(k, H)
     if exact:
         beta = efla_beta(k, beta)
-    kw = dict(scale=default_scale(scale, K), initial_state=initial_state, segment_ids=segment_ids)
-    if name != "recurrent":
-        kw["chunk_size"] = chunk_size
-    o, S = impls[name](q, k, v, g, beta, **kw)
+    o, S = run(q, k, v, g, beta, scale=default_scale(scale, K), initial_state=initial_state,
+               segment_ids=segment_ids, chunk_size=chunk_size)
     return o.astype(v.dtype), S
 
 
 def delta_rule(q, k, v, beta, *, exact=False, scale=None, initial_state=None, segment_ids=None,
-               chunk_size=64, impl="auto"):
+               chunk_size=64, impl="auto", config=None):
     """DeltaNet. Returns `(o [B,T,H,V], final_state [B,H,K,V] float32)`.
 
     `beta [B, T, H]` is the writing strength (typically a sigmoid, or 2 * sigmoid for negative
     eigenvalues); keys are expected l2-normalised. `exact=True` uses `efla_beta(k, beta)` instead.
+    `config`: a kernel config of `linear_jax.kernels.configs` or a tuple of them (the kernel
+    that runs takes the one of its type; None: the device's defaults); the XLA forms ignore it.
     """
     return _delta("delta_rule", q, k, v, None, beta, exact, scale, initial_state, segment_ids,
-                  chunk_size, impl)
+                  chunk_size, impl, config)
 
 
 def gated_delta_rule(q, k, v, g, beta, *, exact=False, scale=None, initial_state=None,
-                     segment_ids=None, chunk_size=64, impl="auto"):
+                     segment_ids=None, chunk_size=64, impl="auto", config=None):
     """Gated DeltaNet: the delta rule with a log decay `g [B, T, H] <= 0` applied to the state
-    before each step. Returns `(o [B,T,H,V], final_state [B,H,K,V] float32)`."""
+    before each step. Returns `(o [B,T,H,V], final_state [B,H,K,V] float32)`.
+
+    `config`: a kernel config of `linear_jax.kernels.configs` or a tuple of them (the kernel
+    that runs takes the one of its type; None: the device's defaults); the XLA forms ignore it.
+    """
     return _delta("gated_delta_rule", q, k, v, g, beta, exact, scale, initial_state, segment_ids,
-                  chunk_size, impl)
+                  chunk_size, impl, config)

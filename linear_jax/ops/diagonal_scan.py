@@ -15,15 +15,15 @@ It is stable for |a| <= 1; a may be negative or complex. Gradients with respect 
 follow JAX's convention (`jax.grad` of a real loss L returns dL/dRe - i dL/dIm).
 
 impl: "recurrent" (lax.scan reference), "chunk" (chunked element-wise scan; see
-`linear_jax.ops.common.elementwise_chunk`), "pallas" when a kernel is registered, "auto".
+`linear_jax.ops.common.elementwise_chunk`), "pallas" / "pallas:<backend>" (the kernel of the record
+below), "auto"; resolved by `linear_jax.ops.registry`.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from linear_jax.kernels import registry
-from linear_jax.ops import _checks, _dispatch
+from linear_jax.ops import _checks, registry
 from linear_jax.ops.common.elementwise_chunk import chunk_scan
 from linear_jax.ops.common.recurrent import scan_time
 
@@ -60,10 +60,20 @@ def diagonal_scan_chunk(a, x, *, initial_state, segment_ids, chunk_size):
                       chunk_size=chunk_size)
 
 
-def diagonal_scan(a, x, *, initial_state=None, segment_ids=None, chunk_size=64, impl="auto"):
+registry.register(registry.OpRecord(
+    "diagonal_scan", reference=diagonal_scan_recurrent, chunk=diagonal_scan_chunk,
+    elementwise=True,
+    kernels=(registry.Kernel("triton", "linear_jax.kernels.gpu.elementwise:diagonal_scan",
+                             "linear_jax.kernels.configs:TritonScanConfig"),)))
+
+
+def diagonal_scan(a, x, *, initial_state=None, segment_ids=None, chunk_size=64, impl="auto",
+                  config=None):
     """h_t = a_t * h_{t-1} + x_t. Returns `(h [B,T,D], final_state [B,D])`.
 
     Real inputs: h in x's dtype, state float32. Complex a, x or initial_state: both complex64.
+    `config`: a kernel config of `linear_jax.kernels.configs` or a tuple of them (the kernel
+    that runs takes the one of its type; None: the device's defaults); the XLA forms ignore it.
     """
     for name, arr in (("a", a), ("x", x)):
         _checks.check_rank(name, arr, 3, "[B, T, D]")
@@ -75,16 +85,12 @@ def diagonal_scan(a, x, *, initial_state=None, segment_ids=None, chunk_size=64, 
         _checks.check_shape("initial_state", initial_state, (B, D), "[B, D]")
     _checks.check_segment_ids(segment_ids, B, T)
     _checks.check_chunk_size(chunk_size)
-    impls = {"recurrent": diagonal_scan_recurrent, "chunk": diagonal_scan_chunk,
-             **registry.kernels_for("diagonal_scan")}
-    name = _dispatch.resolve("diagonal_scan", impl, T, impls)
+    choice = registry.resolve("diagonal_scan", impl, T, config)
     complex_ = any(_is_complex(v) for v in (a, x, initial_state))
     dtype = jnp.complex64 if complex_ else jnp.float32
     a_, x_, h0 = _cast(dtype, a, x, initial_state)
-    if name == "pallas" and not complex_:
+    if choice.is_kernel and not complex_:
         a_, x_ = a, x  # the kernel reads bf16/fp16 in place and computes in float32
-    kw = dict(initial_state=h0, segment_ids=segment_ids)
-    if name != "recurrent":
-        kw["chunk_size"] = chunk_size
-    h, hT = impls[name](a_, x_, **kw)
+    h, hT = registry.implementation(choice)(a_, x_, initial_state=h0, segment_ids=segment_ids,
+                                            chunk_size=chunk_size)
     return (h if complex_ else h.astype(x.dtype)), hT

@@ -9,15 +9,15 @@ computes the forget gate f = exp(g) (lower-bounded per layer) and feeds x = (1 -
 the op itself is the bare recurrence, as in FLA's `chunk_hgrn`.
 
 impl: "recurrent" (lax.scan reference), "chunk" (chunked element-wise scan; see
-`linear_jax.ops.common.elementwise_chunk`), "pallas" when a kernel is registered, "auto".
+`linear_jax.ops.common.elementwise_chunk`), "pallas" / "pallas:<backend>" (the kernel of the record
+below), "auto"; resolved by `linear_jax.ops.registry`.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from linear_jax.kernels import registry
-from linear_jax.ops import _checks, _dispatch
+from linear_jax.ops import _checks, registry
 from linear_jax.ops.common.elementwise_chunk import chunk_scan
 from linear_jax.ops.common.recurrent import scan_time, state_or_zeros
 
@@ -42,10 +42,18 @@ def hgrn_chunk(x, g, *, initial_state, segment_ids, chunk_size):
                       segment_ids=segment_ids, chunk_size=chunk_size)
 
 
-def hgrn(x, g, *, initial_state=None, segment_ids=None, chunk_size=64, impl="auto"):
+registry.register(registry.OpRecord(
+    "hgrn", reference=hgrn_recurrent, chunk=hgrn_chunk, elementwise=True,
+    kernels=(registry.Kernel("triton", "linear_jax.kernels.gpu.elementwise:hgrn",
+                             "linear_jax.kernels.configs:TritonScanConfig"),)))
+
+
+def hgrn(x, g, *, initial_state=None, segment_ids=None, chunk_size=64, impl="auto", config=None):
     """HGRN recurrence. Returns `(h [B,T,D], final_state [B,D] float32)`.
 
     `g [B, T, D]` holds log forget gates (<= 0): f = exp(g).
+    `config`: a kernel config of `linear_jax.kernels.configs` or a tuple of them (the kernel
+    that runs takes the one of its type; None: the device's defaults); the XLA forms ignore it.
     """
     _checks.check_rank("x", x, 3, "[B, T, D]")
     _checks.check_float("x", x)
@@ -57,10 +65,6 @@ def hgrn(x, g, *, initial_state=None, segment_ids=None, chunk_size=64, impl="aut
     _checks.check_state("initial_state", initial_state, (B, D), "[B, D]")
     _checks.check_segment_ids(segment_ids, B, T)
     _checks.check_chunk_size(chunk_size)
-    impls = {"recurrent": hgrn_recurrent, "chunk": hgrn_chunk, **registry.kernels_for("hgrn")}
-    name = _dispatch.resolve("hgrn", impl, T, impls)
-    kw = dict(initial_state=initial_state, segment_ids=segment_ids)
-    if name != "recurrent":
-        kw["chunk_size"] = chunk_size
-    h, hT = impls[name](x, g, **kw)
+    run = registry.dispatch("hgrn", impl, T, config)
+    h, hT = run(x, g, initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size)
     return h.astype(x.dtype), hT

@@ -10,28 +10,39 @@ Shapes: q, k [B, T, Hk, K] (feature-mapped already, see `feature_maps`); v [B, T
 o [B, T, H, V] in v's dtype. The normaliser is an extra value column of ones: with
 `normalize=True` the state is [B, H, K, V + 1] float32 whose last column is z.
 
-This is `simple_gla` with no gate, so it runs on that op's recurrent, chunk and kernel paths.
+This is `simple_gla` with no gate, so it runs on that op's recurrent, chunk and kernel paths: its
+record names `kernels_of="simple_gla"`, and `impl` is resolved here (errors name this op) and the
+choice handed to `simple_gla`.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from linear_jax.ops import _checks
+from linear_jax.ops import _checks, registry
 from linear_jax.ops.simple_gla import simple_gla
+
+registry.register(registry.OpRecord(
+    "linear_attention", kernels_of="simple_gla",
+    seq_parallel="linear_jax.parallel.decay:linear_attention"))
 
 
 def linear_attention(q, k, v, *, normalize=False, eps=1e-6, scale=None, initial_state=None,
-                     segment_ids=None, chunk_size=64, impl="auto"):
-    """Returns `(o [B,T,H,V], final_state [B,H,K,V] float32)` ([B,H,K,V+1] with normalize)."""
+                     segment_ids=None, chunk_size=64, impl="auto", config=None):
+    """Returns `(o [B,T,H,V], final_state [B,H,K,V] float32)` ([B,H,K,V+1] with normalize).
+
+    `config`: a kernel config of `linear_jax.kernels.configs` or a tuple of them (the kernel
+    that runs takes the one of its type; None: the device's defaults); the XLA forms ignore it.
+    """
     B, T, H, K, V = _checks.check_qkv("linear_attention", q, k, v)
+    choice = registry.resolve("linear_attention", impl, T, config)
+    kw = dict(scale=scale, segment_ids=segment_ids, chunk_size=chunk_size, impl=choice.impl,
+              config=choice.config)
     if not normalize:
-        return simple_gla(q, k, v, None, scale=scale, initial_state=initial_state,
-                          segment_ids=segment_ids, chunk_size=chunk_size, impl=impl)
+        return simple_gla(q, k, v, None, initial_state=initial_state, **kw)
     _checks.check_state("initial_state", initial_state, (B, H, K, V + 1), "[B, H, K, V + 1]")
     ones = jnp.ones(v.shape[:-1] + (1,), jnp.float32)
     v_aug = jnp.concatenate([v.astype(jnp.float32), ones], axis=-1)
-    o, S = simple_gla(q, k, v_aug, None, scale=scale, initial_state=initial_state,
-                      segment_ids=segment_ids, chunk_size=chunk_size, impl=impl)
+    o, S = simple_gla(q, k, v_aug, None, initial_state=initial_state, **kw)
     o = o[..., :V] / (o[..., V:] + eps)
     return o.astype(v.dtype), S

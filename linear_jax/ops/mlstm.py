@@ -44,8 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from linear_jax.kernels import registry
-from linear_jax.ops import _checks, _dispatch
+from linear_jax.ops import _checks, registry
 from linear_jax.ops.common.chunking import doc_masks, from_chunks, num_chunks, to_chunks
 from linear_jax.ops.common.gates import rev_cumsum_excl, segsum
 from linear_jax.ops.common.heads import default_scale, repeat_heads
@@ -147,12 +146,21 @@ def _check_state(initial_state, B, H, K, V):
     _checks.check_state("initial_state m", m, (B, H), "[B, H]")
 
 
+registry.register(registry.OpRecord(
+    "mlstm", reference=mlstm_recurrent, chunk=mlstm_chunk,
+    kernels=(registry.Kernel("triton", "linear_jax.kernels.gpu.mlstm:mlstm",
+                             "linear_jax.kernels.configs:TritonChunkConfig"),)))
+
+
 def mlstm(q, k, v, i, f, *, scale=None, initial_state=None, segment_ids=None, chunk_size=64,
-          impl="auto", eps=1e-6):
+          impl="auto", eps=1e-6, config=None):
     """mLSTM with exponential input gate `i` and sigmoid forget gate `f` (both pre-activations).
 
     Returns `(h [B,T,H,V], (C [B,H,K,V], n [B,H,K], m [B,H]) float32)`; `initial_state` is such a
-    tuple. `scale` multiplies q (default K ** -0.5).
+    tuple. `scale` multiplies q (default K ** -0.5). `impl`: "recurrent", "chunk", "pallas" /
+    "pallas:<backend>" (the kernel of the record above), "auto" (`linear_jax.ops.registry`).
+    `config`: a kernel config of `linear_jax.kernels.configs` or a tuple of them (the kernel
+    that runs takes the one of its type; None: the device's defaults); the XLA forms ignore it.
     """
     B, T, H, K, V = _checks.check_qkv("mlstm", q, k, v)
     _checks.check_gate("mlstm", "i", i, B, T, H)
@@ -160,12 +168,8 @@ def mlstm(q, k, v, i, f, *, scale=None, initial_state=None, segment_ids=None, ch
     _check_state(initial_state, B, H, K, V)
     _checks.check_segment_ids(segment_ids, B, T)
     _checks.check_chunk_size(chunk_size)
-    impls = {"recurrent": mlstm_recurrent, "chunk": mlstm_chunk, **registry.kernels_for("mlstm")}
-    name = _dispatch.resolve("mlstm", impl, T, impls)
+    run = registry.dispatch("mlstm", impl, T, config)
     q, k = repeat_heads(q, H), repeat_heads(k, H)
-    kw = dict(scale=default_scale(scale, K), initial_state=initial_state, segment_ids=segment_ids,
-              eps=eps)
-    if name != "recurrent":
-        kw["chunk_size"] = chunk_size
-    h, state = impls[name](q, k, v, i, f, **kw)
+    h, state = run(q, k, v, i, f, scale=default_scale(scale, K), initial_state=initial_state,
+                   segment_ids=segment_ids, chunk_size=chunk_size, eps=eps)
     return h.astype(v.dtype), state

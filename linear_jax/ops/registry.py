@@ -77,6 +77,11 @@ class Kernel:
         if self.backend not in BACKENDS:
             raise ValueError(f"Kernel: backend must be one of {tuple(BACKENDS)}, got "
                              f"{self.backend!r}")
+        for field in ("fn", "config"):
+            path = getattr(self, field)
+            if not isinstance(path, str) or path.count(":") != 1:
+                raise ValueError(f"Kernel: {field} must be a 'module:attribute' string, got "
+                                 f"{path!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +192,17 @@ class Choice:
         return self.kernel is not None
 
 
+def _check_config(op: str, config) -> None:
+    """A config is a frozen dataclass (or a tuple of them): anything else is a mistake that the XLA
+    forms, which ignore configs, would otherwise hide until a kernel runs."""
+    items = config if isinstance(config, (tuple, list)) else () if config is None else (config,)
+    for c in items:
+        if not dataclasses.is_dataclass(c) or isinstance(c, type):
+            raise ValueError(f"{op}: config must be a kernel config (a frozen dataclass of "
+                             f"linear_jax.kernels.configs), a tuple of them or None, got "
+                             f"{type(c).__name__} {c!r}")
+
+
 def _config_for(op: str, kernel: Kernel, config):
     """The config the kernel runs with: the given one of its type, else its device default."""
     cls = load(kernel.config)
@@ -211,6 +227,7 @@ def resolve(op: str, impl: str, T: int, config=None) -> Choice:
     if not isinstance(impl, str):
         raise ValueError(f"{op}: impl must be a string, one of {IMPLS} or 'pallas:<backend>', "
                          f"got {impl!r}")
+    _check_config(op, config)
     base = _RECORDS[rec.kernels_of] if rec.kernels_of else rec
     kind, _, backend = impl.partition(":")
     if kind not in IMPLS or (backend and kind != "pallas"):
@@ -242,11 +259,11 @@ def resolve(op: str, impl: str, T: int, config=None) -> Choice:
         kernel = default_kernel(base)
         if kernel is None:
             raise ValueError(f"{op}: impl='pallas': no kernel of this op runs on "
-                             f"{jax.default_backend()}; available: {available(op)}")
+                             f"{_platform()}; available: {available(op)}")
     cfg = _config_for(op, kernel, config)
     if not runs_here(kernel) and getattr(cfg, "interpret", None) is not False:
-        raise ValueError(f"{op}: the {kernel.backend} kernel does not run on "
-                         f"{jax.default_backend()} (nor in interpret mode there)")
+        raise ValueError(f"{op}: the {kernel.backend} kernel does not run on {_platform()} "
+                         f"(nor in interpret mode there)")
     return Choice(op, f"pallas:{kernel.backend}", kernel, cfg)
 
 

@@ -14,8 +14,9 @@ underflows to an exact 0.
 
 impl: "recurrent" (lax.scan reference), "chunk" (a `lax.scan` over chunks that builds each chunk's
 [C, D, N] decays and inputs inside its body, scans them in parallel and keeps only one [D, N] state
-per chunk for the backward pass; see `linear_jax.ops.common.elementwise_chunk`), "pallas" when a
-kernel is registered, "auto". Every impl takes the op's own arguments (`unfused` below says the
+per chunk for the backward pass; see `linear_jax.ops.common.elementwise_chunk`), "pallas" /
+"pallas:<backend>" (the kernels of the record below), "auto"; resolved by
+`linear_jax.ops.registry`. Every impl takes the op's own arguments (`unfused` below says the
 signature); the XLA forms and the TPU kernel form dt, dt * u and the D skip / z gate in XLA
 around their scan, the GPU kernel fuses them.
 """
@@ -24,8 +25,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from linear_jax.kernels import registry
-from linear_jax.ops import _checks, _dispatch
+from linear_jax.ops import _checks, registry
 from linear_jax.ops.common.elementwise_chunk import chunk_scan_fused
 from linear_jax.ops.common.recurrent import scan_time
 from linear_jax.ops.common.selective import unfused
@@ -76,9 +76,22 @@ def _check_bc(name, M, Bsz, T, D, N):
                          f"dividing D = {D}, got {name}{_checks.shape_str(M)}")
 
 
+registry.register(registry.OpRecord(
+    "selective_scan", reference=unfused(selective_scan_recurrent),
+    chunk=unfused(selective_scan_chunk), elementwise=True,
+    kernels=(registry.Kernel("triton", "linear_jax.kernels.gpu.selective:selective_scan",
+                             "linear_jax.kernels.configs:TritonSelectiveConfig"),
+             registry.Kernel("tpu", "linear_jax.kernels.tpu.selective:selective_scan_op",
+                             "linear_jax.kernels.configs:TpuSelectiveConfig"))))
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *,
-                   initial_state=None, segment_ids=None, chunk_size=64, impl="auto"):
-    """Mamba's S6 scan. Returns `(y [B,T,D], final_state [B,D,N] float32)`."""
+                   initial_state=None, segment_ids=None, chunk_size=64, impl="auto", config=None):
+    """Mamba's S6 scan. Returns `(y [B,T,D], final_state [B,D,N] float32)`.
+
+    `config`: a kernel config of `linear_jax.kernels.configs` or a tuple of them (the kernel
+    that runs takes the one of its type; None: the device's defaults); the XLA forms ignore it.
+    """
     for name, x in (("u", u), ("delta", delta)):
         _checks.check_rank(name, x, 3, "[B, T, D]")
         _checks.check_float(name, x)
@@ -100,12 +113,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     _checks.check_state("initial_state", initial_state, (Bsz, Dm, N), "[B, D, N]")
     _checks.check_segment_ids(segment_ids, Bsz, T)
     _checks.check_chunk_size(chunk_size)
-    impls = {"recurrent": unfused(selective_scan_recurrent), "chunk": unfused(selective_scan_chunk),
-             **registry.kernels_for("selective_scan")}
-    name = _dispatch.resolve("selective_scan", impl, T, impls)
-    kw = dict(initial_state=None if initial_state is None else initial_state.astype(jnp.float32),
-              segment_ids=segment_ids)
-    if name != "recurrent":
-        kw["chunk_size"] = chunk_size
-    y, hT = impls[name](u, delta, A, B, C, D, z, delta_bias, delta_softplus, **kw)
+    run = registry.dispatch("selective_scan", impl, T, config)
+    h0 = None if initial_state is None else initial_state.astype(jnp.float32)
+    y, hT = run(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state=h0,
+                segment_ids=segment_ids, chunk_size=chunk_size)
     return y.astype(u.dtype), hT

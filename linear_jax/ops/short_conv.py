@@ -15,7 +15,7 @@ the returned cache therefore equals running the whole sequence.
 
 impl: "recurrent" (a `lax.scan` carrying the window: the reference and the decoding path) and
 "chunk" (the whole sequence at once, W shifted multiply-adds; called "chunk" as the parallel form of
-every op is, it takes no chunk size), "auto".
+every op is, it takes no chunk size), "auto"; resolved by `linear_jax.ops.registry`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from linear_jax.ops import _checks, _dispatch
+from linear_jax.ops import _checks, registry
 from linear_jax.ops.common.chunking import doc_index
 from linear_jax.ops.common.recurrent import scan_time
 
@@ -61,9 +61,18 @@ def short_conv_chunk(x, weight, *, initial_state, segment_ids):
     return y, cache
 
 
+registry.register(registry.OpRecord(
+    "short_conv", reference=short_conv_recurrent, chunk=short_conv_chunk,
+    seq_parallel="linear_jax.parallel.conv:short_conv"))
+
+
 def short_conv(x, weight, bias=None, *, activation=None, initial_state=None, segment_ids=None,
-               impl="auto"):
-    """Causal depthwise convolution. Returns `(y [B,T,D], cache [B,W-1,D] float32)`."""
+               impl="auto", config=None):
+    """Causal depthwise convolution. Returns `(y [B,T,D], cache [B,W-1,D] float32)`.
+
+    `config` (a kernel config or a tuple of them) is taken for the uniform call of every op;
+    this op has no kernel, so it is ignored.
+    """
     _checks.check_rank("x", x, 3, "[B, T, D]")
     _checks.check_float("x", x)
     B, T, D = x.shape
@@ -80,11 +89,9 @@ def short_conv(x, weight, bias=None, *, activation=None, initial_state=None, seg
         raise ValueError(f"activation must be one of {list(_ACTIVATIONS)}, got {activation!r}")
     _checks.check_state("initial_state", initial_state, (B, W - 1, D), "[B, W-1, D]")
     _checks.check_segment_ids(segment_ids, B, T)
-    impls = {"recurrent": short_conv_recurrent, "chunk": short_conv_chunk}
-    name = _dispatch.resolve("short_conv", impl, T, impls)
+    run = registry.dispatch("short_conv", impl, T, config)
     f32 = lambda y: None if y is None else y.astype(jnp.float32)
-    y, cache = impls[name](f32(x), f32(weight), initial_state=f32(initial_state),
-                           segment_ids=segment_ids)
+    y, cache = run(f32(x), f32(weight), initial_state=f32(initial_state), segment_ids=segment_ids)
     if bias is not None:
         y = y + f32(bias)
     return _ACTIVATIONS[activation](y).astype(x.dtype), cache

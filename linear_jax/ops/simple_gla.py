@@ -10,15 +10,15 @@ This is RetNet's retention and Lightning Attention (TNL) with a constant g per h
 Language Models"), and Mamba-2's SSD with g = dt * A (Dao & Gu 2024, "Transformers are SSMs").
 
 impl: "recurrent" (lax.scan reference), "chunk" (chunk-parallel XLA; see
-`linear_jax.ops.common.decay_chunk`), "pallas" when a kernel is registered, "auto".
+`linear_jax.ops.common.decay_chunk`), "pallas" / "pallas:<backend>" (the kernels of the record
+below), "auto"; resolved by `linear_jax.ops.registry`.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from linear_jax.kernels import registry
-from linear_jax.ops import _checks, _dispatch
+from linear_jax.ops import _checks, registry
 from linear_jax.ops.common.decay_chunk import chunk_decay
 from linear_jax.ops.common.heads import default_scale, repeat_heads
 from linear_jax.ops.common.recurrent import scan_time, state_or_zeros
@@ -45,11 +45,22 @@ def simple_gla_chunk(q, k, v, g, *, scale, initial_state, segment_ids, chunk_siz
                        segment_ids=segment_ids, chunk_size=chunk_size)
 
 
+registry.register(registry.OpRecord(
+    "simple_gla", reference=simple_gla_recurrent, chunk=simple_gla_chunk,
+    kernels=(registry.Kernel("triton", "linear_jax.kernels.gpu.decay:decay",
+                             "linear_jax.kernels.configs:TritonChunkConfig"),
+             registry.Kernel("tpu", "linear_jax.kernels.tpu.simple_gla:simple_gla",
+                             "linear_jax.kernels.configs:TpuConfig")),
+    seq_parallel="linear_jax.parallel.decay:simple_gla"))
+
+
 def simple_gla(q, k, v, g, *, scale=None, initial_state=None, segment_ids=None, chunk_size=64,
-               impl="auto"):
+               impl="auto", config=None):
     """Scalar-gated linear attention. Returns `(o [B,T,H,V], final_state [B,H,K,V] float32)`.
 
     `g` may be None (no decay: plain linear attention).
+    `config`: a kernel config of `linear_jax.kernels.configs` or a tuple of them (the kernel
+    that runs takes the one of its type; None: the device's defaults); the XLA forms ignore it.
     """
     B, T, H, K, V = _checks.check_qkv("simple_gla", q, k, v)
     if g is not None:
@@ -58,12 +69,8 @@ def simple_gla(q, k, v, g, *, scale=None, initial_state=None, segment_ids=None, 
     _checks.check_state("initial_state", initial_state, (B, H, K, V), "[B, H, K, V]")
     _checks.check_segment_ids(segment_ids, B, T)
     _checks.check_chunk_size(chunk_size)
-    impls = {"recurrent": simple_gla_recurrent, "chunk": simple_gla_chunk,
-             **registry.kernels_for("simple_gla")}
-    name = _dispatch.resolve("simple_gla", impl, T, impls)
+    run = registry.dispatch("simple_gla", impl, T, config)
     q, k = repeat_heads(q, H), repeat_heads(k, H)
-    kw = dict(scale=default_scale(scale, K), initial_state=initial_state, segment_ids=segment_ids)
-    if name != "recurrent":
-        kw["chunk_size"] = chunk_size
-    o, S = impls[name](q, k, v, g, **kw)
+    o, S = run(q, k, v, g, scale=default_scale(scale, K), initial_state=initial_state,
+               segment_ids=segment_ids, chunk_size=chunk_size)
     return o.astype(v.dtype), S

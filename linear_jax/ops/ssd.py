@@ -9,8 +9,9 @@ Shapes: x [B, T, H, P]; dt [B, T, H]; A, D, dt_bias [H]; B, C [B, T, G, N] (H a 
 state h [B, H, N, P] float32; y [B, T, H, P] in x's dtype. Layers hold A = -exp(A_log).
 
 This is `simple_gla` with q = C, k = B, v = x * dt, g = dt * A and scale 1 (grouped B and C are
-that op's grouped q and k), so SSD runs on simple GLA's recurrent, chunk and kernel paths; the skip
-D x is added here. Everything after the argument checks runs in float32.
+that op's grouped q and k), so SSD runs on simple GLA's recurrent, chunk and kernel paths (its
+record names `kernels_of="simple_gla"`); the skip D x is added here. Everything after the argument
+checks runs in float32.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from linear_jax.kernels import registry
-from linear_jax.ops import _checks, _dispatch
+from linear_jax.ops import _checks, registry
 from linear_jax.ops.common.gates import step_size
 from linear_jax.ops.simple_gla import simple_gla
 
@@ -64,25 +64,31 @@ def _check_args(x, dt, A, B, C, D, dt_bias, dt_softplus):
     return Bsz, T, H, P, N
 
 
+registry.register(registry.OpRecord("ssd", kernels_of="simple_gla",
+                                    seq_parallel="linear_jax.parallel.ssd:ssd"))
+
+
 def ssd(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=True, *, initial_state=None,
-        segment_ids=None, chunk_size=64, impl="auto"):
+        segment_ids=None, chunk_size=64, impl="auto", config=None):
     """Mamba-2 SSD. Returns `(y [B,T,H,P], final_state [B,H,N,P] float32)`.
 
     `A` must be <= 0 and, with `dt_softplus=False`, `dt` >= 0 (checked on concrete arrays).
-    `impl` is resolved here and handed to `simple_gla`.
+    `impl` (and with it `config`) is resolved here and the choice handed to `simple_gla`.
+    `config`: a kernel config of `linear_jax.kernels.configs` or a tuple of them (the kernel
+    that runs takes the one of its type; None: the device's defaults); the XLA forms ignore it.
     """
     Bsz, T, H, P, N = _check_args(x, dt, A, B, C, D, dt_bias, dt_softplus)
     _checks.check_state("initial_state", initial_state, (Bsz, H, N, P), "[B, H, N, P]")
     _checks.check_segment_ids(segment_ids, Bsz, T)
     _checks.check_chunk_size(chunk_size)
-    available = {"recurrent": None, "chunk": None, **registry.kernels_for("simple_gla")}
-    name = _dispatch.resolve("ssd", impl, T, available)
+    choice = registry.resolve("ssd", impl, T, config)
 
     f32 = lambda a: a.astype(jnp.float32)
     dt = step_size(dt, dt_bias, dt_softplus)
     v = f32(x) * dt[..., None]
     o, h = simple_gla(C, B, v, dt * f32(A), scale=1.0, initial_state=initial_state,
-                      segment_ids=segment_ids, chunk_size=chunk_size, impl=name)
+                      segment_ids=segment_ids, chunk_size=chunk_size, impl=choice.impl,
+                      config=choice.config)
     if D is not None:
         o = o + f32(D)[:, None] * f32(x)
     return o.astype(x.dtype), h

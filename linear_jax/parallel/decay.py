@@ -43,10 +43,10 @@ def _einsum(spec, *xs):
                       preferred_element_type=jnp.float32)
 
 
-def _resolve_staging(op, staging, impl, T_loc):
+def _resolve_staging(op, staging, impl, config, T_loc):
     if staging not in STAGINGS:
         raise ValueError(f"staging must be one of {STAGINGS}, got {staging!r}")
-    name = resolved_impl(op, impl, T_loc)
+    name = resolved_impl(op, impl, T_loc, config)
     if staging == "zeco" and name != "chunk":
         raise ValueError(f"{op}: staging='zeco' needs the chunk form, but impl={impl!r} "
                          f"resolves to {name!r}")
@@ -55,7 +55,8 @@ def _resolve_staging(op, staging, impl, T_loc):
 
 
 def decay_local(op, q, k, v, g, *, axis_name="seq", scale=None, initial_state=None,
-                segment_ids=None, chunk_size=64, impl="auto", mode=DEFAULT_MODE, staging="auto"):
+                segment_ids=None, chunk_size=64, impl="auto", config=None, mode=DEFAULT_MODE,
+                staging="auto"):
     """`op` ("simple_gla" | "gla") on the local shard of a sequence split along `axis_name`;
     call inside `shard_map`. Returns (o [B,T_loc,H,V], global final state [B,H,K,V])."""
     B, T, Hk, K = q.shape
@@ -63,10 +64,10 @@ def decay_local(op, q, k, v, g, *, axis_name="seq", scale=None, initial_state=No
     scale = default_scale(scale, K)
     kind = ("identity" if segment_ids is None else "scalar") if g is None else (
         "scalar" if g.ndim == 3 else "vector")
-    kw = dict(scale=scale, chunk_size=chunk_size)
+    kw = dict(scale=scale, chunk_size=chunk_size, impl=impl, config=config)
     x = (q, k, v, g)
 
-    if _resolve_staging(op, staging, impl, T) == "zeco":
+    if _resolve_staging(op, staging, impl, config, T) == "zeco":
         pre, post = zeco.stages(kind, scale=scale, chunk_size=chunk_size)
     else:
         def pre(x, seg):
@@ -74,7 +75,7 @@ def decay_local(op, q, k, v, g, *, axis_name="seq", scale=None, initial_state=No
             # an explicit zero state typed like the inputs: the op's own zeros would be an
             # invariant scan carry, which shard_map's type check rejects
             S_zero = _compat.zeros_varying((B, H, K, v.shape[-1]), q, k, v, g)
-            o_loc, N = _OPS[op](q, k, v, g, impl=impl, initial_state=S_zero, segment_ids=seg, **kw)
+            o_loc, N = _OPS[op](q, k, v, g, initial_state=S_zero, segment_ids=seg, **kw)
             return (o_loc, shard_q(q, g, H, scale, seg)), N, shard_map_of(kind, g, seg, N.shape)
 
         def post(x, seg, parts, S_in):
@@ -83,7 +84,7 @@ def decay_local(op, q, k, v, g, *, axis_name="seq", scale=None, initial_state=No
                 x[2].dtype)
 
     def rerun(x, seg, S_in):
-        return _OPS[op](*x, initial_state=S_in, segment_ids=seg, impl=impl, **kw)
+        return _OPS[op](*x, initial_state=S_in, segment_ids=seg, **kw)
 
     return affine_shard(pre, post, kind, x, (B, H, K, v.shape[-1]), initial_state, segment_ids,
                         axis_name=axis_name, mode=mode, rerun=rerun)
@@ -123,38 +124,39 @@ def _public(op, q, k, v, g, *, mesh, axis_name, batch_axes, head_axes, **kw):
     local = lambda q, k, v, g, **a: decay_local(op, q, k, v, g, **a, **kw)
     return run_on_mesh(local, mesh, (q, k, v, g), initial_state=init, segment_ids=seg,
                        seq_axis=axis_name, batch_axes=batch_axes, head_axes=head_axes,
-                       kernel_op=(op, kw["impl"]))
+                       kernel_op=(op, kw["impl"], kw["config"]))
 
 
 def simple_gla(q, k, v, g, *, axis_name="seq", mesh=None, batch_axes=None, head_axes=None,
                scale=None, initial_state=None, segment_ids=None, chunk_size=64, impl="auto",
-               mode=DEFAULT_MODE, staging="auto"):
+               config=None, mode=DEFAULT_MODE, staging="auto"):
     """Sequence-parallel `linear_jax.ops.simple_gla`.
 
     With `mesh=None`, call it inside `shard_map` on the local shards (sequence split along
     `axis_name`); with a `Mesh`, it builds the `shard_map` itself (`linear_jax.parallel.mesh`).
+    `impl` and `config` go to the single-device op on each shard.
     Returns `(o, final_state)`; the final state is the global one, on every device of the axis.
     """
     return _public("simple_gla", q, k, v, g, mesh=mesh, axis_name=axis_name,
                    batch_axes=batch_axes, head_axes=head_axes, scale=scale,
                    initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size,
-                   impl=impl, mode=mode, staging=staging)
+                   impl=impl, config=config, mode=mode, staging=staging)
 
 
 def gla(q, k, v, g, *, axis_name="seq", mesh=None, batch_axes=None, head_axes=None, scale=None,
-        initial_state=None, segment_ids=None, chunk_size=64, impl="auto", mode=DEFAULT_MODE,
-        staging="auto"):
+        initial_state=None, segment_ids=None, chunk_size=64, impl="auto", config=None,
+        mode=DEFAULT_MODE, staging="auto"):
     """Sequence-parallel `linear_jax.ops.gla` (arguments as `simple_gla`)."""
     return _public("gla", q, k, v, g, mesh=mesh, axis_name=axis_name, batch_axes=batch_axes,
                    head_axes=head_axes, scale=scale, initial_state=initial_state,
-                   segment_ids=segment_ids, chunk_size=chunk_size, impl=impl, mode=mode,
-                   staging=staging)
+                   segment_ids=segment_ids, chunk_size=chunk_size, impl=impl, config=config,
+                   mode=mode, staging=staging)
 
 
 def linear_attention(q, k, v, *, normalize=False, eps=1e-6, axis_name="seq", mesh=None,
                      batch_axes=None, head_axes=None, scale=None, initial_state=None,
-                     segment_ids=None, chunk_size=64, impl="auto", mode=DEFAULT_MODE,
-                     staging="auto"):
+                     segment_ids=None, chunk_size=64, impl="auto", config=None,
+                     mode=DEFAULT_MODE, staging="auto"):
     """Sequence-parallel `linear_jax.ops.linear_attention` (arguments as `simple_gla`)."""
     V = v.shape[-1]
     if normalize:
@@ -164,8 +166,8 @@ def linear_attention(q, k, v, *, normalize=False, eps=1e-6, axis_name="seq", mes
         v_in = v
     o, S = simple_gla(q, k, v_in, None, axis_name=axis_name, mesh=mesh, batch_axes=batch_axes,
                       head_axes=head_axes, scale=scale, initial_state=initial_state,
-                      segment_ids=segment_ids, chunk_size=chunk_size, impl=impl, mode=mode,
-                      staging=staging)
+                      segment_ids=segment_ids, chunk_size=chunk_size, impl=impl, config=config,
+                      mode=mode, staging=staging)
     if normalize:
         o = o[..., :V] / (o[..., V:] + eps)
     return o.astype(v.dtype), S

@@ -34,12 +34,13 @@ def _op(q, k, v, g, beta, **kw):
 
 
 def delta_local(q, k, v, g, beta, *, axis_name="seq", exact=False, scale=None, initial_state=None,
-                segment_ids=None, chunk_size=64, impl="auto", mode=DEFAULT_MODE):
+                segment_ids=None, chunk_size=64, impl="auto", config=None, mode=DEFAULT_MODE):
     """The delta rule (g None) or Gated DeltaNet on the local shard of a sequence split along
     `axis_name`; call inside `shard_map`. Returns (o [B,T_loc,H,V], global final state)."""
     B, T, Hk, K = q.shape
     H, V = v.shape[2], v.shape[3]
-    kw = dict(exact=exact, scale=default_scale(scale, K), chunk_size=chunk_size, impl=impl)
+    kw = dict(exact=exact, scale=default_scale(scale, K), chunk_size=chunk_size, impl=impl,
+              config=config)
 
     def pre(x, seg):
         q, k, v, g, beta = x
@@ -72,24 +73,27 @@ def _public(q, k, v, g, beta, *, mesh, axis_name, batch_axes, head_axes, **kw):
     op = "delta_rule" if g is None else "gated_delta_rule"
     return run_on_mesh(local, mesh, (q, k, v, g, beta), initial_state=init, segment_ids=seg,
                        seq_axis=axis_name, batch_axes=batch_axes, head_axes=head_axes,
-                       kernel_op=(op, kw["impl"]))
+                       kernel_op=(op, kw["impl"], kw["config"]))
 
 
 def delta_rule(q, k, v, beta, *, axis_name="seq", mesh=None, batch_axes=None, head_axes=None,
                exact=False, scale=None, initial_state=None, segment_ids=None, chunk_size=64,
-               impl="auto", mode=DEFAULT_MODE):
+               impl="auto", config=None, mode=DEFAULT_MODE):
     """Sequence-parallel `linear_jax.ops.delta_rule` (mesh arguments as
     `linear_jax.parallel.simple_gla`)."""
     return _public(q, k, v, None, beta, mesh=mesh, axis_name=axis_name, batch_axes=batch_axes,
                    head_axes=head_axes, exact=exact, scale=scale, initial_state=initial_state,
-                   segment_ids=segment_ids, chunk_size=chunk_size, impl=impl, mode=mode)
+                   segment_ids=segment_ids, chunk_size=chunk_size, impl=impl, config=config,
+                   mode=mode)
 
 
 def gated_delta_rule(q, k, v, g, beta, *, axis_name="seq", mesh=None, batch_axes=None,
                      head_axes=None, exact=False, scale=None, initial_state=None,
-                     segment_ids=None, chunk_size=64, impl="auto", mode=DEFAULT_MODE):
+                     segment_ids=None, chunk_size=64, impl="auto", config=None,
+                     mode=DEFAULT_MODE):
     """Sequence-parallel `linear_jax.ops.gated_delta_rule` (mesh arguments as
     `linear_jax.parallel.simple_gla`)."""
     return _public(q, k, v, g, beta, mesh=mesh, axis_name=axis_name, batch_axes=batch_axes,
                    head_axes=head_axes, exact=exact, scale=scale, initial_state=initial_state,
-                   segment_ids=segment_ids, chunk_size=chunk_size, impl=impl, mode=mode)
+                   segment_ids=segment_ids, chunk_size=chunk_size, impl=impl, config=config,
+                   mode=mode)

@@ -12,11 +12,13 @@ follow the layout of the batch, `P(batch, "seq")`: activations stay split along 
 are replicated along `seq` (the sharding rules never map a parameter onto it). Only what couples
 time steps needs communication, and the layers call it only through:
 
-  `recurrence(op, *args, seq_parallel=, **kw)`  the linear recurrences (`linear_attention`,
-      `simple_gla`, `gla`, `delta_rule`, `gated_delta_rule`, `ssd`): `linear_jax.ops.<op>` when
-      `seq_parallel` is None or its axis has size 1, else `linear_jax.parallel.<op>` in its own
-      `shard_map` (one all-gather forward, one backward);
-  `short_conv(...)`    `ops.short_conv`, or the halo convolution (one `ppermute` of W-1 tokens);
+  `recurrence(op, *args, seq_parallel=, **kw)`  the linear recurrences: `linear_jax.ops.<op>`
+      when `seq_parallel` is None or its axis has size 1, else the sequence-parallel form its
+      registry record names (`linear_jax.ops.registry`; today `linear_attention`, `simple_gla`,
+      `gla`, `delta_rule`, `gated_delta_rule`, `ssd`) in its own `shard_map` (one all-gather
+      forward, one backward); `impl` and `config` reach the single-device op either way;
+  `short_conv(...)`    `ops.short_conv`, or the halo convolution its record names (one
+      `ppermute` of W-1 tokens);
   `attention(...)`     causal softmax attention over all-gathered K, V (LASP-2H), in the
       contiguous layout or, `attention_layout="zigzag"`, permuted to zigzag around the layer for
       a balanced causal workload.
@@ -37,21 +39,10 @@ import math
 from jax.sharding import Mesh
 
 from linear_jax import ops
+from linear_jax.ops import registry
 from linear_jax.parallel import attention as _attention
-from linear_jax.parallel import conv as _conv
-from linear_jax.parallel import decay, delta
 from linear_jax.parallel.affine import MODES
 from linear_jax.parallel.mesh import BATCH_AXES, HEAD_AXES
-from linear_jax.parallel.ssd import ssd as _ssd
-
-RECURRENCES = {
-    "linear_attention": (ops.linear_attention, decay.linear_attention),
-    "simple_gla": (ops.simple_gla, decay.simple_gla),
-    "gla": (ops.gla, decay.gla),
-    "delta_rule": (ops.delta_rule, delta.delta_rule),
-    "gated_delta_rule": (ops.gated_delta_rule, delta.gated_delta_rule),
-    "ssd": (ops.ssd, _ssd),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,17 +111,24 @@ def unsupported(layer, seq_parallel) -> None:
                                   f"{seq_parallel.axis_name!r} of size 1)")
 
 
+def _parallel_form(op: str):
+    rec = registry.record(op)
+    if rec.seq_parallel is None:
+        raise NotImplementedError(f"{op} has no sequence-parallel form; run it with "
+                                  f"seq_parallel=None (a mesh axis of size 1)")
+    return registry.load(rec.seq_parallel)
+
+
 def recurrence(op: str, *args, seq_parallel: SeqParallel | None = None, **kw):
     """`linear_jax.ops.<op>(*args, **kw)`, or with an active `seq_parallel` the sequence-parallel
-    `linear_jax.parallel.<op>` over its mesh (same arguments, same results)."""
-    if op not in RECURRENCES:
-        raise ValueError(f"recurrence: no op {op!r}; known: {sorted(RECURRENCES)}")
-    single, parallel = RECURRENCES[op]
+    form of `op`'s registry record over its mesh (same arguments, same results). Arrays of the
+    recurrences are `[B, T, H, ...]`: their batch and head axes pick the mesh axes."""
+    registry.record(op)                                  # an unknown op raises, whatever the mesh
     if not is_active(seq_parallel):
-        return single(*args, **kw)
+        return getattr(ops, op)(*args, **kw)
     sp = seq_parallel
-    return parallel(*args, mesh=sp.mesh, axis_name=sp.axis_name, mode=sp.mode,
-                    **sp.axes_for(*args), **kw)
+    return _parallel_form(op)(*args, mesh=sp.mesh, axis_name=sp.axis_name, mode=sp.mode,
+                              **sp.axes_for(*args), **kw)
 
 
 def short_conv(x, weight, bias=None, *, activation=None, initial_state=None, segment_ids=None,
@@ -143,8 +141,8 @@ def short_conv(x, weight, bias=None, *, activation=None, initial_state=None, seg
         return ops.short_conv(x, weight, bias, **kw)
     sp = seq_parallel
     batch = sp.axes_for(x)["batch_axes"]
-    return _conv.short_conv(x, weight, bias, mesh=sp.mesh, axis_name=sp.axis_name,
-                            batch_axes=batch, **kw)
+    return _parallel_form("short_conv")(x, weight, bias, mesh=sp.mesh, axis_name=sp.axis_name,
+                                        batch_axes=batch, **kw)
 
 
 def attention(q, k, v, *, seq_parallel: SeqParallel, scale=None, segment_ids=None,

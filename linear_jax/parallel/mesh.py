@@ -12,8 +12,7 @@ from __future__ import annotations
 from jax.sharding import PartitionSpec as P
 
 from linear_jax import _compat
-from linear_jax.kernels import registry
-from linear_jax.ops import _dispatch
+from linear_jax.ops import registry
 
 BATCH_AXES = ("data", "fsdp")
 HEAD_AXES = ("tensor",)
@@ -32,17 +31,17 @@ def specs(mesh, seq_axis="seq", batch_axes=None, head_axes=None):
     return P(b, seq_axis, h), P(b, seq_axis), P(b, h)
 
 
-def resolved_impl(op, impl, T_loc) -> str:
-    """The implementation the single-device op will run on a shard of T_loc tokens."""
-    available = {"recurrent": None, "chunk": None, **registry.kernels_for(op)}
-    return _dispatch.resolve(op, impl, T_loc, available)
+def resolved_impl(op, impl, T_loc, config=None) -> str:
+    """The implementation the single-device op will run on a shard of T_loc tokens: "recurrent",
+    "chunk" or "pallas:<backend>" (`linear_jax.ops.registry.resolve`)."""
+    return registry.resolve(op, impl, T_loc, config).impl
 
 
-def uses_kernel(op, impl, T_loc) -> bool:
+def uses_kernel(op, impl, T_loc, config=None) -> bool:
     """Whether `impl` resolves to a Pallas kernel. Their `pallas_call`s declare outputs without
     vma types, which a checked `shard_map` rejects, so the wrapper turns checking off for them
     (the parallel code is correct either way; tests cover both)."""
-    return resolved_impl(op, impl, T_loc) == "pallas"
+    return registry.resolve(op, impl, T_loc, config).is_kernel
 
 
 def run_on_mesh(local_fn, mesh, seq_args, *, initial_state=None, segment_ids=None,
@@ -50,7 +49,7 @@ def run_on_mesh(local_fn, mesh, seq_args, *, initial_state=None, segment_ids=Non
                 kernel_op=None, **static):
     """Calls `local_fn(*seq_args, initial_state=, segment_ids=, axis_name=seq_axis, **static)`
     under `shard_map` over `mesh`. `seq_args` are `[B, T, H, ...]` arrays or None.
-    `kernel_op=(op, impl)`: check vma types unless `impl` resolves to a kernel of `op`.
+    `kernel_op=(op, impl, config)`: check vma types unless `impl` resolves to a kernel of `op`.
     Returns what `local_fn` returns: `(o [B,T,H,V], final_state [B,H,K,V])`, or `o` alone
     with `with_state=False`."""
     x_spec, seg_spec, state_spec = specs(mesh, seq_axis, batch_axes, head_axes)
@@ -60,7 +59,10 @@ def run_on_mesh(local_fn, mesh, seq_args, *, initial_state=None, segment_ids=Non
         raise ValueError(f"the sequence length T={T} must be a multiple of the size {n} of the "
                          f"mesh axis {seq_axis!r}")
     present = [i for i, a in enumerate(seq_args) if a is not None]
-    check = kernel_op is None or not uses_kernel(*kernel_op, T // n)
+    check = True
+    if kernel_op is not None:
+        op, impl, config = kernel_op
+        check = not uses_kernel(op, impl, T // n, config)
 
     def body(arrays, init, seg):
         full = [None] * len(seq_args)

@@ -13,7 +13,7 @@ from linear_jax.parallel.decay import DEFAULT_MODE, simple_gla
 
 def ssd(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=True, *, axis_name="seq", mesh=None,
         batch_axes=None, head_axes=None, initial_state=None, segment_ids=None, chunk_size=64,
-        impl="auto", mode=DEFAULT_MODE, staging="auto"):
+        impl="auto", config=None, mode=DEFAULT_MODE, staging="auto"):
     """Sequence-parallel `linear_jax.ops.ssd` (mesh arguments as `parallel.simple_gla`).
     Returns `(y [B,T,H,P], final_state [B,H,N,P] float32)`."""
     f32 = lambda a: a.astype(jnp.float32)
@@ -21,7 +21,8 @@ def ssd(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=True, *, axis_name="se
     o, h = simple_gla(C, B, f32(x) * dt[..., None], dt * f32(A), axis_name=axis_name, mesh=mesh,
                       batch_axes=batch_axes, head_axes=head_axes, scale=1.0,
                       initial_state=initial_state, segment_ids=segment_ids,
-                      chunk_size=chunk_size, impl=impl, mode=mode, staging=staging)
+                      chunk_size=chunk_size, impl=impl, config=config, mode=mode,
+                      staging=staging)
     if D is not None:
         o = o + f32(D)[:, None] * f32(x)
     return o.astype(x.dtype), h

@@ -172,3 +172,18 @@ def test_every_parameter_names_its_logical_axes():
             assert set(axes) <= LOGICAL_AXES, (name, path, axes)
     specs = nnx.get_partition_spec(nnx.state(layers["gla"], nnx.Param))
     assert tuple(specs["q_proj"]["kernel"].get_value()) == ("embed", "heads")
+
+
+def test_kernel_config_reaches_the_op_arguments():
+    """`kernel_config` is kept, hashable, in the op arguments of every mixer over a linear op
+    (handed to the op as `config=`); attention has no kernel config and is not given one."""
+    from linear_jax.kernels.configs import TritonChunkConfig
+    cfg = (TritonChunkConfig(block_v=32),)
+    for name in sorted(MIXERS):
+        opts = {"num_slots": 8} if name == "gsa" else {}
+        layer = nnx.eval_shape(lambda name=name, opts=opts: make_mixer(
+            name, _D, _H, rngs=nnx.Rngs(0), kernel_config=cfg, **opts))
+        if name == "attention":
+            assert not hasattr(layer, "op_kw")
+            continue
+        assert dict(layer.op_kw)["config"] == cfg and hash(layer.op_kw), name

@@ -11,8 +11,11 @@ import optax
 import pytest
 from flax import nnx
 
+from linear_jax.kernels.configs import TpuConfig, TritonChunkConfig
 from linear_jax.layers import MIXERS
 from linear_jax.models import LM, LMConfig, decode_fns, generate
+from linear_jax.ops import registry
+from tests.utils import assert_close
 
 
 def test_config_validation():
@@ -30,6 +33,38 @@ def test_config_validation():
                  mixer_options={"attention": {"window": 16}})
     assert c.layer_mixers() == ("gla",) * 3 + ("attention",) + ("gla",) * 3 + ("attention",)
     assert c.options("attention") == {"window": 16} and hash(c)
+    tri = TritonChunkConfig(block_v=32)
+    c = LMConfig(vocab_size=8, kernel_config=[tri, TpuConfig()])
+    assert c.kernel_config == (tri, TpuConfig()) and hash(c)
+    assert LMConfig(vocab_size=8, kernel_config=tri).kernel_config == (tri,)
+    with pytest.raises(ValueError, match="kernel_config must hold kernel configs"):
+        LMConfig(vocab_size=8, kernel_config=({"block_v": 32},))
+    with pytest.raises(ValueError, match="kernel_config must be a tuple"):
+        LMConfig(vocab_size=8, kernel_config="triton")
+    with pytest.raises(ValueError, match="kernel_config holds more than one TritonChunkConfig"):
+        LMConfig(vocab_size=8, kernel_config=(tri, TritonChunkConfig()))
+
+
+def test_kernel_config_reaches_the_kernel(monkeypatch):
+    """`LMConfig.kernel_config` flows model -> mixer -> op -> kernel: a GLA model on the Triton
+    kernel (interpret mode on a CPU) equals the chunk form, and the kernel ran with the config of
+    its type from the model's tuple."""
+    resolve, seen = registry.resolve, []
+
+    def spy(op, impl, T, config=None):
+        choice = resolve(op, impl, T, config)
+        seen.append((op, choice.impl, choice.config))
+        return choice
+
+    monkeypatch.setattr(registry, "resolve", spy)
+    tri = TritonChunkConfig(block_v=16, block_k=16, block_k_bwd=16)
+    base = dict(vocab_size=16, d_model=16, num_layers=1, num_heads=2, mixer="gla",
+                chunk_size=16, init_std=0.1)
+    tokens = jax.random.randint(jax.random.key(0), (1, 20), 0, 16)
+    run = lambda **kw: LM(LMConfig(**base, **kw), rngs=nnx.Rngs(0))(tokens)[0]
+    logits = run(impl="pallas:triton", kernel_config=(TpuConfig(chunk=8), tri))
+    assert seen == [("gla", "pallas:triton", tri)]
+    assert_close(logits, run(impl="chunk"), 1e-5, "logits")
 
 
 def test_generate_equals_argmax_of_full_forward():

@@ -1,50 +1,219 @@
-"""`impl="auto"` picks per platform, explicit impls are honoured or refused."""
+"""The op registry: how `impl` resolves per platform and shape, how configs are matched to the
+kernel that runs, and that every op entry goes through it (`linear_jax.ops.registry`)."""
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import pathlib
+
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from linear_jax.ops import _dispatch
+from linear_jax import ops
+from linear_jax.kernels.configs import TpuConfig, TritonChunkConfig, TritonScanConfig
+from linear_jax.ops import registry
+from linear_jax.ops.registry import Kernel, OpRecord
 
-CHUNK_FAMILY = {"recurrent": 1, "chunk": 2, "pallas": 3}
-NO_KERNEL = {"recurrent": 1, "chunk": 2}
+OPS_DIR = pathlib.Path(ops.__file__).parent
+CHUNK_CFG = "linear_jax.kernels.configs:TritonChunkConfig"
+
+
+@pytest.fixture
+def on(monkeypatch):
+    """on("gpu", (9, 0)): resolve as on that platform (and CUDA compute capability)."""
+    def set_platform(platform, capability=None):
+        monkeypatch.setattr(registry, "_platform", lambda: platform)
+        monkeypatch.setattr(registry, "_capability", lambda: capability)
+    return set_platform
 
 
 @pytest.mark.parametrize(
-    "backend,op,available,T,expected",
+    "platform,op,T,expected",
     [
-        ("gpu", "gla", CHUNK_FAMILY, 1024, "pallas"),
-        ("cuda", "gla", CHUNK_FAMILY, 1024, "pallas"),
-        ("tpu", "simple_gla", CHUNK_FAMILY, 1024, "pallas"),
-        ("cpu", "gla", CHUNK_FAMILY, 1024, "chunk"),          # interpret mode is for tests only
-        ("gpu", "mlstm", NO_KERNEL, 1024, "chunk"),
-        ("cpu", "hgrn", NO_KERNEL, 1024, "recurrent"),         # element-wise scans on a CPU
-        ("gpu", "hgrn", NO_KERNEL, 1024, "chunk"),
-        ("gpu", "selective_scan", CHUNK_FAMILY, 1024, "pallas"),   # checked on the device
-        ("gpu", "hgrn", CHUNK_FAMILY, 1024, "pallas"),
-        ("gpu", "mlstm", CHUNK_FAMILY, 1024, "pallas"),            # checked on the device
-        ("gpu", "gla", CHUNK_FAMILY, 1, "recurrent"),          # one decoding step
-        ("cpu", "delta_rule", NO_KERNEL, 1, "recurrent"),
+        ("gpu", "gla", 1024, "pallas:triton"),
+        ("tpu", "simple_gla", 1024, "pallas:tpu"),
+        ("tpu", "gated_delta_rule", 1024, "pallas:tpu"),
+        ("cpu", "gla", 1024, "chunk"),               # interpret mode is for tests only
+        ("gpu", "delta_product", 1024, "chunk"),     # no kernel
+        ("cpu", "hgrn", 1024, "recurrent"),          # element-wise scans on a CPU
+        ("cpu", "selective_scan", 1024, "recurrent"),
+        ("cpu", "short_conv", 1024, "chunk"),        # not element-wise in the registry's sense
+        ("gpu", "hgrn", 1024, "pallas:triton"),
+        ("tpu", "hgrn", 1024, "chunk"),              # a GPU kernel only
+        ("gpu", "selective_scan", 1024, "pallas:triton"),
+        ("tpu", "selective_scan", 1024, "pallas:tpu"),
+        ("gpu", "mlstm", 1024, "pallas:triton"),
+        ("gpu", "ssd", 1024, "pallas:triton"),       # simple_gla's kernels
+        ("tpu", "linear_attention", 1024, "pallas:tpu"),
+        ("gpu", "gla", 1, "recurrent"),              # one decoding step
+        ("tpu", "ssd", 1, "recurrent"),
+        ("cpu", "delta_rule", 1, "recurrent"),
     ],
 )
-def test_auto_choice_per_platform(monkeypatch, backend, op, available, T, expected):
-    monkeypatch.setattr(_dispatch, "platform", lambda: backend)
-    assert _dispatch.resolve(op, "auto", T, available) == expected
+def test_auto_per_platform(on, platform, op, T, expected):
+    on(platform, (9, 0) if platform == "gpu" else None)
+    choice = registry.resolve(op, "auto", T)
+    assert choice.impl == expected
+    assert choice.is_kernel == expected.startswith("pallas")
 
 
-def test_explicit_impls_are_honoured_or_refused(monkeypatch):
-    monkeypatch.setattr(_dispatch, "platform", lambda: "gpu")
-    assert _dispatch.resolve("gla", "chunk", 1, CHUNK_FAMILY) == "chunk"
-    with pytest.raises(ValueError, match="not implemented for this op"):
-        _dispatch.resolve("mlstm", "pallas", 10, NO_KERNEL)
-    with pytest.raises(ValueError, match="impl must be one of"):
-        _dispatch.resolve("gla", "triton", 10, CHUNK_FAMILY)
+def test_auto_on_a_cpu_never_picks_a_kernel():
+    for op in registry.records():
+        for T in (1, 7, 4096):
+            assert not registry.resolve(op, "auto", T).is_kernel, (op, T)
 
 
-def test_auto_skips_kernels_not_yet_checked_on_a_device(monkeypatch):
-    """A kernel listed as unchecked is reachable with impl="pallas" but not chosen by "auto"."""
-    monkeypatch.setattr(_dispatch, "platform", lambda: "gpu")
-    monkeypatch.setattr(_dispatch, "_UNCHECKED_ON_DEVICE", ("mlstm",))
-    assert _dispatch.resolve("mlstm", "auto", 1024, CHUNK_FAMILY) == "chunk"
-    assert _dispatch.resolve("mlstm", "pallas", 1024, CHUNK_FAMILY) == "pallas"
-    assert _dispatch.resolve("gla", "auto", 1024, CHUNK_FAMILY) == "pallas"
+def test_explicit_impls_are_honoured_or_refused(on):
+    on("gpu", (9, 0))
+    assert registry.resolve("gla", "chunk", 1).impl == "chunk"        # even for one step
+    assert registry.resolve("gla", "recurrent", 4096).impl == "recurrent"
+    with pytest.raises(ValueError, match=r"delta_product: impl='pallas'.*available: "
+                                         r"\['recurrent', 'chunk'\]"):
+        registry.resolve("delta_product", "pallas", 10)
+    with pytest.raises(ValueError, match=r"^gla: impl must be one of"):
+        registry.resolve("gla", "triton", 10)
+    with pytest.raises(ValueError, match=r"^gla: unknown kernel backend in impl='pallas:cuda'"):
+        registry.resolve("gla", "pallas:cuda", 10)
+    with pytest.raises(ValueError, match=r"^hgrn: impl='pallas:tpu': this op has no tpu kernel; "
+                                         r"available: .*'pallas:triton'"):
+        registry.resolve("hgrn", "pallas:tpu", 10)
+    with pytest.raises(ValueError, match=r"^ssd: impl must be a string"):
+        registry.resolve("ssd", None, 10)
+    with pytest.raises(ValueError, match=r"^gla: impl must be one of"):   # only pallas: has one
+        registry.resolve("gla", "chunk:triton", 10)
+
+
+def test_unknown_op():
+    with pytest.raises(ValueError, match=r"registry: no op 'retention'; known: .*'simple_gla'"):
+        registry.record("retention")
+
+
+def test_backend_names(on):
+    """On a CPU bare "pallas" takes the Triton kernel, else the TPU one, in interpret mode; any
+    interpretable backend can be named; on an accelerator "pallas" is that platform's kernel."""
+    assert registry.resolve("gla", "pallas", 64).impl == "pallas:triton"
+    assert registry.resolve("gla", "pallas:tpu", 64).impl == "pallas:tpu"
+    assert registry.resolve("selective_scan", "pallas:tpu", 64).impl == "pallas:tpu"
+    on("tpu")
+    assert registry.resolve("gla", "pallas", 64).impl == "pallas:tpu"
+    with pytest.raises(ValueError, match="mlstm: impl='pallas': no kernel of this op runs"):
+        registry.resolve("mlstm", "pallas", 64)
+    with pytest.raises(ValueError, match="the triton kernel does not run"):
+        registry.resolve("mlstm", "pallas:triton", 64)
+    # interpret=False is an explicit compile for the kernel's own platform (an export)
+    cfg = TritonChunkConfig(interpret=False)
+    assert registry.resolve("mlstm", "pallas:triton", 64, cfg).config is cfg
+
+
+def test_available():
+    kernels = ["pallas", "pallas:triton", "pallas:tpu"]
+    assert registry.available("gla") == ["recurrent", "chunk", *kernels]
+    assert registry.available("ssd") == registry.available("simple_gla")
+    assert registry.available("linear_attention") == registry.available("simple_gla")
+    assert registry.available("hgrn") == ["recurrent", "chunk", "pallas", "pallas:triton"]
+    assert registry.available("delta_product") == ["recurrent", "chunk"]
+    assert registry.available("short_conv") == ["recurrent", "chunk"]
+    assert registry.record("gated_delta_rule").seq_parallel == (
+        "linear_jax.parallel.delta:gated_delta_rule")
+    assert registry.record("mlstm").seq_parallel is None
+
+
+def test_config_matching():
+    """A lone config must be the kernel's; from a tuple each kernel takes its own type (at most
+    one), else its default; the XLA forms carry none."""
+    tri, tpu = TritonChunkConfig(block_v=32), TpuConfig(chunk=32)
+    assert registry.resolve("gla", "pallas:triton", 64, tri).config is tri
+    assert registry.resolve("gla", "pallas:triton", 64).config == TritonChunkConfig.default()
+    assert registry.resolve("gla", "pallas:triton", 64, (tpu, tri)).config is tri
+    assert registry.resolve("gla", "pallas:tpu", 64, (tpu, tri)).config is tpu
+    assert registry.resolve("gla", "pallas:tpu", 64, (tri,)).config == TpuConfig.default()
+    with pytest.raises(ValueError, match=r"gla: config TpuConfig does not configure the triton "
+                                         r"kernel .*takes TritonChunkConfig"):
+        registry.resolve("gla", "pallas:triton", 64, tpu)
+    with pytest.raises(ValueError, match="hgrn: config TritonChunkConfig does not configure"):
+        registry.resolve("hgrn", "pallas", 64, tri)
+    assert registry.resolve("hgrn", "pallas", 64, (tri, TritonScanConfig(chunk=8))).config == (
+        TritonScanConfig(chunk=8))
+    with pytest.raises(ValueError, match="gla: config holds 2 configs of type TritonChunkConfig"):
+        registry.resolve("gla", "pallas:triton", 64, (tri, TritonChunkConfig()))
+    for impl in ("chunk", "recurrent", "auto"):       # "auto" on a CPU: an XLA form
+        assert registry.resolve("gla", impl, 64, tpu).config is None
+    for bad in ({"chunk": 64}, (tri, "fast"), TritonChunkConfig):
+        with pytest.raises(ValueError, match="gla: config must be a kernel config"):
+            registry.resolve("gla", "chunk", 64, bad)
+
+
+@pytest.fixture
+def fake_op(monkeypatch):
+    """A record "fake" with a Hopper-only kernel first, an unchecked Triton one, and a TPU one."""
+    rec = OpRecord("fake", reference=lambda *a, **k: "reference", chunk=lambda *a, **k: "chunk",
+                   kernels=(Kernel("mosaic_gpu", "m:f", CHUNK_CFG, min_capability=(9, 0)),
+                            Kernel("triton", "m:f", CHUNK_CFG, auto=False),
+                            Kernel("tpu", "m:f", "linear_jax.kernels.configs:TpuConfig")))
+    monkeypatch.setitem(registry._RECORDS, "fake", rec)
+    return rec
+
+
+def test_kernel_order_capability_and_device_check(on, fake_op):
+    on("gpu", (9, 0))
+    assert registry.resolve("fake", "auto", 512).impl == "pallas:mosaic_gpu"
+    assert registry.resolve("fake", "pallas", 512).impl == "pallas:mosaic_gpu"
+    on("gpu", (8, 0))                     # an A100: the Hopper kernel does not run here
+    assert registry.resolve("fake", "pallas", 512).impl == "pallas:triton"
+    assert registry.resolve("fake", "auto", 512).impl == "chunk"     # triton: not device-checked
+    with pytest.raises(ValueError, match="the mosaic_gpu kernel does not run on"):
+        registry.resolve("fake", "pallas:mosaic_gpu", 512)
+    on("cpu")                             # Mosaic GPU has no interpret mode
+    assert registry.resolve("fake", "pallas", 512).impl == "pallas:triton"
+    with pytest.raises(ValueError, match="the mosaic_gpu kernel does not run on cpu"):
+        registry.resolve("fake", "pallas:mosaic_gpu", 512)
+
+
+def test_records_are_checked():
+    with pytest.raises(ValueError, match="Kernel: backend must be one of"):
+        Kernel("cuda", "m:f", CHUNK_CFG)
+    with pytest.raises(ValueError, match="Kernel: fn must be a 'module:attribute' string"):
+        Kernel("triton", "m.f", CHUNK_CFG)
+    with pytest.raises(ValueError, match="registry: op 'gla' is registered twice"):
+        registry.register(OpRecord("gla"))
+    assert registry.register(registry.record("gla")) is registry.record("gla")   # idempotent
+
+
+def _spy_kernel(*arrays, config, chunk_size, **kw):
+    _spy_kernel.seen.append(config)
+    ref = registry.record("simple_gla").reference
+    return ref(*arrays, **kw)
+
+
+def test_op_entries_pass_the_config_to_the_kernel(monkeypatch):
+    """Through the entries: the kernel gets the config of its type (via ssd and linear_attention
+    too, which resolve under their own names and hand the choice to simple_gla)."""
+    spy = Kernel("triton", f"{__name__}:_spy_kernel", CHUNK_CFG)
+    rec = dataclasses.replace(registry.record("simple_gla"), kernels=(spy,))
+    monkeypatch.setitem(registry._RECORDS, "simple_gla", rec)
+    monkeypatch.setattr(_spy_kernel, "seen", [], raising=False)
+    rng = np.random.default_rng(0)
+    f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+    q, k, v, g = f(1, 8, 2, 4), f(1, 8, 2, 4), f(1, 8, 2, 4), -jnp.abs(f(1, 8, 2))
+    cfg = TritonChunkConfig(block_v=16)
+    o, _ = ops.simple_gla(q, k, v, g, impl="pallas", config=(TpuConfig(), cfg))
+    want, _ = ops.simple_gla(q, k, v, g, impl="recurrent")
+    np.testing.assert_allclose(o, want)
+    ops.linear_attention(q, k, v, impl="pallas:triton", config=cfg)
+    ops.ssd(v, jnp.abs(g), -jnp.ones(2), k, q, impl="pallas", config=cfg)
+    ops.simple_gla(q, k, v, g, impl="pallas")
+    assert _spy_kernel.seen == [cfg, cfg, cfg, TritonChunkConfig.default()]
+    with pytest.raises(ValueError, match="ssd: config TpuConfig does not configure"):
+        ops.ssd(v, jnp.abs(g), -jnp.ones(2), k, q, impl="pallas", config=TpuConfig())
+
+
+def test_ops_import_no_kernel_module():
+    """Ops reach kernels only through the registry's strings, so importing them never imports
+    Pallas and no op module can form a loop with kernels/."""
+    for path in OPS_DIR.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.startswith("linear_jax.kernels") for n in names), path.name
