@@ -97,7 +97,12 @@ def delta_rule_chunk(q, k, v, g, beta, *, scale, initial_state, segment_ids, chu
 
 # delta_rule is gated_delta_rule at g = 0: the same forms and kernels (a kernel skips the gate
 # when g is None), two records so that each op names itself in errors and has its own parallel form
-_KERNELS = (registry.Kernel("triton", "linear_jax.kernels.gpu.delta:delta",
+# (the Hopper kernel has not run on a device yet: reachable as impl="pallas:mosaic_gpu" only)
+_KERNELS = (registry.Kernel("mosaic_gpu", "linear_jax.kernels.gpu.hopper.delta:delta",
+                            "linear_jax.kernels.configs:HopperDeltaConfig", auto=False,
+                            min_capability=(9, 0),
+                            accepts="linear_jax.kernels.gpu.hopper.common:accepts"),
+            registry.Kernel("triton", "linear_jax.kernels.gpu.delta:delta",
                             "linear_jax.kernels.configs:TritonChunkConfig"),
             registry.Kernel("tpu", "linear_jax.kernels.tpu.delta_rule:delta_rule",
                             "linear_jax.kernels.configs:TpuConfig"))
@@ -119,7 +124,7 @@ def _delta(op, q, k, v, g, beta, exact, scale, initial_state, segment_ids, chunk
     _checks.check_state("initial_state", initial_state, (B, H, K, V), "[B, H, K, V]")
     _checks.check_segment_ids(segment_ids, B, T)
     _checks.check_chunk_size(chunk_size)
-    run = registry.dispatch(op, impl, T, config)
+    run = registry.dispatch(op, impl, T, config, args=(q, k, v))
     q, k = repeat_heads(q, H), repeat_heads(k, H)
     if exact:
         beta = efla_beta(k, beta)

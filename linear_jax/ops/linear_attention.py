@@ -35,14 +35,17 @@ def linear_attention(q, k, v, *, normalize=False, eps=1e-6, scale=None, initial_
     that runs takes the one of its type; None: the device's defaults); the XLA forms ignore it.
     """
     B, T, H, K, V = _checks.check_qkv("linear_attention", q, k, v)
-    choice = registry.resolve("linear_attention", impl, T, config)
+    if normalize:
+        _checks.check_state("initial_state", initial_state, (B, H, K, V + 1), "[B, H, K, V + 1]")
+        ones = jnp.ones(v.shape[:-1] + (1,), jnp.float32)
+        v_in = jnp.concatenate([v.astype(jnp.float32), ones], axis=-1)
+    else:
+        v_in = v
+    choice = registry.resolve("linear_attention", impl, T, config, args=(q, k, v_in))
     kw = dict(scale=scale, segment_ids=segment_ids, chunk_size=chunk_size, impl=choice.impl,
               config=choice.config)
     if not normalize:
         return simple_gla(q, k, v, None, initial_state=initial_state, **kw)
-    _checks.check_state("initial_state", initial_state, (B, H, K, V + 1), "[B, H, K, V + 1]")
-    ones = jnp.ones(v.shape[:-1] + (1,), jnp.float32)
-    v_aug = jnp.concatenate([v.astype(jnp.float32), ones], axis=-1)
-    o, S = simple_gla(q, k, v_aug, None, initial_state=initial_state, **kw)
+    o, S = simple_gla(q, k, v_in, None, initial_state=initial_state, **kw)
     o = o[..., :V] / (o[..., V:] + eps)
     return o.astype(v.dtype), S

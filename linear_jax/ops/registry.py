@@ -65,6 +65,9 @@ class Kernel:
     config: "module:Class" of its frozen config dataclass; `Class.default(device)` gives the
       per-device default. auto: "auto" may choose it (it passed its check on a device).
     min_capability: the least CUDA compute capability it runs on, e.g. (9, 0) for Hopper.
+    accepts: "module:function" called with the op's leading arrays (q, k, v for the chunk
+      family), returning None when the kernel takes them or a reason (a dtype or size it does not
+      support): "auto" and bare "pallas" then pass over it, and "pallas:<backend>" raises the reason.
     """
 
     backend: str
@@ -72,13 +75,16 @@ class Kernel:
     config: str
     auto: bool = True
     min_capability: tuple[int, int] | None = None
+    accepts: str | None = None
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ValueError(f"Kernel: backend must be one of {tuple(BACKENDS)}, got "
                              f"{self.backend!r}")
-        for field in ("fn", "config"):
+        for field in ("fn", "config", "accepts"):
             path = getattr(self, field)
+            if field == "accepts" and path is None:
+                continue
             if not isinstance(path, str) or path.count(":") != 1:
                 raise ValueError(f"Kernel: {field} must be a 'module:attribute' string, got "
                                  f"{path!r}")
@@ -162,20 +168,30 @@ def runs_here(kernel: Kernel) -> bool:
     return True
 
 
-def default_kernel(rec: OpRecord, *, auto: bool = False) -> Kernel | None:
-    """The kernel bare "pallas" (or, with `auto`, "auto") runs here: the first registered kernel
-    that runs on this device (and has passed its device check, for "auto"); on a CPU the Triton
-    kernel, else the TPU one, in interpret mode ("auto" never picks a kernel on a CPU)."""
+def refusal(kernel: Kernel, args) -> str | None:
+    """Why `kernel` cannot take the op's arrays `args` (None: it can, or no arrays were given)."""
+    if kernel.accepts is None or not args:
+        return None
+    return load(kernel.accepts)(*args)
+
+
+def default_kernel(rec: OpRecord, *, auto: bool = False, args=()) -> Kernel | None:
+    """The kernel "auto" (with `auto`) or bare "pallas" runs here: the first registered kernel
+    that runs on this device, takes these inputs (`Kernel.accepts`) and has passed its device
+    check (`Kernel.auto`); bare "pallas" falls back to the first that runs and takes them when
+    none has passed a check. On a CPU: the Triton kernel, else the TPU one, in interpret mode
+    ("auto" never picks a kernel on a CPU)."""
     platform = _platform()
     if platform == "cpu":
         if auto:
             return None
         by_backend = {k.backend: k for k in rec.kernels}
         return next((by_backend[b] for b in _CPU_ORDER if b in by_backend), None)
-    for k in rec.kernels:
-        if runs_here(k) and (k.auto or not auto):
-            return k
-    return None
+    usable = [k for k in rec.kernels if runs_here(k) and refusal(k, args) is None]
+    checked = [k for k in usable if k.auto]
+    if checked:
+        return checked[0]
+    return None if auto or not usable else usable[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,8 +237,9 @@ def _config_for(op: str, kernel: Kernel, config):
     return config
 
 
-def resolve(op: str, impl: str, T: int, config=None) -> Choice:
-    """The implementation `impl` names for op `op` on a sequence of T steps, on this device."""
+def resolve(op: str, impl: str, T: int, config=None, args=()) -> Choice:
+    """The implementation `impl` names for op `op` on a sequence of T steps, on this device;
+    `args`: the op's leading arrays, which a kernel may decline (`Kernel.accepts`)."""
     rec = record(op)
     if not isinstance(impl, str):
         raise ValueError(f"{op}: impl must be a string, one of {IMPLS} or 'pallas:<backend>', "
@@ -236,7 +253,7 @@ def resolve(op: str, impl: str, T: int, config=None) -> Choice:
     if kind == "auto":
         if T == 1 and base.reference is not None:
             return Choice(op, "recurrent")
-        kernel = default_kernel(base, auto=True)
+        kernel = default_kernel(base, auto=True, args=args)
         if kernel is not None:
             return Choice(op, f"pallas:{kernel.backend}", kernel, _config_for(op, kernel, config))
         if _platform() == "cpu" and base.elementwise and base.reference is not None:
@@ -255,8 +272,11 @@ def resolve(op: str, impl: str, T: int, config=None) -> Choice:
         if kernel is None:
             raise ValueError(f"{op}: impl={impl!r}: this op has no {backend} kernel; available: "
                              f"{available(op)}")
+        reason = refusal(kernel, args)
+        if reason is not None:
+            raise ValueError(f"{op}: impl={impl!r}: {reason}")
     else:
-        kernel = default_kernel(base)
+        kernel = default_kernel(base, args=args)
         if kernel is None:
             raise ValueError(f"{op}: impl='pallas': no kernel of this op runs on "
                              f"{_platform()}; available: {available(op)}")
@@ -289,6 +309,6 @@ def implementation(choice: Choice) -> Callable:
     return functools.partial(load(choice.kernel.fn), config=choice.config)
 
 
-def dispatch(op: str, impl: str, T: int, config=None) -> Callable:
-    """`implementation(resolve(op, impl, T, config))`: what an op's entry calls."""
-    return implementation(resolve(op, impl, T, config))
+def dispatch(op: str, impl: str, T: int, config=None, args=()) -> Callable:
+    """`implementation(resolve(op, impl, T, config, args))`: what an op's entry calls."""
+    return implementation(resolve(op, impl, T, config, args))

@@ -47,7 +47,14 @@ def simple_gla_chunk(q, k, v, g, *, scale, initial_state, segment_ids, chunk_siz
 
 registry.register(registry.OpRecord(
     "simple_gla", reference=simple_gla_recurrent, chunk=simple_gla_chunk,
-    kernels=(registry.Kernel("triton", "linear_jax.kernels.gpu.decay:decay",
+    # the Hopper kernel passed its quick device check (benchmarks/results/
+    # hopper_gpu_NVIDIA_H200_run1.json) but not yet the full grid, nor beats Triton at T = 32768:
+    # "auto" does not take it until it does
+    kernels=(registry.Kernel("mosaic_gpu", "linear_jax.kernels.gpu.hopper.decay:simple_gla",
+                             "linear_jax.kernels.configs:HopperChunkConfig", auto=False,
+                             min_capability=(9, 0),
+                             accepts="linear_jax.kernels.gpu.hopper.common:accepts"),
+             registry.Kernel("triton", "linear_jax.kernels.gpu.decay:decay",
                              "linear_jax.kernels.configs:TritonChunkConfig"),
              registry.Kernel("tpu", "linear_jax.kernels.tpu.simple_gla:simple_gla",
                              "linear_jax.kernels.configs:TpuConfig")),
@@ -69,7 +76,7 @@ def simple_gla(q, k, v, g, *, scale=None, initial_state=None, segment_ids=None, 
     _checks.check_state("initial_state", initial_state, (B, H, K, V), "[B, H, K, V]")
     _checks.check_segment_ids(segment_ids, B, T)
     _checks.check_chunk_size(chunk_size)
-    run = registry.dispatch("simple_gla", impl, T, config)
+    run = registry.dispatch("simple_gla", impl, T, config, args=(q, k, v))
     q, k = repeat_heads(q, H), repeat_heads(k, H)
     o, S = run(q, k, v, g, scale=default_scale(scale, K), initial_state=initial_state,
                segment_ids=segment_ids, chunk_size=chunk_size)

@@ -81,11 +81,10 @@ def ssd(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=True, *, initial_state
     _checks.check_state("initial_state", initial_state, (Bsz, H, N, P), "[B, H, N, P]")
     _checks.check_segment_ids(segment_ids, Bsz, T)
     _checks.check_chunk_size(chunk_size)
-    choice = registry.resolve("ssd", impl, T, config)
-
     f32 = lambda a: a.astype(jnp.float32)
     dt = step_size(dt, dt_bias, dt_softplus)
     v = f32(x) * dt[..., None]
+    choice = registry.resolve("ssd", impl, T, config, args=(C, B, v))
     o, h = simple_gla(C, B, v, dt * f32(A), scale=1.0, initial_state=initial_state,
                       segment_ids=segment_ids, chunk_size=chunk_size, impl=choice.impl,
                       config=choice.config)

@@ -171,6 +171,33 @@ def test_kernel_order_capability_and_device_check(on, fake_op):
         registry.resolve("fake", "pallas:mosaic_gpu", 512)
 
 
+def refuse_float32(q, *rest):
+    """An `accepts` hook: bf16 only."""
+    return None if q.dtype == jnp.bfloat16 else f"takes bfloat16, got {q.dtype}"
+
+
+def test_kernels_decline_inputs_and_checked_kernels_come_first(on, monkeypatch):
+    hook = f"{__name__}:refuse_float32"
+    hopper = Kernel("mosaic_gpu", "m:f", CHUNK_CFG, min_capability=(9, 0), accepts=hook)
+    rec = OpRecord("fake2", chunk=lambda *a, **k: "chunk",
+                   kernels=(hopper, Kernel("triton", "m:f", CHUNK_CFG)))
+    monkeypatch.setitem(registry._RECORDS, "fake2", rec)
+    on("gpu", (9, 0))
+    bf16, f32 = jnp.zeros((1, 8, 1, 4), jnp.bfloat16), jnp.zeros((1, 8, 1, 4), jnp.float32)
+    for impl in ("auto", "pallas"):
+        assert registry.resolve("fake2", impl, 8, args=(bf16,)).impl == "pallas:mosaic_gpu"
+        assert registry.resolve("fake2", impl, 8, args=(f32,)).impl == "pallas:triton"
+    with pytest.raises(ValueError, match="fake2: impl='pallas:mosaic_gpu': takes bfloat16"):
+        registry.resolve("fake2", "pallas:mosaic_gpu", 8, args=(f32,))
+    # an unchecked kernel is reachable by name, and bare "pallas" prefers a checked one
+    rec = dataclasses.replace(rec, kernels=(dataclasses.replace(hopper, auto=False),
+                                            rec.kernels[1]))
+    monkeypatch.setitem(registry._RECORDS, "fake2", rec)
+    for impl in ("auto", "pallas"):
+        assert registry.resolve("fake2", impl, 8, args=(bf16,)).impl == "pallas:triton"
+    assert registry.resolve("fake2", "pallas:mosaic_gpu", 8, args=(bf16,)).is_kernel
+
+
 def test_records_are_checked():
     with pytest.raises(ValueError, match="Kernel: backend must be one of"):
         Kernel("cuda", "m:f", CHUNK_CFG)

@@ -160,18 +160,29 @@ def prod(a, b, acc=None, *, ta=False, tb=False):
 
 
 # -- inputs ---------------------------------------------------------------------------------------
-def check_inputs(name: str, q, k, v):
-    """The kernels' dtype and sizes: bf16 / fp16 (the tensor cores' operands; float32 inputs are
-    refused, not rounded: the registry's Triton kernel or the chunk form computes them exactly),
-    K and V at most 128 (padded with zeros to 64 or 128). Returns (dtype, Kp, Vp)."""
+def accepts(q, k, v, *rest) -> str | None:
+    """Whether the Hopper kernels take these inputs (None) or why not: bf16 / fp16 only (the
+    tensor cores' operands; float32 inputs are refused, not rounded: the registry's Triton kernel
+    or the chunk form computes them exactly), K and V at most 128 (padded with zeros to 64 or
+    128). The registry asks this before choosing the kernel."""
     dt = jnp.result_type(q, k, v)
     if dt not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(f"{name} (Mosaic GPU): inputs must be bfloat16 or float16, got {dt}; "
-                         f"float32 runs on impl='pallas:triton' or impl='chunk'")
+        return (f"the Mosaic GPU kernels take bfloat16 or float16 inputs, got {dt}; float32 runs "
+                f"on impl='pallas:triton' or impl='chunk'")
     K, V = q.shape[-1], v.shape[-1]
     if K > 128 or V > 128:
-        raise ValueError(f"{name} (Mosaic GPU): K and V must be at most 128, got K={K}, V={V}; "
-                         f"use impl='pallas:triton' or impl='chunk'")
+        return (f"the Mosaic GPU kernels take K and V of at most 128, got K={K}, V={V}; use "
+                f"impl='pallas:triton' or impl='chunk'")
+    return None
+
+
+def check_inputs(name: str, q, k, v):
+    """`accepts` as a ValueError naming the op; returns (dtype, Kp, Vp)."""
+    reason = accepts(q, k, v)
+    if reason is not None:
+        raise ValueError(f"{name}: {reason}")
+    dt = jnp.result_type(q, k, v)
+    K, V = q.shape[-1], v.shape[-1]
     pad = lambda d: LANES if d <= LANES else 2 * LANES
     return dt, pad(K), pad(V)
 
