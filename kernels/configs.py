@@ -312,6 +312,9 @@ class HopperChunkConfig:
     grad_items: the gradient kernel's work item: "chunk" (one (b, h, chunk): q, k, v, do and the
       intra blocks loaded and formed once for all key tiles, the gate gradient's prefix sums done
       in the kernel) or "tile" (one (b, h, chunk, 64-key tile); prefix sums in XLA).
+    overlap: register work issued while each wgmma runs (the gate factors and E during q k^T,
+      the scaling of o and of v during A v, the store of o and the state decay during the state
+      update); False: the same work after each wait.
     """
 
     chunk: int = 64
@@ -324,6 +327,7 @@ class HopperChunkConfig:
     pieces: int | None = None
     gates: str = "kernel"
     grad_items: str = "chunk"
+    overlap: bool = True
 
     def __post_init__(self):
         name = type(self).__name__

@@ -2,7 +2,7 @@
 for named config variants side by side.
 
     python -m experiments.benchmarks.hopper_gpu [--variants default,run1,pieces1,approx]
-        [--semantics lane|warpgroup] [--T 2048 8192 32768] [--breakdown default,run1]
+        [--semantics lane|warpgroup] [--T 2048 8192 32768] [--breakdown default,run1@2048]
 
 (a) Checks, for every variant: the kernel's output, final state and gradients (q, k, v, g, initial
     state) against the float32 XLA chunk form run on float32 copies of the same inputs, by
@@ -25,7 +25,7 @@ for named config variants side by side.
 A variant or kernel that fails to compile or run prints the last lines of its traceback and the
 rest goes on. The lowering semantics (Lane, jax 0.10's default, or Warpgroup, 0.11's) is tried in
 the order given on the default variant; the first that compiles is used for everything after.
-Expected wall time with the default arguments: ~4 minutes, mostly compiles.
+Expected wall time with the default arguments: ~4.5 minutes, mostly compiles (printed first).
 """
 
 from __future__ import annotations
@@ -50,25 +50,28 @@ from linear_jax.kernels.gpu.hopper import decay_grad
 TOL = 1e-2
 f32 = jnp.float32
 
-# name -> (config overrides, extra checks beyond T = 100 and T = 8192)
+# name -> (config overrides, the checks of GRID it runs: None for all)
 VARIANTS = {
-    "default": ({}, None),                                       # None: the whole quick grid
-    "run1": (dict(pieces=1, gates="xla", grad_items="tile"), ()),  # the program of run 1
-    "pieces1": (dict(pieces=1), ()),                             # no two-level walk
-    "approx": (dict(approx_math=True), ("strong decay",)),       # ex2.approx exponentials
-    "xla_gates": (dict(gates="xla"), ()),                        # gate rows by XLA kernels
-    "grad_tile": (dict(grad_items="tile"), ()),                  # grad item per key tile
+    "default": ({}, None),
+    "run1": (dict(pieces=1, gates="xla", grad_items="tile"), ("T100", "T8192")),  # run 1's program
+    "pieces1": (dict(pieces=1), ("T8192",)),                     # no two-level walk
+    "approx": (dict(approx_math=True), ("T8192", "strong")),     # ex2.approx exponentials
+    "xla_gates": (dict(gates="xla"), ("T100", "T8192")),         # gate rows by XLA kernels
+    "grad_tile": (dict(grad_items="tile"), ("T100", "T8192")),   # grad item per key tile
+    "serial": (dict(overlap=False), ("T100", "T8192")),          # no work during the wgmmas
 }
 
-# name, B, T, H, K, V, gate, extras (initial state + packed documents)
-GRID = [("gated+docs+h0", 2, 100, 2, 64, 64, "normal", True),
-        ("gated+docs+h0", 1, 8192, 4, 128, 128, "normal", True),
-        ("gated+docs+h0", 2, 2048, 4, 128, 128, "normal", True),
-        ("linear attention", 2, 2048, 4, 64, 64, None, False),
-        ("strong decay", 2, 2048, 4, 128, 128, "strong", True)]
-FULL_EXTRA = [("gated+docs+h0", 2, 100, 2, 128, 128, "normal", True),
-              ("linear attention+docs+h0", 1, 8192, 4, 64, 64, None, True),
-              ("gated, K=100 V=48 (padded)", 2, 300, 2, 100, 48, "normal", True)]
+# id: (name, B, T, H, K, V, gate, extras (initial state + packed documents))
+GRID = {"T100": ("gated+docs+h0", 2, 100, 2, 64, 64, "normal", True),
+        "T8192": ("gated+docs+h0", 1, 8192, 4, 128, 128, "normal", True),
+        "T2048": ("gated+docs+h0", 2, 2048, 4, 128, 128, "normal", True),
+        "linear": ("linear attention", 2, 2048, 4, 64, 64, None, False),
+        "strong": ("strong decay", 2, 2048, 4, 128, 128, "strong", True),
+        # --full only
+        "T100-128": ("gated+docs+h0", 2, 100, 2, 128, 128, "normal", True),
+        "linear8192": ("linear attention+docs+h0", 1, 8192, 4, 64, 64, None, True),
+        "padded": ("gated, K=100 V=48 (padded)", 2, 300, 2, 100, 48, "normal", True)}
+QUICK = ("T100", "T8192", "T2048", "linear", "strong")
 
 
 def tail(e: BaseException, n: int = 30) -> str:
@@ -183,10 +186,18 @@ def pick_semantics(order, base):
     return None
 
 
-def checks_for(variant, extra, full):
-    if extra is None:
-        return GRID + (FULL_EXTRA if full else [])
-    return GRID[:2] + [c for c in GRID[2:] if c[0] in extra]
+def checks_for(variant, full):
+    """[(id, check)] of a variant: the quick grid (or all with --full) for the default."""
+    ids = VARIANTS[variant][1] or (tuple(GRID) if full else QUICK)
+    return [(i, GRID[i]) for i in ids]
+
+
+def estimate_s(variants, Ts, full) -> int:
+    """Rough wall seconds on the H200 (compiles dominate: ~9 s per variant per T, ~9 s per
+    check, ~9 s per breakdown, ~45 s of startup, probe and references)."""
+    n_checks = sum(len(checks_for(n, full)) for n in variants)
+    n_timed = sum(len(Ts) - (n == "pieces1" and 2048 in Ts) for n in variants)
+    return 45 + 9 * (n_timed + n_checks + len(Ts) + 1)
 
 
 def timing_inputs(T):
@@ -269,12 +280,23 @@ def kernel_breakdown(cfg, P, args, *, reps):
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
 
 
+def save(dev, rows, checks, names, base) -> str:
+    """The JSON so far (written after the checks and after every T: a run cut short keeps it)."""
+    slug = dev.device_kind.replace(" ", "_")
+    return common.write_json(
+        f"hopper_gpu_{slug}.json", rows, checks=checks,
+        variants={n: VARIANTS[n][0] for n in names},
+        config=dataclasses.asdict(base) if base else None, tolerance=TOL,
+        shapes="bf16, H=16, K=V=128, B=max(1, 16384 // T); checks bf16 vs float32 chunk form "
+               "on the same values")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--variants", default="default,run1,pieces1,approx",
                    help=f"config variants to check and time, of {sorted(VARIANTS)}")
-    p.add_argument("--breakdown", default="default,run1",
-                   help="variants whose kernels are timed one by one at every T")
+    p.add_argument("--breakdown", default="default,run1@2048",
+                   help="variants whose kernels are timed one by one: name (every T) or name@T")
     p.add_argument("--semantics", default="lane,warpgroup",
                    help="lowering semantics to try, in order")
     p.add_argument("--T", type=int, nargs="*", default=[2048, 8192, 32768])
@@ -290,6 +312,7 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
+    print(f"expected wall time ~{estimate_s(names, a.T, a.full)} s")
     base = pick_semantics(a.semantics.split(","), HopperChunkConfig.default(dev))
     checks, rows = [], []
     if base is None:
@@ -298,10 +321,9 @@ def main(argv=None) -> int:
         cfgs = {n: dataclasses.replace(base, **VARIANTS[n][0]) for n in names}
         for n, cfg in cfgs.items():
             print(f"variant {n}: {cfg}")
-            for i, (name, B, T, H, K, V, gate, extras) in enumerate(
-                    [] if a.skip_checks else checks_for(n, VARIANTS[n][1], a.full)):
-                seed = 100 + GRID.index((name, B, T, H, K, V, gate, extras)) \
-                    if (name, B, T, H, K, V, gate, extras) in GRID else 200 + i
+            for cid, (name, B, T, H, K, V, gate, extras) in ([] if a.skip_checks else
+                                                             checks_for(n, a.full)):
+                seed = 100 + list(GRID).index(cid)        # the same inputs for every variant
                 try:
                     r = run_check(name, cfg, B, T, H, K, V, gate=gate, extras=extras, seed=seed)
                 except Exception as e:  # noqa: BLE001
@@ -314,6 +336,7 @@ def main(argv=None) -> int:
         checks.append(check_float32_refused())
         print(("PASS" if checks[-1]["ok"] else "FAIL"), checks[-1]["check"])
 
+        save(dev, rows, checks, names, base)
         anchor_path, anchors = anchor_files.anchors_for(dev.device_kind)
         print("anchors", anchor_path)
         breakdown = set(a.breakdown.split(","))
@@ -330,10 +353,11 @@ def main(argv=None) -> int:
                 seen[resolved] = n
                 row = time_shape(cfg, T, args, anchors, reps=a.reps)
                 row.update(variant=n, pieces=P)
-                if n in breakdown:
+                if n in breakdown or f"{n}@{T}" in breakdown:
                     row["kernels_ms"] = kernel_breakdown(cfg, P, args, reps=a.reps)
                 rows.append(row)
                 print(row, flush=True)
+            save(dev, rows, checks, names, base)
         print(f"\n{'T':>6} {'variant':>10} {'P':>3} {'fwd ms':>8} {'sync':>8} {'jla':>7} "
               f"{'ratio':>6} | {'fwdbwd':>8} {'sync':>8} {'jla':>7} {'ratio':>6}")
         for r in rows:
@@ -347,14 +371,7 @@ def main(argv=None) -> int:
     n_fail = sum(not c["ok"] for c in checks)
     print(f"\nchecks: {len(checks) - n_fail} passed, {n_fail} failed; "
           f"{time.perf_counter() - t_start:.0f} s")
-    slug = dev.device_kind.replace(" ", "_")
-    path = common.write_json(
-        f"hopper_gpu_{slug}.json", rows, checks=checks,
-        variants={n: VARIANTS[n][0] for n in names},
-        config=dataclasses.asdict(base) if base else None, tolerance=TOL,
-        shapes="bf16, H=16, K=V=128, B=max(1, 16384 // T); checks bf16 vs float32 chunk form "
-               "on the same values")
-    print("wrote", path)
+    print("wrote", save(dev, rows, checks, names, base))
     return 0 if (base is not None and n_fail == 0) else 1
 
 

@@ -81,8 +81,8 @@ def _is_ref(x) -> bool:
 class Ops:
     """The in-kernel vocabulary, compiled (wgmma, layouts) or interpreted (jnp.dot, no layouts)."""
 
-    def __init__(self, interpret: bool):
-        self.interpret = interpret
+    def __init__(self, interpret: bool, overlap: bool = True):
+        self.interpret, self.overlap = interpret, overlap
 
     # -- layouts ---------------------------------------------------------------------------------
     def acc(self, x):
@@ -133,13 +133,16 @@ class Ops:
 
         during: a function of no arguments returning a pytree of arrays, traced between the
         issue of the wgmmas and the wait for them (register work that overlaps the tensor cores);
-        then (results, its value) is returned. Only with products that start from zero."""
+        then (results, its value) is returned. Only with products that start from zero. With
+        `overlap` False it is traced after the wait instead (the same program, serialised)."""
         if self.interpret:
             outs = []
             for a, b, acc, ta, tb in products:
                 r = jnp.dot(self._value(a, ta), self._value(b, tb), preferred_element_type=f32)
                 outs.append(r if acc is None else acc + r)
             return outs if during is None else (outs, during())
+        if during is not None and not self.overlap:          # wait first, then the rest
+            return self.mm(*products), during()
         if during is not None:
             if any(p[2] is not None for p in products):
                 raise ValueError("Ops.mm(during=...) takes products that start from zero")

@@ -134,7 +134,7 @@ def walk(x, y, z, rows, s0, *, names, read_row, write_row, reverse, scale, cfg, 
     L = N // P
     out_mode = emit == "out"
     stages = min(cfg.stages if out_mode else STATE_STAGES, L)
-    ops = Ops(interpreting(cfg))
+    ops = Ops(interpreting(cfg), overlap=cfg.overlap)
     has_rows, has_s0 = rows is not None, s0 is not None
     track = has_rows and not out_mode           # the state pass writes each piece's decay
     raw = cfg.gates == "kernel"
@@ -217,6 +217,18 @@ def walk(x, y, z, rows, s0, *, names, read_row, write_row, reverse, scale, cfg, 
 
             def step_fn(step, carry):
                 S = list(carry[:NKB])
+
+                def write_v(f):                           # gk-scaled z into ww for the update
+                    zb = ops.acc(zv.at[:, vc][...]).astype(f32)
+                    zb = zb * (ops.rows_of(f["b"], (C, LANES)) if has_rows else
+                               consts[write_row])
+                    ww[...] = zb.astype(dt)
+                    plgpu.commit_smem()
+
+                def decay_state(f):                       # dec is the same on every row
+                    if has_rows:
+                        return [s * ops.rows_of(f["dec"], (LANES, LANES)) for s in S]
+
                 n, slot = chunk(step), lax.rem(step, stages)
                 yk, zv = ys.at[slot], zs.at[slot]
                 plgpu.barrier_wait(in_bar.at[slot])
@@ -227,21 +239,28 @@ def walk(x, y, z, rows, s0, *, names, read_row, write_row, reverse, scale, cfg, 
                     (A, o), f = ops.mm(prod(xq, yk, tb=True), prod(xq, sw),
                                        during=functools.partial(factors, slot))
                     A = A * f["E"]
-                    o = o * (ops.rows_of(f["a"], (C, LANES)) if has_rows else consts[read_row])
-                    o = ops.dot(A.astype(dt), zv.at[:, vc], acc=o)
-                    plgpu.wait_smem_to_gmem(1 if residuals else 0, wait_read_only=True)
-                    ow[...] = o.astype(dt)
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(ow, out_ref.at[b, t, h, vc])
+
+                    def scale_o_and_v():                  # while A v runs
+                        write_v(f)
+                        return o * (ops.rows_of(f["a"], (C, LANES)) if has_rows else
+                                    consts[read_row])
+
+                    (o_intra,), o = ops.mm(prod(A.astype(dt), zv.at[:, vc]), during=scale_o_and_v)
+                    o = o + o_intra
+
+                    def store_o():                        # while the state update runs
+                        plgpu.wait_smem_to_gmem(1 if residuals else 0, wait_read_only=True)
+                        ow[...] = o.astype(dt)
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(ow, out_ref.at[b, t, h, vc])
+                        return decay_state(f)
                 else:
                     f = factors(slot)
-                zb = ops.acc(zv.at[:, vc][...]).astype(f32)
-                zb = zb * (ops.rows_of(f["b"], (C, LANES)) if has_rows else consts[write_row])
-                ww[...] = zb.astype(dt)
-                plgpu.commit_smem()
-                if has_rows:                              # dec is the same on every row
-                    S = [s * ops.rows_of(f["dec"], (LANES, LANES)) for s in S]
-                S = ops.mm(*[prod(yk.at[:, kr], ww, S[i], ta=True) for i, kr in enumerate(kblk)])
+                    write_v(f)
+                    store_o = functools.partial(decay_state, f)
+                U, decayed = ops.mm(*[prod(yk.at[:, kr], ww, ta=True) for kr in kblk],
+                                    during=store_o)
+                S = [s + u for s, u in zip(decayed or S, U, strict=True)]
                 plgpu.barrier_arrive(used_bar.at[slot])   # every read of this slot is complete
                 if out_mode:
                     plgpu.wait_smem_to_gmem(1, wait_read_only=True)   # the state store has read st

@@ -78,7 +78,7 @@ def _grad_chunks(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
     B, Tp, H, K, V, N, items, progs, has_rows, gated = _setup(q, v, rows, names, cfg, True)
     C, dt, NKB = cfg.chunk, q.dtype, K // LANES
     stages, SS = cfg.stages_grad, 2                       # chunk ring, key-tile ring
-    ops = Ops(interpreting(cfg))
+    ops = Ops(interpreting(cfg), overlap=cfg.overlap)
     raw = cfg.gates == "kernel"
 
     def decode(item):
@@ -222,7 +222,7 @@ def _grad_tiles(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
     B, Tp, H, K, V, N, items, progs, has_rows, gated = _setup(q, v, rows, names, cfg, False)
     C, dt, NKB = cfg.chunk, q.dtype, K // LANES
     stages = cfg.stages_grad
-    ops = Ops(interpreting(cfg))
+    ops = Ops(interpreting(cfg), overlap=cfg.overlap)
     raw = cfg.gates == "kernel"
 
     def decode(item):
