@@ -40,10 +40,11 @@ Tiles and warpgroups.
         producer warpgroup (40 registers) that streams chunk n + stages ahead by TMA into
         `stages` SMEM slots (q, k, v [64, K|V] bf16, swizzled; the gate rows [R, 64] float32),
         released by an mbarrier the consumers arrive on. Per chunk a consumer issues q k^T and
-        q S_n together (S_n bf16 in SMEM) and forms the gate factors and E while they run, masks
-        and decays A in registers, o += A v (A from registers), stores o by TMA, scales v by gk
-        into SMEM and updates S with k^T (v gk). The state pass keeps only the last two steps
-        (3 stages: its slots hold k, v only).
+        q S_n together (S_n bf16 in SMEM) and forms the gate factors and E while they run; masks
+        and decays A in registers and issues A v (A from registers), scaling o by gq and writing
+        v gk to SMEM meanwhile; then issues the state update k^T (v gk), storing o by TMA and
+        decaying S meanwhile (`overlap`; each product from zero, the sums added after its
+        wait). The state pass keeps only the update (3 stages: its slots hold k, v only).
   grad: grid (#SMs,), persistent. `grad_items="chunk"`: an item is (b, h, chunk); one compute
         warpgroup, one producer; a ring of 2 slots of q, k, v, do (64 KB each at K = V = 128) and
         a ring of 2 slots of (S_n, dS_n+1) key tiles [64, V] (32 KB each), so each chunk's inputs
