@@ -301,6 +301,20 @@ class HopperChunkConfig:
     semantics: the Mosaic GPU lowering, "lane" (explicit register layouts; the default of jax
       0.10) or "warpgroup" (the default of jax 0.11). The kernels lower under both.
     approx_math: let exp lower to the fast approximate instruction (ex2.approx).
+    pieces: the two-level walk. Each sequence is cut into P pieces of whole chunks walked in
+      parallel from a zero state (the state pass only), a short float32 scan over the pieces gives
+      each its entering state, then the output pass walks every piece from it. None: the largest
+      power of two P dividing the chunk count with B H P <= the SM count (1 where B H already
+      fills the device); 1: the single-level walk. The backward's reverse walk likewise.
+    gates: where the chunk-local cumulative gate is formed: "kernel" (from the raw log gates, in
+      every kernel: one XLA transpose of g around the kernels) or "xla" (gate_rows: cumulative sums,
+      exponentials and masks as XLA kernels, read by the kernels as rows).
+    grad_items: the gradient kernel's work item: "chunk" (one (b, h, chunk): q, k, v, do and the
+      intra blocks loaded and formed once for all key tiles, the gate gradient's prefix sums done
+      in the kernel) or "tile" (one (b, h, chunk, 64-key tile); prefix sums in XLA).
+    overlap: register work issued while each wgmma runs (the gate factors and E during q k^T,
+      the scaling of o and of v during A v, the store of o and the state decay during the state
+      update); False: the same work after each wait.
     """
 
     chunk: int = 64
@@ -310,9 +324,18 @@ class HopperChunkConfig:
     semantics: str = "lane"
     approx_math: bool = False
     interpret: bool | None = None
+    pieces: int | None = None
+    gates: str = "kernel"
+    grad_items: str = "chunk"
+    overlap: bool = True
 
     def __post_init__(self):
         name = type(self).__name__
+        if self.pieces is not None and (self.pieces < 1 or self.pieces & (self.pieces - 1)):
+            raise ValueError(f"{name}.pieces must be None or a power of two, got {self.pieces}")
+        if self.gates not in ("kernel", "xla") or self.grad_items not in ("chunk", "tile"):
+            raise ValueError(f"{name}: gates must be 'kernel' or 'xla' and grad_items 'chunk' or "
+                             f"'tile', got {self.gates!r}, {self.grad_items!r}")
         if self.chunk != 64:
             raise ValueError(f"{name}.chunk must be 64 (one wgmma tile), got {self.chunk}")
         if self.stages not in (2, 3) or self.stages_grad not in (1, 2):
@@ -332,6 +355,14 @@ class HopperChunkConfig:
     def for_chunk(self, chunk_size: int) -> HopperChunkConfig:
         """The op's chunk_size does not change the kernels' chunk (64: one wgmma tile)."""
         return self
+
+    def pieces_for(self, BH: int, N: int, sms: int) -> int:
+        """P of the two-level walk for B H sequences of N chunks (a power of two dividing N)."""
+        P = self.pieces or max(1, sms // max(BH, 1))
+        P = 1 << (P.bit_length() - 1)
+        while N % P:
+            P //= 2
+        return P
 
 
 @dataclasses.dataclass(frozen=True)
