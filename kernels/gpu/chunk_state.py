@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from linear_jax.kernels._compat import dot, interpret, pl, triton_params
+from jax.experimental import pallas as pl
+
 from linear_jax.kernels.gpu import common
+from linear_jax.kernels.gpu.triton import dot, interpret, triton_params
 
 
 def state_pass(x, y, G, doc, S0, *, cfg, kind, has_seg, reverse, scale, state_dtype):
@@ -77,7 +79,7 @@ def state_pass(x, y, G, doc, S0, *, cfg, kind, has_seg, reverse, scale, state_dt
                    common.state_spec(H, BK, BV, k=0, v=1)],
         out_shape=[jax.ShapeDtypeStruct((B, H, N, Kp, Vp), state_dtype),
                    jax.ShapeDtypeStruct((B, H, Kp, Vp), f32)],
-        compiler_params=triton_params(cfg.warps_state, cfg.stages_state),
-        interpret=interpret(),
+        compiler_params=triton_params(cfg, cfg.warps_state, cfg.stages_state),
+        interpret=interpret(cfg),
         name="decay_state_bwd" if reverse else "decay_state_fwd",
     )(x, y, G, doc, S0)

@@ -1,4 +1,4 @@
-"""Shared pieces of the GPU decay-family kernels: tunables, block specs, packed-document masks.
+"""Shared pieces of the GPU decay-family kernels: tile choice, block specs, packed-document masks.
 
 Every kernel reads the public layout `[B, T, H, X]` in place (no transposes): a block spec squeezes
 B and H, keeps T whole or one chunk, and tiles X. Padded shapes: T to a multiple of the chunk C,
@@ -9,78 +9,12 @@ dG back into dg), `[B, T, H]` (scalar gate) or `[B, T, H, K]` (vector gate).
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax.numpy as jnp
-from linear_jax.kernels._compat import dot, pl
+from jax.experimental import pallas as pl
 
+from linear_jax.kernels.configs import TritonChunkConfig, _pow2, next_pow2  # noqa: F401
+from linear_jax.kernels.gpu.triton import dot
 from linear_jax.ops.common.chunking import pad_time
-
-
-def _pow2(x: int) -> bool:
-    return x > 0 and x & (x - 1) == 0
-
-
-def next_pow2(x: int, lo: int = 16) -> int:
-    p = lo
-    while p < x:
-        p *= 2
-    return p
-
-
-@dataclasses.dataclass(frozen=True)
-class DecayConfig:
-    """Tunables of the decay-family kernels (linear_attention, simple_gla, gla).
-
-    chunk: C, rows per chunk (the op's chunk_size, clamped to [16, 128] and a power of two).
-    sub_chunk: c, rows of the vector gate's sub-chunks (both factors of an off-diagonal block <= 1).
-    block_k, block_v: tiles of the state [K, V] in the sequential state passes.
-    block_v_out: value tile of the output kernel and of the backward's value loop.
-    block_k_bwd: key tile of the decay family's backward kernel (the K axis of its grid).
-    min_programs: the state passes halve their tiles (down to 32 x 16) while their grid has fewer
-      programs than this: at B*H = 16 a [64, 64] tiling leaves 64 programs, half an H100's SMs idle
-      through a pass that is sequential in T.
-    fused_fwd: the forward as one state-and-output pass (`fused.py`): True, False, or None to
-      decide by the grid it would have (`fused.use_fused`); block_v_fused is its value tile.
-    """
-
-    chunk: int = 64
-    sub_chunk: int = 16
-    block_k: int = 64
-    block_v: int = 64
-    block_v_out: int = 64
-    block_k_bwd: int = 128
-    min_programs: int = 256
-    warps_state: int = 4
-    stages_state: int = 2
-    warps_out: int = 4
-    stages_out: int = 2
-    warps_bwd: int = 8
-    stages_bwd: int = 1
-    warps_intra: int = 4
-    fused_fwd: bool | None = None
-    block_v_fused: int = 64
-    warps_fused: int = 4
-    stages_fused: int = 2
-
-    def __post_init__(self):
-        for name in ("chunk", "sub_chunk", "block_k", "block_v", "block_v_out", "block_k_bwd",
-                     "block_v_fused"):
-            val = getattr(self, name)
-            if not _pow2(val) or val < 16:
-                raise ValueError(f"DecayConfig.{name} must be a power of two >= 16, got {val}")
-        if self.chunk > 128 or self.chunk % self.sub_chunk:
-            raise ValueError(f"DecayConfig: chunk {self.chunk} must be <= 128 and a multiple of "
-                             f"sub_chunk {self.sub_chunk}")
-        for name in ("warps_state", "warps_out", "warps_bwd", "warps_intra", "warps_fused"):
-            if getattr(self, name) not in (1, 2, 4, 8, 16):
-                raise ValueError(f"DecayConfig.{name} must be 1, 2, 4, 8 or 16")
-        for name in ("stages_state", "stages_out", "stages_bwd", "stages_fused"):
-            if not 1 <= getattr(self, name) <= 6:
-                raise ValueError(f"DecayConfig.{name} must be in [1, 6]")
-
-    def for_chunk(self, chunk_size: int) -> DecayConfig:
-        return dataclasses.replace(self, chunk=min(128, next_pow2(int(chunk_size))))
 
 
 def padded_inputs(q, k, v, C: int):
@@ -109,7 +43,7 @@ def value_block(Vp: int, want: int) -> int:
     return b
 
 
-def state_tiles(BH: int, Kp: int, Vp: int, cfg: DecayConfig, split_k: bool = True,
+def state_tiles(BH: int, Kp: int, Vp: int, cfg: TritonChunkConfig, split_k: bool = True,
                 min_bv: int = 16):
     """(BK, BV) of a sequential state pass over a grid (BH, Kp/BK, Vp/BV): the configured tiles,
     the larger one halved (BK >= 32, BV >= min_bv) while the grid has fewer than

@@ -26,13 +26,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from linear_jax.kernels._compat import dot, interpret, pl, triton_params
+from jax.experimental import pallas as pl
+
+from linear_jax.kernels.configs import TritonChunkConfig
 from linear_jax.kernels.gpu import common, fused, intra
 from linear_jax.kernels.gpu.chunk_state import state_pass
-
+from linear_jax.kernels.gpu.triton import dot, interpret, triton_params
 from linear_jax.ops.common.chunking import doc_index, pad_time
 
-CONFIG = common.DecayConfig()
 f32 = jnp.float32
 
 
@@ -79,8 +80,8 @@ def output(q, k, v, G, A, doc, hs, *, cfg, kind, has_seg, scale):
                   common.doc_spec(H, Tp), common.states_spec(H, N, Kp, BV, n=0, v=1)],
         out_specs=common.spec(H, C, BV, t=0, x=1),
         out_shape=jax.ShapeDtypeStruct((B, Tp, H, Vp), v.dtype),
-        compiler_params=triton_params(cfg.warps_out, cfg.stages_out),
-        interpret=interpret(), name="decay_output",
+        compiler_params=triton_params(cfg, cfg.warps_out, cfg.stages_out),
+        interpret=interpret(cfg), name="decay_output",
     )(q, k, v, G, G if A is None else A, doc, hs)
 
 
@@ -190,8 +191,8 @@ def _backward_main(q, k, v, G, A, doc, hs, dhs, do, *, cfg, kind, has_seg, scale
                      jax.ShapeDtypeStruct((NK, B, Tp, H), f32)]
     outs = pl.pallas_call(
         kernel, grid=(B * H, N, NK), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        compiler_params=triton_params(cfg.warps_bwd, cfg.stages_bwd),
-        interpret=interpret(), name="decay_backward",
+        compiler_params=triton_params(cfg, cfg.warps_bwd, cfg.stages_bwd),
+        interpret=interpret(cfg), name="decay_backward",
     )(q, k, v, G, G if A is None else A, doc, hs, dhs, do)
     if not vec:
         outs = (*outs[:3], jnp.sum(outs[3], axis=0))
@@ -237,7 +238,7 @@ def decay(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size, config=N
     """The op-level entry (the chunk impls' signature): returns (o in v's dtype, S float32)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    cfg = (config or CONFIG).for_chunk(chunk_size)
+    cfg = (config or TritonChunkConfig.default()).for_chunk(chunk_size)
     C = cfg.chunk
     Tp, Kp, Vp, pad = common.padded_inputs(q, k, v, C)
     kind = "none" if g is None else ("scalar" if g.ndim == 3 else "vector")

@@ -21,9 +21,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from linear_jax.kernels._compat import dot, interpret, pl, triton_params
-from linear_jax.kernels.gpu import common, decay, delta_bwd, fused, wy
+from jax.experimental import pallas as pl
 
+from linear_jax.kernels.configs import TritonChunkConfig
+from linear_jax.kernels.gpu import common, decay, delta_bwd, fused, wy
+from linear_jax.kernels.gpu.triton import dot, interpret, triton_params
 from linear_jax.ops.common.chunking import doc_index, pad_time
 
 f32 = jnp.float32
@@ -65,8 +67,8 @@ def _state_pass(k, W, U, G, doc, S0, *, cfg, gated, has_seg, u_dtype):
         out_shape=[jax.ShapeDtypeStruct((B, H, N, Kp, Vp), f32 if exact else k.dtype),
                    jax.ShapeDtypeStruct((B, Tp, H, Vp), u_dtype),
                    jax.ShapeDtypeStruct((B, H, Kp, Vp), f32)],
-        compiler_params=triton_params(cfg.warps_state, cfg.stages_state),
-        interpret=interpret(), name="delta_state_fwd",
+        compiler_params=triton_params(cfg, cfg.warps_state, cfg.stages_state),
+        interpret=interpret(cfg), name="delta_state_fwd",
     )(k, W, U, G, doc, S0)
 
 
@@ -114,7 +116,7 @@ def delta(q, k, v, g, beta, *, scale, initial_state, segment_ids, chunk_size, co
     """The op-level entry of delta_rule (g None) and gated_delta_rule: (o in v's dtype, S)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    cfg = (config or decay.CONFIG).for_chunk(chunk_size)
+    cfg = (config or TritonChunkConfig.default()).for_chunk(chunk_size)
     C = cfg.chunk
     Tp, Kp, Vp, pad = common.padded_inputs(q, k, v, C)
     has_seg = segment_ids is not None

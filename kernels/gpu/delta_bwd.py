@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from linear_jax.kernels._compat import dot, interpret, pl, triton_params
+from jax.experimental import pallas as pl
+
 from linear_jax.kernels.gpu import common
+from linear_jax.kernels.gpu.triton import dot, interpret, triton_params
 
 f32 = jnp.float32
 
@@ -83,8 +85,8 @@ def state_bwd(q, k, do, G, doc, W, dS, *, cfg, gated, has_seg, scale, state_dtyp
         out_shape=[jax.ShapeDtypeStruct((B, H, N, Kp, Vp), state_dtype),
                    jax.ShapeDtypeStruct((B, Tp, H, Vp), common.half_dtype(cd)),
                    jax.ShapeDtypeStruct((B, H, Kp, Vp), f32)],
-        compiler_params=triton_params(cfg.warps_state, cfg.stages_state),
-        interpret=interpret(), name="delta_state_bwd",
+        compiler_params=triton_params(cfg, cfg.warps_state, cfg.stages_state),
+        interpret=interpret(cfg), name="delta_state_bwd",
     )(q, k, do, G, doc, W, dS)
 
 
@@ -165,8 +167,8 @@ def _backward_states(q, k, G, doc, hs, dhs, u, du, do, *, cfg, gated, has_seg, s
                    jax.ShapeDtypeStruct((B, Tp, H, Kp), common.half_dtype(cd)),
                    jax.ShapeDtypeStruct((B, Tp, H, Kp), common.half_dtype(cd)),
                    jax.ShapeDtypeStruct((NK, B, Tp, H), f32)],
-        compiler_params=triton_params(cfg.warps_bwd, cfg.stages_bwd),
-        interpret=interpret(), name="delta_backward_states",
+        compiler_params=triton_params(cfg, cfg.warps_bwd, cfg.stages_bwd),
+        interpret=interpret(cfg), name="delta_backward_states",
     )(q, k, G, doc, hs, dhs, u, du, do)
 
 
@@ -230,6 +232,6 @@ def _backward_wy(k, v, beta, G, doc, Tm, du, dW, dk1, dG1, *, cfg, gated, has_se
                   rows(Kp), rows(Kp), vec()],
         out_specs=[rows(Kp), rows(Vp), vec(), vec()],
         out_shape=[shp((Kp,), k.dtype), shp((Vp,), v.dtype), shp((), f32), shp((), f32)],
-        compiler_params=triton_params(cfg.warps_bwd, cfg.stages_bwd),
-        interpret=interpret(), name="delta_backward_wy",
+        compiler_params=triton_params(cfg, cfg.warps_bwd, cfg.stages_bwd),
+        interpret=interpret(cfg), name="delta_backward_wy",
     )(k, v, beta, G, doc, Tm, du, dW, dk1, dG1)

@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from linear_jax.kernels._compat import dot, interpret, pl, triton_params
+from jax.experimental import pallas as pl
+
+from linear_jax.kernels.configs import TritonChunkConfig
 from linear_jax.kernels.gpu import common
+from linear_jax.kernels.gpu.triton import dot, interpret, triton_params
 
 f32 = jnp.float32
 
 
-def value_tile(BH: int, Vp: int, cfg: common.DecayConfig) -> int:
+def value_tile(BH: int, Vp: int, cfg: TritonChunkConfig) -> int:
     """The fused pass's value tile: cfg.block_v_fused, halved (>= 16) while the grid is short of
     cfg.min_programs."""
     BV = common.value_block(Vp, cfg.block_v_fused)
@@ -37,7 +40,7 @@ def value_tile(BH: int, Vp: int, cfg: common.DecayConfig) -> int:
     return BV
 
 
-def use_fused(BH: int, Tp: int, Vp: int, cfg: common.DecayConfig, residuals: bool) -> bool:
+def use_fused(BH: int, Tp: int, Vp: int, cfg: TritonChunkConfig, residuals: bool) -> bool:
     """The one-pass form for the forward alone, while a full value tile (cfg.block_v_fused) still
     gives a full grid. Measured on an H200 (benchmarks/results/ops_gpu_NVIDIA_H200_sweep*.json,
     bf16, H = 16, K = V = 128): simple_gla 0.18 vs 0.28 ms at T = 2048 (256 programs of 64
@@ -134,6 +137,6 @@ def forward(q, k, v, G, doc, S0, *, cfg, kind, has_seg, scale, A=None, Tm=None, 
                           jax.ShapeDtypeStruct((B, Tp, H, Kp), common.half_dtype(q.dtype))]
     return pl.pallas_call(
         kernel, grid=(B * H, Vp // BV), in_specs=in_specs, out_specs=out_specs,
-        out_shape=out_shape, compiler_params=triton_params(cfg.warps_fused, cfg.stages_fused),
-        interpret=interpret(), name=f"{kind}_fused_fwd",
+        out_shape=out_shape, compiler_params=triton_params(cfg, cfg.warps_fused, cfg.stages_fused),
+        interpret=interpret(cfg), name=f"{kind}_fused_fwd",
     )(q, k, v, G, zeros() if x is None else x, zeros() if beta is None else beta, doc, S0)

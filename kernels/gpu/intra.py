@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from linear_jax.kernels._compat import dot, interpret, pl, triton_params
+from jax.experimental import pallas as pl
+
 from linear_jax.kernels.gpu import common
+from linear_jax.kernels.gpu.triton import dot, interpret, triton_params
 
 f32 = jnp.float32
 
@@ -112,8 +114,8 @@ def intra_forward(q, k, G, doc, *, cfg, kind, has_seg, scale):
         in_specs=[_chunk_rows(H, C, Kp)] * 3 + [common.doc_spec(H, Tp)],
         out_specs=_sub_rows(H, c, s, C),
         out_shape=jax.ShapeDtypeStruct((B, Tp, H, C), f32),
-        compiler_params=triton_params(cfg.warps_intra, 1),
-        interpret=interpret(), name="gla_intra_forward",
+        compiler_params=triton_params(cfg, cfg.warps_intra, 1),
+        interpret=interpret(cfg), name="gla_intra_forward",
     )(q, k, G, doc)
 
 
@@ -183,6 +185,6 @@ def intra_backward(q, k, G, dA, dq_p, dk_p, dG_p, *, cfg, kind, has_seg, scale):
         out_specs=[sub] * 3,
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                    jax.ShapeDtypeStruct(q.shape, f32)],
-        compiler_params=triton_params(cfg.warps_intra, 1),
-        interpret=interpret(), name="gla_intra_backward",
+        compiler_params=triton_params(cfg, cfg.warps_intra, 1),
+        interpret=interpret(cfg), name="gla_intra_backward",
     )(q, k, G, dA, dq_p, dk_p, dG_p)

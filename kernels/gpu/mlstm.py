@@ -45,13 +45,14 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
-from linear_jax.kernels._compat import dot, interpret, pl, triton_params
-from linear_jax.kernels.gpu import common
+from jax.experimental import pallas as pl
 
+from linear_jax.kernels.configs import TritonChunkConfig
+from linear_jax.kernels.gpu import common
+from linear_jax.kernels.gpu.triton import dot, interpret, triton_params
 from linear_jax.ops.common.chunking import doc_index, pad_time, resets
 from linear_jax.ops.common.normalise import normalise
 
-CONFIG = common.DecayConfig()
 f32 = jnp.float32
 
 
@@ -158,8 +159,8 @@ def _state_pass(x, y, y1, gates, S0, s0, *, cfg, T, reverse, scale):
                    jax.ShapeDtypeStruct((B, H, N, Kp), f32),
                    jax.ShapeDtypeStruct((B, H, Kp, Vp), f32),
                    jax.ShapeDtypeStruct((B, H, Kp), f32)],
-        compiler_params=triton_params(cfg.warps_state, cfg.stages_state),
-        interpret=interpret(),
+        compiler_params=triton_params(cfg, cfg.warps_state, cfg.stages_state),
+        interpret=interpret(cfg),
         name="mlstm_state_bwd" if reverse else "mlstm_state_fwd",
     )(x, y, *ones, *gates, S0, s0)
 
@@ -199,8 +200,8 @@ def _output(q, k, v, gates, hs, ns, *, cfg, T, scale):
         out_specs=[common.spec(H, C, BV, t=0, x=1), common.spec(H, C, t=0)],
         out_shape=[jax.ShapeDtypeStruct((B, Tp, H, Vp), f32),
                    jax.ShapeDtypeStruct((B, Tp, H), f32)],
-        compiler_params=triton_params(cfg.warps_out, cfg.stages_out),
-        interpret=interpret(), name="mlstm_output",
+        compiler_params=triton_params(cfg, cfg.warps_out, cfg.stages_out),
+        interpret=interpret(cfg), name="mlstm_output",
     )(q, k, v, *gates, hs, ns)
 
 
@@ -271,8 +272,8 @@ def _grads(q, k, v, gates, hs, ns, dhs, dns, do, dz, *, cfg, T, scale):
                   state, _chunk_vec(H, Kp), rows(Vp), scalar],
         out_specs=[rows(Kp), rows(Kp), rows(Vp)] + [scalar] * 4,
         out_shape=[shp(q), shp(k), shp(v), sc, sc, sc, sc],
-        compiler_params=triton_params(cfg.warps_bwd, cfg.stages_bwd),
-        interpret=interpret(), name="mlstm_backward",
+        compiler_params=triton_params(cfg, cfg.warps_bwd, cfg.stages_bwd),
+        interpret=interpret(cfg), name="mlstm_backward",
     )(q, k, v, *gates, hs, ns, dhs, dns, do, dz)
 
 
@@ -304,7 +305,7 @@ def mlstm(q, k, v, i, f, *, scale, initial_state, segment_ids, chunk_size, eps, 
     (C [B, H, K, V], n [B, H, K], m [B, H]) float32)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    cfg = (config or CONFIG).for_chunk(chunk_size)
+    cfg = (config or TritonChunkConfig.default()).for_chunk(chunk_size)
     C = cfg.chunk
     Tp, Kp, Vp, pad = common.padded_inputs(q, k, v, C)
     if initial_state is None:

@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from linear_jax.kernels._compat import dot, interpret, pl, triton_params
+from jax.experimental import pallas as pl
+
 from linear_jax.kernels.gpu import common
+from linear_jax.kernels.gpu.triton import dot, interpret, triton_params
 
 f32 = jnp.float32
 
@@ -47,7 +49,7 @@ def inverse(k, beta, G, doc, *, cfg, gated, has_seg):
     s, exact = C // c, k.dtype == f32
     # float32 inputs: float32-accurate products (3xTF32); bf16/fp16 inputs: tf32, whose rounding
     # (2^-11) stays below the inputs' own
-    prec = dict(split_tf32=exact)
+    prec = dict(split_tf32=exact, interpret=interpret(cfg))
 
     def kernel(k_ref, b_ref, g_ref, doc_ref, t_ref):
         n = pl.program_id(1)
@@ -86,8 +88,8 @@ def inverse(k, beta, G, doc, *, cfg, gated, has_seg):
                   common.doc_spec(H, Tp)],
         out_specs=rows(C),
         out_shape=jax.ShapeDtypeStruct((B, Tp, H, C), f32),
-        compiler_params=triton_params(cfg.warps_out, 1),
-        interpret=interpret(), name="delta_ut_inverse",
+        compiler_params=triton_params(cfg, cfg.warps_out, 1),
+        interpret=interpret(cfg), name="delta_ut_inverse",
     )(k, beta, G, doc)
 
 
@@ -118,6 +120,6 @@ def _apply(k, v, beta, G, doc, Tm, *, cfg, gated, has_seg):
         out_specs=[rows(Kp), rows(Vp)],
         out_shape=[jax.ShapeDtypeStruct((B, Tp, H, Kp), common.half_dtype(k.dtype)),
                    jax.ShapeDtypeStruct((B, Tp, H, Vp), f32)],
-        compiler_params=triton_params(cfg.warps_out, cfg.stages_out),
-        interpret=interpret(), name="delta_ut_apply",
+        compiler_params=triton_params(cfg, cfg.warps_out, cfg.stages_out),
+        interpret=interpret(cfg), name="delta_ut_apply",
     )(k, v, beta, G, doc, Tm)

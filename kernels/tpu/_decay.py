@@ -27,12 +27,12 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
-from linear_jax.kernels.tpu import _compat, _layout
-from linear_jax.kernels.tpu._layout import F32
-from linear_jax.kernels.tpu.config import TpuConfig
 
-_SQ = _compat.SQUEEZED
+from linear_jax.kernels.configs import TpuConfig
+from linear_jax.kernels.tpu import _layout, mosaic
+from linear_jax.kernels.tpu.mosaic import F32
+
+_SQ = mosaic.SQUEEZED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,9 +82,8 @@ def _call(s, kernel, name, grid, in_specs, out_specs, out_shape, scratch):
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
         scratch_shapes=scratch, name=name,
-        compiler_params=_compat.compiler_params(("parallel", "parallel", "arbitrary"),
-                                                s.cfg.vmem_limit_bytes),
-        interpret=_compat.interpret_arg(s.cfg.interpret))
+        compiler_params=mosaic.compiler_params(s.cfg, ("parallel", "parallel", "arbitrary")),
+        interpret=mosaic.interpret(s.cfg))
 
 
 def _args(s, g, beta, docs):
@@ -104,7 +103,7 @@ def _forward(s, q, k, v, g, beta, docs, s0, save):
         out_specs.append(chunk_state)
     kernel = functools.partial(s.kdef.fwd, C=s.C, scale=s.scale, docs=docs is not None,
                                save=save, mode=s.mode, cfg=s.cfg)
-    scratch = [pltpu.VMEM((Kp, Vp), F32)] + s.kdef.fwd_scratch(s.C, Kp, Vp, s.cfg)
+    scratch = [mosaic.vmem((Kp, Vp))] + s.kdef.fwd_scratch(s.C, Kp, Vp, s.cfg)
     args = [q, k, v, *_args(s, g, beta, docs), s0]
     return _call(s, kernel, f"{s.kdef.name}_fwd", (B, H, N), specs + [state], out_specs,
                  out_shape, scratch)(*args)
@@ -140,7 +139,7 @@ def _core_bwd(s, res, cts):
     out_specs.append(state)
     kernel = functools.partial(s.kdef.bwd, C=s.C, scale=s.scale, docs=docs is not None,
                                mode=s.mode, cfg=s.cfg)
-    scratch = [pltpu.VMEM((Kp, Vp), F32)] + s.kdef.bwd_scratch(s.C, Kp, Vp, s.cfg)
+    scratch = [mosaic.vmem((Kp, Vp))] + s.kdef.bwd_scratch(s.C, Kp, Vp, s.cfg)
     args = [q, k, v, *_args(s, g, beta, docs), sc, do.astype(v.dtype), dsT.astype(F32)]
     dq, dk, dv, dg, *dbeta, ds0 = _call(
         s, kernel, f"{s.kdef.name}_bwd", (B, H, N), specs + [chunk_state, tok(Vp), state],
@@ -153,8 +152,9 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 
 def run(kdef: KernelDef, q, k, v, g, *, scale, initial_state, segment_ids, chunk_size,
-        config: TpuConfig, beta=None):
+        config: TpuConfig | None, beta=None):
     """The op-level entry: [B, T, H, D] inputs (heads expanded) -> (o in v's dtype, S float32)."""
+    config = config or TpuConfig.default()
     B, T, H, K = q.shape
     V = v.shape[-1]
     dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)

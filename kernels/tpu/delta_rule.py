@@ -24,10 +24,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+
+from linear_jax.kernels.configs import TpuConfig
 from linear_jax.kernels.tpu import _layout
 from linear_jax.kernels.tpu._decay import KernelDef, run
-from linear_jax.kernels.tpu._layout import F32, dot
-from linear_jax.kernels.tpu.config import DEFAULT, TpuConfig
+from linear_jax.kernels.tpu.mosaic import F32, dot
 from linear_jax.kernels.tpu.simple_gla import chunk_gates, scalar_gate_grad, unpack
 
 
@@ -144,7 +145,7 @@ _KERNEL = KernelDef("delta_rule", vector_gate=False, fwd=_fwd_kernel, bwd=_bwd_k
 
 
 def delta_rule(q, k, v, g, beta, *, scale, initial_state, segment_ids, chunk_size,
-               config: TpuConfig = DEFAULT):
+               config: TpuConfig | None = None):
     """Same contract as `linear_jax.ops.delta_rule.delta_rule_chunk`, called `fn(q, k, v, g, beta,
     ...)` with heads expanded and g None for `delta_rule` (a [B, T, H] log decay for
     `gated_delta_rule`): returns o [B, T, H, V] in v's dtype and S [B, H, K, V] float32."""

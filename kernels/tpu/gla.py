@@ -27,11 +27,12 @@ import math
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
-from linear_jax.kernels.tpu import _layout
+
+from linear_jax.kernels.configs import TpuConfig
+from linear_jax.kernels.tpu import _layout, mosaic
 from linear_jax.kernels.tpu._decay import KernelDef, run
-from linear_jax.kernels.tpu._layout import F32, dot, iotas
-from linear_jax.kernels.tpu.config import DEFAULT, TpuConfig
+from linear_jax.kernels.tpu._layout import iotas
+from linear_jax.kernels.tpu.mosaic import F32, dot
 from linear_jax.kernels.tpu.simple_gla import unpack
 
 
@@ -244,7 +245,7 @@ def _bwd_kernel(*refs, C, scale, docs, mode, cfg):
 
 def _bwd_scratch(C, Kp, Vp, cfg):
     c = _sub(C, cfg)
-    return [pltpu.VMEM((c, c, Kp), F32)]
+    return [mosaic.vmem((c, c, Kp))]
 
 
 _KERNEL = KernelDef("gla", vector_gate=True, fwd=_fwd_kernel, bwd=_bwd_kernel,
@@ -252,7 +253,7 @@ _KERNEL = KernelDef("gla", vector_gate=True, fwd=_fwd_kernel, bwd=_bwd_kernel,
 
 
 def gla(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size,
-        config: TpuConfig = DEFAULT):
+        config: TpuConfig | None = None):
     """Same contract as `linear_jax.ops.gla.gla_chunk` (heads expanded, inputs validated): returns
     o [B, T, H, V] in v's dtype and S [B, H, K, V] float32."""
     return run(_KERNEL, q, k, v, g, scale=scale, initial_state=initial_state,

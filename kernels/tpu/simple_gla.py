@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+
+from linear_jax.kernels.configs import TpuConfig
 from linear_jax.kernels.tpu import _layout
 from linear_jax.kernels.tpu._decay import KernelDef, run
-from linear_jax.kernels.tpu._layout import F32, dot, iotas
-from linear_jax.kernels.tpu.config import DEFAULT, TpuConfig
+from linear_jax.kernels.tpu._layout import iotas
+from linear_jax.kernels.tpu.mosaic import F32, dot
 
 
 def scalar_gate_terms(gc, gr, masks, row, col):
@@ -143,7 +145,7 @@ _KERNEL = KernelDef("simple_gla", vector_gate=False, fwd=_fwd_kernel, bwd=_bwd_k
 
 
 def simple_gla(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size,
-               config: TpuConfig = DEFAULT):
+               config: TpuConfig | None = None):
     """Same contract as `linear_jax.ops.simple_gla.simple_gla_chunk` (heads expanded, inputs
     validated; g may be None): returns o [B, T, H, V] in v's dtype and S [B, H, K, V] float32."""
     return run(_KERNEL, q, k, v, g, scale=scale, initial_state=initial_state,

@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 from jax import export
-from linear_jax.kernels import _compat
+
+from linear_jax.kernels.configs import TritonChunkConfig
 from linear_jax.kernels.gpu import decay, delta
-from linear_jax.kernels.gpu.common import DecayConfig
 
 TRITON = "__gpu$xla.gpu.triton"
 CASES = [("none", jnp.bfloat16, 128, 128), ("scalar", jnp.bfloat16, 128, 128),
@@ -37,7 +37,7 @@ def test_lowers_to_triton(case, fused):
 
     def loss(q, k, v, g, S0, seg, beta):
         kw = dict(scale=K**-0.5, initial_state=S0, segment_ids=seg, chunk_size=64,
-                  config=DecayConfig(fused_fwd=fused))
+                  config=TritonChunkConfig(fused_fwd=fused, interpret=False))
         if "delta" in gate:
             o, S = delta.delta(q, k, v, g, beta, **kw)
         else:
@@ -48,9 +48,8 @@ def test_lowers_to_triton(case, fused):
     lower = lambda f: export.export(
         jax.jit(f), platforms=["cuda"],
         disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON)])(*args).mlir_module()
-    with _compat.lower_for_gpu():
-        text = lower(jax.value_and_grad(loss, argnums=argnums))
-        primal = lower(loss)                     # the forward alone keeps no residuals
+    text = lower(jax.value_and_grad(loss, argnums=argnums))
+    primal = lower(loss)                         # the forward alone keeps no residuals
     fwd = [f"{gate}_fused_fwd"] if fused else ["decay_state_fwd", "decay_output"]
     names = fwd + ["decay_state_bwd", "decay_backward"]
     if "delta" in gate:

@@ -16,8 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import export
-from linear_jax.kernels import _compat, registry
 
+from linear_jax.kernels import registry
+from linear_jax.kernels.configs import TritonChunkConfig
+from linear_jax.kernels.gpu import mlstm as gpu_mlstm
 from linear_jax.ops import _dispatch
 from linear_jax.ops.mlstm import mlstm
 from tests.ops.spec_ssm import mlstm_reference
@@ -116,13 +118,13 @@ def test_lowers_to_triton():
             sds((B, T), jnp.int32))
 
     def loss(q, k, v, i, f, s0, seg):
-        h, S = mlstm(q, k, v, i, f, initial_state=s0, segment_ids=seg, impl="pallas")
+        h, S = gpu_mlstm.mlstm(q, k, v, i, f, scale=K**-0.5, initial_state=s0, segment_ids=seg,
+                               chunk_size=64, eps=1e-6, config=TritonChunkConfig(interpret=False))
         return jnp.sum(h.astype(jnp.float32)) + sum(jnp.sum(s) for s in S)
 
-    with _compat.lower_for_gpu():
-        exp = export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))),
-                            platforms=["cuda"],
-                            disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON)])(*args)
+    exp = export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))),
+                        platforms=["cuda"],
+                        disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON)])(*args)
     text = exp.mlir_module()
     for name in ("mlstm_state_fwd", "mlstm_output", "mlstm_state_bwd", "mlstm_backward"):
         assert f'name = "{name}"' in text, name

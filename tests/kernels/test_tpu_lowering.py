@@ -13,11 +13,11 @@ import re
 import jax
 import jax.numpy as jnp
 import pytest
+
+from linear_jax.kernels.configs import TpuConfig
 from linear_jax.kernels.tpu import delta_rule as tpu_delta
 from linear_jax.kernels.tpu import gla as tpu_gla
-from linear_jax.kernels.tpu import selective as tpu_selective
 from linear_jax.kernels.tpu import simple_gla as tpu_sgla
-from linear_jax.kernels.tpu.config import TpuConfig
 
 COMPILED = TpuConfig(interpret=False)
 # op -> (kernel, gate: None | "scalar" | "vector", takes beta)
@@ -95,6 +95,7 @@ SELECTIVE_SHAPES = [
 @pytest.mark.parametrize("shape", SELECTIVE_SHAPES,
                          ids=lambda s: f"T{s[1]}-D{s[2]}-N{s[3]}-G{s[4]}")
 def test_selective_scan_lowers_to_mosaic_calls(shape, grad):
+    from linear_jax.kernels.tpu import selective as tpu_selective
     B, T, D, N, G, extras = shape
     sd = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
     structs = [sd(B, T, D), sd(B, T, D), sd(D, N), sd(B, T, G, N), sd(B, T, G, N)]
