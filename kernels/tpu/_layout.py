@@ -1,4 +1,4 @@
-"""Wrapper-side layout shared by the TPU kernels, and the in-kernel matmul and gate helpers.
+"""Wrapper-side layout shared by the TPU kernels, and the in-kernel reads of per-token tables.
 
 Kernels see head-major blocks `[C, D]` of `[B, H, T_pad, D_pad]` arrays: T padded to a multiple of
 the chunk C (zero rows change no state), K and V padded to the lane width (zero columns add
@@ -11,10 +11,10 @@ masked lane sum, so a [C, C] mask is one compare of two broadcasts and nothing n
 from __future__ import annotations
 
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
-
+from linear_jax.kernels import tiles
 from linear_jax.kernels.tpu.mosaic import F32
+
 from linear_jax.ops.common.chunking import chunk_docs, pad_time
 
 
@@ -68,25 +68,7 @@ def store_row(ref, idx, column, row, col):
 
 
 def doc_masks_at(ref, idx, row, col):
-    """`doc_masks` for chunk idx of the document table ref (None: a single document)."""
+    """`tiles.doc_masks` of chunk idx from the document table ref (None: a single document)."""
     if ref is None:
-        return doc_masks(None, None, row, col)
-    return doc_masks(*table_row(ref, idx, row, col), row, col)
-
-
-def iotas(C: int):
-    return lax.broadcasted_iota(jnp.int32, (C, C), 0), lax.broadcasted_iota(jnp.int32, (C, C), 1)
-
-
-def doc_masks(dc, dr, row, col):
-    """Masks of the decay chunk form (`linear_jax.ops.common.decay_chunk`) from the relative
-    document index as a column dc [C, 1] and a row dr [1, C], float32 (None: a single document).
-
-    Returns same [C, C] (causal, same document), in_rows [C, 1] (rows the entering state reaches),
-    out_rows [C, 1] (rows that write the leaving state), keep [1, 1] (the entering state survives).
-    """
-    causal = row >= col
-    if dc is None:
-        return causal, None, None, None
-    last = jnp.max(dr, axis=1, keepdims=True)               # documents only increase in a chunk
-    return causal & (dc == dr), dc == 0.0, dc == last, last == 0.0
+        return tiles.doc_masks(None, None, row, col)
+    return tiles.doc_masks(*table_row(ref, idx, row, col), row, col)
