@@ -51,8 +51,8 @@ class TritonChunkConfig:
     the delta rule and Gated DeltaNet, and mLSTM (`kernels/gpu/`).
 
     chunk: C, rows per chunk (the op's chunk_size, clamped to [16, 128] and a power of two).
-    sub_chunk: c, rows of the vector gate's sub-chunks (both factors of an off-diagonal block <= 1)
-      and of the UT inverse's diagonal blocks.
+    sub_chunk: c, rows of the vector gate's sub-chunks (both factors of an off-diagonal block <= 1;
+      the exact gate gradient is routed per sub-chunk, `kernels/gpu/intra.py`).
     block_k, block_v: tiles of the state [K, V] in the sequential state passes.
     block_v_out: value tile of the output kernel and of the backward's value loop.
     block_k_bwd: key tile of the backward kernel (the K axis of its grid).

@@ -60,11 +60,6 @@ def to_row(x, row, col):
     return jnp.sum(jnp.where(row == col, x, 0.0), axis=0, keepdims=True)
 
 
-def to_col(x, row, col):
-    """A row [1, C] as a column [C, 1]."""
-    return jnp.sum(jnp.where(row == col, x, 0.0), axis=1, keepdims=True)
-
-
 # ---- packed documents ---------------------------------------------------------------------------
 
 def doc_masks(dc, dr, row, col):
@@ -103,15 +98,19 @@ def scalar_gate_terms(gc, gr, masks, row, col, mask_dot=None):
     `same`, 0 elsewhere (None without mask_dot: a kernel that needs no pairs); e_in = exp(Gin)
     [C, 1], 0 off in_rows; e_out = exp(R) [C, 1], 0 off out_rows; a = exp(Gtot) [1, 1], 0 where
     the chunk holds a reset)."""
-    same, in_rows, out_rows, keep = masks
     D, Gin, R, Gtot = scalar_spans(gc, gr, row, col, mask_dot)
-    decay = None if D is None else jnp.exp(jnp.where(same, D, -jnp.inf))
-    e_in, e_out, a = jnp.exp(Gin), jnp.exp(R), jnp.exp(Gtot)
-    if in_rows is not None:
-        e_in = jnp.where(in_rows, e_in, 0.0)
-        e_out = jnp.where(out_rows, e_out, 0.0)
-        a = jnp.where(keep, a, 0.0)
-    return decay, e_in, e_out, a
+    decay = None if D is None else jnp.exp(jnp.where(masks[0], D, -jnp.inf))
+    return (decay,) + masked_factors(masks, jnp.exp(Gin), jnp.exp(R), jnp.exp(Gtot))
+
+
+def masked_factors(masks, e_in, e_out, a):
+    """The chunk factors (e_in, e_out, a) zeroed where the documents cut them: e_in off in_rows,
+    e_out off out_rows, a where the chunk holds a reset (any None factor is left None)."""
+    _, in_rows, out_rows, keep = masks
+    if in_rows is None:
+        return e_in, e_out, a
+    cut = lambda m, x: None if x is None else jnp.where(m, x, 0.0)
+    return cut(in_rows, e_in), cut(out_rows, e_out), cut(keep, a)
 
 
 def scalar_gate_grad(P, d_gin, d_r, d_tot, row, col, mask_dot):
@@ -132,17 +131,9 @@ def vector_gate_terms(g, masks, row, col, mask_dot, want_in=True, want_out=True)
     exp(Gtot) [1, K], 0 where the chunk holds a reset) of a chunk's vector gate g [C, K]; the
     factors not asked for are None. The intra pairs are built by sub-chunks (`kernels/gpu/intra.py`,
     `kernels/tpu/gla.py`)."""
-    _, in_rows, out_rows, keep = masks
-    e_in = e_out = None
-    if want_in:
-        e_in = jnp.exp(mask_dot((row >= col).astype(F32), g))
-        e_in = e_in if in_rows is None else jnp.where(in_rows, e_in, 0.0)
-    if want_out:
-        e_out = jnp.exp(mask_dot((row < col).astype(F32), g))
-        e_out = e_out if out_rows is None else jnp.where(out_rows, e_out, 0.0)
-    a = jnp.exp(jnp.sum(g, axis=0, keepdims=True))
-    a = a if keep is None else jnp.where(keep, a, 0.0)
-    return e_in, e_out, a
+    e_in = jnp.exp(mask_dot((row >= col).astype(F32), g)) if want_in else None
+    e_out = jnp.exp(mask_dot((row < col).astype(F32), g)) if want_out else None
+    return masked_factors(masks, e_in, e_out, jnp.exp(jnp.sum(g, axis=0, keepdims=True)))
 
 
 def vector_gate_grad(d_gin, d_r, d_tot, row, col, mask_dot):

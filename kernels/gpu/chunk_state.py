@@ -15,8 +15,10 @@ gate factors e_in / e_out and the masks as `common.Chunk`; q already scaled by `
         dS_n   -= W_n^T du_n                             matrix, q k^T * exp(D) on causal pairs)
 
 so the delta rule's pass is the decay pass with y = U - W S (its reverse adds the W term). Each
-exponent is a span sum of gates (`linear_jax.kernels.tiles`), <= 0. The pass writes the state on
+exponent is a span sum of gates, <= 0. The pass writes the state on
 one side of every chunk (forward: S_n, entering; reverse: dS_{n+1}, leaving) and the end state.
+The factors come from the gates' prefix sums (values only: `common` says why the sequential
+passes do not form the spans themselves).
 Grid: (B*H, K/BK, V/BV) for the decay family; the delta rule keeps all of K in a program (u needs
 W S over K), (B*H, V/BV). mLSTM's pass (`mlstm.py`) runs its own step on `sequential`, with its
 normaliser n as a second carry. The one-pass forward (`fused.py`) also walks on it.
@@ -59,13 +61,16 @@ def sequential(ctx, step, *, ins, carry, outs, grid, N, reverse, warps, stages, 
         warps=warps, stages=stages, name=name)(*arrays)
 
 
-def gate_rows(ctx, ch, g_ref, rows, *, want_in, want_out, pairs=False):
-    """(decay [C, C] or None, e_in, e_out, a) of a chunk for any gate kind, from a gate ref of the
-    chunk's rows (`rows`); a vector gate's a is a column [X, 1] (it scales state rows)."""
+def gate_rows(ctx, ch, G_ref, first, pairs=False):
+    """(decay [C, C] or None, e_in, e_out, a) of the chunk of rows first .. first + C - 1 of G_ref,
+    the gates' prefix sums (`common.Chunk.prefix`; any array without a gate); a vector gate's a is
+    a column [X, 1] (it scales state rows)."""
+    C = ctx.C
     if ctx.kind == "vector":
-        e_in, e_out, a = ch.vector(g_ref[rows, :], want_in, want_out)
-        return None, e_in, e_out, a.reshape(-1, 1)
-    return ch.scalar(g_ref[rows] if ctx.kind == "scalar" else None, pairs)
+        return ch.prefix(G_ref[pl.ds(first, C), :], G_ref[pl.ds(first + C - 1, 1), :])
+    if ctx.kind == "scalar":
+        return ch.prefix(G_ref[pl.ds(first, C)], G_ref[first + C - 1], pairs)
+    return ch.scalar(None, pairs)
 
 
 def _step(ctx, *, reverse, delta, scale):
@@ -77,8 +82,7 @@ def _step(ctx, *, reverse, delta, scale):
         outs[0][n] = S.astype(outs[0].dtype)
         rows = pl.ds(n * C, C)
         ch = Chunk(ctx, n, doc_ref)
-        decay, e_in, e_out, a = gate_rows(ctx, ch, g_ref, rows, want_in=reverse,
-                                          want_out=not reverse or delta, pairs=delta and reverse)
+        decay, e_in, e_out, a = gate_rows(ctx, ch, g_ref, n * C, pairs=delta and reverse)
         x, y = x_ref[rows, :], y_ref[rows, :]
         xw = x.astype(F32) * (scale * e_in if reverse else e_out)
         if not delta:
@@ -99,12 +103,13 @@ def _step(ctx, *, reverse, delta, scale):
     return step
 
 
-def state_pass(ctx, x, y, g, doc, S0, *, reverse, scale=1.0, state_dtype, k=None, W=None,
+def state_pass(ctx, x, y, G, doc, S0, *, reverse, scale=1.0, state_dtype, k=None, W=None,
                y_dtype=None):
     """The decay family's pass (k, W None) or the delta rule's (both given; y_dtype: u's / du's).
 
-    x [B,Tp,H,Kp] (k forward, q reverse), y [B,Tp,H,Vp] (v / U forward, do reverse), g
-    [B,Tp,H(,Kp)] float32 (any array for kind "none"), doc [B,Tp] int32, S0 [B,H,Kp,Vp] float32.
+    x [B,Tp,H,Kp] (k forward, q reverse), y [B,Tp,H,Vp] (v / U forward, do reverse), G
+    [B,Tp,H(,Kp)] float32 the gates' prefix sums (`common.prefix_sums`; any array for kind
+    "none"), doc [B,Tp] int32, S0 [B,H,Kp,Vp] float32.
     Returns (states [B,H,N,Kp,Vp] in state_dtype, [u / du [B,Tp,H,Vp],] S_end float32)."""
     B, Tp, H, Kp = x.shape
     Vp, C, cfg = y.shape[-1], ctx.C, ctx.cfg
@@ -119,7 +124,7 @@ def state_pass(ctx, x, y, g, doc, S0, *, reverse, scale=1.0, state_dtype, k=None
         xs, ys = common.spec(H, Tp, BK, x=0), common.spec(H, Tp, BV, x=1)
         st, hs = common.state_spec(H, BK, BV, k=0, v=1), common.states_spec(H, N, BK, BV, k=0, v=1)
     gs = common.spec(H, Tp, BK, x=0) if ctx.kind == "vector" else common.spec(H, Tp)
-    ins = [(x, xs), (y, ys), (g, gs), (doc, common.doc_spec(H, Tp))]
+    ins = [(x, xs), (y, ys), (G, gs), (doc, common.doc_spec(H, Tp))]
     outs = [(jax.ShapeDtypeStruct((B, H, N, Kp, Vp), state_dtype), hs)]
     if delta:
         ins += [(k, common.spec(H, Tp, Kp)), (W, common.spec(H, Tp, Kp))]

@@ -7,9 +7,10 @@ each span) and the packed-document masks (same, in, out, keep):
     o_i   = sum_{j<=i, same} [q_i . (k_j * exp(D_ij))] v_j  +  (q_i * exp(Gin_i) * in_i)^T S_n
     S_n+1 = keep * exp(Gtot) * S_n  +  sum_j (k_j * exp(R_j) * out_j) v_j^T
 
-Forward: the one-pass form (`fused.py`) where its grid fills the GPU and nothing is kept for a
-backward, else the state pass (`chunk_state`, writes every entering S_n), for the vector gate the
-intra matrix A (`intra`), then one parallel output kernel over (B*H, N, V/BV). Backward
+Forward (from the gates' prefix sums, values only: `common` says why): the one-pass form
+(`fused.py`) where its grid fills the GPU and nothing is kept for a backward, else the state pass
+(`chunk_state`, writes every entering S_n), for the vector gate the intra matrix A (`intra`), then
+one parallel output kernel over (B*H, N, V/BV). Backward
 (`jax.custom_vjp`): the reverse state pass (dS_n+1 for every chunk, dS_0 = d initial_state), then
 one parallel kernel over (B*H, N, K/BK) for dv, dq, dk and dg: with qg = q exp(Gin) in, kg =
 k exp(R) out, P = dA * A the pair gradients, the gate gradient is `tiles.scalar_gate_grad(P,
@@ -18,12 +19,12 @@ tiles afterwards); for the vector gate the same per key channel, this kernel rou
 terms and `intra.intra_backward` the pairs. No gradient is formed as a difference of cumulative
 sums, so dg stays exact when every gate is strong.
 
-Cost of forming the spans in the kernels (C = 64, bf16, per chunk and 64-value tile): D for the
-scalar gate is one [C, C] x [C, C] 0/1 product in tf32 (262 K MACs, about 0.5 M bf16-MAC
-equivalents), against 1.8 M bf16 MACs of q k^T, A v, q S and k^T v; Gin, R and Gtot are masked
-[C, C] sums. The backward adds U @ P (one more such product) and masked sums. The vector gate's
-exp(Gin) and exp(R) are [C, C] x [C, K] products, which replace the XLA cumsum of g and its
-transpose (162 + 166 us at T = 2048 on an H200, benchmarks/NOTES.md).
+Cost of the exact gate gradient (C = 64, bf16, per chunk and K tile of the backward kernel): D
+and U @ P are two [C, C] x [C, C] 0/1 products in tf32 (2 x 262 K MACs, about 1 M bf16-MAC
+equivalents) against about 1.3 M bf16 MACs of q k^T, do v^T, do S^T, v dS^T and dv; Gin, R and
+Gtot are masked [C, C] sums. For the vector gate, exp(R) and the routing of the per-row terms are
+three [C, C] x [C, BK] products, and the XLA transpose of the prefix sums (166 us at T = 2048 on
+an H200, benchmarks/NOTES.md) is gone.
 """
 
 from __future__ import annotations
@@ -34,13 +35,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from linear_jax.kernels.gpu import common, fused, intra
-from linear_jax.kernels.gpu.chunk_state import state_pass
+from linear_jax.kernels.gpu.chunk_state import gate_rows, state_pass
 from linear_jax.kernels.gpu.common import F32, Chunk, Ctx
 
 
-def output(ctx, q, k, v, g, A, doc, hs, *, scale):
-    """o = A v + (q exp(Gin) in)^T S_n per chunk; A from q k^T (scalar / no gate) or given
-    (vector gate; then also for the delta rule's u in place of v)."""
+def output(ctx, q, k, v, G, A, doc, hs, *, scale):
+    """o = A v + (q exp(Gin) in)^T S_n per chunk (G the gates' prefix sums); A from q k^T (scalar
+    / no gate; also the delta rule's, on u in place of v) or given (vector gate)."""
     B, Tp, H, Kp = q.shape
     Vp, C, cfg = v.shape[-1], ctx.C, ctx.cfg
     N, BV = Tp // C, common.value_block(Vp, cfg.block_v_out)
@@ -49,11 +50,8 @@ def output(ctx, q, k, v, g, A, doc, hs, *, scale):
     def kernel(q_ref, k_ref, v_ref, g_ref, a_ref, doc_ref, h_ref, o_ref):
         ch = Chunk(ctx, pl.program_id(1), doc_ref)
         q = q_ref[...]
-        if vec:
-            A, (e_in, _, _) = a_ref[...], ch.vector(g_ref[...], want_out=False)
-        else:
-            decay, e_in, _, _ = ch.scalar(g_ref[...] if ctx.kind == "scalar" else None)
-            A = ctx.dot(q, k_ref[...], tb=True) * scale * decay
+        decay, e_in, _, _ = gate_rows(ctx, ch, g_ref, 0, pairs=not vec)
+        A = a_ref[...] if vec else ctx.dot(q, k_ref[...], tb=True) * scale * decay
         qh = (q.astype(F32) * (scale * e_in)).astype(q.dtype)
         o = ctx.dot(A.astype(q.dtype), v_ref[...]) + ctx.dot(qh, h_ref[...].astype(q.dtype))
         o_ref[...] = o.astype(o_ref.dtype)
@@ -68,7 +66,7 @@ def output(ctx, q, k, v, g, A, doc, hs, *, scale):
         out_specs=common.spec(H, C, BV, t=0, x=1),
         out_shape=jax.ShapeDtypeStruct((B, Tp, H, Vp), v.dtype),
         warps=cfg.warps_out, stages=cfg.stages_out, name="decay_output",
-    )(q, k, v, g, g if A is None else A, doc, hs)
+    )(q, k, v, G, G if A is None else A, doc, hs)
 
 
 def _backward_main(ctx, q, k, v, g, A, doc, hs, dhs, do, *, scale):
@@ -169,28 +167,30 @@ def _backward_main(ctx, q, k, v, g, A, doc, hs, dhs, do, *, scale):
 def _core(ctx: Ctx, scale: float):
     """custom_vjp of (q, k, v, g, doc, h0) -> (o, S_final) on padded inputs, one static setup."""
     sdt = lambda x: F32 if x.dtype == F32 else x.dtype
+    prefix = lambda g: g if ctx.kind == "none" else common.prefix_sums(g, ctx.C)
 
     def fwd(q, k, v, g, doc, h0, residuals):
         B, Tp, H, _ = q.shape
-        A = intra.intra_forward(ctx, q, k, g, doc, scale=scale) if ctx.kind == "vector" else None
+        G = prefix(g)
+        A = intra.intra_forward(ctx, q, k, G, doc, scale=scale) if ctx.kind == "vector" else None
         if fused.use_fused(B * H, Tp, v.shape[-1], ctx.cfg, residuals):
-            o, S, *hs = fused.forward(ctx, q, k, v, g, doc, h0, A=A, scale=scale,
+            o, S, *hs = fused.forward(ctx, q, k, v, G, doc, h0, A=A, scale=scale,
                                       residuals=residuals)
             return (o, S), (q, k, v, g, doc, hs[0] if hs else None, A)
-        hs, S = state_pass(ctx, k, v, g, doc, h0, reverse=False, state_dtype=sdt(q))
-        o = output(ctx, q, k, v, g, A, doc, hs, scale=scale)
+        hs, S = state_pass(ctx, k, v, G, doc, h0, reverse=False, state_dtype=sdt(q))
+        o = output(ctx, q, k, v, G, A, doc, hs, scale=scale)
         return (o, S), (q, k, v, g, doc, hs, A)
 
     def bwd(res, cts):
         q, k, v, g, doc, hs, A = res
         do, dS = cts
-        do = do.astype(v.dtype)
-        dhs, dh0 = state_pass(ctx, q, do, g, doc, dS, reverse=True, scale=scale,
+        do, G = do.astype(v.dtype), prefix(g)
+        dhs, dh0 = state_pass(ctx, q, do, G, doc, dS, reverse=True, scale=scale,
                               state_dtype=sdt(q))
         outs = _backward_main(ctx, q, k, v, g, A, doc, hs, dhs, do, scale=scale)
         if ctx.kind == "vector":
             dv, dA, dq_p, dk_p, dg_p = outs
-            dq, dk, dg = intra.intra_backward(ctx, q, k, g, dA, dq_p, dk_p, dg_p, scale=scale)
+            dq, dk, dg = intra.intra_backward(ctx, q, k, g, G, dA, dq_p, dk_p, dg_p, scale=scale)
         elif ctx.kind == "scalar":
             dv, dq, dk, dg = outs
         else:

@@ -10,7 +10,9 @@ Math and masks as `linear_jax.ops.common.delta_chunk` (q scaled; D, Gin, R, Gtot
 
 The forward is the one-pass form (`fused.py`) where its grid fills the GPU and nothing is kept,
 else the decay family's state pass run with y = U - W S (`chunk_state`: writes every entering S_n
-and u) and the decay family's output kernel on u in place of v.
+and u) and the decay family's output kernel on u in place of v; both read the gates' prefix sums
+for their factors (values only, `common`), while T = (I + L)^-1, whose L the backward's pair
+gradients go through, is formed from the exact spans (`wy`).
 
 Backward (`jax.custom_vjp`, kernels in `delta_bwd`): the reverse state pass, which also forms du and
 every dS_n+1, then parallel kernels per chunk for dq, dk, dv, dbeta and dg, using the T = (I + L)^-1
@@ -28,18 +30,23 @@ from linear_jax.kernels.gpu.chunk_state import state_pass
 from linear_jax.kernels.gpu.common import F32, Ctx
 
 
+def _prefix(ctx, g):
+    return g if ctx.kind == "none" else common.prefix_sums(g, ctx.C)
+
+
 def _forward(ctx, q, k, v, g, beta, h0, doc, *, scale, residuals):
     B, Tp, H, _ = q.shape
+    G = _prefix(ctx, g)
     if fused.use_fused(B * H, Tp, v.shape[-1], ctx.cfg, residuals):
         Tm = wy.inverse(ctx, k, beta, g, doc)
-        o, S, *res = fused.forward(ctx, q, k, v, g, doc, h0, scale=scale, Tm=Tm, beta=beta,
+        o, S, *res = fused.forward(ctx, q, k, v, G, doc, h0, scale=scale, Tm=Tm, beta=beta,
                                    residuals=residuals)
         hs, u, W = res if residuals else (None,) * 3
         return (o, S), (hs, u, W, Tm)
-    W, U, Tm = wy.ut_transform(ctx, k, v, beta, g, doc)
-    hs, u, S = state_pass(ctx, k, U, g, doc, h0, reverse=False, k=k, W=W, y_dtype=v.dtype,
+    W, U, Tm = wy.ut_transform(ctx, k, v, beta, g, G, doc)
+    hs, u, S = state_pass(ctx, k, U, G, doc, h0, reverse=False, k=k, W=W, y_dtype=v.dtype,
                           state_dtype=F32 if ctx.f32 else k.dtype)
-    o = decay.output(ctx, q, k, u, g, None, doc, hs, scale=scale)
+    o = decay.output(ctx, q, k, u, G, None, doc, hs, scale=scale)
     return (o, S), (hs, u, W, Tm)
 
 
@@ -56,7 +63,8 @@ def _core(ctx: Ctx, scale: float):
         q, k, v, g, beta, doc, hs, u, W, Tm = res
         do, dS = cts
         do = do.astype(v.dtype)
-        dhs, du, dh0 = state_pass(ctx, q, do, g, doc, dS, reverse=True, scale=scale, k=k, W=W,
+        dhs, du, dh0 = state_pass(ctx, q, do, _prefix(ctx, g), doc, dS, reverse=True, scale=scale,
+                                  k=k, W=W,
                                   y_dtype=common.half_dtype(q.dtype), state_dtype=hs.dtype)
         dq, dk, dv, dbeta, dg = delta_bwd.backward(ctx, q, k, v, beta, g, doc, hs, dhs, u, du,
                                                    do, W, Tm, scale=scale)

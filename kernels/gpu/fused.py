@@ -1,8 +1,8 @@
 """The chunked forward in one pass: state recurrence and output together, for every chunk op.
 
 One program per (batch * head, value tile) walks the chunks in order (`chunk_state.sequential`),
-carrying the float32 state tile S [K, BV] in registers, and per chunk n (q scaled, factors and
-masks as `common.Chunk`):
+carrying the float32 state tile S [K, BV] in registers, and per chunk n (q scaled; factors from
+the gates' prefix sums and masks as `common.Chunk.prefix`):
 
     y     = v                                   (decay family)
     y     = T (beta v) - W S,  W = T (beta k e_in)  (delta rule: u, with T = (I + L)^-1 given)
@@ -52,8 +52,9 @@ def use_fused(BH: int, Tp: int, Vp: int, cfg: TritonChunkConfig, residuals: bool
     return not residuals and (full_tile or Tp // cfg.chunk <= 8)
 
 
-def forward(ctx, q, k, v, g, doc, S0, *, scale, A=None, Tm=None, beta=None, residuals=False):
-    """q, k [B,Tp,H,Kp]; v [B,Tp,H,Vp]; g [B,Tp,H(,Kp)] float32; doc [B,Tp]; S0 [B,H,Kp,Vp] f32.
+def forward(ctx, q, k, v, G, doc, S0, *, scale, A=None, Tm=None, beta=None, residuals=False):
+    """q, k [B,Tp,H,Kp]; v [B,Tp,H,Vp]; G [B,Tp,H(,Kp)] float32, the gates' prefix sums; doc
+    [B,Tp]; S0 [B,H,Kp,Vp] float32.
 
     The gate kind is ctx.kind; A [B,Tp,H,C] is given for the vector gate; Tm [B,Tp,H,C] and beta
     [B,Tp,H] make it the delta rule. Returns (o, S_end) and, with `residuals`, the entering states
@@ -71,8 +72,7 @@ def forward(ctx, q, k, v, g, doc, S0, *, scale, A=None, Tm=None, beta=None, resi
         rows = pl.ds(n * C, C)
         q, k = q_ref[rows, :], k_ref[rows, :]
         ch = Chunk(ctx, n, doc_ref)
-        decay, e_in, e_out, a = gate_rows(ctx, ch, g_ref, rows, want_in=True, want_out=True,
-                                          pairs=not vec)
+        decay, e_in, e_out, a = gate_rows(ctx, ch, g_ref, n * C, pairs=not vec)
         Amat = x_ref[rows, :] if vec else ctx.dot(q, k, tb=True) * scale * decay
         if delta:
             Tn, bn = x_ref[rows, :], b_ref[rows][:, None]
@@ -101,7 +101,7 @@ def forward(ctx, q, k, v, g, doc, S0, *, scale, A=None, Tm=None, beta=None, resi
     zeros = jnp.zeros((B, Tp, H), F32)
     x = A if vec else Tm
     ins = [(q, seq(Kp)), (k, seq(Kp)), (v, seq(BV, 0)),
-           (g, seq(Kp) if vec else common.spec(H, Tp)),
+           (G, seq(Kp) if vec else common.spec(H, Tp)),
            (zeros, common.spec(H, Tp)) if x is None else (x, seq(C)),
            (zeros if beta is None else beta, common.spec(H, Tp)),
            (doc, common.doc_spec(H, Tp))]

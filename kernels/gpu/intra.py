@@ -4,22 +4,21 @@
 
 exp(D) cannot be split through one reference point of the chunk without factors > 1 that overflow
 at strong decay, so the chunk is cut into sub-chunks of c rows (the GLA paper's secondary
-chunking; `linear_jax.kernels.tiles` for the span sums). A block of queries in sub-chunk a and keys
-in b < a factors through the end e_b of sub-chunk b:
-
-    D_ij = Rloc_j + mid(b, a) + Gloc_i,   Rloc_j = span (j, e_b],   Gloc_i = span [start of a, i],
-
-mid the gates of the sub-chunks strictly between, every factor <= 1: one matmul per block. A
-diagonal block is summed elementwise in K one key column j at a time, E_j = span (j, i] a 0/1
-product with the sub-chunk's gates. Where a chunk's decay is mild (every channel's summed gate >=
+chunking). A block of queries in sub-chunk a and keys in b < a factors through the end e_b of
+sub-chunk b, both factors <= 1: one matmul per block. A diagonal block is summed elementwise in K
+one key column j at a time. Where a chunk's decay is mild (every channel's summed gate >=
 -span_limit: logsigmoid gates / 16 sum to about -3 over 64 rows, the common case) the blocks need
-no reference points: exp(D_ij) = exp(Gin_i) exp(-Gin_j) with both factors in [e^-60, e^60], far
-inside the operand type's range, so a row block of A (and dq, dk) is one matmul through the chunk
-start. The test is made per chunk at run time.
+no reference points: exp(D_ij) = exp(G_i) exp(-G_j) (G the chunk's prefix sums) with both factors
+in [e^-60, e^60], far inside the operand type's range, so a row block of A (and dq, dk) is one
+matmul through the chunk start. The test is made per chunk at run time. The forward forms its
+factors from the prefix sums G (values only, `common`).
 
 Backward, with P_ijk = scale dA_ij q_ik k_jk exp(D_ijk) the pair gradients (dA = do u^T masked)
-and dg_sk = sum_{i>=s>j} P_ijk, every pair routed to exactly the gates of its span. For the rows
-of sub-chunk a (one program):
+and dg_sk = sum_{i>=s>j} P_ijk, every pair routed to exactly the gates of its span. In the blocked
+form the spans are those of `linear_jax.kernels.tiles`, sums of exactly their gates: for a block,
+D_ij = Rloc_j + mid(b, a) + Gloc_i (Rloc_j = span (j, e_b], mid the sub-chunks strictly between,
+Gloc_i = span [start of a, i]); inside a diagonal block E_j = span (j, i], a 0/1 product with the
+sub-chunk's gates. For the rows of sub-chunk a (one program):
 
     query side, keys j before a:  dEq_i = sum_{j<start a} P_ij  -> gates s <= i of a (U_c @ dEq)
     key side, queries i after a:  dEk_j = sum_{i>end a} P_ij    -> gates s > j of a (L_c @ dEk)
@@ -27,11 +26,13 @@ of sub-chunk a (one program):
     inside a: key column j ascending, acc_i += P_ij (i > j);      dg_{j+1} = sum_{i>j} acc_i
 
 plus the per-row terms `decay._backward_main` already routed (dg_p). The same sums give dq, dk.
-Nothing is subtracted, so dg stays exact at strong decay. Grid (B*H, N, C/c): each program owns
-the c rows of one sub-chunk (its row block of A; its dq, dk, dg) and loops (not unrolled) over the
-blocks it needs. Added work for exact gate gradients, per program at c = 16, C = 64, K = 128: the
-blocks around a (2 [c, c] x [c, K] products for the middle sub-chunks), c 0/1 products [c, c] x
-[c, K] for the diagonal spans, and O(c K) sums per diagonal column.
+Nothing is subtracted, so dg stays exact at strong decay. (In mild chunks P is formed through the
+chunk start, exp(G_i) exp(-G_j), accurate to 120 eps, and routed the same way.) Grid (B*H, N,
+C/c): each program owns the c rows of one sub-chunk (its row block of A; its dq, dk, dg) and loops
+(not unrolled) over the blocks it needs. Added work for the exact gate gradient, per program at
+c = 16, C = 64, K = 128: the blocks around a (2 [c, c] x [c, K] products for the middle
+sub-chunks, one [C, C] x [C, K] product in mild chunks), c 0/1 products [c, c] x [c, K] for the
+diagonal spans (blocked form), and O(c K) sums per diagonal column.
 """
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ def span_limit(dtype) -> float:
     return 8.0 if dtype == jnp.float16 else 60.0
 
 
+def _mild(G_ref, C, dtype):
+    """The chunk's decay is mild: every channel's summed gate (the prefix sums' last row) >=
+    -span_limit."""
+    return jnp.min(G_ref[pl.ds(C - 1, 1), :]) >= -span_limit(dtype)
+
+
 def _sub_rows(H, c, s, X):
     """[B, T, H, X] blocks of the c rows of sub-chunk a = g[1] of chunk n = g[0]."""
     return pl.BlockSpec((None, c, None, X), lambda bh, n, a: (bh // H, n * s + a, bh % H, 0))
@@ -63,12 +70,11 @@ class _Spans:
     """The gate spans of sub-chunk blocks, from the chunk's gates g_ref [C, K] (module docstring).
     Every span is a 0/1 product or masked sum of exactly its gates."""
 
-    def __init__(self, ctx, g_ref, c, dtype):
+    def __init__(self, ctx, g_ref, c):
         self.ctx, self.g_ref, self.c, C = ctx, g_ref, c, ctx.C
         iota = lambda shape, d: lax.broadcasted_iota(jnp.int32, shape, d)
         self.rr, self.cc, self.rc = iota((c, c), 0), iota((c, c), 1), iota((c, 1), 0)
         self.rC = iota((C, 1), 0)
-        self.mild = jnp.min(jnp.sum(g_ref[...], axis=0)) >= -span_limit(dtype)
 
     def rows(self, m):
         return self.g_ref[pl.ds(m * self.c, self.c), :]
@@ -92,25 +98,21 @@ class _Spans:
         E = self.ctx.mask_dot(m, self.rows(a))
         return jnp.exp(jnp.where(self.rc >= j, E, -jnp.inf))
 
-    def gin(self, rows_from, n_rows):
-        """span [chunk start, i] for n_rows rows from rows_from: [n_rows, K]."""
-        r = lax.broadcasted_iota(jnp.int32, (n_rows, self.ctx.C), 0) + rows_from
-        cols = lax.broadcasted_iota(jnp.int32, (n_rows, self.ctx.C), 1)
-        return self.ctx.mask_dot((cols <= r).astype(F32), self.g_ref[...])
 
-
-def intra_forward(ctx, q, k, g, doc, *, scale):
-    """A [B, Tp, H, C] float32, masked (causal, same document) and scaled."""
+def intra_forward(ctx, q, k, G, doc, *, scale):
+    """A [B, Tp, H, C] float32, masked (causal, same document) and scaled, from the gates' prefix
+    sums G (values only, `common`): a block of queries a and keys b < a through R = G_{end b},
+    exp(G_i - R) * exp(R - G_j); the diagonal blocks one key column at a time; mild chunks by one
+    matmul through the chunk start."""
     B, Tp, H, Kp = q.shape
     C, c = ctx.C, ctx.cfg.sub_chunk
     s, cd = C // c, q.dtype
 
     def kernel(q_ref, k_ref, g_ref, doc_ref, a_ref):
         n, a = pl.program_id(1), pl.program_id(2)
-        sp = _Spans(ctx, g_ref, c, cd)
         r = jnp.arange(c, dtype=jnp.int32)
         rows_a = pl.ds(a * c, c)
-        qa = q_ref[rows_a, :].astype(F32)
+        qa, Ga = q_ref[rows_a, :].astype(F32), g_ref[rows_a, :]
         da = doc_ref[pl.ds(n * C + a * c, c)] if ctx.has_seg else None
 
         def same_doc(blk, b):
@@ -119,16 +121,18 @@ def intra_forward(ctx, q, k, g, doc, *, scale):
             db = doc_ref[pl.ds(n * C + b * c, c)]
             return jnp.where(da[:, None] == db[None, :], blk, 0.0)
 
-        def off_diagonal(b, carry):            # keys of sub-chunk b < a
+        def off_diagonal(b, carry):            # keys of sub-chunk b < a, through R = G_{end b}
             rows_b = pl.ds(b * c, c)
-            kb = (k_ref[rows_b, :].astype(F32) * jnp.exp(sp.rloc(b))).astype(cd)
-            qb = (qa * jnp.exp(sp.gloc(a) + sp.mid(b, a))).astype(cd)
-            a_ref[:, pl.ds(b * c, c)] = same_doc(ctx.dot(qb, kb, tb=True), b) * scale
+            R = g_ref[pl.ds(b * c + c - 1, 1), :]
+            kb = (k_ref[rows_b, :].astype(F32) * jnp.exp(R - g_ref[rows_b, :])).astype(cd)
+            blk = ctx.dot((qa * jnp.exp(Ga - R)).astype(cd), kb, tb=True)
+            a_ref[:, pl.ds(b * c, c)] = same_doc(blk, b) * scale
             return carry
 
         def diagonal(j, blk):                   # key column j of the diagonal block
             t = pl.ds(a * c + j, 1)
-            col = jnp.sum(qa * k_ref[t, :].astype(F32) * sp.diag(a, j), axis=1)
+            e = jnp.exp(jnp.where(r[:, None] >= j, Ga - g_ref[t, :], -jnp.inf))
+            col = jnp.sum(qa * k_ref[t, :].astype(F32) * e, axis=1)
             return blk + jnp.where(r[None, :] == j, col[:, None], 0.0)
 
         def above(b, carry):
@@ -142,14 +146,14 @@ def intra_forward(ctx, q, k, g, doc, *, scale):
             jax.lax.fori_loop(a + 1, s, above, 0)
 
         def one_matmul():
-            kf = (k_ref[...].astype(F32) * jnp.exp(-sp.gin(0, C))).astype(cd)
-            blk = ctx.dot((qa * jnp.exp(sp.gin(a * c, c))).astype(cd), kf, tb=True)
+            kf = (k_ref[...].astype(F32) * jnp.exp(-g_ref[...])).astype(cd)
+            blk = ctx.dot((qa * jnp.exp(Ga)).astype(cd), kf, tb=True)
             mask = (a * c + r)[:, None] >= jnp.arange(C, dtype=jnp.int32)[None, :]
             if ctx.has_seg:
                 mask = mask & (da[:, None] == doc_ref[pl.ds(n * C, C)][None, :])
             a_ref[...] = jnp.where(mask, blk, 0.0) * scale
 
-        jax.lax.cond(sp.mild, one_matmul, blocked)
+        jax.lax.cond(_mild(g_ref, C, cd), one_matmul, blocked)
 
     return ctx.call(
         kernel, grid=(B * H, Tp // C, s),
@@ -157,18 +161,20 @@ def intra_forward(ctx, q, k, g, doc, *, scale):
         out_specs=_sub_rows(H, c, s, C),
         out_shape=jax.ShapeDtypeStruct((B, Tp, H, C), F32),
         warps=ctx.cfg.warps_intra, stages=1, name="gla_intra_forward",
-    )(q, k, g, doc)
+    )(q, k, G, doc)
 
 
-def intra_backward(ctx, q, k, g, dA, dq_p, dk_p, dg_p, *, scale):
-    """dq, dk (input dtypes) and dg (float32) from dA and the inter-chunk parts."""
+def intra_backward(ctx, q, k, g, G, dA, dq_p, dk_p, dg_p, *, scale):
+    """dq, dk (input dtypes) and dg (float32) from dA and the inter-chunk parts; g the gates, G
+    their prefix sums (the mild path's factors)."""
     B, Tp, H, Kp = q.shape
     C, c = ctx.C, ctx.cfg.sub_chunk
     s, cd = C // c, q.dtype
 
-    def kernel(q_ref, k_ref, g_ref, da_ref, dqp_ref, dkp_ref, dgp_ref, dq_ref, dk_ref, dg_ref):
+    def kernel(q_ref, k_ref, g_ref, G_ref, da_ref, dqp_ref, dkp_ref, dgp_ref, dq_ref, dk_ref,
+               dg_ref):
         a = pl.program_id(2)
-        sp = _Spans(ctx, g_ref, c, cd)
+        sp = _Spans(ctx, g_ref, c)
         r = lax.broadcasted_iota(jnp.int32, (c, Kp), 0)
         rows_a = pl.ds(a * c, c)
         qa, ka = q_ref[rows_a, :].astype(F32), k_ref[rows_a, :].astype(F32)
@@ -231,8 +237,7 @@ def intra_backward(ctx, q, k, g, dA, dq_p, dk_p, dg_p, *, scale):
             return dq + dq2, dk + dk2, dg, dEq, dEk, around
 
         def one_matmul():                       # dA is masked already
-            Gin = sp.gin(0, C)
-            Gin_a = sp.gin(a * c, c)
+            Gin, Gin_a = G_ref[...], G_ref[rows_a, :]
             qf = (q_ref[...].astype(F32) * jnp.exp(Gin))
             kf = (k_ref[...].astype(F32) * jnp.exp(-Gin))
             rowC = lax.broadcasted_iota(jnp.int32, (C, C), 0)
@@ -259,7 +264,8 @@ def intra_backward(ctx, q, k, g, dA, dq_p, dk_p, dg_p, *, scale):
             _, _, dg, _ = jax.lax.fori_loop(0, c, diag_step(factors, grads=False), (zero,) * 4)
             return dq, dk, dg, dEq, dEk, around
 
-        dq, dk, dg, dEq, dEk, around = jax.lax.cond(sp.mild, one_matmul, blocked)
+        mild = _mild(G_ref, C, cd)
+        dq, dk, dg, dEq, dEk, around = jax.lax.cond(mild, one_matmul, blocked)
         rr, cc = sp.rr, sp.cc
         dg = (dg + ctx.mask_dot((rr <= cc).astype(F32), dEq)
               + ctx.mask_dot((rr > cc).astype(F32), dEk) + around)
@@ -270,9 +276,9 @@ def intra_backward(ctx, q, k, g, dA, dq_p, dk_p, dg_p, *, scale):
     chunk, sub = _chunk_rows(H, C, Kp), _sub_rows(H, c, s, Kp)
     return ctx.call(
         kernel, grid=(B * H, Tp // C, s),
-        in_specs=[chunk] * 3 + [_chunk_rows(H, C, C)] + [sub] * 3,
+        in_specs=[chunk] * 4 + [_chunk_rows(H, C, C)] + [sub] * 3,
         out_specs=[sub] * 3,
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                    jax.ShapeDtypeStruct(q.shape, F32)],
         warps=ctx.cfg.warps_intra, stages=1, name="gla_intra_backward",
-    )(q, k, g, dA, dq_p, dk_p, dg_p)
+    )(q, k, g, G, dA, dq_p, dk_p, dg_p)

@@ -23,16 +23,18 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from linear_jax.kernels import tiles
 from linear_jax.kernels.gpu import common
+from linear_jax.kernels.gpu.chunk_state import gate_rows
 from linear_jax.kernels.gpu.common import F32, Chunk
 from linear_jax.kernels.gpu.triton import dot, interpret
 
 
-def ut_transform(ctx, k, v, beta, g, doc):
-    """k [B,Tp,H,Kp], v [B,Tp,H,Vp], beta [B,Tp,H] float32, g [B,Tp,H] float32 (any array without
-    a gate), doc [B,Tp] int32. Returns W [B,Tp,H,Kp] (`common.half_dtype`), and U [B,Tp,H,Vp] and
-    T [B,Tp,H,C] (kept for the backward) in float32."""
+def ut_transform(ctx, k, v, beta, g, G, doc):
+    """k [B,Tp,H,Kp], v [B,Tp,H,Vp], beta [B,Tp,H] float32, g [B,Tp,H] float32 and its prefix
+    sums G (any arrays without a gate), doc [B,Tp] int32. Returns W [B,Tp,H,Kp]
+    (`common.half_dtype`), and U [B,Tp,H,Vp] and T [B,Tp,H,C] (kept for the backward) in
+    float32."""
     Tm = inverse(ctx, k, beta, g, doc)
-    W, U = _apply(ctx, k, v, beta, g, doc, Tm)
+    W, U = _apply(ctx, k, v, beta, G, doc, Tm)
     return W, U, Tm
 
 
@@ -67,14 +69,14 @@ def inverse(ctx, k, beta, g, doc):
     )(k, beta, g, doc)
 
 
-def _apply(ctx, k, v, beta, g, doc, Tm):
+def _apply(ctx, k, v, beta, G, doc, Tm):
     B, Tp, H, Kp = k.shape
     Vp, C = v.shape[-1], ctx.C
     BV = common.value_block(Vp, ctx.cfg.block_v_out)
 
     def kernel(k_ref, v_ref, b_ref, g_ref, doc_ref, t_ref, w_ref, u_ref):
         ch = Chunk(ctx, pl.program_id(1), doc_ref)
-        _, e_in, _, _ = ch.scalar(g_ref[...] if ctx.kind == "scalar" else None, pairs=False)
+        _, e_in, _, _ = gate_rows(ctx, ch, g_ref, 0)
         Tm, beta = t_ref[...], b_ref[...][:, None]
         w_ref[...] = ctx.dot(Tm, k_ref[...].astype(F32) * (beta * e_in)).astype(w_ref.dtype)
         for vb in range(Vp // BV):
@@ -90,4 +92,4 @@ def _apply(ctx, k, v, beta, g, doc, Tm):
         out_shape=[jax.ShapeDtypeStruct((B, Tp, H, Kp), common.half_dtype(k.dtype)),
                    jax.ShapeDtypeStruct((B, Tp, H, Vp), F32)],
         warps=ctx.cfg.warps_out, stages=ctx.cfg.stages_out, name="delta_ut_apply",
-    )(k, v, beta, g, doc, Tm)
+    )(k, v, beta, G, doc, Tm)

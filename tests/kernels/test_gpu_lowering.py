@@ -1,9 +1,12 @@
 """Every GPU kernel lowers through Pallas' Triton path, checked on a CPU host.
 
-`jax.export(..., platforms=["cuda"])` runs the Pallas-to-Triton-IR lowering without a GPU: a kernel
-that uses an operation Triton cannot express (a value slice, a non power-of-two load, a concatenate)
-fails here, in CI, instead of on the device. Forward and backward, bf16 and float32, K = V = 128
-(the benchmark shape) and K = 48, V = 96 (padded inside the op).
+`jax.export(..., platforms=["cuda"])` runs the Pallas-to-Triton-IR lowering without a GPU (the
+kernels' configs say interpret=False): a kernel that uses an operation Triton cannot express (a
+value slice, a non power-of-two load, a concatenate) fails here, in CI, instead of on the device.
+Every kernel of the decay family and the delta rule, in both forward forms, forward alone and
+under jax.grad, at two shapes: bf16 K = V = 128 (the benchmark shape) and float32 K = 48, V = 96
+(padded inside the entry), with packed documents and an initial state. mLSTM's are in
+test_gpu_mlstm.py.
 """
 
 from __future__ import annotations
@@ -16,18 +19,17 @@ from linear_jax.kernels.configs import TritonChunkConfig
 from linear_jax.kernels.gpu import decay, delta
 
 TRITON = "__gpu$xla.gpu.triton"
-CASES = [("none", jnp.bfloat16, 128, 128), ("scalar", jnp.bfloat16, 128, 128),
-         ("vector", jnp.bfloat16, 128, 128), ("vector", jnp.float32, 48, 96),
-         ("scalar", jnp.float32, 48, 96), ("delta", jnp.bfloat16, 128, 128),
-         ("gated_delta", jnp.float32, 48, 96)]
+SHAPES = [(jnp.bfloat16, 1, 200, 128, 128), (jnp.float32, 2, 100, 48, 96)]
+CASES = [(gate,) + shape for gate in ("none", "scalar", "vector", "delta", "gated_delta")
+         for shape in SHAPES]
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "two_pass"])
 @pytest.mark.parametrize("case", CASES,
-                         ids=lambda c: f"{c[0]}-{jnp.dtype(c[1]).name}-{c[2]}x{c[3]}")
+                         ids=lambda c: f"{c[0]}-{jnp.dtype(c[1]).name}-T{c[3]}-{c[4]}x{c[5]}")
 def test_lowers_to_triton(case, fused):
-    gate, dtype, K, V = case
-    B, T, H = 1, 200, 2
+    gate, dtype, B, T, K, V = case
+    H = 2
     sds = jax.ShapeDtypeStruct
     g = {"none": None, "scalar": sds((B, T, H), jnp.float32), "delta": None,
          "gated_delta": sds((B, T, H), jnp.float32), "vector": sds((B, T, H, K), jnp.float32)}[gate]
