@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import jax
 from jax.experimental import pallas as pl
+
 from linear_jax.kernels.gpu import common
 from linear_jax.kernels.gpu.common import F32, Chunk
 

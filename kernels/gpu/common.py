@@ -34,10 +34,10 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+
 from linear_jax.kernels import tiles
 from linear_jax.kernels.configs import TritonChunkConfig, next_pow2
 from linear_jax.kernels.gpu.triton import dot, interpret, triton_params
-
 from linear_jax.ops.common.chunking import doc_index, pad_time
 
 F32 = jnp.float32

@@ -34,6 +34,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+
 from linear_jax.kernels.gpu import common, fused, intra
 from linear_jax.kernels.gpu.chunk_state import gate_rows, state_pass
 from linear_jax.kernels.gpu.common import F32, Chunk, Ctx

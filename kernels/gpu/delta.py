@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 
 import jax.numpy as jnp
+
 from linear_jax.kernels.gpu import common, decay, delta_bwd, fused, wy
 from linear_jax.kernels.gpu.chunk_state import state_pass
 from linear_jax.kernels.gpu.common import F32, Ctx

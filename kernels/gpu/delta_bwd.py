@@ -19,6 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+
 from linear_jax.kernels.gpu import common
 from linear_jax.kernels.gpu.common import F32, Chunk
 from linear_jax.kernels.gpu.wy import gated_L

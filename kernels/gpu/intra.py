@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+
 from linear_jax.kernels.gpu import common
 from linear_jax.kernels.gpu.common import F32
 

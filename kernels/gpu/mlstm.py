@@ -49,11 +49,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+
 from linear_jax.kernels import tiles
 from linear_jax.kernels.gpu import common
 from linear_jax.kernels.gpu.chunk_state import sequential
 from linear_jax.kernels.gpu.common import F32, Chunk, Ctx
-
 from linear_jax.ops.common.chunking import resets
 from linear_jax.ops.common.normalise import normalise
 

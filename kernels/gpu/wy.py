@@ -21,6 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+
 from linear_jax.kernels import tiles
 from linear_jax.kernels.gpu import common
 from linear_jax.kernels.gpu.chunk_state import gate_rows

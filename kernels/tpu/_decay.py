@@ -28,6 +28,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+
 from linear_jax.kernels import tiles
 from linear_jax.kernels.configs import TpuConfig
 from linear_jax.kernels.tpu import _layout, mosaic

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+
 from linear_jax.kernels import tiles
 from linear_jax.kernels.tpu.mosaic import F32
-
 from linear_jax.ops.common.chunking import chunk_docs, pad_time
 
 

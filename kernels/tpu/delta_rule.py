@@ -22,6 +22,7 @@ Grid, state carry and custom_vjp: `_decay`.
 from __future__ import annotations
 
 import jax.numpy as jnp
+
 from linear_jax.kernels import tiles
 from linear_jax.kernels.configs import TpuConfig
 from linear_jax.kernels.tpu._decay import KernelDef, run

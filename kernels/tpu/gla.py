@@ -27,6 +27,7 @@ import math
 
 import jax.numpy as jnp
 from jax import lax
+
 from linear_jax.kernels import tiles
 from linear_jax.kernels.configs import TpuConfig
 from linear_jax.kernels.tpu import mosaic

@@ -17,6 +17,7 @@ exactly the gates of its span, nothing is subtracted.
 from __future__ import annotations
 
 import jax.numpy as jnp
+
 from linear_jax.kernels import tiles
 from linear_jax.kernels.configs import TpuConfig
 from linear_jax.kernels.tpu._decay import KernelDef, run

@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from linear_jax import ops
 from linear_jax.kernels.configs import TritonChunkConfig
 from linear_jax.kernels.gpu import decay as gpu_decay
 from linear_jax.kernels.gpu import delta as gpu_delta
-
-from linear_jax import ops
 from tests.utils import TOL, assert_close, log_sigmoid_gates, segments
 
 B, T, H, K, V, C = 2, 37, 2, 24, 20, 16

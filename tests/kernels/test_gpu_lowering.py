@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from jax import export
+
 from linear_jax.kernels.configs import TritonChunkConfig
 from linear_jax.kernels.gpu import decay, delta
 

@@ -17,10 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import export
+
 from linear_jax.kernels import registry
 from linear_jax.kernels.configs import TritonChunkConfig
 from linear_jax.kernels.gpu import mlstm as gpu_mlstm
-
 from linear_jax.ops import _dispatch
 from linear_jax.ops.mlstm import mlstm
 from tests.ops.spec_ssm import mlstm_reference

@@ -20,11 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from linear_jax.kernels.configs import TpuConfig
 from linear_jax.kernels.tpu import delta_rule as tpu_delta
 from linear_jax.kernels.tpu import gla as tpu_gla
 from linear_jax.kernels.tpu import simple_gla as tpu_sgla
-
 from linear_jax.ops.delta_rule import delta_rule_recurrent
 from linear_jax.ops.gla import gla_recurrent
 from linear_jax.ops.simple_gla import simple_gla_recurrent

@@ -13,6 +13,7 @@ import re
 import jax
 import jax.numpy as jnp
 import pytest
+
 from linear_jax.kernels.configs import TpuConfig
 from linear_jax.kernels.tpu import delta_rule as tpu_delta
 from linear_jax.kernels.tpu import gla as tpu_gla
