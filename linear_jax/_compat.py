@@ -6,6 +6,17 @@ axis types `jax.make_mesh` defaults to (Explicit in recent versions, which `shar
 unsharded inputs); how an all-gather whose result is the same on every device is spelled
 (`all_gather(..., to="invarying")`, else the older `all_gather_invariant`); whether values carry a
 varying-manual-axes (vma) type.
+
+For the Pallas kernels (`linear_jax.kernels`), in the sections at the end: the Triton compiler
+parameters (`jax.experimental.pallas.triton.CompilerParams` in 0.10 and 0.11, formerly
+`pallas.TritonCompilerParams`); Mosaic GPU's `plgpu.kernel`, which takes `out_shape=` or `out_type=`
+in 0.10 and only `out_type=` in 0.11; the Mosaic TPU compiler parameters (`pltpu.CompilerParams`,
+formerly `TPUCompilerParams`, with `dimension_semantics` as strings), squeezed block dims
+(`pl.Squeezed()`, formerly `None`), the VMEM memory space (`pltpu.VMEM`, formerly
+`pltpu.TPUMemorySpace.VMEM`) and TPU interpret mode (`pltpu.InterpretParams()`, formerly
+`interpret=True`, which runs the generic interpreter and does not model TPU memory spaces).
+Pallas is imported inside those functions, so importing `linear_jax.parallel` never imports it.
+(`pl.dot` is deprecated in 0.11 and gone in 0.12: kernels use `lax.dot_general`.)
 """
 
 from __future__ import annotations
@@ -80,6 +91,46 @@ def zeros_varying(shape, *like, exclude=()):
     if hasattr(lax, "pcast"):
         return lax.pcast(z, tuple(sorted(axes)), to="varying")
     return lax.pvary(z, tuple(sorted(axes)))
+
+
+# --- Pallas GPU: the Triton lowering --------------------------------------------------------------
+
+def triton_compiler_params(num_warps: int, num_stages: int):
+    """Triton's `num_warps` / `num_stages` for a `pallas_call`."""
+    try:  # jax >= 0.5
+        from jax.experimental.pallas.triton import CompilerParams
+    except ImportError:  # pragma: no cover - older jax
+        from jax.experimental.pallas import TritonCompilerParams as CompilerParams
+    return CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+# --- Pallas TPU: Mosaic --------------------------------------------------------------------------
+
+def tpu_compiler_params(semantics: tuple[str, ...], vmem_limit_bytes: int | None):
+    """Grid semantics ("parallel" / "arbitrary") and the scoped-VMEM limit."""
+    from jax.experimental.pallas import tpu as pltpu
+    cls = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerParams
+    return cls(dimension_semantics=semantics, vmem_limit_bytes=vmem_limit_bytes)
+
+
+def tpu_squeezed():
+    """A block dim that is indexed, not sliced: the kernel sees the block without it."""
+    from jax.experimental import pallas as pl
+    return pl.Squeezed() if hasattr(pl, "Squeezed") else None
+
+
+def tpu_vmem(shape, dtype):
+    """A VMEM scratch buffer."""
+    from jax.experimental.pallas import tpu as pltpu
+    space = pltpu.VMEM if hasattr(pltpu, "VMEM") else pltpu.TPUMemorySpace.VMEM
+    return space(shape, dtype)
+
+
+def tpu_interpret_params():
+    """What `pallas_call(interpret=...)` takes for TPU interpret mode (VMEM, SMEM and the grid's
+    sequential semantics modelled on the host)."""
+    from jax.experimental.pallas import tpu as pltpu
+    return pltpu.InterpretParams() if hasattr(pltpu, "InterpretParams") else True
 
 
 # --- Mosaic GPU (Pallas on Hopper; kernels/gpu/hopper) --------------------------------------------

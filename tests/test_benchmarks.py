@@ -98,3 +98,23 @@ def test_newest_per_device_prefers_the_plain_name(tmp_path, monkeypatch):
     picked = [p.rsplit("/", 1)[-1] for p, _ in render.newest_per_device("scans_gpu_*.json")]
     assert picked == ["scans_gpu_NVIDIA_H100_80GB_HBM3_run2.json", "scans_gpu_NVIDIA_H200.json"]
     assert render.newest_per_device("mlstm_gpu_*.json") == []
+
+
+def test_render_rewrites_only_the_marked_readme_block(tmp_path):
+    """The root README's generated table: the lines between its marks are replaced, the rest
+    kept; a README without the marks is left alone."""
+    from experiments.benchmarks import render
+    begin, end = (render.README_MARK.format(f"{w} hopper:") for w in ("begin", "end"))
+    path = tmp_path / "README.md"
+    path.write_text(f"intro\n{begin}\nold row\n{end}\noutro\n")
+    assert render.update_readme(str(path), "hopper", ["| new |"])
+    assert path.read_text() == f"intro\n{begin}\n| new |\n{end}\noutro\n"
+    path.write_text("no marks\n")
+    assert not render.update_readme(str(path), "hopper", ["| new |"])
+    assert path.read_text() == "no marks\n"
+    rows = render.hopper_rows({"rows": [
+        {"T": 2048, "B": 8, "fwd_ms": 0.1, "fwd_sync_ms": 0.2, "jla_fwd_ms": 0.3},
+        {"T": 2048, "B": 8, "delta_rule.fwd_ms": 0.5, "delta_rule.fwd_sync_ms": 0.6,
+         "jla.deltanet.fwd_ms": 0.4}]})
+    assert [(r["op"], r["fwd_sync"], r["fwd_jla"]) for r in rows] == [
+        ("simple_gla", 0.2, 0.3), ("delta_rule", 0.6, 0.4)]

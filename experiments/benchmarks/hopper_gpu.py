@@ -1,24 +1,33 @@
-"""The Hopper (Mosaic GPU) kernels on the device: correctness, then timings against the anchors.
+"""The Hopper (Mosaic GPU) kernels on the device: correctness, then timings against the anchors,
+for named config variants side by side.
 
-    python -m experiments.benchmarks.hopper_gpu [--quick] [--semantics lane|warpgroup]
+    python -m experiments.benchmarks.hopper_gpu [--variants default,run1,serial,approx]
+        [--semantics lane|warpgroup] [--T 2048 8192 32768] [--breakdown default,run1@2048]
 
-(a) Checks: every kernel's output, final state and gradients (q, k, v, g, initial state) against
-    the float32 XLA chunk form run on float32 copies of the same inputs, by relative norm error,
-    fresh random inputs per check, with initial states and packed documents (boundaries inside
-    chunks and at chunk starts), a no-gate case (linear attention), a strong-decay case (g down to
-    -20 per step: no NaN, exact gate gradient) and float32 inputs (the kernels refuse them with a
-    ValueError: checked). T in {100, 2048} (--quick) or {100, 2048, 8192}, K = V in {64, 128}.
-(b) Timings: bf16, H = 16, K = V = 128, B T = 16384, T in {2048, 8192, 32768}: forward and
-    forward + backward (grad of sum(o * do) w.r.t. q, k, v, g; every input a jit argument), each
-    as the median of back-to-back calls (`*_ms`, device time) and of calls each blocked on the host
-    (`*_sync_ms`, how the jla anchors were timed), beside the jla anchor and the ratio
-    (anchor / ours, > 1 is faster); and the time of each kernel alone (forward walk, the same with
-    its states written, reverse walk, gradient kernel).
-(c) Writes benchmarks/results/hopper_gpu_<device>.json (device, jax version, shapes, ms, errors).
+(a) Checks, for every variant: the kernel's output, final state and gradients (q, k, v, g, initial
+    state) against the float32 XLA chunk form run on float32 copies of the same inputs, by
+    relative norm error, with initial states and packed documents (boundaries inside chunks and at
+    chunk starts). The default variant runs the whole quick grid (T = 100, 2048 with K = V = 128,
+    linear attention, strong decay g down to -20 per step: no NaN, exact gate gradient, and
+    T = 8192 with documents and an initial state, where the two-level walk's pieces cross
+    documents); the other variants T = 100 and T = 8192 (plus strong decay where the exponentials
+    change). Float32 inputs are refused (ValueError: checked).
+(b) Timings: bf16, H = 16, K = V = 128, B = max(1, 16384 // T) (as probe_jla.py), T in {2048, 8192,
+    32768}: forward and forward + backward (grad of sum(o * do) w.r.t. q, k, v, g; every input a
+    jit argument), as the median of back-to-back calls (device time) and of calls each blocked on
+    the host (`sync`, how the jla anchors were timed), beside the jla anchor and the ratio (anchor
+    / ours sync, > 1 is faster). A variant whose resolved config equals an earlier one at that T
+    (e.g. pieces1 where B H fills the SMs) is not timed again. Then the device ms of each kernel
+    alone (`--breakdown` variants): the state pass and output pass of the forward walk, the same
+    with states written, the reverse walk's two passes, the gradient kernel.
+(c) One table (T x variant), and benchmarks/results/hopper_gpu_<device>.json.
 
-A kernel that fails to compile or run prints the last 30 lines of its traceback; the script goes
-on. The lowering semantics (Lane, jax 0.10's default, or Warpgroup, 0.11's) is tried in the order
-given and the first that compiles is used for everything after.
+A variant or kernel that fails to compile or run prints the last lines of its traceback and the
+rest goes on. The lowering semantics (Lane, jax 0.10's default, or Warpgroup, 0.11's) is tried in
+the order given on the default variant; the first that compiles is used for everything after
+(if none does, the variants still run under the first: `serial` does no work during the
+wgmmas, `run1` has run 1's structure).
+Expected wall time with the default arguments: ~4.5 minutes, mostly compiles (printed first).
 """
 
 from __future__ import annotations
@@ -35,12 +44,36 @@ import numpy as np
 from experiments.benchmarks import anchors as anchor_files
 from experiments.benchmarks import common
 from linear_jax import ops
-from linear_jax.kernels.configs import HopperChunkConfig
+from linear_jax.kernels.configs import HopperChunkConfig, multiprocessors
 from linear_jax.kernels.gpu.hopper import common as hcommon
 from linear_jax.kernels.gpu.hopper import decay as hopper_decay
+from linear_jax.kernels.gpu.hopper import decay_grad
 
 TOL = 1e-2
 f32 = jnp.float32
+
+# name -> (config overrides, the checks of GRID it runs: None for all)
+VARIANTS = {
+    "default": ({}, None),
+    "run1": (dict(pieces=1, gates="xla", grad_items="tile"), ("T8192",)),  # run 1's program
+    "pieces1": (dict(pieces=1), ("T8192",)),                     # no two-level walk
+    "approx": (dict(approx_math=True), ("T8192", "strong")),     # ex2.approx exponentials
+    "xla_gates": (dict(gates="xla"), ("T100", "T8192")),         # gate rows by XLA kernels
+    "grad_tile": (dict(grad_items="tile"), ("T100", "T8192")),   # grad item per key tile
+    "serial": (dict(overlap=False), ("T8192",)),                 # no work during the wgmmas
+}
+
+# id: (name, B, T, H, K, V, gate, extras (initial state + packed documents))
+GRID = {"T100": ("gated+docs+h0", 2, 100, 2, 64, 64, "normal", True),
+        "T8192": ("gated+docs+h0", 1, 8192, 4, 128, 128, "normal", True),
+        "T2048": ("gated+docs+h0", 2, 2048, 4, 128, 128, "normal", True),
+        "linear": ("linear attention", 2, 2048, 4, 64, 64, None, False),
+        "strong": ("strong decay", 2, 2048, 4, 128, 128, "strong", True),
+        # --full only
+        "T100-128": ("gated+docs+h0", 2, 100, 2, 128, 128, "normal", True),
+        "linear8192": ("linear attention+docs+h0", 1, 8192, 4, 64, 64, None, True),
+        "padded": ("gated, K=100 V=48 (padded)", 2, 300, 2, 100, 48, "normal", True)}
+QUICK = ("T100", "T8192", "T2048", "linear", "strong")
 
 
 def tail(e: BaseException, n: int = 30) -> str:
@@ -69,7 +102,7 @@ def segments(B, T, rng):
 
 def inputs(B, T, H, K, V, *, gate, dtype, seed, extras):
     rng = np.random.default_rng(seed)
-    n = lambda *s: rng.standard_normal(s).astype(np.float32)
+    n = lambda *s: rng.standard_normal(s).astype(np.float32)   # noqa: E731
     x = {"q": jnp.asarray(n(B, T, H, K), dtype),
          "k": jnp.asarray(n(B, T, H, K) / np.sqrt(K), dtype),
          "v": jnp.asarray(n(B, T, H, V), dtype),
@@ -95,6 +128,9 @@ def loss_and_grads(call, x, names):
     return jax.grad(loss, argnums=tuple(range(len(names))), has_aux=True)
 
 
+_REFERENCE: dict = {}
+
+
 def run_check(name, cfg, B, T, H, K, V, *, gate, extras, seed):
     x = inputs(B, T, H, K, V, gate=gate, dtype=jnp.bfloat16, seed=seed, extras=extras)
     names = ["q", "k", "v"] + (["g"] if x["g"] is not None else []) + \
@@ -109,13 +145,16 @@ def run_check(name, cfg, B, T, H, K, V, *, gate, extras, seed):
         return ops.simple_gla(x["q"], x["k"], x["v"], x["g"], scale=K**-0.5,
                               initial_state=x["S0"], segment_ids=x["seg"], impl="chunk")
 
-    xf = {k: (v.astype(f32) if k in ("q", "k", "v", "do") else v) for k, v in x.items()}
     t0 = time.perf_counter()
     o_fwd, S_fwd = jax.jit(kern)(x)
     g_k, (o, S) = jax.jit(loss_and_grads(kern, x, names))(*[x[n] for n in names])
     jax.block_until_ready(g_k)
     secs = time.perf_counter() - t0
-    g_r, (o_r, S_r) = jax.jit(loss_and_grads(ref, xf, names))(*[xf[n] for n in names])
+    key = (name, B, T, H, K, V, gate, extras, seed)
+    if key not in _REFERENCE:                     # shared by the variants (same inputs)
+        xf = {k: (v.astype(f32) if k in ("q", "k", "v", "do") else v) for k, v in x.items()}
+        _REFERENCE[key] = jax.jit(loss_and_grads(ref, xf, names))(*[xf[n] for n in names])
+    g_r, (o_r, S_r) = _REFERENCE[key]
     errs = {"o": rel(o_fwd.astype(f32), o_r), "S": rel(S_fwd, S_r),
             "o_vjp": rel(o.astype(f32), o_r), "S_vjp": rel(S, S_r)}
     for n, a, b in zip(names, g_k, g_r, strict=True):
@@ -149,136 +188,194 @@ def pick_semantics(order, base):
     return None
 
 
-def time_shape(cfg, T, anchors, *, reps, breakdown):
-    B, H, K, V = 16384 // T, 16, 128, 128
+def checks_for(variant, full):
+    """[(id, check)] of a variant: the quick grid (or all with --full) for the default."""
+    ids = VARIANTS[variant][1] or (tuple(GRID) if full else QUICK)
+    return [(i, GRID[i]) for i in ids]
+
+
+def estimate_s(variants, Ts, full) -> int:
+    """Rough wall seconds on the H200 (compiles dominate: ~9 s per variant per T, ~9 s per
+    check, ~9 s per breakdown, ~45 s of startup, probe and references)."""
+    n_checks = sum(len(checks_for(n, full)) for n in variants)
+    n_timed = sum(len(Ts) - (n == "pieces1" and 2048 in Ts) for n in variants)
+    return 45 + 9 * (n_timed + n_checks + len(Ts) + 1)
+
+
+def timing_inputs(T):
+    B, H, K, V = max(1, 16384 // T), 16, 128, 128
     rng = np.random.default_rng(T)
-    n = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.bfloat16)
-    q, k, v, do = n(B, T, H, K), n(B, T, H, K), n(B, T, H, V), n(B, T, H, V)
+    n = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.bfloat16)   # noqa: E731
     g = jax.nn.log_sigmoid(jnp.asarray(rng.standard_normal((B, T, H)), f32)) / 16
-    call = lambda q, k, v, g: hopper_decay.simple_gla(
+    return n(B, T, H, K), n(B, T, H, K), n(B, T, H, V), g, n(B, T, H, V)
+
+
+def time_shape(cfg, T, args, anchors, *, reps):
+    q, k, v, g, do = args
+    B, _, H, K = q.shape
+    call = lambda q, k, v, g: hopper_decay.simple_gla(   # noqa: E731
         q, k, v, g, scale=K**-0.5, initial_state=None, segment_ids=None, chunk_size=64,
         config=cfg)[0]
     fwd = jax.jit(call)
     fwdbwd = jax.jit(jax.grad(lambda q, k, v, g, do: jnp.sum(call(q, k, v, g).astype(f32) *
                                                               do.astype(f32)),
                               argnums=(0, 1, 2, 3)))
-    row = {"T": T, "B": B, "H": H, "K": K, "V": V}
+    row = {"T": T, "B": B, "H": H, "K": K, "V": v.shape[-1]}
     an = anchors.get(T, {})
-    for key, f, args in (("fwd", fwd, (q, k, v, g)), ("fwdbwd", fwdbwd, (q, k, v, g, do))):
+    for key, f, a in (("fwd", fwd, (q, k, v, g)), ("fwdbwd", fwdbwd, (q, k, v, g, do))):
         try:
             t0 = time.perf_counter()
-            jax.block_until_ready(f(*args))
+            jax.block_until_ready(f(*a))
             row[f"{key}_compile_s"] = round(time.perf_counter() - t0, 2)
-            row[f"{key}_ms"] = common.median_ms(f, *args, reps=reps, inner=10)
-            row[f"{key}_sync_ms"] = common.median_ms(f, *args, reps=30)
-            a = an.get(f"jla.simple_gla.{key}_ms")
-            if a:
-                row[f"jla_{key}_ms"] = a
-                row[f"ratio_{key}"] = a / row[f"{key}_sync_ms"]
+            row[f"{key}_ms"] = common.median_ms(f, *a, reps=reps, inner=10)
+            row[f"{key}_sync_ms"] = common.median_ms(f, *a, reps=30)
+            anchor = an.get(f"jla.simple_gla.{key}_ms")
+            if anchor:
+                row[f"jla_{key}_ms"] = anchor
+                row[f"ratio_{key}"] = anchor / row[f"{key}_sync_ms"]
         except Exception as e:  # noqa: BLE001
             row[f"{key}_error"] = tail(e, 8)
             print(f"T={T} {key} FAILED:\n{tail(e)}")
-    if breakdown:
-        row["kernels_ms"] = kernel_breakdown(cfg, q, k, v, g, do, reps=reps)
     return row
 
 
-def kernel_breakdown(cfg, q, k, v, g, do, *, reps):
+def kernel_breakdown(cfg, P, args, *, reps):
     """Device ms of each kernel alone (inputs prepared outside the timed call)."""
+    q, k, v, g, do = args
     B, T, H, K = q.shape
-    C = cfg.chunk
-    rows, names = hcommon.gate_rows(g, None, scale=K**-0.5, C=C, H=H)
-    h0 = jnp.zeros((B, H, K, v.shape[-1]), f32)
-    kw = dict(names=names, scale=K**-0.5, cfg=cfg)
-    walk = lambda res, rev: jax.jit(lambda x, y, z, r, s: hopper_decay.walk(
-        x, y, z, r, s, read_row="gk" if rev else "gq", write_row="gq" if rev else "gk",
-        reverse=rev, residuals=res, **kw))
-    out = {}
+    C, scale = cfg.chunk, K**-0.5
+    if cfg.gates == "kernel":
+        rows, names = hcommon.raw_gate_rows(g, None, C=C, H=H)
+    else:
+        rows, names = hcommon.gate_rows(g, None, scale=scale, C=C, H=H)
+    kw = dict(names=names, scale=scale, cfg=cfg)
+    fw = dict(read_row="gq", write_row="gk", reverse=False, **kw)
+    rv = dict(read_row="gk", write_row="gq", reverse=True, **kw)
+    out, timed = {}, lambda name, f, *a: out.__setitem__(   # noqa: E731
+        name, common.median_ms(f, *a, reps=reps, inner=10))
     try:
-        out["walk_fwd"] = common.median_ms(walk(False, False), q, k, v, rows, h0, reps=reps,
-                                           inner=10)
-        f = walk(True, False)
-        _, _, states = f(q, k, v, rows, h0)
-        out["walk_fwd_states"] = common.median_ms(f, q, k, v, rows, h0, reps=reps, inner=10)
-        f = walk(True, True)
-        _, _, dstates = f(k, q, do, rows, h0)
-        out["walk_rev"] = common.median_ms(f, k, q, do, rows, h0, reps=reps, inner=10)
-        gradf = jax.jit(lambda *a: hopper_decay.grad(*a, **kw))
-        out["grad"] = common.median_ms(gradf, q, k, v, do, rows, states, dstates, reps=reps,
-                                       inner=10)
+        s_in = ds_in = None
+        if P > 1:
+            f = jax.jit(lambda y, z, r: hopper_decay.walk(None, y, z, r, None, pieces=P,
+                                                          emit="state", **fw))
+            timed("walk_state", f, k, v, rows)
+            s_in = hopper_decay.piece_states(*f(k, v, rows), None, reverse=False)
+            f = jax.jit(lambda y, z, r: hopper_decay.walk(None, y, z, r, None, pieces=P,
+                                                          emit="state", **rv))
+            timed("walk_rev_state", f, q, do, rows)
+            ds_in = hopper_decay.piece_states(*f(q, do, rows), None, reverse=True)
+        f = jax.jit(lambda x, y, z, r, s: hopper_decay.walk(x, y, z, r, s, pieces=P, **fw))
+        timed("walk_fwd", f, q, k, v, rows, s_in)
+        f = jax.jit(lambda x, y, z, r, s: hopper_decay.walk(x, y, z, r, s, pieces=P,
+                                                            residuals=True, **fw))
+        states = f(q, k, v, rows, s_in)[2]
+        timed("walk_fwd_states", f, q, k, v, rows, s_in)
+        f = jax.jit(lambda x, y, z, r, s: hopper_decay.walk(x, y, z, r, s, pieces=P,
+                                                            residuals=True, final=False, **rv))
+        dstates = f(k, q, do, rows, ds_in)[2]
+        timed("walk_rev", f, k, q, do, rows, ds_in)
+        f = jax.jit(lambda *a: decay_grad.grad(*a, **kw))
+        timed("grad", f, q, k, v, do, rows, states, dstates)
     except Exception as e:  # noqa: BLE001
         out["error"] = tail(e, 8)
         print(f"kernel breakdown FAILED:\n{tail(e)}")
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
 
 
+def save(dev, rows, checks, names, base) -> str:
+    """The JSON so far (written after the checks and after every T: a run cut short keeps it)."""
+    slug = dev.device_kind.replace(" ", "_")
+    return common.write_json(
+        f"hopper_gpu_{slug}.json", rows, checks=checks,
+        variants={n: VARIANTS[n][0] for n in names},
+        config=dataclasses.asdict(base) if base else None, tolerance=TOL,
+        shapes="bf16, H=16, K=V=128, B=max(1, 16384 // T); checks bf16 vs float32 chunk form "
+               "on the same values")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--variants", default="default,run1,serial,approx",
+                   help=f"config variants to check and time, of {sorted(VARIANTS)}")
+    p.add_argument("--breakdown", default="default,run1@2048",
+                   help="variants whose kernels are timed one by one: name (every T) or name@T")
     p.add_argument("--semantics", default="lane,warpgroup",
                    help="lowering semantics to try, in order")
     p.add_argument("--T", type=int, nargs="*", default=[2048, 8192, 32768])
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--full", action="store_true", help="the longer check grid for the default")
     p.add_argument("--skip-checks", action="store_true")
     a = p.parse_args(argv)
     dev = jax.devices()[0]
-    print("device", dev.device_kind, "jax", jax.__version__, "SMs", getattr(dev, "core_count", "?"))
+    sms = multiprocessors(dev)
+    print("device", dev.device_kind, "jax", jax.__version__, "SMs", sms)
     t_start = time.perf_counter()
-    base = HopperChunkConfig.default(dev)
-    cfg = pick_semantics(a.semantics.split(","), base)
+    names = [n for n in a.variants.split(",") if n]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
+    print(f"expected wall time ~{estimate_s(names, a.T, a.full)} s")
+    order = a.semantics.split(",")
+    base = pick_semantics(order, HopperChunkConfig.default(dev))
+    if base is None:                              # the variants may still compile: go on
+        base = dataclasses.replace(HopperChunkConfig.default(dev), semantics=order[0])
+        print(f"the default compiled under no semantics: the variants run under {order[0]}")
     checks, rows = [], []
-    if cfg is None:
-        print("no lowering semantics compiled: nothing else to run")
-    else:
-        print("config", cfg)
-        grid = [("gated+docs+h0", 2, 100, 2, 64, 64, "normal", True),
-                ("gated+docs+h0", 2, 2048, 4, 128, 128, "normal", True),
-                ("linear attention", 2, 2048, 4, 64, 64, None, False),
-                ("strong decay", 2, 2048, 4, 128, 128, "strong", True)]
-        if not a.quick:
-            grid += [("gated+docs+h0", 2, 100, 2, 128, 128, "normal", True),
-                     ("gated+docs+h0", 2, 2048, 4, 64, 64, "normal", True),
-                     ("gated+docs+h0", 1, 8192, 4, 128, 128, "normal", True),
-                     ("linear attention+docs+h0", 1, 8192, 4, 64, 64, None, True),
-                     ("gated, K=100 V=48 (padded)", 2, 300, 2, 100, 48, "normal", True)]
-        for i, (name, B, T, H, K, V, gate, extras) in enumerate([] if a.skip_checks else grid):
+    cfgs = {n: dataclasses.replace(base, **VARIANTS[n][0]) for n in names}
+    for n, cfg in cfgs.items():
+        print(f"variant {n}: {cfg}")
+        for cid, (name, B, T, H, K, V, gate, extras) in ([] if a.skip_checks else
+                                                         checks_for(n, a.full)):
+            seed = 100 + list(GRID).index(cid)        # the same inputs for every variant
             try:
-                r = run_check(name, cfg, B, T, H, K, V, gate=gate, extras=extras, seed=100 + i)
+                r = run_check(name, cfg, B, T, H, K, V, gate=gate, extras=extras, seed=seed)
             except Exception as e:  # noqa: BLE001
                 r = {"check": name, "T": T, "K": K, "ok": False, "error": tail(e, 8)}
-                print(f"check {name} T={T} K={K} FAILED:\n{tail(e)}")
+                print(f"check {n}: {name} T={T} K={K} FAILED:\n{tail(e)}")
+            r["variant"] = n
             checks.append(r)
-            print(("PASS" if r["ok"] else "FAIL"), name, f"T={T} K={K} V={V}",
-                  r.get("errors", r.get("error", "")))
-        checks.append(check_float32_refused())
-        print(("PASS" if checks[-1]["ok"] else "FAIL"), checks[-1]["check"])
+            print(("PASS" if r["ok"] else "FAIL"), n, name, f"T={T} K={K} V={V}",
+                  r.get("errors", r.get("error", "")), flush=True)
+    checks.append(check_float32_refused())
+    print(("PASS" if checks[-1]["ok"] else "FAIL"), checks[-1]["check"])
 
-        anchor_path, anchors = anchor_files.anchors_for(dev.device_kind)
-        print("anchors", anchor_path)
-        for T in a.T:
-            rows.append(time_shape(cfg, T, anchors, reps=a.reps,
-                                   breakdown=(not a.quick) or T == a.T[0]))
-            print(rows[-1])
-        print(f"\n{'T':>6} {'fwd ms':>8} {'sync':>8} {'jla':>7} {'ratio':>6} | "
-              f"{'fwdbwd':>8} {'sync':>8} {'jla':>7} {'ratio':>6}")
-        for r in rows:
-            c = lambda key: f"{r.get(key, float('nan')):8.3f}"
-            print(f"{r['T']:>6} {c('fwd_ms')} {c('fwd_sync_ms')} {r.get('jla_fwd_ms', 0):7.3f} "
-                  f"{r.get('ratio_fwd', 0):6.2f} | {c('fwdbwd_ms')} {c('fwdbwd_sync_ms')} "
-                  f"{r.get('jla_fwdbwd_ms', 0):7.3f} {r.get('ratio_fwdbwd', 0):6.2f}")
-            if "kernels_ms" in r:
-                print("       kernels (device ms):", r["kernels_ms"])
+    save(dev, rows, checks, names, base)
+    anchor_path, anchors = anchor_files.anchors_for(dev.device_kind)
+    print("anchors", anchor_path)
+    breakdown = set(a.breakdown.split(","))
+    for T in a.T:
+        args = timing_inputs(T)
+        B, H = args[0].shape[0], args[0].shape[2]
+        seen = {}
+        for n, cfg in cfgs.items():
+            P = cfg.pieces_for(B * H, T // cfg.chunk, sms)
+            resolved = dataclasses.replace(cfg, pieces=P)
+            if resolved in seen:
+                print(f"T={T} {n}: the same program as {seen[resolved]} (P={P})")
+                continue
+            seen[resolved] = n
+            row = time_shape(cfg, T, args, anchors, reps=a.reps)
+            row.update(variant=n, pieces=P)
+            if n in breakdown or f"{n}@{T}" in breakdown:
+                row["kernels_ms"] = kernel_breakdown(cfg, P, args, reps=a.reps)
+            rows.append(row)
+            print(row, flush=True)
+        save(dev, rows, checks, names, base)
+    print(f"\n{'T':>6} {'variant':>10} {'P':>3} {'fwd ms':>8} {'sync':>8} {'jla':>7} "
+          f"{'ratio':>6} | {'fwdbwd':>8} {'sync':>8} {'jla':>7} {'ratio':>6}")
+    for r in rows:
+        c = lambda key: f"{r.get(key, float('nan')):8.3f}"   # noqa: E731
+        print(f"{r['T']:>6} {r['variant']:>10} {r['pieces']:>3} {c('fwd_ms')} "
+              f"{c('fwd_sync_ms')} {r.get('jla_fwd_ms', 0):7.3f} {r.get('ratio_fwd', 0):6.2f}"
+              f" | {c('fwdbwd_ms')} {c('fwdbwd_sync_ms')} {r.get('jla_fwdbwd_ms', 0):7.3f} "
+              f"{r.get('ratio_fwdbwd', 0):6.2f}")
+        if "kernels_ms" in r:
+            print("       kernels (device ms):", r["kernels_ms"])
     n_fail = sum(not c["ok"] for c in checks)
     print(f"\nchecks: {len(checks) - n_fail} passed, {n_fail} failed; "
           f"{time.perf_counter() - t_start:.0f} s")
-    slug = dev.device_kind.replace(" ", "_")
-    path = common.write_json(f"hopper_gpu_{slug}.json", rows, checks=checks,
-                             config=dataclasses.asdict(cfg) if cfg else None,
-                             quick=a.quick, tolerance=TOL,
-                             shapes="bf16, H=16, K=V=128, B*T=16384; checks bf16 vs float32 "
-                                    "chunk form on the same values")
-    print("wrote", path)
-    return 0 if (cfg is not None and n_fail == 0) else 1
+    print("wrote", save(dev, rows, checks, names, base))
+    return 0 if n_fail == 0 else 1
 
 
 if __name__ == "__main__":

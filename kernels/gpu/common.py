@@ -1,98 +1,189 @@
-"""Shared pieces of the GPU decay-family kernels: tunables, block specs, packed-document masks.
+"""What every Triton kernel of the chunk family shares: the entry's padding and document index, tile
+choice, block specs on the public layout, and the in-kernel view of one chunk (`Ctx`, `Chunk`):
+its document masks and gate factors, formed by `linear_jax.kernels.tiles`.
 
 Every kernel reads the public layout `[B, T, H, X]` in place (no transposes): a block spec squeezes
 B and H, keeps T whole or one chunk, and tiles X. Padded shapes: T to a multiple of the chunk C,
-K to a power of two (one tile, for q k^T), V to a multiple of the value block BV. Gates enter as
-`G`, the chunk-local inclusive cumulative sum of g in float32 (formed in XLA, whose autodiff turns
-dG back into dg), `[B, T, H]` (scalar gate) or `[B, T, H, K]` (vector gate).
+K to a power of two (one tile, for q k^T), V to a multiple of 16 (then of the value block BV).
+Gates enter as the log decays g, float32 `[B, T, H]` (scalar gate) or `[B, T, H, K]` (vector
+gate), and as their chunk-local prefix sums G_i = sum_{s<=i} g_s (`prefix_sums`, XLA, inside the
+custom_vjp: not differentiated). The backward kernels form every span they need from exactly the
+gates inside it (`tiles`) and return dg itself, routed through the spans: nothing is subtracted, so
+dg stays exact at strong decay. The forward kernels and the reverse state pass read G and form
+exp(G_i - G_j), exp(G_last - G_j) as differences (`Chunk.prefix`): values only, accurate to
+eps * |G| relative (the kernels' accuracy before the exact backward; the pair terms this affects
+are those decayed below e^-|G| eps^-1, far below the outputs' rounding), never differentiated.
+Why not the exact spans there too: on an H200 (bf16, T = 2048, B = 8, H = 16, K = V = 128) masked
+[C, C] sums and 0/1 products inside the sequential passes made simple_gla's forward 0.34 ms
+against 0.20 and its forward + backward 1.64 against 0.93, gla 1.61 / 5.52 against 1.03 / 3.29:
+each step of a pass that is sequential in T pays their latency. The parallel kernels pay
+throughput, which they have to spare. The document index is `doc_index(segment_ids)`, int32
+`[B, T]`, edge-padded.
+
+Matmul precision: bf16 / fp16 inputs run dots on their own type with float32 accumulation;
+float32 inputs run IEEE float32 dots (Triton's float32 default is tf32). The 0/1 mask products of
+the gate spans run on the tensor cores: 3xTF32 (float32-accurate) for float32 inputs, tf32 for
+bf16 / fp16 (below those inputs' own rounding).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import jax
 import jax.numpy as jnp
-from linear_jax.kernels._compat import dot, pl
+from jax.experimental import pallas as pl
 
-from linear_jax.ops.common.chunking import pad_time
+from linear_jax.kernels import tiles
+from linear_jax.kernels.configs import TritonChunkConfig, next_pow2
+from linear_jax.kernels.gpu.triton import dot, interpret, triton_params
+from linear_jax.ops.common.chunking import doc_index, pad_time
 
-
-def _pow2(x: int) -> bool:
-    return x > 0 and x & (x - 1) == 0
-
-
-def next_pow2(x: int, lo: int = 16) -> int:
-    p = lo
-    while p < x:
-        p *= 2
-    return p
+F32 = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)
-class DecayConfig:
-    """Tunables of the decay-family kernels (linear_attention, simple_gla, gla).
+class Ctx:
+    """What a kernel body needs to know besides its refs: the config, the gate kind ("none",
+    "scalar", "vector"), whether documents are packed, whether the inputs are float32."""
 
-    chunk: C, rows per chunk (the op's chunk_size, clamped to [16, 128] and a power of two).
-    sub_chunk: c, rows of the vector gate's sub-chunks (both factors of an off-diagonal block <= 1).
-    block_k, block_v: tiles of the state [K, V] in the sequential state passes.
-    block_v_out: value tile of the output kernel and of the backward's value loop.
-    block_k_bwd: key tile of the decay family's backward kernel (the K axis of its grid).
-    min_programs: the state passes halve their tiles (down to 32 x 16) while their grid has fewer
-      programs than this: at B*H = 16 a [64, 64] tiling leaves 64 programs, half an H100's SMs idle
-      through a pass that is sequential in T.
-    fused_fwd: the forward as one state-and-output pass (`fused.py`): True, False, or None to
-      decide by the grid it would have (`fused.use_fused`); block_v_fused is its value tile.
+    cfg: TritonChunkConfig
+    kind: str = "none"
+    has_seg: bool = False
+    f32: bool = True
+
+    @property
+    def C(self) -> int:
+        return self.cfg.chunk
+
+    def dot(self, a, b, **kw):
+        return dot(a, b, exact=self.f32, **kw)
+
+    def mask_dot(self, m, x):
+        return dot(m, x, split_tf32=self.f32, interpret=interpret(self.cfg))
+
+    def call(self, kernel, *, grid, in_specs, out_specs, out_shape, warps, stages, name):
+        return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
+                              out_shape=out_shape, name=name, interpret=interpret(self.cfg),
+                              compiler_params=triton_params(self.cfg, warps, stages))
+
+
+class Chunk:
+    """Chunk n seen from a kernel: iotas and document masks (`tiles.doc_masks`), from the whole-T
+    document index (doc_ref; unused without documents)."""
+
+    def __init__(self, ctx: Ctx, n, doc_ref=None):
+        self.ctx, C = ctx, ctx.C
+        self.row, self.col = tiles.iotas(C)
+        dc = dr = None
+        if ctx.has_seg:
+            rel = doc_ref[pl.ds(n * C, C)] - doc_ref[jnp.maximum(n * C - 1, 0)]
+            dc, dr = rel[:, None], rel[None, :]
+        self.masks = tiles.doc_masks(dc, dr, self.row, self.col)
+
+    def prefix(self, G, G_last, pairs: bool = False):
+        """(decay [C, C] or None, e_in, e_out, a) from the chunk's exact prefix sums G (scalar
+        gate: G [C], G_last a scalar; vector gate: G [C, X], G_last [1, X], and a is a column
+        [X, 1]), for the forward and the reverse state pass (module docstring: values only, never
+        differentiated)."""
+        vec = G.ndim == 2
+        Gc = G if vec else G[:, None]
+        decay = jnp.exp(jnp.where(self.masks[0], Gc - G[None, :], -jnp.inf)) if pairs else None
+        e_in, e_out, a = tiles.masked_factors(self.masks, jnp.exp(Gc), jnp.exp(G_last - Gc),
+                                              jnp.exp(G_last))
+        return decay, e_in, e_out, (a.reshape(-1, 1) if vec else a)
+
+    def scalar(self, g, pairs: bool = True):
+        """(decay [C, C] (None without `pairs`), e_in, e_out [C, 1], a [1, 1]) of the scalar gates
+        g [C] (`tiles.scalar_gate_terms`); g None: no gate, the masks as 0/1 factors."""
+        if g is not None:
+            return tiles.scalar_gate_terms(g[:, None], g[None, :], self.masks, self.row, self.col,
+                                           self.ctx.mask_dot if pairs else None)
+        C = self.ctx.C
+        same, in_rows, out_rows, keep = self.masks
+        ones = lambda m, shape: jnp.ones(shape, F32) if m is None else jnp.where(m, 1.0, 0.0)
+        return (jnp.where(same, 1.0, 0.0) if pairs else None, ones(in_rows, (C, 1)),
+                ones(out_rows, (C, 1)), ones(keep, (1, 1)))
+
+    def vector(self, g, want_in=True, want_out=True):
+        """(e_in, e_out [C, X], a [1, X]) of the vector gate tile g [C, X]."""
+        return tiles.vector_gate_terms(g, self.masks, self.row, self.col, self.ctx.mask_dot,
+                                       want_in, want_out)
+
+    def scalar_grad(self, P, d_gin, d_r, d_tot):
+        """dL/dg [C] of the scalar gate (`tiles.scalar_gate_grad`; P None: no pair term)."""
+        return jnp.sum(tiles.scalar_gate_grad(P, d_gin, d_r, d_tot, self.row, self.col,
+                                              self.ctx.mask_dot), axis=1)
+
+    def vector_grad(self, d_gin, d_r, d_tot):
+        """dL/dg [C, X] of the vector gate's per-row terms (`tiles.vector_gate_grad`)."""
+        return tiles.vector_gate_grad(d_gin, d_r, d_tot, self.row, self.col, self.ctx.mask_dot)
+
+
+@dataclasses.dataclass(frozen=True)
+class Padded:
+    """An op entry's shapes: T to a multiple of C, K to a power of two (one tile for q k^T), V to
+    a multiple of 16; `dtype` what the kernels read (bf16 / fp16 as given, anything else float32).
     """
 
-    chunk: int = 64
-    sub_chunk: int = 16
-    block_k: int = 64
-    block_v: int = 64
-    block_v_out: int = 64
-    block_k_bwd: int = 128
-    min_programs: int = 256
-    warps_state: int = 4
-    stages_state: int = 2
-    warps_out: int = 4
-    stages_out: int = 2
-    warps_bwd: int = 8
-    stages_bwd: int = 1
-    warps_intra: int = 4
-    fused_fwd: bool | None = None
-    block_v_fused: int = 64
-    warps_fused: int = 4
-    stages_fused: int = 2
+    cfg: TritonChunkConfig
+    T: int
+    Tp: int
+    Kp: int
+    Vp: int
+    dtype: object
 
-    def __post_init__(self):
-        for name in ("chunk", "sub_chunk", "block_k", "block_v", "block_v_out", "block_k_bwd",
-                     "block_v_fused"):
-            val = getattr(self, name)
-            if not _pow2(val) or val < 16:
-                raise ValueError(f"DecayConfig.{name} must be a power of two >= 16, got {val}")
-        if self.chunk > 128 or self.chunk % self.sub_chunk:
-            raise ValueError(f"DecayConfig: chunk {self.chunk} must be <= 128 and a multiple of "
-                             f"sub_chunk {self.sub_chunk}")
-        for name in ("warps_state", "warps_out", "warps_bwd", "warps_intra", "warps_fused"):
-            if getattr(self, name) not in (1, 2, 4, 8, 16):
-                raise ValueError(f"DecayConfig.{name} must be 1, 2, 4, 8 or 16")
-        for name in ("stages_state", "stages_out", "stages_bwd", "stages_fused"):
-            if not 1 <= getattr(self, name) <= 6:
-                raise ValueError(f"DecayConfig.{name} must be in [1, 6]")
+    def __call__(self, x, X):
+        """A [B, T, H, *] input cast to the kernels' dtype and zero-padded to [B, Tp, H, X]."""
+        x = pad_time(x.astype(self.dtype), self.Tp)
+        return jnp.pad(x, ((0, 0),) * 3 + ((0, X - x.shape[-1]),))
 
-    def for_chunk(self, chunk_size: int) -> DecayConfig:
-        return dataclasses.replace(self, chunk=min(128, next_pow2(int(chunk_size))))
+    def state(self, S, B, H, K=None, V=None):
+        """An initial state [B, H, K(, V)] in float32, zero-padded (zeros when None)."""
+        shape = (B, H, self.Kp) + (() if V is None else (self.Vp,))
+        if S is None:
+            return jnp.zeros(shape, F32)
+        widths = [(0, p - d) for p, d in zip(shape, S.shape, strict=True)]
+        return jnp.pad(S.astype(F32), widths)
+
+    def gate(self, g):
+        """g [B, T, H(, K)] float32, zero-padded in T (and K)."""
+        g = pad_time(g.astype(F32), self.Tp)
+        return g if g.ndim == 3 else jnp.pad(g, ((0, 0),) * 3 + ((0, self.Kp - g.shape[-1]),))
+
+    def scalars(self, x, mode="constant"):
+        """A per-token [B, T, H] (or [B, T]) input, float32, padded in T."""
+        return pad_time(x.astype(F32), self.Tp, mode=mode)
 
 
-def padded_inputs(q, k, v, C: int):
-    """(Tp, Kp, Vp, pad) of an op's entry: T to a multiple of C, K to a power of two (one tile for
-    q k^T), V to a multiple of 16; `pad(x, X)` casts a [B, T, H, *] input to the kernels' dtype
-    (bf16 / fp16 as given, anything else float32) and zero-pads it to [B, Tp, H, X]."""
-    T, K, V = q.shape[1], q.shape[-1], v.shape[-1]
-    Tp, Kp, Vp = -(-T // C) * C, next_pow2(K), -(-V // 16) * 16
-    dt = jnp.result_type(q, k, v)
-    dt = dt if dt in (jnp.bfloat16, jnp.float16) else jnp.float32
-    pad = lambda x, X: jnp.pad(pad_time(x.astype(dt), Tp), ((0, 0),) * 3 + ((0, X - x.shape[-1]),))
-    return Tp, Kp, Vp, pad
+def entry(q, v, segment_ids, chunk_size, config):
+    """(Padded, doc [B, Tp] int32) of an op entry: the config at the op's chunk size (None: the
+    device default; the registry always passes one) and the edge-padded document index."""
+    cfg = (config or TritonChunkConfig.default()).for_chunk(chunk_size)
+    B, T, _, K = q.shape
+    C = cfg.chunk
+    dt = jnp.result_type(q, v)
+    dt = dt if dt in (jnp.bfloat16, jnp.float16) else F32
+    p = Padded(cfg, T, -(-T // C) * C, next_pow2(K), -(-v.shape[-1] // 16) * 16, dt)
+    doc = (jnp.zeros((B, p.Tp), jnp.int32) if segment_ids is None else
+           pad_time(doc_index(segment_ids), p.Tp, mode="edge").astype(jnp.int32))
+    return p, doc
+
+
+def prefix_sums(g, C):
+    """G_i = sum_{s<=i} g_s inside each chunk of C rows along T: [B, Tp, H(, K)] float32. Each is a
+    sum of exactly the gates of its span (no difference); the kernels take it for values only."""
+    B, Tp = g.shape[:2]
+    return jnp.cumsum(g.reshape((B, Tp // C, C) + g.shape[2:]), axis=2).reshape(g.shape)
+
+
+def custom_vjp(fwd, bwd):
+    """jax.custom_vjp of `fwd(*args, residuals)` -> (out, residuals): the primal alone runs
+    `fwd(..., residuals=False)`, which may take a form that keeps nothing."""
+    f = jax.custom_vjp(lambda *a: fwd(*a, residuals=False)[0])
+    f.defvjp(functools.partial(fwd, residuals=True), bwd)
+    return f
 
 
 def half_dtype(dtype):
@@ -109,7 +200,7 @@ def value_block(Vp: int, want: int) -> int:
     return b
 
 
-def state_tiles(BH: int, Kp: int, Vp: int, cfg: DecayConfig, split_k: bool = True,
+def state_tiles(BH: int, Kp: int, Vp: int, cfg: TritonChunkConfig, split_k: bool = True,
                 min_bv: int = 16):
     """(BK, BV) of a sequential state pass over a grid (BH, Kp/BK, Vp/BV): the configured tiles,
     the larger one halved (BK >= 32, BV >= min_bv) while the grid has fewer than
@@ -155,32 +246,3 @@ def states_spec(H, N, kb, vb, n=None, k=None, v=None):
     pick = lambda g, a: 0 if a is None else g[a]
     shape = (None, None, N if n is None else None, kb, vb)
     return pl.BlockSpec(shape, lambda bh, *g: (bh // H, bh % H, pick(g, n), pick(g, k), pick(g, v)))
-
-
-def chunk_masks(doc_ref, n, C, with_pairs: bool):
-    """Packed-document masks of chunk n from the document index (see chunking.chunk_docs).
-
-    Returns (in_rows [C] rows still in the entering document, out_rows [C] rows in the chunk's last
-    document, keep: scalar, the state crosses the chunk, same [C, C] causal same-document pairs).
-    """
-    d = doc_ref[pl.ds(n * C, C)]
-    d_last = doc_ref[n * C + C - 1]
-    d_in = doc_ref[jnp.maximum(n * C - 1, 0)]
-    same = None
-    if with_pairs:
-        same = d[:, None] == d[None, :]
-    return d == d_in, d == d_last, d_last == d_in, same
-
-
-def intra_scalar(q, k, G, mask, scale, exact):
-    """A = scale q k^T * exp(G_i - G_j) on the causal same-document pairs (G [C, 1] or None: no
-    gate), 0 elsewhere."""
-    A = dot(q, k, tb=True, exact=exact) * scale
-    if G is None:
-        return jnp.where(mask, A, 0.0)
-    return A * jnp.exp(jnp.where(mask, G - G.reshape(1, -1), -jnp.inf))
-
-
-def causal(C):
-    i = jnp.arange(C, dtype=jnp.int32)
-    return i[:, None] >= i[None, :]

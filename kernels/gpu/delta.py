@@ -1,130 +1,88 @@
 """Pallas GPU kernels of the delta-rule family: DeltaNet and Gated DeltaNet.
 
-Math and masks as `linear_jax.ops.common.delta_chunk` (q scaled, G the chunk-local cumulative gate):
+Math and masks as `linear_jax.ops.common.delta_chunk` (q scaled; D, Gin, R, Gtot the gate spans of
+`linear_jax.kernels.tiles`, each summed from exactly its gates):
 
     W, U  = UT transform of the chunk (`wy.ut_transform`, parallel over chunks)
     u     = U - W S_n
-    S_n+1 = keep * exp(G_last) S_n + sum_j (k_j exp(G_last - G_j) out_j) u_j^T
-    o_i   = sum_{j<=i, same} Gamma_ij (q_i . k_j) u_j + (q_i exp(G_i) in_i)^T S_n
+    S_n+1 = keep * exp(Gtot) S_n + sum_j (k_j exp(R_j) out_j) u_j^T
+    o_i   = sum_{j<=i, same} exp(D_ij) (q_i . k_j) u_j + (q_i exp(Gin_i) in_i)^T S_n
 
-The state pass (grid (B*H, V/BV), all of K per program since u needs W S over K) writes every
-entering S_n and u; the output is the decay family's output kernel run on u in place of v.
+The forward is the one-pass form (`fused.py`) where its grid fills the GPU and nothing is kept,
+else the decay family's state pass run with y = U - W S (`chunk_state`: writes every entering S_n
+and u) and the decay family's output kernel on u in place of v; both read the gates' prefix sums
+for their factors (values only, `common`), while T = (I + L)^-1, whose L the backward's pair
+gradients go through, is formed from the exact spans (`wy`).
 
-Backward (`jax.custom_vjp`, kernels in `delta_bwd`): a reverse state pass that forms du and every
-dS_n+1, then one parallel kernel per chunk for dq, dk, dv, dbeta and dG, using the T = (I + L)^-1
-and W the forward kept.
+Backward (`jax.custom_vjp`, kernels in `delta_bwd`): the reverse state pass, which also forms du and
+every dS_n+1, then parallel kernels per chunk for dq, dk, dv, dbeta and dg, using the T = (I + L)^-1
+and W the forward kept. dg is routed through the spans (`tiles.scalar_gate_grad`) from the pairs of
+A and of L and the per-row terms of q_in, k_in, k_out and the chunk decay: exact at strong decay.
 """
 
 from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
-from linear_jax.kernels._compat import dot, interpret, pl, triton_params
+
 from linear_jax.kernels.gpu import common, decay, delta_bwd, fused, wy
-
-from linear_jax.ops.common.chunking import doc_index, pad_time
-
-f32 = jnp.float32
+from linear_jax.kernels.gpu.chunk_state import state_pass
+from linear_jax.kernels.gpu.common import F32, Ctx
 
 
-def _state_pass(k, W, U, G, doc, S0, *, cfg, gated, has_seg, u_dtype):
-    B, Tp, H, Kp = k.shape
-    Vp, C = U.shape[-1], cfg.chunk
-    N, BV = Tp // C, common.state_tiles(B * H, Kp, Vp, cfg, split_k=False, min_bv=32)[1]
-    exact = k.dtype == f32
-
-    def kernel(k_ref, w_ref, uu_ref, g_ref, doc_ref, s0_ref, hs_ref, u_ref, send_ref):
-        def step(n, S):
-            hs_ref[n] = S.astype(hs_ref.dtype)
-            rows = pl.ds(n * C, C)
-            u = uu_ref[rows, :] - dot(w_ref[rows, :].astype(f32), S, exact=exact)
-            u_ref[rows, :] = u.astype(u_ref.dtype)
-            kn = k_ref[rows, :].astype(f32)
-            decay_ = jnp.float32(1.0)
-            if gated:
-                Gl = g_ref[n * C + C - 1]
-                kn = kn * jnp.exp(Gl - g_ref[rows][:, None])
-                decay_ = jnp.exp(Gl)
-            if has_seg:
-                _, out_rows, keep, _ = common.chunk_masks(doc_ref, n, C, False)
-                kn = jnp.where(out_rows[:, None], kn, 0.0)
-                decay_ = jnp.where(keep, decay_, 0.0)
-            return decay_ * S + dot(kn, u, ta=True, exact=exact)
-
-        send_ref[...] = jax.lax.fori_loop(0, N, step, s0_ref[...])
-
-    seq = lambda X, x=None: common.spec(H, Tp, X, x=x)
-    return pl.pallas_call(
-        kernel, grid=(B * H, Vp // BV),
-        in_specs=[seq(Kp), seq(Kp), seq(BV, 0), common.spec(H, Tp), common.doc_spec(H, Tp),
-                  common.state_spec(H, Kp, BV, v=0)],
-        out_specs=[common.states_spec(H, N, Kp, BV, v=0), seq(BV, 0),
-                   common.state_spec(H, Kp, BV, v=0)],
-        out_shape=[jax.ShapeDtypeStruct((B, H, N, Kp, Vp), f32 if exact else k.dtype),
-                   jax.ShapeDtypeStruct((B, Tp, H, Vp), u_dtype),
-                   jax.ShapeDtypeStruct((B, H, Kp, Vp), f32)],
-        compiler_params=triton_params(cfg.warps_state, cfg.stages_state),
-        interpret=interpret(), name="delta_state_fwd",
-    )(k, W, U, G, doc, S0)
+def _prefix(ctx, g):
+    return g if ctx.kind == "none" else common.prefix_sums(g, ctx.C)
 
 
-def _forward(q, k, v, G, beta, h0, doc, *, cfg, gated, has_seg, scale, residuals=True):
+def _forward(ctx, q, k, v, g, beta, h0, doc, *, scale, residuals):
     B, Tp, H, _ = q.shape
-    if fused.use_fused(B * H, Tp, v.shape[-1], cfg, residuals):
-        Tm = wy.inverse(k, beta, G, doc, cfg=cfg, gated=gated, has_seg=has_seg)
-        o, S, *res = fused.forward(q, k, v, G, doc, h0, cfg=cfg, scale=scale, Tm=Tm, beta=beta,
-                                   kind="gated_delta" if gated else "delta", has_seg=has_seg,
+    G = _prefix(ctx, g)
+    if fused.use_fused(B * H, Tp, v.shape[-1], ctx.cfg, residuals):
+        Tm = wy.inverse(ctx, k, beta, g, doc)
+        o, S, *res = fused.forward(ctx, q, k, v, G, doc, h0, scale=scale, Tm=Tm, beta=beta,
                                    residuals=residuals)
         hs, u, W = res if residuals else (None,) * 3
         return (o, S), (hs, u, W, Tm)
-    W, U, Tm = wy.ut_transform(k, v, beta, G, doc, cfg=cfg, gated=gated, has_seg=has_seg)
-    hs, u, S = _state_pass(k, W, U, G, doc, h0, cfg=cfg, gated=gated, has_seg=has_seg,
-                           u_dtype=v.dtype)
-    o = decay.output(q, k, u, G, None, doc, hs, cfg=cfg, kind="scalar" if gated else "none",
-                      has_seg=has_seg, scale=scale)
+    W, U, Tm = wy.ut_transform(ctx, k, v, beta, g, G, doc)
+    hs, u, S = state_pass(ctx, k, U, G, doc, h0, reverse=False, k=k, W=W, y_dtype=v.dtype,
+                          state_dtype=F32 if ctx.f32 else k.dtype)
+    o = decay.output(ctx, q, k, u, G, None, doc, hs, scale=scale)
     return (o, S), (hs, u, W, Tm)
 
 
 @functools.cache
-def _core(cfg, has_seg, scale, gated):
-    """custom_vjp of (q, k, v, G, beta, h0, doc) -> (o, S_final) on padded inputs."""
-    kw = dict(cfg=cfg, gated=gated, has_seg=has_seg, scale=scale)
+def _core(ctx: Ctx, scale: float):
+    """custom_vjp of (q, k, v, g, beta, h0, doc) -> (o, S_final) on padded inputs."""
 
-    def fwd(q, k, v, G, beta, h0, doc):
-        out, (hs, u, W, Tm) = _forward(q, k, v, G, beta, h0, doc, **kw)
-        return out, (q, k, v, G, beta, doc, hs, u, W, Tm)
+    def fwd(q, k, v, g, beta, h0, doc, residuals):
+        out, (hs, u, W, Tm) = _forward(ctx, q, k, v, g, beta, h0, doc, scale=scale,
+                                       residuals=residuals)
+        return out, (q, k, v, g, beta, doc, hs, u, W, Tm)
 
     def bwd(res, cts):
-        q, k, v, G, beta, doc, hs, u, W, Tm = res
+        q, k, v, g, beta, doc, hs, u, W, Tm = res
         do, dS = cts
         do = do.astype(v.dtype)
-        dhs, du, dh0 = delta_bwd.state_bwd(q, k, do, G, doc, W, dS, state_dtype=hs.dtype, **kw)
-        dq, dk, dv, dbeta, dG = delta_bwd.backward(q, k, v, beta, G, doc, hs, dhs, u, du, do, W,
-                                                   Tm, **kw)
-        return dq, dk, dv, dG, dbeta, dh0, None
+        dhs, du, dh0 = state_pass(ctx, q, do, _prefix(ctx, g), doc, dS, reverse=True, scale=scale,
+                                  k=k, W=W,
+                                  y_dtype=common.half_dtype(q.dtype), state_dtype=hs.dtype)
+        dq, dk, dv, dbeta, dg = delta_bwd.backward(ctx, q, k, v, beta, g, doc, hs, dhs, u, du,
+                                                   do, W, Tm, scale=scale)
+        return dq, dk, dv, dg, dbeta, dh0, None
 
-    f = jax.custom_vjp(lambda *a: _forward(*a, **kw, residuals=False)[0])
-    f.defvjp(fwd, bwd)
-    return f
+    return common.custom_vjp(fwd, bwd)
 
 
 def delta(q, k, v, g, beta, *, scale, initial_state, segment_ids, chunk_size, config=None):
-    """The op-level entry of delta_rule (g None) and gated_delta_rule: (o in v's dtype, S)."""
+    """The op-level entry of delta_rule (g None) and gated_delta_rule (g [B, T, H]), heads
+    expanded, plus the kernel config (the registry always passes one; None takes
+    `TritonChunkConfig.default()`): (o in v's dtype, S float32)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    cfg = (config or decay.CONFIG).for_chunk(chunk_size)
-    C = cfg.chunk
-    Tp, Kp, Vp, pad = common.padded_inputs(q, k, v, C)
-    has_seg = segment_ids is not None
-    doc = (pad_time(doc_index(segment_ids), Tp, mode="edge") if has_seg
-           else jnp.zeros((B, Tp), jnp.int32)).astype(jnp.int32)
-    h0 = (jnp.zeros((B, H, Kp, Vp), f32) if initial_state is None else
-          jnp.pad(initial_state.astype(f32), ((0, 0), (0, 0), (0, Kp - K), (0, Vp - V))))
-    G = jnp.zeros((B, Tp, H), f32)
-    if g is not None:  # chunk-local cumulative gate; XLA's autodiff turns dG into dg
-        G = jnp.cumsum(pad_time(g.astype(f32), Tp).reshape(B, Tp // C, C, H), 2).reshape(B, Tp, H)
-    core = _core(cfg, has_seg, float(scale), g is not None)
-    o, S = core(pad(q, Kp), pad(k, Kp), pad(v, Vp), G, pad_time(beta.astype(f32), Tp), h0, doc)
+    p, doc = common.entry(q, v, segment_ids, chunk_size, config)
+    ctx = Ctx(p.cfg, "none" if g is None else "scalar", segment_ids is not None, p.dtype == F32)
+    gp = jnp.zeros((B, p.Tp, H), F32) if g is None else p.gate(g)
+    o, S = _core(ctx, float(scale))(p(q, p.Kp), p(k, p.Kp), p(v, p.Vp), gp, p.scalars(beta),
+                                    p.state(initial_state, B, H, K, V), doc)
     return o[:, :T, :, :V].astype(v.dtype), S[:, :, :K, :V]

@@ -33,68 +33,24 @@ stores in program order; a load-step-store per row would wait a full memory late
 T need not be a multiple of C (the last T % C steps are a static tail) and is never padded; D is
 padded to a multiple of BD only when it is not one. State and arithmetic are float32; bf16/fp16
 inputs are read as such and the output is written in x's dtype.
+
+Tunables: `linear_jax.kernels.configs.TritonScanConfig` (chunk lengths, channel block, warps).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-from linear_jax.kernels._compat import interpret, pl, triton_params
-from linear_jax.kernels.gpu.common import _pow2, next_pow2
+from jax.experimental import pallas as pl
 
-from linear_jax.ops.common.chunking import resets
+from linear_jax.kernels.configs import TritonScanConfig
+from linear_jax.kernels.gpu.triton import interpret, triton_params
+from linear_jax.ops.common.chunking import pad_to, resets
 
 f32 = jnp.float32
-
-
-@dataclasses.dataclass(frozen=True)
-class ScanConfig:
-    """Tunables of the element-wise scan kernels.
-
-    chunk, chunk_bwd: time steps unrolled per loop iteration (all their loads in flight at once);
-      the op's chunk_size caps both. The backward reads three rows per step, hence its shorter
-      chunk (registers); complex inputs (two planes per row) halve both.
-    block_d: channels per program (a power of two), halved (down to min_block_d) while the grid has
-      fewer than min_programs programs: the work is sequential in T, so parallelism is B * D / BD.
-    warps: warps per program (None: BD / 32, one channel per thread, clamped to [1, 8]). A
-      thread then holds a chunk's loaded rows, chunk * (2 forward, 3 backward) * planes floats.
-    """
-
-    chunk: int = 64
-    chunk_bwd: int = 32
-    block_d: int = 128
-    min_block_d: int = 32
-    min_programs: int = 264
-    warps: int | None = None
-    stages: int = 1
-
-    def __post_init__(self):
-        for name in ("block_d", "min_block_d"):
-            if not _pow2(getattr(self, name)) or getattr(self, name) < 16:
-                raise ValueError(f"ScanConfig.{name} must be a power of two >= 16, "
-                                 f"got {getattr(self, name)}")
-        for name in ("chunk", "chunk_bwd"):
-            if not 1 <= getattr(self, name) <= 128:
-                raise ValueError(f"ScanConfig.{name} must be in [1, 128], "
-                                 f"got {getattr(self, name)}")
-        if self.warps not in (None, 1, 2, 4, 8, 16):
-            raise ValueError("ScanConfig.warps must be None, 1, 2, 4, 8 or 16")
-
-    def block(self, B: int, D: int) -> int:
-        bd = min(self.block_d, next_pow2(D))
-        while B * -(-D // bd) < self.min_programs and bd > self.min_block_d:
-            bd //= 2
-        return bd
-
-    def num_warps(self, bd: int) -> int:
-        return self.warps or max(1, min(8, bd // 32))
-
-
-CONFIG = ScanConfig()
 
 
 def _split(refs, sizes):
@@ -107,6 +63,27 @@ def _split(refs, sizes):
 
 def _row(ref, t):
     return ref[t, :].astype(f32)
+
+
+def _call(kernel, name, cfg, BD, shape, n_in, seq_dtypes, n_states):
+    """A pallas_call over the grid (B, Dp / BD), each program owning BD channels of one sequence:
+    inputs n_in = (sequences [B, T, Dp], states [B, Dp]) then the resets [B, T]; outputs sequences
+    of `seq_dtypes`, then n_states float32 states."""
+    B, T, Dp = shape
+    seq = pl.BlockSpec((None, T, BD), lambda b, d: (b, 0, d))
+    vec = pl.BlockSpec((None, BD), lambda b, d: (b, d))
+    doc = pl.BlockSpec((None, T), lambda b, d: (b, 0))
+    return pl.pallas_call(
+        kernel,
+        grid=(B, Dp // BD),
+        in_specs=[seq] * n_in[0] + [vec] * n_in[1] + [doc],
+        out_specs=[seq] * len(seq_dtypes) + [vec] * n_states,
+        out_shape=[jax.ShapeDtypeStruct(shape, dt) for dt in seq_dtypes]
+        + [jax.ShapeDtypeStruct((B, Dp), f32)] * n_states,
+        compiler_params=triton_params(cfg, cfg.num_warps(BD), cfg.stages),
+        interpret=interpret(cfg),
+        name=name,
+    )
 
 
 def _gate(a, log, r):
@@ -150,20 +127,8 @@ def _forward(a, x, h0, r, *, log, has_seg, C, BD, cfg):
         for ref, v in zip(hT_refs, h, strict=True):
             ref[...] = v
 
-    seq = pl.BlockSpec((None, T, BD), lambda b, d: (b, 0, d))
-    vec = pl.BlockSpec((None, BD), lambda b, d: (b, d))
-    doc = pl.BlockSpec((None, T), lambda b, d: (b, 0))
-    outs = pl.pallas_call(
-        kernel,
-        grid=(B, Dp // BD),
-        in_specs=[seq] * (2 * P) + [vec] * P + [doc],
-        out_specs=[seq] * P + [vec] * P,
-        out_shape=[jax.ShapeDtypeStruct((B, T, Dp), p.dtype) for p in x]
-        + [jax.ShapeDtypeStruct((B, Dp), f32)] * P,
-        compiler_params=triton_params(cfg.num_warps(BD), cfg.stages),
-        interpret=interpret(),
-        name="elementwise_scan_fwd",
-    )(*a, *x, *h0, r)
+    outs = _call(kernel, "elementwise_scan_fwd", cfg, BD, (B, T, Dp), (2 * P, P),
+                 [p.dtype for p in x], P)(*a, *x, *h0, r)
     return tuple(outs[:P]), tuple(outs[P:])
 
 
@@ -216,21 +181,8 @@ def _backward(a, h, dy, h0, dhT, r, *, log, has_seg, C, BD, cfg, a_dtypes):
         for ref, v in zip(dh0_refs, lam, strict=True):
             ref[...] = v
 
-    seq = pl.BlockSpec((None, T, BD), lambda b, d: (b, 0, d))
-    vec = pl.BlockSpec((None, BD), lambda b, d: (b, d))
-    doc = pl.BlockSpec((None, T), lambda b, d: (b, 0))
-    outs = pl.pallas_call(
-        kernel,
-        grid=(B, Dp // BD),
-        in_specs=[seq] * (3 * P) + [vec] * (2 * P) + [doc],
-        out_specs=[seq] * (2 * P) + [vec] * P,
-        out_shape=[jax.ShapeDtypeStruct((B, T, Dp), dt) for dt in a_dtypes]
-        + [jax.ShapeDtypeStruct((B, T, Dp), p.dtype) for p in h]
-        + [jax.ShapeDtypeStruct((B, Dp), f32)] * P,
-        compiler_params=triton_params(cfg.num_warps(BD), cfg.stages),
-        interpret=interpret(),
-        name="elementwise_scan_bwd",
-    )(*a, *h, *dy, *h0, *dhT, r)
+    outs = _call(kernel, "elementwise_scan_bwd", cfg, BD, (B, T, Dp), (3 * P, 2 * P),
+                 list(a_dtypes) + [p.dtype for p in h], P)(*a, *h, *dy, *h0, *dhT, r)
     return tuple(outs[:P]), tuple(outs[P:2 * P]), tuple(outs[2 * P:])
 
 
@@ -257,14 +209,13 @@ def _core(cfg, log, has_seg, C, C_bwd, BD):
 
 def scan(a, x, h0, *, log, segment_ids, chunk_size, config=None):
     """The shared entry: a, x tuples of P (1: real, 2: real and imaginary) planes [B, T, D] (float
-    dtypes; a is the log gate when `log`), h0: P planes [B, D] or None. Returns (h planes in x's
-    dtypes, hT planes float32)."""
-    cfg = config or CONFIG
+    dtypes; a is the log gate when `log`), h0: P planes [B, D] or None; config: a TritonScanConfig
+    (None: its default for this device). Returns (h planes in x's dtypes, hT planes float32)."""
+    cfg = config or TritonScanConfig.default(jax.devices()[0])
     B, T, D = x[0].shape
     BD = cfg.block(B, D)
     Dp = -(-D // BD) * BD
-    padd = (lambda p: p) if Dp == D else (
-        lambda p: jnp.pad(p, ((0, 0),) * (p.ndim - 1) + ((0, Dp - D),)))
+    padd = lambda p: pad_to(p, p.ndim - 1, Dp)
     h0 = (tuple(jnp.zeros((B, Dp), f32) for _ in x) if h0 is None
           else tuple(padd(p.astype(f32)) for p in h0))
     has_seg = segment_ids is not None

@@ -20,7 +20,8 @@ above is then <= 0 (up to rounding) whatever the gates, as in TFLA. Their backwa
 dm_prev as plain partial derivatives, and XLA's autodiff of the scan routes them through the max.
 The normalisation (eps, the floor) also runs in XLA on the kernels' (o, z).
 
-Kernels: the state pass (`_state_pass`, grid (B*H, V/BV), writes every chunk's entering [C | n]),
+Kernels: the state pass (`_state_pass` on `chunk_state.sequential`, grid (B*H, V/BV), writes every
+chunk's entering [C | n]),
 the parallel output kernel (`_output`, grid (B*H, N, V/BV)); backward (`jax.custom_vjp`): the
 reverse state pass (the same kernel: dS_n = alpha dS_{n+1} + sum_i w_i q_i [do_i, dz_i]), then one
 parallel kernel per chunk (`_grads`) for dq, dk, dv, di, dl, dm, dm_prev, with Z = dP * P,
@@ -31,11 +32,13 @@ rho = alpha <S_in, dS_out>:
     di_j = sum_i Z_ij + sigma_j
     dl_s = sum_{i>=s, j<s} Z_ij + sum_{i>=s} y_i + rho [s in the last document] + sum_{j<s} sigma_j
 
-Every span of gates is summed from exactly the gates inside it (D as a product of 0/1 masks with
-l, no difference of cumulative sums), and so are the gate gradients. Padding: T to a multiple of C
-(padded rows add no state, their outputs are dropped), K to a power of two, V to a multiple of 16.
+Every span of gates is summed from exactly the gates inside it and the gate gradient routed back
+through the spans (`linear_jax.kernels.tiles`: D as a 0/1 product with l, dl =
+`tiles.scalar_gate_grad(Z, y, sigma, rho)`), no difference of cumulative sums. Padding: T to a
+multiple of C (padded rows add no state, their outputs are dropped), K to a power of two, V to a
+multiple of 16.
 bf16/fp16 inputs run dot operands in their dtype with float32 accumulation; float32 inputs run IEEE
-float32 dots; states, gates and m are float32.
+float32 dots (the 0/1 span products as `common.Ctx.mask_dot`); states, gates and m are float32.
 """
 
 from __future__ import annotations
@@ -45,14 +48,14 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
-from linear_jax.kernels._compat import dot, interpret, pl, triton_params
+from jax.experimental import pallas as pl
+
+from linear_jax.kernels import tiles
 from linear_jax.kernels.gpu import common
-
-from linear_jax.ops.common.chunking import doc_index, pad_time, resets
+from linear_jax.kernels.gpu.chunk_state import sequential
+from linear_jax.kernels.gpu.common import F32, Chunk, Ctx
+from linear_jax.ops.common.chunking import resets
 from linear_jax.ops.common.normalise import normalise
-
-CONFIG = common.DecayConfig()
-f32 = jnp.float32
 
 
 def running_max(i, l, m0, segment_ids):
@@ -70,38 +73,37 @@ def running_max(i, l, m0, segment_ids):
     return jnp.maximum(m0[:, None, :] + A, Bm)
 
 
-def _terms(refs, n, C, T, pairs):
-    """The chunk-n factors of the module docstring from the whole-T refs (i, l, m, m_prev, doc).
+class _Terms:
+    """The chunk-n factors of the module docstring from the whole-T refs (i, l, m, m_prev, doc):
+    alpha [1, 1]; beta, w [C, 1]; with `pairs` also E [C, C]; and the chunk (`common.Chunk`)."""
 
-    Returns a dict: alpha (scalar); beta, w, out_rows [C]; with `pairs` also E [C, C]."""
-    i_ref, l_ref, m_ref, mp_ref, doc_ref = refs
-    rows = pl.ds(n * C, C)
-    ig, l, m = i_ref[rows], l_ref[rows], m_ref[rows]
-    m_in, m_out = mp_ref[n * C], m_ref[n * C + C - 1]
-    in_rows, out_rows, keep, same = common.chunk_masks(doc_ref, n, C, True)
-    idx = jnp.arange(C, dtype=jnp.int32)
-    r, c = idx[:, None], idx[None, :]
-    real = n * C + idx < T                       # padded rows add no candidate and no state
-    masked_exp = lambda ok, x: jnp.exp(jnp.where(ok, x, -jnp.inf))
-    span_in = jnp.sum(jnp.where(c <= r, l[None, :], 0.0), axis=1)          # sum_{s<=i} l_s
-    R = jnp.sum(jnp.where(c > r, l[None, :], 0.0), axis=1)                  # sum_{s>j} l_s
-    g = jnp.sum(jnp.where(out_rows, l, 0.0))
-    out = dict(alpha=masked_exp(keep, g + m_in - m_out),
-               beta=masked_exp(out_rows & real, R + ig - m_out),
-               w=masked_exp(in_rows, span_in + m_in - m), out_rows=out_rows)
-    if pairs:
-        # D_ij = sum_s [j < s <= i] l_s: a 0/1 matrix times the masked gates, exact in float32
-        D = dot(common.causal(C).astype(f32), jnp.where(r > c, l[:, None], 0.0), exact=True)
-        ok = common.causal(C) & same & real[None, :]
-        out["E"] = masked_exp(ok, D + ig[None, :] - m[:, None])
-    return out
+    def __init__(self, ctx, refs, n, T, pairs):
+        i_ref, l_ref, m_ref, mp_ref, doc_ref = refs
+        C = ctx.C
+        rows = pl.ds(n * C, C)
+        ig, l, m = i_ref[rows], l_ref[rows], m_ref[rows]
+        m_in, m_out = mp_ref[n * C], m_ref[n * C + C - 1]
+        self.ch = ch = Chunk(ctx, n, doc_ref)
+        same, in_rows, out_rows, keep = ch.masks
+        every = lambda x, shape: jnp.ones(shape, bool) if x is None else x
+        # padded rows add no candidate and no state
+        real_c = n * C + lax.broadcasted_iota(jnp.int32, (C, 1), 0) < T
+        real_r = n * C + lax.broadcasted_iota(jnp.int32, (1, C), 1) < T
+        D, Gin, R, Gtot = tiles.scalar_spans(l[:, None], l[None, :], ch.row, ch.col,
+                                             ctx.mask_dot if pairs else None)
+        masked_exp = lambda ok, x: jnp.exp(jnp.where(ok, x, -jnp.inf))
+        self.alpha = masked_exp(every(keep, (1, 1)), Gtot + m_in - m_out)
+        self.beta = masked_exp(every(out_rows, (C, 1)) & real_c, R + ig[:, None] - m_out)
+        self.w = masked_exp(every(in_rows, (C, 1)), Gin + m_in - m[:, None])
+        if pairs:
+            self.E = masked_exp(same & real_r, D + ig[None, :] - m[:, None])
 
 
 def _gate_specs(H, Tp):
     return [common.spec(H, Tp)] * 4 + [common.doc_spec(H, Tp)]
 
 
-def _state_pass(x, y, y1, gates, S0, s0, *, cfg, T, reverse, scale):
+def _state_pass(ctx, x, y, y1, gates, S0, s0, *, T, reverse, scale):
     """Forward (x = k, y = v, y1 None: the normaliser's column of ones):
         S_{n+1} = alpha S_n + sum_j beta_j k_j [v_j, 1].
     Reverse (x = q, y = do, y1 = dz):
@@ -109,59 +111,40 @@ def _state_pass(x, y, y1, gates, S0, s0, *, cfg, T, reverse, scale):
     Writes the state on one side of every chunk (forward: entering; reverse: leaving) and the end
     state: ([B,H,N,Kp,Vp], [B,H,N,Kp], [B,H,Kp,Vp], [B,H,Kp]) float32."""
     B, Tp, H, Kp = x.shape
-    Vp, C = y.shape[-1], cfg.chunk
+    Vp, C, cfg = y.shape[-1], ctx.C, ctx.cfg
     N = Tp // C
     _, BV = common.state_tiles(B * H, Kp, Vp, cfg, split_k=False)
-    exact = x.dtype == f32
 
-    def kernel(x_ref, y_ref, *refs):
-        y1_ref, refs = (refs[0], refs[1:]) if reverse else (None, refs)
-        gate_refs, (S0_ref, s0_ref, hs_ref, ns_ref, S_ref, s_ref) = refs[:5], refs[5:]
-        first = pl.program_id(1) == 0              # the V tile that writes the normaliser
+    def step(n, carry, ins, outs, pids):
+        S, s = carry
+        x_ref, y_ref, *refs = ins
+        y1_ref, gate_refs = (refs[0], refs[1:]) if reverse else (None, refs)
+        hs_ref, ns_ref = outs
+        hs_ref[n] = S
 
-        def step(it, carry):
-            S, s = carry
-            n = N - 1 - it if reverse else it
-            hs_ref[n] = S
-
-            @pl.when(first)
-            def _():
-                ns_ref[n] = s
-
-            t = _terms(gate_refs, n, C, T, pairs=False)
-            xn = x_ref[pl.ds(n * C, C), :].astype(f32)
-            xn = xn * (t["w"] * scale)[:, None] if reverse else xn * t["beta"][:, None]
-            yn = y_ref[pl.ds(n * C, C), :].astype(x.dtype)
-            S = t["alpha"] * S + dot(xn.astype(x.dtype), yn, ta=True, exact=exact)
-            col = xn * y1_ref[pl.ds(n * C, C)][:, None] if reverse else xn
-            return S, t["alpha"] * s + jnp.sum(col, axis=0)
-
-        S, s = lax.fori_loop(0, N, step, (S0_ref[...], s0_ref[...]))
-        S_ref[...] = S
-
-        @pl.when(first)
+        @pl.when(pids[1] == 0)                    # the V tile that writes the normaliser
         def _():
-            s_ref[...] = s
+            ns_ref[n] = s
+
+        t = _Terms(ctx, gate_refs, n, T, pairs=False)
+        rows = pl.ds(n * C, C)
+        xn = x_ref[rows, :].astype(F32) * (t.w * scale if reverse else t.beta)
+        S = t.alpha * S + ctx.dot(xn.astype(x.dtype), y_ref[rows, :].astype(x.dtype), ta=True)
+        col = xn * y1_ref[rows][:, None] if reverse else xn
+        return S, jnp.sum(t.alpha) * s + jnp.sum(col, axis=0)
 
     vec = pl.BlockSpec((None, None, Kp), lambda bh, j: (bh // H, bh % H, 0))
-    vecs = pl.BlockSpec((None, None, N, Kp), lambda bh, j: (bh // H, bh % H, 0, 0))
-    ones = [] if y1 is None else [y1]
-    return pl.pallas_call(
-        kernel,
-        grid=(B * H, Vp // BV),
-        in_specs=[common.spec(H, Tp, Kp), common.spec(H, Tp, BV, x=0),
-                  *[common.spec(H, Tp)] * len(ones), *_gate_specs(H, Tp),
-                  common.state_spec(H, Kp, BV, v=0), vec],
-        out_specs=[common.states_spec(H, N, Kp, BV, v=0), vecs, common.state_spec(H, Kp, BV, v=0),
-                   vec],
-        out_shape=[jax.ShapeDtypeStruct((B, H, N, Kp, Vp), f32),
-                   jax.ShapeDtypeStruct((B, H, N, Kp), f32),
-                   jax.ShapeDtypeStruct((B, H, Kp, Vp), f32),
-                   jax.ShapeDtypeStruct((B, H, Kp), f32)],
-        compiler_params=triton_params(cfg.warps_state, cfg.stages_state),
-        interpret=interpret(),
-        name="mlstm_state_bwd" if reverse else "mlstm_state_fwd",
-    )(x, y, *ones, *gates, S0, s0)
+    ins = [(x, common.spec(H, Tp, Kp)), (y, common.spec(H, Tp, BV, x=0))]
+    ins += [(y1, common.spec(H, Tp))] if reverse else []
+    ins += list(zip(gates, _gate_specs(H, Tp), strict=True))
+    outs = [(jax.ShapeDtypeStruct((B, H, N, Kp, Vp), F32), common.states_spec(H, N, Kp, BV, v=0)),
+            (jax.ShapeDtypeStruct((B, H, N, Kp), F32),
+             pl.BlockSpec((None, None, N, Kp), lambda bh, j: (bh // H, bh % H, 0, 0)))]
+    return sequential(ctx, step, ins=ins, carry=[(S0, common.state_spec(H, Kp, BV, v=0)),
+                                                (s0, vec)],
+                      outs=outs, grid=(B * H, Vp // BV), N=N, reverse=reverse,
+                      warps=cfg.warps_state, stages=cfg.stages_state,
+                      name="mlstm_state_bwd" if reverse else "mlstm_state_fwd")
 
 
 def _chunk_vec(H, Kp):
@@ -169,58 +152,56 @@ def _chunk_vec(H, Kp):
     return pl.BlockSpec((None, None, None, Kp), lambda bh, n, *g: (bh // H, bh % H, n, 0))
 
 
-def _output(q, k, v, gates, hs, ns, *, cfg, T, scale):
+def _output(ctx, q, k, v, gates, hs, ns, *, T, scale):
     """(o [B, Tp, H, Vp], z [B, Tp, H]) float32: the unnormalised output and normaliser."""
     B, Tp, H, Kp = q.shape
-    Vp, C = v.shape[-1], cfg.chunk
+    Vp, C, cfg = v.shape[-1], ctx.C, ctx.cfg
     N, BV = Tp // C, common.value_block(Vp, cfg.block_v_out)
-    exact = q.dtype == f32
 
     def kernel(q_ref, k_ref, v_ref, *refs):
         gate_refs, (h_ref, n_ref, o_ref, z_ref) = refs[:5], refs[5:]
-        t = _terms(gate_refs, pl.program_id(1), C, T, pairs=True)
-        q, w = q_ref[...], t["w"]
-        P = dot(q, k_ref[...], tb=True, exact=exact) * scale * t["E"]
-        qs = q.astype(f32) * scale
-        o = dot(P.astype(q.dtype), v_ref[...], exact=exact) + w[:, None] * dot(
-            qs.astype(q.dtype), h_ref[...].astype(q.dtype), exact=exact)
+        t = _Terms(ctx, gate_refs, pl.program_id(1), T, pairs=True)
+        q = q_ref[...]
+        P = ctx.dot(q, k_ref[...], tb=True) * scale * t.E
+        qs = q.astype(F32) * scale
+        o = ctx.dot(P.astype(q.dtype), v_ref[...]) + t.w * ctx.dot(
+            qs.astype(q.dtype), h_ref[...].astype(q.dtype))
         o_ref[...] = o
 
         @pl.when(pl.program_id(2) == 0)
         def _():
-            z_ref[...] = jnp.sum(P, axis=1) + w * jnp.sum(qs * n_ref[...][None, :], axis=1)
+            z_ref[...] = jnp.sum(P, axis=1) + jnp.sum(t.w * qs * n_ref[...][None, :], axis=1)
 
-    return pl.pallas_call(
-        kernel,
-        grid=(B * H, N, Vp // BV),
+    return ctx.call(
+        kernel, grid=(B * H, N, Vp // BV),
         in_specs=[common.spec(H, C, Kp, t=0), common.spec(H, C, Kp, t=0),
                   common.spec(H, C, BV, t=0, x=1), *_gate_specs(H, Tp),
                   common.states_spec(H, N, Kp, BV, n=0, v=1), _chunk_vec(H, Kp)],
         out_specs=[common.spec(H, C, BV, t=0, x=1), common.spec(H, C, t=0)],
-        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, Vp), f32),
-                   jax.ShapeDtypeStruct((B, Tp, H), f32)],
-        compiler_params=triton_params(cfg.warps_out, cfg.stages_out),
-        interpret=interpret(), name="mlstm_output",
+        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, Vp), F32),
+                   jax.ShapeDtypeStruct((B, Tp, H), F32)],
+        warps=cfg.warps_out, stages=cfg.stages_out, name="mlstm_output",
     )(q, k, v, *gates, hs, ns)
 
 
-def _grads(q, k, v, gates, hs, ns, dhs, dns, do, dz, *, cfg, T, scale):
+def _grads(ctx, q, k, v, gates, hs, ns, dhs, dns, do, dz, *, T, scale):
     """dq, dk, dv (input dtypes) and di, dl, dm, dm_prev [B, Tp, H] float32 (module docstring)."""
     B, Tp, H, Kp = q.shape
-    Vp, C = v.shape[-1], cfg.chunk
+    Vp, C, cfg = v.shape[-1], ctx.C, ctx.cfg
     N, BV = Tp // C, common.value_block(Vp, cfg.block_v_out)
-    exact, cd = q.dtype == f32, q.dtype
+    cd = q.dtype
+    rowsum = lambda x: jnp.sum(x, axis=1, keepdims=True)
 
     def kernel(q_ref, k_ref, v_ref, *refs):
         gate_refs, refs = refs[:5], refs[5:]
         h_ref, n_ref, dh_ref, dn_ref, do_ref, dz_ref = refs[:6]
         dq_ref, dk_ref, dv_ref, di_ref, dl_ref, dm_ref, dmp_ref = refs[6:]
-        t = _terms(gate_refs, pl.program_id(1), C, T, pairs=True)
-        E, w, beta, alpha = t["E"], t["w"], t["beta"], t["alpha"]
+        t = _Terms(ctx, gate_refs, pl.program_id(1), T, pairs=True)
+        ch = t.ch
         q, k = q_ref[...], k_ref[...]
-        qs = q.astype(f32) * scale
-        P = dot(q, k, tb=True, exact=exact) * scale * E
-        kb = (k.astype(f32) * beta[:, None]).astype(cd)
+        qs = q.astype(F32) * scale
+        P = ctx.dot(q, k, tb=True) * scale * t.E
+        kb = (k.astype(F32) * t.beta).astype(cd)
         dz = dz_ref[...]
         dP = jnp.broadcast_to(dz[:, None], (C, C))
         dq_in = dz[:, None] * n_ref[...][None, :]          # C_in do_i + n_in dz_i, rows i
@@ -229,97 +210,82 @@ def _grads(q, k, v, gates, hs, ns, dhs, dns, do, dz, *, cfg, T, scale):
         for b in range(Vp // BV):
             cols = pl.ds(b * BV, BV)
             v_b, do_b, h_b, dh_b = v_ref[:, cols], do_ref[:, cols], h_ref[:, cols], dh_ref[:, cols]
-            dP += dot(do_b.astype(cd), v_b, tb=True, exact=exact)
-            dq_in += dot(do_b.astype(cd), h_b.astype(cd), tb=True, exact=exact)
-            dk_out += dot(v_b, dh_b.astype(cd), tb=True, exact=exact)
+            dP += ctx.dot(do_b.astype(cd), v_b, tb=True)
+            dq_in += ctx.dot(do_b.astype(cd), h_b.astype(cd), tb=True)
+            dk_out += ctx.dot(v_b, dh_b.astype(cd), tb=True)
             rho += jnp.sum(h_b * dh_b)
-            dv = (dot(P.astype(cd), do_b.astype(cd), ta=True, exact=exact)
-                  + dot(kb, dh_b.astype(cd), exact=exact))
+            dv = (ctx.dot(P.astype(cd), do_b.astype(cd), ta=True)
+                  + ctx.dot(kb, dh_b.astype(cd)))
             dv_ref[:, cols] = dv.astype(dv_ref.dtype)
-        rho = alpha * rho
-        y = w * jnp.sum(qs * dq_in, axis=1)
-        sigma = beta * jnp.sum(k.astype(f32) * dk_out, axis=1)
+        rho = t.alpha * rho
+        y = t.w * rowsum(qs * dq_in)
+        sigma = t.beta * rowsum(k.astype(F32) * dk_out)
         Z = dP * P
-        dPE = (dP * E).astype(cd)
-        dq_ref[...] = ((dot(dPE, k, exact=exact) + w[:, None] * dq_in) * scale).astype(
-            dq_ref.dtype)
-        dk_ref[...] = (dot(dPE, q, ta=True, exact=exact) * scale
-                       + beta[:, None] * dk_out).astype(dk_ref.dtype)
-        idx = jnp.arange(C, dtype=jnp.int32)
-        r, c = idx[:, None], idx[None, :]
-        # sum_{i>=s} Z_ij for every (s, j): the transposed 0/1 causal mask times Z
-        UZ = dot((r <= c).astype(f32), Z, exact=True)
-        last = idx == C - 1
-        di_ref[...] = jnp.sum(Z, axis=0) + sigma
-        dl_ref[...] = (jnp.sum(jnp.where(c < r, UZ, 0.0), axis=1)
-                       + jnp.sum(jnp.where(c >= r, y[None, :], 0.0), axis=1)
-                       + jnp.where(t["out_rows"], rho, 0.0)
-                       + jnp.sum(jnp.where(c < r, sigma[None, :], 0.0), axis=1))
-        dm_ref[...] = (-jnp.sum(Z, axis=1) - y
-                       - jnp.where(last, rho + jnp.sum(sigma), 0.0))
-        dmp_ref[...] = jnp.where(idx == 0, jnp.sum(y) + rho, 0.0)
+        dPE = (dP * t.E).astype(cd)
+        dq_ref[...] = ((ctx.dot(dPE, k) + t.w * dq_in) * scale).astype(dq_ref.dtype)
+        dk_ref[...] = (ctx.dot(dPE, q, ta=True) * scale + t.beta * dk_out).astype(dk_ref.dtype)
+        last = jnp.arange(C, dtype=jnp.int32) == C - 1
+        di_ref[...] = jnp.sum(Z, axis=0) + jnp.sum(sigma, axis=1)
+        dl_ref[...] = ch.scalar_grad(Z, y, sigma, rho)
+        dm_ref[...] = (-jnp.sum(Z, axis=1) - jnp.sum(y, axis=1)
+                       - jnp.where(last, jnp.sum(rho) + jnp.sum(sigma), 0.0))
+        dmp_ref[...] = jnp.where(jnp.arange(C, dtype=jnp.int32) == 0, jnp.sum(y) + jnp.sum(rho),
+                                 0.0)
 
     rows = lambda X: common.spec(H, C, X, t=0)
     state = common.states_spec(H, N, Kp, Vp, n=0)
     scalar = common.spec(H, C, t=0)
     shp = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
-    sc = jax.ShapeDtypeStruct((B, Tp, H), f32)
-    return pl.pallas_call(
-        kernel,
-        grid=(B * H, N),
+    sc = jax.ShapeDtypeStruct((B, Tp, H), F32)
+    return ctx.call(
+        kernel, grid=(B * H, N),
         in_specs=[rows(Kp), rows(Kp), rows(Vp), *_gate_specs(H, Tp), state, _chunk_vec(H, Kp),
                   state, _chunk_vec(H, Kp), rows(Vp), scalar],
         out_specs=[rows(Kp), rows(Kp), rows(Vp)] + [scalar] * 4,
         out_shape=[shp(q), shp(k), shp(v), sc, sc, sc, sc],
-        compiler_params=triton_params(cfg.warps_bwd, cfg.stages_bwd),
-        interpret=interpret(), name="mlstm_backward",
+        warps=cfg.warps_bwd, stages=cfg.stages_bwd, name="mlstm_backward",
     )(q, k, v, *gates, hs, ns, dhs, dns, do, dz)
 
 
 @functools.cache
-def _core(cfg, T, scale):
+def _core(ctx: Ctx, T: int, scale: float):
     """custom_vjp of the padded (q, k, v, i, l, m, m_prev, doc, C0, n0) -> (o, z, C_T, n_T)."""
-    kw = dict(cfg=cfg, T=T, scale=scale)
+    kw = dict(T=T, scale=scale)
 
-    def fwd(q, k, v, i, l, m, mp, doc, C0, n0):
+    def fwd(q, k, v, i, l, m, mp, doc, C0, n0, residuals):
         gates = (i, l, m, mp, doc)
-        hs, ns, CT, nT = _state_pass(k, v, None, gates, C0, n0, reverse=False, **kw)
-        o, z = _output(q, k, v, gates, hs, ns, **kw)
+        hs, ns, CT, nT = _state_pass(ctx, k, v, None, gates, C0, n0, reverse=False, **kw)
+        o, z = _output(ctx, q, k, v, gates, hs, ns, **kw)
         return (o, z, CT, nT), (q, k, v, gates, hs, ns)
 
     def bwd(res, cts):
         q, k, v, gates, hs, ns = res
         do, dz, dCT, dnT = cts
-        dhs, dns, dC0, dn0 = _state_pass(q, do, dz, gates, dCT, dnT, reverse=True, **kw)
-        dq, dk, dv, di, dl, dm, dmp = _grads(q, k, v, gates, hs, ns, dhs, dns, do, dz, **kw)
+        dhs, dns, dC0, dn0 = _state_pass(ctx, q, do, dz, gates, dCT, dnT, reverse=True, **kw)
+        dq, dk, dv, di, dl, dm, dmp = _grads(ctx, q, k, v, gates, hs, ns, dhs, dns, do, dz, **kw)
         return dq, dk, dv, di, dl, dm, dmp, None, dC0, dn0
 
-    f = jax.custom_vjp(lambda *a: fwd(*a)[0])
-    f.defvjp(fwd, bwd)
-    return f
+    return common.custom_vjp(fwd, bwd)
 
 
 def mlstm(q, k, v, i, f, *, scale, initial_state, segment_ids, chunk_size, eps, config=None):
-    """The op's chunk-impl signature (heads expanded): returns (h [B, T, H, V] in v's dtype,
+    """The op's chunk-impl signature (heads expanded) plus the kernel config (the registry always
+    passes one; None takes `TritonChunkConfig.default()`): returns (h [B, T, H, V] in v's dtype,
     (C [B, H, K, V], n [B, H, K], m [B, H]) float32)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    cfg = (config or CONFIG).for_chunk(chunk_size)
-    C = cfg.chunk
-    Tp, Kp, Vp, pad = common.padded_inputs(q, k, v, C)
+    p, doc = common.entry(q, v, segment_ids, chunk_size, config)
+    ctx = Ctx(p.cfg, "scalar", segment_ids is not None, p.dtype == F32)
     if initial_state is None:
-        C0, n0, m0 = (jnp.zeros(s, f32) for s in ((B, H, K, V), (B, H, K), (B, H)))
+        C0, n0, m0 = None, None, jnp.zeros((B, H), F32)
     else:
-        C0, n0, m0 = (s.astype(f32) for s in initial_state)
-    ig, l = i.astype(f32), jax.nn.log_sigmoid(f.astype(f32))
+        C0, n0, m0 = (s.astype(F32) for s in initial_state)
+    ig, l = i.astype(F32), jax.nn.log_sigmoid(f.astype(F32))
     m = running_max(ig, l, m0, segment_ids)
     mp = jnp.concatenate([m0[:, None], m[:, :-1]], axis=1)
-    doc = (doc_index(segment_ids) if segment_ids is not None else jnp.zeros((B, T), jnp.int32))
-    edge = lambda x: pad_time(x, Tp, mode="edge")
-    o, z, CT, nT = _core(cfg, T, float(scale))(
-        pad(q, Kp), pad(k, Kp), pad(v, Vp), pad_time(ig, Tp), pad_time(l, Tp), edge(m), edge(mp),
-        edge(doc.astype(jnp.int32)),
-        jnp.pad(C0, ((0, 0), (0, 0), (0, Kp - K), (0, Vp - V))),
-        jnp.pad(n0, ((0, 0), (0, 0), (0, Kp - K))))
+    o, z, CT, nT = _core(ctx, T, float(scale))(
+        p(q, p.Kp), p(k, p.Kp), p(v, p.Vp), p.scalars(ig), p.scalars(l),
+        p.scalars(m, mode="edge"), p.scalars(mp, mode="edge"), doc,
+        p.state(C0, B, H, K, V), p.state(n0, B, H, K))
     h = normalise(o[:, :T, :, :V], z[:, :T], m, eps)
     return h.astype(v.dtype), (CT[:, :, :K, :V], nT[:, :, :K], m[:, -1])

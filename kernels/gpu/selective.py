@@ -50,91 +50,34 @@ registers, then runs the C reverse steps. Both paths compute the same function. 
 parallel one spends two exp2 (e^L, e^{-L}; the sequential one: one forward, two backward) and C
 multiply-adds per masked product (one forward, two backward), but no step waits on the previous.
 
-Padding (inside, undone on return): T to a multiple of C with dt = x = 0 (a = 1, no input: the
-state passes through); each group's channels to a multiple of BD and N to a power of two with zeros
-(a = 1 on a zero state, B = C = 0). Arithmetic and state are float32; bf16 inputs are read as such.
+Padding (inside, undone on return; `linear_jax.ops.common.selective.pad_inputs`, shared with the
+TPU kernel, which says why zeros are neutral): T to a multiple of C, each group's channels to a
+multiple of BD, N to a power of two. Arithmetic and state are float32; bf16 inputs are read as such.
+
+Tunables: `linear_jax.kernels.configs.TritonSelectiveConfig` (its defaults and the H200 timings
+behind them are there). A fused kernel that also formed the step size, the D skip and the z gate
+(one state vector per state index, "lanes") measured at half this kernel's speed on an H200 and
+was removed (benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-from linear_jax.kernels._compat import dot, interpret, pl, triton_params
-from linear_jax.kernels.gpu import selective_lanes
-from linear_jax.kernels.gpu.common import _pow2, next_pow2
+from jax.experimental import pallas as pl
 
-from linear_jax.ops.common.chunking import pad_groups, pad_to, resets, unpad_groups
-from linear_jax.ops.common.selective import unfused
+from linear_jax.kernels.configs import TritonSelectiveConfig, next_pow2
+from linear_jax.kernels.gpu.triton import dot, interpret, triton_params
+from linear_jax.ops.common.selective import pad_inputs, scan_vjp, unfused
 
 f32 = jnp.float32
 MIN_DOT = 16  # Triton's smallest dot dimension: the parallel path needs C >= 16 and BD * N >= 16
 # Decays are formed as exp2(dt A log2 e): exp2 lowers to libdevice's exp2f (one ex2.approx), expf to
 # a longer range-reduced sequence, and the exps are most of the per-element work.
 LOG2E = 1.4426950408889634
-
-
-@dataclasses.dataclass(frozen=True)
-class SelectiveConfig:
-    """Tunables. chunk: C, steps between stored states (capped by the op's chunk_size; a program
-    holds [C, BD, N] float32 tiles, ~8-16K elements at 4 warps). block_d: channels per program,
-    halved (down to min_block_d) while the grid has fewer than min_programs programs. parallel: take
-    the time-parallel path for chunks whose decay span (-sum_t dt_t A over the chunk, every element)
-    is at most `span` (needs C >= 16); other chunks, and every chunk when False, run step by step.
-    span: the exponents are rebased to the chunk's midpoint, so factors reach e^{span / 2} (up to
-    80: e^40, far from float32's e^88); in interpret mode the parallel path's relative errors were
-    ~2e-7 at spans up to 18 and ~5e-7 at 73 (the sequential path: ~1e-7).
-
-    Defaults from the H200 runs (benchmarks/NOTES.md, B=4 T=4096 D=2048 N=16 bf16, fwd / fwd+bwd):
-    tile at chunk 8 (every chunk sequential) 2.79 / 5.99 ms, tile at chunk 16 (parallel chunks)
-    3.10 / 9.53 ms, the fused lanes kernel 6.06 / 14.13 ms; so layout "tile", chunk 8.
-    """
-
-    chunk: int = 8
-    block_d: int = 32
-    min_block_d: int = 16
-    min_programs: int = 264
-    warps: int = 4
-    warps_bwd: int = 4
-    stages: int = 1
-    parallel: bool = True
-    span: float = 60.0
-    # layout "tile": this module's kernel; "lanes": the fused kernel of selective_lanes.py (lane_*)
-    lane_block_d: int = 32
-    lane_chunk: int = 8
-    lane_warps: int = 1
-    lane_warps_bwd: int = 1
-    layout: str = "tile"
-
-    def __post_init__(self):
-        for name in ("block_d", "min_block_d"):
-            if not _pow2(getattr(self, name)):
-                raise ValueError(f"SelectiveConfig.{name} must be a power of two, "
-                                 f"got {getattr(self, name)}")
-        if not 1 <= self.chunk <= 64:
-            raise ValueError(f"SelectiveConfig.chunk must be in [1, 64], got {self.chunk}")
-        if self.warps not in (1, 2, 4, 8) or self.warps_bwd not in (1, 2, 4, 8):
-            raise ValueError("SelectiveConfig.warps, warps_bwd must be 1, 2, 4 or 8")
-        if self.layout not in ("lanes", "tile"):
-            raise ValueError("SelectiveConfig.layout must be 'lanes' or 'tile', got "
-                             f"{self.layout!r}")
-        if not _pow2(self.lane_block_d) or not 1 <= self.lane_chunk <= 32:
-            raise ValueError("SelectiveConfig.lane_block_d must be a power of two and lane_chunk "
-                             f"in [1, 32], got {self.lane_block_d}, {self.lane_chunk}")
-        if not 0.0 <= self.span <= 80.0:
-            raise ValueError(f"SelectiveConfig.span must be in [0, 80], got {self.span}")
-
-    def block(self, B: int, G: int, Dg: int) -> int:
-        bd = min(self.block_d, next_pow2(Dg, 1))
-        while B * G * -(-Dg // bd) < self.min_programs and bd > self.min_block_d:
-            bd //= 2
-        return bd
-
-
-CONFIG = SelectiveConfig()
 
 
 def _rows(refs, t, has_seg):
@@ -194,11 +137,11 @@ def _masks(C, k):
     return jnp.where(lo, 1.0, 0.0).astype(f32), jnp.where(up, 1.0, 0.0).astype(f32)
 
 
-def _msum(mask, v):
+def _msum(mask, v, interp):
     """out_t = sum_s mask[t, s] v_s for v [C, BD, N]: a [C, C] x [C, BD N] product (exact 0/1
-    mask, so 3xTF32 keeps v's float32 accuracy)."""
+    mask, so 3xTF32 keeps v's float32 accuracy; IEEE float32 in interpret mode `interp`)."""
     C, BD, N = v.shape
-    return dot(mask, v.reshape(C, BD * N), split_tf32=True).reshape(C, BD, N)
+    return dot(mask, v.reshape(C, BD * N), split_tf32=True, interpret=interp).reshape(C, BD, N)
 
 
 def _where_doc(k, value, cond_k):
@@ -206,7 +149,7 @@ def _where_doc(k, value, cond_k):
     return value if k is None else jnp.where(cond_k(k)[:, None, None], value, 0.0)
 
 
-def _par_states(blocks, A2, h, has_seg):
+def _par_states(blocks, A2, h, interp):
     """The parallel path's states of a chunk entered with h [BD, N]: (a_t h_{t-1}, h_t) [C, BD, N],
     plus (e^L, e^{-L}, e^M, e^{L_{C-1}}, the strictly upper mask) for the backward."""
     dt, x, Bm, _, k = blocks
@@ -215,7 +158,7 @@ def _par_states(blocks, A2, h, has_seg):
     lo, up = _masks(C, k)
     b = x[:, :, None] * Bm[:, None, :]
     carried = _where_doc(k, (eM * h)[None], lambda k: k == 0)
-    ha = E * (carried + _msum(lo, Einv * b))
+    ha = E * (carried + _msum(lo, Einv * b, interp))
     return ha, ha + b, (E, Einv, eM, eLast, up)
 
 
@@ -242,6 +185,7 @@ def _forward(dt, x, A, Bm, Cm, h0, r, *, C, BD, has_seg, save, cfg):
     NC = Tp // C
 
     par = _use_parallel(cfg, C, BD, Np)
+    interp = interpret(cfg)
 
     def kernel(dt_ref, x_ref, a_ref, b_ref, c_ref, h0_ref, r_ref, y_ref, hT_ref, *hs_ref):
         A_ = a_ref[...].astype(f32)
@@ -260,7 +204,7 @@ def _forward(dt, x, A, Bm, Cm, h0, r, *, C, BD, has_seg, save, cfg):
 
         def parallel(t0, h, dt):
             blocks = _blocks(refs, t0, dt, has_seg)
-            _, hs, _ = _par_states(blocks, A2, h, has_seg)
+            _, hs, _ = _par_states(blocks, A2, h, interp)
             y = jnp.sum(hs * blocks[3][:, None, :], axis=2)
             y_ref[pl.ds(t0, C), :] = y.astype(y_ref.dtype)
             return _last(hs)
@@ -290,8 +234,8 @@ def _forward(dt, x, A, Bm, Cm, h0, r, *, C, BD, has_seg, save, cfg):
         in_specs=[seq, seq, mat, grp, grp, state, doc],
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=triton_params(cfg.warps, cfg.stages),
-        interpret=interpret(),
+        compiler_params=triton_params(cfg, cfg.warps, cfg.stages),
+        interpret=interp,
         name="selective_scan_fwd",
     )(dt, x, A, Bm, Cm, h0, r)
 
@@ -304,6 +248,7 @@ def _backward(dt, x, A, Bm, Cm, hs, dy, dhT, r, *, C, BD, has_seg, cfg):
     NC, NB = Tp // C, Dp // BD
 
     par = _use_parallel(cfg, C, BD, Np)
+    interp = interpret(cfg)
 
     def kernel(dt_ref, x_ref, a_ref, b_ref, c_ref, hs_ref, dy_ref, dhT_ref, r_ref,
                ddt_ref, dx_ref, dA_ref, dB_ref, dC_ref, dh0_ref):
@@ -338,14 +283,14 @@ def _backward(dt, x, A, Bm, Cm, hs, dy, dhT, r, *, C, BD, has_seg, cfg):
             _, x, Bm, Cm, k = blocks = _blocks(refs, t0, dt, has_seg)
             rows = pl.ds(t0, C)
             dy = dy_ref[rows, :].astype(f32)
-            ha, h, (E, Einv, eM, eLast, up) = _par_states(blocks, A2, hs_ref[c], has_seg)
+            ha, h, (E, Einv, eM, eLast, up) = _par_states(blocks, A2, hs_ref[c], interp)
             dC_ref[rows, :] = jnp.sum(dy[:, :, None] * h, axis=1).astype(dC_ref.dtype)
             q = dy[:, :, None] * Cm[:, None, :]
             w = E * q                                            # e^{L_s} q_s
             wl = eLast * lam                                     # e^{L_{C-1}} lam
             K = None if k is None else jnp.max(k)                # resets in the chunk
             tail = _where_doc(k, wl[None], lambda k: k == K)
-            g = q + Einv * (_msum(up, w) + tail)                 # q_t + a_{t+1} g_{t+1}
+            g = q + Einv * (_msum(up, w, interp) + tail)                 # q_t + a_{t+1} g_{t+1}
             first = jnp.sum(_where_doc(k, w, lambda k: k == 0), axis=0)
             lam = eM * (first + (wl if k is None else jnp.where(K == 0, wl, 0.0)))  # a_0 g_0
             dx_ref[rows, :] = jnp.sum(g * Bm[:, None, :], axis=2).astype(dx_ref.dtype)
@@ -380,8 +325,8 @@ def _backward(dt, x, A, Bm, Cm, hs, dy, dhT, r, *, C, BD, has_seg, cfg):
                    jax.ShapeDtypeStruct((Bsz, Tp, NB, Np), f32),
                    jax.ShapeDtypeStruct((Bsz, Tp, NB, Np), f32),
                    jax.ShapeDtypeStruct((Bsz, Dp, Np), f32)],
-        compiler_params=triton_params(cfg.warps_bwd, cfg.stages),
-        interpret=interpret(),
+        compiler_params=triton_params(cfg, cfg.warps_bwd, cfg.stages),
+        interpret=interp,
         name="selective_scan_bwd",
     )(dt, x, A, Bm, Cm, hs, dy, dhT, r)
 
@@ -390,59 +335,32 @@ def _backward(dt, x, A, Bm, Cm, hs, dy, dhT, r, *, C, BD, has_seg, cfg):
 def _core(cfg, has_seg, C, BD):
     """custom_vjp of the padded (dt, x, A, Bm, Cm, h0, r) -> (y, hT)."""
     kw = dict(C=C, BD=BD, has_seg=has_seg, cfg=cfg)
-
-    def fwd(dt, x, A, Bm, Cm, h0, r):
-        y, hT, hs = _forward(dt, x, A, Bm, Cm, h0, r, save=True, **kw)
-        return (y, hT), (dt, x, A, Bm, Cm, hs, r)
-
-    def bwd(res, cts):
-        dt, x, A, Bm, Cm, hs, r = res
-        dy, dhT = cts
-        ddt, dx, dA, dB, dC, dh0 = _backward(dt, x, A, Bm, Cm, hs, dy, dhT, r, **kw)
-        Bsz, Tp, G, Np = Bm.shape
-        per_group = lambda d: d.reshape(Bsz, Tp, G, -1, Np).sum(3).astype(Bm.dtype)
-        return (ddt, dx, dA.sum(0).astype(A.dtype), per_group(dB), per_group(dC), dh0, None)
-
-    f = jax.custom_vjp(lambda *args: tuple(_forward(*args, save=False, **kw)))
-    f.defvjp(fwd, bwd)
-    return f
+    return scan_vjp(functools.partial(_forward, **kw), functools.partial(_backward, **kw),
+                    group_axis=2)
 
 
 def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, *, initial_state,
                    segment_ids, chunk_size, config=None):
-    """The op's impl signature (`linear_jax.ops.selective_scan.unfused` says it): the fused lanes
-    kernel, or with layout "tile" this module's kernel with the step size, D and z in XLA."""
-    cfg = config or CONFIG
-    kw = dict(initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size)
-    if cfg.layout == "lanes":
-        return selective_lanes.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                              cfg=cfg, **kw)
-    tile = functools.partial(selective_scan_tile, config=cfg)
-    return unfused(tile)(u, delta, A, B, C, D, z, delta_bias, delta_softplus, **kw)
+    """The op's impl signature (`linear_jax.ops.common.selective.unfused` says it): this module's
+    scan with the step size, D and z in XLA."""
+    return unfused(functools.partial(scan, config=config))(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state=initial_state,
+        segment_ids=segment_ids, chunk_size=chunk_size)
 
 
-def selective_scan_tile(dt, x, A, Bm, Cm, *, initial_state, segment_ids, chunk_size, config=None):
-    """dt, x = dt * u [B, T, D]; A [D, N]; Bm, Cm [B, T, G, N]; initial_state [B, D, N] or None.
-    Returns (y [B, T, D] in x's dtype, final state [B, D, N] float32)."""
-    cfg = config or CONFIG
+def scan(dt, x, A, Bm, Cm, *, initial_state, segment_ids, chunk_size, config=None):
+    """dt, x = dt * u [B, T, D]; A [D, N]; Bm, Cm [B, T, G, N]; initial_state [B, D, N] or None;
+    config: a TritonSelectiveConfig (None: its default for this device). Returns (y [B, T, D] in
+    x's dtype, final state [B, D, N] float32)."""
+    cfg = config or TritonSelectiveConfig.default(jax.devices()[0])
     Bsz, T, D = x.shape
     G, N = Bm.shape[2:]
-    Dg = D // G
-    BD = cfg.block(Bsz, G, Dg)
-    Dgp, Np = -(-Dg // BD) * BD, next_pow2(N, 1)
+    BD = cfg.block(Bsz, G, D // G)
     C = max(1, min(cfg.chunk, chunk_size))
     Tp = -(-T // C) * C
-
-    pad = pad_to
-    chan = lambda v, axis: pad_groups(v, axis, G, Dgp)
-    unchan = lambda v, axis: unpad_groups(v, axis, G, Dg)
-
-    h0 = jnp.zeros((Bsz, D, N), f32) if initial_state is None else initial_state.astype(f32)
-    has_seg = segment_ids is not None
-    r = (resets(segment_ids).astype(jnp.int32) if has_seg
-         else jnp.zeros((Bsz, T), jnp.int32))
-    seq = lambda v: pad(chan(v, 2), 1, Tp)
-    y, hT = _core(cfg, has_seg, C, BD)(
-        seq(dt), seq(x), pad(chan(A, 0), 1, Np), pad(pad(Bm, 1, Tp), 3, Np),
-        pad(pad(Cm, 1, Tp), 3, Np), pad(chan(h0, 1), 2, Np), pad(r, 1, Tp))
-    return unchan(y[:, :T], 2), unchan(hT[..., :N], 1)
+    (dt, x, A, Bm, Cm, h0, r), unpad = pad_inputs(
+        dt, x, A, Bm, Cm, initial_state, segment_ids, Tp=Tp, Dgp=-(-(D // G) // BD) * BD,
+        Np=next_pow2(N, 1))
+    has_seg = r is not None
+    r = r.astype(jnp.int32) if has_seg else jnp.zeros((Bsz, Tp), jnp.int32)
+    return unpad(*_core(cfg, has_seg, C, BD)(dt, x, A, Bm, Cm, h0, r))

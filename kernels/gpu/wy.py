@@ -1,123 +1,96 @@
-"""The UT (WY) transform of the delta-rule family, one chunk per program, as a Pallas kernel.
+"""The UT (WY) transform of the delta-rule family, one chunk per program, as Pallas kernels.
 
-Inside a chunk (G the chunk-local cumulative gate, Gamma_ij = exp(G_i - G_j) for j <= i in one
-document, see `linear_jax.ops.common.delta_chunk`):
+Inside a chunk (D the gate spans, same / in_rows the document masks, see
+`linear_jax.ops.common.delta_chunk`):
 
-    L = strictly_lower(diag(beta) (K K^T * Gamma)),   T = (I + L)^{-1}
-    W = T diag(beta) (K * exp(G) * in_rows),          U = T diag(beta) V
+    L = strictly_lower(diag(beta) (K K^T * exp(D)) * same),   T = (I + L)^{-1}
+    W = T diag(beta) (K * exp(Gin) * in_rows),                U = T diag(beta) V
 
-T is formed over sub-chunks of c rows. The diagonal blocks D = diag_a (I + L_aa)^{-1} by forward
-substitution, all s = C / c blocks at once: step i sets row i of every block, D <- D + P_i (I - D)
-- (P_i L_d) D with P_i the projector on rows i, c + i, ... and L_d the block-diagonal part of L, so
-each of the c sequential steps is one [C, C] masked matmul rather than c steps per block. Then, with
-L_o the strictly block-lower rest and M = D L_o (block-nilpotent: M^s = 0),
-
-    T = (I + L)^{-1} = (I + M)^{-1} D = (I - M)(I + M^2)(I + M^4)... D      (log2(s) factors)
-
-the block forward substitution regrouped as whole-chunk matmuls. No power of L itself is formed
-(whose entries can reach C(C, m) for correlated keys), only powers of the block-scaled M, whose
-nilpotency index is s, and no exp(-G). Two kernels, both over grid (B*H, N): `delta_ut_inverse`
-forms T, `delta_ut_apply` reads it back as one [C, C] tile for W and U (the two-pass forward; the
-one-pass forward of `fused.py` applies T itself).
+T is `tiles.unit_lower_inverse` (recursive doubling: 2 log2(C) [C, C] products, the same algorithm
+as the TPU kernel and the XLA form), on the tensor cores at float32 accuracy (3xTF32) for float32
+inputs and in tf32 for bf16 / fp16 inputs, whose rounding (2^-11) stays below the inputs' own.
+Against the earlier sub-chunk substitution (16 row steps of one [C, C] product each, then the
+block-lower part by a nilpotent product: about 20 [C, C] products at C = 64) this takes 12.
+Two kernels, both over grid (B*H, N): `delta_ut_inverse` forms T, `delta_ut_apply` reads it back
+as one [C, C] tile for W and U (the two-pass forward; the one-pass forward of `fused.py` applies
+T itself).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from linear_jax.kernels._compat import dot, interpret, pl, triton_params
+from jax.experimental import pallas as pl
+
+from linear_jax.kernels import tiles
 from linear_jax.kernels.gpu import common
+from linear_jax.kernels.gpu.chunk_state import gate_rows
+from linear_jax.kernels.gpu.common import F32, Chunk
+from linear_jax.kernels.gpu.triton import dot, interpret
 
-f32 = jnp.float32
 
-
-def ut_transform(k, v, beta, G, doc, *, cfg, gated, has_seg):
-    """k [B,Tp,H,Kp], v [B,Tp,H,Vp], beta [B,Tp,H] float32, G [B,Tp,H] float32 (used if gated),
-    doc [B,Tp] int32. Returns W [B,Tp,H,Kp] (`common.half_dtype`), and U [B,Tp,H,Vp] and
-    T [B,Tp,H,C] (kept for the backward) in float32."""
-    Tm = inverse(k, beta, G, doc, cfg=cfg, gated=gated, has_seg=has_seg)
-    W, U = _apply(k, v, beta, G, doc, Tm, cfg=cfg, gated=gated, has_seg=has_seg)
+def ut_transform(ctx, k, v, beta, g, G, doc):
+    """k [B,Tp,H,Kp], v [B,Tp,H,Vp], beta [B,Tp,H] float32, g [B,Tp,H] float32 and its prefix
+    sums G (any arrays without a gate), doc [B,Tp] int32. Returns W [B,Tp,H,Kp]
+    (`common.half_dtype`), and U [B,Tp,H,Vp] and T [B,Tp,H,C] (kept for the backward) in
+    float32."""
+    Tm = inverse(ctx, k, beta, g, doc)
+    W, U = _apply(ctx, k, v, beta, G, doc, Tm)
     return W, U, Tm
 
 
-def inverse(k, beta, G, doc, *, cfg, gated, has_seg):
+def gated_L(ctx, ch, k, beta, g):
+    """(L [C, C], the decay exp(D) on causal same-document pairs, e_in [C, 1]) of a chunk, from its
+    keys k [C, Kp], beta [C] and gates g [C] (None: no gate)."""
+    decay, e_in, _, _ = ch.scalar(g)
+    L = ctx.dot(k, k, tb=True) * beta[:, None] * decay
+    return jnp.where(ch.row > ch.col, L, 0.0), decay, e_in
+
+
+def inverse(ctx, k, beta, g, doc):
     """T = (I + L)^{-1} of every chunk, [B, Tp, H, C] float32."""
     B, Tp, H, Kp = k.shape
-    C, c = cfg.chunk, cfg.sub_chunk
-    s, exact = C // c, k.dtype == f32
-    # float32 inputs: float32-accurate products (3xTF32); bf16/fp16 inputs: tf32, whose rounding
-    # (2^-11) stays below the inputs' own
-    prec = dict(split_tf32=exact)
+    C = ctx.C
+    # float32 inputs: float32-accurate products (3xTF32); bf16/fp16 inputs: tf32
+    mm = lambda a, b: dot(a, b, split_tf32=ctx.f32, interpret=interpret(ctx.cfg))
 
     def kernel(k_ref, b_ref, g_ref, doc_ref, t_ref):
-        n = pl.program_id(1)
-        r = jnp.arange(C, dtype=jnp.int32)
-        mask = r[:, None] > r[None, :]
-        if has_seg:
-            d = doc_ref[pl.ds(n * C, C)]
-            mask = mask & (d[:, None] == d[None, :])
-        k = k_ref[...]
-        L = dot(k, k, tb=True, exact=exact) * b_ref[...][:, None]
-        if gated:
-            G = g_ref[...][:, None]
-            L = L * jnp.exp(jnp.where(mask, G - G.reshape(1, C), -jnp.inf))
-        L = jnp.where(mask, L, 0.0)
-        diag_block = (r[:, None] // c) == (r[None, :] // c)
-        eye = jnp.where(r[:, None] == r[None, :], 1.0, 0.0)
-
-        def row(i, D):                          # row i of every diagonal block
-            on = (r % c == i)[:, None]
-            Li = jnp.where(on & diag_block, L, 0.0)
-            return jnp.where(on, eye, D) - dot(Li, D, **prec)
-
-        D = jax.lax.fori_loop(0, c, row, jnp.zeros((C, C), f32))
-        M = dot(D, jnp.where(diag_block, 0.0, L), **prec)
-        T = D - dot(M, D, **prec)       # (I - M) D
-        P = M
-        for _ in range((s - 1).bit_length() - 1):  # (I + M^2)(I + M^4)...: M^s = 0
-            P = dot(P, P, **prec)
-            T = T + dot(P, T, **prec)
-        t_ref[...] = T
+        ch = Chunk(ctx, pl.program_id(1), doc_ref)
+        L, _, _ = gated_L(ctx, ch, k_ref[...], b_ref[...],
+                          g_ref[...] if ctx.kind == "scalar" else None)
+        t_ref[...] = tiles.unit_lower_inverse(L, ch.row, ch.col, mm)
 
     rows = lambda X: common.spec(H, C, X, t=0)
-    return pl.pallas_call(
+    return ctx.call(
         kernel, grid=(B * H, Tp // C),
         in_specs=[rows(Kp), common.spec(H, C, t=0), common.spec(H, C, t=0),
                   common.doc_spec(H, Tp)],
-        out_specs=rows(C),
-        out_shape=jax.ShapeDtypeStruct((B, Tp, H, C), f32),
-        compiler_params=triton_params(cfg.warps_out, 1),
-        interpret=interpret(), name="delta_ut_inverse",
-    )(k, beta, G, doc)
+        out_specs=rows(C), out_shape=jax.ShapeDtypeStruct((B, Tp, H, C), F32),
+        warps=ctx.cfg.warps_out, stages=1, name="delta_ut_inverse",
+    )(k, beta, g, doc)
 
 
-def _apply(k, v, beta, G, doc, Tm, *, cfg, gated, has_seg):
+def _apply(ctx, k, v, beta, G, doc, Tm):
     B, Tp, H, Kp = k.shape
-    Vp, C = v.shape[-1], cfg.chunk
-    BV, exact = common.value_block(Vp, cfg.block_v_out), k.dtype == f32
+    Vp, C = v.shape[-1], ctx.C
+    BV = common.value_block(Vp, ctx.cfg.block_v_out)
 
     def kernel(k_ref, v_ref, b_ref, g_ref, doc_ref, t_ref, w_ref, u_ref):
-        n = pl.program_id(1)
+        ch = Chunk(ctx, pl.program_id(1), doc_ref)
+        _, e_in, _, _ = gate_rows(ctx, ch, g_ref, 0)
         Tm, beta = t_ref[...], b_ref[...][:, None]
-        x = k_ref[...].astype(f32) * beta                    # beta k_in
-        if gated:
-            x = x * jnp.exp(g_ref[...][:, None])
-        if has_seg:
-            in_rows = doc_ref[pl.ds(n * C, C)] == doc_ref[jnp.maximum(n * C - 1, 0)]
-            x = jnp.where(in_rows[:, None], x, 0.0)
-        w_ref[...] = dot(Tm, x, exact=exact).astype(w_ref.dtype)
+        w_ref[...] = ctx.dot(Tm, k_ref[...].astype(F32) * (beta * e_in)).astype(w_ref.dtype)
         for vb in range(Vp // BV):
             cols = pl.ds(vb * BV, BV)
-            u_ref[:, cols] = dot(Tm, v_ref[:, cols].astype(f32) * beta, exact=exact)
+            u_ref[:, cols] = ctx.dot(Tm, v_ref[:, cols].astype(F32) * beta)
 
     rows = lambda X: common.spec(H, C, X, t=0)
-    return pl.pallas_call(
+    return ctx.call(
         kernel, grid=(B * H, Tp // C),
         in_specs=[rows(Kp), rows(Vp), common.spec(H, C, t=0), common.spec(H, C, t=0),
                   common.doc_spec(H, Tp), rows(C)],
         out_specs=[rows(Kp), rows(Vp)],
         out_shape=[jax.ShapeDtypeStruct((B, Tp, H, Kp), common.half_dtype(k.dtype)),
-                   jax.ShapeDtypeStruct((B, Tp, H, Vp), f32)],
-        compiler_params=triton_params(cfg.warps_out, cfg.stages_out),
-        interpret=interpret(), name="delta_ut_apply",
+                   jax.ShapeDtypeStruct((B, Tp, H, Vp), F32)],
+        warps=ctx.cfg.warps_out, stages=ctx.cfg.stages_out, name="delta_ut_apply",
     )(k, v, beta, G, doc, Tm)

@@ -1,20 +1,21 @@
-"""pallas_call plumbing and custom_vjp shared by the TPU kernels of the decay family (simple GLA,
-GLA) and of the delta rule (with its per-token `beta`).
+"""pallas_call plumbing, chunk-to-chunk state carry and custom_vjp shared by the TPU kernels of the
+decay family (simple GLA, GLA) and of the delta rule (with its per-token `beta`).
 
-A kernel module gives its forward and backward bodies; this module lays the inputs out
-(`_layout`), builds the grid (B, H, N) with batch and heads "parallel" and the chunks "arbitrary"
-(sequential, the [K, V] float32 state carried in VMEM scratch), and wires the custom_vjp: the
-forward pass under autodiff also writes every chunk's entering state (the backward needs S_in per
-chunk; recomputing it would take a second sweep), and the backward sweeps the chunks in reverse
-(index map n -> N-1-n) carrying dS = dL/dS_out.
+A kernel module gives the bodies of one chunk; this module lays the inputs out (`_layout`), builds
+the grid (B, H, N) with batch and heads "parallel" and the chunks "arbitrary" (sequential, the
+[K, V] float32 state carried in VMEM scratch), carries the state from chunk to chunk, and wires the
+custom_vjp: the forward pass under autodiff also writes every chunk's entering state (the backward
+needs S_in per chunk; recomputing it would take a second sweep), and the backward sweeps the chunks
+in reverse (index map n -> N-1-n) carrying dS = dL/dS_out.
 
-Ref order seen by the bodies:
-  forward:  q, k, v, gate, [beta], [docs], s0 | o, s_final, [s_chunks] | S (scratch), *extra
-  backward: q, k, v, gate, [beta], [docs], s_chunks, do, ds_final
-            | dq, dk, dv, dgate, [dbeta], ds0 | dS, *extra
-Vector gates come as [C, K_pad] blocks. Per-token scalars (a scalar gate, beta, the relative
-document index) come as [N, C] tables resident in VMEM for a whole (b, h) and read one row per
-chunk (`_layout.table_row`): a [T, 1] array would be padded to 128 lanes in HBM and cost as much
+The bodies see one chunk, its input refs as `Chunk` (beta, docs None where the op has none):
+  forward:  fwd(chunk, o_ref, S_in, extra, **static) -> S_out            (writes o)
+  backward: bwd(chunk, S_in, do, dS, outs, extra, **static) -> dS_in     (writes dq, dk, dv,
+            dgate[, dbeta] through outs)
+with `extra` the kernel's own VMEM scratch and static = (C, scale, mode, cfg). Vector gates come as
+[C, K_pad] blocks. Per-token scalars (a scalar gate, beta, the relative document index) come as
+[N, C] tables resident in VMEM for a whole (b, h) and read one row per chunk
+(`_layout.table_row`): a [T, 1] array would be padded to 128 lanes in HBM and cost as much
 bandwidth as q. Their gradients leave the same way.
 """
 
@@ -27,17 +28,18 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
-from linear_jax.kernels.tpu import _compat, _layout
-from linear_jax.kernels.tpu._layout import F32
-from linear_jax.kernels.tpu.config import TpuConfig
 
-_SQ = _compat.SQUEEZED
+from linear_jax.kernels import tiles
+from linear_jax.kernels.configs import TpuConfig
+from linear_jax.kernels.tpu import _layout, mosaic
+from linear_jax.kernels.tpu.mosaic import F32
+
+_SQ = mosaic.SQUEEZED
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelDef:
-    """One op's kernel bodies. `scratch(C, K_pad, V_pad, cfg)` lists extra VMEM scratch."""
+    """One op's chunk bodies. `scratch(C, K_pad, V_pad, cfg)` lists extra VMEM scratch."""
 
     name: str
     vector_gate: bool
@@ -48,6 +50,27 @@ class KernelDef:
     bwd_scratch: Callable = lambda C, Kp, Vp, cfg: []
 
 
+class Chunk:
+    """This grid step's chunk: its index, iotas, document masks and input refs."""
+
+    def __init__(self, refs, kdef, docs, C, reverse):
+        it = iter(refs)
+        self.q, self.k, self.v, self.g = (next(it) for _ in range(4))
+        self.beta = next(it) if kdef.beta else None
+        self.docs = next(it) if docs else None
+        self.rest = list(it)
+        self.idx = _layout.chunk_index(reverse)
+        self.row, self.col = tiles.iotas(C)
+        self.masks = _layout.doc_masks_at(self.docs, self.idx, self.row, self.col)
+
+    def table(self, ref):
+        """This chunk's row of a per-token table as (column [C, 1], row [1, C])."""
+        return _layout.table_row(ref, self.idx, self.row, self.col)
+
+    def store(self, ref, column):
+        _layout.store_row(ref, self.idx, column, self.row, self.col)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Static:
     kdef: KernelDef
@@ -55,6 +78,49 @@ class _Static:
     scale: float
     mode: str             # "exact" (float32 operands) or "fast" (bf16 operands)
     cfg: TpuConfig
+
+    def body_kw(self):
+        return dict(C=self.C, scale=self.scale, mode=self.mode, cfg=self.cfg)
+
+
+def _fwd_kernel(*refs, s, docs, save):
+    ch = Chunk(refs, s.kdef, docs, s.C, reverse=False)
+    s0_ref, o_ref, sT_ref, *rest = ch.rest
+    sc_ref = rest.pop(0) if save else None
+    S_ref, *extra = rest
+    n = pl.program_id(2)
+
+    @pl.when(n == 0)
+    def _():
+        S_ref[...] = s0_ref[...]
+
+    S_in = S_ref[...]
+    if save:
+        sc_ref[...] = S_in
+    S_ref[...] = s.kdef.fwd(ch, o_ref, S_in, extra, **s.body_kw())
+
+    @pl.when(n == pl.num_programs(2) - 1)
+    def _():
+        sT_ref[...] = S_ref[...]
+
+
+def _bwd_kernel(*refs, s, docs):
+    ch = Chunk(refs, s.kdef, docs, s.C, reverse=True)
+    sc_ref, do_ref, dsT_ref, *rest = ch.rest
+    n_out = 5 + s.kdef.beta
+    outs, ds0_ref, dS_ref, extra = rest[:n_out - 1], rest[n_out - 1], rest[n_out], rest[n_out + 1:]
+    m = pl.program_id(2)
+
+    @pl.when(m == 0)
+    def _():
+        dS_ref[...] = dsT_ref[...]
+
+    dS_ref[...] = s.kdef.bwd(ch, sc_ref[...], do_ref[...], dS_ref[...], outs, extra,
+                             **s.body_kw())
+
+    @pl.when(m == pl.num_programs(2) - 1)
+    def _():
+        ds0_ref[...] = dS_ref[...]
 
 
 def _table(x, C):
@@ -82,9 +148,8 @@ def _call(s, kernel, name, grid, in_specs, out_specs, out_shape, scratch):
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
         scratch_shapes=scratch, name=name,
-        compiler_params=_compat.compiler_params(("parallel", "parallel", "arbitrary"),
-                                                s.cfg.vmem_limit_bytes),
-        interpret=_compat.interpret_arg(s.cfg.interpret))
+        compiler_params=mosaic.compiler_params(s.cfg, ("parallel", "parallel", "arbitrary")),
+        interpret=mosaic.interpret(s.cfg))
 
 
 def _args(s, g, beta, docs):
@@ -102,9 +167,8 @@ def _forward(s, q, k, v, g, beta, docs, s0, save):
     if save:
         out_shape.append(jax.ShapeDtypeStruct((B, H, N, Kp, Vp), F32))
         out_specs.append(chunk_state)
-    kernel = functools.partial(s.kdef.fwd, C=s.C, scale=s.scale, docs=docs is not None,
-                               save=save, mode=s.mode, cfg=s.cfg)
-    scratch = [pltpu.VMEM((Kp, Vp), F32)] + s.kdef.fwd_scratch(s.C, Kp, Vp, s.cfg)
+    kernel = functools.partial(_fwd_kernel, s=s, docs=docs is not None, save=save)
+    scratch = [mosaic.vmem((Kp, Vp))] + s.kdef.fwd_scratch(s.C, Kp, Vp, s.cfg)
     args = [q, k, v, *_args(s, g, beta, docs), s0]
     return _call(s, kernel, f"{s.kdef.name}_fwd", (B, H, N), specs + [state], out_specs,
                  out_shape, scratch)(*args)
@@ -138,9 +202,8 @@ def _core_bwd(s, res, cts):
         out_specs.append(table)
     out_shape.append(jax.ShapeDtypeStruct((B, H, Kp, Vp), F32))
     out_specs.append(state)
-    kernel = functools.partial(s.kdef.bwd, C=s.C, scale=s.scale, docs=docs is not None,
-                               mode=s.mode, cfg=s.cfg)
-    scratch = [pltpu.VMEM((Kp, Vp), F32)] + s.kdef.bwd_scratch(s.C, Kp, Vp, s.cfg)
+    kernel = functools.partial(_bwd_kernel, s=s, docs=docs is not None)
+    scratch = [mosaic.vmem((Kp, Vp))] + s.kdef.bwd_scratch(s.C, Kp, Vp, s.cfg)
     args = [q, k, v, *_args(s, g, beta, docs), sc, do.astype(v.dtype), dsT.astype(F32)]
     dq, dk, dv, dg, *dbeta, ds0 = _call(
         s, kernel, f"{s.kdef.name}_bwd", (B, H, N), specs + [chunk_state, tok(Vp), state],
@@ -153,8 +216,10 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 
 def run(kdef: KernelDef, q, k, v, g, *, scale, initial_state, segment_ids, chunk_size,
-        config: TpuConfig, beta=None):
-    """The op-level entry: [B, T, H, D] inputs (heads expanded) -> (o in v's dtype, S float32)."""
+        config: TpuConfig | None, beta=None):
+    """The op-level entry: [B, T, H, D] inputs (heads expanded) -> (o in v's dtype, S float32).
+    config: the registry always passes one; None takes `TpuConfig.default()`."""
+    config = config or TpuConfig.default()
     B, T, H, K = q.shape
     V = v.shape[-1]
     dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)

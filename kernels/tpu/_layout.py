@@ -1,4 +1,4 @@
-"""Wrapper-side layout shared by the TPU kernels, and the in-kernel matmul and gate helpers.
+"""Wrapper-side layout shared by the TPU kernels, and the in-kernel reads of per-token tables.
 
 Kernels see head-major blocks `[C, D]` of `[B, H, T_pad, D_pad]` arrays: T padded to a multiple of
 the chunk C (zero rows change no state), K and V padded to the lane width (zero columns add
@@ -11,13 +11,11 @@ masked lane sum, so a [C, C] mask is one compare of two broadcasts and nothing n
 from __future__ import annotations
 
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 
+from linear_jax.kernels import tiles
+from linear_jax.kernels.tpu.mosaic import F32
 from linear_jax.ops.common.chunking import chunk_docs, pad_time
-
-F32 = jnp.float32
-HIGHEST = lax.Precision.HIGHEST
 
 
 def round_up(x: int, m: int) -> int:
@@ -52,43 +50,6 @@ def doc_table(segment_ids, T: int, C: int):
 
 # ---- in-kernel helpers -------------------------------------------------------------------------
 
-def dot(a, b, *, ta: bool = False, tb: bool = False, mode: str = "exact"):
-    """a @ b with a or b transposed, float32 accumulation.
-
-    mode "exact": float32 operands at HIGHEST precision (multi-pass on the MXU). "mask": `a` is a
-      0/1 matrix (exact in bf16) and `b` float32 split exactly into three bf16 parts: three passes
-      give the float32 result of HIGHEST's six; this forms the span sums of gates and routes their
-      gradients. "fast": bf16 operands, one MXU pass.
-    "split": `a` as a sum of two bf16 parts, `b` in bf16 (for bf16 inputs, where b is exact in bf16
-      and a is a float32 product that feeds the carried state, so the state keeps ~16 bits).
-    "split3": both split, three passes (hi hi + lo hi + hi lo): ~16 bits for two float32 operands.
-    """
-    dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
-    if mode == "exact":
-        return lax.dot_general(a.astype(F32), b.astype(F32), dims, precision=HIGHEST,
-                               preferred_element_type=F32)
-    bf = jnp.bfloat16
-    if mode == "mask":
-        a, b = a.astype(bf), b.astype(F32)
-        out = None
-        for _ in range(3):
-            part = b.astype(bf)
-            term = lax.dot_general(a, part, dims, preferred_element_type=F32)
-            out = term if out is None else out + term
-            b = b - part.astype(F32)
-        return out
-    bb = b.astype(bf)
-    hi = a.astype(bf)
-    out = lax.dot_general(hi, bb, dims, preferred_element_type=F32)
-    if mode in ("split", "split3"):
-        lo = (a.astype(F32) - hi.astype(F32)).astype(bf)
-        out = out + lax.dot_general(lo, bb, dims, preferred_element_type=F32)
-    if mode == "split3":
-        b_lo = (b.astype(F32) - bb.astype(F32)).astype(bf)
-        out = out + lax.dot_general(hi, b_lo, dims, preferred_element_type=F32)
-    return out
-
-
 def chunk_index(reverse: bool):
     """The chunk this grid step works on (the backward sweeps the chunks in reverse)."""
     n = pl.program_id(2)
@@ -107,25 +68,7 @@ def store_row(ref, idx, column, row, col):
 
 
 def doc_masks_at(ref, idx, row, col):
-    """`doc_masks` for chunk idx of the document table ref (None: a single document)."""
+    """`tiles.doc_masks` of chunk idx from the document table ref (None: a single document)."""
     if ref is None:
-        return doc_masks(None, None, row, col)
-    return doc_masks(*table_row(ref, idx, row, col), row, col)
-
-
-def iotas(C: int):
-    return lax.broadcasted_iota(jnp.int32, (C, C), 0), lax.broadcasted_iota(jnp.int32, (C, C), 1)
-
-
-def doc_masks(dc, dr, row, col):
-    """Masks of the decay chunk form (`linear_jax.ops.common.decay_chunk`) from the relative
-    document index as a column dc [C, 1] and a row dr [1, C], float32 (None: a single document).
-
-    Returns same [C, C] (causal, same document), in_rows [C, 1] (rows the entering state reaches),
-    out_rows [C, 1] (rows that write the leaving state), keep [1, 1] (the entering state survives).
-    """
-    causal = row >= col
-    if dc is None:
-        return causal, None, None, None
-    last = jnp.max(dr, axis=1, keepdims=True)               # documents only increase in a chunk
-    return causal & (dc == dr), dc == 0.0, dc == last, last == 0.0
+        return tiles.doc_masks(None, None, row, col)
+    return tiles.doc_masks(*table_row(ref, idx, row, col), row, col)

@@ -8,145 +8,100 @@ gate's span sums of `simple_gla` (g = 0 for `delta_rule`):
     o   = scale [(q k^T) * exp(D) * same] u + scale (in * exp(Gin) * q) S_in
     S_out = keep exp(Gin_last) S_in + (out * exp(R) * k)^T u
 
-The triangular solve is blocked for the MXU: T is built by recursive doubling of the diagonal
-blocks, X <- X - X M X with X the inverse over blocks of size b and M the part of L coupling two
-neighbouring b-blocks (exact: M X M = 0), b = 1, 2, 4, ... < C, i.e. 2 log2(C) [C, C] products at
-float32 precision, no row-by-row scalar work. Backward (reverse chunk sweep, dS carried):
+The triangular solve is `tiles.unit_lower_inverse` (recursive doubling: 2 log2(C) [C, C] products
+at float32 precision on the MXU, no row-by-row scalar work; the same algorithm as the GPU kernels
+and the XLA form). Backward (reverse chunk sweep, dS carried):
 
     du = A^T do + kg dS,  dW = -du S_in^T,  dB = T^T [dW | du],  dL = -strict(dB_k W^T + dB_v U^T)
 
-and dL, dA feed dk, dbeta and the gate through the same span-sum routing as `simple_gla`.
+and dL, dA feed dk, dbeta and the gate through the same span-sum routing as `simple_gla`
+(`tiles.scalar_gate_grad` of the pairs dA * A + dL * L).
 Grid, state carry and custom_vjp: `_decay`.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
-from jax import lax
-from jax.experimental import pallas as pl
-from linear_jax.kernels.tpu import _layout
+
+from linear_jax.kernels import tiles
+from linear_jax.kernels.configs import TpuConfig
 from linear_jax.kernels.tpu._decay import KernelDef, run
-from linear_jax.kernels.tpu._layout import F32, dot
-from linear_jax.kernels.tpu.config import DEFAULT, TpuConfig
-from linear_jax.kernels.tpu.simple_gla import chunk_gates, scalar_gate_grad, unpack
+from linear_jax.kernels.tpu.mosaic import F32, dot
+from linear_jax.kernels.tpu.simple_gla import gate_grad, gate_terms
+
+rowsum = lambda x: jnp.sum(x, axis=1, keepdims=True)
 
 
-def unit_lower_inverse(L, row, col):
-    """(I + L)^{-1} for L strictly lower triangular [C, C], by recursive block doubling."""
-    C = L.shape[0]
-    X = (row == col).astype(F32)
-    size = 1
-    while size < C:
-        sh = size.bit_length() - 1
-        pair = lax.shift_right_logical(row, sh + 1) == lax.shift_right_logical(col, sh + 1)
-        split = lax.shift_right_logical(row, sh) != lax.shift_right_logical(col, sh)
-        M = jnp.where(pair & split, L, 0.0)
-        X = X - dot(X, dot(M, X))
-        size *= 2
-    return X
+class _Terms:
+    """The chunk's gate factors, T = (I + L)^-1, W and U (module docstring)."""
 
-
-class _Chunk:
-    def __init__(self, refs, docs, C, mode, reverse):
-        (q_ref, k_ref, v_ref, g_ref, b_ref), d_ref, self.rest = unpack(refs, docs, 5)
-        self.idx, row, col, terms = chunk_gates(g_ref, d_ref, reverse, C)
-        self.row, self.col = row, col
-        self.decay, self.e_in, self.e_out, self.a = terms
-        self.q, self.k, self.v = q_ref[...], k_ref[...], v_ref[...]
+    def __init__(self, ch, mode):
+        row, col = ch.row, ch.col
+        self.decay, self.e_in, self.e_out, self.a = gate_terms(ch)
+        self.q, self.k, self.v = ch.q[...], ch.k[...], ch.v[...]
         self.kf, self.vf = self.k.astype(F32), self.v.astype(F32)
-        self.beta = _layout.table_row(b_ref, self.idx, row, col)[0]
+        self.beta = ch.table(ch.beta)[0]
         self.st = "split3" if mode == "fast" else mode    # products that feed the carried state
         self.KK = dot(self.k, self.k, tb=True, mode=mode)
         self.L = jnp.where(row > col, self.beta * self.KK * self.decay, 0.0)
-        self.T = unit_lower_inverse(self.L, row, col)
+        self.T = tiles.unit_lower_inverse(self.L, row, col, dot)
         self.Bk = self.beta * self.e_in * self.kf
         self.W = dot(self.T, self.Bk, mode=self.st)
         self.U = dot(self.T, self.beta * self.vf, mode=self.st)
 
 
-def _fwd_kernel(*refs, C, scale, docs, save, mode, cfg):
-    ch = _Chunk(refs, docs, C, mode, reverse=False)
-    s0_ref, o_ref, sT_ref = ch.rest[:3]
-    sc_ref = ch.rest[3] if save else None
-    S_ref = ch.rest[-1]
-    n = pl.program_id(2)
-
-    @pl.when(n == 0)
-    def _():
-        S_ref[...] = s0_ref[...]
-
-    S_in = S_ref[...]
-    if save:
-        sc_ref[...] = S_in
-    u = ch.U - dot(ch.W, S_in, mode=ch.st)
-    A = dot(ch.q, ch.k, tb=True, mode=mode) * (scale * ch.decay)
-    o = dot(A, u, mode=mode) + dot((scale * ch.e_in) * ch.q.astype(F32), S_in, mode=mode)
+def _fwd(ch, o_ref, S_in, extra, *, C, scale, mode, cfg):
+    t = _Terms(ch, mode)
+    u = t.U - dot(t.W, S_in, mode=t.st)
+    A = dot(t.q, t.k, tb=True, mode=mode) * (scale * t.decay)
+    o = dot(A, u, mode=mode) + dot((scale * t.e_in) * t.q.astype(F32), S_in, mode=mode)
     o_ref[...] = o.astype(o_ref.dtype)
-    S_ref[...] = ch.a * S_in + dot(ch.e_out * ch.kf, u, ta=True, mode=ch.st)
-
-    @pl.when(n == pl.num_programs(2) - 1)
-    def _():
-        sT_ref[...] = S_ref[...]
+    return t.a * S_in + dot(t.e_out * t.kf, u, ta=True, mode=t.st)
 
 
-def _bwd_kernel(*refs, C, scale, docs, mode, cfg):
-    ch = _Chunk(refs, docs, C, mode, reverse=True)
-    sc_ref, do_ref, dsT_ref, dq_ref, dk_ref, dv_ref, dg_ref, db_ref, ds0_ref, dS_ref = ch.rest
-    m = pl.program_id(2)
-
-    @pl.when(m == 0)
-    def _():
-        dS_ref[...] = dsT_ref[...]
-
-    row, col, st = ch.row, ch.col, ch.st
-    do, S_in, dS = do_ref[...], sc_ref[...], dS_ref[...]
-    qf = ch.q.astype(F32)
-    u = ch.U - dot(ch.W, S_in, mode=st)
-    A = dot(ch.q, ch.k, tb=True, mode=mode) * (scale * ch.decay)
-    qg, kg = (scale * ch.e_in) * qf, ch.e_out * ch.kf
+def _bwd(ch, S_in, do, dS, outs, extra, *, C, scale, mode, cfg):
+    dq_ref, dk_ref, dv_ref, dg_ref, db_ref = outs
+    t = _Terms(ch, mode)
+    st = t.st
+    qf = t.q.astype(F32)
+    u = t.U - dot(t.W, S_in, mode=st)
+    A = dot(t.q, t.k, tb=True, mode=mode) * (scale * t.decay)
+    qg, kg = (scale * t.e_in) * qf, t.e_out * t.kf
 
     du = dot(A, do, ta=True, mode=mode) + dot(kg, dS, mode=st)
     dA = dot(do, u, tb=True, mode=mode)
-    dQK = dA * (scale * ch.decay)
+    dQK = dA * (scale * t.decay)
     dq_in = dot(do, S_in, tb=True, mode=mode)                   # dL/d(qg)
     dk_out = dot(u, dS, tb=True, mode=mode)                     # dL/d(kg)
     dW = -dot(du, S_in, tb=True, mode=st)
-    dBk = dot(ch.T, dW, ta=True, mode=st)
-    dBv = dot(ch.T, du, ta=True, mode=st)
-    dL = -(dot(dBk, ch.W, tb=True, mode=st) + dot(dBv, ch.U, tb=True, mode=st))
-    dL = jnp.where(row > col, dL, 0.0)
-    dKK = dL * ch.beta * ch.decay                               # through L = beta KK exp(D)
+    dBk = dot(t.T, dW, ta=True, mode=st)
+    dBv = dot(t.T, du, ta=True, mode=st)
+    dL = -(dot(dBk, t.W, tb=True, mode=st) + dot(dBv, t.U, tb=True, mode=st))
+    dL = jnp.where(ch.row > ch.col, dL, 0.0)
+    dKK = dL * t.beta * t.decay                                 # through L = beta KK exp(D)
 
-    dq_ref[...] = (dot(dQK, ch.k, mode=mode) + (scale * ch.e_in) * dq_in).astype(dq_ref.dtype)
-    dk = (dot(dQK, ch.q, ta=True, mode=mode) + dot(dKK, ch.kf, mode=st)
-          + dot(dKK, ch.kf, ta=True, mode=st) + ch.e_out * dk_out + (ch.beta * ch.e_in) * dBk)
+    dq_ref[...] = (dot(dQK, t.k, mode=mode) + (scale * t.e_in) * dq_in).astype(dq_ref.dtype)
+    dk = (dot(dQK, t.q, ta=True, mode=mode) + dot(dKK, t.kf, mode=st)
+          + dot(dKK, t.kf, ta=True, mode=st) + t.e_out * dk_out + (t.beta * t.e_in) * dBk)
     dk_ref[...] = dk.astype(dk_ref.dtype)
-    dv_ref[...] = (ch.beta * dBv).astype(dv_ref.dtype)
-    dbeta = (jnp.sum(dL * ch.KK * ch.decay, axis=1, keepdims=True)
-             + jnp.sum(dBv * ch.vf, axis=1, keepdims=True)
-             + jnp.sum(dBk * ch.e_in * ch.kf, axis=1, keepdims=True))
-    _layout.store_row(db_ref, ch.idx, dbeta, row, col)
+    dv_ref[...] = (t.beta * dBv).astype(dv_ref.dtype)
+    ch.store(db_ref, rowsum(dL * t.KK * t.decay) + rowsum(dBv * t.vf)
+             + rowsum(dBk * t.e_in * t.kf))
 
-    d_gin = jnp.sum(qg * dq_in, axis=1, keepdims=True) + jnp.sum(dBk * ch.Bk, axis=1, keepdims=True)
-    d_r = jnp.sum(kg * dk_out, axis=1, keepdims=True)
-    d_tot = ch.a * jnp.sum(jnp.sum(S_in * dS, axis=1, keepdims=True), axis=0, keepdims=True)
-    dg = scalar_gate_grad(dA * A + dL * ch.L, d_gin, d_r, d_tot, row, col)
-    _layout.store_row(dg_ref, ch.idx, dg, row, col)
-
-    dS_ref[...] = ch.a * dS + dot(qg, do, ta=True, mode=st) - dot(ch.W, du, ta=True, mode=st)
-
-    @pl.when(m == pl.num_programs(2) - 1)
-    def _():
-        ds0_ref[...] = dS_ref[...]
+    d_gin = rowsum(qg * dq_in) + rowsum(dBk * t.Bk)
+    d_tot = t.a * jnp.sum(rowsum(S_in * dS), axis=0, keepdims=True)
+    ch.store(dg_ref, gate_grad(ch, dA * A + dL * t.L, d_gin, rowsum(kg * dk_out), d_tot))
+    return t.a * dS + dot(qg, do, ta=True, mode=st) - dot(t.W, du, ta=True, mode=st)
 
 
-_KERNEL = KernelDef("delta_rule", vector_gate=False, fwd=_fwd_kernel, bwd=_bwd_kernel, beta=True)
+_KERNEL = KernelDef("delta_rule", vector_gate=False, fwd=_fwd, bwd=_bwd, beta=True)
 
 
 def delta_rule(q, k, v, g, beta, *, scale, initial_state, segment_ids, chunk_size,
-               config: TpuConfig = DEFAULT):
+               config: TpuConfig | None = None):
     """Same contract as `linear_jax.ops.delta_rule.delta_rule_chunk`, called `fn(q, k, v, g, beta,
     ...)` with heads expanded and g None for `delta_rule` (a [B, T, H] log decay for
-    `gated_delta_rule`): returns o [B, T, H, V] in v's dtype and S [B, H, K, V] float32."""
+    `gated_delta_rule`), plus the kernel config (the registry always passes one; None takes
+    `TpuConfig.default()`): returns o [B, T, H, V] in v's dtype and S [B, H, K, V] float32."""
     return run(_KERNEL, q, k, v, g, beta=beta, scale=scale, initial_state=initial_state,
                segment_ids=segment_ids, chunk_size=chunk_size, config=config)

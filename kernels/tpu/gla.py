@@ -1,7 +1,8 @@
 """GLA (log-decay per head, step and key channel) as Mosaic TPU kernels, forward and backward.
 
 The math is `linear_jax.ops.common.decay_chunk` for a vector gate g [C, K] per chunk. The chunk's
-span sums come from one exact 0/1 product M @ g (M stacks four [C, C] masks):
+span sums are exact 0/1 products with g (`tiles.vector_gate_terms` for the chunk's, one stacked
+product for the sub-chunks'):
 
     Gin_i = sum_{s<=i} g_s    R_j = sum_{s>j} g_s    (chunk)
     Gloc_i, Rloc_j: the same inside the sub-chunk of length c holding i or j;  tot_m: sub-chunk sums
@@ -26,13 +27,13 @@ import math
 
 import jax.numpy as jnp
 from jax import lax
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
-from linear_jax.kernels.tpu import _layout
+
+from linear_jax.kernels import tiles
+from linear_jax.kernels.configs import TpuConfig
+from linear_jax.kernels.tpu import mosaic
 from linear_jax.kernels.tpu._decay import KernelDef, run
-from linear_jax.kernels.tpu._layout import F32, dot, iotas
-from linear_jax.kernels.tpu.config import DEFAULT, TpuConfig
-from linear_jax.kernels.tpu.simple_gla import unpack
+from linear_jax.kernels.tpu.mosaic import F32, dot
+from linear_jax.kernels.tpu.simple_gla import mask_dot, state_step
 
 
 def _sub(C, cfg):
@@ -47,35 +48,30 @@ def _row(x, r, j):
 class _Chunk:
     """Span sums and decay factors of one chunk, shared by the forward and backward bodies."""
 
-    def __init__(self, g, masks, C, c, scale, q, k):
+    def __init__(self, ch, c, scale):
+        g, C = ch.g[...], ch.row.shape[0]
         self.C, self.c, self.s = C, c, C // c
-        self.row, self.col = iotas(C)
+        self.row, self.col = ch.row, ch.col
         sh = c.bit_length() - 1                                            # c is a power of 2
         rs, cs = lax.shift_right_logical(self.row, sh), lax.shift_right_logical(self.col, sh)
         self.rs, self.cs = rs, cs
         same_sub = rs == cs
         lower, upper = self.row >= self.col, self.col > self.row
-        self.M = jnp.concatenate([m.astype(F32) for m in
-                                  (lower, upper, lower & same_sub, upper & same_sub)], axis=0)
-        spans = dot(self.M, g, mode="mask")                                             # [4C, K]
-        self.Gin, self.R = spans[:C], spans[C:2 * C]
-        self.Gloc, self.Rloc = spans[2 * C:3 * C], spans[3 * C:]
+        self.M = jnp.concatenate([m.astype(F32) for m in (lower & same_sub, upper & same_sub)],
+                                 axis=0)
+        spans = dot(self.M, g, mode="mask")                                             # [2C, K]
+        self.Gloc, self.Rloc = spans[:C], spans[C:]
         self.tot = [jnp.sum(g[m * c:(m + 1) * c], axis=0, keepdims=True) for m in range(self.s)]
-        same, in_rows, out_rows, keep = masks
-        self.same = same
-        self.e_in, self.e_out = jnp.exp(self.Gin), jnp.exp(self.R)
-        self.a_row = jnp.exp(jnp.sum(g, axis=0, keepdims=True))            # [1, K]
-        if in_rows is not None:
-            self.e_in = jnp.where(in_rows, self.e_in, 0.0)
-            self.e_out = jnp.where(out_rows, self.e_out, 0.0)
-            self.a_row = jnp.where(keep, self.a_row, 0.0)
+        self.same = ch.masks[0]
+        self.e_in, self.e_out, self.a_row = tiles.vector_gate_terms(g, ch.masks, self.row,
+                                                                    self.col, mask_dot)
         K = g.shape[1]
         e0 = (lax.broadcasted_iota(jnp.int32, (8, 128), 0) == 0).astype(F32)
         self.a_col = jnp.max(dot(jnp.broadcast_to(self.a_row, (8, K)), e0, ta=True), axis=1,
                              keepdims=True)                                # [K, 1]
         self.g = g
-        self.qs = scale * q.astype(F32)
-        self.kf = k.astype(F32)
+        self.qs = scale * ch.q[...].astype(F32)
+        self.kf = ch.k[...].astype(F32)
         self.kt = self.kf * jnp.exp(self.Rloc)
 
     def e_off(self, b):
@@ -119,36 +115,11 @@ class _Chunk:
         return jnp.where(self.same, A + jnp.concatenate(diag, axis=0), 0.0)
 
 
-def _setup(refs, docs, C, c, scale, reverse):
-    (q_ref, k_ref, v_ref, g_ref), d_ref, rest = unpack(refs, docs)
-    row, col = iotas(C)
-    masks = _layout.doc_masks_at(d_ref, _layout.chunk_index(reverse), row, col)
-    return _Chunk(g_ref[...], masks, C, c, scale, q_ref[...], k_ref[...]), v_ref, rest
-
-
-def _fwd_kernel(*refs, C, scale, docs, save, mode, cfg):
-    ch, v_ref, rest = _setup(refs, docs, C, _sub(C, cfg), scale, reverse=False)
-    s0_ref, o_ref, sT_ref = rest[:3]
-    sc_ref = rest[3] if save else None
-    S_ref = rest[-1]
-    n = pl.program_id(2)
-
-    @pl.when(n == 0)
-    def _():
-        S_ref[...] = s0_ref[...]
-
-    v = v_ref[...]
-    S_in = S_ref[...]
-    if save:
-        sc_ref[...] = S_in
-    o = dot(ch.intra(mode), v, mode=mode) + dot(ch.e_in * ch.qs, S_in, mode=mode)
+def _fwd(ch, o_ref, S_in, extra, *, C, scale, mode, cfg):
+    t = _Chunk(ch, _sub(C, cfg), scale)
+    o = dot(t.intra(mode), ch.v[...], mode=mode) + dot(t.e_in * t.qs, S_in, mode=mode)
     o_ref[...] = o.astype(o_ref.dtype)
-    S_ref[...] = ch.a_col * S_in + dot(ch.e_out * ch.kf, v, ta=True,
-                                       mode="split" if mode == "fast" else mode)
-
-    @pl.when(n == pl.num_programs(2) - 1)
-    def _():
-        sT_ref[...] = S_ref[...]
+    return t.a_col * S_in + dot(t.e_out * t.kf, ch.v[...], ta=True, mode=state_step(mode))
 
 
 def _diag_bwd(ch, a, dAm, e_ref):
@@ -177,18 +148,12 @@ def _diag_bwd(ch, a, dAm, e_ref):
     return dq, dk, dg
 
 
-def _bwd_kernel(*refs, C, scale, docs, mode, cfg):
+def _bwd(chunk, S_in, do, dS, outs, extra, *, C, scale, mode, cfg):
     c = _sub(C, cfg)
-    ch, v_ref, rest = _setup(refs, docs, C, c, scale, reverse=True)
-    sc_ref, do_ref, dsT_ref, dq_ref, dk_ref, dv_ref, dg_ref, ds0_ref, dS_ref, e_ref = rest
-    m = pl.program_id(2)
-
-    @pl.when(m == 0)
-    def _():
-        dS_ref[...] = dsT_ref[...]
-
-    v, do = v_ref[...], do_ref[...]
-    S_in, dS = sc_ref[...], dS_ref[...]
+    ch = _Chunk(chunk, c, scale)
+    dq_ref, dk_ref, dv_ref, dg_ref = outs
+    (e_ref,) = extra
+    v = chunk.v[...]
     K = ch.g.shape[1]
 
     A = ch.intra(mode)
@@ -229,31 +194,27 @@ def _bwd_kernel(*refs, C, scale, docs, mode, cfg):
     dk = dk + ch.e_out * dk_out
     ones = jnp.ones((8, S_in.shape[1]), F32)
     d_tot = ch.a_row * dot(ones, S_in * dS, tb=True, mode="mask")[0:1]   # dL/dGtot  [1, K]
-    d_spans = jnp.concatenate([qg * dq_in, kg * dk_out, dGloc, dRloc], axis=0)
-    dg = dg + dot(ch.M, d_spans, ta=True, mode="mask") + d_tot
+    dg = (dg + tiles.vector_gate_grad(qg * dq_in, kg * dk_out, d_tot, ch.row, ch.col, mask_dot)
+          + dot(ch.M, jnp.concatenate([dGloc, dRloc], axis=0), ta=True, mode="mask"))
 
     dq_ref[...] = (scale * dqs).astype(dq_ref.dtype)
     dk_ref[...] = dk.astype(dk_ref.dtype)
     dg_ref[...] = dg
-    dS_ref[...] = ch.a_col * dS + dot(qg, do, ta=True, mode="split" if mode == "fast" else mode)
-
-    @pl.when(m == pl.num_programs(2) - 1)
-    def _():
-        ds0_ref[...] = dS_ref[...]
+    return ch.a_col * dS + dot(qg, do, ta=True, mode=state_step(mode))
 
 
 def _bwd_scratch(C, Kp, Vp, cfg):
     c = _sub(C, cfg)
-    return [pltpu.VMEM((c, c, Kp), F32)]
+    return [mosaic.vmem((c, c, Kp))]
 
 
-_KERNEL = KernelDef("gla", vector_gate=True, fwd=_fwd_kernel, bwd=_bwd_kernel,
-                    bwd_scratch=_bwd_scratch)
+_KERNEL = KernelDef("gla", vector_gate=True, fwd=_fwd, bwd=_bwd, bwd_scratch=_bwd_scratch)
 
 
 def gla(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size,
-        config: TpuConfig = DEFAULT):
-    """Same contract as `linear_jax.ops.gla.gla_chunk` (heads expanded, inputs validated): returns
+        config: TpuConfig | None = None):
+    """Same contract as `linear_jax.ops.gla.gla_chunk` (heads expanded, inputs validated), plus the
+    kernel config (the registry always passes one; None takes `TpuConfig.default()`): returns
     o [B, T, H, V] in v's dtype and S [B, H, K, V] float32."""
     return run(_KERNEL, q, k, v, g, scale=scale, initial_state=initial_state,
                segment_ids=segment_ids, chunk_size=chunk_size, config=config)

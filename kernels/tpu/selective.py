@@ -28,9 +28,12 @@ one per step). The backward walks the chunks in reverse: it recomputes the chunk
 states from the stored one into VMEM scratch [C, N, BD], then runs the C reverse steps carrying
 lam and dA; dB and dC come out per channel block and are summed in XLA, dA per batch.
 
-Padding (inside, undone on return): T to a multiple of C with dt = x = 0 (a = 1, no input), every
-group's channels to a multiple of BD and N to a multiple of 8, with zeros (A = 0 on a zero state,
-B = C = 0). Everything is float32 (the op casts before calling).
+Padding (inside, undone on return; `linear_jax.ops.common.selective.pad_inputs`, shared with the
+GPU kernel, which says why zeros are neutral): T to a multiple of C, every group's channels to a
+multiple of 128 and N to a multiple of 8. Everything is float32 (the op casts before calling).
+
+Tunables: `linear_jax.kernels.configs.TpuSelectiveConfig` (channel block; chunk, VMEM limit and
+interpret mode in its `tpu` field).
 """
 
 from __future__ import annotations
@@ -42,47 +45,26 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
-from linear_jax.kernels.tpu import _compat
-from linear_jax.kernels.tpu._layout import F32, round_up
-from linear_jax.kernels.tpu.config import DEFAULT, TpuConfig
 
-from linear_jax.ops.common.chunking import pad_groups, pad_time, pad_to, resets, unpad_groups
-from linear_jax.ops.common.selective import unfused
-
-_SQ = _compat.SQUEEZED
-
-
-@dataclasses.dataclass(frozen=True)
-class SelectiveTpuConfig:
-    """block_d: channels per program (lanes, a multiple of 128; lowered to the largest multiple of
-    128 dividing each group's padded channels). tpu: chunk (the op's chunk_size when None),
-    vmem_limit_bytes and interpret, as for the other TPU kernels."""
-
-    block_d: int = 256
-    tpu: TpuConfig = DEFAULT
-
-    def __post_init__(self):
-        if self.block_d < 128 or self.block_d % 128:
-            raise ValueError(f"SelectiveTpuConfig.block_d must be a positive multiple of 128, "
-                             f"got {self.block_d}")
-
-    def block(self, Dgp: int) -> int:
-        bd = min(self.block_d, Dgp)
-        while Dgp % bd:
-            bd -= 128
-        return bd
-
-
-CONFIG = SelectiveTpuConfig()
+from linear_jax.kernels.configs import TpuSelectiveConfig
+from linear_jax.kernels.tpu import mosaic
+from linear_jax.kernels.tpu._layout import round_up
+from linear_jax.kernels.tpu.mosaic import F32
+from linear_jax.ops.common.selective import pad_inputs, scan_vjp, unfused
 
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
+    """A call's static facts (the `functools.cache` key of `_core`): chunk, channel block, whether
+    documents are packed, the config."""
+
     C: int
     BD: int
     has_seg: bool
-    cfg: SelectiveTpuConfig
+    cfg: TpuSelectiveConfig
+
+
+_SQ = mosaic.SQUEEZED
 
 
 def _eye(Np):
@@ -211,9 +193,8 @@ def _call(s, kernel, name, grid, in_specs, out_specs, out_shape, scratch):
     return pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         scratch_shapes=scratch, name=name,
-        compiler_params=_compat.compiler_params(("parallel", "parallel", "arbitrary"),
-                                                s.cfg.tpu.vmem_limit_bytes),
-        interpret=_compat.interpret_arg(s.cfg.tpu.interpret))
+        compiler_params=mosaic.compiler_params(s.cfg.tpu, ("parallel", "parallel", "arbitrary")),
+        interpret=mosaic.interpret(s.cfg.tpu))
 
 
 def _forward(s, dt, x, At, Bg, Cg, h0, r, save):
@@ -229,7 +210,7 @@ def _forward(s, dt, x, At, Bg, Cg, h0, r, save):
     docs = [r] if s.has_seg else []
     return _call(s, functools.partial(_fwd_kernel, s=s, save=save), "selective_scan_fwd",
                  (Bsz, Dp // s.BD, Nc), [seq, seq, mat, grp, grp, state] + [table] * s.has_seg,
-                 out_specs, out_shape, [pltpu.VMEM((Np, s.BD), F32)])(
+                 out_specs, out_shape, [mosaic.vmem((Np, s.BD))])(
         dt, x, At, Bg, Cg, h0, *docs)
 
 
@@ -249,61 +230,41 @@ def _backward(s, dt, x, At, Bg, Cg, hs, dy, dhT, r):
         [seq, seq, state, part, part, state],
         [sds((Bsz, Tp, Dp), F32), sds((Bsz, Tp, Dp), F32), sds((Bsz, Np, Dp), F32),
          sds((Bsz, NB, Tp, Np), F32), sds((Bsz, NB, Tp, Np), F32), sds((Bsz, Np, Dp), F32)],
-        [pltpu.VMEM((Np, s.BD), F32), pltpu.VMEM((Np, s.BD), F32),
-         pltpu.VMEM((s.C, Np, s.BD), F32)])(dt, x, At, Bg, Cg, hs, dy, dhT, *docs)
+        [mosaic.vmem((Np, s.BD)), mosaic.vmem((Np, s.BD)), mosaic.vmem((s.C, Np, s.BD))])(
+            dt, x, At, Bg, Cg, hs, dy, dhT, *docs)
 
 
 @functools.cache
 def _core(s):
     """custom_vjp of the padded (dt, x, At, Bg, Cg, h0, r) -> (y, hT)."""
-
-    def fwd(dt, x, At, Bg, Cg, h0, r):
-        y, hT, hs = _forward(s, dt, x, At, Bg, Cg, h0, r, save=True)
-        return (y, hT), (dt, x, At, Bg, Cg, hs, r)
-
-    def bwd(res, cts):
-        dt, x, At, Bg, Cg, hs, r = res
-        dy, dhT = cts
-        ddt, dx, dAt, dB, dC, dh0 = _backward(s, dt, x, At, Bg, Cg, hs, dy, dhT, r)
-        Bsz, G, Tp, Np = Bg.shape
-        per_group = lambda d: d.reshape(Bsz, G, -1, Tp, Np).sum(2)
-        return ddt, dx, dAt.sum(0), per_group(dB), per_group(dC), dh0, None
-
-    f = jax.custom_vjp(lambda *a: tuple(_forward(s, *a, save=False)))
-    f.defvjp(fwd, bwd)
-    return f
+    return scan_vjp(lambda *a, save: _forward(s, *a, save), functools.partial(_backward, s),
+                    group_axis=1)
 
 
-def selective_scan(dt, x, A, Bm, Cm, *, initial_state, segment_ids, chunk_size, config=None):
-    """The op's impl signature: dt, x = dt * u [B, T, D]; A [D, N]; Bm, Cm [B, T, G, N];
-    initial_state [B, D, N] or None. Returns (y [B, T, D] in x's dtype, final state [B, D, N]
-    float32)."""
-    cfg = config or CONFIG
+def scan(dt, x, A, Bm, Cm, *, initial_state, segment_ids, chunk_size, config=None):
+    """dt, x = dt * u [B, T, D]; A [D, N]; Bm, Cm [B, T, G, N]; initial_state [B, D, N] or None;
+    config: a TpuSelectiveConfig (None: its default). Returns (y [B, T, D] in x's dtype, final
+    state [B, D, N] float32)."""
+    cfg = config or TpuSelectiveConfig.default(jax.devices()[0])
     Bsz, T, D = x.shape
     G, N = Bm.shape[2:]
-    Dg = D // G
-    Dgp, Np = round_up(Dg, 128), round_up(N, 8)
+    Dgp = round_up(D // G, 128)
     C = cfg.tpu.chunk_for(chunk_size, 4)
     Tp = round_up(T, C)
-    s = _Static(C, cfg.block(Dgp), segment_ids is not None, cfg)
-
-    pad = pad_to
-    chan = lambda v, axis: pad_groups(v, axis, G, Dgp)
-    unchan = lambda v, axis: unpad_groups(v, axis, G, Dg)
-
     f32 = lambda v: v.astype(F32)
-    seq = lambda v: pad_time(chan(f32(v), 2), Tp)
-    grouped = lambda M: jnp.moveaxis(pad(pad_time(f32(M), Tp), 3, Np), 2, 1)   # [B, G, Tp, Np]
-    h0 = jnp.zeros((Bsz, D, N), F32) if initial_state is None else f32(initial_state)
-    r = None
+    (dt, xp, A, Bm, Cm, h0, r), unpad = pad_inputs(
+        *map(f32, (dt, x, A, Bm, Cm)), initial_state, segment_ids, Tp=Tp, Dgp=Dgp,
+        Np=round_up(N, 8))
+    s = _Static(C, cfg.block(Dgp), r is not None, cfg)
     if s.has_seg:
-        r = pad_time(resets(segment_ids), Tp).astype(F32).reshape(Bsz, Tp // C, C)
-    y, hT = _core(s)(seq(dt), seq(x), pad(chan(f32(A), 0), 1, Np).T, grouped(Bm), grouped(Cm),
-                     jnp.swapaxes(pad(chan(h0, 1), 2, Np), 1, 2), r)
-    return unchan(y[:, :T], 2).astype(x.dtype), unchan(jnp.swapaxes(hT, 1, 2)[..., :N], 1)
+        r = r.astype(F32).reshape(Bsz, Tp // C, C)
+    y, hT = _core(s)(dt, xp, A.T, jnp.moveaxis(Bm, 2, 1), jnp.moveaxis(Cm, 2, 1),
+                     jnp.swapaxes(h0, 1, 2), r)
+    y, hT = unpad(y, jnp.swapaxes(hT, 1, 2))
+    return y.astype(x.dtype), hT
 
 
 def selective_scan_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, **kw):
     """The op's impl signature (the registry's entry): the step size, the D skip and the z gate run
-    in XLA around `selective_scan`."""
-    return unfused(selective_scan)(u, delta, A, B, C, D, z, delta_bias, delta_softplus, **kw)
+    in XLA around `scan`."""
+    return unfused(scan)(u, delta, A, B, C, D, z, delta_bias, delta_softplus, **kw)

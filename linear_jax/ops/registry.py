@@ -66,8 +66,8 @@ class Kernel:
       per-device default. auto: "auto" may choose it (it passed its check on a device).
     min_capability: the least CUDA compute capability it runs on, e.g. (9, 0) for Hopper.
     accepts: "module:function" called with the op's leading arrays (q, k, v for the chunk
-      family), returning None when the kernel takes them or a reason (a dtype or size it does not
-      support): "auto" and bare "pallas" then pass over it, and "pallas:<backend>" raises the reason.
+      family), returning None when the kernel takes them or a reason (a dtype or size it does
+      not support): "auto" and bare "pallas" then pass over it, "pallas:<backend>" raises it.
     """
 
     backend: str

@@ -1,8 +1,13 @@
-"""The GPU decay-family kernels (`impl="pallas"`), run in Pallas interpret mode on CPU.
+"""The GPU (Triton) kernels of the decay family and the delta rule, in Pallas interpret mode on CPU:
+what the op contract suite (tests/ops/test_contract.py, impl="pallas") does not reach.
 
-Outputs, final states and the gradients of every float input (q, k, v, g, initial_state) against
-the `lax.scan` reference, with packed documents, an initial state, T not a multiple of the chunk
-and K != V (neither a power of two: the op pads inside). Tiny shapes: interpret mode is slow.
+Every gate strong (g uniform in [-25, -15], and all at -20), where a gate gradient formed from
+differences of cumulative sums is rounding noise; the two forward forms (one pass, two passes)
+forced for the primal and under differentiation; bf16 gradients; GLA's mild and strong chunks and
+four sub-chunks; the backward tiled over K; config validation. Each case checks outputs, final
+states and the gradients of every float input (q, k, v, g, beta, initial_state) against the
+`lax.scan` reference, with K != V (neither a power of two: the entry pads inside). Tiny shapes:
+interpret mode is slow.
 """
 
 from __future__ import annotations
@@ -11,28 +16,38 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from linear_jax.kernels import registry
-from linear_jax.kernels.gpu.common import DecayConfig
 
 from linear_jax import ops
+from linear_jax.kernels.configs import TritonChunkConfig
+from linear_jax.kernels.gpu import decay as gpu_decay
+from linear_jax.kernels.gpu import delta as gpu_delta
 from tests.utils import TOL, assert_close, log_sigmoid_gates, segments
 
 B, T, H, K, V, C = 2, 37, 2, 24, 20, 16
+# op -> (the reference through the op, gate shape or None, the kernel entry)
 OPS = {
-    "linear_attention": (lambda q, k, v, g, **kw: ops.linear_attention(q, k, v, **kw), None),
-    "simple_gla": (ops.simple_gla, (B, T, H)),
-    "gla": (ops.gla, (B, T, H, K)),
-    "delta_rule": (lambda q, k, v, g, beta, **kw: ops.delta_rule(q, k, v, beta, **kw), None),
-    "gated_delta_rule": (ops.gated_delta_rule, (B, T, H)),
+    "linear_attention": (lambda q, k, v, g, **kw: ops.linear_attention(q, k, v, **kw), None,
+                         gpu_decay.decay),
+    "simple_gla": (ops.simple_gla, (B, T, H), gpu_decay.decay),
+    "gla": (ops.gla, (B, T, H, K), gpu_decay.decay),
+    "delta_rule": (lambda q, k, v, g, beta, **kw: ops.delta_rule(q, k, v, beta, **kw), None,
+                   gpu_delta.delta),
+    "gated_delta_rule": (ops.gated_delta_rule, (B, T, H), gpu_delta.delta),
 }
 DELTA = ("delta_rule", "gated_delta_rule")
 
 
-def _inputs(rng, op, dtype, gate_lo=-4.0, t=T):
+def _inputs(rng, op, dtype, gate_lo=-4.0, t=T, gates=None):
+    """gates: None (log-sigmoid, from gate_lo), "uniform" (in [-25, -15]) or "constant" (-20)."""
     f = lambda *s: jnp.asarray(rng.standard_normal(s), dtype)
     gshape = OPS[op][1]
-    g = None if gshape is None else jnp.asarray(
-        log_sigmoid_gates(rng, (gshape[0], t) + gshape[2:], lo=gate_lo), jnp.float32)
+    g = None
+    if gshape is not None:
+        gshape = (gshape[0], t) + gshape[2:]
+        g = {None: lambda: log_sigmoid_gates(rng, gshape, lo=gate_lo),
+             "uniform": lambda: rng.uniform(-25.0, -15.0, gshape),
+             "constant": lambda: np.full(gshape, -20.0)}[gates]()
+        g = jnp.asarray(g, jnp.float32)
     x = dict(q=f(B, t, H, K), k=f(B, t, H, K), v=f(B, t, H, V), g=g,
              S0=jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32))
     if op in DELTA:  # unit keys, beta in (0, 1) as the papers use them
@@ -42,8 +57,8 @@ def _inputs(rng, op, dtype, gate_lo=-4.0, t=T):
     return x
 
 
-def _check(op, x, seg, tol, tol_state, chunk=C):
-    fn = OPS[op][0]
+def _check(op, x, seg, tol, tol_state, chunk=C, config=None):
+    ref, _, kernel = OPS[op]
     rng = np.random.default_rng(1)
     do = jnp.asarray(rng.standard_normal((B, x["q"].shape[1], H, V)), jnp.float32)
     dS = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32)
@@ -53,8 +68,12 @@ def _check(op, x, seg, tol, tol_state, chunk=C):
     def loss(impl, d):
         a = dict(x, **d)
         extra = (a["beta"],) if "beta" in a else ()
-        o, S = fn(a["q"], a["k"], a["v"], a["g"], *extra, initial_state=a["S0"], segment_ids=seg,
-                  chunk_size=chunk, impl=impl)
+        kw = dict(initial_state=a["S0"], segment_ids=seg, chunk_size=chunk)
+        if impl == "pallas":
+            o, S = kernel(a["q"], a["k"], a["v"], a["g"], *extra, scale=K**-0.5, config=config,
+                          **kw)
+        else:
+            o, S = ref(a["q"], a["k"], a["v"], a["g"], *extra, impl=impl, **kw)
         return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(S * dS), (o, S)
 
     d = {n: x[n] for n in names}
@@ -72,22 +91,26 @@ def _check(op, x, seg, tol, tol_state, chunk=C):
         assert_close(grads[n], rgrads[n], tol, f"{op} d{n}")
 
 
-@pytest.fixture(params=[True, False], ids=["fused", "two_pass"])
-def forward_form(request, monkeypatch):
-    """The forward as one state-and-output pass (`fused.py`) or as a state pass then an output
-    kernel, forced for the primal and under differentiation alike. Elsewhere the op's own choice
-    runs: at these sizes the one-pass form for the primal, the two-pass form under
-    differentiation."""
-    from linear_jax.kernels.gpu import decay as gpu_decay
-    monkeypatch.setattr(gpu_decay, "CONFIG", DecayConfig(fused_fwd=request.param))
-    return request.param
+@pytest.mark.parametrize("gates", ["uniform", "constant"])
+@pytest.mark.parametrize("op", ["simple_gla", "gla", "gated_delta_rule"])
+def test_every_gate_strong(op, gates):
+    """dg is ~1e-9 of the other gradients and must still match to float32 accuracy: the kernels
+    route every pair's gradient through the gates of its span (kernels/tiles.py). The kernels of
+    before (G = cumsum(g) in XLA, dG from differences) gave relative errors 0.75 to 110 here."""
+    rng = np.random.default_rng(7)
+    _check(op, _inputs(rng, op, jnp.float32, t=40, gates=gates), None, 1e-5, 1e-5)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two_pass"])
 @pytest.mark.parametrize("op", list(OPS))
-def test_float32_with_state_and_documents(op, forward_form):
+def test_forward_forms(op, fused):
+    """The forward as one state-and-output pass (`fused.py`) or as a state pass then an output
+    kernel, forced for the primal and under differentiation alike (by default, as the contract
+    suite runs them: at these sizes the one-pass form for the primal, the two-pass form under
+    differentiation); packed documents and an initial state."""
     rng = np.random.default_rng(0)
     _check(op, _inputs(rng, op, jnp.float32), segments(rng, B, T, p=0.08), TOL["float32"],
-           TOL["float32"])
+           TOL["float32"], config=TritonChunkConfig(fused_fwd=fused))
 
 
 @pytest.mark.parametrize("op", ["simple_gla", "gla", "gated_delta_rule"])
@@ -95,13 +118,6 @@ def test_bfloat16(op):
     rng = np.random.default_rng(2)
     _check(op, _inputs(rng, op, jnp.bfloat16), segments(rng, B, T, p=0.08), TOL["bfloat16"],
            TOL["float32"] * 10)
-
-
-def test_gla_no_documents_whole_chunks_strong_decay():
-    """T a multiple of C, no segment ids, gates down to about -30: nothing overflows."""
-    rng = np.random.default_rng(3)
-    _check("gla", _inputs(rng, "gla", jnp.float32, gate_lo=-30.0, t=32), None, TOL["float32"],
-           TOL["float32"], chunk=32)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -130,23 +146,19 @@ def test_four_sub_chunks(op):
            TOL["float32"], chunk=64)
 
 
-def test_registry_and_config():
-    assert "pallas" in registry.kernels_for("simple_gla")
-    for op in ("gla", "delta_rule", "gated_delta_rule"):
-        assert "pallas" in registry.kernels_for(op)
-    assert DecayConfig().for_chunk(8).chunk == 16 and DecayConfig().for_chunk(100).chunk == 128
+def test_config():
+    cfg = TritonChunkConfig()
+    assert cfg.for_chunk(8).chunk == 16 and cfg.for_chunk(100).chunk == 128
     with pytest.raises(ValueError, match="block_v"):
-        DecayConfig(block_v=48)
+        TritonChunkConfig(block_v=48)
     with pytest.raises(ValueError, match="chunk"):
-        DecayConfig(chunk=256)
+        TritonChunkConfig(chunk=256)
 
 
 @pytest.mark.parametrize("op", ["simple_gla", "gla", "gated_delta_rule"])   # one per kernel form
-def test_backward_tiled_over_k(op, monkeypatch):
+def test_backward_tiled_over_k(op):
     """block_k = 16 < K: the backward kernels and the state passes run two K tiles (the gate's
     partial sums over K are added afterwards)."""
-    from linear_jax.kernels.gpu import decay as gpu_decay
-    monkeypatch.setattr(gpu_decay, "CONFIG", DecayConfig(block_k=16, block_k_bwd=16))
     rng = np.random.default_rng(5)
     _check(op, _inputs(rng, op, jnp.float32, t=21), segments(rng, B, 21, p=0.08),
-           TOL["float32"], TOL["float32"])
+           TOL["float32"], TOL["float32"], config=TritonChunkConfig(block_k=16, block_k_bwd=16))

@@ -1,9 +1,12 @@
 """Every GPU kernel lowers through Pallas' Triton path, checked on a CPU host.
 
-`jax.export(..., platforms=["cuda"])` runs the Pallas-to-Triton-IR lowering without a GPU: a kernel
-that uses an operation Triton cannot express (a value slice, a non power-of-two load, a concatenate)
-fails here, in CI, instead of on the device. Forward and backward, bf16 and float32, K = V = 128
-(the benchmark shape) and K = 48, V = 96 (padded inside the op).
+`jax.export(..., platforms=["cuda"])` runs the Pallas-to-Triton-IR lowering without a GPU (the
+kernels' configs say interpret=False): a kernel that uses an operation Triton cannot express (a
+value slice, a non power-of-two load, a concatenate) fails here, in CI, instead of on the device.
+Every kernel of the decay family and the delta rule, in both forward forms, forward alone and
+under jax.grad, at two shapes: bf16 K = V = 128 (the benchmark shape) and float32 K = 48, V = 96
+(padded inside the entry), with packed documents and an initial state. mLSTM's are in
+test_gpu_mlstm.py.
 """
 
 from __future__ import annotations
@@ -12,23 +15,22 @@ import jax
 import jax.numpy as jnp
 import pytest
 from jax import export
-from linear_jax.kernels import _compat
+
+from linear_jax.kernels.configs import TritonChunkConfig
 from linear_jax.kernels.gpu import decay, delta
-from linear_jax.kernels.gpu.common import DecayConfig
 
 TRITON = "__gpu$xla.gpu.triton"
-CASES = [("none", jnp.bfloat16, 128, 128), ("scalar", jnp.bfloat16, 128, 128),
-         ("vector", jnp.bfloat16, 128, 128), ("vector", jnp.float32, 48, 96),
-         ("scalar", jnp.float32, 48, 96), ("delta", jnp.bfloat16, 128, 128),
-         ("gated_delta", jnp.float32, 48, 96)]
+SHAPES = [(jnp.bfloat16, 1, 200, 128, 128), (jnp.float32, 2, 100, 48, 96)]
+CASES = [(gate,) + shape for gate in ("none", "scalar", "vector", "delta", "gated_delta")
+         for shape in SHAPES]
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "two_pass"])
 @pytest.mark.parametrize("case", CASES,
-                         ids=lambda c: f"{c[0]}-{jnp.dtype(c[1]).name}-{c[2]}x{c[3]}")
+                         ids=lambda c: f"{c[0]}-{jnp.dtype(c[1]).name}-T{c[3]}-{c[4]}x{c[5]}")
 def test_lowers_to_triton(case, fused):
-    gate, dtype, K, V = case
-    B, T, H = 1, 200, 2
+    gate, dtype, B, T, K, V = case
+    H = 2
     sds = jax.ShapeDtypeStruct
     g = {"none": None, "scalar": sds((B, T, H), jnp.float32), "delta": None,
          "gated_delta": sds((B, T, H), jnp.float32), "vector": sds((B, T, H, K), jnp.float32)}[gate]
@@ -37,7 +39,7 @@ def test_lowers_to_triton(case, fused):
 
     def loss(q, k, v, g, S0, seg, beta):
         kw = dict(scale=K**-0.5, initial_state=S0, segment_ids=seg, chunk_size=64,
-                  config=DecayConfig(fused_fwd=fused))
+                  config=TritonChunkConfig(fused_fwd=fused, interpret=False))
         if "delta" in gate:
             o, S = delta.delta(q, k, v, g, beta, **kw)
         else:
@@ -48,9 +50,8 @@ def test_lowers_to_triton(case, fused):
     lower = lambda f: export.export(
         jax.jit(f), platforms=["cuda"],
         disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON)])(*args).mlir_module()
-    with _compat.lower_for_gpu():
-        text = lower(jax.value_and_grad(loss, argnums=argnums))
-        primal = lower(loss)                     # the forward alone keeps no residuals
+    text = lower(jax.value_and_grad(loss, argnums=argnums))
+    primal = lower(loss)                         # the forward alone keeps no residuals
     fwd = [f"{gate}_fused_fwd"] if fused else ["decay_state_fwd", "decay_output"]
     names = fwd + ["decay_state_bwd", "decay_backward"]
     if "delta" in gate:

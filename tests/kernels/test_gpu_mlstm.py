@@ -7,7 +7,7 @@ the state: grouped heads, packed documents, an initial state,
 T not a multiple of the chunk, K and V that the kernel pads, fp32 and bf16 (the reference runs on
 the same bf16 values), and extreme gates (input gates to +-40 and a span of input gates below -80,
 where the normaliser's floor binds; forget gates to -30). The Triton lowering of forward and
-backward; the benchmark's --quick run. Tiny shapes: interpret mode is slow.
+backward at two shapes; the benchmark's --quick run. Tiny shapes: interpret mode is slow.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax import export
-from linear_jax.kernels import _compat, registry
 
-from linear_jax.ops import _dispatch
+from linear_jax.kernels.configs import TritonChunkConfig
+from linear_jax.kernels.gpu import mlstm as gpu_mlstm
 from linear_jax.ops.mlstm import mlstm
 from tests.ops.spec_ssm import mlstm_reference
 from tests.utils import assert_close, segments
@@ -97,33 +98,31 @@ def test_extreme_gates():
     _check(x, None, 16, 1e-5, with_state=False, grad_ref="chunk")
 
 
-def test_registry_and_auto_dispatch(monkeypatch):
-    """Registered for impl="pallas"; "auto" picks it on a GPU (checked on an H200, run 7)."""
-    assert "pallas" in registry.kernels_for("mlstm")
-    monkeypatch.setattr(_dispatch, "platform", lambda: "gpu")
-    assert _dispatch.resolve("mlstm", "auto", 1024, {"chunk": 0, "pallas": 0}) == "pallas"
-
-
-def test_lowers_to_triton():
-    """T = 300 (padded to 320, not a power of two: whole-T blocks are only read in chunks), V = 48
-    (three value tiles of 16)."""
-    B, T, H, K, V = 1, 300, 2, 64, 48
+@pytest.mark.parametrize("shape", [(jnp.bfloat16, 1, 300, 64, 48), (jnp.float32, 2, 100, 128, 128)],
+                         ids=["bf16-T300-64x48", "f32-T100-128x128"])
+def test_lowers_to_triton(shape):
+    """The forward alone and under jax.grad, through a config with interpret=False. T = 300 (padded
+    to 320, not a power of two: whole-T blocks are only read in chunks), V = 48 (three value tiles
+    of 16); and float32 at K = V = 128."""
+    dt, B, T, K, V = shape
+    H = 2
     sds = jax.ShapeDtypeStruct
-    bf = jnp.bfloat16
-    args = (sds((B, T, H, K), bf), sds((B, T, H, K), bf), sds((B, T, H, V), bf),
+    args = (sds((B, T, H, K), dt), sds((B, T, H, K), dt), sds((B, T, H, V), dt),
             sds((B, T, H), jnp.float32), sds((B, T, H), jnp.float32),
             (sds((B, H, K, V), jnp.float32), sds((B, H, K), jnp.float32), sds((B, H), jnp.float32)),
             sds((B, T), jnp.int32))
 
     def loss(q, k, v, i, f, s0, seg):
-        h, S = mlstm(q, k, v, i, f, initial_state=s0, segment_ids=seg, impl="pallas")
+        h, S = gpu_mlstm.mlstm(q, k, v, i, f, scale=K**-0.5, initial_state=s0, segment_ids=seg,
+                               chunk_size=64, eps=1e-6, config=TritonChunkConfig(interpret=False))
         return jnp.sum(h.astype(jnp.float32)) + sum(jnp.sum(s) for s in S)
 
-    with _compat.lower_for_gpu():
-        exp = export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))),
-                            platforms=["cuda"],
-                            disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON)])(*args)
-    text = exp.mlir_module()
+    lower = lambda f: export.export(
+        jax.jit(f), platforms=["cuda"],
+        disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON)])(*args).mlir_module()
+    primal, text = lower(loss), lower(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)))
+    for name in ("mlstm_state_fwd", "mlstm_output"):
+        assert f'name = "{name}"' in primal, name
     for name in ("mlstm_state_fwd", "mlstm_output", "mlstm_state_bwd", "mlstm_backward"):
         assert f'name = "{name}"' in text, name
 

@@ -15,18 +15,22 @@ import pytest
 from linear_jax.kernels.configs import HopperChunkConfig
 from linear_jax.kernels.gpu.hopper import decay as hopper_decay
 
-# (semantics, B, T, H, K, V, gated, packed documents + initial state)
+# (semantics, B, T, H, K, V, gated, packed documents + initial state, config overrides): the
+# default config is two-level at every shape here (B H < the SM count), the others are variants
 CASES = [
-    ("lane", 2, 2048, 4, 128, 128, True, True),      # the anchor tile sizes
-    ("lane", 1, 200, 2, 64, 64, True, False),        # T % 64 != 0, one value warpgroup
-    ("lane", 1, 200, 2, 100, 48, False, True),       # no gate; K, V padded to 128, 64
-    ("warpgroup", 1, 256, 2, 128, 128, True, True),
+    ("lane", 2, 2048, 4, 128, 128, True, True, {}),      # the anchor tile sizes, 16 pieces
+    ("lane", 1, 200, 2, 64, 64, True, False, {}),        # T % 64 != 0, one value warpgroup
+    ("lane", 1, 200, 2, 100, 48, False, True, {}),       # no gate; K, V padded to 128, 64
+    ("warpgroup", 1, 256, 2, 128, 128, True, True, {}),
+    ("lane", 2, 2048, 4, 128, 128, True, True, dict(pieces=1, gates="xla", grad_items="tile")),
+    ("lane", 1, 256, 2, 128, 128, True, True, dict(gates="xla", approx_math=True)),
+    ("lane", 1, 256, 2, 64, 128, True, True, dict(pieces=1, grad_items="tile")),
 ]
 
 
 def _export(case, grad):
-    sem, B, T, H, K, V, gated, extras = case
-    cfg = HopperChunkConfig(interpret=False, grad_programs=132, semantics=sem)
+    sem, B, T, H, K, V, gated, extras, over = case
+    cfg = HopperChunkConfig(interpret=False, grad_programs=132, semantics=sem, **over)
     bf = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
     structs = [bf(B, T, H, K), bf(B, T, H, K), bf(B, T, H, V)]
     structs += [jax.ShapeDtypeStruct((B, T, H), jnp.float32)] if gated else []
@@ -52,7 +56,9 @@ def _export(case, grad):
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["fwd", "bwd"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-T{c[2]}-K{c[4]}V{c[5]}")
+@pytest.mark.parametrize(
+    "case", CASES, ids=lambda c: f"{c[0]}-T{c[2]}-K{c[4]}V{c[5]}" + "".join(
+        f"-{k}={v}" for k, v in c[8].items()))
 def test_simple_gla_exports_for_cuda(case, grad):
     text = _export(case, grad).mlir_module()
     kernels = text.count("mosaic_gpu")
@@ -71,7 +77,7 @@ def test_float32_and_wide_heads_are_refused():
 
 
 def test_three_stages_do_not_fit_at_128():
-    cfg = HopperChunkConfig(interpret=False, stages=3)
+    cfg = HopperChunkConfig(interpret=False, stages=3, pieces=1)
     x = jax.ShapeDtypeStruct((1, 256, 1, 128), jnp.bfloat16)
     f = lambda q: hopper_decay.simple_gla(q, q, q, None, scale=1.0, initial_state=None,
                                           segment_ids=None, chunk_size=64, config=cfg)

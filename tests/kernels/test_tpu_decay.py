@@ -1,5 +1,8 @@
 """The TPU kernels (simple_gla, gla, delta_rule, gated_delta_rule) in Pallas TPU interpret mode.
 
+(The op contract suite reaches these kernels once it runs every (op, impl, platform) pair; until
+then this file is their harness.)
+
 Outputs, final states and the gradients of every float input (q, k, v, g, beta, initial_state)
 against the `lax.scan` reference, with packed documents, an initial state, T not a multiple of the
 chunk, K != V (neither a lane multiple: the wrapper pads), fp32 and bf16, several sub-chunks per
@@ -17,11 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from linear_jax.kernels.configs import TpuConfig
 from linear_jax.kernels.tpu import delta_rule as tpu_delta
 from linear_jax.kernels.tpu import gla as tpu_gla
 from linear_jax.kernels.tpu import simple_gla as tpu_sgla
-from linear_jax.kernels.tpu.config import TpuConfig
-
 from linear_jax.ops.delta_rule import delta_rule_recurrent
 from linear_jax.ops.gla import gla_recurrent
 from linear_jax.ops.simple_gla import simple_gla_recurrent
@@ -56,8 +59,10 @@ CASES = [
 ]
 
 
-def _inputs(op, dtype, T, extras, gate_lo=-4.0, gate_hi=4.0, seed=0):
-    """Differentiable inputs in call order (q, k, v, [g], [beta]) and S0, seg, do, dS."""
+def _inputs(op, dtype, T, extras, gate_lo=-4.0, gate_hi=4.0, seed=0, gates=None):
+    """Differentiable inputs in call order (q, k, v, [g], [beta]) and S0, seg, do, dS. gates: None
+    (log-sigmoid of uniform in [gate_lo, gate_hi]), "uniform" (in [-25, -15]) or "constant"
+    (-20)."""
     spec, rng = OPS[op], np.random.default_rng(seed)
     f = lambda *s: jnp.asarray(rng.standard_normal(s), dtype)
     k = f(B, T, H, K)
@@ -65,7 +70,10 @@ def _inputs(op, dtype, T, extras, gate_lo=-4.0, gate_hi=4.0, seed=0):
         k = jnp.asarray(l2norm(np.asarray(k, np.float32)), dtype)
     args = [f(B, T, H, K), k, f(B, T, H, V)]
     if spec.gate is not None:
-        args.append(jnp.asarray(log_sigmoid_gates(rng, spec.gate(T), gate_lo, gate_hi), dtype))
+        g = {None: lambda: log_sigmoid_gates(rng, spec.gate(T), gate_lo, gate_hi),
+             "uniform": lambda: rng.uniform(-25.0, -15.0, spec.gate(T)),
+             "constant": lambda: np.full(spec.gate(T), -20.0)}[gates]()
+        args.append(jnp.asarray(g, dtype))
     if spec.beta:   # in (0, 2): negative eigenvalues of the transition included
         args.append(jnp.asarray(2 / (1 + np.exp(-rng.standard_normal((B, T, H)))), dtype))
     S0 = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32) if extras else None
@@ -115,6 +123,15 @@ def test_matches_recurrent_reference(op, case):
     else:   # against the reference on the same bf16 values; the state is carried in float32
         tols = (TOL["bfloat16"], TOL["float32"] * 10, TOL["bfloat16"])
     _check(op, args, S0, seg, do, dS, C, sub, *tols)
+
+
+@pytest.mark.parametrize("gates", ["uniform", "constant"])
+@pytest.mark.parametrize("op", ["simple_gla", "gla", "gated_delta_rule"])
+def test_every_gate_strong(op, gates):
+    """Every gate strong: dg is ~1e-9 of the other gradients and must match to float32 accuracy
+    (the span routing of kernels/tiles.py); with packed documents and an initial state."""
+    args, S0, seg, do, dS = _inputs(op, jnp.dtype("float32"), 40, True, gates=gates, seed=3)
+    _check(op, args, S0, seg, do, dS, 16, 8, 1e-5, 1e-5, 1e-5)
 
 
 @pytest.mark.parametrize("bad", [dict(chunk=12), dict(lane=64), dict(sub_chunk=24),

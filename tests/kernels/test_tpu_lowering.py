@@ -1,5 +1,5 @@
-"""Every TPU kernel lowers for TPU, forward and backward, checked from a CPU host (the decay
-family and the delta rule, then the selective scan).
+"""Every TPU kernel of the chunk family lowers for TPU, forward and backward, checked from a CPU
+host through a config with interpret=False (the selective scan's: test_tpu_selective.py).
 
 `jax.export(..., platforms=["tpu"])` runs the Pallas -> Mosaic TPU lowering (block-shape rules,
 the kernel body's lowering rules) and leaves one `tpu_custom_call` per pallas_call in the module.
@@ -13,11 +13,11 @@ import re
 import jax
 import jax.numpy as jnp
 import pytest
+
+from linear_jax.kernels.configs import TpuConfig
 from linear_jax.kernels.tpu import delta_rule as tpu_delta
 from linear_jax.kernels.tpu import gla as tpu_gla
-from linear_jax.kernels.tpu import selective as tpu_selective
 from linear_jax.kernels.tpu import simple_gla as tpu_sgla
-from linear_jax.kernels.tpu.config import TpuConfig
 
 COMPILED = TpuConfig(interpret=False)
 # op -> (kernel, gate: None | "scalar" | "vector", takes beta)
@@ -82,37 +82,3 @@ def test_gradient_lowers_to_forward_and_backward_mosaic_calls(op, shape):
     text = _export(op, shape, grad=True)
     assert len(re.findall(r"tpu_custom_call", text)) == 2
     assert f"{_name(op)}_fwd" in text and f"{_name(op)}_bwd" in text
-
-
-# selective_scan: (B, T, D, N, G, packed documents + initial state)
-SELECTIVE_SHAPES = [
-    (2, 2048, 1024, 16, 1, True),     # Mamba-like: 1024 channels in 256-lane blocks, N = 16
-    (1, 1000, 200, 6, 2, False),      # T % chunk != 0; groups of 100 channels and N padded
-]
-
-
-@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "grad"])
-@pytest.mark.parametrize("shape", SELECTIVE_SHAPES,
-                         ids=lambda s: f"T{s[1]}-D{s[2]}-N{s[3]}-G{s[4]}")
-def test_selective_scan_lowers_to_mosaic_calls(shape, grad):
-    B, T, D, N, G, extras = shape
-    sd = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
-    structs = [sd(B, T, D), sd(B, T, D), sd(D, N), sd(B, T, G, N), sd(B, T, G, N)]
-    if extras:
-        structs += [sd(B, D, N), jax.ShapeDtypeStruct((B, T), jnp.int32)]
-    cfg = tpu_selective.SelectiveTpuConfig(tpu=COMPILED)
-
-    def f(*a):
-        h0, seg = a[5:] if extras else (None, None)
-        return tpu_selective.selective_scan(*a[:5], initial_state=h0, segment_ids=seg,
-                                            chunk_size=64, config=cfg)
-
-    def loss(*a):
-        y, S = f(*a)
-        return jnp.sum(y) + jnp.sum(S)
-
-    target = jax.grad(loss, argnums=tuple(range(5 + extras))) if grad else f
-    text = jax.export.export(jax.jit(target), platforms=["tpu"])(*structs).mlir_module()
-    assert len(re.findall(r"tpu_custom_call", text)) == 1 + grad
-    assert "selective_scan_fwd" in text
-    assert ("selective_scan_bwd" in text) == grad

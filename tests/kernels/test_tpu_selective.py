@@ -1,25 +1,29 @@
-"""The TPU selective-scan kernel (`selective_scan`, impl="pallas" on a TPU) in TPU interpret mode.
+"""The TPU selective-scan kernel, called through its entry with a config: what the op contract suite
+(`tests/ops/test_contract.py`: one channel block, the op's options around the kernel) does not
+reach.
 
-Outputs, final states and the gradients of every float input (the kernel's dt and dt * u, A, B, C,
-the initial state) against the `lax.scan` reference: grouped B / C with each group's channels
-padded to a lane block, N padded to a sublane multiple, T not a multiple of the chunk, packed
-documents, an initial state, several channel blocks; and once through the op (the registry's TPU
-entry, as on a TPU) with bf16 u, D, z, delta_bias and softplus around the kernel. Tiny shapes:
-interpret mode is slow.
+In TPU interpret mode on CPU, against the `lax.scan` reference (outputs, final states and the
+gradients of the kernel's dt and dt * u, A, B, C and the initial state): grouped B / C with each
+group's channels padded to a lane block, N padded to a sublane multiple, T not a multiple of the
+chunk, packed documents; several channel blocks. The config's block choice and validation. The
+Mosaic lowering of forward and backward (`jax.export` for "tpu" from a CPU host; Mosaic's own
+layout passes run later, in the TPU compiler, and are not exercised).
 """
 
 from __future__ import annotations
+
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from linear_jax.kernels import registry
-from linear_jax.kernels.tpu import selective as tpu_selective
-from linear_jax.kernels.tpu.config import TpuConfig
 
-from linear_jax.ops.selective_scan import selective_scan, selective_scan_recurrent
-from tests.utils import TOL, assert_close, segments
+from linear_jax.kernels.configs import TpuConfig, TpuSelectiveConfig
+from linear_jax.kernels.tpu import selective as tpu_selective
+from linear_jax.ops.selective_scan import selective_scan_recurrent
+from tests.kernels.lowering import export_scan
+from tests.utils import assert_close, segments
 
 NAMES = ("dt", "x", "A", "B", "C", "h0")
 
@@ -45,7 +49,7 @@ def test_matches_recurrent_reference(case):
     seg = jnp.asarray(segments(rng, Bz, T, p=0.08)) if case["docs"] else None
     dy = jnp.asarray(rng.standard_normal((Bz, T, D)), jnp.float32)
     dS = jnp.asarray(rng.standard_normal((Bz, D, N)), jnp.float32)
-    cfg = tpu_selective.SelectiveTpuConfig(block_d=case["block_d"])
+    cfg = TpuSelectiveConfig(block_d=case["block_d"], tpu=TpuConfig(chunk=case["chunk"]))
 
     def loss(fn, d, **kw):
         y, S = fn(d["dt"], d["x"], d["A"], d["B"], d["C"], initial_state=d["h0"],
@@ -53,8 +57,7 @@ def test_matches_recurrent_reference(case):
         return jnp.sum(y * dy) + jnp.sum(S * dS), (y, S)
 
     vg = lambda fn, **kw: jax.jit(jax.value_and_grad(lambda d: loss(fn, d, **kw), has_aux=True))
-    (_, (y, S)), grads = vg(tpu_selective.selective_scan, chunk_size=case["chunk"],
-                            config=cfg)(x)
+    (_, (y, S)), grads = vg(tpu_selective.scan, chunk_size=64, config=cfg)(x)
     (_, (ry, rS)), rgrads = vg(selective_scan_recurrent)(x)
     assert y.dtype == jnp.float32 and S.dtype == jnp.float32
     assert_close(y, ry, 1e-5, "y")
@@ -64,40 +67,36 @@ def test_matches_recurrent_reference(case):
         assert_close(grads[n], rgrads[n], 1e-5, f"d{n}")
 
 
-def test_through_the_op_with_options(monkeypatch):
-    """The registry's TPU entry behind impl="pallas" (as on a TPU): bf16 u and delta, [B, T, N]
-    B / C, D, z, delta_bias and softplus in the op around the kernel, T = 21, chunk_size 64."""
-    monkeypatch.setattr(registry, "_family", lambda backend: "tpu")
-    rng = np.random.default_rng(2)
-    Bz, T, D, N = 2, 21, 24, 16
-    bf = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.bfloat16)
-    u, delta, z = bf(Bz, T, D), bf(Bz, T, D), bf(Bz, T, D)
-    A = -jnp.exp(jnp.asarray(rng.standard_normal((D, N)), jnp.float32))
-    Bm, Cm = bf(Bz, T, N), bf(Bz, T, N)
-    h0 = jnp.asarray(rng.standard_normal((Bz, D, N)), jnp.float32)
-    opts = dict(D=jnp.ones((D,), jnp.float32), z=z, delta_bias=jnp.full((D,), -1.0, jnp.float32),
-                delta_softplus=True, segment_ids=jnp.asarray(segments(rng, Bz, T, p=0.1)))
-    dy = jnp.asarray(rng.standard_normal((Bz, T, D)), jnp.float32)
-
-    def loss(impl, args):
-        y, S = selective_scan(*args[:5], initial_state=args[5], impl=impl, **opts)
-        return jnp.sum(y.astype(jnp.float32) * dy) + jnp.sum(S), (y, S)
-
-    args = (u, delta, A, Bm, Cm, h0)
-    vg = lambda impl: jax.jit(jax.value_and_grad(lambda a: loss(impl, a), has_aux=True))
-    (_, (y, S)), grads = vg("pallas")(args)
-    (_, (ry, rS)), rgrads = vg("recurrent")(args)
-    assert y.dtype == jnp.bfloat16
-    assert_close(y, ry, TOL["bfloat16"] / 2, "y")
-    assert_close(S, rS, 1e-5, "final state")
-    for name, a, b in zip(("u", "delta", "A", "B", "C", "h0"), grads, rgrads, strict=True):
-        assert a.dtype == b.dtype, name
-        assert_close(a, b, TOL["bfloat16"] / 2, f"d{name}")
-
-
-def test_config():
-    assert "tpu" in registry._KERNELS["selective_scan"]
-    cfg = tpu_selective.SelectiveTpuConfig(block_d=512, tpu=TpuConfig(chunk=32))
+def test_config_blocks_and_validation():
+    cfg = TpuSelectiveConfig(block_d=512, tpu=TpuConfig(chunk=32))
+    # the largest multiple of 128 up to block_d that divides a group's padded channels
     assert cfg.block(384) == 384 and cfg.block(640) == 128 and cfg.block(1024) == 512
+    assert cfg.interpret is None and COMPILED.interpret is False
+    assert TpuSelectiveConfig.default() == TpuSelectiveConfig()
     with pytest.raises(ValueError, match="block_d"):
-        tpu_selective.SelectiveTpuConfig(block_d=192)
+        TpuSelectiveConfig(block_d=192)
+
+
+COMPILED = TpuSelectiveConfig(tpu=TpuConfig(interpret=False))
+# (B, T, D, N, G, packed documents + initial state)
+LOWERING = [
+    (2, 2048, 1024, 16, 1, True),     # Mamba-like: 1024 channels in 256-lane blocks, N = 16
+    (1, 1000, 200, 6, 2, False),      # T % chunk != 0; groups of 100 channels and N padded
+]
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "grad"])
+@pytest.mark.parametrize("shape", LOWERING, ids=lambda s: f"T{s[1]}-D{s[2]}-N{s[3]}-G{s[4]}")
+def test_lowers_to_mosaic(shape, grad):
+    """One Mosaic call for the forward, two (forward, backward) under `jax.grad`, through the op's
+    entry (the step size and the D / z options in XLA around the kernel)."""
+    B, T, D, N, G, extras = shape
+    sd = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+    entry = lambda u, delta, A, Bm, Cm, **kw: tpu_selective.selective_scan_op(
+        u, delta, A, Bm, Cm, A[:, 0], u, A[:, 0], True, **kw)
+    text = export_scan(entry, [sd(B, T, D), sd(B, T, D), sd(D, N), sd(B, T, G, N), sd(B, T, G, N)],
+                       sd(B, D, N) if extras else None, platform="tpu", grad=grad,
+                       config=COMPILED)
+    assert len(re.findall(r"tpu_custom_call", text)) == 1 + grad
+    assert "selective_scan_fwd" in text
+    assert ("selective_scan_bwd" in text) == grad

@@ -81,8 +81,8 @@ def _is_ref(x) -> bool:
 class Ops:
     """The in-kernel vocabulary, compiled (wgmma, layouts) or interpreted (jnp.dot, no layouts)."""
 
-    def __init__(self, interpret: bool):
-        self.interpret = interpret
+    def __init__(self, interpret: bool, overlap: bool = True):
+        self.interpret, self.overlap = interpret, overlap
 
     # -- layouts ---------------------------------------------------------------------------------
     def acc(self, x):
@@ -124,18 +124,37 @@ class Ops:
         x = x[...] if _is_ref(x) else x
         return x.T if t else x
 
-    def mm(self, *products):
+    def mm(self, *products, during=None):
         """Float32 results of several products issued together, then awaited once.
 
         Each product is (a, b, acc, ta, tb): a [M, K] (a ref in SMEM, or a bf16/fp16 array in the
         accumulator layout), b [K, N] a ref in SMEM, ta / tb read the ref transposed, acc None
-        (start from zero) or a float32 [M, N] array to accumulate onto."""
+        (start from zero) or a float32 [M, N] array to accumulate onto.
+
+        during: a function of no arguments returning a pytree of arrays, traced between the
+        issue of the wgmmas and the wait for them (register work that overlaps the tensor cores);
+        then (results, its value) is returned. Only with products that start from zero. With
+        `overlap` False it is traced after the wait instead (the same program, serialised)."""
         if self.interpret:
             outs = []
             for a, b, acc, ta, tb in products:
                 r = jnp.dot(self._value(a, ta), self._value(b, tb), preferred_element_type=f32)
                 outs.append(r if acc is None else acc + r)
-            return outs
+            return outs if during is None else (outs, during())
+        if during is not None and not self.overlap:          # wait first, then the rest
+            return self.mm(*products), during()
+        if during is not None:
+            if any(p[2] is not None for p in products):
+                raise ValueError("Ops.mm(during=...) takes products that start from zero")
+
+            def issue(*accs):
+                for ref, (a, b, _, ta, tb) in zip(accs, products, strict=True):
+                    plgpu.wgmma(ref, plgpu.transpose_ref(a, (1, 0)) if ta else a,
+                                plgpu.transpose_ref(b, (1, 0)) if tb else b)
+                extra = during()
+                return [ref[...] for ref in accs], extra     # the first read waits
+
+            return pl.run_scoped(issue, *[plgpu.ACC(self._shape(p), f32) for p in products])
         shapes, inits = [], []
         for a, b, acc, ta, tb in products:
             m = a.shape[1] if ta else a.shape[0]
@@ -149,6 +168,11 @@ class Ops:
                             plgpu.transpose_ref(b, (1, 0)) if tb else b)
 
         return list(pl.run_state(body)(tuple(inits)))
+
+    @staticmethod
+    def _shape(product):
+        a, b, _, ta, tb = product
+        return (a.shape[1] if ta else a.shape[0], b.shape[0] if tb else b.shape[1])
 
     def dot(self, a, b, acc=None, *, ta=False, tb=False):
         return self.mm((a, b, acc, ta, tb))[0]
@@ -190,6 +214,8 @@ def check_inputs(name: str, q, k, v):
 def pad_input(x, Tp: int, X: int, dt):
     """[B, T, H, *] in dtype dt, zero-padded to Tp rows and X columns (zeros are neutral)."""
     x = pad_time(x.astype(dt), Tp)
+    if X == x.shape[-1]:
+        return x
     return jnp.pad(x, ((0, 0),) * 3 + ((0, X - x.shape[-1]),))
 
 
@@ -234,6 +260,99 @@ def gate_rows(g, doc, *, scale: float, C: int, H: int):
         rows["doc"] = jnp.broadcast_to(doc[:, None].astype(f32), G.shape)
     out = jnp.stack([jnp.broadcast_to(rows[n], (B, H, N, C)) for n in names], axis=2)
     return out.reshape(B, H, len(names), Tp), names
+
+
+def raw_gate_rows(g, doc, *, C: int, H: int):
+    """The raw per-token rows from which the kernels form their gate factors themselves
+    (`HopperChunkConfig.gates == "kernel"`, see `ChunkGates`), [B, H, R, Tp] float32, and names:
+        g     (gated only)       the token's log decay
+        doc   (segment ids only) the document index, as float32 (exact below 2^24)
+        din   (segment ids only) the document of the token before the chunk (0 for chunk 0)
+    g: None or [B, Tp, H] float32; doc: None or [B, Tp] int32 (`padded_doc`). One XLA fusion (g's
+    transpose to head-major; no cumulative sums: the kernels form those per chunk). Returns (rows,
+    or None when there is neither gate nor document, and the row names)."""
+    names = (("g",) if g is not None else ()) + (("doc", "din") if doc is not None else ())
+    if not names:
+        return None, names
+    rows = []
+    if g is not None:
+        rows.append(jnp.moveaxis(g.astype(f32), 2, 1))
+    if doc is not None:
+        B, Tp = doc.shape
+        d = doc.reshape(B, Tp // C, C)
+        din = jnp.concatenate([jnp.zeros_like(d[:, :1, :1]), d[:, :-1, -1:]], axis=1)
+        for x in (d, jnp.broadcast_to(din, d.shape)):
+            rows.append(jnp.broadcast_to(x.reshape(B, 1, Tp).astype(f32), (B, H, Tp)))
+    return jnp.stack(rows, axis=2), names
+
+
+class ChunkGates:
+    """A chunk's gate factors inside a compute warpgroup, as vectors over the chunk's rows:
+
+        gq    scale exp(G_i) in_i         (None: no gate and no documents; the factor is `scale`)
+        gk    exp(G_last - G_j) out_j     (None: the factor is 1)
+        dec   keep exp(G_last), the same on every row (None: 1)
+        E(reverse)  the [C, C] masked, decayed intra factor scale exp(G_i - G_j) (see `gate_rows`)
+
+    From `ref` [R, C], the chunk's rows in SMEM: `raw` the rows of `raw_gate_rows` (the chunk-local
+    sums are formed here as masked row / column sums of a [C, C] broadcast of g: the inclusive
+    prefix G in both layouts, the exclusive suffix for gk (a span sum, no difference), the total
+    for dec), else the rows of `gate_rows` (named `names`) loaded as they are. ref None: no rows."""
+
+    def __init__(self, ops, ref, names, C: int, *, scale: float, raw: bool):
+        self.ops, self.scale, self.shape = ops, scale, (C, C)
+        self.r, self.c = ops.iota(self.shape, 0), ops.iota(self.shape, 1)
+        self.gq = self.gk = self.dec = self.G = self.doc = None
+        if ref is None:
+            return
+        rows_of, cols_of, shape, r, c = ops.rows_of, ops.cols_of, self.shape, self.r, self.c
+        at = lambda name: ref.at[names.index(name)]
+        if not raw:
+            self.gq, self.gk, self.dec = (ops.row(at(n)[...]) for n in ("gq", "gk", "dec"))
+            if "G" in names:
+                self.G = (rows_of(ops.row(at("G")[...]), shape),
+                          cols_of(ops.col(at("G")[...]), shape))
+            if "doc" in names:
+                self.doc = (rows_of(ops.row(at("doc")[...]), shape),
+                            cols_of(ops.col(at("doc")[...]), shape))
+            return
+        one = ops.row(jnp.ones((C,), f32))
+        gq, gk, dec = scale * one, one, one
+        if "g" in names:
+            g_c = cols_of(ops.col(at("g")[...]), shape)                 # [r, c] = g_c
+            G = jnp.sum(jnp.where(c <= r, g_c, 0.0), axis=1)            # sum_{s <= i} g_s
+            after = jnp.sum(jnp.where(c > r, g_c, 0.0), axis=1)         # sum_{s > j} g_s
+            total = jnp.sum(g_c, axis=1)
+            g_r = rows_of(ops.row(at("g")[...]), shape)                 # [r, c] = g_r
+            G_col = jnp.sum(jnp.where(r <= c, g_r, 0.0), axis=0)
+            self.G = (rows_of(G, shape), cols_of(G_col, shape))
+            gq, gk, dec = scale * jnp.exp(G), jnp.exp(after), jnp.exp(total)
+        if "doc" in names:
+            d_row, d_col = ops.row(at("doc")[...]), ops.col(at("doc")[...])
+            d_in = ops.row(at("din")[...])
+            last = jnp.sum(jnp.where(c == C - 1, cols_of(d_col, shape), 0.0), axis=1)
+            self.doc = (rows_of(d_row, shape), cols_of(d_col, shape))
+            gq = jnp.where(d_row == d_in, gq, 0.0)          # still reads the entering state
+            gk = jnp.where(d_row == last, gk, 0.0)          # in the chunk's last document
+            dec = jnp.where(last == d_in, dec, 0.0)         # no reset inside the chunk
+        self.gq, self.gk, self.dec = gq, gk, dec
+
+    def factor(self, name: str):
+        """"gq" or "gk" as a row vector, or its constant when there are no rows."""
+        v = getattr(self, name)
+        return v if v is not None else (self.scale if name == "gq" else 1.0)
+
+    def E(self, *, reverse: bool):
+        """[C, C]: rows are queries (forward) or keys (`reverse`)."""
+        r, c = self.r, self.c
+        mask = (c >= r) if reverse else (r >= c)
+        if self.doc is not None:
+            mask = mask & (self.doc[0] == self.doc[1])
+        if self.G is None:
+            return jnp.where(mask, jnp.full(self.shape, self.scale, f32), 0.0)
+        Gr, Gc = self.G
+        span = (Gc - Gr) if reverse else (Gr - Gc)          # sum of the gates in (j, i]: <= 0
+        return jnp.where(mask, self.scale * jnp.exp(jnp.minimum(span, 0.0)), 0.0)
 
 
 def row_names(gated: bool, has_doc: bool):

@@ -139,18 +139,41 @@ def chunk_pieces(q, k, v, g, *, scale, segment_ids, chunk_size) -> ChunkPieces:
     return ChunkPieces(A, vc, q_in, dS, log_decay, keep[..., None, None])
 
 
-def pass_states(pieces: ChunkPieces, S0):
-    """The chunk state scan: returns (final state, entering state of every chunk [B,H,N,K,V])."""
-    B, H, N = pieces.dS.shape[:3]
-    decay = jnp.where(pieces.keep, jnp.exp(pieces.log_decay), 0.0)
+def scan_chunks(S0, decay, dS=None, *, W=None, U=None, k_out=None):
+    """The chunk state scan, written once for the decay family and the delta rule (the kernels'
+    `chunk_state` pass is the same recurrence): over chunks n = 0 .. N-1,
+
+        S_{n+1} = decay_n S_n + dS_n                       (decay family: dS_n = k_out_n^T v_n)
+        u_n = U_n - W_n S_n,  S_{n+1} = decay_n S_n + k_out_n^T u_n      (delta rule)
+
+    S0 [B,H,K,V] float32; decay [B|1,H|1,N|1,K|1,1]; dS [B,H,N,K,V]; W, k_out [B,H,N,C,K], U
+    [B,H,N,C,V]. Returns (final state, entering state of every chunk [B,H,N,K,V], u [B,H,N,C,V] or
+    None)."""
+    B, H = S0.shape[:2]
+    N = (dS if W is None else W).shape[2]
     decay = jnp.broadcast_to(decay, (B, H, N) + decay.shape[3:])
+    t = lambda x: jnp.moveaxis(x, 2, 0)                       # chunks first
+    back = lambda x: jnp.moveaxis(x, 0, 2)
 
     def step(S, inp):
-        d, ds = inp
-        return d * S + ds, S
+        if W is None:
+            d, ds = inp
+            return d * S + ds, (S, None)
+        d, W_n, U_n, k_n = inp
+        u = U_n - _einsum("bhck,bhkv->bhcv", W_n, S)
+        return d * S + _einsum("bhck,bhcv->bhkv", k_n, u), (S, u)
 
-    S_final, S_in = lax.scan(step, S0, (jnp.moveaxis(decay, 2, 0), jnp.moveaxis(pieces.dS, 2, 0)))
-    return S_final, jnp.moveaxis(S_in, 0, 2)
+    xs = (t(decay), t(dS)) if W is None else (t(decay), t(W), t(U), t(k_out))
+    S_final, (S_in, u) = lax.scan(step, S0, xs)
+    return S_final, back(S_in), None if u is None else back(u)
+
+
+def pass_states(pieces: ChunkPieces, S0):
+    """The decay family's chunk state scan: (final state, entering state of every chunk
+    [B,H,N,K,V])."""
+    decay = jnp.where(pieces.keep, jnp.exp(pieces.log_decay), 0.0)
+    S_final, S_in, _ = scan_chunks(S0, decay, pieces.dS)
+    return S_final, S_in
 
 
 def chunk_decay(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size):

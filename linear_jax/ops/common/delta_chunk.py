@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from linear_jax.ops.common.chunking import doc_masks, from_chunks, to_chunks
+from linear_jax.ops.common.decay_chunk import scan_chunks
 from linear_jax.ops.common.gates import cumsum_incl, rev_cumsum_excl, segsum
 from linear_jax.ops.common.recurrent import state_or_zeros
 from linear_jax.ops.common.triangular import unit_lower_solve
@@ -104,16 +105,7 @@ def chunk_delta(q, k, v, beta, g, *, scale, initial_state, segment_ids, chunk_si
 
     A, W, U, q_in, k_out, decay = _intra(qc, kc, vc, bc, gc, same, in_rows, out_rows)
     decay = jnp.where(keep[..., None, None], decay, 0.0)
-    decay = jnp.broadcast_to(decay, (B, H, N, 1, 1))
-
-    def step(S, inp):
-        W_n, U_n, k_n, d_n = inp
-        u = U_n - _einsum("bhck,bhkv->bhcv", W_n, S)
-        return d_n * S + _einsum("bhck,bhcv->bhkv", k_n, u), (S, u)
-
     S0 = state_or_zeros(initial_state, (B, H, K, V))
-    xs = tuple(jnp.moveaxis(x, 2, 0) for x in (W, U, k_out, decay))
-    S_final, (S_in, u) = lax.scan(step, S0, xs)
-    S_in, u = jnp.moveaxis(S_in, 0, 2), jnp.moveaxis(u, 0, 2)   # [B,H,N,K,V], [B,H,N,C,V]
+    S_final, S_in, u = scan_chunks(S0, decay, W=W, U=U, k_out=k_out)
     o = _einsum("bhnij,bhnjv->bhniv", A, u) + _einsum("bhnik,bhnkv->bhniv", q_in, S_in)
     return from_chunks(o, T), S_final

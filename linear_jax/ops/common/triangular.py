@@ -2,9 +2,10 @@
 
 The delta rule's UT transform solves this once per chunk. LAPACK's batched triangular solve, which
 `jax.scipy.linalg.solve_triangular` reaches on a CPU, was seen to deadlock in jaxlib 0.10's thread
-pool during long training runs, so the solve is written here: the inverse by forward substitution
-(row i of (I + L)^{-1} is e_i - L_i (I + L)^{-1}, the rows above it already known; C^3 per chunk, no
-larger than the products around it), then one matrix product. The custom VJP keeps the inverse:
+pool during long training runs, so the solve is written here: the inverse by recursive doubling
+(`linear_jax.kernels.tiles.unit_lower_inverse`, the algorithm of the GPU and TPU kernels too:
+2 log2(C) batched [C, C] products, C a power of two; other C are padded with identity rows), then
+one matrix product. The custom VJP keeps the inverse:
 
     dR = (I + L)^{-T} dX,        dL = -strict_lower(dR X^T).
 """
@@ -15,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from linear_jax.kernels import tiles
+
 
 def _mm(a, b):
     return jnp.matmul(a, b, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
@@ -23,15 +26,10 @@ def _mm(a, b):
 def unit_lower_inverse(L):
     """(I + L)^{-1} for strictly lower-triangular L [..., C, C]."""
     C = L.shape[-1]
-    eye = jnp.eye(C, dtype=L.dtype)
-
-    def row(i, inv):
-        # rows >= i of `inv` are still zero and L[i, j] = 0 for j >= i, so the full product is exact
-        L_i = lax.dynamic_slice_in_dim(L, i, 1, axis=-2)
-        r = eye[i] - _mm(L_i, inv)[..., 0, :]
-        return lax.dynamic_update_index_in_dim(inv, r, i, axis=-2)
-
-    return lax.fori_loop(0, C, row, jnp.zeros_like(L))
+    P = 1 << max(C - 1, 0).bit_length()
+    Lp = jnp.pad(L, [(0, 0)] * (L.ndim - 2) + [(0, P - C), (0, P - C)])
+    row, col = tiles.iotas(P)
+    return tiles.unit_lower_inverse(Lp, row, col, _mm)[..., :C, :C]
 
 
 @jax.custom_vjp

@@ -1,0 +1,353 @@
+"""The chunk-parallel gradient kernel of simple GLA on Hopper (see `decay`'s docstring for the
+math, stages and roofline): dq, dk and the gate gradient of every chunk from q, k, v, do and the
+two walks' states S_n, dS_n+1.
+
+Work items (`HopperChunkConfig.grad_items`).
+  "chunk"  one (b, h, chunk) per item, a persistent grid of #SMs CTAs; one compute warpgroup and
+           one producer. Two TMA rings: the chunk's q, k, v, do, gate rows (2 slots, 64 KB each
+           at K = V = 128) and the key tiles (S_n[tile], dS_n+1[tile]) (2 slots of 32 KB), so the
+           chunk's intra blocks q k^T, do v^T, dA = do v^T * E and the gate term X = P U are
+           formed once and the key tiles follow one another on them. dq, dk leave per key tile
+           by TMA; the gate gradient of the chunk is summed in the kernel (masked column sums of
+           [C, C] broadcasts: sum_{i>=s} Qq_i, sum_{j<s} Qk_j, Qd_n, R_s) and leaves as dg
+           [B, H, 1, Tp]. SMEM at K = V = 128: 192 KB of rings + 24 KB of output tiles (U is
+           rebuilt per item in the dq tile, which is free until the first key tile).
+           Bytes: q, k, v, do, S, dS in (536 MB at the anchor shapes), dq, dk out (134 MB).
+  "tile"   one (b, h, chunk, 64-key tile) per item (run 1): q, k, v, do and the intra blocks once
+           per key tile (804 MB in at K = 128); the per-chunk sums leave as stats [K/64, B, H, 4,
+           Tp] and `gate_grad_tiles` forms dg in XLA.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from linear_jax._compat import mosaic_gpu_kernel
+from linear_jax.kernels.configs import multiprocessors
+from linear_jax.kernels.gpu.hopper.common import (
+    LANES,
+    ChunkGates,
+    Ops,
+    check_smem,
+    f32,
+    interpreting,
+    pl,
+    plgpu,
+    prod,
+    smem,
+)
+
+PRODUCER_REGS, CONSUMER_REGS = 40, 232
+
+
+def grad(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
+    """dq, dk (q's dtype, [B, Tp, H, K]) and the gate term: dg [B, H, 1, Tp] float32
+    (grad_items "chunk") or the stats of `gate_grad_tiles` ("tile"); None when not gated.
+
+    q, k [B, Tp, H, K]; v, do [B, Tp, H, V]; rows as `decay.walk`; states / dstates
+    [B, H, N, K, V] the S_n and dS_n+1 of each chunk."""
+    fn = _grad_chunks if cfg.grad_items == "chunk" else _grad_tiles
+    return fn(q, k, v, do, rows, states, dstates, names=names, scale=scale, cfg=cfg)
+
+
+def _setup(q, v, rows, names, cfg, per_chunk):
+    B, Tp, H, K = q.shape
+    N = Tp // cfg.chunk
+    items = B * H * N * (1 if per_chunk else K // LANES)
+    progs = min(cfg.grad_programs or multiprocessors(jax.devices()[0]), items)
+    gated = "g" in names or "G" in names
+    return B, Tp, H, K, v.shape[-1], N, items, progs, rows is not None, gated and rows is not None
+
+
+def _intra_gate_term(ops, dA, QK, u_ref, shape, dt):
+    """R_s = sum_{i >= s > j} (dA * QK)_ij: X = P U on wgmma (P in two bf16 halves, U the strictly
+    upper 0/1 matrix in u_ref), then the masked column sum over i >= s."""
+    Pm = dA * QK
+    hi = Pm.astype(dt)
+    lo = (Pm - hi.astype(f32)).astype(dt)
+    X1, X2 = ops.mm(prod(hi, u_ref), prod(lo, u_ref))
+    below = ops.iota(shape, 0) >= ops.iota(shape, 1)
+    return jnp.sum(jnp.where(below, X1 + X2, 0.0), axis=0)
+
+
+def _grad_chunks(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
+    B, Tp, H, K, V, N, items, progs, has_rows, gated = _setup(q, v, rows, names, cfg, True)
+    C, dt, NKB = cfg.chunk, q.dtype, K // LANES
+    stages, SS = cfg.stages_grad, 2                       # chunk ring, key-tile ring
+    ops = Ops(interpreting(cfg), overlap=cfg.overlap)
+    raw = cfg.gates == "kernel"
+
+    def decode(item):
+        n, bh = lax.rem(item, N), lax.div(item, N)
+        return lax.div(bh, H), lax.rem(bh, H), n
+
+    def body(*refs):
+        refs = list(refs)
+        pop = lambda on=True: refs.pop(0) if on else None       # noqa: E731
+        q_ref, k_ref, v_ref, do_ref, g_ref, s_ref, ds_ref = (pop(), pop(), pop(), pop(),
+                                                             pop(has_rows), pop(), pop())
+        dq_ref, dk_ref, dg_ref = pop(), pop(), pop(gated)
+        qs, ks, vs, dos, gs, ss, dss = pop(), pop(), pop(), pop(), pop(has_rows), pop(), pop()
+        da_s, oq_s, dk_s, dgs = pop(), pop(), pop(), pop(gated)
+        in_bar, used_bar, tin_bar, tused_bar = refs
+        pid, w = lax.axis_index("p"), lax.axis_index("wg")
+        count = lax.div(items - pid + progs - 1, progs)   # items pid, pid + progs, ...
+
+        @pl.when(w == 1)
+        def _producer():
+            ops.registers(PRODUCER_REGS, "decrease")
+
+            @pl.loop(0, count)
+            def _(i):
+                b, h, n = decode(pid + i * progs)
+                t, slot = pl.ds(n * C, C), lax.rem(i, stages)
+                pl.when(i >= stages)(lambda: plgpu.barrier_wait(used_bar.at[slot]))
+                bar = in_bar.at[slot]
+                for src, dst in ((q_ref, qs), (k_ref, ks), (v_ref, vs), (do_ref, dos)):
+                    plgpu.copy_gmem_to_smem(src.at[b, t, h], dst.at[slot], bar)
+                if has_rows:
+                    plgpu.copy_gmem_to_smem(g_ref.at[b, h, :, t], gs.at[slot], bar)
+                for kb in range(NKB):
+                    j = i * NKB + kb
+                    ts, kr = lax.rem(j, SS), pl.ds(kb * LANES, LANES)
+                    pl.when(j >= SS)(lambda ts=ts: plgpu.barrier_wait(tused_bar.at[ts]))
+                    plgpu.copy_gmem_to_smem(s_ref.at[b, h, n, kr], ss.at[ts], tin_bar.at[ts])
+                    plgpu.copy_gmem_to_smem(ds_ref.at[b, h, n, kr], dss.at[ts], tin_bar.at[ts])
+
+            for s in range(stages):                       # observe the last releases too
+                pl.when(s < count)(lambda s=s: plgpu.barrier_wait(used_bar.at[s]))
+            for s in range(SS):
+                pl.when(s < count * NKB)(lambda s=s: plgpu.barrier_wait(tused_bar.at[s]))
+
+        @pl.when(w == 0)
+        def _consumer():
+            ops.registers(CONSUMER_REGS, "increase")
+            shape, half = (C, C), (C, LANES)
+
+            @pl.loop(0, count)
+            def _(i):
+                slot = lax.rem(i, stages)
+                b, h, n = decode(pid + i * progs)
+                t = pl.ds(n * C, C)
+                qq, kk, vv, dd = qs.at[slot], ks.at[slot], vs.at[slot], dos.at[slot]
+
+                def factors():
+                    gt = ChunkGates(ops, gs.at[slot] if has_rows else None, names, C,
+                                    scale=scale, raw=raw)
+                    vals = {"E": gt.E(reverse=False)}
+                    if has_rows:
+                        vals.update(gq=gt.gq, gk=gt.gk, dec=gt.dec)
+                    return vals
+
+                plgpu.barrier_wait(in_bar.at[slot])
+                (QK, dP), f = ops.mm(prod(qq, kk, tb=True), prod(dd, vv, tb=True), during=factors)
+                dA = dP * f["E"]
+                dA16 = dA.astype(dt)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # last item's stores are out
+                da_s[...] = dA16
+                if gated:                                 # U_js = [j < s] in the dq tile
+                    oq_s[...] = (ops.iota(shape, 0) < ops.iota(shape, 1)).astype(dt)
+                plgpu.commit_smem()
+                if gated:
+                    R = _intra_gate_term(ops, dA, QK, oq_s, shape, dt)
+                    Qq = Qk = Qd = ops.row(jnp.zeros((C,), f32))
+                for kb in range(NKB):
+                    kr, ts = pl.ds(kb * LANES, LANES), lax.rem(i * NKB + kb, SS)
+                    plgpu.barrier_wait(tin_bar.at[ts])
+                    dq, dk, dqi, dki = ops.mm(prod(dA16, kk.at[:, kr]),
+                                              prod(da_s, qq.at[:, kr], ta=True),
+                                              prod(dd, ss.at[ts], tb=True),
+                                              prod(vv, dss.at[ts], tb=True))
+                    if has_rows:
+                        dqi = dqi * ops.rows_of(f["gq"], half)
+                        dki = dki * ops.rows_of(f["gk"], half)
+                    else:
+                        dqi = dqi * scale
+                    if gated:
+                        Qq = Qq + jnp.sum(ops.acc(qq.at[:, kr][...]).astype(f32) * dqi, axis=1)
+                        Qk = Qk + jnp.sum(ops.acc(kk.at[:, kr][...]).astype(f32) * dki, axis=1)
+                        Sn = ops.acc(ss.at[ts][...]).astype(f32)
+                        Qd = Qd + f["dec"] * jnp.sum(
+                            Sn * ops.acc(dss.at[ts][...]).astype(f32), axis=1)
+                    plgpu.barrier_arrive(tused_bar.at[ts])   # the key tiles are read
+                    if kb:
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    oq_s[...] = (dq + dqi).astype(dt)
+                    dk_s[...] = (dk + dki).astype(dt)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(oq_s, dq_ref.at[b, t, h, kr])
+                    plgpu.copy_smem_to_gmem(dk_s, dk_ref.at[b, t, h, kr])
+                plgpu.barrier_arrive(used_bar.at[slot])   # every read of the chunk slot is done
+                if gated:
+                    # rows i (q side, i >= s), j (k side, j < s), every row (Qd: the chunk's
+                    # decay holds every gate of the chunk); columns s
+                    rows_ = lambda x: ops.rows_of(x, shape)   # noqa: E731
+                    below = ops.iota(shape, 0) >= ops.iota(shape, 1)
+                    terms = (jnp.where(below, rows_(Qq), 0.0) + jnp.where(below, 0.0, rows_(Qk))
+                             + rows_(Qd))
+                    dgs[0] = jnp.sum(terms, axis=0) + R
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(dgs, dg_ref.at[b, h, :, t])
+
+            plgpu.wait_smem_to_gmem(0)
+
+    scratch = [smem((stages, C, K), dt), smem((stages, C, K), dt), smem((stages, C, V), dt),
+               smem((stages, C, V), dt)]
+    if has_rows:
+        scratch.append(plgpu.SMEM((stages, rows.shape[2], C), f32))
+    scratch += [smem((SS, LANES, V), dt), smem((SS, LANES, V), dt),
+                smem((C, C), dt), smem((C, LANES), dt), smem((C, LANES), dt)]
+    scratch += [plgpu.SMEM((1, C), f32)] if gated else []
+    scratch += [plgpu.Barrier(num_arrivals=4 + has_rows, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=2, num_barriers=SS),
+                plgpu.Barrier(num_arrivals=1, num_barriers=SS)]
+    out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, K), dt)]
+    out_type += [jax.ShapeDtypeStruct((B, H, 1, Tp), f32)] if gated else []
+    check_smem("simple_gla grad", scratch)
+    kernel = mosaic_gpu_kernel(
+        body, out_type=out_type, grid=(progs,), grid_names=("p",), num_threads=2,
+        thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
+        approx_math=cfg.approx_math, interpret=ops.interpret, name="simple_gla_grad")
+    args = (q, k, v, do) + ((rows,) if has_rows else ()) + (states, dstates)
+    outs = kernel(*args)
+    return outs[0], outs[1], (outs[2] if gated else None)
+
+
+def _grad_tiles(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
+    B, Tp, H, K, V, N, items, progs, has_rows, gated = _setup(q, v, rows, names, cfg, False)
+    C, dt, NKB = cfg.chunk, q.dtype, K // LANES
+    stages = cfg.stages_grad
+    ops = Ops(interpreting(cfg), overlap=cfg.overlap)
+    raw = cfg.gates == "kernel"
+
+    def decode(item):
+        kb, rest = lax.rem(item, NKB), lax.div(item, NKB)
+        n, bh = lax.rem(rest, N), lax.div(rest, N)
+        return lax.div(bh, H), lax.rem(bh, H), n, kb
+
+    def body(*refs):
+        q_ref, k_ref, v_ref, do_ref, *refs = refs
+        g_ref = refs.pop(0) if has_rows else None
+        s_ref, ds_ref, dq_ref, dk_ref, stats_ref, *refs = refs
+        qs, ks, vs, dos, ss, dss, *refs = refs
+        gs = refs.pop(0) if has_rows else None
+        da_s, oq_s, u_s, sts, in_bar, used_bar = refs
+        pid, w = lax.axis_index("p"), lax.axis_index("wg")
+        count = lax.div(items - pid + progs - 1, progs)   # items pid, pid + progs, ...
+
+        @pl.when(w == 1)
+        def _producer():
+            ops.registers(PRODUCER_REGS, "decrease")
+
+            def issue(i, slot):
+                b, h, n, kb = decode(pid + i * progs)
+                t, kr = pl.ds(n * C, C), pl.ds(kb * LANES, LANES)
+                bar = in_bar.at[slot]
+                for src, dst in ((q_ref, qs), (k_ref, ks), (v_ref, vs), (do_ref, dos)):
+                    plgpu.copy_gmem_to_smem(src.at[b, t, h], dst.at[slot], bar)
+                plgpu.copy_gmem_to_smem(s_ref.at[b, h, n, kr], ss.at[slot], bar)
+                plgpu.copy_gmem_to_smem(ds_ref.at[b, h, n, kr], dss.at[slot], bar)
+                if has_rows:
+                    plgpu.copy_gmem_to_smem(g_ref.at[b, h, :, t], gs.at[slot], bar)
+
+            for s in range(stages):
+                pl.when(s < count)(functools.partial(issue, s, s))
+
+            @pl.loop(stages, count)
+            def _(i):
+                slot = lax.rem(i, stages)
+                plgpu.barrier_wait(used_bar.at[slot])
+                issue(i, slot)
+
+            for s in range(stages):                       # observe the last releases too
+                pl.when(s < count)(lambda s=s: plgpu.barrier_wait(used_bar.at[s]))
+
+        @pl.when(w == 0)
+        def _consumer():
+            ops.registers(CONSUMER_REGS, "increase")
+            shape, half = (C, C), (C, LANES)
+            if gated:                                     # U_js = [j < s], exact in bf16
+                u_s[...] = (ops.iota(shape, 0) < ops.iota(shape, 1)).astype(dt)
+                plgpu.commit_smem()
+
+            @pl.loop(0, count)
+            def _(i):
+                slot = lax.rem(i, stages)
+                b, h, n, kb = decode(pid + i * progs)
+                t, kr = pl.ds(n * C, C), pl.ds(kb * LANES, LANES)
+                qq, kk, vv, dd = qs.at[slot], ks.at[slot], vs.at[slot], dos.at[slot]
+                plgpu.barrier_wait(in_bar.at[slot])
+                QK, dP = ops.mm(prod(qq, kk, tb=True), prod(dd, vv, tb=True))
+                gt = ChunkGates(ops, gs.at[slot] if has_rows else None, names, C, scale=scale,
+                                raw=raw)
+                dA = dP * gt.E(reverse=False)
+                if gated:
+                    R = _intra_gate_term(ops, dA, QK, u_s, shape, dt)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # last item's stores are out
+                da_s[...] = dA.astype(dt)
+                plgpu.commit_smem()
+                dq, dk, dqi, dki = ops.mm(prod(dA.astype(dt), kk.at[:, kr]),
+                                          prod(da_s, qq.at[:, kr], ta=True),
+                                          prod(dd, ss.at[slot], tb=True),
+                                          prod(vv, dss.at[slot], tb=True))
+                if has_rows:
+                    dqi = dqi * ops.rows_of(gt.gq, half)
+                    dki = dki * ops.rows_of(gt.gk, half)
+                    dec = gt.dec
+                else:
+                    dqi, dec = dqi * scale, 1.0
+                Qq = jnp.sum(ops.acc(qq.at[:, kr][...]).astype(f32) * dqi, axis=1)
+                Qk = jnp.sum(ops.acc(kk.at[:, kr][...]).astype(f32) * dki, axis=1)
+                Sn = ops.acc(ss.at[slot][...]).astype(f32)
+                Qd = dec * jnp.sum(Sn * ops.acc(dss.at[slot][...]).astype(f32), axis=1)
+                plgpu.barrier_arrive(used_bar.at[slot])   # every read of this slot is complete
+                oq_s[...] = (dq + dqi).astype(dt)
+                da_s[...] = (dk + dki).astype(dt)         # the dk wgmma has read dA: reuse
+                sts[0] = Qq
+                sts[1] = Qk
+                sts[2] = R if gated else ops.row(jnp.zeros((C,), f32))
+                sts[3] = Qd
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(oq_s, dq_ref.at[b, t, h, kr])
+                plgpu.copy_smem_to_gmem(da_s, dk_ref.at[b, t, h, kr])
+                plgpu.copy_smem_to_gmem(sts, stats_ref.at[kb, b, h, :, t])
+
+            plgpu.wait_smem_to_gmem(0)
+
+    scratch = [smem((stages, C, K), dt), smem((stages, C, K), dt), smem((stages, C, V), dt),
+               smem((stages, C, V), dt), smem((stages, LANES, V), dt),
+               smem((stages, LANES, V), dt)]
+    if has_rows:
+        scratch.append(plgpu.SMEM((stages, rows.shape[2], C), f32))
+    scratch += [smem((C, C), dt), smem((C, LANES), dt), smem((C, C), dt),
+                plgpu.SMEM((4, C), f32),
+                plgpu.Barrier(num_arrivals=6 + has_rows, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=1, num_barriers=stages)]
+    out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, K), dt),
+                jax.ShapeDtypeStruct((NKB, B, H, 4, Tp), f32)]
+    check_smem("simple_gla grad", scratch)
+    kernel = mosaic_gpu_kernel(
+        body, out_type=out_type, grid=(progs,), grid_names=("p",), num_threads=2,
+        thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
+        approx_math=cfg.approx_math, interpret=ops.interpret, name="simple_gla_grad_tiles")
+    args = (q, k, v, do) + ((rows,) if has_rows else ()) + (states, dstates)
+    dq, dk, stats = kernel(*args)
+    return dq, dk, (stats if gated else None)
+
+
+def gate_grad_tiles(stats, C):
+    """dg [B, Tp, H] from the "tile" kernel's per-chunk terms (see `decay`'s docstring)."""
+    NKB, B, H, _, Tp = stats.shape
+    x = stats.reshape(NKB, B, H, 4, Tp // C, C)
+    Qq, Qk = x[:, :, :, 0].sum(0), x[:, :, :, 1].sum(0)
+    R, Qd = x[0, :, :, 2], x[:, :, :, 3].sum((0, -1))
+    after_q = jnp.flip(jnp.cumsum(jnp.flip(Qq, -1), -1), -1)       # sum_{i >= s}
+    before_k = jnp.cumsum(Qk, -1)
+    before_k = jnp.concatenate([jnp.zeros_like(before_k[..., :1]), before_k[..., :-1]], -1)
+    dg = after_q + before_k + Qd[..., None] + R                     # [B, H, N, C]
+    return jnp.moveaxis(dg.reshape(B, H, Tp), 1, 2)

@@ -1,0 +1,40 @@
+"""Exporting a scan kernel for its platform from a CPU host, for the lowering tests.
+
+`jax.export(..., platforms=["cuda"])` runs the Pallas-to-Triton lowering and `["tpu"]` the Pallas
+to Mosaic TPU one without the device: a kernel that uses an operation its target cannot express
+fails in CI instead of on the device. The kernel must run with `config.interpret=False`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import export
+
+TRITON = "__gpu$xla.gpu.triton"     # the custom call a Triton kernel lowers to (not yet stable)
+
+
+def export_scan(entry, arrays, state=None, *, platform: str, grad: bool, **kw) -> str:
+    """The module text of `entry(*arrays, initial_state=, segment_ids=, chunk_size=64, **kw)`
+    exported for `platform` ("cuda" or "tpu"); with `grad`, of the gradient of the sum of |outputs|
+    (every output leaf, in float32) with respect to every array, which traces forward and backward.
+
+    arrays: ShapeDtypeStructs, the first [B, T, ...]. state: the initial state's, then also packed
+    documents; None: neither."""
+    B, T = arrays[0].shape[:2]
+    n = len(arrays)
+    docs = jax.ShapeDtypeStruct((B, T), jnp.int32)
+    args = list(arrays) + ([] if state is None else [state, docs])
+
+    def f(*a):
+        h0, seg = (None, None) if state is None else a[n:]
+        return entry(*a[:n], initial_state=h0, segment_ids=seg, chunk_size=64, **kw)
+
+    target = f
+    if grad:
+        def loss(*a):
+            return sum(jnp.sum(jnp.abs(o).astype(jnp.float32)) for o in jax.tree.leaves(f(*a)))
+        target = jax.grad(loss, argnums=tuple(range(n + (state is not None))))
+    checks = [export.DisabledSafetyCheck.custom_call(TRITON)] if platform == "cuda" else []
+    return export.export(jax.jit(target), platforms=[platform], disabled_checks=checks)(
+        *args).mlir_module()
