@@ -3,11 +3,8 @@ import os
 import pytest
 
 # Tests run on CPU; 8 host devices let the sharding tests build meshes (subsets of them).
-# --xla_cpu_experimental_ynn_fusion_type= (empty: no YNN fusions) works around jaxlib 0.10.2's XLA
-# CPU, which segfaults compiling or running the YNN fusion of the gla chunk form's backward
-# (tests/ops/test_decay_family.py::test_backward_is_deterministic crashes the process without it).
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
-                                   "--xla_cpu_experimental_ynn_fusion_type=")
+# (linear_jax adds its own XLA CPU workaround flag on import: linear_jax/_compat.py.)
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
