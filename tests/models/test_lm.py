@@ -51,8 +51,8 @@ def test_kernel_config_reaches_the_kernel(monkeypatch):
     its type from the model's tuple."""
     resolve, seen = registry.resolve, []
 
-    def spy(op, impl, T, config=None):
-        choice = resolve(op, impl, T, config)
+    def spy(op, impl, T, config=None, args=()):
+        choice = resolve(op, impl, T, config, args)
         seen.append((op, choice.impl, choice.config))
         return choice
 
