@@ -142,6 +142,11 @@ DOCUMENTED_PARAMS = {
             + 2 * _D**2 + _K + 4 * (_D + 5 * 2 * _D)),                   # M = 4
     "mlstm": 4 * _D**2 + 2 * _D * _H + 2 * _H + _D // _H,
     "hla": 5 * _D**2 + _K,
+    # the base layer + D H L + H L, L = 12 levels
+    "log_linear_mamba2": _D * (256 + 32 + _H) + 5 * 160 + 3 * _H + 128 + 128 * _D
+    + _D * _H * 12 + _H * 12,
+    "log_linear_gated_deltanet": 8 * _D**2 + 2 * _D * _H + 2 * _H + 16 * _D + 2 * _D // _H
+    + _D * _H * 12 + _H * 12,
 }
 
 
