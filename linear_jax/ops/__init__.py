@@ -13,6 +13,7 @@ from linear_jax.ops.diagonal_scan import diagonal_scan
 from linear_jax.ops.gla import gla
 from linear_jax.ops.hgrn import hgrn
 from linear_jax.ops.linear_attention import linear_attention
+from linear_jax.ops.lion import lion
 from linear_jax.ops.log_linear_gated_delta_rule import log_linear_gated_delta_rule
 from linear_jax.ops.log_linear_simple_gla import log_linear_simple_gla
 from linear_jax.ops.mlstm import mlstm
@@ -43,4 +44,5 @@ __all__ = [
     "ssd",
     "log_linear_simple_gla",
     "log_linear_gated_delta_rule",
+    "lion",
 ]
