@@ -210,6 +210,9 @@ def plot(out, path):
     for name, curve in out["eval_loss"].items():
         a.plot(*zip(*curve, strict=True), marker=".", label=name)
     a.axvline(out["lm_steps"], color="gray", lw=0.8, ls=":")
+    later = [v for curve in out["eval_loss"].values() for step, v in curve if step > 0]
+    if later:                   # the untrained loss at step 0 would flatten everything else
+        a.set_ylim(min(later) - 0.02, max(later) + 0.02)
     a.set(xlabel="language-modelling steps", ylabel="eval loss (nats / byte)",
           title=f"{out['corpus']}: eval loss")
     a.legend()
