@@ -1,12 +1,11 @@
 """The LION encoder with a classification head (tiny sizes): shapes, padding masked out, each
-LION kind bidirectional, and a few optimiser steps fit a small batch."""
+LION kind bidirectional (gradients of the op: tests/ops/test_lion.py)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -27,7 +26,7 @@ def test_lion_layer_is_bidirectional(decay):
     assert np.abs(np.asarray(y2 - y)[:, 0]).max() > 1e-6, "the first token sees the last"
 
 
-def test_padding_is_masked_and_training_fits():
+def test_logits_and_padding_masked_out():
     model = Encoder(CFG, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(1, 11, (4, 9)), jnp.int32)
@@ -37,17 +36,3 @@ def test_padding_is_masked_and_training_fits():
     logits = f(model, tokens, jnp.ones((4, 9), bool))
     assert logits.shape == (4, 3) and logits.dtype == jnp.float32
     assert_close(f(model, padded, jnp.broadcast_to(mask, (4, 13))), logits, 1e-5, "padding")
-
-    labels = jnp.asarray([0, 1, 2, 1])
-    opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
-
-    @nnx.jit
-    def step(model, opt):
-        def loss_fn(m):
-            return optax.softmax_cross_entropy_with_integer_labels(m(tokens), labels).mean()
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
-        opt.update(model, grads)
-        return loss
-
-    losses = [float(step(model, opt)) for _ in range(30)]
-    assert losses[-1] < 0.5 * losses[0], losses
