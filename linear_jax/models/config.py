@@ -4,8 +4,9 @@ The mixer of each layer comes from `layers` (an explicit list, e.g. the hybrids 
 Linear-MoE) or from `mixer` with softmax attention every `attn_every`-th layer (layers
 attn_every - 1, 2 attn_every - 1, ...; 0 means none). `mixer_options` maps a mixer name to extra
 constructor arguments (e.g. `{"attention": {"window": 512}, "gla": {"expand_k": 1.0}}`).
-The feed-forward is a SwiGLU MLP (`ffn="mlp"`) or a top-k mixture of experts (`ffn="moe"`, on
-every `moe_every`-th layer, the others keeping the MLP).
+The feed-forward is a SwiGLU MLP (`ffn="mlp"`), a top-k mixture of experts (`ffn="moe"`, on
+every `moe_every`-th layer, the others keeping the MLP), or none (`ffn="none"`: blocks of one
+norm and one mixer, as Mamba and Mamba-2 stack them).
 
 `impl` and `kernel_config` reach every mixer's op as `impl=` and `config=`: `kernel_config` is a
 tuple of kernel configs (`linear_jax.kernels.configs`, e.g. `(TritonChunkConfig(block_v=32),
@@ -21,7 +22,7 @@ from typing import Any
 
 from linear_jax.layers import MIXERS
 
-FFNS = ("mlp", "moe")
+FFNS = ("mlp", "moe", "none")
 
 
 def _freeze(options) -> tuple:
@@ -119,6 +120,8 @@ class LMConfig:
         return dict(dict(self.mixer_options).get(mixer, ()))
 
     def layer_ffn(self, i: int) -> str:
+        if self.ffn == "none":
+            return "none"
         return "moe" if self.ffn == "moe" and (i + 1) % self.moe_every == 0 else "mlp"
 
     @property

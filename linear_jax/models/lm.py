@@ -37,15 +37,20 @@ class Block(nnx.Module):
                                 impl=c.impl, kernel_config=c.kernel_config,
                                 num_layers=c.num_layers, layer_idx=layer_idx, std=c.init_std,
                                 **c.options(self.mixer_name), **kw)
-        self.norm2 = RMSNorm(c.d_model, eps=c.norm_eps, **kw)
         ffn_kw = dict(num_layers=c.num_layers, std=c.init_std, **kw)
-        self.ffn = (MoE(c.d_model, c.ff_width, num_experts=c.num_experts, top_k=c.top_k, **ffn_kw)
-                    if c.layer_ffn(layer_idx) == "moe" else MLP(c.d_model, c.ff_width, **ffn_kw))
+        kind = c.layer_ffn(layer_idx)
+        # ffn="none": the block is norm + mixer only (Mamba's), with no second norm to carry
+        self.norm2 = None if kind == "none" else RMSNorm(c.d_model, eps=c.norm_eps, **kw)
+        self.ffn = (None if kind == "none" else
+                    MoE(c.d_model, c.ff_width, num_experts=c.num_experts, top_k=c.top_k, **ffn_kw)
+                    if kind == "moe" else MLP(c.d_model, c.ff_width, **ffn_kw))
 
     def __call__(self, h, *, segment_ids=None, cache=None, seq_parallel=None):
         y, cache = self.mixer(self.norm1(h), segment_ids=segment_ids, cache=cache,
                               seq_parallel=seq_parallel)
         h = h + y
+        if self.ffn is None:
+            return h, cache, jnp.zeros((), jnp.float32)
         y, aux = self.ffn(self.norm2(h))
         return h + y, cache, aux
 

@@ -1,0 +1,140 @@
+"""`load` and `save`: a transformers checkpoint directory <-> an `LM`.
+
+Loading checks everything it can from `config.json` and the safetensors headers alone (family,
+every config field, missing and extra tensors, shapes, dtypes) against the model's abstract
+state (`nnx.eval_shape`, nothing allocated), and only then reads: one tensor at a time, from a
+memory map straight to its device buffer (sharded over `mesh` by the logical-axis `rules` when
+given), so host memory holds at most one tensor beyond the file cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import jax
+import numpy as np
+from flax import nnx
+
+from linear_jax.hub import files
+from linear_jax.hub.family import FLOATS, Family, stored_shape, to_ours, to_theirs
+from linear_jax.hub.mamba import MAMBA, MAMBA2
+from linear_jax.models import LM, LMConfig
+
+FAMILIES: dict[str, Family] = {f.architecture: f for f in (MAMBA, MAMBA2)}
+# LMConfig fields a caller may set on load: they change how the model computes, not its weights.
+OVERRIDES = ("impl", "kernel_config", "chunk_size", "dtype", "param_dtype")
+# FSDP over `fsdp`, tensor parallel over `tensor` (experiments/configs/base.py's table).
+DEFAULT_RULES = (("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"),
+                 ("experts", None))
+
+
+def family_of(hf: dict) -> Family:
+    archs = hf.get("architectures") or []
+    known = [a for a in archs if a in FAMILIES]
+    if len(archs) != 1 or not known:
+        raise ValueError(f"config field architectures={archs!r} is not supported; loadable: "
+                         f"{sorted(FAMILIES)}")
+    return FAMILIES[known[0]]
+
+
+def read_config(path, **overrides) -> LMConfig:
+    """The `LMConfig` of the checkpoint in directory `path` (config.json only)."""
+    hf = files.read_config(path)
+    bad = sorted(set(overrides) - set(OVERRIDES))
+    if bad:
+        raise ValueError(f"load: {bad} cannot be overridden (they would not fit the stored "
+                         f"weights); only {list(OVERRIDES)}")
+    return dataclasses.replace(family_of(hf).to_lm(hf), **overrides)
+
+
+def _plan(config: LMConfig, family: Family, stored: dict, params: list) -> list:
+    """[(entry, layout, index into params)], after every check that needs no tensor data."""
+    table = family.tensors(config)
+    name = family.architecture
+    missing = sorted(set(table) - set(stored))
+    extra = sorted(set(stored) - set(table))
+    if missing:
+        raise ValueError(f"{name}: missing tensor(s) {missing}")
+    if extra:
+        raise ValueError(f"{name}: unexpected tensor(s) {extra} (no parameter of this model "
+                         f"takes them)")
+    where = {path: i for i, (path, _) in enumerate(params)}
+    unfilled = sorted(set(where) - {p for p, _ in table.values()})
+    if unfilled:        # a family that forgot a parameter: the model would keep random values
+        raise ValueError(f"{name}: no checkpoint tensor fills parameter(s) {unfilled}")
+    ok = {FLOATS[config.param_dtype], "F32"}
+    plan = []
+    for tname, (path, layout) in table.items():
+        e, ours = stored[tname], params[where[path]][1]
+        want = stored_shape(ours.shape, layout)
+        if e.shape != want:
+            raise ValueError(f"{name}: tensor {tname!r} has shape {list(e.shape)}, the config "
+                             f"implies {list(want)}")
+        if e.dtype not in ok:
+            raise ValueError(f"{name}: tensor {tname!r} has dtype {e.dtype}; the config's dtype "
+                             f"{config.param_dtype} takes {sorted(ok)}")
+        plan.append((e, layout, where[path]))
+    return plan
+
+
+def load(path, *, mesh=None, rules=None, **overrides) -> LM:
+    """The `LM` of the transformers checkpoint in directory `path`, weights loaded.
+
+    One NNX object carries both the structure (`model.config`, an `LMConfig`) and the weights,
+    so `load` returns the model; `nnx.split(model)` gives (graphdef, state) when a function
+    wants them apart. Tensors keep their stored dtype (bfloat16 stays bfloat16) unless
+    `param_dtype` is overridden. With `mesh`, each parameter is placed sharded as it is read,
+    by `rules` ((logical axis, mesh axes) pairs, `linear_jax.training.sharding`'s format;
+    default FSDP + tensor parallel, `DEFAULT_RULES`). `overrides` are LMConfig fields that do
+    not change the weights (`OVERRIDES`: impl, kernel_config, chunk_size, dtype, param_dtype).
+    """
+    directory = pathlib.Path(path)
+    config = read_config(directory, **overrides)
+    family = family_of(files.read_config(directory))
+    stored = files.entries(directory)
+    abstract = nnx.eval_shape(lambda: LM(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    params = list(nnx.to_flat_state(state))
+    plan = _plan(config, family, stored, params)
+    shardings = None
+    if mesh is not None:
+        from linear_jax.training.sharding import check_rules, tree_shardings
+
+        table = check_rules(DEFAULT_RULES if rules is None else rules)
+        shardings = list(nnx.to_flat_state(tree_shardings(state, mesh, table)))
+    dtype = np.dtype(config.param_dtype) if "param_dtype" in overrides else None
+    for entry, layout, i in plan:
+        array = to_ours(files.array(entry), layout)
+        if dtype is not None:
+            array = array.astype(dtype)
+        target = None if shardings is None else shardings[i][1].get_value()
+        path_, var = params[i]
+        params[i] = (path_, var.replace(jax.device_put(np.ascontiguousarray(array), target)))
+    return nnx.merge(graphdef, nnx.from_flat_state(params))
+
+
+def family_for(config: LMConfig) -> Family:
+    for family in FAMILIES.values():
+        if family.matches(config):
+            return family
+    raise ValueError(f"save: no checkpoint family describes this LMConfig (mixers "
+                     f"{sorted(set(config.layer_mixers()))}, ffn={config.ffn!r}); savable: "
+                     f"{sorted(FAMILIES)}")
+
+
+def save(model: LM, path, *, max_shard_bytes: int | None = None) -> None:
+    """Writes `model` as a transformers checkpoint: config.json and safetensors (sharded with an
+    index past `max_shard_bytes`), in the parameters' own dtypes. `load(path)` gives back the
+    same weights bit for bit, and the same config up to fields not stored (impl, kernel_config,
+    dtype; chunk_size except for Mamba-2)."""
+    config = model.config
+    family = family_for(config)
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    tensors = {}
+    for name, (p, layout) in family.tensors(config).items():
+        tensors[name] = to_theirs(np.asarray(jax.device_get(flat.pop(p).get_value())), layout)
+    if flat:
+        raise ValueError(f"save: parameter(s) {sorted(flat)} have no checkpoint name in "
+                         f"{family.architecture}")
+    files.write(path, family.to_hf(config), tensors, max_shard_bytes)
