@@ -46,8 +46,13 @@ def read_config(directory) -> dict:
 
 
 def _header(file: pathlib.Path) -> dict[str, Entry]:
+    if not file.is_file():
+        raise ValueError(f"{file}: no such checkpoint file")
+    size = file.stat().st_size
     with open(file, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8:
+            raise ValueError(f"{file}: not a safetensors file (header length {n})")
         header = json.loads(f.read(n))
     base = 8 + n
     out = {}
@@ -55,6 +60,8 @@ def _header(file: pathlib.Path) -> dict[str, Entry]:
         if name == "__metadata__":
             continue
         start, end = h["data_offsets"]
+        if base + end > size:
+            raise ValueError(f"{file}: tensor {name!r} runs past the end of the file")
         out[name] = Entry(file, h["dtype"], tuple(h["shape"]), base + start, base + end)
     return out
 
@@ -66,6 +73,9 @@ def entries(directory) -> dict[str, Entry]:
         weight_map = json.loads((d / INDEX).read_text())["weight_map"]
         out = {}
         for file in sorted(set(weight_map.values())):
+            if not (d / file).is_file():
+                names = sorted(n for n, f in weight_map.items() if f == file)
+                raise ValueError(f"{d / INDEX}: shard {file} (tensors {names[:5]}) is absent")
             for name, e in _header(d / file).items():
                 if weight_map.get(name) != file:
                     raise ValueError(f"{d / file}: tensor {name!r} is not listed for this file in "
