@@ -78,6 +78,20 @@ def _plan(config: LMConfig, family: Family, stored: dict, params: list) -> list:
     return plan
 
 
+def _abstract(config: LMConfig):
+    """(graphdef, state of shapes): the model built under `eval_shape`, with its logical-axis
+    annotations kept unapplied (placement is ours, inside a mesh context or not)."""
+    out = {}
+
+    def build():
+        with nnx.use_eager_sharding(False):
+            out["graphdef"], state = nnx.split(LM(config, rngs=nnx.Rngs(0)))
+        return state
+
+    state = jax.eval_shape(build)
+    return out["graphdef"], state
+
+
 def load(path, *, mesh=None, rules=None, **overrides) -> LM:
     """The `LM` of the transformers checkpoint in directory `path`, weights loaded.
 
@@ -93,8 +107,7 @@ def load(path, *, mesh=None, rules=None, **overrides) -> LM:
     config = read_config(directory, **overrides)
     family = family_of(files.read_config(directory))
     stored = files.entries(directory)
-    abstract = nnx.eval_shape(lambda: LM(config, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
+    graphdef, state = _abstract(config)
     params = list(nnx.to_flat_state(state))
     plan = _plan(config, family, stored, params)
     shardings = None
