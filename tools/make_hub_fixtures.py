@@ -44,7 +44,24 @@ def mamba2():
     return transformers.Mamba2ForCausalLM(cfg), {"max_shard_size": "40KB"}
 
 
-FAMILIES = {"mamba": mamba, "mamba2": mamba2}
+def qwen3_next():
+    # one Gated DeltaNet layer (grouped: 2 key heads, 4 value heads) and one gated-attention
+    # layer (GQA, partial RoPE), each followed by a 4-expert top-2 MoE with a shared expert
+    cfg = transformers.Qwen3NextConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+        layer_types=["linear_attention", "full_attention"], num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, intermediate_size=16,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                         "partial_rotary_factor": 0.25},
+        linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8,
+        linear_num_key_heads=2, linear_num_value_heads=4, decoder_sparse_step=1,
+        moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts_per_tok=2,
+        num_experts=4, norm_topk_prob=True, tie_word_embeddings=False, max_position_embeddings=64)
+    cfg._attn_implementation = "eager"
+    return transformers.Qwen3NextForCausalLM(cfg), {}
+
+
+FAMILIES = {"mamba": mamba, "mamba2": mamba2, "qwen3_next": qwen3_next}
 
 
 def perturb(model, gen):
@@ -55,9 +72,16 @@ def perturb(model, gen):
             if name.endswith("A_log"):
                 p.copy_(torch.log(torch.rand(p.shape, generator=gen) * 3 + 0.5))
             elif "norm" in name or name.endswith(".D"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
+                # around 1 in effect: Qwen3-Next's zero-centred norms hold w for a scale of 1 + w
+                centre = 0.0 if zero_centred(model, name) else 1.0
+                p.copy_(centre + 0.2 * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(0.3 * torch.randn(p.shape, generator=gen) / max(1, p.shape[-1]) ** 0.25)
+
+
+def zero_centred(model, name: str) -> bool:
+    module = model.get_submodule(name.rsplit(".", 1)[0])
+    return type(module).__name__ == "Qwen3NextRMSNorm"
 
 
 def build(name: str):

@@ -17,11 +17,19 @@ import numpy as np
 from flax import nnx
 
 from linear_jax.hub import files
-from linear_jax.hub.family import FLOATS, Family, stored_shape, to_ours, to_theirs
+from linear_jax.hub.family import (
+    FLOATS,
+    Family,
+    pieces,
+    stored_shape,
+    to_ours,
+    to_theirs,
+)
 from linear_jax.hub.mamba import MAMBA, MAMBA2
+from linear_jax.hub.qwen3_next import QWEN3_NEXT
 from linear_jax.models import LM, LMConfig
 
-FAMILIES: dict[str, Family] = {f.architecture: f for f in (MAMBA, MAMBA2)}
+FAMILIES: dict[str, Family] = {f.architecture: f for f in (MAMBA, MAMBA2, QWEN3_NEXT)}
 # LMConfig fields a caller may set on load: they change how the model computes, not its weights.
 OVERRIDES = ("impl", "kernel_config", "chunk_size", "dtype", "param_dtype")
 # FSDP over `fsdp`, tensor parallel over `tensor` (experiments/configs/base.py's table).
@@ -48,9 +56,18 @@ def read_config(path, **overrides) -> LMConfig:
     return dataclasses.replace(family_of(hf).to_lm(hf), **overrides)
 
 
-def _plan(config: LMConfig, family: Family, stored: dict, params: list) -> list:
-    """[(entry, layout, index into params)], after every check that needs no tensor data."""
-    table = family.tensors(config)
+def _expected_shape(ps, shapes: dict) -> tuple:
+    """The stored shape that pieces `ps` of one tensor imply, from our parameters' shapes."""
+    first = ps[0]
+    if first.rows is not None:
+        return (sum(len(p.rows) for p in ps), shapes[first.path][0])
+    shape = shapes[first.path]
+    return stored_shape(shape[1:] if first.index is not None else shape, first.layout)
+
+
+def _plan(config: LMConfig, family: Family, stored: dict, params: list) -> dict:
+    """{tensor name: pieces}, after every check that needs no tensor data."""
+    table = {n: pieces(e) for n, e in family.tensors(config).items()}
     name = family.architecture
     missing = sorted(set(table) - set(stored))
     extra = sorted(set(stored) - set(table))
@@ -59,23 +76,26 @@ def _plan(config: LMConfig, family: Family, stored: dict, params: list) -> list:
     if extra:
         raise ValueError(f"{name}: unexpected tensor(s) {extra} (no parameter of this model "
                          f"takes them)")
-    where = {path: i for i, (path, _) in enumerate(params)}
-    unfilled = sorted(set(where) - {p for p, _ in table.values()})
+    shapes = {path: tuple(v.shape) for path, v in params}
+    filled = {}
+    for ps in table.values():
+        for p in ps:
+            filled.setdefault(p.path, set()).add(p.index)
+    unfilled = sorted(p for p in shapes if p not in filled or (
+        None not in filled[p] and filled[p] != set(range(shapes[p][0]))))
     if unfilled:        # a family that forgot a parameter: the model would keep random values
         raise ValueError(f"{name}: no checkpoint tensor fills parameter(s) {unfilled}")
     ok = {FLOATS[config.param_dtype], "F32"}
-    plan = []
-    for tname, (path, layout) in table.items():
-        e, ours = stored[tname], params[where[path]][1]
-        want = stored_shape(ours.shape, layout)
+    for tname, ps in table.items():
+        e = stored[tname]
+        want = _expected_shape(ps, shapes)
         if e.shape != want:
             raise ValueError(f"{name}: tensor {tname!r} has shape {list(e.shape)}, the config "
                              f"implies {list(want)}")
         if e.dtype not in ok:
             raise ValueError(f"{name}: tensor {tname!r} has dtype {e.dtype}; the config's dtype "
                              f"{config.param_dtype} takes {sorted(ok)}")
-        plan.append((e, layout, where[path]))
-    return plan
+    return table
 
 
 def _abstract(config: LMConfig):
@@ -117,13 +137,31 @@ def load(path, *, mesh=None, rules=None, **overrides) -> LM:
         table = check_rules(DEFAULT_RULES if rules is None else rules)
         shardings = list(nnx.to_flat_state(tree_shardings(state, mesh, table)))
     dtype = np.dtype(config.param_dtype) if "param_dtype" in overrides else None
-    for entry, layout, i in plan:
-        array = to_ours(files.array(entry), layout)
-        if dtype is not None:
-            array = array.astype(dtype)
+    where = {path: i for i, (path, _) in enumerate(params)}
+    stacks = {}          # stacked parameters being filled slot by slot: [buffer, slots left]
+
+    def place(path, array):
+        i = where[path]
         target = None if shardings is None else shardings[i][1].get_value()
-        path_, var = params[i]
-        params[i] = (path_, var.replace(jax.device_put(np.ascontiguousarray(array), target)))
+        params[i] = (path, params[i][1].replace(
+            jax.device_put(np.ascontiguousarray(array), target)))
+
+    for tname, ps in plan.items():
+        stored_array = files.array(stored[tname])
+        for p in ps:
+            array = to_ours(stored_array if p.rows is None else stored_array[p.rows], p.layout)
+            if dtype is not None:
+                array = array.astype(dtype)
+            if p.index is None:
+                place(p.path, array)
+                continue
+            if p.path not in stacks:
+                shape = params[where[p.path]][1].shape
+                stacks[p.path] = [np.empty(shape, array.dtype), shape[0]]
+            stacks[p.path][0][p.index] = array
+            stacks[p.path][1] -= 1
+            if stacks[p.path][1] == 0:
+                place(p.path, stacks.pop(p.path)[0])
     return nnx.merge(graphdef, nnx.from_flat_state(params))
 
 
@@ -143,11 +181,22 @@ def save(model: LM, path, *, max_shard_bytes: int | None = None) -> None:
     dtype; chunk_size except for Mamba-2)."""
     config = model.config
     family = family_for(config)
-    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    tensors = {}
-    for name, (p, layout) in family.tensors(config).items():
-        tensors[name] = to_theirs(np.asarray(jax.device_get(flat.pop(p).get_value())), layout)
-    if flat:
-        raise ValueError(f"save: parameter(s) {sorted(flat)} have no checkpoint name in "
-                         f"{family.architecture}")
+    flat = {p: np.asarray(jax.device_get(v.get_value())) for p, v in nnx.to_flat_state(
+        nnx.state(model, nnx.Param))}
+    tensors, used = {}, set()
+    for name, entry in family.tensors(config).items():
+        ps = pieces(entry)
+        if ps[0].rows is not None:
+            rows = sum(len(p.rows) for p in ps)
+            out = np.empty((rows, flat[ps[0].path].shape[0]), flat[ps[0].path].dtype)
+            for p in ps:
+                out[p.rows] = to_theirs(flat[p.path], p.layout)
+        else:
+            p = ps[0]
+            out = to_theirs(flat[p.path] if p.index is None else flat[p.path][p.index], p.layout)
+        tensors[name] = out
+        used.update(p.path for p in ps)
+    if set(flat) - used:
+        raise ValueError(f"save: parameter(s) {sorted(set(flat) - used)} have no checkpoint "
+                         f"name in {family.architecture}")
     files.write(path, family.to_hf(config), tensors, max_shard_bytes)

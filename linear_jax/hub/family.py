@@ -1,8 +1,10 @@
 """What a checkpoint family declares, and the strict reader of its `config.json`.
 
 A `Family` maps a transformers architecture onto `LMConfig` and back, and names every tensor:
-`tensors(config)` is {checkpoint name: (path in the model's parameter state, layout)}, the layout
-saying how the stored array relates to ours:
+`tensors(config)` is {checkpoint name: (path in the model's parameter state, layout)} or
+{checkpoint name: (Piece, ...)} where one stored tensor fills several parameters (rows of a fused
+projection) or one slot of a stacked parameter (an expert). The layout says how the stored array
+relates to ours:
 
     "same"    stored as we hold it
     "linear"  torch Linear weight [out, in]; ours is nnx.Linear's kernel [in, out] (its transpose)
@@ -35,6 +37,35 @@ GENERIC = frozenset({
 })
 FLOATS = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 LAYOUTS = ("same", "linear", "conv")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Piece:
+    """Where (part of) a stored tensor goes: parameter `path`, after `layout`; `rows` (an index
+    array) takes those rows of a fused [out, in] weight, `index` fills slot `index` of the
+    parameter's first axis (stacked experts)."""
+    path: tuple
+    layout: str = "same"
+    rows: np.ndarray | None = None
+    index: int | None = None
+
+
+def pieces(entry) -> tuple[Piece, ...]:
+    """A table entry as pieces: `(path, layout)` is one whole piece."""
+    if isinstance(entry, Piece):
+        return (entry,)
+    if len(entry) == 2 and isinstance(entry[1], str):
+        return (Piece(tuple(entry[0]), entry[1]),)
+    return tuple(entry)
+
+
+def fused_rows(groups: int, sizes) -> list[np.ndarray]:
+    """Rows of each part of a weight fused per group: [group][part 0 | part 1 | ...] (the
+    `in_proj_qkvz` of Qwen3-Next: per key head q, k, v, z), one index array per part."""
+    offsets = np.cumsum([0, *sizes])
+    block = offsets[-1]
+    return [np.concatenate([g * block + np.arange(offsets[i], offsets[i + 1])
+                            for g in range(groups)]) for i in range(len(sizes))]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,7 @@ from linear_jax.layers.attention import Attention
 from linear_jax.layers.based import Based
 from linear_jax.layers.delta_product import DeltaProduct
 from linear_jax.layers.deltanet import EFLA, DeltaNet
+from linear_jax.layers.gated_attention import GatedAttention
 from linear_jax.layers.gated_deltanet import GatedDeltaNet
 from linear_jax.layers.gla import GLA
 from linear_jax.layers.gsa import GSA
@@ -34,6 +35,7 @@ from linear_jax.layers.retnet import Lightning, RetNet
 
 MIXERS = {
     "attention": Attention,
+    "gated_attention": GatedAttention,
     "linear_attention": LinearAttention,
     "retnet": RetNet,
     "lightning": Lightning,

@@ -5,7 +5,8 @@ Linear-MoE) or from `mixer` with softmax attention every `attn_every`-th layer (
 attn_every - 1, 2 attn_every - 1, ...; 0 means none). `mixer_options` maps a mixer name to extra
 constructor arguments (e.g. `{"attention": {"window": 512}, "gla": {"expand_k": 1.0}}`).
 The feed-forward is a SwiGLU MLP (`ffn="mlp"`), a top-k mixture of experts (`ffn="moe"`, on
-every `moe_every`-th layer, the others keeping the MLP), or none (`ffn="none"`: blocks of one
+every `moe_every`-th layer, the others keeping the MLP; `moe_shared > 0` adds Qwen-MoE's shared
+expert of that width, gated per token by a sigmoid), or none (`ffn="none"`: blocks of one
 norm and one mixer, as Mamba and Mamba-2 stack them).
 
 `impl` and `kernel_config` reach every mixer's op as `impl=` and `config=`: `kernel_config` is a
@@ -69,9 +70,11 @@ class LMConfig:
     num_experts: int = 8
     top_k: int = 2
     moe_every: int = 1
+    moe_shared: int = 0                      # width of an always-on shared expert (0: none)
     tie_embeddings: bool = True
     init_std: float = 0.02
     norm_eps: float = 1e-6
+    norm_offset: float = 0.0                 # block and final norms scale by offset + weight
     chunk_size: int = 64
     impl: str = "auto"
     kernel_config: tuple[Any, ...] = ()      # kernel configs, each kernel takes the one of its type
@@ -106,6 +109,8 @@ class LMConfig:
         if self.ffn == "moe" and not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"LMConfig: top_k={self.top_k} must be in [1, num_experts="
                              f"{self.num_experts}]")
+        if self.moe_shared < 0:
+            raise ValueError(f"LMConfig: moe_shared must be >= 0, got {self.moe_shared}")
         if self.moe_every < 1:
             raise ValueError(f"LMConfig: moe_every must be >= 1, got {self.moe_every}")
 

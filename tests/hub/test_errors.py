@@ -37,6 +37,11 @@ def _raises(path, match, **kw):
     ("made_up_field", 1, "mamba2"),
     ("vocab_size", None, "mamba"),
     ("num_hidden_layers", 0, "mamba2"),
+    ("attention_bias", True, "qwen3_next"),
+    ("norm_topk_prob", False, "qwen3_next"),
+    ("mlp_only_layers", [0], "qwen3_next"),
+    ("layer_types", ["linear_attention", "sliding_attention"], "qwen3_next"),
+    ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}, "qwen3_next"),
 ])
 def test_bad_config_field(tmp_path, field, value, family):
     c = config(family)
@@ -52,10 +57,12 @@ def test_mamba2_heads(tmp_path):
     _raises(copy("mamba2", tmp_path / "c", config=c), "num_heads \\* head_dim")
 
 
-@pytest.mark.parametrize("family", ["mamba", "mamba2"])
-def test_missing_tensor(tmp_path, family):
+@pytest.mark.parametrize("family, name", [
+    ("mamba", "backbone.layers.1.mixer.A_log"), ("mamba2", "backbone.layers.1.mixer.A_log"),
+    ("qwen3_next", "model.layers.1.mlp.experts.3.up_proj.weight"),
+    ("qwen3_next", "model.layers.0.linear_attn.in_proj_qkvz.weight")])
+def test_missing_tensor(tmp_path, family, name):
     t = tensors(copy(family, tmp_path / "src"))
-    name = "backbone.layers.1.mixer.A_log"
     del t[name]
     _raises(copy(family, tmp_path / "c", tensors_=t), "missing tensor.*" + name)
 
@@ -66,11 +73,14 @@ def test_extra_tensor(tmp_path):
     _raises(copy("mamba", tmp_path / "c", tensors_=t), "unexpected tensor.*lm_head.weight")
 
 
-def test_shape_mismatch(tmp_path):
-    t = tensors(copy("mamba", tmp_path / "src"))
-    name = "backbone.layers.0.mixer.x_proj.weight"
+@pytest.mark.parametrize("family, name", [
+    ("mamba", "backbone.layers.0.mixer.x_proj.weight"),
+    ("qwen3_next", "model.layers.0.linear_attn.in_proj_ba.weight"),
+    ("qwen3_next", "model.layers.0.mlp.experts.0.down_proj.weight")])
+def test_shape_mismatch(tmp_path, family, name):
+    t = tensors(copy(family, tmp_path / "src"))
     t[name] = t[name][:-1]
-    _raises(copy("mamba", tmp_path / "c", tensors_=t), f"{name}.*shape")
+    _raises(copy(family, tmp_path / "c", tensors_=t), f"{name}.*shape")
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.float16])

@@ -1,4 +1,5 @@
-"""Every fixture family: logits match transformers' float32 ones (tools/make_hub_fixtures.py),
+"""The checks every fixture family passes (each family's test module imports them and names its
+`FAMILY`): logits match transformers' float32 ones (tools/make_hub_fixtures.py),
 whole, packed with segment ids, and through prefill + one-token decode steps; save -> load gives
 the same weights bit for bit, in float32 and in bfloat16; a mesh places them sharded."""
 
@@ -25,13 +26,11 @@ def forward(model):
     return lambda tokens, segment_ids=None: f(state, jnp.asarray(tokens), segment_ids)
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module")
 def loaded(request):
-    return request.param, hub.load(ROOT / request.param), golden(request.param)
-
-
-def test_fixtures_present():
-    assert {"mamba", "mamba2"} <= set(FAMILIES)
+    family = request.module.FAMILY
+    assert family in FAMILIES, f"no fixture for {family}: run tools/make_hub_fixtures.py"
+    return family, hub.load(ROOT / family), golden(family)
 
 
 def test_logits(loaded):
