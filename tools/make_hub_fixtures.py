@@ -61,7 +61,17 @@ def qwen3_next():
     return transformers.Qwen3NextForCausalLM(cfg), {}
 
 
-FAMILIES = {"mamba": mamba, "mamba2": mamba2, "qwen3_next": qwen3_next}
+def xlstm():
+    # xLSTM 7B's block (mLSTM + SwiGLU), gate and logit soft caps; the kernels in float32 (the
+    # default autocasts q, k, v to bfloat16) and a chunk that leaves a recurrent tail
+    cfg = transformers.xLSTMConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_heads=2, chunk_size=8,
+        autocast_kernel_dtype="float32", ffn_proj_factor=2.0, ffn_round_up_to_multiple_of=16,
+        weight_mode="single", tie_word_embeddings=False)
+    return transformers.xLSTMForCausalLM(cfg), {}
+
+
+FAMILIES = {"mamba": mamba, "mamba2": mamba2, "qwen3_next": qwen3_next, "xlstm": xlstm}
 
 
 def perturb(model, gen):

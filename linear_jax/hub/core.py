@@ -27,9 +27,10 @@ from linear_jax.hub.family import (
 )
 from linear_jax.hub.mamba import MAMBA, MAMBA2
 from linear_jax.hub.qwen3_next import QWEN3_NEXT
+from linear_jax.hub.xlstm import XLSTM
 from linear_jax.models import LM, LMConfig
 
-FAMILIES: dict[str, Family] = {f.architecture: f for f in (MAMBA, MAMBA2, QWEN3_NEXT)}
+FAMILIES: dict[str, Family] = {f.architecture: f for f in (MAMBA, MAMBA2, QWEN3_NEXT, XLSTM)}
 # LMConfig fields a caller may set on load: they change how the model computes, not its weights.
 OVERRIDES = ("impl", "kernel_config", "chunk_size", "dtype", "param_dtype")
 # FSDP over `fsdp`, tensor parallel over `tensor` (experiments/configs/base.py's table).
@@ -59,15 +60,16 @@ def read_config(path, **overrides) -> LMConfig:
 def _expected_shape(ps, shapes: dict) -> tuple:
     """The stored shape that pieces `ps` of one tensor imply, from our parameters' shapes."""
     first = ps[0]
-    if first.rows is not None:
-        return (sum(len(p.rows) for p in ps), shapes[first.path][0])
+    if first.rows is not None:       # [out, in] weight, or a [out] bias ("same")
+        rows = sum(len(p.rows) for p in ps)
+        return (rows,) if first.layout == "same" else (rows, shapes[first.path][0])
     shape = shapes[first.path]
     return stored_shape(shape[1:] if first.index is not None else shape, first.layout)
 
 
-def _plan(config: LMConfig, family: Family, stored: dict, params: list) -> dict:
+def _plan(config: LMConfig, family: Family, hf: dict, stored: dict, params: list) -> dict:
     """{tensor name: pieces}, after every check that needs no tensor data."""
-    table = {n: pieces(e) for n, e in family.tensors(config).items()}
+    table = {n: pieces(e) for n, e in family.tensors(config, hf).items()}
     name = family.architecture
     missing = sorted(set(table) - set(stored))
     extra = sorted(set(stored) - set(table))
@@ -125,11 +127,12 @@ def load(path, *, mesh=None, rules=None, **overrides) -> LM:
     """
     directory = pathlib.Path(path)
     config = read_config(directory, **overrides)
-    family = family_of(files.read_config(directory))
+    hf = files.read_config(directory)
+    family = family_of(hf)
     stored = files.entries(directory)
     graphdef, state = _abstract(config)
     params = list(nnx.to_flat_state(state))
-    plan = _plan(config, family, stored, params)
+    plan = _plan(config, family, hf, stored, params)
     shardings = None
     if mesh is not None:
         from linear_jax.training.sharding import check_rules, tree_shardings
@@ -187,8 +190,9 @@ def save(model: LM, path, *, max_shard_bytes: int | None = None) -> None:
     for name, entry in family.tensors(config).items():
         ps = pieces(entry)
         if ps[0].rows is not None:
-            rows = sum(len(p.rows) for p in ps)
-            out = np.empty((rows, flat[ps[0].path].shape[0]), flat[ps[0].path].dtype)
+            rows, ours = sum(len(p.rows) for p in ps), flat[ps[0].path]
+            out = np.empty((rows,) + (() if ps[0].layout == "same" else ours.shape[:1]),
+                           ours.dtype)
             for p in ps:
                 out[p.rows] = to_theirs(flat[p.path], p.layout)
         else:

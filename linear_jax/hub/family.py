@@ -1,10 +1,10 @@
 """What a checkpoint family declares, and the strict reader of its `config.json`.
 
 A `Family` maps a transformers architecture onto `LMConfig` and back, and names every tensor:
-`tensors(config)` is {checkpoint name: (path in the model's parameter state, layout)} or
-{checkpoint name: (Piece, ...)} where one stored tensor fills several parameters (rows of a fused
-projection) or one slot of a stacked parameter (an expert). The layout says how the stored array
-relates to ours:
+`tensors(config, hf)` (hf: the config.json read, None when saving) is {checkpoint name: (path in
+the model's parameter state, layout)} or {checkpoint name: (Piece, ...)} where one stored tensor
+fills several parameters (rows of a fused projection) or one slot of a stacked parameter (an
+expert). The layout says how the stored array relates to ours:
 
     "same"    stored as we hold it
     "linear"  torch Linear weight [out, in]; ours is nnx.Linear's kernel [in, out] (its transpose)
@@ -74,7 +74,7 @@ class Family:
     model_type: str                                    # e.g. "mamba"
     to_lm: Callable[[dict], LMConfig]                  # raises ValueError naming a field
     to_hf: Callable[[LMConfig], dict]                  # the fields of config.json
-    tensors: Callable[[LMConfig], dict[str, tuple[tuple, str]]]
+    tensors: Callable[..., dict]                       # (config, config.json or None) -> table
     matches: Callable[[LMConfig], bool]                # whether `to_hf` can describe a config
 
 

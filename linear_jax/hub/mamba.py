@@ -100,7 +100,7 @@ def _ends(c: LMConfig) -> dict:
     return t
 
 
-def mamba_tensors(c: LMConfig) -> dict:
+def mamba_tensors(c: LMConfig, hf: dict | None = None) -> dict:
     t = _ends(c)
     for i in range(c.num_layers):
         p, m = f"{_BACKBONE}.layers.{i}.", ("blocks", i, "mixer")
@@ -118,7 +118,7 @@ def mamba_tensors(c: LMConfig) -> dict:
     return t
 
 
-def mamba2_tensors(c: LMConfig) -> dict:
+def mamba2_tensors(c: LMConfig, hf: dict | None = None) -> dict:
     t = _ends(c)
     for i in range(c.num_layers):
         p, m = f"{_BACKBONE}.layers.{i}.", ("blocks", i, "mixer")

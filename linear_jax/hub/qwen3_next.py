@@ -113,7 +113,7 @@ def _mlp(prefix: str, path: tuple) -> dict:
             for n in ("gate", "up", "down")}
 
 
-def tensors(c: LMConfig) -> dict:
+def tensors(c: LMConfig, hf: dict | None = None) -> dict:
     hf = to_hf(c)
     Hk, H = hf["linear_num_key_heads"], hf["linear_num_value_heads"]
     K, V, r = hf["linear_key_head_dim"], hf["linear_value_head_dim"], H // Hk

@@ -75,6 +75,7 @@ class LMConfig:
     init_std: float = 0.02
     norm_eps: float = 1e-6
     norm_offset: float = 0.0                 # block and final norms scale by offset + weight
+    logit_soft_cap: float | None = None      # logits -> c tanh(logits / c) (xLSTM 7B: 30)
     chunk_size: int = 64
     impl: str = "auto"
     kernel_config: tuple[Any, ...] = ()      # kernel configs, each kernel takes the one of its type

@@ -92,4 +92,7 @@ class LM(nnx.Module):
         w = self.embed[...].T if self.head is None else self.head[...]
         logits = jnp.einsum("btd,dv->btv", h, w.astype(h.dtype),
                             preferred_element_type=jnp.float32)
+        if self.config.logit_soft_cap is not None:
+            cap = self.config.logit_soft_cap
+            logits = cap * jnp.tanh(logits / cap)
         return logits, new, aux / max(self.num_moe, 1)

@@ -42,6 +42,10 @@ def _raises(path, match, **kw):
     ("mlp_only_layers", [0], "qwen3_next"),
     ("layer_types", ["linear_attention", "sliding_attention"], "qwen3_next"),
     ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}, "qwen3_next"),
+    ("add_out_norm", False, "xlstm"),
+    ("v_dim_factor", 0.5, "xlstm"),
+    ("weight_mode", "mixed", "xlstm"),
+    ("embedding_dim", 48, "xlstm"),
 ])
 def test_bad_config_field(tmp_path, field, value, family):
     c = config(family)
