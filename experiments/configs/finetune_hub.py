@@ -1,5 +1,5 @@
-"""Fine-tunes a pretrained transformers checkpoint (`linear_jax.hub`: Mamba, Mamba-2) on the
-Shakespeare corpus of `lm_shakespeare.py`, byte-level, packed rows with segment ids.
+"""Fine-tunes a pretrained transformers checkpoint (`linear_jax.hub`: any family it
+loads) on the Shakespeare corpus of `lm_shakespeare.py`, byte-level, packed rows with segment ids.
 
     python -m experiments.train --config=experiments/configs/finetune_hub.py:/path/to/checkpoint
 
