@@ -71,7 +71,23 @@ def xlstm():
     return transformers.xLSTMForCausalLM(cfg), {}
 
 
-FAMILIES = {"mamba": mamba, "mamba2": mamba2, "qwen3_next": qwen3_next, "xlstm": xlstm}
+def minimax():
+    # lightning, lightning, softmax attention (GQA); MiniMax-01's scaled normed residuals; a
+    # lightning block shorter than the prompt so its block-wise path runs
+    cfg = transformers.MiniMaxConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=24, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+        num_experts_per_tok=2, block_size=8, max_position_embeddings=64,
+        layer_types=["linear_attention", "linear_attention", "full_attention"],
+        full_attn_alpha_factor=1.5, full_attn_beta_factor=0.5, linear_attn_alpha_factor=2.0,
+        linear_attn_beta_factor=0.75, mlp_alpha_factor=1.25, mlp_beta_factor=0.8,
+        tie_word_embeddings=False)
+    cfg._attn_implementation = "eager"
+    return transformers.MiniMaxForCausalLM(cfg), {}
+
+
+FAMILIES = {"mamba": mamba, "mamba2": mamba2, "qwen3_next": qwen3_next, "xlstm": xlstm,
+            "minimax": minimax}
 
 
 def perturb(model, gen):

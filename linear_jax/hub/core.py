@@ -13,6 +13,7 @@ import dataclasses
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -26,11 +27,13 @@ from linear_jax.hub.family import (
     to_theirs,
 )
 from linear_jax.hub.mamba import MAMBA, MAMBA2
+from linear_jax.hub.minimax import MINIMAX
 from linear_jax.hub.qwen3_next import QWEN3_NEXT
 from linear_jax.hub.xlstm import XLSTM
 from linear_jax.models import LM, LMConfig
 
-FAMILIES: dict[str, Family] = {f.architecture: f for f in (MAMBA, MAMBA2, QWEN3_NEXT, XLSTM)}
+FAMILIES: dict[str, Family] = {f.architecture: f for f in (MAMBA, MAMBA2, QWEN3_NEXT, XLSTM,
+                                                                  MINIMAX)}
 # LMConfig fields a caller may set on load: they change how the model computes, not its weights.
 OVERRIDES = ("impl", "kernel_config", "chunk_size", "dtype", "param_dtype")
 # FSDP over `fsdp`, tensor parallel over `tensor` (experiments/configs/base.py's table).
@@ -71,8 +74,18 @@ def _plan(config: LMConfig, family: Family, hf: dict, stored: dict, params: list
     """{tensor name: pieces}, after every check that needs no tensor data."""
     table = {n: pieces(e) for n, e in family.tensors(config, hf).items()}
     name = family.architecture
+    derived = family.derived(config) if family.derived else {}
+    for dname, want in derived.items():
+        e = stored.get(dname)
+        if e is None:
+            continue        # implied by the config: a checkpoint may leave it out
+        tol = 1e-5 if e.dtype == "F32" else 1e-2        # stored in the model's dtype
+        if e.shape != want.shape or not np.allclose(np.asarray(files.array(e), np.float32), want,
+                                                    rtol=tol, atol=tol * 1e-2):
+            raise ValueError(f"{name}: tensor {dname!r} is not what the config implies "
+                             f"(shape {list(e.shape)}, expected {list(want.shape)})")
     missing = sorted(set(table) - set(stored))
-    extra = sorted(set(stored) - set(table))
+    extra = sorted(set(stored) - set(table) - set(derived))
     if missing:
         raise ValueError(f"{name}: missing tensor(s) {missing}")
     if extra:
@@ -203,4 +216,7 @@ def save(model: LM, path, *, max_shard_bytes: int | None = None) -> None:
     if set(flat) - used:
         raise ValueError(f"save: parameter(s) {sorted(set(flat) - used)} have no checkpoint "
                          f"name in {family.architecture}")
+    if family.derived:
+        tensors.update({n: np.asarray(v, jnp.dtype(config.param_dtype))
+                        for n, v in family.derived(config).items()})
     files.write(path, family.to_hf(config), tensors, max_shard_bytes)

@@ -76,6 +76,9 @@ class Family:
     to_hf: Callable[[LMConfig], dict]                  # the fields of config.json
     tensors: Callable[..., dict]                       # (config, config.json or None) -> table
     matches: Callable[[LMConfig], bool]                # whether `to_hf` can describe a config
+    # buffers some checkpoints store though the config implies them (MiniMax's decay tables):
+    # config -> {name: array}; checked against the stored ones on load, written on save
+    derived: Callable[[LMConfig], dict] | None = None
 
 
 class Fields:
@@ -93,6 +96,11 @@ class Fields:
             raise ValueError(f"{self.family}: config field {name!r} must be a positive int, "
                              f"got {value!r}")
         return value
+
+    def optional(self, name: str):
+        """The field's value, None when absent or null."""
+        self.seen.add(name)
+        return self.hf.get(name)
 
     def expect(self, name: str, supported, default=None):
         """The field must hold `supported` (what our layers compute) when present."""

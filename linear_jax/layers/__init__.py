@@ -28,6 +28,7 @@ from linear_jax.layers.hla import HLA
 from linear_jax.layers.linear_attention import LinearAttention
 from linear_jax.layers.mamba import Mamba
 from linear_jax.layers.mamba2 import Mamba2
+from linear_jax.layers.minimax import MiniMaxLightning
 from linear_jax.layers.mlstm import MLSTM
 from linear_jax.layers.mom import MoM
 from linear_jax.layers.rebased import ReBased
@@ -39,6 +40,7 @@ MIXERS = {
     "linear_attention": LinearAttention,
     "retnet": RetNet,
     "lightning": Lightning,
+    "minimax_lightning": MiniMaxLightning,
     "gla": GLA,
     "hgrn2": HGRN2,
     "deltanet": DeltaNet,

@@ -35,6 +35,9 @@ class Block(nnx.Module):
         kw = dict(rngs=rngs, dtype=c.dtype and jnp.dtype(c.dtype), param_dtype=jnp.dtype(
             c.param_dtype))
         self.mixer_name = c.layer_mixers()[layer_idx]
+        # MiniMax-01's block: (alpha, beta) of the mixer and of the ffn, None for pre-norm
+        self.normed = (None if c.residual == "pre" else
+                       (c.scales(self.mixer_name), c.scales("ffn")))
         self.norm1 = RMSNorm(c.d_model, eps=c.norm_eps, offset=c.norm_offset, **kw)
         self.mixer = make_mixer(self.mixer_name, c.d_model, c.num_heads, chunk_size=c.chunk_size,
                                 impl=c.impl, kernel_config=c.kernel_config,
@@ -51,6 +54,8 @@ class Block(nnx.Module):
                     if kind == "moe" else MLP(c.d_model, c.ff_width, **ffn_kw))
 
     def __call__(self, h, *, segment_ids=None, cache=None, seq_parallel=None):
+        if self.normed is not None:
+            return self.normed_residual(h, segment_ids, cache, seq_parallel)
         y, cache = self.mixer(self.norm1(h), segment_ids=segment_ids, cache=cache,
                               seq_parallel=seq_parallel)
         h = h + y
@@ -58,6 +63,15 @@ class Block(nnx.Module):
             return h, cache, jnp.zeros((), jnp.float32)
         y, aux = self.ffn(self.norm2(h))
         return h + y, cache, aux
+
+
+    def normed_residual(self, h, segment_ids, cache, seq_parallel):
+        (a1, b1), (a2, b2) = self.normed
+        h = self.norm1(h)
+        y, cache = self.mixer(h, segment_ids=segment_ids, cache=cache, seq_parallel=seq_parallel)
+        h = self.norm2(a1 * h + b1 * y)
+        y, aux = self.ffn(h)
+        return a2 * h + b2 * y, cache, aux
 
 
 class LM(nnx.Module):

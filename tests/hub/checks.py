@@ -85,10 +85,13 @@ def test_round_trip(loaded, tmp_path, shard):
     again = hub.load(tmp_path)
     assert again.config == model.config
     _assert_same(again, model)
-    # and the stored bytes are the fixture's, tensor for tensor
+    # and the stored bytes are the fixture's, tensor for tensor (buffers the config implies,
+    # recomputed on save, only to rounding: the load checks them with a tolerance)
     src, dst = files.entries(ROOT / family), files.entries(tmp_path)
     assert src.keys() == dst.keys()
-    for n in src:
+    fam = hub.FAMILIES[files.read_config(ROOT / family)["architectures"][0]]
+    derived = fam.derived(model.config) if fam.derived else {}
+    for n in set(src) - set(derived):
         np.testing.assert_array_equal(files.array(dst[n]), files.array(src[n]), err_msg=n)
 
 

@@ -46,6 +46,8 @@ def _raises(path, match, **kw):
     ("v_dim_factor", 0.5, "xlstm"),
     ("weight_mode", "mixed", "xlstm"),
     ("embedding_dim", 48, "xlstm"),
+    ("sliding_window", 4, "minimax"),
+    ("layer_types", ["linear_attention", "linear_attention", "moe"], "minimax"),
 ])
 def test_bad_config_field(tmp_path, field, value, family):
     c = config(family)
@@ -93,6 +95,14 @@ def test_dtype_mismatch(tmp_path, dtype):
     name = "backbone.layers.0.mixer.D"
     t[name] = t[name].astype(dtype)
     _raises(copy("mamba2", tmp_path / "c", tensors_=t), f"{name}.*dtype")
+
+
+def test_derived_tensor_mismatch(tmp_path):
+    """MiniMax stores decay tables the config implies: a table that disagrees is refused."""
+    t = tensors(copy("minimax", tmp_path / "src"))
+    name = "model.layers.1.self_attn.slope_rate"
+    t[name] = t[name] * 2
+    _raises(copy("minimax", tmp_path / "c", tensors_=t), name)
 
 
 def test_index_lists_absent_tensor(tmp_path):

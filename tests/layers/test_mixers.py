@@ -125,6 +125,7 @@ DOCUMENTED_PARAMS = {
     "linear_attention": 4 * _D**2,
     "retnet": 8 * _D**2 + 2 * _D // _H,
     "lightning": 5 * _D**2 + _D // _H,
+    "minimax_lightning": 5 * _D**2 + _D,
     "gla": 4 * _D**2 + 16 * _D + 8 * _D + _D // 2 + _D // _H,
     "hgrn2": _D * (2 * _D + _D) + _D**2 + _D // _H,
     "deltanet": 4 * _D**2 + _D * _H + 12 * _D + _D // _H,
