@@ -17,6 +17,7 @@ from linear_jax.layers.attention import Attention
 from linear_jax.layers.based import Based
 from linear_jax.layers.delta_product import DeltaProduct
 from linear_jax.layers.deltanet import EFLA, DeltaNet
+from linear_jax.layers.gated_attention import GatedAttention
 from linear_jax.layers.gated_deltanet import GatedDeltaNet
 from linear_jax.layers.gla import GLA
 from linear_jax.layers.gsa import GSA
@@ -29,6 +30,7 @@ from linear_jax.layers.log_linear import LogLinearGatedDeltaNet, LogLinearMamba2
 from linear_jax.layers.lte_attention import LTEAttention
 from linear_jax.layers.mamba import Mamba
 from linear_jax.layers.mamba2 import Mamba2
+from linear_jax.layers.minimax import MiniMaxLightning
 from linear_jax.layers.mlstm import MLSTM
 from linear_jax.layers.mom import MoM
 from linear_jax.layers.rebased import ReBased
@@ -36,9 +38,11 @@ from linear_jax.layers.retnet import Lightning, RetNet
 
 MIXERS = {
     "attention": Attention,
+    "gated_attention": GatedAttention,
     "linear_attention": LinearAttention,
     "retnet": RetNet,
     "lightning": Lightning,
+    "minimax_lightning": MiniMaxLightning,
     "gla": GLA,
     "hgrn2": HGRN2,
     "deltanet": DeltaNet,
