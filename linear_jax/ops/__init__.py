@@ -12,6 +12,7 @@ from linear_jax.ops.delta_rule import delta_rule, efla_beta, gated_delta_rule
 from linear_jax.ops.diagonal_scan import diagonal_scan
 from linear_jax.ops.gla import gla
 from linear_jax.ops.hgrn import hgrn
+from linear_jax.ops.kda import kda
 from linear_jax.ops.linear_attention import linear_attention
 from linear_jax.ops.mlstm import mlstm
 from linear_jax.ops.s4d import causal_conv, s4d_discretize, s4d_kernel
@@ -39,4 +40,5 @@ __all__ = [
     "norms",
     "simple_gla",
     "ssd",
+    "kda",
 ]

@@ -1,0 +1,67 @@
+"""Specs for the peer-library mixers: kda (per-channel gated delta rule).
+
+Strong gates: kda's g [B, T, H, K] is the per-channel log decay applied before each step, so every
+g is drawn strong; beta and the keys stay as drawn.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from linear_jax import ops
+from tests.ops.specs import OpSpec, cast_like, resets, strong_log_decays
+from tests.utils import l2norm, log_sigmoid_gates
+
+H, K, V = 2, 12, 10
+
+
+def _f64(*xs):
+    # explicit: bf16 arrays (ml_dtypes) are not np.floating and would otherwise compute in bf16
+    return [None if x is None else np.asarray(x, np.float64) for x in xs]
+
+
+def kda_reference(q, k, v, g, beta, S0, seg, scale):
+    """float64 loop: S_t = (I - beta_t k_t k_t^T) diag(exp(g_t)) S_{t-1} + beta_t k_t v_t^T, with
+    the Householder-like matrix formed explicitly."""
+    q, k, v, g, beta, S0 = _f64(q, k, v, g, beta, S0)
+    B, T, H_, V_ = v.shape
+    q, k = np.repeat(q, H_ // q.shape[2], 2), np.repeat(k, H_ // k.shape[2], 2)
+    K_ = q.shape[-1]
+    S = np.zeros((B, H_, K_, V_)) if S0 is None else S0.copy()
+    r = np.zeros((B, T), bool) if seg is None else resets(seg)
+    o = np.zeros((B, T, H_, V_))
+    for t in range(T):
+        S[r[:, t]] = 0.0
+        kt, bt = k[:, t], beta[:, t]
+        P = np.eye(K_) - bt[..., None, None] * kt[..., :, None] * kt[..., None, :]
+        S = np.einsum("bhij,bhjv->bhiv", P, np.exp(g[:, t])[..., None] * S)
+        S = S + bt[..., None, None] * kt[..., :, None] * v[:, t, :, None, :]
+        o[:, t] = scale * np.einsum("bhk,bhkv->bhv", q[:, t], S)
+    return o, S
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _make_kda(rng, B, T, dtype, Hk=1):
+    args = {"q": rng.standard_normal((B, T, Hk, K)),
+            "k": l2norm(rng.standard_normal((B, T, Hk, K))),
+            "v": rng.standard_normal((B, T, H, V)),
+            "g": log_sigmoid_gates(rng, (B, T, H, K)),
+            "beta": 2.0 * _sigmoid(rng.standard_normal((B, T, H)))}
+    return {n: np.asarray(x).astype(dtype) for n, x in args.items()}, {}
+
+
+def _strong_g(args, rng, kind):
+    return cast_like(args, {"g": strong_log_decays(rng, args["g"].shape, kind)})
+
+
+_state = lambda a: (a["q"].shape[0], a["v"].shape[2], K, V)
+
+SPECS = [
+    OpSpec("kda", ops.kda, _make_kda,
+           lambda a, S0, seg: kda_reference(a["q"], a["k"], a["v"], a["g"], a["beta"], S0, seg,
+                                            K**-0.5),
+           _state, diff_args=("q", "k", "v", "g", "beta"), strong=_strong_g),
+]
