@@ -24,6 +24,7 @@ from linear_jax.layers.hedgehog import Hedgehog
 from linear_jax.layers.hgrn import HGRN
 from linear_jax.layers.hgrn2 import HGRN2
 from linear_jax.layers.hla import HLA
+from linear_jax.layers.kda import KDA
 from linear_jax.layers.linear_attention import LinearAttention
 from linear_jax.layers.mamba import Mamba
 from linear_jax.layers.mamba2 import Mamba2
@@ -53,6 +54,7 @@ MIXERS = {
     "mom": MoM,
     "mlstm": MLSTM,
     "hla": HLA,
+    "kda": KDA,
 }
 
 
