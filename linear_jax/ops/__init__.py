@@ -15,6 +15,7 @@ from linear_jax.ops.hgrn import hgrn
 from linear_jax.ops.kda import kda
 from linear_jax.ops.linear_attention import linear_attention
 from linear_jax.ops.mlstm import mlstm
+from linear_jax.ops.rwkv7 import rwkv7
 from linear_jax.ops.s4d import causal_conv, s4d_discretize, s4d_kernel
 from linear_jax.ops.selective_scan import selective_scan
 from linear_jax.ops.short_conv import short_conv
@@ -41,4 +42,5 @@ __all__ = [
     "simple_gla",
     "ssd",
     "kda",
+    "rwkv7",
 ]

@@ -77,3 +77,14 @@ def kda(q, k, v, g, beta, *, axis_name="seq", mesh=None, batch_axes=None, head_a
                    batch_axes=batch_axes, head_axes=head_axes, scale=scale,
                    initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size,
                    impl=impl, config=config, mode=mode)
+
+
+def rwkv7(q, k, v, g, a, b, *, axis_name="seq", mesh=None, batch_axes=None, head_axes=None,
+          scale=1.0, initial_state=None, segment_ids=None, chunk_size=64, impl="auto",
+          config=None, mode=DEFAULT_MODE):
+    """Sequence-parallel `linear_jax.ops.rwkv7` (mesh arguments as
+    `linear_jax.parallel.simple_gla`)."""
+    return _public("rwkv7", (q, k, v, g, a, b), mesh=mesh, axis_name=axis_name,
+                   batch_axes=batch_axes, head_axes=head_axes, scale=scale,
+                   initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size,
+                   impl=impl, config=config, mode=mode)

@@ -1,7 +1,8 @@
-"""Specs for the peer-library mixers: kda (per-channel gated delta rule).
+"""Specs for the peer-library mixers: kda (per-channel gated delta rule), rwkv7 (diagonal plus
+rank-one transition).
 
-Strong gates: kda's g [B, T, H, K] is the per-channel log decay applied before each step, so every
-g is drawn strong; beta and the keys stay as drawn.
+Strong gates: the g [B, T, H, K] of kda and rwkv7 is the per-channel log decay of each step, so
+every g is drawn strong; beta, a, b and the keys stay as drawn.
 """
 
 from __future__ import annotations
@@ -40,6 +41,25 @@ def kda_reference(q, k, v, g, beta, S0, seg, scale):
     return o, S
 
 
+def rwkv7_reference(q, k, v, g, a, b, S0, seg, scale):
+    """float64 loop in RWKV's own layout, wkv [V, K] acting on row vectors:
+    wkv_t = wkv_{t-1} (diag(w_t) + a_t^T b_t) + v_t^T k_t, o_t = wkv_t (scale r_t); the state
+    returned is wkv^T, the library's [K, V]."""
+    q, k, v, g, a, b, S0 = _f64(q, k, v, g, a, b, S0)
+    B, T, H_, V_ = v.shape
+    K_ = q.shape[-1]
+    wkv = np.zeros((B, H_, V_, K_)) if S0 is None else np.swapaxes(S0, -1, -2).copy()
+    r = np.zeros((B, T), bool) if seg is None else resets(seg)
+    o = np.zeros((B, T, H_, V_))
+    for t in range(T):
+        wkv[r[:, t]] = 0.0
+        M = (np.exp(g[:, t])[..., :, None] * np.eye(K_)
+             + a[:, t, :, :, None] * b[:, t, :, None, :])
+        wkv = np.einsum("bhvk,bhkj->bhvj", wkv, M) + v[:, t, :, :, None] * k[:, t, :, None, :]
+        o[:, t] = np.einsum("bhvk,bhk->bhv", wkv, scale * q[:, t])
+    return o, np.swapaxes(wkv, -1, -2)
+
+
 def _sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
@@ -50,6 +70,19 @@ def _make_kda(rng, B, T, dtype, Hk=1):
             "v": rng.standard_normal((B, T, H, V)),
             "g": log_sigmoid_gates(rng, (B, T, H, K)),
             "beta": 2.0 * _sigmoid(rng.standard_normal((B, T, H)))}
+    return {n: np.asarray(x).astype(dtype) for n, x in args.items()}, {}
+
+
+def _make_rwkv7(rng, B, T, dtype):
+    """RWKV-7's parametrisation: w = exp(-exp(-0.5) sigmoid(.)), removal key a = -kappa_hat,
+    replacement b = kappa_hat * a_lr, a_lr in (0, 1)."""
+    kappa = l2norm(rng.standard_normal((B, T, H, K)))
+    lr = _sigmoid(rng.standard_normal((B, T, H, K)))
+    args = {"q": rng.standard_normal((B, T, H, K)),
+            "k": 0.5 * rng.standard_normal((B, T, H, K)),
+            "v": rng.standard_normal((B, T, H, V)),
+            "g": -np.exp(-0.5) * _sigmoid(rng.standard_normal((B, T, H, K))),
+            "a": -kappa, "b": kappa * lr}
     return {n: np.asarray(x).astype(dtype) for n, x in args.items()}, {}
 
 
@@ -64,4 +97,8 @@ SPECS = [
            lambda a, S0, seg: kda_reference(a["q"], a["k"], a["v"], a["g"], a["beta"], S0, seg,
                                             K**-0.5),
            _state, diff_args=("q", "k", "v", "g", "beta"), strong=_strong_g),
+    OpSpec("rwkv7", ops.rwkv7, _make_rwkv7,
+           lambda a, S0, seg: rwkv7_reference(a["q"], a["k"], a["v"], a["g"], a["a"], a["b"], S0,
+                                              seg, 1.0),
+           _state, diff_args=("q", "k", "v", "g", "a", "b"), strong=_strong_g),
 ]
