@@ -32,6 +32,7 @@ from linear_jax.layers.mlstm import MLSTM
 from linear_jax.layers.mom import MoM
 from linear_jax.layers.rebased import ReBased
 from linear_jax.layers.retnet import Lightning, RetNet
+from linear_jax.layers.rwkv7 import RWKV7
 
 MIXERS = {
     "attention": Attention,
@@ -55,6 +56,7 @@ MIXERS = {
     "mlstm": MLSTM,
     "hla": HLA,
     "kda": KDA,
+    "rwkv7": RWKV7,
 }
 
 

@@ -26,12 +26,15 @@ def _draw(op, B, seed=0):
     x = {"q": f(B, T, H, K), "k": unit(f(B, T, H, K)), "v": f(B, T, H, V), "g": g}
     if op == "kda":
         x["beta"] = rng.uniform(0, 2, (B, T, H)).astype(np.float32)
+    if op == "rwkv7":
+        kappa = unit(f(B, T, H, K))
+        x["a"], x["b"] = -kappa, kappa * rng.uniform(0, 1, (B, T, H, K)).astype(np.float32)
     x = {n: jnp.asarray(a) for n, a in x.items()}
     x["initial_state"] = jnp.asarray(f(B, H, K, V))
     return x
 
 
-@pytest.mark.parametrize("op,P", [("kda", 4)])
+@pytest.mark.parametrize("op,P", [("kda", 4), ("rwkv7", 2)])
 def test_matches_single_device(op, P):
     mesh = _compat.make_mesh((P,), ("seq",), jax.devices()[:P])
     x, seg = _draw(op, 2), packed_segments(2, T)
