@@ -14,6 +14,7 @@ from linear_jax.ops.gla import gla
 from linear_jax.ops.hgrn import hgrn
 from linear_jax.ops.kda import kda
 from linear_jax.ops.linear_attention import linear_attention
+from linear_jax.ops.mamba3 import mamba3
 from linear_jax.ops.mlstm import mlstm
 from linear_jax.ops.rwkv7 import rwkv7
 from linear_jax.ops.s4d import causal_conv, s4d_discretize, s4d_kernel
@@ -43,4 +44,5 @@ __all__ = [
     "ssd",
     "kda",
     "rwkv7",
+    "mamba3",
 ]

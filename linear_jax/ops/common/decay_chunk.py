@@ -44,7 +44,11 @@ SUB_CHUNK = 16
 
 
 def _einsum(spec, *xs):
-    return jnp.einsum(spec, *xs, precision=_HI, preferred_element_type=jnp.float32)
+    # complex operands (Mamba-3's rotary channels through `_intra_vector` and `scan_chunks`) keep
+    # their complex type: a float32 accumulation type would drop the imaginary part
+    complex_ = any(jnp.iscomplexobj(x) for x in xs)
+    return jnp.einsum(spec, *xs, precision=_HI,
+                      preferred_element_type=None if complex_ else jnp.float32)
 
 
 def _intra_scalar(q, k, g, mask):
