@@ -28,6 +28,7 @@ from linear_jax.layers.kda import KDA
 from linear_jax.layers.linear_attention import LinearAttention
 from linear_jax.layers.mamba import Mamba
 from linear_jax.layers.mamba2 import Mamba2
+from linear_jax.layers.mamba3 import Mamba3
 from linear_jax.layers.mlstm import MLSTM
 from linear_jax.layers.mom import MoM
 from linear_jax.layers.rebased import ReBased
@@ -57,6 +58,7 @@ MIXERS = {
     "hla": HLA,
     "kda": KDA,
     "rwkv7": RWKV7,
+    "mamba3": Mamba3,
 }
 
 
