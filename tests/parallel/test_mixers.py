@@ -48,3 +48,23 @@ def test_matches_single_device(op, P):
     g2 = jax.jit(jax.grad(loss_of(par, x, seg, {})))(x)
     for n in x:
         assert_close(g2[n], g1[n], TOL, f"{op} d{n}")
+
+
+def test_kda_and_rwkv7_layers_on_a_seq_mesh_equal_unsharded():
+    """The KDA (short-conv halo, matrix shard map) and RWKV-7 (token-shift halo) layers in one
+    model on seq=4, packed documents: the logits equal the unsharded ones."""
+    from flax import nnx
+
+    from linear_jax.models import LM, LMConfig
+    from linear_jax.parallel import SeqParallel
+
+    cfg = LMConfig(vocab_size=32, d_model=32, num_layers=2, num_heads=2, layers=("kda", "rwkv7"),
+                   chunk_size=8, init_std=0.1,
+                   mixer_options={"rwkv7": {"decay_rank": 8, "a_rank": 8, "gate_rank": 8}})
+    model = LM(cfg, rngs=nnx.Rngs(0))
+    mesh = _compat.make_mesh((4,), ("seq",), jax.devices()[:4])
+    tokens = jax.random.randint(jax.random.key(0), (2, T), 0, 32)
+    seg = packed_segments(2, T)
+    run = lambda sp: jax.jit(lambda m, t, s: m(t, segment_ids=s, seq_parallel=sp)[0])(
+        model, tokens, seg)
+    assert_close(run(SeqParallel(mesh)), run(None), TOL, "logits")
