@@ -37,12 +37,11 @@ from linear_jax.layers.common import (
     out_std,
     param,
 )
-from linear_jax.parallel import dispatch
 from linear_jax.parallel.dispatch import recurrence
 
 
 class Mamba3(nnx.Module):
-    SEQ_PARALLEL = False     # the op's state carries the last input: no affine-map form yet
+    SEQ_PARALLEL = True
 
     def __init__(self, d_model: int, num_heads: int, *, d_state: int = 16, expand: int = 2,
                  num_groups: int = 1, rope_fraction: float = 0.5, A_floor: float = 1e-4,
@@ -77,7 +76,6 @@ class Mamba3(nnx.Module):
                 "v_last": jnp.zeros((B, H, P), jnp.float32), "seg": new_seg(B)}
 
     def __call__(self, x, *, segment_ids=None, cache=None, seq_parallel=None):
-        dispatch.unsupported(self, seq_parallel)
         cache = self.init_cache(x.shape[0], x.dtype) if cache is None else cache
         states = enter(cache, segment_ids)
         H, N, P = self.H, self.N, self.P

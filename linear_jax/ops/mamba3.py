@@ -167,7 +167,8 @@ def _state_to_complex(S, R):
     return jnp.swapaxes(_to_complex(jnp.swapaxes(S, -1, -2), R), -1, -2)
 
 
-registry.register(registry.OpRecord("mamba3", reference=mamba3_recurrent, chunk=mamba3_chunk))
+registry.register(registry.OpRecord("mamba3", reference=mamba3_recurrent, chunk=mamba3_chunk,
+                                    seq_parallel="linear_jax.parallel.mamba3:mamba3"))
 
 
 def mamba3(q, k, v, g, dt, trap, theta, *, scale=1.0, initial_state=None, segment_ids=None,

@@ -11,7 +11,7 @@ import pytest
 
 from linear_jax import _compat, ops
 from linear_jax import parallel as sp
-from tests.parallel.common import TOL, C, H, K, V, loss_of, packed_segments
+from tests.parallel.common import TOL, C, H, K, V, packed_segments
 from tests.utils import assert_close
 
 pytestmark = pytest.mark.timeout(300)
@@ -29,12 +29,19 @@ def _draw(op, B, seed=0):
     if op == "rwkv7":
         kappa = unit(f(B, T, H, K))
         x["a"], x["b"] = -kappa, kappa * rng.uniform(0, 1, (B, T, H, K)).astype(np.float32)
-    x = {n: jnp.asarray(a) for n, a in x.items()}
+    if op == "mamba3":
+        dt = np.logaddexp(0, f(B, T, H) - 1.0)
+        x["g"] = -np.logaddexp(0, f(B, T, H)) * dt
+        x.update(dt=dt, trap=1 / (1 + np.exp(-f(B, T, H))),
+                 theta=np.tanh(f(B, T, H, K // 4)) * np.pi * dt[..., None])
+    x = {n: jnp.asarray(a, jnp.float32) for n, a in x.items()}
     x["initial_state"] = jnp.asarray(f(B, H, K, V))
+    if op == "mamba3":
+        x["initial_state"] = (x["initial_state"], jnp.asarray(f(B, H, K)), jnp.asarray(f(B, H, V)))
     return x
 
 
-@pytest.mark.parametrize("op,P", [("kda", 4), ("rwkv7", 2)])
+@pytest.mark.parametrize("op,P", [("kda", 4), ("rwkv7", 2), ("mamba3", 4)])
 def test_matches_single_device(op, P):
     mesh = _compat.make_mesh((P,), ("seq",), jax.devices()[:P])
     x, seg = _draw(op, 2), packed_segments(2, T)
@@ -43,22 +50,36 @@ def test_matches_single_device(op, P):
     o1, S1 = jax.jit(lambda x: single(**x, segment_ids=seg))(x)
     o2, S2 = jax.jit(lambda x: par(**x, segment_ids=seg))(x)
     assert_close(o2, o1, TOL, f"{op} output")
-    assert_close(S2, S1, TOL, f"{op} final state")
-    g1 = jax.jit(jax.grad(loss_of(single, x, seg, {})))(x)
-    g2 = jax.jit(jax.grad(loss_of(par, x, seg, {})))(x)
+    _close(S2, S1, f"{op} final state")
+    w = jnp.sin(jnp.arange(V, dtype=jnp.float32) + 1.0)
+
+    def loss(fn):
+        def f(x):
+            o, S = fn(**x, segment_ids=seg)
+            return jnp.sum(o * w) + sum(jnp.sum(jnp.cos(s)) for s in jax.tree.leaves(S))
+        return f
+
+    g1, g2 = jax.jit(jax.grad(loss(single)))(x), jax.jit(jax.grad(loss(par)))(x)
     for n in x:
-        assert_close(g2[n], g1[n], TOL, f"{op} d{n}")
+        _close(g2[n], g1[n], f"{op} d{n}")
 
 
-def test_kda_and_rwkv7_layers_on_a_seq_mesh_equal_unsharded():
-    """The KDA (short-conv halo, matrix shard map) and RWKV-7 (token-shift halo) layers in one
-    model on seq=4, packed documents: the logits equal the unsharded ones."""
+def _close(a, b, what):
+    for i, (x, y) in enumerate(zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)):
+        assert_close(x, y, TOL, f"{what}[{i}]")
+
+
+def test_layers_on_a_seq_mesh_equal_unsharded():
+    """The KDA (short-conv halo, matrix shard map), RWKV-7 (token-shift halo) and Mamba-3 (the
+    trapezoid's halo) layers in one model on seq=4, packed documents: the logits equal the
+    unsharded ones."""
     from flax import nnx
 
     from linear_jax.models import LM, LMConfig
     from linear_jax.parallel import SeqParallel
 
-    cfg = LMConfig(vocab_size=32, d_model=32, num_layers=2, num_heads=2, layers=("kda", "rwkv7"),
+    cfg = LMConfig(vocab_size=32, d_model=32, num_layers=3, num_heads=2,
+                   layers=("kda", "rwkv7", "mamba3"),
                    chunk_size=8, init_std=0.1,
                    mixer_options={"rwkv7": {"decay_rank": 8, "a_rank": 8, "gate_rank": 8}})
     model = LM(cfg, rngs=nnx.Rngs(0))
