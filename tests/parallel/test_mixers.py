@@ -27,9 +27,6 @@ def _draw(op, B, seed=0):
     x = {"q": f(B, T, H, K), "k": unit(f(B, T, H, K)), "v": f(B, T, H, V), "g": g}
     if op == "kda":
         x["beta"] = rng.uniform(0, 2, (B, T, H)).astype(np.float32)
-    if op == "rwkv7":
-        kappa = unit(f(B, T, H, K))
-        x["a"], x["b"] = -kappa, kappa * rng.uniform(0, 1, (B, T, H, K)).astype(np.float32)
     if op == "mamba3":
         dt = np.logaddexp(0, f(B, T, H) - 1.0)
         x["g"] = -np.logaddexp(0, f(B, T, H)) * dt
