@@ -11,7 +11,9 @@ from linear_jax.parallel import attention, conv, dispatch
 from linear_jax.parallel.decay import gla, linear_attention, simple_gla
 from linear_jax.parallel.delta import delta_rule, gated_delta_rule
 from linear_jax.parallel.dispatch import SeqParallel
+from linear_jax.parallel.mamba3 import mamba3
+from linear_jax.parallel.rank_one import kda, rwkv7
 from linear_jax.parallel.ssd import ssd
 
 __all__ = ["SeqParallel", "attention", "conv", "delta_rule", "dispatch", "gated_delta_rule", "gla",
-           "linear_attention", "make_mesh", "simple_gla", "ssd"]
+           "linear_attention", "make_mesh", "simple_gla", "ssd", "kda", "rwkv7", "mamba3"]

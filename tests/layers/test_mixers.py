@@ -152,6 +152,9 @@ DOCUMENTED_PARAMS = {
     "log_linear_gated_deltanet": 8 * _D**2 + 2 * _D * _H + 2 * _H + 16 * _D + 2 * _D // _H
     + _D * _H * 12 + _H * 12,
     "lte_attention": 4 * _D**2 + 4 * _D + _D + _H,
+    "mamba3": _D * (256 + 32 + 3 * _H + 4) + _H + 2 * _H * 16 + 2 * 16 + _H + 128 * _D,
+    "rwkv7": 4 * _D**2 + 2 * _D * (64 + 64 + 128) + 13 * _D,
+    "kda": 4 * _D**2 + _D * _H + 12 * _D + _D // _H + 4 * _D**2 // _H + _H + 2 * _D,
 }
 
 
