@@ -31,8 +31,8 @@ from linear_jax.layers.log_linear import LogLinearGatedDeltaNet, LogLinearMamba2
 from linear_jax.layers.lte_attention import LTEAttention
 from linear_jax.layers.mamba import Mamba
 from linear_jax.layers.mamba2 import Mamba2
-from linear_jax.layers.minimax import MiniMaxLightning
 from linear_jax.layers.mamba3 import Mamba3
+from linear_jax.layers.minimax import MiniMaxLightning
 from linear_jax.layers.mlstm import MLSTM
 from linear_jax.layers.mom import MoM
 from linear_jax.layers.rebased import ReBased
