@@ -47,7 +47,9 @@ Stages (forward: `gates`, then `walk`; backward: `walk` in reverse, then `grad`)
          the six levels (dA^s K^s, dA^s^T Q^s, the span wgmmas), dg routed on wgmma as above
          (the routed tiles in two bf16 halves). Writes dq, dk (q's dtype) and dg float32.
 
-SMEM at K = V = 128: gates 105 KB (two CTAs per SM), walk 2 stages of 57 KB + 48 KB, grad 208 KB.
+SMEM at K = V = 128: gates 105 KB (two CTAs per SM); walk 2 stages of 57 KB + 80 KB (the state
+pass 3 stages of 33 KB + 33 KB); grad 209 KB (one CTA per SM: its loads are not overlapped with
+compute yet, the first thing to change if it dominates on the device).
 
 Roofline at the anchor shapes (bf16, H = 16, K = V = 128, B T = 16384; H200 ~4.3 TB/s,
 ~790 TFLOP/s bf16). One [B, T, H, 128] bf16 tensor is 67 MB, g (float32, read as hi + lo bf16)
@@ -507,6 +509,8 @@ def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
         plgpu.commit_smem()
         ones = jnp.ones((C, V), dt) if ops.interpret else ops.acc(jnp.ones((C, V), f32)).astype(dt)
 
+        load = lambda ref: ops.acc(ref[...]).astype(f32)               # noqa: E731
+
         def halves(x, a, b_):
             hi, lo = split_hi_lo(x, dt)
             a[...] = hi
@@ -518,8 +522,8 @@ def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
             dqt, dkt = ops.mm(prod(dos, ss, tb=True), prod(vs, dss, tb=True))
             for vb in range(V // LANES):                  # S * dS, in place as hi / lo halves
                 vc = pl.ds(vb * LANES, LANES)
-                T = ops.acc(ss.at[:, vc][...]).astype(f32) * ops.acc(dss.at[:, vc][...]).astype(f32)
-                halves(T, ss.at[:, vc], dss.at[:, vc])
+                sd = load(ss.at[:, vc]) * load(dss.at[:, vc])
+                halves(sd, ss.at[:, vc], dss.at[:, vc])
             plgpu.commit_smem()
             M = mm_sum(ops, (None, [term(ones, ss, tb=True), term(ones, dss, tb=True)]))[0]
             if i + 1 < NKB:
@@ -538,17 +542,19 @@ def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
             plgpu.commit_smem()
             dg = mm_sum(ops, (dg, [term(sp.gin(t=True), h0s), term(sp.gin(t=True), h1s),
                                    term(sp.rest(t=True), xs), term(sp.rest(t=True), ys)]))[0]
-            for s in LEVELS:
-                dAl = jnp.where(sp.pairs(s), ops.acc(da_s[...]).astype(f32), 0.0)
-                dal_s[...] = dAl.astype(dt)
-                Qs, Ks, F = level_factors(ops, sp, s, gh, gl, qv, kv)
+            for s in LEVELS:                              # registers: dq, dk, dg live throughout
+                dAl = jnp.where(sp.pairs(s), ops.acc(da_s[...]).astype(f32), 0.0).astype(dt)
+                dal_s[...] = dAl
+                Qs, Ks, F = level_factors(ops, sp, s, gh, gl, load(qs.at[:, kr]),
+                                          load(ks.at[:, kr]))
                 xs[...] = Qs.astype(dt)
                 ys[...] = Ks.astype(dt)
                 plgpu.commit_smem()
-                dQ, dK = ops.mm(prod(dAl.astype(dt), ys), prod(dal_s, xs, ta=True))
+                dQ, dK = ops.mm(prod(dAl, ys), prod(dal_s, xs, ta=True))
                 dq = dq + (scale * F) * dQ
                 dk = dk + (scale * F) * dK
-                halves(scale * (Qs * dQ + Ks * dK), h0s, h1s)
+                dZ = load(xs) * dQ + load(ys) * dK
+                halves(scale * dZ, h0s, h1s)
                 plgpu.commit_smem()
                 W = sp.level(s, t=True)
                 dg = mm_sum(ops, (dg, [term(W, h0s), term(W, h1s)]))[0]
