@@ -481,8 +481,8 @@ def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
         q_ref, k_ref, v_ref, do_ref, gh_ref, gl_ref = (pop() for _ in range(6))
         d_ref, s_ref, ds_ref = pop(has_doc), pop(), pop()
         dq_ref, dk_ref, dg_ref = pop(), pop(), pop()
-        (qs, ks, vs, dos, ghs, gls, ds, ss, dss, da_s, dal_s, xs, ys, h0s, h1s, oq, ok, og, bar,
-         tbar) = refs
+        (qs, ks, vs, dos, ghs, gls, ds, ss, dss, da_s, dal_s, xs, ys, h0s, h1s, oq, ok, og, vec,
+         bar, tbar) = refs
         b, h, n = (lax.axis_index(a) for a in ("b", "h", "n"))
         t = pl.ds(n * C, C)
         kblk = [pl.ds(i * LANES, LANES) for i in range(NKB)]
@@ -507,8 +507,6 @@ def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
         diag = jnp.sum(jnp.where(sp.r == sp.c, dA, 0.0), axis=1) * scale
         da_s[...] = dA.astype(dt)
         plgpu.commit_smem()
-        ones = jnp.ones((C, V), dt) if ops.interpret else ops.acc(jnp.ones((C, V), f32)).astype(dt)
-
         load = lambda ref: ops.acc(ref[...]).astype(f32)               # noqa: E731
 
         def halves(x, a, b_):
@@ -520,21 +518,21 @@ def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
             gh, gl = ghs.at[:, kr], gls.at[:, kr]
             plgpu.barrier_wait(tbar.at[0])
             dqt, dkt = ops.mm(prod(dos, ss, tb=True), prod(vs, dss, tb=True))
-            for vb in range(V // LANES):                  # S * dS, in place as hi / lo halves
+            ddec = ops.row(jnp.zeros((LANES,), f32))       # <S_n, dS_n+1> per key row
+            for vb in range(V // LANES):
                 vc = pl.ds(vb * LANES, LANES)
-                sd = load(ss.at[:, vc]) * load(dss.at[:, vc])
-                halves(sd, ss.at[:, vc], dss.at[:, vc])
-            plgpu.commit_smem()
-            M = mm_sum(ops, (None, [term(ones, ss, tb=True), term(ones, dss, tb=True)]))[0]
+                ddec = ddec + jnp.sum(load(ss.at[:, vc]) * load(dss.at[:, vc]), axis=1)
+            vec[0] = ddec                                 # to a column vector through SMEM
+            plgpu.commit_smem()                           # also: ss, dss are read
             if i + 1 < NKB:
                 load_tiles(i + 1)
+            ddec = ops.col(vec.at[0][...])
             e_in, e_out, dec = chunk_factors(ops, sp, docs, gh, gl, scale=scale)
-            qv = ops.acc(qs.at[:, kr][...]).astype(f32)
-            kv = ops.acc(ks.at[:, kr][...]).astype(f32)
+            qv, kv = load(qs.at[:, kr]), load(ks.at[:, kr])
             dq = e_in * dqt
             dk = e_out * dkt
             dgin, dr = qv * dq, kv * dk
-            dg = M * ops.cols_of(dec, blk)
+            dg = ops.cols_of(dec * ddec, blk)
             dq = dq + ops.rows_of(diag, blk) * kv
             dk = dk + ops.rows_of(diag, blk) * qv
             halves(dgin, h0s, h1s)
@@ -573,7 +571,7 @@ def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
                plgpu.SMEM((2, C), f32) if has_doc else plgpu.SMEM((1, C), f32),
                smem((LANES, V), dt), smem((LANES, V), dt), smem((C, C), dt), smem((C, C), dt)]
     scratch += [smem(blk, dt) for _ in range(4)]
-    scratch += [smem(blk, dt), smem(blk, dt), smem(blk, f32),
+    scratch += [smem(blk, dt), smem(blk, dt), smem(blk, f32), plgpu.SMEM((1, LANES), f32),
                 plgpu.Barrier(num_arrivals=6 + has_doc, num_barriers=1),
                 plgpu.Barrier(num_arrivals=2, num_barriers=1)]
     check_smem("gla grad", scratch)
