@@ -176,11 +176,6 @@ class Docs:
         return jnp.where(mask if bcast is None else bcast(mask), x, 0.0)
 
 
-def span_sum(ops, M, gh, gl):
-    """M @ (gh + gl) in float32: one accumulator, two wgmmas (M a register 0/1 operand)."""
-    return mm_sum(ops, (None, [term(M, gh), term(M, gl)]))[0]
-
-
 def chunk_factors(ops, sp, docs, gh, gl, *, scale):
     """(scale exp(Gin) in, exp(R) out) [C, 64] and dec = keep exp(Gtot) [64] (a column vector)
     of one 64-key block, gh / gl its [C, 64] gate halves in SMEM."""
@@ -194,12 +189,24 @@ def chunk_factors(ops, sp, docs, gh, gl, *, scale):
     return e_in, e_out, docs.cut(docs.keep, jnp.exp(tot))
 
 
-def level_factors(ops, sp, s, gh, gl, q, k):
-    """(Q^s, K^s, F) [C, 64] float32 of one key block: F = exp(Z^s), Q^s = q F on the odd rows,
-    K^s = k F on the even rows (q, k float32 [C, 64])."""
-    F = jnp.exp(span_sum(ops, sp.level(s), gh, gl))
+def span_group(sp, s, gh, gl):
+    """The `mm_sum` group of Z^s = W^s (gh + gl) (level s; None: no group)."""
+    return None if s is None else (None, [term(sp.level(s), gh), term(sp.level(s), gl)])
+
+
+def level_factors(sp, s, Z, q, k):
+    """(Q^s, K^s, F) [C, 64] float32 of one key block from its span sums Z = Z^s: F = exp(Z),
+    Q^s = q F on the odd rows, K^s = k F on the even rows (q, k float32 [C, 64])."""
+    F = jnp.exp(Z)
     odd = sp.odd_rows(s, q.shape)
     return jnp.where(odd, q * F, 0.0), jnp.where(odd, 0.0, k * F), F
+
+
+def mm_groups(ops, *groups):
+    """`mm_sum` of the groups that are not None, results in place (None for the others): the
+    products of one step and the span sums of the next are issued together, one wait for both."""
+    res = iter(mm_sum(ops, *[g for g in groups if g is not None]))
+    return [None if g is None else next(res) for g in groups]
 
 
 # -- forward: the chunk-parallel gate and intra kernel ---------------------------------------------
@@ -245,15 +252,20 @@ def gates(q, k, gh, gl, drows, *, scale, cfg):
         plgpu.copy_smem_to_gmem(decs, dec_ref.at[b, h, n])
         A = jnp.where(sp.r == sp.c, ops.rows_of(diag, (C, C)), 0.0)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)      # xs, ys are free again
-        for s in LEVELS:
-            for kr in kblk:
+        spans = lambda s: [span_group(sp, s, ghs.at[:, kr], gls.at[:, kr])  # noqa: E731
+                           for kr in kblk]
+        Z = mm_groups(ops, *spans(LEVELS[0]))
+        for lv, s in enumerate(LEVELS):                  # level s's pairs with s + 1's spans
+            for i, kr in enumerate(kblk):
                 qv = ops.acc(qs.at[:, kr][...]).astype(f32)
                 kv = ops.acc(ks.at[:, kr][...]).astype(f32)
-                Qs, Ks, _ = level_factors(ops, sp, s, ghs.at[:, kr], gls.at[:, kr], qv, kv)
+                Qs, Ks, _ = level_factors(sp, s, Z[i], qv, kv)
                 xs[:, kr] = Qs.astype(dt)
                 ys[:, kr] = Ks.astype(dt)
             plgpu.commit_smem()
-            A = A + jnp.where(sp.pairs(s), ops.dot(xs, ys, tb=True), 0.0)
+            nxt = LEVELS[lv + 1] if lv + 1 < len(LEVELS) else None
+            P, *Z = mm_groups(ops, (None, [term(xs, ys, tb=True)]), *spans(nxt))
+            A = A + jnp.where(sp.pairs(s), P, 0.0)
         A = docs.cut(docs.same, A * scale)
         as_[...] = A.astype(dt)
         plgpu.commit_smem()
@@ -538,13 +550,13 @@ def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
             halves(dgin, h0s, h1s)
             halves(dr, xs, ys)
             plgpu.commit_smem()
-            dg = mm_sum(ops, (dg, [term(sp.gin(t=True), h0s), term(sp.gin(t=True), h1s),
-                                   term(sp.rest(t=True), xs), term(sp.rest(t=True), ys)]))[0]
-            for s in LEVELS:                              # registers: dq, dk, dg live throughout
+            dg, Z = mm_groups(ops, (dg, [term(sp.gin(t=True), h0s), term(sp.gin(t=True), h1s),
+                                         term(sp.rest(t=True), xs), term(sp.rest(t=True), ys)]),
+                              span_group(sp, LEVELS[0], gh, gl))
+            for lv, s in enumerate(LEVELS):               # registers: dq, dk, dg live throughout
                 dAl = jnp.where(sp.pairs(s), ops.acc(da_s[...]).astype(f32), 0.0).astype(dt)
                 dal_s[...] = dAl
-                Qs, Ks, F = level_factors(ops, sp, s, gh, gl, load(qs.at[:, kr]),
-                                          load(ks.at[:, kr]))
+                Qs, Ks, F = level_factors(sp, s, Z, load(qs.at[:, kr]), load(ks.at[:, kr]))
                 xs[...] = Qs.astype(dt)
                 ys[...] = Ks.astype(dt)
                 plgpu.commit_smem()
@@ -554,8 +566,10 @@ def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
                 dZ = load(xs) * dQ + load(ys) * dK
                 halves(scale * dZ, h0s, h1s)
                 plgpu.commit_smem()
-                W = sp.level(s, t=True)
-                dg = mm_sum(ops, (dg, [term(W, h0s), term(W, h1s)]))[0]
+                W = sp.level(s, t=True)                   # routed with s + 1's spans
+                nxt = LEVELS[lv + 1] if lv + 1 < len(LEVELS) else None
+                dg, Z = mm_groups(ops, (dg, [term(W, h0s), term(W, h1s)]),
+                                  span_group(sp, nxt, gh, gl))
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last block's stores are out
             oq[...] = dq.astype(dt)
             ok[...] = dk.astype(dt)
