@@ -176,12 +176,15 @@ class Docs:
         return jnp.where(mask if bcast is None else bcast(mask), x, 0.0)
 
 
-def chunk_factors(ops, sp, docs, gh, gl, *, scale):
+def chunk_groups(sp, gh, gl):
+    """The `mm_sum` groups of Gin = L (gh + gl) and R = U (gh + gl) of one 64-key block."""
+    return [(None, [term(M, gh), term(M, gl)]) for M in (sp.gin(), sp.rest())]
+
+
+def chunk_factors(ops, sp, docs, Gin, R, gh, gl, *, scale):
     """(scale exp(Gin) in, exp(R) out) [C, 64] and dec = keep exp(Gtot) [64] (a column vector)
-    of one 64-key block, gh / gl its [C, 64] gate halves in SMEM."""
+    of one 64-key block from its sums Gin, R (`chunk_groups`) and gate halves gh / gl in SMEM."""
     C = sp.C
-    Gin, R = mm_sum(ops, (None, [term(sp.gin(), gh), term(sp.gin(), gl)]),
-                    (None, [term(sp.rest(), gh), term(sp.rest(), gl)]))
     tot = jnp.sum(ops.acc(gh[...]).astype(f32) + ops.acc(gl[...]).astype(f32), axis=0)
     rows = lambda m: ops.rows_of(m, (C, LANES))               # noqa: E731
     e_in = docs.cut(docs.in_rows, scale * jnp.exp(Gin), rows)
@@ -237,9 +240,15 @@ def gates(q, k, gh, gl, drows, *, scale, cfg):
         docs = Docs(ops, ds if has_doc else None, C)
         kblk = [pl.ds(i * LANES, LANES) for i in range(NKB)]
         diag = ops.row(jnp.zeros((C,), f32))
+        spans = lambda s: [span_group(sp, s, ghs.at[:, kr], gls.at[:, kr])  # noqa: E731
+                           for kr in kblk]
+        sums = mm_groups(ops, *[g for kr in kblk for g in chunk_groups(sp, ghs.at[:, kr],
+                                                                       gls.at[:, kr])],
+                         *spans(LEVELS[0]))               # every chunk sum and level 32's spans
+        Z = sums[2 * NKB:]
         for i, kr in enumerate(kblk):
-            e_in, e_out, dec = chunk_factors(ops, sp, docs, ghs.at[:, kr], gls.at[:, kr],
-                                             scale=scale)
+            e_in, e_out, dec = chunk_factors(ops, sp, docs, sums[2 * i], sums[2 * i + 1],
+                                             ghs.at[:, kr], gls.at[:, kr], scale=scale)
             qv = ops.acc(qs.at[:, kr][...]).astype(f32)
             kv = ops.acc(ks.at[:, kr][...]).astype(f32)
             xs[:, kr] = (qv * e_in).astype(dt)
@@ -252,9 +261,6 @@ def gates(q, k, gh, gl, drows, *, scale, cfg):
         plgpu.copy_smem_to_gmem(decs, dec_ref.at[b, h, n])
         A = jnp.where(sp.r == sp.c, ops.rows_of(diag, (C, C)), 0.0)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)      # xs, ys are free again
-        spans = lambda s: [span_group(sp, s, ghs.at[:, kr], gls.at[:, kr])  # noqa: E731
-                           for kr in kblk]
-        Z = mm_groups(ops, *spans(LEVELS[0]))
         for lv, s in enumerate(LEVELS):                  # level s's pairs with s + 1's spans
             for i, kr in enumerate(kblk):
                 qv = ops.acc(qs.at[:, kr][...]).astype(f32)
@@ -388,13 +394,16 @@ def walk(x, y, z, A, dec, s0, *, reverse, cfg, residuals=False, pieces=1, emit="
                     t, xq = pl.ds(n * C, C), xs.at[slot]
                     if residuals:
                         plgpu.copy_smem_to_gmem(sw, states_ref.at[b, h, n, :, vc])
-                    o_a, o_s = ops.mm(prod(as_.at[slot], zv.at[:, vc], ta=reverse),
-                                      prod(xq, sw))
+                updates = [(None, [term(yk.at[:, kr], zv.at[:, vc], ta=True)]) for kr in kblk]
+                if out_mode:                              # o and the state update, one wait
+                    o, *U = mm_sum(ops, (None, [term(as_.at[slot], zv.at[:, vc], ta=reverse),
+                                                term(xq, sw)]), *updates)
                     plgpu.wait_smem_to_gmem(1 if residuals else 0, wait_read_only=True)
-                    ow[...] = (o_a + o_s).astype(dt)
+                    ow[...] = o.astype(dt)
                     plgpu.commit_smem()
                     plgpu.copy_smem_to_gmem(ow, out_ref.at[b, t, h, vc])
-                U = ops.mm(*[prod(yk.at[:, kr], zv.at[:, vc], ta=True) for kr in kblk])
+                else:
+                    U = mm_sum(ops, *updates)
                 S = [s * ops.rows_of(d, (LANES, LANES)) + u
                      for s, d, u in zip(S, decs, U, strict=True)]
                 plgpu.barrier_arrive(used_bar.at[slot])
@@ -529,7 +538,9 @@ def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
         for i, kr in enumerate(kblk):
             gh, gl = ghs.at[:, kr], gls.at[:, kr]
             plgpu.barrier_wait(tbar.at[0])
-            dqt, dkt = ops.mm(prod(dos, ss, tb=True), prod(vs, dss, tb=True))
+            dqt, dkt, Gin, R = mm_groups(ops, (None, [term(dos, ss, tb=True)]),
+                                         (None, [term(vs, dss, tb=True)]),
+                                         *chunk_groups(sp, gh, gl))
             ddec = ops.row(jnp.zeros((LANES,), f32))       # <S_n, dS_n+1> per key row
             for vb in range(V // LANES):
                 vc = pl.ds(vb * LANES, LANES)
@@ -539,7 +550,7 @@ def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
             if i + 1 < NKB:
                 load_tiles(i + 1)
             ddec = ops.col(vec.at[0][...])
-            e_in, e_out, dec = chunk_factors(ops, sp, docs, gh, gl, scale=scale)
+            e_in, e_out, dec = chunk_factors(ops, sp, docs, Gin, R, gh, gl, scale=scale)
             qv, kv = load(qs.at[:, kr]), load(ks.at[:, kr])
             dq = e_in * dqt
             dk = e_out * dkt
