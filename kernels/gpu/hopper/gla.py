@@ -243,9 +243,7 @@ def gates(q, k, gh, gl, drows, *, scale, cfg):
         spans = lambda s: [span_group(sp, s, ghs.at[:, kr], gls.at[:, kr])  # noqa: E731
                            for kr in kblk]
         sums = mm_groups(ops, *[g for kr in kblk for g in chunk_groups(sp, ghs.at[:, kr],
-                                                                       gls.at[:, kr])],
-                         *spans(LEVELS[0]))               # every chunk sum and level 32's spans
-        Z = sums[2 * NKB:]
+                                                                       gls.at[:, kr])])
         for i, kr in enumerate(kblk):
             e_in, e_out, dec = chunk_factors(ops, sp, docs, sums[2 * i], sums[2 * i + 1],
                                              ghs.at[:, kr], gls.at[:, kr], scale=scale)
@@ -260,6 +258,7 @@ def gates(q, k, gh, gl, drows, *, scale, cfg):
         plgpu.copy_smem_to_gmem(ys, kt_ref.at[b, t, h])
         plgpu.copy_smem_to_gmem(decs, dec_ref.at[b, h, n])
         A = jnp.where(sp.r == sp.c, ops.rows_of(diag, (C, C)), 0.0)
+        Z = mm_groups(ops, *spans(LEVELS[0]))
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)      # xs, ys are free again
         for lv, s in enumerate(LEVELS):                  # level s's pairs with s + 1's spans
             for i, kr in enumerate(kblk):
