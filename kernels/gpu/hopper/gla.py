@@ -32,20 +32,25 @@ at strong decay (every term a sum over exactly the gates of its span; nothing is
 Stages (forward: `gates`, then `walk`; backward: `walk` in reverse, then `grad`).
   gates  chunk-parallel, grid (B, H, N), one warpgroup: loads q, k, g (hi, lo) of one chunk by
          TMA; forms Gin, R (four wgmmas with register 0/1 operands), q~, k~, dec, then the six
-         levels (two span wgmmas, the factors, Q^s K^s^T per level) into A (bf16, scaled, masked).
+         levels (two span wgmmas, the factors, Q^s K^s^T per level) into A (bf16, scaled, masked),
+         each level's pair product issued with the next level's span sums (one wait for both).
          Writes q~, k~ [B, Tp, H, K], A [B, H, N, C, C], dec [B, H, N, K/64, 64].
   walk   the sequential chunk walk of `decay.walk` with A loaded rather than formed:
              forward  o = A v + q~ S_n,         S_n+1 = diag(dec) S_n + k~^T v
              reverse  dv = A^T do + k~ dS_n+1,   dS_n = diag(dec) dS_n+1 + q~^T do
          grid (B, H, P), V/64 value warpgroups (each owns 64 value columns of the float32 state,
          in registers) and a producer warpgroup streaming q~, k~, v, A, dec by TMA into `stages`
-         slots; two-level for small B H (`HopperChunkConfig.pieces`: state pass from zero per
-         piece, a float32 scan of the P maps S -> diag(d_p) S + E_p, then the output pass), and
-         the states each chunk read written for the backward, as in `decay`.
+         slots; per chunk one wait: A' z + x S_n (one accumulator) and the state update y^T z
+         are issued together (the update reads neither o nor S_n). Two-level for small B H
+         (`HopperChunkConfig.pieces`: state pass from zero per piece, a float32 scan of the P
+         maps S -> diag(d_p) S + E_p, then the output pass), and the states each chunk read
+         written for the backward, as in `decay`.
   grad   chunk-parallel, grid (B, H, N), one warpgroup: q, k, v, do, g and per 64-key block the
          tiles S_n, dS_n+1; dq~ = do S_n^T, dk~ = v dS_n+1^T, dA = do v^T, the chunk factors again,
          the six levels (dA^s K^s, dA^s^T Q^s, the span wgmmas), dg routed on wgmma as above
-         (the routed tiles in two bf16 halves). Writes dq, dk (q's dtype) and dg float32.
+         (the routed tiles in two bf16 halves; each level's routing issued with the next
+         level's span sums), <S_n, dS_n+1> per key as a float32 row sum. Writes dq, dk (q's
+         dtype) and dg float32.
 
 SMEM at K = V = 128: gates 105 KB (two CTAs per SM); walk 2 stages of 57 KB + 80 KB (the state
 pass 3 stages of 33 KB + 33 KB); grad 209 KB (one CTA per SM: its loads are not overlapped with
