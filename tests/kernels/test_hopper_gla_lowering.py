@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from linear_jax import ops
 from linear_jax.kernels.configs import HopperChunkConfig
 from linear_jax.kernels.gpu.hopper import gla as hopper_gla
 
@@ -65,3 +66,15 @@ def test_float32_and_wide_heads_are_refused():
     with pytest.raises(ValueError, match="at most 128"):
         hopper_gla.gla(y, y, y, y.astype(jnp.float32), scale=1.0, initial_state=None,
                        segment_ids=None, chunk_size=64)
+
+
+def test_op_dispatches_grouped_heads_to_the_kernel():
+    """ops.gla(impl="pallas:mosaic_gpu") reaches these kernels through the registry (accepts,
+    config), with grouped heads (Hk = 2 key heads for H = 4 value heads) expanded before them."""
+    cfg = HopperChunkConfig(interpret=False)
+    bf = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)                  # noqa: E731
+    f = lambda q, k, v, g: ops.gla(q, k, v, g, impl="pallas:mosaic_gpu", config=cfg)  # noqa: E731
+    text = jax.export.export(jax.jit(f), platforms=["cuda"])(
+        bf(1, 200, 2, 64), bf(1, 200, 2, 64), bf(1, 200, 4, 64),
+        jax.ShapeDtypeStruct((1, 200, 4, 64), jnp.float32)).mlir_module()
+    assert "gla_gates" in text and "gla_walk" in text
