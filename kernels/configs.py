@@ -454,3 +454,36 @@ class HopperSelectiveConfig:
     def for_chunk(self, chunk_size: int) -> HopperSelectiveConfig:
         """The op's chunk_size does not change the kernels' chunk."""
         return self
+
+
+@dataclasses.dataclass(frozen=True)
+class HopperMlstmConfig:
+    """The Mosaic GPU (Hopper) mLSTM kernel (`kernels/gpu/hopper/mlstm.py`).
+
+    chunk: L, tokens between the stored chunk states (TFLA's two-level tiling: the kernel walks
+      L / 64 key tiles of 64 per query tile, so L = 256 still fits SMEM at K = V = 128).
+    semantics, approx_math, interpret: as `HopperChunkConfig`.
+    Not yet run on a device.
+    """
+
+    chunk: int = 128
+    semantics: str = "lane"
+    approx_math: bool = False
+    interpret: bool | None = None
+
+    def __post_init__(self):
+        name = type(self).__name__
+        if self.chunk not in (64, 128, 256):
+            raise ValueError(f"{name}.chunk must be 64, 128 or 256, got {self.chunk}")
+        if self.semantics not in ("lane", "warpgroup"):
+            raise ValueError(f"{name}.semantics must be 'lane' or 'warpgroup', got "
+                             f"{self.semantics!r}")
+        _check_interpret(name, self.interpret)
+
+    @classmethod
+    def default(cls, device=None) -> HopperMlstmConfig:
+        return cls()
+
+    def for_chunk(self, chunk_size: int) -> HopperMlstmConfig:
+        """The op's chunk_size does not change the kernel's chunk."""
+        return self
