@@ -1,9 +1,10 @@
-"""The Hopper selective-scan kernels' numerics on a CPU, in jax's GPU interpreter
-(`HopperSelectiveConfig(interpret=True)`): TMA copies, mbarriers, the SMEM widening of the row
-tiles and the whole step algebra run; only the register layouts are the device's to check
-(the export tests lower them). Against the float32 recurrent reference on float32 copies of the
-same bf16 inputs: the output, final state and gradients of every float input, relative to each
-reference's largest entry (bf16 outputs and a bf16 cotangent of y: ~1e-2)."""
+"""The Hopper selective-scan and mLSTM kernels' numerics on a CPU, in jax's GPU interpreter
+(`interpret=True` in their configs): TMA copies, mbarriers, the SMEM widening of the row tiles,
+the step algebra and the mLSTM tiles (each wgmma as a float32 `jnp.dot`) run; only the register
+layouts are the device's to check (the export tests lower them). Against the float32 recurrent
+references on float32 copies of the same bf16 inputs: outputs, final states and the gradients of
+every float input, relative to each reference's largest entry (bf16 outputs and a bf16 cotangent
+of y: ~1e-2)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from linear_jax.kernels.configs import HopperSelectiveConfig
+from linear_jax.kernels.configs import HopperMlstmConfig, HopperSelectiveConfig
+from linear_jax.kernels.gpu.hopper import mlstm as hopper_mlstm
 from linear_jax.kernels.gpu.hopper import selective as hopper_selective
+from linear_jax.ops.mlstm import mlstm_recurrent
 from linear_jax.ops.selective_scan import selective_scan
 
 TOL = 2e-2
@@ -73,3 +76,48 @@ def test_selective_matches_reference(case):
         a, b = up(a), up(b)
         err = float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-6))
         assert err < TOL, (name, err)
+
+
+def _err(a, b):
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-6))
+
+
+@pytest.mark.parametrize("L", [64, 128])
+def test_mlstm_matches_reference(L):
+    """T = 150 (padded), strong input gates (i ~ 3 N(0, 1)), an initial state: the forward kernel
+    against the recurrent reference; the gradients (the chunk form's VJP) likewise."""
+    B, T, H, K, V = 1, 150, 1, 64, 64
+    cfg = HopperMlstmConfig(interpret=True, chunk=L)
+    ks = jax.random.split(jax.random.PRNGKey(0), 9)
+    n = lambda i, *s: jax.random.normal(ks[i], s)              # noqa: E731
+    bf = jnp.bfloat16
+    q, k, v = n(0, B, T, H, K).astype(bf), n(1, B, T, H, K).astype(bf), n(2, B, T, H, V).astype(bf)
+    i, f = 3 * n(3, B, T, H), n(4, B, T, H) + 2
+    h0 = (n(5, B, H, K, V), jnp.abs(n(6, B, H, K)), n(7, B, H))
+    dy = n(8, B, T, H, V).astype(bf).astype(jnp.float32)
+    up = lambda x: x.astype(jnp.float32)                        # noqa: E731
+
+    def kern(q, k, v, i, f, h0):
+        return hopper_mlstm.mlstm(q, k, v, i, f, scale=K**-0.5, initial_state=h0,
+                                  segment_ids=None, chunk_size=64, eps=1e-6, config=cfg)
+
+    def ref(q, k, v, i, f, h0):
+        return mlstm_recurrent(up(q), up(k), up(v), i, f, scale=K**-0.5, initial_state=h0,
+                               segment_ids=None, eps=1e-6)
+
+    def loss(fn, *a):
+        y, (C, nn, _) = fn(*a)
+        return jnp.sum(up(y) * dy) + jnp.sum(C) + jnp.sum(nn)
+
+    args = (q, k, v, i, f, h0)
+    (y, st), g = jax.jit(lambda *a: (kern(*a), jax.grad(
+        lambda *b: loss(kern, *b), argnums=tuple(range(6)))(*a)))(*args)
+    yr, sr = ref(*args)
+    gr = jax.grad(lambda *b: loss(ref, *b), argnums=tuple(range(6)))(*args)
+    assert _err(y, yr) < TOL
+    for a, b in zip(st, sr, strict=True):
+        assert _err(a, b) < 1e-5
+    flat_k, flat_r = jax.tree.leaves(g), jax.tree.leaves(gr)
+    for idx, (a, b) in enumerate(zip(flat_k, flat_r, strict=True)):
+        assert _err(a, b) < TOL, idx

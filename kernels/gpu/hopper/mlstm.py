@@ -53,6 +53,7 @@ from linear_jax.kernels.configs import HopperMlstmConfig
 from linear_jax.kernels.gpu.hopper.common import (
     LANES,
     Ops,
+    check_smem,
     f32,
     interpreting,
     pl,
@@ -91,17 +92,20 @@ def _out_kernel(q, k, v, rows, Cin, nin, *, L, eps, cfg):
     ops = Ops(interpreting(cfg))
     shape = (C, V)
 
-    def body(q_ref, k_ref, v_ref, r_ref, c_ref, n_ref, h_ref, qs, ks, vs, rs, kr, cs, ns, hs,
-             bar):
+    def body(q_ref, k_ref, v_ref, r_ref, c_ref, n_ref, h_ref, qs, *refs):
+        # one SMEM ref per key / value tile (a static index into a stacked swizzled ref does
+        # not lower under the warpgroup semantics of jax 0.10)
+        ks, vs = refs[:NT], refs[NT:2 * NT]
+        rs, kr, cs, ns, hs, bar = refs[2 * NT:]
         b, h, t = (lax.axis_index(a) for a in ("b", "h", "t"))
-        chunk = t // NT
+        chunk = lax.div(t, NT)
         first = chunk * NT
         plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(t * C, C), h], qs, bar.at[0])
         plgpu.copy_gmem_to_smem(r_ref.at[b, h, :, pl.ds(t * C, C)], rs, bar.at[0])
         for j in range(NT):
             tk = pl.ds((first + j) * C, C)
-            plgpu.copy_gmem_to_smem(k_ref.at[b, tk, h], ks.at[j], bar.at[0])
-            plgpu.copy_gmem_to_smem(v_ref.at[b, tk, h], vs.at[j], bar.at[0])
+            plgpu.copy_gmem_to_smem(k_ref.at[b, tk, h], ks[j], bar.at[0])
+            plgpu.copy_gmem_to_smem(v_ref.at[b, tk, h], vs[j], bar.at[0])
             plgpu.copy_gmem_to_smem(r_ref.at[b, h, 1, tk], kr.at[j], bar.at[0])
         plgpu.copy_gmem_to_smem(c_ref.at[b, h, chunk], cs, bar.at[0])
         plgpu.copy_gmem_to_smem(n_ref.at[b, h, pl.ds(chunk, 1)], ns, bar.at[0])
@@ -117,12 +121,12 @@ def _out_kernel(q, k, v, rows, Cin, nin, *, L, eps, cfg):
         num = inter * ops.rows_of(w, shape)
         den = w * nq
         for j in range(NT):
-            (S,) = ops.mm(prod(qs, ks.at[j], tb=True))
+            (S,) = ops.mm(prod(qs, ks[j], tb=True))
             bj = ops.col(kr.at[j][...])
             expo = jnp.minimum(ops.rows_of(a, (C, C)) + ops.cols_of(bj, (C, C)), 0.0)
             P = jnp.where(c0 + (first + j) * C <= r, S * jnp.exp(expo), 0.0)
             den = den + jnp.sum(P, axis=1)
-            (pv,) = ops.mm(prod(P.astype(dt), vs.at[j]))
+            (pv,) = ops.mm(prod(P.astype(dt), vs[j]))
             num = num + pv
         floor = jnp.exp(jnp.minimum(ops.row(rs.at[3][...]), MAX_LOG_FLOOR))   # exp(-m_i)
         hv = num / ops.rows_of(jnp.maximum(jnp.abs(den), floor) + eps, shape)
@@ -131,10 +135,12 @@ def _out_kernel(q, k, v, rows, Cin, nin, *, L, eps, cfg):
         plgpu.copy_smem_to_gmem(hs, h_ref.at[b, pl.ds(t * C, C), h])
         plgpu.wait_smem_to_gmem(0)
 
-    scratch = [smem((C, K), dt), smem((NT, C, K), dt), smem((NT, C, V), dt),
-               plgpu.SMEM((4, C), f32), plgpu.SMEM((NT, C), f32), smem((K, V), dt),
-               plgpu.SMEM((1, K), f32), smem((C, V), dt),
-               plgpu.Barrier(num_arrivals=4 + 3 * NT, num_barriers=1)]
+    scratch = [smem((C, K), dt)] + [smem((C, K), dt) for _ in range(NT)]
+    scratch += [smem((C, V), dt) for _ in range(NT)]
+    scratch += [plgpu.SMEM((4, C), f32), plgpu.SMEM((NT, C), f32), smem((K, V), dt),
+                plgpu.SMEM((1, K), f32), smem((C, V), dt),
+                plgpu.Barrier(num_arrivals=4 + 3 * NT, num_barriers=1)]
+    check_smem("mlstm_out", scratch)
     kernel = mosaic_gpu_kernel(
         body, out_type=jax.ShapeDtypeStruct((B, Tp, H, V), dt), grid=(B, H, NQ),
         grid_names=("b", "h", "t"), num_threads=1, thread_name="wg", scratch_types=scratch,
