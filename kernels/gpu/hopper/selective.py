@@ -26,12 +26,15 @@ x 132 SMs x 1.98 GHz ~ 4.2 T exp/s, ~67 TFLOP/s float32 FMA):
   forward    bytes  u, delta, z in (3 x 67 MB), y out (67 MB), B, C (1 MB)      269 MB   0.063 ms
              exps   B T D N = 537 M (decays) + 2 B T D (softplus, sigmoid)      0.14 ms  <- bound
              FLOPs  ~6 per (t, d, n) (decay arg, FMA, input term, C h) 3.2 G   0.05 ms
-  backward   bytes  u, delta, z, dy in, du, ddelta, dz out (7 x 67 MB), the
-             states every C steps (C = 16: B D N T/C 4 B = 34 MB), dB / dC per channel block
-             (B (D / 64) T N 4 B x 2 = 67 MB)                                  ~570 MB   0.13 ms
+  backward   bytes  u, delta, z, dy in (4 x 67 MB), du, ddelta, dz out (3 x 67 MB), the
+             states every C steps (written by the forward, read here: B D N (T / C) 4 B =
+             134 MB at C = 16), dB / dC per channel block (B (D / 64) T N 4 B x 2 = 67 MB)
+                                                                              ~670 MB   0.16 ms
              exps   2 B T D N (the decays recomputed in the reverse pass)      0.26 ms  <- bound
   So the forward sits at ~0.14 ms (and its latency: T steps at ~8 dependent cycles), the
-  forward + backward at ~0.45 ms; jax-linear-attention's mamba1 measured 0.82 / 2.15 ms.
+  forward + backward (1.07 GB, 3 exps per (t, d, n)) at ~0.4-0.5 ms; jax-linear-attention's
+  mamba1 measured 0.82 / 2.15 ms. Storing the states less often (every 64 steps: 34 MB) would
+  cost a third exp per element in the backward (a second recompute): more than the bytes save.
 
 Backward (`jax.custom_vjp`): the forward under differentiation writes the state entering every
 chunk of C = 16 steps ([B, T / C, N, D] float32). The backward walks the chunks in reverse: it
