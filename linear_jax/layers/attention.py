@@ -45,6 +45,7 @@ def rope(x, pos, theta: float):
 
 class Attention(nnx.Module):
     SEQ_PARALLEL = True
+    OP_IMPL = False      # `impl` picks the softmax backend ("auto", "xla", "cudnn"), not an op's
 
     def __init__(self, d_model: int, num_heads: int, *, num_kv_heads: int | None = None,
                  head_dim: int | None = None, window: int | None = None,

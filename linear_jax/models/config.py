@@ -7,10 +7,13 @@ constructor arguments (e.g. `{"attention": {"window": 512}, "gla": {"expand_k": 
 The feed-forward is a SwiGLU MLP (`ffn="mlp"`) or a top-k mixture of experts (`ffn="moe"`, on
 every `moe_every`-th layer, the others keeping the MLP).
 
-`impl` and `kernel_config` reach every mixer's op as `impl=` and `config=`: `kernel_config` is a
-tuple of kernel configs (`linear_jax.kernels.configs`, e.g. `(TritonChunkConfig(block_v=32),
-TpuConfig(chunk=128))`), from which each kernel takes the one of its type; kernels without one in
-it run with their device defaults.
+`impl` and `kernel_config` reach every linear mixer's op as `impl=` and `config=` (`impl` is an
+op implementation: "auto", "recurrent", "chunk", "pallas", "pallas:<backend>"); softmax attention
+keeps its own `impl` (its backend: "auto", "xla", "cudnn"), set through its options,
+`mixer_options={"attention": {"impl": "xla"}}`. A mixer's options win over the model-wide
+arguments. `kernel_config` is a tuple of kernel configs (`linear_jax.kernels.configs`, e.g.
+`(TritonChunkConfig(block_v=32), TpuConfig(chunk=128))`), from which each kernel takes the one of
+its type; kernels without one in it run with their device defaults.
 """
 
 from __future__ import annotations
