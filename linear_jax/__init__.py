@@ -6,7 +6,11 @@ Submodules: `ops` (pure functions), `layers` (NNX token mixers), `models` (LM, g
 `parallel` (sequence parallelism over a mesh axis), `training` (sharded training harness).
 """
 
-from linear_jax import ops
+from linear_jax import _compat
+
+_compat.cpu_workarounds()
+
+from linear_jax import ops  # noqa: E402
 
 __version__ = "0.1.0.dev0"
 __all__ = ["ops"]

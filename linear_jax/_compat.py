@@ -23,10 +23,27 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from collections.abc import Mapping
 
 import jax
 from jax import lax
+
+_YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type="
+
+
+def cpu_workarounds():
+    """jaxlib 0.10's XLA CPU segfaults compiling or running its YNN fusion of the gla chunk form's
+    backward (the whole process dies, no Python error). Turning YNN fusions off avoids it at no
+    measurable cost; XLA reads XLA_FLAGS when the backend starts, so this runs on importing
+    linear_jax and does nothing once a computation has run. Left alone when the user set the flag,
+    and on jaxlib >= 0.11, whose XLA may not know it (an unknown XLA flag is fatal)."""
+    import jaxlib
+
+    version = tuple(int(p) for p in jaxlib.__version__.split(".")[:2] if p.isdigit())
+    flags = os.environ.get("XLA_FLAGS", "")
+    if version < (0, 11) and "ynn_fusion_type" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {_YNN_OFF}".strip()
 
 try:
     _shard_map = jax.shard_map

@@ -4,6 +4,7 @@ script end to end at its smoke-test size."""
 import json
 
 import numpy as np
+import pytest
 
 from experiments import icl_curve
 
@@ -24,6 +25,7 @@ def test_baselines_recover_w_once_the_examples_pin_it():
     assert by[0, 0] == 0
 
 
+@pytest.mark.smoke
 def test_script_quick(tmp_path):
     assert icl_curve.main(["--quick", f"--workdir={tmp_path}"]) == 0
     out = json.loads((tmp_path / "icl_curve.json").read_text())

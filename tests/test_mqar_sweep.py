@@ -5,10 +5,12 @@ import json
 import pathlib
 
 import ml_collections
+import pytest
 
 from experiments import mqar_sweep
 
 
+@pytest.mark.smoke
 def test_quick_sweep_two_cells_writes_json_and_plot_and_reuses(tmp_path, capsys):
     argv = ["--quick", "--mixers=attention,linear_attention", "--d_models=16", "--num_devices=1",
             f"--out={tmp_path}"]

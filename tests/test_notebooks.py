@@ -1,5 +1,5 @@
 """Every notebook runs top to bottom on CPU (small sizes: LINEAR_JAX_QUICK=1) without a cell error,
-and every cell tagged "plot" renders at least one image."""
+and every cell tagged "plot" renders at least one image. Smoke tests: one to two minutes each."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import pytest
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
+
+pytestmark = pytest.mark.smoke
 
 NOTEBOOKS = sorted((pathlib.Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 

@@ -1,11 +1,15 @@
-"""Specs for the decay family: linear_attention, simple_gla, gla."""
+"""Specs for the decay family: linear_attention, simple_gla, gla.
+
+Strong gates: g itself is the log decay, so every g (per head for simple_gla, per head and key
+channel for gla) is drawn strong. linear_attention has no decay.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
 from linear_jax import ops
-from tests.ops.specs import OpSpec, resets
+from tests.ops.specs import OpSpec, cast_like, narrow_kernels, resets, strong_log_decays
 from tests.utils import log_sigmoid_gates
 
 H, K, V = 2, 12, 10
@@ -56,21 +60,27 @@ def _make_la_norm(rng, B, T, dtype):
     return a, {"normalize": True}
 
 
+def _strong(args, rng, kind):
+    return cast_like(args, {"g": strong_log_decays(rng, args["g"].shape, kind)})
+
+
 _state = lambda a: (a["q"].shape[0], a["v"].shape[2], a["q"].shape[3], a["v"].shape[3])
 
 SPECS = [
     OpSpec("linear_attention", ops.linear_attention, _make_la,
            lambda a, S0, seg: decay_reference(a["q"], a["k"], a["v"], None, S0, seg, K**-0.5),
-           _state, diff_args=("q", "k", "v"), impls=("recurrent", "chunk", "pallas")),
+           _state, diff_args=("q", "k", "v")),
     OpSpec("linear_attention[normalize]", ops.linear_attention, _make_la_norm,
            lambda a, S0, seg: decay_reference(a["q"], a["k"], a["v"], None, S0, seg, K**-0.5,
                                               normalize=True),
            lambda a: _state(a)[:3] + (V + 1,), diff_args=("q", "k", "v"),
-           impls=("recurrent", "chunk", "pallas")),
+           narrow=narrow_kernels("linear_attention", "a kernel sees linear_attention's ungated "
+                                 "call with V + 1 float32 value columns (mixed input dtypes are "
+                                 "ssd's case): nothing its other cases do not run")),
     OpSpec("simple_gla", ops.simple_gla, _make_sgla,
            lambda a, S0, seg: decay_reference(a["q"], a["k"], a["v"], a["g"], S0, seg, K**-0.5),
-           _state, diff_args=("q", "k", "v", "g"), impls=("recurrent", "chunk", "pallas")),
+           _state, diff_args=("q", "k", "v", "g"), strong=_strong),
     OpSpec("gla", ops.gla, _make_gla,
            lambda a, S0, seg: decay_reference(a["q"], a["k"], a["v"], a["g"], S0, seg, K**-0.5),
-           _state, diff_args=("q", "k", "v", "g"), impls=("recurrent", "chunk", "pallas")),
+           _state, diff_args=("q", "k", "v", "g"), strong=_strong),
 ]

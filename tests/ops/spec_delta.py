@@ -1,5 +1,10 @@
 """Specs for the delta-rule family: delta_rule (beta in [0, 1], in [0, 2], exact), gated_delta_rule,
-delta_product (with and without a gate)."""
+delta_product (with and without a gate).
+
+Strong gates (gated_delta_rule, delta_product[g]): g [B, T, H] is the log decay applied before each
+step, so every g is drawn strong; beta and the keys stay as drawn. delta_rule and the ungated
+delta_product have no decay.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import numpy as np
 
 from linear_jax.ops.delta_product import delta_product
 from linear_jax.ops.delta_rule import delta_rule, gated_delta_rule
-from tests.ops.specs import OpSpec, resets
+from tests.ops.specs import OpSpec, cast_like, narrow_kernels, resets, strong_log_decays
 from tests.utils import l2norm, log_sigmoid_gates
 
 H, K, V = 2, 12, 10
@@ -96,16 +101,22 @@ _state = lambda a: (a["q"].shape[0], a["v"].shape[-2], K, V)
 _scale = K**-0.5
 
 
-def _delta_spec(name, fn, make, diff, exact=False):
+def _strong(args, rng, kind):
+    return cast_like(args, {"g": strong_log_decays(rng, args["g"].shape, kind)})
+
+
+def _delta_spec(name, fn, make, diff, exact=False, **kw):
     ref = lambda a, S0, seg: delta_reference(a["q"], a["k"], a["v"], a["beta"], a.get("g"), S0,
                                              seg, _scale, exact=exact)
-    return OpSpec(name, fn, make, ref, _state, diff_args=diff)
+    return OpSpec(name, fn, make, ref, _state, diff_args=diff,
+                  strong=_strong if "g" in diff else None, **kw)
 
 
 def _product_spec(name, make, diff):
     ref = lambda a, S0, seg: product_reference(a["q"], a["k"], a["v"], a["beta"], a.get("g"), S0,
                                                seg, _scale)
-    return OpSpec(name, delta_product, make, ref, _state, diff_args=diff)
+    return OpSpec(name, delta_product, make, ref, _state, diff_args=diff,
+                  strong=_strong if "g" in diff else None)
 
 
 SPECS = [
@@ -117,7 +128,9 @@ SPECS = [
     _delta_spec("delta_rule[exact]", delta_rule,
                 lambda rng, B, T, dt: (_make(rng, B, T, dt, beta_max=2.0, key_norm=(0.2, 2.0)),
                                        {"exact": True}),
-                ("q", "k", "v", "beta"), exact=True),
+                ("q", "k", "v", "beta"), exact=True,
+                narrow=narrow_kernels("delta_rule", "efla_beta runs before the kernel, which "
+                                      "then sees a beta in (0, 2) as in delta_rule[beta0-2]")),
     _delta_spec("gated_delta_rule", gated_delta_rule,
                 lambda rng, B, T, dt: (_make(rng, B, T, dt, Hk=1, gate=True), {}),
                 ("q", "k", "v", "beta", "g")),

@@ -1,5 +1,14 @@
 """Specs for the element-wise scans: hgrn, diagonal_scan (real; complex through its parts),
-selective_scan (plain; grouped with every option), short_conv."""
+selective_scan (plain; grouped with every option), short_conv.
+
+Strong gates, per op (short_conv has no decay):
+- hgrn: g is the log decay; every g is drawn strong.
+- diagonal_scan: the decay is |a|, so every log|a| is drawn strong; a real transition keeps a random
+  sign, a complex one a random phase.
+- selective_scan: the decay of state (d, n) is exp(dt A[d, n]) with dt = delta (plain) or
+  softplus(delta + delta_bias): every dt and every -A is drawn in [sqrt 15, 5] (both sqrt 20 for
+  "constant"), so every dt A lies in [-25, -15] (is -20); delta is set to give that dt.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +20,7 @@ from linear_jax.ops.diagonal_scan import diagonal_scan
 from linear_jax.ops.hgrn import hgrn
 from linear_jax.ops.selective_scan import selective_scan
 from linear_jax.ops.short_conv import short_conv
-from tests.ops.specs import OpSpec, resets
+from tests.ops.specs import STRONG, OpSpec, cast_like, resets, strong_log_decays
 from tests.utils import log_sigmoid_gates
 
 D, N, G, W = 6, 3, 2, 4
@@ -156,26 +165,58 @@ def _make_short_conv(rng, B, T, dtype):
                   "bias": 0.1 * rng.standard_normal(D)}, dtype), {"activation": "silu"}
 
 
+def _strong_hgrn(args, rng, kind):
+    return cast_like(args, {"g": strong_log_decays(rng, args["g"].shape, kind)})
+
+
+def _strong_diag(args, rng, kind):
+    mag = np.exp(strong_log_decays(rng, args["a"].shape, kind))
+    return cast_like(args, {"a": mag * rng.choice([-1.0, 1.0], mag.shape)})
+
+
+def _strong_diag_complex(args, rng, kind):
+    a = np.exp(strong_log_decays(rng, args["a_re"].shape, kind)
+               + 1j * rng.uniform(-np.pi, np.pi, args["a_re"].shape))
+    return cast_like(args, {"a_re": a.real, "a_im": a.imag})
+
+
+def _root_of_strong(rng, shape, kind):
+    """Factors in [sqrt 15, 5] (all sqrt 20 for "constant"): a product of two lies in [15, 25]."""
+    assert kind in STRONG, kind
+    return rng.uniform(15.0**0.5, 5.0, shape) if kind == "uniform" else np.full(shape, 20.0**0.5)
+
+
+def _strong_selective(args, rng, kind):
+    dt = _root_of_strong(rng, args["delta"].shape, kind)
+    new = {"A": -_root_of_strong(rng, args["A"].shape, kind), "delta": dt}
+    if "delta_bias" in args:     # softplus(delta + bias) = dt; softplus^-1(y) = y + log(1 - e^-y)
+        new["delta"] = dt + np.log(-np.expm1(-dt)) - np.asarray(args["delta_bias"], np.float64)
+    return cast_like(args, new)
+
+
 _state_bd = lambda a: (next(iter(a.values())).shape[0], D)
 
 SPECS = [
     OpSpec("hgrn", hgrn, _make_hgrn,
            lambda a, S0, seg: hgrn_reference(a["x"], a["g"], S0, seg),
-           _state_bd, diff_args=("x", "g")),
+           _state_bd, diff_args=("x", "g"), strong=_strong_hgrn),
     OpSpec("diagonal_scan", diagonal_scan, _make_diag,
            lambda a, S0, seg: diagonal_reference(*_f64(a["a"], a["x"], S0), seg),
-           _state_bd, diff_args=("a", "x")),
+           _state_bd, diff_args=("a", "x"), strong=_strong_diag),
     OpSpec("diagonal_scan[complex]", diagonal_scan_parts, _make_diag_complex, _complex_reference,
-           lambda a: _state_bd(a) + (2,), diff_args=("a_re", "a_im", "x_re", "x_im")),
+           lambda a: _state_bd(a) + (2,), diff_args=("a_re", "a_im", "x_re", "x_im"),
+           strong=_strong_diag_complex),
     OpSpec("selective_scan", selective_scan, _make_selective,
            lambda a, S0, seg: selective_reference(a["u"], a["delta"], a["A"], a["B"], a["C"],
                                                   h0=S0, seg=seg),
-           lambda a: (a["u"].shape[0], D, N), diff_args=("u", "delta", "A", "B", "C")),
+           lambda a: (a["u"].shape[0], D, N), diff_args=("u", "delta", "A", "B", "C"),
+           strong=_strong_selective),
     OpSpec("selective_scan[grouped,D,z,bias,softplus]", selective_scan, _make_selective_full,
            lambda a, S0, seg: selective_reference(a["u"], a["delta"], a["A"], a["B"], a["C"],
                                                   a["D"], a["z"], a["delta_bias"], True, S0, seg),
            lambda a: (a["u"].shape[0], D, N),
-           diff_args=("u", "delta", "A", "B", "C", "D", "z", "delta_bias")),
+           diff_args=("u", "delta", "A", "B", "C", "D", "z", "delta_bias"),
+           strong=_strong_selective),
     OpSpec("short_conv", short_conv, _make_short_conv,
            lambda a, S0, seg: short_conv_reference(a["x"], a["weight"], a["bias"], "silu", S0, seg),
            lambda a: (a["x"].shape[0], W - 1, D), diff_args=("x", "weight", "bias"),

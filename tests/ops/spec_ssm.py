@@ -1,4 +1,13 @@
-"""Specs for the state-space family: ssd (Mamba-2) and mlstm (xLSTM)."""
+"""Specs for the state-space family: ssd (Mamba-2) and mlstm (xLSTM).
+
+Strong gates, per op:
+- ssd: the log decay of head h at step t is dt A[h] (dt after bias and softplus): every such
+  product is drawn strong and dt set to it over A (as drawn), the raw dt solved for through
+  the softplus and dt_bias where the spec has them.
+- mlstm: the forget gate's log-space decay is log sigmoid(f): every one is drawn strong, f =
+  -log(exp(-g) - 1) (about g itself); the input gates stay as drawn, so the stabiliser m still
+  switches between the carried and the new term.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +15,7 @@ import numpy as np
 
 from linear_jax.ops.mlstm import mlstm
 from linear_jax.ops.ssd import ssd
-from tests.ops.specs import OpSpec, resets
+from tests.ops.specs import OpSpec, cast_like, narrow_kernels, resets, strong_log_decays
 
 H, G, P, N = 4, 2, 6, 8           # ssd: heads, groups of B/C, head dim, state dim
 HM, K, V = 2, 12, 10              # mlstm
@@ -104,6 +113,19 @@ def _make_mlstm(rng, B, T, dtype):
     return args, {}
 
 
+def _strong_ssd(args, rng, kind):
+    g = strong_log_decays(rng, args["dt"].shape, kind)
+    dt = g / np.asarray(args["A"], np.float64)
+    if "dt_bias" in args:        # softplus(raw + bias) = dt; softplus^-1(y) = y + log(1 - e^-y)
+        dt = dt + np.log(-np.expm1(-dt)) - np.asarray(args["dt_bias"], np.float64)
+    return cast_like(args, {"dt": dt})
+
+
+def _strong_mlstm(args, rng, kind):
+    g = strong_log_decays(rng, args["f"].shape, kind)
+    return cast_like(args, {"f": -np.log(np.expm1(-g))})
+
+
 def _ssd_ref(a, h0, seg, softplus=True):
     return ssd_reference(a["x"], a["dt"], a["A"], a["B"], a["C"], a.get("D"), a.get("dt_bias"),
                          softplus, h0, seg)
@@ -112,16 +134,18 @@ def _ssd_ref(a, h0, seg, softplus=True):
 SPECS = [
     OpSpec("ssd", ssd, _make_ssd, _ssd_ref,
            lambda a: (a["x"].shape[0], H, N, P),
-           diff_args=("x", "dt", "A", "B", "C", "D", "dt_bias")),
+           diff_args=("x", "dt", "A", "B", "C", "D", "dt_bias"), strong=_strong_ssd),
     OpSpec("ssd[plain]", ssd, _make_ssd_plain,
            lambda a, h0, seg: _ssd_ref(a, h0, seg, softplus=False),
            lambda a: (a["x"].shape[0], H, N, P),
-           diff_args=("x", "dt", "A", "B", "C")),
+           diff_args=("x", "dt", "A", "B", "C"), strong=_strong_ssd,
+           narrow=narrow_kernels("ssd", "dt is prepared before simple_gla's kernel, and ungrouped "
+                                 "B and C are simple_gla's own case: ssd's cases run the rest")),
     # the state is a tuple (C, n, m); the contract suite compares it leaf by leaf (see mlstm.py:
     # both impls carry the recurrent stabiliser m_t itself)
     OpSpec("mlstm", mlstm, _make_mlstm,
            lambda a, s0, seg: mlstm_reference(a["q"], a["k"], a["v"], a["i"], a["f"], s0, seg,
                                               K**-0.5),
            lambda a: ((a["q"].shape[0], HM, K, V), (a["q"].shape[0], HM, K), (a["q"].shape[0], HM)),
-           diff_args=("q", "k", "v", "i", "f")),
+           diff_args=("q", "k", "v", "i", "f"), strong=_strong_mlstm),
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,13 @@ from linear_jax.ops.simple_gla import simple_gla
 from tests.ops.spec_decay import decay_reference
 from tests.utils import assert_close, segments
 
+# jitted: op-by-op dispatch of the chunk forms costs several times their compilation (CI has 2
+# cores). The bad-input tests call the ops themselves: some checks need concrete values.
+_STATIC = ("scale", "chunk_size", "impl")
+simple_gla_jit = jax.jit(simple_gla, static_argnames=_STATIC)
+gla_jit = jax.jit(gla, static_argnames=_STATIC)
+linear_attention_jit = jax.jit(linear_attention, static_argnames=_STATIC + ("normalize",))
+
 
 def test_reference_on_a_hand_computed_case():
     # K = V = 1, two steps, decay 1/2: S1 = 1*2 = 2, o1 = 2; S2 = 0.5*2 + 1*3 = 4, o2 = 4 * 1.
@@ -21,11 +30,12 @@ def test_reference_on_a_hand_computed_case():
     v = jnp.array([2.0, 3.0]).reshape(1, 2, 1, 1)
     g = jnp.log(jnp.array([1.0, 0.5])).reshape(1, 2, 1)
     for impl in ("recurrent", "chunk"):
-        o, S = simple_gla(q, k, v, g, scale=1.0, impl=impl)
+        o, S = simple_gla_jit(q, k, v, g, scale=1.0, impl=impl)
         np.testing.assert_allclose(np.asarray(o).ravel(), [2.0, 4.0], rtol=1e-6)
         np.testing.assert_allclose(np.asarray(S).ravel(), [4.0], rtol=1e-6)
     # a reset at t = 1 drops S1: o2 = 3
-    o, _ = simple_gla(q, k, v, g, scale=1.0, segment_ids=jnp.array([[0, 1]]), impl="recurrent")
+    o, _ = simple_gla_jit(q, k, v, g, scale=1.0, segment_ids=jnp.array([[0, 1]]),
+                          impl="recurrent")
     np.testing.assert_allclose(np.asarray(o).ravel(), [2.0, 3.0], rtol=1e-6)
 
 
@@ -42,51 +52,49 @@ GATES = {
     "tiny": lambda rng, s: np.full(s, -1e-4, np.float32),
     "minus5": lambda rng, s: np.full(s, -5.0, np.float32),
     "minus20": lambda rng, s: np.full(s, -20.0, np.float32),
+    "uniform-20-0": lambda rng, s: rng.uniform(-20.0, 0.0, s).astype(np.float32),
     "mixed": lambda rng, s: np.where(rng.uniform(size=s) < 0.5, 0.0, -1e3).astype(np.float32),
 }
+OPS = {"simple_gla": (simple_gla, "scalar"), "gla": (gla, "vector")}
 
 
-@pytest.mark.parametrize("gate_kind,op", [("scalar", simple_gla), ("vector", gla)],
-                         ids=["simple_gla", "gla"])
-@pytest.mark.parametrize("gate", list(GATES))
-def test_extreme_gates_forward_and_backward(gate_kind, op, gate):
-    """T = 8192 bf16 inputs with fp32 state: chunk == recurrent, outputs and every gradient."""
+@functools.cache
+def _long_value_and_grad(name):
+    """jit(value_and_grad) of one op, inputs as arguments: one compilation serves every gate."""
+    op = OPS[name][0]
+
+    def loss(impl, q, k, v, g, seg, do):
+        o, S = op(q, k, v, g, segment_ids=seg, impl=impl)
+        return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(S)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(1, 2, 3, 4)), static_argnums=0)
+
+
+# op-major, so that a worker running one op's cases compiles that op once
+@pytest.mark.parametrize("name,gate", [(n, g) for n in OPS for g in GATES],
+                         ids=lambda x: x if isinstance(x, str) else None)
+def test_extreme_gates_forward_and_backward(name, gate):
+    """T = 8192 bf16 inputs with fp32 state: chunk == recurrent, outputs and every gradient, and
+    nothing non-finite (gates from none to -1e3, constant, uniform and mixed)."""
     rng = np.random.default_rng(0)
-    q, k, v, gshape = _draw(rng, 1, 8192, 1, 8, 8, gate_kind)
+    q, k, v, gshape = _draw(rng, 1, 8192, 1, 8, 8, OPS[name][1])
     g = GATES[gate](rng, gshape)
     q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
     seg = jnp.asarray(segments(rng, 1, 8192, p=0.002))
     do = jnp.asarray(rng.standard_normal((1, 8192, 1, 8)), jnp.float32)
-
-    def loss(impl, q, k, v, g):
-        o, S = op(q, k, v, g, segment_ids=seg, impl=impl)
-        return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(S)
-
-    grad = jax.jit(jax.value_and_grad(loss, argnums=(1, 2, 3, 4)), static_argnums=0)
-    (lc, gc), (lr, gr) = grad("chunk", q, k, v, g), grad("recurrent", q, k, v, g)
+    grad = _long_value_and_grad(name)
+    (lc, gc), (lr, gr) = grad("chunk", q, k, v, g, seg, do), grad("recurrent", q, k, v, g, seg, do)
     assert np.isfinite(float(lc))
     assert abs(float(lc) - float(lr)) <= 1e-3 * max(1.0, abs(float(lr)))
-    for name, a, b in zip("qkvg", gc, gr, strict=True):
-        assert_close(a.astype(jnp.float32), b.astype(jnp.float32), 2e-2, f"d{name}")
-
-
-@pytest.mark.parametrize("op,gate_kind", [(simple_gla, "scalar"), (gla, "vector")],
-                         ids=["simple_gla", "gla"])
-def test_no_nan_over_long_sequences(op, gate_kind):
-    rng = np.random.default_rng(1)
-    q, k, v, gshape = _draw(rng, 1, 4096, 2, 16, 16, gate_kind)
-    g = rng.uniform(-20.0, 0.0, gshape).astype(np.float32)
-    o, S = jax.jit(lambda *a: op(*a, impl="chunk"))(q, k, v, g)
-    assert np.isfinite(np.asarray(o)).all() and np.isfinite(np.asarray(S)).all()
-    dq = jax.jit(jax.grad(lambda q: op(q, k, v, g, impl="chunk")[0].sum()))(q)
-    assert np.isfinite(np.asarray(dq)).all()
+    for n, a, b in zip("qkvg", gc, gr, strict=True):
+        assert_close(a.astype(jnp.float32), b.astype(jnp.float32), 2e-2, f"d{n}")
 
 
 def test_linear_attention_normalize_is_a_ratio():
     rng = np.random.default_rng(2)
     q, k, v = (np.exp(0.2 * rng.standard_normal((1, 33, 2, 8))).astype(np.float32)
                for _ in range(3))
-    o, S = linear_attention(q, k, v, normalize=True, impl="chunk", chunk_size=16)
+    o, S = linear_attention_jit(q, k, v, normalize=True, impl="chunk", chunk_size=16)
     num, _ = decay_reference(*(x.astype(np.float64) for x in (q, k, v)), None, None, None, 8**-0.5)
     den = 8**-0.5 * np.einsum("bthk,bthk->bth", q, np.cumsum(k, axis=1))
     assert_close(o, num / (den[..., None] + 1e-6), 1e-5, "normalised output")
@@ -99,8 +107,8 @@ def test_grouped_heads_equal_repeated_heads():
     q, k = (rng.standard_normal((2, 20, 2, 8)).astype(np.float32) for _ in range(2))
     v = rng.standard_normal((2, 20, 6, 4)).astype(np.float32)
     g = -rng.uniform(0, 1, (2, 20, 6)).astype(np.float32)
-    o, S = simple_gla(q, k, v, g, impl="chunk", chunk_size=8)
-    o2, S2 = simple_gla(np.repeat(q, 3, 2), np.repeat(k, 3, 2), v, g, impl="recurrent")
+    o, S = simple_gla_jit(q, k, v, g, impl="chunk", chunk_size=8)
+    o2, S2 = simple_gla_jit(np.repeat(q, 3, 2), np.repeat(k, 3, 2), v, g, impl="recurrent")
     assert_close(o, o2, 1e-5, "grouped output")
     assert_close(S, S2, 1e-5, "grouped state")
 
@@ -110,9 +118,9 @@ def test_padding_never_changes_real_outputs():
     rng = np.random.default_rng(4)
     q, k, v = (rng.standard_normal((1, 40, 2, 8)).astype(np.float32) for _ in range(3))
     g = -rng.uniform(0, 1, (1, 40, 2, 8)).astype(np.float32)
-    o, _ = gla(q[:, :30], k[:, :30], v[:, :30], g[:, :30], impl="chunk", chunk_size=16)
+    o, _ = gla_jit(q[:, :30], k[:, :30], v[:, :30], g[:, :30], impl="chunk", chunk_size=16)
     seg = np.array([[0] * 30 + [1] * 10], np.int32)
-    o_pad, _ = gla(q, k, v, g, segment_ids=seg, impl="chunk", chunk_size=16)
+    o_pad, _ = gla_jit(q, k, v, g, segment_ids=seg, impl="chunk", chunk_size=16)
     assert_close(o_pad[:, :30], o, 1e-6, "real tokens")
 
 
@@ -121,8 +129,8 @@ def test_no_gradient_crosses_a_document_boundary():
     q, k, v = (rng.standard_normal((1, 24, 1, 4)).astype(np.float32) for _ in range(3))
     g = -rng.uniform(0, 1, (1, 24, 1)).astype(np.float32)
     seg = np.array([[0] * 10 + [1] * 14], np.int32)
-    dk = jax.grad(lambda k: simple_gla(q, k, v, g, segment_ids=seg, impl="chunk",
-                                       chunk_size=8)[0][:, 10:].sum())(k)
+    dk = jax.jit(jax.grad(lambda k: simple_gla(q, k, v, g, segment_ids=seg, impl="chunk",
+                                               chunk_size=8)[0][:, 10:].sum()))(k)
     assert np.all(np.asarray(dk)[:, :10] == 0.0)
     assert np.any(np.asarray(dk)[:, 10:] != 0.0)
 
@@ -188,13 +196,20 @@ def test_bad_input_raises_value_error(call, match):
         call(q, k, v, g)
 
 
-@pytest.mark.parametrize("chunk_size", [8, 16, 32, 48, 64])
-def test_gla_every_sub_chunk_count(chunk_size):
-    """1 to 4 sub-chunks per chunk (two once crashed XLA's CPU backend in the backward pass)."""
+@functools.cache
+def _sub_chunk_inputs_and_reference():
+    """Inputs of the sub-chunk test and the recurrent impl's gradients (once for every chunk)."""
     rng = np.random.default_rng(7)
     q, k, v = (rng.standard_normal((1, 100, 2, 16)).astype(np.float32) for _ in range(3))
     g = -rng.uniform(0, 1, (1, 100, 2, 16)).astype(np.float32)
-    grad = lambda impl: jax.jit(jax.grad(
-        lambda q, g: gla(q, k, v, g, impl=impl, chunk_size=chunk_size)[0].sum(), argnums=(0, 1)))
-    for a, b in zip(grad("chunk")(q, g), grad("recurrent")(q, g), strict=True):
+    loss = lambda q, g: gla(q, k, v, g, impl="recurrent")[0].sum()
+    return (q, k, v, g), jax.jit(jax.grad(loss, argnums=(0, 1)))(q, g)
+
+
+@pytest.mark.parametrize("chunk_size", [8, 16, 32, 48, 64])
+def test_gla_every_sub_chunk_count(chunk_size):
+    """1 to 4 sub-chunks per chunk (two once crashed XLA's CPU backend in the backward pass)."""
+    (q, k, v, g), want = _sub_chunk_inputs_and_reference()
+    loss = lambda q, g: gla(q, k, v, g, impl="chunk", chunk_size=chunk_size)[0].sum()
+    for a, b in zip(jax.jit(jax.grad(loss, argnums=(0, 1)))(q, g), want, strict=True):
         assert_close(a, b, 2e-4, "gradient")

@@ -14,6 +14,12 @@ from tests.ops.spec_delta import delta_reference
 from tests.utils import assert_close, l2norm, segments
 
 IMPLS = ("recurrent", "chunk")
+# jitted: op-by-op dispatch of the chunk forms costs several times their compilation (CI has 2
+# cores). The bad-input tests call the ops themselves: some checks need concrete values.
+_STATIC = ("exact", "scale", "chunk_size", "impl")
+delta_rule_jit = jax.jit(delta_rule, static_argnames=_STATIC)
+gated_delta_rule_jit = jax.jit(gated_delta_rule, static_argnames=_STATIC)
+delta_product_jit = jax.jit(delta_product, static_argnames=("scale", "chunk_size", "impl"))
 
 
 def _col(*x):
@@ -29,25 +35,26 @@ def test_reference_on_a_hand_computed_case():
     v = jnp.asarray([2.0, 5.0, 3.0]).reshape(1, 3, 1, 1)
     for impl in IMPLS:
         kw = dict(scale=1.0, impl=impl, chunk_size=2)
-        o, S = delta_rule(q, k, v, _col(1.0, 1.0, 0.5), **kw)
+        o, S = delta_rule_jit(q, k, v, _col(1.0, 1.0, 0.5), **kw)
         np.testing.assert_allclose(np.ravel(o), [2.0, 5.0, 6.5], rtol=1e-6)
         np.testing.assert_allclose(np.ravel(S), [5.0, 1.5], rtol=1e-6)
         # beta = 2 reflects along e1: S = [2, 0] -> -[2, 0] + 2 * 5 e1 = [8, 0]
-        o, _ = delta_rule(q, k, v, _col(1.0, 2.0, 0.5), **kw)
+        o, _ = delta_rule_jit(q, k, v, _col(1.0, 2.0, 0.5), **kw)
         np.testing.assert_allclose(np.ravel(o), [2.0, 8.0, 9.5], rtol=1e-6)
         # a decay of 1/2 before step 3: S = [2.5, 0] + 0.5 * (3 - 0) e2 = [2.5, 1.5]
         g = jnp.log(_col(1.0, 1.0, 0.5))
-        o, _ = gated_delta_rule(q, k, v, g, _col(1.0, 1.0, 0.5), **kw)
+        o, _ = gated_delta_rule_jit(q, k, v, g, _col(1.0, 1.0, 0.5), **kw)
         np.testing.assert_allclose(np.ravel(o), [2.0, 5.0, 4.0], rtol=1e-6)
         # a reset before step 3 drops [5, 0]: o_3 = 1.5
-        o, _ = delta_rule(q, k, v, _col(1.0, 1.0, 0.5), segment_ids=jnp.asarray([[0, 0, 1]]), **kw)
+        o, _ = delta_rule_jit(q, k, v, _col(1.0, 1.0, 0.5), segment_ids=jnp.asarray([[0, 0, 1]]),
+                              **kw)
         np.testing.assert_allclose(np.ravel(o), [2.0, 5.0, 1.5], rtol=1e-6)
         # the same three steps as two tokens of n = 2 (a last step with beta = 0); the gate of
         # token 2 acts before its first step
         kp = jnp.concatenate([k, jnp.zeros((1, 1, 1, 2))], 1).reshape(1, 2, 2, 1, 2)
         vp = jnp.concatenate([v, jnp.zeros((1, 1, 1, 1))], 1).reshape(1, 2, 2, 1, 1)
         bp = jnp.asarray([1.0, 1.0, 0.5, 0.0]).reshape(1, 2, 2, 1)
-        o, S = delta_product(q[:, :2], kp, vp, bp, jnp.log(_col(1.0, 0.5)), **kw)
+        o, S = delta_product_jit(q[:, :2], kp, vp, bp, jnp.log(_col(1.0, 0.5)), **kw)
         np.testing.assert_allclose(np.ravel(o), [5.0, 4.0], rtol=1e-6)
         np.testing.assert_allclose(np.ravel(S), [2.5, 1.5], rtol=1e-6)
 
@@ -64,8 +71,8 @@ def test_negative_eigenvalues_track_parity():
     S0 = jnp.zeros((1, 1, 4, 1)).at[0, 0, 0, 0].set(1.0)
     want = (-1.0) ** np.cumsum(x)
     for impl in IMPLS:
-        o, _ = delta_rule(k, k, v, jnp.asarray(2.0 * x, jnp.float32).reshape(1, T, 1), scale=1.0,
-                          initial_state=S0, impl=impl)
+        o, _ = delta_rule_jit(k, k, v, jnp.asarray(2.0 * x, jnp.float32).reshape(1, T, 1),
+                              scale=1.0, initial_state=S0, impl=impl)
         np.testing.assert_allclose(np.ravel(o), want, atol=1e-4)
 
 
@@ -99,12 +106,12 @@ def test_exact_matches_fine_step_integration_of_the_ode():
         want.append(q[0, t, 0] @ S)
     args = [jnp.asarray(x, jnp.float32) for x in (q, k, v, beta)]
     for impl in IMPLS:
-        o, S_end = delta_rule(*args, exact=True, scale=1.0, initial_state=S0, impl=impl,
-                              chunk_size=2)
+        o, S_end = delta_rule_jit(*args, exact=True, scale=1.0, initial_state=S0, impl=impl,
+                                  chunk_size=2)
         assert_close(o[0, :, 0], np.stack(want), 1e-5, f"{impl} exact output")
         assert_close(S_end[0, 0], S, 1e-5, f"{impl} exact state")
     # one Euler step (the plain delta rule) is far from the flow at these key norms
-    o, _ = delta_rule(*args, scale=1.0, initial_state=S0, impl="recurrent")
+    o, _ = delta_rule_jit(*args, scale=1.0, initial_state=S0, impl="recurrent")
     assert np.linalg.norm(np.asarray(o[0, :, 0]) - np.stack(want)) > 1e-2 * np.linalg.norm(want)
 
 
@@ -143,8 +150,8 @@ def test_gated_exact_matches_reference():
     seg = segments(rng, B, T, p=0.1)
     ro, rS = delta_reference(q, k, v, beta, g, None, seg, K**-0.5, exact=True)
     for impl in IMPLS:
-        o, S = gated_delta_rule(*(x.astype(np.float32) for x in (q, k, v, g, beta)), exact=True,
-                                segment_ids=seg, impl=impl, chunk_size=8)
+        o, S = gated_delta_rule_jit(*(x.astype(np.float32) for x in (q, k, v, g, beta)),
+                                    exact=True, segment_ids=seg, impl=impl, chunk_size=8)
         assert_close(o, ro, 2e-5, f"{impl} output")
         assert_close(S, rS, 2e-5, f"{impl} state")
 
@@ -156,6 +163,7 @@ GATES = {
     "tiny": lambda rng, s: np.full(s, -1e-4, np.float32),
     "minus5": lambda rng, s: np.full(s, -5.0, np.float32),
     "minus20": lambda rng, s: np.full(s, -20.0, np.float32),
+    "uniform-20-0": lambda rng, s: rng.uniform(-20.0, 0.0, s).astype(np.float32),
     "mixed": lambda rng, s: np.where(rng.uniform(size=s) < 0.5, 0.0, -1e3).astype(np.float32),
 }
 
@@ -185,7 +193,8 @@ def gate_grad():
 
 @pytest.mark.parametrize("gate", list(GATES))
 def test_extreme_gates_forward_and_backward(gate_grad, gate):
-    """T = 2048: chunk == recurrent, the loss and the gradient of every input."""
+    """T = 2048: chunk == recurrent, the loss and the gradient of every input, and nothing
+    non-finite (gates from none to -1e3, constant, uniform and mixed)."""
     rng, (q, k, v, beta), grad = gate_grad
     g = GATES[gate](rng, beta.shape)
     (lc, gc), (lr, gr) = grad("chunk", q, k, v, g, beta), grad("recurrent", q, k, v, g, beta)
@@ -193,18 +202,6 @@ def test_extreme_gates_forward_and_backward(gate_grad, gate):
     assert abs(float(lc) - float(lr)) <= 1e-4 * max(1.0, abs(float(lr)))
     for name, a, b in zip(["q", "k", "v", "g", "beta"], gc, gr, strict=True):
         assert_close(a, b, 1e-5, f"d{name}")
-
-
-def test_no_nan_over_long_sequences():
-    rng = np.random.default_rng(4)
-    q, k, v, beta = _draw(rng, 1, 4096, 1, 16, 16)
-    g = rng.uniform(-20.0, 0.0, beta.shape).astype(np.float32)
-    f = lambda *a: gated_delta_rule(*a, impl="chunk")
-    o, S = jax.jit(f)(q, k, v, g, beta)
-    assert np.isfinite(np.asarray(o)).all() and np.isfinite(np.asarray(S)).all()
-    grads = jax.jit(jax.grad(lambda *a: f(*a)[0].sum(), argnums=(0, 1, 2, 3, 4)))(q, k, v, g, beta)
-    for x in grads:
-        assert np.isfinite(np.asarray(x)).all()
 
 
 def test_chunk_backward_memory_is_linear_in_T():
@@ -234,10 +231,10 @@ def test_delta_product_with_one_step_is_the_gated_delta_rule():
     q, k, v, beta = _draw(rng, 2, 19, 2, 6, 5)
     g = -rng.uniform(0, 1, beta.shape).astype(np.float32)
     seg = segments(rng, 2, 19, p=0.1)
-    o, S = gated_delta_rule(q, k, v, g, beta, segment_ids=seg, impl="recurrent")
+    o, S = gated_delta_rule_jit(q, k, v, g, beta, segment_ids=seg, impl="recurrent")
     for impl in IMPLS:
-        op, Sp = delta_product(q, k[:, :, None], v[:, :, None], beta[:, :, None], g,
-                               segment_ids=seg, impl=impl, chunk_size=8)
+        op, Sp = delta_product_jit(q, k[:, :, None], v[:, :, None], beta[:, :, None], g,
+                                   segment_ids=seg, impl=impl, chunk_size=8)
         assert_close(op, o, 1e-5, f"{impl} output")
         assert_close(Sp, S, 1e-5, f"{impl} state")
 
@@ -247,9 +244,9 @@ def test_no_gradient_crosses_a_document_boundary():
     q, k, v, beta = _draw(rng, 1, 24, 1, 4, 4)
     g = -rng.uniform(0, 1, beta.shape).astype(np.float32)
     seg = np.array([[0] * 10 + [1] * 14], np.int32)
-    dk, db = jax.grad(lambda k, b: gated_delta_rule(q, k, v, g, b, segment_ids=seg, impl="chunk",
-                                                    chunk_size=8)[0][:, 10:].sum(),
-                      argnums=(0, 1))(k, beta)
+    loss = lambda k, b: gated_delta_rule(q, k, v, g, b, segment_ids=seg, impl="chunk",
+                                         chunk_size=8)[0][:, 10:].sum()
+    dk, db = jax.jit(jax.grad(loss, argnums=(0, 1)))(k, beta)
     assert np.all(np.asarray(dk)[:, :10] == 0.0) and np.all(np.asarray(db)[:, :10] == 0.0)
     assert np.any(np.asarray(dk)[:, 10:] != 0.0)
 

@@ -17,6 +17,13 @@ from tests.ops.spec_scans import diagonal_reference, selective_reference, short_
 from tests.utils import assert_close, rel_err, segments
 
 IMPLS = ("recurrent", "chunk")
+# jitted: op-by-op dispatch of the chunk forms costs several times their compilation (CI has 2
+# cores). The bad-input tests call the ops themselves: some checks need concrete values.
+hgrn_jit = jax.jit(hgrn, static_argnames=("chunk_size", "impl"))
+diagonal_scan_jit = jax.jit(diagonal_scan, static_argnames=("chunk_size", "impl"))
+selective_scan_jit = jax.jit(selective_scan, static_argnames=("delta_softplus", "chunk_size",
+                                                               "impl"))
+short_conv_jit = jax.jit(short_conv, static_argnames=("activation", "impl"))
 
 
 def _ri(z):
@@ -30,13 +37,14 @@ def test_reference_on_a_hand_computed_case():
     x = jnp.array([2.0, 3.0]).reshape(1, 2, 1)
     g = jnp.log(jnp.array([1.0, 0.5])).reshape(1, 2, 1)
     for impl in IMPLS:
-        h, hT = hgrn(x, g, impl=impl)
+        h, hT = hgrn_jit(x, g, impl=impl)
         np.testing.assert_allclose(np.asarray(h).ravel(), [2.0, 4.0], rtol=1e-6)
         np.testing.assert_allclose(np.asarray(hT).ravel(), [4.0], rtol=1e-6)
-        h, _ = hgrn(x, g, segment_ids=jnp.array([[0, 1]]), impl=impl)
+        h, _ = hgrn_jit(x, g, segment_ids=jnp.array([[0, 1]]), impl=impl)
         np.testing.assert_allclose(np.asarray(h).ravel(), [2.0, 3.0], rtol=1e-6)
         # a = i rotates: h1 = 1, h2 = i * 1 + 1
-        h, _ = diagonal_scan(jnp.full((1, 2, 1), 1j, jnp.complex64), jnp.ones((1, 2, 1)), impl=impl)
+        h, _ = diagonal_scan_jit(jnp.full((1, 2, 1), 1j, jnp.complex64), jnp.ones((1, 2, 1)),
+                                 impl=impl)
         np.testing.assert_allclose(np.asarray(h).ravel(), [1.0, 1.0 + 1.0j], rtol=1e-6)
 
 
@@ -117,8 +125,8 @@ def test_chunk_size_never_changes_the_result(chunk_size):
     a, x, h0 = _complex_inputs(rng, 2, 30, 3)
     seg = segments(rng, 2, 30, p=0.15)
     want = diagonal_reference(a, x, h0, seg)
-    got = diagonal_scan(a, x, initial_state=h0, segment_ids=seg, chunk_size=chunk_size,
-                        impl="chunk")
+    got = diagonal_scan_jit(a, x, initial_state=h0, segment_ids=seg, chunk_size=chunk_size,
+                            impl="chunk")
     for u, v, what in zip(got, want, ("output", "state"), strict=True):
         assert_close(_ri(u), _ri(v), 2e-6, what)
 
@@ -214,7 +222,7 @@ def test_selective_scan_options_compose_as_documented(impl):
     f = lambda *s: rng.standard_normal(s).astype(np.float32)
     u, delta, z, Bm, Cm = f(B, T, D), f(B, T, D), f(B, T, D), f(B, T, N), f(B, T, N)
     A, Dk, bias = -np.abs(f(D, N)) - 0.1, f(D), f(D)
-    run = lambda *a, **k: selective_scan(*a, chunk_size=8, impl=impl, **k)[0]
+    run = lambda *a, **k: selective_scan_jit(*a, chunk_size=8, impl=impl, **k)[0]
     dt = jax.nn.softplus(delta + bias)
     assert_close(run(u, delta, A, Bm, Cm, delta_bias=bias, delta_softplus=True),
                  run(u, dt, A, Bm, Cm), 1e-6, "bias + softplus")
@@ -322,16 +330,16 @@ def test_short_conv_prefill_then_decode_equals_full(W):
     x = rng.standard_normal((B, T, D)).astype(np.float32)
     wt = rng.standard_normal((W, D)).astype(np.float32)
     seg = np.array([[0] * 15 + [1] * 5, [0] * 12 + [2] * 8], np.int32)
-    y, cache = short_conv(x, wt, activation="silu", segment_ids=seg, impl="chunk")
+    y, cache = short_conv_jit(x, wt, activation="silu", segment_ids=seg, impl="chunk")
     ry, rc = short_conv_reference(x, wt, None, "silu", None, seg)
     assert_close(y, ry, 1e-6, "full")
     assert_close(cache, rc, 1e-7, "cache")
-    yp, c = short_conv(x[:, :12], wt, activation="silu", segment_ids=seg[:, :12], impl="chunk")
+    yp, c = short_conv_jit(x[:, :12], wt, activation="silu", segment_ids=seg[:, :12], impl="chunk")
     outs = [yp]
     for t in range(12, T):
         reset = jnp.asarray(seg[:, t] != seg[:, t - 1])[:, None, None]
         c = jnp.where(reset, 0.0, c)
-        yt, c = short_conv(x[:, t:t + 1], wt, activation="silu", initial_state=c)
+        yt, c = short_conv_jit(x[:, t:t + 1], wt, activation="silu", initial_state=c)
         outs.append(yt)
     assert_close(jnp.concatenate(outs, 1), y, 1e-6, "decode")
     assert_close(c, cache, 1e-7, "decoded cache")
