@@ -2,7 +2,8 @@
 seconds, nothing executed.
 
     python -m experiments.benchmarks.compile_time [--mixers attention gla ...] [--layers 12]
-        [--d_model 1024] [--heads 8] [--seq_len 2048] [--batch 2] [--unrolled] [--quick]
+        [--d_model 1024] [--heads 8] [--seq_len 2048] [--batch 2] [--unrolled [MIXER ...]]
+        [--quick]
 
 The train step is the harness's (`linear_jax.training.step.make_train_step`: forward, backward,
 AdamW with clipping) on the model of `experiments/configs/lm_shakespeare.py` at the issue's size
@@ -10,13 +11,15 @@ AdamW with clipping) on the model of `experiments/configs/lm_shakespeare.py` at 
 abstract arrays and compiled for the default device. The batch is small: compile time hardly
 depends on it. `hlo_ops` counts the ops of the lowered StableHLO module. `--unrolled` also
 measures each model's `unstacked()` form (every layer in a stack of its own: the program a
-model without the layer scan compiles), the baseline the scan is measured against. Writes
+model without the layer scan compiles), the baseline the scan is measured against (for the
+mixers named, or every mixer). Writes
 benchmarks/results/compile_time_<platform>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import time
 
@@ -79,24 +82,29 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--seq_len", type=int, default=2048)
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--unrolled", action="store_true",
-                   help="also compile every model unstacked (the unscanned baseline)")
+    p.add_argument("--unrolled", nargs="*", default=None, metavar="MIXER",
+                   help="also compile these mixers' models unstacked (the unscanned baseline); "
+                        "no name: every mixer")
     p.add_argument("--quick", action="store_true", help="d_model 64, 2 heads, T = 128")
     p.add_argument("--out", default=None, help="JSON file name under benchmarks/results")
     a = p.parse_args(argv)
     if a.quick:
         a.d_model, a.heads, a.seq_len = 64, 2, 128
-    rows = []
+    rows, load_before = [], os.getloadavg()
     for mixer in a.mixers:
-        for unrolled in (False, True) if a.unrolled else (False,):
+        baseline = a.unrolled is not None and (not a.unrolled or mixer in a.unrolled)
+        for unrolled in (False, True) if baseline else (False,):
             row = measure(mixer, a, unrolled)
             rows.append(row)
             print(f"{mixer:<16} {row['form']:<9} {row['layers']} layers: lower "
                   f"{row['lower_s']:5.1f} s, compile {row['compile_s']:6.1f} s, "
                   f"{row['hlo_ops']:6d} StableHLO ops", flush=True)
     name = a.out or f"compile_time_{jax.devices()[0].platform}.json"
+    # wall-clock seconds: on a shared machine they grow with its load, recorded beside them
     path = common.write_json(name, rows, what="train step (fwd + bwd + AdamW), lowered from "
-                             "abstract arrays and compiled, not run", quick=a.quick)
+                             "abstract arrays and compiled, not run", quick=a.quick,
+                             cpus=os.cpu_count(), load_avg={"start": load_before,
+                                                            "end": os.getloadavg()})
     print(f"wrote {path}")
     return 0
 

@@ -255,7 +255,9 @@ def _run(config, state, position, start, source, evals, train_step, eval_step, c
 
     def record(done) -> bool:
         s, m = done
-        m.update(speed.report())
+        logged = s % tr.log_every == 0 or s == tr.steps or s == start + 1
+        if logged:          # rates averaged over the steps since the last logged one
+            m.update(speed.report())
         progress.update(s, m)
         result["step"], result["train"] = s, m
         if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
@@ -264,7 +266,7 @@ def _run(config, state, position, start, source, evals, train_step, eval_step, c
             writer.write(s, "train", m)
             result["stopped"] = "nan"
             return False
-        if s % tr.log_every == 0 or s == tr.steps or s == start + 1:
+        if logged:
             writer.write(s, "train", m)
             if not tr.progress:
                 logging.info("%s", metrics.log_line(s, tr.steps, m))

@@ -135,12 +135,13 @@ class Progress:
     def __init__(self, start: int, total: int, *, enabled: bool = True):
         self._bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
                          disable=not enabled or jax.process_index() != 0)
+        self._rate = None
 
     def update(self, step: int, metrics: dict) -> None:
-        """Advances to `step` (1-based count of finished steps)."""
-        post = {"loss": f"{metrics['loss']:.4f}"}
+        """Advances to `step` (1-based count of finished steps); tokens/s as last reported."""
         if "tokens_per_s" in metrics:
-            post["tok_s"] = f"{metrics['tokens_per_s']:,.0f}"
+            self._rate = f"{metrics['tokens_per_s']:,.0f}"
+        post = {"loss": f"{metrics['loss']:.4f}"} | ({"tok_s": self._rate} if self._rate else {})
         self._bar.set_postfix(post, refresh=False)
         self._bar.update(step - self._bar.n)
 

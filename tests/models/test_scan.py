@@ -88,26 +88,26 @@ def test_scan_equals_layer_by_layer_and_unstacked():
     """The scanned call (no cache) equals the layer-by-layer one (a fresh cache), on the model
     and on its `unstacked()` copy; Lightning's per-layer decays ride the stack; gradients of the
     scanned model are those of the unstacked one."""
-    cfg = LMConfig(vocab_size=VOCAB, d_model=32, num_layers=6, num_heads=2, mixer="lightning",
-                   attn_every=3, chunk_size=8, init_std=0.1)
+    cfg = LMConfig(vocab_size=VOCAB, d_model=16, num_layers=4, num_heads=2, mixer="lightning",
+                   attn_every=2, chunk_size=8, init_std=0.1)
     model = LM(cfg, rngs=nnx.Rngs(0))
-    assert [(len(s.blocks), s.repeats) for s in model.stacks] == [(3, 2)]
-    decays = [np.asarray(model.layer(i).mixer.log_decay[...]) for i in (0, 1, 3, 4)]
-    assert all(not np.allclose(a, b) for i, a in enumerate(decays) for b in decays[i + 1:])
+    assert [(len(s.blocks), s.repeats) for s in model.stacks] == [(2, 2)]
+    decays = [np.asarray(model.layer(i).mixer.log_decay[...]) for i in (0, 2)]
+    assert not np.allclose(*decays)
     flat = model.unstacked()
-    assert len(flat.stacks) == 6 and all(s.repeats == 1 for s in flat.stacks)
-    tokens = jax.random.randint(jax.random.key(0), (2, 24), 0, VOCAB)
-    seg = jnp.asarray(np.repeat([[0] * 10 + [1] * 14], 2, 0), jnp.int32)
+    assert len(flat.stacks) == 4 and all(s.repeats == 1 for s in flat.stacks)
+    tokens = jax.random.randint(jax.random.key(0), (2, 20), 0, VOCAB)
+    seg = jnp.asarray(np.repeat([[0] * 9 + [1] * 11], 2, 0), jnp.int32)
     fwd = jax.jit(lambda m, t, s, c: m(t, segment_ids=s, cache=c)[0])
     scanned = fwd(model, tokens, seg, None)
-    assert_close(fwd(model, tokens, seg, model.init_cache(2, 24)), scanned, 1e-5, "cached")
+    assert_close(fwd(model, tokens, seg, model.init_cache(2, 20)), scanned, 1e-5, "cached")
     assert_close(fwd(flat, tokens, seg, None), scanned, 1e-5, "unstacked")
 
     def loss(m):
         return jnp.mean(m(tokens, segment_ids=seg)[0] ** 2)
     g1 = jax.jit(nnx.grad(loss))(model)
     g2 = jax.jit(nnx.grad(loss))(flat)
-    for i in range(6):
-        a = g1.stacks[0].blocks[i % 3].mixer.o_proj.kernel[...][i // 3]
+    for i in range(4):
+        a = g1.stacks[0].blocks[i % 2].mixer.o_proj.kernel[...][i // 2]
         b = g2.stacks[i].blocks[0].mixer.o_proj.kernel[...][0]
         assert_close(a, b, 1e-5, f"d o_proj of layer {i}")
