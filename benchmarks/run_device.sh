@@ -12,6 +12,10 @@
 #   scans     scans_gpu: check + timings of the selective-scan kernel (SCANS_ARGS: its flags)
 #   elementwise  elementwise_gpu: check + timings of the hgrn / diagonal_scan kernels (ELEMENTWISE_ARGS)
 #   mlstm     mlstm_gpu: check + timings of the mLSTM kernel
+#   hopper    hopper_gpu: the Mosaic GPU simple_gla kernels, checks + timings beside jla
+#             (HOPPER_VARIANTS: HopperChunkConfig variants, default "default,run1,serial,approx")
+#   hopperdelta  hopper_delta_gpu --quick: the Mosaic GPU delta / gated delta kernels
+#   bwd       bwd_gpu: the Triton chunk-family backward variants, checks + timings
 #   mqar      experiments.mqar_sweep, the default grid, in /tmp/mqar (a carried experiments/results/
 #             mqar_sweep/runs is copied in first, so an interrupted sweep resumes); JSON, PNG and
 #             each cell's result + metrics come back under logs/mqar
@@ -58,6 +62,10 @@ for s in "$@"; do case $s in
            --reps 10 --tag "sweep$TAG" --ops ${SWEEP_OPS:-simple_gla gla} --sweep ${SWEEP:-} ;;
   scans) step scans "${SCANS_S:-150}" python3 -m experiments.benchmarks.scans_gpu ${SCANS_ARGS:---sweep} ;;
   elementwise) step elementwise "${SCANS_S:-150}" python3 -m experiments.benchmarks.elementwise_gpu ${ELEMENTWISE_ARGS:---sweep} ;;
+  hopper) TAIL=60 step hopper "${HOPPER_S:-300}" python3 -m experiments.benchmarks.hopper_gpu \
+            --variants "${HOPPER_VARIANTS:-default,run1,serial,approx}" ;;
+  hopperdelta) TAIL=60 step hopperdelta "${HOPPER_S:-200}" python3 -m experiments.benchmarks.hopper_delta_gpu --quick ;;
+  bwd) TAIL=60 step bwd "${BWD_S:-300}" python3 -m experiments.benchmarks.bwd_gpu ${BWD_ARGS:-} ;;
   mlstm) step mlstm "${MLSTM_S:-150}" python3 -m experiments.benchmarks.mlstm_gpu ;;
   mqar) train_env; mkdir -p /tmp/mqar; [ -d experiments/results/mqar_sweep/runs ] && cp -r experiments/results/mqar_sweep/runs /tmp/mqar/
         TAIL=30 step mqar "${MQAR_S:-540}" python3 -m experiments.mqar_sweep --out=/tmp/mqar --init_std=0 ${MQAR_ARGS:-}

@@ -62,6 +62,20 @@ class TritonChunkConfig:
     fused_fwd: the forward as one state-and-output pass: True, False, or None to decide by the grid
       it would have; block_v_fused is its value tile.
     warps_* / stages_*: Triton's num_warps and num_stages of each kernel.
+    spans: how the backward kernels and the UT inverse form the scalar gate's pair spans D and
+      route the pair gradients to dg (`kernels/tiles.py`): "scan", running sums (Triton's tt.scan
+      on the CUDA cores: D down the columns, the pairs along the rows, the per-row terms from the
+      exact prefix / suffix sums, dg shifted one row and put back in XLA); "dot", 0/1 products on
+      the tensor cores and masked [C, C] sums (the first exact version). Both exact.
+    gla_bwd: the vector gate's backward (`decay.py`, `intra.py`): "rows", exp(Gin) from the exact
+      prefix sums and the per-row terms routed by the intra kernel's sub-chunk products; "dots",
+      every span and route as a 0/1 product in the inter-chunk kernel (the first exact version).
+    gla_diag: the diagonal sub-chunk blocks of the GLA backward: "scan", [c, c, BK] tiles (the
+      spans as running sums down the query rows, the pair routes as running sums along the keys
+      then one masked sum; the mild path's off-diagonal blocks merged with dq / dk); "loop", c
+      steps over key columns with two cross-row sums each (the first exact version).
+    block_k_intra, warps_intra_bwd: key-channel tile (a grid axis) and warps of the GLA intra
+      backward (`kernels/gpu/intra.py`; every term there is per channel but dA).
     """
 
     chunk: int = 64
@@ -82,19 +96,29 @@ class TritonChunkConfig:
     block_v_fused: int = 64
     warps_fused: int = 4
     stages_fused: int = 2
+    spans: str = "scan"
+    gla_bwd: str = "rows"
+    gla_diag: str = "scan"
+    block_k_intra: int = 32
+    warps_intra_bwd: int = 4
     interpret: bool | None = None
 
     def __post_init__(self):
         name = type(self).__name__
+        for f, allowed in (("spans", ("scan", "dot")), ("gla_bwd", ("rows", "dots")),
+                           ("gla_diag", ("scan", "loop"))):
+            if getattr(self, f) not in allowed:
+                raise ValueError(f"{name}.{f} must be one of {allowed}, got {getattr(self, f)!r}")
         for f in ("chunk", "sub_chunk", "block_k", "block_v", "block_v_out", "block_k_bwd",
-                  "block_v_fused"):
+                  "block_v_fused", "block_k_intra"):
             val = getattr(self, f)
             if not _pow2(val) or val < 16:
                 raise ValueError(f"{name}.{f} must be a power of two >= 16, got {val}")
         if self.chunk > 128 or self.chunk % self.sub_chunk:
             raise ValueError(f"{name}: chunk {self.chunk} must be <= 128 and a multiple of "
                              f"sub_chunk {self.sub_chunk}")
-        for f in ("warps_state", "warps_out", "warps_bwd", "warps_intra", "warps_fused"):
+        for f in ("warps_state", "warps_out", "warps_bwd", "warps_intra", "warps_fused",
+                  "warps_intra_bwd"):
             if getattr(self, f) not in (1, 2, 4, 8, 16):
                 raise ValueError(f"{name}.{f} must be 1, 2, 4, 8 or 16, got {getattr(self, f)}")
         for f in ("stages_state", "stages_out", "stages_bwd", "stages_fused"):

@@ -124,6 +124,53 @@ def scalar_gate_grad(P, d_gin, d_r, d_tot, row, col, mask_dot):
     return dg + d_tot
 
 
+# ---- scalar gate, scan form (forward running sums only) -----------------------------------------
+# The same spans and routes as above with no 0/1 product and no masked [C, C] sum per span: D as a
+# running sum down each column, the pair routes as a running sum along each row then one masked
+# sum down the columns. A forward scan only adds (partial sums of contiguous runs of its terms),
+# so every entry is still a sum of exactly the terms of its span. Triton lowers lax.cumsum
+# (forward only) to tt.scan; the reverse sums a route needs (over i >= s) become the masked column
+# sum, and what is left is a shift of dg by one row, which the caller undoes (`roll_gate_grad`).
+
+def scan_pair_spans(g, row, col):
+    """D [C, C] (0 on and above the diagonal) from a chunk's gates g [C]: D_ij = sum_{j<s<=i} g_s,
+    the gates below the diagonal summed down each column."""
+    return lax.cumsum(jnp.where(row > col, g[:, None], 0.0), axis=0)
+
+
+def scan_gate_grad(P, d_gin, d_r, d_tot, row, col):
+    """The scalar gate's dL/dg one row early: u [C] with dg_s = u_{(s-1) mod C} (`roll_gate_grad`).
+
+    P [C, C] the pair gradients dL/dD (None: no pairs; only i > j is read), d_gin, d_r [C] the
+    per-row dL/dGin, dL/dR (None: zero), d_tot the scalar dL/dGtot (None: zero). With W_it =
+    sum_{j<=t} P_ij (a running sum along row i),
+
+        u_t = sum_{i>t} (W_it + d_gin_i) + sum_{j<=t} d_r_j + d_tot     (t < C - 1)
+        u_{C-1} = sum_i d_gin_i + d_tot                                  (that is dg_0)
+
+    so that u_{s-1} holds the pairs i >= s > j, the rows i >= s of d_gin and j < s of d_r: each
+    term is added to exactly the gates of its span, none is subtracted."""
+    C = row.shape[0]
+    t = lax.broadcasted_iota(jnp.int32, (C,), 0)
+    W = 0.0 if P is None else lax.cumsum(jnp.where(row > col, P, 0.0), axis=1)
+    if d_gin is None:
+        u = jnp.sum(jnp.where(row > col, W, 0.0), axis=0) if P is not None else jnp.zeros((C,), F32)
+        first = 0.0
+    else:
+        u = jnp.sum(jnp.where(row > col, W + d_gin[:, None], 0.0), axis=0)
+        first = jnp.sum(d_gin)
+    rest = 0.0 if d_r is None else lax.cumsum(d_r, axis=0)
+    u = u + jnp.where(t < C - 1, rest, first)
+    return u if d_tot is None else u + d_tot
+
+
+def roll_gate_grad(u, C):
+    """dg [B, T, H] from the rows u [B, T, H] of `scan_gate_grad` (chunks of C rows along T):
+    each chunk's rows rolled down by one (XLA; a copy, no arithmetic)."""
+    B, T = u.shape[:2]
+    return jnp.roll(u.reshape((B, T // C, C) + u.shape[2:]), 1, axis=2).reshape(u.shape)
+
+
 # ---- vector gate (per key channel) ------------------------------------------------------------
 
 def vector_gate_terms(g, masks, row, col, mask_dot, want_in=True, want_out=True):

@@ -106,6 +106,35 @@ class Chunk:
         return (jnp.where(same, 1.0, 0.0) if pairs else None, ones(in_rows, (C, 1)),
                 ones(out_rows, (C, 1)), ones(keep, (1, 1)))
 
+    def exact(self, g, G, R, G_last, pairs: bool = True):
+        """(decay, e_in, e_out, a) of the scalar gate as `scalar`, by the config's `spans`: "dot"
+        as `scalar` (from g alone); "scan", D by `tiles.scan_pair_spans` and the per-row factors
+        from the exact prefix sums G [C] (Gin), suffix sums R [C] (`suffix_sums`) and G_last
+        (Gtot) the kernel read. Any of G, R, G_last may be None where its factor is not used."""
+        if self.ctx.cfg.spans == "dot" or g is None:
+            return self.scalar(g, pairs)
+        decay = None
+        if pairs:
+            D = tiles.scan_pair_spans(g, self.row, self.col)
+            decay = jnp.exp(jnp.where(self.masks[0], D, -jnp.inf))
+        ex = lambda x, f: None if x is None else jnp.exp(f(x))
+        return (decay,) + tiles.masked_factors(self.masks, ex(G, lambda x: x[:, None]),
+                                               ex(R, lambda x: x[:, None]),
+                                               ex(G_last, lambda x: jnp.reshape(x, (1, 1))))
+
+    def exact_grad(self, P, d_gin, d_r, d_tot):
+        """dL/dg [C] of the scalar gate by the config's `spans` ("dot": `scalar_grad`, dg itself;
+        "scan": `tiles.scan_gate_grad`, dg one row early, put back by `tiles.roll_gate_grad`).
+        d_gin, d_r [C, 1] or None, d_tot [1, 1] or None."""
+        C = self.ctx.C
+        if self.ctx.cfg.spans == "dot":
+            z = lambda x, shape: jnp.zeros(shape, F32) if x is None else x
+            return self.scalar_grad(P, z(d_gin, (C, 1)), z(d_r, (C, 1)), z(d_tot, (1, 1)))
+        flat = lambda x: None if x is None else x.reshape(-1)
+        return tiles.scan_gate_grad(P, flat(d_gin), flat(d_r),
+                                    None if d_tot is None else d_tot.reshape(()), self.row,
+                                    self.col)
+
     def vector(self, g, want_in=True, want_out=True):
         """(e_in, e_out [C, X], a [1, X]) of the vector gate tile g [C, X]."""
         return tiles.vector_gate_terms(g, self.masks, self.row, self.col, self.ctx.mask_dot,
@@ -176,6 +205,21 @@ def prefix_sums(g, C):
     sum of exactly the gates of its span (no difference); the kernels take it for values only."""
     B, Tp = g.shape[:2]
     return jnp.cumsum(g.reshape((B, Tp // C, C) + g.shape[2:]), axis=2).reshape(g.shape)
+
+
+def suffix_sums(g, C):
+    """R_j = sum_{s>j} g_s inside each chunk of C rows along T (0 on a chunk's last row): a
+    reverse running sum of the gates after each row, no difference (XLA, values only)."""
+    B, Tp = g.shape[:2]
+    x = g.reshape((B, Tp // C, C) + g.shape[2:])
+    after = jnp.concatenate([x[:, :, 1:], jnp.zeros_like(x[:, :, :1])], axis=2)
+    return jnp.cumsum(after[:, :, ::-1], axis=2)[:, :, ::-1].reshape(g.shape)
+
+
+def gate_grad_out(ctx, u):
+    """dg from a backward kernel's gate rows, summed over K tiles: as written ("dot"), or put back
+    one row (`tiles.roll_gate_grad`, "scan")."""
+    return u if ctx.cfg.spans == "dot" else tiles.roll_gate_grad(u, ctx.C)
 
 
 def custom_vjp(fwd, bwd):

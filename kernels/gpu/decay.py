@@ -33,8 +33,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 
+from linear_jax.kernels import tiles
 from linear_jax.kernels.gpu import common, fused, intra
 from linear_jax.kernels.gpu.chunk_state import gate_rows, state_pass
 from linear_jax.kernels.gpu.common import F32, Chunk, Ctx
@@ -70,33 +72,28 @@ def output(ctx, q, k, v, G, A, doc, hs, *, scale):
     )(q, k, v, G, G if A is None else A, doc, hs)
 
 
-def _backward_main(ctx, q, k, v, g, A, doc, hs, dhs, do, *, scale):
-    """dv, and dq, dk, dg (scalar / no gate) or the inter-chunk parts of dq, dk, dg and dA (vector
-    gate). Grid (B*H, N, Kp/BK): each program owns one K tile of dq, dk (and dg); the program of
-    the first tile also writes dv (and dA), which need all of K. The scalar gate's dg is summed
-    over the K tiles afterwards."""
+def _backward_main(ctx, q, k, v, g, G, R, A, doc, hs, dhs, do, *, scale):
+    """dv, and dq, dk, dg (scalar / no gate) or the inter-chunk parts of dq, dk and the gate's
+    per-row terms, and dA (vector gate). Grid (B*H, N, Kp/BK): each program owns one K tile of dq,
+    dk (and dg); the program of the first tile also writes dv (and dA), which need all of K. g the
+    gates, G and R their exact prefix and suffix sums (`common.prefix_sums`, `suffix_sums`; R None
+    where unused). The scalar gate's dg is summed over the K tiles afterwards."""
     B, Tp, H, Kp = q.shape
     Vp, C, cfg = v.shape[-1], ctx.C, ctx.cfg
     BK, BV = min(cfg.block_k_bwd, Kp), common.value_block(Vp, cfg.block_v_out)
     N, NK = Tp // C, Kp // BK
     vec, cd = ctx.kind == "vector", q.dtype
+    rows_out = vec and cfg.gla_bwd == "rows"       # the intra kernel routes the per-row terms
 
-    def kernel(q_ref, k_ref, v_ref, g_ref, a_ref, doc_ref, h_ref, dh_ref, do_ref, *outs):
+    def kernel(q_ref, k_ref, v_ref, g_ref, G_ref, r_ref, a_ref, doc_ref, h_ref, dh_ref, do_ref,
+               *outs):
         kb = pl.program_id(2)
         on_first = (lambda f: f()) if NK == 1 else pl.when(kb == 0)
         kc = pl.ds(kb * BK, BK)
         ch = Chunk(ctx, pl.program_id(1), doc_ref)
-        q, k = q_ref[...], k_ref[...]
-        qt, kt = q_ref[:, kc].astype(F32), k_ref[:, kc].astype(F32)
-        if vec:
-            e_in, e_out, a = ch.vector(g_ref[:, kc])
-            e_out_all = e_out if NK == 1 else ch.vector(g_ref[...], want_in=False)[1]
-            A = a_ref[...]
-        else:
-            decay, e_in, e_out, a = ch.scalar(g_ref[...] if ctx.kind == "scalar" else None)
-            e_out_all = e_out
-            A = ctx.dot(q, k, tb=True) * scale * decay
-        Acd, kh = A.astype(cd), (k.astype(F32) * e_out_all).astype(cd)
+        # the value loop first, with only its accumulators live (the gate factors, A and the
+        # [C, C] spans come after it: at 8 warps a [C, C] float32 tile is 16 registers a thread,
+        # and the first exact version, which formed them before the loop, spilled 3x more)
         dA = jnp.zeros((C, C), F32)
         dqg, dkg = jnp.zeros((C, BK), F32), jnp.zeros((C, BK), F32)
         hd = jnp.zeros((BK,), F32)
@@ -108,16 +105,40 @@ def _backward_main(ctx, q, k, v, g, A, doc, hs, dhs, do, *, scale):
             dqg += ctx.dot(do_b, h_b.astype(cd), tb=True)          # dL/d(q exp(Gin) in)
             dkg += ctx.dot(v_b, dh_b.astype(cd), tb=True)          # dL/d(k exp(R) out)
             hd += jnp.sum(h_b.astype(F32) * dh_b.astype(F32), axis=1)
-
-            @on_first
-            def _():
-                dv = ctx.dot(Acd, do_b, ta=True) + ctx.dot(kh, dh_ref[:, cols].astype(cd))
-                outs[0][:, cols] = dv.astype(outs[0].dtype)
-
         dA = jnp.where(ch.masks[0], dA, 0.0)
-        qg, kg = qt * (scale * e_in), kt * e_out
+        qt, kt = q_ref[:, kc].astype(F32), k_ref[:, kc].astype(F32)
+        if rows_out:                                    # exp(Gin) from the exact prefix sums
+            _, e_out, a = ch.vector(g_ref[:, kc], want_in=False)
+            e_in = tiles.masked_factors(ch.masks, jnp.exp(G_ref[:, kc]), None, None)[0]
+        elif vec:
+            e_in, e_out, a = ch.vector(g_ref[:, kc])
+        else:
+            gate = ctx.kind == "scalar"
+            decay, e_in, e_out, a = ch.exact(g_ref[...] if gate else None,
+                                             G_ref[...] if gate else None,
+                                             r_ref[...] if gate else None,
+                                             G_ref[C - 1] if gate else None)
         dq = dqg * (scale * e_in)
         dk = dkg * e_out
+        if vec:
+            d_gin, d_r = qt * dq, kt * dk                 # dL/dGin, dL/dR per row and channel
+        else:                                             # summed over the tile's channels now
+            rowsum = lambda x: jnp.sum(x, axis=1, keepdims=True)
+            d_gin, d_r = rowsum(qt * dq), rowsum(kt * dk)
+
+        def value_grad(A, e_out_all):
+            """dv = A^T do + (k exp(R) out) dS_n+1, a second pass over the value tiles (do and
+            dS are re-read, from L2) by the first K tile's program."""
+            @on_first
+            def _():
+                Acd = A.astype(cd)
+                kh = (k_ref[...].astype(F32) * e_out_all).astype(cd)
+                for b in range(Vp // BV):
+                    cols = pl.ds(b * BV, BV)
+                    dv = (ctx.dot(Acd, do_ref[:, cols], ta=True)
+                          + ctx.dot(kh, dh_ref[:, cols].astype(cd)))
+                    outs[0][:, cols] = dv.astype(outs[0].dtype)
+
         if vec:
             @on_first
             def _():
@@ -126,29 +147,37 @@ def _backward_main(ctx, q, k, v, g, A, doc, hs, dhs, do, *, scale):
             d_tot = a * hd.reshape(1, BK)
             outs[2][...] = dq
             outs[3][...] = dk
-            outs[4][...] = ch.vector_grad(qg * dqg, kg * dkg, d_tot)
+            if rows_out:
+                # dGin (with dGtot on the last row: every gate is at or before it) and dR, per
+                # row: `intra.intra_backward` routes them with its sub-chunk products
+                last = lax.broadcasted_iota(jnp.int32, (C, 1), 0) == C - 1
+                outs[4][...] = d_gin + jnp.where(last, d_tot, 0.0)
+                outs[5][...] = d_r
+            else:
+                outs[4][...] = ch.vector_grad(d_gin, d_r, d_tot)
+            value_grad(a_ref[...], e_out if NK == 1 else ch.vector(g_ref[...], want_in=False)[1])
             return
+        A = ctx.dot(q_ref[...], k_ref[...], tb=True) * scale * decay
         dAd = (dA * decay).astype(cd)
         outs[1][...] = (dq + ctx.dot(dAd, k_ref[:, kc]) * scale).astype(outs[1].dtype)
         outs[2][...] = (dk + ctx.dot(dAd, q_ref[:, kc], ta=True) * scale).astype(outs[2].dtype)
         if ctx.kind == "scalar":
-            rowsum = lambda x: jnp.sum(x, axis=1, keepdims=True)
             P = jnp.where(kb == 0, dA * A, 0.0)                   # the pairs count once
-            outs[3][...] = ch.scalar_grad(P, rowsum(qg * dqg), rowsum(kg * dkg),
-                                          a * jnp.sum(hd).reshape(1, 1))
+            outs[3][...] = ch.exact_grad(P, d_gin, d_r, a * jnp.sum(hd).reshape(1, 1))
+        value_grad(A, e_out)
 
     rows = lambda X: common.spec(H, C, X, t=0)
     tile = common.spec(H, C, BK, t=0, x=1)
     per_token = rows(Kp) if vec else common.spec(H, C, t=0)
-    in_specs = [rows(Kp), rows(Kp), rows(Vp), per_token,
+    in_specs = [rows(Kp), rows(Kp), rows(Vp), per_token, per_token, per_token,
                 rows(C) if vec else common.spec(H, C, t=0), common.doc_spec(H, Tp),
                 common.states_spec(H, N, Kp, Vp, n=0), common.states_spec(H, N, Kp, Vp, n=0),
                 rows(Vp)]
     shp = lambda X, dt: jax.ShapeDtypeStruct((B, Tp, H) + X, dt)
     if vec:
-        out_specs = [rows(Vp), rows(C), tile, tile, tile]
-        out_shape = [shp((Vp,), v.dtype), shp((C,), F32), shp((Kp,), F32), shp((Kp,), F32),
-                     shp((Kp,), F32)]
+        out_specs = [rows(Vp), rows(C), tile, tile, tile] + ([tile] if rows_out else [])
+        out_shape = [shp((Vp,), v.dtype), shp((C,), F32)] + [shp((Kp,), F32)] * (
+            4 if rows_out else 3)
     else:
         out_specs = [rows(Vp), tile, tile]
         out_shape = [shp((Vp,), v.dtype), shp((Kp,), q.dtype), shp((Kp,), k.dtype)]
@@ -158,9 +187,10 @@ def _backward_main(ctx, q, k, v, g, A, doc, hs, dhs, do, *, scale):
             out_shape.append(jax.ShapeDtypeStruct((NK, B, Tp, H), F32))
     outs = ctx.call(kernel, grid=(B * H, N, NK), in_specs=in_specs, out_specs=out_specs,
                     out_shape=out_shape, warps=cfg.warps_bwd, stages=cfg.stages_bwd,
-                    name="decay_backward")(q, k, v, g, g if A is None else A, doc, hs, dhs, do)
+                    name="decay_backward")(q, k, v, g, G, g if R is None else R,
+                                           g if A is None else A, doc, hs, dhs, do)
     if ctx.kind == "scalar":
-        outs = (*outs[:3], jnp.sum(outs[3], axis=0))
+        outs = (*outs[:3], common.gate_grad_out(ctx, jnp.sum(outs[3], axis=0)))
     return outs
 
 
@@ -169,6 +199,9 @@ def _core(ctx: Ctx, scale: float):
     """custom_vjp of (q, k, v, g, doc, h0) -> (o, S_final) on padded inputs, one static setup."""
     sdt = lambda x: F32 if x.dtype == F32 else x.dtype
     prefix = lambda g: g if ctx.kind == "none" else common.prefix_sums(g, ctx.C)
+    # the vector gate's prefix sums are kept for the backward (an XLA cumsum of [B, T, H, K]
+    # float32 costs ~160 us at T = 2048 on an H200); the scalar gate's are recomputed
+    keep = lambda G: G if ctx.kind == "vector" else None
 
     def fwd(q, k, v, g, doc, h0, residuals):
         B, Tp, H, _ = q.shape
@@ -177,21 +210,24 @@ def _core(ctx: Ctx, scale: float):
         if fused.use_fused(B * H, Tp, v.shape[-1], ctx.cfg, residuals):
             o, S, *hs = fused.forward(ctx, q, k, v, G, doc, h0, A=A, scale=scale,
                                       residuals=residuals)
-            return (o, S), (q, k, v, g, doc, hs[0] if hs else None, A)
+            return (o, S), (q, k, v, g, doc, hs[0] if hs else None, A, keep(G))
         hs, S = state_pass(ctx, k, v, G, doc, h0, reverse=False, state_dtype=sdt(q))
         o = output(ctx, q, k, v, G, A, doc, hs, scale=scale)
-        return (o, S), (q, k, v, g, doc, hs, A)
+        return (o, S), (q, k, v, g, doc, hs, A, keep(G))
 
     def bwd(res, cts):
-        q, k, v, g, doc, hs, A = res
+        q, k, v, g, doc, hs, A, G = res
         do, dS = cts
-        do, G = do.astype(v.dtype), prefix(g)
+        do = do.astype(v.dtype)
+        G = prefix(g) if G is None else G
         dhs, dh0 = state_pass(ctx, q, do, G, doc, dS, reverse=True, scale=scale,
                               state_dtype=sdt(q))
-        outs = _backward_main(ctx, q, k, v, g, A, doc, hs, dhs, do, scale=scale)
+        R = common.suffix_sums(g, ctx.C) if ctx.kind == "scalar" else None
+        outs = _backward_main(ctx, q, k, v, g, G, R, A, doc, hs, dhs, do, scale=scale)
         if ctx.kind == "vector":
-            dv, dA, dq_p, dk_p, dg_p = outs
-            dq, dk, dg = intra.intra_backward(ctx, q, k, g, G, dA, dq_p, dk_p, dg_p, scale=scale)
+            dv, dA, dq_p, dk_p, *dg_p = outs
+            dq, dk, dg = intra.intra_backward(ctx, q, k, g, G, dA, dq_p, dk_p, *dg_p,
+                                              scale=scale)
         elif ctx.kind == "scalar":
             dv, dq, dk, dg = outs
         else:

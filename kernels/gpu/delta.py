@@ -64,10 +64,10 @@ def _core(ctx: Ctx, scale: float):
         q, k, v, g, beta, doc, hs, u, W, Tm = res
         do, dS = cts
         do = do.astype(v.dtype)
-        dhs, du, dh0 = state_pass(ctx, q, do, _prefix(ctx, g), doc, dS, reverse=True, scale=scale,
-                                  k=k, W=W,
+        G = _prefix(ctx, g)
+        dhs, du, dh0 = state_pass(ctx, q, do, G, doc, dS, reverse=True, scale=scale, k=k, W=W,
                                   y_dtype=common.half_dtype(q.dtype), state_dtype=hs.dtype)
-        dq, dk, dv, dbeta, dg = delta_bwd.backward(ctx, q, k, v, beta, g, doc, hs, dhs, u, du,
+        dq, dk, dv, dbeta, dg = delta_bwd.backward(ctx, q, k, v, beta, g, G, doc, hs, dhs, u, du,
                                                    do, W, Tm, scale=scale)
         return dq, dk, dv, dg, dbeta, dh0, None
 

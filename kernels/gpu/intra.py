@@ -165,16 +165,26 @@ def intra_forward(ctx, q, k, G, doc, *, scale):
     )(q, k, G, doc)
 
 
-def intra_backward(ctx, q, k, g, G, dA, dq_p, dk_p, dg_p, *, scale):
+def intra_backward(ctx, q, k, g, G, dA, dq_p, dk_p, *dg_p, scale):
     """dq, dk (input dtypes) and dg (float32) from dA and the inter-chunk parts; g the gates, G
-    their prefix sums (the mild path's factors)."""
-    B, Tp, H, Kp = q.shape
+    their prefix sums (the mild path's factors). dg_p: the inter-chunk kernel's dg part (one
+    array, gla_bwd="dots"), or its per-row terms dGin, dR (two, "rows"), routed here: the rows of
+    sub-chunk a by the same 0/1 products as the pairs' dEq / dEk, the rows of the other sub-chunks
+    as column sums (all of dGin after a, all of dR before a reach every gate of a)."""
+    B, Tp, H, Kq = q.shape
     C, c = ctx.C, ctx.cfg.sub_chunk
     s, cd = C // c, q.dtype
+    rows_in = len(dg_p) == 2
+    # every term here is per key channel but dA, so the programs can split K: smaller tiles a
+    # program (the diagonal loop's cross-row sums span fewer warps), more programs on the SMs
+    Kp = min(ctx.cfg.block_k_intra, Kq)
 
-    def kernel(q_ref, k_ref, g_ref, G_ref, da_ref, dqp_ref, dkp_ref, dgp_ref, dq_ref, dk_ref,
-               dg_ref):
-        a = pl.program_id(2)
+    def kernel(q_ref, k_ref, g_ref, G_ref, da_ref, dqp_ref, dkp_ref, *refs):
+        if rows_in:
+            dgin_ref, dr_ref, dq_ref, dk_ref, dg_ref = refs
+        else:
+            dgp_ref, dq_ref, dk_ref, dg_ref = refs
+        a = pl.program_id(0)
         sp = _Spans(ctx, g_ref, c)
         r = lax.broadcasted_iota(jnp.int32, (c, Kp), 0)
         rows_a = pl.ds(a * c, c)
@@ -199,7 +209,7 @@ def intra_backward(ctx, q, k, g, G, dA, dq_p, dk_p, dg_p, *, scale):
                 return dq, dk, dg, acc
             return step
 
-        def blocked():
+        def blocked(diag=True):
             Gloc_a, Rloc_a = sp.gloc(a), sp.rloc(a)
             kt_a = ka * jnp.exp(Rloc_a)
 
@@ -233,6 +243,8 @@ def intra_backward(ctx, q, k, g, G, dA, dq_p, dk_p, dg_p, *, scale):
             dq, dEq = jax.lax.fori_loop(0, a, keys_before, (zero, zero))
             dk, dEk, around = jax.lax.fori_loop(a + 1, s, queries_after,
                                                 (zero, zero, jnp.zeros((1, Kp), F32)))
+            if not diag:
+                return dq, dk, None, dEq, dEk, around
             factors = lambda j: (sp.diag(a, j), qa, k_ref[pl.ds(a * c + j, 1), :].astype(F32))
             dq2, dk2, dg, _ = jax.lax.fori_loop(0, c, diag_step(factors), (zero,) * 4)
             return dq + dq2, dk + dk2, dg, dEq, dEk, around
@@ -265,21 +277,89 @@ def intra_backward(ctx, q, k, g, G, dA, dq_p, dk_p, dg_p, *, scale):
             _, _, dg, _ = jax.lax.fori_loop(0, c, diag_step(factors, grads=False), (zero,) * 4)
             return dq, dk, dg, dEq, dEk, around
 
+        # ---- the diagonal block as [c, c, BK] tiles (gla_diag="scan") ----
+        i3 = lax.broadcasted_iota(jnp.int32, (c, c, 1), 0)
+        j3 = lax.broadcasted_iota(jnp.int32, (c, c, 1), 1)
+
+        def diag_routes(P3):
+            """dg of the diagonal pairs P3 [c, c, BK] (i query, j key; only i > j is read):
+            sum_{i>=s>j} P_ij as a running sum along each query row's keys, W_it = sum_{j<=t}
+            P_ij, then u_t = sum_{i>t} W_it, which is dg one row early (a 0/1 product puts it
+            back). Nothing is subtracted."""
+            W = lax.cumsum(jnp.where(i3 > j3, P3, 0.0), axis=1)
+            u = jnp.sum(jnp.where(i3 > j3, W, 0.0), axis=0)
+            return ctx.mask_dot((sp.rr == sp.cc + 1).astype(F32), u)
+
+        def blocked3():
+            dq, dk, _, dEq, dEk, around = blocked(diag=False)
+            g_a = g_ref[rows_a, :]
+            D3 = lax.cumsum(jnp.where(i3 > j3, g_a[:, None, :], 0.0), axis=0)   # span (j, i]
+            dA_aa = da_ref[rows_a, rows_a]
+            X3 = dA_aa[:, :, None] * jnp.exp(jnp.where(i3 >= j3, D3, -jnp.inf))
+            R3 = X3 * qa[:, None, :]
+            dq = dq + jnp.sum(X3 * ka[None, :, :], axis=1)
+            dk = dk + jnp.sum(R3, axis=0)
+            return dq, dk, diag_routes(R3 * ka[None, :, :]), dEq, dEk, around
+
+        def mild3():                            # dA is masked already
+            Gin_a = G_ref[rows_a, :]
+            ein_a = jnp.exp(Gin_a)
+            qx, kx = qa * ein_a, ka * jnp.exp(-Gin_a)
+            kf = (k_ref[...].astype(F32) * jnp.exp(-G_ref[...])).astype(cd)
+            colc = lax.broadcasted_iota(jnp.int32, (c, C), 1)
+            rowc = lax.broadcasted_iota(jnp.int32, (C, c), 0)
+            da_rows, da_cols = da_ref[rows_a, :], da_ref[:, rows_a]
+            Y = ctx.dot(jnp.where(colc < a * c, da_rows, 0.0).astype(cd), kf)   # keys before a
+            qf = (q_ref[...].astype(F32) * jnp.exp(G_ref[...])).astype(cd)
+            Z = ctx.dot(jnp.where(rowc >= (a + 1) * c, da_cols, 0.0).astype(cd), qf, ta=True)
+            dA_aa = da_ref[rows_a, rows_a].astype(cd)
+            dq = (Y + ctx.dot(dA_aa, kx.astype(cd))) * ein_a
+            dk = (Z + ctx.dot(dA_aa, qx.astype(cd), ta=True)) * jnp.exp(-Gin_a)
+
+            def ring(a2, tot):                  # queries of a2 > a, keys before a
+                rows2 = pl.ds(a2 * c, c)
+                Yr = ctx.dot(jnp.where(colc < a * c, da_ref[rows2, :], 0.0).astype(cd), kf)
+                q2 = q_ref[rows2, :].astype(F32) * jnp.exp(G_ref[rows2, :])
+                return tot + jnp.sum(q2 * Yr, axis=0, keepdims=True)
+
+            around = jax.lax.fori_loop(a + 1, s, ring, jnp.zeros((1, Kp), F32))
+            P3 = da_ref[rows_a, rows_a][:, :, None] * qx[:, None, :] * kx[None, :, :]
+            return dq, dk, diag_routes(P3), qx * Y, kx * Z, around
+
         mild = _mild(G_ref, C, cd)
-        dq, dk, dg, dEq, dEk, around = jax.lax.cond(mild, one_matmul, blocked)
+        if ctx.cfg.gla_diag == "scan":
+            dq, dk, dg, dEq, dEk, around = jax.lax.cond(mild, mild3, blocked3)
+        else:
+            dq, dk, dg, dEq, dEk, around = jax.lax.cond(mild, one_matmul, blocked)
         rr, cc = sp.rr, sp.cc
+        if rows_in:             # scale the pairs' terms here, so one product routes both kinds
+            colsum = lambda ref: lambda b, acc: acc + jnp.sum(ref[pl.ds(b * c, c), :], axis=0,
+                                                              keepdims=True)
+            rest = jax.lax.fori_loop(a + 1, s, colsum(dgin_ref), jnp.zeros((1, Kp), F32))
+            rest = jax.lax.fori_loop(0, a, colsum(dr_ref), rest)
+            dEq = dEq * scale + dgin_ref[rows_a, :]
+            dEk = dEk * scale + dr_ref[rows_a, :]
+            dg, around, dg_rest = dg * scale, around * scale + rest, 0.0
+        else:
+            dg_rest = dgp_ref[...]
         dg = (dg + ctx.mask_dot((rr <= cc).astype(F32), dEq)
               + ctx.mask_dot((rr > cc).astype(F32), dEk) + around)
         dq_ref[...] = (dq * scale + dqp_ref[...]).astype(dq_ref.dtype)
         dk_ref[...] = (dk * scale + dkp_ref[...]).astype(dk_ref.dtype)
-        dg_ref[...] = dg * scale + dgp_ref[...]
+        dg_ref[...] = (dg if rows_in else dg * scale) + dg_rest
 
-    chunk, sub = _chunk_rows(H, C, Kp), _sub_rows(H, c, s, Kp)
+    # grid (sub-chunk, K tile, B*H, N): the first two vary fastest in launch order (Pallas
+    # collapses the leading axes into CUDA's x), so the programs of one chunk, which read the same
+    # q, k, g, G and dA tiles, run together and find them in L2
+    chunk = pl.BlockSpec((None, C, None, Kp), lambda a, kt, bh, n: (bh // H, n, bh % H, kt))
+    sub = pl.BlockSpec((None, c, None, Kp), lambda a, kt, bh, n: (bh // H, n * s + a, bh % H, kt))
+    da = pl.BlockSpec((None, C, None, C), lambda a, kt, bh, n: (bh // H, n, bh % H, 0))
     return ctx.call(
-        kernel, grid=(B * H, Tp // C, s),
-        in_specs=[chunk] * 4 + [_chunk_rows(H, C, C)] + [sub] * 3,
+        kernel, grid=(s, Kq // Kp, B * H, Tp // C),
+        in_specs=[chunk] * 4 + [da] + [sub] * 2 + (
+            [chunk] * 2 if rows_in else [sub]),
         out_specs=[sub] * 3,
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                    jax.ShapeDtypeStruct(q.shape, F32)],
-        warps=ctx.cfg.warps_intra, stages=1, name="gla_intra_backward",
-    )(q, k, g, G, dA, dq_p, dk_p, dg_p)
+        warps=ctx.cfg.warps_intra_bwd, stages=1, name="gla_intra_backward",
+    )(q, k, g, G, dA, dq_p, dk_p, *dg_p)

@@ -39,10 +39,11 @@ def ut_transform(ctx, k, v, beta, g, G, doc):
     return W, U, Tm
 
 
-def gated_L(ctx, ch, k, beta, g):
+def gated_L(ctx, ch, k, beta, g, G=None):
     """(L [C, C], the decay exp(D) on causal same-document pairs, e_in [C, 1]) of a chunk, from its
-    keys k [C, Kp], beta [C] and gates g [C] (None: no gate)."""
-    decay, e_in, _, _ = ch.scalar(g)
+    keys k [C, Kp], beta [C], gates g [C] (None: no gate) and their exact prefix sums G [C] (with
+    `spans="scan"`, e_in is None without G: the inverse does not use it)."""
+    decay, e_in, _, _ = ch.exact(g, G, None, None)
     L = ctx.dot(k, k, tb=True) * beta[:, None] * decay
     return jnp.where(ch.row > ch.col, L, 0.0), decay, e_in
 

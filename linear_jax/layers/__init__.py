@@ -26,6 +26,8 @@ from linear_jax.layers.hgrn import HGRN
 from linear_jax.layers.hgrn2 import HGRN2
 from linear_jax.layers.hla import HLA
 from linear_jax.layers.linear_attention import LinearAttention
+from linear_jax.layers.log_linear import LogLinearGatedDeltaNet, LogLinearMamba2
+from linear_jax.layers.lte_attention import LTEAttention
 from linear_jax.layers.mamba import Mamba
 from linear_jax.layers.mamba2 import Mamba2
 from linear_jax.layers.mlstm import MLSTM
@@ -54,6 +56,9 @@ MIXERS = {
     "mom": MoM,
     "mlstm": MLSTM,
     "hla": HLA,
+    "log_linear_mamba2": LogLinearMamba2,
+    "log_linear_gated_deltanet": LogLinearGatedDeltaNet,
+    "lte_attention": LTEAttention,
 }
 
 

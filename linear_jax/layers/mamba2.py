@@ -66,6 +66,13 @@ class Mamba2(nnx.Module):
         return {"state": jnp.zeros((batch_size, self.H, self.N, self.P), jnp.float32),
                 "conv": self.conv.init_state(batch_size, dtype), "seg": new_seg(batch_size)}
 
+    def ssm(self, x, xs, dt, Bm, Cm, state, segment_ids, seq_parallel):
+        """The scan: xs [B,T,H,P], dt [B,T,H], Bm, Cm [B,T,G,N] -> (y [B,T,H,P], state);
+        x [B,T,D] is the layer input (for a subclass whose scan reads more of it)."""
+        return recurrence("ssd", xs, dt, -jnp.exp(self.A_log[...].astype(jnp.float32)), Bm, Cm,
+                          self.D[...], self.dt_bias[...], initial_state=state,
+                          segment_ids=segment_ids, seq_parallel=seq_parallel, **dict(self.op_kw))
+
     def __call__(self, x, *, segment_ids=None, cache=None, seq_parallel=None):
         cache = self.init_cache(x.shape[0], x.dtype) if cache is None else cache
         states = enter(cache, segment_ids)
@@ -75,10 +82,7 @@ class Mamba2(nnx.Module):
                               seq_parallel=seq_parallel)
         xs, Bm, Cm = jnp.split(xbc, [E, E + GN], axis=-1)
         group = lambda m: m.reshape(m.shape[:2] + (self.G, self.N))
-        y, S = recurrence("ssd", xs.reshape(xs.shape[:2] + (self.H, self.P)), dt,
-                          -jnp.exp(self.A_log[...].astype(jnp.float32)), group(Bm), group(Cm),
-                          self.D[...], self.dt_bias[...], initial_state=states["state"],
-                          segment_ids=segment_ids, seq_parallel=seq_parallel,
-                          **dict(self.op_kw))
+        y, S = self.ssm(x, xs.reshape(xs.shape[:2] + (self.H, self.P)), dt, group(Bm),
+                        group(Cm), states["state"], segment_ids, seq_parallel)
         y = y.reshape(xs.shape) * jax.nn.silu(z)
         return self.out_proj(self.norm(y)), leave(cache, segment_ids, state=S, conv=conv)

@@ -55,7 +55,9 @@ class Block(nnx.Module):
         self.norm1 = RMSNorm(c.d_model, eps=c.norm_eps, **kw)
         common = dict(chunk_size=c.chunk_size, kernel_config=c.kernel_config,
                       num_layers=c.num_layers, layer_idx=layer_idx, std=c.init_std)
-        if MIXERS[name].OP_IMPL:        # LMConfig.impl is an op impl: the linear mixers' only
+        # LMConfig.impl is an op impl: the linear mixers' only (a mixer without `impl` never
+        # receives it, make_mixer filters the common arguments)
+        if getattr(MIXERS[name], "OP_IMPL", True):
             common["impl"] = c.impl
         self.mixer = make_mixer(name, c.d_model, c.num_heads, options=c.options(name),
                                 **common, **kw)

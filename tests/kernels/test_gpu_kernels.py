@@ -101,6 +101,29 @@ def test_every_gate_strong(op, gates):
     _check(op, _inputs(rng, op, jnp.float32, t=40, gates=gates), None, 1e-5, 1e-5)
 
 
+# The backward's alternatives (`TritonChunkConfig.spans`, `gla_bwd`, `gla_diag`, the GLA intra
+# tiles), each on the ops it changes: "dot" the first exact version's span math, "loop_k16" the
+# diagonal loop over two K tiles, "k16w2" the [c, c, BK] diagonal over two K tiles at 2 warps.
+VARIANTS = {"default": ({}, None),
+            "dot": (dict(spans="dot", gla_bwd="dots", gla_diag="loop"), None),
+            "loop_k16": (dict(gla_diag="loop", block_k_intra=16), ("gla",)),
+            "k16w2": (dict(block_k_intra=16, warps_intra_bwd=2), ("gla",))}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("op", ["simple_gla", "gla", "gated_delta_rule"])
+def test_variants_strong_chunk64(op, variant):
+    """Every gate strong at C = 64 (four GLA sub-chunks: the blocked path's off-diagonal blocks
+    and per-row routes across sub-chunks), with documents and an initial state, for each variant
+    of the backward: exact to float32 accuracy."""
+    over, ops_ = VARIANTS[variant]
+    if ops_ is not None and op not in ops_:
+        pytest.skip(f"{variant} changes only {ops_}")
+    rng = np.random.default_rng(8)
+    _check(op, _inputs(rng, op, jnp.float32, t=70, gates="uniform"), segments(rng, B, 70, p=0.03),
+           1e-5, 1e-5, chunk=64, config=TritonChunkConfig(**over))
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "two_pass"])
 @pytest.mark.parametrize("op", list(OPS))
 def test_forward_forms(op, fused):
@@ -153,6 +176,10 @@ def test_config():
         TritonChunkConfig(block_v=48)
     with pytest.raises(ValueError, match="chunk"):
         TritonChunkConfig(chunk=256)
+    with pytest.raises(ValueError, match="spans"):
+        TritonChunkConfig(spans="matmul")
+    with pytest.raises(ValueError, match="block_k_intra"):
+        TritonChunkConfig(block_k_intra=24)
 
 
 @pytest.mark.parametrize("op", ["simple_gla", "gla", "gated_delta_rule"])   # one per kernel form

@@ -33,6 +33,8 @@ CASES.update({
     "linear_attention-nonorm": ("linear_attention", {"normalize": False}),
     "deltanet-negeig-gate": ("deltanet", {"allow_neg_eigval": True, "output_gate": True}),
     "hgrn2-lowerbound": ("hgrn2", {"lower_bound": 0.5}),
+    "lte_attention-evicting": ("lte_attention", {"window": 5, "num_retained": 3,
+                                                 "num_kv_heads": 1}),
 })
 NAMES = sorted(CASES)
 
@@ -142,6 +144,12 @@ DOCUMENTED_PARAMS = {
             + 2 * _D**2 + _K + 4 * (_D + 5 * 2 * _D)),                   # M = 4
     "mlstm": 4 * _D**2 + 2 * _D * _H + 2 * _H + _D // _H,
     "hla": 5 * _D**2 + _K,
+    # the base layer + D H L + H L, L = 12 levels
+    "log_linear_mamba2": _D * (256 + 32 + _H) + 5 * 160 + 3 * _H + 128 + 128 * _D
+    + _D * _H * 12 + _H * 12,
+    "log_linear_gated_deltanet": 8 * _D**2 + 2 * _D * _H + 2 * _H + 16 * _D + 2 * _D // _H
+    + _D * _H * 12 + _H * 12,
+    "lte_attention": 4 * _D**2 + 4 * _D + _D + _H,
 }
 
 
@@ -183,7 +191,7 @@ def test_kernel_config_reaches_the_op_arguments():
         opts = {"num_slots": 8} if name == "gsa" else {}
         layer = nnx.eval_shape(lambda name=name, opts=opts: make_mixer(
             name, _D, _H, rngs=nnx.Rngs(0), kernel_config=cfg, **opts))
-        if name == "attention":
+        if name in ("attention", "lte_attention"):       # softmax attention: no kernel config
             assert not hasattr(layer, "op_kw")
             continue
         assert dict(layer.op_kw)["config"] == cfg and hash(layer.op_kw), name

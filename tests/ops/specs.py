@@ -60,6 +60,9 @@ class OpSpec:
     # None for an op without a decay. Each spec module says what "every gate strong" means for its
     # op (which of its inputs make the log decay, and how they are set).
     strong: Callable | None = None
+    # draw_state(rng, args) -> a valid initial state, for an op whose state is not any float32
+    # draw of `state_shape` (a log-linear state carries its Fenwick position); None: such a draw
+    draw_state: Callable | None = None
 
     @property
     def op_name(self) -> str:

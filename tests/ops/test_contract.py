@@ -111,7 +111,8 @@ def _reset(S, r):
 def _draw(spec, seed, dtype=np.float32, b=B, t=T):
     rng = np.random.default_rng(seed)
     args, kwargs = spec.make(rng, b, t, dtype)
-    S0 = _draw_state(rng, spec.state_shape(args))
+    S0 = (spec.draw_state(rng, args) if spec.draw_state
+          else _draw_state(rng, spec.state_shape(args)))
     seg = segments(rng, b, t, p=0.08) if spec.has_segments else None
     return args, kwargs, S0, seg
 

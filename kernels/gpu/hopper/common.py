@@ -78,6 +78,10 @@ def _is_ref(x) -> bool:
     return isinstance(jax.typeof(x), _state_types.AbstractRef)
 
 
+# Registers per thread of the producer (TMA issue only) and consumer warpgroups.
+PRODUCER_REGS, CONSUMER_REGS = 40, 232
+
+
 class Ops:
     """The in-kernel vocabulary, compiled (wgmma, layouts) or interpreted (jnp.dot, no layouts)."""
 
@@ -114,6 +118,14 @@ class Ops:
     def cols_of(vec, shape):
         """A column vector broadcast over the rows of a [M, N] tile."""
         return lax.broadcast_in_dim(vec, shape, [1])
+
+    def producer(self, active, issue, count, stages: int, used_bar):
+        """Where `active`, the producer warpgroup: few registers (the consumers get them), then
+        the ring of `produce`."""
+        @pl.when(active)
+        def _():
+            self.registers(PRODUCER_REGS, "decrease")
+            produce(issue, count, stages, used_bar)
 
     def registers(self, n: int, action: str):
         if not self.interpret:
@@ -176,6 +188,32 @@ class Ops:
 
     def dot(self, a, b, acc=None, *, ta=False, tb=False):
         return self.mm((a, b, acc, ta, tb))[0]
+
+
+def load(bar, slot, *pairs):
+    """TMA copies of each (source view in GMEM, ring in SMEM) pair into the ring's `slot`, all
+    completing on the barrier `bar`."""
+    for src, ring in pairs:
+        plgpu.copy_gmem_to_smem(src, ring.at[slot], bar)
+
+
+def produce(issue, count, stages: int, used_bar):
+    """The producer warpgroup's side of a ring of `stages` SMEM slots: items 0..stages-1 into slots
+    0..stages-1, then item i into slot i % stages once the consumers released that slot (its
+    previous item), then one more wait per slot, because a kernel must not end with a barrier's
+    arrival unobserved. `issue(i, slot)` starts item i's TMA copies; `count` (static or traced)
+    may be below `stages`."""
+    for s in range(stages):
+        pl.when(s < count)(lambda s=s: issue(s, s))
+
+    @pl.loop(stages, count)
+    def _(i):
+        slot = lax.rem(i, stages)
+        plgpu.barrier_wait(used_bar.at[slot])
+        issue(i, slot)
+
+    for s in range(stages):
+        pl.when(s < count)(lambda s=s: plgpu.barrier_wait(used_bar.at[s]))
 
 
 def prod(a, b, acc=None, *, ta=False, tb=False):

@@ -85,6 +85,7 @@ from jax.custom_derivatives import SymbolicZero
 from linear_jax._compat import mosaic_gpu_kernel
 from linear_jax.kernels.configs import HopperChunkConfig, multiprocessors
 from linear_jax.kernels.gpu.hopper.common import (
+    CONSUMER_REGS,
     LANES,
     ChunkGates,
     Ops,
@@ -93,6 +94,7 @@ from linear_jax.kernels.gpu.hopper.common import (
     f32,
     gate_rows,
     interpreting,
+    load,
     pad_input,
     padded_doc,
     pl,
@@ -105,7 +107,6 @@ from linear_jax.kernels.gpu.hopper.common import (
 from linear_jax.kernels.gpu.hopper.decay_grad import gate_grad_tiles, grad
 from linear_jax.ops.common.chunking import pad_time
 
-PRODUCER_REGS, CONSUMER_REGS = 40, 232
 STATE_STAGES = 3        # the state pass holds k, v only: three slots fit at K = V = 128
 
 
@@ -159,31 +160,16 @@ def walk(x, y, z, rows, s0, *, names, read_row, write_row, reverse, scale, cfg, 
         chunk = (lambda s: p * L + L - 1 - s) if reverse else (lambda s: p * L + s)
         ends = (p == 0) if reverse else (p == P - 1)          # the piece that walks last
 
-        @pl.when(w == NW)
-        def _producer():
-            ops.registers(PRODUCER_REGS, "decrease")
+        def issue(step, slot):
+            t = pl.ds(chunk(step) * C, C)
+            bar = in_bar.at[slot]
+            if out_mode:
+                plgpu.copy_gmem_to_smem(x_ref.at[b, t, h], xs.at[slot], bar)
+            load(bar, slot, (y_ref.at[b, t, h], ys), (z_ref.at[b, t, h], zs))
+            if has_rows:
+                plgpu.copy_gmem_to_smem(g_ref.at[b, h, :, t], gs.at[slot], bar)
 
-            def issue(step, slot):
-                t = pl.ds(chunk(step) * C, C)
-                bar = in_bar.at[slot]
-                if out_mode:
-                    plgpu.copy_gmem_to_smem(x_ref.at[b, t, h], xs.at[slot], bar)
-                plgpu.copy_gmem_to_smem(y_ref.at[b, t, h], ys.at[slot], bar)
-                plgpu.copy_gmem_to_smem(z_ref.at[b, t, h], zs.at[slot], bar)
-                if has_rows:
-                    plgpu.copy_gmem_to_smem(g_ref.at[b, h, :, t], gs.at[slot], bar)
-
-            for s in range(stages):
-                issue(s, s)
-
-            @pl.loop(stages, L)
-            def _(step):
-                slot = lax.rem(step, stages)
-                plgpu.barrier_wait(used_bar.at[slot])     # the consumers are done with step - S
-                issue(step, slot)
-
-            for s in range(stages):                       # observe the last releases too
-                plgpu.barrier_wait(used_bar.at[lax.rem(L - stages + s, stages)])
+        ops.producer(w == NW, issue, L, stages, used_bar)
 
         @pl.when(w < NW)
         def _consumer():

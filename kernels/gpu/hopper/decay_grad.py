@@ -20,8 +20,6 @@ Work items (`HopperChunkConfig.grad_items`).
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -29,19 +27,20 @@ from jax import lax
 from linear_jax._compat import mosaic_gpu_kernel
 from linear_jax.kernels.configs import multiprocessors
 from linear_jax.kernels.gpu.hopper.common import (
+    CONSUMER_REGS,
     LANES,
+    PRODUCER_REGS,
     ChunkGates,
     Ops,
     check_smem,
     f32,
     interpreting,
+    load,
     pl,
     plgpu,
     prod,
     smem,
 )
-
-PRODUCER_REGS, CONSUMER_REGS = 40, 232
 
 
 def grad(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
@@ -240,32 +239,17 @@ def _grad_tiles(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
         pid, w = lax.axis_index("p"), lax.axis_index("wg")
         count = lax.div(items - pid + progs - 1, progs)   # items pid, pid + progs, ...
 
-        @pl.when(w == 1)
-        def _producer():
-            ops.registers(PRODUCER_REGS, "decrease")
+        def issue(i, slot):
+            b, h, n, kb = decode(pid + i * progs)
+            t, kr = pl.ds(n * C, C), pl.ds(kb * LANES, LANES)
+            bar = in_bar.at[slot]
+            for src, dst in ((q_ref, qs), (k_ref, ks), (v_ref, vs), (do_ref, dos)):
+                plgpu.copy_gmem_to_smem(src.at[b, t, h], dst.at[slot], bar)
+            load(bar, slot, (s_ref.at[b, h, n, kr], ss), (ds_ref.at[b, h, n, kr], dss))
+            if has_rows:
+                plgpu.copy_gmem_to_smem(g_ref.at[b, h, :, t], gs.at[slot], bar)
 
-            def issue(i, slot):
-                b, h, n, kb = decode(pid + i * progs)
-                t, kr = pl.ds(n * C, C), pl.ds(kb * LANES, LANES)
-                bar = in_bar.at[slot]
-                for src, dst in ((q_ref, qs), (k_ref, ks), (v_ref, vs), (do_ref, dos)):
-                    plgpu.copy_gmem_to_smem(src.at[b, t, h], dst.at[slot], bar)
-                plgpu.copy_gmem_to_smem(s_ref.at[b, h, n, kr], ss.at[slot], bar)
-                plgpu.copy_gmem_to_smem(ds_ref.at[b, h, n, kr], dss.at[slot], bar)
-                if has_rows:
-                    plgpu.copy_gmem_to_smem(g_ref.at[b, h, :, t], gs.at[slot], bar)
-
-            for s in range(stages):
-                pl.when(s < count)(functools.partial(issue, s, s))
-
-            @pl.loop(stages, count)
-            def _(i):
-                slot = lax.rem(i, stages)
-                plgpu.barrier_wait(used_bar.at[slot])
-                issue(i, slot)
-
-            for s in range(stages):                       # observe the last releases too
-                pl.when(s < count)(lambda s=s: plgpu.barrier_wait(used_bar.at[s]))
+        ops.producer(w == 1, issue, count, stages, used_bar)
 
         @pl.when(w == 0)
         def _consumer():

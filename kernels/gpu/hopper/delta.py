@@ -84,13 +84,16 @@ from jax import lax
 from linear_jax._compat import mosaic_gpu_kernel
 from linear_jax.kernels.configs import HopperDeltaConfig, multiprocessors
 from linear_jax.kernels.gpu.hopper.common import (
+    CONSUMER_REGS,
     LANES,
+    PRODUCER_REGS,
     Ops,
     check_inputs,
     check_smem,
     f32,
     gate_rows,
     interpreting,
+    load,
     mm_sum,
     pad_input,
     padded_doc,
@@ -102,8 +105,6 @@ from linear_jax.kernels.gpu.hopper.common import (
     term,
 )
 from linear_jax.ops.common.chunking import pad_time
-
-PRODUCER_REGS, CONSUMER_REGS = 40, 232
 
 
 # -- gate rows and pair factors -------------------------------------------------------------------
@@ -322,30 +323,13 @@ def walk(q, k, wm, u0, rows, s0, *, names, scale, cfg, residuals):
         xs, ys, ws, zs, gs, st, ut, gt, in_bar, used_bar, own_bar = refs
         b, h, w = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
 
-        @pl.when(w == NW)
-        def _producer():
-            ops.registers(PRODUCER_REGS, "decrease")
+        def issue(step, slot):
+            t = pl.ds(step * C, C)
+            bar = in_bar.at[slot]
+            load(bar, slot, (q_ref.at[b, t, h], xs), (k_ref.at[b, t, h], ys),
+                 (w_ref.at[b, t, h], ws), (u_ref.at[b, t, h], zs), (g_ref.at[b, h, :, t], gs))
 
-            def issue(step, slot):
-                t = pl.ds(step * C, C)
-                bar = in_bar.at[slot]
-                plgpu.copy_gmem_to_smem(q_ref.at[b, t, h], xs.at[slot], bar)
-                plgpu.copy_gmem_to_smem(k_ref.at[b, t, h], ys.at[slot], bar)
-                plgpu.copy_gmem_to_smem(w_ref.at[b, t, h], ws.at[slot], bar)
-                plgpu.copy_gmem_to_smem(u_ref.at[b, t, h], zs.at[slot], bar)
-                plgpu.copy_gmem_to_smem(g_ref.at[b, h, :, t], gs.at[slot], bar)
-
-            for s in range(stages):
-                issue(s, s)
-
-            @pl.loop(stages, N)
-            def _(step):
-                slot = lax.rem(step, stages)
-                plgpu.barrier_wait(used_bar.at[slot])     # the consumers are done with step - S
-                issue(step, slot)
-
-            for s in range(stages):                       # observe the last releases too
-                plgpu.barrier_wait(used_bar.at[lax.rem(N - stages + s, stages)])
+        ops.producer(w == NW, issue, N, stages, used_bar)
 
         @pl.when(w < NW)
         def _consumer():

@@ -59,8 +59,6 @@ Roofline at the anchor shapes (bf16, H = 16, K = V = 128, B T = 16384; 4096 chun
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -68,11 +66,13 @@ from jax import lax
 from linear_jax._compat import mosaic_gpu_kernel
 from linear_jax.kernels.configs import multiprocessors
 from linear_jax.kernels.gpu.hopper.common import (
+    CONSUMER_REGS,
     LANES,
     Ops,
     check_smem,
     f32,
     interpreting,
+    load,
     mm_sum,
     pl,
     plgpu,
@@ -80,8 +80,6 @@ from linear_jax.kernels.gpu.hopper.common import (
     term,
 )
 from linear_jax.kernels.gpu.hopper.delta import (
-    CONSUMER_REGS,
-    PRODUCER_REGS,
     load_state,
     pairs,
     row_vec,
@@ -108,32 +106,19 @@ def walk_rev(q, k, do, wm, tm, rows, dS, *, names, scale, cfg):
              xs, ys, zs, ws, ts, gs, st, dut, qt, in_bar, used_bar, own_bar):
         b, h, w = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
 
-        @pl.when(w == NW)
-        def _producer():
-            ops.registers(PRODUCER_REGS, "decrease")
+        def issue(step, slot):
+            n = N - 1 - step
+            t = pl.ds(n * C, C)
+            bar = in_bar.at[slot]
+            load(bar, slot,
+                 (q_ref.at[b, t, h], xs),
+                 (k_ref.at[b, t, h], ys),
+                 (do_ref.at[b, t, h], zs),
+                 (w_ref.at[b, t, h], ws),
+                 (t_ref.at[b, h, n], ts),
+                 (g_ref.at[b, h, :, t], gs))
 
-            def issue(step, slot):
-                n = N - 1 - step
-                t = pl.ds(n * C, C)
-                bar = in_bar.at[slot]
-                plgpu.copy_gmem_to_smem(q_ref.at[b, t, h], xs.at[slot], bar)
-                plgpu.copy_gmem_to_smem(k_ref.at[b, t, h], ys.at[slot], bar)
-                plgpu.copy_gmem_to_smem(do_ref.at[b, t, h], zs.at[slot], bar)
-                plgpu.copy_gmem_to_smem(w_ref.at[b, t, h], ws.at[slot], bar)
-                plgpu.copy_gmem_to_smem(t_ref.at[b, h, n], ts.at[slot], bar)
-                plgpu.copy_gmem_to_smem(g_ref.at[b, h, :, t], gs.at[slot], bar)
-
-            for s in range(stages):
-                issue(s, s)
-
-            @pl.loop(stages, N)
-            def _(step):
-                slot = lax.rem(step, stages)
-                plgpu.barrier_wait(used_bar.at[slot])
-                issue(step, slot)
-
-            for s in range(stages):                       # observe the last releases too
-                plgpu.barrier_wait(used_bar.at[lax.rem(N - stages + s, stages)])
+        ops.producer(w == NW, issue, N, stages, used_bar)
 
         @pl.when(w < NW)
         def _consumer():
@@ -227,33 +212,17 @@ def grad(q, k, do, u, dbv, rows, states, dstates, *, names, scale, cfg):
         pid, w = lax.axis_index("p"), lax.axis_index("wg")
         count = lax.div(items - pid + progs - 1, progs)   # items pid, pid + progs, ...
 
-        @pl.when(w == 1)
-        def _producer():
-            ops.registers(PRODUCER_REGS, "decrease")
+        def issue(i, slot):
+            b, h, n, kb = decode(pid + i * progs)
+            t, kr = pl.ds(n * C, C), pl.ds(kb * LANES, LANES)
+            bar = in_bar.at[slot]
+            load(bar, slot, (q_ref.at[b, t, h, kr], qs), (k_ref.at[b, t, h, kr], ks))
+            for src, dst in ((do_ref, dos), (u_ref, us), (bv_ref, bvs)):
+                plgpu.copy_gmem_to_smem(src.at[b, t, h], dst.at[slot], bar)
+            load(bar, slot, (g_ref.at[b, h, :, t], gs), (s_ref.at[b, h, n, kr], ss),
+                 (ds_ref.at[b, h, n, kr], dss))
 
-            def issue(i, slot):
-                b, h, n, kb = decode(pid + i * progs)
-                t, kr = pl.ds(n * C, C), pl.ds(kb * LANES, LANES)
-                bar = in_bar.at[slot]
-                plgpu.copy_gmem_to_smem(q_ref.at[b, t, h, kr], qs.at[slot], bar)
-                plgpu.copy_gmem_to_smem(k_ref.at[b, t, h, kr], ks.at[slot], bar)
-                for src, dst in ((do_ref, dos), (u_ref, us), (bv_ref, bvs)):
-                    plgpu.copy_gmem_to_smem(src.at[b, t, h], dst.at[slot], bar)
-                plgpu.copy_gmem_to_smem(g_ref.at[b, h, :, t], gs.at[slot], bar)
-                plgpu.copy_gmem_to_smem(s_ref.at[b, h, n, kr], ss.at[slot], bar)
-                plgpu.copy_gmem_to_smem(ds_ref.at[b, h, n, kr], dss.at[slot], bar)
-
-            for s in range(stages):
-                pl.when(s < count)(functools.partial(issue, s, s))
-
-            @pl.loop(stages, count)
-            def _(i):
-                slot = lax.rem(i, stages)
-                plgpu.barrier_wait(used_bar.at[slot])
-                issue(i, slot)
-
-            for s in range(stages):                       # observe the last releases too
-                pl.when(s < count)(lambda s=s: plgpu.barrier_wait(used_bar.at[s]))
+        ops.producer(w == 1, issue, count, stages, used_bar)
 
         @pl.when(w == 0)
         def _consumer():

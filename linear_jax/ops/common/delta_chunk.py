@@ -86,13 +86,8 @@ def _intra(q, k, v, beta, g, same, in_rows, out_rows):
     return A, W, U, q_in, k_out, decay
 
 
-def chunk_delta(q, k, v, beta, g, *, scale, initial_state, segment_ids, chunk_size):
-    """Chunk-parallel delta rule.
-
-    q, k [B,T,H,K]; v [B,T,H,V]; beta [B,T,H]; g None | [B,T,H] log decays; initial_state
-    [B,H,K,V] or None. Inputs are promoted to float32. Returns o [B,T,H,V] float32 and
-    S [B,H,K,V] float32.
-    """
+def _chunk_scan(q, k, v, beta, g, *, scale, initial_state, segment_ids, chunk_size):
+    """The intra pieces and the state scan: (A, u, q_in, S_in, S_final), chunked."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = int(chunk_size)
@@ -107,5 +102,27 @@ def chunk_delta(q, k, v, beta, g, *, scale, initial_state, segment_ids, chunk_si
     decay = jnp.where(keep[..., None, None], decay, 0.0)
     S0 = state_or_zeros(initial_state, (B, H, K, V))
     S_final, S_in, u = scan_chunks(S0, decay, W=W, U=U, k_out=k_out)
+    return A, u, q_in, S_in, S_final
+
+
+def chunk_delta(q, k, v, beta, g, *, scale, initial_state, segment_ids, chunk_size):
+    """Chunk-parallel delta rule.
+
+    q, k [B,T,H,K]; v [B,T,H,V]; beta [B,T,H]; g None | [B,T,H] log decays; initial_state
+    [B,H,K,V] or None. Inputs are promoted to float32. Returns o [B,T,H,V] float32 and
+    S [B,H,K,V] float32.
+    """
+    A, u, q_in, S_in, S_final = _chunk_scan(q, k, v, beta, g, scale=scale,
+                                            initial_state=initial_state,
+                                            segment_ids=segment_ids, chunk_size=chunk_size)
     o = _einsum("bhnij,bhnjv->bhniv", A, u) + _einsum("bhnik,bhnkv->bhniv", q_in, S_in)
-    return from_chunks(o, T), S_final
+    return from_chunks(o, q.shape[1]), S_final
+
+
+def chunk_delta_values(k, v, beta, g, *, initial_state, segment_ids, chunk_size):
+    """The values u_t [B,T,H,V] float32 the delta rule writes (module docstring): the delta rule
+    is the decay recurrence S_t = exp(g_t) S_{t-1} + k_t u_t^T over them (log-linear Gated
+    DeltaNet reads them through its level states). The unused intra matrix is dead code to XLA."""
+    _, u, _, _, _ = _chunk_scan(k, k, v, beta, g, scale=1.0, initial_state=initial_state,
+                                segment_ids=segment_ids, chunk_size=chunk_size)
+    return from_chunks(u, k.shape[1])
