@@ -15,6 +15,8 @@
 #   hopper    hopper_gpu: the Mosaic GPU simple_gla kernels, checks + timings beside jla
 #             (HOPPER_VARIANTS: HopperChunkConfig variants, default "default,run1,serial,approx")
 #   hopperdelta  hopper_delta_gpu --quick: the Mosaic GPU delta / gated delta kernels
+#   hoppergla    hopper_gla_gpu --quick: the Mosaic GPU gla kernels, checks + timings beside jla
+#   hopperssm    hopper_ssm_gpu --quick: the Mosaic GPU selective-scan and mLSTM kernels
 #   bwd       bwd_gpu: the Triton chunk-family backward variants, checks + timings
 #   mqar      experiments.mqar_sweep, the default grid, in /tmp/mqar (a carried experiments/results/
 #             mqar_sweep/runs is copied in first, so an interrupted sweep resumes); JSON, PNG and
@@ -65,6 +67,8 @@ for s in "$@"; do case $s in
   hopper) TAIL=60 step hopper "${HOPPER_S:-300}" python3 -m experiments.benchmarks.hopper_gpu \
             --variants "${HOPPER_VARIANTS:-default,run1,serial,approx}" ;;
   hopperdelta) TAIL=60 step hopperdelta "${HOPPER_S:-200}" python3 -m experiments.benchmarks.hopper_delta_gpu --quick ;;
+  hoppergla) TAIL=60 step hoppergla "${HOPPER_S:-200}" python3 -m experiments.benchmarks.hopper_gla_gpu --quick ;;
+  hopperssm) TAIL=60 step hopperssm "${HOPPER_S:-200}" python3 -m experiments.benchmarks.hopper_ssm_gpu --quick ;;
   bwd) TAIL=60 step bwd "${BWD_S:-300}" python3 -m experiments.benchmarks.bwd_gpu ${BWD_ARGS:-} ;;
   mlstm) step mlstm "${MLSTM_S:-150}" python3 -m experiments.benchmarks.mlstm_gpu ;;
   mqar) train_env; mkdir -p /tmp/mqar; [ -d experiments/results/mqar_sweep/runs ] && cp -r experiments/results/mqar_sweep/runs /tmp/mqar/

@@ -39,7 +39,7 @@ import sys
 import time
 
 # Everything that depends on a flag's value; flags left out take these (or --quick's).
-FULL = {"mixers": "attention,linear_attention,gla,gated_deltanet,mamba2",
+FULL = {"mixers": "attention,linear_attention,gla,gated_deltanet,mamba2,kda,rwkv7,mamba3",
         "d_models": "32,64,128,256", "seq_len": 256, "num_kv_pairs": 32, "steps": 1000,
         "batch_size": 64, "lrs": "3e-3", "warmup_steps": 100, "eval_batches": 4,
         "eval_batch_size": 128, "num_layers": 2}

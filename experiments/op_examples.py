@@ -42,6 +42,8 @@ def examples(B: int, T: int, H: int, D: int, seed: int = 0) -> list[Example]:
     n = 2                                                       # DeltaProduct's Householder steps
     D_ch, N = H * D, 16                                         # channels and state of the scans
     decay = lambda *s: logsig(rng.standard_normal(s).astype(np.float32) + 3.0)
+    kappa = unit(f(B, T, H, D))                       # RWKV-7's removal key and learning rate
+    lr = (1.0 / (1.0 + np.exp(-f(B, T, H, D)))).astype(np.float32)
     return [
         Example("linear_attention", ops.linear_attention, dict(common)),
         Example("simple_gla", ops.simple_gla, dict(common, g=decay(B, T, H))),
@@ -68,4 +70,10 @@ def examples(B: int, T: int, H: int, D: int, seed: int = 0) -> list[Example]:
                 {"u": f(B, T, D_ch), "delta": f(B, T, D_ch), "A": -np.exp(f(D_ch, N)),
                  "B": f(B, T, N), "C": f(B, T, N), "D": f(D_ch), "z": f(B, T, D_ch),
                  "segment_ids": seg}, {"delta_softplus": True}, impls=_XLA),
+        Example("kda", ops.kda, dict(common, k=unit(k), g=decay(B, T, H, D) / 4, beta=beta),
+                impls=_XLA),
+        Example("rwkv7", ops.rwkv7, dict(common, k=0.5 * k, g=-np.exp(-0.5) * (1.0 - np.exp(
+            decay(B, T, H, D))), a=-kappa, b=kappa * lr), impls=_XLA),
+        Example("mamba3", ops.mamba3, dict(common, g=decay(B, T, H), dt=np.full((B, T, H), 0.1,
+                np.float32), trap=beta, theta=0.3 * f(B, T, H, D // 4)), impls=_XLA),
     ]

@@ -316,7 +316,11 @@ class TpuSelectiveConfig:
 
 @dataclasses.dataclass(frozen=True)
 class HopperChunkConfig:
-    """The Mosaic GPU (Hopper, sm_90) kernels of the chunk family (`kernels/gpu/hopper/`).
+    """The Mosaic GPU (Hopper, sm_90) kernels of the chunk family (`kernels/gpu/hopper/`):
+    simple_gla (`decay.py`, `decay_grad.py`) and gla (`gla.py`, the vector gate). gla reads chunk,
+    stages, pieces, semantics, approx_math and interpret; its chunk-parallel kernels (gates, grad)
+    take one (b, h, chunk) per CTA and ignore stages_grad, grad_programs, gates, grad_items and
+    overlap, which shape simple_gla's.
 
     chunk: C, rows per chunk: 64 (one wgmma M tile; the [C, C] intra blocks stay in registers).
     stages: depth of the TMA pipeline of the sequential walks (forward, reverse state pass): chunks
@@ -439,4 +443,75 @@ class HopperDeltaConfig:
 
     def for_chunk(self, chunk_size: int) -> HopperDeltaConfig:
         """The op's chunk_size does not change the kernels' chunk (64: one wgmma tile)."""
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class HopperSelectiveConfig:
+    """The Mosaic GPU (Hopper) kernels of the selective scan (`kernels/gpu/hopper/selective.py`).
+
+    chunk: C, steps per TMA tile and between the states stored for the backward (which keeps the
+      C recomputed [64, N] states of a chunk in registers: 8 float32 values a thread each at
+      N = 16, so C = 16 takes 128 registers).
+    stages: chunks in flight in shared memory (TMA) while one computes.
+    semantics, approx_math, interpret: as `HopperChunkConfig`.
+    Not yet run on a device (the defaults are the design's guesses).
+    """
+
+    chunk: int = 16
+    stages: int = 3
+    semantics: str = "lane"
+    approx_math: bool = False
+    interpret: bool | None = None
+
+    def __post_init__(self):
+        name = type(self).__name__
+        if self.chunk not in (8, 16, 32):
+            raise ValueError(f"{name}.chunk must be 8, 16 or 32, got {self.chunk}")
+        if self.stages not in (1, 2, 3, 4):
+            raise ValueError(f"{name}.stages must be 1 to 4, got {self.stages}")
+        if self.semantics not in ("lane", "warpgroup"):
+            raise ValueError(f"{name}.semantics must be 'lane' or 'warpgroup', got "
+                             f"{self.semantics!r}")
+        _check_interpret(name, self.interpret)
+
+    @classmethod
+    def default(cls, device=None) -> HopperSelectiveConfig:
+        return cls()
+
+    def for_chunk(self, chunk_size: int) -> HopperSelectiveConfig:
+        """The op's chunk_size does not change the kernels' chunk."""
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class HopperMlstmConfig:
+    """The Mosaic GPU (Hopper) mLSTM kernel (`kernels/gpu/hopper/mlstm.py`).
+
+    chunk: L, tokens between the stored chunk states (TFLA's two-level tiling: the kernel walks
+      L / 64 key tiles of 64 per query tile, so L = 256 still fits SMEM at K = V = 128).
+    semantics, approx_math, interpret: as `HopperChunkConfig`.
+    Not yet run on a device.
+    """
+
+    chunk: int = 128
+    semantics: str = "lane"
+    approx_math: bool = False
+    interpret: bool | None = None
+
+    def __post_init__(self):
+        name = type(self).__name__
+        if self.chunk not in (64, 128, 256):
+            raise ValueError(f"{name}.chunk must be 64, 128 or 256, got {self.chunk}")
+        if self.semantics not in ("lane", "warpgroup"):
+            raise ValueError(f"{name}.semantics must be 'lane' or 'warpgroup', got "
+                             f"{self.semantics!r}")
+        _check_interpret(name, self.interpret)
+
+    @classmethod
+    def default(cls, device=None) -> HopperMlstmConfig:
+        return cls()
+
+    def for_chunk(self, chunk_size: int) -> HopperMlstmConfig:
+        """The op's chunk_size does not change the kernel's chunk."""
         return self

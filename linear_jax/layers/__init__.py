@@ -18,6 +18,7 @@ from linear_jax.layers.attention import Attention
 from linear_jax.layers.based import Based
 from linear_jax.layers.delta_product import DeltaProduct
 from linear_jax.layers.deltanet import EFLA, DeltaNet
+from linear_jax.layers.gated_attention import GatedAttention
 from linear_jax.layers.gated_deltanet import GatedDeltaNet
 from linear_jax.layers.gla import GLA
 from linear_jax.layers.gsa import GSA
@@ -25,21 +26,27 @@ from linear_jax.layers.hedgehog import Hedgehog
 from linear_jax.layers.hgrn import HGRN
 from linear_jax.layers.hgrn2 import HGRN2
 from linear_jax.layers.hla import HLA
+from linear_jax.layers.kda import KDA
 from linear_jax.layers.linear_attention import LinearAttention
 from linear_jax.layers.log_linear import LogLinearGatedDeltaNet, LogLinearMamba2
 from linear_jax.layers.lte_attention import LTEAttention
 from linear_jax.layers.mamba import Mamba
 from linear_jax.layers.mamba2 import Mamba2
+from linear_jax.layers.mamba3 import Mamba3
+from linear_jax.layers.minimax import MiniMaxLightning
 from linear_jax.layers.mlstm import MLSTM
 from linear_jax.layers.mom import MoM
 from linear_jax.layers.rebased import ReBased
 from linear_jax.layers.retnet import Lightning, RetNet
+from linear_jax.layers.rwkv7 import RWKV7
 
 MIXERS = {
     "attention": Attention,
+    "gated_attention": GatedAttention,
     "linear_attention": LinearAttention,
     "retnet": RetNet,
     "lightning": Lightning,
+    "minimax_lightning": MiniMaxLightning,
     "gla": GLA,
     "hgrn2": HGRN2,
     "deltanet": DeltaNet,
@@ -59,6 +66,9 @@ MIXERS = {
     "log_linear_mamba2": LogLinearMamba2,
     "log_linear_gated_deltanet": LogLinearGatedDeltaNet,
     "lte_attention": LTEAttention,
+    "kda": KDA,
+    "rwkv7": RWKV7,
+    "mamba3": Mamba3,
 }
 
 

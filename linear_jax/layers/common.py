@@ -49,19 +49,28 @@ class RMSNorm(nnx.Module):
 
     Applied to [B, T, H, V] it normalises each head separately with one scale shared by the heads
     (the group norm of GLA / RetNet outputs). `gate` (optional) multiplies the normalised value by
-    `activation(gate)` (GLA's swish output gate, xLSTM's sigmoid one). Parameters: dim.
+    `activation(gate)` (GLA's swish output gate, xLSTM's sigmoid one). `offset`: the scale is
+    stored as `scale - offset` (see `weight`). Parameters: dim.
     """
 
     def __init__(self, dim: int, *, eps: float = 1e-6, axis: str = "embed", rngs: nnx.Rngs,
-                 dtype=None, param_dtype=jnp.float32, activation=jax.nn.silu):
-        self.eps, self.dtype, self.activation = eps, dtype, activation
-        self.scale = param(rngs, nnx.initializers.ones, (dim,), (axis,), param_dtype)
+                 dtype=None, param_dtype=jnp.float32, activation=jax.nn.silu,
+                 offset: float = 0.0):
+        self.eps, self.dtype, self.activation, self.offset = eps, dtype, activation, offset
+        init = nnx.initializers.ones if offset == 0 else nnx.initializers.constant(1 - offset)
+        self.scale = param(rngs, init, (dim,), (axis,), param_dtype)
+
+    def weight(self):
+        """The effective scale, float32: `offset + scale` (zero-centred norms store scale - 1,
+        e.g. Qwen3-Next's, so a low-precision scale keeps its small deviations from one)."""
+        w = self.scale[...].astype(jnp.float32)
+        return w if self.offset == 0 else self.offset + w
 
     def __call__(self, x, gate=None):
         dtype = self.dtype or x.dtype
         if gate is not None and self.activation is jax.nn.silu:
-            return gated_rms_norm(x, gate, self.scale[...], self.eps).astype(dtype)
-        y = rms_norm(x.astype(jnp.float32), self.scale[...], self.eps)
+            return gated_rms_norm(x, gate, self.weight(), self.eps).astype(dtype)
+        y = rms_norm(x.astype(jnp.float32), self.weight(), self.eps)
         if gate is not None:
             y = y * self.activation(gate.astype(jnp.float32))
         return y.astype(dtype)

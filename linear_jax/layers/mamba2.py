@@ -7,8 +7,10 @@ Through Structured State Space Duality").
     out  = RMSNorm(y * silu(z)) W_out       the gated norm, gate applied before normalising
 
 Paper choices: expand 2, N = 64 (here `d_state`, default 16 for small models), one group (G = 1) of
-B and C shared by the heads, A = exp(A_log) uniform in [1, 16], softplus(dt_bias) log-uniform in
-[1e-3, 1e-1], D = 1. Ops: `linear_jax.ops.ssd` and `linear_jax.ops.short_conv`.
+B and C shared by the heads (head h reads group h // (H / G)), A = exp(A_log) uniform in [1, 16],
+softplus(dt_bias) log-uniform in [1e-3, 1e-1], D = 1. `norm_groups` splits the gated norm's
+statistics into that many slices of E (the reference code, and so its checkpoints, normalise per
+group of B and C: norm_groups = G). Ops: `linear_jax.ops.ssd` and `linear_jax.ops.short_conv`.
 
 Parameters: D (2 E + 2 G N + H) (in) + 4 (E + 2 G N) + (E + 2 G N) (conv) + 3 H + E (norm) + E D.
 State: h [B, H, N, P] float32; conv state [B, 3, E + 2 G N].
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 from functools import partial
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -35,6 +36,7 @@ from linear_jax.layers.common import (
     param,
 )
 from linear_jax.layers.short_conv import ShortConv
+from linear_jax.ops.norms import gated_rms_norm
 from linear_jax.parallel.dispatch import recurrence
 
 
@@ -43,13 +45,18 @@ class Mamba2(nnx.Module):
     OP_IMPL = True           # `impl` is its op's (`linear_jax.ops.registry`)
 
     def __init__(self, d_model: int, num_heads: int, *, d_state: int = 16, d_conv: int = 4,
-                 expand: int = 2, num_groups: int = 1, chunk_size: int = 64, impl: str = "auto",
+                 expand: int = 2, num_groups: int = 1, norm_groups: int = 1,
+                 norm_eps: float = 1e-6, chunk_size: int = 64, impl: str = "auto",
                  kernel_config=None, num_layers: int | None = None, std: float = DEFAULT_STD,
                  rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
         E, H, G, N = expand * d_model, num_heads, num_groups, d_state
         if E % H:
             raise ValueError(f"expand * d_model = {E} must be a multiple of num_heads = {H}")
+        if E % norm_groups:
+            raise ValueError(f"expand * d_model = {E} must be a multiple of norm_groups = "
+                             f"{norm_groups}")
         self.E, self.H, self.G, self.N, self.P = E, H, G, N, E // H
+        self.norm_groups, self.norm_eps = norm_groups, norm_eps
         # hashable: static graph data
         self.op_kw = (("chunk_size", chunk_size), ("impl", impl), ("config", kernel_config))
         mk = partial(dense, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -59,7 +66,8 @@ class Mamba2(nnx.Module):
         self.A_log = param(rngs, a_log_init, (H,), ("heads",), param_dtype)
         self.dt_bias = param(rngs, dt_bias_init, (H,), ("heads",), param_dtype)
         self.D = param(rngs, nnx.initializers.ones, (H,), ("heads",), param_dtype)
-        self.norm = RMSNorm(E, axis="mlp", rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.norm = RMSNorm(E, eps=norm_eps, axis="mlp", rngs=rngs, dtype=dtype,
+                            param_dtype=param_dtype)
         self.out_proj = mk(E, d_model, ("mlp", "embed"), std=out_std(std, num_layers))
 
     def init_cache(self, batch_size: int, dtype=jnp.float32, **_) -> dict:
@@ -84,5 +92,7 @@ class Mamba2(nnx.Module):
         group = lambda m: m.reshape(m.shape[:2] + (self.G, self.N))
         y, S = self.ssm(x, xs.reshape(xs.shape[:2] + (self.H, self.P)), dt, group(Bm),
                         group(Cm), states["state"], segment_ids, seq_parallel)
-        y = y.reshape(xs.shape) * jax.nn.silu(z)
-        return self.out_proj(self.norm(y)), leave(cache, segment_ids, state=S, conv=conv)
+        y = gated_rms_norm(y.reshape(xs.shape), z, self.norm.scale[...], self.norm_eps,
+                           num_groups=self.norm_groups, norm_before_gate=False)
+        return self.out_proj(y.astype(self.norm.dtype or x.dtype)), leave(
+            cache, segment_ids, state=S, conv=conv)

@@ -7,6 +7,11 @@ form of xLSTM 7B (Beck et al. 2025, "xLSTM 7B: A Recurrent LLM for Fast and Effi
     h = mlstm(q, k, v, i, f)               matrix memory with normaliser and max-stabiliser
     y = (RMSNorm_V(h) * sigmoid(x W_o)) W_out
 
+`gate_soft_cap` bounds both gate pre-activations by c tanh(x / c) (xLSTM 7B: c = 15);
+`head_norm="layer"` normalises each head's output by a LayerNorm with a weight per head and
+channel (the released xLSTM 7B) instead of the RMSNorm whose scale the heads share ("rms"); `eps`
+is the mLSTM normaliser's.
+
 Initialisation as xLSTM 7B: input-gate bias -10 (gates start nearly shut), forget-gate biases
 spread over [3, 6] across heads (long memory at init). Op: `linear_jax.ops.mlstm`.
 
@@ -21,21 +26,30 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from linear_jax.layers.base import QKVMixer
-from linear_jax.layers.common import dense
+from linear_jax.layers.common import dense, heads, merge_heads, param
 from linear_jax.ops.mlstm import mlstm
+from linear_jax.ops.norms import layer_norm
 
 
 class MLSTM(QKVMixer):
     SEQ_PARALLEL = False     # no sequence-parallel mLSTM (its stabiliser m is not affine)
 
-    def __init__(self, d_model: int, num_heads: int, *, qk_factor: float = 0.5, rngs,
-                 dtype=None, param_dtype=jnp.float32, **kw):
+    def __init__(self, d_model: int, num_heads: int, *, qk_factor: float = 0.5,
+                 gate_soft_cap: float | None = None, head_norm: str = "rms", eps: float = 1e-6,
+                 rngs, dtype=None, param_dtype=jnp.float32, **kw):
         K, V = int(d_model * qk_factor) // num_heads, d_model // num_heads
+        if head_norm not in ("rms", "layer"):
+            raise ValueError(f"MLSTM: head_norm must be 'rms' or 'layer', got {head_norm!r}")
         kw.setdefault("output_gate", True)
         super().__init__(d_model, num_heads, key_dim=K, value_dim=V, gate_activation=jax.nn.sigmoid,
-                         rngs=rngs, dtype=dtype, param_dtype=param_dtype, **kw)
+                         output_norm=head_norm == "rms", rngs=rngs, dtype=dtype,
+                         param_dtype=param_dtype, **kw)
+        self.gate_soft_cap, self.eps, self.norm_eps = gate_soft_cap, eps, kw.get("norm_eps", 1e-6)
+        self.head_norm = None if head_norm == "rms" else param(
+            rngs, nnx.initializers.ones, (num_heads * V,), ("heads",), param_dtype)
         f_bias = lambda key, shape, dt: jnp.asarray(np.linspace(3.0, 6.0, shape[0]), dt)
         i_bias = lambda key, shape, dt: jnp.full(shape, -10.0, dt)
         mk = partial(dense, d_model, num_heads, ("embed", "heads"), rngs=rngs, dtype=dtype,
@@ -48,8 +62,18 @@ class MLSTM(QKVMixer):
         return {"C": z(B, H, K, V), "n": z(B, H, K), "m": z(B, H)}
 
     def mix(self, x, q, k, v, states, segment_ids, seq_parallel=None):
-        f32 = lambda a: a.astype(jnp.float32)
-        h, (C, n, m) = mlstm(q, k, v, f32(self.i_proj(x)), f32(self.f_proj(x)),
+        c = self.gate_soft_cap
+        gate = lambda proj: (proj(x).astype(jnp.float32) if c is None
+                             else c * jnp.tanh(proj(x).astype(jnp.float32) / c))
+        h, (C, n, m) = mlstm(q, k, v, gate(self.i_proj), gate(self.f_proj),
                              initial_state=(states["C"], states["n"], states["m"]),
-                             segment_ids=segment_ids, **dict(self.op_kw))
+                             segment_ids=segment_ids, eps=self.eps, **dict(self.op_kw))
         return h, {"C": C, "n": n, "m": m}
+
+    def output(self, o, x):
+        if self.head_norm is None:
+            return super().output(o, x)
+        w = self.head_norm[...].reshape(self.H, self.V)
+        o = layer_norm(o, w, None, self.norm_eps).astype(o.dtype)
+        gate = jax.nn.sigmoid(heads(self.g_proj(x), self.H).astype(jnp.float32))
+        return self.o_proj(merge_heads((o * gate).astype(o.dtype)))

@@ -42,8 +42,8 @@ class Retention(QKVMixer):
     layer) share one structure and stack into one scan in a model."""
 
     def __init__(self, d_model: int, num_heads: int, *, log_decay, expand_v: int = 1,
-                 qk_activation=None, **kw):
-        K = d_model // num_heads
+                 qk_activation=None, head_dim: int | None = None, **kw):
+        K = head_dim or d_model // num_heads
         kw.setdefault("output_gate", True)
         super().__init__(d_model, num_heads, key_dim=K, value_dim=expand_v * K, **kw)
         self.log_decay = nnx.Variable(jnp.asarray(np.asarray(log_decay, np.float32)))

@@ -4,8 +4,14 @@ The mixer of each layer comes from `layers` (an explicit list, e.g. the hybrids 
 Linear-MoE) or from `mixer` with softmax attention every `attn_every`-th layer (layers
 attn_every - 1, 2 attn_every - 1, ...; 0 means none). `mixer_options` maps a mixer name to extra
 constructor arguments (e.g. `{"attention": {"window": 512}, "gla": {"expand_k": 1.0}}`).
-The feed-forward is a SwiGLU MLP (`ffn="mlp"`) or a top-k mixture of experts (`ffn="moe"`, on
-every `moe_every`-th layer, the others keeping the MLP).
+The feed-forward is a SwiGLU MLP (`ffn="mlp"`), a top-k mixture of experts (`ffn="moe"`, on
+every `moe_every`-th layer, the others keeping the MLP; `moe_shared > 0` adds Qwen-MoE's shared
+expert of that width, gated per token by a sigmoid), or none (`ffn="none"`: blocks of one
+norm and one mixer, as Mamba and Mamba-2 stack them).
+
+Blocks are pre-norm, h + f(norm(h)) (`residual="pre"`), or MiniMax-01's `residual="normed"`,
+h' = alpha norm(h) + beta f(norm(h)): the residual stream carries the normalised input, scaled;
+`residual_scales` maps a mixer name or "ffn" to its (alpha, beta), (1, 1) when absent.
 
 `impl` and `kernel_config` reach every linear mixer's op as `impl=` and `config=` (`impl` is an
 op implementation: "auto", "recurrent", "chunk", "pallas", "pallas:<backend>"); softmax attention
@@ -24,7 +30,7 @@ from typing import Any
 
 from linear_jax.layers import MIXERS
 
-FFNS = ("mlp", "moe")
+FFNS = ("mlp", "moe", "none")
 
 
 def _freeze(options) -> tuple:
@@ -71,9 +77,14 @@ class LMConfig:
     num_experts: int = 8
     top_k: int = 2
     moe_every: int = 1
+    moe_shared: int = 0                      # width of an always-on shared expert (0: none)
     tie_embeddings: bool = True
     init_std: float = 0.02
     norm_eps: float = 1e-6
+    norm_offset: float = 0.0                 # block and final norms scale by offset + weight
+    logit_soft_cap: float | None = None      # logits -> c tanh(logits / c) (xLSTM 7B: 30)
+    residual: str = "pre"                    # "pre" | "normed" (MiniMax-01's block, see below)
+    residual_scales: Mapping[str, tuple[float, float]] | tuple = ()   # name -> (alpha, beta)
     chunk_size: int = 64
     impl: str = "auto"
     kernel_config: tuple[Any, ...] = ()      # kernel configs, each kernel takes the one of its type
@@ -85,6 +96,12 @@ class LMConfig:
         set_ = lambda k, v: object.__setattr__(self, k, v)
         set_("mixer_options", _freeze(self.mixer_options))
         set_("kernel_config", _kernel_configs(self.kernel_config))
+        set_("residual_scales", tuple(sorted((k, tuple(float(x) for x in v))
+                                             for k, v in dict(self.residual_scales).items())))
+        if self.residual not in ("pre", "normed") or (self.residual == "normed"
+                                                        and self.ffn == "none"):
+            raise ValueError(f"LMConfig: residual must be 'pre' or 'normed' (the latter with an "
+                             f"ffn), got {self.residual!r} with ffn={self.ffn!r}")
         if self.layers is not None:
             set_("layers", tuple(self.layers))
         for name, what in ((self.vocab_size, "vocab_size"), (self.d_model, "d_model"),
@@ -108,6 +125,8 @@ class LMConfig:
         if self.ffn == "moe" and not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"LMConfig: top_k={self.top_k} must be in [1, num_experts="
                              f"{self.num_experts}]")
+        if self.moe_shared < 0:
+            raise ValueError(f"LMConfig: moe_shared must be >= 0, got {self.moe_shared}")
         if self.moe_every < 1:
             raise ValueError(f"LMConfig: moe_every must be >= 1, got {self.moe_every}")
 
@@ -121,7 +140,12 @@ class LMConfig:
     def options(self, mixer: str) -> dict:
         return dict(dict(self.mixer_options).get(mixer, ()))
 
+    def scales(self, name: str) -> tuple[float, float]:
+        return dict(self.residual_scales).get(name, (1.0, 1.0))
+
     def layer_ffn(self, i: int) -> str:
+        if self.ffn == "none":
+            return "none"
         return "moe" if self.ffn == "moe" and (i + 1) % self.moe_every == 0 else "mlp"
 
     @property

@@ -32,6 +32,7 @@ own first, so that a decoding step does not slice parameters out of the stacks e
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +42,7 @@ from flax.nnx import spmd
 from linear_jax.layers import MIXERS, make_mixer
 from linear_jax.layers.common import RMSNorm, param
 from linear_jax.layers.ffn import MLP, MoE
+from linear_jax.layers.shared_moe import SharedExpertMoE
 from linear_jax.models.config import LMConfig
 
 LAYERS_AXIS = "layers"      # the logical name of the stacked layer axis (never sharded)
@@ -52,7 +54,9 @@ class Block(nnx.Module):
         kw = dict(rngs=rngs, dtype=c.dtype and jnp.dtype(c.dtype), param_dtype=jnp.dtype(
             c.param_dtype))
         self.mixer_name = name = c.layer_mixers()[layer_idx]
-        self.norm1 = RMSNorm(c.d_model, eps=c.norm_eps, **kw)
+        # MiniMax-01's block: (alpha, beta) of the mixer and of the ffn, None for pre-norm
+        self.normed = (None if c.residual == "pre" else (c.scales(name), c.scales("ffn")))
+        self.norm1 = RMSNorm(c.d_model, eps=c.norm_eps, offset=c.norm_offset, **kw)
         common = dict(chunk_size=c.chunk_size, kernel_config=c.kernel_config,
                       num_layers=c.num_layers, layer_idx=layer_idx, std=c.init_std)
         # LMConfig.impl is an op impl: the linear mixers' only (a mixer without `impl` never
@@ -61,17 +65,34 @@ class Block(nnx.Module):
             common["impl"] = c.impl
         self.mixer = make_mixer(name, c.d_model, c.num_heads, options=c.options(name),
                                 **common, **kw)
-        self.norm2 = RMSNorm(c.d_model, eps=c.norm_eps, **kw)
         ffn_kw = dict(num_layers=c.num_layers, std=c.init_std, **kw)
-        self.ffn = (MoE(c.d_model, c.ff_width, num_experts=c.num_experts, top_k=c.top_k, **ffn_kw)
-                    if c.layer_ffn(layer_idx) == "moe" else MLP(c.d_model, c.ff_width, **ffn_kw))
+        kind = c.layer_ffn(layer_idx)
+        # ffn="none": the block is norm + mixer only (Mamba's), with no second norm to carry
+        self.norm2 = None if kind == "none" else RMSNorm(c.d_model, eps=c.norm_eps,
+                                                         offset=c.norm_offset, **kw)
+        moe = partial(SharedExpertMoE, shared_width=c.moe_shared) if c.moe_shared else MoE
+        self.ffn = (None if kind == "none" else
+                    moe(c.d_model, c.ff_width, num_experts=c.num_experts, top_k=c.top_k, **ffn_kw)
+                    if kind == "moe" else MLP(c.d_model, c.ff_width, **ffn_kw))
 
     def __call__(self, h, *, segment_ids=None, cache=None, seq_parallel=None):
+        if self.normed is not None:
+            return self.normed_residual(h, segment_ids, cache, seq_parallel)
         y, cache = self.mixer(self.norm1(h), segment_ids=segment_ids, cache=cache,
                               seq_parallel=seq_parallel)
         h = h + y
+        if self.ffn is None:
+            return h, cache, jnp.zeros((), jnp.float32)
         y, aux = self.ffn(self.norm2(h))
         return h + y, cache, aux
+
+    def normed_residual(self, h, segment_ids, cache, seq_parallel):
+        (a1, b1), (a2, b2) = self.normed
+        h = self.norm1(h)
+        y, cache = self.mixer(h, segment_ids=segment_ids, cache=cache, seq_parallel=seq_parallel)
+        h = self.norm2(a1 * h + b1 * y)
+        y, aux = self.ffn(h)
+        return a2 * h + b2 * y, cache, aux
 
 
 def periods(kinds: Sequence[Hashable]) -> list[tuple[int, int]]:
@@ -173,7 +194,7 @@ class LM(nnx.Module):
             start += period * repeats
         self.stacks = nnx.List(stacks)
         self.norm = RMSNorm(c.d_model, eps=c.norm_eps, rngs=rngs, dtype=self.dtype,
-                            param_dtype=pdt)
+                            param_dtype=pdt, offset=c.norm_offset)
         self.head = None if c.tie_embeddings else param(rngs, init, (c.d_model, c.vocab_size),
                                                         ("embed", "vocab"), pdt)
         self.num_moe = sum(c.layer_ffn(i) == "moe" for i in range(c.num_layers))
@@ -274,6 +295,9 @@ class LM(nnx.Module):
         w = self.embed[...].T if self.head is None else self.head[...]
         logits = jnp.einsum("btd,dv->btv", h, w.astype(h.dtype),
                             preferred_element_type=jnp.float32)
+        if self.config.logit_soft_cap is not None:
+            cap = self.config.logit_soft_cap
+            logits = cap * jnp.tanh(logits / cap)
         if over is not None:
             logits = jnp.where(over, jnp.nan, logits)
         return logits, new, aux / max(self.num_moe, 1)

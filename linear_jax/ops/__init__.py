@@ -12,11 +12,14 @@ from linear_jax.ops.delta_rule import delta_rule, efla_beta, gated_delta_rule
 from linear_jax.ops.diagonal_scan import diagonal_scan
 from linear_jax.ops.gla import gla
 from linear_jax.ops.hgrn import hgrn
+from linear_jax.ops.kda import kda
 from linear_jax.ops.linear_attention import linear_attention
 from linear_jax.ops.lion import lion
 from linear_jax.ops.log_linear_gated_delta_rule import log_linear_gated_delta_rule
 from linear_jax.ops.log_linear_simple_gla import log_linear_simple_gla
+from linear_jax.ops.mamba3 import mamba3
 from linear_jax.ops.mlstm import mlstm
+from linear_jax.ops.rwkv7 import rwkv7
 from linear_jax.ops.s4d import causal_conv, s4d_discretize, s4d_kernel
 from linear_jax.ops.selective_scan import selective_scan
 from linear_jax.ops.short_conv import short_conv
@@ -45,4 +48,7 @@ __all__ = [
     "log_linear_simple_gla",
     "log_linear_gated_delta_rule",
     "lion",
+    "kda",
+    "rwkv7",
+    "mamba3",
 ]

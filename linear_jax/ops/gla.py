@@ -46,7 +46,13 @@ def gla_chunk(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size):
 
 registry.register(registry.OpRecord(
     "gla", reference=gla_recurrent, chunk=gla_chunk,
-    kernels=(registry.Kernel("triton", "linear_jax.kernels.gpu.decay:decay",
+    # the Hopper kernel lowers for CUDA and matches the reference in the GPU interpreter; it has
+    # not yet run on a device: "auto" does not take it until it is checked there
+    kernels=(registry.Kernel("mosaic_gpu", "linear_jax.kernels.gpu.hopper.gla:gla",
+                             "linear_jax.kernels.configs:HopperChunkConfig", auto=False,
+                             min_capability=(9, 0),
+                             accepts="linear_jax.kernels.gpu.hopper.common:accepts"),
+             registry.Kernel("triton", "linear_jax.kernels.gpu.decay:decay",
                              "linear_jax.kernels.configs:TritonChunkConfig"),
              registry.Kernel("tpu", "linear_jax.kernels.tpu.gla:gla",
                              "linear_jax.kernels.configs:TpuConfig")),
@@ -66,7 +72,7 @@ def gla(q, k, v, g, *, scale=None, initial_state=None, segment_ids=None, chunk_s
     _checks.check_state("initial_state", initial_state, (B, H, K, V), "[B, H, K, V]")
     _checks.check_segment_ids(segment_ids, B, T)
     _checks.check_chunk_size(chunk_size)
-    run = registry.dispatch("gla", impl, T, config)
+    run = registry.dispatch("gla", impl, T, config, args=(q, k, v))
     q, k = repeat_heads(q, H), repeat_heads(k, H)
     o, S = run(q, k, v, g, scale=default_scale(scale, K), initial_state=initial_state,
                segment_ids=segment_ids, chunk_size=chunk_size)

@@ -17,6 +17,13 @@ One guard: the floor exp(-m_t) is taken as exp(min(-m_t, 80)). It only binds whe
 every input gate of the span is below -80 and h is ~0 either way, and keeps the floor finite there
 (an infinite floor makes the gradient 0 * inf = NaN).
 
+Kernels: "pallas:triton" (`linear_jax.kernels.gpu.mlstm`) and, on compute capability 9.0 GPUs,
+"pallas:mosaic_gpu" (`linear_jax.kernels.gpu.hopper.mlstm`; not chosen by "auto" until it has
+passed its device check): bf16 / fp16 inputs with K, V in (64, 128) and no segment ids; its
+forward is a Mosaic GPU kernel (TFLA two-level tiling, chunks of 128 tokens between states, the
+stabiliser and normaliser in the kernel), its backward still the chunk form's VJP. Other inputs
+are declined (`accepts`): "auto" passes over it.
+
 Shapes: q, k [B, T, Hk, K]; v [B, T, H, V] (H a multiple of Hk); i, f [B, T, H]; state the tuple
 (C [B, H, K, V], n [B, H, K], m [B, H]) float32; h [B, T, H, V] in v's dtype. The zero state is
 (0, 0, 0): m = 0 is what `mlstm_kernels` starts from without an initial state, and a packed-document
@@ -148,7 +155,12 @@ def _check_state(initial_state, B, H, K, V):
 
 registry.register(registry.OpRecord(
     "mlstm", reference=mlstm_recurrent, chunk=mlstm_chunk,
-    kernels=(registry.Kernel("triton", "linear_jax.kernels.gpu.mlstm:mlstm",
+    # the Hopper kernel has not run on a device yet: reachable as impl="pallas:mosaic_gpu" only
+    kernels=(registry.Kernel("mosaic_gpu", "linear_jax.kernels.gpu.hopper.mlstm:mlstm",
+                             "linear_jax.kernels.configs:HopperMlstmConfig", auto=False,
+                             min_capability=(9, 0),
+                             accepts="linear_jax.kernels.gpu.hopper.mlstm:accepts"),
+             registry.Kernel("triton", "linear_jax.kernels.gpu.mlstm:mlstm",
                              "linear_jax.kernels.configs:TritonChunkConfig"),)))
 
 
@@ -168,7 +180,7 @@ def mlstm(q, k, v, i, f, *, scale=None, initial_state=None, segment_ids=None, ch
     _check_state(initial_state, B, H, K, V)
     _checks.check_segment_ids(segment_ids, B, T)
     _checks.check_chunk_size(chunk_size)
-    run = registry.dispatch("mlstm", impl, T, config)
+    run = registry.dispatch("mlstm", impl, T, config, args=(q, k, v))
     q, k = repeat_heads(q, H), repeat_heads(k, H)
     h, state = run(q, k, v, i, f, scale=default_scale(scale, K), initial_state=initial_state,
                    segment_ids=segment_ids, chunk_size=chunk_size, eps=eps)

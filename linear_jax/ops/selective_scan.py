@@ -18,7 +18,13 @@ per chunk for the backward pass; see `linear_jax.ops.common.elementwise_chunk`),
 "pallas:<backend>" (the kernels of the record below), "auto"; resolved by
 `linear_jax.ops.registry`. Every impl takes the op's own arguments (`unfused` below says the
 signature); the XLA forms and the TPU kernel form dt, dt * u and the D skip / z gate in XLA
-around their scan, the GPU kernel fuses them.
+around their scan, the GPU kernels fuse them.
+
+The Hopper kernel (impl="pallas:mosaic_gpu", `linear_jax.kernels.gpu.hopper.selective`; not chosen
+by "auto" until it has passed its device check) applies on compute capability 9.0 GPUs to bf16 /
+fp16 u with the channels of each B / C group (D / G) a multiple of 64; it fuses the softplus step
+size and its bias, the D skip and the z gate into a sequential scan over register-held [64, N]
+state tiles (one exp per (t, d, n)). Other inputs are declined (`accepts`): "auto" passes over it.
 """
 
 from __future__ import annotations
@@ -79,7 +85,12 @@ def _check_bc(name, M, Bsz, T, D, N):
 registry.register(registry.OpRecord(
     "selective_scan", reference=unfused(selective_scan_recurrent),
     chunk=unfused(selective_scan_chunk), elementwise=True,
-    kernels=(registry.Kernel("triton", "linear_jax.kernels.gpu.selective:selective_scan",
+    # the Hopper kernel has not run on a device yet: reachable as impl="pallas:mosaic_gpu" only
+    kernels=(registry.Kernel("mosaic_gpu", "linear_jax.kernels.gpu.hopper.selective:selective_scan",
+                             "linear_jax.kernels.configs:HopperSelectiveConfig", auto=False,
+                             min_capability=(9, 0),
+                             accepts="linear_jax.kernels.gpu.hopper.selective:accepts"),
+             registry.Kernel("triton", "linear_jax.kernels.gpu.selective:selective_scan",
                              "linear_jax.kernels.configs:TritonSelectiveConfig"),
              registry.Kernel("tpu", "linear_jax.kernels.tpu.selective:selective_scan_op",
                              "linear_jax.kernels.configs:TpuSelectiveConfig"))))
@@ -113,7 +124,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     _checks.check_state("initial_state", initial_state, (Bsz, Dm, N), "[B, D, N]")
     _checks.check_segment_ids(segment_ids, Bsz, T)
     _checks.check_chunk_size(chunk_size)
-    run = registry.dispatch("selective_scan", impl, T, config)
+    run = registry.dispatch("selective_scan", impl, T, config, args=(u, delta, A, B, C))
     h0 = None if initial_state is None else initial_state.astype(jnp.float32)
     y, hT = run(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state=h0,
                 segment_ids=segment_ids, chunk_size=chunk_size)

@@ -4,6 +4,9 @@
     for each step: batch -> jit(train_step, donated state) -> metrics of the previous step -> log
                    every `eval.every`: eval sets; every `train.checkpoint_every`: async save
 
+`config.init_from` (optional): a transformers checkpoint directory (`linear_jax.hub`) whose
+weights start a fresh run instead of the random initialisation (fine-tuning).
+
 `train(config)` is the whole run and returns the final metrics; it is what `experiments/train.py`
 calls and what a notebook calls. A configuration that cannot run raises `ConfigError` before any
 compilation; a non-finite loss or gradient stops the run (`result["stopped"] == "nan"`).
@@ -155,6 +158,9 @@ def train(config, *, devices=None) -> dict:
                               f"{str(e).splitlines()[0][:300]}") from None
         if restored is None:
             state = jax.jit(lambda: init()[1], out_shardings=shardings)()
+            if config.get("init_from"):
+                state["params"] = pretrained(config, model_config, mesh, rules,
+                                             shardings["params"])
             position, start = 0, 0
         else:
             state, position, start = restored
@@ -205,6 +211,25 @@ def _throughput(config, model, mesh) -> metrics.Throughput:
                      mesh.devices.size, peak, source)
     return metrics.Throughput(tr.batch_size * config.task.seq_len, flops,
                               None if peak is None else peak * mesh.devices.size)
+
+
+def pretrained(config, model_config, mesh, rules, shardings):
+    """The parameters of the transformers checkpoint in directory `config.init_from`
+    (`linear_jax.hub`), placed as `shardings`; its model must be `model_config` exactly (a
+    fine-tuning config takes its `model` section from `hub.read_config`)."""
+    from linear_jax import hub
+
+    overrides = {k: getattr(model_config, k) for k in hub.OVERRIDES}
+    try:
+        stored = hub.read_config(config.init_from, **overrides)
+    except ValueError as e:
+        raise ConfigError(f"init_from: {e}") from None
+    if stored != model_config:
+        raise ConfigError(f"init_from={config.init_from}: its model {stored} is not the config's "
+                          f"{model_config}")
+    model = hub.load(config.init_from, mesh=mesh, rules=tuple(rules.items()), **overrides)
+    logging.info("parameters from %s", config.init_from)
+    return jax.device_put(nnx.state(model, nnx.Param), shardings)
 
 
 def load_model(config, *, devices=None):

@@ -123,9 +123,11 @@ def test_causal_and_finite_gradients(name):
 _D, _H, _K = 64, 4, 16
 DOCUMENTED_PARAMS = {
     "attention": 4 * _D**2,
+    "gated_attention": 5 * _D**2 + 2 * _K,
     "linear_attention": 4 * _D**2,
     "retnet": 8 * _D**2 + 2 * _D // _H,
     "lightning": 5 * _D**2 + _D // _H,
+    "minimax_lightning": 5 * _D**2 + _D,
     "gla": 4 * _D**2 + 16 * _D + 8 * _D + _D // 2 + _D // _H,
     "hgrn2": _D * (2 * _D + _D) + _D**2 + _D // _H,
     "deltanet": 4 * _D**2 + _D * _H + 12 * _D + _D // _H,
@@ -150,6 +152,9 @@ DOCUMENTED_PARAMS = {
     "log_linear_gated_deltanet": 8 * _D**2 + 2 * _D * _H + 2 * _H + 16 * _D + 2 * _D // _H
     + _D * _H * 12 + _H * 12,
     "lte_attention": 4 * _D**2 + 4 * _D + _D + _H,
+    "mamba3": _D * (256 + 32 + 3 * _H + 4) + _H + 2 * _H * 16 + 2 * 16 + _H + 128 * _D,
+    "rwkv7": 4 * _D**2 + 2 * _D * (64 + 64 + 128) + 13 * _D,
+    "kda": 4 * _D**2 + _D * _H + 12 * _D + _D // _H + 4 * _D**2 // _H + _H + 2 * _D,
 }
 
 
@@ -169,9 +174,12 @@ def test_every_parameter_names_its_logical_axes():
     """Each parameter carries one logical axis name per dimension, from the shared vocabulary
     (a harness maps them onto mesh axes with its rules)."""
     from linear_jax.layers.ffn import MLP, MoE
+    from linear_jax.layers.shared_moe import SharedExpertMoE
     build = {name: lambda name=name: make_mixer(name, 32, 2, rngs=nnx.Rngs(0)) for name in MIXERS}
     build["mlp"] = lambda: MLP(32, 64, rngs=nnx.Rngs(0))
     build["moe"] = lambda: MoE(32, 64, num_experts=4, rngs=nnx.Rngs(0))
+    build["shared_moe"] = lambda: SharedExpertMoE(32, 64, shared_width=48, num_experts=4,
+                                                  rngs=nnx.Rngs(0))
     layers = {name: nnx.eval_shape(f) for name, f in build.items()}
     for name, layer in layers.items():
         for path, p in nnx.to_flat_state(nnx.state(layer, nnx.Param)):
@@ -191,7 +199,7 @@ def test_kernel_config_reaches_the_op_arguments():
         opts = {"num_slots": 8} if name == "gsa" else {}
         layer = nnx.eval_shape(lambda name=name, opts=opts: make_mixer(
             name, _D, _H, rngs=nnx.Rngs(0), kernel_config=cfg, **opts))
-        if name in ("attention", "lte_attention"):       # softmax attention: no kernel config
+        if name in ("attention", "lte_attention", "gated_attention"):   # softmax: no kernel config
             assert not hasattr(layer, "op_kw")
             continue
         assert dict(layer.op_kw)["config"] == cfg and hash(layer.op_kw), name

@@ -108,7 +108,7 @@ def test_backend_names(on):
 
 
 def test_available():
-    kernels = ["pallas", "pallas:triton", "pallas:tpu"]
+    kernels = ["pallas", "pallas:mosaic_gpu", "pallas:triton", "pallas:tpu"]
     assert registry.available("gla") == ["recurrent", "chunk", *kernels]
     assert registry.available("ssd") == registry.available("simple_gla")
     assert registry.available("linear_attention") == registry.available("simple_gla")

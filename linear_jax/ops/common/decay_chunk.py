@@ -44,7 +44,11 @@ SUB_CHUNK = 16
 
 
 def _einsum(spec, *xs):
-    return jnp.einsum(spec, *xs, precision=_HI, preferred_element_type=jnp.float32)
+    # complex operands (Mamba-3's rotary channels through `_intra_vector` and `scan_chunks`) keep
+    # their complex type: a float32 accumulation type would drop the imaginary part
+    complex_ = any(jnp.iscomplexobj(x) for x in xs)
+    return jnp.einsum(spec, *xs, precision=_HI,
+                      preferred_element_type=None if complex_ else jnp.float32)
 
 
 def _intra_scalar(q, k, g, mask):
@@ -144,11 +148,11 @@ def scan_chunks(S0, decay, dS=None, *, W=None, U=None, k_out=None):
     `chunk_state` pass is the same recurrence): over chunks n = 0 .. N-1,
 
         S_{n+1} = decay_n S_n + dS_n                       (decay family: dS_n = k_out_n^T v_n)
-        u_n = U_n - W_n S_n,  S_{n+1} = decay_n S_n + k_out_n^T u_n      (delta rule)
+        u_n = U_n - W_n S_n,  S_{n+1} = decay_n S_n + k_out_n^T u_n [+ dS_n]   (delta rule, RWKV-7)
 
-    S0 [B,H,K,V] float32; decay [B|1,H|1,N|1,K|1,1]; dS [B,H,N,K,V]; W, k_out [B,H,N,C,K], U
-    [B,H,N,C,V]. Returns (final state, entering state of every chunk [B,H,N,K,V], u [B,H,N,C,V] or
-    None)."""
+    S0 [B,H,K,V] float32; decay [B|1,H|1,N|1,K|1,1]; dS [B,H,N,K,V] (optional with W); W, k_out
+    [B,H,N,C,K], U [B,H,N,C,V]. Returns (final state, entering state of every chunk [B,H,N,K,V],
+    u [B,H,N,C,V] or None)."""
     B, H = S0.shape[:2]
     N = (dS if W is None else W).shape[2]
     decay = jnp.broadcast_to(decay, (B, H, N) + decay.shape[3:])
@@ -159,11 +163,12 @@ def scan_chunks(S0, decay, dS=None, *, W=None, U=None, k_out=None):
         if W is None:
             d, ds = inp
             return d * S + ds, (S, None)
-        d, W_n, U_n, k_n = inp
+        d, W_n, U_n, k_n, *ds = inp
         u = U_n - _einsum("bhck,bhkv->bhcv", W_n, S)
-        return d * S + _einsum("bhck,bhcv->bhkv", k_n, u), (S, u)
+        return d * S + _einsum("bhck,bhcv->bhkv", k_n, u) + sum(ds), (S, u)
 
-    xs = (t(decay), t(dS)) if W is None else (t(decay), t(W), t(U), t(k_out))
+    xs = (t(decay), t(dS)) if W is None else (t(decay), t(W), t(U), t(k_out)) + (
+        () if dS is None else (t(dS),))
     S_final, (S_in, u) = lax.scan(step, S0, xs)
     return S_final, back(S_in), None if u is None else back(u)
 

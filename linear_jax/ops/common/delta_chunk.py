@@ -1,9 +1,12 @@
-"""Chunk-parallel form of the delta-rule family, written once for DeltaNet, Gated DeltaNet and
+"""Chunk-parallel form of the delta-rule family, written once for DeltaNet, Gated DeltaNet, KDA and
 DeltaProduct (the latter as a delta rule over its interleaved Householder steps).
 
     S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,      o_t = S_t^T q_t
 
-(q already scaled; g absent means g = 0). Through the value a step writes,
+(q already scaled; g absent means g = 0). KDA's per-channel g_t [K] decays first:
+S_t = (I - beta_t k_t k_t^T) diag(exp(g_t)) S_{t-1} + beta_t k_t v_t^T (for a scalar gate the two
+orders agree), and every Gamma below is then per channel inside the key sums, formed by the decay
+family's sub-chunked vector-gate form. Through the value a step writes,
 u_t = beta_t (v_t - k_t^T exp(g_t) S_{t-1}), the step reads S_t = exp(g_t) S_{t-1} + k_t u_t^T.
 Inside a chunk entered with state S_in, with inclusive chunk-local cumulative gate G_i and
 Gamma_ij = exp(G_i - G_j) for i >= j, unrolling gives for every row i
@@ -39,11 +42,13 @@ states would be 128 MiB), and rebuilding them a few chunks at a time saved only 
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 from jax import lax
 
 from linear_jax.ops.common.chunking import doc_masks, from_chunks, to_chunks
-from linear_jax.ops.common.decay_chunk import scan_chunks
+from linear_jax.ops.common.decay_chunk import SUB_CHUNK, _intra_vector, _map_chunks, scan_chunks
 from linear_jax.ops.common.gates import cumsum_incl, rev_cumsum_excl, segsum
 from linear_jax.ops.common.recurrent import state_or_zeros
 from linear_jax.ops.common.triangular import unit_lower_solve
@@ -58,29 +63,45 @@ def _einsum(spec, *xs):
 def _intra(q, k, v, beta, g, same, in_rows, out_rows):
     """Everything that needs no state: the UT transform and the gated intra-chunk matrix.
 
-    q, k [B,H,N,C,K]; v [B,H,N,C,V]; beta [B,H,N,C]; g None | [B,H,N,C];
-    masks as `chunking.doc_masks`.
+    q, k [B,H,N,C,K]; v [B,H,N,C,V]; beta [B,H,N,C]; g None | [B,H,N,C] | [B,H,N,C,K] (a
+    per-channel gate, KDA); masks as `chunking.doc_masks`.
     Returns A [B,H,N,C,C], W [..., C, K], U [..., C, V], q_in, k_out [..., C, K] and the chunk
-    decay [B|1,H|1,N|1,1,1].
+    decay [B|1,H|1,N|1,K|1,1].
     """
     C = q.shape[3]
+    qk = lambda a, b: _einsum("bhnik,bhnjk->bhnij", a, b)
     if g is None:
         gamma = same.astype(jnp.float32)
+        kk, A = qk(k, k) * gamma, qk(q, k) * gamma
         q_in, k_in, k_out = q, k, k
         decay = jnp.ones((1, 1, 1, 1, 1), jnp.float32)
+    elif g.ndim == q.ndim:
+        # per-channel gate: the pair decays exp(G_ik - G_jk) do not factor out of the key sum, so
+        # both [C, C] matrices come from the decay family's sub-chunked vector-gate form
+        # (one map over chunks for both, stacked on the batch axis: two maps side by side trip
+        # an XLA CPU verifier error under jit in jaxlib 0.10)
+        c = math.gcd(C, SUB_CHUNK)
+        two = lambda x: jnp.concatenate([x, x], 0)
+        kkA = _map_chunks(lambda *x: _intra_vector(*x, c), jnp.concatenate([k, q], 0), two(k),
+                          two(g), two(same) if same.shape[0] > 1 else same)
+        kk, A = jnp.split(kkA, 2, axis=0)
+        e_in = jnp.exp(cumsum_incl(g, 3))
+        q_in, k_in = q * e_in, k * e_in
+        k_out = k * jnp.exp(rev_cumsum_excl(g, 3))
+        decay = jnp.exp(g.sum(3))[..., None]
     else:
         gamma = jnp.exp(jnp.where(same, segsum(g), -jnp.inf))
+        kk, A = qk(k, k) * gamma, qk(q, k) * gamma
         e_in = jnp.exp(cumsum_incl(g, 3))[..., None]
         q_in, k_in = q * e_in, k * e_in
         k_out = k * jnp.exp(rev_cumsum_excl(g, 3))[..., None]
         decay = jnp.exp(g.sum(3))[..., None, None]
     # strictly lower: the unit diagonal is implied, so no gradient reaches k_i . k_i
     strict = ~jnp.eye(C, dtype=bool)
-    L = jnp.where(strict, beta[..., :, None] * _einsum("bhnik,bhnjk->bhnij", k, k) * gamma, 0.0)
+    L = jnp.where(strict, beta[..., :, None] * kk, 0.0)
     rhs = beta[..., None] * jnp.concatenate([v, jnp.where(in_rows[..., None], k_in, 0.0)], -1)
     X = unit_lower_solve(L, rhs)
     U, W = X[..., : v.shape[-1]], X[..., v.shape[-1]:]
-    A = _einsum("bhnik,bhnjk->bhnij", q, k) * gamma
     q_in = jnp.where(in_rows[..., None], q_in, 0.0)
     k_out = jnp.where(out_rows[..., None], k_out, 0.0)
     return A, W, U, q_in, k_out, decay
@@ -108,8 +129,8 @@ def _chunk_scan(q, k, v, beta, g, *, scale, initial_state, segment_ids, chunk_si
 def chunk_delta(q, k, v, beta, g, *, scale, initial_state, segment_ids, chunk_size):
     """Chunk-parallel delta rule.
 
-    q, k [B,T,H,K]; v [B,T,H,V]; beta [B,T,H]; g None | [B,T,H] log decays; initial_state
-    [B,H,K,V] or None. Inputs are promoted to float32. Returns o [B,T,H,V] float32 and
+    q, k [B,T,H,K]; v [B,T,H,V]; beta [B,T,H]; g None | [B,T,H] | [B,T,H,K] log decays;
+    initial_state [B,H,K,V] or None. Inputs are promoted to float32. Returns o [B,T,H,V] float32 and
     S [B,H,K,V] float32.
     """
     A, u, q_in, S_in, S_final = _chunk_scan(q, k, v, beta, g, scale=scale,

@@ -1,0 +1,297 @@
+"""The Hopper (Mosaic GPU) kernels of the selective scan (Mamba-1) and of mLSTM on the device:
+correctness, then timings beside jax-linear-attention's (the H200 anchors' `scans`) and our
+Triton kernels.
+
+    python -m experiments.benchmarks.hopper_ssm_gpu --quick [--semantics lane|warpgroup]
+        [--ops selective,mlstm] [--variants default,approx]
+
+(a) Checks: each Hopper kernel's outputs, final state and the gradients of every float input
+    (selective: u, delta, A, B, C, D, z, delta_bias, initial state; mlstm: q, k, v, i, f and the
+    initial state's C, n) against the float32 reference (`impl="recurrent"` on float32 copies
+    of the same bf16 values), by relative norm error (TOL), with an initial state and packed
+    documents where the kernel takes them; float32 inputs refused (ValueError). `--quick`: one
+    small grid per op (T = 1000 and 2048), else also larger D / T.
+(b) Timings, bf16, every input a jit argument: selective B=4 T=4096 D=2048 N=16 (D skip, z
+    gate, softplus step with bias: the jla anchor's setting), mlstm B=8 T=2048 and B=2 T=8192,
+    H=16 K=V=128: forward and forward + backward (grad of sum(y * dy) w.r.t. every float input),
+    device time (10 back-to-back calls) and `sync` (each call blocked on the host, as the anchors
+    were timed), for impl "pallas:mosaic_gpu" (each variant) and "pallas:triton", beside the jla
+    anchor and its ratio to ours (> 1: ours is faster).
+(c) benchmarks/results/hopper_ssm_gpu_<device>.json, written after the checks and after each
+    timing (a run cut short keeps what it had).
+
+A kernel that fails to compile or run prints the last lines of its traceback and the rest goes
+on. The first lowering semantics in --semantics that passes the selective check is used after.
+Expected wall time with --quick on an H200: ~2-2.5 minutes, mostly compiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import importlib.util
+import json
+import os
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.benchmarks import anchors as anchor_files
+from experiments.benchmarks import common
+from linear_jax import ops
+from linear_jax.kernels.configs import HopperSelectiveConfig
+
+TOL = 2e-2
+f32 = jnp.float32
+VARIANTS = {"default": {}, "approx": dict(approx_math=True), "chunk8": dict(chunk=8),
+            "stages2": dict(stages=2)}
+SEL_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "h0")
+SEL_SHAPE = (4, 4096, 2048, 16, 1)        # B, T, D, N, G of the timing (the jla anchor's)
+ML_SHAPES = ((8, 2048), (2, 8192))        # B, T of the mLSTM timings (H = 16, K = V = 128)
+ML_HKV = (16, 128, 128)
+
+
+def tail(e: BaseException, n: int = 20) -> str:
+    return "\n".join("".join(traceback.format_exception(e)).rstrip().splitlines()[-n:])
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if not np.isfinite(a).all():
+        return float("inf")
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def segments(B, T, rng):
+    ids = np.zeros((B, T), np.int32)
+    for b in range(B):
+        for c in {int(rng.integers(1, T)), 16 * int(rng.integers(1, T // 16))}:
+            ids[b, c:] += 1
+    return jnp.asarray(ids)
+
+
+# -- selective scan -------------------------------------------------------------------------------
+def sel_inputs(B, T, D, N, G, *, seed=0, extras=True):
+    rng = np.random.default_rng(seed)
+    n = lambda *s: rng.standard_normal(s).astype(np.float32)     # noqa: E731
+    bf = jnp.bfloat16
+    x = dict(u=jnp.asarray(n(B, T, D), bf), delta=jnp.asarray(n(B, T, D) - 1.0, bf),
+             A=-jnp.exp(jnp.asarray(n(D, N))), B=jnp.asarray(n(B, T, G, N)),
+             C=jnp.asarray(n(B, T, G, N)), D=jnp.asarray(n(D)), z=jnp.asarray(n(B, T, D), bf),
+             delta_bias=jnp.asarray(0.5 * n(D)), h0=jnp.asarray(n(B, D, N)) if extras else None,
+             dy=jnp.asarray(n(B, T, D), bf), dh=jnp.asarray(n(B, D, N)))
+    x["seg"] = segments(B, T, rng) if extras else None
+    return x
+
+
+def sel_fns(impl, cfg, seg):
+    def f(u, delta, A, B, C, D, z, bias, h0):
+        return ops.selective_scan(u, delta, A, B, C, D, z, bias, True, initial_state=h0,
+                                  segment_ids=seg, impl=impl, config=cfg)
+
+    def loss(*a):
+        *xs, dy, dh = a
+        y, h = f(*xs)
+        return jnp.sum(y.astype(f32) * dy.astype(f32)) + jnp.sum(h * dh)
+
+    return f, jax.grad(loss, argnums=tuple(range(len(SEL_NAMES))))
+
+
+def sel_check(cfg, B, T, D, N, G):
+    x = sel_inputs(B, T, D, N, G)
+    args = [x[k] for k in SEL_NAMES]
+    f, g = sel_fns("pallas:mosaic_gpu", cfg, x["seg"])
+    fr, gr = sel_fns("recurrent", None, x["seg"])
+    up = [a.astype(f32) for a in args]
+    y, h = jax.jit(f)(*args)
+    yr, hr = jax.jit(fr)(*up)
+    out = {"y": rel(y, yr), "final_state": rel(h, hr)}
+    dk = jax.jit(g)(*args, x["dy"], x["dh"])
+    dr = jax.jit(gr)(*up, x["dy"].astype(f32), x["dh"])
+    out.update({f"d{n}": rel(a, b) for n, a, b in zip(SEL_NAMES, dk, dr, strict=True)})
+    try:
+        f(*up)
+        out["float32_refused"] = False
+    except ValueError:
+        out["float32_refused"] = True
+    return out
+
+
+def sel_timing(impl, cfg, reps):
+    x = sel_inputs(*SEL_SHAPE, extras=False)
+    args = [x[k] for k in SEL_NAMES[:-1]] + [None]
+    f, g = sel_fns(impl, cfg, None)
+    fj = jax.jit(lambda *a: f(*a, None))
+    gj = jax.jit(lambda *a: g(*a[:8], None, *a[8:])[:8])
+    a, ab = args[:8], args[:8] + [x["dy"], x["dh"]]
+    return timed(fj, a, gj, ab, reps)
+
+
+# -- mLSTM ----------------------------------------------------------------------------------------
+def ml_inputs(B, T, H, K, V, *, seed=0, extras=True):
+    rng = np.random.default_rng(seed)
+    n = lambda *s: rng.standard_normal(s).astype(np.float32)     # noqa: E731
+    bf = jnp.bfloat16
+    x = dict(q=jnp.asarray(n(B, T, H, K), bf), k=jnp.asarray(n(B, T, H, K), bf),
+             v=jnp.asarray(n(B, T, H, V), bf), i=jnp.asarray(n(B, T, H)),
+             f=jnp.asarray(n(B, T, H) + 3.0), dy=jnp.asarray(n(B, T, H, V), bf))
+    x["state"] = ((jnp.asarray(n(B, H, K, V)), jnp.asarray(np.abs(n(B, H, K))),
+                   jnp.asarray(n(B, H))) if extras else None)
+    x["seg"] = None           # the Hopper mLSTM kernel takes no segment ids (yet)
+    return x
+
+
+def ml_fns(impl, cfg, seg):
+    def f(q, k, v, i, fg, state):
+        return ops.mlstm(q, k, v, i, fg, initial_state=state, segment_ids=seg, impl=impl,
+                         config=cfg)
+
+    def loss(q, k, v, i, fg, state, dy):
+        y, (C, n, m) = f(q, k, v, i, fg, state)
+        return jnp.sum(y.astype(f32) * dy.astype(f32)) + jnp.sum(C) + jnp.sum(n)
+
+    return f, jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))
+
+
+def ml_check(cfg, B, T, H, K, V, extras):
+    x = ml_inputs(B, T, H, K, V, extras=extras)
+    args = [x[k] for k in ("q", "k", "v", "i", "f", "state")]
+    up = [jax.tree.map(lambda a: a.astype(f32), a) for a in args]
+    f, g = ml_fns("pallas:mosaic_gpu", cfg, x["seg"])
+    fr, gr = ml_fns("recurrent", None, x["seg"])
+    y, st = jax.jit(f)(*args)
+    yr, sr = jax.jit(fr)(*up)
+    out = {"y": rel(y, yr)}
+    out.update({f"state_{n}": rel(a, b) for n, a, b in zip("Cnm", st, sr, strict=True)})
+    dk = jax.jit(g)(*args, x["dy"])
+    dr = jax.jit(gr)(*up, x["dy"].astype(f32))
+    for n, a, b in zip(("q", "k", "v", "i", "f", "state"), dk, dr, strict=True):
+        if n == "state":
+            if a is not None:
+                out.update({f"dstate_{m}": rel(p, r) for m, p, r in zip("Cn", a[:2], b[:2],
+                                                                        strict=True)})
+        else:
+            out[f"d{n}"] = rel(a, b)
+    return out
+
+
+def ml_timing(impl, cfg, B, T, reps):
+    x = ml_inputs(B, T, *ML_HKV, extras=False)
+    f, g = ml_fns(impl, cfg, None)
+    a = [x[k] for k in ("q", "k", "v", "i", "f")]
+    fj = jax.jit(lambda *a: f(*a, None))
+    gj = jax.jit(lambda *a: g(*a[:5], None, a[5])[:5])
+    return timed(fj, a, gj, a + [x["dy"]], reps)
+
+
+# -- driver ---------------------------------------------------------------------------------------
+def timed(fj, a, gj, ab, reps):
+    row = {}
+    for key, fn, args in (("fwd", fj, a), ("fwdbwd", gj, ab)):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        row[f"{key}_compile_s"] = round(time.perf_counter() - t0, 2)
+        row[f"{key}_ms"] = round(common.median_ms(fn, *args, reps=reps, inner=10), 4)
+        row[f"{key}_sync_ms"] = round(common.median_ms(fn, *args, reps=reps), 4)
+    return row
+
+
+def attempt(label, fn, *a):
+    t0 = time.perf_counter()
+    try:
+        out = fn(*a)
+        print(f"{label}: {out}  ({time.perf_counter() - t0:.1f} s)", flush=True)
+        return out
+    except Exception as e:  # noqa: BLE001 - a failure is this item's result
+        print(f"{label} FAILED:\n{tail(e)}", flush=True)
+        return {"error": tail(e, 8)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--ops", default="selective,mlstm")
+    p.add_argument("--semantics", default="lane,warpgroup")
+    p.add_argument("--variants", default="default")
+    p.add_argument("--reps", type=int, default=10)
+    args = p.parse_args(argv)
+    dev = jax.devices()[0]
+    print(dev.device_kind, "jax", jax.__version__, flush=True)
+    path = os.path.join(anchor_files.DIR, f"{anchor_files.slug(dev.device_kind)}-anchors.json")
+    scans = json.load(open(path)).get("scans", {}) if os.path.exists(path) else {}
+    which = args.ops.split(",")
+    has_mlstm = importlib.util.find_spec("linear_jax.kernels.gpu.hopper.mlstm") is not None
+    results = {"checks": {}, "timings": {}}
+    slug = dev.device_kind.replace(" ", "_")
+
+    def save():
+        common.write_json(f"hopper_ssm_gpu_{slug}.json", [results], tolerance=TOL,
+                          anchors=scans, note="checks: relative norm errors vs the float32 "
+                          "recurrent reference; timings: ms, device (10 back-to-back calls) "
+                          "and sync (each call blocked on the host)")
+
+    sem = None
+    if "selective" in which:
+        grid = [(2, 1000, 256, 16, 1)] + ([] if args.quick else [(1, 4096, 512, 16, 2)])
+        for s in args.semantics.split(","):
+            cfg = HopperSelectiveConfig(semantics=s)
+            r = attempt(f"selective check [{s}] {grid[0]}", sel_check, cfg, *grid[0])
+            results["checks"][f"selective[{s}]{grid[0]}"] = r
+            if "error" not in r:
+                sem = s
+                break
+        sem = sem or args.semantics.split(",")[0]
+        for shape in grid[1:]:
+            results["checks"][f"selective{shape}"] = attempt(
+                f"selective check {shape}", sel_check, HopperSelectiveConfig(semantics=sem),
+                *shape)
+        save()
+        anchor = scans.get("jla.mamba1 B=4 T=4096 D=2048 N=16 (D, z, softplus dt)", {})
+        rows = {}
+        for v in args.variants.split(","):
+            cfg = HopperSelectiveConfig(semantics=sem, **VARIANTS[v])
+            rows[f"mosaic_gpu[{v}]"] = attempt(f"selective time mosaic_gpu[{v}]", sel_timing,
+                                               "pallas:mosaic_gpu", cfg, args.reps)
+        rows["triton"] = attempt("selective time triton", sel_timing, "pallas:triton", None,
+                                 args.reps)
+        for r in rows.values():
+            for k in ("fwd", "fwdbwd"):
+                if f"{k}_sync_ms" in r and k + "_ms" in anchor:
+                    r[f"{k}_jla_over_ours"] = round(anchor[k + "_ms"] / r[f"{k}_sync_ms"], 3)
+        results["timings"]["selective B=4 T=4096 D=2048 N=16"] = {"jla": anchor, **rows}
+        save()
+    if "mlstm" in which:
+        hcfg = None
+        if has_mlstm:
+            from linear_jax.kernels.configs import HopperMlstmConfig
+            hcfg = HopperMlstmConfig(semantics=sem or "lane")
+            for shape in [(2, 1000, 4, 128, 128, False), (1, 2048, 4, 128, 128, True)]:
+                results["checks"][f"mlstm{shape}"] = attempt(f"mlstm check {shape}", ml_check,
+                                                             hcfg, *shape)
+            save()
+        for B, T in ML_SHAPES:
+            anchor = scans.get(f"jla.mlstm B={B} T={T} H=16 K=V=128", {})
+            rows = {}
+            if has_mlstm:
+                rows["mosaic_gpu"] = attempt(f"mlstm time mosaic_gpu B={B} T={T}", ml_timing,
+                                             "pallas:mosaic_gpu", hcfg, B, T, args.reps)
+            rows["triton"] = attempt(f"mlstm time triton B={B} T={T}", ml_timing,
+                                     "pallas:triton", None, B, T, args.reps)
+            for r in rows.values():
+                for k in ("fwd", "fwdbwd"):
+                    if f"{k}_sync_ms" in r and k + "_ms" in anchor:
+                        r[f"{k}_jla_over_ours"] = round(anchor[k + "_ms"] / r[f"{k}_sync_ms"], 3)
+            results["timings"][f"mlstm B={B} T={T} H=16 K=V=128"] = {"jla": anchor, **rows}
+            save()
+    print(json.dumps(results, indent=1, default=str))
+    print("semantics:", sem, "config:", dataclasses.asdict(HopperSelectiveConfig(
+        semantics=sem or "lane")))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

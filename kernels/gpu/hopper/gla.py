@@ -1,0 +1,695 @@
+"""GLA (vector gate: a log decay per head, step and key channel) on Hopper: Mosaic GPU kernels with
+TMA, wgmma and warpgroups; the scalar-gate design of `decay` with the gate moved onto q and k.
+
+The math (per chunk n of C = 64 rows, q scaled by `scale`, g [C, K] the chunk's log decays):
+
+    A_ij   = scale sum_k q_ik k_jk exp(D_ijk),   D_ijk = sum_{j<s<=i} g_sk  (j <= i, one document)
+    q~     = scale q * exp(Gin) in,   Gin_ik = sum_{s<=i} g_sk           (reads the entering state)
+    k~     = k * exp(R) out,          R_jk   = sum_{s>j} g_sk            (writes the leaving state)
+    dec_k  = keep exp(Gtot_k),        Gtot_k = sum_s g_sk
+    o      = A v + q~ S_n,            S_n+1  = diag(dec) S_n + k~^T v
+
+Exactness. exp(D) cannot be split through one reference row of the chunk (one factor is > 1 and
+overflows at strong decay: g = -20 over 64 rows is e^1280), so A is cut by the dyadic levels of
+the chunk: a pair j < i belongs to exactly one level s in {32, 16, 8, 4, 2, 1} (the highest bit
+where i and j differ), where i lies in the odd and j in the even half of one aligned block of 2s
+rows. Its span (j, i] is then (j, r] + (r, i] with r the last row of the even half, so
+
+    A^s = (Q^s K^s^T) * M^s,   Q^s_i = q_i exp(Z^s_i) (odd halves),  K^s_j = k_j exp(Z^s_j) (even)
+
+with Z^s = W^s g the in-block span sums (odd rows: from the half's start to i; even rows: from
+j + 1 to the half's end). Both factors are <= 1, so nothing overflows and a factor underflows only
+where the pair's true decay does; the diagonal i = j is q_i . k_i. Every span sum (Gin, R, Gtot,
+Z^s) is a 0/1 matrix times g on wgmma, g split into two bf16 halves (hi + lo: 16 mantissa bits,
+relative 2^-17 per gate), never a difference of two cumulative sums; the gate gradient routes each
+row's and pair's gradient back through the transposes of the same 0/1 matrices, so it stays exact
+at strong decay (every term a sum over exactly the gates of its span; nothing is subtracted):
+
+    dg = L^T dGin + U^T dR + 1 dGtot^T + sum_s W^s^T dZ^s,
+    dGin = q~ * dq~,  dR = k~ * dk~,  dGtot = dec * diag(S_n dS_n+1^T),
+    dZ^s = scale (Q^s * (dA^s K^s) + K^s * (dA^s^T Q^s)),  dA = (do v^T) masked.
+
+Stages (forward: `gates`, then `walk`; backward: `walk` in reverse, then `grad`).
+  gates  chunk-parallel, grid (B, H, N), one warpgroup: loads q, k, g (hi, lo) of one chunk by
+         TMA; forms Gin, R (four wgmmas with register 0/1 operands), q~, k~, dec, then the six
+         levels (two span wgmmas, the factors, Q^s K^s^T per level) into A (bf16, scaled, masked),
+         each level's pair product issued with the next level's span sums (one wait for both).
+         Writes q~, k~ [B, Tp, H, K], A [B, H, N, C, C], dec [B, H, N, K/64, 64].
+  walk   the sequential chunk walk of `decay.walk` with A loaded rather than formed:
+             forward  o = A v + q~ S_n,         S_n+1 = diag(dec) S_n + k~^T v
+             reverse  dv = A^T do + k~ dS_n+1,   dS_n = diag(dec) dS_n+1 + q~^T do
+         grid (B, H, P), V/64 value warpgroups (each owns 64 value columns of the float32 state,
+         in registers) and a producer warpgroup streaming q~, k~, v, A, dec by TMA into `stages`
+         slots; per chunk one wait: A' z + x S_n (one accumulator) and the state update y^T z
+         are issued together (the update reads neither o nor S_n). Two-level for small B H
+         (`HopperChunkConfig.pieces`: state pass from zero per piece, a float32 scan of the P
+         maps S -> diag(d_p) S + E_p, then the output pass), and the states each chunk read
+         written for the backward, as in `decay`.
+  grad   chunk-parallel, grid (B, H, N), one warpgroup: q, k, v, do, g and per 64-key block the
+         tiles S_n, dS_n+1; dq~ = do S_n^T, dk~ = v dS_n+1^T, dA = do v^T, the chunk factors again,
+         the six levels (dA^s K^s, dA^s^T Q^s, the span wgmmas), dg routed on wgmma as above
+         (the routed tiles in two bf16 halves; each level's routing issued with the next
+         level's span sums), <S_n, dS_n+1> per key as a float32 row sum. Writes dq, dk (q's
+         dtype) and dg float32.
+
+SMEM at K = V = 128: gates 105 KB (two CTAs per SM); walk 2 stages of 57 KB + 80 KB (the state
+pass 3 stages of 33 KB + 33 KB); grad 209 KB (one CTA per SM: its loads are not overlapped with
+compute yet, the first thing to change if it dominates on the device).
+
+Roofline at the anchor shapes (bf16, H = 16, K = V = 128, B T = 16384; H200 ~4.3 TB/s,
+~790 TFLOP/s bf16). One [B, T, H, 128] bf16 tensor is 67 MB, g (float32, read as hi + lo bf16)
+134 MB, A (bf16) 34 MB, the states of every chunk 134 MB.
+  forward   gates: q, k, g in (268 MB), q~, k~, A, dec out (170 MB); walk: q~, k~, v, A in,
+            o out (302 MB): 740 MB, 0.17 ms. FLOPs per chunk-head (K = 128): 4 chunk span
+            products + 6 levels x (2 span + 1 pair) + the state products = 24 x 1.05 MFLOP:
+            ~100 GFLOP, 0.13 ms; the levels' exponentials (one per key element and level:
+            ~400 per thread per chunk) cost about as much again on the SFU.
+  forward + backward   forward with states (+134 MB), reverse walk (k~, q~, do, A in; dv, dS
+            out: 370 MB), grad (q, k, v, do, g, S, dS in; dq, dk, dg out: 740 MB): ~2 GB,
+            0.46 ms; grad FLOPs ~45 x 1.05 MFLOP per chunk-head: 190 GFLOP, 0.25 ms.
+The exact levels cost ~6x the tensor work of the single-reference form (Triton's "mild" chunks);
+the kernels are first held to that roofline, not to the scalar gate's.
+
+Inputs bf16 / fp16 (fp32 raises ValueError); K, V <= 128, zero-padded to 64 or 128 (zero key
+channels and gates add nothing); T zero-padded to a multiple of 64 (zero gates: no decay, zero
+keys and values: no contribution). Other shapes run on impl='pallas:triton' or impl='chunk'.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
+
+from linear_jax._compat import mosaic_gpu_kernel
+from linear_jax.kernels.configs import HopperChunkConfig, multiprocessors
+from linear_jax.kernels.gpu.hopper.common import (
+    LANES,
+    Ops,
+    check_inputs,
+    check_smem,
+    f32,
+    interpreting,
+    mm_sum,
+    pad_input,
+    padded_doc,
+    pl,
+    plgpu,
+    prod,
+    smem,
+    split_hi_lo,
+    term,
+)
+from linear_jax.ops.common.chunking import pad_time
+
+PRODUCER_REGS, CONSUMER_REGS = 40, 232
+STATE_STAGES = 3        # the state pass holds k~, v, dec only
+LEVELS = (32, 16, 8, 4, 2, 1)
+
+
+# -- the chunk's spans: 0/1 matrices and masks in registers ---------------------------------------
+class Spans:
+    """The 0/1 span matrices and pair masks of one chunk of C rows (module docstring), built from
+    iotas in the accumulator layout. A matrix M [x, m] is applied as M @ g (x the output row, m
+    the gate row); `t=True` gives its transpose (the gradient's routing)."""
+
+    def __init__(self, ops, C: int, dt):
+        self.ops, self.C, self.dt = ops, C, dt
+        self.r, self.c = ops.iota((C, C), 0), ops.iota((C, C), 1)
+
+    def _rc(self, t):
+        return (self.c, self.r) if t else (self.r, self.c)
+
+    def mat(self, cond):
+        return jnp.where(cond, 1.0, 0.0).astype(self.dt)
+
+    def gin(self, t=False):
+        """Gin_x = sum_{m <= x} g_m."""
+        x, m = self._rc(t)
+        return self.mat(m <= x)
+
+    def rest(self, t=False):
+        """R_x = sum_{m > x} g_m."""
+        x, m = self._rc(t)
+        return self.mat(m > x)
+
+    def level(self, s: int, t=False):
+        """Z^s: odd s-blocks sum from the block start to x, even ones from x + 1 to the end."""
+        x, m = self._rc(t)
+        same = lax.div(x, s) == lax.div(m, s)
+        odd = lax.rem(lax.div(x, s), 2) == 1
+        return self.mat(same & jnp.where(odd, m <= x, m > x))
+
+    def pairs(self, s: int):
+        """[i, j]: the pairs of level s (i in the odd, j in the even half of one 2s block)."""
+        r, c = self.r, self.c
+        return ((lax.div(r, 2 * s) == lax.div(c, 2 * s)) & (lax.rem(lax.div(r, s), 2) == 1)
+                & (lax.rem(lax.div(c, s), 2) == 0))
+
+    def odd_rows(self, s: int, shape):
+        """[C, X] mask: the rows in odd s-blocks."""
+        return lax.rem(lax.div(self.ops.iota(shape, 0), s), 2) == 1
+
+
+class Docs:
+    """The packed-document masks of one chunk from its rows (doc, din) [2, C] float32 in SMEM:
+    same [C, C] (pairs in one document), in_rows / out_rows [C] row vectors (rows that read the
+    entering / write the leaving state), keep [C] a column vector (the chunk holds no reset; the
+    same on every entry). ref None: a single document (every mask None)."""
+
+    def __init__(self, ops, ref, C: int):
+        self.same = self.in_rows = self.out_rows = self.keep = None
+        if ref is None:
+            return
+        shape = (C, C)
+        r, c = ops.iota(shape, 0), ops.iota(shape, 1)
+        d_row, d_col = ops.row(ref.at[0][...]), ops.col(ref.at[0][...])
+        din_row, din_col = ops.row(ref.at[1][...]), ops.col(ref.at[1][...])
+        last_row = jnp.sum(jnp.where(c == C - 1, ops.cols_of(d_col, shape), 0.0), axis=1)
+        last_col = jnp.sum(jnp.where(r == C - 1, ops.rows_of(d_row, shape), 0.0), axis=0)
+        self.same = ops.rows_of(d_row, shape) == ops.cols_of(d_col, shape)
+        self.in_rows, self.out_rows = d_row == din_row, d_row == last_row
+        self.keep = last_col == din_col
+
+    @staticmethod
+    def cut(mask, x, bcast=None):
+        if mask is None:
+            return x
+        return jnp.where(mask if bcast is None else bcast(mask), x, 0.0)
+
+
+def chunk_groups(sp, gh, gl):
+    """The `mm_sum` groups of Gin = L (gh + gl) and R = U (gh + gl) of one 64-key block."""
+    return [(None, [term(M, gh), term(M, gl)]) for M in (sp.gin(), sp.rest())]
+
+
+def chunk_factors(ops, sp, docs, Gin, R, gh, gl, *, scale):
+    """(scale exp(Gin) in, exp(R) out) [C, 64] and dec = keep exp(Gtot) [64] (a column vector)
+    of one 64-key block from its sums Gin, R (`chunk_groups`) and gate halves gh / gl in SMEM."""
+    C = sp.C
+    tot = jnp.sum(ops.acc(gh[...]).astype(f32) + ops.acc(gl[...]).astype(f32), axis=0)
+    rows = lambda m: ops.rows_of(m, (C, LANES))               # noqa: E731
+    e_in = docs.cut(docs.in_rows, scale * jnp.exp(Gin), rows)
+    e_out = docs.cut(docs.out_rows, jnp.exp(R), rows)
+    return e_in, e_out, docs.cut(docs.keep, jnp.exp(tot))
+
+
+def span_group(sp, s, gh, gl):
+    """The `mm_sum` group of Z^s = W^s (gh + gl) (level s; None: no group)."""
+    return None if s is None else (None, [term(sp.level(s), gh), term(sp.level(s), gl)])
+
+
+def level_factors(sp, s, Z, q, k):
+    """(Q^s, K^s, F) [C, 64] float32 of one key block from its span sums Z = Z^s: F = exp(Z),
+    Q^s = q F on the odd rows, K^s = k F on the even rows (q, k float32 [C, 64])."""
+    F = jnp.exp(Z)
+    odd = sp.odd_rows(s, q.shape)
+    return jnp.where(odd, q * F, 0.0), jnp.where(odd, 0.0, k * F), F
+
+
+def mm_groups(ops, *groups):
+    """`mm_sum` of the groups that are not None, results in place (None for the others): the
+    products of one step and the span sums of the next are issued together, one wait for both."""
+    res = iter(mm_sum(ops, *[g for g in groups if g is not None]))
+    return [None if g is None else next(res) for g in groups]
+
+
+# -- forward: the chunk-parallel gate and intra kernel ---------------------------------------------
+def gates(q, k, gh, gl, drows, *, scale, cfg):
+    """(q~, k~ [B, Tp, H, K] in q's dtype, A [B, H, N, C, C] in q's dtype, dec [B, H, N, K/64,
+    64] float32) of the module docstring; gh, gl [B, Tp, H, K] the gate halves, drows None or
+    [B, 2, Tp] float32 (doc, din)."""
+    B, Tp, H, K = q.shape
+    C, dt = cfg.chunk, q.dtype
+    N, NKB = Tp // C, K // LANES
+    ops = Ops(interpreting(cfg))
+    has_doc = drows is not None
+
+    def body(*refs):
+        refs = list(refs)
+        pop = lambda on=True: refs.pop(0) if on else None       # noqa: E731
+        q_ref, k_ref, gh_ref, gl_ref, d_ref = pop(), pop(), pop(), pop(), pop(has_doc)
+        qt_ref, kt_ref, a_ref, dec_ref = pop(), pop(), pop(), pop()
+        qs, ks, ghs, gls, ds, xs, ys, as_, decs, bar = refs
+        b, h, n = (lax.axis_index(a) for a in ("b", "h", "n"))
+        t = pl.ds(n * C, C)
+        for src, dst in ((q_ref, qs), (k_ref, ks), (gh_ref, ghs), (gl_ref, gls)):
+            plgpu.copy_gmem_to_smem(src.at[b, t, h], dst, bar.at[0])
+        if has_doc:
+            plgpu.copy_gmem_to_smem(d_ref.at[b, :, t], ds, bar.at[0])
+        plgpu.barrier_wait(bar.at[0])
+        sp = Spans(ops, C, dt)
+        docs = Docs(ops, ds if has_doc else None, C)
+        kblk = [pl.ds(i * LANES, LANES) for i in range(NKB)]
+        diag = ops.row(jnp.zeros((C,), f32))
+        spans = lambda s: [span_group(sp, s, ghs.at[:, kr], gls.at[:, kr])  # noqa: E731
+                           for kr in kblk]
+        sums = mm_groups(ops, *[g for kr in kblk for g in chunk_groups(sp, ghs.at[:, kr],
+                                                                       gls.at[:, kr])])
+        for i, kr in enumerate(kblk):
+            e_in, e_out, dec = chunk_factors(ops, sp, docs, sums[2 * i], sums[2 * i + 1],
+                                             ghs.at[:, kr], gls.at[:, kr], scale=scale)
+            qv = ops.acc(qs.at[:, kr][...]).astype(f32)
+            kv = ops.acc(ks.at[:, kr][...]).astype(f32)
+            xs[:, kr] = (qv * e_in).astype(dt)
+            ys[:, kr] = (kv * e_out).astype(dt)
+            decs[i] = dec
+            diag = diag + jnp.sum(qv * kv, axis=1)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(xs, qt_ref.at[b, t, h])
+        plgpu.copy_smem_to_gmem(ys, kt_ref.at[b, t, h])
+        plgpu.copy_smem_to_gmem(decs, dec_ref.at[b, h, n])
+        A = jnp.where(sp.r == sp.c, ops.rows_of(diag, (C, C)), 0.0)
+        Z = mm_groups(ops, *spans(LEVELS[0]))
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)      # xs, ys are free again
+        for lv, s in enumerate(LEVELS):                  # level s's pairs with s + 1's spans
+            for i, kr in enumerate(kblk):
+                qv = ops.acc(qs.at[:, kr][...]).astype(f32)
+                kv = ops.acc(ks.at[:, kr][...]).astype(f32)
+                Qs, Ks, _ = level_factors(sp, s, Z[i], qv, kv)
+                xs[:, kr] = Qs.astype(dt)
+                ys[:, kr] = Ks.astype(dt)
+            plgpu.commit_smem()
+            nxt = LEVELS[lv + 1] if lv + 1 < len(LEVELS) else None
+            P, *Z = mm_groups(ops, (None, [term(xs, ys, tb=True)]), *spans(nxt))
+            A = A + jnp.where(sp.pairs(s), P, 0.0)
+        A = docs.cut(docs.same, A * scale)
+        as_[...] = A.astype(dt)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(as_, a_ref.at[b, h, n])
+        plgpu.wait_smem_to_gmem(0)
+
+    scratch = [smem((C, K), dt), smem((C, K), dt), smem((C, K), dt), smem((C, K), dt),
+               plgpu.SMEM((2, C), f32) if has_doc else plgpu.SMEM((1, C), f32),
+               smem((C, K), dt), smem((C, K), dt), smem((C, C), dt),
+               plgpu.SMEM((NKB, LANES), f32),
+               plgpu.Barrier(num_arrivals=4 + has_doc, num_barriers=1)]
+    check_smem("gla gates", scratch)
+    out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, K), dt),
+                jax.ShapeDtypeStruct((B, H, N, C, C), dt),
+                jax.ShapeDtypeStruct((B, H, N, NKB, LANES), f32)]
+    kernel = mosaic_gpu_kernel(
+        body, out_type=out_type, grid=(B, H, N), grid_names=("b", "h", "n"), num_threads=1,
+        thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
+        approx_math=cfg.approx_math, interpret=ops.interpret, name="gla_gates")
+    args = (q, k, gh, gl) + ((drows,) if has_doc else ())
+    return tuple(kernel(*args))
+
+
+# -- the sequential walk ---------------------------------------------------------------------------
+def walk(x, y, z, A, dec, s0, *, reverse, cfg, residuals=False, pieces=1, emit="out",
+         final=True):
+    """The chunk walk, forward (x = q~, y = k~, z = v) or reverse (x = k~, y = q~, z = do, A read
+    transposed): out_n = A' z + x S_n,  S_n+1 = diag(dec_n) S_n + y^T z.
+
+    A [B, H, N, C, C]; dec [B, H, N, K/64, 64] float32; s0 None (zeros) or float32 [B, H, K, V]
+    (pieces == 1) or [B, H, P, K, V]. Grid (B, H, pieces) as `decay.walk`. emit "out": (out,
+    the state after the piece that walks last (None unless `final`), the state each chunk read
+    [B, H, N, K, V] in z's dtype (None unless `residuals`)); emit "state" (x, A unused): (each
+    piece's end state from zero [B, H, P, K, V] float32, its total decay [B, H, P, K/64, 64])."""
+    B, Tp, H, K = y.shape
+    V, C, dt = z.shape[-1], cfg.chunk, z.dtype
+    N, NW, NKB = Tp // C, V // LANES, K // LANES
+    P = pieces
+    L = N // P
+    out_mode = emit == "out"
+    stages = min(cfg.stages if out_mode else STATE_STAGES, L)
+    ops = Ops(interpreting(cfg))
+    has_s0 = s0 is not None
+    if has_s0 and s0.ndim == 4:
+        s0 = s0[:, :, None]
+
+    def body(*refs):
+        refs = list(refs)
+        pop = lambda on=True: refs.pop(0) if on else None       # noqa: E731
+        x_ref, y_ref, z_ref, a_ref, d_ref, s0_ref = (pop(out_mode), pop(), pop(), pop(out_mode),
+                                                     pop(), pop(has_s0))
+        if out_mode:
+            out_ref, send_ref, states_ref, dp_ref = pop(), pop(final), pop(residuals), None
+        else:
+            out_ref, send_ref, states_ref, dp_ref = None, pop(), None, pop()
+        xs, ys, zs, as_, dcs = pop(out_mode), pop(), pop(), pop(out_mode), pop()
+        st, os_, fs, dps = pop(out_mode), pop(out_mode), pop(), pop(not out_mode)
+        in_bar, used_bar, own_bar = refs
+        b, h, p, w = (lax.axis_index(a) for a in ("b", "h", "p", "wg"))
+        chunk = (lambda s: p * L + L - 1 - s) if reverse else (lambda s: p * L + s)
+        ends = (p == 0) if reverse else (p == P - 1)
+
+        @pl.when(w == NW)
+        def _producer():
+            ops.registers(PRODUCER_REGS, "decrease")
+
+            def issue(step, slot):
+                n = chunk(step)
+                t = pl.ds(n * C, C)
+                bar = in_bar.at[slot]
+                if out_mode:
+                    plgpu.copy_gmem_to_smem(x_ref.at[b, t, h], xs.at[slot], bar)
+                    plgpu.copy_gmem_to_smem(a_ref.at[b, h, n], as_.at[slot], bar)
+                plgpu.copy_gmem_to_smem(y_ref.at[b, t, h], ys.at[slot], bar)
+                plgpu.copy_gmem_to_smem(z_ref.at[b, t, h], zs.at[slot], bar)
+                plgpu.copy_gmem_to_smem(d_ref.at[b, h, n], dcs.at[slot], bar)
+
+            for s in range(stages):
+                issue(s, s)
+
+            @pl.loop(stages, L)
+            def _(step):
+                slot = lax.rem(step, stages)
+                plgpu.barrier_wait(used_bar.at[slot])
+                issue(step, slot)
+
+            for s in range(stages):
+                plgpu.barrier_wait(used_bar.at[lax.rem(L - stages + s, stages)])
+
+        @pl.when(w < NW)
+        def _consumer():
+            ops.registers(CONSUMER_REGS, "increase")
+            vc = pl.ds(w * LANES, LANES)
+            kblk = [pl.ds(r * LANES, LANES) for r in range(NKB)]
+            fw = fs.at[w]
+            sw, ow = (st.at[w], os_.at[w]) if out_mode else (None, None)
+            S = []
+            for kr in kblk:
+                if has_s0:
+                    plgpu.copy_gmem_to_smem(s0_ref.at[b, h, p, kr, vc], fw, own_bar.at[w])
+                    plgpu.barrier_wait(own_bar.at[w])
+                    blk = ops.acc(fw[...])
+                else:
+                    blk = ops.zeros((LANES, LANES))
+                S.append(blk)
+                if out_mode:
+                    sw[kr, :] = blk.astype(dt)
+                if has_s0 or out_mode:
+                    plgpu.commit_smem()
+            ones = ops.row(jnp.ones((LANES,), f32))
+            carry = tuple(S) + ((ones,) * NKB if not out_mode else ())
+
+            def step_fn(step, carry):
+                S = list(carry[:NKB])
+                n, slot = chunk(step), lax.rem(step, stages)
+                yk, zv = ys.at[slot], zs.at[slot]
+                plgpu.barrier_wait(in_bar.at[slot])
+                decs = [ops.row(dcs.at[slot, i][...]) for i in range(NKB)]
+                if out_mode:
+                    t, xq = pl.ds(n * C, C), xs.at[slot]
+                    if residuals:
+                        plgpu.copy_smem_to_gmem(sw, states_ref.at[b, h, n, :, vc])
+                updates = [(None, [term(yk.at[:, kr], zv.at[:, vc], ta=True)]) for kr in kblk]
+                if out_mode:                              # o and the state update, one wait
+                    o, *U = mm_sum(ops, (None, [term(as_.at[slot], zv.at[:, vc], ta=reverse),
+                                                term(xq, sw)]), *updates)
+                    plgpu.wait_smem_to_gmem(1 if residuals else 0, wait_read_only=True)
+                    ow[...] = o.astype(dt)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(ow, out_ref.at[b, t, h, vc])
+                else:
+                    U = mm_sum(ops, *updates)
+                S = [s * ops.rows_of(d, (LANES, LANES)) + u
+                     for s, d, u in zip(S, decs, U, strict=True)]
+                plgpu.barrier_arrive(used_bar.at[slot])
+                if out_mode:
+                    plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                    for i, kr in enumerate(kblk):
+                        sw[kr, :] = S[i].astype(dt)
+                    plgpu.commit_smem()
+                    return tuple(S)
+                return tuple(S) + tuple(c * d for c, d in zip(carry[NKB:], decs, strict=True))
+
+            carry = lax.fori_loop(0, L, step_fn, carry)
+
+            def write_state(dst):
+                for i, kr in enumerate(kblk):
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    fw[...] = carry[i]
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(fw, dst(kr))
+
+            if out_mode and final:
+                pl.when(ends)(lambda: write_state(lambda kr: send_ref.at[b, h, kr, vc]))
+            elif not out_mode:
+                write_state(lambda kr: send_ref.at[b, h, p, kr, vc])
+
+                @pl.when(w == 0)
+                def _():
+                    for i in range(NKB):
+                        dps[i] = carry[NKB + i]
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(dps, dp_ref.at[b, h, p])
+            plgpu.wait_smem_to_gmem(0)
+
+    if out_mode:
+        out_type = [jax.ShapeDtypeStruct((B, Tp, H, V), dt)]
+        out_type += [jax.ShapeDtypeStruct((B, H, K, V), f32)] if final else []
+        out_type += [jax.ShapeDtypeStruct((B, H, N, K, V), dt)] if residuals else []
+    else:
+        out_type = [jax.ShapeDtypeStruct((B, H, P, K, V), f32),
+                    jax.ShapeDtypeStruct((B, H, P, NKB, LANES), f32)]
+    scratch = ([smem((stages, C, K), dt)] if out_mode else []) + [smem((stages, C, K), dt),
+                                                                  smem((stages, C, V), dt)]
+    scratch += [smem((stages, C, C), dt)] if out_mode else []
+    scratch += [plgpu.SMEM((stages, NKB, LANES), f32)]
+    if out_mode:
+        scratch += [smem((NW, K, LANES), dt), smem((NW, C, LANES), dt)]
+    scratch += [smem((NW, LANES, LANES), f32)]
+    scratch += [] if out_mode else [plgpu.SMEM((NKB, LANES), f32)]
+    scratch += [plgpu.Barrier(num_arrivals=3 + 2 * out_mode, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=NW, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=1, num_barriers=NW)]
+    check_smem("gla walk", scratch)
+    name = "gla_walk" + ("_rev" if reverse else "") + ("" if out_mode else "_state")
+    kernel = mosaic_gpu_kernel(
+        body, out_type=out_type, grid=(B, H, P), grid_names=("b", "h", "p"), num_threads=NW + 1,
+        thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
+        approx_math=cfg.approx_math, interpret=ops.interpret, name=name)
+    args = ((x,) if out_mode else ()) + (y, z) + ((A,) if out_mode else ()) + (dec,) + \
+        ((s0,) if has_s0 else ())
+    outs = list(kernel(*args))
+    if not out_mode:
+        return outs[0], outs[1]
+    o = outs.pop(0)
+    S = outs.pop(0) if final else None
+    return o, S, (outs.pop(0) if residuals else None)
+
+
+def piece_states(E, dp, s0, *, reverse: bool):
+    """Each piece's entering state [B, H, P, K, V] from the zero-start end states E and the
+    per-channel total decays dp [B, H, P, K/64, 64]: S -> diag(d_p) S + E_p in order (reverse:
+    from the last piece) from s0 (None: zeros), float32, unrolled over P (one XLA fusion)."""
+    B, H, P, K, _ = E.shape
+    d = dp.reshape(B, H, P, K)
+    S = jnp.zeros_like(E[:, :, 0]) if s0 is None else s0
+    ins = [None] * P
+    for p in (reversed(range(P)) if reverse else range(P)):
+        ins[p] = S
+        S = d[:, :, p, :, None] * S + E[:, :, p]
+    return jnp.stack(ins, axis=2)
+
+
+# -- backward: the chunk-parallel gradient kernel --------------------------------------------------
+def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
+    """dq, dk (q's dtype, [B, Tp, H, K]) and dg (float32 [B, Tp, H, K]) from the inputs, the gate
+    halves, the document rows and the walks' states S_n, dS_n+1 [B, H, N, K, V]."""
+    B, Tp, H, K = q.shape
+    V, C, dt = v.shape[-1], cfg.chunk, q.dtype
+    N, NKB = Tp // C, K // LANES
+    ops = Ops(interpreting(cfg))
+    has_doc = drows is not None
+    blk = (C, LANES)
+
+    def body(*refs):
+        refs = list(refs)
+        pop = lambda on=True: refs.pop(0) if on else None       # noqa: E731
+        q_ref, k_ref, v_ref, do_ref, gh_ref, gl_ref = (pop() for _ in range(6))
+        d_ref, s_ref, ds_ref = pop(has_doc), pop(), pop()
+        dq_ref, dk_ref, dg_ref = pop(), pop(), pop()
+        (qs, ks, vs, dos, ghs, gls, ds, ss, dss, da_s, dal_s, xs, ys, h0s, h1s, oq, ok, og, vec,
+         bar, tbar) = refs
+        b, h, n = (lax.axis_index(a) for a in ("b", "h", "n"))
+        t = pl.ds(n * C, C)
+        kblk = [pl.ds(i * LANES, LANES) for i in range(NKB)]
+
+        def load_tiles(i):
+            plgpu.copy_gmem_to_smem(s_ref.at[b, h, n, kblk[i]], ss, tbar.at[0])
+            plgpu.copy_gmem_to_smem(ds_ref.at[b, h, n, kblk[i]], dss, tbar.at[0])
+
+        for src, dst in ((q_ref, qs), (k_ref, ks), (v_ref, vs), (do_ref, dos), (gh_ref, ghs),
+                         (gl_ref, gls)):
+            plgpu.copy_gmem_to_smem(src.at[b, t, h], dst, bar.at[0])
+        if has_doc:
+            plgpu.copy_gmem_to_smem(d_ref.at[b, :, t], ds, bar.at[0])
+        load_tiles(0)
+        plgpu.barrier_wait(bar.at[0])
+        sp = Spans(ops, C, dt)
+        docs = Docs(ops, ds if has_doc else None, C)
+        dP = ops.dot(dos, vs, tb=True)
+        causal = sp.r >= sp.c
+        mask = causal if docs.same is None else causal & docs.same
+        dA = jnp.where(mask, dP, 0.0)
+        diag = jnp.sum(jnp.where(sp.r == sp.c, dA, 0.0), axis=1) * scale
+        da_s[...] = dA.astype(dt)
+        plgpu.commit_smem()
+        load = lambda ref: ops.acc(ref[...]).astype(f32)               # noqa: E731
+
+        def halves(x, a, b_):
+            hi, lo = split_hi_lo(x, dt)
+            a[...] = hi
+            b_[...] = lo
+
+        for i, kr in enumerate(kblk):
+            gh, gl = ghs.at[:, kr], gls.at[:, kr]
+            plgpu.barrier_wait(tbar.at[0])
+            dqt, dkt, Gin, R = mm_groups(ops, (None, [term(dos, ss, tb=True)]),
+                                         (None, [term(vs, dss, tb=True)]),
+                                         *chunk_groups(sp, gh, gl))
+            ddec = ops.row(jnp.zeros((LANES,), f32))       # <S_n, dS_n+1> per key row
+            for vb in range(V // LANES):
+                vc = pl.ds(vb * LANES, LANES)
+                ddec = ddec + jnp.sum(load(ss.at[:, vc]) * load(dss.at[:, vc]), axis=1)
+            vec[0] = ddec                                 # to a column vector through SMEM
+            plgpu.commit_smem()                           # also: ss, dss are read
+            if i + 1 < NKB:
+                load_tiles(i + 1)
+            ddec = ops.col(vec.at[0][...])
+            e_in, e_out, dec = chunk_factors(ops, sp, docs, Gin, R, gh, gl, scale=scale)
+            qv, kv = load(qs.at[:, kr]), load(ks.at[:, kr])
+            dq = e_in * dqt
+            dk = e_out * dkt
+            dgin, dr = qv * dq, kv * dk
+            dg = ops.cols_of(dec * ddec, blk)
+            dq = dq + ops.rows_of(diag, blk) * kv
+            dk = dk + ops.rows_of(diag, blk) * qv
+            halves(dgin, h0s, h1s)
+            halves(dr, xs, ys)
+            plgpu.commit_smem()
+            dg, Z = mm_groups(ops, (dg, [term(sp.gin(t=True), h0s), term(sp.gin(t=True), h1s),
+                                         term(sp.rest(t=True), xs), term(sp.rest(t=True), ys)]),
+                              span_group(sp, LEVELS[0], gh, gl))
+            for lv, s in enumerate(LEVELS):               # registers: dq, dk, dg live throughout
+                dAl = jnp.where(sp.pairs(s), ops.acc(da_s[...]).astype(f32), 0.0).astype(dt)
+                dal_s[...] = dAl
+                Qs, Ks, F = level_factors(sp, s, Z, load(qs.at[:, kr]), load(ks.at[:, kr]))
+                xs[...] = Qs.astype(dt)
+                ys[...] = Ks.astype(dt)
+                plgpu.commit_smem()
+                dQ, dK = ops.mm(prod(dAl, ys), prod(dal_s, xs, ta=True))
+                dq = dq + (scale * F) * dQ
+                dk = dk + (scale * F) * dK
+                dZ = load(xs) * dQ + load(ys) * dK
+                halves(scale * dZ, h0s, h1s)
+                plgpu.commit_smem()
+                W = sp.level(s, t=True)                   # routed with s + 1's spans
+                nxt = LEVELS[lv + 1] if lv + 1 < len(LEVELS) else None
+                dg, Z = mm_groups(ops, (dg, [term(W, h0s), term(W, h1s)]),
+                                  span_group(sp, nxt, gh, gl))
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last block's stores are out
+            oq[...] = dq.astype(dt)
+            ok[...] = dk.astype(dt)
+            og[...] = dg
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(oq, dq_ref.at[b, t, h, kr])
+            plgpu.copy_smem_to_gmem(ok, dk_ref.at[b, t, h, kr])
+            plgpu.copy_smem_to_gmem(og, dg_ref.at[b, t, h, kr])
+        plgpu.wait_smem_to_gmem(0)
+
+    scratch = [smem((C, K), dt), smem((C, K), dt), smem((C, V), dt), smem((C, V), dt),
+               smem((C, K), dt), smem((C, K), dt),
+               plgpu.SMEM((2, C), f32) if has_doc else plgpu.SMEM((1, C), f32),
+               smem((LANES, V), dt), smem((LANES, V), dt), smem((C, C), dt), smem((C, C), dt)]
+    scratch += [smem(blk, dt) for _ in range(4)]
+    scratch += [smem(blk, dt), smem(blk, dt), smem(blk, f32), plgpu.SMEM((1, LANES), f32),
+                plgpu.Barrier(num_arrivals=6 + has_doc, num_barriers=1),
+                plgpu.Barrier(num_arrivals=2, num_barriers=1)]
+    check_smem("gla grad", scratch)
+    out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, K), dt),
+                jax.ShapeDtypeStruct((B, Tp, H, K), f32)]
+    kernel = mosaic_gpu_kernel(
+        body, out_type=out_type, grid=(B, H, N), grid_names=("b", "h", "n"), num_threads=1,
+        thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
+        approx_math=cfg.approx_math, interpret=ops.interpret, name="gla_grad")
+    args = (q, k, v, do, gh, gl) + ((drows,) if has_doc else ()) + (states, dstates)
+    return tuple(kernel(*args))
+
+
+# -- the op ----------------------------------------------------------------------------------------
+def doc_rows(doc, C: int):
+    """[B, 2, Tp] float32: each token's document index and that of the token before its chunk."""
+    B, Tp = doc.shape
+    d = doc.reshape(B, Tp // C, C)
+    din = jnp.concatenate([jnp.zeros_like(d[:, :1, :1]), d[:, :-1, -1:]], axis=1)
+    return jnp.stack([d.reshape(B, Tp), jnp.broadcast_to(din, d.shape).reshape(B, Tp)],
+                     axis=1).astype(f32)
+
+
+@functools.cache
+def _core(cfg: HopperChunkConfig, scale: float, has_doc: bool, has_h0: bool, P: int):
+    """custom_vjp of (q, k, v, g, drows, h0) -> (o, S_end) on padded inputs."""
+
+    def walk2(x, y, z, A, dec, s0, *, reverse, residuals, final):
+        if P > 1:
+            E, dp = walk(None, y, z, None, dec, None, reverse=reverse, cfg=cfg, pieces=P,
+                         emit="state")
+            s0 = piece_states(E, dp, s0, reverse=reverse)
+        return walk(x, y, z, A, dec, s0, reverse=reverse, cfg=cfg, residuals=residuals,
+                    pieces=P, final=final)
+
+    def forward(q, k, v, g, drows, h0, residuals):
+        gh, gl = split_hi_lo(g, q.dtype)
+        qt, kt, A, dec = gates(q, k, gh, gl, drows, scale=scale, cfg=cfg)
+        o, S, states = walk2(qt, kt, v, A, dec, h0, reverse=False, residuals=residuals,
+                             final=True)
+        return (o, S), (q, k, v, gh, gl, drows, qt, kt, A, dec, states)
+
+    def fwd(*primals):
+        return forward(*[None if x is None else x.value for x in primals], residuals=True)
+
+    def bwd(res, cts):
+        q, k, v, gh, gl, drows, qt, kt, A, dec, states = res
+        do, dS = cts
+        do = jnp.zeros_like(v) if isinstance(do, SymbolicZero) else do.astype(v.dtype)
+        dS = None if isinstance(dS, SymbolicZero) else dS.astype(f32)
+        dv, dh0, dstates = walk2(kt, qt, do, A, dec, dS, reverse=True, residuals=True,
+                                 final=has_h0)
+        dq, dk, dg = grad(q, k, v, do, gh, gl, drows, states, dstates, scale=scale, cfg=cfg)
+        return dq, dk, dv, dg, None, dh0 if has_h0 else None
+
+    f = jax.custom_vjp(lambda *a: forward(*a, residuals=False)[0])
+    f.defvjp(fwd, bwd, symbolic_zeros=True)
+    return f
+
+
+def gla(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size, config=None):
+    """The op-level entry (the kernel registry's signature).
+
+    q, k [B, T, H, K] (heads expanded), v [B, T, H, V], bf16 or fp16 (float32: ValueError);
+    g [B, T, H, K] log decays <= 0 (any float dtype; used in float32, carried as two bf16 halves:
+    16 mantissa bits); initial_state None or [B, H, K, V]; segment_ids None or [B, T]. K, V <= 128
+    (zero-padded to 64 or 128: zero gates and keys are neutral), T padded to a multiple of 64
+    (chunk_size does not change the kernels' chunk). Larger K or V, and float32 inputs, are
+    refused (`common.accepts`): the registry then runs the Triton kernel or the chunk form.
+    Returns (o [B, T, H, V] in v's dtype, S [B, H, K, V] float32), differentiable in q, k, v, g
+    and initial_state.
+    """
+    device = jax.devices()[0]
+    cfg = (config or HopperChunkConfig.default(device)).for_chunk(chunk_size)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dt, Kp, Vp = check_inputs("gla", q, k, v)
+    C = cfg.chunk
+    Tp = -(-T // C) * C
+    gp = pad_time(g.astype(f32), Tp)
+    if Kp != K:
+        gp = jnp.pad(gp, ((0, 0),) * 3 + ((0, Kp - K),))
+    drows = None if segment_ids is None else doc_rows(padded_doc(segment_ids, Tp), C)
+    h0 = None if initial_state is None else jnp.pad(
+        initial_state.astype(f32), ((0, 0), (0, 0), (0, Kp - K), (0, Vp - V)))
+    P = cfg.pieces_for(B * H, Tp // C, multiprocessors(device))
+    core = _core(cfg, float(scale), segment_ids is not None, h0 is not None, P)
+    o, S = core(pad_input(q, Tp, Kp, dt), pad_input(k, Tp, Kp, dt), pad_input(v, Tp, Vp, dt),
+                gp, drows, h0)
+    if (T, V) != (Tp, Vp):
+        o = o[:, :T, :, :V]
+    return o.astype(v.dtype), (S if (K, V) == (Kp, Vp) else S[:, :, :K, :V])

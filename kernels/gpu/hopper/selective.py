@@ -1,0 +1,469 @@
+"""Mamba-1's selective scan (S6) on Hopper: Mosaic GPU kernels, the step size, D skip and z gate
+fused, TMA-fed, the state of 64 channels x N held in registers for the whole sequence.
+
+The math (per channel d, state entry n; `linear_jax.ops.selective_scan` states the op):
+
+    dt_t = softplus(delta_t + bias)    (delta_t + bias without softplus)
+    a_t  = exp(dt_t A[d, n]) keep_t    (keep_t = 0 where a document starts at t)
+    h_t  = a_t h_{t-1} + dt_t u_t B_t[n]
+    y_t  = ((C_t . h_t) + D u_t) silu(z_t)
+
+Choice of the time-parallel form. Every (b, d, n) is an independent first-order recurrence with its
+own decay exp(dt_t A[d, n]): unlike Mamba-2's scalar gate, the decay differs along n, so a chunked
+matmul form (SSD) needs [C, C] decay factors per (d, n), i.e. 2 exps per (t, d, n) (e^{L_t},
+e^{-L_s}) and rebased exponents with a sequential fallback at strong decay (what the Triton kernel
+does), while the sequential scan needs exactly one exp per (t, d, n) and no cancellation. At the
+anchor shape the work is bound by those exps, not by bytes or FLOPs (below), so the kernel is the
+sequential scan, parallel over channels: a warpgroup owns 64 channels x N (N padded to a multiple
+of 8) as one [64, N] float32 tile in the wgmma accumulator layout (8 elements a thread at N = 16),
+walks T step by step (each step's chain on h is one FMA; the exp, the input term and the output
+reduction of step t do not wait on step t - 1, so the unrolled steps overlap), and TMA streams
+[C, 64] row tiles of u, delta, z (and [C, N] tiles of B, C) `stages` chunks ahead.
+Grid (B, D / 64): 128 CTAs at B = 4, D = 2048.
+
+Roofline at B = 4, T = 4096, D = 2048, N = 16, bf16 (H200: ~4.3 TB/s, MUFU ~16 ex2 / clk / SM
+x 132 SMs x 1.98 GHz ~ 4.2 T exp/s, ~67 TFLOP/s float32 FMA):
+  forward    bytes  u, delta, z in (3 x 67 MB), y out (67 MB), B, C (1 MB)      269 MB   0.063 ms
+             exps   B T D N = 537 M (decays) + 2 B T D (softplus, sigmoid)      0.14 ms  <- bound
+             FLOPs  ~6 per (t, d, n) (decay arg, FMA, input term, C h) 3.2 G   0.05 ms
+  backward   bytes  u, delta, z, dy in (4 x 67 MB), du, ddelta, dz out (3 x 67 MB), the
+             states every C steps (written by the forward, read here: B D N (T / C) 4 B =
+             134 MB at C = 16), dB / dC per channel block (B (D / 64) T N 4 B x 2 = 67 MB)
+                                                                              ~670 MB   0.16 ms
+             exps   2 B T D N (the decays recomputed in the reverse pass)      0.26 ms  <- bound
+  So the forward sits at ~0.14 ms (and its latency: T steps at ~8 dependent cycles), the
+  forward + backward (1.07 GB, 3 exps per (t, d, n)) at ~0.4-0.5 ms; jax-linear-attention's
+  mamba1 measured 0.82 / 2.15 ms. Storing the states less often (every 64 steps: 34 MB) would
+  cost a third exp per element in the backward (a second recompute): more than the bytes save.
+
+Backward (`jax.custom_vjp`): the forward under differentiation writes the state entering every
+chunk of C = 16 steps ([B, T / C, N, D] float32). The backward walks the chunks in reverse: it
+reloads the chunk's entering state, recomputes the chunk's C states forward (kept in registers:
+C tiles of 8 values a thread), then runs the reverse steps with dy's cotangent:
+
+    dy'_t = dy_t silu(z_t),   dz_t = dy_t (C_t . h_t + D u_t) silu'(z_t)
+    g_t   = dy'_t C_t + lam_t                          (lam_t = a_{t+1} g_{t+1}, lam = dh_T)
+    e_t   = g_t a_t h_{t-1}                            (d / d(dt_t A))
+    d dt  = sum_n e_t A + u_t sum_n g_t B_t,   du_t = dt_t sum_n g_t B_t + D dy'_t
+    ddelta_t = d dt_t sigmoid(delta_t + bias)   (d dt_t without softplus)
+    dA   += e_t dt_t,   dB_t = sum_d g_t dt_t u_t,   dC_t = sum_d dy'_t h_t,   dD += dy'_t u_t
+    dh0   = lam after step 0
+
+dB and dC are summed over the block's 64 channels in the kernel and over blocks in XLA; dA, dD,
+dbias over the batch in XLA.
+
+Layouts: a [64] row vector in the accumulator layout cannot be loaded from a bf16 row (Mosaic GPU
+loads 1-D bf16 vectors only in multiples of 128), so each chunk's [C, 64] bf16 tiles are widened to
+float32 in SMEM once (a 2-D load / store) and the steps read float32 rows; outputs go the other way.
+The [64, N] state tiles move to and from SMEM as N rows of 64 channels (masked row sums / selects;
+the states in HBM are [N, 64]-tiled, channels contiguous), once per chunk.
+
+Inputs: u, delta, z bf16 / fp16 (float32 raises ValueError: the Triton kernel computes it); A, B,
+C, D, bias any float (read as float32); the channels of a group (D / G) a multiple of 64.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from linear_jax._compat import mosaic_gpu_kernel
+from linear_jax.kernels.configs import HopperSelectiveConfig
+from linear_jax.kernels.gpu.hopper.common import Ops, f32, interpreting, pl, plgpu
+from linear_jax.ops.common.chunking import pad_to, resets
+
+BD = 64        # channels per warpgroup: the rows of one accumulator tile
+
+
+def accepts(u, delta, A, B, C, *rest) -> str | None:
+    """Whether the Hopper kernel takes these inputs (None) or why not."""
+    dt = jnp.result_type(u)
+    if dt not in (jnp.bfloat16, jnp.float16):
+        return (f"the Mosaic GPU selective scan takes bfloat16 or float16 u, got {dt}; float32 "
+                f"runs on impl='pallas:triton' or impl='chunk'")
+    D = u.shape[-1]
+    G = 1 if B.ndim == 3 else B.shape[2]
+    if (D // G) % BD:
+        return (f"the Mosaic GPU selective scan takes channels per group (D / G = {D // G}) in "
+                f"multiples of {BD}; use impl='pallas:triton'")
+    return None
+
+
+def _rows_to_tile(ops, ref, Np):
+    """A [64, Np] accumulator tile from ref [Np, 64] float32 (row n = state entry n)."""
+    c = ops.iota((BD, Np), 1)
+    tile = ops.zeros((BD, Np))
+    for n in range(Np):
+        tile = jnp.where(c == n, ops.rows_of(ops.row(ref.at[n][...]), (BD, Np)), tile)
+    return tile
+
+
+def _tile_to_rows(ops, tile, ref, Np):
+    """The transpose of `_rows_to_tile`: ref[n] = tile[:, n]."""
+    c = ops.iota((BD, Np), 1)
+    for n in range(Np):
+        ref[n] = jnp.sum(jnp.where(c == n, tile, 0.0), axis=1)
+
+
+def _softplus(x):
+    return jnp.where(x > 20.0, x, jnp.log(1.0 + jnp.exp(jnp.minimum(x, 20.0))))
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + jnp.exp(-x))
+
+
+class _Step:
+    """One step's per-channel rows and the decay, shared by the forward and the backward."""
+
+    def __init__(self, ops, rows, t, consts, Np, softplus, has_keep, bs, cs, ks):
+        self.dl = ops.row(rows["delta"].at[t][...]) + consts["bias"]
+        self.dt = _softplus(self.dl) if softplus else self.dl
+        self.u = ops.row(rows["u"].at[t][...])
+        self.z = ops.row(rows["z"].at[t][...]) if "z" in rows else None
+        shape = (BD, Np)
+        self.a = jnp.exp(consts["A"] * ops.rows_of(self.dt, shape))
+        if has_keep:
+            self.a = self.a * ops.cols_of(ops.col(ks.at[t][...]), shape)
+        self.B = ops.cols_of(ops.col(bs.at[t][...]), shape)
+        self.C = ops.cols_of(ops.col(cs.at[t][...]), shape)
+        self.inp = ops.rows_of(self.dt * self.u, shape) * self.B
+
+
+def _setup(ops, cst, Np):
+    c = ops.iota((BD, Np), 1)
+    A = ops.zeros((BD, Np))
+    for n in range(Np):
+        A = jnp.where(c == n, ops.rows_of(ops.row(cst.at[n][...]), (BD, Np)), A)
+    return {"A": A, "D": ops.row(cst.at[Np][...]), "bias": ops.row(cst.at[Np + 1][...])}
+
+
+def _forward(u, dl, z, consts, Bm, Cm, keep, h0, *, softplus, cfg, save):
+    """u, dl, z [B, Tp, Dp] (z None); consts [Np + 2, Dp] f32 (A^T, D, bias); Bm, Cm [B, Tp, G, Np]
+    f32; keep None or [B, Tp, Np] f32; h0 None or [B, Np, Dp] f32. Returns (y [B, Tp, Dp],
+    hT [B, Np, Dp] f32, states [B, Tp / C, Np, Dp] f32 or None)."""
+    Bsz, Tp, Dp = u.shape
+    G, Np = Bm.shape[2:]
+    Ct, dt_ = cfg.chunk, u.dtype
+    NC, NB = Tp // Ct, Dp // BD
+    per_group = NB // G
+    stages = min(cfg.stages, NC)
+    ops = Ops(interpreting(cfg))
+    has_z, has_keep, has_h0 = z is not None, keep is not None, h0 is not None
+    names = ("u", "delta") + (("z",) if has_z else ())
+    row_dts = {"u": u.dtype, "delta": dl.dtype, "z": None if z is None else z.dtype}
+
+    def body(*refs):
+        refs = list(refs)
+        pop = lambda on=True: refs.pop(0) if on else None        # noqa: E731
+        in_refs = {n: pop() for n in names}
+        cst_ref, b_ref, c_ref, k_ref, h0_ref = pop(), pop(), pop(), pop(has_keep), pop(has_h0)
+        y_ref, hT_ref, st_ref = pop(), pop(), pop(save)
+        slots = {n: pop() for n in names}
+        bs, cs, ks = pop(), pop(), pop(has_keep)
+        wide = {n: pop() for n in names}
+        ys, yo, cst, hst, in_bar, own_bar = refs
+        b, j = (jax.lax.axis_index(a) for a in ("b", "d"))
+        dsl = pl.ds(j * BD, BD)
+        g = j // per_group
+
+        def issue(c, slot):
+            t = pl.ds(c * Ct, Ct)
+            bar = in_bar.at[slot]
+            for n in names:
+                plgpu.copy_gmem_to_smem(in_refs[n].at[b, t, dsl], slots[n].at[slot], bar)
+            plgpu.copy_gmem_to_smem(b_ref.at[b, t, g], bs.at[slot], bar)
+            plgpu.copy_gmem_to_smem(c_ref.at[b, t, g], cs.at[slot], bar)
+            if has_keep:
+                plgpu.copy_gmem_to_smem(k_ref.at[b, t], ks.at[slot], bar)
+
+        for s in range(stages):
+            issue(s, s)
+        plgpu.copy_gmem_to_smem(cst_ref.at[:, dsl], cst, own_bar.at[0])
+        plgpu.barrier_wait(own_bar.at[0])
+        if has_h0:
+            plgpu.copy_gmem_to_smem(h0_ref.at[b, :, dsl], hst, own_bar.at[0])
+            plgpu.barrier_wait(own_bar.at[0])
+        consts_ = _setup(ops, cst, Np)
+        h = _rows_to_tile(ops, hst, Np) if has_h0 else ops.zeros((BD, Np))
+
+        def chunk_fn(c, h):
+            slot = jax.lax.rem(c, stages)
+            plgpu.barrier_wait(in_bar.at[slot])
+            for n in names:                       # widen the chunk's rows to float32
+                wide[n][...] = slots[n].at[slot][...].astype(f32)
+            if save:                              # the state entering the chunk
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                _tile_to_rows(ops, h, hst, Np)
+            plgpu.commit_smem()
+            if save:
+                plgpu.copy_smem_to_gmem(hst, st_ref.at[b, c, :, dsl])
+            for t in range(Ct):
+                s = _Step(ops, wide, t, consts_, Np, softplus, has_keep, bs.at[slot],
+                          cs.at[slot], ks.at[slot] if has_keep else None)
+                h = s.a * h + s.inp
+                y = jnp.sum(h * s.C, axis=1) + consts_["D"] * s.u
+                if has_z:
+                    y = y * s.z * _sigmoid(s.z)
+                ys[t] = y
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)      # the last y tile has left
+            plgpu.commit_smem()
+            yo[...] = ys[...].astype(dt_)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(yo, y_ref.at[b, pl.ds(c * Ct, Ct), dsl])
+
+            @pl.when(c + stages < NC)
+            def _():
+                issue(c + stages, slot)           # every read of this slot is complete
+
+            return h
+
+        h = jax.lax.fori_loop(0, NC, chunk_fn, h)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        _tile_to_rows(ops, h, hst, Np)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(hst, hT_ref.at[b, :, dsl])
+        plgpu.wait_smem_to_gmem(0)
+
+    out_type = [jax.ShapeDtypeStruct((Bsz, Tp, Dp), dt_), jax.ShapeDtypeStruct((Bsz, Np, Dp), f32)]
+    out_type += [jax.ShapeDtypeStruct((Bsz, NC, Np, Dp), f32)] if save else []
+    scratch = [plgpu.SMEM((stages, Ct, BD), row_dts[n]) for n in names]
+    scratch += [plgpu.SMEM((stages, Ct, Np), f32)] * (2 + has_keep)
+    scratch += [plgpu.SMEM((Ct, BD), f32) for _ in names]
+    scratch += [plgpu.SMEM((Ct, BD), f32), plgpu.SMEM((Ct, BD), dt_),
+                plgpu.SMEM((Np + 2, BD), f32), plgpu.SMEM((Np, BD), f32),
+                plgpu.Barrier(num_arrivals=len(names) + 2 + has_keep, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=1, num_barriers=1)]
+    kernel = mosaic_gpu_kernel(
+        body, out_type=out_type, grid=(Bsz, NB), grid_names=("b", "d"), num_threads=1,
+        thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
+        approx_math=cfg.approx_math, interpret=ops.interpret, name="selective_scan_fwd")
+    args = [u, dl] + ([z] if has_z else []) + [consts, Bm, Cm] + ([keep] if has_keep else []) + \
+        ([h0] if has_h0 else [])
+    outs = list(kernel(*args))
+    return outs[0], outs[1], (outs[2] if save else None)
+
+
+def _backward(u, dl, z, consts, Bm, Cm, keep, states, dy, dhT, *, softplus, cfg):
+    """The reverse walk. Returns (du, ddelta, dz (None without z) [B, Tp, Dp] in their inputs'
+    dtypes, dB, dC [B, Dp / 64, Tp, Np] f32 per channel block, dh0 [B, Np, Dp] f32, dA^T
+    [B, Np, Dp] f32, (dD, dbias) [B, 2, Dp] f32)."""
+    Bsz, Tp, Dp = u.shape
+    G, Np = Bm.shape[2:]
+    Ct = cfg.chunk
+    NC, NB = Tp // Ct, Dp // BD
+    per_group = NB // G
+    stages = min(cfg.stages, NC)
+    ops = Ops(interpreting(cfg))
+    has_z, has_keep, has_dhT = z is not None, keep is not None, dhT is not None
+    names = ("u", "delta", "dy") + (("z",) if has_z else ())
+    ins = {"u": u, "delta": dl, "dy": dy, "z": z}
+    grads = ("u", "delta") + (("z",) if has_z else ())
+    shape = (BD, Np)
+
+    def body(*refs):
+        refs = list(refs)
+        pop = lambda on=True: refs.pop(0) if on else None        # noqa: E731
+        in_refs = {n: pop() for n in names}
+        cst_ref, b_ref, c_ref, k_ref, st_ref, dhT_ref = (pop(), pop(), pop(), pop(has_keep),
+                                                         pop(), pop(has_dhT))
+        d_refs = {n: pop() for n in grads}
+        dB_ref, dC_ref, dh0_ref, dA_ref, dDb_ref = pop(), pop(), pop(), pop(), pop()
+        slots = {n: pop() for n in names}
+        bs, cs, ks, hs = pop(), pop(), pop(has_keep), pop()
+        wide = {n: pop() for n in names}
+        dwide = {n: pop() for n in grads}
+        douts = {n: pop() for n in grads}
+        dbs, dcs, cst, hst, in_bar, own_bar = refs
+        b, j = (jax.lax.axis_index(a) for a in ("b", "d"))
+        dsl = pl.ds(j * BD, BD)
+        g = j // per_group
+
+        def issue(step, slot):
+            c = NC - 1 - step
+            t = pl.ds(c * Ct, Ct)
+            bar = in_bar.at[slot]
+            for n in names:
+                plgpu.copy_gmem_to_smem(in_refs[n].at[b, t, dsl], slots[n].at[slot], bar)
+            plgpu.copy_gmem_to_smem(b_ref.at[b, t, g], bs.at[slot], bar)
+            plgpu.copy_gmem_to_smem(c_ref.at[b, t, g], cs.at[slot], bar)
+            if has_keep:
+                plgpu.copy_gmem_to_smem(k_ref.at[b, t], ks.at[slot], bar)
+            plgpu.copy_gmem_to_smem(st_ref.at[b, c, :, dsl], hs.at[slot], bar)
+
+        for s in range(stages):
+            issue(s, s)
+        plgpu.copy_gmem_to_smem(cst_ref.at[:, dsl], cst, own_bar.at[0])
+        plgpu.barrier_wait(own_bar.at[0])
+        if has_dhT:
+            plgpu.copy_gmem_to_smem(dhT_ref.at[b, :, dsl], hst, own_bar.at[0])
+            plgpu.barrier_wait(own_bar.at[0])
+        k = _setup(ops, cst, Np)
+        lam = _rows_to_tile(ops, hst, Np) if has_dhT else ops.zeros(shape)
+        zero_row = ops.row(jnp.zeros((BD,), f32))
+        carry = (lam, ops.zeros(shape), zero_row, zero_row)
+
+        def chunk_fn(step, carry):
+            lam, dA, dD, dbias = carry
+            c = NC - 1 - step
+            slot = jax.lax.rem(step, stages)
+            plgpu.barrier_wait(in_bar.at[slot])
+            for n in names:
+                wide[n][...] = slots[n].at[slot][...].astype(f32)
+            plgpu.commit_smem()
+            sl = dict(bs=bs.at[slot], cs=cs.at[slot], ks=ks.at[slot] if has_keep else None)
+            step_at = functools.partial(_Step, ops, wide, consts=k, Np=Np, softplus=softplus,
+                                        has_keep=has_keep, **sl)
+            h = _rows_to_tile(ops, hs.at[slot], Np)
+            prev = []
+            for t in range(Ct):                   # the chunk's states, forward
+                s = step_at(t)
+                prev.append(h)
+                h = s.a * h + s.inp
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last chunk's tiles have left
+            for t in reversed(range(Ct)):
+                s = step_at(t)
+                ht = s.a * prev[t] + s.inp
+                dy_t = ops.row(wide["dy"].at[t][...])
+                if has_z:
+                    sg = _sigmoid(s.z)
+                    ypre = jnp.sum(ht * s.C, axis=1) + k["D"] * s.u
+                    dwide["z"][t] = dy_t * ypre * sg * (1.0 + s.z * (1.0 - sg))
+                    dy_t = dy_t * s.z * sg
+                dyr = ops.rows_of(dy_t, shape)
+                gt = dyr * s.C + lam
+                dcs[t] = jnp.sum(dyr * ht, axis=0)
+                e = gt * s.a * prev[t]
+                dtr = ops.rows_of(s.dt, shape)
+                dA = dA + e * dtr
+                sum_gB = jnp.sum(gt * s.B, axis=1)
+                ddt = jnp.sum(e * k["A"], axis=1) + sum_gB * s.u
+                dwide["u"][t] = sum_gB * s.dt + k["D"] * dy_t
+                dbs[t] = jnp.sum(gt * ops.rows_of(s.dt * s.u, shape), axis=0)
+                dD = dD + dy_t * s.u
+                ddl = ddt * _sigmoid(s.dl) if softplus else ddt
+                dwide["delta"][t] = ddl
+                dbias = dbias + ddl
+                lam = s.a * gt
+            plgpu.commit_smem()
+            for n in grads:
+                douts[n][...] = dwide[n][...].astype(douts[n].dtype)
+            plgpu.commit_smem()
+            t = pl.ds(c * Ct, Ct)
+            for n in grads:
+                plgpu.copy_smem_to_gmem(douts[n], d_refs[n].at[b, t, dsl])
+            plgpu.copy_smem_to_gmem(dbs, dB_ref.at[b, j, t])
+            plgpu.copy_smem_to_gmem(dcs, dC_ref.at[b, j, t])
+
+            @pl.when(step + stages < NC)
+            def _():
+                issue(step + stages, slot)
+
+            return lam, dA, dD, dbias
+
+        lam, dA, dD, dbias = jax.lax.fori_loop(0, NC, chunk_fn, carry)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        _tile_to_rows(ops, lam, hst, Np)
+        _tile_to_rows(ops, dA, cst, Np)
+        cst[Np] = dD
+        cst[Np + 1] = dbias
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(hst, dh0_ref.at[b, :, dsl])
+        plgpu.copy_smem_to_gmem(cst.at[pl.ds(0, Np)], dA_ref.at[b, :, dsl])
+        plgpu.copy_smem_to_gmem(cst.at[pl.ds(Np, 2)], dDb_ref.at[b, :, dsl])
+        plgpu.wait_smem_to_gmem(0)
+
+    out_type = [jax.ShapeDtypeStruct((Bsz, Tp, Dp), ins[n].dtype) for n in grads]
+    out_type += [jax.ShapeDtypeStruct((Bsz, NB, Tp, Np), f32)] * 2
+    out_type += [jax.ShapeDtypeStruct((Bsz, Np, Dp), f32)] * 2
+    out_type += [jax.ShapeDtypeStruct((Bsz, 2, Dp), f32)]
+    scratch = [plgpu.SMEM((stages, Ct, BD), ins[n].dtype) for n in names]
+    scratch += [plgpu.SMEM((stages, Ct, Np), f32)] * (2 + has_keep)
+    scratch += [plgpu.SMEM((stages, Np, BD), f32)]
+    scratch += [plgpu.SMEM((Ct, BD), f32) for _ in names]
+    scratch += [plgpu.SMEM((Ct, BD), f32) for _ in grads]
+    scratch += [plgpu.SMEM((Ct, BD), ins[n].dtype) for n in grads]
+    scratch += [plgpu.SMEM((Ct, Np), f32)] * 2
+    scratch += [plgpu.SMEM((Np + 2, BD), f32), plgpu.SMEM((Np, BD), f32),
+                plgpu.Barrier(num_arrivals=len(names) + 3 + has_keep, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=1, num_barriers=1)]
+    kernel = mosaic_gpu_kernel(
+        body, out_type=out_type, grid=(Bsz, NB), grid_names=("b", "d"), num_threads=1,
+        thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
+        approx_math=cfg.approx_math, interpret=ops.interpret, name="selective_scan_bwd")
+    args = [ins[n] for n in names] + [consts, Bm, Cm] + ([keep] if has_keep else []) + \
+        [states] + ([dhT] if has_dhT else [])
+    outs = list(kernel(*args))
+    d = {n: outs.pop(0) for n in grads}
+    return (d["u"], d["delta"], d.get("z"), *outs)
+
+
+@functools.cache
+def _core(cfg: HopperSelectiveConfig, softplus: bool, has_z: bool, has_keep: bool,
+          has_h0: bool):
+    """custom_vjp of (u, delta, z, consts, Bm, Cm, keep, h0) -> (y, hT^T) on padded inputs in
+    the kernels' layouts (z, keep, h0 None where absent)."""
+    kw = dict(softplus=softplus, cfg=cfg)
+
+    def fwd(u, dl, z, consts, Bm, Cm, keep, h0):
+        y, hT, states = _forward(u, dl, z, consts, Bm, Cm, keep, h0, save=True, **kw)
+        return (y, hT), (u, dl, z, consts, Bm, Cm, keep, states)
+
+    def bwd(res, cts):
+        u, dl, z, consts, Bm, Cm, keep, states = res
+        dy, dhT = cts
+        du, ddl, dz, dB, dC, dh0, dA, dDb = _backward(u, dl, z, consts, Bm, Cm, keep, states,
+                                                      dy.astype(u.dtype), dhT, **kw)
+        G = Bm.shape[2]
+        per_group = lambda d: d.reshape(d.shape[0], G, -1, *d.shape[2:]).sum(2)   # noqa: E731
+        dB = jnp.moveaxis(per_group(dB), 1, 2)           # [B, Tp, G, Np]
+        dC = jnp.moveaxis(per_group(dC), 1, 2)
+        dconsts = jnp.concatenate([dA.sum(0), dDb.sum(0)], axis=0)
+        return (du, ddl, dz, dconsts, dB, dC, None if keep is None else jnp.zeros_like(keep),
+                dh0 if has_h0 else None)
+
+    f = jax.custom_vjp(lambda *a: _forward(*a, save=False, **kw)[:2])
+    f.defvjp(fwd, bwd)
+    return f
+
+
+def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, *, initial_state,
+                   segment_ids, chunk_size, config=None):
+    """The op's impl signature (`linear_jax.ops.common.selective.unfused` says it), everything
+    fused: the step size (softplus and its bias), the D skip and the z gate run in the kernels.
+
+    u, delta, z [B, T, D] bf16 / fp16; A [D, N]; B, C [B, T, N] or [B, T, G, N]; D, delta_bias
+    [D] or None; initial_state [B, D, N] or None; segment_ids [B, T] or None. chunk_size is
+    ignored (the kernels' chunk is the config's). Returns (y [B, T, D] in u's dtype, final state
+    [B, D, N] float32), differentiable in every float input."""
+    cfg = config or HopperSelectiveConfig()
+    reason = accepts(u, delta, A, B, C)
+    if reason is not None:
+        raise ValueError(f"selective_scan: {reason}")
+    Bsz, T, Dm = u.shape
+    N = A.shape[1]
+    Np = -(-N // 8) * 8
+    Ct = cfg.chunk
+    Tp = -(-T // Ct) * Ct
+    group = lambda M: (M[:, :, None] if M.ndim == 3 else M).astype(f32)        # noqa: E731
+    Bg, Cg = group(B), group(C)
+    seq = lambda x: pad_to(x, 1, Tp)                                            # noqa: E731
+    Bm = pad_to(seq(Bg), 3, Np)
+    Cm = pad_to(seq(Cg), 3, Np)
+    zero = jnp.zeros((Dm,), f32)
+    consts = jnp.concatenate([
+        pad_to(A.astype(f32).T, 0, Np),
+        (zero if D is None else D.astype(f32))[None],
+        (zero if delta_bias is None else delta_bias.astype(f32))[None]], axis=0)
+    keep = None
+    if segment_ids is not None:
+        k = 1.0 - seq(resets(segment_ids)).astype(f32)
+        keep = jnp.broadcast_to(k[..., None], (Bsz, Tp, Np))
+    h0 = None if initial_state is None else pad_to(
+        jnp.swapaxes(initial_state.astype(f32), 1, 2), 1, Np)
+    core = _core(cfg, bool(delta_softplus), z is not None, keep is not None, h0 is not None)
+    y, hT = core(seq(u), seq(delta), None if z is None else seq(z), consts, Bm, Cm,
+                 keep, h0)
+    return y[:, :T], jnp.swapaxes(hT[:, :N], 1, 2)

@@ -1,0 +1,102 @@
+"""Sequence-parallel Mamba-3 (`linear_jax.ops.mamba3`): a halo for the trapezoid, an affine map
+for the state.
+
+The op's state is (S, k_last, v_last). The last key and value are data, not recurrence: shard p
+needs those of shard p-1's last token, which one `ppermute` sends (shard 0 takes the caller's; a
+document starting exactly at a shard's first token drops them, as the op itself does at a reset).
+Given them, S is affine in the entering state, S_out = N + M S_in and O = O_loc + Q~ S_in with M
+[N, N] (the product of the shard's decays and rotations), and all four come from one run of the
+single-device op on augmented values and state, as for the delta rule
+(`linear_jax.parallel.rank_one`): v' = [v | 0], S0' = [0 | I], v_last' = [v_last | 0]. The
+affine machinery is `linear_jax.parallel.affine`; the final (k_last, v_last) are the last
+shard's, gathered so that every device returns the global final state.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+from linear_jax import _compat, ops
+from linear_jax.ops.common.heads import repeat_heads
+from linear_jax.parallel.affine import affine_shard
+from linear_jax.parallel.decay import DEFAULT_MODE
+from linear_jax.parallel.mesh import run_on_mesh
+
+
+def _halo(k, v, segment_ids, initial_state, axis_name):
+    """(k_last, v_last) entering this shard: the previous shard's last token's, or the caller's
+    on shard 0; zero where a document starts at this shard's first token."""
+    B, _, H, N = k.shape
+    P = lax.axis_size(axis_name)
+    idx = lax.axis_index(axis_name)
+    tail = jnp.concatenate([k[:, -1], v[:, -1]], axis=-1).astype(jnp.float32)   # [B, H, N+V]
+    if segment_ids is not None:
+        last = lax.bitcast_convert_type(segment_ids[:, -1].astype(jnp.int32), jnp.float32)
+        tail = jnp.concatenate([tail, jnp.broadcast_to(last[:, None, None], (B, H, 1))], -1)
+    halo = lax.ppermute(tail, axis_name, [(i, i + 1) for i in range(P - 1)])
+    k_h, v_h = halo[..., :N], halo[..., N:N + v.shape[-1]]
+    if segment_ids is not None:
+        prev_last = lax.bitcast_convert_type(halo[:, 0, -1], jnp.int32)
+        fresh = (segment_ids[:, 0].astype(jnp.int32) != prev_last)[:, None, None]
+        k_h, v_h = jnp.where(fresh, 0.0, k_h), jnp.where(fresh, 0.0, v_h)
+    if initial_state is None:
+        return jnp.where(idx == 0, 0.0, k_h), jnp.where(idx == 0, 0.0, v_h)
+    return (jnp.where(idx == 0, initial_state[1].astype(jnp.float32), k_h),
+            jnp.where(idx == 0, initial_state[2].astype(jnp.float32), v_h))
+
+
+def mamba3_local(q, k, v, g, dt, trap, theta, *, axis_name="seq", scale=1.0, initial_state=None,
+                 segment_ids=None, chunk_size=64, impl="auto", config=None, mode=DEFAULT_MODE):
+    """`ops.mamba3` on the local shard of a sequence split along `axis_name`; call inside
+    `shard_map`. Returns (o [B,T_loc,H,P], the global final state (S, k_last, v_last))."""
+    B, N = q.shape[0], q.shape[3]
+    H, V = v.shape[2], v.shape[3]
+    kw = dict(scale=scale, chunk_size=chunk_size, impl=impl, config=config)
+    k_h, v_h = _halo(repeat_heads(k, H), v, segment_ids, initial_state, axis_name)
+
+    def pre(x, seg):
+        *arrays, k_h, v_h = x
+        v = arrays[2]
+        pad = lambda a: jnp.concatenate([a, jnp.zeros(a.shape[:-1] + (N,), a.dtype)], axis=-1)
+        # [0 | I], typed varying like the inputs (the op's scan carry must be)
+        S_aug = _compat.zeros_varying((B, H, N, V + N), *x) + jnp.concatenate(
+            [jnp.zeros((N, V), jnp.float32), jnp.eye(N, dtype=jnp.float32)], axis=-1)
+        o, (S, _, _) = ops.mamba3(*arrays[:2], pad(v), *arrays[3:],
+                                  initial_state=(S_aug, k_h, pad(v_h)), segment_ids=seg, **kw)
+        return (o[..., :V], o[..., V:]), S[..., :V], S[..., V:]
+
+    def post(x, seg, parts, S_in):
+        o_loc, q_t = parts
+        o = o_loc.astype(jnp.float32) + jnp.einsum(
+            "bthn,bhnv->bthv", q_t.astype(jnp.float32), S_in, precision=lax.Precision.HIGHEST,
+            preferred_element_type=jnp.float32)
+        return o.astype(x[2].dtype)
+
+    def rerun(x, seg, S_in):
+        *arrays, k_h, v_h = x
+        o, (S, _, _) = ops.mamba3(*arrays, initial_state=(S_in, k_h, v_h), segment_ids=seg, **kw)
+        return o, S
+
+    x = (q, k, v, g, dt, trap, theta, k_h, v_h)
+    S0 = None if initial_state is None else initial_state[0]
+    o, S = affine_shard(pre, post, "matrix", x, (B, H, N, V), S0, segment_ids,
+                        axis_name=axis_name, mode=mode, rerun=rerun)
+    last = jnp.concatenate([repeat_heads(k, H)[:, -1], v[:, -1]], -1).astype(jnp.float32)
+    last = _compat.all_gather_same(last, axis_name)[-1]
+    return o, (S, last[..., :N], last[..., N:])
+
+
+def mamba3(q, k, v, g, dt, trap, theta, *, axis_name="seq", mesh=None, batch_axes=None,
+           head_axes=None, scale=1.0, initial_state=None, segment_ids=None, chunk_size=64,
+           impl="auto", config=None, mode=DEFAULT_MODE):
+    """Sequence-parallel `linear_jax.ops.mamba3` (mesh arguments as
+    `linear_jax.parallel.simple_gla`)."""
+    kw = dict(scale=scale, chunk_size=chunk_size, impl=impl, config=config, mode=mode)
+    if mesh is None:
+        return mamba3_local(q, k, v, g, dt, trap, theta, axis_name=axis_name,
+                            initial_state=initial_state, segment_ids=segment_ids, **kw)
+    local = lambda *x, **a: mamba3_local(*x, **a, **kw)
+    return run_on_mesh(local, mesh, (q, k, v, g, dt, trap, theta), initial_state=initial_state,
+                       segment_ids=segment_ids, seq_axis=axis_name, batch_axes=batch_axes,
+                       head_axes=head_axes, kernel_op=("mamba3", impl, config))

@@ -1,0 +1,128 @@
+"""A checkpoint the loader cannot express exactly raises a ValueError naming the field or tensor,
+and does so before any parameter reaches a device (`jax.device_put` is made to fail)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from linear_jax import hub
+from linear_jax.hub import files
+from linear_jax.models import LM, LMConfig
+from tests.hub.common import config, copy, tensors
+
+
+@pytest.fixture(autouse=True)
+def no_device_put(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("device_put before the checkpoint was checked")
+    monkeypatch.setattr(jax, "device_put", refuse)
+
+
+def _raises(path, match, **kw):
+    with pytest.raises(ValueError, match=match):
+        hub.load(path, **kw)
+
+
+@pytest.mark.parametrize("field, value, family", [
+    ("architectures", ["MambaForSequenceClassification"], "mamba"),
+    ("architectures", ["MambaForCausalLM", "Mamba2ForCausalLM"], "mamba"),
+    ("use_bias", True, "mamba"),
+    ("use_conv_bias", False, "mamba2"),
+    ("hidden_act", "gelu", "mamba"),
+    ("intermediate_size", 48, "mamba"),
+    ("time_step_limit", [0.0, 10.0], "mamba2"),
+    ("dtype", "int8", "mamba"),
+    ("made_up_field", 1, "mamba2"),
+    ("vocab_size", None, "mamba"),
+    ("num_hidden_layers", 0, "mamba2"),
+    ("attention_bias", True, "qwen3_next"),
+    ("norm_topk_prob", False, "qwen3_next"),
+    ("mlp_only_layers", [0], "qwen3_next"),
+    ("layer_types", ["linear_attention", "sliding_attention"], "qwen3_next"),
+    ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}, "qwen3_next"),
+    ("add_out_norm", False, "xlstm"),
+    ("v_dim_factor", 0.5, "xlstm"),
+    ("weight_mode", "mixed", "xlstm"),
+    ("embedding_dim", 48, "xlstm"),
+    ("sliding_window", 4, "minimax"),
+    ("layer_types", ["linear_attention", "linear_attention", "moe"], "minimax"),
+])
+def test_bad_config_field(tmp_path, field, value, family):
+    c = config(family)
+    if value is None:
+        del c[field]
+    else:
+        c[field] = value
+    _raises(copy(family, tmp_path / "c", config=c), field)
+
+
+def test_mamba2_heads(tmp_path):
+    c = dict(config("mamba2"), head_dim=16)
+    _raises(copy("mamba2", tmp_path / "c", config=c), "num_heads \\* head_dim")
+
+
+@pytest.mark.parametrize("family, name", [
+    ("mamba", "backbone.layers.1.mixer.A_log"), ("mamba2", "backbone.layers.1.mixer.A_log"),
+    ("qwen3_next", "model.layers.1.mlp.experts.3.up_proj.weight"),
+    ("qwen3_next", "model.layers.0.linear_attn.in_proj_qkvz.weight")])
+def test_missing_tensor(tmp_path, family, name):
+    t = tensors(copy(family, tmp_path / "src"))
+    del t[name]
+    _raises(copy(family, tmp_path / "c", tensors_=t), "missing tensor.*" + name)
+
+
+def test_extra_tensor(tmp_path):
+    t = tensors(copy("mamba", tmp_path / "src"))
+    t["lm_head.weight"] = t["backbone.embeddings.weight"]        # the head is tied here
+    _raises(copy("mamba", tmp_path / "c", tensors_=t), "unexpected tensor.*lm_head.weight")
+
+
+@pytest.mark.parametrize("family, name", [
+    ("mamba", "backbone.layers.0.mixer.x_proj.weight"),
+    ("qwen3_next", "model.layers.0.linear_attn.in_proj_ba.weight"),
+    ("qwen3_next", "model.layers.0.mlp.experts.0.down_proj.weight")])
+def test_shape_mismatch(tmp_path, family, name):
+    t = tensors(copy(family, tmp_path / "src"))
+    t[name] = t[name][:-1]
+    _raises(copy(family, tmp_path / "c", tensors_=t), f"{name}.*shape")
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.float16])
+def test_dtype_mismatch(tmp_path, dtype):
+    t = tensors(copy("mamba2", tmp_path / "src"))
+    name = "backbone.layers.0.mixer.D"
+    t[name] = t[name].astype(dtype)
+    _raises(copy("mamba2", tmp_path / "c", tensors_=t), f"{name}.*dtype")
+
+
+def test_derived_tensor_mismatch(tmp_path):
+    """MiniMax stores decay tables the config implies: a table that disagrees is refused."""
+    t = tensors(copy("minimax", tmp_path / "src"))
+    name = "model.layers.1.self_attn.slope_rate"
+    t[name] = t[name] * 2
+    _raises(copy("minimax", tmp_path / "c", tensors_=t), name)
+
+
+def test_index_lists_absent_tensor(tmp_path):
+    d = copy("mamba2", tmp_path / "c")
+    index = (d / files.INDEX).read_text().replace('"weight_map": {',
+                                                  '"weight_map": {"ghost": "x.safetensors", ')
+    (d / files.INDEX).write_text(index)
+    _raises(d, "ghost")
+
+
+def test_not_a_checkpoint(tmp_path):
+    _raises(tmp_path, "config.json")
+
+
+def test_override_that_changes_weights(tmp_path):
+    _raises(copy("mamba", tmp_path / "c"), "d_model", d_model=64)
+
+
+def test_save_unsupported_model():
+    model = LM(LMConfig(vocab_size=16, d_model=16, num_layers=1, num_heads=2), rngs=__import__(
+        "flax").nnx.Rngs(0))
+    with pytest.raises(ValueError, match="no checkpoint family.*gla"):
+        hub.save(model, "/nonexistent")

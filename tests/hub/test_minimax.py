@@ -1,0 +1,6 @@
+"""MiniMax-01 (MiniMaxForCausalLM: lightning + softmax attention, MoE, scaled normed residuals)
+against its transformers fixture; the checks are tests/hub/checks.py's."""
+
+from tests.hub.checks import *  # noqa: F403  (the shared checks, collected here)
+
+FAMILY = "minimax"

@@ -1,0 +1,123 @@
+"""The Hopper selective-scan and mLSTM kernels' numerics on a CPU, in jax's GPU interpreter
+(`interpret=True` in their configs): TMA copies, mbarriers, the SMEM widening of the row tiles,
+the step algebra and the mLSTM tiles (each wgmma as a float32 `jnp.dot`) run; only the register
+layouts are the device's to check (the export tests lower them). Against the float32 recurrent
+references on float32 copies of the same bf16 inputs: outputs, final states and the gradients of
+every float input, relative to each reference's largest entry (bf16 outputs and a bf16 cotangent
+of y: ~1e-2)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from linear_jax.kernels.configs import HopperMlstmConfig, HopperSelectiveConfig
+from linear_jax.kernels.gpu.hopper import mlstm as hopper_mlstm
+from linear_jax.kernels.gpu.hopper import selective as hopper_selective
+from linear_jax.ops.mlstm import mlstm_recurrent
+from linear_jax.ops.selective_scan import selective_scan
+
+TOL = 2e-2
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "h0")
+
+
+def _inputs(B, T, D, N, G, seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 10)
+    n = lambda i, *s: jax.random.normal(ks[i], s)              # noqa: E731
+    bf = jnp.bfloat16
+    return (n(0, B, T, D).astype(bf), (n(1, B, T, D) - 1).astype(bf), -jnp.exp(n(2, D, N)),
+            n(3, B, T, G, N), n(4, B, T, G, N), n(5, D), n(6, B, T, D).astype(bf),
+            0.5 * n(7, D), n(8, B, D, N))
+
+
+# (B, T, D, N, G, softplus, with segment ids, config)
+CASES = [
+    (1, 40, 64, 12, 1, True, True, dict(chunk=8, stages=2)),   # T, N padded; docs mid-chunk
+    (1, 32, 128, 16, 2, False, False, dict(chunk=16, stages=3)),  # two groups, no softplus
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=["docs-softplus", "groups"])
+def test_selective_matches_reference(case):
+    B, T, D, N, G, softplus, docs, over = case
+    cfg = HopperSelectiveConfig(interpret=True, **over)
+    args = _inputs(B, T, D, N, G)
+    if not softplus:                      # dt = delta + bias must stay positive: decays <= 1
+        args = (args[0], jnp.abs(args[1]), *args[2:7], jnp.abs(args[7]), args[8])
+    seg = jnp.asarray([[0] * 13 + [1] * 20 + [2] * (T - 33)]) if docs else None
+    up = lambda x: x.astype(jnp.float32)                        # noqa: E731
+
+    def kern(u, dl, A, Bm, Cm, Dv, z, bias, h0):
+        return hopper_selective.selective_scan(u, dl, A, Bm, Cm, Dv, z, bias, softplus,
+                                               initial_state=h0, segment_ids=seg,
+                                               chunk_size=64, config=cfg)
+
+    def ref(u, dl, A, Bm, Cm, Dv, z, bias, h0):
+        return selective_scan(up(u), up(dl), A, Bm, Cm, Dv, up(z), bias, softplus,
+                              initial_state=h0, segment_ids=seg, impl="recurrent")
+
+    ks = jax.random.split(jax.random.PRNGKey(1), 2)
+    dy = jax.random.normal(ks[0], (B, T, D)).astype(jnp.bfloat16).astype(jnp.float32)
+    dh = jax.random.normal(ks[1], (B, D, N))
+
+    def loss(fn, *a):
+        y, h = fn(*a)
+        return jnp.sum(up(y) * dy) + jnp.sum(h * dh)
+
+    argnums = tuple(range(len(NAMES)))
+    (yk, hk), gk = jax.jit(lambda *a: (kern(*a), jax.grad(
+        lambda *b: loss(kern, *b), argnums=argnums)(*a)))(*args)
+    yr, hr = ref(*args)
+    gr = jax.grad(lambda *b: loss(ref, *b), argnums=argnums)(*args)
+    outs = [("y", yk, yr), ("final state", hk, hr)] + [
+        (f"d{n}", a, b) for n, a, b in zip(NAMES, gk, gr, strict=True)]
+    for name, a, b in outs:
+        a, b = up(a), up(b)
+        err = float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-6))
+        assert err < TOL, (name, err)
+
+
+def _err(a, b):
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-6))
+
+
+@pytest.mark.parametrize("L", [64, 128])
+def test_mlstm_matches_reference(L):
+    """T = 150 (padded), strong input gates (i ~ 3 N(0, 1)), an initial state: the forward kernel
+    against the recurrent reference; the gradients (the chunk form's VJP) likewise."""
+    B, T, H, K, V = 1, 150, 1, 64, 64
+    cfg = HopperMlstmConfig(interpret=True, chunk=L)
+    ks = jax.random.split(jax.random.PRNGKey(0), 9)
+    n = lambda i, *s: jax.random.normal(ks[i], s)              # noqa: E731
+    bf = jnp.bfloat16
+    q, k, v = n(0, B, T, H, K).astype(bf), n(1, B, T, H, K).astype(bf), n(2, B, T, H, V).astype(bf)
+    i, f = 3 * n(3, B, T, H), n(4, B, T, H) + 2
+    h0 = (n(5, B, H, K, V), jnp.abs(n(6, B, H, K)), n(7, B, H))
+    dy = n(8, B, T, H, V).astype(bf).astype(jnp.float32)
+    up = lambda x: x.astype(jnp.float32)                        # noqa: E731
+
+    def kern(q, k, v, i, f, h0):
+        return hopper_mlstm.mlstm(q, k, v, i, f, scale=K**-0.5, initial_state=h0,
+                                  segment_ids=None, chunk_size=64, eps=1e-6, config=cfg)
+
+    def ref(q, k, v, i, f, h0):
+        return mlstm_recurrent(up(q), up(k), up(v), i, f, scale=K**-0.5, initial_state=h0,
+                               segment_ids=None, eps=1e-6)
+
+    def loss(fn, *a):
+        y, (C, nn, _) = fn(*a)
+        return jnp.sum(up(y) * dy) + jnp.sum(C) + jnp.sum(nn)
+
+    args = (q, k, v, i, f, h0)
+    (y, st), g = jax.jit(lambda *a: (kern(*a), jax.grad(
+        lambda *b: loss(kern, *b), argnums=tuple(range(6)))(*a)))(*args)
+    yr, sr = ref(*args)
+    gr = jax.grad(lambda *b: loss(ref, *b), argnums=tuple(range(6)))(*args)
+    assert _err(y, yr) < TOL
+    for a, b in zip(st, sr, strict=True):
+        assert _err(a, b) < 1e-5
+    flat_k, flat_r = jax.tree.leaves(g), jax.tree.leaves(gr)
+    for idx, (a, b) in enumerate(zip(flat_k, flat_r, strict=True)):
+        assert _err(a, b) < TOL, idx

@@ -1,0 +1,115 @@
+"""The Hopper (Mosaic GPU) kernels of the selective scan and of mLSTM lower for CUDA, forward and
+backward, checked from a CPU host (`jax.export(..., platforms=["cuda"])` runs the Pallas -> Mosaic
+GPU lowering; PTX assembly happens on the device only). Two shapes each: the anchor tile sizes
+and a padded one with every optional input."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from linear_jax.kernels.configs import HopperMlstmConfig, HopperSelectiveConfig
+from linear_jax.kernels.gpu.hopper import mlstm as hopper_mlstm
+from linear_jax.kernels.gpu.hopper import selective as hopper_selective
+
+bf = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)     # noqa: E731
+fs = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)      # noqa: E731
+
+# (semantics, B, T, D, N, G, every optional input (z, D, bias, softplus, h0, segment ids), config)
+SELECTIVE = [
+    ("lane", 1, 256, 128, 16, 1, False, {}),                   # the anchor's N, no extras
+    ("lane", 1, 100, 128, 12, 2, True, dict(chunk=8, stages=2)),  # T, N padded; two groups
+    ("warpgroup", 1, 64, 64, 16, 1, True, {}),
+]
+
+
+def _export_selective(case, grad):
+    sem, B, T, D, N, G, extras, over = case
+    cfg = HopperSelectiveConfig(interpret=False, semantics=sem, **over)
+    structs = [bf(B, T, D), bf(B, T, D), fs(D, N), fs(B, T, G, N), fs(B, T, G, N)]
+    if extras:
+        structs += [fs(D), bf(B, T, D), fs(D), fs(B, D, N), jax.ShapeDtypeStruct((B, T), jnp.int32)]
+    n_diff = len(structs) - (1 if extras else 0)
+
+    def f(*a):
+        u, dl, A, Bm, Cm = a[:5]
+        Dv, z, bias, h0, seg = a[5:] if extras else (None,) * 5
+        return hopper_selective.selective_scan(u, dl, A, Bm, Cm, Dv, z, bias, extras,
+                                               initial_state=h0, segment_ids=seg, chunk_size=64,
+                                               config=cfg)
+
+    def loss(*a):
+        y, h = f(*a)
+        return jnp.sum(y.astype(jnp.float32)) + jnp.sum(h)
+
+    fn = jax.grad(loss, argnums=tuple(range(n_diff))) if grad else f
+    return jax.export.export(jax.jit(fn), platforms=["cuda"])(*structs)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "bwd"])
+@pytest.mark.parametrize("case", SELECTIVE,
+                         ids=lambda c: f"{c[0]}-T{c[2]}-D{c[3]}N{c[4]}G{c[5]}" + "-extras" * c[6])
+def test_selective_exports_for_cuda(case, grad):
+    exp = _export_selective(case, grad)
+    text = exp.mlir_module()
+    assert "mosaic_gpu" in text
+    assert text.count("selective_scan_bwd") > 0 if grad else "selective_scan_fwd" in text
+
+
+def test_selective_accepts():
+    u = jnp.zeros((1, 8, 128), jnp.bfloat16)
+    A, Bm = jnp.zeros((128, 16)), jnp.zeros((1, 8, 16))
+    assert hopper_selective.accepts(u, u, A, Bm, Bm) is None
+    assert "bfloat16" in hopper_selective.accepts(u.astype(jnp.float32), u, A, Bm, Bm)
+    assert "multiples of 64" in hopper_selective.accepts(u[..., :96], u, A, Bm, Bm)
+
+
+# (semantics, B, T, H, K, V, initial state, chunk L)
+MLSTM = [
+    ("lane", 2, 2048, 4, 128, 128, False, 128),     # the anchor tile sizes
+    ("lane", 1, 200, 2, 64, 64, True, 256),         # T padded, L = 256 (four key tiles)
+    ("warpgroup", 1, 256, 2, 128, 128, True, 128),
+    ("lane", 1, 256, 2, 128, 128, True, 64),
+]
+
+
+def _export_mlstm(case, grad):
+    sem, B, T, H, K, V, h0, L = case
+    cfg = HopperMlstmConfig(interpret=False, semantics=sem, chunk=L)
+    structs = [bf(B, T, H, K), bf(B, T, H, K), bf(B, T, H, V), fs(B, T, H), fs(B, T, H)]
+    if h0:
+        structs += [fs(B, H, K, V), fs(B, H, K), fs(B, H)]
+
+    def f(q, k, v, i, fg, *state):
+        return hopper_mlstm.mlstm(q, k, v, i, fg, scale=K**-0.5,
+                                  initial_state=tuple(state) if state else None,
+                                  segment_ids=None, chunk_size=64, eps=1e-6, config=cfg)
+
+    def loss(*a):
+        h, (C, n, m) = f(*a)
+        return jnp.sum(h.astype(jnp.float32)) + jnp.sum(C) + jnp.sum(n)
+
+    # the value too: the backward is the chunk form's VJP, the kernel is the forward
+    fn = jax.value_and_grad(loss, argnums=tuple(range(len(structs) - (1 if h0 else 0)))) \
+        if grad else f
+    return jax.export.export(jax.jit(fn), platforms=["cuda"])(*structs)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "bwd"])
+@pytest.mark.parametrize("case", MLSTM,
+                         ids=lambda c: f"{c[0]}-T{c[2]}-K{c[4]}V{c[5]}-L{c[7]}" + "-h0" * c[6])
+def test_mlstm_exports_for_cuda(case, grad):
+    text = _export_mlstm(case, grad).mlir_module()
+    assert "mlstm_out" in text
+
+
+def test_mlstm_refuses():
+    x = jnp.zeros((1, 8, 1, 128), jnp.bfloat16)
+    assert hopper_mlstm.accepts(x, x, x) is None
+    assert "bfloat16" in hopper_mlstm.accepts(x.astype(jnp.float32), x, x)
+    assert "K, V in" in hopper_mlstm.accepts(x[..., :96], x[..., :96], x)
+    g = jnp.zeros((1, 8, 1))
+    with pytest.raises(ValueError, match="segment_ids"):
+        hopper_mlstm.mlstm(x, x, x, g, g, scale=1.0, initial_state=None,
+                           segment_ids=jnp.zeros((1, 8), jnp.int32), chunk_size=64, eps=1e-6)
