@@ -103,7 +103,7 @@ def layer_inputs(model, tokens, seg):
     """The input of every layer's attention (its pre-norm output), in the teacher's forward."""
     h = jnp.take(model.embed[...], tokens, axis=0)
     xs = []
-    for block in model.blocks:
+    for block in layers(model):
         xs.append(block.norm1(h))
         h, _, _ = block(h, segment_ids=seg)
     return xs
@@ -136,12 +136,18 @@ def distill_losses(fmaps, proj, xs, seg, H):
     return out
 
 
+def layers(model):
+    """The model's layers one by one, each a `Block` of its own (sliced out of the stacked
+    layers: read them, do not train them)."""
+    return [model.layer(i) for i in range(model.config.num_layers)]
+
+
 def projections(model):
-    return [(b.mixer.q_proj.kernel[...], b.mixer.k_proj.kernel[...]) for b in model.blocks]
+    return [(b.mixer.q_proj.kernel[...], b.mixer.k_proj.kernel[...]) for b in layers(model)]
 
 
 def feature_maps(model):
-    return [{n: getattr(b.mixer, n)[...] for n in FEATURES} for b in model.blocks]
+    return [{n: getattr(b.mixer, n)[...] for n in FEATURES} for b in layers(model)]
 
 
 def distill(teacher, fmaps, source, c, steps, H):
@@ -195,8 +201,15 @@ def convert(teacher_state, student, fmaps):
             elif key in src and np.shape(val) == np.shape(src[key]):
                 dst[key] = src[key]
     copy(sd, td)
-    for i, fm in enumerate(fmaps):
-        sd["blocks"][i]["mixer"].update(fm)
+    first = 0               # the maps of layer first + j * period + k: index j of block k's stack
+    for n, stack in enumerate(student.stacks):
+        period = len(stack.blocks)
+        for k in range(period):
+            mixer = sd["stacks"][n]["blocks"][k]["mixer"]
+            for name in fmaps[first + k]:
+                mixer[name] = jnp.stack([fmaps[first + j * period + k][name]
+                                         for j in range(stack.repeats)])
+        first += stack.num_layers
     nnx.replace_by_pure_dict(state, sd)
     return nnx.merge(gdef, state)
 

@@ -140,9 +140,9 @@ def state_size_per_layer(model_config, vocab_size: int, seq_len: int) -> int:
 
     model = nnx.eval_shape(build_model(model_config, vocab_size, seed=0))
     sizes = []
-    for block in model.blocks:
-        cache = jax.eval_shape(lambda b=block: b.mixer.init_cache(1, jnp.float32,
-                                                                 max_len=seq_len))
+    for i in range(model.config.num_layers):
+        mixer = model.layer_mixer(i)
+        cache = jax.eval_shape(lambda m=mixer: m.init_cache(1, jnp.float32, max_len=seq_len))
         sizes.append(sum(math.prod(x.shape) for k, v in cache.items() if k != "conv"
                          for x in jax.tree.leaves(v) if jnp.issubdtype(x.dtype, jnp.floating)))
     return round(sum(sizes) / len(sizes))

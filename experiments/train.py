@@ -7,7 +7,11 @@
 
 Any config field can be overridden with `--config.<path>=<value>`. Running again with the same
 workdir resumes from its newest checkpoint. Metrics go to `<workdir>/metrics.jsonl`
-(`python -m experiments.plot <workdir> ...` draws them); the config to `<workdir>/config.json`.
+(`python -m experiments.plot <workdir> ...` draws them); the config to `<workdir>/config.json`;
+the final metrics, throughput (step time, tokens/s, MFU) and compile time to
+`<workdir>/result.json`. `--config.train.progress=False` logs a line every `train.log_every`
+steps instead of a progress bar; `--config.train.peak_flops=<FLOP/s per device>` sets the peak
+MFU is measured against where the device is not in `linear_jax.models.flops.PEAKS`.
 
 Devices: one CPU or GPU as is; simulated CPU devices with
 `XLA_FLAGS=--xla_force_host_platform_device_count=8` and e.g. `--config.mesh.fsdp=2
@@ -58,6 +62,11 @@ def main(argv) -> None:
         sys.exit(f"error: {e}")
     if result["stopped"] == "nan":
         sys.exit(f"error: non-finite loss at step {result['step']}; stopped")
+    tp = result.get("throughput", {})
+    if tp.get("tokens_per_s"):
+        mfu = f", MFU {100 * tp['mfu']:.1f}%" if tp.get("mfu") else ""
+        print(f"throughput: {tp['tokens_per_s']:,.0f} tokens/s, {1e3 * tp['step_time_s']:.1f} ms "
+              f"per step{mfu} (train step compiled in {result['compile']['compile_s']:.1f} s)")
     ev = result["eval"]
     parts = [f"{name} loss {m['loss']:.4f} accuracy {m['accuracy']:.4f}" for name, m in ev.items()]
     print(f"final (step {result['step']}, {result['seconds']:.0f} s): " + "; ".join(parts))

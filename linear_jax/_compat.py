@@ -22,7 +22,9 @@ Pallas is imported inside those functions, so importing `linear_jax.parallel` ne
 from __future__ import annotations
 
 import inspect
+import math
 import os
+from collections.abc import Mapping
 
 import jax
 from jax import lax
@@ -57,22 +59,47 @@ def shard_map(f, *, mesh, in_specs, out_specs, check=True):
     return _shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, **{_CHECK_KW: check})
 
 
-def make_mesh(shape, names, devices=None):
-    """A mesh with Auto axis types (shard_map takes replicated inputs on those)."""
-    devices = jax.devices()[: int(_prod(shape))] if devices is None else list(devices)
+def make_mesh(sizes, devices=None, *legacy):
+    """The one mesh constructor of linear_jax (`linear_jax.parallel.make_mesh`): a mesh with
+    Auto axis types (shard_map takes replicated inputs on those; recent `jax.make_mesh` defaults
+    to Explicit) over `devices` (default: all devices of all hosts, as many as the sizes need).
+
+    `sizes`: {axis name: size} in mesh order, e.g. `{"data": 2, "seq": 4}`; one size may be -1
+    (whatever the devices leave). The older spelling `make_mesh(shape, names[, devices])`, e.g.
+    `make_mesh((2, 4), ("data", "seq"))`, is the same mesh. A ValueError says what does not fit.
+    """
+    if not isinstance(sizes, Mapping):                    # (shape, names[, devices])
+        names, devices = devices, (legacy[0] if legacy else None)
+        if names is None or len(tuple(names)) != len(tuple(sizes)):
+            raise ValueError(f"make_mesh: give {{axis name: size}}, or a shape and as many names; "
+                             f"got {sizes!r} and {names!r}")
+        sizes = dict(zip(tuple(names), tuple(sizes), strict=True))
+    elif legacy:
+        raise TypeError("make_mesh(sizes, devices=None): too many arguments")
+    names, shape = tuple(sizes), [int(n) for n in sizes.values()]
+    if len(set(names)) != len(names) or not names:
+        raise ValueError(f"make_mesh: axis names must be distinct and at least one, got {names}")
+    if shape.count(-1) > 1 or any(n == 0 or n < -1 for n in shape):
+        raise ValueError(f"make_mesh: sizes must be positive, one may be -1; got {dict(sizes)}")
+    pool = list(jax.devices() if devices is None else devices)
+    if -1 in shape:
+        fixed = math.prod(n for n in shape if n != -1)
+        if len(pool) % fixed:
+            raise ValueError(f"make_mesh: {dict(sizes)} does not fit {len(pool)} devices "
+                             f"({len(pool)} is not a multiple of {fixed})")
+        shape[shape.index(-1)] = len(pool) // fixed
+    need = math.prod(shape)
+    if need > len(pool) or (devices is not None and need != len(pool)):
+        raise ValueError(f"make_mesh: {dict(zip(names, shape, strict=True))} needs {need} "
+                         f"devices, {len(pool)} are {'given' if devices is not None else 'here'}"
+                         f" (one size may be -1 to fill them)")
+    pool = pool[:need]
     try:
         from jax.sharding import AxisType
     except ImportError:
-        return jax.make_mesh(tuple(shape), tuple(names), devices=devices)
-    return jax.make_mesh(tuple(shape), tuple(names), axis_types=(AxisType.Auto,) * len(shape),
-                         devices=devices)
-
-
-def _prod(xs):
-    out = 1
-    for x in xs:
-        out *= x
-    return out
+        return jax.make_mesh(tuple(shape), names, devices=pool)
+    return jax.make_mesh(tuple(shape), names, axis_types=(AxisType.Auto,) * len(shape),
+                         devices=pool)
 
 
 def varying_axes(x) -> frozenset:

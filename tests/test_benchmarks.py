@@ -118,3 +118,24 @@ def test_render_rewrites_only_the_marked_readme_block(tmp_path):
          "jla.deltanet.fwd_ms": 0.4}]})
     assert [(r["op"], r["fwd_sync"], r["fwd_jla"]) for r in rows] == [
         ("simple_gla", 0.2, 0.3), ("delta_rule", 0.6, 0.4)]
+
+
+@pytest.mark.smoke
+def test_compile_time_script_runs(tmp_path, monkeypatch):
+    """experiments/benchmarks/compile_time.py end to end at a tiny size: the scanned and the
+    unrolled train step of a 2-layer GLA model lower and compile, the JSON names the device, the
+    jax version, the shapes and the seconds, and the scan lowers to fewer ops than the unrolled
+    stack."""
+    from experiments.benchmarks import compile_time
+
+    monkeypatch.setattr(common, "RESULTS", str(tmp_path))
+    assert compile_time.main(["--quick", "--layers", "2", "--mixers", "gla", "--unrolled",
+                              "--out", "ct.json"]) == 0
+    out = json.loads((tmp_path / "ct.json").read_text())
+    assert out["device"] and out["jax"] == jax.__version__
+    rows = {(r["mixer"], r["form"]): r for r in out["rows"]}
+    assert set(rows) == {("gla", "scan"), ("gla", "unrolled")}
+    for r in rows.values():
+        assert r["layers"] == 2 and r["d_model"] == 64 and r["seq_len"] == 128
+        assert r["lower_s"] > 0 and r["compile_s"] > 0
+    assert rows["gla", "scan"]["hlo_ops"] < rows["gla", "unrolled"]["hlo_ops"]

@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     if a.devices > n_dev:
         raise SystemExit(f"--devices {a.devices} but only {n_dev} devices are visible")
     Pn = a.devices
-    mesh = _compat.make_mesh((Pn,), ("seq",))
+    mesh = sp.make_mesh({"seq": Pn})
     one = jax.devices()[0]
     B, H, K, V, dtype = a.batch, a.heads, a.dim, a.dim, jnp.dtype(a.dtype)
     shard = lambda x: {n: jax.device_put(t, NamedSharding(mesh, P(None, "seq")))

@@ -27,6 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
         "weight_decay": 0.1, "clip_norm": 1.0, "aux_loss_weight": 0.01,
         "log_every": 10, "checkpoint_every": 500, "keep_checkpoints": 2, "progress": True,
         "tensorboard": False,     # also write <workdir>/tensorboard/events.out.tfevents.*
+        "peak_flops": 0.0,        # per device, for MFU; 0: linear_jax.models.flops.PEAKS
     })
 
     c.eval = ml_collections.ConfigDict({"every": 250, "batches": 4, "batch_size": 64,

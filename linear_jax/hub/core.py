@@ -4,11 +4,19 @@ Loading checks everything it can from `config.json` and the safetensors headers 
 every config field, missing and extra tensors, shapes, dtypes) against the model's abstract
 state (`nnx.eval_shape`, nothing allocated), and only then reads: one tensor at a time, from a
 memory map straight to its device buffer (sharded over `mesh` by the logical-axis `rules` when
-given), so host memory holds at most one tensor beyond the file cache.
+given). A parameter stacked over layers (or experts) is assembled on the host from its
+tensors and transferred once, complete.
+
+The families name parameters per layer, `("blocks", i, ...)`, as if the model held a list of
+blocks; the model stacks runs of same-structure layers (`linear_jax.models.lm.Stack`), and
+`_per_layer` is the one translation between the two: layer i of a stack is index i - start on
+the leading `layers` axis of that stack's parameters (before any axis of their own, such as
+MoE experts).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import pathlib
 
@@ -58,6 +66,33 @@ def read_config(path, **overrides) -> LMConfig:
         raise ValueError(f"load: {bad} cannot be overridden (they would not fit the stored "
                          f"weights); only {list(OVERRIDES)}")
     return dataclasses.replace(family_of(hf).to_lm(hf), **overrides)
+
+
+def _per_layer(flat) -> dict:
+    """{per-layer path: (path in the model's state, index on its layers axis)} for every
+    variable of the flat state `flat` ((path, value with .shape) pairs): a stacked one,
+    `("stacks", s, "blocks", k, *rest)` of leading size `repeats`, is layer
+    `start_s + j * period_s + k`'s `("blocks", i, *rest)` at index j; any other maps to itself
+    with index None."""
+    flat = list(flat)
+    runs = {}                                          # stack -> (period, repeats)
+    for path, v in flat:
+        if path[0] == "stacks":
+            period, _ = runs.get(path[1], (0, 0))
+            runs[path[1]] = (max(period, path[3] + 1), v.shape[0])
+    starts, start = {}, 0
+    for s in sorted(runs):
+        starts[s], start = start, start + runs[s][0] * runs[s][1]
+    out = {}
+    for path, _ in flat:
+        if path[0] != "stacks":
+            out[path] = (path, None)
+            continue
+        s, k, rest = path[1], path[3], path[4:]
+        period, repeats = runs[s]
+        for j in range(repeats):
+            out[("blocks", starts[s] + j * period + k, *rest)] = (path, j)
+    return out
 
 
 def _expected_shape(ps, shapes: dict) -> tuple:
@@ -127,6 +162,17 @@ def _abstract(config: LMConfig):
     return out["graphdef"], state
 
 
+def _constants(config: LMConfig) -> list:
+    """(path, array) of the model's variables that are not parameters, computed under `jit`
+    (which drops the parameters' initialisation, never materialising them)."""
+    def build():
+        with nnx.use_eager_sharding(False):
+            return nnx.state(LM(config, rngs=nnx.Rngs(0)), nnx.Not(nnx.Param))
+
+    return [(path, np.asarray(v.get_value()))
+            for path, v in nnx.to_flat_state(jax.jit(build)())]
+
+
 def load(path, *, mesh=None, rules=None, **overrides) -> LM:
     """The `LM` of the transformers checkpoint in directory `path`, weights loaded.
 
@@ -145,7 +191,17 @@ def load(path, *, mesh=None, rules=None, **overrides) -> LM:
     stored = files.entries(directory)
     graphdef, state = _abstract(config)
     params = list(nnx.to_flat_state(state))
-    plan = _plan(config, family, hf, stored, params)
+    layers = _per_layer(params)
+    where = {path: i for i, (path, _) in enumerate(params)}
+    # variables that are not parameters are constants the config implies (fixed decays)
+    constant = {path for path, v in params if not isinstance(v, nnx.Param)}
+    view = []                                          # the parameters as the family names them
+    for lpath, (path, j) in layers.items():
+        if path in constant:
+            continue
+        v = params[where[path]][1]
+        view.append((lpath, jax.ShapeDtypeStruct(v.shape[j is not None:], v.dtype)))
+    plan = _plan(config, family, hf, stored, view)
     shardings = None
     if mesh is not None:
         from linear_jax.training.sharding import check_rules, tree_shardings
@@ -153,8 +209,9 @@ def load(path, *, mesh=None, rules=None, **overrides) -> LM:
         table = check_rules(DEFAULT_RULES if rules is None else rules)
         shardings = list(nnx.to_flat_state(tree_shardings(state, mesh, table)))
     dtype = np.dtype(config.param_dtype) if "param_dtype" in overrides else None
-    where = {path: i for i, (path, _) in enumerate(params)}
-    stacks = {}          # stacked parameters being filled slot by slot: [buffer, slots left]
+    # stacked parameters (layers, experts) being filled slot by slot: buffer, and slots left
+    buffers, left = {}, collections.Counter(layers[p.path][0] for ps in plan.values()
+                                            for p in ps)
 
     def place(path, array):
         i = where[path]
@@ -168,16 +225,20 @@ def load(path, *, mesh=None, rules=None, **overrides) -> LM:
             array = to_ours(stored_array if p.rows is None else stored_array[p.rows], p.layout)
             if dtype is not None:
                 array = array.astype(dtype)
-            if p.index is None:
-                place(p.path, array)
+            path, j = layers[p.path]
+            index = tuple(i for i in (j, p.index) if i is not None)     # layers axis first
+            if not index:
+                place(path, array)
                 continue
-            if p.path not in stacks:
-                shape = params[where[p.path]][1].shape
-                stacks[p.path] = [np.empty(shape, array.dtype), shape[0]]
-            stacks[p.path][0][p.index] = array
-            stacks[p.path][1] -= 1
-            if stacks[p.path][1] == 0:
-                place(p.path, stacks.pop(p.path)[0])
+            if path not in buffers:
+                buffers[path] = np.empty(params[where[path]][1].shape, array.dtype)
+            buffers[path][index] = array
+            left[path] -= 1
+            if left[path] == 0:
+                place(path, buffers.pop(path))
+    if constant:
+        for path, value in _constants(config):
+            place(path, value)
     return nnx.merge(graphdef, nnx.from_flat_state(params))
 
 
@@ -197,8 +258,10 @@ def save(model: LM, path, *, max_shard_bytes: int | None = None) -> None:
     dtype; chunk_size except for Mamba-2)."""
     config = model.config
     family = family_for(config)
-    flat = {p: np.asarray(jax.device_get(v.get_value())) for p, v in nnx.to_flat_state(
+    state = {p: np.asarray(jax.device_get(v.get_value())) for p, v in nnx.to_flat_state(
         nnx.state(model, nnx.Param))}
+    flat = {lpath: state[path] if j is None else state[path][j]     # named per layer
+            for lpath, (path, j) in _per_layer(state.items()).items()}
     tensors, used = {}, set()
     for name, entry in family.tensors(config).items():
         ps = pieces(entry)

@@ -6,7 +6,8 @@ new_cache)` and `init_cache(batch_size, dtype, *, max_len=None)`. `make_mixer` b
 `seq_parallel` (a `linear_jax.parallel.SeqParallel`) runs the call split along T over a mesh
 axis; `supports_seq_parallel(name)` says which mixers can (the others raise). A mixer over a linear
 op takes `chunk_size`, `impl` and `kernel_config` (a kernel config or a tuple of them) and hands
-them to its op as `chunk_size=`, `impl=`, `config=`.
+them to its op as `chunk_size=`, `impl=`, `config=`; `OP_IMPL = False` marks a mixer whose
+`impl` is not an op implementation (softmax attention's backend), which a model leaves alone.
 """
 
 from __future__ import annotations
@@ -80,16 +81,22 @@ def _accepts(cls, name: str) -> bool:
                for c in cls.__mro__ if "__init__" in c.__dict__)
 
 
-def make_mixer(name: str, d_model: int, num_heads: int, *, rngs, **kw):
+def make_mixer(name: str, d_model: int, num_heads: int, *, rngs, options=None, **kw):
     """Builds mixer `name`. Of the common arguments (`_COMMON`) a mixer gets those it takes
     (`chunk_size` means nothing to attention, `num_heads` to Mamba); any other keyword is the
-    mixer's own option and reaches it unfiltered, so a misspelt option raises."""
+    mixer's own option and reaches it unfiltered, so a misspelt option raises. `options` (a dict
+    of the mixer's own options, e.g. `LMConfig.mixer_options[name]`) is merged last and wins over
+    the keywords, a common one included (`options={"impl": "xla"}` for attention).
+
+    `impl` among the common arguments is an op implementation (`linear_jax.ops.registry`); a
+    mixer whose `impl` means something else (`Attention`: its softmax backend) declares
+    `OP_IMPL = False`, and a model then passes it `impl` only through its options."""
     if name not in MIXERS:
         raise ValueError(f"unknown mixer {name!r}; known: {sorted(MIXERS)}")
     cls = MIXERS[name]
     kw = {k: v for k, v in dict(kw, num_heads=num_heads).items()
           if k not in _COMMON or _accepts(cls, k)}
-    return cls(d_model, rngs=rngs, **kw)
+    return cls(d_model, rngs=rngs, **{**kw, **dict(options or {})})
 
 
 def supports_seq_parallel(name: str) -> bool:

@@ -9,8 +9,9 @@ document, so packed == separate exactly.
 
 Decoding uses a preallocated KV cache of `max_len` slots with a write index: a call on T tokens
 writes slots [index, index + T) and attends over the written slots (cost O(max_len) per token,
-the baseline the linear mixers are measured against). The caller sizes the cache; writing past
-`max_len` is not checked under jit.
+the baseline the linear mixers are measured against). The caller sizes the cache; the layer
+itself does not check a write past `max_len` (under jit it cannot raise): `LM.__call__` does,
+raising where the overflow is known at trace time and giving NaN logits where it is not.
 
 Sequence parallelism (`seq_parallel=SeqParallel(mesh)`, training calls without a cache): the
 projections and RoPE (positions and document starts of the global order) run on the T-split
@@ -45,6 +46,7 @@ def rope(x, pos, theta: float):
 
 class Attention(nnx.Module):
     SEQ_PARALLEL = True
+    OP_IMPL = False      # `impl` picks the softmax backend ("auto", "xla", "cudnn"), not an op's
 
     def __init__(self, d_model: int, num_heads: int, *, num_kv_heads: int | None = None,
                  head_dim: int | None = None, window: int | None = None,

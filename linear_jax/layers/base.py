@@ -50,6 +50,7 @@ class QKVMixer(nnx.Module):
     `config=` through `op_kw`."""
 
     SEQ_PARALLEL = True      # whether `mix` runs sequence-parallel (through `recurrence`)
+    OP_IMPL = True           # `impl` is its op's (`linear_jax.ops.registry`)
 
     def __init__(self, d_model: int, num_heads: int, *, key_dim: int, value_dim: int,
                  num_kv_heads: int | None = None, steps: int = 1, conv_size: int = 0,

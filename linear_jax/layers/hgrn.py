@@ -37,6 +37,7 @@ from linear_jax.parallel.dispatch import unsupported
 
 class HGRN(nnx.Module):
     SEQ_PARALLEL = False     # no sequence-parallel hgrn op yet
+    OP_IMPL = True           # `impl` is its op's (`linear_jax.ops.registry`)
 
     def __init__(self, d_model: int, num_heads: int, *, lower_bound: float = 0.0,
                  chunk_size: int = 64, impl: str = "auto", kernel_config=None,

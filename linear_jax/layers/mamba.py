@@ -39,6 +39,7 @@ from linear_jax.parallel.dispatch import unsupported
 
 class Mamba(nnx.Module):
     SEQ_PARALLEL = False     # no sequence-parallel selective_scan op yet
+    OP_IMPL = True           # `impl` is its op's (`linear_jax.ops.registry`)
 
     def __init__(self, d_model: int, *, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank: int | None = None, chunk_size: int = 64, impl: str = "auto",

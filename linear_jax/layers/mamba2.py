@@ -42,6 +42,7 @@ from linear_jax.parallel.dispatch import recurrence
 
 class Mamba2(nnx.Module):
     SEQ_PARALLEL = True
+    OP_IMPL = True           # `impl` is its op's (`linear_jax.ops.registry`)
 
     def __init__(self, d_model: int, num_heads: int, *, d_state: int = 16, d_conv: int = 4,
                  expand: int = 2, num_groups: int = 1, norm_groups: int = 1,

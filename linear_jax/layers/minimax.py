@@ -45,7 +45,7 @@ class MiniMaxLightning(Retention):
 
     def mix(self, x, q, k, v, states, segment_ids, seq_parallel=None):
         q, k, v = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)
-        g = jnp.broadcast_to(jnp.asarray(self.log_decay, jnp.float32), v.shape[:3])
+        g = jnp.broadcast_to(self.log_decay[...].astype(jnp.float32), v.shape[:3])
         o, S = recurrence("simple_gla", q, k, v, g, scale=1.0, initial_state=states["state"],
                           segment_ids=segment_ids, seq_parallel=seq_parallel, **dict(self.op_kw))
         return o, {"state": S}

@@ -22,6 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from linear_jax.layers.base import QKVMixer
 from linear_jax.parallel.dispatch import recurrence
@@ -36,20 +37,22 @@ def lightning_decays(H: int, layer_idx: int, num_layers: int) -> np.ndarray:
 
 
 class Retention(QKVMixer):
-    """Fixed-decay linear attention; `log_decay [H]` (<= 0) is a constant, not a parameter."""
+    """Fixed-decay linear attention; `log_decay [H]` (<= 0) is a constant, not a parameter: a
+    non-trainable `nnx.Variable`, so that layers whose decays differ (Lightning's depend on the
+    layer) share one structure and stack into one scan in a model."""
 
     def __init__(self, d_model: int, num_heads: int, *, log_decay, expand_v: int = 1,
                  qk_activation=None, head_dim: int | None = None, **kw):
         K = head_dim or d_model // num_heads
         kw.setdefault("output_gate", True)
         super().__init__(d_model, num_heads, key_dim=K, value_dim=expand_v * K, **kw)
-        self.log_decay = tuple(float(g) for g in log_decay)
+        self.log_decay = nnx.Variable(jnp.asarray(np.asarray(log_decay, np.float32)))
         self.qk_activation = qk_activation
 
     def mix(self, x, q, k, v, states, segment_ids, seq_parallel=None):
         if self.qk_activation is not None:
             q, k = self.qk_activation(q), self.qk_activation(k)
-        g = jnp.broadcast_to(jnp.asarray(self.log_decay, jnp.float32), v.shape[:3])
+        g = jnp.broadcast_to(self.log_decay[...].astype(jnp.float32), v.shape[:3])
         o, S = recurrence("simple_gla", q, k, v, g, initial_state=states["state"],
                           segment_ids=segment_ids, seq_parallel=seq_parallel, **dict(self.op_kw))
         return o, {"state": S}

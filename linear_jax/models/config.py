@@ -13,10 +13,13 @@ Blocks are pre-norm, h + f(norm(h)) (`residual="pre"`), or MiniMax-01's `residua
 h' = alpha norm(h) + beta f(norm(h)): the residual stream carries the normalised input, scaled;
 `residual_scales` maps a mixer name or "ffn" to its (alpha, beta), (1, 1) when absent.
 
-`impl` and `kernel_config` reach every mixer's op as `impl=` and `config=`: `kernel_config` is a
-tuple of kernel configs (`linear_jax.kernels.configs`, e.g. `(TritonChunkConfig(block_v=32),
-TpuConfig(chunk=128))`), from which each kernel takes the one of its type; kernels without one in
-it run with their device defaults.
+`impl` and `kernel_config` reach every linear mixer's op as `impl=` and `config=` (`impl` is an
+op implementation: "auto", "recurrent", "chunk", "pallas", "pallas:<backend>"); softmax attention
+keeps its own `impl` (its backend: "auto", "xla", "cudnn"), set through its options,
+`mixer_options={"attention": {"impl": "xla"}}`. A mixer's options win over the model-wide
+arguments. `kernel_config` is a tuple of kernel configs (`linear_jax.kernels.configs`, e.g.
+`(TritonChunkConfig(block_v=32), TpuConfig(chunk=128))`), from which each kernel takes the one of
+its type; kernels without one in it run with their device defaults.
 """
 
 from __future__ import annotations

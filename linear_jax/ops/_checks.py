@@ -2,6 +2,12 @@
 
 Every check runs at trace time on shapes and dtypes only and raises a `ValueError` that names the
 argument and the shapes involved. Inside an op, code trusts its inputs.
+
+Precision: the ops compute in float32 (states, accumulation; complex64 for the complex scans), so
+a 64-bit array (float64, complex128: only possible with `jax_enable_x64`) raises rather than being
+quietly computed and returned in 32 bits. Every array a check here looks at is checked
+(`check_precision`). Checking against float64 is the tests' business: they compare the float32 ops
+with independent float64 NumPy recurrences.
 """
 
 from __future__ import annotations
@@ -17,9 +23,25 @@ def shape_str(x) -> str:
     return "None" if x is None else str(tuple(jnp.shape(x)))
 
 
+_WIDE = {jnp.dtype("float64"): "float32", jnp.dtype("complex128"): "complex64"}
+
+
+def check_precision(name: str, x) -> None:
+    """Raises for a 64-bit float or complex array: the ops compute and return 32 bits."""
+    if x is None:
+        return
+    dtype = jnp.result_type(x)
+    if dtype in _WIDE:
+        raise ValueError(
+            f"{name}{shape_str(x)} has dtype {dtype}: linear_jax ops compute in 32 bits (states "
+            f"and accumulation float32, outputs in the inputs' dtype), never in 64; cast {name} "
+            f"to {_WIDE[dtype]}")
+
+
 def check_float(name: str, x) -> None:
     if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
         raise ValueError(f"{name} must be a floating-point array, got dtype {jnp.result_type(x)}")
+    check_precision(name, x)
 
 
 def check_rank(name: str, x, rank: int, layout: str) -> None:
@@ -30,6 +52,7 @@ def check_rank(name: str, x, rank: int, layout: str) -> None:
         raise ValueError(
             f"{name} must have rank {rank} {layout}, got shape {shape_str(x)} (rank {jnp.ndim(x)})"
         )
+    check_precision(name, x)
 
 
 def check_dims(op: str, named: Sequence[tuple[str, object, int]], what: str) -> int:
@@ -42,6 +65,7 @@ def check_dims(op: str, named: Sequence[tuple[str, object, int]], what: str) -> 
 
 
 def check_shape(name: str, x, expected: tuple[int, ...], layout: str) -> None:
+    check_precision(name, x)
     if tuple(jnp.shape(x)) != tuple(expected):
         raise ValueError(
             f"{name} must have shape {layout} = {tuple(expected)}, got {shape_str(x)}"

@@ -63,7 +63,7 @@ def short_conv_chunk(x, weight, *, initial_state, segment_ids):
 
 registry.register(registry.OpRecord(
     "short_conv", reference=short_conv_recurrent, chunk=short_conv_chunk,
-    seq_parallel="linear_jax.parallel.conv:short_conv"))
+    seq_parallel="linear_jax.parallel.halo:short_conv"))
 
 
 def short_conv(x, weight, bias=None, *, activation=None, initial_state=None, segment_ids=None,

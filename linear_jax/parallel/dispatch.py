@@ -41,7 +41,7 @@ from jax.sharding import Mesh
 
 from linear_jax import ops
 from linear_jax.ops import registry
-from linear_jax.parallel import attention as _attention
+from linear_jax.parallel import softmax
 from linear_jax.parallel.affine import MODES
 from linear_jax.parallel.mesh import BATCH_AXES, HEAD_AXES
 
@@ -76,9 +76,9 @@ class SeqParallel:
         if bad or self.axis_name in self.batch_axes + self.head_axes:
             raise ValueError(f"SeqParallel: batch_axes {self.batch_axes} and head_axes "
                              f"{self.head_axes} must be other axes of the mesh {names}")
-        if self.attention_layout not in _attention.LAYOUTS:
+        if self.attention_layout not in softmax.LAYOUTS:
             raise ValueError(f"SeqParallel: attention_layout must be one of "
-                             f"{_attention.LAYOUTS}, got {self.attention_layout!r}")
+                             f"{softmax.LAYOUTS}, got {self.attention_layout!r}")
         if self.mode not in MODES:
             raise ValueError(f"SeqParallel: mode must be one of {MODES}, got {self.mode!r}")
 
@@ -153,10 +153,6 @@ def attention(q, k, v, *, seq_parallel: SeqParallel, scale=None, segment_ids=Non
     With `attention_layout="zigzag"` the inputs are permuted to zigzag order and the output back
     (under the sequence sharding the compiler turns each permutation into an exchange)."""
     sp = seq_parallel
-    zig = sp.attention_layout == "zigzag"
-    z = (lambda a: None if a is None else _attention.to_zigzag(a, sp.size)) if zig else (
-        lambda a: a)
-    o = _attention.attention(z(q), z(k), z(v), mesh=sp.mesh, axis_name=sp.axis_name,
-                             layout=sp.attention_layout, scale=scale, segment_ids=z(segment_ids),
+    return softmax.attention(q, k, v, mesh=sp.mesh, axis_name=sp.axis_name,
+                             layout=sp.attention_layout, scale=scale, segment_ids=segment_ids,
                              window=window, block_size=block_size, **sp.axes_for(q, k, v))
-    return _attention.from_zigzag(o, sp.size) if zig else o

@@ -6,6 +6,6 @@ checkpoints, metrics, deterministic data (synthetic tasks, packed text) and the 
 """
 
 from linear_jax.training.loop import train
-from linear_jax.training.mesh import ConfigError, make_mesh
+from linear_jax.training.mesh import ConfigError, mesh_from_config
 
-__all__ = ["ConfigError", "make_mesh", "train"]
+__all__ = ["ConfigError", "mesh_from_config", "train"]

@@ -29,7 +29,7 @@ from absl import logging
 from flax import nnx
 
 from linear_jax.training import checkpoint, data, metrics, optim, sharding, step
-from linear_jax.training.mesh import ConfigError, make_mesh
+from linear_jax.training.mesh import ConfigError, mesh_from_config
 
 
 def lm_config(model_config, vocab_size: int):
@@ -128,7 +128,7 @@ def evaluate(eval_step, state, source, num_batches: int, batch_sharding) -> dict
 def train(config, *, devices=None) -> dict:
     """Runs (or resumes) the run in `config.workdir`; returns the last train and eval metrics."""
     tr, workdir = config.train, pathlib.Path(config.workdir)
-    mesh = make_mesh(config.mesh, devices)
+    mesh = mesh_from_config(config.mesh, devices)
     rules = sharding.check_rules(config.sharding.rules)
     _check(config, mesh)
     source = data.make_source(config.task, split="train", batch_size=tr.batch_size,
@@ -170,11 +170,47 @@ def train(config, *, devices=None) -> dict:
                                  seq_parallel=seq_parallel),
             in_shardings=(shardings, batch_sh), out_shardings=(shardings, replicated),
             donate_argnums=0)
+        train_step, timing = _compile(train_step, state, source.batch(0), batch_sh)
         eval_step = jax.jit(step.make_eval_step(graphdef, seq_parallel),
                             in_shardings=(shardings, batch_sh), out_shardings=replicated)
+        speed = _throughput(config, nnx.merge(graphdef, abstract_state["params"],
+                                              abstract_state["rest"]), mesh)
         result = _run(config, state, position, start, source, evals, train_step, eval_step,
-                      ckpt, batch_sh, workdir, resumed=restored is not None)
-    return {**result, "params": num_params}
+                      ckpt, batch_sh, workdir, speed, resumed=restored is not None)
+    return {**result, "params": num_params, "compile": timing}
+
+
+def _compile(train_step, state, batch, batch_sh):
+    """The train step lowered and compiled ahead of the first step (timed and logged, so the
+    compile time is not counted as a step); returns (the compiled step, its timings)."""
+    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh)
+                for k, v in batch.items()}
+    t0 = time.perf_counter()
+    lowered = train_step.lower(state, abstract)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    timing = {"lower_s": t1 - t0, "compile_s": time.perf_counter() - t1}
+    logging.info("train step: lowered in %.1f s, compiled in %.1f s", timing["lower_s"],
+                 timing["compile_s"])
+    return compiled, timing
+
+
+def _throughput(config, model, mesh) -> metrics.Throughput:
+    """Tokens per step, training FLOPs per token of `model` (abstract; `linear_jax.models.flops`)
+    and the mesh's peak (`train.peak_flops` per device if set, else the table's figure)."""
+    from linear_jax.models.flops import flops_per_token, peak_flops
+
+    tr = config.train
+    flops = flops_per_token(model, config.task.seq_len)["total"]
+    peak, source = (tr.peak_flops, "train.peak_flops") if tr.get("peak_flops") else \
+        peak_flops(mesh.devices.flat[0])
+    if peak is None:
+        logging.info("MFU: not reported (%s; set train.peak_flops)", source)
+    else:
+        logging.info("MFU: %.3g training FLOPs per token against %d x %.4g FLOP/s (%s)", flops,
+                     mesh.devices.size, peak, source)
+    return metrics.Throughput(tr.batch_size * config.task.seq_len, flops,
+                              None if peak is None else peak * mesh.devices.size)
 
 
 def pretrained(config, model_config, mesh, rules, shardings):
@@ -199,7 +235,7 @@ def pretrained(config, model_config, mesh, rules, shardings):
 def load_model(config, *, devices=None):
     """The model of the run in `config.workdir` at its latest checkpoint, as an nnx module (for
     evaluations beyond the training loop's); raises FileNotFoundError when there is none."""
-    mesh = make_mesh(config.mesh, devices)
+    mesh = mesh_from_config(config.mesh, devices)
     rules = sharding.check_rules(config.sharding.rules)
     vocab = data.make_source(config.task, split="train", batch_size=1, seed=config.seed).vocab_size
     make_model = build_model(config.model, vocab, config.seed)
@@ -232,19 +268,22 @@ def _count(params) -> int:
 
 
 def _run(config, state, position, start, source, evals, train_step, eval_step, ckpt, batch_sh,
-         workdir, *, resumed):
+         workdir, speed, *, resumed):
     tr, ev = config.train, config.eval
     writer = metrics.JsonlWriter(workdir / "metrics.jsonl", resume_step=start if resumed else None,
                                  tensorboard=workdir / "tensorboard" if tr.get("tensorboard")
                                  else None)
     progress = metrics.Progress(start, tr.steps, enabled=tr.progress)
-    lagged, tokens_per_step = metrics.Lagged(), tr.batch_size * config.task.seq_len
+    lagged = metrics.Lagged()
     result = {"step": start, "train": {}, "eval": {}, "stopped": None}
     t_start = time.perf_counter()
 
     def record(done) -> bool:
         s, m = done
-        m["tokens_per_s"] = progress.update(s, m, tokens_per_step)
+        logged = s % tr.log_every == 0 or s == tr.steps or s == start + 1
+        if logged:          # rates averaged over the steps since the last logged one
+            m.update(speed.report())
+        progress.update(s, m)
         result["step"], result["train"] = s, m
         if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
             logging.error("non-finite loss %s / grad norm %s at step %d: stopping",
@@ -252,19 +291,24 @@ def _run(config, state, position, start, source, evals, train_step, eval_step, c
             writer.write(s, "train", m)
             result["stopped"] = "nan"
             return False
-        if s % tr.log_every == 0 or s == tr.steps or s == start + 1:
+        if logged:
             writer.write(s, "train", m)
+            if not tr.progress:
+                logging.info("%s", metrics.log_line(s, tr.steps, m))
         return True
 
     try:
         for s in range(start, tr.steps):
+            t0 = time.perf_counter()
             batch = data.to_device(source.batch(position), batch_sh)
             state, m = train_step(state, batch)
             position += 1
             eval_due = (s + 1) % ev.every == 0 or s + 1 == tr.steps
             # Before an eval (which blocks anyway) this step's metrics are fetched too.
             ready = [lagged.push(s + 1, m)] + ([lagged.flush()] if eval_due else [])
-            if not all(record(d) for d in ready if d is not None):
+            ready = [d for d in ready if d is not None]
+            speed.add(time.perf_counter() - t0)
+            if not all(record(d) for d in ready):
                 break
             if eval_due:
                 for name, src in evals.items():
@@ -273,10 +317,11 @@ def _run(config, state, position, start, source, evals, train_step, eval_step, c
                 logging.info("step %d: %s", s + 1, "; ".join(
                     f"{k} loss {v['loss']:.4f} acc {v['accuracy']:.4f}"
                     for k, v in result["eval"].items()))
-                progress.restart_clock()
             ckpt.save(s + 1, state, position, force=s + 1 == tr.steps)
     finally:
         progress.close()
         ckpt.close()
     result["seconds"] = time.perf_counter() - t_start
+    result["throughput"] = {**speed.overall(), "flops_per_token": speed.flops_per_token,
+                            "peak_flops": speed.peak}
     return result

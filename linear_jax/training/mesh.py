@@ -7,11 +7,11 @@
 
 Axes are `AxisType.Auto`: the compiler propagates shardings from the annotated inputs and outputs
 of `jit` and `shard_map` regions compose with it (recent `jax.make_mesh` defaults to Explicit).
+`mesh_from_config` builds it from a config's `mesh` section through `linear_jax.parallel.make_mesh`,
+the one mesh constructor.
 """
 
 from __future__ import annotations
-
-import math
 
 import jax
 from absl import logging
@@ -23,33 +23,22 @@ class ConfigError(ValueError):
     """A configuration that cannot run; its message is shown to the user without a traceback."""
 
 
-def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
-    """Axis sizes in `AXES` order; at most one size may be -1 (whatever the devices leave)."""
+def mesh_from_config(sizes, devices=None) -> jax.sharding.Mesh:
+    """The training mesh from a config's `mesh` section: every axis of `AXES`, in that order
+    (those the section leaves out of size 1, one may be -1), over all of `devices` (default:
+    every device of every host). Built by `linear_jax.parallel.make_mesh`; what does not fit is
+    a ConfigError."""
+    from linear_jax.parallel import make_mesh
+
+    sizes = dict(sizes)
     unknown = sorted(set(sizes) - set(AXES))
     if unknown:
         raise ConfigError(f"mesh: unknown axes {unknown}; the axes are {list(AXES)}")
-    shape = [int(sizes.get(a, 1)) for a in AXES]
-    named = lambda: dict(zip(AXES, shape, strict=True))
-    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-        raise ConfigError(f"mesh: sizes must be positive, one may be -1; got {named()}")
-    if -1 in shape:
-        fixed = math.prod(s for s in shape if s != -1)
-        if num_devices % fixed:
-            raise ConfigError(f"mesh: {named()} does not fit {num_devices} devices "
-                              f"({num_devices} is not a multiple of {fixed})")
-        shape[shape.index(-1)] = num_devices // fixed
-    if math.prod(shape) != num_devices:
-        raise ConfigError(f"mesh: {named()} needs {math.prod(shape)} devices, "
-                          f"but {num_devices} are available (set one axis to -1 to fill)")
-    return tuple(shape)
-
-
-def make_mesh(sizes: dict[str, int], devices=None) -> jax.sharding.Mesh:
-    """A mesh over `devices` (default: all devices of all hosts) with the axis sizes `sizes`."""
     devices = list(jax.devices() if devices is None else devices)
-    shape = mesh_shape(dict(sizes), len(devices))
-    mesh = jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES),
-                         devices=devices)
+    try:
+        mesh = make_mesh({a: int(sizes.get(a, 1)) for a in AXES}, devices)
+    except ValueError as e:
+        raise ConfigError(f"mesh: {e}") from None
     logging.info("mesh %s over %d %s device(s)", dict(mesh.shape), len(devices),
                  devices[0].platform)
     return mesh

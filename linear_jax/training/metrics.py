@@ -1,9 +1,12 @@
-"""Metrics: JSON lines on disk, a progress bar, and fetching one step late.
+"""Metrics: JSON lines on disk, a progress bar or log lines, throughput, and fetching one step late.
 
 `metrics.jsonl` holds one object per logged event: `{"step", "split": "train" | "eval" | ...,
 metric: value, ...}`. On resume the lines past the restored step are dropped, so a resumed run's
 file reads like an uninterrupted run's. `Lagged` holds the device arrays of step s until step s + 1
 has been dispatched, then reads them: the host never blocks the device queue on a step in flight.
+`Throughput` turns the loop's iteration times into step time, tokens/s and model FLOPs
+utilisation (MFU: tokens/s x training FLOPs per token / the devices' peak, see
+`linear_jax.models.flops`).
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-import time
 
 import jax
 import numpy as np
@@ -83,28 +85,77 @@ def _fetch(item):
     return step, {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
+class Throughput:
+    """Step time and tokens/s over the steps since the last report, from the wall time of the
+    loop's iterations (`add`), evaluations and checkpoint saves left out.
+
+    An iteration dispatches a step and fetches the metrics of the one before (`Lagged`), so in
+    steady state it lasts one step of whichever is slower, the device or the host: the mean over
+    a window is the run's throughput. The time between two fetches is not: at an eval the last
+    two steps are fetched back to back, a near-zero interval (the issue's 3.4e8 tokens/s). A
+    report over an empty window (two reports in one iteration) repeats the previous one."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float | None = None,
+                 peak_flops: float | None = None):
+        self.tokens_per_step, self.flops_per_token, self.peak = (tokens_per_step,
+                                                                 flops_per_token, peak_flops)
+        self._seconds, self._steps, self._last = 0.0, 0, None
+        self.total_seconds, self.total_steps = 0.0, 0
+
+    def add(self, seconds: float, steps: int = 1) -> None:
+        self._seconds += seconds
+        self._steps += steps
+        self.total_seconds += seconds
+        self.total_steps += steps
+
+    def _rates(self, seconds: float, steps: int) -> dict:
+        step_time = seconds / steps
+        out = {"step_time_s": step_time, "tokens_per_s": self.tokens_per_step / step_time}
+        if self.flops_per_token and self.peak:
+            out["mfu"] = out["tokens_per_s"] * self.flops_per_token / self.peak
+        return out
+
+    def report(self) -> dict:
+        """{"step_time_s", "tokens_per_s"[, "mfu"]} over the window, which then restarts."""
+        if self._steps and self._seconds > 0:
+            self._last = self._rates(self._seconds, self._steps)
+            self._seconds, self._steps = 0.0, 0
+        return dict(self._last or {})
+
+    def overall(self) -> dict:
+        """The same over every step timed so far."""
+        if not self.total_steps or self.total_seconds <= 0:
+            return {}
+        return self._rates(self.total_seconds, self.total_steps)
+
+
 class Progress:
-    """A tqdm bar with the loss and tokens/s (input tokens / wall time between fetches); shown by
-    process 0 only."""
+    """A tqdm bar with the loss and tokens/s; shown by process 0 only."""
 
     def __init__(self, start: int, total: int, *, enabled: bool = True):
         self._bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
                          disable=not enabled or jax.process_index() != 0)
-        self._last = (start, time.perf_counter())
+        self._rate = None
 
-    def update(self, step: int, metrics: dict, tokens_per_step: int) -> float:
-        """Advances to `step` (1-based count of finished steps); returns tokens/s."""
-        prev_step, prev_t = self._last
-        now = time.perf_counter()
-        rate = (step - prev_step) * tokens_per_step / max(now - prev_t, 1e-9)
-        self._last = (step, now)
-        self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{rate:,.0f}", refresh=False)
+    def update(self, step: int, metrics: dict) -> None:
+        """Advances to `step` (1-based count of finished steps); tokens/s as last reported."""
+        if "tokens_per_s" in metrics:
+            self._rate = f"{metrics['tokens_per_s']:,.0f}"
+        post = {"loss": f"{metrics['loss']:.4f}"} | ({"tok_s": self._rate} if self._rate else {})
+        self._bar.set_postfix(post, refresh=False)
         self._bar.update(step - self._bar.n)
-        return rate
-
-    def restart_clock(self) -> None:
-        """Excludes the time since the last update (an eval, a save) from the next rate."""
-        self._last = (self._last[0], time.perf_counter())
 
     def close(self) -> None:
         self._bar.close()
+
+
+def log_line(step: int, total: int, m: dict) -> str:
+    """The line a run without a progress bar prints every `log_every` steps."""
+    parts = [f"step {step}/{total}", f"loss {m['loss']:.4f}"]
+    if "lr" in m:
+        parts.append(f"lr {m['lr']:.3g}")
+    if "tokens_per_s" in m:
+        parts += [f"{m['tokens_per_s']:,.0f} tok/s", f"step {1e3 * m['step_time_s']:.1f} ms"]
+    if "mfu" in m:
+        parts.append(f"MFU {100 * m['mfu']:.1f}%")
+    return ", ".join(parts)

@@ -6,7 +6,9 @@ e.g. `(("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"), ("vocab", "ten
 dimension stays replicated when its name has no rule, when its mesh axes are already used by an
 earlier dimension of the same array, or when its size is not a multiple of the axes' product (a
 small model on a large mesh runs, it just shards less; the log says which names were skipped).
-The optimiser state carries the parameters' annotations, so one function shards both.
+The optimiser state carries the parameters' annotations, so one function shards both. The layers of
+a model are stacked on a leading axis named `layers` (`linear_jax.models.lm`), which the model
+scans over: no rule may map it, so it is never sharded.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from linear_jax.models.lm import LAYERS_AXIS
 from linear_jax.training.mesh import AXES, ConfigError
 
 BATCH_AXES = ("data", "fsdp")
@@ -34,6 +37,9 @@ def check_rules(rules) -> dict[str, tuple[str, ...]]:
         bad = [a for a in axes if a not in AXES]
         if bad:
             raise ConfigError(f"sharding rule {rule!r}: unknown mesh axes {bad}; axes are {AXES}")
+        if name == LAYERS_AXIS and axes:
+            raise ConfigError(f"sharding rule {rule!r}: {LAYERS_AXIS!r} is the stacked layer axis "
+                              f"the model scans over; it stays unsharded")
         table[name] = axes
     return table
 

@@ -112,7 +112,7 @@ def test_mesh(loaded):
     family, model, g = loaded
     if jax.device_count() < 4:
         pytest.skip("needs 4 host devices (tests/conftest.py sets 8)")
-    from linear_jax.training.mesh import make_mesh
+    from linear_jax.parallel import make_mesh
 
     mesh = make_mesh({"data": 1, "fsdp": 2, "tensor": 2, "seq": 1}, jax.devices()[:4])
     sharded = hub.load(ROOT / family, mesh=mesh)

@@ -4,6 +4,8 @@ mixer of each family."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,6 +45,27 @@ def test_config_validation():
         LMConfig(vocab_size=8, kernel_config="triton")
     with pytest.raises(ValueError, match="kernel_config holds more than one TritonChunkConfig"):
         LMConfig(vocab_size=8, kernel_config=(tri, TritonChunkConfig()))
+
+
+@pytest.mark.parametrize("impl", ["chunk", "recurrent", "pallas"])
+def test_impl_reaches_the_linear_mixers_and_leaves_attention_valid(impl):
+    """A hybrid's `impl` is the linear mixers' op impl; attention keeps its own backend, which its
+    options set (they win over the model-wide arguments): no ValueError, no TypeError."""
+    cfg = LMConfig(vocab_size=16, d_model=16, num_layers=2, num_heads=2, mixer="gla",
+                   attn_every=2, impl=impl, chunk_size=8,
+                   mixer_options={"attention": {"impl": "xla"}, "gla": {"chunk_size": 4}})
+    model = LM(cfg, rngs=nnx.Rngs(0))
+    gla, attn = model.layer_mixer(0), model.layer_mixer(1)
+    assert dict(gla.op_kw)["impl"] == impl and dict(gla.op_kw)["chunk_size"] == 4
+    assert attn.implementation == "xla"
+    tokens = jax.random.randint(jax.random.key(0), (1, 8), 0, 16)
+    ref = LM(dataclasses.replace(cfg, impl="chunk", mixer_options=()), rngs=nnx.Rngs(0))
+    assert_close(jax.jit(lambda m, t: m(t)[0])(model, tokens),
+                 jax.jit(lambda m, t: m(t)[0])(ref, tokens), 1e-5, "logits")
+    # without options attention runs its default backend whatever the model's impl
+    plain = LM(LMConfig(vocab_size=16, d_model=16, num_layers=2, num_heads=2, mixer="gla",
+                        attn_every=2, impl=impl), rngs=nnx.Rngs(0))
+    assert plain.layer_mixer(1).implementation is None
 
 
 def test_kernel_config_reaches_the_kernel(monkeypatch):

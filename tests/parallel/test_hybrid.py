@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from linear_jax import _compat
+from linear_jax import _compat, parallel
 from linear_jax.ops.short_conv import short_conv
-from linear_jax.parallel.attention import attention, from_zigzag, positions, to_zigzag
-from linear_jax.parallel.conv import halo_short_conv
+from linear_jax.parallel import attention, from_zigzag, to_zigzag
+from linear_jax.parallel.halo import halo_short_conv
+from linear_jax.parallel.softmax import positions
 from tests.parallel.common import packed_segments
 from tests.utils import assert_close
 
@@ -21,7 +22,7 @@ T, D = 64, 8
 
 
 def mesh_of(n):
-    return _compat.make_mesh((n,), ("seq",), jax.devices()[:n])
+    return parallel.make_mesh({"seq": n}, jax.devices()[:n])
 
 
 def reference_attention(q, k, v, seg):
@@ -55,11 +56,9 @@ def test_attention_matches_single_device(layout, P_):
     q, k, v = f(2, T, 4, D), f(2, T, 2, D), f(2, T, 2, D)      # grouped K/V heads
     seg = packed_segments(2, T)
     mesh = mesh_of(P_)
-    z = (lambda a: to_zigzag(a, P_)) if layout == "zigzag" else (lambda a: a)
-    unz = (lambda a: from_zigzag(a, P_)) if layout == "zigzag" else (lambda a: a)
 
-    def par(q, k, v):
-        return unz(attention(z(q), z(k), z(v), mesh=mesh, layout=layout, segment_ids=z(seg)))
+    def par(q, k, v):       # in sequence order: zigzag permutes in and out by itself
+        return attention(q, k, v, mesh=mesh, layout=layout, segment_ids=seg)
 
     ref = lambda q, k, v: reference_attention(q, k, v, seg)
     assert_close(jax.jit(par)(q, k, v), jax.jit(ref)(q, k, v), 1e-5, "attention")
@@ -69,6 +68,11 @@ def test_attention_matches_single_device(layout, P_):
     g2 = jax.jit(jax.grad(loss(par), argnums=(0, 1, 2)))(q, k, v)
     for n, a, b in zip("qkv", g2, g1, strict=True):
         assert_close(a, b, 1e-5, f"d{n}")
+    if layout == "zigzag":      # arrays already in zigzag order stay in it
+        z = lambda a: to_zigzag(a, P_)
+        o = attention(z(q), z(k), z(v), mesh=mesh, layout=layout, segment_ids=z(seg),
+                      permute=False)
+        assert_close(from_zigzag(o, P_), ref(q, k, v), 1e-5, "attention, permute=False")
 
 
 @pytest.mark.parametrize("with_cache", [False, True])
@@ -102,3 +106,9 @@ def test_halo_short_conv(with_cache):
         x, w, b)
     for n, a, c in zip("xwb", g2, g1, strict=True):
         assert_close(a, c, 1e-5, f"d{n}")
+    # the public form builds the shard_map itself and returns the cache after the sequence
+    y2, c2 = jax.jit(lambda x, w, b: parallel.short_conv(
+        x, w, b, mesh=mesh_of(P_), activation="silu", initial_state=cache, segment_ids=seg))(
+        x, w, b)
+    assert_close(y2, y1, 1e-6, "parallel.short_conv output")
+    assert_close(c2, c1, 1e-6, "parallel.short_conv cache")

@@ -15,8 +15,8 @@ from flax import nnx
 from linear_jax.layers import MIXERS, supports_seq_parallel
 from linear_jax.models import LM, LMConfig
 from linear_jax.parallel import SeqParallel
+from linear_jax.training import mesh_from_config as make_mesh
 from linear_jax.training import sharding, step
-from linear_jax.training.mesh import make_mesh
 from tests.parallel.common import packed_segments
 from tests.utils import assert_close
 

@@ -20,7 +20,7 @@ T = 64
 
 
 def mesh_of(shape, names):
-    return _compat.make_mesh(shape, names, jax.devices()[: int(np.prod(shape))])
+    return sp.make_mesh(dict(zip(names, shape, strict=True)), jax.devices()[:int(np.prod(shape))])
 
 
 # P in {2, 4, 8} across the kinds of shard map (scalar, vector, matrix); the other tests add P = 4

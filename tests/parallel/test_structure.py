@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from linear_jax import _compat
 from linear_jax import parallel as sp
 from tests.parallel.common import SINGLE, draw
 
@@ -30,7 +29,7 @@ def count(txt, op):
 
 @pytest.mark.parametrize("op,other", [("gla", "autodiff"), ("gated_delta_rule", "rerun")])
 def test_collectives_and_loops(op, other):
-    mesh = _compat.make_mesh((P,), ("seq",), jax.devices()[:P])
+    mesh = sp.make_mesh({"seq": P}, jax.devices()[:P])
     x = draw(op, 1, T)
     seg = jnp.zeros((1, T), jnp.int32)
     single = hlo_of_grad(lambda **a: SINGLE[op](**a, chunk_size=C, impl="chunk"),

@@ -6,21 +6,25 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from linear_jax.training import sharding
-from linear_jax.training.mesh import ConfigError, make_mesh, mesh_shape
+from linear_jax.training.mesh import ConfigError
+from linear_jax.training.mesh import mesh_from_config as make_mesh
 
 RULES = sharding.check_rules((("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"),
                               ("vocab", "tensor"), ("batch", ("data", "fsdp")), ("kv", None)))
 
 
-def test_mesh_shape_fills_and_rejects():
-    assert mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 2, 1)
-    assert mesh_shape({"data": 1}, 1) == (1, 1, 1, 1)
-    with pytest.raises(ConfigError, match="needs 4 devices, but 8"):
-        mesh_shape({"data": 4}, 8)
+def test_mesh_from_config_fills_and_rejects():
+    shape = lambda sizes, n: tuple(make_mesh(sizes, jax.devices()[:n]).shape.values())
+    assert shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 2, 1)
+    assert shape({"data": 1}, 1) == (1, 1, 1, 1)
+    assert make_mesh({"seq": 2, "data": 2}, jax.devices()[:4]).axis_names == (
+        "data", "fsdp", "tensor", "seq")                      # every axis, in AXES order
+    with pytest.raises(ConfigError, match="needs 4 devices, 8 are given"):
+        make_mesh({"data": 4}, jax.devices()[:8])
     with pytest.raises(ConfigError, match="not a multiple of 3"):
-        mesh_shape({"data": -1, "tensor": 3}, 8)
+        make_mesh({"data": -1, "tensor": 3}, jax.devices()[:8])
     with pytest.raises(ConfigError, match="unknown axes"):
-        mesh_shape({"model": 2}, 8)
+        make_mesh({"model": 2}, jax.devices()[:8])
 
 
 def test_rules_map_names_and_skip_what_cannot_shard():
@@ -34,6 +38,9 @@ def test_rules_map_names_and_skip_what_cannot_shard():
     assert spec(("batch", None), (8, 8)) == P(("data", "fsdp"), None)
     with pytest.raises(ConfigError, match="unknown mesh axes"):
         sharding.check_rules((("embed", "model"),))
+    with pytest.raises(ConfigError, match="'layers' is the stacked layer axis"):
+        sharding.check_rules((("layers", "fsdp"),))
+    assert sharding.check_rules((("layers", None),))["layers"] == ()
 
 
 def test_tree_shardings_keep_variables_and_annotations():

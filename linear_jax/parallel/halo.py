@@ -12,7 +12,9 @@ when a document starts exactly at its first token (the first id differs from the
 shard's last id, sent along in the same `ppermute`, its bits reinterpreted as a float).
 
 `halo_short_conv` works on the local shard inside a `shard_map`; `short_conv(..., mesh=)` builds
-the `shard_map` around it (what the layers reach through `linear_jax.parallel.dispatch`).
+the `shard_map` around it (what the layers reach through `linear_jax.parallel.dispatch`), and
+without `mesh` is `halo_short_conv`. Public as `linear_jax.parallel.short_conv`; this module is
+`linear_jax.parallel.halo`.
 """
 
 from __future__ import annotations
@@ -64,12 +66,16 @@ def halo_short_conv(x, weight, bias=None, *, axis_name="seq", activation=None,
                        segment_ids=segment_ids, impl=impl)
 
 
-def short_conv(x, weight, bias=None, *, mesh, axis_name="seq", batch_axes=None, activation=None,
-               initial_state=None, segment_ids=None, impl="auto"):
-    """Sequence-parallel `linear_jax.ops.short_conv` over `mesh`: builds the `shard_map` around
-    `halo_short_conv`. x [B,T,D] and segment_ids [B,T] split as P(batch, seq), the weight, bias
-    and channels replicated, initial_state [B,W-1,D] as P(batch). Returns (y [B,T,D], the cache
-    after the whole sequence [B,W-1,D] float32), as `short_conv`."""
+def short_conv(x, weight, bias=None, *, axis_name="seq", mesh=None, batch_axes=None,
+               activation=None, initial_state=None, segment_ids=None, impl="auto"):
+    """Sequence-parallel `linear_jax.ops.short_conv`. With `mesh=` it builds the `shard_map`
+    around `halo_short_conv`: x [B,T,D] and segment_ids [B,T] split as P(batch, seq), the weight,
+    bias and channels replicated, initial_state [B,W-1,D] as P(batch); returns (y [B,T,D], the
+    cache after the whole sequence [B,W-1,D] float32), as `ops.short_conv`. With `mesh=None`,
+    inside your `shard_map`: `halo_short_conv` (each shard's own cache)."""
+    if mesh is None:
+        return halo_short_conv(x, weight, bias, axis_name=axis_name, activation=activation,
+                               initial_state=initial_state, segment_ids=segment_ids, impl=impl)
     T, W, n = x.shape[1], weight.shape[0], mesh.shape[axis_name]
     if T % n or T // n < W - 1:
         raise ValueError(f"short_conv: T={T} must be a multiple of the size {n} of the mesh axis "

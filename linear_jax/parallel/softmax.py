@@ -8,10 +8,14 @@ K, V plus a [T_loc, T] score block per head.
 
 Layouts. "contiguous": device p holds tokens [p T_loc, (p+1) T_loc); under a causal mask device p
 does (2p + 1) half-blocks of work, 3:1 between the two devices at P = 2. "zigzag": the sequence is
-cut into 2P chunks and device i holds chunks i and 2P-1-i, which balances the causal work. Move a
-global array into or out of zigzag order with `to_zigzag` / `from_zigzag` (a permutation of the
-time axis; under a sequence sharding XLA turns it into an all-to-all). The linear ops of this
-package assume the contiguous layout: keep zigzag to the softmax layers, or permute around them.
+cut into 2P chunks and device i holds chunks i and 2P-1-i, which balances the causal work.
+`attention(..., mesh=, layout="zigzag")` takes and returns arrays in sequence order and permutes
+them into zigzag order and back itself (`permute=False` for arrays already in zigzag order);
+`to_zigzag` / `from_zigzag` are those permutations of the time axis (under a sequence sharding
+XLA turns each into an all-to-all). The linear ops of this package assume the contiguous layout.
+
+Public as `linear_jax.parallel.attention` (and `to_zigzag`, `from_zigzag`); this module is
+`linear_jax.parallel.softmax`.
 """
 
 from __future__ import annotations
@@ -90,13 +94,26 @@ def attention_local(q, k, v, *, axis_name="seq", layout="contiguous", scale=None
 
 
 def attention(q, k, v, *, axis_name="seq", mesh=None, batch_axes=None, head_axes=None,
-              layout="contiguous", scale=None, segment_ids=None, window=None, block_size=None):
-    """Sequence-parallel causal softmax attention. With `mesh=None` call it inside `shard_map`
-    (see `attention_local`); with a `Mesh` it builds the `shard_map`, inputs laid out in
-    `layout` order along T (use `to_zigzag` first for "zigzag"). Returns o [B,T,H,D]."""
+              layout="contiguous", permute=True, scale=None, segment_ids=None, window=None,
+              block_size=None):
+    """Sequence-parallel causal softmax attention (GQA, packed documents, sliding window,
+    in-document blocks). q [B,T,H,D]; k, v [B,T,Hkv,D]; segment_ids [B,T] or None.
+
+    With `mesh=` it builds the `shard_map` (arrays split `P(batch, axis_name, heads)`) and takes
+    and returns arrays in sequence order: with `layout="zigzag"` it permutes them into zigzag
+    order and the output back (`permute=False`: q, k, v and segment_ids are already in zigzag
+    order, and the output stays in it). With `mesh=None` call it inside your `shard_map` on the
+    local shards, laid out in `layout` order (see `attention_local`). Returns o [B,T,H,D]."""
     kw = dict(layout=layout, scale=scale, window=window, block_size=block_size)
     if mesh is None:
         return attention_local(q, k, v, axis_name=axis_name, segment_ids=segment_ids, **kw)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    P = mesh.shape[axis_name]
+    zig = layout == "zigzag" and permute
+    z = (lambda a: None if a is None else to_zigzag(a, P)) if zig else (lambda a: a)
     local = lambda q, k, v, initial_state, **a: attention_local(q, k, v, **kw, **a)
-    return run_on_mesh(local, mesh, (q, k, v), segment_ids=segment_ids, seq_axis=axis_name,
-                       batch_axes=batch_axes, head_axes=head_axes, with_state=False)
+    o = run_on_mesh(local, mesh, (z(q), z(k), z(v)), segment_ids=z(segment_ids),
+                    seq_axis=axis_name, batch_axes=batch_axes, head_axes=head_axes,
+                    with_state=False)
+    return from_zigzag(o, P) if zig else o
