@@ -100,38 +100,38 @@ def _ends(c: LMConfig) -> dict:
     return t
 
 
-def mamba_tensors(c: LMConfig, hf: dict | None = None) -> dict:
+def _layers(c: LMConfig, mixer: tuple) -> dict:
+    """The embedding and head tensors, then per layer its norm and each (checkpoint name, our
+    path under the layer's mixer, layout) of `mixer`."""
     t = _ends(c)
     for i in range(c.num_layers):
         p, m = f"{_BACKBONE}.layers.{i}.", ("blocks", i, "mixer")
         t[p + "norm.weight"] = (("blocks", i, "norm1", "scale"), "same")
-        for name, path, layout in (
-                ("in_proj.weight", ("in_proj", "kernel"), "linear"),
-                ("conv1d.weight", ("conv", "weight"), "conv"),
-                ("conv1d.bias", ("conv", "bias"), "same"),
-                ("x_proj.weight", ("x_proj", "kernel"), "linear"),
-                ("dt_proj.weight", ("dt_proj", "kernel"), "linear"),
-                ("dt_proj.bias", ("dt_proj", "bias"), "same"),
-                ("A_log", ("A_log",), "same"), ("D", ("D",), "same"),
-                ("out_proj.weight", ("out_proj", "kernel"), "linear")):
+        for name, path, layout in mixer:
             t[p + "mixer." + name] = (m + path, layout)
     return t
+
+
+def mamba_tensors(c: LMConfig, hf: dict | None = None) -> dict:
+    return _layers(c, (
+        ("in_proj.weight", ("in_proj", "kernel"), "linear"),
+        ("conv1d.weight", ("conv", "weight"), "conv"),
+        ("conv1d.bias", ("conv", "bias"), "same"),
+        ("x_proj.weight", ("x_proj", "kernel"), "linear"),
+        ("dt_proj.weight", ("dt_proj", "kernel"), "linear"),
+        ("dt_proj.bias", ("dt_proj", "bias"), "same"),
+        ("A_log", ("A_log",), "same"), ("D", ("D",), "same"),
+        ("out_proj.weight", ("out_proj", "kernel"), "linear")))
 
 
 def mamba2_tensors(c: LMConfig, hf: dict | None = None) -> dict:
-    t = _ends(c)
-    for i in range(c.num_layers):
-        p, m = f"{_BACKBONE}.layers.{i}.", ("blocks", i, "mixer")
-        t[p + "norm.weight"] = (("blocks", i, "norm1", "scale"), "same")
-        for name, path, layout in (
-                ("in_proj.weight", ("in_proj", "kernel"), "linear"),
-                ("conv1d.weight", ("conv", "weight"), "conv"),
-                ("conv1d.bias", ("conv", "bias"), "same"),
-                ("dt_bias", ("dt_bias",), "same"), ("A_log", ("A_log",), "same"),
-                ("D", ("D",), "same"), ("norm.weight", ("norm", "scale"), "same"),
-                ("out_proj.weight", ("out_proj", "kernel"), "linear")):
-            t[p + "mixer." + name] = (m + path, layout)
-    return t
+    return _layers(c, (
+        ("in_proj.weight", ("in_proj", "kernel"), "linear"),
+        ("conv1d.weight", ("conv", "weight"), "conv"),
+        ("conv1d.bias", ("conv", "bias"), "same"),
+        ("dt_bias", ("dt_bias",), "same"), ("A_log", ("A_log",), "same"),
+        ("D", ("D",), "same"), ("norm.weight", ("norm", "scale"), "same"),
+        ("out_proj.weight", ("out_proj", "kernel"), "linear")))
 
 
 def _only(mixer: str):
