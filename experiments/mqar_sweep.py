@@ -248,8 +248,16 @@ def main(argv=None) -> dict:
     unknown = [m for m in args.mixers if m not in MIXERS]
     if unknown:
         sys.exit(f"error: unknown mixer(s) {unknown}; known: {sorted(MIXERS)}")
-    logging.set_verbosity(logging.WARNING)
     checkpoint.quiet_orbax_logs()
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.WARNING)   # one line per run instead of the trainer's log
+    try:
+        return _sweep(args, jax)
+    finally:                                 # a caller in the same process keeps its logs
+        logging.set_verbosity(verbosity)
+
+
+def _sweep(args, jax) -> dict:
     devices = jax.devices()[:args.num_devices] if args.num_devices else None
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ import logging
 import jax
 import numpy as np
 import pytest
+from absl import logging as absl_logging
 from flax import nnx
 
 from linear_jax.models import LM, LMConfig
@@ -47,7 +48,16 @@ def test_flops_per_token_and_peaks():
     assert peak_flops(type("D", (), {"device_kind": "cpu"})())[0] is None
 
 
-def test_log_lines_and_result_without_a_progress_bar(tmp_path, caplog):
+@pytest.fixture
+def absl_info():
+    """absl's verbosity is process-wide: another test in this worker may have lowered it."""
+    before = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.INFO)
+    yield
+    absl_logging.set_verbosity(before)
+
+
+def test_log_lines_and_result_without_a_progress_bar(tmp_path, caplog, absl_info):
     caplog.set_level(logging.INFO)
     c = tiny(tmp_path, mesh__data=1, train__steps=7, train__log_every=2,
              train__checkpoint_every=0, eval__every=7)
