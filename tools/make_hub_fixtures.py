@@ -86,8 +86,20 @@ def minimax():
     return transformers.MiniMaxForCausalLM(cfg), {}
 
 
+def recurrent_gemma():
+    # Griffin's (recurrent, recurrent, attention) pattern over 4 layers: an RG-LRU wider than the
+    # model (block-diagonal gates over 4 heads), MQA local attention whose window (5) is shorter
+    # than the prompt, partial RoPE, GeGLU with biases, a logit soft cap the logits reach
+    cfg = transformers.RecurrentGemmaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=1, lru_width=48, attention_window_size=5,
+        conv1d_width=4, logits_soft_cap=3.0, tie_word_embeddings=True)
+    cfg._attn_implementation = "eager"
+    return transformers.RecurrentGemmaForCausalLM(cfg), {}
+
+
 FAMILIES = {"mamba": mamba, "mamba2": mamba2, "qwen3_next": qwen3_next, "xlstm": xlstm,
-            "minimax": minimax}
+            "minimax": minimax, "recurrent_gemma": recurrent_gemma}
 
 
 def perturb(model, gen):
@@ -95,6 +107,8 @@ def perturb(model, gen):
     let a loader that drops or transposes it pass."""
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if name.endswith("recurrent_param"):
+                continue    # transformers' Griffin init: a_t near 1, where sqrt(1 - a_t^2) bites
             if name.endswith("A_log"):
                 p.copy_(torch.log(torch.rand(p.shape, generator=gen) * 3 + 0.5))
             elif "norm" in name or name.endswith(".D"):
@@ -107,7 +121,7 @@ def perturb(model, gen):
 
 def zero_centred(model, name: str) -> bool:
     module = model.get_submodule(name.rsplit(".", 1)[0])
-    return type(module).__name__ == "Qwen3NextRMSNorm"
+    return type(module).__name__ in ("Qwen3NextRMSNorm", "RecurrentGemmaRMSNorm")
 
 
 def build(name: str):

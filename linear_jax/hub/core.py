@@ -37,11 +37,12 @@ from linear_jax.hub.family import (
 from linear_jax.hub.mamba import MAMBA, MAMBA2
 from linear_jax.hub.minimax import MINIMAX
 from linear_jax.hub.qwen3_next import QWEN3_NEXT
+from linear_jax.hub.recurrent_gemma import RECURRENT_GEMMA
 from linear_jax.hub.xlstm import XLSTM
 from linear_jax.models import LM, LMConfig
 
 FAMILIES: dict[str, Family] = {f.architecture: f for f in (MAMBA, MAMBA2, QWEN3_NEXT, XLSTM,
-                                                                  MINIMAX)}
+                                                                  MINIMAX, RECURRENT_GEMMA)}
 # LMConfig fields a caller may set on load: they change how the model computes, not its weights.
 OVERRIDES = ("impl", "kernel_config", "chunk_size", "dtype", "param_dtype")
 # FSDP over `fsdp`, tensor parallel over `tensor` (experiments/configs/base.py's table).

@@ -38,6 +38,7 @@ from linear_jax.layers.mlstm import MLSTM
 from linear_jax.layers.mom import MoM
 from linear_jax.layers.rebased import ReBased
 from linear_jax.layers.retnet import Lightning, RetNet
+from linear_jax.layers.rglru import RGLRU
 from linear_jax.layers.rwkv7 import RWKV7
 
 MIXERS = {
@@ -69,6 +70,7 @@ MIXERS = {
     "kda": KDA,
     "rwkv7": RWKV7,
     "mamba3": Mamba3,
+    "rglru": RGLRU,
 }
 
 

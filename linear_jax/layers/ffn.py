@@ -1,7 +1,8 @@
 """Feed-forward blocks: the SwiGLU MLP and a top-k mixture of experts.
 
-SwiGLU (Shazeer 2020, "GLU Variants Improve Transformer"): y = (silu(x W_1) * x W_3) W_2.
-Parameters: 3 D F.
+SwiGLU (Shazeer 2020, "GLU Variants Improve Transformer"): y = (silu(x W_1) * x W_3) W_2, or
+with `activation="gelu_tanh"` GeGLU (the tanh-approximated GeLU; Gemma's), with biases on the
+three projections when `use_bias` (RecurrentGemma's). Parameters: 3 D F (+ 2 F + D biases).
 
 MoE (Shazeer et al. 2017; Fedus et al. 2022, "Switch Transformers"; the Mixtral router; used over
 linear mixers in Sun et al. 2025, "Linear-MoE"): a router picks the top-k of E SwiGLU experts per
@@ -25,17 +26,22 @@ from flax import nnx
 
 from linear_jax.layers.common import DEFAULT_STD, dense, out_std, param
 
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": partial(jax.nn.gelu, approximate=True)}
+
 
 class MLP(nnx.Module):
-    def __init__(self, d_model: int, d_ff: int, *, num_layers: int | None = None,
-                 std: float = DEFAULT_STD, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
-        mk = partial(dense, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    def __init__(self, d_model: int, d_ff: int, *, activation: str = "silu",
+                 use_bias: bool = False, num_layers: int | None = None, std: float = DEFAULT_STD,
+                 rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+        self.activation = activation
+        mk = partial(dense, rngs=rngs, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias)
         self.w_gate = mk(d_model, d_ff, ("embed", "mlp"), std=std)
         self.w_up = mk(d_model, d_ff, ("embed", "mlp"), std=std)
         self.w_down = mk(d_ff, d_model, ("mlp", "embed"), std=out_std(std, num_layers))
 
     def __call__(self, x):
-        return self.w_down(jax.nn.silu(self.w_gate(x)) * self.w_up(x)), jnp.zeros((), jnp.float32)
+        gate = ACTIVATIONS[self.activation](self.w_gate(x))
+        return self.w_down(gate * self.w_up(x)), jnp.zeros((), jnp.float32)
 
 
 class MoE(nnx.Module):

@@ -7,7 +7,10 @@ constructor arguments (e.g. `{"attention": {"window": 512}, "gla": {"expand_k": 
 The feed-forward is a SwiGLU MLP (`ffn="mlp"`), a top-k mixture of experts (`ffn="moe"`, on
 every `moe_every`-th layer, the others keeping the MLP; `moe_shared > 0` adds Qwen-MoE's shared
 expert of that width, gated per token by a sigmoid), or none (`ffn="none"`: blocks of one
-norm and one mixer, as Mamba and Mamba-2 stack them).
+norm and one mixer, as Mamba and Mamba-2 stack them). The MLP's gate activation is
+`ffn_activation` ("silu": SwiGLU; "gelu_tanh": GeGLU, Gemma's) and `ffn_bias` gives its three
+projections biases (both for `ffn="mlp"` only). `embed_scale` multiplies the embeddings on the
+way in (Gemma: sqrt(d_model)).
 
 Blocks are pre-norm, h + f(norm(h)) (`residual="pre"`), or MiniMax-01's `residual="normed"`,
 h' = alpha norm(h) + beta f(norm(h)): the residual stream carries the normalised input, scaled;
@@ -29,6 +32,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from linear_jax.layers import MIXERS
+from linear_jax.layers.ffn import ACTIVATIONS
 
 FFNS = ("mlp", "moe", "none")
 
@@ -78,6 +82,9 @@ class LMConfig:
     top_k: int = 2
     moe_every: int = 1
     moe_shared: int = 0                      # width of an always-on shared expert (0: none)
+    ffn_activation: str = "silu"             # the MLP's gate: "silu" (SwiGLU), "gelu_tanh" (GeGLU)
+    ffn_bias: bool = False                   # biases on the MLP's projections
+    embed_scale: float | None = None         # h = scale * embed(tokens) (Gemma: sqrt(d_model))
     tie_embeddings: bool = True
     init_std: float = 0.02
     norm_eps: float = 1e-6
@@ -127,6 +134,13 @@ class LMConfig:
                              f"{self.num_experts}]")
         if self.moe_shared < 0:
             raise ValueError(f"LMConfig: moe_shared must be >= 0, got {self.moe_shared}")
+        if self.ffn_activation not in ACTIVATIONS:
+            raise ValueError(f"LMConfig: ffn_activation must be one of {sorted(ACTIVATIONS)}, "
+                             f"got {self.ffn_activation!r}")
+        if (self.ffn_activation != "silu" or self.ffn_bias) and self.ffn != "mlp":
+            raise ValueError(f"LMConfig: ffn_activation={self.ffn_activation!r} and "
+                             f"ffn_bias={self.ffn_bias} shape the MLP; ffn={self.ffn!r} has "
+                             f"only the SwiGLU experts")
         if self.moe_every < 1:
             raise ValueError(f"LMConfig: moe_every must be >= 1, got {self.moe_every}")
 

@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from linear_jax.layers.attention import Attention
+
 # (substring of jax's device_kind, dense bf16 FLOP/s per device, source)
 PEAKS = (
     ("H200", 989e12, "NVIDIA H200 datasheet: 989 TFLOP/s dense BF16 (SXM)"),
@@ -66,7 +68,7 @@ def _mean_context(T: int, window: int | None, block: int | None) -> float:
 def mixing_flops(mixer, seq_len: int) -> float:
     """Forward FLOPs per token of one mixer's token mixing outside its projections (estimate,
     see the module docstring)."""
-    if type(mixer).__name__ == "Attention":
+    if isinstance(mixer, Attention):
         ctx = _mean_context(seq_len, mixer.window, mixer.block_size)
         return 4.0 * mixer.H * mixer.Dh * ctx
     chunk = dict(getattr(mixer, "op_kw", ())).get("chunk_size", 64)

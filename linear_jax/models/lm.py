@@ -1,8 +1,8 @@
 """A decoder-only language model over any stack of token mixers.
 
-    h = embed(tokens)
+    h = embed(tokens) [* embed_scale]
     for each layer: h = h + mixer(RMSNorm(h)); h = h + ffn(RMSNorm(h))     (pre-norm residual)
-    logits = RMSNorm(h) E^T  (tied)  or  RMSNorm(h) W_head
+    logits = RMSNorm(h) E^T  (tied)  or  RMSNorm(h) W_head     [-> c tanh(logits / c)]
 
 Initialisation (GPT-2 / fla): every weight normal(0, init_std), the output projections of the
 residual branches (mixer W_o, MLP W_2) scaled by 1 / sqrt(2 num_layers), norms at 1.
@@ -40,6 +40,7 @@ from flax import nnx
 from flax.nnx import spmd
 
 from linear_jax.layers import MIXERS, make_mixer
+from linear_jax.layers.attention import Attention
 from linear_jax.layers.common import RMSNorm, param
 from linear_jax.layers.ffn import MLP, MoE
 from linear_jax.layers.shared_moe import SharedExpertMoE
@@ -73,7 +74,8 @@ class Block(nnx.Module):
         moe = partial(SharedExpertMoE, shared_width=c.moe_shared) if c.moe_shared else MoE
         self.ffn = (None if kind == "none" else
                     moe(c.d_model, c.ff_width, num_experts=c.num_experts, top_k=c.top_k, **ffn_kw)
-                    if kind == "moe" else MLP(c.d_model, c.ff_width, **ffn_kw))
+                    if kind == "moe" else MLP(c.d_model, c.ff_width, activation=c.ffn_activation,
+                                              use_bias=c.ffn_bias, **ffn_kw))
 
     def __call__(self, h, *, segment_ids=None, cache=None, seq_parallel=None):
         if self.normed is not None:
@@ -235,15 +237,21 @@ class LM(nnx.Module):
                                for j in range(stack.repeats) for block in stack.layer(j)])
         return new
 
+    def _kv_layers(self) -> list[int]:
+        """The softmax-attention layers whose KV cache grows with the context (`max_len` slots;
+        a sliding window's is constant)."""
+        return [i for i in range(self.config.num_layers) if isinstance(
+            m := self.layer_mixer(i), Attention) and not m.rolling]
+
     def init_cache(self, batch_size: int, max_len: int | None = None,
                    dtype=jnp.float32) -> list:
-        """One cache per layer. Softmax-attention layers preallocate a KV cache of `max_len`
-        positions (the prompt plus every token to generate), which they need; attention-free
-        models ignore it. Running past `max_len` raises where it can be seen (eagerly, or a call
-        longer than the cache) and gives NaN logits under `jit` (see `__call__`)."""
-        names = self.config.layer_mixers()
-        if max_len is None and "attention" in names:
-            at = [i for i, n in enumerate(names) if n == "attention"]
+        """One cache per layer. Softmax-attention layers without a sliding window preallocate a
+        KV cache of `max_len` positions (the prompt plus every token to generate), which they
+        need; other models ignore it. Running past `max_len` raises where it can be seen
+        (eagerly, or a call longer than the cache) and gives NaN logits under `jit` (see
+        `__call__`)."""
+        at = self._kv_layers()
+        if max_len is None and at:
             raise ValueError(f"init_cache: layer(s) {at} are softmax attention, whose KV cache "
                              f"needs max_len (the prompt plus the tokens to generate)")
         return [self.layer_mixer(i).init_cache(batch_size, dtype, max_len=max_len)
@@ -254,16 +262,15 @@ class LM(nnx.Module):
         take them and that is known at trace time (T alone too long, or a concrete write
         position); else None, or a traced bool that is True when a traced position overflows."""
         over = None
-        for i, name in enumerate(self.config.layer_mixers()):
-            if name != "attention":
-                continue
+        for i in self._kv_layers():
             size, index = cache[i]["k"].shape[1], cache[i]["index"]
             concrete = not isinstance(index, jax.core.Tracer)
             if T > size or (concrete and int(index) + T > size):
                 at = f"position {int(index)}" if concrete else "a traced position"
-                raise ValueError(f"layer {i} (attention): {T} new token(s) at {at} do not fit "
-                                 f"its KV cache of max_len={size}; size it with "
-                                 f"init_cache(batch_size, max_len=...)")
+                raise ValueError(f"layer {i} ({self.config.layer_mixers()[i]}): {T} new "
+                                 f"token(s) at {at} do not fit its KV cache of "
+                                 f"max_len={size}; size it with init_cache(batch_size, "
+                                 f"max_len=...)")
             if not concrete:
                 over = (index + T > size) if over is None else over | (index + T > size)
         return over
@@ -282,6 +289,8 @@ class LM(nnx.Module):
         h = jnp.take(self.embed[...], tokens, axis=0)
         if self.dtype is not None:
             h = h.astype(self.dtype)
+        if self.config.embed_scale is not None:
+            h = h * jnp.asarray(self.config.embed_scale, h.dtype)
         kw = dict(segment_ids=segment_ids, seq_parallel=seq_parallel)
         new, aux, start = [], jnp.zeros((), jnp.float32), 0
         for stack in self.stacks:

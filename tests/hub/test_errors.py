@@ -48,6 +48,12 @@ def _raises(path, match, **kw):
     ("embedding_dim", 48, "xlstm"),
     ("sliding_window", 4, "minimax"),
     ("layer_types", ["linear_attention", "linear_attention", "moe"], "minimax"),
+    ("attention_bias", True, "recurrent_gemma"),
+    ("hidden_activation", "gelu", "recurrent_gemma"),
+    ("block_types", ["recurrent", "mlp"], "recurrent_gemma"),
+    ("head_dim", 16, "recurrent_gemma"),
+    ("embeddings_scale_by_sqrt_dim", False, "recurrent_gemma"),
+    ("partial_rotary_factor", 0.1, "recurrent_gemma"),
 ])
 def test_bad_config_field(tmp_path, field, value, family):
     c = config(family)
@@ -66,7 +72,8 @@ def test_mamba2_heads(tmp_path):
 @pytest.mark.parametrize("family, name", [
     ("mamba", "backbone.layers.1.mixer.A_log"), ("mamba2", "backbone.layers.1.mixer.A_log"),
     ("qwen3_next", "model.layers.1.mlp.experts.3.up_proj.weight"),
-    ("qwen3_next", "model.layers.0.linear_attn.in_proj_qkvz.weight")])
+    ("qwen3_next", "model.layers.0.linear_attn.in_proj_qkvz.weight"),
+    ("recurrent_gemma", "model.layers.1.temporal_block.rg_lru.recurrent_param")])
 def test_missing_tensor(tmp_path, family, name):
     t = tensors(copy(family, tmp_path / "src"))
     del t[name]
@@ -82,7 +89,8 @@ def test_extra_tensor(tmp_path):
 @pytest.mark.parametrize("family, name", [
     ("mamba", "backbone.layers.0.mixer.x_proj.weight"),
     ("qwen3_next", "model.layers.0.linear_attn.in_proj_ba.weight"),
-    ("qwen3_next", "model.layers.0.mlp.experts.0.down_proj.weight")])
+    ("qwen3_next", "model.layers.0.mlp.experts.0.down_proj.weight"),
+    ("recurrent_gemma", "model.layers.0.temporal_block.rg_lru.input_gate_weight")])
 def test_shape_mismatch(tmp_path, family, name):
     t = tensors(copy(family, tmp_path / "src"))
     t[name] = t[name][:-1]

@@ -30,6 +30,8 @@ CASES.update({
     "rebased": ("rebased", {"feature_dim": 8}),
     "attention-window-gqa": ("attention", {"window": 5, "num_kv_heads": 1}),
     "attention-diag": ("attention", {"block_size": 8}),
+    "attention-partial-rope-bias": ("attention", {"rotary_dim": 8, "out_bias": True}),
+    "rglru-wide": ("rglru", {"lru_width": 48, "conv_size": 3}),
     "linear_attention-nonorm": ("linear_attention", {"normalize": False}),
     "deltanet-negeig-gate": ("deltanet", {"allow_neg_eigval": True, "output_gate": True}),
     "hgrn2-lowerbound": ("hgrn2", {"lower_bound": 0.5}),
@@ -154,6 +156,7 @@ DOCUMENTED_PARAMS = {
     "lte_attention": 4 * _D**2 + 4 * _D + _D + _H,
     "mamba3": _D * (256 + 32 + 3 * _H + 4) + _H + 2 * _H * 16 + 2 * 16 + _H + 128 * _D,
     "rwkv7": 4 * _D**2 + 2 * _D * (64 + 64 + 128) + 13 * _D,
+    "rglru": 3 * _D**2 + 2 * _D**2 // _H + 10 * _D + _D,
     "kda": 4 * _D**2 + _D * _H + 12 * _D + _D // _H + 4 * _D**2 // _H + _H + 2 * _D,
 }
 
