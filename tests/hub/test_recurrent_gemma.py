@@ -19,3 +19,11 @@ def test_top_level_rope_fields(tmp_path):
     old = hub.read_config(copy(FAMILY, tmp_path / "old", config=c))
     assert old == hub.read_config(ROOT / FAMILY)
     assert old.options("attention")["rotary_dim"] == 4
+
+
+def test_decoding_memory_is_constant(loaded):
+    """No max_len: the window bounds the attention layer's cache (the last window - 1 tokens)."""
+    _, model, _ = loaded
+    cache = model.init_cache(1)
+    window = model.config.options("attention")["window"]
+    assert [c["k"].shape[1] for c in cache if "k" in c] == [window - 1]
