@@ -30,8 +30,6 @@ CASES.update({
     "rebased": ("rebased", {"feature_dim": 8}),
     "attention-window-gqa": ("attention", {"window": 5, "num_kv_heads": 1}),
     "attention-diag": ("attention", {"block_size": 8}),
-    "attention-partial-rope-bias": ("attention", {"rotary_dim": 8, "out_bias": True}),
-    "rglru-wide": ("rglru", {"lru_width": 48, "conv_size": 3}),
     "linear_attention-nonorm": ("linear_attention", {"normalize": False}),
     "deltanet-negeig-gate": ("deltanet", {"allow_neg_eigval": True, "output_gate": True}),
     "hgrn2-lowerbound": ("hgrn2", {"lower_bound": 0.5}),
