@@ -115,7 +115,7 @@ def test_render_rewrites_only_the_marked_readme_block(tmp_path):
     rows = render.hopper_rows({"rows": [
         {"T": 2048, "B": 8, "fwd_ms": 0.1, "fwd_sync_ms": 0.2, "jla_fwd_ms": 0.3},
         {"T": 2048, "B": 8, "delta_rule.fwd_ms": 0.5, "delta_rule.fwd_sync_ms": 0.6,
-         "jla.deltanet.fwd_ms": 0.4}]})
+         "delta_rule.jla_fwd_ms": 0.4}]})
     assert [(r["op"], r["fwd_sync"], r["fwd_jla"]) for r in rows] == [
         ("simple_gla", 0.2, 0.3), ("delta_rule", 0.6, 0.4)]
 

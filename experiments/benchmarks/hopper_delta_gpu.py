@@ -24,10 +24,7 @@ lowering semantics is tried in the order given and the first that compiles is us
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
-import shutil
 import time
 
 import jax
@@ -36,7 +33,8 @@ import numpy as np
 
 from experiments.benchmarks import anchors as anchor_files
 from experiments.benchmarks import common
-from experiments.benchmarks.hopper_gpu import rel, segments, tail
+from experiments.benchmarks import kernel_checks as kc
+from experiments.benchmarks.kernel_checks import segments, tail
 from linear_jax import ops
 from linear_jax.kernels.configs import HopperDeltaConfig
 from linear_jax.kernels.gpu.hopper import delta as hdelta
@@ -44,7 +42,8 @@ from linear_jax.kernels.gpu.hopper import delta_bwd as hbwd
 
 TOL = 1e-2
 f32 = jnp.float32
-OPS = {True: "gated_deltanet", False: "deltanet"}      # anchor names, by `gated`
+# by `gated`: (the op, its name in the jla anchors)
+OPS = {True: ("gated_delta_rule", "gated_deltanet"), False: ("delta_rule", "deltanet")}
 
 
 def l2(x):
@@ -85,56 +84,14 @@ def reference_call(K):
     return call
 
 
-def loss_and_grads(call, x, names):
-    def loss(*a):
-        o, S = call({**x, **dict(zip(names, a, strict=True))})
-        return jnp.sum(o.astype(f32) * x["do"].astype(f32)) + jnp.sum(S * x["dS"]), (o, S)
-    return jax.grad(loss, argnums=tuple(range(len(names))), has_aux=True)
-
-
 def run_check(name, cfg, B, T, H, K, V, *, gate, extras, seed):
     x = inputs(B, T, H, K, V, gate=gate, dtype=jnp.bfloat16, seed=seed, extras=extras)
-    names = ["q", "k", "v", "beta"] + (["g"] if x["g"] is not None else []) + \
-        (["S0"] if x["S0"] is not None else [])
+    names = ("q", "k", "v", "beta") + (("g",) if x["g"] is not None else ()) + \
+        (("S0",) if x["S0"] is not None else ())
     kern, ref = kernel_call(cfg, K), reference_call(K)
-    xf = {k: (v.astype(f32) if k in ("q", "k", "v", "do") else v) for k, v in x.items()}
-    t0 = time.perf_counter()
-    o_fwd, S_fwd = jax.jit(kern)(x)
-    g_k, (o, S) = jax.jit(loss_and_grads(kern, x, names))(*[x[n] for n in names])
-    jax.block_until_ready(g_k)
-    secs = time.perf_counter() - t0
-    g_r, (o_r, S_r) = jax.jit(loss_and_grads(ref, xf, names))(*[xf[n] for n in names])
-    errs = {"o": rel(o_fwd.astype(f32), o_r), "S": rel(S_fwd, S_r),
-            "o_vjp": rel(o.astype(f32), o_r), "S_vjp": rel(S, S_r)}
-    for n, a, b in zip(names, g_k, g_r, strict=True):
-        errs["d" + n] = rel(jnp.asarray(a, f32), b)
-    ok = all(e <= TOL for e in errs.values())
-    return {"check": name, "T": T, "K": K, "V": V, "B": B, "H": H, "gate": gate,
-            "extras": extras, "ok": ok, "compile_run_s": round(secs, 1),
-            "errors": {k: float(f"{v:.3g}") for k, v in errs.items()}}
-
-
-def check_float32_refused():
-    x = jnp.zeros((1, 64, 1, 64), f32)
-    try:
-        hdelta.delta(x, x, x, None, x[..., 0], scale=1.0, initial_state=None, segment_ids=None,
-                     chunk_size=64)
-    except ValueError as e:
-        return {"check": "float32 refused", "ok": True, "message": str(e)[:160]}
-    return {"check": "float32 refused", "ok": False, "message": "no ValueError"}
-
-
-def pick_semantics(order, base):
-    """The first lowering semantics whose forward + backward compiles and runs at a small shape."""
-    for sem in order:
-        cfg = dataclasses.replace(base, semantics=sem)
-        try:
-            run_check("probe", cfg, 1, 128, 2, 128, 128, gate="normal", extras=True, seed=0)
-            print(f"semantics {sem}: compiles and runs")
-            return cfg
-        except Exception as e:  # noqa: BLE001 - report and try the next
-            print(f"semantics {sem} FAILED:\n{tail(e)}")
-    return None
+    return kc.check(x, names, (jax.jit(kern), jax.jit(kc.loss_and_grads(kern, names))),
+                    jax.jit(kc.loss_and_grads(ref, names)), tol=TOL, check=name, T=T, K=K,
+                    V=V, B=B, H=H, gate=gate, extras=extras)
 
 
 def time_shape(cfg, T, anchors, *, reps, breakdown):
@@ -145,32 +102,13 @@ def time_shape(cfg, T, anchors, *, reps, breakdown):
     row = {"T": T, "B": B, "H": H, "K": K, "V": V}
     an = anchors.get(T, {})
     for gated in (True, False):
-        op = OPS[gated]
-
-        def call(q, k, v, beta, g, gated=gated):
-            return hdelta.delta(q, k, v, g if gated else None, beta, scale=K**-0.5,
-                                initial_state=None, segment_ids=None, chunk_size=64,
-                                config=cfg)[0]
-
-        argn = (0, 1, 2, 3, 4) if gated else (0, 1, 2, 3)
-        fwd = jax.jit(call)
-        fwdbwd = jax.jit(jax.grad(lambda q, k, v, beta, g, do, call=call: jnp.sum(
-            call(q, k, v, beta, g).astype(f32) * do.astype(f32)), argnums=argn))
-        for key, f, args in (("fwd", fwd, (q, k, v, beta, g)),
-                             ("fwdbwd", fwdbwd, (q, k, v, beta, g, do))):
-            try:
-                t0 = time.perf_counter()
-                jax.block_until_ready(f(*args))
-                row[f"{op}.{key}_compile_s"] = round(time.perf_counter() - t0, 2)
-                row[f"{op}.{key}_ms"] = common.median_ms(f, *args, reps=reps, inner=10)
-                row[f"{op}.{key}_sync_ms"] = common.median_ms(f, *args, reps=30)
-                a = an.get(f"jla.{op}.{key}_ms")
-                if a:
-                    row[f"jla.{op}.{key}_ms"] = a
-                    row[f"{op}.ratio_{key}"] = a / row[f"{op}.{key}_sync_ms"]
-            except Exception as e:  # noqa: BLE001
-                row[f"{op}.{key}_error"] = tail(e, 8)
-                print(f"T={T} {op} {key} FAILED:\n{tail(e)}")
+        op, anchor = OPS[gated]
+        fwd, fwdbwd = kc.fwd_and_fwdbwd(
+            lambda q, k, v, beta, g, gated=gated: hdelta.delta(
+                q, k, v, g if gated else None, beta, scale=K**-0.5, initial_state=None,
+                segment_ids=None, chunk_size=64, config=cfg)[0], 5 if gated else 4)
+        kc.time_phases(row, fwd, fwdbwd, (q, k, v, beta, g), do, an, anchor, reps=reps,
+                       label=f"T={T} {op}", key=lambda s, op=op: f"{op}.{s}")
     if breakdown:
         row["kernels_ms"] = kernel_breakdown(cfg, q, k, v, beta, g, do, reps=reps)
     return row
@@ -208,29 +146,25 @@ def kernel_breakdown(cfg, q, k, v, beta, g, do, *, reps):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--semantics", default="lane,warpgroup",
-                   help="lowering semantics to try, in order")
-    p.add_argument("--T", type=int, nargs="*", default=[2048, 8192, 32768])
-    p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--skip-checks", action="store_true")
-    a = p.parse_args(argv)
+    a = kc.parser().parse_args(argv)
     dev = jax.devices()[0]
     print("device", dev.device_kind, "jax", jax.__version__, "SMs", getattr(dev, "core_count", "?"))
     t_start = time.perf_counter()
     base = HopperDeltaConfig.default(dev)
-    cfg = pick_semantics(a.semantics.split(","), base)
+    grid = [("gated+docs+h0", 2, 100, 2, 64, 64, "normal", True),
+            ("gated+docs+h0", 2, 2048, 4, 128, 128, "normal", True),
+            ("delta_rule+docs+h0", 2, 2048, 4, 64, 64, None, True),
+            ("delta_rule", 2, 100, 2, 128, 128, None, False),
+            ("strong decay+docs+h0", 2, 2048, 4, 128, 128, "strong", True)]
+    run = lambda i, c, cfg: run_check(c[0], cfg, *c[1:6], gate=c[6],  # noqa: E731
+                                      extras=c[7], seed=100 + i)
+    cfg, first = kc.pick_semantics(a.semantics.split(","), base,
+                                   lambda cfg: run(0, grid[0], cfg))
     checks, rows = [], []
     if cfg is None:
         print("no lowering semantics compiled: nothing else to run")
     else:
         print("config", cfg)
-        grid = [("gated+docs+h0", 2, 100, 2, 64, 64, "normal", True),
-                ("gated+docs+h0", 2, 2048, 4, 128, 128, "normal", True),
-                ("delta_rule+docs+h0", 2, 2048, 4, 64, 64, None, True),
-                ("delta_rule", 2, 100, 2, 128, 128, None, False),
-                ("strong decay+docs+h0", 2, 2048, 4, 128, 128, "strong", True)]
         if not a.quick:
             grid += [("gated+docs+h0", 2, 100, 2, 128, 128, "normal", True),
                      ("gated", 2, 2048, 4, 64, 64, "normal", False),
@@ -238,17 +172,12 @@ def main(argv=None) -> int:
                      ("gated+docs+h0", 1, 8192, 4, 128, 128, "normal", True),
                      ("delta_rule+docs+h0", 1, 8192, 4, 64, 64, None, True),
                      ("gated, K=100 V=48 (padded)", 2, 300, 2, 100, 48, "normal", True)]
-        for i, (name, B, T, H, K, V, gate, extras) in enumerate([] if a.skip_checks else grid):
-            try:
-                r = run_check(name, cfg, B, T, H, K, V, gate=gate, extras=extras, seed=100 + i)
-            except Exception as e:  # noqa: BLE001
-                r = {"check": name, "T": T, "K": K, "ok": False, "error": tail(e, 8)}
-                print(f"check {name} T={T} K={K} FAILED:\n{tail(e)}")
-            checks.append(r)
-            print(("PASS" if r["ok"] else "FAIL"), name, f"T={T} K={K} V={V}",
-                  r.get("errors", r.get("error", "")))
-        checks.append(check_float32_refused())
-        print(("PASS" if checks[-1]["ok"] else "FAIL"), checks[-1]["check"])
+        if not a.skip_checks:
+            checks = kc.run_grid(grid, lambda i, c: run(i, c, cfg), done=[first])
+        x = jnp.zeros((1, 64, 1, 64), f32)
+        checks.append(kc.float32_refused(lambda: hdelta.delta(
+            x, x, x, None, x[..., 0], scale=1.0, initial_state=None, segment_ids=None,
+            chunk_size=64)))
 
         anchor_path, anchors = anchor_files.anchors_for(dev.device_kind)
         print("anchors", anchor_path)
@@ -256,34 +185,14 @@ def main(argv=None) -> int:
             rows.append(time_shape(cfg, T, anchors, reps=10 if a.quick else a.reps,
                                    breakdown=(not a.quick) or T == a.T[0]))
             print(rows[-1])
-        for op in OPS.values():
-            print(f"\n{op}\n{'T':>6} {'fwd ms':>8} {'sync':>8} {'jla':>7} {'ratio':>6} | "
-                  f"{'fwdbwd':>8} {'sync':>8} {'jla':>7} {'ratio':>6}")
-            for r in rows:
-                c = lambda key, r=r: f"{r.get(f'{op}.{key}', float('nan')):8.3f}"
-                print(f"{r['T']:>6} {c('fwd_ms')} {c('fwd_sync_ms')} "
-                      f"{r.get(f'jla.{op}.fwd_ms', 0):7.3f} {r.get(f'{op}.ratio_fwd', 0):6.2f} | "
-                      f"{c('fwdbwd_ms')} {c('fwdbwd_sync_ms')} "
-                      f"{r.get(f'jla.{op}.fwdbwd_ms', 0):7.3f} "
-                      f"{r.get(f'{op}.ratio_fwdbwd', 0):6.2f}")
-        for r in rows:
-            if "kernels_ms" in r:
-                print(f"T={r['T']} kernels (device ms, gated):", r["kernels_ms"])
-    n_fail = sum(not c["ok"] for c in checks)
-    print(f"\nchecks: {len(checks) - n_fail} passed, {n_fail} failed; "
-          f"{time.perf_counter() - t_start:.0f} s")
-    slug = dev.device_kind.replace(" ", "_")
-    path = common.write_json(f"hopper_delta_gpu_{slug}.json", rows, checks=checks,
-                             config=dataclasses.asdict(cfg) if cfg else None,
-                             quick=a.quick, tolerance=TOL,
-                             shapes="bf16, H=16, K=V=128, B=max(1, 16384 // T); q, k "
-                                    "l2-normalised, beta = sigmoid, g = log_sigmoid(N(0,1))/16; "
-                                    "checks bf16 vs float32 chunk form on the same values")
-    print("wrote", path)
-    if os.environ.get("OUT"):
-        shutil.copy(path, os.environ["OUT"])
-    return 0 if (cfg is not None and n_fail == 0) else 1
-
+        for op, _ in OPS.values():
+            kc.table(rows, op, key=lambda s, op=op: f"{op}.{s}")
+    return kc.finish("hopper_delta_gpu", rows, checks, t_start,
+                     config=dataclasses.asdict(cfg) if cfg else None, quick=a.quick,
+                     tolerance=TOL,
+                     shapes="bf16, H=16, K=V=128, B=max(1, 16384 // T); q, k l2-normalised, "
+                            "beta = sigmoid, g = log_sigmoid(N(0,1))/16; checks bf16 vs float32 "
+                            "chunk form on the same values")
 
 if __name__ == "__main__":
     raise SystemExit(main())

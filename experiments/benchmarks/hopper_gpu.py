@@ -32,10 +32,8 @@ Expected wall time with the default arguments: ~4.5 minutes, mostly compiles (pr
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
-import traceback
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +41,8 @@ import numpy as np
 
 from experiments.benchmarks import anchors as anchor_files
 from experiments.benchmarks import common
+from experiments.benchmarks import kernel_checks as kc
+from experiments.benchmarks.kernel_checks import segments, tail
 from linear_jax import ops
 from linear_jax.kernels.configs import HopperChunkConfig, multiprocessors
 from linear_jax.kernels.gpu.hopper import common as hcommon
@@ -76,30 +76,6 @@ GRID = {"T100": ("gated+docs+h0", 2, 100, 2, 64, 64, "normal", True),
 QUICK = ("T100", "T8192", "T2048", "linear", "strong")
 
 
-def tail(e: BaseException, n: int = 30) -> str:
-    lines = "".join(traceback.format_exception(e)).rstrip().splitlines()
-    return "\n".join(lines[-n:])
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if not np.isfinite(a).all():
-        return float("inf")
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
-def segments(B, T, rng):
-    """Packed documents: one boundary inside a chunk, one at a chunk start, per batch row."""
-    ids = np.zeros((B, T), np.int32)
-    for b in range(B):
-        cuts = {int(rng.integers(1, T))}
-        if T > 64:
-            cuts.add(64 * int(rng.integers(1, -(-T // 64))))
-        for c in cuts:
-            ids[b, c:] += 1
-    return jnp.asarray(ids)
-
-
 def inputs(B, T, H, K, V, *, gate, dtype, seed, extras):
     rng = np.random.default_rng(seed)
     n = lambda *s: rng.standard_normal(s).astype(np.float32)   # noqa: E731
@@ -119,22 +95,13 @@ def inputs(B, T, H, K, V, *, gate, dtype, seed, extras):
     return x
 
 
-def loss_and_grads(call, x, names):
-    """(o, S) and the grads of sum(o * do) + sum(S * dS) w.r.t. the named inputs."""
-    def loss(*a):
-        kw = dict(zip(names, a, strict=True))
-        o, S = call({**x, **kw})
-        return jnp.sum(o.astype(f32) * x["do"].astype(f32)) + jnp.sum(S * x["dS"]), (o, S)
-    return jax.grad(loss, argnums=tuple(range(len(names))), has_aux=True)
-
-
 _REFERENCE: dict = {}
 
 
 def run_check(name, cfg, B, T, H, K, V, *, gate, extras, seed):
     x = inputs(B, T, H, K, V, gate=gate, dtype=jnp.bfloat16, seed=seed, extras=extras)
-    names = ["q", "k", "v"] + (["g"] if x["g"] is not None else []) + \
-        (["S0"] if x["S0"] is not None else [])
+    names = ("q", "k", "v") + (("g",) if x["g"] is not None else ()) + \
+        (("S0",) if x["S0"] is not None else ())
 
     def kern(x):
         return hopper_decay.simple_gla(x["q"], x["k"], x["v"], x["g"], scale=K**-0.5,
@@ -145,47 +112,14 @@ def run_check(name, cfg, B, T, H, K, V, *, gate, extras, seed):
         return ops.simple_gla(x["q"], x["k"], x["v"], x["g"], scale=K**-0.5,
                               initial_state=x["S0"], segment_ids=x["seg"], impl="chunk")
 
-    t0 = time.perf_counter()
-    o_fwd, S_fwd = jax.jit(kern)(x)
-    g_k, (o, S) = jax.jit(loss_and_grads(kern, x, names))(*[x[n] for n in names])
-    jax.block_until_ready(g_k)
-    secs = time.perf_counter() - t0
     key = (name, B, T, H, K, V, gate, extras, seed)
     if key not in _REFERENCE:                     # shared by the variants (same inputs)
-        xf = {k: (v.astype(f32) if k in ("q", "k", "v", "do") else v) for k, v in x.items()}
-        _REFERENCE[key] = jax.jit(loss_and_grads(ref, xf, names))(*[xf[n] for n in names])
-    g_r, (o_r, S_r) = _REFERENCE[key]
-    errs = {"o": rel(o_fwd.astype(f32), o_r), "S": rel(S_fwd, S_r),
-            "o_vjp": rel(o.astype(f32), o_r), "S_vjp": rel(S, S_r)}
-    for n, a, b in zip(names, g_k, g_r, strict=True):
-        errs["d" + n] = rel(jnp.asarray(a, f32), b)
-    ok = all(e <= TOL for e in errs.values())
-    return {"check": name, "T": T, "K": K, "V": V, "B": B, "H": H, "gate": gate,
-            "extras": extras, "ok": ok, "compile_run_s": round(secs, 1),
-            "errors": {k: float(f"{v:.3g}") for k, v in errs.items()}}
-
-
-def check_float32_refused():
-    x = jnp.zeros((1, 64, 1, 64), f32)
-    try:
-        hopper_decay.simple_gla(x, x, x, None, scale=1.0, initial_state=None, segment_ids=None,
-                                chunk_size=64)
-    except ValueError as e:
-        return {"check": "float32 refused", "ok": True, "message": str(e)[:160]}
-    return {"check": "float32 refused", "ok": False, "message": "no ValueError"}
-
-
-def pick_semantics(order, base):
-    """The first lowering semantics whose forward + backward compiles and runs at a small shape."""
-    for sem in order:
-        cfg = dataclasses.replace(base, semantics=sem)
-        try:
-            run_check("probe", cfg, 1, 128, 2, 128, 128, gate="normal", extras=True, seed=0)
-            print(f"semantics {sem}: compiles and runs")
-            return cfg
-        except Exception as e:  # noqa: BLE001 - report and try the next
-            print(f"semantics {sem} FAILED:\n{tail(e)}")
-    return None
+        xf = kc.as_float32(x)
+        out = jax.jit(kc.loss_and_grads(ref, names))(xf, *[xf[n] for n in names])
+        _REFERENCE[key] = lambda *_: out
+    return kc.check(x, names, (jax.jit(kern), jax.jit(kc.loss_and_grads(kern, names))),
+                    _REFERENCE[key], tol=TOL, check=name, T=T, K=K, V=V, B=B, H=H, gate=gate,
+                    extras=extras)
 
 
 def checks_for(variant, full):
@@ -200,43 +134,6 @@ def estimate_s(variants, Ts, full) -> int:
     n_checks = sum(len(checks_for(n, full)) for n in variants)
     n_timed = sum(len(Ts) - (n == "pieces1" and 2048 in Ts) for n in variants)
     return 45 + 9 * (n_timed + n_checks + len(Ts) + 1)
-
-
-def timing_inputs(T):
-    B, H, K, V = max(1, 16384 // T), 16, 128, 128
-    rng = np.random.default_rng(T)
-    n = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.bfloat16)   # noqa: E731
-    g = jax.nn.log_sigmoid(jnp.asarray(rng.standard_normal((B, T, H)), f32)) / 16
-    return n(B, T, H, K), n(B, T, H, K), n(B, T, H, V), g, n(B, T, H, V)
-
-
-def time_shape(cfg, T, args, anchors, *, reps):
-    q, k, v, g, do = args
-    B, _, H, K = q.shape
-    call = lambda q, k, v, g: hopper_decay.simple_gla(   # noqa: E731
-        q, k, v, g, scale=K**-0.5, initial_state=None, segment_ids=None, chunk_size=64,
-        config=cfg)[0]
-    fwd = jax.jit(call)
-    fwdbwd = jax.jit(jax.grad(lambda q, k, v, g, do: jnp.sum(call(q, k, v, g).astype(f32) *
-                                                              do.astype(f32)),
-                              argnums=(0, 1, 2, 3)))
-    row = {"T": T, "B": B, "H": H, "K": K, "V": v.shape[-1]}
-    an = anchors.get(T, {})
-    for key, f, a in (("fwd", fwd, (q, k, v, g)), ("fwdbwd", fwdbwd, (q, k, v, g, do))):
-        try:
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(*a))
-            row[f"{key}_compile_s"] = round(time.perf_counter() - t0, 2)
-            row[f"{key}_ms"] = common.median_ms(f, *a, reps=reps, inner=10)
-            row[f"{key}_sync_ms"] = common.median_ms(f, *a, reps=30)
-            anchor = an.get(f"jla.simple_gla.{key}_ms")
-            if anchor:
-                row[f"jla_{key}_ms"] = anchor
-                row[f"ratio_{key}"] = anchor / row[f"{key}_sync_ms"]
-        except Exception as e:  # noqa: BLE001
-            row[f"{key}_error"] = tail(e, 8)
-            print(f"T={T} {key} FAILED:\n{tail(e)}")
-    return row
 
 
 def kernel_breakdown(cfg, P, args, *, reps):
@@ -294,17 +191,12 @@ def save(dev, rows, checks, names, base) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser()
+    p = kc.parser()
     p.add_argument("--variants", default="default,run1,serial,approx",
                    help=f"config variants to check and time, of {sorted(VARIANTS)}")
     p.add_argument("--breakdown", default="default,run1@2048",
                    help="variants whose kernels are timed one by one: name (every T) or name@T")
-    p.add_argument("--semantics", default="lane,warpgroup",
-                   help="lowering semantics to try, in order")
-    p.add_argument("--T", type=int, nargs="*", default=[2048, 8192, 32768])
-    p.add_argument("--reps", type=int, default=20)
     p.add_argument("--full", action="store_true", help="the longer check grid for the default")
-    p.add_argument("--skip-checks", action="store_true")
     a = p.parse_args(argv)
     dev = jax.devices()[0]
     sms = multiprocessors(dev)
@@ -316,7 +208,9 @@ def main(argv=None) -> int:
         raise SystemExit(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
     print(f"expected wall time ~{estimate_s(names, a.T, a.full)} s")
     order = a.semantics.split(",")
-    base = pick_semantics(order, HopperChunkConfig.default(dev))
+    probe = ("probe", 1, 128, 2, 128, 128)
+    base, _ = kc.pick_semantics(order, HopperChunkConfig.default(dev), lambda cfg: run_check(
+        probe[0], cfg, *probe[1:], gate="normal", extras=True, seed=0))
     if base is None:                              # the variants may still compile: go on
         base = dataclasses.replace(HopperChunkConfig.default(dev), semantics=order[0])
         print(f"the default compiled under no semantics: the variants run under {order[0]}")
@@ -327,24 +221,20 @@ def main(argv=None) -> int:
         for cid, (name, B, T, H, K, V, gate, extras) in ([] if a.skip_checks else
                                                          checks_for(n, a.full)):
             seed = 100 + list(GRID).index(cid)        # the same inputs for every variant
-            try:
-                r = run_check(name, cfg, B, T, H, K, V, gate=gate, extras=extras, seed=seed)
-            except Exception as e:  # noqa: BLE001
-                r = {"check": name, "T": T, "K": K, "ok": False, "error": tail(e, 8)}
-                print(f"check {n}: {name} T={T} K={K} FAILED:\n{tail(e)}")
+            r = kc.run_grid([(name, B, T, H, K, V, gate, extras)], lambda i, c, cfg=cfg: run_check(
+                c[0], cfg, *c[1:6], gate=c[6], extras=c[7], seed=seed))[0]
             r["variant"] = n
             checks.append(r)
-            print(("PASS" if r["ok"] else "FAIL"), n, name, f"T={T} K={K} V={V}",
-                  r.get("errors", r.get("error", "")), flush=True)
-    checks.append(check_float32_refused())
-    print(("PASS" if checks[-1]["ok"] else "FAIL"), checks[-1]["check"])
+    x = jnp.zeros((1, 64, 1, 64), f32)
+    checks.append(kc.float32_refused(lambda: hopper_decay.simple_gla(
+        x, x, x, None, scale=1.0, initial_state=None, segment_ids=None, chunk_size=64)))
 
     save(dev, rows, checks, names, base)
     anchor_path, anchors = anchor_files.anchors_for(dev.device_kind)
     print("anchors", anchor_path)
     breakdown = set(a.breakdown.split(","))
     for T in a.T:
-        args = timing_inputs(T)
+        args = kc.timing_inputs(T, vector_gate=False)
         B, H = args[0].shape[0], args[0].shape[2]
         seen = {}
         for n, cfg in cfgs.items():
@@ -354,23 +244,15 @@ def main(argv=None) -> int:
                 print(f"T={T} {n}: the same program as {seen[resolved]} (P={P})")
                 continue
             seen[resolved] = n
-            row = time_shape(cfg, T, args, anchors, reps=a.reps)
+            row = kc.time_decay_op(hopper_decay.simple_gla, "simple_gla", cfg, args, anchors,
+                                   reps=a.reps)
             row.update(variant=n, pieces=P)
             if n in breakdown or f"{n}@{T}" in breakdown:
                 row["kernels_ms"] = kernel_breakdown(cfg, P, args, reps=a.reps)
             rows.append(row)
             print(row, flush=True)
         save(dev, rows, checks, names, base)
-    print(f"\n{'T':>6} {'variant':>10} {'P':>3} {'fwd ms':>8} {'sync':>8} {'jla':>7} "
-          f"{'ratio':>6} | {'fwdbwd':>8} {'sync':>8} {'jla':>7} {'ratio':>6}")
-    for r in rows:
-        c = lambda key: f"{r.get(key, float('nan')):8.3f}"   # noqa: E731
-        print(f"{r['T']:>6} {r['variant']:>10} {r['pieces']:>3} {c('fwd_ms')} "
-              f"{c('fwd_sync_ms')} {r.get('jla_fwd_ms', 0):7.3f} {r.get('ratio_fwd', 0):6.2f}"
-              f" | {c('fwdbwd_ms')} {c('fwdbwd_sync_ms')} {r.get('jla_fwdbwd_ms', 0):7.3f} "
-              f"{r.get('ratio_fwdbwd', 0):6.2f}")
-        if "kernels_ms" in r:
-            print("       kernels (device ms):", r["kernels_ms"])
+    kc.table(rows, "simple_gla", label=lambda r: f"{r['T']:>6} {r['variant']:>10} P={r['pieces']}")
     n_fail = sum(not c["ok"] for c in checks)
     print(f"\nchecks: {len(checks) - n_fail} passed, {n_fail} failed; "
           f"{time.perf_counter() - t_start:.0f} s")

@@ -224,24 +224,19 @@ def hopper_rows(data) -> list[dict]:
     """The Hopper scripts' timing rows as one shape: op, variant, T, B, and per phase (fwd, fwdbwd)
     the device ms, the sync ms (each call blocked on the host, as the jla anchors were timed), the
     jla anchor and its ratio. `hopper_gpu.py` writes simple_gla's keys bare (`fwd_ms`, one row per
-    variant), `hopper_delta_gpu.py` prefixes each op's (`delta_rule.fwd_ms`)."""
+    variant), `hopper_delta_gpu.py` prefixes each op's (`delta_rule.fwd_ms`,
+    `delta_rule.jla_fwd_ms`)."""
     out = []
     for r in data["rows"]:
-        ops = sorted({k.split(".")[0] for k in r if k.endswith(".fwd_ms") and
-                      not k.startswith("jla.")}) or [None]
+        ops = sorted({k.split(".")[0] for k in r if k.endswith(".fwd_ms")}) or [None]
         for op in ops:
             key = (lambda k: k) if op is None else (lambda k, op=op: f"{op}.{k}")
-            jla = (lambda ph: r.get(f"jla_{ph}_ms")) if op is None else (
-                lambda ph, op=op: next((v for k, v in r.items()
-                                        if k.startswith("jla.") and k.endswith(f".{ph}_ms")
-                                        and (OPS_ANCHOR_NAMES.get(op, {}).get("jla") or op)
-                                        in k), None))
             row = {"op": op or "simple_gla", "variant": r.get("variant", "default"),
                    "T": r["T"], "B": r.get("B")}
             for ph in ("fwd", "fwdbwd"):
                 row[ph] = r.get(key(f"{ph}_ms"))
                 row[f"{ph}_sync"] = r.get(key(f"{ph}_sync_ms"))
-                row[f"{ph}_jla"] = jla(ph)
+                row[f"{ph}_jla"] = r.get(key(f"jla_{ph}_ms"))
                 row[f"{ph}_error"] = r.get(key(f"{ph}_error"))
             out.append(row)
     return out

@@ -1,0 +1,220 @@
+"""What the device scripts of the Hopper kernels share: checking a kernel against the float32 chunk
+form on the same values, picking the lowering semantics that compiles, timing forward and forward +
+backward beside the jax-linear-attention anchors, and the closing summary and JSON.
+
+A check row holds the relative norm error of the output, the final state, the output and state
+through the VJP's forward, and the gradient of every named input, of
+`loss = sum(o * do) + sum(S * dS)`; `ok` when all are within the tolerance.
+
+A timing row holds, per phase (`fwd`, `fwdbwd`): the first call's compile + run seconds, the median
+of back-to-back calls (`<phase>_ms`, device time), the median of calls each blocked on the host
+(`<phase>_sync_ms`, how the anchors were timed), the anchor and the ratio anchor / ours sync (> 1 is
+faster). One row may time several ops: `key` names each field (`lambda s: f"{op}.{s}"`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.benchmarks import common
+
+f32 = jnp.float32
+
+
+def tail(e: BaseException, n: int = 30) -> str:
+    lines = "".join(traceback.format_exception(e)).rstrip().splitlines()
+    return "\n".join(lines[-n:])
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if not np.isfinite(a).all():
+        return float("inf")
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def segments(B, T, rng):
+    """Packed documents: one boundary inside a chunk, one at a chunk start, per batch row."""
+    ids = np.zeros((B, T), np.int32)
+    for b in range(B):
+        cuts = {int(rng.integers(1, T))}
+        if T > 64:
+            cuts.add(64 * int(rng.integers(1, -(-T // 64))))
+        for c in cuts:
+            ids[b, c:] += 1
+    return jnp.asarray(ids)
+
+
+def loss_and_grads(call, names):
+    """f(x, *a): grads of sum(o * do) + sum(S * dS) w.r.t. `a` (the inputs `names` of x), with
+    (o, S) as aux; x a dict holding every input of `call` and `do`, `dS`."""
+    def loss(x, *a):
+        o, S = call({**x, **dict(zip(names, a, strict=True))})
+        return jnp.sum(o.astype(f32) * x["do"].astype(f32)) + jnp.sum(S * x["dS"]), (o, S)
+    return jax.grad(loss, argnums=tuple(range(1, len(names) + 1)), has_aux=True)
+
+
+def as_float32(x: dict) -> dict:
+    return {k: (v.astype(f32) if k in ("q", "k", "v", "do") else v) for k, v in x.items()}
+
+
+def check(x, names, kernel, reference, *, tol, **meta) -> dict:
+    """The check row of `kernel` (fwd, grad: jitted functions of x, as `loss_and_grads` gives)
+    against `reference` run on float32 copies of x; `meta` names the case."""
+    fwd, grad = kernel
+    t0 = time.perf_counter()
+    o_fwd, S_fwd = fwd(x)
+    g_k, (o, S) = grad(x, *[x[n] for n in names])
+    jax.block_until_ready(g_k)
+    secs = time.perf_counter() - t0
+    xf = as_float32(x)
+    g_r, (o_r, S_r) = reference(xf, *[xf[n] for n in names])
+    errs = {"o": rel(o_fwd.astype(f32), o_r), "S": rel(S_fwd, S_r),
+            "o_vjp": rel(o.astype(f32), o_r), "S_vjp": rel(S, S_r)}
+    for n, a, b in zip(names, g_k, g_r, strict=True):
+        errs["d" + n] = rel(jnp.asarray(a, f32), b)
+    return {**meta, "ok": all(e <= tol for e in errs.values()), "compile_run_s": round(secs, 1),
+            "errors": {k: float(f"{v:.3g}") for k, v in errs.items()}}
+
+
+def run_grid(grid, run, done=None) -> list:
+    """Each case of `grid` ((name, B, T, H, K, V, gate, extras), ...) through `run(i, case)`; a
+    case that raises is a failed row with its traceback's tail. `done`: rows already run for the
+    first cases (e.g. the semantics probe's)."""
+    rows = list(done or [])
+    for i, case in enumerate(grid[len(rows):], len(rows)):
+        name, _, T, _, K, V = case[:6]
+        try:
+            r = run(i, case)
+        except Exception as e:  # noqa: BLE001 - one failed case is a row, the rest go on
+            r = {"check": name, "T": T, "K": K, "ok": False, "error": tail(e, 8)}
+            print(f"check {name} T={T} K={K} FAILED:\n{tail(e)}")
+        rows.append(r)
+        print(("PASS" if r["ok"] else "FAIL"), name, f"T={T} K={K} V={V}",
+              r.get("errors", r.get("error", "")), flush=True)
+    return rows
+
+
+def float32_refused(call) -> dict:
+    """The kernel refuses float32 inputs with a ValueError (`call()` makes the attempt)."""
+    try:
+        call()
+    except ValueError as e:
+        row = {"check": "float32 refused", "ok": True, "message": str(e)[:160]}
+    else:
+        row = {"check": "float32 refused", "ok": False, "message": "no ValueError"}
+    print(("PASS" if row["ok"] else "FAIL"), row["check"])
+    return row
+
+
+def pick_semantics(order, base, probe):
+    """(config, probe's result) for the first lowering semantics under which `probe(config)`
+    compiles and runs; (None, None) if none does."""
+    for sem in order:
+        cfg = dataclasses.replace(base, semantics=sem)
+        try:
+            r = probe(cfg)
+            print(f"semantics {sem}: compiles and runs")
+            return cfg, r
+        except Exception as e:  # noqa: BLE001 - report and try the next
+            print(f"semantics {sem} FAILED:\n{tail(e)}")
+    return None, None
+
+
+def parser(**defaults) -> argparse.ArgumentParser:
+    """The options every Hopper device script takes."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--semantics", default="lane,warpgroup",
+                   help="lowering semantics to try, in order")
+    p.add_argument("--T", type=int, nargs="*", default=[2048, 8192, 32768])
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--skip-checks", action="store_true")
+    p.set_defaults(**defaults)
+    return p
+
+
+def timing_inputs(T, vector_gate: bool):
+    """q, k, v, g, do as the jla anchors were timed: bf16, H = 16, K = V = 128, B = max(1,
+    16384 // T), g = log_sigmoid(N(0, 1)) / 16 in float32 ([B, T, H] or [B, T, H, K])."""
+    B, H, K, V = max(1, 16384 // T), 16, 128, 128
+    rng = np.random.default_rng(T)
+    n = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.bfloat16)   # noqa: E731
+    g_shape = (B, T, H, K) if vector_gate else (B, T, H)
+    g = jax.nn.log_sigmoid(jnp.asarray(rng.standard_normal(g_shape), f32)) / 16
+    return n(B, T, H, K), n(B, T, H, K), n(B, T, H, V), g, n(B, T, H, V)
+
+
+def time_decay_op(op, anchor, cfg, args, anchors, *, reps) -> dict:
+    """The timing row of a decay-family kernel `op(q, k, v, g, ...)` on `timing_inputs`."""
+    q, k, v, g, do = args
+    B, T, H, K = q.shape
+    fwd, fwdbwd = fwd_and_fwdbwd(lambda q, k, v, g: op(
+        q, k, v, g, scale=K**-0.5, initial_state=None, segment_ids=None, chunk_size=64,
+        config=cfg)[0], 4)
+    row = {"T": T, "B": B, "H": H, "K": K, "V": v.shape[-1]}
+    return time_phases(row, fwd, fwdbwd, (q, k, v, g), do, anchors.get(T, {}), anchor,
+                       reps=reps, label=f"T={T}")
+
+
+def fwd_and_fwdbwd(call, n_args: int):
+    """jit(call) and jit of the grads of sum(call(*a) * do) w.r.t. the first `n_args` inputs;
+    the second takes `do` after them."""
+    def loss(*a):
+        return jnp.sum(call(*a[:-1]).astype(f32) * a[-1].astype(f32))
+    return jax.jit(call), jax.jit(jax.grad(loss, argnums=tuple(range(n_args))))
+
+
+def time_phases(row, fwd, fwdbwd, args, do, anchors, anchor, *, reps, label, key=str) -> dict:
+    """Times fwd(*args) and fwdbwd(*args, do) into `row` (fields named by `key`), beside the
+    anchor `jla.<anchor>.<phase>_ms` of `anchors` (the row's T) when there is one."""
+    for phase, f, a in (("fwd", fwd, args), ("fwdbwd", fwdbwd, (*args, do))):
+        try:
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(*a))
+            row[key(f"{phase}_compile_s")] = round(time.perf_counter() - t0, 2)
+            row[key(f"{phase}_ms")] = common.median_ms(f, *a, reps=reps, inner=10)
+            row[key(f"{phase}_sync_ms")] = common.median_ms(f, *a, reps=30)
+            jla = anchors.get(f"jla.{anchor}.{phase}_ms")
+            if jla:
+                row[key(f"jla_{phase}_ms")] = jla
+                row[key(f"ratio_{phase}")] = jla / row[key(f"{phase}_sync_ms")]
+        except Exception as e:  # noqa: BLE001 - the row keeps the error, the script goes on
+            row[key(f"{phase}_error")] = tail(e, 8)
+            print(f"{label} {phase} FAILED:\n{tail(e)}")
+    return row
+
+
+def table(rows, title, key=str, label=lambda r: f"{r['T']:>6}") -> None:
+    print(f"\n{title}\n{'T':>6} {'fwd ms':>8} {'sync':>8} {'jla':>7} {'ratio':>6} | "
+          f"{'fwdbwd':>8} {'sync':>8} {'jla':>7} {'ratio':>6}")
+    for r in rows:
+        c = lambda s, r=r: f"{r.get(key(s), float('nan')):8.3f}"        # noqa: E731
+        print(f"{label(r)} {c('fwd_ms')} {c('fwd_sync_ms')} {r.get(key('jla_fwd_ms'), 0):7.3f} "
+              f"{r.get(key('ratio_fwd'), 0):6.2f} | {c('fwdbwd_ms')} {c('fwdbwd_sync_ms')} "
+              f"{r.get(key('jla_fwdbwd_ms'), 0):7.3f} {r.get(key('ratio_fwdbwd'), 0):6.2f}")
+        if "kernels_ms" in r:
+            print("       kernels (device ms):", r["kernels_ms"])
+
+
+def finish(name: str, rows, checks, t_start: float, **meta) -> int:
+    """Prints the checks' count, writes benchmarks/results/<name>_<device>.json (and a copy under
+    $OUT when set); 0 when every check passed."""
+    n_fail = sum(not c["ok"] for c in checks)
+    print(f"\nchecks: {len(checks) - n_fail} passed, {n_fail} failed; "
+          f"{time.perf_counter() - t_start:.0f} s")
+    slug = jax.devices()[0].device_kind.replace(" ", "_")
+    path = common.write_json(f"{name}_{slug}.json", rows, checks=checks, **meta)
+    print("wrote", path)
+    if os.environ.get("OUT"):
+        shutil.copy(path, os.environ["OUT"])
+    return 0 if checks and n_fail == 0 else 1
