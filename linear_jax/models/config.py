@@ -7,7 +7,10 @@ constructor arguments (e.g. `{"attention": {"window": 512}, "gla": {"expand_k": 
 The feed-forward is a SwiGLU MLP (`ffn="mlp"`), a top-k mixture of experts (`ffn="moe"`, on
 every `moe_every`-th layer, the others keeping the MLP; `moe_shared > 0` adds Qwen-MoE's shared
 expert of that width, gated per token by a sigmoid), or none (`ffn="none"`: blocks of one
-norm and one mixer, as Mamba and Mamba-2 stack them).
+norm and one mixer, as Mamba and Mamba-2 stack them). `ffn_layers` lists "mlp" or "moe" per layer
+instead of `moe_every` (DeepSeek's and Kimi Linear's first dense layers); experts are `moe_d_ff`
+wide when given (else `d_ff`, as the MLPs); `moe_options` are the MoE's own arguments (its router:
+`scoring`, `score_bias`, `groups`, `topk_groups`, `renormalize`, `scale`; `shared_gate`).
 
 Blocks are pre-norm, h + f(norm(h)) (`residual="pre"`), or MiniMax-01's `residual="normed"`,
 h' = alpha norm(h) + beta f(norm(h)): the residual stream carries the normalised input, scaled;
@@ -78,6 +81,9 @@ class LMConfig:
     top_k: int = 2
     moe_every: int = 1
     moe_shared: int = 0                      # width of an always-on shared expert (0: none)
+    ffn_layers: tuple[str, ...] | None = None    # per layer "mlp" | "moe" (overrides moe_every)
+    moe_d_ff: int | None = None              # expert width; None: d_ff's
+    moe_options: Mapping[str, Any] | tuple = ()
     tie_embeddings: bool = True
     init_std: float = 0.02
     norm_eps: float = 1e-6
@@ -96,6 +102,7 @@ class LMConfig:
         set_ = lambda k, v: object.__setattr__(self, k, v)
         set_("mixer_options", _freeze(self.mixer_options))
         set_("kernel_config", _kernel_configs(self.kernel_config))
+        set_("moe_options", tuple(sorted(dict(self.moe_options).items())))
         set_("residual_scales", tuple(sorted((k, tuple(float(x) for x in v))
                                              for k, v in dict(self.residual_scales).items())))
         if self.residual not in ("pre", "normed") or (self.residual == "normed"
@@ -129,6 +136,13 @@ class LMConfig:
             raise ValueError(f"LMConfig: moe_shared must be >= 0, got {self.moe_shared}")
         if self.moe_every < 1:
             raise ValueError(f"LMConfig: moe_every must be >= 1, got {self.moe_every}")
+        if self.ffn_layers is not None:
+            set_("ffn_layers", tuple(self.ffn_layers))
+            if (self.ffn != "moe" or len(self.ffn_layers) != self.num_layers
+                    or set(self.ffn_layers) - {"mlp", "moe"}):
+                raise ValueError(f"LMConfig: ffn_layers must list 'mlp' or 'moe' for each of "
+                                 f"the {self.num_layers} layers, with ffn='moe'; got "
+                                 f"{self.ffn_layers!r} with ffn={self.ffn!r}")
 
     def layer_mixers(self) -> tuple[str, ...]:
         if self.layers is not None:
@@ -146,8 +160,14 @@ class LMConfig:
     def layer_ffn(self, i: int) -> str:
         if self.ffn == "none":
             return "none"
+        if self.ffn_layers is not None:
+            return self.ffn_layers[i]
         return "moe" if self.ffn == "moe" and (i + 1) % self.moe_every == 0 else "mlp"
 
     @property
     def ff_width(self) -> int:
         return self.d_ff or -(-(8 * self.d_model // 3) // 8) * 8
+
+    @property
+    def moe_width(self) -> int:
+        return self.moe_d_ff or self.ff_width

@@ -96,7 +96,7 @@ def active_params(model) -> int:
     total += c.vocab_size * c.d_model if c.tie_embeddings else 0      # the tied head
     for i in range(c.num_layers):
         if c.layer_ffn(i) == "moe":                      # (E - k) experts idle per token
-            per_expert = 3 * c.d_model * c.ff_width
+            per_expert = 3 * c.d_model * c.moe_width
             total -= (c.num_experts - c.top_k) * per_expert
     return int(total)
 

@@ -72,7 +72,8 @@ class Block(nnx.Module):
                                                          offset=c.norm_offset, **kw)
         moe = partial(SharedExpertMoE, shared_width=c.moe_shared) if c.moe_shared else MoE
         self.ffn = (None if kind == "none" else
-                    moe(c.d_model, c.ff_width, num_experts=c.num_experts, top_k=c.top_k, **ffn_kw)
+                    moe(c.d_model, c.moe_width, num_experts=c.num_experts, top_k=c.top_k,
+                        **dict(c.moe_options), **ffn_kw)
                     if kind == "moe" else MLP(c.d_model, c.ff_width, **ffn_kw))
 
     def __call__(self, h, *, segment_ids=None, cache=None, seq_parallel=None):
