@@ -97,7 +97,7 @@ def kimi_linear():
         linear_num_heads=4, linear_head_dim=8, linear_conv_kernel_dim=4, num_attention_heads=4,
         num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8,
         qk_rope_head_dim=4, v_head_dim=8, num_local_experts=4, num_experts_per_tok=2,
-        moe_intermediate_size=16, n_shared_experts=2, n_group=2, topk_group=1,
+        moe_intermediate_size=8, n_shared_experts=2, n_group=2, topk_group=1,
         routed_scaling_factor=2.446, norm_topk_prob=True, tie_word_embeddings=False,
         max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     cfg._attn_implementation = "eager"

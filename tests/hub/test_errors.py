@@ -48,6 +48,9 @@ def _raises(path, match, **kw):
     ("embedding_dim", 48, "xlstm"),
     ("sliding_window", 4, "minimax"),
     ("layer_types", ["linear_attention", "linear_attention", "moe"], "minimax"),
+    ("num_key_value_heads", 2, "kimi_linear"),
+    ("qk_head_dim", 10, "kimi_linear"),
+    ("mlp_layer_types", ["dense", "sparse"], "kimi_linear"),
 ])
 def test_bad_config_field(tmp_path, field, value, family):
     c = config(family)
@@ -66,7 +69,8 @@ def test_mamba2_heads(tmp_path):
 @pytest.mark.parametrize("family, name", [
     ("mamba", "backbone.layers.1.mixer.A_log"), ("mamba2", "backbone.layers.1.mixer.A_log"),
     ("qwen3_next", "model.layers.1.mlp.experts.3.up_proj.weight"),
-    ("qwen3_next", "model.layers.0.linear_attn.in_proj_qkvz.weight")])
+    ("qwen3_next", "model.layers.0.linear_attn.in_proj_qkvz.weight"),
+    ("kimi_linear", "model.layers.2.self_attn.k_conv1d.weight")])
 def test_missing_tensor(tmp_path, family, name):
     t = tensors(copy(family, tmp_path / "src"))
     del t[name]
@@ -82,7 +86,8 @@ def test_extra_tensor(tmp_path):
 @pytest.mark.parametrize("family, name", [
     ("mamba", "backbone.layers.0.mixer.x_proj.weight"),
     ("qwen3_next", "model.layers.0.linear_attn.in_proj_ba.weight"),
-    ("qwen3_next", "model.layers.0.mlp.experts.0.down_proj.weight")])
+    ("qwen3_next", "model.layers.0.mlp.experts.0.down_proj.weight"),
+    ("kimi_linear", "model.layers.0.self_attn.v_conv1d.weight")])
 def test_shape_mismatch(tmp_path, family, name):
     t = tensors(copy(family, tmp_path / "src"))
     t[name] = t[name][:-1]

@@ -155,6 +155,8 @@ DOCUMENTED_PARAMS = {
     "mamba3": _D * (256 + 32 + 3 * _H + 4) + _H + 2 * _H * 16 + 2 * 16 + _H + 128 * _D,
     "rwkv7": 4 * _D**2 + 2 * _D * (64 + 64 + 128) + 13 * _D,
     "kda": 4 * _D**2 + _D * _H + 12 * _D + _D // _H + 4 * _D**2 // _H + _H + 2 * _D,
+    # n = d_v = D / H, r = D / 2H, kv_rank = D / 2
+    "mla": _D * _H * 24 + _D * (32 + 8) + 32 + 32 * _H * (16 + 16) + _H * 16 * _D,
 }
 
 
@@ -199,7 +201,7 @@ def test_kernel_config_reaches_the_op_arguments():
         opts = {"num_slots": 8} if name == "gsa" else {}
         layer = nnx.eval_shape(lambda name=name, opts=opts: make_mixer(
             name, _D, _H, rngs=nnx.Rngs(0), kernel_config=cfg, **opts))
-        if name in ("attention", "lte_attention", "gated_attention"):   # softmax: no kernel config
+        if name in ("attention", "lte_attention", "gated_attention", "mla"):  # softmax: none
             assert not hasattr(layer, "op_kw")
             continue
         assert dict(layer.op_kw)["config"] == cfg and hash(layer.op_kw), name
