@@ -12,11 +12,14 @@ experts ("sparse", `mlp_layer_types`; by default every layer but the first).
                         by `routed_scaling_factor`) and `num_shared_experts` ungated shared
                         experts (one SwiGLU that many times `moe_intermediate_size` wide)
 
-transformers reads some fields under other names (`attribute_map`: `n_group` is stored as
-`num_expert_group`, ...) and writes the stored ones; both are read here, the stored ones written.
-It also writes `head_dim` and `qk_head_dim`, which follow from the rope and nope head dims and
-are checked. The checkpoint stores the convolutions of q, k and v apart (`q_conv1d`, ...): they
-fill the channels of our one short conv over [q | k | v].
+Two formats load. transformers' (what `save_pretrained` writes, and `save` here): `layer_types`
+and `mlp_layer_types` lists, every feed-forward under `block_sparse_moe`. The release's
+(Moonshot's config.json): the layers in `linear_attn_config` (1-indexed `kda_layers`,
+`full_attn_layers`, with the KDA sizes), `first_k_dense_replace`, its own router fields (checked
+at the one value transformers computes), and the dense layers under `mlp`. transformers reads
+some fields under other names (`attribute_map`: `n_group` is stored as `num_expert_group`, ...);
+both are read. The checkpoint stores the convolutions of q, k and v apart (`q_conv1d`, ...):
+they fill the channels of our one short conv over [q | k | v].
 
 Refused by name: `attention_bias`, activations other than silu, `num_key_value_heads` other than
 `num_attention_heads` (transformers' MLA expands every head's key and value).
@@ -31,7 +34,11 @@ from linear_jax.models import LMConfig
 
 NAME = "KimiLinearForCausalLM"
 _HARMLESS = ("model_max_length", "max_position_embeddings", "attention_dropout",
-             "output_router_logits", "pretraining_tp")
+             "output_router_logits", "pretraining_tp", "auto_map",
+             # transformers derives these two from the rope and nope head dims
+             "head_dim", "qk_head_dim",
+             # no RoPE anywhere (mla_use_nope): positions reach no weight
+             "rope_theta", "rope_scaling")
 _KINDS = {"linear_attention": "kda", "full_attention": "mla"}
 _FFNS = {"dense": "mlp", "sparse": "moe"}
 # transformers' attribute_map: the name a config is read by -> the name it is stored under
@@ -79,8 +86,12 @@ def to_lm(hf: dict) -> LMConfig:
     f.expect("num_key_value_heads", H_attn)
     rope, nope = f.take("qk_rope_head_dim", 64, kind=int), f.take("qk_nope_head_dim", 128,
                                                                     kind=int)
-    f.expect("head_dim", rope)
-    f.expect("qk_head_dim", rope + nope)
+    # the release's own fields (transformers ignores them), at the values both compute with
+    f.expect("mla_use_nope", True)
+    f.expect("moe_router_activation_func", "sigmoid")
+    f.expect("moe_layer_freq", 1)
+    f.expect("use_grouped_topk", True)
+    f.expect("num_nextn_predict_layers", 0)
     H = f.take("linear_num_heads", linear.get("num_heads", 32), kind=int)
     if d % H:
         raise ValueError(f"{NAME}: config field linear_num_heads={H} must divide "
@@ -162,6 +173,7 @@ def _mlp(prefix: str, path: tuple) -> dict:
 
 
 def tensors(c: LMConfig, hf: dict | None = None) -> dict:
+    release = "linear_attn_config" in (hf or {})
     hf = to_hf(c)
     C = hf["linear_num_heads"] * hf["linear_head_dim"]          # channels of each of q, k, v
     t = {"model.embed_tokens.weight": (("embed",), "same"),
@@ -193,9 +205,9 @@ def tensors(c: LMConfig, hf: dict | None = None) -> dict:
             norms = ["kv_a"] if hf["q_lora_rank"] is None else ["q_a", "kv_a"]
             for n in norms:
                 t[a + f"{n}_layernorm.weight"] = (m + (f"{n}_norm", "scale"), "same")
-        moe = p + "block_sparse_moe."          # the dense MLPs too, as save_pretrained names them
+        moe = p + "block_sparse_moe."
         if c.layer_ffn(i) == "mlp":
-            t.update(_mlp(moe, ffn))
+            t.update(_mlp(p + ("mlp." if release else "block_sparse_moe."), ffn))
             continue
         r = ffn + ("routed",)
         t[moe + "gate.weight"] = (r + ("router", "kernel"), "linear")

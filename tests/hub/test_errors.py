@@ -49,7 +49,7 @@ def _raises(path, match, **kw):
     ("sliding_window", 4, "minimax"),
     ("layer_types", ["linear_attention", "linear_attention", "moe"], "minimax"),
     ("num_key_value_heads", 2, "kimi_linear"),
-    ("qk_head_dim", 10, "kimi_linear"),
+    ("mla_use_nope", False, "kimi_linear"),
     ("mlp_layer_types", ["dense", "sparse"], "kimi_linear"),
 ])
 def test_bad_config_field(tmp_path, field, value, family):
