@@ -180,6 +180,8 @@ def test_every_parameter_names_its_logical_axes():
     build = {name: lambda name=name: make_mixer(name, 32, 2, rngs=nnx.Rngs(0)) for name in MIXERS}
     build["mlp"] = lambda: MLP(32, 64, rngs=nnx.Rngs(0))
     build["moe"] = lambda: MoE(32, 64, num_experts=4, rngs=nnx.Rngs(0))
+    build["moe_sigmoid"] = lambda: MoE(32, 64, num_experts=4, scoring="sigmoid", score_bias=True,
+                                       groups=2, rngs=nnx.Rngs(0))
     build["shared_moe"] = lambda: SharedExpertMoE(32, 64, shared_width=48, num_experts=4,
                                                   rngs=nnx.Rngs(0))
     layers = {name: nnx.eval_shape(f) for name, f in build.items()}
