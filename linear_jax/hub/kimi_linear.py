@@ -22,7 +22,8 @@ both are read. The checkpoint stores the convolutions of q, k and v apart (`q_co
 they fill the channels of our one short conv over [q | k | v].
 
 Refused by name: `attention_bias`, activations other than silu, `num_key_value_heads` other than
-`num_attention_heads` (transformers' MLA expands every head's key and value).
+`num_attention_heads` (transformers' MLA expands every head's key and value), MLA with RoPE
+(`mla_use_nope=false`), routers other than sigmoid, multi-token prediction layers.
 """
 
 from __future__ import annotations
@@ -55,11 +56,12 @@ def _types(f: Fields, L: int):
     if bad:
         raise ValueError(f"{NAME}: config field linear_attn_config keys {bad} are not supported")
     if "full_attn_layers" in linear and "kda_layers" in linear:       # 1-indexed there
-        default = [None] * L
-        for key, kind in (("full_attn_layers", "full_attention"),
-                          ("kda_layers", "linear_attention")):
-            for i in linear[key]:
-                default[i - 1] = kind
+        lists = (linear["full_attn_layers"], linear["kda_layers"])
+        if sorted(lists[0] + lists[1]) != list(range(1, L + 1)):
+            raise ValueError(f"{NAME}: config field linear_attn_config must list each of the "
+                             f"layers 1..{L} once in kda_layers or full_attn_layers")
+        default = ["full_attention" if i + 1 in lists[0] else "linear_attention"
+                   for i in range(L)]
     else:
         default = ["full_attention" if i and i % 4 == 0 else "linear_attention" for i in range(L)]
     types = f.take("layer_types", default)
@@ -207,7 +209,7 @@ def tensors(c: LMConfig, hf: dict | None = None) -> dict:
                 t[a + f"{n}_layernorm.weight"] = (m + (f"{n}_norm", "scale"), "same")
         moe = p + "block_sparse_moe."
         if c.layer_ffn(i) == "mlp":
-            t.update(_mlp(p + ("mlp." if release else "block_sparse_moe."), ffn))
+            t.update(_mlp(p + "mlp." if release else moe, ffn))
             continue
         r = ffn + ("routed",)
         t[moe + "gate.weight"] = (r + ("router", "kernel"), "linear")
@@ -225,7 +227,7 @@ def matches(c: LMConfig) -> bool:
     mixers, k, a, moe = set(c.layer_mixers()), c.options("kda"), c.options("mla"), dict(
         c.moe_options)
     kda = "kda" not in mixers or (k.get("gate_bias") is False and k.get("expand_v", 1.0) == 1
-                                  and not k.get("allow_neg_eigval")
+                                  and not k.get("allow_neg_eigval") and not k.get("num_kv_heads")
                                   and k.get("norm_eps") == c.norm_eps)
     mla = "mla" not in mixers or ("rope_theta" in a and a["rope_theta"] is None
                                   and a.get("norm_eps") == 1e-6)
