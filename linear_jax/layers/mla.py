@@ -15,9 +15,13 @@ Kimi Linear's MLA has no RoPE at all (`rope_theta=None`: its attention layers ta
 the KDA layers around them) but keeps the split: r channels of each key are one projection shared
 by the heads. RoPE here is this library's (rotate-half, `attention.rope`).
 
+Defaults (a model's own MLA): n = d_v = D / H, r = n / 2, kv_rank = D / 2, no q_rank, RoPE.
+
 Decoding caches the normalised latent c and k_r (kv_rank + r numbers per position, against
-2 H d of a KV cache) and expands the cached latents through W_kvb at every call. Positions,
-document masks and the cache's bookkeeping are `Attention`'s. Sequence parallelism: none yet.
+2 H d of a KV cache) and expands the cached latents through W_kvb at every call: the memory of
+MLA, not yet its decoding compute (folding W_kvb into q and W_o would attend in the latent
+space). Positions, document masks and the cache's bookkeeping are `Attention`'s (`LM` sizes and
+checks the cache as an attention layer's). Sequence parallelism: none yet.
 
 Parameters: D H (n + r) (or D q_rank + q_rank + q_rank H (n + r)) + D (kv_rank + r) + kv_rank
 + kv_rank H (n + d_v) + H d_v D.

@@ -40,6 +40,7 @@ from flax import nnx
 from flax.nnx import spmd
 
 from linear_jax.layers import MIXERS, make_mixer
+from linear_jax.layers.attention import Attention
 from linear_jax.layers.common import RMSNorm, param
 from linear_jax.layers.ffn import MLP, MoE
 from linear_jax.layers.shared_moe import SharedExpertMoE
@@ -242,29 +243,32 @@ class LM(nnx.Module):
         positions (the prompt plus every token to generate), which they need; attention-free
         models ignore it. Running past `max_len` raises where it can be seen (eagerly, or a call
         longer than the cache) and gives NaN logits under `jit` (see `__call__`)."""
-        names = self.config.layer_mixers()
-        if max_len is None and "attention" in names:
-            at = [i for i, n in enumerate(names) if n == "attention"]
+        at = self._kv_layers()
+        if max_len is None and at:
             raise ValueError(f"init_cache: layer(s) {at} are softmax attention, whose KV cache "
                              f"needs max_len (the prompt plus the tokens to generate)")
         return [self.layer_mixer(i).init_cache(batch_size, dtype, max_len=max_len)
                 for i in range(self.config.num_layers)]
+
+    def _kv_layers(self) -> list[int]:
+        """Layers whose cache holds `max_len` positions: softmax attention (`Attention` and its
+        variants, MLA's latent cache included)."""
+        return [i for i in range(self.config.num_layers)
+                if isinstance(self.layer_mixer(i), Attention)]
 
     def _kv_overflow(self, cache, T: int):
         """For a call of T tokens on `cache`: raises when an attention layer's KV cache cannot
         take them and that is known at trace time (T alone too long, or a concrete write
         position); else None, or a traced bool that is True when a traced position overflows."""
         over = None
-        for i, name in enumerate(self.config.layer_mixers()):
-            if name != "attention":
-                continue
-            size, index = cache[i]["k"].shape[1], cache[i]["index"]
+        for i in self._kv_layers():
+            size, index = cache[i]["doc"].shape[1], cache[i]["index"]
             concrete = not isinstance(index, jax.core.Tracer)
             if T > size or (concrete and int(index) + T > size):
                 at = f"position {int(index)}" if concrete else "a traced position"
-                raise ValueError(f"layer {i} (attention): {T} new token(s) at {at} do not fit "
-                                 f"its KV cache of max_len={size}; size it with "
-                                 f"init_cache(batch_size, max_len=...)")
+                raise ValueError(f"layer {i} ({self.config.layer_mixers()[i]}): {T} new "
+                                 f"token(s) at {at} do not fit its KV cache of max_len={size}; "
+                                 f"size it with init_cache(batch_size, max_len=...)")
             if not concrete:
                 over = (index + T > size) if over is None else over | (index + T > size)
         return over
