@@ -87,13 +87,13 @@ def minimax():
 
 
 def kimi_linear():
-    # KDA, MLA (NoPE, shared key part), KDA; a first dense layer wider than the experts, then a
+    # KDA, then MLA (NoPE, shared key part); a first dense layer wider than the experts, then a
     # sigmoid-routed MoE (score bias, two expert groups of which one is kept, scaled weights)
     # with two shared experts
     cfg = transformers.KimiLinearConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3,
-        layer_types=["linear_attention", "full_attention", "linear_attention"],
-        mlp_layer_types=["dense", "sparse", "sparse"], intermediate_size=24,
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+        layer_types=["linear_attention", "full_attention"],
+        mlp_layer_types=["dense", "sparse"], intermediate_size=24,
         linear_num_heads=4, linear_head_dim=8, linear_conv_kernel_dim=4, num_attention_heads=4,
         num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8,
         qk_rope_head_dim=4, v_head_dim=8, num_local_experts=4, num_experts_per_tok=2,

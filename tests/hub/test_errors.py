@@ -50,7 +50,7 @@ def _raises(path, match, **kw):
     ("layer_types", ["linear_attention", "linear_attention", "moe"], "minimax"),
     ("num_key_value_heads", 2, "kimi_linear"),
     ("mla_use_nope", False, "kimi_linear"),
-    ("mlp_layer_types", ["dense", "sparse"], "kimi_linear"),
+    ("mlp_layer_types", ["dense"], "kimi_linear"),
 ])
 def test_bad_config_field(tmp_path, field, value, family):
     c = config(family)
@@ -70,7 +70,7 @@ def test_mamba2_heads(tmp_path):
     ("mamba", "backbone.layers.1.mixer.A_log"), ("mamba2", "backbone.layers.1.mixer.A_log"),
     ("qwen3_next", "model.layers.1.mlp.experts.3.up_proj.weight"),
     ("qwen3_next", "model.layers.0.linear_attn.in_proj_qkvz.weight"),
-    ("kimi_linear", "model.layers.2.self_attn.k_conv1d.weight")])
+    ("kimi_linear", "model.layers.0.self_attn.k_conv1d.weight")])
 def test_missing_tensor(tmp_path, family, name):
     t = tensors(copy(family, tmp_path / "src"))
     del t[name]

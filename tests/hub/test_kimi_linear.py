@@ -17,7 +17,7 @@ def test_release_format(tmp_path):
 
     c = config(FAMILY)
     types = c.pop("layer_types")        # 1-indexed in the release
-    assert c.pop("mlp_layer_types") == ["dense", "sparse", "sparse"]
+    assert c.pop("mlp_layer_types") == ["dense", "sparse"]
     heads, dim, width = (c.pop(k) for k in ("linear_num_heads", "linear_head_dim",
                                             "linear_conv_kernel_dim"))
     c.update(first_k_dense_replace=1, mla_use_nope=True, moe_router_activation_func="sigmoid",
