@@ -10,19 +10,20 @@ token, their outputs are mixed by the renormalised router probabilities, and the
     aux = E * sum_e f_e P_e,    f_e = fraction of routed (token, slot) pairs sent to e,
                                 P_e = mean router probability of e
 
-is returned for the trainer to add (weighted). The router scores `softmax` (above) or `sigmoid`
-(DeepSeek-V3, Kimi Linear):
+is returned for the trainer to add (weighted). The router scores by `softmax` (above) or by
+`sigmoid` (DeepSeek-V3, Kimi Linear):
 
-    s = sigmoid(x W_r);  chosen: top-k of s + b     b: `score_bias`, per expert (aux-loss-free
-                                                    balancing adjusts it; it only chooses)
+    s = sigmoid(x W_r);  chosen: the top-k of s + b         (b: `score_bias`, per expert)
     weights = s at the chosen experts, renormalised (`renormalize`), times `scale`
 
-With `groups > 1` the experts form equal groups and the choice is limited to the `topk_groups`
-groups whose two best (biased) scores sum highest. P_e above is then the mean of s / sum(s).
-Dispatch is dense: every expert runs on every token
-and the unselected outputs are weighted by zero, which is exact and simple; a capacity-bounded
-gather dispatch is what large expert counts need. Parameters: D E (router) + 3 E D F
-(+ E with `score_bias`).
+b only chooses, so it gets no gradient: DeepSeek-V3 balances the load by nudging it between steps
+(auxiliary-loss-free balancing), which the trainer here does not do. With `groups > 1` the
+experts form equal groups and the choice is limited to the `topk_groups` groups whose two best
+(biased) scores sum highest. With sigmoid scores P_e is the mean of s / sum(s).
+
+Dispatch is dense: every expert runs on every token and the unselected outputs are weighted by
+zero, which is exact and simple; a capacity-bounded gather dispatch is what large expert counts
+need. Parameters: D E (router) + 3 E D F (+ E with `score_bias`).
 """
 
 from __future__ import annotations
