@@ -98,8 +98,26 @@ def recurrent_gemma():
     return transformers.RecurrentGemmaForCausalLM(cfg), {}
 
 
+def kimi_linear():
+    # KDA, then MLA (NoPE, shared key part); a first dense layer wider than the experts, then a
+    # sigmoid-routed MoE (score bias, two expert groups of which one is kept, scaled weights)
+    # with two shared experts
+    cfg = transformers.KimiLinearConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+        layer_types=["linear_attention", "full_attention"],
+        mlp_layer_types=["dense", "sparse"], intermediate_size=24,
+        linear_num_heads=4, linear_head_dim=8, linear_conv_kernel_dim=4, num_attention_heads=4,
+        num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8,
+        qk_rope_head_dim=4, v_head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=8, n_shared_experts=2, n_group=2, topk_group=1,
+        routed_scaling_factor=2.446, norm_topk_prob=True, tie_word_embeddings=False,
+        max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg._attn_implementation = "eager"
+    return transformers.KimiLinearForCausalLM(cfg), {}
+
+
 FAMILIES = {"mamba": mamba, "mamba2": mamba2, "qwen3_next": qwen3_next, "xlstm": xlstm,
-            "minimax": minimax, "recurrent_gemma": recurrent_gemma}
+            "minimax": minimax, "recurrent_gemma": recurrent_gemma, "kimi_linear": kimi_linear}
 
 
 def perturb(model, gen):
@@ -117,6 +135,9 @@ def perturb(model, gen):
                 p.copy_(centre + 0.2 * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(0.3 * torch.randn(p.shape, generator=gen) / max(1, p.shape[-1]) ** 0.25)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):        # Kimi's routing bias, stored
+                b.copy_(0.1 * torch.randn(b.shape, generator=gen))
 
 
 def zero_centred(model, name: str) -> bool:

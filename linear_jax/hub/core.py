@@ -34,6 +34,7 @@ from linear_jax.hub.family import (
     to_ours,
     to_theirs,
 )
+from linear_jax.hub.kimi_linear import KIMI_LINEAR
 from linear_jax.hub.mamba import MAMBA, MAMBA2
 from linear_jax.hub.minimax import MINIMAX
 from linear_jax.hub.qwen3_next import QWEN3_NEXT
@@ -42,7 +43,8 @@ from linear_jax.hub.xlstm import XLSTM
 from linear_jax.models import LM, LMConfig
 
 FAMILIES: dict[str, Family] = {f.architecture: f for f in (MAMBA, MAMBA2, QWEN3_NEXT, XLSTM,
-                                                                  MINIMAX, RECURRENT_GEMMA)}
+                                                                  MINIMAX, RECURRENT_GEMMA,
+                                                                  KIMI_LINEAR)}
 # LMConfig fields a caller may set on load: they change how the model computes, not its weights.
 OVERRIDES = ("impl", "kernel_config", "chunk_size", "dtype", "param_dtype")
 # FSDP over `fsdp`, tensor parallel over `tensor` (experiments/configs/base.py's table).
@@ -102,8 +104,10 @@ def _expected_shape(ps, shapes: dict) -> tuple:
     if first.rows is not None:       # [out, in] weight, or a [out] bias ("same")
         rows = sum(len(p.rows) for p in ps)
         return (rows,) if first.layout == "same" else (rows, shapes[first.path][0])
-    shape = shapes[first.path]
-    return stored_shape(shape[1:] if first.index is not None else shape, first.layout)
+    shape = shapes[first.path][first.index is not None:]
+    if first.cols is not None:
+        shape = shape[:-1] + (len(first.cols),)
+    return stored_shape(shape, first.layout)
 
 
 def _plan(config: LMConfig, family: Family, hf: dict, stored: dict, params: list) -> dict:
@@ -228,12 +232,15 @@ def load(path, *, mesh=None, rules=None, **overrides) -> LM:
                 array = array.astype(dtype)
             path, j = layers[p.path]
             index = tuple(i for i in (j, p.index) if i is not None)     # layers axis first
-            if not index:
+            if not index and p.cols is None:
                 place(path, array)
                 continue
             if path not in buffers:
                 buffers[path] = np.empty(params[where[path]][1].shape, array.dtype)
-            buffers[path][index] = array
+            if p.cols is None:
+                buffers[path][index] = array
+            else:           # a view first: an int index and an index array would reorder axes
+                buffers[path][index][..., p.cols] = array
             left[path] -= 1
             if left[path] == 0:
                 place(path, buffers.pop(path))
@@ -274,7 +281,8 @@ def save(model: LM, path, *, max_shard_bytes: int | None = None) -> None:
                 out[p.rows] = to_theirs(flat[p.path], p.layout)
         else:
             p = ps[0]
-            out = to_theirs(flat[p.path] if p.index is None else flat[p.path][p.index], p.layout)
+            ours = flat[p.path] if p.index is None else flat[p.path][p.index]
+            out = to_theirs(ours if p.cols is None else ours[..., p.cols], p.layout)
         tensors[name] = out
         used.update(p.path for p in ps)
     if set(flat) - used:

@@ -3,12 +3,14 @@
 A `Family` maps a transformers architecture onto `LMConfig` and back, and names every tensor:
 `tensors(config, hf)` (hf: the config.json read, None when saving) is {checkpoint name: (path in
 the model's parameter state, layout)} or {checkpoint name: (Piece, ...)} where one stored tensor
-fills several parameters (rows of a fused projection) or one slot of a stacked parameter (an
-expert). The layout says how the stored array relates to ours:
+fills several parameters (rows of a fused projection), one slot of a stacked parameter (an
+expert) or part of a fused one (the channels of one input of a short conv over [q | k | v]).
+The layout says how the stored array relates to ours:
 
     "same"    stored as we hold it
     "linear"  torch Linear weight [out, in]; ours is nnx.Linear's kernel [in, out] (its transpose)
     "conv"    torch depthwise Conv1d weight [C, 1, W]; ours is ShortConv's [W, C]
+    "heads_4d" a per-head vector stored as [1, 1, n, 1] (Kimi's A_log); ours is [n]
 
 `Fields` reads a config the way a loader must: every field is either used, checked against the
 one value we implement, or listed as harmless (initialisation, generation and bookkeeping
@@ -36,18 +38,20 @@ GENERIC = frozenset({
     "_commit_hash", "use_return_dict", "tie_encoder_decoder", "add_cross_attention",
 })
 FLOATS = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
-LAYOUTS = ("same", "linear", "conv")
+LAYOUTS = ("same", "linear", "conv", "heads_4d")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Piece:
     """Where (part of) a stored tensor goes: parameter `path`, after `layout`; `rows` (an index
     array) takes those rows of a fused [out, in] weight, `index` fills slot `index` of the
-    parameter's first axis (stacked experts)."""
+    parameter's first axis (stacked experts), `cols` (an index array) fills those entries of
+    the parameter's last axis."""
     path: tuple
     layout: str = "same"
     rows: np.ndarray | None = None
     index: int | None = None
+    cols: np.ndarray | None = None
 
 
 def pieces(entry) -> tuple[Piece, ...]:
@@ -146,6 +150,8 @@ def to_ours(array, layout: str):
         return array.T
     if layout == "conv":
         return array[:, 0, :].T
+    if layout == "heads_4d":
+        return array.reshape(-1)
     return array
 
 
@@ -154,6 +160,8 @@ def to_theirs(array, layout: str):
         return array.T
     if layout == "conv":
         return array.T[:, None, :]
+    if layout == "heads_4d":
+        return array.reshape(1, 1, -1, 1)
     return array
 
 
@@ -163,4 +171,6 @@ def stored_shape(shape: tuple, layout: str) -> tuple:
         return tuple(reversed(shape))
     if layout == "conv":
         return (shape[1], 1, shape[0])
+    if layout == "heads_4d":
+        return (1, 1, shape[0], 1)
     return tuple(shape)

@@ -34,6 +34,7 @@ from linear_jax.layers.mamba import Mamba
 from linear_jax.layers.mamba2 import Mamba2
 from linear_jax.layers.mamba3 import Mamba3
 from linear_jax.layers.minimax import MiniMaxLightning
+from linear_jax.layers.mla import MLA
 from linear_jax.layers.mlstm import MLSTM
 from linear_jax.layers.mom import MoM
 from linear_jax.layers.rebased import ReBased
@@ -71,6 +72,7 @@ MIXERS = {
     "rwkv7": RWKV7,
     "mamba3": Mamba3,
     "rglru": RGLRU,
+    "mla": MLA,
 }
 
 

@@ -11,9 +11,20 @@ token, their outputs are mixed by the renormalised router probabilities, and the
     aux = E * sum_e f_e P_e,    f_e = fraction of routed (token, slot) pairs sent to e,
                                 P_e = mean router probability of e
 
-is returned for the trainer to add (weighted). Dispatch is dense: every expert runs on every token
-and the unselected outputs are weighted by zero, which is exact and simple; a capacity-bounded
-gather dispatch is what large expert counts need. Parameters: D E (router) + 3 E D F.
+is returned for the trainer to add (weighted). The router scores by `softmax` (above) or by
+`sigmoid` (DeepSeek-V3, Kimi Linear):
+
+    s = sigmoid(x W_r);  chosen: the top-k of s + b         (b: `score_bias`, per expert)
+    weights = s at the chosen experts, renormalised (`renormalize`), times `scale`
+
+b only chooses, so it gets no gradient: DeepSeek-V3 balances the load by nudging it between steps
+(auxiliary-loss-free balancing), which the trainer here does not do. With `groups > 1` the
+experts form equal groups and the choice is limited to the `topk_groups` groups whose two best
+(biased) scores sum highest. With sigmoid scores P_e is the mean of s / sum(s).
+
+Dispatch is dense: every expert runs on every token and the unselected outputs are weighted by
+zero, which is exact and simple; a capacity-bounded gather dispatch is what large expert counts
+need. Parameters: D E (router) + 3 E D F (+ E with `score_bias`).
 """
 
 from __future__ import annotations
@@ -48,10 +59,20 @@ class MoE(nnx.Module):
     """Returns `(y, aux)` with the load-balancing loss `aux` (1 at perfect balance)."""
 
     def __init__(self, d_model: int, d_ff: int, *, num_experts: int = 8, top_k: int = 2,
+                 scoring: str = "softmax", score_bias: bool = False, groups: int = 1,
+                 topk_groups: int = 1, renormalize: bool = True, scale: float = 1.0,
                  num_layers: int | None = None, std: float = DEFAULT_STD, rngs: nnx.Rngs,
                  dtype=None, param_dtype=jnp.float32):
         E = num_experts
+        if scoring not in ("softmax", "sigmoid"):
+            raise ValueError(f"MoE: scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
+        if E % groups or not 1 <= topk_groups <= groups or (groups > 1 and E // groups < 2):
+            raise ValueError(f"MoE: groups={groups} must divide num_experts={E} into groups of "
+                             f"two or more, with topk_groups={topk_groups} in [1, groups]")
         self.top_k, self.dtype = top_k, dtype
+        self.routing = (scoring, groups, topk_groups, renormalize, scale)
+        self.score_bias = (param(rngs, nnx.initializers.zeros, (E,), ("experts",), param_dtype)
+                           if score_bias else None)
         self.router = dense(d_model, E, ("embed", None), rngs=rngs, dtype=jnp.float32,
                             param_dtype=param_dtype, std=std)
         init, init_out = nnx.initializers.normal(std), nnx.initializers.normal(
@@ -63,12 +84,30 @@ class MoE(nnx.Module):
         self.w_down = param(rngs, init_out, (E, d_ff, d_model), ("experts", "mlp", "embed"),
                             param_dtype)
 
+    def route(self, x):
+        """(weights [B, T, E] (zero off the chosen experts), chosen one-hot [B, T, k, E],
+        probabilities [B, T, E] for the balancing loss)."""
+        scoring, groups, topk_groups, renormalize, scale = self.routing
+        logits = self.router(x.astype(jnp.float32))
+        E = logits.shape[-1]
+        s = jax.nn.softmax(logits, -1) if scoring == "softmax" else jax.nn.sigmoid(logits)
+        pick = s if self.score_bias is None else s + self.score_bias[...].astype(jnp.float32)
+        if groups > 1:
+            by_group = pick.reshape(pick.shape[:-1] + (groups, E // groups))
+            best = jax.lax.top_k(jax.lax.top_k(by_group, 2)[0].sum(-1), topk_groups)[1]
+            kept = jax.nn.one_hot(best, groups, dtype=jnp.float32).sum(-2) > 0  # [B, T, G]
+            pick = jnp.where(jnp.repeat(kept, E // groups, -1), pick, -jnp.inf)
+        top_e = jax.lax.top_k(pick, self.top_k)[1]
+        top_s = jnp.take_along_axis(s, top_e, -1)
+        if renormalize:
+            top_s = top_s / (top_s.sum(-1, keepdims=True) + 1e-20)
+        chosen = jax.nn.one_hot(top_e, E, dtype=jnp.float32)                      # [B, T, k, E]
+        weights = jnp.einsum("btk,btke->bte", scale * top_s, chosen)
+        return weights, chosen, s if scoring == "softmax" else s / s.sum(-1, keepdims=True)
+
     def __call__(self, x):
         E = self.w_gate.shape[0]
-        probs = jax.nn.softmax(self.router(x.astype(jnp.float32)), axis=-1)       # [B, T, E]
-        top_p, top_e = jax.lax.top_k(probs, self.top_k)
-        chosen = jax.nn.one_hot(top_e, E, dtype=jnp.float32)                      # [B, T, k, E]
-        weights = jnp.einsum("btk,btke->bte", top_p / top_p.sum(-1, keepdims=True), chosen)
+        weights, chosen, probs = self.route(x)
         dtype = self.dtype or x.dtype
         w = lambda p: p[...].astype(dtype)
         h = jax.nn.silu(jnp.einsum("btd,edf->btef", x, w(self.w_gate))) * \

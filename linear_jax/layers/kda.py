@@ -10,14 +10,17 @@ Attention Architecture").
 
 As the paper's layer: short convolutions of width 4, a low-rank (rank V) decay projection with a
 per-channel dt_bias and a per-head A (uniform in [1, 16]), a low-rank sigmoid output gate and a
-per-head output norm. One departure: dt_bias is drawn as Mamba-2's and Gated DeltaNet's
-(softplus(dt_bias) log-uniform in [1e-3, 1e-1]); the reference layer starts it at 0, which decays
-the state by exp(-0.69 A) per step at init: a 2-layer model at width 64 stayed near chance on a
-copy task after 300 Adam steps (2.70 nats, chance 2.77) where this init reached 0.03.
+per-head output norm (`gate_bias=False`: a gate without bias, as Kimi Linear's released layer and
+transformers' `KimiLinearDeltaAttention` have it). One departure: dt_bias is drawn as Mamba-2's
+and Gated DeltaNet's (softplus(dt_bias) log-uniform in [1e-3, 1e-1]); the reference layer starts
+it at 0, which decays the state by exp(-0.69 A) per step at init: a 2-layer model at width 64
+stayed near chance on a copy task after 300 Adam steps (2.70 nats, chance 2.77) where this init
+reached 0.03.
 Op: `linear_jax.ops.kda`.
 
 Parameters: DeltaNet's (without its gate) + D V + V H K + H + H K (decay) + D V + V H V + H V
-(output gate); with H K = H V = D: 4 D^2 + D H + 12 D + D/H + 4 D^2/H + H + 2 D.
+(output gate, its bias with `gate_bias`); with H K = H V = D: 4 D^2 + D H + 12 D + D/H + 4 D^2/H
++ H + 2 D.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from linear_jax.parallel.dispatch import recurrence
 
 
 class KDA(DeltaNet):
-    def __init__(self, d_model: int, num_heads: int, *, rngs, dtype=None,
+    def __init__(self, d_model: int, num_heads: int, *, gate_bias: bool = True, rngs, dtype=None,
                  param_dtype=jnp.float32, **kw):
         kw.setdefault("gate_activation", jax.nn.sigmoid)
         super().__init__(d_model, num_heads, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
@@ -45,7 +48,7 @@ class KDA(DeltaNet):
         self.A_log = param(rngs, a_log_init, (H,), ("heads",), param_dtype)
         self.dt_bias = param(rngs, dt_bias_init, (H * K,), ("heads",), param_dtype)
         self.gate_down = mk(d_model, V, ("embed", None))
-        self.gate_up = mk(V, H * V, (None, "heads"), use_bias=True)
+        self.gate_up = mk(V, H * V, (None, "heads"), use_bias=gate_bias)
 
     def mix(self, x, q, k, v, states, segment_ids, seq_parallel=None):
         q, k, beta = self.qkb(x, q, k)

@@ -10,7 +10,10 @@ expert of that width, gated per token by a sigmoid), or none (`ffn="none"`: bloc
 norm and one mixer, as Mamba and Mamba-2 stack them). The MLP's gate activation is
 `ffn_activation` ("silu": SwiGLU; "gelu_tanh": GeGLU, Gemma's) and `ffn_bias` gives its three
 projections biases (both for `ffn="mlp"` only). `embed_scale` multiplies the embeddings on the
-way in (Gemma: sqrt(d_model)).
+way in (Gemma: sqrt(d_model)). `ffn_layers` lists "mlp" or "moe" per layer
+instead of `moe_every` (DeepSeek's and Kimi Linear's first dense layers); experts are `moe_d_ff`
+wide when given (else `d_ff`, as the MLPs); `moe_options` are the MoE's own arguments (its router:
+`scoring`, `score_bias`, `groups`, `topk_groups`, `renormalize`, `scale`; `shared_gate`).
 
 Blocks are pre-norm, h + f(norm(h)) (`residual="pre"`), or MiniMax-01's `residual="normed"`,
 h' = alpha norm(h) + beta f(norm(h)): the residual stream carries the normalised input, scaled;
@@ -85,6 +88,9 @@ class LMConfig:
     ffn_activation: str = "silu"             # the MLP's gate: "silu" (SwiGLU), "gelu_tanh" (GeGLU)
     ffn_bias: bool = False                   # biases on the MLP's projections
     embed_scale: float | None = None         # h = scale * embed(tokens) (Gemma: sqrt(d_model))
+    ffn_layers: tuple[str, ...] | None = None    # per layer "mlp" | "moe" (overrides moe_every)
+    moe_d_ff: int | None = None              # expert width; None: d_ff's
+    moe_options: Mapping[str, Any] | tuple = ()
     tie_embeddings: bool = True
     init_std: float = 0.02
     norm_eps: float = 1e-6
@@ -103,6 +109,7 @@ class LMConfig:
         set_ = lambda k, v: object.__setattr__(self, k, v)
         set_("mixer_options", _freeze(self.mixer_options))
         set_("kernel_config", _kernel_configs(self.kernel_config))
+        set_("moe_options", tuple(sorted(dict(self.moe_options).items())))
         set_("residual_scales", tuple(sorted((k, tuple(float(x) for x in v))
                                              for k, v in dict(self.residual_scales).items())))
         if self.residual not in ("pre", "normed") or (self.residual == "normed"
@@ -143,6 +150,13 @@ class LMConfig:
                              f"only the SwiGLU experts")
         if self.moe_every < 1:
             raise ValueError(f"LMConfig: moe_every must be >= 1, got {self.moe_every}")
+        if self.ffn_layers is not None:
+            set_("ffn_layers", tuple(self.ffn_layers))
+            if (self.ffn != "moe" or len(self.ffn_layers) != self.num_layers
+                    or set(self.ffn_layers) - {"mlp", "moe"}):
+                raise ValueError(f"LMConfig: ffn_layers must list 'mlp' or 'moe' for each of "
+                                 f"the {self.num_layers} layers, with ffn='moe'; got "
+                                 f"{self.ffn_layers!r} with ffn={self.ffn!r}")
 
     def layer_mixers(self) -> tuple[str, ...]:
         if self.layers is not None:
@@ -160,8 +174,14 @@ class LMConfig:
     def layer_ffn(self, i: int) -> str:
         if self.ffn == "none":
             return "none"
+        if self.ffn_layers is not None:
+            return self.ffn_layers[i]
         return "moe" if self.ffn == "moe" and (i + 1) % self.moe_every == 0 else "mlp"
 
     @property
     def ff_width(self) -> int:
         return self.d_ff or -(-(8 * self.d_model // 3) // 8) * 8
+
+    @property
+    def moe_width(self) -> int:
+        return self.moe_d_ff or self.ff_width

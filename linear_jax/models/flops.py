@@ -8,7 +8,8 @@ counting top_k of its num_experts experts. `F_mix`: each layer's token mixing ou
 projections, forward, per token, estimated from the shapes of the layer's decoding cache:
 
 - softmax attention: 4 H Dh ctx (scores and values) with ctx the mean number of keys a query sees
-  (causal: (T + 1) / 2; a window or a block bounds it);
+  (causal: (T + 1) / 2; a window or a block bounds it); every variant of `Attention` too, MLA's
+  as 2 H (n + r + d_v) ctx (its query/key and value head dims differ);
 - a matrix state [B, H, K, V] in chunks of C: H (4 K V + C (K + V)) (write k v^T and read q S,
   the causal intra-chunk q k^T and A v);
 - a vector state [B, E, N] (Mamba's selective scan): 6 E N; an element-wise one [B, D]: 4 D.
@@ -28,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from linear_jax.layers.attention import Attention
+from linear_jax.layers.mla import MLA
 
 # (substring of jax's device_kind, dense bf16 FLOP/s per device, source)
 PEAKS = (
@@ -70,7 +72,8 @@ def mixing_flops(mixer, seq_len: int) -> float:
     see the module docstring)."""
     if isinstance(mixer, Attention):
         ctx = _mean_context(seq_len, mixer.window, mixer.block_size)
-        return 4.0 * mixer.H * mixer.Dh * ctx
+        dims = mixer.n + mixer.r + mixer.dv if isinstance(mixer, MLA) else 2 * mixer.Dh
+        return 2.0 * mixer.H * dims * ctx
     chunk = dict(getattr(mixer, "op_kw", ())).get("chunk_size", 64)
     C = min(chunk, seq_len)
     cache = jax.eval_shape(lambda: mixer.init_cache(1, jnp.float32))
@@ -98,7 +101,7 @@ def active_params(model) -> int:
     total += c.vocab_size * c.d_model if c.tie_embeddings else 0      # the tied head
     for i in range(c.num_layers):
         if c.layer_ffn(i) == "moe":                      # (E - k) experts idle per token
-            per_expert = 3 * c.d_model * c.ff_width
+            per_expert = 3 * c.d_model * c.moe_width
             total -= (c.num_experts - c.top_k) * per_expert
     return int(total)
 

@@ -73,7 +73,8 @@ class Block(nnx.Module):
                                                          offset=c.norm_offset, **kw)
         moe = partial(SharedExpertMoE, shared_width=c.moe_shared) if c.moe_shared else MoE
         self.ffn = (None if kind == "none" else
-                    moe(c.d_model, c.ff_width, num_experts=c.num_experts, top_k=c.top_k, **ffn_kw)
+                    moe(c.d_model, c.moe_width, num_experts=c.num_experts, top_k=c.top_k,
+                        **dict(c.moe_options), **ffn_kw)
                     if kind == "moe" else MLP(c.d_model, c.ff_width, activation=c.ffn_activation,
                                               use_bias=c.ffn_bias, **ffn_kw))
 
@@ -238,8 +239,9 @@ class LM(nnx.Module):
         return new
 
     def _kv_layers(self) -> list[int]:
-        """The softmax-attention layers whose KV cache grows with the context (`max_len` slots;
-        a sliding window's is constant)."""
+        """The softmax-attention layers (`Attention` and its variants, MLA's latent cache
+        included) whose KV cache grows with the context (`max_len` slots; a sliding window's is
+        constant)."""
         return [i for i in range(self.config.num_layers) if isinstance(
             m := self.layer_mixer(i), Attention) and not m.rolling]
 
@@ -263,7 +265,7 @@ class LM(nnx.Module):
         position); else None, or a traced bool that is True when a traced position overflows."""
         over = None
         for i in self._kv_layers():
-            size, index = cache[i]["k"].shape[1], cache[i]["index"]
+            size, index = cache[i]["doc"].shape[1], cache[i]["index"]
             concrete = not isinstance(index, jax.core.Tracer)
             if T > size or (concrete and int(index) + T > size):
                 at = f"position {int(index)}" if concrete else "a traced position"

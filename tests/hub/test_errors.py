@@ -54,6 +54,9 @@ def _raises(path, match, **kw):
     ("head_dim", 16, "recurrent_gemma"),
     ("embeddings_scale_by_sqrt_dim", False, "recurrent_gemma"),
     ("partial_rotary_factor", 0.1, "recurrent_gemma"),
+    ("num_key_value_heads", 2, "kimi_linear"),
+    ("mla_use_nope", False, "kimi_linear"),
+    ("mlp_layer_types", ["dense"], "kimi_linear"),
 ])
 def test_bad_config_field(tmp_path, field, value, family):
     c = config(family)
@@ -73,7 +76,8 @@ def test_mamba2_heads(tmp_path):
     ("mamba", "backbone.layers.1.mixer.A_log"), ("mamba2", "backbone.layers.1.mixer.A_log"),
     ("qwen3_next", "model.layers.1.mlp.experts.3.up_proj.weight"),
     ("qwen3_next", "model.layers.0.linear_attn.in_proj_qkvz.weight"),
-    ("recurrent_gemma", "model.layers.1.temporal_block.rg_lru.recurrent_param")])
+    ("recurrent_gemma", "model.layers.1.temporal_block.rg_lru.recurrent_param"),
+    ("kimi_linear", "model.layers.0.self_attn.k_conv1d.weight")])
 def test_missing_tensor(tmp_path, family, name):
     t = tensors(copy(family, tmp_path / "src"))
     del t[name]
@@ -90,7 +94,8 @@ def test_extra_tensor(tmp_path):
     ("mamba", "backbone.layers.0.mixer.x_proj.weight"),
     ("qwen3_next", "model.layers.0.linear_attn.in_proj_ba.weight"),
     ("qwen3_next", "model.layers.0.mlp.experts.0.down_proj.weight"),
-    ("recurrent_gemma", "model.layers.0.temporal_block.rg_lru.input_gate_weight")])
+    ("recurrent_gemma", "model.layers.0.temporal_block.rg_lru.input_gate_weight"),
+    ("kimi_linear", "model.layers.0.self_attn.v_conv1d.weight")])
 def test_shape_mismatch(tmp_path, family, name):
     t = tensors(copy(family, tmp_path / "src"))
     t[name] = t[name][:-1]

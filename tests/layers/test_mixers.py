@@ -156,6 +156,8 @@ DOCUMENTED_PARAMS = {
     "rwkv7": 4 * _D**2 + 2 * _D * (64 + 64 + 128) + 13 * _D,
     "rglru": 3 * _D**2 + 2 * _D**2 // _H + 10 * _D + _D,
     "kda": 4 * _D**2 + _D * _H + 12 * _D + _D // _H + 4 * _D**2 // _H + _H + 2 * _D,
+    # n = d_v = D / H, r = D / 2H, kv_rank = D / 2
+    "mla": _D * _H * 24 + _D * (32 + 8) + 32 + 32 * _H * (16 + 16) + _H * 16 * _D,
 }
 
 
@@ -179,6 +181,8 @@ def test_every_parameter_names_its_logical_axes():
     build = {name: lambda name=name: make_mixer(name, 32, 2, rngs=nnx.Rngs(0)) for name in MIXERS}
     build["mlp"] = lambda: MLP(32, 64, rngs=nnx.Rngs(0))
     build["moe"] = lambda: MoE(32, 64, num_experts=4, rngs=nnx.Rngs(0))
+    build["moe_sigmoid"] = lambda: MoE(32, 64, num_experts=4, scoring="sigmoid", score_bias=True,
+                                       groups=2, rngs=nnx.Rngs(0))
     build["shared_moe"] = lambda: SharedExpertMoE(32, 64, shared_width=48, num_experts=4,
                                                   rngs=nnx.Rngs(0))
     layers = {name: nnx.eval_shape(f) for name, f in build.items()}
@@ -200,7 +204,7 @@ def test_kernel_config_reaches_the_op_arguments():
         opts = {"num_slots": 8} if name == "gsa" else {}
         layer = nnx.eval_shape(lambda name=name, opts=opts: make_mixer(
             name, _D, _H, rngs=nnx.Rngs(0), kernel_config=cfg, **opts))
-        if name in ("attention", "lte_attention", "gated_attention"):   # softmax: no kernel config
+        if name in ("attention", "lte_attention", "gated_attention", "mla"):  # softmax: none
             assert not hasattr(layer, "op_kw")
             continue
         assert dict(layer.op_kw)["config"] == cfg and hash(layer.op_kw), name

@@ -67,6 +67,12 @@ def test_init_cache_needs_max_len_only_with_attention():
     assert len(cache) == 2 and cache[0]["state"].shape[0] == 3
     with pytest.raises(ValueError, match=r"layer\(s\) \[1, 3\] are softmax attention.*max_len"):
         hybrid().init_cache(1)
+    latent = LM(LMConfig(vocab_size=VOCAB, d_model=16, num_layers=2, num_heads=2,
+                         layers=("kda", "mla")), rngs=nnx.Rngs(0))       # MLA's latent cache
+    with pytest.raises(ValueError, match=r"layer\(s\) \[1\] are softmax attention.*max_len"):
+        latent.init_cache(1)
+    with pytest.raises(ValueError, match=r"layer 1 \(mla\): 5 new token\(s\).*max_len=4"):
+        latent(jnp.zeros((1, 5), jnp.int32), cache=latent.init_cache(1, 4))
 
 
 def test_running_past_the_kv_cache_raises_or_gives_nan():

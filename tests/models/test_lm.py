@@ -31,6 +31,11 @@ def test_config_validation():
         LMConfig(vocab_size=8, num_layers=3, layers=("gla", "gla"))
     with pytest.raises(ValueError, match="top_k"):
         LMConfig(vocab_size=8, ffn="moe", num_experts=2, top_k=3)
+    with pytest.raises(ValueError, match="ffn_layers"):
+        LMConfig(vocab_size=8, num_layers=2, ffn="moe", ffn_layers=("mlp", "dense"))
+    c = LMConfig(vocab_size=8, num_layers=2, ffn="moe", ffn_layers=["mlp", "moe"], moe_d_ff=8,
+                 moe_options={"scoring": "sigmoid"})
+    assert [c.layer_ffn(i) for i in range(2)] == ["mlp", "moe"] and c.moe_width == 8 and hash(c)
     c = LMConfig(vocab_size=8, num_layers=8, mixer="gla", attn_every=4,
                  mixer_options={"attention": {"window": 16}})
     assert c.layer_mixers() == ("gla",) * 3 + ("attention",) + ("gla",) * 3 + ("attention",)

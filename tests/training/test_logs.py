@@ -39,6 +39,10 @@ def test_flops_per_token_and_peaks():
     f = flops_per_token(model, 16)
     assert f["params"] == 6 * n
     assert f["mixing"] == pytest.approx(3 * 2 * 4 * 2 * 16 * 8.5)   # 3 x L x 4 H Dh (T+1)/2
+    latent = LMConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=2,
+                      layers=("gated_attention", "mla"))
+    f = flops_per_token(nnx.eval_shape(lambda: LM(latent, rngs=nnx.Rngs(0))), 16)
+    assert f["mixing"] == pytest.approx(3 * 2 * 2 * (2 * 16 + 16 + 8 + 16) * 8.5)
     moe = LMConfig(vocab_size=64, d_model=32, num_layers=1, num_heads=2, ffn="moe",
                    num_experts=4, top_k=1)
     moe_model = nnx.eval_shape(lambda: LM(moe, rngs=nnx.Rngs(0)))
