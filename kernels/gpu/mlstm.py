@@ -54,23 +54,8 @@ from linear_jax.kernels import tiles
 from linear_jax.kernels.gpu import common
 from linear_jax.kernels.gpu.chunk_state import sequential
 from linear_jax.kernels.gpu.common import F32, Chunk, Ctx
-from linear_jax.ops.common.chunking import resets
+from linear_jax.ops.common.gates import running_max
 from linear_jax.ops.common.normalise import normalise
-
-
-def running_max(i, l, m0, segment_ids):
-    """m_t = max(l_t + m_{t-1}, i_t), m_{-1} = m0, restarting from 0 at a reset; [B, T, H].
-
-    Step t is the map x -> max(x + a_t, b_t) and maps compose as (a1, b1) then (a2, b2) =
-    (a1 + a2, max(b1 + a2, b2)), so a prefix scan of the pairs gives every m_t. A reset forgets x:
-    a = -inf, b = max(l_t, i_t) (the zero state's candidate 0 + l_t)."""
-    a, b = l, i
-    if segment_ids is not None:
-        r = resets(segment_ids)[..., None]
-        a, b = jnp.where(r, -jnp.inf, l), jnp.where(r, jnp.maximum(l, i), i)
-    combine = lambda x, y: (x[0] + y[0], jnp.maximum(x[1] + y[0], y[1]))
-    A, Bm = lax.associative_scan(combine, (a, b), axis=1)
-    return jnp.maximum(m0[:, None, :] + A, Bm)
 
 
 class _Terms:
