@@ -17,7 +17,9 @@ One guard: the floor exp(-m_t) is taken as exp(min(-m_t, 80)). It only binds whe
 every input gate of the span is below -80 and h is ~0 either way, and keeps the floor finite there
 (an infinite floor makes the gradient 0 * inf = NaN).
 
-Kernels: "pallas:triton" (`linear_jax.kernels.gpu.mlstm`) and, on compute capability 9.0 GPUs,
+Kernels: "pallas:triton" (`linear_jax.kernels.gpu.mlstm`), "pallas:tpu"
+(`linear_jax.kernels.tpu.mlstm`, Mosaic TPU, the same chunkwise form) and, on compute capability
+9.0 GPUs,
 "pallas:mosaic_gpu" (`linear_jax.kernels.gpu.hopper.mlstm`; not chosen by "auto" until it has
 passed its device check): bf16 / fp16 inputs with K, V in (64, 128); Mosaic GPU kernels for the
 forward and the backward (TFLA two-level tiling, chunks of 128 tokens between states, the
@@ -161,7 +163,9 @@ registry.register(registry.OpRecord(
                              min_capability=(9, 0),
                              accepts="linear_jax.kernels.gpu.hopper.mlstm:accepts"),
              registry.Kernel("triton", "linear_jax.kernels.gpu.mlstm:mlstm",
-                             "linear_jax.kernels.configs:TritonChunkConfig"),)))
+                             "linear_jax.kernels.configs:TritonChunkConfig"),
+             registry.Kernel("tpu", "linear_jax.kernels.tpu.mlstm:mlstm",
+                             "linear_jax.kernels.configs:TpuConfig"))))
 
 
 def mlstm(q, k, v, i, f, *, scale=None, initial_state=None, segment_ids=None, chunk_size=64,
