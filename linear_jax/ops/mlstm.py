@@ -18,10 +18,10 @@ every input gate of the span is below -80 and h is ~0 either way, and keeps the 
 (an infinite floor makes the gradient 0 * inf = NaN).
 
 Kernels: "pallas:triton" (`linear_jax.kernels.gpu.mlstm`), "pallas:tpu"
-(`linear_jax.kernels.tpu.mlstm`, Mosaic TPU, the same chunkwise form) and, on compute capability
-9.0 GPUs,
-"pallas:mosaic_gpu" (`linear_jax.kernels.gpu.hopper.mlstm`; not chosen by "auto" until it has
-passed its device check): bf16 / fp16 inputs with K, V in (64, 128); Mosaic GPU kernels for the
+(`linear_jax.kernels.tpu.mlstm`, Mosaic TPU, the same chunkwise form; not chosen by "auto" until
+it has run on a TPU) and, on compute capability 9.0 GPUs, "pallas:mosaic_gpu"
+(`linear_jax.kernels.gpu.hopper.mlstm`; not chosen by "auto" until it has passed its device
+check): bf16 / fp16 inputs with K, V in (64, 128); Mosaic GPU kernels for the
 forward and the backward (TFLA two-level tiling, chunks of 128 tokens between states, the
 stabiliser and normaliser in the kernels, packed documents as masks). Other inputs are declined
 (`accepts`): "auto" passes over it.
@@ -164,8 +164,9 @@ registry.register(registry.OpRecord(
                              accepts="linear_jax.kernels.gpu.hopper.mlstm:accepts"),
              registry.Kernel("triton", "linear_jax.kernels.gpu.mlstm:mlstm",
                              "linear_jax.kernels.configs:TritonChunkConfig"),
+             # not run on a TPU yet: impl="pallas:tpu" (or "pallas" there) until it has been
              registry.Kernel("tpu", "linear_jax.kernels.tpu.mlstm:mlstm",
-                             "linear_jax.kernels.configs:TpuConfig"))))
+                             "linear_jax.kernels.configs:TpuConfig", auto=False))))
 
 
 def mlstm(q, k, v, i, f, *, scale=None, initial_state=None, segment_ids=None, chunk_size=64,
