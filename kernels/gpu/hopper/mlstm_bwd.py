@@ -118,20 +118,22 @@ def grad_queries(q, k, v, dh, hv, rows, den, Cin, nin, *, L, eps, cfg):
         dnv[0] = jnp.sum(qf * ops.rows_of(w * dden, (C, K)), axis=0)
 
         # the key tiles of the chunk
-        a = ops.rows_of(ops.row(rs.at[0][...]), sq)
-        dq_doc = ops.rows_of(ops.row(rs.at[KEY0 + 1][...]), sq) if docs else None
+        # row vectors broadcast inside the loop, so the [64, 64] tiles live one iteration only
+        a = ops.row(rs.at[0][...])
+        dq_doc = ops.row(rs.at[KEY0 + 1][...]) if docs else None
         da = r_acc = ops.row(jnp.zeros((C,), f32))
         for j in range(NT):
             S, dPv = ops.mm(prod(qs, ks[j], tb=True), prod(dns, vs[j], tb=True))
             bj = ops.cols_of(ops.col(kr.at[j, 0][...]), sq)
             dk_doc = ops.cols_of(ops.col(kr.at[j, 1][...]), sq) if docs else None
-            E = pair_factor(ops, a, bj, r + t * C, c + (first + j) * C, dq_doc, dk_doc)
+            E = pair_factor(ops, ops.rows_of(a, sq), bj, r + t * C, c + (first + j) * C,
+                            ops.rows_of(dq_doc, sq) if docs else None, dk_doc)
             dP = dPv + ops.rows_of(dden, sq)
             Z = dP * S * E
             hi = Z.astype(dt)
-            dqj, X1, X2 = ops.mm(prod((dP * E).astype(dt), ks[j]), prod(hi, us),
-                                 prod((Z - hi.astype(f32)).astype(dt), us))
-            dq = dq + dqj
+            # dq accumulates in its own registers (no second [64, K] tile)
+            dq, X1, X2 = ops.mm(prod((dP * E).astype(dt), ks[j], dq), prod(hi, us),
+                                prod((Z - hi.astype(f32)).astype(dt), us))
             rz = jnp.sum(Z, axis=1)
             da = da + rz
             # pairs (i, j') with j' < s <= i: this tile's X, plus all of the earlier key tiles'
@@ -218,8 +220,8 @@ def grad_keys(q, k, v, dh, rows, qrows, *, L, cfg):
             dPt = dPt + ops.cols_of(ops.col(qo.at[i, 1][...]), sq)
             Pt = St * Et
             db = db + jnp.sum(dPt * Pt, axis=1)
-            dki, dvi = ops.mm(prod((dPt * Et).astype(dt), qs[i]), prod(Pt.astype(dt), ds[i]))
-            dk, dv = dk + dki, dv + dvi
+            dk, dv = ops.mm(prod((dPt * Et).astype(dt), qs[i], dk),
+                            prod(Pt.astype(dt), ds[i], dv))
         dks[...] = dk.astype(dt)
         dvs[...] = dv.astype(dt)
         dbs[0] = db

@@ -94,8 +94,7 @@ def out_kernel(q, k, v, rows, Cin, nin, *, L, eps, cfg, save):
             dk = ops.cols_of(ops.col(kr.at[j, 1][...]), sq) if docs else None
             P = S * pair_factor(ops, a, bj, qpos, ops.iota(sq, 1) + (first + j) * C, dq, dk)
             den = den + jnp.sum(P, axis=1)
-            (pv,) = ops.mm(prod(P.astype(dt), vs[j]))
-            num = num + pv
+            (num,) = ops.mm(prod(P.astype(dt), vs[j], num))        # accumulates in place
         floor = jnp.exp(jnp.minimum(ops.row(rs.at[2][...]), MAX_LOG_FLOOR))     # exp(-m_i)
         hv = num / ops.rows_of(jnp.maximum(jnp.abs(den), floor) + eps, shape)
         hs[...] = hv.astype(dt)
