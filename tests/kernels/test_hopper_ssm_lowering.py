@@ -111,3 +111,6 @@ def test_mlstm_refuses():
     assert hopper_mlstm.accepts(x, x, x) is None
     assert "bfloat16" in hopper_mlstm.accepts(x.astype(jnp.float32), x, x)
     assert "K, V in" in hopper_mlstm.accepts(x[..., :96], x[..., :96], x)
+    # the backward's query kernel does not fit SMEM at L = 256 with K = V = 128
+    with pytest.raises(ValueError, match="HopperMlstmConfig.chunk"):
+        _export_mlstm(("lane", 1, 256, 1, 128, 128, False, 256), grad=True)

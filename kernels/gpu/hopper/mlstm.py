@@ -127,8 +127,8 @@ def _states(k, v, i, lf, h0, segment_ids, T, L):
 
 
 def _rows(lf, ig, m, m_in, doc, L):
-    """The kernels' rows [B, H, R, Tp] (`mlstm_fwd.ROWS`) and w, from [B, H, Tp] float32 rows
-    (doc [B, Tp] or None) and m_in [B, H, NL]."""
+    """The kernels' rows [B, H, R, Tp] (`mlstm_fwd.ROWS`) from [B, H, Tp] float32 rows (doc
+    [B, Tp] or None) and m_in [B, H, NL]."""
     B, H, Tp = lf.shape
     chunks = lambda x: x.reshape(x.shape[:-1] + (Tp // L, L))            # noqa: E731
     F = jnp.cumsum(chunks(lf), -1)
@@ -168,7 +168,6 @@ def _core(cfg: HopperMlstmConfig, eps: float):
         (qs, k, v, rows, Cin, nin), h, den = res
         B, Tp, H, K = qs.shape
         V, NT, NL = v.shape[-1], L // LANES, Tp // L
-        dh = dh.astype(v.dtype)
         dq, qrows, cross, dC, dn = grad_queries(qs, k, v, dh, h, rows, den, Cin, nin, L=L,
                                                 eps=eps, cfg=cfg)
         dk, dv, db = grad_keys(qs, k, v, dh, rows, qrows, L=L, cfg=cfg)

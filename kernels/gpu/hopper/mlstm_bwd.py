@@ -43,7 +43,7 @@ QROWS = ("dm", "wdw", "inv", "dden")
 
 
 def _kernel(body, out_type, grid, scratch, cfg, ops, name):
-    check_smem(name, scratch)
+    check_smem(name, scratch, "lower HopperMlstmConfig.chunk")
     return mosaic_gpu_kernel(
         body, out_type=out_type, grid=grid, grid_names=("b", "h", "t"), num_threads=1,
         thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,

@@ -112,7 +112,7 @@ def out_kernel(q, k, v, rows, Cin, nin, *, L, eps, cfg, save):
                 plgpu.SMEM((1, K), f32), smem((C, V), dt)]
     scratch += [plgpu.SMEM((1, C), f32)] if save else []
     scratch += [plgpu.Barrier(num_arrivals=4 + 3 * NT, num_barriers=1)]
-    check_smem("mlstm_out", scratch)
+    check_smem("mlstm_out", scratch, "lower HopperMlstmConfig.chunk")
     out_type = [jax.ShapeDtypeStruct((B, Tp, H, V), dt)]
     out_type += [jax.ShapeDtypeStruct((B, H, 1, Tp), f32)] if save else []
     kernel = mosaic_gpu_kernel(
