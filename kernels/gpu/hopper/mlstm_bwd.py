@@ -95,11 +95,11 @@ def grad_queries(q, k, v, dh, hv, rows, den, Cin, nin, *, L, eps, cfg):
         g = -jnp.sum(dhf * ops.acc(hs[...]).astype(f32), axis=1) * inv   # dL/d denom
         dden = jnp.where(big, jnp.where(den < 0, -g, g), 0.0)
         dfloor = jnp.where(big | (negm > MAX_LOG_FLOOR), 0.0, g * floor)   # dL/d(-m)
-        dnum = dhf * ops.rows_of(inv, shape)
-        qf = ops.acc(qs[...]).astype(f32)
-        dns[...] = dnum.astype(dt)
-        qws[...] = (qf * ops.rows_of(w, (C, K))).astype(dt)
+        dns[...] = (dhf * ops.rows_of(inv, shape)).astype(dt)
+        qws[...] = (ops.acc(qs[...]).astype(f32) * ops.rows_of(w, (C, K))).astype(dt)
         plgpu.commit_smem()
+        # from here on q and dnum are read back from SMEM where needed (dnum as the bf16 operand
+        # the products use), so that no [64, K | V] float32 tile stays live for long
 
         # the entering state: its cotangents (per 64 x 64 block, staged in float32), dq's term
         for kb in range(K // LANES):
@@ -111,11 +111,14 @@ def grad_queries(q, k, v, dh, hv, rows, den, Cin, nin, *, L, eps, cfg):
                 stage[...] = blk
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(stage, dc_ref.at[b, h, t, kr_, vr])
-        qC, dqi = ops.mm(prod(qs, cs), prod(dns, cs, tb=True))
-        nin_c = ops.cols_of(ops.col(ns.at[0][...]), (C, K))
-        wdw = w * (jnp.sum(dnum * qC, axis=1) + dden * jnp.sum(qf * nin_c, axis=1))
-        dq = ops.rows_of(w, (C, K)) * (dqi + ops.rows_of(dden, (C, K)) * nin_c)
+        (qC,) = ops.mm(prod(qs, cs))
+        nin = ops.col(ns.at[0][...])
+        qf = ops.acc(qs[...]).astype(f32)
+        wdw = w * (jnp.sum(ops.acc(dns[...]).astype(f32) * qC, axis=1)
+                   + dden * jnp.sum(qf * ops.cols_of(nin, (C, K)), axis=1))
         dnv[0] = jnp.sum(qf * ops.rows_of(w * dden, (C, K)), axis=0)
+        (dqi,) = ops.mm(prod(dns, cs, tb=True))
+        dq = ops.rows_of(w, (C, K)) * (dqi + ops.rows_of(dden, (C, K)) * ops.cols_of(nin, (C, K)))
 
         # the key tiles of the chunk
         # row vectors broadcast inside the loop, so the [64, 64] tiles live one iteration only
