@@ -14,10 +14,11 @@ rows, with q already scaled, l = logsigmoid(f), D_ij = sum_{j<s<=i} l_s, the ent
 
 The kernels do not form m: it is the recurrent m_t itself, m_t = max(l_t + m_{t-1}, i_t)
 (restarting from 0 at a reset), a scalar recurrence that XLA runs as one max-plus associative scan
-(`running_max`). The kernels take m and m_prev (m_{t-1}; m_0's predecessor is the initial m) as
-inputs, so m_in and m_out are m_prev of the chunk's first row and m of its last; every exponent
-above is then <= 0 (up to rounding) whatever the gates, as in TFLA. Their backward returns dm and
-dm_prev as plain partial derivatives, and XLA's autodiff of the scan routes them through the max.
+(`linear_jax.ops.common.gates.running_max`). The kernels take m and m_prev (m_{t-1}; m_0's
+predecessor is the initial m) as inputs, so m_in and m_out are m_prev of the chunk's first row and
+m of its last; every exponent above is then <= 0 (up to rounding) whatever the gates, as in TFLA.
+Their backward returns dm and dm_prev as plain partial derivatives, and XLA's autodiff of the scan
+routes them through the max.
 The normalisation (eps, the floor) also runs in XLA on the kernels' (o, z).
 
 Kernels: the state pass (`_state_pass` on `chunk_state.sequential`, grid (B*H, V/BV), writes every
