@@ -68,7 +68,7 @@ for s in "$@"; do case $s in
             --variants "${HOPPER_VARIANTS:-default,run1,serial,approx}" ;;
   hopperdelta) TAIL=60 step hopperdelta "${HOPPER_S:-200}" python3 -m experiments.benchmarks.hopper_delta_gpu --quick ;;
   hoppergla) TAIL=60 step hoppergla "${HOPPER_S:-200}" python3 -m experiments.benchmarks.hopper_gla_gpu --quick ;;
-  hopperssm) TAIL=60 step hopperssm "${HOPPER_S:-200}" python3 -m experiments.benchmarks.hopper_ssm_gpu --quick ;;
+  hopperssm) TAIL=60 step hopperssm "${HOPPER_S:-260}" python3 -m experiments.benchmarks.hopper_ssm_gpu --quick ;;
   bwd) TAIL=60 step bwd "${BWD_S:-300}" python3 -m experiments.benchmarks.bwd_gpu ${BWD_ARGS:-} ;;
   mlstm) step mlstm "${MLSTM_S:-150}" python3 -m experiments.benchmarks.mlstm_gpu ;;
   mqar) train_env; mkdir -p /tmp/mqar; [ -d experiments/results/mqar_sweep/runs ] && cp -r experiments/results/mqar_sweep/runs /tmp/mqar/

@@ -486,10 +486,11 @@ class HopperSelectiveConfig:
 
 @dataclasses.dataclass(frozen=True)
 class HopperMlstmConfig:
-    """The Mosaic GPU (Hopper) mLSTM kernel (`kernels/gpu/hopper/mlstm.py`).
+    """The Mosaic GPU (Hopper) mLSTM kernels, forward and backward (`kernels/gpu/hopper/mlstm.py`).
 
-    chunk: L, tokens between the stored chunk states (TFLA's two-level tiling: the kernel walks
-      L / 64 key tiles of 64 per query tile, so L = 256 still fits SMEM at K = V = 128).
+    chunk: L, tokens between the stored chunk states (TFLA's two-level tiling: the kernels walk
+      L / 64 tiles of 64 per tile, so the forward fits SMEM at L = 256 with K = V = 128; the
+      backward's query kernel only up to L = 128 there, L = 256 at K = V = 64).
     semantics, approx_math, interpret: as `HopperChunkConfig`.
     Not yet run on a device.
     """

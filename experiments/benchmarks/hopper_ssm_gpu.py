@@ -7,22 +7,25 @@ Triton kernels.
 
 (a) Checks: each Hopper kernel's outputs, final state and the gradients of every float input
     (selective: u, delta, A, B, C, D, z, delta_bias, initial state; mlstm: q, k, v, i, f and the
-    initial state's C, n) against the float32 reference (`impl="recurrent"` on float32 copies
-    of the same bf16 values), by relative norm error (TOL), with an initial state and packed
-    documents where the kernel takes them; float32 inputs refused (ValueError). `--quick`: one
-    small grid per op (T = 1000 and 2048), else also larger D / T.
+    initial state's C, n, m; its backward is the Mosaic GPU kernels') against the float32
+    reference (`impl="recurrent"` on float32 copies of the same bf16 values), by relative norm
+    error (TOL), with an initial state and packed documents; mlstm also with every forget gate
+    strong (log sigmoid(f) = -20, where a gate gradient formed as a difference of cumulative sums
+    is rounding only); float32 inputs refused (ValueError). `--quick`: one small grid per op
+    (T = 1000 and 2048), else also larger D / T.
 (b) Timings, bf16, every input a jit argument: selective B=4 T=4096 D=2048 N=16 (D skip, z
     gate, softplus step with bias: the jla anchor's setting), mlstm B=8 T=2048 and B=2 T=8192,
     H=16 K=V=128: forward and forward + backward (grad of sum(y * dy) w.r.t. every float input),
     device time (10 back-to-back calls) and `sync` (each call blocked on the host, as the anchors
     were timed), for impl "pallas:mosaic_gpu" (each variant) and "pallas:triton", beside the jla
-    anchor and its ratio to ours (> 1: ours is faster).
+    anchor and its ratio to ours (> 1: ours is faster); mlstm also the backward alone (`bwd`: the
+    VJP of a forward run once, its residuals as arguments).
 (c) benchmarks/results/hopper_ssm_gpu_<device>.json, written after the checks and after each
     timing (a run cut short keeps what it had).
 
 A kernel that fails to compile or run prints the last lines of its traceback and the rest goes
 on. The first lowering semantics in --semantics that passes the selective check is used after.
-Expected wall time with --quick on an H200: ~2-2.5 minutes, mostly compiles.
+Expected wall time with --quick on an H200: ~3 minutes, mostly compiles.
 """
 
 from __future__ import annotations
@@ -141,7 +144,7 @@ def ml_inputs(B, T, H, K, V, *, seed=0, extras=True):
              f=jnp.asarray(n(B, T, H) + 3.0), dy=jnp.asarray(n(B, T, H, V), bf))
     x["state"] = ((jnp.asarray(n(B, H, K, V)), jnp.asarray(np.abs(n(B, H, K))),
                    jnp.asarray(n(B, H))) if extras else None)
-    x["seg"] = None           # the Hopper mLSTM kernel takes no segment ids (yet)
+    x["seg"] = segments(B, T, rng) if extras else None
     return x
 
 
@@ -152,30 +155,36 @@ def ml_fns(impl, cfg, seg):
 
     def loss(q, k, v, i, fg, state, dy):
         y, (C, n, m) = f(q, k, v, i, fg, state)
-        return jnp.sum(y.astype(f32) * dy.astype(f32)) + jnp.sum(C) + jnp.sum(n)
+        return jnp.sum(y.astype(f32) * dy.astype(f32)) + jnp.sum(C) + jnp.sum(n) + jnp.sum(m)
 
     return f, jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))
 
 
 def ml_check(cfg, B, T, H, K, V, extras):
+    """Relative errors of the kernel against the recurrence; with `extras` (an initial state,
+    packed documents) also every forget gate strong (`strong_*`), on the same compiled calls."""
     x = ml_inputs(B, T, H, K, V, extras=extras)
-    args = [x[k] for k in ("q", "k", "v", "i", "f", "state")]
-    up = [jax.tree.map(lambda a: a.astype(f32), a) for a in args]
-    f, g = ml_fns("pallas:mosaic_gpu", cfg, x["seg"])
-    fr, gr = ml_fns("recurrent", None, x["seg"])
-    y, st = jax.jit(f)(*args)
-    yr, sr = jax.jit(fr)(*up)
-    out = {"y": rel(y, yr)}
-    out.update({f"state_{n}": rel(a, b) for n, a, b in zip("Cnm", st, sr, strict=True)})
-    dk = jax.jit(g)(*args, x["dy"])
-    dr = jax.jit(gr)(*up, x["dy"].astype(f32))
-    for n, a, b in zip(("q", "k", "v", "i", "f", "state"), dk, dr, strict=True):
-        if n == "state":
-            if a is not None:
-                out.update({f"dstate_{m}": rel(p, r) for m, p, r in zip("Cn", a[:2], b[:2],
-                                                                        strict=True)})
-        else:
+    f, g = (jax.jit(fn) for fn in ml_fns("pallas:mosaic_gpu", cfg, x["seg"]))
+    fr, gr = (jax.jit(fn) for fn in ml_fns("recurrent", None, x["seg"]))
+
+    def compare(x):
+        args = [x[k] for k in ("q", "k", "v", "i", "f", "state")]
+        up = [jax.tree.map(lambda a: a.astype(f32), a) for a in args]
+        (y, st), (yr, sr) = f(*args), fr(*up)
+        out = {"y": rel(y, yr)}
+        out.update({f"state_{n}": rel(a, b) for n, a, b in zip("Cnm", st, sr, strict=True)})
+        dk, dr = g(*args, x["dy"]), gr(*up, x["dy"].astype(f32))
+        for n, a, b in zip(("q", "k", "v", "i", "f"), dk[:5], dr[:5], strict=True):
             out[f"d{n}"] = rel(a, b)
+        if args[-1] is not None:
+            out.update({f"dstate_{m}": rel(p, r) for m, p, r in zip("Cnm", dk[-1], dr[-1],
+                                                                    strict=True)})
+        return out
+
+    out = compare(x)
+    if extras:                                      # log sigmoid(f) = -20 on every step
+        strong = compare(dict(x, f=jnp.full_like(x["f"], -20.0)))
+        out.update({f"strong_{k}": v for k, v in strong.items()})
     return out
 
 
@@ -185,7 +194,14 @@ def ml_timing(impl, cfg, B, T, reps):
     a = [x[k] for k in ("q", "k", "v", "i", "f")]
     fj = jax.jit(lambda *a: f(*a, None))
     gj = jax.jit(lambda *a: g(*a[:5], None, a[5])[:5])
-    return timed(fj, a, gj, a + [x["dy"]], reps)
+    row = timed(fj, a, gj, a + [x["dy"]], reps)
+    _, vjp = jax.vjp(fj, *a)
+    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fj, *a)[1])
+    args = (vjp, (x["dy"], zero))
+    bj = jax.jit(lambda vjp, cts: vjp(cts))
+    jax.block_until_ready(bj(*args))
+    row["bwd_ms"] = round(common.median_ms(bj, *args, reps=reps, inner=10), 4)
+    return row
 
 
 # -- driver ---------------------------------------------------------------------------------------

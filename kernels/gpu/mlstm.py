@@ -14,10 +14,11 @@ rows, with q already scaled, l = logsigmoid(f), D_ij = sum_{j<s<=i} l_s, the ent
 
 The kernels do not form m: it is the recurrent m_t itself, m_t = max(l_t + m_{t-1}, i_t)
 (restarting from 0 at a reset), a scalar recurrence that XLA runs as one max-plus associative scan
-(`running_max`). The kernels take m and m_prev (m_{t-1}; m_0's predecessor is the initial m) as
-inputs, so m_in and m_out are m_prev of the chunk's first row and m of its last; every exponent
-above is then <= 0 (up to rounding) whatever the gates, as in TFLA. Their backward returns dm and
-dm_prev as plain partial derivatives, and XLA's autodiff of the scan routes them through the max.
+(`linear_jax.ops.common.gates.running_max`). The kernels take m and m_prev (m_{t-1}; m_0's
+predecessor is the initial m) as inputs, so m_in and m_out are m_prev of the chunk's first row and
+m of its last; every exponent above is then <= 0 (up to rounding) whatever the gates, as in TFLA.
+Their backward returns dm and dm_prev as plain partial derivatives, and XLA's autodiff of the scan
+routes them through the max.
 The normalisation (eps, the floor) also runs in XLA on the kernels' (o, z).
 
 Kernels: the state pass (`_state_pass` on `chunk_state.sequential`, grid (B*H, V/BV), writes every
@@ -54,23 +55,8 @@ from linear_jax.kernels import tiles
 from linear_jax.kernels.gpu import common
 from linear_jax.kernels.gpu.chunk_state import sequential
 from linear_jax.kernels.gpu.common import F32, Chunk, Ctx
-from linear_jax.ops.common.chunking import resets
+from linear_jax.ops.common.gates import running_max
 from linear_jax.ops.common.normalise import normalise
-
-
-def running_max(i, l, m0, segment_ids):
-    """m_t = max(l_t + m_{t-1}, i_t), m_{-1} = m0, restarting from 0 at a reset; [B, T, H].
-
-    Step t is the map x -> max(x + a_t, b_t) and maps compose as (a1, b1) then (a2, b2) =
-    (a1 + a2, max(b1 + a2, b2)), so a prefix scan of the pairs gives every m_t. A reset forgets x:
-    a = -inf, b = max(l_t, i_t) (the zero state's candidate 0 + l_t)."""
-    a, b = l, i
-    if segment_ids is not None:
-        r = resets(segment_ids)[..., None]
-        a, b = jnp.where(r, -jnp.inf, l), jnp.where(r, jnp.maximum(l, i), i)
-    combine = lambda x, y: (x[0] + y[0], jnp.maximum(x[1] + y[0], y[1]))
-    A, Bm = lax.associative_scan(combine, (a, b), axis=1)
-    return jnp.maximum(m0[:, None, :] + A, Bm)
 
 
 class _Terms:

@@ -1,5 +1,6 @@
 """pallas_call plumbing, chunk-to-chunk state carry and custom_vjp shared by the TPU kernels of the
-decay family (simple GLA, GLA) and of the delta rule (with its per-token `beta`).
+decay family (simple GLA, GLA), of the delta rule (with its per-token `beta`) and of mLSTM (with
+its input gate and stabiliser rows).
 
 A kernel module gives the bodies of one chunk; this module lays the inputs out (`_layout`), builds
 the grid (B, H, N) with batch and heads "parallel" and the chunks "arbitrary" (sequential, the
@@ -8,12 +9,14 @@ custom_vjp: the forward pass under autodiff also writes every chunk's entering s
 needs S_in per chunk; recomputing it would take a second sweep), and the backward sweeps the chunks
 in reverse (index map n -> N-1-n) carrying dS = dL/dS_out.
 
-The bodies see one chunk, its input refs as `Chunk` (beta, docs None where the op has none):
+The bodies see one chunk, its input refs as `Chunk` (`scalars` the op's per-token tables after
+the gate, docs None where the op has none):
   forward:  fwd(chunk, o_ref, S_in, extra, **static) -> S_out            (writes o)
   backward: bwd(chunk, S_in, do, dS, outs, extra, **static) -> dS_in     (writes dq, dk, dv,
-            dgate[, dbeta] through outs)
+            dgate and a gradient per scalar table through outs)
 with `extra` the kernel's own VMEM scratch and static = (C, scale, mode, cfg). Vector gates come as
-[C, K_pad] blocks. Per-token scalars (a scalar gate, beta, the relative document index) come as
+[C, K_pad] blocks. Per-token scalars (a scalar gate, the scalar tables, the relative document
+index) come as
 [N, C] tables resident in VMEM for a whole (b, h) and read one row per chunk
 (`_layout.table_row`): a [T, 1] array would be padded to 128 lanes in HBM and cost as much
 bandwidth as q. Their gradients leave the same way.
@@ -39,13 +42,16 @@ _SQ = mosaic.SQUEEZED
 
 @dataclasses.dataclass(frozen=True)
 class KernelDef:
-    """One op's chunk bodies. `scratch(C, K_pad, V_pad, cfg)` lists extra VMEM scratch."""
+    """One op's chunk bodies. `scratch(C, K_pad, V_pad, cfg)` lists extra VMEM scratch;
+    `scalars` counts the per-token tables after the gate (the delta rule's beta; mLSTM's i, m,
+    m_prev); `f32_out` writes o in float32 (mLSTM normalises it afterwards)."""
 
     name: str
     vector_gate: bool
     fwd: Callable
     bwd: Callable
-    beta: bool = False
+    scalars: int = 0
+    f32_out: bool = False
     fwd_scratch: Callable = lambda C, Kp, Vp, cfg: []
     bwd_scratch: Callable = lambda C, Kp, Vp, cfg: []
 
@@ -56,7 +62,7 @@ class Chunk:
     def __init__(self, refs, kdef, docs, C, reverse):
         it = iter(refs)
         self.q, self.k, self.v, self.g = (next(it) for _ in range(4))
-        self.beta = next(it) if kdef.beta else None
+        self.scalars = [next(it) for _ in range(kdef.scalars)]
         self.docs = next(it) if docs else None
         self.rest = list(it)
         self.idx = _layout.chunk_index(reverse)
@@ -107,7 +113,7 @@ def _fwd_kernel(*refs, s, docs, save):
 def _bwd_kernel(*refs, s, docs):
     ch = Chunk(refs, s.kdef, docs, s.C, reverse=True)
     sc_ref, do_ref, dsT_ref, *rest = ch.rest
-    n_out = 5 + s.kdef.beta
+    n_out = 5 + s.kdef.scalars
     outs, ds0_ref, dS_ref, extra = rest[:n_out - 1], rest[n_out - 1], rest[n_out], rest[n_out + 1:]
     m = pl.program_id(2)
 
@@ -135,8 +141,7 @@ def _in_specs(s, N, Kp, Vp, docs, reverse):
     specs = [tok(Kp), tok(Kp), tok(Vp)]
     table = pl.BlockSpec((_SQ, _SQ, N, C), lambda b, h, n: (b, h, 0, 0))
     specs.append(tok(Kp) if s.kdef.vector_gate else table)
-    if s.kdef.beta:
-        specs.append(table)
+    specs += [table] * s.kdef.scalars
     if docs:
         specs.append(pl.BlockSpec((_SQ, N, C), lambda b, h, n: (b, 0, 0)))
     state = pl.BlockSpec((_SQ, _SQ, Kp, Vp), lambda b, h, n: (b, h, 0, 0))
@@ -152,16 +157,20 @@ def _call(s, kernel, name, grid, in_specs, out_specs, out_shape, scratch):
         interpret=mosaic.interpret(s.cfg))
 
 
-def _args(s, g, beta, docs):
-    return ([g if s.kdef.vector_gate else _table(g, s.C)]
-            + ([_table(beta, s.C)] if s.kdef.beta else []) + ([docs] if docs is not None else []))
+def _args(s, g, scalars, docs):
+    return ([g if s.kdef.vector_gate else _table(g, s.C)] + [_table(x, s.C) for x in scalars]
+            + ([docs] if docs is not None else []))
 
 
-def _forward(s, q, k, v, g, beta, docs, s0, save):
+def _out_dtype(s, v):
+    return F32 if s.kdef.f32_out else v.dtype
+
+
+def _forward(s, q, k, v, g, scalars, docs, s0, save):
     B, H, Tp, Kp = q.shape
     Vp, N = v.shape[-1], Tp // s.C
     specs, tok, _, state, chunk_state = _in_specs(s, N, Kp, Vp, docs is not None, reverse=False)
-    out_shape = [jax.ShapeDtypeStruct((B, H, Tp, Vp), v.dtype),
+    out_shape = [jax.ShapeDtypeStruct((B, H, Tp, Vp), _out_dtype(s, v)),
                  jax.ShapeDtypeStruct((B, H, Kp, Vp), F32)]
     out_specs = [tok(Vp), state]
     if save:
@@ -169,24 +178,24 @@ def _forward(s, q, k, v, g, beta, docs, s0, save):
         out_specs.append(chunk_state)
     kernel = functools.partial(_fwd_kernel, s=s, docs=docs is not None, save=save)
     scratch = [mosaic.vmem((Kp, Vp))] + s.kdef.fwd_scratch(s.C, Kp, Vp, s.cfg)
-    args = [q, k, v, *_args(s, g, beta, docs), s0]
+    args = [q, k, v, *_args(s, g, scalars, docs), s0]
     return _call(s, kernel, f"{s.kdef.name}_fwd", (B, H, N), specs + [state], out_specs,
                  out_shape, scratch)(*args)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _core(s, q, k, v, g, beta, docs, s0):
-    o, sT = _forward(s, q, k, v, g, beta, docs, s0, save=False)
+def _core(s, q, k, v, g, scalars, docs, s0):
+    o, sT = _forward(s, q, k, v, g, scalars, docs, s0, save=False)
     return o, sT
 
 
-def _core_fwd(s, q, k, v, g, beta, docs, s0):
-    o, sT, sc = _forward(s, q, k, v, g, beta, docs, s0, save=True)
-    return (o, sT), (q, k, v, g, beta, docs, sc)
+def _core_fwd(s, q, k, v, g, scalars, docs, s0):
+    o, sT, sc = _forward(s, q, k, v, g, scalars, docs, s0, save=True)
+    return (o, sT), (q, k, v, g, scalars, docs, sc)
 
 
 def _core_bwd(s, res, cts):
-    q, k, v, g, beta, docs, sc = res
+    q, k, v, g, scalars, docs, sc = res
     do, dsT = cts
     B, H, Tp, Kp = q.shape
     Vp, N = v.shape[-1], Tp // s.C
@@ -197,28 +206,29 @@ def _core_bwd(s, res, cts):
     table_shape = jax.ShapeDtypeStruct((B, H, N, s.C), F32)
     out_shape.append(jax.ShapeDtypeStruct(g.shape, F32) if s.kdef.vector_gate else table_shape)
     out_specs.append(tok(Kp) if s.kdef.vector_gate else table)
-    if s.kdef.beta:
-        out_shape.append(table_shape)
-        out_specs.append(table)
+    out_shape += [table_shape] * s.kdef.scalars
+    out_specs += [table] * s.kdef.scalars
     out_shape.append(jax.ShapeDtypeStruct((B, H, Kp, Vp), F32))
     out_specs.append(state)
     kernel = functools.partial(_bwd_kernel, s=s, docs=docs is not None)
     scratch = [mosaic.vmem((Kp, Vp))] + s.kdef.bwd_scratch(s.C, Kp, Vp, s.cfg)
-    args = [q, k, v, *_args(s, g, beta, docs), sc, do.astype(v.dtype), dsT.astype(F32)]
-    dq, dk, dv, dg, *dbeta, ds0 = _call(
+    args = [q, k, v, *_args(s, g, scalars, docs), sc, do.astype(_out_dtype(s, v)),
+            dsT.astype(F32)]
+    dq, dk, dv, dg, *dsc, ds0 = _call(
         s, kernel, f"{s.kdef.name}_bwd", (B, H, N), specs + [chunk_state, tok(Vp), state],
         out_specs, out_shape, scratch)(*args)
-    dbeta = dbeta[0].reshape(beta.shape) if s.kdef.beta else None
-    return dq, dk, dv, dg.reshape(g.shape), dbeta, None, ds0
+    dsc = tuple(d.reshape(x.shape) for d, x in zip(dsc, scalars, strict=True))
+    return dq, dk, dv, dg.reshape(g.shape), dsc, None, ds0
 
 
 _core.defvjp(_core_fwd, _core_bwd)
 
 
 def run(kdef: KernelDef, q, k, v, g, *, scale, initial_state, segment_ids, chunk_size,
-        config: TpuConfig | None, beta=None):
-    """The op-level entry: [B, T, H, D] inputs (heads expanded) -> (o in v's dtype, S float32).
-    config: the registry always passes one; None takes `TpuConfig.default()`."""
+        config: TpuConfig | None, scalars=()):
+    """The op-level entry: [B, T, H, D] inputs (heads expanded), `scalars` the kernel's per-token
+    tables [B, T, H] -> (o in v's dtype, or float32 with `f32_out`; S float32). config: the
+    registry always passes one; None takes `TpuConfig.default()`."""
     config = config or TpuConfig.default()
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -234,8 +244,8 @@ def run(kdef: KernelDef, q, k, v, g, *, scale, initial_state, segment_ids, chunk
     else:
         g = jnp.zeros((B, T, H), F32) if g is None else g.astype(F32)
         gh = jnp.swapaxes(_layout.pad_time(g, Tp), 1, 2)                   # [B, H, T_pad]
-    bh = jnp.swapaxes(_layout.pad_time(beta.astype(F32), Tp), 1, 2) if kdef.beta else None
+    sh = tuple(jnp.swapaxes(_layout.pad_time(x.astype(F32), Tp), 1, 2) for x in scalars)
     docs = None if segment_ids is None else _layout.doc_table(segment_ids, T, C)
     s0 = _layout.pad_state(initial_state, B, H, Kp, Vp)
-    o, S = _core(s, qh, kh, vh, gh, bh, docs, s0)
-    return _layout.from_heads_major(o, T, V).astype(v.dtype), S[:, :, :K, :V]
+    o, S = _core(s, qh, kh, vh, gh, sh, docs, s0)
+    return _layout.from_heads_major(o, T, V).astype(_out_dtype(s, v)), S[:, :, :K, :V]

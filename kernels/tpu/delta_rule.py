@@ -40,7 +40,7 @@ class _Terms:
         self.decay, self.e_in, self.e_out, self.a = gate_terms(ch)
         self.q, self.k, self.v = ch.q[...], ch.k[...], ch.v[...]
         self.kf, self.vf = self.k.astype(F32), self.v.astype(F32)
-        self.beta = ch.table(ch.beta)[0]
+        self.beta = ch.table(ch.scalars[0])[0]
         self.st = "split3" if mode == "fast" else mode    # products that feed the carried state
         self.KK = dot(self.k, self.k, tb=True, mode=mode)
         self.L = jnp.where(row > col, self.beta * self.KK * self.decay, 0.0)
@@ -94,7 +94,7 @@ def _bwd(ch, S_in, do, dS, outs, extra, *, C, scale, mode, cfg):
     return t.a * dS + dot(qg, do, ta=True, mode=st) - dot(t.W, du, ta=True, mode=st)
 
 
-_KERNEL = KernelDef("delta_rule", vector_gate=False, fwd=_fwd, bwd=_bwd, beta=True)
+_KERNEL = KernelDef("delta_rule", vector_gate=False, fwd=_fwd, bwd=_bwd, scalars=1)
 
 
 def delta_rule(q, k, v, g, beta, *, scale, initial_state, segment_ids, chunk_size,
@@ -103,5 +103,5 @@ def delta_rule(q, k, v, g, beta, *, scale, initial_state, segment_ids, chunk_siz
     ...)` with heads expanded and g None for `delta_rule` (a [B, T, H] log decay for
     `gated_delta_rule`), plus the kernel config (the registry always passes one; None takes
     `TpuConfig.default()`): returns o [B, T, H, V] in v's dtype and S [B, H, K, V] float32."""
-    return run(_KERNEL, q, k, v, g, beta=beta, scale=scale, initial_state=initial_state,
+    return run(_KERNEL, q, k, v, g, scalars=(beta,), scale=scale, initial_state=initial_state,
                segment_ids=segment_ids, chunk_size=chunk_size, config=config)

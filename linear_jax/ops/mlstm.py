@@ -17,12 +17,14 @@ One guard: the floor exp(-m_t) is taken as exp(min(-m_t, 80)). It only binds whe
 every input gate of the span is below -80 and h is ~0 either way, and keeps the floor finite there
 (an infinite floor makes the gradient 0 * inf = NaN).
 
-Kernels: "pallas:triton" (`linear_jax.kernels.gpu.mlstm`) and, on compute capability 9.0 GPUs,
-"pallas:mosaic_gpu" (`linear_jax.kernels.gpu.hopper.mlstm`; not chosen by "auto" until it has
-passed its device check): bf16 / fp16 inputs with K, V in (64, 128) and no segment ids; its
-forward is a Mosaic GPU kernel (TFLA two-level tiling, chunks of 128 tokens between states, the
-stabiliser and normaliser in the kernel), its backward still the chunk form's VJP. Other inputs
-are declined (`accepts`): "auto" passes over it.
+Kernels: "pallas:triton" (`linear_jax.kernels.gpu.mlstm`), "pallas:tpu"
+(`linear_jax.kernels.tpu.mlstm`, Mosaic TPU, the same chunkwise form; not chosen by "auto" until
+it has run on a TPU) and, on compute capability 9.0 GPUs, "pallas:mosaic_gpu"
+(`linear_jax.kernels.gpu.hopper.mlstm`; not chosen by "auto" until it has passed its device
+check): bf16 / fp16 inputs with K, V in (64, 128); Mosaic GPU kernels for the
+forward and the backward (TFLA two-level tiling, chunks of 128 tokens between states, the
+stabiliser and normaliser in the kernels, packed documents as masks). Other inputs are declined
+(`accepts`): "auto" passes over it.
 
 Shapes: q, k [B, T, Hk, K]; v [B, T, H, V] (H a multiple of Hk); i, f [B, T, H]; state the tuple
 (C [B, H, K, V], n [B, H, K], m [B, H]) float32; h [B, T, H, V] in v's dtype. The zero state is
@@ -161,7 +163,10 @@ registry.register(registry.OpRecord(
                              min_capability=(9, 0),
                              accepts="linear_jax.kernels.gpu.hopper.mlstm:accepts"),
              registry.Kernel("triton", "linear_jax.kernels.gpu.mlstm:mlstm",
-                             "linear_jax.kernels.configs:TritonChunkConfig"),)))
+                             "linear_jax.kernels.configs:TritonChunkConfig"),
+             # not run on a TPU yet: impl="pallas:tpu" (or "pallas" there) until it has been
+             registry.Kernel("tpu", "linear_jax.kernels.tpu.mlstm:mlstm",
+                             "linear_jax.kernels.configs:TpuConfig", auto=False))))
 
 
 def mlstm(q, k, v, i, f, *, scale=None, initial_state=None, segment_ids=None, chunk_size=64,

@@ -8,6 +8,8 @@ of y: ~1e-2)."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -83,41 +85,55 @@ def _err(a, b):
     return float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-6))
 
 
-@pytest.mark.parametrize("L", [64, 128])
-def test_mlstm_matches_reference(L):
-    """T = 150 (padded), strong input gates (i ~ 3 N(0, 1)), an initial state: the forward kernel
-    against the recurrent reference; the gradients (the chunk form's VJP) likewise."""
+@functools.cache
+def _mlstm_fns():
+    """The kernel's and the reference's values and gradients, jitted once for both cases: T = 150
+    (padded to two chunks of L = 128, two query tiles each), three packed documents (resets
+    mid-tile and mid-chunk), an initial state."""
+    K = 64
+    cfg = HopperMlstmConfig(interpret=True, chunk=128)
+    up = lambda x: x.astype(jnp.float32)                        # noqa: E731
+
+    def kern(q, k, v, i, f, h0, seg):
+        return hopper_mlstm.mlstm(q, k, v, i, f, scale=K**-0.5, initial_state=h0,
+                                  segment_ids=seg, chunk_size=64, eps=1e-6, config=cfg)
+
+    def ref(q, k, v, i, f, h0, seg):
+        return mlstm_recurrent(up(q), up(k), up(v), i, f, scale=K**-0.5, initial_state=h0,
+                               segment_ids=seg, eps=1e-6)
+
+    def both(fn):
+        def loss(dy, *a):
+            y, (C, n, m) = fn(*a)
+            return jnp.sum(up(y) * dy) + jnp.sum(C) + jnp.sum(n) + jnp.sum(m)
+
+        return jax.jit(lambda dy, *a: (fn(*a), jax.grad(loss, argnums=tuple(range(1, 7)))(
+            dy, *a)))
+
+    return both(kern), both(ref)
+
+
+@pytest.mark.parametrize("strong", [False, True], ids=["gates", "strong-forget"])
+def test_mlstm_matches_reference(strong):
+    """Strong input gates (i ~ 3 N(0, 1)); forget gates as drawn or all strong (log sigmoid(f) =
+    -20: the true df is ~1e-5 of dq, so a gate gradient formed as a difference of cumulative sums
+    would be rounding only): outputs, final states and the gradients of q, k, v, i, f and the
+    initial state (C, n, m) against the recurrent reference."""
     B, T, H, K, V = 1, 150, 1, 64, 64
-    cfg = HopperMlstmConfig(interpret=True, chunk=L)
     ks = jax.random.split(jax.random.PRNGKey(0), 9)
     n = lambda i, *s: jax.random.normal(ks[i], s)              # noqa: E731
     bf = jnp.bfloat16
     q, k, v = n(0, B, T, H, K).astype(bf), n(1, B, T, H, K).astype(bf), n(2, B, T, H, V).astype(bf)
-    i, f = 3 * n(3, B, T, H), n(4, B, T, H) + 2
+    i, f = 3 * n(3, B, T, H), (jnp.full((B, T, H), -20.0) if strong else n(4, B, T, H) + 2)
     h0 = (n(5, B, H, K, V), jnp.abs(n(6, B, H, K)), n(7, B, H))
     dy = n(8, B, T, H, V).astype(bf).astype(jnp.float32)
-    up = lambda x: x.astype(jnp.float32)                        # noqa: E731
-
-    def kern(q, k, v, i, f, h0):
-        return hopper_mlstm.mlstm(q, k, v, i, f, scale=K**-0.5, initial_state=h0,
-                                  segment_ids=None, chunk_size=64, eps=1e-6, config=cfg)
-
-    def ref(q, k, v, i, f, h0):
-        return mlstm_recurrent(up(q), up(k), up(v), i, f, scale=K**-0.5, initial_state=h0,
-                               segment_ids=None, eps=1e-6)
-
-    def loss(fn, *a):
-        y, (C, nn, _) = fn(*a)
-        return jnp.sum(up(y) * dy) + jnp.sum(C) + jnp.sum(nn)
-
-    args = (q, k, v, i, f, h0)
-    (y, st), g = jax.jit(lambda *a: (kern(*a), jax.grad(
-        lambda *b: loss(kern, *b), argnums=tuple(range(6)))(*a)))(*args)
-    yr, sr = ref(*args)
-    gr = jax.grad(lambda *b: loss(ref, *b), argnums=tuple(range(6)))(*args)
+    seg = jnp.asarray([[0] * 37 + [1] * 60 + [2] * (T - 97)])
+    kern, ref = _mlstm_fns()
+    (y, st), g = kern(dy, q, k, v, i, f, h0, seg)
+    (yr, sr), gr = ref(dy, q, k, v, i, f, h0, seg)
     assert _err(y, yr) < TOL
     for a, b in zip(st, sr, strict=True):
         assert _err(a, b) < 1e-5
-    flat_k, flat_r = jax.tree.leaves(g), jax.tree.leaves(gr)
-    for idx, (a, b) in enumerate(zip(flat_k, flat_r, strict=True)):
-        assert _err(a, b) < TOL, idx
+    names = ("dq", "dk", "dv", "di", "df", "dC0", "dn0", "dm0")
+    for name, a, b in zip(names, jax.tree.leaves(g), jax.tree.leaves(gr), strict=True):
+        assert _err(a, b) < TOL, (name, _err(a, b))

@@ -65,7 +65,7 @@ def test_selective_accepts():
     assert "multiples of 64" in hopper_selective.accepts(u[..., :96], u, A, Bm, Bm)
 
 
-# (semantics, B, T, H, K, V, initial state, chunk L)
+# (semantics, B, T, H, K, V, initial state and segment ids, chunk L)
 MLSTM = [
     ("lane", 2, 2048, 4, 128, 128, False, 128),     # the anchor tile sizes
     ("lane", 1, 200, 2, 64, 64, True, 256),         # T padded, L = 256 (four key tiles)
@@ -75,33 +75,35 @@ MLSTM = [
 
 
 def _export_mlstm(case, grad):
-    sem, B, T, H, K, V, h0, L = case
+    sem, B, T, H, K, V, extras, L = case
     cfg = HopperMlstmConfig(interpret=False, semantics=sem, chunk=L)
     structs = [bf(B, T, H, K), bf(B, T, H, K), bf(B, T, H, V), fs(B, T, H), fs(B, T, H)]
-    if h0:
-        structs += [fs(B, H, K, V), fs(B, H, K), fs(B, H)]
+    if extras:
+        structs += [jax.ShapeDtypeStruct((B, T), jnp.int32), fs(B, H, K, V), fs(B, H, K),
+                    fs(B, H)]
 
-    def f(q, k, v, i, fg, *state):
+    def f(q, k, v, i, fg, seg=None, *state):
         return hopper_mlstm.mlstm(q, k, v, i, fg, scale=K**-0.5,
                                   initial_state=tuple(state) if state else None,
-                                  segment_ids=None, chunk_size=64, eps=1e-6, config=cfg)
+                                  segment_ids=seg, chunk_size=64, eps=1e-6, config=cfg)
 
-    def loss(*a):
-        h, (C, n, m) = f(*a)
+    def loss(q, k, v, i, fg, seg=None, *state):
+        h, (C, n, m) = f(q, k, v, i, fg, seg, *state)
         return jnp.sum(h.astype(jnp.float32)) + jnp.sum(C) + jnp.sum(n)
 
-    # the value too: the backward is the chunk form's VJP, the kernel is the forward
-    fn = jax.value_and_grad(loss, argnums=tuple(range(len(structs) - (1 if h0 else 0)))) \
-        if grad else f
+    argnums = (0, 1, 2, 3, 4) + ((6, 7, 8) if extras else ())
+    fn = jax.grad(loss, argnums=argnums) if grad else f
     return jax.export.export(jax.jit(fn), platforms=["cuda"])(*structs)
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["fwd", "bwd"])
-@pytest.mark.parametrize("case", MLSTM,
-                         ids=lambda c: f"{c[0]}-T{c[2]}-K{c[4]}V{c[5]}-L{c[7]}" + "-h0" * c[6])
+@pytest.mark.parametrize("case", MLSTM, ids=lambda c: f"{c[0]}-T{c[2]}-K{c[4]}V{c[5]}-L{c[7]}"
+                         + "-h0-docs" * c[6])
 def test_mlstm_exports_for_cuda(case, grad):
     text = _export_mlstm(case, grad).mlir_module()
-    assert "mlstm_out" in text
+    names = ("mlstm_out", "mlstm_bwd_queries", "mlstm_bwd_keys") if grad else ("mlstm_out",)
+    for name in names:
+        assert name in text, name
 
 
 def test_mlstm_refuses():
@@ -109,7 +111,6 @@ def test_mlstm_refuses():
     assert hopper_mlstm.accepts(x, x, x) is None
     assert "bfloat16" in hopper_mlstm.accepts(x.astype(jnp.float32), x, x)
     assert "K, V in" in hopper_mlstm.accepts(x[..., :96], x[..., :96], x)
-    g = jnp.zeros((1, 8, 1))
-    with pytest.raises(ValueError, match="segment_ids"):
-        hopper_mlstm.mlstm(x, x, x, g, g, scale=1.0, initial_state=None,
-                           segment_ids=jnp.zeros((1, 8), jnp.int32), chunk_size=64, eps=1e-6)
+    # the backward's query kernel does not fit SMEM at L = 256 with K = V = 128
+    with pytest.raises(ValueError, match="HopperMlstmConfig.chunk"):
+        _export_mlstm(("lane", 1, 256, 1, 128, 128, False, 256), grad=True)

@@ -45,6 +45,7 @@ def on(monkeypatch):
         ("gpu", "selective_scan", 1024, "pallas:triton"),
         ("tpu", "selective_scan", 1024, "pallas:tpu"),
         ("gpu", "mlstm", 1024, "pallas:triton"),
+        ("tpu", "mlstm", 1024, "chunk"),             # its kernel awaits the device check
         ("gpu", "ssd", 1024, "pallas:triton"),       # simple_gla's kernels
         ("tpu", "linear_attention", 1024, "pallas:tpu"),
         ("gpu", "gla", 1, "recurrent"),              # one decoding step
@@ -98,8 +99,8 @@ def test_backend_names(on):
     assert registry.resolve("selective_scan", "pallas:tpu", 64).impl == "pallas:tpu"
     on("tpu")
     assert registry.resolve("gla", "pallas", 64).impl == "pallas:tpu"
-    with pytest.raises(ValueError, match="mlstm: impl='pallas': no kernel of this op runs"):
-        registry.resolve("mlstm", "pallas", 64)
+    with pytest.raises(ValueError, match="hgrn: impl='pallas': no kernel of this op runs"):
+        registry.resolve("hgrn", "pallas", 64)
     with pytest.raises(ValueError, match="the triton kernel does not run"):
         registry.resolve("mlstm", "pallas:triton", 64)
     # interpret=False is an explicit compile for the kernel's own platform (an export)

@@ -55,9 +55,9 @@ def smem(shape, dtype):
 SMEM_BYTES = 227 * 1024 - 2048
 
 
-def check_smem(name: str, scratch) -> int:
+def check_smem(name: str, scratch, fix: str = "lower the config's stages") -> int:
     """The SMEM bytes of a kernel's scratch list; ValueError past SMEM_BYTES (export on a CPU
-    would not notice: the limit is the device's)."""
+    would not notice: the limit is the device's), saying how to `fix` it."""
     total = 0
     for s in scratch:
         if isinstance(s, plgpu.Barrier):
@@ -68,7 +68,7 @@ def check_smem(name: str, scratch) -> int:
         total += n
     if total > SMEM_BYTES:
         raise ValueError(f"{name}: {total / 1024:.1f} KB of shared memory exceeds the "
-                         f"{SMEM_BYTES / 1024:.1f} KB a CTA can have; lower the config's stages")
+                         f"{SMEM_BYTES / 1024:.1f} KB a CTA can have; {fix}")
     return total
 
 

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+from linear_jax.ops.common.chunking import resets
 
 
 def cumsum_incl(g, axis: int):
@@ -46,3 +49,19 @@ def step_size(dt, bias=None, softplus: bool = False):
     if bias is not None:
         dt = dt + bias.astype(jnp.float32)
     return jax.nn.softplus(dt) if softplus else dt
+
+
+def running_max(i, l, m0, segment_ids):
+    """mLSTM's stabiliser m_t = max(l_t + m_{t-1}, i_t), m_{-1} = m0 [B, H], restarting from 0 at
+    a reset; i, l [B, T, H] float32 -> [B, T, H].
+
+    Step t is the map x -> max(x + a_t, b_t) and maps compose as (a1, b1) then (a2, b2) =
+    (a1 + a2, max(b1 + a2, b2)), so a prefix scan of the pairs gives every m_t. A reset forgets x:
+    a = -inf, b = max(l_t, i_t) (the zero state's candidate 0 + l_t)."""
+    a, b = l, i
+    if segment_ids is not None:
+        r = resets(segment_ids)[..., None]
+        a, b = jnp.where(r, -jnp.inf, l), jnp.where(r, jnp.maximum(l, i), i)
+    combine = lambda x, y: (x[0] + y[0], jnp.maximum(x[1] + y[0], y[1]))   # noqa: E731
+    A, Bm = lax.associative_scan(combine, (a, b), axis=1)
+    return jnp.maximum(m0[:, None, :] + A, Bm)
