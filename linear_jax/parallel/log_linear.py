@@ -18,8 +18,8 @@ A reset inside the shard zeroes Q~ after it and the map (d = 0). The map is gath
 Levels of pairs depend on positions within the document, so a shard needs its tokens' positions
 before its local pass: `positions` [B, T] (`fenwick.positions` of the whole sequence). Given a
 mesh, they are computed from the global segment ids outside the `shard_map` (without packed
-documents an iota; with them the compiler's cumulative max over the split ids, a few int32 [B, T]
-collectives, the same in every layer); no state-sized collective.
+documents an iota; with them the compiler's cumulative max over the split ids, one int32 [B, T]
+all-gather on the CPU mesh); no state-sized collective.
 """
 
 from __future__ import annotations
