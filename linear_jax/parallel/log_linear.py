@@ -56,7 +56,6 @@ def levels_local(q, k, v, g, level_weights, positions, *, axis_name="seq", scale
     H, V, L = v.shape[2], v.shape[3], level_weights.shape[-1]
     scale = default_scale(scale, K)
     kw = dict(scale=scale, chunk_size=chunk_size, impl=impl, config=config)
-    kind = "levels"
 
     def run(x, seg, S):
         q, k, v, g, lam, pos = x
@@ -85,7 +84,7 @@ def levels_local(q, k, v, g, level_weights, positions, *, axis_name="seq", scale
         return o.astype(x[2].dtype)
 
     x = (q, k, v, g, level_weights, positions.astype(jnp.float32))
-    return affine_shard(pre, post, kind, x, (B, H, L, K, V), initial_state, segment_ids,
+    return affine_shard(pre, post, "levels", x, (B, H, L, K, V), initial_state, segment_ids,
                         axis_name=axis_name, mode=mode, rerun=run)
 
 
