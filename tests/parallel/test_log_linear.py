@@ -1,9 +1,11 @@
-"""Sequence-parallel log-linear simple GLA equals the single-device op: outputs, final state
-(levels and position) and the gradient of every float input (initial levels included), with packed
-documents resetting inside shards and exactly on shard boundaries, and an initial state whose
-position continues the first document; and the log-linear Mamba-2 layer on a seq mesh."""
+"""Sequence-parallel log-linear simple GLA and Gated DeltaNet equal their single-device ops:
+outputs, final state (levels and position) and the gradient of every float input (initial levels
+included), with packed documents resetting inside shards and exactly on shard boundaries, and an
+initial state whose position continues the first document. (The layers: test_mixers.py.)"""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -23,12 +25,16 @@ T, L, C = 32, 5, 4
 P0 = jnp.asarray([3.0, 0.0])    # the first document continues a state at position 3
 
 
-def _draw(B, seed=0):
+def _draw(op, B, seed=0):
     rng = np.random.default_rng(seed)
     f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
-    return {"q": f(B, T, H, K), "k": f(B, T, H, K), "v": f(B, T, H, V),
-            "g": -jax.nn.softplus(f(B, T, H)), "level_weights": jax.nn.softplus(f(B, T, H, L)),
-            "levels": f(B, H, L, K, V)}
+    x = {"q": f(B, T, H, K), "k": f(B, T, H, K), "v": f(B, T, H, V),
+         "g": -jax.nn.softplus(f(B, T, H)), "level_weights": jax.nn.softplus(f(B, T, H, L)),
+         "levels": f(B, H, L, K, V)}
+    if op == "log_linear_gated_delta_rule":
+        x["k"] = x["k"] / jnp.linalg.norm(x["k"], axis=-1, keepdims=True)
+        x["beta"] = jax.nn.sigmoid(f(B, T, H)) * 2.0
+    return x
 
 
 def _outputs_and_grads(fn):
@@ -43,8 +49,9 @@ def _outputs_and_grads(fn):
     return jax.jit(lambda x, seg: jax.grad(loss, has_aux=True)(x, seg)[::-1])
 
 
-SINGLE = _outputs_and_grads(
-    lambda **a: ops.log_linear_simple_gla(**a, impl="chunk", chunk_size=C))
+@functools.cache
+def _single(op):
+    return _outputs_and_grads(lambda **a: getattr(ops, op)(**a, impl="chunk", chunk_size=C))
 
 
 def _in_shard_map(mesh, mode):
@@ -69,13 +76,15 @@ def _in_shard_map(mesh, mode):
     return run
 
 
-@pytest.mark.parametrize("local,mode", [(False, "saved"), (True, "rerun")])
-def test_matches_single_device(local, mode):
+@pytest.mark.parametrize("op,local,mode", [("log_linear_simple_gla", False, "saved"),
+                                           ("log_linear_simple_gla", True, "rerun"),
+                                           ("log_linear_gated_delta_rule", False, "saved")])
+def test_matches_single_device(op, local, mode):
     mesh = _compat.make_mesh((4,), ("seq",), jax.devices()[:4])
-    x, seg = _draw(2), packed_segments(2, T)
+    x, seg = _draw(op, 2), packed_segments(2, T)
     par = _in_shard_map(mesh, mode) if local else (
-        lambda **a: sp.log_linear_simple_gla(**a, mesh=mesh, chunk_size=C, mode=mode))
-    ((o1, S1), g1), ((o2, S2), g2) = SINGLE(x, seg), _outputs_and_grads(par)(x, seg)
+        lambda **a: getattr(sp, op)(**a, mesh=mesh, chunk_size=C, mode=mode))
+    ((o1, S1), g1), ((o2, S2), g2) = _single(op)(x, seg), _outputs_and_grads(par)(x, seg)
     assert_close(o2, o1, TOL, "output")
     assert_close(S2.levels, S1.levels, TOL, "final levels")
     np.testing.assert_array_equal(S2.position, S1.position)

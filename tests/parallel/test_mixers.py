@@ -69,18 +69,21 @@ def _close(a, b, what):
 
 def test_layers_on_a_seq_mesh_equal_unsharded():
     """The KDA (short-conv halo, matrix shard map), RWKV-7 (token-shift halo), Mamba-3 (the
-    trapezoid's halo) and log-linear Mamba-2 (level states, positions from the global ids) layers
-    in one model on seq=4, packed documents: the logits equal the unsharded ones."""
+    trapezoid's halo), log-linear Mamba-2 (level states, positions from the global ids) and
+    log-linear Gated DeltaNet (the summed state's exchange, then the levels') layers in one model
+    on seq=4, packed documents: the logits equal the unsharded ones."""
     from flax import nnx
 
     from linear_jax.models import LM, LMConfig
     from linear_jax.parallel import SeqParallel
 
-    cfg = LMConfig(vocab_size=32, d_model=32, num_layers=4, num_heads=2,
-                   layers=("kda", "rwkv7", "mamba3", "log_linear_mamba2"),
+    cfg = LMConfig(vocab_size=32, d_model=32, num_layers=5, num_heads=2,
+                   layers=("kda", "rwkv7", "mamba3", "log_linear_mamba2",
+                           "log_linear_gated_deltanet"),
                    chunk_size=8, init_std=0.1,
                    mixer_options={"rwkv7": {"decay_rank": 8, "a_rank": 8, "gate_rank": 8},
-                                  "log_linear_mamba2": {"num_levels": 4}})
+                                  "log_linear_mamba2": {"num_levels": 4},
+                                  "log_linear_gated_deltanet": {"num_levels": 4}})
     model = LM(cfg, rngs=nnx.Rngs(0))
     mesh = _compat.make_mesh((4,), ("seq",), jax.devices()[:4])
     tokens = jax.random.randint(jax.random.key(0), (2, T), 0, 32)
