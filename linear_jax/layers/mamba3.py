@@ -13,12 +13,13 @@ and the B/C biases take its place), RMS-normed B and C with biases, rotary angle
 heads on half of the state (`rope_fraction` 0.5), D skip and silu gate. The optional output norm
 is not implemented. Op: `linear_jax.ops.mamba3`.
 
-MIMO (`mimo_rank` r > 1, op `linear_jax.ops.mamba3_mimo`): B and C have r columns each ([G r N]
-from the input projection, normed per column, the heads' biases shared by the columns), x is
-lifted to r inputs per head by learned per-head weights, X_i = x * w_x[i] (w_x [H, r, P], 1 at
-init), and the r outputs are folded back, y = sum_i w_y[i] * Y_i (w_y [H, r, P], 1/r at init),
-before the D skip. The state stays [N, P]; the work per step grows by r. No sequence-parallel form
-(`mamba3_mimo` has none: an active `seq_parallel` raises).
+MIMO (`mimo_rank` r > 1, op `linear_jax.ops.mamba3_mimo`): B and C have r columns each ([G r N] from
+the input projection, normed per column, the heads' biases shared by the columns), x is lifted to r
+inputs per head by learned per-head weights, X_i = x * w_x[i] (w_x [H, r, P], 1 at init), and the r
+outputs are folded back, y = sum_i w_y[i] * Y_i (w_y [H, r, P], 1/r at init), before the D skip (our
+reading of the paper's rank-r projections: data-independent maps of x and y, data-dependent B and
+C). The state stays [N, P]; the work per step grows by r. No sequence-parallel form (`mamba3_mimo`
+has none: an active `seq_parallel` raises).
 
 Parameters: D (2 E + 2 G r N + 3 H + R) (in) + H (dt_bias) + 2 H N (biases) + 2 N (norms) + H (D)
 + E D (out), + 2 r E (w_x, w_y) with MIMO. State: S [B, H, N, P] float32 and the last keys and
