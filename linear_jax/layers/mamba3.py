@@ -18,8 +18,8 @@ the input projection, normed per column, the heads' biases shared by the columns
 inputs per head by learned per-head weights, X_i = x * w_x[i] (w_x [H, r, P], 1 at init), and the r
 outputs are folded back, y = sum_i w_y[i] * Y_i (w_y [H, r, P], 1/r at init), before the D skip (our
 reading of the paper's rank-r projections: data-independent maps of x and y, data-dependent B and
-C). The state stays [N, P]; the work per step grows by r. No sequence-parallel form (`mamba3_mimo`
-has none: an active `seq_parallel` raises).
+C). The state stays [N, P]; the work per step grows by r. Both run sequence-parallel
+(`linear_jax.parallel.mamba3`).
 
 Parameters: D (2 E + 2 G r N + 3 H + R) (in) + H (dt_bias) + 2 H N (biases) + 2 N (norms) + H (D)
 + E D (out), + 2 r E (w_x, w_y) with MIMO. State: S [B, H, N, P] float32 and the last keys and

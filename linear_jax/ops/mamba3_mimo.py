@@ -71,14 +71,11 @@ def _substeps(*phases):
     return x.reshape((x.shape[0], -1) + x.shape[3:])
 
 
-def mamba3_mimo_chunk(q, k, v, g, dt, trap, theta, *, scale, initial_state, segment_ids,
-                      chunk_size):
-    """The chunk form (module docstring): SISO's on 3r sub-steps per step."""
-    B, T, H, r, N = q.shape
-    P = v.shape[-1]
-    f32 = lambda x: x.astype(jnp.float32)
-    S0, k0, v0 = _states(initial_state, B, H, r, N, P)
-    q, k, v, g, dt, trap, theta = (f32(x) for x in (q, k, v, g, dt, trap, theta))
+def substeps(q, k, v, g, dt, trap, theta, k0, v0, segment_ids):
+    """SISO's arguments (q, k, v, g, dt, trap, theta) over 3r sub-steps per step (module
+    docstring), and their segment ids. Inputs float32, heads expanded; k0 [B,H,r,N], v0 [B,H,r,P]
+    the keys and values of the step before the first."""
+    r = q.shape[3]
     w_prev = (1.0 - trap) * dt
     if segment_ids is not None:
         w_prev = jnp.where(resets(segment_ids)[..., None], 0.0, w_prev)
@@ -86,22 +83,38 @@ def mamba3_mimo_chunk(q, k, v, g, dt, trap, theta, *, scale, initial_state, segm
     v_prev = jnp.concatenate([v0[:, None], v[:, :-1]], axis=1)
     # the step's transition sits on the first sub-step of phase 2
     first = (jnp.arange(3 * r) == r).astype(jnp.float32)
-    qs = _substeps(jnp.zeros_like(q), jnp.zeros_like(q), q)
-    ks = _substeps(k_prev, k * (trap * dt)[..., None, None], jnp.zeros_like(k))
-    vs = _substeps(v_prev, v, jnp.zeros_like(v))
     gs = _substeps(g[..., None] * first)
-    ths = _substeps(theta[..., None, :] * first[:, None])
-    seg = None if segment_ids is None else jnp.repeat(segment_ids, 3 * r, axis=1)
     ones = jnp.ones(gs.shape, jnp.float32)
+    args = (_substeps(jnp.zeros_like(q), jnp.zeros_like(q), q),
+            _substeps(k_prev, k * (trap * dt)[..., None, None], jnp.zeros_like(k)),
+            _substeps(v_prev, v, jnp.zeros_like(v)), gs, ones, ones,
+            _substeps(theta[..., None, :] * first[:, None]))
+    return args, None if segment_ids is None else jnp.repeat(segment_ids, 3 * r, axis=1)
+
+
+def step_outputs(o, r):
+    """SISO's outputs over the sub-steps [B, 3rT, H, P] -> the steps' [B, T, H, r, P]."""
+    B, _, H, P = o.shape
+    return jnp.moveaxis(o.reshape(B, -1, 3 * r, H, P)[:, :, 2 * r:], 2, 3)
+
+
+def mamba3_mimo_chunk(q, k, v, g, dt, trap, theta, *, scale, initial_state, segment_ids,
+                      chunk_size):
+    """The chunk form (module docstring): SISO's on 3r sub-steps per step."""
+    B, T, H, r, N = q.shape
+    P = v.shape[-1]
+    f32 = lambda x: x.astype(jnp.float32)
+    S0, k0, v0 = _states(initial_state, B, H, r, N, P)
+    args, seg = substeps(*(f32(x) for x in (q, k, v, g, dt, trap, theta)), k0, v0, segment_ids)
     o, (S, _, _) = mamba3_chunk(
-        qs, ks, vs, gs, ones, ones, ths, scale=scale, segment_ids=seg, chunk_size=chunk_size,
+        *args, scale=scale, segment_ids=seg, chunk_size=chunk_size,
         initial_state=(S0, jnp.zeros((B, H, N), jnp.float32), jnp.zeros((B, H, P), jnp.float32)))
-    o = o.reshape(B, T, 3 * r, H, P)[:, :, 2 * r:]
-    return jnp.moveaxis(o, 2, 3), (S, k[:, -1], v[:, -1])
+    return step_outputs(o, r), (S, f32(k[:, -1]), f32(v[:, -1]))
 
 
 registry.register(registry.OpRecord("mamba3_mimo", reference=mamba3_mimo_recurrent,
-                                    chunk=mamba3_mimo_chunk))
+                                    chunk=mamba3_mimo_chunk,
+                                    seq_parallel="linear_jax.parallel.mamba3:mamba3_mimo"))
 
 
 def mamba3_mimo(q, k, v, g, dt, trap, theta, *, scale=1.0, initial_state=None, segment_ids=None,
