@@ -116,8 +116,44 @@ def kimi_linear():
     return transformers.KimiLinearForCausalLM(cfg), {}
 
 
+# Qwen3.5 as released: the language model inside the multimodal model, beside a vision tower
+# (one block) that the loader leaves on disk
+_QWEN3_5_VISION = dict(depth=1, hidden_size=8, intermediate_size=8, num_heads=2, patch_size=2,
+                       temporal_patch_size=1, spatial_merge_size=1, out_hidden_size=32,
+                       num_position_embeddings=4)
+# Qwen3-Next's layers (grouped Gated DeltaNet, GQA with partial RoPE) stored Qwen3.5's way; MRoPE
+# sections that a text prompt reduces to 1-D RoPE
+_QWEN3_5_TEXT = dict(
+    vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+    layer_types=["linear_attention", "full_attention"], num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                     "mrope_section": [1, 1, 0], "mrope_interleaved": True},
+    linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8,
+    linear_num_key_heads=2, linear_num_value_heads=4, max_position_embeddings=64)
+
+
+def qwen3_5():
+    # dense SwiGLU; the head tied by the top-level field (the text config's says untied)
+    cfg = transformers.Qwen3_5Config(text_config=dict(_QWEN3_5_TEXT, intermediate_size=24),
+                                     vision_config=_QWEN3_5_VISION, tie_word_embeddings=True)
+    cfg.text_config._attn_implementation = "eager"
+    return transformers.Qwen3_5ForConditionalGeneration(cfg), {}
+
+
+def qwen3_5_moe():
+    # a 4-expert top-2 MoE with a shared expert in every layer
+    cfg = transformers.Qwen3_5MoeConfig(
+        text_config=dict(_QWEN3_5_TEXT, moe_intermediate_size=8, shared_expert_intermediate_size=16,
+                         num_experts_per_tok=2, num_experts=4),
+        vision_config=_QWEN3_5_VISION, tie_word_embeddings=False)
+    cfg.text_config._attn_implementation = "eager"
+    return transformers.Qwen3_5MoeForConditionalGeneration(cfg), {}
+
+
 FAMILIES = {"mamba": mamba, "mamba2": mamba2, "qwen3_next": qwen3_next, "xlstm": xlstm,
-            "minimax": minimax, "recurrent_gemma": recurrent_gemma, "kimi_linear": kimi_linear}
+            "minimax": minimax, "recurrent_gemma": recurrent_gemma, "kimi_linear": kimi_linear,
+            "qwen3_5": qwen3_5, "qwen3_5_moe": qwen3_5_moe}
 
 
 def perturb(model, gen):
@@ -142,7 +178,8 @@ def perturb(model, gen):
 
 def zero_centred(model, name: str) -> bool:
     module = model.get_submodule(name.rsplit(".", 1)[0])
-    return type(module).__name__ in ("Qwen3NextRMSNorm", "RecurrentGemmaRMSNorm")
+    return type(module).__name__ in ("Qwen3NextRMSNorm", "RecurrentGemmaRMSNorm",
+                                     "Qwen3_5RMSNorm", "Qwen3_5MoeRMSNorm")
 
 
 def build(name: str):

@@ -37,14 +37,14 @@ from linear_jax.hub.family import (
 from linear_jax.hub.kimi_linear import KIMI_LINEAR
 from linear_jax.hub.mamba import MAMBA, MAMBA2
 from linear_jax.hub.minimax import MINIMAX
-from linear_jax.hub.qwen3_next import QWEN3_NEXT
+from linear_jax.hub.qwen3_next import QWEN3_5, QWEN3_NEXT
 from linear_jax.hub.recurrent_gemma import RECURRENT_GEMMA
 from linear_jax.hub.xlstm import XLSTM
 from linear_jax.models import LM, LMConfig
 
 FAMILIES: dict[str, Family] = {f.architecture: f for f in (MAMBA, MAMBA2, QWEN3_NEXT, XLSTM,
                                                                   MINIMAX, RECURRENT_GEMMA,
-                                                                  KIMI_LINEAR)}
+                                                                  KIMI_LINEAR, *QWEN3_5)}
 # LMConfig fields a caller may set on load: they change how the model computes, not its weights.
 OVERRIDES = ("impl", "kernel_config", "chunk_size", "dtype", "param_dtype")
 # FSDP over `fsdp`, tensor parallel over `tensor` (experiments/configs/base.py's table).
@@ -68,7 +68,9 @@ def read_config(path, **overrides) -> LMConfig:
     if bad:
         raise ValueError(f"load: {bad} cannot be overridden (they would not fit the stored "
                          f"weights); only {list(OVERRIDES)}")
-    return dataclasses.replace(family_of(hf).to_lm(hf), **overrides)
+    family = family_of(hf)
+    return dataclasses.replace(family.to_lm(hf), hub_format=family.saves_as
+                               or family.architecture, **overrides)
 
 
 def _per_layer(flat) -> dict:
@@ -125,7 +127,8 @@ def _plan(config: LMConfig, family: Family, hf: dict, stored: dict, params: list
             raise ValueError(f"{name}: tensor {dname!r} is not what the config implies "
                              f"(shape {list(e.shape)}, expected {list(want.shape)})")
     missing = sorted(set(table) - set(stored))
-    extra = sorted(set(stored) - set(table) - set(derived))
+    extra = sorted(n for n in set(stored) - set(table) - set(derived)
+                   if not n.startswith(family.ignored))
     if missing:
         raise ValueError(f"{name}: missing tensor(s) {missing}")
     if extra:
@@ -251,6 +254,13 @@ def load(path, *, mesh=None, rules=None, **overrides) -> LM:
 
 
 def family_for(config: LMConfig) -> Family:
+    if config.hub_format is not None:
+        family = FAMILIES.get(config.hub_format)
+        if family is None or not family.matches(config):
+            raise ValueError(f"save: hub_format={config.hub_format!r} cannot describe this "
+                             f"LMConfig; savable: {sorted(FAMILIES)} (or None: the first "
+                             f"that can)")
+        return family
     for family in FAMILIES.values():
         if family.matches(config):
             return family
@@ -261,7 +271,10 @@ def family_for(config: LMConfig) -> Family:
 
 def save(model: LM, path, *, max_shard_bytes: int | None = None) -> None:
     """Writes `model` as a transformers checkpoint: config.json and safetensors (sharded with an
-    index past `max_shard_bytes`), in the parameters' own dtypes. `load(path)` gives back the
+    index past `max_shard_bytes`), in the parameters' own dtypes, in the format
+    `model.config.hub_format` names (the one `load` read; a multimodal checkpoint's language
+    model as its text-only LM), or when None the first family that describes the config.
+    `load(path)` gives back the
     same weights bit for bit, and the same config up to fields not stored (impl, kernel_config,
     dtype; chunk_size except for Mamba-2)."""
     config = model.config

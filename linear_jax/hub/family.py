@@ -83,6 +83,12 @@ class Family:
     # buffers some checkpoints store though the config implies them (MiniMax's decay tables):
     # config -> {name: array}; checked against the stored ones on load, written on save
     derived: Callable[[LMConfig], dict] | None = None
+    # prefixes of tensors left on disk: parts of the checkpoint that are not the causal LM (a
+    # vision tower, a multi-token-prediction head), which transformers' LM skips as well
+    ignored: tuple[str, ...] = ()
+    # the architecture `save` writes a model loaded from this one as (a multimodal checkpoint's
+    # language model is saved as its text-only LM); None: this one
+    saves_as: str | None = None
 
 
 class Fields:

@@ -1,96 +1,173 @@
-"""Qwen3-Next (`Qwen3NextForCausalLM`): a hybrid of Gated DeltaNet and gated softmax attention
-layers (`layer_types`), each followed by a mixture of experts with a shared expert.
+"""Qwen's Gated DeltaNet hybrids: Qwen3-Next (`Qwen3NextForCausalLM`) and Qwen3.5, dense
+(`Qwen3_5ForCausalLM`) or MoE (`Qwen3_5MoeForCausalLM`), each also as released, inside its
+multimodal model (`Qwen3_5ForConditionalGeneration`, `Qwen3_5MoeForConditionalGeneration`).
+Gated DeltaNet and gated softmax attention layers (`layer_types`), each followed by a mixture of
+experts with a shared expert or a SwiGLU MLP:
 
     linear_attention -> `GatedDeltaNet` (grouped: `linear_num_key_heads` key heads serve
                         `linear_num_value_heads` value heads; l2-normalised q, k; gated norm)
     full_attention   -> `GatedAttention` (GQA, q/k RMS norms, partial RoPE, sigmoid output gate)
     mlp              -> `SharedExpertMoE` (softmax top-k, renormalised, + sigmoid-gated shared
-                        expert); with `num_experts = 0` the SwiGLU `MLP`
+                        expert); Qwen3-Next with `num_experts = 0` and dense Qwen3.5: SwiGLU `MLP`
 
 The block and final norms are zero-centred (`LMConfig.norm_offset = 1`: scale 1 + w, w stored).
-The checkpoint fuses per key head [q | k | v | z] into `in_proj_qkvz` and [b | a] into
-`in_proj_ba`; their rows are split into our separate projections on load and fused back on save.
+The two generations compute the same functions and differ in how they are stored, which `_Format`
+holds per architecture:
+
+- Qwen3-Next fuses per key head [q | k | v | z] into `in_proj_qkvz` and [b | a] into
+  `in_proj_ba`; Qwen3.5 stores `in_proj_qkv` ([q | k | v], each whole), `in_proj_z`, `in_proj_b`
+  and `in_proj_a`. The rows are split into our separate projections on load and fused on save.
+- Qwen3.5 is dense or MoE by architecture, every layer alike; Qwen3-Next by `num_experts`, MoE
+  on every `decoder_sparse_step`-th layer.
+- Qwen3.5's RoPE is multimodal (`mrope_section`: frequency bands follow time, height or width
+  positions); a text token has one position on all three, which is the 1-D RoPE computed here.
+- The multimodal checkpoints nest the language model's config under `text_config` (taking
+  `tie_word_embeddings` and `dtype` from the top level, as transformers does) and its tensors
+  under `model.language_model.`. Only the language model loads: the vision tower
+  (`model.visual.*`) stays on disk, as does every format's multi-token-prediction head
+  (`mtp.*`); `save` writes the text-only LM, which transformers also builds from these.
 
 Refused by name: `attention_bias`, RoPE types other than "default", `norm_topk_prob = false`,
-`mlp_only_layers`, and a `decoder_sparse_step > 1` whose dense layers are wider than the experts
-(`intermediate_size != moe_intermediate_size`: LMConfig has one d_ff).
+`mlp_only_layers`, `attn_output_gate = false`, and a Qwen3-Next `decoder_sparse_step > 1` whose
+dense layers are wider than the experts (`intermediate_size != moe_intermediate_size`: LMConfig
+has one d_ff).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from functools import partial
+
 from linear_jax.hub.family import Family, Fields, Piece, fused_rows
 from linear_jax.models import LMConfig
 
-NAME = "Qwen3NextForCausalLM"
 _HARMLESS = ("max_position_embeddings", "attention_dropout", "output_router_logits",
-             "router_aux_loss_coef")
+             "router_aux_loss_coef",
+             # the multi-token-prediction head's, which is not loaded
+             "mtp_num_hidden_layers", "mtp_use_dedicated_embeddings")
+# a multimodal config's top level beside text_config: the vision tower's, which is not loaded
+_VISION = ("vision_config", "image_token_id", "video_token_id", "vision_start_token_id",
+           "vision_end_token_id")
 _KINDS = {"linear_attention": "gated_deltanet", "full_attention": "gated_attention"}
+_ROPE = {"rope_type", "rope_theta", "partial_rotary_factor"}
 
 
-def to_lm(hf: dict) -> LMConfig:
-    f = Fields(hf, NAME, _HARMLESS)
+@dataclasses.dataclass(frozen=True)
+class _Format:
+    name: str                          # the architecture
+    model_type: str
+    qwen3_5: bool                      # split projections, MRoPE fields, ffn by architecture
+    ffn: str | None = None             # Qwen3.5's "mlp" or "moe"; Qwen3-Next: num_experts says
+    text_type: str | None = None       # multimodal: the model_type of its text_config
+    saves_as: str | None = None
+
+    @property
+    def prefix(self) -> str:
+        return "model.language_model." if self.text_type else "model."
+
+
+def _language_model(fmt: _Format, hf: dict) -> dict:
+    """The language model's config: config.json, or a multimodal one's `text_config` with the top
+    level's `tie_word_embeddings` and `dtype` (transformers ties by the top level's field)."""
+    if fmt.text_type is None:
+        return hf
+    top = Fields(hf, fmt.name, _VISION)
+    text = top.take("text_config")
+    if not isinstance(text, dict) or text.get("model_type", fmt.text_type) != fmt.text_type:
+        raise ValueError(f"{fmt.name}: config field text_config must be a {fmt.text_type!r} "
+                         f"config")
+    text = dict(text, tie_word_embeddings=top.take("tie_word_embeddings", False))
+    if "dtype" in hf or "torch_dtype" in hf:
+        text["dtype"] = hf.get("dtype", hf.get("torch_dtype"))
+    top.done()
+    return text
+
+
+def _ffn(f: Fields, fmt: _Format) -> dict:
+    """The feed-forward fields of LMConfig."""
+    f.expect("mlp_only_layers", [])
+    f.expect("norm_topk_prob", True)
+    if fmt.ffn == "mlp":
+        return dict(ffn="mlp", d_ff=f.take("intermediate_size", 12288, kind=int))
+    if fmt.ffn == "moe":        # no dense layers, so no decoder_sparse_step or intermediate_size
+        E, step, width = f.take("num_experts", 256, kind=int), f.expect("decoder_sparse_step",
+                                                                         1), None
+    else:
+        E, step = f.take("num_experts", 512), f.take("decoder_sparse_step", 1, kind=int)
+        width = f.take("intermediate_size", 5632, kind=int)
+    moe = dict(ffn="moe", d_ff=f.take("moe_intermediate_size", 512, kind=int), num_experts=E,
+               moe_every=step, top_k=f.take("num_experts_per_tok", 8 if width is None else 10,
+                                            kind=int),
+               moe_shared=f.take("shared_expert_intermediate_size", 512, kind=int))
+    if not E:
+        return dict(ffn="mlp", d_ff=width)
+    if step > 1 and width != moe["d_ff"]:
+        raise ValueError(f"{fmt.name}: config fields intermediate_size={width} and "
+                         f"moe_intermediate_size={moe['d_ff']} must match when "
+                         f"decoder_sparse_step={step} > 1 (one d_ff for MLP and experts)")
+    return moe
+
+
+def to_lm(fmt: _Format, hf: dict) -> LMConfig:
+    f = Fields(_language_model(fmt, hf), fmt.name, _HARMLESS)
     d, L = f.take("hidden_size", kind=int), f.take("num_hidden_layers", kind=int)
-    types = f.take("layer_types", ["linear_attention" if (i + 1) % 4 else "full_attention"
+    every = f.take("full_attention_interval", 4, kind=int)
+    types = f.take("layer_types", ["linear_attention" if (i + 1) % every else "full_attention"
                                    for i in range(L)])
     bad = sorted({t for t in types if t not in _KINDS})
     if bad or len(types) != L:
-        raise ValueError(f"{NAME}: config field layer_types must list {L} of {sorted(_KINDS)}, "
-                         f"got {types!r}")
+        raise ValueError(f"{fmt.name}: config field layer_types must list {L} of "
+                         f"{sorted(_KINDS)}, got {types!r}")
     f.expect("attention_bias", False)
+    f.expect("attn_output_gate", True)
     f.expect("hidden_act", "silu")
-    f.expect("mlp_only_layers", [])
-    f.expect("norm_topk_prob", True)
     rope = dict(f.take("rope_parameters", {"rope_type": "default", "rope_theta": 10000.0}))
-    if rope.get("rope_type", "default") != "default" or set(rope) - {
-            "rope_type", "rope_theta", "partial_rotary_factor"}:
-        raise ValueError(f"{NAME}: config field rope_parameters={rope!r} is not supported "
-                         f"(only the default RoPE, with rope_theta and partial_rotary_factor)")
+    known = _ROPE | ({"mrope_section", "mrope_interleaved"} if fmt.qwen3_5 else set())
+    if rope.get("rope_type", "default") != "default" or set(rope) - known:
+        raise ValueError(f"{fmt.name}: config field rope_parameters={rope!r} is not supported "
+                         f"(only the default RoPE, with {sorted(known - {'rope_type'})})")
     head_dim = f.take("head_dim", 256, kind=int)
     K, V = f.take("linear_key_head_dim", 128, kind=int), f.take("linear_value_head_dim", 128,
                                                                   kind=int)
     Hk, H = f.take("linear_num_key_heads", 16, kind=int), f.take("linear_num_value_heads", 32,
                                                                    kind=int)
     if d % H:
-        raise ValueError(f"{NAME}: config field linear_num_value_heads={H} must divide "
+        raise ValueError(f"{fmt.name}: config field linear_num_value_heads={H} must divide "
                          f"hidden_size={d} here (LMConfig's heads divide d_model)")
     eps = float(f.take("rms_norm_eps", 1e-6))
-    E = f.take("num_experts", 512)
-    step = f.take("decoder_sparse_step", 1, kind=int)
-    width, moe_width = f.take("intermediate_size", 5632, kind=int), f.take(
-        "moe_intermediate_size", 512, kind=int)
-    if E and step > 1 and width != moe_width:
-        raise ValueError(f"{NAME}: config fields intermediate_size={width} and "
-                         f"moe_intermediate_size={moe_width} must match when "
-                         f"decoder_sparse_step={step} > 1 (one d_ff for MLP and experts)")
-    moe = dict(ffn="moe", d_ff=moe_width, num_experts=E, moe_every=step,
-               top_k=f.take("num_experts_per_tok", 10, kind=int),
-               moe_shared=f.take("shared_expert_intermediate_size", 512, kind=int))
     options = {
         "gated_deltanet": dict(head_dim=K, expand_v=V / K, num_kv_heads=Hk, norm_eps=eps,
                                conv_size=f.take("linear_conv_kernel_dim", 4, kind=int)),
+        # transformers' default partial_rotary_factor is 0.25 for both generations
         "gated_attention": dict(attn_heads=f.take("num_attention_heads", 16, kind=int),
                                 num_kv_heads=f.take("num_key_value_heads", 2, kind=int),
                                 head_dim=head_dim, norm_eps=eps,
                                 rope_theta=float(rope.get("rope_theta", 10000.0)),
-                                rotary_dim=int(head_dim * rope.get("partial_rotary_factor", 1.0))),
+                                rotary_dim=int(head_dim * rope.get("partial_rotary_factor",
+                                                                   0.25))),
     }
     config = LMConfig(
         vocab_size=f.take("vocab_size", kind=int), d_model=d, num_layers=L, num_heads=H,
         layers=tuple(_KINDS[t] for t in types), mixer_options=options,
         tie_embeddings=bool(f.take("tie_word_embeddings", False)), norm_eps=eps,
-        norm_offset=1.0, param_dtype=f.param_dtype(),
-        **(moe if E else dict(ffn="mlp", d_ff=width)))
+        norm_offset=1.0, param_dtype=f.param_dtype(), **_ffn(f, fmt))
     f.done()
     return config
 
 
-def to_hf(c: LMConfig) -> dict:
-    g, a = c.options("gated_deltanet"), c.options("gated_attention")
+def _dims(c: LMConfig) -> tuple[int, int, int, int]:
+    """(key heads, value heads, key head dim, value head dim) of the Gated DeltaNet layers."""
+    g = c.options("gated_deltanet")
     K = g.get("head_dim") or c.d_model // c.num_heads
+    return g.get("num_kv_heads") or c.num_heads, c.num_heads, K, int(K * g.get("expand_v", 2.0))
+
+
+def to_hf(fmt: _Format, c: LMConfig) -> dict:
+    a = c.options("gated_attention")
+    Hk, H, K, V = _dims(c)
     kinds = {v: k for k, v in _KINDS.items()}
-    moe = c.ffn == "moe"
-    return {
-        "architectures": [NAME], "model_type": "qwen3_next", "vocab_size": c.vocab_size,
+    hf = {
+        "architectures": [fmt.name], "model_type": fmt.model_type, "vocab_size": c.vocab_size,
         "hidden_size": c.d_model, "num_hidden_layers": c.num_layers,
         "layer_types": [kinds[m] for m in c.layer_mixers()], "hidden_act": "silu",
         "attention_bias": False, "num_attention_heads": a.get("attn_heads") or c.num_heads,
@@ -98,14 +175,21 @@ def to_hf(c: LMConfig) -> dict:
         "head_dim": a.get("head_dim") or c.d_model // (a.get("attn_heads") or c.num_heads),
         "rope_parameters": {"rope_type": "default", "rope_theta": a.get("rope_theta", 10000.0),
                             "partial_rotary_factor": a["rotary_dim"] / a["head_dim"]},
-        "linear_key_head_dim": K, "linear_value_head_dim": int(K * g.get("expand_v", 2.0)),
-        "linear_num_key_heads": g.get("num_kv_heads") or c.num_heads,
-        "linear_num_value_heads": c.num_heads, "linear_conv_kernel_dim": g.get("conv_size", 4),
+        "linear_key_head_dim": K, "linear_value_head_dim": V, "linear_num_key_heads": Hk,
+        "linear_num_value_heads": H, "linear_conv_kernel_dim": c.options("gated_deltanet").get(
+            "conv_size", 4),
         "rms_norm_eps": c.norm_eps, "tie_word_embeddings": c.tie_embeddings,
-        "dtype": c.param_dtype, "mlp_only_layers": [], "norm_topk_prob": True,
-        "num_experts": c.num_experts if moe else 0, "decoder_sparse_step": c.moe_every,
-        "num_experts_per_tok": c.top_k, "moe_intermediate_size": c.ff_width,
-        "intermediate_size": c.ff_width, "shared_expert_intermediate_size": c.moe_shared}
+        "dtype": c.param_dtype}
+    moe = dict(num_experts=c.num_experts, num_experts_per_tok=c.top_k,
+               moe_intermediate_size=c.ff_width, shared_expert_intermediate_size=c.moe_shared)
+    if fmt.ffn == "mlp":
+        return {**hf, "intermediate_size": c.ff_width}
+    if fmt.ffn == "moe":
+        return {**hf, **moe}
+    dense = c.ffn != "moe"
+    return {**hf, **moe, "mlp_only_layers": [], "norm_topk_prob": True,
+            "num_experts": 0 if dense else c.num_experts, "decoder_sparse_step": c.moe_every,
+            "intermediate_size": c.ff_width}
 
 
 def _mlp(prefix: str, path: tuple) -> dict:
@@ -113,28 +197,43 @@ def _mlp(prefix: str, path: tuple) -> dict:
             for n in ("gate", "up", "down")}
 
 
-def tensors(c: LMConfig, hf: dict | None = None) -> dict:
-    hf = to_hf(c)
-    Hk, H = hf["linear_num_key_heads"], hf["linear_num_value_heads"]
-    K, V, r = hf["linear_key_head_dim"], hf["linear_value_head_dim"], H // Hk
-    qkvz = fused_rows(Hk, (K, K, r * V, r * V))
+def _projections(fmt: _Format, c: LMConfig, m: tuple) -> dict:
+    """The input projections of a Gated DeltaNet layer (path `m`), by their names after
+    `linear_attn.`."""
+    Hk, H, K, V = _dims(c)
+    proj = lambda n: m + (n, "kernel")                      # noqa: E731
+    if fmt.qwen3_5:
+        return {"in_proj_qkv.weight": tuple(
+                    Piece(proj(n), "linear", rows) for n, rows in zip(
+                        ("q_proj", "k_proj", "v_proj"), fused_rows(1, (Hk * K, Hk * K, H * V)),
+                        strict=True)),
+                "in_proj_z.weight": (proj("g_proj"), "linear"),
+                "in_proj_b.weight": (proj("b_proj"), "linear"),
+                "in_proj_a.weight": (m + ("decay", "proj", "kernel"), "linear")}
+    r = H // Hk
     ba = fused_rows(Hk, (r, r))
-    t = {"model.embed_tokens.weight": (("embed",), "same"),
-         "model.norm.weight": (("norm", "scale"), "same")}
+    return {"in_proj_qkvz.weight": tuple(
+                Piece(proj(n), "linear", rows) for n, rows in zip(
+                    ("q_proj", "k_proj", "v_proj", "g_proj"),
+                    fused_rows(Hk, (K, K, r * V, r * V)), strict=True)),
+            "in_proj_ba.weight": (Piece(proj("b_proj"), "linear", ba[0]),
+                                  Piece(m + ("decay", "proj", "kernel"), "linear", ba[1]))}
+
+
+def tensors(fmt: _Format, c: LMConfig, hf: dict | None = None) -> dict:
+    P = fmt.prefix
+    t = {P + "embed_tokens.weight": (("embed",), "same"),
+         P + "norm.weight": (("norm", "scale"), "same")}
     if not c.tie_embeddings:
         t["lm_head.weight"] = (("head",), "linear")
     for i, mixer in enumerate(c.layer_mixers()):
-        p, b = f"model.layers.{i}.", ("blocks", i)
+        p, b = f"{P}layers.{i}.", ("blocks", i)
         m = b + ("mixer",)
         t[p + "input_layernorm.weight"] = (b + ("norm1", "scale"), "same")
         t[p + "post_attention_layernorm.weight"] = (b + ("norm2", "scale"), "same")
         if mixer == "gated_deltanet":
             a = p + "linear_attn."
-            t[a + "in_proj_qkvz.weight"] = tuple(
-                Piece(m + (n, "kernel"), "linear", rows)
-                for n, rows in zip(("q_proj", "k_proj", "v_proj", "g_proj"), qkvz, strict=True))
-            t[a + "in_proj_ba.weight"] = (Piece(m + ("b_proj", "kernel"), "linear", ba[0]),
-                                          Piece(m + ("decay", "proj", "kernel"), "linear", ba[1]))
+            t.update({a + n: e for n, e in _projections(fmt, c, m).items()})
             t[a + "conv1d.weight"] = (m + ("conv", "weight"), "conv")
             t[a + "dt_bias"] = (m + ("decay", "dt_bias"), "same")
             t[a + "A_log"] = (m + ("decay", "A_log"), "same")
@@ -160,9 +259,33 @@ def tensors(c: LMConfig, hf: dict | None = None) -> dict:
     return t
 
 
-def matches(c: LMConfig) -> bool:
-    return (set(c.layer_mixers()) <= set(_KINDS.values()) and c.norm_offset == 1.0
-            and c.ffn in ("moe", "mlp") and (c.ffn == "mlp" or c.moe_shared > 0))
+def matches(fmt: _Format, c: LMConfig) -> bool:
+    """Whether `to_hf` describes `c` (a multimodal format never does: saved as its text LM)."""
+    ours = (set(c.layer_mixers()) <= set(_KINDS.values()) and c.norm_offset == 1.0
+            and c.residual == "pre" and c.ffn_activation == "silu" and not c.ffn_bias
+            and c.ffn_layers is None and not c.moe_options and c.moe_d_ff in (None, c.d_ff))
+    moe = c.ffn == "moe" and c.moe_shared > 0
+    if fmt.text_type is not None or not ours:
+        return False
+    if fmt.ffn == "mlp":
+        return c.ffn == "mlp"
+    if fmt.ffn == "moe":
+        return moe and c.moe_every == 1
+    return c.ffn == "mlp" or moe
 
 
-QWEN3_NEXT = Family(NAME, "qwen3_next", to_lm, to_hf, tensors, matches)
+def _family(fmt: _Format) -> Family:
+    return Family(fmt.name, fmt.model_type, partial(to_lm, fmt), partial(to_hf, fmt),
+                  partial(tensors, fmt), partial(matches, fmt),
+                  ignored=("mtp.", "model.visual.") if fmt.qwen3_5 else ("mtp.",),
+                  saves_as=fmt.saves_as)
+
+
+QWEN3_NEXT = _family(_Format("Qwen3NextForCausalLM", "qwen3_next", qwen3_5=False))
+QWEN3_5 = tuple(_family(f) for f in (
+    _Format("Qwen3_5ForCausalLM", "qwen3_5_text", True, "mlp"),
+    _Format("Qwen3_5MoeForCausalLM", "qwen3_5_moe_text", True, "moe"),
+    _Format("Qwen3_5ForConditionalGeneration", "qwen3_5", True, "mlp", "qwen3_5_text",
+            "Qwen3_5ForCausalLM"),
+    _Format("Qwen3_5MoeForConditionalGeneration", "qwen3_5_moe", True, "moe",
+            "qwen3_5_moe_text", "Qwen3_5MoeForCausalLM")))

@@ -19,6 +19,9 @@ Blocks are pre-norm, h + f(norm(h)) (`residual="pre"`), or MiniMax-01's `residua
 h' = alpha norm(h) + beta f(norm(h)): the residual stream carries the normalised input, scaled;
 `residual_scales` maps a mixer name or "ffn" to its (alpha, beta), (1, 1) when absent.
 
+`hub_format` names the transformers architecture `linear_jax.hub.save` writes (`hub.load` sets
+the one it read); it changes nothing the model computes.
+
 `impl` and `kernel_config` reach every linear mixer's op as `impl=` and `config=` (`impl` is an
 op implementation: "auto", "recurrent", "chunk", "pallas", "pallas:<backend>"); softmax attention
 keeps its own `impl` (its backend: "auto", "xla", "cudnn"), set through its options,
@@ -103,6 +106,9 @@ class LMConfig:
     kernel_config: tuple[Any, ...] = ()      # kernel configs, each kernel takes the one of its type
     dtype: str | None = None                 # computation dtype, e.g. "bfloat16"; None: params'
     param_dtype: str = "float32"
+    # the transformers architecture `hub.save` writes (`hub.load` sets the one it read): two
+    # checkpoint formats can describe the same model (Qwen3-Next's and Qwen3.5's)
+    hub_format: str | None = None
 
     def __post_init__(self):
         # stored hashable (the config is static data of the model's graph)

@@ -57,6 +57,10 @@ def _raises(path, match, **kw):
     ("num_key_value_heads", 2, "kimi_linear"),
     ("mla_use_nope", False, "kimi_linear"),
     ("mlp_layer_types", ["dense"], "kimi_linear"),
+    ("dtype", "int8", "qwen3_5"),                       # the top level's, not text_config's
+    ("made_up_field", 1, "qwen3_5_moe"),
+    ("text_config", None, "qwen3_5"),
+    ("text_config", {"model_type": "qwen3_next"}, "qwen3_5_moe"),
 ])
 def test_bad_config_field(tmp_path, field, value, family):
     c = config(family)
@@ -65,6 +69,28 @@ def test_bad_config_field(tmp_path, field, value, family):
     else:
         c[field] = value
     _raises(copy(family, tmp_path / "c", config=c), field)
+
+
+@pytest.mark.parametrize("field, value, family", [
+    ("attn_output_gate", False, "qwen3_5"),
+    ("rope_parameters", {"rope_type": "default", "mrope_section": [1, 1, 0],
+                         "rope_scaling_factor": 2.0}, "qwen3_5"),
+    ("num_experts", 4, "qwen3_5"),                      # not a field of the dense model
+    ("intermediate_size", 32, "qwen3_5_moe"),           # nor this one of the MoE model
+    ("decoder_sparse_step", 2, "qwen3_5_moe"),
+    ("norm_topk_prob", False, "qwen3_5_moe"),
+])
+def test_bad_text_config_field(tmp_path, field, value, family):
+    """A multimodal checkpoint's language model is read from its text_config as strictly."""
+    c = config(family)
+    c["text_config"][field] = value
+    _raises(copy(family, tmp_path / "c", config=c), field)
+
+
+def test_multimodal_variant_mismatch(tmp_path):
+    """The dense Qwen3.5 loader given the MoE model's config names its text config."""
+    c = dict(config("qwen3_5_moe"), architectures=["Qwen3_5ForConditionalGeneration"])
+    _raises(copy("qwen3_5_moe", tmp_path / "c", config=c), "text_config")
 
 
 def test_mamba2_heads(tmp_path):
@@ -77,7 +103,8 @@ def test_mamba2_heads(tmp_path):
     ("qwen3_next", "model.layers.1.mlp.experts.3.up_proj.weight"),
     ("qwen3_next", "model.layers.0.linear_attn.in_proj_qkvz.weight"),
     ("recurrent_gemma", "model.layers.1.temporal_block.rg_lru.recurrent_param"),
-    ("kimi_linear", "model.layers.0.self_attn.k_conv1d.weight")])
+    ("kimi_linear", "model.layers.0.self_attn.k_conv1d.weight"),
+    ("qwen3_5", "model.language_model.layers.0.linear_attn.in_proj_z.weight")])
 def test_missing_tensor(tmp_path, family, name):
     t = tensors(copy(family, tmp_path / "src"))
     del t[name]
@@ -95,7 +122,8 @@ def test_extra_tensor(tmp_path):
     ("qwen3_next", "model.layers.0.linear_attn.in_proj_ba.weight"),
     ("qwen3_next", "model.layers.0.mlp.experts.0.down_proj.weight"),
     ("recurrent_gemma", "model.layers.0.temporal_block.rg_lru.input_gate_weight"),
-    ("kimi_linear", "model.layers.0.self_attn.v_conv1d.weight")])
+    ("kimi_linear", "model.layers.0.self_attn.v_conv1d.weight"),
+    ("qwen3_5_moe", "model.language_model.layers.0.linear_attn.in_proj_qkv.weight")])
 def test_shape_mismatch(tmp_path, family, name):
     t = tensors(copy(family, tmp_path / "src"))
     t[name] = t[name][:-1]
