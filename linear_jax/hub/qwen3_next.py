@@ -201,23 +201,20 @@ def _projections(fmt: _Format, c: LMConfig, m: tuple) -> dict:
     """The input projections of a Gated DeltaNet layer (path `m`), by their names after
     `linear_attn.`."""
     Hk, H, K, V = _dims(c)
-    proj = lambda n: m + (n, "kernel")                      # noqa: E731
+    q, k, v, z, b = (m + (n, "kernel") for n in ("q_proj", "k_proj", "v_proj", "g_proj",
+                                                   "b_proj"))
+    a = m + ("decay", "proj", "kernel")
     if fmt.qwen3_5:
-        return {"in_proj_qkv.weight": tuple(
-                    Piece(proj(n), "linear", rows) for n, rows in zip(
-                        ("q_proj", "k_proj", "v_proj"), fused_rows(1, (Hk * K, Hk * K, H * V)),
-                        strict=True)),
-                "in_proj_z.weight": (proj("g_proj"), "linear"),
-                "in_proj_b.weight": (proj("b_proj"), "linear"),
-                "in_proj_a.weight": (m + ("decay", "proj", "kernel"), "linear")}
-    r = H // Hk
-    ba = fused_rows(Hk, (r, r))
-    return {"in_proj_qkvz.weight": tuple(
-                Piece(proj(n), "linear", rows) for n, rows in zip(
-                    ("q_proj", "k_proj", "v_proj", "g_proj"),
-                    fused_rows(Hk, (K, K, r * V, r * V)), strict=True)),
-            "in_proj_ba.weight": (Piece(proj("b_proj"), "linear", ba[0]),
-                                  Piece(m + ("decay", "proj", "kernel"), "linear", ba[1]))}
+        qkv = fused_rows(1, (Hk * K, Hk * K, H * V))
+        return {"in_proj_qkv.weight": tuple(Piece(p, "linear", rows)
+                                            for p, rows in zip((q, k, v), qkv, strict=True)),
+                "in_proj_z.weight": (z, "linear"), "in_proj_b.weight": (b, "linear"),
+                "in_proj_a.weight": (a, "linear")}
+    r = H // Hk                                     # value heads per key head
+    qkvz, ba = fused_rows(Hk, (K, K, r * V, r * V)), fused_rows(Hk, (r, r))
+    return {"in_proj_qkvz.weight": tuple(Piece(p, "linear", rows)
+                                         for p, rows in zip((q, k, v, z), qkvz, strict=True)),
+            "in_proj_ba.weight": (Piece(b, "linear", ba[0]), Piece(a, "linear", ba[1]))}
 
 
 def tensors(fmt: _Format, c: LMConfig, hf: dict | None = None) -> dict:

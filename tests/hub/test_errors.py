@@ -111,10 +111,15 @@ def test_missing_tensor(tmp_path, family, name):
     _raises(copy(family, tmp_path / "c", tensors_=t), "missing tensor.*" + name)
 
 
-def test_extra_tensor(tmp_path):
-    t = tensors(copy("mamba", tmp_path / "src"))
-    t["lm_head.weight"] = t["backbone.embeddings.weight"]        # the head is tied here
-    _raises(copy("mamba", tmp_path / "c", tensors_=t), "unexpected tensor.*lm_head.weight")
+@pytest.mark.parametrize("family, name, like", [
+    ("mamba", "lm_head.weight", "backbone.embeddings.weight"),          # the head is tied here
+    # beside the vision tower the loader leaves on disk, the language model's are all checked
+    ("qwen3_5", "model.language_model.layers.0.mlp.experts.0.up_proj.weight",
+     "model.language_model.layers.0.mlp.up_proj.weight")])
+def test_extra_tensor(tmp_path, family, name, like):
+    t = tensors(copy(family, tmp_path / "src"))
+    t[name] = t[like]
+    _raises(copy(family, tmp_path / "c", tensors_=t), f"unexpected tensor.*{name}")
 
 
 @pytest.mark.parametrize("family, name", [
