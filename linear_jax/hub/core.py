@@ -274,9 +274,8 @@ def save(model: LM, path, *, max_shard_bytes: int | None = None) -> None:
     index past `max_shard_bytes`), in the parameters' own dtypes, in the format
     `model.config.hub_format` names (the one `load` read; a multimodal checkpoint's language
     model as its text-only LM), or when None the first family that describes the config.
-    `load(path)` gives back the
-    same weights bit for bit, and the same config up to fields not stored (impl, kernel_config,
-    dtype; chunk_size except for Mamba-2)."""
+    `load(path)` gives back the same weights bit for bit, and the same config up to fields not
+    stored (impl, kernel_config, dtype; chunk_size except for Mamba-2)."""
     config = model.config
     family = family_for(config)
     state = {p: np.asarray(jax.device_get(v.get_value())) for p, v in nnx.to_flat_state(
