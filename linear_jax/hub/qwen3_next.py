@@ -89,15 +89,15 @@ def _ffn(f: Fields, fmt: _Format) -> dict:
     f.expect("norm_topk_prob", True)
     if fmt.ffn == "mlp":
         return dict(ffn="mlp", d_ff=f.take("intermediate_size", 12288, kind=int))
-    if fmt.ffn == "moe":        # no dense layers, so no decoder_sparse_step or intermediate_size
-        E, step, width = f.take("num_experts", 256, kind=int), f.expect("decoder_sparse_step",
-                                                                         1), None
+    if fmt.ffn == "moe":        # every layer: no decoder_sparse_step, no dense intermediate_size
+        E, width = f.take("num_experts", 256, kind=int), None
+        step = f.expect("decoder_sparse_step", 1)
     else:
         E, step = f.take("num_experts", 512), f.take("decoder_sparse_step", 1, kind=int)
         width = f.take("intermediate_size", 5632, kind=int)
+    top_k = f.take("num_experts_per_tok", 8 if fmt.ffn == "moe" else 10, kind=int)
     moe = dict(ffn="moe", d_ff=f.take("moe_intermediate_size", 512, kind=int), num_experts=E,
-               moe_every=step, top_k=f.take("num_experts_per_tok", 8 if width is None else 10,
-                                            kind=int),
+               moe_every=step, top_k=top_k,
                moe_shared=f.take("shared_expert_intermediate_size", 512, kind=int))
     if not E:
         return dict(ffn="mlp", d_ff=width)
