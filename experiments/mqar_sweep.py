@@ -17,14 +17,16 @@ stopped. One line per cell is printed as it finishes; everything goes to `<out>/
 Cost: a cell is one compilation (about 5-15 s on an H100) plus its steps. Measured on one H100
 (jax 0.11.2) with 300 steps per cell: 8-24 s per cell at d_model 64 and 8-49 s at 256
 (linear_attention at 256 the slowest), and no mixer learned 32 pairs in 256 tokens in 300 steps;
-the default grid (20 cells, 1000 steps) should take 6-9 minutes there. For a shorter sweep use
+the first five mixers' 20 cells at 1000 steps should take 6-9 minutes there, the default grid
+(40 cells) about twice that. For a shorter sweep use
 fewer steps, widths or mixers; `--quick` is a smoke test, not a result.
 
-State size per layer: the number of float elements a layer carries from one token to the next,
-read from the mixer's own decoding cache (`init_cache`, batch 1) without the short-convolution
-buffer: H K V for the linear-attention family (H F (V + 1) with a feature map of width F and a
-normaliser: Based), H N P for Mamba-2, and for softmax attention its KV cache at the training
-length, 2 T D.
+State size per layer: the number of float elements a layer carries from one token to the next, read
+from the mixer's own decoding cache (`init_cache`, batch 1) without the short-convolution buffer
+(nor RWKV-7's token shift): H K V for the linear-attention family (H F (V + 1) with a feature map of
+width F and a normaliser: Based), H N P for Mamba-2 (and Mamba-3, plus its last key and value), H
+K^2 for KDA and RWKV-7, L times the base layer's (plus a position) for the log-linear mixers (L
+level states), and for softmax attention its KV cache at the training length, 2 T D.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ import sys
 import time
 
 # Everything that depends on a flag's value; flags left out take these (or --quick's).
-FULL = {"mixers": "attention,linear_attention,gla,gated_deltanet,mamba2,kda,rwkv7,mamba3",
+FULL = {"mixers": "attention,linear_attention,gla,gated_deltanet,mamba2,kda,rwkv7,mamba3,"
+                  "log_linear_mamba2,log_linear_gated_deltanet",
         "d_models": "32,64,128,256", "seq_len": 256, "num_kv_pairs": 32, "steps": 1000,
         "batch_size": 64, "lrs": "3e-3", "warmup_steps": 100, "eval_batches": 4,
         "eval_batch_size": 128, "num_layers": 2}
@@ -47,6 +50,8 @@ FULL = {"mixers": "attention,linear_attention,gla,gated_deltanet,mamba2,kda,rwkv
 # shared memory than an H100 has at Based's feature width 1 + 16 + 16^2 = 273 (the XLA chunk form
 # is what "auto" picks on a CPU anyway).
 IMPL = {"based": "chunk"}
+# the short-convolution buffers of a cache (RWKV-7's token shift is a width-2 one)
+_CONV_KEYS = ("conv", "shift")
 QUICK = {"mixers": "attention,linear_attention", "d_models": "16,32", "seq_len": 32,
          "num_kv_pairs": 4, "steps": 20, "batch_size": 16, "lrs": "3e-3", "warmup_steps": 5,
          "eval_batches": 1, "eval_batch_size": 16, "num_layers": 1}
@@ -143,7 +148,7 @@ def state_size_per_layer(model_config, vocab_size: int, seq_len: int) -> int:
     for i in range(model.config.num_layers):
         mixer = model.layer_mixer(i)
         cache = jax.eval_shape(lambda m=mixer: m.init_cache(1, jnp.float32, max_len=seq_len))
-        sizes.append(sum(math.prod(x.shape) for k, v in cache.items() if k != "conv"
+        sizes.append(sum(math.prod(x.shape) for k, v in cache.items() if k not in _CONV_KEYS
                          for x in jax.tree.leaves(v) if jnp.issubdtype(x.dtype, jnp.floating)))
     return round(sum(sizes) / len(sizes))
 

@@ -77,7 +77,8 @@ MIXERS = {
 
 
 # Arguments the model passes to every mixer; a mixer that has no use for one does not take it.
-_COMMON = ("num_heads", "chunk_size", "impl", "kernel_config", "layer_idx", "num_layers", "std")
+_COMMON = ("num_heads", "chunk_size", "impl", "kernel_config", "layer_idx", "num_layers", "std",
+           "first_of_kind")
 
 
 def _accepts(cls, name: str) -> bool:

@@ -10,7 +10,8 @@ weights from the token:
 `num_levels` L (default 12) keeps exact Fenwick buckets up to 2^(L-1) = 2048 tokens; older keys
 pool in the top level. Parameters: the base layer's + D H L + H L. State: `FenwickState(levels
 [B, H, L, K, V], position [B])` float32 (K, V = N, P for Mamba-2), O(L) times the base layer's.
-No sequence-parallel form yet (docs/sequence_parallel.md, "Log-linear attention").
+Both run sequence-parallel (`linear_jax.parallel.log_linear`; docs/sequence_parallel.md,
+"Log-linear attention").
 """
 
 from __future__ import annotations
@@ -49,8 +50,6 @@ def fenwick_zeros(batch_size, H, L, K, V):
 
 
 class LogLinearMamba2(Mamba2):
-    SEQ_PARALLEL = False
-
     def __init__(self, d_model: int, num_heads: int, *, num_levels: int = 12, rngs,
                  dtype=None, param_dtype=jnp.float32, **kw):
         super().__init__(d_model, num_heads, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
@@ -65,19 +64,17 @@ class LogLinearMamba2(Mamba2):
 
     def ssm(self, x, xs, dt, Bm, Cm, state, segment_ids, seq_parallel):
         # Mamba-2's SSD as simple GLA (see linear_jax.ops.ssd): q = C, k = B, v = dt x, g = dt A
-        dispatch.unsupported(self, seq_parallel)
         dt = step_size(dt, self.dt_bias[...], softplus=True)
         A = -jnp.exp(self.A_log[...].astype(jnp.float32))
-        y, S = ops.log_linear_simple_gla(
-            Cm, Bm, xs.astype(jnp.float32) * dt[..., None], dt * A, self.levels(x), scale=1.0,
-            initial_state=state, segment_ids=segment_ids, **dict(self.op_kw))
+        y, S = dispatch.recurrence(
+            "log_linear_simple_gla", Cm, Bm, xs.astype(jnp.float32) * dt[..., None], dt * A,
+            self.levels(x), scale=1.0, initial_state=state, segment_ids=segment_ids,
+            seq_parallel=seq_parallel, **dict(self.op_kw))
         y = y + self.D[...].astype(jnp.float32)[:, None] * xs.astype(jnp.float32)
         return y.astype(xs.dtype), S
 
 
 class LogLinearGatedDeltaNet(GatedDeltaNet):
-    SEQ_PARALLEL = False
-
     def __init__(self, d_model: int, num_heads: int, *, num_levels: int = 12, rngs,
                  dtype=None, param_dtype=jnp.float32, **kw):
         super().__init__(d_model, num_heads, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
@@ -93,7 +90,8 @@ class LogLinearGatedDeltaNet(GatedDeltaNet):
         q, k, beta = self.qkb(x, q, k)
         if self.exact:
             beta = ops.efla_beta(k, beta)
-        o, S = ops.log_linear_gated_delta_rule(
-            q, k, v, self.decay(x), beta, self.levels(x), initial_state=states["state"],
-            segment_ids=segment_ids, **dict(self.op_kw))
+        o, S = dispatch.recurrence(
+            "log_linear_gated_delta_rule", q, k, v, self.decay(x), beta, self.levels(x),
+            initial_state=states["state"], segment_ids=segment_ids, seq_parallel=seq_parallel,
+            **dict(self.op_kw))
         return o, {"state": S}

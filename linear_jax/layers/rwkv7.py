@@ -3,6 +3,7 @@ Evolution").
 
     x^c = x_t + (x_{t-1} - x_t) mu_c          token shift, one learned mix per c in r,w,k,v,a,g
     r, k, v = x^r W_r, x^k W_k, x^v W_v                                     H heads of K = V
+    v <- v + (v_first - v) sigmoid(v0 + x^v W_v1 W_v2)       value residual, but in the first layer
     g_t = -exp(-1/2) sigmoid(w0 + tanh(x^w W_w1) W_w2)      per-channel log decay, w = exp(g)
     a_lr = sigmoid(a0 + x^a W_a1 W_a2)                       in-context learning rate
     kappa_hat = l2norm(k * k_k);     k <- k * (1 + (a_lr - 1) k_a)
@@ -10,15 +11,20 @@ Evolution").
     o <- GroupNorm_V(o) + (sum_K r * k * r_k) v                              per-head norm, bonus
     y = (o * (sigmoid(x^g W_g1) W_g2)) W_o
 
-As the paper's block, but for the value residual (v mixed with the first layer's v), which needs
-a path between layers that the mixer contract does not have: each layer uses its own v. The token
+The value residual (the paper's, fla's `v_lora`) mixes every later layer's value with v_first, the
+value of the model's first RWKV-7 layer (`first_of_kind`, from the model; that layer has no W_v1,
+W_v2, v0). The layer takes v_first and gives it on through `with_value` (what
+`linear_jax.models.lm.Block` calls; v_first rides between blocks with the hidden state);
+`__call__`, the mixer contract, is a layer on its own (v_first = its own v: no mixing). v0 starts
+at 1 (sigmoid 0.73: mostly the first layer's value). `value_residual=False` drops it. The token
 shift is a width-2 causal convolution (`linear_jax.ops.short_conv`, fixed weights), so packed
 documents, the decode cache and the sequence-parallel halo come from it. Op:
 `linear_jax.ops.rwkv7` with a = -kappa_hat, b = kappa_hat * a_lr.
 
 Parameters: 4 D^2 (r, k, v, out; H K = D) + 2 D (r_w + r_a + r_g) (low-rank maps) + D (w0)
 + D (a0) + 6 D (mixes) + 3 D (k_k, k_a, r_k) + 2 D (group norm) = 4 D^2 + 2 D (r_w + r_a + r_g)
-+ 13 D. State: S [B, H, K, K] float32; shift cache [B, 1, D].
++ 13 D, and 2 D r_v + D in a layer that mixes values. State: S [B, H, K, K] float32; shift cache
+[B, 1, D].
 """
 
 from __future__ import annotations
@@ -54,7 +60,8 @@ class RWKV7(nnx.Module):
     SEQ_PARALLEL = True
 
     def __init__(self, d_model: int, num_heads: int, *, decay_rank: int = 64, a_rank: int = 64,
-                 gate_rank: int = 128, norm_eps: float | None = None, chunk_size: int = 64,
+                 gate_rank: int = 128, value_rank: int = 32, value_residual: bool = True,
+                 first_of_kind: bool = True, norm_eps: float | None = None, chunk_size: int = 64,
                  impl: str = "auto", kernel_config=None, num_layers: int | None = None,
                  std: float = DEFAULT_STD, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
         D, H = d_model, num_heads
@@ -76,6 +83,12 @@ class RWKV7(nnx.Module):
         self.a_up = mk(a_rank, D, (None, "heads"), use_bias=True)
         self.g_down = mk(D, gate_rank, ("embed", None))
         self.g_up = mk(gate_rank, D, (None, "heads"))
+        # static: whether the model threads v_first through this layer, and whether it mixes it
+        self.value_residual = value_residual
+        self.mixes_value = value_residual and not first_of_kind
+        if self.mixes_value:
+            self.v_down = mk(D, value_rank, ("embed", None))
+            self.v_up = mk(value_rank, D, (None, "heads"), use_bias=True, bias_init=_const(1.0))
         self.k_k = p(_const(0.85), (D,), ("heads",))
         self.k_a = p(nnx.initializers.ones, (D,), ("heads",))
         self.r_k = p(nnx.initializers.zeros, (D,), ("heads",))
@@ -89,6 +102,13 @@ class RWKV7(nnx.Module):
                 "seg": new_seg(batch_size)}
 
     def __call__(self, x, *, segment_ids=None, cache=None, seq_parallel=None):
+        y, cache, _ = self.with_value(x, None, segment_ids=segment_ids, cache=cache,
+                                      seq_parallel=seq_parallel)
+        return y, cache
+
+    def with_value(self, x, v_first, *, segment_ids=None, cache=None, seq_parallel=None):
+        """The layer given the first layer's value v_first [B, T, D] (None: its own). Returns
+        (y, cache, v_first for the layers after it: its own v in the first layer)."""
         cache = self.init_cache(x.shape[0], x.dtype) if cache is None else cache
         states = enter(cache, segment_ids)
         dtype = self.dtype or x.dtype
@@ -102,7 +122,12 @@ class RWKV7(nnx.Module):
         xr, xw, xk, xv, xa, xg = (x + (prev - x) * mix[i] for i in range(len(_MIXES)))
         f32 = lambda t: t.astype(jnp.float32)
         hd = lambda t: heads(t, self.H)
-        r, k, v = hd(self.r_proj(xr)), hd(self.k_proj(xk)), hd(self.v_proj(xv))
+        r, k, v = hd(self.r_proj(xr)), hd(self.k_proj(xk)), self.v_proj(xv)
+        if self.mixes_value and v_first is not None:
+            mix_v = jax.nn.sigmoid(self.v_up(self.v_down(xv)))
+            v = v + (v_first.astype(v.dtype) - v) * mix_v
+        v_first = v if v_first is None or not self.mixes_value else v_first
+        v = hd(v)
         g = -jnp.exp(-0.5) * jax.nn.sigmoid(f32(self.w_up(jnp.tanh(self.w_down(xw)))))
         a_lr = jax.nn.sigmoid(f32(self.a_up(self.a_down(xa))))
         kappa = l2norm(f32(k) * hd(f32(self.k_k[...])))
@@ -117,4 +142,4 @@ class RWKV7(nnx.Module):
         bonus = jnp.sum(f32(r) * k * hd(f32(self.r_k[...])), -1, keepdims=True) * f32(v)
         gate = f32(self.g_up(jax.nn.sigmoid(self.g_down(xg))))
         y = self.o_proj((merge_heads(o + bonus) * gate).astype(dtype))
-        return y, leave(cache, segment_ids, state=S, shift=shift)
+        return y, leave(cache, segment_ids, state=S, shift=shift), v_first

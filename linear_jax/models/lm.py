@@ -4,6 +4,10 @@
     for each layer: h = h + mixer(RMSNorm(h)); h = h + ffn(RMSNorm(h))     (pre-norm residual)
     logits = RMSNorm(h) E^T  (tied)  or  RMSNorm(h) W_head     [-> c tanh(logits / c)]
 
+A value-residual mixer (RWKV-7) also reads v_first [B, T, D], the value of the model's first layer
+of its kind, which the blocks carry along with h (zeros before that layer; no carry in a model
+without one).
+
 Initialisation (GPT-2 / fla): every weight normal(0, init_std), the output projections of the
 residual branches (mixer W_o, MLP W_2) scaled by 1 / sqrt(2 num_layers), norms at 1.
 
@@ -59,13 +63,16 @@ class Block(nnx.Module):
         self.normed = (None if c.residual == "pre" else (c.scales(name), c.scales("ffn")))
         self.norm1 = RMSNorm(c.d_model, eps=c.norm_eps, offset=c.norm_offset, **kw)
         common = dict(chunk_size=c.chunk_size, kernel_config=c.kernel_config,
-                      num_layers=c.num_layers, layer_idx=layer_idx, std=c.init_std)
+                      num_layers=c.num_layers, layer_idx=layer_idx, std=c.init_std,
+                      first_of_kind=c.layer_mixers().index(name) == layer_idx)
         # LMConfig.impl is an op impl: the linear mixers' only (a mixer without `impl` never
         # receives it, make_mixer filters the common arguments)
         if getattr(MIXERS[name], "OP_IMPL", True):
             common["impl"] = c.impl
         self.mixer = make_mixer(name, c.d_model, c.num_heads, options=c.options(name),
                                 **common, **kw)
+        # a mixer reading the first layer's value (RWKV-7) is called through `with_value`
+        self.value_residual = getattr(self.mixer, "value_residual", False)
         ffn_kw = dict(num_layers=c.num_layers, std=c.init_std, **kw)
         kind = c.layer_ffn(layer_idx)
         # ffn="none": the block is norm + mixer only (Mamba's), with no second norm to carry
@@ -78,24 +85,26 @@ class Block(nnx.Module):
                     if kind == "moe" else MLP(c.d_model, c.ff_width, activation=c.ffn_activation,
                                               use_bias=c.ffn_bias, **ffn_kw))
 
-    def __call__(self, h, *, segment_ids=None, cache=None, seq_parallel=None):
+    def __call__(self, h, *, segment_ids=None, cache=None, seq_parallel=None, v_first=None):
+        """(h, cache, aux, v_first): v_first [B, T, D] is the value of the model's first
+        value-residual layer, carried from block to block (None in a model without one)."""
+        kw = dict(segment_ids=segment_ids, cache=cache, seq_parallel=seq_parallel)
+        x = self.norm1(h)
+        if self.value_residual:
+            y, cache, v = self.mixer.with_value(x, v_first, **kw)
+            v_first = v.astype(v_first.dtype)
+        else:
+            y, cache = self.mixer(x, **kw)
         if self.normed is not None:
-            return self.normed_residual(h, segment_ids, cache, seq_parallel)
-        y, cache = self.mixer(self.norm1(h), segment_ids=segment_ids, cache=cache,
-                              seq_parallel=seq_parallel)
+            (a1, b1), (a2, b2) = self.normed
+            h = self.norm2(a1 * x + b1 * y)
+            y, aux = self.ffn(h)
+            return a2 * h + b2 * y, cache, aux, v_first
         h = h + y
         if self.ffn is None:
-            return h, cache, jnp.zeros((), jnp.float32)
+            return h, cache, jnp.zeros((), jnp.float32), v_first
         y, aux = self.ffn(self.norm2(h))
-        return h + y, cache, aux
-
-    def normed_residual(self, h, segment_ids, cache, seq_parallel):
-        (a1, b1), (a2, b2) = self.normed
-        h = self.norm1(h)
-        y, cache = self.mixer(h, segment_ids=segment_ids, cache=cache, seq_parallel=seq_parallel)
-        h = self.norm2(a1 * h + b1 * y)
-        y, aux = self.ffn(h)
-        return a2 * h + b2 * y, cache, aux
+        return h + y, cache, aux, v_first
 
 
 def periods(kinds: Sequence[Hashable]) -> list[tuple[int, int]]:
@@ -150,34 +159,35 @@ class Stack(nnx.Module):
             x, jax.ShapeDtypeStruct) else x[j]                  # an abstract model too
         return nnx.merge(graphdef, jax.tree.map(cut, state))
 
-    def scan(self, h, aux, **kw):
+    def scan(self, h, aux, v_first, **kw):
         """Every layer of the stack without a cache, as one `lax.scan` over the layers axis.
-        Returns (h, aux, the caches the layers leave, one per layer)."""
+        Returns (h, aux, v_first, the caches the layers leave, one per layer)."""
         graphdef, state = nnx.split(self.blocks)
 
         def body(carry, layer_state):
-            h, aux = carry
+            h, aux, v_first = carry
             caches = []
             for block in nnx.merge(graphdef, layer_state):
-                y, cache, a = block(h, **kw)
+                y, cache, a, v_first = block(h, v_first=v_first, **kw)
                 h, aux = y.astype(h.dtype), aux + a
                 caches.append(cache)
-            return (h, aux), caches
+            return (h, aux, v_first), caches
 
-        (h, aux), caches = jax.lax.scan(body, (h, aux), state)
+        (h, aux, v_first), caches = jax.lax.scan(body, (h, aux, v_first), state)
         per_layer = [jax.tree.map(lambda x, j=j: x[j], c) for j in range(self.repeats)
                      for c in caches]
-        return h, aux, per_layer
+        return h, aux, v_first, per_layer
 
-    def unrolled(self, h, aux, caches, **kw):
+    def unrolled(self, h, aux, v_first, caches, **kw):
         """Every layer one after the other with its own cache (a list, one per layer)."""
         new = []
         for j in range(self.repeats):
             for k, block in enumerate(self.layer(j)):
-                h, cache, a = block(h, cache=caches[j * len(self.blocks) + k], **kw)
+                h, cache, a, v_first = block(h, cache=caches[j * len(self.blocks) + k],
+                                             v_first=v_first, **kw)
                 aux = aux + a
                 new.append(cache)
-        return h, aux, new
+        return h, aux, v_first, new
 
 
 class LM(nnx.Module):
@@ -295,11 +305,15 @@ class LM(nnx.Module):
             h = h * jnp.asarray(self.config.embed_scale, h.dtype)
         kw = dict(segment_ids=segment_ids, seq_parallel=seq_parallel)
         new, aux, start = [], jnp.zeros((), jnp.float32), 0
+        # a scan's carry keeps its structure: v_first exists from the first layer on
+        shares = any(b.value_residual for stack in self.stacks for b in stack.blocks)
+        v_first = jnp.zeros_like(h) if shares else None
         for stack in self.stacks:
             if cache is None:
-                h, aux, c = stack.scan(h, aux, **kw)
+                h, aux, v_first, c = stack.scan(h, aux, v_first, **kw)
             else:
-                h, aux, c = stack.unrolled(h, aux, cache[start:start + stack.num_layers], **kw)
+                h, aux, v_first, c = stack.unrolled(h, aux, v_first,
+                                                    cache[start:start + stack.num_layers], **kw)
             new.extend(c)
             start += stack.num_layers
         h = self.norm(h)

@@ -18,6 +18,7 @@ from linear_jax.ops.lion import lion
 from linear_jax.ops.log_linear_gated_delta_rule import log_linear_gated_delta_rule
 from linear_jax.ops.log_linear_simple_gla import log_linear_simple_gla
 from linear_jax.ops.mamba3 import mamba3
+from linear_jax.ops.mamba3_mimo import mamba3_mimo
 from linear_jax.ops.mlstm import mlstm
 from linear_jax.ops.rwkv7 import rwkv7
 from linear_jax.ops.s4d import causal_conv, s4d_discretize, s4d_kernel
@@ -51,4 +52,5 @@ __all__ = [
     "kda",
     "rwkv7",
     "mamba3",
+    "mamba3_mimo",
 ]

@@ -71,7 +71,8 @@ def log_linear_delta_chunk(q, k, v, g, beta, lam, pos, *, scale, initial_state, 
 
 registry.register(registry.OpRecord(
     "log_linear_gated_delta_rule", reference=log_linear_delta_recurrent,
-    chunk=log_linear_delta_chunk))
+    chunk=log_linear_delta_chunk,
+    seq_parallel="linear_jax.parallel.log_linear:log_linear_gated_delta_rule"))
 
 
 def log_linear_gated_delta_rule(q, k, v, g, beta, level_weights, *, scale=None,

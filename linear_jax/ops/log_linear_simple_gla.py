@@ -80,7 +80,8 @@ def log_linear_chunk(q, k, v, g, lam, pos, *, scale, initial_state, segment_ids,
 
 
 registry.register(registry.OpRecord(
-    "log_linear_simple_gla", reference=log_linear_recurrent, chunk=log_linear_chunk))
+    "log_linear_simple_gla", reference=log_linear_recurrent, chunk=log_linear_chunk,
+    seq_parallel="linear_jax.parallel.log_linear:log_linear_simple_gla"))
 
 
 def check_fenwick_args(op, level_weights, initial_state, B, T, H, K, V):

@@ -15,8 +15,9 @@ g = A dt <= 0. Of the paper this covers
     real). Equivalently queries and keys are rotated by the cumulative angle (the paper's
     "RoPE trick"); the state returned is the unrotated one, so a sequence split in two calls
     needs no angle carried between them.
-Not covered: MIMO (rank-r inputs and outputs per head), and everything of the block (projections,
-B/C norms and biases, D, gating), which is `linear_jax.layers.mamba3`.
+Not covered: MIMO (rank-r inputs and outputs per head: `linear_jax.ops.mamba3_mimo`, on this
+chunk form), and everything of the block (projections, B/C norms and biases, D, gating), which is
+`linear_jax.layers.mamba3`.
 
 State: a tuple (S [B, H, N, P] float32, k_last [B, H, N], v_last [B, H, P]), the last key and value
 the next step's trapezoid needs (zeroed, like S, where a packed document starts: its first step has

@@ -25,9 +25,11 @@ The local backward has two forms (`mode`):
   "autodiff"  no custom VJP: JAX differentiates through the collectives (the reference; its
               transpose of the gather is a reduce-scatter and its backward runs through `pre`).
 
-M comes in four kinds: "identity" (no decay), "scalar" [B,H], "vector" [B,H,K] (a diagonal), and
-"matrix" [B,H,K,K]. The initial state is replicated along the axis and applies on shard 0; the
-final state is the global one, the same on every device of the axis.
+M comes in five kinds: "identity" (no decay), "scalar" [B,H], "vector" [B,H,K] (a diagonal),
+"matrix" [B,H,K,K], and "levels" [B,H,L,L] acting on a stack of L states [B,H,L,K,V] (log-linear
+attention's Fenwick levels, `linear_jax.parallel.log_linear`). The initial state is replicated
+along the axis and applies on shard 0; the final state is the global one, the same on every device
+of the axis.
 """
 
 from __future__ import annotations
@@ -49,13 +51,15 @@ def _einsum(spec, *xs):
 
 
 def apply_map(kind, M, S):
-    """M S for a state S [B,H,K,V]."""
+    """M S for a state S [B,H,K,V] ([B,H,L,K,V] for "levels")."""
     if kind == "identity":
         return S
     if kind == "scalar":
         return M[..., None, None] * S
     if kind == "vector":
         return M[..., :, None] * S
+    if kind == "levels":
+        return _einsum("bhml,bhlkv->bhmkv", M, S)
     return _einsum("bhkj,bhjv->bhkv", M, S)
 
 
@@ -63,6 +67,8 @@ def apply_map_t(kind, M, L):
     """M^T L."""
     if kind == "matrix":
         return _einsum("bhjk,bhjv->bhkv", M, L)
+    if kind == "levels":
+        return _einsum("bhml,bhmkv->bhlkv", M, L)
     return apply_map(kind, M, L)
 
 
@@ -74,6 +80,8 @@ def map_cotangent(kind, L, S):
         return jnp.sum(L * S, axis=(-2, -1))
     if kind == "vector":
         return jnp.sum(L * S, axis=-1)
+    if kind == "levels":
+        return _einsum("bhmkv,bhlkv->bhml", L, S)
     return _einsum("bhkv,bhjv->bhkj", L, S)
 
 
@@ -107,7 +115,7 @@ def _unpack(buf, recipe):
 
 def gather_maps(kind, M, N, seg_ends, axis_name):
     """All-gathers the shard maps in one collective. Returns Ms [P,...] (None for the identity),
-    Ns [P,B,H,K,V] and resets [P,B] (bool: the carry is zeroed entering shard p) or None."""
+    Ns [P,B,H,...] and resets [P,B] (bool: the carry is zeroed entering shard p) or None."""
     arrays = [N] + ([] if kind == "identity" else [M]) + ([] if seg_ends is None else [seg_ends])
     buf, recipe = _pack(arrays)
     parts = _unpack(_compat.all_gather_same(buf, axis_name), recipe)
@@ -122,11 +130,11 @@ def gather_maps(kind, M, N, seg_ends, axis_name):
 
 
 def _zero_where(r, S):
-    return S if r is None else jnp.where(r[:, None, None, None], 0.0, S)
+    return S if r is None else jnp.where(r.reshape((-1,) + (1,) * (S.ndim - 1)), 0.0, S)
 
 
 def scan_states(kind, Ms, Ns, resets, S0):
-    """Entering states [P,B,H,K,V] and the final state, in float32, the same on every device."""
+    """Entering states [P,B,H,...] and the final state, in float32, the same on every device."""
     P = Ns.shape[0]
     S, ents = S0, []
     for p in range(P):        # P is small and static: unrolled, no sequential loop in the HLO
@@ -167,7 +175,8 @@ def affine_shard(pre: Callable, post: Callable, kind: str, x, state_shape, initi
                  rerun: Callable | None = None):
     """Runs an affine op over the shards of `axis_name`; call inside `shard_map`.
 
-    x: pytree of local float inputs (differentiated); state_shape (B,H,K,V) of N; initial_state
+    x: pytree of local float inputs (differentiated); state_shape (B,H,K,V) of N (or
+    (B,H,L,K,V)); initial_state
     of that shape or None (replicated along the axis); segment_ids [B,T_loc] or None, passed on
     to the local functions (which must not close over traced values: the backward is traced
     apart from the forward). `rerun(x, seg, S_in) -> (O, S_out)` is the op run from a state

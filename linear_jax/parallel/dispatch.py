@@ -15,9 +15,10 @@ time steps needs communication, and the layers call it only through:
   `recurrence(op, *args, seq_parallel=, **kw)`  the linear recurrences: `linear_jax.ops.<op>`
       when `seq_parallel` is None or its axis has size 1, else the sequence-parallel form its
       registry record names (`linear_jax.ops.registry`; today `linear_attention`, `simple_gla`,
-      `gla`, `delta_rule`, `gated_delta_rule`, `ssd`, `kda`, `rwkv7`, `mamba3`, `diagonal_scan`,
-      `hgrn`) in its own `shard_map` (one all-gather forward, one backward); `impl` and
-      `config` reach the single-device op either way;
+      `gla`, `delta_rule`, `gated_delta_rule`, `ssd`, `kda`, `rwkv7`, `mamba3`, `mamba3_mimo`,
+      `log_linear_simple_gla`, `log_linear_gated_delta_rule`, `diagonal_scan`, `hgrn`) in its own
+      `shard_map` (one all-gather forward, one backward; two each for log-linear Gated
+      DeltaNet); `impl` and `config` reach the single-device op either way;
   `short_conv(...)`    `ops.short_conv`, or the halo convolution its record names (one
       `ppermute` of W-1 tokens);
   `attention(...)`     causal softmax attention over all-gathered K, V (LASP-2H), in the

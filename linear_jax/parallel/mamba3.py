@@ -10,6 +10,10 @@ single-device op on augmented values and state, as for the delta rule
 (`linear_jax.parallel.rank_one`): v' = [v | 0], S0' = [0 | I], v_last' = [v_last | 0]. The
 affine machinery is `linear_jax.parallel.affine`; the final (k_last, v_last) are the last
 shard's, gathered so that every device returns the global final state.
+
+MIMO (`linear_jax.ops.mamba3_mimo`) is SISO over 3r sub-steps per step, which only read the
+previous step's keys and values: the same halo (of the r keys and values) gives them, and the
+sub-steps of a shard's steps are then a contiguous shard of SISO's sequence, run as above.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from jax import lax
 
 from linear_jax import _compat, ops
 from linear_jax.ops.common.heads import repeat_heads
+from linear_jax.ops.mamba3_mimo import step_outputs, substeps
 from linear_jax.parallel.affine import affine_shard
 from linear_jax.parallel.decay import DEFAULT_MODE
 from linear_jax.parallel.mesh import run_on_mesh
@@ -97,6 +102,46 @@ def mamba3(q, k, v, g, dt, trap, theta, *, axis_name="seq", mesh=None, batch_axe
         return mamba3_local(q, k, v, g, dt, trap, theta, axis_name=axis_name,
                             initial_state=initial_state, segment_ids=segment_ids, **kw)
     local = lambda *x, **a: mamba3_local(*x, **a, **kw)
+    return run_on_mesh(local, mesh, (q, k, v, g, dt, trap, theta), initial_state=initial_state,
+                       segment_ids=segment_ids, seq_axis=axis_name, batch_axes=batch_axes,
+                       head_axes=head_axes, kernel_op=("mamba3", impl, config))
+
+
+def mimo_local(q, k, v, g, dt, trap, theta, *, axis_name="seq", scale=1.0, initial_state=None,
+               segment_ids=None, chunk_size=64, impl="auto", config=None, mode=DEFAULT_MODE):
+    """`ops.mamba3_mimo` on the local shard; call inside `shard_map`. Returns (o [B,T_loc,H,r,P],
+    the global final state (S, k_last [B,H,r,N], v_last [B,H,r,P]))."""
+    B, T, _, r, N = q.shape
+    H, P = v.shape[2], v.shape[4]
+    f32 = lambda x: x.astype(jnp.float32)
+    q, k = repeat_heads(f32(q), H), repeat_heads(f32(k), H)
+    flat = lambda x: x.reshape(x.shape[:3] + (-1,))              # the r keys (values) as one
+    init = None if initial_state is None else (
+        initial_state[0], initial_state[1].reshape(B, H, -1), initial_state[2].reshape(B, H, -1))
+    k0, v0 = _halo(flat(k), flat(f32(v)), segment_ids, init, axis_name)
+    args, seg = substeps(q, k, f32(v), *(f32(x) for x in (g, dt, trap, theta)),
+                         k0.reshape(B, H, r, N), v0.reshape(B, H, r, P), segment_ids)
+    zeros = lambda n: _compat.zeros_varying((B, H, n), *args)
+    S0 = None if initial_state is None else (initial_state[0], zeros(N), zeros(P))
+    o, (S, _, _) = mamba3_local(*args, axis_name=axis_name, scale=scale, initial_state=S0,
+                                segment_ids=seg, chunk_size=chunk_size, impl=impl,
+                                config=config, mode=mode)
+    last = jnp.concatenate([flat(k)[:, -1], flat(f32(v))[:, -1]], -1)
+    last = _compat.all_gather_same(last, axis_name)[-1]
+    return step_outputs(o, r), (S, last[..., :r * N].reshape(B, H, r, N),
+                                last[..., r * N:].reshape(B, H, r, P))
+
+
+def mamba3_mimo(q, k, v, g, dt, trap, theta, *, axis_name="seq", mesh=None, batch_axes=None,
+                head_axes=None, scale=1.0, initial_state=None, segment_ids=None, chunk_size=64,
+                impl="auto", config=None, mode=DEFAULT_MODE):
+    """Sequence-parallel `linear_jax.ops.mamba3_mimo` (mesh arguments as
+    `linear_jax.parallel.simple_gla`)."""
+    kw = dict(scale=scale, chunk_size=chunk_size, impl=impl, config=config, mode=mode)
+    if mesh is None:
+        return mimo_local(q, k, v, g, dt, trap, theta, axis_name=axis_name,
+                          initial_state=initial_state, segment_ids=segment_ids, **kw)
+    local = lambda *x, **a: mimo_local(*x, **a, **kw)
     return run_on_mesh(local, mesh, (q, k, v, g, dt, trap, theta), initial_state=initial_state,
                        segment_ids=segment_ids, seq_axis=axis_name, batch_axes=batch_axes,
                        head_axes=head_axes, kernel_op=("mamba3", impl, config))

@@ -33,6 +33,7 @@ CASES.update({
     "linear_attention-nonorm": ("linear_attention", {"normalize": False}),
     "deltanet-negeig-gate": ("deltanet", {"allow_neg_eigval": True, "output_gate": True}),
     "hgrn2-lowerbound": ("hgrn2", {"lower_bound": 0.5}),
+    "mamba3-mimo": ("mamba3", {"mimo_rank": 2}),
     "lte_attention-evicting": ("lte_attention", {"window": 5, "num_retained": 3,
                                                  "num_kv_heads": 1}),
 })

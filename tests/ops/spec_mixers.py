@@ -1,9 +1,9 @@
 """Specs for the peer-library mixers: kda (per-channel gated delta rule), rwkv7 (diagonal plus
-rank-one transition), mamba3 (trapezoidal rule, rotary state).
+rank-one transition), mamba3 (trapezoidal rule, rotary state) and mamba3_mimo (its rank-r form).
 
 Strong gates: the g [B, T, H, K] of kda and rwkv7 is the per-channel log decay of each step, so
-every g is drawn strong; beta, a, b and the keys stay as drawn. mamba3's g [B, T, H] (A dt) is its
-log decay, drawn strong; dt, trap and the angles stay as drawn.
+every g is drawn strong; beta, a, b and the keys stay as drawn. mamba3's (and mamba3_mimo's)
+g [B, T, H] (A dt) is its log decay, drawn strong; dt, trap and the angles stay as drawn.
 """
 
 from __future__ import annotations
@@ -62,32 +62,41 @@ def rwkv7_reference(q, k, v, g, a, b, S0, seg, scale):
 
 
 def mamba3_reference(q, k, v, g, dt, trap, theta, S0, seg, scale):
+    """SISO: the MIMO loop below at rank 1."""
+    S0 = None if S0 is None else (S0[0], S0[1][:, :, None], S0[2][:, :, None])
+    o, (S, kl, vl) = mamba3_mimo_reference(q[:, :, :, None], k[:, :, :, None], v[:, :, :, None],
+                                           g, dt, trap, theta, S0, seg, scale)
+    return o[:, :, :, 0], (S, kl[:, :, 0], vl[:, :, 0])
+
+
+def mamba3_mimo_reference(q, k, v, g, dt, trap, theta, S0, seg, scale):
     """float64 loop with the complex state written as an explicit block-diagonal rotation:
-    S_t = exp(g_t) R_t^T (S_{t-1} + (1 - lam_t) dt_t k_{t-1} v_{t-1}^T) + lam_t dt_t k_t v_t^T,
-    R_t rotating the pairs (2i, 2i+1), i < R, by +theta_t[i]; the state is (S, k_last, v_last)."""
+    S_t = exp(g_t) R_t^T (S_{t-1} + (1 - lam_t) dt_t K_{t-1}^T V_{t-1}) + lam_t dt_t K_t^T V_t,
+    O_t = Q_t S_t, with K, Q [r, N], V [r, P]; R_t rotates the pairs (2i, 2i+1), i < R, by
+    +theta_t[i]; the state is (S, K_last, V_last)."""
     q, k, v, g, dt, trap, theta = _f64(q, k, v, g, dt, trap, theta)
-    B, T, H_, P_ = v.shape
+    B, T, H_, r, P_ = v.shape
     q, k = np.repeat(q, H_ // q.shape[2], 2), np.repeat(k, H_ // k.shape[2], 2)
     N_ = q.shape[-1]
     if S0 is None:
-        S, kl, vl = np.zeros((B, H_, N_, P_)), np.zeros((B, H_, N_)), np.zeros((B, H_, P_))
+        S, kl, vl = np.zeros((B, H_, N_, P_)), np.zeros((B, H_, r, N_)), np.zeros((B, H_, r, P_))
     else:
         S, kl, vl = (np.asarray(x, np.float64).copy() for x in S0)
-    r = np.zeros((B, T), bool) if seg is None else resets(seg)
-    o = np.zeros((B, T, H_, P_))
+    rs = np.zeros((B, T), bool) if seg is None else resets(seg)
+    o = np.zeros((B, T, H_, r, P_))
     for t in range(T):
-        S[r[:, t]], kl[r[:, t]], vl[r[:, t]] = 0.0, 0.0, 0.0
+        S[rs[:, t]], kl[rs[:, t]], vl[rs[:, t]] = 0.0, 0.0, 0.0
         Rm = np.broadcast_to(np.eye(N_), (B, H_, N_, N_)).copy()
         for i in range(theta.shape[-1]):
             c, s = np.cos(theta[:, t, :, i]), np.sin(theta[:, t, :, i])
             Rm[..., 2 * i, 2 * i], Rm[..., 2 * i, 2 * i + 1] = c, -s
             Rm[..., 2 * i + 1, 2 * i], Rm[..., 2 * i + 1, 2 * i + 1] = s, c
         lam, d = trap[:, t], dt[:, t]
-        inner = S + ((1 - lam) * d)[..., None, None] * kl[..., :, None] * vl[..., None, :]
+        inner = S + ((1 - lam) * d)[..., None, None] * np.einsum("bhrn,bhrp->bhnp", kl, vl)
         S = np.exp(g[:, t])[..., None, None] * np.einsum("bhji,bhjp->bhip", Rm, inner)
-        S = S + (lam * d)[..., None, None] * k[:, t, :, :, None] * v[:, t, :, None, :]
+        S = S + (lam * d)[..., None, None] * np.einsum("bhrn,bhrp->bhnp", k[:, t], v[:, t])
         kl, vl = k[:, t].copy(), v[:, t].copy()
-        o[:, t] = scale * np.einsum("bhn,bhnp->bhp", q[:, t], S)
+        o[:, t] = scale * np.einsum("bhrn,bhnp->bhrp", q[:, t], S)
     return o, (S, kl, vl)
 
 
@@ -130,6 +139,14 @@ def _make_mamba3(rng, B, T, dtype, Hk=1, R=4):
     return {n: np.asarray(x).astype(dtype) for n, x in args.items()}, {}
 
 
+def _make_mamba3_mimo(rng, B, T, dtype, r=2):
+    """As `_make_mamba3`, with r keys, queries and values per step."""
+    args, kw = _make_mamba3(rng, B, T, dtype)
+    rank = lambda *s: rng.standard_normal(s).astype(dtype)
+    return {**args, "q": rank(B, T, 1, r, K), "k": rank(B, T, 1, r, K),
+            "v": rank(B, T, H, r, V)}, kw
+
+
 def _strong_g(args, rng, kind):
     return cast_like(args, {"g": strong_log_decays(rng, args["g"].shape, kind)})
 
@@ -149,5 +166,11 @@ SPECS = [
            lambda a, S0, seg: mamba3_reference(a["q"], a["k"], a["v"], a["g"], a["dt"], a["trap"],
                                                a["theta"], S0, seg, 1.0),
            lambda a: (_state(a), _state(a)[:3], _state(a)[:2] + (V,)),
+           diff_args=("q", "k", "v", "g", "dt", "trap", "theta"), strong=_strong_g),
+    OpSpec("mamba3_mimo", ops.mamba3_mimo, _make_mamba3_mimo,
+           lambda a, S0, seg: mamba3_mimo_reference(a["q"], a["k"], a["v"], a["g"], a["dt"],
+                                                    a["trap"], a["theta"], S0, seg, 1.0),
+           lambda a: (_state(a), _state(a)[:2] + a["k"].shape[3:],
+                      _state(a)[:2] + a["v"].shape[3:]),
            diff_args=("q", "k", "v", "g", "dt", "trap", "theta"), strong=_strong_g),
 ]

@@ -1,5 +1,5 @@
-"""Bad arguments of kda, rwkv7 and mamba3 raise a ValueError naming the argument and its shape at
-trace time (shapes only: nothing runs)."""
+"""Bad arguments of kda, rwkv7, mamba3 and mamba3_mimo raise a ValueError naming the argument and
+its shape at trace time (shapes only: nothing runs)."""
 
 from __future__ import annotations
 
@@ -43,3 +43,13 @@ def test_mamba3():
             match=r"initial_state\[1\] must have shape")
     _raises(ops.mamba3, q, q, v, vec, gate, gate, x(B, T, H, 2), match="g must have rank 3")
     _raises(ops.mamba3, *args, x(B, T, H, 2), impl="fast", match="impl")
+
+
+def test_mamba3_mimo():
+    qr, vr = x(B, T, H, 2, K), x(B, T, H, 2, V)
+    args = (qr, qr, vr, gate, gate, gate, x(B, T, H, 2))
+    _raises(ops.mamba3_mimo, q, q, v, gate, gate, gate, x(B, T, H, 2), match=r"q must have rank 5")
+    _raises(ops.mamba3_mimo, qr, qr, x(B, T, H, 3, V), *args[3:], match="rank r")
+    _raises(ops.mamba3_mimo, *args,
+            initial_state=(jnp.zeros((B, H, K, V)), jnp.zeros((B, H, K)), jnp.zeros((B, H, V))),
+            match=r"initial_state\[1\] must have shape")

@@ -1,9 +1,9 @@
-"""The sequence-parallel forms of kda and mamba3 equal their single-device ops: outputs, final state
-and the gradient of every float input (initial state included), with packed documents that reset
-inside shards and exactly on shard boundaries. rwkv7 shares kda's form (`parallel/rank_one.py`)
-and runs sequence-parallel in the layer test below (the forward: CI time). Layers whose parallel
-form is more than their op's (attention's gathers, MLA's latents, the RG-LRU's conv halo and
-document starts) are compared whole: output and every gradient."""
+"""The sequence-parallel forms of kda, mamba3 and mamba3_mimo equal their single-device ops:
+outputs, final state and the gradient of every float input (initial state included), with packed
+documents that reset inside shards and exactly on shard boundaries. rwkv7 shares kda's form
+(`parallel/rank_one.py`) and runs sequence-parallel in the layer test below (the forward: CI
+time). Layers whose parallel form is more than their op's (attention's gathers, MLA's latents, the
+RG-LRU's conv halo and document starts) are compared whole: output and every gradient."""
 
 from __future__ import annotations
 
@@ -29,19 +29,23 @@ def _draw(op, B, seed=0):
     x = {"q": f(B, T, H, K), "k": unit(f(B, T, H, K)), "v": f(B, T, H, V), "g": g}
     if op == "kda":
         x["beta"] = rng.uniform(0, 2, (B, T, H)).astype(np.float32)
-    if op == "mamba3":
+    if op.startswith("mamba3"):
         dt = np.logaddexp(0, f(B, T, H) - 1.0)
         x["g"] = -np.logaddexp(0, f(B, T, H)) * dt
         x.update(dt=dt, trap=1 / (1 + np.exp(-f(B, T, H))),
                  theta=np.tanh(f(B, T, H, K // 4)) * np.pi * dt[..., None])
+    rank = (2,) if op == "mamba3_mimo" else ()       # r keys, queries and values per step
+    if rank:
+        x.update(q=f(B, T, H, *rank, K), k=f(B, T, H, *rank, K), v=f(B, T, H, *rank, V))
     x = {n: jnp.asarray(a, jnp.float32) for n, a in x.items()}
     x["initial_state"] = jnp.asarray(f(B, H, K, V))
-    if op == "mamba3":
-        x["initial_state"] = (x["initial_state"], jnp.asarray(f(B, H, K)), jnp.asarray(f(B, H, V)))
+    if op.startswith("mamba3"):
+        x["initial_state"] = (x["initial_state"], jnp.asarray(f(B, H, *rank, K)),
+                              jnp.asarray(f(B, H, *rank, V)))
     return x
 
 
-@pytest.mark.parametrize("op,P", [("kda", 4), ("mamba3", 4)])
+@pytest.mark.parametrize("op,P", [("kda", 4), ("mamba3", 4), ("mamba3_mimo", 4)])
 def test_matches_single_device(op, P):
     mesh = _compat.make_mesh((P,), ("seq",), jax.devices()[:P])
     x, seg = _draw(op, 2), packed_segments(2, T)
@@ -70,18 +74,24 @@ def _close(a, b, what):
 
 
 def test_layers_on_a_seq_mesh_equal_unsharded():
-    """The KDA (short-conv halo, matrix shard map), RWKV-7 (token-shift halo) and Mamba-3 (the
-    trapezoid's halo) layers in one model on seq=4, packed documents: the logits equal the
-    unsharded ones."""
+    """The KDA (short-conv halo, matrix shard map), RWKV-7 (token-shift halo), Mamba-3 MIMO (the
+    trapezoid's halo, the SISO op's form over the sub-steps; SISO: the op test above),
+    log-linear Mamba-2 (level states, positions from the global ids) and log-linear Gated
+    DeltaNet (the summed state's exchange, then the levels') layers in one model on seq=4,
+    packed documents: the logits equal the unsharded ones."""
     from flax import nnx
 
     from linear_jax.models import LM, LMConfig
     from linear_jax.parallel import SeqParallel
 
-    cfg = LMConfig(vocab_size=32, d_model=32, num_layers=3, num_heads=2,
-                   layers=("kda", "rwkv7", "mamba3"),
+    cfg = LMConfig(vocab_size=32, d_model=32, num_layers=5, num_heads=2,
+                   layers=("kda", "rwkv7", "mamba3", "log_linear_mamba2",
+                           "log_linear_gated_deltanet"),
                    chunk_size=8, init_std=0.1,
-                   mixer_options={"rwkv7": {"decay_rank": 8, "a_rank": 8, "gate_rank": 8}})
+                   mixer_options={"rwkv7": {"decay_rank": 8, "a_rank": 8, "gate_rank": 8},
+                                  "mamba3": {"mimo_rank": 2},
+                                  "log_linear_mamba2": {"num_levels": 4},
+                                  "log_linear_gated_deltanet": {"num_levels": 4}})
     model = LM(cfg, rngs=nnx.Rngs(0))
     mesh = _compat.make_mesh((4,), ("seq",), jax.devices()[:4])
     tokens = jax.random.randint(jax.random.key(0), (2, T), 0, 32)

@@ -1,7 +1,8 @@
 """What the compiled program of `jit(grad(f))` holds, per layer: two all-gathers on the custom-VJP
 path (the forward one packs M, N and the segment ends; the backward one gathers D = Q~^T dO), no
 reduce-scatter, and no second local forward pass ("saved" mode holds as many sequential loops as
-the single-device op's own gradient; "rerun" one more: the local forward run again)."""
+the single-device op's own gradient; "rerun" one more: the local forward run again); log-linear
+simple GLA's level states the same two all-gathers."""
 
 from __future__ import annotations
 
@@ -49,6 +50,17 @@ def test_collectives_and_loops(op, other):
     else:                   # autodiff transposes the gather into a reduction
         assert count(txt, "all-gather") == 1
         assert count(txt, "all-reduce") + count(txt, "reduce-scatter") >= 1
+
+
+def test_log_linear_collectives():
+    """The level states exchange like simple GLA's state: one all-gather each way."""
+    mesh = sp.make_mesh({"seq": P}, jax.devices()[:P])
+    x = draw("simple_gla", 1, T)
+    x.pop("initial_state")
+    x["level_weights"] = jnp.ones((1, T, x["v"].shape[2], 4), jnp.float32)
+    txt = hlo_of_grad(lambda **a: sp.log_linear_simple_gla(**a, chunk_size=C, mesh=mesh), x, None)
+    assert count(txt, "all-gather") == 2
+    assert count(txt, "reduce-scatter") == count(txt, "all-reduce") == 0
 
 
 def test_mla_gathers_the_latents():
