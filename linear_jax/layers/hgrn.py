@@ -7,7 +7,8 @@
 The element-wise gated recurrence of the paper with real (not complex) values and the input gate
 tied to the forget gate, as fla implements it. The paper's lower bounds are learned and rise with
 depth across the stack; here `lower_bound` is a fixed per-layer constant (0 by default). The
-output norm is applied per head of D / H channels. Op: `linear_jax.ops.hgrn`.
+output norm is applied per head of D / H channels. Op: `linear_jax.ops.hgrn` (sequence-parallel:
+`linear_jax.parallel.hgrn`).
 
 Parameters: 4 D^2 + D / H. State: h [B, D] float32 (no short conv).
 """
@@ -31,12 +32,11 @@ from linear_jax.layers.common import (
     new_seg,
     out_std,
 )
-from linear_jax.ops.hgrn import hgrn
-from linear_jax.parallel.dispatch import unsupported
+from linear_jax.parallel import dispatch
 
 
 class HGRN(nnx.Module):
-    SEQ_PARALLEL = False     # no sequence-parallel hgrn op yet
+    SEQ_PARALLEL = True
     OP_IMPL = True           # `impl` is its op's (`linear_jax.ops.registry`)
 
     def __init__(self, d_model: int, num_heads: int, *, lower_bound: float = 0.0,
@@ -58,7 +58,6 @@ class HGRN(nnx.Module):
         return {"state": jnp.zeros((batch_size, self.D), jnp.float32), "seg": new_seg(batch_size)}
 
     def __call__(self, x, *, segment_ids=None, cache=None, seq_parallel=None):
-        unsupported(self, seq_parallel)
         cache = self.init_cache(x.shape[0]) if cache is None else cache
         states = enter(cache, segment_ids)
         f = self.f_proj(x).astype(jnp.float32)
@@ -67,7 +66,8 @@ class HGRN(nnx.Module):
         else:
             g = jax.nn.log_sigmoid(f)
         i = jax.nn.silu(self.i_proj(x).astype(jnp.float32)) * -jnp.expm1(g)
-        h, S = hgrn(i.astype(x.dtype), g, initial_state=states["state"],
-                    segment_ids=segment_ids, **dict(self.op_kw))
+        h, S = dispatch.recurrence("hgrn", i.astype(x.dtype), g, initial_state=states["state"],
+                                   segment_ids=segment_ids, seq_parallel=seq_parallel,
+                                   **dict(self.op_kw))
         o = self.norm(heads(h, self.H), heads(self.g_proj(x), self.H))
         return self.o_proj(merge_heads(o)), leave(cache, segment_ids, state=S)

@@ -21,7 +21,10 @@ Decoding caches the normalised latent c and k_r (kv_rank + r numbers per positio
 2 H d of a KV cache) and expands the cached latents through W_kvb at every call: the memory of
 MLA, not yet its decoding compute (folding W_kvb into q and W_o would attend in the latent
 space). Positions, document masks and the cache's bookkeeping are `Attention`'s (`LM` sizes and
-checks the cache as an attention layer's). Sequence parallelism: none yet.
+checks the cache as an attention layer's). Sequence parallelism (`seq_parallel=`, calls without
+a cache): the projections, norm and RoPE on the T-split activations; the attention all-gathers
+the latents [c | k_r] (kv_rank + r per position, not K, V) and expands them on every device
+(`linear_jax.parallel.latent`).
 
 Parameters: D H (n + r) (or D q_rank + q_rank + q_rank H (n + r)) + D (kv_rank + r) + kv_rank
 + kv_rank H (n + d_v) + H d_v D.
@@ -49,7 +52,7 @@ from linear_jax.parallel import dispatch
 
 
 class MLA(Attention):
-    SEQ_PARALLEL = False
+    SEQ_PARALLEL = True
 
     def __init__(self, d_model: int, num_heads: int, *, attn_heads: int | None = None,
                  q_rank: int | None = None, kv_rank: int | None = None,
@@ -92,23 +95,55 @@ class MLA(Attention):
                 "index": jnp.zeros((), jnp.int32), "doc_last": zb(), "start": zb(),
                 "seg": new_seg(batch_size)}
 
+    def _kv(self, kv_b_proj, c, k_rope, dtype):
+        """Every head's K, V [B, S, H, d] from the latents c [B, S, kv_rank] and the roped k_r
+        [B, S, r] through `kv_b_proj`, zero-padded to one head dim, as `_pad`."""
+        k_nope, v = jnp.split(heads(kv_b_proj(c), self.H), [self.n], axis=-1)
+        k = jnp.concatenate([k_nope, jnp.broadcast_to(
+            k_rope[:, :, None].astype(k_nope.dtype), k_nope.shape[:3] + (self.r,))], -1)
+        return self._pad(k), self._pad(v.astype(dtype))
+
+    def _pad(self, x):
+        """dot_product_attention wants one head dim: zero channels pad the narrower of qk and v
+        (zero key channels add nothing to a score; zero value channels are cut off the
+        output)."""
+        d = max(self.n + self.r, self.dv)
+        return jnp.pad(x, ((0, 0),) * 3 + ((0, d - x.shape[-1]),))
+
+    def _out(self, o):
+        return self.o_proj(merge_heads(o[..., :self.dv]))
+
     def _attend(self, q, c, k_rope, **mask):
         """q [B, T, H, n + r] against the latents c [B, S, kv_rank], k_rope [B, S, r]; `mask`:
         dot_product_attention's `mask=` or `is_causal=`."""
-        k_nope, v = jnp.split(heads(self.kv_b_proj(c), self.H), [self.n], axis=-1)
-        k = jnp.concatenate([k_nope, jnp.broadcast_to(
-            k_rope[:, :, None].astype(k_nope.dtype), k_nope.shape[:3] + (self.r,))], -1)
-        # dot_product_attention wants one head dim: zero channels pad the narrower of qk and v
-        # (zero key channels add nothing to a score; zero value channels are cut off the output)
-        pad = lambda x, d: jnp.pad(x, ((0, 0),) * 3 + ((0, d - x.shape[-1]),))
-        d = max(self.n + self.r, self.dv)
-        o = jax.nn.dot_product_attention(
-            pad(q, d), pad(k, d), pad(v.astype(q.dtype), d), **mask,
-            scale=(self.n + self.r) ** -0.5, implementation=self.implementation)
-        return self.o_proj(merge_heads(o[..., :self.dv]))
+        k, v = self._kv(self.kv_b_proj, c, k_rope, q.dtype)
+        o = jax.nn.dot_product_attention(self._pad(q), k, v, **mask, scale=self._scale,
+                                         implementation=self.implementation)
+        return self._out(o)
+
+    @property
+    def _scale(self) -> float:
+        return (self.n + self.r) ** -0.5
+
+    def _attend_parallel(self, q, c, k_rope, segment_ids, seq_parallel):
+        """The sequence-parallel call: the latents [c | k_r] are all-gathered, not K, V, and
+        expanded on every device through the (replicated) `kv_b_proj`."""
+        graphdef, params = nnx.split(self.kv_b_proj)
+
+        def expand(params, latents):
+            c, k_rope = jnp.split(latents, [self.kv_rank], axis=-1)
+            return self._kv(nnx.merge(graphdef, params), c, k_rope, q.dtype)
+
+        o = dispatch.latent_attention(
+            self._pad(q), jnp.concatenate([c, k_rope], -1), params, expand=expand,
+            seq_parallel=seq_parallel, scale=self._scale, segment_ids=segment_ids)
+        return self._out(o)
 
     def __call__(self, x, *, segment_ids=None, cache=None, seq_parallel=None):
-        dispatch.unsupported(self, seq_parallel)
+        sp = dispatch.is_active(seq_parallel)
+        if sp and cache is not None:
+            raise NotImplementedError("MLA: decoding with a cache is not sequence-parallel; "
+                                      "call with seq_parallel=None")
         B, T, _ = x.shape
         q = self.q_proj(x) if self.q_rank is None else self.q_b_proj(
             self.q_a_norm(self.q_a_proj(x)))
@@ -122,6 +157,8 @@ class MLA(Attention):
             q = jnp.concatenate([q[..., :self.n], rope(q[..., self.n:], pos - start,
                                                        self.rope_theta)], -1)
             k_rope = rope(k_rope[:, :, None], pos - start, self.rope_theta)[:, :, 0]
+        if sp:
+            return self._attend_parallel(q, c, k_rope, segment_ids, seq_parallel), None
         if cache is None:
             mask = (dict(is_causal=True) if segment_ids is None else
                     dict(mask=self._mask(pos, doc, pos, doc, start)))

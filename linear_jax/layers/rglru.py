@@ -17,6 +17,11 @@ RecurrentGemma does at position 0; the square root's derivative is capped at 100
 as a_t -> 1 it diverges, which gives NaNs in bfloat16 training). Lambda starts with
 a_t^(1/(c r_t)) = exp(-softplus(Lambda)) in [0.9, 0.999], Griffin's initialisation.
 
+Sequence parallelism (`seq_parallel=`): the conv takes its halo from the previous shard, the scan
+runs `linear_jax.parallel.diagonal_scan`; the document starts (and so the unnormalised first
+input) are computed on the T-split ids as a whole, so a document starting on a shard boundary
+keeps the rule.
+
 Parameters: 3 D W + 2 W^2 / H + (conv_size + 6) W + D. Cache: the state h [B, W] float32, the conv
 state, `open` [B] (whether the current document has begun; zeroed with the states at a
 boundary) and `seg`.
@@ -64,7 +69,7 @@ def _lambda_init(key, shape, dtype):
 
 
 class RGLRU(nnx.Module):
-    SEQ_PARALLEL = False     # diagonal_scan has no sequence-parallel form yet
+    SEQ_PARALLEL = True
     OP_IMPL = True           # `impl` is its op's (`linear_jax.ops.registry`)
 
     def __init__(self, d_model: int, num_heads: int, *, lru_width: int | None = None,
@@ -105,13 +110,12 @@ class RGLRU(nnx.Module):
         return jax.nn.sigmoid(z).reshape(u.shape)
 
     def __call__(self, x, *, segment_ids=None, cache=None, seq_parallel=None):
-        dispatch.unsupported(self, seq_parallel)
         B, T, _ = x.shape
         cache = self.init_cache(B, x.dtype) if cache is None else cache
         states = enter(cache, segment_ids)
         y = jax.nn.gelu(self.y_proj(x), approximate=True)
         u, conv = self.conv(self.x_proj(x), segment_ids=segment_ids,
-                            state=states["conv"].astype(x.dtype))
+                            state=states["conv"].astype(x.dtype), seq_parallel=seq_parallel)
         u = u.astype(jnp.float32)
         i = self._gate(u, self.input_gate_weight, self.input_gate_bias)
         r = self._gate(u, self.recurrent_gate_weight, self.recurrent_gate_bias)
@@ -123,6 +127,6 @@ class RGLRU(nnx.Module):
         norm = jnp.where(start[..., None], 1.0, _sqrt_bounded(-jnp.expm1(2.0 * log_a)))
         h, state = dispatch.recurrence(
             "diagonal_scan", jnp.exp(log_a), norm * i * u, initial_state=states["state"],
-            segment_ids=segment_ids, **dict(self.op_kw))
+            segment_ids=segment_ids, seq_parallel=seq_parallel, **dict(self.op_kw))
         out = self.o_proj(h.astype(y.dtype) * y)
         return out, leave(cache, segment_ids, state=state, conv=conv, open=jnp.ones((B,), bool))

@@ -64,7 +64,8 @@ registry.register(registry.OpRecord(
     "diagonal_scan", reference=diagonal_scan_recurrent, chunk=diagonal_scan_chunk,
     elementwise=True,
     kernels=(registry.Kernel("triton", "linear_jax.kernels.gpu.elementwise:diagonal_scan",
-                             "linear_jax.kernels.configs:TritonScanConfig"),)))
+                             "linear_jax.kernels.configs:TritonScanConfig"),),
+    seq_parallel="linear_jax.parallel.diagonal:diagonal_scan"))
 
 
 def diagonal_scan(a, x, *, initial_state=None, segment_ids=None, chunk_size=64, impl="auto",

@@ -45,7 +45,8 @@ def hgrn_chunk(x, g, *, initial_state, segment_ids, chunk_size):
 registry.register(registry.OpRecord(
     "hgrn", reference=hgrn_recurrent, chunk=hgrn_chunk, elementwise=True,
     kernels=(registry.Kernel("triton", "linear_jax.kernels.gpu.elementwise:hgrn",
-                             "linear_jax.kernels.configs:TritonScanConfig"),)))
+                             "linear_jax.kernels.configs:TritonScanConfig"),),
+    seq_parallel="linear_jax.parallel.diagonal:hgrn"))
 
 
 def hgrn(x, g, *, initial_state=None, segment_ids=None, chunk_size=64, impl="auto", config=None):

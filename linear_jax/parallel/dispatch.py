@@ -1,4 +1,4 @@
-"""Sequence parallelism inside a model: `SeqParallel`, and the three functions through which every
+"""Sequence parallelism inside a model: `SeqParallel`, and the four functions through which every
 layer reaches its time-mixing op.
 
     sp = SeqParallel(mesh)                                  # T split over the mesh axis "seq"
@@ -16,14 +16,16 @@ time steps needs communication, and the layers call it only through:
       when `seq_parallel` is None or its axis has size 1, else the sequence-parallel form its
       registry record names (`linear_jax.ops.registry`; today `linear_attention`, `simple_gla`,
       `gla`, `delta_rule`, `gated_delta_rule`, `ssd`, `kda`, `rwkv7`, `mamba3`, `mamba3_mimo`,
-      `log_linear_simple_gla`, `log_linear_gated_delta_rule`) in its own `shard_map` (one all-gather
-      forward, one backward; two each for log-linear Gated DeltaNet); `impl` and `config` reach the
-      single-device op either way;
+      `log_linear_simple_gla`, `log_linear_gated_delta_rule`, `diagonal_scan`, `hgrn`) in its own
+      `shard_map` (one all-gather forward, one backward; two each for log-linear Gated
+      DeltaNet); `impl` and `config` reach the single-device op either way;
   `short_conv(...)`    `ops.short_conv`, or the halo convolution its record names (one
       `ppermute` of W-1 tokens);
   `attention(...)`     causal softmax attention over all-gathered K, V (LASP-2H), in the
       contiguous layout or, `attention_layout="zigzag"`, permuted to zigzag around the layer for
-      a balanced causal workload.
+      a balanced causal workload;
+  `latent_attention(...)`  MLA: the latents all-gathered instead of K, V and expanded on every
+      device (`linear_jax.parallel.latent`), in either layout.
 
 Each call builds its `shard_map` with inputs `P(batch, seq, heads)`. The batch and head axes are
 the mesh's `data`/`fsdp` and `tensor` axes (or the ones given), dropped for an array whose
@@ -42,7 +44,7 @@ from jax.sharding import Mesh
 
 from linear_jax import ops
 from linear_jax.ops import registry
-from linear_jax.parallel import softmax
+from linear_jax.parallel import latent, softmax
 from linear_jax.parallel.affine import MODES
 from linear_jax.parallel.mesh import BATCH_AXES, HEAD_AXES
 
@@ -157,3 +159,15 @@ def attention(q, k, v, *, seq_parallel: SeqParallel, scale=None, segment_ids=Non
     return softmax.attention(q, k, v, mesh=sp.mesh, axis_name=sp.axis_name,
                              layout=sp.attention_layout, scale=scale, segment_ids=segment_ids,
                              window=window, block_size=block_size, **sp.axes_for(q, k, v))
+
+
+def latent_attention(q, latents, params, *, expand, seq_parallel: SeqParallel, scale=None,
+                     segment_ids=None):
+    """Multi-head latent attention over `seq_parallel`'s mesh: q [B,T,H,D] against the K, V that
+    `expand(params, latents)` makes from the all-gathered latents [B,T,L] (in sequence order;
+    zigzag as `attention`). The heads stay whole: the up-projection `params` are replicated."""
+    sp = seq_parallel
+    return latent.latent_attention(q, latents, params, expand=expand, mesh=sp.mesh,
+                                   axis_name=sp.axis_name, layout=sp.attention_layout,
+                                   scale=scale, segment_ids=segment_ids,
+                                   batch_axes=sp.axes_for(q)["batch_axes"])

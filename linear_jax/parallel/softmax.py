@@ -63,13 +63,20 @@ def attention_local(q, k, v, *, axis_name="seq", layout="contiguous", scale=None
     a query sees the `window` latest positions (itself included); `block_size`: only keys of its
     own block of `block_size` positions, counted from its document's start (TNL's
     DiagAttention). Returns o [B,T_loc,H,D] in q's dtype."""
+    k_all = lax.all_gather(k, axis_name, axis=1, tiled=True)
+    v_all = lax.all_gather(v, axis_name, axis=1, tiled=True)
+    mask = global_mask(q.shape[1], axis_name=axis_name, layout=layout, segment_ids=segment_ids,
+                       window=window, block_size=block_size)
+    return jax.nn.dot_product_attention(q, k_all, v_all, mask=mask, scale=scale)
+
+
+def global_mask(T_loc, *, axis_name, layout, segment_ids=None, window=None, block_size=None):
+    """bool [B or 1, 1, T_loc, T]: which of the gathered keys (in the gathered, `layout` order)
+    each local query sees; call inside `shard_map` (arguments as `attention_local`)."""
     P = lax.axis_size(axis_name)
-    T_loc = q.shape[1]
     pos = jnp.asarray(positions(P * T_loc, P, layout))           # static table
     pos_q = pos[lax.axis_index(axis_name)]
     pos_k = pos.reshape(-1)
-    k_all = lax.all_gather(k, axis_name, axis=1, tiled=True)
-    v_all = lax.all_gather(v, axis_name, axis=1, tiled=True)
     mask = (pos_q[:, None] >= pos_k[None, :])[None, None]         # [1,1,T_loc,T]
     if window is not None:
         mask = mask & (pos_q[:, None] - pos_k[None, :] < window)[None, None]
@@ -90,7 +97,7 @@ def attention_local(q, k, v, *, axis_name="seq", layout="contiguous", scale=None
         blk_q = (pos_q[None, :, None] - start_q) // block_size
         blk_k = (pos_k[None, None, :] - start_k) // block_size
         mask = mask & (blk_q == blk_k)[:, None]
-    return jax.nn.dot_product_attention(q, k_all, v_all, mask=mask, scale=scale)
+    return mask
 
 
 def attention(q, k, v, *, axis_name="seq", mesh=None, batch_axes=None, head_axes=None,

@@ -2,7 +2,8 @@
 outputs, final state and the gradient of every float input (initial state included), with packed
 documents that reset inside shards and exactly on shard boundaries. rwkv7 shares kda's form
 (`parallel/rank_one.py`) and runs sequence-parallel in the layer test below (the forward: CI
-time)."""
+time). Layers whose parallel form is more than their op's (attention's gathers, MLA's latents, the
+RG-LRU's conv halo and document starts) are compared whole: output and every gradient."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from linear_jax import _compat, ops
+from linear_jax import _compat, layers, ops
 from linear_jax import parallel as sp
 from tests.parallel.common import TOL, C, H, K, V, packed_segments
 from tests.utils import assert_close
@@ -100,17 +101,30 @@ def test_layers_on_a_seq_mesh_equal_unsharded():
     assert_close(run(SeqParallel(mesh)), run(None), TOL, "logits")
 
 
-def test_gated_attention_on_a_seq_mesh_equals_unsharded():
-    """GatedAttention (Qwen3-Next's: output gate and q/k norms per token, GQA, partial RoPE) on
-    seq=4, packed documents: the output and the gradients of every parameter and of the input
-    equal the unsharded layer's."""
+LAYERS = {
+    # Qwen3-Next's: output gate and q/k norms per token, GQA, partial RoPE
+    "gated_attention": lambda r: layers.GatedAttention(32, 4, num_kv_heads=2, head_dim=8,
+                                                       rotary_dim=4, rngs=r),
+    # latents gathered; a low-rank q; n + r != d_v (padded head dims)
+    "mla": lambda r: layers.MLA(32, 4, q_rank=16, kv_rank=12, nope_dim=8, rope_dim=4, v_dim=6,
+                                rngs=r),
+    "hgrn": lambda r: layers.HGRN(32, 4, lower_bound=0.2, chunk_size=C, rngs=r),
+    # short-conv halo; the unnormalised first token of a document starting on a boundary
+    "rglru": lambda r: layers.RGLRU(32, 4, chunk_size=C, rngs=r),
+}
+CASES = [("gated_attention", "contiguous"), ("mla", "contiguous"), ("mla", "zigzag"),
+         ("hgrn", "contiguous"), ("rglru", "contiguous")]
+
+
+@pytest.mark.parametrize("name,layout", CASES)
+def test_layer_on_a_seq_mesh_equals_unsharded(name, layout):
+    """A layer on seq=4 with packed documents (a reset on a shard boundary, one inside): the
+    output and the gradients of every parameter and of the input equal the unsharded layer's."""
     from flax import nnx
 
-    from linear_jax.layers import GatedAttention
     from linear_jax.parallel import SeqParallel
 
-    layer = GatedAttention(32, 4, num_kv_heads=2, head_dim=8, rotary_dim=4, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(layer)
+    graphdef, params = nnx.split(LAYERS[name](nnx.Rngs(0)))
     mesh = _compat.make_mesh((4,), ("seq",), jax.devices()[:4])
     x = jax.random.normal(jax.random.key(0), (2, T, 32), jnp.float32)
     seg = packed_segments(2, T)
@@ -123,7 +137,7 @@ def test_gated_attention_on_a_seq_mesh_equals_unsharded():
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
 
     (_, y1), g1 = run(None)
-    (_, y2), g2 = run(SeqParallel(mesh))
+    (_, y2), g2 = run(SeqParallel(mesh, attention_layout=layout))
     assert_close(y2, y1, TOL, "output")
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g2), jax.tree.leaves(g1),
                             strict=True):

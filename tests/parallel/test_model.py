@@ -77,9 +77,9 @@ def test_hybrid_train_step_on_data_seq_mesh_equals_unsharded():
 
 def test_unsupported_mixers_raise():
     assert supports_seq_parallel("gated_deltanet") and supports_seq_parallel("attention")
-    assert not supports_seq_parallel("hgrn") and not supports_seq_parallel("mlstm")
+    assert not supports_seq_parallel("mamba") and not supports_seq_parallel("mlstm")
     assert {n for n in MIXERS if not supports_seq_parallel(n)} == {
-        "hgrn", "mamba", "mlstm", "delta_product", "lte_attention", "rglru", "mla"}
+        "mamba", "mlstm", "delta_product", "lte_attention"}
     mesh = make_mesh({"seq": 2}, jax.devices()[:2])
     sp = SeqParallel(mesh)
     model = LM(LMConfig(vocab_size=VOCAB, d_model=16, num_layers=1, num_heads=2,
@@ -99,10 +99,11 @@ def test_unsupported_mixers_raise():
 def test_every_other_mixer_forward_on_seq4_tensor2_equals_unsharded():
     """One layer of each other sequence-parallel `mix` (the subclasses not listed share one:
     Based / ReBased / Hedgehog that of linear attention, Lightning RetNet's, EFLA DeltaNet's),
-    Mamba-2 (SSD; a conv with a bias) and block-local softmax attention in the zigzag layout, on
-    seq=4 x tensor=2 (heads split too), packed documents: the logits equal the unsharded ones."""
+    Mamba-2 (SSD; a conv with a bias), the RG-LRU (HGRN's op; channels split over tensor), MLA
+    (heads whole) and block-local softmax attention in the zigzag layout, on seq=4 x tensor=2
+    (heads split too), packed documents: the logits equal the unsharded ones."""
     names = ("linear_attention", "retnet", "hgrn2", "deltanet", "gsa", "hla", "mom", "mamba2",
-             "attention")
+             "rglru", "mla", "attention")
     cfg = LMConfig(vocab_size=VOCAB, d_model=32, num_layers=len(names), num_heads=2,
                    layers=names, chunk_size=8, init_std=0.1,
                    mixer_options={"gsa": {"num_slots": 4}, "attention": {"block_size": 12}})

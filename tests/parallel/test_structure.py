@@ -61,3 +61,22 @@ def test_log_linear_collectives():
     txt = hlo_of_grad(lambda **a: sp.log_linear_simple_gla(**a, chunk_size=C, mesh=mesh), x, None)
     assert count(txt, "all-gather") == 2
     assert count(txt, "reduce-scatter") == count(txt, "all-reduce") == 0
+
+
+def test_mla_gathers_the_latents():
+    """MLA moves its latents, not K and V: the compiled step of `jit(grad)` of the layer holds one
+    float all-gather, of [c | k_r] (kv_rank + r = 16 per position, against 2 H d = 96 for K, V),
+    and its transpose, one reduce-scatter of the same width."""
+    from flax import nnx
+
+    from linear_jax.layers import MLA
+
+    graphdef, params = nnx.split(MLA(32, 4, kv_rank=12, nope_dim=8, rope_dim=4, v_dim=8,
+                                     rngs=nnx.Rngs(0)))
+    seq = sp.SeqParallel(sp.make_mesh({"seq": P}, jax.devices()[:P]))
+    x = jnp.ones((2, 32, 32), jnp.float32)
+    loss = lambda p, x: jnp.sum(nnx.merge(graphdef, p)(x, seq_parallel=seq)[0] ** 2)
+    txt = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text()
+    gathers = re.findall(r"= f32\[([\d,]+)\]\S* all-gather(?:-start)?\(", txt)
+    scatters = re.findall(r"= f32\[([\d,]+)\]\S* reduce-scatter(?:-start)?\(", txt)
+    assert gathers == ["2,32,16"] and scatters == ["2,8,16"]

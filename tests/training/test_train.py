@@ -110,7 +110,7 @@ def test_resume_after_kill_replays_the_same_curve(tmp_path):
     ({"mesh__data": 3}, "mesh"),
     ({"train__batch_size": 6, "mesh__data": 4}, "batch_size"),
     ({"task__name": "no_such_task"}, "unknown task"),
-    ({"mesh__seq": 2, "model__mixer": "hgrn"}, "no sequence-parallel form"),
+    ({"mesh__seq": 2, "model__mixer": "mamba"}, "no sequence-parallel form"),
     ({"mesh__seq": 4, "task__seq_len": 30}, "multiple of seq = 4"),
 ])
 def test_bad_config_raises_config_error(tmp_path, over, message):
