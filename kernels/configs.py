@@ -48,7 +48,7 @@ def _check_interpret(cls, value):
 @dataclasses.dataclass(frozen=True)
 class TritonChunkConfig:
     """The Triton kernels of the chunk family: linear attention, simple GLA, GLA (vector gate),
-    the delta rule and Gated DeltaNet, and mLSTM (`kernels/gpu/`).
+    the delta rule, Gated DeltaNet and KDA (vector gate), and mLSTM (`kernels/gpu/`).
 
     chunk: C, rows per chunk (the op's chunk_size, clamped to [16, 128] and a power of two).
     sub_chunk: c, rows of the vector gate's sub-chunks (both factors of an off-diagonal block <= 1;
@@ -70,6 +70,7 @@ class TritonChunkConfig:
     gla_bwd: the vector gate's backward (`decay.py`, `intra.py`): "rows", exp(Gin) from the exact
       prefix sums and the per-row terms routed by the intra kernel's sub-chunk products; "dots",
       every span and route as a 0/1 product in the inter-chunk kernel (the first exact version).
+      KDA's backward (`delta_bwd.py`) always takes "rows".
     gla_diag: the diagonal sub-chunk blocks of the GLA backward: "scan", [c, c, BK] tiles (the
       spans as running sums down the query rows, the pair routes as running sums along the keys
       then one masked sum; the mild path's off-diagonal blocks merged with dq / dk); "loop", c

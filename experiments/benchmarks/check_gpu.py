@@ -2,7 +2,7 @@
 
     python -m experiments.benchmarks.check_gpu [--quick]
 
-Ops: linear_attention, simple_gla, gla, delta_rule, gated_delta_rule.
+Ops: linear_attention, simple_gla, gla, delta_rule, gated_delta_rule, kda.
 Against the float32 XLA chunk form (HIGHEST-precision dots) and, where T is short, the lax.scan
 reference: outputs, final states (under differentiation, from the forward alone, and from the
 forward forced into the one-pass form) and the gradients of q, k, v, g and the initial state, with
@@ -34,8 +34,9 @@ OPS = {
     "gla": ops.gla,
     "delta_rule": lambda q, k, v, g, beta, **kw: ops.delta_rule(q, k, v, beta, **kw),
     "gated_delta_rule": ops.gated_delta_rule,
+    "kda": ops.kda,
 }
-DELTA = ("delta_rule", "gated_delta_rule")
+DELTA = ("delta_rule", "gated_delta_rule", "kda")
 
 
 def rel(a, b):
@@ -54,7 +55,7 @@ def case(op, B, T, H, D, dtype, seed, ref_impl):
     x = dict(q=f(B, T, H, D), k=unit(f(B, T, H, D)), v=f(B, T, H, D),
              S0=jnp.asarray(rng.standard_normal((B, H, D, D)), jnp.float32))
     x["g"] = {"simple_gla": logsig((B, T, H)), "gla": logsig((B, T, H, D)) / 4,
-              "gated_delta_rule": logsig((B, T, H))}.get(op)
+              "gated_delta_rule": logsig((B, T, H)), "kda": logsig((B, T, H, D)) / 4}.get(op)
     if op in DELTA:
         x["beta"] = jax.nn.sigmoid(jnp.asarray(rng.standard_normal((B, T, H)), jnp.float32))
     seg = jnp.asarray(np.cumsum(rng.uniform(size=(B, T)) < 1 / 300, axis=1) % 3, jnp.int32)

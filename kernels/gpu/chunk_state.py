@@ -12,7 +12,8 @@ gate factors e_in / e_out and the masks as `common.Chunk`; q already scaled by `
     reverse, n = N-1 .. 0, dS_N = the final state's cotangent:
         dS_n    = a_n dS_{n+1} + (scale q_n * e_in_n)^T do_n
         du_n    = A_n^T do_n + (k_n * e_out_n) dS_{n+1}  (delta rule, written out; A the intra
-        dS_n   -= W_n^T du_n                             matrix, q k^T * exp(D) on causal pairs)
+        dS_n   -= W_n^T du_n                             matrix, q k^T * exp(D) on causal pairs,
+                                                         read from A for KDA's vector gate)
 
 so the delta rule's pass is the decay pass with y = U - W S (its reverse adds the W term). Each
 exponent is a span sum of gates, <= 0. The pass writes the state on
@@ -96,7 +97,7 @@ def _step(ctx, *, reverse, delta, scale):
             outs[1][rows, :] = u.astype(outs[1].dtype)
             return (a * S + ctx.dot(xw, u, ta=True),)
         k = k_ref[rows, :]                                # x = q, y = do
-        A = ctx.dot(x, k, tb=True) * scale * decay
+        A = ins[6][rows, :] if decay is None else ctx.dot(x, k, tb=True) * scale * decay
         du = ctx.dot(A.astype(x.dtype), y, ta=True) + ctx.dot(k.astype(F32) * e_out, S)
         outs[1][rows, :] = du.astype(outs[1].dtype)
         return (a * S + ctx.dot(xw, y.astype(F32), ta=True) - ctx.dot(W, du, ta=True),)
@@ -105,12 +106,13 @@ def _step(ctx, *, reverse, delta, scale):
 
 
 def state_pass(ctx, x, y, G, doc, S0, *, reverse, scale=1.0, state_dtype, k=None, W=None,
-               y_dtype=None):
+               y_dtype=None, A=None):
     """The decay family's pass (k, W None) or the delta rule's (both given; y_dtype: u's / du's).
 
     x [B,Tp,H,Kp] (k forward, q reverse), y [B,Tp,H,Vp] (v / U forward, do reverse), G
     [B,Tp,H(,Kp)] float32 the gates' prefix sums (`common.prefix_sums`; any array for kind
-    "none"), doc [B,Tp] int32, S0 [B,H,Kp,Vp] float32.
+    "none"), doc [B,Tp] int32, S0 [B,H,Kp,Vp] float32; A [B,Tp,H,C] the intra matrix, for the
+    delta rule's reverse pass with a vector gate.
     Returns (states [B,H,N,Kp,Vp] in state_dtype, [u / du [B,Tp,H,Vp],] S_end float32)."""
     B, Tp, H, Kp = x.shape
     Vp, C, cfg = y.shape[-1], ctx.C, ctx.cfg
@@ -124,11 +126,14 @@ def state_pass(ctx, x, y, G, doc, S0, *, reverse, scale=1.0, state_dtype, k=None
         grid = (B * H, Kp // BK, Vp // BV)
         xs, ys = common.spec(H, Tp, BK, x=0), common.spec(H, Tp, BV, x=1)
         st, hs = common.state_spec(H, BK, BV, k=0, v=1), common.states_spec(H, N, BK, BV, k=0, v=1)
-    gs = common.spec(H, Tp, BK, x=0) if ctx.kind == "vector" else common.spec(H, Tp)
+    gs = common.spec(H, Tp, BK, x=None if delta else 0) if ctx.kind == "vector" else (
+        common.spec(H, Tp))
     ins = [(x, xs), (y, ys), (G, gs), (doc, common.doc_spec(H, Tp))]
     outs = [(jax.ShapeDtypeStruct((B, H, N, Kp, Vp), state_dtype), hs)]
     if delta:
         ins += [(k, common.spec(H, Tp, Kp)), (W, common.spec(H, Tp, Kp))]
+        if A is not None:
+            ins.append((A, common.spec(H, Tp, C)))
         outs.append((jax.ShapeDtypeStruct((B, Tp, H, Vp), y_dtype), ys))
     family = "delta" if delta else "decay"
     return sequential(ctx, _step(ctx, reverse=reverse, delta=delta, scale=scale), ins=ins,

@@ -1,4 +1,4 @@
-"""Pallas GPU kernels of the delta-rule family: DeltaNet and Gated DeltaNet.
+"""Pallas GPU kernels of the delta-rule family: DeltaNet, Gated DeltaNet and KDA.
 
 Math and masks as `linear_jax.ops.common.delta_chunk` (q scaled; D, Gin, R, Gtot the gate spans of
 `linear_jax.kernels.tiles`, each summed from exactly its gates):
@@ -18,6 +18,14 @@ Backward (`jax.custom_vjp`, kernels in `delta_bwd`): the reverse state pass, whi
 every dS_n+1, then parallel kernels per chunk for dq, dk, dv, dbeta and dg, using the T = (I + L)^-1
 and W the forward kept. dg is routed through the spans (`tiles.scalar_gate_grad`) from the pairs of
 A and of L and the per-row terms of q_in, k_in, k_out and the chunk decay: exact at strong decay.
+
+KDA (`ops.kda`) is the same recurrence with a per-channel gate g [B, T, H, K], taken the way GLA
+extends simple GLA: exp(D) no longer factors out of the key sums, so both pair matrices, A = q k^T *
+exp(D) * scale and Akk = k k^T * exp(D) (L = beta Akk), come from the decay family's sub-chunked
+intra kernel (`intra.intra_forward`), are kept for the backward, and are read by the passes in
+place of forming them; every per-row factor (e_in, e_out, a) is per channel. Their pair gradients
+dA and dAkk = beta dL go back through `intra.intra_backward` (twice: the q-k pairs with the
+per-row gate terms, then the k-k pairs), so dg is routed through exact spans as GLA's.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import functools
 
 import jax.numpy as jnp
 
-from linear_jax.kernels.gpu import common, decay, delta_bwd, fused, wy
+from linear_jax.kernels.gpu import common, decay, delta_bwd, fused, intra, wy
 from linear_jax.kernels.gpu.chunk_state import state_pass
 from linear_jax.kernels.gpu.common import F32, Ctx
 
@@ -38,17 +46,21 @@ def _prefix(ctx, g):
 def _forward(ctx, q, k, v, g, beta, h0, doc, *, scale, residuals):
     B, Tp, H, _ = q.shape
     G = _prefix(ctx, g)
+    A = Akk = None
+    if ctx.kind == "vector":
+        A = intra.intra_forward(ctx, q, k, G, doc, scale=scale)
+        Akk = intra.intra_forward(ctx, k, k, G, doc, scale=1.0)
     if fused.use_fused(B * H, Tp, v.shape[-1], ctx.cfg, residuals):
-        Tm = wy.inverse(ctx, k, beta, g, doc)
-        o, S, *res = fused.forward(ctx, q, k, v, G, doc, h0, scale=scale, Tm=Tm, beta=beta,
+        Tm = wy.inverse(ctx, k, beta, g, doc, Akk)
+        o, S, *res = fused.forward(ctx, q, k, v, G, doc, h0, scale=scale, A=A, Tm=Tm, beta=beta,
                                    residuals=residuals)
         hs, u, W = res if residuals else (None,) * 3
-        return (o, S), (hs, u, W, Tm)
-    W, U, Tm = wy.ut_transform(ctx, k, v, beta, g, G, doc)
+        return (o, S), (hs, u, W, Tm, A, Akk)
+    W, U, Tm = wy.ut_transform(ctx, k, v, beta, g, G, doc, Akk)
     hs, u, S = state_pass(ctx, k, U, G, doc, h0, reverse=False, k=k, W=W, y_dtype=v.dtype,
                           state_dtype=F32 if ctx.f32 else k.dtype)
-    o = decay.output(ctx, q, k, u, G, None, doc, hs, scale=scale)
-    return (o, S), (hs, u, W, Tm)
+    o = decay.output(ctx, q, k, u, G, A, doc, hs, scale=scale)
+    return (o, S), (hs, u, W, Tm, A, Akk)
 
 
 @functools.cache
@@ -56,32 +68,32 @@ def _core(ctx: Ctx, scale: float):
     """custom_vjp of (q, k, v, g, beta, h0, doc) -> (o, S_final) on padded inputs."""
 
     def fwd(q, k, v, g, beta, h0, doc, residuals):
-        out, (hs, u, W, Tm) = _forward(ctx, q, k, v, g, beta, h0, doc, scale=scale,
-                                       residuals=residuals)
-        return out, (q, k, v, g, beta, doc, hs, u, W, Tm)
+        out, res = _forward(ctx, q, k, v, g, beta, h0, doc, scale=scale, residuals=residuals)
+        return out, (q, k, v, g, beta, doc, *res)
 
     def bwd(res, cts):
-        q, k, v, g, beta, doc, hs, u, W, Tm = res
+        q, k, v, g, beta, doc, hs, u, W, Tm, A, Akk = res
         do, dS = cts
         do = do.astype(v.dtype)
         G = _prefix(ctx, g)
         dhs, du, dh0 = state_pass(ctx, q, do, G, doc, dS, reverse=True, scale=scale, k=k, W=W,
-                                  y_dtype=common.half_dtype(q.dtype), state_dtype=hs.dtype)
+                                  y_dtype=common.half_dtype(q.dtype), state_dtype=hs.dtype, A=A)
         dq, dk, dv, dbeta, dg = delta_bwd.backward(ctx, q, k, v, beta, g, G, doc, hs, dhs, u, du,
-                                                   do, W, Tm, scale=scale)
+                                                   do, W, Tm, Akk, scale=scale)
         return dq, dk, dv, dg, dbeta, dh0, None
 
     return common.custom_vjp(fwd, bwd)
 
 
 def delta(q, k, v, g, beta, *, scale, initial_state, segment_ids, chunk_size, config=None):
-    """The op-level entry of delta_rule (g None) and gated_delta_rule (g [B, T, H]), heads
-    expanded, plus the kernel config (the registry always passes one; None takes
-    `TritonChunkConfig.default()`): (o in v's dtype, S float32)."""
+    """The op-level entry of delta_rule (g None), gated_delta_rule (g [B, T, H]) and kda (g
+    [B, T, H, K]), heads expanded, plus the kernel config (the registry always passes one; None
+    takes `TritonChunkConfig.default()`): (o in v's dtype, S float32)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     p, doc = common.entry(q, v, segment_ids, chunk_size, config)
-    ctx = Ctx(p.cfg, "none" if g is None else "scalar", segment_ids is not None, p.dtype == F32)
+    kind = "none" if g is None else ("scalar" if g.ndim == 3 else "vector")
+    ctx = Ctx(p.cfg, kind, segment_ids is not None, p.dtype == F32)
     gp = jnp.zeros((B, p.Tp, H), F32) if g is None else p.gate(g)
     o, S = _core(ctx, float(scale))(p(q, p.Kp), p(k, p.Kp), p(v, p.Vp), gp, p.scalars(beta),
                                     p.state(initial_state, B, H, K, V), doc)

@@ -7,6 +7,7 @@ the gates' prefix sums and masks as `common.Chunk.prefix`):
     y     = v                                   (decay family)
     y     = T (beta v) - W S,  W = T (beta k e_in)  (delta rule: u, with T = (I + L)^-1 given)
     o     = A y + (q e_in)^T S                  A = q k^T * exp(D) (scalar / no gate) or given
+                                                (vector gate: GLA, and KDA's delta rule)
     S    <- a S + (k e_out)^T y
 
 so no per-chunk state reaches memory unless the backward asks for it (`residuals`: the entering
@@ -58,9 +59,9 @@ def forward(ctx, q, k, v, G, doc, S0, *, scale, A=None, Tm=None, beta=None, resi
     [B,Tp]; S0 [B,H,Kp,Vp] float32.
 
     The gate kind is ctx.kind; A [B,Tp,H,C] is given for the vector gate; Tm [B,Tp,H,C] and beta
-    [B,Tp,H] make it the delta rule. Returns (o, S_end) and, with `residuals`, the entering states
-    [B,H,N,Kp,Vp] (plus u [B,Tp,H,Vp] and W [B,Tp,H,Kp], `common.half_dtype`, for the delta
-    rule)."""
+    [B,Tp,H] make it the delta rule (with a vector gate: KDA). Returns (o, S_end) and, with
+    `residuals`, the entering states [B,H,N,Kp,Vp] (plus u [B,Tp,H,Vp] and W [B,Tp,H,Kp],
+    `common.half_dtype`, for the delta rule)."""
     B, Tp, H, Kp = q.shape
     Vp, C, cfg = v.shape[-1], ctx.C, ctx.cfg
     N, BV = Tp // C, value_tile(B * H, Vp, cfg)
@@ -68,15 +69,15 @@ def forward(ctx, q, k, v, G, doc, S0, *, scale, A=None, Tm=None, beta=None, resi
 
     def step(n, carry, ins, outs, pids):
         (S,) = carry
-        q_ref, k_ref, v_ref, g_ref, x_ref, b_ref, doc_ref = ins
+        q_ref, k_ref, v_ref, g_ref, a_ref, t_ref, b_ref, doc_ref = ins
         o_ref, *res = outs
         rows = pl.ds(n * C, C)
         q, k = q_ref[rows, :], k_ref[rows, :]
         ch = Chunk(ctx, n, doc_ref)
         decay, e_in, e_out, a = gate_rows(ctx, ch, g_ref, n * C, pairs=not vec)
-        Amat = x_ref[rows, :] if vec else ctx.dot(q, k, tb=True) * scale * decay
+        Amat = a_ref[rows, :] if vec else ctx.dot(q, k, tb=True) * scale * decay
         if delta:
-            Tn, bn = x_ref[rows, :], b_ref[rows][:, None]
+            Tn, bn = t_ref[rows, :], b_ref[rows][:, None]
             W = ctx.dot(Tn, k.astype(F32) * (bn * e_in))
             y = ctx.dot(Tn, v_ref[rows, :].astype(F32) * bn) - ctx.dot(W, S)
             if residuals:
@@ -100,10 +101,9 @@ def forward(ctx, q, k, v, G, doc, S0, *, scale, A=None, Tm=None, beta=None, resi
 
     seq = lambda X, x=None: common.spec(H, Tp, X, x=x)
     zeros = jnp.zeros((B, Tp, H), F32)
-    x = A if vec else Tm
+    pairs = lambda x: (zeros, common.spec(H, Tp)) if x is None else (x, seq(C))
     ins = [(q, seq(Kp)), (k, seq(Kp)), (v, seq(BV, 0)),
-           (G, seq(Kp) if vec else common.spec(H, Tp)),
-           (zeros, common.spec(H, Tp)) if x is None else (x, seq(C)),
+           (G, seq(Kp) if vec else common.spec(H, Tp)), pairs(A), pairs(Tm),
            (zeros if beta is None else beta, common.spec(H, Tp)),
            (doc, common.doc_spec(H, Tp))]
     outs = [(jax.ShapeDtypeStruct((B, Tp, H, Vp), v.dtype), seq(BV, 0))]
@@ -113,7 +113,8 @@ def forward(ctx, q, k, v, G, doc, S0, *, scale, A=None, Tm=None, beta=None, resi
         if delta:
             outs += [(jax.ShapeDtypeStruct((B, Tp, H, Vp), v.dtype), seq(BV, 0)),
                      (jax.ShapeDtypeStruct((B, Tp, H, Kp), common.half_dtype(cd)), seq(Kp))]
-    kind = ("gated_delta" if ctx.kind == "scalar" else "delta") if delta else ctx.kind
+    kind = {"none": "delta", "scalar": "gated_delta", "vector": "kda"}[ctx.kind] if delta else (
+        ctx.kind)
     o, *res, S = sequential(ctx, step, ins=ins, carry=[(S0, common.state_spec(H, Kp, BV, v=0))],
                             outs=outs, grid=(B * H, Vp // BV), N=N, reverse=False,
                             warps=cfg.warps_fused, stages=cfg.stages_fused,

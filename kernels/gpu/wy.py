@@ -6,6 +6,10 @@ Inside a chunk (D the gate spans, same / in_rows the document masks, see
     L = strictly_lower(diag(beta) (K K^T * exp(D)) * same),   T = (I + L)^{-1}
     W = T diag(beta) (K * exp(Gin) * in_rows),                U = T diag(beta) V
 
+With KDA's vector gate exp(D) does not factor out of the key sum: K K^T * exp(D) is then the
+decay family's intra matrix of the keys with themselves (`intra.intra_forward(k, k)`), formed by
+the caller and read here as Akk; Gin is per channel.
+
 T is `tiles.unit_lower_inverse` (recursive doubling: 2 log2(C) [C, C] products, the same algorithm
 as the TPU kernel and the XLA form), on the tensor cores at float32 accuracy (3xTF32) for float32
 inputs and in tf32 for bf16 / fp16 inputs, whose rounding (2^-11) stays below the inputs' own.
@@ -29,12 +33,12 @@ from linear_jax.kernels.gpu.common import F32, Chunk
 from linear_jax.kernels.gpu.triton import dot, interpret
 
 
-def ut_transform(ctx, k, v, beta, g, G, doc):
-    """k [B,Tp,H,Kp], v [B,Tp,H,Vp], beta [B,Tp,H] float32, g [B,Tp,H] float32 and its prefix
-    sums G (any arrays without a gate), doc [B,Tp] int32. Returns W [B,Tp,H,Kp]
-    (`common.half_dtype`), and U [B,Tp,H,Vp] and T [B,Tp,H,C] (kept for the backward) in
-    float32."""
-    Tm = inverse(ctx, k, beta, g, doc)
+def ut_transform(ctx, k, v, beta, g, G, doc, Akk=None):
+    """k [B,Tp,H,Kp], v [B,Tp,H,Vp], beta [B,Tp,H] float32, g [B,Tp,H(,Kp)] float32 and its
+    prefix sums G (any arrays without a gate), doc [B,Tp] int32, Akk [B,Tp,H,C] (vector gate
+    only). Returns W [B,Tp,H,Kp] (`common.half_dtype`), and U [B,Tp,H,Vp] and T [B,Tp,H,C] (kept
+    for the backward) in float32."""
+    Tm = inverse(ctx, k, beta, g, doc, Akk)
     W, U = _apply(ctx, k, v, beta, G, doc, Tm)
     return W, U, Tm
 
@@ -48,8 +52,9 @@ def gated_L(ctx, ch, k, beta, g, G=None):
     return jnp.where(ch.row > ch.col, L, 0.0), decay, e_in
 
 
-def inverse(ctx, k, beta, g, doc):
-    """T = (I + L)^{-1} of every chunk, [B, Tp, H, C] float32."""
+def inverse(ctx, k, beta, g, doc, Akk=None):
+    """T = (I + L)^{-1} of every chunk, [B, Tp, H, C] float32; L from the keys and the scalar gate
+    g, or from Akk (vector gate: g unused)."""
     B, Tp, H, Kp = k.shape
     C = ctx.C
     # float32 inputs: float32-accurate products (3xTF32); bf16/fp16 inputs: tf32
@@ -57,18 +62,22 @@ def inverse(ctx, k, beta, g, doc):
 
     def kernel(k_ref, b_ref, g_ref, doc_ref, t_ref):
         ch = Chunk(ctx, pl.program_id(1), doc_ref)
-        L, _, _ = gated_L(ctx, ch, k_ref[...], b_ref[...],
-                          g_ref[...] if ctx.kind == "scalar" else None)
+        if vec:
+            L = jnp.where(ch.row > ch.col, g_ref[...] * b_ref[...][:, None], 0.0)
+        else:
+            L, _, _ = gated_L(ctx, ch, k_ref[...], b_ref[...],
+                              g_ref[...] if ctx.kind == "scalar" else None)
         t_ref[...] = tiles.unit_lower_inverse(L, ch.row, ch.col, mm)
 
     rows = lambda X: common.spec(H, C, X, t=0)
+    vec = ctx.kind == "vector"
     return ctx.call(
         kernel, grid=(B * H, Tp // C),
-        in_specs=[rows(Kp), common.spec(H, C, t=0), common.spec(H, C, t=0),
+        in_specs=[rows(Kp), common.spec(H, C, t=0), rows(C) if vec else common.spec(H, C, t=0),
                   common.doc_spec(H, Tp)],
         out_specs=rows(C), out_shape=jax.ShapeDtypeStruct((B, Tp, H, C), F32),
         warps=ctx.cfg.warps_out, stages=1, name="delta_ut_inverse",
-    )(k, beta, g, doc)
+    )(k, beta, Akk if vec else g, doc)
 
 
 def _apply(ctx, k, v, beta, G, doc, Tm):
@@ -88,7 +97,8 @@ def _apply(ctx, k, v, beta, G, doc, Tm):
     rows = lambda X: common.spec(H, C, X, t=0)
     return ctx.call(
         kernel, grid=(B * H, Tp // C),
-        in_specs=[rows(Kp), rows(Vp), common.spec(H, C, t=0), common.spec(H, C, t=0),
+        in_specs=[rows(Kp), rows(Vp), common.spec(H, C, t=0),
+                  rows(Kp) if ctx.kind == "vector" else common.spec(H, C, t=0),
                   common.doc_spec(H, Tp), rows(C)],
         out_specs=[rows(Kp), rows(Vp)],
         out_shape=[jax.ShapeDtypeStruct((B, Tp, H, Kp), common.half_dtype(k.dtype)),

@@ -13,7 +13,8 @@ beta [B, T, H]; state S [B, H, K, V] float32; o [B, T, H, V] in v's dtype.
 
 impl: "recurrent" (lax.scan reference), "chunk" (the delta rule's chunk-parallel WY/UT form with
 GLA-style sub-chunked per-channel decays inside the chunk, `linear_jax.ops.common.delta_chunk`),
-"auto"; resolved by `linear_jax.ops.registry`. No Pallas kernel yet.
+"pallas" / "pallas:triton" (the Triton kernels of the gated delta rule with a vector gate,
+`linear_jax.kernels.gpu.delta`), "auto"; resolved by `linear_jax.ops.registry`.
 """
 
 from __future__ import annotations
@@ -49,8 +50,11 @@ def kda_chunk(q, k, v, g, beta, *, scale, initial_state, segment_ids, chunk_size
                        segment_ids=segment_ids, chunk_size=chunk_size)
 
 
+# the gated delta rule's Triton kernels, with the gate kind taken from g's rank
 registry.register(registry.OpRecord(
     "kda", reference=kda_recurrent, chunk=kda_chunk,
+    kernels=(registry.Kernel("triton", "linear_jax.kernels.gpu.delta:delta",
+                             "linear_jax.kernels.configs:TritonChunkConfig"),),
     seq_parallel="linear_jax.parallel.rank_one:kda"))
 
 
@@ -59,8 +63,9 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, segment_ids=None, c
     """KDA. Returns `(o [B,T,H,V], final_state [B,H,K,V] float32)`.
 
     `g [B, T, H, K] <= 0`: the per-channel log decay applied to the state before each step;
-    `beta [B, T, H]`: the writing strength. `config` is accepted for a uniform signature (there
-    is no kernel to configure; the XLA forms ignore it).
+    `beta [B, T, H]`: the writing strength. `config`: a kernel config of
+    `linear_jax.kernels.configs` or a tuple of them (the kernel that runs takes the one of its
+    type; None: the device's defaults); the XLA forms ignore it.
     """
     B, T, H, K, V = _checks.check_qkv("kda", q, k, v)
     _checks.check_gate("kda", "g", g, B, T, H, K)

@@ -1,4 +1,5 @@
-"""The GPU (Triton) kernels of the decay family and the delta rule, in Pallas interpret mode on CPU:
+"""The GPU (Triton) kernels of the decay family and the delta rule (KDA's vector gate included), in
+Pallas interpret mode on CPU:
 what the op contract suite (tests/ops/test_contract.py, impl="pallas") does not reach.
 
 Every gate strong (g uniform in [-25, -15], and all at -20), where a gate gradient formed from
@@ -33,8 +34,9 @@ OPS = {
     "delta_rule": (lambda q, k, v, g, beta, **kw: ops.delta_rule(q, k, v, beta, **kw), None,
                    gpu_delta.delta),
     "gated_delta_rule": (ops.gated_delta_rule, (B, T, H), gpu_delta.delta),
+    "kda": (ops.kda, (B, T, H, K), gpu_delta.delta),
 }
-DELTA = ("delta_rule", "gated_delta_rule")
+DELTA = ("delta_rule", "gated_delta_rule", "kda")
 
 
 def _inputs(rng, op, dtype, gate_lo=-4.0, t=T, gates=None):
@@ -104,15 +106,16 @@ def test_every_gate_strong(op, gates):
 # The backward's alternatives (`TritonChunkConfig.spans`, `gla_bwd`, `gla_diag`, the GLA intra
 # tiles), each on the ops it changes: "dot" the first exact version's span math, "loop_k16" the
 # diagonal loop over two K tiles, "k16w2" the [c, c, BK] diagonal over two K tiles at 2 warps.
-VARIANTS = {"default": ({}, None),
-            "dot": (dict(spans="dot", gla_bwd="dots", gla_diag="loop"), None),
+# (KDA routes its per-row terms as gla_bwd="rows" whatever the config says: no "dot" case.)
+VARIANTS = {"default": ({}, ("simple_gla", "gla", "gated_delta_rule", "kda")),
+            "dot": (dict(spans="dot", gla_bwd="dots", gla_diag="loop"),
+                    ("simple_gla", "gla", "gated_delta_rule")),
             "loop_k16": (dict(gla_diag="loop", block_k_intra=16), ("gla",)),
             "k16w2": (dict(block_k_intra=16, warps_intra_bwd=2), ("gla",))}
 
 
 @pytest.mark.parametrize("op, variant", [
-    (op, name) for name, (_, only) in VARIANTS.items()
-    for op in ("simple_gla", "gla", "gated_delta_rule") if only is None or op in only])
+    (op, name) for name, (_, names) in VARIANTS.items() for op in names])
 def test_variants_strong_chunk64(op, variant):
     """Every gate strong at C = 64 (four GLA sub-chunks: the blocked path's off-diagonal blocks
     and per-row routes across sub-chunks), with documents and an initial state, for each variant
@@ -124,7 +127,7 @@ def test_variants_strong_chunk64(op, variant):
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "two_pass"])
-@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("op", [op for op in OPS if op != "kda"])   # kda: backward_tiled_over_k
 def test_forward_forms(op, fused):
     """The forward as one state-and-output pass (`fused.py`) or as a state pass then an output
     kernel, forced for the primal and under differentiation alike (by default, as the contract
@@ -159,7 +162,7 @@ def test_gla_mild_and_strong_chunks(dtype):
            TOL["float32"] * (10 if dtype == "bfloat16" else 1))
 
 
-@pytest.mark.parametrize("op", ("gla",) + DELTA)
+@pytest.mark.parametrize("op", ("gla", "delta_rule", "gated_delta_rule"))
 def test_four_sub_chunks(op):
     """C = 64: four 16-row sub-chunks (GLA's intra blocks, the UT transform's blocked
     substitution), with documents starting inside sub-chunks."""
@@ -181,10 +184,14 @@ def test_config():
         TritonChunkConfig(block_k_intra=24)
 
 
-@pytest.mark.parametrize("op", ["simple_gla", "gla", "gated_delta_rule"])   # one per kernel form
+@pytest.mark.parametrize("op", ["simple_gla", "gla", "gated_delta_rule", "kda"])  # each form
 def test_backward_tiled_over_k(op):
     """block_k = 16 < K: the backward kernels and the state passes run two K tiles (the gate's
-    partial sums over K are added afterwards)."""
+    partial sums over K are added afterwards). kda (interpret mode is slowest there) also takes
+    the GLA intra kernels' two K tiles and the one-pass forward under differentiation, which
+    keeps the residuals and which the contract suite does not force."""
     rng = np.random.default_rng(5)
+    over = dict(block_k_intra=16, fused_fwd=True) if op == "kda" else {}
     _check(op, _inputs(rng, op, jnp.float32, t=21), segments(rng, B, 21, p=0.08),
-           TOL["float32"], TOL["float32"], config=TritonChunkConfig(block_k=16, block_k_bwd=16))
+           TOL["float32"], TOL["float32"],
+           config=TritonChunkConfig(block_k=16, block_k_bwd=16, **over))

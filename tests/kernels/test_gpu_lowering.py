@@ -3,7 +3,8 @@
 `jax.export(..., platforms=["cuda"])` runs the Pallas-to-Triton-IR lowering without a GPU (the
 kernels' configs say interpret=False): a kernel that uses an operation Triton cannot express (a
 value slice, a non power-of-two load, a concatenate) fails here, in CI, instead of on the device.
-Every kernel of the decay family and the delta rule, in both forward forms, forward alone and
+Every kernel of the decay family and the delta rule (KDA's vector gate included), in both forward
+forms, forward alone and
 under jax.grad, at two shapes: bf16 K = V = 128 (the benchmark shape) and float32 K = 48, V = 96
 (padded inside the entry), with packed documents and an initial state. mLSTM's are in
 test_gpu_mlstm.py.
@@ -21,7 +22,7 @@ from linear_jax.kernels.gpu import decay, delta
 
 TRITON = "__gpu$xla.gpu.triton"
 SHAPES = [(jnp.bfloat16, 1, 200, 128, 128), (jnp.float32, 2, 100, 48, 96)]
-CASES = [(gate,) + shape for gate in ("none", "scalar", "vector", "delta", "gated_delta")
+CASES = [(gate,) + shape for gate in ("none", "scalar", "vector", "delta", "gated_delta", "kda")
          for shape in SHAPES]
 
 
@@ -32,21 +33,23 @@ def test_lowers_to_triton(case, fused):
     gate, dtype, B, T, K, V = case
     H = 2
     sds = jax.ShapeDtypeStruct
+    vector = sds((B, T, H, K), jnp.float32)
     g = {"none": None, "scalar": sds((B, T, H), jnp.float32), "delta": None,
-         "gated_delta": sds((B, T, H), jnp.float32), "vector": sds((B, T, H, K), jnp.float32)}[gate]
+         "gated_delta": sds((B, T, H), jnp.float32), "vector": vector, "kda": vector}[gate]
+    is_delta = "delta" in gate or gate == "kda"
     args = (sds((B, T, H, K), dtype), sds((B, T, H, K), dtype), sds((B, T, H, V), dtype), g,
             sds((B, H, K, V), jnp.float32), sds((B, T), jnp.int32), sds((B, T, H), dtype))
 
     def loss(q, k, v, g, S0, seg, beta):
         kw = dict(scale=K**-0.5, initial_state=S0, segment_ids=seg, chunk_size=64,
                   config=TritonChunkConfig(fused_fwd=fused, interpret=False))
-        if "delta" in gate:
+        if is_delta:
             o, S = delta.delta(q, k, v, g, beta, **kw)
         else:
             o, S = decay.decay(q, k, v, g, **kw)
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(S)
 
-    argnums = ((0, 1, 2, 4) if g is None else (0, 1, 2, 3, 4)) + ((6,) if "delta" in gate else ())
+    argnums = ((0, 1, 2, 4) if g is None else (0, 1, 2, 3, 4)) + ((6,) if is_delta else ())
     lower = lambda f: export.export(
         jax.jit(f), platforms=["cuda"],
         disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON)])(*args).mlir_module()
@@ -54,14 +57,14 @@ def test_lowers_to_triton(case, fused):
     primal = lower(loss)                         # the forward alone keeps no residuals
     fwd = [f"{gate}_fused_fwd"] if fused else ["decay_state_fwd", "decay_output"]
     names = fwd + ["decay_state_bwd", "decay_backward"]
-    if "delta" in gate:
+    if is_delta:
         fwd = ([f"{gate}_fused_fwd"] if fused else
                ["delta_ut_apply", "delta_state_fwd", "decay_output"])
         names = ["delta_ut_inverse"] + fwd + ["delta_state_bwd", "delta_backward_states",
                                               "delta_backward_wy"]
     for name in fwd:
         assert f'name = "{name}"' in primal, name
-    if gate == "vector":
+    if gate in ("vector", "kda"):
         names += ["gla_intra_forward", "gla_intra_backward"]
     for name in names:
         assert f'name = "{name}"' in text, name
