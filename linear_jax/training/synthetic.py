@@ -16,6 +16,13 @@ Every generator has the signature `gen(rng, batch, seq_len, **task_params)` and 
   (Gu & Dao 2023, *Mamba*, section 3.1).
 - induction: a random token sequence repeated; in the repeat every next token is predictable by
   copying what followed the current token before (Olsson et al. 2022, induction heads).
+- modular_arithmetic, modular_arithmetic_brackets: expressions mod m, answered at the last token
+  (`linear_jax.training.formal`).
+- linear_regression: in-context regression over real-valued tokens (x_i, y_i), x in R^d
+  (`linear_jax.training.regression`); its tokens are float [B, T, d + 1] and its targets float.
+
+`num_classes(name, **task_params)` is the number of answers a scored position can take (for the
+scaled accuracy (acc - 1/C) / (1 - 1/C), 0 at chance), None where that is not a classification.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+
+from linear_jax.training import formal, regression
 
 
 def _batch(tokens, targets, mask) -> dict[str, np.ndarray]:
@@ -134,10 +143,20 @@ def induction(rng, batch, seq_len, num_symbols=32):
 GENERATORS = {
     "mqar": mqar, "parity": parity, "modular_addition": modular_addition, "s5": s5,
     "icl_regression": icl_regression, "selective_copy": selective_copy, "induction": induction,
+    "modular_arithmetic": formal.modular_arithmetic,
+    "modular_arithmetic_brackets": formal.modular_arithmetic_brackets,
+    "linear_regression": regression.linear_regression,
 }
+# Tasks with real-valued tokens [B, T, width] and targets (a regression loss).
+REGRESSION = ("linear_regression",)
 
 
 def vocab_size(name: str, **params) -> int:
+    """Token ids a model needs; for a regression task, the width of its real-valued tokens."""
+    if name == "linear_regression":
+        return params.get("dim", 10) + 1
+    if name.startswith("modular_arithmetic"):
+        return formal.vocab_size(params.get("modulus", 5))
     if name == "mqar":
         n = params.get("num_kv_pairs", 8)
         return 1 + (params.get("num_keys") or 4 * n) + (params.get("num_values") or 4 * n)
@@ -148,3 +167,17 @@ def vocab_size(name: str, **params) -> int:
     if name == "induction":
         return params.get("num_symbols", 32) + 1
     return 1 + {"parity": 2, "modular_addition": params.get("modulus", 5), "s5": 120}[name]
+
+
+def num_classes(name: str, **params) -> int | None:
+    if name in REGRESSION:
+        return None
+    if name == "mqar":
+        return params.get("num_values") or 4 * params.get("num_kv_pairs", 8)
+    if name in ("selective_copy", "induction"):
+        return params.get("num_symbols", {"selective_copy": 8, "induction": 32}[name])
+    if name == "icl_regression":
+        return 2 * params.get("dim", 4) + 1                   # y = w.x in [-d, d]
+    if name in ("modular_addition", "modular_arithmetic", "modular_arithmetic_brackets"):
+        return params.get("modulus", 5)
+    return {"parity": 2, "s5": 120}[name]
