@@ -39,6 +39,7 @@ from linear_jax.layers.mom import MoM
 from linear_jax.layers.rebased import ReBased
 from linear_jax.layers.retnet import Lightning, RetNet
 from linear_jax.layers.rwkv7 import RWKV7
+from linear_jax.layers.s4d import S4D
 
 MIXERS = {
     "attention": Attention,
@@ -69,6 +70,7 @@ MIXERS = {
     "kda": KDA,
     "rwkv7": RWKV7,
     "mamba3": Mamba3,
+    "s4d": S4D,
 }
 
 

@@ -33,6 +33,8 @@ CASES.update({
     "linear_attention-nonorm": ("linear_attention", {"normalize": False}),
     "deltanet-negeig-gate": ("deltanet", {"allow_neg_eigval": True, "output_gate": True}),
     "hgrn2-lowerbound": ("hgrn2", {"lower_bound": 0.5}),
+    "mamba-negeig": ("mamba", {"allow_neg_eigval": True}),
+    "s4d-ungated": ("s4d", {"gated": False, "d_state": 4}),
     "lte_attention-evicting": ("lte_attention", {"window": 5, "num_retained": 3,
                                                  "num_kv_heads": 1}),
 })
@@ -112,7 +114,9 @@ def test_causal_and_finite_gradients(name):
     y_cached, _ = run(x, jnp.zeros((B, T), jnp.int32), fresh())
     assert_close(y, y_cached, TOL, f"{name}: training call vs cached call")
     gx = np.asarray(gx)
-    assert np.all(gx[:, t0 + 1:] == 0), f"{name}: gradient from the future"
+    # S4D's training call is an FFT convolution: causal up to float32 rounding, not exactly
+    leak = 1e-5 * np.abs(gx).max() if CASES[name][0] == "s4d" else 0.0
+    assert np.all(np.abs(gx[:, t0 + 1:]) <= leak), f"{name}: gradient from the future"
     assert np.abs(gx[:, : t0 + 1]).sum() > 0
     for path, g in jax.tree_util.tree_leaves_with_path(gp):
         assert np.isfinite(np.asarray(g)).all(), f"{name}: non-finite gradient at {path}"
@@ -155,6 +159,7 @@ DOCUMENTED_PARAMS = {
     "mamba3": _D * (256 + 32 + 3 * _H + 4) + _H + 2 * _H * 16 + 2 * 16 + _H + 128 * _D,
     "rwkv7": 4 * _D**2 + 2 * _D * (64 + 64 + 128) + 13 * _D,
     "kda": 4 * _D**2 + _D * _H + 12 * _D + _D // _H + 4 * _D**2 // _H + _H + 2 * _D,
+    "s4d": 2 * _D * _D + _D + 4 * _D * 32 + _D + _D * _D,                # E = D, M = 32
 }
 
 

@@ -80,7 +80,7 @@ def test_unsupported_mixers_raise():
     assert not supports_seq_parallel("hgrn") and not supports_seq_parallel("mlstm")
     assert {n for n in MIXERS if not supports_seq_parallel(n)} == {
         "hgrn", "mamba", "mlstm", "delta_product", "log_linear_mamba2",
-        "log_linear_gated_deltanet", "lte_attention", "gated_attention"}
+        "log_linear_gated_deltanet", "lte_attention", "gated_attention", "s4d"}
     mesh = make_mesh({"seq": 2}, jax.devices()[:2])
     sp = SeqParallel(mesh)
     model = LM(LMConfig(vocab_size=VOCAB, d_model=16, num_layers=1, num_heads=2,
