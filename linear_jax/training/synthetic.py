@@ -16,6 +16,9 @@ Every generator has the signature `gen(rng, batch, seq_len, **task_params)` and 
   (Gu & Dao 2023, *Mamba*, section 3.1).
 - induction: a random token sequence repeated; in the repeat every next token is predictable by
   copying what followed the current token before (Olsson et al. 2022, induction heads).
+- induction_heads: the Mamba paper's version (section 4.1.2, after H3): random symbols, one trigger
+  token followed by the answer somewhere, and the trigger again as the last token, whose next
+  token (the answer) is the only one scored; evaluated far past the training length.
 - modular_arithmetic, modular_arithmetic_brackets: expressions mod m, answered at the last token
   (`linear_jax.training.formal`).
 - linear_regression: in-context regression over real-valued tokens (x_i, y_i), x in R^d
@@ -140,9 +143,21 @@ def induction(rng, batch, seq_len, num_symbols=32):
     return _batch(tokens, targets, mask)
 
 
+def induction_heads(rng, batch, seq_len, num_symbols=16):
+    """Symbols 1..num_symbols, the trigger num_symbols + 1 at a random position and at the end."""
+    trigger, rows = num_symbols + 1, np.arange(batch)
+    tokens = 1 + rng.integers(0, num_symbols, (batch, seq_len))
+    pos = rng.integers(0, seq_len - 2, batch)                 # its answer is never the last token
+    tokens[rows, pos], tokens[:, -1] = trigger, trigger
+    targets, mask = np.zeros_like(tokens), np.zeros(tokens.shape, np.float32)
+    targets[:, -1], mask[:, -1] = tokens[rows, pos + 1], 1.0
+    return _batch(tokens, targets, mask)
+
+
 GENERATORS = {
     "mqar": mqar, "parity": parity, "modular_addition": modular_addition, "s5": s5,
     "icl_regression": icl_regression, "selective_copy": selective_copy, "induction": induction,
+    "induction_heads": induction_heads,
     "modular_arithmetic": formal.modular_arithmetic,
     "modular_arithmetic_brackets": formal.modular_arithmetic_brackets,
     "linear_regression": regression.linear_regression,
@@ -166,6 +181,8 @@ def vocab_size(name: str, **params) -> int:
         return params.get("num_symbols", 8) + 2
     if name == "induction":
         return params.get("num_symbols", 32) + 1
+    if name == "induction_heads":
+        return params.get("num_symbols", 16) + 2
     return 1 + {"parity": 2, "modular_addition": params.get("modulus", 5), "s5": 120}[name]
 
 
@@ -174,8 +191,9 @@ def num_classes(name: str, **params) -> int | None:
         return None
     if name == "mqar":
         return params.get("num_values") or 4 * params.get("num_kv_pairs", 8)
-    if name in ("selective_copy", "induction"):
-        return params.get("num_symbols", {"selective_copy": 8, "induction": 32}[name])
+    if name in ("selective_copy", "induction", "induction_heads"):
+        return params.get("num_symbols", {"selective_copy": 8, "induction": 32,
+                                          "induction_heads": 16}[name])
     if name == "icl_regression":
         return 2 * params.get("dim", 4) + 1                   # y = w.x in [-d, d]
     if name in ("modular_addition", "modular_arithmetic", "modular_arithmetic_brackets"):

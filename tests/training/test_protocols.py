@@ -94,3 +94,12 @@ def test_gd_baseline_step_size_is_the_best_one_step_and_beats_predicting_zero():
     b = ev[0]
     x, yy = b["tokens"][0, :, :10].astype(float), b["tokens"][0, :, 10].astype(float)
     assert np.isclose(regression._gd_feature(b)[0][0], np.mean(yy[:10] * (x[:10] @ x[10])))
+
+
+def test_induction_heads_answer_is_what_followed_the_first_trigger():
+    b = _source("induction_heads", seq_len=32).batch(0)
+    trigger = 17
+    for tok, tgt, mask in zip(b["tokens"], b["targets"], b["mask"], strict=True):
+        first = np.flatnonzero(tok == trigger)
+        assert len(first) == 2 and first[1] == 31 and np.flatnonzero(mask).tolist() == [31]
+        assert tgt[31] == tok[first[0] + 1] and 1 <= tgt[31] <= 16
