@@ -5,7 +5,9 @@
         --config.model.mixer=gla --config.train.steps=2000 --config.workdir=runs/mqar_gla
     python -m experiments.train --config=experiments/configs/state_tracking.py:s5
 
-Any config field can be overridden with `--config.<path>=<value>`. Running again with the same
+Any config field can be overridden with `--config.<path>=<value>`. `--config.seeds="(0,1,2)"`
+trains those seeds together, vmapped on one device (`linear_jax.training.seeds`; per-seed and
+mean / std metrics, no checkpoints). Running again with the same
 workdir resumes from its newest checkpoint. Metrics go to `<workdir>/metrics.jsonl`
 (`python -m experiments.plot <workdir> ...` draws them); the config to `<workdir>/config.json`;
 the final metrics, throughput (step time, tokens/s, MFU) and compile time to
