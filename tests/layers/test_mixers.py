@@ -34,6 +34,7 @@ CASES.update({
     "deltanet-negeig-gate": ("deltanet", {"allow_neg_eigval": True, "output_gate": True}),
     "hgrn2-lowerbound": ("hgrn2", {"lower_bound": 0.5}),
     "mamba-negeig": ("mamba", {"allow_neg_eigval": True}),
+    "mamba2-negeig": ("mamba2", {"allow_neg_eigval": True}),
     "s4d-ungated": ("s4d", {"gated": False, "d_state": 4}),
     "lte_attention-evicting": ("lte_attention", {"window": 5, "num_retained": 3,
                                                  "num_kv_heads": 1}),

@@ -1,12 +1,13 @@
-"""Mamba with transitions in (-1, 1) (Grazzi et al. 2025) and the time-invariant S4D layer, each
-against a float64 NumPy recurrence built from the layer's own projections and parameters."""
+"""Mamba and Mamba-2 with transitions in (-1, 1) (Grazzi et al. 2025) and the time-invariant S4D
+layer, each against a float64 NumPy recurrence built from the layer's own projections and
+parameters."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from linear_jax.layers import S4D, Mamba
+from linear_jax.layers import S4D, Mamba, Mamba2
 from tests.utils import assert_close, rel_err
 
 B, T, D = 2, 12, 16
@@ -74,3 +75,27 @@ def test_s4d_convolution_and_recurrence_are_the_zoh_diagonal_ssm():
     assert_close(scan, ref, 1e-5, "s4d, recurrence")
     assert_close(conv_cache["state"], h, 1e-5, "final state of the convolutional view")
     assert_close(scan_cache["state"], h, 1e-5, "final state of the recurrence")
+
+
+def test_mamba2_neg_eigval_scan_is_the_signed_recurrence():
+    layer = Mamba2(D, 2, d_state=4, num_groups=2, allow_neg_eigval=True, rngs=nnx.Rngs(2))
+    layer.A_log[...] = jnp.log(jnp.array([20.0, 60.0]))      # transitions of both signs
+    H, P, N = layer.H, layer.P, layer.N
+    keys = jax.random.split(jax.random.key(3), 5)
+    xs = jax.random.normal(keys[0], (B, T, H, P))
+    dt = jax.random.normal(keys[1], (B, T, H))
+    Bm, Cm = (jax.random.normal(k, (B, T, 2, N)) for k in keys[2:4])
+    h0 = jax.random.normal(keys[4], (B, H, N, P))
+    y, S = layer.ssm(None, xs, dt, Bm, Cm, h0, None, None)
+    f64 = lambda t: np.asarray(t, np.float64)
+    xs, Bm, Cm = f64(xs), np.repeat(f64(Bm), H // 2, 2), np.repeat(f64(Cm), H // 2, 2)
+    dt = _softplus(f64(dt) + f64(layer.dt_bias[...]))
+    a = 2.0 * np.exp(dt * -np.exp(f64(layer.A_log[...]))) - 1.0
+    assert a.min() < 0 < a.max()
+    h, ys = f64(h0), []
+    for t in range(T):
+        h = a[:, t, :, None, None] * h + dt[:, t, :, None, None] * np.einsum(
+            "bhn,bhp->bhnp", Bm[:, t], xs[:, t])
+        ys.append(np.einsum("bhnp,bhn->bhp", h, Cm[:, t]) + f64(layer.D[...])[:, None] * xs[:, t])
+    assert_close(y, np.stack(ys, 1), 1e-5, "mamba2, transitions 2 exp(dt A) - 1")
+    assert_close(S, h, 1e-5, "final state")
