@@ -34,5 +34,6 @@ def get_config(cell: str = "induction_heads-mamba"):
                    mixer_options={mixer: {"conv_size": 4} if mixer == "gla" else {}})
     c.train.update(steps=4000, batch_size=64, lr=1e-3, warmup_steps=200, weight_decay=0.1,
                    checkpoint_every=0, progress=False, log_every=100)
-    c.eval.update(every=1000, batches=4, batch_size=32, seq_lens=EVAL_LENGTHS[task])
+    # 16 rows: softmax attention at 8192 tokens holds 3 seeds x 16 x 2 heads x 8192^2 scores
+    c.eval.update(every=1000, batches=4, batch_size=16, seq_lens=EVAL_LENGTHS[task])
     return c
