@@ -70,12 +70,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, trained together")
     p.add_argument("--steps", type=int, help="train.steps of every cell (default: the config's)")
     p.add_argument("--quick", action="store_true", help="one tiny cell (CPU smoke test)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every cell, e.g. --set=model.impl=chunk (a "
+                        "kernel that will not run vmapped) or --set=eval.batch_size=8")
     args = p.parse_args(argv)
+    try:
+        args.set = dict(_override(item) for item in args.set)
+    except ValueError as e:
+        p.error(str(e))
     args.seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
     args.cells = [c for c in args.cells.split(",") if c]
     if args.quick:
         args.seeds = args.seeds[:2]
     return args
+
+
+def _override(item: str):
+    """"key=value" -> (key, value), the value a Python literal where it parses as one."""
+    import ast
+
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
+    try:
+        return key, ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return key, text
 
 
 def _set(config, dotted: str, value) -> None:
@@ -99,6 +119,7 @@ def cell_configs(args, module, protocol):
             c = module.get_config(cell)
             c.seeds = args.seeds
             overrides = {**QUICK, **protocol["quick"]} if args.quick else {}
+            overrides.update(args.set)
             if args.steps:
                 overrides["train.steps"] = args.steps
             if lr is not None:

@@ -49,3 +49,16 @@ def test_quick_protocol_writes_json_and_table(tmp_path, capsys, name):
     assert len(result["per_seed"]) == 2
     assert "[1/1]" in capsys.readouterr().out
     assert paper_protocols.main(argv)["runs"][0]["steps"] == summary["runs"][0]["steps"]
+
+
+def test_set_overrides_every_cell():
+    args = paper_protocols.parse_args(["--protocol=mqar", "--cells=gla-d64-T256",
+                                       "--set=model.impl=chunk", "--set=eval.batch_size=8",
+                                       "--steps=7", "--out=/unused"])
+    module = paper_protocols.importlib.import_module("experiments.configs.paper_mqar")
+    grid = paper_protocols.cell_configs(args, module, paper_protocols.PROTOCOLS["mqar"])
+    assert [lr for _, lr, _ in grid] == list(module.LRS)
+    for _, lr, c in grid:
+        assert (c.model.impl, c.eval.batch_size, c.train.steps, c.train.lr) == ("chunk", 8, 7, lr)
+    with pytest.raises(SystemExit):
+        paper_protocols.parse_args(["--protocol=mqar", "--set=nonsense"])
