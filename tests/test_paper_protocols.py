@@ -62,3 +62,16 @@ def test_set_overrides_every_cell():
         assert (c.model.impl, c.eval.batch_size, c.train.steps, c.train.lr) == ("chunk", 8, 7, lr)
     with pytest.raises(SystemExit):
         paper_protocols.parse_args(["--protocol=mqar", "--set=nonsense"])
+
+
+def test_state_tracking_eigenvalue_ranges_reach_the_layers():
+    from experiments.configs import paper_state_tracking as st
+
+    for model in ("deltanet_01", "deltanet_11", "mamba_01", "mamba_11"):
+        c = st.get_config(f"parity-{model}")
+        mixer = nnx.eval_shape(loop.build_model(c.model, 3, seed=0)).layer_mixer(0)
+        extended = model.endswith("_11")
+        if model.startswith("mamba"):
+            assert mixer.allow_neg_eigval == extended
+        else:
+            assert mixer.beta_max == (2.0 if extended else 1.0)
