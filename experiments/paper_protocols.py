@@ -52,7 +52,7 @@ PROTOCOLS = {
                     ("GD step size", ("baseline", "gd_one_step"), "step_size")],
         "quick": {}},
     "lm_mixers": {
-        "config": "lm_mixers", "quick_cell": "gla",
+        "config": "lm_mixers", "quick_cell": "linear_attention",
         "columns": [("eval loss (nats/byte)", ("eval", "eval"), "loss")],
         "quick": {"task.seq_len": 32}},
 }
