@@ -1,5 +1,5 @@
 """In-context linear regression at von Oswald et al. 2023's setup (*Transformers Learn In-Context
-by Gradient Descent*, section 4): x in R^10 uniform in [-1, 1]^10, w ~ N(0, I), N = 10 examples
+by Gradient Descent*): x in R^10 uniform in [-1, 1]^10, w ~ N(0, I), N = 10 examples
 and a query per sequence, real-valued tokens (x_i, y_i) read in linearly
 (`training/regression.py`), one layer of linear self-attention (identity feature map, no
 normaliser, no MLP), the squared error of y at the query. Its baseline, reported beside it in

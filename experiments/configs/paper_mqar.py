@@ -1,5 +1,5 @@
 """Multi-query associative recall at Zoology's setup (Arora et al. 2023, *Zoology: Measuring and
-Improving Recall in Efficient Language Models*, section 4 and Figure 2): a vocabulary of 8192,
+Improving Recall in Efficient Language Models*): a vocabulary of 8192,
 16 key-value pairs in 256 tokens and 64 pairs in 512, two layers with no MLP (`ffn="none"`),
 widths 64 to 512, the best of a small learning-rate sweep per cell (`LRS`), stopped early once
 every seed's eval accuracy reaches 0.99. The cell after the colon is `<mixer>-d<width>-T<len>`:

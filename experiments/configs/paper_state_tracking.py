@@ -1,5 +1,5 @@
 """State tracking at the protocol of Grazzi et al. 2025 (*Unlocking State-Tracking in Linear RNNs
-Through Negative Eigenvalues*, section 5.1, after xLSTM and Deletang et al. 2023): parity and
+Through Negative Eigenvalues*, after xLSTM and Deletang et al. 2023): parity and
 modular arithmetic without and with brackets, the answer at the last token, trained on lengths
 drawn from [3, 40] per batch and tested at 40, 64, 128 and 256; scaled accuracy; three seeds.
 The cell after the colon is `<task>-<model>`:

@@ -8,7 +8,7 @@
 
 `allow_neg_eigval=True` maps every transition exp(dt A) in (0, 1) to 2 exp(dt A) - 1 in (-1, 1),
 Grazzi et al. 2025's extension ("Unlocking State-Tracking in Linear RNNs Through Negative
-Eigenvalues", section 4), with which a diagonal recurrence can flip signs and so count mod 2. The
+Eigenvalues"), with which a diagonal recurrence can flip signs and so count mod 2. The
 transition is then no longer an exponential, so the scan runs as `linear_jax.ops.diagonal_scan`
 over the E N channels (a signed real recurrence) instead of the selective scan, whose decays are
 positive by construction.

@@ -1,5 +1,5 @@
 """In-context linear regression with real-valued tokens, and its one-step gradient-descent baseline
-(von Oswald et al. 2023, *Transformers Learn In-Context by Gradient Descent*, section 4).
+(von Oswald et al. 2023, *Transformers Learn In-Context by Gradient Descent*).
 
 A sequence is one task: w ~ N(0, I_d), x_i ~ U(-1, 1)^d, y_i = w . x_i. Its tokens are the N
 examples e_i = (x_i, y_i) and the query (x_q, 0), so `seq_len` = N + 1 and every token is a real

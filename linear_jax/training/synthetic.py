@@ -16,7 +16,7 @@ Every generator has the signature `gen(rng, batch, seq_len, **task_params)` and 
   (Gu & Dao 2023, *Mamba*, section 3.1).
 - induction: a random token sequence repeated; in the repeat every next token is predictable by
   copying what followed the current token before (Olsson et al. 2022, induction heads).
-- induction_heads: the Mamba paper's version (section 4.1.2, after H3): random symbols, one trigger
+- induction_heads: the Mamba paper's version (section 4.1, after H3): random symbols, one trigger
   token followed by the answer somewhere, and the trigger again as the last token, whose next
   token (the answer) is the only one scored; evaluated far past the training length.
 - modular_arithmetic, modular_arithmetic_brackets: expressions mod m, answered at the last token
