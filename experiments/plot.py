@@ -6,6 +6,7 @@
 
 One panel per (split, metric) present in the runs (train loss, eval loss, eval accuracy,
 eval_len256 accuracy, ...), one line per run, labelled with the run directory's name (or --labels).
+A multi-seed run (`config.seeds`) is drawn by the mean over its seeds.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def plot(runs: dict[str, list[dict]], out, metrics=("loss", "accuracy"), title=N
     for ax, (split, metric) in zip(axes.flat, cells, strict=False):
         for label, recs in runs.items():
             pts = [(r["step"], r[metric]) for r in recs
-                   if r["split"] == split and isinstance(r.get(metric), (int, float))]
+                   if r["split"] == split and r.get("seed", "mean") == "mean"
+                   and isinstance(r.get(metric), (int, float))]
             if pts:
                 marker = None if split == "train" else "."
                 ax.plot(*zip(*pts, strict=True), label=label, marker=marker)
@@ -80,8 +82,9 @@ def table(dirs) -> str:
     for d in dirs:
         result = json.loads((d / "result.json").read_text())
         config = json.loads((d / "config.json").read_text())
-        evals = "; ".join(f"{name}: loss {m['loss']:.4f}, acc {m['accuracy']:.4f}"
-                          for name, m in result["eval"].items())
+        evals = "; ".join(f"{name}: loss {m['loss']:.4f}" + (
+            f", acc {m['accuracy']:.4f}" if "accuracy" in m else "")
+            for name, m in result["eval"].items())
         rows.append(f"| {d.name} | {config['task']['name']} | {config['model']['mixer']} | "
                     f"{result['params']:,} | {result['step']} | {result['seconds']:.0f} | "
                     f"{evals} |")

@@ -5,7 +5,9 @@
         --config.model.mixer=gla --config.train.steps=2000 --config.workdir=runs/mqar_gla
     python -m experiments.train --config=experiments/configs/state_tracking.py:s5
 
-Any config field can be overridden with `--config.<path>=<value>`. Running again with the same
+Any config field can be overridden with `--config.<path>=<value>`. `--config.seeds="(0,1,2)"`
+trains those seeds together, vmapped on one device (`linear_jax.training.seeds`; per-seed and
+mean / std metrics, no checkpoints). Running again with the same
 workdir resumes from its newest checkpoint. Metrics go to `<workdir>/metrics.jsonl`
 (`python -m experiments.plot <workdir> ...` draws them); the config to `<workdir>/config.json`;
 the final metrics, throughput (step time, tokens/s, MFU) and compile time to
@@ -29,7 +31,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from linear_jax.training import checkpoint, loop, mesh
+from linear_jax.training import checkpoint, evaluation, loop, mesh, seeds
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file in experiments/configs.",
                                           lock_config=True)
@@ -57,7 +59,8 @@ def main(argv) -> None:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     logging.info("config:\n%s", config)
     try:
-        result = loop.train(config)
+        result = (seeds.train_seeds(config, config.seeds) if config.get("seeds") else
+                  loop.train(config))
     except mesh.ConfigError as e:
         sys.exit(f"error: {e}")
     if result["stopped"] == "nan":
@@ -67,9 +70,9 @@ def main(argv) -> None:
         mfu = f", MFU {100 * tp['mfu']:.1f}%" if tp.get("mfu") else ""
         print(f"throughput: {tp['tokens_per_s']:,.0f} tokens/s, {1e3 * tp['step_time_s']:.1f} ms "
               f"per step{mfu} (train step compiled in {result['compile']['compile_s']:.1f} s)")
-    ev = result["eval"]
-    parts = [f"{name} loss {m['loss']:.4f} accuracy {m['accuracy']:.4f}" for name, m in ev.items()]
-    print(f"final (step {result['step']}, {result['seconds']:.0f} s): " + "; ".join(parts))
+    mean = f" (mean of {len(config.seeds)} seeds)" if config.get("seeds") else ""
+    print(f"final (step {result['step']}, {result['seconds']:.0f} s){mean}: "
+          + evaluation.describe(result["eval"]).replace(" acc ", " accuracy "))
     if jax.process_index() == 0:
         (workdir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
 

@@ -10,8 +10,10 @@ TOL = {"float32": 2e-4, "bfloat16": 2e-2, "float16": 5e-3}
 
 
 def rel_err(a, b) -> float:
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
+    # complex arrays (a complex state) keep their imaginary parts
+    dtype = np.complex128 if np.iscomplexobj(a) or np.iscomplexobj(b) else np.float64
+    a = np.asarray(a, dtype)
+    b = np.asarray(b, dtype)
     assert a.shape == b.shape, (a.shape, b.shape)
     assert np.isfinite(a).all(), "non-finite values in result"
     den = np.linalg.norm(b)

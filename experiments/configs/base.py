@@ -11,9 +11,13 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
+    c.seeds = ()          # several seeds: trained together, vmapped (linear_jax.training.seeds)
     c.workdir = "runs/default"
 
-    c.task = ml_collections.ConfigDict({"name": "mqar", "seq_len": 64, "params": {}})
+    # min_seq_len > 0: training lengths drawn per batch from [min_seq_len, seq_len]; score "last":
+    # only the last token is scored (linear_jax.training.data)
+    c.task = ml_collections.ConfigDict({"name": "mqar", "seq_len": 64, "params": {},
+                                        "min_seq_len": 0, "score": "all"})
 
     # bfloat16 compute from float32 master weights; "float32" for exact comparisons
     c.model = ml_collections.ConfigDict({
@@ -28,6 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
         "log_every": 10, "checkpoint_every": 500, "keep_checkpoints": 2, "progress": True,
         "tensorboard": False,     # also write <workdir>/tensorboard/events.out.tfevents.*
         "peak_flops": 0.0,        # per device, for MFU; 0: linear_jax.models.flops.PEAKS
+        "stop_accuracy": 0.0,     # multi-seed runs: stop once every seed's eval accuracy >= it
     })
 
     c.eval = ml_collections.ConfigDict({"every": 250, "batches": 4, "batch_size": 64,

@@ -15,6 +15,7 @@ MIXERS = ("attention", "deltanet", "gated_deltanet", "gla", "linear_attention", 
           "kda", "rwkv7", "mamba3", "log_linear_mamba2", "log_linear_gated_deltanet")
 _CONV = {"gla": {"conv_size": 4}, "linear_attention": {"conv_size": 4},
          "rwkv7": {"gate_rank": 96}}
+CELLS = MIXERS                                        # experiments/paper_protocols.py's grid
 WIDTH = {"gated_deltanet": 112, "mamba2": 120, "kda": 120, "rwkv7": 112, "mamba3": 120,
          "log_linear_mamba2": 118, "log_linear_gated_deltanet": 112}    # the others 128
 

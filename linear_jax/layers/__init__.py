@@ -41,6 +41,7 @@ from linear_jax.layers.rebased import ReBased
 from linear_jax.layers.retnet import Lightning, RetNet
 from linear_jax.layers.rglru import RGLRU
 from linear_jax.layers.rwkv7 import RWKV7
+from linear_jax.layers.s4d import S4D
 
 MIXERS = {
     "attention": Attention,
@@ -73,6 +74,7 @@ MIXERS = {
     "mamba3": Mamba3,
     "rglru": RGLRU,
     "mla": MLA,
+    "s4d": S4D,
 }
 
 

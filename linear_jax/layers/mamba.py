@@ -6,6 +6,13 @@
     y    = selective_scan(u, dt, A = -exp(A_log), B, C, D, z)   per channel state [N]
     out  = y W_out
 
+`allow_neg_eigval=True` maps every transition exp(dt A) in (0, 1) to 2 exp(dt A) - 1 in (-1, 1),
+Grazzi et al. 2025's extension ("Unlocking State-Tracking in Linear RNNs Through Negative
+Eigenvalues"), with which a diagonal recurrence can flip signs and so count mod 2. The
+transition is then no longer an exponential, so the scan runs as `linear_jax.ops.diagonal_scan`
+over the E N channels (a signed real recurrence) instead of the selective scan, whose decays are
+positive by construction.
+
 Paper choices: expand 2, N = 16, R = ceil(D / 16), A_log = log(1..N) per channel (S4D-real), D = 1,
 dt = softplus(dt + dt_bias) with softplus(dt_bias) log-uniform in [1e-3, 1e-1]. Ops:
 `linear_jax.ops.selective_scan` and `linear_jax.ops.short_conv`. Mamba has no heads.
@@ -19,6 +26,7 @@ from __future__ import annotations
 import math
 from functools import partial
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -33,6 +41,7 @@ from linear_jax.layers.common import (
     param,
 )
 from linear_jax.layers.short_conv import ShortConv
+from linear_jax.ops.diagonal_scan import diagonal_scan
 from linear_jax.ops.selective_scan import selective_scan
 from linear_jax.parallel.dispatch import unsupported
 
@@ -42,11 +51,13 @@ class Mamba(nnx.Module):
     OP_IMPL = True           # `impl` is its op's (`linear_jax.ops.registry`)
 
     def __init__(self, d_model: int, *, d_state: int = 16, d_conv: int = 4, expand: int = 2,
-                 dt_rank: int | None = None, chunk_size: int = 64, impl: str = "auto",
+                 dt_rank: int | None = None, allow_neg_eigval: bool = False,
+                 chunk_size: int = 64, impl: str = "auto",
                  kernel_config=None, num_layers: int | None = None, std: float = DEFAULT_STD,
                  rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
         E, N = expand * d_model, d_state
         self.E, self.N, self.R = E, N, dt_rank or math.ceil(d_model / 16)
+        self.allow_neg_eigval = allow_neg_eigval
         # hashable: static graph data
         self.op_kw = (("chunk_size", chunk_size), ("impl", impl), ("config", kernel_config))
         mk = partial(dense, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -74,8 +85,27 @@ class Mamba(nnx.Module):
         xs, z = jnp.split(self.in_proj(x), 2, axis=-1)
         u, conv = self.conv(xs, segment_ids=segment_ids, state=states["conv"].astype(xs.dtype))
         dt, Bm, Cm = jnp.split(self.x_proj(u), [self.R, self.R + self.N], axis=-1)
-        y, S = selective_scan(u, self.dt_proj(dt), -jnp.exp(self.A_log[...].astype(jnp.float32)),
-                              Bm, Cm, self.D[...], z, delta_softplus=True,
-                              initial_state=states["state"], segment_ids=segment_ids,
-                              **dict(self.op_kw))
+        A = -jnp.exp(self.A_log[...].astype(jnp.float32))
+        if self.allow_neg_eigval:
+            y, S = self.signed_scan(u, self.dt_proj(dt), A, Bm, Cm, z, states["state"],
+                                    segment_ids)
+        else:
+            y, S = selective_scan(u, self.dt_proj(dt), A, Bm, Cm, self.D[...], z,
+                                  delta_softplus=True, initial_state=states["state"],
+                                  segment_ids=segment_ids, **dict(self.op_kw))
         return self.out_proj(y), leave(cache, segment_ids, state=S, conv=conv)
+
+    def signed_scan(self, u, delta, A, Bm, Cm, z, state, segment_ids):
+        """The selective scan with transitions 2 exp(dt A) - 1: h [B, T, E, N] as one diagonal
+        recurrence over E N channels. Returns (y [B, T, E] in u's dtype, state [B, E, N])."""
+        f32 = lambda t: t.astype(jnp.float32)
+        dt = jax.nn.softplus(f32(delta))[..., None]                          # [B, T, E, 1]
+        a = 2.0 * jnp.exp(dt * A) - 1.0
+        x = dt * f32(u)[..., None] * f32(Bm)[:, :, None, :]
+        flat = lambda t: t.reshape(t.shape[:2] + (self.E * self.N,))
+        h, S = diagonal_scan(flat(a), flat(x), initial_state=state.reshape(-1, self.E * self.N),
+                             segment_ids=segment_ids, **dict(self.op_kw))
+        h = h.reshape(a.shape)
+        y = jnp.sum(h * f32(Cm)[:, :, None, :], axis=-1) + self.D[...] * f32(u)
+        y = y * jax.nn.silu(f32(z))
+        return y.astype(u.dtype), S.reshape(state.shape)

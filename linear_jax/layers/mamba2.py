@@ -6,6 +6,11 @@ Through Structured State Space Duality").
     y    = ssd(x, dt, A = -exp(A_log), B, C, D, dt_bias)     scalar decay per head, state [N, P]
     out  = RMSNorm(y * silu(z)) W_out       the gated norm, gate applied before normalising
 
+`allow_neg_eigval=True`: every head's transition exp(dt A) in (0, 1) becomes 2 exp(dt A) - 1 in
+(-1, 1), as Grazzi et al. 2025 extend Mamba (`layers/mamba.py`); the scan then runs as
+`linear_jax.ops.diagonal_scan` over the H N P entries of the state (a signed real recurrence)
+instead of `ssd`, whose decays are log-space and so positive.
+
 Paper choices: expand 2, N = 64 (here `d_state`, default 16 for small models), one group (G = 1) of
 B and C shared by the heads (head h reads group h // (H / G)), A = exp(A_log) uniform in [1, 16],
 softplus(dt_bias) log-uniform in [1e-3, 1e-1], D = 1. `norm_groups` splits the gated norm's
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 from functools import partial
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -36,8 +42,9 @@ from linear_jax.layers.common import (
     param,
 )
 from linear_jax.layers.short_conv import ShortConv
+from linear_jax.ops.diagonal_scan import diagonal_scan
 from linear_jax.ops.norms import gated_rms_norm
-from linear_jax.parallel.dispatch import recurrence
+from linear_jax.parallel.dispatch import recurrence, unsupported
 
 
 class Mamba2(nnx.Module):
@@ -46,7 +53,8 @@ class Mamba2(nnx.Module):
 
     def __init__(self, d_model: int, num_heads: int, *, d_state: int = 16, d_conv: int = 4,
                  expand: int = 2, num_groups: int = 1, norm_groups: int = 1,
-                 norm_eps: float = 1e-6, chunk_size: int = 64, impl: str = "auto",
+                 norm_eps: float = 1e-6, allow_neg_eigval: bool = False,
+                 chunk_size: int = 64, impl: str = "auto",
                  kernel_config=None, num_layers: int | None = None, std: float = DEFAULT_STD,
                  rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
         E, H, G, N = expand * d_model, num_heads, num_groups, d_state
@@ -57,6 +65,7 @@ class Mamba2(nnx.Module):
                              f"{norm_groups}")
         self.E, self.H, self.G, self.N, self.P = E, H, G, N, E // H
         self.norm_groups, self.norm_eps = norm_groups, norm_eps
+        self.allow_neg_eigval = allow_neg_eigval
         # hashable: static graph data
         self.op_kw = (("chunk_size", chunk_size), ("impl", impl), ("config", kernel_config))
         mk = partial(dense, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -77,9 +86,28 @@ class Mamba2(nnx.Module):
     def ssm(self, x, xs, dt, Bm, Cm, state, segment_ids, seq_parallel):
         """The scan: xs [B,T,H,P], dt [B,T,H], Bm, Cm [B,T,G,N] -> (y [B,T,H,P], state);
         x [B,T,D] is the layer input (for a subclass whose scan reads more of it)."""
+        if self.allow_neg_eigval:
+            unsupported(self, seq_parallel)
+            return self.signed_scan(xs, dt, Bm, Cm, state, segment_ids)
         return recurrence("ssd", xs, dt, -jnp.exp(self.A_log[...].astype(jnp.float32)), Bm, Cm,
                           self.D[...], self.dt_bias[...], initial_state=state,
                           segment_ids=segment_ids, seq_parallel=seq_parallel, **dict(self.op_kw))
+
+    def signed_scan(self, xs, dt, Bm, Cm, state, segment_ids):
+        """SSD with transitions 2 exp(dt A) - 1: h [B, T, H, N, P] as one diagonal recurrence."""
+        f32 = lambda t: t.astype(jnp.float32)
+        Bsz, T, H, P = xs.shape
+        group = lambda m: jnp.repeat(f32(m), H // self.G, axis=2)            # [B, T, H, N]
+        dt = jax.nn.softplus(f32(dt) + f32(self.dt_bias[...]))                # [B, T, H]
+        a = 2.0 * jnp.exp(dt * -jnp.exp(f32(self.A_log[...]))) - 1.0
+        u = (dt[..., None, None] * group(Bm)[..., None] * f32(xs)[..., None, :])
+        flat = lambda t: t.reshape(Bsz, T, H * self.N * P)
+        h, S = diagonal_scan(flat(jnp.broadcast_to(a[..., None, None], u.shape)), flat(u),
+                             initial_state=state.reshape(Bsz, -1), segment_ids=segment_ids,
+                             **dict(self.op_kw))
+        y = jnp.einsum("bthnp,bthn->bthp", h.reshape(u.shape), group(Cm))
+        y = y + f32(self.D[...])[:, None] * f32(xs)
+        return y.astype(xs.dtype), S.reshape(state.shape)
 
     def __call__(self, x, *, segment_ids=None, cache=None, seq_parallel=None):
         cache = self.init_cache(x.shape[0], x.dtype) if cache is None else cache

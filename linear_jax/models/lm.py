@@ -12,7 +12,8 @@ Initialisation (GPT-2 / fla): every weight normal(0, init_std), the output proje
 residual branches (mixer W_o, MLP W_2) scaled by 1 / sqrt(2 num_layers), norms at 1.
 
 `__call__(tokens, *, segment_ids=None, cache=None, seq_parallel=None) -> (logits, new_cache,
-aux)`: logits float32 [B, T, vocab]; the cache is a list of one entry per layer (`init_cache`);
+aux)`: tokens int [B, T] or real-valued [B, T, vocab] (read in by the embedding table as a
+matrix); logits float32 [B, T, vocab]; the cache is a list of one entry per layer (`init_cache`);
 aux is the MoE load-balancing loss averaged over MoE layers (0 without MoE), for the trainer to
 weight. `seq_parallel` (`linear_jax.parallel.SeqParallel`) is handed to every mixer: their
 time-mixing ops run split along T over its mesh axis, everything else is per token
@@ -298,7 +299,11 @@ class LM(nnx.Module):
             raise ValueError(f"cache holds {len(cache)} entries, the model has "
                              f"{self.config.num_layers} layers (use init_cache)")
         over = None if cache is None else self._kv_overflow(cache, tokens.shape[1])
-        h = jnp.take(self.embed[...], tokens, axis=0)
+        # Real-valued inputs [B, T, vocab] (a regression task's tokens) go through the embedding
+        # table as a linear read-in, of which the lookup of an id is the one-hot case.
+        h = (jnp.einsum("btv,vd->btd", tokens, self.embed[...].astype(tokens.dtype))
+             if jnp.issubdtype(tokens.dtype, jnp.floating) else
+             jnp.take(self.embed[...], tokens, axis=0))
         if self.dtype is not None:
             h = h.astype(self.dtype)
         if self.config.embed_scale is not None:

@@ -53,8 +53,10 @@ def kda_chunk(q, k, v, g, beta, *, scale, initial_state, segment_ids, chunk_size
 # the gated delta rule's Triton kernels, with the gate kind taken from g's rank
 registry.register(registry.OpRecord(
     "kda", reference=kda_recurrent, chunk=kda_chunk,
+    # auto=False until the kernel has passed check_gpu on a device (so far: interpret mode and
+    # the CUDA export only)
     kernels=(registry.Kernel("triton", "linear_jax.kernels.gpu.delta:delta",
-                             "linear_jax.kernels.configs:TritonChunkConfig"),),
+                             "linear_jax.kernels.configs:TritonChunkConfig", auto=False),),
     seq_parallel="linear_jax.parallel.rank_one:kda"))
 
 

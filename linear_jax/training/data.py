@@ -4,6 +4,13 @@ A source is addressed by batch index: `source.batch(i)` is a pure function of (s
 data position saved in a checkpoint is one integer and a resumed run sees exactly the batches an
 uninterrupted run would. Every host builds the same global batch and hands the devices their
 slices (`to_device`), so the data do not depend on the number of hosts or devices.
+
+Protocols of the papers (Grazzi et al. 2025 after Deletang et al. 2023) beyond a task's generator:
+`task.min_seq_len` draws each training batch's length uniformly from [min_seq_len, seq_len] (one
+length per batch), and `task.score = "last"` scores only the last token of a sequence (parity of
+the whole string instead of every prefix). Rows shorter than `seq_len` are padded at the end with
+token 0 and weight 0: the models are causal, so the padding changes nothing before it, and every
+batch keeps one shape (one compilation). Evaluation sources have fixed lengths (`eval.seq_lens`).
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ import numpy as np
 from linear_jax.training import synthetic, text
 from linear_jax.training.mesh import ConfigError
 
-_SPLIT_IDS = {"train": 0, "eval": 1}
+# "tune": held-out tasks a baseline fits its own parameters on (`regression.gd_baseline`)
+_SPLIT_IDS = {"train": 0, "eval": 1, "tune": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,15 +36,38 @@ class SyntheticSource:
     seed: int
     split: str = "train"
     params: tuple = ()              # generator keyword arguments, as (key, value) pairs
+    min_seq_len: int = 0            # > 0: each batch's length drawn from [min_seq_len, seq_len]
+    score: str = "all"              # "last": only the last token of each sequence is scored
 
     @property
     def vocab_size(self) -> int:
         return synthetic.vocab_size(self.name, **dict(self.params))
 
+    @property
+    def num_classes(self) -> int | None:
+        return synthetic.num_classes(self.name, **dict(self.params))
+
+    @property
+    def regression(self) -> bool:
+        return self.name in synthetic.REGRESSION
+
     def batch(self, index: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([self.seed, _SPLIT_IDS[self.split], index])
         gen = synthetic.GENERATORS[self.name]
-        return gen(rng, self.batch_size, self.seq_len, **dict(self.params))
+        length = (int(rng.integers(self.min_seq_len, self.seq_len + 1)) if self.min_seq_len
+                  else self.seq_len)
+        out = gen(rng, self.batch_size, length, **dict(self.params))
+        if self.score == "last":
+            out["mask"] = np.zeros_like(out["mask"])
+            out["mask"][:, -1] = 1.0
+        return _pad(out, self.seq_len)
+
+
+def _pad(batch: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
+    extra = seq_len - batch["mask"].shape[1]
+    if not extra:
+        return batch
+    return {k: np.pad(v, [(0, 0), (0, extra)] + [(0, 0)] * (v.ndim - 2)) for k, v in batch.items()}
 
 
 @functools.lru_cache(maxsize=4)
@@ -56,6 +87,8 @@ class TextSource:
     split: str = "train"
     validation_docs: tuple[str, ...] = text.DEFAULT_VALIDATION_PLAYS
     vocab_size: int = text.VOCAB_SIZE
+    num_classes = None              # next-byte prediction: no chance level worth scaling by
+    regression = False
 
     @property
     def num_rows(self) -> int:
@@ -90,7 +123,13 @@ def make_source(task, *, split: str, batch_size: int, seed: int, seq_len: int | 
         raise ConfigError(f"unknown task {task.name!r}; known: "
                          f"{sorted(synthetic.GENERATORS) + ['lm']}")
     params = tuple(sorted(dict(task.get("params", {})).items()))
-    return SyntheticSource(task.name, seq_len, batch_size, seed, split, params)
+    score = task.get("score", "all")
+    if score not in ("all", "last"):
+        raise ConfigError(f"task.score must be 'all' or 'last', got {score!r}")
+    min_len = task.get("min_seq_len", 0) if split == "train" else 0
+    if min_len and not 1 <= min_len <= seq_len:
+        raise ConfigError(f"task.min_seq_len={min_len} must be in [1, task.seq_len={seq_len}]")
+    return SyntheticSource(task.name, seq_len, batch_size, seed, split, params, min_len, score)
 
 
 def to_device(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict:

@@ -29,6 +29,7 @@ from absl import logging
 from flax import nnx
 
 from linear_jax.training import checkpoint, data, metrics, optim, sharding, step
+from linear_jax.training.evaluation import baseline, describe, eval_sources, evaluate
 from linear_jax.training.mesh import ConfigError, mesh_from_config
 
 
@@ -106,25 +107,6 @@ def _check(config, mesh) -> None:
             raise ConfigError(f"{name}: {n} must be a multiple of seq = {mesh.shape['seq']}")
 
 
-def _eval_sources(config):
-    ev = config.eval
-    lengths = [None] + [n for n in ev.get("seq_lens", ()) if n != config.task.seq_len]
-    return {("eval" if n is None else f"eval_len{n}"): data.make_source(
-        config.task, split="eval", batch_size=ev.batch_size, seed=config.seed, seq_len=n)
-        for n in lengths}
-
-
-def evaluate(eval_step, state, source, num_batches: int, batch_sharding) -> dict[str, float]:
-    if isinstance(source, data.TextSource):
-        num_batches = max(1, min(num_batches, source.num_rows // source.batch_size))
-    totals = {}
-    for i in range(num_batches):
-        sums = jax.device_get(eval_step(state, data.to_device(source.batch(i), batch_sharding)))
-        totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
-    w = max(totals["weight"], 1.0)
-    return {"loss": totals["loss"] / w, "accuracy": totals["correct"] / w}
-
-
 def train(config, *, devices=None) -> dict:
     """Runs (or resumes) the run in `config.workdir`; returns the last train and eval metrics."""
     tr, workdir = config.train, pathlib.Path(config.workdir)
@@ -133,7 +115,7 @@ def train(config, *, devices=None) -> dict:
     _check(config, mesh)
     source = data.make_source(config.task, split="train", batch_size=tr.batch_size,
                               seed=config.seed)
-    evals = _eval_sources(config)
+    evals = eval_sources(config, config.seed)
     model_config = lm_config(config.model, source.vocab_size)
     seq_parallel = seq_parallel_of(config, mesh, model_config)
     make_model = build_model(config.model, source.vocab_size, config.seed)
@@ -177,6 +159,9 @@ def train(config, *, devices=None) -> dict:
                                               abstract_state["rest"]), mesh)
         result = _run(config, state, position, start, source, evals, train_step, eval_step,
                       ckpt, batch_sh, workdir, speed, resumed=restored is not None)
+    ref = baseline(config, config.seed)
+    if ref is not None:
+        result["baseline"] = ref
     return {**result, "params": num_params, "compile": timing}
 
 
@@ -314,9 +299,7 @@ def _run(config, state, position, start, source, evals, train_step, eval_step, c
                 for name, src in evals.items():
                     result["eval"][name] = evaluate(eval_step, state, src, ev.batches, batch_sh)
                     writer.write(s + 1, name, result["eval"][name])
-                logging.info("step %d: %s", s + 1, "; ".join(
-                    f"{k} loss {v['loss']:.4f} acc {v['accuracy']:.4f}"
-                    for k, v in result["eval"].items()))
+                logging.info("step %d: %s", s + 1, describe(result["eval"]))
             ckpt.save(s + 1, state, position, force=s + 1 == tr.steps)
     finally:
         progress.close()

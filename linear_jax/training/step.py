@@ -7,7 +7,9 @@ from float32 master weights, so gradients and updates are float32; logits and th
 
 Batches are dicts `tokens`, `targets`, `mask` (float weights of the scored positions) and optional
 `segment_ids`; the loss is the masked mean cross-entropy over the whole global batch, so a step
-with k microbatches computes exactly the gradient of a step with one.
+with k microbatches computes exactly the gradient of a step with one. Float targets mean a
+regression task (`linear_jax.training.regression`): the loss is the squared error of the output's
+last coordinate, and no accuracy is reported.
 
 Sequence parallelism: with `seq_parallel=SeqParallel(mesh)` (`linear_jax.parallel`) the steps hand
 it to the model, whose mixers then run their time-mixing ops split along T over the mesh axis
@@ -41,17 +43,25 @@ def init_fn(make_model, tx):
     return init
 
 
+def is_regression(batch) -> bool:
+    return jnp.issubdtype(batch["targets"].dtype, jnp.floating)
+
+
 def _sums(graphdef, params, rest, batch, aux_weight, seq_parallel=None):
     """Summed (not averaged) loss terms of one (micro)batch, and the model's updated rest."""
     model = nnx.merge(graphdef, params, rest)
     sp = {} if seq_parallel is None else {"seq_parallel": seq_parallel}
     out = model(batch["tokens"], segment_ids=batch.get("segment_ids"), **sp)
     logits = out[0].astype(jnp.float32)
-    mask = batch["mask"]
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    sums = {"loss": jnp.sum(ce * mask),
-            "correct": jnp.sum((jnp.argmax(logits, -1) == batch["targets"]) * mask),
-            "weight": jnp.sum(mask)}
+    mask, targets = batch["mask"], batch["targets"]
+    if is_regression(batch):
+        sums = {"loss": jnp.sum((logits[..., -1] - targets) ** 2 * mask),
+                "correct": jnp.zeros(()), "weight": jnp.sum(mask)}
+    else:
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        sums = {"loss": jnp.sum(ce * mask),
+                "correct": jnp.sum((jnp.argmax(logits, -1) == targets) * mask),
+                "weight": jnp.sum(mask)}
     # An auxiliary loss (e.g. MoE load balancing) is a per-batch mean: weight it by tokens.
     sums["aux"] = (jnp.asarray(out[2], jnp.float32) * jnp.sum(mask)
                    if len(out) > 2 and out[2] is not None else jnp.zeros(()))
@@ -90,6 +100,8 @@ def make_train_step(graphdef, tx, *, microbatches: int = 1, aux_weight: float = 
         metrics = {"loss": acc["loss"] / total, "accuracy": acc["correct"] / total,
                    "aux_loss": acc["aux"] / total, "grad_norm": optax.tree.norm(grads),
                    "tokens": acc["weight"]}
+        if is_regression(batch):
+            del metrics["accuracy"]
         if lr_schedule is not None:
             metrics["lr"] = lr_schedule(state["step"])
         new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rest": rest}

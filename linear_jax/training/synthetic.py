@@ -16,6 +16,16 @@ Every generator has the signature `gen(rng, batch, seq_len, **task_params)` and 
   (Gu & Dao 2023, *Mamba*, section 3.1).
 - induction: a random token sequence repeated; in the repeat every next token is predictable by
   copying what followed the current token before (Olsson et al. 2022, induction heads).
+- induction_heads: the Mamba paper's version (section 4.1, after H3): random symbols, one trigger
+  token followed by the answer somewhere, and the trigger again as the last token, whose next
+  token (the answer) is the only one scored; evaluated far past the training length.
+- modular_arithmetic, modular_arithmetic_brackets: expressions mod m, answered at the last token
+  (`linear_jax.training.formal`).
+- linear_regression: in-context regression over real-valued tokens (x_i, y_i), x in R^d
+  (`linear_jax.training.regression`); its tokens are float [B, T, d + 1] and its targets float.
+
+`num_classes(name, **task_params)` is the number of answers a scored position can take (for the
+scaled accuracy (acc - 1/C) / (1 - 1/C), 0 at chance), None where that is not a classification.
 """
 
 from __future__ import annotations
@@ -23,6 +33,8 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+
+from linear_jax.training import formal, regression
 
 
 def _batch(tokens, targets, mask) -> dict[str, np.ndarray]:
@@ -131,13 +143,35 @@ def induction(rng, batch, seq_len, num_symbols=32):
     return _batch(tokens, targets, mask)
 
 
+def induction_heads(rng, batch, seq_len, num_symbols=16):
+    """Symbols 1..num_symbols, the trigger num_symbols + 1 at a random position and at the end."""
+    trigger, rows = num_symbols + 1, np.arange(batch)
+    tokens = 1 + rng.integers(0, num_symbols, (batch, seq_len))
+    pos = rng.integers(0, seq_len - 2, batch)                 # its answer is never the last token
+    tokens[rows, pos], tokens[:, -1] = trigger, trigger
+    targets, mask = np.zeros_like(tokens), np.zeros(tokens.shape, np.float32)
+    targets[:, -1], mask[:, -1] = tokens[rows, pos + 1], 1.0
+    return _batch(tokens, targets, mask)
+
+
 GENERATORS = {
     "mqar": mqar, "parity": parity, "modular_addition": modular_addition, "s5": s5,
     "icl_regression": icl_regression, "selective_copy": selective_copy, "induction": induction,
+    "induction_heads": induction_heads,
+    "modular_arithmetic": formal.modular_arithmetic,
+    "modular_arithmetic_brackets": formal.modular_arithmetic_brackets,
+    "linear_regression": regression.linear_regression,
 }
+# Tasks with real-valued tokens [B, T, width] and targets (a regression loss).
+REGRESSION = ("linear_regression",)
 
 
 def vocab_size(name: str, **params) -> int:
+    """Token ids a model needs; for a regression task, the width of its real-valued tokens."""
+    if name == "linear_regression":
+        return params.get("dim", 10) + 1
+    if name.startswith("modular_arithmetic"):
+        return formal.vocab_size(params.get("modulus", 5))
     if name == "mqar":
         n = params.get("num_kv_pairs", 8)
         return 1 + (params.get("num_keys") or 4 * n) + (params.get("num_values") or 4 * n)
@@ -147,4 +181,21 @@ def vocab_size(name: str, **params) -> int:
         return params.get("num_symbols", 8) + 2
     if name == "induction":
         return params.get("num_symbols", 32) + 1
+    if name == "induction_heads":
+        return params.get("num_symbols", 16) + 2
     return 1 + {"parity": 2, "modular_addition": params.get("modulus", 5), "s5": 120}[name]
+
+
+def num_classes(name: str, **params) -> int | None:
+    if name in REGRESSION:
+        return None
+    if name == "mqar":
+        return params.get("num_values") or 4 * params.get("num_kv_pairs", 8)
+    if name in ("selective_copy", "induction", "induction_heads"):
+        return params.get("num_symbols", {"selective_copy": 8, "induction": 32,
+                                          "induction_heads": 16}[name])
+    if name == "icl_regression":
+        return 2 * params.get("dim", 4) + 1                   # y = w.x in [-d, d]
+    if name in ("modular_addition", "modular_arithmetic", "modular_arithmetic_brackets"):
+        return params.get("modulus", 5)
+    return {"parity": 2, "s5": 120}[name]

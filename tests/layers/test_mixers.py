@@ -34,6 +34,9 @@ CASES.update({
     "deltanet-negeig-gate": ("deltanet", {"allow_neg_eigval": True, "output_gate": True}),
     "hgrn2-lowerbound": ("hgrn2", {"lower_bound": 0.5}),
     "mamba3-mimo": ("mamba3", {"mimo_rank": 2}),
+    "mamba-negeig": ("mamba", {"allow_neg_eigval": True}),
+    "mamba2-negeig": ("mamba2", {"allow_neg_eigval": True}),
+    "s4d-ungated": ("s4d", {"gated": False, "d_state": 4}),
     "lte_attention-evicting": ("lte_attention", {"window": 5, "num_retained": 3,
                                                  "num_kv_heads": 1}),
 })
@@ -113,7 +116,9 @@ def test_causal_and_finite_gradients(name):
     y_cached, _ = run(x, jnp.zeros((B, T), jnp.int32), fresh())
     assert_close(y, y_cached, TOL, f"{name}: training call vs cached call")
     gx = np.asarray(gx)
-    assert np.all(gx[:, t0 + 1:] == 0), f"{name}: gradient from the future"
+    # S4D's training call is an FFT convolution: causal up to float32 rounding, not exactly
+    leak = 1e-5 * np.abs(gx).max() if CASES[name][0] == "s4d" else 0.0
+    assert np.all(np.abs(gx[:, t0 + 1:]) <= leak), f"{name}: gradient from the future"
     assert np.abs(gx[:, : t0 + 1]).sum() > 0
     for path, g in jax.tree_util.tree_leaves_with_path(gp):
         assert np.isfinite(np.asarray(g)).all(), f"{name}: non-finite gradient at {path}"
@@ -159,6 +164,7 @@ DOCUMENTED_PARAMS = {
     "kda": 4 * _D**2 + _D * _H + 12 * _D + _D // _H + 4 * _D**2 // _H + _H + 2 * _D,
     # n = d_v = D / H, r = D / 2H, kv_rank = D / 2
     "mla": _D * _H * 24 + _D * (32 + 8) + 32 + 32 * _H * (16 + 16) + _H * 16 * _D,
+    "s4d": 2 * _D * _D + _D + 4 * _D * 32 + _D + _D * _D,                # E = D, M = 32
 }
 
 

@@ -79,7 +79,7 @@ def test_unsupported_mixers_raise():
     assert supports_seq_parallel("gated_deltanet") and supports_seq_parallel("attention")
     assert not supports_seq_parallel("mamba") and not supports_seq_parallel("mlstm")
     assert {n for n in MIXERS if not supports_seq_parallel(n)} == {
-        "mamba", "mlstm", "delta_product", "lte_attention"}
+        "mamba", "mlstm", "delta_product", "lte_attention", "s4d"}
     mesh = make_mesh({"seq": 2}, jax.devices()[:2])
     sp = SeqParallel(mesh)
     model = LM(LMConfig(vocab_size=VOCAB, d_model=16, num_layers=1, num_heads=2,

@@ -1,0 +1,33 @@
+"""In-context linear regression at von Oswald et al. 2023's setup (*Transformers Learn In-Context
+by Gradient Descent*): x in R^10 uniform in [-1, 1]^10, w ~ N(0, I), N = 10 examples
+and a query per sequence, real-valued tokens (x_i, y_i) read in linearly
+(`training/regression.py`), one layer of linear self-attention (identity feature map, no
+normaliser, no MLP), the squared error of y at the query. Its baseline, reported beside it in
+`result.json` (`baseline.gd_one_step`), is one step of gradient descent on the same evaluation
+tasks with the step size tuned on held-out tasks.
+
+    python -m experiments.train --config=experiments/configs/paper_icl_regression.py:lsa
+"""
+
+from experiments.configs.base import base_config
+
+CELLS = ("lsa",)
+
+
+def get_config(cell: str = "lsa"):
+    if cell not in CELLS:
+        raise ValueError(f"paper_icl_regression: cell {cell!r} is not one of {CELLS}")
+    c = base_config()
+    c.workdir = f"runs/paper_icl_regression/{cell}"
+    c.seeds = (0, 1, 2)
+    c.task.update(name="linear_regression", seq_len=11, params={"dim": 10})
+    c.model.update(d_model=64, num_layers=1, num_heads=1, mixer="linear_attention", ffn="none",
+                   dtype="float32", init_std=64 ** -0.5, tie_embeddings=False,
+                   mixer_options={"linear_attention": {"feature_map": "identity",
+                                                       "normalize": False,
+                                                       "output_norm": False}})
+    # at lr 1e-3 (width 32) the layer had not left the loss of predicting 0 after 1500 steps
+    c.train.update(steps=5000, batch_size=256, lr=1e-2, warmup_steps=200, weight_decay=0.0,
+                   checkpoint_every=0, progress=False, log_every=100)
+    c.eval.update(every=1000, batches=8, batch_size=256)
+    return c

@@ -1,0 +1,44 @@
+"""Multi-query associative recall at Zoology's setup (Arora et al. 2023, *Zoology: Measuring and
+Improving Recall in Efficient Language Models*): a vocabulary of 8192,
+16 key-value pairs in 256 tokens and 64 pairs in 512, two layers with no MLP (`ffn="none"`),
+widths 64 to 512, the best of a small learning-rate sweep per cell (`LRS`), stopped early once
+every seed's eval accuracy reaches 0.99. The cell after the colon is `<mixer>-d<width>-T<len>`:
+
+    python -m experiments.train --config=experiments/configs/paper_mqar.py:based-d128-T256
+
+Mixers: softmax attention (RoPE), linear attention, Based, GLA, DeltaNet, Gated DeltaNet and
+Mamba-2; every mixer but attention has a short convolution of width 4 (its own, or `CONV`), and
+the initialisation is d_model^-1/2.
+"""
+
+from experiments.configs.base import base_config
+
+MIXER_NAMES = ("attention", "linear_attention", "based", "gla", "deltanet", "gated_deltanet",
+               "mamba2")
+WIDTHS = (64, 128, 256, 512)
+SETTINGS = {256: 16, 512: 64}                  # sequence length -> key-value pairs
+CELLS = tuple(f"{m}-d{d}-T{t}" for t in SETTINGS for m in MIXER_NAMES for d in WIDTHS)
+LRS = (3e-4, 1e-3, 3e-3)
+# mixers with no short convolution by default (DeltaNet, Gated DeltaNet, Mamba-2 have one)
+CONV = {"linear_attention": {"conv_size": 4}, "based": {"conv_size": 4}, "gla": {"conv_size": 4}}
+# the GPU linear_attention kernel runs out of shared memory at Based's feature width 273
+IMPL = {"based": "chunk"}
+
+
+def get_config(cell: str = "based-d128-T256"):
+    mixer, d, t = cell.rsplit("-", 2)
+    if cell not in CELLS:
+        raise ValueError(f"paper_mqar: cell {cell!r} is not one of {CELLS}")
+    d_model, seq_len = int(d[1:]), int(t[1:])
+    c = base_config()
+    c.workdir = f"runs/paper_mqar/{cell}"
+    c.seeds = (0, 1, 2)
+    c.task.update(name="mqar", seq_len=seq_len, params={
+        "num_kv_pairs": SETTINGS[seq_len], "num_keys": 4096, "num_values": 4095})   # vocab 8192
+    c.model.update(d_model=d_model, num_layers=2, num_heads=2, mixer=mixer, ffn="none",
+                   init_std=d_model ** -0.5, impl=IMPL.get(mixer, "auto"),
+                   mixer_options={mixer: CONV.get(mixer, {})})
+    c.train.update(steps=4000, batch_size=64, lr=1e-3, warmup_steps=200, weight_decay=0.1,
+                   checkpoint_every=0, progress=False, log_every=100, stop_accuracy=0.99)
+    c.eval.update(every=250, batches=4, batch_size=128)
+    return c

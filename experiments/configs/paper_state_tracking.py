@@ -1,0 +1,41 @@
+"""State tracking at the protocol of Grazzi et al. 2025 (*Unlocking State-Tracking in Linear RNNs
+Through Negative Eigenvalues*, after xLSTM and Deletang et al. 2023): parity and
+modular arithmetic without and with brackets, the answer at the last token, trained on lengths
+drawn from [3, 40] per batch and tested at 40, 64, 128 and 256; scaled accuracy; three seeds.
+The cell after the colon is `<task>-<model>`:
+
+    python -m experiments.train --config=experiments/configs/paper_state_tracking.py:parity-mamba_11
+
+Models: DeltaNet and Mamba with eigenvalues in [0, 1] (`_01`) and the extended [-1, 1] (`_11`:
+beta in [0, 2], and Mamba's transitions 2 exp(dt A) - 1), mLSTM and a Transformer (softmax
+attention with RoPE), each 2 layers of width 128 with the SwiGLU MLP, in float32.
+"""
+
+from experiments.configs.base import base_config
+
+TASKS = ("parity", "modular_arithmetic", "modular_arithmetic_brackets")
+MODELS = {"deltanet_01": ("deltanet", {"allow_neg_eigval": False}),
+          "deltanet_11": ("deltanet", {"allow_neg_eigval": True}),
+          "mamba_01": ("mamba", {"allow_neg_eigval": False}),
+          "mamba_11": ("mamba", {"allow_neg_eigval": True}),
+          "mlstm": ("mlstm", {}),
+          "transformer": ("attention", {})}
+CELLS = tuple(f"{t}-{m}" for t in TASKS for m in MODELS)
+
+
+def get_config(cell: str = "parity-deltanet_11"):
+    task, _, model = cell.partition("-")
+    if task not in TASKS or model not in MODELS:
+        raise ValueError(f"paper_state_tracking: cell {cell!r} is not one of {CELLS}")
+    mixer, options = MODELS[model]
+    c = base_config()
+    c.workdir = f"runs/paper_state_tracking/{cell}"
+    c.seeds = (0, 1, 2)
+    c.task.update(name=task, seq_len=40, min_seq_len=3, score="last",
+                  params={} if task == "parity" else {"modulus": 5})
+    c.model.update(d_model=128, num_layers=2, num_heads=4, mixer=mixer, dtype="float32",
+                   init_std=128 ** -0.5, mixer_options={mixer: options})
+    c.train.update(steps=5000, batch_size=128, lr=1e-3, warmup_steps=200, weight_decay=0.1,
+                   checkpoint_every=0, progress=False, log_every=100)
+    c.eval.update(every=1000, batches=4, batch_size=128, seq_lens=(64, 128, 256))
+    return c

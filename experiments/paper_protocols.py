@@ -1,0 +1,231 @@
+"""Run a paper's experiment at its protocol: every cell of its grid, each cell's seeds trained
+together (`linear_jax.training.seeds`), a JSON and a table of mean +- std per cell.
+
+    python -m experiments.paper_protocols --protocol=state_tracking --out=runs/protocols
+    python -m experiments.paper_protocols --protocol=mqar --cells=based-,gla- --out=runs/protocols
+    python -m experiments.paper_protocols --protocol=icl_regression --quick --out=/tmp/p   # smoke
+
+Protocols (their configs in `experiments/configs/`): `state_tracking` (paper_state_tracking.py,
+Grazzi et al. 2025), `mqar` (paper_mqar.py, Zoology; each cell the best of its learning-rate
+sweep by mean eval accuracy), `mamba_synthetic` (paper_mamba_synthetic.py, Gu & Dao 2023),
+`icl_regression` (paper_icl_regression.py, von Oswald et al. 2023, beside its one-step GD
+baseline) and `lm_mixers` (lm_mixers.py, byte-level Shakespeare). `--cells` keeps the cells whose
+name contains one of the given strings, so a grid can be run in parts; a cell whose `result.json`
+holds the same config is reused, so an interrupted run picks up where it stopped. Everything
+goes to `<out>/<protocol>/`: a directory per run (metrics.jsonl, config.json, result.json),
+`<protocol>.json` and `<protocol>.md`, rewritten after every cell.
+
+`--quick` runs the protocol's first smoke cell at a toy size (a tiny model, 2 steps, 2 seeds): a
+test that the grid's configs build and train, not a result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import pathlib
+import sys
+import time
+
+# Columns: (label, where in result.json, metric); `select`: the column that picks a cell's lr.
+PROTOCOLS = {
+    "state_tracking": {
+        "config": "paper_state_tracking", "quick_cell": "parity-mamba_11",
+        "columns": [(f"scaled acc. T={t}", ("eval", s), "scaled_accuracy") for t, s in
+                    ((40, "eval"), (64, "eval_len64"), (128, "eval_len128"),
+                     (256, "eval_len256"))],
+        "quick": {"task.seq_len": 12}},
+    "mqar": {
+        "config": "paper_mqar", "quick_cell": "based-d64-T256", "select": "accuracy",
+        "columns": [("accuracy", ("eval", "eval"), "accuracy")],
+        "quick": {"task.seq_len": 32, "task.params": {"num_kv_pairs": 4}}},
+    "mamba_synthetic": {
+        "config": "paper_mamba_synthetic", "quick_cell": "induction_heads-s4d",
+        "columns": [("accuracy (train length)", ("eval", "eval"), "accuracy")] + [
+            (f"accuracy T={t}", ("eval", f"eval_len{t}"), "accuracy") for t in (512, 2048, 8192)],
+        "quick": {"task.seq_len": 16}},
+    "icl_regression": {
+        "config": "paper_icl_regression", "quick_cell": "lsa",
+        "columns": [("trained LSA, MSE", ("eval", "eval"), "loss"),
+                    ("1 step of GD, MSE", ("baseline", "gd_one_step"), "loss"),
+                    ("GD step size", ("baseline", "gd_one_step"), "step_size")],
+        "quick": {}},
+    "lm_mixers": {
+        "config": "lm_mixers", "quick_cell": "linear_attention",
+        "columns": [("eval loss (nats/byte)", ("eval", "eval"), "loss")],
+        "quick": {"task.seq_len": 32}},
+}
+QUICK = {"model.d_model": 16, "model.num_layers": 1, "train.steps": 2, "train.batch_size": 4,
+         "train.warmup_steps": 1, "train.log_every": 1, "eval.every": 2, "eval.batches": 1,
+         "eval.batch_size": 4, "eval.seq_lens": ()}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m experiments.paper_protocols",
+                                description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--protocol", required=True, choices=sorted(PROTOCOLS))
+    p.add_argument("--out", default="runs/protocols", help="output directory")
+    p.add_argument("--cells", default="", help="comma-separated substrings of cell names")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, trained together")
+    p.add_argument("--steps", type=int, help="train.steps of every cell (default: the config's)")
+    p.add_argument("--quick", action="store_true", help="one tiny cell (CPU smoke test)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every cell, e.g. --set=model.impl=chunk (a "
+                        "kernel that will not run vmapped) or --set=eval.batch_size=8")
+    args = p.parse_args(argv)
+    try:
+        args.set = dict(_override(item) for item in args.set)
+    except ValueError as e:
+        p.error(str(e))
+    args.seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+    args.cells = [c for c in args.cells.split(",") if c]
+    if args.quick:
+        args.seeds = args.seeds[:2]
+    return args
+
+
+def _override(item: str):
+    """"key=value" -> (key, value), the value a Python literal where it parses as one."""
+    import ast
+
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
+    try:
+        return key, ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return key, text
+
+
+def _set(config, dotted: str, value) -> None:
+    import ml_collections
+
+    *path, leaf = dotted.split(".")
+    node = config
+    for key in path:
+        node = node[key]
+    node[leaf] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+
+
+def cell_configs(args, module, protocol):
+    """[(run name, config)] of the grid, the lr sweep expanded, `--cells` and `--quick` applied."""
+    cells = [protocol["quick_cell"]] if args.quick else [
+        c for c in module.CELLS if not args.cells or any(s in c for s in args.cells)]
+    lrs = getattr(module, "LRS", (None,))[:1 if args.quick else None]
+    out = []
+    for cell in cells:
+        for lr in lrs:
+            c = module.get_config(cell)
+            c.seeds = args.seeds
+            overrides = {**QUICK, **protocol["quick"]} if args.quick else {}
+            overrides.update(args.set)
+            if args.steps:
+                overrides["train.steps"] = args.steps
+            if lr is not None:
+                overrides["train.lr"] = lr
+            for key, value in overrides.items():
+                _set(c, key, value)
+            name = cell + ("" if lr is None or len(lrs) == 1 else f"_lr{lr:g}")
+            c.workdir = str(pathlib.Path(args.out) / args.protocol / name)
+            out.append((cell, lr, c))
+    return out
+
+
+def _value(result, where, metric):
+    node = result
+    for key in where:
+        node = node.get(key, {})
+    return node.get(metric), node.get(f"{metric}_std")
+
+
+def run_cell(config) -> tuple[dict, bool]:
+    """(result.json's content, whether it was reused) of one multi-seed run."""
+    from linear_jax.training import seeds
+
+    workdir = pathlib.Path(config.workdir)
+    config_json = json.loads(config.to_json_best_effort())
+    done = workdir / "result.json"
+    if done.exists():
+        previous = json.loads(done.read_text())
+        if previous.get("config") == config_json:
+            return previous, True
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "metrics.jsonl").unlink(missing_ok=True)
+    (workdir / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+    result = {**seeds.train_seeds(config, config.seeds), "config": config_json}
+    done.write_text(json.dumps(result, indent=2) + "\n")
+    return result, False
+
+
+def record(protocol, cell, lr, result) -> dict:
+    row = {"cell": cell, "lr": lr, "params": result["params"], "steps": result["step"],
+           "seconds": round(result["seconds"], 1), "stopped": result["stopped"],
+           "seeds": result["seeds"], "workdir": result["config"]["workdir"]}
+    for label, where, metric in protocol["columns"]:
+        row[label] = _value(result, where, metric)
+    return row
+
+
+def best_per_cell(rows: list[dict], select: str | None) -> list[dict]:
+    """One row per cell: with a learning-rate sweep, the lr of the best mean `select` column."""
+    best = {}
+    for r in rows:
+        score = (r[select][0] if select and r[select][0] is not None else -1.0)
+        if r["cell"] not in best or score > best[r["cell"]][0]:
+            best[r["cell"]] = (score, r)
+    return [r for _, r in best.values()]
+
+
+def table(protocol, rows: list[dict]) -> str:
+    labels = [c[0] for c in protocol["columns"]]
+    cell = lambda v: "—" if v[0] is None else f"{v[0]:.4f} ± {v[1]:.4f}"
+    lines = ["| cell | lr | " + " | ".join(labels) + " | params | steps | time (s) |",
+             "|---|---|" + "---|" * len(labels) + "---|---|---|"]
+    for r in rows:
+        lr = "" if r["lr"] is None else f"{r['lr']:g}"
+        lines.append(f"| {r['cell']} | {lr} | " + " | ".join(cell(r[x]) for x in labels)
+                     + f" | {r['params']:,} | {r['steps']} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from absl import logging
+
+    from linear_jax.training import checkpoint
+
+    protocol = PROTOCOLS[args.protocol]
+    module = importlib.import_module(f"experiments.configs.{protocol['config']}")
+    grid = cell_configs(args, module, protocol)
+    if not grid:
+        sys.exit(f"error: no cell of {args.protocol} matches --cells={','.join(args.cells)}")
+    checkpoint.quiet_orbax_logs()
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.WARNING)    # one line per cell instead of the trainer's log
+    out = pathlib.Path(args.out) / args.protocol
+    summary = {"protocol": args.protocol, "seeds": list(args.seeds), "quick": args.quick,
+               "runs": [], "cells": []}
+    t0 = time.perf_counter()
+    try:
+        for i, (cell, lr, config) in enumerate(grid, 1):
+            result, reused = run_cell(config)
+            row = record(protocol, cell, lr, result)
+            summary["runs"].append(row)
+            summary["cells"] = best_per_cell(summary["runs"], protocol.get("select"))
+            summary["seconds"] = round(time.perf_counter() - t0, 1)
+            (out / f"{args.protocol}.json").write_text(json.dumps(summary, indent=2) + "\n")
+            (out / f"{args.protocol}.md").write_text(table(protocol, summary["cells"]) + "\n")
+            values = ", ".join(f"{k} {row[k][0]:.4f}" for k, *_ in protocol["columns"]
+                               if row[k][0] is not None)
+            lr_text = "" if lr is None else f" lr={lr:g}"
+            print(f"[{i}/{len(grid)}] {cell}{lr_text}: {values}"
+                  + (" (reused)" if reused else ""), flush=True)
+    finally:
+        logging.set_verbosity(verbosity)
+    print(table(protocol, summary["cells"]))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

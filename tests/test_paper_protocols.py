@@ -1,0 +1,77 @@
+"""experiments/paper_protocols.py: every cell of every protocol is a model that builds, and each
+protocol runs its smoke cell (--quick) end to end into its JSON and table; a second call reuses
+the finished cell."""
+
+import json
+
+import pytest
+from flax import nnx
+
+from experiments import paper_protocols
+from linear_jax.training import data, loop
+
+
+def test_every_cell_of_every_protocol_builds():
+    built = set()
+    for name in sorted(paper_protocols.PROTOCOLS):
+        args = paper_protocols.parse_args([f"--protocol={name}", "--out=/unused"])
+        module = paper_protocols.importlib.import_module(
+            f"experiments.configs.{paper_protocols.PROTOCOLS[name]['config']}")
+        grid = paper_protocols.cell_configs(args, module, paper_protocols.PROTOCOLS[name])
+        assert len(grid) == len(module.CELLS) * len(getattr(module, "LRS", (None,)))
+        for _, _, config in grid:
+            assert config.seeds == (0, 1, 2)
+            vocab = data.make_source(config.task, split="train", batch_size=1,
+                                     seed=0).vocab_size
+            model = config.model.to_dict()
+            key = json.dumps({**model, "d_model": None, "vocab": vocab}, sort_keys=True)
+            if key not in built:                 # each distinct model once, at its width
+                built.add(key)
+                nnx.eval_shape(loop.build_model(config.model, vocab, seed=0))
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("name", sorted(paper_protocols.PROTOCOLS))
+def test_quick_protocol_writes_json_and_table(tmp_path, capsys, name):
+    argv = [f"--protocol={name}", "--quick", f"--out={tmp_path}"]
+    summary = paper_protocols.main(argv)
+    saved = json.loads((tmp_path / name / f"{name}.json").read_text())
+    (cell,) = saved["cells"]
+    assert cell["cell"] == paper_protocols.PROTOCOLS[name]["quick_cell"]
+    assert cell["seeds"] == [0, 1] and cell["steps"] == 2
+    first = paper_protocols.PROTOCOLS[name]["columns"][0][0]
+    mean, std = cell[first]
+    assert mean is not None and std >= 0
+    table = (tmp_path / name / f"{name}.md").read_text()
+    assert f"| {cell['cell']} |" in table and "±" in table
+    result = json.loads((tmp_path / name / cell["workdir"].split("/")[-1] / "result.json")
+                        .read_text())
+    assert len(result["per_seed"]) == 2
+    assert "[1/1]" in capsys.readouterr().out
+    assert paper_protocols.main(argv)["runs"][0]["steps"] == summary["runs"][0]["steps"]
+
+
+def test_set_overrides_every_cell():
+    args = paper_protocols.parse_args(["--protocol=mqar", "--cells=gla-d64-T256",
+                                       "--set=model.impl=chunk", "--set=eval.batch_size=8",
+                                       "--steps=7", "--out=/unused"])
+    module = paper_protocols.importlib.import_module("experiments.configs.paper_mqar")
+    grid = paper_protocols.cell_configs(args, module, paper_protocols.PROTOCOLS["mqar"])
+    assert [lr for _, lr, _ in grid] == list(module.LRS)
+    for _, lr, c in grid:
+        assert (c.model.impl, c.eval.batch_size, c.train.steps, c.train.lr) == ("chunk", 8, 7, lr)
+    with pytest.raises(SystemExit):
+        paper_protocols.parse_args(["--protocol=mqar", "--set=nonsense"])
+
+
+def test_state_tracking_eigenvalue_ranges_reach_the_layers():
+    from experiments.configs import paper_state_tracking as st
+
+    for model in ("deltanet_01", "deltanet_11", "mamba_01", "mamba_11"):
+        c = st.get_config(f"parity-{model}")
+        mixer = nnx.eval_shape(loop.build_model(c.model, 3, seed=0)).layer_mixer(0)
+        extended = model.endswith("_11")
+        if model.startswith("mamba"):
+            assert mixer.allow_neg_eigval == extended
+        else:
+            assert mixer.beta_max == (2.0 if extended else 1.0)

@@ -1,0 +1,105 @@
+"""The papers' protocols in the data and the loss: variable training lengths, the label at the last
+token, scaled accuracy, modular arithmetic with and without brackets, real-valued tokens with a
+regression loss, and the one-step gradient-descent baseline."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from linear_jax.models import LM, LMConfig
+from linear_jax.training import data, evaluation, formal, regression, step
+
+
+def _source(name, split="train", **task):
+    task = ml_collections.ConfigDict({"name": name, "seq_len": 24, "params": {}, **task})
+    return data.make_source(task, split=split, batch_size=8, seed=0)
+
+
+def test_variable_lengths_pad_and_score_the_last_token():
+    src = _source("parity", min_seq_len=3, score="last")
+    lengths = set()
+    for i in range(12):
+        b = src.batch(i)
+        assert b["tokens"].shape == (8, 24)
+        n = int(np.sum(b["tokens"][0] > 0))                  # parity tokens are 1 and 2
+        lengths.add(n)
+        assert (b["tokens"][:, n:] == 0).all() and (b["tokens"][:, :n] > 0).all()
+        np.testing.assert_array_equal(np.flatnonzero(b["mask"][0]), [n - 1])
+        np.testing.assert_array_equal(b["targets"][:, n - 1] - 1,
+                                      np.sum(b["tokens"][:, :n] - 1, axis=1) % 2)
+        np.testing.assert_array_equal(b["tokens"], src.batch(i)["tokens"])   # resumable
+    assert len(lengths) > 3 and min(lengths) >= 3
+    ev = _source("parity", split="eval", min_seq_len=3, score="last").batch(0)
+    assert (ev["tokens"] > 0).all()                          # eval lengths are fixed
+
+
+def _decode(tokens, m=5):
+    chars = {formal.op_id(m, c): c for c in formal.OPS}
+    return "".join(str(t - 1) if 1 <= t <= m else chars[t] for t in tokens if t)
+
+
+def test_modular_arithmetic_answers_are_the_expressions_values():
+    for name, length in [("modular_arithmetic", 25), ("modular_arithmetic_brackets", 40)]:
+        b = _source(name, seq_len=length, min_seq_len=5).batch(1)
+        for tok, tgt, mask in zip(b["tokens"], b["targets"], b["mask"], strict=True):
+            expr = _decode(tok)
+            last = len(expr) - 1
+            assert np.flatnonzero(mask).tolist() == [last]
+            assert tgt[last] - 1 == eval(expr) % 5, expr     # Python's precedence is the task's
+            if name.endswith("brackets"):
+                assert expr.startswith("(") and "*" not in expr
+            else:
+                assert len(expr) % 2 == 1 and "(" not in expr
+
+
+def test_scaled_accuracy_is_zero_at_chance_and_one_when_solved():
+    src = _source("modular_arithmetic")
+    assert src.num_classes == 5
+    at = lambda acc: evaluation.summarize({"loss": 1.0, "correct": acc * 10, "weight": 10.0},
+                                          src)["scaled_accuracy"]
+    assert np.isclose(at(0.2), 0.0) and np.isclose(at(1.0), 1.0) and np.isclose(at(0.6), 0.5)
+    reg = _source("linear_regression", seq_len=11)
+    assert evaluation.summarize({"loss": 2.0, "correct": 0.0, "weight": 4.0}, reg) == {"loss": 0.5}
+
+
+def test_real_valued_tokens_are_read_in_by_the_embedding_and_scored_by_squared_error():
+    model = LM(LMConfig(vocab_size=11, d_model=16, num_layers=1, num_heads=2, ffn="none",
+                        mixer="linear_attention"), rngs=nnx.Rngs(0))
+    ids = jnp.array([[1, 4, 10, 0]])
+    np.testing.assert_allclose(model(jax.nn.one_hot(ids, 11))[0], model(ids)[0], atol=1e-6)
+
+    b = _source("linear_regression", seq_len=11, params={"dim": 10}).batch(0)
+    assert b["tokens"].shape == (8, 11, 11) and b["tokens"].dtype == np.float32
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    sums = step.make_eval_step(graphdef)({"params": params, "rest": rest}, b)
+    pred = model(jnp.asarray(b["tokens"]))[0][:, -1, -1]
+    np.testing.assert_allclose(sums["loss"], np.sum((pred - b["targets"][:, -1]) ** 2), rtol=1e-5)
+    assert sums["weight"] == 8
+
+
+def test_gd_baseline_step_size_is_the_best_one_step_and_beats_predicting_zero():
+    batches = lambda split: [_source("linear_regression", split, seq_len=11,
+                                     params={"dim": 10}).batch(i) for i in range(4)]
+    tune, ev = batches("tune"), batches("eval")
+    gd = regression.gd_baseline(tune, ev)
+    zero = np.mean([np.sum(b["targets"] ** 2) / np.sum(b["mask"]) for b in ev])
+    assert 0.0 < gd["loss"] < zero
+    a, y = map(np.concatenate, zip(*map(regression._gd_feature, tune), strict=True))
+    tuned = lambda eta: np.mean((eta * a - y) ** 2)
+    eta = gd["step_size"]
+    assert tuned(eta) < min(tuned(0.9 * eta), tuned(1.1 * eta))
+    # a by hand for one query: (1/N) sum_i y_i x_i . x_q
+    b = ev[0]
+    x, yy = b["tokens"][0, :, :10].astype(float), b["tokens"][0, :, 10].astype(float)
+    assert np.isclose(regression._gd_feature(b)[0][0], np.mean(yy[:10] * (x[:10] @ x[10])))
+
+
+def test_induction_heads_answer_is_what_followed_the_first_trigger():
+    b = _source("induction_heads", seq_len=32).batch(0)
+    trigger = 17
+    for tok, tgt, mask in zip(b["tokens"], b["targets"], b["mask"], strict=True):
+        first = np.flatnonzero(tok == trigger)
+        assert len(first) == 2 and first[1] == 31 and np.flatnonzero(mask).tolist() == [31]
+        assert tgt[31] == tok[first[0] + 1] and 1 <= tgt[31] <= 16
