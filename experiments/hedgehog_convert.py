@@ -105,7 +105,7 @@ def layer_inputs(model, tokens, seg):
     xs = []
     for block in layers(model):
         xs.append(block.norm1(h))
-        h, _, _ = block(h, segment_ids=seg)
+        h = block(h, segment_ids=seg)[0]
     return xs
 
 

@@ -111,14 +111,13 @@ class Attention(nnx.Module):
     def _docs(self, pos, segment_ids, cache):
         """Document number and start position of every new token ([B, T] each)."""
         B, T = pos.shape
-        if segment_ids is None:
-            reset = jnp.zeros((B, T), bool)
-        else:
-            first = jnp.zeros((B, 1), bool) if cache is None else \
-                (segment_ids[:, :1] != cache["seg"][:, None]) & (cache["index"] > 0)
-            reset = jnp.concatenate([first, segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
-        doc0 = 0 if cache is None else cache["doc_last"][:, None]
+        doc0 = jnp.zeros((B, 1), jnp.int32) if cache is None else cache["doc_last"][:, None]
         start0 = jnp.zeros((B, 1), jnp.int32) if cache is None else cache["start"][:, None]
+        if segment_ids is None:     # no resets; a cumsum of constants would be folded slowly
+            return jnp.broadcast_to(doc0, (B, T)), jnp.broadcast_to(start0, (B, T))
+        first = jnp.zeros((B, 1), bool) if cache is None else \
+            (segment_ids[:, :1] != cache["seg"][:, None]) & (cache["index"] > 0)
+        reset = jnp.concatenate([first, segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
         doc = doc0 + jnp.cumsum(reset, 1, dtype=jnp.int32)
         start = jax.lax.cummax(jnp.where(reset, pos, start0), axis=1)
         return doc, start

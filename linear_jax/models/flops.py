@@ -12,7 +12,9 @@ projections, forward, per token, estimated from the shapes of the layer's decodi
   as 2 H (n + r + d_v) ctx (its query/key and value head dims differ);
 - a matrix state [B, H, K, V] in chunks of C: H (4 K V + C (K + V)) (write k v^T and read q S,
   the causal intra-chunk q k^T and A v);
-- a vector state [B, E, N] (Mamba's selective scan): 6 E N; an element-wise one [B, D]: 4 D.
+- a vector state [B, E, N] (Mamba's selective scan): 6 E N; an element-wise one [B, D]: 4 D;
+- log-linear level states [B, H, L, K, V]: L times the matrix state's; a complex state four times
+  the real one's.
 
 Recomputation (rematerialisation, the sequence-parallel "rerun" backward) is not counted: MFU is
 model FLOPs, not hardware FLOPs. `peak_flops(device)` is the dense bf16 peak of one device from a
@@ -78,18 +80,26 @@ def mixing_flops(mixer, seq_len: int) -> float:
     C = min(chunk, seq_len)
     cache = jax.eval_shape(lambda: mixer.init_cache(1, jnp.float32))
     total = 0.0
-    for name, x in cache.items():
-        if name in ("conv", "seg") or not jnp.issubdtype(x.dtype, jnp.floating):
-            continue
-        shape = x.shape[1:]
-        if len(shape) == 3:                       # [H, K, V]
-            H, K, V = shape
-            total += H * (4 * K * V + C * (K + V))
-        elif len(shape) == 2:                     # [E, N] (or an [H, K] normaliser)
-            total += 6 * math.prod(shape)
-        else:
-            total += 4 * math.prod(shape)
+    for name, leaf in cache.items():
+        for x in jax.tree.leaves(leaf):           # a state may be a tree (log-linear levels)
+            if name not in ("conv", "seg") and jnp.issubdtype(x.dtype, jnp.inexact):
+                # a complex multiply-add is four real ones
+                total += _state_flops(x.shape[1:], C) * (
+                    4 if jnp.issubdtype(x.dtype, jnp.complexfloating) else 1)
     return float(total)
+
+
+def _state_flops(shape, C: int) -> float:
+    """Per-token FLOPs of updating and reading one state array of `shape` (batch dropped)."""
+    if len(shape) == 4:                           # [H, L, K, V]: log-linear level states
+        H, L, K, V = shape
+        return L * _state_flops((H, K, V), C)
+    if len(shape) == 3:                           # [H, K, V]
+        H, K, V = shape
+        return H * (4 * K * V + C * (K + V))
+    if len(shape) == 2:                           # [E, N] (or an [H, K] normaliser)
+        return 6 * math.prod(shape)
+    return 4 * math.prod(shape)
 
 
 def active_params(model) -> int:

@@ -61,6 +61,17 @@ def absl_info():
     absl_logging.set_verbosity(before)
 
 
+def test_flops_of_every_mixer():
+    """The MFU estimate covers every mixer, whatever its state's tree (log-linear levels)."""
+    from linear_jax.layers import MIXERS
+    from linear_jax.models.flops import mixing_flops
+    for name in MIXERS:
+        cfg = LMConfig(vocab_size=64, d_model=32, num_layers=1, num_heads=2, mixer=name)
+        model = nnx.eval_shape(lambda cfg=cfg: LM(cfg, rngs=nnx.Rngs(0)))
+        f = mixing_flops(model.layer_mixer(0), 64)
+        assert np.isfinite(f) and f > 0, name
+
+
 def test_log_lines_and_result_without_a_progress_bar(tmp_path, caplog, absl_info):
     caplog.set_level(logging.INFO)
     c = tiny(tmp_path, mesh__data=1, train__steps=7, train__log_every=2,
