@@ -37,7 +37,6 @@ import importlib.util
 import json
 import os
 import time
-import traceback
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +44,7 @@ import numpy as np
 
 from experiments.benchmarks import anchors as anchor_files
 from experiments.benchmarks import common
+from experiments.benchmarks.kernel_checks import rel, tail
 from linear_jax import ops
 from linear_jax.kernels.configs import HopperSelectiveConfig
 
@@ -56,17 +56,6 @@ SEL_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "h0")
 SEL_SHAPE = (4, 4096, 2048, 16, 1)        # B, T, D, N, G of the timing (the jla anchor's)
 ML_SHAPES = ((8, 2048), (2, 8192))        # B, T of the mLSTM timings (H = 16, K = V = 128)
 ML_HKV = (16, 128, 128)
-
-
-def tail(e: BaseException, n: int = 20) -> str:
-    return "\n".join("".join(traceback.format_exception(e)).rstrip().splitlines()[-n:])
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if not np.isfinite(a).all():
-        return float("inf")
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def segments(B, T, rng):
@@ -223,7 +212,7 @@ def attempt(label, fn, *a):
         print(f"{label}: {out}  ({time.perf_counter() - t0:.1f} s)", flush=True)
         return out
     except Exception as e:  # noqa: BLE001 - a failure is this item's result
-        print(f"{label} FAILED:\n{tail(e)}", flush=True)
+        print(f"{label} FAILED:\n{tail(e, 20)}", flush=True)
         return {"error": tail(e, 8)}
 
 
