@@ -17,6 +17,9 @@
 #   hopperdelta  hopper_delta_gpu --quick: the Mosaic GPU delta / gated delta kernels
 #   hoppergla    hopper_gla_gpu --quick: the Mosaic GPU gla kernels, checks + timings beside jla
 #   hopperssm    hopper_ssm_gpu --quick: the Mosaic GPU selective-scan and mLSTM kernels
+#   hopperchecks  the checks of the four Hopper scripts and check_gpu --ops kda, run at once
+#             (compiles are CPU-bound; each process takes 12 % of the GPU's memory), their JSON
+#             tagged _checks; then the hopper* steps with HOPPER_ARGS=--skip-checks time alone
 #   bwd       bwd_gpu: the Triton chunk-family backward variants, checks + timings
 #   mqar      experiments.mqar_sweep, the default grid, in /tmp/mqar (a carried experiments/results/
 #             mqar_sweep/runs is copied in first, so an interrupted sweep resumes); JSON, PNG and
@@ -34,6 +37,9 @@ if ! python3 -m pip install -q --no-deps --no-build-isolation --no-index -e .; t
   [ -e linear_jax/kernels ] || ln -s ../kernels linear_jax/kernels
 fi
 TAG=${TAG:-}
+# a step in the background, for steps that only compile and check (timings run alone)
+pstep() { local name=$1 limit=$2; shift 2
+  ( timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1; echo $? > "$LOGS/$name.rc" ) & }
 step() { local name=$1 limit=$2; shift 2; echo "== $name ($(date +%T))"
   timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1; echo "   rc=$? ($(date +%T))"; tail -n "${TAIL:-25}" "$LOGS/$name.log"; }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
@@ -65,10 +71,21 @@ for s in "$@"; do case $s in
   scans) step scans "${SCANS_S:-150}" python3 -m experiments.benchmarks.scans_gpu ${SCANS_ARGS:---sweep} ;;
   elementwise) step elementwise "${SCANS_S:-150}" python3 -m experiments.benchmarks.elementwise_gpu ${ELEMENTWISE_ARGS:---sweep} ;;
   hopper) TAIL=60 step hopper "${HOPPER_S:-300}" python3 -m experiments.benchmarks.hopper_gpu \
-            --variants "${HOPPER_VARIANTS:-default,run1,serial,approx}" ;;
-  hopperdelta) TAIL=60 step hopperdelta "${HOPPER_S:-200}" python3 -m experiments.benchmarks.hopper_delta_gpu --quick ;;
-  hoppergla) TAIL=60 step hoppergla "${HOPPER_S:-200}" python3 -m experiments.benchmarks.hopper_gla_gpu --quick ;;
-  hopperssm) TAIL=60 step hopperssm "${HOPPER_S:-260}" python3 -m experiments.benchmarks.hopper_ssm_gpu --quick ;;
+            --variants "${HOPPER_VARIANTS:-default,run1,serial,approx}" ${HOPPER_ARGS:-} ;;
+  hopperdelta) TAIL=60 step hopperdelta "${HOPPER_S:-200}" python3 -m experiments.benchmarks.hopper_delta_gpu --quick ${HOPPER_ARGS:-} ;;
+  hoppergla) TAIL=60 step hoppergla "${HOPPER_S:-200}" python3 -m experiments.benchmarks.hopper_gla_gpu --quick ${HOPPER_ARGS:-} ;;
+  hopperssm) TAIL=60 step hopperssm "${HOPPER_S:-260}" python3 -m experiments.benchmarks.hopper_ssm_gpu --quick ${HOPPER_ARGS:-} ;;
+  hopperchecks)
+    ( export XLA_PYTHON_CLIENT_MEM_FRACTION=0.12 RESULTS_TAG=checks; L=${HOPPER_S:-240}; B=experiments.benchmarks
+      echo "== hopperchecks ($(date +%T))"
+      pstep hopper_checks "$L" python3 -m $B.hopper_gpu --variants "${HOPPER_VARIANTS:-default,run1}" --T
+      pstep hopperdelta_checks "$L" python3 -m $B.hopper_delta_gpu --quick --T
+      pstep hoppergla_checks "$L" python3 -m $B.hopper_gla_gpu --quick --T
+      pstep hopperssm_checks "$L" python3 -m $B.hopper_ssm_gpu --quick --skip-timings
+      pstep kda_checks "$L" python3 -m $B.check_gpu --ops kda
+      wait )
+    for n in hopper hopperdelta hoppergla hopperssm kda; do
+      echo "== ${n}_checks rc=$(cat $LOGS/${n}_checks.rc) ($(date +%T))"; tail -n "${TAIL:-30}" $LOGS/${n}_checks.log; done ;;
   bwd) TAIL=60 step bwd "${BWD_S:-300}" python3 -m experiments.benchmarks.bwd_gpu ${BWD_ARGS:-} ;;
   mlstm) step mlstm "${MLSTM_S:-150}" python3 -m experiments.benchmarks.mlstm_gpu ;;
   mqar) train_env; mkdir -p /tmp/mqar; [ -d experiments/results/mqar_sweep/runs ] && cp -r experiments/results/mqar_sweep/runs /tmp/mqar/

@@ -91,6 +91,15 @@ def main(argv=None) -> int:
     if a.quick:
         a.d_model, a.heads, a.seq_len = 64, 2, 128
     rows, load_before = [], os.getloadavg()
+    name = a.out or f"compile_time_{jax.devices()[0].platform}.json"
+
+    def save():       # after every mixer: a run cut at its time limit keeps what it measured
+        # wall-clock seconds: on a shared machine they grow with its load, recorded beside them
+        return common.write_json(name, rows, what="train step (fwd + bwd + AdamW), lowered from "
+                                 "abstract arrays and compiled, not run", quick=a.quick,
+                                 cpus=os.cpu_count(), load_avg={"start": load_before,
+                                                                "end": os.getloadavg()})
+    path = None
     for mixer in a.mixers:
         baseline = a.unrolled is not None and (not a.unrolled or mixer in a.unrolled)
         for unrolled in (False, True) if baseline else (False,):
@@ -99,12 +108,7 @@ def main(argv=None) -> int:
             print(f"{mixer:<16} {row['form']:<9} {row['layers']} layers: lower "
                   f"{row['lower_s']:5.1f} s, compile {row['compile_s']:6.1f} s, "
                   f"{row['hlo_ops']:6d} StableHLO ops", flush=True)
-    name = a.out or f"compile_time_{jax.devices()[0].platform}.json"
-    # wall-clock seconds: on a shared machine they grow with its load, recorded beside them
-    path = common.write_json(name, rows, what="train step (fwd + bwd + AdamW), lowered from "
-                             "abstract arrays and compiled, not run", quick=a.quick,
-                             cpus=os.cpu_count(), load_avg={"start": load_before,
-                                                            "end": os.getloadavg()})
+            path = save()
     print(f"wrote {path}")
     return 0
 

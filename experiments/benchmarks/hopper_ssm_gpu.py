@@ -223,6 +223,9 @@ def main(argv=None) -> int:
     p.add_argument("--semantics", default="lane,warpgroup")
     p.add_argument("--variants", default="default")
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--skip-checks", action="store_true",
+                   help="timings only, under the first of --semantics")
+    p.add_argument("--skip-timings", action="store_true", help="checks only")
     args = p.parse_args(argv)
     dev = jax.devices()[0]
     print(dev.device_kind, "jax", jax.__version__, flush=True)
@@ -242,7 +245,7 @@ def main(argv=None) -> int:
     sem = None
     if "selective" in which:
         grid = [(2, 1000, 256, 16, 1)] + ([] if args.quick else [(1, 4096, 512, 16, 2)])
-        for s in args.semantics.split(","):
+        for s in ([] if args.skip_checks else args.semantics.split(",")):
             cfg = HopperSelectiveConfig(semantics=s)
             r = attempt(f"selective check [{s}] {grid[0]}", sel_check, cfg, *grid[0])
             results["checks"][f"selective[{s}]{grid[0]}"] = r
@@ -250,19 +253,20 @@ def main(argv=None) -> int:
                 sem = s
                 break
         sem = sem or args.semantics.split(",")[0]
-        for shape in grid[1:]:
+        for shape in ([] if args.skip_checks else grid[1:]):
             results["checks"][f"selective{shape}"] = attempt(
                 f"selective check {shape}", sel_check, HopperSelectiveConfig(semantics=sem),
                 *shape)
         save()
         anchor = scans.get("jla.mamba1 B=4 T=4096 D=2048 N=16 (D, z, softplus dt)", {})
         rows = {}
-        for v in args.variants.split(","):
+        for v in ([] if args.skip_timings else args.variants.split(",")):
             cfg = HopperSelectiveConfig(semantics=sem, **VARIANTS[v])
             rows[f"mosaic_gpu[{v}]"] = attempt(f"selective time mosaic_gpu[{v}]", sel_timing,
                                                "pallas:mosaic_gpu", cfg, args.reps)
-        rows["triton"] = attempt("selective time triton", sel_timing, "pallas:triton", None,
-                                 args.reps)
+        if not args.skip_timings:
+            rows["triton"] = attempt("selective time triton", sel_timing, "pallas:triton",
+                                     None, args.reps)
         for r in rows.values():
             for k in ("fwd", "fwdbwd"):
                 if f"{k}_sync_ms" in r and k + "_ms" in anchor:
@@ -274,11 +278,12 @@ def main(argv=None) -> int:
         if has_mlstm:
             from linear_jax.kernels.configs import HopperMlstmConfig
             hcfg = HopperMlstmConfig(semantics=sem or "lane")
-            for shape in [(2, 1000, 4, 128, 128, False), (1, 2048, 4, 128, 128, True)]:
+            for shape in ([] if args.skip_checks else
+                          [(2, 1000, 4, 128, 128, False), (1, 2048, 4, 128, 128, True)]):
                 results["checks"][f"mlstm{shape}"] = attempt(f"mlstm check {shape}", ml_check,
                                                              hcfg, *shape)
             save()
-        for B, T in ML_SHAPES:
+        for B, T in ([] if args.skip_timings else ML_SHAPES):
             anchor = scans.get(f"jla.mlstm B={B} T={T} H=16 K=V=128", {})
             rows = {}
             if has_mlstm:

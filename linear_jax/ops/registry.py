@@ -65,6 +65,7 @@ class Kernel:
     config: "module:Class" of its frozen config dataclass; `Class.default(device)` gives the
       per-device default. auto: "auto" may choose it (it passed its check on a device).
     min_capability: the least CUDA compute capability it runs on, e.g. (9, 0) for Hopper.
+    max_capability: the greatest (wgmma kernels: (9, 0); Blackwell has no wgmma).
     accepts: "module:function" called with the op's leading arrays (q, k, v for the chunk
       family), returning None when the kernel takes them or a reason (a dtype or size it does
       not support): "auto" and bare "pallas" then pass over it, "pallas:<backend>" raises it.
@@ -75,6 +76,7 @@ class Kernel:
     config: str
     auto: bool = True
     min_capability: tuple[int, int] | None = None
+    max_capability: tuple[int, int] | None = None
     accepts: str | None = None
 
     def __post_init__(self):
@@ -162,10 +164,13 @@ def runs_here(kernel: Kernel) -> bool:
         return interpretable
     if platform != family:
         return False
-    if kernel.min_capability is not None:
-        cc = _capability()
-        return cc is not None and cc >= kernel.min_capability
-    return True
+    if kernel.min_capability is None and kernel.max_capability is None:
+        return True
+    cc = _capability()
+    if cc is None:
+        return False
+    return ((kernel.min_capability is None or cc >= kernel.min_capability)
+            and (kernel.max_capability is None or cc <= kernel.max_capability))
 
 
 def refusal(kernel: Kernel, args) -> str | None:

@@ -47,12 +47,12 @@ def simple_gla_chunk(q, k, v, g, *, scale, initial_state, segment_ids, chunk_siz
 
 registry.register(registry.OpRecord(
     "simple_gla", reference=simple_gla_recurrent, chunk=simple_gla_chunk,
-    # the Hopper kernel passed its quick device check (benchmarks/results/
-    # hopper_gpu_NVIDIA_H200_run1.json) but not yet the full grid, nor beats Triton at T = 32768:
-    # "auto" does not take it until it does
+    # the Hopper kernel (gates="xla", the config's default) passed its device checks on an H200
+    # and beats the Triton kernel at every anchor shape, fwd and fwd+bwd (benchmarks/NOTES.md,
+    # session 8): "auto" takes it on sm_90
     kernels=(registry.Kernel("mosaic_gpu", "linear_jax.kernels.gpu.hopper.decay:simple_gla",
-                             "linear_jax.kernels.configs:HopperChunkConfig", auto=False,
-                             min_capability=(9, 0),
+                             "linear_jax.kernels.configs:HopperChunkConfig",
+                             min_capability=(9, 0), max_capability=(9, 0),
                              accepts="linear_jax.kernels.gpu.hopper.common:accepts"),
              registry.Kernel("triton", "linear_jax.kernels.gpu.decay:decay",
                              "linear_jax.kernels.configs:TritonChunkConfig"),

@@ -6,7 +6,7 @@ runs no transposed or register-operand wgmma). Against the float32 chunk form.
 T = 100 is two chunks (the second padded) with documents starting inside the first chunk and at
 the second's first row: the default config cuts it into two pieces (two-level walk: the second
 piece starts a document, so its map has decay 0), the other cases walk it whole. Between them
-every variant of HopperChunkConfig is run: pieces (auto / 1), gates ("kernel" / "xla"),
+every variant of HopperChunkConfig is run: pieces (auto / 1), gates ("xla" / "kernel"),
 grad_items ("chunk" / "tile"), with and without gate rows, initial state and documents."""
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ rel = lambda a, b: float(jnp.linalg.norm(f32(a) - f32(b)) / jnp.linalg.norm(f32(
 # id: (config overrides, gate ("normal" | "strong" | None), documents + initial state)
 CASES = {
     "two-level": ({}, "normal", True),
+    "kernel-gates": (dict(gates="kernel"), "normal", True),
     "strong-gates": (dict(pieces=1), "strong", True),
     "run1-variant": (dict(pieces=1, gates="xla", grad_items="tile"), "normal", True),
     "no-gate-two-level": ({}, None, False),

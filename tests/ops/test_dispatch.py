@@ -46,7 +46,10 @@ def on(monkeypatch):
         ("tpu", "selective_scan", 1024, "pallas:tpu"),
         ("gpu", "mlstm", 1024, "pallas:triton"),
         ("tpu", "mlstm", 1024, "chunk"),             # its kernel awaits the device check
-        ("gpu", "ssd", 1024, "pallas:triton"),       # simple_gla's kernels
+        ("gpu", "ssd", 1024, "pallas:mosaic_gpu"),   # simple_gla's kernels (device-checked)
+        ("gpu", "simple_gla", 1024, "pallas:mosaic_gpu"),
+        ("gpu", "gated_delta_rule", 1024, "pallas:mosaic_gpu"),
+        ("gpu", "delta_rule", 1024, "pallas:mosaic_gpu"),
         ("tpu", "linear_attention", 1024, "pallas:tpu"),
         ("gpu", "gla", 1, "recurrent"),              # one decoding step
         ("tpu", "ssd", 1, "recurrent"),
@@ -150,7 +153,8 @@ def test_config_matching():
 def fake_op(monkeypatch):
     """A record "fake" with a Hopper-only kernel first, an unchecked Triton one, and a TPU one."""
     rec = OpRecord("fake", reference=lambda *a, **k: "reference", chunk=lambda *a, **k: "chunk",
-                   kernels=(Kernel("mosaic_gpu", "m:f", CHUNK_CFG, min_capability=(9, 0)),
+                   kernels=(Kernel("mosaic_gpu", "m:f", CHUNK_CFG, min_capability=(9, 0),
+                                   max_capability=(9, 0)),
                             Kernel("triton", "m:f", CHUNK_CFG, auto=False),
                             Kernel("tpu", "m:f", "linear_jax.kernels.configs:TpuConfig")))
     monkeypatch.setitem(registry._RECORDS, "fake", rec)
@@ -161,6 +165,8 @@ def test_kernel_order_capability_and_device_check(on, fake_op):
     on("gpu", (9, 0))
     assert registry.resolve("fake", "auto", 512).impl == "pallas:mosaic_gpu"
     assert registry.resolve("fake", "pallas", 512).impl == "pallas:mosaic_gpu"
+    on("gpu", (10, 0))                    # a B200: no wgmma
+    assert registry.resolve("fake", "pallas", 512).impl == "pallas:triton"
     on("gpu", (8, 0))                     # an A100: the Hopper kernel does not run here
     assert registry.resolve("fake", "pallas", 512).impl == "pallas:triton"
     assert registry.resolve("fake", "auto", 512).impl == "chunk"     # triton: not device-checked
