@@ -108,7 +108,8 @@ def write_json(name: str, rows: list, **meta) -> str:
     }
     tag = os.environ.get("RESULTS_TAG")      # a run split in phases keeps each phase's file
     if tag:
-        name = f"{name[:-len('.json')]}_{tag}.json" if name.endswith(".json") else f"{name}_{tag}"
+        stem, ext = os.path.splitext(name)
+        name = f"{stem}_{tag}{ext}"
     path = os.path.normpath(os.path.join(RESULTS, name))
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)

@@ -46,11 +46,12 @@ def gla_chunk(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size):
 
 registry.register(registry.OpRecord(
     "gla", reference=gla_recurrent, chunk=gla_chunk,
-    # the Hopper kernel lowers for CUDA and matches the reference in the GPU interpreter; it has
-    # not yet run on a device: "auto" does not take it until it is checked there
+    # the Hopper kernel lowers for CUDA and matches the reference in the GPU interpreter, but
+    # failed its H200 check (inf in o or dq; benchmarks/NOTES.md, session 8): reachable as
+    # impl="pallas:mosaic_gpu" only
     kernels=(registry.Kernel("mosaic_gpu", "linear_jax.kernels.gpu.hopper.gla:gla",
                              "linear_jax.kernels.configs:HopperChunkConfig", auto=False,
-                             min_capability=(9, 0),
+                             min_capability=(9, 0), max_capability=(9, 0),
                              accepts="linear_jax.kernels.gpu.hopper.common:accepts"),
              registry.Kernel("triton", "linear_jax.kernels.gpu.decay:decay",
                              "linear_jax.kernels.configs:TritonChunkConfig"),

@@ -157,10 +157,11 @@ def _check_state(initial_state, B, H, K, V):
 
 registry.register(registry.OpRecord(
     "mlstm", reference=mlstm_recurrent, chunk=mlstm_chunk,
-    # the Hopper kernel has not run on a device yet: reachable as impl="pallas:mosaic_gpu" only
+    # the Hopper kernel failed its H200 check (dq, dk, di, df of the backward; benchmarks/
+    # NOTES.md, session 8): reachable as impl="pallas:mosaic_gpu" only
     kernels=(registry.Kernel("mosaic_gpu", "linear_jax.kernels.gpu.hopper.mlstm:mlstm",
                              "linear_jax.kernels.configs:HopperMlstmConfig", auto=False,
-                             min_capability=(9, 0),
+                             min_capability=(9, 0), max_capability=(9, 0),
                              accepts="linear_jax.kernels.gpu.hopper.mlstm:accepts"),
              registry.Kernel("triton", "linear_jax.kernels.gpu.mlstm:mlstm",
                              "linear_jax.kernels.configs:TritonChunkConfig"),
