@@ -25,6 +25,7 @@ CASES = [
     ("lane", 2, 2048, 4, 128, 128, True, True, dict(pieces=1, gates="xla", grad_items="tile")),
     ("lane", 1, 256, 2, 128, 128, True, True, dict(gates="xla", approx_math=True)),
     ("lane", 1, 256, 2, 64, 128, True, True, dict(pieces=1, grad_items="tile")),
+    ("lane", 1, 256, 2, 128, 128, True, True, dict(gates="kernel")),
 ]
 
 

@@ -333,11 +333,13 @@ class ChunkGates:
         E(reverse)  the [C, C] masked, decayed intra factor scale exp(G_i - G_j) (see `gate_rows`)
 
     From `ref` [R, C], the chunk's rows in SMEM: `raw` the rows of `raw_gate_rows` (the chunk-local
-    sums are formed here as masked row / column sums of a [C, C] broadcast of g: the inclusive
-    prefix G in both layouts, the exclusive suffix for gk (a span sum, no difference), the total
-    for dec), else the rows of `gate_rows` (named `names`) loaded as they are. ref None: no rows."""
+    sums are formed here as masked row sums of a [C, C] broadcast of g: the inclusive prefix G,
+    the exclusive suffix for gk (a span sum, no difference), the total for dec), else the rows of
+    `gate_rows` (named `names`) loaded as they are. ref None: no rows. tmp: a float32 [C] SMEM row
+    of the calling warpgroup, through which raw G reaches the column layout. Nothing here sums
+    over axis 0 of a tile, so several warpgroups may form their ChunkGates at once."""
 
-    def __init__(self, ops, ref, names, C: int, *, scale: float, raw: bool):
+    def __init__(self, ops, ref, names, C: int, *, scale: float, raw: bool, tmp=None):
         self.ops, self.scale, self.shape = ops, scale, (C, C)
         self.r, self.c = ops.iota(self.shape, 0), ops.iota(self.shape, 1)
         self.gq = self.gk = self.dec = self.G = self.doc = None
@@ -361,9 +363,13 @@ class ChunkGates:
             G = jnp.sum(jnp.where(c <= r, g_c, 0.0), axis=1)            # sum_{s <= i} g_s
             after = jnp.sum(jnp.where(c > r, g_c, 0.0), axis=1)         # sum_{s > j} g_s
             total = jnp.sum(g_c, axis=1)
-            g_r = rows_of(ops.row(at("g")[...]), shape)                 # [r, c] = g_r
-            G_col = jnp.sum(jnp.where(r <= c, g_r, 0.0), axis=0)
-            self.G = (rows_of(G, shape), cols_of(G_col, shape))
+            # G over the columns through this warpgroup's own SMEM row, not a sum over axis 0:
+            # a cross-warp reduction uses the one reduction scratch of the whole CTA, so two
+            # compute warpgroups reducing at once race on it (on the H200: o and dv wrong at
+            # K = V = 128, two warpgroups, right at 64).
+            tmp[...] = G
+            plgpu.commit_smem()
+            self.G = (rows_of(G, shape), cols_of(ops.col(tmp[...]), shape))
             gq, gk, dec = scale * jnp.exp(G), jnp.exp(after), jnp.exp(total)
         if "doc" in names:
             d_row, d_col = ops.row(at("doc")[...]), ops.col(at("doc")[...])

@@ -140,6 +140,7 @@ def walk(x, y, z, rows, s0, *, names, read_row, write_row, reverse, scale, cfg, 
     has_rows, has_s0 = rows is not None, s0 is not None
     track = has_rows and not out_mode           # the state pass writes each piece's decay
     raw = cfg.gates == "kernel"
+    raw_g = raw and "g" in names
     consts = {"gq": scale, "gk": 1.0}
     if has_s0 and s0.ndim == 4:
         s0 = s0[:, :, None]
@@ -155,6 +156,7 @@ def walk(x, y, z, rows, s0, *, names, read_row, write_row, reverse, scale, cfg, 
             out_ref, send_ref, states_ref, dp_ref = None, pop(), None, pop(track)
         xs, ys, zs, gs = pop(out_mode), pop(), pop(), pop(has_rows)
         st, os_, ws, fs, dps = pop(out_mode), pop(out_mode), pop(), pop(), pop(track)
+        tmps = pop(raw_g)
         in_bar, used_bar, own_bar = refs
         b, h, p, w = (lax.axis_index(a) for a in ("b", "h", "p", "wg"))
         chunk = (lambda s: p * L + L - 1 - s) if reverse else (lambda s: p * L + s)
@@ -196,7 +198,7 @@ def walk(x, y, z, rows, s0, *, names, read_row, write_row, reverse, scale, cfg, 
             def factors(slot):
                 """The chunk's E and row factors (arrays only: constants stay outside)."""
                 gt = ChunkGates(ops, gs.at[slot] if has_rows else None, names, C, scale=scale,
-                                raw=raw)
+                                raw=raw, tmp=tmps.at[w] if raw_g else None)
                 vals = {"E": gt.E(reverse=reverse)} if out_mode else {}
                 if has_rows:
                     vals.update(a=gt.factor(read_row), b=gt.factor(write_row), dec=gt.dec)
@@ -291,6 +293,7 @@ def walk(x, y, z, rows, s0, *, names, read_row, write_row, reverse, scale, cfg, 
         scratch += [smem((NW, K, LANES), dt), smem((NW, C, LANES), dt)]
     scratch += [smem((NW, C, LANES), dt), smem((NW, LANES, LANES), f32)]
     scratch += [plgpu.SMEM((1, C), f32)] if track else []
+    scratch += [plgpu.SMEM((NW, C), f32)] if raw_g else []     # each warpgroup's ChunkGates tmp
     scratch += [plgpu.Barrier(num_arrivals=2 + out_mode + has_rows, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=NW, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=1, num_barriers=NW)]

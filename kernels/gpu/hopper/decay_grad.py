@@ -91,7 +91,7 @@ def _grad_chunks(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
                                                              pop(has_rows), pop(), pop())
         dq_ref, dk_ref, dg_ref = pop(), pop(), pop(gated)
         qs, ks, vs, dos, gs, ss, dss = pop(), pop(), pop(), pop(), pop(has_rows), pop(), pop()
-        da_s, oq_s, dk_s, dgs = pop(), pop(), pop(), pop(gated)
+        da_s, oq_s, dk_s, dgs, tmp = pop(), pop(), pop(), pop(gated), pop(raw and gated)
         in_bar, used_bar, tin_bar, tused_bar = refs
         pid, w = lax.axis_index("p"), lax.axis_index("wg")
         count = lax.div(items - pid + progs - 1, progs)   # items pid, pid + progs, ...
@@ -136,7 +136,7 @@ def _grad_chunks(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
 
                 def factors():
                     gt = ChunkGates(ops, gs.at[slot] if has_rows else None, names, C,
-                                    scale=scale, raw=raw)
+                                    scale=scale, raw=raw, tmp=None if tmp is None else tmp.at[0])
                     vals = {"E": gt.E(reverse=False)}
                     if has_rows:
                         vals.update(gq=gt.gq, gk=gt.gk, dec=gt.dec)
@@ -200,7 +200,7 @@ def _grad_chunks(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
         scratch.append(plgpu.SMEM((stages, rows.shape[2], C), f32))
     scratch += [smem((SS, LANES, V), dt), smem((SS, LANES, V), dt),
                 smem((C, C), dt), smem((C, LANES), dt), smem((C, LANES), dt)]
-    scratch += [plgpu.SMEM((1, C), f32)] if gated else []
+    scratch += [plgpu.SMEM((1, C), f32)] * ((raw + 1) if gated else 0)   # dg; ChunkGates' tmp
     scratch += [plgpu.Barrier(num_arrivals=4 + has_rows, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=1, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=2, num_barriers=SS),
@@ -235,7 +235,9 @@ def _grad_tiles(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
         s_ref, ds_ref, dq_ref, dk_ref, stats_ref, *refs = refs
         qs, ks, vs, dos, ss, dss, *refs = refs
         gs = refs.pop(0) if has_rows else None
-        da_s, oq_s, u_s, sts, in_bar, used_bar = refs
+        da_s, oq_s, u_s, sts, *refs = refs
+        tmp = refs.pop(0) if raw and gated else None
+        in_bar, used_bar = refs
         pid, w = lax.axis_index("p"), lax.axis_index("wg")
         count = lax.div(items - pid + progs - 1, progs)   # items pid, pid + progs, ...
 
@@ -268,7 +270,7 @@ def _grad_tiles(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
                 plgpu.barrier_wait(in_bar.at[slot])
                 QK, dP = ops.mm(prod(qq, kk, tb=True), prod(dd, vv, tb=True))
                 gt = ChunkGates(ops, gs.at[slot] if has_rows else None, names, C, scale=scale,
-                                raw=raw)
+                                raw=raw, tmp=None if tmp is None else tmp.at[0])
                 dA = dP * gt.E(reverse=False)
                 if gated:
                     R = _intra_gate_term(ops, dA, QK, u_s, shape, dt)
@@ -309,8 +311,9 @@ def _grad_tiles(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
     if has_rows:
         scratch.append(plgpu.SMEM((stages, rows.shape[2], C), f32))
     scratch += [smem((C, C), dt), smem((C, LANES), dt), smem((C, C), dt),
-                plgpu.SMEM((4, C), f32),
-                plgpu.Barrier(num_arrivals=6 + has_rows, num_barriers=stages),
+                plgpu.SMEM((4, C), f32)]
+    scratch += [plgpu.SMEM((1, C), f32)] if raw and gated else []      # ChunkGates' tmp
+    scratch += [plgpu.Barrier(num_arrivals=6 + has_rows, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=1, num_barriers=stages)]
     out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, K), dt),
                 jax.ShapeDtypeStruct((NKB, B, H, 4, Tp), f32)]
