@@ -450,6 +450,15 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, *, initi
     group = lambda M: (M[:, :, None] if M.ndim == 3 else M).astype(f32)        # noqa: E731
     Bg, Cg = group(B), group(C)
     seq = lambda x: pad_to(x, 1, Tp)                                            # noqa: E731
+    if Tp != T:
+        # The padding steps must leave the state alone (the final state is read after them):
+        # u = 0 adds nothing, and their step size must be exactly 0 so that they do not decay
+        # it either: softplus(-1e4) is 0 in float32; without softplus the bias goes into delta
+        # (float32) so that a zero pad is a zero step.
+        if delta_softplus:
+            delta = jnp.pad(delta, ((0, 0), (0, Tp - T), (0, 0)), constant_values=-1e4)
+        elif delta_bias is not None:
+            delta, delta_bias = delta.astype(f32) + delta_bias.astype(f32), None
     Bm = pad_to(seq(Bg), 3, Np)
     Cm = pad_to(seq(Cg), 3, Np)
     zero = jnp.zeros((Dm,), f32)
