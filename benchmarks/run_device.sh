@@ -17,9 +17,12 @@
 #   hopperdelta  hopper_delta_gpu --quick: the Mosaic GPU delta / gated delta kernels
 #   hoppergla    hopper_gla_gpu --quick: the Mosaic GPU gla kernels, checks + timings beside jla
 #   hopperssm    hopper_ssm_gpu --quick: the Mosaic GPU selective-scan and mLSTM kernels
-#   hopperchecks  the checks of the four Hopper scripts and check_gpu --ops kda, run at once
+#   hopperchecks  the checks of the four Hopper scripts and check_gpu --ops kda (HOPPERCHECKS: a subset
+#             of "hopper hopperdelta hoppergla hopperssm kda"), run at once
 #             (compiles are CPU-bound; each process takes 12 % of the GPU's memory), their JSON
 #             tagged _checks; then the hopper* steps with HOPPER_ARGS=--skip-checks time alone
+#   diff      kernel_diff: each Hopper kernel call compiled vs interpreted on the same inputs, the
+#             cases of DIFF_CASES ("ops|label substring" per line) as concurrent processes
 #   bwd       bwd_gpu: the Triton chunk-family backward variants, checks + timings
 #   mqar      experiments.mqar_sweep, the default grid, in /tmp/mqar (a carried experiments/results/
 #             mqar_sweep/runs is copied in first, so an interrupted sweep resumes); JSON, PNG and
@@ -78,14 +81,29 @@ for s in "$@"; do case $s in
   hopperchecks)
     ( export XLA_PYTHON_CLIENT_MEM_FRACTION=0.12 RESULTS_TAG=checks; L=${HOPPER_S:-240}; B=experiments.benchmarks
       echo "== hopperchecks ($(date +%T))"
-      pstep hopper_checks "$L" python3 -m $B.hopper_gpu --variants "${HOPPER_VARIANTS:-default,run1}" --T
-      pstep hopperdelta_checks "$L" python3 -m $B.hopper_delta_gpu --quick --T
-      pstep hoppergla_checks "$L" python3 -m $B.hopper_gla_gpu --quick --T
-      pstep hopperssm_checks "$L" python3 -m $B.hopper_ssm_gpu --quick --skip-timings
-      pstep kda_checks "$L" python3 -m $B.check_gpu --ops kda
+      on() { [[ " ${HOPPERCHECKS:-hopper hopperdelta hoppergla hopperssm kda} " == *" $1 "* ]]; }
+      on hopper && pstep hopper_checks "$L" python3 -m $B.hopper_gpu --variants "${HOPPER_VARIANTS:-default,run1}" --T
+      on hopperdelta && pstep hopperdelta_checks "$L" python3 -m $B.hopper_delta_gpu --quick --T
+      on hoppergla && pstep hoppergla_checks "$L" python3 -m $B.hopper_gla_gpu --quick --T
+      on hopperssm && pstep hopperssm_checks "$L" python3 -m $B.hopper_ssm_gpu --quick --skip-timings
+      on kda && pstep kda_checks "$L" python3 -m $B.check_gpu --ops kda
       wait )
-    for n in hopper hopperdelta hoppergla hopperssm kda; do
+    for n in ${HOPPERCHECKS:-hopper hopperdelta hoppergla hopperssm kda}; do
       echo "== ${n}_checks rc=$(cat $LOGS/${n}_checks.rc) ($(date +%T))"; tail -n "${TAIL:-30}" $LOGS/${n}_checks.log; done ;;
+  diff)  # kernel_diff: each case its own process (the interpreter half runs on the host's CPUs)
+    ( export XLA_PYTHON_CLIENT_MEM_FRACTION=0.06; L=${DIFF_S:-420}; echo "== diff ($(date +%T))"
+      i=0; while IFS= read -r c; do i=$((i+1))
+        pstep diff$i "$L" env RESULTS_TAG=diff$i OUT=$LOGS python3 -m experiments.benchmarks.kernel_diff \
+          --ops "${c%%|*}" --case "${c#*|}"
+      done <<< "${DIFF_CASES:-simple_gla|K=128 V=128 {'gates': 'kernel'}
+gla|K=64 V=64
+gla|K=128 V=128
+gla|K=128 V=64
+gla|K=64 V=128
+selective|
+mlstm|K=V=64
+mlstm|K=V=128}"
+      wait; for f in $LOGS/diff*.log; do echo "-- $f"; grep -E "^(PASS|FAIL|ERROR)" "$f" | cut -c1-400; done ) ;;
   bwd) TAIL=60 step bwd "${BWD_S:-300}" python3 -m experiments.benchmarks.bwd_gpu ${BWD_ARGS:-} ;;
   mlstm) step mlstm "${MLSTM_S:-150}" python3 -m experiments.benchmarks.mlstm_gpu ;;
   mqar) train_env; mkdir -p /tmp/mqar; [ -d experiments/results/mqar_sweep/runs ] && cp -r experiments/results/mqar_sweep/runs /tmp/mqar/

@@ -59,6 +59,7 @@ VARIANTS = {
     "pieces1": (dict(pieces=1), ("T8192",)),                     # no two-level walk
     "approx": (dict(approx_math=True), ("T8192", "strong")),     # ex2.approx exponentials
     "xla_gates": (dict(gates="xla"), ("T100", "T8192")),         # gate rows by XLA kernels
+    "kernel_gates": (dict(gates="kernel"), ("T100", "T2048", "T8192", "strong")),  # in-kernel
     "grad_tile": (dict(grad_items="tile"), ("T100", "T8192")),   # grad item per key tile
     "serial": (dict(overlap=False), ("T8192",)),                 # no work during the wgmmas
 }

@@ -1,0 +1,261 @@
+"""Which Hopper kernel is wrong: every Mosaic GPU kernel call of an op, compiled on the GPU, against
+the same kernel run in jax's GPU interpreter on the CPU with the very same inputs.
+
+    python -m experiments.benchmarks.kernel_diff [--ops gla,simple_gla,selective,mlstm,delta]
+        [--case "K=128 V=128"] [--dry-run]
+
+An op-level check (check_gpu, hopper_*_gpu) says that an output or a gradient is wrong; this says
+which kernel made it so. The op runs twice, eagerly (no jit, so every kernel call sees concrete
+arrays), forward and backward: first on the GPU with `interpret=False`, recording each kernel
+call's name, inputs and outputs; then on the CPU with `interpret=True`, where each kernel call
+in turn is fed the inputs the GPU call got, and its outputs are compared with the GPU's by
+relative norm error (and counts of non-finite values). The interpreter runs the same TMA copies,
+barriers, masks and gate algebra, with each wgmma as a float32 `jnp.dot`, so an output the two
+disagree on by more than bf16 rounding points at the compiled kernel's register layouts, wgmma
+operands or warpgroup synchronisation, the parts only the device runs.
+
+Writes benchmarks/results/kernel_diff_<device>.json (and a copy under $OUT when set).
+Expected wall time on an H200: a few minutes (the interpreter is slow; the shapes are small).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.benchmarks import kernel_checks as kc
+from experiments.benchmarks.kernel_checks import tail
+from linear_jax import _compat
+from linear_jax.kernels.configs import (
+    HopperChunkConfig,
+    HopperDeltaConfig,
+    HopperMlstmConfig,
+    HopperSelectiveConfig,
+)
+
+MODULES = ("decay", "decay_grad", "gla", "delta", "delta_bwd", "selective", "mlstm",
+           "mlstm_fwd", "mlstm_bwd")
+f32 = jnp.float32
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    fin = np.isfinite(a) & np.isfinite(b)
+    den = np.linalg.norm(np.where(fin, b, 0.0))
+    return float(np.linalg.norm(np.where(fin, a - b, 0.0)) / max(den, 1e-30))
+
+
+def _nonfinite(x) -> int:
+    return int((~np.isfinite(np.asarray(x, np.float32))).sum())
+
+
+class Recorder:
+    """Wraps `mosaic_gpu_kernel` in every Hopper kernel module: "record" keeps each call's
+    (name, inputs, outputs); "replay" runs each call on the recorded inputs and compares."""
+
+    def __init__(self):
+        self.mode, self.calls, self.report, self.i = "record", [], [], 0
+
+    def wrap(self, real):
+        def make(body, **kw):
+            kernel = real(body, **kw)
+            name = kw["name"]
+
+            def call(*args):
+                if self.mode == "record":
+                    out = kernel(*args)
+                    outs = list(out) if isinstance(out, (list, tuple)) else [out]
+                    self.calls.append((name, [np.asarray(a) for a in args],
+                                       [np.asarray(o) for o in outs]))
+                    return out
+                rname, ins, gpu_outs = self.calls[self.i]
+                self.i += 1
+                if rname != name:
+                    raise RuntimeError(f"call {self.i - 1}: the GPU ran {rname}, the CPU {name}")
+                out = kernel(*[jnp.asarray(a) for a in ins])
+                outs = list(out) if isinstance(out, (list, tuple)) else [out]
+                self.report.append(dict(
+                    call=self.i - 1, kernel=name,
+                    outputs=[dict(shape=list(g.shape), rel=_rel(g, c),
+                                  gpu_nonfinite=_nonfinite(g), cpu_nonfinite=_nonfinite(c))
+                             for g, c in zip(gpu_outs, outs, strict=True)]))
+                gpu = [jnp.asarray(g) for g in gpu_outs]       # downstream sees the GPU's values
+                return gpu if isinstance(out, (list, tuple)) else gpu[0]
+            return call
+        return make
+
+    @contextlib.contextmanager
+    def patched(self):
+        mods = [importlib.import_module(f"linear_jax.kernels.gpu.hopper.{m}") for m in MODULES]
+        mods = [m for m in mods if hasattr(m, "mosaic_gpu_kernel")]
+        real = _compat.mosaic_gpu_kernel
+        for m in mods:
+            m.mosaic_gpu_kernel = self.wrap(real)
+        try:
+            yield
+        finally:
+            for m in mods:
+                m.mosaic_gpu_kernel = real
+
+
+def _segments(B, T, rng):
+    ids = np.zeros((B, T), np.int32)
+    for b in range(B):
+        for c in (int(rng.integers(1, T)), 64):
+            ids[b, c:] += 1
+    return jnp.asarray(ids)
+
+
+def _chunk_case(op, K, V, over):
+    """(entry(cfg) -> f(*floats), float inputs, cotangents) for simple_gla / gla / delta."""
+    B, T, H = 1, 256, 2
+    rng = np.random.default_rng(0)
+    n = lambda *s: rng.standard_normal(s).astype(np.float32)         # noqa: E731
+    bf = jnp.bfloat16
+    q, k, v = (jnp.asarray(n(B, T, H, K), bf), jnp.asarray(n(B, T, H, K) / np.sqrt(K), bf),
+               jnp.asarray(n(B, T, H, V), bf))
+    S0, seg = jnp.asarray(n(B, H, K, V)), _segments(B, T, rng)
+    gshape = (B, T, H, K) if op == "gla" else (B, T, H)
+    g = jax.nn.log_sigmoid(jnp.asarray(n(*gshape))) / 4
+    floats = [q, k, v, g, S0]
+    if op == "delta":
+        from linear_jax.kernels.gpu.hopper import delta as mod
+        kn = k.astype(f32) / jnp.linalg.norm(k.astype(f32), axis=-1, keepdims=True)
+        floats[1] = kn.astype(bf)
+        floats.insert(4, jax.nn.sigmoid(jnp.asarray(n(B, T, H))))
+
+        def entry(cfg):
+            return lambda q, k, v, g, beta, S0: mod.delta(
+                q, k, v, g, beta, scale=K**-0.5, initial_state=S0, segment_ids=seg,
+                chunk_size=64, config=cfg)
+        base = HopperDeltaConfig(programs=8, **over)
+    else:
+        mod = importlib.import_module(
+            f"linear_jax.kernels.gpu.hopper.{'gla' if op == 'gla' else 'decay'}")
+        fn = mod.gla if op == "gla" else mod.simple_gla
+
+        def entry(cfg):
+            return lambda q, k, v, g, S0: fn(q, k, v, g, scale=K**-0.5, initial_state=S0,
+                                             segment_ids=seg, chunk_size=64, config=cfg)
+        base = HopperChunkConfig(grad_programs=8, **{"pieces": 2, **over})
+    cts = (jnp.asarray(n(B, T, H, V), bf), jnp.asarray(n(B, H, K, V)))
+    return entry, base, floats, cts
+
+
+def _selective_case(over):
+    from linear_jax.kernels.gpu.hopper import selective as mod
+    B, T, D, N = 1, 200, 128, 16
+    rng = np.random.default_rng(0)
+    n = lambda *s: rng.standard_normal(s).astype(np.float32)         # noqa: E731
+    bf = jnp.bfloat16
+    floats = [jnp.asarray(n(B, T, D), bf), jnp.asarray(n(B, T, D) - 1.0, bf),
+              -jnp.exp(jnp.asarray(n(D, N))), jnp.asarray(n(B, T, 1, N)),
+              jnp.asarray(n(B, T, 1, N)), jnp.asarray(n(D)), jnp.asarray(n(B, T, D), bf),
+              jnp.asarray(0.5 * n(D)), jnp.asarray(n(B, D, N))]
+    seg = _segments(B, T, rng)
+
+    def entry(cfg):
+        return lambda u, d, A, Bm, Cm, Dv, z, bias, h0: mod.selective_scan(
+            u, d, A, Bm, Cm, Dv, z, bias, True, initial_state=h0, segment_ids=seg,
+            chunk_size=64, config=cfg)
+    cts = (jnp.asarray(n(B, T, D), bf), jnp.asarray(n(B, D, N)))
+    return entry, HopperSelectiveConfig(**over), floats, cts
+
+
+def _mlstm_case(K, over):
+    from linear_jax.kernels.gpu.hopper import mlstm as mod
+    B, T, H, V = 1, 256, 2, K
+    rng = np.random.default_rng(0)
+    n = lambda *s: rng.standard_normal(s).astype(np.float32)         # noqa: E731
+    bf = jnp.bfloat16
+    floats = [jnp.asarray(n(B, T, H, K), bf), jnp.asarray(n(B, T, H, K), bf),
+              jnp.asarray(n(B, T, H, V), bf), jnp.asarray(n(B, T, H)),
+              jnp.asarray(n(B, T, H) + 3.0)]
+    seg = _segments(B, T, rng)
+
+    def entry(cfg):
+        return lambda q, k, v, i, f: mod.mlstm(q, k, v, i, f, scale=K**-0.5, initial_state=None,
+                                               segment_ids=seg, chunk_size=64, eps=1e-6,
+                                               config=cfg)
+    cts = (jnp.asarray(n(B, T, H, V), bf),
+           (jnp.asarray(n(B, H, K, V)), jnp.asarray(n(B, H, K)), jnp.asarray(n(B, H))))
+    return entry, HopperMlstmConfig(**over), floats, cts
+
+
+def cases(names):
+    out = []
+    for name in names:
+        if name in ("simple_gla", "gla", "delta"):
+            for K, V in ((64, 64), (128, 128), (128, 64), (64, 128)):
+                overs = [{}]
+                if name == "simple_gla":
+                    overs = [dict(gates="kernel"), dict(gates="xla")]
+                for over in overs:
+                    out.append((f"{name} K={K} V={V} {over}",
+                                lambda n=name, K=K, V=V, o=over: _chunk_case(n, K, V, o)))
+        elif name == "selective":
+            out.append(("selective D=128 N=16", lambda: _selective_case({})))
+        elif name == "mlstm":
+            for K in (64, 128):
+                out.append((f"mlstm K=V={K}", lambda K=K: _mlstm_case(K, {})))
+    return out
+
+
+def diff(build, *, record_interpret=False) -> dict:
+    """record_interpret: record in the interpreter too (a dry run of this tool on a CPU)."""
+    entry, base, floats, cts = build()
+    rec = Recorder()
+    cpu = jax.devices("cpu")[0]
+    with rec.patched():
+        f = entry(dataclasses.replace(base, interpret=record_interpret))
+        out, vjp = jax.vjp(f, *floats)
+        jax.block_until_ready(vjp(jax.tree.map(lambda c, o: c.astype(o.dtype), cts, out)))
+        rec.mode = "replay"
+        with jax.default_device(cpu):
+            g = entry(dataclasses.replace(base, interpret=True))
+            fl = [jax.device_put(x, cpu) for x in floats]
+            out, vjp = jax.vjp(g, *fl)
+            jax.block_until_ready(vjp(jax.tree.map(
+                lambda c, o: jax.device_put(c, cpu).astype(o.dtype), cts, out)))
+    return dict(calls=len(rec.calls), report=rec.report)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ops", default="simple_gla,gla,delta,selective,mlstm")
+    p.add_argument("--case", default="", help="only the cases whose label contains this")
+    p.add_argument("--tol", type=float, default=2e-2)
+    p.add_argument("--dry-run", action="store_true",
+                   help="record in the interpreter too (checks this tool on a CPU: every rel 0)")
+    args = p.parse_args(argv)
+    rows, t_start = [], time.perf_counter()
+    for label, build in cases(args.ops.split(",")):
+        if args.case not in label:
+            continue
+        t0 = time.time()
+        try:
+            r = diff(build, record_interpret=args.dry_run)
+            bad = [f"{x['kernel']}#{x['call']}[{i}] {o['rel']:.3g}" +
+                   (f" nonfinite {o['gpu_nonfinite']}" if o["gpu_nonfinite"] else "")
+                   for x in r["report"] for i, o in enumerate(x["outputs"])
+                   if not o["rel"] <= args.tol or o["gpu_nonfinite"] > o["cpu_nonfinite"]]
+            r.update(case=label, ok=not bad, bad=bad)
+            print(f"{'PASS' if not bad else 'FAIL'} {label} ({r['calls']} calls, "
+                  f"{time.time() - t0:.0f} s) {' | '.join(bad)}", flush=True)
+        except Exception as e:  # noqa: BLE001 - one case's failure is its result
+            r = dict(case=label, ok=False, error=tail(e))
+            print(f"ERROR {label}: {tail(e)}", flush=True)
+        rows.append(r)
+        kc.finish("kernel_diff", [], rows, t_start, tol=args.tol)    # saved after every case
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
