@@ -113,9 +113,9 @@ def _segments(B, T, rng):
     return jnp.asarray(ids)
 
 
-def _chunk_case(op, K, V, over):
-    """(entry(cfg) -> f(*floats), float inputs, cotangents) for simple_gla / gla / delta."""
-    B, T, H = 1, 256, 2
+def _chunk_case(op, K, V, over, B=1, T=256, H=2):
+    """(entry(cfg) -> f(*floats), config, float inputs, cotangents) for simple_gla / gla / delta;
+    over["pieces"] None: the device's choice."""
     rng = np.random.default_rng(0)
     n = lambda *s: rng.standard_normal(s).astype(np.float32)         # noqa: E731
     bf = jnp.bfloat16
@@ -144,7 +144,7 @@ def _chunk_case(op, K, V, over):
         def entry(cfg):
             return lambda q, k, v, g, S0: fn(q, k, v, g, scale=K**-0.5, initial_state=S0,
                                              segment_ids=seg, chunk_size=64, config=cfg)
-        base = HopperChunkConfig(grad_programs=8, **{"pieces": 2, **over})
+        base = HopperChunkConfig(grad_programs=8, **over)
     cts = (jnp.asarray(n(B, T, H, V), bf), jnp.asarray(n(B, H, K, V)))
     return entry, base, floats, cts
 
@@ -169,9 +169,9 @@ def _selective_case(over):
     return entry, HopperSelectiveConfig(**over), floats, cts
 
 
-def _mlstm_case(K, over):
+def _mlstm_case(K, over, B=1, T=256, H=2):
     from linear_jax.kernels.gpu.hopper import mlstm as mod
-    B, T, H, V = 1, 256, 2, K
+    V = K
     rng = np.random.default_rng(0)
     n = lambda *s: rng.standard_normal(s).astype(np.float32)         # noqa: E731
     bf = jnp.bfloat16
@@ -189,7 +189,9 @@ def _mlstm_case(K, over):
     return entry, HopperMlstmConfig(**over), floats, cts
 
 
-def cases(names):
+def cases(names, shape, pieces=None):
+    """[(label, build)]: shape {"B", "T", "H"} overrides the chunk ops' and mLSTM's; pieces the
+    two-level walk's of simple_gla and gla (None: the device's choice)."""
     out = []
     for name in names:
         if name in ("simple_gla", "gla", "delta"):
@@ -197,14 +199,17 @@ def cases(names):
                 overs = [{}]
                 if name == "simple_gla":
                     overs = [dict(gates="kernel"), dict(gates="xla")]
+                if name != "delta":
+                    overs = [{**o, "pieces": pieces} for o in overs]
                 for over in overs:
-                    out.append((f"{name} K={K} V={V} {over}",
-                                lambda n=name, K=K, V=V, o=over: _chunk_case(n, K, V, o)))
+                    out.append((f"{name} K={K} V={V} {over} {shape}",
+                                lambda n=name, K=K, V=V, o=over: _chunk_case(n, K, V, o,
+                                                                            **shape)))
         elif name == "selective":
             out.append(("selective D=128 N=16", lambda: _selective_case({})))
         elif name == "mlstm":
             for K in (64, 128):
-                out.append((f"mlstm K=V={K}", lambda K=K: _mlstm_case(K, {})))
+                out.append((f"mlstm K=V={K} {shape}", lambda K=K: _mlstm_case(K, {}, **shape)))
     return out
 
 
@@ -231,12 +236,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ops", default="simple_gla,gla,delta,selective,mlstm")
     p.add_argument("--case", default="", help="only the cases whose label contains this")
+    p.add_argument("--pieces", type=int, default=2, help="0: the device's choice")
+    p.add_argument("--shape", default="", help='e.g. "B=2,T=256,H=4" (chunk ops and mLSTM)')
     p.add_argument("--tol", type=float, default=2e-2)
     p.add_argument("--dry-run", action="store_true",
                    help="record in the interpreter too (checks this tool on a CPU: every rel 0)")
     args = p.parse_args(argv)
     rows, t_start = [], time.perf_counter()
-    for label, build in cases(args.ops.split(",")):
+    shape = {k: int(v) for k, v in (kv.split("=") for kv in args.shape.split(",") if kv)}
+    for label, build in cases(args.ops.split(","), shape, args.pieces or None):
         if args.case not in label:
             continue
         t0 = time.time()
