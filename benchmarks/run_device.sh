@@ -22,7 +22,7 @@
 #             (compiles are CPU-bound; each process takes 12 % of the GPU's memory), their JSON
 #             tagged _checks; then the hopper* steps with HOPPER_ARGS=--skip-checks time alone
 #   diff      kernel_diff: each Hopper kernel call compiled vs interpreted on the same inputs, the
-#             cases of DIFF_CASES ("ops|label substring" per line) as concurrent processes
+#             cases of DIFF_CASES (lines "ops|label substring|more flags") as concurrent processes
 #   bwd       bwd_gpu: the Triton chunk-family backward variants, checks + timings
 #   mqar      experiments.mqar_sweep, the default grid, in /tmp/mqar (a carried experiments/results/
 #             mqar_sweep/runs is copied in first, so an interrupted sweep resumes); JSON, PNG and
@@ -92,17 +92,11 @@ for s in "$@"; do case $s in
       echo "== ${n}_checks rc=$(cat $LOGS/${n}_checks.rc) ($(date +%T))"; tail -n "${TAIL:-30}" $LOGS/${n}_checks.log; done ;;
   diff)  # kernel_diff: each case its own process (the interpreter half runs on the host's CPUs)
     ( export XLA_PYTHON_CLIENT_MEM_FRACTION=0.06; L=${DIFF_S:-420}; echo "== diff ($(date +%T))"
-      i=0; while IFS= read -r c; do i=$((i+1))
+      cases=${DIFF_CASES:-$'simple_gla|\'gates\': \'kernel\'\ngla|K=64 V=64\ngla|K=128 V=128\nselective|\nmlstm|K=V=128'}
+      i=0; while IFS='|' read -r ops case extra; do i=$((i+1))
         pstep diff$i "$L" env RESULTS_TAG=diff$i OUT=$LOGS python3 -m experiments.benchmarks.kernel_diff \
-          --ops "${c%%|*}" --case "${c#*|}"
-      done <<< "${DIFF_CASES:-simple_gla|K=128 V=128 {'gates': 'kernel'}
-gla|K=64 V=64
-gla|K=128 V=128
-gla|K=128 V=64
-gla|K=64 V=128
-selective|
-mlstm|K=V=64
-mlstm|K=V=128}"
+          --ops "$ops" --case "$case" $extra
+      done <<< "$cases"
       wait; for f in $LOGS/diff*.log; do echo "-- $f"; grep -E "^(PASS|FAIL|ERROR)" "$f" | cut -c1-400; done ) ;;
   bwd) TAIL=60 step bwd "${BWD_S:-300}" python3 -m experiments.benchmarks.bwd_gpu ${BWD_ARGS:-} ;;
   mlstm) step mlstm "${MLSTM_S:-150}" python3 -m experiments.benchmarks.mlstm_gpu ;;

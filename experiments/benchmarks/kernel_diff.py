@@ -32,7 +32,7 @@ import numpy as np
 
 from experiments.benchmarks import kernel_checks as kc
 from experiments.benchmarks.kernel_checks import tail
-from linear_jax import _compat
+from linear_jax import _compat, ops
 from linear_jax.kernels.configs import (
     HopperChunkConfig,
     HopperDeltaConfig,
@@ -113,7 +113,7 @@ def _segments(B, T, rng):
     return jnp.asarray(ids)
 
 
-def _chunk_case(op, K, V, over, B=1, T=256, H=2):
+def _chunk_case(op_name, K, V, over, B=1, T=256, H=2):
     """(entry(cfg) -> f(*floats), config, float inputs, cotangents) for simple_gla / gla / delta;
     over["pieces"] None: the device's choice."""
     rng = np.random.default_rng(0)
@@ -122,26 +122,32 @@ def _chunk_case(op, K, V, over, B=1, T=256, H=2):
     q, k, v = (jnp.asarray(n(B, T, H, K), bf), jnp.asarray(n(B, T, H, K) / np.sqrt(K), bf),
                jnp.asarray(n(B, T, H, V), bf))
     S0, seg = jnp.asarray(n(B, H, K, V)), _segments(B, T, rng)
-    gshape = (B, T, H, K) if op == "gla" else (B, T, H)
+    gshape = (B, T, H, K) if op_name == "gla" else (B, T, H)
     g = jax.nn.log_sigmoid(jnp.asarray(n(*gshape))) / 4
     floats = [q, k, v, g, S0]
-    if op == "delta":
+    if op_name == "delta":
         from linear_jax.kernels.gpu.hopper import delta as mod
         kn = k.astype(f32) / jnp.linalg.norm(k.astype(f32), axis=-1, keepdims=True)
         floats[1] = kn.astype(bf)
         floats.insert(4, jax.nn.sigmoid(jnp.asarray(n(B, T, H))))
 
         def entry(cfg):
+            if cfg is None:                                   # no reference wired here
+                return None
             return lambda q, k, v, g, beta, S0: mod.delta(
                 q, k, v, g, beta, scale=K**-0.5, initial_state=S0, segment_ids=seg,
                 chunk_size=64, config=cfg)
         base = HopperDeltaConfig(programs=8, **over)
     else:
         mod = importlib.import_module(
-            f"linear_jax.kernels.gpu.hopper.{'gla' if op == 'gla' else 'decay'}")
-        fn = mod.gla if op == "gla" else mod.simple_gla
+            f"linear_jax.kernels.gpu.hopper.{'gla' if op_name == 'gla' else 'decay'}")
+        fn = mod.gla if op_name == "gla" else mod.simple_gla
 
         def entry(cfg):
+            if cfg is None:                                   # the float32 chunk form
+                op = getattr(ops, "gla" if op_name == "gla" else "simple_gla")
+                return lambda q, k, v, g, S0: op(q, k, v, g, scale=K**-0.5, initial_state=S0,
+                                                 segment_ids=seg, impl="chunk")
             return lambda q, k, v, g, S0: fn(q, k, v, g, scale=K**-0.5, initial_state=S0,
                                              segment_ids=seg, chunk_size=64, config=cfg)
         base = HopperChunkConfig(grad_programs=8, **over)
@@ -162,6 +168,8 @@ def _selective_case(over):
     seg = _segments(B, T, rng)
 
     def entry(cfg):
+        if cfg is None:                                       # no reference wired here
+            return None
         return lambda u, d, A, Bm, Cm, Dv, z, bias, h0: mod.selective_scan(
             u, d, A, Bm, Cm, Dv, z, bias, True, initial_state=h0, segment_ids=seg,
             chunk_size=64, config=cfg)
@@ -181,6 +189,9 @@ def _mlstm_case(K, over, B=1, T=256, H=2):
     seg = _segments(B, T, rng)
 
     def entry(cfg):
+        if cfg is None:                                       # the float32 recurrence
+            return lambda q, k, v, i, f: ops.mlstm(q, k, v, i, f, scale=K**-0.5,
+                                                   segment_ids=seg, impl="recurrent")
         return lambda q, k, v, i, f: mod.mlstm(q, k, v, i, f, scale=K**-0.5, initial_state=None,
                                                segment_ids=seg, chunk_size=64, eps=1e-6,
                                                config=cfg)
@@ -221,7 +232,16 @@ def diff(build, *, record_interpret=False) -> dict:
     with rec.patched():
         f = entry(dataclasses.replace(base, interpret=record_interpret))
         out, vjp = jax.vjp(f, *floats)
-        jax.block_until_ready(vjp(jax.tree.map(lambda c, o: c.astype(o.dtype), cts, out)))
+        grads = vjp(jax.tree.map(lambda c, o: c.astype(o.dtype), cts, out))
+        op_errors, r = None, entry(None)
+        if r is not None:                                     # the op against its float32 form
+            up = [x.astype(f32) for x in floats]
+            out_r, vjp_r = jax.vjp(r, *up)
+            grads_r = vjp_r(jax.tree.map(lambda c, o: c.astype(o.dtype), cts, out_r))
+            op_errors = {f"out{i}": _rel(a, b) for i, (a, b) in enumerate(zip(
+                jax.tree.leaves(out), jax.tree.leaves(out_r), strict=True))}
+            op_errors.update({f"d{i}": _rel(a, b) for i, (a, b) in enumerate(zip(
+                grads, grads_r, strict=True))})
         rec.mode = "replay"
         with jax.default_device(cpu):
             g = entry(dataclasses.replace(base, interpret=True))
@@ -229,7 +249,7 @@ def diff(build, *, record_interpret=False) -> dict:
             out, vjp = jax.vjp(g, *fl)
             jax.block_until_ready(vjp(jax.tree.map(
                 lambda c, o: jax.device_put(c, cpu).astype(o.dtype), cts, out)))
-    return dict(calls=len(rec.calls), report=rec.report)
+    return dict(calls=len(rec.calls), report=rec.report, op_errors=op_errors)
 
 
 def main(argv=None) -> int:
@@ -255,8 +275,9 @@ def main(argv=None) -> int:
                    for x in r["report"] for i, o in enumerate(x["outputs"])
                    if not o["rel"] <= args.tol or o["gpu_nonfinite"] > o["cpu_nonfinite"]]
             r.update(case=label, ok=not bad, bad=bad)
+            op = r["op_errors"] and {k: float(f"{v:.3g}") for k, v in r["op_errors"].items()}
             print(f"{'PASS' if not bad else 'FAIL'} {label} ({r['calls']} calls, "
-                  f"{time.time() - t0:.0f} s) {' | '.join(bad)}", flush=True)
+                  f"{time.time() - t0:.0f} s) {' | '.join(bad)} op vs float32: {op}", flush=True)
         except Exception as e:  # noqa: BLE001 - one case's failure is its result
             r = dict(case=label, ok=False, error=tail(e))
             print(f"ERROR {label}: {tail(e)}", flush=True)
