@@ -10,12 +10,13 @@ anchors.
     to -20 per step: no NaN, exact gate gradient), T in {100, 2048} (+ 8192 and padded K, V
     without --quick), K = V in {64, 128}; and float32 inputs refused (ValueError).
 (b) Timings: bf16, H = 16, K = V = 128, B = max(1, 16384 // T), T in {2048, 8192, 32768}: forward
-    and forward + backward (grad of sum(o * do) w.r.t. q, k, v, beta, g; every input a jit
-    argument) of both ops, as the median of back-to-back calls (`*_ms`, device time) and of calls
-    each blocked on the host (`*_sync_ms`, how the jla anchors were timed), beside the jla anchors
-    (deltanet, gated_deltanet) and the ratio (anchor / ours, > 1 is faster); and each kernel alone
-    (UT prep, forward walk with and without residuals, reverse walk, gradient kernel) at T = 2048
-    (every T without --quick).
+    and forward + backward (grad of sum(o * do) w.r.t. q, k, v, the anchors' protocol; every
+    input a jit argument) of both ops, as the median of back-to-back calls (`*_ms`, device time)
+    and of calls each blocked on the host (`*_sync_ms`, how the jla anchors were timed), beside
+    jla (deltanet, gated_deltanet) timed the same ways in this run where its wheel is installed
+    (`jla_run_*`), else its anchors, and the ratio (jla / ours sync, > 1 is faster); and each
+    kernel alone (UT prep, forward walk with and without residuals, reverse walk, gradient
+    kernel) at T = 2048 (every T without --quick).
 (c) Writes benchmarks/results/hopper_delta_gpu_<device>.json (and a copy under $OUT when set).
 
 A check or timing that fails prints the last 30 lines of its traceback; the script goes on. The
@@ -106,9 +107,11 @@ def time_shape(cfg, T, anchors, *, reps, breakdown):
         fwd, fwdbwd = kc.fwd_and_fwdbwd(
             lambda q, k, v, beta, g, gated=gated: hdelta.delta(
                 q, k, v, g if gated else None, beta, scale=K**-0.5, initial_state=None,
-                segment_ids=None, chunk_size=64, config=cfg)[0], 5 if gated else 4)
+                segment_ids=None, chunk_size=64, config=cfg)[0])
+        peer = kc.jla_peer(anchor, (lambda beta, g: {"g": g, "beta": beta}) if gated else
+                           (lambda beta, g: {"beta": beta}))
         kc.time_phases(row, fwd, fwdbwd, (q, k, v, beta, g), do, an, anchor, reps=reps,
-                       label=f"T={T} {op}", key=lambda s, op=op: f"{op}.{s}")
+                       label=f"T={T} {op}", key=lambda s, op=op: f"{op}.{s}", peer=peer)
     if breakdown:
         row["kernels_ms"] = kernel_breakdown(cfg, q, k, v, beta, g, do, reps=reps)
     return row

@@ -11,10 +11,11 @@ correctness, then timings against the jax-linear-attention anchors.
     (padded); float32 inputs refused (ValueError).
 (b) Timings: bf16, H = 16, K = V = 128, B = max(1, 16384 // T), T in {2048, 8192, 32768},
     g = log_sigmoid(N(0, 1)) / 16 in float32 [B, T, H, K] (as probe_jla.py): forward and forward
-    + backward (grad of sum(o * do) w.r.t. q, k, v, g; every input a jit argument), as the median
-    of back-to-back calls (`fwd_ms`, device time) and of calls each blocked on the host
-    (`fwd_sync_ms`, how the jla anchors were timed), beside the jla.gla anchors and the ratio
-    (anchor / ours, > 1 is faster); then each kernel alone at the first T (every T without
+    + backward (grad of sum(o * do) w.r.t. q, k, v, the anchors' protocol; every input a jit
+    argument), as the median of back-to-back calls (`fwd_ms`, device time) and of calls each
+    blocked on the host (`fwd_sync_ms`, how the jla anchors were timed), beside jla's gla timed
+    the same ways in this run where its wheel is installed (`jla_run_*`), else its anchors, and
+    the ratio (jla / ours, > 1 is faster); then each kernel alone at the first T (every T without
     --quick): gates, walk (with states), reverse walk, grad.
 (c) Writes benchmarks/results/hopper_gla_gpu_<device>.json (and a copy under $OUT when set).
 

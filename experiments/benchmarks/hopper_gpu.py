@@ -13,11 +13,13 @@ for named config variants side by side.
     documents); the other variants T = 100 and T = 8192 (plus strong decay where the exponentials
     change). Float32 inputs are refused (ValueError: checked).
 (b) Timings: bf16, H = 16, K = V = 128, B = max(1, 16384 // T) (as probe_jla.py), T in {2048, 8192,
-    32768}: forward and forward + backward (grad of sum(o * do) w.r.t. q, k, v, g; every input a
-    jit argument), as the median of back-to-back calls (device time) and of calls each blocked on
-    the host (`sync`, how the jla anchors were timed), beside the jla anchor and the ratio (anchor
-    / ours sync, > 1 is faster). A variant whose resolved config equals an earlier one at that T
-    (e.g. pieces1 where B H fills the SMs) is not timed again. Then the device ms of each kernel
+    32768}: forward and forward + backward (grad of sum(o * do) w.r.t. q, k, v, the anchors'
+    protocol; every input a jit argument), as the median of back-to-back calls (device time) and
+    of calls each blocked on the host (`sync`, how the jla anchors were timed); jla timed the same
+    two ways in this run on the same inputs where its wheel is installed (`jla_run_*`), else the
+    anchor file's number, and the ratio (jla / ours sync, > 1 is faster). A variant whose
+    resolved config equals an earlier one at that T (e.g. pieces1 where B H fills the SMs) is not
+    timed again. Then the device ms of each kernel
     alone (`--breakdown` variants): the state pass and output pass of the forward walk, the same
     with states written, the reverse walk's two passes, the gradient kernel.
 (c) One table (T x variant), and benchmarks/results/hopper_gpu_<device>.json.

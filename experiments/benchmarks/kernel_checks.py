@@ -155,42 +155,63 @@ def timing_inputs(T, vector_gate: bool):
 
 
 def time_decay_op(op, anchor, cfg, args, anchors, *, reps) -> dict:
-    """The timing row of a decay-family kernel `op(q, k, v, g, ...)` on `timing_inputs`."""
+    """The timing row of a decay-family kernel `op(q, k, v, g, ...)` on `timing_inputs`, with
+    jax-linear-attention's `anchor` kind timed beside it on the same inputs when it is installed."""
     q, k, v, g, do = args
     B, T, H, K = q.shape
     fwd, fwdbwd = fwd_and_fwdbwd(lambda q, k, v, g: op(
         q, k, v, g, scale=K**-0.5, initial_state=None, segment_ids=None, chunk_size=64,
-        config=cfg)[0], 4)
+        config=cfg)[0])
     row = {"T": T, "B": B, "H": H, "K": K, "V": v.shape[-1]}
     return time_phases(row, fwd, fwdbwd, (q, k, v, g), do, anchors.get(T, {}), anchor,
-                       reps=reps, label=f"T={T}")
+                       reps=reps, label=f"T={T}", peer=jla_peer(anchor, lambda g: {"g": g}))
 
 
-def fwd_and_fwdbwd(call, n_args: int):
-    """jit(call) and jit of the grads of sum(call(*a) * do) w.r.t. the first `n_args` inputs;
-    the second takes `do` after them."""
+def fwd_and_fwdbwd(call, n_grads: int = 3):
+    """jit(call) and jit of the grads of sum(call(*a) * do) w.r.t. the first `n_grads` inputs
+    (3: q, k, v, the anchors' protocol); the second takes `do` after them."""
     def loss(*a):
         return jnp.sum(call(*a[:-1]).astype(f32) * a[-1].astype(f32))
-    return jax.jit(call), jax.jit(jax.grad(loss, argnums=tuple(range(n_args))))
+    return jax.jit(call), jax.jit(jax.grad(loss, argnums=tuple(range(n_grads))))
 
 
-def time_phases(row, fwd, fwdbwd, args, do, anchors, anchor, *, reps, label, key=str) -> dict:
-    """Times fwd(*args) and fwdbwd(*args, do) into `row` (fields named by `key`), beside the
-    anchor `jla.<anchor>.<phase>_ms` of `anchors` (the row's T) when there is one."""
-    for phase, f, a in (("fwd", fwd, args), ("fwdbwd", fwdbwd, (*args, do))):
-        try:
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(*a))
-            row[key(f"{phase}_compile_s")] = round(time.perf_counter() - t0, 2)
-            row[key(f"{phase}_ms")] = common.median_ms(f, *a, reps=reps, inner=10)
-            row[key(f"{phase}_sync_ms")] = common.median_ms(f, *a, reps=30)
-            jla = anchors.get(f"jla.{anchor}.{phase}_ms")
-            if jla:
-                row[key(f"jla_{phase}_ms")] = jla
-                row[key(f"ratio_{phase}")] = jla / row[key(f"{phase}_sync_ms")]
-        except Exception as e:  # noqa: BLE001 - the row keeps the error, the script goes on
-            row[key(f"{phase}_error")] = tail(e, 8)
-            print(f"{label} {phase} FAILED:\n{tail(e)}")
+def jla_peer(kind: str, gates):
+    """(fwd, fwdbwd) of jax-linear-attention's `kind` with the Mosaic GPU kernels, taking the same
+    arguments as ours ((q, k, v, *rest), rest mapped to its keyword gates by `gates(*rest)`),
+    the protocol of its anchors (grads w.r.t. q, k, v); None where jla is not installed."""
+    try:
+        from jla.ops import linear_attention
+    except ImportError:
+        return None
+    return fwd_and_fwdbwd(lambda q, k, v, *rest: linear_attention(
+        kind, q, k, v, impl="mosaic_gpu", **gates(*rest))[0])
+
+
+def time_phases(row, fwd, fwdbwd, args, do, anchors, anchor, *, reps, label, key=str,
+                peer=None) -> dict:
+    """Times fwd(*args) and fwdbwd(*args, do) into `row` (fields named by `key`): device time
+    (back-to-back calls) and `sync` (each call blocked on the host, as the anchors were timed).
+    With `peer` (jla's (fwd, fwdbwd) on the same arguments) it is timed the same two ways in
+    this run, `jla_run_*`, and the ratio (jla / ours, sync; > 1: ours is faster) is taken
+    against it; else against the anchor file's `jla.<anchor>.<phase>_ms` for the row's T."""
+    for phase, i in (("fwd", 0), ("fwdbwd", 1)):
+        a = args if phase == "fwd" else (*args, do)
+        for who, f in (("", (fwd, fwdbwd)[i]), ("jla_run_", peer and peer[i])):
+            if f is None:
+                continue
+            try:
+                t0 = time.perf_counter()
+                jax.block_until_ready(f(*a))
+                row[key(f"{who}{phase}_compile_s")] = round(time.perf_counter() - t0, 2)
+                row[key(f"{who}{phase}_ms")] = common.median_ms(f, *a, reps=reps, inner=10)
+                row[key(f"{who}{phase}_sync_ms")] = common.median_ms(f, *a, reps=30)
+            except Exception as e:  # noqa: BLE001 - the row keeps the error, the script goes on
+                row[key(f"{who}{phase}_error")] = tail(e, 8)
+                print(f"{label} {who}{phase} FAILED:\n{tail(e)}")
+        jla = row.get(key(f"jla_run_{phase}_sync_ms")) or anchors.get(f"jla.{anchor}.{phase}_ms")
+        if jla and key(f"{phase}_sync_ms") in row:
+            row[key(f"jla_{phase}_ms")] = jla
+            row[key(f"ratio_{phase}")] = jla / row[key(f"{phase}_sync_ms")]
     return row
 
 

@@ -52,6 +52,22 @@ def _rel(a, b) -> float:
     return float(np.linalg.norm(np.where(fin, a - b, 0.0)) / max(den, 1e-30))
 
 
+def _where(g, c) -> dict:
+    """Where two arrays differ: rel error per index of axis 0, per 64-slice of axis 1, and per
+    index of axis 2 (for [B, Tp, H, ...] that is per batch row, per chunk and per head)."""
+    g, c = np.asarray(g, np.float64), np.asarray(c, np.float64)
+    out = {}
+    for ax, step in ((0, 1), (1, 64), (2, 1)):
+        if g.ndim <= ax or g.shape[ax] <= step:
+            continue
+        errs = []
+        for s in range(0, g.shape[ax], step):
+            sl = (slice(None),) * ax + (slice(s, s + step),)
+            errs.append(round(_rel(g[sl], c[sl]), 4))
+        out[f"axis{ax}"] = errs
+    return out
+
+
 def _nonfinite(x) -> int:
     return int((~np.isfinite(np.asarray(x, np.float32))).sum())
 
@@ -84,7 +100,8 @@ class Recorder:
                 self.report.append(dict(
                     call=self.i - 1, kernel=name,
                     outputs=[dict(shape=list(g.shape), rel=_rel(g, c),
-                                  gpu_nonfinite=_nonfinite(g), cpu_nonfinite=_nonfinite(c))
+                                  gpu_nonfinite=_nonfinite(g), cpu_nonfinite=_nonfinite(c),
+                                  where=_where(g, c) if not _rel(g, c) <= 1e-3 else None)
                              for g, c in zip(gpu_outs, outs, strict=True)]))
                 gpu = [jnp.asarray(g) for g in gpu_outs]       # downstream sees the GPU's values
                 return gpu if isinstance(out, (list, tuple)) else gpu[0]
@@ -271,7 +288,8 @@ def main(argv=None) -> int:
         try:
             r = diff(build, record_interpret=args.dry_run)
             bad = [f"{x['kernel']}#{x['call']}[{i}] {o['rel']:.3g}" +
-                   (f" nonfinite {o['gpu_nonfinite']}" if o["gpu_nonfinite"] else "")
+                   (f" nonfinite {o['gpu_nonfinite']}" if o["gpu_nonfinite"] else "") +
+                   f" where {o['where']}"
                    for x in r["report"] for i, o in enumerate(x["outputs"])
                    if not o["rel"] <= args.tol or o["gpu_nonfinite"] > o["cpu_nonfinite"]]
             r.update(case=label, ok=not bad, bad=bad)
