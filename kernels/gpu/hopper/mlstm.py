@@ -7,13 +7,16 @@ With l = logsigmoid(f), per chunk of L tokens F_i = sum_{s <= i} l_s (chunk-loca
 entering state (C_in, n_in, m_in), the recurrent stabiliser m_i and, for query row i and key
 column j <= i of the chunk in the same document,
 
-    log D_ij = F_i - F_j + i_j = a_i + b_j + m_i,    a_i = F_i - m_i,  b_j = i_j - F_j
-    w_i      = exp(F_i + m_in - m_i) on rows still in the document that entered the chunk, else 0
+    log D_ij = F_i - F_j + i_j = a_i + b_j + m_i,    a_i = F_i - m_i + log s,  b_j = i_j - F_j
+    w_i      = s exp(F_i + m_in - m_i) on rows still in the document that entered the chunk, else 0
     num_i    = sum_j (q_i . k_j) exp(a_i + b_j) v_j + w_i q_i C_in
     den_i    = sum_j (q_i . k_j) exp(a_i + b_j)     + w_i q_i . n_in
     h_i      = num_i / (max(|den_i|, exp(-m_i)) + eps)
 
-m is the recurrent m_t itself, m_t = max(l_t + m_{t-1}, i_t) (0 again after a reset), one max-plus
+with q unscaled and s the op's `scale`, folded into the row factors a and w in float32: a q
+scaled in bf16 would be rounded (s = 128^-0.5 is no power of two), and that rounding cost the
+gradients 4 % at K = 128 (0.35 % at K = 64, where s = 1/8 is exact). m is the recurrent m_t
+itself, m_t = max(l_t + m_{t-1}, i_t) (0 again after a reset), one max-plus
 associative scan in XLA (`gates.running_max`) formed before any matmul, so the kernels need no
 online rescaling and every exponent is <= 0. The chunk states come from the float32 chunk
 recurrence in XLA (`_states`: per chunk a [K, L] x [L, V + 1] matmul, the normaliser a column of
@@ -60,6 +63,7 @@ L <= 128 at K = V = 128 (L = 256 at 64).
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -126,15 +130,15 @@ def _states(k, v, i, lf, h0, segment_ids, T, L):
     return S_in, m_in, (S_fin[..., :V], S_fin[..., V], m_fin)
 
 
-def _rows(lf, ig, m, m_in, doc, L):
+def _rows(lf, ig, m, m_in, doc, L, scale):
     """The kernels' rows [B, H, R, Tp] (`mlstm_fwd.ROWS`) from [B, H, Tp] float32 rows (doc
-    [B, Tp] or None) and m_in [B, H, NL]."""
+    [B, Tp] or None) and m_in [B, H, NL]; the scale in a and w (the module docstring)."""
     B, H, Tp = lf.shape
     chunks = lambda x: x.reshape(x.shape[:-1] + (Tp // L, L))            # noqa: E731
     F = jnp.cumsum(chunks(lf), -1)
-    w = jnp.exp(F + m_in[..., None] - chunks(m))
+    w = scale * jnp.exp(F + m_in[..., None] - chunks(m))
     F = F.reshape(B, H, Tp)
-    rows = [F - m, None, -m, ig - F]
+    rows = [F - m + math.log(scale), None, -m, ig - F]
     if doc is not None:
         d = chunks(doc)
         d_in = jnp.concatenate([jnp.zeros_like(d[:, :1, :1]), d[:, :-1, -1:]], axis=1)
@@ -145,15 +149,15 @@ def _rows(lf, ig, m, m_in, doc, L):
 
 
 @functools.cache
-def _core(cfg: HopperMlstmConfig, eps: float):
-    """custom_vjp of (qs, k, v, lf, ig, m, S_in, m_in, doc) -> h over the padded inputs: q scaled,
+def _core(cfg: HopperMlstmConfig, eps: float, scale: float):
+    """custom_vjp of (q, k, v, lf, ig, m, S_in, m_in, doc) -> h over the padded inputs: q unscaled,
     rows [B, H, Tp] float32 (doc [B, Tp] float32 or None), the entering states [C | n]
     [B, H, NL, K, V + 1] and m_in [B, H, NL] float32."""
     L = cfg.chunk
 
     def operands(qs, k, v, lf, ig, m, S_in, m_in, doc):
         V = v.shape[-1]
-        return (qs, k, v, _rows(lf, ig, m, m_in, doc, L), S_in[..., :V].astype(v.dtype),
+        return (qs, k, v, _rows(lf, ig, m, m_in, doc, L, scale), S_in[..., :V].astype(v.dtype),
                 S_in[..., V])
 
     def forward(*args):
@@ -205,7 +209,6 @@ def mlstm(q, k, v, i, f, *, scale, initial_state, segment_ids, chunk_size, eps, 
     S_in, m_in, state = _states(pad(k), pad(v), ip, pad(lf), h0, segment_ids, T, L)
     hm = lambda x: jnp.moveaxis(x, 1, 2)                                  # noqa: E731
     doc = None if segment_ids is None else padded_doc(segment_ids, Tp).astype(f32)
-    qs = (q.astype(f32) * scale).astype(q.dtype)
-    h = _core(cfg, float(eps))(pad(qs), pad(k), pad(v), hm(pad(lf)), hm(ip), hm(pad(m, "edge")),
-                               S_in, m_in, doc)
+    h = _core(cfg, float(eps), float(scale))(pad(q), pad(k), pad(v), hm(pad(lf)), hm(ip),
+                                             hm(pad(m, "edge")), S_in, m_in, doc)
     return h[:, :T].astype(v.dtype), state
