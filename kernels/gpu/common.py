@@ -200,6 +200,16 @@ def entry(q, v, segment_ids, chunk_size, config):
     return p, doc
 
 
+def gated_entry(q, v, g, segment_ids, chunk_size, config):
+    """`entry` for the ops with a log-decay gate g (None, [B, T, H] or [B, T, H, K]): (Padded,
+    doc, the Ctx of g's kind, g padded in float32: zeros [B, Tp, H] where there is none)."""
+    p, doc = entry(q, v, segment_ids, chunk_size, config)
+    kind = "none" if g is None else ("scalar" if g.ndim == 3 else "vector")
+    ctx = Ctx(p.cfg, kind, segment_ids is not None, p.dtype == F32)
+    B, _, H, _ = q.shape
+    return p, doc, ctx, (jnp.zeros((B, p.Tp, H), F32) if g is None else p.gate(g))
+
+
 def prefix_sums(g, C):
     """G_i = sum_{s<=i} g_s inside each chunk of C rows along T: [B, Tp, H(, K)] float32. Each is a
     sum of exactly the gates of its span (no difference); the kernels take it for values only."""

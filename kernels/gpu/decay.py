@@ -243,10 +243,7 @@ def decay(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size, config=N
     [B, T, H, K] log decays. Returns (o in v's dtype, S float32)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    p, doc = common.entry(q, v, segment_ids, chunk_size, config)
-    kind = "none" if g is None else ("scalar" if g.ndim == 3 else "vector")
-    ctx = Ctx(p.cfg, kind, segment_ids is not None, p.dtype == F32)
-    gp = jnp.zeros((B, p.Tp, H), F32) if g is None else p.gate(g)
+    p, doc, ctx, gp = common.gated_entry(q, v, g, segment_ids, chunk_size, config)
     o, S = _core(ctx, float(scale))(p(q, p.Kp), p(k, p.Kp), p(v, p.Vp), gp, doc,
                                     p.state(initial_state, B, H, K, V))
     return o[:, :T, :, :V].astype(v.dtype), S[:, :, :K, :V]

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import functools
 
-import jax.numpy as jnp
-
 from linear_jax.kernels.gpu import common, decay, delta_bwd, fused, intra, wy
 from linear_jax.kernels.gpu.chunk_state import state_pass
 from linear_jax.kernels.gpu.common import F32, Ctx
@@ -91,10 +89,7 @@ def delta(q, k, v, g, beta, *, scale, initial_state, segment_ids, chunk_size, co
     takes `TritonChunkConfig.default()`): (o in v's dtype, S float32)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    p, doc = common.entry(q, v, segment_ids, chunk_size, config)
-    kind = "none" if g is None else ("scalar" if g.ndim == 3 else "vector")
-    ctx = Ctx(p.cfg, kind, segment_ids is not None, p.dtype == F32)
-    gp = jnp.zeros((B, p.Tp, H), F32) if g is None else p.gate(g)
+    p, doc, ctx, gp = common.gated_entry(q, v, g, segment_ids, chunk_size, config)
     o, S = _core(ctx, float(scale))(p(q, p.Kp), p(k, p.Kp), p(v, p.Vp), gp, p.scalars(beta),
                                     p.state(initial_state, B, H, K, V), doc)
     return o[:, :T, :, :V].astype(v.dtype), S[:, :, :K, :V]
