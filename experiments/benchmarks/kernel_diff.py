@@ -130,10 +130,10 @@ def _segments(B, T, rng):
     return jnp.asarray(ids)
 
 
-def _chunk_case(op_name, K, V, over, B=1, T=256, H=2):
+def _chunk_case(op_name, K, V, over, B=1, T=256, H=2, seed=0):
     """(entry(cfg) -> f(*floats), config, float inputs, cotangents) for simple_gla / gla / delta;
     over["pieces"] None: the device's choice."""
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     n = lambda *s: rng.standard_normal(s).astype(np.float32)         # noqa: E731
     bf = jnp.bfloat16
     q, k, v = (jnp.asarray(n(B, T, H, K), bf), jnp.asarray(n(B, T, H, K) / np.sqrt(K), bf),
@@ -172,10 +172,10 @@ def _chunk_case(op_name, K, V, over, B=1, T=256, H=2):
     return entry, base, floats, cts
 
 
-def _selective_case(over):
+def _selective_case(over, seed=0):
     from linear_jax.kernels.gpu.hopper import selective as mod
     B, T, D, N = 1, 200, 128, 16
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     n = lambda *s: rng.standard_normal(s).astype(np.float32)         # noqa: E731
     bf = jnp.bfloat16
     floats = [jnp.asarray(n(B, T, D), bf), jnp.asarray(n(B, T, D) - 1.0, bf),
@@ -194,10 +194,10 @@ def _selective_case(over):
     return entry, HopperSelectiveConfig(**over), floats, cts
 
 
-def _mlstm_case(K, over, B=1, T=256, H=2):
+def _mlstm_case(K, over, B=1, T=256, H=2, seed=0):
     from linear_jax.kernels.gpu.hopper import mlstm as mod
     V = K
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     n = lambda *s: rng.standard_normal(s).astype(np.float32)         # noqa: E731
     bf = jnp.bfloat16
     floats = [jnp.asarray(n(B, T, H, K), bf), jnp.asarray(n(B, T, H, K), bf),
@@ -234,7 +234,8 @@ def cases(names, shape, pieces=None):
                                 lambda n=name, K=K, V=V, o=over: _chunk_case(n, K, V, o,
                                                                             **shape)))
         elif name == "selective":
-            out.append(("selective D=128 N=16", lambda: _selective_case({})))
+            out.append(("selective D=128 N=16", lambda: _selective_case(
+                {}, **{k: v for k, v in shape.items() if k == "seed"})))
         elif name == "mlstm":
             for K in (64, 128):
                 out.append((f"mlstm K=V={K} {shape}", lambda K=K: _mlstm_case(K, {}, **shape)))
@@ -274,7 +275,8 @@ def main(argv=None) -> int:
     p.add_argument("--ops", default="simple_gla,gla,delta,selective,mlstm")
     p.add_argument("--case", default="", help="only the cases whose label contains this")
     p.add_argument("--pieces", type=int, default=2, help="0: the device's choice")
-    p.add_argument("--shape", default="", help='e.g. "B=2,T=256,H=4" (chunk ops and mLSTM)')
+    p.add_argument("--shape", default="",
+                   help='e.g. "B=2,T=256,H=4,seed=1" (chunk ops and mLSTM; seed for all)')
     p.add_argument("--tol", type=float, default=2e-2)
     p.add_argument("--dry-run", action="store_true",
                    help="record in the interpreter too (checks this tool on a CPU: every rel 0)")
