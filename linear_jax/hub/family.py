@@ -16,6 +16,10 @@ The layout says how the stored array relates to ours:
 one value we implement, or listed as harmless (initialisation, generation and bookkeeping
 fields); anything else is a ValueError naming the field, so a checkpoint never loads into a
 model that computes something else.
+
+`decoder` builds the table of a Llama-style checkpoint (embedding, final norm, head, the two norms
+of each block) around what a family names per layer; `linears`, `experts` and the `SWIGLU` and
+`MIXTRAL_EXPERT` names fill it.
 """
 
 from __future__ import annotations
@@ -70,6 +74,43 @@ def fused_rows(groups: int, sizes) -> list[np.ndarray]:
     block = offsets[-1]
     return [np.concatenate([g * block + np.arange(offsets[i], offsets[i + 1])
                             for g in range(groups)]) for i in range(len(sizes))]
+
+
+# the gated MLP's projections, (checkpoint name, ours): Llama's, and a Mixtral expert's
+SWIGLU = (("gate_proj", "w_gate"), ("up_proj", "w_up"), ("down_proj", "w_down"))
+MIXTRAL_EXPERT = (("w1", "w_gate"), ("w3", "w_up"), ("w2", "w_down"))
+
+
+def linears(prefix: str, path: tuple, names) -> dict:
+    """torch Linear weights `{prefix}{theirs}.weight` as the kernels of our `path + (ours,)`, for
+    each (theirs, ours) of `names`."""
+    return {f"{prefix}{theirs}.weight": (path + (ours, "kernel"), "linear")
+            for theirs, ours in names}
+
+
+def experts(prefix: str, path: tuple, count: int, names) -> dict:
+    """Expert e's weights `{prefix}experts.{e}.{theirs}.weight` as slot e of our stacked
+    `path + (ours,)`, for each (theirs, ours) of `names`."""
+    return {f"{prefix}experts.{e}.{theirs}.weight": (Piece(path + (ours,), "linear", index=e),)
+            for e in range(count) for theirs, ours in names}
+
+
+def decoder(c: LMConfig, layer: Callable[[int, str, str, tuple], dict],
+            prefix: str = "model.") -> dict:
+    """The table of a Llama-style checkpoint: `{prefix}embed_tokens`, the final `{prefix}norm`,
+    `lm_head` unless the embeddings are tied, and per layer i, under `{prefix}layers.{i}.`, its
+    `input_layernorm` and `post_attention_layernorm` (the block's norm1 and norm2) and what
+    `layer(i, mixer, p, b)` names (p: that prefix, b: the block's path `("blocks", i)`)."""
+    t = {prefix + "embed_tokens.weight": (("embed",), "same"),
+         prefix + "norm.weight": (("norm", "scale"), "same")}
+    if not c.tie_embeddings:
+        t["lm_head.weight"] = (("head",), "linear")
+    for i, mixer in enumerate(c.layer_mixers()):
+        p, b = f"{prefix}layers.{i}.", ("blocks", i)
+        t[p + "input_layernorm.weight"] = (b + ("norm1", "scale"), "same")
+        t[p + "post_attention_layernorm.weight"] = (b + ("norm2", "scale"), "same")
+        t.update(layer(i, mixer, p, b))
+    return t
 
 
 @dataclasses.dataclass(frozen=True)

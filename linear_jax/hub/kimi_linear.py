@@ -30,7 +30,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from linear_jax.hub.family import Family, Fields, Piece
+from linear_jax.hub.family import (
+    MIXTRAL_EXPERT,
+    SWIGLU,
+    Family,
+    Fields,
+    Piece,
+    decoder,
+    experts,
+    linears,
+)
 from linear_jax.models import LMConfig
 
 NAME = "KimiLinearForCausalLM"
@@ -165,34 +174,18 @@ def to_hf(c: LMConfig) -> dict:
         "tie_word_embeddings": c.tie_embeddings, "dtype": c.param_dtype}
 
 
-def _linears(prefix: str, path: tuple, names) -> dict:
-    return {f"{prefix}{theirs}.weight": (path + (ours, "kernel"), "linear")
-            for theirs, ours in names}
-
-
-def _mlp(prefix: str, path: tuple) -> dict:
-    return _linears(prefix, path, [(f"{n}_proj", f"w_{n}") for n in ("gate", "up", "down")])
-
-
 def tensors(c: LMConfig, hf: dict | None = None) -> dict:
     release = "linear_attn_config" in (hf or {})
     hf = to_hf(c)
     C = hf["linear_num_heads"] * hf["linear_head_dim"]          # channels of each of q, k, v
-    t = {"model.embed_tokens.weight": (("embed",), "same"),
-         "model.norm.weight": (("norm", "scale"), "same")}
-    if not c.tie_embeddings:
-        t["lm_head.weight"] = (("head",), "linear")
-    for i, mixer in enumerate(c.layer_mixers()):
-        p, b = f"model.layers.{i}.", ("blocks", i)
+
+    def layer(i: int, mixer: str, p: str, b: tuple) -> dict:
         m, a, ffn = b + ("mixer",), p + "self_attn.", b + ("ffn",)
-        t[p + "input_layernorm.weight"] = (b + ("norm1", "scale"), "same")
-        t[p + "post_attention_layernorm.weight"] = (b + ("norm2", "scale"), "same")
         if mixer == "kda":
-            t.update(_linears(a, m, [("q_proj", "q_proj"), ("k_proj", "k_proj"),
-                                     ("v_proj", "v_proj"), ("b_proj", "b_proj"),
-                                     ("f_a_proj", "f_down"), ("f_b_proj", "f_up"),
-                                     ("g_a_proj", "gate_down"), ("g_b_proj", "gate_up"),
-                                     ("o_proj", "o_proj")]))
+            t = linears(a, m, [("q_proj", "q_proj"), ("k_proj", "k_proj"), ("v_proj", "v_proj"),
+                               ("b_proj", "b_proj"), ("f_a_proj", "f_down"),
+                               ("f_b_proj", "f_up"), ("g_a_proj", "gate_down"),
+                               ("g_b_proj", "gate_up"), ("o_proj", "o_proj")])
             for j, n in enumerate("qkv"):
                 t[a + f"{n}_conv1d.weight"] = (Piece(m + ("conv", "weight"), "conv",
                                                      cols=np.arange(j * C, (j + 1) * C)),)
@@ -202,23 +195,21 @@ def tensors(c: LMConfig, hf: dict | None = None) -> dict:
         else:
             q = ([("q_proj", "q_proj")] if hf["q_lora_rank"] is None else
                  [("q_a_proj", "q_a_proj"), ("q_b_proj", "q_b_proj")])
-            t.update(_linears(a, m, q + [("kv_a_proj_with_mqa", "kv_a_proj"),
-                                         ("kv_b_proj", "kv_b_proj"), ("o_proj", "o_proj")]))
+            t = linears(a, m, q + [("kv_a_proj_with_mqa", "kv_a_proj"),
+                                   ("kv_b_proj", "kv_b_proj"), ("o_proj", "o_proj")])
             norms = ["kv_a"] if hf["q_lora_rank"] is None else ["q_a", "kv_a"]
             for n in norms:
                 t[a + f"{n}_layernorm.weight"] = (m + (f"{n}_norm", "scale"), "same")
         moe = p + "block_sparse_moe."
         if c.layer_ffn(i) == "mlp":
-            t.update(_mlp(p + "mlp." if release else moe, ffn))
-            continue
+            return {**t, **linears(p + "mlp." if release else moe, ffn, SWIGLU)}
         r = ffn + ("routed",)
         t[moe + "gate.weight"] = (r + ("router", "kernel"), "linear")
         t[moe + "gate.e_score_correction_bias"] = (r + ("score_bias",), "same")
-        for e in range(c.num_experts):
-            for w, ours in (("w1", "w_gate"), ("w3", "w_up"), ("w2", "w_down")):
-                t[moe + f"experts.{e}.{w}.weight"] = (Piece(r + (ours,), "linear", index=e),)
-        t.update(_mlp(moe + "shared_experts.", ffn + ("shared",)))
-    return t
+        return {**t, **experts(moe, r, c.num_experts, MIXTRAL_EXPERT),
+                **linears(moe + "shared_experts.", ffn + ("shared",), SWIGLU)}
+
+    return decoder(c, layer)
 
 
 def matches(c: LMConfig) -> bool:

@@ -20,7 +20,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from linear_jax.hub.family import Family, Fields, Piece, fused_rows
+from linear_jax.hub.family import (
+    MIXTRAL_EXPERT,
+    Family,
+    Fields,
+    Piece,
+    decoder,
+    experts,
+    fused_rows,
+    linears,
+)
 from linear_jax.layers.minimax import minimax_decays
 from linear_jax.models import LMConfig
 
@@ -93,30 +102,23 @@ def tensors(c: LMConfig, hf: dict | None = None) -> dict:
     H = c.num_heads
     Dh = c.options("minimax_lightning").get("head_dim") or c.d_model // H
     qkv = fused_rows(H, (Dh, Dh, Dh))
-    t = {"model.embed_tokens.weight": (("embed",), "same"),
-         "model.norm.weight": (("norm", "scale"), "same")}
-    if not c.tie_embeddings:
-        t["lm_head.weight"] = (("head",), "linear")
-    for i, mixer in enumerate(c.layer_mixers()):
-        p, b = f"model.layers.{i}.", ("blocks", i)
+
+    def layer(i: int, mixer: str, p: str, b: tuple) -> dict:
         m, a, ffn = b + ("mixer",), p + "self_attn.", b + ("ffn",)
-        t[p + "input_layernorm.weight"] = (b + ("norm1", "scale"), "same")
-        t[p + "post_attention_layernorm.weight"] = (b + ("norm2", "scale"), "same")
         if mixer == "minimax_lightning":
-            t[a + "qkv_proj.weight"] = tuple(Piece(m + (n, "kernel"), "linear", r) for n, r in
-                                             zip(("q_proj", "k_proj", "v_proj"), qkv, strict=True))
-            t[a + "output_gate.weight"] = (m + ("g_proj", "kernel"), "linear")
-            t[a + "norm.weight"] = (m + ("norm", "scale"), "same")
-            t[a + "out_proj.weight"] = (m + ("o_proj", "kernel"), "linear")
+            fused = tuple(Piece(m + (n, "kernel"), "linear", r) for n, r in
+                          zip(("q_proj", "k_proj", "v_proj"), qkv, strict=True))
+            t = {a + "qkv_proj.weight": fused,
+                 a + "output_gate.weight": (m + ("g_proj", "kernel"), "linear"),
+                 a + "norm.weight": (m + ("norm", "scale"), "same"),
+                 a + "out_proj.weight": (m + ("o_proj", "kernel"), "linear")}
         else:
-            for n in ("q", "k", "v", "o"):
-                t[a + f"{n}_proj.weight"] = (m + (f"{n}_proj", "kernel"), "linear")
+            t = linears(a, m, [(f"{n}_proj", f"{n}_proj") for n in "qkvo"])
         moe = p + "block_sparse_moe."
         t[moe + "gate.weight"] = (ffn + ("router", "kernel"), "linear")
-        for e in range(c.num_experts):
-            for w, ours in (("w1", "w_gate"), ("w3", "w_up"), ("w2", "w_down")):
-                t[moe + f"experts.{e}.{w}.weight"] = (Piece(ffn + (ours,), "linear", index=e),)
-    return t
+        return {**t, **experts(moe, ffn, c.num_experts, MIXTRAL_EXPERT)}
+
+    return decoder(c, layer)
 
 
 def derived(c: LMConfig) -> dict:

@@ -38,7 +38,16 @@ from __future__ import annotations
 import dataclasses
 from functools import partial
 
-from linear_jax.hub.family import Family, Fields, Piece, fused_rows
+from linear_jax.hub.family import (
+    SWIGLU,
+    Family,
+    Fields,
+    Piece,
+    decoder,
+    experts,
+    fused_rows,
+    linears,
+)
 from linear_jax.models import LMConfig
 
 _HARMLESS = ("max_position_embeddings", "attention_dropout", "output_router_logits",
@@ -192,11 +201,6 @@ def to_hf(fmt: _Format, c: LMConfig) -> dict:
             "intermediate_size": c.ff_width}
 
 
-def _mlp(prefix: str, path: tuple) -> dict:
-    return {f"{prefix}.{n}_proj.weight": (path + (f"w_{n}", "kernel"), "linear")
-            for n in ("gate", "up", "down")}
-
-
 def _projections(fmt: _Format, c: LMConfig, m: tuple) -> dict:
     """The input projections of a Gated DeltaNet layer (path `m`), by their names after
     `linear_attn.`."""
@@ -218,19 +222,11 @@ def _projections(fmt: _Format, c: LMConfig, m: tuple) -> dict:
 
 
 def tensors(fmt: _Format, c: LMConfig, hf: dict | None = None) -> dict:
-    P = fmt.prefix
-    t = {P + "embed_tokens.weight": (("embed",), "same"),
-         P + "norm.weight": (("norm", "scale"), "same")}
-    if not c.tie_embeddings:
-        t["lm_head.weight"] = (("head",), "linear")
-    for i, mixer in enumerate(c.layer_mixers()):
-        p, b = f"{P}layers.{i}.", ("blocks", i)
-        m = b + ("mixer",)
-        t[p + "input_layernorm.weight"] = (b + ("norm1", "scale"), "same")
-        t[p + "post_attention_layernorm.weight"] = (b + ("norm2", "scale"), "same")
+    def layer(i: int, mixer: str, p: str, b: tuple) -> dict:
+        m, f = b + ("mixer",), b + ("ffn",)
         if mixer == "gated_deltanet":
             a = p + "linear_attn."
-            t.update({a + n: e for n, e in _projections(fmt, c, m).items()})
+            t = {a + n: e for n, e in _projections(fmt, c, m).items()}
             t[a + "conv1d.weight"] = (m + ("conv", "weight"), "conv")
             t[a + "dt_bias"] = (m + ("decay", "dt_bias"), "same")
             t[a + "A_log"] = (m + ("decay", "A_log"), "same")
@@ -238,22 +234,18 @@ def tensors(fmt: _Format, c: LMConfig, hf: dict | None = None) -> dict:
             t[a + "out_proj.weight"] = (m + ("o_proj", "kernel"), "linear")
         else:
             a = p + "self_attn."
-            for n in ("q", "k", "v", "o"):
-                t[a + f"{n}_proj.weight"] = (m + (f"{n}_proj", "kernel"), "linear")
+            t = linears(a, m, [(f"{n}_proj", f"{n}_proj") for n in "qkvo"])
             for n in ("q", "k"):
                 t[a + f"{n}_norm.weight"] = (m + (f"{n}_norm", "scale"), "same")
-        f = b + ("ffn",)
         if c.layer_ffn(i) == "mlp":
-            t.update(_mlp(p + "mlp", f))
-            continue
+            return {**t, **linears(p + "mlp.", f, SWIGLU)}
         t[p + "mlp.gate.weight"] = (f + ("routed", "router", "kernel"), "linear")
-        for e in range(c.num_experts):
-            for n in ("gate", "up", "down"):
-                t[p + f"mlp.experts.{e}.{n}_proj.weight"] = (
-                    Piece(f + ("routed", f"w_{n}"), "linear", index=e),)
-        t.update(_mlp(p + "mlp.shared_expert", f + ("shared",)))
+        t.update(experts(p + "mlp.", f + ("routed",), c.num_experts, SWIGLU))
+        t.update(linears(p + "mlp.shared_expert.", f + ("shared",), SWIGLU))
         t[p + "mlp.shared_expert_gate.weight"] = (f + ("shared_gate", "kernel"), "linear")
-    return t
+        return t
+
+    return decoder(c, layer, fmt.prefix)
 
 
 def matches(fmt: _Format, c: LMConfig) -> bool:

@@ -31,12 +31,13 @@ from flax import nnx
 from linear_jax.layers.common import (
     DEFAULT_STD,
     RMSNorm,
+    begin,
     dense,
-    enter,
     heads,
     leave,
     merge_heads,
     new_seg,
+    op_kw,
     out_std,
 )
 from linear_jax.layers.short_conv import ShortConv
@@ -64,8 +65,7 @@ class QKVMixer(nnx.Module):
         self.d_model, self.H, self.Hk, self.K, self.V, self.steps = d_model, H, Hk, key_dim, \
             value_dim, steps
         self.std = std           # the init std a subclass gives its own (gate) projections
-        # hashable: static graph data
-        self.op_kw = (("chunk_size", chunk_size), ("impl", impl), ("config", kernel_config))
+        self.op_kw = op_kw(chunk_size, impl, kernel_config)
         self.dims = (Hk * key_dim, steps * Hk * key_dim, steps * H * value_dim)
         mk = partial(dense, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.q_proj = mk(d_model, self.dims[0], ("embed", "heads"), std=std)
@@ -100,8 +100,7 @@ class QKVMixer(nnx.Module):
     def __call__(self, x, *, segment_ids=None, cache=None, seq_parallel=None):
         if not self.SEQ_PARALLEL:
             dispatch.unsupported(self, seq_parallel)
-        cache = self.init_cache(x.shape[0], x.dtype) if cache is None else cache
-        states = enter(cache, segment_ids)
+        cache, states = begin(self, x, cache, segment_ids)
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         new = {}
         if self.conv is not None:

@@ -114,6 +114,19 @@ def new_seg(batch_size: int):
     return jnp.zeros((batch_size,), jnp.int32)
 
 
+def begin(layer, x, cache, segment_ids) -> tuple[dict, dict]:
+    """(cache, states) a call of `layer` on x [B, T, D] starts from: `cache`, or the layer's
+    `init_cache` when None, and its states after `enter`."""
+    cache = layer.init_cache(x.shape[0], x.dtype) if cache is None else cache
+    return cache, enter(cache, segment_ids)
+
+
+def op_kw(chunk_size: int, impl: str, kernel_config) -> tuple:
+    """What a layer keeps of its op's `chunk_size=`, `impl=` and `config=` and calls it with as
+    `**dict(self.op_kw)`: pairs, hashable, so static graph data."""
+    return (("chunk_size", chunk_size), ("impl", impl), ("config", kernel_config))
+
+
 def inv_softplus(y):
     return y + jnp.log(-jnp.expm1(-y))
 

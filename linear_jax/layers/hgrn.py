@@ -24,12 +24,13 @@ from flax import nnx
 from linear_jax.layers.common import (
     DEFAULT_STD,
     RMSNorm,
+    begin,
     dense,
-    enter,
     heads,
     leave,
     merge_heads,
     new_seg,
+    op_kw,
     out_std,
 )
 from linear_jax.parallel import dispatch
@@ -44,8 +45,7 @@ class HGRN(nnx.Module):
                  num_layers: int | None = None, std: float = DEFAULT_STD, rngs: nnx.Rngs,
                  dtype=None, param_dtype=jnp.float32):
         self.D, self.H, self.lower_bound = d_model, num_heads, lower_bound
-        # hashable: static graph data
-        self.op_kw = (("chunk_size", chunk_size), ("impl", impl), ("config", kernel_config))
+        self.op_kw = op_kw(chunk_size, impl, kernel_config)
         mk = partial(dense, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.i_proj = mk(d_model, d_model, ("embed", "heads"), std=std)
         self.f_proj = mk(d_model, d_model, ("embed", "heads"), std=std)
@@ -58,8 +58,7 @@ class HGRN(nnx.Module):
         return {"state": jnp.zeros((batch_size, self.D), jnp.float32), "seg": new_seg(batch_size)}
 
     def __call__(self, x, *, segment_ids=None, cache=None, seq_parallel=None):
-        cache = self.init_cache(x.shape[0]) if cache is None else cache
-        states = enter(cache, segment_ids)
+        cache, states = begin(self, x, cache, segment_ids)
         f = self.f_proj(x).astype(jnp.float32)
         if self.lower_bound:
             g = jnp.log(self.lower_bound + (1 - self.lower_bound) * jax.nn.sigmoid(f))

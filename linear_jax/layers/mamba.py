@@ -32,11 +32,12 @@ from flax import nnx
 
 from linear_jax.layers.common import (
     DEFAULT_STD,
+    begin,
     dense,
     dt_bias_init,
-    enter,
     leave,
     new_seg,
+    op_kw,
     out_std,
     param,
 )
@@ -58,8 +59,7 @@ class Mamba(nnx.Module):
         E, N = expand * d_model, d_state
         self.E, self.N, self.R = E, N, dt_rank or math.ceil(d_model / 16)
         self.allow_neg_eigval = allow_neg_eigval
-        # hashable: static graph data
-        self.op_kw = (("chunk_size", chunk_size), ("impl", impl), ("config", kernel_config))
+        self.op_kw = op_kw(chunk_size, impl, kernel_config)
         mk = partial(dense, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.in_proj = mk(d_model, 2 * E, ("embed", "mlp"), std=std)
         self.conv = ShortConv(E, d_conv, activation="silu", use_bias=True, axis="mlp", rngs=rngs,
@@ -80,8 +80,7 @@ class Mamba(nnx.Module):
 
     def __call__(self, x, *, segment_ids=None, cache=None, seq_parallel=None):
         unsupported(self, seq_parallel)
-        cache = self.init_cache(x.shape[0], x.dtype) if cache is None else cache
-        states = enter(cache, segment_ids)
+        cache, states = begin(self, x, cache, segment_ids)
         xs, z = jnp.split(self.in_proj(x), 2, axis=-1)
         u, conv = self.conv(xs, segment_ids=segment_ids, state=states["conv"].astype(xs.dtype))
         dt, Bm, Cm = jnp.split(self.x_proj(u), [self.R, self.R + self.N], axis=-1)

@@ -33,11 +33,12 @@ from linear_jax.layers.common import (
     DEFAULT_STD,
     RMSNorm,
     a_log_init,
+    begin,
     dense,
     dt_bias_init,
-    enter,
     leave,
     new_seg,
+    op_kw,
     out_std,
     param,
 )
@@ -66,8 +67,7 @@ class Mamba2(nnx.Module):
         self.E, self.H, self.G, self.N, self.P = E, H, G, N, E // H
         self.norm_groups, self.norm_eps = norm_groups, norm_eps
         self.allow_neg_eigval = allow_neg_eigval
-        # hashable: static graph data
-        self.op_kw = (("chunk_size", chunk_size), ("impl", impl), ("config", kernel_config))
+        self.op_kw = op_kw(chunk_size, impl, kernel_config)
         mk = partial(dense, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.in_proj = mk(d_model, 2 * E + 2 * G * N + H, ("embed", "mlp"), std=std)
         self.conv = ShortConv(E + 2 * G * N, d_conv, activation="silu", use_bias=True,
@@ -110,8 +110,7 @@ class Mamba2(nnx.Module):
         return y.astype(xs.dtype), S.reshape(state.shape)
 
     def __call__(self, x, *, segment_ids=None, cache=None, seq_parallel=None):
-        cache = self.init_cache(x.shape[0], x.dtype) if cache is None else cache
-        states = enter(cache, segment_ids)
+        cache, states = begin(self, x, cache, segment_ids)
         E, GN = self.E, self.G * self.N
         z, xbc, dt = jnp.split(self.in_proj(x), [E, 2 * E + 2 * GN], axis=-1)
         xbc, conv = self.conv(xbc, segment_ids=segment_ids, state=states["conv"].astype(x.dtype),

@@ -38,11 +38,12 @@ from flax import nnx
 from linear_jax.layers.common import (
     DEFAULT_STD,
     RMSNorm,
+    begin,
     dense,
     dt_bias_init,
-    enter,
     leave,
     new_seg,
+    op_kw,
     out_std,
     param,
 )
@@ -65,7 +66,7 @@ class Mamba3(nnx.Module):
         self.E, self.H, self.G, self.N, self.P = E, H, G, N, E // H
         self.R = max(int(N * rope_fraction) // 2, 1)
         self.A_floor, self.r = A_floor, mimo_rank
-        self.op_kw = (("chunk_size", chunk_size), ("impl", impl), ("config", kernel_config))
+        self.op_kw = op_kw(chunk_size, impl, kernel_config)
         mk = partial(dense, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         p = partial(param, rngs, param_dtype=param_dtype)
         r = mimo_rank
@@ -92,8 +93,7 @@ class Mamba3(nnx.Module):
                 "v_last": jnp.zeros((B, H) + rank + (P,), jnp.float32), "seg": new_seg(B)}
 
     def __call__(self, x, *, segment_ids=None, cache=None, seq_parallel=None):
-        cache = self.init_cache(x.shape[0], x.dtype) if cache is None else cache
-        states = enter(cache, segment_ids)
+        cache, states = begin(self, x, cache, segment_ids)
         H, N, P = self.H, self.N, self.P
         z, xs, Bm, Cm, dt, a, trap, phi = jnp.split(self.in_proj(x), self.splits, axis=-1)
         f32 = lambda t: t.astype(jnp.float32)

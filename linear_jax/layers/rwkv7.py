@@ -37,12 +37,13 @@ from flax import nnx
 
 from linear_jax.layers.common import (
     DEFAULT_STD,
+    begin,
     dense,
-    enter,
     heads,
     leave,
     merge_heads,
     new_seg,
+    op_kw,
     out_std,
     param,
 )
@@ -70,7 +71,7 @@ class RWKV7(nnx.Module):
         self.D, self.H, self.K = D, H, D // H
         self.eps = self.K * 1e-5 if norm_eps is None else norm_eps     # RWKV-7's group norm eps
         self.dtype = dtype
-        self.op_kw = (("chunk_size", chunk_size), ("impl", impl), ("config", kernel_config))
+        self.op_kw = op_kw(chunk_size, impl, kernel_config)
         mk = partial(dense, rngs=rngs, dtype=dtype, param_dtype=param_dtype, std=std)
         p = partial(param, rngs, param_dtype=param_dtype)
         self.mix = p(nnx.initializers.uniform(1.0), (len(_MIXES), D), (None, "embed"))
@@ -109,8 +110,7 @@ class RWKV7(nnx.Module):
     def with_value(self, x, v_first, *, segment_ids=None, cache=None, seq_parallel=None):
         """The layer given the first layer's value v_first [B, T, D] (None: its own). Returns
         (y, cache, v_first for the layers after it: its own v in the first layer)."""
-        cache = self.init_cache(x.shape[0], x.dtype) if cache is None else cache
-        states = enter(cache, segment_ids)
+        cache, states = begin(self, x, cache, segment_ids)
         dtype = self.dtype or x.dtype
         x = x.astype(dtype)
         # x_{t-1} (zero before a document's first token) through a fixed width-2 convolution
