@@ -216,6 +216,25 @@ def produce(issue, count, stages: int, used_bar):
         pl.when(s < count)(lambda s=s: plgpu.barrier_wait(used_bar.at[s]))
 
 
+def program_items(items: int, progs: int):
+    """(program pid, warpgroup, how many items it takes) of a persistent grid ("p", "wg") of
+    `progs` programs over `items` work items, program pid taking items pid, pid + progs, ..."""
+    pid, w = lax.axis_index("p"), lax.axis_index("wg")
+    return pid, w, lax.div(items - pid + progs - 1, progs)
+
+
+def grid_item(item, H: int, N: int, NKB: int | None = None):
+    """(b, h, chunk n) of work item `item` of a chunk-parallel grid over B H N items, the chunk
+    fastest; with NKB key blocks a chunk, (b, h, n, kb) over B H N NKB items, the key block
+    fastest."""
+    head = ()
+    if NKB is not None:
+        kb, item = lax.rem(item, NKB), lax.div(item, NKB)
+        head = (kb,)
+    n, bh = lax.rem(item, N), lax.div(item, N)
+    return (lax.div(bh, H), lax.rem(bh, H), n) + head
+
+
 def prod(a, b, acc=None, *, ta=False, tb=False):
     """One product for `Ops.mm`."""
     return (a, b, acc, ta, tb)

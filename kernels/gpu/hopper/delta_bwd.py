@@ -71,11 +71,13 @@ from linear_jax.kernels.gpu.hopper.common import (
     Ops,
     check_smem,
     f32,
+    grid_item,
     interpreting,
     load,
     mm_sum,
     pl,
     plgpu,
+    program_items,
     smem,
     term,
 )
@@ -199,21 +201,15 @@ def grad(q, k, do, u, dbv, rows, states, dstates, *, names, scale, cfg):
     R = rows.shape[2]
     shape = (C, C)
 
-    def decode(item):
-        kb, rest = lax.rem(item, NKB), lax.div(item, NKB)
-        n, bh = lax.rem(rest, N), lax.div(rest, N)
-        return lax.div(bh, H), lax.rem(bh, H), n, kb
-
     def body(q_ref, k_ref, do_ref, u_ref, bv_ref, g_ref, s_ref, ds_ref, dq_ref, dk_ref, stats_ref,
              qs, ks, dos, us, bvs, gs, ss, dss, da_s, dk_s, *refs):
         refs = list(refs)
         up_s = refs.pop(0) if gated else None
         sts, in_bar, used_bar = refs
-        pid, w = lax.axis_index("p"), lax.axis_index("wg")
-        count = lax.div(items - pid + progs - 1, progs)   # items pid, pid + progs, ...
+        pid, w, count = program_items(items, progs)
 
         def issue(i, slot):
-            b, h, n, kb = decode(pid + i * progs)
+            b, h, n, kb = grid_item(pid + i * progs, H, N, NKB)
             t, kr = pl.ds(n * C, C), pl.ds(kb * LANES, LANES)
             bar = in_bar.at[slot]
             load(bar, slot, (q_ref.at[b, t, h, kr], qs), (k_ref.at[b, t, h, kr], ks))
@@ -235,7 +231,7 @@ def grad(q, k, do, u, dbv, rows, states, dstates, *, names, scale, cfg):
             @pl.loop(0, count)
             def _(i):
                 slot = lax.rem(i, stages)
-                b, h, n, kb = decode(pid + i * progs)
+                b, h, n, kb = grid_item(pid + i * progs, H, N, NKB)
                 t, kr = pl.ds(n * C, C), pl.ds(kb * LANES, LANES)
                 qq, kk, dd, uu, bv, g = (qs.at[slot], ks.at[slot], dos.at[slot], us.at[slot],
                                          bvs.at[slot], gs.at[slot])
