@@ -235,6 +235,36 @@ def grid_item(item, H: int, N: int, NKB: int | None = None):
     return (lax.div(bh, H), lax.rem(bh, H), n) + head
 
 
+def enter_blocks(ops, src, kblk, fw, bar, sw, dt):
+    """A walk's entering state as float32 [64, 64] register blocks, one per key block kr of kblk
+    (a warpgroup's value columns): read from the GMEM view src(kr) through the float32 tile fw
+    (src None: zeros) and, with a state tile sw (not None), also stored to it in dt."""
+    S = []
+    for kr in kblk:                               # the entering state, 64 rows at a time
+        if src is not None:
+            plgpu.copy_gmem_to_smem(src(kr), fw, bar)
+            plgpu.barrier_wait(bar)
+            blk = ops.acc(fw[...])
+        else:
+            blk = ops.zeros((LANES, LANES))
+        S.append(blk)
+        if sw is not None:
+            sw[kr, :] = blk.astype(dt)
+        if src is not None or sw is not None:
+            plgpu.commit_smem()                   # also: fw is read before it is reused
+    return S
+
+
+def write_blocks(S, kblk, fw, dst):
+    """A walk's float32 state blocks S[i] (key block kblk[i]) to the GMEM views dst(kr), 64 rows
+    at a time through the float32 tile fw."""
+    for i, kr in enumerate(kblk):
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        fw[...] = S[i]
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(fw, dst(kr))
+
+
 def prod(a, b, acc=None, *, ta=False, tb=False):
     """One product for `Ops.mm`."""
     return (a, b, acc, ta, tb)

@@ -297,6 +297,16 @@ def prep(k, v, rows, *, names, cfg, residuals):
     return kernel(k, v, rows)
 
 
+def walk_setup(q, v, cfg):
+    """(B, Tp, H, K, V, C, dt, N, NW, NKB, stages, ops) of a walk (forward or reverse) on the grid
+    (B, H): q [B, Tp, H, K], v [B, Tp, H, V]; N chunks of C rows, NW value warpgroups, NKB key
+    blocks of 64, stages SMEM slots."""
+    B, Tp, H, K = q.shape
+    V, C, dt = v.shape[-1], cfg.chunk, q.dtype
+    N, NW, NKB = Tp // C, V // LANES, K // LANES
+    return B, Tp, H, K, V, C, dt, N, NW, NKB, min(cfg.stages, N), Ops(interpreting(cfg))
+
+
 # -- the forward walk -----------------------------------------------------------------------------
 def walk(q, k, wm, u0, rows, s0, *, names, scale, cfg, residuals):
     """The sequential forward walk over the chunks of each (b, h).
@@ -305,11 +315,7 @@ def walk(q, k, wm, u0, rows, s0, *, names, scale, cfg, residuals):
     (hi, lo) [B, H, K, V] in q's dtype. Returns o [B, Tp, H, V], the final state as (hi, lo), and
     with `residuals` the entering states [B, H, N, K, V] and u [B, Tp, H, V] (q's dtype).
     """
-    B, Tp, H, K = q.shape
-    V, C, dt = u0.shape[-1], cfg.chunk, q.dtype
-    N, NW, NKB = Tp // C, V // LANES, K // LANES
-    stages = min(cfg.stages, N)
-    ops = Ops(interpreting(cfg))
+    B, Tp, H, K, V, C, dt, N, NW, NKB, stages, ops = walk_setup(q, u0, cfg)
     R = rows.shape[2]
     blk = (C, LANES)
 

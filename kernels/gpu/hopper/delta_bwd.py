@@ -86,6 +86,7 @@ from linear_jax.kernels.gpu.hopper.delta import (
     pairs,
     row_vec,
     store_state,
+    walk_setup,
 )
 
 N_STATS = 5          # Qq + Qi, Qk, the pair term R, Qd, dbeta (without the dB_v v term)
@@ -95,11 +96,7 @@ def walk_rev(q, k, do, wm, tm, rows, dS, *, names, scale, cfg):
     """The reverse walk. q, k, wm (-W) [B, Tp, H, K]; do [B, Tp, H, V]; tm (T) [B, H, N, C, C];
     rows `delta.delta_rows`; dS the cotangent of the final state as (hi, lo) [B, H, K, V].
     Returns dB_v [B, Tp, H, V], dS_0 as (hi, lo) and every dS_n+1 [B, H, N, K, V] (q's dtype)."""
-    B, Tp, H, K = q.shape
-    V, C, dt = do.shape[-1], cfg.chunk, q.dtype
-    N, NW, NKB = Tp // C, V // LANES, K // LANES
-    stages = min(cfg.stages, N)
-    ops = Ops(interpreting(cfg))
+    B, Tp, H, K, V, C, dt, N, NW, NKB, stages, ops = walk_setup(q, do, cfg)
     R = rows.shape[2]
     blk = (C, LANES)
 
