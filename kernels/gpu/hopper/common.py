@@ -1,5 +1,6 @@
 """Shared pieces of the Hopper (Mosaic GPU) kernels: the register/matmul vocabulary, SMEM tiles,
-input checks and padding, and the per-token gate rows every scalar-gate kernel reads.
+input checks and padding, the persistent grids' work items, the walks' state load and write-back,
+and the per-token gate rows every scalar-gate kernel reads.
 
 Layouts. A compute warpgroup holds [64, N] float32 tiles in the wgmma accumulator layout
 (`Layout.WGMMA`); a vector indexed by the rows of such a tile is `WGMMA.reduce(1)` ("row"), one
@@ -233,6 +234,13 @@ def grid_item(item, H: int, N: int, NKB: int | None = None):
         head = (kb,)
     n, bh = lax.rem(item, N), lax.div(item, N)
     return (lax.div(bh, H), lax.rem(bh, H), n) + head
+
+
+def key_tile_item(item, H: int, N: int, NKB: int, C: int):
+    """(b, h, n, kb, the chunk's rows t, the key block's columns kr) of work item `item` of a
+    chunk-parallel grid over B H N NKB items (`grid_item`), chunks of C rows."""
+    b, h, n, kb = grid_item(item, H, N, NKB)
+    return b, h, n, kb, pl.ds(n * C, C), pl.ds(kb * LANES, LANES)
 
 
 def enter_blocks(ops, src, kblk, fw, bar, sw, dt):

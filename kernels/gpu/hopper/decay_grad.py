@@ -36,6 +36,7 @@ from linear_jax.kernels.gpu.hopper.common import (
     f32,
     grid_item,
     interpreting,
+    key_tile_item,
     load,
     pl,
     plgpu,
@@ -233,8 +234,7 @@ def _grad_tiles(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
         pid, w, count = program_items(items, progs)
 
         def issue(i, slot):
-            b, h, n, kb = grid_item(pid + i * progs, H, N, NKB)
-            t, kr = pl.ds(n * C, C), pl.ds(kb * LANES, LANES)
+            b, h, n, kb, t, kr = key_tile_item(pid + i * progs, H, N, NKB, C)
             bar = in_bar.at[slot]
             for src, dst in ((q_ref, qs), (k_ref, ks), (v_ref, vs), (do_ref, dos)):
                 plgpu.copy_gmem_to_smem(src.at[b, t, h], dst.at[slot], bar)
@@ -255,8 +255,7 @@ def _grad_tiles(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
             @pl.loop(0, count)
             def _(i):
                 slot = lax.rem(i, stages)
-                b, h, n, kb = grid_item(pid + i * progs, H, N, NKB)
-                t, kr = pl.ds(n * C, C), pl.ds(kb * LANES, LANES)
+                b, h, n, kb, t, kr = key_tile_item(pid + i * progs, H, N, NKB, C)
                 qq, kk, vv, dd = qs.at[slot], ks.at[slot], vs.at[slot], dos.at[slot]
                 plgpu.barrier_wait(in_bar.at[slot])
                 QK, dP = ops.mm(prod(qq, kk, tb=True), prod(dd, vv, tb=True))

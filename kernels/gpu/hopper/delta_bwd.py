@@ -71,8 +71,8 @@ from linear_jax.kernels.gpu.hopper.common import (
     Ops,
     check_smem,
     f32,
-    grid_item,
     interpreting,
+    key_tile_item,
     load,
     mm_sum,
     pl,
@@ -206,8 +206,7 @@ def grad(q, k, do, u, dbv, rows, states, dstates, *, names, scale, cfg):
         pid, w, count = program_items(items, progs)
 
         def issue(i, slot):
-            b, h, n, kb = grid_item(pid + i * progs, H, N, NKB)
-            t, kr = pl.ds(n * C, C), pl.ds(kb * LANES, LANES)
+            b, h, n, kb, t, kr = key_tile_item(pid + i * progs, H, N, NKB, C)
             bar = in_bar.at[slot]
             load(bar, slot, (q_ref.at[b, t, h, kr], qs), (k_ref.at[b, t, h, kr], ks))
             for src, dst in ((do_ref, dos), (u_ref, us), (bv_ref, bvs)):
@@ -228,8 +227,7 @@ def grad(q, k, do, u, dbv, rows, states, dstates, *, names, scale, cfg):
             @pl.loop(0, count)
             def _(i):
                 slot = lax.rem(i, stages)
-                b, h, n, kb = grid_item(pid + i * progs, H, N, NKB)
-                t, kr = pl.ds(n * C, C), pl.ds(kb * LANES, LANES)
+                b, h, n, kb, t, kr = key_tile_item(pid + i * progs, H, N, NKB, C)
                 qq, kk, dd, uu, bv, g = (qs.at[slot], ks.at[slot], dos.at[slot], us.at[slot],
                                          bvs.at[slot], gs.at[slot])
                 sn, dsn = ss.at[slot], dss.at[slot]
