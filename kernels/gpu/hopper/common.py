@@ -243,6 +243,15 @@ def key_tile_item(item, H: int, N: int, NKB: int, C: int):
     return b, h, n, kb, pl.ds(n * C, C), pl.ds(kb * LANES, LANES)
 
 
+def walk_outputs(B, Tp, H, K, V, N, dt, *, final: bool, residuals: bool):
+    """The outputs of a walk that writes o: o [B, Tp, H, V] in dt, with `final` the last state
+    [B, H, K, V] float32, with `residuals` every chunk's entering state [B, H, N, K, V] in dt."""
+    out_type = [jax.ShapeDtypeStruct((B, Tp, H, V), dt)]
+    out_type += [jax.ShapeDtypeStruct((B, H, K, V), f32)] if final else []
+    out_type += [jax.ShapeDtypeStruct((B, H, N, K, V), dt)] if residuals else []
+    return out_type
+
+
 def enter_blocks(ops, src, kblk, fw, bar, sw, dt):
     """A walk's entering state as float32 [64, 64] register blocks, one per key block kr of kblk
     (a warpgroup's value columns): read from the GMEM view src(kr) through the float32 tile fw

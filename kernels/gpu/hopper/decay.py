@@ -104,6 +104,7 @@ from linear_jax.kernels.gpu.hopper.common import (
     raw_gate_rows,
     row_names,
     smem,
+    walk_outputs,
     write_blocks,
 )
 from linear_jax.kernels.gpu.hopper.decay_grad import gate_grad_tiles, grad
@@ -265,9 +266,7 @@ def walk(x, y, z, rows, s0, *, names, read_row, write_row, reverse, scale, cfg, 
             plgpu.wait_smem_to_gmem(0)
 
     if out_mode:
-        out_type = [jax.ShapeDtypeStruct((B, Tp, H, V), dt)]
-        out_type += [jax.ShapeDtypeStruct((B, H, K, V), f32)] if final else []
-        out_type += [jax.ShapeDtypeStruct((B, H, N, K, V), dt)] if residuals else []
+        out_type = walk_outputs(B, Tp, H, K, V, N, dt, final=final, residuals=residuals)
     else:
         out_type = [jax.ShapeDtypeStruct((B, H, P, K, V), f32)]
         out_type += [jax.ShapeDtypeStruct((B, H, P, 1, C), f32)] if track else []

@@ -103,6 +103,7 @@ from linear_jax.kernels.gpu.hopper.common import (
     smem,
     split_hi_lo,
     term,
+    walk_outputs,
     write_blocks,
 )
 from linear_jax.ops.common.chunking import pad_time
@@ -427,9 +428,7 @@ def walk(x, y, z, A, dec, s0, *, reverse, cfg, residuals=False, pieces=1, emit="
             plgpu.wait_smem_to_gmem(0)
 
     if out_mode:
-        out_type = [jax.ShapeDtypeStruct((B, Tp, H, V), dt)]
-        out_type += [jax.ShapeDtypeStruct((B, H, K, V), f32)] if final else []
-        out_type += [jax.ShapeDtypeStruct((B, H, N, K, V), dt)] if residuals else []
+        out_type = walk_outputs(B, Tp, H, K, V, N, dt, final=final, residuals=residuals)
     else:
         out_type = [jax.ShapeDtypeStruct((B, H, P, K, V), f32),
                     jax.ShapeDtypeStruct((B, H, P, NKB, LANES), f32)]
