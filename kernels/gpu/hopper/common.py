@@ -1,5 +1,6 @@
 """Shared pieces of the Hopper (Mosaic GPU) kernels: the register/matmul vocabulary, SMEM tiles,
-input checks and padding, and the per-token gate rows every scalar-gate kernel reads.
+input checks and padding, the persistent grids' work items, the walks' state load and write-back,
+and the per-token gate rows every scalar-gate kernel reads.
 
 Layouts. A compute warpgroup holds [64, N] float32 tiles in the wgmma accumulator layout
 (`Layout.WGMMA`); a vector indexed by the rows of such a tile is `WGMMA.reduce(1)` ("row"), one
@@ -214,6 +215,71 @@ def produce(issue, count, stages: int, used_bar):
 
     for s in range(stages):
         pl.when(s < count)(lambda s=s: plgpu.barrier_wait(used_bar.at[s]))
+
+
+def program_items(items: int, progs: int):
+    """(program pid, warpgroup, how many items it takes) of a persistent grid ("p", "wg") of
+    `progs` programs over `items` work items, program pid taking items pid, pid + progs, ..."""
+    pid, w = lax.axis_index("p"), lax.axis_index("wg")
+    return pid, w, lax.div(items - pid + progs - 1, progs)
+
+
+def grid_item(item, H: int, N: int, NKB: int | None = None):
+    """(b, h, chunk n) of work item `item` of a chunk-parallel grid over B H N items, the chunk
+    fastest; with NKB key blocks a chunk, (b, h, n, kb) over B H N NKB items, the key block
+    fastest."""
+    head = ()
+    if NKB is not None:
+        kb, item = lax.rem(item, NKB), lax.div(item, NKB)
+        head = (kb,)
+    n, bh = lax.rem(item, N), lax.div(item, N)
+    return (lax.div(bh, H), lax.rem(bh, H), n) + head
+
+
+def key_tile_item(item, H: int, N: int, NKB: int, C: int):
+    """(b, h, n, kb, the chunk's rows t, the key block's columns kr) of work item `item` of a
+    chunk-parallel grid over B H N NKB items (`grid_item`), chunks of C rows."""
+    b, h, n, kb = grid_item(item, H, N, NKB)
+    return b, h, n, kb, pl.ds(n * C, C), pl.ds(kb * LANES, LANES)
+
+
+def walk_outputs(B, Tp, H, K, V, N, dt, *, final: bool, residuals: bool):
+    """The outputs of a walk that writes o: o [B, Tp, H, V] in dt, with `final` the last state
+    [B, H, K, V] float32, with `residuals` every chunk's entering state [B, H, N, K, V] in dt."""
+    out_type = [jax.ShapeDtypeStruct((B, Tp, H, V), dt)]
+    out_type += [jax.ShapeDtypeStruct((B, H, K, V), f32)] if final else []
+    out_type += [jax.ShapeDtypeStruct((B, H, N, K, V), dt)] if residuals else []
+    return out_type
+
+
+def enter_blocks(ops, src, kblk, fw, bar, sw, dt):
+    """A walk's entering state as float32 [64, 64] register blocks, one per key block kr of kblk
+    (a warpgroup's value columns): read from the GMEM view src(kr) through the float32 tile fw
+    (src None: zeros) and, with a state tile sw (not None), also stored to it in dt."""
+    S = []
+    for kr in kblk:                               # the entering state, 64 rows at a time
+        if src is not None:
+            plgpu.copy_gmem_to_smem(src(kr), fw, bar)
+            plgpu.barrier_wait(bar)
+            blk = ops.acc(fw[...])
+        else:
+            blk = ops.zeros((LANES, LANES))
+        S.append(blk)
+        if sw is not None:
+            sw[kr, :] = blk.astype(dt)
+        if src is not None or sw is not None:
+            plgpu.commit_smem()                   # also: fw is read before it is reused
+    return S
+
+
+def write_blocks(S, kblk, fw, dst):
+    """A walk's float32 state blocks S[i] (key block kblk[i]) to the GMEM views dst(kr), 64 rows
+    at a time through the float32 tile fw."""
+    for i, kr in enumerate(kblk):
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        fw[...] = S[i]
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(fw, dst(kr))
 
 
 def prod(a, b, acc=None, *, ta=False, tb=False):

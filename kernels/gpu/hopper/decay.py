@@ -91,6 +91,7 @@ from linear_jax.kernels.gpu.hopper.common import (
     Ops,
     check_inputs,
     check_smem,
+    enter_blocks,
     f32,
     gate_rows,
     interpreting,
@@ -103,6 +104,8 @@ from linear_jax.kernels.gpu.hopper.common import (
     raw_gate_rows,
     row_names,
     smem,
+    walk_outputs,
+    write_blocks,
 )
 from linear_jax.kernels.gpu.hopper.decay_grad import gate_grad_tiles, grad
 from linear_jax.ops.common.chunking import pad_time
@@ -180,19 +183,8 @@ def walk(x, y, z, rows, s0, *, names, read_row, write_row, reverse, scale, cfg, 
             kblk = [pl.ds(r * LANES, LANES) for r in range(NKB)]
             fw, ww = fs.at[w], ws.at[w]
             sw, ow = (st.at[w], os_.at[w]) if out_mode else (None, None)
-            S = []
-            for kr in kblk:                               # the entering state, 64 rows at a time
-                if has_s0:
-                    plgpu.copy_gmem_to_smem(s0_ref.at[b, h, p, kr, vc], fw, own_bar.at[w])
-                    plgpu.barrier_wait(own_bar.at[w])
-                    blk = ops.acc(fw[...])
-                else:
-                    blk = ops.zeros((LANES, LANES))
-                S.append(blk)
-                if out_mode:
-                    sw[kr, :] = blk.astype(dt)
-                if has_s0 or out_mode:
-                    plgpu.commit_smem()                   # also: fw is read before it is reused
+            s0_at = (lambda kr: s0_ref.at[b, h, p, kr, vc]) if has_s0 else None
+            S = enter_blocks(ops, s0_at, kblk, fw, own_bar.at[w], sw, dt)
             carry = tuple(S) + ((ops.row(jnp.ones((C,), f32)),) if track else ())
 
             def factors(slot):
@@ -260,17 +252,11 @@ def walk(x, y, z, rows, s0, *, names, read_row, write_row, reverse, scale, cfg, 
 
             carry = lax.fori_loop(0, L, step_fn, carry)
 
-            def write_state(dst):
-                for i, kr in enumerate(kblk):             # 64 rows at a time through fw
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                    fw[...] = carry[i]
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(fw, dst(kr))
-
             if out_mode and final:
-                pl.when(ends)(lambda: write_state(lambda kr: send_ref.at[b, h, kr, vc]))
+                pl.when(ends)(lambda: write_blocks(carry, kblk, fw,
+                                                   lambda kr: send_ref.at[b, h, kr, vc]))
             elif not out_mode:
-                write_state(lambda kr: send_ref.at[b, h, p, kr, vc])
+                write_blocks(carry, kblk, fw, lambda kr: send_ref.at[b, h, p, kr, vc])
                 if track:
                     @pl.when(w == 0)
                     def _():
@@ -280,9 +266,7 @@ def walk(x, y, z, rows, s0, *, names, read_row, write_row, reverse, scale, cfg, 
             plgpu.wait_smem_to_gmem(0)
 
     if out_mode:
-        out_type = [jax.ShapeDtypeStruct((B, Tp, H, V), dt)]
-        out_type += [jax.ShapeDtypeStruct((B, H, K, V), f32)] if final else []
-        out_type += [jax.ShapeDtypeStruct((B, H, N, K, V), dt)] if residuals else []
+        out_type = walk_outputs(B, Tp, H, K, V, N, dt, final=final, residuals=residuals)
     else:
         out_type = [jax.ShapeDtypeStruct((B, H, P, K, V), f32)]
         out_type += [jax.ShapeDtypeStruct((B, H, P, 1, C), f32)] if track else []

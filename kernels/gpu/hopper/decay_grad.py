@@ -34,11 +34,14 @@ from linear_jax.kernels.gpu.hopper.common import (
     Ops,
     check_smem,
     f32,
+    grid_item,
     interpreting,
+    key_tile_item,
     load,
     pl,
     plgpu,
     prod,
+    program_items,
     smem,
 )
 
@@ -80,10 +83,6 @@ def _grad_chunks(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
     ops = Ops(interpreting(cfg), overlap=cfg.overlap)
     raw = cfg.gates == "kernel"
 
-    def decode(item):
-        n, bh = lax.rem(item, N), lax.div(item, N)
-        return lax.div(bh, H), lax.rem(bh, H), n
-
     def body(*refs):
         refs = list(refs)
         pop = lambda on=True: refs.pop(0) if on else None       # noqa: E731
@@ -93,8 +92,7 @@ def _grad_chunks(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
         qs, ks, vs, dos, gs, ss, dss = pop(), pop(), pop(), pop(), pop(has_rows), pop(), pop()
         da_s, oq_s, dk_s, dgs, tmp = pop(), pop(), pop(), pop(gated), pop(raw and gated)
         in_bar, used_bar, tin_bar, tused_bar = refs
-        pid, w = lax.axis_index("p"), lax.axis_index("wg")
-        count = lax.div(items - pid + progs - 1, progs)   # items pid, pid + progs, ...
+        pid, w, count = program_items(items, progs)
 
         @pl.when(w == 1)
         def _producer():
@@ -102,7 +100,7 @@ def _grad_chunks(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
 
             @pl.loop(0, count)
             def _(i):
-                b, h, n = decode(pid + i * progs)
+                b, h, n = grid_item(pid + i * progs, H, N)
                 t, slot = pl.ds(n * C, C), lax.rem(i, stages)
                 pl.when(i >= stages)(lambda: plgpu.barrier_wait(used_bar.at[slot]))
                 bar = in_bar.at[slot]
@@ -130,7 +128,7 @@ def _grad_chunks(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
             @pl.loop(0, count)
             def _(i):
                 slot = lax.rem(i, stages)
-                b, h, n = decode(pid + i * progs)
+                b, h, n = grid_item(pid + i * progs, H, N)
                 t = pl.ds(n * C, C)
                 qq, kk, vv, dd = qs.at[slot], ks.at[slot], vs.at[slot], dos.at[slot]
 
@@ -224,11 +222,6 @@ def _grad_tiles(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
     ops = Ops(interpreting(cfg), overlap=cfg.overlap)
     raw = cfg.gates == "kernel"
 
-    def decode(item):
-        kb, rest = lax.rem(item, NKB), lax.div(item, NKB)
-        n, bh = lax.rem(rest, N), lax.div(rest, N)
-        return lax.div(bh, H), lax.rem(bh, H), n, kb
-
     def body(*refs):
         q_ref, k_ref, v_ref, do_ref, *refs = refs
         g_ref = refs.pop(0) if has_rows else None
@@ -238,12 +231,10 @@ def _grad_tiles(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
         da_s, oq_s, u_s, sts, *refs = refs
         tmp = refs.pop(0) if raw and gated else None
         in_bar, used_bar = refs
-        pid, w = lax.axis_index("p"), lax.axis_index("wg")
-        count = lax.div(items - pid + progs - 1, progs)   # items pid, pid + progs, ...
+        pid, w, count = program_items(items, progs)
 
         def issue(i, slot):
-            b, h, n, kb = decode(pid + i * progs)
-            t, kr = pl.ds(n * C, C), pl.ds(kb * LANES, LANES)
+            b, h, n, kb, t, kr = key_tile_item(pid + i * progs, H, N, NKB, C)
             bar = in_bar.at[slot]
             for src, dst in ((q_ref, qs), (k_ref, ks), (v_ref, vs), (do_ref, dos)):
                 plgpu.copy_gmem_to_smem(src.at[b, t, h], dst.at[slot], bar)
@@ -264,8 +255,7 @@ def _grad_tiles(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
             @pl.loop(0, count)
             def _(i):
                 slot = lax.rem(i, stages)
-                b, h, n, kb = decode(pid + i * progs)
-                t, kr = pl.ds(n * C, C), pl.ds(kb * LANES, LANES)
+                b, h, n, kb, t, kr = key_tile_item(pid + i * progs, H, N, NKB, C)
                 qq, kk, vv, dd = qs.at[slot], ks.at[slot], vs.at[slot], dos.at[slot]
                 plgpu.barrier_wait(in_bar.at[slot])
                 QK, dP = ops.mm(prod(qq, kk, tb=True), prod(dd, vv, tb=True))

@@ -92,6 +92,7 @@ from linear_jax.kernels.gpu.hopper.common import (
     check_smem,
     f32,
     gate_rows,
+    grid_item,
     interpreting,
     load,
     mm_sum,
@@ -203,10 +204,6 @@ def prep(k, v, rows, *, names, cfg, residuals):
     R = rows.shape[2]
     ib, ie = names.index("beta"), names.index("ein")
 
-    def decode(item):
-        n, bh = lax.rem(item, N), lax.div(item, N)
-        return lax.div(bh, H), lax.rem(bh, H), n
-
     def body(k_ref, v_ref, g_ref, wm_ref, u_ref, *refs):
         refs = list(refs)
         t_ref = refs.pop(0) if residuals else None
@@ -221,7 +218,7 @@ def prep(k, v, rows, *, names, cfg, residuals):
             ops.registers(PRODUCER_REGS, "decrease")
 
             def issue(c, i, s):
-                b, h, n = decode(pid * NC + c + i * lanes)
+                b, h, n = grid_item(pid * NC + c + i * lanes, H, N)
                 t, j = pl.ds(n * C, C), c * stages + s
                 bar = in_bar.at[j]
                 plgpu.copy_gmem_to_smem(k_ref.at[b, t, h], ks.at[j], bar)
@@ -254,7 +251,7 @@ def prep(k, v, rows, *, names, cfg, residuals):
             @pl.loop(0, count(w))
             def _(i):
                 j = w * stages + lax.rem(i, stages)
-                b, h, n = decode(pid * NC + w + i * lanes)
+                b, h, n = grid_item(pid * NC + w + i * lanes, H, N)
                 t = pl.ds(n * C, C)
                 kk, vv, g = ks.at[j], vs.at[j], gs.at[j]
                 plgpu.barrier_wait(in_bar.at[j])
@@ -300,6 +297,16 @@ def prep(k, v, rows, *, names, cfg, residuals):
     return kernel(k, v, rows)
 
 
+def walk_setup(q, v, cfg):
+    """(B, Tp, H, K, V, C, dt, N, NW, NKB, stages, ops) of a walk (forward or reverse) on the grid
+    (B, H): q [B, Tp, H, K], v [B, Tp, H, V]; N chunks of C rows, NW value warpgroups, NKB key
+    blocks of 64, stages SMEM slots."""
+    B, Tp, H, K = q.shape
+    V, C, dt = v.shape[-1], cfg.chunk, q.dtype
+    N, NW, NKB = Tp // C, V // LANES, K // LANES
+    return B, Tp, H, K, V, C, dt, N, NW, NKB, min(cfg.stages, N), Ops(interpreting(cfg))
+
+
 # -- the forward walk -----------------------------------------------------------------------------
 def walk(q, k, wm, u0, rows, s0, *, names, scale, cfg, residuals):
     """The sequential forward walk over the chunks of each (b, h).
@@ -308,11 +315,7 @@ def walk(q, k, wm, u0, rows, s0, *, names, scale, cfg, residuals):
     (hi, lo) [B, H, K, V] in q's dtype. Returns o [B, Tp, H, V], the final state as (hi, lo), and
     with `residuals` the entering states [B, H, N, K, V] and u [B, Tp, H, V] (q's dtype).
     """
-    B, Tp, H, K = q.shape
-    V, C, dt = u0.shape[-1], cfg.chunk, q.dtype
-    N, NW, NKB = Tp // C, V // LANES, K // LANES
-    stages = min(cfg.stages, N)
-    ops = Ops(interpreting(cfg))
+    B, Tp, H, K, V, C, dt, N, NW, NKB, stages, ops = walk_setup(q, u0, cfg)
     R = rows.shape[2]
     blk = (C, LANES)
 

@@ -72,10 +72,12 @@ from linear_jax.kernels.gpu.hopper.common import (
     check_smem,
     f32,
     interpreting,
+    key_tile_item,
     load,
     mm_sum,
     pl,
     plgpu,
+    program_items,
     smem,
     term,
 )
@@ -84,6 +86,7 @@ from linear_jax.kernels.gpu.hopper.delta import (
     pairs,
     row_vec,
     store_state,
+    walk_setup,
 )
 
 N_STATS = 5          # Qq + Qi, Qk, the pair term R, Qd, dbeta (without the dB_v v term)
@@ -93,11 +96,7 @@ def walk_rev(q, k, do, wm, tm, rows, dS, *, names, scale, cfg):
     """The reverse walk. q, k, wm (-W) [B, Tp, H, K]; do [B, Tp, H, V]; tm (T) [B, H, N, C, C];
     rows `delta.delta_rows`; dS the cotangent of the final state as (hi, lo) [B, H, K, V].
     Returns dB_v [B, Tp, H, V], dS_0 as (hi, lo) and every dS_n+1 [B, H, N, K, V] (q's dtype)."""
-    B, Tp, H, K = q.shape
-    V, C, dt = do.shape[-1], cfg.chunk, q.dtype
-    N, NW, NKB = Tp // C, V // LANES, K // LANES
-    stages = min(cfg.stages, N)
-    ops = Ops(interpreting(cfg))
+    B, Tp, H, K, V, C, dt, N, NW, NKB, stages, ops = walk_setup(q, do, cfg)
     R = rows.shape[2]
     blk = (C, LANES)
 
@@ -199,22 +198,15 @@ def grad(q, k, do, u, dbv, rows, states, dstates, *, names, scale, cfg):
     R = rows.shape[2]
     shape = (C, C)
 
-    def decode(item):
-        kb, rest = lax.rem(item, NKB), lax.div(item, NKB)
-        n, bh = lax.rem(rest, N), lax.div(rest, N)
-        return lax.div(bh, H), lax.rem(bh, H), n, kb
-
     def body(q_ref, k_ref, do_ref, u_ref, bv_ref, g_ref, s_ref, ds_ref, dq_ref, dk_ref, stats_ref,
              qs, ks, dos, us, bvs, gs, ss, dss, da_s, dk_s, *refs):
         refs = list(refs)
         up_s = refs.pop(0) if gated else None
         sts, in_bar, used_bar = refs
-        pid, w = lax.axis_index("p"), lax.axis_index("wg")
-        count = lax.div(items - pid + progs - 1, progs)   # items pid, pid + progs, ...
+        pid, w, count = program_items(items, progs)
 
         def issue(i, slot):
-            b, h, n, kb = decode(pid + i * progs)
-            t, kr = pl.ds(n * C, C), pl.ds(kb * LANES, LANES)
+            b, h, n, kb, t, kr = key_tile_item(pid + i * progs, H, N, NKB, C)
             bar = in_bar.at[slot]
             load(bar, slot, (q_ref.at[b, t, h, kr], qs), (k_ref.at[b, t, h, kr], ks))
             for src, dst in ((do_ref, dos), (u_ref, us), (bv_ref, bvs)):
@@ -235,8 +227,7 @@ def grad(q, k, do, u, dbv, rows, states, dstates, *, names, scale, cfg):
             @pl.loop(0, count)
             def _(i):
                 slot = lax.rem(i, stages)
-                b, h, n, kb = decode(pid + i * progs)
-                t, kr = pl.ds(n * C, C), pl.ds(kb * LANES, LANES)
+                b, h, n, kb, t, kr = key_tile_item(pid + i * progs, H, N, NKB, C)
                 qq, kk, dd, uu, bv, g = (qs.at[slot], ks.at[slot], dos.at[slot], us.at[slot],
                                          bvs.at[slot], gs.at[slot])
                 sn, dsn = ss.at[slot], dss.at[slot]

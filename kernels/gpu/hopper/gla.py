@@ -91,6 +91,7 @@ from linear_jax.kernels.gpu.hopper.common import (
     Ops,
     check_inputs,
     check_smem,
+    enter_blocks,
     f32,
     interpreting,
     mm_sum,
@@ -102,6 +103,8 @@ from linear_jax.kernels.gpu.hopper.common import (
     smem,
     split_hi_lo,
     term,
+    walk_outputs,
+    write_blocks,
 )
 from linear_jax.ops.common.chunking import pad_time
 
@@ -372,19 +375,8 @@ def walk(x, y, z, A, dec, s0, *, reverse, cfg, residuals=False, pieces=1, emit="
             kblk = [pl.ds(r * LANES, LANES) for r in range(NKB)]
             fw = fs.at[w]
             sw, ow = (st.at[w], os_.at[w]) if out_mode else (None, None)
-            S = []
-            for kr in kblk:
-                if has_s0:
-                    plgpu.copy_gmem_to_smem(s0_ref.at[b, h, p, kr, vc], fw, own_bar.at[w])
-                    plgpu.barrier_wait(own_bar.at[w])
-                    blk = ops.acc(fw[...])
-                else:
-                    blk = ops.zeros((LANES, LANES))
-                S.append(blk)
-                if out_mode:
-                    sw[kr, :] = blk.astype(dt)
-                if has_s0 or out_mode:
-                    plgpu.commit_smem()
+            s0_at = (lambda kr: s0_ref.at[b, h, p, kr, vc]) if has_s0 else None
+            S = enter_blocks(ops, s0_at, kblk, fw, own_bar.at[w], sw, dt)
             ones = ops.row(jnp.ones((LANES,), f32))
             carry = tuple(S) + ((ones,) * NKB if not out_mode else ())
 
@@ -421,17 +413,11 @@ def walk(x, y, z, A, dec, s0, *, reverse, cfg, residuals=False, pieces=1, emit="
 
             carry = lax.fori_loop(0, L, step_fn, carry)
 
-            def write_state(dst):
-                for i, kr in enumerate(kblk):
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                    fw[...] = carry[i]
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(fw, dst(kr))
-
             if out_mode and final:
-                pl.when(ends)(lambda: write_state(lambda kr: send_ref.at[b, h, kr, vc]))
+                pl.when(ends)(lambda: write_blocks(carry, kblk, fw,
+                                                   lambda kr: send_ref.at[b, h, kr, vc]))
             elif not out_mode:
-                write_state(lambda kr: send_ref.at[b, h, p, kr, vc])
+                write_blocks(carry, kblk, fw, lambda kr: send_ref.at[b, h, p, kr, vc])
 
                 @pl.when(w == 0)
                 def _():
@@ -442,9 +428,7 @@ def walk(x, y, z, A, dec, s0, *, reverse, cfg, residuals=False, pieces=1, emit="
             plgpu.wait_smem_to_gmem(0)
 
     if out_mode:
-        out_type = [jax.ShapeDtypeStruct((B, Tp, H, V), dt)]
-        out_type += [jax.ShapeDtypeStruct((B, H, K, V), f32)] if final else []
-        out_type += [jax.ShapeDtypeStruct((B, H, N, K, V), dt)] if residuals else []
+        out_type = walk_outputs(B, Tp, H, K, V, N, dt, final=final, residuals=residuals)
     else:
         out_type = [jax.ShapeDtypeStruct((B, H, P, K, V), f32),
                     jax.ShapeDtypeStruct((B, H, P, NKB, LANES), f32)]

@@ -22,19 +22,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from linear_jax._compat import mosaic_gpu_kernel
-from linear_jax.kernels.gpu.hopper.common import (
-    LANES,
-    Ops,
-    check_smem,
-    f32,
-    interpreting,
-    pl,
-    plgpu,
-    prod,
-    smem,
+from linear_jax.kernels.gpu.hopper.common import LANES, f32, pl, plgpu, prod, smem
+from linear_jax.kernels.gpu.hopper.mlstm_fwd import (
+    KEY0,
+    chunk_of,
+    copy_key_tiles,
+    kernel_of,
+    pair_factor,
+    tile_setup,
 )
-from linear_jax.kernels.gpu.hopper.mlstm_fwd import KEY0, chunk_of, pair_factor
 from linear_jax.ops.common.normalise import MAX_LOG_FLOOR
 
 # rows the query kernel writes, [B, H, 4, Tp]: dL/dm through a, w and the floor; w dL/dw; the
@@ -42,23 +38,12 @@ from linear_jax.ops.common.normalise import MAX_LOG_FLOOR
 QROWS = ("dm", "wdw", "inv", "dden")
 
 
-def _kernel(body, out_type, grid, scratch, cfg, ops, name):
-    check_smem(name, scratch, "lower HopperMlstmConfig.chunk")
-    return mosaic_gpu_kernel(
-        body, out_type=out_type, grid=grid, grid_names=("b", "h", "t"), num_threads=1,
-        thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
-        approx_math=cfg.approx_math, interpret=ops.interpret, name=name)
-
-
 def grad_queries(q, k, v, dh, hv, rows, den, Cin, nin, *, L, eps, cfg):
     """dq [B, Tp, H, K] (q's dtype), the rows `QROWS` [B, H, 4, Tp], the forget-gate pair terms
     [B, H, NQ, NT, 64], and the entering state's partial cotangents dC [B, H, NQ, K, V], dn
     [B, H, NQ, K] (float32; NQ = Tp / 64 query tiles, NT = L / 64 per chunk)."""
-    B, Tp, H, K = q.shape
-    V, dt = v.shape[-1], v.dtype
-    C, R = LANES, rows.shape[2]
-    NQ, NT, docs = Tp // C, L // C, R > KEY0 + 1
-    ops = Ops(interpreting(cfg))
+    B, Tp, H, K, V, dt, R, NQ, NT, docs, ops = tile_setup(q, v, rows, L, cfg)
+    C = LANES
     shape, sq = (C, V), (C, C)
 
     def body(q_ref, k_ref, v_ref, dh_ref, h_ref, r_ref, den_ref, c_ref, n_ref,
@@ -74,12 +59,7 @@ def grad_queries(q, k, v, dh, hv, rows, den, Cin, nin, *, L, eps, cfg):
                          (den_ref.at[b, h, :, tq], dens), (c_ref.at[b, h, chunk], cs),
                          (n_ref.at[b, h, pl.ds(chunk, 1)], ns)):
             plgpu.copy_gmem_to_smem(src, dst, bar.at[0])
-        for j in range(NT):
-            tk = pl.ds((first + j) * C, C)
-            plgpu.copy_gmem_to_smem(k_ref.at[b, tk, h], ks[j], bar.at[0])
-            plgpu.copy_gmem_to_smem(v_ref.at[b, tk, h], vs[j], bar.at[0])
-            plgpu.copy_gmem_to_smem(r_ref.at[b, h, pl.ds(KEY0, R - KEY0), tk], kr.at[j],
-                                    bar.at[0])
+        copy_key_tiles(k_ref, v_ref, r_ref, ks, vs, kr, b, h, first, NT, bar.at[0])
         r, c = ops.iota(sq, 0), ops.iota(sq, 1)
         us[...] = (r < c).astype(dt)                              # U_js = [j < s]
         plgpu.barrier_wait(bar.at[0])
@@ -174,18 +154,15 @@ def grad_queries(q, k, v, dh, hv, rows, den, Cin, nin, *, L, eps, cfg):
                 jax.ShapeDtypeStruct((B, H, NQ, NT, C), f32),
                 jax.ShapeDtypeStruct((B, H, NQ, K, V), f32),
                 jax.ShapeDtypeStruct((B, H, NQ, K), f32)]
-    kernel = _kernel(body, out_type, (B, H, NQ), scratch, cfg, ops, "mlstm_bwd_queries")
+    kernel = kernel_of(body, out_type, (B, H, NQ), scratch, cfg, ops, "mlstm_bwd_queries")
     return kernel(q, k, v, dh, hv, rows, den, Cin, nin)
 
 
 def grad_keys(q, k, v, dh, rows, qrows, *, L, cfg):
     """dk [B, Tp, H, K], dv [B, Tp, H, V] (the inputs' dtypes) and db = dL/d(i - F) of the pairs
     [B, H, 1, Tp] float32, from the query kernel's rows `QROWS`."""
-    B, Tp, H, K = q.shape
-    V, dt = v.shape[-1], v.dtype
-    C, R = LANES, rows.shape[2]
-    NQ, NT, docs = Tp // C, L // C, R > KEY0 + 1
-    ops = Ops(interpreting(cfg))
+    B, Tp, H, K, V, dt, R, NQ, NT, docs, ops = tile_setup(q, v, rows, L, cfg)
+    C = LANES
     sq = (C, C)
 
     def body(q_ref, k_ref, v_ref, dh_ref, r_ref, qr_ref, dk_ref, dv_ref, db_ref, *refs):
@@ -242,5 +219,5 @@ def grad_keys(q, k, v, dh, rows, qrows, *, L, cfg):
                 plgpu.Barrier(num_arrivals=3 + 4 * NT, num_barriers=1)]
     out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, V), dt),
                 jax.ShapeDtypeStruct((B, H, 1, Tp), f32)]
-    kernel = _kernel(body, out_type, (B, H, NQ), scratch, cfg, ops, "mlstm_bwd_keys")
+    kernel = kernel_of(body, out_type, (B, H, NQ), scratch, cfg, ops, "mlstm_bwd_keys")
     return kernel(q, k, v, dh, rows, qrows)

@@ -1,5 +1,6 @@
 """The Hopper mLSTM output kernel (`mlstm`'s docstring has the math and the tiling) and the tile
-pieces its backward kernels (`mlstm_bwd`) share with it: the per-token rows and the pair factor.
+pieces its backward kernels (`mlstm_bwd`) share with it: the per-token rows, the pair factor, the
+tile setup, the key tiles' copies and the kernel's launch.
 
 Rows, [B, H, R, Tp] float32, in this order (`ROWS`): the query side a = F - m, w (the entering
 state's weight, 0 on rows a packed document cut off from it), negm = -m; the key side b = i - F
@@ -47,15 +48,43 @@ def chunk_of(t, NT):
     return chunk, chunk * NT, lax.rem(t, NT)
 
 
+def tile_setup(q, v, rows, L, cfg):
+    """(B, Tp, H, K, V, dtype, R, NQ, NT, docs, ops) of the kernels on the grid (B, H, Tp / 64):
+    q [B, Tp, H, K], v [B, Tp, H, V], rows [B, H, R, Tp]; NQ 64-row tiles, NT of them a chunk of
+    L, docs whether the rows carry the document index."""
+    B, Tp, H, K = q.shape
+    V, dt = v.shape[-1], v.dtype
+    R = rows.shape[2]
+    return B, Tp, H, K, V, dt, R, Tp // LANES, L // LANES, R > KEY0 + 1, Ops(interpreting(cfg))
+
+
+def copy_key_tiles(k_ref, v_ref, r_ref, ks, vs, kr, b, h, first, NT, bar):
+    """Starts the TMA copies of the chunk's NT key tiles from its first 64-row tile: k, v and
+    the key-side rows (KEY0..) into ks[j], vs[j], kr.at[j], all on bar."""
+    R = r_ref.shape[2]
+    for j in range(NT):
+        tk = pl.ds((first + j) * LANES, LANES)
+        plgpu.copy_gmem_to_smem(k_ref.at[b, tk, h], ks[j], bar)
+        plgpu.copy_gmem_to_smem(v_ref.at[b, tk, h], vs[j], bar)
+        plgpu.copy_gmem_to_smem(r_ref.at[b, h, pl.ds(KEY0, R - KEY0), tk], kr.at[j], bar)
+
+
+def kernel_of(body, out_type, grid, scratch, cfg, ops, name):
+    """The mosaic_gpu_kernel of one mLSTM kernel (one warpgroup a 64-row tile) after its SMEM
+    check."""
+    check_smem(name, scratch, "lower HopperMlstmConfig.chunk")
+    return mosaic_gpu_kernel(
+        body, out_type=out_type, grid=grid, grid_names=("b", "h", "t"), num_threads=1,
+        thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
+        approx_math=cfg.approx_math, interpret=ops.interpret, name=name)
+
+
 def out_kernel(q, k, v, rows, Cin, nin, *, L, eps, cfg, save):
     """q, k [B, Tp, H, K], v [B, Tp, H, V] (bf16 / fp16, q scaled); rows [B, H, R, Tp] (`ROWS`);
     Cin [B, H, Tp / L, K, V] in v's dtype; nin [B, H, Tp / L, K] f32. Returns h [B, Tp, H, V] in v's
     dtype and, with `save`, the normaliser's den [B, H, 1, Tp] f32 (the backward's residual)."""
-    B, Tp, H, K = q.shape
-    V, dt = v.shape[-1], v.dtype
-    C, R = LANES, rows.shape[2]
-    NQ, NT, docs = Tp // C, L // C, R > KEY0 + 1
-    ops = Ops(interpreting(cfg))
+    B, Tp, H, K, V, dt, R, NQ, NT, docs, ops = tile_setup(q, v, rows, L, cfg)
+    C = LANES
     shape, sq = (C, V), (C, C)
 
     def body(q_ref, k_ref, v_ref, r_ref, c_ref, n_ref, h_ref, *refs):
@@ -69,12 +98,7 @@ def out_kernel(q, k, v, rows, Cin, nin, *, L, eps, cfg, save):
         chunk, first, _ = chunk_of(t, NT)
         plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(t * C, C), h], qs, bar.at[0])
         plgpu.copy_gmem_to_smem(r_ref.at[b, h, :, pl.ds(t * C, C)], rs, bar.at[0])
-        for j in range(NT):
-            tk = pl.ds((first + j) * C, C)
-            plgpu.copy_gmem_to_smem(k_ref.at[b, tk, h], ks[j], bar.at[0])
-            plgpu.copy_gmem_to_smem(v_ref.at[b, tk, h], vs[j], bar.at[0])
-            plgpu.copy_gmem_to_smem(r_ref.at[b, h, pl.ds(KEY0, R - KEY0), tk], kr.at[j],
-                                    bar.at[0])
+        copy_key_tiles(k_ref, v_ref, r_ref, ks, vs, kr, b, h, first, NT, bar.at[0])
         plgpu.copy_gmem_to_smem(c_ref.at[b, h, chunk], cs, bar.at[0])
         plgpu.copy_gmem_to_smem(n_ref.at[b, h, pl.ds(chunk, 1)], ns, bar.at[0])
         plgpu.barrier_wait(bar.at[0])
@@ -112,12 +136,8 @@ def out_kernel(q, k, v, rows, Cin, nin, *, L, eps, cfg, save):
                 plgpu.SMEM((1, K), f32), smem((C, V), dt)]
     scratch += [plgpu.SMEM((1, C), f32)] if save else []
     scratch += [plgpu.Barrier(num_arrivals=4 + 3 * NT, num_barriers=1)]
-    check_smem("mlstm_out", scratch, "lower HopperMlstmConfig.chunk")
     out_type = [jax.ShapeDtypeStruct((B, Tp, H, V), dt)]
     out_type += [jax.ShapeDtypeStruct((B, H, 1, Tp), f32)] if save else []
-    kernel = mosaic_gpu_kernel(
-        body, out_type=out_type if save else out_type[0], grid=(B, H, NQ),
-        grid_names=("b", "h", "t"), num_threads=1, thread_name="wg", scratch_types=scratch,
-        semantics=cfg.semantics, approx_math=cfg.approx_math, interpret=ops.interpret,
-        name="mlstm_out")
+    kernel = kernel_of(body, out_type if save else out_type[0], (B, H, NQ), scratch, cfg, ops,
+                       "mlstm_out")
     return kernel(q, k, v, rows, Cin, nin)

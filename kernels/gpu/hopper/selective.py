@@ -140,17 +140,58 @@ def _setup(ops, cst, Np):
     return {"A": A, "D": ops.row(cst.at[Np][...]), "bias": ops.row(cst.at[Np + 1][...])}
 
 
+def _grid(u, Bm, cfg):
+    """(Bsz, Tp, Dp, Np, Ct, NC, NB, per_group, stages, ops) of the forward and backward walks on
+    the grid (B, Dp / 64): NC chunks of Ct steps, NB channel blocks of BD, per_group of them a
+    group of B and C."""
+    Bsz, Tp, Dp = u.shape
+    G, Np = Bm.shape[2:]
+    Ct = cfg.chunk
+    NC, NB = Tp // Ct, Dp // BD
+    per_group = NB // G
+    stages = min(cfg.stages, NC)
+    return Bsz, Tp, Dp, Np, Ct, NC, NB, per_group, stages, Ops(interpreting(cfg))
+
+
+def _block(per_group):
+    """(b, channel block j, its columns, its group of B and C) of this program."""
+    b, j = (jax.lax.axis_index(a) for a in ("b", "d"))
+    dsl = pl.ds(j * BD, BD)
+    return b, j, dsl, j // per_group
+
+
+def _issue_chunk(bar, slot, b, t, dsl, g, rows, bc, keep):
+    """The TMA copies of one chunk (rows t) into `slot`, on `bar`: each (ref, ring) of `rows` (the
+    block's channels), of `bc` (B and C, the group's) and `keep` (None or (ref, ring))."""
+    for ref, ring in rows:
+        plgpu.copy_gmem_to_smem(ref.at[b, t, dsl], ring.at[slot], bar)
+    for ref, ring in bc:
+        plgpu.copy_gmem_to_smem(ref.at[b, t, g], ring.at[slot], bar)
+    if keep is not None:
+        plgpu.copy_gmem_to_smem(keep[0].at[b, t], keep[1].at[slot], bar)
+
+
+def _start(issue, stages, cst_ref, cst, dsl, own_bar):
+    """Issues the first `stages` chunks, then loads the block's constants and waits for them."""
+    for s in range(stages):
+        issue(s, s)
+    plgpu.copy_gmem_to_smem(cst_ref.at[:, dsl], cst, own_bar.at[0])
+    plgpu.barrier_wait(own_bar.at[0])
+
+
+def _kernel(body, out_type, grid, scratch, cfg, ops, name):
+    return mosaic_gpu_kernel(
+        body, out_type=out_type, grid=grid, grid_names=("b", "d"), num_threads=1,
+        thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
+        approx_math=cfg.approx_math, interpret=ops.interpret, name=name)
+
+
 def _forward(u, dl, z, consts, Bm, Cm, keep, h0, *, softplus, cfg, save):
     """u, dl, z [B, Tp, Dp] (z None); consts [Np + 2, Dp] f32 (A^T, D, bias); Bm, Cm [B, Tp, G, Np]
     f32; keep None or [B, Tp, Np] f32; h0 None or [B, Np, Dp] f32. Returns (y [B, Tp, Dp],
     hT [B, Np, Dp] f32, states [B, Tp / C, Np, Dp] f32 or None)."""
-    Bsz, Tp, Dp = u.shape
-    G, Np = Bm.shape[2:]
-    Ct, dt_ = cfg.chunk, u.dtype
-    NC, NB = Tp // Ct, Dp // BD
-    per_group = NB // G
-    stages = min(cfg.stages, NC)
-    ops = Ops(interpreting(cfg))
+    Bsz, Tp, Dp, Np, Ct, NC, NB, per_group, stages, ops = _grid(u, Bm, cfg)
+    dt_ = u.dtype
     has_z, has_keep, has_h0 = z is not None, keep is not None, h0 is not None
     names = ("u", "delta") + (("z",) if has_z else ())
     row_dts = {"u": u.dtype, "delta": dl.dtype, "z": None if z is None else z.dtype}
@@ -165,24 +206,16 @@ def _forward(u, dl, z, consts, Bm, Cm, keep, h0, *, softplus, cfg, save):
         bs, cs, ks = pop(), pop(), pop(has_keep)
         wide = {n: pop() for n in names}
         ys, yo, cst, hst, in_bar, own_bar = refs
-        b, j = (jax.lax.axis_index(a) for a in ("b", "d"))
-        dsl = pl.ds(j * BD, BD)
-        g = j // per_group
+        b, j, dsl, g = _block(per_group)
+        rows = [(in_refs[n], slots[n]) for n in names]
+        bc, keep_ = ((b_ref, bs), (c_ref, cs)), ((k_ref, ks) if has_keep else None)
 
         def issue(c, slot):
             t = pl.ds(c * Ct, Ct)
             bar = in_bar.at[slot]
-            for n in names:
-                plgpu.copy_gmem_to_smem(in_refs[n].at[b, t, dsl], slots[n].at[slot], bar)
-            plgpu.copy_gmem_to_smem(b_ref.at[b, t, g], bs.at[slot], bar)
-            plgpu.copy_gmem_to_smem(c_ref.at[b, t, g], cs.at[slot], bar)
-            if has_keep:
-                plgpu.copy_gmem_to_smem(k_ref.at[b, t], ks.at[slot], bar)
+            _issue_chunk(bar, slot, b, t, dsl, g, rows, bc, keep_)
 
-        for s in range(stages):
-            issue(s, s)
-        plgpu.copy_gmem_to_smem(cst_ref.at[:, dsl], cst, own_bar.at[0])
-        plgpu.barrier_wait(own_bar.at[0])
+        _start(issue, stages, cst_ref, cst, dsl, own_bar)
         if has_h0:
             plgpu.copy_gmem_to_smem(h0_ref.at[b, :, dsl], hst, own_bar.at[0])
             plgpu.barrier_wait(own_bar.at[0])
@@ -236,10 +269,7 @@ def _forward(u, dl, z, consts, Bm, Cm, keep, h0, *, softplus, cfg, save):
                 plgpu.SMEM((Np + 2, BD), f32), plgpu.SMEM((Np, BD), f32),
                 plgpu.Barrier(num_arrivals=len(names) + 2 + has_keep, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=1, num_barriers=1)]
-    kernel = mosaic_gpu_kernel(
-        body, out_type=out_type, grid=(Bsz, NB), grid_names=("b", "d"), num_threads=1,
-        thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
-        approx_math=cfg.approx_math, interpret=ops.interpret, name="selective_scan_fwd")
+    kernel = _kernel(body, out_type, (Bsz, NB), scratch, cfg, ops, "selective_scan_fwd")
     args = [u, dl] + ([z] if has_z else []) + [consts, Bm, Cm] + ([keep] if has_keep else []) + \
         ([h0] if has_h0 else [])
     outs = list(kernel(*args))
@@ -250,13 +280,7 @@ def _backward(u, dl, z, consts, Bm, Cm, keep, states, dy, dhT, *, softplus, cfg)
     """The reverse walk. Returns (du, ddelta, dz (None without z) [B, Tp, Dp] in their inputs'
     dtypes, dB, dC [B, Dp / 64, Tp, Np] f32 per channel block, dh0 [B, Np, Dp] f32, dA^T
     [B, Np, Dp] f32, (dD, dbias) [B, 2, Dp] f32)."""
-    Bsz, Tp, Dp = u.shape
-    G, Np = Bm.shape[2:]
-    Ct = cfg.chunk
-    NC, NB = Tp // Ct, Dp // BD
-    per_group = NB // G
-    stages = min(cfg.stages, NC)
-    ops = Ops(interpreting(cfg))
+    Bsz, Tp, Dp, Np, Ct, NC, NB, per_group, stages, ops = _grid(u, Bm, cfg)
     has_z, has_keep, has_dhT = z is not None, keep is not None, dhT is not None
     names = ("u", "delta", "dy") + (("z",) if has_z else ())
     ins = {"u": u, "delta": dl, "dy": dy, "z": z}
@@ -277,26 +301,18 @@ def _backward(u, dl, z, consts, Bm, Cm, keep, states, dy, dhT, *, softplus, cfg)
         dwide = {n: pop() for n in grads}
         douts = {n: pop() for n in grads}
         dbs, dcs, cst, hst, in_bar, own_bar = refs
-        b, j = (jax.lax.axis_index(a) for a in ("b", "d"))
-        dsl = pl.ds(j * BD, BD)
-        g = j // per_group
+        b, j, dsl, g = _block(per_group)
+        rows = [(in_refs[n], slots[n]) for n in names]
+        bc, keep_ = ((b_ref, bs), (c_ref, cs)), ((k_ref, ks) if has_keep else None)
 
         def issue(step, slot):
             c = NC - 1 - step
             t = pl.ds(c * Ct, Ct)
             bar = in_bar.at[slot]
-            for n in names:
-                plgpu.copy_gmem_to_smem(in_refs[n].at[b, t, dsl], slots[n].at[slot], bar)
-            plgpu.copy_gmem_to_smem(b_ref.at[b, t, g], bs.at[slot], bar)
-            plgpu.copy_gmem_to_smem(c_ref.at[b, t, g], cs.at[slot], bar)
-            if has_keep:
-                plgpu.copy_gmem_to_smem(k_ref.at[b, t], ks.at[slot], bar)
+            _issue_chunk(bar, slot, b, t, dsl, g, rows, bc, keep_)
             plgpu.copy_gmem_to_smem(st_ref.at[b, c, :, dsl], hs.at[slot], bar)
 
-        for s in range(stages):
-            issue(s, s)
-        plgpu.copy_gmem_to_smem(cst_ref.at[:, dsl], cst, own_bar.at[0])
-        plgpu.barrier_wait(own_bar.at[0])
+        _start(issue, stages, cst_ref, cst, dsl, own_bar)
         if has_dhT:
             plgpu.copy_gmem_to_smem(dhT_ref.at[b, :, dsl], hst, own_bar.at[0])
             plgpu.barrier_wait(own_bar.at[0])
@@ -389,10 +405,7 @@ def _backward(u, dl, z, consts, Bm, Cm, keep, states, dy, dhT, *, softplus, cfg)
     scratch += [plgpu.SMEM((Np + 2, BD), f32), plgpu.SMEM((Np, BD), f32),
                 plgpu.Barrier(num_arrivals=len(names) + 3 + has_keep, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=1, num_barriers=1)]
-    kernel = mosaic_gpu_kernel(
-        body, out_type=out_type, grid=(Bsz, NB), grid_names=("b", "d"), num_threads=1,
-        thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
-        approx_math=cfg.approx_math, interpret=ops.interpret, name="selective_scan_bwd")
+    kernel = _kernel(body, out_type, (Bsz, NB), scratch, cfg, ops, "selective_scan_bwd")
     args = [ins[n] for n in names] + [consts, Bm, Cm] + ([keep] if has_keep else []) + \
         [states] + ([dhT] if has_dhT else [])
     outs = list(kernel(*args))
