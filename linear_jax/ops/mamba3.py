@@ -68,11 +68,10 @@ def rotate(x, angle):
     return jnp.concatenate([rot, x[..., 2 * R:]], axis=-1)
 
 
-def _states(initial_state, B, H, N, P):
-    if initial_state is None:
-        return (jnp.zeros((B, H, N, P), jnp.float32), jnp.zeros((B, H, N), jnp.float32),
-                jnp.zeros((B, H, P), jnp.float32))
-    return tuple(state_or_zeros(s, ()) for s in initial_state)
+def states(initial_state, *shapes):
+    """The state tuple (S, k_last, v_last) in float32, zeros of `shapes` where none is given."""
+    parts = (None,) * len(shapes) if initial_state is None else initial_state
+    return tuple(state_or_zeros(s, shape) for s, shape in zip(parts, shapes, strict=True))
 
 
 def mamba3_recurrent(q, k, v, g, dt, trap, theta, *, scale, initial_state, segment_ids):
@@ -94,7 +93,8 @@ def mamba3_recurrent(q, k, v, g, dt, trap, theta, *, scale, initial_state, segme
         return (S, k_t, v_t), o
 
     xs = (f32(q) * scale, f32(k), f32(v), f32(g), f32(dt), f32(trap), f32(theta))
-    return scan_time(step, _states(initial_state, B, H, N, P), xs, segment_ids)
+    return scan_time(step, states(initial_state, (B, H, N, P), (B, H, N), (B, H, P)), xs,
+                     segment_ids)
 
 
 def _to_complex(x, R):
@@ -112,6 +112,13 @@ def _from_complex(z, R):
     return jnp.concatenate([pairs, z[..., R:, :].real], axis=-2)
 
 
+def prev_weight(dt, trap, segment_ids):
+    """(1 - lam_t) dt_t [B, T, H], the weight of the previous step's input; 0 where a packed
+    document starts (its first step has no previous input)."""
+    w = (1.0 - trap) * dt
+    return w if segment_ids is None else jnp.where(resets(segment_ids)[..., None], 0.0, w)
+
+
 def _cx_einsum(spec, *xs):
     return jnp.einsum(spec, *xs, precision=lax.Precision.HIGHEST)
 
@@ -122,7 +129,7 @@ def mamba3_chunk(q, k, v, g, dt, trap, theta, *, scale, initial_state, segment_i
     P, R = v.shape[-1], theta.shape[-1]
     C = int(chunk_size)
     f32 = lambda x: x.astype(jnp.float32)
-    S0, k0, v0 = _states(initial_state, B, H, N, P)
+    S0, k0, v0 = states(initial_state, (B, H, N, P), (B, H, N), (B, H, P))
     q, k, v, g, dt, trap = (f32(x) for x in (q, k, v, g, dt, trap))
     # per complex channel log gate g - i theta (the real channels: g alone)
     theta = jnp.concatenate([f32(theta), jnp.zeros(theta.shape[:-1] + (N - 2 * R,))], axis=-1)
@@ -132,10 +139,7 @@ def mamba3_chunk(q, k, v, g, dt, trap, theta, *, scale, initial_state, segment_i
     # written before this step's transition, exp(gate_t), which is folded into the key
     zk_prev = jnp.concatenate([_to_complex(k0, R)[:, None], zk[:, :-1]], axis=1)
     v_prev = jnp.concatenate([v0[:, None], v[:, :-1]], axis=1)
-    w_prev = (1.0 - trap) * dt
-    if segment_ids is not None:
-        w_prev = jnp.where(resets(segment_ids)[..., None], 0.0, w_prev)
-    k_old = zk_prev * jnp.exp(gate) * w_prev[..., None]
+    k_old = zk_prev * jnp.exp(gate) * prev_weight(dt, trap, segment_ids)[..., None]
     k_now = zk * (trap * dt)[..., None]
 
     qc, gc = to_chunks(zq, C), to_chunks(gate, C)
@@ -172,6 +176,40 @@ registry.register(registry.OpRecord("mamba3", reference=mamba3_recurrent, chunk=
                                     seq_parallel="linear_jax.parallel.mamba3:mamba3"))
 
 
+def checked_run(op, dims, q, k, v, g, dt, trap, theta, *, r=None, scale, initial_state,
+                segment_ids, chunk_size, impl, config):
+    """The entry of `mamba3` and (with r, the rank of its k_last and v_last) of
+    `linear_jax.ops.mamba3_mimo` once q, k and v are checked, dims = (B, T, H, N, P): checks the
+    other arguments, dispatches, runs with the heads of q and k expanded, casts."""
+    B, T, H, N, P = dims
+    for name, x in (("g", g), ("dt", dt), ("trap", trap)):
+        _checks.check_gate(op, name, x, B, T, H)
+    _checks.check_log_decay("g", g)
+    _checks.check_rank("theta", theta, 4, "[B, T, H, R]")
+    _checks.check_float("theta", theta)
+    R = theta.shape[-1]
+    if theta.shape[:3] != (B, T, H) or 2 * R > N:
+        raise ValueError(f"{op}: theta must have shape [B, T, H, R] = ({B}, {T}, {H}, R) with "
+                         f"R <= N / 2 = {N // 2}, got theta{_checks.shape_str(theta)}")
+    if initial_state is not None:
+        rank, rank_axis = ((), "") if r is None else ((r,), "r, ")
+        layouts = ("[B, H, N, P]", f"[B, H, {rank_axis}N]", f"[B, H, {rank_axis}P]")
+        if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 3:
+            raise ValueError(f"{op}: initial_state must be a tuple (S {layouts[0]}, k_last "
+                             f"{layouts[1]}, v_last {layouts[2]})")
+        for i, s, shape, layout in zip(
+                range(3), initial_state, ((B, H, N, P), (B, H, *rank, N), (B, H, *rank, P)),
+                layouts, strict=True):
+            _checks.check_state(f"initial_state[{i}]", s, shape, layout)
+    _checks.check_segment_ids(segment_ids, B, T)
+    _checks.check_chunk_size(chunk_size)
+    run = registry.dispatch(op, impl, T, config, args=(q, k, v))
+    q, k = repeat_heads(q, H), repeat_heads(k, H)
+    o, S = run(q, k, v, g, dt, trap, theta, scale=scale, initial_state=initial_state,
+               segment_ids=segment_ids, chunk_size=chunk_size)
+    return o.astype(v.dtype), S
+
+
 def mamba3(q, k, v, g, dt, trap, theta, *, scale=1.0, initial_state=None, segment_ids=None,
            chunk_size=64, impl="auto", config=None):
     """Mamba-3's SISO recurrence (module docstring). Returns `(o [B,T,H,P], (S [B,H,N,P],
@@ -181,29 +219,7 @@ def mamba3(q, k, v, g, dt, trap, theta, *, scale=1.0, initial_state=None, segmen
     [0, 1] (lam) [B, T, H]; theta [B, T, H, R] the step's rotation angles (R <= N / 2). `scale`
     defaults to 1 (SSMs do not scale C). `config` is accepted for a uniform signature (no kernel).
     """
-    B, T, H, N, P = _checks.check_qkv("mamba3", q, k, v)
-    for name, x in (("g", g), ("dt", dt), ("trap", trap)):
-        _checks.check_gate("mamba3", name, x, B, T, H)
-    _checks.check_log_decay("g", g)
-    _checks.check_rank("theta", theta, 4, "[B, T, H, R]")
-    _checks.check_float("theta", theta)
-    R = theta.shape[-1]
-    if theta.shape[:3] != (B, T, H) or 2 * R > N:
-        raise ValueError(f"mamba3: theta must have shape [B, T, H, R] = ({B}, {T}, {H}, R) with "
-                         f"R <= N / 2 = {N // 2}, got theta{_checks.shape_str(theta)}")
-    if initial_state is not None:
-        if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 3:
-            raise ValueError("mamba3: initial_state must be a tuple (S [B, H, N, P], k_last "
-                             "[B, H, N], v_last [B, H, P])")
-        for name, s, shape, layout in zip(
-                ("initial_state[0]", "initial_state[1]", "initial_state[2]"), initial_state,
-                ((B, H, N, P), (B, H, N), (B, H, P)),
-                ("[B, H, N, P]", "[B, H, N]", "[B, H, P]"), strict=True):
-            _checks.check_state(name, s, shape, layout)
-    _checks.check_segment_ids(segment_ids, B, T)
-    _checks.check_chunk_size(chunk_size)
-    run = registry.dispatch("mamba3", impl, T, config, args=(q, k, v))
-    q, k = repeat_heads(q, H), repeat_heads(k, H)
-    o, S = run(q, k, v, g, dt, trap, theta, scale=scale, initial_state=initial_state,
-               segment_ids=segment_ids, chunk_size=chunk_size)
-    return o.astype(v.dtype), S
+    dims = _checks.check_qkv("mamba3", q, k, v)
+    return checked_run("mamba3", dims, q, k, v, g, dt, trap, theta, scale=scale,
+                       initial_state=initial_state, segment_ids=segment_ids,
+                       chunk_size=chunk_size, impl=impl, config=config)

@@ -30,17 +30,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from linear_jax.ops import _checks, registry
-from linear_jax.ops.common.chunking import resets
-from linear_jax.ops.common.heads import repeat_heads
-from linear_jax.ops.common.recurrent import scan_time, state_or_zeros
-from linear_jax.ops.mamba3 import mamba3_chunk, rotate
-
-
-def _states(initial_state, B, H, r, N, P):
-    if initial_state is None:
-        return (jnp.zeros((B, H, N, P), jnp.float32), jnp.zeros((B, H, r, N), jnp.float32),
-                jnp.zeros((B, H, r, P), jnp.float32))
-    return tuple(state_or_zeros(s, ()) for s in initial_state)
+from linear_jax.ops.common.recurrent import scan_time
+from linear_jax.ops.mamba3 import checked_run, mamba3_chunk, prev_weight, rotate, states
 
 
 def mamba3_mimo_recurrent(q, k, v, g, dt, trap, theta, *, scale, initial_state, segment_ids):
@@ -61,7 +52,8 @@ def mamba3_mimo_recurrent(q, k, v, g, dt, trap, theta, *, scale, initial_state, 
         return (S, k_t, v_t), o
 
     xs = (f32(q) * scale, f32(k), f32(v), f32(g), f32(dt), f32(trap), f32(theta))
-    return scan_time(step, _states(initial_state, B, H, r, N, P), xs, segment_ids)
+    return scan_time(step, states(initial_state, (B, H, N, P), (B, H, r, N), (B, H, r, P)), xs,
+                     segment_ids)
 
 
 def _substeps(*phases):
@@ -76,9 +68,7 @@ def substeps(q, k, v, g, dt, trap, theta, k0, v0, segment_ids):
     docstring), and their segment ids. Inputs float32, heads expanded; k0 [B,H,r,N], v0 [B,H,r,P]
     the keys and values of the step before the first."""
     r = q.shape[3]
-    w_prev = (1.0 - trap) * dt
-    if segment_ids is not None:
-        w_prev = jnp.where(resets(segment_ids)[..., None], 0.0, w_prev)
+    w_prev = prev_weight(dt, trap, segment_ids)
     k_prev = jnp.concatenate([k0[:, None], k[:, :-1]], axis=1) * w_prev[..., None, None]
     v_prev = jnp.concatenate([v0[:, None], v[:, :-1]], axis=1)
     # the step's transition sits on the first sub-step of phase 2
@@ -104,7 +94,7 @@ def mamba3_mimo_chunk(q, k, v, g, dt, trap, theta, *, scale, initial_state, segm
     B, T, H, r, N = q.shape
     P = v.shape[-1]
     f32 = lambda x: x.astype(jnp.float32)
-    S0, k0, v0 = _states(initial_state, B, H, r, N, P)
+    S0, k0, v0 = states(initial_state, (B, H, N, P), (B, H, r, N), (B, H, r, P))
     args, seg = substeps(*(f32(x) for x in (q, k, v, g, dt, trap, theta)), k0, v0, segment_ids)
     o, (S, _, _) = mamba3_chunk(
         *args, scale=scale, segment_ids=seg, chunk_size=chunk_size,
@@ -130,30 +120,7 @@ def mamba3_mimo(q, k, v, g, dt, trap, theta, *, scale=1.0, initial_state=None, s
         _checks.check_rank(name, x, 5, layout)
     _checks.check_dims("mamba3_mimo", [("q", q, 3), ("k", k, 3), ("v", v, 3)],
                        "the rank r (axis 3)")
-    B, T, H, N, P = _checks.check_qkv("mamba3_mimo", q[:, :, :, 0], k[:, :, :, 0], v[:, :, :, 0])
-    r = q.shape[3]
-    for name, x in (("g", g), ("dt", dt), ("trap", trap)):
-        _checks.check_gate("mamba3_mimo", name, x, B, T, H)
-    _checks.check_log_decay("g", g)
-    _checks.check_rank("theta", theta, 4, "[B, T, H, R]")
-    _checks.check_float("theta", theta)
-    R = theta.shape[-1]
-    if theta.shape[:3] != (B, T, H) or 2 * R > N:
-        raise ValueError(f"mamba3_mimo: theta must have shape [B, T, H, R] = ({B}, {T}, {H}, R) "
-                         f"with R <= N / 2 = {N // 2}, got theta{_checks.shape_str(theta)}")
-    if initial_state is not None:
-        if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 3:
-            raise ValueError("mamba3_mimo: initial_state must be a tuple (S [B, H, N, P], k_last "
-                             "[B, H, r, N], v_last [B, H, r, P])")
-        for name, s, shape, layout in zip(
-                ("initial_state[0]", "initial_state[1]", "initial_state[2]"), initial_state,
-                ((B, H, N, P), (B, H, r, N), (B, H, r, P)),
-                ("[B, H, N, P]", "[B, H, r, N]", "[B, H, r, P]"), strict=True):
-            _checks.check_state(name, s, shape, layout)
-    _checks.check_segment_ids(segment_ids, B, T)
-    _checks.check_chunk_size(chunk_size)
-    run = registry.dispatch("mamba3_mimo", impl, T, config, args=(q, k, v))
-    q, k = repeat_heads(q, H), repeat_heads(k, H)
-    o, S = run(q, k, v, g, dt, trap, theta, scale=scale, initial_state=initial_state,
-               segment_ids=segment_ids, chunk_size=chunk_size)
-    return o.astype(v.dtype), S
+    dims = _checks.check_qkv("mamba3_mimo", q[:, :, :, 0], k[:, :, :, 0], v[:, :, :, 0])
+    return checked_run("mamba3_mimo", dims, q, k, v, g, dt, trap, theta, r=q.shape[3],
+                       scale=scale, initial_state=initial_state, segment_ids=segment_ids,
+                       chunk_size=chunk_size, impl=impl, config=config)

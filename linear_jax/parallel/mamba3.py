@@ -7,8 +7,8 @@ document starting exactly at a shard's first token drops them, as the op itself 
 Given them, S is affine in the entering state, S_out = N + M S_in and O = O_loc + Q~ S_in with M
 [N, N] (the product of the shard's decays and rotations), and all four come from one run of the
 single-device op on augmented values and state, as for the delta rule
-(`linear_jax.parallel.rank_one`): v' = [v | 0], S0' = [0 | I], v_last' = [v_last | 0]. The
-affine machinery is `linear_jax.parallel.affine`; the final (k_last, v_last) are the last
+(`linear_jax.parallel.rank_one.row_shard`): v' = [v | 0], S0' = [0 | I], v_last' = [v_last | 0].
+The affine machinery is `linear_jax.parallel.affine`; the final (k_last, v_last) are the last
 shard's, gathered so that every device returns the global final state.
 
 MIMO (`linear_jax.ops.mamba3_mimo`) is SISO over 3r sub-steps per step, which only read the
@@ -24,9 +24,9 @@ from jax import lax
 from linear_jax import _compat, ops
 from linear_jax.ops.common.heads import repeat_heads
 from linear_jax.ops.mamba3_mimo import step_outputs, substeps
-from linear_jax.parallel.affine import affine_shard
 from linear_jax.parallel.decay import DEFAULT_MODE
 from linear_jax.parallel.mesh import run_on_mesh
+from linear_jax.parallel.rank_one import row_shard
 
 
 def _halo(k, v, segment_ids, initial_state, axis_name):
@@ -60,36 +60,31 @@ def mamba3_local(q, k, v, g, dt, trap, theta, *, axis_name="seq", scale=1.0, ini
     kw = dict(scale=scale, chunk_size=chunk_size, impl=impl, config=config)
     k_h, v_h = _halo(repeat_heads(k, H), v, segment_ids, initial_state, axis_name)
 
-    def pre(x, seg):
+    def run(x, S0, seg, pad):
         *arrays, k_h, v_h = x
-        v = arrays[2]
-        pad = lambda a: jnp.concatenate([a, jnp.zeros(a.shape[:-1] + (N,), a.dtype)], axis=-1)
-        # [0 | I], typed varying like the inputs (the op's scan carry must be)
-        S_aug = _compat.zeros_varying((B, H, N, V + N), *x) + jnp.concatenate(
-            [jnp.zeros((N, V), jnp.float32), jnp.eye(N, dtype=jnp.float32)], axis=-1)
-        o, (S, _, _) = ops.mamba3(*arrays[:2], pad(v), *arrays[3:],
-                                  initial_state=(S_aug, k_h, pad(v_h)), segment_ids=seg, **kw)
-        return (o[..., :V], o[..., V:]), S[..., :V], S[..., V:]
-
-    def post(x, seg, parts, S_in):
-        o_loc, q_t = parts
-        o = o_loc.astype(jnp.float32) + jnp.einsum(
-            "bthn,bhnv->bthv", q_t.astype(jnp.float32), S_in, precision=lax.Precision.HIGHEST,
-            preferred_element_type=jnp.float32)
-        return o.astype(x[2].dtype)
-
-    def rerun(x, seg, S_in):
-        *arrays, k_h, v_h = x
-        o, (S, _, _) = ops.mamba3(*arrays, initial_state=(S_in, k_h, v_h), segment_ids=seg, **kw)
+        o, (S, _, _) = ops.mamba3(*arrays[:2], pad(arrays[2]), *arrays[3:],
+                                  initial_state=(S0, k_h, pad(v_h)), segment_ids=seg, **kw)
         return o, S
 
     x = (q, k, v, g, dt, trap, theta, k_h, v_h)
     S0 = None if initial_state is None else initial_state[0]
-    o, S = affine_shard(pre, post, "matrix", x, (B, H, N, V), S0, segment_ids,
-                        axis_name=axis_name, mode=mode, rerun=rerun)
+    o, S = row_shard(run, x, (B, H, N, V), S0, segment_ids, axis_name=axis_name, mode=mode)
     last = jnp.concatenate([repeat_heads(k, H)[:, -1], v[:, -1]], -1).astype(jnp.float32)
     last = _compat.all_gather_same(last, axis_name)[-1]
     return o, (S, last[..., :N], last[..., N:])
+
+
+def _sharded(local, x, *, mesh, axis_name, batch_axes, head_axes, initial_state, segment_ids,
+             **kw):
+    """`local(*x)` (`mamba3_local`, `mimo_local`), under `shard_map` over `mesh` when one is
+    given; both run `ops.mamba3`, whose kernels decide the `shard_map` checks."""
+    if mesh is None:
+        return local(*x, axis_name=axis_name, initial_state=initial_state,
+                     segment_ids=segment_ids, **kw)
+    return run_on_mesh(lambda *x, **a: local(*x, **a, **kw), mesh, x,
+                       initial_state=initial_state, segment_ids=segment_ids, seq_axis=axis_name,
+                       batch_axes=batch_axes, head_axes=head_axes,
+                       kernel_op=("mamba3", kw["impl"], kw["config"]))
 
 
 def mamba3(q, k, v, g, dt, trap, theta, *, axis_name="seq", mesh=None, batch_axes=None,
@@ -97,14 +92,10 @@ def mamba3(q, k, v, g, dt, trap, theta, *, axis_name="seq", mesh=None, batch_axe
            impl="auto", config=None, mode=DEFAULT_MODE):
     """Sequence-parallel `linear_jax.ops.mamba3` (mesh arguments as
     `linear_jax.parallel.simple_gla`)."""
-    kw = dict(scale=scale, chunk_size=chunk_size, impl=impl, config=config, mode=mode)
-    if mesh is None:
-        return mamba3_local(q, k, v, g, dt, trap, theta, axis_name=axis_name,
-                            initial_state=initial_state, segment_ids=segment_ids, **kw)
-    local = lambda *x, **a: mamba3_local(*x, **a, **kw)
-    return run_on_mesh(local, mesh, (q, k, v, g, dt, trap, theta), initial_state=initial_state,
-                       segment_ids=segment_ids, seq_axis=axis_name, batch_axes=batch_axes,
-                       head_axes=head_axes, kernel_op=("mamba3", impl, config))
+    return _sharded(mamba3_local, (q, k, v, g, dt, trap, theta), mesh=mesh, axis_name=axis_name,
+                    batch_axes=batch_axes, head_axes=head_axes, scale=scale,
+                    initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size,
+                    impl=impl, config=config, mode=mode)
 
 
 def mimo_local(q, k, v, g, dt, trap, theta, *, axis_name="seq", scale=1.0, initial_state=None,
@@ -137,11 +128,7 @@ def mamba3_mimo(q, k, v, g, dt, trap, theta, *, axis_name="seq", mesh=None, batc
                 impl="auto", config=None, mode=DEFAULT_MODE):
     """Sequence-parallel `linear_jax.ops.mamba3_mimo` (mesh arguments as
     `linear_jax.parallel.simple_gla`)."""
-    kw = dict(scale=scale, chunk_size=chunk_size, impl=impl, config=config, mode=mode)
-    if mesh is None:
-        return mimo_local(q, k, v, g, dt, trap, theta, axis_name=axis_name,
-                          initial_state=initial_state, segment_ids=segment_ids, **kw)
-    local = lambda *x, **a: mimo_local(*x, **a, **kw)
-    return run_on_mesh(local, mesh, (q, k, v, g, dt, trap, theta), initial_state=initial_state,
-                       segment_ids=segment_ids, seq_axis=axis_name, batch_axes=batch_axes,
-                       head_axes=head_axes, kernel_op=("mamba3", impl, config))
+    return _sharded(mimo_local, (q, k, v, g, dt, trap, theta), mesh=mesh, axis_name=axis_name,
+                    batch_axes=batch_axes, head_axes=head_axes, scale=scale,
+                    initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size,
+                    impl=impl, config=config, mode=mode)

@@ -1,9 +1,11 @@
 """Sequence-parallel forms of the ops whose transition is a full [K, K] matrix acting on the rows
-of the state: `kda` ((I - beta k k^T) diag(exp(g))) and `rwkv7` (diag(exp(g)) + b a^T).
+of the state: `kda` ((I - beta k k^T) diag(exp(g))) and `rwkv7` (diag(exp(g)) + b a^T); the delta
+rule's (`linear_jax.parallel.delta`) and Mamba-3's (`linear_jax.parallel.mamba3`) run on the same
+shard (`row_shard`).
 
 A shard run from S_in gives O = O_loc + Q~ S_in and S_out = N + M S_in with M the product of the
-shard's transitions ([K, K]). As for the delta rule (`linear_jax.parallel.delta`), all four come
-from ONE run of the unmodified single-device op (any `impl`) on augmented values and state,
+shard's transitions ([K, K]). All four come from ONE run of the unmodified single-device op (any
+`impl`) on augmented values and state,
 
     v' = [v | 0_{T x K}],   S0' = [0_{K x V} | I_K]   ->   o' = [O_loc | Q~],   S' = [N | M],
 
@@ -25,23 +27,20 @@ from linear_jax.parallel.decay import DEFAULT_MODE
 from linear_jax.parallel.mesh import run_on_mesh
 
 
-def matrix_local(op, x, *, axis_name="seq", scale=None, initial_state=None, segment_ids=None,
-                 chunk_size=64, impl="auto", config=None, mode=DEFAULT_MODE):
-    """`ops.<op>(*x)` on the local shard of a sequence split along `axis_name`, x = (q, k, v,
-    ...) with v third; call inside `shard_map`. Returns (o [B,T_loc,H,V], global final state)."""
-    fn = getattr(ops, op)
-    q, v = x[0], x[2]
-    B, K = q.shape[0], q.shape[3]
-    H, V = v.shape[2], v.shape[3]
-    kw = dict(scale=default_scale(scale, K), chunk_size=chunk_size, impl=impl, config=config)
+def row_shard(run, x, shape, initial_state, segment_ids, *, axis_name, mode):
+    """The affine shard ("matrix", `affine_shard`) of an op whose transition acts on the rows of
+    its state [B, H, K, V]: O_loc, Q~, N and M from one run on the augmented values and state
+    (module docstring). `run(x, S0, seg, pad) -> (o, S)` runs the single-device op on x from the
+    state S0 with `pad` applied to its values (v' = pad(v): [v | 0] in the augmented run, v
+    itself in a rerun)."""
+    B, H, K, V = shape
+    zero_pad = lambda a: jnp.concatenate([a, jnp.zeros(a.shape[:-1] + (K,), a.dtype)], axis=-1)
 
     def pre(x, seg):
-        v = x[2]
-        v_aug = jnp.concatenate([v, jnp.zeros(v.shape[:-1] + (K,), v.dtype)], axis=-1)
         # [0 | I], typed varying like the inputs (the op's scan carry must be)
         S_aug = _compat.zeros_varying((B, H, K, V + K), *x) + jnp.concatenate(
             [jnp.zeros((K, V), jnp.float32), jnp.eye(K, dtype=jnp.float32)], axis=-1)
-        o, S = fn(*x[:2], v_aug, *x[3:], initial_state=S_aug, segment_ids=seg, **kw)
+        o, S = run(x, S_aug, seg, zero_pad)
         return (o[..., :V], o[..., V:]), S[..., :V], S[..., V:]
 
     def post(x, seg, parts, S_in):
@@ -52,13 +51,33 @@ def matrix_local(op, x, *, axis_name="seq", scale=None, initial_state=None, segm
         return o.astype(x[2].dtype)
 
     def rerun(x, seg, S_in):
-        return fn(*x, initial_state=S_in, segment_ids=seg, **kw)
+        return run(x, S_in, seg, lambda a: a)
 
-    return affine_shard(pre, post, "matrix", tuple(x), (B, H, K, V), initial_state, segment_ids,
+    return affine_shard(pre, post, "matrix", tuple(x), shape, initial_state, segment_ids,
                         axis_name=axis_name, mode=mode, rerun=rerun)
 
 
-def _public(op, x, *, mesh, axis_name, batch_axes, head_axes, **kw):
+def matrix_local(op, x, *, axis_name="seq", scale=None, initial_state=None, segment_ids=None,
+                 chunk_size=64, impl="auto", config=None, mode=DEFAULT_MODE, **op_kw):
+    """`ops.<op>(*x, **op_kw)` on the local shard of a sequence split along `axis_name`, x = (q,
+    k, v, ...) with v third; call inside `shard_map`. Returns (o [B,T_loc,H,V], global final
+    state)."""
+    fn = getattr(ops, op)
+    q, v = x[0], x[2]
+    K = q.shape[3]
+    kw = dict(scale=default_scale(scale, K), chunk_size=chunk_size, impl=impl, config=config,
+              **op_kw)
+
+    def run(x, S0, seg, pad):
+        return fn(*x[:2], pad(x[2]), *x[3:], initial_state=S0, segment_ids=seg, **kw)
+
+    return row_shard(run, x, (q.shape[0], v.shape[2], K, v.shape[3]), initial_state, segment_ids,
+                     axis_name=axis_name, mode=mode)
+
+
+def matrix_op(op, x, *, mesh, axis_name, batch_axes, head_axes, **kw):
+    """`matrix_local` of `ops.<op>(*x)`, under `shard_map` over `mesh` when one is given (the
+    public forms' mesh arguments)."""
     if mesh is None:
         return matrix_local(op, x, axis_name=axis_name, **kw)
     init, seg = kw.pop("initial_state"), kw.pop("segment_ids")
@@ -73,10 +92,10 @@ def kda(q, k, v, g, beta, *, axis_name="seq", mesh=None, batch_axes=None, head_a
         config=None, mode=DEFAULT_MODE):
     """Sequence-parallel `linear_jax.ops.kda` (mesh arguments as
     `linear_jax.parallel.simple_gla`)."""
-    return _public("kda", (q, k, v, g, beta), mesh=mesh, axis_name=axis_name,
-                   batch_axes=batch_axes, head_axes=head_axes, scale=scale,
-                   initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size,
-                   impl=impl, config=config, mode=mode)
+    return matrix_op("kda", (q, k, v, g, beta), mesh=mesh, axis_name=axis_name,
+                     batch_axes=batch_axes, head_axes=head_axes, scale=scale,
+                     initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size,
+                     impl=impl, config=config, mode=mode)
 
 
 def rwkv7(q, k, v, g, a, b, *, axis_name="seq", mesh=None, batch_axes=None, head_axes=None,
@@ -84,7 +103,7 @@ def rwkv7(q, k, v, g, a, b, *, axis_name="seq", mesh=None, batch_axes=None, head
           config=None, mode=DEFAULT_MODE):
     """Sequence-parallel `linear_jax.ops.rwkv7` (mesh arguments as
     `linear_jax.parallel.simple_gla`)."""
-    return _public("rwkv7", (q, k, v, g, a, b), mesh=mesh, axis_name=axis_name,
-                   batch_axes=batch_axes, head_axes=head_axes, scale=scale,
-                   initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size,
-                   impl=impl, config=config, mode=mode)
+    return matrix_op("rwkv7", (q, k, v, g, a, b), mesh=mesh, axis_name=axis_name,
+                     batch_axes=batch_axes, head_axes=head_axes, scale=scale,
+                     initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size,
+                     impl=impl, config=config, mode=mode)
