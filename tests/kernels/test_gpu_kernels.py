@@ -13,6 +13,8 @@ interpret mode is slow.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,31 +61,40 @@ def _inputs(rng, op, dtype, gate_lo=-4.0, t=T, gates=None):
     return x
 
 
+def _value_and_grad(fn, x, seg, do, dS, **kw):
+    """<o, do> + <S, dS> of fn's (o, S), and its (o, S)."""
+    extra = (x["beta"],) if "beta" in x else ()
+    o, S = fn(x["q"], x["k"], x["v"], x.get("g"), *extra, initial_state=x["S0"], segment_ids=seg,
+              **kw)
+    return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(S * dS), (o, S)
+
+
+@functools.cache
+def _reference(op):
+    """jit(value_and_grad) of the `lax.scan` reference, inputs as arguments: the cases of one op
+    at one shape (gates, configs and forward forms of the kernel) share its compilation."""
+    return jax.jit(jax.value_and_grad(
+        lambda d, seg, do, dS: _value_and_grad(OPS[op][0], d, seg, do, dS, impl="recurrent"),
+        has_aux=True))
+
+
 def _check(op, x, seg, tol, tol_state, chunk=C, config=None):
-    ref, _, kernel = OPS[op]
+    kernel = OPS[op][2]
     rng = np.random.default_rng(1)
     do = jnp.asarray(rng.standard_normal((B, x["q"].shape[1], H, V)), jnp.float32)
     dS = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32)
     names = ["q", "k", "v", "S0"] + ([] if x["g"] is None else ["g"]) + (
         ["beta"] if "beta" in x else [])
 
-    def loss(impl, d):
-        a = dict(x, **d)
-        extra = (a["beta"],) if "beta" in a else ()
-        kw = dict(initial_state=a["S0"], segment_ids=seg, chunk_size=chunk)
-        if impl == "pallas":
-            o, S = kernel(a["q"], a["k"], a["v"], a["g"], *extra, scale=K**-0.5, config=config,
-                          **kw)
-        else:
-            o, S = ref(a["q"], a["k"], a["v"], a["g"], *extra, impl=impl, **kw)
-        return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(S * dS), (o, S)
+    def loss(d):
+        return _value_and_grad(kernel, d, seg, do, dS, scale=K**-0.5, config=config,
+                               chunk_size=chunk)
 
     d = {n: x[n] for n in names}
-    vg = lambda impl: jax.jit(jax.value_and_grad(lambda d: loss(impl, d), has_aux=True))
-    (_, (o, S)), grads = vg("pallas")(d)
-    (_, (ro, rS)), rgrads = vg("recurrent")(
-        {n: v.astype(jnp.float32) for n, v in d.items()})
-    _, (po, pS) = jax.jit(lambda d: loss("pallas", d))(d)   # the primal alone: no residuals kept
+    (_, (o, S)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(d)
+    (_, (ro, rS)), rgrads = _reference(op)(
+        {n: v.astype(jnp.float32) for n, v in d.items()}, seg, do, dS)
+    _, (po, pS) = jax.jit(loss)(d)   # the primal alone: no residuals kept
     assert o.dtype == x["v"].dtype and S.dtype == jnp.float32
     for out, state, how in ((o, S, "under grad"), (po, pS, "primal")):
         assert_close(out, ro, tol, f"{op} output ({how})")

@@ -2,8 +2,12 @@
 
 `jax.export(..., platforms=["cuda"])` runs the Pallas -> Mosaic GPU lowering of each `plgpu.kernel`
 (TMA copies, mbarriers, wgmma, register layouts) and leaves its serialized module in the export;
-PTX assembly happens on the device only. Both lowering semantics are exported ("lane", jax 0.10's
-default, and "warpgroup", 0.11's).
+PTX assembly happens on the device only. The "lane" semantics (jax 0.10's default and every
+Hopper config's default) is exported at every case, forward and backward; "warpgroup" (0.11's
+default) at one small case, forward only, the one warpgroup export of the suite: no default config
+uses it, simple_gla under it failed Mosaic GPU's layout inference on the H200, and its exports
+(the selective scan's backward above all) were the slowest tests of the suite. It shows the option
+still reaches the lowering.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ CASES = [
     ("lane", 2, 2048, 4, 128, 128, True, True, {}),      # the anchor tile sizes, 16 pieces
     ("lane", 1, 200, 2, 64, 64, True, False, {}),        # T % 64 != 0, one value warpgroup
     ("lane", 1, 200, 2, 100, 48, False, True, {}),       # no gate; K, V padded to 128, 64
-    ("warpgroup", 1, 256, 2, 128, 128, True, True, {}),
     ("lane", 2, 2048, 4, 128, 128, True, True, dict(pieces=1, gates="xla", grad_items="tile")),
     ("lane", 1, 256, 2, 128, 128, True, True, dict(gates="xla", approx_math=True)),
     ("lane", 1, 256, 2, 64, 128, True, True, dict(pieces=1, grad_items="tile")),
@@ -64,6 +67,13 @@ def test_simple_gla_exports_for_cuda(case, grad):
     text = _export(case, grad).mlir_module()
     kernels = text.count("mosaic_gpu")
     assert kernels >= (3 if grad else 1), "expected the Mosaic GPU kernels in the module"
+
+
+def test_warpgroup_semantics_exports_the_forward():
+    case = (1, 256, 2, 128, 128, True, True, {})
+    text = _export(("warpgroup",) + case, grad=False).mlir_module()
+    assert text.count("mosaic_gpu") >= 1, "expected the Mosaic GPU kernels in the module"
+    assert text != _export(("lane",) + case, grad=False).mlir_module(), "semantics not applied"
 
 
 def test_float32_and_wide_heads_are_refused():

@@ -12,7 +12,8 @@ zeroes every leaf. `test_strong_gates` repeats the forward and gradient checks w
 gate strong (log decays in [-25, -15], or all -20; each spec says what that means for its op).
 
 Cost: the kernels run in interpret mode, where compiling dominates. The jitted forward and
-gradient functions are cached per (spec, impl, static arguments), and `GROUP_BY` has
+gradient functions are cached per (op call, impl, static arguments), shared by specs that draw
+other values of the same inputs (delta_rule's beta ranges), and `GROUP_BY` has
 tests/conftest.py run a case's tests together (pytest-xdist hands a worker consecutive tests), so
 the float64, gradient and strong-gate tests of a case compile its forward and its gradient once.
 """
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,22 +50,56 @@ def _run(spec, impl, args, kwargs, S0=None, seg=None, chunk_size=C):
     return spec.fn(**args, **kw)
 
 
-@functools.lru_cache(maxsize=16)
+class _Call(NamedTuple):
+    """What `_run` reads of a spec: the jitted functions below are cached by it, so specs that
+    differ only in the values they draw (delta_rule's two beta ranges) share their compilations."""
+    fn: Callable
+    has_segments: bool
+    chunked: bool
+
+
+def _call(spec) -> _Call:
+    return _Call(spec.fn, spec.has_segments, spec.chunked)
+
+
 def _forward(spec, impl, kw_items, chunk_size=C):
     """jit of the primal alone (no residuals: a kernel may take another forward form here)."""
-    return jax.jit(lambda args, S0, seg: _run(spec, impl, args, dict(kw_items), S0, seg,
+    return _jit_forward(_call(spec), impl, kw_items, chunk_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _jit_forward(call, impl, kw_items, chunk_size):
+    return jax.jit(lambda args, S0, seg: _run(call, impl, args, dict(kw_items), S0, seg,
                                               chunk_size))
 
 
-@functools.lru_cache(maxsize=16)
 def _grads(spec, impl, kw_items):
     """jit of the gradients of <o, do> + <S, dS> w.r.t. the `diff` inputs and the initial state."""
+    return _jit_grads(_call(spec), impl, kw_items)
+
+
+@functools.lru_cache(maxsize=16)
+def _jit_grads(call, impl, kw_items):
     def loss(diff, rest, S0, seg, do, dS):
-        o, S = _run(spec, impl, {**rest, **diff}, dict(kw_items), S0, seg)
+        o, S = _run(call, impl, {**rest, **diff}, dict(kw_items), S0, seg)
         return jnp.sum(o.astype(jnp.float32) * do) + sum(
             jnp.sum(s * d) for s, d in zip(jax.tree.leaves(S), jax.tree.leaves(dS), strict=True))
 
     return jax.jit(jax.grad(loss, argnums=(0, 2)))
+
+
+@functools.lru_cache(maxsize=4)
+def _jit_run(call, kw_items):
+    """jit of `_run` with the impl static, for the split and decode test."""
+    return jax.jit(lambda impl, a, S, sg: _run(call, impl, a, dict(kw_items), S, sg),
+                   static_argnums=0)
+
+
+@functools.lru_cache(maxsize=4)
+def _jit_vmapped(call, impl, kw_items):
+    """jit of the output alone at chunk size 4, and of its vmap, for the vmap test."""
+    one = lambda a: _run(call, impl, a, dict(kw_items), chunk_size=4)[0]
+    return jax.jit(one), jax.jit(jax.vmap(one))
 
 
 @contextlib.contextmanager
@@ -202,7 +239,7 @@ def test_split_and_step_decode_equal_full(spec):
     t, cut = 38, 19
     args, kwargs, S0, seg = _draw(spec, 5, t=t)
     # jitted: eager dispatch of the chunk forms dominates the suite's time otherwise
-    run = jax.jit(lambda impl, a, S, sg: _run(spec, impl, a, kwargs, S, sg), static_argnums=0)
+    run = _jit_run(_call(spec), tuple(kwargs.items()))
     o, S = run("chunk", args, S0, seg)
     timed = lambda x: np.ndim(x) >= 2 and np.shape(x)[1] == t
     head = {n: x[:, :cut] if timed(x) else x for n, x in args.items()}
@@ -233,9 +270,8 @@ def test_vmap_over_extra_axis(spec):
     a2, _, _, _ = _draw(spec, 7, t=9)
     stacked = {n: np.stack([a1[n], a2[n]]) for n in a1}
     impl = "chunk" if "chunk" in impls_of(spec) else impls_of(spec)[0]
-    one = lambda a: _run(spec, impl, a, kwargs, chunk_size=4)[0]
-    o = jax.jit(jax.vmap(one))(stacked)
-    assert_close(o[1], jax.jit(one)(a2), TOL["float32"], "vmap")
+    one, vmapped = _jit_vmapped(_call(spec), impl, tuple(kwargs.items()))
+    assert_close(vmapped(stacked)[1], one(a2), TOL["float32"], "vmap")
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)

@@ -14,7 +14,7 @@ import numpy as np
 
 from linear_jax.training import loop
 from linear_jax.training.metrics import read_jsonl
-from tests.training.test_train import ROOT, TINY, _flags, tiny
+from tests.training.test_train import ROOT, TINY, XLA_FLAGS, _flags, tiny
 
 STEPS = {"train.steps": 4, "train.checkpoint_every": 0, "eval.every": 4}
 
@@ -29,7 +29,7 @@ def _env():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     path = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
     return {**env, "PYTHONPATH": path, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2",
-            "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+            "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "XLA_FLAGS": XLA_FLAGS}
 
 
 def test_two_processes_match_single_device(tmp_path):

@@ -59,11 +59,16 @@ def test_sharded_8_devices_matches_single_device(tmp_path):
     assert a[4] < a[1]                                        # it trains
 
 
+# the subprocesses compile as the tests do (tests/conftest.py: without LLVM's optimisations, about
+# half the compile time), on their own devices
+XLA_FLAGS = "--xla_backend_optimization_level=0"
+
+
 def _env():
     # one CPU device in the subprocesses, whatever the parent has
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     path = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
-    return {**env, "JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
+    return {**env, "JAX_PLATFORMS": "cpu", "PYTHONPATH": path, "XLA_FLAGS": XLA_FLAGS}
 
 
 def _cli(workdir, **over):
