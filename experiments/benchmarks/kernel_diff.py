@@ -53,11 +53,12 @@ def _rel(a, b) -> float:
 
 
 def _where(g, c) -> dict:
-    """Where two arrays differ: rel error per index of axis 0, per 64-slice of axis 1, and per
-    index of axis 2 (for [B, Tp, H, ...] that is per batch row, per chunk and per head)."""
+    """Where two arrays differ: rel error per index of axis 0, per 64-slice of axis 1, per index
+    of axis 2 and per 64-slice of axis 3 (for [B, Tp, H, K] that is per batch row, chunk, head
+    and 64-column key block)."""
     g, c = np.asarray(g, np.float64), np.asarray(c, np.float64)
     out = {}
-    for ax, step in ((0, 1), (1, 64), (2, 1)):
+    for ax, step in ((0, 1), (1, 64), (2, 1), (3, 64)):
         if g.ndim <= ax or g.shape[ax] <= step:
             continue
         errs = []
