@@ -139,3 +139,24 @@ def test_compile_time_script_runs(tmp_path, monkeypatch):
         assert r["layers"] == 2 and r["d_model"] == 64 and r["seq_len"] == 128
         assert r["lower_s"] > 0 and r["compile_s"] > 0
     assert rows["gla", "scan"]["hlo_ops"] < rows["gla", "unrolled"]["hlo_ops"]
+
+
+def test_kernel_diff_locates_a_difference_and_builds_its_cases():
+    """kernel_diff's report names the batch row, chunk, head and key block that differ, and every
+    case it offers builds inputs of the shape asked (the device run is where it runs)."""
+    from experiments.benchmarks import kernel_diff
+
+    a = np.ones((2, 256, 2, 128))
+    b = a.copy()
+    b[1, 64:128, 0, 64:] = 3.0
+    where = kernel_diff._where(b, a)
+    assert [e > 0 for e in where["axis0"]] == [False, True]
+    assert [e > 0 for e in where["axis1"]] == [False, True, False, False]
+    assert [e > 0 for e in where["axis2"]] == [True, False]
+    assert [e > 0 for e in where["axis3"]] == [False, True]
+    labels = [label for label, _ in kernel_diff.cases(
+        ["simple_gla", "gla", "delta", "selective", "mlstm"], {"B": 2, "T": 128, "H": 1}, None)]
+    assert len(labels) == len(set(labels)) == 2 * 4 + 4 + 4 + 1 + 2
+    _, build = kernel_diff.cases(["gla"], {"B": 2, "T": 128, "H": 1}, None)[1]
+    _, _, floats, _ = build()
+    assert floats[0].shape == (2, 128, 1, 128) and floats[3].shape == (2, 128, 1, 128)
