@@ -339,9 +339,9 @@ class HopperChunkConfig:
       fills the device); 1: the single-level walk. The backward's reverse walk likewise.
     gates: where the chunk-local cumulative gate is formed: "kernel" (from the raw log gates, in
       every kernel: one XLA transpose of g around the kernels) or "xla" (gate_rows: cumulative sums,
-      exponentials and masks as XLA kernels, read by the kernels as rows). The default is "xla":
-      on an H200 "kernel" gave wrong outputs (o, dv; relative error 0.16-0.36) whenever K or
-      V = 128 (two consumer warpgroups) while "xla" passed every check, and was as fast.
+      exponentials and masks as XLA kernels, read by the kernels as rows). Both pass every check
+      on an H200 ("kernel" since its cross-warpgroup race was fixed, session 9); the default is
+      "xla", which timed as fast or faster there.
     grad_items: the gradient kernel's work item: "chunk" (one (b, h, chunk): q, k, v, do and the
       intra blocks loaded and formed once for all key tiles, the gate gradient's prefix sums done
       in the kernel) or "tile" (one (b, h, chunk, 64-key tile); prefix sums in XLA).

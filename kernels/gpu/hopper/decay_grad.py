@@ -198,7 +198,8 @@ def _grad_chunks(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
         scratch.append(plgpu.SMEM((stages, rows.shape[2], C), f32))
     scratch += [smem((SS, LANES, V), dt), smem((SS, LANES, V), dt),
                 smem((C, C), dt), smem((C, LANES), dt), smem((C, LANES), dt)]
-    scratch += [plgpu.SMEM((1, C), f32)] * ((raw + 1) if gated else 0)   # dg; ChunkGates' tmp
+    scratch += [plgpu.SMEM((1, C), f32)] if gated else []                # dg
+    scratch += [plgpu.SMEM((1, C), f32)] if raw and gated else []        # ChunkGates' tmp
     scratch += [plgpu.Barrier(num_arrivals=4 + has_rows, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=1, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=2, num_barriers=SS),

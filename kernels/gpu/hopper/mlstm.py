@@ -155,9 +155,9 @@ def _core(cfg: HopperMlstmConfig, eps: float, scale: float):
     [B, H, NL, K, V + 1] and m_in [B, H, NL] float32."""
     L = cfg.chunk
 
-    def operands(qs, k, v, lf, ig, m, S_in, m_in, doc):
+    def operands(q, k, v, lf, ig, m, S_in, m_in, doc):
         V = v.shape[-1]
-        return (qs, k, v, _rows(lf, ig, m, m_in, doc, L, scale), S_in[..., :V].astype(v.dtype),
+        return (q, k, v, _rows(lf, ig, m, m_in, doc, L, scale), S_in[..., :V].astype(v.dtype),
                 S_in[..., V])
 
     def forward(*args):
@@ -169,12 +169,12 @@ def _core(cfg: HopperMlstmConfig, eps: float, scale: float):
         return h, (ops_, h, den)
 
     def bwd(res, dh):
-        (qs, k, v, rows, Cin, nin), h, den = res
-        B, Tp, H, K = qs.shape
+        (q, k, v, rows, Cin, nin), h, den = res
+        B, Tp, H, K = q.shape
         V, NT, NL = v.shape[-1], L // LANES, Tp // L
-        dq, qrows, cross, dC, dn = grad_queries(qs, k, v, dh, h, rows, den, Cin, nin, L=L,
+        dq, qrows, cross, dC, dn = grad_queries(q, k, v, dh, h, rows, den, Cin, nin, L=L,
                                                 eps=eps, cfg=cfg)
-        dk, dv, db = grad_keys(qs, k, v, dh, rows, qrows, L=L, cfg=cfg)
+        dk, dv, db = grad_keys(q, k, v, dh, rows, qrows, L=L, cfg=cfg)
         wdw = qrows[:, :, 1].reshape(B, H, NL, L)
         cross = cross.reshape(B, H, NL, NT, L).sum(3)                        # over query tiles
         dlf = cross + jnp.flip(jnp.cumsum(jnp.flip(wdw, -1), -1), -1)        # sum_{i >= s}
