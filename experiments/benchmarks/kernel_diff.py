@@ -40,7 +40,7 @@ from linear_jax.kernels.configs import (
     HopperSelectiveConfig,
 )
 
-MODULES = ("decay", "decay_grad", "gla", "delta", "delta_bwd", "selective", "mlstm",
+MODULES = ("common", "decay", "decay_grad", "gla", "delta", "delta_bwd", "selective", "mlstm",
            "mlstm_fwd", "mlstm_bwd")
 f32 = jnp.float32
 
@@ -123,14 +123,6 @@ class Recorder:
                 m.mosaic_gpu_kernel = real
 
 
-def _segments(B, T, rng):
-    ids = np.zeros((B, T), np.int32)
-    for b in range(B):
-        for c in (int(rng.integers(1, T)), 64):
-            ids[b, c:] += 1
-    return jnp.asarray(ids)
-
-
 def _chunk_case(op_name, K, V, over, B=1, T=256, H=2, seed=0):
     """(entry(cfg) -> f(*floats), config, float inputs, cotangents) for simple_gla / gla / delta;
     over["pieces"] None: the device's choice."""
@@ -139,7 +131,7 @@ def _chunk_case(op_name, K, V, over, B=1, T=256, H=2, seed=0):
     bf = jnp.bfloat16
     q, k, v = (jnp.asarray(n(B, T, H, K), bf), jnp.asarray(n(B, T, H, K) / np.sqrt(K), bf),
                jnp.asarray(n(B, T, H, V), bf))
-    S0, seg = jnp.asarray(n(B, H, K, V)), _segments(B, T, rng)
+    S0, seg = jnp.asarray(n(B, H, K, V)), kc.segments(B, T, rng)
     gshape = (B, T, H, K) if op_name == "gla" else (B, T, H)
     g = jax.nn.log_sigmoid(jnp.asarray(n(*gshape))) / 4
     floats = [q, k, v, g, S0]
@@ -183,7 +175,7 @@ def _selective_case(over, seed=0):
               -jnp.exp(jnp.asarray(n(D, N))), jnp.asarray(n(B, T, 1, N)),
               jnp.asarray(n(B, T, 1, N)), jnp.asarray(n(D)), jnp.asarray(n(B, T, D), bf),
               jnp.asarray(0.5 * n(D)), jnp.asarray(n(B, D, N))]
-    seg = _segments(B, T, rng)
+    seg = kc.segments(B, T, rng)
 
     def entry(cfg):
         if cfg is None:                                       # no reference wired here
@@ -204,7 +196,7 @@ def _mlstm_case(K, over, B=1, T=256, H=2, seed=0):
     floats = [jnp.asarray(n(B, T, H, K), bf), jnp.asarray(n(B, T, H, K), bf),
               jnp.asarray(n(B, T, H, V), bf), jnp.asarray(n(B, T, H)),
               jnp.asarray(n(B, T, H) + 3.0)]
-    seg = _segments(B, T, rng)
+    seg = kc.segments(B, T, rng)
 
     def entry(cfg):
         if cfg is None:                                       # the float32 recurrence

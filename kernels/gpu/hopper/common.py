@@ -25,7 +25,7 @@ from jax import lax
 from jax._src.pallas import core as _pallas_core
 from jax._src.state import types as _state_types
 
-from linear_jax._compat import mosaic_gpu
+from linear_jax._compat import mosaic_gpu, mosaic_gpu_kernel
 from linear_jax.ops.common.chunking import doc_index, pad_time
 from linear_jax.ops.common.gates import rev_cumsum_excl
 
@@ -280,6 +280,15 @@ def write_blocks(S, kblk, fw, dst):
         fw[...] = S[i]
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(fw, dst(kr))
+
+
+def launch(body, cfg, ops, *, out_type, grid, grid_names, scratch, name, num_threads=1):
+    """The `plgpu.kernel` of `body` under the config's lowering semantics and exp, in the GPU
+    interpreter where `ops` interprets; the warpgroup axis is named "wg"."""
+    return mosaic_gpu_kernel(
+        body, out_type=out_type, grid=grid, grid_names=grid_names, num_threads=num_threads,
+        thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
+        approx_math=cfg.approx_math, interpret=ops.interpret, name=name)
 
 
 def prod(a, b, acc=None, *, ta=False, tb=False):

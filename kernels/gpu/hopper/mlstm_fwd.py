@@ -2,10 +2,10 @@
 pieces its backward kernels (`mlstm_bwd`) share with it: the per-token rows, the pair factor, the
 tile setup, the key tiles' copies and the kernel's launch.
 
-Rows, [B, H, R, Tp] float32, in this order (`ROWS`): the query side a = F - m, w (the entering
-state's weight, 0 on rows a packed document cut off from it), negm = -m; the key side b = i - F
-and, with packed documents, doc (the document index). Key tiles read rows KEY0.. only, so one TMA
-copy brings them.
+Rows, [B, H, R, Tp] float32, in this order (`ROWS`): the query side a = F - m + log s, w (the
+entering state's weight times the scale s, 0 on rows a packed document cut off from it),
+negm = -m; the key side b = i - F and, with packed documents, doc (the document index). Key
+tiles read rows KEY0.. only, so one TMA copy brings them.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from linear_jax._compat import mosaic_gpu_kernel
 from linear_jax.kernels.gpu.hopper.common import (
     LANES,
     Ops,
     check_smem,
     f32,
     interpreting,
+    launch,
     pl,
     plgpu,
     prod,
@@ -70,19 +70,18 @@ def copy_key_tiles(k_ref, v_ref, r_ref, ks, vs, kr, b, h, first, NT, bar):
 
 
 def kernel_of(body, out_type, grid, scratch, cfg, ops, name):
-    """The mosaic_gpu_kernel of one mLSTM kernel (one warpgroup a 64-row tile) after its SMEM
+    """The `common.launch` of one mLSTM kernel (one warpgroup a 64-row tile) after its SMEM
     check."""
     check_smem(name, scratch, "lower HopperMlstmConfig.chunk")
-    return mosaic_gpu_kernel(
-        body, out_type=out_type, grid=grid, grid_names=("b", "h", "t"), num_threads=1,
-        thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
-        approx_math=cfg.approx_math, interpret=ops.interpret, name=name)
+    return launch(body, cfg, ops, out_type=out_type, grid=grid, grid_names=("b", "h", "t"),
+                  scratch=scratch, name=name)
 
 
 def out_kernel(q, k, v, rows, Cin, nin, *, L, eps, cfg, save):
-    """q, k [B, Tp, H, K], v [B, Tp, H, V] (bf16 / fp16, q scaled); rows [B, H, R, Tp] (`ROWS`);
-    Cin [B, H, Tp / L, K, V] in v's dtype; nin [B, H, Tp / L, K] f32. Returns h [B, Tp, H, V] in v's
-    dtype and, with `save`, the normaliser's den [B, H, 1, Tp] f32 (the backward's residual)."""
+    """q, k [B, Tp, H, K], v [B, Tp, H, V] (bf16 / fp16, q unscaled: the scale is in the rows);
+    rows [B, H, R, Tp] (`ROWS`); Cin [B, H, Tp / L, K, V] in v's dtype; nin [B, H, Tp / L, K] f32.
+    Returns h [B, Tp, H, V] in v's dtype and, with `save`, the normaliser's den [B, H, 1, Tp] f32
+    (the backward's residual)."""
     B, Tp, H, K, V, dt, R, NQ, NT, docs, ops = tile_setup(q, v, rows, L, cfg)
     C = LANES
     shape, sq = (C, V), (C, C)

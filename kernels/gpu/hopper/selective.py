@@ -69,9 +69,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from linear_jax._compat import mosaic_gpu_kernel
 from linear_jax.kernels.configs import HopperSelectiveConfig
-from linear_jax.kernels.gpu.hopper.common import Ops, f32, interpreting, pl, plgpu
+from linear_jax.kernels.gpu.hopper.common import Ops, f32, interpreting, launch, pl, plgpu
 from linear_jax.ops.common.chunking import pad_to, resets
 
 BD = 64        # channels per warpgroup: the rows of one accumulator tile
@@ -179,13 +178,6 @@ def _start(issue, stages, cst_ref, cst, dsl, own_bar):
     plgpu.barrier_wait(own_bar.at[0])
 
 
-def _kernel(body, out_type, grid, scratch, cfg, ops, name):
-    return mosaic_gpu_kernel(
-        body, out_type=out_type, grid=grid, grid_names=("b", "d"), num_threads=1,
-        thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
-        approx_math=cfg.approx_math, interpret=ops.interpret, name=name)
-
-
 def _forward(u, dl, z, consts, Bm, Cm, keep, h0, *, softplus, cfg, save):
     """u, dl, z [B, Tp, Dp] (z None); consts [Np + 2, Dp] f32 (A^T, D, bias); Bm, Cm [B, Tp, G, Np]
     f32; keep None or [B, Tp, Np] f32; h0 None or [B, Np, Dp] f32. Returns (y [B, Tp, Dp],
@@ -269,7 +261,8 @@ def _forward(u, dl, z, consts, Bm, Cm, keep, h0, *, softplus, cfg, save):
                 plgpu.SMEM((Np + 2, BD), f32), plgpu.SMEM((Np, BD), f32),
                 plgpu.Barrier(num_arrivals=len(names) + 2 + has_keep, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=1, num_barriers=1)]
-    kernel = _kernel(body, out_type, (Bsz, NB), scratch, cfg, ops, "selective_scan_fwd")
+    kernel = launch(body, cfg, ops, out_type=out_type, grid=(Bsz, NB), grid_names=("b", "d"),
+                    scratch=scratch, name="selective_scan_fwd")
     args = [u, dl] + ([z] if has_z else []) + [consts, Bm, Cm] + ([keep] if has_keep else []) + \
         ([h0] if has_h0 else [])
     outs = list(kernel(*args))
@@ -405,7 +398,8 @@ def _backward(u, dl, z, consts, Bm, Cm, keep, states, dy, dhT, *, softplus, cfg)
     scratch += [plgpu.SMEM((Np + 2, BD), f32), plgpu.SMEM((Np, BD), f32),
                 plgpu.Barrier(num_arrivals=len(names) + 3 + has_keep, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=1, num_barriers=1)]
-    kernel = _kernel(body, out_type, (Bsz, NB), scratch, cfg, ops, "selective_scan_bwd")
+    kernel = launch(body, cfg, ops, out_type=out_type, grid=(Bsz, NB), grid_names=("b", "d"),
+                    scratch=scratch, name="selective_scan_bwd")
     args = [ins[n] for n in names] + [consts, Bm, Cm] + ([keep] if has_keep else []) + \
         [states] + ([dhT] if has_dhT else [])
     outs = list(kernel(*args))
