@@ -320,8 +320,8 @@ class HopperChunkConfig:
     """The Mosaic GPU (Hopper, sm_90) kernels of the chunk family (`kernels/gpu/hopper/`):
     simple_gla (`decay.py`, `decay_grad.py`) and gla (`gla.py`, the vector gate). gla reads chunk,
     stages, pieces, semantics, approx_math and interpret; its chunk-parallel kernels (gates, grad)
-    take one (b, h, chunk) per CTA and ignore stages_grad, grad_programs, gates, grad_items and
-    overlap, which shape simple_gla's.
+    take one (b, h, chunk) per CTA and ignore stages_grad, grad_programs, gates, grad_items,
+    overlap, item_order and fused_update, which shape simple_gla's.
 
     chunk: C, rows per chunk: 64 (one wgmma M tile; the [C, C] intra blocks stay in registers).
     stages: depth of the TMA pipeline of the sequential walks (forward, reverse state pass): chunks
@@ -344,10 +344,20 @@ class HopperChunkConfig:
       "xla", which timed as fast or faster there.
     grad_items: the gradient kernel's work item: "chunk" (one (b, h, chunk): q, k, v, do and the
       intra blocks loaded and formed once for all key tiles, the gate gradient's prefix sums done
-      in the kernel) or "tile" (one (b, h, chunk, 64-key tile); prefix sums in XLA).
+      in the kernel), "split" (the same item shared by two compute warpgroups, the dq side and
+      the dk side of the gradient, each with half the dependent wgmma chain), "split_xla" (the
+      same, the gate gradient's prefix sums in XLA) or "tile" (one (b, h, chunk, 64-key tile);
+      prefix sums in XLA).
     overlap: register work issued while each wgmma runs (the gate factors and E during q k^T,
       the scaling of o and of v during A v, the store of o and the state decay during the state
       update); False: the same work after each wait.
+    item_order: the order of the persistent kernels' work items: "heads" (the head fastest, then
+      the chunk: the CTAs running at once read the same rows of every head, whole rows of the
+      [B, T, H, K] inputs) or "chunks" (the chunk fastest: at B = 1 the CTAs at once read 132
+      chunks of one head, 256-byte pieces 4 KB apart).
+    fused_update: the walks' output pass issues the state update k^T (gk v) together with q k^T
+      and q S_n (it depends on neither) and forms S_n+1 while A v runs: two wgmma waits a chunk
+      instead of three. False: q k^T and q S_n, then A v, then the update.
     """
 
     chunk: int = 64
@@ -361,16 +371,21 @@ class HopperChunkConfig:
     gates: str = "xla"
     grad_items: str = "chunk"
     overlap: bool = True
+    item_order: str = "heads"
+    fused_update: bool = True
 
     def __post_init__(self):
         name = type(self).__name__
         if self.pieces is not None and (self.pieces < 1 or self.pieces & (self.pieces - 1)):
             raise ValueError(f"{name}.pieces must be None or a power of two, got {self.pieces}")
-        if self.gates not in ("kernel", "xla") or self.grad_items not in ("chunk", "tile"):
-            raise ValueError(f"{name}: gates must be 'kernel' or 'xla' and grad_items 'chunk' or "
-                             f"'tile', got {self.gates!r}, {self.grad_items!r}")
+        if self.gates not in ("kernel", "xla") or self.grad_items not in ("chunk", "split", "split_xla", "tile"):
+            raise ValueError(f"{name}: gates must be 'kernel' or 'xla' and grad_items 'chunk', "
+                             f"'split', 'split_xla' or 'tile', got {self.gates!r}, {self.grad_items!r}")
         if self.chunk != 64:
             raise ValueError(f"{name}.chunk must be 64 (one wgmma tile), got {self.chunk}")
+        if self.item_order not in ("heads", "chunks"):
+            raise ValueError(f"{name}.item_order must be 'heads' or 'chunks', got "
+                             f"{self.item_order!r}")
         if self.stages not in (2, 3) or self.stages_grad not in (1, 2):
             raise ValueError(f"{name}: stages must be 2 or 3 and stages_grad 1 or 2, got "
                              f"{self.stages}, {self.stages_grad}")
@@ -412,7 +427,8 @@ class HopperDeltaConfig:
       latency.
     stages_grad: the same for the chunk-parallel gradient kernel (98 KB a stage at K = V = 128).
     programs: CTAs of the persistent kernels (UT, gradient); None: the device's SM count.
-    semantics, approx_math: as `HopperChunkConfig`.
+    semantics, approx_math, item_order: as `HopperChunkConfig` (the order of the UT and gradient
+      kernels' items).
     """
 
     chunk: int = 64
@@ -424,13 +440,14 @@ class HopperDeltaConfig:
     semantics: str = "lane"
     approx_math: bool = False
     interpret: bool | None = None
+    item_order: str = "heads"
 
     def __post_init__(self):
         name = type(self).__name__
         if self.chunk != 64:
             raise ValueError(f"{name}.chunk must be 64 (one wgmma tile), got {self.chunk}")
         for f, ok in (("stages", (2, 3)), ("stages_prep", (1, 2)), ("stages_grad", (1, 2)),
-                      ("prep_consumers", (1, 2))):
+                      ("prep_consumers", (1, 2)), ("item_order", ("heads", "chunks"))):
             if getattr(self, f) not in ok:
                 raise ValueError(f"{name}.{f} must be one of {ok}, got {getattr(self, f)}")
         if self.programs is not None and self.programs < 1:

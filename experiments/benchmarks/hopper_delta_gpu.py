@@ -16,7 +16,8 @@ anchors.
     jla (deltanet, gated_deltanet) timed the same ways in this run where its wheel is installed
     (`jla_run_*`), else its anchors, and the ratio (jla / ours sync, > 1 is faster); and each
     kernel alone (UT prep, forward walk with and without residuals, reverse walk, gradient
-    kernel) at T = 2048 (every T without --quick).
+    kernel; the UT and gradient kernels also with their work items in the other order) at the
+    first and last T (every T without --quick).
 (c) Writes benchmarks/results/hopper_delta_gpu_<device>.json (and a copy under $OUT when set).
 
 A check or timing that fails prints the last 30 lines of its traceback; the script goes on. The
@@ -95,7 +96,7 @@ def run_check(name, cfg, B, T, H, K, V, *, gate, extras, seed):
                     V=V, B=B, H=H, gate=gate, extras=extras)
 
 
-def time_shape(cfg, T, anchors, *, reps, breakdown):
+def time_shape(cfg, T, anchors, *, reps, breakdown, profile=False):
     B, H, K, V = max(1, 16384 // T), 16, 128, 128
     x = inputs(B, T, H, K, V, gate="normal", dtype=jnp.bfloat16, seed=T, extras=False)
     q, k, v, do, g = x["q"], x["k"], x["v"], x["do"], x["g"]
@@ -111,7 +112,8 @@ def time_shape(cfg, T, anchors, *, reps, breakdown):
         peer = kc.jla_peer(anchor, (lambda beta, g: {"g": g, "beta": beta}) if gated else
                            (lambda beta, g: {"beta": beta}))
         kc.time_phases(row, fwd, fwdbwd, (q, k, v, beta, g), do, an, anchor, reps=reps,
-                       label=f"T={T} {op}", key=lambda s, op=op: f"{op}.{s}", peer=peer)
+                       label=f"T={T} {op}", key=lambda s, op=op: f"{op}.{s}", peer=peer,
+                       profile=profile)
     if breakdown:
         row["kernels_ms"] = kernel_breakdown(cfg, q, k, v, beta, g, do, reps=reps)
     return row
@@ -142,6 +144,14 @@ def kernel_breakdown(cfg, q, k, v, beta, g, do, *, reps):
         out["walk_rev"] = t(rev, q, k, do, wm, tm, rows, s0)
         gradf = jax.jit(lambda *a: hbwd.grad(*a, names=names, scale=K**-0.5, **kw))
         out["grad"] = t(gradf, q, k, do, u, dbv, rows, states, dstates)
+        # the persistent kernels with their items in the other order (chunk or head fastest)
+        other = dataclasses.replace(cfg, item_order="chunks" if cfg.item_order == "heads"
+                                    else "heads")
+        out[f"prep_{other.item_order}"] = t(jax.jit(lambda k, v, r: hdelta.prep(
+            k, v, r, names=names, residuals=False, cfg=other)), k, v, rows)
+        out[f"grad_{other.item_order}"] = t(jax.jit(lambda *a: hbwd.grad(
+            *a, names=names, scale=K**-0.5, cfg=other)), q, k, do, u, dbv, rows, states,
+            dstates)
     except Exception as e:  # noqa: BLE001
         out["error"] = tail(e, 8)
         print(f"kernel breakdown FAILED:\n{tail(e)}")
@@ -186,7 +196,8 @@ def main(argv=None) -> int:
         print("anchors", anchor_path)
         for T in a.T:
             rows.append(time_shape(cfg, T, anchors, reps=10 if a.quick else a.reps,
-                                   breakdown=(not a.quick) or T == a.T[0]))
+                                   breakdown=(not a.quick) or T in (a.T[0], a.T[-1]),
+                                   profile=a.profile))
             print(rows[-1])
         for op, _ in OPS.values():
             kc.table(rows, op, key=lambda s, op=op: f"{op}.{s}")

@@ -166,7 +166,8 @@ def main(argv=None) -> int:
         for T in a.T:
             args = kc.timing_inputs(T, vector_gate=True)
             reps = 10 if a.quick else a.reps
-            rows.append(kc.time_decay_op(hgla.gla, "gla", cfg, args, anchors, reps=reps))
+            rows.append(kc.time_decay_op(hgla.gla, "gla", cfg, args, anchors, reps=reps,
+                                              profile=a.profile))
             if (not a.quick) or T == a.T[0]:
                 rows[-1]["kernels_ms"] = kernel_breakdown(cfg, args, reps=reps)
             print(rows[-1])

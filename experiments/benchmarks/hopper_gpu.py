@@ -21,7 +21,9 @@ for named config variants side by side.
     resolved config equals an earlier one at that T (e.g. pieces1 where B H fills the SMs) is not
     timed again. Then the device ms of each kernel
     alone (`--breakdown` variants): the state pass and output pass of the forward walk, the same
-    with states written, the reverse walk's two passes, the gradient kernel.
+    with states written, the reverse walk's two passes, the gradient kernel (also with its work
+    items in the other order). `--profile`: every kernel of the first variant's timed calls and
+    of jla's, from a profiler trace.
 (c) One table (T x variant), and benchmarks/results/hopper_gpu_<device>.json.
 
 A variant or kernel that fails to compile or run prints the last lines of its traceback and the
@@ -63,7 +65,10 @@ VARIANTS = {
     "xla_gates": (dict(gates="xla"), ("T100", "T8192")),         # gate rows by XLA kernels
     "kernel_gates": (dict(gates="kernel"), ("T100", "T2048", "T8192", "strong")),  # in-kernel
     "grad_tile": (dict(grad_items="tile"), ("T100", "T8192")),   # grad item per key tile
+    "split": (dict(grad_items="split"), ("T100", "T2048", "T8192", "linear", "strong")),  # dq | dk
+    "split_xla": (dict(grad_items="split_xla"), ("T100", "T2048", "T8192", "strong")),
     "serial": (dict(overlap=False), ("T8192",)),                 # no work during the wgmmas
+    "chunk_order": (dict(item_order="chunks"), ("T8192",)),     # grad items chunk-fastest
 }
 
 # id: (name, B, T, H, K, V, gate, extras (initial state + packed documents))
@@ -176,6 +181,10 @@ def kernel_breakdown(cfg, P, args, *, reps):
         timed("walk_rev", f, k, q, do, rows, ds_in)
         f = jax.jit(lambda *a: decay_grad.grad(*a, **kw))
         timed("grad", f, q, k, v, do, rows, states, dstates)
+        other = "chunks" if cfg.item_order == "heads" else "heads"    # the items' other order
+        kw_other = dict(kw, cfg=dataclasses.replace(cfg, item_order=other))
+        f = jax.jit(lambda *a: decay_grad.grad(*a, **kw_other))
+        timed(f"grad_{other}", f, q, k, v, do, rows, states, dstates)
     except Exception as e:  # noqa: BLE001
         out["error"] = tail(e, 8)
         print(f"kernel breakdown FAILED:\n{tail(e)}")
@@ -247,8 +256,10 @@ def main(argv=None) -> int:
                 print(f"T={T} {n}: the same program as {seen[resolved]} (P={P})")
                 continue
             seen[resolved] = n
+            first = next((r for r in rows if r["T"] == T), None)   # jla is timed once a T
             row = kc.time_decay_op(hopper_decay.simple_gla, "simple_gla", cfg, args, anchors,
-                                   reps=a.reps)
+                                   reps=a.reps, profile=a.profile and first is None,
+                                   jla_row=first)
             row.update(variant=n, pieces=P)
             if n in breakdown or f"{n}@{T}" in breakdown:
                 row["kernels_ms"] = kernel_breakdown(cfg, P, args, reps=a.reps)

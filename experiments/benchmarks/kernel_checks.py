@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.benchmarks import common
+from experiments.benchmarks import profile as kernel_profile
 
 f32 = jnp.float32
 
@@ -139,6 +140,9 @@ def parser(**defaults) -> argparse.ArgumentParser:
     p.add_argument("--T", type=int, nargs="*", default=[2048, 8192, 32768])
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--skip-checks", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="also the device time of every kernel of each timed call, ours and "
+                        "jla's (`*_kernels_us`, from a profiler trace)")
     p.set_defaults(**defaults)
     return p
 
@@ -154,17 +158,24 @@ def timing_inputs(T, vector_gate: bool):
     return n(B, T, H, K), n(B, T, H, K), n(B, T, H, V), g, n(B, T, H, V)
 
 
-def time_decay_op(op, anchor, cfg, args, anchors, *, reps) -> dict:
+def time_decay_op(op, anchor, cfg, args, anchors, *, reps, profile=False, jla_row=None) -> dict:
     """The timing row of a decay-family kernel `op(q, k, v, g, ...)` on `timing_inputs`, with
-    jax-linear-attention's `anchor` kind timed beside it on the same inputs when it is installed."""
+    jax-linear-attention's `anchor` kind timed beside it on the same inputs when it is installed;
+    `jla_row`: a row of this run at the same T whose jla timings are taken instead of timing jla
+    again (one more config variant)."""
     q, k, v, g, do = args
     B, T, H, K = q.shape
     fwd, fwdbwd = fwd_and_fwdbwd(lambda q, k, v, g: op(
         q, k, v, g, scale=K**-0.5, initial_state=None, segment_ids=None, chunk_size=64,
         config=cfg)[0])
     row = {"T": T, "B": B, "H": H, "K": K, "V": v.shape[-1]}
+    peer = None
+    if jla_row is None:
+        peer = jla_peer(anchor, lambda g: {"g": g})
+    else:
+        row.update({n: x for n, x in jla_row.items() if n.startswith("jla_run_")})
     return time_phases(row, fwd, fwdbwd, (q, k, v, g), do, anchors.get(T, {}), anchor,
-                       reps=reps, label=f"T={T}", peer=jla_peer(anchor, lambda g: {"g": g}))
+                       reps=reps, label=f"T={T}", peer=peer, profile=profile)
 
 
 def fwd_and_fwdbwd(call, n_grads: int = 3):
@@ -188,12 +199,14 @@ def jla_peer(kind: str, gates):
 
 
 def time_phases(row, fwd, fwdbwd, args, do, anchors, anchor, *, reps, label, key=str,
-                peer=None) -> dict:
+                peer=None, profile=False) -> dict:
     """Times fwd(*args) and fwdbwd(*args, do) into `row` (fields named by `key`): device time
     (back-to-back calls) and `sync` (each call blocked on the host, as the anchors were timed).
     With `peer` (jla's (fwd, fwdbwd) on the same arguments) it is timed the same two ways in
     this run, `jla_run_*`, and the ratio (jla / ours, sync; > 1: ours is faster) is taken
-    against it; else against the anchor file's `jla.<anchor>.<phase>_ms` for the row's T."""
+    against it; else against the anchor file's `jla.<anchor>.<phase>_ms` for the row's T. With
+    `profile`, each timed call's kernels and their device microseconds, `<who><phase>_kernels_us`
+    (`profile.kernel_times`), so ours and jla's programs can be compared kernel by kernel."""
     for phase, i in (("fwd", 0), ("fwdbwd", 1)):
         a = args if phase == "fwd" else (*args, do)
         for who, f in (("", (fwd, fwdbwd)[i]), ("jla_run_", peer and peer[i])):
@@ -205,6 +218,11 @@ def time_phases(row, fwd, fwdbwd, args, do, anchors, anchor, *, reps, label, key
                 row[key(f"{who}{phase}_compile_s")] = round(time.perf_counter() - t0, 2)
                 row[key(f"{who}{phase}_ms")] = common.median_ms(f, *a, reps=reps, inner=10)
                 row[key(f"{who}{phase}_sync_ms")] = common.median_ms(f, *a, reps=30)
+                if profile:
+                    us = kernel_profile.kernel_times(lambda a, f=f: f(*a), a)
+                    row[key(f"{who}{phase}_kernels_us")] = {n: round(t, 2) for n, t in us.items()}
+                    print(f"{label} {who or 'ours '}{phase} kernels:\n"
+                          f"{kernel_profile.format_times(us, top=16)}")
             except Exception as e:  # noqa: BLE001 - the row keeps the error, the script goes on
                 row[key(f"{who}{phase}_error")] = tail(e, 8)
                 print(f"{label} {who}{phase} FAILED:\n{tail(e)}")

@@ -7,7 +7,7 @@ T = 100 is two chunks (the second padded) with documents starting inside the fir
 the second's first row: the default config cuts it into two pieces (two-level walk: the second
 piece starts a document, so its map has decay 0), the other cases walk it whole. Between them
 every variant of HopperChunkConfig is run: pieces (auto / 1), gates ("xla" / "kernel"),
-grad_items ("chunk" / "tile"), with and without gate rows, initial state and documents."""
+grad_items ("chunk" / "split" / "tile"), with and without gate rows, initial state and documents."""
 
 from __future__ import annotations
 
@@ -31,6 +31,12 @@ CASES = {
     "kernel-gates": (dict(gates="kernel"), "normal", True),
     "strong-gates": (dict(pieces=1), "strong", True),
     "run1-variant": (dict(pieces=1, gates="xla", grad_items="tile"), "normal", True),
+    "split-grad": (dict(grad_items="split"), "normal", True),
+    "split-grad-kernel-gates-strong": (dict(grad_items="split", gates="kernel", pieces=1),
+                                       "strong", True),
+    "split-grad-no-gate": (dict(grad_items="split"), None, False),
+    "split-xla-sums": (dict(grad_items="split_xla"), "normal", True),
+    "three-waits-walk": (dict(fused_update=False, pieces=1), "normal", True),
     "no-gate-two-level": ({}, None, False),
 }
 
@@ -89,3 +95,21 @@ def test_simple_gla_matches_chunk_form(case):
     for name, a, b in zip(names, grads, grads_r, strict=True):
         assert not bool(jnp.isnan(f32(a)).any()), name
         assert rel(a, b) < 1e-2, (name, rel(a, b))
+
+
+@pytest.mark.parametrize("heads_fastest", [False, True])
+@pytest.mark.parametrize("NKB", [None, 2])
+def test_grid_items_cover_every_chunk_once(heads_fastest, NKB):
+    """The persistent grids' item -> (b, h, n[, kb]) map: a bijection, in the stated order."""
+    from linear_jax.kernels.gpu.hopper.common import grid_item
+
+    B, H, N = 2, 3, 5
+    n_items = B * H * N * (NKB or 1)
+    got = [tuple(int(x) for x in grid_item(jnp.int32(i), H, N, NKB, heads_fastest=heads_fastest))
+           for i in range(n_items)]
+    assert len(set(got)) == n_items
+    assert all(b < B and h < H and n < N for b, h, n, *_ in got)
+    if NKB:
+        assert [t[3] for t in got[:NKB]] == list(range(NKB))
+    step = NKB or 1                                   # the next item after the key blocks
+    assert got[step][1:3] == ((1, 0) if heads_fastest else (0, 1))

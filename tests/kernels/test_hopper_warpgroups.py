@@ -102,6 +102,9 @@ KERNELS = {
     "simple_gla-kernel-gates": lambda: _decay(dict(gates="kernel")),
     "simple_gla-kernel-gates-one-level": lambda: _decay(dict(gates="kernel", pieces=1,
                                                              grad_items="tile")),
+    "simple_gla-split-grad": lambda: _decay(dict(grad_items="split")),
+    "simple_gla-split-grad-kernel-gates": lambda: _decay(dict(grad_items="split",
+                                                              gates="kernel")),
     "gla": _gla,
     "gated_delta_rule": _delta,
 }

@@ -224,22 +224,25 @@ def program_items(items: int, progs: int):
     return pid, w, lax.div(items - pid + progs - 1, progs)
 
 
-def grid_item(item, H: int, N: int, NKB: int | None = None):
+def grid_item(item, H: int, N: int, NKB: int | None = None, *, heads_fastest: bool = False):
     """(b, h, chunk n) of work item `item` of a chunk-parallel grid over B H N items, the chunk
-    fastest; with NKB key blocks a chunk, (b, h, n, kb) over B H N NKB items, the key block
-    fastest."""
+    fastest (`heads_fastest`: the head fastest, then the chunk); with NKB key blocks a chunk,
+    (b, h, n, kb) over B H N NKB items, the key block fastest of all."""
     head = ()
     if NKB is not None:
         kb, item = lax.rem(item, NKB), lax.div(item, NKB)
         head = (kb,)
+    if heads_fastest:
+        h, bn = lax.rem(item, H), lax.div(item, H)
+        return (lax.div(bn, N), h, lax.rem(bn, N)) + head
     n, bh = lax.rem(item, N), lax.div(item, N)
     return (lax.div(bh, H), lax.rem(bh, H), n) + head
 
 
-def key_tile_item(item, H: int, N: int, NKB: int, C: int):
+def key_tile_item(item, H: int, N: int, NKB: int, C: int, *, heads_fastest: bool = False):
     """(b, h, n, kb, the chunk's rows t, the key block's columns kr) of work item `item` of a
     chunk-parallel grid over B H N NKB items (`grid_item`), chunks of C rows."""
-    b, h, n, kb = grid_item(item, H, N, NKB)
+    b, h, n, kb = grid_item(item, H, N, NKB, heads_fastest=heads_fastest)
     return b, h, n, kb, pl.ds(n * C, C), pl.ds(kb * LANES, LANES)
 
 

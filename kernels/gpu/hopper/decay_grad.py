@@ -48,10 +48,14 @@ from linear_jax.kernels.gpu.hopper.common import (
 
 def grad(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
     """dq, dk (q's dtype, [B, Tp, H, K]) and the gate term: dg [B, H, 1, Tp] float32
-    (grad_items "chunk") or the stats of `gate_grad_tiles` ("tile"); None when not gated.
+    (grad_items "chunk"; "split": [B, H, 2, Tp], two parts to add) or the stats of
+    `gate_grad_tiles` ("tile") or `gate_grad_split` ("split_xla"); None when not gated.
 
     q, k [B, Tp, H, K]; v, do [B, Tp, H, V]; rows as `decay.walk`; states / dstates
     [B, H, N, K, V] the S_n and dS_n+1 of each chunk."""
+    if cfg.grad_items.startswith("split"):
+        return _grad_split(q, k, v, do, rows, states, dstates, names=names, scale=scale,
+                           cfg=cfg, sums=cfg.grad_items == "split")
     fn = _grad_chunks if cfg.grad_items == "chunk" else _grad_tiles
     return fn(q, k, v, do, rows, states, dstates, names=names, scale=scale, cfg=cfg)
 
@@ -81,6 +85,7 @@ def _grad_chunks(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
     C, dt, NKB = cfg.chunk, q.dtype, K // LANES
     stages, SS = cfg.stages_grad, 2                       # chunk ring, key-tile ring
     ops = Ops(interpreting(cfg), overlap=cfg.overlap)
+    hf = cfg.item_order == "heads"
     raw = cfg.gates == "kernel"
 
     def body(*refs):
@@ -100,7 +105,7 @@ def _grad_chunks(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
 
             @pl.loop(0, count)
             def _(i):
-                b, h, n = grid_item(pid + i * progs, H, N)
+                b, h, n = grid_item(pid + i * progs, H, N, heads_fastest=hf)
                 t, slot = pl.ds(n * C, C), lax.rem(i, stages)
                 pl.when(i >= stages)(lambda: plgpu.barrier_wait(used_bar.at[slot]))
                 bar = in_bar.at[slot]
@@ -128,7 +133,7 @@ def _grad_chunks(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
             @pl.loop(0, count)
             def _(i):
                 slot = lax.rem(i, stages)
-                b, h, n = grid_item(pid + i * progs, H, N)
+                b, h, n = grid_item(pid + i * progs, H, N, heads_fastest=hf)
                 t = pl.ds(n * C, C)
                 qq, kk, vv, dd = qs.at[slot], ks.at[slot], vs.at[slot], dos.at[slot]
 
@@ -216,11 +221,203 @@ def _grad_chunks(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
     return outs[0], outs[1], (outs[2] if gated else None)
 
 
+def _grad_split(q, k, v, do, rows, states, dstates, *, names, scale, cfg, sums=True):
+    """grad_items "split": the "chunk" item shared by two compute warpgroups, one per side of the
+    gradient, so each runs half the dependent wgmma chain and neither waits on the other:
+
+        dq side (wg 0): dP = do v^T, dA; per key tile dq = dA k + diag(gq) do S_n^T; the gate
+                        sums Qq_i (rows i >= s) and Qd_n (every row)
+        dk side (wg 1): q k^T, dP (again: 1 MFLOP, no exchange), dA; R_s from Y = W P (W_si =
+                        [i >= s] in registers, P = dA * q k^T from SMEM as bf16 hi + lo), then
+                        per key tile dk = dA^T q + diag(gk) v dS_n+1^T; the gate sums Qk_j
+                        (rows j < s)
+
+    The rings are those of "chunk"; a slot is released when both sides arrived. No sum runs over
+    axis 0 of a tile (that is a cross-warp reduction through the CTA's one reduction scratch,
+    which two warpgroups would race on): the sums over the chunk's rows reach the column layout
+    through each side's own SMEM row and are then summed along axis 1. Each side writes its own
+    half of the gate gradient, dg [B, H, 2, Tp], added in XLA. sums=False ("split_xla"): each side
+    writes its per-row terms instead, stats [B, H, 4, Tp] = (Qq, Qd, Qk, R), and
+    `gate_grad_split` forms dg in XLA (no SMEM row, no masked sum in the kernel)."""
+    B, Tp, H, K, V, N, items, progs, has_rows, gated = _setup(q, v, rows, names, cfg, True)
+    C, dt, NKB = cfg.chunk, q.dtype, K // LANES
+    stages, SS = cfg.stages_grad, 2                       # chunk ring, key-tile ring
+    ops = Ops(interpreting(cfg), overlap=cfg.overlap)
+    hf = cfg.item_order == "heads"
+    raw = cfg.gates == "kernel"
+
+    def body(*refs):
+        refs = list(refs)
+        pop = lambda on=True: refs.pop(0) if on else None       # noqa: E731
+        q_ref, k_ref, v_ref, do_ref, g_ref, s_ref, ds_ref = (pop(), pop(), pop(), pop(),
+                                                             pop(has_rows), pop(), pop())
+        dq_ref, dk_ref, dg_ref = pop(), pop(), pop(gated)
+        qs, ks, vs, dos, gs, ss, dss = pop(), pop(), pop(), pop(), pop(has_rows), pop(), pop()
+        oq_s, da_s, dk_s, dgs, tmp = pop(), pop(), pop(), pop(gated), pop()
+        in_bar, used_bar, tin_bar, tused_bar = refs
+        pid, w, count = program_items(items, progs)
+
+        @pl.when(w == 2)
+        def _producer():
+            ops.registers(PRODUCER_REGS, "decrease")
+
+            @pl.loop(0, count)
+            def _(i):
+                b, h, n = grid_item(pid + i * progs, H, N, heads_fastest=hf)
+                t, slot = pl.ds(n * C, C), lax.rem(i, stages)
+                pl.when(i >= stages)(lambda: plgpu.barrier_wait(used_bar.at[slot]))
+                bar = in_bar.at[slot]
+                for src, dst in ((q_ref, qs), (k_ref, ks), (v_ref, vs), (do_ref, dos)):
+                    plgpu.copy_gmem_to_smem(src.at[b, t, h], dst.at[slot], bar)
+                if has_rows:
+                    plgpu.copy_gmem_to_smem(g_ref.at[b, h, :, t], gs.at[slot], bar)
+                for kb in range(NKB):
+                    j = i * NKB + kb
+                    ts, kr = lax.rem(j, SS), pl.ds(kb * LANES, LANES)
+                    pl.when(j >= SS)(lambda ts=ts: plgpu.barrier_wait(tused_bar.at[ts]))
+                    plgpu.copy_gmem_to_smem(s_ref.at[b, h, n, kr], ss.at[ts], tin_bar.at[ts])
+                    plgpu.copy_gmem_to_smem(ds_ref.at[b, h, n, kr], dss.at[ts], tin_bar.at[ts])
+
+            for s in range(stages):                       # observe the last releases too
+                pl.when(s < count)(lambda s=s: plgpu.barrier_wait(used_bar.at[s]))
+            for s in range(SS):
+                pl.when(s < count * NKB)(lambda s=s: plgpu.barrier_wait(tused_bar.at[s]))
+
+        shape, half = (C, C), (C, LANES)
+
+        def to_cols(vec, row):
+            """A row vector as one over the columns, through this side's SMEM row `row`."""
+            tmp[row] = vec
+            plgpu.commit_smem()
+            return ops.cols_of(ops.col(tmp[row]), shape)
+
+        def side(dq_side: bool):
+            ops.registers(CONSUMER_REGS, "increase")
+            base = 0 if dq_side else 3                    # this side's rows of tmp
+            r, c = ops.iota(shape, 0), ops.iota(shape, 1)
+
+            @pl.loop(0, count)
+            def _(i):
+                slot = lax.rem(i, stages)
+                b, h, n = grid_item(pid + i * progs, H, N, heads_fastest=hf)
+                t = pl.ds(n * C, C)
+                qq, kk, vv, dd = qs.at[slot], ks.at[slot], vs.at[slot], dos.at[slot]
+
+                def factors():
+                    gt = ChunkGates(ops, gs.at[slot] if has_rows else None, names, C,
+                                    scale=scale, raw=raw, tmp=tmp.at[base])
+                    vals = {"E": gt.E(reverse=False)}
+                    if has_rows:
+                        vals.update(gq=gt.gq, gk=gt.gk, dec=gt.dec)
+                    return vals
+
+                plgpu.barrier_wait(in_bar.at[slot])
+                if dq_side:
+                    (dP,), f = ops.mm(prod(dd, vv, tb=True), during=factors)
+                else:
+                    (QK, dP), f = ops.mm(prod(qq, kk, tb=True), prod(dd, vv, tb=True),
+                                         during=factors)
+                dA = dP * f["E"]
+                dA16 = dA.astype(dt)
+                out_s = oq_s if dq_side else dk_s
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # last item's stores are out
+                if not dq_side:
+                    if gated:                             # R_s = sum_{j < s} (W P)_sj
+                        Pm = dA * QK
+                        hi = Pm.astype(dt)
+                        da_s[...] = hi
+                        dk_s[...] = (Pm - hi.astype(f32)).astype(dt)
+                        plgpu.commit_smem()
+                        W = (c >= r).astype(dt)
+                        Y1, Y2 = ops.mm(prod(W, da_s), prod(W, dk_s))
+                        R = jnp.sum(jnp.where(c < r, Y1 + Y2, 0.0), axis=1)
+                    da_s[...] = dA16
+                    plgpu.commit_smem()
+                if gated:
+                    Qx = Qd = ops.row(jnp.zeros((C,), f32))
+                for kb in range(NKB):
+                    kr, ts = pl.ds(kb * LANES, LANES), lax.rem(i * NKB + kb, SS)
+                    plgpu.barrier_wait(tin_bar.at[ts])
+                    if dq_side:
+                        intra, inter = ops.mm(prod(dA16, kk.at[:, kr]),
+                                              prod(dd, ss.at[ts], tb=True))
+                        inter = inter * (ops.rows_of(f["gq"], half) if has_rows else scale)
+                    else:
+                        intra, inter = ops.mm(prod(da_s, qq.at[:, kr], ta=True),
+                                              prod(vv, dss.at[ts], tb=True))
+                        if has_rows:
+                            inter = inter * ops.rows_of(f["gk"], half)
+                    if gated:
+                        x = (qq if dq_side else kk).at[:, kr]
+                        Qx = Qx + jnp.sum(ops.acc(x[...]).astype(f32) * inter, axis=1)
+                        if dq_side:
+                            Sn = ops.acc(ss.at[ts][...]).astype(f32)
+                            Qd = Qd + f["dec"] * jnp.sum(
+                                Sn * ops.acc(dss.at[ts][...]).astype(f32), axis=1)
+                    plgpu.barrier_arrive(tused_bar.at[ts])   # this side read the key tiles
+                    if kb:
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    out_s[...] = (intra + inter).astype(dt)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(out_s, (dq_ref if dq_side else dk_ref).at[b, t, h, kr])
+                plgpu.barrier_arrive(used_bar.at[slot])   # this side read the chunk slot
+                if gated and not sums:                    # the per-row terms, to XLA
+                    r0 = 0 if dq_side else 2
+                    dgs[r0] = Qx
+                    dgs[r0 + 1] = Qd if dq_side else R
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(dgs.at[pl.ds(r0, 2)],
+                                            dg_ref.at[b, h, pl.ds(r0, 2), t])
+                elif gated:
+                    # dq side: sum_{i >= s} Qq_i + Qd_n; dk side: sum_{j < s} Qk_j + R_s
+                    Qc = to_cols(Qx, base + 1)
+                    if dq_side:
+                        part = jnp.sum(jnp.where(c >= r, Qc, 0.0) + to_cols(Qd, base + 2),
+                                       axis=1)
+                    else:
+                        part = jnp.sum(jnp.where(c < r, Qc, 0.0), axis=1) + R
+                    row = 0 if dq_side else 1
+                    dgs[row] = part
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(dgs.at[pl.ds(row, 1)],
+                                            dg_ref.at[b, h, pl.ds(row, 1), t])
+
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.when(w == 0)(lambda: side(True))
+        pl.when(w == 1)(lambda: side(False))
+
+    scratch = [smem((stages, C, K), dt), smem((stages, C, K), dt), smem((stages, C, V), dt),
+               smem((stages, C, V), dt)]
+    if has_rows:
+        scratch.append(plgpu.SMEM((stages, rows.shape[2], C), f32))
+    scratch += [smem((SS, LANES, V), dt), smem((SS, LANES, V), dt),
+                smem((C, LANES), dt), smem((C, C), dt), smem((C, C), dt)]
+    n_dg = 2 if sums else 4                                              # rows of dg / stats
+    scratch += [plgpu.SMEM((n_dg, C), f32)] if gated else []
+    scratch += [plgpu.SMEM((6, C), f32)]                                 # to_cols / ChunkGates
+    scratch += [plgpu.Barrier(num_arrivals=4 + has_rows, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=2, num_barriers=SS),
+                plgpu.Barrier(num_arrivals=2, num_barriers=SS)]
+    out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, K), dt)]
+    out_type += [jax.ShapeDtypeStruct((B, H, n_dg, Tp), f32)] if gated else []
+    check_smem("simple_gla grad (split)", scratch)
+    kernel = mosaic_gpu_kernel(
+        body, out_type=out_type, grid=(progs,), grid_names=("p",), num_threads=3,
+        thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
+        approx_math=cfg.approx_math, interpret=ops.interpret, name="simple_gla_grad_split")
+    args = (q, k, v, do) + ((rows,) if has_rows else ()) + (states, dstates)
+    outs = kernel(*args)
+    return outs[0], outs[1], (outs[2] if gated else None)
+
+
 def _grad_tiles(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
     B, Tp, H, K, V, N, items, progs, has_rows, gated = _setup(q, v, rows, names, cfg, False)
     C, dt, NKB = cfg.chunk, q.dtype, K // LANES
     stages = cfg.stages_grad
     ops = Ops(interpreting(cfg), overlap=cfg.overlap)
+    hf = cfg.item_order == "heads"
     raw = cfg.gates == "kernel"
 
     def body(*refs):
@@ -235,7 +432,7 @@ def _grad_tiles(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
         pid, w, count = program_items(items, progs)
 
         def issue(i, slot):
-            b, h, n, kb, t, kr = key_tile_item(pid + i * progs, H, N, NKB, C)
+            b, h, n, kb, t, kr = key_tile_item(pid + i * progs, H, N, NKB, C, heads_fastest=hf)
             bar = in_bar.at[slot]
             for src, dst in ((q_ref, qs), (k_ref, ks), (v_ref, vs), (do_ref, dos)):
                 plgpu.copy_gmem_to_smem(src.at[b, t, h], dst.at[slot], bar)
@@ -256,7 +453,7 @@ def _grad_tiles(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
             @pl.loop(0, count)
             def _(i):
                 slot = lax.rem(i, stages)
-                b, h, n, kb, t, kr = key_tile_item(pid + i * progs, H, N, NKB, C)
+                b, h, n, kb, t, kr = key_tile_item(pid + i * progs, H, N, NKB, C, heads_fastest=hf)
                 qq, kk, vv, dd = qs.at[slot], ks.at[slot], vs.at[slot], dos.at[slot]
                 plgpu.barrier_wait(in_bar.at[slot])
                 QK, dP = ops.mm(prod(qq, kk, tb=True), prod(dd, vv, tb=True))
@@ -316,6 +513,12 @@ def _grad_tiles(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
     args = (q, k, v, do) + ((rows,) if has_rows else ()) + (states, dstates)
     dq, dk, stats = kernel(*args)
     return dq, dk, (stats if gated else None)
+
+
+def gate_grad_split(stats, C):
+    """dg [B, Tp, H] from the "split_xla" kernel's per-row terms (Qq, Qd, Qk, R)."""
+    Qq, Qd, Qk, R = jnp.moveaxis(stats, 2, 0)
+    return gate_grad_tiles(jnp.stack([Qq, Qk, R, Qd], axis=2)[None], C)
 
 
 def gate_grad_tiles(stats, C):

@@ -201,6 +201,7 @@ def prep(k, v, rows, *, names, cfg, residuals):
     progs = max(1, min(cfg.programs or multiprocessors(jax.devices()[0]), -(-items // NC)))
     lanes = progs * NC
     ops = Ops(interpreting(cfg))
+    hf = cfg.item_order == "heads"
     R = rows.shape[2]
     ib, ie = names.index("beta"), names.index("ein")
 
@@ -218,7 +219,7 @@ def prep(k, v, rows, *, names, cfg, residuals):
             ops.registers(PRODUCER_REGS, "decrease")
 
             def issue(c, i, s):
-                b, h, n = grid_item(pid * NC + c + i * lanes, H, N)
+                b, h, n = grid_item(pid * NC + c + i * lanes, H, N, heads_fastest=hf)
                 t, j = pl.ds(n * C, C), c * stages + s
                 bar = in_bar.at[j]
                 plgpu.copy_gmem_to_smem(k_ref.at[b, t, h], ks.at[j], bar)
@@ -251,7 +252,7 @@ def prep(k, v, rows, *, names, cfg, residuals):
             @pl.loop(0, count(w))
             def _(i):
                 j = w * stages + lax.rem(i, stages)
-                b, h, n = grid_item(pid * NC + w + i * lanes, H, N)
+                b, h, n = grid_item(pid * NC + w + i * lanes, H, N, heads_fastest=hf)
                 t = pl.ds(n * C, C)
                 kk, vv, g = ks.at[j], vs.at[j], gs.at[j]
                 plgpu.barrier_wait(in_bar.at[j])

@@ -194,6 +194,7 @@ def grad(q, k, do, u, dbv, rows, states, dstates, *, names, scale, cfg):
     progs = min(cfg.programs or multiprocessors(jax.devices()[0]), items)
     stages = cfg.stages_grad
     ops = Ops(interpreting(cfg))
+    hf = cfg.item_order == "heads"
     gated = "G" in names
     R = rows.shape[2]
     shape = (C, C)
@@ -206,7 +207,7 @@ def grad(q, k, do, u, dbv, rows, states, dstates, *, names, scale, cfg):
         pid, w, count = program_items(items, progs)
 
         def issue(i, slot):
-            b, h, n, kb, t, kr = key_tile_item(pid + i * progs, H, N, NKB, C)
+            b, h, n, kb, t, kr = key_tile_item(pid + i * progs, H, N, NKB, C, heads_fastest=hf)
             bar = in_bar.at[slot]
             load(bar, slot, (q_ref.at[b, t, h, kr], qs), (k_ref.at[b, t, h, kr], ks))
             for src, dst in ((do_ref, dos), (u_ref, us), (bv_ref, bvs)):
@@ -227,7 +228,7 @@ def grad(q, k, do, u, dbv, rows, states, dstates, *, names, scale, cfg):
             @pl.loop(0, count)
             def _(i):
                 slot = lax.rem(i, stages)
-                b, h, n, kb, t, kr = key_tile_item(pid + i * progs, H, N, NKB, C)
+                b, h, n, kb, t, kr = key_tile_item(pid + i * progs, H, N, NKB, C, heads_fastest=hf)
                 qq, kk, dd, uu, bv, g = (qs.at[slot], ks.at[slot], dos.at[slot], us.at[slot],
                                          bvs.at[slot], gs.at[slot])
                 sn, dsn = ss.at[slot], dss.at[slot]
