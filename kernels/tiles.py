@@ -191,22 +191,43 @@ def vector_gate_grad(d_gin, d_r, d_tot, row, col, mask_dot):
 
 # ---- the UT / WY inverse ------------------------------------------------------------------------
 
-def unit_lower_inverse(L, row, col, dot):
+def strictly_lower(row, col):
+    """The 0/1 float32 factor of row > col, from integer arithmetic alone (no boolean tile):
+    min(max(row - col, 0), 1)."""
+    return jnp.minimum(jnp.maximum(row - col, 0), 1).astype(F32)
+
+
+def unit_lower_inverse(L, row, col, dot, float_masks: bool = False):
     """(I + L)^{-1} for strictly lower-triangular L [..., C, C] (C a power of two), by recursive
     doubling: with X the inverse of the diagonal blocks of size b, the inverse over blocks of 2b is
     X - X M X, M the part of L coupling the two halves of each 2b block (exact: M X M = 0). b = 1,
     2, 4, ... < C: 2 log2(C) [C, C] products, no row-by-row work, so the same code runs on the MXU,
     the tensor cores and batched in XLA. Accuracy (float32, unit keys, beta in [0, 2], key
     correlation 0 to 0.99, against a float64 inverse): 2e-8 to 1.2e-6 relative, 1.1-2.4x the row
-    substitution's error at C = 16 to 128."""
+    substitution's error at C = 16 to 128.
+
+    `float_masks`: the identity and the block masks as 0/1 float32 factors from integer arithmetic
+    (M = L * mask), no boolean tile anywhere: the Triton kernels whose L is elementwise in loaded
+    tiles (KDA's, from Akk) take it, since Triton may move the tensor-core operand layout of M up
+    through the whole elementwise chain, the masks included, and stage a boolean tile in shared
+    memory, which it cannot compile. The same values as the select for finite L (a masked
+    negative entry gives -0.0 in place of 0.0; the products and X are unchanged)."""
     C = L.shape[-1]
-    X = (row == col).astype(F32)
+    if float_masks:
+        X = (1 - jnp.minimum(row ^ col, 1)).astype(F32)
+    else:
+        X = (row == col).astype(F32)
     size = 1
     while size < C:
         sh = size.bit_length() - 1
-        pair = lax.shift_right_logical(row, sh + 1) == lax.shift_right_logical(col, sh + 1)
-        split = lax.shift_right_logical(row, sh) != lax.shift_right_logical(col, sh)
-        M = jnp.where(pair & split, L, 0.0)
+        if float_masks:
+            # same 2b block, different b halves: (row ^ col) >> sh == 1, as min(f, 1) - min(f >> 1, 1)
+            f = lax.shift_right_logical(row ^ col, sh)
+            M = L * (jnp.minimum(f, 1) - jnp.minimum(lax.shift_right_logical(f, 1), 1)).astype(F32)
+        else:
+            pair = lax.shift_right_logical(row, sh + 1) == lax.shift_right_logical(col, sh + 1)
+            split = lax.shift_right_logical(row, sh) != lax.shift_right_logical(col, sh)
+            M = jnp.where(pair & split, L, 0.0)
         X = X - dot(X, dot(M, X))
         size *= 2
     return X

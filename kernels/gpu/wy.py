@@ -62,12 +62,12 @@ def inverse(ctx, k, beta, g, doc, Akk=None):
 
     def kernel(k_ref, b_ref, g_ref, doc_ref, t_ref):
         ch = Chunk(ctx, pl.program_id(1), doc_ref)
-        if vec:
-            L = jnp.where(ch.row > ch.col, g_ref[...] * b_ref[...][:, None], 0.0)
+        if vec:  # no boolean tile on the way to the products (tiles.unit_lower_inverse)
+            L = g_ref[...] * b_ref[...][:, None] * tiles.strictly_lower(ch.row, ch.col)
         else:
             L, _, _ = gated_L(ctx, ch, k_ref[...], b_ref[...],
                               g_ref[...] if ctx.kind == "scalar" else None)
-        t_ref[...] = tiles.unit_lower_inverse(L, ch.row, ch.col, mm)
+        t_ref[...] = tiles.unit_lower_inverse(L, ch.row, ch.col, mm, float_masks=vec)
 
     rows = lambda X: common.spec(H, C, X, t=0)
     vec = ctx.kind == "vector"

@@ -14,6 +14,33 @@ from jax import export
 TRITON = "__gpu$xla.gpu.triton"     # the custom call a Triton kernel lowers to (not yet stable)
 
 
+def triton_kernels(text: str) -> list[tuple[str, str]]:
+    """(name, Triton IR text without locations) of every Triton kernel in an exported module's
+    text: the MLIR bytecode each custom call carries in its backend_config ("ir"), parsed back."""
+    from jax._src.interpreters import mlir
+    from jax._src.lib.mlir import ir
+
+    ctx = mlir.make_ir_context()
+    ctx.allow_unregistered_dialects = True
+    found = []
+    with ctx:
+        def walk(op):
+            for region in op.regions:
+                for block in region.blocks:
+                    for o in block.operations:
+                        attrs = o.operation.attributes
+                        if o.operation.name == "stablehlo.custom_call" and \
+                                "mhlo.backend_config" in attrs:
+                            bc = attrs["mhlo.backend_config"]
+                            if isinstance(bc, ir.DictAttr) and "ir" in bc:
+                                kernel = ir.Module.parse(ir.StringAttr(bc["ir"]).value_bytes)
+                                found.append((ir.StringAttr(bc["name"]).value,
+                                              kernel.operation.get_asm(enable_debug_info=False)))
+                        walk(o.operation)
+        walk(ir.Module.parse(text).operation)
+    return found
+
+
 def export_scan(entry, arrays, state=None, *, platform: str, grad: bool, **kw) -> str:
     """The module text of `entry(*arrays, initial_state=, segment_ids=, chunk_size=64, **kw)`
     exported for `platform` ("cuda" or "tpu"); with `grad`, of the gradient of the sum of |outputs|

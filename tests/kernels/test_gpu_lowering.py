@@ -19,6 +19,7 @@ from jax import export
 
 from linear_jax.kernels.configs import TritonChunkConfig
 from linear_jax.kernels.gpu import decay, delta
+from tests.kernels.lowering import triton_kernels
 
 TRITON = "__gpu$xla.gpu.triton"
 SHAPES = [(jnp.bfloat16, 1, 200, 128, 128), (jnp.float32, 2, 100, 48, 96)]
@@ -69,3 +70,27 @@ def test_lowers_to_triton(case, fused):
     for name in names:
         assert f'name = "{name}"' in text, name
     assert "num_warps" in text
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: jnp.dtype(s[0]).name)
+def test_kda_inverse_has_no_boolean_tile(shape):
+    """KDA's T = (I + L)^-1 kernel builds L and the block masks of its products without a boolean
+    tile (`tiles.unit_lower_inverse(float_masks=True)`): its L is elementwise in loaded tiles, so
+    on Hopper Triton may move the products' operand layout up through the masks and stage them in
+    shared memory, which fails for i1 ("'ttg.local_alloc' op element type bit width must be a
+    multiple of 8", bf16 on an H200)."""
+    dtype, B, T, K, V = shape
+    H = 2
+    sds = jax.ShapeDtypeStruct
+    args = (sds((B, T, H, K), dtype), sds((B, T, H, K), dtype), sds((B, T, H, V), dtype),
+            sds((B, T, H, K), jnp.float32), sds((B, T, H), dtype))
+    f = lambda q, k, v, g, beta: delta.delta(
+        q, k, v, g, beta, scale=K**-0.5, initial_state=None, segment_ids=None, chunk_size=64,
+        config=TritonChunkConfig(interpret=False))
+    text = export.export(jax.jit(f), platforms=["cuda"],
+                         disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON)])(
+        *args).mlir_module()
+    inverse = [ir for name, ir in triton_kernels(text) if name == "delta_ut_inverse"]
+    assert inverse
+    for ir in inverse:
+        assert "xi1>" not in ir      # no boolean tensor (scalar i1 from the index math is fine)
