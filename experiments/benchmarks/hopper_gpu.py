@@ -65,8 +65,11 @@ VARIANTS = {
     "xla_gates": (dict(gates="xla"), ("T100", "T8192")),         # gate rows by XLA kernels
     "kernel_gates": (dict(gates="kernel"), ("T100", "T2048", "T8192", "strong")),  # in-kernel
     "grad_tile": (dict(grad_items="tile"), ("T100", "T8192")),   # grad item per key tile
-    "split": (dict(grad_items="split"), ("T100", "T2048", "T8192", "linear", "strong")),  # dq | dk
-    "split_xla": (dict(grad_items="split_xla"), ("T100", "T2048", "T8192", "strong")),
+    "split": (dict(grad_items="split"), ("T100", "T2048", "T2048-b", "T2048-c", "T8192",
+                                         "linear", "strong")),     # dq side | dk side
+    "split_xla": (dict(grad_items="split_xla"), ("T100", "T2048", "T2048-b", "T2048-c",
+                                                 "T8192", "strong")),
+    "three_waits": (dict(fused_update=False), ("T8192",)),       # the walk before fused_update
     "serial": (dict(overlap=False), ("T8192",)),                 # no work during the wgmmas
     "chunk_order": (dict(item_order="chunks"), ("T8192",)),     # grad items chunk-fastest
 }
@@ -80,7 +83,10 @@ GRID = {"T100": ("gated+docs+h0", 2, 100, 2, 64, 64, "normal", True),
         # --full only
         "T100-128": ("gated+docs+h0", 2, 100, 2, 128, 128, "normal", True),
         "linear8192": ("linear attention+docs+h0", 1, 8192, 4, 64, 64, None, True),
-        "padded": ("gated, K=100 V=48 (padded)", 2, 300, 2, 100, 48, "normal", True)}
+        "padded": ("gated, K=100 V=48 (padded)", 2, 300, 2, 100, 48, "normal", True),
+        # T2048 again with other inputs (the seed follows the id's place here)
+        "T2048-b": ("gated+docs+h0", 2, 2048, 4, 128, 128, "normal", True),
+        "T2048-c": ("gated+docs+h0", 2, 2048, 4, 128, 128, "normal", True)}
 QUICK = ("T100", "T8192", "T2048", "linear", "strong")
 
 

@@ -219,7 +219,8 @@ def cases(names, shape, pieces=None):
             for K, V in ((64, 64), (128, 128), (128, 64), (64, 128)):
                 overs = [{}]
                 if name == "simple_gla":
-                    overs = [dict(gates="kernel"), dict(gates="xla")]
+                    overs = [dict(gates="kernel"), dict(gates="xla"), dict(grad_items="split"),
+                             dict(grad_items="split_xla")]
                 if name != "delta":
                     overs = [{**o, "pieces": pieces} for o in overs]
                 for over in overs:
