@@ -55,7 +55,9 @@ def _rel(a, b) -> float:
 def _where(g, c) -> dict:
     """Where two arrays differ: rel error per index of axis 0, per 64-slice of axis 1, per index
     of axis 2 and per 64-slice of axis 3 (for [B, Tp, H, K] that is per batch row, chunk, head
-    and 64-column key block)."""
+    and 64-column key block); "cell" per (batch row, chunk); "row8" / "rowmod8" per 8-row group
+    of the chunk and per row mod 8 (a register or swizzle layout fault shows as a pattern there),
+    and for [B, Tp, H, K] "col8" per 8-column group of each 64-column key block."""
     g, c = np.asarray(g, np.float64), np.asarray(c, np.float64)
     out = {}
     for ax, step in ((0, 1), (1, 64), (2, 1), (3, 64)):
@@ -66,6 +68,19 @@ def _where(g, c) -> dict:
             sl = (slice(None),) * ax + (slice(s, s + step),)
             errs.append(round(_rel(g[sl], c[sl]), 4))
         out[f"axis{ax}"] = errs
+    if g.ndim >= 2 and g.shape[1] % 64 == 0:             # [B, Tp, ...]: within the chunk
+        rows = lambda sl: round(_rel(g[:, sl], c[:, sl]), 4)                # noqa: E731
+        blocks = g.shape[1] // 64
+        out["cell"] = [[round(_rel(g[b, 64 * n:64 * n + 64], c[b, 64 * n:64 * n + 64]), 4)
+                        for n in range(blocks)] for b in range(g.shape[0])]
+        at = lambda f: np.concatenate([np.arange(64 * n, 64 * n + 64)[f(np.arange(64))]  # noqa
+                                       for n in range(blocks)])
+        out["row8"] = [rows(at(lambda r, j=j: r // 8 == j)) for j in range(8)]
+        out["rowmod8"] = [rows(at(lambda r, j=j: r % 8 == j)) for j in range(8)]
+    if g.ndim == 4 and g.shape[3] % 64 == 0:              # [B, Tp, H, K]: 8-column groups
+        cols = lambda j: np.concatenate([np.arange(s, s + 8) + 8 * j            # noqa: E731
+                                         for s in range(0, g.shape[3], 64)])
+        out["col8"] = [round(_rel(g[..., cols(j)], c[..., cols(j)]), 4) for j in range(8)]
     return out
 
 
