@@ -316,8 +316,10 @@ class TpuSelectiveConfig:
 # --- Mosaic GPU kernels (Hopper: TMA, wgmma, warpgroups) -----------------------------------------
 
 GLA_VARIANTS = ("split_waits", "qk_tiles", "store_k_first", "dq_smem", "pad_k128", "probe_ein",
-                "probe_q", "probe_dqt", "probe_k", "probe_lev", "probe_ddec")
-GLA_DQ_PROBES = ("probe_ein", "probe_dqt", "probe_k", "probe_lev")     # each sets all of dq
+                "probe_gin", "probe_in", "probe_q", "probe_dqt", "probe_k", "probe_lev",
+                "probe_ddec")
+GLA_DQ_PROBES = ("probe_ein", "probe_gin", "probe_in", "probe_dqt", "probe_k",
+                 "probe_lev")                     # each sets all of dq (gates: the first three q~)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,6 +371,8 @@ class HopperChunkConfig:
       and probes, which replace one output by an intermediate (the op's result is then wrong by
       design; only kernel_diff's compiled-vs-interpreted comparison means anything):
         probe_ein      gates: q~ := scale exp(Gin) in (no q); grad: dq := the same factor
+        probe_gin      the same with Gin itself (the span sums L g on wgmma, register operand)
+        probe_in       the same with the 0/1 mask `in` (the document row din in the row layout)
         probe_q        gates: q~ := q (the SMEM tile as loaded)
         probe_dqt      grad: dq := do S_n^T (the TMA tile S_n and a transposed-B wgmma)
         probe_k        grad: dq := k (the tile only dq's side reads)

@@ -115,14 +115,18 @@ def _kernel_inputs(K=64, B=2, T=128, H=1):
     return dict(q=q, k=k, v=v, do=do, gh=gh, gl=gl, drows=drows, S=S, dS=dS, doc=np.asarray(doc))
 
 
-def _e_in(x, scale):
-    """scale exp(Gin) in [B, T, H, K] float32 in numpy (the q-side factor of the module doc)."""
+def _e_in(x, scale, part="e_in"):
+    """scale exp(Gin) in [B, T, H, K] float32 in numpy (the q-side factor of the module doc), or
+    its part "gin" (Gin) or "in" (the 0/1 mask)."""
     B, T, H, K = x["q"].shape
     g = (f32(x["gh"]) + f32(x["gl"])).reshape(B, T // 64, 64, H, K)
     doc = x["doc"].reshape(B, T // 64, 64)
     din = np.concatenate([np.zeros((B, 1)), doc[:, :-1, -1]], axis=1)
     inr = (doc == din[:, :, None])[:, :, :, None, None]
-    return (scale * np.exp(np.cumsum(np.asarray(g), axis=2)) * inr).reshape(B, T, H, K)
+    gin = np.cumsum(np.asarray(g), axis=2)
+    out = {"e_in": scale * np.exp(gin) * inr, "gin": gin,
+           "in": np.broadcast_to(inr, gin.shape).astype(np.float32)}[part]
+    return out.reshape(B, T, H, K)
 
 
 def _gates(x, var, scale):
@@ -142,6 +146,8 @@ def test_gates_probes_are_their_intermediates():
     qt_ein, kt2, A2, dec2 = _gates(x, "probe_ein,store_k_first,qk_tiles", scale)
     qt_q = _gates(x, "probe_q", scale)[0]
     assert rel(qt_ein, _e_in(x, scale)) < 1e-2
+    assert rel(_gates(x, "probe_gin", scale)[0], _e_in(x, scale, "gin")) < 1e-2
+    assert rel(_gates(x, "probe_in", scale)[0], _e_in(x, scale, "in")) == 0.0
     assert rel(qt_q, x["q"]) == 0.0
     assert rel(qt, f32(x["q"]) * _e_in(x, scale)) < 1e-2      # the product of the two probes
     for a, b in ((kt, kt2), (A, A2), (dec, dec2)):             # the rest is untouched
@@ -159,6 +165,8 @@ def test_grad_probes_are_their_intermediates():
     dg_ddec = _grad(x, "probe_ddec", scale)[2]
     assert rel(dk_ein, dk) == 0.0                              # dk is every probe's control
     assert rel(dq_ein, _e_in(x, scale)) < 1e-2
+    assert rel(_grad(x, "probe_gin", scale)[0], _e_in(x, scale, "gin")) < 1e-2
+    assert rel(_grad(x, "probe_in", scale)[0], _e_in(x, scale, "in")) == 0.0
     assert rel(dq_k, x["k"]) == 0.0
     do_c = f32(x["do"]).reshape(B, T // 64, 64, H, K)
     S = f32(x["S"])

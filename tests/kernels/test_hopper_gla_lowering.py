@@ -86,6 +86,8 @@ def test_op_dispatches_grouped_heads_to_the_kernel():
 VARIANTS = [
     (128, "split_waits,qk_tiles,store_k_first,dq_smem,probe_ein,probe_q,probe_ddec"),
     (64, "probe_lev,split_waits"),
+    (128, "probe_gin"),
+    (64, "probe_in"),
     (64, "probe_dqt,dq_smem"),
     (64, "probe_k,pad_k128"),
 ]

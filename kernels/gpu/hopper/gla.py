@@ -85,7 +85,7 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from linear_jax._compat import mosaic_gpu_kernel
-from linear_jax.kernels.configs import HopperChunkConfig, multiprocessors
+from linear_jax.kernels.configs import GLA_DQ_PROBES, HopperChunkConfig, multiprocessors
 from linear_jax.kernels.gpu.hopper.common import (
     LANES,
     Ops,
@@ -189,13 +189,20 @@ def chunk_groups(sp, gh, gl):
     return [(None, [term(M, gh), term(M, gl)]) for M in (sp.gin(), sp.rest())]
 
 
-def chunk_factors(ops, sp, docs, Gin, R, gh, gl, *, scale):
+def chunk_factors(ops, sp, docs, Gin, R, gh, gl, *, scale, probe=""):
     """(scale exp(Gin) in, exp(R) out) [C, 64] and dec = keep exp(Gtot) [64] (a column vector)
-    of one 64-key block from its sums Gin, R (`chunk_groups`) and gate halves gh / gl in SMEM."""
+    of one 64-key block from its sums Gin, R (`chunk_groups`) and gate halves gh / gl in SMEM.
+    probe (`gla_variant`): "probe_gin" gives Gin itself and "probe_in" the 0/1 mask `in` (ones
+    without documents) in place of the first factor."""
     C = sp.C
     tot = jnp.sum(ops.acc(gh[...]).astype(f32) + ops.acc(gl[...]).astype(f32), axis=0)
     rows = lambda m: ops.rows_of(m, (C, LANES))               # noqa: E731
-    e_in = docs.cut(docs.in_rows, scale * jnp.exp(Gin), rows)
+    if probe == "probe_gin":
+        e_in = Gin
+    elif probe == "probe_in":
+        e_in = docs.cut(docs.in_rows, jnp.ones_like(Gin), rows)
+    else:
+        e_in = docs.cut(docs.in_rows, scale * jnp.exp(Gin), rows)
     e_out = docs.cut(docs.out_rows, jnp.exp(R), rows)
     return e_in, e_out, docs.cut(docs.keep, jnp.exp(tot))
 
@@ -240,6 +247,7 @@ def gates(q, k, gh, gl, drows, *, scale, cfg):
     var = variant(cfg)
     mmg = functools.partial(mm_groups, split="split_waits" in var)
     own = "qk_tiles" in var
+    probe = next((f for f in var if f in ("probe_ein", "probe_gin", "probe_in")), "")
 
     def body(*refs):
         refs = list(refs)
@@ -265,10 +273,11 @@ def gates(q, k, gh, gl, drows, *, scale, cfg):
                                                                  gls.at[:, kr])])
         for i, kr in enumerate(kblk):
             e_in, e_out, dec = chunk_factors(ops, sp, docs, sums[2 * i], sums[2 * i + 1],
-                                             ghs.at[:, kr], gls.at[:, kr], scale=scale)
+                                             ghs.at[:, kr], gls.at[:, kr], scale=scale,
+                                             probe=probe)
             qv = ops.acc(qs.at[:, kr][...]).astype(f32)
             kv = ops.acc(ks.at[:, kr][...]).astype(f32)
-            qt = e_in if "probe_ein" in var else qv if "probe_q" in var else qv * e_in
+            qt = e_in if probe else qv if "probe_q" in var else qv * e_in
             qo[:, kr] = qt.astype(dt)
             ko[:, kr] = (kv * e_out).astype(dt)
             decs[i] = dec
@@ -500,7 +509,7 @@ def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
     var = variant(cfg)
     split = "split_waits" in var
     mmg = functools.partial(mm_groups, split=split)
-    probe = next((f for f in var if f in ("probe_ein", "probe_dqt", "probe_k", "probe_lev")), "")
+    probe = next((f for f in var if f in GLA_DQ_PROBES), "")
 
     def body(*refs):
         refs = list(refs)
@@ -556,7 +565,9 @@ def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
             if i + 1 < NKB:
                 load_tiles(i + 1)
             ddec = ops.col(vec.at[0][...])
-            e_in, e_out, dec = chunk_factors(ops, sp, docs, Gin, R, gh, gl, scale=scale)
+            e_in, e_out, dec = chunk_factors(ops, sp, docs, Gin, R, gh, gl, scale=scale,
+                                             probe=probe if probe in ("probe_gin", "probe_in")
+                                             else "")
             qv, kv = load(qs.at[:, kr]), load(ks.at[:, kr])
             dq = e_in * dqt
             dk = e_out * dkt
@@ -566,8 +577,8 @@ def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
             dq = dq + ops.rows_of(diag, blk) * kv
             dk = dk + ops.rows_of(diag, blk) * qv
             if probe:                                     # gla_variant: dq := one intermediate
-                dq = {"probe_ein": e_in, "probe_dqt": dqt, "probe_k": kv,
-                      "probe_lev": jnp.zeros_like(dq)}[probe]
+                dq = {"probe_dqt": dqt, "probe_k": kv, "probe_lev": jnp.zeros_like(dq)}.get(
+                    probe, e_in)                          # probe_ein / probe_gin / probe_in
             halves(dgin, h0s, h1s)
             halves(dr, xs, ys)
             plgpu.commit_smem()
