@@ -23,7 +23,8 @@
 #             (compiles are CPU-bound; each process takes 12 % of the GPU's memory), their JSON
 #             tagged _checks; then the hopper* steps with HOPPER_ARGS=--skip-checks time alone
 #   diff      kernel_diff: each Hopper kernel call compiled vs interpreted on the same inputs, the
-#             cases of DIFF_CASES (lines "ops|label substring|more flags") as concurrent processes
+#             cases of DIFF_CASES (lines "ops|label substring|more flags") as concurrent processes,
+#             each with DIFF_MEM (default 0.06) of the GPU's memory: lower it past 16 cases
 #   bwd       bwd_gpu: the Triton chunk-family backward variants, checks + timings
 #   mqar      experiments.mqar_sweep, the default grid, in /tmp/mqar (a carried experiments/results/
 #             mqar_sweep/runs is copied in first, so an interrupted sweep resumes); JSON, PNG and
@@ -93,7 +94,7 @@ for s in "$@"; do case $s in
     for n in ${HOPPERCHECKS:-hopper hopperdelta hoppergla hopperssm kda}; do
       echo "== ${n}_checks rc=$(cat $LOGS/${n}_checks.rc) ($(date +%T))"; tail -n "${TAIL:-30}" $LOGS/${n}_checks.log; done ;;
   diff)  # kernel_diff: each case its own process (the interpreter half runs on the host's CPUs)
-    ( export XLA_PYTHON_CLIENT_MEM_FRACTION=0.06; L=${DIFF_S:-420}; echo "== diff ($(date +%T))"
+    ( export XLA_PYTHON_CLIENT_MEM_FRACTION=${DIFF_MEM:-0.06}; L=${DIFF_S:-420}; echo "== diff ($(date +%T))"
       cases=${DIFF_CASES:-$'simple_gla|\'gates\': \'kernel\'\ngla|K=64 V=64\ngla|K=128 V=128\nselective|\nmlstm|K=V=128'}
       i=0; while IFS='|' read -r ops case extra; do i=$((i+1))
         pstep diff$i "$L" env RESULTS_TAG=diff$i OUT=$LOGS python3 -m experiments.benchmarks.kernel_diff \

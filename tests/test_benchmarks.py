@@ -154,6 +154,13 @@ def test_kernel_diff_locates_a_difference_and_builds_its_cases():
     assert [e > 0 for e in where["axis1"]] == [False, True, False, False]
     assert [e > 0 for e in where["axis2"]] == [True, False]
     assert [e > 0 for e in where["axis3"]] == [False, True]
+    assert [[e > 0 for e in r] for r in where["cell"]] == [[False] * 4, [False, True, False, False]]
+    b = a.copy()
+    b[:, 8:16, :, 3] = 3.0                                   # chunk rows 8..15, column 3 of block 0
+    where = kernel_diff._where(b, a)
+    assert [e > 0 for e in where["row8"]] == [j == 1 for j in range(8)]
+    assert all(e > 0 for e in where["rowmod8"])
+    assert [e > 0 for e in where["col8"]] == [j == 0 for j in range(8)]
     labels = [label for label, _ in kernel_diff.cases(
         ["simple_gla", "gla", "delta", "selective", "mlstm"], {"B": 2, "T": 128, "H": 1}, None)]
     assert len(labels) == len(set(labels)) == 2 * 4 + 4 + 4 + 1 + 2

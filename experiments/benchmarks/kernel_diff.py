@@ -55,7 +55,9 @@ def _rel(a, b) -> float:
 def _where(g, c) -> dict:
     """Where two arrays differ: rel error per index of axis 0, per 64-slice of axis 1, per index
     of axis 2 and per 64-slice of axis 3 (for [B, Tp, H, K] that is per batch row, chunk, head
-    and 64-column key block)."""
+    and 64-column key block); "cell" per (batch row, chunk); "row8" / "rowmod8" per 8-row group
+    of the chunk and per row mod 8 (a register or swizzle layout fault shows as a pattern there),
+    and for [B, Tp, H, K] "col8" per 8-column group of each 64-column key block."""
     g, c = np.asarray(g, np.float64), np.asarray(c, np.float64)
     out = {}
     for ax, step in ((0, 1), (1, 64), (2, 1), (3, 64)):
@@ -66,6 +68,19 @@ def _where(g, c) -> dict:
             sl = (slice(None),) * ax + (slice(s, s + step),)
             errs.append(round(_rel(g[sl], c[sl]), 4))
         out[f"axis{ax}"] = errs
+    if g.ndim >= 2 and g.shape[1] % 64 == 0:             # [B, Tp, ...]: within the chunk
+        rows = lambda sl: round(_rel(g[:, sl], c[:, sl]), 4)                # noqa: E731
+        blocks = g.shape[1] // 64
+        out["cell"] = [[round(_rel(g[b, 64 * n:64 * n + 64], c[b, 64 * n:64 * n + 64]), 4)
+                        for n in range(blocks)] for b in range(g.shape[0])]
+        at = lambda f: np.concatenate([np.arange(64 * n, 64 * n + 64)[f(np.arange(64))]  # noqa
+                                       for n in range(blocks)])
+        out["row8"] = [rows(at(lambda r, j=j: r // 8 == j)) for j in range(8)]
+        out["rowmod8"] = [rows(at(lambda r, j=j: r % 8 == j)) for j in range(8)]
+    if g.ndim == 4 and g.shape[3] % 64 == 0:              # [B, Tp, H, K]: 8-column groups
+        cols = lambda j: np.concatenate([np.arange(s, s + 8) + 8 * j            # noqa: E731
+                                         for s in range(0, g.shape[3], 64)])
+        out["col8"] = [round(_rel(g[..., cols(j)], c[..., cols(j)]), 4) for j in range(8)]
     return out
 
 
@@ -210,9 +225,10 @@ def _mlstm_case(K, over, B=1, T=256, H=2, seed=0):
     return entry, HopperMlstmConfig(**over), floats, cts
 
 
-def cases(names, shape, pieces=None):
+def cases(names, shape, pieces=None, variant=""):
     """[(label, build)]: shape {"B", "T", "H"} overrides the chunk ops' and mLSTM's; pieces the
-    two-level walk's of simple_gla and gla (None: the device's choice)."""
+    two-level walk's of simple_gla and gla (None: the device's choice); variant gla's
+    `HopperChunkConfig.gla_variant` (comma-separated flags; "" the default program)."""
     out = []
     for name in names:
         if name in ("simple_gla", "gla", "delta"):
@@ -223,6 +239,8 @@ def cases(names, shape, pieces=None):
                              dict(grad_items="split_xla")]
                 if name != "delta":
                     overs = [{**o, "pieces": pieces} for o in overs]
+                if name == "gla" and variant:
+                    overs = [{**o, "gla_variant": variant} for o in overs]
                 for over in overs:
                     out.append((f"{name} K={K} V={V} {over} {shape}",
                                 lambda n=name, K=K, V=V, o=over: _chunk_case(n, K, V, o,
@@ -271,13 +289,15 @@ def main(argv=None) -> int:
     p.add_argument("--pieces", type=int, default=2, help="0: the device's choice")
     p.add_argument("--shape", default="",
                    help='e.g. "B=2,T=256,H=4,seed=1" (chunk ops and mLSTM; seed for all)')
+    p.add_argument("--variant", default="",
+                   help="gla only: HopperChunkConfig.gla_variant, e.g. split_waits,probe_ein")
     p.add_argument("--tol", type=float, default=2e-2)
     p.add_argument("--dry-run", action="store_true",
                    help="record in the interpreter too (checks this tool on a CPU: every rel 0)")
     args = p.parse_args(argv)
     rows, t_start = [], time.perf_counter()
     shape = {k: int(v) for k, v in (kv.split("=") for kv in args.shape.split(",") if kv)}
-    for label, build in cases(args.ops.split(","), shape, args.pieces or None):
+    for label, build in cases(args.ops.split(","), shape, args.pieces or None, args.variant):
         if args.case not in label:
             continue
         t0 = time.time()

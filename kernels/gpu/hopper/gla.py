@@ -85,7 +85,7 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from linear_jax._compat import mosaic_gpu_kernel
-from linear_jax.kernels.configs import HopperChunkConfig, multiprocessors
+from linear_jax.kernels.configs import GLA_DQ_PROBES, HopperChunkConfig, multiprocessors
 from linear_jax.kernels.gpu.hopper.common import (
     LANES,
     Ops,
@@ -189,13 +189,20 @@ def chunk_groups(sp, gh, gl):
     return [(None, [term(M, gh), term(M, gl)]) for M in (sp.gin(), sp.rest())]
 
 
-def chunk_factors(ops, sp, docs, Gin, R, gh, gl, *, scale):
+def chunk_factors(ops, sp, docs, Gin, R, gh, gl, *, scale, probe=""):
     """(scale exp(Gin) in, exp(R) out) [C, 64] and dec = keep exp(Gtot) [64] (a column vector)
-    of one 64-key block from its sums Gin, R (`chunk_groups`) and gate halves gh / gl in SMEM."""
+    of one 64-key block from its sums Gin, R (`chunk_groups`) and gate halves gh / gl in SMEM.
+    probe (`gla_variant`): "probe_gin" gives Gin itself and "probe_in" the 0/1 mask `in` (ones
+    without documents) in place of the first factor."""
     C = sp.C
     tot = jnp.sum(ops.acc(gh[...]).astype(f32) + ops.acc(gl[...]).astype(f32), axis=0)
     rows = lambda m: ops.rows_of(m, (C, LANES))               # noqa: E731
-    e_in = docs.cut(docs.in_rows, scale * jnp.exp(Gin), rows)
+    if probe == "probe_gin":
+        e_in = Gin
+    elif probe == "probe_in":
+        e_in = docs.cut(docs.in_rows, jnp.ones_like(Gin), rows)
+    else:
+        e_in = docs.cut(docs.in_rows, scale * jnp.exp(Gin), rows)
     e_out = docs.cut(docs.out_rows, jnp.exp(R), rows)
     return e_in, e_out, docs.cut(docs.keep, jnp.exp(tot))
 
@@ -213,11 +220,18 @@ def level_factors(sp, s, Z, q, k):
     return jnp.where(odd, q * F, 0.0), jnp.where(odd, 0.0, k * F), F
 
 
-def mm_groups(ops, *groups):
+def mm_groups(ops, *groups, split=False):
     """`mm_sum` of the groups that are not None, results in place (None for the others): the
-    products of one step and the span sums of the next are issued together, one wait for both."""
-    res = iter(mm_sum(ops, *[g for g in groups if g is not None]))
+    products of one step and the span sums of the next are issued together, one wait for both.
+    split (`gla_variant` split_waits): each group issued and awaited on its own instead."""
+    live = [g for g in groups if g is not None]
+    res = iter([r for g in live for r in mm_sum(ops, g)] if split else mm_sum(ops, *live))
     return [None if g is None else next(res) for g in groups]
+
+
+def variant(cfg) -> frozenset:
+    """The flags of `HopperChunkConfig.gla_variant` (empty: the default program)."""
+    return frozenset(f for f in getattr(cfg, "gla_variant", "").split(",") if f)
 
 
 # -- forward: the chunk-parallel gate and intra kernel ---------------------------------------------
@@ -230,13 +244,18 @@ def gates(q, k, gh, gl, drows, *, scale, cfg):
     N, NKB = Tp // C, K // LANES
     ops = Ops(interpreting(cfg))
     has_doc = drows is not None
+    var = variant(cfg)
+    mmg = functools.partial(mm_groups, split="split_waits" in var)
+    own = "qk_tiles" in var
+    probe = next((f for f in var if f in ("probe_ein", "probe_gin", "probe_in")), "")
 
     def body(*refs):
         refs = list(refs)
         pop = lambda on=True: refs.pop(0) if on else None       # noqa: E731
         q_ref, k_ref, gh_ref, gl_ref, d_ref = pop(), pop(), pop(), pop(), pop(has_doc)
         qt_ref, kt_ref, a_ref, dec_ref = pop(), pop(), pop(), pop()
-        qs, ks, ghs, gls, ds, xs, ys, as_, decs, bar = refs
+        qs, ks, ghs, gls, ds, xs, ys, as_, decs, *extra, bar = refs
+        qo, ko = extra if own else (xs, ys)               # where q~, k~ are staged for TMA
         b, h, n = (lax.axis_index(a) for a in ("b", "h", "n"))
         t = pl.ds(n * C, C)
         for src, dst in ((q_ref, qs), (k_ref, ks), (gh_ref, ghs), (gl_ref, gls)):
@@ -250,23 +269,26 @@ def gates(q, k, gh, gl, drows, *, scale, cfg):
         diag = ops.row(jnp.zeros((C,), f32))
         spans = lambda s: [span_group(sp, s, ghs.at[:, kr], gls.at[:, kr])  # noqa: E731
                            for kr in kblk]
-        sums = mm_groups(ops, *[g for kr in kblk for g in chunk_groups(sp, ghs.at[:, kr],
-                                                                       gls.at[:, kr])])
+        sums = mmg(ops, *[g for kr in kblk for g in chunk_groups(sp, ghs.at[:, kr],
+                                                                 gls.at[:, kr])])
         for i, kr in enumerate(kblk):
             e_in, e_out, dec = chunk_factors(ops, sp, docs, sums[2 * i], sums[2 * i + 1],
-                                             ghs.at[:, kr], gls.at[:, kr], scale=scale)
+                                             ghs.at[:, kr], gls.at[:, kr], scale=scale,
+                                             probe=probe)
             qv = ops.acc(qs.at[:, kr][...]).astype(f32)
             kv = ops.acc(ks.at[:, kr][...]).astype(f32)
-            xs[:, kr] = (qv * e_in).astype(dt)
-            ys[:, kr] = (kv * e_out).astype(dt)
+            qt = e_in if probe else qv if "probe_q" in var else qv * e_in
+            qo[:, kr] = qt.astype(dt)
+            ko[:, kr] = (kv * e_out).astype(dt)
             decs[i] = dec
             diag = diag + jnp.sum(qv * kv, axis=1)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(xs, qt_ref.at[b, t, h])
-        plgpu.copy_smem_to_gmem(ys, kt_ref.at[b, t, h])
+        stores = [(qo, qt_ref.at[b, t, h]), (ko, kt_ref.at[b, t, h])]
+        for src, dst in (stores[::-1] if "store_k_first" in var else stores):
+            plgpu.copy_smem_to_gmem(src, dst)
         plgpu.copy_smem_to_gmem(decs, dec_ref.at[b, h, n])
         A = jnp.where(sp.r == sp.c, ops.rows_of(diag, (C, C)), 0.0)
-        Z = mm_groups(ops, *spans(LEVELS[0]))
+        Z = mmg(ops, *spans(LEVELS[0]))
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)      # xs, ys are free again
         for lv, s in enumerate(LEVELS):                  # level s's pairs with s + 1's spans
             for i, kr in enumerate(kblk):
@@ -277,7 +299,7 @@ def gates(q, k, gh, gl, drows, *, scale, cfg):
                 ys[:, kr] = Ks.astype(dt)
             plgpu.commit_smem()
             nxt = LEVELS[lv + 1] if lv + 1 < len(LEVELS) else None
-            P, *Z = mm_groups(ops, (None, [term(xs, ys, tb=True)]), *spans(nxt))
+            P, *Z = mmg(ops, (None, [term(xs, ys, tb=True)]), *spans(nxt))
             A = A + jnp.where(sp.pairs(s), P, 0.0)
         A = docs.cut(docs.same, A * scale)
         as_[...] = A.astype(dt)
@@ -288,8 +310,9 @@ def gates(q, k, gh, gl, drows, *, scale, cfg):
     scratch = [smem((C, K), dt), smem((C, K), dt), smem((C, K), dt), smem((C, K), dt),
                plgpu.SMEM((2, C), f32) if has_doc else plgpu.SMEM((1, C), f32),
                smem((C, K), dt), smem((C, K), dt), smem((C, C), dt),
-               plgpu.SMEM((NKB, LANES), f32),
-               plgpu.Barrier(num_arrivals=4 + has_doc, num_barriers=1)]
+               plgpu.SMEM((NKB, LANES), f32)]
+    scratch += [smem((C, K), dt), smem((C, K), dt)] if own else []      # q~, k~ (qk_tiles)
+    scratch += [plgpu.Barrier(num_arrivals=4 + has_doc, num_barriers=1)]
     check_smem("gla gates", scratch)
     out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, K), dt),
                 jax.ShapeDtypeStruct((B, H, N, C, C), dt),
@@ -483,6 +506,10 @@ def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
     ops = Ops(interpreting(cfg))
     has_doc = drows is not None
     blk = (C, LANES)
+    var = variant(cfg)
+    split = "split_waits" in var
+    mmg = functools.partial(mm_groups, split=split)
+    probe = next((f for f in var if f in GLA_DQ_PROBES), "")
 
     def body(*refs):
         refs = list(refs)
@@ -526,9 +553,9 @@ def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
         for i, kr in enumerate(kblk):
             gh, gl = ghs.at[:, kr], gls.at[:, kr]
             plgpu.barrier_wait(tbar.at[0])
-            dqt, dkt, Gin, R = mm_groups(ops, (None, [term(dos, ss, tb=True)]),
-                                         (None, [term(vs, dss, tb=True)]),
-                                         *chunk_groups(sp, gh, gl))
+            dqt, dkt, Gin, R = mmg(ops, (None, [term(dos, ss, tb=True)]),
+                                   (None, [term(vs, dss, tb=True)]),
+                                   *chunk_groups(sp, gh, gl))
             ddec = ops.row(jnp.zeros((LANES,), f32))       # <S_n, dS_n+1> per key row
             for vb in range(V // LANES):
                 vc = pl.ds(vb * LANES, LANES)
@@ -538,20 +565,26 @@ def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
             if i + 1 < NKB:
                 load_tiles(i + 1)
             ddec = ops.col(vec.at[0][...])
-            e_in, e_out, dec = chunk_factors(ops, sp, docs, Gin, R, gh, gl, scale=scale)
+            e_in, e_out, dec = chunk_factors(ops, sp, docs, Gin, R, gh, gl, scale=scale,
+                                             probe=probe if probe in ("probe_gin", "probe_in")
+                                             else "")
             qv, kv = load(qs.at[:, kr]), load(ks.at[:, kr])
             dq = e_in * dqt
             dk = e_out * dkt
             dgin, dr = qv * dq, kv * dk
             dg = ops.cols_of(dec * ddec, blk)
+            dg_probe = dec * ddec if "probe_ddec" in var else None
             dq = dq + ops.rows_of(diag, blk) * kv
             dk = dk + ops.rows_of(diag, blk) * qv
+            if probe:                                     # gla_variant: dq := one intermediate
+                dq = {"probe_dqt": dqt, "probe_k": kv, "probe_lev": jnp.zeros_like(dq)}.get(
+                    probe, e_in)                          # probe_ein / probe_gin / probe_in
             halves(dgin, h0s, h1s)
             halves(dr, xs, ys)
             plgpu.commit_smem()
-            dg, Z = mm_groups(ops, (dg, [term(sp.gin(t=True), h0s), term(sp.gin(t=True), h1s),
-                                         term(sp.rest(t=True), xs), term(sp.rest(t=True), ys)]),
-                              span_group(sp, LEVELS[0], gh, gl))
+            dg, Z = mmg(ops, (dg, [term(sp.gin(t=True), h0s), term(sp.gin(t=True), h1s),
+                                   term(sp.rest(t=True), xs), term(sp.rest(t=True), ys)]),
+                        span_group(sp, LEVELS[0], gh, gl))
             for lv, s in enumerate(LEVELS):               # registers: dq, dk, dg live throughout
                 dAl = jnp.where(sp.pairs(s), ops.acc(da_s[...]).astype(f32), 0.0).astype(dt)
                 dal_s[...] = dAl
@@ -559,20 +592,23 @@ def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
                 xs[...] = Qs.astype(dt)
                 ys[...] = Ks.astype(dt)
                 plgpu.commit_smem()
-                dQ, dK = ops.mm(prod(dAl, ys), prod(dal_s, xs, ta=True))
-                dq = dq + (scale * F) * dQ
+                pq = prod(dal_s if "dq_smem" in var else dAl, ys)
+                pk = prod(dal_s, xs, ta=True)
+                dQ, dK = (ops.mm(pq)[0], ops.mm(pk)[0]) if split else ops.mm(pq, pk)
+                if probe in ("", "probe_lev"):
+                    dq = dq + (scale * F) * dQ
                 dk = dk + (scale * F) * dK
                 dZ = load(xs) * dQ + load(ys) * dK
                 halves(scale * dZ, h0s, h1s)
                 plgpu.commit_smem()
                 W = sp.level(s, t=True)                   # routed with s + 1's spans
                 nxt = LEVELS[lv + 1] if lv + 1 < len(LEVELS) else None
-                dg, Z = mm_groups(ops, (dg, [term(W, h0s), term(W, h1s)]),
-                                  span_group(sp, nxt, gh, gl))
+                dg, Z = mmg(ops, (dg, [term(W, h0s), term(W, h1s)]),
+                            span_group(sp, nxt, gh, gl))
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last block's stores are out
             oq[...] = dq.astype(dt)
             ok[...] = dk.astype(dt)
-            og[...] = dg
+            og[...] = dg if dg_probe is None else ops.cols_of(dg_probe, blk)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(oq, dq_ref.at[b, t, h, kr])
             plgpu.copy_smem_to_gmem(ok, dk_ref.at[b, t, h, kr])
@@ -662,6 +698,8 @@ def gla(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size, config=Non
     B, T, H, K = q.shape
     V = v.shape[-1]
     dt, Kp, Vp = check_inputs("gla", q, k, v)
+    if "pad_k128" in variant(cfg):                 # gla_variant: the K = 128 programs at K = 64
+        Kp = 2 * LANES
     C = cfg.chunk
     Tp = -(-T // C) * C
     gp = pad_time(g.astype(f32), Tp)
