@@ -328,7 +328,7 @@ class HopperChunkConfig:
     simple_gla (`decay.py`, `decay_grad.py`) and gla (`gla.py`, the vector gate). gla reads chunk,
     stages, pieces, semantics, approx_math and interpret; its chunk-parallel kernels (gates, grad)
     take one (b, h, chunk) per CTA and ignore stages_grad, grad_programs, gates, grad_items,
-    overlap, item_order and fused_update, which shape simple_gla's.
+    overlap and item_order, which shape simple_gla's.
 
     chunk: C, rows per chunk: 64 (one wgmma M tile; the [C, C] intra blocks stay in registers).
     stages: depth of the TMA pipeline of the sequential walks (forward, reverse state pass): chunks
@@ -352,9 +352,8 @@ class HopperChunkConfig:
     grad_items: the gradient kernel's work item: "chunk" (one (b, h, chunk): q, k, v, do and the
       intra blocks loaded and formed once for all key tiles, the gate gradient's prefix sums done
       in the kernel), "split" (the same item shared by two compute warpgroups, the dq side and
-      the dk side of the gradient, each with half the dependent wgmma chain), "split_xla" (the
-      same, the gate gradient's prefix sums in XLA) or "tile" (one (b, h, chunk, 64-key tile);
-      prefix sums in XLA).
+      the dk side of the gradient, each with half the dependent wgmma chain) or "tile" (one (b, h,
+      chunk, 64-key tile); prefix sums in XLA).
     overlap: register work issued while each wgmma runs (the gate factors and E during q k^T,
       the scaling of o and of v during A v, the store of o and the state decay during the state
       update); False: the same work after each wait.
@@ -362,9 +361,6 @@ class HopperChunkConfig:
       the chunk: the CTAs running at once read the same rows of every head, whole rows of the
       [B, T, H, K] inputs) or "chunks" (the chunk fastest: at B = 1 the CTAs at once read 132
       chunks of one head, 256-byte pieces 4 KB apart).
-    fused_update: the walks' output pass issues the state update k^T (gk v) together with q k^T
-      and q S_n (it depends on neither) and forms S_n+1 while A v runs: two wgmma waits a chunk
-      instead of three. False: q k^T and q S_n, then A v, then the update.
     gla_variant: gla only, for isolating compiled-only faults on the device (session 10: q~ of
       the gates kernel wrong at K = V = 128, B = 2; dq, dg of the gradient kernel wrong at K = 64).
       "" (the default) is the program as it was; else comma-separated flags of GLA_VARIANTS, each a
@@ -402,7 +398,6 @@ class HopperChunkConfig:
     grad_items: str = "chunk"
     overlap: bool = True
     item_order: str = "heads"
-    fused_update: bool = True
     gla_variant: str = ""
 
     def __post_init__(self):
@@ -414,9 +409,9 @@ class HopperChunkConfig:
                              f"{GLA_DQ_PROBES}; got {self.gla_variant!r}")
         if self.pieces is not None and (self.pieces < 1 or self.pieces & (self.pieces - 1)):
             raise ValueError(f"{name}.pieces must be None or a power of two, got {self.pieces}")
-        if self.gates not in ("kernel", "xla") or self.grad_items not in ("chunk", "split", "split_xla", "tile"):
+        if self.gates not in ("kernel", "xla") or self.grad_items not in ("chunk", "split", "tile"):
             raise ValueError(f"{name}: gates must be 'kernel' or 'xla' and grad_items 'chunk', "
-                             f"'split', 'split_xla' or 'tile', got {self.gates!r}, {self.grad_items!r}")
+                             f"'split' or 'tile', got {self.gates!r}, {self.grad_items!r}")
         if self.chunk != 64:
             raise ValueError(f"{name}.chunk must be 64 (one wgmma tile), got {self.chunk}")
         if self.item_order not in ("heads", "chunks"):

@@ -221,7 +221,8 @@ def unit_lower_inverse(L, row, col, dot, float_masks: bool = False):
     while size < C:
         sh = size.bit_length() - 1
         if float_masks:
-            # same 2b block, different b halves: (row ^ col) >> sh == 1, as min(f, 1) - min(f >> 1, 1)
+            # same 2b block, different b halves: (row ^ col) >> sh == 1,
+            # as min(f, 1) - min(f >> 1, 1)
             f = lax.shift_right_logical(row ^ col, sh)
             M = L * (jnp.minimum(f, 1) - jnp.minimum(lax.shift_right_logical(f, 1), 1)).astype(F32)
         else:

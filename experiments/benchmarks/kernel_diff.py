@@ -235,8 +235,7 @@ def cases(names, shape, pieces=None, variant=""):
             for K, V in ((64, 64), (128, 128), (128, 64), (64, 128)):
                 overs = [{}]
                 if name == "simple_gla":
-                    overs = [dict(gates="kernel"), dict(gates="xla"), dict(grad_items="split"),
-                             dict(grad_items="split_xla")]
+                    overs = [dict(gates="kernel"), dict(gates="xla"), dict(grad_items="split")]
                 if name != "delta":
                     overs = [{**o, "pieces": pieces} for o in overs]
                 if name == "gla" and variant:

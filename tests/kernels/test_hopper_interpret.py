@@ -35,8 +35,6 @@ CASES = {
     "split-grad-kernel-gates-strong": (dict(grad_items="split", gates="kernel", pieces=1),
                                        "strong", True),
     "split-grad-no-gate": (dict(grad_items="split"), None, False),
-    "split-xla-sums": (dict(grad_items="split_xla"), "normal", True),
-    "three-waits-walk": (dict(fused_update=False, pieces=1), "normal", True),
     "no-gate-two-level": ({}, None, False),
 }
 

@@ -107,7 +107,7 @@ from linear_jax.kernels.gpu.hopper.common import (
     walk_outputs,
     write_blocks,
 )
-from linear_jax.kernels.gpu.hopper.decay_grad import gate_grad_split, gate_grad_tiles, grad
+from linear_jax.kernels.gpu.hopper.decay_grad import gate_grad_tiles, grad
 from linear_jax.ops.common.chunking import pad_time
 
 STATE_STAGES = 3        # the state pass holds k, v only: three slots fit at K = V = 128
@@ -213,8 +213,6 @@ def walk(x, y, z, rows, s0, *, names, read_row, write_row, reverse, scale, cfg, 
                 n, slot = chunk(step), lax.rem(step, stages)
                 yk, zv = ys.at[slot], zs.at[slot]
                 plgpu.barrier_wait(in_bar.at[slot])
-                if out_mode and cfg.fused_update:
-                    return fused_step(S, n, slot, yk, zv, write_v)
                 if out_mode:
                     t, xq = pl.ds(n * C, C), xs.at[slot]
                     if residuals:                         # S_n, as this chunk reads it
@@ -251,41 +249,6 @@ def walk(x, y, z, rows, s0, *, names, read_row, write_row, reverse, scale, cfg, 
                         sw[kr, :] = S[i].astype(dt)
                     plgpu.commit_smem()
                 return tuple(S) + ((carry[NKB] * f["dec"],) if track else ())
-
-            def fused_step(S, n, slot, yk, zv, write_v):
-                """One chunk of the output pass with the state update issued with q k^T and
-                q S_n (it reads neither o nor A) and S_n+1 formed while A v runs: two wgmma
-                waits a chunk instead of three."""
-                t, xq = pl.ds(n * C, C), xs.at[slot]
-                if residuals:                             # S_n, as this chunk reads it
-                    plgpu.copy_smem_to_gmem(sw, states_ref.at[b, h, n, :, vc])
-                gt = ChunkGates(ops, gs.at[slot] if has_rows else None, names, C, scale=scale,
-                                raw=raw, tmp=tmps.at[w] if raw_g else None)
-                f = {}
-                if has_rows:
-                    f = dict(a=gt.factor(read_row), b=gt.factor(write_row), dec=gt.dec)
-                write_v(f)
-                res, E = ops.mm(prod(xq, yk, tb=True), prod(xq, sw),
-                                *[prod(yk.at[:, kr], ww, ta=True) for kr in kblk],
-                                during=lambda: gt.E(reverse=reverse))
-                A, o, U = res[0] * E, res[1], res[2:]
-
-                def next_state():                         # while A v runs
-                    dec = ops.rows_of(f["dec"], (LANES, LANES)) if has_rows else None
-                    new = [(s if dec is None else s * dec) + u for s, u in zip(S, U, strict=True)]
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # S_n's, o's stores read
-                    for i, kr in enumerate(kblk):
-                        sw[kr, :] = new[i].astype(dt)
-                    plgpu.commit_smem()
-                    return new, o * (ops.rows_of(f["a"], (C, LANES)) if has_rows else
-                                     consts[read_row])
-
-                (o_intra,), (S, o) = ops.mm(prod(A.astype(dt), zv.at[:, vc]), during=next_state)
-                plgpu.barrier_arrive(used_bar.at[slot])   # every read of this slot is complete
-                ow[...] = (o + o_intra).astype(dt)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(ow, out_ref.at[b, t, h, vc])
-                return tuple(S)
 
             carry = lax.fori_loop(0, L, step_fn, carry)
 
@@ -393,7 +356,6 @@ def _core(cfg: HopperChunkConfig, scale: float, gated: bool, has_doc: bool, has_
         dq, dk, dg = grad(q, k, v, do, rows, states, dstates, names=names, **kw)
         if gated:
             dg = (gate_grad_tiles(dg, C) if cfg.grad_items == "tile" else
-                  gate_grad_split(dg, C) if cfg.grad_items == "split_xla" else
                   jnp.moveaxis(dg.sum(2), 1, 2))
         return dq, dk, dv, dg if gated else None, None, dh0 if has_h0 else None
 

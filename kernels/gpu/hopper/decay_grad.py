@@ -49,14 +49,11 @@ from linear_jax.kernels.gpu.hopper.common import (
 def grad(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
     """dq, dk (q's dtype, [B, Tp, H, K]) and the gate term: dg [B, H, 1, Tp] float32
     (grad_items "chunk"; "split": [B, H, 2, Tp], two parts to add) or the stats of
-    `gate_grad_tiles` ("tile") or `gate_grad_split` ("split_xla"); None when not gated.
+    `gate_grad_tiles` ("tile"); None when not gated.
 
     q, k [B, Tp, H, K]; v, do [B, Tp, H, V]; rows as `decay.walk`; states / dstates
     [B, H, N, K, V] the S_n and dS_n+1 of each chunk."""
-    if cfg.grad_items.startswith("split"):
-        return _grad_split(q, k, v, do, rows, states, dstates, names=names, scale=scale,
-                           cfg=cfg, sums=cfg.grad_items == "split")
-    fn = _grad_chunks if cfg.grad_items == "chunk" else _grad_tiles
+    fn = {"chunk": _grad_chunks, "split": _grad_split, "tile": _grad_tiles}[cfg.grad_items]
     return fn(q, k, v, do, rows, states, dstates, names=names, scale=scale, cfg=cfg)
 
 
@@ -221,7 +218,7 @@ def _grad_chunks(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
     return outs[0], outs[1], (outs[2] if gated else None)
 
 
-def _grad_split(q, k, v, do, rows, states, dstates, *, names, scale, cfg, sums=True):
+def _grad_split(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
     """grad_items "split": the "chunk" item shared by two compute warpgroups, one per side of the
     gradient, so each runs half the dependent wgmma chain and neither waits on the other:
 
@@ -236,9 +233,7 @@ def _grad_split(q, k, v, do, rows, states, dstates, *, names, scale, cfg, sums=T
     axis 0 of a tile (that is a cross-warp reduction through the CTA's one reduction scratch,
     which two warpgroups would race on): the sums over the chunk's rows reach the column layout
     through each side's own SMEM row and are then summed along axis 1. Each side writes its own
-    half of the gate gradient, dg [B, H, 2, Tp], added in XLA. sums=False ("split_xla"): each side
-    writes its per-row terms instead, stats [B, H, 4, Tp] = (Qq, Qd, Qk, R), and
-    `gate_grad_split` forms dg in XLA (no SMEM row, no masked sum in the kernel)."""
+    half of the gate gradient, dg [B, H, 2, Tp], added in XLA."""
     B, Tp, H, K, V, N, items, progs, has_rows, gated = _setup(q, v, rows, names, cfg, True)
     C, dt, NKB = cfg.chunk, q.dtype, K // LANES
     stages, SS = cfg.stages_grad, 2                       # chunk ring, key-tile ring
@@ -323,14 +318,19 @@ def _grad_split(q, k, v, do, rows, states, dstates, *, names, scale, cfg, sums=T
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # last item's stores are out
                 if not dq_side:
                     if gated:                             # R_s = sum_{j < s} (W P)_sj
+                        # W (W_si = [i >= s]) from SMEM, not registers: an iota-made 0/1
+                        # matrix as a register wgmma operand is wrong on the H200 (rows 8-15 of
+                        # each warp's 16; session 10). P as bf16 hi, then lo, through dk_s.
                         Pm = dA * QK
                         hi = Pm.astype(dt)
-                        da_s[...] = hi
+                        da_s[...] = (c >= r).astype(dt)
+                        dk_s[...] = hi
+                        plgpu.commit_smem()
+                        Y = ops.dot(da_s, dk_s)
                         dk_s[...] = (Pm - hi.astype(f32)).astype(dt)
                         plgpu.commit_smem()
-                        W = (c >= r).astype(dt)
-                        Y1, Y2 = ops.mm(prod(W, da_s), prod(W, dk_s))
-                        R = jnp.sum(jnp.where(c < r, Y1 + Y2, 0.0), axis=1)
+                        Y = ops.dot(da_s, dk_s, Y)
+                        R = jnp.sum(jnp.where(c < r, Y, 0.0), axis=1)
                     da_s[...] = dA16
                     plgpu.commit_smem()
                 if gated:
@@ -361,14 +361,7 @@ def _grad_split(q, k, v, do, rows, states, dstates, *, names, scale, cfg, sums=T
                     plgpu.commit_smem()
                     plgpu.copy_smem_to_gmem(out_s, (dq_ref if dq_side else dk_ref).at[b, t, h, kr])
                 plgpu.barrier_arrive(used_bar.at[slot])   # this side read the chunk slot
-                if gated and not sums:                    # the per-row terms, to XLA
-                    r0 = 0 if dq_side else 2
-                    dgs[r0] = Qx
-                    dgs[r0 + 1] = Qd if dq_side else R
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(dgs.at[pl.ds(r0, 2)],
-                                            dg_ref.at[b, h, pl.ds(r0, 2), t])
-                elif gated:
+                if gated:
                     # dq side: sum_{i >= s} Qq_i + Qd_n; dk side: sum_{j < s} Qk_j + R_s
                     Qc = to_cols(Qx, base + 1)
                     if dq_side:
@@ -393,15 +386,14 @@ def _grad_split(q, k, v, do, rows, states, dstates, *, names, scale, cfg, sums=T
         scratch.append(plgpu.SMEM((stages, rows.shape[2], C), f32))
     scratch += [smem((SS, LANES, V), dt), smem((SS, LANES, V), dt),
                 smem((C, LANES), dt), smem((C, C), dt), smem((C, C), dt)]
-    n_dg = 2 if sums else 4                                              # rows of dg / stats
-    scratch += [plgpu.SMEM((n_dg, C), f32)] if gated else []
+    scratch += [plgpu.SMEM((2, C), f32)] if gated else []                # dg, one row a side
     scratch += [plgpu.SMEM((6, C), f32)]                                 # to_cols / ChunkGates
     scratch += [plgpu.Barrier(num_arrivals=4 + has_rows, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=2, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=2, num_barriers=SS),
                 plgpu.Barrier(num_arrivals=2, num_barriers=SS)]
     out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, K), dt)]
-    out_type += [jax.ShapeDtypeStruct((B, H, n_dg, Tp), f32)] if gated else []
+    out_type += [jax.ShapeDtypeStruct((B, H, 2, Tp), f32)] if gated else []
     check_smem("simple_gla grad (split)", scratch)
     kernel = mosaic_gpu_kernel(
         body, out_type=out_type, grid=(progs,), grid_names=("p",), num_threads=3,
@@ -513,12 +505,6 @@ def _grad_tiles(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
     args = (q, k, v, do) + ((rows,) if has_rows else ()) + (states, dstates)
     dq, dk, stats = kernel(*args)
     return dq, dk, (stats if gated else None)
-
-
-def gate_grad_split(stats, C):
-    """dg [B, Tp, H] from the "split_xla" kernel's per-row terms (Qq, Qd, Qk, R)."""
-    Qq, Qd, Qk, R = jnp.moveaxis(stats, 2, 0)
-    return gate_grad_tiles(jnp.stack([Qq, Qk, R, Qd], axis=2)[None], C)
 
 
 def gate_grad_tiles(stats, C):
