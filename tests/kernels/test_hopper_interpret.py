@@ -31,7 +31,7 @@ CASES = {
     "kernel-gates": (dict(gates="kernel"), "normal", True),
     "strong-gates": (dict(pieces=1), "strong", True),
     "run1-variant": (dict(pieces=1, gates="xla", grad_items="tile"), "normal", True),
-    "split-grad": (dict(grad_items="split"), "normal", True),
+    "chunk-grad": (dict(grad_items="chunk"), "normal", True),
     "split-grad-kernel-gates-strong": (dict(grad_items="split", gates="kernel", pieces=1),
                                        "strong", True),
     "split-grad-no-gate": (dict(grad_items="split"), None, False),
