@@ -85,7 +85,7 @@ GRID = {"T100": ("gated+docs+h0", 2, 100, 2, 64, 64, "normal", True),
         # T2048 again with other inputs (the seed follows the id's place here)
         "T2048-b": ("gated+docs+h0", 2, 2048, 4, 128, 128, "normal", True),
         "T2048-c": ("gated+docs+h0", 2, 2048, 4, 128, 128, "normal", True)}
-QUICK = ("T100", "T8192", "T2048", "linear", "strong")
+QUICK = ("T100", "T8192", "T2048", "T2048-b", "T2048-c", "linear", "strong")
 
 
 def inputs(B, T, H, K, V, *, gate, dtype, seed, extras):

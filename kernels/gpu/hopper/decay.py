@@ -45,15 +45,24 @@ Tiles and warpgroups.
         v gk to SMEM meanwhile; then issues the state update k^T (v gk), storing o by TMA and
         decaying S meanwhile (`overlap`; each product from zero, the sums added after its
         wait). The state pass keeps only the update (3 stages: its slots hold k, v only).
-  grad: grid (#SMs,), persistent. `grad_items="chunk"`: an item is (b, h, chunk); one compute
-        warpgroup, one producer; a ring of 2 slots of q, k, v, do (64 KB each at K = V = 128) and
-        a ring of 2 slots of (S_n, dS_n+1) key tiles [64, V] (32 KB each), so each chunk's inputs
-        and its intra blocks (q k^T, do v^T, dA) are loaded and formed once for all key tiles; the
-        gate gradient's sums over the chunk are masked column sums in the kernel, dg written as
-        [B, H, 1, Tp]. `grad_items="tile"` (run 1): an item is (b, h, chunk, key tile), q, k, v,
-        do loaded per key tile, the prefix sums in XLA. The intra gate term uses X = P U (U the
-        strictly upper 0/1 matrix) on wgmma with P split into two bf16 halves (hi + lo: ~16
-        bits), then a masked column sum.
+  grad: grid (#SMs,), persistent; an item is (b, h, chunk) (`item_order`: the head fastest by
+        default), one producer warpgroup with a ring of 2 slots of q, k, v, do (64 KB each at
+        K = V = 128) and a ring of 2 slots of (S_n, dS_n+1) key tiles [64, V] (32 KB each), so a
+        chunk's inputs and intra blocks are loaded and formed once for all its key tiles.
+        `grad_items="split"` (default): two compute warpgroups share the item, the dq side (do v^T,
+        dA, then per key tile dA k + gq do S_n^T and the sums Qq, Qd) and the dk side (q k^T and
+        do v^T again, dA, the intra gate term R_s = sum_{j<s} (W P)_sj with W_si = [i >= s] and
+        P = dA * q k^T as bf16 hi, then lo, from SMEM, then per key tile dA^T q + gk v dS_n+1^T
+        and the sums Qk); each writes its half of dg [B, H, 2, Tp], its column sums formed by
+        routing a row vector through its own SMEM row (no sum over axis 0: two warpgroups would
+        race on the CTA's one reduction scratch). 0.20 ms at the T = 2048 anchor on the H200.
+        `grad_items="chunk"`: one compute warpgroup does both sides (0.38 ms); the intra gate term
+        as X = P U (U the strictly upper 0/1 matrix in SMEM) and a masked column sum.
+        `grad_items="tile"` (run 1): an item is (b, h, chunk, key tile), q, k, v, do loaded per
+        key tile, the prefix sums in XLA.
+        No wgmma takes an iota-made 0/1 matrix from registers: on the H200 that operand is wrong
+        in rows 8-15 of each warp's 16 (session 10, also the gla fault); such matrices go
+        through SMEM.
 
 Roofline at the anchor shapes (bf16, H = 16, K = V = 128, B T = 16384; H200 ~4.3 TB/s, ~790 TFLOP/s
 bf16). One [B, T, H, 128] bf16 tensor is 67 MB; a chunk's state [128, 128] bf16 is 32 KB (twice
