@@ -315,13 +315,6 @@ class TpuSelectiveConfig:
 
 # --- Mosaic GPU kernels (Hopper: TMA, wgmma, warpgroups) -----------------------------------------
 
-GLA_VARIANTS = ("split_waits", "qk_tiles", "store_k_first", "dq_smem", "pad_k128", "probe_ein",
-                "probe_gin", "probe_in", "probe_q", "probe_dqt", "probe_k", "probe_lev",
-                "probe_ddec")
-GLA_DQ_PROBES = ("probe_ein", "probe_gin", "probe_in", "probe_dqt", "probe_k",
-                 "probe_lev")                     # each sets all of dq (gates: the first three q~)
-
-
 @dataclasses.dataclass(frozen=True)
 class HopperChunkConfig:
     """The Mosaic GPU (Hopper, sm_90) kernels of the chunk family (`kernels/gpu/hopper/`):
@@ -362,29 +355,6 @@ class HopperChunkConfig:
       the chunk: the CTAs running at once read the same rows of every head, whole rows of the
       [B, T, H, K] inputs) or "chunks" (the chunk fastest: at B = 1 the CTAs at once read 132
       chunks of one head, 256-byte pieces 4 KB apart).
-    gla_variant: gla only, for isolating compiled-only faults on the device (session 10: q~ of
-      the gates kernel wrong at K = V = 128, B = 2; dq, dg of the gradient kernel wrong at K = 64).
-      "" (the default) is the program as it was; else comma-separated flags of GLA_VARIANTS, each a
-      change that kernel_diff (compiled vs interpreted, same inputs) can test on its own:
-        split_waits    gates / grad: every wgmma group its own issue and wait (no batching of the
-                       register-operand span products with other groups)
-        qk_tiles       gates: q~, k~ staged in SMEM tiles of their own, not in xs / ys that the
-                       levels then reuse (+32 KB at K = 128)
-        store_k_first  gates: the TMA store of k~ issued before that of q~
-        dq_smem        grad: the level product dA^s K^s with dA^s read from SMEM (dal_s), not from
-                       registers
-        pad_k128       the op pads K = 64 to 128 (zero keys and gates: the same result) so every
-                       kernel runs its K = 128 program
-      and probes, which replace one output by an intermediate (the op's result is then wrong by
-      design; only kernel_diff's compiled-vs-interpreted comparison means anything):
-        probe_ein      gates: q~ := scale exp(Gin) in (no q); grad: dq := the same factor
-        probe_gin      the same with Gin itself (the span sums L g on wgmma, register operand)
-        probe_in       the same with the 0/1 mask `in` (the document row din in the row layout)
-        probe_q        gates: q~ := q (the SMEM tile as loaded)
-        probe_dqt      grad: dq := do S_n^T (the TMA tile S_n and a transposed-B wgmma)
-        probe_k        grad: dq := k (the tile only dq's side reads)
-        probe_lev      grad: dq := the six levels' part only (sum_s scale F^s dA^s K^s)
-        probe_ddec     grad: dg := dec <S_n, dS_n+1> (one row per key, on every row)
     """
 
     chunk: int = 64
@@ -399,15 +369,9 @@ class HopperChunkConfig:
     grad_items: str = "split"
     overlap: bool = True
     item_order: str = "heads"
-    gla_variant: str = ""
 
     def __post_init__(self):
         name = type(self).__name__
-        bad = [f for f in self.gla_variant.split(",") if f and f not in GLA_VARIANTS]
-        dq = [f for f in self.gla_variant.split(",") if f in GLA_DQ_PROBES]
-        if bad or len(dq) > 1:
-            raise ValueError(f"{name}.gla_variant: flags of {GLA_VARIANTS}, at most one of "
-                             f"{GLA_DQ_PROBES}; got {self.gla_variant!r}")
         if self.pieces is not None and (self.pieces < 1 or self.pieces & (self.pieces - 1)):
             raise ValueError(f"{name}.pieces must be None or a power of two, got {self.pieces}")
         if self.gates not in ("kernel", "xla") or self.grad_items not in ("chunk", "split", "tile"):

@@ -225,10 +225,9 @@ def _mlstm_case(K, over, B=1, T=256, H=2, seed=0):
     return entry, HopperMlstmConfig(**over), floats, cts
 
 
-def cases(names, shape, pieces=None, variant=""):
+def cases(names, shape, pieces=None):
     """[(label, build)]: shape {"B", "T", "H"} overrides the chunk ops' and mLSTM's; pieces the
-    two-level walk's of simple_gla and gla (None: the device's choice); variant gla's
-    `HopperChunkConfig.gla_variant` (comma-separated flags; "" the default program)."""
+    two-level walk's of simple_gla and gla (None: the device's choice)."""
     out = []
     for name in names:
         if name in ("simple_gla", "gla", "delta"):
@@ -238,8 +237,6 @@ def cases(names, shape, pieces=None, variant=""):
                     overs = [dict(gates="kernel"), dict(gates="xla"), dict(grad_items="split")]
                 if name != "delta":
                     overs = [{**o, "pieces": pieces} for o in overs]
-                if name == "gla" and variant:
-                    overs = [{**o, "gla_variant": variant} for o in overs]
                 for over in overs:
                     out.append((f"{name} K={K} V={V} {over} {shape}",
                                 lambda n=name, K=K, V=V, o=over: _chunk_case(n, K, V, o,
@@ -288,15 +285,13 @@ def main(argv=None) -> int:
     p.add_argument("--pieces", type=int, default=2, help="0: the device's choice")
     p.add_argument("--shape", default="",
                    help='e.g. "B=2,T=256,H=4,seed=1" (chunk ops and mLSTM; seed for all)')
-    p.add_argument("--variant", default="",
-                   help="gla only: HopperChunkConfig.gla_variant, e.g. split_waits,probe_ein")
     p.add_argument("--tol", type=float, default=2e-2)
     p.add_argument("--dry-run", action="store_true",
                    help="record in the interpreter too (checks this tool on a CPU: every rel 0)")
     args = p.parse_args(argv)
     rows, t_start = [], time.perf_counter()
     shape = {k: int(v) for k, v in (kv.split("=") for kv in args.shape.split(",") if kv)}
-    for label, build in cases(args.ops.split(","), shape, args.pieces or None, args.variant):
+    for label, build in cases(args.ops.split(","), shape, args.pieces or None):
         if args.case not in label:
             continue
         t0 = time.time()

@@ -1,6 +1,6 @@
 """The Hopper GLA kernels (`kernels/gpu/hopper/gla.py`) lower for CUDA, forward and backward,
 checked from a CPU host: `jax.export(..., platforms=["cuda"])` runs the Pallas -> Mosaic GPU
-lowering of each kernel (TMA copies, mbarriers, wgmma with register and transposed operands,
+lowering of each kernel (TMA copies, mbarriers, wgmma with SMEM and transposed operands,
 register layouts) and keeps its serialized module; PTX assembly happens on the device only. Only
 the default "lane" semantics: the one "warpgroup" export case of the suite is in
 tests/kernels/test_hopper_lowering.py."""
@@ -79,30 +79,3 @@ def test_op_dispatches_grouped_heads_to_the_kernel():
         bf(1, 200, 2, 64), bf(1, 200, 2, 64), bf(1, 200, 4, 64),
         jax.ShapeDtypeStruct((1, 200, 4, 64), jnp.float32)).mlir_module()
     assert "gla_gates" in text and "gla_walk" in text
-
-
-# `HopperChunkConfig.gla_variant`: the alternative programs and probes a device kernel_diff run
-# compares (every flag at least once; at most one dq probe per config).
-VARIANTS = [
-    (128, "split_waits,qk_tiles,store_k_first,dq_smem,probe_ein,probe_q,probe_ddec"),
-    (64, "probe_lev,split_waits"),
-    (128, "probe_gin"),
-    (64, "probe_in"),
-    (64, "probe_dqt,dq_smem"),
-    (64, "probe_k,pad_k128"),
-]
-
-
-@pytest.mark.parametrize("K,variant", VARIANTS, ids=[f"K{k}-{v}" for k, v in VARIANTS])
-def test_gla_variants_export_for_cuda(K, variant):
-    case = ("lane", 2, 256, 2, K, K, True, dict(gla_variant=variant))
-    text = _export(case, grad=True).mlir_module()
-    for name in ("gla_gates", "gla_walk", "gla_walk_rev", "gla_grad"):
-        assert name in text, f"expected the Mosaic GPU kernel {name} in the module"
-
-
-def test_gla_variant_flags_are_checked():
-    with pytest.raises(ValueError, match="gla_variant"):
-        HopperChunkConfig(gla_variant="split_wait")
-    with pytest.raises(ValueError, match="gla_variant"):
-        HopperChunkConfig(gla_variant="probe_ein,probe_dqt")        # two dq probes

@@ -31,9 +31,10 @@ at strong decay (every term a sum over exactly the gates of its span; nothing is
 
 Stages (forward: `gates`, then `walk`; backward: `walk` in reverse, then `grad`).
   gates  chunk-parallel, grid (B, H, N), one warpgroup: loads q, k, g (hi, lo) of one chunk by
-         TMA; forms Gin, R (four wgmmas with register 0/1 operands), q~, k~, dec, then the six
-         levels (two span wgmmas, the factors, Q^s K^s^T per level) into A (bf16, scaled, masked),
-         each level's pair product issued with the next level's span sums (one wait for both).
+         TMA; forms Gin, then R (two span wgmmas each, the 0/1 matrix read from SMEM), q~, k~,
+         dec, then the six levels (two span wgmmas, the factors, Q^s K^s^T per level) into A
+         (bf16, scaled, masked), each level's pair product issued with the next level's span sums
+         (one wait for both). The 0/1 matrices pass through the A tile, one at a time.
          Writes q~, k~ [B, Tp, H, K], A [B, H, N, C, C], dec [B, H, N, K/64, 64].
   walk   the sequential chunk walk of `decay.walk` with A loaded rather than formed:
              forward  o = A v + q~ S_n,         S_n+1 = diag(dec) S_n + k~^T v
@@ -50,11 +51,19 @@ Stages (forward: `gates`, then `walk`; backward: `walk` in reverse, then `grad`)
          the six levels (dA^s K^s, dA^s^T Q^s, the span wgmmas), dg routed on wgmma as above
          (the routed tiles in two bf16 halves; each level's routing issued with the next
          level's span sums), <S_n, dS_n+1> per key as a float32 row sum. Writes dq, dk (q's
-         dtype) and dg float32.
+         dtype) and dg float32. The 0/1 matrices L, U in the output tiles of dq, dk (free until
+         the block's end), the levels' W^s alternately in a tile of their own and dq's; dA^s in
+         SMEM (an A operand, and transposed, dA^s^T).
+
+Every wgmma A operand derived from an iota (the 0/1 span matrices, and dA^s, which the level's
+pair mask cuts) is read from SMEM, never from registers: on the H200 such register operands gave
+wrong rows (r + 8 of each warp's 16-row slab) in gates' q~ and grad's dq, dg (`Spans`;
+tests/kernels/test_hopper_gla_operands.py checks it).
 
 SMEM at K = V = 128: gates 105 KB (two CTAs per SM); walk 2 stages of 57 KB + 80 KB (the state
-pass 3 stages of 33 KB + 33 KB); grad 209 KB (one CTA per SM: its loads are not overlapped with
-compute yet, the first thing to change if it dominates on the device).
+pass 3 stages of 33 KB + 33 KB); grad 217 KB (one CTA per SM: its loads are not overlapped with
+compute yet, the first thing to change if it dominates on the device). At K = V = 64: gates
+57 KB, grad 153 KB.
 
 Roofline at the anchor shapes (bf16, H = 16, K = V = 128, B T = 16384; H200 ~4.3 TB/s,
 ~790 TFLOP/s bf16). One [B, T, H, 128] bf16 tensor is 67 MB, g (float32, read as hi + lo bf16)
@@ -85,7 +94,7 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from linear_jax._compat import mosaic_gpu_kernel
-from linear_jax.kernels.configs import GLA_DQ_PROBES, HopperChunkConfig, multiprocessors
+from linear_jax.kernels.configs import HopperChunkConfig, multiprocessors
 from linear_jax.kernels.gpu.hopper.common import (
     LANES,
     Ops,
@@ -113,35 +122,45 @@ STATE_STAGES = 3        # the state pass holds k~, v, dec only
 LEVELS = (32, 16, 8, 4, 2, 1)
 
 
-# -- the chunk's spans: 0/1 matrices and masks in registers ---------------------------------------
+# -- the chunk's spans: 0/1 matrices and masks ----------------------------------------------------
 class Spans:
     """The 0/1 span matrices and pair masks of one chunk of C rows (module docstring), built from
     iotas in the accumulator layout. A matrix M [x, m] is applied as M @ g (x the output row, m
-    the gate row); `t=True` gives its transpose (the gradient's routing)."""
+    the gate row); the gradient's routing applies its transpose.
+
+    The span matrices reach the wgmma only through SMEM (`put`, then the tile as the A operand,
+    ta=True for the transpose), never as a register A operand: on the H200 a wgmma whose A
+    operand is an iota-derived 0/1 matrix held in registers gave wrong rows (r + 8 of each warp's
+    16-row slab: q~ of the gates kernel and dq, dg of the gradient kernel), while the same
+    matrices read from SMEM are exact. tests/kernels/test_hopper_gla_operands.py checks that no
+    gla kernel has a register A operand derived from an iota."""
 
     def __init__(self, ops, C: int, dt):
         self.ops, self.C, self.dt = ops, C, dt
         self.r, self.c = ops.iota((C, C), 0), ops.iota((C, C), 1)
 
-    def _rc(self, t):
-        return (self.c, self.r) if t else (self.r, self.c)
-
     def mat(self, cond):
         return jnp.where(cond, 1.0, 0.0).astype(self.dt)
 
-    def gin(self, t=False):
+    @staticmethod
+    def put(ref, M):
+        """M into the swizzled [C, C] tile ref (the caller commits before a wgmma reads it); the
+        wgmmas that read ref before must have been awaited."""
+        ref[...] = M
+
+    def gin(self):
         """Gin_x = sum_{m <= x} g_m."""
-        x, m = self._rc(t)
+        x, m = self.r, self.c
         return self.mat(m <= x)
 
-    def rest(self, t=False):
+    def rest(self):
         """R_x = sum_{m > x} g_m."""
-        x, m = self._rc(t)
+        x, m = self.r, self.c
         return self.mat(m > x)
 
-    def level(self, s: int, t=False):
+    def level(self, s: int):
         """Z^s: odd s-blocks sum from the block start to x, even ones from x + 1 to the end."""
-        x, m = self._rc(t)
+        x, m = self.r, self.c
         same = lax.div(x, s) == lax.div(m, s)
         odd = lax.rem(lax.div(x, s), 2) == 1
         return self.mat(same & jnp.where(odd, m <= x, m > x))
@@ -184,32 +203,21 @@ class Docs:
         return jnp.where(mask if bcast is None else bcast(mask), x, 0.0)
 
 
-def chunk_groups(sp, gh, gl):
-    """The `mm_sum` groups of Gin = L (gh + gl) and R = U (gh + gl) of one 64-key block."""
-    return [(None, [term(M, gh), term(M, gl)]) for M in (sp.gin(), sp.rest())]
+def span_sum(M_ref, gh, gl, acc=None):
+    """The `mm_sum` group of M (gh + gl) (M_ref: a 0/1 span matrix in an SMEM tile; None: no
+    group)."""
+    return None if M_ref is None else (acc, [term(M_ref, gh), term(M_ref, gl)])
 
 
-def chunk_factors(ops, sp, docs, Gin, R, gh, gl, *, scale, probe=""):
+def chunk_factors(ops, sp, docs, Gin, R, gh, gl, *, scale):
     """(scale exp(Gin) in, exp(R) out) [C, 64] and dec = keep exp(Gtot) [64] (a column vector)
-    of one 64-key block from its sums Gin, R (`chunk_groups`) and gate halves gh / gl in SMEM.
-    probe (`gla_variant`): "probe_gin" gives Gin itself and "probe_in" the 0/1 mask `in` (ones
-    without documents) in place of the first factor."""
+    of one 64-key block from its sums Gin = L g, R = U g and gate halves gh / gl in SMEM."""
     C = sp.C
     tot = jnp.sum(ops.acc(gh[...]).astype(f32) + ops.acc(gl[...]).astype(f32), axis=0)
     rows = lambda m: ops.rows_of(m, (C, LANES))               # noqa: E731
-    if probe == "probe_gin":
-        e_in = Gin
-    elif probe == "probe_in":
-        e_in = docs.cut(docs.in_rows, jnp.ones_like(Gin), rows)
-    else:
-        e_in = docs.cut(docs.in_rows, scale * jnp.exp(Gin), rows)
+    e_in = docs.cut(docs.in_rows, scale * jnp.exp(Gin), rows)
     e_out = docs.cut(docs.out_rows, jnp.exp(R), rows)
     return e_in, e_out, docs.cut(docs.keep, jnp.exp(tot))
-
-
-def span_group(sp, s, gh, gl):
-    """The `mm_sum` group of Z^s = W^s (gh + gl) (level s; None: no group)."""
-    return None if s is None else (None, [term(sp.level(s), gh), term(sp.level(s), gl)])
 
 
 def level_factors(sp, s, Z, q, k):
@@ -220,18 +228,12 @@ def level_factors(sp, s, Z, q, k):
     return jnp.where(odd, q * F, 0.0), jnp.where(odd, 0.0, k * F), F
 
 
-def mm_groups(ops, *groups, split=False):
+def mm_groups(ops, *groups):
     """`mm_sum` of the groups that are not None, results in place (None for the others): the
-    products of one step and the span sums of the next are issued together, one wait for both.
-    split (`gla_variant` split_waits): each group issued and awaited on its own instead."""
+    products of one step and the span sums of the next are issued together, one wait for both."""
     live = [g for g in groups if g is not None]
-    res = iter([r for g in live for r in mm_sum(ops, g)] if split else mm_sum(ops, *live))
+    res = iter(mm_sum(ops, *live))
     return [None if g is None else next(res) for g in groups]
-
-
-def variant(cfg) -> frozenset:
-    """The flags of `HopperChunkConfig.gla_variant` (empty: the default program)."""
-    return frozenset(f for f in getattr(cfg, "gla_variant", "").split(",") if f)
 
 
 # -- forward: the chunk-parallel gate and intra kernel ---------------------------------------------
@@ -244,18 +246,14 @@ def gates(q, k, gh, gl, drows, *, scale, cfg):
     N, NKB = Tp // C, K // LANES
     ops = Ops(interpreting(cfg))
     has_doc = drows is not None
-    var = variant(cfg)
-    mmg = functools.partial(mm_groups, split="split_waits" in var)
-    own = "qk_tiles" in var
-    probe = next((f for f in var if f in ("probe_ein", "probe_gin", "probe_in")), "")
 
     def body(*refs):
         refs = list(refs)
         pop = lambda on=True: refs.pop(0) if on else None       # noqa: E731
         q_ref, k_ref, gh_ref, gl_ref, d_ref = pop(), pop(), pop(), pop(), pop(has_doc)
         qt_ref, kt_ref, a_ref, dec_ref = pop(), pop(), pop(), pop()
-        qs, ks, ghs, gls, ds, xs, ys, as_, decs, *extra, bar = refs
-        qo, ko = extra if own else (xs, ys)               # where q~, k~ are staged for TMA
+        qs, ks, ghs, gls, ds, xs, ys, as_, decs, bar = refs
+        qo, ko = xs, ys                                   # where q~, k~ are staged for TMA
         b, h, n = (lax.axis_index(a) for a in ("b", "h", "n"))
         t = pl.ds(n * C, C)
         for src, dst in ((q_ref, qs), (k_ref, ks), (gh_ref, ghs), (gl_ref, gls)):
@@ -267,28 +265,38 @@ def gates(q, k, gh, gl, drows, *, scale, cfg):
         docs = Docs(ops, ds if has_doc else None, C)
         kblk = [pl.ds(i * LANES, LANES) for i in range(NKB)]
         diag = ops.row(jnp.zeros((C,), f32))
-        spans = lambda s: [span_group(sp, s, ghs.at[:, kr], gls.at[:, kr])  # noqa: E731
-                           for kr in kblk]
-        sums = mmg(ops, *[g for kr in kblk for g in chunk_groups(sp, ghs.at[:, kr],
-                                                                 gls.at[:, kr])])
+
+        # The span matrices go through the A tile as_ (free until A is written at the end), one
+        # at a time: L, then U, then each level's W^s; every wgmma reading as_ is awaited before
+        # the next matrix is put there (this keeps gates at its SMEM size, two CTAs per SM).
+        def spans(M):                                     # M g per key block; M None: none
+            if M is None:
+                return [None] * NKB
+            sp.put(as_, M)
+            return [span_sum(as_, ghs.at[:, kr], gls.at[:, kr]) for kr in kblk]
+
+        def span_sums(M):
+            groups = spans(M)
+            plgpu.commit_smem()
+            return mm_groups(ops, *groups)
+
+        level = lambda s: None if s is None else sp.level(s)    # noqa: E731
+        Gin, R = span_sums(sp.gin()), span_sums(sp.rest())
         for i, kr in enumerate(kblk):
-            e_in, e_out, dec = chunk_factors(ops, sp, docs, sums[2 * i], sums[2 * i + 1],
-                                             ghs.at[:, kr], gls.at[:, kr], scale=scale,
-                                             probe=probe)
+            e_in, e_out, dec = chunk_factors(ops, sp, docs, Gin[i], R[i], ghs.at[:, kr],
+                                             gls.at[:, kr], scale=scale)
             qv = ops.acc(qs.at[:, kr][...]).astype(f32)
             kv = ops.acc(ks.at[:, kr][...]).astype(f32)
-            qt = e_in if probe else qv if "probe_q" in var else qv * e_in
-            qo[:, kr] = qt.astype(dt)
+            qo[:, kr] = (qv * e_in).astype(dt)
             ko[:, kr] = (kv * e_out).astype(dt)
             decs[i] = dec
             diag = diag + jnp.sum(qv * kv, axis=1)
         plgpu.commit_smem()
-        stores = [(qo, qt_ref.at[b, t, h]), (ko, kt_ref.at[b, t, h])]
-        for src, dst in (stores[::-1] if "store_k_first" in var else stores):
-            plgpu.copy_smem_to_gmem(src, dst)
+        plgpu.copy_smem_to_gmem(qo, qt_ref.at[b, t, h])
+        plgpu.copy_smem_to_gmem(ko, kt_ref.at[b, t, h])
         plgpu.copy_smem_to_gmem(decs, dec_ref.at[b, h, n])
         A = jnp.where(sp.r == sp.c, ops.rows_of(diag, (C, C)), 0.0)
-        Z = mmg(ops, *spans(LEVELS[0]))
+        Z = span_sums(level(LEVELS[0]))
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)      # xs, ys are free again
         for lv, s in enumerate(LEVELS):                  # level s's pairs with s + 1's spans
             for i, kr in enumerate(kblk):
@@ -297,9 +305,9 @@ def gates(q, k, gh, gl, drows, *, scale, cfg):
                 Qs, Ks, _ = level_factors(sp, s, Z[i], qv, kv)
                 xs[:, kr] = Qs.astype(dt)
                 ys[:, kr] = Ks.astype(dt)
+            nxt = spans(level(LEVELS[lv + 1]) if lv + 1 < len(LEVELS) else None)
             plgpu.commit_smem()
-            nxt = LEVELS[lv + 1] if lv + 1 < len(LEVELS) else None
-            P, *Z = mmg(ops, (None, [term(xs, ys, tb=True)]), *spans(nxt))
+            P, *Z = mm_groups(ops, (None, [term(xs, ys, tb=True)]), *nxt)
             A = A + jnp.where(sp.pairs(s), P, 0.0)
         A = docs.cut(docs.same, A * scale)
         as_[...] = A.astype(dt)
@@ -311,7 +319,6 @@ def gates(q, k, gh, gl, drows, *, scale, cfg):
                plgpu.SMEM((2, C), f32) if has_doc else plgpu.SMEM((1, C), f32),
                smem((C, K), dt), smem((C, K), dt), smem((C, C), dt),
                plgpu.SMEM((NKB, LANES), f32)]
-    scratch += [smem((C, K), dt), smem((C, K), dt)] if own else []      # q~, k~ (qk_tiles)
     scratch += [plgpu.Barrier(num_arrivals=4 + has_doc, num_barriers=1)]
     check_smem("gla gates", scratch)
     out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, K), dt),
@@ -506,10 +513,6 @@ def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
     ops = Ops(interpreting(cfg))
     has_doc = drows is not None
     blk = (C, LANES)
-    var = variant(cfg)
-    split = "split_waits" in var
-    mmg = functools.partial(mm_groups, split=split)
-    probe = next((f for f in var if f in GLA_DQ_PROBES), "")
 
     def body(*refs):
         refs = list(refs)
@@ -517,8 +520,8 @@ def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
         q_ref, k_ref, v_ref, do_ref, gh_ref, gl_ref = (pop() for _ in range(6))
         d_ref, s_ref, ds_ref = pop(has_doc), pop(), pop()
         dq_ref, dk_ref, dg_ref = pop(), pop(), pop()
-        (qs, ks, vs, dos, ghs, gls, ds, ss, dss, da_s, dal_s, xs, ys, h0s, h1s, oq, ok, og, vec,
-         bar, tbar) = refs
+        (qs, ks, vs, dos, ghs, gls, ds, ss, dss, da_s, dal_s, ws, xs, ys, h0s, h1s, oq, ok, og,
+         vec, bar, tbar) = refs
         b, h, n = (lax.axis_index(a) for a in ("b", "h", "n"))
         t = pl.ds(n * C, C)
         kblk = [pl.ds(i * LANES, LANES) for i in range(NKB)]
@@ -550,12 +553,22 @@ def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
             a[...] = hi
             b_[...] = lo
 
+        # The span matrices reach the wgmmas through SMEM only (`Spans`): L and U in the output
+        # tiles oq, ok (free until dq, dk are staged at the block's end; rewritten per key block
+        # once the previous block's stores have read them), the levels' W^s alternately in ws
+        # (the one tile added for them: SMEM is full) and oq (free once L^T has routed dGin).
+        # Each tile is rewritten only after every wgmma reading it was awaited.
         for i, kr in enumerate(kblk):
             gh, gl = ghs.at[:, kr], gls.at[:, kr]
+            if i:
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # oq, ok, og are read
+            sp.put(oq, sp.gin())
+            sp.put(ok, sp.rest())
+            plgpu.commit_smem()
             plgpu.barrier_wait(tbar.at[0])
-            dqt, dkt, Gin, R = mmg(ops, (None, [term(dos, ss, tb=True)]),
-                                   (None, [term(vs, dss, tb=True)]),
-                                   *chunk_groups(sp, gh, gl))
+            dqt, dkt, Gin, R = mm_groups(ops, (None, [term(dos, ss, tb=True)]),
+                                         (None, [term(vs, dss, tb=True)]),
+                                         span_sum(oq, gh, gl), span_sum(ok, gh, gl))
             ddec = ops.row(jnp.zeros((LANES,), f32))       # <S_n, dS_n+1> per key row
             for vb in range(V // LANES):
                 vc = pl.ds(vb * LANES, LANES)
@@ -565,50 +578,46 @@ def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
             if i + 1 < NKB:
                 load_tiles(i + 1)
             ddec = ops.col(vec.at[0][...])
-            e_in, e_out, dec = chunk_factors(ops, sp, docs, Gin, R, gh, gl, scale=scale,
-                                             probe=probe if probe in ("probe_gin", "probe_in")
-                                             else "")
+            e_in, e_out, dec = chunk_factors(ops, sp, docs, Gin, R, gh, gl, scale=scale)
             qv, kv = load(qs.at[:, kr]), load(ks.at[:, kr])
             dq = e_in * dqt
             dk = e_out * dkt
             dgin, dr = qv * dq, kv * dk
             dg = ops.cols_of(dec * ddec, blk)
-            dg_probe = dec * ddec if "probe_ddec" in var else None
             dq = dq + ops.rows_of(diag, blk) * kv
             dk = dk + ops.rows_of(diag, blk) * qv
-            if probe:                                     # gla_variant: dq := one intermediate
-                dq = {"probe_dqt": dqt, "probe_k": kv, "probe_lev": jnp.zeros_like(dq)}.get(
-                    probe, e_in)                          # probe_ein / probe_gin / probe_in
             halves(dgin, h0s, h1s)
             halves(dr, xs, ys)
+            wbuf = (ws, oq)                               # level lv's W^s in wbuf[lv % 2]
+            sp.put(wbuf[0], sp.level(LEVELS[0]))
             plgpu.commit_smem()
-            dg, Z = mmg(ops, (dg, [term(sp.gin(t=True), h0s), term(sp.gin(t=True), h1s),
-                                   term(sp.rest(t=True), xs), term(sp.rest(t=True), ys)]),
-                        span_group(sp, LEVELS[0], gh, gl))
+            dg, Z = mm_groups(ops, (dg, [term(oq, h0s, ta=True), term(oq, h1s, ta=True),
+                                         term(ok, xs, ta=True), term(ok, ys, ta=True)]),
+                              span_sum(wbuf[0], gh, gl))
             for lv, s in enumerate(LEVELS):               # registers: dq, dk, dg live throughout
-                dAl = jnp.where(sp.pairs(s), ops.acc(da_s[...]).astype(f32), 0.0).astype(dt)
-                dal_s[...] = dAl
+                dal_s[...] = jnp.where(sp.pairs(s), ops.acc(da_s[...]).astype(f32),
+                                       0.0).astype(dt)    # dA^s: an SMEM operand, as dA^s^T
                 Qs, Ks, F = level_factors(sp, s, Z, load(qs.at[:, kr]), load(ks.at[:, kr]))
                 xs[...] = Qs.astype(dt)
                 ys[...] = Ks.astype(dt)
                 plgpu.commit_smem()
-                pq = prod(dal_s if "dq_smem" in var else dAl, ys)
-                pk = prod(dal_s, xs, ta=True)
-                dQ, dK = (ops.mm(pq)[0], ops.mm(pk)[0]) if split else ops.mm(pq, pk)
-                if probe in ("", "probe_lev"):
-                    dq = dq + (scale * F) * dQ
+                dQ, dK = ops.mm(prod(dal_s, ys), prod(dal_s, xs, ta=True))
+                dq = dq + (scale * F) * dQ
                 dk = dk + (scale * F) * dK
                 dZ = load(xs) * dQ + load(ys) * dK
                 halves(scale * dZ, h0s, h1s)
+                W = wbuf[lv % 2]                          # routed (W^s^T) with s + 1's spans
+                nxt = None
+                if lv + 1 < len(LEVELS):
+                    nxt = wbuf[(lv + 1) % 2]
+                    sp.put(nxt, sp.level(LEVELS[lv + 1]))
                 plgpu.commit_smem()
-                W = sp.level(s, t=True)                   # routed with s + 1's spans
-                nxt = LEVELS[lv + 1] if lv + 1 < len(LEVELS) else None
-                dg, Z = mmg(ops, (dg, [term(W, h0s), term(W, h1s)]),
-                            span_group(sp, nxt, gh, gl))
+                dg, Z = mm_groups(ops, (dg, [term(W, h0s, ta=True), term(W, h1s, ta=True)]),
+                                  span_sum(nxt, gh, gl))
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last block's stores are out
             oq[...] = dq.astype(dt)
             ok[...] = dk.astype(dt)
-            og[...] = dg if dg_probe is None else ops.cols_of(dg_probe, blk)
+            og[...] = dg
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(oq, dq_ref.at[b, t, h, kr])
             plgpu.copy_smem_to_gmem(ok, dk_ref.at[b, t, h, kr])
@@ -618,7 +627,8 @@ def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
     scratch = [smem((C, K), dt), smem((C, K), dt), smem((C, V), dt), smem((C, V), dt),
                smem((C, K), dt), smem((C, K), dt),
                plgpu.SMEM((2, C), f32) if has_doc else plgpu.SMEM((1, C), f32),
-               smem((LANES, V), dt), smem((LANES, V), dt), smem((C, C), dt), smem((C, C), dt)]
+               smem((LANES, V), dt), smem((LANES, V), dt), smem((C, C), dt), smem((C, C), dt),
+               smem((C, C), dt)]                     # da_s, dal_s, ws (the level matrices)
     scratch += [smem(blk, dt) for _ in range(4)]
     scratch += [smem(blk, dt), smem(blk, dt), smem(blk, f32), plgpu.SMEM((1, LANES), f32),
                 plgpu.Barrier(num_arrivals=6 + has_doc, num_barriers=1),
@@ -698,8 +708,6 @@ def gla(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size, config=Non
     B, T, H, K = q.shape
     V = v.shape[-1]
     dt, Kp, Vp = check_inputs("gla", q, k, v)
-    if "pad_k128" in variant(cfg):                 # gla_variant: the K = 128 programs at K = 64
-        Kp = 2 * LANES
     C = cfg.chunk
     Tp = -(-T // C) * C
     gp = pad_time(g.astype(f32), Tp)
