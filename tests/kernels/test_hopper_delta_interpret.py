@@ -10,6 +10,7 @@ and at chunk 1's first row; an initial state; for the gated rule, chunk 1 decays
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -38,9 +39,12 @@ def _chunk_form():
     return jax.jit(jax.grad(loss, argnums=tuple(range(6)), has_aux=True))
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["one-consumer", "grad_split"])
 @pytest.mark.parametrize("gated", [True, False], ids=["gated_delta_rule", "delta_rule"])
-def test_delta_matches_chunk_form(gated):
+def test_delta_matches_chunk_form(gated, split):
+    """grad_split: the gradient kernel's item shared by a dq side and a dk side."""
     B, T, H, K, V = 1, 130, 1, 64, 64
+    cfg = dataclasses.replace(CFG, grad_split=split)
     ks = jax.random.split(jax.random.key(5), 8)
     q = jax.random.normal(ks[0], (B, T, H, K), jnp.bfloat16)
     k = jax.random.normal(ks[1], (B, T, H, K))
@@ -61,7 +65,7 @@ def test_delta_matches_chunk_form(gated):
 
     kern = lambda q, k, v, g, beta, S0: hopper_delta.delta(
         q, k, v, g if gated else None, beta, scale=K**-0.5, initial_state=S0, segment_ids=seg,
-        chunk_size=64, config=CFG)
+        chunk_size=64, config=cfg)
     args = range(6) if gated else (0, 1, 2, 4, 5)
     names = ("dq", "dk", "dv") + (("dg",) if gated else ()) + ("dbeta", "dh0")
     grads, (o, S) = jax.jit(jax.grad(lambda *a: loss(kern, *a), argnums=args, has_aux=True))(
