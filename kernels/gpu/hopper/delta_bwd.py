@@ -35,6 +35,8 @@ Stages.
               and the per-row gate and beta terms (the K-contracted pair products q k^T, k k^T enter
               dbeta and dg linearly, so each tile adds its part; XLA sums the tiles and takes the
               prefix sums over the chunk).
+              `HopperDeltaConfig.grad_split`: the same item shared by two compute warpgroups
+              (below).
   XLA         dv = beta dB_v, rowsum(dB_v * v) (one fused elementwise pass), dg's prefix sums.
 
 Tiles and warpgroups.
@@ -44,7 +46,40 @@ Tiles and warpgroups.
         do, then dB_v for its TMA store): 212 KB.
   grad: grid (#SMs,), one consumer, one producer, 2 slots of q, k [64, 64], do, u, dB_v [64, V],
         S_n, dS_n+1 [64 keys, V] and the rows (98 KB each at K = V = 128); dA * E and dKK in bf16
-        SMEM (transposed A operands), reused to stage dq and dk: 221 KB.
+        SMEM (transposed A operands), reused to stage dq and dk: 221 KB (220.75). A chain of
+        four dependent wgmma groups per item: the pair blocks, X = P U, the dk group, the dq
+        group.
+  grad, grad_split (`_grad_split`): the item shared by a dq side (wg 0) and a dk side (wg 1), one
+        producer (wg 2; 2 x 232 + 40 registers a thread), as simple_gla's split gradient. The
+        ring is the one above; a slot is released when both sides arrived (a used barrier of two
+        arrivals). The sides exchange nothing: the cheap pair products are formed on both.
+    dq side  group 1: dA = do u^T, dB_v u^T, k k^T (and q k^T when gated); dA * E, dL * Gamma
+             and dbeta's pair part rowsum(dL * Gamma * K K^T). Group 2: dq = (dA * E) k
+             (register A operand) + diag(gq) do S_n^T, and when gated Y = W P_hi, W_si = [i >= s]
+             (an SMEM constant of the CTA, written once) and P = dA*E * q k^T + dKK * K K^T as
+             bf16 hi through the side's [64, 64] tile. Group 3 (gated): Y += W P_lo through the
+             same tile; R_s = sum_{j<s} Y_sj (a sum over axis 1), Qq, Qd. dq leaves through that
+             tile.
+    dk side  group 1: the pair blocks transposed (rows keys j): dA^T = u do^T, dB_v u^T,
+             u dB_v^T; (dA * E)^T (E^T from the reverse pairs) and dKK + dKK^T = -(dB_v u^T *
+             Gamma * beta_j + u dB_v^T * Gamma^T * beta_i) (beta_i: the rows' SMEM row read in
+             the column layout), both in registers. Group 2: dk = (dA * E)^T q + (dKK + dKK^T) k
+             (register A operands: no SMEM tile, no transposed operand), u dS_n+1^T, dB_v S_n^T;
+             then dk's row terms, Qi, Qk and dbeta's state part. dk leaves through its own tile.
+    Work in [64, 64, 64] wgmma units at K = V = 128: dq side 11, dk side 12 (dA twice and
+        dB_v u^T twice), against 18 on the one consumer; 3 (gated; 2 without a gate) and 2
+        dependent groups against 4.
+    Stats [K/64, B, H, 7, Tp] (SPLIT_STATS): the dq side's rows Qq, R, Qd, dbeta's pair part,
+        the dk side's Qi, Qk, dbeta's state part, each side storing its rows by TMA from its own
+        rows of one float32 [7, 64] SMEM tile; `gate_terms` adds Qq + Qi and the dbeta parts.
+    SMEM at K = V = 128 with gates and documents (7 rows): 2 slots of 97.75 KB + the dq side's
+        P / dq tile and W (16 KB) + the dk side's tile (8 KB) + the stats tile (1.75 KB):
+        221.25 KB of the 225 KB a CTA may have (without a gate, no W: 212.75 KB at 6 rows). A
+        fourth [64, 64] tile does not fit (229.25 KB): hence P's hi and lo pass through one
+        tile, one after the other (the dq side's group 3).
+    Device rules kept: no sum over axis 0 of a tile (R is a sum over axis 1 of Y = W P, so no
+        row vector needs the column layout); the iota-made W is an SMEM operand only; the
+        register A operands are data (dA * E, its transpose, dKK + dKK^T) rounded to bf16.
 
 Roofline at the anchor shapes (bf16, H = 16, K = V = 128, B T = 16384; 4096 chunk-heads):
   walk_rev  reads q, k, do, -W (268 MB), T (34 MB); writes dB_v (67 MB), dS_n+1 (134 MB):
