@@ -39,11 +39,18 @@ def _chunk_form():
     return jax.jit(jax.grad(loss, argnums=tuple(range(6)), has_aux=True))
 
 
-@pytest.mark.parametrize("split", [False, True], ids=["one-consumer", "grad_split"])
-@pytest.mark.parametrize("gated", [True, False], ids=["gated_delta_rule", "delta_rule"])
-def test_delta_matches_chunk_form(gated, split):
-    """grad_split: the gradient kernel's item shared by a dq side and a dk side."""
-    B, T, H, K, V = 1, 130, 1, 64, 64
+# (gated, grad_split, K = V): grad_split shares the gradient kernel's item between a dq side and
+# a dk side; at K = V = 128 two key tiles add their stats and Qd sums two value blocks
+CASES = {"gated_delta_rule": (True, False, 64), "delta_rule": (False, False, 64),
+         "gated_delta_rule-grad_split": (True, True, 64),
+         "delta_rule-grad_split": (False, True, 64),
+         "gated_delta_rule-grad_split-K128": (True, True, 128)}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_delta_matches_chunk_form(case):
+    gated, split, K = CASES[case]
+    B, T, H, V = 1, 130, 1, K
     cfg = dataclasses.replace(CFG, grad_split=split)
     ks = jax.random.split(jax.random.key(5), 8)
     q = jax.random.normal(ks[0], (B, T, H, K), jnp.bfloat16)
