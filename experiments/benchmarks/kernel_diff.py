@@ -235,6 +235,8 @@ def cases(names, shape, pieces=None):
                 overs = [{}]
                 if name == "simple_gla":
                     overs = [dict(gates="kernel"), dict(gates="xla"), dict(grad_items="split")]
+                if name == "delta":                       # the gradient kernel's two programs
+                    overs = [{}, dict(grad_split=True)]
                 if name != "delta":
                     overs = [{**o, "pieces": pieces} for o in overs]
                 for over in overs:

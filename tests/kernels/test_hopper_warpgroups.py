@@ -86,12 +86,15 @@ def _gla():
         config=cfg)), _structs((B, T, H, K))
 
 
-def _delta():
-    cfg = HopperDeltaConfig(interpret=False, programs=132)
+def _delta(gated=True, **over):
+    cfg = HopperDeltaConfig(interpret=False, programs=132, **over)
     structs = _structs((B, T, H))
     structs.insert(4, jax.ShapeDtypeStruct((B, T, H), jnp.float32))       # beta
+    if not gated:
+        del structs[3]                                                     # no g
 
-    def f(q, k, v, g, beta, S0, seg):
+    def f(q, k, v, *rest):
+        g, beta, S0, seg = rest if gated else (None, *rest)
         return hopper_delta.delta(q, k, v, g, beta, scale=K**-0.5, initial_state=S0,
                                   segment_ids=seg, chunk_size=64, config=cfg)
     return f, structs
@@ -107,6 +110,8 @@ KERNELS = {
                                                               gates="kernel")),
     "gla": _gla,
     "gated_delta_rule": _delta,
+    "gated_delta_rule-grad-split": lambda: _delta(grad_split=True),
+    "delta_rule-grad-split": lambda: _delta(False, grad_split=True),
 }
 
 

@@ -35,6 +35,8 @@ Stages.
               and the per-row gate and beta terms (the K-contracted pair products q k^T, k k^T enter
               dbeta and dg linearly, so each tile adds its part; XLA sums the tiles and takes the
               prefix sums over the chunk).
+              `HopperDeltaConfig.grad_split`: the same item shared by two compute warpgroups
+              (below).
   XLA         dv = beta dB_v, rowsum(dB_v * v) (one fused elementwise pass), dg's prefix sums.
 
 Tiles and warpgroups.
@@ -44,7 +46,40 @@ Tiles and warpgroups.
         do, then dB_v for its TMA store): 212 KB.
   grad: grid (#SMs,), one consumer, one producer, 2 slots of q, k [64, 64], do, u, dB_v [64, V],
         S_n, dS_n+1 [64 keys, V] and the rows (98 KB each at K = V = 128); dA * E and dKK in bf16
-        SMEM (transposed A operands), reused to stage dq and dk: 221 KB.
+        SMEM (transposed A operands), reused to stage dq and dk: 221 KB (220.75). A chain of
+        four dependent wgmma groups per item: the pair blocks, X = P U, the dk group, the dq
+        group.
+  grad, grad_split (`_grad_split`): the item shared by a dq side (wg 0) and a dk side (wg 1), one
+        producer (wg 2; 2 x 232 + 40 registers a thread), as simple_gla's split gradient. The
+        ring is the one above; a slot is released when both sides arrived (a used barrier of two
+        arrivals). The sides exchange nothing: the cheap pair products are formed on both.
+    dq side  group 1: dA = do u^T, dB_v u^T, k k^T (and q k^T when gated); dA * E, dL * Gamma
+             and dbeta's pair part rowsum(dL * Gamma * K K^T). Group 2: dq = (dA * E) k
+             (register A operand) + diag(gq) do S_n^T, and when gated Y = W P_hi, W_si = [i >= s]
+             (an SMEM constant of the CTA, written once) and P = dA*E * q k^T + dKK * K K^T as
+             bf16 hi through the side's [64, 64] tile. Group 3 (gated): Y += W P_lo through the
+             same tile; R_s = sum_{j<s} Y_sj (a sum over axis 1), Qq, Qd. dq leaves through that
+             tile.
+    dk side  group 1: the pair blocks transposed (rows keys j): dA^T = u do^T, dB_v u^T,
+             u dB_v^T; (dA * E)^T (E^T from the reverse pairs) and dKK + dKK^T = -(dB_v u^T *
+             Gamma * beta_j + u dB_v^T * Gamma^T * beta_i) (beta_i: the rows' SMEM row read in
+             the column layout), both in registers. Group 2: dk = (dA * E)^T q + (dKK + dKK^T) k
+             (register A operands: no SMEM tile, no transposed operand), u dS_n+1^T, dB_v S_n^T;
+             then dk's row terms, Qi, Qk and dbeta's state part. dk leaves through its own tile.
+    Work in [64, 64, 64] wgmma units at K = V = 128: dq side 11, dk side 12 (dA twice and
+        dB_v u^T twice), against 18 on the one consumer; 3 (gated; 2 without a gate) and 2
+        dependent groups against 4.
+    Stats [K/64, B, H, 7, Tp] (SPLIT_STATS): the dq side's rows Qq, R, Qd, dbeta's pair part,
+        the dk side's Qi, Qk, dbeta's state part, each side storing its rows by TMA from its own
+        rows of one float32 [7, 64] SMEM tile; `gate_terms` adds Qq + Qi and the dbeta parts.
+    SMEM at K = V = 128 with gates and documents (7 rows): 2 slots of 97.75 KB + the dq side's
+        P / dq tile and W (16 KB) + the dk side's tile (8 KB) + the stats tile (1.75 KB):
+        221.25 KB of the 225 KB a CTA may have (without a gate, no W: 212.75 KB at 6 rows). A
+        fourth [64, 64] tile does not fit (229.25 KB): hence P's hi and lo pass through one
+        tile, one after the other (the dq side's group 3).
+    Device rules kept: no sum over axis 0 of a tile (R is a sum over axis 1 of Y = W P, so no
+        row vector needs the column layout); the iota-made W is an SMEM operand only; the
+        register A operands are data (dA * E, its transpose, dKK + dKK^T) rounded to bf16.
 
 Roofline at the anchor shapes (bf16, H = 16, K = V = 128, B T = 16384; 4096 chunk-heads):
   walk_rev  reads q, k, do, -W (268 MB), T (34 MB); writes dB_v (67 MB), dS_n+1 (134 MB):
@@ -90,6 +125,9 @@ from linear_jax.kernels.gpu.hopper.delta import (
 )
 
 N_STATS = 5          # Qq + Qi, Qk, the pair term R, Qd, dbeta (without the dB_v v term)
+# grad_split's stats rows: the dq side's (0-3), then the dk side's (4-6); dbeta = dbp + dbs
+SPLIT_STATS = ("Qq", "R", "Qd", "dbp", "Qi", "Qk", "dbs")
+SPLIT_DQ_ROWS = 4
 
 
 def walk_rev(q, k, do, wm, tm, rows, dS, *, names, scale, cfg):
@@ -185,8 +223,13 @@ def grad(q, k, do, u, dbv, rows, states, dstates, *, names, scale, cfg):
     q, k [B, Tp, H, K]; do, u, dbv (dB_v) [B, Tp, H, V]; rows `delta.delta_rows`; states /
     dstates [B, H, N, K, V] the S_n and dS_n+1 of each chunk. Returns dq, dk (q's dtype) and
     stats [K/64, B, H, N_STATS, Tp] float32, each key tile's part of: Qq + Qi, Qk, the pair term
-    R, Qd (in each chunk's entries, one state row each) and dbeta (without rowsum(dB_v v)).
+    R, Qd (in each chunk's entries, one state row each) and dbeta (without rowsum(dB_v v));
+    with `cfg.grad_split` stats [K/64, B, H, 7, Tp], the rows of SPLIT_STATS (`_grad_split`).
+    `gate_terms` takes either.
     """
+    if cfg.grad_split:
+        return _grad_split(q, k, do, u, dbv, rows, states, dstates, names=names, scale=scale,
+                           cfg=cfg)
     B, Tp, H, K = q.shape
     V, C, dt = do.shape[-1], cfg.chunk, q.dtype
     N, NKB = Tp // C, K // LANES
@@ -316,12 +359,176 @@ def grad(q, k, do, u, dbv, rows, states, dstates, *, names, scale, cfg):
     return kernel(q, k, do, u, dbv, rows, states, dstates)
 
 
+def _grad_split(q, k, do, u, dbv, rows, states, dstates, *, names, scale, cfg):
+    """`grad` with each item shared by two compute warpgroups (`HopperDeltaConfig.grad_split`;
+    see the module docstring): the dq side (wg 0) and the dk side (wg 1) read the same ring slot
+    (released when both arrived) and write their own outputs, staging tiles and stats rows."""
+    B, Tp, H, K = q.shape
+    V, C, dt = do.shape[-1], cfg.chunk, q.dtype
+    N, NKB = Tp // C, K // LANES
+    items = B * H * N * NKB
+    progs = min(cfg.programs or multiprocessors(jax.devices()[0]), items)
+    stages = cfg.stages_grad
+    ops = Ops(interpreting(cfg))
+    hf = cfg.item_order == "heads"
+    gated = "G" in names
+    R = rows.shape[2]
+    shape = (C, C)
+    NS, ND = len(SPLIT_STATS), SPLIT_DQ_ROWS
+
+    def body(q_ref, k_ref, do_ref, u_ref, bv_ref, g_ref, s_ref, ds_ref, dq_ref, dk_ref, stats_ref,
+             qs, ks, dos, us, bvs, gs, ss, dss, oq_s, ok_s, *refs):
+        refs = list(refs)
+        w_s = refs.pop(0) if gated else None
+        sts, in_bar, used_bar = refs
+        pid, w, count = program_items(items, progs)
+
+        def issue(i, slot):
+            b, h, n, kb, t, kr = key_tile_item(pid + i * progs, H, N, NKB, C, heads_fastest=hf)
+            bar = in_bar.at[slot]
+            load(bar, slot, (q_ref.at[b, t, h, kr], qs), (k_ref.at[b, t, h, kr], ks))
+            for src, dst in ((do_ref, dos), (u_ref, us), (bv_ref, bvs)):
+                plgpu.copy_gmem_to_smem(src.at[b, t, h], dst.at[slot], bar)
+            load(bar, slot, (g_ref.at[b, h, :, t], gs), (s_ref.at[b, h, n, kr], ss),
+                 (ds_ref.at[b, h, n, kr], dss))
+
+        ops.producer(w == 2, issue, count, stages, used_bar)
+
+        def side(dq_side: bool):
+            ops.registers(CONSUMER_REGS, "increase")
+            r, c = ops.iota(shape, 0), ops.iota(shape, 1)
+            if dq_side and gated:      # W_si = [i >= s], in SMEM (not a register operand: rule 2)
+                w_s[...] = (c >= r).astype(dt)
+                plgpu.commit_smem()
+            beta = names.index("beta")
+
+            @pl.loop(0, count)
+            def _(i):
+                slot = lax.rem(i, stages)
+                b, h, n, kb, t, kr = key_tile_item(pid + i * progs, H, N, NKB, C, heads_fastest=hf)
+                qq, kk, dd, uu, bv, g = (qs.at[slot], ks.at[slot], dos.at[slot], us.at[slot],
+                                         bvs.at[slot], gs.at[slot])
+                sn, dsn = ss.at[slot], dss.at[slot]
+                zero = ops.row(jnp.zeros((C,), f32))
+                plgpu.barrier_wait(in_bar.at[slot])
+                mask, decay = pairs(ops, g, names, C, reverse=False, strict=False)
+                gam = jnp.where(mask & (r > c), 1.0 if decay is None else decay, 0.0)
+                if dq_side:
+                    dA, dBu, KK, *QK = mm_sum(
+                        ops, (None, [term(dd, uu, tb=True)]), (None, [term(bv, uu, tb=True)]),
+                        (None, [term(kk, kk, tb=True)]),
+                        *([(None, [term(qq, kk, tb=True)])] if gated else []))
+                    dAE = dA * jnp.where(mask, scale if decay is None else scale * decay, 0.0)
+                    dAEh = dAE.astype(dt)
+                    dLg = -dBu * gam                      # dL * Gamma on the strict pairs
+                    dbp = jnp.sum(dLg * KK, axis=1)
+                    gq = row_vec(ops, g, names, "gq", shape)
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # last item's dq, stats
+                    if gated:                             # R_s = sum_{j < s} (W P)_sj
+                        P = dAE * QK[0] + dLg * row_vec(ops, g, names, "beta", shape) * KK
+                        hi = P.astype(dt)
+                        oq_s[...] = hi
+                        plgpu.commit_smem()
+                        dq, dqs, Y = mm_sum(ops, (None, [term(dAEh, kk)]),
+                                            (None, [term(dd, sn, tb=True)]),
+                                            (None, [term(w_s, oq_s)]))
+                        oq_s[...] = (P - hi.astype(f32)).astype(dt)   # the wgmmas read hi
+                        plgpu.commit_smem()
+                        (Y,) = mm_sum(ops, (Y, [term(w_s, oq_s)]))
+                        Rg = jnp.sum(jnp.where(c < r, Y, 0.0), axis=1)
+                    else:
+                        dq, dqs = mm_sum(ops, (None, [term(dAEh, kk)]),
+                                         (None, [term(dd, sn, tb=True)]))
+                    dqs = gq * dqs
+                    dq = dq + dqs
+                    if gated:
+                        Qq = jnp.sum(ops.acc(qq[...]).astype(f32) * dqs, axis=1)
+                        Qd = None
+                        for vb in range(V // LANES):       # <S_n, dS_n+1>, 64 columns at a time
+                            cols = pl.ds(vb * LANES, LANES)
+                            x = jnp.sum(ops.acc(sn.at[:, cols][...]).astype(f32) *
+                                        ops.acc(dsn.at[:, cols][...]).astype(f32), axis=1)
+                            Qd = x if Qd is None else Qd + x
+                        Qd = Qd * g[names.index("dec"), 0]
+                    plgpu.barrier_arrive(used_bar.at[slot])   # this side read the slot
+                    oq_s[...] = dq.astype(dt)                 # the wgmmas have read lo
+                    for j, x in enumerate((Qq, Rg, Qd) if gated else (zero,) * 3):
+                        sts[j] = x
+                    sts[3] = dbp
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(oq_s, dq_ref.at[b, t, h, kr])
+                    plgpu.copy_smem_to_gmem(sts.at[pl.ds(0, ND)],
+                                            stats_ref.at[kb, b, h, pl.ds(0, ND), t])
+                else:
+                    # transposed pair blocks (rows keys j): dk's A operands stay in registers
+                    dAT, dBu, dBuT = mm_sum(
+                        ops, (None, [term(uu, dd, tb=True)]), (None, [term(bv, uu, tb=True)]),
+                        (None, [term(uu, bv, tb=True)]))
+                    maskT, decT = pairs(ops, g, names, C, reverse=True, strict=False)
+                    dAET = dAT * jnp.where(maskT, scale if decT is None else scale * decT, 0.0)
+                    gamT = jnp.where(maskT & (c > r), 1.0 if decT is None else decT, 0.0)
+                    bcol = ops.cols_of(ops.col(g.at[beta][...]), shape)
+                    M = -(dBu * gam * row_vec(ops, g, names, "beta", shape)
+                          + dBuT * gamT * bcol)           # dKK + dKK^T
+                    dk, dko, dbk = mm_sum(
+                        ops, (None, [term(dAET.astype(dt), qq), term(M.astype(dt), kk)]),
+                        (None, [term(uu, dsn, tb=True)]), (None, [term(bv, sn, tb=True)]))
+                    kf = ops.acc(kk[...]).astype(f32)
+                    gk = row_vec(ops, g, names, "gk", shape)
+                    ein = ops.row(g.at[names.index("ein")][...])
+                    be = row_vec(ops, g, names, "beta", shape) * ops.rows_of(ein, shape)
+                    dk = dk + gk * dko - be * dbk
+                    dbs = -ein * jnp.sum(kf * dbk, axis=1)
+                    if gated:
+                        Qi = -jnp.sum(kf * be * dbk, axis=1)
+                        Qk = jnp.sum(kf * gk * dko, axis=1)
+                    plgpu.barrier_arrive(used_bar.at[slot])   # this side read the slot
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # last item's dk, stats
+                    ok_s[...] = dk.astype(dt)
+                    sts[ND] = Qi if gated else zero
+                    sts[ND + 1] = Qk if gated else zero
+                    sts[ND + 2] = dbs
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(ok_s, dk_ref.at[b, t, h, kr])
+                    plgpu.copy_smem_to_gmem(sts.at[pl.ds(ND, NS - ND)],
+                                            stats_ref.at[kb, b, h, pl.ds(ND, NS - ND), t])
+
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.when(w == 0)(lambda: side(True))
+        pl.when(w == 1)(lambda: side(False))
+
+    scratch = [smem((stages, C, LANES), dt), smem((stages, C, LANES), dt),
+               smem((stages, C, V), dt), smem((stages, C, V), dt), smem((stages, C, V), dt),
+               plgpu.SMEM((stages, R, C), f32),
+               smem((stages, LANES, V), dt), smem((stages, LANES, V), dt),
+               smem((C, C), dt), smem((C, C), dt)]       # dq side's P / dq tile, dk's dk tile
+    if gated:
+        scratch.append(smem((C, C), dt))                 # W
+    scratch += [plgpu.SMEM((NS, C), f32),
+                plgpu.Barrier(num_arrivals=8, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=2, num_barriers=stages)]
+    out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, K), dt),
+                jax.ShapeDtypeStruct((NKB, B, H, NS, Tp), f32)]
+    check_smem("delta grad (split)", scratch)
+    kernel = mosaic_gpu_kernel(
+        body, out_type=out_type, grid=(progs,), grid_names=("p",), num_threads=3,
+        thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
+        approx_math=cfg.approx_math, interpret=ops.interpret, name="delta_grad_split")
+    return kernel(q, k, do, u, dbv, rows, states, dstates)
+
+
 def gate_terms(stats, C):
     """(dbeta, dg) [B, Tp, H] from the gradient kernel's per-chunk terms (dbeta without the
-    rowsum(dB_v v) term; dg meaningful for a gated rule only)."""
-    _, B, H, _, Tp = stats.shape
-    x = stats.sum(0).reshape(B, H, N_STATS, Tp // C, C)
-    Qa, Qk, R, Qd, db = (x[:, :, i] for i in range(N_STATS))
+    rowsum(dB_v v) term; dg meaningful for a gated rule only), N_STATS rows a key tile or
+    grad_split's SPLIT_STATS."""
+    _, B, H, S, Tp = stats.shape
+    x = stats.sum(0).reshape(B, H, S, Tp // C, C)
+    if S == N_STATS:
+        Qa, Qk, R, Qd, db = (x[:, :, i] for i in range(N_STATS))
+    else:                                                            # grad_split's rows
+        Qq, R, Qd, dbp, Qi, Qk, dbs = (x[:, :, i] for i in range(len(SPLIT_STATS)))
+        Qa, db = Qq + Qi, dbp + dbs
     after = jnp.flip(jnp.cumsum(jnp.flip(Qa, -1), -1), -1)           # sum_{i >= s}
     before = jnp.cumsum(Qk, -1)                                      # sum_{j < s}, exactly
     before = jnp.concatenate([jnp.zeros_like(before[..., :1]), before[..., :-1]], -1)
