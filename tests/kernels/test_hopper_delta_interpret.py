@@ -42,7 +42,6 @@ def _chunk_form():
 # (gated, grad_split, K = V): grad_split shares the gradient kernel's item between a dq side and
 # a dk side; at K = V = 128 two key tiles add their stats and Qd sums two value blocks
 CASES = {"gated_delta_rule": (True, False, 64), "delta_rule": (False, False, 64),
-         "gated_delta_rule-grad_split": (True, True, 64),
          "delta_rule-grad_split": (False, True, 64),
          "gated_delta_rule-grad_split-K128": (True, True, 128)}
 

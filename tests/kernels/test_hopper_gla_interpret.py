@@ -32,7 +32,6 @@ CASES = {
     "strong-one-level": (dict(pieces=1), "strong", True, 64),
     "no-docs-K128": ({}, "normal", False, 128),
     "B2-K128-docs": ({}, "normal", True, 128, 2),
-    "B2-K64-docs": ({}, "normal", True, 64, 2),
 }
 
 
