@@ -77,6 +77,40 @@ def _intra_gate_term(ops, dA, QK, u_ref, shape, dt):
     return jnp.sum(jnp.where(below, X1 + X2, 0.0), axis=0)
 
 
+def _produce_chunks(ops, refs, rings, bars, *, pid, progs, count, H, N, C, NKB, stages, SS,
+                    heads_fastest):
+    """The producer warpgroup of the per-chunk gradient kernels ("chunk", "split"): item i's q, k,
+    v, do and gate rows into slot i % stages of the chunk ring, then its NKB (S_n, dS_n+1) key
+    tiles one after another into the key-tile ring of SS slots, each slot reloaded once its
+    consumers released it (`used_bar`, `tused_bar`); at the end every last release is observed."""
+    q_ref, k_ref, v_ref, do_ref, g_ref, s_ref, ds_ref = refs
+    qs, ks, vs, dos, gs, ss, dss = rings
+    in_bar, used_bar, tin_bar, tused_bar = bars
+    ops.registers(PRODUCER_REGS, "decrease")
+
+    @pl.loop(0, count)
+    def _(i):
+        b, h, n = grid_item(pid + i * progs, H, N, heads_fastest=heads_fastest)
+        t, slot = pl.ds(n * C, C), lax.rem(i, stages)
+        pl.when(i >= stages)(lambda: plgpu.barrier_wait(used_bar.at[slot]))
+        bar = in_bar.at[slot]
+        for src, dst in ((q_ref, qs), (k_ref, ks), (v_ref, vs), (do_ref, dos)):
+            plgpu.copy_gmem_to_smem(src.at[b, t, h], dst.at[slot], bar)
+        if g_ref is not None:
+            plgpu.copy_gmem_to_smem(g_ref.at[b, h, :, t], gs.at[slot], bar)
+        for kb in range(NKB):
+            j = i * NKB + kb
+            ts, kr = lax.rem(j, SS), pl.ds(kb * LANES, LANES)
+            pl.when(j >= SS)(lambda ts=ts: plgpu.barrier_wait(tused_bar.at[ts]))
+            plgpu.copy_gmem_to_smem(s_ref.at[b, h, n, kr], ss.at[ts], tin_bar.at[ts])
+            plgpu.copy_gmem_to_smem(ds_ref.at[b, h, n, kr], dss.at[ts], tin_bar.at[ts])
+
+    for s in range(stages):                               # observe the last releases too
+        pl.when(s < count)(lambda s=s: plgpu.barrier_wait(used_bar.at[s]))
+    for s in range(SS):
+        pl.when(s < count * NKB)(lambda s=s: plgpu.barrier_wait(tused_bar.at[s]))
+
+
 def _grad_chunks(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
     B, Tp, H, K, V, N, items, progs, has_rows, gated = _setup(q, v, rows, names, cfg, True)
     C, dt, NKB = cfg.chunk, q.dtype, K // LANES
@@ -96,31 +130,11 @@ def _grad_chunks(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
         in_bar, used_bar, tin_bar, tused_bar = refs
         pid, w, count = program_items(items, progs)
 
-        @pl.when(w == 1)
-        def _producer():
-            ops.registers(PRODUCER_REGS, "decrease")
-
-            @pl.loop(0, count)
-            def _(i):
-                b, h, n = grid_item(pid + i * progs, H, N, heads_fastest=hf)
-                t, slot = pl.ds(n * C, C), lax.rem(i, stages)
-                pl.when(i >= stages)(lambda: plgpu.barrier_wait(used_bar.at[slot]))
-                bar = in_bar.at[slot]
-                for src, dst in ((q_ref, qs), (k_ref, ks), (v_ref, vs), (do_ref, dos)):
-                    plgpu.copy_gmem_to_smem(src.at[b, t, h], dst.at[slot], bar)
-                if has_rows:
-                    plgpu.copy_gmem_to_smem(g_ref.at[b, h, :, t], gs.at[slot], bar)
-                for kb in range(NKB):
-                    j = i * NKB + kb
-                    ts, kr = lax.rem(j, SS), pl.ds(kb * LANES, LANES)
-                    pl.when(j >= SS)(lambda ts=ts: plgpu.barrier_wait(tused_bar.at[ts]))
-                    plgpu.copy_gmem_to_smem(s_ref.at[b, h, n, kr], ss.at[ts], tin_bar.at[ts])
-                    plgpu.copy_gmem_to_smem(ds_ref.at[b, h, n, kr], dss.at[ts], tin_bar.at[ts])
-
-            for s in range(stages):                       # observe the last releases too
-                pl.when(s < count)(lambda s=s: plgpu.barrier_wait(used_bar.at[s]))
-            for s in range(SS):
-                pl.when(s < count * NKB)(lambda s=s: plgpu.barrier_wait(tused_bar.at[s]))
+        pl.when(w == 1)(lambda: _produce_chunks(
+            ops, (q_ref, k_ref, v_ref, do_ref, g_ref, s_ref, ds_ref),
+            (qs, ks, vs, dos, gs, ss, dss), (in_bar, used_bar, tin_bar, tused_bar),
+            pid=pid, progs=progs, count=count, H=H, N=N, C=C, NKB=NKB, stages=stages, SS=SS,
+            heads_fastest=hf))
 
         @pl.when(w == 0)
         def _consumer():
@@ -252,31 +266,11 @@ def _grad_split(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
         in_bar, used_bar, tin_bar, tused_bar = refs
         pid, w, count = program_items(items, progs)
 
-        @pl.when(w == 2)
-        def _producer():
-            ops.registers(PRODUCER_REGS, "decrease")
-
-            @pl.loop(0, count)
-            def _(i):
-                b, h, n = grid_item(pid + i * progs, H, N, heads_fastest=hf)
-                t, slot = pl.ds(n * C, C), lax.rem(i, stages)
-                pl.when(i >= stages)(lambda: plgpu.barrier_wait(used_bar.at[slot]))
-                bar = in_bar.at[slot]
-                for src, dst in ((q_ref, qs), (k_ref, ks), (v_ref, vs), (do_ref, dos)):
-                    plgpu.copy_gmem_to_smem(src.at[b, t, h], dst.at[slot], bar)
-                if has_rows:
-                    plgpu.copy_gmem_to_smem(g_ref.at[b, h, :, t], gs.at[slot], bar)
-                for kb in range(NKB):
-                    j = i * NKB + kb
-                    ts, kr = lax.rem(j, SS), pl.ds(kb * LANES, LANES)
-                    pl.when(j >= SS)(lambda ts=ts: plgpu.barrier_wait(tused_bar.at[ts]))
-                    plgpu.copy_gmem_to_smem(s_ref.at[b, h, n, kr], ss.at[ts], tin_bar.at[ts])
-                    plgpu.copy_gmem_to_smem(ds_ref.at[b, h, n, kr], dss.at[ts], tin_bar.at[ts])
-
-            for s in range(stages):                       # observe the last releases too
-                pl.when(s < count)(lambda s=s: plgpu.barrier_wait(used_bar.at[s]))
-            for s in range(SS):
-                pl.when(s < count * NKB)(lambda s=s: plgpu.barrier_wait(tused_bar.at[s]))
+        pl.when(w == 2)(lambda: _produce_chunks(
+            ops, (q_ref, k_ref, v_ref, do_ref, g_ref, s_ref, ds_ref),
+            (qs, ks, vs, dos, gs, ss, dss), (in_bar, used_bar, tin_bar, tused_bar),
+            pid=pid, progs=progs, count=count, H=H, N=N, C=C, NKB=NKB, stages=stages, SS=SS,
+            heads_fastest=hf))
 
         shape, half = (C, C), (C, LANES)
 
