@@ -217,6 +217,18 @@ def walk_rev(q, k, do, wm, tm, rows, dS, *, names, scale, cfg):
     return kernel(q, k, do, wm, tm, rows, *dS)
 
 
+
+def _issue_item(item, refs, rings, bar, slot):
+    """The TMA loads of one gradient item (b, h, n, kb, rows t, key block kr) into ring `slot`."""
+    b, h, n, kb, t, kr = item
+    q_ref, k_ref, do_ref, u_ref, bv_ref, g_ref, s_ref, ds_ref = refs
+    qs, ks, dos, us, bvs, gs, ss, dss = rings
+    load(bar, slot, (q_ref.at[b, t, h, kr], qs), (k_ref.at[b, t, h, kr], ks))
+    for src, dst in ((do_ref, dos), (u_ref, us), (bv_ref, bvs)):
+        plgpu.copy_gmem_to_smem(src.at[b, t, h], dst.at[slot], bar)
+    load(bar, slot, (g_ref.at[b, h, :, t], gs), (s_ref.at[b, h, n, kr], ss),
+         (ds_ref.at[b, h, n, kr], dss))
+
 def grad(q, k, do, u, dbv, rows, states, dstates, *, names, scale, cfg):
     """dq, dk and the per-row gate and beta terms of every chunk, chunk-parallel.
 
@@ -250,13 +262,9 @@ def grad(q, k, do, u, dbv, rows, states, dstates, *, names, scale, cfg):
         pid, w, count = program_items(items, progs)
 
         def issue(i, slot):
-            b, h, n, kb, t, kr = key_tile_item(pid + i * progs, H, N, NKB, C, heads_fastest=hf)
-            bar = in_bar.at[slot]
-            load(bar, slot, (q_ref.at[b, t, h, kr], qs), (k_ref.at[b, t, h, kr], ks))
-            for src, dst in ((do_ref, dos), (u_ref, us), (bv_ref, bvs)):
-                plgpu.copy_gmem_to_smem(src.at[b, t, h], dst.at[slot], bar)
-            load(bar, slot, (g_ref.at[b, h, :, t], gs), (s_ref.at[b, h, n, kr], ss),
-                 (ds_ref.at[b, h, n, kr], dss))
+            _issue_item(key_tile_item(pid + i * progs, H, N, NKB, C, heads_fastest=hf),
+                        (q_ref, k_ref, do_ref, u_ref, bv_ref, g_ref, s_ref, ds_ref),
+                        (qs, ks, dos, us, bvs, gs, ss, dss), in_bar.at[slot], slot)
 
         ops.producer(w == 1, issue, count, stages, used_bar)
 
@@ -384,13 +392,9 @@ def _grad_split(q, k, do, u, dbv, rows, states, dstates, *, names, scale, cfg):
         pid, w, count = program_items(items, progs)
 
         def issue(i, slot):
-            b, h, n, kb, t, kr = key_tile_item(pid + i * progs, H, N, NKB, C, heads_fastest=hf)
-            bar = in_bar.at[slot]
-            load(bar, slot, (q_ref.at[b, t, h, kr], qs), (k_ref.at[b, t, h, kr], ks))
-            for src, dst in ((do_ref, dos), (u_ref, us), (bv_ref, bvs)):
-                plgpu.copy_gmem_to_smem(src.at[b, t, h], dst.at[slot], bar)
-            load(bar, slot, (g_ref.at[b, h, :, t], gs), (s_ref.at[b, h, n, kr], ss),
-                 (ds_ref.at[b, h, n, kr], dss))
+            _issue_item(key_tile_item(pid + i * progs, H, N, NKB, C, heads_fastest=hf),
+                        (q_ref, k_ref, do_ref, u_ref, bv_ref, g_ref, s_ref, ds_ref),
+                        (qs, ks, dos, us, bvs, gs, ss, dss), in_bar.at[slot], slot)
 
         ops.producer(w == 2, issue, count, stages, used_bar)
 
