@@ -342,12 +342,10 @@ class HopperChunkConfig:
       exponentials and masks as XLA kernels, read by the kernels as rows). Both pass every check
       on an H200 ("kernel" since its cross-warpgroup race was fixed, session 9); the default is
       "xla", which timed as fast or faster there.
-    grad_items: the gradient kernel's work item (q, k, v, do and the intra blocks loaded and
-      formed once for all key tiles of a chunk, the gate gradient's prefix sums in the kernel):
-      "split" (the default: one (b, h, chunk) shared by two compute warpgroups, the dq side and
-      the dk side, each half the dependent wgmma chain; on the H200 the kernel takes 0.20 ms at
-      the T = 2048 anchor shape against 0.38 for "chunk"), "chunk" (one compute warpgroup) or
-      "tile" (one (b, h, chunk, 64-key tile); prefix sums in XLA).
+    grad_items: the gradient kernel's work item: "split" (one (b, h, chunk), its inputs and intra
+      blocks loaded and formed once for all key tiles, shared by two compute warpgroups, the dq
+      side and the dk side; the gate gradient's prefix sums in the kernel) or "tile" (one (b, h,
+      chunk, 64-key tile), run 1's program; prefix sums in XLA).
     overlap: register work issued while each wgmma runs (the gate factors and E during q k^T,
       the scaling of o and of v during A v, the store of o and the state decay during the state
       update); False: the same work after each wait.
@@ -374,9 +372,9 @@ class HopperChunkConfig:
         name = type(self).__name__
         if self.pieces is not None and (self.pieces < 1 or self.pieces & (self.pieces - 1)):
             raise ValueError(f"{name}.pieces must be None or a power of two, got {self.pieces}")
-        if self.gates not in ("kernel", "xla") or self.grad_items not in ("chunk", "split", "tile"):
-            raise ValueError(f"{name}: gates must be 'kernel' or 'xla' and grad_items 'chunk', "
-                             f"'split' or 'tile', got {self.gates!r}, {self.grad_items!r}")
+        if self.gates not in ("kernel", "xla") or self.grad_items not in ("split", "tile"):
+            raise ValueError(f"{name}: gates must be 'kernel' or 'xla' and grad_items 'split' "
+                             f"or 'tile', got {self.gates!r}, {self.grad_items!r}")
         if self.chunk != 64:
             raise ValueError(f"{name}.chunk must be 64 (one wgmma tile), got {self.chunk}")
         if self.item_order not in ("heads", "chunks"):

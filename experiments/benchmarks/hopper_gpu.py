@@ -65,9 +65,6 @@ VARIANTS = {
     "xla_gates": (dict(gates="xla"), ("T100", "T8192")),         # gate rows by XLA kernels
     "kernel_gates": (dict(gates="kernel"), ("T100", "T2048", "T8192", "strong")),  # in-kernel
     "grad_tile": (dict(grad_items="tile"), ("T100", "T8192")),   # grad item per key tile
-    "split": (dict(grad_items="split"), ("T100", "T2048", "T2048-b", "T2048-c", "T8192",
-                                         "linear", "strong")),     # dq side | dk side
-    "chunk": (dict(grad_items="chunk"), ("T100", "T8192")),      # one warpgroup a grad item
     "serial": (dict(overlap=False), ("T8192",)),                 # no work during the wgmmas
     "chunk_order": (dict(item_order="chunks"), ("T8192",)),     # grad items chunk-fastest
 }

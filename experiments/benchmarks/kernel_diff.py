@@ -234,7 +234,7 @@ def cases(names, shape, pieces=None):
             for K, V in ((64, 64), (128, 128), (128, 64), (64, 128)):
                 overs = [{}]
                 if name == "simple_gla":
-                    overs = [dict(gates="kernel"), dict(gates="xla"), dict(grad_items="split")]
+                    overs = [dict(gates="kernel"), dict(gates="xla"), dict(grad_items="tile")]
                 if name == "delta":                       # the gradient kernel's two programs
                     overs = [{}, dict(grad_split=True)]
                 if name != "delta":

@@ -7,7 +7,7 @@ T = 100 is two chunks (the second padded) with documents starting inside the fir
 the second's first row: the default config cuts it into two pieces (two-level walk: the second
 piece starts a document, so its map has decay 0), the other cases walk it whole. Between them
 every variant of HopperChunkConfig is run: pieces (auto / 1), gates ("xla" / "kernel"),
-grad_items ("chunk" / "split" / "tile"), with and without gate rows, initial state and documents."""
+grad_items ("split" / "tile"), with and without gate rows, initial state and documents."""
 
 from __future__ import annotations
 
@@ -31,10 +31,7 @@ CASES = {
     "kernel-gates": (dict(gates="kernel"), "normal", True),
     "strong-gates": (dict(pieces=1), "strong", True),
     "run1-variant": (dict(pieces=1, gates="xla", grad_items="tile"), "normal", True),
-    "chunk-grad": (dict(grad_items="chunk"), "normal", True),
-    "split-grad-kernel-gates-strong": (dict(grad_items="split", gates="kernel", pieces=1),
-                                       "strong", True),
-    "split-grad-no-gate": (dict(grad_items="split"), None, False),
+    "kernel-gates-strong": (dict(gates="kernel", pieces=1), "strong", True),
     "no-gate-two-level": ({}, None, False),
 }
 

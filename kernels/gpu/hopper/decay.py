@@ -56,8 +56,7 @@ Tiles and warpgroups.
         and the sums Qk); each writes its half of dg [B, H, 2, Tp], its column sums formed by
         routing a row vector through its own SMEM row (no sum over axis 0: two warpgroups would
         race on the CTA's one reduction scratch). 0.20 ms at the T = 2048 anchor on the H200.
-        `grad_items="chunk"`: one compute warpgroup does both sides (0.38 ms); the intra gate term
-        as X = P U (U the strictly upper 0/1 matrix in SMEM) and a masked column sum.
+        One compute warpgroup running both sides (the form before session 10) took 0.38 ms.
         `grad_items="tile"` (run 1): an item is (b, h, chunk, key tile), q, k, v, do loaded per
         key tile, the prefix sums in XLA.
         No wgmma takes an iota-made 0/1 matrix from registers: on the H200 that operand is wrong

@@ -3,16 +3,15 @@ math, stages and roofline): dq, dk and the gate gradient of every chunk from q, 
 two walks' states S_n, dS_n+1.
 
 Work items (`HopperChunkConfig.grad_items`).
-  "chunk"  one (b, h, chunk) per item, a persistent grid of #SMs CTAs; one compute warpgroup and
-           one producer. Two TMA rings: the chunk's q, k, v, do, gate rows (2 slots, 64 KB each
-           at K = V = 128) and the key tiles (S_n[tile], dS_n+1[tile]) (2 slots of 32 KB), so the
-           chunk's intra blocks q k^T, do v^T, dA = do v^T * E and the gate term X = P U are
-           formed once and the key tiles follow one another on them. dq, dk leave per key tile
-           by TMA; the gate gradient of the chunk is summed in the kernel (masked column sums of
-           [C, C] broadcasts: sum_{i>=s} Qq_i, sum_{j<s} Qk_j, Qd_n, R_s) and leaves as dg
-           [B, H, 1, Tp]. SMEM at K = V = 128: 192 KB of rings + 24 KB of output tiles (U is
-           rebuilt per item in the dq tile, which is free until the first key tile).
-           Bytes: q, k, v, do, S, dS in (536 MB at the anchor shapes), dq, dk out (134 MB).
+  "split"  one (b, h, chunk) per item, a persistent grid of #SMs CTAs; two compute warpgroups (the
+           dq side and the dk side, `_grad_split`) and one producer. Two TMA rings: the chunk's
+           q, k, v, do, gate rows (2 slots, 64 KB each at K = V = 128) and the key tiles
+           (S_n[tile], dS_n+1[tile]) (2 slots of 32 KB), so the chunk's intra blocks are formed
+           once and the key tiles follow one another on them. dq, dk leave per key tile by TMA;
+           each side sums its part of the gate gradient in the kernel, dg [B, H, 2, Tp]. SMEM
+           at K = V = 128: 192 KB of rings + 24 KB of tiles + rows. Bytes: q, k, v, do, S, dS in
+           (536 MB at the anchor shapes), dq, dk out (134 MB): 0.157 ms at 4.3 TB/s; the kernel
+           took 0.20 ms on the H200 (one compute warpgroup running both sides took 0.38).
   "tile"   one (b, h, chunk, 64-key tile) per item (run 1): q, k, v, do and the intra blocks once
            per key tile (804 MB in at K = 128); the per-chunk sums leave as stats [K/64, B, H, 4,
            Tp] and `gate_grad_tiles` forms dg in XLA.
@@ -48,12 +47,12 @@ from linear_jax.kernels.gpu.hopper.common import (
 
 def grad(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
     """dq, dk (q's dtype, [B, Tp, H, K]) and the gate term: dg [B, H, 1, Tp] float32
-    (grad_items "chunk"; "split": [B, H, 2, Tp], two parts to add) or the stats of
-    `gate_grad_tiles` ("tile"); None when not gated.
+    ("split": [B, H, 2, Tp], two parts to add) or the stats of `gate_grad_tiles` ("tile"); None
+    when not gated.
 
     q, k [B, Tp, H, K]; v, do [B, Tp, H, V]; rows as `decay.walk`; states / dstates
     [B, H, N, K, V] the S_n and dS_n+1 of each chunk."""
-    fn = {"chunk": _grad_chunks, "split": _grad_split, "tile": _grad_tiles}[cfg.grad_items]
+    fn = _grad_split if cfg.grad_items == "split" else _grad_tiles
     return fn(q, k, v, do, rows, states, dstates, names=names, scale=scale, cfg=cfg)
 
 
@@ -79,7 +78,7 @@ def _intra_gate_term(ops, dA, QK, u_ref, shape, dt):
 
 def _produce_chunks(ops, refs, rings, bars, *, pid, progs, count, H, N, C, NKB, stages, SS,
                     heads_fastest):
-    """The producer warpgroup of the per-chunk gradient kernels ("chunk", "split"): item i's q, k,
+    """The producer warpgroup of the per-chunk gradient kernel ("split"): item i's q, k,
     v, do and gate rows into slot i % stages of the chunk ring, then its NKB (S_n, dS_n+1) key
     tiles one after another into the key-tile ring of SS slots, each slot reloaded once its
     consumers released it (`used_bar`, `tused_bar`); at the end every last release is observed."""
@@ -111,130 +110,11 @@ def _produce_chunks(ops, refs, rings, bars, *, pid, progs, count, H, N, C, NKB, 
         pl.when(s < count * NKB)(lambda s=s: plgpu.barrier_wait(tused_bar.at[s]))
 
 
-def _grad_chunks(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
-    B, Tp, H, K, V, N, items, progs, has_rows, gated = _setup(q, v, rows, names, cfg, True)
-    C, dt, NKB = cfg.chunk, q.dtype, K // LANES
-    stages, SS = cfg.stages_grad, 2                       # chunk ring, key-tile ring
-    ops = Ops(interpreting(cfg), overlap=cfg.overlap)
-    hf = cfg.item_order == "heads"
-    raw = cfg.gates == "kernel"
-
-    def body(*refs):
-        refs = list(refs)
-        pop = lambda on=True: refs.pop(0) if on else None       # noqa: E731
-        q_ref, k_ref, v_ref, do_ref, g_ref, s_ref, ds_ref = (pop(), pop(), pop(), pop(),
-                                                             pop(has_rows), pop(), pop())
-        dq_ref, dk_ref, dg_ref = pop(), pop(), pop(gated)
-        qs, ks, vs, dos, gs, ss, dss = pop(), pop(), pop(), pop(), pop(has_rows), pop(), pop()
-        da_s, oq_s, dk_s, dgs, tmp = pop(), pop(), pop(), pop(gated), pop(raw and gated)
-        in_bar, used_bar, tin_bar, tused_bar = refs
-        pid, w, count = program_items(items, progs)
-
-        pl.when(w == 1)(lambda: _produce_chunks(
-            ops, (q_ref, k_ref, v_ref, do_ref, g_ref, s_ref, ds_ref),
-            (qs, ks, vs, dos, gs, ss, dss), (in_bar, used_bar, tin_bar, tused_bar),
-            pid=pid, progs=progs, count=count, H=H, N=N, C=C, NKB=NKB, stages=stages, SS=SS,
-            heads_fastest=hf))
-
-        @pl.when(w == 0)
-        def _consumer():
-            ops.registers(CONSUMER_REGS, "increase")
-            shape, half = (C, C), (C, LANES)
-
-            @pl.loop(0, count)
-            def _(i):
-                slot = lax.rem(i, stages)
-                b, h, n = grid_item(pid + i * progs, H, N, heads_fastest=hf)
-                t = pl.ds(n * C, C)
-                qq, kk, vv, dd = qs.at[slot], ks.at[slot], vs.at[slot], dos.at[slot]
-
-                def factors():
-                    gt = ChunkGates(ops, gs.at[slot] if has_rows else None, names, C,
-                                    scale=scale, raw=raw, tmp=None if tmp is None else tmp.at[0])
-                    vals = {"E": gt.E(reverse=False)}
-                    if has_rows:
-                        vals.update(gq=gt.gq, gk=gt.gk, dec=gt.dec)
-                    return vals
-
-                plgpu.barrier_wait(in_bar.at[slot])
-                (QK, dP), f = ops.mm(prod(qq, kk, tb=True), prod(dd, vv, tb=True), during=factors)
-                dA = dP * f["E"]
-                dA16 = dA.astype(dt)
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # last item's stores are out
-                da_s[...] = dA16
-                if gated:                                 # U_js = [j < s] in the dq tile
-                    oq_s[...] = (ops.iota(shape, 0) < ops.iota(shape, 1)).astype(dt)
-                plgpu.commit_smem()
-                if gated:
-                    R = _intra_gate_term(ops, dA, QK, oq_s, shape, dt)
-                    Qq = Qk = Qd = ops.row(jnp.zeros((C,), f32))
-                for kb in range(NKB):
-                    kr, ts = pl.ds(kb * LANES, LANES), lax.rem(i * NKB + kb, SS)
-                    plgpu.barrier_wait(tin_bar.at[ts])
-                    dq, dk, dqi, dki = ops.mm(prod(dA16, kk.at[:, kr]),
-                                              prod(da_s, qq.at[:, kr], ta=True),
-                                              prod(dd, ss.at[ts], tb=True),
-                                              prod(vv, dss.at[ts], tb=True))
-                    if has_rows:
-                        dqi = dqi * ops.rows_of(f["gq"], half)
-                        dki = dki * ops.rows_of(f["gk"], half)
-                    else:
-                        dqi = dqi * scale
-                    if gated:
-                        Qq = Qq + jnp.sum(ops.acc(qq.at[:, kr][...]).astype(f32) * dqi, axis=1)
-                        Qk = Qk + jnp.sum(ops.acc(kk.at[:, kr][...]).astype(f32) * dki, axis=1)
-                        Sn = ops.acc(ss.at[ts][...]).astype(f32)
-                        Qd = Qd + f["dec"] * jnp.sum(
-                            Sn * ops.acc(dss.at[ts][...]).astype(f32), axis=1)
-                    plgpu.barrier_arrive(tused_bar.at[ts])   # the key tiles are read
-                    if kb:
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                    oq_s[...] = (dq + dqi).astype(dt)
-                    dk_s[...] = (dk + dki).astype(dt)
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(oq_s, dq_ref.at[b, t, h, kr])
-                    plgpu.copy_smem_to_gmem(dk_s, dk_ref.at[b, t, h, kr])
-                plgpu.barrier_arrive(used_bar.at[slot])   # every read of the chunk slot is done
-                if gated:
-                    # rows i (q side, i >= s), j (k side, j < s), every row (Qd: the chunk's
-                    # decay holds every gate of the chunk); columns s
-                    rows_ = lambda x: ops.rows_of(x, shape)   # noqa: E731
-                    below = ops.iota(shape, 0) >= ops.iota(shape, 1)
-                    terms = (jnp.where(below, rows_(Qq), 0.0) + jnp.where(below, 0.0, rows_(Qk))
-                             + rows_(Qd))
-                    dgs[0] = jnp.sum(terms, axis=0) + R
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(dgs, dg_ref.at[b, h, :, t])
-
-            plgpu.wait_smem_to_gmem(0)
-
-    scratch = [smem((stages, C, K), dt), smem((stages, C, K), dt), smem((stages, C, V), dt),
-               smem((stages, C, V), dt)]
-    if has_rows:
-        scratch.append(plgpu.SMEM((stages, rows.shape[2], C), f32))
-    scratch += [smem((SS, LANES, V), dt), smem((SS, LANES, V), dt),
-                smem((C, C), dt), smem((C, LANES), dt), smem((C, LANES), dt)]
-    scratch += [plgpu.SMEM((1, C), f32)] if gated else []                # dg
-    scratch += [plgpu.SMEM((1, C), f32)] if raw and gated else []        # ChunkGates' tmp
-    scratch += [plgpu.Barrier(num_arrivals=4 + has_rows, num_barriers=stages),
-                plgpu.Barrier(num_arrivals=1, num_barriers=stages),
-                plgpu.Barrier(num_arrivals=2, num_barriers=SS),
-                plgpu.Barrier(num_arrivals=1, num_barriers=SS)]
-    out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, K), dt)]
-    out_type += [jax.ShapeDtypeStruct((B, H, 1, Tp), f32)] if gated else []
-    check_smem("simple_gla grad", scratch)
-    kernel = mosaic_gpu_kernel(
-        body, out_type=out_type, grid=(progs,), grid_names=("p",), num_threads=2,
-        thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
-        approx_math=cfg.approx_math, interpret=ops.interpret, name="simple_gla_grad")
-    args = (q, k, v, do) + ((rows,) if has_rows else ()) + (states, dstates)
-    outs = kernel(*args)
-    return outs[0], outs[1], (outs[2] if gated else None)
-
-
 def _grad_split(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
-    """grad_items "split": the "chunk" item shared by two compute warpgroups, one per side of the
-    gradient, so each runs half the dependent wgmma chain and neither waits on the other:
+    """grad_items "split": one (b, h, chunk) item (q, k, v, do and the intra blocks loaded and
+    formed once for all its key tiles) shared by two compute warpgroups, one per side of the
+    gradient, so each runs half the dependent wgmma chain and neither waits on the other (one
+    warpgroup running both sides took 0.38 ms at the T = 2048 anchor on the H200, against 0.20):
 
         dq side (wg 0): dP = do v^T, dA; per key tile dq = dA k + diag(gq) do S_n^T; the gate
                         sums Qq_i (rows i >= s) and Qd_n (every row)
@@ -243,7 +123,7 @@ def _grad_split(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
                         per key tile dk = dA^T q + diag(gk) v dS_n+1^T; the gate sums Qk_j
                         (rows j < s)
 
-    The rings are those of "chunk"; a slot is released when both sides arrived. No sum runs over
+    A slot of either ring (`_produce_chunks`) is released when both sides arrived. No sum runs over
     axis 0 of a tile (that is a cross-warp reduction through the CTA's one reduction scratch,
     which two warpgroups would race on): the sums over the chunk's rows reach the column layout
     through each side's own SMEM row and are then summed along axis 1. Each side writes its own
