@@ -108,6 +108,7 @@ from linear_jax.kernels.gpu.hopper.common import (
     f32,
     interpreting,
     key_tile_item,
+    launch,
     load,
     mm_sum,
     pl,
@@ -228,6 +229,41 @@ def _issue_item(item, refs, rings, bar, slot):
         plgpu.copy_gmem_to_smem(src.at[b, t, h], dst.at[slot], bar)
     load(bar, slot, (g_ref.at[b, h, :, t], gs), (s_ref.at[b, h, n, kr], ss),
          (ds_ref.at[b, h, n, kr], dss))
+def _grad_setup(q, do, names, cfg):
+    """The gradient kernels' shapes and persistent grid: (B, Tp, H, K, V, C, dtype, N, key blocks
+    NKB, items, programs, stages, Ops, heads fastest, gated)."""
+    B, Tp, H, K = q.shape
+    C = cfg.chunk
+    N, NKB = Tp // C, K // LANES
+    items = B * H * N * NKB
+    progs = min(cfg.programs or multiprocessors(jax.devices()[0]), items)
+    return (B, Tp, H, K, do.shape[-1], C, q.dtype, N, NKB, items, progs, cfg.stages_grad,
+            Ops(interpreting(cfg)), cfg.item_order == "heads", "G" in names)
+
+
+def _grad_kernel(body, ops, cfg, q, do, rows, *, progs, gated, n_stats, consumers, name):
+    """The gradient kernel of `body` over its ring (q, k key blocks, do, u, dB_v, the rows, the
+    S_n / dS_n+1 key tiles), two [C, C] tiles (a third, for the pair mask, when gated), n_stats
+    float32 stats rows, and a slot barrier released by `consumers` compute warpgroups."""
+    B, Tp, H, K = q.shape
+    V, C, dt, stages = do.shape[-1], cfg.chunk, q.dtype, cfg.stages_grad
+    scratch = [smem((stages, C, LANES), dt), smem((stages, C, LANES), dt),
+               smem((stages, C, V), dt), smem((stages, C, V), dt), smem((stages, C, V), dt),
+               plgpu.SMEM((stages, rows.shape[2], C), f32),
+               smem((stages, LANES, V), dt), smem((stages, LANES, V), dt),
+               smem((C, C), dt), smem((C, C), dt)]
+    if gated:
+        scratch.append(smem((C, C), dt))
+    scratch += [plgpu.SMEM((n_stats, C), f32),
+                plgpu.Barrier(num_arrivals=8, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=consumers, num_barriers=stages)]
+    out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, K), dt),
+                jax.ShapeDtypeStruct((K // LANES, B, H, n_stats, Tp), f32)]
+    check_smem(name, scratch)
+    return launch(body, cfg, ops, out_type=out_type, grid=(progs,), grid_names=("p",),
+                  scratch=scratch, name=name, num_threads=consumers + 1)
+
+
 
 def grad(q, k, do, u, dbv, rows, states, dstates, *, names, scale, cfg):
     """dq, dk and the per-row gate and beta terms of every chunk, chunk-parallel.
@@ -242,16 +278,8 @@ def grad(q, k, do, u, dbv, rows, states, dstates, *, names, scale, cfg):
     if cfg.grad_split:
         return _grad_split(q, k, do, u, dbv, rows, states, dstates, names=names, scale=scale,
                            cfg=cfg)
-    B, Tp, H, K = q.shape
-    V, C, dt = do.shape[-1], cfg.chunk, q.dtype
-    N, NKB = Tp // C, K // LANES
-    items = B * H * N * NKB
-    progs = min(cfg.programs or multiprocessors(jax.devices()[0]), items)
-    stages = cfg.stages_grad
-    ops = Ops(interpreting(cfg))
-    hf = cfg.item_order == "heads"
-    gated = "G" in names
-    R = rows.shape[2]
+    B, Tp, H, K, V, C, dt, N, NKB, items, progs, stages, ops, hf, gated = _grad_setup(
+        q, do, names, cfg)
     shape = (C, C)
 
     def body(q_ref, k_ref, do_ref, u_ref, bv_ref, g_ref, s_ref, ds_ref, dq_ref, dk_ref, stats_ref,
@@ -347,23 +375,8 @@ def grad(q, k, do, u, dbv, rows, states, dstates, *, names, scale, cfg):
 
             plgpu.wait_smem_to_gmem(0)
 
-    scratch = [smem((stages, C, LANES), dt), smem((stages, C, LANES), dt),
-               smem((stages, C, V), dt), smem((stages, C, V), dt), smem((stages, C, V), dt),
-               plgpu.SMEM((stages, R, C), f32),
-               smem((stages, LANES, V), dt), smem((stages, LANES, V), dt),
-               smem((C, C), dt), smem((C, C), dt)]
-    if gated:
-        scratch.append(smem((C, C), dt))
-    scratch += [plgpu.SMEM((N_STATS, C), f32),
-                plgpu.Barrier(num_arrivals=8, num_barriers=stages),
-                plgpu.Barrier(num_arrivals=1, num_barriers=stages)]
-    out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, K), dt),
-                jax.ShapeDtypeStruct((NKB, B, H, N_STATS, Tp), f32)]
-    check_smem("delta grad", scratch)
-    kernel = mosaic_gpu_kernel(
-        body, out_type=out_type, grid=(progs,), grid_names=("p",), num_threads=2,
-        thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
-        approx_math=cfg.approx_math, interpret=ops.interpret, name="delta_grad")
+    kernel = _grad_kernel(body, ops, cfg, q, do, rows, progs=progs, gated=gated, n_stats=N_STATS,
+                          consumers=1, name="delta_grad")
     return kernel(q, k, do, u, dbv, rows, states, dstates)
 
 
@@ -371,16 +384,8 @@ def _grad_split(q, k, do, u, dbv, rows, states, dstates, *, names, scale, cfg):
     """`grad` with each item shared by two compute warpgroups (`HopperDeltaConfig.grad_split`;
     see the module docstring): the dq side (wg 0) and the dk side (wg 1) read the same ring slot
     (released when both arrived) and write their own outputs, staging tiles and stats rows."""
-    B, Tp, H, K = q.shape
-    V, C, dt = do.shape[-1], cfg.chunk, q.dtype
-    N, NKB = Tp // C, K // LANES
-    items = B * H * N * NKB
-    progs = min(cfg.programs or multiprocessors(jax.devices()[0]), items)
-    stages = cfg.stages_grad
-    ops = Ops(interpreting(cfg))
-    hf = cfg.item_order == "heads"
-    gated = "G" in names
-    R = rows.shape[2]
+    B, Tp, H, K, V, C, dt, N, NKB, items, progs, stages, ops, hf, gated = _grad_setup(
+        q, do, names, cfg)
     shape = (C, C)
     NS, ND = len(SPLIT_STATS), SPLIT_DQ_ROWS
 
@@ -502,23 +507,8 @@ def _grad_split(q, k, do, u, dbv, rows, states, dstates, *, names, scale, cfg):
         pl.when(w == 0)(lambda: side(True))
         pl.when(w == 1)(lambda: side(False))
 
-    scratch = [smem((stages, C, LANES), dt), smem((stages, C, LANES), dt),
-               smem((stages, C, V), dt), smem((stages, C, V), dt), smem((stages, C, V), dt),
-               plgpu.SMEM((stages, R, C), f32),
-               smem((stages, LANES, V), dt), smem((stages, LANES, V), dt),
-               smem((C, C), dt), smem((C, C), dt)]       # dq side's P / dq tile, dk's dk tile
-    if gated:
-        scratch.append(smem((C, C), dt))                 # W
-    scratch += [plgpu.SMEM((NS, C), f32),
-                plgpu.Barrier(num_arrivals=8, num_barriers=stages),
-                plgpu.Barrier(num_arrivals=2, num_barriers=stages)]
-    out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, K), dt),
-                jax.ShapeDtypeStruct((NKB, B, H, NS, Tp), f32)]
-    check_smem("delta grad (split)", scratch)
-    kernel = mosaic_gpu_kernel(
-        body, out_type=out_type, grid=(progs,), grid_names=("p",), num_threads=3,
-        thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
-        approx_math=cfg.approx_math, interpret=ops.interpret, name="delta_grad_split")
+    kernel = _grad_kernel(body, ops, cfg, q, do, rows, progs=progs, gated=gated, n_stats=NS,
+                          consumers=2, name="delta_grad_split")
     return kernel(q, k, do, u, dbv, rows, states, dstates)
 
 
