@@ -103,14 +103,31 @@ def scalar_gate_terms(gc, gr, masks, row, col, mask_dot=None):
     return (decay,) + masked_factors(masks, jnp.exp(Gin), jnp.exp(R), jnp.exp(Gtot))
 
 
-def masked_factors(masks, e_in, e_out, a):
+def masked_factors(masks, e_in, e_out, a, factors=None):
     """The chunk factors (e_in, e_out, a) zeroed where the documents cut them: e_in off in_rows,
-    e_out off out_rows, a where the chunk holds a reset (any None factor is left None)."""
+    e_out off out_rows, a where the chunk holds a reset (any None factor is left None).
+    `factors`: the masks as 0/1 float32 factors (`doc_factors`), multiplied in place of a select
+    (the same values for finite factors)."""
     _, in_rows, out_rows, keep = masks
     if in_rows is None:
         return e_in, e_out, a
+    if factors is not None:
+        cut = lambda m, x: None if x is None else x * m                      # noqa: E731
+        return tuple(cut(m, x) for m, x in zip(factors, (e_in, e_out, a), strict=True))
     cut = lambda m, x: None if x is None else jnp.where(m, x, 0.0)
     return cut(in_rows, e_in), cut(out_rows, e_out), cut(keep, a)
+
+
+def doc_factors(dc, dr):
+    """`doc_masks`' in_rows [C, 1], out_rows [C, 1] and keep [1, 1] as 0/1 float32 factors from
+    integer arithmetic alone (no boolean tile; dc, dr as there, indices that only increase along
+    the chunk): 1 - min(d, 1) for the distances d = dc, last - dc, last. Triton may carry a
+    tensor-core operand's layout up through the elementwise chain that forms it, the masks
+    included, and cannot stage a boolean tile in shared memory (KDA's reverse state pass in
+    bf16 failed to compile so); a factor built this way has no boolean to carry."""
+    last = jnp.max(dr, axis=1, keepdims=True)
+    one = lambda d: (1 - jnp.minimum(d, 1)).astype(F32)                      # noqa: E731
+    return one(dc), one(last - dc), one(last)
 
 
 def scalar_gate_grad(P, d_gin, d_r, d_tot, row, col, mask_dot):

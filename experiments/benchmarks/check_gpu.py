@@ -89,11 +89,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--ops", nargs="+", default=list(OPS))
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     a = p.parse_args(argv)
     grid = [(T, D, "float32") for T in (100, 2048, 8192) for D in (64, 128)]
     grid += [(2048, D, "bfloat16") for D in (64, 128)]
     if a.quick:
         grid = [(100, 64, "float32"), (2048, 128, "bfloat16")]
+    grid = [c for c in grid if c[2] in a.dtypes]
     rows, bad, seed = [], 0, 0
     dev = jax.devices()[0].device_kind.replace(" ", "_")
     save = lambda: common.write_json(f"check_gpu_{dev}.json", rows, failures=bad, tolerances=TOL)

@@ -43,6 +43,23 @@ def median_ms(f, *args, reps: int = 10, warmup: int = 2, inner: int = 1) -> floa
     return 1e3 * float(np.median(times))
 
 
+def sync_ms(fns, *args, reps: int = 60, warmup: int = 2) -> list[float]:
+    """Median ms of single calls, each blocked on the host, for each of `fns` on the same
+    arguments, the functions' calls interleaved: the host's and the device's state (clocks,
+    caches, other processes) drifts over a run, and alternating keeps that drift out of the
+    comparison."""
+    for f in fns:
+        for _ in range(warmup):
+            jax.block_until_ready(f(*args))
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for t, f in zip(times, fns, strict=True):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            t.append(time.perf_counter() - t0)
+    return [1e3 * float(np.median(t)) for t in times]
+
+
 def time_fwd_bwd(row: dict, fwd, fwd_bwd, *args, reps: int) -> dict:
     """row["fwd_ms"], then row["fwdbwd_ms"]: median ms of fwd(*args) and of fwd_bwd(*args) (if
     the second raises, the row keeps the first)."""

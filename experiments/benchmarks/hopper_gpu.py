@@ -15,7 +15,8 @@ for named config variants side by side.
 (b) Timings: bf16, H = 16, K = V = 128, B = max(1, 16384 // T) (as probe_jla.py), T in {2048, 8192,
     32768}: forward and forward + backward (grad of sum(o * do) w.r.t. q, k, v, the anchors'
     protocol; every input a jit argument), as the median of back-to-back calls (device time) and
-    of calls each blocked on the host (`sync`, how the jla anchors were timed); jla timed the same
+    of calls each blocked on the host (`sync`, how the jla anchors were timed; jla's interleaved
+    with ours, `common.sync_ms`); jla timed the same
     two ways in this run on the same inputs where its wheel is installed (`jla_run_*`), else the
     anchor file's number, and the ratio (jla / ours sync, > 1 is faster). A variant whose
     resolved config equals an earlier one at that T (e.g. pieces1 where B H fills the SMs) is not

@@ -203,12 +203,14 @@ def time_phases(row, fwd, fwdbwd, args, do, anchors, anchor, *, reps, label, key
     """Times fwd(*args) and fwdbwd(*args, do) into `row` (fields named by `key`): device time
     (back-to-back calls) and `sync` (each call blocked on the host, as the anchors were timed).
     With `peer` (jla's (fwd, fwdbwd) on the same arguments) it is timed the same two ways in
-    this run, `jla_run_*`, and the ratio (jla / ours, sync; > 1: ours is faster) is taken
-    against it; else against the anchor file's `jla.<anchor>.<phase>_ms` for the row's T. With
-    `profile`, each timed call's kernels and their device microseconds, `<who><phase>_kernels_us`
-    (`profile.kernel_times`), so ours and jla's programs can be compared kernel by kernel."""
+    this run, `jla_run_*`, its blocked calls interleaved with ours (`common.sync_ms`), and the
+    ratio (jla / ours, sync; > 1: ours is faster) is taken against it; else against the anchor
+    file's `jla.<anchor>.<phase>_ms` for the row's T. With `profile`, each timed call's kernels
+    and their device microseconds, `<who><phase>_kernels_us` (`profile.kernel_times`), so ours
+    and jla's programs can be compared kernel by kernel."""
     for phase, i in (("fwd", 0), ("fwdbwd", 1)):
         a = args if phase == "fwd" else (*args, do)
+        ready = {}
         for who, f in (("", (fwd, fwdbwd)[i]), ("jla_run_", peer and peer[i])):
             if f is None:
                 continue
@@ -217,15 +219,18 @@ def time_phases(row, fwd, fwdbwd, args, do, anchors, anchor, *, reps, label, key
                 jax.block_until_ready(f(*a))
                 row[key(f"{who}{phase}_compile_s")] = round(time.perf_counter() - t0, 2)
                 row[key(f"{who}{phase}_ms")] = common.median_ms(f, *a, reps=reps, inner=10)
-                row[key(f"{who}{phase}_sync_ms")] = common.median_ms(f, *a, reps=30)
-                if profile:
-                    us = kernel_profile.kernel_times(lambda a, f=f: f(*a), a)
-                    row[key(f"{who}{phase}_kernels_us")] = {n: round(t, 2) for n, t in us.items()}
-                    print(f"{label} {who or 'ours '}{phase} kernels:\n"
-                          f"{kernel_profile.format_times(us, top=16)}")
+                ready[who] = f
             except Exception as e:  # noqa: BLE001 - the row keeps the error, the script goes on
                 row[key(f"{who}{phase}_error")] = tail(e, 8)
                 print(f"{label} {who}{phase} FAILED:\n{tail(e)}")
+        if ready:
+            for who, ms in zip(ready, common.sync_ms(list(ready.values()), *a), strict=True):
+                row[key(f"{who}{phase}_sync_ms")] = ms
+        for who, f in ready.items() if profile else ():
+            us = kernel_profile.kernel_times(lambda a, f=f: f(*a), a)
+            row[key(f"{who}{phase}_kernels_us")] = {n: round(t, 2) for n, t in us.items()}
+            print(f"{label} {who or 'ours '}{phase} kernels:\n"
+                  f"{kernel_profile.format_times(us, top=16)}")
         jla = row.get(key(f"jla_run_{phase}_sync_ms")) or anchors.get(f"jla.{anchor}.{phase}_ms")
         if jla and key(f"{phase}_sync_ms") in row:
             row[key(f"jla_{phase}_ms")] = jla

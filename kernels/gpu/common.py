@@ -81,6 +81,7 @@ class Chunk:
             rel = doc_ref[pl.ds(n * C, C)] - doc_ref[jnp.maximum(n * C - 1, 0)]
             dc, dr = rel[:, None], rel[None, :]
         self.masks = tiles.doc_masks(dc, dr, self.row, self.col)
+        self._rel = (dc, dr)
 
     def prefix(self, G, G_last, pairs: bool = False):
         """(decay [C, C] or None, e_in, e_out, a) from the chunk's exact prefix sums G (scalar
@@ -90,8 +91,11 @@ class Chunk:
         vec = G.ndim == 2
         Gc = G if vec else G[:, None]
         decay = jnp.exp(jnp.where(self.masks[0], Gc - G[None, :], -jnp.inf)) if pairs else None
+        # a vector gate's factors are [C, X] tiles that become tensor-core operands: their
+        # document cut is a float factor (`tiles.doc_factors` says why)
+        factors = tiles.doc_factors(*self._rel) if vec and self._rel[0] is not None else None
         e_in, e_out, a = tiles.masked_factors(self.masks, jnp.exp(Gc), jnp.exp(G_last - Gc),
-                                              jnp.exp(G_last))
+                                              jnp.exp(G_last), factors)
         return decay, e_in, e_out, (a.reshape(-1, 1) if vec else a)
 
     def scalar(self, g, pairs: bool = True):

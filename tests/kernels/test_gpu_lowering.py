@@ -73,24 +73,31 @@ def test_lowers_to_triton(case, fused):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: jnp.dtype(s[0]).name)
-def test_kda_inverse_has_no_boolean_tile(shape):
-    """KDA's T = (I + L)^-1 kernel builds L and the block masks of its products without a boolean
-    tile (`tiles.unit_lower_inverse(float_masks=True)`): its L is elementwise in loaded tiles, so
-    on Hopper Triton may move the products' operand layout up through the masks and stage them in
-    shared memory, which fails for i1 ("'ttg.local_alloc' op element type bit width must be a
-    multiple of 8", bf16 on an H200)."""
+def test_kda_kernels_have_no_boolean_tile(shape):
+    """KDA's T = (I + L)^-1 kernel and its reverse state pass build their tensor-core operands
+    without a boolean tile (`tiles.unit_lower_inverse(float_masks=True)`, `tiles.doc_factors`):
+    L and the gate factors [C, K] are elementwise in loaded tiles, so on Hopper Triton may move
+    the products' operand layout up through the masks and stage them in shared memory, which
+    fails for i1 ("'ttg.local_alloc' op element type bit width must be a multiple of 8", bf16 on
+    an H200; `kernel_bisect` found the reverse pass after the inverse was fixed). With packed
+    documents and an initial state, under jax.grad."""
     dtype, B, T, K, V = shape
     H = 2
     sds = jax.ShapeDtypeStruct
     args = (sds((B, T, H, K), dtype), sds((B, T, H, K), dtype), sds((B, T, H, V), dtype),
-            sds((B, T, H, K), jnp.float32), sds((B, T, H), dtype))
-    f = lambda q, k, v, g, beta: delta.delta(
-        q, k, v, g, beta, scale=K**-0.5, initial_state=None, segment_ids=None, chunk_size=64,
-        config=TritonChunkConfig(interpret=False))
-    text = export.export(jax.jit(f), platforms=["cuda"],
+            sds((B, T, H, K), jnp.float32), sds((B, T, H), dtype), sds((B, H, K, V), jnp.float32),
+            sds((B, T), jnp.int32))
+
+    def loss(q, k, v, g, beta, S0, seg):
+        o, S = delta.delta(q, k, v, g, beta, scale=K**-0.5, initial_state=S0, segment_ids=seg,
+                           chunk_size=64, config=TritonChunkConfig(interpret=False))
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(S)
+
+    text = export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))), platforms=["cuda"],
                          disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON)])(
         *args).mlir_module()
-    inverse = [ir for name, ir in triton_kernels(text) if name == "delta_ut_inverse"]
-    assert inverse
-    for ir in inverse:
-        assert "xi1>" not in ir      # no boolean tensor (scalar i1 from the index math is fine)
+    kernels = [(name, ir) for name, ir in triton_kernels(text)
+               if name in ("delta_ut_inverse", "delta_state_bwd")]
+    assert {name for name, _ in kernels} == {"delta_ut_inverse", "delta_state_bwd"}
+    for name, ir in kernels:
+        assert "xi1>" not in ir, name   # no boolean tensor (scalar i1 from index math is fine)

@@ -1,0 +1,129 @@
+"""Which kernel of an op fails to compile: every Pallas call of the op's forward and of its
+gradient, compiled alone.
+
+    python -m experiments.benchmarks.kernel_bisect --op kda --dtype bfloat16 [--T 2048] [--D 64]
+
+A program holding several Pallas kernels fails as a whole when one of them does not compile, and
+XLA's message need not say which (the Triton compiler's "Context: []"). This script traces the
+op's primal and the gradient of sum(o * do) + sum(S * dS) w.r.t. every float input (the check_gpu
+case: documents, an initial state), collects every `pallas_call` in the traced programs (through
+nested jits and custom VJPs), and compiles each one as a program of its own on zero inputs of its
+shapes. It prints one line a kernel (its name, where it was written, ok or the error's last
+lines) and writes benchmarks/results/kernel_bisect_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import jax
+import jax.extend.core as jex_core
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.benchmarks import check_gpu, common
+from experiments.benchmarks.kernel_checks import tail
+
+
+def pallas_calls(jaxpr) -> list:
+    """Every pallas_call equation of a (closed) jaxpr, its sub-jaxprs included, in trace order."""
+    found = []
+
+    def walk(j):
+        j = getattr(j, "jaxpr", j)
+        for eqn in j.eqns:
+            if eqn.primitive.name == "pallas_call":
+                found.append(eqn)
+                continue
+            for p in eqn.params.values():
+                for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+                    if isinstance(sub, (jex_core.Jaxpr, jex_core.ClosedJaxpr)):
+                        walk(sub)
+    walk(jaxpr)
+    return found
+
+
+def kernel_name(eqn) -> str:
+    info = getattr(eqn.params["jaxpr"], "debug_info", None)
+    src = getattr(info, "func_src_info", None)
+    return src or str(eqn.params.get("name") or eqn.params.get("name_and_src_info") or "?")
+
+
+def compile_alone(eqn) -> None:
+    """Lower and compile the one kernel `eqn` as its own jitted program."""
+    args = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
+    jax.jit(lambda *a: eqn.primitive.bind(*a, **eqn.params)).lower(*args).compile()
+
+
+def programs(op, B, T, H, D, dtype, config=None) -> dict:
+    """The op's primal and gradient programs as jaxprs, on check_gpu's inputs."""
+    rng = np.random.default_rng(0)
+    f = lambda *s: jnp.asarray(rng.standard_normal(s), dtype)          # noqa: E731
+    x = dict(q=f(B, T, H, D), k=f(B, T, H, D), v=f(B, T, H, D),
+             S0=jnp.zeros((B, H, D, D), jnp.float32))
+    gate = {"simple_gla": (B, T, H), "gla": (B, T, H, D), "gated_delta_rule": (B, T, H),
+            "kda": (B, T, H, D)}.get(op)
+    if gate is not None:
+        x["g"] = -jnp.ones(gate, jnp.float32) / 8
+    if op in check_gpu.DELTA:
+        x["beta"] = jnp.full((B, T, H), 0.5, jnp.float32)
+    seg = jnp.asarray(np.arange(T)[None].repeat(B, 0) // max(1, T // 3), jnp.int32)
+    names = [n for n in ("q", "k", "v", "g", "beta", "S0") if n in x]
+
+    def run(d):
+        a = dict(x, **d)
+        extra = (a["beta"],) if "beta" in a else ()
+        return check_gpu.OPS[op](a["q"], a["k"], a["v"], a.get("g"), *extra,
+                                 initial_state=a["S0"], segment_ids=seg, impl="pallas",
+                                 config=config)
+
+    def loss(d):
+        o, S = run(d)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(S)
+
+    d = {n: x[n] for n in names}
+    return {"primal": jax.make_jaxpr(run)(d), "grad": jax.make_jaxpr(jax.grad(loss))(d)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--op", default="kda", choices=sorted(check_gpu.OPS))
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--T", type=int, default=2048)
+    p.add_argument("--D", type=int, default=64)
+    p.add_argument("--B", type=int, default=2)
+    p.add_argument("--H", type=int, default=4)
+    a = p.parse_args(argv)
+    dev = jax.devices()[0]
+    print("device", dev.device_kind, "jax", jax.__version__)
+    rows, seen = [], set()
+    for phase, jaxpr in programs(a.op, a.B, a.T, a.H, a.D, getattr(jnp, a.dtype)).items():
+        for eqn in pallas_calls(jaxpr):
+            name = kernel_name(eqn)
+            shapes = [f"{v.aval.dtype}{list(v.aval.shape)}" for v in eqn.invars]
+            key = (name, tuple(shapes))
+            if key in seen:
+                continue
+            seen.add(key)
+            t0 = time.perf_counter()
+            try:
+                compile_alone(eqn)
+                err = None
+            except Exception as e:  # noqa: BLE001 - a kernel that fails is this script's finding
+                err = tail(e, 12)
+            rows.append(dict(op=a.op, dtype=a.dtype, T=a.T, D=a.D, phase=phase, kernel=name,
+                             inputs=shapes, ok=err is None, error=err,
+                             seconds=round(time.perf_counter() - t0, 2)))
+            print(f"{'ok  ' if err is None else 'FAIL'} {phase:<6} {name}  {' '.join(shapes)[:160]}"
+                  + (f"\n{err}" if err else ""), flush=True)
+    bad = sum(not r["ok"] for r in rows)
+    path = common.write_json(f"kernel_bisect_{dev.device_kind.replace(' ', '_')}.json", rows,
+                             op=a.op, dtype=a.dtype, failures=bad)
+    print(f"{len(rows)} kernels, {bad} failed; wrote {path}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
