@@ -420,9 +420,6 @@ class HopperDeltaConfig:
       inverse is a chain of a dozen dependent wgmmas, so two chains per SM hide each other's
       latency.
     stages_grad: the same for the chunk-parallel gradient kernel (98 KB a stage at K = V = 128).
-    grad_split: the gradient kernel's item shared by two compute warpgroups, a dq side and a dk
-      side, each running about half of the dependent wgmma chain (`delta_bwd._grad_split`); False:
-      one compute warpgroup per item (`delta_bwd.grad`'s single-consumer program).
     programs: CTAs of the persistent kernels (UT, gradient); None: the device's SM count.
     semantics, approx_math, item_order: as `HopperChunkConfig` (the order of the UT and gradient
       kernels' items).
@@ -438,7 +435,6 @@ class HopperDeltaConfig:
     approx_math: bool = False
     interpret: bool | None = None
     item_order: str = "heads"
-    grad_split: bool = False
 
     def __post_init__(self):
         name = type(self).__name__
@@ -453,8 +449,6 @@ class HopperDeltaConfig:
         if self.semantics not in ("lane", "warpgroup"):
             raise ValueError(f"{name}.semantics must be 'lane' or 'warpgroup', got "
                              f"{self.semantics!r}")
-        if not isinstance(self.grad_split, bool):
-            raise ValueError(f"{name}.grad_split must be a bool, got {self.grad_split!r}")
         _check_interpret(name, self.interpret)
 
     @classmethod

@@ -163,8 +163,8 @@ def test_kernel_diff_locates_a_difference_and_builds_its_cases():
     assert [e > 0 for e in where["col8"]] == [j == 0 for j in range(8)]
     labels = [label for label, _ in kernel_diff.cases(
         ["simple_gla", "gla", "delta", "selective", "mlstm"], {"B": 2, "T": 128, "H": 1}, None)]
-    # simple_gla: 3 configs, delta: 2, each at 4 (K, V) pairs
-    assert len(labels) == len(set(labels)) == 3 * 4 + 4 + 2 * 4 + 1 + 2
+    # simple_gla: 3 configs, gla and delta: 1, each at 4 (K, V) pairs
+    assert len(labels) == len(set(labels)) == 3 * 4 + 4 + 4 + 1 + 2
     _, build = kernel_diff.cases(["gla"], {"B": 2, "T": 128, "H": 1}, None)[1]
     _, _, floats, _ = build()
     assert floats[0].shape == (2, 128, 1, 128) and floats[3].shape == (2, 128, 1, 128)

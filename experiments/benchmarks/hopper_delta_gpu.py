@@ -16,12 +16,8 @@ anchors.
     jla (deltanet, gated_deltanet) timed the same ways in this run where its wheel is installed
     (`jla_run_*`), else its anchors, and the ratio (jla / ours sync, > 1 is faster); and each
     kernel alone (UT prep, forward walk with and without residuals, reverse walk, gradient
-    kernel; the UT and gradient kernels also with their work items in the other order; the
-    gradient kernel also as its other program, `grad_split` (a dq side and a dk side) or
-    `grad_single`, with the relative error of its dq, dk, dbeta, dg against the configured
-    program's, `grad_split_rel_err`) at the first and last T (every T without --quick).
-    The checks of (a) past the first case also run with the other gradient program
-    (`[grad_split]` in the check's name).
+    kernel; the UT and gradient kernels also with their work items in the other order) at the
+    first and last T (every T without --quick).
 (c) Writes benchmarks/results/hopper_delta_gpu_<device>.json (and a copy under $OUT when set).
 
 A check or timing that fails prints the last 30 lines of its traceback; the script goes on. The
@@ -156,20 +152,6 @@ def kernel_breakdown(cfg, q, k, v, beta, g, do, *, reps):
         out[f"grad_{other.item_order}"] = t(jax.jit(lambda *a: hbwd.grad(
             *a, names=names, scale=K**-0.5, cfg=other)), q, k, do, u, dbv, rows, states,
             dstates)
-        # the gradient kernel's other program: one consumer, or a dq side and a dk side
-        # (grad_split), timed, and its dq, dk, dbeta, dg against this config's on the same inputs
-        flip = dataclasses.replace(cfg, grad_split=not cfg.grad_split)
-        key = "grad_split" if flip.grad_split else "grad_single"
-        gradf2 = jax.jit(lambda *a: hbwd.grad(*a, names=names, scale=K**-0.5, cfg=flip))
-        args = (q, k, do, u, dbv, rows, states, dstates)
-        out[key] = t(gradf2, *args)
-        outs = {}
-        for name, f in (("a", gradf), ("b", gradf2)):
-            dq, dk, stats = f(*args)
-            outs[name] = (dq, dk, *hbwd.gate_terms(stats, C))
-        out[f"{key}_rel_err"] = {
-            n: float(f"{kc.rel(jnp.asarray(x, f32), jnp.asarray(y, f32)):.3g}")
-            for n, x, y in zip(("dq", "dk", "dbeta", "dg"), outs["b"], outs["a"], strict=True)}
     except Exception as e:  # noqa: BLE001
         out["error"] = tail(e, 8)
         print(f"kernel breakdown FAILED:\n{tail(e)}")
@@ -205,13 +187,6 @@ def main(argv=None) -> int:
                      ("gated, K=100 V=48 (padded)", 2, 300, 2, 100, 48, "normal", True)]
         if not a.skip_checks:
             checks = kc.run_grid(grid, lambda i, c: run(i, c, cfg), done=[first])
-            # the gradient kernel's other program (HopperDeltaConfig.grad_split) on the quick
-            # grid's cases past the first, with the same inputs (seeds) as above
-            flip = dataclasses.replace(cfg, grad_split=not cfg.grad_split)
-            tag = " [grad_split]" if flip.grad_split else " [one consumer]"
-            picked = [(i, (c[0] + tag,) + tuple(c[1:])) for i, c in enumerate(grid[:5]) if i]
-            checks += kc.run_grid([c for _, c in picked],
-                                  lambda j, c: run(picked[j][0], c, flip))
         x = jnp.zeros((1, 64, 1, 64), f32)
         checks.append(kc.float32_refused(lambda: hdelta.delta(
             x, x, x, None, x[..., 0], scale=1.0, initial_state=None, segment_ids=None,

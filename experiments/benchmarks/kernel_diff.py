@@ -235,8 +235,6 @@ def cases(names, shape, pieces=None):
                 overs = [{}]
                 if name == "simple_gla":
                     overs = [dict(gates="kernel"), dict(gates="xla"), dict(grad_items="tile")]
-                if name == "delta":                       # the gradient kernel's two programs
-                    overs = [{}, dict(grad_split=True)]
                 if name != "delta":
                     overs = [{**o, "pieces": pieces} for o in overs]
                 for over in overs:

@@ -10,7 +10,6 @@ and at chunk 1's first row; an initial state; for the gated rule, chunk 1 decays
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -39,18 +38,16 @@ def _chunk_form():
     return jax.jit(jax.grad(loss, argnums=tuple(range(6)), has_aux=True))
 
 
-# (gated, grad_split, K = V): grad_split shares the gradient kernel's item between a dq side and
-# a dk side; at K = V = 128 two key tiles add their stats and Qd sums two value blocks
-CASES = {"gated_delta_rule": (True, False, 64), "delta_rule": (False, False, 64),
-         "delta_rule-grad_split": (False, True, 64),
-         "gated_delta_rule-grad_split-K128": (True, True, 128)}
+# (gated, K = V): the gradient kernel shares each item between a dq side and a dk side; at
+# K = V = 128 two key tiles add their stats and Qd sums two value blocks
+CASES = {"gated_delta_rule": (True, 64), "delta_rule": (False, 64),
+         "gated_delta_rule-K128": (True, 128), "delta_rule-K128": (False, 128)}
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_delta_matches_chunk_form(case):
-    gated, split, K = CASES[case]
+    gated, K = CASES[case]
     B, T, H, V = 1, 130, 1, K
-    cfg = dataclasses.replace(CFG, grad_split=split)
     ks = jax.random.split(jax.random.key(5), 8)
     q = jax.random.normal(ks[0], (B, T, H, K), jnp.bfloat16)
     k = jax.random.normal(ks[1], (B, T, H, K))
@@ -71,7 +68,7 @@ def test_delta_matches_chunk_form(case):
 
     kern = lambda q, k, v, g, beta, S0: hopper_delta.delta(
         q, k, v, g if gated else None, beta, scale=K**-0.5, initial_state=S0, segment_ids=seg,
-        chunk_size=64, config=cfg)
+        chunk_size=64, config=CFG)
     args = range(6) if gated else (0, 1, 2, 4, 5)
     names = ("dq", "dk", "dv") + (("dg",) if gated else ()) + ("dbeta", "dh0")
     grads, (o, S) = jax.jit(jax.grad(lambda *a: loss(kern, *a), argnums=args, has_aux=True))(

@@ -107,8 +107,7 @@ KERNELS = {
                                                              grad_items="tile")),
     "gla": _gla,
     "gated_delta_rule": _delta,
-    "gated_delta_rule-grad-split": lambda: _delta(grad_split=True),
-    "delta_rule-grad-split": lambda: _delta(False, grad_split=True),
+    "delta_rule": lambda: _delta(False),
 }
 
 

@@ -31,12 +31,11 @@ Stages.
               walk; per chunk a consumer issues k q^T and k dS_n+1 together, forms du, stores du and
               gq do to SMEM, then issues T^T du and the dS update (q^T (gq do) + (-W)^T du onto
               dec dS) together. Writes dB_v and every dS_n+1 (bf16); dS_0 as bf16 hi + lo.
-  `grad`      chunk-parallel, a persistent grid over (b, h, chunk, 64-key tile): dq, dk of the tile
-              and the per-row gate and beta terms (the K-contracted pair products q k^T, k k^T enter
-              dbeta and dg linearly, so each tile adds its part; XLA sums the tiles and takes the
-              prefix sums over the chunk).
-              `HopperDeltaConfig.grad_split`: the same item shared by two compute warpgroups
-              (below).
+  `grad`      chunk-parallel, a persistent grid over (b, h, chunk, 64-key tile), each item shared
+              by two compute warpgroups, a dq side and a dk side: dq, dk of the tile and the
+              per-row gate and beta terms (the K-contracted pair products q k^T, k k^T enter dbeta
+              and dg linearly, so each tile adds its part; XLA sums the tiles and takes the prefix
+              sums over the chunk).
   XLA         dv = beta dB_v, rowsum(dB_v * v) (one fused elementwise pass), dg's prefix sums.
 
 Tiles and warpgroups.
@@ -44,15 +43,15 @@ Tiles and warpgroups.
         producer streaming q, k, do, -W [64, K|V] bf16, T [64, 64] bf16 and the rows into 2 slots
         (74 KB each at K = V = 128); per consumer the bf16 dS tile and two [64, 64] tiles (du; gq
         do, then dB_v for its TMA store): 212 KB.
-  grad: grid (#SMs,), one consumer, one producer, 2 slots of q, k [64, 64], do, u, dB_v [64, V],
-        S_n, dS_n+1 [64 keys, V] and the rows (98 KB each at K = V = 128); dA * E and dKK in bf16
-        SMEM (transposed A operands), reused to stage dq and dk: 221 KB (220.75). A chain of
-        four dependent wgmma groups per item: the pair blocks, X = P U, the dk group, the dq
-        group.
-  grad, grad_split (`_grad_split`): the item shared by a dq side (wg 0) and a dk side (wg 1), one
-        producer (wg 2; 2 x 232 + 40 registers a thread), as simple_gla's split gradient. The
-        ring is the one above; a slot is released when both sides arrived (a used barrier of two
-        arrivals). The sides exchange nothing: the cheap pair products are formed on both.
+  grad: grid (#SMs,); a dq side (wg 0) and a dk side (wg 1), one producer (wg 2; 2 x 232 + 40
+        registers a thread), as simple_gla's split gradient. The producer streams 2 slots of q, k
+        [64, 64], do, u, dB_v [64, V], S_n, dS_n+1 [64 keys, V] and the rows (97.75 KB each at
+        K = V = 128); a slot is released when both sides arrived (a used barrier of two
+        arrivals). The sides exchange nothing: the cheap pair products are formed on both. On
+        the H200 (gated_delta_rule, T = 2048, B = 8, H = 16, K = V = 128) the kernel took 0.451
+        ms against 0.775 ms for one compute warpgroup running the whole item (four dependent
+        wgmma groups, 18 [64, 64, 64] units; that program was removed), with dq, dk, dbeta, dg
+        the same to 1e-5.
     dq side  group 1: dA = do u^T, dB_v u^T, k k^T (and q k^T when gated); dA * E, dL * Gamma
              and dbeta's pair part rowsum(dL * Gamma * K K^T). Group 2: dq = (dA * E) k
              (register A operand) + diag(gq) do S_n^T, and when gated Y = W P_hi, W_si = [i >= s]
@@ -67,11 +66,10 @@ Tiles and warpgroups.
              (register A operands: no SMEM tile, no transposed operand), u dS_n+1^T, dB_v S_n^T;
              then dk's row terms, Qi, Qk and dbeta's state part. dk leaves through its own tile.
     Work in [64, 64, 64] wgmma units at K = V = 128: dq side 11, dk side 12 (dA twice and
-        dB_v u^T twice), against 18 on the one consumer; 3 (gated; 2 without a gate) and 2
-        dependent groups against 4.
-    Stats [K/64, B, H, 7, Tp] (SPLIT_STATS): the dq side's rows Qq, R, Qd, dbeta's pair part,
-        the dk side's Qi, Qk, dbeta's state part, each side storing its rows by TMA from its own
-        rows of one float32 [7, 64] SMEM tile; `gate_terms` adds Qq + Qi and the dbeta parts.
+        dB_v u^T twice); 3 dependent groups (gated; 2 without a gate).
+    Stats [K/64, B, H, 7, Tp] (STATS): the dq side's rows Qq, R, Qd, dbeta's pair part, the dk
+        side's Qi, Qk, dbeta's state part, each side storing its rows by TMA from its own rows of
+        one float32 [7, 64] SMEM tile; `gate_terms` adds Qq + Qi and the dbeta parts.
     SMEM at K = V = 128 with gates and documents (7 rows): 2 slots of 97.75 KB + the dq side's
         P / dq tile and W (16 KB) + the dk side's tile (8 KB) + the stats tile (1.75 KB):
         221.25 KB of the 225 KB a CTA may have (without a gate, no W: 212.75 KB at 6 rows). A
@@ -85,8 +83,8 @@ Roofline at the anchor shapes (bf16, H = 16, K = V = 128, B T = 16384; 4096 chun
   walk_rev  reads q, k, do, -W (268 MB), T (34 MB); writes dB_v (67 MB), dS_n+1 (134 MB):
             503 MB, 0.12 ms; latency-bound like the forward walk (~3 us per chunk).
   grad      reads per key tile q, k (half each), do, u, dB_v, S_n and dS_n+1 tiles: 2 x 98 KB per
-            chunk-head = 800 MB; writes dq, dk (134 MB): 0.22 ms; ~20 [64,64,64] wgmmas per
-            item (8192 items): 86 GFLOP, 0.11 ms. Memory-bound.
+            chunk-head = 800 MB; writes dq, dk (134 MB): 0.22 ms; 23 [64,64,64] wgmmas per item
+            (8192 items): 99 GFLOP, 0.13 ms. Measured: 0.451 ms (above).
   XLA       dv and rowsum(dB_v v): ~200 MB, 0.05 ms.
   fwd+bwd   forward with residuals (~0.2 ms) + ~0.4 ms: ~0.6 ms at T = 2048 against
             jax-linear-attention's 0.922 / 0.833 ms (deltanet / gated).
@@ -125,10 +123,9 @@ from linear_jax.kernels.gpu.hopper.delta import (
     walk_setup,
 )
 
-N_STATS = 5          # Qq + Qi, Qk, the pair term R, Qd, dbeta (without the dB_v v term)
-# grad_split's stats rows: the dq side's (0-3), then the dk side's (4-6); dbeta = dbp + dbs
-SPLIT_STATS = ("Qq", "R", "Qd", "dbp", "Qi", "Qk", "dbs")
-SPLIT_DQ_ROWS = 4
+# the gradient kernel's stats rows: the dq side's (0-3), then the dk side's (4-6); dbeta = dbp + dbs
+STATS = ("Qq", "R", "Qd", "dbp", "Qi", "Qk", "dbs")
+DQ_ROWS = 4
 
 
 def walk_rev(q, k, do, wm, tm, rows, dS, *, names, scale, cfg):
@@ -218,7 +215,6 @@ def walk_rev(q, k, do, wm, tm, rows, dS, *, names, scale, cfg):
     return kernel(q, k, do, wm, tm, rows, *dS)
 
 
-
 def _issue_item(item, refs, rings, bar, slot):
     """The TMA loads of one gradient item (b, h, n, kb, rows t, key block kr) into ring `slot`."""
     b, h, n, kb, t, kr = item
@@ -229,165 +225,27 @@ def _issue_item(item, refs, rings, bar, slot):
         plgpu.copy_gmem_to_smem(src.at[b, t, h], dst.at[slot], bar)
     load(bar, slot, (g_ref.at[b, h, :, t], gs), (s_ref.at[b, h, n, kr], ss),
          (ds_ref.at[b, h, n, kr], dss))
-def _grad_setup(q, do, names, cfg):
-    """The gradient kernels' shapes and persistent grid: (B, Tp, H, K, V, C, dtype, N, key blocks
-    NKB, items, programs, stages, Ops, heads fastest, gated)."""
-    B, Tp, H, K = q.shape
-    C = cfg.chunk
-    N, NKB = Tp // C, K // LANES
-    items = B * H * N * NKB
-    progs = min(cfg.programs or multiprocessors(jax.devices()[0]), items)
-    return (B, Tp, H, K, do.shape[-1], C, q.dtype, N, NKB, items, progs, cfg.stages_grad,
-            Ops(interpreting(cfg)), cfg.item_order == "heads", "G" in names)
-
-
-def _grad_kernel(body, ops, cfg, q, do, rows, *, progs, gated, n_stats, consumers, name):
-    """The gradient kernel of `body` over its ring (q, k key blocks, do, u, dB_v, the rows, the
-    S_n / dS_n+1 key tiles), two [C, C] tiles (a third, for the pair mask, when gated), n_stats
-    float32 stats rows, and a slot barrier released by `consumers` compute warpgroups."""
-    B, Tp, H, K = q.shape
-    V, C, dt, stages = do.shape[-1], cfg.chunk, q.dtype, cfg.stages_grad
-    scratch = [smem((stages, C, LANES), dt), smem((stages, C, LANES), dt),
-               smem((stages, C, V), dt), smem((stages, C, V), dt), smem((stages, C, V), dt),
-               plgpu.SMEM((stages, rows.shape[2], C), f32),
-               smem((stages, LANES, V), dt), smem((stages, LANES, V), dt),
-               smem((C, C), dt), smem((C, C), dt)]
-    if gated:
-        scratch.append(smem((C, C), dt))
-    scratch += [plgpu.SMEM((n_stats, C), f32),
-                plgpu.Barrier(num_arrivals=8, num_barriers=stages),
-                plgpu.Barrier(num_arrivals=consumers, num_barriers=stages)]
-    out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, K), dt),
-                jax.ShapeDtypeStruct((K // LANES, B, H, n_stats, Tp), f32)]
-    check_smem(name, scratch)
-    return launch(body, cfg, ops, out_type=out_type, grid=(progs,), grid_names=("p",),
-                  scratch=scratch, name=name, num_threads=consumers + 1)
-
 
 
 def grad(q, k, do, u, dbv, rows, states, dstates, *, names, scale, cfg):
-    """dq, dk and the per-row gate and beta terms of every chunk, chunk-parallel.
+    """dq, dk and the per-row gate and beta terms of every chunk, chunk-parallel, each item shared
+    by two compute warpgroups (see the module docstring): the dq side (wg 0) and the dk side (wg 1)
+    read the same ring slot (released when both arrived) and write their own outputs, staging
+    tiles and stats rows.
 
     q, k [B, Tp, H, K]; do, u, dbv (dB_v) [B, Tp, H, V]; rows `delta.delta_rows`; states /
     dstates [B, H, N, K, V] the S_n and dS_n+1 of each chunk. Returns dq, dk (q's dtype) and
-    stats [K/64, B, H, N_STATS, Tp] float32, each key tile's part of: Qq + Qi, Qk, the pair term
-    R, Qd (in each chunk's entries, one state row each) and dbeta (without rowsum(dB_v v));
-    with `cfg.grad_split` stats [K/64, B, H, 7, Tp], the rows of SPLIT_STATS (`_grad_split`).
-    `gate_terms` takes either.
+    stats [K/64, B, H, 7, Tp] float32, each key tile's part of the rows of STATS (Qd in each chunk's
+    entries, one state row each; dbeta without rowsum(dB_v v)), which `gate_terms` combines.
     """
-    if cfg.grad_split:
-        return _grad_split(q, k, do, u, dbv, rows, states, dstates, names=names, scale=scale,
-                           cfg=cfg)
-    B, Tp, H, K, V, C, dt, N, NKB, items, progs, stages, ops, hf, gated = _grad_setup(
-        q, do, names, cfg)
+    B, Tp, H, K = q.shape
+    V, C, dt, stages = do.shape[-1], cfg.chunk, q.dtype, cfg.stages_grad
+    N, NKB = Tp // C, K // LANES
+    items = B * H * N * NKB
+    progs = min(cfg.programs or multiprocessors(jax.devices()[0]), items)
+    ops, hf, gated = Ops(interpreting(cfg)), cfg.item_order == "heads", "G" in names
     shape = (C, C)
-
-    def body(q_ref, k_ref, do_ref, u_ref, bv_ref, g_ref, s_ref, ds_ref, dq_ref, dk_ref, stats_ref,
-             qs, ks, dos, us, bvs, gs, ss, dss, da_s, dk_s, *refs):
-        refs = list(refs)
-        up_s = refs.pop(0) if gated else None
-        sts, in_bar, used_bar = refs
-        pid, w, count = program_items(items, progs)
-
-        def issue(i, slot):
-            _issue_item(key_tile_item(pid + i * progs, H, N, NKB, C, heads_fastest=hf),
-                        (q_ref, k_ref, do_ref, u_ref, bv_ref, g_ref, s_ref, ds_ref),
-                        (qs, ks, dos, us, bvs, gs, ss, dss), in_bar.at[slot], slot)
-
-        ops.producer(w == 1, issue, count, stages, used_bar)
-
-        @pl.when(w == 0)
-        def _consumer():
-            ops.registers(CONSUMER_REGS, "increase")
-            r, c = ops.iota(shape, 0), ops.iota(shape, 1)
-            if gated:                                     # U_js = [j < s], exact in bf16
-                up_s[...] = (r < c).astype(dt)
-                plgpu.commit_smem()
-
-            @pl.loop(0, count)
-            def _(i):
-                slot = lax.rem(i, stages)
-                b, h, n, kb, t, kr = key_tile_item(pid + i * progs, H, N, NKB, C, heads_fastest=hf)
-                qq, kk, dd, uu, bv, g = (qs.at[slot], ks.at[slot], dos.at[slot], us.at[slot],
-                                         bvs.at[slot], gs.at[slot])
-                sn, dsn = ss.at[slot], dss.at[slot]
-                plgpu.barrier_wait(in_bar.at[slot])
-                dA, dBu, QK, KK = mm_sum(ops, (None, [term(dd, uu, tb=True)]),
-                                         (None, [term(bv, uu, tb=True)]),
-                                         (None, [term(qq, kk, tb=True)]),
-                                         (None, [term(kk, kk, tb=True)]))
-                mask, decay = pairs(ops, g, names, C, reverse=False, strict=False)
-                E = jnp.where(mask, scale if decay is None else scale * decay, 0.0)
-                gam = jnp.where(mask & (r > c), 1.0 if decay is None else decay, 0.0)
-                dAE = dA * E                                  # d(q k^T)
-                dLg = -dBu * gam                              # dL * Gamma on the strict pairs
-                dKK = dLg * row_vec(ops, g, names, "beta", shape)
-                db = jnp.sum(dLg * KK, axis=1)
-                if gated:                                     # the pair term, X = P U
-                    P = dAE * QK + dKK * KK
-                    hi = P.astype(dt)
-                    lo = (P - hi.astype(f32)).astype(dt)
-                    X = mm_sum(ops, (None, [term(hi, up_s), term(lo, up_s)]))[0]
-                    Rg = jnp.sum(jnp.where(r >= c, X, 0.0), axis=0)   # sum over i >= s
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # last item's stores are out
-                dAEh = dAE.astype(dt)
-                da_s[...] = dAEh
-                dk_s[...] = dKK.astype(dt)
-                plgpu.commit_smem()
-                dk, dko, dbk = mm_sum(
-                    ops, (None, [term(da_s, qq, ta=True), term(dk_s, kk, ta=True),
-                                 term(dKK.astype(dt), kk)]),
-                    (None, [term(uu, dsn, tb=True)]), (None, [term(bv, sn, tb=True)]))
-                kf = ops.acc(kk[...]).astype(f32)
-                gk = row_vec(ops, g, names, "gk", shape)
-                ein = row_vec(ops, g, names, "ein", shape)
-                be = row_vec(ops, g, names, "beta", shape) * ein
-                dk = dk + gk * dko - be * dbk
-                kdbk = jnp.sum(kf * dbk, axis=1)
-                db = db - ops.row(g.at[names.index("ein")][...]) * kdbk
-                dq, dqs = mm_sum(ops, (None, [term(dAEh, kk)]), (None, [term(dd, sn, tb=True)]))
-                gq = row_vec(ops, g, names, "gq", shape)
-                dq = dq + gq * dqs
-                if gated:
-                    qf = ops.acc(qq[...]).astype(f32)
-                    Qa = jnp.sum(qf * gq * dqs, axis=1) - jnp.sum(kf * be * dbk, axis=1)
-                    Qk = jnp.sum(kf * gk * dko, axis=1)
-                    Qd = None
-                    for vb in range(V // LANES):           # <S_n, dS_n+1>, 64 columns at a time
-                        cols = pl.ds(vb * LANES, LANES)
-                        x = jnp.sum(ops.acc(sn.at[:, cols][...]).astype(f32) *
-                                    ops.acc(dsn.at[:, cols][...]).astype(f32), axis=1)
-                        Qd = x if Qd is None else Qd + x
-                    Qd = Qd * g[names.index("dec"), 0]
-                plgpu.barrier_arrive(used_bar.at[slot])   # every read of this slot is complete
-                da_s[...] = dq.astype(dt)                 # the dk wgmma has read da_s, dk_s
-                dk_s[...] = dk.astype(dt)
-                zero = ops.row(jnp.zeros((C,), f32))
-                sts[0] = Qa if gated else zero
-                sts[1] = Qk if gated else zero
-                sts[2] = Rg if gated else zero
-                sts[3] = Qd if gated else zero
-                sts[4] = db
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(da_s, dq_ref.at[b, t, h, kr])
-                plgpu.copy_smem_to_gmem(dk_s, dk_ref.at[b, t, h, kr])
-                plgpu.copy_smem_to_gmem(sts, stats_ref.at[kb, b, h, :, t])
-
-            plgpu.wait_smem_to_gmem(0)
-
-    kernel = _grad_kernel(body, ops, cfg, q, do, rows, progs=progs, gated=gated, n_stats=N_STATS,
-                          consumers=1, name="delta_grad")
-    return kernel(q, k, do, u, dbv, rows, states, dstates)
-
-
-def _grad_split(q, k, do, u, dbv, rows, states, dstates, *, names, scale, cfg):
-    """`grad` with each item shared by two compute warpgroups (`HopperDeltaConfig.grad_split`;
-    see the module docstring): the dq side (wg 0) and the dk side (wg 1) read the same ring slot
-    (released when both arrived) and write their own outputs, staging tiles and stats rows."""
-    B, Tp, H, K, V, C, dt, N, NKB, items, progs, stages, ops, hf, gated = _grad_setup(
-        q, do, names, cfg)
-    shape = (C, C)
-    NS, ND = len(SPLIT_STATS), SPLIT_DQ_ROWS
+    NS, ND = len(STATS), DQ_ROWS
 
     def body(q_ref, k_ref, do_ref, u_ref, bv_ref, g_ref, s_ref, ds_ref, dq_ref, dk_ref, stats_ref,
              qs, ks, dos, us, bvs, gs, ss, dss, oq_s, ok_s, *refs):
@@ -507,22 +365,34 @@ def _grad_split(q, k, do, u, dbv, rows, states, dstates, *, names, scale, cfg):
         pl.when(w == 0)(lambda: side(True))
         pl.when(w == 1)(lambda: side(False))
 
-    kernel = _grad_kernel(body, ops, cfg, q, do, rows, progs=progs, gated=gated, n_stats=NS,
-                          consumers=2, name="delta_grad_split")
+    # the ring (q, k key blocks, do, u, dB_v, the rows, the S_n / dS_n+1 key tiles), the sides'
+    # [C, C] tiles (and W when gated), the stats rows, a slot barrier released by both sides
+    scratch = [smem((stages, C, LANES), dt), smem((stages, C, LANES), dt),
+               smem((stages, C, V), dt), smem((stages, C, V), dt), smem((stages, C, V), dt),
+               plgpu.SMEM((stages, rows.shape[2], C), f32),
+               smem((stages, LANES, V), dt), smem((stages, LANES, V), dt),
+               smem((C, C), dt), smem((C, C), dt)]
+    if gated:
+        scratch.append(smem((C, C), dt))
+    scratch += [plgpu.SMEM((NS, C), f32),
+                plgpu.Barrier(num_arrivals=8, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=2, num_barriers=stages)]
+    out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, K), dt),
+                jax.ShapeDtypeStruct((NKB, B, H, NS, Tp), f32)]
+    name = "delta_grad_split"        # its name beside the removed one-consumer "delta_grad"
+    check_smem(name, scratch)
+    kernel = launch(body, cfg, ops, out_type=out_type, grid=(progs,), grid_names=("p",),
+                    scratch=scratch, name=name, num_threads=3)
     return kernel(q, k, do, u, dbv, rows, states, dstates)
 
 
 def gate_terms(stats, C):
-    """(dbeta, dg) [B, Tp, H] from the gradient kernel's per-chunk terms (dbeta without the
-    rowsum(dB_v v) term; dg meaningful for a gated rule only), N_STATS rows a key tile or
-    grad_split's SPLIT_STATS."""
+    """(dbeta, dg) [B, Tp, H] from the gradient kernel's per-chunk terms, the rows of STATS
+    (dbeta without the rowsum(dB_v v) term; dg meaningful for a gated rule only)."""
     _, B, H, S, Tp = stats.shape
     x = stats.sum(0).reshape(B, H, S, Tp // C, C)
-    if S == N_STATS:
-        Qa, Qk, R, Qd, db = (x[:, :, i] for i in range(N_STATS))
-    else:                                                            # grad_split's rows
-        Qq, R, Qd, dbp, Qi, Qk, dbs = (x[:, :, i] for i in range(len(SPLIT_STATS)))
-        Qa, db = Qq + Qi, dbp + dbs
+    Qq, R, Qd, dbp, Qi, Qk, dbs = (x[:, :, i] for i in range(len(STATS)))
+    Qa, db = Qq + Qi, dbp + dbs
     after = jnp.flip(jnp.cumsum(jnp.flip(Qa, -1), -1), -1)           # sum_{i >= s}
     before = jnp.cumsum(Qk, -1)                                      # sum_{j < s}, exactly
     before = jnp.concatenate([jnp.zeros_like(before[..., :1]), before[..., :-1]], -1)
