@@ -16,7 +16,9 @@ anchors.
     jla (deltanet, gated_deltanet) timed the same ways in this run where its wheel is installed
     (`jla_run_*`), else its anchors, and the ratio (jla / ours sync, > 1 is faster); and each
     kernel alone (UT prep, forward walk with and without residuals, reverse walk, gradient
-    kernel; the UT and gradient kernels also with their work items in the other order) at the
+    kernel; the UT and gradient kernels also with their work items in the other order; the UT
+    kernel also under `PREP_VARIANTS` (two consumers, one stage), each with the
+    relative error of its -W, U against the configured kernel's) at the
     first and last T (every T without --quick).
 (c) Writes benchmarks/results/hopper_delta_gpu_<device>.json (and a copy under $OUT when set).
 
@@ -119,6 +121,10 @@ def time_shape(cfg, T, anchors, *, reps, breakdown, profile=False):
     return row
 
 
+# the UT kernel's configs timed beside the default in the breakdown
+PREP_VARIANTS = {"two_consumers": dict(prep_consumers=2), "one_stage": dict(stages_prep=1)}
+
+
 def kernel_breakdown(cfg, q, k, v, beta, g, do, *, reps):
     """Device ms of each kernel of the gated rule alone (inputs prepared outside the timed call)."""
     B, T, H, K = q.shape
@@ -152,6 +158,15 @@ def kernel_breakdown(cfg, q, k, v, beta, g, do, *, reps):
         out[f"grad_{other.item_order}"] = t(jax.jit(lambda *a: hbwd.grad(
             *a, names=names, scale=K**-0.5, cfg=other)), q, k, do, u, dbv, rows, states,
             dstates)
+        # the UT kernel under other configs: its time, and how far its -W, U are from this
+        # config's on the same inputs (max over both of the relative norm error)
+        for tag, over in PREP_VARIANTS.items():
+            other = dataclasses.replace(cfg, **over)
+            f = jax.jit(lambda k, v, r, other=other: hdelta.prep(k, v, r, names=names,
+                                                                 residuals=False, cfg=other))
+            out[f"prep_{tag}"] = t(f, k, v, rows)
+            out[f"prep_{tag}_rel_err"] = max(kc.rel(a, b) for a, b in zip(
+                f(k, v, rows), (wm, u0), strict=True))
     except Exception as e:  # noqa: BLE001
         out["error"] = tail(e, 8)
         print(f"kernel breakdown FAILED:\n{tail(e)}")
@@ -199,6 +214,9 @@ def main(argv=None) -> int:
                                    breakdown=(not a.quick) or T in (a.T[0], a.T[-1]),
                                    profile=a.profile))
             print(rows[-1])
+            common.write_json(                     # so far: a run cut short keeps its rows
+                f"hopper_delta_gpu_{dev.device_kind.replace(' ', '_')}.json", rows,
+                checks=checks, partial=True)
         for op, _ in OPS.values():
             kc.table(rows, op, key=lambda s, op=op: f"{op}.{s}")
     return kc.finish("hopper_delta_gpu", rows, checks, t_start,

@@ -220,18 +220,23 @@ def scan_table(title, keys, script, path, data) -> list[str]:
     return out + [""]
 
 
-def hopper_rows(data) -> list[dict]:
+# the Hopper scripts' result files and the op their bare keys time
+HOPPER_FILES = (("hopper_gpu_*.json", "simple_gla"), ("hopper_delta_gpu_*.json", None),
+                ("hopper_gla_gpu_*.json", "gla"))
+
+
+def hopper_rows(data, bare_op: str | None = "simple_gla") -> list[dict]:
     """The Hopper scripts' timing rows as one shape: op, variant, T, B, and per phase (fwd, fwdbwd)
     the device ms, the sync ms (each call blocked on the host, as the jla anchors were timed), the
     jla anchor and its ratio. `hopper_gpu.py` writes simple_gla's keys bare (`fwd_ms`, one row per
-    variant), `hopper_delta_gpu.py` prefixes each op's (`delta_rule.fwd_ms`,
-    `delta_rule.jla_fwd_ms`)."""
+    variant), `hopper_gla_gpu.py` gla's likewise (`bare_op` names the op of bare keys),
+    `hopper_delta_gpu.py` prefixes each op's (`delta_rule.fwd_ms`, `delta_rule.jla_fwd_ms`)."""
     out = []
     for r in data["rows"]:
         ops = sorted({k.split(".")[0] for k in r if k.endswith(".fwd_ms")}) or [None]
         for op in ops:
             key = (lambda k: k) if op is None else (lambda k, op=op: f"{op}.{k}")
-            row = {"op": op or "simple_gla", "variant": r.get("variant", "default"),
+            row = {"op": op or bare_op, "variant": r.get("variant", "default"),
                    "T": r["T"], "B": r.get("B")}
             for ph in ("fwd", "fwdbwd"):
                 row[ph] = r.get(key(f"{ph}_ms"))
@@ -243,7 +248,7 @@ def hopper_rows(data) -> list[dict]:
     return out
 
 
-def hopper_table(path, data) -> list[str]:
+def hopper_table(path, data, bare_op) -> list[str]:
     """Checks and timings of one Hopper (Mosaic GPU) result file, beside jax-linear-attention."""
     checks = data.get("checks", [])
     bad = [c for c in checks if not c.get("ok")]
@@ -261,7 +266,7 @@ def hopper_table(path, data) -> list[str]:
            "| op | variant | T (B) | fwd | fwd sync (x jla) | jla fwd | fwd+bwd | "
            "fwd+bwd sync (x jla) | jla fwd+bwd |",
            "|---|---|---|---|---|---|---|---|---|"]
-    for r in hopper_rows(data):
+    for r in hopper_rows(data, bare_op):
         def cell(ph):
             if r[f"{ph}_error"]:
                 return "failed", "-"
@@ -295,9 +300,9 @@ def readme_hopper_block() -> list[str]:
 
     lines = ["| op | T (B) | fwd ms, sync (x jla) | fwd+bwd ms, sync (x jla) | result file |",
              "|---|---|---|---|---|"]
-    for pattern in ("hopper_gpu_*.json", "hopper_delta_gpu_*.json"):
+    for pattern, bare_op in HOPPER_FILES:
         for p, data in newest_per_device(pattern):
-            for r in hopper_rows(data):
+            for r in hopper_rows(data, bare_op):
                 if not is_default(r["variant"], data.get("variants", {})):
                     continue
                 cells = []
@@ -363,9 +368,9 @@ def main() -> int:
         for p, data in newest_per_device(pattern):
             lines += scan_table(title, keys, script, p, data)
             found = True
-    for pattern in ("hopper_gpu_*.json", "hopper_delta_gpu_*.json"):
+    for pattern, bare_op in HOPPER_FILES:
         for p, data in newest_per_device(pattern):
-            lines += hopper_table(p, data)
+            lines += hopper_table(p, data, bare_op)
             found = True
     for p, data in newest("check_gpu_*.json"):
         lines += check_table(data, _version(p))

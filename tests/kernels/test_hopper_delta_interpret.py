@@ -1,8 +1,9 @@
 """The Hopper delta-rule kernels' numerics on a CPU, in jax's GPU interpreter
 (`HopperDeltaConfig(interpret=True)`): TMA copies, mbarriers, the warp-specialised pipelines (UT
-prep with two consumers, forward and reverse walks, the persistent gradient kernel), masks, gate
-algebra and the UT inverse run as on the device; each wgmma is computed by `jnp.dot` on the same
-SMEM tiles and bf16 register operands. Against the float32 chunk form on float32 copies.
+prep with one consumer and, in one case, two; forward and reverse walks, the persistent gradient
+kernel), masks, gate algebra and the UT inverse run as on the device; each wgmma is computed by
+`jnp.dot` on the same SMEM tiles and bf16 register operands. Against the float32 chunk form on
+float32 copies.
 
 T = 130: three chunks (the pipelines reuse a slot), the last padded; documents start inside chunk 0
 and at chunk 1's first row; an initial state; for the gated rule, chunk 1 decays hard (g down to
@@ -10,6 +11,7 @@ and at chunk 1's first row; an initial state; for the gated rule, chunk 1 decays
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -38,15 +40,16 @@ def _chunk_form():
     return jax.jit(jax.grad(loss, argnums=tuple(range(6)), has_aux=True))
 
 
-# (gated, K = V): the gradient kernel shares each item between a dq side and a dk side; at
-# K = V = 128 two key tiles add their stats and Qd sums two value blocks
-CASES = {"gated_delta_rule": (True, 64), "delta_rule": (False, 64),
-         "gated_delta_rule-K128": (True, 128), "delta_rule-K128": (False, 128)}
+# (gated, K = V, config overrides): the gradient kernel shares each item between a dq side and a
+# dk side; at K = V = 128 two key tiles add their stats and Qd sums two value blocks; the UT prep
+# runs its default one consumer, and two consumers (each on every other chunk) in one case
+CASES = {"gated_delta_rule": (True, 64, {}), "delta_rule-prep2": (False, 64, {"prep_consumers": 2}),
+         "gated_delta_rule-K128": (True, 128, {}), "delta_rule-K128": (False, 128, {})}
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_delta_matches_chunk_form(case):
-    gated, K = CASES[case]
+    gated, K, over = CASES[case]
     B, T, H, V = 1, 130, 1, K
     ks = jax.random.split(jax.random.key(5), 8)
     q = jax.random.normal(ks[0], (B, T, H, K), jnp.bfloat16)
@@ -68,7 +71,7 @@ def test_delta_matches_chunk_form(case):
 
     kern = lambda q, k, v, g, beta, S0: hopper_delta.delta(
         q, k, v, g if gated else None, beta, scale=K**-0.5, initial_state=S0, segment_ids=seg,
-        chunk_size=64, config=CFG)
+        chunk_size=64, config=dataclasses.replace(CFG, **over))
     args = range(6) if gated else (0, 1, 2, 4, 5)
     names = ("dq", "dk", "dv") + (("dg",) if gated else ()) + ("dbeta", "dh0")
     grads, (o, S) = jax.jit(jax.grad(lambda *a: loss(kern, *a), argnums=args, has_aux=True))(

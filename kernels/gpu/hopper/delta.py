@@ -27,8 +27,9 @@ Stages.
 Why T, W, U are formed outside the walk. The walk is sequential in T: at B H = 16 (T = 32768) it
 runs 16 CTAs on 132 SMs and every instruction on its per-chunk chain is latency. The inverse is a
 chain of 12 dependent [64, 64] wgmmas (~4 us per chunk); inside the walk it would multiply the walk
-by ~3. Outside, it runs on all SMs, two chunks at a time per SM (two consumer warpgroups), and the
-walk's own chain is two dependent wgmmas per chunk (W S_n, then k^T u), one more than simple_gla's.
+by ~3. Outside, it runs on all SMs (`HopperDeltaConfig.prep_consumers` chunks at a time per
+SM), and the walk's own chain is two dependent wgmmas per chunk (W S_n, then k^T u), one more
+than simple_gla's.
 The price is HBM traffic: -W and U are written and read once more (4 x 67 MB at the anchor shape,
 ~0.06 ms), against the ~0.5 ms a fused inverse would add to the walk at T = 32768.
 
@@ -42,11 +43,12 @@ keys, beta in (0, 2)). W and U take T in split precision too (two wgmmas each); 
 rounded to bf16 once, as the inputs are.
 
 Tiles and warpgroups (K, V in {64, 128}; C = 64).
-  prep: grid (#SMs,), two consumer warpgroups each taking every (2 #SMs)-th chunk, one producer
-        (40 registers) streaming k, v [64, K|V] bf16 and the gate rows into two slots per
-        consumer. A consumer forms K K^T (wgmma), L, the inverse through three [64, 64] bf16 SMEM
-        tiles of its own, -W and U (A = T diag(.) from registers, hi + lo); -W and U go out by TMA
-        from the chunk's own k and v slots (the slot is released once the store has read it).
+  prep: grid (#SMs,), `prep_consumers` consumer warpgroups (default one) each taking every
+        (prep_consumers #SMs)-th chunk, one producer (40 registers) streaming k, v [64, K|V] bf16
+        and the gate rows into two slots per consumer. A consumer forms K K^T (wgmma), L, the
+        inverse through three [64, 64] bf16 SMEM tiles of its own, -W and U (A = T diag(.) from
+        registers, hi + lo); -W and U go out by TMA from the chunk's own k and v slots (the slot
+        is released once the store has read it).
   walk: grid (B, H), as simple_gla's: V/64 consumer warpgroups each owning 64 state columns in
         float32 registers (K/64 accumulator blocks of [64, 64]), one producer streaming q, k,
         -W, U [64, K|V] bf16 and the rows into 2 slots (66 KB each at K = V = 128). Per chunk a
@@ -59,8 +61,10 @@ Roofline at the anchor shapes (bf16, H = 16, K = V = 128, B T = 16384; H200 ~4.3
 ~790 TFLOP/s bf16; one [B, T, H, 128] bf16 tensor is 67 MB, 4096 chunk-heads):
   prep      reads k, v (134 MB), writes -W, U (134 MB) (+ T, 34 MB)     268 MB   0.062 ms
             24 [64,64,64] wgmmas per chunk-head: 26 GFLOP                         0.033 ms
-            latency: 12 dependent wgmma steps per chunk, 2 chains per SM,
-            31 chunks per SM: ~60 us
+            latency: 12 dependent wgmma steps per chunk, 31 chunks per SM: ~60 us
+            measured on an H200: 0.262 ms with one consumer, 0.289 with two, 0.279 with two
+            and no Newton step: bound by something each SM shares (not yet found), not by one
+            consumer's chain
   walk      reads q, k, -W, U (268 MB), writes o (67 MB)                 335 MB   0.078 ms
             (+ S_n 134 MB, u 67 MB under differentiation)
             latency-bound below B H ~ 132: 2 dependent wgmmas + 2 SMEM round trips per chunk,
