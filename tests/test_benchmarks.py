@@ -1,7 +1,8 @@
 """The benchmark scripts' shared pieces without a device: a kernel-config variant is built from a
 base config and handed to the measurement (which passes it to the op as `config=`), a failure is
 recorded, not raised; render.py turns a scan script's JSON (checks, timed rows, a failed variant's
-row) into its README section, and picks each device's newest result file."""
+row) into its README section, and picks each device's newest result file; kernel_bisect finds
+every Pallas kernel of an op's programs and compiles one alone; sync_ms interleaves its calls."""
 
 from __future__ import annotations
 
@@ -168,3 +169,28 @@ def test_kernel_diff_locates_a_difference_and_builds_its_cases():
     _, build = kernel_diff.cases(["gla"], {"B": 2, "T": 128, "H": 1}, None)[1]
     _, _, floats, _ = build()
     assert floats[0].shape == (2, 128, 1, 128) and floats[3].shape == (2, 128, 1, 128)
+
+
+def test_kernel_bisect_finds_and_compiles_every_kernel_of_kda():
+    """kernel_bisect collects the Pallas calls of KDA's primal and gradient (through the op's jit
+    and custom VJP) by the kernels' names, and compiles one alone (interpret mode on the CPU)."""
+    from experiments.benchmarks import kernel_bisect
+
+    progs = kernel_bisect.programs("kda", 1, 64, 1, 64, jnp.float32)
+    names = {p: [kernel_bisect.kernel_name(e).split(" at ")[0]
+                 for e in kernel_bisect.pallas_calls(j)] for p, j in progs.items()}
+    assert "delta_ut_inverse" in names["primal"]
+    assert {"delta_state_bwd", "delta_backward_states", "delta_backward_wy"} <= set(
+        names["grad"])
+    eqn = next(e for e in kernel_bisect.pallas_calls(progs["grad"])
+               if "delta_state_bwd" in kernel_bisect.kernel_name(e))
+    kernel_bisect.compile_alone(eqn)
+
+
+def test_sync_ms_interleaves_the_functions():
+    """common.sync_ms calls the functions in turn, rep by rep, and gives one median each."""
+    calls = []
+    fns = [lambda x, i=i: calls.append(i) or x for i in range(3)]
+    out = common.sync_ms(fns, jnp.ones(()), reps=4, warmup=0)
+    assert len(out) == 3 and all(t >= 0 for t in out)
+    assert calls == [0, 1, 2] * 4
