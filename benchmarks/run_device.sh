@@ -28,6 +28,7 @@
 #   bisect    kernel_bisect: every Pallas kernel of an op's primal and gradient compiled alone
 #             (BISECT_ARGS, default "--op kda --dtype bfloat16"): which one fails to compile
 #   host      host_overhead: sync vs device time of ours and jla's simple_gla, host events
+#   gaterows  gate_rows_gpu: the scalar-gate rows' XLA forms, alone and inside simple_gla
 #   bwd       bwd_gpu: the Triton chunk-family backward variants, checks + timings
 #   mqar      experiments.mqar_sweep, the default grid, in /tmp/mqar (a carried experiments/results/
 #             mqar_sweep/runs is copied in first, so an interrupted sweep resumes); JSON, PNG and
@@ -106,6 +107,7 @@ for s in "$@"; do case $s in
       wait; for f in $LOGS/diff*.log; do echo "-- $f"; grep -E "^(PASS|FAIL|ERROR)" "$f" | cut -c1-400; done ) ;;
   bisect) TAIL=40 step bisect "${BISECT_S:-240}" python3 -m experiments.benchmarks.kernel_bisect \
             ${BISECT_ARGS:---op kda --dtype bfloat16} ;;
+  gaterows) TAIL=40 step gaterows "${GATEROWS_S:-240}" python3 -m experiments.benchmarks.gate_rows_gpu ;;
   host) TAIL=20 step host "${HOST_S:-240}" python3 -m experiments.benchmarks.host_overhead ${HOST_ARGS:-} ;;
   bwd) TAIL=60 step bwd "${BWD_S:-300}" python3 -m experiments.benchmarks.bwd_gpu ${BWD_ARGS:-} ;;
   mlstm) step mlstm "${MLSTM_S:-150}" python3 -m experiments.benchmarks.mlstm_gpu ;;

@@ -12,9 +12,15 @@ its own gate preparation. The forms:
   dot           both sums (inclusive prefix, exclusive suffix) as one product with a [C, 2C] 0/1
                 matrix at float32 precision, from the time-major view
   assoc         lax.associative_scan on the head-major view
+  barrier       as cumsum, the head-major view behind an optimization barrier, so that XLA keeps
+                the transpose out of the cumulative sums' fusion
 Each gives the full rows (exponentials, stack); the script prints the device ms of each (median
-of back-to-back calls), its kernels, and its largest relative difference from gate_rows, and
-writes benchmarks/results/gate_rows_gpu_<device>.json.
+of back-to-back calls), its kernels, and its largest relative difference from gate_rows. Then
+(`--op`, default on) the same forms inside simple_gla's Hopper forward and forward + backward at
+the anchors' shapes, where XLA fuses them with their neighbours: each form stands in for the
+op's gate_rows (the script rebinds the name in the kernel module for its own calls), with the
+device ms, the kernels' microseconds, and the output's difference from the op's own. Writes
+benchmarks/results/gate_rows_gpu_<device>.json.
 """
 
 from __future__ import annotations
@@ -83,13 +89,52 @@ def form_assoc(g, C, scale):
     return _rows(G, after, scale)
 
 
+def form_barrier(g, C, scale):
+    gc = lax.optimization_barrier(head_major(g, C))
+    return _rows(jnp.cumsum(gc, axis=-1), rev_cumsum_excl(gc, -1), scale)
+
+
 FORMS = {"cumsum": form_cumsum, "cumsum_tmajor": form_cumsum_tmajor, "dot": form_dot,
-         "assoc": form_assoc}
+         "assoc": form_assoc, "barrier": form_barrier}
+
+
+def in_op(form, T, reps):
+    """simple_gla's Hopper forward and forward + backward (the anchors' protocol) with `form`
+    standing in for gate_rows where the op has a gate and no documents (None: the op as it is):
+    {phase: (device ms, kernels' us, output)}."""
+    from linear_jax.kernels.gpu.hopper import decay as hopper_decay
+
+    q, k, v, g, do = kc.timing_inputs(T, vector_gate=False)
+    K = q.shape[-1]
+    own = hopper_decay.gate_rows
+
+    def rows(g, doc, *, scale, C, H):
+        if form is None or doc is not None or g is None:
+            return own(g, doc, scale=scale, C=C, H=H)
+        B, Tp, _ = g.shape
+        out = form(g, C, scale)
+        return out.reshape(B, H, out.shape[2], Tp), ("gq", "gk", "dec", "G")
+
+    hopper_decay.gate_rows = rows        # this script's calls only; put back below
+    try:
+        fns = kc.fwd_and_fwdbwd(lambda q, k, v, g: hopper_decay.simple_gla(
+            q, k, v, g, scale=K**-0.5, initial_state=None, segment_ids=None, chunk_size=64)[0])
+        out = {}
+        for phase, f, a in (("fwd", fns[0], (q, k, v, g)), ("fwdbwd", fns[1], (q, k, v, g, do))):
+            y = jax.block_until_ready(f(*a))
+            us = kernel_profile.kernel_times(lambda a, f=f: f(*a), a)
+            out[phase] = (common.median_ms(f, *a, reps=reps, inner=10),
+                          {n: round(t, 2) for n, t in us.items()}, y)
+        return out
+    finally:
+        hopper_decay.gate_rows = own
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--T", type=int, nargs="+", default=[2048, 8192, 32768])
+    p.add_argument("--no-op", dest="op", action="store_false",
+                   help="only the forms alone, not inside simple_gla")
     a = p.parse_args(argv)
     dev = jax.devices()[0]
     print("device", dev.device_kind, "jax", jax.__version__)
@@ -110,6 +155,18 @@ def main(argv=None) -> int:
                              kernels_us={k: round(v, 2) for k, v in us.items()}))
             print(f"T={T:<6} {name:<14} {1e3 * ms:8.1f} us  max rel diff {diff:.1e}  "
                   f"kernels {rows[-1]['kernels_us']}", flush=True)
+    for T in a.T if a.op else ():
+        base = in_op(None, T, reps=20)
+        for name, form in FORMS.items():
+            r = base if name == "cumsum" else in_op(form, T, reps=20)
+            for phase, (ms, us, y) in r.items():
+                diff = [kc.rel(x, b) for x, b in zip(jax.tree.leaves(y),
+                                                     jax.tree.leaves(base[phase][2]), strict=True)]
+                rows.append(dict(T=T, form=name, phase=f"simple_gla {phase}", ms=ms,
+                                 max_rel_diff=max(diff), kernels_us=us))
+                print(f"T={T:<6} {name:<14} simple_gla {phase:<7} {1e3 * ms:8.1f} us  rel diff "
+                      f"{max(diff):.1e}  XLA kernels "
+                      f"{ {n: t for n, t in us.items() if 'mosaic' not in n} }", flush=True)
     path = common.write_json(f"gate_rows_gpu_{dev.device_kind.replace(' ', '_')}.json", rows)
     print("wrote", path)
     return 0

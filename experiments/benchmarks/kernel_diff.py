@@ -138,9 +138,10 @@ class Recorder:
                 m.mosaic_gpu_kernel = real
 
 
-def _chunk_case(op_name, K, V, over, B=1, T=256, H=2, seed=0):
+def _chunk_case(op_name, K, V, over, B=1, T=256, H=2, seed=0, strong=False):
     """(entry(cfg) -> f(*floats), config, float inputs, cotangents) for simple_gla / gla / delta;
-    over["pieces"] None: the device's choice."""
+    over["pieces"] None: the device's choice; strong: every log decay in [-25, -15] (the strong
+    decay checks of the Hopper scripts)."""
     rng = np.random.default_rng(seed)
     n = lambda *s: rng.standard_normal(s).astype(np.float32)         # noqa: E731
     bf = jnp.bfloat16
@@ -149,6 +150,8 @@ def _chunk_case(op_name, K, V, over, B=1, T=256, H=2, seed=0):
     S0, seg = jnp.asarray(n(B, H, K, V)), kc.segments(B, T, rng)
     gshape = (B, T, H, K) if op_name == "gla" else (B, T, H)
     g = jax.nn.log_sigmoid(jnp.asarray(n(*gshape))) / 4
+    if strong:
+        g = jnp.asarray(-15.0 - 10.0 * rng.uniform(size=gshape), f32)
     floats = [q, k, v, g, S0]
     if op_name == "delta":
         from linear_jax.kernels.gpu.hopper import delta as mod
@@ -225,9 +228,10 @@ def _mlstm_case(K, over, B=1, T=256, H=2, seed=0):
     return entry, HopperMlstmConfig(**over), floats, cts
 
 
-def cases(names, shape, pieces=None):
+def cases(names, shape, pieces=None, strong=False):
     """[(label, build)]: shape {"B", "T", "H"} overrides the chunk ops' and mLSTM's; pieces the
-    two-level walk's of simple_gla and gla (None: the device's choice)."""
+    two-level walk's of simple_gla and gla (None: the device's choice); strong: the chunk ops'
+    gates strong (`_chunk_case`)."""
     out = []
     for name in names:
         if name in ("simple_gla", "gla", "delta"):
@@ -238,9 +242,9 @@ def cases(names, shape, pieces=None):
                 if name != "delta":
                     overs = [{**o, "pieces": pieces} for o in overs]
                 for over in overs:
-                    out.append((f"{name} K={K} V={V} {over} {shape}",
-                                lambda n=name, K=K, V=V, o=over: _chunk_case(n, K, V, o,
-                                                                            **shape)))
+                    out.append((f"{name} K={K} V={V} {over} {shape}" + (" strong" * strong),
+                                lambda n=name, K=K, V=V, o=over: _chunk_case(
+                                    n, K, V, o, strong=strong, **shape)))
         elif name == "selective":
             out.append(("selective D=128 N=16", lambda: _selective_case(
                 {}, **{k: v for k, v in shape.items() if k == "seed"})))
@@ -285,13 +289,15 @@ def main(argv=None) -> int:
     p.add_argument("--pieces", type=int, default=2, help="0: the device's choice")
     p.add_argument("--shape", default="",
                    help='e.g. "B=2,T=256,H=4,seed=1" (chunk ops and mLSTM; seed for all)')
+    p.add_argument("--strong", action="store_true",
+                   help="the chunk ops' log decays in [-25, -15] (strong decay)")
     p.add_argument("--tol", type=float, default=2e-2)
     p.add_argument("--dry-run", action="store_true",
                    help="record in the interpreter too (checks this tool on a CPU: every rel 0)")
     args = p.parse_args(argv)
     rows, t_start = [], time.perf_counter()
     shape = {k: int(v) for k, v in (kv.split("=") for kv in args.shape.split(",") if kv)}
-    for label, build in cases(args.ops.split(","), shape, args.pieces or None):
+    for label, build in cases(args.ops.split(","), shape, args.pieces or None, args.strong):
         if args.case not in label:
             continue
         t0 = time.time()
