@@ -90,7 +90,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from linear_jax._compat import mosaic_gpu_kernel
 from linear_jax.kernels.configs import HopperChunkConfig, multiprocessors
 from linear_jax.kernels.gpu.hopper.common import (
     CONSUMER_REGS,
@@ -103,6 +102,7 @@ from linear_jax.kernels.gpu.hopper.common import (
     f32,
     gate_rows,
     interpreting,
+    launch,
     load,
     pad_input,
     padded_doc,
@@ -291,10 +291,8 @@ def walk(x, y, z, rows, s0, *, names, read_row, write_row, reverse, scale, cfg, 
                 plgpu.Barrier(num_arrivals=1, num_barriers=NW)]
     check_smem("simple_gla walk", scratch)
     name = "simple_gla_walk" + ("_rev" if reverse else "") + ("" if out_mode else "_state")
-    kernel = mosaic_gpu_kernel(
-        body, out_type=out_type, grid=(B, H, P), grid_names=("b", "h", "p"), num_threads=NW + 1,
-        thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
-        approx_math=cfg.approx_math, interpret=ops.interpret, name=name)
+    kernel = launch(body, cfg, ops, out_type=out_type, grid=(B, H, P), grid_names=("b", "h", "p"),
+                    scratch=scratch, name=name, num_threads=NW + 1)
     args = ((x,) if out_mode else ()) + (y, z) + ((rows,) if has_rows else ()) + \
         ((s0,) if has_s0 else ())
     outs = list(kernel(*args))

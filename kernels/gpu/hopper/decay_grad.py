@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from linear_jax._compat import mosaic_gpu_kernel
 from linear_jax.kernels.configs import multiprocessors
 from linear_jax.kernels.gpu.hopper.common import (
     CONSUMER_REGS,
@@ -36,6 +35,7 @@ from linear_jax.kernels.gpu.hopper.common import (
     grid_item,
     interpreting,
     key_tile_item,
+    launch,
     load,
     pl,
     plgpu,
@@ -269,10 +269,8 @@ def _grad_split(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
     out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, K), dt)]
     out_type += [jax.ShapeDtypeStruct((B, H, 2, Tp), f32)] if gated else []
     check_smem("simple_gla grad (split)", scratch)
-    kernel = mosaic_gpu_kernel(
-        body, out_type=out_type, grid=(progs,), grid_names=("p",), num_threads=3,
-        thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
-        approx_math=cfg.approx_math, interpret=ops.interpret, name="simple_gla_grad_split")
+    kernel = launch(body, cfg, ops, out_type=out_type, grid=(progs,), grid_names=("p",),
+                    scratch=scratch, name="simple_gla_grad_split", num_threads=3)
     args = (q, k, v, do) + ((rows,) if has_rows else ()) + (states, dstates)
     outs = kernel(*args)
     return outs[0], outs[1], (outs[2] if gated else None)
@@ -372,10 +370,8 @@ def _grad_tiles(q, k, v, do, rows, states, dstates, *, names, scale, cfg):
     out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, K), dt),
                 jax.ShapeDtypeStruct((NKB, B, H, 4, Tp), f32)]
     check_smem("simple_gla grad", scratch)
-    kernel = mosaic_gpu_kernel(
-        body, out_type=out_type, grid=(progs,), grid_names=("p",), num_threads=2,
-        thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
-        approx_math=cfg.approx_math, interpret=ops.interpret, name="simple_gla_grad_tiles")
+    kernel = launch(body, cfg, ops, out_type=out_type, grid=(progs,), grid_names=("p",),
+                    scratch=scratch, name="simple_gla_grad_tiles", num_threads=2)
     args = (q, k, v, do) + ((rows,) if has_rows else ()) + (states, dstates)
     dq, dk, stats = kernel(*args)
     return dq, dk, (stats if gated else None)

@@ -85,7 +85,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from linear_jax._compat import mosaic_gpu_kernel
 from linear_jax.kernels.configs import HopperDeltaConfig, multiprocessors
 from linear_jax.kernels.gpu.hopper.common import (
     CONSUMER_REGS,
@@ -98,6 +97,7 @@ from linear_jax.kernels.gpu.hopper.common import (
     gate_rows,
     grid_item,
     interpreting,
+    launch,
     load,
     mm_sum,
     pad_input,
@@ -295,10 +295,8 @@ def prep(k, v, rows, *, names, cfg, residuals):
                plgpu.Barrier(num_arrivals=3, num_barriers=NC * stages),
                plgpu.Barrier(num_arrivals=1, num_barriers=NC * stages)]
     check_smem("delta prep", scratch)
-    kernel = mosaic_gpu_kernel(
-        body, out_type=out_type, grid=(progs,), grid_names=("p",), num_threads=NC + 1,
-        thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
-        approx_math=cfg.approx_math, interpret=ops.interpret, name="delta_prep")
+    kernel = launch(body, cfg, ops, out_type=out_type, grid=(progs,), grid_names=("p",),
+                    scratch=scratch, name="delta_prep", num_threads=NC + 1)
     return kernel(k, v, rows)
 
 
@@ -394,10 +392,8 @@ def walk(q, k, wm, u0, rows, s0, *, names, scale, cfg, residuals):
                plgpu.Barrier(num_arrivals=NW, num_barriers=stages),
                plgpu.Barrier(num_arrivals=1, num_barriers=NW)]
     check_smem("delta walk", scratch)
-    kernel = mosaic_gpu_kernel(
-        body, out_type=out_type, grid=(B, H), grid_names=("b", "h"), num_threads=NW + 1,
-        thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
-        approx_math=cfg.approx_math, interpret=ops.interpret, name="delta_walk")
+    kernel = launch(body, cfg, ops, out_type=out_type, grid=(B, H), grid_names=("b", "h"),
+                    scratch=scratch, name="delta_walk", num_threads=NW + 1)
     return kernel(q, k, wm, u0, rows, *s0)
 
 

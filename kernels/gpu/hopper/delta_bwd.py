@@ -96,7 +96,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from linear_jax._compat import mosaic_gpu_kernel
 from linear_jax.kernels.configs import multiprocessors
 from linear_jax.kernels.gpu.hopper.common import (
     CONSUMER_REGS,
@@ -208,10 +207,8 @@ def walk_rev(q, k, do, wm, tm, rows, dS, *, names, scale, cfg):
                plgpu.Barrier(num_arrivals=NW, num_barriers=stages),
                plgpu.Barrier(num_arrivals=1, num_barriers=NW)]
     check_smem("delta reverse walk", scratch)
-    kernel = mosaic_gpu_kernel(
-        body, out_type=out_type, grid=(B, H), grid_names=("b", "h"), num_threads=NW + 1,
-        thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
-        approx_math=cfg.approx_math, interpret=ops.interpret, name="delta_walk_rev")
+    kernel = launch(body, cfg, ops, out_type=out_type, grid=(B, H), grid_names=("b", "h"),
+                    scratch=scratch, name="delta_walk_rev", num_threads=NW + 1)
     return kernel(q, k, do, wm, tm, rows, *dS)
 
 

@@ -93,7 +93,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from linear_jax._compat import mosaic_gpu_kernel
 from linear_jax.kernels.configs import HopperChunkConfig, multiprocessors
 from linear_jax.kernels.gpu.hopper.common import (
     LANES,
@@ -103,6 +102,7 @@ from linear_jax.kernels.gpu.hopper.common import (
     enter_blocks,
     f32,
     interpreting,
+    launch,
     mm_sum,
     pad_input,
     padded_doc,
@@ -324,10 +324,8 @@ def gates(q, k, gh, gl, drows, *, scale, cfg):
     out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, K), dt),
                 jax.ShapeDtypeStruct((B, H, N, C, C), dt),
                 jax.ShapeDtypeStruct((B, H, N, NKB, LANES), f32)]
-    kernel = mosaic_gpu_kernel(
-        body, out_type=out_type, grid=(B, H, N), grid_names=("b", "h", "n"), num_threads=1,
-        thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
-        approx_math=cfg.approx_math, interpret=ops.interpret, name="gla_gates")
+    kernel = launch(body, cfg, ops, out_type=out_type, grid=(B, H, N), grid_names=("b", "h", "n"),
+                    scratch=scratch, name="gla_gates", num_threads=1)
     args = (q, k, gh, gl) + ((drows,) if has_doc else ())
     return tuple(kernel(*args))
 
@@ -475,10 +473,8 @@ def walk(x, y, z, A, dec, s0, *, reverse, cfg, residuals=False, pieces=1, emit="
                 plgpu.Barrier(num_arrivals=1, num_barriers=NW)]
     check_smem("gla walk", scratch)
     name = "gla_walk" + ("_rev" if reverse else "") + ("" if out_mode else "_state")
-    kernel = mosaic_gpu_kernel(
-        body, out_type=out_type, grid=(B, H, P), grid_names=("b", "h", "p"), num_threads=NW + 1,
-        thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
-        approx_math=cfg.approx_math, interpret=ops.interpret, name=name)
+    kernel = launch(body, cfg, ops, out_type=out_type, grid=(B, H, P), grid_names=("b", "h", "p"),
+                    scratch=scratch, name=name, num_threads=NW + 1)
     args = ((x,) if out_mode else ()) + (y, z) + ((A,) if out_mode else ()) + (dec,) + \
         ((s0,) if has_s0 else ())
     outs = list(kernel(*args))
@@ -636,10 +632,8 @@ def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
     check_smem("gla grad", scratch)
     out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, K), dt),
                 jax.ShapeDtypeStruct((B, Tp, H, K), f32)]
-    kernel = mosaic_gpu_kernel(
-        body, out_type=out_type, grid=(B, H, N), grid_names=("b", "h", "n"), num_threads=1,
-        thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
-        approx_math=cfg.approx_math, interpret=ops.interpret, name="gla_grad")
+    kernel = launch(body, cfg, ops, out_type=out_type, grid=(B, H, N), grid_names=("b", "h", "n"),
+                    scratch=scratch, name="gla_grad", num_threads=1)
     args = (q, k, v, do, gh, gl) + ((drows,) if has_doc else ()) + (states, dstates)
     return tuple(kernel(*args))
 
