@@ -111,6 +111,11 @@ def floor_ms(cost: dict, ceilings: dict) -> float:
                      cost["flops"] / ceilings["flop_per_s"])
 
 
+def device_file(stem: str) -> str:
+    """The result file's name for this device: <stem>_<device kind, spaces as _>.json."""
+    return f"{stem}_{jax.devices()[0].device_kind.replace(' ', '_')}.json"
+
+
 def write_json(name: str, rows: list, **meta) -> str:
     os.makedirs(RESULTS, exist_ok=True)
     dev = jax.devices()[0]

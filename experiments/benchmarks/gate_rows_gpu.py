@@ -7,7 +7,7 @@ gate_rows turns the log gates g [B, T, H] into the float32 rows the Hopper kerne
 3, Tp]: gq, gk, dec; G too where the kernel forms intra-chunk decays). Its cumulative sums run in
 XLA before the kernels; on an H200 at T = 2048 that fusion took 18 us against jla's 3.4 us for
 its own gate preparation. The forms:
-  cumsum        jnp.cumsum on the head-major [B, H, N, C] view (gate_rows as it is)
+  cumsum        gate_rows itself (jnp.cumsum on the head-major [B, H, N, C] view)
   cumsum_tmajor jnp.cumsum along C on the time-major [B, N, C, H] view, then one transpose
   dot           both sums (inclusive prefix, exclusive suffix) as one product with a [C, 2C] 0/1
                 matrix at float32 precision, from the time-major view
@@ -60,9 +60,8 @@ def time_major(g, C):
 
 
 def form_cumsum(g, C, scale):
-    gc = head_major(g, C)
-    G = jnp.cumsum(gc, axis=-1)
-    return _rows(G, rev_cumsum_excl(gc, -1), scale)
+    B, T, H = g.shape
+    return gate_rows(g, None, scale=scale, C=C, H=H)[0].reshape(B, H, 4, T // C, C)
 
 
 def form_cumsum_tmajor(g, C, scale):
@@ -143,8 +142,7 @@ def main(argv=None) -> int:
         g = kc.timing_inputs(T, vector_gate=False)[3]
         B, _, H = g.shape
         scale = 128 ** -0.5
-        ref = jax.jit(lambda g: gate_rows(g, None, scale=scale, C=C, H=H)[0])(g)
-        ref = np.asarray(ref).reshape(B, H, 4, T // C, C)
+        ref = np.asarray(jax.jit(lambda g: form_cumsum(g, C, scale))(g))
         for name, form in FORMS.items():
             f = jax.jit(lambda g, form=form: form(g, C, scale))
             out = np.asarray(f(g))
@@ -167,7 +165,7 @@ def main(argv=None) -> int:
                 print(f"T={T:<6} {name:<14} simple_gla {phase:<7} {1e3 * ms:8.1f} us  rel diff "
                       f"{max(diff):.1e}  XLA kernels "
                       f"{ {n: t for n, t in us.items() if 'mosaic' not in n} }", flush=True)
-    path = common.write_json(f"gate_rows_gpu_{dev.device_kind.replace(' ', '_')}.json", rows)
+    path = common.write_json(common.device_file("gate_rows_gpu"), rows)
     print("wrote", path)
     return 0
 

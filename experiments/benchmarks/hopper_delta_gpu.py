@@ -214,9 +214,9 @@ def main(argv=None) -> int:
                                    breakdown=(not a.quick) or T in (a.T[0], a.T[-1]),
                                    profile=a.profile))
             print(rows[-1])
-            common.write_json(                     # so far: a run cut short keeps its rows
-                f"hopper_delta_gpu_{dev.device_kind.replace(' ', '_')}.json", rows,
-                checks=checks, partial=True)
+            # so far: a run cut short keeps its rows
+            common.write_json(common.device_file("hopper_delta_gpu"), rows, checks=checks,
+                              partial=True)
         for op, _ in OPS.values():
             kc.table(rows, op, key=lambda s, op=op: f"{op}.{s}")
     return kc.finish("hopper_delta_gpu", rows, checks, t_start,

@@ -20,11 +20,7 @@ benchmarks/results/host_overhead_<device>.json.
 from __future__ import annotations
 
 import argparse
-import collections
-import glob
-import os
 import sys
-import tempfile
 import time
 
 import jax
@@ -33,36 +29,16 @@ import numpy as np
 
 from experiments.benchmarks import common
 from experiments.benchmarks import kernel_checks as kc
+from experiments.benchmarks import profile as kernel_profile
 from linear_jax import ops
 
 
 def host_events(f, args, reps: int = 20) -> tuple[dict, dict]:
     """({host event name: mean us a call}, {device kernel name: mean us a call}) of blocked
-    calls f(*args), from a profiler trace."""
-    jax.block_until_ready(f(*args))
-    host: dict = collections.defaultdict(float)
-    dev: dict = collections.defaultdict(float)
-    with tempfile.TemporaryDirectory() as d:
-        jax.profiler.start_trace(d)
-        try:
-            for _ in range(reps):
-                jax.block_until_ready(f(*args))
-        finally:
-            jax.profiler.stop_trace()
-        files = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
-        if not files:
-            return {}, {}
-        for plane in jax.profiler.ProfileData.from_file(files[0]).planes:
-            on_gpu = plane.name.startswith("/device:GPU")
-            for line in plane.lines:
-                if on_gpu and not line.name.startswith("Stream"):
-                    continue
-                for ev in line.events:
-                    if not ev.name.startswith("$profiler"):     # the trace's own start / stop
-                        (dev if on_gpu else host)[ev.name] += ev.duration_ns / 1e3 / reps
-    top = lambda t, n: dict(sorted(((k, round(v, 1)) for k, v in t.items()),   # noqa: E731
-                                   key=lambda kv: -kv[1])[:n])
-    return top(host, 14), top(dev, 40)
+    calls f(*args) (`profile.trace_times`): the host's 14 longest, the device's 40 longest."""
+    dev, host = kernel_profile.trace_times(lambda a: f(*a), args, reps)
+    rounded = lambda t, n: {k: round(v, 1) for k, v in list(t.items())[:n]}   # noqa: E731
+    return rounded(host, 14), rounded(dev, 40)
 
 
 def measure(fns: dict, args, reps: int) -> dict:
@@ -118,7 +94,7 @@ def main(argv=None) -> int:
                       f"{r['sync_p10_ms']:.3f}/{r['sync_ms']:.3f}/{r['sync_p90_ms']:.3f} enqueue "
                       f"{r['enqueue_ms']:.3f} ms; {r['kernels']} kernels {r['kernels_us']} us; "
                       f"host {r['host_us']}", flush=True)
-    path = common.write_json(f"host_overhead_{dev.device_kind.replace(' ', '_')}.json", rows)
+    path = common.write_json(common.device_file("host_overhead"), rows)
     print("wrote", path)
     return 0
 

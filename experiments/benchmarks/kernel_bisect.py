@@ -119,7 +119,7 @@ def main(argv=None) -> int:
             print(f"{'ok  ' if err is None else 'FAIL'} {phase:<6} {name}  {' '.join(shapes)[:160]}"
                   + (f"\n{err}" if err else ""), flush=True)
     bad = sum(not r["ok"] for r in rows)
-    path = common.write_json(f"kernel_bisect_{dev.device_kind.replace(' ', '_')}.json", rows,
+    path = common.write_json(common.device_file("kernel_bisect"), rows,
                              op=a.op, dtype=a.dtype, failures=bad)
     print(f"{len(rows)} kernels, {bad} failed; wrote {path}")
     return 1 if bad else 0

@@ -256,8 +256,7 @@ def finish(name: str, rows, checks, t_start: float, **meta) -> int:
     n_fail = sum(not c["ok"] for c in checks)
     print(f"\nchecks: {len(checks) - n_fail} passed, {n_fail} failed; "
           f"{time.perf_counter() - t_start:.0f} s")
-    slug = jax.devices()[0].device_kind.replace(" ", "_")
-    path = common.write_json(f"{name}_{slug}.json", rows, checks=checks, **meta)
+    path = common.write_json(common.device_file(name), rows, checks=checks, **meta)
     print("wrote", path)
     if os.environ.get("OUT"):
         shutil.copy(path, os.environ["OUT"])

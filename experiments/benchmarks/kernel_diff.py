@@ -149,9 +149,10 @@ def _chunk_case(op_name, K, V, over, B=1, T=256, H=2, seed=0, strong=False):
                jnp.asarray(n(B, T, H, V), bf))
     S0, seg = jnp.asarray(n(B, H, K, V)), kc.segments(B, T, rng)
     gshape = (B, T, H, K) if op_name == "gla" else (B, T, H)
-    g = jax.nn.log_sigmoid(jnp.asarray(n(*gshape))) / 4
     if strong:
         g = jnp.asarray(-15.0 - 10.0 * rng.uniform(size=gshape), f32)
+    else:
+        g = jax.nn.log_sigmoid(jnp.asarray(n(*gshape))) / 4
     floats = [q, k, v, g, S0]
     if op_name == "delta":
         from linear_jax.kernels.gpu.hopper import delta as mod
