@@ -27,6 +27,8 @@
 #             each with DIFF_MEM (default 0.06) of the GPU's memory: lower it past 16 cases
 #   bisect    kernel_bisect: every Pallas kernel of an op's primal and gradient compiled alone
 #             (BISECT_ARGS, default "--op kda --dtype bfloat16"): which one fails to compile
+#   report    kernel_report: registers, spills and SASS opcode counts of the delta kernels, and the
+#             time of each named scope inside them (REPORT_ARGS); SASS files under logs/sass
 #   host      host_overhead: sync vs device time of ours and jla's simple_gla, host events
 #   gaterows  gate_rows_gpu: the scalar-gate rows' XLA forms, alone and inside simple_gla
 #   bwd       bwd_gpu: the Triton chunk-family backward variants, checks + timings
@@ -108,6 +110,8 @@ for s in "$@"; do case $s in
   bisect) TAIL=40 step bisect "${BISECT_S:-240}" python3 -m experiments.benchmarks.kernel_bisect \
             ${BISECT_ARGS:---op kda --dtype bfloat16} ;;
   gaterows) TAIL=40 step gaterows "${GATEROWS_S:-240}" python3 -m experiments.benchmarks.gate_rows_gpu ;;
+  report) TAIL=60 step report "${REPORT_S:-240}" python3 -m experiments.benchmarks.kernel_report \
+            --keep $LOGS/sass ${REPORT_ARGS:-} ;;
   host) TAIL=20 step host "${HOST_S:-240}" python3 -m experiments.benchmarks.host_overhead ${HOST_ARGS:-} ;;
   bwd) TAIL=60 step bwd "${BWD_S:-300}" python3 -m experiments.benchmarks.bwd_gpu ${BWD_ARGS:-} ;;
   mlstm) step mlstm "${MLSTM_S:-150}" python3 -m experiments.benchmarks.mlstm_gpu ;;

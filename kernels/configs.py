@@ -353,6 +353,9 @@ class HopperChunkConfig:
       the chunk: the CTAs running at once read the same rows of every head, whole rows of the
       [B, T, H, K] inputs) or "chunks" (the chunk fastest: at B = 1 the CTAs at once read 132
       chunks of one head, 256-byte pieces 4 KB apart).
+    profile_dir: where a non-empty directory is named, every kernel call writes a Chrome trace
+      of its named scopes (`jax.named_scope` in the kernel bodies; per CTA and warpgroup, at most
+      256 ranges each: `experiments/benchmarks/kernel_report.py` reads them). Diagnostics only.
     """
 
     chunk: int = 64
@@ -362,6 +365,7 @@ class HopperChunkConfig:
     semantics: str = "lane"
     approx_math: bool = False
     interpret: bool | None = None
+    profile_dir: str = ""
     pieces: int | None = None
     gates: str = "xla"
     grad_items: str = "split"
@@ -415,35 +419,43 @@ class HopperDeltaConfig:
     chunk: C, rows per chunk: 64 (one wgmma M tile).
     stages: depth of the TMA pipeline of the two sequential walks (2: at K = V = 128 a stage is
       66 KB forward and 75 KB in reverse; 3 do not fit in the 227 KB of a CTA: ValueError).
-    stages_prep: the same for the chunk-parallel UT kernel, per consumer warpgroup (33 KB a stage).
-    prep_consumers: consumer warpgroups of the UT kernel, each on its own chunks (1 or 2). One:
-      on an H200 the kernel took 0.262 ms with one against 0.289 with two (T = 2048, B = 8,
-      H = 16, K = V = 128; 0.493 against 0.546 at T = 32768; the same -W, U to the bit), so the
-      kernel is bound by something each SM shares, not by the latency of one consumer's chain
-      of dependent wgmmas (the Newton step's four, left out, saved 4 %).
+    stages_prep: the same for the chunk-parallel UT kernel (32 KB a stage at K = V = 128; one
+      consumer warpgroup: a second one on its own chunks took 0.289 ms against 0.262 on an H200,
+      T = 2048, when the kernel spilled registers).
     stages_grad: the same for the chunk-parallel gradient kernel (98 KB a stage at K = V = 128).
     programs: CTAs of the persistent kernels (UT, gradient); None: the device's SM count.
+    walk_split: the forward walk's value blocks of 64 in CTAs of their own, one consumer
+      warpgroup each, grid (B, H, V / 64) (True), or as the consumer warpgroups of one CTA per
+      (b, h) (False). None: split where the split grid fits the SMs in one wave (B H V / 64 <=
+      their count), so that no SM runs two blocks' chains of dependent wgmmas at once.
     semantics, approx_math, item_order: as `HopperChunkConfig` (the order of the UT and gradient
       kernels' items).
+    profile_dir: where a non-empty directory is named, every kernel call writes a Chrome trace
+      of its named scopes (`jax.named_scope` in the kernel bodies; per CTA and warpgroup, at most
+      256 ranges each: `experiments/benchmarks/kernel_report.py` reads them). Diagnostics only.
     """
 
     chunk: int = 64
     stages: int = 2
     stages_prep: int = 2
-    prep_consumers: int = 1
     stages_grad: int = 2
     programs: int | None = None
     semantics: str = "lane"
     approx_math: bool = False
     interpret: bool | None = None
+    profile_dir: str = ""
     item_order: str = "heads"
+    walk_split: bool | None = None
 
     def __post_init__(self):
         name = type(self).__name__
         if self.chunk != 64:
             raise ValueError(f"{name}.chunk must be 64 (one wgmma tile), got {self.chunk}")
-        for f, ok in (("stages", (2, 3)), ("stages_prep", (1, 2)), ("stages_grad", (1, 2)),
-                      ("prep_consumers", (1, 2)), ("item_order", ("heads", "chunks"))):
+        if self.walk_split not in (None, True, False):
+            raise ValueError(f"{name}.walk_split must be None, True or False, got "
+                             f"{self.walk_split!r}")
+        for f, ok in (("stages", (2, 3)), ("stages_prep", (1, 2, 3)), ("stages_grad", (1, 2)),
+                      ("item_order", ("heads", "chunks"))):
             if getattr(self, f) not in ok:
                 raise ValueError(f"{name}.{f} must be one of {ok}, got {getattr(self, f)}")
         if self.programs is not None and self.programs < 1:
@@ -456,6 +468,12 @@ class HopperDeltaConfig:
     @classmethod
     def default(cls, device=None) -> HopperDeltaConfig:
         return cls(programs=multiprocessors(device))
+
+    def split_walk(self, BH: int, NW: int, sms: int) -> bool:
+        """Whether the forward walk of B H sequences with NW value blocks runs a CTA per block."""
+        if NW == 1:
+            return False
+        return BH * NW <= sms if self.walk_split is None else self.walk_split
 
     def for_chunk(self, chunk_size: int) -> HopperDeltaConfig:
         """The op's chunk_size does not change the kernels' chunk (64: one wgmma tile)."""
@@ -472,6 +490,9 @@ class HopperSelectiveConfig:
     stages: chunks in flight in shared memory (TMA) while one computes.
     semantics, approx_math, interpret: as `HopperChunkConfig`.
     Not yet run on a device (the defaults are the design's guesses).
+    profile_dir: where a non-empty directory is named, every kernel call writes a Chrome trace
+      of its named scopes (`jax.named_scope` in the kernel bodies; per CTA and warpgroup, at most
+      256 ranges each: `experiments/benchmarks/kernel_report.py` reads them). Diagnostics only.
     """
 
     chunk: int = 16
@@ -479,6 +500,7 @@ class HopperSelectiveConfig:
     semantics: str = "lane"
     approx_math: bool = False
     interpret: bool | None = None
+    profile_dir: str = ""
 
     def __post_init__(self):
         name = type(self).__name__
@@ -509,12 +531,16 @@ class HopperMlstmConfig:
       backward's query kernel only up to L = 128 there, L = 256 at K = V = 64).
     semantics, approx_math, interpret: as `HopperChunkConfig`.
     Not yet run on a device.
+    profile_dir: where a non-empty directory is named, every kernel call writes a Chrome trace
+      of its named scopes (`jax.named_scope` in the kernel bodies; per CTA and warpgroup, at most
+      256 ranges each: `experiments/benchmarks/kernel_report.py` reads them). Diagnostics only.
     """
 
     chunk: int = 128
     semantics: str = "lane"
     approx_math: bool = False
     interpret: bool | None = None
+    profile_dir: str = ""
 
     def __post_init__(self):
         name = type(self).__name__

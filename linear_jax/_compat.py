@@ -207,17 +207,26 @@ def mosaic_gpu_interpret_params():
     return InterpretGPUParams()
 
 
+# Named-scope ranges a traced Mosaic GPU kernel records per warpgroup (16 bytes of SMEM each).
+PROFILE_RANGES = 256
+
+
 def mosaic_gpu_kernel(body, *, out_type, grid, grid_names, num_threads, thread_name,
                       scratch_types, semantics: str, approx_math: bool, interpret: bool,
-                      name: str):
+                      name: str, profile_dir: str = ""):
     """`plgpu.kernel` with the lowering semantics named ("lane" | "warpgroup") and the output
-    types under the keyword both versions take; in the GPU interpreter when `interpret`."""
+    types under the keyword both versions take; in the GPU interpreter when `interpret`. With
+    `profile_dir`, every call writes a Chrome trace of the kernel's named scopes (per warpgroup,
+    up to PROFILE_RANGES ranges each) into that directory."""
     _, plgpu = mosaic_gpu()
     sem = {"lane": plgpu.LoweringSemantics.Lane,
            "warpgroup": plgpu.LoweringSemantics.Warpgroup}[semantics]
     extra = {"interpret": mosaic_gpu_interpret_params()} if interpret else {}
+    prof = {"profile_space": PROFILE_RANGES, "profile_dir": profile_dir} if profile_dir else {}
     return plgpu.kernel(
         body, out_type=out_type, grid=grid, grid_names=grid_names, num_threads=num_threads,
         thread_name=thread_name, scratch_types=scratch_types, kernel_name=name,
-        compiler_params=plgpu.CompilerParams(lowering_semantics=sem, approx_math=approx_math),
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=sem, approx_math=approx_math,
+            **prof),
         **extra)

@@ -194,3 +194,36 @@ def test_sync_ms_interleaves_the_functions():
     out = common.sync_ms(fns, jnp.ones(()), reps=4, warmup=0)
     assert len(out) == 3 and all(t >= 0 for t in out)
     assert calls == [0, 1, 2] * 4
+
+
+def test_kernel_report_reads_stage_times_and_resources(tmp_path):
+    from experiments.benchmarks import kernel_report as kr
+
+    # two warpgroups of one kernel: "mm" nested in a chunk, "wait" beside it
+    ev = lambda name, ph, ts, tid: {"name": name, "ph": ph, "ts": ts, "pid": 1, "tid": tid}
+    events = [ev("wait", "B", 0.0, 1), ev("wait", "E", 1.0, 1), ev("mm", "B", 1.0, 1),
+              ev("mm", "E", 4.0, 1), ev("wait", "B", 4.0, 1), ev("wait", "E", 5.0, 1),
+              ev("mm", "B", 0.0, 2), ev("mm", "E", 2.0, 2)]
+    path = tmp_path / "1-trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    st = kr.stage_times([str(path)])
+    assert st["wait"]["ranges_per_wg"] == 2 and st["wait"]["warpgroups"] == 1
+    assert st["wait"]["mean_us"] == pytest.approx(1.0)
+    assert st["mm"]["mean_us"] == pytest.approx(2.5)          # 3 us and 2 us
+    assert st["mm"]["share"] == pytest.approx((3 / 5 + 2 / 2) / 2)
+    assert st["_span_us_per_wg"] == pytest.approx((5 + 2) / 2)
+    # the ptxas log and SASS of one module
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "delta_walk_0.ptxas").write_text(
+        "ptxas info    : Used 168 registers, 0 bytes stack frame\n"
+        "    8 bytes spill stores, 16 bytes spill loads\n")
+    (tmp_path / "d" / "delta_walk_0.sass").write_text(
+        "        /*0090*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ ;\n"
+        "        /*00a0*/              @!P0 MUFU.EX2 R3, R2 ;\n"
+        "        /*00b0*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ;\n")
+    res = kr.resources(str(tmp_path / "d"), keep=str(tmp_path / "keep"))
+    r = res["delta_walk_0"]
+    assert (r["registers"], r["spill_store_bytes"], r["spill_load_bytes"]) == (168, 8, 16)
+    assert r["sass"] == {"HGMMA": 2, "MUFU": 1} and r["sass_total"] == 3
+    assert sorted(p.name for p in (tmp_path / "keep").iterdir()) == [
+        "delta_walk_0.ptxas.gz", "delta_walk_0.sass.gz"]

@@ -17,7 +17,7 @@ anchors.
     (`jla_run_*`), else its anchors, and the ratio (jla / ours sync, > 1 is faster); and each
     kernel alone (UT prep, forward walk with and without residuals, reverse walk, gradient
     kernel; the UT and gradient kernels also with their work items in the other order; the UT
-    kernel also under `PREP_VARIANTS` (two consumers, one stage), each with the
+    kernel also under `PREP_VARIANTS` (one stage, three stages), each with the
     relative error of its -W, U against the configured kernel's) at the
     first and last T (every T without --quick).
 (c) Writes benchmarks/results/hopper_delta_gpu_<device>.json (and a copy under $OUT when set).
@@ -40,7 +40,7 @@ from experiments.benchmarks import common
 from experiments.benchmarks import kernel_checks as kc
 from experiments.benchmarks.kernel_checks import segments, tail
 from linear_jax import ops
-from linear_jax.kernels.configs import HopperDeltaConfig
+from linear_jax.kernels.configs import HopperDeltaConfig, multiprocessors
 from linear_jax.kernels.gpu.hopper import delta as hdelta
 from linear_jax.kernels.gpu.hopper import delta_bwd as hbwd
 
@@ -122,7 +122,7 @@ def time_shape(cfg, T, anchors, *, reps, breakdown, profile=False):
 
 
 # the UT kernel's configs timed beside the default in the breakdown
-PREP_VARIANTS = {"two_consumers": dict(prep_consumers=2), "one_stage": dict(stages_prep=1)}
+PREP_VARIANTS = {"one_stage": dict(stages_prep=1), "three_stages": dict(stages_prep=3)}
 
 
 def kernel_breakdown(cfg, q, k, v, beta, g, do, *, reps):
@@ -135,16 +135,21 @@ def kernel_breakdown(cfg, q, k, v, beta, g, do, *, reps):
     t = lambda f, *a: common.median_ms(f, *a, reps=reps, inner=10)
     out = {}
     try:
-        prep = lambda res: jax.jit(lambda k, v, r: hdelta.prep(k, v, r, names=names,
-                                                              residuals=res, **kw))
-        out["prep"] = t(prep(False), k, v, rows)
-        wm, u0, tm = prep(True)(k, v, rows)
-        out["prep_with_T"] = t(prep(True), k, v, rows)
-        walk = lambda res: jax.jit(lambda *a: hdelta.walk(*a, names=names, scale=K**-0.5,
-                                                           residuals=res, **kw))
-        out["walk"] = t(walk(False), q, k, wm, u0, rows, s0)
-        _, _, _, states, u = walk(True)(q, k, wm, u0, rows, s0)
-        out["walk_residuals"] = t(walk(True), q, k, wm, u0, rows, s0)
+        prep = lambda res: jax.jit(lambda q, k, v, r: hdelta.prep(
+            q, k, v, r, names=names, scale=K**-0.5, residuals=res, **kw))
+        out["prep"] = t(prep(False), q, k, v, rows)
+        wm, u0, A, tm = prep(True)(q, k, v, rows)
+        out["prep_with_T"] = t(prep(True), q, k, v, rows)
+        walk = lambda res: jax.jit(lambda *a: hdelta.walk(*a, names=names, residuals=res, **kw))
+        out["walk"] = t(walk(False), q, k, wm, u0, A, rows, s0)
+        _, _, _, states, u = walk(True)(q, k, wm, u0, A, rows, s0)
+        out["walk_residuals"] = t(walk(True), q, k, wm, u0, A, rows, s0)
+        # the walk's value blocks in the other arrangement (one CTA per (b, h) or per block)
+        B_, H_ = q.shape[0], q.shape[2]
+        split = cfg.split_walk(B_ * H_, V // 64, multiprocessors(jax.devices()[0]))
+        other = dataclasses.replace(cfg, walk_split=not split)
+        out[f"walk_{'joint' if split else 'split'}"] = t(jax.jit(lambda *a: hdelta.walk(
+            *a, names=names, residuals=False, cfg=other)), q, k, wm, u0, A, rows, s0)
         rev = jax.jit(lambda *a: hbwd.walk_rev(*a, names=names, scale=K**-0.5, **kw))
         dbv, _, _, dstates = rev(q, k, do, wm, tm, rows, s0)
         out["walk_rev"] = t(rev, q, k, do, wm, tm, rows, s0)
@@ -153,8 +158,8 @@ def kernel_breakdown(cfg, q, k, v, beta, g, do, *, reps):
         # the persistent kernels with their items in the other order (chunk or head fastest)
         other = dataclasses.replace(cfg, item_order="chunks" if cfg.item_order == "heads"
                                     else "heads")
-        out[f"prep_{other.item_order}"] = t(jax.jit(lambda k, v, r: hdelta.prep(
-            k, v, r, names=names, residuals=False, cfg=other)), k, v, rows)
+        out[f"prep_{other.item_order}"] = t(jax.jit(lambda q, k, v, r: hdelta.prep(
+            q, k, v, r, names=names, scale=K**-0.5, residuals=False, cfg=other)), q, k, v, rows)
         out[f"grad_{other.item_order}"] = t(jax.jit(lambda *a: hbwd.grad(
             *a, names=names, scale=K**-0.5, cfg=other)), q, k, do, u, dbv, rows, states,
             dstates)
@@ -162,11 +167,11 @@ def kernel_breakdown(cfg, q, k, v, beta, g, do, *, reps):
         # config's on the same inputs (max over both of the relative norm error)
         for tag, over in PREP_VARIANTS.items():
             other = dataclasses.replace(cfg, **over)
-            f = jax.jit(lambda k, v, r, other=other: hdelta.prep(k, v, r, names=names,
-                                                                 residuals=False, cfg=other))
-            out[f"prep_{tag}"] = t(f, k, v, rows)
+            f = jax.jit(lambda q, k, v, r, other=other: hdelta.prep(
+                q, k, v, r, names=names, scale=K**-0.5, residuals=False, cfg=other))
+            out[f"prep_{tag}"] = t(f, q, k, v, rows)
             out[f"prep_{tag}_rel_err"] = max(kc.rel(a, b) for a, b in zip(
-                f(k, v, rows), (wm, u0), strict=True))
+                f(q, k, v, rows), (wm, u0, A), strict=True))
     except Exception as e:  # noqa: BLE001
         out["error"] = tail(e, 8)
         print(f"kernel breakdown FAILED:\n{tail(e)}")

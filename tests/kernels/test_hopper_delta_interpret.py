@@ -1,9 +1,10 @@
 """The Hopper delta-rule kernels' numerics on a CPU, in jax's GPU interpreter
 (`HopperDeltaConfig(interpret=True)`): TMA copies, mbarriers, the warp-specialised pipelines (UT
-prep with one consumer and, in one case, two; forward and reverse walks, the persistent gradient
-kernel), masks, gate algebra and the UT inverse run as on the device; each wgmma is computed by
-`jnp.dot` on the same SMEM tiles and bf16 register operands. Against the float32 chunk form on
-float32 copies.
+prep, in one case as one program taking every chunk through three slots; the forward walk with
+its value blocks in one CTA or a CTA each; the reverse walk, the persistent gradient kernel),
+masks, gate algebra and the UT inverse run as on the device; each wgmma is computed by `jnp.dot`
+on the same SMEM tiles and bf16 register operands. Against the float32 chunk form on float32
+copies.
 
 T = 130: three chunks (the pipelines reuse a slot), the last padded; documents start inside chunk 0
 and at chunk 1's first row; an initial state; for the gated rule, chunk 1 decays hard (g down to
@@ -41,10 +42,13 @@ def _chunk_form():
 
 
 # (gated, K = V, config overrides): the gradient kernel shares each item between a dq side and a
-# dk side; at K = V = 128 two key tiles add their stats and Qd sums two value blocks; the UT prep
-# runs its default one consumer, and two consumers (each on every other chunk) in one case
-CASES = {"gated_delta_rule": (True, 64, {}), "delta_rule-prep2": (False, 64, {"prep_consumers": 2}),
-         "gated_delta_rule-K128": (True, 128, {}), "delta_rule-K128": (False, 128, {})}
+# dk side; at K = V = 128 two key tiles add their stats and Qd sums two value blocks; in one case
+# one program takes all three chunks (the UT prep reuses its output buffers); at K = V = 128 the
+# forward walk runs its two value blocks in one CTA (gated) and in a CTA each (delta_rule)
+CASES = {"gated_delta_rule": (True, 64, {}),
+         "delta_rule-prep3": (False, 64, {"stages_prep": 3, "programs": 1}),
+         "gated_delta_rule-K128": (True, 128, {"walk_split": False}),
+         "delta_rule-K128": (False, 128, {"walk_split": True})}
 
 
 @pytest.mark.parametrize("case", list(CASES))

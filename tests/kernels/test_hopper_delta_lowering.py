@@ -83,3 +83,11 @@ def test_three_walk_stages_do_not_fit_at_128():
                                            segment_ids=None, chunk_size=64, config=cfg)
     with pytest.raises(ValueError, match="shared memory"):
         jax.export.export(jax.jit(f), platforms=["cuda"])(x, b)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["joint", "split"])
+def test_forward_walk_exports_in_both_arrangements(split):
+    """The walk's value blocks as consumers of one CTA per (b, h), or a CTA each (B H V/64 = 16
+    fits the SMs, so the other cases above take the split grid by default)."""
+    text = _export(CASES[0], False, walk_split=split).mlir_module()
+    assert "delta_walk" in text and "delta_prep" in text

@@ -291,7 +291,8 @@ def launch(body, cfg, ops, *, out_type, grid, grid_names, scratch, name, num_thr
     return mosaic_gpu_kernel(
         body, out_type=out_type, grid=grid, grid_names=grid_names, num_threads=num_threads,
         thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
-        approx_math=cfg.approx_math, interpret=ops.interpret, name=name)
+        approx_math=cfg.approx_math, interpret=ops.interpret, name=name,
+        profile_dir=cfg.profile_dir)
 
 
 def prod(a, b, acc=None, *, ta=False, tb=False):

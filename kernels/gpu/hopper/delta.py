@@ -14,24 +14,27 @@ ein = exp(G) in, beta the writing strengths):
     S_n+1 = dec S_n + k^T diag(gk) u
 
 Stages.
-  `prep`  chunk-parallel (a persistent grid over (b, h, chunk)): T by recursive doubling on
-          wgmma, then W and U; writes -W and U (bf16; the walk reads them) and, under
-          differentiation, T (bf16, for the backward).
-  `walk`  one CTA per (b, h) walks the chunks in order with the float32 state on chip: u = U - W S_n
-          (one wgmma onto U), o, S_n+1. Under differentiation it also writes the entering state
-          S_n of every chunk and u (bf16, the very tiles its wgmmas read).
+  `prep`  chunk-parallel (a persistent grid over (b, h, chunk)): the masked scores
+          A = q k^T * E, T by recursive doubling on wgmma, then W and U; writes A, -W and U
+          (bf16; the walk reads them) and, under differentiation, T (bf16, for the backward).
+  `walk`  walks the chunks of each (b, h) in order with the float32 state on chip: u = U - W S_n
+          (one wgmma onto U) and q S_n, then o = A u + gq q S_n and S_n+1. Under differentiation
+          it also writes the entering state S_n of every chunk and u (bf16, the very tiles its
+          wgmmas read).
   backward (`delta_bwd`): the reverse walk (dS carried on chip; writes dB_v = T^T du and every
           dS_n+1), then a chunk-parallel gradient kernel; XLA finishes dv = beta dB_v, dbeta and the
           prefix sums of the gate gradient.
 
-Why T, W, U are formed outside the walk. The walk is sequential in T: at B H = 16 (T = 32768) it
-runs 16 CTAs on 132 SMs and every instruction on its per-chunk chain is latency. The inverse is a
-chain of 12 dependent [64, 64] wgmmas (~4 us per chunk); inside the walk it would multiply the walk
-by ~3. Outside, it runs on all SMs (`HopperDeltaConfig.prep_consumers` chunks at a time per
-SM), and the walk's own chain is two dependent wgmmas per chunk (W S_n, then k^T u), one more
-than simple_gla's.
-The price is HBM traffic: -W and U are written and read once more (4 x 67 MB at the anchor shape,
-~0.06 ms), against the ~0.5 ms a fused inverse would add to the walk at T = 32768.
+Why A, T, W, U are formed outside the walk. The walk is sequential in T: at B H = 16 (T = 32768)
+it runs 16 (b, h) on 132 SMs and every instruction on its per-chunk chain is latency. The inverse
+is a chain of ~16 dependent [64, 64] wgmmas; inside the walk it would multiply the walk by ~3.
+Outside, it runs on all SMs, and the walk's own chain is two dependent wgmma groups per chunk
+(W S_n, then k^T u), one more than simple_gla's. A moved out too (session 12): inside the walk its
+q k^T, exponentials and masks took 1.1 us of a chunk's ~4.4 (H200, in-kernel trace), and A was
+rounded to bf16 for A u there anyway, so writing it from the prep changes no bit of o.
+The price is HBM traffic: A, -W and U are written and read once more (A 34 MB, -W and U 4 x
+67 MB at the anchor shape, ~0.07 ms), against the ~0.5 ms a fused inverse would add to the walk
+at T = 32768.
 
 The inverse. T = (I + L)^-1 by recursive doubling of the diagonal blocks: X <- X - X M X with M the
 part of L coupling two neighbouring b-blocks (exact: M X M = 0), b = 2, 4, .., 32 (b = 1 is
@@ -43,32 +46,42 @@ keys, beta in (0, 2)). W and U take T in split precision too (two wgmmas each); 
 rounded to bf16 once, as the inputs are.
 
 Tiles and warpgroups (K, V in {64, 128}; C = 64).
-  prep: grid (#SMs,), `prep_consumers` consumer warpgroups (default one) each taking every
-        (prep_consumers #SMs)-th chunk, one producer (40 registers) streaming k, v [64, K|V] bf16
-        and the gate rows into two slots per consumer. A consumer forms K K^T (wgmma), L, the
-        inverse through three [64, 64] bf16 SMEM tiles of its own, -W and U (A = T diag(.) from
-        registers, hi + lo); -W and U go out by TMA from the chunk's own k and v slots (the slot
-        is released once the store has read it).
-  walk: grid (B, H), as simple_gla's: V/64 consumer warpgroups each owning 64 state columns in
-        float32 registers (K/64 accumulator blocks of [64, 64]), one producer streaming q, k,
-        -W, U [64, K|V] bf16 and the rows into 2 slots (66 KB each at K = V = 128). Per chunk a
-        consumer issues u = U + (-W) S_n, q k^T and q S_n together (S_n bf16 in SMEM), stores u
-        and gk u (bf16) to SMEM, then o = A u + gq q S_n and S <- dec S + k^T (gk u) together.
-        The initial and final states cross SMEM as bf16 hi + lo pairs (the sum keeps ~16 bits),
-        so no float32 tile is needed: 196 KB of SMEM at K = V = 128 (prep: 183 KB).
+  prep: grid (#SMs,), one consumer warpgroup taking every #SMs-th chunk, one producer (40
+        registers) streaming q, k, v [64, K|V] bf16 and the gate rows into `stages_prep` slots.
+        The consumer forms K K^T and q K^T (one wgmma group), L and A (A goes out by TMA at
+        once), the inverse, then -W and U; every wgmma operand comes from SMEM (four [64, 64]
+        bf16 tiles: X, Y, M and the Newton step's hi / lo parts, then T diag(.) as hi + lo), so
+        no bf16 register operand is live while a wgmma runs, and the input slot is released as
+        soon as the W, U products are done; -W, U (and T) leave through output tiles of their own
+        (the last chunk's stores are waited for before they are rewritten): 180 KB at K = V = 128.
+        Why: with T diag(.) hi + lo as register operands beside the [64, K] and [64, V] float32
+        accumulators, ptxas spilled 532 bytes a thread and serialised the kernel's wgmmas (its
+        C7512 warning; `kernel_report.py`, H200, session 12), and the kernel took 8.4 us a chunk:
+        doubling 5.3, K K^T and L 2.0, Newton 1.6, W / U 1.8, stores 1.7 (waiting for the TMA
+        store to read the slot before releasing it).
+  walk: one producer streaming q, k, -W, U [64, K|V], A [64, 64] bf16 and the rows into 2 slots,
+        and a consumer warpgroup per block of 64 value columns (the columns are independent),
+        each owning its state columns in float32 registers (K/64 accumulator blocks of [64, 64]).
+        Grid (B, H) with V/64 consumers in a CTA, or, where `HopperDeltaConfig.split_walk` says
+        so (B H V/64 fits the SMs), grid (B, H, V/64) with one consumer per CTA, so that no SM
+        runs two blocks' chains at once. Per chunk a consumer issues u = U + (-W) S_n and q S_n
+        together (S_n bf16 in SMEM), stores u and gk u (bf16) to SMEM, then o = A u + gq q S_n and
+        S <- dec S + k^T (gk u) together. The initial and final states cross SMEM as bf16 hi + lo
+        pairs (the sum keeps ~16 bits), so no float32 tile is needed: 212 KB of SMEM at
+        K = V = 128 (162 KB a CTA split).
 
 Roofline at the anchor shapes (bf16, H = 16, K = V = 128, B T = 16384; H200 ~4.3 TB/s,
 ~790 TFLOP/s bf16; one [B, T, H, 128] bf16 tensor is 67 MB, 4096 chunk-heads):
-  prep      reads k, v (134 MB), writes -W, U (134 MB) (+ T, 34 MB)     268 MB   0.062 ms
-            24 [64,64,64] wgmmas per chunk-head: 26 GFLOP                         0.033 ms
-            latency: 12 dependent wgmma steps per chunk, 31 chunks per SM: ~60 us
-            measured on an H200: 0.262 ms with one consumer, 0.289 with two, 0.279 with two
-            and no Newton step: bound by something each SM shares (not yet found), not by one
-            consumer's chain
-  walk      reads q, k, -W, U (268 MB), writes o (67 MB)                 335 MB   0.078 ms
+  prep      reads q, k, v (201 MB), writes A (34 MB), -W, U (134 MB) (+ T)  369 MB   0.086 ms
+            26 [64,64,64] wgmmas per chunk-head: 28 GFLOP                          0.036 ms
+            latency: ~16 dependent wgmma steps per chunk, 31 chunks per SM: ~80 us
+            measured on an H200 before session 12's register fix: 0.262 ms
+  walk      reads q, k, -W, U (268 MB), A (34 MB), writes o (67 MB)     369 MB   0.086 ms
             (+ S_n 134 MB, u 67 MB under differentiation)
-            latency-bound below B H ~ 132: 2 dependent wgmmas + 2 SMEM round trips per chunk,
-            ~3 us per chunk: T = 2048 ~0.1 ms, T = 32768 (512 chunks, 16 CTAs) ~1.5 ms
+            latency-bound below B H ~ 132: 2 dependent wgmma groups + 2 SMEM round trips per
+            chunk; measured before A moved out: 4.4 us a chunk with two consumers on an SM
+            (mm1 1.8, elem 1.1, store_u 0.7, mm2 1.1, store_o 0.9), T = 2048 0.14 ms,
+            T = 32768 (512 chunks, 16 CTAs) 1.6 ms
   forward   ~0.17 ms (T = 2048) against jax-linear-attention's 0.309 / 0.328 ms (deltanet /
             gated); at T = 32768 the walk dominates (anchors 0.742 / 0.825 ms): the two-level
             walk of the issue is the cure there.
@@ -89,7 +102,6 @@ from linear_jax.kernels.configs import HopperDeltaConfig, multiprocessors
 from linear_jax.kernels.gpu.hopper.common import (
     CONSUMER_REGS,
     LANES,
-    PRODUCER_REGS,
     Ops,
     check_inputs,
     check_smem,
@@ -105,6 +117,7 @@ from linear_jax.kernels.gpu.hopper.common import (
     pl,
     plgpu,
     prod,
+    program_items,
     smem,
     split_hi_lo,
     term,
@@ -159,145 +172,137 @@ def row_vec(ops, g, names, name, shape):
 
 
 # -- the UT transform -----------------------------------------------------------------------------
-def unit_lower_inverse(ops, L, xt, yt, rt, dt):
-    """(I + L)^-1 for L [C, C] float32 strictly lower triangular (registers), through three
-    [C, C] SMEM tiles of dtype dt; see the module docstring."""
+def unit_lower_inverse(ops, L, tiles, dt):
+    """(I + L)^-1 for L [C, C] float32 strictly lower triangular (registers), through four
+    [C, C] SMEM tiles of dtype dt (every wgmma operand from SMEM: see the module docstring)."""
+    xt, yt, mt, rt = tiles
     C = L.shape[0]
     shape = (C, C)
     r, c = ops.iota(shape, 0), ops.iota(shape, 1)
-    eye = jnp.where(r == c, 1.0, 0.0)
     x = lax.bitwise_xor(r, c)                     # pairs whose highest differing bit is log2(b)
 
     def coupling(b):
         return jnp.where((x >= b) & (x < 2 * b), L, 0.0)
 
-    X = eye - coupling(1)
-    b = 2
-    while b < C:
-        M = coupling(b)
-        xt[...] = X.astype(dt)
-        plgpu.commit_smem()
-        Y = ops.dot(M.astype(dt), xt)
-        yt[...] = Y.astype(dt)
-        plgpu.commit_smem()
-        X = X - ops.dot(X.astype(dt), yt)
-        b *= 2
+    with jax.named_scope("doubling"):
+        X = jnp.where(r == c, 1.0, 0.0) - coupling(1)
+        b = 2
+        while b < C:
+            xt[...] = X.astype(dt)
+            mt[...] = coupling(b).astype(dt)
+            plgpu.commit_smem()
+            Y = ops.dot(mt, xt)
+            yt[...] = Y.astype(dt)
+            plgpu.commit_smem()
+            X = X - ops.dot(xt, yt)
+            b *= 2
     # one Newton step, X <- X + X (I - (I + L) X), the residual in split precision
-    xh, xl = split_hi_lo(X, dt)
-    lh, ll = split_hi_lo(L, dt)
-    xt[...] = xh
-    yt[...] = xl
-    plgpu.commit_smem()
-    (LX,) = mm_sum(ops, (None, [term(lh, xt), term(ll, xt), term(lh, yt)]))
-    rt[...] = (eye - X - LX).astype(dt)
-    plgpu.commit_smem()
-    return ops.dot(xh, rt, acc=X)
+    with jax.named_scope("newton"):
+        xh, xl = split_hi_lo(X, dt)
+        lh, ll = split_hi_lo(L, dt)
+        xt[...], yt[...], mt[...], rt[...] = xh, xl, lh, ll
+        plgpu.commit_smem()
+        (LX,) = mm_sum(ops, (None, [term(mt, xt), term(rt, xt), term(mt, yt)]))
+        rt[...] = (jnp.where(r == c, 1.0, 0.0) - X - LX).astype(dt)
+        plgpu.commit_smem()
+        return ops.dot(xt, rt, acc=X)
 
 
-def prep(k, v, rows, *, names, cfg, residuals):
-    """-W, U [B, Tp, H, K|V] in k's dtype (and, with `residuals`, T [B, H, N, C, C]) of every
-    chunk, chunk-parallel. rows: `delta_rows`."""
+def prep(q, k, v, rows, *, names, scale, cfg, residuals):
+    """-W, U [B, Tp, H, K|V] and the masked scores A [B, H, N, C, C] (scale q k^T * Gamma on
+    i >= j, same document) in k's dtype, and with `residuals` T [B, H, N, C, C], of every chunk,
+    chunk-parallel. rows: `delta_rows`."""
     B, Tp, H, K = k.shape
     V, C, dt = v.shape[-1], cfg.chunk, k.dtype
     N = Tp // C
     items = B * H * N
-    NC, stages = cfg.prep_consumers, cfg.stages_prep
-    progs = max(1, min(cfg.programs or multiprocessors(jax.devices()[0]), -(-items // NC)))
-    lanes = progs * NC
+    stages = cfg.stages_prep
+    progs = max(1, min(cfg.programs or multiprocessors(jax.devices()[0]), items))
     ops = Ops(interpreting(cfg))
     hf = cfg.item_order == "heads"
     R = rows.shape[2]
     ib, ie = names.index("beta"), names.index("ein")
 
-    def body(k_ref, v_ref, g_ref, wm_ref, u_ref, *refs):
+    def body(q_ref, k_ref, v_ref, g_ref, wm_ref, u_ref, a_ref, *refs):
         refs = list(refs)
         t_ref = refs.pop(0) if residuals else None
-        ks, vs, gs, xt, yt, rt, in_bar, used_bar = refs
-        pid, w = lax.axis_index("p"), lax.axis_index("wg")
+        qs, ks, vs, gs, tiles, wo, uo, ao, *refs = refs
+        to = refs.pop(0) if residuals else None
+        in_bar, used_bar = refs
+        pid, w, count = program_items(items, progs)
 
-        def count(c):                                  # items lane, lane + lanes, ...
-            return lax.div(items - (pid * NC + c) + lanes - 1, lanes)
+        def issue(i, slot):
+            b, h, n = grid_item(pid + i * progs, H, N, heads_fastest=hf)
+            t = pl.ds(n * C, C)
+            load(in_bar.at[slot], slot, (q_ref.at[b, t, h], qs), (k_ref.at[b, t, h], ks),
+                 (v_ref.at[b, t, h], vs), (g_ref.at[b, h, :, t], gs))
 
-        @pl.when(w == NC)
-        def _producer():
-            ops.registers(PRODUCER_REGS, "decrease")
+        ops.producer(w == 1, issue, count, stages, used_bar)
 
-            def issue(c, i, s):
-                b, h, n = grid_item(pid * NC + c + i * lanes, H, N, heads_fastest=hf)
-                t, j = pl.ds(n * C, C), c * stages + s
-                bar = in_bar.at[j]
-                plgpu.copy_gmem_to_smem(k_ref.at[b, t, h], ks.at[j], bar)
-                plgpu.copy_gmem_to_smem(v_ref.at[b, t, h], vs.at[j], bar)
-                plgpu.copy_gmem_to_smem(g_ref.at[b, h, :, t], gs.at[j], bar)
-
-            for s in range(stages):
-                for c in range(NC):
-                    pl.when(s < count(c))(functools.partial(issue, c, s, s))
-
-            @pl.loop(stages, count(0))                 # lane 0 has the most items
-            def _(i):
-                s = lax.rem(i, stages)
-                for c in range(NC):
-                    @pl.when(i < count(c))
-                    def _(c=c):
-                        plgpu.barrier_wait(used_bar.at[c * stages + s])
-                        issue(c, i, s)
-
-            for s in range(stages):                    # observe the last releases too
-                for c in range(NC):
-                    pl.when(s < count(c))(
-                        lambda j=c * stages + s: plgpu.barrier_wait(used_bar.at[j]))
-
-        @pl.when(w < NC)
+        @pl.when(w == 0)
         def _consumer():
             ops.registers(CONSUMER_REGS, "increase")
-            x_t, y_t, r_t = xt.at[w], yt.at[w], rt.at[w]
+            tl = [tiles.at[i] for i in range(4)]
 
-            @pl.loop(0, count(w))
+            @pl.loop(0, count)
             def _(i):
-                j = w * stages + lax.rem(i, stages)
-                b, h, n = grid_item(pid * NC + w + i * lanes, H, N, heads_fastest=hf)
+                j = lax.rem(i, stages)
+                b, h, n = grid_item(pid + i * progs, H, N, heads_fastest=hf)
                 t = pl.ds(n * C, C)
                 kk, vv, g = ks.at[j], vs.at[j], gs.at[j]
-                plgpu.barrier_wait(in_bar.at[j])
-                KK = ops.dot(kk, kk, tb=True)
-                mask, decay = pairs(ops, g, names, C, reverse=False, strict=True)
-                L = KK * row_vec(ops, g, names, "beta", (C, C))
-                L = jnp.where(mask, L if decay is None else L * decay, 0.0)
-                Tm = unit_lower_inverse(ops, L, x_t, y_t, r_t, dt)
-                bcol = ops.col(g.at[ib][...])
-                Tb = Tm * ops.cols_of(bcol, (C, C))                       # T diag(beta)
-                Tw = -(Tb * ops.cols_of(ops.col(g.at[ie][...]), (C, C)))  # -T diag(beta ein)
-                wh, wl = split_hi_lo(Tw, dt)
-                uh, ul = split_hi_lo(Tb, dt)
-                Wm, U = mm_sum(ops, (None, [term(wh, kk), term(wl, kk)]),
-                               (None, [term(uh, vv), term(ul, vv)]))
-                kk[...] = Wm.astype(dt)                # the slot's reads are complete: reuse it
-                vv[...] = U.astype(dt)
-                if residuals:
-                    y_t[...] = Tm.astype(dt)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(kk, wm_ref.at[b, t, h])
-                plgpu.copy_smem_to_gmem(vv, u_ref.at[b, t, h])
-                if residuals:
-                    plgpu.copy_smem_to_gmem(y_t, t_ref.at[b, h, n])
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # before the slot is refilled
-                plgpu.barrier_arrive(used_bar.at[j])
+                with jax.named_scope("wait"):
+                    plgpu.barrier_wait(in_bar.at[j])
+                with jax.named_scope("kkt"):
+                    KK, QK = ops.mm(prod(kk, kk, tb=True), prod(qs.at[j], kk, tb=True))
+                    mask, decay = pairs(ops, g, names, C, reverse=False, strict=False)
+                    off = ops.iota((C, C), 0) != ops.iota((C, C), 1)
+                    L = KK * row_vec(ops, g, names, "beta", (C, C))
+                    L = jnp.where(mask & off, L if decay is None else L * decay, 0.0)
+                    A = jnp.where(mask, QK * scale if decay is None else QK * (scale * decay),
+                                  0.0)
+                    # the last chunk's stores have had this chunk's loads to read their tiles
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    ao[...] = A.astype(dt)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(ao, a_ref.at[b, h, n])
+                Tm = unit_lower_inverse(ops, L, tl, dt)
+                with jax.named_scope("wu"):
+                    # T diag(beta) and -T diag(beta ein) as hi + lo tiles, both products at once
+                    Tb = Tm * ops.cols_of(ops.col(g.at[ib][...]), (C, C))
+                    tl[0][...], tl[1][...] = split_hi_lo(Tb, dt)
+                    Tw = -(Tb * ops.cols_of(ops.col(g.at[ie][...]), (C, C)))
+                    tl[2][...], tl[3][...] = split_hi_lo(Tw, dt)
+                    plgpu.commit_smem()
+                    Wm, U = mm_sum(ops, (None, [term(tl[2], kk), term(tl[3], kk)]),
+                                   (None, [term(tl[0], vv), term(tl[1], vv)]))
+                plgpu.barrier_arrive(used_bar.at[j])   # the slot's reads are complete
+                with jax.named_scope("store"):
+                    wo[...] = Wm.astype(dt)        # the last chunk's stores of wo, uo, to are
+                    uo[...] = U.astype(dt)         # complete: waited for before ao's
+                    if residuals:
+                        to[...] = Tm.astype(dt)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(wo, wm_ref.at[b, t, h])
+                    plgpu.copy_smem_to_gmem(uo, u_ref.at[b, t, h])
+                    if residuals:
+                        plgpu.copy_smem_to_gmem(to, t_ref.at[b, h, n])
 
             plgpu.wait_smem_to_gmem(0)
 
-    out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, V), dt)]
+    out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, V), dt),
+                jax.ShapeDtypeStruct((B, H, N, C, C), dt)]
     if residuals:
         out_type.append(jax.ShapeDtypeStruct((B, H, N, C, C), dt))
-    scratch = [smem((NC * stages, C, K), dt), smem((NC * stages, C, V), dt),
-               plgpu.SMEM((NC * stages, R, C), f32),
-               smem((NC, C, C), dt), smem((NC, C, C), dt), smem((NC, C, C), dt),
-               plgpu.Barrier(num_arrivals=3, num_barriers=NC * stages),
-               plgpu.Barrier(num_arrivals=1, num_barriers=NC * stages)]
+    scratch = [smem((stages, C, K), dt), smem((stages, C, K), dt), smem((stages, C, V), dt),
+               plgpu.SMEM((stages, R, C), f32), smem((4, C, C), dt),
+               smem((C, K), dt), smem((C, V), dt), smem((C, C), dt)]
+    scratch += [smem((C, C), dt)] if residuals else []
+    scratch += [plgpu.Barrier(num_arrivals=4, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=1, num_barriers=stages)]
     check_smem("delta prep", scratch)
     kernel = launch(body, cfg, ops, out_type=out_type, grid=(progs,), grid_names=("p",),
-                    scratch=scratch, name="delta_prep", num_threads=NC + 1)
-    return kernel(k, v, rows)
+                    scratch=scratch, name="delta_prep", num_threads=2)
+    return kernel(q, k, v, rows)
 
 
 def walk_setup(q, v, cfg):
@@ -311,36 +316,48 @@ def walk_setup(q, v, cfg):
 
 
 # -- the forward walk -----------------------------------------------------------------------------
-def walk(q, k, wm, u0, rows, s0, *, names, scale, cfg, residuals):
+def walk(q, k, wm, u0, A, rows, s0, *, names, cfg, residuals):
     """The sequential forward walk over the chunks of each (b, h).
 
-    q, k, wm (-W) [B, Tp, H, K]; u0 (U) [B, Tp, H, V]; rows `delta_rows`; s0 the initial state as
-    (hi, lo) [B, H, K, V] in q's dtype. Returns o [B, Tp, H, V], the final state as (hi, lo), and
-    with `residuals` the entering states [B, H, N, K, V] and u [B, Tp, H, V] (q's dtype).
+    q, k, wm (-W) [B, Tp, H, K]; u0 (U) [B, Tp, H, V]; A [B, H, N, C, C] the masked scores
+    (`prep`); rows `delta_rows`; s0 the initial state as (hi, lo) [B, H, K, V] in q's dtype.
+    Returns o [B, Tp, H, V], the final state as (hi, lo), and with `residuals` the entering states
+    [B, H, N, K, V] and u [B, Tp, H, V] (q's dtype).
+
+    The value columns are independent (u, o and the state's columns only mix over keys), so each
+    block of 64 runs on a consumer warpgroup of its own: in one CTA per (b, h), or, where
+    `walk_split` says so, in a CTA of its own per (b, h, block), one consumer each.
     """
     B, Tp, H, K, V, C, dt, N, NW, NKB, stages, ops = walk_setup(q, u0, cfg)
     R = rows.shape[2]
     blk = (C, LANES)
+    split = cfg.split_walk(B * H, NW, multiprocessors(jax.devices()[0]))
+    NC = 1 if split else NW                            # consumer warpgroups per CTA
+    UV = LANES if split else V                         # columns of U a CTA loads
 
-    def body(q_ref, k_ref, w_ref, u_ref, g_ref, s0h_ref, s0l_ref, o_ref, sh_ref, sl_ref, *refs):
+    def body(q_ref, k_ref, w_ref, u_ref, a_ref, g_ref, s0h_ref, s0l_ref, o_ref, sh_ref, sl_ref,
+             *refs):
         refs = list(refs)
         if residuals:
             states_ref, uo_ref = refs.pop(0), refs.pop(0)
-        xs, ys, ws, zs, gs, st, ut, gt, in_bar, used_bar, own_bar = refs
+        xs, ys, ws, zs, as_, gs, st, ut, gt, in_bar, used_bar, own_bar = refs
         b, h, w = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
+        cb = lax.axis_index("c") if split else w         # this warpgroup's value block
+        uc = pl.ds(cb * LANES, UV) if split else pl.ds(0, V)
 
         def issue(step, slot):
             t = pl.ds(step * C, C)
-            bar = in_bar.at[slot]
-            load(bar, slot, (q_ref.at[b, t, h], xs), (k_ref.at[b, t, h], ys),
-                 (w_ref.at[b, t, h], ws), (u_ref.at[b, t, h], zs), (g_ref.at[b, h, :, t], gs))
+            load(in_bar.at[slot], slot, (q_ref.at[b, t, h], xs), (k_ref.at[b, t, h], ys),
+                 (w_ref.at[b, t, h], ws), (u_ref.at[b, t, h, uc], zs), (a_ref.at[b, h, step], as_),
+                 (g_ref.at[b, h, :, t], gs))
 
-        ops.producer(w == NW, issue, N, stages, used_bar)
+        ops.producer(w == NC, issue, N, stages, used_bar)
 
-        @pl.when(w < NW)
+        @pl.when(w < NC)
         def _consumer():
             ops.registers(CONSUMER_REGS, "increase")
-            vc = pl.ds(w * LANES, LANES)
+            vc = pl.ds(cb * LANES, LANES)                  # the block's columns in GMEM
+            vl = pl.ds(0 if split else w * LANES, LANES)   # and in the U slot
             kblk = [pl.ds(r * LANES, LANES) for r in range(NKB)]
             sw, uw, gw = st.at[w], ut.at[w], gt.at[w]
             S = load_state(ops, (s0h_ref, s0l_ref), b, h, vc, sw, own_bar.at[w], kblk)
@@ -349,32 +366,35 @@ def walk(q, k, wm, u0, rows, s0, *, names, scale, cfg, residuals):
                 slot = lax.rem(n, stages)
                 t = pl.ds(n * C, C)
                 xq, yk, wmm, zu, g = xs.at[slot], ys.at[slot], ws.at[slot], zs.at[slot], gs.at[slot]
-                plgpu.barrier_wait(in_bar.at[slot])
+                with jax.named_scope("wait"):
+                    plgpu.barrier_wait(in_bar.at[slot])
                 if residuals:                             # S_n, as this chunk reads it
                     plgpu.copy_smem_to_gmem(sw, states_ref.at[b, h, n, :, vc])
-                Uc = ops.acc(zu.at[:, vc][...]).astype(f32)
-                u, A, o = mm_sum(ops, (Uc, [term(wmm, sw)]), (None, [term(xq, yk, tb=True)]),
-                                 (None, [term(xq, sw)]))
-                mask, decay = pairs(ops, g, names, C, reverse=False, strict=False)
-                A = jnp.where(mask, A * scale if decay is None else A * (scale * decay), 0.0)
-                o = o * row_vec(ops, g, names, "gq", blk)
-                dec = g[names.index("dec"), 0]
-                # the last chunk's stores (o from gw, u from uw) and this one's state store
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                uw[...] = u.astype(dt)
-                gw[...] = (u * row_vec(ops, g, names, "gk", blk)).astype(dt)
-                plgpu.commit_smem()
+                with jax.named_scope("mm1"):
+                    Uc = ops.acc(zu.at[:, vl][...]).astype(f32)
+                    u, o = mm_sum(ops, (Uc, [term(wmm, sw)]), (None, [term(xq, sw)]))
+                with jax.named_scope("elem"):
+                    o = o * row_vec(ops, g, names, "gq", blk)
+                    dec = g[names.index("dec"), 0]
+                with jax.named_scope("store_u"):
+                    # the last chunk's stores (o from gw, u from uw) and this one's state store
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    uw[...] = u.astype(dt)
+                    gw[...] = (u * row_vec(ops, g, names, "gk", blk)).astype(dt)
+                    plgpu.commit_smem()
                 if residuals:
                     plgpu.copy_smem_to_gmem(uw, uo_ref.at[b, t, h, vc])
-                o, *S = ops.mm(prod(A.astype(dt), uw, o),
-                               *[prod(yk.at[:, kr], gw, S[i] * dec, ta=True)
-                                 for i, kr in enumerate(kblk)])
+                with jax.named_scope("mm2"):
+                    o, *S = ops.mm(prod(as_.at[slot], uw, o),
+                                   *[prod(yk.at[:, kr], gw, S[i] * dec, ta=True)
+                                     for i, kr in enumerate(kblk)])
                 plgpu.barrier_arrive(used_bar.at[slot])   # every read of this slot is complete
-                gw[...] = o.astype(dt)                    # the S update has read gw
-                for i, kr in enumerate(kblk):
-                    sw[kr, :] = S[i].astype(dt)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(gw, o_ref.at[b, t, h, vc])
+                with jax.named_scope("store_o"):
+                    gw[...] = o.astype(dt)                    # the S update has read gw
+                    for i, kr in enumerate(kblk):
+                        sw[kr, :] = S[i].astype(dt)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(gw, o_ref.at[b, t, h, vc])
                 return tuple(S)
 
             S = lax.fori_loop(0, N, step_fn, tuple(S))
@@ -386,15 +406,16 @@ def walk(q, k, wm, u0, rows, s0, *, names, scale, cfg, residuals):
         out_type += [jax.ShapeDtypeStruct((B, H, N, K, V), dt),
                      jax.ShapeDtypeStruct((B, Tp, H, V), dt)]
     scratch = [smem((stages, C, K), dt), smem((stages, C, K), dt), smem((stages, C, K), dt),
-               smem((stages, C, V), dt), plgpu.SMEM((stages, R, C), f32),
-               smem((NW, K, LANES), dt), smem((NW, C, LANES), dt), smem((NW, C, LANES), dt),
-               plgpu.Barrier(num_arrivals=5, num_barriers=stages),
-               plgpu.Barrier(num_arrivals=NW, num_barriers=stages),
-               plgpu.Barrier(num_arrivals=1, num_barriers=NW)]
+               smem((stages, C, UV), dt), smem((stages, C, C), dt), plgpu.SMEM((stages, R, C), f32),
+               smem((NC, K, LANES), dt), smem((NC, C, LANES), dt), smem((NC, C, LANES), dt),
+               plgpu.Barrier(num_arrivals=6, num_barriers=stages),
+               plgpu.Barrier(num_arrivals=NC, num_barriers=stages),
+               plgpu.Barrier(num_arrivals=1, num_barriers=NC)]
     check_smem("delta walk", scratch)
-    kernel = launch(body, cfg, ops, out_type=out_type, grid=(B, H), grid_names=("b", "h"),
-                    scratch=scratch, name="delta_walk", num_threads=NW + 1)
-    return kernel(q, k, wm, u0, rows, *s0)
+    grid, names_ = ((B, H, NW), ("b", "h", "c")) if split else ((B, H), ("b", "h"))
+    kernel = launch(body, cfg, ops, out_type=out_type, grid=grid, grid_names=names_,
+                    scratch=scratch, name="delta_walk", num_threads=NC + 1)
+    return kernel(q, k, wm, u0, A, rows, *s0)
 
 
 def load_state(ops, refs, b, h, vc, sw, bar, kblk):
@@ -452,9 +473,10 @@ def _core(cfg: HopperDeltaConfig, scale: float, gated: bool, has_doc: bool):
     def fwd(q, k, v, g, beta, doc, h0, residuals=True):
         dt = q.dtype
         rows, names = rows_of(g, doc, beta, q.shape[2])
-        wm, u0, *tm = prep(k, v, rows, names=names, cfg=cfg, residuals=residuals)
-        o, sh, sl, *res = walk(q, k, wm, u0, rows, split_state(h0, dt), names=names,
-                               scale=scale, cfg=cfg, residuals=residuals)
+        wm, u0, A, *tm = prep(q, k, v, rows, names=names, scale=scale, cfg=cfg,
+                              residuals=residuals)
+        o, sh, sl, *res = walk(q, k, wm, u0, A, rows, split_state(h0, dt), names=names,
+                               cfg=cfg, residuals=residuals)
         S = sh.astype(f32) + sl.astype(f32)
         if not residuals:
             return (o, S), None

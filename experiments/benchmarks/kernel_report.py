@@ -1,0 +1,255 @@
+"""What the compiler and the clock say about the delta rule's Mosaic GPU (Hopper) kernels, on the
+device: where a kernel's time goes when the profiler's kernel total is all one has.
+
+    python -m experiments.benchmarks.kernel_report [--T 2048] [--B 8] [--keep DIR] [--skip-sass]
+
+(a) Resources: each kernel of the gated rule's forward and backward (UT prep, forward walk with
+    and without residuals, reverse walk, gradient kernel) compiled with MOSAIC_GPU_DUMP_TO: per
+    kernel its registers, spill bytes and whether ptxas serialised its wgmmas (the ptxas log), and
+    its SASS opcode counts (nvdisasm, or the PTX assembled by the `triton` wheel's ptxas; HGMMA:
+    wgmma; MUFU: exp2 and friends; FFMA / FADD / FMUL / FSEL / ISETP...: CUDA-core work; LDS / STS:
+    shared memory; LDL / STL: local memory, i.e. spills; BAR / SYNCS: barriers). With --keep, the
+    PTX, SASS and ptxas files are copied (gzipped) there (the PTX assembles on any host with the
+    ptxas of the `triton` wheel).
+(b) Stage times: the UT prep and the forward walk, with and without residuals, run with
+    `HopperDeltaConfig.profile_dir`: each call writes a Chrome trace of the kernel's named scopes
+    (`jax.named_scope` in `kernels/gpu/hopper/delta.py`: prep: wait, kkt, doubling, newton, wu,
+    store; walk: wait, mm1, elem, store_u, mm2, store_o),
+    per CTA and warpgroup. Per kernel and scope: ranges, mean and total us per warpgroup, and the
+    share of the warpgroup's span (first to last event) they cover. The profiler adds a clock read
+    and an SMEM store per event (~12 cycles, subtracted by jax's reader), so the times are of the
+    instrumented kernel, close to the plain one.
+Writes benchmarks/results/kernel_report_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import glob
+import gzip
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.benchmarks import common
+from experiments.benchmarks.kernel_checks import tail
+from linear_jax.kernels.configs import HopperDeltaConfig
+from linear_jax.kernels.gpu.hopper import delta as hdelta
+from linear_jax.kernels.gpu.hopper import delta_bwd as hbwd
+
+f32 = jnp.float32
+OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9]*)")
+REGS = re.compile(r"Used (\d+) registers")
+TRACED = ("prep", "prep_residuals", "walk", "walk_residuals")   # the kernels with named scopes
+SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+STACK = re.compile(r"(\d+) bytes stack frame")
+
+
+def inputs(B, T, H, K, V, seed=0):
+    rng = np.random.default_rng(seed)
+    n = lambda *s: jnp.asarray(rng.standard_normal(s).astype(np.float32))   # noqa: E731
+    l2 = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)          # noqa: E731
+    bf = jnp.bfloat16
+    return dict(q=l2(n(B, T, H, K)).astype(bf), k=l2(n(B, T, H, K)).astype(bf),
+                v=n(B, T, H, V).astype(bf), do=n(B, T, H, V).astype(bf),
+                beta=jax.nn.sigmoid(n(B, T, H)), g=jax.nn.log_sigmoid(n(B, T, H)) / 16)
+
+
+def kernels(cfg, x, setup_cfg=None):
+    """[(name, thunk)]: each kernel of the gated rule alone under `cfg`, on inputs formed outside
+    it (under `setup_cfg`, default cfg)."""
+    q, k, v, do = x["q"], x["k"], x["v"], x["do"]
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    sc = K**-0.5
+    rows, names = hdelta.delta_rows(x["g"], None, x["beta"], scale=sc, C=cfg.chunk, H=H)
+    s0 = hdelta.split_state(jnp.zeros((B, H, K, V), f32), q.dtype)
+
+    def fns(c):
+        prep = lambda res: jax.jit(lambda q, k, v, r: hdelta.prep(           # noqa: E731
+            q, k, v, r, names=names, scale=sc, residuals=res, cfg=c))
+        walk = lambda res: jax.jit(lambda *a: hdelta.walk(                   # noqa: E731
+            *a, names=names, residuals=res, cfg=c))
+        rev = jax.jit(lambda *a: hbwd.walk_rev(*a, names=names, scale=sc, cfg=c))
+        grad = jax.jit(lambda *a: hbwd.grad(*a, names=names, scale=sc, cfg=c))
+        return prep, walk, rev, grad
+
+    prep, walk, rev, grad = fns(setup_cfg or cfg)
+    wm, u0, A, tm = prep(True)(q, k, v, rows)
+    _, _, _, states, u = walk(True)(q, k, wm, u0, A, rows, s0)
+    dbv, _, _, dstates = rev(q, k, do, wm, tm, rows, s0)
+    prep, walk, rev, grad = fns(cfg)
+    return [("prep", lambda: prep(False)(q, k, v, rows)),
+            ("prep_residuals", lambda: prep(True)(q, k, v, rows)),
+            ("walk", lambda: walk(False)(q, k, wm, u0, A, rows, s0)),
+            ("walk_residuals", lambda: walk(True)(q, k, wm, u0, A, rows, s0)),
+            ("walk_rev", lambda: rev(q, k, do, wm, tm, rows, s0)),
+            ("grad", lambda: grad(q, k, do, u, dbv, rows, states, dstates))]
+
+
+# -- (a) registers, spills, SASS ------------------------------------------------------------------
+def resources(dump: str, keep: str | None) -> dict:
+    """Per dumped module: registers, spill bytes, stack, SASS opcode counts."""
+    out: dict = collections.defaultdict(dict)
+    for path in sorted(glob.glob(os.path.join(dump, "*"))):
+        base = os.path.basename(path)
+        stem = base.split(".")[0]
+        if base.endswith(".sass"):
+            with open(path) as f:
+                ops = collections.Counter(OPCODE.findall(f.read()))
+            out[stem]["sass_total"] = sum(ops.values())
+            out[stem]["sass"] = dict(ops.most_common(40))
+        elif base.endswith(".ptxas") or "ptxas" in base:
+            with open(path) as f:
+                text = f.read()
+            for key, rx in (("registers", REGS), ("stack_bytes", STACK)):
+                m = rx.search(text)
+                if m:
+                    out[stem][key] = int(m.group(1))
+            m = SPILL.search(text)
+            if m:
+                out[stem]["spill_store_bytes"], out[stem]["spill_load_bytes"] = map(
+                    int, m.groups())
+            # ptxas C7512: a wgmma waits for the one before (too few registers to overlap them)
+            out[stem]["wgmma_serialized"] = "C7512" in text
+        elif not base.endswith(".ptx"):
+            continue
+        if keep:
+            os.makedirs(keep, exist_ok=True)
+            with open(path, "rb") as src:
+                with gzip.open(os.path.join(keep, base + ".gz"), "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+    for path in sorted(glob.glob(os.path.join(dump, "*.ptx"))):
+        stem = os.path.basename(path).split(".")[0]
+        if "sass" not in out.get(stem, {}):
+            ops = sass_from_ptx(path)
+            if ops is not None:
+                out[stem]["sass_total"] = sum(ops.values())
+                out[stem]["sass"] = dict(ops.most_common(40))
+    return dict(out)
+
+
+def sass_from_ptx(ptx: str) -> collections.Counter | None:
+    """SASS opcode counts of a PTX file assembled for sm_90a by the ptxas and nvdisasm of the
+    `triton` wheel (a device without the CUDA toolkit's nvdisasm, or any host); None without it."""
+    try:
+        import triton
+    except ImportError:
+        return None
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        r = subprocess.run([os.path.join(bin_dir, "ptxas"), "-arch=sm_90a", ptx, "-o", cubin],
+                           capture_output=True, text=True)
+        if r.returncode:
+            print(f"ptxas failed on {ptx}: {r.stdout[-400:]}{r.stderr[-400:]}")
+            return None
+        sass = subprocess.run([os.path.join(bin_dir, "nvdisasm"), "-c", cubin],
+                              capture_output=True, text=True).stdout
+    return collections.Counter(OPCODE.findall(sass))
+
+
+# -- (b) stage times from the in-kernel traces ----------------------------------------------------
+def stage_times(trace_files: list[str]) -> dict:
+    """Per scope: ranges per warpgroup, mean us, total us per warpgroup and share of its span,
+    over every (CTA, warpgroup) trace of the kernel's call(s) whose scopes were recorded."""
+    per = collections.defaultdict(lambda: collections.defaultdict(list))   # tid -> name -> [us]
+    spans = {}
+    for path in trace_files:
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+        stacks = collections.defaultdict(list)
+        for e in events:
+            tid = (path, e["tid"])
+            lo, hi = spans.get(tid, (e["ts"], e["ts"]))
+            spans[tid] = (min(lo, e["ts"]), max(hi, e["ts"]))
+            if e["ph"] == "B":
+                stacks[tid].append((e["name"], e["ts"]))
+            elif stacks[tid]:
+                name, t0 = stacks[tid].pop()
+                per[tid][name].append(e["ts"] - t0)
+    if not per:
+        return {}
+    out = {}
+    names = sorted({n for d in per.values() for n in d})
+    for n in names:
+        counts = [len(d[n]) for d in per.values() if n in d]
+        totals = [sum(d[n]) for d in per.values() if n in d]
+        shares = [sum(d[n]) / max(spans[t][1] - spans[t][0], 1e-9) for t, d in per.items()
+                  if n in d]
+        allv = [v for d in per.values() for v in d.get(n, [])]
+        out[n] = dict(ranges_per_wg=round(float(np.mean(counts)), 1),
+                      mean_us=round(float(np.mean(allv)), 3),
+                      total_us_per_wg=round(float(np.mean(totals)), 2),
+                      share=round(float(np.mean(shares)), 3), warpgroups=len(counts))
+    out["_span_us_per_wg"] = round(float(np.mean([b - a for a, b in spans.values()])), 2)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--T", type=int, default=2048)
+    p.add_argument("--B", type=int, default=8)
+    p.add_argument("--H", type=int, default=16)
+    p.add_argument("--D", type=int, default=128)
+    p.add_argument("--keep", default=None, help="copy the SASS / ptxas dumps (gzipped) here")
+    p.add_argument("--skip-sass", action="store_true")
+    args = p.parse_args(argv)
+    row = dict(B=args.B, T=args.T, H=args.H, K=args.D, V=args.D)
+    x = inputs(args.B, args.T, args.H, args.D, args.D)
+    cfg = HopperDeltaConfig.default()
+    if not args.skip_sass:
+        dump = tempfile.mkdtemp(prefix="mgpu_dump_")
+        os.environ["MOSAIC_GPU_DUMP_TO"] = dump        # read by the compiler at each compile
+        try:
+            for _, run in kernels(cfg, x):
+                jax.block_until_ready(run())
+            res = resources(dump, args.keep)
+            row["resources"] = res
+            for mod, r in res.items():
+                print(f"{mod:40s} regs {r.get('registers')} spill st/ld "
+                      f"{r.get('spill_store_bytes')}/{r.get('spill_load_bytes')} "
+                      f"stack {r.get('stack_bytes')} sass {r.get('sass_total')}: "
+                      + " ".join(f"{k}={v}" for k, v in list(r.get("sass", {}).items())[:14]))
+        except Exception as e:  # noqa: BLE001
+            row["resources_error"] = tail(e, 8)
+            print(f"resources FAILED:\n{tail(e)}")
+        finally:
+            os.environ.pop("MOSAIC_GPU_DUMP_TO", None)
+            print("dump files:", sorted(os.listdir(dump))[:60])
+    prof = tempfile.mkdtemp(prefix="mgpu_trace_")
+    pcfg = dataclasses.replace(cfg, profile_dir=prof)
+    stages = {}
+    try:
+        for name, run in kernels(pcfg, x, setup_cfg=cfg):
+            if name not in TRACED:
+                continue
+            before = set(os.listdir(prof))
+            jax.block_until_ready(run())
+            jax.effects_barrier()                       # the trace is written by a callback
+            new = sorted(set(os.listdir(prof)) - before)
+            stages[name] = stage_times([os.path.join(prof, f) for f in new])
+            print(f"-- {name} ({len(new)} trace files)")
+            for scope, s in stages[name].items():
+                print(f"   {scope:12s} {s}")
+    except Exception as e:  # noqa: BLE001
+        row["stages_error"] = tail(e, 8)
+        print(f"stage times FAILED:\n{tail(e)}")
+    row["stages"] = stages
+    path = common.write_json(common.device_file("kernel_report"), [row],
+                             config=dataclasses.asdict(cfg))
+    print("wrote", path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
