@@ -424,10 +424,11 @@ class HopperDeltaConfig:
       T = 2048, when the kernel spilled registers).
     stages_grad: the same for the chunk-parallel gradient kernel (98 KB a stage at K = V = 128).
     programs: CTAs of the persistent kernels (UT, gradient); None: the device's SM count.
-    walk_split: the forward walk's value blocks of 64 in CTAs of their own, one consumer
-      warpgroup each, grid (B, H, V / 64) (True), or as the consumer warpgroups of one CTA per
-      (b, h) (False). None: split where the split grid fits the SMs in one wave (B H V / 64 <=
-      their count), so that no SM runs two blocks' chains of dependent wgmmas at once.
+    walk_split: the two walks' value blocks of 64 in CTAs of their own, one consumer warpgroup
+      each, grid (B, H, V / 64) (True), or as the consumer warpgroups of one CTA per (b, h)
+      (False). None: split where the split grid fits the SMs in one wave (B H V / 64 <= their
+      count), so that no SM runs two blocks' chains of dependent wgmmas at once (split, the
+      reverse walk also has the SMEM to read the forward's A^T rather than form it).
     semantics, approx_math, item_order: as `HopperChunkConfig` (the order of the UT and gradient
       kernels' items).
     profile_dir: where a non-empty directory is named, every kernel call writes a Chrome trace

@@ -151,8 +151,10 @@ def kernel_breakdown(cfg, q, k, v, beta, g, do, *, reps):
         out[f"walk_{'joint' if split else 'split'}"] = t(jax.jit(lambda *a: hdelta.walk(
             *a, names=names, residuals=False, cfg=other)), q, k, wm, u0, A, rows, s0)
         rev = jax.jit(lambda *a: hbwd.walk_rev(*a, names=names, scale=K**-0.5, **kw))
-        dbv, _, _, dstates = rev(q, k, do, wm, tm, rows, s0)
-        out["walk_rev"] = t(rev, q, k, do, wm, tm, rows, s0)
+        dbv, _, _, dstates = rev(q, k, do, wm, tm, A, rows, s0)
+        out["walk_rev"] = t(rev, q, k, do, wm, tm, A, rows, s0)
+        out[f"walk_rev_{'joint' if split else 'split'}"] = t(jax.jit(lambda *a: hbwd.walk_rev(
+            *a, names=names, scale=K**-0.5, cfg=other)), q, k, do, wm, tm, A, rows, s0)
         gradf = jax.jit(lambda *a: hbwd.grad(*a, names=names, scale=K**-0.5, **kw))
         out["grad"] = t(gradf, q, k, do, u, dbv, rows, states, dstates)
         # the persistent kernels with their items in the other order (chunk or head fastest)

@@ -86,13 +86,13 @@ def kernels(cfg, x, setup_cfg=None):
     prep, walk, rev, grad = fns(setup_cfg or cfg)
     wm, u0, A, tm = prep(True)(q, k, v, rows)
     _, _, _, states, u = walk(True)(q, k, wm, u0, A, rows, s0)
-    dbv, _, _, dstates = rev(q, k, do, wm, tm, rows, s0)
+    dbv, _, _, dstates = rev(q, k, do, wm, tm, A, rows, s0)
     prep, walk, rev, grad = fns(cfg)
     return [("prep", lambda: prep(False)(q, k, v, rows)),
             ("prep_residuals", lambda: prep(True)(q, k, v, rows)),
             ("walk", lambda: walk(False)(q, k, wm, u0, A, rows, s0)),
             ("walk_residuals", lambda: walk(True)(q, k, wm, u0, A, rows, s0)),
-            ("walk_rev", lambda: rev(q, k, do, wm, tm, rows, s0)),
+            ("walk_rev", lambda: rev(q, k, do, wm, tm, A, rows, s0)),
             ("grad", lambda: grad(q, k, do, u, dbv, rows, states, dstates))]
 
 

@@ -44,11 +44,12 @@ def _chunk_form():
 # (gated, K = V, config overrides): the gradient kernel shares each item between a dq side and a
 # dk side; at K = V = 128 two key tiles add their stats and Qd sums two value blocks; in one case
 # one program takes all three chunks (the UT prep reuses its output buffers); at K = V = 128 the
-# forward walk runs its two value blocks in one CTA (gated) and in a CTA each (delta_rule)
+# walks run their two value blocks in a CTA each (gated: the reverse walk reads A^T) and in one CTA
+# (delta_rule: the reverse walk forms k q^T itself)
 CASES = {"gated_delta_rule": (True, 64, {}),
          "delta_rule-prep3": (False, 64, {"stages_prep": 3, "programs": 1}),
-         "gated_delta_rule-K128": (True, 128, {"walk_split": False}),
-         "delta_rule-K128": (False, 128, {"walk_split": True})}
+         "gated_delta_rule-K128": (True, 128, {"walk_split": True}),
+         "delta_rule-K128": (False, 128, {"walk_split": False})}
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -22,8 +22,9 @@ Stages.
           it also writes the entering state S_n of every chunk and u (bf16, the very tiles its
           wgmmas read).
   backward (`delta_bwd`): the reverse walk (dS carried on chip; writes dB_v = T^T du and every
-          dS_n+1), then a chunk-parallel gradient kernel; XLA finishes dv = beta dB_v, dbeta and the
-          prefix sums of the gate gradient.
+          dS_n+1; with its value blocks in CTAs of their own it reads A^T from the forward
+          instead of forming it), then a chunk-parallel gradient kernel; XLA finishes
+          dv = beta dB_v, dbeta and the prefix sums of the gate gradient.
 
 Why A, T, W, U are formed outside the walk. The walk is sequential in T: at B H = 16 (T = 32768)
 it runs 16 (b, h) on 132 SMs and every instruction on its per-chunk chain is latency. The inverse
@@ -360,7 +361,8 @@ def walk(q, k, wm, u0, A, rows, s0, *, names, cfg, residuals):
             vl = pl.ds(0 if split else w * LANES, LANES)   # and in the U slot
             kblk = [pl.ds(r * LANES, LANES) for r in range(NKB)]
             sw, uw, gw = st.at[w], ut.at[w], gt.at[w]
-            S = load_state(ops, (s0h_ref, s0l_ref), b, h, vc, sw, own_bar.at[w], kblk)
+            S = load_state(ops, (s0h_ref, s0l_ref), lambda r: r.at[b, h, :, vc], sw,
+                           own_bar.at[w], kblk)
 
             def step_fn(n, S):
                 slot = lax.rem(n, stages)
@@ -398,7 +400,7 @@ def walk(q, k, wm, u0, A, rows, s0, *, names, cfg, residuals):
                 return tuple(S)
 
             S = lax.fori_loop(0, N, step_fn, tuple(S))
-            store_state(S, (sh_ref, sl_ref), b, h, vc, sw, kblk, dt)
+            store_state(S, (sh_ref, sl_ref), lambda r: r.at[b, h, :, vc], sw, kblk, dt)
 
     out_type = [jax.ShapeDtypeStruct((B, Tp, H, V), dt), jax.ShapeDtypeStruct((B, H, K, V), dt),
                 jax.ShapeDtypeStruct((B, H, K, V), dt)]
@@ -418,12 +420,13 @@ def walk(q, k, wm, u0, A, rows, s0, *, names, cfg, residuals):
     return kernel(q, k, wm, u0, A, rows, *s0)
 
 
-def load_state(ops, refs, b, h, vc, sw, bar, kblk):
-    """The float32 state columns vc of (b, h) from (hi, lo) in GMEM, through the bf16 state tile
-    sw, as K/64 accumulator blocks; sw is left holding hi + lo rounded (the chunk's S_n)."""
+def load_state(ops, refs, view, sw, bar, kblk):
+    """The float32 state columns view(ref) of (hi, lo) in GMEM ([K, 64] each), through the bf16
+    state tile sw, as K/64 accumulator blocks; sw is left holding hi + lo rounded (the chunk's
+    S_n)."""
     S = None
     for ref in refs:
-        plgpu.copy_gmem_to_smem(ref.at[b, h, :, vc], sw, bar)
+        plgpu.copy_gmem_to_smem(view(ref), sw, bar)
         plgpu.barrier_wait(bar)
         part = [ops.acc(sw[kr, :]).astype(f32) for kr in kblk]
         S = part if S is None else [a + p for a, p in zip(S, part, strict=True)]
@@ -434,8 +437,9 @@ def load_state(ops, refs, b, h, vc, sw, bar, kblk):
     return S
 
 
-def store_state(S, refs, b, h, vc, sw, kblk, dt):
-    """The float32 state blocks S to (hi, lo) in GMEM through the state tile sw."""
+def store_state(S, refs, view, sw, kblk, dt):
+    """The float32 state blocks S to (hi, lo) in GMEM (the [K, 64] views view(ref)) through the
+    state tile sw."""
     hi_ref, lo_ref = refs
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     his = []
@@ -444,12 +448,12 @@ def store_state(S, refs, b, h, vc, sw, kblk, dt):
         his.append(hi)
         sw[kr, :] = hi
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(sw, hi_ref.at[b, h, :, vc])
+    plgpu.copy_smem_to_gmem(sw, view(hi_ref))
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     for i, kr in enumerate(kblk):
         sw[kr, :] = (S[i] - his[i].astype(f32)).astype(dt)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(sw, lo_ref.at[b, h, :, vc])
+    plgpu.copy_smem_to_gmem(sw, view(lo_ref))
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -481,15 +485,15 @@ def _core(cfg: HopperDeltaConfig, scale: float, gated: bool, has_doc: bool):
         if not residuals:
             return (o, S), None
         states, u = res
-        return (o, S), (q, k, v, g, beta, doc, wm, tm[0], states, u)
+        return (o, S), (q, k, v, g, beta, doc, wm, tm[0], A, states, u)
 
     def bwd(res, cts):
-        q, k, v, g, beta, doc, wm, tm, states, u = res
+        q, k, v, g, beta, doc, wm, tm, A, states, u = res
         do, dS = cts
         dt = q.dtype
         do = do.astype(dt)
         rows, names = rows_of(g, doc, beta, q.shape[2])
-        dbv, dh, dl, dstates = delta_bwd.walk_rev(q, k, do, wm, tm, rows, split_state(dS, dt),
+        dbv, dh, dl, dstates = delta_bwd.walk_rev(q, k, do, wm, tm, A, rows, split_state(dS, dt),
                                                   names=names, scale=scale, cfg=cfg)
         dq, dk, stats = delta_bwd.grad(q, k, do, u, dbv, rows, states, dstates, names=names,
                                        scale=scale, cfg=cfg)

@@ -127,18 +127,31 @@ STATS = ("Qq", "R", "Qd", "dbp", "Qi", "Qk", "dbs")
 DQ_ROWS = 4
 
 
-def walk_rev(q, k, do, wm, tm, rows, dS, *, names, scale, cfg):
-    """The reverse walk. q, k, wm (-W) [B, Tp, H, K]; do [B, Tp, H, V]; tm (T) [B, H, N, C, C];
-    rows `delta.delta_rows`; dS the cotangent of the final state as (hi, lo) [B, H, K, V].
-    Returns dB_v [B, Tp, H, V], dS_0 as (hi, lo) and every dS_n+1 [B, H, N, K, V] (q's dtype)."""
+def walk_rev(q, k, do, wm, tm, A, rows, dS, *, names, scale, cfg):
+    """The reverse walk. q, k, wm (-W) [B, Tp, H, K]; do [B, Tp, H, V]; tm (T) and A (the masked
+    scores of `delta.prep`) [B, H, N, C, C]; rows `delta.delta_rows`; dS the cotangent of the final
+    state as (hi, lo) [B, H, K, V]. Returns dB_v [B, Tp, H, V], dS_0 as (hi, lo) and every dS_n+1
+    [B, H, N, K, V] (q's dtype).
+
+    The value blocks of 64 run as the consumers of one CTA per (b, h) or, where
+    `HopperDeltaConfig.split_walk` says so, in a CTA each; split, a CTA has the SMEM to read A^T
+    (the forward's A, read transposed) instead of forming k q^T, its masks and exponentials on its
+    chain (joint at K = V = 128 it would take 227 KB)."""
     B, Tp, H, K, V, C, dt, N, NW, NKB, stages, ops = walk_setup(q, do, cfg)
     R = rows.shape[2]
     blk = (C, LANES)
+    split = cfg.split_walk(B * H, NW, multiprocessors(jax.devices()[0]))
+    NC = 1 if split else NW                            # consumer warpgroups per CTA
+    DV = LANES if split else V                         # columns of do a CTA loads
 
-    def body(q_ref, k_ref, do_ref, w_ref, t_ref, g_ref, dh_ref, dl_ref,
-             dbv_ref, sh_ref, sl_ref, ds_ref,
-             xs, ys, zs, ws, ts, gs, st, dut, qt, in_bar, used_bar, own_bar):
+    def body(q_ref, k_ref, do_ref, w_ref, t_ref, a_ref, g_ref, dh_ref, dl_ref,
+             dbv_ref, sh_ref, sl_ref, ds_ref, *refs):
+        refs = list(refs)
+        xs, ys, zs, ws, ts = refs[:5]
+        as_ = refs[5] if split else None
+        gs, st, dut, qt, in_bar, used_bar, own_bar = refs[6 if split else 5:]
         b, h, w = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
+        cb = lax.axis_index("c") if split else w         # this warpgroup's value block
 
         def issue(step, slot):
             n = N - 1 - step
@@ -147,20 +160,24 @@ def walk_rev(q, k, do, wm, tm, rows, dS, *, names, scale, cfg):
             load(bar, slot,
                  (q_ref.at[b, t, h], xs),
                  (k_ref.at[b, t, h], ys),
-                 (do_ref.at[b, t, h], zs),
+                 (do_ref.at[b, t, h, pl.ds(cb * LANES, DV) if split else pl.ds(0, V)], zs),
                  (w_ref.at[b, t, h], ws),
                  (t_ref.at[b, h, n], ts),
                  (g_ref.at[b, h, :, t], gs))
+            if split:
+                plgpu.copy_gmem_to_smem(a_ref.at[b, h, n], as_.at[slot], bar)
 
-        ops.producer(w == NW, issue, N, stages, used_bar)
+        ops.producer(w == NC, issue, N, stages, used_bar)
 
-        @pl.when(w < NW)
+        @pl.when(w < NC)
         def _consumer():
             ops.registers(CONSUMER_REGS, "increase")
-            vc = pl.ds(w * LANES, LANES)
+            vc = pl.ds(cb * LANES, LANES)
+            vl = pl.ds(0 if split else w * LANES, LANES)
             kblk = [pl.ds(r * LANES, LANES) for r in range(NKB)]
             sw, dw, qw = st.at[w], dut.at[w], qt.at[w]
-            dS0 = load_state(ops, (dh_ref, dl_ref), b, h, vc, sw, own_bar.at[w], kblk)
+            dS0 = load_state(ops, (dh_ref, dl_ref), lambda r: r.at[b, h, :, vc], sw,
+                             own_bar.at[w], kblk)
 
             def step_fn(step, dS):
                 n, slot = N - 1 - step, lax.rem(step, stages)
@@ -169,12 +186,18 @@ def walk_rev(q, k, do, wm, tm, rows, dS, *, names, scale, cfg):
                                           ts.at[slot], gs.at[slot])
                 plgpu.barrier_wait(in_bar.at[slot])
                 plgpu.copy_smem_to_gmem(sw, ds_ref.at[b, h, n, :, vc])    # dS_n+1
-                At, kdS = mm_sum(ops, (None, [term(yk, xq, tb=True)]), (None, [term(yk, sw)]))
-                mask, decay = pairs(ops, g, names, C, reverse=True, strict=False)
-                At = jnp.where(mask, At * scale if decay is None else At * (scale * decay), 0.0)
-                du = ops.dot(At.astype(dt), dd.at[:, vc],
-                             acc=kdS * row_vec(ops, g, names, "gk", blk))
-                gdo = ops.acc(dd.at[:, vc][...]).astype(f32) * row_vec(ops, g, names, "gq", blk)
+                gk = row_vec(ops, g, names, "gk", blk)
+                if split:                                 # du = A^T do + gk k dS, A from the prep
+                    (du,) = mm_sum(ops, (None, [term(yk, sw)]))
+                    du = ops.dot(as_.at[slot], dd.at[:, vl], acc=du * gk, ta=True)
+                else:
+                    At, kdS = mm_sum(ops, (None, [term(yk, xq, tb=True)]),
+                                     (None, [term(yk, sw)]))
+                    mask, decay = pairs(ops, g, names, C, reverse=True, strict=False)
+                    At = jnp.where(mask, At * scale if decay is None else At * (scale * decay),
+                                   0.0)
+                    du = ops.dot(At.astype(dt), dd.at[:, vl], acc=kdS * gk)
+                gdo = ops.acc(dd.at[:, vl][...]).astype(f32) * row_vec(ops, g, names, "gq", blk)
                 dec = g[names.index("dec"), 0]
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # dB_v of the last chunk, dS_n+1
                 dw[...] = du.astype(dt)
@@ -194,22 +217,24 @@ def walk_rev(q, k, do, wm, tm, rows, dS, *, names, scale, cfg):
                 return tuple(dS)
 
             dS = lax.fori_loop(0, N, step_fn, tuple(dS0))
-            store_state(dS, (sh_ref, sl_ref), b, h, vc, sw, kblk, dt)
+            store_state(dS, (sh_ref, sl_ref), lambda r: r.at[b, h, :, vc], sw, kblk, dt)
 
     out_type = [jax.ShapeDtypeStruct((B, Tp, H, V), dt), jax.ShapeDtypeStruct((B, H, K, V), dt),
                 jax.ShapeDtypeStruct((B, H, K, V), dt),
                 jax.ShapeDtypeStruct((B, H, N, K, V), dt)]
-    scratch = [smem((stages, C, K), dt), smem((stages, C, K), dt), smem((stages, C, V), dt),
-               smem((stages, C, K), dt), smem((stages, C, C), dt),
-               plgpu.SMEM((stages, R, C), f32),
-               smem((NW, K, LANES), dt), smem((NW, C, LANES), dt), smem((NW, C, LANES), dt),
-               plgpu.Barrier(num_arrivals=6, num_barriers=stages),
-               plgpu.Barrier(num_arrivals=NW, num_barriers=stages),
-               plgpu.Barrier(num_arrivals=1, num_barriers=NW)]
+    scratch = [smem((stages, C, K), dt), smem((stages, C, K), dt), smem((stages, C, DV), dt),
+               smem((stages, C, K), dt), smem((stages, C, C), dt)]
+    scratch += [smem((stages, C, C), dt)] if split else []
+    scratch += [plgpu.SMEM((stages, R, C), f32),
+                smem((NC, K, LANES), dt), smem((NC, C, LANES), dt), smem((NC, C, LANES), dt),
+                plgpu.Barrier(num_arrivals=6 + split, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=NC, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=1, num_barriers=NC)]
     check_smem("delta reverse walk", scratch)
-    kernel = launch(body, cfg, ops, out_type=out_type, grid=(B, H), grid_names=("b", "h"),
-                    scratch=scratch, name="delta_walk_rev", num_threads=NW + 1)
-    return kernel(q, k, do, wm, tm, rows, *dS)
+    grid, gnames = ((B, H, NW), ("b", "h", "c")) if split else ((B, H), ("b", "h"))
+    kernel = launch(body, cfg, ops, out_type=out_type, grid=grid, grid_names=gnames,
+                    scratch=scratch, name="delta_walk_rev", num_threads=NC + 1)
+    return kernel(q, k, do, wm, tm, A, rows, *dS)
 
 
 def _issue_item(item, refs, rings, bar, slot):
