@@ -411,6 +411,11 @@ class HopperChunkConfig:
         return P
 
 
+# A chunk step of the delta state pass (u = U - W S, then the state update: no q S, no A u, no o)
+# against one of the output walk: a guess from the products per step, until measured.
+STATE_STEP = 0.6
+
+
 @dataclasses.dataclass(frozen=True)
 class HopperDeltaConfig:
     """The Mosaic GPU (Hopper, sm_90) kernels of the delta rule and Gated DeltaNet
@@ -429,6 +434,13 @@ class HopperDeltaConfig:
       (False). None: split where the split grid fits the SMs in one wave (B H V / 64 <= their
       count), so that no SM runs two blocks' chains of dependent wgmmas at once (split, the
       reverse walk also has the SMEM to read the forward's A^T rather than form it).
+    pieces: the two-level forward walk. The sequence is cut into P pieces of whole chunks; a
+      state pass walks every piece at once over K + V columns from [I | 0] (piece 0 from
+      [I | h0]) and so yields its affine map S_end = M S_start + E, a float32 scan over the
+      pieces gives each its entering state, and the output pass walks every piece from it.
+      None: the P (a power of two dividing the chunk count, pieces of at least 8 chunks) that
+      `pieces_for`'s count of chunk steps makes fastest, 1 where none beats the single-level
+      walk (at the anchor shapes: P = 4 at T = 32768, else 1).
     semantics, approx_math, item_order: as `HopperChunkConfig` (the order of the UT and gradient
       kernels' items).
     profile_dir: where a non-empty directory is named, every kernel call writes a Chrome trace
@@ -447,11 +459,14 @@ class HopperDeltaConfig:
     profile_dir: str = ""
     item_order: str = "heads"
     walk_split: bool | None = None
+    pieces: int | None = None
 
     def __post_init__(self):
         name = type(self).__name__
         if self.chunk != 64:
             raise ValueError(f"{name}.chunk must be 64 (one wgmma tile), got {self.chunk}")
+        if self.pieces is not None and (self.pieces < 1 or self.pieces & (self.pieces - 1)):
+            raise ValueError(f"{name}.pieces must be None or a power of two, got {self.pieces}")
         if self.walk_split not in (None, True, False):
             raise ValueError(f"{name}.walk_split must be None, True or False, got "
                              f"{self.walk_split!r}")
@@ -469,6 +484,26 @@ class HopperDeltaConfig:
     @classmethod
     def default(cls, device=None) -> HopperDeltaConfig:
         return cls(programs=multiprocessors(device))
+
+    def pieces_for(self, BH: int, K: int, V: int, N: int, sms: int) -> int:
+        """P of the two-level forward walk for B H sequences of N chunks (a power of two dividing
+        N). Unset, the P with the fewest chunk steps in sequence: the state pass's CTAs (B H P
+        (K + V) / 64) in waves over the SMs times N / P steps of STATE_STEP each, plus the output
+        pass's (B H P V / 64 CTAs) times N / P; the single-level walk takes N."""
+        if self.pieces is not None:
+            P = self.pieces
+            while N % P:
+                P //= 2
+            return P
+        waves = lambda ctas: -(-ctas // sms)                     # noqa: E731
+        best, cost = 1, float(N)
+        P = 2
+        while N % P == 0 and N // P >= 8:
+            c = (waves(BH * P * (K + V) // 64) * STATE_STEP + waves(BH * P * V // 64)) * (N // P)
+            if c < cost:
+                best, cost = P, c
+            P *= 2
+        return best
 
     def split_walk(self, BH: int, NW: int, sms: int) -> bool:
         """Whether the forward walk of B H sequences with NW value blocks runs a CTA per block."""

@@ -131,7 +131,8 @@ def kernel_breakdown(cfg, q, k, v, beta, g, do, *, reps):
     V, C = v.shape[-1], cfg.chunk
     kw = dict(cfg=cfg)
     rows, names = hdelta.delta_rows(g, None, beta, scale=K**-0.5, C=C, H=H)
-    s0 = hdelta.split_state(jnp.zeros((B, H, K, V), f32), q.dtype)
+    s0 = hdelta.split_state(jnp.zeros((B, H, 1, K, V), f32), q.dtype)   # one piece's
+    r0 = hdelta.split_state(jnp.zeros((B, H, K, V), f32), q.dtype)      # the reverse walk's
     t = lambda f, *a: common.median_ms(f, *a, reps=reps, inner=10)
     out = {}
     try:
@@ -150,11 +151,23 @@ def kernel_breakdown(cfg, q, k, v, beta, g, do, *, reps):
         other = dataclasses.replace(cfg, walk_split=not split)
         out[f"walk_{'joint' if split else 'split'}"] = t(jax.jit(lambda *a: hdelta.walk(
             *a, names=names, residuals=False, cfg=other)), q, k, wm, u0, A, rows, s0)
+        # the two-level walk at the configured P (4 where that is 1): the whole of it (state pass,
+        # scan, output pass from each piece's entering state) and its state pass alone
+        Pc = cfg.pieces_for(B_ * H_, K, V, T // C, multiprocessors(jax.devices()[0]))
+        P = Pc if Pc > 1 else 4
+        h0 = jnp.zeros((B, H, K, V), f32)
+        out[f"walk_two_level_P{P}"] = t(jax.jit(lambda q, k, wm, u0, A, rows, h0: hdelta.two_level(
+            q, k, wm, u0, A, rows, h0, names=names, residuals=False, pieces=P, **kw)),
+            q, k, wm, u0, A, rows, h0)
+        starts = hdelta.split_state(jnp.zeros((B, H, P, K, K + V), f32), q.dtype)
+        out[f"walk_state_P{P}"] = t(jax.jit(lambda k, wm, u0, rows, s: hdelta.walk(
+            None, k, wm, u0, None, rows, s, names=names, residuals=False, pieces=P,
+            emit="state", **kw)), k, wm, u0, rows, starts)
         rev = jax.jit(lambda *a: hbwd.walk_rev(*a, names=names, scale=K**-0.5, **kw))
-        dbv, _, _, dstates = rev(q, k, do, wm, tm, A, rows, s0)
-        out["walk_rev"] = t(rev, q, k, do, wm, tm, A, rows, s0)
+        dbv, _, _, dstates = rev(q, k, do, wm, tm, A, rows, r0)
+        out["walk_rev"] = t(rev, q, k, do, wm, tm, A, rows, r0)
         out[f"walk_rev_{'joint' if split else 'split'}"] = t(jax.jit(lambda *a: hbwd.walk_rev(
-            *a, names=names, scale=K**-0.5, cfg=other)), q, k, do, wm, tm, A, rows, s0)
+            *a, names=names, scale=K**-0.5, cfg=other)), q, k, do, wm, tm, A, rows, r0)
         gradf = jax.jit(lambda *a: hbwd.grad(*a, names=names, scale=K**-0.5, **kw))
         out["grad"] = t(gradf, q, k, do, u, dbv, rows, states, dstates)
         # the persistent kernels with their items in the other order (chunk or head fastest)

@@ -72,7 +72,8 @@ def kernels(cfg, x, setup_cfg=None):
     V = v.shape[-1]
     sc = K**-0.5
     rows, names = hdelta.delta_rows(x["g"], None, x["beta"], scale=sc, C=cfg.chunk, H=H)
-    s0 = hdelta.split_state(jnp.zeros((B, H, K, V), f32), q.dtype)
+    s0 = hdelta.split_state(jnp.zeros((B, H, 1, K, V), f32), q.dtype)
+    r0 = hdelta.split_state(jnp.zeros((B, H, K, V), f32), q.dtype)
 
     def fns(c):
         prep = lambda res: jax.jit(lambda q, k, v, r: hdelta.prep(           # noqa: E731
@@ -86,13 +87,13 @@ def kernels(cfg, x, setup_cfg=None):
     prep, walk, rev, grad = fns(setup_cfg or cfg)
     wm, u0, A, tm = prep(True)(q, k, v, rows)
     _, _, _, states, u = walk(True)(q, k, wm, u0, A, rows, s0)
-    dbv, _, _, dstates = rev(q, k, do, wm, tm, A, rows, s0)
+    dbv, _, _, dstates = rev(q, k, do, wm, tm, A, rows, r0)
     prep, walk, rev, grad = fns(cfg)
     return [("prep", lambda: prep(False)(q, k, v, rows)),
             ("prep_residuals", lambda: prep(True)(q, k, v, rows)),
             ("walk", lambda: walk(False)(q, k, wm, u0, A, rows, s0)),
             ("walk_residuals", lambda: walk(True)(q, k, wm, u0, A, rows, s0)),
-            ("walk_rev", lambda: rev(q, k, do, wm, tm, A, rows, s0)),
+            ("walk_rev", lambda: rev(q, k, do, wm, tm, A, rows, r0)),
             ("grad", lambda: grad(q, k, do, u, dbv, rows, states, dstates))]
 
 

@@ -88,3 +88,63 @@ def test_delta_matches_chunk_form(case):
     for name, a, b in zip(names, grads, grads_r, strict=True):
         assert not bool(jnp.isnan(f32(a)).any()), name
         assert rel(a, b) < 1e-2, (name, rel(a, b))
+
+
+# (K = V, config overrides) of the two-level forward walk: four chunks in 2 or 4 pieces; at
+# K = V = 128 the output pass runs its two value blocks in a CTA each
+PIECES = {"P2-K64": (64, {"pieces": 2}), "P4-K64": (64, {"pieces": 4}),
+          "P2-K128-split": (128, {"pieces": 2, "walk_split": True})}
+
+
+@pytest.mark.parametrize("case", list(PIECES))
+def test_two_level_walk_matches_chunk_form(case):
+    """Pieces walked in parallel from the entering states the state pass and the scan give them
+    (documents inside pieces and at a piece's first row, an initial state, a hard-decaying chunk)
+    agree with the float32 chunk form and with the single-level walk."""
+    K, over = PIECES[case]
+    B, T, H, V = 1, 250, 1, K
+    ks = jax.random.split(jax.random.key(7), 8)
+    q = jax.random.normal(ks[0], (B, T, H, K), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (B, T, H, K))
+    k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(jnp.bfloat16)
+    v = jax.random.normal(ks[2], (B, T, H, V), jnp.bfloat16)
+    t = jnp.arange(T)[None, :, None]
+    g = jnp.where((t >= 64) & (t < 128), -20.0 * jax.random.uniform(ks[3], (B, T, H)),
+                  jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, H))) / 4)
+    beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H)))
+    S0 = jax.random.normal(ks[5], (B, H, K, V))
+    seg = jnp.asarray((np.arange(T) >= 90) + (np.arange(T) >= 128), jnp.int32)[None]
+
+    def run(cfg):
+        return hopper_delta.delta(q, k, v, g, beta, scale=K**-0.5, initial_state=S0,
+                                  segment_ids=seg, chunk_size=64, config=cfg)
+
+    o, S = jax.jit(lambda: run(dataclasses.replace(CFG, **over)))()
+    o1, S1 = jax.jit(lambda: run(dataclasses.replace(CFG, pieces=1)))()
+    o_r, S_r = gated_delta_rule(f32(q), f32(k), f32(v), g, beta, scale=K**-0.5,
+                                initial_state=S0, segment_ids=seg, impl="chunk")
+    assert rel(o, o_r) < 1e-2 and rel(S, S_r) < 1e-2, (rel(o, o_r), rel(S, S_r))
+    assert rel(o, o1) < 3e-3 and rel(S, S1) < 3e-3, (rel(o, o1), rel(S, S1))
+    if case != "P4-K64":
+        return
+    # the backward reads the entering state of every chunk that the output pass wrote
+    do = jax.random.normal(ks[6], (B, T, H, V))
+    dS = jax.random.normal(ks[7], (B, H, K, V))
+    cfg = dataclasses.replace(CFG, **over)
+
+    def loss(impl, q, k, v, g, beta, S0):
+        if impl == "kernel":
+            o, S = hopper_delta.delta(q, k, v, g, beta, scale=K**-0.5, initial_state=S0,
+                                      segment_ids=seg, chunk_size=64, config=cfg)
+        else:
+            o, S = gated_delta_rule(q, k, v, g, beta, scale=K**-0.5, initial_state=S0,
+                                    segment_ids=seg, impl="chunk")
+        return jnp.sum(f32(o) * do) + jnp.sum(S * dS)
+
+    args = range(6)
+    grads = jax.jit(jax.grad(functools.partial(loss, "kernel"), argnums=args))(
+        q, k, v, g, beta, S0)
+    grads_r = jax.jit(jax.grad(functools.partial(loss, "chunk"), argnums=args))(
+        f32(q), f32(k), f32(v), g, beta, S0)
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), grads, grads_r, strict=True):
+        assert rel(a, b) < 1e-2, (name, rel(a, b))

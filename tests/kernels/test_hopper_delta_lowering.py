@@ -91,3 +91,21 @@ def test_forward_walk_exports_in_both_arrangements(split):
     fits the SMs, so the other cases above take the split grid by default)."""
     text = _export(CASES[0], False, walk_split=split).mlir_module()
     assert "delta_walk" in text and "delta_prep" in text
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "bwd"])
+def test_two_level_walk_exports(grad):
+    """Four pieces: the state pass over [M | E] (a CTA per block of 64 of the K + V columns), the
+    scan, the output pass from each piece's entering state; documents and an initial state."""
+    text = _export(("lane", 1, 4096, 4, 128, 128, True, True), grad, pieces=4).mlir_module()
+    assert "delta_walk_state" in text and "delta_walk" in text
+
+
+def test_pieces_follow_the_step_count():
+    cfg = HopperDeltaConfig()
+    # the anchor shapes (B H, chunks): only T = 32768 (16 sequences of 512 chunks) gains
+    assert [cfg.pieces_for(bh, 128, 128, n, 132) for bh, n in ((128, 32), (32, 128), (16, 512))] \
+        == [1, 1, 4]
+    assert HopperDeltaConfig(pieces=8).pieces_for(16, 128, 128, 12, 132) == 4   # divides N
+    with pytest.raises(ValueError, match="power of two"):
+        HopperDeltaConfig(pieces=3)

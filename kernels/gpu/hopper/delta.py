@@ -84,8 +84,20 @@ Roofline at the anchor shapes (bf16, H = 16, K = V = 128, B T = 16384; H200 ~4.3
             (mm1 1.8, elem 1.1, store_u 0.7, mm2 1.1, store_o 0.9), T = 2048 0.14 ms,
             T = 32768 (512 chunks, 16 CTAs) 1.6 ms
   forward   ~0.17 ms (T = 2048) against jax-linear-attention's 0.309 / 0.328 ms (deltanet /
-            gated); at T = 32768 the walk dominates (anchors 0.742 / 0.825 ms): the two-level
-            walk of the issue is the cure there.
+            gated); at T = 32768 the walk dominates (anchors 0.742 / 0.825 ms): hence the
+            two-level walk below.
+
+The two-level walk (`two_level`, `HopperDeltaConfig.pieces`). Where B H leaves most SMs idle
+(T = 32768: 16 sequences of 512 chunks), the sequence is cut into P pieces. The state update is
+affine in the state, S_n+1 = (dec I - k^T diag(gk) W) S_n + k^T diag(gk) U, column by column, so
+one state pass over K + V columns from [I | 0] (U read as 0 in the first K) ends every piece at
+[M | E], its map S_end = M S_start + E (piece 0 starts its E columns from h0, so they end at its
+true end state). A float32 scan over the pieces (P - 1 [K, K] x [K, V] products) gives each its
+entering state, and the output pass walks all pieces at once from those. Documents need nothing
+more: a reset makes dec and the chunk's rows read no state, which the maps carry. The state pass
+(no q S, no A u, no o) costs ~0.6 of an output step (`configs.STATE_STEP`, a guess until timed):
+at T = 32768, P = 4 runs 256 state CTAs (two waves) of 128 chunks and 128 output CTAs of 128
+chunks, ~282 output steps in sequence against 512.
 
 Inputs bf16 / fp16 (fp32 raises ValueError); K, V <= 128 zero-padded to 64 or 128; T zero-padded
 to a multiple of 64 (padded rows have beta = 0, k = v = 0: they write nothing).
@@ -317,42 +329,68 @@ def walk_setup(q, v, cfg):
 
 
 # -- the forward walk -----------------------------------------------------------------------------
-def walk(q, k, wm, u0, A, rows, s0, *, names, cfg, residuals):
-    """The sequential forward walk over the chunks of each (b, h).
+def walk(q, k, wm, u0, A, rows, s0, *, names, cfg, residuals, pieces=1, emit="out"):
+    """The sequential walk over the chunks of each (b, h), or of each of its `pieces` P pieces of
+    N/P chunks, every piece from its own entering state.
 
-    q, k, wm (-W) [B, Tp, H, K]; u0 (U) [B, Tp, H, V]; A [B, H, N, C, C] the masked scores
-    (`prep`); rows `delta_rows`; s0 the initial state as (hi, lo) [B, H, K, V] in q's dtype.
-    Returns o [B, Tp, H, V], the final state as (hi, lo), and with `residuals` the entering states
-    [B, H, N, K, V] and u [B, Tp, H, V] (q's dtype).
+    k, wm (-W) [B, Tp, H, K]; u0 (U) [B, Tp, H, V]; rows `delta_rows`; s0 the pieces' entering
+    states as (hi, lo) [B, H, P, K, X] in k's dtype.
+    emit "out": X = V; q [B, Tp, H, K] and A [B, H, N, C, C] the masked scores (`prep`). Returns
+      o [B, Tp, H, V], each piece's end state as (hi, lo) [B, H, P, K, V], and with `residuals`
+      the entering states [B, H, N, K, V] and u [B, Tp, H, V] (k's dtype).
+    emit "state": the state pass of the two-level walk (`two_level`); q, A None and X = K + V:
+      the state update alone, over K + V columns [M | E] whose first K read U as 0, so that from
+      [I | S] a piece ends at [M | M S + E], its affine map. Returns the end states (hi, lo)
+      [B, H, P, K, K + V].
 
     The value columns are independent (u, o and the state's columns only mix over keys), so each
-    block of 64 runs on a consumer warpgroup of its own: in one CTA per (b, h), or, where
-    `walk_split` says so, in a CTA of its own per (b, h, block), one consumer each.
+    block of 64 runs on a consumer warpgroup of its own: in one CTA per (b, h, piece), or, where
+    `HopperDeltaConfig.split_walk` says so (and always in the state pass), in a CTA of its own.
     """
-    B, Tp, H, K, V, C, dt, N, NW, NKB, stages, ops = walk_setup(q, u0, cfg)
+    out = emit == "out"
+    B, Tp, H, K, V, C, dt, N, NW, NKB, stages, ops = walk_setup(k, u0, cfg)
+    P = pieces
+    L = N // P                                         # chunks a piece
+    stages = min(stages, L)
     R = rows.shape[2]
     blk = (C, LANES)
-    split = cfg.split_walk(B * H, NW, multiprocessors(jax.devices()[0]))
+    X = V if out else K + V                            # state columns walked
+    NB = X // LANES
+    split = cfg.split_walk(B * H * P, NW, multiprocessors(jax.devices()[0])) if out else True
     NC = 1 if split else NW                            # consumer warpgroups per CTA
     UV = LANES if split else V                         # columns of U a CTA loads
 
-    def body(q_ref, k_ref, w_ref, u_ref, a_ref, g_ref, s0h_ref, s0l_ref, o_ref, sh_ref, sl_ref,
-             *refs):
+    def body(*refs):
         refs = list(refs)
-        if residuals:
-            states_ref, uo_ref = refs.pop(0), refs.pop(0)
-        xs, ys, ws, zs, as_, gs, st, ut, gt, in_bar, used_bar, own_bar = refs
+        pop = lambda on=True: refs.pop(0) if on else None       # noqa: E731
+        q_ref, k_ref, w_ref, u_ref, a_ref = pop(out), pop(), pop(), pop(), pop(out)
+        g_ref, s0h_ref, s0l_ref, o_ref, sh_ref, sl_ref = pop(), pop(), pop(), pop(out), pop(), pop()
+        states_ref, uo_ref = pop(out and residuals), pop(out and residuals)
+        xs, ys, ws, zs, as_, gs = pop(out), pop(), pop(), pop(), pop(out), pop()
+        st, ut, gt = pop(), pop(out), pop()
+        in_bar, used_bar, own_bar = refs
         b, h, w = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
-        cb = lax.axis_index("c") if split else w         # this warpgroup's value block
-        uc = pl.ds(cb * LANES, UV) if split else pl.ds(0, V)
+        if split:
+            c = lax.axis_index("c")
+            p, cb = lax.div(c, NB), lax.rem(c, NB)       # the piece, this CTA's column block
+        else:
+            p, cb = lax.axis_index("p"), w
+        if out:
+            uc = pl.ds(cb * LANES, UV) if split else pl.ds(0, V)
+            ucoef = None
+        else:                                          # [M | E]: the first K columns read U as 0
+            uc = pl.ds(jnp.maximum(cb - NKB, 0) * LANES, LANES)
+            ucoef = jnp.where(cb >= NKB, 1.0, 0.0)
 
         def issue(step, slot):
-            t = pl.ds(step * C, C)
-            load(in_bar.at[slot], slot, (q_ref.at[b, t, h], xs), (k_ref.at[b, t, h], ys),
-                 (w_ref.at[b, t, h], ws), (u_ref.at[b, t, h, uc], zs), (a_ref.at[b, h, step], as_),
-                 (g_ref.at[b, h, :, t], gs))
+            t = pl.ds((p * L + step) * C, C)
+            pairs_ = [(k_ref.at[b, t, h], ys), (w_ref.at[b, t, h], ws),
+                      (u_ref.at[b, t, h, uc], zs), (g_ref.at[b, h, :, t], gs)]
+            if out:
+                pairs_ += [(q_ref.at[b, t, h], xs), (a_ref.at[b, h, p * L + step], as_)]
+            load(in_bar.at[slot], slot, *pairs_)
 
-        ops.producer(w == NC, issue, N, stages, used_bar)
+        ops.producer(w == NC, issue, L, stages, used_bar)
 
         @pl.when(w < NC)
         def _consumer():
@@ -360,64 +398,103 @@ def walk(q, k, wm, u0, A, rows, s0, *, names, cfg, residuals):
             vc = pl.ds(cb * LANES, LANES)                  # the block's columns in GMEM
             vl = pl.ds(0 if split else w * LANES, LANES)   # and in the U slot
             kblk = [pl.ds(r * LANES, LANES) for r in range(NKB)]
-            sw, uw, gw = st.at[w], ut.at[w], gt.at[w]
-            S = load_state(ops, (s0h_ref, s0l_ref), lambda r: r.at[b, h, :, vc], sw,
-                           own_bar.at[w], kblk)
+            sw, gw = st.at[w], gt.at[w]
+            uw = ut.at[w] if out else None
+            view = lambda r: r.at[b, h, p, :, vc]          # noqa: E731
+            S = load_state(ops, (s0h_ref, s0l_ref), view, sw, own_bar.at[w], kblk)
 
-            def step_fn(n, S):
-                slot = lax.rem(n, stages)
+            def step_fn(step, S):
+                slot = lax.rem(step, stages)
+                n = p * L + step
                 t = pl.ds(n * C, C)
-                xq, yk, wmm, zu, g = xs.at[slot], ys.at[slot], ws.at[slot], zs.at[slot], gs.at[slot]
+                yk, wmm, zu, g = ys.at[slot], ws.at[slot], zs.at[slot], gs.at[slot]
                 with jax.named_scope("wait"):
                     plgpu.barrier_wait(in_bar.at[slot])
-                if residuals:                             # S_n, as this chunk reads it
+                if out and residuals:                     # S_n, as this chunk reads it
                     plgpu.copy_smem_to_gmem(sw, states_ref.at[b, h, n, :, vc])
                 with jax.named_scope("mm1"):
                     Uc = ops.acc(zu.at[:, vl][...]).astype(f32)
-                    u, o = mm_sum(ops, (Uc, [term(wmm, sw)]), (None, [term(xq, sw)]))
+                    if out:
+                        u, o = mm_sum(ops, (Uc, [term(wmm, sw)]), (None, [term(xs.at[slot], sw)]))
+                    else:
+                        (u,) = mm_sum(ops, (Uc * ucoef, [term(wmm, sw)]))
                 with jax.named_scope("elem"):
-                    o = o * row_vec(ops, g, names, "gq", blk)
+                    if out:
+                        o = o * row_vec(ops, g, names, "gq", blk)
                     dec = g[names.index("dec"), 0]
                 with jax.named_scope("store_u"):
-                    # the last chunk's stores (o from gw, u from uw) and this one's state store
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                    uw[...] = u.astype(dt)
+                    if out:   # the last chunk's stores (o from gw, u from uw), this one's state
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        uw[...] = u.astype(dt)
                     gw[...] = (u * row_vec(ops, g, names, "gk", blk)).astype(dt)
                     plgpu.commit_smem()
-                if residuals:
+                if out and residuals:
                     plgpu.copy_smem_to_gmem(uw, uo_ref.at[b, t, h, vc])
                 with jax.named_scope("mm2"):
-                    o, *S = ops.mm(prod(as_.at[slot], uw, o),
-                                   *[prod(yk.at[:, kr], gw, S[i] * dec, ta=True)
-                                     for i, kr in enumerate(kblk)])
+                    upd = [prod(yk.at[:, kr], gw, S[i] * dec, ta=True) for i, kr in enumerate(kblk)]
+                    if out:
+                        o, *S = ops.mm(prod(as_.at[slot], uw, o), *upd)
+                    else:
+                        S = ops.mm(*upd)
                 plgpu.barrier_arrive(used_bar.at[slot])   # every read of this slot is complete
                 with jax.named_scope("store_o"):
-                    gw[...] = o.astype(dt)                    # the S update has read gw
+                    if out:
+                        gw[...] = o.astype(dt)                # the S update has read gw
                     for i, kr in enumerate(kblk):
                         sw[kr, :] = S[i].astype(dt)
                     plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(gw, o_ref.at[b, t, h, vc])
+                    if out:
+                        plgpu.copy_smem_to_gmem(gw, o_ref.at[b, t, h, vc])
                 return tuple(S)
 
-            S = lax.fori_loop(0, N, step_fn, tuple(S))
-            store_state(S, (sh_ref, sl_ref), lambda r: r.at[b, h, :, vc], sw, kblk, dt)
+            S = lax.fori_loop(0, L, step_fn, tuple(S))
+            store_state(S, (sh_ref, sl_ref), view, sw, kblk, dt)
 
-    out_type = [jax.ShapeDtypeStruct((B, Tp, H, V), dt), jax.ShapeDtypeStruct((B, H, K, V), dt),
-                jax.ShapeDtypeStruct((B, H, K, V), dt)]
-    if residuals:
+    end = jax.ShapeDtypeStruct((B, H, P, K, X), dt)
+    out_type = ([jax.ShapeDtypeStruct((B, Tp, H, V), dt)] if out else []) + [end, end]
+    if out and residuals:
         out_type += [jax.ShapeDtypeStruct((B, H, N, K, V), dt),
                      jax.ShapeDtypeStruct((B, Tp, H, V), dt)]
-    scratch = [smem((stages, C, K), dt), smem((stages, C, K), dt), smem((stages, C, K), dt),
-               smem((stages, C, UV), dt), smem((stages, C, C), dt), plgpu.SMEM((stages, R, C), f32),
-               smem((NC, K, LANES), dt), smem((NC, C, LANES), dt), smem((NC, C, LANES), dt),
-               plgpu.Barrier(num_arrivals=6, num_barriers=stages),
-               plgpu.Barrier(num_arrivals=NC, num_barriers=stages),
-               plgpu.Barrier(num_arrivals=1, num_barriers=NC)]
+    scratch = [smem((stages, C, K), dt)] if out else []
+    scratch += [smem((stages, C, K), dt), smem((stages, C, K), dt), smem((stages, C, UV), dt)]
+    scratch += [smem((stages, C, C), dt)] if out else []
+    scratch += [plgpu.SMEM((stages, R, C), f32), smem((NC, K, LANES), dt)]
+    scratch += [smem((NC, C, LANES), dt)] * (2 if out else 1)
+    scratch += [plgpu.Barrier(num_arrivals=6 if out else 4, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=NC, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=1, num_barriers=NC)]
     check_smem("delta walk", scratch)
-    grid, names_ = ((B, H, NW), ("b", "h", "c")) if split else ((B, H), ("b", "h"))
-    kernel = launch(body, cfg, ops, out_type=out_type, grid=grid, grid_names=names_,
-                    scratch=scratch, name="delta_walk", num_threads=NC + 1)
-    return kernel(q, k, wm, u0, A, rows, *s0)
+    if split:
+        grid, gnames = (B, H, P * NB), ("b", "h", "c")
+    else:
+        grid, gnames = (B, H, P), ("b", "h", "p")
+    kernel = launch(body, cfg, ops, out_type=out_type, grid=grid, grid_names=gnames,
+                    scratch=scratch, name="delta_walk" + ("" if out else "_state"),
+                    num_threads=NC + 1)
+    args = ((q,) if out else ()) + (k, wm, u0) + ((A,) if out else ()) + (rows, *s0)
+    return kernel(*args)
+
+
+def two_level(q, k, wm, u0, A, rows, h0, *, names, cfg, residuals, pieces):
+    """The forward walk cut into `pieces` P > 1 pieces walked in parallel: the state pass gives
+    each piece's affine map S_end = M S_start + E (piece 0's from h0: its E columns start there),
+    a float32 scan over the pieces gives their entering states, and the output pass walks every
+    piece from its own. Returns what `walk` (emit "out") does, the end states of every piece."""
+    B, Tp, H, K = k.shape
+    V, dt = u0.shape[-1], k.dtype
+    eye = jnp.broadcast_to(jnp.eye(K, dtype=f32), (B, H, pieces, K, K))
+    first = jnp.zeros((B, H, pieces, K, V), f32).at[:, :, 0].set(h0)
+    mh, ml = walk(None, k, wm, u0, None, rows, split_state(jnp.concatenate([eye, first], -1), dt),
+                  names=names, cfg=cfg, residuals=False, pieces=pieces, emit="state")
+    ME = mh.astype(f32) + ml.astype(f32)
+    M, E = ME[..., :K], ME[..., K:]
+    starts, S = [h0], E[:, :, 0]
+    for p in range(1, pieces):
+        starts.append(S)
+        S = jnp.einsum("bhij,bhjv->bhiv", M[:, :, p], S, precision=lax.Precision.HIGHEST) + \
+            E[:, :, p]
+    return walk(q, k, wm, u0, A, rows, split_state(jnp.stack(starts, 2), dt), names=names,
+                cfg=cfg, residuals=residuals, pieces=pieces)
 
 
 def load_state(ops, refs, view, sw, bar, kblk):
@@ -479,9 +556,15 @@ def _core(cfg: HopperDeltaConfig, scale: float, gated: bool, has_doc: bool):
         rows, names = rows_of(g, doc, beta, q.shape[2])
         wm, u0, A, *tm = prep(q, k, v, rows, names=names, scale=scale, cfg=cfg,
                               residuals=residuals)
-        o, sh, sl, *res = walk(q, k, wm, u0, A, rows, split_state(h0, dt), names=names,
-                               cfg=cfg, residuals=residuals)
-        S = sh.astype(f32) + sl.astype(f32)
+        B, Tp, H, K = q.shape
+        P = cfg.pieces_for(B * H, K, v.shape[-1], Tp // C, multiprocessors(jax.devices()[0]))
+        if P > 1:
+            o, sh, sl, *res = two_level(q, k, wm, u0, A, rows, h0, names=names, cfg=cfg,
+                                        residuals=residuals, pieces=P)
+        else:
+            o, sh, sl, *res = walk(q, k, wm, u0, A, rows, split_state(h0[:, :, None], dt),
+                                   names=names, cfg=cfg, residuals=residuals)
+        S = sh[:, :, -1].astype(f32) + sl[:, :, -1].astype(f32)
         if not residuals:
             return (o, S), None
         states, u = res
