@@ -434,10 +434,11 @@ class HopperDeltaConfig:
       (False). None: split where the split grid fits the SMs in one wave (B H V / 64 <= their
       count), so that no SM runs two blocks' chains of dependent wgmmas at once (split, the
       reverse walk also has the SMEM to read the forward's A^T rather than form it).
-    pieces: the two-level forward walk. The sequence is cut into P pieces of whole chunks; a
-      state pass walks every piece at once over K + V columns from [I | 0] (piece 0 from
-      [I | h0]) and so yields its affine map S_end = M S_start + E, a float32 scan over the
-      pieces gives each its entering state, and the output pass walks every piece from it.
+    pieces: the two-level walks. The sequence is cut into P pieces of whole chunks; a state pass
+      walks every piece at once over K + V columns from [I | 0] (piece 0 from [I | h0]) and so
+      yields its affine map S_end = M S_start + E, a float32 scan over the pieces gives each its
+      entering state, and the output pass walks every piece from it; the reverse walk likewise,
+      from the last piece (its E columns from the final state's cotangent).
       None: the P (a power of two dividing the chunk count, pieces of at least 8 chunks) that
       `pieces_for`'s count of chunk steps makes fastest, 1 where none beats the single-level
       walk (at the anchor shapes: P = 4 at T = 32768, else 1).

@@ -132,7 +132,7 @@ def kernel_breakdown(cfg, q, k, v, beta, g, do, *, reps):
     kw = dict(cfg=cfg)
     rows, names = hdelta.delta_rows(g, None, beta, scale=K**-0.5, C=C, H=H)
     s0 = hdelta.split_state(jnp.zeros((B, H, 1, K, V), f32), q.dtype)   # one piece's
-    r0 = hdelta.split_state(jnp.zeros((B, H, K, V), f32), q.dtype)      # the reverse walk's
+    r0 = hdelta.split_state(jnp.zeros((B, H, 1, K, V), f32), q.dtype)      # the reverse walk's
     t = lambda f, *a: common.median_ms(f, *a, reps=reps, inner=10)
     out = {}
     try:
@@ -168,6 +168,9 @@ def kernel_breakdown(cfg, q, k, v, beta, g, do, *, reps):
         out["walk_rev"] = t(rev, q, k, do, wm, tm, A, rows, r0)
         out[f"walk_rev_{'joint' if split else 'split'}"] = t(jax.jit(lambda *a: hbwd.walk_rev(
             *a, names=names, scale=K**-0.5, cfg=other)), q, k, do, wm, tm, A, rows, r0)
+        dS = jnp.zeros((B, H, K, V), f32)
+        out[f"walk_rev_two_level_P{P}"] = t(jax.jit(lambda *a: hbwd.two_level_rev(
+            *a, names=names, scale=K**-0.5, pieces=P, **kw)), q, k, do, wm, tm, A, rows, dS)
         gradf = jax.jit(lambda *a: hbwd.grad(*a, names=names, scale=K**-0.5, **kw))
         out["grad"] = t(gradf, q, k, do, u, dbv, rows, states, dstates)
         # the persistent kernels with their items in the other order (chunk or head fastest)

@@ -73,7 +73,7 @@ def kernels(cfg, x, setup_cfg=None):
     sc = K**-0.5
     rows, names = hdelta.delta_rows(x["g"], None, x["beta"], scale=sc, C=cfg.chunk, H=H)
     s0 = hdelta.split_state(jnp.zeros((B, H, 1, K, V), f32), q.dtype)
-    r0 = hdelta.split_state(jnp.zeros((B, H, K, V), f32), q.dtype)
+    r0 = hdelta.split_state(jnp.zeros((B, H, 1, K, V), f32), q.dtype)
 
     def fns(c):
         prep = lambda res: jax.jit(lambda q, k, v, r: hdelta.prep(           # noqa: E731

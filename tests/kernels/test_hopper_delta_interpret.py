@@ -90,8 +90,8 @@ def test_delta_matches_chunk_form(case):
         assert rel(a, b) < 1e-2, (name, rel(a, b))
 
 
-# (K = V, config overrides) of the two-level forward walk: four chunks in 2 or 4 pieces; at
-# K = V = 128 the output pass runs its two value blocks in a CTA each
+# (K = V, config overrides) of the two-level walks: four chunks in 2 or 4 pieces; at K = V = 128
+# the output passes run their two value blocks in a CTA each
 PIECES = {"P2-K64": (64, {"pieces": 2}), "P4-K64": (64, {"pieces": 4}),
           "P2-K128-split": (128, {"pieces": 2, "walk_split": True})}
 
@@ -127,7 +127,8 @@ def test_two_level_walk_matches_chunk_form(case):
     assert rel(o, o1) < 3e-3 and rel(S, S1) < 3e-3, (rel(o, o1), rel(S, S1))
     if case != "P4-K64":
         return
-    # the backward reads the entering state of every chunk that the output pass wrote
+    # the backward reads the entering state of every chunk that the output pass wrote, and walks
+    # back in pieces too (the reverse state pass, a scan from the last piece, the output pass)
     do = jax.random.normal(ks[6], (B, T, H, V))
     dS = jax.random.normal(ks[7], (B, H, K, V))
     cfg = dataclasses.replace(CFG, **over)

@@ -99,6 +99,8 @@ def test_two_level_walk_exports(grad):
     scan, the output pass from each piece's entering state; documents and an initial state."""
     text = _export(("lane", 1, 4096, 4, 128, 128, True, True), grad, pieces=4).mlir_module()
     assert "delta_walk_state" in text and "delta_walk" in text
+    if grad:      # the reverse walk in pieces too
+        assert "delta_walk_rev_state" in text
 
 
 def test_pieces_follow_the_step_count():

@@ -97,7 +97,10 @@ entering state, and the output pass walks all pieces at once from those. Documen
 more: a reset makes dec and the chunk's rows read no state, which the maps carry. The state pass
 (no q S, no A u, no o) costs ~0.6 of an output step (`configs.STATE_STEP`, a guess until timed):
 at T = 32768, P = 4 runs 256 state CTAs (two waves) of 128 chunks and 128 output CTAs of 128
-chunks, ~282 output steps in sequence against 512.
+chunks, ~282 output steps in sequence against 512. The reverse walk is affine in dS the same way
+(du = A^T do + gk k dS, dS_n = dec dS_n+1 + q^T (gq do) + W^T du) and is cut into the same
+pieces (`delta_bwd.two_level_rev`: do read as 0 in the first K columns, the scan from the last
+piece down).
 
 Inputs bf16 / fp16 (fp32 raises ValueError); K, V <= 128 zero-padded to 64 or 128; T zero-padded
 to a multiple of 64 (padded rows have beta = 0, k = v = 0: they write nothing).
@@ -576,8 +579,17 @@ def _core(cfg: HopperDeltaConfig, scale: float, gated: bool, has_doc: bool):
         dt = q.dtype
         do = do.astype(dt)
         rows, names = rows_of(g, doc, beta, q.shape[2])
-        dbv, dh, dl, dstates = delta_bwd.walk_rev(q, k, do, wm, tm, A, rows, split_state(dS, dt),
-                                                  names=names, scale=scale, cfg=cfg)
+        B, Tp, H, K = q.shape
+        P = cfg.pieces_for(B * H, K, v.shape[-1], Tp // C, multiprocessors(jax.devices()[0]))
+        if P > 1:
+            dbv, dh, dl, dstates = delta_bwd.two_level_rev(q, k, do, wm, tm, A, rows, dS,
+                                                           names=names, scale=scale, cfg=cfg,
+                                                           pieces=P)
+        else:
+            dbv, dh, dl, dstates = delta_bwd.walk_rev(q, k, do, wm, tm, A, rows,
+                                                      split_state(dS[:, :, None], dt),
+                                                      names=names, scale=scale, cfg=cfg)
+        dh, dl = dh[:, :, 0], dl[:, :, 0]
         dq, dk, stats = delta_bwd.grad(q, k, do, u, dbv, rows, states, dstates, names=names,
                                        scale=scale, cfg=cfg)
         dbvf = dbv.astype(f32)

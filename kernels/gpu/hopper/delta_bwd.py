@@ -112,6 +112,7 @@ from linear_jax.kernels.gpu.hopper.common import (
     plgpu,
     program_items,
     smem,
+    split_hi_lo,
     term,
 )
 from linear_jax.kernels.gpu.hopper.delta import (
@@ -127,47 +128,71 @@ STATS = ("Qq", "R", "Qd", "dbp", "Qi", "Qk", "dbs")
 DQ_ROWS = 4
 
 
-def walk_rev(q, k, do, wm, tm, A, rows, dS, *, names, scale, cfg):
-    """The reverse walk. q, k, wm (-W) [B, Tp, H, K]; do [B, Tp, H, V]; tm (T) and A (the masked
-    scores of `delta.prep`) [B, H, N, C, C]; rows `delta.delta_rows`; dS the cotangent of the final
-    state as (hi, lo) [B, H, K, V]. Returns dB_v [B, Tp, H, V], dS_0 as (hi, lo) and every dS_n+1
-    [B, H, N, K, V] (q's dtype).
+def walk_rev(q, k, do, wm, tm, A, rows, dS, *, names, scale, cfg, pieces=1, emit="out"):
+    """The reverse walk over the chunks of each (b, h), or of each of its `pieces` P pieces of
+    N/P chunks, every piece from its own entering cotangent.
 
-    The value blocks of 64 run as the consumers of one CTA per (b, h) or, where
-    `HopperDeltaConfig.split_walk` says so, in a CTA each; split, a CTA has the SMEM to read A^T
-    (the forward's A, read transposed) instead of forming k q^T, its masks and exponentials on its
-    chain (joint at K = V = 128 it would take 227 KB)."""
+    q, k, wm (-W) [B, Tp, H, K]; do [B, Tp, H, V]; tm (T) and A (the masked scores of
+    `delta.prep`) [B, H, N, C, C]; rows `delta.delta_rows`; dS the pieces' entering cotangents
+    (of their last chunk's end state) as (hi, lo) [B, H, P, K, X].
+    emit "out": X = V. Returns dB_v [B, Tp, H, V], each piece's dS at its first chunk as (hi, lo)
+      [B, H, P, K, V] (piece 0's is dS_0) and every dS_n+1 [B, H, N, K, V] (q's dtype).
+    emit "state": the state pass of the two-level reverse walk (`two_level_rev`): X = K + V, the
+      first K columns reading do as 0, so that from [I | dS] a piece ends at its affine map
+      [M | M dS + E]; returns only those (hi, lo) [B, H, P, K, K + V].
+
+    The value blocks of 64 run as the consumers of one CTA per (b, h, piece) or, where
+    `HopperDeltaConfig.split_walk` says so (and always in the state pass), in a CTA each; split,
+    a CTA has the SMEM to read A^T (the forward's A, read transposed) instead of forming k q^T,
+    its masks and exponentials on its chain (joint at K = V = 128 it would take 227 KB)."""
+    out = emit == "out"
     B, Tp, H, K, V, C, dt, N, NW, NKB, stages, ops = walk_setup(q, do, cfg)
+    P = pieces
+    L = N // P
+    stages = min(stages, L)
     R = rows.shape[2]
     blk = (C, LANES)
-    split = cfg.split_walk(B * H, NW, multiprocessors(jax.devices()[0]))
+    X = V if out else K + V
+    NB = X // LANES
+    split = cfg.split_walk(B * H * P, NW, multiprocessors(jax.devices()[0])) if out else True
     NC = 1 if split else NW                            # consumer warpgroups per CTA
     DV = LANES if split else V                         # columns of do a CTA loads
 
-    def body(q_ref, k_ref, do_ref, w_ref, t_ref, a_ref, g_ref, dh_ref, dl_ref,
-             dbv_ref, sh_ref, sl_ref, ds_ref, *refs):
+    def body(q_ref, k_ref, do_ref, w_ref, t_ref, a_ref, g_ref, dh_ref, dl_ref, *refs):
         refs = list(refs)
-        xs, ys, zs, ws, ts = refs[:5]
-        as_ = refs[5] if split else None
-        gs, st, dut, qt, in_bar, used_bar, own_bar = refs[6 if split else 5:]
+        pop = lambda on=True: refs.pop(0) if on else None       # noqa: E731
+        dbv_ref, sh_ref, sl_ref, ds_ref = pop(out), pop(), pop(), pop(out)
+        xs, ys, zs, ws, ts, as_, gs = pop(), pop(), pop(), pop(), pop(), pop(split), pop()
+        st, dut, qt, in_bar, used_bar, own_bar = refs
         b, h, w = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
-        cb = lax.axis_index("c") if split else w         # this warpgroup's value block
+        if split:
+            c = lax.axis_index("c")
+            p, cb = lax.div(c, NB), lax.rem(c, NB)       # the piece, this CTA's column block
+        else:
+            p, cb = lax.axis_index("p"), w
+        if out:
+            dc = pl.ds(cb * LANES, DV) if split else pl.ds(0, V)
+            dcoef = None
+        else:                                          # [M | E]: the first K columns read do as 0
+            dc = pl.ds(jnp.maximum(cb - NKB, 0) * LANES, LANES)
+            dcoef = jnp.where(cb >= NKB, 1.0, 0.0)
+        chunk = lambda step: p * L + L - 1 - step       # noqa: E731
 
         def issue(step, slot):
-            n = N - 1 - step
+            n = chunk(step)
             t = pl.ds(n * C, C)
             bar = in_bar.at[slot]
             load(bar, slot,
                  (q_ref.at[b, t, h], xs),
                  (k_ref.at[b, t, h], ys),
-                 (do_ref.at[b, t, h, pl.ds(cb * LANES, DV) if split else pl.ds(0, V)], zs),
+                 (do_ref.at[b, t, h, dc], zs),
                  (w_ref.at[b, t, h], ws),
                  (t_ref.at[b, h, n], ts),
                  (g_ref.at[b, h, :, t], gs))
             if split:
                 plgpu.copy_gmem_to_smem(a_ref.at[b, h, n], as_.at[slot], bar)
 
-        ops.producer(w == NC, issue, N, stages, used_bar)
+        ops.producer(w == NC, issue, L, stages, used_bar)
 
         @pl.when(w < NC)
         def _consumer():
@@ -176,20 +201,25 @@ def walk_rev(q, k, do, wm, tm, A, rows, dS, *, names, scale, cfg):
             vl = pl.ds(0 if split else w * LANES, LANES)
             kblk = [pl.ds(r * LANES, LANES) for r in range(NKB)]
             sw, dw, qw = st.at[w], dut.at[w], qt.at[w]
-            dS0 = load_state(ops, (dh_ref, dl_ref), lambda r: r.at[b, h, :, vc], sw,
-                             own_bar.at[w], kblk)
+            view = lambda r: r.at[b, h, p, :, vc]          # noqa: E731
+            dS0 = load_state(ops, (dh_ref, dl_ref), view, sw, own_bar.at[w], kblk)
 
             def step_fn(step, dS):
-                n, slot = N - 1 - step, lax.rem(step, stages)
+                n, slot = chunk(step), lax.rem(step, stages)
                 t = pl.ds(n * C, C)
                 xq, yk, dd, wmm, tt, g = (xs.at[slot], ys.at[slot], zs.at[slot], ws.at[slot],
                                           ts.at[slot], gs.at[slot])
                 plgpu.barrier_wait(in_bar.at[slot])
-                plgpu.copy_smem_to_gmem(sw, ds_ref.at[b, h, n, :, vc])    # dS_n+1
+                if out:
+                    plgpu.copy_smem_to_gmem(sw, ds_ref.at[b, h, n, :, vc])    # dS_n+1
                 gk = row_vec(ops, g, names, "gk", blk)
                 if split:                                 # du = A^T do + gk k dS, A from the prep
                     (du,) = mm_sum(ops, (None, [term(yk, sw)]))
-                    du = ops.dot(as_.at[slot], dd.at[:, vl], acc=du * gk, ta=True)
+                    du = du * gk
+                    if out:
+                        du = ops.dot(as_.at[slot], dd.at[:, vl], acc=du, ta=True)
+                    else:
+                        du = du + dcoef * ops.dot(as_.at[slot], dd.at[:, vl], ta=True)
                 else:
                     At, kdS = mm_sum(ops, (None, [term(yk, xq, tb=True)]),
                                      (None, [term(yk, sw)]))
@@ -198,30 +228,38 @@ def walk_rev(q, k, do, wm, tm, A, rows, dS, *, names, scale, cfg):
                                    0.0)
                     du = ops.dot(At.astype(dt), dd.at[:, vl], acc=kdS * gk)
                 gdo = ops.acc(dd.at[:, vl][...]).astype(f32) * row_vec(ops, g, names, "gq", blk)
+                if not out:
+                    gdo = gdo * dcoef
                 dec = g[names.index("dec"), 0]
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # dB_v of the last chunk, dS_n+1
                 dw[...] = du.astype(dt)
                 qw[...] = gdo.astype(dt)
                 plgpu.commit_smem()
-                dbv, *dS = mm_sum(
-                    ops, (None, [term(tt, dw, ta=True)]),
-                    *[(dS[i] * dec, [term(xq.at[:, kr], qw, ta=True),
-                                     term(wmm.at[:, kr], dw, ta=True)])
-                      for i, kr in enumerate(kblk)])
+                upd = [(dS[i] * dec, [term(xq.at[:, kr], qw, ta=True),
+                                      term(wmm.at[:, kr], dw, ta=True)])
+                       for i, kr in enumerate(kblk)]
+                if out:
+                    dbv, *dS = mm_sum(ops, (None, [term(tt, dw, ta=True)]), *upd)
+                else:
+                    dS = mm_sum(ops, *upd)
                 plgpu.barrier_arrive(used_bar.at[slot])   # every read of this slot is complete
-                qw[...] = dbv.astype(dt)                  # the dS update has read qw
+                if out:
+                    qw[...] = dbv.astype(dt)              # the dS update has read qw
                 for i, kr in enumerate(kblk):
                     sw[kr, :] = dS[i].astype(dt)
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(qw, dbv_ref.at[b, t, h, vc])
+                if out:
+                    plgpu.copy_smem_to_gmem(qw, dbv_ref.at[b, t, h, vc])
                 return tuple(dS)
 
-            dS = lax.fori_loop(0, N, step_fn, tuple(dS0))
-            store_state(dS, (sh_ref, sl_ref), lambda r: r.at[b, h, :, vc], sw, kblk, dt)
+            dS = lax.fori_loop(0, L, step_fn, tuple(dS0))
+            store_state(dS, (sh_ref, sl_ref), view, sw, kblk, dt)
 
-    out_type = [jax.ShapeDtypeStruct((B, Tp, H, V), dt), jax.ShapeDtypeStruct((B, H, K, V), dt),
-                jax.ShapeDtypeStruct((B, H, K, V), dt),
-                jax.ShapeDtypeStruct((B, H, N, K, V), dt)]
+    end = jax.ShapeDtypeStruct((B, H, P, K, X), dt)
+    out_type = [end, end]
+    if out:
+        out_type = [jax.ShapeDtypeStruct((B, Tp, H, V), dt)] + out_type + [
+            jax.ShapeDtypeStruct((B, H, N, K, V), dt)]
     scratch = [smem((stages, C, K), dt), smem((stages, C, K), dt), smem((stages, C, DV), dt),
                smem((stages, C, K), dt), smem((stages, C, C), dt)]
     scratch += [smem((stages, C, C), dt)] if split else []
@@ -231,10 +269,38 @@ def walk_rev(q, k, do, wm, tm, A, rows, dS, *, names, scale, cfg):
                 plgpu.Barrier(num_arrivals=NC, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=1, num_barriers=NC)]
     check_smem("delta reverse walk", scratch)
-    grid, gnames = ((B, H, NW), ("b", "h", "c")) if split else ((B, H), ("b", "h"))
+    if split:
+        grid, gnames = (B, H, P * NB), ("b", "h", "c")
+    else:
+        grid, gnames = (B, H, P), ("b", "h", "p")
     kernel = launch(body, cfg, ops, out_type=out_type, grid=grid, grid_names=gnames,
-                    scratch=scratch, name="delta_walk_rev", num_threads=NC + 1)
+                    scratch=scratch, name="delta_walk_rev" + ("" if out else "_state"),
+                    num_threads=NC + 1)
     return kernel(q, k, do, wm, tm, A, rows, *dS)
+
+
+def two_level_rev(q, k, do, wm, tm, A, rows, dS, *, names, scale, cfg, pieces):
+    """The reverse walk cut into `pieces` P > 1 pieces walked in parallel (as `delta.two_level`,
+    backwards): the state pass gives each piece's affine map (the last piece's E columns start
+    from the final state's cotangent dS, float32 [B, H, K, V]), a float32 scan from the last piece
+    down gives their entering cotangents, and the output pass walks every piece from its own.
+    Returns what `walk_rev` (emit "out") does."""
+    B, Tp, H, K = q.shape
+    V, dt = do.shape[-1], q.dtype
+    eye = jnp.broadcast_to(jnp.eye(K, dtype=f32), (B, H, pieces, K, K))
+    last = jnp.zeros((B, H, pieces, K, V), f32).at[:, :, -1].set(dS)
+    mh, ml = walk_rev(q, k, do, wm, tm, A, rows,
+                      split_hi_lo(jnp.concatenate([eye, last], -1), dt), names=names,
+                      scale=scale, cfg=cfg, pieces=pieces, emit="state")
+    ME = mh.astype(f32) + ml.astype(f32)
+    M, E = ME[..., :K], ME[..., K:]
+    starts, S = [dS], E[:, :, -1]
+    for p in range(pieces - 2, -1, -1):
+        starts.append(S)
+        S = jnp.einsum("bhij,bhjv->bhiv", M[:, :, p], S, precision=lax.Precision.HIGHEST) + \
+            E[:, :, p]
+    return walk_rev(q, k, do, wm, tm, A, rows, split_hi_lo(jnp.stack(starts[::-1], 2), dt),
+                    names=names, scale=scale, cfg=cfg, pieces=pieces)
 
 
 def _issue_item(item, refs, rings, bar, slot):
