@@ -52,11 +52,11 @@ CASES = {"gated_delta_rule": (True, 64, {}),
          "delta_rule-K128": (False, 128, {"walk_split": False})}
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_delta_matches_chunk_form(case):
-    gated, K, over = CASES[case]
-    B, T, H, V = 1, 130, 1, K
-    ks = jax.random.split(jax.random.key(5), 8)
+def _inputs(T, K, *, seed, starts):
+    """(q, k, v, g, beta, S0, seg, do, dS) at B = H = 1, K = V: unit keys, chunk 1 (rows 64-127)
+    decaying hard (g down to -20 per step), documents starting at the rows `starts`."""
+    B, H, V = 1, 1, K
+    ks = jax.random.split(jax.random.key(seed), 8)
     q = jax.random.normal(ks[0], (B, T, H, K), jnp.bfloat16)
     k = jax.random.normal(ks[1], (B, T, H, K))
     k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(jnp.bfloat16)
@@ -66,9 +66,16 @@ def test_delta_matches_chunk_form(case):
                   jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, H))) / 4)
     beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H)))
     S0 = jax.random.normal(ks[5], (B, H, K, V))
-    seg = jnp.asarray((np.arange(T) >= 30) + (np.arange(T) >= 64), jnp.int32)[None]
+    seg = jnp.asarray(sum(np.arange(T) >= r for r in starts), jnp.int32)[None]
     do = jax.random.normal(ks[6], (B, T, H, V))
     dS = jax.random.normal(ks[7], (B, H, K, V))
+    return q, k, v, g, beta, S0, seg, do, dS
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_delta_matches_chunk_form(case):
+    gated, K, over = CASES[case]
+    q, k, v, g, beta, S0, seg, do, dS = _inputs(130, K, seed=5, starts=(30, 64))
 
     def loss(fn, *a):
         o, S = fn(*a)
@@ -102,18 +109,7 @@ def test_two_level_walk_matches_chunk_form(case):
     (documents inside pieces and at a piece's first row, an initial state, a hard-decaying chunk)
     agree with the float32 chunk form and with the single-level walk."""
     K, over = PIECES[case]
-    B, T, H, V = 1, 250, 1, K
-    ks = jax.random.split(jax.random.key(7), 8)
-    q = jax.random.normal(ks[0], (B, T, H, K), jnp.bfloat16)
-    k = jax.random.normal(ks[1], (B, T, H, K))
-    k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(jnp.bfloat16)
-    v = jax.random.normal(ks[2], (B, T, H, V), jnp.bfloat16)
-    t = jnp.arange(T)[None, :, None]
-    g = jnp.where((t >= 64) & (t < 128), -20.0 * jax.random.uniform(ks[3], (B, T, H)),
-                  jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, H))) / 4)
-    beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H)))
-    S0 = jax.random.normal(ks[5], (B, H, K, V))
-    seg = jnp.asarray((np.arange(T) >= 90) + (np.arange(T) >= 128), jnp.int32)[None]
+    q, k, v, g, beta, S0, seg, do, dS = _inputs(250, K, seed=7, starts=(90, 128))
 
     def run(cfg):
         return hopper_delta.delta(q, k, v, g, beta, scale=K**-0.5, initial_state=S0,
@@ -129,8 +125,6 @@ def test_two_level_walk_matches_chunk_form(case):
         return
     # the backward reads the entering state of every chunk that the output pass wrote, and walks
     # back in pieces too (the reverse state pass, a scan from the last piece, the output pass)
-    do = jax.random.normal(ks[6], (B, T, H, V))
-    dS = jax.random.normal(ks[7], (B, H, K, V))
     cfg = dataclasses.replace(CFG, **over)
 
     def loss(impl, q, k, v, g, beta, S0):

@@ -361,7 +361,7 @@ def walk(q, k, wm, u0, A, rows, s0, *, names, cfg, residuals, pieces=1, emit="ou
     NB = X // LANES
     split = cfg.split_walk(B * H * P, NW, multiprocessors(jax.devices()[0])) if out else True
     NC = 1 if split else NW                            # consumer warpgroups per CTA
-    UV = LANES if split else V                         # columns of U a CTA loads
+    UV = LANES if split else V                         # columns of U a CTA loads (walk_cell)
 
     def body(*refs):
         refs = list(refs)
@@ -373,17 +373,7 @@ def walk(q, k, wm, u0, A, rows, s0, *, names, cfg, residuals, pieces=1, emit="ou
         st, ut, gt = pop(), pop(out), pop()
         in_bar, used_bar, own_bar = refs
         b, h, w = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
-        if split:
-            c = lax.axis_index("c")
-            p, cb = lax.div(c, NB), lax.rem(c, NB)       # the piece, this CTA's column block
-        else:
-            p, cb = lax.axis_index("p"), w
-        if out:
-            uc = pl.ds(cb * LANES, UV) if split else pl.ds(0, V)
-            ucoef = None
-        else:                                          # [M | E]: the first K columns read U as 0
-            uc = pl.ds(jnp.maximum(cb - NKB, 0) * LANES, LANES)
-            ucoef = jnp.where(cb >= NKB, 1.0, 0.0)
+        p, cb, uc, ucoef = walk_cell(split, out, NB, NKB, V)
 
         def issue(step, slot):
             t = pl.ds((p * L + step) * C, C)
@@ -467,15 +457,62 @@ def walk(q, k, wm, u0, A, rows, s0, *, names, cfg, residuals, pieces=1, emit="ou
                 plgpu.Barrier(num_arrivals=NC, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=1, num_barriers=NC)]
     check_smem("delta walk", scratch)
-    if split:
-        grid, gnames = (B, H, P * NB), ("b", "h", "c")
-    else:
-        grid, gnames = (B, H, P), ("b", "h", "p")
-    kernel = launch(body, cfg, ops, out_type=out_type, grid=grid, grid_names=gnames,
-                    scratch=scratch, name="delta_walk" + ("" if out else "_state"),
-                    num_threads=NC + 1)
+    kernel = launch_walk(body, cfg, ops, out_type=out_type, scratch=scratch, split=split,
+                         cells=(B, H, P, NB), consumers=NC,
+                         name="delta_walk" + ("" if out else "_state"))
     args = ((q,) if out else ()) + (k, wm, u0) + ((A,) if out else ()) + (rows, *s0)
     return kernel(*args)
+
+
+def walk_cell(split: bool, out: bool, NB: int, NKB: int, V: int):
+    """(piece p, column block cb, the columns of the values (U or do) its CTA loads, their factor)
+    of a walk CTA (forward or reverse). Split, the grid's third axis "c" enumerates (piece, block
+    of NB); joint, it is the piece "p" and the block is the warpgroup. In a state pass (`out`
+    False) the first NKB blocks are the map columns M, which read the values as 0."""
+    if split:
+        c = lax.axis_index("c")
+        p, cb = lax.div(c, NB), lax.rem(c, NB)
+    else:
+        p, cb = lax.axis_index("p"), lax.axis_index("wg")
+    if out:
+        return p, cb, (pl.ds(cb * LANES, LANES) if split else pl.ds(0, V)), None
+    return (p, cb, pl.ds(jnp.maximum(cb - NKB, 0) * LANES, LANES),
+            jnp.where(cb >= NKB, 1.0, 0.0))
+
+
+def launch_walk(body, cfg, ops, *, out_type, scratch, split, cells, consumers, name):
+    """The `launch` of a walk over cells (B, H, P pieces, NB column blocks) as `walk_cell` reads
+    them: grid (B, H, P NB) with one consumer warpgroup (split), else (B, H, P) with `consumers`."""
+    B, H, P, NB = cells
+    grid, gnames = ((B, H, P * NB), ("b", "h", "c")) if split else ((B, H, P), ("b", "h", "p"))
+    return launch(body, cfg, ops, out_type=out_type, grid=grid, grid_names=gnames,
+                  scratch=scratch, name=name, num_threads=consumers + 1)
+
+
+def map_starts(S, pieces: int, at: int, dt):
+    """The state pass's entering columns [I | 0] of every piece, [I | S] for piece `at`, as
+    (hi, lo) [B, H, P, K, K + V] in dt; S float32 [B, H, K, V]."""
+    B, H, K, V = S.shape
+    eye = jnp.broadcast_to(jnp.eye(K, dtype=f32), (B, H, pieces, K, K))
+    first = jnp.zeros((B, H, pieces, K, V), f32).at[:, :, at].set(S)
+    return split_state(jnp.concatenate([eye, first], -1), dt)
+
+
+def scan_pieces(ends, S, *, reverse: bool):
+    """The pieces' entering states [B, H, P, K, V] (float32) from the state pass's end states
+    `ends` (hi, lo) [B, H, P, K, K + V], [M | E] per piece, the first piece walked (the last when
+    `reverse`) having started its E columns from S: each next piece enters at M S + E."""
+    ME = ends[0].astype(f32) + ends[1].astype(f32)
+    P, K = ME.shape[2], ME.shape[3]
+    M, E = ME[..., :K], ME[..., K:]
+    order = list(range(P - 1, -1, -1)) if reverse else list(range(P))
+    starts = {order[0]: S}
+    S = E[:, :, order[0]]
+    for p in order[1:]:            # (the last piece's end is unused: XLA drops its product)
+        starts[p] = S
+        S = jnp.einsum("bhij,bhjv->bhiv", M[:, :, p], S, precision=lax.Precision.HIGHEST) + \
+            E[:, :, p]
+    return jnp.stack([starts[p] for p in range(P)], 2)
 
 
 def two_level(q, k, wm, u0, A, rows, h0, *, names, cfg, residuals, pieces):
@@ -483,21 +520,12 @@ def two_level(q, k, wm, u0, A, rows, h0, *, names, cfg, residuals, pieces):
     each piece's affine map S_end = M S_start + E (piece 0's from h0: its E columns start there),
     a float32 scan over the pieces gives their entering states, and the output pass walks every
     piece from its own. Returns what `walk` (emit "out") does, the end states of every piece."""
-    B, Tp, H, K = k.shape
-    V, dt = u0.shape[-1], k.dtype
-    eye = jnp.broadcast_to(jnp.eye(K, dtype=f32), (B, H, pieces, K, K))
-    first = jnp.zeros((B, H, pieces, K, V), f32).at[:, :, 0].set(h0)
-    mh, ml = walk(None, k, wm, u0, None, rows, split_state(jnp.concatenate([eye, first], -1), dt),
-                  names=names, cfg=cfg, residuals=False, pieces=pieces, emit="state")
-    ME = mh.astype(f32) + ml.astype(f32)
-    M, E = ME[..., :K], ME[..., K:]
-    starts, S = [h0], E[:, :, 0]
-    for p in range(1, pieces):
-        starts.append(S)
-        S = jnp.einsum("bhij,bhjv->bhiv", M[:, :, p], S, precision=lax.Precision.HIGHEST) + \
-            E[:, :, p]
-    return walk(q, k, wm, u0, A, rows, split_state(jnp.stack(starts, 2), dt), names=names,
-                cfg=cfg, residuals=residuals, pieces=pieces)
+    dt = k.dtype
+    ends = walk(None, k, wm, u0, None, rows, map_starts(h0, pieces, 0, dt), names=names, cfg=cfg,
+                residuals=False, pieces=pieces, emit="state")
+    starts = scan_pieces(ends, h0, reverse=False)
+    return walk(q, k, wm, u0, A, rows, split_state(starts, dt), names=names, cfg=cfg,
+                residuals=residuals, pieces=pieces)
 
 
 def load_state(ops, refs, view, sw, bar, kblk):

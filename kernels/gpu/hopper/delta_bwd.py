@@ -116,10 +116,14 @@ from linear_jax.kernels.gpu.hopper.common import (
     term,
 )
 from linear_jax.kernels.gpu.hopper.delta import (
+    launch_walk,
     load_state,
+    map_starts,
     pairs,
     row_vec,
+    scan_pieces,
     store_state,
+    walk_cell,
     walk_setup,
 )
 
@@ -156,7 +160,7 @@ def walk_rev(q, k, do, wm, tm, A, rows, dS, *, names, scale, cfg, pieces=1, emit
     NB = X // LANES
     split = cfg.split_walk(B * H * P, NW, multiprocessors(jax.devices()[0])) if out else True
     NC = 1 if split else NW                            # consumer warpgroups per CTA
-    DV = LANES if split else V                         # columns of do a CTA loads
+    DV = LANES if split else V                         # columns of do a CTA loads (walk_cell)
 
     def body(q_ref, k_ref, do_ref, w_ref, t_ref, a_ref, g_ref, dh_ref, dl_ref, *refs):
         refs = list(refs)
@@ -165,17 +169,7 @@ def walk_rev(q, k, do, wm, tm, A, rows, dS, *, names, scale, cfg, pieces=1, emit
         xs, ys, zs, ws, ts, as_, gs = pop(), pop(), pop(), pop(), pop(), pop(split), pop()
         st, dut, qt, in_bar, used_bar, own_bar = refs
         b, h, w = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
-        if split:
-            c = lax.axis_index("c")
-            p, cb = lax.div(c, NB), lax.rem(c, NB)       # the piece, this CTA's column block
-        else:
-            p, cb = lax.axis_index("p"), w
-        if out:
-            dc = pl.ds(cb * LANES, DV) if split else pl.ds(0, V)
-            dcoef = None
-        else:                                          # [M | E]: the first K columns read do as 0
-            dc = pl.ds(jnp.maximum(cb - NKB, 0) * LANES, LANES)
-            dcoef = jnp.where(cb >= NKB, 1.0, 0.0)
+        p, cb, dc, dcoef = walk_cell(split, out, NB, NKB, V)
         chunk = lambda step: p * L + L - 1 - step       # noqa: E731
 
         def issue(step, slot):
@@ -269,13 +263,9 @@ def walk_rev(q, k, do, wm, tm, A, rows, dS, *, names, scale, cfg, pieces=1, emit
                 plgpu.Barrier(num_arrivals=NC, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=1, num_barriers=NC)]
     check_smem("delta reverse walk", scratch)
-    if split:
-        grid, gnames = (B, H, P * NB), ("b", "h", "c")
-    else:
-        grid, gnames = (B, H, P), ("b", "h", "p")
-    kernel = launch(body, cfg, ops, out_type=out_type, grid=grid, grid_names=gnames,
-                    scratch=scratch, name="delta_walk_rev" + ("" if out else "_state"),
-                    num_threads=NC + 1)
+    kernel = launch_walk(body, cfg, ops, out_type=out_type, scratch=scratch, split=split,
+                         cells=(B, H, P, NB), consumers=NC,
+                         name="delta_walk_rev" + ("" if out else "_state"))
     return kernel(q, k, do, wm, tm, A, rows, *dS)
 
 
@@ -285,22 +275,12 @@ def two_level_rev(q, k, do, wm, tm, A, rows, dS, *, names, scale, cfg, pieces):
     from the final state's cotangent dS, float32 [B, H, K, V]), a float32 scan from the last piece
     down gives their entering cotangents, and the output pass walks every piece from its own.
     Returns what `walk_rev` (emit "out") does."""
-    B, Tp, H, K = q.shape
-    V, dt = do.shape[-1], q.dtype
-    eye = jnp.broadcast_to(jnp.eye(K, dtype=f32), (B, H, pieces, K, K))
-    last = jnp.zeros((B, H, pieces, K, V), f32).at[:, :, -1].set(dS)
-    mh, ml = walk_rev(q, k, do, wm, tm, A, rows,
-                      split_hi_lo(jnp.concatenate([eye, last], -1), dt), names=names,
-                      scale=scale, cfg=cfg, pieces=pieces, emit="state")
-    ME = mh.astype(f32) + ml.astype(f32)
-    M, E = ME[..., :K], ME[..., K:]
-    starts, S = [dS], E[:, :, -1]
-    for p in range(pieces - 2, -1, -1):
-        starts.append(S)
-        S = jnp.einsum("bhij,bhjv->bhiv", M[:, :, p], S, precision=lax.Precision.HIGHEST) + \
-            E[:, :, p]
-    return walk_rev(q, k, do, wm, tm, A, rows, split_hi_lo(jnp.stack(starts[::-1], 2), dt),
-                    names=names, scale=scale, cfg=cfg, pieces=pieces)
+    dt = q.dtype
+    ends = walk_rev(q, k, do, wm, tm, A, rows, map_starts(dS, pieces, pieces - 1, dt),
+                    names=names, scale=scale, cfg=cfg, pieces=pieces, emit="state")
+    starts = scan_pieces(ends, dS, reverse=True)
+    return walk_rev(q, k, do, wm, tm, A, rows, split_hi_lo(starts, dt), names=names, scale=scale,
+                    cfg=cfg, pieces=pieces)
 
 
 def _issue_item(item, refs, rings, bar, slot):
