@@ -8,7 +8,9 @@ anchors.
     inputs, by relative norm error: keys l2-normalised, beta = sigmoid, packed documents
     (boundaries inside chunks and at chunk starts) with initial states, a strong-decay case (g down
     to -20 per step: no NaN, exact gate gradient), T in {100, 2048} (+ 8192 and padded K, V
-    without --quick), K = V in {64, 128}; and float32 inputs refused (ValueError).
+    without --quick), K = V in {64, 128}: at B H = 8 the walks run split per value block and in
+    pieces (the two-level walks), at the anchor shape (B = 8, H = 16) in one CTA per (b, h); and
+    float32 inputs refused (ValueError).
 (b) Timings: bf16, H = 16, K = V = 128, B = max(1, 16384 // T), T in {2048, 8192, 32768}: forward
     and forward + backward (grad of sum(o * do) w.r.t. q, k, v, the anchors' protocol; every
     input a jit argument) of both ops, as the median of back-to-back calls (`*_ms`, device time)
@@ -206,7 +208,10 @@ def main(argv=None) -> int:
             ("gated+docs+h0", 2, 2048, 4, 128, 128, "normal", True),
             ("delta_rule+docs+h0", 2, 2048, 4, 64, 64, None, True),
             ("delta_rule", 2, 100, 2, 128, 128, None, False),
-            ("strong decay+docs+h0", 2, 2048, 4, 128, 128, "strong", True)]
+            ("strong decay+docs+h0", 2, 2048, 4, 128, 128, "strong", True),
+            # the anchor shape: one CTA per (b, h) with two value blocks (the walks are split
+            # and in pieces at the smaller B H above)
+            ("gated+docs+h0, anchor shape", 8, 2048, 16, 128, 128, "normal", True)]
     run = lambda i, c, cfg: run_check(c[0], cfg, *c[1:6], gate=c[6],  # noqa: E731
                                       extras=c[7], seed=100 + i)
     cfg, first = kc.pick_semantics(a.semantics.split(","), base,
