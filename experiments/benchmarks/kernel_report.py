@@ -11,10 +11,11 @@ device: where a kernel's time goes when the profiler's kernel total is all one h
     shared memory; LDL / STL: local memory, i.e. spills; BAR / SYNCS: barriers). With --keep, the
     PTX, SASS and ptxas files are copied (gzipped) there (the PTX assembles on any host with the
     ptxas of the `triton` wheel).
-(b) Stage times: the UT prep and the forward walk, with and without residuals, run with
-    `HopperDeltaConfig.profile_dir`: each call writes a Chrome trace of the kernel's named scopes
-    (`jax.named_scope` in `kernels/gpu/hopper/delta.py`: prep: wait, kkt, doubling, newton, wu,
-    store; walk: wait, mm1, elem, store_u, mm2, store_o),
+(b) Stage times: the UT prep and the forward walk (with and without residuals) and the reverse
+    walk run with `HopperDeltaConfig.profile_dir`: each call writes a Chrome trace of the
+    kernel's named scopes (`jax.named_scope` in `kernels/gpu/hopper/delta.py` and `delta_bwd.py`:
+    prep: wait, kkt, doubling, newton, wu, store; walk: wait, mm1, elem, store_u, mm2, store_o;
+    walk_rev: wait, mm1, store_du, mm2, store),
     per CTA and warpgroup. Per kernel and scope: ranges, mean and total us per warpgroup, and the
     share of the warpgroup's span (first to last event) they cover. The profiler adds a clock read
     and an SMEM store per event (~12 cycles, subtracted by jax's reader), so the times are of the
@@ -49,7 +50,7 @@ from linear_jax.kernels.gpu.hopper import delta_bwd as hbwd
 f32 = jnp.float32
 OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9]*)")
 REGS = re.compile(r"Used (\d+) registers")
-TRACED = ("prep", "prep_residuals", "walk", "walk_residuals")   # the kernels with named scopes
+TRACED = ("prep", "prep_residuals", "walk", "walk_residuals", "walk_rev")   # with named scopes
 SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 STACK = re.compile(r"(\d+) bytes stack frame")
 

@@ -203,47 +203,53 @@ def walk_rev(q, k, do, wm, tm, A, rows, dS, *, names, scale, cfg, pieces=1, emit
                 t = pl.ds(n * C, C)
                 xq, yk, dd, wmm, tt, g = (xs.at[slot], ys.at[slot], zs.at[slot], ws.at[slot],
                                           ts.at[slot], gs.at[slot])
-                plgpu.barrier_wait(in_bar.at[slot])
+                with jax.named_scope("wait"):
+                    plgpu.barrier_wait(in_bar.at[slot])
                 if out:
                     plgpu.copy_smem_to_gmem(sw, ds_ref.at[b, h, n, :, vc])    # dS_n+1
-                gk = row_vec(ops, g, names, "gk", blk)
-                if split:                                 # du = A^T do + gk k dS, A from the prep
-                    (du,) = mm_sum(ops, (None, [term(yk, sw)]))
-                    du = du * gk
-                    if out:
-                        du = ops.dot(as_.at[slot], dd.at[:, vl], acc=du, ta=True)
+                with jax.named_scope("mm1"):              # du = A^T do + gk k dS
+                    gk = row_vec(ops, g, names, "gk", blk)
+                    if split:                             # A from the prep
+                        (du,) = mm_sum(ops, (None, [term(yk, sw)]))
+                        du = du * gk
+                        if out:
+                            du = ops.dot(as_.at[slot], dd.at[:, vl], acc=du, ta=True)
+                        else:
+                            du = du + dcoef * ops.dot(as_.at[slot], dd.at[:, vl], ta=True)
                     else:
-                        du = du + dcoef * ops.dot(as_.at[slot], dd.at[:, vl], ta=True)
-                else:
-                    At, kdS = mm_sum(ops, (None, [term(yk, xq, tb=True)]),
-                                     (None, [term(yk, sw)]))
-                    mask, decay = pairs(ops, g, names, C, reverse=True, strict=False)
-                    At = jnp.where(mask, At * scale if decay is None else At * (scale * decay),
-                                   0.0)
-                    du = ops.dot(At.astype(dt), dd.at[:, vl], acc=kdS * gk)
-                gdo = ops.acc(dd.at[:, vl][...]).astype(f32) * row_vec(ops, g, names, "gq", blk)
-                if not out:
-                    gdo = gdo * dcoef
-                dec = g[names.index("dec"), 0]
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # dB_v of the last chunk, dS_n+1
-                dw[...] = du.astype(dt)
-                qw[...] = gdo.astype(dt)
-                plgpu.commit_smem()
-                upd = [(dS[i] * dec, [term(xq.at[:, kr], qw, ta=True),
-                                      term(wmm.at[:, kr], dw, ta=True)])
-                       for i, kr in enumerate(kblk)]
-                if out:
-                    dbv, *dS = mm_sum(ops, (None, [term(tt, dw, ta=True)]), *upd)
-                else:
-                    dS = mm_sum(ops, *upd)
+                        At, kdS = mm_sum(ops, (None, [term(yk, xq, tb=True)]),
+                                         (None, [term(yk, sw)]))
+                        mask, decay = pairs(ops, g, names, C, reverse=True, strict=False)
+                        At = jnp.where(mask, At * scale if decay is None else
+                                       At * (scale * decay), 0.0)
+                        du = ops.dot(At.astype(dt), dd.at[:, vl], acc=kdS * gk)
+                with jax.named_scope("store_du"):
+                    gdo = ops.acc(dd.at[:, vl][...]).astype(f32) * row_vec(ops, g, names, "gq",
+                                                                           blk)
+                    if not out:
+                        gdo = gdo * dcoef
+                    dec = g[names.index("dec"), 0]
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last dB_v, dS_n+1
+                    dw[...] = du.astype(dt)
+                    qw[...] = gdo.astype(dt)
+                    plgpu.commit_smem()
+                with jax.named_scope("mm2"):
+                    upd = [(dS[i] * dec, [term(xq.at[:, kr], qw, ta=True),
+                                          term(wmm.at[:, kr], dw, ta=True)])
+                           for i, kr in enumerate(kblk)]
+                    if out:
+                        dbv, *dS = mm_sum(ops, (None, [term(tt, dw, ta=True)]), *upd)
+                    else:
+                        dS = mm_sum(ops, *upd)
                 plgpu.barrier_arrive(used_bar.at[slot])   # every read of this slot is complete
-                if out:
-                    qw[...] = dbv.astype(dt)              # the dS update has read qw
-                for i, kr in enumerate(kblk):
-                    sw[kr, :] = dS[i].astype(dt)
-                plgpu.commit_smem()
-                if out:
-                    plgpu.copy_smem_to_gmem(qw, dbv_ref.at[b, t, h, vc])
+                with jax.named_scope("store"):
+                    if out:
+                        qw[...] = dbv.astype(dt)          # the dS update has read qw
+                    for i, kr in enumerate(kblk):
+                        sw[kr, :] = dS[i].astype(dt)
+                    plgpu.commit_smem()
+                    if out:
+                        plgpu.copy_smem_to_gmem(qw, dbv_ref.at[b, t, h, vc])
                 return tuple(dS)
 
             dS = lax.fori_loop(0, L, step_fn, tuple(dS0))
