@@ -119,7 +119,7 @@ def time_shape(cfg, T, anchors, *, reps, breakdown, profile=False):
                        label=f"T={T} {op}", key=lambda s, op=op: f"{op}.{s}", peer=peer,
                        profile=profile)
     if breakdown:
-        row["kernels_ms"] = kernel_breakdown(cfg, q, k, v, beta, g, do, reps=reps)
+        row["kernels_ms"] = kernel_breakdown(cfg, dict(x, beta=beta), reps=reps)
     return row
 
 
@@ -127,35 +127,65 @@ def time_shape(cfg, T, anchors, *, reps, breakdown, profile=False):
 PREP_VARIANTS = {"one_stage": dict(stages_prep=1), "three_stages": dict(stages_prep=3)}
 
 
-def kernel_breakdown(cfg, q, k, v, beta, g, do, *, reps):
-    """Device ms of each kernel of the gated rule alone (inputs prepared outside the timed call)."""
+def kernel_calls(cfg, x, setup_cfg=None):
+    """([(name, jitted fn, args)], intermediates): each kernel of the gated rule alone under `cfg`
+    (UT prep without and with T, forward walk without and with residuals, reverse walk, gradient
+    kernel), every input a jit argument, those inputs formed beforehand by the same kernels under
+    `setup_cfg` (default cfg). x: `inputs` (q, k, v, beta, g, do)."""
+    q, k, v, beta, g, do = (x[n] for n in ("q", "k", "v", "beta", "g", "do"))
+    B, T, H, K = q.shape
+    V, sc = v.shape[-1], K**-0.5
+    rows, names = hdelta.delta_rows(g, None, beta, scale=sc, C=cfg.chunk, H=H)
+    s0 = hdelta.split_state(jnp.zeros((B, H, 1, K, V), f32), q.dtype)   # one piece's state
+
+    def fns(c):
+        prep = lambda res: jax.jit(lambda q, k, v, r: hdelta.prep(          # noqa: E731
+            q, k, v, r, names=names, scale=sc, residuals=res, cfg=c))
+        walk = lambda res: jax.jit(lambda *a: hdelta.walk(                  # noqa: E731
+            *a, names=names, residuals=res, cfg=c))
+        rev = jax.jit(lambda *a: hbwd.walk_rev(*a, names=names, scale=sc, cfg=c))
+        grad = jax.jit(lambda *a: hbwd.grad(*a, names=names, scale=sc, cfg=c))
+        return prep, walk, rev, grad
+
+    prep, walk, rev, grad = fns(setup_cfg or cfg)
+    wm, u0, A, tm = prep(True)(q, k, v, rows)
+    _, _, _, states, u = walk(True)(q, k, wm, u0, A, rows, s0)
+    dbv, _, _, dstates = rev(q, k, do, wm, tm, A, rows, s0)
+    prep, walk, rev, grad = fns(cfg)
+    calls = [("prep", prep(False), (q, k, v, rows)),
+             ("prep_with_T", prep(True), (q, k, v, rows)),
+             ("walk", walk(False), (q, k, wm, u0, A, rows, s0)),
+             ("walk_residuals", walk(True), (q, k, wm, u0, A, rows, s0)),
+             ("walk_rev", rev, (q, k, do, wm, tm, A, rows, s0)),
+             ("grad", grad, (q, k, do, u, dbv, rows, states, dstates))]
+    mid = dict(rows=rows, names=names, s0=s0, wm=wm, u0=u0, A=A, tm=tm, states=states, u=u,
+               dbv=dbv, dstates=dstates)
+    return calls, mid
+
+
+def kernel_breakdown(cfg, x, *, reps):
+    """Device ms of each kernel of the gated rule alone (`kernel_calls`), and of its variants."""
+    q, k, v, do = x["q"], x["k"], x["v"], x["do"]
     B, T, H, K = q.shape
     V, C = v.shape[-1], cfg.chunk
     kw = dict(cfg=cfg)
-    rows, names = hdelta.delta_rows(g, None, beta, scale=K**-0.5, C=C, H=H)
-    s0 = hdelta.split_state(jnp.zeros((B, H, 1, K, V), f32), q.dtype)   # one piece's
-    r0 = hdelta.split_state(jnp.zeros((B, H, 1, K, V), f32), q.dtype)      # the reverse walk's
     t = lambda f, *a: common.median_ms(f, *a, reps=reps, inner=10)
     out = {}
     try:
-        prep = lambda res: jax.jit(lambda q, k, v, r: hdelta.prep(
-            q, k, v, r, names=names, scale=K**-0.5, residuals=res, **kw))
-        out["prep"] = t(prep(False), q, k, v, rows)
-        wm, u0, A, tm = prep(True)(q, k, v, rows)
-        out["prep_with_T"] = t(prep(True), q, k, v, rows)
-        walk = lambda res: jax.jit(lambda *a: hdelta.walk(*a, names=names, residuals=res, **kw))
-        out["walk"] = t(walk(False), q, k, wm, u0, A, rows, s0)
-        _, _, _, states, u = walk(True)(q, k, wm, u0, A, rows, s0)
-        out["walk_residuals"] = t(walk(True), q, k, wm, u0, A, rows, s0)
+        calls, mid = kernel_calls(cfg, x)
+        for name, f, args in calls:
+            out[name] = t(f, *args)
+        names, rows, s0 = mid["names"], mid["rows"], mid["s0"]
+        wm, u0, A, tm = mid["wm"], mid["u0"], mid["A"], mid["tm"]
+        u, dbv, states, dstates = mid["u"], mid["dbv"], mid["states"], mid["dstates"]
         # the walk's value blocks in the other arrangement (one CTA per (b, h) or per block)
-        B_, H_ = q.shape[0], q.shape[2]
-        split = cfg.split_walk(B_ * H_, V // 64, multiprocessors(jax.devices()[0]))
+        split = cfg.split_walk(B * H, V // 64, multiprocessors(jax.devices()[0]))
         other = dataclasses.replace(cfg, walk_split=not split)
         out[f"walk_{'joint' if split else 'split'}"] = t(jax.jit(lambda *a: hdelta.walk(
             *a, names=names, residuals=False, cfg=other)), q, k, wm, u0, A, rows, s0)
         # the two-level walk at the configured P (4 where that is 1): the whole of it (state pass,
         # scan, output pass from each piece's entering state) and its state pass alone
-        Pc = cfg.pieces_for(B_ * H_, K, V, T // C, multiprocessors(jax.devices()[0]))
+        Pc = cfg.pieces_for(B * H, K, V, T // C, multiprocessors(jax.devices()[0]))
         P = Pc if Pc > 1 else 4
         h0 = jnp.zeros((B, H, K, V), f32)
         out[f"walk_two_level_P{P}"] = t(jax.jit(lambda q, k, wm, u0, A, rows, h0: hdelta.two_level(
@@ -165,16 +195,11 @@ def kernel_breakdown(cfg, q, k, v, beta, g, do, *, reps):
         out[f"walk_state_P{P}"] = t(jax.jit(lambda k, wm, u0, rows, s: hdelta.walk(
             None, k, wm, u0, None, rows, s, names=names, residuals=False, pieces=P,
             emit="state", **kw)), k, wm, u0, rows, starts)
-        rev = jax.jit(lambda *a: hbwd.walk_rev(*a, names=names, scale=K**-0.5, **kw))
-        dbv, _, _, dstates = rev(q, k, do, wm, tm, A, rows, r0)
-        out["walk_rev"] = t(rev, q, k, do, wm, tm, A, rows, r0)
         out[f"walk_rev_{'joint' if split else 'split'}"] = t(jax.jit(lambda *a: hbwd.walk_rev(
-            *a, names=names, scale=K**-0.5, cfg=other)), q, k, do, wm, tm, A, rows, r0)
+            *a, names=names, scale=K**-0.5, cfg=other)), q, k, do, wm, tm, A, rows, s0)
         dS = jnp.zeros((B, H, K, V), f32)
         out[f"walk_rev_two_level_P{P}"] = t(jax.jit(lambda *a: hbwd.two_level_rev(
             *a, names=names, scale=K**-0.5, pieces=P, **kw)), q, k, do, wm, tm, A, rows, dS)
-        gradf = jax.jit(lambda *a: hbwd.grad(*a, names=names, scale=K**-0.5, **kw))
-        out["grad"] = t(gradf, q, k, do, u, dbv, rows, states, dstates)
         # the persistent kernels with their items in the other order (chunk or head fastest)
         other = dataclasses.replace(cfg, item_order="chunks" if cfg.item_order == "heads"
                                     else "heads")
@@ -183,8 +208,8 @@ def kernel_breakdown(cfg, q, k, v, beta, g, do, *, reps):
         out[f"grad_{other.item_order}"] = t(jax.jit(lambda *a: hbwd.grad(
             *a, names=names, scale=K**-0.5, cfg=other)), q, k, do, u, dbv, rows, states,
             dstates)
-        # the UT kernel under other configs: its time, and how far its -W, U are from this
-        # config's on the same inputs (max over both of the relative norm error)
+        # the UT kernel under other configs: its time, and how far its -W, U, A are from this
+        # config's on the same inputs (max over the three of the relative norm error)
         for tag, over in PREP_VARIANTS.items():
             other = dataclasses.replace(cfg, **over)
             f = jax.jit(lambda q, k, v, r, other=other: hdelta.prep(

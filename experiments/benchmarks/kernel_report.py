@@ -42,60 +42,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.benchmarks import common
+from experiments.benchmarks import hopper_delta_gpu as hdg
 from experiments.benchmarks.kernel_checks import tail
+from experiments.benchmarks.triton_sass import nvidia_tool, opcode_counts
 from linear_jax.kernels.configs import HopperDeltaConfig
-from linear_jax.kernels.gpu.hopper import delta as hdelta
-from linear_jax.kernels.gpu.hopper import delta_bwd as hbwd
 
-f32 = jnp.float32
-OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9]*)")
 REGS = re.compile(r"Used (\d+) registers")
-TRACED = ("prep", "prep_residuals", "walk", "walk_residuals", "walk_rev")   # with named scopes
+TRACED = ("prep", "prep_with_T", "walk", "walk_residuals", "walk_rev")   # with named scopes
 SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 STACK = re.compile(r"(\d+) bytes stack frame")
-
-
-def inputs(B, T, H, K, V, seed=0):
-    rng = np.random.default_rng(seed)
-    n = lambda *s: jnp.asarray(rng.standard_normal(s).astype(np.float32))   # noqa: E731
-    l2 = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)          # noqa: E731
-    bf = jnp.bfloat16
-    return dict(q=l2(n(B, T, H, K)).astype(bf), k=l2(n(B, T, H, K)).astype(bf),
-                v=n(B, T, H, V).astype(bf), do=n(B, T, H, V).astype(bf),
-                beta=jax.nn.sigmoid(n(B, T, H)), g=jax.nn.log_sigmoid(n(B, T, H)) / 16)
-
-
-def kernels(cfg, x, setup_cfg=None):
-    """[(name, thunk)]: each kernel of the gated rule alone under `cfg`, on inputs formed outside
-    it (under `setup_cfg`, default cfg)."""
-    q, k, v, do = x["q"], x["k"], x["v"], x["do"]
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    sc = K**-0.5
-    rows, names = hdelta.delta_rows(x["g"], None, x["beta"], scale=sc, C=cfg.chunk, H=H)
-    s0 = hdelta.split_state(jnp.zeros((B, H, 1, K, V), f32), q.dtype)
-    r0 = hdelta.split_state(jnp.zeros((B, H, 1, K, V), f32), q.dtype)
-
-    def fns(c):
-        prep = lambda res: jax.jit(lambda q, k, v, r: hdelta.prep(           # noqa: E731
-            q, k, v, r, names=names, scale=sc, residuals=res, cfg=c))
-        walk = lambda res: jax.jit(lambda *a: hdelta.walk(                   # noqa: E731
-            *a, names=names, residuals=res, cfg=c))
-        rev = jax.jit(lambda *a: hbwd.walk_rev(*a, names=names, scale=sc, cfg=c))
-        grad = jax.jit(lambda *a: hbwd.grad(*a, names=names, scale=sc, cfg=c))
-        return prep, walk, rev, grad
-
-    prep, walk, rev, grad = fns(setup_cfg or cfg)
-    wm, u0, A, tm = prep(True)(q, k, v, rows)
-    _, _, _, states, u = walk(True)(q, k, wm, u0, A, rows, s0)
-    dbv, _, _, dstates = rev(q, k, do, wm, tm, A, rows, r0)
-    prep, walk, rev, grad = fns(cfg)
-    return [("prep", lambda: prep(False)(q, k, v, rows)),
-            ("prep_residuals", lambda: prep(True)(q, k, v, rows)),
-            ("walk", lambda: walk(False)(q, k, wm, u0, A, rows, s0)),
-            ("walk_residuals", lambda: walk(True)(q, k, wm, u0, A, rows, s0)),
-            ("walk_rev", lambda: rev(q, k, do, wm, tm, A, rows, r0)),
-            ("grad", lambda: grad(q, k, do, u, dbv, rows, states, dstates))]
 
 
 # -- (a) registers, spills, SASS ------------------------------------------------------------------
@@ -107,7 +62,7 @@ def resources(dump: str, keep: str | None) -> dict:
         stem = base.split(".")[0]
         if base.endswith(".sass"):
             with open(path) as f:
-                ops = collections.Counter(OPCODE.findall(f.read()))
+                ops = opcode_counts(f.read())
             out[stem]["sass_total"] = sum(ops.values())
             out[stem]["sass"] = dict(ops.most_common(40))
         elif base.endswith(".ptxas") or "ptxas" in base:
@@ -144,20 +99,19 @@ def sass_from_ptx(ptx: str) -> collections.Counter | None:
     """SASS opcode counts of a PTX file assembled for sm_90a by the ptxas and nvdisasm of the
     `triton` wheel (a device without the CUDA toolkit's nvdisasm, or any host); None without it."""
     try:
-        import triton
+        import triton  # noqa: F401
     except ImportError:
         return None
-    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
-        r = subprocess.run([os.path.join(bin_dir, "ptxas"), "-arch=sm_90a", ptx, "-o", cubin],
+        r = subprocess.run([nvidia_tool("ptxas"), "-arch=sm_90a", ptx, "-o", cubin],
                            capture_output=True, text=True)
         if r.returncode:
             print(f"ptxas failed on {ptx}: {r.stdout[-400:]}{r.stderr[-400:]}")
             return None
-        sass = subprocess.run([os.path.join(bin_dir, "nvdisasm"), "-c", cubin],
+        sass = subprocess.run([nvidia_tool("nvdisasm"), "-c", cubin],
                               capture_output=True, text=True).stdout
-    return collections.Counter(OPCODE.findall(sass))
+    return opcode_counts(sass)
 
 
 # -- (b) stage times from the in-kernel traces ----------------------------------------------------
@@ -207,14 +161,15 @@ def main(argv=None) -> int:
     p.add_argument("--skip-sass", action="store_true")
     args = p.parse_args(argv)
     row = dict(B=args.B, T=args.T, H=args.H, K=args.D, V=args.D)
-    x = inputs(args.B, args.T, args.H, args.D, args.D)
+    x = hdg.inputs(args.B, args.T, args.H, args.D, args.D, gate="normal", dtype=jnp.bfloat16,
+                   seed=0, extras=False)
     cfg = HopperDeltaConfig.default()
     if not args.skip_sass:
         dump = tempfile.mkdtemp(prefix="mgpu_dump_")
         os.environ["MOSAIC_GPU_DUMP_TO"] = dump        # read by the compiler at each compile
         try:
-            for _, run in kernels(cfg, x):
-                jax.block_until_ready(run())
+            for _, f, a in hdg.kernel_calls(cfg, x)[0]:
+                jax.block_until_ready(f(*a))
             res = resources(dump, args.keep)
             row["resources"] = res
             for mod, r in res.items():
@@ -232,11 +187,11 @@ def main(argv=None) -> int:
     pcfg = dataclasses.replace(cfg, profile_dir=prof)
     stages = {}
     try:
-        for name, run in kernels(pcfg, x, setup_cfg=cfg):
+        for name, f, a in hdg.kernel_calls(pcfg, x, setup_cfg=cfg)[0]:
             if name not in TRACED:
                 continue
             before = set(os.listdir(prof))
-            jax.block_until_ready(run())
+            jax.block_until_ready(f(*a))
             jax.effects_barrier()                       # the trace is written by a callback
             new = sorted(set(os.listdir(prof)) - before)
             stages[name] = stage_times([os.path.join(prof, f) for f in new])

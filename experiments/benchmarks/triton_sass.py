@@ -65,11 +65,26 @@ def capture(fn, *args) -> list:
     return list(_CAPTURED)
 
 
+def nvidia_tool(name: str) -> str:
+    """The path of a CUDA tool (ptxas, cuobjdump, nvdisasm) bundled with the `triton` wheel."""
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def opcode_counts(sass: str) -> collections.Counter:
+    """How often each opcode appears in nvdisasm's SASS listing (predicates dropped)."""
+    ops = collections.Counter()
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        if m:
+            ops[m.group(1)] += 1
+    return ops
+
+
 def compile_stats(k: dict) -> dict:
     """Registers, stack bytes (spills), shared memory and SASS opcode counts of one kernel."""
     import triton
     from triton.backends.compiler import GPUTarget
-    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, f"{k['name']}.ttir")
         with open(src, "w") as f:
@@ -79,16 +94,12 @@ def compile_stats(k: dict) -> dict:
         cub = os.path.join(tmp, "k.cubin")
         with open(cub, "wb") as f:
             f.write(c.asm["cubin"])
-        res = subprocess.run([f"{bin_dir}/cuobjdump", "--dump-resource-usage", cub],
+        res = subprocess.run([nvidia_tool("cuobjdump"), "--dump-resource-usage", cub],
                              capture_output=True, text=True).stdout
-        sass = subprocess.run([f"{bin_dir}/nvdisasm", "-c", cub], capture_output=True,
+        sass = subprocess.run([nvidia_tool("nvdisasm"), "-c", cub], capture_output=True,
                               text=True).stdout
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res)
-    ops = collections.Counter()
-    for line in sass.splitlines():
-        mm = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
-        if mm:
-            ops[mm.group(1)] += 1
+    ops = opcode_counts(sass)
     return dict(warps=k["num_warps"], regs=int(m.group(1)), stack=int(m.group(2)),
                 smem=c.metadata.shared, instr=sum(ops.values()),
                 **{o: ops.get(o, 0) for o in OPCODES})
