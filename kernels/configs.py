@@ -444,9 +444,7 @@ class HopperDeltaConfig:
       walk (at the anchor shapes: P = 4 at T = 32768, else 1).
     semantics, approx_math, item_order: as `HopperChunkConfig` (the order of the UT and gradient
       kernels' items).
-    profile_dir: where a non-empty directory is named, every kernel call writes a Chrome trace
-      of its named scopes (`jax.named_scope` in the kernel bodies; per CTA and warpgroup, at most
-      256 ranges each: `experiments/benchmarks/kernel_report.py` reads them). Diagnostics only.
+    profile_dir: as `HopperChunkConfig`.
     """
 
     chunk: int = 64
@@ -487,10 +485,10 @@ class HopperDeltaConfig:
         return cls(programs=multiprocessors(device))
 
     def pieces_for(self, BH: int, K: int, V: int, N: int, sms: int) -> int:
-        """P of the two-level forward walk for B H sequences of N chunks (a power of two dividing
-        N). Unset, the P with the fewest chunk steps in sequence: the state pass's CTAs (B H P
-        (K + V) / 64) in waves over the SMs times N / P steps of STATE_STEP each, plus the output
-        pass's (B H P V / 64 CTAs) times N / P; the single-level walk takes N."""
+        """P of the two-level walks for B H sequences of N chunks (a power of two dividing N).
+        Unset, the P with the fewest chunk steps in sequence: the state pass's CTAs
+        (B H P (K + V) / 64) in waves over the SMs times N / P steps of STATE_STEP each, plus
+        the output pass's (B H P V / 64 CTAs) times N / P; the single-level walk takes N."""
         if self.pieces is not None:
             P = self.pieces
             while N % P:
@@ -507,7 +505,7 @@ class HopperDeltaConfig:
         return best
 
     def split_walk(self, BH: int, NW: int, sms: int) -> bool:
-        """Whether the forward walk of B H sequences with NW value blocks runs a CTA per block."""
+        """Whether the walks of B H sequences with NW value blocks run a CTA per block."""
         if NW == 1:
             return False
         return BH * NW <= sms if self.walk_split is None else self.walk_split
@@ -527,9 +525,7 @@ class HopperSelectiveConfig:
     stages: chunks in flight in shared memory (TMA) while one computes.
     semantics, approx_math, interpret: as `HopperChunkConfig`.
     Not yet run on a device (the defaults are the design's guesses).
-    profile_dir: where a non-empty directory is named, every kernel call writes a Chrome trace
-      of its named scopes (`jax.named_scope` in the kernel bodies; per CTA and warpgroup, at most
-      256 ranges each: `experiments/benchmarks/kernel_report.py` reads them). Diagnostics only.
+    profile_dir: as `HopperChunkConfig`.
     """
 
     chunk: int = 16
@@ -568,9 +564,7 @@ class HopperMlstmConfig:
       backward's query kernel only up to L = 128 there, L = 256 at K = V = 64).
     semantics, approx_math, interpret: as `HopperChunkConfig`.
     Not yet run on a device.
-    profile_dir: where a non-empty directory is named, every kernel call writes a Chrome trace
-      of its named scopes (`jax.named_scope` in the kernel bodies; per CTA and warpgroup, at most
-      256 ranges each: `experiments/benchmarks/kernel_report.py` reads them). Diagnostics only.
+    profile_dir: as `HopperChunkConfig`.
     """
 
     chunk: int = 128

@@ -200,6 +200,7 @@ def unit_lower_inverse(ops, L, tiles, dt):
     def coupling(b):
         return jnp.where((x >= b) & (x < 2 * b), L, 0.0)
 
+    # I is formed where it is used, not held: one [C, C] float32 tile fewer live across the wgmmas
     with jax.named_scope("doubling"):
         X = jnp.where(r == c, 1.0, 0.0) - coupling(1)
         b = 2
@@ -430,14 +431,8 @@ def walk(q, k, wm, u0, A, rows, s0, *, names, cfg, residuals, pieces=1, emit="ou
                     else:
                         S = ops.mm(*upd)
                 plgpu.barrier_arrive(used_bar.at[slot])   # every read of this slot is complete
-                with jax.named_scope("store_o"):
-                    if out:
-                        gw[...] = o.astype(dt)                # the S update has read gw
-                    for i, kr in enumerate(kblk):
-                        sw[kr, :] = S[i].astype(dt)
-                    plgpu.commit_smem()
-                    if out:
-                        plgpu.copy_smem_to_gmem(gw, o_ref.at[b, t, h, vc])
+                with jax.named_scope("store_o"):              # the S update has read gw
+                    stage_state(S, sw, kblk, (o, gw, o_ref.at[b, t, h, vc]) if out else None)
                 return tuple(S)
 
             S = lax.fori_loop(0, L, step_fn, tuple(S))
@@ -516,11 +511,15 @@ def scan_pieces(ends, S, *, reverse: bool):
 
 
 def two_level(q, k, wm, u0, A, rows, h0, *, names, cfg, residuals, pieces):
-    """The forward walk cut into `pieces` P > 1 pieces walked in parallel: the state pass gives
-    each piece's affine map S_end = M S_start + E (piece 0's from h0: its E columns start there),
-    a float32 scan over the pieces gives their entering states, and the output pass walks every
-    piece from its own. Returns what `walk` (emit "out") does, the end states of every piece."""
+    """The forward walk from h0 (float32 [B, H, K, V]) cut into `pieces` P pieces walked in
+    parallel: the state pass gives each piece's affine map S_end = M S_start + E (piece 0's from
+    h0: its E columns start there), a float32 scan over the pieces gives their entering states,
+    and the output pass walks every piece from its own (P = 1: the single-level walk). Returns
+    what `walk` (emit "out") does, the end states of every piece."""
     dt = k.dtype
+    if pieces == 1:
+        return walk(q, k, wm, u0, A, rows, split_state(h0[:, :, None], dt), names=names, cfg=cfg,
+                    residuals=residuals)
     ends = walk(None, k, wm, u0, None, rows, map_starts(h0, pieces, 0, dt), names=names, cfg=cfg,
                 residuals=False, pieces=pieces, emit="state")
     starts = scan_pieces(ends, h0, reverse=False)
@@ -539,10 +538,21 @@ def load_state(ops, refs, view, sw, bar, kblk):
         part = [ops.acc(sw[kr, :]).astype(f32) for kr in kblk]
         S = part if S is None else [a + p for a, p in zip(S, part, strict=True)]
         plgpu.commit_smem()                               # every read of sw before it is reused
+    stage_state(S, sw, kblk)
+    return S
+
+
+def stage_state(S, sw, kblk, out=None):
+    """The float32 state blocks S into the bf16 state tile sw (the next chunk's wgmma operand)
+    and, with out = (value, tile, dst), value into the tile, sent to dst by TMA once committed."""
+    if out is not None:
+        value, tile, dst = out
+        tile[...] = value.astype(tile.dtype)
     for i, kr in enumerate(kblk):
         sw[kr, :] = S[i].astype(sw.dtype)
     plgpu.commit_smem()
-    return S
+    if out is not None:
+        plgpu.copy_smem_to_gmem(tile, dst)
 
 
 def store_state(S, refs, view, sw, kblk, dt):
@@ -582,19 +592,16 @@ def _core(cfg: HopperDeltaConfig, scale: float, gated: bool, has_doc: bool):
         return delta_rows(g if gated else None, doc if has_doc else None, beta, scale=scale,
                           C=C, H=H)
 
+    def pieces_of(q, v):                           # the two walks' P (the same cut both ways)
+        B, Tp, H, K = q.shape
+        return cfg.pieces_for(B * H, K, v.shape[-1], Tp // C, multiprocessors(jax.devices()[0]))
+
     def fwd(q, k, v, g, beta, doc, h0, residuals=True):
-        dt = q.dtype
         rows, names = rows_of(g, doc, beta, q.shape[2])
         wm, u0, A, *tm = prep(q, k, v, rows, names=names, scale=scale, cfg=cfg,
                               residuals=residuals)
-        B, Tp, H, K = q.shape
-        P = cfg.pieces_for(B * H, K, v.shape[-1], Tp // C, multiprocessors(jax.devices()[0]))
-        if P > 1:
-            o, sh, sl, *res = two_level(q, k, wm, u0, A, rows, h0, names=names, cfg=cfg,
-                                        residuals=residuals, pieces=P)
-        else:
-            o, sh, sl, *res = walk(q, k, wm, u0, A, rows, split_state(h0[:, :, None], dt),
-                                   names=names, cfg=cfg, residuals=residuals)
+        o, sh, sl, *res = two_level(q, k, wm, u0, A, rows, h0, names=names, cfg=cfg,
+                                    residuals=residuals, pieces=pieces_of(q, v))
         S = sh[:, :, -1].astype(f32) + sl[:, :, -1].astype(f32)
         if not residuals:
             return (o, S), None
@@ -607,16 +614,9 @@ def _core(cfg: HopperDeltaConfig, scale: float, gated: bool, has_doc: bool):
         dt = q.dtype
         do = do.astype(dt)
         rows, names = rows_of(g, doc, beta, q.shape[2])
-        B, Tp, H, K = q.shape
-        P = cfg.pieces_for(B * H, K, v.shape[-1], Tp // C, multiprocessors(jax.devices()[0]))
-        if P > 1:
-            dbv, dh, dl, dstates = delta_bwd.two_level_rev(q, k, do, wm, tm, A, rows, dS,
-                                                           names=names, scale=scale, cfg=cfg,
-                                                           pieces=P)
-        else:
-            dbv, dh, dl, dstates = delta_bwd.walk_rev(q, k, do, wm, tm, A, rows,
-                                                      split_state(dS[:, :, None], dt),
-                                                      names=names, scale=scale, cfg=cfg)
+        dbv, dh, dl, dstates = delta_bwd.two_level_rev(q, k, do, wm, tm, A, rows, dS,
+                                                       names=names, scale=scale, cfg=cfg,
+                                                       pieces=pieces_of(q, v))
         dh, dl = dh[:, :, 0], dl[:, :, 0]
         dq, dk, stats = delta_bwd.grad(q, k, do, u, dbv, rows, states, dstates, names=names,
                                        scale=scale, cfg=cfg)

@@ -122,6 +122,7 @@ from linear_jax.kernels.gpu.hopper.delta import (
     pairs,
     row_vec,
     scan_pieces,
+    stage_state,
     store_state,
     walk_cell,
     walk_setup,
@@ -242,14 +243,8 @@ def walk_rev(q, k, do, wm, tm, A, rows, dS, *, names, scale, cfg, pieces=1, emit
                     else:
                         dS = mm_sum(ops, *upd)
                 plgpu.barrier_arrive(used_bar.at[slot])   # every read of this slot is complete
-                with jax.named_scope("store"):
-                    if out:
-                        qw[...] = dbv.astype(dt)          # the dS update has read qw
-                    for i, kr in enumerate(kblk):
-                        sw[kr, :] = dS[i].astype(dt)
-                    plgpu.commit_smem()
-                    if out:
-                        plgpu.copy_smem_to_gmem(qw, dbv_ref.at[b, t, h, vc])
+                with jax.named_scope("store"):            # the dS update has read qw
+                    stage_state(dS, sw, kblk, (dbv, qw, dbv_ref.at[b, t, h, vc]) if out else None)
                 return tuple(dS)
 
             dS = lax.fori_loop(0, L, step_fn, tuple(dS0))
@@ -276,12 +271,15 @@ def walk_rev(q, k, do, wm, tm, A, rows, dS, *, names, scale, cfg, pieces=1, emit
 
 
 def two_level_rev(q, k, do, wm, tm, A, rows, dS, *, names, scale, cfg, pieces):
-    """The reverse walk cut into `pieces` P > 1 pieces walked in parallel (as `delta.two_level`,
+    """The reverse walk cut into `pieces` P pieces walked in parallel (as `delta.two_level`,
     backwards): the state pass gives each piece's affine map (the last piece's E columns start
     from the final state's cotangent dS, float32 [B, H, K, V]), a float32 scan from the last piece
     down gives their entering cotangents, and the output pass walks every piece from its own.
-    Returns what `walk_rev` (emit "out") does."""
+    Returns what `walk_rev` (emit "out") does. P = 1: the single-level reverse walk."""
     dt = q.dtype
+    if pieces == 1:
+        return walk_rev(q, k, do, wm, tm, A, rows, split_hi_lo(dS[:, :, None], dt), names=names,
+                        scale=scale, cfg=cfg)
     ends = walk_rev(q, k, do, wm, tm, A, rows, map_starts(dS, pieces, pieces - 1, dt),
                     names=names, scale=scale, cfg=cfg, pieces=pieces, emit="state")
     starts = scan_pieces(ends, dS, reverse=True)
