@@ -43,6 +43,31 @@ def _check_interpret(cls, value):
         raise ValueError(f"{cls}.interpret must be None, True or False, got {value!r}")
 
 
+class _OwnChunk:
+    """A config whose kernels keep their own chunk: the op's chunk_size does not change it, and
+    its defaults do not depend on the device."""
+
+    @classmethod
+    def default(cls, device=None):
+        return cls()
+
+    def for_chunk(self, chunk_size: int):
+        return self
+
+
+def _check_hopper(config, **choices):
+    """The fields every Mosaic GPU (Hopper) config has, semantics and interpret, and those named
+    in `choices` (field: its allowed values)."""
+    name = type(config).__name__
+    for f, ok in choices.items():
+        if getattr(config, f) not in ok:
+            raise ValueError(f"{name}.{f} must be one of {ok}, got {getattr(config, f)!r}")
+    if config.semantics not in ("lane", "warpgroup"):
+        raise ValueError(f"{name}.semantics must be 'lane' or 'warpgroup', got "
+                         f"{config.semantics!r}")
+    _check_interpret(name, config.interpret)
+
+
 # --- Triton-lowered GPU kernels (any NVIDIA GPU) -------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -389,10 +414,7 @@ class HopperChunkConfig:
                              f"{self.stages}, {self.stages_grad}")
         if self.grad_programs is not None and self.grad_programs < 1:
             raise ValueError(f"{name}.grad_programs must be positive, got {self.grad_programs}")
-        if self.semantics not in ("lane", "warpgroup"):
-            raise ValueError(f"{name}.semantics must be 'lane' or 'warpgroup', got "
-                             f"{self.semantics!r}")
-        _check_interpret(name, self.interpret)
+        _check_hopper(self)
 
     @classmethod
     def default(cls, device=None) -> HopperChunkConfig:
@@ -469,16 +491,10 @@ class HopperDeltaConfig:
         if self.walk_split not in (None, True, False):
             raise ValueError(f"{name}.walk_split must be None, True or False, got "
                              f"{self.walk_split!r}")
-        for f, ok in (("stages", (2, 3)), ("stages_prep", (1, 2, 3)), ("stages_grad", (1, 2)),
-                      ("item_order", ("heads", "chunks"))):
-            if getattr(self, f) not in ok:
-                raise ValueError(f"{name}.{f} must be one of {ok}, got {getattr(self, f)}")
         if self.programs is not None and self.programs < 1:
             raise ValueError(f"{name}.programs must be positive, got {self.programs}")
-        if self.semantics not in ("lane", "warpgroup"):
-            raise ValueError(f"{name}.semantics must be 'lane' or 'warpgroup', got "
-                             f"{self.semantics!r}")
-        _check_interpret(name, self.interpret)
+        _check_hopper(self, stages=(2, 3), stages_prep=(1, 2, 3), stages_grad=(1, 2),
+                      item_order=("heads", "chunks"))
 
     @classmethod
     def default(cls, device=None) -> HopperDeltaConfig:
@@ -516,7 +532,7 @@ class HopperDeltaConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class HopperSelectiveConfig:
+class HopperSelectiveConfig(_OwnChunk):
     """The Mosaic GPU (Hopper) kernels of the selective scan (`kernels/gpu/hopper/selective.py`).
 
     chunk: C, steps per TMA tile and between the states stored for the backward (which keeps the
@@ -536,27 +552,11 @@ class HopperSelectiveConfig:
     profile_dir: str = ""
 
     def __post_init__(self):
-        name = type(self).__name__
-        if self.chunk not in (8, 16, 32):
-            raise ValueError(f"{name}.chunk must be 8, 16 or 32, got {self.chunk}")
-        if self.stages not in (1, 2, 3, 4):
-            raise ValueError(f"{name}.stages must be 1 to 4, got {self.stages}")
-        if self.semantics not in ("lane", "warpgroup"):
-            raise ValueError(f"{name}.semantics must be 'lane' or 'warpgroup', got "
-                             f"{self.semantics!r}")
-        _check_interpret(name, self.interpret)
-
-    @classmethod
-    def default(cls, device=None) -> HopperSelectiveConfig:
-        return cls()
-
-    def for_chunk(self, chunk_size: int) -> HopperSelectiveConfig:
-        """The op's chunk_size does not change the kernels' chunk."""
-        return self
+        _check_hopper(self, chunk=(8, 16, 32), stages=(1, 2, 3, 4))
 
 
 @dataclasses.dataclass(frozen=True)
-class HopperMlstmConfig:
+class HopperMlstmConfig(_OwnChunk):
     """The Mosaic GPU (Hopper) mLSTM kernels, forward and backward (`kernels/gpu/hopper/mlstm.py`).
 
     chunk: L, tokens between the stored chunk states (TFLA's two-level tiling: the kernels walk
@@ -574,18 +574,4 @@ class HopperMlstmConfig:
     profile_dir: str = ""
 
     def __post_init__(self):
-        name = type(self).__name__
-        if self.chunk not in (64, 128, 256):
-            raise ValueError(f"{name}.chunk must be 64, 128 or 256, got {self.chunk}")
-        if self.semantics not in ("lane", "warpgroup"):
-            raise ValueError(f"{name}.semantics must be 'lane' or 'warpgroup', got "
-                             f"{self.semantics!r}")
-        _check_interpret(name, self.interpret)
-
-    @classmethod
-    def default(cls, device=None) -> HopperMlstmConfig:
-        return cls()
-
-    def for_chunk(self, chunk_size: int) -> HopperMlstmConfig:
-        """The op's chunk_size does not change the kernel's chunk."""
-        return self
+        _check_hopper(self, chunk=(64, 128, 256))

@@ -161,8 +161,10 @@ def _chunk_case(op_name, K, V, over, B=1, T=256, H=2, seed=0, strong=False):
         floats.insert(4, jax.nn.sigmoid(jnp.asarray(n(B, T, H))))
 
         def entry(cfg):
-            if cfg is None:                                   # no reference wired here
-                return None
+            if cfg is None:                                   # the float32 chunk form
+                return lambda q, k, v, g, beta, S0: ops.gated_delta_rule(
+                    q, k, v, g, beta, scale=K**-0.5, initial_state=S0, segment_ids=seg,
+                    impl="chunk")
             return lambda q, k, v, g, beta, S0: mod.delta(
                 q, k, v, g, beta, scale=K**-0.5, initial_state=S0, segment_ids=seg,
                 chunk_size=64, config=cfg)
@@ -231,8 +233,8 @@ def _mlstm_case(K, over, B=1, T=256, H=2, seed=0):
 
 def cases(names, shape, pieces=None, strong=False):
     """[(label, build)]: shape {"B", "T", "H"} overrides the chunk ops' and mLSTM's; pieces the
-    two-level walk's of simple_gla and gla (None: the device's choice); strong: the chunk ops'
-    gates strong (`_chunk_case`)."""
+    two-level walks' of simple_gla, gla and delta (None: the device's choice); strong: the chunk
+    ops' gates strong (`_chunk_case`)."""
     out = []
     for name in names:
         if name in ("simple_gla", "gla", "delta"):
@@ -240,8 +242,7 @@ def cases(names, shape, pieces=None, strong=False):
                 overs = [{}]
                 if name == "simple_gla":
                     overs = [dict(gates="kernel"), dict(gates="xla"), dict(grad_items="tile")]
-                if name != "delta":
-                    overs = [{**o, "pieces": pieces} for o in overs]
+                overs = [{**o, "pieces": pieces} for o in overs]
                 for over in overs:
                     out.append((f"{name} K={K} V={V} {over} {shape}" + (" strong" * strong),
                                 lambda n=name, K=K, V=V, o=over: _chunk_case(

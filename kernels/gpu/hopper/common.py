@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax._src.pallas import core as _pallas_core
 from jax._src.state import types as _state_types
+from jax.custom_derivatives import SymbolicZero
 
 from linear_jax._compat import mosaic_gpu, mosaic_gpu_kernel
 from linear_jax.ops.common.chunking import doc_index, pad_time
@@ -326,6 +327,47 @@ def check_inputs(name: str, q, k, v):
     K, V = q.shape[-1], v.shape[-1]
     pad = lambda d: LANES if d <= LANES else 2 * LANES
     return dt, pad(K), pad(V)
+
+
+def chunk_vjp(forward, backward):
+    """The custom_vjp of a chunk kernel's core, with symbolic zeros: `forward(*inputs,
+    residuals) -> ((o, S), residuals)` (an input may be None: it has no cotangent) and
+    `backward(res, do, dS) -> cotangents`, where an unused o arrives as zeros of o's type and an
+    unused final state S as None (else float32), so the reverse walk skips what is not needed."""
+
+    def fwd(*primals):                                    # symbolic zeros: wrapped primals
+        return forward(*[None if x is None else x.value for x in primals], residuals=True)
+
+    def bwd(res, cts):
+        do, dS = cts
+        do = jnp.zeros(do.aval.shape, do.aval.dtype) if isinstance(do, SymbolicZero) else do
+        dS = None if isinstance(dS, SymbolicZero) else dS.astype(jnp.float32)
+        return backward(res, do, dS)
+
+    f = jax.custom_vjp(lambda *a: forward(*a, residuals=False)[0])
+    f.defvjp(fwd, bwd, symbolic_zeros=True)
+    return f
+
+
+def padded_inputs(name: str, q, k, v, initial_state, C: int):
+    """What each chunk kernel's op entry does first: `check_inputs`, then q, k, v padded to Tp
+    (T rounded up to the chunk C) rows and Kp / Vp columns, and the initial state to [Kp, Vp]
+    in float32 (None stays None). Returns (Tp, Kp, (q, k, v), h0)."""
+    dt, Kp, Vp = check_inputs(name, q, k, v)
+    Tp = -(-q.shape[1] // C) * C
+    K, V = q.shape[-1], v.shape[-1]
+    h0 = None if initial_state is None else jnp.pad(
+        initial_state.astype(jnp.float32), ((0, 0), (0, 0), (0, Kp - K), (0, Vp - V)))
+    return Tp, Kp, (pad_input(q, Tp, Kp, dt), pad_input(k, Tp, Kp, dt),
+                    pad_input(v, Tp, Vp, dt)), h0
+
+
+def unpadded(o, S, q, v):
+    """The kernel's (o, S) cut back to the op's T, K, V: o in v's dtype, S float32."""
+    T, K, V = q.shape[1], q.shape[-1], v.shape[-1]
+    if o.shape[1] != T or o.shape[-1] != V:
+        o = o[:, :T, :, :V]
+    return o.astype(v.dtype), (S if S.shape[-2:] == (K, V) else S[:, :, :K, :V])
 
 
 def pad_input(x, Tp: int, X: int, dt):

@@ -88,7 +88,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.custom_derivatives import SymbolicZero
 
 from linear_jax.kernels.configs import HopperChunkConfig, multiprocessors
 from linear_jax.kernels.gpu.hopper.common import (
@@ -96,22 +95,23 @@ from linear_jax.kernels.gpu.hopper.common import (
     LANES,
     ChunkGates,
     Ops,
-    check_inputs,
     check_smem,
+    chunk_vjp,
     enter_blocks,
     f32,
     gate_rows,
     interpreting,
     launch,
     load,
-    pad_input,
     padded_doc,
+    padded_inputs,
     pl,
     plgpu,
     prod,
     raw_gate_rows,
     row_names,
     smem,
+    unpadded,
     walk_outputs,
     write_blocks,
 )
@@ -346,17 +346,12 @@ def _core(cfg: HopperChunkConfig, scale: float, gated: bool, has_doc: bool, has_
                              final=True)
         return (o, S), (q, k, v, rows, states)
 
-    def fwd(*primals):                                    # symbolic zeros: wrapped primals
-        return forward(*[None if x is None else x.value for x in primals], residuals=True)
-
     names = (("g",) * gated + ("doc", "din") * has_doc if cfg.gates == "kernel" else
              row_names(gated, has_doc))
 
-    def bwd(res, cts):
+    def bwd(res, do, dS):
         q, k, v, rows, states = res
-        do, dS = cts
-        do = jnp.zeros_like(v) if isinstance(do, SymbolicZero) else do.astype(v.dtype)
-        dS = None if isinstance(dS, SymbolicZero) else dS.astype(f32)
+        do = do.astype(v.dtype)
         dv, dh0, dstates = walk2(k, q, do, rows, names, dS, reverse=True, residuals=True,
                                  final=has_h0)
         dq, dk, dg = grad(q, k, v, do, rows, states, dstates, names=names, **kw)
@@ -365,9 +360,7 @@ def _core(cfg: HopperChunkConfig, scale: float, gated: bool, has_doc: bool, has_
                   jnp.moveaxis(dg.sum(2), 1, 2))
         return dq, dk, dv, dg if gated else None, None, dh0 if has_h0 else None
 
-    f = jax.custom_vjp(lambda *a: forward(*a, residuals=False)[0])
-    f.defvjp(fwd, bwd, symbolic_zeros=True)
-    return f
+    return chunk_vjp(forward, bwd)
 
 
 def simple_gla(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size, config=None):
@@ -381,19 +374,10 @@ def simple_gla(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size, con
     """
     device = jax.devices()[0]
     cfg = (config or HopperChunkConfig.default(device)).for_chunk(chunk_size)
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    dt, Kp, Vp = check_inputs("simple_gla", q, k, v)
-    C = cfg.chunk
-    Tp = -(-T // C) * C
+    B, _, H, _ = q.shape
+    Tp, _, qkv, h0 = padded_inputs("simple_gla", q, k, v, initial_state, cfg.chunk)
     gp = None if g is None else pad_time(g.astype(f32), Tp)
     doc = None if segment_ids is None else padded_doc(segment_ids, Tp)
-    h0 = None if initial_state is None else jnp.pad(
-        initial_state.astype(f32), ((0, 0), (0, 0), (0, Kp - K), (0, Vp - V)))
-    P = cfg.pieces_for(B * H, Tp // C, multiprocessors(device))
+    P = cfg.pieces_for(B * H, Tp // cfg.chunk, multiprocessors(device))
     core = _core(cfg, float(scale), g is not None, segment_ids is not None, h0 is not None, P)
-    o, S = core(pad_input(q, Tp, Kp, dt), pad_input(k, Tp, Kp, dt), pad_input(v, Tp, Vp, dt),
-                gp, doc, h0)
-    if (T, V) != (Tp, Vp):
-        o = o[:, :T, :, :V]
-    return o.astype(v.dtype), (S if (K, V) == (Kp, Vp) else S[:, :, :K, :V])
+    return unpadded(*core(*qkv, gp, doc, h0), q, v)

@@ -119,7 +119,6 @@ from linear_jax.kernels.gpu.hopper.common import (
     CONSUMER_REGS,
     LANES,
     Ops,
-    check_inputs,
     check_smem,
     f32,
     gate_rows,
@@ -128,8 +127,8 @@ from linear_jax.kernels.gpu.hopper.common import (
     launch,
     load,
     mm_sum,
-    pad_input,
     padded_doc,
+    padded_inputs,
     pl,
     plgpu,
     prod,
@@ -137,6 +136,7 @@ from linear_jax.kernels.gpu.hopper.common import (
     smem,
     split_hi_lo,
     term,
+    unpadded,
 )
 from linear_jax.ops.common.chunking import pad_time
 
@@ -643,17 +643,12 @@ def delta(q, k, v, g, beta, *, scale, initial_state, segment_ids, chunk_size, co
     v's dtype, S [B, H, K, V] float32), differentiable in q, k, v, g, beta and initial_state.
     """
     cfg = (config or HopperDeltaConfig.default(jax.devices()[0])).for_chunk(chunk_size)
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    dt, Kp, Vp = check_inputs("delta_rule", q, k, v)
-    C = cfg.chunk
-    Tp = -(-T // C) * C
+    B, _, H, _ = q.shape
+    Tp, _, qkv, h0 = padded_inputs("delta_rule", q, k, v, initial_state, cfg.chunk)
     gp = jnp.zeros((B, Tp, H), f32) if g is None else pad_time(g.astype(f32), Tp)
     bp = pad_time(beta.astype(f32), Tp)
     doc = (jnp.zeros((B, Tp), jnp.int32) if segment_ids is None else padded_doc(segment_ids, Tp))
-    h0 = (jnp.zeros((B, H, Kp, Vp), f32) if initial_state is None else
-          jnp.pad(initial_state.astype(f32), ((0, 0), (0, 0), (0, Kp - K), (0, Vp - V))))
+    if h0 is None:
+        h0 = jnp.zeros((B, H) + tuple(x.shape[-1] for x in qkv[1:]), f32)
     core = _core(cfg, float(scale), g is not None, segment_ids is not None)
-    o, S = core(pad_input(q, Tp, Kp, dt), pad_input(k, Tp, Kp, dt), pad_input(v, Tp, Vp, dt),
-                gp, bp, doc, h0)
-    return o[:, :T, :, :V].astype(v.dtype), S[:, :, :K, :V]
+    return unpadded(*core(*qkv, gp, bp, doc, h0), q, v)

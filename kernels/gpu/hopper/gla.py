@@ -91,33 +91,33 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.custom_derivatives import SymbolicZero
 
 from linear_jax.kernels.configs import HopperChunkConfig, multiprocessors
 from linear_jax.kernels.gpu.hopper.common import (
+    CONSUMER_REGS,
     LANES,
     Ops,
-    check_inputs,
     check_smem,
+    chunk_vjp,
     enter_blocks,
     f32,
     interpreting,
     launch,
     mm_sum,
-    pad_input,
     padded_doc,
+    padded_inputs,
     pl,
     plgpu,
     prod,
     smem,
     split_hi_lo,
     term,
+    unpadded,
     walk_outputs,
     write_blocks,
 )
 from linear_jax.ops.common.chunking import pad_time
 
-PRODUCER_REGS, CONSUMER_REGS = 40, 232
 STATE_STAGES = 3        # the state pass holds k~, v, dec only
 LEVELS = (32, 16, 8, 4, 2, 1)
 
@@ -369,32 +369,18 @@ def walk(x, y, z, A, dec, s0, *, reverse, cfg, residuals=False, pieces=1, emit="
         chunk = (lambda s: p * L + L - 1 - s) if reverse else (lambda s: p * L + s)
         ends = (p == 0) if reverse else (p == P - 1)
 
-        @pl.when(w == NW)
-        def _producer():
-            ops.registers(PRODUCER_REGS, "decrease")
+        def issue(step, slot):
+            n = chunk(step)
+            t = pl.ds(n * C, C)
+            bar = in_bar.at[slot]
+            if out_mode:
+                plgpu.copy_gmem_to_smem(x_ref.at[b, t, h], xs.at[slot], bar)
+                plgpu.copy_gmem_to_smem(a_ref.at[b, h, n], as_.at[slot], bar)
+            plgpu.copy_gmem_to_smem(y_ref.at[b, t, h], ys.at[slot], bar)
+            plgpu.copy_gmem_to_smem(z_ref.at[b, t, h], zs.at[slot], bar)
+            plgpu.copy_gmem_to_smem(d_ref.at[b, h, n], dcs.at[slot], bar)
 
-            def issue(step, slot):
-                n = chunk(step)
-                t = pl.ds(n * C, C)
-                bar = in_bar.at[slot]
-                if out_mode:
-                    plgpu.copy_gmem_to_smem(x_ref.at[b, t, h], xs.at[slot], bar)
-                    plgpu.copy_gmem_to_smem(a_ref.at[b, h, n], as_.at[slot], bar)
-                plgpu.copy_gmem_to_smem(y_ref.at[b, t, h], ys.at[slot], bar)
-                plgpu.copy_gmem_to_smem(z_ref.at[b, t, h], zs.at[slot], bar)
-                plgpu.copy_gmem_to_smem(d_ref.at[b, h, n], dcs.at[slot], bar)
-
-            for s in range(stages):
-                issue(s, s)
-
-            @pl.loop(stages, L)
-            def _(step):
-                slot = lax.rem(step, stages)
-                plgpu.barrier_wait(used_bar.at[slot])
-                issue(step, slot)
-
-            for s in range(stages):
-                plgpu.barrier_wait(used_bar.at[lax.rem(L - stages + s, stages)])
+        ops.producer(w == NW, issue, L, stages, used_bar)
 
         @pl.when(w < NW)
         def _consumer():
@@ -667,22 +653,15 @@ def _core(cfg: HopperChunkConfig, scale: float, has_doc: bool, has_h0: bool, P: 
                              final=True)
         return (o, S), (q, k, v, gh, gl, drows, qt, kt, A, dec, states)
 
-    def fwd(*primals):
-        return forward(*[None if x is None else x.value for x in primals], residuals=True)
-
-    def bwd(res, cts):
+    def bwd(res, do, dS):
         q, k, v, gh, gl, drows, qt, kt, A, dec, states = res
-        do, dS = cts
-        do = jnp.zeros_like(v) if isinstance(do, SymbolicZero) else do.astype(v.dtype)
-        dS = None if isinstance(dS, SymbolicZero) else dS.astype(f32)
+        do = do.astype(v.dtype)
         dv, dh0, dstates = walk2(kt, qt, do, A, dec, dS, reverse=True, residuals=True,
                                  final=has_h0)
         dq, dk, dg = grad(q, k, v, do, gh, gl, drows, states, dstates, scale=scale, cfg=cfg)
         return dq, dk, dv, dg, None, dh0 if has_h0 else None
 
-    f = jax.custom_vjp(lambda *a: forward(*a, residuals=False)[0])
-    f.defvjp(fwd, bwd, symbolic_zeros=True)
-    return f
+    return chunk_vjp(forward, bwd)
 
 
 def gla(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size, config=None):
@@ -699,21 +678,13 @@ def gla(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size, config=Non
     """
     device = jax.devices()[0]
     cfg = (config or HopperChunkConfig.default(device)).for_chunk(chunk_size)
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    dt, Kp, Vp = check_inputs("gla", q, k, v)
+    B, _, H, K = q.shape
     C = cfg.chunk
-    Tp = -(-T // C) * C
+    Tp, Kp, qkv, h0 = padded_inputs("gla", q, k, v, initial_state, C)
     gp = pad_time(g.astype(f32), Tp)
     if Kp != K:
         gp = jnp.pad(gp, ((0, 0),) * 3 + ((0, Kp - K),))
     drows = None if segment_ids is None else doc_rows(padded_doc(segment_ids, Tp), C)
-    h0 = None if initial_state is None else jnp.pad(
-        initial_state.astype(f32), ((0, 0), (0, 0), (0, Kp - K), (0, Vp - V)))
     P = cfg.pieces_for(B * H, Tp // C, multiprocessors(device))
     core = _core(cfg, float(scale), segment_ids is not None, h0 is not None, P)
-    o, S = core(pad_input(q, Tp, Kp, dt), pad_input(k, Tp, Kp, dt), pad_input(v, Tp, Vp, dt),
-                gp, drows, h0)
-    if (T, V) != (Tp, Vp):
-        o = o[:, :T, :, :V]
-    return o.astype(v.dtype), (S if (K, V) == (Kp, Vp) else S[:, :, :K, :V])
+    return unpadded(*core(*qkv, gp, drows, h0), q, v)
