@@ -8,8 +8,8 @@ together (`linear_jax.training.seeds`), a JSON and a table of mean +- std per ce
 Protocols (their configs in `experiments/configs/`): `state_tracking` (paper_state_tracking.py,
 Grazzi et al. 2025), `mqar` (paper_mqar.py, Zoology; each cell the best of its learning-rate
 sweep by mean eval accuracy), `mamba_synthetic` (paper_mamba_synthetic.py, Gu & Dao 2023),
-`icl_regression` (paper_icl_regression.py, von Oswald et al. 2023, beside its one-step GD
-baseline) and `lm_mixers` (lm_mixers.py, byte-level Shakespeare). `--cells` keeps the cells whose
+`icl_regression` (paper_icl_regression.py, von Oswald et al. 2023, each depth beside as many
+steps of GD) and `lm_mixers` (lm_mixers.py, byte-level Shakespeare). `--cells` keeps the cells whose
 name contains one of the given strings, so a grid can be run in parts; a cell whose `result.json`
 holds the same config is reused, so an interrupted run picks up where it stopped. Everything
 goes to `<out>/<protocol>/`: a directory per run (metrics.jsonl, config.json, result.json),
@@ -48,8 +48,8 @@ PROTOCOLS = {
     "icl_regression": {
         "config": "paper_icl_regression", "quick_cell": "lsa",
         "columns": [("trained LSA, MSE", ("eval", "eval"), "loss"),
-                    ("1 step of GD, MSE", ("baseline", "gd_one_step"), "loss"),
-                    ("GD step size", ("baseline", "gd_one_step"), "step_size")],
+                    ("GD, one step per layer, MSE", ("baseline", "gd"), "loss"),
+                    ("predicting 0, MSE", ("baseline", "zero"), "loss")],
         "quick": {}},
     "lm_mixers": {
         "config": "lm_mixers", "quick_cell": "linear_attention",

@@ -1,17 +1,18 @@
 """In-context linear regression at von Oswald et al. 2023's setup (*Transformers Learn In-Context
 by Gradient Descent*): x in R^10 uniform in [-1, 1]^10, w ~ N(0, I), N = 10 examples
 and a query per sequence, real-valued tokens (x_i, y_i) read in linearly
-(`training/regression.py`), one layer of linear self-attention (identity feature map, no
-normaliser, no MLP), the squared error of y at the query. Its baseline, reported beside it in
-`result.json` (`baseline.gd_one_step`), is one step of gradient descent on the same evaluation
-tasks with the step size tuned on held-out tasks.
+(`training/regression.py`), K layers of linear self-attention (identity feature map, no
+normaliser, no MLP, no norms: h + LSA(h) per layer), the squared error of y at the query. Its
+baseline, reported beside it in `result.json` (`baseline.gd`), is K steps of gradient descent on
+the same evaluation tasks with the step sizes fitted on held-out tasks; `baseline.zero` is the
+loss of predicting 0. Cells: `lsa` (K = 1), `lsa-2layers`, `lsa-3layers`.
 
     python -m experiments.train --config=experiments/configs/paper_icl_regression.py:lsa
 """
 
 from experiments.configs.base import base_config
 
-CELLS = ("lsa",)
+CELLS = ("lsa", "lsa-2layers", "lsa-3layers")
 
 
 def get_config(cell: str = "lsa"):
@@ -21,8 +22,10 @@ def get_config(cell: str = "lsa"):
     c.workdir = f"runs/paper_icl_regression/{cell}"
     c.seeds = (0, 1, 2)
     c.task.update(name="linear_regression", seq_len=11, params={"dim": 10})
-    c.model.update(d_model=64, num_layers=1, num_heads=1, mixer="linear_attention", ffn="none",
-                   dtype="float32", init_std=64 ** -0.5, tie_embeddings=False,
+    layers = 1 if cell == "lsa" else int(cell.split("-")[1][0])
+    c.model.update(d_model=64, num_layers=layers, num_heads=1, norm="none",
+                   mixer="linear_attention", ffn="none", dtype="float32", init_std=64 ** -0.5,
+                   tie_embeddings=False,
                    mixer_options={"linear_attention": {"feature_map": "identity",
                                                        "normalize": False,
                                                        "output_norm": False}})

@@ -254,6 +254,9 @@ def load(path, *, mesh=None, rules=None, **overrides) -> LM:
 
 
 def family_for(config: LMConfig) -> Family:
+    if config.norm != "rms":
+        raise ValueError(f"save: every checkpoint family has block norms; this LMConfig has "
+                         f"norm={config.norm!r}")
     if config.hub_format is not None:
         family = FAMILIES.get(config.hub_format)
         if family is None or not family.matches(config):

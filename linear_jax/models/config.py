@@ -18,6 +18,8 @@ wide when given (else `d_ff`, as the MLPs); `moe_options` are the MoE's own argu
 Blocks are pre-norm, h + f(norm(h)) (`residual="pre"`), or MiniMax-01's `residual="normed"`,
 h' = alpha norm(h) + beta f(norm(h)): the residual stream carries the normalised input, scaled;
 `residual_scales` maps a mixer name or "ffn" to its (alpha, beta), (1, 1) when absent.
+`norm="none"` drops the block and final norms (h + f(h), logits = h W_head): the stacks of
+linear self-attention that in-context-regression papers analyse have none (pre-norm only).
 
 `hub_format` names the transformers architecture `linear_jax.hub.save` writes (`hub.load` sets
 the one it read); it changes nothing the model computes.
@@ -101,6 +103,7 @@ class LMConfig:
     logit_soft_cap: float | None = None      # logits -> c tanh(logits / c) (xLSTM 7B: 30)
     residual: str = "pre"                    # "pre" | "normed" (MiniMax-01's block, see below)
     residual_scales: Mapping[str, tuple[float, float]] | tuple = ()   # name -> (alpha, beta)
+    norm: str = "rms"                        # "rms" | "none" (no block or final norms)
     chunk_size: int = 64
     impl: str = "auto"
     kernel_config: tuple[Any, ...] = ()      # kernel configs, each kernel takes the one of its type
@@ -122,6 +125,11 @@ class LMConfig:
                                                         and self.ffn == "none"):
             raise ValueError(f"LMConfig: residual must be 'pre' or 'normed' (the latter with an "
                              f"ffn), got {self.residual!r} with ffn={self.ffn!r}")
+        if self.norm not in ("rms", "none") or (self.norm == "none"
+                                                 and self.residual != "pre"):
+            raise ValueError(f"LMConfig: norm must be 'rms' or 'none' (the latter with "
+                             f"residual='pre'), got {self.norm!r} with "
+                             f"residual={self.residual!r}")
         if self.layers is not None:
             set_("layers", tuple(self.layers))
         for name, what in ((self.vocab_size, "vocab_size"), (self.d_model, "d_model"),

@@ -4,6 +4,8 @@
     for each layer: h = h + mixer(RMSNorm(h)); h = h + ffn(RMSNorm(h))     (pre-norm residual)
     logits = RMSNorm(h) E^T  (tied)  or  RMSNorm(h) W_head     [-> c tanh(logits / c)]
 
+(`norm="none"`: every RMSNorm above is the identity.)
+
 A value-residual mixer (RWKV-7) also reads v_first [B, T, D], the value of the model's first layer
 of its kind, which the blocks carry along with h (zeros before that layer; no carry in a model
 without one).
@@ -44,6 +46,12 @@ from linear_jax.models.stack import LAYERS_AXIS, Stack, periods
 __all__ = ["LAYERS_AXIS", "LM", "Block", "Stack", "periods"]
 
 
+def _norm(c: LMConfig, **kw) -> RMSNorm | None:
+    """A block or final norm; None where `LMConfig.norm` is "none" (the identity)."""
+    return None if c.norm == "none" else RMSNorm(c.d_model, eps=c.norm_eps,
+                                                 offset=c.norm_offset, **kw)
+
+
 class Block(nnx.Module):
     def __init__(self, config: LMConfig, layer_idx: int, *, rngs: nnx.Rngs):
         c = config
@@ -52,7 +60,7 @@ class Block(nnx.Module):
         self.mixer_name = name = c.layer_mixers()[layer_idx]
         # MiniMax-01's block: (alpha, beta) of the mixer and of the ffn, None for pre-norm
         self.normed = (None if c.residual == "pre" else (c.scales(name), c.scales("ffn")))
-        self.norm1 = RMSNorm(c.d_model, eps=c.norm_eps, offset=c.norm_offset, **kw)
+        self.norm1 = _norm(c, **kw)
         common = dict(chunk_size=c.chunk_size, kernel_config=c.kernel_config,
                       num_layers=c.num_layers, layer_idx=layer_idx, std=c.init_std,
                       first_of_kind=c.layer_mixers().index(name) == layer_idx)
@@ -67,8 +75,7 @@ class Block(nnx.Module):
         ffn_kw = dict(num_layers=c.num_layers, std=c.init_std, **kw)
         kind = c.layer_ffn(layer_idx)
         # ffn="none": the block is norm + mixer only (Mamba's), with no second norm to carry
-        self.norm2 = None if kind == "none" else RMSNorm(c.d_model, eps=c.norm_eps,
-                                                         offset=c.norm_offset, **kw)
+        self.norm2 = None if kind == "none" else _norm(c, **kw)
         moe = partial(SharedExpertMoE, shared_width=c.moe_shared) if c.moe_shared else MoE
         self.ffn = (None if kind == "none" else
                     moe(c.d_model, c.moe_width, num_experts=c.num_experts, top_k=c.top_k,
@@ -80,7 +87,7 @@ class Block(nnx.Module):
         """(h, cache, aux, v_first): v_first [B, T, D] is the value of the model's first
         value-residual layer, carried from block to block (None in a model without one)."""
         kw = dict(segment_ids=segment_ids, cache=cache, seq_parallel=seq_parallel)
-        x = self.norm1(h)
+        x = h if self.norm1 is None else self.norm1(h)
         if self.value_residual:
             y, cache, v = self.mixer.with_value(x, v_first, **kw)
             v_first = v.astype(v_first.dtype)
@@ -94,7 +101,7 @@ class Block(nnx.Module):
         h = h + y
         if self.ffn is None:
             return h, cache, jnp.zeros((), jnp.float32), v_first
-        y, aux = self.ffn(self.norm2(h))
+        y, aux = self.ffn(h if self.norm2 is None else self.norm2(h))
         return h + y, cache, aux, v_first
 
 
@@ -114,8 +121,7 @@ class LM(nnx.Module):
             stacks.append(Stack(blocks[start:start + period * repeats], period))
             start += period * repeats
         self.stacks = nnx.List(stacks)
-        self.norm = RMSNorm(c.d_model, eps=c.norm_eps, rngs=rngs, dtype=self.dtype,
-                            param_dtype=pdt, offset=c.norm_offset)
+        self.norm = _norm(c, rngs=rngs, dtype=self.dtype, param_dtype=pdt)
         self.head = None if c.tie_embeddings else param(rngs, init, (c.d_model, c.vocab_size),
                                                         ("embed", "vocab"), pdt)
         self.num_moe = sum(c.layer_ffn(i) == "moe" for i in range(c.num_layers))
@@ -228,7 +234,8 @@ class LM(nnx.Module):
                                                     cache[start:start + stack.num_layers], **kw)
             new.extend(c)
             start += stack.num_layers
-        h = self.norm(h)
+        if self.norm is not None:
+            h = self.norm(h)
         w = self.embed[...].T if self.head is None else self.head[...]
         logits = jnp.einsum("btd,dv->btv", h, w.astype(h.dtype),
                             preferred_element_type=jnp.float32)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 from linear_jax.training import data
 
@@ -55,9 +56,10 @@ def describe(evals: dict[str, dict]) -> str:
 
 
 def baseline(config, seed: int):
-    """The task's own reference predictor scored on the evaluation tasks of `eval` (the same
-    batches the model is evaluated on), or None: for linear regression, one step of gradient
-    descent with its step size tuned on held-out tasks (`regression.gd_baseline`)."""
+    """The task's own reference predictors scored on the evaluation tasks of `eval` (the same
+    batches the model is evaluated on), or None. For linear regression: `gd`, as many steps of
+    gradient descent as the model has layers, step sizes fitted on held-out tasks
+    (`regression.gd_baseline`), and `zero`, predicting y = 0 (the loss before any learning)."""
     from linear_jax.training import regression
 
     if config.task.name != "linear_regression":
@@ -65,4 +67,8 @@ def baseline(config, seed: int):
     ev = config.eval
     batches = lambda split: [data.make_source(config.task, split=split, batch_size=ev.batch_size,
                                               seed=seed).batch(i) for i in range(ev.batches)]
-    return {"gd_one_step": regression.gd_baseline(batches("tune"), batches("eval"))}
+    evals = batches("eval")
+    zero = float(np.mean(np.concatenate([np.asarray(b["targets"])[np.asarray(b["mask"]) > 0]
+                                         for b in evals]) ** 2))
+    return {"gd": regression.gd_baseline(batches("tune"), evals, config.model.num_layers),
+            "zero": {"loss": zero}}

@@ -1,4 +1,4 @@
-"""In-context linear regression with real-valued tokens, and its one-step gradient-descent baseline
+"""In-context linear regression with real-valued tokens, and its gradient-descent baseline
 (von Oswald et al. 2023, *Transformers Learn In-Context by Gradient Descent*).
 
 A sequence is one task: w ~ N(0, I_d), x_i ~ U(-1, 1)^d, y_i = w . x_i. Its tokens are the N
@@ -7,10 +7,14 @@ vector of width d + 1. The model reads them through a linear read-in (`LM` with 
 embedding table as a matrix) and predicts y_q at the query from its output's last coordinate, the
 y entry of the token space; the loss is the squared error there (`step._sums`).
 
-One step of gradient descent from w = 0 on L(w) = 1/(2N) sum_i (w . x_i - y_i)^2 predicts
-y_hat = eta a, a = (1/N) sum_i y_i x_i . x_q: the prediction the paper's construction of one
-linear self-attention layer reproduces. `gd_baseline` tunes eta on held-out tasks (its optimum is
-closed form, sum a y / sum a^2) and scores it on the evaluation tasks.
+K steps of gradient descent from w_0 = 0 on L(w) = 1/(2N) sum_i (w . x_i - y_i)^2,
+
+    w_{k+1} = w_k - eta_k (A w_k - b),    A = (1/N) X^T X,  b = (1/N) X^T y,    y_hat = w_K . x_q,
+
+are what the paper's construction of K linear self-attention layers computes (K = 1: y_hat =
+eta_1 b . x_q). `gd_baseline` fits the step sizes eta_1..eta_K on held-out tasks and scores them
+on the evaluation tasks. y_hat is affine in each eta_k when the others are held, so the fit is
+exact coordinate descent (closed form per coordinate; for K = 1 the least-squares optimum).
 """
 
 from __future__ import annotations
@@ -30,19 +34,50 @@ def linear_regression(rng, batch, seq_len, dim=10):
     return {"tokens": tokens.astype(np.float32), "targets": targets, "mask": mask}
 
 
-def _gd_feature(batch) -> tuple[np.ndarray, np.ndarray]:
-    """(a, y_q) of every scored query: a = (1/N) sum_i y_i x_i . x_q over the examples before it."""
-    tokens, mask = np.asarray(batch["tokens"], np.float64), np.asarray(batch["mask"])
-    rows, q = np.nonzero(mask)
-    x, y = tokens[..., :-1], tokens[..., -1]
-    a = np.array([np.mean(y[b, :t] * (x[b, :t] @ x[b, t])) for b, t in zip(rows, q, strict=True)])
-    return a, np.asarray(batch["targets"], np.float64)[rows, q]
+def _tasks(batches) -> tuple[np.ndarray, ...]:
+    """(A [M, d, d], b [M, d], x_q [M, d], y_q [M]) of every scored query in `batches`, from the
+    examples before it (float64)."""
+    out = []
+    for batch in batches:
+        tokens, mask = np.asarray(batch["tokens"], np.float64), np.asarray(batch["mask"])
+        x, y = tokens[..., :-1], tokens[..., -1]
+        targets = np.asarray(batch["targets"], np.float64)
+        for r, t in zip(*np.nonzero(mask), strict=True):
+            X, Y = x[r, :t], y[r, :t]
+            out.append((X.T @ X / t, X.T @ Y / t, x[r, t], targets[r, t]))
+    return tuple(np.stack(z) for z in zip(*out, strict=True))
 
 
-def gd_baseline(tune_batches, eval_batches) -> dict:
-    """One step of GD with its step size fitted on `tune_batches`, scored on `eval_batches`
-    (lists of batches): {"step_size", "loss"} (mean squared error, as the model's eval loss)."""
-    a, y = map(np.concatenate, zip(*map(_gd_feature, tune_batches), strict=True))
-    eta = float(np.sum(a * y) / np.sum(a * a))
-    a, y = map(np.concatenate, zip(*map(_gd_feature, eval_batches), strict=True))
-    return {"step_size": eta, "loss": float(np.mean((eta * a - y) ** 2))}
+def gd_predict(step_sizes, A, b, x_q) -> np.ndarray:
+    """y_hat of len(step_sizes) steps of GD from w = 0 (the module docstring), per query."""
+    w = np.zeros_like(b)
+    for eta in step_sizes:
+        w = w - eta * (np.einsum("mij,mj->mi", A, w) - b)
+    return np.einsum("mi,mi->m", w, x_q)
+
+
+def fit_step_sizes(A, b, x_q, y_q, steps: int, *, sweeps: int = 200, tol: float = 1e-12):
+    """The step sizes of `steps` GD steps that minimise the mean squared error on these tasks:
+    coordinate descent, each coordinate's minimum in closed form (y_hat is affine in it)."""
+    etas = np.zeros(steps)
+    for _ in range(sweeps):
+        before = etas.copy()
+        for k in range(steps):
+            etas[k] = 0.0
+            p0 = gd_predict(etas, A, b, x_q)
+            etas[k] = 1.0
+            slope = gd_predict(etas, A, b, x_q) - p0
+            etas[k] = np.sum(slope * (y_q - p0)) / np.sum(slope * slope)
+        if np.max(np.abs(etas - before)) <= tol * max(1.0, np.max(np.abs(etas))):
+            break
+    return etas
+
+
+def gd_baseline(tune_batches, eval_batches, steps: int = 1) -> dict:
+    """`steps` steps of GD with their step sizes fitted on `tune_batches`, scored on
+    `eval_batches` (lists of batches): {"steps", "step_sizes", "loss"} (the mean squared error,
+    as the model's eval loss)."""
+    etas = fit_step_sizes(*_tasks(tune_batches), steps)
+    A, b, x_q, y_q = _tasks(eval_batches)
+    return {"steps": steps, "step_sizes": [float(e) for e in etas],
+            "loss": float(np.mean((gd_predict(etas, A, b, x_q) - y_q) ** 2))}

@@ -13,9 +13,10 @@ import optax
 import pytest
 from flax import nnx
 
+from linear_jax.hub.core import family_for
 from linear_jax.kernels.configs import TpuConfig, TritonChunkConfig
 from linear_jax.layers import MIXERS
-from linear_jax.models import LM, LMConfig, decode_fns, generate
+from linear_jax.models import LM, LMConfig, decode_fns, generate, logit_fns
 from linear_jax.ops import registry
 from tests.utils import assert_close
 
@@ -50,6 +51,35 @@ def test_config_validation():
         LMConfig(vocab_size=8, kernel_config="triton")
     with pytest.raises(ValueError, match="kernel_config holds more than one TritonChunkConfig"):
         LMConfig(vocab_size=8, kernel_config=(tri, TritonChunkConfig()))
+
+
+def test_norm_none_is_a_residual_stack_without_norms_and_decodes_as_it_forwards():
+    with pytest.raises(ValueError, match="norm must be 'rms' or 'none'"):
+        LMConfig(vocab_size=8, norm="layer")
+    with pytest.raises(ValueError, match="norm must be 'rms' or 'none'"):
+        LMConfig(vocab_size=8, norm="none", residual="normed")
+    c = LMConfig(vocab_size=11, d_model=16, num_layers=3, num_heads=2, mixer="linear_attention",
+                 ffn="none", norm="none", tie_embeddings=False)
+    model = LM(c, rngs=nnx.Rngs(0))
+    names = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    assert not any("norm" in n for n in names)
+    ids = jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, 11)
+    h = model.embed[...][ids]
+    for i in range(c.num_layers):                    # h <- h + mixer(h), with no norm anywhere
+        h = h + model.layer(i).mixer(h)[0]
+    assert_close(model(ids)[0], h @ model.head[...], 1e-5)
+    with pytest.raises(ValueError, match="norm='none'"):     # no checkpoint format has no norms
+        family_for(c)
+    # with MLPs too, and token by token through the caches
+    c = dataclasses.replace(c, ffn="mlp", mixer="gla")
+    model = LM(c, rngs=nnx.Rngs(0))
+    params, prefill, step = logit_fns(model)
+    logits, cache = prefill(params, ids[:, :4], model.init_cache(2, 9))
+    outs = [logits]
+    for t in range(4, 9):
+        logits, cache = step(params, ids[:, t], cache)
+        outs.append(logits[:, None])
+    assert_close(jnp.concatenate(outs, axis=1), model(ids)[0], 1e-4)
 
 
 @pytest.mark.parametrize("impl", ["chunk", "recurrent", "pallas"])

@@ -85,15 +85,43 @@ def test_gd_baseline_step_size_is_the_best_one_step_and_beats_predicting_zero():
     tune, ev = batches("tune"), batches("eval")
     gd = regression.gd_baseline(tune, ev)
     zero = np.mean([np.sum(b["targets"] ** 2) / np.sum(b["mask"]) for b in ev])
-    assert 0.0 < gd["loss"] < zero
-    a, y = map(np.concatenate, zip(*map(regression._gd_feature, tune), strict=True))
-    tuned = lambda eta: np.mean((eta * a - y) ** 2)
-    eta = gd["step_size"]
-    assert tuned(eta) < min(tuned(0.9 * eta), tuned(1.1 * eta))
-    # a by hand for one query: (1/N) sum_i y_i x_i . x_q
-    b = ev[0]
-    x, yy = b["tokens"][0, :, :10].astype(float), b["tokens"][0, :, 10].astype(float)
-    assert np.isclose(regression._gd_feature(b)[0][0], np.mean(yy[:10] * (x[:10] @ x[10])))
+    assert gd["steps"] == 1 and 0.0 < gd["loss"] < zero
+    A, b, x_q, y_q = regression._tasks(tune)
+    tuned = lambda etas: np.mean((regression.gd_predict(etas, A, b, x_q) - y_q) ** 2)
+    (eta,) = gd["step_sizes"]
+    assert tuned([eta]) < min(tuned([0.9 * eta]), tuned([1.1 * eta]))
+    # one step by hand for one query: eta (1/N) sum_i y_i x_i . x_q
+    bt = ev[0]
+    x, yy = bt["tokens"][0, :, :10].astype(float), bt["tokens"][0, :, 10].astype(float)
+    A, b, x_q, _ = regression._tasks(ev)
+    assert np.isclose(regression.gd_predict([eta], A, b, x_q)[0],
+                      eta * np.mean(yy[:10] * (x[:10] @ x[10])))
+
+
+def test_gd_baseline_with_k_steps_is_gradient_descent_with_fitted_step_sizes():
+    batches = lambda split: [_source("linear_regression", split, seq_len=11,
+                                     params={"dim": 10}).batch(i) for i in range(4)]
+    tune, ev = batches("tune"), batches("eval")
+    losses = [regression.gd_baseline(tune, ev, k)["loss"] for k in (1, 2, 3)]
+    assert losses[0] > losses[1] > losses[2] > 0.0          # more steps, less error
+    gd = regression.gd_baseline(tune, ev, 3)
+    # the iterates by hand: w <- w - eta (1/N) X^T (X w - y) from w = 0, y_hat = w . x_q
+    bt = ev[0]
+    x, yy = bt["tokens"][0, :10, :10].astype(float), bt["tokens"][0, :10, 10].astype(float)
+    w = np.zeros(10)
+    for eta in gd["step_sizes"]:
+        w = w - eta * x.T @ (x @ w - yy) / 10
+    A, b, x_q, _ = regression._tasks(ev)
+    assert np.isclose(regression.gd_predict(gd["step_sizes"], A, b, x_q)[0],
+                      w @ bt["tokens"][0, 10, :10])
+    # a stationary point of the tuning loss: no single step size can be moved to gain
+    A, b, x_q, y_q = regression._tasks(tune)
+    loss = lambda etas: np.mean((regression.gd_predict(etas, A, b, x_q) - y_q) ** 2)
+    for k in range(3):
+        for f in (0.95, 1.05):
+            moved = list(gd["step_sizes"])
+            moved[k] *= f
+            assert loss(moved) > loss(gd["step_sizes"])
 
 
 def test_induction_heads_answer_is_what_followed_the_first_trigger():
