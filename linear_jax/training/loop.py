@@ -35,13 +35,15 @@ from linear_jax.training.mesh import ConfigError, mesh_from_config
 
 def lm_config(model_config, vocab_size: int):
     """The `LMConfig` described by `model_config` (LMConfig fields; vocab_size from the task
-    unless set)."""
+    unless set; init_std 0 stands for d_model^-1/2, so that it follows the width)."""
     from linear_jax.models import LMConfig
 
     kwargs = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
     if kwargs.get("vocab_size") is not None and kwargs["vocab_size"] < vocab_size:
         raise ConfigError(f"model.vocab_size={kwargs['vocab_size']} < the task's {vocab_size}")
     kwargs["vocab_size"] = kwargs.get("vocab_size") or vocab_size
+    if kwargs.get("init_std") == 0 and isinstance(kwargs.get("d_model"), int):
+        kwargs["init_std"] = kwargs["d_model"] ** -0.5
     try:
         return LMConfig(**kwargs)
     except (TypeError, ValueError) as e:

@@ -1,12 +1,21 @@
 """The experiment configs that name mixers build valid models: every `quickstart_mixers` and
-`lm_mixers` entry (its init std reaching the model) and the state-tracking configs with
-DeltaProduct."""
+`lm_mixers` entry (its init std reaching the model), the state-tracking configs with
+DeltaProduct, and the GLA task configs' width-scaled init."""
 
 import jax
 import pytest
 from flax import nnx
 
-from experiments.configs import lm_mixers, quickstart_mixers, state_tracking
+from experiments.configs import (
+    icl_regression,
+    induction,
+    lm_mixers,
+    lm_shakespeare,
+    mqar,
+    quickstart_mixers,
+    selective_copy,
+    state_tracking,
+)
 from linear_jax.models import LM
 from linear_jax.training import data
 from linear_jax.training.loop import lm_config
@@ -40,6 +49,16 @@ def test_state_tracking_with_delta_product_builds(task):
     assert cfg.options("delta_product") == {"allow_neg_eigval": True, "gated": False,
                                             "num_householder": 2}
     jax.eval_shape(lambda: nnx.split(LM(cfg, rngs=nnx.Rngs(0)))[1])
+
+
+@pytest.mark.parametrize("module", [icl_regression, induction, lm_shakespeare, mqar,
+                                    selective_copy], ids=lambda m: m.__name__.split(".")[-1])
+def test_gla_task_configs_scale_their_init_with_the_width(module):
+    """init_std 0 in a config is d_model^-1/2 of the model built, after a width override."""
+    c = module.get_config()
+    assert c.model.init_std == 0.0 and _model_config(c).init_std == c.model.d_model ** -0.5
+    c.model.d_model = 32
+    assert _model_config(c).init_std == 32 ** -0.5
 
 
 def test_unknown_quickstart_mixer_raises():
