@@ -247,6 +247,18 @@ def key_tile_item(item, H: int, N: int, NKB: int, C: int, *, heads_fastest: bool
     return b, h, n, kb, pl.ds(n * C, C), pl.ds(kb * LANES, LANES)
 
 
+def walk_setup(y, z, cfg, pieces: int = 1, stages: int | None = None):
+    """(B, Tp, H, K, V, C, dt, N, NW, NKB, L, stages) of a chunk walk over y [B, Tp, H, K] and
+    z [B, Tp, H, V] (dt: z's dtype): N chunks of C rows in `pieces` pieces of L, NW value blocks
+    and NKB key blocks of 64, and the SMEM ring's slots (cfg.stages unless given), at most L."""
+    B, Tp, H, K = y.shape
+    V, C = z.shape[-1], cfg.chunk
+    N = Tp // C
+    L = N // pieces
+    return (B, Tp, H, K, V, C, z.dtype, N, V // LANES, K // LANES, L,
+            min(cfg.stages if stages is None else stages, L))
+
+
 def walk_outputs(B, Tp, H, K, V, N, dt, *, final: bool, residuals: bool):
     """The outputs of a walk that writes o: o [B, Tp, H, V] in dt, with `final` the last state
     [B, H, K, V] float32, with `residuals` every chunk's entering state [B, H, N, K, V] in dt."""

@@ -113,6 +113,7 @@ from linear_jax.kernels.gpu.hopper.common import (
     smem,
     unpadded,
     walk_outputs,
+    walk_setup,
     write_blocks,
 )
 from linear_jax.kernels.gpu.hopper.decay_grad import gate_grad_tiles, grad
@@ -140,13 +141,9 @@ def walk(x, y, z, rows, s0, *, names, read_row, write_row, reverse, scale, cfg, 
     end state float32 [B, H, P, K, V], each piece's total decay [B, H, P, 1, C] (the same on every
     entry; None without gate rows)).
     """
-    B, Tp, H, K = y.shape
-    V, C, dt = z.shape[-1], cfg.chunk, z.dtype
-    N, NW, NKB = Tp // C, V // LANES, K // LANES
-    P = pieces
-    L = N // P
-    out_mode = emit == "out"
-    stages = min(cfg.stages if out_mode else STATE_STAGES, L)
+    out_mode, P = emit == "out", pieces
+    B, Tp, H, K, V, C, dt, N, NW, NKB, L, stages = walk_setup(
+        y, z, cfg, P, None if out_mode else STATE_STAGES)
     ops = Ops(interpreting(cfg), overlap=cfg.overlap)
     has_rows, has_s0 = rows is not None, s0 is not None
     track = has_rows and not out_mode           # the state pass writes each piece's decay

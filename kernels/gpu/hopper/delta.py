@@ -137,6 +137,7 @@ from linear_jax.kernels.gpu.hopper.common import (
     split_hi_lo,
     term,
     unpadded,
+    walk_setup,
 )
 from linear_jax.ops.common.chunking import pad_time
 
@@ -322,16 +323,6 @@ def prep(q, k, v, rows, *, names, scale, cfg, residuals):
     return kernel(q, k, v, rows)
 
 
-def walk_setup(q, v, cfg):
-    """(B, Tp, H, K, V, C, dt, N, NW, NKB, stages, ops) of a walk (forward or reverse) on the grid
-    (B, H): q [B, Tp, H, K], v [B, Tp, H, V]; N chunks of C rows, NW value warpgroups, NKB key
-    blocks of 64, stages SMEM slots."""
-    B, Tp, H, K = q.shape
-    V, C, dt = v.shape[-1], cfg.chunk, q.dtype
-    N, NW, NKB = Tp // C, V // LANES, K // LANES
-    return B, Tp, H, K, V, C, dt, N, NW, NKB, min(cfg.stages, N), Ops(interpreting(cfg))
-
-
 # -- the forward walk -----------------------------------------------------------------------------
 def walk(q, k, wm, u0, A, rows, s0, *, names, cfg, residuals, pieces=1, emit="out"):
     """The sequential walk over the chunks of each (b, h), or of each of its `pieces` P pieces of
@@ -351,11 +342,9 @@ def walk(q, k, wm, u0, A, rows, s0, *, names, cfg, residuals, pieces=1, emit="ou
     block of 64 runs on a consumer warpgroup of its own: in one CTA per (b, h, piece), or, where
     `HopperDeltaConfig.split_walk` says so (and always in the state pass), in a CTA of its own.
     """
-    out = emit == "out"
-    B, Tp, H, K, V, C, dt, N, NW, NKB, stages, ops = walk_setup(k, u0, cfg)
-    P = pieces
-    L = N // P                                         # chunks a piece
-    stages = min(stages, L)
+    out, P = emit == "out", pieces
+    B, Tp, H, K, V, C, dt, N, NW, NKB, L, stages = walk_setup(k, u0, cfg, P)
+    ops = Ops(interpreting(cfg))
     R = rows.shape[2]
     blk = (C, LANES)
     X = V if out else K + V                            # state columns walked

@@ -114,6 +114,7 @@ from linear_jax.kernels.gpu.hopper.common import (
     smem,
     split_hi_lo,
     term,
+    walk_setup,
 )
 from linear_jax.kernels.gpu.hopper.delta import (
     launch_walk,
@@ -125,7 +126,6 @@ from linear_jax.kernels.gpu.hopper.delta import (
     stage_state,
     store_state,
     walk_cell,
-    walk_setup,
 )
 
 # the gradient kernel's stats rows: the dq side's (0-3), then the dk side's (4-6); dbeta = dbp + dbs
@@ -150,11 +150,9 @@ def walk_rev(q, k, do, wm, tm, A, rows, dS, *, names, scale, cfg, pieces=1, emit
     `HopperDeltaConfig.split_walk` says so (and always in the state pass), in a CTA each; split,
     a CTA has the SMEM to read A^T (the forward's A, read transposed) instead of forming k q^T,
     its masks and exponentials on its chain (joint at K = V = 128 it would take 227 KB)."""
-    out = emit == "out"
-    B, Tp, H, K, V, C, dt, N, NW, NKB, stages, ops = walk_setup(q, do, cfg)
-    P = pieces
-    L = N // P
-    stages = min(stages, L)
+    out, P = emit == "out", pieces
+    B, Tp, H, K, V, C, dt, N, NW, NKB, L, stages = walk_setup(q, do, cfg, P)
+    ops = Ops(interpreting(cfg))
     R = rows.shape[2]
     blk = (C, LANES)
     X = V if out else K + V

@@ -114,6 +114,7 @@ from linear_jax.kernels.gpu.hopper.common import (
     term,
     unpadded,
     walk_outputs,
+    walk_setup,
     write_blocks,
 )
 from linear_jax.ops.common.chunking import pad_time
@@ -341,13 +342,9 @@ def walk(x, y, z, A, dec, s0, *, reverse, cfg, residuals=False, pieces=1, emit="
     the state after the piece that walks last (None unless `final`), the state each chunk read
     [B, H, N, K, V] in z's dtype (None unless `residuals`)); emit "state" (x, A unused): (each
     piece's end state from zero [B, H, P, K, V] float32, its total decay [B, H, P, K/64, 64])."""
-    B, Tp, H, K = y.shape
-    V, C, dt = z.shape[-1], cfg.chunk, z.dtype
-    N, NW, NKB = Tp // C, V // LANES, K // LANES
-    P = pieces
-    L = N // P
-    out_mode = emit == "out"
-    stages = min(cfg.stages if out_mode else STATE_STAGES, L)
+    out_mode, P = emit == "out", pieces
+    B, Tp, H, K, V, C, dt, N, NW, NKB, L, stages = walk_setup(
+        y, z, cfg, P, None if out_mode else STATE_STAGES)
     ops = Ops(interpreting(cfg))
     has_s0 = s0 is not None
     if has_s0 and s0.ndim == 4:
