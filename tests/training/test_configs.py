@@ -8,7 +8,6 @@ from flax import nnx
 
 from experiments.configs import (
     icl_regression,
-    induction,
     lm_mixers,
     lm_shakespeare,
     mqar,
@@ -51,8 +50,8 @@ def test_state_tracking_with_delta_product_builds(task):
     jax.eval_shape(lambda: nnx.split(LM(cfg, rngs=nnx.Rngs(0)))[1])
 
 
-@pytest.mark.parametrize("module", [icl_regression, induction, lm_shakespeare, mqar,
-                                    selective_copy], ids=lambda m: m.__name__.split(".")[-1])
+@pytest.mark.parametrize("module", [icl_regression, lm_shakespeare, mqar, selective_copy],
+                         ids=lambda m: m.__name__.split(".")[-1])
 def test_gla_task_configs_scale_their_init_with_the_width(module):
     """init_std 0 in a config is d_model^-1/2 of the model built, after a width override."""
     c = module.get_config()
