@@ -6,7 +6,8 @@ together (`linear_jax.training.seeds`), a JSON and a table of mean +- std per ce
     python -m experiments.paper_protocols --protocol=icl_regression --quick --out=/tmp/p   # smoke
 
 Protocols (their configs in `experiments/configs/`): `state_tracking` (paper_state_tracking.py,
-Grazzi et al. 2025), `mqar` (paper_mqar.py, Zoology; each cell the best of its learning-rate
+Grazzi et al. 2025), `deltaproduct` (paper_deltaproduct.py, Siems et al. 2025: S3 and S5 with the
+Householder steps per token swept), `mqar` (paper_mqar.py, Zoology; each cell the best of its learning-rate
 sweep by mean eval accuracy), `mamba_synthetic` (paper_mamba_synthetic.py, Gu & Dao 2023),
 `icl_regression` (paper_icl_regression.py, von Oswald et al. 2023, each depth beside as many
 steps of GD) and `lm_mixers` (lm_mixers.py, byte-level Shakespeare). `--cells` keeps the cells whose
@@ -35,6 +36,11 @@ PROTOCOLS = {
         "columns": [(f"scaled acc. T={t}", ("eval", s), "scaled_accuracy") for t, s in
                     ((40, "eval"), (64, "eval_len64"), (128, "eval_len128"),
                      (256, "eval_len256"))],
+        "quick": {"task.seq_len": 12}},
+    "deltaproduct": {
+        "config": "paper_deltaproduct", "quick_cell": "s3-nh2",
+        "columns": [(f"scaled acc. T={t}", ("eval", s), "scaled_accuracy") for t, s in
+                    ((128, "eval"), (256, "eval_len256"), (512, "eval_len512"))],
         "quick": {"task.seq_len": 12}},
     "mqar": {
         "config": "paper_mqar", "quick_cell": "based-d64-T256", "select": "accuracy",

@@ -75,3 +75,16 @@ def test_state_tracking_eigenvalue_ranges_reach_the_layers():
             assert mixer.allow_neg_eigval == extended
         else:
             assert mixer.beta_max == (2.0 if extended else 1.0)
+
+
+def test_deltaproduct_householder_steps_reach_the_layer():
+    from experiments.configs import paper_deltaproduct as dp
+
+    for cell in dp.CELLS:
+        c = dp.get_config(cell)
+        vocab = data.make_source(c.task, split="train", batch_size=1, seed=0).vocab_size
+        mixer = nnx.eval_shape(loop.build_model(c.model, vocab, seed=0)).layer_mixer(0)
+        assert mixer.steps == int(cell.split("-nh")[1]) and mixer.beta_max == 2.0
+        assert vocab == {"s3": 7, "s5": 121}[c.task.name] and c.model.num_layers == 1
+    with pytest.raises(ValueError, match="not one of"):
+        dp.get_config("s4-nh2")

@@ -7,9 +7,10 @@ Every generator has the signature `gen(rng, batch, seq_len, **task_params)` and 
 
 - mqar: multi-query associative recall (Arora et al. 2023, *Zoology*; Based): key-value pairs, then
   the keys again at random later positions; each query must be answered with its value.
-- parity / modular_addition / s5: state tracking (Grazzi et al. 2024, *Unlocking state-tracking in
-  linear RNNs through negative eigenvalues*; Merrill et al. 2024): after every input, output the
-  running parity of the bits / running sum mod m / running composition of S5 permutations.
+- parity / modular_addition / s3 / s5: state tracking (Grazzi et al. 2024, *Unlocking
+  state-tracking in linear RNNs through negative eigenvalues*; Merrill et al. 2024): after every
+  input, output the running parity of the bits / running sum mod m / running composition of S3 or
+  S5 permutations (the group word problems of DeltaProduct, Siems et al. 2025).
 - icl_regression: noise-free in-context linear regression (Garg et al. 2022) with discrete values:
   x in {-1, +1}^d, a per-sequence w in {-1, 0, 1}^d, y = w.x; the model must predict y from x.
 - selective_copy: data tokens scattered among blanks; after a separator, emit them in order
@@ -77,21 +78,36 @@ def modular_addition(rng, batch, seq_len, modulus=5):
     return _batch(1 + x, 1 + y, np.ones(x.shape))
 
 
-_S5 = np.array(list(itertools.permutations(range(5))))                  # [120, 5]
-_S5_INDEX = {tuple(p): i for i, p in enumerate(_S5)}
-# _S5_COMPOSE[a, b] = index of the permutation "apply a, then b": (b o a)(i) = b[a[i]].
-_S5_COMPOSE = np.array([[_S5_INDEX[tuple(_S5[b][_S5[a]])] for b in range(120)] for a in range(120)])
+def _composition_table(n: int) -> np.ndarray:
+    """[n!, n!]: [a, b] = the index (in itertools.permutations order) of "apply a, then b",
+    (b o a)(i) = b[a[i]]."""
+    perms = np.array(list(itertools.permutations(range(n))))
+    index = {tuple(p): i for i, p in enumerate(perms)}
+    return np.array([[index[tuple(perms[b][perms[a]])] for b in range(len(perms))]
+                     for a in range(len(perms))])
 
 
-def s5(rng, batch, seq_len):
-    x = rng.integers(0, 120, (batch, seq_len))
+_COMPOSE = {3: _composition_table(3), 5: _composition_table(5)}      # S3 (6), S5 (120)
+
+
+def _group_word(rng, batch, seq_len, compose):
+    """Permutations as tokens, their running composition (the newest applied last) as targets."""
+    x = rng.integers(0, len(compose), (batch, seq_len))
     y = np.empty_like(x)
     acc = x[:, 0]
     y[:, 0] = acc
     for t in range(1, seq_len):
-        acc = _S5_COMPOSE[acc, x[:, t]]
+        acc = compose[acc, x[:, t]]
         y[:, t] = acc
     return _batch(1 + x, 1 + y, np.ones(x.shape))
+
+
+def s3(rng, batch, seq_len):
+    return _group_word(rng, batch, seq_len, _COMPOSE[3])
+
+
+def s5(rng, batch, seq_len):
+    return _group_word(rng, batch, seq_len, _COMPOSE[5])
 
 
 def icl_regression(rng, batch, seq_len, dim=4):
@@ -155,7 +171,7 @@ def induction_heads(rng, batch, seq_len, num_symbols=16):
 
 
 GENERATORS = {
-    "mqar": mqar, "parity": parity, "modular_addition": modular_addition, "s5": s5,
+    "mqar": mqar, "parity": parity, "modular_addition": modular_addition, "s3": s3, "s5": s5,
     "icl_regression": icl_regression, "selective_copy": selective_copy, "induction": induction,
     "induction_heads": induction_heads,
     "modular_arithmetic": formal.modular_arithmetic,
@@ -183,7 +199,8 @@ def vocab_size(name: str, **params) -> int:
         return params.get("num_symbols", 32) + 1
     if name == "induction_heads":
         return params.get("num_symbols", 16) + 2
-    return 1 + {"parity": 2, "modular_addition": params.get("modulus", 5), "s5": 120}[name]
+    return 1 + {"parity": 2, "modular_addition": params.get("modulus", 5), "s3": 6,
+                "s5": 120}[name]
 
 
 def num_classes(name: str, **params) -> int | None:
@@ -198,4 +215,4 @@ def num_classes(name: str, **params) -> int | None:
         return 2 * params.get("dim", 4) + 1                   # y = w.x in [-d, d]
     if name in ("modular_addition", "modular_arithmetic", "modular_arithmetic_brackets"):
         return params.get("modulus", 5)
-    return {"parity": 2, "s5": 120}[name]
+    return {"parity": 2, "s3": 6, "s5": 120}[name]

@@ -46,13 +46,15 @@ def test_state_tracking_targets():
     np.testing.assert_array_equal(b["targets"] - 1, np.cumsum(b["tokens"] - 1, axis=1) % 2)
     b = _gen("modular_addition", modulus=7)
     np.testing.assert_array_equal(b["targets"] - 1, np.cumsum(b["tokens"] - 1, axis=1) % 7)
-    perms = list(itertools.permutations(range(5)))
-    b = _gen("s5", batch=2)
-    for tok, tgt in zip(b["tokens"], b["targets"], strict=True):
-        acc = list(range(5))
-        for x, y in zip(tok, tgt, strict=True):
-            acc = [perms[x - 1][i] for i in acc]             # apply the new permutation last
-            assert tuple(acc) == perms[y - 1]
+    for name, n in (("s3", 3), ("s5", 5)):
+        perms = list(itertools.permutations(range(n)))
+        b = _gen(name, batch=2)
+        assert synthetic.vocab_size(name) == 1 + len(perms) == 1 + synthetic.num_classes(name)
+        for tok, tgt in zip(b["tokens"], b["targets"], strict=True):
+            acc = list(range(n))
+            for x, y in zip(tok, tgt, strict=True):
+                acc = [perms[x - 1][i] for i in acc]         # apply the new permutation last
+                assert tuple(acc) == perms[y - 1]
 
 
 def test_icl_regression_targets_are_linear_in_x():
