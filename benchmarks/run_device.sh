@@ -10,6 +10,7 @@
 #   quick     check_gpu --quick (T=100 fp32 D=64 and T=2048 bf16 D=128)
 #   ops       ops_gpu: the four chunk ops, impl=pallas, T in {2048, 8192, 32768}, profiled
 #   sweep     ops_gpu tilings at T=2048
+#   opskda    ops_gpu --ops kda: KDA's Triton kernels against its chunk form (what its "auto" waits for)
 #   scans     scans_gpu: check + timings of the selective-scan kernel (SCANS_ARGS: its flags)
 #   elementwise  elementwise_gpu: check + timings of the hgrn / diagonal_scan kernels (ELEMENTWISE_ARGS)
 #   mlstm     mlstm_gpu: check + timings of the mLSTM kernel
@@ -78,6 +79,8 @@ for s in "$@"; do case $s in
   quick) step quick "${CHECK_S:-150}" python3 -m experiments.benchmarks.check_gpu --quick ;;
   ops) TAIL=120 step ops "${OPS_S:-420}" python3 -m experiments.benchmarks.ops_gpu --impls pallas --profile \
          --reps "${REPS:-20}" --tag "$TAG" ;;
+  opskda) TAIL=20 step opskda "${OPS_S:-240}" python3 -m experiments.benchmarks.ops_gpu --ops kda \
+           --impls chunk pallas:triton --reps "${REPS:-20}" --tag "kda$TAG" ;;
   sweep) TAIL=40 step sweep "${SWEEP_S:-240}" python3 -m experiments.benchmarks.ops_gpu --T ${SWEEP_T:-2048} --impls pallas \
            --reps 10 --tag "sweep$TAG" --ops ${SWEEP_OPS:-simple_gla gla} --sweep ${SWEEP:-} ;;
   scans) step scans "${SCANS_S:-150}" python3 -m experiments.benchmarks.scans_gpu ${SCANS_ARGS:---sweep} ;;

@@ -43,7 +43,13 @@ OPS = {  # name: (call(x, impl, config) -> o, gate, anchor names in fla / jla)
     "gated_delta_rule": (lambda x, i, c: ops.gated_delta_rule(x["q"], x["k"], x["v"], x["g"],
                                                              x["beta"], impl=i, config=c)[0],
                          "gated_delta", ("gated_delta_rule", "gated_deltanet")),
+    # not in the default list (no anchor): `--ops kda --impls chunk pallas:triton` times its
+    # Triton kernels against the chunk form, which "auto" waits for
+    "kda": (lambda x, i, c: ops.kda(x["q"], x["k"], x["v"], x["g"], x["beta"], impl=i,
+                                    config=c)[0],
+            "vector_delta", ("kda", "kda")),
 }
+DEFAULT_OPS = ("simple_gla", "gla", "delta_rule", "gated_delta_rule")
 SWEEP = {"min_programs0": dict(min_programs=0), "bwd_k64": dict(block_k_bwd=64),
          "bv32": dict(block_v=32), "bk32bv32": dict(block_k=32, block_v=32),
          "out128": dict(block_v_out=128), "out32": dict(block_v_out=32), "bwd4": dict(warps_bwd=4),
@@ -70,7 +76,8 @@ def ceilings(n_copy=1 << 28, n_mm=8192):
 def cost(B, T, H, K, V, C, gate):
     """Fewest bytes (inputs read once, outputs written once) and FLOPs of the chunk algorithm."""
     tok = B * T * H
-    g = {"scalar": 4 * tok, "vector": 4 * tok * K, "delta": 2 * tok, "gated_delta": 6 * tok}[gate]
+    g = {"scalar": 4 * tok, "vector": 4 * tok * K, "delta": 2 * tok, "gated_delta": 6 * tok,
+         "vector_delta": 4 * tok * K + 2 * tok}[gate]
     fwd_bytes = 2 * tok * (2 * K + 2 * V) + g                        # q k v g (beta) in, o out
     bwd_bytes = 2 * tok * (2 * K + 2 * V) + g + 2 * tok * (2 * K + V) + g   # + do in, dq dk dv dg
     fwd_flops = 2 * tok * (C * K + C * V + 2 * K * V)
@@ -89,7 +96,7 @@ def inputs(B, T, H, D, gate, seed=0):
     n = lambda k, s: jax.random.normal(k, s, jnp.bfloat16)
     x = dict(q=n(ks[0], (B, T, H, D)), k=n(ks[1], (B, T, H, D)), v=n(ks[2], (B, T, H, D)))
     if gate != "delta":
-        gshape = (B, T, H, D) if gate == "vector" else (B, T, H)
+        gshape = (B, T, H, D) if gate.startswith("vector") else (B, T, H)
         x["g"] = jax.nn.log_sigmoid(jax.random.normal(ks[4], gshape, jnp.float32)) / 16
     if "delta" in gate:
         l2 = lambda a: (a.astype(jnp.float32) / jnp.linalg.norm(a.astype(jnp.float32), axis=-1,
@@ -127,7 +134,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--sweep", nargs="*", default=None, metavar="NAME",
                    help=f"also time these kernel tilings (all if none named): {', '.join(SWEEP)}")
-    p.add_argument("--ops", nargs="+", default=list(OPS))
+    p.add_argument("--ops", nargs="+", default=list(DEFAULT_OPS), choices=list(OPS))
     p.add_argument("--profile", action="store_true",
                    help="per-kernel device times of the Pallas impl (from a profiler trace)")
     p.add_argument("--impls", nargs="+", default=["chunk", "pallas"],

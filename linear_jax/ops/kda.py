@@ -53,8 +53,8 @@ def kda_chunk(q, k, v, g, beta, *, scale, initial_state, segment_ids, chunk_size
 # the gated delta rule's Triton kernels, with the gate kind taken from g's rank
 registry.register(registry.OpRecord(
     "kda", reference=kda_recurrent, chunk=kda_chunk,
-    # auto=False until the kernel has passed check_gpu on a device (so far: interpret mode and
-    # the CUDA export only)
+    # check_gpu passes on an H200 (float32 and bfloat16, benchmarks/NOTES.md sessions 8 and 11);
+    # auto=False until it is also timed faster than the chunk form there
     kernels=(registry.Kernel("triton", "linear_jax.kernels.gpu.delta:delta",
                              "linear_jax.kernels.configs:TritonChunkConfig", auto=False),),
     seq_parallel="linear_jax.parallel.rank_one:kda"))
