@@ -6,15 +6,15 @@ together (`linear_jax.training.seeds`), a JSON and a table of mean +- std per ce
     python -m experiments.paper_protocols --protocol=icl_regression --quick --out=/tmp/p   # smoke
 
 Protocols (their configs in `experiments/configs/`): `state_tracking` (paper_state_tracking.py,
-Grazzi et al. 2025), `deltaproduct` (paper_deltaproduct.py, Siems et al. 2025: S3 and S5 with the
-Householder steps per token swept), `mqar` (paper_mqar.py, Zoology; each cell the best of its learning-rate
-sweep by mean eval accuracy), `mamba_synthetic` (paper_mamba_synthetic.py, Gu & Dao 2023),
-`icl_regression` (paper_icl_regression.py, von Oswald et al. 2023, each depth beside as many
-steps of GD) and `lm_mixers` (lm_mixers.py, byte-level Shakespeare). `--cells` keeps the cells whose
-name contains one of the given strings, so a grid can be run in parts; a cell whose `result.json`
-holds the same config is reused, so an interrupted run picks up where it stopped. Everything
-goes to `<out>/<protocol>/`: a directory per run (metrics.jsonl, config.json, result.json),
-`<protocol>.json` and `<protocol>.md`, rewritten after every cell.
+Grazzi et al. 2025), `deltaproduct` (paper_deltaproduct.py, Siems et al. 2025: S3 and S5 with
+the Householder steps per token swept), `mqar` (paper_mqar.py, Zoology; each cell the best of its
+learning-rate sweep by mean eval accuracy), `mamba_synthetic` (paper_mamba_synthetic.py, Gu & Dao
+2023), `icl_regression` (paper_icl_regression.py, von Oswald et al. 2023, each depth beside as
+many steps of GD) and `lm_mixers` (lm_mixers.py, byte-level Shakespeare). `--cells` keeps the
+cells whose name contains one of the given strings, so a grid can be run in parts; a cell whose
+`result.json` holds the same config is reused, so an interrupted run picks up where it stopped.
+Everything goes to `<out>/<protocol>/`: a directory per run (metrics.jsonl, config.json,
+result.json), `<protocol>.json` and `<protocol>.md`, rewritten after every cell.
 
 `--quick` runs the protocol's first smoke cell at a toy size (a tiny model, 2 steps, 2 seeds): a
 test that the grid's configs build and train, not a result.
