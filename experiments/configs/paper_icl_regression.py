@@ -12,7 +12,8 @@ loss of predicting 0. Cells: `lsa` (K = 1), `lsa-2layers`, `lsa-3layers`.
 
 from experiments.configs.base import base_config
 
-CELLS = ("lsa", "lsa-2layers", "lsa-3layers")
+LAYERS = {"lsa": 1, "lsa-2layers": 2, "lsa-3layers": 3}      # cell: K
+CELLS = tuple(LAYERS)
 
 
 def get_config(cell: str = "lsa"):
@@ -22,8 +23,7 @@ def get_config(cell: str = "lsa"):
     c.workdir = f"runs/paper_icl_regression/{cell}"
     c.seeds = (0, 1, 2)
     c.task.update(name="linear_regression", seq_len=11, params={"dim": 10})
-    layers = 1 if cell == "lsa" else int(cell.split("-")[1][0])
-    c.model.update(d_model=64, num_layers=layers, num_heads=1, norm="none",
+    c.model.update(d_model=64, num_layers=LAYERS[cell], num_heads=1, norm="none",
                    mixer="linear_attention", ffn="none", dtype="float32", init_std=64 ** -0.5,
                    tie_embeddings=False,
                    mixer_options={"linear_attention": {"feature_map": "identity",

@@ -24,7 +24,7 @@ import numpy as np
 from linear_jax.training import synthetic, text
 from linear_jax.training.mesh import ConfigError
 
-# "tune": held-out tasks a baseline fits its own parameters on (`regression.gd_baseline`)
+# "tune": held-out tasks a baseline fits its own parameters on (`regression.baselines`)
 _SPLIT_IDS = {"train": 0, "eval": 1, "tune": 2}
 
 

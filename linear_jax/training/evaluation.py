@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jax
-import numpy as np
 
 from linear_jax.training import data
 
@@ -59,7 +58,7 @@ def baseline(config, seed: int):
     """The task's own reference predictors scored on the evaluation tasks of `eval` (the same
     batches the model is evaluated on), or None. For linear regression: `gd`, as many steps of
     gradient descent as the model has layers, step sizes fitted on held-out tasks
-    (`regression.gd_baseline`), and `zero`, predicting y = 0 (the loss before any learning)."""
+    (`regression.baselines`), and `zero`, predicting y = 0 (the loss before any learning)."""
     from linear_jax.training import regression
 
     if config.task.name != "linear_regression":
@@ -67,8 +66,4 @@ def baseline(config, seed: int):
     ev = config.eval
     batches = lambda split: [data.make_source(config.task, split=split, batch_size=ev.batch_size,
                                               seed=seed).batch(i) for i in range(ev.batches)]
-    evals = batches("eval")
-    zero = float(np.mean(np.concatenate([np.asarray(b["targets"])[np.asarray(b["mask"]) > 0]
-                                         for b in evals]) ** 2))
-    return {"gd": regression.gd_baseline(batches("tune"), evals, config.model.num_layers),
-            "zero": {"loss": zero}}
+    return regression.baselines(batches("tune"), batches("eval"), config.model.num_layers)

@@ -12,7 +12,7 @@ K steps of gradient descent from w_0 = 0 on L(w) = 1/(2N) sum_i (w . x_i - y_i)^
     w_{k+1} = w_k - eta_k (A w_k - b),    A = (1/N) X^T X,  b = (1/N) X^T y,    y_hat = w_K . x_q,
 
 are what the paper's construction of K linear self-attention layers computes (K = 1: y_hat =
-eta_1 b . x_q). `gd_baseline` fits the step sizes eta_1..eta_K on held-out tasks and scores them
+eta_1 b . x_q). `baselines` fits the step sizes eta_1..eta_K on held-out tasks and scores them
 on the evaluation tasks. y_hat is affine in each eta_k when the others are held, so the fit is
 exact coordinate descent (closed form per coordinate; for K = 1 the least-squares optimum).
 """
@@ -73,11 +73,13 @@ def fit_step_sizes(A, b, x_q, y_q, steps: int, *, sweeps: int = 200, tol: float 
     return etas
 
 
-def gd_baseline(tune_batches, eval_batches, steps: int = 1) -> dict:
-    """`steps` steps of GD with their step sizes fitted on `tune_batches`, scored on
-    `eval_batches` (lists of batches): {"steps", "step_sizes", "loss"} (the mean squared error,
-    as the model's eval loss)."""
+def baselines(tune_batches, eval_batches, steps: int = 1) -> dict:
+    """The reference predictors scored on `eval_batches` (lists of batches), each loss the mean
+    squared error, as the model's eval loss: `gd`, `steps` steps of GD with their step sizes
+    fitted on `tune_batches` ({"steps", "step_sizes", "loss"}), and `zero`, predicting y = 0
+    ({"loss"}: the loss before any learning)."""
     etas = fit_step_sizes(*_tasks(tune_batches), steps)
     A, b, x_q, y_q = _tasks(eval_batches)
-    return {"steps": steps, "step_sizes": [float(e) for e in etas],
-            "loss": float(np.mean((gd_predict(etas, A, b, x_q) - y_q) ** 2))}
+    return {"gd": {"steps": steps, "step_sizes": [float(e) for e in etas],
+                   "loss": float(np.mean((gd_predict(etas, A, b, x_q) - y_q) ** 2))},
+            "zero": {"loss": float(np.mean(y_q ** 2))}}

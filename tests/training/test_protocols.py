@@ -83,8 +83,10 @@ def test_gd_baseline_step_size_is_the_best_one_step_and_beats_predicting_zero():
     batches = lambda split: [_source("linear_regression", split, seq_len=11,
                                      params={"dim": 10}).batch(i) for i in range(4)]
     tune, ev = batches("tune"), batches("eval")
-    gd = regression.gd_baseline(tune, ev)
+    base = regression.baselines(tune, ev)
+    gd = base["gd"]
     zero = np.mean([np.sum(b["targets"] ** 2) / np.sum(b["mask"]) for b in ev])
+    assert np.isclose(base["zero"]["loss"], zero)
     assert gd["steps"] == 1 and 0.0 < gd["loss"] < zero
     A, b, x_q, y_q = regression._tasks(tune)
     tuned = lambda etas: np.mean((regression.gd_predict(etas, A, b, x_q) - y_q) ** 2)
@@ -102,9 +104,9 @@ def test_gd_baseline_with_k_steps_is_gradient_descent_with_fitted_step_sizes():
     batches = lambda split: [_source("linear_regression", split, seq_len=11,
                                      params={"dim": 10}).batch(i) for i in range(4)]
     tune, ev = batches("tune"), batches("eval")
-    losses = [regression.gd_baseline(tune, ev, k)["loss"] for k in (1, 2, 3)]
+    losses = [regression.baselines(tune, ev, k)["gd"]["loss"] for k in (1, 2, 3)]
     assert losses[0] > losses[1] > losses[2] > 0.0          # more steps, less error
-    gd = regression.gd_baseline(tune, ev, 3)
+    gd = regression.baselines(tune, ev, 3)["gd"]
     # the iterates by hand: w <- w - eta (1/N) X^T (X w - y) from w = 0, y_hat = w . x_q
     bt = ev[0]
     x, yy = bt["tokens"][0, :10, :10].astype(float), bt["tokens"][0, :10, 10].astype(float)
