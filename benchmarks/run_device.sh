@@ -36,6 +36,11 @@
 #   mqar      experiments.mqar_sweep, the default grid, in /tmp/mqar (a carried experiments/results/
 #             mqar_sweep/runs is copied in first, so an interrupted sweep resumes); JSON, PNG and
 #             each cell's result + metrics come back under logs/mqar
+#   protocols experiments.paper_protocols jobs as concurrent processes sharing the GPU (PROTO_JOBS:
+#             lines "protocol|cells|more flags", each a process with PROTO_MEM of the GPU's memory,
+#             cut at PROTO_S), written into experiments/results/protocols of this tree (cells done
+#             there are reused) and brought back under logs/protocols; float32 matmuls in full
+#             float32 (JAX_DEFAULT_MATMUL_PRECISION, as the papers' PyTorch runs without TF32)
 #   s5        S5 state tracking with DeltaProduct (S5_ARGS: extra --config flags) -> logs/s5
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -122,6 +127,16 @@ for s in "$@"; do case $s in
         TAIL=30 step mqar "${MQAR_S:-540}" python3 -m experiments.mqar_sweep --out=/tmp/mqar --init_std=0 ${MQAR_ARGS:-}
         (cd /tmp/mqar && find . -name '*.json' -o -name '*.png' -o -name '*.jsonl' | grep -v checkpoints \
           | tar cf - -T - | (mkdir -p $LOGS/mqar && cd $LOGS/mqar && tar xf -)) ;;
+  protocols)
+    ( export XLA_PYTHON_CLIENT_MEM_FRACTION=${PROTO_MEM:-0.1} JAX_DEFAULT_MATMUL_PRECISION=float32
+      L=${PROTO_S:-480}; echo "== protocols ($(date +%T))"; i=0
+      while IFS='|' read -r proto cells extra; do i=$((i+1))
+        pstep proto$i "$L" python3 -m experiments.paper_protocols --protocol="$proto" --cells="$cells" \
+          --out=experiments/results/protocols $extra
+      done <<< "$PROTO_JOBS"
+      wait; for f in $LOGS/proto*.log; do echo "-- $f rc=$(cat ${f%.log}.rc)"; tail -n 6 "$f" | cut -c1-300; done
+      find experiments/results/protocols -newer /tmp/stamp -type f ! -path '*checkpoints*' \
+        | tar cf - -T - | (mkdir -p $LOGS/protocols && cd $LOGS/protocols && tar xf -) ) ;;
   s5) train_env; TAIL=30 step s5 "${S5_S:-240}" python3 -m experiments.train --config=experiments/configs/state_tracking.py:s5 \
         --config.workdir=/tmp/s5 --config.train.progress=False ${S5_ARGS:-}
       mkdir -p $LOGS/s5 && cp /tmp/s5/*.json* /tmp/s5/*.png $LOGS/s5/ 2>/dev/null ;;

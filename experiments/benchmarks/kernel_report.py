@@ -2,6 +2,7 @@
 device: where a kernel's time goes when the profiler's kernel total is all one has.
 
     python -m experiments.benchmarks.kernel_report [--T 2048] [--B 8] [--keep DIR] [--skip-sass]
+    python -m experiments.benchmarks.kernel_report --op gla     # gla's (or simple_gla's) kernels
 
 (a) Resources: each kernel of the gated rule's forward and backward (UT prep, forward walk with
     and without residuals, reverse walk, gradient kernel) compiled with MOSAIC_GPU_DUMP_TO: per
@@ -20,7 +21,11 @@ device: where a kernel's time goes when the profiler's kernel total is all one h
     share of the warpgroup's span (first to last event) they cover. The profiler adds a clock read
     and an SMEM store per event (~12 cycles, subtracted by jax's reader), so the times are of the
     instrumented kernel, close to the plain one.
-Writes benchmarks/results/kernel_report_<device>.json.
+With `--op gla` or `--op simple_gla`, (a) for every Mosaic GPU kernel of that op's forward and
+backward (`impl="pallas:mosaic_gpu"`, bf16, the same shape), and (b) for the kernels whose bodies
+have named scopes (gla's gates: wait, chunk, levels, store; gla's grad: wait, da, block, levels,
+store), keyed by the scopes' common prefix.
+Writes benchmarks/results/kernel_report_<device>.json (`kernel_report_<op>_<device>.json`).
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from experiments.benchmarks import common
 from experiments.benchmarks import hopper_delta_gpu as hdg
 from experiments.benchmarks.kernel_checks import tail
 from experiments.benchmarks.triton_sass import nvidia_tool, opcode_counts
-from linear_jax.kernels.configs import HopperDeltaConfig
+from linear_jax.kernels.configs import HopperChunkConfig, HopperDeltaConfig
 
 REGS = re.compile(r"Used (\d+) registers")
 TRACED = ("prep", "prep_with_T", "walk", "walk_residuals", "walk_rev")   # with named scopes
@@ -151,6 +156,82 @@ def stage_times(trace_files: list[str]) -> dict:
     return out
 
 
+def dumped(calls, keep: str | None) -> tuple[dict, str | None]:
+    """(resources of every Mosaic GPU module compiled by `calls`, the error text or None)."""
+    dump = tempfile.mkdtemp(prefix="mgpu_dump_")
+    os.environ["MOSAIC_GPU_DUMP_TO"] = dump            # read by the compiler at each compile
+    try:
+        for f, a in calls:
+            jax.block_until_ready(f(*a))
+        res, err = resources(dump, keep), None
+        for mod, r in res.items():
+            print(f"{mod:40s} regs {r.get('registers')} spill st/ld "
+                  f"{r.get('spill_store_bytes')}/{r.get('spill_load_bytes')} "
+                  f"stack {r.get('stack_bytes')} sass {r.get('sass_total')}: "
+                  + " ".join(f"{k}={v}" for k, v in list(r.get("sass", {}).items())[:14]))
+    except Exception as e:  # noqa: BLE001
+        res, err = {}, tail(e, 8)
+        print(f"resources FAILED:\n{tail(e)}")
+    finally:
+        os.environ.pop("MOSAIC_GPU_DUMP_TO", None)
+        print("dump files:", sorted(os.listdir(dump))[:60])
+    return res, err
+
+
+def chunk_op_report(args, row) -> int:
+    """(a) for the Mosaic GPU kernels of gla or simple_gla: forward, and forward + backward."""
+    from linear_jax import ops
+
+    B, T, H, D = args.B, args.T, args.H, args.D
+    ks = jax.random.split(jax.random.key(0), 5)
+    q, k, v = (jax.random.normal(kk, (B, T, H, D), jnp.bfloat16) for kk in ks[:3])
+    gshape = (B, T, H, D) if args.op == "gla" else (B, T, H)
+    g = -jax.nn.softplus(jax.random.normal(ks[3], gshape, jnp.float32)) / 8
+    do = jax.random.normal(ks[4], (B, T, H, D), jnp.bfloat16)
+    op = getattr(ops, args.op)
+
+    def calls(cfg):
+        def fwd(q, k, v, g):
+            return op(q, k, v, g, impl="pallas:mosaic_gpu", config=cfg)[0]
+
+        def loss(q, k, v, g, do):
+            return jnp.sum(fwd(q, k, v, g).astype(jnp.float32) * do)
+
+        return [(jax.jit(fwd), (q, k, v, g)),
+                (jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), (q, k, v, g, do))]
+
+    cfg = HopperChunkConfig.default()
+    row["op"] = args.op
+    if not args.skip_sass:
+        row["resources"], err = dumped(calls(cfg), args.keep)
+        if err:
+            row["resources_error"] = err
+    # (b) per kernel whose body has named scopes (gla's gates and grad): one trace file a call
+    prof = tempfile.mkdtemp(prefix="mgpu_trace_")
+    stages = {}
+    try:
+        for f, a in calls(dataclasses.replace(cfg, profile_dir=prof)):
+            jax.block_until_ready(f(*a))
+            jax.effects_barrier()                       # the traces are written by callbacks
+        for path in sorted(os.listdir(prof)):
+            st = stage_times([os.path.join(prof, path)])
+            names = sorted(n for n in st if not n.startswith("_"))
+            if names:
+                kernel = os.path.commonprefix(names).rstrip("_") or names[0]
+                stages.setdefault(kernel, st)
+        for kernel, st in stages.items():
+            print(f"-- {kernel}")
+            for scope, v in st.items():
+                print(f"   {scope:14s} {v}")
+    except Exception as e:  # noqa: BLE001
+        row["stages_error"] = tail(e, 8)
+        print(f"stage times FAILED:\n{tail(e)}")
+    row["stages"] = stages
+    path = common.write_json(common.device_file(f"kernel_report_{args.op}"), [row])
+    print("wrote", path)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--T", type=int, default=2048)
@@ -159,30 +240,19 @@ def main(argv=None) -> int:
     p.add_argument("--D", type=int, default=128)
     p.add_argument("--keep", default=None, help="copy the SASS / ptxas dumps (gzipped) here")
     p.add_argument("--skip-sass", action="store_true")
+    p.add_argument("--op", default="delta", choices=("delta", "gla", "simple_gla"))
     args = p.parse_args(argv)
     row = dict(B=args.B, T=args.T, H=args.H, K=args.D, V=args.D)
+    if args.op != "delta":
+        return chunk_op_report(args, row)
     x = hdg.inputs(args.B, args.T, args.H, args.D, args.D, gate="normal", dtype=jnp.bfloat16,
                    seed=0, extras=False)
     cfg = HopperDeltaConfig.default()
     if not args.skip_sass:
-        dump = tempfile.mkdtemp(prefix="mgpu_dump_")
-        os.environ["MOSAIC_GPU_DUMP_TO"] = dump        # read by the compiler at each compile
-        try:
-            for _, f, a in hdg.kernel_calls(cfg, x)[0]:
-                jax.block_until_ready(f(*a))
-            res = resources(dump, args.keep)
-            row["resources"] = res
-            for mod, r in res.items():
-                print(f"{mod:40s} regs {r.get('registers')} spill st/ld "
-                      f"{r.get('spill_store_bytes')}/{r.get('spill_load_bytes')} "
-                      f"stack {r.get('stack_bytes')} sass {r.get('sass_total')}: "
-                      + " ".join(f"{k}={v}" for k, v in list(r.get("sass", {}).items())[:14]))
-        except Exception as e:  # noqa: BLE001
-            row["resources_error"] = tail(e, 8)
-            print(f"resources FAILED:\n{tail(e)}")
-        finally:
-            os.environ.pop("MOSAIC_GPU_DUMP_TO", None)
-            print("dump files:", sorted(os.listdir(dump))[:60])
+        row["resources"], err = dumped([(f, a) for _, f, a in hdg.kernel_calls(cfg, x)[0]],
+                                       args.keep)
+        if err:
+            row["resources_error"] = err
     prof = tempfile.mkdtemp(prefix="mgpu_trace_")
     pcfg = dataclasses.replace(cfg, profile_dir=prof)
     stages = {}

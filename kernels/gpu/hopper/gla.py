@@ -261,7 +261,8 @@ def gates(q, k, gh, gl, drows, *, scale, cfg):
             plgpu.copy_gmem_to_smem(src.at[b, t, h], dst, bar.at[0])
         if has_doc:
             plgpu.copy_gmem_to_smem(d_ref.at[b, :, t], ds, bar.at[0])
-        plgpu.barrier_wait(bar.at[0])
+        with jax.named_scope("gates_wait"):
+            plgpu.barrier_wait(bar.at[0])
         sp = Spans(ops, C, dt)
         docs = Docs(ops, ds if has_doc else None, C)
         kblk = [pl.ds(i * LANES, LANES) for i in range(NKB)]
@@ -282,38 +283,41 @@ def gates(q, k, gh, gl, drows, *, scale, cfg):
             return mm_groups(ops, *groups)
 
         level = lambda s: None if s is None else sp.level(s)    # noqa: E731
-        Gin, R = span_sums(sp.gin()), span_sums(sp.rest())
-        for i, kr in enumerate(kblk):
-            e_in, e_out, dec = chunk_factors(ops, sp, docs, Gin[i], R[i], ghs.at[:, kr],
-                                             gls.at[:, kr], scale=scale)
-            qv = ops.acc(qs.at[:, kr][...]).astype(f32)
-            kv = ops.acc(ks.at[:, kr][...]).astype(f32)
-            qo[:, kr] = (qv * e_in).astype(dt)
-            ko[:, kr] = (kv * e_out).astype(dt)
-            decs[i] = dec
-            diag = diag + jnp.sum(qv * kv, axis=1)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(qo, qt_ref.at[b, t, h])
-        plgpu.copy_smem_to_gmem(ko, kt_ref.at[b, t, h])
-        plgpu.copy_smem_to_gmem(decs, dec_ref.at[b, h, n])
-        A = jnp.where(sp.r == sp.c, ops.rows_of(diag, (C, C)), 0.0)
-        Z = span_sums(level(LEVELS[0]))
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)      # xs, ys are free again
-        for lv, s in enumerate(LEVELS):                  # level s's pairs with s + 1's spans
+        with jax.named_scope("gates_chunk"):
+            Gin, R = span_sums(sp.gin()), span_sums(sp.rest())
             for i, kr in enumerate(kblk):
+                e_in, e_out, dec = chunk_factors(ops, sp, docs, Gin[i], R[i], ghs.at[:, kr],
+                                                 gls.at[:, kr], scale=scale)
                 qv = ops.acc(qs.at[:, kr][...]).astype(f32)
                 kv = ops.acc(ks.at[:, kr][...]).astype(f32)
-                Qs, Ks, _ = level_factors(sp, s, Z[i], qv, kv)
-                xs[:, kr] = Qs.astype(dt)
-                ys[:, kr] = Ks.astype(dt)
-            nxt = spans(level(LEVELS[lv + 1]) if lv + 1 < len(LEVELS) else None)
+                qo[:, kr] = (qv * e_in).astype(dt)
+                ko[:, kr] = (kv * e_out).astype(dt)
+                decs[i] = dec
+                diag = diag + jnp.sum(qv * kv, axis=1)
             plgpu.commit_smem()
-            P, *Z = mm_groups(ops, (None, [term(xs, ys, tb=True)]), *nxt)
-            A = A + jnp.where(sp.pairs(s), P, 0.0)
-        A = docs.cut(docs.same, A * scale)
-        as_[...] = A.astype(dt)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(as_, a_ref.at[b, h, n])
+            plgpu.copy_smem_to_gmem(qo, qt_ref.at[b, t, h])
+            plgpu.copy_smem_to_gmem(ko, kt_ref.at[b, t, h])
+            plgpu.copy_smem_to_gmem(decs, dec_ref.at[b, h, n])
+        A = jnp.where(sp.r == sp.c, ops.rows_of(diag, (C, C)), 0.0)
+        with jax.named_scope("gates_levels"):
+            Z = span_sums(level(LEVELS[0]))
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)      # xs, ys are free again
+            for lv, s in enumerate(LEVELS):                  # level s's pairs with s + 1's spans
+                for i, kr in enumerate(kblk):
+                    qv = ops.acc(qs.at[:, kr][...]).astype(f32)
+                    kv = ops.acc(ks.at[:, kr][...]).astype(f32)
+                    Qs, Ks, _ = level_factors(sp, s, Z[i], qv, kv)
+                    xs[:, kr] = Qs.astype(dt)
+                    ys[:, kr] = Ks.astype(dt)
+                nxt = spans(level(LEVELS[lv + 1]) if lv + 1 < len(LEVELS) else None)
+                plgpu.commit_smem()
+                P, *Z = mm_groups(ops, (None, [term(xs, ys, tb=True)]), *nxt)
+                A = A + jnp.where(sp.pairs(s), P, 0.0)
+        with jax.named_scope("gates_store"):
+            A = docs.cut(docs.same, A * scale)
+            as_[...] = A.astype(dt)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(as_, a_ref.at[b, h, n])
         plgpu.wait_smem_to_gmem(0)
 
     scratch = [smem((C, K), dt), smem((C, K), dt), smem((C, K), dt), smem((C, K), dt),
@@ -514,17 +518,19 @@ def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
             plgpu.copy_gmem_to_smem(src.at[b, t, h], dst, bar.at[0])
         if has_doc:
             plgpu.copy_gmem_to_smem(d_ref.at[b, :, t], ds, bar.at[0])
-        load_tiles(0)
-        plgpu.barrier_wait(bar.at[0])
+        with jax.named_scope("grad_wait"):
+            load_tiles(0)
+            plgpu.barrier_wait(bar.at[0])
         sp = Spans(ops, C, dt)
         docs = Docs(ops, ds if has_doc else None, C)
-        dP = ops.dot(dos, vs, tb=True)
-        causal = sp.r >= sp.c
-        mask = causal if docs.same is None else causal & docs.same
-        dA = jnp.where(mask, dP, 0.0)
-        diag = jnp.sum(jnp.where(sp.r == sp.c, dA, 0.0), axis=1) * scale
-        da_s[...] = dA.astype(dt)
-        plgpu.commit_smem()
+        with jax.named_scope("grad_da"):
+            dP = ops.dot(dos, vs, tb=True)
+            causal = sp.r >= sp.c
+            mask = causal if docs.same is None else causal & docs.same
+            dA = jnp.where(mask, dP, 0.0)
+            diag = jnp.sum(jnp.where(sp.r == sp.c, dA, 0.0), axis=1) * scale
+            da_s[...] = dA.astype(dt)
+            plgpu.commit_smem()
         load = lambda ref: ops.acc(ref[...]).astype(f32)               # noqa: E731
 
         def halves(x, a, b_):
@@ -539,68 +545,71 @@ def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
         # Each tile is rewritten only after every wgmma reading it was awaited.
         for i, kr in enumerate(kblk):
             gh, gl = ghs.at[:, kr], gls.at[:, kr]
-            if i:
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # oq, ok, og are read
-            sp.put(oq, sp.gin())
-            sp.put(ok, sp.rest())
-            plgpu.commit_smem()
-            plgpu.barrier_wait(tbar.at[0])
-            dqt, dkt, Gin, R = mm_groups(ops, (None, [term(dos, ss, tb=True)]),
-                                         (None, [term(vs, dss, tb=True)]),
-                                         span_sum(oq, gh, gl), span_sum(ok, gh, gl))
-            ddec = ops.row(jnp.zeros((LANES,), f32))       # <S_n, dS_n+1> per key row
-            for vb in range(V // LANES):
-                vc = pl.ds(vb * LANES, LANES)
-                ddec = ddec + jnp.sum(load(ss.at[:, vc]) * load(dss.at[:, vc]), axis=1)
-            vec[0] = ddec                                 # to a column vector through SMEM
-            plgpu.commit_smem()                           # also: ss, dss are read
-            if i + 1 < NKB:
-                load_tiles(i + 1)
-            ddec = ops.col(vec.at[0][...])
-            e_in, e_out, dec = chunk_factors(ops, sp, docs, Gin, R, gh, gl, scale=scale)
-            qv, kv = load(qs.at[:, kr]), load(ks.at[:, kr])
-            dq = e_in * dqt
-            dk = e_out * dkt
-            dgin, dr = qv * dq, kv * dk
-            dg = ops.cols_of(dec * ddec, blk)
-            dq = dq + ops.rows_of(diag, blk) * kv
-            dk = dk + ops.rows_of(diag, blk) * qv
-            halves(dgin, h0s, h1s)
-            halves(dr, xs, ys)
-            wbuf = (ws, oq)                               # level lv's W^s in wbuf[lv % 2]
-            sp.put(wbuf[0], sp.level(LEVELS[0]))
-            plgpu.commit_smem()
-            dg, Z = mm_groups(ops, (dg, [term(oq, h0s, ta=True), term(oq, h1s, ta=True),
-                                         term(ok, xs, ta=True), term(ok, ys, ta=True)]),
-                              span_sum(wbuf[0], gh, gl))
-            for lv, s in enumerate(LEVELS):               # registers: dq, dk, dg live throughout
-                dal_s[...] = jnp.where(sp.pairs(s), ops.acc(da_s[...]).astype(f32),
-                                       0.0).astype(dt)    # dA^s: an SMEM operand, as dA^s^T
-                Qs, Ks, F = level_factors(sp, s, Z, load(qs.at[:, kr]), load(ks.at[:, kr]))
-                xs[...] = Qs.astype(dt)
-                ys[...] = Ks.astype(dt)
+            with jax.named_scope("grad_block"):
+                if i:
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # oq, ok, og are read
+                sp.put(oq, sp.gin())
+                sp.put(ok, sp.rest())
                 plgpu.commit_smem()
-                dQ, dK = ops.mm(prod(dal_s, ys), prod(dal_s, xs, ta=True))
-                dq = dq + (scale * F) * dQ
-                dk = dk + (scale * F) * dK
-                dZ = load(xs) * dQ + load(ys) * dK
-                halves(scale * dZ, h0s, h1s)
-                W = wbuf[lv % 2]                          # routed (W^s^T) with s + 1's spans
-                nxt = None
-                if lv + 1 < len(LEVELS):
-                    nxt = wbuf[(lv + 1) % 2]
-                    sp.put(nxt, sp.level(LEVELS[lv + 1]))
+                plgpu.barrier_wait(tbar.at[0])
+                dqt, dkt, Gin, R = mm_groups(ops, (None, [term(dos, ss, tb=True)]),
+                                             (None, [term(vs, dss, tb=True)]),
+                                             span_sum(oq, gh, gl), span_sum(ok, gh, gl))
+                ddec = ops.row(jnp.zeros((LANES,), f32))       # <S_n, dS_n+1> per key row
+                for vb in range(V // LANES):
+                    vc = pl.ds(vb * LANES, LANES)
+                    ddec = ddec + jnp.sum(load(ss.at[:, vc]) * load(dss.at[:, vc]), axis=1)
+                vec[0] = ddec                                 # to a column vector through SMEM
+                plgpu.commit_smem()                           # also: ss, dss are read
+                if i + 1 < NKB:
+                    load_tiles(i + 1)
+                ddec = ops.col(vec.at[0][...])
+                e_in, e_out, dec = chunk_factors(ops, sp, docs, Gin, R, gh, gl, scale=scale)
+                qv, kv = load(qs.at[:, kr]), load(ks.at[:, kr])
+                dq = e_in * dqt
+                dk = e_out * dkt
+                dgin, dr = qv * dq, kv * dk
+                dg = ops.cols_of(dec * ddec, blk)
+                dq = dq + ops.rows_of(diag, blk) * kv
+                dk = dk + ops.rows_of(diag, blk) * qv
+                halves(dgin, h0s, h1s)
+                halves(dr, xs, ys)
+            with jax.named_scope("grad_levels"):
+                wbuf = (ws, oq)                               # level lv's W^s in wbuf[lv % 2]
+                sp.put(wbuf[0], sp.level(LEVELS[0]))
                 plgpu.commit_smem()
-                dg, Z = mm_groups(ops, (dg, [term(W, h0s, ta=True), term(W, h1s, ta=True)]),
-                                  span_sum(nxt, gh, gl))
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last block's stores are out
-            oq[...] = dq.astype(dt)
-            ok[...] = dk.astype(dt)
-            og[...] = dg
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(oq, dq_ref.at[b, t, h, kr])
-            plgpu.copy_smem_to_gmem(ok, dk_ref.at[b, t, h, kr])
-            plgpu.copy_smem_to_gmem(og, dg_ref.at[b, t, h, kr])
+                dg, Z = mm_groups(ops, (dg, [term(oq, h0s, ta=True), term(oq, h1s, ta=True),
+                                             term(ok, xs, ta=True), term(ok, ys, ta=True)]),
+                                  span_sum(wbuf[0], gh, gl))
+                for lv, s in enumerate(LEVELS):           # registers: dq, dk, dg live throughout
+                    dal_s[...] = jnp.where(sp.pairs(s), ops.acc(da_s[...]).astype(f32),
+                                           0.0).astype(dt)    # dA^s: an SMEM operand, as dA^s^T
+                    Qs, Ks, F = level_factors(sp, s, Z, load(qs.at[:, kr]), load(ks.at[:, kr]))
+                    xs[...] = Qs.astype(dt)
+                    ys[...] = Ks.astype(dt)
+                    plgpu.commit_smem()
+                    dQ, dK = ops.mm(prod(dal_s, ys), prod(dal_s, xs, ta=True))
+                    dq = dq + (scale * F) * dQ
+                    dk = dk + (scale * F) * dK
+                    dZ = load(xs) * dQ + load(ys) * dK
+                    halves(scale * dZ, h0s, h1s)
+                    W = wbuf[lv % 2]                          # routed (W^s^T) with s + 1's spans
+                    nxt = None
+                    if lv + 1 < len(LEVELS):
+                        nxt = wbuf[(lv + 1) % 2]
+                        sp.put(nxt, sp.level(LEVELS[lv + 1]))
+                    plgpu.commit_smem()
+                    dg, Z = mm_groups(ops, (dg, [term(W, h0s, ta=True), term(W, h1s, ta=True)]),
+                                      span_sum(nxt, gh, gl))
+            with jax.named_scope("grad_store"):
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last block's stores are out
+                oq[...] = dq.astype(dt)
+                ok[...] = dk.astype(dt)
+                og[...] = dg
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(oq, dq_ref.at[b, t, h, kr])
+                plgpu.copy_smem_to_gmem(ok, dk_ref.at[b, t, h, kr])
+                plgpu.copy_smem_to_gmem(og, dg_ref.at[b, t, h, kr])
         plgpu.wait_smem_to_gmem(0)
 
     scratch = [smem((C, K), dt), smem((C, K), dt), smem((C, V), dt), smem((C, V), dt),
