@@ -1,6 +1,7 @@
 """Shared pieces of the Hopper (Mosaic GPU) kernels: the register/matmul vocabulary, SMEM tiles,
-input checks and padding, the persistent grids' work items, the walks' state load and write-back,
-and the per-token gate rows every scalar-gate kernel reads.
+input checks and padding, the persistent grids' work items, the walks' frame (pieces, warpgroup
+roles, state load, staging and write-back, outputs, barriers, launch), and the per-token gate rows
+every scalar-gate kernel reads.
 
 Layouts. A compute warpgroup holds [64, N] float32 tiles in the wgmma accumulator layout
 (`Layout.WGMMA`); a vector indexed by the rows of such a tile is `WGMMA.reduce(1)` ("row"), one
@@ -132,6 +133,21 @@ class Ops:
     def registers(self, n: int, action: str):
         if not self.interpret:
             plgpu.set_max_registers(n, action=action)
+
+    def walk_warpgroups(self, w, NC: int, ring, col, NKB: int):
+        """Decorator: the roles of a walk CTA's warpgroups. Warpgroup NC is the producer
+        (`producer` of ring = (issue, count, stages, used_bar)); each one below is a consumer,
+        which takes the registers the producer gave up and then runs the decorated
+        consumer(vc, kblk) once: vc its 64 value columns (block `col`), kblk the NKB key blocks."""
+        self.producer(w == NC, *ring)
+
+        def consumers(consumer):
+            @pl.when(w < NC)
+            def _():
+                self.registers(CONSUMER_REGS, "increase")
+                consumer(pl.ds(col * LANES, LANES), [pl.ds(r * LANES, LANES) for r in range(NKB)])
+
+        return consumers
 
     # -- matmuls ---------------------------------------------------------------------------------
     def _value(self, x, t):
@@ -268,6 +284,34 @@ def walk_outputs(B, Tp, H, K, V, N, dt, *, final: bool, residuals: bool):
     return out_type
 
 
+def state_outputs(B, H, P, K, V, decay=None):
+    """The outputs of a walk's state pass: each of the P pieces' end state [B, H, P, K, V]
+    float32 and, given the shape `decay` of a piece's total decay, those [B, H, P, *decay]."""
+    out_type = [jax.ShapeDtypeStruct((B, H, P, K, V), f32)]
+    return out_type + ([jax.ShapeDtypeStruct((B, H, P, *decay), f32)] if decay else [])
+
+
+def walk_results(outs, *, out_mode: bool, final: bool, residuals: bool):
+    """A walk kernel's outputs (`walk_outputs` or `state_outputs`) as the walk returns them, a
+    triple (o, the final state, the chunks' states) or a pair (end states, decays), None for
+    each one not written."""
+    outs = list(outs)
+    if not out_mode:
+        return outs[0], (outs[1] if len(outs) > 1 else None)
+    o = outs.pop(0)
+    S = outs.pop(0) if final else None
+    return o, S, (outs.pop(0) if residuals else None)
+
+
+def walk_piece(P: int, L: int, reverse: bool):
+    """(b, h, piece p, warpgroup w, chunk, ends) of a walk CTA on the grid (b, h, p) of P pieces
+    of L chunks: chunk(step) the chunk piece p walks at `step` (from its last when `reverse`),
+    ends whether p is the piece that walks last (the one that ends at the final state)."""
+    b, h, p, w = (lax.axis_index(a) for a in ("b", "h", "p", "wg"))
+    chunk = (lambda s: p * L + L - 1 - s) if reverse else (lambda s: p * L + s)
+    return b, h, p, w, chunk, (p == 0) if reverse else (p == P - 1)
+
+
 def enter_blocks(ops, src, kblk, fw, bar, sw, dt):
     """A walk's entering state as float32 [64, 64] register blocks, one per key block kr of kblk
     (a warpgroup's value columns): read from the GMEM view src(kr) through the float32 tile fw
@@ -298,6 +342,43 @@ def write_blocks(S, kblk, fw, dst):
         plgpu.copy_smem_to_gmem(fw, dst(kr))
 
 
+def stage_state(S, sw, kblk, out=None):
+    """The float32 state blocks S into the bf16 state tile sw (the next chunk's wgmma operand)
+    and, with out = (value, tile, dst), value into the tile, sent to dst by TMA once committed."""
+    if out is not None:
+        value, tile, dst = out
+        tile[...] = value.astype(tile.dtype)
+    for i, kr in enumerate(kblk):
+        sw[kr, :] = S[i].astype(sw.dtype)
+    plgpu.commit_smem()
+    if out is not None:
+        plgpu.copy_smem_to_gmem(tile, dst)
+
+
+def send_states(carry, kblk, fw, cell, send_ref, dp=None, *, out_mode: bool, final: bool, ends):
+    """The end of a `decay.walk` / `gla.walk` consumer at cell (b, h, piece p, warpgroup w, value
+    columns vc), its state blocks carry[:NKB] (NKB = len(kblk)): the output pass sends them to
+    send_ref [B, H, K, V] where `final`, from the piece that walks last (`ends`); the state pass
+    to send_ref [B, H, P, K, V] and, given dp = (dps, dp_ref), warpgroup 0 sends the piece's
+    total decays carry[NKB:] (row vectors) through the float32 SMEM rows dps to dp_ref
+    [B, H, P, ...]. Then every TMA store is awaited."""
+    b, h, p, w, vc = cell
+    if out_mode and final:
+        pl.when(ends)(lambda: write_blocks(carry, kblk, fw, lambda kr: send_ref.at[b, h, kr, vc]))
+    elif not out_mode:
+        write_blocks(carry, kblk, fw, lambda kr: send_ref.at[b, h, p, kr, vc])
+        if dp is not None:
+            dps, dp_ref = dp
+
+            @pl.when(w == 0)
+            def _():
+                for i, d in enumerate(carry[len(kblk):]):
+                    dps[i] = d
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(dps, dp_ref.at[b, h, p])
+    plgpu.wait_smem_to_gmem(0)
+
+
 def launch(body, cfg, ops, *, out_type, grid, grid_names, scratch, name, num_threads=1):
     """The `plgpu.kernel` of `body` under the config's lowering semantics and exp, in the GPU
     interpreter where `ops` interprets; the warpgroup axis is named "wg"."""
@@ -306,6 +387,30 @@ def launch(body, cfg, ops, *, out_type, grid, grid_names, scratch, name, num_thr
         thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
         approx_math=cfg.approx_math, interpret=ops.interpret, name=name,
         profile_dir=cfg.profile_dir)
+
+
+def walk_barriers(copies: int, consumers: int, stages: int):
+    """A walk's barriers (in_bar, used_bar, own_bar): per ring slot one completed by its `copies`
+    TMA copies and one released by every consumer warpgroup, and one per consumer for its own
+    copies (the entering state)."""
+    return [plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=1, num_barriers=consumers)]
+
+
+def launch_walk(body, cfg, ops, *, out_type, scratch, cells, consumers, copies, stages, name,
+                reverse=False, out=True, split=False):
+    """The `launch` of a walk over cells (B, H, P pieces, NB column blocks) as `walk_piece` or
+    `delta.walk_cell` reads them: grid (B, H, P NB) with one consumer warpgroup (split), else
+    (B, H, P) with `consumers`; scratch, then the `walk_barriers` of a ring of `stages` slots
+    filled by `copies` TMA copies each. The kernel is `name`, + "_rev" when `reverse`, + "_state"
+    in a state pass (not `out`)."""
+    B, H, P, NB = cells
+    grid, gnames = ((B, H, P * NB), ("b", "h", "c")) if split else ((B, H, P), ("b", "h", "p"))
+    name += ("_rev" if reverse else "") + ("" if out else "_state")
+    return launch(body, cfg, ops, out_type=out_type, grid=grid, grid_names=gnames,
+                  scratch=scratch + walk_barriers(copies, consumers, stages), name=name,
+                  num_threads=consumers + 1)
 
 
 def prod(a, b, acc=None, *, ta=False, tb=False):

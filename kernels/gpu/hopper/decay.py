@@ -91,7 +91,6 @@ from jax import lax
 
 from linear_jax.kernels.configs import HopperChunkConfig, multiprocessors
 from linear_jax.kernels.gpu.hopper.common import (
-    CONSUMER_REGS,
     LANES,
     ChunkGates,
     Ops,
@@ -101,7 +100,7 @@ from linear_jax.kernels.gpu.hopper.common import (
     f32,
     gate_rows,
     interpreting,
-    launch,
+    launch_walk,
     load,
     padded_doc,
     padded_inputs,
@@ -110,11 +109,15 @@ from linear_jax.kernels.gpu.hopper.common import (
     prod,
     raw_gate_rows,
     row_names,
+    send_states,
     smem,
+    stage_state,
+    state_outputs,
     unpadded,
     walk_outputs,
+    walk_piece,
+    walk_results,
     walk_setup,
-    write_blocks,
 )
 from linear_jax.kernels.gpu.hopper.decay_grad import gate_grad_tiles, grad
 from linear_jax.ops.common.chunking import pad_time
@@ -166,9 +169,7 @@ def walk(x, y, z, rows, s0, *, names, read_row, write_row, reverse, scale, cfg, 
         st, os_, ws, fs, dps = pop(out_mode), pop(out_mode), pop(), pop(), pop(track)
         tmps = pop(raw_g)
         in_bar, used_bar, own_bar = refs
-        b, h, p, w = (lax.axis_index(a) for a in ("b", "h", "p", "wg"))
-        chunk = (lambda s: p * L + L - 1 - s) if reverse else (lambda s: p * L + s)
-        ends = (p == 0) if reverse else (p == P - 1)          # the piece that walks last
+        b, h, p, w, chunk, ends = walk_piece(P, L, reverse)
 
         def issue(step, slot):
             t = pl.ds(chunk(step) * C, C)
@@ -179,13 +180,8 @@ def walk(x, y, z, rows, s0, *, names, read_row, write_row, reverse, scale, cfg, 
             if has_rows:
                 plgpu.copy_gmem_to_smem(g_ref.at[b, h, :, t], gs.at[slot], bar)
 
-        ops.producer(w == NW, issue, L, stages, used_bar)
-
-        @pl.when(w < NW)
-        def _consumer():
-            ops.registers(CONSUMER_REGS, "increase")
-            vc = pl.ds(w * LANES, LANES)
-            kblk = [pl.ds(r * LANES, LANES) for r in range(NKB)]
+        @ops.walk_warpgroups(w, NW, (issue, L, stages, used_bar), w, NKB)
+        def _consumer(vc, kblk):
             fw, ww = fs.at[w], ws.at[w]
             sw, ow = (st.at[w], os_.at[w]) if out_mode else (None, None)
             s0_at = (lambda kr: s0_ref.at[b, h, p, kr, vc]) if has_s0 else None
@@ -250,31 +246,15 @@ def walk(x, y, z, rows, s0, *, names, read_row, write_row, reverse, scale, cfg, 
                 plgpu.barrier_arrive(used_bar.at[slot])   # every read of this slot is complete
                 if out_mode:
                     plgpu.wait_smem_to_gmem(1, wait_read_only=True)   # the state store has read st
-                    for i, kr in enumerate(kblk):
-                        sw[kr, :] = S[i].astype(dt)
-                    plgpu.commit_smem()
+                    stage_state(S, sw, kblk)
                 return tuple(S) + ((carry[NKB] * f["dec"],) if track else ())
 
             carry = lax.fori_loop(0, L, step_fn, carry)
+            send_states(carry, kblk, fw, (b, h, p, w, vc), send_ref,
+                        (dps, dp_ref) if track else None, out_mode=out_mode, final=final, ends=ends)
 
-            if out_mode and final:
-                pl.when(ends)(lambda: write_blocks(carry, kblk, fw,
-                                                   lambda kr: send_ref.at[b, h, kr, vc]))
-            elif not out_mode:
-                write_blocks(carry, kblk, fw, lambda kr: send_ref.at[b, h, p, kr, vc])
-                if track:
-                    @pl.when(w == 0)
-                    def _():
-                        dps[0] = carry[NKB]
-                        plgpu.commit_smem()
-                        plgpu.copy_smem_to_gmem(dps, dp_ref.at[b, h, p])
-            plgpu.wait_smem_to_gmem(0)
-
-    if out_mode:
-        out_type = walk_outputs(B, Tp, H, K, V, N, dt, final=final, residuals=residuals)
-    else:
-        out_type = [jax.ShapeDtypeStruct((B, H, P, K, V), f32)]
-        out_type += [jax.ShapeDtypeStruct((B, H, P, 1, C), f32)] if track else []
+    out_type = (walk_outputs(B, Tp, H, K, V, N, dt, final=final, residuals=residuals) if out_mode
+                else state_outputs(B, H, P, K, V, (1, C) if track else None))
     scratch = [smem((stages, C, K), dt)] * (2 if out_mode else 1) + [smem((stages, C, V), dt)]
     if has_rows:
         scratch.append(plgpu.SMEM((stages, rows.shape[2], C), f32))
@@ -283,21 +263,13 @@ def walk(x, y, z, rows, s0, *, names, read_row, write_row, reverse, scale, cfg, 
     scratch += [smem((NW, C, LANES), dt), smem((NW, LANES, LANES), f32)]
     scratch += [plgpu.SMEM((1, C), f32)] if track else []
     scratch += [plgpu.SMEM((NW, C), f32)] if raw_g else []     # each warpgroup's ChunkGates tmp
-    scratch += [plgpu.Barrier(num_arrivals=2 + out_mode + has_rows, num_barriers=stages),
-                plgpu.Barrier(num_arrivals=NW, num_barriers=stages),
-                plgpu.Barrier(num_arrivals=1, num_barriers=NW)]
     check_smem("simple_gla walk", scratch)
-    name = "simple_gla_walk" + ("_rev" if reverse else "") + ("" if out_mode else "_state")
-    kernel = launch(body, cfg, ops, out_type=out_type, grid=(B, H, P), grid_names=("b", "h", "p"),
-                    scratch=scratch, name=name, num_threads=NW + 1)
+    kernel = launch_walk(body, cfg, ops, out_type=out_type, scratch=scratch, cells=(B, H, P, NW),
+                         consumers=NW, copies=2 + out_mode + has_rows, stages=stages,
+                         name="simple_gla_walk", reverse=reverse, out=out_mode)
     args = ((x,) if out_mode else ()) + (y, z) + ((rows,) if has_rows else ()) + \
         ((s0,) if has_s0 else ())
-    outs = list(kernel(*args))
-    if not out_mode:
-        return outs[0], (outs[1] if track else None)
-    o = outs.pop(0)
-    S = outs.pop(0) if final else None
-    return o, S, (outs.pop(0) if residuals else None)
+    return walk_results(kernel(*args), out_mode=out_mode, final=final, residuals=residuals)
 
 
 def piece_states(E, dp, s0, *, reverse: bool):

@@ -125,6 +125,7 @@ from linear_jax.kernels.gpu.hopper.common import (
     grid_item,
     interpreting,
     launch,
+    launch_walk,
     load,
     mm_sum,
     padded_doc,
@@ -135,6 +136,7 @@ from linear_jax.kernels.gpu.hopper.common import (
     program_items,
     smem,
     split_hi_lo,
+    stage_state,
     term,
     unpadded,
     walk_setup,
@@ -344,14 +346,9 @@ def walk(q, k, wm, u0, A, rows, s0, *, names, cfg, residuals, pieces=1, emit="ou
     """
     out, P = emit == "out", pieces
     B, Tp, H, K, V, C, dt, N, NW, NKB, L, stages = walk_setup(k, u0, cfg, P)
+    X, NB, split, NC, UV = walk_columns(cfg, out, B, H, P, K, V)
     ops = Ops(interpreting(cfg))
-    R = rows.shape[2]
     blk = (C, LANES)
-    X = V if out else K + V                            # state columns walked
-    NB = X // LANES
-    split = cfg.split_walk(B * H * P, NW, multiprocessors(jax.devices()[0])) if out else True
-    NC = 1 if split else NW                            # consumer warpgroups per CTA
-    UV = LANES if split else V                         # columns of U a CTA loads (walk_cell)
 
     def body(*refs):
         refs = list(refs)
@@ -373,14 +370,9 @@ def walk(q, k, wm, u0, A, rows, s0, *, names, cfg, residuals, pieces=1, emit="ou
                 pairs_ += [(q_ref.at[b, t, h], xs), (a_ref.at[b, h, p * L + step], as_)]
             load(in_bar.at[slot], slot, *pairs_)
 
-        ops.producer(w == NC, issue, L, stages, used_bar)
-
-        @pl.when(w < NC)
-        def _consumer():
-            ops.registers(CONSUMER_REGS, "increase")
-            vc = pl.ds(cb * LANES, LANES)                  # the block's columns in GMEM
+        @ops.walk_warpgroups(w, NC, (issue, L, stages, used_bar), cb, NKB)
+        def _consumer(vc, kblk):                           # vc: the block's columns in GMEM
             vl = pl.ds(0 if split else w * LANES, LANES)   # and in the U slot
-            kblk = [pl.ds(r * LANES, LANES) for r in range(NKB)]
             sw, gw = st.at[w], gt.at[w]
             uw = ut.at[w] if out else None
             view = lambda r: r.at[b, h, p, :, vc]          # noqa: E731
@@ -419,10 +411,9 @@ def walk(q, k, wm, u0, A, rows, s0, *, names, cfg, residuals, pieces=1, emit="ou
                         o, *S = ops.mm(prod(as_.at[slot], uw, o), *upd)
                     else:
                         S = ops.mm(*upd)
-                plgpu.barrier_arrive(used_bar.at[slot])   # every read of this slot is complete
-                with jax.named_scope("store_o"):              # the S update has read gw
-                    stage_state(S, sw, kblk, (o, gw, o_ref.at[b, t, h, vc]) if out else None)
-                return tuple(S)
+                # o leaves through gw, which the S update has read
+                return end_step(S, sw, kblk, used_bar.at[slot], "store_o",
+                                (o, gw, o_ref.at[b, t, h, vc]) if out else None)
 
             S = lax.fori_loop(0, L, step_fn, tuple(S))
             store_state(S, (sh_ref, sl_ref), view, sw, kblk, dt)
@@ -435,17 +426,24 @@ def walk(q, k, wm, u0, A, rows, s0, *, names, cfg, residuals, pieces=1, emit="ou
     scratch = [smem((stages, C, K), dt)] if out else []
     scratch += [smem((stages, C, K), dt), smem((stages, C, K), dt), smem((stages, C, UV), dt)]
     scratch += [smem((stages, C, C), dt)] if out else []
-    scratch += [plgpu.SMEM((stages, R, C), f32), smem((NC, K, LANES), dt)]
+    scratch += [plgpu.SMEM((stages, rows.shape[2], C), f32), smem((NC, K, LANES), dt)]
     scratch += [smem((NC, C, LANES), dt)] * (2 if out else 1)
-    scratch += [plgpu.Barrier(num_arrivals=6 if out else 4, num_barriers=stages),
-                plgpu.Barrier(num_arrivals=NC, num_barriers=stages),
-                plgpu.Barrier(num_arrivals=1, num_barriers=NC)]
     check_smem("delta walk", scratch)
-    kernel = launch_walk(body, cfg, ops, out_type=out_type, scratch=scratch, split=split,
-                         cells=(B, H, P, NB), consumers=NC,
-                         name="delta_walk" + ("" if out else "_state"))
+    kernel = launch_walk(body, cfg, ops, out_type=out_type, scratch=scratch, cells=(B, H, P, NB),
+                         consumers=NC, copies=6 if out else 4, stages=stages, name="delta_walk",
+                         out=out, split=split)
     args = ((q,) if out else ()) + (k, wm, u0) + ((A,) if out else ()) + (rows, *s0)
     return kernel(*args)
+
+
+def walk_columns(cfg, out: bool, B: int, H: int, P: int, K: int, V: int):
+    """(X, NB, split, NC, VL) of a walk (forward or reverse) over P pieces: the X state columns
+    it walks (V; K + V in a state pass) in NB blocks of 64, whether each block runs in a CTA of
+    its own (`split`: `HopperDeltaConfig.split_walk`, always in a state pass), the consumer
+    warpgroups of a CTA (NC) and the columns of the values (U or do) a CTA loads (VL)."""
+    X, NW = (V if out else K + V), V // LANES
+    split = cfg.split_walk(B * H * P, NW, multiprocessors(jax.devices()[0])) if out else True
+    return X, X // LANES, split, 1 if split else NW, LANES if split else V
 
 
 def walk_cell(split: bool, out: bool, NB: int, NKB: int, V: int):
@@ -462,15 +460,6 @@ def walk_cell(split: bool, out: bool, NB: int, NKB: int, V: int):
         return p, cb, (pl.ds(cb * LANES, LANES) if split else pl.ds(0, V)), None
     return (p, cb, pl.ds(jnp.maximum(cb - NKB, 0) * LANES, LANES),
             jnp.where(cb >= NKB, 1.0, 0.0))
-
-
-def launch_walk(body, cfg, ops, *, out_type, scratch, split, cells, consumers, name):
-    """The `launch` of a walk over cells (B, H, P pieces, NB column blocks) as `walk_cell` reads
-    them: grid (B, H, P NB) with one consumer warpgroup (split), else (B, H, P) with `consumers`."""
-    B, H, P, NB = cells
-    grid, gnames = ((B, H, P * NB), ("b", "h", "c")) if split else ((B, H, P), ("b", "h", "p"))
-    return launch(body, cfg, ops, out_type=out_type, grid=grid, grid_names=gnames,
-                  scratch=scratch, name=name, num_threads=consumers + 1)
 
 
 def map_starts(S, pieces: int, at: int, dt):
@@ -531,17 +520,14 @@ def load_state(ops, refs, view, sw, bar, kblk):
     return S
 
 
-def stage_state(S, sw, kblk, out=None):
-    """The float32 state blocks S into the bf16 state tile sw (the next chunk's wgmma operand)
-    and, with out = (value, tile, dst), value into the tile, sent to dst by TMA once committed."""
-    if out is not None:
-        value, tile, dst = out
-        tile[...] = value.astype(tile.dtype)
-    for i, kr in enumerate(kblk):
-        sw[kr, :] = S[i].astype(sw.dtype)
-    plgpu.commit_smem()
-    if out is not None:
-        plgpu.copy_smem_to_gmem(tile, dst)
+def end_step(S, sw, kblk, slot_bar, scope: str, out=None):
+    """The end of a walk's chunk step (forward or reverse): its ring slot released on slot_bar
+    (every read of it is complete), then, under the named scope `scope`, the new state blocks S
+    staged into sw and `out` sent (`stage_state`). Returns S as the loop's carry."""
+    plgpu.barrier_arrive(slot_bar)
+    with jax.named_scope(scope):
+        stage_state(S, sw, kblk, out)
+    return tuple(S)
 
 
 def store_state(S, refs, view, sw, kblk, dt):

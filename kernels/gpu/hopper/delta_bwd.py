@@ -106,6 +106,7 @@ from linear_jax.kernels.gpu.hopper.common import (
     interpreting,
     key_tile_item,
     launch,
+    launch_walk,
     load,
     mm_sum,
     pl,
@@ -117,15 +118,15 @@ from linear_jax.kernels.gpu.hopper.common import (
     walk_setup,
 )
 from linear_jax.kernels.gpu.hopper.delta import (
-    launch_walk,
+    end_step,
     load_state,
     map_starts,
     pairs,
     row_vec,
     scan_pieces,
-    stage_state,
     store_state,
     walk_cell,
+    walk_columns,
 )
 
 # the gradient kernel's stats rows: the dq side's (0-3), then the dk side's (4-6); dbeta = dbp + dbs
@@ -152,14 +153,9 @@ def walk_rev(q, k, do, wm, tm, A, rows, dS, *, names, scale, cfg, pieces=1, emit
     its masks and exponentials on its chain (joint at K = V = 128 it would take 227 KB)."""
     out, P = emit == "out", pieces
     B, Tp, H, K, V, C, dt, N, NW, NKB, L, stages = walk_setup(q, do, cfg, P)
+    X, NB, split, NC, DV = walk_columns(cfg, out, B, H, P, K, V)
     ops = Ops(interpreting(cfg))
-    R = rows.shape[2]
     blk = (C, LANES)
-    X = V if out else K + V
-    NB = X // LANES
-    split = cfg.split_walk(B * H * P, NW, multiprocessors(jax.devices()[0])) if out else True
-    NC = 1 if split else NW                            # consumer warpgroups per CTA
-    DV = LANES if split else V                         # columns of do a CTA loads (walk_cell)
 
     def body(q_ref, k_ref, do_ref, w_ref, t_ref, a_ref, g_ref, dh_ref, dl_ref, *refs):
         refs = list(refs)
@@ -185,14 +181,9 @@ def walk_rev(q, k, do, wm, tm, A, rows, dS, *, names, scale, cfg, pieces=1, emit
             if split:
                 plgpu.copy_gmem_to_smem(a_ref.at[b, h, n], as_.at[slot], bar)
 
-        ops.producer(w == NC, issue, L, stages, used_bar)
-
-        @pl.when(w < NC)
-        def _consumer():
-            ops.registers(CONSUMER_REGS, "increase")
-            vc = pl.ds(cb * LANES, LANES)
+        @ops.walk_warpgroups(w, NC, (issue, L, stages, used_bar), cb, NKB)
+        def _consumer(vc, kblk):
             vl = pl.ds(0 if split else w * LANES, LANES)
-            kblk = [pl.ds(r * LANES, LANES) for r in range(NKB)]
             sw, dw, qw = st.at[w], dut.at[w], qt.at[w]
             view = lambda r: r.at[b, h, p, :, vc]          # noqa: E731
             dS0 = load_state(ops, (dh_ref, dl_ref), view, sw, own_bar.at[w], kblk)
@@ -240,10 +231,9 @@ def walk_rev(q, k, do, wm, tm, A, rows, dS, *, names, scale, cfg, pieces=1, emit
                         dbv, *dS = mm_sum(ops, (None, [term(tt, dw, ta=True)]), *upd)
                     else:
                         dS = mm_sum(ops, *upd)
-                plgpu.barrier_arrive(used_bar.at[slot])   # every read of this slot is complete
-                with jax.named_scope("store"):            # the dS update has read qw
-                    stage_state(dS, sw, kblk, (dbv, qw, dbv_ref.at[b, t, h, vc]) if out else None)
-                return tuple(dS)
+                # dB_v leaves through qw, which the dS update has read
+                return end_step(dS, sw, kblk, used_bar.at[slot], "store",
+                                (dbv, qw, dbv_ref.at[b, t, h, vc]) if out else None)
 
             dS = lax.fori_loop(0, L, step_fn, tuple(dS0))
             store_state(dS, (sh_ref, sl_ref), view, sw, kblk, dt)
@@ -256,15 +246,12 @@ def walk_rev(q, k, do, wm, tm, A, rows, dS, *, names, scale, cfg, pieces=1, emit
     scratch = [smem((stages, C, K), dt), smem((stages, C, K), dt), smem((stages, C, DV), dt),
                smem((stages, C, K), dt), smem((stages, C, C), dt)]
     scratch += [smem((stages, C, C), dt)] if split else []
-    scratch += [plgpu.SMEM((stages, R, C), f32),
-                smem((NC, K, LANES), dt), smem((NC, C, LANES), dt), smem((NC, C, LANES), dt),
-                plgpu.Barrier(num_arrivals=6 + split, num_barriers=stages),
-                plgpu.Barrier(num_arrivals=NC, num_barriers=stages),
-                plgpu.Barrier(num_arrivals=1, num_barriers=NC)]
+    scratch += [plgpu.SMEM((stages, rows.shape[2], C), f32),
+                smem((NC, K, LANES), dt), smem((NC, C, LANES), dt), smem((NC, C, LANES), dt)]
     check_smem("delta reverse walk", scratch)
-    kernel = launch_walk(body, cfg, ops, out_type=out_type, scratch=scratch, split=split,
-                         cells=(B, H, P, NB), consumers=NC,
-                         name="delta_walk_rev" + ("" if out else "_state"))
+    kernel = launch_walk(body, cfg, ops, out_type=out_type, scratch=scratch, cells=(B, H, P, NB),
+                         consumers=NC, copies=6 + split, stages=stages, name="delta_walk",
+                         reverse=True, out=out, split=split)
     return kernel(q, k, do, wm, tm, A, rows, *dS)
 
 

@@ -94,7 +94,6 @@ from jax import lax
 
 from linear_jax.kernels.configs import HopperChunkConfig, multiprocessors
 from linear_jax.kernels.gpu.hopper.common import (
-    CONSUMER_REGS,
     LANES,
     Ops,
     check_smem,
@@ -103,21 +102,26 @@ from linear_jax.kernels.gpu.hopper.common import (
     f32,
     interpreting,
     launch,
+    launch_walk,
     mm_sum,
+    pad_input,
     padded_doc,
     padded_inputs,
     pl,
     plgpu,
     prod,
+    send_states,
     smem,
     split_hi_lo,
+    stage_state,
+    state_outputs,
     term,
     unpadded,
     walk_outputs,
+    walk_piece,
+    walk_results,
     walk_setup,
-    write_blocks,
 )
-from linear_jax.ops.common.chunking import pad_time
 
 STATE_STAGES = 3        # the state pass holds k~, v, dec only
 LEVELS = (32, 16, 8, 4, 2, 1)
@@ -366,9 +370,7 @@ def walk(x, y, z, A, dec, s0, *, reverse, cfg, residuals=False, pieces=1, emit="
         xs, ys, zs, as_, dcs = pop(out_mode), pop(), pop(), pop(out_mode), pop()
         st, os_, fs, dps = pop(out_mode), pop(out_mode), pop(), pop(not out_mode)
         in_bar, used_bar, own_bar = refs
-        b, h, p, w = (lax.axis_index(a) for a in ("b", "h", "p", "wg"))
-        chunk = (lambda s: p * L + L - 1 - s) if reverse else (lambda s: p * L + s)
-        ends = (p == 0) if reverse else (p == P - 1)
+        b, h, p, w, chunk, ends = walk_piece(P, L, reverse)
 
         def issue(step, slot):
             n = chunk(step)
@@ -381,13 +383,8 @@ def walk(x, y, z, A, dec, s0, *, reverse, cfg, residuals=False, pieces=1, emit="
             plgpu.copy_gmem_to_smem(z_ref.at[b, t, h], zs.at[slot], bar)
             plgpu.copy_gmem_to_smem(d_ref.at[b, h, n], dcs.at[slot], bar)
 
-        ops.producer(w == NW, issue, L, stages, used_bar)
-
-        @pl.when(w < NW)
-        def _consumer():
-            ops.registers(CONSUMER_REGS, "increase")
-            vc = pl.ds(w * LANES, LANES)
-            kblk = [pl.ds(r * LANES, LANES) for r in range(NKB)]
+        @ops.walk_warpgroups(w, NW, (issue, L, stages, used_bar), w, NKB)
+        def _consumer(vc, kblk):
             fw = fs.at[w]
             sw, ow = (st.at[w], os_.at[w]) if out_mode else (None, None)
             s0_at = (lambda kr: s0_ref.at[b, h, p, kr, vc]) if has_s0 else None
@@ -420,33 +417,16 @@ def walk(x, y, z, A, dec, s0, *, reverse, cfg, residuals=False, pieces=1, emit="
                 plgpu.barrier_arrive(used_bar.at[slot])
                 if out_mode:
                     plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                    for i, kr in enumerate(kblk):
-                        sw[kr, :] = S[i].astype(dt)
-                    plgpu.commit_smem()
+                    stage_state(S, sw, kblk)
                     return tuple(S)
                 return tuple(S) + tuple(c * d for c, d in zip(carry[NKB:], decs, strict=True))
 
             carry = lax.fori_loop(0, L, step_fn, carry)
+            send_states(carry, kblk, fw, (b, h, p, w, vc), send_ref, (dps, dp_ref),
+                        out_mode=out_mode, final=final, ends=ends)
 
-            if out_mode and final:
-                pl.when(ends)(lambda: write_blocks(carry, kblk, fw,
-                                                   lambda kr: send_ref.at[b, h, kr, vc]))
-            elif not out_mode:
-                write_blocks(carry, kblk, fw, lambda kr: send_ref.at[b, h, p, kr, vc])
-
-                @pl.when(w == 0)
-                def _():
-                    for i in range(NKB):
-                        dps[i] = carry[NKB + i]
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(dps, dp_ref.at[b, h, p])
-            plgpu.wait_smem_to_gmem(0)
-
-    if out_mode:
-        out_type = walk_outputs(B, Tp, H, K, V, N, dt, final=final, residuals=residuals)
-    else:
-        out_type = [jax.ShapeDtypeStruct((B, H, P, K, V), f32),
-                    jax.ShapeDtypeStruct((B, H, P, NKB, LANES), f32)]
+    out_type = (walk_outputs(B, Tp, H, K, V, N, dt, final=final, residuals=residuals) if out_mode
+                else state_outputs(B, H, P, K, V, (NKB, LANES)))
     scratch = ([smem((stages, C, K), dt)] if out_mode else []) + [smem((stages, C, K), dt),
                                                                   smem((stages, C, V), dt)]
     scratch += [smem((stages, C, C), dt)] if out_mode else []
@@ -455,21 +435,13 @@ def walk(x, y, z, A, dec, s0, *, reverse, cfg, residuals=False, pieces=1, emit="
         scratch += [smem((NW, K, LANES), dt), smem((NW, C, LANES), dt)]
     scratch += [smem((NW, LANES, LANES), f32)]
     scratch += [] if out_mode else [plgpu.SMEM((NKB, LANES), f32)]
-    scratch += [plgpu.Barrier(num_arrivals=3 + 2 * out_mode, num_barriers=stages),
-                plgpu.Barrier(num_arrivals=NW, num_barriers=stages),
-                plgpu.Barrier(num_arrivals=1, num_barriers=NW)]
     check_smem("gla walk", scratch)
-    name = "gla_walk" + ("_rev" if reverse else "") + ("" if out_mode else "_state")
-    kernel = launch(body, cfg, ops, out_type=out_type, grid=(B, H, P), grid_names=("b", "h", "p"),
-                    scratch=scratch, name=name, num_threads=NW + 1)
+    kernel = launch_walk(body, cfg, ops, out_type=out_type, scratch=scratch, cells=(B, H, P, NW),
+                         consumers=NW, copies=3 + 2 * out_mode, stages=stages, name="gla_walk",
+                         reverse=reverse, out=out_mode)
     args = ((x,) if out_mode else ()) + (y, z) + ((A,) if out_mode else ()) + (dec,) + \
         ((s0,) if has_s0 else ())
-    outs = list(kernel(*args))
-    if not out_mode:
-        return outs[0], outs[1]
-    o = outs.pop(0)
-    S = outs.pop(0) if final else None
-    return o, S, (outs.pop(0) if residuals else None)
+    return walk_results(kernel(*args), out_mode=out_mode, final=final, residuals=residuals)
 
 
 def piece_states(E, dp, s0, *, reverse: bool):
@@ -684,12 +656,10 @@ def gla(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size, config=Non
     """
     device = jax.devices()[0]
     cfg = (config or HopperChunkConfig.default(device)).for_chunk(chunk_size)
-    B, _, H, K = q.shape
+    B, _, H, _ = q.shape
     C = cfg.chunk
     Tp, Kp, qkv, h0 = padded_inputs("gla", q, k, v, initial_state, C)
-    gp = pad_time(g.astype(f32), Tp)
-    if Kp != K:
-        gp = jnp.pad(gp, ((0, 0),) * 3 + ((0, Kp - K),))
+    gp = pad_input(g, Tp, Kp, f32)
     drows = None if segment_ids is None else doc_rows(padded_doc(segment_ids, Tp), C)
     P = cfg.pieces_for(B * H, Tp // C, multiprocessors(device))
     core = _core(cfg, float(scale), segment_ids is not None, h0 is not None, P)
