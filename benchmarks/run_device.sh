@@ -41,6 +41,9 @@
 #             cut at PROTO_S), written into experiments/results/protocols of this tree (cells done
 #             there are reused) and brought back under logs/protocols; float32 matmuls in full
 #             float32 (JAX_DEFAULT_MATMUL_PRECISION, as the papers' PyTorch runs without TF32)
+#   throughput  the training run of the Hopper kernel issue: lm_shakespeare at d_model 1024, 12 layers,
+#             8 heads, T 2048, batch 16, TP_STEPS steps, per "mixer:impl" of TP_RUNS (tokens/s and
+#             MFU in each run's result.json, brought back under logs/tp_<mixer>_<impl>)
 #   s5        S5 state tracking with DeltaProduct (S5_ARGS: extra --config flags) -> logs/s5
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -137,6 +140,16 @@ for s in "$@"; do case $s in
       wait; for f in $LOGS/proto*.log; do echo "-- $f rc=$(cat ${f%.log}.rc)"; tail -n 6 "$f" | cut -c1-300; done
       find experiments/results/protocols -newer /tmp/stamp -type f ! -path '*checkpoints*' \
         | tar cf - -T - | (mkdir -p $LOGS/protocols && cd $LOGS/protocols && tar xf -) ) ;;
+  throughput)
+    for spec in ${TP_RUNS:-gated_deltanet:auto gated_deltanet:pallas:mosaic_gpu gla:auto gla:pallas:mosaic_gpu}; do
+      m=${spec%%:*}; impl=${spec#*:}; n=tp_${m}_${impl//:/_}
+      TAIL=6 step "$n" "${TP_S:-150}" python3 -m experiments.train --config=experiments/configs/lm_shakespeare.py \
+        --config.model.mixer="$m" --config.model.impl="$impl" --config.model.d_model=1024 \
+        --config.model.num_layers=12 --config.model.num_heads=8 --config.task.seq_len=2048 \
+        --config.train.batch_size=16 --config.train.steps="${TP_STEPS:-60}" --config.eval.every=100000 \
+        --config.train.checkpoint_every=0 --config.train.progress=False --config.workdir="/tmp/$n"
+      mkdir -p "$LOGS/$n" && cp "/tmp/$n/result.json" "$LOGS/$n/" 2>/dev/null
+    done ;;
   s5) train_env; TAIL=30 step s5 "${S5_S:-240}" python3 -m experiments.train --config=experiments/configs/state_tracking.py:s5 \
         --config.workdir=/tmp/s5 --config.train.progress=False ${S5_ARGS:-}
       mkdir -p $LOGS/s5 && cp /tmp/s5/*.json* /tmp/s5/*.png $LOGS/s5/ 2>/dev/null ;;
