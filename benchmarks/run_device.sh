@@ -37,10 +37,12 @@
 #             mqar_sweep/runs is copied in first, so an interrupted sweep resumes); JSON, PNG and
 #             each cell's result + metrics come back under logs/mqar
 #   protocols experiments.paper_protocols jobs as concurrent processes sharing the GPU (PROTO_JOBS:
-#             lines "protocol|cells|more flags", each a process with PROTO_MEM of the GPU's memory,
-#             cut at PROTO_S), written into experiments/results/protocols of this tree (cells done
-#             there are reused) and brought back under logs/protocols; float32 matmuls in full
-#             float32 (JAX_DEFAULT_MATMUL_PRECISION, as the papers' PyTorch runs without TF32)
+#             lines "protocol|cells|more flags", default the list in the step; each a process with
+#             PROTO_MEM of the GPU's memory, cut at PROTO_S), every model through its chunk form
+#             (model.impl=chunk: the vmapped seeds need no kernel batching rule), written into
+#             experiments/results/protocols of this tree (cells done there are reused) and brought
+#             back under logs/protocols; float32 matmuls in full float32
+#             (JAX_DEFAULT_MATMUL_PRECISION, as the papers' PyTorch runs without TF32)
 #   throughput  the training run of the Hopper kernel issue: lm_shakespeare at d_model 1024, 12 layers,
 #             8 heads, T 2048, batch 16, TP_STEPS steps, per "mixer:impl" of TP_RUNS (tokens/s and
 #             MFU in each run's result.json, brought back under logs/tp_<mixer>_<impl>)
@@ -130,13 +132,15 @@ for s in "$@"; do case $s in
         TAIL=30 step mqar "${MQAR_S:-540}" python3 -m experiments.mqar_sweep --out=/tmp/mqar --init_std=0 ${MQAR_ARGS:-}
         (cd /tmp/mqar && find . -name '*.json' -o -name '*.png' -o -name '*.jsonl' | grep -v checkpoints \
           | tar cf - -T - | (mkdir -p $LOGS/mqar && cd $LOGS/mqar && tar xf -)) ;;
-  protocols)
-    ( export XLA_PYTHON_CLIENT_MEM_FRACTION=${PROTO_MEM:-0.1} JAX_DEFAULT_MATMUL_PRECISION=float32
+  protocols)   # default jobs: state tracking per model, DeltaProduct per group, LM mixers (2000 steps)
+    jobs=$(printf '%s\n' "state_tracking|"{deltanet_01,deltanet_11,mamba_01,mamba_11,mlstm,transformer} \
+      "deltaproduct|"{s3-,s5-} "lm_mixers|attention,deltanet|--steps=2000" "lm_mixers|gla,mamba,kda,rwkv7|--steps=2000")
+    ( export XLA_PYTHON_CLIENT_MEM_FRACTION=${PROTO_MEM:-0.08} JAX_DEFAULT_MATMUL_PRECISION=float32
       L=${PROTO_S:-480}; echo "== protocols ($(date +%T))"; i=0
       while IFS='|' read -r proto cells extra; do i=$((i+1))
         pstep proto$i "$L" python3 -m experiments.paper_protocols --protocol="$proto" --cells="$cells" \
-          --out=experiments/results/protocols $extra
-      done <<< "$PROTO_JOBS"
+          --out=experiments/results/protocols --set=model.impl=chunk $extra
+      done <<< "${PROTO_JOBS:-$jobs}"
       wait; for f in $LOGS/proto*.log; do echo "-- $f rc=$(cat ${f%.log}.rc)"; tail -n 6 "$f" | cut -c1-300; done
       find experiments/results/protocols -newer /tmp/stamp -type f ! -path '*checkpoints*' \
         | tar cf - -T - | (mkdir -p $LOGS/protocols && cd $LOGS/protocols && tar xf -) ) ;;
