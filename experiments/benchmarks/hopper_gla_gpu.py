@@ -115,7 +115,7 @@ def kernel_breakdown(cfg, args, *, reps):
         if P > 1:
             out["walk_state_pass"] = t(state, kt, v, dec, False)
             E, dp = state(kt, v, dec, False)
-            s0 = hgla.piece_states(E, dp, None, reverse=False)
+            s0 = hcommon.piece_states(E, dp, None, reverse=False)
         else:
             s0 = None
         walk = lambda res, rev: jax.jit(lambda x, y, z, A, d, s0: hgla.walk(   # noqa: E731

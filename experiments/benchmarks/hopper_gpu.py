@@ -166,11 +166,11 @@ def kernel_breakdown(cfg, P, args, *, reps):
             f = jax.jit(lambda y, z, r: hopper_decay.walk(None, y, z, r, None, pieces=P,
                                                           emit="state", **fw))
             timed("walk_state", f, k, v, rows)
-            s_in = hopper_decay.piece_states(*f(k, v, rows), None, reverse=False)
+            s_in = hcommon.piece_states(*f(k, v, rows), None, reverse=False)
             f = jax.jit(lambda y, z, r: hopper_decay.walk(None, y, z, r, None, pieces=P,
                                                           emit="state", **rv))
             timed("walk_rev_state", f, q, do, rows)
-            ds_in = hopper_decay.piece_states(*f(q, do, rows), None, reverse=True)
+            ds_in = hcommon.piece_states(*f(q, do, rows), None, reverse=True)
         f = jax.jit(lambda x, y, z, r, s: hopper_decay.walk(x, y, z, r, s, pieces=P, **fw))
         timed("walk_fwd", f, q, k, v, rows, s_in)
         f = jax.jit(lambda x, y, z, r, s: hopper_decay.walk(x, y, z, r, s, pieces=P,

@@ -291,16 +291,34 @@ def state_outputs(B, H, P, K, V, decay=None):
     return out_type + ([jax.ShapeDtypeStruct((B, H, P, *decay), f32)] if decay else [])
 
 
-def walk_results(outs, *, out_mode: bool, final: bool, residuals: bool):
+def walk_results(outs, *, out_mode: bool, final: bool, residuals: bool, decay_rows: int = 1):
     """A walk kernel's outputs (`walk_outputs` or `state_outputs`) as the walk returns them, a
-    triple (o, the final state, the chunks' states) or a pair (end states, decays), None for
-    each one not written."""
+    triple (o, the final state, the chunks' states) or a pair (end states, decays [B, H, P,
+    decay_rows] as `piece_states` takes them: the first decay_rows entries of each piece's decay
+    tile), None for each one not written."""
     outs = list(outs)
     if not out_mode:
-        return outs[0], (outs[1] if len(outs) > 1 else None)
+        dp = outs[1] if len(outs) > 1 else None
+        return outs[0], None if dp is None else dp.reshape(*dp.shape[:3], -1)[..., :decay_rows]
     o = outs.pop(0)
     S = outs.pop(0) if final else None
     return o, S, (outs.pop(0) if residuals else None)
+
+
+def piece_states(E, d, s0, *, reverse: bool):
+    """Each piece's entering state [B, H, P, K, V] of a two-level walk, from the pieces'
+    zero-start end states E [B, H, P, K, V] and total decays d [B, H, P, K] per key row (or
+    [B, H, P, 1]: one per piece; None: 1): the P affine maps S -> diag(d_p) S + E_p applied in
+    order (reverse: from the last piece) from s0 (None: zeros), in float32; P is small, so the
+    loop is unrolled into one XLA fusion."""
+    P = E.shape[2]
+    d = jnp.ones(E.shape[:3] + (1,), f32) if d is None else d
+    S = jnp.zeros_like(E[:, :, 0]) if s0 is None else s0
+    ins = [None] * P
+    for p in (reversed(range(P)) if reverse else range(P)):
+        ins[p] = S
+        S = d[:, :, p, :, None] * S + E[:, :, p]
+    return jnp.stack(ins, axis=2)
 
 
 def walk_piece(P: int, L: int, reverse: bool):

@@ -104,6 +104,7 @@ from linear_jax.kernels.gpu.hopper.common import (
     load,
     padded_doc,
     padded_inputs,
+    piece_states,
     pl,
     plgpu,
     prod,
@@ -141,8 +142,8 @@ def walk(x, y, z, rows, s0, *, names, read_row, write_row, reverse, scale, cfg, 
     emit "out": returns (out [B, Tp, H, V] in z's dtype, the state after the piece that walks last
     (float32 [B, H, K, V]; None unless `final`), the state each chunk read ([B, H, N, K, V] in z's
     dtype; None unless `residuals`)). emit "state" (x not read, pass None): returns (each piece's
-    end state float32 [B, H, P, K, V], each piece's total decay [B, H, P, 1, C] (the same on every
-    entry; None without gate rows)).
+    end state float32 [B, H, P, K, V], each piece's total decay [B, H, P, 1] (None without gate
+    rows)).
     """
     out_mode, P = emit == "out", pieces
     B, Tp, H, K, V, C, dt, N, NW, NKB, L, stages = walk_setup(
@@ -270,21 +271,6 @@ def walk(x, y, z, rows, s0, *, names, read_row, write_row, reverse, scale, cfg, 
     args = ((x,) if out_mode else ()) + (y, z) + ((rows,) if has_rows else ()) + \
         ((s0,) if has_s0 else ())
     return walk_results(kernel(*args), out_mode=out_mode, final=final, residuals=residuals)
-
-
-def piece_states(E, dp, s0, *, reverse: bool):
-    """Each piece's entering state [B, H, P, K, V] from the pieces' zero-start end states E
-    [B, H, P, K, V] and total decays dp [B, H, P, 1, C] (None: 1): the P affine maps
-    S -> d_p S + E_p applied in order (reverse: from the last piece) from s0 (None: zeros), in
-    float32; P is small, so the loop is unrolled into one XLA fusion."""
-    P = E.shape[2]
-    d = jnp.ones(E.shape[:3], f32) if dp is None else dp[..., 0, 0]
-    S = jnp.zeros_like(E[:, :, 0]) if s0 is None else s0
-    ins = [None] * P
-    for p in (reversed(range(P)) if reverse else range(P)):
-        ins[p] = S
-        S = d[:, :, p, None, None] * S + E[:, :, p]
-    return jnp.stack(ins, axis=2)
 
 
 @functools.cache

@@ -107,6 +107,7 @@ from linear_jax.kernels.gpu.hopper.common import (
     pad_input,
     padded_doc,
     padded_inputs,
+    piece_states,
     pl,
     plgpu,
     prod,
@@ -349,7 +350,7 @@ def walk(x, y, z, A, dec, s0, *, reverse, cfg, residuals=False, pieces=1, emit="
     (pieces == 1) or [B, H, P, K, V]. Grid (B, H, pieces) as `decay.walk`. emit "out": (out,
     the state after the piece that walks last (None unless `final`), the state each chunk read
     [B, H, N, K, V] in z's dtype (None unless `residuals`)); emit "state" (x, A unused): (each
-    piece's end state from zero [B, H, P, K, V] float32, its total decay [B, H, P, K/64, 64])."""
+    piece's end state from zero [B, H, P, K, V] float32, its total decay per key [B, H, P, K])."""
     out_mode, P = emit == "out", pieces
     B, Tp, H, K, V, C, dt, N, NW, NKB, L, stages = walk_setup(
         y, z, cfg, P, None if out_mode else STATE_STAGES)
@@ -441,21 +442,8 @@ def walk(x, y, z, A, dec, s0, *, reverse, cfg, residuals=False, pieces=1, emit="
                          reverse=reverse, out=out_mode)
     args = ((x,) if out_mode else ()) + (y, z) + ((A,) if out_mode else ()) + (dec,) + \
         ((s0,) if has_s0 else ())
-    return walk_results(kernel(*args), out_mode=out_mode, final=final, residuals=residuals)
-
-
-def piece_states(E, dp, s0, *, reverse: bool):
-    """Each piece's entering state [B, H, P, K, V] from the zero-start end states E and the
-    per-channel total decays dp [B, H, P, K/64, 64]: S -> diag(d_p) S + E_p in order (reverse:
-    from the last piece) from s0 (None: zeros), float32, unrolled over P (one XLA fusion)."""
-    B, H, P, K, _ = E.shape
-    d = dp.reshape(B, H, P, K)
-    S = jnp.zeros_like(E[:, :, 0]) if s0 is None else s0
-    ins = [None] * P
-    for p in (reversed(range(P)) if reverse else range(P)):
-        ins[p] = S
-        S = d[:, :, p, :, None] * S + E[:, :, p]
-    return jnp.stack(ins, axis=2)
+    return walk_results(kernel(*args), out_mode=out_mode, final=final, residuals=residuals,
+                        decay_rows=K)
 
 
 # -- backward: the chunk-parallel gradient kernel --------------------------------------------------
