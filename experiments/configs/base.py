@@ -37,8 +37,9 @@ def base_config() -> ml_collections.ConfigDict:
         "stop_accuracy": 0.0,     # multi-seed runs: stop once every seed's eval accuracy >= it
     })
 
+    # length_range (lo, hi): also evaluate on rows whose lengths are drawn from [lo, hi]
     c.eval = ml_collections.ConfigDict({"every": 250, "batches": 4, "batch_size": 64,
-                                        "seq_lens": ()})
+                                        "seq_lens": (), "length_range": ()})
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "seq": 1})
 

@@ -10,7 +10,9 @@ Protocols of the papers (Grazzi et al. 2025 after Deletang et al. 2023) beyond a
 length per batch), and `task.score = "last"` scores only the last token of a sequence (parity of
 the whole string instead of every prefix). Rows shorter than `seq_len` are padded at the end with
 token 0 and weight 0: the models are causal, so the padding changes nothing before it, and every
-batch keeps one shape (one compilation). Evaluation sources have fixed lengths (`eval.seq_lens`).
+batch keeps one shape (one compilation). Evaluation sources have fixed lengths (`eval.seq_lens`),
+or, for `eval.length_range = (lo, hi)`, a length per row drawn from [lo, hi] (the papers' test sets
+mix their lengths within one set, so every batch holds every part of the range).
 """
 
 from __future__ import annotations
@@ -53,10 +55,16 @@ class SyntheticSource:
 
     def batch(self, index: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([self.seed, _SPLIT_IDS[self.split], index])
-        gen = synthetic.GENERATORS[self.name]
-        length = (int(rng.integers(self.min_seq_len, self.seq_len + 1)) if self.min_seq_len
-                  else self.seq_len)
-        out = gen(rng, self.batch_size, length, **dict(self.params))
+        draw = lambda: int(rng.integers(self.min_seq_len, self.seq_len + 1))   # noqa: E731
+        if not self.min_seq_len:
+            return self._rows(rng, self.batch_size, self.seq_len)
+        if self.split == "train":                  # one length per batch: the papers' training
+            return self._rows(rng, self.batch_size, draw())
+        rows = [self._rows(rng, 1, draw()) for _ in range(self.batch_size)]
+        return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+
+    def _rows(self, rng, n: int, length: int) -> dict[str, np.ndarray]:
+        out = synthetic.GENERATORS[self.name](rng, n, length, **dict(self.params))
         if self.score == "last":
             out["mask"] = np.zeros_like(out["mask"])
             out["mask"][:, -1] = 1.0
@@ -114,10 +122,15 @@ class TextSource:
         return text.rows_to_batch(ids[rows], seg[rows])
 
 
-def make_source(task, *, split: str, batch_size: int, seed: int, seq_len: int | None = None):
-    """A source from the `task` part of a config (name, seq_len, params / validation_docs)."""
+def make_source(task, *, split: str, batch_size: int, seed: int, seq_len: int | None = None,
+                min_seq_len: int = 0):
+    """A source from the `task` part of a config (name, seq_len, params / validation_docs);
+    `min_seq_len` > 0 on an eval split: each row's length drawn from [min_seq_len, seq_len]."""
     seq_len = seq_len or task.seq_len
     if task.name == "lm":
+        if min_seq_len:
+            raise ConfigError("eval.length_range applies to synthetic tasks; task 'lm' reads "
+                              "fixed-length rows of its corpus")
         return TextSource(seq_len, batch_size, seed, split, tuple(task.validation_docs))
     if task.name not in synthetic.GENERATORS:
         raise ConfigError(f"unknown task {task.name!r}; known: "
@@ -126,9 +139,10 @@ def make_source(task, *, split: str, batch_size: int, seed: int, seq_len: int | 
     score = task.get("score", "all")
     if score not in ("all", "last"):
         raise ConfigError(f"task.score must be 'all' or 'last', got {score!r}")
-    min_len = task.get("min_seq_len", 0) if split == "train" else 0
+    min_len = task.get("min_seq_len", 0) if split == "train" else min_seq_len
     if min_len and not 1 <= min_len <= seq_len:
-        raise ConfigError(f"task.min_seq_len={min_len} must be in [1, task.seq_len={seq_len}]")
+        what = "task.min_seq_len" if split == "train" else "eval.length_range's low end"
+        raise ConfigError(f"{what}={min_len} must be in [1, {seq_len}]")
     return SyntheticSource(task.name, seq_len, batch_size, seed, split, params, min_len, score)
 
 

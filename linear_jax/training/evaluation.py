@@ -5,16 +5,28 @@ from __future__ import annotations
 import jax
 
 from linear_jax.training import data
+from linear_jax.training.mesh import ConfigError
 
 
 def eval_sources(config, seed: int) -> dict:
-    """`{"eval": source, "eval_len<T>": source, ...}`: the task at its length and at each of
-    `eval.seq_lens`."""
+    """`{"eval": source, "eval_len<T>": source, ..., "eval_len<lo>-<hi>": source}`: the task at
+    its length, at each of `eval.seq_lens`, and, with `eval.length_range = (lo, hi)`, at a
+    length per row drawn from [lo, hi] (a test set that mixes its lengths, as the papers' do)."""
     ev = config.eval
     lengths = [None] + [n for n in ev.get("seq_lens", ()) if n != config.task.seq_len]
-    return {("eval" if n is None else f"eval_len{n}"): data.make_source(
+    out = {("eval" if n is None else f"eval_len{n}"): data.make_source(
         config.task, split="eval", batch_size=ev.batch_size, seed=seed, seq_len=n)
         for n in lengths}
+    span = ev.get("length_range", ())
+    if span:
+        if len(span) != 2 or not 1 <= span[0] <= span[1]:
+            raise ConfigError(f"eval.length_range must be (low, high) with 1 <= low <= high, "
+                              f"got {tuple(span)}")
+        lo, hi = span
+        out[f"eval_len{lo}-{hi}"] = data.make_source(
+            config.task, split="eval", batch_size=ev.batch_size, seed=seed, seq_len=hi,
+            min_seq_len=lo)
+    return out
 
 
 def num_batches(source, n: int) -> int:

@@ -104,7 +104,8 @@ def _check(config, mesh) -> None:
         raise ConfigError(f"eval.batch_size={config.eval.batch_size} must be a multiple of "
                           f"data x fsdp = {rows}")
     for name, n in [("task.seq_len", config.task.seq_len)] + [
-            ("eval.seq_lens", n) for n in config.eval.get("seq_lens", ())]:
+            ("eval.seq_lens", n) for n in config.eval.get("seq_lens", ())] + [
+            ("eval.length_range", n) for n in config.eval.get("length_range", ())[1:]]:
         if n % mesh.shape["seq"]:
             raise ConfigError(f"{name}: {n} must be a multiple of seq = {mesh.shape['seq']}")
 

@@ -11,12 +11,13 @@ batching differs, so each seed's losses are that run's to float32 rounding
 for S seeds costs about what one seed does until the device fills up.
 
 `metrics.jsonl` holds, per logged step and split, one record per seed (`"seed": s`) and one of
-their mean (`"seed": "mean"`, with `<metric>_std` beside each metric: the sample standard
-deviation over seeds). `result.json` (written by `experiments/train.py`) has the same: `per_seed`
-and the mean / std in `train`, `eval` and `baseline`. A seed whose loss turns non-finite is
-reported (`per_seed[i]["stopped"]`) while the others go on; `train.stop_accuracy` > 0 ends the run
-at the first evaluation where every seed's eval accuracy reaches it (early stopping).
-Multi-seed runs keep no checkpoints: a run restarts from step 0.
+their mean (`"seed": "mean"`, with `<metric>_std` beside each metric, the sample standard deviation
+over seeds, and the extremes `<metric>_min`, `<metric>_max`). `result.json` (written by
+`experiments/train.py`) has the same: `per_seed` and the mean / std in `train`, `eval` and
+`baseline`. A seed whose loss turns non-finite is reported (`per_seed[i]["stopped"]`) while the
+others go on; `train.stop_accuracy` > 0 ends the run at the first evaluation where every seed's
+eval accuracy reaches it (early stopping). Multi-seed runs keep no checkpoints: a run restarts from
+step 0.
 """
 
 from __future__ import annotations
@@ -35,13 +36,16 @@ from linear_jax.training.mesh import mesh_from_config
 
 
 def aggregate(values: list[dict]) -> dict:
-    """Mean over seeds of every numeric metric, and `<metric>_std` (ddof 1; 0 for one seed)."""
+    """Mean over seeds of every numeric metric, `<metric>_std` (ddof 1; 0 for one seed) and the
+    extremes `<metric>_min`, `<metric>_max` (papers that report the best of their seeds, as
+    Grazzi et al. 2025 do, compare with the max of an accuracy)."""
     out = {}
     for k in values[0]:
         xs = np.array([v[k] for v in values if isinstance(v.get(k), (int, float))], np.float64)
         if len(xs):
             out[k] = float(np.mean(xs))
             out[f"{k}_std"] = float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+            out[f"{k}_min"], out[f"{k}_max"] = float(np.min(xs)), float(np.max(xs))
     return out
 
 

@@ -103,28 +103,26 @@ PIECES = {"P2-K64": (64, {"pieces": 2}), "P4-K64": (64, {"pieces": 4}),
           "P2-K128-split": (128, {"pieces": 2, "walk_split": True})}
 
 
+@functools.cache
+def _one_level(K):
+    """(o, S) of the single-level walk on the two-level tests' inputs at K = V (the K = 64 cases
+    share it)."""
+    q, k, v, g, beta, S0, seg, _, _ = _inputs(250, K, seed=7, starts=(90, 128))
+    return jax.jit(lambda: hopper_delta.delta(
+        q, k, v, g, beta, scale=K**-0.5, initial_state=S0, segment_ids=seg, chunk_size=64,
+        config=dataclasses.replace(CFG, pieces=1)))()
+
+
 @pytest.mark.parametrize("case", list(PIECES))
 def test_two_level_walk_matches_chunk_form(case):
     """Pieces walked in parallel from the entering states the state pass and the scan give them
     (documents inside pieces and at a piece's first row, an initial state, a hard-decaying chunk)
-    agree with the float32 chunk form and with the single-level walk."""
+    agree with the float32 chunk form and with the single-level walk. In the 4-piece case the
+    backward too: it reads the entering state of every chunk that the output pass wrote, and walks
+    back in pieces (the reverse state pass, a scan from the last piece, the output pass); there the
+    outputs come from the same run as the gradients."""
     K, over = PIECES[case]
     q, k, v, g, beta, S0, seg, do, dS = _inputs(250, K, seed=7, starts=(90, 128))
-
-    def run(cfg):
-        return hopper_delta.delta(q, k, v, g, beta, scale=K**-0.5, initial_state=S0,
-                                  segment_ids=seg, chunk_size=64, config=cfg)
-
-    o, S = jax.jit(lambda: run(dataclasses.replace(CFG, **over)))()
-    o1, S1 = jax.jit(lambda: run(dataclasses.replace(CFG, pieces=1)))()
-    o_r, S_r = gated_delta_rule(f32(q), f32(k), f32(v), g, beta, scale=K**-0.5,
-                                initial_state=S0, segment_ids=seg, impl="chunk")
-    assert rel(o, o_r) < 1e-2 and rel(S, S_r) < 1e-2, (rel(o, o_r), rel(S, S_r))
-    assert rel(o, o1) < 3e-3 and rel(S, S1) < 3e-3, (rel(o, o1), rel(S, S1))
-    if case != "P4-K64":
-        return
-    # the backward reads the entering state of every chunk that the output pass wrote, and walks
-    # back in pieces too (the reverse state pass, a scan from the last piece, the output pass)
     cfg = dataclasses.replace(CFG, **over)
 
     def loss(impl, q, k, v, g, beta, S0):
@@ -134,12 +132,20 @@ def test_two_level_walk_matches_chunk_form(case):
         else:
             o, S = gated_delta_rule(q, k, v, g, beta, scale=K**-0.5, initial_state=S0,
                                     segment_ids=seg, impl="chunk")
-        return jnp.sum(f32(o) * do) + jnp.sum(S * dS)
+        return jnp.sum(f32(o) * do) + jnp.sum(S * dS), (o, S)
 
-    args = range(6)
-    grads = jax.jit(jax.grad(functools.partial(loss, "kernel"), argnums=args))(
-        q, k, v, g, beta, S0)
-    grads_r = jax.jit(jax.grad(functools.partial(loss, "chunk"), argnums=args))(
-        f32(q), f32(k), f32(v), g, beta, S0)
-    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), grads, grads_r, strict=True):
-        assert rel(a, b) < 1e-2, (name, rel(a, b))
+    args, backward = range(6), case == "P4-K64"
+    if backward:
+        grads, (o, S) = jax.jit(jax.grad(functools.partial(loss, "kernel"), argnums=args,
+                                         has_aux=True))(q, k, v, g, beta, S0)
+    else:
+        _, (o, S) = jax.jit(functools.partial(loss, "kernel"))(q, k, v, g, beta, S0)
+    grads_r, (o_r, S_r) = jax.jit(jax.grad(functools.partial(loss, "chunk"), argnums=args,
+                                           has_aux=True))(f32(q), f32(k), f32(v), g, beta, S0)
+    o1, S1 = _one_level(K)
+    assert rel(o, o_r) < 1e-2 and rel(S, S_r) < 1e-2, (rel(o, o_r), rel(S, S_r))
+    assert rel(o, o1) < 3e-3 and rel(S, S1) < 3e-3, (rel(o, o1), rel(S, S1))
+    if backward:
+        for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), grads, grads_r,
+                              strict=True):
+            assert rel(a, b) < 1e-2, (name, rel(a, b))

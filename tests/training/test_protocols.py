@@ -6,10 +6,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 from flax import nnx
 
 from linear_jax.models import LM, LMConfig
 from linear_jax.training import data, evaluation, formal, regression, step
+from linear_jax.training.mesh import ConfigError
 
 
 def _source(name, split="train", **task):
@@ -33,6 +35,32 @@ def test_variable_lengths_pad_and_score_the_last_token():
     assert len(lengths) > 3 and min(lengths) >= 3
     ev = _source("parity", split="eval", min_seq_len=3, score="last").batch(0)
     assert (ev["tokens"] > 0).all()                          # eval lengths are fixed
+
+
+def test_eval_length_range_mixes_lengths_within_each_batch():
+    """`eval.length_range = (lo, hi)`: one length per row, drawn from [lo, hi], each row scored at
+    its own last token; the same batches on every call; a split of its own beside `eval`."""
+    config = ml_collections.ConfigDict({
+        "task": {"name": "parity", "seq_len": 8, "min_seq_len": 3, "score": "last", "params": {}},
+        "eval": {"batch_size": 16, "seq_lens": (), "length_range": (10, 30)}})
+    sources = evaluation.eval_sources(config, seed=0)
+    assert sorted(sources) == ["eval", "eval_len10-30"]
+    src = sources["eval_len10-30"]
+    b = src.batch(0)
+    assert b["tokens"].shape == (16, 30)
+    lengths = np.sum(b["tokens"] > 0, axis=1)
+    assert lengths.min() >= 10 and lengths.max() <= 30 and len(set(lengths)) > 4
+    for tok, tgt, mask, n in zip(b["tokens"], b["targets"], b["mask"], lengths, strict=True):
+        assert np.flatnonzero(mask).tolist() == [n - 1] and (tok[n:] == 0).all()
+        assert tgt[n - 1] - 1 == np.sum(tok[:n] - 1) % 2
+    np.testing.assert_array_equal(b["tokens"], src.batch(0)["tokens"])
+    assert not np.array_equal(b["tokens"], src.batch(1)["tokens"])
+    config.eval.length_range = (10,)
+    with pytest.raises(ConfigError, match="length_range"):
+        evaluation.eval_sources(config, seed=0)
+    config.eval.length_range = (0, 30)
+    with pytest.raises(ConfigError, match="length_range"):
+        evaluation.eval_sources(config, seed=0)
 
 
 def _decode(tokens, m=5):

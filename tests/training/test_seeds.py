@@ -44,5 +44,5 @@ def test_two_seeds_vmapped_equal_two_single_runs(tmp_path):
 
 def test_aggregate_means_numbers_and_skips_the_rest():
     out = seeds.aggregate([{"a": 1.0, "b": "x"}, {"a": 3.0, "b": "y"}])
-    assert out == {"a": 2.0, "a_std": np.std([1.0, 3.0], ddof=1)}
-    assert seeds.aggregate([{"a": 1.0}]) == {"a": 1.0, "a_std": 0.0}
+    assert out == {"a": 2.0, "a_std": np.std([1.0, 3.0], ddof=1), "a_min": 1.0, "a_max": 3.0}
+    assert seeds.aggregate([{"a": 1.0}]) == {"a": 1.0, "a_std": 0.0, "a_min": 1.0, "a_max": 1.0}
