@@ -344,7 +344,8 @@ class TpuSelectiveConfig:
 class HopperChunkConfig:
     """The Mosaic GPU (Hopper, sm_90) kernels of the chunk family (`kernels/gpu/hopper/`):
     simple_gla (`decay.py`, `decay_grad.py`) and gla (`gla.py`, the vector gate). gla reads chunk,
-    stages, pieces, semantics, approx_math and interpret; its chunk-parallel kernels (gates, grad)
+    stages, pieces, semantics, approx_math, interpret and gla_key_blocks; its chunk-parallel
+    kernels (gates, grad)
     take one (b, h, chunk) per CTA and ignore stages_grad, grad_programs, gates, grad_items,
     overlap and item_order, which shape simple_gla's.
 
@@ -381,6 +382,11 @@ class HopperChunkConfig:
     profile_dir: where a non-empty directory is named, every kernel call writes a Chrome trace
       of its named scopes (`jax.named_scope` in the kernel bodies; per CTA and warpgroup, at most
       256 ranges each: `experiments/benchmarks/kernel_report.py` reads them). Diagnostics only.
+    gla_key_blocks: gla's gates kernel at K > 64 as one CTA per (b, h, chunk, 64-key block): each
+      CTA half the exponentials and span products and 73 KB of SMEM instead of 105 KB (three CTAs
+      per SM instead of two); A's float32 partials, one per key block, summed by XLA (16 more
+      bytes of HBM traffic per element of A: ~0.06 ms at the anchor shapes, where the gates kernel
+      took 1.2 ms). False (one CTA per (b, h, chunk)) until timed on the device.
     """
 
     chunk: int = 64
@@ -396,6 +402,7 @@ class HopperChunkConfig:
     grad_items: str = "split"
     overlap: bool = True
     item_order: str = "heads"
+    gla_key_blocks: bool = False
 
     def __post_init__(self):
         name = type(self).__name__

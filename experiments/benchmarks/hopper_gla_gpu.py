@@ -16,7 +16,8 @@ correctness, then timings against the jax-linear-attention anchors.
     blocked on the host (`fwd_sync_ms`, how the jla anchors were timed), beside jla's gla timed
     the same ways in this run where its wheel is installed (`jla_run_*`), else its anchors, and
     the ratio (jla / ours, > 1 is faster); then each kernel alone at the first T (every T without
-    --quick): gates, walk (with states), reverse walk, grad.
+    --quick): gates (and at K = 128 gates per 64-key block, `gla_key_blocks`), walk (with
+    states), reverse walk, grad; at the first T also the whole op with `gla_key_blocks`.
 (c) Writes benchmarks/results/hopper_gla_gpu_<device>.json (and a copy under $OUT when set).
 
 A check or timing that fails prints the last 30 lines of its traceback and the script goes on.
@@ -109,6 +110,10 @@ def kernel_breakdown(cfg, args, *, reps):
                                                         cfg=cfg))
         qt, kt, A, dec = gates(q, k, gh, gl)
         out["gates"] = t(gates, q, k, gh, gl)
+        if K > 64:                        # one CTA per 64-key block, A's partials summed by XLA
+            by_block = jax.jit(lambda q, k, gh, gl: hgla.gates_by_key_block(
+                q, k, gh, gl, None, scale=K**-0.5, cfg=cfg))
+            out["gates_key_blocks"] = t(by_block, q, k, gh, gl)
         state = jax.jit(lambda y, z, d, rev: hgla.walk(None, y, z, None, d, None, reverse=rev,
                                                        cfg=cfg, pieces=P, emit="state"),
                         static_argnums=3)
@@ -171,7 +176,13 @@ def main(argv=None) -> int:
             if (not a.quick) or T == a.T[0]:
                 rows[-1]["kernels_ms"] = kernel_breakdown(cfg, args, reps=reps)
             print(rows[-1])
-        kc.table(rows, "gla")
+            if T == a.T[0]:               # the gates kernel per key block, the whole op
+                rows.append({"variant": "gla_key_blocks", **kc.time_decay_op(
+                    hgla.gla, "gla", dataclasses.replace(cfg, gla_key_blocks=True), args,
+                    anchors, reps=reps, jla_row=rows[-1])})
+                print(rows[-1])
+        kc.table(rows, "gla", label=lambda r: f"{r['T']:>6}" + (
+            f" {r['variant']}" if "variant" in r else ""))
     return kc.finish("hopper_gla_gpu", rows, checks, t_start,
                      config=dataclasses.asdict(cfg) if cfg else None, quick=a.quick,
                      tolerance=TOL,

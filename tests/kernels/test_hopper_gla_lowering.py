@@ -58,6 +58,13 @@ def test_gla_exports_for_cuda(case, grad):
         assert name in text, f"expected the Mosaic GPU kernel {name} in the module"
 
 
+def test_gates_by_key_block_export_for_cuda():
+    """`gla_key_blocks`: the gates kernel with a float32 A tile of its own, at the anchor tiles."""
+    text = _export(("lane", 2, 2048, 4, 128, 128, True, dict(gla_key_blocks=True)),
+                   False).mlir_module()
+    assert "gla_gates" in text and "gla_walk" in text
+
+
 def test_float32_and_wide_heads_are_refused():
     x = jnp.zeros((1, 64, 1, 64), jnp.float32)
     with pytest.raises(ValueError, match="bfloat16 or float16"):

@@ -35,7 +35,10 @@ Stages (forward: `gates`, then `walk`; backward: `walk` in reverse, then `grad`)
          dec, then the six levels (two span wgmmas, the factors, Q^s K^s^T per level) into A
          (bf16, scaled, masked), each level's pair product issued with the next level's span sums
          (one wait for both). The 0/1 matrices pass through the A tile, one at a time.
-         Writes q~, k~ [B, Tp, H, K], A [B, H, N, C, C], dec [B, H, N, K/64, 64].
+         Writes q~, k~ [B, Tp, H, K], A [B, H, N, C, C], dec [B, H, N, K/64, 64]. Variant
+         (`gla_key_blocks`, K = 128): one CTA per 64-key block, the blocks run as heads; every
+         output is per key but A, a sum over keys, so each block writes A's float32 partial and
+         XLA adds the two (`gates_by_key_block`): half the work per CTA, three CTAs per SM.
   walk   the sequential chunk walk of `decay.walk` with A loaded rather than formed:
              forward  o = A v + q~ S_n,         S_n+1 = diag(dec) S_n + k~^T v
              reverse  dv = A^T do + k~ dS_n+1,   dS_n = diag(dec) dS_n+1 + q~^T do
@@ -63,7 +66,7 @@ tests/kernels/test_hopper_gla_operands.py checks it).
 SMEM at K = V = 128: gates 105 KB (two CTAs per SM); walk 2 stages of 57 KB + 80 KB (the state
 pass 3 stages of 33 KB + 33 KB); grad 217 KB (one CTA per SM: its loads are not overlapped with
 compute yet, the first thing to change if it dominates on the device). At K = V = 64: gates
-57 KB, grad 153 KB.
+57 KB, grad 153 KB; gates per key block (K = 128) 73 KB.
 
 Roofline at the anchor shapes (bf16, H = 16, K = V = 128, B T = 16384; H200 ~4.3 TB/s,
 ~790 TFLOP/s bf16). One [B, T, H, 128] bf16 tensor is 67 MB, g (float32, read as hi + lo bf16)
@@ -243,12 +246,13 @@ def mm_groups(ops, *groups):
 
 
 # -- forward: the chunk-parallel gate and intra kernel ---------------------------------------------
-def gates(q, k, gh, gl, drows, *, scale, cfg):
-    """(q~, k~ [B, Tp, H, K] in q's dtype, A [B, H, N, C, C] in q's dtype, dec [B, H, N, K/64,
-    64] float32) of the module docstring; gh, gl [B, Tp, H, K] the gate halves, drows None or
-    [B, 2, Tp] float32 (doc, din)."""
+def gates(q, k, gh, gl, drows, *, scale, cfg, a_dtype=None):
+    """(q~, k~ [B, Tp, H, K] in q's dtype, A [B, H, N, C, C] in `a_dtype` (None: q's dtype), dec
+    [B, H, N, K/64, 64] float32) of the module docstring; gh, gl [B, Tp, H, K] the gate halves,
+    drows None or [B, 2, Tp] float32 (doc, din)."""
     B, Tp, H, K = q.shape
     C, dt = cfg.chunk, q.dtype
+    a_dt = a_dtype or dt
     N, NKB = Tp // C, K // LANES
     ops = Ops(interpreting(cfg))
     has_doc = drows is not None
@@ -258,7 +262,8 @@ def gates(q, k, gh, gl, drows, *, scale, cfg):
         pop = lambda on=True: refs.pop(0) if on else None       # noqa: E731
         q_ref, k_ref, gh_ref, gl_ref, d_ref = pop(), pop(), pop(), pop(), pop(has_doc)
         qt_ref, kt_ref, a_ref, dec_ref = pop(), pop(), pop(), pop()
-        qs, ks, ghs, gls, ds, xs, ys, as_, decs, bar = refs
+        qs, ks, ghs, gls, ds, xs, ys, as_, decs, bar, *a_out = refs
+        a_out = a_out[0] if a_out else as_                # A's store tile (float32: its own)
         qo, ko = xs, ys                                   # where q~, k~ are staged for TMA
         b, h, n = (lax.axis_index(a) for a in ("b", "h", "n"))
         t = pl.ds(n * C, C)
@@ -320,9 +325,9 @@ def gates(q, k, gh, gl, drows, *, scale, cfg):
                 A = A + jnp.where(sp.pairs(s), P, 0.0)
         with jax.named_scope("gates_store"):
             A = docs.cut(docs.same, A * scale)
-            as_[...] = A.astype(dt)
+            a_out[...] = A.astype(a_dt)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(as_, a_ref.at[b, h, n])
+            plgpu.copy_smem_to_gmem(a_out, a_ref.at[b, h, n])
         plgpu.wait_smem_to_gmem(0)
 
     scratch = [smem((C, K), dt), smem((C, K), dt), smem((C, K), dt), smem((C, K), dt),
@@ -330,14 +335,31 @@ def gates(q, k, gh, gl, drows, *, scale, cfg):
                smem((C, K), dt), smem((C, K), dt), smem((C, C), dt),
                plgpu.SMEM((NKB, LANES), f32)]
     scratch += [plgpu.Barrier(num_arrivals=4 + has_doc, num_barriers=1)]
+    scratch += [] if a_dt == dt else [smem((C, C), a_dt)]
     check_smem("gla gates", scratch)
     out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, K), dt),
-                jax.ShapeDtypeStruct((B, H, N, C, C), dt),
+                jax.ShapeDtypeStruct((B, H, N, C, C), a_dt),
                 jax.ShapeDtypeStruct((B, H, N, NKB, LANES), f32)]
     kernel = launch(body, cfg, ops, out_type=out_type, grid=(B, H, N), grid_names=("b", "h", "n"),
                     scratch=scratch, name="gla_gates", num_threads=1)
     args = (q, k, gh, gl) + ((drows,) if has_doc else ())
     return tuple(kernel(*args))
+
+
+def gates_by_key_block(q, k, gh, gl, drows, *, scale, cfg):
+    """`gates` with one CTA per 64-key block (`HopperChunkConfig.gla_key_blocks`): the blocks run
+    as heads of their own (a free reshape of [.., H, K] to [.., H K/64, 64]); every output but A
+    is per key, and A is a sum over keys, so each block's float32 partial of A comes out and XLA
+    adds them (then rounds to q's dtype, as the fused kernel does)."""
+    B, Tp, H, K = q.shape
+    NKB, C = K // LANES, cfg.chunk
+    blocks = lambda x: x.reshape(B, Tp, H * NKB, LANES)              # noqa: E731
+    qt, kt, A, dec = gates(blocks(q), blocks(k), blocks(gh), blocks(gl), drows, scale=scale,
+                           cfg=cfg, a_dtype=f32)
+    N = Tp // C
+    A = jnp.sum(A.reshape(B, H, NKB, N, C, C), axis=2).astype(q.dtype)
+    dec = jnp.swapaxes(dec.reshape(B, H, NKB, N, LANES), 2, 3)
+    return qt.reshape(q.shape), kt.reshape(k.shape), A, dec
 
 
 # -- the sequential walk ---------------------------------------------------------------------------
@@ -614,7 +636,9 @@ def _core(cfg: HopperChunkConfig, scale: float, has_doc: bool, has_h0: bool, P: 
 
     def forward(q, k, v, g, drows, h0, residuals):
         gh, gl = split_hi_lo(g, q.dtype)
-        qt, kt, A, dec = gates(q, k, gh, gl, drows, scale=scale, cfg=cfg)
+        by_block = cfg.gla_key_blocks and q.shape[-1] > LANES
+        qt, kt, A, dec = (gates_by_key_block if by_block else gates)(
+            q, k, gh, gl, drows, scale=scale, cfg=cfg)
         o, S, states = walk2(qt, kt, v, A, dec, h0, reverse=False, residuals=residuals,
                              final=True)
         return (o, S), (q, k, v, gh, gl, drows, qt, kt, A, dec, states)
