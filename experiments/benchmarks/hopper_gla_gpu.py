@@ -176,10 +176,10 @@ def main(argv=None) -> int:
             if (not a.quick) or T == a.T[0]:
                 rows[-1]["kernels_ms"] = kernel_breakdown(cfg, args, reps=reps)
             print(rows[-1])
-            if T == a.T[0]:               # the gates kernel per key block, the whole op
+            if T == a.T[0]:               # the whole op with the gates per key block
+                variant = dataclasses.replace(cfg, gla_key_blocks=True)
                 rows.append({"variant": "gla_key_blocks", **kc.time_decay_op(
-                    hgla.gla, "gla", dataclasses.replace(cfg, gla_key_blocks=True), args,
-                    anchors, reps=reps, jla_row=rows[-1])})
+                    hgla.gla, "gla", variant, args, anchors, reps=reps, jla_row=rows[-1])})
                 print(rows[-1])
         kc.table(rows, "gla", label=lambda r: f"{r['T']:>6}" + (
             f" {r['variant']}" if "variant" in r else ""))

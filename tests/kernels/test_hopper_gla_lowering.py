@@ -58,11 +58,13 @@ def test_gla_exports_for_cuda(case, grad):
         assert name in text, f"expected the Mosaic GPU kernel {name} in the module"
 
 
-def test_gates_by_key_block_export_for_cuda():
-    """`gla_key_blocks`: the gates kernel with a float32 A tile of its own, at the anchor tiles."""
-    text = _export(("lane", 2, 2048, 4, 128, 128, True, dict(gla_key_blocks=True)),
-                   False).mlir_module()
-    assert "gla_gates" in text and "gla_walk" in text
+def test_variants_export_for_cuda():
+    """`gla_key_blocks` (the gates kernel with a float32 A tile of its own) at the anchor tiles,
+    forward and backward."""
+    over = dict(gla_key_blocks=True)
+    text = _export(("lane", 2, 2048, 4, 128, 128, True, over), True).mlir_module()
+    for name in ("gla_gates", "gla_walk", "gla_walk_rev", "gla_grad"):
+        assert name in text, name
 
 
 def test_float32_and_wide_heads_are_refused():

@@ -58,6 +58,12 @@ Stages (forward: `gates`, then `walk`; backward: `walk` in reverse, then `grad`)
          the block's end), the levels' W^s alternately in a tile of their own and dq's; dA^s in
          SMEM (an A operand, and transposed, dA^s^T).
 
+Registers. The six levels run as a loop (gates: over the levels; grad: over pairs of levels, the
+two W^s tiles alternating), the level's block size a traced power of two (`Log2`): unrolled, ptxas
+(`tools/ptxas_report.py`, K = V = 128) gave the gradient kernel 255 registers, 4.9 KB of spill
+stores per thread and serialised wgmmas (C7512), and the gates kernel 456 B of spills; looped,
+1.3 KB and no serialisation, and 104 B (0 at K = 64 and per key block, `gla_key_blocks`).
+
 Every wgmma A operand derived from an iota (the 0/1 span matrices, and dA^s, which the level's
 pair mask cuts) is read from SMEM, never from registers: on the H200 such register operands gave
 wrong rows (r + 8 of each warp's 16-row slab) in gates' q~ and grad's dq, dg (`Spans`;
@@ -167,22 +173,51 @@ class Spans:
         x, m = self.r, self.c
         return self.mat(m > x)
 
-    def level(self, s: int):
+    def level(self, s):
         """Z^s: odd s-blocks sum from the block start to x, even ones from x + 1 to the end."""
         x, m = self.r, self.c
-        same = lax.div(x, s) == lax.div(m, s)
-        odd = lax.rem(lax.div(x, s), 2) == 1
+        same = _blk(x, s) == _blk(m, s)
+        odd = _odd(x, s)
         return self.mat(same & jnp.where(odd, m <= x, m > x))
 
-    def pairs(self, s: int):
+    def pairs(self, s):
         """[i, j]: the pairs of level s (i in the odd, j in the even half of one 2s block)."""
         r, c = self.r, self.c
-        return ((lax.div(r, 2 * s) == lax.div(c, 2 * s)) & (lax.rem(lax.div(r, s), 2) == 1)
-                & (lax.rem(lax.div(c, s), 2) == 0))
+        return (_blk(r, _twice(s)) == _blk(c, _twice(s))) & _odd(r, s) & _even(c, s)
 
-    def odd_rows(self, s: int, shape):
+    def odd_rows(self, s, shape):
         """[C, X] mask: the rows in odd s-blocks."""
-        return lax.rem(lax.div(self.ops.iota(shape, 0), s), 2) == 1
+        return _odd(self.ops.iota(shape, 0), s)
+
+
+class Log2:
+    """A level s = 2^e whose exponent e is traced (a loop over the levels): block indices by
+    shifts."""
+
+    def __init__(self, e):
+        self.e = e
+
+
+def _blk(x, s):
+    if isinstance(s, Log2):
+        return lax.shift_right_logical(x, jnp.full(x.shape, s.e, x.dtype))
+    return lax.div(x, s)
+
+
+def _odd(x, s):
+    if isinstance(s, Log2):
+        return (_blk(x, s) & 1) == 1
+    return lax.rem(lax.div(x, s), 2) == 1
+
+
+def _even(x, s):
+    if isinstance(s, Log2):
+        return (_blk(x, s) & 1) == 0
+    return lax.rem(lax.div(x, s), 2) == 0
+
+
+def _twice(s):
+    return Log2(s.e + 1) if isinstance(s, Log2) else 2 * s
 
 
 class Docs:
@@ -312,17 +347,22 @@ def gates(q, k, gh, gl, drows, *, scale, cfg, a_dtype=None):
         with jax.named_scope("gates_levels"):
             Z = span_sums(level(LEVELS[0]))
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)      # xs, ys are free again
-            for lv, s in enumerate(LEVELS):                  # level s's pairs with s + 1's spans
+
+            def step(lv, carry):     # level 2^e's pairs with the next level's spans (a loop, not
+                A, Z = carry[0], list(carry[1:])      # unrolled: see `grad`); after the last
+                e = len(LEVELS) - 1 - lv              # level the sums are level 1's, unused
                 for i, kr in enumerate(kblk):
                     qv = ops.acc(qs.at[:, kr][...]).astype(f32)
                     kv = ops.acc(ks.at[:, kr][...]).astype(f32)
-                    Qs, Ks, _ = level_factors(sp, s, Z[i], qv, kv)
+                    Qs, Ks, _ = level_factors(sp, Log2(e), Z[i], qv, kv)
                     xs[:, kr] = Qs.astype(dt)
                     ys[:, kr] = Ks.astype(dt)
-                nxt = spans(level(LEVELS[lv + 1]) if lv + 1 < len(LEVELS) else None)
+                nxt = spans(sp.level(Log2(jnp.maximum(e - 1, 0))))
                 plgpu.commit_smem()
                 P, *Z = mm_groups(ops, (None, [term(xs, ys, tb=True)]), *nxt)
-                A = A + jnp.where(sp.pairs(s), P, 0.0)
+                return (A + jnp.where(sp.pairs(Log2(e)), P, 0.0), *Z)
+
+            A = lax.fori_loop(0, len(LEVELS), step, (A, *Z))[0]
         with jax.named_scope("gates_store"):
             A = docs.cut(docs.same, A * scale)
             a_out[...] = A.astype(a_dt)
@@ -520,6 +560,45 @@ def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
             a[...] = hi
             b_[...] = lo
 
+        def levels(kr, gh, gl, dq, dk, dg):
+            """The six levels of one key block: dq, dk and dg (with the routing of dGin by L^T
+            from h0s, h1s and of dR by U^T from xs, ys first) accumulated. The levels run as a
+            loop over their pairs (s, s / 2), not unrolled: the unrolled six spilled ~5 KB of
+            registers per thread and serialised the wgmmas (ptxas C7512), the loop's body
+            ~1.3 KB (`tools/ptxas_report.py`)."""
+            wbuf = (ws, oq)                               # level s's W^s: wbuf[0] for s = 2^odd
+            sp.put(wbuf[0], sp.level(LEVELS[0]))
+            plgpu.commit_smem()
+            dg, Z = mm_groups(ops, (dg, [term(oq, h0s, ta=True), term(oq, h1s, ta=True),
+                                         term(ok, xs, ta=True), term(ok, ys, ta=True)]),
+                              span_sum(wbuf[0], gh, gl))
+
+            def step(s, W, nxt, s_next, dq, dk, dg, Z):
+                dal_s[...] = jnp.where(sp.pairs(s), ops.acc(da_s[...]).astype(f32),
+                                       0.0).astype(dt)    # dA^s: an SMEM operand, as dA^s^T
+                Qs, Ks, F = level_factors(sp, s, Z, load(qs.at[:, kr]), load(ks.at[:, kr]))
+                xs[...] = Qs.astype(dt)
+                ys[...] = Ks.astype(dt)
+                plgpu.commit_smem()
+                dQ, dK = ops.mm(prod(dal_s, ys), prod(dal_s, xs, ta=True))
+                dq = dq + (scale * F) * dQ
+                dk = dk + (scale * F) * dK
+                dZ = load(xs) * dQ + load(ys) * dK
+                halves(scale * dZ, h0s, h1s)
+                sp.put(nxt, sp.level(s_next))             # routed (W^s^T) with the next spans
+                plgpu.commit_smem()
+                dg, Z = mm_groups(ops, (dg, [term(W, h0s, ta=True), term(W, h1s, ta=True)]),
+                                  span_sum(nxt, gh, gl))
+                return dq, dk, dg, Z
+
+            def pair(j, carry):      # levels 2^e, 2^(e-1); after the last pair the next sums
+                e = 5 - 2 * j        # are level 1's again, unused
+                carry = step(Log2(e), wbuf[0], wbuf[1], Log2(e - 1), *carry)
+                return step(Log2(e - 1), wbuf[1], wbuf[0], Log2(jnp.maximum(e - 2, 0)), *carry)
+
+            dq, dk, dg, _ = lax.fori_loop(0, len(LEVELS) // 2, pair, (dq, dk, dg, Z))
+            return dq, dk, dg
+
         # The span matrices reach the wgmmas through SMEM only (`Spans`): L and U in the output
         # tiles oq, ok (free until dq, dk are staged at the block's end; rewritten per key block
         # once the previous block's stores have read them), the levels' W^s alternately in ws
@@ -557,32 +636,7 @@ def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
                 halves(dgin, h0s, h1s)
                 halves(dr, xs, ys)
             with jax.named_scope("grad_levels"):
-                wbuf = (ws, oq)                               # level lv's W^s in wbuf[lv % 2]
-                sp.put(wbuf[0], sp.level(LEVELS[0]))
-                plgpu.commit_smem()
-                dg, Z = mm_groups(ops, (dg, [term(oq, h0s, ta=True), term(oq, h1s, ta=True),
-                                             term(ok, xs, ta=True), term(ok, ys, ta=True)]),
-                                  span_sum(wbuf[0], gh, gl))
-                for lv, s in enumerate(LEVELS):           # registers: dq, dk, dg live throughout
-                    dal_s[...] = jnp.where(sp.pairs(s), ops.acc(da_s[...]).astype(f32),
-                                           0.0).astype(dt)    # dA^s: an SMEM operand, as dA^s^T
-                    Qs, Ks, F = level_factors(sp, s, Z, load(qs.at[:, kr]), load(ks.at[:, kr]))
-                    xs[...] = Qs.astype(dt)
-                    ys[...] = Ks.astype(dt)
-                    plgpu.commit_smem()
-                    dQ, dK = ops.mm(prod(dal_s, ys), prod(dal_s, xs, ta=True))
-                    dq = dq + (scale * F) * dQ
-                    dk = dk + (scale * F) * dK
-                    dZ = load(xs) * dQ + load(ys) * dK
-                    halves(scale * dZ, h0s, h1s)
-                    W = wbuf[lv % 2]                          # routed (W^s^T) with s + 1's spans
-                    nxt = None
-                    if lv + 1 < len(LEVELS):
-                        nxt = wbuf[(lv + 1) % 2]
-                        sp.put(nxt, sp.level(LEVELS[lv + 1]))
-                    plgpu.commit_smem()
-                    dg, Z = mm_groups(ops, (dg, [term(W, h0s, ta=True), term(W, h1s, ta=True)]),
-                                      span_sum(nxt, gh, gl))
+                dq, dk, dg = levels(kr, gh, gl, dq, dk, dg)
             with jax.named_scope("grad_store"):
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last block's stores are out
                 oq[...] = dq.astype(dt)
