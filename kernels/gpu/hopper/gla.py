@@ -177,17 +177,18 @@ class Spans:
         """Z^s: odd s-blocks sum from the block start to x, even ones from x + 1 to the end."""
         x, m = self.r, self.c
         same = _blk(x, s) == _blk(m, s)
-        odd = _odd(x, s)
+        odd = _half(x, s) == 1
         return self.mat(same & jnp.where(odd, m <= x, m > x))
 
     def pairs(self, s):
         """[i, j]: the pairs of level s (i in the odd, j in the even half of one 2s block)."""
         r, c = self.r, self.c
-        return (_blk(r, _twice(s)) == _blk(c, _twice(s))) & _odd(r, s) & _even(c, s)
+        return ((_blk(r, _twice(s)) == _blk(c, _twice(s))) & (_half(r, s) == 1)
+                & (_half(c, s) == 0))
 
     def odd_rows(self, s, shape):
         """[C, X] mask: the rows in odd s-blocks."""
-        return _odd(self.ops.iota(shape, 0), s)
+        return _half(self.ops.iota(shape, 0), s) == 1
 
 
 class Log2:
@@ -204,16 +205,9 @@ def _blk(x, s):
     return lax.div(x, s)
 
 
-def _odd(x, s):
-    if isinstance(s, Log2):
-        return (_blk(x, s) & 1) == 1
-    return lax.rem(lax.div(x, s), 2) == 1
-
-
-def _even(x, s):
-    if isinstance(s, Log2):
-        return (_blk(x, s) & 1) == 0
-    return lax.rem(lax.div(x, s), 2) == 0
+def _half(x, s):
+    """1 where x lies in an odd s-block, 0 in an even one."""
+    return (_blk(x, s) & 1) if isinstance(s, Log2) else lax.rem(lax.div(x, s), 2)
 
 
 def _twice(s):
