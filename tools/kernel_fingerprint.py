@@ -23,6 +23,7 @@ from tests.kernels import test_hopper_delta_lowering as t_delta
 from tests.kernels import test_hopper_gla_lowering as t_gla
 from tests.kernels import test_hopper_lowering as t_decay
 from tests.kernels import test_hopper_ssm_lowering as t_ssm
+from tests.kernels.lowering import custom_call_payloads
 
 out = sys.argv[1]
 os.makedirs(out, exist_ok=True)
@@ -31,26 +32,15 @@ STR = r'"(?:[^"\\]|\\.)*"'
 
 
 def render(text):
+    def read(bc):
+        return ir.Module.parse(ir.StringAttr(bc["module"]).value_bytes).operation.get_asm(
+            enable_debug_info=False)
+
+    kernels = custom_call_payloads(text, "module", read)
     ctx = mlir.make_ir_context()
     ctx.allow_unregistered_dialects = True
     with ctx:
-        m = ir.Module.parse(text)
-        kernels = []
-
-        def walk(op):
-            for region in op.regions:
-                for block in region.blocks:
-                    for o in block.operations:
-                        if o.operation.name == "stablehlo.custom_call" and \
-                                "mhlo.backend_config" in o.operation.attributes:
-                            bc = o.operation.attributes["mhlo.backend_config"]
-                            if isinstance(bc, ir.DictAttr) and "module" in bc:
-                                b = ir.StringAttr(bc["module"]).value_bytes
-                                kernels.append(ir.Module.parse(b).operation.get_asm(
-                                    enable_debug_info=False))
-                        walk(o.operation)
-        walk(m.operation)
-        main = m.operation.get_asm(enable_debug_info=False)
+        main = ir.Module.parse(text).operation.get_asm(enable_debug_info=False)
     n = iter(range(10**6))
     main = re.sub(r"kernel_hash = " + STR, "kernel_hash = <hash>", main)
     main = re.sub(r"module = " + STR, lambda _: f"module = <kernel {next(n)}>", main)

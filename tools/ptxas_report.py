@@ -126,26 +126,12 @@ def local_symbols(so: str, names) -> dict[str, int]:
 
 def kernel_modules(mlir_text: str) -> list[bytes]:
     """The serialized Mosaic GPU modules of an exported program, in order."""
-    from jax._src.interpreters import mlir
     from jax._src.lib.mlir import ir
 
-    ctx = mlir.make_ir_context()
-    ctx.allow_unregistered_dialects = True
-    mods = []
-    with ctx:
-        def walk(op):
-            for region in op.regions:
-                for block in region.blocks:
-                    for o in block.operations:
-                        attrs = o.operation.attributes
-                        if o.operation.name == "stablehlo.custom_call" and \
-                                "mhlo.backend_config" in attrs:
-                            bc = attrs["mhlo.backend_config"]
-                            if isinstance(bc, ir.DictAttr) and "module" in bc:
-                                mods.append(ir.StringAttr(bc["module"]).value_bytes)
-                        walk(o.operation)
-        walk(ir.Module.parse(mlir_text).operation)
-    return mods
+    from tests.kernels.lowering import custom_call_payloads
+
+    return custom_call_payloads(mlir_text, "module",
+                                lambda bc: ir.StringAttr(bc["module"]).value_bytes)
 
 
 def exports(families, cases, grad, over=None):

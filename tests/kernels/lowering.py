@@ -14,9 +14,10 @@ from jax import export
 TRITON = "__gpu$xla.gpu.triton"     # the custom call a Triton kernel lowers to (not yet stable)
 
 
-def triton_kernels(text: str) -> list[tuple[str, str]]:
-    """(name, Triton IR text without locations) of every Triton kernel in an exported module's
-    text: the MLIR bytecode each custom call carries in its backend_config ("ir"), parsed back."""
+def custom_call_payloads(text: str, key: str, read) -> list:
+    """`read(backend_config)` for every custom call of an exported module's text whose
+    backend_config dictionary holds `key` (a Triton kernel's "ir", a Mosaic GPU kernel's
+    "module"), in order; `read` runs inside the MLIR context that parsed the module."""
     from jax._src.interpreters import mlir
     from jax._src.lib.mlir import ir
 
@@ -32,13 +33,23 @@ def triton_kernels(text: str) -> list[tuple[str, str]]:
                         if o.operation.name == "stablehlo.custom_call" and \
                                 "mhlo.backend_config" in attrs:
                             bc = attrs["mhlo.backend_config"]
-                            if isinstance(bc, ir.DictAttr) and "ir" in bc:
-                                kernel = ir.Module.parse(ir.StringAttr(bc["ir"]).value_bytes)
-                                found.append((ir.StringAttr(bc["name"]).value,
-                                              kernel.operation.get_asm(enable_debug_info=False)))
+                            if isinstance(bc, ir.DictAttr) and key in bc:
+                                found.append(read(bc))
                         walk(o.operation)
         walk(ir.Module.parse(text).operation)
     return found
+
+
+def triton_kernels(text: str) -> list[tuple[str, str]]:
+    """(name, Triton IR text without locations) of every Triton kernel in an exported module's
+    text: the MLIR bytecode each custom call carries in its backend_config ("ir"), parsed back."""
+    from jax._src.lib.mlir import ir
+
+    def read(bc):
+        kernel = ir.Module.parse(ir.StringAttr(bc["ir"]).value_bytes)
+        return ir.StringAttr(bc["name"]).value, kernel.operation.get_asm(enable_debug_info=False)
+
+    return custom_call_payloads(text, "ir", read)
 
 
 def export_scan(entry, arrays, state=None, *, platform: str, grad: bool, **kw) -> str:
