@@ -97,16 +97,15 @@ def test_delta_matches_chunk_form(case):
         assert rel(a, b) < 1e-2, (name, rel(a, b))
 
 
-# (K = V, config overrides) of the two-level walks: four chunks in 2 or 4 pieces; at K = V = 128
-# the output passes run their two value blocks in a CTA each
-PIECES = {"P2-K64": (64, {"pieces": 2}), "P4-K64": (64, {"pieces": 4}),
+# (K = V, config overrides) of the two-level walks: four chunks in 4 pieces (backward too) or 2;
+# at K = V = 128 the output passes run their two value blocks in a CTA each
+PIECES = {"P4-K64": (64, {"pieces": 4}),
           "P2-K128-split": (128, {"pieces": 2, "walk_split": True})}
 
 
 @functools.cache
 def _one_level(K):
-    """(o, S) of the single-level walk on the two-level tests' inputs at K = V (the K = 64 cases
-    share it)."""
+    """(o, S) of the single-level walk on the two-level tests' inputs at K = V."""
     q, k, v, g, beta, S0, seg, _, _ = _inputs(250, K, seed=7, starts=(90, 128))
     return jax.jit(lambda: hopper_delta.delta(
         q, k, v, g, beta, scale=K**-0.5, initial_state=S0, segment_ids=seg, chunk_size=64,

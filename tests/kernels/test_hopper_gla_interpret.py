@@ -8,8 +8,9 @@ below float32's range, so any factor through one reference row would overflow).
 T = 100 is two chunks (the second padded); documents start inside the first chunk and at the
 second's first row. The default config cuts it into two pieces (two-level walks), "one-level"
 walks it whole. "B2-K128-docs" is the shape of the device's gates fault (two batch rows, each
-with its own documents: row 1 has one boundary, inside the second chunk). "strong-K128": two key
-blocks, each through the gradient kernel's loop over the levels, at strong decay."""
+with its own documents: row 1 has one boundary, inside the second chunk). "strong-no-docs-K128":
+two key blocks, each through the gradient kernel's loop over the levels, at strong decay, with no
+documents or initial state."""
 
 from __future__ import annotations
 
@@ -31,9 +32,8 @@ rel = lambda a, b: float(jnp.linalg.norm(f32(a) - f32(b)) / jnp.linalg.norm(f32(
 CASES = {
     "two-level-docs": ({}, "normal", True, 64),
     "strong-one-level": (dict(pieces=1), "strong", True, 64),
-    "no-docs-K128": ({}, "normal", False, 128),
     "B2-K128-docs": ({}, "normal", True, 128, 2),
-    "strong-K128": ({}, "strong", True, 128),
+    "strong-no-docs-K128": ({}, "strong", False, 128),
 }
 
 
