@@ -345,9 +345,8 @@ class HopperChunkConfig:
     """The Mosaic GPU (Hopper, sm_90) kernels of the chunk family (`kernels/gpu/hopper/`):
     simple_gla (`decay.py`, `decay_grad.py`) and gla (`gla.py`, the vector gate). gla reads chunk,
     stages, pieces, semantics, approx_math, interpret and gla_key_blocks; its chunk-parallel
-    kernels (gates, grad)
-    take one (b, h, chunk) per CTA and ignore stages_grad, grad_programs, gates, grad_items,
-    overlap and item_order, which shape simple_gla's.
+    kernels (gates, grad) take one (b, h, chunk) per CTA and ignore stages_grad, grad_programs,
+    gates, grad_items, overlap and item_order, which shape simple_gla's.
 
     chunk: C, rows per chunk: 64 (one wgmma M tile; the [C, C] intra blocks stay in registers).
     stages: depth of the TMA pipeline of the sequential walks (forward, reverse state pass): chunks

@@ -19,11 +19,7 @@ import sys
 from jax._src.interpreters import mlir
 from jax._src.lib.mlir import ir
 
-from tests.kernels import test_hopper_delta_lowering as t_delta
-from tests.kernels import test_hopper_gla_lowering as t_gla
-from tests.kernels import test_hopper_lowering as t_decay
-from tests.kernels import test_hopper_ssm_lowering as t_ssm
-from tests.kernels.lowering import custom_call_payloads
+from tests.kernels.lowering import custom_call_payloads, hopper_exports
 
 out = sys.argv[1]
 os.makedirs(out, exist_ok=True)
@@ -48,13 +44,8 @@ def render(text):
     return "\n".join(parts), len(kernels)
 
 
-families = [("decay", t_decay._export, t_decay.CASES),
-            ("delta", t_delta._export, t_delta.CASES),
-            ("gla", t_gla._export, t_gla.CASES),
-            ("selective", t_ssm._export_selective, t_ssm.SELECTIVE),
-            ("mlstm", t_ssm._export_mlstm, t_ssm.MLSTM)]
 only = sys.argv[2:]
-for fam, fn, cases in families:
+for fam, (fn, cases) in hopper_exports().items():
     if only and fam not in only:
         continue
     for i, case in enumerate(cases):

@@ -137,15 +137,9 @@ def kernel_modules(mlir_text: str) -> list[bytes]:
 def exports(families, cases, grad, over=None):
     """(label, case, exported mlir text) per family, case and direction; `over`: config fields
     set in every case (the chunk-family cases carry their overrides as the last element)."""
-    from tests.kernels import test_hopper_delta_lowering as t_delta
-    from tests.kernels import test_hopper_gla_lowering as t_gla
-    from tests.kernels import test_hopper_lowering as t_decay
-    from tests.kernels import test_hopper_ssm_lowering as t_ssm
+    from tests.kernels.lowering import hopper_exports
 
-    table = {"decay": (t_decay._export, t_decay.CASES), "delta": (t_delta._export, t_delta.CASES),
-             "gla": (t_gla._export, t_gla.CASES),
-             "selective": (t_ssm._export_selective, t_ssm.SELECTIVE),
-             "mlstm": (t_ssm._export_mlstm, t_ssm.MLSTM)}
+    table = hopper_exports()
     for fam in families:
         fn, all_cases = table[fam]
         for i in cases:

@@ -76,3 +76,17 @@ def export_scan(entry, arrays, state=None, *, platform: str, grad: bool, **kw) -
     checks = [export.DisabledSafetyCheck.custom_call(TRITON)] if platform == "cuda" else []
     return export.export(jax.jit(target), platforms=[platform], disabled_checks=checks)(
         *args).mlir_module()
+
+
+def hopper_exports() -> dict:
+    """{family: (export(case, grad) -> jax Exported, cases)} of the Hopper (Mosaic GPU) lowering
+    tests: what tools/kernel_fingerprint.py and tools/ptxas_report.py compile."""
+    from tests.kernels import test_hopper_delta_lowering as t_delta
+    from tests.kernels import test_hopper_gla_lowering as t_gla
+    from tests.kernels import test_hopper_lowering as t_decay
+    from tests.kernels import test_hopper_ssm_lowering as t_ssm
+
+    return {"decay": (t_decay._export, t_decay.CASES), "delta": (t_delta._export, t_delta.CASES),
+            "gla": (t_gla._export, t_gla.CASES),
+            "selective": (t_ssm._export_selective, t_ssm.SELECTIVE),
+            "mlstm": (t_ssm._export_mlstm, t_ssm.MLSTM)}

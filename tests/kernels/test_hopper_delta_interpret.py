@@ -103,15 +103,6 @@ PIECES = {"P4-K64": (64, {"pieces": 4}),
           "P2-K128-split": (128, {"pieces": 2, "walk_split": True})}
 
 
-@functools.cache
-def _one_level(K):
-    """(o, S) of the single-level walk on the two-level tests' inputs at K = V."""
-    q, k, v, g, beta, S0, seg, _, _ = _inputs(250, K, seed=7, starts=(90, 128))
-    return jax.jit(lambda: hopper_delta.delta(
-        q, k, v, g, beta, scale=K**-0.5, initial_state=S0, segment_ids=seg, chunk_size=64,
-        config=dataclasses.replace(CFG, pieces=1)))()
-
-
 @pytest.mark.parametrize("case", list(PIECES))
 def test_two_level_walk_matches_chunk_form(case):
     """Pieces walked in parallel from the entering states the state pass and the scan give them
@@ -133,15 +124,19 @@ def test_two_level_walk_matches_chunk_form(case):
                                     segment_ids=seg, impl="chunk")
         return jnp.sum(f32(o) * do) + jnp.sum(S * dS), (o, S)
 
-    args, backward = range(6), case == "P4-K64"
-    if backward:
-        grads, (o, S) = jax.jit(jax.grad(functools.partial(loss, "kernel"), argnums=args,
-                                         has_aux=True))(q, k, v, g, beta, S0)
-    else:
-        _, (o, S) = jax.jit(functools.partial(loss, "kernel"))(q, k, v, g, beta, S0)
-    grads_r, (o_r, S_r) = jax.jit(jax.grad(functools.partial(loss, "chunk"), argnums=args,
-                                           has_aux=True))(f32(q), f32(k), f32(v), g, beta, S0)
-    o1, S1 = _one_level(K)
+    backward = case == "P4-K64"
+
+    def run(impl, *a):                         # (grads or None, (o, S)): one run gives both
+        fn = functools.partial(loss, impl)
+        if backward:
+            return jax.jit(jax.grad(fn, argnums=range(6), has_aux=True))(*a)
+        return None, jax.jit(fn)(*a)[1]
+
+    grads, (o, S) = run("kernel", q, k, v, g, beta, S0)
+    grads_r, (o_r, S_r) = run("chunk", f32(q), f32(k), f32(v), g, beta, S0)
+    o1, S1 = jax.jit(lambda: hopper_delta.delta(
+        q, k, v, g, beta, scale=K**-0.5, initial_state=S0, segment_ids=seg, chunk_size=64,
+        config=dataclasses.replace(CFG, pieces=1)))()
     assert rel(o, o_r) < 1e-2 and rel(S, S_r) < 1e-2, (rel(o, o_r), rel(S, S_r))
     assert rel(o, o1) < 3e-3 and rel(S, S1) < 3e-3, (rel(o, o1), rel(S, S1))
     if backward:
