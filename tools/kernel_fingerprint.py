@@ -1,8 +1,8 @@
 """Fingerprints of the compiled Hopper kernels: proof that a refactor leaves them unchanged.
 
-    PYTHONPATH=. python tools/kernel_fingerprint.py /tmp/before [decay delta gla selective mlstm]
+    python tools/kernel_fingerprint.py /tmp/before [decay delta gla selective mlstm]
     ... refactor ...
-    PYTHONPATH=. python tools/kernel_fingerprint.py /tmp/after && diff -r /tmp/before /tmp/after
+    python tools/kernel_fingerprint.py /tmp/after && diff -r /tmp/before /tmp/after
 
 Exports every Hopper kernel family for CUDA (the "lane" cases of the lowering tests, forward and
 backward) and writes one text file per case: the outer module printed without debug info, then
@@ -13,13 +13,15 @@ or how it is laid out does. The Hopper kernels run numerically only on an H100/H
 refactor made without one must leave an empty diff here.
 """
 import os
+import pathlib
 import re
 import sys
 
 from jax._src.interpreters import mlir
 from jax._src.lib.mlir import ir
 
-from tests.kernels.lowering import custom_call_payloads, hopper_exports
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repo's tests/
+from tests.kernels.lowering import custom_call_payloads, hopper_exports  # noqa: E402
 
 out = sys.argv[1]
 os.makedirs(out, exist_ok=True)

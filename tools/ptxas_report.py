@@ -137,6 +137,7 @@ def kernel_modules(mlir_text: str) -> list[bytes]:
 def exports(families, cases, grad, over=None):
     """(label, case, exported mlir text) per family, case and direction; `over`: config fields
     set in every case (the chunk-family cases carry their overrides as the last element)."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repo's tests/
     from tests.kernels.lowering import hopper_exports
 
     table = hopper_exports()
