@@ -255,6 +255,9 @@ def main(argv=None) -> int:
                      ("gated, K=100 V=48 (padded)", 2, 300, 2, 100, 48, "normal", True)]
         if not a.skip_checks:
             checks = kc.run_grid(grid, lambda i, c: run(i, c, cfg), done=[first])
+            # a run cut short in its timings keeps its checks
+            common.write_json(common.device_file("hopper_delta_gpu"), rows, checks=checks,
+                              partial=True)
         x = jnp.zeros((1, 64, 1, 64), f32)
         checks.append(kc.float32_refused(lambda: hdelta.delta(
             x, x, x, None, x[..., 0], scale=1.0, initial_state=None, segment_ids=None,
@@ -264,7 +267,8 @@ def main(argv=None) -> int:
         print("anchors", anchor_path)
         for T in a.T:
             rows.append(time_shape(cfg, T, anchors, reps=10 if a.quick else a.reps,
-                                   breakdown=(not a.quick) or T in (a.T[0], a.T[-1]),
+                                   breakdown=not a.no_breakdown and (
+                                       not a.quick or T in (a.T[0], a.T[-1])),
                                    profile=a.profile))
             print(rows[-1])
             # so far: a run cut short keeps its rows

@@ -162,6 +162,9 @@ def main(argv=None) -> int:
                      ("K=100 V=48 (padded)+docs+h0", 2, 300, 2, 100, 48, "normal", True)]
         if not a.skip_checks:
             checks = kc.run_grid(grid, lambda i, c: run(i, c, cfg), done=[first])
+            # a run cut short in its timings keeps its checks
+            common.write_json(common.device_file("hopper_gla_gpu"), rows, checks=checks,
+                              partial=True)
         x = jnp.zeros((1, 64, 1, 64), f32)
         checks.append(kc.float32_refused(lambda: hgla.gla(
             x, x, x, x, scale=1.0, initial_state=None, segment_ids=None, chunk_size=64)))
@@ -173,10 +176,12 @@ def main(argv=None) -> int:
             reps = 10 if a.quick else a.reps
             rows.append(kc.time_decay_op(hgla.gla, "gla", cfg, args, anchors, reps=reps,
                                               profile=a.profile))
-            if (not a.quick) or T == a.T[0]:
+            if not a.no_breakdown and ((not a.quick) or T == a.T[0]):
                 rows[-1]["kernels_ms"] = kernel_breakdown(cfg, args, reps=reps)
             print(rows[-1])
-            if T == a.T[0]:               # the whole op with the gates per key block
+            common.write_json(common.device_file("hopper_gla_gpu"), rows, checks=checks,
+                              partial=True)
+            if T == a.T[0] and not a.no_breakdown:    # the whole op, gates per key block
                 variant = dataclasses.replace(cfg, gla_key_blocks=True)
                 rows.append({"variant": "gla_key_blocks", **kc.time_decay_op(
                     hgla.gla, "gla", variant, args, anchors, reps=reps, jla_row=rows[-1])})

@@ -140,6 +140,9 @@ def parser(**defaults) -> argparse.ArgumentParser:
     p.add_argument("--T", type=int, nargs="*", default=[2048, 8192, 32768])
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--skip-checks", action="store_true")
+    p.add_argument("--no-breakdown", action="store_true",
+                   help="time the whole op only, not each kernel alone (the breakdown compiles "
+                        "every variant of the walks: minutes at T = 32768)")
     p.add_argument("--profile", action="store_true",
                    help="also the device time of every kernel of each timed call, ours and "
                         "jla's (`*_kernels_us`, from a profiler trace)")

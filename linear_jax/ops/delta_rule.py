@@ -97,12 +97,10 @@ def delta_rule_chunk(q, k, v, g, beta, *, scale, initial_state, segment_ids, chu
 
 # delta_rule is gated_delta_rule at g = 0: the same forms and kernels (a kernel skips the gate
 # when g is None), two records so that each op names itself in errors and has its own parallel form
-# (the Hopper kernels passed their device checks on an H200 up to session 11, but were rebuilt in
-# session 12 (prep without register operands, A formed in the prep, split and two-level walks)
-# and have run only in the GPU interpreter and the CUDA export since: reachable as
-# impl="pallas:mosaic_gpu" until their device check passes again (benchmarks/NOTES.md))
+# (the Hopper kernels, rebuilt in session 12, passed every device check again on an H200 in
+# session 16 and beat the Triton kernels there: benchmarks/NOTES.md)
 _KERNELS = (registry.Kernel("mosaic_gpu", "linear_jax.kernels.gpu.hopper.delta:delta",
-                            "linear_jax.kernels.configs:HopperDeltaConfig", auto=False,
+                            "linear_jax.kernels.configs:HopperDeltaConfig",
                             min_capability=(9, 0), max_capability=(9, 0),
                             accepts="linear_jax.kernels.gpu.hopper.common:accepts"),
             registry.Kernel("triton", "linear_jax.kernels.gpu.delta:delta",

@@ -7,11 +7,29 @@ fails in CI instead of on the device. The kernel must run with `config.interpret
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 from jax import export
 
 TRITON = "__gpu$xla.gpu.triton"     # the custom call a Triton kernel lowers to (not yet stable)
+_CONVERT = re.compile(r"(%[\w#]+) = stablehlo\.convert (%[\w#]+) : \(tensor<[^>]*x(\w+)>\) -> "
+                      r"tensor<[^>]*x(\w+)>")
+
+
+def cast_round_trips(text: str) -> list[str]:
+    """The values of an exported module (outside its kernels' payloads) converted from float32 to
+    a 16-bit float and back to float32. XLA's GPU compiler drops such a round trip (it allows
+    excess precision by default), so a hi / lo split written with one computes lo = 0 on the
+    device; `kernels/gpu/hopper/common.split_hi_lo_xla` rounds with reduce_precision instead."""
+    narrowed, found = {}, []
+    for out, src, a, b in _CONVERT.findall(text):
+        if a == "f32" and b in ("bf16", "f16"):
+            narrowed[out] = src
+        elif a in ("bf16", "f16") and b == "f32" and src in narrowed:
+            found.append(narrowed[src])
+    return found
 
 
 def custom_call_payloads(text: str, key: str, read) -> list:

@@ -15,6 +15,7 @@ import pytest
 
 from linear_jax.kernels.configs import HopperDeltaConfig
 from linear_jax.kernels.gpu.hopper import delta as hopper_delta
+from tests.kernels.lowering import cast_round_trips
 
 # (semantics, B, T, H, K, V, gated, packed documents + initial state)
 CASES = [
@@ -61,6 +62,7 @@ def test_delta_exports_for_cuda(case, grad):
     assert kernels >= (4 if grad else 2), "expected the Mosaic GPU kernels in the module"
     if grad:      # the gradient kernel, an item shared by a dq side and a dk side
         assert "delta_grad_split" in text, "expected the gradient kernel"
+    assert not cast_round_trips(text), "a float32 -> 16-bit -> float32 cast in XLA (lowering.py)"
 
 
 def test_float32_and_wide_heads_are_refused():

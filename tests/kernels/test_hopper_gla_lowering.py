@@ -14,6 +14,7 @@ import pytest
 from linear_jax import ops
 from linear_jax.kernels.configs import HopperChunkConfig
 from linear_jax.kernels.gpu.hopper import gla as hopper_gla
+from tests.kernels.lowering import cast_round_trips
 
 # (semantics, B, T, H, K, V, packed documents + initial state, config overrides)
 CASES = [
@@ -56,6 +57,7 @@ def test_gla_exports_for_cuda(case, grad):
     names = ["gla_gates", "gla_walk"] + (["gla_walk_rev", "gla_grad"] if grad else [])
     for name in names:
         assert name in text, f"expected the Mosaic GPU kernel {name} in the module"
+    assert not cast_round_trips(text), "a float32 -> 16-bit -> float32 cast in XLA (lowering.py)"
 
 
 def test_variants_export_for_cuda():

@@ -18,6 +18,7 @@ import pytest
 
 from linear_jax.kernels.configs import HopperChunkConfig
 from linear_jax.kernels.gpu.hopper import decay as hopper_decay
+from tests.kernels.lowering import cast_round_trips
 
 # (semantics, B, T, H, K, V, gated, packed documents + initial state, config overrides): the
 # default config is two-level at every shape here (B H < the SM count), the others are variants
@@ -68,6 +69,7 @@ def test_simple_gla_exports_for_cuda(case, grad):
     text = _export(case, grad).mlir_module()
     kernels = text.count("mosaic_gpu")
     assert kernels >= (3 if grad else 1), "expected the Mosaic GPU kernels in the module"
+    assert not cast_round_trips(text), "a float32 -> 16-bit -> float32 cast in XLA (lowering.py)"
 
 
 def test_warpgroup_semantics_exports_the_forward():

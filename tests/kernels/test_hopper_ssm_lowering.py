@@ -14,6 +14,7 @@ import pytest
 from linear_jax.kernels.configs import HopperMlstmConfig, HopperSelectiveConfig
 from linear_jax.kernels.gpu.hopper import mlstm as hopper_mlstm
 from linear_jax.kernels.gpu.hopper import selective as hopper_selective
+from tests.kernels.lowering import cast_round_trips
 
 bf = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)     # noqa: E731
 fs = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)      # noqa: E731
@@ -56,6 +57,7 @@ def test_selective_exports_for_cuda(case, grad):
     text = exp.mlir_module()
     assert "mosaic_gpu" in text
     assert text.count("selective_scan_bwd") > 0 if grad else "selective_scan_fwd" in text
+    assert not cast_round_trips(text), "a float32 -> 16-bit -> float32 cast in XLA (lowering.py)"
 
 
 def test_selective_accepts():
@@ -104,6 +106,7 @@ def test_mlstm_exports_for_cuda(case, grad):
     names = ("mlstm_out", "mlstm_bwd_queries", "mlstm_bwd_keys") if grad else ("mlstm_out",)
     for name in names:
         assert name in text, name
+    assert not cast_round_trips(text), "a float32 -> 16-bit -> float32 cast in XLA (lowering.py)"
 
 
 def test_mlstm_refuses():

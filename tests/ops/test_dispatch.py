@@ -48,8 +48,8 @@ def on(monkeypatch):
         ("tpu", "mlstm", 1024, "chunk"),             # its kernel awaits the device check
         ("gpu", "ssd", 1024, "pallas:mosaic_gpu"),   # simple_gla's kernels (device-checked)
         ("gpu", "simple_gla", 1024, "pallas:mosaic_gpu"),
-        ("gpu", "gated_delta_rule", 1024, "pallas:triton"),   # rebuilt: awaits its device check
-        ("gpu", "delta_rule", 1024, "pallas:triton"),
+        ("gpu", "gated_delta_rule", 1024, "pallas:mosaic_gpu"),   # device-checked again
+        ("gpu", "delta_rule", 1024, "pallas:mosaic_gpu"),
         ("tpu", "linear_attention", 1024, "pallas:tpu"),
         ("gpu", "gla", 1, "recurrent"),              # one decoding step
         ("tpu", "ssd", 1, "recurrent"),

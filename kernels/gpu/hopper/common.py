@@ -702,6 +702,18 @@ def mm_sum(ops, *groups):
 
 
 def split_hi_lo(x, dt):
-    """x (float32) as hi + lo in dt: ~16 mantissa bits from two 16-bit operands."""
+    """x (float32) as hi + lo in dt: ~16 mantissa bits from two 16-bit operands. Inside a kernel
+    body only (the Mosaic GPU lowering keeps both casts); outside, `split_hi_lo_xla`."""
     hi = x.astype(dt)
     return hi, (x - hi.astype(f32)).astype(dt)
+
+
+def split_hi_lo_xla(x, dt):
+    """`split_hi_lo` in the XLA program around the kernels. XLA's GPU compiler, which allows
+    excess precision by default, rewrites convert(convert(x, bf16), f32) to x, so the cast round
+    trip made lo zero on the device: gla's gates then carried 8 mantissa bits, and its gate
+    gradient and dh0 were 2e-2 off at strong decay while the CPU interpreter passed. The
+    rounding is done by `lax.reduce_precision`, which XLA keeps; hi is then exact in dt."""
+    info = jnp.finfo(dt)
+    hi = lax.reduce_precision(x.astype(f32), exponent_bits=info.nexp, mantissa_bits=info.nmant)
+    return hi.astype(dt), (x - hi).astype(dt)

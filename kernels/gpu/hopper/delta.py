@@ -136,6 +136,7 @@ from linear_jax.kernels.gpu.hopper.common import (
     program_items,
     smem,
     split_hi_lo,
+    split_hi_lo_xla,
     stage_state,
     term,
     unpadded,
@@ -552,7 +553,7 @@ def store_state(S, refs, view, sw, kblk, dt):
 
 def split_state(S, dt):
     """A float32 state as (hi, lo) in dt (what `walk` reads)."""
-    return split_hi_lo(S, dt)
+    return split_hi_lo_xla(S, dt)
 
 
 # -- custom_vjp and the op entry ------------------------------------------------------------------

@@ -113,7 +113,7 @@ from linear_jax.kernels.gpu.hopper.common import (
     plgpu,
     program_items,
     smem,
-    split_hi_lo,
+    split_hi_lo_xla,
     term,
     walk_setup,
 )
@@ -263,13 +263,13 @@ def two_level_rev(q, k, do, wm, tm, A, rows, dS, *, names, scale, cfg, pieces):
     Returns what `walk_rev` (emit "out") does. P = 1: the single-level reverse walk."""
     dt = q.dtype
     if pieces == 1:
-        return walk_rev(q, k, do, wm, tm, A, rows, split_hi_lo(dS[:, :, None], dt), names=names,
-                        scale=scale, cfg=cfg)
+        return walk_rev(q, k, do, wm, tm, A, rows, split_hi_lo_xla(dS[:, :, None], dt),
+                        names=names, scale=scale, cfg=cfg)
     ends = walk_rev(q, k, do, wm, tm, A, rows, map_starts(dS, pieces, pieces - 1, dt),
                     names=names, scale=scale, cfg=cfg, pieces=pieces, emit="state")
     starts = scan_pieces(ends, dS, reverse=True)
-    return walk_rev(q, k, do, wm, tm, A, rows, split_hi_lo(starts, dt), names=names, scale=scale,
-                    cfg=cfg, pieces=pieces)
+    return walk_rev(q, k, do, wm, tm, A, rows, split_hi_lo_xla(starts, dt), names=names,
+                    scale=scale, cfg=cfg, pieces=pieces)
 
 
 def _issue_item(item, refs, rings, bar, slot):

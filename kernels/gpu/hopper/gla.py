@@ -123,6 +123,7 @@ from linear_jax.kernels.gpu.hopper.common import (
     send_states,
     smem,
     split_hi_lo,
+    split_hi_lo_xla,
     stage_state,
     state_outputs,
     term,
@@ -683,7 +684,7 @@ def _core(cfg: HopperChunkConfig, scale: float, has_doc: bool, has_h0: bool, P: 
                     pieces=P, final=final)
 
     def forward(q, k, v, g, drows, h0, residuals):
-        gh, gl = split_hi_lo(g, q.dtype)
+        gh, gl = split_hi_lo_xla(g, q.dtype)
         by_block = cfg.gla_key_blocks and q.shape[-1] > LANES
         qt, kt, A, dec = (gates_by_key_block if by_block else gates)(
             q, k, gh, gl, drows, scale=scale, cfg=cfg)
