@@ -344,9 +344,10 @@ class TpuSelectiveConfig:
 class HopperChunkConfig:
     """The Mosaic GPU (Hopper, sm_90) kernels of the chunk family (`kernels/gpu/hopper/`):
     simple_gla (`decay.py`, `decay_grad.py`) and gla (`gla.py`, the vector gate). gla reads chunk,
-    stages, pieces, semantics, approx_math, interpret and gla_key_blocks; its chunk-parallel
-    kernels (gates, grad) take one (b, h, chunk) per CTA and ignore stages_grad, grad_programs,
-    gates, grad_items, overlap and item_order, which shape simple_gla's.
+    stages, pieces, semantics, approx_math, interpret, gla_key_blocks and gla_grad_key_blocks;
+    its chunk-parallel kernels (gates, grad) take one (b, h, chunk) per CTA (or one 64-key block
+    of it) and ignore stages_grad, grad_programs, gates, grad_items, overlap and item_order, which
+    shape simple_gla's.
 
     chunk: C, rows per chunk: 64 (one wgmma M tile; the [C, C] intra blocks stay in registers).
     stages: depth of the TMA pipeline of the sequential walks (forward, reverse state pass): chunks
@@ -385,7 +386,13 @@ class HopperChunkConfig:
       CTA half the exponentials and span products and 73 KB of SMEM instead of 105 KB (three CTAs
       per SM instead of two); A's float32 partials, one per key block, summed by XLA (16 more
       bytes of HBM traffic per element of A: ~0.06 ms at the anchor shapes, where the gates kernel
-      took 1.2 ms). False (one CTA per (b, h, chunk)) until timed on the device.
+      took 1.2 ms). False (one CTA per (b, h, chunk)): on the H200 it took 0.624 ms against the
+      fused kernel's 0.546 (T = 2048).
+    gla_grad_key_blocks: gla's gradient kernel as one CTA per (b, h, chunk, 64-key block) (the
+      key blocks are independent: dq, dk, dg are per key channel), its tiles aliased by phase
+      (`plgpu.RefUnion`) and the states read in two halves of 64 values: 105 KB of SMEM instead
+      of 217 KB, so two CTAs (eight warps) per SM where one ran, each half the work. False (the
+      fused kernel, one CTA per (b, h, chunk) walking its key blocks) until timed on the device.
     """
 
     chunk: int = 64
@@ -402,6 +409,7 @@ class HopperChunkConfig:
     overlap: bool = True
     item_order: str = "heads"
     gla_key_blocks: bool = False
+    gla_grad_key_blocks: bool = False
 
     def __post_init__(self):
         name = type(self).__name__
@@ -420,7 +428,7 @@ class HopperChunkConfig:
                              f"{self.stages}, {self.stages_grad}")
         if self.grad_programs is not None and self.grad_programs < 1:
             raise ValueError(f"{name}.grad_programs must be positive, got {self.grad_programs}")
-        _check_hopper(self)
+        _check_hopper(self, gla_key_blocks=(False, True), gla_grad_key_blocks=(False, True))
 
     @classmethod
     def default(cls, device=None) -> HopperChunkConfig:

@@ -10,7 +10,9 @@ second's first row. The default config cuts it into two pieces (two-level walks)
 walks it whole. "B2-K128-docs" is the shape of the device's gates fault (two batch rows, each
 with its own documents: row 1 has one boundary, inside the second chunk). "strong-no-docs-K128":
 two key blocks, each through the gradient kernel's loop over the levels, at strong decay, with no
-documents or initial state."""
+documents or initial state. "grad-key-blocks-strong-K128": the gradient kernel per 64-key block
+(`gla_grad_key_blocks`: each CTA one key block, the states in two value blocks), strong decay,
+documents, initial state, two batch rows."""
 
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ CASES = {
     "strong-one-level": (dict(pieces=1), "strong", True, 64),
     "B2-K128-docs": ({}, "normal", True, 128, 2),
     "strong-no-docs-K128": ({}, "strong", False, 128),
+    "grad-key-blocks-strong-K128": (dict(gla_grad_key_blocks=True), "strong", True, 128, 2),
 }
 
 

@@ -136,8 +136,8 @@ def register_iota_operands(fn, *structs) -> list[str]:
     return _walk(jax.make_jaxpr(fn)(*structs).jaxpr, set(), [], "outside")
 
 
-def _gla_grad(B, T, H, K, V, docs):
-    cfg = HopperChunkConfig(interpret=False, grad_programs=132)
+def _gla_grad(B, T, H, K, V, docs, **over):
+    cfg = HopperChunkConfig(interpret=False, grad_programs=132, **over)
     bf = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)      # noqa: E731
     structs = [bf(B, T, H, K), bf(B, T, H, K), bf(B, T, H, V),
                jax.ShapeDtypeStruct((B, T, H, K), jnp.float32),
@@ -152,9 +152,10 @@ def _gla_grad(B, T, H, K, V, docs):
     return jax.grad(loss, argnums=(0, 1, 2, 3, 4)), structs + ([seg] if docs else [])
 
 
-@pytest.mark.parametrize("K,docs", [(64, True), (128, True), (128, False)])
-def test_gla_kernels_read_no_iota_matrix_from_registers(K, docs):
-    fn, structs = _gla_grad(2, 256, 2, K, K, docs)
+@pytest.mark.parametrize("K,docs,over", [(64, True, {}), (128, True, {}), (128, False, {}),
+                                         (128, True, dict(gla_grad_key_blocks=True))])
+def test_gla_kernels_read_no_iota_matrix_from_registers(K, docs, over):
+    fn, structs = _gla_grad(2, 256, 2, K, K, docs, **over)
     kernels = {e.params["meshes"][0].kernel_name
                for e in _eqns(jax.make_jaxpr(fn)(*structs).jaxpr) if e.primitive.name == "mpmd_map"}
     assert {"gla_gates", "gla_walk", "gla_walk_rev", "gla_grad"} <= kernels, kernels

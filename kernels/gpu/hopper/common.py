@@ -62,7 +62,7 @@ def check_smem(name: str, scratch, fix: str = "lower the config's stages") -> in
     """The SMEM bytes of a kernel's scratch list; ValueError past SMEM_BYTES (export on a CPU
     would not notice: the limit is the device's), saying how to `fix` it."""
     total = 0
-    for s in scratch:
+    for s in jax.tree.leaves(scratch, is_leaf=lambda x: not isinstance(x, (list, tuple))):
         if isinstance(s, plgpu.Barrier):
             continue
         n = jnp.dtype(s.dtype).itemsize

@@ -56,13 +56,18 @@ Stages (forward: `gates`, then `walk`; backward: `walk` in reverse, then `grad`)
          level's span sums), <S_n, dS_n+1> per key as a float32 row sum. Writes dq, dk (q's
          dtype) and dg float32. The 0/1 matrices L, U in the output tiles of dq, dk (free until
          the block's end), the levels' W^s alternately in a tile of their own and dq's; dA^s in
-         SMEM (an A operand, and transposed, dA^s^T).
+         SMEM (an A operand, and transposed, dA^s^T). Variant (`gla_grad_key_blocks`, K =
+         128): one CTA per 64-key block (dq, dk, dg are per key channel, so the blocks share
+         nothing but dA, which each forms), the states read in two [64, 64] value blocks, and
+         the tiles of the chunk part (v, do, the states) and of the levels in one aliased region
+         (`plgpu.RefUnion`), as q, k and dg's staging tile: two CTAs per SM.
 
 Registers. The six levels run as a loop (gates: over the levels; grad: over pairs of levels, the
 two W^s tiles alternating), the level's block size a traced power of two (`Log2`): unrolled, ptxas
 (`tools/ptxas_report.py`, K = V = 128) gave the gradient kernel 255 registers, 4.9 KB of spill
 stores per thread and serialised wgmmas (C7512), and the gates kernel 456 B of spills; looped,
-1.3 KB and no serialisation, and 104 B (0 at K = 64 and per key block, `gla_key_blocks`).
+1.3 KB and no serialisation (the device's ptxas: 1.6 KB), and 104 B (0 at K = 64 and per key
+block, `gla_key_blocks`); the gradient per key block (`gla_grad_key_blocks`) 0.9 KB.
 
 Every wgmma A operand derived from an iota (the 0/1 span matrices, and dA^s, which the level's
 pair mask cuts) is read from SMEM, never from registers: on the H200 such register operands gave
@@ -71,8 +76,9 @@ tests/kernels/test_hopper_gla_operands.py checks it).
 
 SMEM at K = V = 128: gates 105 KB (two CTAs per SM); walk 2 stages of 57 KB + 80 KB (the state
 pass 3 stages of 33 KB + 33 KB); grad 217 KB (one CTA per SM: its loads are not overlapped with
-compute yet, the first thing to change if it dominates on the device). At K = V = 64: gates
-57 KB, grad 153 KB; gates per key block (K = 128) 73 KB.
+compute; on the H200 it took 4.2 of gla's 5.6 ms fwd+bwd at T = 2048), per key block 105 KB
+(two CTAs per SM). At K = V = 64: gates 57 KB, grad 153 KB; gates per key block (K = 128)
+73 KB.
 
 Roofline at the anchor shapes (bf16, H = 16, K = V = 128, B T = 16384; H200 ~4.3 TB/s,
 ~790 TFLOP/s bf16). One [B, T, H, 128] bf16 tensor is 67 MB, g (float32, read as hi + lo bf16)
@@ -506,12 +512,15 @@ def walk(x, y, z, A, dec, s0, *, reverse, cfg, residuals=False, pieces=1, emit="
 # -- backward: the chunk-parallel gradient kernel --------------------------------------------------
 def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
     """dq, dk (q's dtype, [B, Tp, H, K]) and dg (float32 [B, Tp, H, K]) from the inputs, the gate
-    halves, the document rows and the walks' states S_n, dS_n+1 [B, H, N, K, V]."""
+    halves, the document rows and the walks' states S_n, dS_n+1 [B, H, N, K, V]. One CTA per
+    (b, h, chunk) walking its 64-key blocks, or with `cfg.gla_grad_key_blocks` (K > 64) one CTA
+    per (b, h, chunk, key block), its tiles aliased by phase (`_grad_scratch`)."""
     B, Tp, H, K = q.shape
     V, C, dt = v.shape[-1], cfg.chunk, q.dtype
-    N, NKB = Tp // C, K // LANES
+    N, NKB, NVB = Tp // C, K // LANES, V // LANES
     ops = Ops(interpreting(cfg))
     has_doc = drows is not None
+    split = cfg.gla_grad_key_blocks and NKB > 1
     blk = (C, LANES)
 
     def body(*refs):
@@ -520,23 +529,35 @@ def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
         q_ref, k_ref, v_ref, do_ref, gh_ref, gl_ref = (pop() for _ in range(6))
         d_ref, s_ref, ds_ref = pop(has_doc), pop(), pop()
         dq_ref, dk_ref, dg_ref = pop(), pop(), pop()
-        (qs, ks, vs, dos, ghs, gls, ds, ss, dss, da_s, dal_s, ws, xs, ys, h0s, h1s, oq, ok, og,
-         vec, bar, tbar) = refs
-        b, h, n = (lax.axis_index(a) for a in ("b", "h", "n"))
+        (qk, vs, dos, ghs, gls, ds, ss, dss, da_s, levels_tiles, oq, ok, og, vec, bar,
+         tbar) = _grad_refs(refs, split)
+        qs, ks = qk
+        dal_s, ws, xs, ys, h0s, h1s = levels_tiles
+        if split:
+            b, n = lax.axis_index("b"), lax.axis_index("n")
+            h, kb = lax.div(lax.axis_index("hk"), NKB), lax.rem(lax.axis_index("hk"), NKB)
+            own = [pl.ds(kb * LANES, LANES)]          # the key columns of this CTA, in GMEM
+        else:
+            b, h, n = (lax.axis_index(a) for a in ("b", "h", "n"))
+            own = [pl.ds(i * LANES, LANES) for i in range(NKB)]
         t = pl.ds(n * C, C)
-        kblk = [pl.ds(i * LANES, LANES) for i in range(NKB)]
+        vcol = [pl.ds(j * LANES, LANES) for j in range(NVB)]
 
-        def load_tiles(i):
-            plgpu.copy_gmem_to_smem(s_ref.at[b, h, n, kblk[i]], ss, tbar.at[0])
-            plgpu.copy_gmem_to_smem(ds_ref.at[b, h, n, kblk[i]], dss, tbar.at[0])
+        def load_tiles(i, j=None):
+            """S_n, dS_n+1 of key block i: every value column, or (split) value block j."""
+            at = (b, h, n, own[i]) + (() if j is None else (vcol[j],))
+            plgpu.copy_gmem_to_smem(s_ref.at[at], ss, tbar.at[0])
+            plgpu.copy_gmem_to_smem(ds_ref.at[at], dss, tbar.at[0])
 
-        for src, dst in ((q_ref, qs), (k_ref, ks), (v_ref, vs), (do_ref, dos), (gh_ref, ghs),
-                         (gl_ref, gls)):
-            plgpu.copy_gmem_to_smem(src.at[b, t, h], dst, bar.at[0])
+        keys = own[0] if split else slice(None)
+        for src, dst, cols in ((q_ref, qs, keys), (k_ref, ks, keys), (v_ref, vs, slice(None)),
+                               (do_ref, dos, slice(None)), (gh_ref, ghs, keys),
+                               (gl_ref, gls, keys)):
+            plgpu.copy_gmem_to_smem(src.at[b, t, h, cols], dst, bar.at[0])
         if has_doc:
             plgpu.copy_gmem_to_smem(d_ref.at[b, :, t], ds, bar.at[0])
         with jax.named_scope("grad_wait"):
-            load_tiles(0)
+            load_tiles(0, 0 if split else None)
             plgpu.barrier_wait(bar.at[0])
         sp = Spans(ops, C, dt)
         docs = Docs(ops, ds if has_doc else None, C)
@@ -594,12 +615,40 @@ def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
             dq, dk, dg, _ = lax.fori_loop(0, len(LEVELS) // 2, pair, (dq, dk, dg, Z))
             return dq, dk, dg
 
+        def state_products(i, gh, gl):
+            """dq~ = do S_n^T, dk~ = v dS_n+1^T, Gin, R and <S_n, dS_n+1> per key (a column
+            vector) of key block i, with L, U in oq, ok. Fused: one load of every value column
+            (the next block's prefetched once these are read); split: value block by value
+            block through [64, 64] tiles."""
+            plgpu.barrier_wait(tbar.at[0])
+            cols = (lambda ref, j: ref.at[:, vcol[j]]) if split else (lambda ref, j: ref)
+            dqt, dkt, Gin, R = mm_groups(ops, (None, [term(cols(dos, 0), ss, tb=True)]),
+                                         (None, [term(cols(vs, 0), dss, tb=True)]),
+                                         span_sum(oq, gh, gl), span_sum(ok, gh, gl))
+            ddec = ops.row(jnp.zeros((LANES,), f32))       # <S_n, dS_n+1> per key row
+            for j in range(NVB if split else 1):
+                if j:                 # the last block's tiles are read (commit: every thread)
+                    plgpu.commit_smem()
+                    load_tiles(0, j)
+                    plgpu.barrier_wait(tbar.at[0])
+                    dqt, dkt = mm_groups(ops, (dqt, [term(cols(dos, j), ss, tb=True)]),
+                                         (dkt, [term(cols(vs, j), dss, tb=True)]))
+                for vb in range(1 if split else NVB):
+                    s_, d_ = (ss, dss) if split else (ss.at[:, vcol[vb]], dss.at[:, vcol[vb]])
+                    ddec = ddec + jnp.sum(load(s_) * load(d_), axis=1)
+            vec[0] = ddec                                 # to a column vector through SMEM
+            plgpu.commit_smem()                           # also: ss, dss are read
+            if not split and i + 1 < NKB:
+                load_tiles(i + 1)
+            return dqt, dkt, Gin, R, ops.col(vec.at[0][...])
+
         # The span matrices reach the wgmmas through SMEM only (`Spans`): L and U in the output
         # tiles oq, ok (free until dq, dk are staged at the block's end; rewritten per key block
         # once the previous block's stores have read them), the levels' W^s alternately in ws
         # (the one tile added for them: SMEM is full) and oq (free once L^T has routed dGin).
         # Each tile is rewritten only after every wgmma reading it was awaited.
-        for i, kr in enumerate(kblk):
+        for i, out_cols in enumerate(own):
+            kr = slice(None) if split else pl.ds(i * LANES, LANES)
             gh, gl = ghs.at[:, kr], gls.at[:, kr]
             with jax.named_scope("grad_block"):
                 if i:
@@ -607,19 +656,7 @@ def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
                 sp.put(oq, sp.gin())
                 sp.put(ok, sp.rest())
                 plgpu.commit_smem()
-                plgpu.barrier_wait(tbar.at[0])
-                dqt, dkt, Gin, R = mm_groups(ops, (None, [term(dos, ss, tb=True)]),
-                                             (None, [term(vs, dss, tb=True)]),
-                                             span_sum(oq, gh, gl), span_sum(ok, gh, gl))
-                ddec = ops.row(jnp.zeros((LANES,), f32))       # <S_n, dS_n+1> per key row
-                for vb in range(V // LANES):
-                    vc = pl.ds(vb * LANES, LANES)
-                    ddec = ddec + jnp.sum(load(ss.at[:, vc]) * load(dss.at[:, vc]), axis=1)
-                vec[0] = ddec                                 # to a column vector through SMEM
-                plgpu.commit_smem()                           # also: ss, dss are read
-                if i + 1 < NKB:
-                    load_tiles(i + 1)
-                ddec = ops.col(vec.at[0][...])
+                dqt, dkt, Gin, R, ddec = state_products(i, gh, gl)
                 e_in, e_out, dec = chunk_factors(ops, sp, docs, Gin, R, gh, gl, scale=scale)
                 qv, kv = load(qs.at[:, kr]), load(ks.at[:, kr])
                 dq = e_in * dqt
@@ -628,7 +665,7 @@ def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
                 dg = ops.cols_of(dec * ddec, blk)
                 dq = dq + ops.rows_of(diag, blk) * kv
                 dk = dk + ops.rows_of(diag, blk) * qv
-                halves(dgin, h0s, h1s)
+                halves(dgin, h0s, h1s)       # (split: where v, do, S, dS were; all read above)
                 halves(dr, xs, ys)
             with jax.named_scope("grad_levels"):
                 dq, dk, dg = levels(kr, gh, gl, dq, dk, dg)
@@ -636,29 +673,61 @@ def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last block's stores are out
                 oq[...] = dq.astype(dt)
                 ok[...] = dk.astype(dt)
-                og[...] = dg
+                og[...] = dg                 # (split: where q, k were; read by the last level)
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(oq, dq_ref.at[b, t, h, kr])
-                plgpu.copy_smem_to_gmem(ok, dk_ref.at[b, t, h, kr])
-                plgpu.copy_smem_to_gmem(og, dg_ref.at[b, t, h, kr])
+                plgpu.copy_smem_to_gmem(oq, dq_ref.at[b, t, h, out_cols])
+                plgpu.copy_smem_to_gmem(ok, dk_ref.at[b, t, h, out_cols])
+                plgpu.copy_smem_to_gmem(og, dg_ref.at[b, t, h, out_cols])
         plgpu.wait_smem_to_gmem(0)
 
-    scratch = [smem((C, K), dt), smem((C, K), dt), smem((C, V), dt), smem((C, V), dt),
-               smem((C, K), dt), smem((C, K), dt),
-               plgpu.SMEM((2, C), f32) if has_doc else plgpu.SMEM((1, C), f32),
-               smem((LANES, V), dt), smem((LANES, V), dt), smem((C, C), dt), smem((C, C), dt),
-               smem((C, C), dt)]                     # da_s, dal_s, ws (the level matrices)
-    scratch += [smem(blk, dt) for _ in range(4)]
-    scratch += [smem(blk, dt), smem(blk, dt), smem(blk, f32), plgpu.SMEM((1, LANES), f32),
-                plgpu.Barrier(num_arrivals=6 + has_doc, num_barriers=1),
-                plgpu.Barrier(num_arrivals=2, num_barriers=1)]
+    scratch = _grad_scratch(C, K, V, dt, has_doc, split, aliased=not ops.interpret)
     check_smem("gla grad", scratch)
     out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, K), dt),
                 jax.ShapeDtypeStruct((B, Tp, H, K), f32)]
-    kernel = launch(body, cfg, ops, out_type=out_type, grid=(B, H, N), grid_names=("b", "h", "n"),
+    grid, names = ((B, H * NKB, N), ("b", "hk", "n")) if split else ((B, H, N), ("b", "h", "n"))
+    kernel = launch(body, cfg, ops, out_type=out_type, grid=grid, grid_names=names,
                     scratch=scratch, name="gla_grad", num_threads=1)
     args = (q, k, v, do, gh, gl) + ((drows,) if has_doc else ()) + (states, dstates)
     return tuple(kernel(*args))
+
+
+def _grad_scratch(C, K, V, dt, has_doc, split, *, aliased):
+    """The gradient kernel's SMEM, in the order `_grad_refs` reads it. Fused (one CTA walks
+    every key block): q, k, g halves [C, K], v, do [C, V], the key block's S_n, dS_n+1 [64, V],
+    and every tile of its own: 217 KB at K = V = 128. Split (one key block per CTA): q, k, g
+    halves [C, 64], S_n, dS_n+1 [64, 64] (one value block at a time), and the tiles of the two
+    phases of the kernel in one region each (`plgpu.RefUnion`; separate in the interpreter, which
+    cannot alias): v, do and the states (read by the chunk part) with the levels' six tiles
+    (written from the chunk part's end on), q, k with dg's float32 staging tile (written after
+    the last level read q, k): 105 KB, two CTAs per SM."""
+    KW, SV = (LANES, LANES) if split else (K, V)
+    blk = (C, LANES)
+    rows = plgpu.SMEM((2, C), f32) if has_doc else plgpu.SMEM((1, C), f32)
+    qk = (smem((C, KW), dt), smem((C, KW), dt))
+    reads = (smem((C, V), dt), smem((C, V), dt), smem((LANES, SV), dt), smem((LANES, SV), dt))
+    levels_tiles = (smem((C, C), dt), smem((C, C), dt)) + tuple(smem(blk, dt) for _ in range(4))
+    g_halves = [smem((C, KW), dt), smem((C, KW), dt)]
+    vec_bars = [plgpu.SMEM((1, LANES), f32),
+                plgpu.Barrier(num_arrivals=6 + has_doc, num_barriers=1),
+                plgpu.Barrier(num_arrivals=2, num_barriers=1)]
+    if not split:      # q, k, v, do, gh, gl, rows, S, dS, dA, dA^s, W, x, y, h0, h1, dq, dk, dg
+        return ([*qk, *reads[:2], *g_halves, rows, *reads[2:], smem((C, C), dt), *levels_tiles,
+                 smem(blk, dt), smem(blk, dt), smem(blk, f32)] + vec_bars)
+    union = plgpu.RefUnion if aliased else (lambda *trees: trees)
+    return ([union(qk, smem(blk, f32)), union(reads, levels_tiles), *g_halves, rows,
+             smem((C, C), dt), smem(blk, dt), smem(blk, dt)] + vec_bars)
+
+
+def _grad_refs(refs, split):
+    """The scratch refs of `_grad_scratch` as (qk, vs, dos, ghs, gls, ds, ss, dss, da_s,
+    levels_tiles, oq, ok, og, vec, bar, tbar)."""
+    if split:
+        (qk, og), ((vs, dos, ss, dss), levels_tiles), ghs, gls, ds, da_s, oq, ok, *rest = refs
+    else:
+        qs, ks, vs, dos, ghs, gls, ds, ss, dss, da_s, *rest = refs
+        qk, levels_tiles, (oq, ok, og, *rest) = (qs, ks), tuple(rest[:6]), rest[6:]
+    vec, bar, tbar = rest
+    return (qk, vs, dos, ghs, gls, ds, ss, dss, da_s, levels_tiles, oq, ok, og, vec, bar, tbar)
 
 
 # -- the op ----------------------------------------------------------------------------------------
