@@ -344,8 +344,8 @@ class TpuSelectiveConfig:
 class HopperChunkConfig:
     """The Mosaic GPU (Hopper, sm_90) kernels of the chunk family (`kernels/gpu/hopper/`):
     simple_gla (`decay.py`, `decay_grad.py`) and gla (`gla.py`, the vector gate). gla reads chunk,
-    stages, pieces, semantics, approx_math, interpret, gla_key_blocks and gla_grad_key_blocks;
-    its chunk-parallel kernels (gates, grad) take one (b, h, chunk) per CTA (or one 64-key block
+    stages, pieces, semantics, approx_math, interpret and gla_grad_key_blocks; its
+    chunk-parallel kernels (gates, grad) take one (b, h, chunk) per CTA (or one 64-key block
     of it) and ignore stages_grad, grad_programs, gates, grad_items, overlap and item_order, which
     shape simple_gla's.
 
@@ -382,12 +382,6 @@ class HopperChunkConfig:
     profile_dir: where a non-empty directory is named, every kernel call writes a Chrome trace
       of its named scopes (`jax.named_scope` in the kernel bodies; per CTA and warpgroup, at most
       256 ranges each: `experiments/benchmarks/kernel_report.py` reads them). Diagnostics only.
-    gla_key_blocks: gla's gates kernel at K > 64 as one CTA per (b, h, chunk, 64-key block): each
-      CTA half the exponentials and span products and 73 KB of SMEM instead of 105 KB (three CTAs
-      per SM instead of two); A's float32 partials, one per key block, summed by XLA (16 more
-      bytes of HBM traffic per element of A: ~0.06 ms at the anchor shapes, where the gates kernel
-      took 1.2 ms). False (one CTA per (b, h, chunk)): on the H200 it took 0.624 ms against the
-      fused kernel's 0.546 (T = 2048).
     gla_grad_key_blocks: gla's gradient kernel as one CTA per (b, h, chunk, 64-key block) (the
       key blocks are independent: dq, dk, dg are per key channel), its tiles aliased by phase
       (`plgpu.RefUnion`) and the states read in two halves of 64 values: 105 KB of SMEM instead
@@ -408,7 +402,6 @@ class HopperChunkConfig:
     grad_items: str = "split"
     overlap: bool = True
     item_order: str = "heads"
-    gla_key_blocks: bool = False
     gla_grad_key_blocks: bool = False
 
     def __post_init__(self):
@@ -428,7 +421,7 @@ class HopperChunkConfig:
                              f"{self.stages}, {self.stages_grad}")
         if self.grad_programs is not None and self.grad_programs < 1:
             raise ValueError(f"{name}.grad_programs must be positive, got {self.grad_programs}")
-        _check_hopper(self, gla_key_blocks=(False, True), gla_grad_key_blocks=(False, True))
+        _check_hopper(self, gla_grad_key_blocks=(False, True))
 
     @classmethod
     def default(cls, device=None) -> HopperChunkConfig:

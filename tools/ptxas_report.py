@@ -67,7 +67,7 @@ def parse_args(argv=None):
                    help="indices into each family's lowering-test cases (default: the first)")
     p.add_argument("--grad", action="store_true", help="also the backward's kernels")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="a config override for every case, e.g. --set gla_key_blocks=True")
+                   help="a config override for every case, e.g. --set gla_grad_key_blocks=True")
     p.add_argument("--json", default="", help="write the table here too")
     p.add_argument("--keep", default="", help="keep the PTX and pass logs in this directory")
     p.add_argument("--plugin", default="", help="path of xla_cuda_plugin.so")

@@ -18,9 +18,9 @@ correctness, then timings against the jax-linear-attention anchors.
     blocked on the host (`fwd_sync_ms`, how the jla anchors were timed), beside jla's gla timed
     the same ways in this run where its wheel is installed (`jla_run_*`), else its anchors, and
     the ratio (jla / ours, > 1 is faster); then each kernel alone at the first T (every T without
-    --quick): gates (and at K = 128 gates per 64-key block, `gla_key_blocks`), walk (with
-    states), reverse walk, grad (and at K = 128 per key block, `gla_grad_key_blocks`); at every
-    T also the whole op with `gla_grad_key_blocks` (`--no-breakdown`: the whole op only).
+    --quick): gates, walk (with states), reverse walk, grad (and at K = 128 per key block,
+    `gla_grad_key_blocks`); at every T also the whole op with `gla_grad_key_blocks`
+    (`--no-breakdown`: the whole op only).
 (c) Writes benchmarks/results/hopper_gla_gpu_<device>.json (and a copy under $OUT when set).
 
 A check or timing that fails prints the last 30 lines of its traceback and the script goes on.
@@ -108,15 +108,11 @@ def kernel_breakdown(cfg, args, *, reps):
     t = lambda f, *a: common.median_ms(f, *a, reps=reps, inner=10)       # noqa: E731
     out = {"pieces": P}
     try:
-        gh, gl = hcommon.split_hi_lo(g, q.dtype)
+        gh, gl = hcommon.split_hi_lo_xla(g, q.dtype)
         gates = jax.jit(lambda q, k, gh, gl: hgla.gates(q, k, gh, gl, None, scale=K**-0.5,
                                                         cfg=cfg))
         qt, kt, A, dec = gates(q, k, gh, gl)
         out["gates"] = t(gates, q, k, gh, gl)
-        if K > 64:                        # one CTA per 64-key block, A's partials summed by XLA
-            by_block = jax.jit(lambda q, k, gh, gl: hgla.gates_by_key_block(
-                q, k, gh, gl, None, scale=K**-0.5, cfg=cfg))
-            out["gates_key_blocks"] = t(by_block, q, k, gh, gl)
         state = jax.jit(lambda y, z, d, rev: hgla.walk(None, y, z, None, d, None, reverse=rev,
                                                        cfg=cfg, pieces=P, emit="state"),
                         static_argnums=3)

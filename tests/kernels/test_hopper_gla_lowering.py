@@ -61,10 +61,9 @@ def test_gla_exports_for_cuda(case, grad):
 
 
 def test_variants_export_for_cuda():
-    """`gla_key_blocks` (the gates kernel with a float32 A tile of its own) and
-    `gla_grad_key_blocks` (the gradient kernel per key block, its tiles in two `RefUnion`s) at
-    the anchor tiles, forward and backward."""
-    over = dict(gla_key_blocks=True, gla_grad_key_blocks=True)
+    """`gla_grad_key_blocks` (the gradient kernel per key block, its tiles in two `RefUnion`s)
+    at the anchor tiles, forward and backward."""
+    over = dict(gla_grad_key_blocks=True)
     text = _export(("lane", 2, 2048, 4, 128, 128, True, over), True).mlir_module()
     for name in ("gla_gates", "gla_walk", "gla_walk_rev", "gla_grad"):
         assert name in text, name

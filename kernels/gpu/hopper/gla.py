@@ -35,10 +35,9 @@ Stages (forward: `gates`, then `walk`; backward: `walk` in reverse, then `grad`)
          dec, then the six levels (two span wgmmas, the factors, Q^s K^s^T per level) into A
          (bf16, scaled, masked), each level's pair product issued with the next level's span sums
          (one wait for both). The 0/1 matrices pass through the A tile, one at a time.
-         Writes q~, k~ [B, Tp, H, K], A [B, H, N, C, C], dec [B, H, N, K/64, 64]. Variant
-         (`gla_key_blocks`, K = 128): one CTA per 64-key block, the blocks run as heads; every
-         output is per key but A, a sum over keys, so each block writes A's float32 partial and
-         XLA adds the two (`gates_by_key_block`): half the work per CTA, three CTAs per SM.
+         Writes q~, k~ [B, Tp, H, K], A [B, H, N, C, C], dec [B, H, N, K/64, 64]. (One CTA
+         per 64-key block, A's float32 partials summed by XLA, took 0.62 ms against 0.55 on the
+         H200 at T = 2048 with three CTAs per SM instead of two: removed.)
   walk   the sequential chunk walk of `decay.walk` with A loaded rather than formed:
              forward  o = A v + q~ S_n,         S_n+1 = diag(dec) S_n + k~^T v
              reverse  dv = A^T do + k~ dS_n+1,   dS_n = diag(dec) dS_n+1 + q~^T do
@@ -66,8 +65,8 @@ Registers. The six levels run as a loop (gates: over the levels; grad: over pair
 two W^s tiles alternating), the level's block size a traced power of two (`Log2`): unrolled, ptxas
 (`tools/ptxas_report.py`, K = V = 128) gave the gradient kernel 255 registers, 4.9 KB of spill
 stores per thread and serialised wgmmas (C7512), and the gates kernel 456 B of spills; looped,
-1.3 KB and no serialisation (the device's ptxas: 1.6 KB), and 104 B (0 at K = 64 and per key
-block, `gla_key_blocks`); the gradient per key block (`gla_grad_key_blocks`) 0.9 KB.
+1.3 KB and no serialisation (the device's ptxas: 1.6 KB), and 104 B (0 at K = 64); the gradient
+per key block (`gla_grad_key_blocks`) 0.9 KB.
 
 Every wgmma A operand derived from an iota (the 0/1 span matrices, and dA^s, which the level's
 pair mask cuts) is read from SMEM, never from registers: on the H200 such register operands gave
@@ -282,13 +281,12 @@ def mm_groups(ops, *groups):
 
 
 # -- forward: the chunk-parallel gate and intra kernel ---------------------------------------------
-def gates(q, k, gh, gl, drows, *, scale, cfg, a_dtype=None):
-    """(q~, k~ [B, Tp, H, K] in q's dtype, A [B, H, N, C, C] in `a_dtype` (None: q's dtype), dec
+def gates(q, k, gh, gl, drows, *, scale, cfg):
+    """(q~, k~ [B, Tp, H, K] in q's dtype, A [B, H, N, C, C] in q's dtype, dec
     [B, H, N, K/64, 64] float32) of the module docstring; gh, gl [B, Tp, H, K] the gate halves,
     drows None or [B, 2, Tp] float32 (doc, din)."""
     B, Tp, H, K = q.shape
     C, dt = cfg.chunk, q.dtype
-    a_dt = a_dtype or dt
     N, NKB = Tp // C, K // LANES
     ops = Ops(interpreting(cfg))
     has_doc = drows is not None
@@ -298,8 +296,7 @@ def gates(q, k, gh, gl, drows, *, scale, cfg, a_dtype=None):
         pop = lambda on=True: refs.pop(0) if on else None       # noqa: E731
         q_ref, k_ref, gh_ref, gl_ref, d_ref = pop(), pop(), pop(), pop(), pop(has_doc)
         qt_ref, kt_ref, a_ref, dec_ref = pop(), pop(), pop(), pop()
-        qs, ks, ghs, gls, ds, xs, ys, as_, decs, bar, *a_out = refs
-        a_out = a_out[0] if a_out else as_                # A's store tile (float32: its own)
+        qs, ks, ghs, gls, ds, xs, ys, as_, decs, bar = refs
         qo, ko = xs, ys                                   # where q~, k~ are staged for TMA
         b, h, n = (lax.axis_index(a) for a in ("b", "h", "n"))
         t = pl.ds(n * C, C)
@@ -366,9 +363,9 @@ def gates(q, k, gh, gl, drows, *, scale, cfg, a_dtype=None):
             A = lax.fori_loop(0, len(LEVELS), step, (A, *Z))[0]
         with jax.named_scope("gates_store"):
             A = docs.cut(docs.same, A * scale)
-            a_out[...] = A.astype(a_dt)
+            as_[...] = A.astype(dt)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(a_out, a_ref.at[b, h, n])
+            plgpu.copy_smem_to_gmem(as_, a_ref.at[b, h, n])
         plgpu.wait_smem_to_gmem(0)
 
     scratch = [smem((C, K), dt), smem((C, K), dt), smem((C, K), dt), smem((C, K), dt),
@@ -376,31 +373,14 @@ def gates(q, k, gh, gl, drows, *, scale, cfg, a_dtype=None):
                smem((C, K), dt), smem((C, K), dt), smem((C, C), dt),
                plgpu.SMEM((NKB, LANES), f32)]
     scratch += [plgpu.Barrier(num_arrivals=4 + has_doc, num_barriers=1)]
-    scratch += [] if a_dt == dt else [smem((C, C), a_dt)]
     check_smem("gla gates", scratch)
     out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, K), dt),
-                jax.ShapeDtypeStruct((B, H, N, C, C), a_dt),
+                jax.ShapeDtypeStruct((B, H, N, C, C), dt),
                 jax.ShapeDtypeStruct((B, H, N, NKB, LANES), f32)]
     kernel = launch(body, cfg, ops, out_type=out_type, grid=(B, H, N), grid_names=("b", "h", "n"),
                     scratch=scratch, name="gla_gates", num_threads=1)
     args = (q, k, gh, gl) + ((drows,) if has_doc else ())
     return tuple(kernel(*args))
-
-
-def gates_by_key_block(q, k, gh, gl, drows, *, scale, cfg):
-    """`gates` with one CTA per 64-key block (`HopperChunkConfig.gla_key_blocks`): the blocks run
-    as heads of their own (a free reshape of [.., H, K] to [.., H K/64, 64]); every output but A
-    is per key, and A is a sum over keys, so each block's float32 partial of A comes out and XLA
-    adds them (then rounds to q's dtype, as the fused kernel does)."""
-    B, Tp, H, K = q.shape
-    NKB, C = K // LANES, cfg.chunk
-    blocks = lambda x: x.reshape(B, Tp, H * NKB, LANES)              # noqa: E731
-    qt, kt, A, dec = gates(blocks(q), blocks(k), blocks(gh), blocks(gl), drows, scale=scale,
-                           cfg=cfg, a_dtype=f32)
-    N = Tp // C
-    A = jnp.sum(A.reshape(B, H, NKB, N, C, C), axis=2).astype(q.dtype)
-    dec = jnp.swapaxes(dec.reshape(B, H, NKB, N, LANES), 2, 3)
-    return qt.reshape(q.shape), kt.reshape(k.shape), A, dec
 
 
 # -- the sequential walk ---------------------------------------------------------------------------
@@ -754,9 +734,7 @@ def _core(cfg: HopperChunkConfig, scale: float, has_doc: bool, has_h0: bool, P: 
 
     def forward(q, k, v, g, drows, h0, residuals):
         gh, gl = split_hi_lo_xla(g, q.dtype)
-        by_block = cfg.gla_key_blocks and q.shape[-1] > LANES
-        qt, kt, A, dec = (gates_by_key_block if by_block else gates)(
-            q, k, gh, gl, drows, scale=scale, cfg=cfg)
+        qt, kt, A, dec = gates(q, k, gh, gl, drows, scale=scale, cfg=cfg)
         o, S, states = walk2(qt, kt, v, A, dec, h0, reverse=False, residuals=residuals,
                              final=True)
         return (o, S), (q, k, v, gh, gl, drows, qt, kt, A, dec, states)
