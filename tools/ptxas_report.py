@@ -10,7 +10,11 @@ jax's CUDA PJRT plugin (MLIR passes, LLVM's NVPTX backend, then `ptxas -v`), wit
 dumps on (`MOSAIC_GPU_DUMP_PTX`, `MOSAIC_GPU_DUMP_PTXAS`). It stops where the module would be
 loaded onto a GPU; the PTX and ptxas's report are written by then. Printed per kernel: registers
 per thread (255 is the ceiling), spill stores / loads and stack bytes, and ptxas's warnings
-(e.g. C7512: wgmma serialised). With `--keep DIR` the PTX and pass logs stay in DIR.
+(e.g. C7512: wgmma serialised). With `--keep DIR` the PTX and pass logs stay in DIR. With
+`--sass` each PTX is also assembled to a cubin and disassembled (`cuobjdump -sass`, from the
+`nvidia-cuda-cuobjdump` wheel, fetched like the plugin; the device has no disassembler either):
+the kernel's static instruction count and, per loop (a backward branch's range), its
+instructions and most frequent opcodes: what a level loop spends its issue slots on.
 
 What it needs, none of it installed into the environment (jax would then look for a GPU):
 - the plugin wheel `jax-cuda12-pjrt` of the local jax version, fetched by pip into a cache dir
@@ -26,6 +30,7 @@ jax (0.11) may lower them a little differently, and the toolkit's ptxas may diff
 from __future__ import annotations
 
 import argparse
+import collections
 import ctypes
 import glob
 import json
@@ -70,6 +75,8 @@ def parse_args(argv=None):
                    help="a config override for every case, e.g. --set gla_grad_key_blocks=True")
     p.add_argument("--json", default="", help="write the table here too")
     p.add_argument("--keep", default="", help="keep the PTX and pass logs in this directory")
+    p.add_argument("--sass", action="store_true",
+                   help="also the SASS instruction counts of each kernel and of its loops")
     p.add_argument("--plugin", default="", help="path of xla_cuda_plugin.so")
     p.add_argument("--cuda-root", default="")
     return p.parse_args(argv)
@@ -98,6 +105,61 @@ def cuda_root(given: str) -> str:
         if os.path.exists(os.path.join(root, "bin", "ptxas")):
             return root
     sys.exit("ptxas not found: pass --cuda-root (a CUDA toolkit with bin/ptxas)")
+
+
+def cuobjdump_path() -> str:
+    """cuobjdump and the nvdisasm it runs, from their wheels (one folder, so it finds it)."""
+    tools = ("cuobjdump", "nvdisasm")
+    found = [glob.glob(str(CACHE / "sass" / "nvidia" / "*" / "bin" / t)) for t in tools]
+    if not all(found):
+        wheels = CACHE / "sass_wheels"
+        for t in tools:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d",
+                            str(wheels), f"nvidia-cuda-{t}"], check=True)
+            (wheel,) = glob.glob(str(wheels / f"nvidia_cuda_{t}-*.whl"))
+            subprocess.run([sys.executable, "-m", "zipfile", "-e", wheel, str(CACHE / "sass")],
+                           check=True)
+        found = [glob.glob(str(CACHE / "sass" / "nvidia" / "*" / "bin" / t)) for t in tools]
+    for (path,) in found:
+        os.chmod(path, 0o755)
+    os.environ["NVDISASM_PATH"] = os.path.dirname(found[1][0])
+    return found[0][0]
+
+
+SASS_LINE = re.compile(r"\s+/\*([0-9a-f]+)\*/\s+(.*?)\s*;")
+
+
+def sass_summary(ptx: pathlib.Path, root: str, top: int = 10) -> dict:
+    """Static SASS counts of one kernel (its PTX assembled by the toolkit's ptxas for sm_90a):
+    instructions, the `top` opcodes (mnemonic without modifiers), and per loop (the range of a
+    backward branch before the last EXIT) the same."""
+    cubin = ptx.with_suffix(".cubin")
+    subprocess.run([os.path.join(root, "bin", "ptxas"), "-arch=sm_90a", "-o", str(cubin),
+                    str(ptx)], check=True, capture_output=True)
+    text = subprocess.run([cuobjdump_path(), "-sass", str(cubin)], check=True,
+                          capture_output=True, text=True).stdout
+    ins = []
+    for line in text.splitlines():
+        m = SASS_LINE.match(line)
+        if m:
+            words = m.group(2).split()
+            op = words[1] if words[0].startswith("@") and len(words) > 1 else words[0]
+            ins.append((int(m.group(1), 16), op.split(".")[0], m.group(2)))
+
+    def counts(lo, hi):
+        c = collections.Counter(op for a, op, _ in ins if lo <= a <= hi)
+        return {"instructions": sum(c.values()), "opcodes": dict(c.most_common(top))}
+
+    # ptxas puts the retry paths of barrier waits after the last EXIT, branching back to
+    # their wait: not loops
+    end = max((a for a, op, _ in ins if op == "EXIT"), default=0)
+    loops = []
+    for a, op, t in ins:
+        target = re.findall(r"0x[0-9a-f]+", t)
+        if op == "BRA" and a < end and target and int(target[-1], 16) < a:
+            lo = int(target[-1], 16)
+            loops.append({"range": f"{lo:#x}-{a:#x}", **counts(lo, a)})
+    return {**counts(0, ins[-1][0] if ins else 0), "loops": loops}
 
 
 def stub_dir() -> str:
@@ -214,6 +276,8 @@ def main(argv=None) -> int:
                 kernel = re.sub(r"_\d+$", "", path.stem)
                 rows.append({"export": label, "case": repr(case), "kernel": kernel,
                              **read_report(path.read_text())})
+                if a.sass:
+                    rows[-1]["sass"] = sass_summary(path.with_suffix(".ptx"), root)
     seen = set()
     print(f"{'export':<16} {'kernel':<34} {'regs':>4} {'spill st/ld (B)':>16} {'stack':>6}")
     for r in rows:
@@ -227,6 +291,11 @@ def main(argv=None) -> int:
         print(f"{r['export']:<16} {r['kernel']:<34} {r['registers']:>4} "
               f"{r['spill_stores']:>7} / {r['spill_loads']:<6} {r['stack']:>6}"
               + ("  " + "; ".join(w[:60] for w in r["warnings"]) if r["warnings"] else ""))
+        if "sass" in r:
+            fmt = lambda c: ", ".join(f"{k} {v}" for k, v in c["opcodes"].items())  # noqa: E731
+            print(f"{'':<17}sass: {r['sass']['instructions']} instructions")
+            for lp in r["sass"]["loops"]:
+                print(f"{'':<17}loop {lp['range']}: {lp['instructions']} ({fmt(lp)})")
     if a.json:
         import datetime
 
