@@ -7,12 +7,11 @@ below float32's range, so any factor through one reference row would overflow).
 
 T = 100 is two chunks (the second padded); documents start inside the first chunk and at the
 second's first row. The default config cuts it into two pieces (two-level walks), "one-level"
-walks it whole. "B2-K128-docs" is the shape of the device's gates fault (two batch rows, each
-with its own documents: row 1 has one boundary, inside the second chunk). "strong-no-docs-K128":
-two key blocks, each through the gradient kernel's loop over the levels, at strong decay, with no
-documents or initial state. "grad-key-blocks-strong-K128": the gradient kernel per 64-key block
-(`gla_grad_key_blocks`: each CTA one key block, the states in two value blocks), strong decay,
-documents, initial state, two batch rows."""
+walks it whole. "strong-no-docs-K128": two key blocks, each through the gradient kernel's loop
+over the levels, at strong decay, with no documents or initial state. "B2-K128-docs-key-blocks":
+the shape of the device's gates fault (two batch rows, each with its own documents: row 1 has
+one boundary, inside the second chunk), at strong decay, through the gradient kernel per 64-key
+block (`gla_grad_key_blocks`: each CTA one key block, the states in two value blocks)."""
 
 from __future__ import annotations
 
@@ -34,9 +33,8 @@ rel = lambda a, b: float(jnp.linalg.norm(f32(a) - f32(b)) / jnp.linalg.norm(f32(
 CASES = {
     "two-level-docs": ({}, "normal", True, 64),
     "strong-one-level": (dict(pieces=1), "strong", True, 64),
-    "B2-K128-docs": ({}, "normal", True, 128, 2),
     "strong-no-docs-K128": ({}, "strong", False, 128),
-    "grad-key-blocks-strong-K128": (dict(gla_grad_key_blocks=True), "strong", True, 128, 2),
+    "B2-K128-docs-key-blocks": (dict(gla_grad_key_blocks=True), "strong", True, 128, 2),
 }
 
 
