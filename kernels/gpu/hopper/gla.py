@@ -76,8 +76,7 @@ tests/kernels/test_hopper_gla_operands.py checks it).
 SMEM at K = V = 128: gates 105 KB (two CTAs per SM); walk 2 stages of 57 KB + 80 KB (the state
 pass 3 stages of 33 KB + 33 KB); grad 217 KB (one CTA per SM: its loads are not overlapped with
 compute; on the H200 it took 4.2 of gla's 5.6 ms fwd+bwd at T = 2048), per key block 105 KB
-(two CTAs per SM). At K = V = 64: gates 57 KB, grad 153 KB; gates per key block (K = 128)
-73 KB.
+(two CTAs per SM). At K = V = 64: gates 57 KB, grad 153 KB.
 
 Roofline at the anchor shapes (bf16, H = 16, K = V = 128, B T = 16384; H200 ~4.3 TB/s,
 ~790 TFLOP/s bf16). One [B, T, H, 128] bf16 tensor is 67 MB, g (float32, read as hi + lo bf16)
