@@ -19,7 +19,7 @@ from jax import export
 
 from linear_jax.kernels.configs import TritonChunkConfig
 from linear_jax.kernels.gpu import decay, delta
-from tests.kernels.lowering import triton_kernels
+from tests.kernels.lowering import cast_round_trips, triton_kernels
 
 TRITON = "__gpu$xla.gpu.triton"
 SHAPES = [(jnp.bfloat16, 1, 200, 128, 128), (jnp.float32, 2, 100, 48, 96)]
@@ -70,6 +70,7 @@ def test_lowers_to_triton(case, fused):
     for name in names:
         assert f'name = "{name}"' in text, name
     assert "num_warps" in text
+    assert not cast_round_trips(text + primal), "a float32 -> 16-bit -> float32 cast in XLA"
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: jnp.dtype(s[0]).name)
