@@ -604,6 +604,8 @@ def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
             dqt, dkt, Gin, R = mm_groups(ops, (None, [term(cols(dos, 0), ss, tb=True)]),
                                          (None, [term(cols(vs, 0), dss, tb=True)]),
                                          span_sum(oq, gh, gl), span_sum(ok, gh, gl))
+            # per load of ss, dss: the [64, 64] value blocks it holds
+            loaded = [(ss, dss)] if split else [(ss.at[:, c], dss.at[:, c]) for c in vcol]
             ddec = ops.row(jnp.zeros((LANES,), f32))       # <S_n, dS_n+1> per key row
             for j in range(NVB if split else 1):
                 if j:                 # the last block's tiles are read (commit: every thread)
@@ -612,8 +614,7 @@ def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
                     plgpu.barrier_wait(tbar.at[0])
                     dqt, dkt = mm_groups(ops, (dqt, [term(cols(dos, j), ss, tb=True)]),
                                          (dkt, [term(cols(vs, j), dss, tb=True)]))
-                for vb in range(1 if split else NVB):
-                    s_, d_ = (ss, dss) if split else (ss.at[:, vcol[vb]], dss.at[:, vcol[vb]])
+                for s_, d_ in loaded:
                     ddec = ddec + jnp.sum(load(s_) * load(d_), axis=1)
             vec[0] = ddec                                 # to a column vector through SMEM
             plgpu.commit_smem()                           # also: ss, dss are read
@@ -627,7 +628,7 @@ def grad(q, k, v, do, gh, gl, drows, states, dstates, *, scale, cfg):
         # (the one tile added for them: SMEM is full) and oq (free once L^T has routed dGin).
         # Each tile is rewritten only after every wgmma reading it was awaited.
         for i, out_cols in enumerate(own):
-            kr = slice(None) if split else pl.ds(i * LANES, LANES)
+            kr = slice(None) if split else out_cols       # this block's columns in q, k, g tiles
             gh, gl = ghs.at[:, kr], gls.at[:, kr]
             with jax.named_scope("grad_block"):
                 if i:
