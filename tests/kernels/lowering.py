@@ -23,12 +23,14 @@ def cast_round_trips(text: str) -> list[str]:
     a 16-bit float and back to float32. XLA's GPU compiler drops such a round trip (it allows
     excess precision by default), so a hi / lo split written with one computes lo = 0 on the
     device; `kernels/gpu/hopper/common.split_hi_lo_xla` rounds with reduce_precision instead."""
-    narrowed, found = {}, []
-    for out, src, a, b in _CONVERT.findall(text):
-        if a == "f32" and b in ("bf16", "f16"):
-            narrowed[out] = src
-        elif a in ("bf16", "f16") and b == "f32" and src in narrowed:
-            found.append(narrowed[src])
+    found = []
+    for func in text.split("func.func")[1:]:       # SSA names are numbered afresh in each
+        narrowed = {}
+        for out, src, a, b in _CONVERT.findall(func):
+            if a == "f32" and b in ("bf16", "f16"):
+                narrowed[out] = src
+            elif a in ("bf16", "f16") and b == "f32" and src in narrowed:
+                found.append(narrowed[src])
     return found
 
 
