@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from jax import export
 
 TRITON = "__gpu$xla.gpu.triton"     # the custom call a Triton kernel lowers to (not yet stable)
-_CONVERT = re.compile(r"(%[\w#]+) = stablehlo\.convert (%[\w#]+) : \(tensor<[^>]*x(\w+)>\) -> "
-                      r"tensor<[^>]*x(\w+)>")
+_CONVERT = re.compile(r"(%[\w#]+) = stablehlo\.convert (%[\w#]+) : \(tensor<(?:[^>]*x)?(\w+)>\)"
+                      r" -> tensor<(?:[^>]*x)?(\w+)>")           # scalars (tensor<f32>) too
 
 
 def cast_round_trips(text: str) -> list[str]:

@@ -97,3 +97,18 @@ def test_three_stages_do_not_fit_at_128():
                                           segment_ids=None, chunk_size=64, config=cfg)
     with pytest.raises(ValueError, match="shared memory"):
         jax.export.export(jax.jit(f), platforms=["cuda"])(x)
+
+
+def test_cast_round_trip_check_sees_a_split_written_with_casts():
+    """`cast_round_trips` finds the hi / lo split written with a cast round trip (which XLA's GPU
+    compiler reduces to lo = 0), scalar or not, and passes `split_hi_lo_xla`'s."""
+    from linear_jax.kernels.gpu.hopper.common import split_hi_lo, split_hi_lo_xla
+
+    def exported(split, shape):
+        f = jax.jit(lambda x: split(x, jnp.bfloat16))
+        return jax.export.export(f, platforms=["cuda"])(
+            jax.ShapeDtypeStruct(shape, jnp.float32)).mlir_module()
+
+    for shape in ((), (64, 128)):
+        assert len(cast_round_trips(exported(split_hi_lo, shape))) == 1, shape
+        assert cast_round_trips(exported(split_hi_lo_xla, shape)) == [], shape
