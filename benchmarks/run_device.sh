@@ -20,7 +20,8 @@
 #   hoppergla    hopper_gla_gpu --quick: the Mosaic GPU gla kernels, checks + timings beside jla
 #   hopperssm    hopper_ssm_gpu --quick: the Mosaic GPU selective-scan and mLSTM kernels
 #   hopperchecks  the checks of the four Hopper scripts and check_gpu --ops kda (HOPPERCHECKS: a subset
-#             of "hopper hopperdelta hoppergla hopperssm kda"), run at once
+#             of "hopper hopperdelta hoppergla hopperssm kda", and "check" for check_gpu's full grid
+#             as one process per op of CHECK_OPS, "bwd" for bwd_gpu's checks), run at once
 #             (compiles are CPU-bound; each process takes 12 % of the GPU's memory), their JSON
 #             tagged _checks; then the hopper* steps with HOPPER_ARGS=--skip-checks time alone
 #   diff      kernel_diff: each Hopper kernel call compiled vs interpreted on the same inputs, the
@@ -101,7 +102,7 @@ for s in "$@"; do case $s in
   hoppergla) TAIL=60 step hoppergla "${HOPPER_S:-200}" python3 -m experiments.benchmarks.hopper_gla_gpu --quick ${HOPPER_ARGS:-} ;;
   hopperssm) TAIL=60 step hopperssm "${HOPPER_S:-260}" python3 -m experiments.benchmarks.hopper_ssm_gpu --quick ${HOPPER_ARGS:-} ;;
   hopperchecks)
-    ( export XLA_PYTHON_CLIENT_MEM_FRACTION=0.12 RESULTS_TAG=checks; L=${HOPPER_S:-240}; B=experiments.benchmarks
+    ( export XLA_PYTHON_CLIENT_MEM_FRACTION=${CHECKS_MEM:-0.12} RESULTS_TAG=checks; L=${HOPPER_S:-240}; B=experiments.benchmarks
       echo "== hopperchecks ($(date +%T))"
       on() { [[ " ${HOPPERCHECKS:-hopper hopperdelta hoppergla hopperssm kda} " == *" $1 "* ]]; }
       on hopper && pstep hopper_checks "$L" python3 -m $B.hopper_gpu --variants "${HOPPER_VARIANTS:-default,run1}" --T
@@ -109,9 +110,13 @@ for s in "$@"; do case $s in
       on hoppergla && pstep hoppergla_checks "$L" python3 -m $B.hopper_gla_gpu --quick --T
       on hopperssm && pstep hopperssm_checks "$L" python3 -m $B.hopper_ssm_gpu --quick --skip-timings
       on kda && pstep kda_checks "$L" python3 -m $B.check_gpu --ops kda
+      # check_gpu's full grid, one process per op (each writes check_gpu_<device>_grid_<op>.json)
+      on check && for op in ${CHECK_OPS:-linear_attention simple_gla gla delta_rule gated_delta_rule kda}; do
+        RESULTS_TAG=grid_$op pstep check_$op "${CHECK_S:-$L}" python3 -m $B.check_gpu --ops $op; done
+      on bwd && pstep bwd_checks "$L" python3 -m $B.bwd_gpu --T --old '' --exact1 ''
       wait )
-    for n in ${HOPPERCHECKS:-hopper hopperdelta hoppergla hopperssm kda}; do
-      echo "== ${n}_checks rc=$(cat $LOGS/${n}_checks.rc) ($(date +%T))"; tail -n "${TAIL:-30}" $LOGS/${n}_checks.log; done ;;
+    for f in $LOGS/*_checks.log $LOGS/check_*.log; do [ -f "$f" ] || continue
+      echo "== ${f##*/} rc=$(cat ${f%.log}.rc) ($(date +%T))"; tail -n "${TAIL:-30}" "$f"; done ;;
   diff)  # kernel_diff: each case its own process (the interpreter half runs on the host's CPUs)
     ( export XLA_PYTHON_CLIENT_MEM_FRACTION=${DIFF_MEM:-0.06}; L=${DIFF_S:-420}; echo "== diff ($(date +%T))"
       cases=${DIFF_CASES:-$'simple_gla|\'gates\': \'kernel\'\ngla|K=64 V=64\ngla|K=128 V=128\nselective|\nmlstm|K=V=128'}

@@ -189,7 +189,8 @@ def device_ms(compiled, args, reps):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--T", type=int, nargs="+", default=[2048, 8192])
+    p.add_argument("--T", type=int, nargs="*", default=[2048, 8192],
+                   help="timed lengths; none: the checks alone")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--old", default="7c716e1", help="kernels before the exact gate gradients")
     p.add_argument("--exact1", default="658a80f", help="the first exact version ('' to skip)")
