@@ -46,9 +46,9 @@ def gla_chunk(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size):
 
 registry.register(registry.OpRecord(
     "gla", reference=gla_recurrent, chunk=gla_chunk,
-    # the Hopper kernels: fwd+bwd slower than the Triton kernel on the H200 (5.6 against 3.4 ms
-    # at T = 2048), and their strong-decay fix (the gate split, `split_hi_lo_xla`) not yet
-    # device-checked (benchmarks/NOTES.md, session 16): reachable as impl="pallas:mosaic_gpu" only
+    # the Hopper kernels pass their device checks (strong decay included, H100 session 17) but
+    # their fwd+bwd is slower than the Triton kernel's on the H200 (5.6 against 3.4 ms at
+    # T = 2048; benchmarks/NOTES.md): reachable as impl="pallas:mosaic_gpu" only
     kernels=(registry.Kernel("mosaic_gpu", "linear_jax.kernels.gpu.hopper.gla:gla",
                              "linear_jax.kernels.configs:HopperChunkConfig", auto=False,
                              min_capability=(9, 0), max_capability=(9, 0),

@@ -50,6 +50,7 @@ def on(monkeypatch):
         ("gpu", "simple_gla", 1024, "pallas:mosaic_gpu"),
         ("gpu", "gated_delta_rule", 1024, "pallas:mosaic_gpu"),   # device-checked again
         ("gpu", "delta_rule", 1024, "pallas:mosaic_gpu"),
+        ("gpu", "kda", 1024, "pallas:triton"),        # device-checked and timed (session 17)
         ("tpu", "linear_attention", 1024, "pallas:tpu"),
         ("gpu", "gla", 1, "recurrent"),              # one decoding step
         ("tpu", "ssd", 1, "recurrent"),
