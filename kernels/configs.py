@@ -457,7 +457,8 @@ class HopperDeltaConfig:
       consumer warpgroup: a second one on its own chunks took 0.289 ms against 0.262 on an H200,
       T = 2048, when the kernel spilled registers).
     stages_grad: the same for the chunk-parallel gradient kernel (98 KB a stage at K = V = 128).
-    programs: CTAs of the persistent kernels (UT, gradient); None: the device's SM count.
+    programs: CTAs of the persistent kernels (UT, gradient); None: the device's SM count. Under
+      `prep_two_ctas` the UT kernel runs twice as many (two to an SM).
     walk_split: the two walks' value blocks of 64 in CTAs of their own, one consumer warpgroup
       each, grid (B, H, V / 64) (True), or as the consumer warpgroups of one CTA per (b, h)
       (False). None: split where the split grid fits the SMs in one wave (B H V / 64 <= their
@@ -474,6 +475,13 @@ class HopperDeltaConfig:
     semantics, approx_math, item_order: as `HopperChunkConfig` (the order of the UT and gradient
       kernels' items).
     profile_dir: as `HopperChunkConfig`.
+    prep_two_ctas: the UT kernel as CTAs of one warpgroup that loads its own chunks into one
+      input slot (stages_prep must be 1: ValueError otherwise) and writes A, -W, U (and T) out of
+      the slots and tiles it read them from: 82 KB of SMEM at K = V = 128, so two CTAs share an
+      SM (2 programs per SM) and their two chains of dependent wgmmas hide each other's latency
+      (the kernel is latency-bound: ~13 dependent wgmma round trips a chunk). With a producer
+      warpgroup (232 + 40 registers a thread) one CTA takes most of the register file. False
+      until timed on the device.
     """
 
     chunk: int = 64
@@ -488,11 +496,18 @@ class HopperDeltaConfig:
     item_order: str = "heads"
     walk_split: bool | None = None
     pieces: int | None = None
+    prep_two_ctas: bool = False
 
     def __post_init__(self):
         name = type(self).__name__
         if self.chunk != 64:
             raise ValueError(f"{name}.chunk must be 64 (one wgmma tile), got {self.chunk}")
+        if not isinstance(self.prep_two_ctas, bool):
+            raise ValueError(f"{name}.prep_two_ctas must be True or False, got "
+                             f"{self.prep_two_ctas!r}")
+        if self.prep_two_ctas and self.stages_prep != 1:
+            raise ValueError(f"{name}.prep_two_ctas takes one input stage: stages_prep must be 1, "
+                             f"got {self.stages_prep}")
         if self.pieces is not None and (self.pieces < 1 or self.pieces & (self.pieces - 1)):
             raise ValueError(f"{name}.pieces must be None or a power of two, got {self.pieces}")
         if self.walk_split not in (None, True, False):

@@ -19,8 +19,9 @@ anchors.
     (`jla_run_*`), else its anchors, and the ratio (jla / ours sync, > 1 is faster); and each
     kernel alone (UT prep, forward walk with and without residuals, reverse walk, gradient
     kernel; the UT and gradient kernels also with their work items in the other order; the UT
-    kernel also under `PREP_VARIANTS` (one stage, three stages), each with the
-    relative error of its -W, U against the configured kernel's) at the
+    kernel also under `PREP_VARIANTS` (one stage, three stages, and `prep_two_ctas`: CTAs of one
+    warpgroup and one slot, two to an SM, twice the programs), each with the
+    relative error of its -W, U, A against the configured kernel's) at the
     first and last T (every T without --quick).
 (c) Writes benchmarks/results/hopper_delta_gpu_<device>.json (and a copy under $OUT when set).
 
@@ -124,7 +125,8 @@ def time_shape(cfg, T, anchors, *, reps, breakdown, profile=False):
 
 
 # the UT kernel's configs timed beside the default in the breakdown
-PREP_VARIANTS = {"one_stage": dict(stages_prep=1), "three_stages": dict(stages_prep=3)}
+PREP_VARIANTS = {"one_stage": dict(stages_prep=1), "three_stages": dict(stages_prep=3),
+                 "two_ctas": dict(prep_two_ctas=True, stages_prep=1)}
 
 
 def kernel_calls(cfg, x, setup_cfg=None):

@@ -45,9 +45,13 @@ def _chunk_form():
 # dk side; at K = V = 128 two key tiles add their stats and Qd sums two value blocks; in one case
 # one program takes all three chunks (the UT prep reuses its output buffers); at K = V = 128 the
 # walks run their two value blocks in a CTA each (gated: the reverse walk reads A^T) and in one CTA
-# (delta_rule: the reverse walk forms k q^T itself)
+# (delta_rule: the reverse walk forms k q^T itself); the UT prep as two CTAs (`prep_two_ctas`),
+# the first taking chunks 0 and 2 through its one slot, A, -W, U written over q, k, v and T over
+# the inverse's first tile
 CASES = {"gated_delta_rule": (True, 64, {}),
          "delta_rule-prep3": (False, 64, {"stages_prep": 3, "programs": 1}),
+         "gated_delta_rule-prep_two_ctas": (True, 64, {"prep_two_ctas": True, "stages_prep": 1,
+                                                       "programs": 1}),
          "gated_delta_rule-K128": (True, 128, {"walk_split": True}),
          "delta_rule-K128": (False, 128, {"walk_split": False})}
 

@@ -113,3 +113,60 @@ def test_pieces_follow_the_step_count():
     assert HopperDeltaConfig(pieces=8).pieces_for(16, 128, 128, 12, 132) == 4   # divides N
     with pytest.raises(ValueError, match="power of two"):
         HopperDeltaConfig(pieces=3)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "bwd"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[1]], ids=["K128", "K64"])
+def test_prep_two_ctas_exports(case, grad):
+    """The UT prep as CTAs of one warpgroup, two to an SM (`prep_two_ctas`): A, -W, U (and T
+    under differentiation) stored from the input slots and tiles they were computed in; at
+    K = 128 A's tile aliased with the q slot (`plgpu.RefUnion`), at K = 64 the q slot itself."""
+    text = _export(case, grad, prep_two_ctas=True, stages_prep=1).mlir_module()
+    assert text.count("mosaic_gpu") >= (4 if grad else 2), "expected the Mosaic GPU kernels"
+    assert text.count("delta_prep") == text.count("delta_prep_two_ctas") > 0, \
+        "expected the two-CTA prep in place of the default one"
+    assert not cast_round_trips(text), "a float32 -> 16-bit -> float32 cast in XLA (lowering.py)"
+
+
+@pytest.mark.parametrize("K", [128, 64])
+def test_prep_two_ctas_grid_and_shared_memory(K, monkeypatch):
+    """Twice the CTAs of the default prep (`programs` of them), one warpgroup each, and SMEM for
+    two an SM: 81.75 KB at K = V = 128, 57.75 KB at 64, T included (the default prep: 179.5 and
+    115.5 KB), gated with documents (the most gate rows)."""
+    seen = {}
+    launch, check = hopper_delta.launch, hopper_delta.check_smem
+
+    def spy_launch(*a, **kw):
+        seen["grid"], seen["threads"] = kw["grid"], kw["num_threads"]
+        return launch(*a, **kw)
+
+    def spy_check(*a, **kw):
+        seen["smem"] = check(*a, **kw)
+        return seen["smem"]
+
+    monkeypatch.setattr(hopper_delta, "launch", spy_launch)
+    monkeypatch.setattr(hopper_delta, "check_smem", spy_check)
+    x = jax.ShapeDtypeStruct((1, 64 * 300, 1, K), jnp.bfloat16)         # 300 chunks
+    names = ("gq", "gk", "dec", "G", "doc", "beta", "ein")              # gated, documents
+    rows = jax.ShapeDtypeStruct((1, 1, len(names), 64 * 300), jnp.float32)
+    found = []
+    for over in ({}, {"prep_two_ctas": True, "stages_prep": 1}):
+        cfg = HopperDeltaConfig(interpret=False, programs=132, **over)
+        jax.export.export(jax.jit(lambda q, k, v, r, cfg=cfg: hopper_delta.prep(
+            q, k, v, r, names=names, scale=1.0, cfg=cfg, residuals=True)),
+            platforms=["cuda"])(x, x, x, rows)
+        found.append(dict(seen))
+    default, two = found
+    assert (default["grid"], default["threads"]) == ((132,), 2)
+    assert (two["grid"], two["threads"]) == ((264,), 1)
+    assert two["smem"] <= hopper_delta.TWO_CTA_SMEM_BYTES < 113 * 1024
+    assert two["smem"] == {128: 83712, 64: 59136}[K], two["smem"]
+    assert default["smem"] > 113 * 1024
+
+
+def test_prep_two_ctas_config_is_checked():
+    with pytest.raises(ValueError, match="prep_two_ctas must be True or False"):
+        HopperDeltaConfig(prep_two_ctas=1)
+    with pytest.raises(ValueError, match="stages_prep must be 1"):
+        HopperDeltaConfig(prep_two_ctas=True)             # stages_prep defaults to 2
+    assert HopperDeltaConfig(prep_two_ctas=True, stages_prep=1).prep_two_ctas

@@ -60,6 +60,11 @@ Tiles and warpgroups (K, V in {64, 128}; C = 64).
         C7512 warning; `kernel_report.py`, H200, session 12), and the kernel took 8.4 us a chunk:
         doubling 5.3, K K^T and L 2.0, Newton 1.6, W / U 1.8, stores 1.7 (waiting for the TMA
         store to read the slot before releasing it).
+        Variant (`prep_two_ctas`, off until timed on the device): two CTAs to an SM, 2 x #SMs
+        programs, so that two independent chains of dependent wgmmas hide each other's round
+        trips. Each is one warpgroup loading its chunk into one slot and storing A over q, -W over
+        k, U over v, T over a [64, 64] tile: 82 KB at K = V = 128 (58 KB at 64); ptxas: 255
+        registers, no spills. A producer warpgroup would not fit: 232 + 40 registers a thread.
   walk: one producer streaming q, k, -W, U [64, K|V], A [64, 64] bf16 and the rows into 2 slots,
         and a consumer warpgroup per block of 64 value columns (the columns are independent),
         each owning its state columns in float32 registers (K/64 accumulator blocks of [64, 64]).
@@ -229,10 +234,42 @@ def unit_lower_inverse(ops, L, tiles, dt):
         return ops.dot(xt, rt, acc=X)
 
 
+def prep_scores(ops, qq, kk, g, *, names, scale, C):
+    """(L, A) of a chunk, float32 [C, C], from its q, k tiles qq, kk and gate rows g in SMEM:
+    L = strictly_lower(diag(beta) (K K^T * Gamma)) and the masked scores A = scale q K^T * Gamma
+    on i >= j, same document (K K^T and q K^T in one wgmma group: q is not read after it)."""
+    KK, QK = ops.mm(prod(kk, kk, tb=True), prod(qq, kk, tb=True))
+    mask, decay = pairs(ops, g, names, C, reverse=False, strict=False)
+    off = ops.iota((C, C), 0) != ops.iota((C, C), 1)
+    L = KK * row_vec(ops, g, names, "beta", (C, C))
+    L = jnp.where(mask & off, L if decay is None else L * decay, 0.0)
+    A = jnp.where(mask, QK * scale if decay is None else QK * (scale * decay), 0.0)
+    return L, A
+
+
+def prep_wu(ops, Tm, kk, vv, g, tl, *, names, dt):
+    """(-W, U) of a chunk, float32: -T diag(beta ein) K and T diag(beta) V from T (float32
+    [C, C]), its k, v tiles kk, vv and gate rows g, T diag(.) written as hi + lo into the four
+    [C, C] tiles tl and both products issued at once (k, v and tl are read until it returns)."""
+    C = Tm.shape[0]
+    ib, ie = names.index("beta"), names.index("ein")
+    # T diag(beta) and -T diag(beta ein) as hi + lo tiles, both products at once
+    Tb = Tm * ops.cols_of(ops.col(g.at[ib][...]), (C, C))
+    tl[0][...], tl[1][...] = split_hi_lo(Tb, dt)
+    Tw = -(Tb * ops.cols_of(ops.col(g.at[ie][...]), (C, C)))
+    tl[2][...], tl[3][...] = split_hi_lo(Tw, dt)
+    plgpu.commit_smem()
+    return mm_sum(ops, (None, [term(tl[2], kk), term(tl[3], kk)]),
+                  (None, [term(tl[0], vv), term(tl[1], vv)]))
+
+
 def prep(q, k, v, rows, *, names, scale, cfg, residuals):
     """-W, U [B, Tp, H, K|V] and the masked scores A [B, H, N, C, C] (scale q k^T * Gamma on
     i >= j, same document) in k's dtype, and with `residuals` T [B, H, N, C, C], of every chunk,
-    chunk-parallel. rows: `delta_rows`."""
+    chunk-parallel. rows: `delta_rows`. `HopperDeltaConfig.prep_two_ctas`: `prep_two_ctas`."""
+    if cfg.prep_two_ctas:
+        return prep_two_ctas(q, k, v, rows, names=names, scale=scale, cfg=cfg,
+                             residuals=residuals)
     B, Tp, H, K = k.shape
     V, C, dt = v.shape[-1], cfg.chunk, k.dtype
     N = Tp // C
@@ -242,7 +279,6 @@ def prep(q, k, v, rows, *, names, scale, cfg, residuals):
     ops = Ops(interpreting(cfg))
     hf = cfg.item_order == "heads"
     R = rows.shape[2]
-    ib, ie = names.index("beta"), names.index("ein")
 
     def body(q_ref, k_ref, v_ref, g_ref, wm_ref, u_ref, a_ref, *refs):
         refs = list(refs)
@@ -274,13 +310,7 @@ def prep(q, k, v, rows, *, names, scale, cfg, residuals):
                 with jax.named_scope("wait"):
                     plgpu.barrier_wait(in_bar.at[j])
                 with jax.named_scope("kkt"):
-                    KK, QK = ops.mm(prod(kk, kk, tb=True), prod(qs.at[j], kk, tb=True))
-                    mask, decay = pairs(ops, g, names, C, reverse=False, strict=False)
-                    off = ops.iota((C, C), 0) != ops.iota((C, C), 1)
-                    L = KK * row_vec(ops, g, names, "beta", (C, C))
-                    L = jnp.where(mask & off, L if decay is None else L * decay, 0.0)
-                    A = jnp.where(mask, QK * scale if decay is None else QK * (scale * decay),
-                                  0.0)
+                    L, A = prep_scores(ops, qs.at[j], kk, g, names=names, scale=scale, C=C)
                     # the last chunk's stores have had this chunk's loads to read their tiles
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                     ao[...] = A.astype(dt)
@@ -288,14 +318,7 @@ def prep(q, k, v, rows, *, names, scale, cfg, residuals):
                     plgpu.copy_smem_to_gmem(ao, a_ref.at[b, h, n])
                 Tm = unit_lower_inverse(ops, L, tl, dt)
                 with jax.named_scope("wu"):
-                    # T diag(beta) and -T diag(beta ein) as hi + lo tiles, both products at once
-                    Tb = Tm * ops.cols_of(ops.col(g.at[ib][...]), (C, C))
-                    tl[0][...], tl[1][...] = split_hi_lo(Tb, dt)
-                    Tw = -(Tb * ops.cols_of(ops.col(g.at[ie][...]), (C, C)))
-                    tl[2][...], tl[3][...] = split_hi_lo(Tw, dt)
-                    plgpu.commit_smem()
-                    Wm, U = mm_sum(ops, (None, [term(tl[2], kk), term(tl[3], kk)]),
-                                   (None, [term(tl[0], vv), term(tl[1], vv)]))
+                    Wm, U = prep_wu(ops, Tm, kk, vv, g, tl, names=names, dt=dt)
                 plgpu.barrier_arrive(used_bar.at[j])   # the slot's reads are complete
                 with jax.named_scope("store"):
                     wo[...] = Wm.astype(dt)        # the last chunk's stores of wo, uo, to are
@@ -323,6 +346,94 @@ def prep(q, k, v, rows, *, names, scale, cfg, residuals):
     check_smem("delta prep", scratch)
     kernel = launch(body, cfg, ops, out_type=out_type, grid=(progs,), grid_names=("p",),
                     scratch=scratch, name="delta_prep", num_threads=2)
+    return kernel(q, k, v, rows)
+
+
+# SMEM a CTA of `prep_two_ctas` may take so that two share an SM: an SM has 228 KB, each CTA
+# 1 KB of it reserved (113 KB a CTA), less what the lowering adds (as `common.SMEM_BYTES`).
+TWO_CTA_SMEM_BYTES = 113 * 1024 - 2048
+
+
+def prep_two_ctas(q, k, v, rows, *, names, scale, cfg, residuals):
+    """`prep` as CTAs of one warpgroup and one input slot, two CTAs to an SM
+    (`HopperDeltaConfig.prep_two_ctas`): the SMs run two chunks' dependent wgmma chains at once.
+
+    The warpgroup loads its chunk itself: with one slot a producer warpgroup could not run ahead
+    of it, and `prep`'s two warpgroups launch at 232 registers a thread (ptxas), 58 K of an
+    SM's 64 K registers: no second CTA fits beside one, whatever its SMEM. One warpgroup of 255
+    registers (ptxas, K = V = 128, no spills) takes half. Every output goes out through the
+    input slots: A over q (q K^T is q's last read; at K = 128 a [C, C] tile aliased with the q
+    slot), -W over k and U over v once the W, U wgmmas have read them, T through the first of
+    the four [C, C] tiles (which the next chunk's inverse rewrites first). The next chunk is
+    loaded once those stores have read SMEM. SMEM 82 KB at K = V = 128, 58 KB at K = V = 64
+    (T included; +8 KB at K = 128 in the interpreter, which cannot alias)."""
+    B, Tp, H, K = k.shape
+    V, C, dt = v.shape[-1], cfg.chunk, k.dtype
+    N = Tp // C
+    items = B * H * N
+    # twice the CTAs of `prep`: two on each SM (`cfg.programs` counts SMs here)
+    progs = max(1, min(2 * (cfg.programs or multiprocessors(jax.devices()[0])), items))
+    ops = Ops(interpreting(cfg))
+    hf = cfg.item_order == "heads"
+    R = rows.shape[2]
+
+    def body(q_ref, k_ref, v_ref, g_ref, wm_ref, u_ref, a_ref, *refs):
+        refs = list(refs)
+        t_ref = refs.pop(0) if residuals else None
+        qa, ks, vs, gs, tiles, in_bar = refs
+        qs, ao = (qa, qa.at[0]) if K == C else qa
+        pid, _, count = program_items(items, progs)
+        tl = [tiles.at[i] for i in range(4)]
+        kk, vv, g = ks.at[0], vs.at[0], gs.at[0]
+
+        @pl.loop(0, count)
+        def _(i):
+            b, h, n = grid_item(pid + i * progs, H, N, heads_fastest=hf)
+            t = pl.ds(n * C, C)
+            with jax.named_scope("wait"):   # the last chunk's stores have read the slot
+                load(in_bar.at[0], 0, (q_ref.at[b, t, h], qs), (k_ref.at[b, t, h], ks),
+                     (v_ref.at[b, t, h], vs), (g_ref.at[b, h, :, t], gs))
+                plgpu.barrier_wait(in_bar.at[0])
+            with jax.named_scope("kkt"):
+                L, A = prep_scores(ops, qs.at[0], kk, g, names=names, scale=scale, C=C)
+                ao[...] = A.astype(dt)                 # over q: q K^T has read it
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(ao, a_ref.at[b, h, n])
+            Tm = unit_lower_inverse(ops, L, tl, dt)
+            with jax.named_scope("wu"):
+                Wm, U = prep_wu(ops, Tm, kk, vv, g, tl, names=names, dt=dt)
+            with jax.named_scope("store"):
+                kk[...] = Wm.astype(dt)                # the W, U wgmmas have read k, v, tl
+                vv[...] = U.astype(dt)
+                if residuals:
+                    tl[0][...] = Tm.astype(dt)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(kk, wm_ref.at[b, t, h])
+                plgpu.copy_smem_to_gmem(vv, u_ref.at[b, t, h])
+                if residuals:
+                    plgpu.copy_smem_to_gmem(tl[0], t_ref.at[b, h, n])
+                # every store has read its tile before the next chunk's loads (and inverse)
+                # overwrite it
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+        plgpu.wait_smem_to_gmem(0)
+
+    out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, V), dt),
+                jax.ShapeDtypeStruct((B, H, N, C, C), dt)]
+    if residuals:
+        out_type.append(jax.ShapeDtypeStruct((B, H, N, C, C), dt))
+    qslot = smem((1, C, K), dt)
+    if K != C:           # A's tile aliased with the q slot (separate in the interpreter)
+        qslot = (plgpu.RefUnion if not ops.interpret else lambda *t: t)(qslot, smem((C, C), dt))
+    scratch = [qslot, smem((1, C, K), dt), smem((1, C, V), dt), plgpu.SMEM((1, R, C), f32),
+               smem((4, C, C), dt), plgpu.Barrier(num_arrivals=4, num_barriers=1)]
+    used = check_smem("delta prep (two CTAs)", scratch)
+    if used > TWO_CTA_SMEM_BYTES:
+        raise ValueError(f"delta prep (two CTAs): {used / 1024:.1f} KB of shared memory exceeds "
+                         f"the {TWO_CTA_SMEM_BYTES / 1024:.1f} KB of a CTA two of which share an "
+                         "SM; set HopperDeltaConfig.prep_two_ctas=False")
+    kernel = launch(body, cfg, ops, out_type=out_type, grid=(progs,), grid_names=("p",),
+                    scratch=scratch, name="delta_prep_two_ctas", num_threads=1)
     return kernel(q, k, v, rows)
 
 
