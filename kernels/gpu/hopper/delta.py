@@ -263,6 +263,27 @@ def prep_wu(ops, Tm, kk, vv, g, tl, *, names, dt):
                   (None, [term(tl[0], vv), term(tl[1], vv)]))
 
 
+class PrepGeometry:
+    """What both UT kernels (`prep`, `prep_two_ctas`) derive from their inputs: `shape` (B, Tp, H,
+    K, V, C, dtype, N chunks, B H N items, programs, R gate rows), `ops`, `heads_fastest`."""
+
+    def __init__(self, k, v, rows, cfg, per_sm):
+        B, Tp, H, K = k.shape
+        C, N = cfg.chunk, Tp // cfg.chunk
+        items = B * H * N
+        progs = max(1, min(per_sm * (cfg.programs or multiprocessors(jax.devices()[0])), items))
+        self.shape = (B, Tp, H, K, v.shape[-1], C, k.dtype, N, items, progs, rows.shape[2])
+        self.ops = Ops(interpreting(cfg))
+        self.heads_fastest = cfg.item_order == "heads"
+
+    def out_type(self, residuals):
+        """-W, U [B, Tp, H, K|V], A (and T) [B, H, N, C, C], all in the inputs' dtype."""
+        B, Tp, H, K, V, C, dt, N = self.shape[:8]
+        out = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, V), dt),
+               jax.ShapeDtypeStruct((B, H, N, C, C), dt)]
+        return out + [jax.ShapeDtypeStruct((B, H, N, C, C), dt)] * residuals
+
+
 def prep(q, k, v, rows, *, names, scale, cfg, residuals):
     """-W, U [B, Tp, H, K|V] and the masked scores A [B, H, N, C, C] (scale q k^T * Gamma on
     i >= j, same document) in k's dtype, and with `residuals` T [B, H, N, C, C], of every chunk,
@@ -270,15 +291,10 @@ def prep(q, k, v, rows, *, names, scale, cfg, residuals):
     if cfg.prep_two_ctas:
         return prep_two_ctas(q, k, v, rows, names=names, scale=scale, cfg=cfg,
                              residuals=residuals)
-    B, Tp, H, K = k.shape
-    V, C, dt = v.shape[-1], cfg.chunk, k.dtype
-    N = Tp // C
-    items = B * H * N
+    geo = PrepGeometry(k, v, rows, cfg, per_sm=1)
+    B, Tp, H, K, V, C, dt, N, items, progs, R = geo.shape
+    ops, hf, out_type = geo.ops, geo.heads_fastest, geo.out_type(residuals)
     stages = cfg.stages_prep
-    progs = max(1, min(cfg.programs or multiprocessors(jax.devices()[0]), items))
-    ops = Ops(interpreting(cfg))
-    hf = cfg.item_order == "heads"
-    R = rows.shape[2]
 
     def body(q_ref, k_ref, v_ref, g_ref, wm_ref, u_ref, a_ref, *refs):
         refs = list(refs)
@@ -333,10 +349,6 @@ def prep(q, k, v, rows, *, names, scale, cfg, residuals):
 
             plgpu.wait_smem_to_gmem(0)
 
-    out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, V), dt),
-                jax.ShapeDtypeStruct((B, H, N, C, C), dt)]
-    if residuals:
-        out_type.append(jax.ShapeDtypeStruct((B, H, N, C, C), dt))
     scratch = [smem((stages, C, K), dt), smem((stages, C, K), dt), smem((stages, C, V), dt),
                plgpu.SMEM((stages, R, C), f32), smem((4, C, C), dt),
                smem((C, K), dt), smem((C, V), dt), smem((C, C), dt)]
@@ -367,15 +379,10 @@ def prep_two_ctas(q, k, v, rows, *, names, scale, cfg, residuals):
     the four [C, C] tiles (which the next chunk's inverse rewrites first). The next chunk is
     loaded once those stores have read SMEM. SMEM 82 KB at K = V = 128, 58 KB at K = V = 64
     (T included; +8 KB at K = 128 in the interpreter, which cannot alias)."""
-    B, Tp, H, K = k.shape
-    V, C, dt = v.shape[-1], cfg.chunk, k.dtype
-    N = Tp // C
-    items = B * H * N
     # twice the CTAs of `prep`: two on each SM (`cfg.programs` counts SMs here)
-    progs = max(1, min(2 * (cfg.programs or multiprocessors(jax.devices()[0])), items))
-    ops = Ops(interpreting(cfg))
-    hf = cfg.item_order == "heads"
-    R = rows.shape[2]
+    geo = PrepGeometry(k, v, rows, cfg, per_sm=2)
+    B, Tp, H, K, V, C, dt, N, items, progs, R = geo.shape
+    ops, hf, out_type = geo.ops, geo.heads_fastest, geo.out_type(residuals)
 
     def body(q_ref, k_ref, v_ref, g_ref, wm_ref, u_ref, a_ref, *refs):
         refs = list(refs)
@@ -418,10 +425,6 @@ def prep_two_ctas(q, k, v, rows, *, names, scale, cfg, residuals):
 
         plgpu.wait_smem_to_gmem(0)
 
-    out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, V), dt),
-                jax.ShapeDtypeStruct((B, H, N, C, C), dt)]
-    if residuals:
-        out_type.append(jax.ShapeDtypeStruct((B, H, N, C, C), dt))
     qslot = smem((1, C, K), dt)
     if K != C:           # A's tile aliased with the q slot (separate in the interpreter)
         qslot = (plgpu.RefUnion if not ops.interpret else lambda *t: t)(qslot, smem((C, C), dt))
