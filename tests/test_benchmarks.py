@@ -101,6 +101,31 @@ def test_newest_per_device_prefers_the_plain_name(tmp_path, monkeypatch):
     assert render.newest_per_device("mlstm_gpu_*.json") == []
 
 
+def test_check_grid_files_merge_per_device(tmp_path, monkeypatch):
+    (tmp_path / "results").mkdir()
+    monkeypatch.setattr(render, "BENCH", str(tmp_path))
+    dev = "NVIDIA H100 80GB HBM3"
+    row = lambda op, ok: {"op": op, "T": 100, "K": 64, "dtype": "float32",  # noqa: E731
+                          "reference": "recurrent", "worst": 1e-7, "tol": 1e-3, "ok": ok}
+    for op, bad in (("gla", 0), ("kda", 1)):
+        (tmp_path / "results" / f"check_gpu_NVIDIA_H100_80GB_HBM3_grid_{op}.json").write_text(
+            json.dumps({"device": dev, "jax": "0.11.2", "date": "2026-12-05", "failures": bad,
+                        "rows": [row(op, not bad)]}))
+    (tmp_path / "results" / "check_gpu_NVIDIA_H200_run1.json").write_text(json.dumps(
+        {"device": "NVIDIA H200", "jax": "0.11.2", "date": "2026-12-03", "failures": 0,
+         "rows": [row("gla", True)]}))
+    files = render.check_files()
+    assert [p.rsplit("/", 1)[-1] for p, _ in files] == [
+        "check_gpu_NVIDIA_H100_80GB_HBM3_grid_*.json", "check_gpu_NVIDIA_H200_run1.json"]
+    merged = files[0][1]
+    assert sorted(r["op"] for r in merged["rows"]) == ["gla", "kda"] and merged["failures"] == 1
+    # a Hopper file of checks alone renders its checks and no empty timing table
+    text = "\n".join(render.hopper_table("x_checks.json", {
+        "device": dev, "jax": "0.11.2", "date": "2026-12-05", "rows": [],
+        "checks": [{"check": "strong", "T": 2048, "ok": True}]}, "gla"))
+    assert "1 of 1 pass" in text and "checks-only" in text and "| op |" not in text
+
+
 def test_render_rewrites_only_the_marked_readme_block(tmp_path):
     """The root README's generated table: the lines between its marks are replaced, the rest
     kept; a README without the marks is left alone."""

@@ -225,6 +225,24 @@ HOPPER_FILES = (("hopper_gpu_*.json", "simple_gla"), ("hopper_delta_gpu_*.json",
                 ("hopper_gla_gpu_*.json", "gla"))
 
 
+def check_files() -> list[tuple[str, dict]]:
+    """`newest("check_gpu_*.json")` with the full grid run as one process per op (files
+    `check_gpu_<device>_grid_<op>.json`, `run_device.sh hopperchecks` with "check") merged into
+    one entry per device, named by its pattern."""
+    out, grids = [], {}
+    for path, data in newest("check_gpu_*.json"):
+        if "_grid_" not in os.path.basename(path):
+            out.append((path, data))
+            continue
+        merged = grids.setdefault(data["device"], dict(data, rows=[], failures=0))
+        merged["rows"] += data["rows"]
+        merged["failures"] += data.get("failures", 0)
+        merged["date"] = max(merged["date"], data["date"])
+    for device, data in grids.items():
+        out.insert(0, (f"check_gpu_{device.replace(' ', '_')}_grid_*.json", data))
+    return out
+
+
 def hopper_rows(data, bare_op: str | None = "simple_gla") -> list[dict]:
     """The Hopper scripts' timing rows as one shape: op, variant, T, B, and per phase (fwd, fwdbwd)
     the device ms, the sync ms (each call blocked on the host, as the jla anchors were timed), the
@@ -257,8 +275,11 @@ def hopper_table(path, data, bare_op) -> list[str]:
            f"From `{os.path.basename(path)}`. Checks against the float32 chunk form (bf16 inputs, "
            f"tolerance {data.get('tolerance', 0):.0e}): {len(checks) - len(bad)} of "
            f"{len(checks)} pass" + (": failed " + ", ".join(
-               f"{c.get('check')} T={c.get('T')}" for c in bad) if bad else "") + ".", "",
-           "Median ms: device time (calls queued back to back) and sync time (each call blocked "
+               f"{c.get('check')} T={c.get('T')}" for c in bad) if bad else "") + ".", ""]
+    rows = hopper_rows(data, bare_op)
+    if not rows:
+        return out + ["No timings in this file (a checks-only run).", ""]
+    out += ["Median ms: device time (calls queued back to back) and sync time (each call blocked "
            "on the host, how the jla anchors were timed); fwd+bwd is the gradient of sum(o * do) "
            "w.r.t. q, k, v; in brackets jla's sync time over ours (above 1: we are faster). The "
            "jla columns (device / sync ms) are jax-linear-attention timed in the same run on the "
@@ -266,7 +287,7 @@ def hopper_table(path, data, bare_op) -> list[str]:
            "| op | variant | T (B) | fwd | fwd sync (x jla) | jla fwd | fwd+bwd | "
            "fwd+bwd sync (x jla) | jla fwd+bwd |",
            "|---|---|---|---|---|---|---|---|---|"]
-    for r in hopper_rows(data, bare_op):
+    for r in rows:
         def cell(ph):
             if r[f"{ph}_error"]:
                 return "failed", "-"
@@ -372,8 +393,8 @@ def main() -> int:
         for p, data in newest_per_device(pattern):
             lines += hopper_table(p, data, bare_op)
             found = True
-    for p, data in newest("check_gpu_*.json"):
-        lines += check_table(data, _version(p))
+    for p, data in check_files():
+        lines += check_table(data, "(full grid)" if "_grid_" in p else _version(p))
         found = True
     for p, data in ops_files:
         lines += ops_table(data, _version(p))
