@@ -482,6 +482,11 @@ class HopperDeltaConfig:
       (the kernel is latency-bound: ~13 dependent wgmma round trips a chunk). With a producer
       warpgroup (232 + 40 registers a thread) one CTA takes most of the register file. False
       until timed on the device.
+    prep_inverse: how the UT kernel inverts I + L. "doubling": recursive doubling from b = 1, five
+      steps of two dependent [64, 64] wgmmas. "blocks": the 16 x 16 diagonal blocks by forward
+      substitution on the CUDA cores (one column a thread, in float32), then the doubling's last
+      two steps merge them (16 -> 32 -> 64): 4 dependent wgmmas instead of 10; 35 KB more SMEM
+      (not with `prep_two_ctas`). The Newton step follows either. "doubling" until timed.
     """
 
     chunk: int = 64
@@ -497,11 +502,15 @@ class HopperDeltaConfig:
     walk_split: bool | None = None
     pieces: int | None = None
     prep_two_ctas: bool = False
+    prep_inverse: str = "doubling"
 
     def __post_init__(self):
         name = type(self).__name__
         if self.chunk != 64:
             raise ValueError(f"{name}.chunk must be 64 (one wgmma tile), got {self.chunk}")
+        if self.prep_two_ctas and self.prep_inverse == "blocks":
+            raise ValueError(f"{name}.prep_inverse='blocks' needs 35 KB of SMEM that "
+                             "prep_two_ctas does not have: set one of them")
         if not isinstance(self.prep_two_ctas, bool):
             raise ValueError(f"{name}.prep_two_ctas must be True or False, got "
                              f"{self.prep_two_ctas!r}")
@@ -516,7 +525,7 @@ class HopperDeltaConfig:
         if self.programs is not None and self.programs < 1:
             raise ValueError(f"{name}.programs must be positive, got {self.programs}")
         _check_hopper(self, stages=(2, 3), stages_prep=(1, 2, 3), stages_grad=(1, 2),
-                      item_order=("heads", "chunks"))
+                      item_order=("heads", "chunks"), prep_inverse=("doubling", "blocks"))
 
     @classmethod
     def default(cls, device=None) -> HopperDeltaConfig:

@@ -20,7 +20,8 @@ anchors.
     kernel alone (UT prep, forward walk with and without residuals, reverse walk, gradient
     kernel; the UT and gradient kernels also with their work items in the other order; the UT
     kernel also under `PREP_VARIANTS` (one stage, three stages, and `prep_two_ctas`: CTAs of one
-    warpgroup and one slot, two to an SM, twice the programs), each with the
+    warpgroup and one slot, two to an SM, twice the programs; `prep_inverse="blocks"`: the
+    diagonal blocks by substitution on the CUDA cores, then two merge steps), each with the
     relative error of its -W, U, A against the configured kernel's) at the
     first and last T (every T without --quick).
 (c) Writes benchmarks/results/hopper_delta_gpu_<device>.json (and a copy under $OUT when set).
@@ -126,7 +127,8 @@ def time_shape(cfg, T, anchors, *, reps, breakdown, profile=False):
 
 # the UT kernel's configs timed beside the default in the breakdown
 PREP_VARIANTS = {"one_stage": dict(stages_prep=1), "three_stages": dict(stages_prep=3),
-                 "two_ctas": dict(prep_two_ctas=True, stages_prep=1)}
+                 "two_ctas": dict(prep_two_ctas=True, stages_prep=1),
+                 "blocks": dict(prep_inverse="blocks")}
 
 
 def kernel_calls(cfg, x, setup_cfg=None):
@@ -255,8 +257,18 @@ def main(argv=None) -> int:
                      ("gated+docs+h0", 1, 8192, 4, 128, 128, "normal", True),
                      ("delta_rule+docs+h0", 1, 8192, 4, 64, 64, None, True),
                      ("gated, K=100 V=48 (padded)", 2, 300, 2, 100, 48, "normal", True)]
+        # the UT kernel's variants through the whole op (`PREP_VARIANTS` compares their -W, U, A
+        # with the default's; these check the op's outputs and gradients): the diagonal blocks
+        # solved per thread (the interpreter cannot run that code) and two CTAs an SM (aliased)
+        prep_grid = [(f"{tag}: {c[0]}",) + c[1:] + (over,) for tag, over in (
+            ("prep blocks", dict(prep_inverse="blocks")),
+            ("prep two CTAs", dict(prep_two_ctas=True, stages_prep=1))) for c in (
+            ("strong decay+docs+h0", 2, 2048, 4, 128, 128, "strong", True),
+            ("delta_rule+docs+h0", 2, 2048, 4, 64, 64, None, True))]
         if not a.skip_checks:
             checks = kc.run_grid(grid, lambda i, c: run(i, c, cfg), done=[first])
+            checks += kc.run_grid(prep_grid, lambda i, c: run(
+                len(grid) + i, c[:8], dataclasses.replace(cfg, **c[8])))
             # a run cut short in its timings keeps its checks
             common.write_json(common.device_file("hopper_delta_gpu"), rows, checks=checks,
                               partial=True)

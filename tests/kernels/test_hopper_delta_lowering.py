@@ -15,7 +15,7 @@ import pytest
 
 from linear_jax.kernels.configs import HopperDeltaConfig
 from linear_jax.kernels.gpu.hopper import delta as hopper_delta
-from tests.kernels.lowering import cast_round_trips
+from tests.kernels.lowering import cast_round_trips, custom_call_payloads
 
 # (semantics, B, T, H, K, V, gated, packed documents + initial state)
 CASES = [
@@ -170,3 +170,40 @@ def test_prep_two_ctas_config_is_checked():
     with pytest.raises(ValueError, match="stages_prep must be 1"):
         HopperDeltaConfig(prep_two_ctas=True)             # stages_prep defaults to 2
     assert HopperDeltaConfig(prep_two_ctas=True, stages_prep=1).prep_two_ctas
+
+
+def _kernel_asm(text):
+    """The Mosaic GPU kernels of an exported module as MLIR text, one per custom call."""
+    from jax._src.lib.mlir import ir
+    return custom_call_payloads(text, "module", lambda bc: ir.Module.parse(
+        ir.StringAttr(bc["module"]).value_bytes).operation.get_asm(enable_debug_info=False))
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "bwd"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[1]], ids=["K128", "K64"])
+def test_prep_inverse_blocks_exports(case, grad):
+    """`prep_inverse="blocks"`: the UT kernel solves the 16 x 16 diagonal blocks by forward
+    substitution (120 FMAs a column: 16 steps, 15 + 14 + .. + 1 updates) and merges them with the
+    doubling's last two steps (b = 16, 32) only; the kernels other than the UT one unchanged."""
+    base, blocks = (_kernel_asm(_export(case, grad, **over).mlir_module())
+                    for over in ({}, {"prep_inverse": "blocks"}))
+    assert len(base) == len(blocks) >= (4 if grad else 2)
+    preps = [i for i, k in enumerate(blocks) if "delta_prep" in k]
+    assert len(preps) == 1, "expected one UT kernel"
+    fmas = blocks[preps[0]].count("math.fma")
+    assert fmas == 120, fmas
+    assert base[preps[0]].count("math.fma") == 0
+    # two merge steps of two products instead of five doubling steps: 6 wgmma groups fewer
+    wg = lambda k: k.count("wgmma.commit.group")  # noqa: E731
+    assert wg(base[preps[0]]) - wg(blocks[preps[0]]) == 6
+    assert [k for i, k in enumerate(base) if i != preps[0]] == \
+        [k for i, k in enumerate(blocks) if i != preps[0]]
+    assert not cast_round_trips(_export(case, grad, prep_inverse="blocks").mlir_module())
+
+
+def test_prep_inverse_config_is_checked():
+    with pytest.raises(ValueError, match="prep_inverse must be one of"):
+        HopperDeltaConfig(prep_inverse="solve")
+    with pytest.raises(ValueError, match="prep_two_ctas does not have"):
+        HopperDeltaConfig(prep_inverse="blocks", prep_two_ctas=True, stages_prep=1)
+    assert HopperDeltaConfig(prep_inverse="blocks").prep_inverse == "blocks"

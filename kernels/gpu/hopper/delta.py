@@ -45,6 +45,13 @@ R = I - (I + L) X with L X in split precision (hi + lo bf16, three wgmmas), X <-
 small, one bf16 wgmma): error ~1e-5 against float64 on the same inputs (random keys, correlated
 keys, beta in (0, 2)). W and U take T in split precision too (two wgmmas each); they are then
 rounded to bf16 once, as the inputs are.
+`HopperDeltaConfig.prep_inverse="blocks"` (off until timed): the 16 x 16 diagonal blocks are
+solved exactly in float32 by forward substitution, one column a thread (64 threads, 16 steps of
+independent FMAs; -L and X cross SMEM as untiled float32 tiles with padded rows), and only the
+doubling's last two steps (b = 16, 32) run on wgmma: 4 dependent products instead of 10, the
+steps that took ~5.3 of the 8.4 us a chunk. Per-thread code is Mosaic GPU's own (`inline_mgpu`);
+the interpreter has none, so there the blocks come from the doubling (the tiles and refs are
+tested, the substitution only on the device).
 
 Tiles and warpgroups (K, V in {64, 128}; C = 64).
   prep: grid (#SMs,), one consumer warpgroup taking every #SMs-th chunk, one producer (40
@@ -197,9 +204,77 @@ def row_vec(ops, g, names, name, shape):
 
 
 # -- the UT transform -----------------------------------------------------------------------------
-def unit_lower_inverse(ops, L, tiles, dt):
+# `HopperDeltaConfig.prep_inverse="blocks"`: the diagonal blocks of SOLVE rows solved on the CUDA
+# cores, through float32 tiles whose rows are padded by SOLVE_PAD floats (rows of 256 bytes put
+# the stores of a register tile on few banks)
+SOLVE = 16
+SOLVE_PAD = 4
+
+
+def solve_tiles(C: int = 64):
+    """The float32 SMEM scratch of `diagonal_blocks`: -L and X, [C, C + SOLVE_PAD] each."""
+    return [plgpu.SMEM((C, C + SOLVE_PAD), f32) for _ in range(2)]
+
+
+@functools.cache
+def _diagonal_blocks_kernel(C: int):
+    from jax.experimental.mosaic import gpu as mgpu
+    from jax.experimental.mosaic.gpu import utils as mu
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import arith, memref
+    from jaxlib.mlir.dialects import math as mmath
+
+    @plgpu.inline_mgpu(
+        arg_types=(plgpu.Layout.WGMMA, plgpu.RefType(), plgpu.RefType()),
+        return_type=plgpu.ShapeDtypeStruct((C, C), f32, layout=plgpu.Layout.WGMMA))
+    def solve(ctx, neg_l, nl_ref, x_ref):
+        del ctx
+        f, i32, idx = ir.F32Type.get(), ir.IntegerType.get_signless(32), ir.IndexType.get()
+        c = mu.c
+        zero, one = c(0.0, f), c(1.0, f)
+        neg_l.store_untiled(nl_ref, optimized=False)
+        mgpu.FragmentedArray.splat(zero, (C, C), layout=mgpu.WGMMA_LAYOUT).store_untiled(
+            x_ref, optimized=False)
+        mu.warpgroup_barrier()                     # -L and the zeros are seen by every thread
+        tid = arith.remui(mu.thread_idx(), c(128, i32))
+        # thread t < C solves column t of its block: x_j = r_j, then r_i += -L_ij x_j (i > j),
+        # a chain of one FMA a step; the reads of -L are uniform over a block's 16 threads
+        with mu.when(arith.cmpi(arith.CmpIPredicate.ult, tid, c(C, i32))):
+            col = arith.index_cast(idx, tid)
+            local = arith.remui(tid, c(SOLVE, i32))
+            start = arith.index_cast(idx, arith.subi(tid, local))
+            r = {i: arith.select(arith.cmpi(arith.CmpIPredicate.eq, local, c(i, i32)), one, zero)
+                 for i in range(SOLVE)}
+            for j in range(SOLVE):
+                x_j = r.pop(j)
+                row_j = arith.addi(start, c(j, idx))
+                memref.store(x_j, x_ref, [row_j, col])
+                for i in range(j + 1, SOLVE):
+                    a = memref.load(nl_ref, [arith.addi(start, c(i, idx)), row_j])
+                    r[i] = mmath.fma(a, x_j, r[i])
+        mu.warpgroup_barrier()                     # every column is written before X is read
+        return mgpu.FragmentedArray.load_untiled(x_ref, layout=mgpu.WGMMA_LAYOUT,
+                                                 optimized=False)
+
+    return solve
+
+
+def diagonal_blocks(ops, L, solve):
+    """The inverses of the [SOLVE, SOLVE] diagonal blocks of I + L, zero elsewhere, in float32:
+    forward substitution by the consumer's first 64 threads, one column each, through the two
+    float32 tiles `solve` (`solve_tiles`). The interpreter (no per-thread code) gets them from
+    the recursive doubling up to b = SOLVE instead: the same blocks, to the doubling's rounding."""
+    if ops.interpret:
+        return None
+    nl, xs = (t.at[:, :L.shape[0]] for t in solve)
+    return _diagonal_blocks_kernel(L.shape[0])(-L, nl, xs)
+
+
+def unit_lower_inverse(ops, L, tiles, dt, solve=None):
     """(I + L)^-1 for L [C, C] float32 strictly lower triangular (registers), through four
-    [C, C] SMEM tiles of dtype dt (every wgmma operand from SMEM: see the module docstring)."""
+    [C, C] SMEM tiles of dtype dt (every wgmma operand from SMEM: see the module docstring).
+    With `solve` (`solve_tiles`), the diagonal blocks of 16 come from `diagonal_blocks` and the
+    doubling starts at b = 16: two merge steps instead of five doubling steps."""
     xt, yt, mt, rt = tiles
     C = L.shape[0]
     shape = (C, C)
@@ -211,8 +286,12 @@ def unit_lower_inverse(ops, L, tiles, dt):
 
     # I is formed where it is used, not held: one [C, C] float32 tile fewer live across the wgmmas
     with jax.named_scope("doubling"):
-        X = jnp.where(r == c, 1.0, 0.0) - coupling(1)
-        b = 2
+        X, b = None, 2
+        if solve is not None:
+            X = diagonal_blocks(ops, L, solve)
+            b = SOLVE if X is not None else 2
+        if X is None:
+            X = jnp.where(r == c, 1.0, 0.0) - coupling(1)
         while b < C:
             xt[...] = X.astype(dt)
             mt[...] = coupling(b).astype(dt)
@@ -295,12 +374,14 @@ def prep(q, k, v, rows, *, names, scale, cfg, residuals):
     B, Tp, H, K, V, C, dt, N, items, progs, R = geo.shape
     ops, hf, out_type = geo.ops, geo.heads_fastest, geo.out_type(residuals)
     stages = cfg.stages_prep
+    blocks = cfg.prep_inverse == "blocks"
 
     def body(q_ref, k_ref, v_ref, g_ref, wm_ref, u_ref, a_ref, *refs):
         refs = list(refs)
         t_ref = refs.pop(0) if residuals else None
         qs, ks, vs, gs, tiles, wo, uo, ao, *refs = refs
         to = refs.pop(0) if residuals else None
+        solve = [refs.pop(0), refs.pop(0)] if blocks else None
         in_bar, used_bar = refs
         pid, w, count = program_items(items, progs)
 
@@ -332,7 +413,7 @@ def prep(q, k, v, rows, *, names, scale, cfg, residuals):
                     ao[...] = A.astype(dt)
                     plgpu.commit_smem()
                     plgpu.copy_smem_to_gmem(ao, a_ref.at[b, h, n])
-                Tm = unit_lower_inverse(ops, L, tl, dt)
+                Tm = unit_lower_inverse(ops, L, tl, dt, solve)
                 with jax.named_scope("wu"):
                     Wm, U = prep_wu(ops, Tm, kk, vv, g, tl, names=names, dt=dt)
                 plgpu.barrier_arrive(used_bar.at[j])   # the slot's reads are complete
@@ -353,6 +434,7 @@ def prep(q, k, v, rows, *, names, scale, cfg, residuals):
                plgpu.SMEM((stages, R, C), f32), smem((4, C, C), dt),
                smem((C, K), dt), smem((C, V), dt), smem((C, C), dt)]
     scratch += [smem((C, C), dt)] if residuals else []
+    scratch += solve_tiles() if blocks else []
     scratch += [plgpu.Barrier(num_arrivals=4, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=1, num_barriers=stages)]
     check_smem("delta prep", scratch)
