@@ -122,8 +122,11 @@ def test_check_grid_files_merge_per_device(tmp_path, monkeypatch):
     # a Hopper file of checks alone renders its checks and no empty timing table
     text = "\n".join(render.hopper_table("x_checks.json", {
         "device": dev, "jax": "0.11.2", "date": "2026-12-05", "rows": [],
-        "checks": [{"check": "strong", "T": 2048, "ok": True}]}, "gla"))
+        "checks": [{"check": "strong", "T": 2048, "ok": True}],
+        "peer_checks": [{"check": "jla: strong", "T": 2048, "ok": False,
+                         "errors": {"o": 2e-3, "dg": 0.7}}]}, "gla"))
     assert "1 of 1 pass" in text and "checks-only" in text and "| op |" not in text
+    assert "jla: strong T=2048: dg 7.0e-01." in text
 
 
 def test_render_rewrites_only_the_marked_readme_block(tmp_path):

@@ -92,11 +92,13 @@ def reference_call(K):
     return call
 
 
-def run_check(name, cfg, B, T, H, K, V, *, gate, extras, seed):
+def run_check(name, cfg, B, T, H, K, V, *, gate, extras, seed, peer=None):
+    """A check of our kernels under `cfg`, or with `peer` (x -> (o, S): `kc.jla_call`) of that
+    call, on the same inputs and against the same reference."""
     x = inputs(B, T, H, K, V, gate=gate, dtype=jnp.bfloat16, seed=seed, extras=extras)
     names = ("q", "k", "v", "beta") + (("g",) if x["g"] is not None else ()) + \
         (("S0",) if x["S0"] is not None else ())
-    kern, ref = kernel_call(cfg, K), reference_call(K)
+    kern, ref = peer or kernel_call(cfg, K), reference_call(K)
     return kc.check(x, names, (jax.jit(kern), jax.jit(kc.loss_and_grads(kern, names))),
                     jax.jit(kc.loss_and_grads(ref, names)), tol=TOL, check=name, T=T, K=K,
                     V=V, B=B, H=H, gate=gate, extras=extras)
@@ -245,7 +247,7 @@ def main(argv=None) -> int:
                                       extras=c[7], seed=100 + i)
     cfg, first = kc.pick_semantics(a.semantics.split(","), base,
                                    lambda cfg: run(0, grid[0], cfg))
-    checks, rows = [], []
+    checks, rows, peers = [], [], []
     if cfg is None:
         print("no lowering semantics compiled: nothing else to run")
     else:
@@ -269,9 +271,17 @@ def main(argv=None) -> int:
             checks = kc.run_grid(grid, lambda i, c: run(i, c, cfg), done=[first])
             checks += kc.run_grid(prep_grid, lambda i, c: run(
                 len(grid) + i, c[:8], dataclasses.replace(cfg, **c[8])))
+            # jla's gated_deltanet on the inputs of our checks 1 and 4 (their seeds): the record
+            # of its errors, strong decay included, not a check of ours
+            jla = kc.jla_call("gated_deltanet", lambda x: {"g": x["g"], "beta": x["beta"]}, 128)
+            if jla is not None:
+                peers = kc.run_grid([("jla: " + grid[i][0],) + grid[i][1:] for i in (1, 4)],
+                                    lambda i, c: run_check(c[0], None, *c[1:6], gate=c[6],
+                                                           extras=c[7], seed=(101, 104)[i],
+                                                           peer=jla))
             # a run cut short in its timings keeps its checks
             common.write_json(common.device_file("hopper_delta_gpu"), rows, checks=checks,
-                              partial=True)
+                              partial=True, peer_checks=peers)
         x = jnp.zeros((1, 64, 1, 64), f32)
         checks.append(kc.float32_refused(lambda: hdelta.delta(
             x, x, x, None, x[..., 0], scale=1.0, initial_state=None, segment_ids=None,
@@ -287,10 +297,10 @@ def main(argv=None) -> int:
             print(rows[-1])
             # so far: a run cut short keeps its rows
             common.write_json(common.device_file("hopper_delta_gpu"), rows, checks=checks,
-                              partial=True)
+                              partial=True, peer_checks=peers)
         for op, _ in OPS.values():
             kc.table(rows, op, key=lambda s, op=op: f"{op}.{s}")
-    return kc.finish("hopper_delta_gpu", rows, checks, t_start,
+    return kc.finish("hopper_delta_gpu", rows, checks, t_start, peer_checks=peers,
                      config=dataclasses.asdict(cfg) if cfg else None, quick=a.quick,
                      tolerance=TOL,
                      shapes="bf16, H=16, K=V=128, B=max(1, 16384 // T); q, k l2-normalised, "

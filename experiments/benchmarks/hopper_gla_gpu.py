@@ -92,10 +92,14 @@ def jitted(call_of, cfg, K, names):
     return jax.jit(call), jax.jit(kc.loss_and_grads(call, names))
 
 
-def run_check(name, cfg, B, T, H, K, V, *, gate, extras, seed):
+def run_check(name, cfg, B, T, H, K, V, *, gate, extras, seed, peer=None):
+    """A check of our kernels under `cfg`, or with `peer` (x -> (o, S): `kc.jla_call`) of that
+    call, on the same inputs and against the same reference."""
     x = inputs(B, T, H, K, V, gate=gate, dtype=jnp.bfloat16, seed=seed, extras=extras)
     names = ("q", "k", "v", "g") + (("S0",) if x["S0"] is not None else ())
-    return kc.check(x, names, jitted(kernel_call, cfg, K, names),
+    kern = jitted(kernel_call, cfg, K, names) if peer is None else (
+        jax.jit(peer), jax.jit(kc.loss_and_grads(peer, names)))
+    return kc.check(x, names, kern,
                     jitted(reference_call, None, K, names)[1], tol=TOL, check=name, T=T, K=K,
                     V=V, B=B, H=H, gate=gate, extras=extras)
 
@@ -153,7 +157,7 @@ def main(argv=None) -> int:
                                       extras=c[7], seed=100 + i)
     cfg, first = kc.pick_semantics(a.semantics.split(","), HopperChunkConfig.default(dev),
                                    lambda cfg: run(0, grid[0], cfg))
-    checks, rows = [], []
+    checks, rows, peers = [], [], []
     if cfg is None:
         print("no lowering semantics compiled: nothing else to run")
     else:
@@ -170,9 +174,16 @@ def main(argv=None) -> int:
         if not a.skip_checks:
             checks = kc.run_grid(grid, lambda i, c: run(i, c, cfg), done=[first])
             checks += kc.run_grid(block_grid, lambda i, c: run(len(grid) + i, c, by_block))
+            # jla's gla on the inputs of our checks 1 and 2 (their seeds): the record of its
+            # errors, strong decay included, not a check of ours
+            jla = kc.jla_call("gla", lambda x: {"g": x["g"]}, 128)
+            if jla is not None:
+                peers = kc.run_grid([("jla: " + c[0],) + c[1:] for c in grid[1:3]],
+                                    lambda i, c: run_check(c[0], None, *c[1:6], gate=c[6],
+                                                           extras=c[7], seed=101 + i, peer=jla))
             # a run cut short in its timings keeps its checks
             common.write_json(common.device_file("hopper_gla_gpu"), rows, checks=checks,
-                              partial=True)
+                              partial=True, peer_checks=peers)
         x = jnp.zeros((1, 64, 1, 64), f32)
         checks.append(kc.float32_refused(lambda: hgla.gla(
             x, x, x, x, scale=1.0, initial_state=None, segment_ids=None, chunk_size=64)))
@@ -188,14 +199,14 @@ def main(argv=None) -> int:
                 rows[-1]["kernels_ms"] = kernel_breakdown(cfg, args, reps=reps)
             print(rows[-1])
             common.write_json(common.device_file("hopper_gla_gpu"), rows, checks=checks,
-                              partial=True)
+                              partial=True, peer_checks=peers)
             # the whole op with the gradient per key block (every T: it is the candidate default)
             rows.append({"variant": "gla_grad_key_blocks", **kc.time_decay_op(
                 hgla.gla, "gla", by_block, args, anchors, reps=reps, jla_row=rows[-1])})
             print(rows[-1])
         kc.table(rows, "gla", label=lambda r: f"{r['T']:>6}" + (
             f" {r['variant']}" if "variant" in r else ""))
-    return kc.finish("hopper_gla_gpu", rows, checks, t_start,
+    return kc.finish("hopper_gla_gpu", rows, checks, t_start, peer_checks=peers,
                      config=dataclasses.asdict(cfg) if cfg else None, quick=a.quick,
                      tolerance=TOL,
                      shapes="bf16, H=16, K=V=128, B=max(1, 16384 // T); g = "

@@ -189,6 +189,23 @@ def fwd_and_fwdbwd(call, n_grads: int = 3):
     return jax.jit(call), jax.jit(jax.grad(loss, argnums=tuple(range(n_grads))))
 
 
+def jla_call(kind: str, gates, K: int):
+    """x -> (o, S) of jax-linear-attention's `kind` (Mosaic GPU) on a check's inputs (q, k, v, S0,
+    seg, and the gates `gates(x)` names), or None where jla is not installed: its outputs and
+    gradients go through the same checks as ours, on the same inputs, for the record (the
+    strong-decay cases say whether its gate gradient is exact where ours is)."""
+    try:
+        from jla.ops import linear_attention
+    except ImportError:
+        return None
+
+    def call(x):
+        return linear_attention(kind, x["q"], x["k"], x["v"], impl="mosaic_gpu", scale=K**-0.5,
+                                initial_state=x["S0"], output_final_state=True,
+                                segment_ids=x["seg"], **gates(x))
+    return call
+
+
 def jla_peer(kind: str, gates):
     """(fwd, fwdbwd) of jax-linear-attention's `kind` with the Mosaic GPU kernels, taking the same
     arguments as ours ((q, k, v, *rest), rest mapped to its keyword gates by `gates(*rest)`),

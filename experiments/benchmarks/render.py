@@ -276,6 +276,12 @@ def hopper_table(path, data, bare_op) -> list[str]:
            f"tolerance {data.get('tolerance', 0):.0e}): {len(checks) - len(bad)} of "
            f"{len(checks)} pass" + (": failed " + ", ".join(
                f"{c.get('check')} T={c.get('T')}" for c in bad) if bad else "") + ".", ""]
+    peers = data.get("peer_checks") or []
+    if peers:
+        out += ["jax-linear-attention through the same checks (same inputs, same reference): " +
+                "; ".join(f"{c.get('check')} T={c.get('T')}: " + (
+                    ", ".join(f"{k} {v:.1e}" for k, v in c["errors"].items() if k[0] == "d")
+                    if c.get("errors") else "failed") for c in peers) + ".", ""]
     rows = hopper_rows(data, bare_op)
     if not rows:
         return out + ["No timings in this file (a checks-only run).", ""]
