@@ -573,6 +573,10 @@ class HopperSelectiveConfig(_OwnChunk):
     semantics, approx_math, interpret: as `HopperChunkConfig`.
     Not yet run on a device (the defaults are the design's guesses).
     profile_dir: as `HopperChunkConfig`.
+    per_thread_forward: the forward with one channel per thread, 128 a warpgroup, its N states
+      scalars in the thread's registers (no cross-thread sum per step; the channels per group a
+      multiple of 128), writing the states the backward reads in the same layout. Off until
+      timed on the device.
     """
 
     chunk: int = 16
@@ -581,9 +585,11 @@ class HopperSelectiveConfig(_OwnChunk):
     approx_math: bool = False
     interpret: bool | None = None
     profile_dir: str = ""
+    per_thread_forward: bool = False
 
     def __post_init__(self):
-        _check_hopper(self, chunk=(8, 16, 32), stages=(1, 2, 3, 4))
+        _check_hopper(self, chunk=(8, 16, 32), stages=(1, 2, 3, 4),
+                      per_thread_forward=(False, True))
 
 
 @dataclasses.dataclass(frozen=True)

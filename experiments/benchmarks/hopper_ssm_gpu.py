@@ -51,7 +51,7 @@ from linear_jax.kernels.configs import HopperSelectiveConfig
 TOL = 2e-2
 f32 = jnp.float32
 VARIANTS = {"default": {}, "approx": dict(approx_math=True), "chunk8": dict(chunk=8),
-            "stages2": dict(stages=2)}
+            "stages2": dict(stages=2), "threads": dict(per_thread_forward=True)}
 SEL_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "h0")
 SEL_SHAPE = (4, 4096, 2048, 16, 1)        # B, T, D, N, G of the timing (the jla anchor's)
 ML_SHAPES = ((8, 2048), (2, 8192))        # B, T of the mLSTM timings (H = 16, K = V = 128)
@@ -257,6 +257,10 @@ def main(argv=None) -> int:
             results["checks"][f"selective{shape}"] = attempt(
                 f"selective check {shape}", sel_check, HopperSelectiveConfig(semantics=sem),
                 *shape)
+        if not args.skip_checks:          # the forward with one channel per thread
+            results["checks"][f"selective[threads]{grid[0]}"] = attempt(
+                f"selective check [threads] {grid[0]}", sel_check,
+                HopperSelectiveConfig(semantics=sem, per_thread_forward=True), *grid[0])
         save()
         anchor = scans.get("jla.mamba1 B=4 T=4096 D=2048 N=16 (D, z, softplus dt)", {})
         rows = {}

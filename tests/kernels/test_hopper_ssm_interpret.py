@@ -37,10 +37,12 @@ def _inputs(B, T, D, N, G, seed=0):
 CASES = [
     (1, 45, 64, 12, 1, True, True, dict(chunk=8, stages=2)),   # T, N padded; docs mid-chunk
     (1, 29, 128, 16, 2, False, False, dict(chunk=16, stages=3)),  # two groups, no softplus
+    # the forward with one channel per thread (its states read by the same backward)
+    (1, 45, 128, 12, 1, True, True, dict(chunk=8, stages=2, per_thread_forward=True)),
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=["docs-softplus", "groups"])
+@pytest.mark.parametrize("case", CASES, ids=["docs-softplus", "groups", "per-thread"])
 def test_selective_matches_reference(case):
     B, T, D, N, G, softplus, docs, over = case
     cfg = HopperSelectiveConfig(interpret=True, **over)

@@ -23,6 +23,9 @@ fs = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)      # noqa: E731
 SELECTIVE = [
     ("lane", 1, 256, 128, 16, 1, False, {}),                   # the anchor's N, no extras
     ("lane", 1, 100, 128, 12, 2, True, dict(chunk=8, stages=2)),  # T, N padded; two groups
+    # the forward with one channel per thread: the anchor's N, and every extra with documents
+    ("lane", 1, 256, 128, 16, 1, False, dict(per_thread_forward=True)),
+    ("lane", 1, 100, 256, 12, 2, True, dict(chunk=8, stages=2, per_thread_forward=True)),
 ]
 
 
@@ -51,12 +54,14 @@ def _export_selective(case, grad):
 
 @pytest.mark.parametrize("grad", [False, True], ids=["fwd", "bwd"])
 @pytest.mark.parametrize("case", SELECTIVE,
-                         ids=lambda c: f"{c[0]}-T{c[2]}-D{c[3]}N{c[4]}G{c[5]}" + "-extras" * c[6])
+                         ids=lambda c: f"{c[0]}-T{c[2]}-D{c[3]}N{c[4]}G{c[5]}" + "-extras" * c[6]
+                         + "-threads" * c[7].get("per_thread_forward", False))
 def test_selective_exports_for_cuda(case, grad):
     exp = _export_selective(case, grad)
     text = exp.mlir_module()
     assert "mosaic_gpu" in text
     assert text.count("selective_scan_bwd") > 0 if grad else "selective_scan_fwd" in text
+    assert ("selective_scan_fwd_threads" in text) == case[7].get("per_thread_forward", False)
     assert not cast_round_trips(text), "a float32 -> 16-bit -> float32 cast in XLA (lowering.py)"
 
 

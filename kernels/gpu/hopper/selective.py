@@ -58,6 +58,11 @@ float32 in SMEM once (a 2-D load / store) and the steps read float32 rows; outpu
 The [64, N] state tiles move to and from SMEM as N rows of 64 channels (masked row sums / selects;
 the states in HBM are [N, 64]-tiled, channels contiguous), once per chunk.
 
+Variant (`HopperSelectiveConfig.per_thread_forward`, off until timed): the forward with one
+channel per thread (`_forward_threads`), 128 channels a warpgroup, the N states scalars in the
+thread's registers and B_t, C_t read as scalars: no cross-thread sum per step, the rows loaded as
+[128] vectors without the float32 widening; it writes the states `_backward` reads.
+
 Inputs: u, delta, z bf16 / fp16 (float32 raises ValueError: the Triton kernel computes it); A, B,
 C, D, bias any float (read as float32); the channels of a group (D / G) a multiple of 64.
 """
@@ -269,6 +274,108 @@ def _forward(u, dl, z, consts, Bm, Cm, keep, h0, *, softplus, cfg, save):
     return outs[0], outs[1], (outs[2] if save else None)
 
 
+LANES_D = 128  # channels of `_forward_threads`' warpgroup: one a thread
+
+
+def _forward_threads(u, dl, z, consts, Bm, Cm, keep, h0, *, softplus, cfg, save):
+    """`_forward` with one channel per thread (`HopperSelectiveConfig.per_thread_forward`): 128
+    channels a warpgroup, a channel's N states N float32 scalars in its thread's registers, B_t
+    and C_t read from SMEM as scalars every thread of the warpgroup reads alike. A step is N
+    independent exp + FMA pairs and an N-term sum inside each thread: no cross-thread reduction
+    (`_forward` sums C_t . h_t over the threads sharing a row of its [64, N] tile every step).
+    Rows of u, delta, z load as [128] vectors straight from their bf16 tiles, y rows go to GMEM
+    from registers. Same arguments, outputs and states layout as `_forward` (so `_backward`
+    reads its states unchanged); the channels per group must be a multiple of 128."""
+    Bsz, Tp, Dp = u.shape
+    G, Np = Bm.shape[2:]
+    Ct = cfg.chunk
+    NC, NB = Tp // Ct, Dp // LANES_D
+    per_group, stages = NB // G, min(cfg.stages, NC)
+    ops = Ops(interpreting(cfg))
+    has_z, has_keep, has_h0 = z is not None, keep is not None, h0 is not None
+    names = ("u", "delta") + (("z",) if has_z else ())
+    vec = (lambda x: x) if ops.interpret else (lambda x: plgpu.layout_cast(
+        x, plgpu.Layout.WG_STRIDED((LANES_D,), vec_size=1)))
+
+    def body(*refs):
+        refs = list(refs)
+        pop = lambda on=True: refs.pop(0) if on else None        # noqa: E731
+        in_refs = {n: pop() for n in names}
+        cst_ref, b_ref, c_ref, k_ref, h0_ref = pop(), pop(), pop(), pop(has_keep), pop(has_h0)
+        y_ref, hT_ref, st_ref = pop(), pop(), pop(save)
+        slots = {n: pop() for n in names}
+        bs, cs, ks = pop(), pop(), pop(has_keep)
+        cst, hst, in_bar, own_bar = refs
+        b, j = (jax.lax.axis_index(a) for a in ("b", "d"))
+        dsl, g = pl.ds(j * LANES_D, LANES_D), j // per_group
+        rows = [(in_refs[n], slots[n]) for n in names]
+        bc, keep_ = ((b_ref, bs), (c_ref, cs)), ((k_ref, ks) if has_keep else None)
+
+        def issue(c, slot):
+            _issue_chunk(in_bar.at[slot], slot, b, pl.ds(c * Ct, Ct), dsl, g, rows, bc, keep_)
+
+        _start(issue, stages, cst_ref, cst, dsl, own_bar)
+        if has_h0:
+            plgpu.copy_gmem_to_smem(h0_ref.at[b, :, dsl], hst, own_bar.at[0])
+            plgpu.barrier_wait(own_bar.at[0])
+        row = lambda ref: vec(ref[...]).astype(f32)                  # noqa: E731
+        A = [row(cst.at[n]) for n in range(Np)]
+        Dv, bias = row(cst.at[Np]), row(cst.at[Np + 1])
+        h = tuple(row(hst.at[n]) if has_h0 else vec(jnp.zeros((LANES_D,), f32))
+                  for n in range(Np))
+
+        def chunk_fn(c, h):
+            slot = jax.lax.rem(c, stages)
+            h = list(h)
+            if save:                              # the state entering the chunk
+                for n in range(Np):
+                    st_ref[b, c, n, dsl] = h[n]
+            plgpu.barrier_wait(in_bar.at[slot])
+            for t in range(Ct):
+                dl_t = row(slots["delta"].at[slot, t]) + bias
+                dt_t = _softplus(dl_t) if softplus else dl_t
+                u_t = row(slots["u"].at[slot, t])
+                du = dt_t * u_t
+                y = Dv * u_t
+                for n in range(Np):
+                    a = jnp.exp(dt_t * A[n])
+                    if has_keep:
+                        a = a * ks[slot, t, n]
+                    h[n] = a * h[n] + du * bs[slot, t, n]
+                    y = y + h[n] * cs[slot, t, n]
+                if has_z:
+                    z_t = row(slots["z"].at[slot, t])
+                    y = y * z_t * _sigmoid(z_t)
+                y_ref[b, c * Ct + t, dsl] = y.astype(y_ref.dtype)
+            plgpu.commit_smem()
+
+            @pl.when(c + stages < NC)
+            def _():
+                issue(c + stages, slot)           # every read of this slot is complete
+
+            return tuple(h)
+
+        h = jax.lax.fori_loop(0, NC, chunk_fn, h)
+        for n in range(Np):
+            hT_ref[b, n, dsl] = h[n]
+
+    out_type = [jax.ShapeDtypeStruct((Bsz, Tp, Dp), u.dtype),
+                jax.ShapeDtypeStruct((Bsz, Np, Dp), f32)]
+    out_type += [jax.ShapeDtypeStruct((Bsz, NC, Np, Dp), f32)] if save else []
+    row_dts = {"u": u.dtype, "delta": dl.dtype, "z": None if z is None else z.dtype}
+    scratch = [plgpu.SMEM((stages, Ct, LANES_D), row_dts[n]) for n in names]
+    scratch += [plgpu.SMEM((stages, Ct, Np), f32)] * (2 + has_keep)
+    scratch += [plgpu.SMEM((Np + 2, LANES_D), f32), plgpu.SMEM((Np, LANES_D), f32),
+                plgpu.Barrier(num_arrivals=len(names) + 2 + has_keep, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=1, num_barriers=1)]
+    kernel = launch(body, cfg, ops, out_type=out_type, grid=(Bsz, NB), grid_names=("b", "d"),
+                    scratch=scratch, name="selective_scan_fwd_threads")
+    args = [u, dl] + ([z] if has_z else []) + [consts, Bm, Cm] + ([keep] if has_keep else []) + \
+        ([h0] if has_h0 else [])
+    outs = list(kernel(*args))
+    return outs[0], outs[1], (outs[2] if save else None)
+
+
 def _backward(u, dl, z, consts, Bm, Cm, keep, states, dy, dhT, *, softplus, cfg):
     """The reverse walk. Returns (du, ddelta, dz (None without z) [B, Tp, Dp] in their inputs'
     dtypes, dB, dC [B, Dp / 64, Tp, Np] f32 per channel block, dh0 [B, Np, Dp] f32, dA^T
@@ -413,9 +520,10 @@ def _core(cfg: HopperSelectiveConfig, softplus: bool, has_z: bool, has_keep: boo
     """custom_vjp of (u, delta, z, consts, Bm, Cm, keep, h0) -> (y, hT^T) on padded inputs in
     the kernels' layouts (z, keep, h0 None where absent)."""
     kw = dict(softplus=softplus, cfg=cfg)
+    forward = _forward_threads if cfg.per_thread_forward else _forward
 
     def fwd(u, dl, z, consts, Bm, Cm, keep, h0):
-        y, hT, states = _forward(u, dl, z, consts, Bm, Cm, keep, h0, save=True, **kw)
+        y, hT, states = forward(u, dl, z, consts, Bm, Cm, keep, h0, save=True, **kw)
         return (y, hT), (u, dl, z, consts, Bm, Cm, keep, states)
 
     def bwd(res, cts):
@@ -431,7 +539,7 @@ def _core(cfg: HopperSelectiveConfig, softplus: bool, has_z: bool, has_keep: boo
         return (du, ddl, dz, dconsts, dB, dC, None if keep is None else jnp.zeros_like(keep),
                 dh0 if has_h0 else None)
 
-    f = jax.custom_vjp(lambda *a: _forward(*a, save=False, **kw)[:2])
+    f = jax.custom_vjp(lambda *a: forward(*a, save=False, **kw)[:2])
     f.defvjp(fwd, bwd)
     return f
 
@@ -449,6 +557,10 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, *, initi
     reason = accepts(u, delta, A, B, C)
     if reason is not None:
         raise ValueError(f"selective_scan: {reason}")
+    per_group = u.shape[-1] // (1 if B.ndim == 3 else B.shape[2])
+    if cfg.per_thread_forward and per_group % LANES_D:
+        raise ValueError(f"selective_scan: HopperSelectiveConfig.per_thread_forward takes "
+                         f"channels per group in multiples of {LANES_D}, got {per_group}")
     Bsz, T, Dm = u.shape
     N = A.shape[1]
     Np = -(-N // 8) * 8
