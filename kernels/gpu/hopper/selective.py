@@ -144,23 +144,23 @@ def _setup(ops, cst, Np):
     return {"A": A, "D": ops.row(cst.at[Np][...]), "bias": ops.row(cst.at[Np + 1][...])}
 
 
-def _grid(u, Bm, cfg):
+def _grid(u, Bm, cfg, width=BD):
     """(Bsz, Tp, Dp, Np, Ct, NC, NB, per_group, stages, ops) of the forward and backward walks on
-    the grid (B, Dp / 64): NC chunks of Ct steps, NB channel blocks of BD, per_group of them a
-    group of B and C."""
+    the grid (B, Dp / width): NC chunks of Ct steps, NB channel blocks of `width`, per_group of
+    them a group of B and C."""
     Bsz, Tp, Dp = u.shape
     G, Np = Bm.shape[2:]
     Ct = cfg.chunk
-    NC, NB = Tp // Ct, Dp // BD
+    NC, NB = Tp // Ct, Dp // width
     per_group = NB // G
     stages = min(cfg.stages, NC)
     return Bsz, Tp, Dp, Np, Ct, NC, NB, per_group, stages, Ops(interpreting(cfg))
 
 
-def _block(per_group):
+def _block(per_group, width=BD):
     """(b, channel block j, its columns, its group of B and C) of this program."""
     b, j = (jax.lax.axis_index(a) for a in ("b", "d"))
-    dsl = pl.ds(j * BD, BD)
+    dsl = pl.ds(j * width, width)
     return b, j, dsl, j // per_group
 
 
@@ -183,6 +183,50 @@ def _start(issue, stages, cst_ref, cst, dsl, own_bar):
     plgpu.barrier_wait(own_bar.at[0])
 
 
+def _forward_io(u, dl, z, consts, Bm, Cm, keep, h0, *, NC, save):
+    """The two forwards' kernel arguments (the absent optional inputs left out) and output types
+    (y, hT and with `save` the states entering every chunk)."""
+    Bsz, Tp, Dp = u.shape
+    Np = Bm.shape[-1]
+    args = [u, dl] + ([z] if z is not None else []) + [consts, Bm, Cm] + \
+        ([keep] if keep is not None else []) + ([h0] if h0 is not None else [])
+    out_type = [jax.ShapeDtypeStruct((Bsz, Tp, Dp), u.dtype),
+                jax.ShapeDtypeStruct((Bsz, Np, Dp), f32)]
+    out_type += [jax.ShapeDtypeStruct((Bsz, NC, Np, Dp), f32)] if save else []
+    return args, out_type
+
+
+def _forward_refs(refs, names, *, has_keep, has_h0, save):
+    """The two forwards' leading refs, popped from `refs` in `_forward_io`'s order and then the
+    row slots and B, C, keep rings: (in_refs, (cst, B, C, keep, h0), (y, hT, states), slots,
+    (bs, cs, ks)); the kernel's own scratch stays in `refs`."""
+    pop = lambda on=True: refs.pop(0) if on else None        # noqa: E731
+    in_refs = {n: pop() for n in names}
+    consts = pop(), pop(), pop(), pop(has_keep), pop(has_h0)
+    outs = pop(), pop(), pop(save)
+    slots = {n: pop() for n in names}
+    return in_refs, consts, outs, slots, (pop(), pop(), pop(has_keep))
+
+
+def _forward_kernel(body, own, *, cfg, ops, args, out_type, names, stages, Np, has_keep, grid,
+                    width, name, save):
+    """Launches a forward `body` on `_forward_io`'s args and out_type and returns (y, hT, states
+    or None): its scratch is the rings of `_forward_refs`' slots (the rows `names`, the first
+    args) and B, C, keep, then `own` (the body's own tiles), then the constants [Np + 2, width],
+    the state rows [Np, width] and the ring's and the constants' barriers."""
+    Ct = cfg.chunk
+    scratch = [plgpu.SMEM((stages, Ct, width), x.dtype) for x in args[:len(names)]]
+    scratch += [plgpu.SMEM((stages, Ct, Np), f32)] * (2 + has_keep)
+    scratch += own + [plgpu.SMEM((Np + 2, width), f32), plgpu.SMEM((Np, width), f32),
+                      plgpu.Barrier(num_arrivals=len(names) + 2 + has_keep,
+                                    num_barriers=stages),
+                      plgpu.Barrier(num_arrivals=1, num_barriers=1)]
+    kernel = launch(body, cfg, ops, out_type=out_type, grid=grid, grid_names=("b", "d"),
+                    scratch=scratch, name=name)
+    outs = list(kernel(*args))
+    return outs[0], outs[1], (outs[2] if save else None)
+
+
 def _forward(u, dl, z, consts, Bm, Cm, keep, h0, *, softplus, cfg, save):
     """u, dl, z [B, Tp, Dp] (z None); consts [Np + 2, Dp] f32 (A^T, D, bias); Bm, Cm [B, Tp, G, Np]
     f32; keep None or [B, Tp, Np] f32; h0 None or [B, Np, Dp] f32. Returns (y [B, Tp, Dp],
@@ -191,17 +235,12 @@ def _forward(u, dl, z, consts, Bm, Cm, keep, h0, *, softplus, cfg, save):
     dt_ = u.dtype
     has_z, has_keep, has_h0 = z is not None, keep is not None, h0 is not None
     names = ("u", "delta") + (("z",) if has_z else ())
-    row_dts = {"u": u.dtype, "delta": dl.dtype, "z": None if z is None else z.dtype}
 
     def body(*refs):
         refs = list(refs)
-        pop = lambda on=True: refs.pop(0) if on else None        # noqa: E731
-        in_refs = {n: pop() for n in names}
-        cst_ref, b_ref, c_ref, k_ref, h0_ref = pop(), pop(), pop(), pop(has_keep), pop(has_h0)
-        y_ref, hT_ref, st_ref = pop(), pop(), pop(save)
-        slots = {n: pop() for n in names}
-        bs, cs, ks = pop(), pop(), pop(has_keep)
-        wide = {n: pop() for n in names}
+        in_refs, (cst_ref, b_ref, c_ref, k_ref, h0_ref), (y_ref, hT_ref, st_ref), slots, \
+            (bs, cs, ks) = _forward_refs(refs, names, has_keep=has_keep, has_h0=has_h0, save=save)
+        wide = {n: refs.pop(0) for n in names}
         ys, yo, cst, hst, in_bar, own_bar = refs
         b, j, dsl, g = _block(per_group)
         rows = [(in_refs[n], slots[n]) for n in names]
@@ -257,21 +296,13 @@ def _forward(u, dl, z, consts, Bm, Cm, keep, h0, *, softplus, cfg, save):
         plgpu.copy_smem_to_gmem(hst, hT_ref.at[b, :, dsl])
         plgpu.wait_smem_to_gmem(0)
 
-    out_type = [jax.ShapeDtypeStruct((Bsz, Tp, Dp), dt_), jax.ShapeDtypeStruct((Bsz, Np, Dp), f32)]
-    out_type += [jax.ShapeDtypeStruct((Bsz, NC, Np, Dp), f32)] if save else []
-    scratch = [plgpu.SMEM((stages, Ct, BD), row_dts[n]) for n in names]
-    scratch += [plgpu.SMEM((stages, Ct, Np), f32)] * (2 + has_keep)
-    scratch += [plgpu.SMEM((Ct, BD), f32) for _ in names]
-    scratch += [plgpu.SMEM((Ct, BD), f32), plgpu.SMEM((Ct, BD), dt_),
-                plgpu.SMEM((Np + 2, BD), f32), plgpu.SMEM((Np, BD), f32),
-                plgpu.Barrier(num_arrivals=len(names) + 2 + has_keep, num_barriers=stages),
-                plgpu.Barrier(num_arrivals=1, num_barriers=1)]
-    kernel = launch(body, cfg, ops, out_type=out_type, grid=(Bsz, NB), grid_names=("b", "d"),
-                    scratch=scratch, name="selective_scan_fwd")
-    args = [u, dl] + ([z] if has_z else []) + [consts, Bm, Cm] + ([keep] if has_keep else []) + \
-        ([h0] if has_h0 else [])
-    outs = list(kernel(*args))
-    return outs[0], outs[1], (outs[2] if save else None)
+    args, out_type = _forward_io(u, dl, z, consts, Bm, Cm, keep, h0, NC=NC, save=save)
+    own = [plgpu.SMEM((Ct, BD), f32) for _ in names]
+    own += [plgpu.SMEM((Ct, BD), f32), plgpu.SMEM((Ct, BD), dt_)]
+    return _forward_kernel(body, own, cfg=cfg, ops=ops, args=args, out_type=out_type,
+                           names=names, stages=stages, Np=Np,
+                           has_keep=has_keep, grid=(Bsz, NB), width=BD,
+                           name="selective_scan_fwd", save=save)
 
 
 LANES_D = 128  # channels of `_forward_threads`' warpgroup: one a thread
@@ -286,12 +317,7 @@ def _forward_threads(u, dl, z, consts, Bm, Cm, keep, h0, *, softplus, cfg, save)
     Rows of u, delta, z load as [128] vectors straight from their bf16 tiles, y rows go to GMEM
     from registers. Same arguments, outputs and states layout as `_forward` (so `_backward`
     reads its states unchanged); the channels per group must be a multiple of 128."""
-    Bsz, Tp, Dp = u.shape
-    G, Np = Bm.shape[2:]
-    Ct = cfg.chunk
-    NC, NB = Tp // Ct, Dp // LANES_D
-    per_group, stages = NB // G, min(cfg.stages, NC)
-    ops = Ops(interpreting(cfg))
+    Bsz, Tp, Dp, Np, Ct, NC, NB, per_group, stages, ops = _grid(u, Bm, cfg, LANES_D)
     has_z, has_keep, has_h0 = z is not None, keep is not None, h0 is not None
     names = ("u", "delta") + (("z",) if has_z else ())
     vec = (lambda x: x) if ops.interpret else (lambda x: plgpu.layout_cast(
@@ -299,15 +325,10 @@ def _forward_threads(u, dl, z, consts, Bm, Cm, keep, h0, *, softplus, cfg, save)
 
     def body(*refs):
         refs = list(refs)
-        pop = lambda on=True: refs.pop(0) if on else None        # noqa: E731
-        in_refs = {n: pop() for n in names}
-        cst_ref, b_ref, c_ref, k_ref, h0_ref = pop(), pop(), pop(), pop(has_keep), pop(has_h0)
-        y_ref, hT_ref, st_ref = pop(), pop(), pop(save)
-        slots = {n: pop() for n in names}
-        bs, cs, ks = pop(), pop(), pop(has_keep)
+        in_refs, (cst_ref, b_ref, c_ref, k_ref, h0_ref), (y_ref, hT_ref, st_ref), slots, \
+            (bs, cs, ks) = _forward_refs(refs, names, has_keep=has_keep, has_h0=has_h0, save=save)
         cst, hst, in_bar, own_bar = refs
-        b, j = (jax.lax.axis_index(a) for a in ("b", "d"))
-        dsl, g = pl.ds(j * LANES_D, LANES_D), j // per_group
+        b, _, dsl, g = _block(per_group, LANES_D)
         rows = [(in_refs[n], slots[n]) for n in names]
         bc, keep_ = ((b_ref, bs), (c_ref, cs)), ((k_ref, ks) if has_keep else None)
 
@@ -359,21 +380,10 @@ def _forward_threads(u, dl, z, consts, Bm, Cm, keep, h0, *, softplus, cfg, save)
         for n in range(Np):
             hT_ref[b, n, dsl] = h[n]
 
-    out_type = [jax.ShapeDtypeStruct((Bsz, Tp, Dp), u.dtype),
-                jax.ShapeDtypeStruct((Bsz, Np, Dp), f32)]
-    out_type += [jax.ShapeDtypeStruct((Bsz, NC, Np, Dp), f32)] if save else []
-    row_dts = {"u": u.dtype, "delta": dl.dtype, "z": None if z is None else z.dtype}
-    scratch = [plgpu.SMEM((stages, Ct, LANES_D), row_dts[n]) for n in names]
-    scratch += [plgpu.SMEM((stages, Ct, Np), f32)] * (2 + has_keep)
-    scratch += [plgpu.SMEM((Np + 2, LANES_D), f32), plgpu.SMEM((Np, LANES_D), f32),
-                plgpu.Barrier(num_arrivals=len(names) + 2 + has_keep, num_barriers=stages),
-                plgpu.Barrier(num_arrivals=1, num_barriers=1)]
-    kernel = launch(body, cfg, ops, out_type=out_type, grid=(Bsz, NB), grid_names=("b", "d"),
-                    scratch=scratch, name="selective_scan_fwd_threads")
-    args = [u, dl] + ([z] if has_z else []) + [consts, Bm, Cm] + ([keep] if has_keep else []) + \
-        ([h0] if has_h0 else [])
-    outs = list(kernel(*args))
-    return outs[0], outs[1], (outs[2] if save else None)
+    args, out_type = _forward_io(u, dl, z, consts, Bm, Cm, keep, h0, NC=NC, save=save)
+    return _forward_kernel(body, [], cfg=cfg, ops=ops, args=args, out_type=out_type,
+                           names=names, stages=stages, Np=Np, has_keep=has_keep, grid=(Bsz, NB),
+                           width=LANES_D, name="selective_scan_fwd_threads", save=save)
 
 
 def _backward(u, dl, z, consts, Bm, Cm, keep, states, dy, dhT, *, softplus, cfg):
