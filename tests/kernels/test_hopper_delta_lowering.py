@@ -15,6 +15,7 @@ import pytest
 
 from linear_jax.kernels.configs import HopperDeltaConfig
 from linear_jax.kernels.gpu.hopper import delta as hopper_delta
+from linear_jax.kernels.gpu.hopper.common import smem_bytes
 from tests.kernels.lowering import cast_round_trips, custom_call_payloads
 
 # (semantics, B, T, H, K, V, gated, packed documents + initial state)
@@ -159,9 +160,19 @@ def test_prep_two_ctas_grid_and_shared_memory(K, monkeypatch):
     default, two = found
     assert (default["grid"], default["threads"]) == ((132,), 2)
     assert (two["grid"], two["threads"]) == ((264,), 1)
-    assert two["smem"] <= hopper_delta.TWO_CTA_SMEM_BYTES < 113 * 1024
+    assert two["smem"] <= smem_bytes(2) < 113 * 1024
     assert two["smem"] == {128: 83712, 64: 59136}[K], two["smem"]
     assert default["smem"] > 113 * 1024
+
+
+def test_check_smem_limits_per_sm():
+    """One CTA an SM may take 227 KB (less 2 KB for the lowering), two 113 KB each: the two-CTA
+    UT kernel is held to the second."""
+    big = [jax.ShapeDtypeStruct((112 * 1024,), jnp.int8)]
+    assert smem_bytes(1) == 227 * 1024 - 2048 and smem_bytes(2) == 113 * 1024 - 2048
+    assert hopper_delta.check_smem("x", big) == 112 * 1024
+    with pytest.raises(ValueError, match="with 2 to an SM; lower"):
+        hopper_delta.check_smem("x", big, per_sm=2)
 
 
 def test_prep_two_ctas_config_is_checked():

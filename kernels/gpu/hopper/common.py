@@ -53,14 +53,17 @@ def smem(shape, dtype):
     return plgpu.SMEM(shape, dtype, transforms=tile_transforms(dtype))
 
 
-# Dynamic SMEM a CTA may take on an H100 / H200 (227 KB), less what the lowering adds for mbarriers
-# and cross-warp reductions.
-SMEM_BYTES = 227 * 1024 - 2048
+def smem_bytes(per_sm: int = 1) -> int:
+    """Dynamic SMEM a CTA may take on an H100 / H200 so that `per_sm` of them share an SM (its
+    228 KB, 1 KB of it reserved per CTA: 227 KB for one, 113 KB each for two), less what the
+    lowering adds for mbarriers and cross-warp reductions."""
+    return (228 // per_sm - 1) * 1024 - 2048
 
 
-def check_smem(name: str, scratch, fix: str = "lower the config's stages") -> int:
-    """The SMEM bytes of a kernel's scratch list; ValueError past SMEM_BYTES (export on a CPU
-    would not notice: the limit is the device's), saying how to `fix` it."""
+def check_smem(name: str, scratch, fix: str = "lower the config's stages",
+               per_sm: int = 1) -> int:
+    """The SMEM bytes of a kernel's scratch list; ValueError past `smem_bytes(per_sm)` (export
+    on a CPU would not notice: the limit is the device's), saying how to `fix` it."""
     total = 0
     for s in jax.tree.leaves(scratch, is_leaf=lambda x: not isinstance(x, (list, tuple))):
         if isinstance(s, plgpu.Barrier):
@@ -69,9 +72,11 @@ def check_smem(name: str, scratch, fix: str = "lower the config's stages") -> in
         for d in s.shape:
             n *= d
         total += n
-    if total > SMEM_BYTES:
+    limit = smem_bytes(per_sm)
+    if total > limit:
         raise ValueError(f"{name}: {total / 1024:.1f} KB of shared memory exceeds the "
-                         f"{SMEM_BYTES / 1024:.1f} KB a CTA can have; {fix}")
+                         f"{limit / 1024:.1f} KB a CTA can have"
+                         + (f" with {per_sm} to an SM" if per_sm > 1 else "") + f"; {fix}")
     return total
 
 

@@ -286,12 +286,9 @@ def unit_lower_inverse(ops, L, tiles, dt, solve=None):
 
     # I is formed where it is used, not held: one [C, C] float32 tile fewer live across the wgmmas
     with jax.named_scope("doubling"):
-        X, b = None, 2
-        if solve is not None:
-            X = diagonal_blocks(ops, L, solve)
-            b = SOLVE if X is not None else 2
-        if X is None:
-            X = jnp.where(r == c, 1.0, 0.0) - coupling(1)
+        X, b = (None, 2) if solve is None else (diagonal_blocks(ops, L, solve), SOLVE)
+        if X is None:                         # from b = 1 (also the interpreter's blocks)
+            X, b = jnp.where(r == c, 1.0, 0.0) - coupling(1), 2
         while b < C:
             xt[...] = X.astype(dt)
             mt[...] = coupling(b).astype(dt)
@@ -443,11 +440,6 @@ def prep(q, k, v, rows, *, names, scale, cfg, residuals):
     return kernel(q, k, v, rows)
 
 
-# SMEM a CTA of `prep_two_ctas` may take so that two share an SM: an SM has 228 KB, each CTA
-# 1 KB of it reserved (113 KB a CTA), less what the lowering adds (as `common.SMEM_BYTES`).
-TWO_CTA_SMEM_BYTES = 113 * 1024 - 2048
-
-
 def prep_two_ctas(q, k, v, rows, *, names, scale, cfg, residuals):
     """`prep` as CTAs of one warpgroup and one input slot, two CTAs to an SM
     (`HopperDeltaConfig.prep_two_ctas`): the SMs run two chunks' dependent wgmma chains at once.
@@ -512,11 +504,8 @@ def prep_two_ctas(q, k, v, rows, *, names, scale, cfg, residuals):
         qslot = (plgpu.RefUnion if not ops.interpret else lambda *t: t)(qslot, smem((C, C), dt))
     scratch = [qslot, smem((1, C, K), dt), smem((1, C, V), dt), plgpu.SMEM((1, R, C), f32),
                smem((4, C, C), dt), plgpu.Barrier(num_arrivals=4, num_barriers=1)]
-    used = check_smem("delta prep (two CTAs)", scratch)
-    if used > TWO_CTA_SMEM_BYTES:
-        raise ValueError(f"delta prep (two CTAs): {used / 1024:.1f} KB of shared memory exceeds "
-                         f"the {TWO_CTA_SMEM_BYTES / 1024:.1f} KB of a CTA two of which share an "
-                         "SM; set HopperDeltaConfig.prep_two_ctas=False")
+    check_smem("delta prep (two CTAs)", scratch, per_sm=2,
+               fix="set HopperDeltaConfig.prep_two_ctas=False")
     kernel = launch(body, cfg, ops, out_type=out_type, grid=(progs,), grid_names=("p",),
                     scratch=scratch, name="delta_prep_two_ctas", num_threads=1)
     return kernel(q, k, v, rows)
