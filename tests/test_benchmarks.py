@@ -101,6 +101,25 @@ def test_newest_per_device_prefers_the_plain_name(tmp_path, monkeypatch):
     assert render.newest_per_device("mlstm_gpu_*.json") == []
 
 
+def test_peer_checks_run_the_named_checks_on_their_inputs(monkeypatch):
+    """A peer's rows come from the script's own run_check at the seeds the script gives those
+    cases (100 + index), with the peer's call in place of our kernels; none without jla."""
+    from experiments.benchmarks import kernel_checks as kc
+    grid = [(f"case{i}", 1, 64, 1, 64, 64, "normal", False) for i in range(5)]
+    seen = []
+
+    def run_check(name, cfg, B, T, H, K, V, *, gate, extras, seed, peer):
+        seen.append((name, cfg, seed, peer))
+        return {"check": name, "T": T, "K": K, "ok": True}
+
+    monkeypatch.setattr(kc, "jla_call", lambda kind, gates: None)
+    assert kc.peer_checks("gla", None, grid, (1, 4), run_check) == [] and not seen
+    monkeypatch.setattr(kc, "jla_call", lambda kind, gates: "peer-call")
+    rows = kc.peer_checks("gla", None, grid, (1, 4), run_check)
+    assert [r["check"] for r in rows] == ["jla: case1", "jla: case4"]
+    assert seen == [("jla: case1", None, 101, "peer-call"), ("jla: case4", None, 104, "peer-call")]
+
+
 def test_check_grid_files_merge_per_device(tmp_path, monkeypatch):
     (tmp_path / "results").mkdir()
     monkeypatch.setattr(render, "BENCH", str(tmp_path))

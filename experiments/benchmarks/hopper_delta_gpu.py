@@ -271,14 +271,9 @@ def main(argv=None) -> int:
             checks = kc.run_grid(grid, lambda i, c: run(i, c, cfg), done=[first])
             checks += kc.run_grid(prep_grid, lambda i, c: run(
                 len(grid) + i, c[:8], dataclasses.replace(cfg, **c[8])))
-            # jla's gated_deltanet on the inputs of our checks 1 and 4 (their seeds): the record
-            # of its errors, strong decay included, not a check of ours
-            jla = kc.jla_call("gated_deltanet", lambda x: {"g": x["g"], "beta": x["beta"]}, 128)
-            if jla is not None:
-                peers = kc.run_grid([("jla: " + grid[i][0],) + grid[i][1:] for i in (1, 4)],
-                                    lambda i, c: run_check(c[0], None, *c[1:6], gate=c[6],
-                                                           extras=c[7], seed=(101, 104)[i],
-                                                           peer=jla))
+            # jla's gated_deltanet on the inputs of our checks 1 and 4 (documents, strong decay)
+            peers = kc.peer_checks("gated_deltanet", lambda x: {"g": x["g"], "beta": x["beta"]},
+                                   grid, (1, 4), run_check)
             # a run cut short in its timings keeps its checks
             common.write_json(common.device_file("hopper_delta_gpu"), rows, checks=checks,
                               partial=True, peer_checks=peers)

@@ -174,13 +174,8 @@ def main(argv=None) -> int:
         if not a.skip_checks:
             checks = kc.run_grid(grid, lambda i, c: run(i, c, cfg), done=[first])
             checks += kc.run_grid(block_grid, lambda i, c: run(len(grid) + i, c, by_block))
-            # jla's gla on the inputs of our checks 1 and 2 (their seeds): the record of its
-            # errors, strong decay included, not a check of ours
-            jla = kc.jla_call("gla", lambda x: {"g": x["g"]}, 128)
-            if jla is not None:
-                peers = kc.run_grid([("jla: " + c[0],) + c[1:] for c in grid[1:3]],
-                                    lambda i, c: run_check(c[0], None, *c[1:6], gate=c[6],
-                                                           extras=c[7], seed=101 + i, peer=jla))
+            # jla's gla on the inputs of our checks 1 and 2 (documents, strong decay)
+            peers = kc.peer_checks("gla", lambda x: {"g": x["g"]}, grid, (1, 2), run_check)
             # a run cut short in its timings keeps its checks
             common.write_json(common.device_file("hopper_gla_gpu"), rows, checks=checks,
                               partial=True, peer_checks=peers)

@@ -189,21 +189,33 @@ def fwd_and_fwdbwd(call, n_grads: int = 3):
     return jax.jit(call), jax.jit(jax.grad(loss, argnums=tuple(range(n_grads))))
 
 
-def jla_call(kind: str, gates, K: int):
+def jla_call(kind: str, gates):
     """x -> (o, S) of jax-linear-attention's `kind` (Mosaic GPU) on a check's inputs (q, k, v, S0,
-    seg, and the gates `gates(x)` names), or None where jla is not installed: its outputs and
-    gradients go through the same checks as ours, on the same inputs, for the record (the
-    strong-decay cases say whether its gate gradient is exact where ours is)."""
+    seg, and the gates `gates(x)` names; scale K^-1/2), or None where jla is not installed."""
     try:
         from jla.ops import linear_attention
     except ImportError:
         return None
 
     def call(x):
-        return linear_attention(kind, x["q"], x["k"], x["v"], impl="mosaic_gpu", scale=K**-0.5,
-                                initial_state=x["S0"], output_final_state=True,
-                                segment_ids=x["seg"], **gates(x))
+        return linear_attention(kind, x["q"], x["k"], x["v"], impl="mosaic_gpu",
+                                scale=x["q"].shape[-1] ** -0.5, initial_state=x["S0"],
+                                output_final_state=True, segment_ids=x["seg"], **gates(x))
     return call
+
+
+def peer_checks(kind: str, gates, grid, at, run_check) -> list:
+    """jax-linear-attention's `kind` (`jla_call`) through the checks `at` (indices) of a Hopper
+    script's `grid`, on the same inputs (the scripts seed case i with 100 + i) and against the
+    same reference: rows for the record (its gate gradient at strong decay beside ours), not
+    checks of ours; [] where jla is not installed. run_check(name, cfg, B, T, H, K, V, *, gate,
+    extras, seed, peer): the script's."""
+    call = jla_call(kind, gates)
+    if call is None:
+        return []
+    return run_grid([("jla: " + grid[i][0],) + tuple(grid[i][1:]) for i in at],
+                    lambda j, c: run_check(c[0], None, *c[1:6], gate=c[6], extras=c[7],
+                                           seed=100 + at[j], peer=call))
 
 
 def jla_peer(kind: str, gates):
