@@ -57,11 +57,14 @@ class _OwnChunk:
 
 def _check_hopper(config, **choices):
     """The fields every Mosaic GPU (Hopper) config has, semantics and interpret, and those named
-    in `choices` (field: its allowed values)."""
+    in `choices` (field: its allowed values; (False, True): a switch, which takes a bool only)."""
     name = type(config).__name__
     for f, ok in choices.items():
-        if getattr(config, f) not in ok:
-            raise ValueError(f"{name}.{f} must be one of {ok}, got {getattr(config, f)!r}")
+        v = getattr(config, f)
+        if all(isinstance(o, bool) for o in ok) and not isinstance(v, bool):
+            raise ValueError(f"{name}.{f} must be True or False, got {v!r}")
+        if v not in ok:
+            raise ValueError(f"{name}.{f} must be one of {ok}, got {v!r}")
     if config.semantics not in ("lane", "warpgroup"):
         raise ValueError(f"{name}.semantics must be 'lane' or 'warpgroup', got "
                          f"{config.semantics!r}")
@@ -506,14 +509,14 @@ class HopperDeltaConfig:
 
     def __post_init__(self):
         name = type(self).__name__
+        _check_hopper(self, stages=(2, 3), stages_prep=(1, 2, 3), stages_grad=(1, 2),
+                      item_order=("heads", "chunks"), prep_inverse=("doubling", "blocks"),
+                      prep_two_ctas=(False, True))
         if self.chunk != 64:
             raise ValueError(f"{name}.chunk must be 64 (one wgmma tile), got {self.chunk}")
         if self.prep_two_ctas and self.prep_inverse == "blocks":
             raise ValueError(f"{name}.prep_inverse='blocks' needs 35 KB of SMEM that "
                              "prep_two_ctas does not have: set one of them")
-        if not isinstance(self.prep_two_ctas, bool):
-            raise ValueError(f"{name}.prep_two_ctas must be True or False, got "
-                             f"{self.prep_two_ctas!r}")
         if self.prep_two_ctas and self.stages_prep != 1:
             raise ValueError(f"{name}.prep_two_ctas takes one input stage: stages_prep must be 1, "
                              f"got {self.stages_prep}")
@@ -524,8 +527,6 @@ class HopperDeltaConfig:
                              f"{self.walk_split!r}")
         if self.programs is not None and self.programs < 1:
             raise ValueError(f"{name}.programs must be positive, got {self.programs}")
-        _check_hopper(self, stages=(2, 3), stages_prep=(1, 2, 3), stages_grad=(1, 2),
-                      item_order=("heads", "chunks"), prep_inverse=("doubling", "blocks"))
 
     @classmethod
     def default(cls, device=None) -> HopperDeltaConfig:

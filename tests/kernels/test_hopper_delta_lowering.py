@@ -175,6 +175,16 @@ def test_check_smem_limits_per_sm():
         hopper_delta.check_smem("x", big, per_sm=2)
 
 
+def test_config_switches_take_bools_only():
+    """Every Hopper config switch is checked in one place (`_check_hopper`): 1 is not True."""
+    from linear_jax.kernels.configs import HopperChunkConfig, HopperSelectiveConfig
+    for cls, field in ((HopperDeltaConfig, "prep_two_ctas"),
+                       (HopperChunkConfig, "gla_grad_key_blocks"),
+                       (HopperSelectiveConfig, "per_thread_forward")):
+        with pytest.raises(ValueError, match=f"{cls.__name__}.{field} must be True or False"):
+            cls(**{field: 1})
+
+
 def test_prep_two_ctas_config_is_checked():
     with pytest.raises(ValueError, match="prep_two_ctas must be True or False"):
         HopperDeltaConfig(prep_two_ctas=1)
