@@ -168,6 +168,24 @@ def test_render_rewrites_only_the_marked_readme_block(tmp_path):
         ("simple_gla", 0.2, 0.3), ("delta_rule", 0.6, 0.4)]
 
 
+def test_readme_rows_follow_todays_default_config():
+    """A timing row counts as today's default by its file's config and its variant's overrides,
+    not by its label: the "default" row of a file timed under an older default names the field it
+    ran under, and a named variant that is today's default is taken for the cell."""
+    import dataclasses
+
+    from linear_jax.kernels.configs import HopperChunkConfig, HopperDeltaConfig
+    gla_then = dataclasses.asdict(dataclasses.replace(HopperChunkConfig(), grad_programs=132,
+                                                      gla_grad_key_blocks=False))
+    data = {"config": gla_then}
+    assert render.config_changes(data, "default") == {"gla_grad_key_blocks": False}
+    assert render.config_changes(data, "gla_grad_key_blocks") == {}
+    assert render.config_changes(data, "unknown") is None
+    delta = {"config": dataclasses.asdict(HopperDeltaConfig(programs=132))}
+    assert render.config_changes(delta, "default") == {}
+    assert render.config_changes({}, "default") == {}          # an older file: no config kept
+
+
 @pytest.mark.smoke
 def test_compile_time_script_runs(tmp_path, monkeypatch):
     """experiments/benchmarks/compile_time.py end to end at a tiny size: the scanned and the

@@ -20,8 +20,9 @@ anchors.
     kernel alone (UT prep, forward walk with and without residuals, reverse walk, gradient
     kernel; the UT and gradient kernels also with their work items in the other order; the UT
     kernel also under `PREP_VARIANTS` (one stage, three stages, and `prep_two_ctas`: CTAs of one
-    warpgroup and one slot, two to an SM, twice the programs; `prep_inverse="blocks"`: the
-    diagonal blocks by substitution on the CUDA cores, then two merge steps), each with the
+    warpgroup and one slot, two to an SM, twice the programs; `prep_inverse="doubling"`: the
+    inverse by recursive doubling alone, where the default solves the diagonal blocks by
+    substitution on the CUDA cores, then two merge steps), each with the
     relative error of its -W, U, A against the configured kernel's) at the
     first and last T (every T without --quick).
 (c) Writes benchmarks/results/hopper_delta_gpu_<device>.json (and a copy under $OUT when set).
@@ -128,9 +129,10 @@ def time_shape(cfg, T, anchors, *, reps, breakdown, profile=False):
 
 
 # the UT kernel's configs timed beside the default in the breakdown
-PREP_VARIANTS = {"one_stage": dict(stages_prep=1), "three_stages": dict(stages_prep=3),
-                 "two_ctas": dict(prep_two_ctas=True, stages_prep=1),
-                 "blocks": dict(prep_inverse="blocks")}
+PREP_VARIANTS = {"one_stage": dict(stages_prep=1),
+                 "three_stages": dict(stages_prep=3, prep_inverse="doubling"),  # SMEM
+                 "two_ctas": dict(prep_two_ctas=True, stages_prep=1, prep_inverse="doubling"),
+                 "doubling": dict(prep_inverse="doubling")}
 
 
 def kernel_calls(cfg, x, setup_cfg=None):
@@ -260,11 +262,12 @@ def main(argv=None) -> int:
                      ("delta_rule+docs+h0", 1, 8192, 4, 64, 64, None, True),
                      ("gated, K=100 V=48 (padded)", 2, 300, 2, 100, 48, "normal", True)]
         # the UT kernel's variants through the whole op (`PREP_VARIANTS` compares their -W, U, A
-        # with the default's; these check the op's outputs and gradients): the diagonal blocks
-        # solved per thread (the interpreter cannot run that code) and two CTAs an SM (aliased)
+        # with the default's; these check the op's outputs and gradients): the inverse by
+        # doubling alone and two CTAs an SM (aliased)
         prep_grid = [(f"{tag}: {c[0]}",) + c[1:] + (over,) for tag, over in (
-            ("prep blocks", dict(prep_inverse="blocks")),
-            ("prep two CTAs", dict(prep_two_ctas=True, stages_prep=1))) for c in (
+            ("prep doubling", dict(prep_inverse="doubling")),
+            ("prep two CTAs", dict(prep_two_ctas=True, stages_prep=1,
+                                   prep_inverse="doubling"))) for c in (
             ("strong decay+docs+h0", 2, 2048, 4, 128, 128, "strong", True),
             ("delta_rule+docs+h0", 2, 2048, 4, 64, 64, None, True))]
         if not a.skip_checks:
@@ -276,7 +279,7 @@ def main(argv=None) -> int:
                                    grid, (1, 4), run_check)
             # a run cut short in its timings keeps its checks
             common.write_json(common.device_file("hopper_delta_gpu"), rows, checks=checks,
-                              partial=True, peer_checks=peers)
+                              partial=True, peer_checks=peers, config=dataclasses.asdict(cfg))
         x = jnp.zeros((1, 64, 1, 64), f32)
         checks.append(kc.float32_refused(lambda: hdelta.delta(
             x, x, x, None, x[..., 0], scale=1.0, initial_state=None, segment_ids=None,
@@ -292,7 +295,7 @@ def main(argv=None) -> int:
             print(rows[-1])
             # so far: a run cut short keeps its rows
             common.write_json(common.device_file("hopper_delta_gpu"), rows, checks=checks,
-                              partial=True, peer_checks=peers)
+                              partial=True, peer_checks=peers, config=dataclasses.asdict(cfg))
         for op, _ in OPS.values():
             kc.table(rows, op, key=lambda s, op=op: f"{op}.{s}")
     return kc.finish("hopper_delta_gpu", rows, checks, t_start, peer_checks=peers,

@@ -9,8 +9,8 @@ correctness, then timings against the jax-linear-attention anchors.
     T in {100, 2048}, K = V in {64, 128}, and a strong-decay case (every log decay in [-25, -15]:
     no NaN, exact gate gradient); without --quick also T = 8192, no documents, and K = 100, V = 48
     (padded); float32 inputs refused (ValueError); the strong-decay and the documents cases at
-    T = 2048, K = 128 again with the gradient per key block (`gla_grad_key_blocks`, whose
-    aliased SMEM the CPU interpreter cannot run).
+    T = 2048, K = 128 again with the fused gradient kernel (`gla_grad_key_blocks=False`; the
+    default, one CTA per key block, has aliased SMEM that the CPU interpreter cannot run).
 (b) Timings: bf16, H = 16, K = V = 128, B = max(1, 16384 // T), T in {2048, 8192, 32768},
     g = log_sigmoid(N(0, 1)) / 16 in float32 [B, T, H, K] (as probe_jla.py): forward and forward
     + backward (grad of sum(o * do) w.r.t. q, k, v, the anchors' protocol; every input a jit
@@ -18,9 +18,9 @@ correctness, then timings against the jax-linear-attention anchors.
     blocked on the host (`fwd_sync_ms`, how the jla anchors were timed), beside jla's gla timed
     the same ways in this run where its wheel is installed (`jla_run_*`), else its anchors, and
     the ratio (jla / ours, > 1 is faster); then each kernel alone at the first T (every T without
-    --quick): gates, walk (with states), reverse walk, grad (and at K = 128 per key block,
-    `gla_grad_key_blocks`); at every T also the whole op with `gla_grad_key_blocks`
-    (`--no-breakdown`: the whole op only).
+    --quick): gates, walk (with states), reverse walk, grad (and at K = 128 its other form,
+    fused or per key block); at the first T also the whole op with the fused gradient kernel
+    (`gla_grad_fused`) (`--no-breakdown`: the whole op only).
 (c) Writes benchmarks/results/hopper_gla_gpu_<device>.json (and a copy under $OUT when set).
 
 A check or timing that fails prints the last 30 lines of its traceback and the script goes on.
@@ -135,10 +135,11 @@ def kernel_breakdown(cfg, args, *, reps):
         out["walk_rev_states"] = t(walk(True, True), kt, qt, do, A, dec, s0)
         gradf = jax.jit(lambda *a: hgla.grad(*a, scale=K**-0.5, cfg=cfg))
         out["grad"] = t(gradf, q, k, v, do, gh, gl, None, states, dstates)
-        if K > 64:                        # one CTA per 64-key block, two CTAs per SM
-            by_block = dataclasses.replace(cfg, gla_grad_key_blocks=True)
-            gradb = jax.jit(lambda *a: hgla.grad(*a, scale=K**-0.5, cfg=by_block))
-            out["grad_key_blocks"] = t(gradb, q, k, v, do, gh, gl, None, states, dstates)
+        if K > 64:                        # the other form of the gradient kernel
+            other = dataclasses.replace(cfg, gla_grad_key_blocks=not cfg.gla_grad_key_blocks)
+            gradb = jax.jit(lambda *a: hgla.grad(*a, scale=K**-0.5, cfg=other))
+            name = "grad_key_blocks" if other.gla_grad_key_blocks else "grad_fused"
+            out[name] = t(gradb, q, k, v, do, gh, gl, None, states, dstates)
     except Exception as e:  # noqa: BLE001
         out["error"] = tail(e, 8)
         print(f"kernel breakdown FAILED:\n{tail(e)}")
@@ -167,18 +168,19 @@ def main(argv=None) -> int:
                      ("docs+h0", 1, 8192, 4, 128, 128, "normal", True),
                      ("strong decay", 1, 300, 2, 64, 64, "strong", False),
                      ("K=100 V=48 (padded)+docs+h0", 2, 300, 2, 100, 48, "normal", True)]
-        # the gradient per key block (its SMEM aliased: the interpreter cannot run it aliased)
-        by_block = dataclasses.replace(cfg, gla_grad_key_blocks=True)
-        block_grid = [("grad key blocks: strong decay+docs+h0", 2, 2048, 4, 128, 128, "strong",
-                       True), ("grad key blocks: docs+h0", 2, 2048, 4, 128, 128, "normal", True)]
+        # the gradient kernel's other form (the default: one CTA per key block, its SMEM
+        # aliased, which the interpreter cannot run aliased; the other: one CTA per chunk)
+        fused = dataclasses.replace(cfg, gla_grad_key_blocks=False)
+        block_grid = [("grad fused: strong decay+docs+h0", 2, 2048, 4, 128, 128, "strong",
+                       True), ("grad fused: docs+h0", 2, 2048, 4, 128, 128, "normal", True)]
         if not a.skip_checks:
             checks = kc.run_grid(grid, lambda i, c: run(i, c, cfg), done=[first])
-            checks += kc.run_grid(block_grid, lambda i, c: run(len(grid) + i, c, by_block))
+            checks += kc.run_grid(block_grid, lambda i, c: run(len(grid) + i, c, fused))
             # jla's gla on the inputs of our checks 1 and 2 (documents, strong decay)
             peers = kc.peer_checks("gla", lambda x: {"g": x["g"]}, grid, (1, 2), run_check)
             # a run cut short in its timings keeps its checks
             common.write_json(common.device_file("hopper_gla_gpu"), rows, checks=checks,
-                              partial=True, peer_checks=peers)
+                              partial=True, peer_checks=peers, config=dataclasses.asdict(cfg))
         x = jnp.zeros((1, 64, 1, 64), f32)
         checks.append(kc.float32_refused(lambda: hgla.gla(
             x, x, x, x, scale=1.0, initial_state=None, segment_ids=None, chunk_size=64)))
@@ -194,11 +196,11 @@ def main(argv=None) -> int:
                 rows[-1]["kernels_ms"] = kernel_breakdown(cfg, args, reps=reps)
             print(rows[-1])
             common.write_json(common.device_file("hopper_gla_gpu"), rows, checks=checks,
-                              partial=True, peer_checks=peers)
-            # the whole op with the gradient per key block (every T: it is the candidate default)
-            rows.append({"variant": "gla_grad_key_blocks", **kc.time_decay_op(
-                hgla.gla, "gla", by_block, args, anchors, reps=reps, jla_row=rows[-1])})
-            print(rows[-1])
+                              partial=True, peer_checks=peers, config=dataclasses.asdict(cfg))
+            if T == a.T[0]:               # the whole op with the fused gradient kernel
+                rows.append({"variant": "gla_grad_fused", **kc.time_decay_op(
+                    hgla.gla, "gla", fused, args, anchors, reps=reps, jla_row=rows[-1])})
+                print(rows[-1])
         kc.table(rows, "gla", label=lambda r: f"{r['T']:>6}" + (
             f" {r['variant']}" if "variant" in r else ""))
     return kc.finish("hopper_gla_gpu", rows, checks, t_start, peer_checks=peers,

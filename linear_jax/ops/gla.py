@@ -46,11 +46,11 @@ def gla_chunk(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size):
 
 registry.register(registry.OpRecord(
     "gla", reference=gla_recurrent, chunk=gla_chunk,
-    # the Hopper kernels pass their device checks (strong decay included, H100 session 17) but
-    # their fwd+bwd is slower than the Triton kernel's on the H200 (5.6 against 3.4 ms at
-    # T = 2048; benchmarks/NOTES.md): reachable as impl="pallas:mosaic_gpu" only
+    # the Hopper kernels pass their device checks (strong decay included, H100 sessions 17, 18)
+    # and, with the gradient per key block, beat the Triton kernels on one H100 (session 18,
+    # T = 2048, device ms: fwd 0.71 against 1.11, fwd+bwd 2.32 against 5.16): "auto" on sm_90
     kernels=(registry.Kernel("mosaic_gpu", "linear_jax.kernels.gpu.hopper.gla:gla",
-                             "linear_jax.kernels.configs:HopperChunkConfig", auto=False,
+                             "linear_jax.kernels.configs:HopperChunkConfig", auto=True,
                              min_capability=(9, 0), max_capability=(9, 0),
                              accepts="linear_jax.kernels.gpu.hopper.common:accepts"),
              registry.Kernel("triton", "linear_jax.kernels.gpu.decay:decay",

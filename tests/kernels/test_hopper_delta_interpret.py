@@ -47,13 +47,15 @@ def _chunk_form():
 # walks run their two value blocks in a CTA each (gated: the reverse walk reads A^T) and in one CTA
 # (delta_rule: the reverse walk forms k q^T itself); the UT prep as two CTAs (`prep_two_ctas`),
 # the first taking chunks 0 and 2 through its one slot, A, -W, U written over q, k, v and T over
-# the inverse's first tile; `prep_inverse="blocks"` (the interpreter cannot run its per-thread
-# substitution, so this checks the kernel's extra tiles and refs, with the doubling's blocks)
+# the inverse's first tile; the default `prep_inverse="blocks"` (the interpreter cannot run its
+# per-thread substitution, so the default cases check the kernel's extra tiles and refs, with the
+# doubling's blocks) and "doubling"
 CASES = {"gated_delta_rule": (True, 64, {}),
          "delta_rule-prep3": (False, 64, {"stages_prep": 3, "programs": 1}),
          "gated_delta_rule-prep_two_ctas": (True, 64, {"prep_two_ctas": True, "stages_prep": 1,
+                                                       "prep_inverse": "doubling",
                                                        "programs": 1}),
-         "delta_rule-blocks": (False, 64, {"prep_inverse": "blocks", "programs": 1}),
+         "delta_rule-doubling": (False, 64, {"prep_inverse": "doubling", "programs": 1}),
          "gated_delta_rule-K128": (True, 128, {"walk_split": True}),
          "delta_rule-K128": (False, 128, {"walk_split": False})}
 

@@ -122,7 +122,8 @@ def test_prep_two_ctas_exports(case, grad):
     """The UT prep as CTAs of one warpgroup, two to an SM (`prep_two_ctas`): A, -W, U (and T
     under differentiation) stored from the input slots and tiles they were computed in; at
     K = 128 A's tile aliased with the q slot (`plgpu.RefUnion`), at K = 64 the q slot itself."""
-    text = _export(case, grad, prep_two_ctas=True, stages_prep=1).mlir_module()
+    text = _export(case, grad, prep_two_ctas=True, stages_prep=1,
+                   prep_inverse="doubling").mlir_module()
     assert text.count("mosaic_gpu") >= (4 if grad else 2), "expected the Mosaic GPU kernels"
     assert text.count("delta_prep") == text.count("delta_prep_two_ctas") > 0, \
         "expected the two-CTA prep in place of the default one"
@@ -132,8 +133,8 @@ def test_prep_two_ctas_exports(case, grad):
 @pytest.mark.parametrize("K", [128, 64])
 def test_prep_two_ctas_grid_and_shared_memory(K, monkeypatch):
     """Twice the CTAs of the default prep (`programs` of them), one warpgroup each, and SMEM for
-    two an SM: 81.75 KB at K = V = 128, 57.75 KB at 64, T included (the default prep: 179.5 and
-    115.5 KB), gated with documents (the most gate rows)."""
+    two an SM: 81.75 KB at K = V = 128, 57.75 KB at 64, T included (the prep of one CTA an SM,
+    by doubling: 179.5 and 115.5 KB), gated with documents (the most gate rows)."""
     seen = {}
     launch, check = hopper_delta.launch, hopper_delta.check_smem
 
@@ -151,7 +152,8 @@ def test_prep_two_ctas_grid_and_shared_memory(K, monkeypatch):
     names = ("gq", "gk", "dec", "G", "doc", "beta", "ein")              # gated, documents
     rows = jax.ShapeDtypeStruct((1, 1, len(names), 64 * 300), jnp.float32)
     found = []
-    for over in ({}, {"prep_two_ctas": True, "stages_prep": 1}):
+    for over in ({"prep_inverse": "doubling"},
+                 {"prep_two_ctas": True, "stages_prep": 1, "prep_inverse": "doubling"}):
         cfg = HopperDeltaConfig(interpret=False, programs=132, **over)
         jax.export.export(jax.jit(lambda q, k, v, r, cfg=cfg: hopper_delta.prep(
             q, k, v, r, names=names, scale=1.0, cfg=cfg, residuals=True)),
@@ -189,8 +191,9 @@ def test_prep_two_ctas_config_is_checked():
     with pytest.raises(ValueError, match="prep_two_ctas must be True or False"):
         HopperDeltaConfig(prep_two_ctas=1)
     with pytest.raises(ValueError, match="stages_prep must be 1"):
-        HopperDeltaConfig(prep_two_ctas=True)             # stages_prep defaults to 2
-    assert HopperDeltaConfig(prep_two_ctas=True, stages_prep=1).prep_two_ctas
+        HopperDeltaConfig(prep_two_ctas=True, prep_inverse="doubling")  # stages_prep is 2
+    assert HopperDeltaConfig(prep_two_ctas=True, stages_prep=1,
+                             prep_inverse="doubling").prep_two_ctas
 
 
 def _kernel_asm(text):
@@ -203,11 +206,12 @@ def _kernel_asm(text):
 @pytest.mark.parametrize("grad", [False, True], ids=["fwd", "bwd"])
 @pytest.mark.parametrize("case", [CASES[0], CASES[1]], ids=["K128", "K64"])
 def test_prep_inverse_blocks_exports(case, grad):
-    """`prep_inverse="blocks"`: the UT kernel solves the 16 x 16 diagonal blocks by forward
-    substitution (120 FMAs a column: 16 steps, 15 + 14 + .. + 1 updates) and merges them with the
-    doubling's last two steps (b = 16, 32) only; the kernels other than the UT one unchanged."""
+    """`prep_inverse="blocks"` (the default) against "doubling": the UT kernel solves the
+    16 x 16 diagonal blocks by forward substitution (120 FMAs a column: 16 steps, 15 + 14 + ..
+    + 1 updates) and merges them with the doubling's last two steps (b = 16, 32) only; the
+    kernels other than the UT one unchanged."""
     base, blocks = (_kernel_asm(_export(case, grad, **over).mlir_module())
-                    for over in ({}, {"prep_inverse": "blocks"}))
+                    for over in ({"prep_inverse": "doubling"}, {}))
     assert len(base) == len(blocks) >= (4 if grad else 2)
     preps = [i for i, k in enumerate(blocks) if "delta_prep" in k]
     assert len(preps) == 1, "expected one UT kernel"
@@ -227,4 +231,6 @@ def test_prep_inverse_config_is_checked():
         HopperDeltaConfig(prep_inverse="solve")
     with pytest.raises(ValueError, match="prep_two_ctas does not have"):
         HopperDeltaConfig(prep_inverse="blocks", prep_two_ctas=True, stages_prep=1)
-    assert HopperDeltaConfig(prep_inverse="blocks").prep_inverse == "blocks"
+    assert HopperDeltaConfig().prep_inverse == "blocks"
+    with pytest.raises(ValueError, match="set prep_inverse='doubling'"):
+        HopperDeltaConfig(prep_two_ctas=True, stages_prep=1)

@@ -32,7 +32,7 @@ def on(monkeypatch):
 @pytest.mark.parametrize(
     "platform,op,T,expected",
     [
-        ("gpu", "gla", 1024, "pallas:triton"),
+        ("gpu", "gla", 1024, "pallas:mosaic_gpu"),   # with the gradient per key block (session 18)
         ("tpu", "simple_gla", 1024, "pallas:tpu"),
         ("tpu", "gated_delta_rule", 1024, "pallas:tpu"),
         ("cpu", "gla", 1024, "chunk"),               # interpret mode is for tests only
