@@ -113,14 +113,27 @@ def sel_check(cfg, B, T, D, N, G):
     return out
 
 
-def sel_timing(impl, cfg, reps):
-    x = sel_inputs(*SEL_SHAPE, extras=False)
+def sel_timing(impl, cfg, reps, batch=SEL_SHAPE[0]):
+    x = sel_inputs(batch, *SEL_SHAPE[1:], extras=False)
     args = [x[k] for k in SEL_NAMES[:-1]] + [None]
     f, g = sel_fns(impl, cfg, None)
     fj = jax.jit(lambda *a: f(*a, None))
     gj = jax.jit(lambda *a: g(*a[:8], None, *a[8:])[:8])
     a, ab = args[:8], args[:8] + [x["dy"], x["dh"]]
-    return timed(fj, a, gj, ab, reps)
+    row = timed(fj, a, gj, ab, reps)
+
+    def chained(*a):                      # 4 forwards in one executable, each on the last's y
+        y = a[0]
+        for _ in range(4):
+            y = f(y, *a[1:], None)[0]
+        return y
+
+    # Device time of one forward with one dispatch per 4: 4 x fwd_ms if the device is the bound,
+    # about fwd_ms if each call's host dispatch is (NOTES_ssm.md, session 18).
+    cj = jax.jit(chained)
+    jax.block_until_ready(cj(*a))
+    row["fwd_x4_ms"] = round(common.median_ms(cj, *a, reps=reps, inner=10), 4)
+    return row
 
 
 # -- mLSTM ----------------------------------------------------------------------------------------
@@ -226,6 +239,10 @@ def main(argv=None) -> int:
     p.add_argument("--skip-checks", action="store_true",
                    help="timings only, under the first of --semantics")
     p.add_argument("--skip-timings", action="store_true", help="checks only")
+    p.add_argument("--sel-batches", default="4",
+                   help="selective timings at these B (T, D, N as the anchor's); a walk bound "
+                        "by its per-step latency takes the same time at B = 1 as at 4 while the "
+                        "CTAs fit the SMs (NOTES_ssm.md, session 18)")
     args = p.parse_args(argv)
     dev = jax.devices()[0]
     print(dev.device_kind, "jax", jax.__version__, flush=True)
@@ -263,20 +280,23 @@ def main(argv=None) -> int:
                 HopperSelectiveConfig(semantics=sem, per_thread_forward=True), *grid[0])
         save()
         anchor = scans.get("jla.mamba1 B=4 T=4096 D=2048 N=16 (D, z, softplus dt)", {})
-        rows = {}
-        for v in ([] if args.skip_timings else args.variants.split(",")):
-            cfg = HopperSelectiveConfig(semantics=sem, **VARIANTS[v])
-            rows[f"mosaic_gpu[{v}]"] = attempt(f"selective time mosaic_gpu[{v}]", sel_timing,
-                                               "pallas:mosaic_gpu", cfg, args.reps)
-        if not args.skip_timings:
-            rows["triton"] = attempt("selective time triton", sel_timing, "pallas:triton",
-                                     None, args.reps)
-        for r in rows.values():
-            for k in ("fwd", "fwdbwd"):
-                if f"{k}_sync_ms" in r and k + "_ms" in anchor:
-                    r[f"{k}_jla_over_ours"] = round(anchor[k + "_ms"] / r[f"{k}_sync_ms"], 3)
-        results["timings"]["selective B=4 T=4096 D=2048 N=16"] = {"jla": anchor, **rows}
-        save()
+        for bsz in [int(b) for b in args.sel_batches.split(",")]:
+            rows = {}
+            for v in ([] if args.skip_timings else args.variants.split(",")):
+                cfg = HopperSelectiveConfig(semantics=sem, **VARIANTS[v])
+                rows[f"mosaic_gpu[{v}]"] = attempt(f"selective time mosaic_gpu[{v}] B={bsz}",
+                                                   sel_timing, "pallas:mosaic_gpu", cfg,
+                                                   args.reps, bsz)
+            if not args.skip_timings:
+                rows["triton"] = attempt(f"selective time triton B={bsz}", sel_timing,
+                                         "pallas:triton", None, args.reps, bsz)
+            ref = anchor if bsz == SEL_SHAPE[0] else {}
+            for r in rows.values():
+                for k in ("fwd", "fwdbwd"):
+                    if f"{k}_sync_ms" in r and k + "_ms" in ref:
+                        r[f"{k}_jla_over_ours"] = round(ref[k + "_ms"] / r[f"{k}_sync_ms"], 3)
+            results["timings"][f"selective B={bsz} T=4096 D=2048 N=16"] = {"jla": ref, **rows}
+            save()
     if "mlstm" in which:
         hcfg = None
         if has_mlstm:

@@ -269,6 +269,7 @@ def _forward(u, dl, z, consts, Bm, Cm, keep, h0, *, softplus, cfg, save):
             plgpu.commit_smem()
             if save:
                 plgpu.copy_smem_to_gmem(hst, st_ref.at[b, c, :, dsl])
+            y_rows = []
             for t in range(Ct):
                 s = _Step(ops, wide, t, consts_, Np, softplus, has_keep, bs.at[slot],
                           cs.at[slot], ks.at[slot] if has_keep else None)
@@ -276,7 +277,12 @@ def _forward(u, dl, z, consts, Bm, Cm, keep, h0, *, softplus, cfg, save):
                 y = jnp.sum(h * s.C, axis=1) + consts_["D"] * s.u
                 if has_z:
                     y = y * s.z * _sigmoid(s.z)
-                ys[t] = y
+                y_rows.append(y)
+            # Stored after the chunk's steps, not inside them: every ref store lowers between two
+            # warpgroup barriers (Pallas' auto barriers), which a store per step put between
+            # consecutive steps, so no step overlapped the next (see NOTES_ssm.md, session 18).
+            for t in range(Ct):
+                ys[t] = y_rows[t]
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)      # the last y tile has left
             plgpu.commit_smem()
             yo[...] = ys[...].astype(dt_)
@@ -352,6 +358,7 @@ def _forward_threads(u, dl, z, consts, Bm, Cm, keep, h0, *, softplus, cfg, save)
                 for n in range(Np):
                     st_ref[b, c, n, dsl] = h[n]
             plgpu.barrier_wait(in_bar.at[slot])
+            y_rows = []
             for t in range(Ct):
                 dl_t = row(slots["delta"].at[slot, t]) + bias
                 dt_t = _softplus(dl_t) if softplus else dl_t
@@ -367,7 +374,11 @@ def _forward_threads(u, dl, z, consts, Bm, Cm, keep, h0, *, softplus, cfg, save)
                 if has_z:
                     z_t = row(slots["z"].at[slot, t])
                     y = y * z_t * _sigmoid(z_t)
-                y_ref[b, c * Ct + t, dsl] = y.astype(y_ref.dtype)
+                y_rows.append(y.astype(y_ref.dtype))
+            # After the steps, as in `_forward`: a store is fenced by two warpgroup barriers, and
+            # one per step serialised the steps.
+            for t in range(Ct):
+                y_ref[b, c * Ct + t, dsl] = y_rows[t]
             plgpu.commit_smem()
 
             @pl.when(c + stages < NC)
