@@ -97,7 +97,10 @@ class TritonChunkConfig:
       the tensor cores and masked [C, C] sums (the first exact version). Both exact.
     gla_bwd: the vector gate's backward (`decay.py`, `intra.py`): "rows", exp(Gin) from the exact
       prefix sums and the per-row terms routed by the intra kernel's sub-chunk products; "dots",
-      every span and route as a 0/1 product in the inter-chunk kernel (the first exact version).
+      every span and route as a 0/1 product in the inter-chunk kernel (the first exact version);
+      "fold", "rows"' factors with the per-row terms routed in the inter-chunk kernel by two 0/1
+      products into one dg part, which the intra kernel reads by sub-chunk rows: the kernels' HBM
+      tensors of before the exact backward (one float32 [B, T, H, K] fewer written and read).
       KDA's backward (`delta_bwd.py`) always takes "rows".
     gla_diag: the diagonal sub-chunk blocks of the GLA backward: "scan", [c, c, BK] tiles (the
       spans as running sums down the query rows, the pair routes as running sums along the keys
@@ -105,6 +108,10 @@ class TritonChunkConfig:
       steps over key columns with two cross-row sums each (the first exact version).
     block_k_intra, warps_intra_bwd: key-channel tile (a grid axis) and warps of the GLA intra
       backward (`kernels/gpu/intra.py`; every term there is per channel but dA).
+    dv_pass: where the decay family's backward kernel forms dv (`decay._backward_main`): "after",
+      a second pass over the value tiles once the gate factors and the pair spans are formed (only
+      the loop's accumulators live in it); "loop", inside the one value loop, from A and the gate
+      factors formed before it (the kernel's structure before the exact backward).
     """
 
     chunk: int = 64
@@ -130,12 +137,13 @@ class TritonChunkConfig:
     gla_diag: str = "scan"
     block_k_intra: int = 32
     warps_intra_bwd: int = 4
+    dv_pass: str = "after"
     interpret: bool | None = None
 
     def __post_init__(self):
         name = type(self).__name__
-        for f, allowed in (("spans", ("scan", "dot")), ("gla_bwd", ("rows", "dots")),
-                           ("gla_diag", ("scan", "loop"))):
+        for f, allowed in (("spans", ("scan", "dot")), ("gla_bwd", ("rows", "dots", "fold")),
+                           ("gla_diag", ("scan", "loop")), ("dv_pass", ("after", "loop"))):
             if getattr(self, f) not in allowed:
                 raise ValueError(f"{name}.{f} must be one of {allowed}, got {getattr(self, f)!r}")
         for f in ("chunk", "sub_chunk", "block_k", "block_v", "block_v_out", "block_k_bwd",

@@ -43,9 +43,18 @@ VARIANTS = {
     "ik16w4": dict(block_k_intra=16),                       # GLA intra backward tiles
     "ik32w8": dict(block_k_intra=32, warps_intra_bwd=8),
     "ik64w4": dict(block_k_intra=64),
+    # the structure before the exact backward (session 18, kernels/gpu/NOTES.md issue 16): GLA's
+    # per-row terms routed in the inter-chunk kernel into one dg part (one float32 [B, T, H, K]
+    # fewer written and read), dv inside the one value loop, and both with the intra kernel's
+    # pre-exact tiles (all of K a program, the loop diagonal)
+    "fold": dict(gla_bwd="fold"),
+    "dv1": dict(dv_pass="loop"),
+    "fold_dv1": dict(gla_bwd="fold", dv_pass="loop"),
+    "old_tiles": dict(gla_bwd="fold", dv_pass="loop", gla_diag="loop", block_k_intra=128),
 }
 AFFECTS = {"default": None, "dot": None, "loop": ("gla",), "ik16w4": ("gla",),
-           "ik32w8": ("gla",), "ik64w4": ("gla",)}
+           "ik32w8": ("gla",), "ik64w4": ("gla",), "fold": ("gla",),
+           "dv1": ("simple_gla", "gla"), "fold_dv1": ("gla",), "old_tiles": ("gla",)}
 OPS = ("simple_gla", "gla", "gated_delta_rule")
 H_BENCH, D, TOKENS = 16, 128, 16384
 CHECK_T = (2048, 256)             # bf16 with documents, float32 strong gates

@@ -84,6 +84,8 @@ def _backward_main(ctx, q, k, v, g, G, R, A, doc, hs, dhs, do, *, scale):
     N, NK = Tp // C, Kp // BK
     vec, cd = ctx.kind == "vector", q.dtype
     rows_out = vec and cfg.gla_bwd == "rows"       # the intra kernel routes the per-row terms
+    fold = vec and cfg.gla_bwd == "fold"           # "rows"' factors, routed here (one dg part)
+    one_pass = cfg.dv_pass == "loop"               # dv inside the value loop
 
     def kernel(q_ref, k_ref, v_ref, g_ref, G_ref, r_ref, a_ref, doc_ref, h_ref, dh_ref, do_ref,
                *outs):
@@ -91,6 +93,35 @@ def _backward_main(ctx, q, k, v, g, G, R, A, doc, hs, dhs, do, *, scale):
         on_first = (lambda f: f()) if NK == 1 else pl.when(kb == 0)
         kc = pl.ds(kb * BK, BK)
         ch = Chunk(ctx, pl.program_id(1), doc_ref)
+
+        def gate_factors():
+            """(decay [C, C] (scalar / no gate; None for the vector gate), e_in, e_out, a)."""
+            if rows_out or fold:                        # exp(Gin) from the exact prefix sums
+                _, e_out, a = ch.vector(g_ref[:, kc], want_in=False)
+                e_in = tiles.masked_factors(ch.masks, jnp.exp(G_ref[:, kc]), None, None)[0]
+                return None, e_in, e_out, a
+            if vec:
+                return (None,) + ch.vector(g_ref[:, kc])
+            gate = ctx.kind == "scalar"
+            return ch.exact(g_ref[...] if gate else None, G_ref[...] if gate else None,
+                            r_ref[...] if gate else None, G_ref[C - 1] if gate else None)
+
+        if one_pass:
+            # the pre-exact kernel's order: A, the factors and the keys' dv operand formed once,
+            # before the loop, so each value tile's do and dS are read once (the default re-reads
+            # them in a second pass); what stays live through the loop is A, its 16-bit copy, kh
+            # and (scalar) the pair decay: the old kernel's set, with the exact spans' scan done
+            # before the loop instead of a difference of prefix sums
+            factors = gate_factors()
+            if vec:
+                A_pre = a_ref[...]
+                e_out_all = (factors[2] if NK == 1 else
+                             ch.vector(g_ref[...], want_in=False)[1])
+            else:
+                A_pre = ctx.dot(q_ref[...], k_ref[...], tb=True) * scale * factors[0]
+                e_out_all = factors[2]
+            A_cd = A_pre.astype(cd)
+            kh_all = (k_ref[...].astype(F32) * e_out_all).astype(cd)
         # the value loop first, with only its accumulators live (the gate factors, A and the
         # [C, C] spans come after it: at 8 warps a [C, C] float32 tile is 16 registers a thread,
         # and the first exact version, which formed them before the loop, spilled 3x more)
@@ -105,19 +136,16 @@ def _backward_main(ctx, q, k, v, g, G, R, A, doc, hs, dhs, do, *, scale):
             dqg += ctx.dot(do_b, h_b.astype(cd), tb=True)          # dL/d(q exp(Gin) in)
             dkg += ctx.dot(v_b, dh_b.astype(cd), tb=True)          # dL/d(k exp(R) out)
             hd += jnp.sum(h_b.astype(F32) * dh_b.astype(F32), axis=1)
+            if one_pass:
+                @on_first
+                def _():
+                    dv = (ctx.dot(A_cd, do_b, ta=True)
+                          + ctx.dot(kh_all, dh_ref[:, cols].astype(cd)))
+                    outs[0][:, cols] = dv.astype(outs[0].dtype)
+
         dA = jnp.where(ch.masks[0], dA, 0.0)
         qt, kt = q_ref[:, kc].astype(F32), k_ref[:, kc].astype(F32)
-        if rows_out:                                    # exp(Gin) from the exact prefix sums
-            _, e_out, a = ch.vector(g_ref[:, kc], want_in=False)
-            e_in = tiles.masked_factors(ch.masks, jnp.exp(G_ref[:, kc]), None, None)[0]
-        elif vec:
-            e_in, e_out, a = ch.vector(g_ref[:, kc])
-        else:
-            gate = ctx.kind == "scalar"
-            decay, e_in, e_out, a = ch.exact(g_ref[...] if gate else None,
-                                             G_ref[...] if gate else None,
-                                             r_ref[...] if gate else None,
-                                             G_ref[C - 1] if gate else None)
+        decay, e_in, e_out, a = factors if one_pass else gate_factors()
         dq = dqg * (scale * e_in)
         dk = dkg * e_out
         if vec:
@@ -129,6 +157,9 @@ def _backward_main(ctx, q, k, v, g, G, R, A, doc, hs, dhs, do, *, scale):
         def value_grad(A, e_out_all):
             """dv = A^T do + (k exp(R) out) dS_n+1, a second pass over the value tiles (do and
             dS are re-read, from L2) by the first K tile's program."""
+            if one_pass:                                  # written in the value loop
+                return
+
             @on_first
             def _():
                 Acd = A.astype(cd)
@@ -155,9 +186,11 @@ def _backward_main(ctx, q, k, v, g, G, R, A, doc, hs, dhs, do, *, scale):
                 outs[5][...] = d_r
             else:
                 outs[4][...] = ch.vector_grad(d_gin, d_r, d_tot)
-            value_grad(a_ref[...], e_out if NK == 1 else ch.vector(g_ref[...], want_in=False)[1])
+            if not one_pass:
+                value_grad(a_ref[...],
+                           e_out if NK == 1 else ch.vector(g_ref[...], want_in=False)[1])
             return
-        A = ctx.dot(q_ref[...], k_ref[...], tb=True) * scale * decay
+        A = A_pre if one_pass else ctx.dot(q_ref[...], k_ref[...], tb=True) * scale * decay
         dAd = (dA * decay).astype(cd)
         outs[1][...] = (dq + ctx.dot(dAd, k_ref[:, kc]) * scale).astype(outs[1].dtype)
         outs[2][...] = (dk + ctx.dot(dAd, q_ref[:, kc], ta=True) * scale).astype(outs[2].dtype)

@@ -116,13 +116,19 @@ def test_every_gate_strong(op, gates):
 
 # The backward's alternatives (`TritonChunkConfig.spans`, `gla_bwd`, `gla_diag`, the GLA intra
 # tiles), each on the ops it changes: "dot" the first exact version's span math, "loop_k16" the
-# diagonal loop over two K tiles, "k16w2" the [c, c, BK] diagonal over two K tiles at 2 warps.
+# diagonal loop over two K tiles, "k16w2" the [c, c, BK] diagonal over two K tiles at 2 warps;
+# "fold" the per-row terms routed in the inter-chunk kernel into one dg part, "dv1" dv inside the
+# one value loop, "old" both with the intra kernel's pre-exact tiles (all of K, the loop diagonal).
 # (KDA routes its per-row terms as gla_bwd="rows" whatever the config says: no "dot" case.)
 VARIANTS = {"default": ({}, ("simple_gla", "gla", "gated_delta_rule", "kda")),
             "dot": (dict(spans="dot", gla_bwd="dots", gla_diag="loop"),
                     ("simple_gla", "gla", "gated_delta_rule")),
             "loop_k16": (dict(gla_diag="loop", block_k_intra=16), ("gla",)),
-            "k16w2": (dict(block_k_intra=16, warps_intra_bwd=2), ("gla",))}
+            "k16w2": (dict(block_k_intra=16, warps_intra_bwd=2), ("gla",)),
+            "fold": (dict(gla_bwd="fold"), ("gla",)),
+            "dv1": (dict(dv_pass="loop"), ("linear_attention", "simple_gla", "gla")),
+            "old": (dict(gla_bwd="fold", dv_pass="loop", gla_diag="loop", block_k_intra=128),
+                    ("gla",))}
 
 
 @pytest.mark.parametrize("op, variant", [
@@ -193,6 +199,10 @@ def test_config():
         TritonChunkConfig(spans="matmul")
     with pytest.raises(ValueError, match="block_k_intra"):
         TritonChunkConfig(block_k_intra=24)
+    with pytest.raises(ValueError, match="dv_pass"):
+        TritonChunkConfig(dv_pass="first")
+    with pytest.raises(ValueError, match="gla_bwd"):
+        TritonChunkConfig(gla_bwd="folded")
 
 
 @pytest.mark.parametrize("op", ["simple_gla", "gla", "gated_delta_rule", "kda"])  # each form
@@ -206,3 +216,15 @@ def test_backward_tiled_over_k(op):
     _check(op, _inputs(rng, op, jnp.float32, t=21), segments(rng, B, 21, p=0.08),
            TOL["float32"], TOL["float32"],
            config=TritonChunkConfig(block_k=16, block_k_bwd=16, **over))
+
+
+@pytest.mark.parametrize("over", [dict(dv_pass="loop"), dict(dv_pass="loop", gla_bwd="fold")],
+                         ids=["dv1", "dv1_fold"])
+@pytest.mark.parametrize("op", ["simple_gla", "gla"])
+def test_one_value_pass_tiled_over_k(op, over):
+    """dv_pass="loop" over two K tiles: dv written inside the value loop by the first tile's
+    program only, from the keys' factors over all of K (the vector gate forms them for the whole
+    chunk there, not from its own tile), with documents and every gate strong."""
+    rng = np.random.default_rng(9)
+    _check(op, _inputs(rng, op, jnp.float32, t=21, gates="uniform"), segments(rng, B, 21, p=0.08),
+           1e-5, 1e-5, config=TritonChunkConfig(block_k=16, block_k_bwd=16, **over))

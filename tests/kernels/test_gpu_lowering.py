@@ -103,3 +103,35 @@ def test_kda_kernels_have_no_boolean_tile(shape):
     assert {name for name, _ in kernels} == {"delta_ut_inverse", "delta_state_bwd"}
     for name, ir in kernels:
         assert "xi1>" not in ir, name   # no boolean tensor (scalar i1 from index math is fine)
+
+
+@pytest.mark.parametrize("over", [dict(gla_bwd="fold"), dict(dv_pass="loop"),
+                                  dict(gla_bwd="fold", dv_pass="loop", gla_diag="loop",
+                                       block_k_intra=128)], ids=["fold", "dv1", "old"])
+@pytest.mark.parametrize("gate", ["scalar", "vector"])
+def test_backward_variants_lower(gate, over):
+    """The backward's pre-exact structure (`TritonChunkConfig.gla_bwd="fold"`, `dv_pass="loop"`)
+    lowers to Triton, with packed documents and an initial state at the benchmark's bf16 shape;
+    "fold" writes one float32 dg part, not "rows"' two."""
+    dtype, B, T, K, V = SHAPES[0]
+    H = 2
+    sds = jax.ShapeDtypeStruct
+    g = sds((B, T, H) + ((K,) if gate == "vector" else ()), jnp.float32)
+    args = (sds((B, T, H, K), dtype), sds((B, T, H, K), dtype), sds((B, T, H, V), dtype), g,
+            sds((B, H, K, V), jnp.float32), sds((B, T), jnp.int32))
+
+    def loss(q, k, v, g, S0, seg):
+        o, S = decay.decay(q, k, v, g, scale=K**-0.5, initial_state=S0, segment_ids=seg,
+                           chunk_size=64, config=TritonChunkConfig(interpret=False, **over))
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(S)
+
+    text = export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))), platforms=["cuda"],
+                         disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON)])(
+        *args).mlir_module()
+    kernels = dict(triton_kernels(text))
+    assert {"decay_state_fwd", "decay_state_bwd", "decay_backward"} <= set(kernels)
+    if gate == "vector":
+        assert {"gla_intra_forward", "gla_intra_backward"} <= set(kernels)
+        stores = kernels["decay_backward"].count('"tt.store"')
+        f32_tiles = kernels["decay_backward"].count("tensor<64x128xf32>) -> ()")
+        assert stores and f32_tiles == (3 if "gla_bwd" in over else 4), f32_tiles
