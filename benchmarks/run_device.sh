@@ -36,18 +36,32 @@
 #   bwd       bwd_gpu: the Triton chunk-family backward variants, checks + timings
 #   mqar      experiments.mqar_sweep, the default grid, in /tmp/mqar (a carried experiments/results/
 #             mqar_sweep/runs is copied in first, so an interrupted sweep resumes); JSON, PNG and
-#             each cell's result + metrics come back under logs/mqar
-#   protocols experiments.paper_protocols jobs as concurrent processes sharing the GPU (PROTO_JOBS:
-#             lines "protocol|cells|more flags", default the list in the step; each a process with
-#             PROTO_MEM of the GPU's memory, cut at PROTO_S), every model through its chunk form
-#             (model.impl=chunk: the vmapped seeds need no kernel batching rule), written into
-#             experiments/results/protocols of this tree (cells done there are reused) and brought
-#             back under logs/protocols; float32 matmuls in full float32
-#             (JAX_DEFAULT_MATMUL_PRECISION, as the papers' PyTorch runs without TF32)
+#             each cell's result + metrics come back under logs/mqar. Blocks without the MLP
+#             (MQAR_FFN, default none: Zoology's; "mlp" for the sweep's own default): with the MLP,
+#             softmax attention stays on the plateau of always answering the context's most
+#             frequent value (experiments/README.md, "MQAR accuracy against state size")
+#   protocols experiments.paper_protocols jobs, at most PROTO_P (default 4) processes at a time
+#             sharing the GPU, the rest queued (PROTO_JOBS: lines "protocol|cells|more flags|mem",
+#             default the list in the step, one cell per job; mem, optional, is that job's share of
+#             the GPU's memory, else PROTO_MEM, default 0.15: keep PROTO_P x the shares below 0.9).
+#             PROTO_S (default 420) is the step's wall limit: every job is cut at that deadline, and
+#             a queued job starts only while at least PROTO_MIN_S (default 300) s are left. Every
+#             model runs through its chunk form (model.impl=chunk: the vmapped seeds need no kernel
+#             batching rule), written into experiments/results/protocols of this tree (cells done
+#             there are reused) and brought back under logs/protocols; float32 matmuls in full
+#             float32 (JAX_DEFAULT_MATMUL_PRECISION, as the papers' PyTorch runs without TF32); each
+#             job's rc and wall time in the step's summary
 #   throughput  the training run of the Hopper kernel issue: lm_shakespeare at d_model 1024, 12 layers,
 #             8 heads, T 2048, batch 16, TP_STEPS steps, per "mixer:impl" of TP_RUNS (tokens/s and
-#             MFU in each run's result.json, brought back under logs/tp_<mixer>_<impl>)
+#             MFU in each run's result.json, brought back under logs/tp_<mixer>_<impl>); with
+#             TP_FAST_COMPILE=1 also under FAST_XLA below (off by default: its tokens/s would then
+#             not compare with the runs before)
 #   s5        S5 state tracking with DeltaProduct (S5_ARGS: extra --config flags) -> logs/s5
+# FAST_XLA: the mqar, protocols and s5 steps (small models, compile-bound) add
+#   --xla_gpu_autotune_level=0 --xla_gpu_enable_triton_gemm=false to XLA_FLAGS: no autotuning and
+#   cuBLAS for every dot. In the 10-process protocols run (jax 0.11.2, 16 cores) single Triton GEMM
+#   fusions ("gemm_fusion_dot.*", autotuned) took 2m38s-3m21s each to compile. FAST_COMPILE=0
+#   keeps XLA's defaults; flags this XLA does not know are dropped (checked on its CPU client).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-/tmp/out}; LOGS=/tmp/logs; mkdir -p "$OUT" "$LOGS"; touch /tmp/stamp
@@ -78,6 +92,14 @@ if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile
 train_env() { [ -d /tmp/site_train ] || { [ -d .whl_train ] && python3 -m pip install -q --no-index \
   --no-deps --no-compile --no-cache-dir --target /tmp/site_train .whl_train/*.whl; }
   export PYTHONPATH="$PYTHONPATH:/tmp/site_train"; }
+# FAST_XLA (header): FAST_FLAGS, set once, is XLA_FLAGS plus the fast-compile flags where this XLA
+# takes them (an unknown flag in XLA_FLAGS aborts the process; the CPU client parses the same flags)
+fast_flags() { [ -n "${FAST_FLAGS+x}" ] && return 0; FAST_FLAGS=${XLA_FLAGS:-}
+  [ "${FAST_COMPILE:-1}" = 1 ] || return 0
+  local f="--xla_gpu_autotune_level=0 --xla_gpu_enable_triton_gemm=false"
+  if XLA_FLAGS="$FAST_FLAGS $f" JAX_PLATFORMS=cpu python3 -c "import jax; jax.devices()" >/dev/null 2>&1
+  then FAST_FLAGS="${FAST_FLAGS:+$FAST_FLAGS }$f"; else echo "   this XLA rejects $f: its defaults kept"; fi
+  echo "   XLA_FLAGS of the small-model steps: '$FAST_FLAGS'"; }
 export PROBE_T=2048,8192,32768
 for s in "$@"; do case $s in
   anchors)
@@ -133,33 +155,66 @@ for s in "$@"; do case $s in
   host) TAIL=20 step host "${HOST_S:-240}" python3 -m experiments.benchmarks.host_overhead ${HOST_ARGS:-} ;;
   bwd) TAIL=60 step bwd "${BWD_S:-300}" python3 -m experiments.benchmarks.bwd_gpu ${BWD_ARGS:-} ;;
   mlstm) step mlstm "${MLSTM_S:-150}" python3 -m experiments.benchmarks.mlstm_gpu ;;
-  mqar) train_env; mkdir -p /tmp/mqar; [ -d experiments/results/mqar_sweep/runs ] && cp -r experiments/results/mqar_sweep/runs /tmp/mqar/
-        TAIL=30 step mqar "${MQAR_S:-540}" python3 -m experiments.mqar_sweep --out=/tmp/mqar --init_std=0 ${MQAR_ARGS:-}
+  mqar) train_env; fast_flags; mkdir -p /tmp/mqar
+        [ -d experiments/results/mqar_sweep/runs ] && cp -r experiments/results/mqar_sweep/runs /tmp/mqar/
+        XLA_FLAGS=$FAST_FLAGS TAIL=30 step mqar "${MQAR_S:-540}" python3 -m experiments.mqar_sweep --out=/tmp/mqar \
+          --init_std=0 --ffn="${MQAR_FFN:-none}" ${MQAR_ARGS:-}
         (cd /tmp/mqar && find . -name '*.json' -o -name '*.png' -o -name '*.jsonl' | grep -v checkpoints \
           | tar cf - -T - | (mkdir -p $LOGS/mqar && cd $LOGS/mqar && tar xf -)) ;;
-  protocols)   # default jobs: state tracking per model, DeltaProduct per group, LM mixers (2000 steps)
-    jobs=$(printf '%s\n' "state_tracking|"{deltanet_01,deltanet_11,mamba_01,mamba_11,mlstm,transformer} \
-      "deltaproduct|"{s3-,s5-} "lm_mixers|attention,deltanet|--steps=2000" "lm_mixers|gla,mamba,kda,rwkv7|--steps=2000")
-    ( export XLA_PYTHON_CLIENT_MEM_FRACTION=${PROTO_MEM:-0.08} JAX_DEFAULT_MATMUL_PRECISION=float32
-      L=${PROTO_S:-480}; echo "== protocols ($(date +%T))"; i=0
-      while IFS='|' read -r proto cells extra; do i=$((i+1))
-        pstep proto$i "$L" python3 -m experiments.paper_protocols --protocol="$proto" --cells="$cells" \
-          --out=experiments/results/protocols --set=model.impl=chunk $extra
+  protocols)
+    # Default: the parity column of Grazzi et al.'s Table 3, one cell (5000 steps of 256, 3 seeds
+    # vmapped) per job, 4 at a time: the eigenvalue-range pairs first, mLSTM and the Transformer
+    # only where a slot frees with PROTO_MIN_S left. Parity-mamba_11 gets 0.2 of the memory: its
+    # train step needs 10.6 GiB at once (XLA's rematerialisation log in the 10-process run, where
+    # it died at 0.07 = 5.5 GiB): Mamba with eigenvalues in [-1, 1] runs its scan as a diagonal
+    # scan over E N = 4096 channels, every [3 seeds, 256, 40, 4096] float32 step tensor (a, x, h
+    # and the scan's partial products, 480 MiB each) kept for the backward pass, two layers.
+    # Estimate (one H100, this step alone), from the 10-process run of the old list (every job at
+    # once, compiles autotuned): parity-deltanet_11 / _01 reached step 1000 108 s / 122 s after
+    # their slow GEMM fusion's compile ended, about 8.7 steps/s each with about ten processes
+    # training on the GPU; their first compile took about 4 min, 3m06s-3m21s of it that one
+    # autotuned Triton GEMM fusion (gone under FAST_XLA). If the GPU's summed rate stays the same with 4 processes, each
+    # trains at about 10 x 8.7 / 4 = 22 steps/s: 5000 steps in about 230 s, plus the compiles
+    # left without autotuning (train step and 4 eval lengths, not measured separately; at most
+    # about 50 s for the train step in that run once the GEMM fusion is taken out) and 5 evals
+    # of 20 batches: about 330 s for the first four, inside PROTO_S = 420. Unmeasured as a whole:
+    # the summary prints each job's wall time, the number to plan the next list with.
+    jobs=$(printf '%s\n' "state_tracking|parity-deltanet_11" "state_tracking|parity-mamba_11||0.2" \
+      "state_tracking|parity-deltanet_01" "state_tracking|parity-mamba_01" \
+      "state_tracking|parity-mlstm" "state_tracking|parity-transformer")
+    fast_flags
+    ( export JAX_DEFAULT_MATMUL_PRECISION=float32 XLA_FLAGS=$FAST_FLAGS
+      L=${PROTO_S:-420}; P=${PROTO_P:-4}; end=$((SECONDS + L)); i=0
+      echo "== protocols ($(date +%T)): $P processes at a time, cut at $L s"
+      pjob() { local name=$1 limit=$2 t0=$SECONDS; shift 2
+        ( timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1; echo $? > "$LOGS/$name.rc"
+          echo $((SECONDS - t0)) > "$LOGS/$name.s" ) & }
+      while IFS='|' read -r proto cells extra mem; do
+        [ -n "$proto" ] || continue; i=$((i+1))
+        while [ "$(jobs -rp | wc -l)" -ge "$P" ]; do wait -n; done
+        left=$((end - SECONDS)); mem=${mem:-${PROTO_MEM:-0.15}}
+        if [ "$left" -lt "${PROTO_MIN_S:-300}" ]; then
+          echo "   proto$i $proto|$cells: not started ($left s left)"; continue; fi
+        echo "   proto$i $proto|$cells|$extra, memory $mem, at +$((L - left)) s"
+        XLA_PYTHON_CLIENT_MEM_FRACTION=$mem pjob proto$i "$left" python3 -m experiments.paper_protocols \
+          --protocol="$proto" --cells="$cells" --out=experiments/results/protocols --set=model.impl=chunk $extra
       done <<< "${PROTO_JOBS:-$jobs}"
-      wait; for f in $LOGS/proto*.log; do echo "-- $f rc=$(cat ${f%.log}.rc)"; tail -n 6 "$f" | cut -c1-300; done
+      wait; for f in $LOGS/proto*.log; do n=${f%.log}
+        echo "-- $f rc=$(cat $n.rc) $(cat $n.s 2>/dev/null) s"; tail -n 6 "$f" | cut -c1-300; done
       find experiments/results/protocols -newer /tmp/stamp -type f ! -path '*checkpoints*' \
         | tar cf - -T - | (mkdir -p $LOGS/protocols && cd $LOGS/protocols && tar xf -) ) ;;
   throughput)
     for spec in ${TP_RUNS:-gated_deltanet:auto gated_deltanet:pallas:mosaic_gpu gla:auto gla:pallas:mosaic_gpu}; do
       m=${spec%%:*}; impl=${spec#*:}; n=tp_${m}_${impl//:/_}
-      TAIL=6 step "$n" "${TP_S:-150}" python3 -m experiments.train --config=experiments/configs/lm_shakespeare.py \
+      tpx=${XLA_FLAGS:-}; [ "${TP_FAST_COMPILE:-0}" = 1 ] && { fast_flags; tpx=$FAST_FLAGS; }
+      XLA_FLAGS=$tpx TAIL=6 step "$n" "${TP_S:-150}" python3 -m experiments.train --config=experiments/configs/lm_shakespeare.py \
         --config.model.mixer="$m" --config.model.impl="$impl" --config.model.d_model=1024 \
         --config.model.num_layers=12 --config.model.num_heads=8 --config.task.seq_len=2048 \
         --config.train.batch_size=16 --config.train.steps="${TP_STEPS:-60}" --config.eval.every=100000 \
         --config.train.checkpoint_every=0 --config.train.progress=False --config.workdir="/tmp/$n"
       mkdir -p "$LOGS/$n" && cp "/tmp/$n/result.json" "$LOGS/$n/" 2>/dev/null
     done ;;
-  s5) train_env; TAIL=30 step s5 "${S5_S:-240}" python3 -m experiments.train --config=experiments/configs/state_tracking.py:s5 \
+  s5) train_env; fast_flags; XLA_FLAGS=$FAST_FLAGS TAIL=30 step s5 "${S5_S:-240}" python3 -m experiments.train --config=experiments/configs/state_tracking.py:s5 \
         --config.workdir=/tmp/s5 --config.train.progress=False ${S5_ARGS:-}
       mkdir -p $LOGS/s5 && cp /tmp/s5/*.json* /tmp/s5/*.png $LOGS/s5/ 2>/dev/null ;;
   *) echo "unknown step $s"; exit 2 ;;

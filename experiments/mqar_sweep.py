@@ -9,9 +9,11 @@ balance the recall-throughput tradeoff*).
 Every cell (mixer, d_model) is one run of the ordinary training harness
 (`linear_jax.training.loop.train`) on the config of `experiments/configs/mqar.py` with the task,
 model and optimiser settings of the flags below, in `<out>/runs/<mixer>_d<d_model>[_lr<lr>]`;
-with several `--lrs` a cell keeps its best learning rate, as Zoology does. A cell that already
-has its `result.json` for the same config is reused, so an interrupted sweep picks up where it
-stopped. One line per cell is printed as it finishes; everything goes to `<out>/mqar_sweep.json`
+with several `--lrs` a cell keeps its best learning rate, as Zoology does; `--ffn=none` drops the
+blocks' MLP, as Zoology's MQAR models have none (with the MLP, softmax attention was measured to
+stay on the plateau of answering the context's most frequent value: experiments/README.md). A
+cell that already has its `result.json` for the same config is reused, so an interrupted sweep
+picks up where it stopped. One line per cell is printed as it finishes; everything goes to `<out>/mqar_sweep.json`
 (rewritten after every cell) and the plot to `<out>/mqar_sweep.png`.
 
 Cost: a cell is one compilation (about 5-15 s on an H100) plus its steps. Measured on one H100
@@ -75,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval_batch_size", type=int)
     p.add_argument("--num_layers", type=int)
     p.add_argument("--num_heads", type=int, default=2)
+    p.add_argument("--ffn", default="mlp", choices=("mlp", "none"),
+                   help="the blocks' feed-forward: the SwiGLU MLP of configs/mqar.py, or none "
+                        "(Zoology's MQAR models: mixer-only blocks)")
     p.add_argument("--conv_size", type=int, default=4,
                    help="short convolution width for the mixers that take `conv_size` (0: none)")
     p.add_argument("--init_std", type=float, default=0.02,
@@ -125,6 +130,8 @@ def cell_config(args, mixer: str, d_model: int, lr: float, workdir: pathlib.Path
                    init_std=args.init_std if args.init_std > 0 else d_model ** -0.5,
                    impl=args.impl or IMPL.get(mixer, "auto"))
     c.model.mixer_options = ml_collections.ConfigDict(options)   # replaced, not merged
+    if args.ffn != "mlp":       # the default leaves the config (and so the reuse key) as it was
+        c.model.update(ffn=args.ffn)
     c.train.update(steps=args.steps, batch_size=args.batch_size, lr=lr,
                    warmup_steps=min(args.warmup_steps, args.steps),
                    log_every=max(1, args.steps // 50), checkpoint_every=args.steps,

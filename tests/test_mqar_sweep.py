@@ -58,3 +58,17 @@ def test_cell_config_sets_the_cell_and_replaces_mixer_options(tmp_path):
     assert c.task.params.num_kv_pairs == mqar_sweep.QUICK["num_kv_pairs"]
     assert c.model.impl == "auto" and mqar_sweep.cell_config(
         args, "based", 16, 1e-3, tmp_path).model.impl == "chunk"
+
+
+def test_ffn_flag_drops_the_mlp_and_the_default_keeps_the_config(tmp_path):
+    """--ffn=none gives Zoology's mixer-only blocks; the default leaves the cell's config (the
+    key under which a finished cell is reused) as it was before the flag existed."""
+    from linear_jax.training import loop
+
+    default = mqar_sweep.cell_config(mqar_sweep.parse_args(["--quick"]), "attention", 16, 3e-3,
+                                     tmp_path)
+    assert "ffn" not in default.model
+    args = mqar_sweep.parse_args(["--quick", "--ffn=none"])
+    c = mqar_sweep.cell_config(args, "attention", 16, 3e-3, tmp_path)
+    assert c.model.ffn == "none"
+    assert loop.lm_config(c.model, 33).ffn == "none"
