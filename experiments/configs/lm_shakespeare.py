@@ -19,8 +19,10 @@ def get_config():
     c.workdir = "runs/lm_shakespeare"
     c.task = ml_collections.ConfigDict({"name": "lm", "seq_len": 256,
                                         "validation_docs": DEFAULT_VALIDATION_PLAYS})
+    # remat="block" recomputes each layer in the backward (LMConfig.remat): for runs whose
+    # activations do not fit
     c.model.update(d_model=128, num_layers=2, num_heads=2, mixer="gla", init_std=0.0,
-                   mixer_options={"gla": {"conv_size": 4}})
+                   mixer_options={"gla": {"conv_size": 4}}, remat="none")
     c.train.update(steps=600, batch_size=16, lr=3e-3, warmup_steps=60, weight_decay=0.1)
     c.eval.update(every=200, batches=16, batch_size=16)
     return c

@@ -67,13 +67,21 @@ class RMSNorm(nnx.Module):
         return w if self.offset == 0 else self.offset + w
 
     def __call__(self, x, gate=None):
-        dtype = self.dtype or x.dtype
-        if gate is not None and self.activation is jax.nn.silu:
-            return gated_rms_norm(x, gate, self.weight(), self.eps).astype(dtype)
-        y = rms_norm(x.astype(jnp.float32), self.weight(), self.eps)
-        if gate is not None:
-            y = y * self.activation(gate.astype(jnp.float32))
-        return y.astype(dtype)
+        dtype, eps, activation = self.dtype or x.dtype, self.eps, self.activation
+
+        # The norm computes in float32: autodiff would keep float32 copies of x, of the
+        # normalised x and of the gate's activation (two to seven [B, T, dim] float32 arrays per
+        # norm); recomputing it in the backward keeps x and gate in their own dtype only.
+        @jax.checkpoint
+        def norm(x, gate, weight):
+            if gate is not None and activation is jax.nn.silu:
+                return gated_rms_norm(x, gate, weight, eps).astype(dtype)
+            y = rms_norm(x.astype(jnp.float32), weight, eps)
+            if gate is not None:
+                y = y * activation(gate.astype(jnp.float32))
+            return y.astype(dtype)
+
+        return norm(x, gate, self.weight())
 
 
 def heads(x, n: int):

@@ -49,7 +49,9 @@ class DeltaNet(QKVMixer):
         if self.conv is None:                        # the conv path applies silu already
             q, k = jax.nn.silu(q), jax.nn.silu(k)
         beta = self.beta_max * jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))
-        return l2norm(q), l2norm(k), beta
+        # recomputed in the backward, which then keeps q, k in their dtype, not float32 copies
+        norm = jax.checkpoint(l2norm)
+        return norm(q), norm(k), beta
 
     def mix(self, x, q, k, v, states, segment_ids, seq_parallel=None):
         q, k, beta = self.qkb(x, q, k)

@@ -51,8 +51,11 @@ class MLP(nnx.Module):
         self.w_down = mk(d_ff, d_model, ("mlp", "embed"), std=out_std(std, num_layers))
 
     def __call__(self, x):
-        gate = ACTIVATIONS[self.activation](self.w_gate(x))
-        return self.w_down(gate * self.w_up(x)), jnp.zeros((), jnp.float32)
+        act = ACTIVATIONS[self.activation]
+        # Recomputed in the backward: autodiff would keep three more [B, T, d_ff] arrays of the
+        # activation's internals besides the two projections and their product.
+        glu = jax.checkpoint(lambda a, b: act(a) * b)
+        return self.w_down(glu(self.w_gate(x), self.w_up(x))), jnp.zeros((), jnp.float32)
 
 
 class MoE(nnx.Module):

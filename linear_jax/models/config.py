@@ -43,6 +43,7 @@ from linear_jax.layers import MIXERS
 from linear_jax.layers.ffn import ACTIVATIONS
 
 FFNS = ("mlp", "moe", "none")
+REMATS = ("none", "block")
 
 
 def _freeze(options) -> tuple:
@@ -106,6 +107,10 @@ class LMConfig:
     norm: str = "rms"                        # "rms" | "none" (no block or final norms)
     chunk_size: int = 64
     impl: str = "auto"
+    # "block": the backward recomputes each block from its input, so training keeps one
+    # [B, T, d_model] activation per layer instead of every layer's intermediates (about a third
+    # more compute); "none": autodiff keeps what it needs
+    remat: str = "none"
     kernel_config: tuple[Any, ...] = ()      # kernel configs, each kernel takes the one of its type
     dtype: str | None = None                 # computation dtype, e.g. "bfloat16"; None: params'
     param_dtype: str = "float32"
@@ -130,6 +135,8 @@ class LMConfig:
             raise ValueError(f"LMConfig: norm must be 'rms' or 'none' (the latter with "
                              f"residual='pre'), got {self.norm!r} with "
                              f"residual={self.residual!r}")
+        if self.remat not in REMATS:
+            raise ValueError(f"LMConfig: remat must be one of {REMATS}, got {self.remat!r}")
         if self.layers is not None:
             set_("layers", tuple(self.layers))
         for name, what in ((self.vocab_size, "vocab_size"), (self.d_model, "d_model"),

@@ -228,7 +228,8 @@ class LM(nnx.Module):
         v_first = jnp.zeros_like(h) if shares else None
         for stack in self.stacks:
             if cache is None:
-                h, aux, v_first, c = stack.scan(h, aux, v_first, **kw)
+                h, aux, v_first, c = stack.scan(h, aux, v_first,
+                                                remat=self.config.remat == "block", **kw)
             else:
                 h, aux, v_first, c = stack.unrolled(h, aux, v_first,
                                                     cache[start:start + stack.num_layers], **kw)

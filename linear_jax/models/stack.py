@@ -82,8 +82,9 @@ class Stack(nnx.Module):
             x, jax.ShapeDtypeStruct) else x[j]                  # an abstract model too
         return nnx.merge(graphdef, jax.tree.map(cut, state))
 
-    def scan(self, h, aux, v_first, **kw):
-        """Every layer of the stack without a cache, as one `lax.scan` over the layers axis.
+    def scan(self, h, aux, v_first, *, remat: bool = False, **kw):
+        """Every layer of the stack without a cache, as one `lax.scan` over the layers axis;
+        `remat`: the backward recomputes each period from its input (`LMConfig.remat`).
         Returns (h, aux, v_first, the caches the layers leave, one per layer)."""
         graphdef, state = nnx.split(self.blocks)
 
@@ -96,6 +97,8 @@ class Stack(nnx.Module):
                 caches.append(cache)
             return (h, aux, v_first), caches
 
+        if remat:
+            body = jax.checkpoint(body, prevent_cse=False)     # a scan body needs no CSE guard
         (h, aux, v_first), caches = jax.lax.scan(body, (h, aux, v_first), state)
         per_layer = [jax.tree.map(lambda x, j=j: x[j], c) for j in range(self.repeats)
                      for c in caches]

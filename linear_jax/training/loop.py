@@ -20,6 +20,7 @@ section `seq_parallel` may set its `attention_layout` ("contiguous" | "zigzag") 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import pathlib
 import time
 
@@ -212,6 +213,8 @@ def pretrained(config, model_config, mesh, rules, shardings):
         stored = hub.read_config(config.init_from, **overrides)
     except ValueError as e:
         raise ConfigError(f"init_from: {e}") from None
+    # remat changes how the backward is computed, not the model: no checkpoint records it
+    stored = dataclasses.replace(stored, remat=model_config.remat)
     if stored != model_config:
         raise ConfigError(f"init_from={config.init_from}: its model {stored} is not the config's "
                           f"{model_config}")
