@@ -13,8 +13,8 @@ with several `--lrs` a cell keeps its best learning rate, as Zoology does; `--ff
 blocks' MLP, as Zoology's MQAR models have none (with the MLP, softmax attention was measured to
 stay on the plateau of answering the context's most frequent value: experiments/README.md). A
 cell that already has its `result.json` for the same config is reused, so an interrupted sweep
-picks up where it stopped. One line per cell is printed as it finishes; everything goes to `<out>/mqar_sweep.json`
-(rewritten after every cell) and the plot to `<out>/mqar_sweep.png`.
+picks up where it stopped. One line per cell is printed as it finishes; everything goes to
+`<out>/mqar_sweep.json` (rewritten after every cell) and the plot to `<out>/mqar_sweep.png`.
 
 Cost: a cell is one compilation (about 5-15 s on an H100) plus its steps. Measured on one H100
 (jax 0.11.2) with 300 steps per cell: 8-24 s per cell at d_model 64 and 8-49 s at 256

@@ -58,7 +58,8 @@ def test_block_remat_gradients_equal():
         graphdef, params, rest = nnx.split(_model(2, remat, dtype="float32"), nnx.Param, ...)
         grads.append(jax.jit(jax.value_and_grad(_loss(graphdef, rest, tokens, seg)))(params))
     assert_close(grads[1][0], grads[0][0], 1e-6, "loss")
-    for a, b in zip(jax.tree.leaves(grads[1][1]), jax.tree.leaves(grads[0][1])):
+    for a, b in zip(jax.tree.leaves(grads[1][1]), jax.tree.leaves(grads[0][1]),
+                    strict=True):
         assert_close(a, b, 1e-5, "grad")
 
 
