@@ -218,6 +218,14 @@ def timed(fj, a, gj, ab, reps):
     return row
 
 
+def add_ratios(rows, anchor):
+    """Each timing row gains the jla anchor's ms over its sync ms (above 1: we are faster)."""
+    for r in rows.values():
+        for k in ("fwd", "fwdbwd"):
+            if f"{k}_sync_ms" in r and k + "_ms" in anchor:
+                r[f"{k}_jla_over_ours"] = round(anchor[k + "_ms"] / r[f"{k}_sync_ms"], 3)
+
+
 def attempt(label, fn, *a):
     t0 = time.perf_counter()
     try:
@@ -291,10 +299,7 @@ def main(argv=None) -> int:
                 rows["triton"] = attempt(f"selective time triton B={bsz}", sel_timing,
                                          "pallas:triton", None, args.reps, bsz)
             ref = anchor if bsz == SEL_SHAPE[0] else {}
-            for r in rows.values():
-                for k in ("fwd", "fwdbwd"):
-                    if f"{k}_sync_ms" in r and k + "_ms" in ref:
-                        r[f"{k}_jla_over_ours"] = round(ref[k + "_ms"] / r[f"{k}_sync_ms"], 3)
+            add_ratios(rows, ref)
             results["timings"][f"selective B={bsz} T=4096 D=2048 N=16"] = {"jla": ref, **rows}
             save()
     if "mlstm" in which:
@@ -315,10 +320,7 @@ def main(argv=None) -> int:
                                              "pallas:mosaic_gpu", hcfg, B, T, args.reps)
             rows["triton"] = attempt(f"mlstm time triton B={B} T={T}", ml_timing,
                                      "pallas:triton", None, B, T, args.reps)
-            for r in rows.values():
-                for k in ("fwd", "fwdbwd"):
-                    if f"{k}_sync_ms" in r and k + "_ms" in anchor:
-                        r[f"{k}_jla_over_ours"] = round(anchor[k + "_ms"] / r[f"{k}_sync_ms"], 3)
+            add_ratios(rows, anchor)
             results["timings"][f"mlstm B={B} T={T} H=16 K=V=128"] = {"jla": anchor, **rows}
             save()
     print(json.dumps(results, indent=1, default=str))
