@@ -168,7 +168,9 @@ for s in "$@"; do case $s in
     # train step needs 10.6 GiB at once (XLA's rematerialisation log in the 10-process run, where
     # it died at 0.07 = 5.5 GiB): Mamba with eigenvalues in [-1, 1] runs its scan as a diagonal
     # scan over E N = 4096 channels, every [3 seeds, 256, 40, 4096] float32 step tensor (a, x, h
-    # and the scan's partial products, 480 MiB each) kept for the backward pass, two layers.
+    # and the scan's partial products, 480 MiB each) kept for the backward pass, two layers. The
+    # layer now recomputes them in the backward (`Mamba.signed_scan`), so the peak is one
+    # layer's; 0.2 stays until a run shows what the step needs now.
     # Estimate (one H100, this step alone), from the 10-process run of the old list (every job at
     # once, compiles autotuned): parity-deltanet_11 / _01 reached step 1000 108 s / 122 s after
     # their slow GEMM fusion's compile ended, about 8.7 steps/s each with about ten processes

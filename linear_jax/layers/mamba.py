@@ -98,13 +98,21 @@ class Mamba(nnx.Module):
         """The selective scan with transitions 2 exp(dt A) - 1: h [B, T, E, N] as one diagonal
         recurrence over E N channels. Returns (y [B, T, E] in u's dtype, state [B, E, N])."""
         f32 = lambda t: t.astype(jnp.float32)
-        dt = jax.nn.softplus(f32(delta))[..., None]                          # [B, T, E, 1]
-        a = 2.0 * jnp.exp(dt * A) - 1.0
-        x = dt * f32(u)[..., None] * f32(Bm)[:, :, None, :]
-        flat = lambda t: t.reshape(t.shape[:2] + (self.E * self.N,))
-        h, S = diagonal_scan(flat(a), flat(x), initial_state=state.reshape(-1, self.E * self.N),
-                             segment_ids=segment_ids, **dict(self.op_kw))
-        h = h.reshape(a.shape)
-        y = jnp.sum(h * f32(Cm)[:, :, None, :], axis=-1) + self.D[...] * f32(u)
-        y = y * jax.nn.silu(f32(z))
-        return y.astype(u.dtype), S.reshape(state.shape)
+        EN, kw = self.E * self.N, dict(self.op_kw)
+
+        # Recomputed in the backward: a, x and h are float32 [B, T, E, N], N times the layer's
+        # activations, and keeping them took most of a state-tracking cell's train step memory.
+        @jax.checkpoint
+        def scan(u, delta, A, Bm, Cm, D, z, state, segment_ids):
+            dt = jax.nn.softplus(f32(delta))[..., None]                      # [B, T, E, 1]
+            a = 2.0 * jnp.exp(dt * A) - 1.0
+            x = dt * f32(u)[..., None] * f32(Bm)[:, :, None, :]
+            flat = lambda t: t.reshape(t.shape[:2] + (EN,))
+            h, S = diagonal_scan(flat(a), flat(x), initial_state=state.reshape(-1, EN),
+                                 segment_ids=segment_ids, **kw)
+            h = h.reshape(a.shape)
+            y = jnp.sum(h * f32(Cm)[:, :, None, :], axis=-1) + D * f32(u)
+            y = y * jax.nn.silu(f32(z))
+            return y.astype(u.dtype), S.reshape(state.shape)
+
+        return scan(u, delta, A, Bm, Cm, self.D[...], z, state, segment_ids)

@@ -64,3 +64,16 @@ def test_mlp_keeps_its_projections_not_the_activation_internals():
     # x, the gate and up projections and their product, and the three weights in bf16
     assert saved <= _nbytes(x.shape, BF16) + 3 * _nbytes((B, T, F), BF16) + 3 * _nbytes(
         (D, F), BF16)
+
+
+def test_signed_mamba_keeps_no_per_state_tensor():
+    """Mamba with eigenvalues in [-1, 1] runs its scan over E N channels: the backward keeps the
+    scan's inputs and recomputes a, x and h, [B, T, E, N] float32 each (10.6 GiB of one
+    state-tracking cell's train step when they were kept)."""
+    from linear_jax.layers.mamba import Mamba
+
+    d, N = 32, 16
+    x = jax.ShapeDtypeStruct((B, T, d), jnp.float32)
+    layer = Mamba(d, d_state=N, allow_neg_eigval=True, impl="chunk", rngs=nnx.Rngs(0))
+    saved = _saved_bytes(layer, x)
+    assert saved < _nbytes((B, T, 2 * d, N), jnp.float32), saved
