@@ -292,3 +292,16 @@ def test_kernel_report_reads_stage_times_and_resources(tmp_path):
     assert r["sass"] == {"HGMMA": 2, "MUFU": 1} and r["sass_total"] == 3
     assert sorted(p.name for p in (tmp_path / "keep").iterdir()) == [
         "delta_walk_0.ptxas.gz", "delta_walk_0.sass.gz"]
+
+
+def test_newest_day_keeps_one_session_and_lends_its_config(monkeypatch):
+    """The Hopper sections read each device's newest day of files: an older day's file drops
+    out, and a file cut at its time limit (no config) takes the config of its day's others."""
+    files = [("a.json", {"device": "X", "date": "2026-12-05", "config": {"c": 1}}),
+             ("b.json", {"device": "X", "date": "2026-12-05"}),
+             ("c.json", {"device": "X", "date": "2026-12-04", "config": {"c": 0}}),
+             ("d.json", {"device": "Y", "date": "2026-12-01"})]
+    monkeypatch.setattr(render, "newest", lambda pattern: files)
+    out = dict(render.newest_day("*"))
+    assert sorted(out) == ["a.json", "b.json", "d.json"]
+    assert out["b.json"]["config"] == {"c": 1} and "config" not in out["d.json"]

@@ -352,12 +352,19 @@ def config_changes(data, variant: str, op: str | None = None) -> dict | None:
             and getattr(base, k) != v}
 
 
-def with_session_config(files):
-    """A run cut at its time limit wrote its rows without the config; the config of another
-    file of the same script, device and day (the same tree, one session) stands for it."""
-    known = {(d["device"], d.get("date")): d["config"] for _, d in files if d.get("config")}
-    return [(p, d if d.get("config") or (d["device"], d.get("date")) not in known else
-             {**d, "config": known[d["device"], d.get("date")]}) for p, d in files]
+def newest_day(pattern) -> list[tuple[str, dict]]:
+    """`newest(pattern)` kept to each device's newest day (one session's runs: its checks, its
+    runs cut at a time limit and its later runs at other T). A run cut at its limit wrote its
+    rows without the config; the config of another file of that day (the same tree) stands
+    for it."""
+    files = newest(pattern)
+    last = {}
+    for _, d in files:
+        last[d["device"]] = max(last.get(d["device"], ""), d.get("date", ""))
+    files = [(p, d) for p, d in files if d.get("date", "") == last[d["device"]]]
+    known = {d["device"]: d["config"] for _, d in files if d.get("config")}
+    return [(p, d if d.get("config") or d["device"] not in known else
+             {**d, "config": known[d["device"]]}) for p, d in files]
 
 
 def readme_hopper_block() -> list[str]:
@@ -367,23 +374,17 @@ def readme_hopper_block() -> list[str]:
     one was, else that day's default row with the fields it ran under named."""
     cells = {}
     for pattern, bare_op in HOPPER_FILES:
-        files = with_session_config(newest(pattern))
-        last = {}                                   # each device's newest day of this script
-        for _, d in files:
-            last[d["device"]] = max(last.get(d["device"], ""), d.get("date", ""))
-        for p, data in files:
-            if data.get("date", "") != last[data["device"]]:
-                continue
+        for p, data in newest_day(pattern):
             for r in hopper_rows(data, bare_op):
                 changes = config_changes(data, r["variant"], r["op"])
                 if changes is None or (changes and r["variant"] != "default"):
                     continue
                 key = (data["device"], r["op"], r["T"])
                 if key not in cells or (cells[key][2] and not changes):
-                    cells[key] = (p, data, changes, r)
+                    cells[key] = (p, changes, r)
     lines = ["| op | T (B) | fwd ms, sync (x jla) | fwd+bwd ms, sync (x jla) | result file |",
              "|---|---|---|---|---|"]
-    for (device, op, T), (p, _, changes, r) in cells.items():
+    for (device, op, T), (p, changes, r) in cells.items():
         out = []
         for ph in ("fwd", "fwdbwd"):
             sync, ref = r[f"{ph}_sync"], r[f"{ph}_jla"]
@@ -450,7 +451,7 @@ def main() -> int:
             lines += scan_table(title, keys, script, p, data)
             found = True
     for pattern, bare_op in HOPPER_FILES:
-        for p, data in newest_per_device(pattern):
+        for p, data in newest_day(pattern):
             lines += hopper_table(p, data, bare_op)
             found = True
     for p, data in check_files():
