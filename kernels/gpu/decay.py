@@ -106,6 +106,10 @@ def _backward_main(ctx, q, k, v, g, G, R, A, doc, hs, dhs, do, *, scale):
             return ch.exact(g_ref[...] if gate else None, G_ref[...] if gate else None,
                             r_ref[...] if gate else None, G_ref[C - 1] if gate else None)
 
+        def all_keys(e_out):
+            """exp(R) out of every key channel: the tile's own where it holds them all."""
+            return e_out if NK == 1 or not vec else ch.vector(g_ref[...], want_in=False)[1]
+
         if one_pass:
             # the pre-exact kernel's order: A, the factors and the keys' dv operand formed once,
             # before the loop, so each value tile's do and dS are read once (the default re-reads
@@ -113,13 +117,9 @@ def _backward_main(ctx, q, k, v, g, G, R, A, doc, hs, dhs, do, *, scale):
             # and (scalar) the pair decay: the old kernel's set, with the exact spans' scan done
             # before the loop instead of a difference of prefix sums
             factors = gate_factors()
-            if vec:
-                A_pre = a_ref[...]
-                e_out_all = (factors[2] if NK == 1 else
-                             ch.vector(g_ref[...], want_in=False)[1])
-            else:
-                A_pre = ctx.dot(q_ref[...], k_ref[...], tb=True) * scale * factors[0]
-                e_out_all = factors[2]
+            A_pre = a_ref[...] if vec else (
+                ctx.dot(q_ref[...], k_ref[...], tb=True) * scale * factors[0])
+            e_out_all = all_keys(factors[2])
             A_cd = A_pre.astype(cd)
             kh_all = (k_ref[...].astype(F32) * e_out_all).astype(cd)
         # the value loop first, with only its accumulators live (the gate factors, A and the
@@ -154,11 +154,12 @@ def _backward_main(ctx, q, k, v, g, G, R, A, doc, hs, dhs, do, *, scale):
             rowsum = lambda x: jnp.sum(x, axis=1, keepdims=True)
             d_gin, d_r = rowsum(qt * dq), rowsum(kt * dk)
 
-        def value_grad(A, e_out_all):
+        def value_grad(A, e_out):
             """dv = A^T do + (k exp(R) out) dS_n+1, a second pass over the value tiles (do and
             dS are re-read, from L2) by the first K tile's program."""
             if one_pass:                                  # written in the value loop
                 return
+            e_out_all = all_keys(e_out)
 
             @on_first
             def _():
@@ -186,9 +187,7 @@ def _backward_main(ctx, q, k, v, g, G, R, A, doc, hs, dhs, do, *, scale):
                 outs[5][...] = d_r
             else:
                 outs[4][...] = ch.vector_grad(d_gin, d_r, d_tot)
-            if not one_pass:
-                value_grad(a_ref[...],
-                           e_out if NK == 1 else ch.vector(g_ref[...], want_in=False)[1])
+            value_grad(a_ref[...], e_out)
             return
         A = A_pre if one_pass else ctx.dot(q_ref[...], k_ref[...], tb=True) * scale * decay
         dAd = (dA * decay).astype(cd)
