@@ -35,8 +35,11 @@
 #   gaterows  gate_rows_gpu: the scalar-gate rows' XLA forms, alone and inside simple_gla
 #   bwd       bwd_gpu: the Triton chunk-family backward variants, checks + timings
 #   mqar      experiments.mqar_sweep, the default grid, in /tmp/mqar (a carried experiments/results/
-#             mqar_sweep/runs is copied in first, so an interrupted sweep resumes); JSON, PNG and
-#             each cell's result + metrics come back under logs/mqar. Blocks without the MLP
+#             mqar_sweep/runs is copied in first, so an interrupted sweep resumes) as MQAR_P (default
+#             4) processes sharing the GPU (--shard=i/P: every P-th cell; logs/mqar_shard<i>.log),
+#             each with MQAR_MEM (default 0.2) of its memory, all cut at MQAR_S (default 540) s; then
+#             --collect (60 s) writes the combined JSON and PNG from the cells that finished. JSON,
+#             PNG and each cell's result + metrics come back under logs/mqar. Blocks without the MLP
 #             (MQAR_FFN, default none: Zoology's; "mlp" for the sweep's own default): with the MLP,
 #             softmax attention stays on the plateau of always answering the context's most
 #             frequent value (experiments/README.md, "MQAR accuracy against state size")
@@ -157,8 +160,17 @@ for s in "$@"; do case $s in
   mlstm) step mlstm "${MLSTM_S:-150}" python3 -m experiments.benchmarks.mlstm_gpu ;;
   mqar) train_env; fast_flags; mkdir -p /tmp/mqar
         [ -d experiments/results/mqar_sweep/runs ] && cp -r experiments/results/mqar_sweep/runs /tmp/mqar/
-        XLA_FLAGS=$FAST_FLAGS TAIL=30 step mqar "${MQAR_S:-540}" python3 -m experiments.mqar_sweep --out=/tmp/mqar \
-          --init_std=0 --ffn="${MQAR_FFN:-none}" ${MQAR_ARGS:-}
+        # a cell is mostly compilation (host CPUs), so processes sharing the GPU finish more cells
+        ( export XLA_FLAGS=$FAST_FLAGS XLA_PYTHON_CLIENT_MEM_FRACTION=${MQAR_MEM:-0.2}
+          L=${MQAR_S:-540}; P=${MQAR_P:-4}
+          flags=(--out=/tmp/mqar --init_std=0 --ffn="${MQAR_FFN:-none}" ${MQAR_ARGS:-})
+          echo "== mqar ($(date +%T)): $P shards sharing the GPU, cut at $L s"
+          for ((i = 0; i < P; i++)); do
+            pstep mqar_shard$i "$L" python3 -m experiments.mqar_sweep --shard=$i/$P "${flags[@]}"; done
+          wait; for ((i = 0; i < P; i++)); do
+            echo "-- mqar_shard$i rc=$(cat $LOGS/mqar_shard$i.rc)"; tail -n 4 $LOGS/mqar_shard$i.log | cut -c1-300; done
+          # the shards' cut (timeout) leaves a cell half-done: collect lists it as missing
+          TAIL=50 step mqar 60 python3 -m experiments.mqar_sweep --collect "${flags[@]}" )
         (cd /tmp/mqar && find . -name '*.json' -o -name '*.png' -o -name '*.jsonl' | grep -v checkpoints \
           | tar cf - -T - | (mkdir -p $LOGS/mqar && cd $LOGS/mqar && tar xf -)) ;;
   protocols)

@@ -5,6 +5,8 @@ balance the recall-throughput tradeoff*).
     python -m experiments.mqar_sweep --out=runs/mqar_sweep                # the default grid (a GPU)
     python -m experiments.mqar_sweep --quick --out=/tmp/mqar_quick        # CPU smoke test, < 60 s
     python -m experiments.mqar_sweep --mixers=gla,based --d_models=64,128 --steps=3000 --out=...
+    python -m experiments.mqar_sweep --shard=0/4 --out=...   # and 1/4, 2/4, 3/4, all at once
+    python -m experiments.mqar_sweep --collect --out=...     # then: the combined JSON and plot
 
 Every cell (mixer, d_model) is one run of the ordinary training harness
 (`linear_jax.training.loop.train`) on the config of `experiments/configs/mqar.py` with the task,
@@ -15,6 +17,15 @@ stay on the plateau of answering the context's most frequent value: experiments/
 cell that already has its `result.json` for the same config is reused, so an interrupted sweep
 picks up where it stopped. One line per cell is printed as it finishes; everything goes to
 `<out>/mqar_sweep.json` (rewritten after every cell) and the plot to `<out>/mqar_sweep.png`.
+
+Sharding: a small cell is mostly compilation, which runs on the host's CPUs, so several processes
+sharing one GPU finish a grid sooner than one. `--shard=i/n` trains only the cells whose index in
+the grid's order (mixer, then d_model, then lr; 0-based) is i mod n, and writes its records to
+`<out>/mqar_sweep.shard<i>of<n>.json` only, so that concurrent shards never write the same file;
+give each its share of the GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION). `--collect` then trains
+nothing: it gathers every cell of the grid that has its `result.json` for the same config into
+`mqar_sweep.json` and the plot, and lists the cells still missing (unfinished, or failed: a
+shard's JSON holds its errors). A run with neither flag trains the whole grid, as before.
 
 Cost: a cell is one compilation (about 5-15 s on an H100) plus its steps. Measured on one H100
 (jax 0.11.2) with 300 steps per cell: 8-24 s per cell at d_model 64 and 8-49 s at 256
@@ -38,6 +49,7 @@ import inspect
 import json
 import math
 import pathlib
+import re
 import shutil
 import sys
 import time
@@ -94,7 +106,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--progress", action="store_true", help="a tqdm bar inside every cell")
     p.add_argument("--keep_checkpoints", action="store_true",
                    help="keep every finished cell's checkpoints (default: deleted)")
+    p.add_argument("--shard", help="i/n: train only the cells whose grid index is i mod n and "
+                   "write <out>/mqar_sweep.shard<i>of<n>.json instead of the combined outputs")
+    p.add_argument("--collect", action="store_true",
+                   help="train nothing: gather the finished cells (their result.json) into "
+                        "mqar_sweep.json and the plot, listing the missing ones")
     args = p.parse_args(argv)
+    if args.shard is not None:
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", args.shard)
+        if not m or int(m[1]) >= int(m[2]):
+            p.error(f"--shard={args.shard!r}: expected i/n with 0 <= i < n, e.g. --shard=0/4")
+        args.shard = (int(m[1]), int(m[2]))
+        if args.collect:
+            p.error("--shard and --collect exclude each other (collect after the shards)")
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -160,6 +184,16 @@ def state_size_per_layer(model_config, vocab_size: int, seq_len: int) -> int:
     return round(sum(sizes) / len(sizes))
 
 
+def finished_record(config_json: dict, workdir: pathlib.Path) -> dict | None:
+    """The record of `workdir/result.json` if that run had this config, else None."""
+    done = workdir / "result.json"
+    if done.exists():
+        previous = json.loads(done.read_text())
+        if previous.get("config") == config_json:
+            return previous["record"]
+    return None
+
+
 def run_cell(args, mixer: str, d_model: int, lr: float, workdir: pathlib.Path,
              devices=None) -> dict:
     """Trains one cell (or reuses its finished result) and returns its record."""
@@ -169,11 +203,10 @@ def run_cell(args, mixer: str, d_model: int, lr: float, workdir: pathlib.Path,
     config = cell_config(args, mixer, d_model, lr, workdir)
     config_json = json.loads(config.to_json_best_effort())
     record = {"mixer": mixer, "d_model": d_model, "lr": lr, "workdir": str(workdir)}
+    previous = finished_record(config_json, workdir)
+    if previous is not None:
+        return {**previous, "reused": True}
     done = workdir / "result.json"
-    if done.exists():
-        previous = json.loads(done.read_text())
-        if previous.get("config") == config_json:
-            return {**previous["record"], "reused": True}
     if workdir.exists():
         shutil.rmtree(workdir)          # a different or unfinished run: start it afresh
     workdir.mkdir(parents=True)
@@ -274,11 +307,18 @@ def _sweep(args, jax) -> dict:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     grid = [(m, d, lr) for m in args.mixers for d in args.d_models for lr in args.lrs]
+    todo, json_path = range(len(grid)), out / "mqar_sweep.json"
+    if args.shard:
+        shard, n = args.shard
+        todo, json_path = todo[shard::n], out / f"mqar_sweep.shard{shard}of{n}.json"
     device = (devices or jax.devices())[0]
     title = (f"MQAR: {args.num_kv_pairs} pairs in {args.seq_len} tokens, {args.num_layers} "
              f"layer{'s' if args.num_layers > 1 else ''}, {args.steps} steps")
-    print(f"{title}; {len(grid)} runs on {len(devices or jax.devices())} x "
-          f"{device.device_kind}", flush=True)
+    what = (f"collecting {len(grid)} runs" if args.collect else
+            f"shard {shard}/{n}: {len(todo)} of {len(grid)} runs" if args.shard else
+            f"{len(grid)} runs")
+    print(f"{title}; {what} on {len(devices or jax.devices())} x {device.device_kind}",
+          flush=True)
     summary = {"task": {"name": "mqar", "seq_len": args.seq_len,
                         "num_kv_pairs": args.num_kv_pairs},
                "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
@@ -286,19 +326,43 @@ def _sweep(args, jax) -> dict:
                "state_size": "float elements per layer carried between tokens (mixer cache "
                              "without the conv buffer; attention: KV cache at seq_len)",
                "runs": [], "cells": []}
-    t0 = time.perf_counter()
-    for i, (mixer, d_model, lr) in enumerate(grid, 1):
-        name = f"{mixer}_d{d_model}" + (f"_lr{lr:g}" if len(args.lrs) > 1 else "")
-        record = run_cell(args, mixer, d_model, lr, out / "runs" / name, devices)
-        print(_line(i, len(grid), record), flush=True)
-        summary["runs"].append(record)
+    t0, missing = time.perf_counter(), []
+
+    def save():                 # after every cell: a sweep cut short keeps what it finished
         summary["cells"] = best_per_cell([r for r in summary["runs"] if "error" not in r])
-        summary["seconds"] = round(time.perf_counter() - t0, 1)
-        (out / "mqar_sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if not args.collect:    # the collector's own wall time says nothing about the runs
+            summary["seconds"] = round(time.perf_counter() - t0, 1)
+        json_path.write_text(json.dumps(summary, indent=2) + "\n")
+
+    for i in todo:
+        mixer, d_model, lr = grid[i]
+        name = f"{mixer}_d{d_model}" + (f"_lr{lr:g}" if len(args.lrs) > 1 else "")
+        workdir = out / "runs" / name
+        if args.collect:        # read only: a shard may still be writing this workdir
+            config = cell_config(args, mixer, d_model, lr, workdir)
+            record = finished_record(json.loads(config.to_json_best_effort()), workdir)
+            if record is None:
+                missing.append(name)
+                continue
+        else:
+            record = run_cell(args, mixer, d_model, lr, workdir, devices)
+        print(_line(i + 1, len(grid), record), flush=True)
+        summary["runs"].append(record)
+        save()
+    if args.collect:
+        summary["missing"] = missing
+    save()
+    if args.shard:
+        print(f"done in {summary['seconds']:.0f} s; wrote {json_path}", flush=True)
+        return summary
     # values are drawn from 4 x num_kv_pairs ids (linear_jax.training.synthetic.mqar)
     plot(summary["cells"], out / "mqar_sweep.png", title, chance=1 / (4 * args.num_kv_pairs))
-    print(f"done in {summary['seconds']:.0f} s; wrote {out / 'mqar_sweep.json'} and "
-          f"{out / 'mqar_sweep.png'}", flush=True)
+    head = (f"collected {len(summary['runs'])} of {len(grid)} runs" if args.collect else
+            f"done in {summary['seconds']:.0f} s")
+    print(f"{head}; wrote {json_path} and {out / 'mqar_sweep.png'}", flush=True)
+    if missing:
+        print(f"{len(missing)} missing (not finished, or failed: see the shards' JSON): "
+              f"{', '.join(missing)}", flush=True)
     return summary
 
 

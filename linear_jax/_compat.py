@@ -213,16 +213,19 @@ PROFILE_RANGES = 256
 
 def mosaic_gpu_kernel(body, *, out_type, grid, grid_names, num_threads, thread_name,
                       scratch_types, semantics: str, approx_math: bool, interpret: bool,
-                      name: str, profile_dir: str = ""):
+                      name: str, profile_dir: str = "", no_auto_barriers: bool = False):
     """`plgpu.kernel` with the lowering semantics named ("lane" | "warpgroup") and the output
     types under the keyword both versions take; in the GPU interpreter when `interpret`. With
     `profile_dir`, every call writes a Chrome trace of the kernel's named scopes (per warpgroup,
-    up to PROFILE_RANGES ranges each) into that directory."""
+    up to PROFILE_RANGES ranges each) into that directory. `no_auto_barriers` sets
+    `CompilerParams(unsafe_no_auto_barriers=True)`: no warpgroup barrier around each ref store
+    (the kernel orders its shared-memory accesses itself)."""
     _, plgpu = mosaic_gpu()
     sem = {"lane": plgpu.LoweringSemantics.Lane,
            "warpgroup": plgpu.LoweringSemantics.Warpgroup}[semantics]
     extra = {"interpret": mosaic_gpu_interpret_params()} if interpret else {}
     prof = {"profile_space": PROFILE_RANGES, "profile_dir": profile_dir} if profile_dir else {}
+    prof |= {"unsafe_no_auto_barriers": True} if no_auto_barriers else {}
     return plgpu.kernel(
         body, out_type=out_type, grid=grid, grid_names=grid_names, num_threads=num_threads,
         thread_name=thread_name, scratch_types=scratch_types, kernel_name=name,

@@ -1,5 +1,6 @@
 """experiments/mqar_sweep.py: --quick on two tiny cells writes its JSON and plot, a second call
-reuses the finished cells, and the state sizes are those of the mixers' recurrences."""
+reuses the finished cells, --shard trains only its share of the grid and --collect combines the
+shards' cells, and the state sizes are those of the mixers' recurrences."""
 
 import json
 import pathlib
@@ -72,3 +73,36 @@ def test_ffn_flag_drops_the_mlp_and_the_default_keeps_the_config(tmp_path):
     c = mqar_sweep.cell_config(args, "attention", 16, 3e-3, tmp_path)
     assert c.model.ffn == "none"
     assert loop.lm_config(c.model, 33).ffn == "none"
+
+
+# not smoke-marked: two 20-step cells, about 5 s on a shared 2-core CPU
+def test_shards_train_their_own_cells_and_collect_combines_them(tmp_path, capsys):
+    base = ["--quick", "--mixers=attention,linear_attention", "--d_models=16", "--num_devices=1",
+            f"--out={tmp_path}"]
+    for i in (0, 1):                    # one after another here; concurrent processes on a GPU
+        shard = mqar_sweep.main([*base, f"--shard={i}/2"])
+        assert [(r["mixer"], r.get("reused")) for r in shard["runs"]] == [
+            (("attention", "linear_attention")[i], None)]
+        assert (tmp_path / f"mqar_sweep.shard{i}of2.json").exists()
+    assert not any((tmp_path / f).exists() for f in ("mqar_sweep.json", "mqar_sweep.png"))
+
+    collected = mqar_sweep.main([*base, "--collect"])
+    assert "collected 2 of 2 runs" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "mqar_sweep.json").read_text())
+    assert sorted(c["mixer"] for c in saved["cells"]) == ["attention", "linear_attention"]
+    assert saved["missing"] == [] and collected["cells"] == saved["cells"]
+    assert (tmp_path / "mqar_sweep.png").stat().st_size > 0
+
+    # a cell without its result.json is listed as missing, not trained
+    (tmp_path / "runs" / "linear_attention_d16" / "result.json").unlink()
+    partial = mqar_sweep.main([*base, "--collect"])
+    assert [c["mixer"] for c in partial["cells"]] == ["attention"]
+    assert partial["missing"] == ["linear_attention_d16"]
+    assert not (tmp_path / "runs" / "linear_attention_d16" / "result.json").exists()
+
+
+@pytest.mark.parametrize("bad", ["2/2", "1", "a/b", "-1/2", "0/0"])
+def test_shard_flag_rejects_bad_forms(bad, capsys):
+    with pytest.raises(SystemExit):
+        mqar_sweep.parse_args(["--quick", f"--shard={bad}"])
+    assert "--shard" in capsys.readouterr().err

@@ -47,13 +47,14 @@ VARIANTS = {
     # per-row terms routed in the inter-chunk kernel into one dg part (one float32 [B, T, H, K]
     # fewer written and read), dv inside the one value loop, and both with the intra kernel's
     # pre-exact tiles (all of K a program, the loop diagonal)
-    "fold": dict(gla_bwd="fold"),
+    "fold": dict(gla_bwd="fold"),                           # the default since session 19
+    "rows": dict(gla_bwd="rows"),                           # the default of session 18
     "dv1": dict(dv_pass="loop"),
     "fold_dv1": dict(gla_bwd="fold", dv_pass="loop"),
     "old_tiles": dict(gla_bwd="fold", dv_pass="loop", gla_diag="loop", block_k_intra=128),
 }
 AFFECTS = {"default": None, "dot": None, "loop": ("gla",), "ik16w4": ("gla",),
-           "ik32w8": ("gla",), "ik64w4": ("gla",), "fold": ("gla",),
+           "ik32w8": ("gla",), "ik64w4": ("gla",), "fold": ("gla",), "rows": ("gla",),
            "dv1": ("simple_gla", "gla"), "fold_dv1": ("gla",), "old_tiles": ("gla",)}
 OPS = ("simple_gla", "gla", "gated_delta_rule")
 H_BENCH, D, TOKENS = 16, 128, 16384

@@ -1,9 +1,9 @@
 """The Hopper (Mosaic GPU) kernels of the selective scan (Mamba-1) and of mLSTM on the device:
-correctness, then timings beside jax-linear-attention's (the H200 anchors' `scans`) and our
-Triton kernels.
+correctness, then timings beside jax-linear-attention's (jla: timed in the same run where its
+package imports, else the H200 anchors' `scans`) and our Triton kernels.
 
     python -m experiments.benchmarks.hopper_ssm_gpu --quick [--semantics lane|warpgroup]
-        [--ops selective,mlstm] [--variants default,approx]
+        [--ops selective,mlstm] [--variants default,exact] [--ml-variants default,approx]
 
 (a) Checks: each Hopper kernel's outputs, final state and the gradients of every float input
     (selective: u, delta, A, B, C, D, z, delta_bias, initial state; mlstm: q, k, v, i, f and the
@@ -17,9 +17,11 @@ Triton kernels.
     gate, softplus step with bias: the jla anchor's setting), mlstm B=8 T=2048 and B=2 T=8192,
     H=16 K=V=128: forward and forward + backward (grad of sum(y * dy) w.r.t. every float input),
     device time (10 back-to-back calls) and `sync` (each call blocked on the host, as the anchors
-    were timed), for impl "pallas:mosaic_gpu" (each variant) and "pallas:triton", beside the jla
-    anchor and its ratio to ours (> 1: ours is faster); mlstm also the backward alone (`bwd`: the
-    VJP of a forward run once, its residuals as arguments).
+    were timed), for impl "pallas:mosaic_gpu" (each variant) and "pallas:triton", beside jla's
+    Mosaic GPU mamba1 / mlstm timed the same way in the same process (row "jla_run"; the H200
+    anchors' numbers stay under "jla") and the ratio of jla's sync ms to ours (> 1: ours is
+    faster; against jla_run where it ran); mlstm also the backward alone (`bwd`: the VJP of a
+    forward run once, its residuals as arguments).
 (c) benchmarks/results/hopper_ssm_gpu_<device>.json, written after the checks and after each
     timing (a run cut short keeps what it had).
 
@@ -50,8 +52,10 @@ from linear_jax.kernels.configs import HopperSelectiveConfig
 
 TOL = 2e-2
 f32 = jnp.float32
-VARIANTS = {"default": {}, "approx": dict(approx_math=True), "chunk8": dict(chunk=8),
-            "stages2": dict(stages=2), "threads": dict(per_thread_forward=True)}
+VARIANTS = {"default": {}, "exact": dict(approx_math=False), "chunk8": dict(chunk=8),
+            "stages2": dict(stages=2), "threads": dict(per_thread_forward=True),
+            "tbwd": dict(per_thread_forward=True, per_thread_backward=True)}
+ML_VARIANTS = {"default": {}, "approx": dict(approx_math=True)}
 SEL_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "h0")
 SEL_SHAPE = (4, 4096, 2048, 16, 1)        # B, T, D, N, G of the timing (the jla anchor's)
 ML_SHAPES = ((8, 2048), (2, 8192))        # B, T of the mLSTM timings (H = 16, K = V = 128)
@@ -81,7 +85,15 @@ def sel_inputs(B, T, D, N, G, *, seed=0, extras=True):
 
 
 def sel_fns(impl, cfg, seg):
+    """(forward, gradient of every float input) through `ops.selective_scan`, or through jla's
+    Mosaic GPU mamba1 (impl "jla": C, B, u as its q, k, v)."""
     def f(u, delta, A, B, C, D, z, bias, h0):
+        if impl == "jla":
+            from jla.ops.mosaic_gpu.mamba1 import mamba1
+            # its kernel takes B, C as [B, T, N] (one group) only
+            return mamba1(C[:, :, 0], B[:, :, 0], u, delta, A, d=D, z=z, dt_bias=bias,
+                          dt_softplus=True, initial_state=h0, segment_ids=seg,
+                          output_final_state=True)
         return ops.selective_scan(u, delta, A, B, C, D, z, bias, True, initial_state=h0,
                                   segment_ids=seg, impl=impl, config=cfg)
 
@@ -151,7 +163,14 @@ def ml_inputs(B, T, H, K, V, *, seed=0, extras=True):
 
 
 def ml_fns(impl, cfg, seg):
+    """As `sel_fns` for `ops.mlstm` (impl "jla": jla's Mosaic GPU mlstm, whose g is the log
+    forget gate, log sigmoid(f); its state (C, n, m) as ours)."""
     def f(q, k, v, i, fg, state):
+        if impl == "jla":
+            from jla.ops.mosaic_gpu.mlstm import mlstm
+            y, st = mlstm(q, k, v, jax.nn.log_sigmoid(fg.astype(f32)), i, initial_state=state,
+                          segment_ids=seg, output_final_state=True)
+            return y, tuple(st)
         return ops.mlstm(q, k, v, i, fg, initial_state=state, segment_ids=seg, impl=impl,
                          config=cfg)
 
@@ -219,8 +238,15 @@ def timed(fj, a, gj, ab, reps):
 
 
 def add_ratios(rows, anchor):
-    """Each timing row gains the jla anchor's ms over its sync ms (above 1: we are faster)."""
-    for r in rows.values():
+    """Each timing row gains jla's ms over its sync ms (above 1: we are faster): jla's sync ms of
+    this run where it ran, else the anchor's."""
+    run = rows.get("jla_run", {})
+    if "fwd_sync_ms" in run:
+        anchor = {k + "_ms": run[k + "_sync_ms"] for k in ("fwd", "fwdbwd")
+                  if k + "_sync_ms" in run}
+    for name, r in rows.items():
+        if name == "jla_run":
+            continue
         for k in ("fwd", "fwdbwd"):
             if f"{k}_sync_ms" in r and k + "_ms" in anchor:
                 r[f"{k}_jla_over_ours"] = round(anchor[k + "_ms"] / r[f"{k}_sync_ms"], 3)
@@ -242,7 +268,9 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--ops", default="selective,mlstm")
     p.add_argument("--semantics", default="lane,warpgroup")
-    p.add_argument("--variants", default="default")
+    p.add_argument("--variants", default="default", help=f"selective: of {sorted(VARIANTS)}")
+    p.add_argument("--ml-variants", default="default", help=f"mlstm: of {sorted(ML_VARIANTS)}")
+    p.add_argument("--no-jla", action="store_true", help="skip jla's kernels in this run")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--skip-checks", action="store_true",
                    help="timings only, under the first of --semantics")
@@ -258,6 +286,7 @@ def main(argv=None) -> int:
     scans = json.load(open(path)).get("scans", {}) if os.path.exists(path) else {}
     which = args.ops.split(",")
     has_mlstm = importlib.util.find_spec("linear_jax.kernels.gpu.hopper.mlstm") is not None
+    jla = not args.no_jla and importlib.util.find_spec("jla") is not None
     results = {"checks": {}, "timings": {}}
     slug = dev.device_kind.replace(" ", "_")
 
@@ -282,10 +311,14 @@ def main(argv=None) -> int:
             results["checks"][f"selective{shape}"] = attempt(
                 f"selective check {shape}", sel_check, HopperSelectiveConfig(semantics=sem),
                 *shape)
-        if not args.skip_checks:          # the forward with one channel per thread
-            results["checks"][f"selective[threads]{grid[0]}"] = attempt(
-                f"selective check [threads] {grid[0]}", sel_check,
-                HopperSelectiveConfig(semantics=sem, per_thread_forward=True), *grid[0])
+        # the forward with one channel per thread, and every variant to be timed: a variant's
+        # timing is read only beside its passing check
+        for v in ([] if args.skip_checks else
+                  [v for v in dict.fromkeys(["threads"] + args.variants.split(","))
+                   if v != "default"]):
+            results["checks"][f"selective[{v}]{grid[0]}"] = attempt(
+                f"selective check [{v}] {grid[0]}", sel_check,
+                HopperSelectiveConfig(semantics=sem, **VARIANTS[v]), *grid[0])
         save()
         anchor = scans.get("jla.mamba1 B=4 T=4096 D=2048 N=16 (D, z, softplus dt)", {})
         for bsz in [int(b) for b in args.sel_batches.split(",")]:
@@ -298,6 +331,9 @@ def main(argv=None) -> int:
             if not args.skip_timings:
                 rows["triton"] = attempt(f"selective time triton B={bsz}", sel_timing,
                                          "pallas:triton", None, args.reps, bsz)
+                if jla:
+                    rows["jla_run"] = attempt(f"selective time jla B={bsz}", sel_timing, "jla",
+                                              None, args.reps, bsz)
             ref = anchor if bsz == SEL_SHAPE[0] else {}
             add_ratios(rows, ref)
             results["timings"][f"selective B={bsz} T=4096 D=2048 N=16"] = {"jla": ref, **rows}
@@ -307,6 +343,8 @@ def main(argv=None) -> int:
         if has_mlstm:
             from linear_jax.kernels.configs import HopperMlstmConfig
             hcfg = HopperMlstmConfig(semantics=sem or "lane")
+            ml_cfgs = {v: dataclasses.replace(hcfg, **ML_VARIANTS[v])
+                       for v in args.ml_variants.split(",")}
             for shape in ([] if args.skip_checks else
                           [(2, 1000, 4, 128, 128, False), (1, 2048, 4, 128, 128, True)]):
                 results["checks"][f"mlstm{shape}"] = attempt(f"mlstm check {shape}", ml_check,
@@ -316,10 +354,15 @@ def main(argv=None) -> int:
             anchor = scans.get(f"jla.mlstm B={B} T={T} H=16 K=V=128", {})
             rows = {}
             if has_mlstm:
-                rows["mosaic_gpu"] = attempt(f"mlstm time mosaic_gpu B={B} T={T}", ml_timing,
-                                             "pallas:mosaic_gpu", hcfg, B, T, args.reps)
+                for v, cfg in ml_cfgs.items():
+                    name = "mosaic_gpu" if v == "default" else f"mosaic_gpu[{v}]"
+                    rows[name] = attempt(f"mlstm time {name} B={B} T={T}", ml_timing,
+                                         "pallas:mosaic_gpu", cfg, B, T, args.reps)
             rows["triton"] = attempt(f"mlstm time triton B={B} T={T}", ml_timing,
                                      "pallas:triton", None, B, T, args.reps)
+            if jla:
+                rows["jla_run"] = attempt(f"mlstm time jla B={B} T={T}", ml_timing, "jla", None,
+                                          B, T, args.reps)
             add_ratios(rows, anchor)
             results["timings"][f"mlstm B={B} T={T} H=16 K=V=128"] = {"jla": anchor, **rows}
             save()

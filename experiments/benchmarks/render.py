@@ -384,7 +384,11 @@ def readme_hopper_block() -> list[str]:
                     cells[key] = (p, changes, r)
     lines = ["| op | T (B) | fwd ms, sync (x jla) | fwd+bwd ms, sync (x jla) | result file |",
              "|---|---|---|---|---|"]
-    for (device, op, T), (p, changes, r) in cells.items():
+    first = {}                            # (device, op) in file order, then T ascending
+    for device, op, _ in cells:
+        first.setdefault((device, op), len(first))
+    for device, op, T in sorted(cells, key=lambda k: (first[k[:2]], k[2])):
+        p, changes, r = cells[(device, op, T)]
         out = []
         for ph in ("fwd", "fwdbwd"):
             sync, ref = r[f"{ph}_sync"], r[f"{ph}_jla"]

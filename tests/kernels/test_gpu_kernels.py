@@ -117,15 +117,16 @@ def test_every_gate_strong(op, gates):
 # The backward's alternatives (`TritonChunkConfig.spans`, `gla_bwd`, `gla_diag`, the GLA intra
 # tiles), each on the ops it changes: "dot" the first exact version's span math, "loop_k16" the
 # diagonal loop over two K tiles, "k16w2" the [c, c, BK] diagonal over two K tiles at 2 warps;
-# "fold" the per-row terms routed in the inter-chunk kernel into one dg part, "dv1" dv inside the
-# one value loop, "old" both with the intra kernel's pre-exact tiles (all of K, the loop diagonal).
+# "rows" the per-row terms routed by the intra kernel (the default, "fold", routes them in the
+# inter-chunk kernel into one dg part), "dv1" dv inside the one value loop, "old" both with the
+# intra kernel's pre-exact tiles (all of K, the loop diagonal).
 # (KDA routes its per-row terms as gla_bwd="rows" whatever the config says: no "dot" case.)
 VARIANTS = {"default": ({}, ("simple_gla", "gla", "gated_delta_rule", "kda")),
             "dot": (dict(spans="dot", gla_bwd="dots", gla_diag="loop"),
                     ("simple_gla", "gla", "gated_delta_rule")),
             "loop_k16": (dict(gla_diag="loop", block_k_intra=16), ("gla",)),
             "k16w2": (dict(block_k_intra=16, warps_intra_bwd=2), ("gla",)),
-            "fold": (dict(gla_bwd="fold"), ("gla",)),
+            "rows": (dict(gla_bwd="rows"), ("gla",)),
             "dv1": (dict(dv_pass="loop"), ("linear_attention", "simple_gla", "gla")),
             "old": (dict(gla_bwd="fold", dv_pass="loop", gla_diag="loop", block_k_intra=128),
                     ("gla",))}

@@ -105,14 +105,14 @@ def test_kda_kernels_have_no_boolean_tile(shape):
         assert "xi1>" not in ir, name   # no boolean tensor (scalar i1 from index math is fine)
 
 
-@pytest.mark.parametrize("over", [dict(gla_bwd="fold"), dict(dv_pass="loop"),
+@pytest.mark.parametrize("over", [dict(), dict(gla_bwd="rows"), dict(dv_pass="loop"),
                                   dict(gla_bwd="fold", dv_pass="loop", gla_diag="loop",
-                                       block_k_intra=128)], ids=["fold", "dv1", "old"])
+                                       block_k_intra=128)], ids=["default", "rows", "dv1", "old"])
 @pytest.mark.parametrize("gate", ["scalar", "vector"])
 def test_backward_variants_lower(gate, over):
-    """The backward's pre-exact structure (`TritonChunkConfig.gla_bwd="fold"`, `dv_pass="loop"`)
-    lowers to Triton, with packed documents and an initial state at the benchmark's bf16 shape;
-    "fold" writes one float32 dg part, not "rows"' two."""
+    """The backward's structures (`TritonChunkConfig.gla_bwd` "fold", the default, and "rows";
+    `dv_pass="loop"`) lower to Triton, with packed documents and an initial state at the
+    benchmark's bf16 shape; "fold" writes one float32 dg part, "rows" two."""
     dtype, B, T, K, V = SHAPES[0]
     H = 2
     sds = jax.ShapeDtypeStruct
@@ -134,4 +134,4 @@ def test_backward_variants_lower(gate, over):
         assert {"gla_intra_forward", "gla_intra_backward"} <= set(kernels)
         stores = kernels["decay_backward"].count('"tt.store"')
         f32_tiles = kernels["decay_backward"].count("tensor<64x128xf32>) -> ()")
-        assert stores and f32_tiles == (3 if "gla_bwd" in over else 4), f32_tiles
+        assert stores and f32_tiles == (4 if over.get("gla_bwd") == "rows" else 3), f32_tiles

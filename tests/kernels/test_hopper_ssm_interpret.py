@@ -39,10 +39,17 @@ CASES = [
     (1, 29, 128, 16, 2, False, False, dict(chunk=16, stages=3)),  # two groups, no softplus
     # the forward with one channel per thread (its states read by the same backward)
     (1, 45, 128, 12, 1, True, True, dict(chunk=8, stages=2, per_thread_forward=True)),
+    # the backward with one channel per thread, on either forward's states: documents, softplus,
+    # N and T padded (sub-chunks of 2 steps); two groups of 128 channels, no softplus, N = 8
+    # (sub-chunks of 4 steps, four of them a chunk)
+    (1, 45, 128, 12, 1, True, True, dict(chunk=8, stages=2, per_thread_forward=True,
+                                           per_thread_backward=True)),
+    (1, 29, 256, 8, 2, False, False, dict(chunk=16, stages=3, per_thread_backward=True)),
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=["docs-softplus", "groups", "per-thread"])
+@pytest.mark.parametrize("case", CASES, ids=["docs-softplus", "groups", "per-thread",
+                                             "per-thread-bwd", "per-thread-bwd-groups"])
 def test_selective_matches_reference(case):
     B, T, D, N, G, softplus, docs, over = case
     cfg = HopperSelectiveConfig(interpret=True, **over)

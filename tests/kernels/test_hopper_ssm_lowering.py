@@ -26,6 +26,10 @@ SELECTIVE = [
     # the forward with one channel per thread: the anchor's N, and every extra with documents
     ("lane", 1, 256, 128, 16, 1, False, dict(per_thread_forward=True)),
     ("lane", 1, 100, 256, 12, 2, True, dict(chunk=8, stages=2, per_thread_forward=True)),
+    # the backward with one channel per thread (no auto barriers): the anchor's N after the
+    # per-thread forward, and every extra with documents after the tile forward, N = 8
+    ("lane", 1, 256, 128, 16, 1, False, dict(per_thread_forward=True, per_thread_backward=True)),
+    ("lane", 1, 100, 256, 8, 2, True, dict(chunk=8, stages=2, per_thread_backward=True)),
 ]
 
 
@@ -55,13 +59,17 @@ def _export_selective(case, grad):
 @pytest.mark.parametrize("grad", [False, True], ids=["fwd", "bwd"])
 @pytest.mark.parametrize("case", SELECTIVE,
                          ids=lambda c: f"{c[0]}-T{c[2]}-D{c[3]}N{c[4]}G{c[5]}" + "-extras" * c[6]
-                         + "-threads" * c[7].get("per_thread_forward", False))
+                         + "-threads" * c[7].get("per_thread_forward", False)
+                         + "-tbwd" * c[7].get("per_thread_backward", False))
 def test_selective_exports_for_cuda(case, grad):
     exp = _export_selective(case, grad)
     text = exp.mlir_module()
     assert "mosaic_gpu" in text
     assert text.count("selective_scan_bwd") > 0 if grad else "selective_scan_fwd" in text
     assert ("selective_scan_fwd_threads" in text) == case[7].get("per_thread_forward", False)
+    if grad:
+        tbwd = case[7].get("per_thread_backward", False)
+        assert ("selective_scan_bwd_threads" in text) == tbwd
     assert not cast_round_trips(text), "a float32 -> 16-bit -> float32 cast in XLA (lowering.py)"
 
 
@@ -71,6 +79,13 @@ def test_selective_accepts():
     assert hopper_selective.accepts(u, u, A, Bm, Bm) is None
     assert "bfloat16" in hopper_selective.accepts(u.astype(jnp.float32), u, A, Bm, Bm)
     assert "multiples of 64" in hopper_selective.accepts(u[..., :96], u, A, Bm, Bm)
+    # the per-thread kernels take channels per group in multiples of 128
+    for flag in ("per_thread_forward", "per_thread_backward"):
+        cfg = HopperSelectiveConfig(interpret=False, **{flag: True})
+        with pytest.raises(ValueError, match=f"{flag} takes channels per group"):
+            hopper_selective.selective_scan(u[..., :64], u[..., :64], A[:64], Bm, Bm, None,
+                                            None, None, True, initial_state=None,
+                                            segment_ids=None, chunk_size=64, config=cfg)
 
 
 # (semantics, B, T, H, K, V, initial state and segment ids, chunk L)

@@ -402,14 +402,17 @@ def send_states(carry, kblk, fw, cell, send_ref, dp=None, *, out_mode: bool, fin
     plgpu.wait_smem_to_gmem(0)
 
 
-def launch(body, cfg, ops, *, out_type, grid, grid_names, scratch, name, num_threads=1):
+def launch(body, cfg, ops, *, out_type, grid, grid_names, scratch, name, num_threads=1,
+           no_auto_barriers=False):
     """The `plgpu.kernel` of `body` under the config's lowering semantics and exp, in the GPU
-    interpreter where `ops` interprets; the warpgroup axis is named "wg"."""
+    interpreter where `ops` interprets; the warpgroup axis is named "wg". `no_auto_barriers`:
+    Pallas puts no warpgroup barrier around the ref stores (`unsafe_no_auto_barriers`; the body
+    must fence its cross-thread shared-memory accesses itself)."""
     return mosaic_gpu_kernel(
         body, out_type=out_type, grid=grid, grid_names=grid_names, num_threads=num_threads,
         thread_name="wg", scratch_types=scratch, semantics=cfg.semantics,
         approx_math=cfg.approx_math, interpret=ops.interpret, name=name,
-        profile_dir=cfg.profile_dir)
+        profile_dir=cfg.profile_dir, no_auto_barriers=no_auto_barriers)
 
 
 def walk_barriers(copies: int, consumers: int, stages: int):

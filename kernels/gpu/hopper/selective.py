@@ -62,6 +62,13 @@ Variant (`HopperSelectiveConfig.per_thread_forward`, off until timed): the forwa
 channel per thread (`_forward_threads`), 128 channels a warpgroup, the N states scalars in the
 thread's registers and B_t, C_t read as scalars: no cross-thread sum per step, the rows loaded as
 [128] vectors without the float32 widening; it writes the states `_backward` reads.
+`HopperSelectiveConfig.per_thread_backward` (off until timed): the backward in the same layout
+(`_backward_threads`): per chunk the states entering its sub-chunks of S steps (S = 2 at N = 16)
+recomputed into SMEM, each sub-chunk's S states and decays recomputed into registers and walked
+in reverse with no cross-thread sum over n; dB_t, dC_t summed over the 128 channels once per
+sub-chunk (per-thread products in SMEM, one barrier, a row sum of [64, 128] tiles); no auto
+barriers (9 barriers a chunk of 16 steps against ~15 a step). Either forward's states feed either
+backward.
 
 Inputs: u, delta, z bf16 / fp16 (float32 raises ValueError: the Triton kernel computes it); A, B,
 C, D, bias any float (read as float32); the channels of a group (D / G) a multiple of 64.
@@ -70,12 +77,21 @@ C, D, bias any float (read as float32); the channels of a group (D / G) a multip
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 
 from linear_jax.kernels.configs import HopperSelectiveConfig
-from linear_jax.kernels.gpu.hopper.common import Ops, f32, interpreting, launch, pl, plgpu
+from linear_jax.kernels.gpu.hopper.common import (
+    Ops,
+    check_smem,
+    f32,
+    interpreting,
+    launch,
+    pl,
+    plgpu,
+)
 from linear_jax.ops.common.chunking import pad_to, resets
 
 BD = 64        # channels per warpgroup: the rows of one accumulator tile
@@ -312,6 +328,7 @@ def _forward(u, dl, z, consts, Bm, Cm, keep, h0, *, softplus, cfg, save):
 
 
 LANES_D = 128  # channels of `_forward_threads`' warpgroup: one a thread
+LOG2E, LN2 = math.log2(math.e), math.log(2.0)
 
 
 def _forward_threads(u, dl, z, consts, Bm, Cm, keep, h0, *, softplus, cfg, save):
@@ -535,6 +552,228 @@ def _backward(u, dl, z, consts, Bm, Cm, keep, states, dy, dhT, *, softplus, cfg)
     return (d["u"], d["delta"], d.get("z"), *outs)
 
 
+PART_PAD = 8   # floats padding each row of `_backward_threads`' `part` (bank conflicts, below)
+
+
+def _sub_steps(Np: int) -> int:
+    """Steps of `_backward_threads`' sub-chunk: the fewest whose 2 Np dB / dC products a channel
+    fill whole 64-row tiles (Np = 16: 2 steps, Np = 8: 4, Np = 32: 1)."""
+    return 64 // math.gcd(64, 2 * Np)
+
+
+def _backward_threads(u, dl, z, consts, Bm, Cm, keep, states, dy, dhT, *, softplus, cfg):
+    """`_backward` with one channel per thread (`HopperSelectiveConfig.per_thread_backward`), on
+    `_forward_threads`' layout: grid (B, Dp / 128), one warpgroup, thread i owns channel i of its
+    block, the channel's N states h, cotangents lam and dA as N float32 scalars in registers, B_t,
+    C_t, keep_t read from SMEM as scalars every thread reads alike. A reverse step is N
+    independent terms per thread: no cross-thread sum over n. Same arguments and return contract
+    as `_backward` (dB, dC per block of 128 channels: [B, Dp / 128, Tp, Np]).
+
+    Design:
+    1. The chunk's states. C steps x N scalars would not fit registers (256 at C = N = 16), so a
+       chunk of C steps is split into sub-chunks of S = 64 / gcd(64, 2 Np) steps (2 at N = 16, 4 at
+       N = 8): pass 1 walks the chunk forward from its entering state (TMA'd from the forward's
+       [B, T / C, N, D] states) and stores the state entering every sub-chunk but the last into
+       SMEM `subs` [C / S - 1, Np, 128] float32 (each thread its own column); pass 2 takes the
+       sub-chunks last first, recomputes their S states and decays into registers (2 S Np
+       scalars: 64 at N = 16) and runs the S reverse steps over them. Two exps per (t, d, n), as
+       `_backward`.
+    2. dB_t = sum_d g_t dt_t u_t and dC_t = sum_d dy'_t h_t: each thread stores its 2 Np
+       products of a step as rows of `part` [2, S 2 Np, 128 + 8] float32 (its own column; the S
+       steps of a sub-chunk fill 64-row tiles; the 8 padding floats a row cut the accumulator
+       layout's loads from 8 wavefronts to 2); after the sub-chunk one barrier, then every thread
+       loads the tile in the accumulator layout (cross-thread), sums its rows (32 in-thread adds
+       a row and two shuffles) and stores the 64 sums as one row of `dbcs` [C 2 Np / 64, 64];
+       one TMA copy a chunk writes them to a [B, Dp / 128, Tp 2 Np / 64, 64] output (per step dC
+       then dB), reshaped to dB, dC outside. `part` is double-buffered, so the one barrier per
+       sub-chunk (between its stores and the loads) also orders the next sub-chunk's stores
+       after the loads of the one before.
+    3. No auto barriers (`launch(no_auto_barriers=True)`): `subs` and `part`'s stores are thread
+       private columns; the cross-thread accesses are fenced explicitly: the ring slots and the
+       constants are written by TMA and read after their mbarrier waits; `part` is read after a
+       `commit_smem` (warpgroup barrier) per sub-chunk; `dbcs` is written after those barriers
+       (which follow the wait for the last chunk's copy out of it) and copied out after a
+       `commit_smem` at the chunk's end, which also precedes the slot's refill. du, ddelta, dz
+       rows and the final dh0, dA, dD, dbias go from registers to GMEM directly, a step's rows
+       as soon as they are computed (no barrier around them); dhT is read from GMEM.
+    Decays as exp2(dt A log2 e) (one ex2.approx.ftz under approx_math: `jnp.exp` lowers to a
+    multiply and a non-ftz ex2 that ptxas wraps in a range test and two multiplies), the
+    d(dt) term e A summed with A log2 e and scaled by ln 2 once a step.
+    Barriers a chunk: C / S + 1 (9 at C = 16, N = 16), against ~15 a step in `_backward`.
+    Registers: A log2 e, lam, dA 48, the sub-chunk's entering states and decays 2 S Np (64 at
+    N = 16), the step's scalars; the [64, 128] reduction tile (64 a thread) after the steps.
+    ptxas proxy (`tools/ptxas_report.py`, jax 0.10.2): 254, no spills, with z, D, softplus,
+    documents, C = 16, N = 16 (the benchmark's case); 255 with 96 B of spills without them.
+    SMEM (C = 16, N = 16, 3 stages, bf16 with z): rings 3 x (4 x 4 KB rows + 2 KB B, C + 8 KB
+    states) = 78 KB, subs 56 KB, part 68 KB, dbcs 2 KB, constants 9 KB: 213 KB of the 225
+    (`check_smem` raises past it: chunk = 32 does not fit at N = 16, subs alone 120 KB)."""
+    Bsz, Tp, Dp, Np, Ct, NC, NB, per_group, stages, ops = _grid(u, Bm, cfg, LANES_D)
+    has_z, has_keep, has_dhT = z is not None, keep is not None, dhT is not None
+    names = ("u", "delta", "dy") + (("z",) if has_z else ())
+    ins = {"u": u, "delta": dl, "dy": dy, "z": z}
+    grads = ("u", "delta") + (("z",) if has_z else ())
+    S = _sub_steps(Np)
+    nsub, P = Ct // S, 2 * Np * S                # sub-chunks a chunk, products a sub-chunk
+    tiles = P // 64
+    vec = (lambda x: x) if ops.interpret else (lambda x: plgpu.layout_cast(
+        x, plgpu.Layout.WG_STRIDED((LANES_D,), vec_size=1)))
+    tile_of = (lambda ref: ref[...]) if ops.interpret else (
+        lambda ref: plgpu.load(ref, (), layout=plgpu.Layout.WGMMA, optimized=False))
+
+    def body(*refs):
+        refs = list(refs)
+        pop = lambda on=True: refs.pop(0) if on else None        # noqa: E731
+        in_refs = {n: pop() for n in names}
+        cst_ref, b_ref, c_ref, k_ref, st_ref, dhT_ref = (pop(), pop(), pop(), pop(has_keep),
+                                                         pop(), pop(has_dhT))
+        d_refs = {n: pop() for n in grads}
+        dbc_ref, dh0_ref, dA_ref, dDb_ref = pop(), pop(), pop(), pop()
+        slots = {n: pop() for n in names}
+        bs, cs, ks, hs = pop(), pop(), pop(has_keep), pop()
+        subs, part, dbcs, cst, in_bar, own_bar = refs
+        b, j, dsl, g = _block(per_group, LANES_D)
+        rows = [(in_refs[n], slots[n]) for n in names]
+        bc, keep_ = ((b_ref, bs), (c_ref, cs)), ((k_ref, ks) if has_keep else None)
+
+        def issue(step, slot):
+            c = NC - 1 - step
+            bar = in_bar.at[slot]
+            _issue_chunk(bar, slot, b, pl.ds(c * Ct, Ct), dsl, g, rows, bc, keep_)
+            plgpu.copy_gmem_to_smem(st_ref.at[b, c, :, dsl], hs.at[slot], bar)
+
+        _start(issue, stages, cst_ref, cst, dsl, own_bar)
+        row = lambda ref: vec(ref[...]).astype(f32)                  # noqa: E731
+        A2 = [row(cst.at[n]) * LOG2E for n in range(Np)]    # decays as exp2 (one ex2.approx)
+        Dv, bias = row(cst.at[Np]), row(cst.at[Np + 1])
+        zero = vec(jnp.zeros((LANES_D,), f32))
+        lam = tuple(row(dhT_ref.at[b, n, dsl]) if has_dhT else zero for n in range(Np))  # GMEM
+        carry = (lam, (zero,) * Np, zero, zero)
+
+        def chunk_fn(step, carry):
+            lam, dA, dD, dbias = (list(x) if isinstance(x, tuple) else x for x in carry)
+            c = NC - 1 - step
+            slot = jax.lax.rem(step, stages)
+            sl = {n: slots[n].at[slot] for n in names}
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last chunk's dbcs has left
+            plgpu.barrier_wait(in_bar.at[slot])
+
+            def inputs(t):
+                dl_t = row(sl["delta"].at[t]) + bias
+                dt_t = _softplus(dl_t) if softplus else dl_t
+                u_t = row(sl["u"].at[t])
+                dec = []
+                for n in range(Np):
+                    a = jnp.exp2(dt_t * A2[n])
+                    dec.append(a * ks[slot, t, n] if has_keep else a)
+                return dl_t, dt_t, u_t, dec
+
+            def advance(h, t, dt_t, u_t, dec):
+                du_t = dt_t * u_t
+                return [dec[n] * h[n] + du_t * bs[slot, t, n] for n in range(Np)]
+
+            # Pass 1: the state entering every sub-chunk (the last one's stays in registers).
+            h = [row(hs.at[slot, n]) for n in range(Np)]
+            for s in range(nsub - 1):
+                for n in range(Np):
+                    subs[s, n] = h[n]
+                for r in range(S):
+                    t = s * S + r
+                    _, dt_t, u_t, dec = inputs(t)
+                    h = advance(h, t, dt_t, u_t, dec)
+            # Pass 2: per sub-chunk, last first, its states into registers, then its reverse steps.
+            for s in reversed(range(nsub)):
+                if s < nsub - 1:
+                    h = [row(subs.at[s, n]) for n in range(Np)]
+                hist = []
+                for r in range(S):
+                    t = s * S + r
+                    x = inputs(t)
+                    hist.append((h, *x))
+                    if r + 1 < S:
+                        h = advance(h, t, *x[1:])
+                pbuf = part.at[s % 2]
+                for r in reversed(range(S)):
+                    t = s * S + r
+                    hp, dl_t, dt_t, u_t, dec = hist[r]
+                    hist[r] = None
+                    du_t = dt_t * u_t
+                    dech = [dec[n] * hp[n] for n in range(Np)]     # hp is dead after this
+                    ht = lambda n: dech[n] + du_t * bs[slot, t, n]      # noqa: E731, B023
+                    dy_t = row(sl["dy"].at[t])
+                    tg = c * Ct + t
+                    if has_z:
+                        z_t = row(sl["z"].at[t])
+                        ypre = Dv * u_t
+                        for n in range(Np):
+                            ypre = ypre + ht(n) * cs[slot, t, n]
+                        sg = _sigmoid(z_t)
+                        dz = dy_t * ypre * sg * (1.0 + z_t * (1.0 - sg))
+                        d_refs["z"][b, tg, dsl] = dz.astype(d_refs["z"].dtype)
+                        dy_t = dy_t * z_t * sg
+                    sum_gB, ddt = zero, zero
+                    for n in range(Np):
+                        gt = dy_t * cs[slot, t, n] + lam[n]
+                        pbuf[r * 2 * Np + n, :LANES_D] = dy_t * ht(n)     # dC_t[n]'s term
+                        pbuf[r * 2 * Np + Np + n, :LANES_D] = gt * du_t   # dB_t[n]'s term
+                        e = gt * dech[n]
+                        dA[n] = dA[n] + e * dt_t
+                        ddt = ddt + e * A2[n]                 # times ln 2 below
+                        sum_gB = sum_gB + gt * bs[slot, t, n]
+                        lam[n] = dec[n] * gt
+                    ddt = ddt * LN2 + sum_gB * u_t
+                    d_refs["u"][b, tg, dsl] = (sum_gB * dt_t + Dv * dy_t).astype(
+                        d_refs["u"].dtype)
+                    ddl = ddt * _sigmoid(dl_t) if softplus else ddt
+                    d_refs["delta"][b, tg, dsl] = ddl.astype(d_refs["delta"].dtype)
+                    dD = dD + dy_t * u_t
+                    dbias = dbias + ddl
+                plgpu.commit_smem()               # every column of pbuf is stored
+                for i in range(tiles):            # the sums over the 128 channels
+                    tile = tile_of(pbuf.at[pl.ds(64 * i, 64), pl.ds(0, LANES_D)])
+                    dbcs[s * tiles + i] = jnp.sum(tile, axis=1)
+            plgpu.commit_smem()                   # dbcs complete; every read of this slot done
+            plgpu.copy_smem_to_gmem(dbcs, dbc_ref.at[b, j, pl.ds(c * nsub * tiles, nsub * tiles)])
+
+            @pl.when(step + stages < NC)
+            def _():
+                issue(step + stages, slot)
+
+            return tuple(lam), tuple(dA), dD, dbias
+
+        lam, dA, dD, dbias = jax.lax.fori_loop(0, NC, chunk_fn, carry)
+        for n in range(Np):
+            dh0_ref[b, n, dsl] = lam[n]
+            dA_ref[b, n, dsl] = dA[n]
+        dDb_ref[b, 0, dsl] = dD
+        dDb_ref[b, 1, dsl] = dbias
+        plgpu.wait_smem_to_gmem(0)
+
+    out_type = [jax.ShapeDtypeStruct((Bsz, Tp, Dp), ins[n].dtype) for n in grads]
+    out_type += [jax.ShapeDtypeStruct((Bsz, NB, Tp * 2 * Np // 64, 64), f32)]
+    out_type += [jax.ShapeDtypeStruct((Bsz, Np, Dp), f32)] * 2
+    out_type += [jax.ShapeDtypeStruct((Bsz, 2, Dp), f32)]
+    scratch = [plgpu.SMEM((stages, Ct, LANES_D), ins[n].dtype) for n in names]
+    scratch += [plgpu.SMEM((stages, Ct, Np), f32)] * (2 + has_keep)
+    scratch += [plgpu.SMEM((stages, Np, LANES_D), f32)]
+    scratch += [plgpu.SMEM((max(nsub - 1, 1), Np, LANES_D), f32),
+                plgpu.SMEM((2, P, LANES_D + PART_PAD), f32),
+                plgpu.SMEM((nsub * tiles, 64), f32),
+                plgpu.SMEM((Np + 2, LANES_D), f32),
+                plgpu.Barrier(num_arrivals=len(names) + 3 + has_keep, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=1, num_barriers=1)]
+    check_smem("selective_scan per-thread backward", scratch,
+               "lower HopperSelectiveConfig.stages or chunk")
+    kernel = launch(body, cfg, ops, out_type=out_type, grid=(Bsz, NB), grid_names=("b", "d"),
+                    scratch=scratch, name="selective_scan_bwd_threads", no_auto_barriers=True)
+    args = [ins[n] for n in names] + [consts, Bm, Cm] + ([keep] if has_keep else []) + \
+        [states] + ([dhT] if has_dhT else [])
+    outs = list(kernel(*args))
+    d = {n: outs.pop(0) for n in grads}
+    dbc, dh0, dA, dDb = outs
+    dbc = dbc.reshape(Bsz, NB, Tp, 2, Np)
+    return (d["u"], d["delta"], d.get("z"), dbc[:, :, :, 1], dbc[:, :, :, 0], dh0, dA, dDb)
+
+
 @functools.cache
 def _core(cfg: HopperSelectiveConfig, softplus: bool, has_z: bool, has_keep: bool,
           has_h0: bool):
@@ -542,6 +781,7 @@ def _core(cfg: HopperSelectiveConfig, softplus: bool, has_z: bool, has_keep: boo
     the kernels' layouts (z, keep, h0 None where absent)."""
     kw = dict(softplus=softplus, cfg=cfg)
     forward = _forward_threads if cfg.per_thread_forward else _forward
+    backward = _backward_threads if cfg.per_thread_backward else _backward
 
     def fwd(u, dl, z, consts, Bm, Cm, keep, h0):
         y, hT, states = forward(u, dl, z, consts, Bm, Cm, keep, h0, save=True, **kw)
@@ -550,8 +790,8 @@ def _core(cfg: HopperSelectiveConfig, softplus: bool, has_z: bool, has_keep: boo
     def bwd(res, cts):
         u, dl, z, consts, Bm, Cm, keep, states = res
         dy, dhT = cts
-        du, ddl, dz, dB, dC, dh0, dA, dDb = _backward(u, dl, z, consts, Bm, Cm, keep, states,
-                                                      dy.astype(u.dtype), dhT, **kw)
+        du, ddl, dz, dB, dC, dh0, dA, dDb = backward(u, dl, z, consts, Bm, Cm, keep, states,
+                                                     dy.astype(u.dtype), dhT, **kw)
         G = Bm.shape[2]
         per_group = lambda d: d.reshape(d.shape[0], G, -1, *d.shape[2:]).sum(2)   # noqa: E731
         dB = jnp.moveaxis(per_group(dB), 1, 2)           # [B, Tp, G, Np]
@@ -579,9 +819,10 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, *, initi
     if reason is not None:
         raise ValueError(f"selective_scan: {reason}")
     per_group = u.shape[-1] // (1 if B.ndim == 3 else B.shape[2])
-    if cfg.per_thread_forward and per_group % LANES_D:
-        raise ValueError(f"selective_scan: HopperSelectiveConfig.per_thread_forward takes "
-                         f"channels per group in multiples of {LANES_D}, got {per_group}")
+    for flag in ("per_thread_forward", "per_thread_backward"):
+        if getattr(cfg, flag) and per_group % LANES_D:
+            raise ValueError(f"selective_scan: HopperSelectiveConfig.{flag} takes channels per "
+                             f"group in multiples of {LANES_D}, got {per_group}")
     Bsz, T, Dm = u.shape
     N = A.shape[1]
     Np = -(-N // 8) * 8
