@@ -629,6 +629,15 @@ class HopperMlstmConfig(_OwnChunk):
     semantics, approx_math, interpret: as `HopperChunkConfig`.
     Not yet run on a device.
     profile_dir: as `HopperChunkConfig`.
+    states: how XLA forms the chunk states the kernels read. "scan": the float32 chunk recurrence
+      as a `lax.scan` of Tp / L serial steps over [C | n] [B, H, K, V + 1] (XLA differentiates
+      the scan in reverse). "matmul": no serial loop: the chunk stabiliser by a max-plus
+      associative scan over the chunks, then every entering state at once as a float32
+      [NL + 1, NL] x [NL, K V] product of per-(b, h) decay weights (each <= 1, their exponents
+      summed over the chunks between, not differenced) with the per-chunk updates, C and n kept
+      apart (no V + 1 column, no [NL, B, H] transposes). The product grows as NL^2: 2 B H NL^2 K V
+      float32 FLOPs (4.3 G at B H = 32, NL = 64; 34 G at B H = 16, NL = 256, where it would cost
+      about as much as the loop). Off until timed on the device (NOTES_ssm.md, session 19).
     """
 
     chunk: int = 128
@@ -636,6 +645,7 @@ class HopperMlstmConfig(_OwnChunk):
     approx_math: bool = False
     interpret: bool | None = None
     profile_dir: str = ""
+    states: str = "scan"
 
     def __post_init__(self):
-        _check_hopper(self, chunk=(64, 128, 256))
+        _check_hopper(self, chunk=(64, 128, 256), states=("scan", "matmul"))

@@ -22,6 +22,7 @@ package imports, else the H200 anchors' `scans`) and our Triton kernels.
     anchors' numbers stay under "jla") and the ratio of jla's sync ms to ours (> 1: ours is
     faster; against jla_run where it ran); mlstm also the backward alone (`bwd`: the VJP of a
     forward run once, its residuals as arguments).
+    Every variant named for timing is checked first (skipped with --skip-checks).
 (c) benchmarks/results/hopper_ssm_gpu_<device>.json, written after the checks and after each
     timing (a run cut short keeps what it had).
 
@@ -55,7 +56,9 @@ f32 = jnp.float32
 VARIANTS = {"default": {}, "exact": dict(approx_math=False), "chunk8": dict(chunk=8),
             "stages2": dict(stages=2), "threads": dict(per_thread_forward=True),
             "tbwd": dict(per_thread_forward=True, per_thread_backward=True)}
-ML_VARIANTS = {"default": {}, "approx": dict(approx_math=True)}
+ML_VARIANTS = {"default": {}, "approx": dict(approx_math=True),
+               "states_matmul": dict(states="matmul"),
+               "states_matmul_c64": dict(states="matmul", chunk=64)}   # ~98 KB SMEM: 2 CTAs / SM
 SEL_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "h0")
 SEL_SHAPE = (4, 4096, 2048, 16, 1)        # B, T, D, N, G of the timing (the jla anchor's)
 ML_SHAPES = ((8, 2048), (2, 8192))        # B, T of the mLSTM timings (H = 16, K = V = 128)
@@ -349,6 +352,10 @@ def main(argv=None) -> int:
                           [(2, 1000, 4, 128, 128, False), (1, 2048, 4, 128, 128, True)]):
                 results["checks"][f"mlstm{shape}"] = attempt(f"mlstm check {shape}", ml_check,
                                                              hcfg, *shape)
+                for v, cfg in ml_cfgs.items():        # every variant to be timed, checked
+                    if v != "default":
+                        results["checks"][f"mlstm[{v}]{shape}"] = attempt(
+                            f"mlstm check [{v}] {shape}", ml_check, cfg, *shape)
             save()
         for B, T in ([] if args.skip_timings else ML_SHAPES):
             anchor = scans.get(f"jla.mlstm B={B} T={T} H=16 K=V=128", {})

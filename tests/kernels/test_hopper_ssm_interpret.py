@@ -95,12 +95,12 @@ def _err(a, b):
 
 
 @functools.cache
-def _mlstm_fns(K):
+def _mlstm_fns(K, states="scan"):
     """The kernel's and the reference's values and gradients, jitted once per K: T = 150 (padded
     to two chunks of L = 128, two query tiles each), three packed documents (resets mid-tile and
     mid-chunk), an initial state. K = 128 makes the scale 128^-0.5, no power of two (a q scaled
-    in bf16 was rounded there: 4 % gradient error)."""
-    cfg = HopperMlstmConfig(interpret=True, chunk=128)
+    in bf16 was rounded there: 4 % gradient error). states: `HopperMlstmConfig.states`."""
+    cfg = HopperMlstmConfig(interpret=True, chunk=128, states=states)
     up = lambda x: x.astype(jnp.float32)                        # noqa: E731
 
     def kern(q, k, v, i, f, h0, seg):
@@ -122,9 +122,10 @@ def _mlstm_fns(K):
     return both(kern), both(ref)
 
 
+@pytest.mark.parametrize("states", ["scan", "matmul"])
 @pytest.mark.parametrize("strong,K", [(False, 128), (True, 64)], ids=["gates-K128",
                                                                       "strong-forget"])
-def test_mlstm_matches_reference(strong, K):
+def test_mlstm_matches_reference(strong, K, states):
     """Strong input gates (i ~ 3 N(0, 1)); forget gates as drawn or all strong (log sigmoid(f) =
     -20: the true df is ~1e-5 of dq, so a gate gradient formed as a difference of cumulative sums
     would be rounding only): outputs, final states and the gradients of q, k, v, i, f and the
@@ -138,7 +139,7 @@ def test_mlstm_matches_reference(strong, K):
     h0 = (n(5, B, H, K, V), jnp.abs(n(6, B, H, K)), n(7, B, H))
     dy = n(8, B, T, H, V).astype(bf).astype(jnp.float32)
     seg = jnp.asarray([[0] * 37 + [1] * 60 + [2] * (T - 97)])
-    kern, ref = _mlstm_fns(K)
+    kern, ref = _mlstm_fns(K, states)
     (y, st), g = kern(dy, q, k, v, i, f, h0, seg)
     (yr, sr), gr = ref(dy, q, k, v, i, f, h0, seg)
     assert _err(y, yr) < TOL
@@ -147,3 +148,38 @@ def test_mlstm_matches_reference(strong, K):
     names = ("dq", "dk", "dv", "di", "df", "dC0", "dn0", "dm0")
     for name, a, b in zip(names, jax.tree.leaves(g), jax.tree.leaves(gr), strict=True):
         assert _err(a, b) < TOL, (name, _err(a, b))
+
+
+@pytest.mark.parametrize("strong", [False, True], ids=["gates", "strong-forget"])
+def test_mlstm_states_matmul_matches_scan(strong):
+    """`HopperMlstmConfig.states`: the chunk states as one product (`mlstm._states_matmul`)
+    against the serial scan (`mlstm._states`) over 16 chunks (T = 1000 padded to L = 64), with
+    packed documents (a reset in chunk 0, two in one chunk, one at a chunk's first token) and an
+    initial state: the entering and final states and the VJP of every input, float32."""
+    B, T, H, K, V, L = 2, 1000, 3, 16, 8, 64
+    Tp = -(-T // L) * L
+    ks = jax.random.split(jax.random.PRNGKey(1), 8)
+    n = lambda i, *s: jax.random.normal(ks[i], s)              # noqa: E731
+    k, v = n(0, B, Tp, H, K), n(1, B, Tp, H, V)
+    ip = jnp.where(jnp.arange(Tp)[None, :, None] < T, 3 * n(2, B, Tp, H), -1e30)
+    lf = jax.nn.log_sigmoid(jnp.full((B, Tp, H), -20.0) if strong else n(3, B, Tp, H) + 2)
+    h0 = (n(4, B, H, K, V), jnp.abs(n(5, B, H, K)), n(6, B, H))
+    starts = jnp.asarray([37, 100, 128, 400, 401, 777])
+    seg = jnp.sum(jnp.arange(T)[None, :, None] >= starts + jnp.arange(B)[:, None, None], -1)
+
+    def scan(*a):
+        S, m, final = hopper_mlstm._states(*a, seg, T, L)
+        return S[..., :-1], S[..., -1], m, final
+
+    def matmul(*a):
+        return hopper_mlstm._states_matmul(*a, seg, T, L)
+
+    for h in (None, h0):
+        args = (k, v, ip, lf, h)
+        ya, fa = jax.vjp(scan, *args)
+        yb, fb = jax.vjp(matmul, *args)
+        ct = jax.tree.map(lambda x: jax.random.normal(ks[7], x.shape), ya)
+        for a, b in zip(jax.tree.leaves(ya) + jax.tree.leaves(fa(ct)),
+                        jax.tree.leaves(yb) + jax.tree.leaves(fb(ct)), strict=True):
+            assert bool(jnp.all(jnp.isfinite(b)))
+            assert _err(b, a) < 1e-5, _err(b, a)

@@ -96,9 +96,9 @@ MLSTM = [
 ]
 
 
-def _export_mlstm(case, grad):
+def _export_mlstm(case, grad, **fields):
     sem, B, T, H, K, V, extras, L = case
-    cfg = HopperMlstmConfig(interpret=False, semantics=sem, chunk=L)
+    cfg = HopperMlstmConfig(interpret=False, semantics=sem, chunk=L, **fields)
     structs = [bf(B, T, H, K), bf(B, T, H, K), bf(B, T, H, V), fs(B, T, H), fs(B, T, H)]
     if extras:
         structs += [jax.ShapeDtypeStruct((B, T), jnp.int32), fs(B, H, K, V), fs(B, H, K),
@@ -129,6 +129,19 @@ def test_mlstm_exports_for_cuda(case, grad):
     assert not cast_round_trips(text), "a float32 -> 16-bit -> float32 cast in XLA (lowering.py)"
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "bwd"])
+@pytest.mark.parametrize("case", MLSTM[:2], ids=lambda c: f"T{c[2]}-L{c[7]}" + "-h0-docs" * c[6])
+def test_mlstm_states_matmul_exports_for_cuda(case, grad):
+    """HopperMlstmConfig(states="matmul"): the same kernels, and no serial loop in XLA (the
+    chunk states as one product, forward and backward)."""
+    text = _export_mlstm(case, grad, states="matmul").mlir_module()
+    names = ("mlstm_out", "mlstm_bwd_queries", "mlstm_bwd_keys") if grad else ("mlstm_out",)
+    for name in names:
+        assert name in text, name
+    assert "stablehlo.while" not in text
+    assert not cast_round_trips(text), "a float32 -> 16-bit -> float32 cast in XLA (lowering.py)"
+
+
 def test_mlstm_refuses():
     x = jnp.zeros((1, 8, 1, 128), jnp.bfloat16)
     assert hopper_mlstm.accepts(x, x, x) is None
@@ -137,3 +150,5 @@ def test_mlstm_refuses():
     # the backward's query kernel does not fit SMEM at L = 256 with K = V = 128
     with pytest.raises(ValueError, match="HopperMlstmConfig.chunk"):
         _export_mlstm(("lane", 1, 256, 1, 128, 128, False, 256), grad=True)
+    with pytest.raises(ValueError, match="HopperMlstmConfig.states"):
+        HopperMlstmConfig(states="loop")

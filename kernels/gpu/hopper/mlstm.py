@@ -20,9 +20,10 @@ itself, m_t = max(l_t + m_{t-1}, i_t) (0 again after a reset), one max-plus
 associative scan in XLA (`gates.running_max`) formed before any matmul, so the kernels need no
 online rescaling and every exponent is <= 0. The chunk states come from the float32 chunk
 recurrence in XLA (`_states`: per chunk a [K, L] x [L, V + 1] matmul, the normaliser a column of
-ones; the scan over T / L chunks is short). Packed documents (segment ids) enter as the document
-row: pairs across documents are masked, w is 0 on rows cut off from the entering state, and the
-chunk recurrence resets exactly as the chunk form's.
+ones; the scan over T / L chunks is short; `HopperMlstmConfig(states="matmul")` forms them
+without the serial loop instead, `_states_matmul`). Packed documents (segment ids) enter as the
+document row: pairs across documents are masked, w is 0 on rows cut off from the entering state,
+and the chunk recurrence resets exactly as the chunk form's.
 
 Forward (`mlstm_fwd.out_kernel`): grid (B, H, T / 64), one warpgroup per 64 query rows; TMA
 brings the q tile, the key and value tiles of its chunk (L / 64 of each), the chunk's C_in (bf16)
@@ -130,6 +131,59 @@ def _states(k, v, i, lf, h0, segment_ids, T, L):
     return S_in, m_in, (S_fin[..., :V], S_fin[..., V], m_fin)
 
 
+def _states_matmul(k, v, i, lf, h0, segment_ids, T, L):
+    """`_states` without its serial loop (`HopperMlstmConfig.states = "matmul"`): C_in
+    [B, H, NL, K, V], n_in [B, H, NL, K] (float32, apart: no V + 1 column), m_in [B, H, NL] and
+    the final (C, n, m).
+
+    A chunk is the map x -> max(x + g_n, a_n) of the stabiliser (g_n its last document's gates,
+    a_n the max of what its rows write; a reset forgets x: g -> -inf, a -> max(g_n, a_n), as
+    `gates.running_max`), so one max-plus associative scan over the chunks gives m after every
+    chunk. The state after chunk p - 1 is then sum_{j < p} exp(a_j + E_pj - m_{p-1}) dS_j
+    (+ exp(m_0 + E_p - m_{p-1}) S_0): E_pj the sum of g_c over j < c < p (-inf across a reset),
+    summed over the chunks between (no difference of cumulative sums), every weight <= 1. One
+    float32 [NL + 1, NL] x [NL, K V] product per (b, h) forms all NL + 1 of them (the last is the
+    final state); its gradient is two more products, not a reverse loop."""
+    B, Tp, H, K = k.shape
+    V = v.shape[-1]
+    NL = Tp // L
+    hm = lambda x: jnp.moveaxis(x, 2, 1).reshape((B, H, NL, L) + x.shape[3:])   # noqa: E731
+    ic, lc = hm(i), hm(lf)
+    _, _, out_rows, keep = doc_masks(segment_ids, T, L, NL)
+    real = (jnp.arange(Tp) < T).reshape(1, 1, NL, L)
+    wr = jnp.where(out_rows & real, rev_cumsum_excl(lc, 3) + ic, -jnp.inf)   # what a row writes
+    wmax = jnp.max(wr, -1)
+    ex = jnp.moveaxis(jnp.exp(wr - wmax[..., None]), 1, 3)                  # [B, NL, L, H]
+    kw = k.astype(f32).reshape(B, NL, L, H, K) * ex[..., None]
+    dC = jnp.einsum("bnlhk,bnlhv->bhnkv", kw, v.astype(f32).reshape(B, NL, L, H, V),
+                    preferred_element_type=f32)
+    dn = jnp.moveaxis(jnp.sum(kw, 2), 1, 2)                                  # [B, H, NL, K]
+    last = jnp.sum(jnp.where(out_rows, lc, 0.0), -1)         # the gates of the last document
+    keep = jnp.broadcast_to(keep, wmax.shape)
+    g = jnp.where(keep, last, -jnp.inf)
+    a = jnp.where(keep, wmax, jnp.maximum(last, wmax))
+    m0 = jnp.zeros((B, H), f32) if h0 is None else h0[2]
+    combine = lambda x, y: (x[0] + y[0], jnp.maximum(x[1] + y[0], y[1]))   # noqa: E731
+    cg, ca = lax.associative_scan(combine, (g, a), axis=2)
+    m_prev = jnp.concatenate([m0[..., None], jnp.maximum(m0[..., None] + cg, ca)], -1)
+    p = jnp.arange(NL + 1)[:, None, None]
+    j = jnp.arange(NL)[None, :, None]
+    c = jnp.arange(NL)[None, None, :]
+    E = jnp.sum(jnp.where((j < c) & (c < p), g[..., None, None, :], 0.0), -1)   # [B,H,NL+1,NL]
+    W = jnp.exp(jnp.where(j[..., 0] < p[..., 0], wmax[..., None, :] + E - m_prev[..., None],
+                          -jnp.inf))
+    hi = lax.Precision.HIGHEST
+    Cs = jnp.einsum("bhpj,bhjkv->bhpkv", W, dC, precision=hi, preferred_element_type=f32)
+    ns = jnp.einsum("bhpj,bhjk->bhpk", W, dn, precision=hi, preferred_element_type=f32)
+    if h0 is not None:
+        E0 = jnp.sum(jnp.where(c[0] < p[..., 0], g[..., None, :], 0.0), -1)       # [B, H, NL+1]
+        W0 = jnp.exp(m0[..., None] + E0 - m_prev)
+        Cs = Cs + W0[..., None, None] * h0[0][:, :, None]
+        ns = ns + W0[..., None] * h0[1][:, :, None]
+    return (Cs[:, :, :NL], ns[:, :, :NL], m_prev[..., :NL],
+            (Cs[:, :, NL], ns[:, :, NL], m_prev[..., NL]))
+
+
 def _rows(lf, ig, m, m_in, doc, L, scale):
     """The kernels' rows [B, H, R, Tp] (`mlstm_fwd.ROWS`) from [B, H, Tp] float32 rows (doc
     [B, Tp] or None) and m_in [B, H, NL]; the scale in a and w (the module docstring)."""
@@ -150,15 +204,13 @@ def _rows(lf, ig, m, m_in, doc, L, scale):
 
 @functools.cache
 def _core(cfg: HopperMlstmConfig, eps: float, scale: float):
-    """custom_vjp of (q, k, v, lf, ig, m, S_in, m_in, doc) -> h over the padded inputs: q unscaled,
-    rows [B, H, Tp] float32 (doc [B, Tp] float32 or None), the entering states [C | n]
-    [B, H, NL, K, V + 1] and m_in [B, H, NL] float32."""
+    """custom_vjp of (q, k, v, lf, ig, m, C_in, n_in, m_in, doc) -> h over the padded inputs: q
+    unscaled, rows [B, H, Tp] float32 (doc [B, Tp] float32 or None), the entering states C_in
+    [B, H, NL, K, V], n_in [B, H, NL, K] and m_in [B, H, NL] float32."""
     L = cfg.chunk
 
-    def operands(q, k, v, lf, ig, m, S_in, m_in, doc):
-        V = v.shape[-1]
-        return (q, k, v, _rows(lf, ig, m, m_in, doc, L, scale), S_in[..., :V].astype(v.dtype),
-                S_in[..., V])
+    def operands(q, k, v, lf, ig, m, C_in, n_in, m_in, doc):
+        return (q, k, v, _rows(lf, ig, m, m_in, doc, L, scale), C_in.astype(v.dtype), n_in)
 
     def forward(*args):
         return out_kernel(*operands(*args), L=L, eps=eps, cfg=cfg, save=False)
@@ -178,9 +230,8 @@ def _core(cfg: HopperMlstmConfig, eps: float, scale: float):
         wdw = qrows[:, :, 1].reshape(B, H, NL, L)
         cross = cross.reshape(B, H, NL, NT, L).sum(3)                        # over query tiles
         dlf = cross + jnp.flip(jnp.cumsum(jnp.flip(wdw, -1), -1), -1)        # sum_{i >= s}
-        dS = jnp.concatenate([dC.reshape(B, H, NL, NT, K, V).sum(3),
-                              dn.reshape(B, H, NL, NT, K, 1).sum(3)], -1)
-        return (dq, dk, dv, dlf.reshape(B, H, Tp), db[:, :, 0], qrows[:, :, 0], dS,
+        return (dq, dk, dv, dlf.reshape(B, H, Tp), db[:, :, 0], qrows[:, :, 0],
+                dC.reshape(B, H, NL, NT, K, V).sum(3), dn.reshape(B, H, NL, NT, K).sum(3),
                 wdw.sum(-1), None)
 
     f = jax.custom_vjp(forward)
@@ -206,9 +257,14 @@ def mlstm(q, k, v, i, f, *, scale, initial_state, segment_ids, chunk_size, eps, 
     m = running_max(ig, lf, m0, segment_ids)
     pad = lambda x, mode="constant": pad_time(x, Tp, mode=mode)           # noqa: E731
     ip = jnp.where(jnp.arange(Tp)[None, :, None] < T, pad(ig), -1e30)    # padding adds nothing
-    S_in, m_in, state = _states(pad(k), pad(v), ip, pad(lf), h0, segment_ids, T, L)
+    if cfg.states == "matmul":
+        C_in, n_in, m_in, state = _states_matmul(pad(k), pad(v), ip, pad(lf), h0, segment_ids,
+                                                 T, L)
+    else:
+        S_in, m_in, state = _states(pad(k), pad(v), ip, pad(lf), h0, segment_ids, T, L)
+        C_in, n_in = S_in[..., :-1], S_in[..., -1]
     hm = lambda x: jnp.moveaxis(x, 1, 2)                                  # noqa: E731
     doc = None if segment_ids is None else padded_doc(segment_ids, Tp).astype(f32)
     h = _core(cfg, float(eps), float(scale))(pad(q), pad(k), pad(v), hm(pad(lf)), hm(ip),
-                                             hm(pad(m, "edge")), S_in, m_in, doc)
+                                             hm(pad(m, "edge")), C_in, n_in, m_in, doc)
     return h[:, :T].astype(v.dtype), state
