@@ -603,6 +603,11 @@ class HopperSelectiveConfig(_OwnChunk):
       once per sub-chunk through SMEM, no auto barriers (the channels per group a multiple of
       128; chunk 32 does not fit SMEM at N = 16). Independent of per_thread_forward (both write
       the states it reads). Off until timed on the device.
+    thread_channels: channels per CTA (one warpgroup) of the two per-thread kernels. 128: one
+      channel a thread (grid (B, D / 128): 64 CTAs at B = 4, D = 2048, half of an H100's SMs
+      idle). 64: two threads a channel, each owning N / 2 of its states, the per-step sums over
+      n finished by one shuffle between the pair (grid (B, D / 64): 128 CTAs there; the channels
+      per group a multiple of 64). Same results to float32 rounding. 128 until timed.
     """
 
     chunk: int = 16
@@ -613,10 +618,12 @@ class HopperSelectiveConfig(_OwnChunk):
     profile_dir: str = ""
     per_thread_forward: bool = False
     per_thread_backward: bool = False
+    thread_channels: int = 128
 
     def __post_init__(self):
         _check_hopper(self, chunk=(8, 16, 32), stages=(1, 2, 3, 4),
-                      per_thread_forward=(False, True), per_thread_backward=(False, True))
+                      per_thread_forward=(False, True), per_thread_backward=(False, True),
+                      thread_channels=(64, 128))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -638,6 +645,12 @@ class HopperMlstmConfig(_OwnChunk):
       apart (no V + 1 column, no [NL, B, H] transposes). The product grows as NL^2: 2 B H NL^2 K V
       float32 FLOPs (4.3 G at B H = 32, NL = 64; 34 G at B H = 16, NL = 256, where it would cost
       about as much as the loop). Off until timed on the device (NOTES_ssm.md, session 19).
+    fused_forward: the forward as one kernel (`kernels/gpu/hopper/mlstm_fused.py`): a CTA per
+      (b, h, 64 value columns) walks the 64-token tiles in order with the state (C, n) on chip
+      (a TMA producer warpgroup, a 3-slot ring, ~182 KB SMEM at K = V = 128), no chunk-state
+      pass in XLA; under differentiation it also writes the chunk states (every `chunk` tokens)
+      the unchanged backward reads, whose XLA VJP of the states (`states`) stays. Off until timed
+      on the device (NOTES_ssm.md, session 19).
     """
 
     chunk: int = 128
@@ -646,6 +659,7 @@ class HopperMlstmConfig(_OwnChunk):
     interpret: bool | None = None
     profile_dir: str = ""
     states: str = "scan"
+    fused_forward: bool = False
 
     def __post_init__(self):
         _check_hopper(self, chunk=(64, 128, 256), states=("scan", "matmul"))

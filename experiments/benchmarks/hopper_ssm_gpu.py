@@ -55,10 +55,13 @@ TOL = 2e-2
 f32 = jnp.float32
 VARIANTS = {"default": {}, "exact": dict(approx_math=False), "chunk8": dict(chunk=8),
             "stages2": dict(stages=2), "threads": dict(per_thread_forward=True),
-            "tbwd": dict(per_thread_forward=True, per_thread_backward=True)}
+            "tbwd": dict(per_thread_forward=True, per_thread_backward=True),
+            "tbwd64": dict(per_thread_forward=True, per_thread_backward=True, thread_channels=64),
+            "threads64": dict(per_thread_forward=True, thread_channels=64)}
 ML_VARIANTS = {"default": {}, "approx": dict(approx_math=True),
                "states_matmul": dict(states="matmul"),
-               "states_matmul_c64": dict(states="matmul", chunk=64)}   # ~98 KB SMEM: 2 CTAs / SM
+               "states_matmul_c64": dict(states="matmul", chunk=64),   # ~98 KB SMEM: 2 CTAs / SM
+               "fused": dict(fused_forward=True)}   # one walk kernel: no state pass in the fwd
 SEL_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "h0")
 SEL_SHAPE = (4, 4096, 2048, 16, 1)        # B, T, D, N, G of the timing (the jla anchor's)
 ML_SHAPES = ((8, 2048), (2, 8192))        # B, T of the mLSTM timings (H = 16, K = V = 128)

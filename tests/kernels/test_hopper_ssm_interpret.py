@@ -45,11 +45,19 @@ CASES = [
     (1, 45, 128, 12, 1, True, True, dict(chunk=8, stages=2, per_thread_forward=True,
                                            per_thread_backward=True)),
     (1, 29, 256, 8, 2, False, False, dict(chunk=16, stages=3, per_thread_backward=True)),
+    # both per-thread kernels at 64 channels a CTA (two threads a channel, N / 2 states each):
+    # documents, softplus, N and T padded, two blocks; the backward alone (after the tile
+    # forward) with two groups of 64 channels, no softplus, N = 8 (sub-chunks of 8 steps)
+    (1, 45, 128, 12, 1, True, True, dict(chunk=8, stages=2, per_thread_forward=True,
+                                           per_thread_backward=True, thread_channels=64)),
+    (1, 29, 128, 8, 2, False, False, dict(chunk=16, stages=3, per_thread_backward=True,
+                                            thread_channels=64)),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=["docs-softplus", "groups", "per-thread",
-                                             "per-thread-bwd", "per-thread-bwd-groups"])
+                                             "per-thread-bwd", "per-thread-bwd-groups",
+                                             "per-thread-64", "per-thread-bwd-64-groups"])
 def test_selective_matches_reference(case):
     B, T, D, N, G, softplus, docs, over = case
     cfg = HopperSelectiveConfig(interpret=True, **over)
@@ -95,12 +103,13 @@ def _err(a, b):
 
 
 @functools.cache
-def _mlstm_fns(K, states="scan"):
+def _mlstm_fns(K, states="scan", fused=False):
     """The kernel's and the reference's values and gradients, jitted once per K: T = 150 (padded
     to two chunks of L = 128, two query tiles each), three packed documents (resets mid-tile and
     mid-chunk), an initial state. K = 128 makes the scale 128^-0.5, no power of two (a q scaled
-    in bf16 was rounded there: 4 % gradient error). states: `HopperMlstmConfig.states`."""
-    cfg = HopperMlstmConfig(interpret=True, chunk=128, states=states)
+    in bf16 was rounded there: 4 % gradient error). states: `HopperMlstmConfig.states`; fused:
+    `HopperMlstmConfig.fused_forward`."""
+    cfg = HopperMlstmConfig(interpret=True, chunk=128, states=states, fused_forward=fused)
     up = lambda x: x.astype(jnp.float32)                        # noqa: E731
 
     def kern(q, k, v, i, f, h0, seg):
@@ -122,7 +131,7 @@ def _mlstm_fns(K, states="scan"):
     return both(kern), both(ref)
 
 
-@pytest.mark.parametrize("states", ["scan", "matmul"])
+@pytest.mark.parametrize("states", ["scan", "matmul", "fused", "fused-matmul"])
 @pytest.mark.parametrize("strong,K", [(False, 128), (True, 64)], ids=["gates-K128",
                                                                       "strong-forget"])
 def test_mlstm_matches_reference(strong, K, states):
@@ -139,7 +148,8 @@ def test_mlstm_matches_reference(strong, K, states):
     h0 = (n(5, B, H, K, V), jnp.abs(n(6, B, H, K)), n(7, B, H))
     dy = n(8, B, T, H, V).astype(bf).astype(jnp.float32)
     seg = jnp.asarray([[0] * 37 + [1] * 60 + [2] * (T - 97)])
-    kern, ref = _mlstm_fns(K, states)
+    kern, ref = _mlstm_fns(K, states.removeprefix("fused-").replace("fused", "scan"),
+                           states.startswith("fused"))
     (y, st), g = kern(dy, q, k, v, i, f, h0, seg)
     (yr, sr), gr = ref(dy, q, k, v, i, f, h0, seg)
     assert _err(y, yr) < TOL
@@ -147,6 +157,40 @@ def test_mlstm_matches_reference(strong, K, states):
         assert _err(a, b) < 1e-5
     names = ("dq", "dk", "dv", "di", "df", "dC0", "dn0", "dm0")
     for name, a, b in zip(names, jax.tree.leaves(g), jax.tree.leaves(gr), strict=True):
+        assert _err(a, b) < TOL, (name, _err(a, b))
+
+
+def test_mlstm_fused_matches_unfused_plain():
+    """`HopperMlstmConfig.fused_forward` without documents or an initial state (the kernel's
+    other branches), T = 200 (four tiles, the last padded), K = 64 against V = 128 (two
+    value-block CTAs; the backward's query kernel then stages dq in q's tile, not h's): outputs,
+    final states and every gradient against the unfused kernels."""
+    B, T, H, K, V = 1, 200, 1, 64, 128
+    ks = jax.random.split(jax.random.PRNGKey(1), 6)
+    n = lambda i, *s: jax.random.normal(ks[i], s)              # noqa: E731
+    bf = jnp.bfloat16
+    q, k, v = n(0, B, T, H, K).astype(bf), n(1, B, T, H, K).astype(bf), n(2, B, T, H, V).astype(bf)
+    i, f = 3 * n(3, B, T, H), n(4, B, T, H) + 2
+    dy = n(5, B, T, H, V).astype(bf).astype(jnp.float32)
+
+    def run(fused):
+        cfg = HopperMlstmConfig(interpret=True, chunk=128, fused_forward=fused)
+        fn = lambda *a: hopper_mlstm.mlstm(*a, scale=K**-0.5, initial_state=None,  # noqa: E731
+                                           segment_ids=None, chunk_size=64, eps=1e-6, config=cfg)
+
+        def loss(*a):
+            y, (C, nn, m) = fn(*a)
+            return jnp.sum(y.astype(jnp.float32) * dy) + jnp.sum(C) + jnp.sum(nn) + jnp.sum(m)
+
+        return jax.jit(lambda *a: (fn(*a), jax.grad(loss, argnums=tuple(range(5)))(*a)))(
+            q, k, v, i, f)
+
+    (y, st), g = run(True)
+    (yr, sr), gr = run(False)
+    assert _err(y, yr) < TOL
+    for a, b in zip(st, sr, strict=True):
+        assert _err(a, b) < 1e-5
+    for name, a, b in zip(("dq", "dk", "dv", "di", "df"), g, gr, strict=True):
         assert _err(a, b) < TOL, (name, _err(a, b))
 
 

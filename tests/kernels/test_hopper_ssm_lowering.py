@@ -30,6 +30,12 @@ SELECTIVE = [
     # per-thread forward, and every extra with documents after the tile forward, N = 8
     ("lane", 1, 256, 128, 16, 1, False, dict(per_thread_forward=True, per_thread_backward=True)),
     ("lane", 1, 100, 256, 8, 2, True, dict(chunk=8, stages=2, per_thread_backward=True)),
+    # both per-thread kernels at 64 channels a CTA (two threads a channel: per-thread loads,
+    # stores and a shuffle through inline_mgpu): the anchor's N, and every extra with documents
+    ("lane", 1, 256, 128, 16, 1, False, dict(per_thread_forward=True, per_thread_backward=True,
+                                             thread_channels=64)),
+    ("lane", 1, 100, 128, 12, 2, True, dict(chunk=8, stages=2, per_thread_forward=True,
+                                            per_thread_backward=True, thread_channels=64)),
 ]
 
 
@@ -60,7 +66,8 @@ def _export_selective(case, grad):
 @pytest.mark.parametrize("case", SELECTIVE,
                          ids=lambda c: f"{c[0]}-T{c[2]}-D{c[3]}N{c[4]}G{c[5]}" + "-extras" * c[6]
                          + "-threads" * c[7].get("per_thread_forward", False)
-                         + "-tbwd" * c[7].get("per_thread_backward", False))
+                         + "-tbwd" * c[7].get("per_thread_backward", False)
+                         + "-c64" * (c[7].get("thread_channels", 128) == 64))
 def test_selective_exports_for_cuda(case, grad):
     exp = _export_selective(case, grad)
     text = exp.mlir_module()
@@ -139,6 +146,23 @@ def test_mlstm_states_matmul_exports_for_cuda(case, grad):
     for name in names:
         assert name in text, name
     assert "stablehlo.while" not in text
+    assert not cast_round_trips(text), "a float32 -> 16-bit -> float32 cast in XLA (lowering.py)"
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "bwd"])
+@pytest.mark.parametrize("states", ["scan", "matmul"])
+@pytest.mark.parametrize("case", MLSTM, ids=lambda c: f"T{c[2]}-K{c[4]}V{c[5]}-L{c[7]}"
+                         + "-h0-docs" * c[6])
+def test_mlstm_fused_exports_for_cuda(case, states, grad):
+    """HopperMlstmConfig(fused_forward=True): the forward is the one fused kernel (no unfused
+    output kernel; no serial loop in the forward, whatever `states`), the backward the unfused
+    backward kernels on its residuals."""
+    text = _export_mlstm(case, grad, fused_forward=True, states=states).mlir_module()
+    assert "mlstm_fused" in text and "mlstm_out" not in text
+    for name in ("mlstm_bwd_queries", "mlstm_bwd_keys") if grad else ():
+        assert name in text, name
+    if not grad or states == "matmul":
+        assert "stablehlo.while" not in text
     assert not cast_round_trips(text), "a float32 -> 16-bit -> float32 cast in XLA (lowering.py)"
 
 

@@ -32,6 +32,12 @@ same-document pairs, P v (wgmma, P from registers) and the row sums of P; then q
 scaled by w; h normalised and written by TMA. Key tiles after the query tile are masked (P = 0),
 not skipped: at L = 128 a quarter of the intra work is wasted, the price of a static loop.
 
+Fused forward (`HopperMlstmConfig.fused_forward`, `mlstm_fused`): one kernel on the grid
+(B, H, V / 64) walks the 64-token tiles with (C, n) on chip, reading the token stabiliser m from
+XLA, so no chunk-state pass runs in the forward; under differentiation it also writes C_in, n_in
+(every L tokens) and den, and `_fused_core`'s backward runs the kernels below on them plus XLA's
+VJP of the chunk states (`_states_of`).
+
 Backward (`mlstm_bwd`): the intra-chunk VJP in two kernels on the same grid. With the normaliser's
 VJP per row (dnum = dh / denom, dden = sign(den) dL/d denom where |den| wins, the floor's share to
 m), dP = dnum v^T + dden, Z = dP * P (the pair terms' log gradient):
@@ -73,6 +79,7 @@ from jax import lax
 from linear_jax.kernels.configs import HopperMlstmConfig
 from linear_jax.kernels.gpu.hopper.common import LANES, f32, padded_doc
 from linear_jax.kernels.gpu.hopper.mlstm_bwd import grad_keys, grad_queries
+from linear_jax.kernels.gpu.hopper.mlstm_fused import fused_forward, tile_rows
 from linear_jax.kernels.gpu.hopper.mlstm_fwd import out_kernel
 from linear_jax.ops.common.chunking import doc_masks, pad_time
 from linear_jax.ops.common.gates import rev_cumsum_excl, running_max
@@ -202,6 +209,81 @@ def _rows(lf, ig, m, m_in, doc, L, scale):
     return jnp.stack(rows, axis=2)
 
 
+def _intra_vjp(q, k, v, rows, Cin, nin, h, den, dh, *, L, eps, cfg):
+    """The backward kernels' cotangents of (q, k, v, lf, ig, m, C_in, n_in, m_in) (rows
+    [B, H, Tp] float32) from the forward's operands (`_rows`; C_in in v's dtype), h and den."""
+    B, Tp, H, K = q.shape
+    V, NT, NL = v.shape[-1], L // LANES, Tp // L
+    dq, qrows, cross, dC, dn = grad_queries(q, k, v, dh, h, rows, den, Cin, nin, L=L,
+                                            eps=eps, cfg=cfg)
+    dk, dv, db = grad_keys(q, k, v, dh, rows, qrows, L=L, cfg=cfg)
+    wdw = qrows[:, :, 1].reshape(B, H, NL, L)
+    cross = cross.reshape(B, H, NL, NT, L).sum(3)                        # over query tiles
+    dlf = cross + jnp.flip(jnp.cumsum(jnp.flip(wdw, -1), -1), -1)        # sum_{i >= s}
+    return (dq, dk, dv, dlf.reshape(B, H, Tp), db[:, :, 0], qrows[:, :, 0],
+            dC.reshape(B, H, NL, NT, K, V).sum(3), dn.reshape(B, H, NL, NT, K).sum(3),
+            wdw.sum(-1))
+
+
+def _states_of(cfg: HopperMlstmConfig):
+    """(k, v, ip, lf, h0, segment_ids, T, L) -> (C_in, n_in, m_in, (C, n, m)) by cfg.states."""
+    if cfg.states == "matmul":
+        return _states_matmul
+
+    def states(*args):
+        S_in, m_in, state = _states(*args)
+        return S_in[..., :-1], S_in[..., -1], m_in, state
+
+    return states
+
+
+@functools.cache
+def _fused_core(cfg: HopperMlstmConfig, eps: float, scale: float, T: int):
+    """custom_vjp of (q, k, v, lf, ip, m, h0, doc, seg) -> (h, C, n) for
+    `HopperMlstmConfig.fused_forward`: padded q, k, v [B, Tp, H, *]; lf, ip, m [B, Tp, H] float32
+    (ip: -1e30 on the padding; m: the token stabiliser, padded with its edge); h0 None or
+    (C0, n0, m0); doc [B, Tp] float32 and seg (the op's segment ids) None or given. The forward
+    is one kernel (`mlstm_fused`); under differentiation it also writes the chunk states C_in,
+    n_in and den, the backward runs the unfused backward kernels on them (`_intra_vjp`) and
+    XLA's VJP of the chunk states (`_states_of(cfg)`, as the unfused path: only their
+    linearisation is needed, the products forming C_in are left unused) for the rest."""
+    L = cfg.chunk
+    states_fn = _states_of(cfg)
+    hm = lambda x: jnp.moveaxis(x, 1, 2)                                  # noqa: E731
+
+    def run(q, k, v, lf, ip, m, h0, doc, residuals):
+        B, Tp, H, K = q.shape
+        m0 = jnp.zeros((B, H), f32) if h0 is None else h0[2]
+        rows = tile_rows(hm(lf), hm(ip), hm(m), m0, doc, scale)
+        h0k = None if h0 is None else (h0[0], h0[1].reshape(B, H, K // LANES, LANES))
+        return fused_forward(q, k, v, rows, h0k, L=L, eps=eps, cfg=cfg, residuals=residuals)
+
+    def forward(q, k, v, lf, ip, m, h0, doc, seg):
+        h, Cf, nf = run(q, k, v, lf, ip, m, h0, doc, False)
+        return h, Cf, nf.reshape(Cf.shape[:3])
+
+    def fwd(q, k, v, lf, ip, m, h0, doc, seg):
+        h, Cf, nf, Cin, nin, den = run(q, k, v, lf, ip, m, h0, doc, True)
+        return (h, Cf, nf.reshape(Cf.shape[:3])), (q, k, v, lf, ip, m, h0, doc, seg, h, Cin,
+                                                   nin.reshape(nin.shape[:3] + (-1,)), den)
+
+    def bwd(res, cts):
+        q, k, v, lf, ip, m, h0, doc, seg, h, Cin, nin, den = res
+        dh, dCf, dnf = cts
+        (_, _, m_in, (_, _, mf)), vjp = jax.vjp(
+            lambda k, v, ip, lf, h0: states_fn(k, v, ip, lf, h0, seg, T, L), k, v, ip, lf, h0)
+        rows = _rows(hm(lf), hm(ip), hm(m), m_in, doc, L, scale)
+        dq, dk, dv, dlf, dip, dm, dC, dn, dm_in = _intra_vjp(q, k, v, rows, Cin, nin, h, den, dh,
+                                                             L=L, eps=eps, cfg=cfg)
+        dk2, dv2, dip2, dlf2, dh0 = vjp((dC, dn, dm_in, (dCf, dnf, jnp.zeros_like(mf))))
+        return (dq, dk + dk2.astype(dk.dtype), dv + dv2.astype(dv.dtype), hm(dlf) + dlf2,
+                hm(dip) + dip2, hm(dm), dh0, None, None)
+
+    f = jax.custom_vjp(forward)
+    f.defvjp(fwd, bwd)
+    return f
+
+
 @functools.cache
 def _core(cfg: HopperMlstmConfig, eps: float, scale: float):
     """custom_vjp of (q, k, v, lf, ig, m, C_in, n_in, m_in, doc) -> h over the padded inputs: q
@@ -222,17 +304,7 @@ def _core(cfg: HopperMlstmConfig, eps: float, scale: float):
 
     def bwd(res, dh):
         (q, k, v, rows, Cin, nin), h, den = res
-        B, Tp, H, K = q.shape
-        V, NT, NL = v.shape[-1], L // LANES, Tp // L
-        dq, qrows, cross, dC, dn = grad_queries(q, k, v, dh, h, rows, den, Cin, nin, L=L,
-                                                eps=eps, cfg=cfg)
-        dk, dv, db = grad_keys(q, k, v, dh, rows, qrows, L=L, cfg=cfg)
-        wdw = qrows[:, :, 1].reshape(B, H, NL, L)
-        cross = cross.reshape(B, H, NL, NT, L).sum(3)                        # over query tiles
-        dlf = cross + jnp.flip(jnp.cumsum(jnp.flip(wdw, -1), -1), -1)        # sum_{i >= s}
-        return (dq, dk, dv, dlf.reshape(B, H, Tp), db[:, :, 0], qrows[:, :, 0],
-                dC.reshape(B, H, NL, NT, K, V).sum(3), dn.reshape(B, H, NL, NT, K).sum(3),
-                wdw.sum(-1), None)
+        return _intra_vjp(q, k, v, rows, Cin, nin, h, den, dh, L=L, eps=eps, cfg=cfg) + (None,)
 
     f = jax.custom_vjp(forward)
     f.defvjp(fwd, bwd)
@@ -257,6 +329,11 @@ def mlstm(q, k, v, i, f, *, scale, initial_state, segment_ids, chunk_size, eps, 
     m = running_max(ig, lf, m0, segment_ids)
     pad = lambda x, mode="constant": pad_time(x, Tp, mode=mode)           # noqa: E731
     ip = jnp.where(jnp.arange(Tp)[None, :, None] < T, pad(ig), -1e30)    # padding adds nothing
+    doc = None if segment_ids is None else padded_doc(segment_ids, Tp).astype(f32)
+    if cfg.fused_forward:
+        h, C, n = _fused_core(cfg, float(eps), float(scale), T)(
+            pad(q), pad(k), pad(v), pad(lf), ip, pad(m, "edge"), h0, doc, segment_ids)
+        return h[:, :T].astype(v.dtype), (C, n, m[:, T - 1])
     if cfg.states == "matmul":
         C_in, n_in, m_in, state = _states_matmul(pad(k), pad(v), ip, pad(lf), h0, segment_ids,
                                                  T, L)
@@ -264,7 +341,6 @@ def mlstm(q, k, v, i, f, *, scale, initial_state, segment_ids, chunk_size, eps, 
         S_in, m_in, state = _states(pad(k), pad(v), ip, pad(lf), h0, segment_ids, T, L)
         C_in, n_in = S_in[..., :-1], S_in[..., -1]
     hm = lambda x: jnp.moveaxis(x, 1, 2)                                  # noqa: E731
-    doc = None if segment_ids is None else padded_doc(segment_ids, Tp).astype(f32)
     h = _core(cfg, float(eps), float(scale))(pad(q), pad(k), pad(v), hm(pad(lf)), hm(ip),
                                              hm(pad(m, "edge")), C_in, n_in, m_in, doc)
     return h[:, :T].astype(v.dtype), state

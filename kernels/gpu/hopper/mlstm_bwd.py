@@ -133,9 +133,11 @@ def grad_queries(q, k, v, dh, hv, rows, den, Cin, nin, *, L, eps, cfg):
         ors[2] = inv
         ors[3] = dden
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        hs[...] = dq.astype(dt)
+        # dq [C, K] leaves through h's [C, V] tile where K == V, else through q's (dead by now)
+        dqs = hs if K == V else qs
+        dqs[...] = dq.astype(dt)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(hs, dq_ref.at[b, tq, h])
+        plgpu.copy_smem_to_gmem(dqs, dq_ref.at[b, tq, h])
         plgpu.copy_smem_to_gmem(ors, qr_ref.at[b, h, :, tq])
         plgpu.copy_smem_to_gmem(xs, x_ref.at[b, h, t])
         plgpu.copy_smem_to_gmem(dnv, dn_ref.at[b, h, pl.ds(t, 1)])

@@ -68,7 +68,10 @@ recomputed into SMEM, each sub-chunk's S states and decays recomputed into regis
 in reverse with no cross-thread sum over n; dB_t, dC_t summed over the 128 channels once per
 sub-chunk (per-thread products in SMEM, one barrier, a row sum of [64, 128] tiles); no auto
 barriers (9 barriers a chunk of 16 steps against ~15 a step). Either forward's states feed either
-backward.
+backward. `HopperSelectiveConfig.thread_channels` (128 until timed): the channels a CTA of both
+per-thread kernels; at 64 two threads share a channel, each owning N / 2 of its states, and the
+per-step sums over n take one shuffle between the pair (`_Lanes`): grid (B, D / 64), 128 CTAs at
+B = 4, D = 2048 instead of 64 on the 132 SMs of an H100.
 
 Inputs: u, delta, z bf16 / fp16 (float32 raises ValueError: the Triton kernel computes it); A, B,
 C, D, bias any float (read as float32); the channels of a group (D / G) a multiple of 64.
@@ -224,6 +227,19 @@ def _forward_refs(refs, names, *, has_keep, has_h0, save):
     return in_refs, consts, outs, slots, (pop(), pop(), pop(has_keep))
 
 
+def _backward_refs(refs, names, grads, *, has_keep, has_dhT, outs):
+    """The two backwards' leading refs, popped from `refs` in their call's order: (in_refs,
+    (cst, B, C, keep, states, dhT), d_refs, the `outs` further outputs, slots, (bs, cs, ks, hs));
+    the kernel's own scratch stays in `refs`."""
+    pop = lambda on=True: refs.pop(0) if on else None        # noqa: E731
+    in_refs = {n: pop() for n in names}
+    consts = pop(), pop(), pop(), pop(has_keep), pop(), pop(has_dhT)
+    d_refs = {n: pop() for n in grads}
+    rest = tuple(pop() for _ in range(outs))
+    slots = {n: pop() for n in names}
+    return in_refs, consts, d_refs, rest, slots, (pop(), pop(), pop(has_keep), pop())
+
+
 def _forward_kernel(body, own, *, cfg, ops, args, out_type, names, stages, Np, has_keep, grid,
                     width, name, save):
     """Launches a forward `body` on `_forward_io`'s args and out_type and returns (y, hT, states
@@ -327,31 +343,175 @@ def _forward(u, dl, z, consts, Bm, Cm, keep, h0, *, softplus, cfg, save):
                            name="selective_scan_fwd", save=save)
 
 
-LANES_D = 128  # channels of `_forward_threads`' warpgroup: one a thread
+LANES_D = 128  # threads of the per-thread kernels' warpgroup (one channel each at width 128)
 LOG2E, LN2 = math.log2(math.e), math.log(2.0)
 
 
+@functools.cache
+def _pair_fn(kind: str, dtype, k: int, Nl: int):
+    """The per-thread (Mosaic GPU) code of `_Lanes` at width 64, where thread i owns channel i // 2
+    of the block and its states n = (i % 2) Nl + k, k < Nl: a [128] vector in
+    WG_STRIDED((128,), 1) holds element i in thread i. Kinds: "row" loads ref[i // 2] (ref [64]),
+    "state" ref[(i % 2) Nl + k, i // 2] (ref [Np, 64]), "scalar" ref[(i % 2) Nl + k] (ref [Np]);
+    "put_row" stores x into ref[i // 2] from the even thread of each pair, "put_state" into
+    ref[(i % 2) Nl + k, i // 2]; "total" is x plus its pair's x (one shuffle)."""
+    from jax.experimental.mosaic import gpu as mgpu
+    from jax.experimental.mosaic.gpu import utils as mu
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import arith, memref, vector
+
+    layout = plgpu.Layout.WG_STRIDED((LANES_D,), vec_size=1)
+    out = plgpu.ShapeDtypeStruct((LANES_D,), dtype, layout=layout)
+
+    def lane():
+        idx, i32 = ir.IndexType.get(), ir.IntegerType.get_signless(32)
+        t = arith.index_cast(idx, arith.remui(mu.thread_idx(), mu.c(LANES_D, i32)))
+        half = arith.remui(t, mu.c(2, idx))
+        row = arith.addi(arith.muli(half, mu.c(Nl, idx)), mu.c(k, idx))
+        return arith.divui(t, mu.c(2, idx)), half, row
+
+    def wrap(val):                        # the thread's own value as its element
+        return mgpu.FragmentedArray.splat(val, (LANES_D,), layout=layout.to_mgpu())
+
+    def unwrap(x):
+        return vector.extract(x.registers.flat[0], dynamic_position=[],
+                              static_position=ir.DenseI64ArrayAttr.get([0]))
+
+    if kind in ("row", "state", "scalar"):
+        @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=out)
+        def load(ctx, ref):
+            del ctx
+            c, _, n = lane()
+            return wrap(memref.load(ref, {"row": [c], "state": [n, c], "scalar": [n]}[kind]))
+        return load
+    if kind == "total":
+        @plgpu.inline_mgpu(arg_types=(layout,), return_type=out)
+        def total(ctx, x):
+            del ctx
+            v = unwrap(x)
+            return wrap(arith.addf(v, mu.shfl_bfly(v, 1)))
+        return total
+
+    @plgpu.inline_mgpu(arg_types=(layout, plgpu.RefType()))
+    def store(ctx, x, ref):
+        del ctx
+        c, half, n = lane()
+        if kind == "put_state":
+            memref.store(unwrap(x), ref, [n, c])
+        else:
+            with mu.when(arith.cmpi(arith.CmpIPredicate.eq, half,
+                                    mu.c(0, ir.IndexType.get()))):
+                memref.store(unwrap(x), ref, [c])
+    return store
+
+
+class _Lanes:
+    """How the per-thread kernels' warpgroup (128 threads, values [128] vectors in
+    WG_STRIDED((128,), 1): element i in thread i) maps onto the `width` channels of its block
+    (`HopperSelectiveConfig.thread_channels`):
+    width 128: thread i owns channel i and all Np of its states (Nl = Np of them): rows load as
+    [128] vectors, B_t[n] and C_t[n] are scalars every thread reads alike, sums over n stay inside
+    the thread (`total` is the identity);
+    width 64: threads 2c and 2c + 1 share channel c, thread 2c + h owns its states
+    n = h Nl + k, k < Nl = Np / 2: rows and the channel's constants are loaded by both threads of
+    a pair, B_t[n], C_t[n] by each thread at its own n (two addresses a warp), a sum over n is the
+    thread's Nl terms plus its pair's (`total`, one shuffle), a row is stored by the pair's even
+    thread. Per-thread code (`_pair_fn`) on the device; the interpreter computes the same values
+    on [128] arrays with element 2c + h."""
+
+    def __init__(self, ops, width: int, Np: int):
+        self.interpret, self.width, self.Np = ops.interpret, width, Np
+        self.pairs = width == LANES_D // 2
+        self.Nl = Np // 2 if self.pairs else Np
+        self.vec = (lambda x: x) if ops.interpret else (lambda x: plgpu.layout_cast(
+            x, plgpu.Layout.WG_STRIDED((LANES_D,), vec_size=1)))
+
+    def zeros(self):
+        return self.vec(jnp.zeros((LANES_D,), f32))
+
+    def _halves(self, lo, hi):
+        """Interpreter: the [128] array of element 2c + h = (lo, hi)[h][c]."""
+        return jnp.stack([lo, hi], axis=-1).reshape(LANES_D)
+
+    def row(self, ref):
+        """ref [width]: the thread's channel's value, float32."""
+        if not self.pairs:
+            return self.vec(ref[...]).astype(f32)
+        if self.interpret:
+            return jnp.repeat(ref[...], 2).astype(f32)
+        return _pair_fn("row", ref.dtype, 0, self.Nl)(ref).astype(f32)
+
+    def state(self, ref, k: int):
+        """ref [Np, width]: the thread's k-th state entry of its channel, float32."""
+        if not self.pairs:
+            return self.row(ref.at[k])
+        if self.interpret:
+            return self._halves(ref[k], ref[self.Nl + k]).astype(f32)
+        return _pair_fn("state", ref.dtype, k, self.Nl)(ref).astype(f32)
+
+    def scalar(self, ref, k: int):
+        """ref [Np] (B_t, C_t): the entry of the thread's k-th state."""
+        if not self.pairs:
+            return ref[k]
+        if self.interpret:
+            return jnp.tile(jnp.stack([ref[k], ref[self.Nl + k]]), LANES_D // 2)
+        return _pair_fn("scalar", ref.dtype, k, self.Nl)(ref)
+
+    def total(self, x):
+        """The sum over the threads of a channel of their partial sums over n."""
+        if not self.pairs:
+            return x
+        if self.interpret:
+            return x + x.reshape(-1, 2)[:, ::-1].reshape(LANES_D)
+        return _pair_fn("total", x.dtype, 0, self.Nl)(x)
+
+    def put_row(self, ref, x):
+        """ref [width] = the channels' values x (the same in both threads of a pair)."""
+        if not self.pairs:
+            ref[...] = x
+        elif self.interpret:
+            ref[...] = x.reshape(-1, 2)[:, 0]
+        else:
+            _pair_fn("put_row", x.dtype, 0, self.Nl)(x, ref)
+
+    def put_state(self, ref, k: int, x):
+        """ref [Np, width]: each thread's k-th state entry x into its place."""
+        if not self.pairs:
+            ref[k] = x
+        elif self.interpret:
+            x2 = x.reshape(-1, 2)
+            ref[k] = x2[:, 0]
+            ref[self.Nl + k] = x2[:, 1]
+        else:
+            _pair_fn("put_state", x.dtype, k, self.Nl)(x, ref)
+
+
 def _forward_threads(u, dl, z, consts, Bm, Cm, keep, h0, *, softplus, cfg, save):
-    """`_forward` with one channel per thread (`HopperSelectiveConfig.per_thread_forward`): 128
-    channels a warpgroup, a channel's N states N float32 scalars in its thread's registers, B_t
-    and C_t read from SMEM as scalars every thread of the warpgroup reads alike. A step is N
-    independent exp + FMA pairs and an N-term sum inside each thread: no cross-thread reduction
-    (`_forward` sums C_t . h_t over the threads sharing a row of its [64, N] tile every step).
-    Rows of u, delta, z load as [128] vectors straight from their bf16 tiles, y rows go to GMEM
-    from registers. Same arguments, outputs and states layout as `_forward` (so `_backward`
-    reads its states unchanged); the channels per group must be a multiple of 128."""
-    Bsz, Tp, Dp, Np, Ct, NC, NB, per_group, stages, ops = _grid(u, Bm, cfg, LANES_D)
+    """`_forward` with one channel per thread (`HopperSelectiveConfig.per_thread_forward`): a
+    warpgroup for `cfg.thread_channels` channels (`_Lanes`: at 128 a channel's N states are N
+    float32 scalars in its thread's registers, B_t and C_t read from SMEM as scalars every thread
+    of the warpgroup reads alike; at 64 two threads share a channel, N / 2 states each, and C_t .
+    h_t takes one shuffle a step). A step is N (N / 2) independent exp2 + FMA pairs and an
+    in-thread sum (`_forward` sums C_t . h_t over the threads sharing a row of its [64, N] tile
+    every step). Decays as exp2(dt A log2 e) (one ex2.approx.ftz under approx_math, as
+    `_backward_threads`). Rows of u, delta, z load straight from their bf16 tiles, y rows go to
+    GMEM from registers. Same arguments, outputs and states layout as `_forward` (so either
+    backward reads its states); the channels per group must be a multiple of the width. Grid
+    (B, Dp / width): 64 CTAs at B = 4, D = 2048 and width 128 (half of an H100's 132 SMs idle),
+    128 at width 64."""
+    width = cfg.thread_channels
+    Bsz, Tp, Dp, Np, Ct, NC, NB, per_group, stages, ops = _grid(u, Bm, cfg, width)
     has_z, has_keep, has_h0 = z is not None, keep is not None, h0 is not None
     names = ("u", "delta") + (("z",) if has_z else ())
-    vec = (lambda x: x) if ops.interpret else (lambda x: plgpu.layout_cast(
-        x, plgpu.Layout.WG_STRIDED((LANES_D,), vec_size=1)))
+    L = _Lanes(ops, width, Np)
+    Nl = L.Nl
 
     def body(*refs):
         refs = list(refs)
         in_refs, (cst_ref, b_ref, c_ref, k_ref, h0_ref), (y_ref, hT_ref, st_ref), slots, \
             (bs, cs, ks) = _forward_refs(refs, names, has_keep=has_keep, has_h0=has_h0, save=save)
         cst, hst, in_bar, own_bar = refs
-        b, _, dsl, g = _block(per_group, LANES_D)
+        b, _, dsl, g = _block(per_group, width)
         rows = [(in_refs[n], slots[n]) for n in names]
         bc, keep_ = ((b_ref, bs), (c_ref, cs)), ((k_ref, ks) if has_keep else None)
 
@@ -362,40 +522,41 @@ def _forward_threads(u, dl, z, consts, Bm, Cm, keep, h0, *, softplus, cfg, save)
         if has_h0:
             plgpu.copy_gmem_to_smem(h0_ref.at[b, :, dsl], hst, own_bar.at[0])
             plgpu.barrier_wait(own_bar.at[0])
-        row = lambda ref: vec(ref[...]).astype(f32)                  # noqa: E731
-        A = [row(cst.at[n]) for n in range(Np)]
-        Dv, bias = row(cst.at[Np]), row(cst.at[Np + 1])
-        h = tuple(row(hst.at[n]) if has_h0 else vec(jnp.zeros((LANES_D,), f32))
-                  for n in range(Np))
+        A2 = [L.state(cst, k) * LOG2E for k in range(Nl)]     # decays as exp2 (one ex2.approx)
+        Dv, bias = L.row(cst.at[Np]), L.row(cst.at[Np + 1])
+        h = tuple(L.state(hst, k) if has_h0 else L.zeros() for k in range(Nl))
 
         def chunk_fn(c, h):
             slot = jax.lax.rem(c, stages)
             h = list(h)
             if save:                              # the state entering the chunk
-                for n in range(Np):
-                    st_ref[b, c, n, dsl] = h[n]
+                for k in range(Nl):
+                    L.put_state(st_ref.at[b, c, :, dsl], k, h[k])
             plgpu.barrier_wait(in_bar.at[slot])
             y_rows = []
             for t in range(Ct):
-                dl_t = row(slots["delta"].at[slot, t]) + bias
+                dl_t = L.row(slots["delta"].at[slot, t]) + bias
                 dt_t = _softplus(dl_t) if softplus else dl_t
-                u_t = row(slots["u"].at[slot, t])
+                u_t = L.row(slots["u"].at[slot, t])
                 du = dt_t * u_t
-                y = Dv * u_t
-                for n in range(Np):
-                    a = jnp.exp(dt_t * A[n])
-                    if has_keep:
-                        a = a * ks[slot, t, n]
-                    h[n] = a * h[n] + du * bs[slot, t, n]
-                    y = y + h[n] * cs[slot, t, n]
+                y = None if L.pairs else Dv * u_t
+                for k in range(Nl):
+                    a = jnp.exp2(dt_t * A2[k])
+                    if has_keep:                  # keep_t is the same for every n
+                        a = a * ks[slot, t, k]
+                    h[k] = a * h[k] + du * L.scalar(bs.at[slot, t], k)
+                    hc = h[k] * L.scalar(cs.at[slot, t], k)
+                    y = hc if y is None else y + hc
+                if L.pairs:
+                    y = L.total(y) + Dv * u_t
                 if has_z:
-                    z_t = row(slots["z"].at[slot, t])
+                    z_t = L.row(slots["z"].at[slot, t])
                     y = y * z_t * _sigmoid(z_t)
                 y_rows.append(y.astype(y_ref.dtype))
             # After the steps, as in `_forward`: a store is fenced by two warpgroup barriers, and
             # one per step serialised the steps.
             for t in range(Ct):
-                y_ref[b, c * Ct + t, dsl] = y_rows[t]
+                L.put_row(y_ref.at[b, c * Ct + t, dsl], y_rows[t])
             plgpu.commit_smem()
 
             @pl.when(c + stages < NC)
@@ -405,13 +566,13 @@ def _forward_threads(u, dl, z, consts, Bm, Cm, keep, h0, *, softplus, cfg, save)
             return tuple(h)
 
         h = jax.lax.fori_loop(0, NC, chunk_fn, h)
-        for n in range(Np):
-            hT_ref[b, n, dsl] = h[n]
+        for k in range(Nl):
+            L.put_state(hT_ref.at[b, :, dsl], k, h[k])
 
     args, out_type = _forward_io(u, dl, z, consts, Bm, Cm, keep, h0, NC=NC, save=save)
     return _forward_kernel(body, [], cfg=cfg, ops=ops, args=args, out_type=out_type,
                            names=names, stages=stages, Np=Np, has_keep=has_keep, grid=(Bsz, NB),
-                           width=LANES_D, name="selective_scan_fwd_threads", save=save)
+                           width=width, name="selective_scan_fwd_threads", save=save)
 
 
 def _backward(u, dl, z, consts, Bm, Cm, keep, states, dy, dhT, *, softplus, cfg):
@@ -427,17 +588,13 @@ def _backward(u, dl, z, consts, Bm, Cm, keep, states, dy, dhT, *, softplus, cfg)
 
     def body(*refs):
         refs = list(refs)
-        pop = lambda on=True: refs.pop(0) if on else None        # noqa: E731
-        in_refs = {n: pop() for n in names}
-        cst_ref, b_ref, c_ref, k_ref, st_ref, dhT_ref = (pop(), pop(), pop(), pop(has_keep),
-                                                         pop(), pop(has_dhT))
-        d_refs = {n: pop() for n in grads}
-        dB_ref, dC_ref, dh0_ref, dA_ref, dDb_ref = pop(), pop(), pop(), pop(), pop()
-        slots = {n: pop() for n in names}
-        bs, cs, ks, hs = pop(), pop(), pop(has_keep), pop()
-        wide = {n: pop() for n in names}
-        dwide = {n: pop() for n in grads}
-        douts = {n: pop() for n in grads}
+        in_refs, consts, d_refs, outs, slots, (bs, cs, ks, hs) = _backward_refs(
+            refs, names, grads, has_keep=has_keep, has_dhT=has_dhT, outs=5)
+        cst_ref, b_ref, c_ref, k_ref, st_ref, dhT_ref = consts
+        dB_ref, dC_ref, dh0_ref, dA_ref, dDb_ref = outs
+        wide = {n: refs.pop(0) for n in names}
+        dwide = {n: refs.pop(0) for n in grads}
+        douts = {n: refs.pop(0) for n in grads}
         dbs, dcs, cst, hst, in_bar, own_bar = refs
         b, j, dsl, g = _block(per_group)
         rows = [(in_refs[n], slots[n]) for n in names]
@@ -567,7 +724,7 @@ def _backward_threads(u, dl, z, consts, Bm, Cm, keep, states, dy, dhT, *, softpl
     block, the channel's N states h, cotangents lam and dA as N float32 scalars in registers, B_t,
     C_t, keep_t read from SMEM as scalars every thread reads alike. A reverse step is N
     independent terms per thread: no cross-thread sum over n. Same arguments and return contract
-    as `_backward` (dB, dC per block of 128 channels: [B, Dp / 128, Tp, Np]).
+    as `_backward` (dB, dC per block of `thread_channels`: [B, Dp / width, Tp, Np]).
 
     Design:
     1. The chunk's states. C steps x N scalars would not fit registers (256 at C = N = 16), so a
@@ -606,32 +763,45 @@ def _backward_threads(u, dl, z, consts, Bm, Cm, keep, states, dy, dhT, *, softpl
     documents, C = 16, N = 16 (the benchmark's case); 255 with 96 B of spills without them.
     SMEM (C = 16, N = 16, 3 stages, bf16 with z): rings 3 x (4 x 4 KB rows + 2 KB B, C + 8 KB
     states) = 78 KB, subs 56 KB, part 68 KB, dbcs 2 KB, constants 9 KB: 213 KB of the 225
-    (`check_smem` raises past it: chunk = 32 does not fit at N = 16, subs alone 120 KB)."""
-    Bsz, Tp, Dp, Np, Ct, NC, NB, per_group, stages, ops = _grid(u, Bm, cfg, LANES_D)
+    (`check_smem` raises past it: chunk = 32 does not fit at N = 16, subs alone 120 KB).
+
+    thread_channels = 64 (`_Lanes`): the same walk with threads 2c, 2c + 1 on channel c, each
+    its N / 2 states (h, lam, dA, A log2 e: 4 x 8 scalars at N = 16), B_t, C_t at its own n;
+    the three sums over n a step (C_t . h_t for dz, sum g B, sum e A) finished by a shuffle with
+    the pair; `subs` and `part` hold [Np, 64] (each thread its Nl rows of its channel's column:
+    thread-private as before; `part`'s stores 2-way bank conflicted, the two threads' rows
+    Nl x 72 floats apart), the tiles [64, 64]; du, ddelta, dz, dD, dbias rows stored by the
+    pair's even thread. Why pairs and not two warpgroups of 64 channels: Mosaic GPU lays a
+    warpgroup's per-thread vector over all 128 threads (WG_STRIDED((128,), 1)), so 64 channels
+    a warpgroup means two threads a channel; the pair sits in one warp, so its combine is one
+    `shfl.bfly` (`inline_mgpu`), not an SMEM exchange between warps. S stays 64 / gcd(64, 2 Np)
+    (2 at N = 16, 9 barriers a chunk): at S = 4 the proxy spilled 52 B. Proxy (case 3 of the
+    export tests with chunk 16, stages 3, both per-thread kernels): 255 registers, no spills,
+    4954 SASS instructions a chunk of 16 steps for 64 channels (8130 for 128 at width 128);
+    without the extras (case 4) 255, no spills. SMEM 116 KB (rings 45 KB, subs 28 KB, part
+    36 KB): one CTA an SM (128 CTAs at the anchor fit 132 SMs anyway)."""
+    width = cfg.thread_channels
+    Bsz, Tp, Dp, Np, Ct, NC, NB, per_group, stages, ops = _grid(u, Bm, cfg, width)
     has_z, has_keep, has_dhT = z is not None, keep is not None, dhT is not None
     names = ("u", "delta", "dy") + (("z",) if has_z else ())
     ins = {"u": u, "delta": dl, "dy": dy, "z": z}
     grads = ("u", "delta") + (("z",) if has_z else ())
+    L = _Lanes(ops, width, Np)
+    Nl = L.Nl
     S = _sub_steps(Np)
     nsub, P = Ct // S, 2 * Np * S                # sub-chunks a chunk, products a sub-chunk
     tiles = P // 64
-    vec = (lambda x: x) if ops.interpret else (lambda x: plgpu.layout_cast(
-        x, plgpu.Layout.WG_STRIDED((LANES_D,), vec_size=1)))
     tile_of = (lambda ref: ref[...]) if ops.interpret else (
         lambda ref: plgpu.load(ref, (), layout=plgpu.Layout.WGMMA, optimized=False))
 
     def body(*refs):
         refs = list(refs)
-        pop = lambda on=True: refs.pop(0) if on else None        # noqa: E731
-        in_refs = {n: pop() for n in names}
-        cst_ref, b_ref, c_ref, k_ref, st_ref, dhT_ref = (pop(), pop(), pop(), pop(has_keep),
-                                                         pop(), pop(has_dhT))
-        d_refs = {n: pop() for n in grads}
-        dbc_ref, dh0_ref, dA_ref, dDb_ref = pop(), pop(), pop(), pop()
-        slots = {n: pop() for n in names}
-        bs, cs, ks, hs = pop(), pop(), pop(has_keep), pop()
+        in_refs, consts, d_refs, outs, slots, (bs, cs, ks, hs) = _backward_refs(
+            refs, names, grads, has_keep=has_keep, has_dhT=has_dhT, outs=4)
+        cst_ref, b_ref, c_ref, k_ref, st_ref, dhT_ref = consts
+        dbc_ref, dh0_ref, dA_ref, dDb_ref = outs
         subs, part, dbcs, cst, in_bar, own_bar = refs
-        b, j, dsl, g = _block(per_group, LANES_D)
+        b, j, dsl, g = _block(per_group, width)
         rows = [(in_refs[n], slots[n]) for n in names]
         bc, keep_ = ((b_ref, bs), (c_ref, cs)), ((k_ref, ks) if has_keep else None)
 
@@ -642,12 +812,13 @@ def _backward_threads(u, dl, z, consts, Bm, Cm, keep, states, dy, dhT, *, softpl
             plgpu.copy_gmem_to_smem(st_ref.at[b, c, :, dsl], hs.at[slot], bar)
 
         _start(issue, stages, cst_ref, cst, dsl, own_bar)
-        row = lambda ref: vec(ref[...]).astype(f32)                  # noqa: E731
-        A2 = [row(cst.at[n]) * LOG2E for n in range(Np)]    # decays as exp2 (one ex2.approx)
+        row = L.row
+        A2 = [L.state(cst, k) * LOG2E for k in range(Nl)]    # decays as exp2 (one ex2.approx)
         Dv, bias = row(cst.at[Np]), row(cst.at[Np + 1])
-        zero = vec(jnp.zeros((LANES_D,), f32))
-        lam = tuple(row(dhT_ref.at[b, n, dsl]) if has_dhT else zero for n in range(Np))  # GMEM
-        carry = (lam, (zero,) * Np, zero, zero)
+        zero = L.zeros()
+        lam = tuple(L.state(dhT_ref.at[b, :, dsl], k) if has_dhT else zero
+                    for k in range(Nl))                                        # from GMEM
+        carry = (lam, (zero,) * Nl, zero, zero)
 
         def chunk_fn(step, carry):
             lam, dA, dD, dbias = (list(x) if isinstance(x, tuple) else x for x in carry)
@@ -662,20 +833,20 @@ def _backward_threads(u, dl, z, consts, Bm, Cm, keep, states, dy, dhT, *, softpl
                 dt_t = _softplus(dl_t) if softplus else dl_t
                 u_t = row(sl["u"].at[t])
                 dec = []
-                for n in range(Np):
-                    a = jnp.exp2(dt_t * A2[n])
-                    dec.append(a * ks[slot, t, n] if has_keep else a)
+                for k in range(Nl):
+                    a = jnp.exp2(dt_t * A2[k])
+                    dec.append(a * ks[slot, t, k] if has_keep else a)    # keep_t alike over n
                 return dl_t, dt_t, u_t, dec
 
             def advance(h, t, dt_t, u_t, dec):
                 du_t = dt_t * u_t
-                return [dec[n] * h[n] + du_t * bs[slot, t, n] for n in range(Np)]
+                return [dec[k] * h[k] + du_t * L.scalar(bs.at[slot, t], k) for k in range(Nl)]
 
             # Pass 1: the state entering every sub-chunk (the last one's stays in registers).
-            h = [row(hs.at[slot, n]) for n in range(Np)]
+            h = [L.state(hs.at[slot], k) for k in range(Nl)]
             for s in range(nsub - 1):
-                for n in range(Np):
-                    subs[s, n] = h[n]
+                for k in range(Nl):
+                    L.put_state(subs.at[s], k, h[k])
                 for r in range(S):
                     t = s * S + r
                     _, dt_t, u_t, dec = inputs(t)
@@ -683,7 +854,7 @@ def _backward_threads(u, dl, z, consts, Bm, Cm, keep, states, dy, dhT, *, softpl
             # Pass 2: per sub-chunk, last first, its states into registers, then its reverse steps.
             for s in reversed(range(nsub)):
                 if s < nsub - 1:
-                    h = [row(subs.at[s, n]) for n in range(Np)]
+                    h = [L.state(subs.at[s], k) for k in range(Nl)]
                 hist = []
                 for r in range(S):
                     t = s * S + r
@@ -697,39 +868,47 @@ def _backward_threads(u, dl, z, consts, Bm, Cm, keep, states, dy, dhT, *, softpl
                     hp, dl_t, dt_t, u_t, dec = hist[r]
                     hist[r] = None
                     du_t = dt_t * u_t
-                    dech = [dec[n] * hp[n] for n in range(Np)]     # hp is dead after this
-                    ht = lambda n: dech[n] + du_t * bs[slot, t, n]      # noqa: E731, B023
+                    dech = [dec[k] * hp[k] for k in range(Nl)]     # hp is dead after this
+                    Bt = [L.scalar(bs.at[slot, t], k) for k in range(Nl)]
+                    Cv = [L.scalar(cs.at[slot, t], k) for k in range(Nl)]
+                    ht = lambda k: dech[k] + du_t * Bt[k]      # noqa: E731, B023
                     dy_t = row(sl["dy"].at[t])
                     tg = c * Ct + t
+                    out = lambda n, x: L.put_row(                       # noqa: E731, B023
+                        d_refs[n].at[b, tg, dsl], x.astype(d_refs[n].dtype))
                     if has_z:
                         z_t = row(sl["z"].at[t])
-                        ypre = Dv * u_t
-                        for n in range(Np):
-                            ypre = ypre + ht(n) * cs[slot, t, n]
+                        ypre = None if L.pairs else Dv * u_t
+                        for k in range(Nl):
+                            hc = ht(k) * Cv[k]
+                            ypre = hc if ypre is None else ypre + hc
+                        if L.pairs:
+                            ypre = L.total(ypre) + Dv * u_t
                         sg = _sigmoid(z_t)
-                        dz = dy_t * ypre * sg * (1.0 + z_t * (1.0 - sg))
-                        d_refs["z"][b, tg, dsl] = dz.astype(d_refs["z"].dtype)
+                        out("z", dy_t * ypre * sg * (1.0 + z_t * (1.0 - sg)))
                         dy_t = dy_t * z_t * sg
                     sum_gB, ddt = zero, zero
-                    for n in range(Np):
-                        gt = dy_t * cs[slot, t, n] + lam[n]
-                        pbuf[r * 2 * Np + n, :LANES_D] = dy_t * ht(n)     # dC_t[n]'s term
-                        pbuf[r * 2 * Np + Np + n, :LANES_D] = gt * du_t   # dB_t[n]'s term
-                        e = gt * dech[n]
-                        dA[n] = dA[n] + e * dt_t
-                        ddt = ddt + e * A2[n]                 # times ln 2 below
-                        sum_gB = sum_gB + gt * bs[slot, t, n]
-                        lam[n] = dec[n] * gt
-                    ddt = ddt * LN2 + sum_gB * u_t
-                    d_refs["u"][b, tg, dsl] = (sum_gB * dt_t + Dv * dy_t).astype(
-                        d_refs["u"].dtype)
+                    pC = pbuf.at[pl.ds(r * 2 * Np, Np), pl.ds(0, width)]
+                    pB = pbuf.at[pl.ds(r * 2 * Np + Np, Np), pl.ds(0, width)]
+                    for k in range(Nl):
+                        gt = dy_t * Cv[k] + lam[k]
+                        L.put_state(pC, k, dy_t * ht(k))     # dC_t[n]'s term
+                        L.put_state(pB, k, gt * du_t)        # dB_t[n]'s term
+                        e = gt * dech[k]
+                        dA[k] = dA[k] + e * dt_t
+                        ddt = ddt + e * A2[k]                 # times ln 2 below
+                        sum_gB = sum_gB + gt * Bt[k]
+                        lam[k] = dec[k] * gt
+                    sum_gB = L.total(sum_gB)
+                    ddt = L.total(ddt) * LN2 + sum_gB * u_t
+                    out("u", sum_gB * dt_t + Dv * dy_t)
                     ddl = ddt * _sigmoid(dl_t) if softplus else ddt
-                    d_refs["delta"][b, tg, dsl] = ddl.astype(d_refs["delta"].dtype)
+                    out("delta", ddl)
                     dD = dD + dy_t * u_t
                     dbias = dbias + ddl
                 plgpu.commit_smem()               # every column of pbuf is stored
-                for i in range(tiles):            # the sums over the 128 channels
-                    tile = tile_of(pbuf.at[pl.ds(64 * i, 64), pl.ds(0, LANES_D)])
+                for i in range(tiles):            # the sums over the block's channels
+                    tile = tile_of(pbuf.at[pl.ds(64 * i, 64), pl.ds(0, width)])
                     dbcs[s * tiles + i] = jnp.sum(tile, axis=1)
             plgpu.commit_smem()                   # dbcs complete; every read of this slot done
             plgpu.copy_smem_to_gmem(dbcs, dbc_ref.at[b, j, pl.ds(c * nsub * tiles, nsub * tiles)])
@@ -741,24 +920,24 @@ def _backward_threads(u, dl, z, consts, Bm, Cm, keep, states, dy, dhT, *, softpl
             return tuple(lam), tuple(dA), dD, dbias
 
         lam, dA, dD, dbias = jax.lax.fori_loop(0, NC, chunk_fn, carry)
-        for n in range(Np):
-            dh0_ref[b, n, dsl] = lam[n]
-            dA_ref[b, n, dsl] = dA[n]
-        dDb_ref[b, 0, dsl] = dD
-        dDb_ref[b, 1, dsl] = dbias
+        for k in range(Nl):
+            L.put_state(dh0_ref.at[b, :, dsl], k, lam[k])
+            L.put_state(dA_ref.at[b, :, dsl], k, dA[k])
+        L.put_row(dDb_ref.at[b, 0, dsl], dD)
+        L.put_row(dDb_ref.at[b, 1, dsl], dbias)
         plgpu.wait_smem_to_gmem(0)
 
     out_type = [jax.ShapeDtypeStruct((Bsz, Tp, Dp), ins[n].dtype) for n in grads]
     out_type += [jax.ShapeDtypeStruct((Bsz, NB, Tp * 2 * Np // 64, 64), f32)]
     out_type += [jax.ShapeDtypeStruct((Bsz, Np, Dp), f32)] * 2
     out_type += [jax.ShapeDtypeStruct((Bsz, 2, Dp), f32)]
-    scratch = [plgpu.SMEM((stages, Ct, LANES_D), ins[n].dtype) for n in names]
+    scratch = [plgpu.SMEM((stages, Ct, width), ins[n].dtype) for n in names]
     scratch += [plgpu.SMEM((stages, Ct, Np), f32)] * (2 + has_keep)
-    scratch += [plgpu.SMEM((stages, Np, LANES_D), f32)]
-    scratch += [plgpu.SMEM((max(nsub - 1, 1), Np, LANES_D), f32),
-                plgpu.SMEM((2, P, LANES_D + PART_PAD), f32),
+    scratch += [plgpu.SMEM((stages, Np, width), f32)]
+    scratch += [plgpu.SMEM((max(nsub - 1, 1), Np, width), f32),
+                plgpu.SMEM((2, P, width + PART_PAD), f32),
                 plgpu.SMEM((nsub * tiles, 64), f32),
-                plgpu.SMEM((Np + 2, LANES_D), f32),
+                plgpu.SMEM((Np + 2, width), f32),
                 plgpu.Barrier(num_arrivals=len(names) + 3 + has_keep, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=1, num_barriers=1)]
     check_smem("selective_scan per-thread backward", scratch,
@@ -820,9 +999,10 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, *, initi
         raise ValueError(f"selective_scan: {reason}")
     per_group = u.shape[-1] // (1 if B.ndim == 3 else B.shape[2])
     for flag in ("per_thread_forward", "per_thread_backward"):
-        if getattr(cfg, flag) and per_group % LANES_D:
+        if getattr(cfg, flag) and per_group % cfg.thread_channels:
             raise ValueError(f"selective_scan: HopperSelectiveConfig.{flag} takes channels per "
-                             f"group in multiples of {LANES_D}, got {per_group}")
+                             f"group in multiples of thread_channels = {cfg.thread_channels}, "
+                             f"got {per_group}")
     Bsz, T, Dm = u.shape
     N = A.shape[1]
     Np = -(-N // 8) * 8
