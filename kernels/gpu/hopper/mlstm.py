@@ -98,25 +98,32 @@ def accepts(q, k, v, *rest) -> str | None:
     return None
 
 
+def _chunk_terms(k, v, i, lf, segment_ids, T, L):
+    """What each chunk adds, the inputs of both chunk-state forms: the keys weighted by what
+    their rows write, exp(w - wmax) k [B, H, NL, L, K], the values [B, H, NL, L, V] (float32),
+    and per chunk [B, H, NL] the largest write wmax, its last document's gates and whether it
+    keeps the state entering it (no document starts in it)."""
+    B, Tp, H, K = k.shape
+    NL = Tp // L
+    hm = lambda x: jnp.moveaxis(x, 2, 1).reshape((B, H, NL, L) + x.shape[3:])   # noqa: E731
+    ic, lc = hm(i), hm(lf)
+    _, _, out_rows, keep = doc_masks(segment_ids, T, L, NL)
+    real = (jnp.arange(Tp) < T).reshape(1, 1, NL, L)
+    wr = jnp.where(out_rows & real, rev_cumsum_excl(lc, 3) + ic, -jnp.inf)   # what a row writes
+    wmax = jnp.max(wr, -1)
+    kw = hm(k).astype(f32) * jnp.exp(wr - wmax[..., None])[..., None]
+    last = jnp.sum(jnp.where(out_rows, lc, 0.0), -1)         # the gates of the last document
+    return kw, hm(v).astype(f32), wmax, last, jnp.broadcast_to(keep, wmax.shape)
+
+
 def _states(k, v, i, lf, h0, segment_ids, T, L):
     """The chunk recurrence in float32 (XLA, as `linear_jax.ops.mlstm.mlstm_chunk`'s): per chunk
     the entering ([C | n] [B, H, NL, K, V + 1], m_in [B, H, NL]) and the final (C, n, m)."""
     B, Tp, H, K = k.shape
     V = v.shape[-1]
-    NL = Tp // L
-    hm = lambda x: jnp.moveaxis(x, 2, 1).reshape((B, H, NL, L) + x.shape[3:])   # noqa: E731
-    ic, lc = hm(i), hm(lf)
-    kc = hm(k).astype(f32)
-    vc = hm(v).astype(f32)
+    kw, vc, wmax, last, keep = _chunk_terms(k, v, i, lf, segment_ids, T, L)
     vc = jnp.concatenate([vc, jnp.ones(vc.shape[:-1] + (1,), f32)], -1)
-    _, _, out_rows, keep = doc_masks(segment_ids, T, L, NL)
-    real = (jnp.arange(Tp) < T).reshape(1, 1, NL, L)
-    wr = jnp.where(out_rows & real, rev_cumsum_excl(lc, 3) + ic, -jnp.inf)   # what a row writes
-    wmax = jnp.max(wr, -1)
-    dS = jnp.einsum("bhnck,bhncv->bhnkv", kc * jnp.exp(wr - wmax[..., None])[..., None], vc,
-                    preferred_element_type=f32)
-    last = jnp.sum(jnp.where(out_rows, lc, 0.0), -1)         # the gates of the last document
-    keep = jnp.broadcast_to(keep, wmax.shape)
+    dS = jnp.einsum("bhnck,bhncv->bhnkv", kw, vc, preferred_element_type=f32)
     if h0 is None:
         S0, m0 = jnp.zeros((B, H, K, V + 1), f32), jnp.zeros((B, H), f32)
     else:
@@ -151,22 +158,11 @@ def _states_matmul(k, v, i, lf, h0, segment_ids, T, L):
     summed over the chunks between (no difference of cumulative sums), every weight <= 1. One
     float32 [NL + 1, NL] x [NL, K V] product per (b, h) forms all NL + 1 of them (the last is the
     final state); its gradient is two more products, not a reverse loop."""
-    B, Tp, H, K = k.shape
-    V = v.shape[-1]
-    NL = Tp // L
-    hm = lambda x: jnp.moveaxis(x, 2, 1).reshape((B, H, NL, L) + x.shape[3:])   # noqa: E731
-    ic, lc = hm(i), hm(lf)
-    _, _, out_rows, keep = doc_masks(segment_ids, T, L, NL)
-    real = (jnp.arange(Tp) < T).reshape(1, 1, NL, L)
-    wr = jnp.where(out_rows & real, rev_cumsum_excl(lc, 3) + ic, -jnp.inf)   # what a row writes
-    wmax = jnp.max(wr, -1)
-    ex = jnp.moveaxis(jnp.exp(wr - wmax[..., None]), 1, 3)                  # [B, NL, L, H]
-    kw = k.astype(f32).reshape(B, NL, L, H, K) * ex[..., None]
-    dC = jnp.einsum("bnlhk,bnlhv->bhnkv", kw, v.astype(f32).reshape(B, NL, L, H, V),
-                    preferred_element_type=f32)
-    dn = jnp.moveaxis(jnp.sum(kw, 2), 1, 2)                                  # [B, H, NL, K]
-    last = jnp.sum(jnp.where(out_rows, lc, 0.0), -1)         # the gates of the last document
-    keep = jnp.broadcast_to(keep, wmax.shape)
+    B, H = k.shape[0], k.shape[2]
+    NL = k.shape[1] // L
+    kw, vc, wmax, last, keep = _chunk_terms(k, v, i, lf, segment_ids, T, L)
+    dC = jnp.einsum("bhnck,bhncv->bhnkv", kw, vc, preferred_element_type=f32)
+    dn = jnp.sum(kw, 3)                                                     # [B, H, NL, K]
     g = jnp.where(keep, last, -jnp.inf)
     a = jnp.where(keep, wmax, jnp.maximum(last, wmax))
     m0 = jnp.zeros((B, H), f32) if h0 is None else h0[2]
@@ -225,6 +221,11 @@ def _intra_vjp(q, k, v, rows, Cin, nin, h, den, dh, *, L, eps, cfg):
             wdw.sum(-1))
 
 
+def _heads_first(x):
+    """[B, Tp, H] -> [B, H, Tp] (the kernels' rows)."""
+    return jnp.moveaxis(x, 1, 2)
+
+
 def _states_of(cfg: HopperMlstmConfig):
     """(k, v, ip, lf, h0, segment_ids, T, L) -> (C_in, n_in, m_in, (C, n, m)) by cfg.states."""
     if cfg.states == "matmul":
@@ -249,7 +250,7 @@ def _fused_core(cfg: HopperMlstmConfig, eps: float, scale: float, T: int):
     linearisation is needed, the products forming C_in are left unused) for the rest."""
     L = cfg.chunk
     states_fn = _states_of(cfg)
-    hm = lambda x: jnp.moveaxis(x, 1, 2)                                  # noqa: E731
+    hm = _heads_first
 
     def run(q, k, v, lf, ip, m, h0, doc, residuals):
         B, Tp, H, K = q.shape
@@ -334,13 +335,9 @@ def mlstm(q, k, v, i, f, *, scale, initial_state, segment_ids, chunk_size, eps, 
         h, C, n = _fused_core(cfg, float(eps), float(scale), T)(
             pad(q), pad(k), pad(v), pad(lf), ip, pad(m, "edge"), h0, doc, segment_ids)
         return h[:, :T].astype(v.dtype), (C, n, m[:, T - 1])
-    if cfg.states == "matmul":
-        C_in, n_in, m_in, state = _states_matmul(pad(k), pad(v), ip, pad(lf), h0, segment_ids,
-                                                 T, L)
-    else:
-        S_in, m_in, state = _states(pad(k), pad(v), ip, pad(lf), h0, segment_ids, T, L)
-        C_in, n_in = S_in[..., :-1], S_in[..., -1]
-    hm = lambda x: jnp.moveaxis(x, 1, 2)                                  # noqa: E731
+    C_in, n_in, m_in, state = _states_of(cfg)(pad(k), pad(v), ip, pad(lf), h0, segment_ids, T,
+                                              L)
+    hm = _heads_first
     h = _core(cfg, float(eps), float(scale))(pad(q), pad(k), pad(v), hm(pad(lf)), hm(ip),
                                              hm(pad(m, "edge")), C_in, n_in, m_in, doc)
     return h[:, :T].astype(v.dtype), state
