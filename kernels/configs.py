@@ -601,8 +601,8 @@ class HopperSelectiveConfig(_OwnChunk):
       `thread_channels` a warpgroup), the states and their cotangents scalars in registers, the
       chunk's states recomputed in sub-chunks of 64 / gcd(64, 2 Np) steps, dB / dC summed over
       the channels once per sub-chunk through SMEM, no auto barriers (the channels per group a
-      multiple of thread_channels; chunk 32 does not fit SMEM at N = 16). Independent of per_thread_forward (both write
-      the states it reads). Off until timed on the device.
+      multiple of thread_channels; chunk 32 does not fit SMEM at N = 16). Independent of
+      per_thread_forward (both write the states it reads). Off until timed on the device.
     thread_channels: channels per CTA (one warpgroup) of the two per-thread kernels. 128: one
       channel a thread (grid (B, D / 128): 64 CTAs at B = 4, D = 2048, half of an H100's SMs
       idle). 64: two threads a channel, each owning N / 2 of its states, the per-step sums over
