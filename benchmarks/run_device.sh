@@ -34,8 +34,8 @@
 #   host      host_overhead: sync vs device time of ours and jla's simple_gla, host events
 #   gaterows  gate_rows_gpu: the scalar-gate rows' XLA forms, alone and inside simple_gla
 #   bwd       bwd_gpu: the Triton chunk-family backward variants, checks + timings
-#   mqar      experiments.mqar_sweep, the default grid, in /tmp/mqar (a carried experiments/results/
-#             mqar_sweep/runs is copied in first, so an interrupted sweep resumes) as MQAR_P (default
+#   mqar      experiments.mqar_sweep, the default grid, in /tmp/mqar (MQAR_RUNS, default experiments/
+#             results/mqar_sweep/runs, is copied in first, so an interrupted sweep resumes) as MQAR_P (default
 #             4) processes sharing the GPU (--shard=i/P: every P-th cell; logs/mqar_shard<i>.log),
 #             each with MQAR_MEM (default 0.2) of its memory, all cut at MQAR_S (default 540) s; then
 #             --collect (60 s) writes the combined JSON and PNG from the cells that finished. JSON,
@@ -159,7 +159,7 @@ for s in "$@"; do case $s in
   bwd) TAIL=60 step bwd "${BWD_S:-300}" python3 -m experiments.benchmarks.bwd_gpu ${BWD_ARGS:-} ;;
   mlstm) step mlstm "${MLSTM_S:-150}" python3 -m experiments.benchmarks.mlstm_gpu ;;
   mqar) train_env; fast_flags; mkdir -p /tmp/mqar
-        [ -d experiments/results/mqar_sweep/runs ] && cp -r experiments/results/mqar_sweep/runs /tmp/mqar/
+        runs=${MQAR_RUNS:-experiments/results/mqar_sweep/runs}; [ -d "$runs" ] && cp -r "$runs" /tmp/mqar/
         # a cell is mostly compilation (host CPUs), so processes sharing the GPU finish more cells
         ( export XLA_FLAGS=$FAST_FLAGS XLA_PYTHON_CLIENT_MEM_FRACTION=${MQAR_MEM:-0.2}
           L=${MQAR_S:-540}; P=${MQAR_P:-4}

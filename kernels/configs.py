@@ -607,7 +607,9 @@ class HopperSelectiveConfig(_OwnChunk):
       channel a thread (grid (B, D / 128): 64 CTAs at B = 4, D = 2048, half of an H100's SMs
       idle). 64: two threads a channel, each owning N / 2 of its states, the per-step sums over
       n finished by one shuffle between the pair (grid (B, D / 64): 128 CTAs there; the channels
-      per group a multiple of 64). Same results to float32 rounding. 128 until timed.
+      per group a multiple of 64). 32: four threads a channel, N / 4 states each, two shuffles a
+      sum (256 CTAs there, two an SM: 8 warps to hide the step's latency). Same results to
+      float32 rounding. 128 until timed.
     """
 
     chunk: int = 16
@@ -623,7 +625,7 @@ class HopperSelectiveConfig(_OwnChunk):
     def __post_init__(self):
         _check_hopper(self, chunk=(8, 16, 32), stages=(1, 2, 3, 4),
                       per_thread_forward=(False, True), per_thread_backward=(False, True),
-                      thread_channels=(64, 128))
+                      thread_channels=(32, 64, 128))
 
 
 @dataclasses.dataclass(frozen=True)

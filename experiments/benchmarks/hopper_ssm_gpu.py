@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.benchmarks import anchors as anchor_files
-from experiments.benchmarks import common
+from experiments.benchmarks import common, profile
 from experiments.benchmarks.kernel_checks import rel, tail
 from linear_jax import ops
 from linear_jax.kernels.configs import HopperSelectiveConfig
@@ -57,11 +57,15 @@ VARIANTS = {"default": {}, "exact": dict(approx_math=False), "chunk8": dict(chun
             "stages2": dict(stages=2), "threads": dict(per_thread_forward=True),
             "tbwd": dict(per_thread_forward=True, per_thread_backward=True),
             "tbwd64": dict(per_thread_forward=True, per_thread_backward=True, thread_channels=64),
-            "threads64": dict(per_thread_forward=True, thread_channels=64)}
+            "threads64": dict(per_thread_forward=True, thread_channels=64),
+            "tbwd32": dict(per_thread_forward=True, per_thread_backward=True, thread_channels=32),
+            "tbwd32_ch32": dict(per_thread_forward=True, per_thread_backward=True,
+                                thread_channels=32, chunk=32)}
 ML_VARIANTS = {"default": {}, "approx": dict(approx_math=True),
                "states_matmul": dict(states="matmul"),
                "states_matmul_c64": dict(states="matmul", chunk=64),   # ~98 KB SMEM: 2 CTAs / SM
-               "fused": dict(fused_forward=True)}   # one walk kernel: no state pass in the fwd
+               "fused": dict(fused_forward=True),   # one walk kernel: no state pass in the fwd
+               "fused_matmul": dict(fused_forward=True, states="matmul")}
 SEL_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "h0")
 SEL_SHAPE = (4, 4096, 2048, 16, 1)        # B, T, D, N, G of the timing (the jla anchor's)
 ML_SHAPES = ((8, 2048), (2, 8192))        # B, T of the mLSTM timings (H = 16, K = V = 128)
@@ -131,14 +135,14 @@ def sel_check(cfg, B, T, D, N, G):
     return out
 
 
-def sel_timing(impl, cfg, reps, batch=SEL_SHAPE[0]):
+def sel_timing(impl, cfg, reps, batch=SEL_SHAPE[0], prof=False):
     x = sel_inputs(batch, *SEL_SHAPE[1:], extras=False)
     args = [x[k] for k in SEL_NAMES[:-1]] + [None]
     f, g = sel_fns(impl, cfg, None)
     fj = jax.jit(lambda *a: f(*a, None))
     gj = jax.jit(lambda *a: g(*a[:8], None, *a[8:])[:8])
     a, ab = args[:8], args[:8] + [x["dy"], x["dh"]]
-    row = timed(fj, a, gj, ab, reps)
+    row = timed(fj, a, gj, ab, reps, prof)
 
     def chained(*a):                      # 4 forwards in one executable, each on the last's y
         y = a[0]
@@ -215,13 +219,13 @@ def ml_check(cfg, B, T, H, K, V, extras):
     return out
 
 
-def ml_timing(impl, cfg, B, T, reps):
+def ml_timing(impl, cfg, B, T, reps, prof=False):
     x = ml_inputs(B, T, *ML_HKV, extras=False)
     f, g = ml_fns(impl, cfg, None)
     a = [x[k] for k in ("q", "k", "v", "i", "f")]
     fj = jax.jit(lambda *a: f(*a, None))
     gj = jax.jit(lambda *a: g(*a[:5], None, a[5])[:5])
-    row = timed(fj, a, gj, a + [x["dy"]], reps)
+    row = timed(fj, a, gj, a + [x["dy"]], reps, prof)
     _, vjp = jax.vjp(fj, *a)
     zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fj, *a)[1])
     args = (vjp, (x["dy"], zero))
@@ -232,7 +236,9 @@ def ml_timing(impl, cfg, B, T, reps):
 
 
 # -- driver ---------------------------------------------------------------------------------------
-def timed(fj, a, gj, ab, reps):
+def timed(fj, a, gj, ab, reps, prof=False):
+    """fwd / fwdbwd compile s, device ms (10 calls back to back) and sync ms; with `prof` the
+    mean us a call of every kernel the fwdbwd ran (a profiler trace), largest first."""
     row = {}
     for key, fn, args in (("fwd", fj, a), ("fwdbwd", gj, ab)):
         t0 = time.perf_counter()
@@ -240,6 +246,10 @@ def timed(fj, a, gj, ab, reps):
         row[f"{key}_compile_s"] = round(time.perf_counter() - t0, 2)
         row[f"{key}_ms"] = round(common.median_ms(fn, *args, reps=reps, inner=10), 4)
         row[f"{key}_sync_ms"] = round(common.median_ms(fn, *args, reps=reps), 4)
+    if prof:
+        us = profile.kernel_times(lambda x: gj(*x), ab)
+        print("  fwdbwd kernels:\n" + profile.format_times(us, top=16), flush=True)
+        row["fwdbwd_kernels_us"] = {k[:120]: round(v, 1) for k, v in us.items()}
     return row
 
 
@@ -277,7 +287,10 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="default", help=f"selective: of {sorted(VARIANTS)}")
     p.add_argument("--ml-variants", default="default", help=f"mlstm: of {sorted(ML_VARIANTS)}")
     p.add_argument("--no-jla", action="store_true", help="skip jla's kernels in this run")
+    p.add_argument("--no-triton", action="store_true", help="skip our Triton kernels' timings")
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--profile", action="store_true",
+                   help="per-kernel device times of every fwdbwd timed (a profiler trace)")
     p.add_argument("--skip-checks", action="store_true",
                    help="timings only, under the first of --semantics")
     p.add_argument("--skip-timings", action="store_true", help="checks only")
@@ -317,11 +330,9 @@ def main(argv=None) -> int:
             results["checks"][f"selective{shape}"] = attempt(
                 f"selective check {shape}", sel_check, HopperSelectiveConfig(semantics=sem),
                 *shape)
-        # the forward with one channel per thread, and every variant to be timed: a variant's
-        # timing is read only beside its passing check
+        # every variant to be timed: a variant's timing is read only beside its passing check
         for v in ([] if args.skip_checks else
-                  [v for v in dict.fromkeys(["threads"] + args.variants.split(","))
-                   if v != "default"]):
+                  [v for v in dict.fromkeys(args.variants.split(",")) if v != "default"]):
             results["checks"][f"selective[{v}]{grid[0]}"] = attempt(
                 f"selective check [{v}] {grid[0]}", sel_check,
                 HopperSelectiveConfig(semantics=sem, **VARIANTS[v]), *grid[0])
@@ -333,13 +344,13 @@ def main(argv=None) -> int:
                 cfg = HopperSelectiveConfig(semantics=sem, **VARIANTS[v])
                 rows[f"mosaic_gpu[{v}]"] = attempt(f"selective time mosaic_gpu[{v}] B={bsz}",
                                                    sel_timing, "pallas:mosaic_gpu", cfg,
-                                                   args.reps, bsz)
-            if not args.skip_timings:
+                                                   args.reps, bsz, args.profile)
+            if not args.skip_timings and not args.no_triton:
                 rows["triton"] = attempt(f"selective time triton B={bsz}", sel_timing,
                                          "pallas:triton", None, args.reps, bsz)
                 if jla:
                     rows["jla_run"] = attempt(f"selective time jla B={bsz}", sel_timing, "jla",
-                                              None, args.reps, bsz)
+                                              None, args.reps, bsz, args.profile)
             ref = anchor if bsz == SEL_SHAPE[0] else {}
             add_ratios(rows, ref)
             results["timings"][f"selective B={bsz} T=4096 D=2048 N=16"] = {"jla": ref, **rows}
@@ -353,12 +364,10 @@ def main(argv=None) -> int:
                        for v in args.ml_variants.split(",")}
             for shape in ([] if args.skip_checks else
                           [(2, 1000, 4, 128, 128, False), (1, 2048, 4, 128, 128, True)]):
-                results["checks"][f"mlstm{shape}"] = attempt(f"mlstm check {shape}", ml_check,
-                                                             hcfg, *shape)
                 for v, cfg in ml_cfgs.items():        # every variant to be timed, checked
-                    if v != "default":
-                        results["checks"][f"mlstm[{v}]{shape}"] = attempt(
-                            f"mlstm check [{v}] {shape}", ml_check, cfg, *shape)
+                    tag = "" if v == "default" else f"[{v}]"
+                    results["checks"][f"mlstm{tag}{shape}"] = attempt(
+                        f"mlstm check {tag}{shape}", ml_check, cfg, *shape)
             save()
         for B, T in ([] if args.skip_timings else ML_SHAPES):
             anchor = scans.get(f"jla.mlstm B={B} T={T} H=16 K=V=128", {})
@@ -367,12 +376,14 @@ def main(argv=None) -> int:
                 for v, cfg in ml_cfgs.items():
                     name = "mosaic_gpu" if v == "default" else f"mosaic_gpu[{v}]"
                     rows[name] = attempt(f"mlstm time {name} B={B} T={T}", ml_timing,
-                                         "pallas:mosaic_gpu", cfg, B, T, args.reps)
-            rows["triton"] = attempt(f"mlstm time triton B={B} T={T}", ml_timing,
-                                     "pallas:triton", None, B, T, args.reps)
+                                         "pallas:mosaic_gpu", cfg, B, T, args.reps,
+                                         args.profile)
+            if not args.no_triton:
+                rows["triton"] = attempt(f"mlstm time triton B={B} T={T}", ml_timing,
+                                         "pallas:triton", None, B, T, args.reps)
             if jla:
                 rows["jla_run"] = attempt(f"mlstm time jla B={B} T={T}", ml_timing, "jla", None,
-                                          B, T, args.reps)
+                                          B, T, args.reps, args.profile)
             add_ratios(rows, anchor)
             results["timings"][f"mlstm B={B} T={T} H=16 K=V=128"] = {"jla": anchor, **rows}
             save()

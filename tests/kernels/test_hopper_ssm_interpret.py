@@ -42,19 +42,19 @@ CASES = [
     # write and read (the last case runs the per-thread backward on the tile forward's states)
     (1, 45, 128, 12, 1, True, True, dict(chunk=8, stages=2, per_thread_forward=True,
                                            per_thread_backward=True)),
-    # both per-thread kernels at 64 channels a CTA (two threads a channel, N / 2 states each):
-    # documents, softplus, N and T padded, two blocks; the backward alone on the tile forward's
-    # states, two groups of 64 channels, no softplus, N = 8 (sub-chunks of 8 steps, the sub-chunk
-    # loop and the groups the 128-channel backward shares)
+    # both per-thread kernels at 32 channels a CTA (four threads a channel, N / 4 states each):
+    # documents, softplus, N and T padded, four blocks; the backward alone at 64 (two threads a
+    # channel) on the tile forward's states, two groups of 64 channels, no softplus, N = 8
+    # (sub-chunks of 8 steps, the sub-chunk loop and the groups the 128-channel backward shares)
     (1, 45, 128, 12, 1, True, True, dict(chunk=8, stages=2, per_thread_forward=True,
-                                           per_thread_backward=True, thread_channels=64)),
+                                           per_thread_backward=True, thread_channels=32)),
     (1, 29, 128, 8, 2, False, False, dict(chunk=16, stages=3, per_thread_backward=True,
                                             thread_channels=64)),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=["docs-softplus", "groups", "per-thread",
-                                             "per-thread-64", "per-thread-bwd-64-groups"])
+                                             "per-thread-32", "per-thread-bwd-64-groups"])
 def test_selective_matches_reference(case):
     B, T, D, N, G, softplus, docs, over = case
     cfg = HopperSelectiveConfig(interpret=True, **over)

@@ -30,12 +30,13 @@ SELECTIVE = [
     # per-thread forward, and every extra with documents after the tile forward, N = 8
     ("lane", 1, 256, 128, 16, 1, False, dict(per_thread_forward=True, per_thread_backward=True)),
     ("lane", 1, 100, 256, 8, 2, True, dict(chunk=8, stages=2, per_thread_backward=True)),
-    # both per-thread kernels at 64 channels a CTA (two threads a channel: per-thread loads,
-    # stores and a shuffle through inline_mgpu): the anchor's N, and every extra with documents
+    # both per-thread kernels at 64 and 32 channels a CTA (two and four threads a channel:
+    # per-thread loads, stores and shuffles through inline_mgpu): the anchor's N at 64, every
+    # extra with documents at 32
     ("lane", 1, 256, 128, 16, 1, False, dict(per_thread_forward=True, per_thread_backward=True,
                                              thread_channels=64)),
     ("lane", 1, 100, 128, 12, 2, True, dict(chunk=8, stages=2, per_thread_forward=True,
-                                            per_thread_backward=True, thread_channels=64)),
+                                            per_thread_backward=True, thread_channels=32)),
 ]
 
 
@@ -67,7 +68,7 @@ def _export_selective(case, grad):
                          ids=lambda c: f"{c[0]}-T{c[2]}-D{c[3]}N{c[4]}G{c[5]}" + "-extras" * c[6]
                          + "-threads" * c[7].get("per_thread_forward", False)
                          + "-tbwd" * c[7].get("per_thread_backward", False)
-                         + "-c64" * (c[7].get("thread_channels", 128) == 64))
+                         + f"-c{c[7].get('thread_channels', 128)}" * ("thread_channels" in c[7]))
 def test_selective_exports_for_cuda(case, grad):
     exp = _export_selective(case, grad)
     text = exp.mlir_module()

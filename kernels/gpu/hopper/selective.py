@@ -348,13 +348,14 @@ LOG2E, LN2 = math.log2(math.e), math.log(2.0)
 
 
 @functools.cache
-def _pair_fn(kind: str, dtype, k: int, Nl: int):
-    """The per-thread (Mosaic GPU) code of `_Lanes` at width 64, where thread i owns channel i // 2
-    of the block and its states n = (i % 2) Nl + k, k < Nl: a [128] vector in
-    WG_STRIDED((128,), 1) holds element i in thread i. Kinds: "row" loads ref[i // 2] (ref [64]),
-    "state" ref[(i % 2) Nl + k, i // 2] (ref [Np, 64]), "scalar" ref[(i % 2) Nl + k] (ref [Np]);
-    "put_row" stores x into ref[i // 2] from the even thread of each pair, "put_state" into
-    ref[(i % 2) Nl + k, i // 2]; "total" is x plus its pair's x (one shuffle)."""
+def _group_fn(kind: str, dtype, k: int, Nl: int, r: int):
+    """The per-thread (Mosaic GPU) code of `_Lanes` at width 128 / r (r = 2 or 4), where thread i
+    owns channel i // r of the block and its states n = (i % r) Nl + k, k < Nl: a [128] vector
+    in WG_STRIDED((128,), 1) holds element i in thread i. Kinds: "row" loads ref[i // r] (ref
+    [width]), "state" ref[(i % r) Nl + k, i // r] (ref [Np, width]), "scalar" ref[(i % r) Nl + k]
+    (ref [Np]); "put_row" stores x into ref[i // r] from the first thread of each group,
+    "put_state" into ref[(i % r) Nl + k, i // r]; "total" is the sum of x over the group's r
+    threads (log2 r butterfly shuffles: the group is r adjacent lanes of one warp)."""
     from jax.experimental.mosaic import gpu as mgpu
     from jax.experimental.mosaic.gpu import utils as mu
     from jaxlib.mlir import ir
@@ -366,9 +367,9 @@ def _pair_fn(kind: str, dtype, k: int, Nl: int):
     def lane():
         idx, i32 = ir.IndexType.get(), ir.IntegerType.get_signless(32)
         t = arith.index_cast(idx, arith.remui(mu.thread_idx(), mu.c(LANES_D, i32)))
-        half = arith.remui(t, mu.c(2, idx))
-        row = arith.addi(arith.muli(half, mu.c(Nl, idx)), mu.c(k, idx))
-        return arith.divui(t, mu.c(2, idx)), half, row
+        sub = arith.remui(t, mu.c(r, idx))
+        row = arith.addi(arith.muli(sub, mu.c(Nl, idx)), mu.c(k, idx))
+        return arith.divui(t, mu.c(r, idx)), sub, row
 
     def wrap(val):                        # the thread's own value as its element
         return mgpu.FragmentedArray.splat(val, (LANES_D,), layout=layout.to_mgpu())
@@ -389,17 +390,19 @@ def _pair_fn(kind: str, dtype, k: int, Nl: int):
         def total(ctx, x):
             del ctx
             v = unwrap(x)
-            return wrap(arith.addf(v, mu.shfl_bfly(v, 1)))
+            for m in range(int(math.log2(r))):
+                v = arith.addf(v, mu.shfl_bfly(v, 1 << m))
+            return wrap(v)
         return total
 
     @plgpu.inline_mgpu(arg_types=(layout, plgpu.RefType()))
     def store(ctx, x, ref):
         del ctx
-        c, half, n = lane()
+        c, sub, n = lane()
         if kind == "put_state":
             memref.store(unwrap(x), ref, [n, c])
         else:
-            with mu.when(arith.cmpi(arith.CmpIPredicate.eq, half,
+            with mu.when(arith.cmpi(arith.CmpIPredicate.eq, sub,
                                     mu.c(0, ir.IndexType.get()))):
                 memref.store(unwrap(x), ref, [c])
     return store
@@ -408,82 +411,87 @@ def _pair_fn(kind: str, dtype, k: int, Nl: int):
 class _Lanes:
     """How the per-thread kernels' warpgroup (128 threads, values [128] vectors in
     WG_STRIDED((128,), 1): element i in thread i) maps onto the `width` channels of its block
-    (`HopperSelectiveConfig.thread_channels`):
-    width 128: thread i owns channel i and all Np of its states (Nl = Np of them): rows load as
-    [128] vectors, B_t[n] and C_t[n] are scalars every thread reads alike, sums over n stay inside
-    the thread (`total` is the identity);
-    width 64: threads 2c and 2c + 1 share channel c, thread 2c + h owns its states
-    n = h Nl + k, k < Nl = Np / 2: rows and the channel's constants are loaded by both threads of
-    a pair, B_t[n], C_t[n] by each thread at its own n (two addresses a warp), a sum over n is the
-    thread's Nl terms plus its pair's (`total`, one shuffle), a row is stored by the pair's even
-    thread. Per-thread code (`_pair_fn`) on the device; the interpreter computes the same values
-    on [128] arrays with element 2c + h."""
+    (`HopperSelectiveConfig.thread_channels`), r = 128 / width threads a channel:
+    width 128 (r = 1): thread i owns channel i and all Np of its states (Nl = Np of them): rows
+    load as [128] vectors, B_t[n] and C_t[n] are scalars every thread reads alike, sums over n
+    stay inside the thread (`total` is the identity);
+    width 64 or 32 (r = 2 or 4): threads r c .. r c + r - 1 share channel c, thread r c + h owns
+    its states n = h Nl + k, k < Nl = Np / r: rows and the channel's constants are loaded by
+    every thread of the group, B_t[n], C_t[n] by each thread at its own n (r addresses a warp),
+    a sum over n is the thread's Nl terms plus the group's others (`total`, log2 r shuffles), a
+    row is stored by the group's first thread. Per-thread code (`_group_fn`) on the device; the
+    interpreter computes the same values on [128] arrays with element r c + h."""
 
     def __init__(self, ops, width: int, Np: int):
         self.interpret, self.width, self.Np = ops.interpret, width, Np
-        self.pairs = width == LANES_D // 2
-        self.Nl = Np // 2 if self.pairs else Np
+        self.r = LANES_D // width
+        self.grouped = self.r > 1               # more than one thread a channel
+        self.Nl = Np // self.r
         self.vec = (lambda x: x) if ops.interpret else (lambda x: plgpu.layout_cast(
             x, plgpu.Layout.WG_STRIDED((LANES_D,), vec_size=1)))
 
     def zeros(self):
         return self.vec(jnp.zeros((LANES_D,), f32))
 
-    def _halves(self, lo, hi):
-        """Interpreter: the [128] array of element 2c + h = (lo, hi)[h][c]."""
-        return jnp.stack([lo, hi], axis=-1).reshape(LANES_D)
+    def _fn(self, kind, dtype, k=0):
+        return _group_fn(kind, dtype, k, self.Nl, self.r)
+
+    def _groups(self, parts):
+        """Interpreter: the [128] array of element r c + h = parts[h][c]."""
+        return jnp.stack(parts, axis=-1).reshape(LANES_D)
 
     def row(self, ref):
         """ref [width]: the thread's channel's value, float32."""
-        if not self.pairs:
+        if not self.grouped:
             return self.vec(ref[...]).astype(f32)
         if self.interpret:
-            return jnp.repeat(ref[...], 2).astype(f32)
-        return _pair_fn("row", ref.dtype, 0, self.Nl)(ref).astype(f32)
+            return jnp.repeat(ref[...], self.r).astype(f32)
+        return self._fn("row", ref.dtype)(ref).astype(f32)
 
     def state(self, ref, k: int):
         """ref [Np, width]: the thread's k-th state entry of its channel, float32."""
-        if not self.pairs:
+        if not self.grouped:
             return self.row(ref.at[k])
         if self.interpret:
-            return self._halves(ref[k], ref[self.Nl + k]).astype(f32)
-        return _pair_fn("state", ref.dtype, k, self.Nl)(ref).astype(f32)
+            return self._groups([ref[h * self.Nl + k] for h in range(self.r)]).astype(f32)
+        return self._fn("state", ref.dtype, k)(ref).astype(f32)
 
     def scalar(self, ref, k: int):
         """ref [Np] (B_t, C_t): the entry of the thread's k-th state."""
-        if not self.pairs:
+        if not self.grouped:
             return ref[k]
         if self.interpret:
-            return jnp.tile(jnp.stack([ref[k], ref[self.Nl + k]]), LANES_D // 2)
-        return _pair_fn("scalar", ref.dtype, k, self.Nl)(ref)
+            return jnp.tile(jnp.stack([ref[h * self.Nl + k] for h in range(self.r)]),
+                            self.width)
+        return self._fn("scalar", ref.dtype, k)(ref)
 
     def total(self, x):
         """The sum over the threads of a channel of their partial sums over n."""
-        if not self.pairs:
+        if not self.grouped:
             return x
         if self.interpret:
-            return x + x.reshape(-1, 2)[:, ::-1].reshape(LANES_D)
-        return _pair_fn("total", x.dtype, 0, self.Nl)(x)
+            return jnp.repeat(jnp.sum(x.reshape(-1, self.r), axis=1), self.r)
+        return self._fn("total", x.dtype)(x)
 
     def put_row(self, ref, x):
-        """ref [width] = the channels' values x (the same in both threads of a pair)."""
-        if not self.pairs:
+        """ref [width] = the channels' values x (the same in every thread of a group)."""
+        if not self.grouped:
             ref[...] = x
         elif self.interpret:
-            ref[...] = x.reshape(-1, 2)[:, 0]
+            ref[...] = x.reshape(-1, self.r)[:, 0]
         else:
-            _pair_fn("put_row", x.dtype, 0, self.Nl)(x, ref)
+            self._fn("put_row", x.dtype)(x, ref)
 
     def put_state(self, ref, k: int, x):
         """ref [Np, width]: each thread's k-th state entry x into its place."""
-        if not self.pairs:
+        if not self.grouped:
             ref[k] = x
         elif self.interpret:
-            x2 = x.reshape(-1, 2)
-            ref[k] = x2[:, 0]
-            ref[self.Nl + k] = x2[:, 1]
+            xg = x.reshape(-1, self.r)
+            for h in range(self.r):
+                ref[h * self.Nl + k] = xg[:, h]
         else:
-            _pair_fn("put_state", x.dtype, k, self.Nl)(x, ref)
+            self._fn("put_state", x.dtype, k)(x, ref)
 
 
 def _forward_threads(u, dl, z, consts, Bm, Cm, keep, h0, *, softplus, cfg, save):
@@ -539,7 +547,7 @@ def _forward_threads(u, dl, z, consts, Bm, Cm, keep, h0, *, softplus, cfg, save)
                 dt_t = _softplus(dl_t) if softplus else dl_t
                 u_t = L.row(slots["u"].at[slot, t])
                 du = dt_t * u_t
-                y = None if L.pairs else Dv * u_t
+                y = None if L.grouped else Dv * u_t
                 for k in range(Nl):
                     a = jnp.exp2(dt_t * A2[k])
                     if has_keep:                  # keep_t is the same for every n
@@ -547,7 +555,7 @@ def _forward_threads(u, dl, z, consts, Bm, Cm, keep, h0, *, softplus, cfg, save)
                     h[k] = a * h[k] + du * L.scalar(bs.at[slot, t], k)
                     hc = h[k] * L.scalar(cs.at[slot, t], k)
                     y = hc if y is None else y + hc
-                if L.pairs:
+                if L.grouped:
                     y = L.total(y) + Dv * u_t
                 if has_z:
                     z_t = L.row(slots["z"].at[slot, t])
@@ -878,11 +886,11 @@ def _backward_threads(u, dl, z, consts, Bm, Cm, keep, states, dy, dhT, *, softpl
                         d_refs[n].at[b, tg, dsl], x.astype(d_refs[n].dtype))
                     if has_z:
                         z_t = row(sl["z"].at[t])
-                        ypre = None if L.pairs else Dv * u_t
+                        ypre = None if L.grouped else Dv * u_t
                         for k in range(Nl):
                             hc = ht(k) * Cv[k]
                             ypre = hc if ypre is None else ypre + hc
-                        if L.pairs:
+                        if L.grouped:
                             ypre = L.total(ypre) + Dv * u_t
                         sg = _sigmoid(z_t)
                         out("z", dy_t * ypre * sg * (1.0 + z_t * (1.0 - sg)))
