@@ -288,6 +288,8 @@ def main(argv=None) -> int:
     p.add_argument("--ml-variants", default="default", help=f"mlstm: of {sorted(ML_VARIANTS)}")
     p.add_argument("--no-jla", action="store_true", help="skip jla's kernels in this run")
     p.add_argument("--no-triton", action="store_true", help="skip our Triton kernels' timings")
+    p.add_argument("--ml-shapes", default=",".join(f"{b}x{t}" for b, t in ML_SHAPES),
+                   help="mLSTM timings at these BxT (H = 16, K = V = 128)")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--profile", action="store_true",
                    help="per-kernel device times of every fwdbwd timed (a profiler trace)")
@@ -342,9 +344,9 @@ def main(argv=None) -> int:
             rows = {}
             for v in ([] if args.skip_timings else args.variants.split(",")):
                 cfg = HopperSelectiveConfig(semantics=sem, **VARIANTS[v])
-                rows[f"mosaic_gpu[{v}]"] = attempt(f"selective time mosaic_gpu[{v}] B={bsz}",
-                                                   sel_timing, "pallas:mosaic_gpu", cfg,
-                                                   args.reps, bsz, args.profile)
+                rows[f"mosaic_gpu[{v}]"] = {**attempt(
+                    f"selective time mosaic_gpu[{v}] B={bsz}", sel_timing, "pallas:mosaic_gpu",
+                    cfg, args.reps, bsz, args.profile), "overrides": VARIANTS[v]}
             if not args.skip_timings and not args.no_triton:
                 rows["triton"] = attempt(f"selective time triton B={bsz}", sel_timing,
                                          "pallas:triton", None, args.reps, bsz)
@@ -369,15 +371,16 @@ def main(argv=None) -> int:
                     results["checks"][f"mlstm{tag}{shape}"] = attempt(
                         f"mlstm check {tag}{shape}", ml_check, cfg, *shape)
             save()
-        for B, T in ([] if args.skip_timings else ML_SHAPES):
+        ml_shapes = [tuple(int(x) for x in bt.split("x")) for bt in args.ml_shapes.split(",")]
+        for B, T in ([] if args.skip_timings else ml_shapes):
             anchor = scans.get(f"jla.mlstm B={B} T={T} H=16 K=V=128", {})
             rows = {}
             if has_mlstm:
                 for v, cfg in ml_cfgs.items():
                     name = "mosaic_gpu" if v == "default" else f"mosaic_gpu[{v}]"
-                    rows[name] = attempt(f"mlstm time {name} B={B} T={T}", ml_timing,
-                                         "pallas:mosaic_gpu", cfg, B, T, args.reps,
-                                         args.profile)
+                    rows[name] = {**attempt(f"mlstm time {name} B={B} T={T}", ml_timing,
+                                            "pallas:mosaic_gpu", cfg, B, T, args.reps,
+                                            args.profile), "overrides": ML_VARIANTS[v]}
             if not args.no_triton:
                 rows["triton"] = attempt(f"mlstm time triton B={B} T={T}", ml_timing,
                                          "pallas:triton", None, B, T, args.reps)

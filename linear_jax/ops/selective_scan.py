@@ -20,11 +20,12 @@ per chunk for the backward pass; see `linear_jax.ops.common.elementwise_chunk`),
 signature); the XLA forms and the TPU kernel form dt, dt * u and the D skip / z gate in XLA
 around their scan, the GPU kernels fuse them.
 
-The Hopper kernel (impl="pallas:mosaic_gpu", `linear_jax.kernels.gpu.hopper.selective`; not chosen
-by "auto" until it has passed its device check) applies on compute capability 9.0 GPUs to bf16 /
-fp16 u with the channels of each B / C group (D / G) a multiple of 64; it fuses the softplus step
-size and its bias, the D skip and the z gate into a sequential scan over register-held [64, N]
-state tiles (one exp per (t, d, n)). Other inputs are declined (`accepts`): "auto" passes over it.
+The Hopper kernels (impl="pallas:mosaic_gpu", `linear_jax.kernels.gpu.hopper.selective`; "auto"
+takes them on compute capability 9.0 GPUs) apply to bf16 / fp16 u with the channels of each
+B / C group (D / G) a multiple of 64; they fuse the softplus step size and its bias, the D skip
+and the z gate into a sequential scan, two threads a channel, each holding half of its N states
+in registers (one exp per (t, d, n)). Other inputs are declined (`accepts`): "auto" passes over
+them to the Triton kernel.
 """
 
 from __future__ import annotations
@@ -85,10 +86,11 @@ def _check_bc(name, M, Bsz, T, D, N):
 registry.register(registry.OpRecord(
     "selective_scan", reference=unfused(selective_scan_recurrent),
     chunk=unfused(selective_scan_chunk), elementwise=True,
-    # the Hopper kernel passes its H200 check since session 9 (benchmarks/NOTES.md) but has not
-    # been timed against the Triton kernel yet: reachable as impl="pallas:mosaic_gpu" only
+    # the Hopper kernels (per-thread, 64 channels a CTA) passed their H100 check and ran 3.2x
+    # (fwd) and 2.2x (fwd+bwd) faster than the Triton kernel there (benchmarks/NOTES.md, session
+    # 20): "auto" takes them on sm_90
     kernels=(registry.Kernel("mosaic_gpu", "linear_jax.kernels.gpu.hopper.selective:selective_scan",
-                             "linear_jax.kernels.configs:HopperSelectiveConfig", auto=False,
+                             "linear_jax.kernels.configs:HopperSelectiveConfig",
                              min_capability=(9, 0), max_capability=(9, 0),
                              accepts="linear_jax.kernels.gpu.hopper.selective:accepts"),
              registry.Kernel("triton", "linear_jax.kernels.gpu.selective:selective_scan",

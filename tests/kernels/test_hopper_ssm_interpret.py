@@ -33,23 +33,26 @@ def _inputs(B, T, D, N, G, seed=0):
             0.5 * n(7, D), n(8, B, D, N))
 
 
+TILE = dict(per_thread_forward=False, per_thread_backward=False)
 # (B, T, D, N, G, softplus, with segment ids, config)
 CASES = [
-    (1, 45, 64, 12, 1, True, True, dict(chunk=8, stages=2)),   # T, N padded; docs mid-chunk
-    (1, 29, 128, 16, 2, False, False, dict(chunk=16, stages=3)),  # two groups, no softplus
+    # the tile kernels (64 channels a warpgroup, [64, N] accumulator tiles): T, N padded and
+    # documents mid-chunk; two groups, no softplus
+    (1, 45, 64, 12, 1, True, True, dict(chunk=8, stages=2, **TILE)),
+    (1, 29, 128, 16, 2, False, False, dict(chunk=16, stages=3, **TILE)),
     # both kernels with one channel per thread: documents, softplus, N and T padded (the
     # backward's sub-chunks of 2 steps); the states they pass are the layout the tile kernels
     # write and read (the last case runs the per-thread backward on the tile forward's states)
     (1, 45, 128, 12, 1, True, True, dict(chunk=8, stages=2, per_thread_forward=True,
-                                           per_thread_backward=True)),
+                                           per_thread_backward=True, thread_channels=128)),
     # both per-thread kernels at 32 channels a CTA (four threads a channel, N / 4 states each):
-    # documents, softplus, N and T padded, four blocks; the backward alone at 64 (two threads a
+    # documents, softplus, N and T padded, two blocks; the backward alone at 64 (two threads a
     # channel) on the tile forward's states, two groups of 64 channels, no softplus, N = 8
     # (sub-chunks of 8 steps, the sub-chunk loop and the groups the 128-channel backward shares)
-    (1, 45, 128, 12, 1, True, True, dict(chunk=8, stages=2, per_thread_forward=True,
-                                           per_thread_backward=True, thread_channels=32)),
-    (1, 29, 128, 8, 2, False, False, dict(chunk=16, stages=3, per_thread_backward=True,
-                                            thread_channels=64)),
+    (1, 45, 64, 12, 1, True, True, dict(chunk=8, stages=2, per_thread_forward=True,
+                                          per_thread_backward=True, thread_channels=32)),
+    (1, 29, 128, 8, 2, False, False, dict(chunk=16, stages=3, per_thread_forward=False,
+                                            per_thread_backward=True, thread_channels=64)),
 ]
 
 

@@ -19,17 +19,23 @@ from tests.kernels.lowering import cast_round_trips
 bf = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)     # noqa: E731
 fs = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)      # noqa: E731
 
+TILE = dict(per_thread_forward=False, per_thread_backward=False)
 # (semantics, B, T, D, N, G, every optional input (z, D, bias, softplus, h0, segment ids), config)
 SELECTIVE = [
-    ("lane", 1, 256, 128, 16, 1, False, {}),                   # the anchor's N, no extras
-    ("lane", 1, 100, 128, 12, 2, True, dict(chunk=8, stages=2)),  # T, N padded; two groups
+    # the tile kernels: the anchor's N, no extras; T, N padded, two groups, every extra
+    ("lane", 1, 256, 128, 16, 1, False, dict(**TILE)),
+    ("lane", 1, 100, 128, 12, 2, True, dict(chunk=8, stages=2, **TILE)),
     # the forward with one channel per thread: the anchor's N, and every extra with documents
-    ("lane", 1, 256, 128, 16, 1, False, dict(per_thread_forward=True)),
-    ("lane", 1, 100, 256, 12, 2, True, dict(chunk=8, stages=2, per_thread_forward=True)),
+    ("lane", 1, 256, 128, 16, 1, False, dict(per_thread_forward=True, per_thread_backward=False,
+                                             thread_channels=128)),
+    ("lane", 1, 100, 256, 12, 2, True, dict(chunk=8, stages=2, per_thread_forward=True,
+                                            per_thread_backward=False, thread_channels=128)),
     # the backward with one channel per thread (no auto barriers): the anchor's N after the
     # per-thread forward, and every extra with documents after the tile forward, N = 8
-    ("lane", 1, 256, 128, 16, 1, False, dict(per_thread_forward=True, per_thread_backward=True)),
-    ("lane", 1, 100, 256, 8, 2, True, dict(chunk=8, stages=2, per_thread_backward=True)),
+    ("lane", 1, 256, 128, 16, 1, False, dict(per_thread_forward=True, per_thread_backward=True,
+                                             thread_channels=128)),
+    ("lane", 1, 100, 256, 8, 2, True, dict(chunk=8, stages=2, per_thread_forward=False,
+                                           per_thread_backward=True, thread_channels=128)),
     # both per-thread kernels at 64 and 32 channels a CTA (two and four threads a channel:
     # per-thread loads, stores and shuffles through inline_mgpu): the anchor's N at 64, every
     # extra with documents at 32
@@ -72,12 +78,12 @@ def _export_selective(case, grad):
 def test_selective_exports_for_cuda(case, grad):
     exp = _export_selective(case, grad)
     text = exp.mlir_module()
+    cfg = HopperSelectiveConfig(**case[7])
     assert "mosaic_gpu" in text
     assert text.count("selective_scan_bwd") > 0 if grad else "selective_scan_fwd" in text
-    assert ("selective_scan_fwd_threads" in text) == case[7].get("per_thread_forward", False)
+    assert ("selective_scan_fwd_threads" in text) == cfg.per_thread_forward
     if grad:
-        tbwd = case[7].get("per_thread_backward", False)
-        assert ("selective_scan_bwd_threads" in text) == tbwd
+        assert ("selective_scan_bwd_threads" in text) == cfg.per_thread_backward
     assert not cast_round_trips(text), "a float32 -> 16-bit -> float32 cast in XLA (lowering.py)"
 
 
@@ -87,9 +93,10 @@ def test_selective_accepts():
     assert hopper_selective.accepts(u, u, A, Bm, Bm) is None
     assert "bfloat16" in hopper_selective.accepts(u.astype(jnp.float32), u, A, Bm, Bm)
     assert "multiples of 64" in hopper_selective.accepts(u[..., :96], u, A, Bm, Bm)
-    # the per-thread kernels take channels per group in multiples of 128
+    # the per-thread kernels at 128 channels a CTA take channels per group in multiples of 128
     for flag in ("per_thread_forward", "per_thread_backward"):
-        cfg = HopperSelectiveConfig(interpret=False, **{flag: True})
+        cfg = HopperSelectiveConfig(interpret=False, thread_channels=128, **{
+            "per_thread_forward": False, "per_thread_backward": False, flag: True})
         with pytest.raises(ValueError, match=f"{flag} takes channels per group"):
             hopper_selective.selective_scan(u[..., :64], u[..., :64], A[:64], Bm, Bm, None,
                                             None, None, True, initial_state=None,
@@ -130,7 +137,8 @@ def _export_mlstm(case, grad, **fields):
 @pytest.mark.parametrize("case", MLSTM, ids=lambda c: f"{c[0]}-T{c[2]}-K{c[4]}V{c[5]}-L{c[7]}"
                          + "-h0-docs" * c[6])
 def test_mlstm_exports_for_cuda(case, grad):
-    text = _export_mlstm(case, grad).mlir_module()
+    """The unfused kernels (output kernel after the chunk states' scan in XLA)."""
+    text = _export_mlstm(case, grad, fused_forward=False, states="scan").mlir_module()
     names = ("mlstm_out", "mlstm_bwd_queries", "mlstm_bwd_keys") if grad else ("mlstm_out",)
     for name in names:
         assert name in text, name
@@ -142,7 +150,7 @@ def test_mlstm_exports_for_cuda(case, grad):
 def test_mlstm_states_matmul_exports_for_cuda(case, grad):
     """HopperMlstmConfig(states="matmul"): the same kernels, and no serial loop in XLA (the
     chunk states as one product, forward and backward)."""
-    text = _export_mlstm(case, grad, states="matmul").mlir_module()
+    text = _export_mlstm(case, grad, fused_forward=False, states="matmul").mlir_module()
     names = ("mlstm_out", "mlstm_bwd_queries", "mlstm_bwd_keys") if grad else ("mlstm_out",)
     for name in names:
         assert name in text, name
@@ -151,18 +159,20 @@ def test_mlstm_states_matmul_exports_for_cuda(case, grad):
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["fwd", "bwd"])
-@pytest.mark.parametrize("states", ["scan", "matmul"])
+@pytest.mark.parametrize("states", ["scan", "auto"])
 @pytest.mark.parametrize("case", MLSTM, ids=lambda c: f"T{c[2]}-K{c[4]}V{c[5]}-L{c[7]}"
                          + "-h0-docs" * c[6])
 def test_mlstm_fused_exports_for_cuda(case, states, grad):
-    """HopperMlstmConfig(fused_forward=True): the forward is the one fused kernel (no unfused
-    output kernel; no serial loop in the forward, whatever `states`), the backward the unfused
-    backward kernels on its residuals."""
-    text = _export_mlstm(case, grad, fused_forward=True, states=states).mlir_module()
+    """HopperMlstmConfig(fused_forward=True), the default with states="auto" (the matmul form
+    at these few chunks): the forward is the one fused kernel (no unfused output kernel; no
+    serial loop in the forward, whatever `states`), the backward the unfused backward kernels on
+    its residuals."""
+    assert HopperMlstmConfig().fused_forward and HopperMlstmConfig().states == "auto"
+    text = _export_mlstm(case, grad, states=states).mlir_module()
     assert "mlstm_fused" in text and "mlstm_out" not in text
     for name in ("mlstm_bwd_queries", "mlstm_bwd_keys") if grad else ():
         assert name in text, name
-    if not grad or states == "matmul":
+    if not grad or states == "auto":
         assert "stablehlo.while" not in text
     assert not cast_round_trips(text), "a float32 -> 16-bit -> float32 cast in XLA (lowering.py)"
 
@@ -177,3 +187,18 @@ def test_mlstm_refuses():
         _export_mlstm(("lane", 1, 256, 1, 128, 128, False, 256), grad=True)
     with pytest.raises(ValueError, match="HopperMlstmConfig.states"):
         HopperMlstmConfig(states="loop")
+
+
+@pytest.mark.parametrize("chunks,form", [(64, "matmul"), (65, "scan")])
+def test_mlstm_auto_states_form(chunks, form):
+    """states="auto": the chunk states' matmul form up to MATMUL_CHUNKS chunks (its product
+    grows as their square), the serial scan past them."""
+    L = 64
+    assert HopperMlstmConfig.MATMUL_CHUNKS == 64
+    T = chunks * L
+    k = jnp.zeros((1, T, 1, 8))
+    ip = lf = jnp.zeros((1, T, 1))
+    states = hopper_mlstm._states_of(HopperMlstmConfig(states="auto"))
+    jaxpr = str(jax.make_jaxpr(lambda k, ip, lf: states(k, k, ip, lf, None, None, T, L))(
+        k, ip, lf))
+    assert ("scan[" in jaxpr) == (form == "scan")

@@ -42,7 +42,7 @@ def on(monkeypatch):
         ("cpu", "short_conv", 1024, "chunk"),        # not element-wise in the registry's sense
         ("gpu", "hgrn", 1024, "pallas:triton"),
         ("tpu", "hgrn", 1024, "chunk"),              # a GPU kernel only
-        ("gpu", "selective_scan", 1024, "pallas:triton"),
+        ("gpu", "selective_scan", 1024, "pallas:mosaic_gpu"),   # timed against Triton (session 20)
         ("tpu", "selective_scan", 1024, "pallas:tpu"),
         ("gpu", "mlstm", 1024, "pallas:triton"),
         ("tpu", "mlstm", 1024, "chunk"),             # its kernel awaits the device check
