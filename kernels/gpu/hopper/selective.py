@@ -58,20 +58,21 @@ float32 in SMEM once (a 2-D load / store) and the steps read float32 rows; outpu
 The [64, N] state tiles move to and from SMEM as N rows of 64 channels (masked row sums / selects;
 the states in HBM are [N, 64]-tiled, channels contiguous), once per chunk.
 
-Variant (`HopperSelectiveConfig.per_thread_forward`, off until timed): the forward with one
-channel per thread (`_forward_threads`), 128 channels a warpgroup, the N states scalars in the
-thread's registers and B_t, C_t read as scalars: no cross-thread sum per step, the rows loaded as
-[128] vectors without the float32 widening; it writes the states `_backward` reads.
-`HopperSelectiveConfig.per_thread_backward` (off until timed): the backward in the same layout
-(`_backward_threads`): per chunk the states entering its sub-chunks of S steps (S = 2 at N = 16)
-recomputed into SMEM, each sub-chunk's S states and decays recomputed into registers and walked
-in reverse with no cross-thread sum over n; dB_t, dC_t summed over the 128 channels once per
-sub-chunk (per-thread products in SMEM, one barrier, a row sum of [64, 128] tiles); no auto
-barriers (9 barriers a chunk of 16 steps against ~15 a step). Either forward's states feed either
-backward. `HopperSelectiveConfig.thread_channels` (128 until timed): the channels a CTA of both
-per-thread kernels; at 64 two threads share a channel, each owning N / 2 of its states, and the
-per-step sums over n take one shuffle between the pair (`_Lanes`): grid (B, D / 64), 128 CTAs at
-B = 4, D = 2048 instead of 64 on the 132 SMs of an H100.
+The default (`HopperSelectiveConfig` per_thread_forward, per_thread_backward, thread_channels =
+64, since session 20): the per-thread layout. `_forward_threads` gives each channel to a group of
+threads with its N states as scalars in their registers and B_t, C_t read as scalars: no sum over
+a tile's row per step, the rows loaded without the float32 widening; it writes the states either
+backward reads. `_backward_threads` walks the same layout in reverse: per chunk the states
+entering its sub-chunks of S steps (S = 2 at N = 16) recomputed into SMEM, each sub-chunk's S
+states and decays recomputed into registers and walked in reverse with no cross-thread sum over
+n beyond the group's; dB_t, dC_t summed over the block's channels once per sub-chunk (per-thread
+products in SMEM, one barrier, row sums of [64, width] tiles); no auto barriers (9 barriers a
+chunk of 16 steps against ~15 a step in `_backward`). `thread_channels` is the channels a CTA:
+128 (one thread a channel; 64 CTAs at B = 4, D = 2048, half an H100's SMs idle), 64 (two threads
+a channel, N / 2 states each, one shuffle per sum: 128 CTAs) or 32 (four threads, two shuffles:
+256 CTAs, two or three an SM) (`_Lanes`). On an H100 (B = 4, T = 4096, D = 2048, N = 16) the
+fwd+bwd took 5.65 ms with the tile kernels above, 3.58 at width 128 and 2.37 at 64 (jla 1.87);
+the forward 0.62 / 0.63 / 0.54 (jla 0.56). The tile kernels stay for `per_thread_* = False`.
 
 Inputs: u, delta, z bf16 / fp16 (float32 raises ValueError: the Triton kernel computes it); A, B,
 C, D, bias any float (read as float32); the channels of a group (D / G) a multiple of 64.
