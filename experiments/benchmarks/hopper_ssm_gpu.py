@@ -135,14 +135,19 @@ def sel_check(cfg, B, T, D, N, G):
     return out
 
 
-def sel_timing(impl, cfg, reps, batch=SEL_SHAPE[0], prof=False):
+def sel_setup(impl, cfg, batch):
+    """(f, jitted forward, jitted fwd+bwd, their args) at the timing shape with `batch`."""
     x = sel_inputs(batch, *SEL_SHAPE[1:], extras=False)
     args = [x[k] for k in SEL_NAMES[:-1]] + [None]
     f, g = sel_fns(impl, cfg, None)
     fj = jax.jit(lambda *a: f(*a, None))
     gj = jax.jit(lambda *a: g(*a[:8], None, *a[8:])[:8])
-    a, ab = args[:8], args[:8] + [x["dy"], x["dh"]]
-    row = timed(fj, a, gj, ab, reps, prof)
+    return f, fj, gj, args[:8], args[:8] + [x["dy"], x["dh"]]
+
+
+def sel_timing(impl, cfg, reps, batch=SEL_SHAPE[0], prof=False, mem=False):
+    f, fj, gj, a, ab = sel_setup(impl, cfg, batch)
+    row = timed(fj, a, gj, ab, reps, prof, mem)
 
     def chained(*a):                      # 4 forwards in one executable, each on the last's y
         y = a[0]
@@ -219,13 +224,19 @@ def ml_check(cfg, B, T, H, K, V, extras):
     return out
 
 
-def ml_timing(impl, cfg, B, T, reps, prof=False):
+def ml_setup(impl, cfg, B, T):
+    """(inputs, jitted forward, jitted fwd+bwd, their args) at B, T."""
     x = ml_inputs(B, T, *ML_HKV, extras=False)
     f, g = ml_fns(impl, cfg, None)
     a = [x[k] for k in ("q", "k", "v", "i", "f")]
     fj = jax.jit(lambda *a: f(*a, None))
     gj = jax.jit(lambda *a: g(*a[:5], None, a[5])[:5])
-    row = timed(fj, a, gj, a + [x["dy"]], reps, prof)
+    return x, fj, gj, a, a + [x["dy"]]
+
+
+def ml_timing(impl, cfg, B, T, reps, prof=False, mem=False):
+    x, fj, gj, a, ab = ml_setup(impl, cfg, B, T)
+    row = timed(fj, a, gj, ab, reps, prof, mem)
     _, vjp = jax.vjp(fj, *a)
     zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fj, *a)[1])
     args = (vjp, (x["dy"], zero))
@@ -236,10 +247,21 @@ def ml_timing(impl, cfg, B, T, reps, prof=False):
 
 
 # -- driver ---------------------------------------------------------------------------------------
-def timed(fj, a, gj, ab, reps, prof=False):
+def mem_bytes(fn, args) -> int | None:
+    """The compiled executable's arguments + outputs + temporaries: its peak device memory as
+    XLA plans it (None where the backend gives no analysis)."""
+    m = fn.lower(*args).compile().memory_analysis()
+    return None if m is None else int(m.argument_size_in_bytes + m.output_size_in_bytes
+                                      + m.temp_size_in_bytes)
+
+
+def timed(fj, a, gj, ab, reps, prof=False, mem=False):
     """fwd / fwdbwd compile s, device ms (10 calls back to back) and sync ms; with `prof` the
-    mean us a call of every kernel the fwdbwd ran (a profiler trace), largest first."""
+    mean us a call of every kernel the fwdbwd ran (a profiler trace), largest first; with `mem`
+    the fwdbwd's planned peak bytes (`mem_bytes`)."""
     row = {}
+    if mem:
+        row["fwdbwd_mem_bytes"] = mem_bytes(gj, ab)
     for key, fn, args in (("fwd", fj, a), ("fwdbwd", gj, ab)):
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
@@ -255,12 +277,16 @@ def timed(fj, a, gj, ab, reps, prof=False):
 
 def add_ratios(rows, anchor):
     """Each timing row gains jla's ms over its sync ms (above 1: we are faster): jla's sync ms of
-    this run where it ran, else the anchor's."""
+    this run where it ran, else the anchor's; and, where the chunk form's memory was planned
+    (`--memory`), its fwd+bwd peak bytes over the chunk form's (the issue's bar: at most 1)."""
     run = rows.get("jla_run", {})
     if "fwd_sync_ms" in run:
         anchor = {k + "_ms": run[k + "_sync_ms"] for k in ("fwd", "fwdbwd")
                   if k + "_sync_ms" in run}
+    chunk = rows.get("chunk_memory", {}).get("fwdbwd_mem_bytes")
     for name, r in rows.items():
+        if chunk and r.get("fwdbwd_mem_bytes") and name != "chunk_memory":
+            r["fwdbwd_mem_over_chunk"] = round(r["fwdbwd_mem_bytes"] / chunk, 3)
         if name == "jla_run":
             continue
         for k in ("fwd", "fwdbwd"):
@@ -293,6 +319,9 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--profile", action="store_true",
                    help="per-kernel device times of every fwdbwd timed (a profiler trace)")
+    p.add_argument("--memory", action="store_true",
+                   help="each timed fwdbwd's planned peak bytes, and the XLA chunk form's at the "
+                        "same shape (row 'chunk_memory', compiled, not run): the issue's bar")
     p.add_argument("--skip-checks", action="store_true",
                    help="timings only, under the first of --semantics")
     p.add_argument("--skip-timings", action="store_true", help="checks only")
@@ -346,13 +375,17 @@ def main(argv=None) -> int:
                 cfg = HopperSelectiveConfig(semantics=sem, **VARIANTS[v])
                 rows[f"mosaic_gpu[{v}]"] = {**attempt(
                     f"selective time mosaic_gpu[{v}] B={bsz}", sel_timing, "pallas:mosaic_gpu",
-                    cfg, args.reps, bsz, args.profile), "overrides": VARIANTS[v]}
+                    cfg, args.reps, bsz, args.profile, args.memory), "overrides": VARIANTS[v]}
             if not args.skip_timings and not args.no_triton:
                 rows["triton"] = attempt(f"selective time triton B={bsz}", sel_timing,
                                          "pallas:triton", None, args.reps, bsz)
-                if jla:
-                    rows["jla_run"] = attempt(f"selective time jla B={bsz}", sel_timing, "jla",
-                                              None, args.reps, bsz, args.profile)
+            if not args.skip_timings and jla:
+                rows["jla_run"] = attempt(f"selective time jla B={bsz}", sel_timing, "jla",
+                                          None, args.reps, bsz, args.profile, args.memory)
+            if not args.skip_timings and args.memory:
+                rows["chunk_memory"] = attempt(
+                    f"selective chunk form memory B={bsz}", lambda: {"fwdbwd_mem_bytes": mem_bytes(
+                        *sel_setup("chunk", None, bsz)[2::2])})
             ref = anchor if bsz == SEL_SHAPE[0] else {}
             add_ratios(rows, ref)
             results["timings"][f"selective B={bsz} T=4096 D=2048 N=16"] = {"jla": ref, **rows}
@@ -380,13 +413,18 @@ def main(argv=None) -> int:
                     name = "mosaic_gpu" if v == "default" else f"mosaic_gpu[{v}]"
                     rows[name] = {**attempt(f"mlstm time {name} B={B} T={T}", ml_timing,
                                             "pallas:mosaic_gpu", cfg, B, T, args.reps,
-                                            args.profile), "overrides": ML_VARIANTS[v]}
+                                            args.profile, args.memory),
+                                    "overrides": ML_VARIANTS[v]}
             if not args.no_triton:
                 rows["triton"] = attempt(f"mlstm time triton B={B} T={T}", ml_timing,
                                          "pallas:triton", None, B, T, args.reps)
             if jla:
                 rows["jla_run"] = attempt(f"mlstm time jla B={B} T={T}", ml_timing, "jla", None,
-                                          B, T, args.reps, args.profile)
+                                          B, T, args.reps, args.profile, args.memory)
+            if args.memory:
+                rows["chunk_memory"] = attempt(
+                    f"mlstm chunk form memory B={B} T={T}", lambda B=B, T=T: {
+                        "fwdbwd_mem_bytes": mem_bytes(*ml_setup("chunk", None, B, T)[2::2])})
             add_ratios(rows, anchor)
             results["timings"][f"mlstm B={B} T={T} H=16 K=V=128"] = {"jla": anchor, **rows}
             save()
