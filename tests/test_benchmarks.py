@@ -305,3 +305,29 @@ def test_newest_day_keeps_one_session_and_lends_its_config(monkeypatch):
     out = dict(render.newest_day("*"))
     assert sorted(out) == ["a.json", "b.json", "d.json"]
     assert out["b.json"]["config"] == {"c": 1} and "config" not in out["d.json"]
+
+
+def test_hopper_ssm_ratios_memory_and_readme_cut():
+    """hopper_ssm_gpu's rows: jla's sync ms of the same run over ours, each fwd+bwd's planned
+    peak over the chunk form's (`--memory`); render's README cut keeps, per shape, our fastest
+    forward and fastest fwd+bwd (device ms) with that run's jla row, the full table every row."""
+    from experiments.benchmarks import hopper_ssm_gpu as h
+
+    ms = lambda f, fs, b, bs: {"fwd_ms": f, "fwd_sync_ms": fs,               # noqa: E731
+                               "fwdbwd_ms": b, "fwdbwd_sync_ms": bs}
+    rows = {"mosaic_gpu[a]": {**ms(1.0, 2.0, 3.0, 4.0), "fwdbwd_mem_bytes": 50},
+            "mosaic_gpu[b]": ms(0.5, 1.0, 5.0, 6.0), "jla_run": ms(0.8, 1.0, 2.0, 3.0),
+            "chunk_memory": {"fwdbwd_mem_bytes": 200}}
+    h.add_ratios(rows, {"fwd_ms": 9.0})                   # the same run's jla wins over an anchor
+    a, b = rows["mosaic_gpu[a]"], rows["mosaic_gpu[b]"]
+    assert (a["fwd_jla_over_ours"], a["fwdbwd_jla_over_ours"]) == (0.5, 0.75)
+    assert (b["fwd_jla_over_ours"], b["fwdbwd_jla_over_ours"]) == (1.0, 0.5)
+    assert a["fwdbwd_mem_over_chunk"] == 0.25 and "fwdbwd_mem_over_chunk" not in b
+    assert "fwd_jla_over_ours" not in rows["jla_run"]
+    data = {"device": "H", "rows": [{"timings": {"sel": {"jla": {}, **rows}}}]}
+    best = render.ssm_best([("f.json", data)])
+    kept = [k for _, d in best for k in d["rows"][0]["timings"]["sel"]]
+    assert kept == ["mosaic_gpu[b]", "jla_run", "mosaic_gpu[a]"]     # fwd's best, then fwd+bwd's
+    table = render.ssm_table(best)
+    assert "| sel | mosaic_gpu[a] | 1.000 / 2.000 (0.50x) | 3.000 / 4.000 (0.75x) |" in table[4]
+    assert len(render.ssm_table([("f.json", data)])) == 2 + 3        # chunk_memory: no timing row
