@@ -663,6 +663,10 @@ class HopperMlstmConfig(_OwnChunk):
       against 1.535 and 0.878 at B = 2, T = 8192 (H100, session 20; jla 0.636 and 0.695). Its
       fwd+bwd with the scan states matched the unfused one's (3.717 against 3.655); with the
       matmul states (the default pair) not yet timed.
+    form: "tiles", the kernels above; "simple_gla": the stabilised state as simple GLA on
+      rescaled keys, through the simple-GLA kernels (`HopperChunkConfig` defaults, this config's
+      semantics and interpret), the normaliser in XLA (`kernels/gpu/hopper/mlstm_gla.py`; the
+      other fields unused). Not yet timed on the device.
     """
 
     chunk: int = 128
@@ -672,8 +676,10 @@ class HopperMlstmConfig(_OwnChunk):
     profile_dir: str = ""
     states: str = "auto"
     fused_forward: bool = True
+    form: str = "tiles"
 
     MATMUL_CHUNKS: typing.ClassVar[int] = 64
 
     def __post_init__(self):
-        _check_hopper(self, chunk=(64, 128, 256), states=("auto", "scan", "matmul"))
+        _check_hopper(self, chunk=(64, 128, 256), states=("auto", "scan", "matmul"),
+                      form=("tiles", "simple_gla"))

@@ -65,7 +65,8 @@ ML_VARIANTS = {"default": {}, "approx": dict(approx_math=True),
                "states_matmul": dict(states="matmul"),
                "states_matmul_c64": dict(states="matmul", chunk=64),   # ~98 KB SMEM: 2 CTAs / SM
                "fused": dict(fused_forward=True),   # one walk kernel: no state pass in the fwd
-               "fused_matmul": dict(fused_forward=True, states="matmul")}
+               "fused_matmul": dict(fused_forward=True, states="matmul"),
+               "simple_gla": dict(form="simple_gla")}   # the simple-GLA kernels, XLA normaliser
 SEL_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "h0")
 SEL_SHAPE = (4, 4096, 2048, 16, 1)        # B, T, D, N, G of the timing (the jla anchor's)
 ML_SHAPES = ((8, 2048), (2, 8192))        # B, T of the mLSTM timings (H = 16, K = V = 128)

@@ -177,6 +177,19 @@ def test_mlstm_fused_exports_for_cuda(case, states, grad):
     assert not cast_round_trips(text), "a float32 -> 16-bit -> float32 cast in XLA (lowering.py)"
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "bwd"])
+def test_mlstm_simple_gla_form_exports_for_cuda(grad):
+    """HopperMlstmConfig(form="simple_gla"): the simple-GLA kernels (the forward walk, and its
+    gradient kernels under grad), none of the mLSTM tile kernels; documents and an initial
+    state, T padded."""
+    text = _export_mlstm(MLSTM[1], grad, form="simple_gla").mlir_module()
+    assert "simple_gla_walk" in text
+    assert ("simple_gla_grad" in text) == grad
+    assert not any(n in text for n in ("mlstm_fused", "mlstm_out", "mlstm_bwd"))
+    # no round-trip check: h's cotangent (the loss's float32 ones, narrowed to h's bf16) widens
+    # again for the normaliser, which is float32 XLA here; nothing is split into hi / lo
+
+
 def test_mlstm_refuses():
     x = jnp.zeros((1, 8, 1, 128), jnp.bfloat16)
     assert hopper_mlstm.accepts(x, x, x) is None
@@ -187,6 +200,8 @@ def test_mlstm_refuses():
         _export_mlstm(("lane", 1, 256, 1, 128, 128, False, 256), grad=True)
     with pytest.raises(ValueError, match="HopperMlstmConfig.states"):
         HopperMlstmConfig(states="loop")
+    with pytest.raises(ValueError, match="HopperMlstmConfig.form"):
+        HopperMlstmConfig(form="gla")
 
 
 @pytest.mark.parametrize("chunks,form", [(64, "matmul"), (65, "scan")])

@@ -65,6 +65,9 @@ Roofline at B = 8, T = 2048, H = 16, K = V = 128, bf16 (H200 ~4.3 TB/s, ~790 TFL
             one per query tile: 268 MB) ~870 MB; keys: k, v, the chunk's q, dh (x2) in, dk, dv out
             ~540 MB; ~1.4 GB, ~0.33 ms; ~3x the forward's FLOPs, still bandwidth-bound.
 
+The other form (`HopperMlstmConfig.form = "simple_gla"`, `mlstm_gla`): the stabilised state as
+simple GLA on rescaled keys through the simple-GLA kernels, the normaliser in XLA.
+
 Inputs bf16 / fp16; K = V = 64 or 128; T padded to a multiple of L. The backward's SMEM fits
 L <= 128 at K = V = 128 (L = 256 at 64).
 """
@@ -79,6 +82,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from linear_jax.kernels.configs import HopperMlstmConfig
+from linear_jax.kernels.gpu.hopper import mlstm_gla
 from linear_jax.kernels.gpu.hopper.common import LANES, f32, padded_doc
 from linear_jax.kernels.gpu.hopper.mlstm_bwd import grad_keys, grad_queries
 from linear_jax.kernels.gpu.hopper.mlstm_fused import fused_forward, tile_rows
@@ -325,6 +329,9 @@ def mlstm(q, k, v, i, f, *, scale, initial_state, segment_ids, chunk_size, eps, 
     reason = accepts(q, k, v)
     if reason is not None:
         raise ValueError(f"mlstm: {reason}")
+    if cfg.form == "simple_gla":
+        return mlstm_gla.mlstm(q, k, v, i, f, scale=scale, initial_state=initial_state,
+                               segment_ids=segment_ids, eps=eps, cfg=cfg)
     B, T, H, _ = q.shape
     L = cfg.chunk
     Tp = -(-T // L) * L
