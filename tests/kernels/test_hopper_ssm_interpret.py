@@ -40,15 +40,13 @@ CASES = [
     # documents mid-chunk; two groups, no softplus
     (1, 45, 64, 12, 1, True, True, dict(chunk=8, stages=2, **TILE)),
     (1, 29, 128, 16, 2, False, False, dict(chunk=16, stages=3, **TILE)),
-    # both kernels with one channel per thread: documents, softplus, N and T padded (the
-    # backward's sub-chunks of 2 steps); the states they pass are the layout the tile kernels
-    # write and read (the last case runs the per-thread backward on the tile forward's states)
-    (1, 45, 128, 12, 1, True, True, dict(chunk=8, stages=2, per_thread_forward=True,
-                                           per_thread_backward=True, thread_channels=128)),
-    # both per-thread kernels at 32 channels a CTA (four threads a channel, N / 4 states each):
-    # documents, softplus, N and T padded, two blocks; the backward alone at 64 (two threads a
-    # channel) on the tile forward's states, two groups of 64 channels, no softplus, N = 8
-    # (sub-chunks of 8 steps, the sub-chunk loop and the groups the 128-channel backward shares)
+    # the per-thread kernels (`selective._Lanes`): both at 32 channels a CTA (four threads a
+    # channel, N / 4 states each): documents, softplus, N and T padded (the backward's sub-chunks
+    # of 2 steps), two blocks; the backward alone at 64 (two threads a channel, the default) on
+    # the tile forward's states (the layout both forwards write): two groups of 64 channels, no
+    # softplus, N = 8 (sub-chunks of 8 steps). One thread a channel (thread_channels = 128, no
+    # longer the default) passed its device check in session 20 and its exports lower; its
+    # interpreter case was dropped for CI's time (its code is the ungrouped branch of `_Lanes`)
     (1, 45, 64, 12, 1, True, True, dict(chunk=8, stages=2, per_thread_forward=True,
                                           per_thread_backward=True, thread_channels=32)),
     (1, 29, 128, 8, 2, False, False, dict(chunk=16, stages=3, per_thread_forward=False,
@@ -56,8 +54,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=["docs-softplus", "groups", "per-thread",
-                                             "per-thread-32", "per-thread-bwd-64-groups"])
+@pytest.mark.parametrize("case", CASES, ids=["docs-softplus", "groups", "per-thread-32",
+                                             "per-thread-bwd-64-groups"])
 def test_selective_matches_reference(case):
     B, T, D, N, G, softplus, docs, over = case
     cfg = HopperSelectiveConfig(interpret=True, **over)
