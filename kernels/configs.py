@@ -612,9 +612,9 @@ class HopperSelectiveConfig(_OwnChunk):
       idle). 64: two threads a channel, each owning N / 2 of its states, the per-step sums over
       n finished by one shuffle between the pair (grid (B, D / 64): 128 CTAs there; the channels
       per group a multiple of 64; the default). 32: four threads a channel, N / 4 states each,
-      two shuffles a sum (256 CTAs there; ptxas proxy 145 registers in the backward, ~63 KB SMEM:
-      two or three CTAs an SM to hide the step's latency); not yet timed. Same results to
-      float32 rounding.
+      two shuffles a sum (256 CTAs there; ptxas proxy 196 registers in the backward, ~63 KB SMEM:
+      two CTAs an SM to hide the step's latency, for ~1.24x the grid's instructions); not yet
+      timed. Same results to float32 rounding.
     """
 
     chunk: int = 16

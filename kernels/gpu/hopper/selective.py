@@ -70,7 +70,7 @@ products in SMEM, one barrier, row sums of [64, width] tiles); no auto barriers 
 chunk of 16 steps against ~15 a step in `_backward`). `thread_channels` is the channels a CTA:
 128 (one thread a channel; 64 CTAs at B = 4, D = 2048, half an H100's SMs idle), 64 (two threads
 a channel, N / 2 states each, one shuffle per sum: 128 CTAs) or 32 (four threads, two shuffles:
-256 CTAs, two or three an SM) (`_Lanes`). On an H100 (B = 4, T = 4096, D = 2048, N = 16) the
+256 CTAs, two an SM) (`_Lanes`). On an H100 (B = 4, T = 4096, D = 2048, N = 16) the
 fwd+bwd took 5.65 ms with the tile kernels above, 3.58 at width 128 and 2.37 at 64 (jla 1.87);
 the forward 0.62 / 0.63 / 0.54 (jla 0.56). The tile kernels stay for `per_thread_* = False`.
 
