@@ -325,9 +325,10 @@ def test_hopper_ssm_ratios_memory_and_readme_cut():
     assert a["fwdbwd_mem_over_chunk"] == 0.25 and "fwdbwd_mem_over_chunk" not in b
     assert "fwd_jla_over_ours" not in rows["jla_run"]
     data = {"device": "H", "rows": [{"timings": {"sel": {"jla": {}, **rows}}}]}
-    best = render.ssm_best([("f.json", data)])
-    kept = [k for _, d in best for k in d["rows"][0]["timings"]["sel"]]
+    every = render.ssm_rows([("f.json", data)])
+    best = render.ssm_best(every)
+    kept = [r["kernel"] for r in best]
     assert kept == ["mosaic_gpu[b]", "jla_run", "mosaic_gpu[a]"]     # fwd's best, then fwd+bwd's
     table = render.ssm_table(best)
     assert "| sel | mosaic_gpu[a] | 1.000 / 2.000 (0.50x) | 3.000 / 4.000 (0.75x) |" in table[4]
-    assert len(render.ssm_table([("f.json", data)])) == 2 + 3        # chunk_memory: no timing row
+    assert len(render.ssm_table(every)) == 2 + 3                     # chunk_memory: no timing row
