@@ -329,16 +329,16 @@ def mlstm(q, k, v, i, f, *, scale, initial_state, segment_ids, chunk_size, eps, 
     reason = accepts(q, k, v)
     if reason is not None:
         raise ValueError(f"mlstm: {reason}")
-    if cfg.form == "simple_gla":
-        return mlstm_gla.mlstm(q, k, v, i, f, scale=scale, initial_state=initial_state,
-                               segment_ids=segment_ids, eps=eps, cfg=cfg)
     B, T, H, _ = q.shape
-    L = cfg.chunk
-    Tp = -(-T // L) * L
     h0 = None if initial_state is None else tuple(x.astype(f32) for x in initial_state)
     m0 = jnp.zeros((B, H), f32) if h0 is None else h0[2]
     ig, lf = i.astype(f32), jax.nn.log_sigmoid(f.astype(f32))
     m = running_max(ig, lf, m0, segment_ids)
+    if cfg.form == "simple_gla":
+        return mlstm_gla.mlstm(q, k, v, ig, lf, m, h0, scale=scale, segment_ids=segment_ids,
+                               eps=eps, cfg=cfg)
+    L = cfg.chunk
+    Tp = -(-T // L) * L
     pad = lambda x, mode="constant": pad_time(x, Tp, mode=mode)           # noqa: E731
     ip = jnp.where(jnp.arange(Tp)[None, :, None] < T, pad(ig), -1e30)    # padding adds nothing
     doc = None if segment_ids is None else padded_doc(segment_ids, Tp).astype(f32)

@@ -3,7 +3,8 @@ mLSTM state is a scalar-gate linear recurrence on rescaled keys, so the numerato
 `decay.simple_gla`'s forward and backward kernels and only the normaliser stays in XLA.
 
 With l = logsigmoid(f) and the recurrent stabiliser m_t = max(l_t + m_{t-1}, i_t) (`linear_jax.ops
-.mlstm` states the cell; `gates.running_max` forms m), the stabilised state C_t obeys
+.mlstm` states the cell; `mlstm.mlstm` forms m with `gates.running_max`), the stabilised state C_t
+obeys
 
     C_t = exp(g'_t) C_{t-1} + k'_t v_t^T,   g'_t = l_t + m_{t-1} - m_t <= 0,
                                             k'_t = exp(i_t - m_t) k_t   (|k'_t| <= |k_t|)
@@ -32,24 +33,21 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 
 from linear_jax.kernels.configs import HopperChunkConfig, HopperMlstmConfig
 from linear_jax.kernels.gpu.hopper import decay
 from linear_jax.kernels.gpu.hopper.common import f32
 from linear_jax.ops.common.decay_chunk import chunk_decay
-from linear_jax.ops.common.gates import running_max
 from linear_jax.ops.common.normalise import normalise
 
 
-def mlstm(q, k, v, i, f, *, scale, initial_state, segment_ids, eps, cfg: HopperMlstmConfig):
-    """`mlstm.mlstm`'s contract through the simple-GLA kernels (the module docstring)."""
-    B, T, H, K = q.shape
-    ig, lf = i.astype(f32), jax.nn.log_sigmoid(f.astype(f32))
-    h0 = None if initial_state is None else tuple(x.astype(f32) for x in initial_state)
+def mlstm(q, k, v, ig, lf, m, h0, *, scale, segment_ids, eps, cfg: HopperMlstmConfig):
+    """`mlstm.mlstm`'s result through the simple-GLA kernels (the module docstring), from its
+    float32 input gates ig, log forget gates lf and stabiliser m [B, T, H] and h0 None or the
+    float32 (C0, n0, m0)."""
+    B, T, H, _ = q.shape
     m0 = jnp.zeros((B, H), f32) if h0 is None else h0[2]
-    m = running_max(ig, lf, m0, segment_ids)
     # g at a document's first token multiplies only the dropped state: m_prev needs no reset
     g = lf + jnp.concatenate([m0[:, None], m[:, :-1]], axis=1) - m
     kw = jnp.exp(ig - m)[..., None] * k.astype(f32)
