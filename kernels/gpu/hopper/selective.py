@@ -499,15 +499,16 @@ def _forward_threads(u, dl, z, consts, Bm, Cm, keep, h0, *, softplus, cfg, save)
     """`_forward` with one channel per thread (`HopperSelectiveConfig.per_thread_forward`): a
     warpgroup for `cfg.thread_channels` channels (`_Lanes`: at 128 a channel's N states are N
     float32 scalars in its thread's registers, B_t and C_t read from SMEM as scalars every thread
-    of the warpgroup reads alike; at 64 two threads share a channel, N / 2 states each, and C_t .
-    h_t takes one shuffle a step). A step is N (N / 2) independent exp2 + FMA pairs and an
+    of the warpgroup reads alike; at 64 (32) two (four) threads share a channel, N / 2 (N / 4)
+    states each, and C_t . h_t takes one (two) shuffles a step). A step is N / r independent
+    exp2 + FMA pairs (r threads a channel) and an
     in-thread sum (`_forward` sums C_t . h_t over the threads sharing a row of its [64, N] tile
     every step). Decays as exp2(dt A log2 e) (one ex2.approx.ftz under approx_math, as
     `_backward_threads`). Rows of u, delta, z load straight from their bf16 tiles, y rows go to
     GMEM from registers. Same arguments, outputs and states layout as `_forward` (so either
     backward reads its states); the channels per group must be a multiple of the width. Grid
     (B, Dp / width): 64 CTAs at B = 4, D = 2048 and width 128 (half of an H100's 132 SMs idle),
-    128 at width 64."""
+    128 at width 64, 256 at width 32."""
     width = cfg.thread_channels
     Bsz, Tp, Dp, Np, Ct, NC, NB, per_group, stages, ops = _grid(u, Bm, cfg, width)
     has_z, has_keep, has_h0 = z is not None, keep is not None, h0 is not None
@@ -774,6 +775,8 @@ def _backward_threads(u, dl, z, consts, Bm, Cm, keep, states, dy, dhT, *, softpl
     states) = 78 KB, subs 56 KB, part 68 KB, dbcs 2 KB, constants 9 KB: 213 KB of the 225
     (`check_smem` raises past it: chunk = 32 does not fit at N = 16, subs alone 120 KB).
 
+    thread_channels = 32 (`_Lanes`): as 64 below with four threads a channel, N / 4 states each,
+    two shuffles per sum over n.
     thread_channels = 64 (`_Lanes`): the same walk with threads 2c, 2c + 1 on channel c, each
     its N / 2 states (h, lam, dA, A log2 e: 4 x 8 scalars at N = 16), B_t, C_t at its own n;
     the three sums over n a step (C_t . h_t for dz, sum g B, sum e A) finished by a shuffle with
