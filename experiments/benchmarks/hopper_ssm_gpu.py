@@ -273,6 +273,8 @@ def timed(fj, a, gj, ab, reps, prof=False, mem=False):
         us = profile.kernel_times(lambda x: gj(*x), ab)
         print("  fwdbwd kernels:\n" + profile.format_times(us, top=16), flush=True)
         row["fwdbwd_kernels_us"] = {k[:120]: round(v, 1) for k, v in us.items()}
+        slow = [k for k in us if "mosaic" not in k and "triton" not in k][:8]
+        print(profile.fusion_text(gj.lower(*ab).compile().as_text(), slow, lines=60), flush=True)
     return row
 
 

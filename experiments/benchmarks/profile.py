@@ -5,6 +5,8 @@ kernel the device ran, its mean microseconds per call of `f` (Pallas kernels app
 `pallas_call` name, XLA's under their fusion names). Empty when the trace holds no device plane
 (the CPU backend), so callers can print the breakdown wherever it exists. `trace_times` gives the
 host's events beside them (the runtime's dispatch, launches, waits), the same way.
+`fusion_text(hlo, names)` finds what those fusion names are: their instructions in the compiled
+module's text, shapes and fused computations.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import collections
 import glob
 import os
+import re
 import tempfile
 
 import jax
@@ -54,3 +57,22 @@ def format_times(times: dict[str, float], top: int = 12) -> str:
     rows = [f"    {us:9.1f} us  {100 * us / s:5.1f}%  {name[:90]}"
             for name, us in list(times.items())[:top]]
     return "\n".join(rows + [f"    {s:9.1f} us  total over {len(times)} kernels"])
+
+
+def fusion_text(hlo: str, names, lines: int = 40) -> str:
+    """The instruction that calls each fusion of `names` (profile names: an XLA fusion's kernel
+    is named after its instruction) in the optimized HLO text `hlo` (`compiled.as_text()`), with
+    the first `lines` lines of the computation it calls: which ops of the program a slow
+    fusion holds, and at what shapes."""
+    out = []
+    for name in names:
+        call = re.search(rf"^\s*(ROOT )?%?{re.escape(name)} = .*$", hlo, re.M)
+        if call is None:
+            continue
+        out.append(f"--- {name}: {call.group(0).strip()[:400]}")
+        callee = re.search(r"calls=(%?[\w.\-]+)", call.group(0))
+        if callee:
+            body = re.search(rf"^{re.escape(callee.group(1))} .*?^}}", hlo, re.M | re.S)
+            if body:
+                out += [ln[:300] for ln in body.group(0).splitlines()[:lines]]
+    return "\n".join(out)
