@@ -40,7 +40,9 @@ def test_a_variant_reaches_the_kernel():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, 20, 48)), jnp.float32)
     g = -jnp.asarray(rng.uniform(0, 1, (2, 20, 48)), jnp.float32)
-    run = lambda impl, config=None: ops.hgrn(x, g, chunk_size=8, impl=impl, config=config)[0]
+    # jitted: op by op, the interpreted kernel and the chunk form dispatch slowly
+    run = lambda impl, config=None: jax.jit(
+        lambda x, g: ops.hgrn(x, g, chunk_size=8, impl=impl, config=config)[0])(x, g)
     out, err = common.run_variant(TritonScanConfig.default(jax.devices()[0]),
                                   {"block_d": 16, "min_block_d": 16, "chunk": 4},
                                   lambda cfg: run("pallas:triton", (cfg,)))

@@ -115,10 +115,11 @@ PIECES = {"P4-K64": (64, {"pieces": 4}),
 def test_two_level_walk_matches_chunk_form(case):
     """Pieces walked in parallel from the entering states the state pass and the scan give them
     (documents inside pieces and at a piece's first row, an initial state, a hard-decaying chunk)
-    agree with the float32 chunk form and with the single-level walk. In the 4-piece case the
-    backward too: it reads the entering state of every chunk that the output pass wrote, and walks
-    back in pieces (the reverse state pass, a scan from the last piece, the output pass); there the
-    outputs come from the same run as the gradients."""
+    agree with the float32 chunk form. In the 4-piece case the backward too: it reads the entering
+    state of every chunk that the output pass wrote, and walks back in pieces (the reverse state
+    pass, a scan from the last piece, the output pass); there the outputs come from the same run
+    as the gradients. In the 2-piece case (forward only) the outputs also agree, more tightly,
+    with the single-level walk's."""
     K, over = PIECES[case]
     q, k, v, g, beta, S0, seg, do, dS = _inputs(250, K, seed=7, starts=(90, 128))
     cfg = dataclasses.replace(CFG, **over)
@@ -142,12 +143,16 @@ def test_two_level_walk_matches_chunk_form(case):
 
     grads, (o, S) = run("kernel", q, k, v, g, beta, S0)
     grads_r, (o_r, S_r) = run("chunk", f32(q), f32(k), f32(v), g, beta, S0)
-    o1, S1 = jax.jit(lambda: hopper_delta.delta(
-        q, k, v, g, beta, scale=K**-0.5, initial_state=S0, segment_ids=seg, chunk_size=64,
-        config=dataclasses.replace(CFG, pieces=1)))()
     assert rel(o, o_r) < 1e-2 and rel(S, S_r) < 1e-2, (rel(o, o_r), rel(S, S_r))
-    assert rel(o, o1) < 3e-3 and rel(S, S1) < 3e-3, (rel(o, o1), rel(S, S1))
-    if backward:
+    if not backward:
+        # the single-level walk is one more interpreted kernel run (seconds): the forward-only
+        # case holds the two-level outputs to it; with pieces=4 the chunk form above (outputs and
+        # every gradient) is the check
+        o1, S1 = jax.jit(lambda: hopper_delta.delta(
+            q, k, v, g, beta, scale=K**-0.5, initial_state=S0, segment_ids=seg, chunk_size=64,
+            config=dataclasses.replace(CFG, pieces=1)))()
+        assert rel(o, o1) < 3e-3 and rel(S, S1) < 3e-3, (rel(o, o1), rel(S, S1))
+    else:
         for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), grads, grads_r,
                               strict=True):
             assert rel(a, b) < 1e-2, (name, rel(a, b))

@@ -105,14 +105,22 @@ def _reference(op, argnums, with_s0):
     return jax.jit(jax.grad(loss, argnums=tuple(n + 3 for n in argnums), has_aux=True))
 
 
+@functools.cache
+def _kernel(op, argnums, with_s0, C, sub):
+    """jit(grad) of the kernel, every input an argument (jitted: op-by-op dispatch of the
+    kernels' wrappers would cost more): the cases of one op and config at one shape (both kinds
+    of strong gates) share its compilation."""
+    def loss(seg, do, dS, *a):
+        return _loss(op, OPS[op].kernel, seg, do, dS, with_s0, chunk_size=C,
+                     config=TpuConfig(sub_chunk=sub))(*a)
+    return jax.jit(jax.grad(loss, argnums=tuple(n + 3 for n in argnums), has_aux=True))
+
+
 def _check(op, args, S0, seg, do, dS, C, sub, tol_o, tol_S, tol_g):
     spec = OPS[op]
     S0_ = jnp.zeros((B, H, K, V), jnp.float32) if S0 is None else S0
     argnums = tuple(range(len(args) + (S0 is not None)))
-    # jitted: op-by-op dispatch of the kernels' wrappers and of the scan would cost more
-    loss = _loss(op, spec.kernel, seg, do, dS, S0 is not None, chunk_size=C,
-                 config=TpuConfig(sub_chunk=sub))
-    got, (o, S) = jax.jit(jax.grad(loss, argnums=argnums, has_aux=True))(*args, S0_)
+    got, (o, S) = _kernel(op, argnums, S0 is not None, C, sub)(seg, do, dS, *args, S0_)
     want, (ro, rS) = _reference(op, argnums, S0 is not None)(seg, do, dS, *args, S0_)
     assert o.dtype == args[2].dtype and S.dtype == jnp.float32 and o.shape == ro.shape
     assert_close(o, ro, tol_o, f"{op} output")

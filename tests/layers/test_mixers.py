@@ -4,7 +4,9 @@ carried; packed documents == separate runs (documents starting mid-call and exac
 boundary); causality through gradients; finite gradients of every parameter.
 
 Every check reuses one jitted function per mixer at three shapes (T = 24, 12, 1; segment ids and a
-cache always passed) plus one gradient, so the suite compiles little.
+cache always passed) plus one gradient, so the suite compiles little; `GROUP_BY` has
+tests/conftest.py run a mixer's tests together (pytest-xdist hands a worker consecutive tests), so
+its layer is built and its forward compiled at each shape once, not once per worker.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ CASES.update({
                                                  "num_kv_heads": 1}),
 })
 NAMES = sorted(CASES)
+GROUP_BY = "name"
 
 
 @functools.cache

@@ -64,10 +64,14 @@ def test_norm_none_is_a_residual_stack_without_norms_and_decodes_as_it_forwards(
     names = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     assert not any("norm" in n for n in names)
     ids = jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, 11)
-    h = model.embed[...][ids]
-    for i in range(c.num_layers):                    # h <- h + mixer(h), with no norm anywhere
-        h = h + model.layer(i).mixer(h)[0]
-    assert_close(model(ids)[0], h @ model.head[...], 1e-5)
+
+    @jax.jit               # op-by-op dispatch of the layers' chunk forms costs more than this
+    def forward_and_by_hand(model, ids):
+        h = model.embed[...][ids]
+        for i in range(c.num_layers):                # h <- h + mixer(h), with no norm anywhere
+            h = h + model.layer(i).mixer(h)[0]
+        return model(ids)[0], h @ model.head[...]
+    assert_close(*forward_and_by_hand(model, ids), 1e-5)
     with pytest.raises(ValueError, match="norm='none'"):     # no checkpoint format has no norms
         family_for(c)
     # with MLPs too, and token by token through the caches
@@ -79,7 +83,7 @@ def test_norm_none_is_a_residual_stack_without_norms_and_decodes_as_it_forwards(
     for t in range(4, 9):
         logits, cache = step(params, ids[:, t], cache)
         outs.append(logits[:, None])
-    assert_close(jnp.concatenate(outs, axis=1), model(ids)[0], 1e-4)
+    assert_close(jnp.concatenate(outs, axis=1), jax.jit(lambda m, t: m(t)[0])(model, ids), 1e-4)
 
 
 @pytest.mark.parametrize("impl", ["chunk", "recurrent", "pallas"])
@@ -119,7 +123,9 @@ def test_kernel_config_reaches_the_kernel(monkeypatch):
     base = dict(vocab_size=16, d_model=16, num_layers=1, num_heads=2, mixer="gla",
                 chunk_size=16, init_std=0.1)
     tokens = jax.random.randint(jax.random.key(0), (1, 20), 0, 16)
-    run = lambda **kw: LM(LMConfig(**base, **kw), rngs=nnx.Rngs(0))(tokens)[0]
+    # jitted: op by op, the interpreted kernel and the chunk form dispatch slowly
+    run = lambda **kw: jax.jit(lambda m: m(tokens)[0])(LM(LMConfig(**base, **kw),
+                                                          rngs=nnx.Rngs(0)))
     logits = run(impl="pallas:triton", kernel_config=(TpuConfig(chunk=8), tri))
     assert seen == [("gla", "pallas:triton", tri)]
     assert_close(logits, run(impl="chunk"), 1e-5, "logits")

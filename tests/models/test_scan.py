@@ -98,15 +98,16 @@ def test_scan_equals_layer_by_layer_and_unstacked():
     assert len(flat.stacks) == 4 and all(s.repeats == 1 for s in flat.stacks)
     tokens = jax.random.randint(jax.random.key(0), (2, 20), 0, VOCAB)
     seg = jnp.asarray(np.repeat([[0] * 9 + [1] * 11], 2, 0), jnp.int32)
-    fwd = jax.jit(lambda m, t, s, c: m(t, segment_ids=s, cache=c)[0])
-    scanned = fwd(model, tokens, seg, None)
-    assert_close(fwd(model, tokens, seg, model.init_cache(2, 20)), scanned, 1e-5, "cached")
-    assert_close(fwd(flat, tokens, seg, None), scanned, 1e-5, "unstacked")
 
-    def loss(m):
-        return jnp.mean(m(tokens, segment_ids=seg)[0] ** 2)
-    g1 = jax.jit(nnx.grad(loss))(model)
-    g2 = jax.jit(nnx.grad(loss))(flat)
+    def loss(m):                  # with the logits: the forwards come from the gradients' runs
+        logits = m(tokens, segment_ids=seg)[0]
+        return jnp.mean(logits ** 2), logits
+    g1, scanned = jax.jit(nnx.grad(loss, has_aux=True))(model)
+    g2, unstacked = jax.jit(nnx.grad(loss, has_aux=True))(flat)
+    cached = jax.jit(lambda m, t, s, c: m(t, segment_ids=s, cache=c)[0])(
+        model, tokens, seg, model.init_cache(2, 20))
+    assert_close(cached, scanned, 1e-5, "cached")
+    assert_close(unstacked, scanned, 1e-5, "unstacked")
     for i in range(4):
         a = g1.stacks[0].blocks[i % 2].mixer.o_proj.kernel[...][i // 2]
         b = g2.stacks[i].blocks[0].mixer.o_proj.kernel[...][0]

@@ -3,6 +3,8 @@ and exactly on shard boundaries, and the comparison against the single-device op
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,27 +55,33 @@ def draw(op, B, T, *, seed=0, Hk=H, extreme=False, dtype=jnp.float32):
     return out
 
 
-def loss_of(fn, x, seg, kw):
+def _loss(fn, x, seg):
+    """(a loss of fn's output and final state, (output, final state))."""
+    o, S = fn(**x, segment_ids=seg)
     w = jnp.sin(jnp.arange(V, dtype=jnp.float32) + 1.0)
+    return jnp.sum(o.astype(jnp.float32) * w) + jnp.sum(jnp.cos(S)), (o, S)
 
-    def loss(diff):
-        o, S = fn(**diff, segment_ids=seg, **kw)
-        return jnp.sum(o.astype(jnp.float32) * w) + jnp.sum(jnp.cos(S))
-    return loss
+
+@functools.cache
+def _single(op, kw_items):
+    """jit(x, seg) -> (d loss / d x, (output, final state)) of the single-device op: the reference
+    in one compile, shared by the comparisons of an op at one shape (inputs and segment ids are
+    arguments)."""
+    single = lambda **a: SINGLE[op](**a, impl="chunk", **dict(kw_items))
+    return jax.jit(jax.grad(lambda x, seg: _loss(single, x, seg), has_aux=True))
 
 
 def compare(op, mesh, x, seg, *, tol=TOL, op_kw=None, **sp_kw):
     """Outputs, final state and the gradient of every float input (initial state included) of
     the parallel op on `mesh` (extra arguments `sp_kw`) against the single-device op (`op_kw` go
-    to both)."""
+    to both). The parallel op's outputs are its primal's, run alone (no residuals); the
+    reference's come from its gradient's run."""
     base = dict(chunk_size=C, **(op_kw or {}))
-    single = lambda **a: SINGLE[op](**a, impl="chunk", **base)
     par = lambda **a: getattr(sp, op)(**a, mesh=mesh, **base, **sp_kw)
-    o1, S1 = jax.jit(lambda x: single(**x, segment_ids=seg))(x)
+    g1, (o1, S1) = _single(op, tuple(sorted(base.items())))(x, seg)
     o2, S2 = jax.jit(lambda x: par(**x, segment_ids=seg))(x)
     assert_close(o2, o1, tol, f"{op} output")
     assert_close(S2, S1, tol, f"{op} final state")
-    g1 = jax.jit(jax.grad(loss_of(single, x, seg, {})))(x)
-    g2 = jax.jit(jax.grad(loss_of(par, x, seg, {})))(x)
+    g2 = jax.jit(jax.grad(lambda x: _loss(par, x, seg)[0]))(x)
     for n in x:
         assert_close(g2[n], g1[n], tol, f"{op} d{n}")

@@ -17,6 +17,9 @@ from tests.utils import assert_close
 
 pytestmark = pytest.mark.timeout(300)
 T = 64
+# tests/conftest.py runs an op's tests together (pytest-xdist hands a worker consecutive tests):
+# they share the single-device reference's compilations (tests/parallel/common.py)
+GROUP_BY = "op"
 
 
 def mesh_of(shape, names):

@@ -81,7 +81,12 @@ def _cli(workdir, **over):
 
 def test_resume_after_kill_replays_the_same_curve(tmp_path):
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(killed), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+    # the resumed run loads the train step the killed run compiled (the same program) from JAX's
+    # persistent cache: compiling it again would cost seconds and check nothing more
+    env = {**_env(), "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "compiled"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    proc = subprocess.Popen(_cli(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     metrics_file = killed / "metrics.jsonl"
     deadline = time.time() + 600         # a busy 2-core machine takes minutes to compile and log
@@ -94,7 +99,7 @@ def test_resume_after_kill_replays_the_same_curve(tmp_path):
     steps_logged = max(_losses(killed))
     assert 20 <= steps_logged < 40
 
-    out = subprocess.run(_cli(killed), cwd=ROOT, env=_env(), capture_output=True, text=True)
+    out = subprocess.run(_cli(killed), cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "checkpoint: restored step" in out.stderr
     assert "final (step 40" in out.stdout
