@@ -47,7 +47,7 @@
 #             sharing the GPU, the rest queued (PROTO_JOBS: lines "protocol|cells|more flags|mem",
 #             default the list in the step, one cell per job; mem, optional, is that job's share of
 #             the GPU's memory, else PROTO_MEM, default 0.15: keep PROTO_P x the shares below 0.9).
-#             PROTO_S (default 420) is the step's wall limit: every job is cut at that deadline, and
+#             PROTO_S (default 540) is the step's wall limit: every job is cut at that deadline, and
 #             a queued job starts only while at least PROTO_MIN_S (default 300) s are left. Every
 #             model runs through its chunk form (model.impl=chunk: the vmapped seeds need no kernel
 #             batching rule), written into experiments/results/protocols of this tree (cells done
@@ -174,31 +174,19 @@ for s in "$@"; do case $s in
         (cd /tmp/mqar && find . -name '*.json' -o -name '*.png' -o -name '*.jsonl' | grep -v checkpoints \
           | tar cf - -T - | (mkdir -p $LOGS/mqar && cd $LOGS/mqar && tar xf -)) ;;
   protocols)
-    # Default: the parity column of Grazzi et al.'s Table 3, one cell (5000 steps of 256, 3 seeds
-    # vmapped) per job, 4 at a time: the eigenvalue-range pairs first, mLSTM and the Transformer
-    # only where a slot frees with PROTO_MIN_S left. Parity-mamba_11 gets 0.2 of the memory: its
-    # train step needs 10.6 GiB at once (XLA's rematerialisation log in the 10-process run, where
-    # it died at 0.07 = 5.5 GiB): Mamba with eigenvalues in [-1, 1] runs its scan as a diagonal
-    # scan over E N = 4096 channels, every [3 seeds, 256, 40, 4096] float32 step tensor (a, x, h
-    # and the scan's partial products, 480 MiB each) kept for the backward pass, two layers. The
-    # layer now recomputes them in the backward (`Mamba.signed_scan`), so the peak is one
-    # layer's; 0.2 stays until a run shows what the step needs now.
-    # Estimate (one H100, this step alone), from the 10-process run of the old list (every job at
-    # once, compiles autotuned): parity-deltanet_11 / _01 reached step 1000 108 s / 122 s after
-    # their slow GEMM fusion's compile ended, about 8.7 steps/s each with about ten processes
-    # training on the GPU; their first compile took about 4 min, 3m06s-3m21s of it that one
-    # autotuned Triton GEMM fusion (gone under FAST_XLA). If the GPU's summed rate stays the same with 4 processes, each
-    # trains at about 10 x 8.7 / 4 = 22 steps/s: 5000 steps in about 230 s, plus the compiles
-    # left without autotuning (train step and 4 eval lengths, not measured separately; at most
-    # about 50 s for the train step in that run once the GEMM fusion is taken out) and 5 evals
-    # of 20 batches: about 330 s for the first four, inside PROTO_S = 420. Unmeasured as a whole:
-    # the summary prints each job's wall time, the number to plan the next list with.
-    jobs=$(printf '%s\n' "state_tracking|parity-deltanet_11" "state_tracking|parity-mamba_11||0.2" \
-      "state_tracking|parity-deltanet_01" "state_tracking|parity-mamba_01" \
-      "state_tracking|parity-mlstm" "state_tracking|parity-transformer")
+    # Default: the modular-arithmetic-with-brackets column of Grazzi et al.'s Table 3 (parity and
+    # the column without brackets are done: experiments/results/protocols/state_tracking/), one
+    # cell (5000 steps of 256, 3 seeds vmapped) per job, 4 at a time. Measured on one H200
+    # (session 22, wall time per job, compiles included): with 4 processes the Mamba cells take
+    # 470-520 s (0.3 of the memory each: Mamba with eigenvalues in [-1, 1] scans E N = 4096
+    # channels per layer, `Mamba.signed_scan`), DeltaNet 313-323 s, mLSTM 221 s, the Transformer
+    # 171 s; with 8 processes the Mamba cells do not finish in 500 s. Hence PROTO_S 540 (the
+    # device's 600 s per call less the setup) and the Mamba cells first.
+    jobs=$(printf 'state_tracking|modular_arithmetic_brackets-%s\n' "mamba_11||0.3" "mamba_01||0.3" \
+      deltanet_11 deltanet_01 mlstm transformer)
     fast_flags
     ( export JAX_DEFAULT_MATMUL_PRECISION=float32 XLA_FLAGS=$FAST_FLAGS
-      L=${PROTO_S:-420}; P=${PROTO_P:-4}; end=$((SECONDS + L)); i=0
+      L=${PROTO_S:-540}; P=${PROTO_P:-4}; end=$((SECONDS + L)); i=0
       echo "== protocols ($(date +%T)): $P processes at a time, cut at $L s"
       pjob() { local name=$1 limit=$2 t0=$SECONDS; shift 2
         ( timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1; echo $? > "$LOGS/$name.rc"

@@ -6,15 +6,20 @@ together (`linear_jax.training.seeds`), a JSON and a table of mean +- std per ce
     python -m experiments.paper_protocols --protocol=icl_regression --quick --out=/tmp/p   # smoke
 
 Protocols (their configs in `experiments/configs/`): `state_tracking` (paper_state_tracking.py,
-Grazzi et al. 2025), `deltaproduct` (paper_deltaproduct.py, Siems et al. 2025: S3 and S5 with
-the Householder steps per token swept), `mqar` (paper_mqar.py, Zoology; each cell the best of its
-learning-rate sweep by mean eval accuracy), `mamba_synthetic` (paper_mamba_synthetic.py, Gu & Dao
-2023), `icl_regression` (paper_icl_regression.py, von Oswald et al. 2023, each depth beside as
-many steps of GD) and `lm_mixers` (lm_mixers.py, byte-level Shakespeare). `--cells` keeps the
-cells whose name contains one of the given strings, so a grid can be run in parts; a cell whose
-`result.json` holds the same config is reused, so an interrupted run picks up where it stopped.
-Everything goes to `<out>/<protocol>/`: a directory per run (metrics.jsonl, config.json,
-result.json), `<protocol>.json` and `<protocol>.md`, rewritten after every cell.
+Grazzi et al. 2025), `deltaproduct` (paper_deltaproduct.py, Siems et al. 2025: S3 and S5 with the
+Householder steps per token swept), `mqar` (paper_mqar.py, Zoology; each cell the best of its
+learning-rate sweep by mean eval accuracy, the sweep's rates trained together with the seeds),
+`mamba_synthetic` (paper_mamba_synthetic.py, Gu & Dao 2023), `icl_regression`
+(paper_icl_regression.py, von Oswald et al. 2023, each depth beside as many steps of GD) and
+`lm_mixers` (lm_mixers.py, byte-level Shakespeare). `--cells` keeps the cells whose name contains
+one of the given strings, so a grid can be run in parts; a cell whose `result.json` holds the same
+config is reused, so an interrupted run picks up where it stopped. Everything goes to
+`<out>/<protocol>/`: a directory per run (metrics.jsonl, config.json, result.json),
+`<protocol>.json` and `<protocol>.md`, rewritten after every cell.
+
+`--collect` trains nothing: it writes the JSON and the table from the cells already finished under
+`<out>/<protocol>/` (the same `--cells`, `--set` and `--steps` select them), for grids whose cells
+ran as separate processes, each of which rewrites the summary with its own cells only.
 
 `--quick` runs the protocol's first smoke cell at a toy size (a tiny model, 2 steps, 2 seeds): a
 test that the grid's configs build and train, not a result.
@@ -78,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, trained together")
     p.add_argument("--steps", type=int, help="train.steps of every cell (default: the config's)")
     p.add_argument("--quick", action="store_true", help="one tiny cell (CPU smoke test)")
+    p.add_argument("--collect", action="store_true",
+                   help="train nothing: summarise the cells already finished in --out")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every cell, e.g. --set=model.impl=chunk (a "
                         "kernel that will not run vmapped) or --set=eval.batch_size=8")
@@ -148,23 +155,40 @@ def _value(result, where, metric):
     return node.get(metric), node.get(f"{metric}_std"), node.get(f"{metric}_max")
 
 
-def run_cell(config) -> tuple[dict, bool]:
-    """(result.json's content, whether it was reused) of one multi-seed run."""
-    from linear_jax.training import seeds
-
-    workdir = pathlib.Path(config.workdir)
-    config_json = json.loads(config.to_json_best_effort())
-    done = workdir / "result.json"
+def finished(config) -> dict | None:
+    """The result.json of `config`'s run if it finished with this very config, else None."""
+    done = pathlib.Path(config.workdir) / "result.json"
     if done.exists():
         previous = json.loads(done.read_text())
-        if previous.get("config") == config_json:
-            return previous, True
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "metrics.jsonl").unlink(missing_ok=True)
-    (workdir / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
-    result = {**seeds.train_seeds(config, config.seeds), "config": config_json}
-    done.write_text(json.dumps(result, indent=2) + "\n")
-    return result, False
+        if previous.get("config") == json.loads(config.to_json_best_effort()):
+            return previous
+    return None
+
+
+def run_cell(configs) -> list[tuple[dict, bool]]:
+    """(result.json's content, whether it was reused) of each run of one cell: its learning
+    rates (one config each), the unfinished ones trained together with every seed
+    (`seeds.train_sweep`)."""
+    from linear_jax.training import seeds
+
+    previous = [finished(c) for c in configs]
+    todo = [c for c, p in zip(configs, previous, strict=True) if p is None]
+    for c in todo:
+        workdir = pathlib.Path(c.workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "metrics.jsonl").unlink(missing_ok=True)
+        (workdir / "config.json").write_text(
+            json.dumps(json.loads(c.to_json_best_effort()), indent=2) + "\n")
+    trained = iter(seeds.train_sweep(todo, todo[0].seeds) if todo else [])
+    out = []
+    for c, p in zip(configs, previous, strict=True):
+        if p is not None:
+            out.append((p, True))
+            continue
+        result = {**next(trained), "config": json.loads(c.to_json_best_effort())}
+        (pathlib.Path(c.workdir) / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        out.append((result, False))
+    return out
 
 
 def record(protocol, cell, lr, result) -> dict:
@@ -215,8 +239,11 @@ def main(argv=None) -> dict:
     protocol = PROTOCOLS[args.protocol]
     module = importlib.import_module(f"experiments.configs.{protocol['config']}")
     grid = cell_configs(args, module, protocol)
+    if args.collect:
+        grid = [g for g in grid if finished(g[2]) is not None]
     if not grid:
-        sys.exit(f"error: no cell of {args.protocol} matches --cells={','.join(args.cells)}")
+        which = "finished cell" if args.collect else "cell"
+        sys.exit(f"error: no {which} of {args.protocol} matches --cells={','.join(args.cells)}")
     checkpoint.quiet_orbax_logs()
     verbosity = logging.get_verbosity()
     logging.set_verbosity(logging.WARNING)    # one line per cell instead of the trainer's log
@@ -224,20 +251,25 @@ def main(argv=None) -> dict:
     summary = {"protocol": args.protocol, "seeds": list(args.seeds), "quick": args.quick,
                "runs": [], "cells": []}
     t0 = time.perf_counter()
+    cells = list(dict.fromkeys(cell for cell, _, _ in grid))    # in grid order, lrs together
+    i = 0
     try:
-        for i, (cell, lr, config) in enumerate(grid, 1):
-            result, reused = run_cell(config)
-            row = record(protocol, cell, lr, result)
-            summary["runs"].append(row)
-            summary["cells"] = best_per_cell(summary["runs"], protocol.get("select"))
-            summary["seconds"] = round(time.perf_counter() - t0, 1)
-            (out / f"{args.protocol}.json").write_text(json.dumps(summary, indent=2) + "\n")
-            (out / f"{args.protocol}.md").write_text(table(protocol, summary["cells"]) + "\n")
-            values = ", ".join(f"{k} {row[k][0]:.4f}" for k, *_ in protocol["columns"]
-                               if row[k][0] is not None)
-            lr_text = "" if lr is None else f" lr={lr:g}"
-            print(f"[{i}/{len(grid)}] {cell}{lr_text}: {values}"
-                  + (" (reused)" if reused else ""), flush=True)
+        for name in cells:
+            runs = [(lr, config) for cell, lr, config in grid if cell == name]
+            for (lr, _), (result, reused) in zip(runs, run_cell([c for _, c in runs]),
+                                                  strict=True):
+                i += 1
+                row = record(protocol, name, lr, result)
+                summary["runs"].append(row)
+                summary["cells"] = best_per_cell(summary["runs"], protocol.get("select"))
+                summary["seconds"] = round(time.perf_counter() - t0, 1)
+                (out / f"{args.protocol}.json").write_text(json.dumps(summary, indent=2) + "\n")
+                (out / f"{args.protocol}.md").write_text(table(protocol, summary["cells"]) + "\n")
+                values = ", ".join(f"{k} {row[k][0]:.4f}" for k, *_ in protocol["columns"]
+                                   if row[k][0] is not None)
+                lr_text = "" if lr is None else f" lr={lr:g}"
+                print(f"[{i}/{len(grid)}] {name}{lr_text}: {values}"
+                      + (" (reused)" if reused else ""), flush=True)
     finally:
         logging.set_verbosity(verbosity)
     print(table(protocol, summary["cells"]))

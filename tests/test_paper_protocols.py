@@ -1,6 +1,6 @@
 """experiments/paper_protocols.py: every cell of every protocol is a model that builds, and each
 protocol runs its smoke cell (--quick) end to end into its JSON and table; a second call reuses
-the finished cell."""
+the finished cell, and --collect rebuilds the summary from it."""
 
 import json
 
@@ -49,6 +49,18 @@ def test_quick_protocol_writes_json_and_table(tmp_path, capsys, name):
     assert len(result["per_seed"]) == 2
     assert "[1/1]" in capsys.readouterr().out
     assert paper_protocols.main(argv)["runs"][0]["steps"] == summary["runs"][0]["steps"]
+    (tmp_path / name / f"{name}.json").unlink()
+    collected = paper_protocols.main(argv + ["--collect"])
+    assert collected["cells"] == summary["cells"] and (tmp_path / name / f"{name}.json").exists()
+
+
+def test_collect_trains_nothing(tmp_path, monkeypatch):
+    """--collect summarises finished cells only: with none finished it stops before training."""
+    monkeypatch.setattr(paper_protocols, "run_cell", lambda config: pytest.fail("trained"))
+    with pytest.raises(SystemExit, match="no finished cell of mqar"):
+        paper_protocols.main(["--protocol=mqar", "--collect", "--cells=gla-d64-T256",
+                              f"--out={tmp_path}"])
+    assert not (tmp_path / "mqar").exists()
 
 
 def test_set_overrides_every_cell():
@@ -88,3 +100,20 @@ def test_deltaproduct_householder_steps_reach_the_layer():
         assert vocab == {"s3": 7, "s5": 121}[c.task.name] and c.model.num_layers == 1
     with pytest.raises(ValueError, match="not one of"):
         dp.get_config("s4-nh2")
+
+
+@pytest.mark.smoke
+def test_a_cells_learning_rates_train_together_and_are_reused(tmp_path):
+    args = paper_protocols.parse_args(["--protocol=mqar", "--quick", f"--out={tmp_path}"])
+    module = paper_protocols.importlib.import_module("experiments.configs.paper_mqar")
+    protocol = paper_protocols.PROTOCOLS["mqar"]
+    ((_, lr, first),) = paper_protocols.cell_configs(args, module, protocol)
+    second = first.copy_and_resolve_references()
+    second.train.lr, second.workdir = 3 * lr, first.workdir + "_x3"
+    runs = paper_protocols.run_cell([first, second])
+    assert [reused for _, reused in runs] == [False, False]
+    assert [r["config"]["train"]["lr"] for r, _ in runs] == [lr, 3 * lr]
+    assert runs[0][0]["eval"]["eval"]["loss"] != runs[1][0]["eval"]["eval"]["loss"]
+    again = paper_protocols.run_cell([first, second])
+    assert [reused for _, reused in again] == [True, True]
+    assert [r for r, _ in again] == [r for r, _ in runs]

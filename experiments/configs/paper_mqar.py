@@ -1,8 +1,12 @@
 """Multi-query associative recall at Zoology's setup (Arora et al. 2023, *Zoology: Measuring and
 Improving Recall in Efficient Language Models*): a vocabulary of 8192,
 16 key-value pairs in 256 tokens and 64 pairs in 512, two layers with no MLP (`ffn="none"`),
-widths 64 to 512, the best of a small learning-rate sweep per cell (`LRS`), stopped early once
-every seed's eval accuracy reaches 0.99. The cell after the colon is `<mixer>-d<width>-T<len>`:
+widths 64 to 512, the best of Zoology's learning-rate sweep per cell (`LRS`: 4 rates log-spaced
+over [1e-4, 1e-2]), its batch sizes (256 rows at 256 tokens, 128 at 512) and its length of
+training (64 epochs of 100,000 sequences: 25,000 steps at 256 tokens, 50,000 at 512), stopped
+early once every seed's eval accuracy reaches 0.99. Zoology draws a fixed training set of 100,000
+sequences and repeats it; here every batch is fresh. The head is applied to the query positions
+only (`task.gather`). The cell after the colon is `<mixer>-d<width>-T<len>`:
 
     python -m experiments.train --config=experiments/configs/paper_mqar.py:based-d128-T256
 
@@ -17,8 +21,10 @@ MIXER_NAMES = ("attention", "linear_attention", "based", "gla", "deltanet", "gat
                "mamba2")
 WIDTHS = (64, 128, 256, 512)
 SETTINGS = {256: 16, 512: 64}                  # sequence length -> key-value pairs
+BATCH = {256: 256, 512: 128}                    # sequence length -> rows per batch (Zoology's)
+EPOCHS, EXAMPLES = 64, 100_000                  # Zoology's max_epochs over its training set
 CELLS = tuple(f"{m}-d{d}-T{t}" for t in SETTINGS for m in MIXER_NAMES for d in WIDTHS)
-LRS = (3e-4, 1e-3, 3e-3)
+LRS = (1e-4, 4.6e-4, 2.2e-3, 1e-2)               # np.logspace(-4, -2, 4), rounded
 # mixers with no short convolution by default (DeltaNet, Gated DeltaNet, Mamba-2 have one)
 CONV = {"linear_attention": {"conv_size": 4}, "based": {"conv_size": 4}, "gla": {"conv_size": 4}}
 # the GPU linear_attention kernel runs out of shared memory at Based's feature width 273
@@ -35,10 +41,13 @@ def get_config(cell: str = "based-d128-T256"):
     c.seeds = (0, 1, 2)
     c.task.update(name="mqar", seq_len=seq_len, params={
         "num_kv_pairs": SETTINGS[seq_len], "num_keys": 4096, "num_values": 4095})   # vocab 8192
+    c.task.gather = True
     c.model.update(d_model=d_model, num_layers=2, num_heads=2, mixer=mixer, ffn="none",
                    init_std=d_model ** -0.5, impl=IMPL.get(mixer, "auto"),
                    mixer_options={mixer: CONV.get(mixer, {})})
-    c.train.update(steps=4000, batch_size=64, lr=1e-3, warmup_steps=200, weight_decay=0.1,
-                   checkpoint_every=0, progress=False, log_every=100, stop_accuracy=0.99)
-    c.eval.update(every=250, batches=4, batch_size=128)
+    batch = BATCH[seq_len]
+    c.train.update(steps=EPOCHS * EXAMPLES // batch, batch_size=batch, lr=1e-3,
+                   warmup_steps=200, weight_decay=0.1, checkpoint_every=0, progress=False,
+                   log_every=100, stop_accuracy=0.99)
+    c.eval.update(every=500, batches=4, batch_size=128)
     return c

@@ -202,9 +202,12 @@ class LM(nnx.Module):
         return over
 
     # -- forward ---------------------------------------------------------------------------------
-    def __call__(self, tokens, *, segment_ids=None, cache=None, seq_parallel=None):
+    def __call__(self, tokens, *, segment_ids=None, cache=None, seq_parallel=None,
+                 positions=None):
         """Without a cache, each stack runs as one scan over its layers; with one (a list of one
-        cache per layer, `init_cache` or a previous call's), layer by layer. Under `jit` a call
+        cache per layer, `init_cache` or a previous call's), layer by layer. `positions` [B, P]
+        (int): logits [B, P, vocab] at those positions only, the final norm and the head applied
+        to P rows instead of T (training on a few scored positions per row). Under `jit` a call
         that would write past an attention layer's KV cache (whose position is traced) returns
         NaN logits rather than wrong ones; outside `jit`, and whenever T alone is too long, it
         raises."""
@@ -235,6 +238,12 @@ class LM(nnx.Module):
                                                     cache[start:start + stack.num_layers], **kw)
             new.extend(c)
             start += stack.num_layers
+        if positions is not None:
+            if positions.ndim != 2 or positions.shape[0] != h.shape[0]:
+                raise ValueError(f"positions must be [B, P] with B = {h.shape[0]}, got "
+                                 f"positions{list(positions.shape)} for tokens"
+                                 f"{list(tokens.shape)}")
+            h = jnp.take_along_axis(h, positions[..., None].astype(jnp.int32), axis=1)
         if self.norm is not None:
             h = self.norm(h)
         w = self.embed[...].T if self.head is None else self.head[...]

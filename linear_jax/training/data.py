@@ -13,6 +13,13 @@ token 0 and weight 0: the models are causal, so the padding changes nothing befo
 batch keeps one shape (one compilation). Evaluation sources have fixed lengths (`eval.seq_lens`),
 or, for `eval.length_range = (lo, hi)`, a length per row drawn from [lo, hi] (the papers' test sets
 mix their lengths within one set, so every batch holds every part of the range).
+
+`task.gather = True` (tasks that score a few positions of each row: MQAR's queries, `score =
+"last"`) adds `positions` [B, P] to every batch, the scored positions of each row in order (P the
+most any row of the batch scores), and gives `targets` and `mask` as [B, P] at those positions;
+the model then applies its head to those P positions only (`LM(positions=...)`). The loss and its
+gradients are the full batch's; what is saved is the [B, T, vocab] logits, which at MQAR's
+vocabulary of 8192 dominate a small model's step.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ class SyntheticSource:
     params: tuple = ()              # generator keyword arguments, as (key, value) pairs
     min_seq_len: int = 0            # > 0: each batch's length drawn from [min_seq_len, seq_len]
     score: str = "all"              # "last": only the last token of each sequence is scored
+    gather: bool = False            # batches carry the scored positions only (module docstring)
 
     @property
     def vocab_size(self) -> int:
@@ -57,11 +65,13 @@ class SyntheticSource:
         rng = np.random.default_rng([self.seed, _SPLIT_IDS[self.split], index])
         draw = lambda: int(rng.integers(self.min_seq_len, self.seq_len + 1))   # noqa: E731
         if not self.min_seq_len:
-            return self._rows(rng, self.batch_size, self.seq_len)
-        if self.split == "train":                  # one length per batch: the papers' training
-            return self._rows(rng, self.batch_size, draw())
-        rows = [self._rows(rng, 1, draw()) for _ in range(self.batch_size)]
-        return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+            out = self._rows(rng, self.batch_size, self.seq_len)
+        elif self.split == "train":                # one length per batch: the papers' training
+            out = self._rows(rng, self.batch_size, draw())
+        else:
+            rows = [self._rows(rng, 1, draw()) for _ in range(self.batch_size)]
+            out = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+        return gather_scored(out) if self.gather else out
 
     def _rows(self, rng, n: int, length: int) -> dict[str, np.ndarray]:
         out = synthetic.GENERATORS[self.name](rng, n, length, **dict(self.params))
@@ -69,6 +79,20 @@ class SyntheticSource:
             out["mask"] = np.zeros_like(out["mask"])
             out["mask"][:, -1] = 1.0
         return _pad(out, self.seq_len)
+
+
+def gather_scored(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`targets` and `mask` at each row's scored positions (mask > 0), in order, with those
+    positions as `positions` [B, P]; P is the most any row scores, and a row that scores fewer
+    is padded with position 0 at weight 0."""
+    scored = batch["mask"] > 0
+    P = max(int(scored.sum(axis=1).max()), 1)
+    positions = np.sort(np.argsort(~scored, axis=1, kind="stable")[:, :P], axis=1)
+    take = lambda a: np.take_along_axis(a, positions, axis=1)    # noqa: E731
+    keep = take(scored)
+    return {**batch, "positions": np.where(keep, positions, 0).astype(np.int32),
+            "targets": np.where(keep, take(batch["targets"]), 0).astype(batch["targets"].dtype),
+            "mask": np.where(keep, take(batch["mask"]), 0).astype(np.float32)}
 
 
 def _pad(batch: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
@@ -143,7 +167,8 @@ def make_source(task, *, split: str, batch_size: int, seed: int, seq_len: int | 
     if min_len and not 1 <= min_len <= seq_len:
         what = "task.min_seq_len" if split == "train" else "eval.length_range's low end"
         raise ConfigError(f"{what}={min_len} must be in [1, {seq_len}]")
-    return SyntheticSource(task.name, seq_len, batch_size, seed, split, params, min_len, score)
+    return SyntheticSource(task.name, seq_len, batch_size, seed, split, params, min_len, score,
+                           bool(task.get("gather", False)))
 
 
 def to_device(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict:

@@ -18,6 +18,13 @@ over seeds, and the extremes `<metric>_min`, `<metric>_max`). `result.json` (wri
 others go on; `train.stop_accuracy` > 0 ends the run at the first evaluation where every seed's
 eval accuracy reaches it (early stopping). Multi-seed runs keep no checkpoints: a run restarts from
 step 0.
+
+`train_sweep(configs, seeds)` trains a learning-rate sweep the same way: configs that differ only
+in `train.lr` (and `workdir`), every (lr, seed) pair one member of the vmapped step. AdamW's update
+(weight decay included) is linear in the learning rate, so each member's update is the reference
+config's scaled by lr / reference lr (`state["lr_scale"]`, `step.make_train_step`); each config
+gets its own `metrics.jsonl` and result. With early stopping the sweep ends when every seed of
+one lr reaches the target (that lr's result says so; the others say they were cut with it).
 """
 
 from __future__ import annotations
@@ -65,6 +72,29 @@ def _states(model_config, tx, seeds):
 def train_seeds(config, seeds, *, devices=None) -> dict:
     """Trains `config` once per seed in `seeds`, vmapped, in `config.workdir`; returns the
     result (per seed and mean / std)."""
+    return train_sweep([config], seeds, devices=devices)[0]
+
+
+def _check_sweep(configs) -> None:
+    def rest(c):
+        d = c.to_dict()
+        d["train"] = {k: v for k, v in d["train"].items() if k != "lr"}
+        d.pop("workdir", None)
+        return d
+
+    for c in configs[1:]:
+        if rest(c) != rest(configs[0]):
+            raise ValueError("train_sweep: the configs may differ only in train.lr and workdir")
+    if any(c.train.lr <= 0 for c in configs):
+        raise ValueError(f"train_sweep: every train.lr must be > 0, got "
+                         f"{[c.train.lr for c in configs]}")
+
+
+def train_sweep(configs, seeds, *, devices=None) -> list[dict]:
+    """Trains every config of a learning-rate sweep (module docstring) once per seed, all
+    vmapped together; returns one result per config, as `train_seeds` would."""
+    _check_sweep(configs)
+    config = configs[0]
     tr, seeds = config.train, [int(s) for s in seeds]
     device = (devices or jax.devices())[0]
     mesh = mesh_from_config(config.mesh, [device])
@@ -73,77 +103,102 @@ def train_seeds(config, seeds, *, devices=None) -> dict:
     evals = [evaluation.eval_sources(config, s) for s in seeds]
     model_config = loop.lm_config(config.model, sources[0].vocab_size)
     tx = optim.make_optimizer(tr)
+    G = len(configs)
     with loop.mesh_context(mesh, sharding.check_rules(config.sharding.rules)):
         graphdef, states = _states(model_config, tx, seeds)
         num_params = sum(int(np.prod(x.shape[1:])) for x in jax.tree.leaves(states["params"]))
-        logging.info("%d seeds %s, %s parameters each, vmapped on %s", len(seeds), seeds,
-                     f"{num_params:,}", device)
+        logging.info("%d seeds %s x %d learning rates, %s parameters each, vmapped on %s",
+                     len(seeds), seeds, G, f"{num_params:,}", device)
+        if G > 1:             # member g * S + i: config g, seed i (the same draws for every lr)
+            states = jax.tree.map(lambda x: jnp.concatenate([x] * G), states)
+            states["lr_scale"] = jnp.asarray([c.train.lr / tr.lr for c in configs
+                                              for _ in seeds], jnp.float32)
         train_step = jax.jit(jax.vmap(step.make_train_step(
             graphdef, tx, microbatches=tr.microbatches, aux_weight=tr.aux_loss_weight,
             lr_schedule=optim.schedule(tr))), donate_argnums=0)
         eval_step = jax.jit(jax.vmap(step.make_eval_step(graphdef)))
-        result = _run(config, seeds, states, sources, evals, train_step, eval_step, device)
-    result["params"] = num_params
-    for i, seed in enumerate(seeds):
-        ref = evaluation.baseline(config, seed)
-        if ref is not None:
-            result["per_seed"][i]["baseline"] = ref
-    if "baseline" in result["per_seed"][0]:
-        result["baseline"] = {k: aggregate([r["baseline"][k] for r in result["per_seed"]])
-                              for k in result["per_seed"][0]["baseline"]}
-    return result
+        results = _run(configs, seeds, states, sources, evals, train_step, eval_step, device)
+    for c, result in zip(configs, results, strict=True):
+        result["params"] = num_params
+        for i, seed in enumerate(seeds):
+            ref = evaluation.baseline(c, seed)
+            if ref is not None:
+                result["per_seed"][i]["baseline"] = ref
+        if "baseline" in result["per_seed"][0]:
+            result["baseline"] = {k: aggregate([r["baseline"][k] for r in result["per_seed"]])
+                                  for k in result["per_seed"][0]["baseline"]}
+    return results
 
 
-def _stacked(sources, index: int, device):
-    batches = [src.batch(index) for src in sources]
+def _stacked(sources, index: int, device, copies: int = 1):
+    batches = [src.batch(index) for src in sources] * copies
     return jax.device_put({k: np.stack([b[k] for b in batches]) for k in batches[0]}, device)
 
 
-def _evaluate(eval_step, states, sources, num_batches: int, device) -> list[dict]:
+def _evaluate(eval_step, states, sources, num_batches: int, device, copies: int) -> list[dict]:
+    """One summary per member (`copies` x the seeds' sources)."""
     num_batches = evaluation.num_batches(sources[0], num_batches)
     totals = None
     for i in range(num_batches):
-        sums = jax.device_get(eval_step(states, _stacked(sources, i, device)))
+        sums = jax.device_get(eval_step(states, _stacked(sources, i, device, copies)))
         totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
     return [evaluation.summarize({k: float(v[j]) for k, v in totals.items()}, src)
-            for j, src in enumerate(sources)]
+            for j, src in enumerate(sources * copies)]
 
 
-def _run(config, seeds, states, sources, evals, train_step, eval_step, device) -> dict:
-    tr, ev = config.train, config.eval
-    writer = metrics.JsonlWriter(pathlib.Path(config.workdir) / "metrics.jsonl")
-    progress = metrics.Progress(0, tr.steps, enabled=tr.progress)
-    per_seed = [{"seed": s, "train": {}, "eval": {}, "stopped": None} for s in seeds]
-    result = {"seeds": seeds, "step": 0, "train": {}, "eval": {}, "stopped": None,
-              "per_seed": per_seed}
+class _Group:
+    """The records of one config of a sweep: its metrics.jsonl, per-seed values, result."""
 
-    def write(s, split, values: list[dict]) -> dict:
-        for seed, v in zip(seeds, values, strict=True):
-            writer.write(s, split, {"seed": seed, **v})
+    def __init__(self, config, seeds):
+        self.config, self.seeds = config, seeds
+        self.writer = metrics.JsonlWriter(pathlib.Path(config.workdir) / "metrics.jsonl")
+        self.per_seed = [{"seed": s, "train": {}, "eval": {}, "stopped": None} for s in seeds]
+        self.result = {"seeds": seeds, "step": 0, "train": {}, "eval": {}, "stopped": None,
+                       "per_seed": self.per_seed}
+
+    def write(self, s, split, values: list[dict]) -> dict:
+        for seed, v in zip(self.seeds, values, strict=True):
+            self.writer.write(s, split, {"seed": seed, **v})
         mean = aggregate(values)
-        writer.write(s, split, {"seed": "mean", **mean})
+        self.writer.write(s, split, {"seed": "mean", **mean})
         return mean
 
-    def record(s, m) -> None:
-        values = [{k: float(v[i]) for k, v in m.items()} for i in range(len(seeds))]
-        for r, v in zip(per_seed, values, strict=True):
+    def record(self, s, values: list[dict], progress) -> None:
+        tr = self.config.train
+        for r, v in zip(self.per_seed, values, strict=True):
             r["train"] = v
             if r["stopped"] is None and not (np.isfinite(v["loss"]) and
                                              np.isfinite(v["grad_norm"])):
                 r["stopped"] = f"nan at step {s}"
                 logging.error("seed %d: non-finite loss at step %d", r["seed"], s)
         mean = aggregate(values)
-        progress.update(s, mean)
-        result["step"], result["train"] = s, mean
+        if progress is not None:
+            progress.update(s, mean)
+        self.result["step"], self.result["train"] = s, mean
         if s % tr.log_every == 0 or s == tr.steps or s == 1:
-            write(s, "train", values)
+            self.write(s, "train", values)
             if not tr.progress:
                 logging.info("%s", metrics.log_line(s, tr.steps, mean))
+
+    def solved(self, target: float) -> bool:
+        return all(r["eval"]["eval"].get("accuracy", 0.0) >= target for r in self.per_seed)
+
+
+def _run(configs, seeds, states, sources, evals, train_step, eval_step, device) -> list[dict]:
+    tr, ev = configs[0].train, configs[0].eval
+    groups = [_Group(c, seeds) for c in configs]
+    S, G = len(seeds), len(groups)
+    progress = metrics.Progress(0, tr.steps, enabled=tr.progress)
+
+    def record(s, m) -> None:
+        values = [{k: float(v[j]) for k, v in m.items()} for j in range(S * G)]
+        for g, group in enumerate(groups):
+            group.record(s, values[g * S:(g + 1) * S], progress if g == 0 else None)
 
     pending, t_start = None, time.perf_counter()
     try:
         for s in range(tr.steps):
-            states, m = train_step(states, _stacked(sources, s, device))
+            states, m = train_step(states, _stacked(sources, s, device, G))
             if pending is not None:             # the previous step's metrics, read one step late
                 record(*jax.device_get(pending))
             pending = (s + 1, m)
@@ -153,21 +208,31 @@ def _run(config, seeds, states, sources, evals, train_step, eval_step, device) -
             pending = None
             for name in evals[0]:
                 values = _evaluate(eval_step, states, [e[name] for e in evals], ev.batches,
-                                   device)
-                for r, v in zip(per_seed, values, strict=True):
-                    r["eval"][name] = v
-                result["eval"][name] = write(s + 1, name, values)
-            logging.info("step %d (mean of %d seeds): %s", s + 1, len(seeds),
-                         evaluation.describe(result["eval"]))
-            if all(r["stopped"] for r in per_seed):
-                result["stopped"] = "nan"
+                                   device, G)
+                for g, group in enumerate(groups):
+                    for r, v in zip(group.per_seed, values[g * S:(g + 1) * S], strict=True):
+                        r["eval"][name] = v
+                    group.result["eval"][name] = group.write(s + 1, name,
+                                                             values[g * S:(g + 1) * S])
+            for group in groups:
+                logging.info("step %d (lr %g, mean of %d seeds): %s", s + 1,
+                             group.config.train.lr, S, evaluation.describe(group.result["eval"]))
+            if all(r["stopped"] for g in groups for r in g.per_seed):
+                for g in groups:
+                    g.result["stopped"] = "nan"
                 break
             target = tr.get("stop_accuracy", 0.0)
-            if target and all(r["eval"]["eval"].get("accuracy", 0.0) >= target
-                              for r in per_seed):
-                result["stopped"] = f"every seed at eval accuracy >= {target}"
+            done = [g for g in groups if target and g.solved(target)]
+            if done:
+                for g in groups:
+                    g.result["stopped"] = (
+                        f"every seed at eval accuracy >= {target}" if g in done else
+                        f"cut at step {s + 1}: lr {done[0].config.train.lr:g} of its sweep "
+                        f"had every seed at eval accuracy >= {target}")
                 break
     finally:
         progress.close()
-    result["seconds"] = time.perf_counter() - t_start
-    return result
+    seconds = time.perf_counter() - t_start
+    for g in groups:
+        g.result["seconds"] = seconds
+    return [g.result for g in groups]

@@ -1,15 +1,18 @@
 """Train state, its sharded initialisation, and the train and eval steps.
 
 The state is a dict `{"step", "params", "opt_state", "rest"}`: the model's `nnx.Param`s, the optax
-state, and any other model state (`rest`). The model's graph is static and lives outside. Mixed
-precision is the model's: `LMConfig(dtype="bfloat16", param_dtype="float32")` computes in bfloat16
-from float32 master weights, so gradients and updates are float32; logits and the loss are float32.
+state, and any other model state (`rest`); an optional `lr_scale` multiplies every update (one
+member of a vmapped learning-rate sweep, `linear_jax.training.seeds.train_sweep`). The model's graph
+is static and lives outside. Mixed precision is the model's: `LMConfig(dtype="bfloat16",
+param_dtype="float32")` computes in bfloat16 from float32 master weights, so gradients and updates
+are float32; logits and the loss are float32.
 
 Batches are dicts `tokens`, `targets`, `mask` (float weights of the scored positions) and optional
-`segment_ids`; the loss is the masked mean cross-entropy over the whole global batch, so a step
-with k microbatches computes exactly the gradient of a step with one. Float targets mean a
-regression task (`linear_jax.training.regression`): the loss is the squared error of the output's
-last coordinate, and no accuracy is reported.
+`segment_ids` and `positions` (the scored positions, [B, P], with `targets` and `mask` [B, P] at
+them: `linear_jax.training.data.gather_scored`); the loss is the masked mean cross-entropy over the
+whole global batch, so a step with k microbatches computes exactly the gradient of a step with one.
+Float targets mean a regression task (`linear_jax.training.regression`): the loss is the squared
+error of the output's last coordinate, and no accuracy is reported.
 
 Sequence parallelism: with `seq_parallel=SeqParallel(mesh)` (`linear_jax.parallel`) the steps hand
 it to the model, whose mixers then run their time-mixing ops split along T over the mesh axis
@@ -51,6 +54,8 @@ def _sums(graphdef, params, rest, batch, aux_weight, seq_parallel=None):
     """Summed (not averaged) loss terms of one (micro)batch, and the model's updated rest."""
     model = nnx.merge(graphdef, params, rest)
     sp = {} if seq_parallel is None else {"seq_parallel": seq_parallel}
+    if "positions" in batch:                    # the head on the scored positions only
+        sp["positions"] = batch["positions"]
     out = model(batch["tokens"], segment_ids=batch.get("segment_ids"), **sp)
     logits = out[0].astype(jnp.float32)
     mask, targets = batch["mask"], batch["targets"]
@@ -96,6 +101,8 @@ def make_train_step(graphdef, tx, *, microbatches: int = 1, aux_weight: float = 
         (grads, rest, acc), _ = jax.lax.scan(micro, (zeros, state["rest"], acc0), split)
 
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        if "lr_scale" in state:        # a learning-rate sweep's member: AdamW is linear in lr
+            updates = jax.tree.map(lambda u: u * state["lr_scale"].astype(u.dtype), updates)
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": acc["loss"] / total, "accuracy": acc["correct"] / total,
                    "aux_loss": acc["aux"] / total, "grad_norm": optax.tree.norm(grads),
@@ -103,8 +110,9 @@ def make_train_step(graphdef, tx, *, microbatches: int = 1, aux_weight: float = 
         if is_regression(batch):
             del metrics["accuracy"]
         if lr_schedule is not None:
-            metrics["lr"] = lr_schedule(state["step"])
-        new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rest": rest}
+            metrics["lr"] = lr_schedule(state["step"]) * state.get("lr_scale", 1.0)
+        new = {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state,
+               "rest": rest}
         return new, metrics
 
     return train_step

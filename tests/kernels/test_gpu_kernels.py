@@ -235,13 +235,16 @@ def test_backward_tiled_over_k(op):
            config=TritonChunkConfig(block_k=16, block_k_bwd=16, **over))
 
 
-@pytest.mark.parametrize("over", [dict(dv_pass="loop"), dict(dv_pass="loop", gla_bwd="fold")],
-                         ids=["dv1", "dv1_fold"])
-@pytest.mark.parametrize("op", ["simple_gla", "gla"])
+@pytest.mark.parametrize("op, over", [
+    ("simple_gla", dict(dv_pass="loop")), ("gla", dict(dv_pass="loop")),
+    ("gla", dict(dv_pass="loop", gla_bwd="rows"))],
+    ids=["simple_gla-dv1", "gla-dv1", "gla-dv1_rows"])
 def test_one_value_pass_tiled_over_k(op, over):
     """dv_pass="loop" over two K tiles: dv written inside the value loop by the first tile's
     program only, from the keys' factors over all of K (the vector gate forms them for the whole
-    chunk there, not from its own tile), with documents and every gate strong."""
+    chunk there, not from its own tile), with documents and every gate strong. For gla with the
+    default gla_bwd="fold" and with "rows" (the per-row terms routed by the intra kernel, which
+    no other case runs over two K tiles); gla_bwd does not reach the scalar gate's kernels."""
     rng = np.random.default_rng(9)
     _check(op, _inputs(rng, op, jnp.float32, t=21, gates="uniform"), segments(rng, B, 21, p=0.08),
            1e-5, 1e-5, config=TritonChunkConfig(block_k=16, block_k_bwd=16, **over))

@@ -9,12 +9,10 @@ import socket
 import subprocess
 import sys
 
-import jax
 import numpy as np
 
-from linear_jax.training import loop
 from linear_jax.training.metrics import read_jsonl
-from tests.training.test_train import ROOT, TINY, XLA_FLAGS, _flags, tiny
+from tests.training.test_train import ROOT, TINY, XLA_FLAGS, _flags
 
 STEPS = {"train.steps": 4, "train.checkpoint_every": 0, "eval.every": 4}
 
@@ -32,7 +30,7 @@ def _env():
             "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "XLA_FLAGS": XLA_FLAGS}
 
 
-def test_two_processes_match_single_device(tmp_path):
+def test_two_processes_match_single_device(tmp_path, single_device_run):
     workdir, port = tmp_path / "two", _free_port()
     # data x fsdp = 2 x 2 over the 4 devices of both processes: parameters sharded across them
     conf = {**TINY, **STEPS, "mesh.data": 2, "mesh.fsdp": 2, "train.checkpoint_every": 0}
@@ -56,15 +54,13 @@ def test_two_processes_match_single_device(tmp_path):
         assert f"process {i} of 2, 2 local / 4 global devices" in err
         assert "final (step 4" in out
 
-    one = loop.train(tiny(tmp_path / "one", mesh__data=1, train__steps=4,
-                          train__checkpoint_every=0, eval__every=4), devices=jax.devices()[:1])
+    # the single-device run (tests/training/conftest.py, shared with test_train.py)
+    ref, one_eval_loss = single_device_run
     records = read_jsonl(workdir / "metrics.jsonl")
     train = {r["step"]: r["loss"] for r in records if r["split"] == "train"}
-    ref = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "one" / "metrics.jsonl", "train")}
     # one writer: every (step, split) once
     assert len({(r["step"], r["split"]) for r in records}) == len(records)
     assert sorted(train) == sorted(ref) == [1, 2, 3, 4]
     np.testing.assert_allclose([train[s] for s in ref], [ref[s] for s in ref], rtol=1e-5)
     result = json.loads((workdir / "result.json").read_text())
-    np.testing.assert_allclose(result["eval"]["eval"]["loss"], one["eval"]["eval"]["loss"],
-                               rtol=1e-5)
+    np.testing.assert_allclose(result["eval"]["eval"]["loss"], one_eval_loss, rtol=1e-5)

@@ -161,3 +161,42 @@ def test_induction_heads_answer_is_what_followed_the_first_trigger():
         first = np.flatnonzero(tok == trigger)
         assert len(first) == 2 and first[1] == 31 and np.flatnonzero(mask).tolist() == [31]
         assert tgt[31] == tok[first[0] + 1] and 1 <= tgt[31] <= 16
+
+
+@pytest.mark.parametrize("task", [dict(name="mqar", params={"num_kv_pairs": 4}),
+                                  dict(name="parity", score="last", min_seq_len=3)])
+def test_gathered_positions_give_the_full_batch_loss_and_gradients(task):
+    """`task.gather`: the head on the scored positions only, the same loss, accuracy and
+    gradients as the full [B, T, vocab] logits (MQAR's queries; the last token of rows of drawn
+    lengths, eval split: a length per row)."""
+    # eval rows of parity get a length each (eval.length_range): a different position per row
+    full_src = data.make_source(ml_collections.ConfigDict({"seq_len": 24, "params": {}, **task}),
+                                split="eval", batch_size=8, seed=0,
+                                min_seq_len=5 if "min_seq_len" in task else 0)
+    full = full_src.batch(1)
+    gathered = data.gather_scored(full)
+    P = int(full["mask"].sum(axis=1).max())
+    assert gathered["positions"].shape == gathered["targets"].shape == (8, P)
+    np.testing.assert_array_equal(np.take_along_axis(full["targets"], gathered["positions"], 1),
+                                  gathered["targets"])
+    if "min_seq_len" in task:
+        assert len(set(gathered["positions"][:, 0])) > 1
+    src = _source(**{**task, "gather": True})
+    assert "positions" in src.batch(0) and "positions" not in _source(**task).batch(0)
+
+    model = LM(LMConfig(vocab_size=full_src.vocab_size, d_model=16, num_layers=1, num_heads=2,
+                        mixer="gla"), rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = __import__("optax").sgd(0.1)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+             "rest": rest}
+    train = jax.jit(step.make_train_step(graphdef, tx, microbatches=2))
+    (new_a, m_a), (new_b, m_b) = train(state, full), train(state, gathered)
+    for k in ("loss", "accuracy", "grad_norm", "tokens"):
+        np.testing.assert_allclose(m_a[k], m_b[k], rtol=1e-5, err_msg=k)
+    assert m_a["grad_norm"] > 0
+    for a, b in zip(jax.tree.leaves(new_a["params"]), jax.tree.leaves(new_b["params"]),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"positions must be \[B, P\]"):
+        model(jnp.asarray(full["tokens"]), positions=jnp.zeros((3, 1), jnp.int32))

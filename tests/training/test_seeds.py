@@ -3,6 +3,7 @@ seed's single run, step by step; the records and the mean / std are where the do
 
 import jax
 import numpy as np
+import pytest
 
 from linear_jax.training import loop, seeds
 from linear_jax.training.metrics import read_jsonl
@@ -46,3 +47,30 @@ def test_aggregate_means_numbers_and_skips_the_rest():
     out = seeds.aggregate([{"a": 1.0, "b": "x"}, {"a": 3.0, "b": "y"}])
     assert out == {"a": 2.0, "a_std": np.std([1.0, 3.0], ddof=1), "a_min": 1.0, "a_max": 3.0}
     assert seeds.aggregate([{"a": 1.0}]) == {"a": 1.0, "a_std": 0.0, "a_min": 1.0, "a_max": 1.0}
+
+
+def test_learning_rate_sweep_vmapped_equals_its_runs_apart(tmp_path):
+    """train_sweep: each lr's members are that lr's own multi-seed run (updates scaled by
+    lr / reference lr, which AdamW's linearity in lr makes exact to rounding), each with its
+    own metrics.jsonl; configs that differ beyond train.lr are refused."""
+    device = jax.devices()[:1]
+    run = {**STEPS, "train__warmup_steps": 1, "train__weight_decay": 0.1}
+    lrs = (1e-2, 3e-3)
+    sweep = seeds.train_sweep([tiny(tmp_path / f"sweep{lr}", train__lr=lr, **run)
+                               for lr in lrs], [3, 5], devices=device)
+    for lr, got in zip(lrs, sweep, strict=True):
+        alone = seeds.train_seeds(tiny(tmp_path / f"alone{lr}", train__lr=lr, **run), [3, 5],
+                                  devices=device)
+        for seed in (3, 5):
+            a, b = _per_seed(tmp_path / f"sweep{lr}", seed), _per_seed(tmp_path / f"alone{lr}",
+                                                                         seed)
+            assert sorted(a) == sorted(b) == [1, 2, 3]
+            np.testing.assert_allclose([a[s] for s in b], [b[s] for s in b], rtol=1e-5)
+        np.testing.assert_allclose(got["eval"]["eval"]["loss"], alone["eval"]["eval"]["loss"],
+                                   rtol=1e-5)
+        np.testing.assert_allclose(got["train"]["lr"], alone["train"]["lr"], rtol=1e-6)
+    assert sweep[0]["eval"]["eval"]["loss"] != sweep[1]["eval"]["eval"]["loss"]
+    with pytest.raises(ValueError, match="differ only in train.lr"):
+        seeds.train_sweep([tiny(tmp_path / "x", **run), tiny(tmp_path / "y",
+                                                             **{**run, "train__steps": 2})],
+                          [0], devices=device)

@@ -43,19 +43,19 @@ def _losses(workdir, split="train"):
     return {r["step"]: r["loss"] for r in read_jsonl(workdir / "metrics.jsonl", split)}
 
 
-def test_sharded_8_devices_matches_single_device(tmp_path):
+def test_sharded_8_devices_matches_single_device(tmp_path, single_device_run):
     assert jax.device_count() == 8, "tests/conftest.py provides 8 host devices"
     steps = {"train__steps": 4, "train__checkpoint_every": 0, "eval__every": 4}
-    one = loop.train(tiny(tmp_path / "one", mesh__data=1, **steps), devices=jax.devices()[:1])
+    # the single-device run (tests/training/conftest.py, shared with test_distributed.py)
+    a, one_eval_loss = single_device_run
     # fsdp x tensor x seq = 2 x 2 x 2 (each sequence split in two: the quickstart's mixer and its
     # short conv run sequence-parallel), and two accumulated microbatches of 4 rows
     eight = loop.train(tiny(tmp_path / "eight", mesh__data=1, mesh__fsdp=2, mesh__tensor=2,
                             mesh__seq=2, train__microbatches=2, **steps))
-    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "eight")
+    b = _losses(tmp_path / "eight")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5)
-    np.testing.assert_allclose(eight["eval"]["eval"]["loss"], one["eval"]["eval"]["loss"],
-                               rtol=1e-5)
+    np.testing.assert_allclose(eight["eval"]["eval"]["loss"], one_eval_loss, rtol=1e-5)
     assert a[4] < a[1]                                        # it trains
 
 
