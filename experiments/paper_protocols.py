@@ -155,12 +155,16 @@ def _value(result, where, metric):
     return node.get(metric), node.get(f"{metric}_std"), node.get(f"{metric}_max")
 
 
+def _as_json(config) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
 def finished(config) -> dict | None:
     """The result.json of `config`'s run if it finished with this very config, else None."""
     done = pathlib.Path(config.workdir) / "result.json"
     if done.exists():
         previous = json.loads(done.read_text())
-        if previous.get("config") == json.loads(config.to_json_best_effort()):
+        if previous.get("config") == _as_json(config):
             return previous
     return None
 
@@ -177,15 +181,14 @@ def run_cell(configs) -> list[tuple[dict, bool]]:
         workdir = pathlib.Path(c.workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "metrics.jsonl").unlink(missing_ok=True)
-        (workdir / "config.json").write_text(
-            json.dumps(json.loads(c.to_json_best_effort()), indent=2) + "\n")
+        (workdir / "config.json").write_text(json.dumps(_as_json(c), indent=2) + "\n")
     trained = iter(seeds.train_sweep(todo, todo[0].seeds) if todo else [])
     out = []
     for c, p in zip(configs, previous, strict=True):
         if p is not None:
             out.append((p, True))
             continue
-        result = {**next(trained), "config": json.loads(c.to_json_best_effort())}
+        result = {**next(trained), "config": _as_json(c)}
         (pathlib.Path(c.workdir) / "result.json").write_text(json.dumps(result, indent=2) + "\n")
         out.append((result, False))
     return out

@@ -155,6 +155,9 @@ def make_source(task, *, split: str, batch_size: int, seed: int, seq_len: int | 
         if min_seq_len:
             raise ConfigError("eval.length_range applies to synthetic tasks; task 'lm' reads "
                               "fixed-length rows of its corpus")
+        if task.get("gather", False):
+            raise ConfigError("task.gather applies to synthetic tasks that score a few "
+                              "positions per row; task 'lm' scores every position")
         return TextSource(seq_len, batch_size, seed, split, tuple(task.validation_docs))
     if task.name not in synthetic.GENERATORS:
         raise ConfigError(f"unknown task {task.name!r}; known: "

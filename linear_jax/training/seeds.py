@@ -118,15 +118,14 @@ def train_sweep(configs, seeds, *, devices=None) -> list[dict]:
             lr_schedule=optim.schedule(tr))), donate_argnums=0)
         eval_step = jax.jit(jax.vmap(step.make_eval_step(graphdef)))
         results = _run(configs, seeds, states, sources, evals, train_step, eval_step, device)
-    for c, result in zip(configs, results, strict=True):
+    # a baseline (e.g. tuned GD on the eval tasks) depends on the task and seed, not on the lr
+    refs = [evaluation.baseline(config, seed) for seed in seeds]
+    for result in results:
         result["params"] = num_params
-        for i, seed in enumerate(seeds):
-            ref = evaluation.baseline(c, seed)
-            if ref is not None:
-                result["per_seed"][i]["baseline"] = ref
-        if "baseline" in result["per_seed"][0]:
-            result["baseline"] = {k: aggregate([r["baseline"][k] for r in result["per_seed"]])
-                                  for k in result["per_seed"][0]["baseline"]}
+        if refs[0] is not None:
+            for r, ref in zip(result["per_seed"], refs, strict=True):
+                r["baseline"] = ref
+            result["baseline"] = {k: aggregate([ref[k] for ref in refs]) for k in refs[0]}
     return results
 
 
@@ -190,10 +189,13 @@ def _run(configs, seeds, states, sources, evals, train_step, eval_step, device) 
     S, G = len(seeds), len(groups)
     progress = metrics.Progress(0, tr.steps, enabled=tr.progress)
 
+    def of(g, values):                         # member g * S + i: config g, seed i
+        return values[g * S:(g + 1) * S]
+
     def record(s, m) -> None:
         values = [{k: float(v[j]) for k, v in m.items()} for j in range(S * G)]
         for g, group in enumerate(groups):
-            group.record(s, values[g * S:(g + 1) * S], progress if g == 0 else None)
+            group.record(s, of(g, values), progress if g == 0 else None)
 
     pending, t_start = None, time.perf_counter()
     try:
@@ -210,10 +212,9 @@ def _run(configs, seeds, states, sources, evals, train_step, eval_step, device) 
                 values = _evaluate(eval_step, states, [e[name] for e in evals], ev.batches,
                                    device, G)
                 for g, group in enumerate(groups):
-                    for r, v in zip(group.per_seed, values[g * S:(g + 1) * S], strict=True):
+                    for r, v in zip(group.per_seed, of(g, values), strict=True):
                         r["eval"][name] = v
-                    group.result["eval"][name] = group.write(s + 1, name,
-                                                             values[g * S:(g + 1) * S])
+                    group.result["eval"][name] = group.write(s + 1, name, of(g, values))
             for group in groups:
                 logging.info("step %d (lr %g, mean of %d seeds): %s", s + 1,
                              group.config.train.lr, S, evaluation.describe(group.result["eval"]))

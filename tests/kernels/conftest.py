@@ -13,14 +13,9 @@ import inspect
 
 import jax
 
-_thread_compiles = None     # {thread jaxpr: {argument types: compiled}}, once patched
-
 
 def _cache_interpreter_thread_compiles():
-    """Patches `thread_map._run_jaxpr` once (module docstring)."""
-    global _thread_compiles
-    if _thread_compiles is not None:
-        return
+    """Patches `thread_map._run_jaxpr` (module docstring); pytest imports this file once."""
     import threading
     import weakref
 
@@ -33,7 +28,7 @@ def _cache_interpreter_thread_compiles():
                   .parameters)
     if params != ["jaxpr", "consts", "args"]:
         return
-    _thread_compiles = weakref.WeakKeyDictionary()
+    compiles = weakref.WeakKeyDictionary()     # {thread jaxpr: {argument types: compiled}}
     lock = threading.Lock()
 
     def run(jaxpr, consts, *args):
@@ -42,11 +37,11 @@ def _cache_interpreter_thread_compiles():
     def run_jaxpr(jaxpr, consts, *args):
         types = tuple(map(jax.typeof, jax.tree.leaves((consts, args))))
         with lock:          # the threads of one call share the first one's compile
-            compiled = _thread_compiles.setdefault(jaxpr, {}).get(types)
+            compiled = compiles.setdefault(jaxpr, {}).get(types)
             if compiled is None:
                 compiled = jax.jit(run, static_argnums=(0,)).trace(jaxpr, consts, *args) \
                     .lower().compile()
-                _thread_compiles[jaxpr][types] = compiled
+                compiles[jaxpr][types] = compiled
         compiled(consts, *args)
 
     thread_map._run_jaxpr = run_jaxpr

@@ -183,6 +183,8 @@ def test_gathered_positions_give_the_full_batch_loss_and_gradients(task):
         assert len(set(gathered["positions"][:, 0])) > 1
     src = _source(**{**task, "gather": True})
     assert "positions" in src.batch(0) and "positions" not in _source(**task).batch(0)
+    with pytest.raises(ConfigError, match="task.gather applies to synthetic tasks"):
+        _source("lm", gather=True)
 
     model = LM(LMConfig(vocab_size=full_src.vocab_size, d_model=16, num_layers=1, num_heads=2,
                         mixer="gla"), rngs=nnx.Rngs(0))
