@@ -44,15 +44,18 @@
 #             softmax attention stays on the plateau of always answering the context's most
 #             frequent value (experiments/README.md, "MQAR accuracy against state size")
 #   protocols experiments.paper_protocols jobs, at most PROTO_P (default 4) processes at a time
-#             sharing the GPU, the rest queued (PROTO_JOBS: lines "protocol|cells|more flags|mem",
-#             default the list in the step, one cell per job; mem, optional, is that job's share of
-#             the GPU's memory, else PROTO_MEM, default 0.15: keep PROTO_P x the shares below 0.9).
-#             PROTO_S (default 540) is the step's wall limit: every job is cut at that deadline, and
+#             sharing the GPU, the rest queued (PROTO_JOBS: lines "protocol|cells|more flags|mem|
+#             precision", default the list in the step, one cell per job; mem, optional, is that
+#             job's share of the GPU's memory, else PROTO_MEM, default 0.15: keep PROTO_P x the
+#             shares below 0.9; precision, optional, that job's JAX_DEFAULT_MATMUL_PRECISION).
+#             PROTO_S (default 540) is the step's wall limit: every job stops training 25 s before
+#             it (paper_protocols --deadline: a cut run is kept as partial.json) and is killed at it;
 #             a queued job starts only while at least PROTO_MIN_S (default 300) s are left. Every
 #             model runs through its chunk form (model.impl=chunk: the vmapped seeds need no kernel
 #             batching rule), written into experiments/results/protocols of this tree (cells done
 #             there are reused) and brought back under logs/protocols; float32 matmuls in full
-#             float32 (JAX_DEFAULT_MATMUL_PRECISION, as the papers' PyTorch runs without TF32); each
+#             float32 unless the job says otherwise (as the papers' PyTorch runs without TF32; each
+#             result.json records its precision); each
 #             job's rc and wall time in the step's summary
 #   throughput  the training run of the Hopper kernel issue: lm_shakespeare at d_model 1024, 12 layers,
 #             8 heads, T 2048, batch 16, TP_STEPS steps, per "mixer:impl" of TP_RUNS (tokens/s and
@@ -191,15 +194,17 @@ for s in "$@"; do case $s in
       pjob() { local name=$1 limit=$2 t0=$SECONDS; shift 2
         ( timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1; echo $? > "$LOGS/$name.rc"
           echo $((SECONDS - t0)) > "$LOGS/$name.s" ) & }
-      while IFS='|' read -r proto cells extra mem; do
+      while IFS='|' read -r proto cells extra mem prec; do
         [ -n "$proto" ] || continue; i=$((i+1))
         while [ "$(jobs -rp | wc -l)" -ge "$P" ]; do wait -n; done
         left=$((end - SECONDS)); mem=${mem:-${PROTO_MEM:-0.15}}
         if [ "$left" -lt "${PROTO_MIN_S:-300}" ]; then
           echo "   proto$i $proto|$cells: not started ($left s left)"; continue; fi
-        echo "   proto$i $proto|$cells|$extra, memory $mem, at +$((L - left)) s"
-        XLA_PYTHON_CLIENT_MEM_FRACTION=$mem pjob proto$i "$left" python3 -m experiments.paper_protocols \
-          --protocol="$proto" --cells="$cells" --out=experiments/results/protocols --set=model.impl=chunk $extra
+        prec=${prec:-float32}
+        echo "   proto$i $proto|$cells|$extra, memory $mem, $prec matmuls, at +$((L - left)) s"
+        JAX_DEFAULT_MATMUL_PRECISION=$prec XLA_PYTHON_CLIENT_MEM_FRACTION=$mem pjob proto$i "$left" python3 -m experiments.paper_protocols \
+          --protocol="$proto" --cells="$cells" --out=experiments/results/protocols --set=model.impl=chunk \
+          --deadline=$((left - 25)) $extra
       done <<< "${PROTO_JOBS:-$jobs}"
       wait; for f in $LOGS/proto*.log; do n=${f%.log}
         echo "-- $f rc=$(cat $n.rc) $(cat $n.s 2>/dev/null) s"; tail -n 6 "$f" | cut -c1-300; done

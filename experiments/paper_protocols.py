@@ -12,14 +12,22 @@ learning-rate sweep by mean eval accuracy, the sweep's rates trained together wi
 `mamba_synthetic` (paper_mamba_synthetic.py, Gu & Dao 2023), `icl_regression`
 (paper_icl_regression.py, von Oswald et al. 2023, each depth beside as many steps of GD) and
 `lm_mixers` (lm_mixers.py, byte-level Shakespeare). `--cells` keeps the cells whose name contains
-one of the given strings, so a grid can be run in parts; a cell whose `result.json` holds the same
-config is reused, so an interrupted run picks up where it stopped. Everything goes to
+one of the given strings (one that starts with `^` must begin the name: `^attention-` keeps
+`attention-d64-T256` but not `linear_attention-d64-T256`), so a grid can be run in parts; a cell
+whose `result.json` holds the same config is reused, so an interrupted run picks up where it
+stopped. Everything goes to
 `<out>/<protocol>/`: a directory per run (metrics.jsonl, config.json, result.json),
 `<protocol>.json` and `<protocol>.md`, rewritten after every cell.
 
 `--collect` trains nothing: it writes the JSON and the table from the cells already finished under
 `<out>/<protocol>/` (the same `--cells`, `--set` and `--steps` select them), for grids whose cells
 ran as separate processes, each of which rewrites the summary with its own cells only.
+
+`--lrs` trains a subset of a sweep's learning rates (the others are not run, and a cell's best is
+then the best of those). `--deadline=S` stops training S seconds after the start, at the last
+evaluation before it (`seeds.train_sweep`): the cut runs are written to `partial.json`, not
+`result.json`, so a later call trains them again from the start, and the table marks them
+("5000 of 25000, cut") where no finished run of the cell exists.
 
 `--quick` runs the protocol's first smoke cell at a toy size (a tiny model, 2 steps, 2 seeds): a
 test that the grid's configs build and train, not a result.
@@ -79,10 +87,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--protocol", required=True, choices=sorted(PROTOCOLS))
     p.add_argument("--out", default="runs/protocols", help="output directory")
-    p.add_argument("--cells", default="", help="comma-separated substrings of cell names")
+    p.add_argument("--cells", default="",
+                   help="comma-separated substrings of cell names (^ anchors one at the start)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, trained together")
     p.add_argument("--steps", type=int, help="train.steps of every cell (default: the config's)")
     p.add_argument("--quick", action="store_true", help="one tiny cell (CPU smoke test)")
+    p.add_argument("--lrs", default="",
+                   help="comma-separated learning rates of the protocol's sweep to train")
+    p.add_argument("--deadline", type=float,
+                   help="seconds after the start at which training stops (cut runs: partial.json)")
     p.add_argument("--collect", action="store_true",
                    help="train nothing: summarise the cells already finished in --out")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -95,6 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(str(e))
     args.seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
     args.cells = [c for c in args.cells.split(",") if c]
+    args.lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
+    args.deadline = None if args.deadline is None else time.monotonic() + args.deadline
     if args.quick:
         args.seeds = args.seeds[:2]
     return args
@@ -123,11 +138,18 @@ def _set(config, dotted: str, value) -> None:
     node[leaf] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
 
 
+def _matches(cell: str, pattern: str) -> bool:
+    return cell.startswith(pattern[1:]) if pattern.startswith("^") else pattern in cell
+
+
 def cell_configs(args, module, protocol):
     """[(run name, config)] of the grid, the lr sweep expanded, `--cells` and `--quick` applied."""
     cells = [protocol["quick_cell"]] if args.quick else [
-        c for c in module.CELLS if not args.cells or any(s in c for s in args.cells)]
-    lrs = getattr(module, "LRS", (None,))[:1 if args.quick else None]
+        c for c in module.CELLS if not args.cells or any(_matches(c, s) for s in args.cells)]
+    sweep = getattr(module, "LRS", (None,))[:1 if args.quick else None]
+    if args.lrs and not set(args.lrs) <= set(sweep):
+        raise SystemExit(f"error: --lrs={args.lrs} must be among the sweep's {list(sweep)}")
+    lrs = [lr for lr in sweep if not args.lrs or lr in args.lrs]
     out = []
     for cell in cells:
         for lr in lrs:
@@ -141,7 +163,7 @@ def cell_configs(args, module, protocol):
                 overrides["train.lr"] = lr
             for key, value in overrides.items():
                 _set(c, key, value)
-            name = cell + ("" if lr is None or len(lrs) == 1 else f"_lr{lr:g}")
+            name = cell + ("" if lr is None or len(sweep) == 1 else f"_lr{lr:g}")
             c.workdir = str(pathlib.Path(args.out) / args.protocol / name)
             out.append((cell, lr, c))
     return out
@@ -169,10 +191,31 @@ def finished(config) -> dict | None:
     return None
 
 
-def run_cell(configs) -> list[tuple[dict, bool]]:
+def _where() -> dict:
+    """What the config does not say about how a run was computed: the device and the float32
+    matmul precision (JAX_DEFAULT_MATMUL_PRECISION; None is JAX's default, TF32 on recent
+    NVIDIA GPUs)."""
+    import jax
+
+    return {"device": jax.devices()[0].device_kind,
+            "matmul_precision": jax.config.jax_default_matmul_precision}
+
+
+def saved(config) -> dict | None:
+    """The finished run of `config`, else a run of it cut by a deadline (`partial.json`)."""
+    done = finished(config)
+    cut = pathlib.Path(config.workdir) / "partial.json"
+    if done is None and cut.exists():
+        previous = json.loads(cut.read_text())
+        if previous.get("config") == _as_json(config):
+            return previous
+    return done
+
+
+def run_cell(configs, deadline=None) -> list[tuple[dict, bool]]:
     """(result.json's content, whether it was reused) of each run of one cell: its learning
     rates (one config each), the unfinished ones trained together with every seed
-    (`seeds.train_sweep`)."""
+    (`seeds.train_sweep`); a run cut at `deadline` gives partial.json's content instead."""
     from linear_jax.training import seeds
 
     previous = [finished(c) for c in configs]
@@ -182,20 +225,23 @@ def run_cell(configs) -> list[tuple[dict, bool]]:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "metrics.jsonl").unlink(missing_ok=True)
         (workdir / "config.json").write_text(json.dumps(_as_json(c), indent=2) + "\n")
-    trained = iter(seeds.train_sweep(todo, todo[0].seeds) if todo else [])
+    trained = iter(seeds.train_sweep(todo, todo[0].seeds, deadline=deadline) if todo else [])
     out = []
     for c, p in zip(configs, previous, strict=True):
         if p is not None:
             out.append((p, True))
             continue
-        result = {**next(trained), "config": _as_json(c)}
-        (pathlib.Path(c.workdir) / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        result = {**next(trained), **_where(), "config": _as_json(c)}
+        name = "partial.json" if result.get("partial") else "result.json"
+        (pathlib.Path(c.workdir) / "partial.json").unlink(missing_ok=True)
+        (pathlib.Path(c.workdir) / name).write_text(json.dumps(result, indent=2) + "\n")
         out.append((result, False))
     return out
 
 
 def record(protocol, cell, lr, result) -> dict:
     row = {"cell": cell, "lr": lr, "params": result["params"], "steps": result["step"],
+           "of": result["config"]["train"]["steps"], "partial": result.get("partial", False),
            "seconds": round(result["seconds"], 1), "stopped": result["stopped"],
            "seeds": result["seeds"], "workdir": result["config"]["workdir"]}
     for label, where, metric in protocol["columns"]:
@@ -204,10 +250,12 @@ def record(protocol, cell, lr, result) -> dict:
 
 
 def best_per_cell(rows: list[dict], select: str | None) -> list[dict]:
-    """One row per cell: with a learning-rate sweep, the lr of the best mean `select` column."""
+    """One row per cell: with a learning-rate sweep, the lr of the best mean `select` column
+    (a finished run before any cut one)."""
     best = {}
     for r in rows:
-        score = (r[select][0] if select and r[select][0] is not None else -1.0)
+        score = (not r.get("partial"),
+                 r[select][0] if select and r[select][0] is not None else -1.0)
         if r["cell"] not in best or score > best[r["cell"]][0]:
             best[r["cell"]] = (score, r)
     return [r for _, r in best.values()]
@@ -228,8 +276,9 @@ def table(protocol, rows: list[dict]) -> str:
              "|---|---|" + "---|" * len(labels) + "---|---|---|"]
     for r in rows:
         lr = "" if r["lr"] is None else f"{r['lr']:g}"
+        steps = f"{r['steps']} of {r['of']}, cut" if r.get("partial") else r["steps"]
         lines.append(f"| {r['cell']} | {lr} | " + " | ".join(cell(r[x]) for x in labels)
-                     + f" | {r['params']:,} | {r['steps']} | {r['seconds']:.0f} |")
+                     + f" | {r['params']:,} | {steps} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 
@@ -243,7 +292,7 @@ def main(argv=None) -> dict:
     module = importlib.import_module(f"experiments.configs.{protocol['config']}")
     grid = cell_configs(args, module, protocol)
     if args.collect:
-        grid = [g for g in grid if finished(g[2]) is not None]
+        grid = [g for g in grid if saved(g[2]) is not None]
     if not grid:
         which = "finished cell" if args.collect else "cell"
         sys.exit(f"error: no {which} of {args.protocol} matches --cells={','.join(args.cells)}")
@@ -259,8 +308,9 @@ def main(argv=None) -> dict:
     try:
         for name in cells:
             runs = [(lr, config) for cell, lr, config in grid if cell == name]
-            for (lr, _), (result, reused) in zip(runs, run_cell([c for _, c in runs]),
-                                                  strict=True):
+            results = ([(saved(c), True) for _, c in runs] if args.collect else
+                       run_cell([c for _, c in runs], args.deadline))
+            for (lr, _), (result, reused) in zip(runs, results, strict=True):
                 i += 1
                 row = record(protocol, name, lr, result)
                 summary["runs"].append(row)

@@ -76,6 +76,20 @@ def test_set_overrides_every_cell():
         paper_protocols.parse_args(["--protocol=mqar", "--set=nonsense"])
 
 
+def test_a_caret_anchors_a_cell_pattern_at_the_start():
+    module = paper_protocols.importlib.import_module("experiments.configs.paper_mqar")
+
+    def cells(pattern):
+        args = paper_protocols.parse_args(["--protocol=mqar", f"--cells={pattern}"])
+        grid = paper_protocols.cell_configs(args, module, paper_protocols.PROTOCOLS["mqar"])
+        return list(dict.fromkeys(cell for cell, _, _ in grid))
+
+    assert set(cells("attention-d64-T256")) == {"attention-d64-T256", "linear_attention-d64-T256"}
+    assert cells("^attention-d64-T256") == ["attention-d64-T256"]
+    assert cells("^attention-d6,^gla-d128-T512") == ["attention-d64-T256", "attention-d64-T512",
+                                                     "gla-d128-T512"]
+
+
 def test_state_tracking_eigenvalue_ranges_reach_the_layers():
     from experiments.configs import paper_state_tracking as st
 
@@ -117,3 +131,34 @@ def test_a_cells_learning_rates_train_together_and_are_reused(tmp_path):
     again = paper_protocols.run_cell([first, second])
     assert [reused for _, reused in again] == [True, True]
     assert [r for r, _ in again] == [r for r, _ in runs]
+
+
+def test_a_deadline_leaves_a_cut_run_that_is_trained_again(tmp_path):
+    """--deadline stops at the last evaluation before it: the run goes to partial.json (marked in
+    the table), is not reused as finished, and a later call trains it to its end."""
+    argv = ["--protocol=mqar", "--quick", f"--out={tmp_path}", "--steps=4",
+            "--set=eval.every=2"]
+    cut = paper_protocols.main(argv + ["--deadline=0"])
+    (row,) = cut["cells"]
+    assert row["partial"] and (row["steps"], row["of"]) == (2, 4)
+    assert row["stopped"] == "deadline: cut at step 2 of 4"
+    workdir = tmp_path / "mqar" / row["workdir"].split("/")[-1]
+    assert (workdir / "partial.json").exists() and not (workdir / "result.json").exists()
+    assert "| 2 of 4, cut |" in (tmp_path / "mqar" / "mqar.md").read_text()
+    assert paper_protocols.main(argv + ["--collect"])["cells"] == cut["cells"]
+    full = paper_protocols.main(argv)
+    (row,) = full["cells"]
+    assert not row["partial"] and row["steps"] == 4 and row["stopped"] is None
+    assert (workdir / "result.json").exists() and not (workdir / "partial.json").exists()
+
+
+def test_lrs_trains_a_subset_of_the_sweep_under_the_sweeps_names():
+    module = paper_protocols.importlib.import_module("experiments.configs.paper_mqar")
+    args = paper_protocols.parse_args(["--protocol=mqar", "--cells=^gla-d64-T256",
+                                       f"--lrs={module.LRS[2]}", "--out=/o"])
+    ((cell, lr, config),) = paper_protocols.cell_configs(args, module,
+                                                        paper_protocols.PROTOCOLS["mqar"])
+    assert lr == module.LRS[2] and config.workdir == f"/o/mqar/gla-d64-T256_lr{lr:g}"
+    args = paper_protocols.parse_args(["--protocol=mqar", "--lrs=0.5", "--out=/o"])
+    with pytest.raises(SystemExit, match="--lrs"):
+        paper_protocols.cell_configs(args, module, paper_protocols.PROTOCOLS["mqar"])

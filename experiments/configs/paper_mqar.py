@@ -27,6 +27,9 @@ CELLS = tuple(f"{m}-d{d}-T{t}" for t in SETTINGS for m in MIXER_NAMES for d in W
 LRS = (1e-4, 4.6e-4, 2.2e-3, 1e-2)               # np.logspace(-4, -2, 4), rounded
 # mixers with no short convolution by default (DeltaNet, Gated DeltaNet, Mamba-2 have one)
 CONV = {"linear_attention": {"conv_size": 4}, "based": {"conv_size": 4}, "gla": {"conv_size": 4}}
+# Zoology's attention has one head (its figure-2 configs); it also has learned absolute positions
+# and dropout 0.1, where ours has RoPE and no dropout
+HEADS = {"attention": 1}
 # the GPU linear_attention kernel runs out of shared memory at Based's feature width 273
 IMPL = {"based": "chunk"}
 
@@ -42,7 +45,8 @@ def get_config(cell: str = "based-d128-T256"):
     c.task.update(name="mqar", seq_len=seq_len, params={
         "num_kv_pairs": SETTINGS[seq_len], "num_keys": 4096, "num_values": 4095})   # vocab 8192
     c.task.gather = True
-    c.model.update(d_model=d_model, num_layers=2, num_heads=2, mixer=mixer, ffn="none",
+    c.model.update(d_model=d_model, num_layers=2, num_heads=HEADS.get(mixer, 2), mixer=mixer,
+                   ffn="none",
                    init_std=d_model ** -0.5, impl=IMPL.get(mixer, "auto"),
                    mixer_options={mixer: CONV.get(mixer, {})})
     batch = BATCH[seq_len]

@@ -25,10 +25,16 @@ in `train.lr` (and `workdir`), every (lr, seed) pair one member of the vmapped s
 config's scaled by lr / reference lr (`state["lr_scale"]`, `step.make_train_step`); each config
 gets its own `metrics.jsonl` and result. With early stopping the sweep ends when every seed of
 one lr reaches the target (that lr's result says so; the others say they were cut with it).
+
+`deadline` (a `time.monotonic()` value) ends a run early at the last evaluation that the next
+interval of evaluations would carry past it: the result is then marked `"partial": True`, its
+`stopped` says at which step, and its values are those of that evaluation (a wall-clock budget,
+as on a lent GPU, leaves a measured point instead of nothing).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import pathlib
 import time
 
@@ -69,10 +75,10 @@ def _states(model_config, tx, seeds):
     return graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
 
-def train_seeds(config, seeds, *, devices=None) -> dict:
+def train_seeds(config, seeds, *, devices=None, deadline=None) -> dict:
     """Trains `config` once per seed in `seeds`, vmapped, in `config.workdir`; returns the
     result (per seed and mean / std)."""
-    return train_sweep([config], seeds, devices=devices)[0]
+    return train_sweep([config], seeds, devices=devices, deadline=deadline)[0]
 
 
 def _check_sweep(configs) -> None:
@@ -90,7 +96,7 @@ def _check_sweep(configs) -> None:
                          f"{[c.train.lr for c in configs]}")
 
 
-def train_sweep(configs, seeds, *, devices=None) -> list[dict]:
+def train_sweep(configs, seeds, *, devices=None, deadline=None) -> list[dict]:
     """Trains every config of a learning-rate sweep (module docstring) once per seed, all
     vmapped together; returns one result per config, as `train_seeds` would."""
     _check_sweep(configs)
@@ -117,7 +123,8 @@ def train_sweep(configs, seeds, *, devices=None) -> list[dict]:
             graphdef, tx, microbatches=tr.microbatches, aux_weight=tr.aux_loss_weight,
             lr_schedule=optim.schedule(tr))), donate_argnums=0)
         eval_step = jax.jit(jax.vmap(step.make_eval_step(graphdef)))
-        results = _run(configs, seeds, states, sources, evals, train_step, eval_step, device)
+        results = _run(configs, seeds, states, sources, evals, train_step, eval_step, device,
+                       deadline)
     # a baseline (e.g. tuned GD on the eval tasks) depends on the task and seed, not on the lr
     refs = [evaluation.baseline(config, seed) for seed in seeds]
     for result in results:
@@ -129,9 +136,33 @@ def train_sweep(configs, seeds, *, devices=None) -> list[dict]:
     return results
 
 
-def _stacked(sources, index: int, device, copies: int = 1):
-    batches = [src.batch(index) for src in sources] * copies
+def _stack(batches, device, copies: int):
+    batches = list(batches) * copies
     return jax.device_put({k: np.stack([b[k] for b in batches]) for k in batches[0]}, device)
+
+
+def _stacked(sources, index: int, device, copies: int = 1):
+    return _stack([src.batch(index) for src in sources], device, copies)
+
+
+class _Prefetched:
+    """Step i's stacked training batch, with the next `ahead` steps' batches drawn meanwhile in
+    threads, one per seed (numpy's generators and sorts release the GIL), while the device runs:
+    at Zoology's MQAR sizes drawing the seeds' batches took longer than a small model's step."""
+
+    def __init__(self, sources, device, copies: int, ahead: int = 2):
+        self.sources, self.device, self.copies, self.ahead = sources, device, copies, ahead
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(sources))
+        self.pending: dict[int, list] = {}
+
+    def __call__(self, index: int):
+        for i in range(index, index + self.ahead + 1):
+            if i not in self.pending:
+                self.pending[i] = [self.pool.submit(src.batch, i) for src in self.sources]
+        return _stack([f.result() for f in self.pending.pop(index)], self.device, self.copies)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _evaluate(eval_step, states, sources, num_batches: int, device, copies: int) -> list[dict]:
@@ -183,7 +214,8 @@ class _Group:
         return all(r["eval"]["eval"].get("accuracy", 0.0) >= target for r in self.per_seed)
 
 
-def _run(configs, seeds, states, sources, evals, train_step, eval_step, device) -> list[dict]:
+def _run(configs, seeds, states, sources, evals, train_step, eval_step, device,
+         deadline=None) -> list[dict]:
     tr, ev = configs[0].train, configs[0].eval
     groups = [_Group(c, seeds) for c in configs]
     S, G = len(seeds), len(groups)
@@ -198,9 +230,11 @@ def _run(configs, seeds, states, sources, evals, train_step, eval_step, device) 
             group.record(s, of(g, values), progress if g == 0 else None)
 
     pending, t_start = None, time.perf_counter()
+    t_eval = time.monotonic()                    # the last evaluation's end
+    batches = _Prefetched(sources, device, G)
     try:
         for s in range(tr.steps):
-            states, m = train_step(states, _stacked(sources, s, device, G))
+            states, m = train_step(states, batches(s))
             if pending is not None:             # the previous step's metrics, read one step late
                 record(*jax.device_get(pending))
             pending = (s + 1, m)
@@ -231,7 +265,16 @@ def _run(configs, seeds, states, sources, evals, train_step, eval_step, device) 
                         f"cut at step {s + 1}: lr {done[0].config.train.lr:g} of its sweep "
                         f"had every seed at eval accuracy >= {target}")
                 break
+            now = time.monotonic()
+            if deadline is not None and s + 1 < tr.steps and 2 * now - t_eval > deadline:
+                for g in groups:
+                    g.result.update(partial=True, stopped=f"deadline: cut at step {s + 1} of "
+                                                          f"{tr.steps}")
+                logging.warning("deadline: cut at step %d of %d", s + 1, tr.steps)
+                break
+            t_eval = now
     finally:
+        batches.close()
         progress.close()
     seconds = time.perf_counter() - t_start
     for g in groups:
