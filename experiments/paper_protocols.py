@@ -59,6 +59,7 @@ PROTOCOLS = {
         "quick": {"task.seq_len": 12}},
     "mqar": {
         "config": "paper_mqar", "quick_cell": "based-d64-T256", "select": "accuracy",
+        "plot": "state_size",
         "columns": [("accuracy", ("eval", "eval"), "accuracy")],
         "quick": {"task.seq_len": 32, "task.params": {"num_kv_pairs": 4}}},
     "mamba_synthetic": {
@@ -282,6 +283,35 @@ def table(protocol, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot_state_size(cells: list[dict], out: pathlib.Path) -> list[pathlib.Path]:
+    """Zoology's picture: per sequence length, `<protocol>_T<len>.png` with each mixer's accuracy
+    against its recurrent state per layer (floats; attention: its KV cache at that length), one
+    point per width; a run cut before its end (`partial`) is labelled with a star."""
+    import ml_collections
+
+    from experiments import mqar_sweep
+    from linear_jax.training import data
+
+    points = {}
+    for row in cells:
+        saved = pathlib.Path(row["workdir"]) / ("partial.json" if row.get("partial") else
+                                                "result.json")
+        config = ml_collections.ConfigDict(json.loads(saved.read_text())["config"])
+        vocab = data.make_source(config.task, split="train", batch_size=1, seed=0).vocab_size
+        t = config.task.seq_len
+        points.setdefault(t, []).append({
+            "mixer": config.model.mixer, "accuracy": row["accuracy"][0],
+            "d_model": f"{config.model.d_model}{'*' if row.get('partial') else ''}",
+            "state_size": mqar_sweep.state_size_per_layer(config.model, vocab, t)})
+    written = []
+    for t, pts in sorted(points.items()):
+        path = out / f"{out.name}_T{t}.png"
+        mqar_sweep.plot(pts, path, f"MQAR, {t} tokens: best lr per cell, mean of the seeds "
+                                   "(* cut early)")
+        written.append(path)
+    return written
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from absl import logging
@@ -325,6 +355,8 @@ def main(argv=None) -> dict:
                       + (" (reused)" if reused else ""), flush=True)
     finally:
         logging.set_verbosity(verbosity)
+    if protocol.get("plot") == "state_size":
+        plot_state_size(summary["cells"], out)
     print(table(protocol, summary["cells"]))
     return summary
 

@@ -48,6 +48,8 @@ def test_quick_protocol_writes_json_and_table(tmp_path, capsys, name):
                         .read_text())
     assert len(result["per_seed"]) == 2
     assert "[1/1]" in capsys.readouterr().out
+    if paper_protocols.PROTOCOLS[name].get("plot"):
+        assert (tmp_path / name / f"{name}_T{result['config']['task']['seq_len']}.png").exists()
     assert paper_protocols.main(argv)["runs"][0]["steps"] == summary["runs"][0]["steps"]
     (tmp_path / name / f"{name}.json").unlink()
     collected = paper_protocols.main(argv + ["--collect"])

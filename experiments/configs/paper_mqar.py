@@ -10,9 +10,9 @@ only (`task.gather`). The cell after the colon is `<mixer>-d<width>-T<len>`:
 
     python -m experiments.train --config=experiments/configs/paper_mqar.py:based-d128-T256
 
-Mixers: softmax attention (RoPE), linear attention, Based, GLA, DeltaNet, Gated DeltaNet and
-Mamba-2; every mixer but attention has a short convolution of width 4 (its own, or `CONV`), and
-the initialisation is d_model^-1/2.
+Mixers: softmax attention (RoPE, one head as Zoology's), linear attention, Based, GLA, DeltaNet,
+Gated DeltaNet and Mamba-2 (two heads); every mixer but attention has a short convolution of width
+4 (its own, or `CONV`), and the initialisation is d_model^-1/2.
 """
 
 from experiments.configs.base import base_config
