@@ -29,6 +29,13 @@ evaluation before it (`seeds.train_sweep`): the cut runs are written to `partial
 `result.json`, so a later call trains them again from the start, and the table marks them
 ("5000 of 25000, cut") where no finished run of the cell exists.
 
+`--cost` trains nothing either: it compiles each cell's train step (the lrs and seeds it would
+train together) and prints XLA's cost analysis per step, FLOPs and bytes accessed, with the
+protocol's total and the time the bytes alone would take at `--hbm-tbps` (default 3.35, an H100
+SXM's HBM): a floor to plan device time by. On a CPU, XLA fuses less than on a GPU, so its bytes
+overstate a GPU's; run it on the GPU for the GPU's fusions. The numbers go to
+`<out>/<protocol>/<protocol>_cost_<platform>.json`.
+
 `--quick` runs the protocol's first smoke cell at a toy size (a tiny model, 2 steps, 2 seeds): a
 test that the grid's configs build and train, not a result.
 """
@@ -97,6 +104,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated learning rates of the protocol's sweep to train")
     p.add_argument("--deadline", type=float,
                    help="seconds after the start at which training stops (cut runs: partial.json)")
+    p.add_argument("--cost", action="store_true",
+                   help="train nothing: each cell's train step's FLOPs and bytes (XLA's count)")
+    p.add_argument("--hbm-tbps", type=float, default=3.35,
+                   help="--cost: the HBM bandwidth (TB/s) its time floor is computed at")
     p.add_argument("--collect", action="store_true",
                    help="train nothing: summarise the cells already finished in --out")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -312,6 +323,35 @@ def plot_state_size(cells: list[dict], out: pathlib.Path) -> list[pathlib.Path]:
     return written
 
 
+def cost(args, protocol_name: str, grid) -> dict:
+    """--cost: per cell, the compiled train step's FLOPs and bytes (`seeds.step_cost`)."""
+    import jax
+
+    from linear_jax.training import seeds
+
+    rows = []
+    print("| cell | members | GFLOP / step | GB / step | steps | protocol TB | "
+          f"HBM floor at {args.hbm_tbps:g} TB/s (s) |\n|---|---|---|---|---|---|---|")
+    for name in dict.fromkeys(cell for cell, _, _ in grid):
+        configs = [c for cell, _, c in grid if cell == name]
+        c = seeds.step_cost(configs, args.seeds)
+        steps = configs[0].train.steps
+        row = {"cell": name, **c, "steps": steps,
+               "floor_s": steps * c["bytes_accessed"] / (args.hbm_tbps * 1e12)}
+        rows.append(row)
+        print(f"| {name} | {c['members']} | {c['flops'] / 1e9:.1f} | "
+              f"{c['bytes_accessed'] / 1e9:.2f} | {steps} | "
+              f"{steps * c['bytes_accessed'] / 1e12:.1f} | {row['floor_s']:.0f} |", flush=True)
+    device = jax.devices()[0]
+    out = {"protocol": protocol_name, "platform": device.platform, "device": device.device_kind,
+           "jax": jax.__version__, "hbm_tbps": args.hbm_tbps, "seeds": list(args.seeds),
+           "set": args.set, "cells": rows}
+    path = pathlib.Path(args.out) / protocol_name / f"{protocol_name}_cost_{device.platform}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from absl import logging
@@ -326,6 +366,8 @@ def main(argv=None) -> dict:
     if not grid:
         which = "finished cell" if args.collect else "cell"
         sys.exit(f"error: no {which} of {args.protocol} matches --cells={','.join(args.cells)}")
+    if args.cost:
+        return cost(args, args.protocol, grid)
     checkpoint.quiet_orbax_logs()
     verbosity = logging.get_verbosity()
     logging.set_verbosity(logging.WARNING)    # one line per cell instead of the trainer's log

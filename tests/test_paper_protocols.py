@@ -164,3 +164,11 @@ def test_lrs_trains_a_subset_of_the_sweep_under_the_sweeps_names():
     args = paper_protocols.parse_args(["--protocol=mqar", "--lrs=0.5", "--out=/o"])
     with pytest.raises(SystemExit, match="--lrs"):
         paper_protocols.cell_configs(args, module, paper_protocols.PROTOCOLS["mqar"])
+
+
+def test_cost_compiles_every_cell_and_trains_nothing(tmp_path):
+    out = paper_protocols.main(["--protocol=mqar", "--quick", "--cost", f"--out={tmp_path}"])
+    (row,) = out["cells"]
+    assert row["flops"] > 0 and row["bytes_accessed"] > 0 and row["members"] == 2
+    assert row["floor_s"] == pytest.approx(row["steps"] * row["bytes_accessed"] / 3.35e12)
+    assert [p.name for p in (tmp_path / "mqar").iterdir()] == ["mqar_cost_cpu.json"]

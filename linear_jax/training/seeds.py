@@ -35,8 +35,10 @@ as on a lent GPU, leaves a measured point instead of nothing).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import pathlib
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -99,6 +101,39 @@ def _check_sweep(configs) -> None:
 def train_sweep(configs, seeds, *, devices=None, deadline=None) -> list[dict]:
     """Trains every config of a learning-rate sweep (module docstring) once per seed, all
     vmapped together; returns one result per config, as `train_seeds` would."""
+    with _sweep(configs, seeds, devices) as sw:
+        logging.info("%d seeds %s x %d learning rates, %s parameters each, vmapped on %s",
+                     len(sw.seeds), sw.seeds, len(configs), f"{sw.num_params:,}", sw.device)
+        results = _run(configs, sw.seeds, sw.states, sw.sources, sw.evals, sw.train_step,
+                       sw.eval_step, sw.device, deadline)
+    # a baseline (e.g. tuned GD on the eval tasks) depends on the task and seed, not on the lr
+    refs = [evaluation.baseline(configs[0], seed) for seed in sw.seeds]
+    for result in results:
+        result["params"] = sw.num_params
+        if refs[0] is not None:
+            for r, ref in zip(result["per_seed"], refs, strict=True):
+                r["baseline"] = ref
+            result["baseline"] = {k: aggregate([ref[k] for ref in refs]) for k in refs[0]}
+    return results
+
+
+def step_cost(configs, seeds, *, devices=None) -> dict:
+    """XLA's cost analysis of the sweep's compiled train step on this backend, trained nothing:
+    {"flops", "bytes_accessed", "members", "params"} per step (bytes as XLA counts them for
+    its fusions: a bound to plan device time by, not a measurement)."""
+    with _sweep(configs, seeds, devices) as sw:
+        batch = _stacked(sw.sources, 0, sw.device, len(configs))
+        cost = sw.train_step.lower(sw.states, batch).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return {"flops": float(cost.get("flops", 0.0)),
+            "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+            "members": len(configs) * len(sw.seeds), "params": sw.num_params}
+
+
+@contextlib.contextmanager
+def _sweep(configs, seeds, devices):
+    """What a sweep trains with, under its mesh: the seeds' sources and eval sets, the stacked
+    states (member g * S + i: config g, seed i) and the vmapped, jitted steps."""
     _check_sweep(configs)
     config = configs[0]
     tr, seeds = config.train, [int(s) for s in seeds]
@@ -113,9 +148,7 @@ def train_sweep(configs, seeds, *, devices=None, deadline=None) -> list[dict]:
     with loop.mesh_context(mesh, sharding.check_rules(config.sharding.rules)):
         graphdef, states = _states(model_config, tx, seeds)
         num_params = sum(int(np.prod(x.shape[1:])) for x in jax.tree.leaves(states["params"]))
-        logging.info("%d seeds %s x %d learning rates, %s parameters each, vmapped on %s",
-                     len(seeds), seeds, G, f"{num_params:,}", device)
-        if G > 1:             # member g * S + i: config g, seed i (the same draws for every lr)
+        if G > 1:             # the same draws for every lr
             states = jax.tree.map(lambda x: jnp.concatenate([x] * G), states)
             states["lr_scale"] = jnp.asarray([c.train.lr / tr.lr for c in configs
                                               for _ in seeds], jnp.float32)
@@ -123,17 +156,9 @@ def train_sweep(configs, seeds, *, devices=None, deadline=None) -> list[dict]:
             graphdef, tx, microbatches=tr.microbatches, aux_weight=tr.aux_loss_weight,
             lr_schedule=optim.schedule(tr))), donate_argnums=0)
         eval_step = jax.jit(jax.vmap(step.make_eval_step(graphdef)))
-        results = _run(configs, seeds, states, sources, evals, train_step, eval_step, device,
-                       deadline)
-    # a baseline (e.g. tuned GD on the eval tasks) depends on the task and seed, not on the lr
-    refs = [evaluation.baseline(config, seed) for seed in seeds]
-    for result in results:
-        result["params"] = num_params
-        if refs[0] is not None:
-            for r, ref in zip(result["per_seed"], refs, strict=True):
-                r["baseline"] = ref
-            result["baseline"] = {k: aggregate([ref[k] for ref in refs]) for k in refs[0]}
-    return results
+        yield types.SimpleNamespace(seeds=seeds, device=device, sources=sources, evals=evals,
+                                    states=states, num_params=num_params,
+                                    train_step=train_step, eval_step=eval_step)
 
 
 def _stack(batches, device, copies: int):
