@@ -118,7 +118,7 @@ def train_sweep(configs, seeds, *, devices=None, deadline=None) -> list[dict]:
 
 
 def step_cost(configs, seeds, *, devices=None) -> dict:
-    """XLA's cost analysis of the sweep's compiled train step on this backend, trained nothing:
+    """XLA's cost analysis of the sweep's compiled train step on this backend, training nothing:
     {"flops", "bytes_accessed", "members", "params"} per step (bytes as XLA counts them for
     its fusions: a bound to plan device time by, not a measurement)."""
     with _sweep(configs, seeds, devices) as sw:
