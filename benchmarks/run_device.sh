@@ -188,7 +188,7 @@ for s in "$@"; do case $s in
     jobs=$(printf 'state_tracking|modular_arithmetic_brackets-%s\n' "mamba_11||0.3" "mamba_01||0.3" \
       deltanet_11 deltanet_01 mlstm transformer)
     fast_flags
-    ( export JAX_DEFAULT_MATMUL_PRECISION=float32 XLA_FLAGS=$FAST_FLAGS
+    ( export XLA_FLAGS=$FAST_FLAGS
       L=${PROTO_S:-540}; P=${PROTO_P:-4}; end=$((SECONDS + L)); i=0
       echo "== protocols ($(date +%T)): $P processes at a time, cut at $L s"
       pjob() { local name=$1 limit=$2 t0=$SECONDS; shift 2

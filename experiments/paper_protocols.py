@@ -193,14 +193,19 @@ def _as_json(config) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
-def finished(config) -> dict | None:
-    """The result.json of `config`'s run if it finished with this very config, else None."""
-    done = pathlib.Path(config.workdir) / "result.json"
-    if done.exists():
-        previous = json.loads(done.read_text())
+def _saved_as(config, name: str) -> dict | None:
+    """`config.workdir / name` if it holds a run of this very config, else None."""
+    path = pathlib.Path(config.workdir) / name
+    if path.exists():
+        previous = json.loads(path.read_text())
         if previous.get("config") == _as_json(config):
             return previous
     return None
+
+
+def finished(config) -> dict | None:
+    """The result.json of `config`'s run if it finished with this very config, else None."""
+    return _saved_as(config, "result.json")
 
 
 def _where() -> dict:
@@ -215,13 +220,7 @@ def _where() -> dict:
 
 def saved(config) -> dict | None:
     """The finished run of `config`, else a run of it cut by a deadline (`partial.json`)."""
-    done = finished(config)
-    cut = pathlib.Path(config.workdir) / "partial.json"
-    if done is None and cut.exists():
-        previous = json.loads(cut.read_text())
-        if previous.get("config") == _as_json(config):
-            return previous
-    return done
+    return finished(config) or _saved_as(config, "partial.json")
 
 
 def run_cell(configs, deadline=None) -> list[tuple[dict, bool]]:
@@ -294,20 +293,18 @@ def table(protocol, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_state_size(cells: list[dict], out: pathlib.Path) -> list[pathlib.Path]:
+def plot_state_size(cells: list[dict], configs, out: pathlib.Path) -> list[pathlib.Path]:
     """Zoology's picture: per sequence length, `<protocol>_T<len>.png` with each mixer's accuracy
     against its recurrent state per layer (floats; attention: its KV cache at that length), one
-    point per width; a run cut before its end (`partial`) is labelled with a star."""
-    import ml_collections
-
+    point per width; a run cut before its end (`partial`) is labelled with a star. `configs`: the
+    grid's configs, the row's run found by its workdir."""
     from experiments import mqar_sweep
     from linear_jax.training import data
 
+    by_workdir = {c.workdir: c for c in configs}
     points = {}
     for row in cells:
-        saved = pathlib.Path(row["workdir"]) / ("partial.json" if row.get("partial") else
-                                                "result.json")
-        config = ml_collections.ConfigDict(json.loads(saved.read_text())["config"])
+        config = by_workdir[row["workdir"]]
         vocab = data.make_source(config.task, split="train", batch_size=1, seed=0).vocab_size
         t = config.task.seq_len
         points.setdefault(t, []).append({
@@ -323,6 +320,14 @@ def plot_state_size(cells: list[dict], out: pathlib.Path) -> list[pathlib.Path]:
     return written
 
 
+def _by_cell(grid):
+    """[(cell, [(lr, config), ...])] in grid order, a cell's learning rates together."""
+    cells = {}
+    for cell, lr, config in grid:
+        cells.setdefault(cell, []).append((lr, config))
+    return list(cells.items())
+
+
 def cost(args, protocol_name: str, grid) -> dict:
     """--cost: per cell, the compiled train step's FLOPs and bytes (`seeds.step_cost`)."""
     import jax
@@ -332,8 +337,8 @@ def cost(args, protocol_name: str, grid) -> dict:
     rows = []
     print("| cell | members | GFLOP / step | GB / step | steps | protocol TB | "
           f"HBM floor at {args.hbm_tbps:g} TB/s (s) |\n|---|---|---|---|---|---|---|")
-    for name in dict.fromkeys(cell for cell, _, _ in grid):
-        configs = [c for cell, _, c in grid if cell == name]
+    for name, runs in _by_cell(grid):
+        configs = [config for _, config in runs]
         c = seeds.step_cost(configs, args.seeds)
         steps = configs[0].train.steps
         row = {"cell": name, **c, "steps": steps,
@@ -361,8 +366,10 @@ def main(argv=None) -> dict:
     protocol = PROTOCOLS[args.protocol]
     module = importlib.import_module(f"experiments.configs.{protocol['config']}")
     grid = cell_configs(args, module, protocol)
-    if args.collect:
-        grid = [g for g in grid if saved(g[2]) is not None]
+    kept = {}
+    if args.collect:                       # {workdir: its saved run}, each read once
+        kept = {c.workdir: saved(c) for _, _, c in grid}
+        grid = [g for g in grid if kept[g[2].workdir] is not None]
     if not grid:
         which = "finished cell" if args.collect else "cell"
         sys.exit(f"error: no {which} of {args.protocol} matches --cells={','.join(args.cells)}")
@@ -375,12 +382,10 @@ def main(argv=None) -> dict:
     summary = {"protocol": args.protocol, "seeds": list(args.seeds), "quick": args.quick,
                "runs": [], "cells": []}
     t0 = time.perf_counter()
-    cells = list(dict.fromkeys(cell for cell, _, _ in grid))    # in grid order, lrs together
     i = 0
     try:
-        for name in cells:
-            runs = [(lr, config) for cell, lr, config in grid if cell == name]
-            results = ([(saved(c), True) for _, c in runs] if args.collect else
+        for name, runs in _by_cell(grid):
+            results = ([(kept[c.workdir], True) for _, c in runs] if args.collect else
                        run_cell([c for _, c in runs], args.deadline))
             for (lr, _), (result, reused) in zip(runs, results, strict=True):
                 i += 1
@@ -398,7 +403,7 @@ def main(argv=None) -> dict:
     finally:
         logging.set_verbosity(verbosity)
     if protocol.get("plot") == "state_size":
-        plot_state_size(summary["cells"], out)
+        plot_state_size(summary["cells"], [c for _, _, c in grid], out)
     print(table(protocol, summary["cells"]))
     return summary
 
