@@ -57,6 +57,14 @@
 #             float32 unless the job says otherwise (as the papers' PyTorch runs without TF32; each
 #             result.json records its precision); each
 #             job's rc and wall time in the step's summary
+#   protobg   the protocols step's scheduler detached (setsid), so that its jobs run on through the
+#             next calls while the machine is held (each call within 30 s of the last); PROTO_S
+#             counts from the launch; results in /tmp/protobg/results
+#   protowait wait for the protobg jobs (at most PROTO_WAIT s), then bring back their logs and results
+#             (under logs/protobg and logs/protocols)
+#   vmap      vmap_gpu: each op's "auto" against its chunk form under jax.vmap at MQAR's shapes
+#   cost      paper_protocols --cost --time-steps per line of COST_JOBS, all at once (COST_VMAP=1:
+#             the vmap step beside them): measured ms per train step, JSON under logs/cost
 #   throughput  the training run of the Hopper kernel issue: lm_shakespeare at d_model 1024, 12 layers,
 #             8 heads, T 2048, batch 16, TP_STEPS steps, per "mixer:impl" of TP_RUNS (tokens/s and
 #             MFU in each run's result.json, brought back under logs/tp_<mixer>_<impl>); with
@@ -176,7 +184,7 @@ for s in "$@"; do case $s in
           TAIL=50 step mqar 60 python3 -m experiments.mqar_sweep --collect "${flags[@]}" )
         (cd /tmp/mqar && find . -name '*.json' -o -name '*.png' -o -name '*.jsonl' | grep -v checkpoints \
           | tar cf - -T - | (mkdir -p $LOGS/mqar && cd $LOGS/mqar && tar xf -)) ;;
-  protocols)
+  protocols|protorun)
     # Default: the modular-arithmetic-with-brackets column of Grazzi et al.'s Table 3 (parity and
     # the column without brackets are done: experiments/results/protocols/state_tracking/), one
     # cell (5000 steps of 256, 3 seeds vmapped) per job, 4 at a time. Measured on one H200
@@ -184,32 +192,80 @@ for s in "$@"; do case $s in
     # 470-520 s (0.3 of the memory each: Mamba with eigenvalues in [-1, 1] scans E N = 4096
     # channels per layer, `Mamba.signed_scan`), DeltaNet 313-323 s, mLSTM 221 s, the Transformer
     # 171 s; with 8 processes the Mamba cells do not finish in 500 s. Hence PROTO_S 540 (the
-    # device's 600 s per call less the setup) and the Mamba cells first.
+    # device's 600 s per call less the setup) and the Mamba cells first. protorun: the same
+    # scheduler as protobg launches it (into PROTO_OUT, logs in PROTO_LOGDIR as <PROTO_NAME>i).
     jobs=$(printf 'state_tracking|modular_arithmetic_brackets-%s\n' "mamba_11||0.3" "mamba_01||0.3" \
       deltanet_11 deltanet_01 mlstm transformer)
     fast_flags
     ( export XLA_FLAGS=$FAST_FLAGS
+      out=${PROTO_OUT:-experiments/results/protocols}; plogs=${PROTO_LOGDIR:-$LOGS}; pn=${PROTO_NAME:-proto}
       L=${PROTO_S:-540}; P=${PROTO_P:-4}; end=$((SECONDS + L)); i=0
       echo "== protocols ($(date +%T)): $P processes at a time, cut at $L s"
       pjob() { local name=$1 limit=$2 t0=$SECONDS; shift 2
-        ( timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1; echo $? > "$LOGS/$name.rc"
-          echo $((SECONDS - t0)) > "$LOGS/$name.s" ) & }
+        ( timeout "$limit" "$@" > "$plogs/$name.log" 2>&1; echo $? > "$plogs/$name.rc"
+          echo $((SECONDS - t0)) > "$plogs/$name.s" ) & }
       while IFS='|' read -r proto cells extra mem prec; do
         [ -n "$proto" ] || continue; i=$((i+1))
         while [ "$(jobs -rp | wc -l)" -ge "$P" ]; do wait -n; done
         left=$((end - SECONDS)); mem=${mem:-${PROTO_MEM:-0.15}}
         if [ "$left" -lt "${PROTO_MIN_S:-300}" ]; then
-          echo "   proto$i $proto|$cells: not started ($left s left)"; continue; fi
+          echo "   $pn$i $proto|$cells: not started ($left s left)"; continue; fi
         prec=${prec:-float32}
-        echo "   proto$i $proto|$cells|$extra, memory $mem, $prec matmuls, at +$((L - left)) s"
-        JAX_DEFAULT_MATMUL_PRECISION=$prec XLA_PYTHON_CLIENT_MEM_FRACTION=$mem pjob proto$i "$left" python3 -m experiments.paper_protocols \
-          --protocol="$proto" --cells="$cells" --out=experiments/results/protocols --set=model.impl=chunk \
+        echo "   $pn$i $proto|$cells|$extra, memory $mem, $prec matmuls, at +$((L - left)) s"
+        JAX_DEFAULT_MATMUL_PRECISION=$prec XLA_PYTHON_CLIENT_MEM_FRACTION=$mem pjob $pn$i "$left" python3 -m experiments.paper_protocols \
+          --protocol="$proto" --cells="$cells" --out="$out" --set=model.impl=chunk \
           --deadline=$((left - 25)) $extra
       done <<< "${PROTO_JOBS:-$jobs}"
-      wait; for f in $LOGS/proto*.log; do n=${f%.log}
+      wait; for f in $plogs/$pn*.log; do n=${f%.log}
         echo "-- $f rc=$(cat $n.rc) $(cat $n.s 2>/dev/null) s"; tail -n 6 "$f" | cut -c1-300; done
-      find experiments/results/protocols -newer /tmp/stamp -type f ! -path '*checkpoints*' \
+      [ "$s" = protocols ] && find experiments/results/protocols -newer /tmp/stamp -type f ! -path '*checkpoints*' \
         | tar cf - -T - | (mkdir -p $LOGS/protocols && cd $LOGS/protocols && tar xf -) ) ;;
+  protobg)
+    # The protocols scheduler detached (setsid): it outlives this call and runs on while the
+    # machine is held, through later calls, which must each come within the machine's idle time
+    # (30 s) of the last. PROTO_S is then the time from the launch to the jobs' kill, across
+    # calls. Results go to /tmp/protobg/results (seeded once with this tree's
+    # experiments/results/protocols: cells done there are reused), logs to /tmp/protobg/logs as
+    # b<launch>_<job>; a later launch adds its jobs beside the running ones. protowait collects.
+    mkdir -p /tmp/protobg/logs
+    [ -d /tmp/protobg/results ] || { cp -a experiments/results/protocols /tmp/protobg/results
+                                     sleep 1; touch /tmp/protobg/stamp; }
+    n=$(ls /tmp/protobg/ | grep -c '^launch'); touch /tmp/protobg/launch$n /tmp/protobg/running$n
+    PROTO_OUT=/tmp/protobg/results PROTO_LOGDIR=/tmp/protobg/logs PROTO_NAME=b${n}_ OUT=/tmp/protobg/out \
+      setsid nohup bash -c "bash benchmarks/run_device.sh protorun; rm -f /tmp/protobg/running$n" \
+      > /tmp/protobg/scheduler$n.log 2>&1 < /dev/null &
+    disown -a      # this call's later `wait`s must not wait for it
+    echo "== protobg ($(date +%T)): launch $n, PROTO_S ${PROTO_S:-540}" ;;
+  protowait)
+    # Waits until every protobg launch has ended or PROTO_WAIT (default 480) s have passed, then
+    # brings back what is there: the logs, and the results written since the first launch
+    # (finished cells' result.json, cut ones' partial.json, every run's metrics so far).
+    W=${PROTO_WAIT:-480}; t=$SECONDS
+    while ls /tmp/protobg/running* >/dev/null 2>&1 && [ $((SECONDS - t)) -lt "$W" ]; do sleep 5; done
+    echo "== protowait ($(date +%T)) after $((SECONDS - t)) s: $(ls /tmp/protobg/running* 2>/dev/null | wc -l) launches running"
+    for f in /tmp/protobg/scheduler*.log; do echo "-- $f"; grep -v '^   XLA_FLAGS' "$f" | tail -n 25 | cut -c1-300; done
+    for f in /tmp/protobg/logs/*.log; do n=${f%.log}
+      echo "-- $f rc=$(cat $n.rc 2>/dev/null || echo running) $(cat $n.s 2>/dev/null) s"; tail -n 3 "$f" | cut -c1-300; done
+    mkdir -p $LOGS/protobg && cp /tmp/protobg/logs/* /tmp/protobg/scheduler*.log $LOGS/protobg/
+    (cd /tmp/protobg/results && find . -newer /tmp/protobg/stamp -type f ! -path '*checkpoints*' | tar cf - -T -) \
+      | (mkdir -p $LOGS/protocols && cd $LOGS/protocols && tar xf -) ;;
+  vmap) TAIL=40 step vmap "${VMAP_S:-240}" python3 -m experiments.benchmarks.vmap_gpu ${VMAP_ARGS:-} ;;
+  cost)
+    # paper_protocols --cost --time-steps (COST_STEPS, default 10) on this GPU, each line of
+    # COST_JOBS ("protocol|cells|more flags|mem") one process, and with COST_VMAP=1 the vmap step
+    # beside them, all at once (compiles are CPU-bound); each cut at COST_S s. JSON: logs/cost
+    fast_flags; i=0; echo "== cost ($(date +%T))"
+    while IFS='|' read -r proto cells extra mem; do [ -n "$proto" ] || continue; i=$((i+1))
+      XLA_FLAGS=$FAST_FLAGS XLA_PYTHON_CLIENT_MEM_FRACTION=${mem:-0.12} pstep cost$i "${COST_S:-400}" \
+        python3 -m experiments.paper_protocols --protocol="$proto" --cells="$cells" --cost \
+        --time-steps="${COST_STEPS:-10}" --out=/tmp/cost $extra
+    done <<< "${COST_JOBS:-}"
+    [ "${COST_VMAP:-0}" = 1 ] && XLA_PYTHON_CLIENT_MEM_FRACTION=${VMAP_MEM:-0.2} pstep vmap "${COST_S:-400}" \
+      python3 -m experiments.benchmarks.vmap_gpu ${VMAP_ARGS:-}
+    wait; echo "   done ($(date +%T))"
+    for f in $LOGS/cost*.log $LOGS/vmap.log; do [ -e "$f" ] || continue
+      echo "-- $f rc=$(cat ${f%.log}.rc)"; grep -v "^WARNING\|^I0\|^W0" "$f" | tail -n 32 | cut -c1-250; done
+    mkdir -p $LOGS/cost && find /tmp/cost -name '*_cost_*.json' -exec cp {} $LOGS/cost/ \; ;;
   throughput)
     for spec in ${TP_RUNS:-gated_deltanet:auto gated_deltanet:pallas:mosaic_gpu gla:auto gla:pallas:mosaic_gpu}; do
       m=${spec%%:*}; impl=${spec#*:}; n=tp_${m}_${impl//:/_}

@@ -14,8 +14,9 @@ learning-rate sweep by mean eval accuracy, the sweep's rates trained together wi
 `lm_mixers` (lm_mixers.py, byte-level Shakespeare). `--cells` keeps the cells whose name contains
 one of the given strings (one that starts with `^` must begin the name: `^attention-` keeps
 `attention-d64-T256` but not `linear_attention-d64-T256`), so a grid can be run in parts; a cell
-whose `result.json` holds the same config is reused, so an interrupted run picks up where it
-stopped. Everything goes to
+whose `result.json` holds the same config (but for its `workdir` and `model.impl`: where the run
+was written and which implementation of the same function computed it) is reused, so an
+interrupted run picks up where it stopped. Everything goes to
 `<out>/<protocol>/`: a directory per run (metrics.jsonl, config.json, result.json),
 `<protocol>.json` and `<protocol>.md`, rewritten after every cell.
 
@@ -33,8 +34,10 @@ evaluation before it (`seeds.train_sweep`): the cut runs are written to `partial
 train together) and prints XLA's cost analysis per step, FLOPs and bytes accessed, with the
 protocol's total and the time the bytes alone would take at `--hbm-tbps` (default 3.35, an H100
 SXM's HBM): a floor to plan device time by. On a CPU, XLA fuses less than on a GPU, so its bytes
-overstate a GPU's; run it on the GPU for the GPU's fusions. The numbers go to
-`<out>/<protocol>/<protocol>_cost_<platform>.json`.
+overstate a GPU's; run it on the GPU for the GPU's fusions. A Pallas kernel's bytes are not in
+XLA's count: `--time-steps=N` also runs the step (three rounds of N, the median) and gives the
+measured ms per step and the protocol's time at it. The numbers go to
+`<out>/<protocol>/<protocol>_cost_<platform>[_<key>-<value> per --set].json`.
 
 `--quick` runs the protocol's first smoke cell at a toy size (a tiny model, 2 steps, 2 seeds): a
 test that the grid's configs build and train, not a result.
@@ -108,6 +111,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="train nothing: each cell's train step's FLOPs and bytes (XLA's count)")
     p.add_argument("--hbm-tbps", type=float, default=3.35,
                    help="--cost: the HBM bandwidth (TB/s) its time floor is computed at")
+    p.add_argument("--time-steps", type=int, default=0,
+                   help="--cost: also time this many steps per round, three rounds (ms_per_step)")
     p.add_argument("--collect", action="store_true",
                    help="train nothing: summarise the cells already finished in --out")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -193,12 +198,22 @@ def _as_json(config) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
+def _identity(config: dict) -> dict:
+    """What makes two runs the same experiment: the config but for where its files were written
+    (a run done on a lent machine under another directory and brought back is the same run) and
+    which implementation computed the mixer (`model.impl`: the kernels, the chunk form and the
+    reference compute one function, tested against each other)."""
+    config = {k: v for k, v in config.items() if k != "workdir"}
+    config["model"] = {k: v for k, v in config.get("model", {}).items() if k != "impl"}
+    return config
+
+
 def _saved_as(config, name: str) -> dict | None:
-    """`config.workdir / name` if it holds a run of this very config, else None."""
+    """`config.workdir / name` if it holds a run of this very config (`_identity`), else None."""
     path = pathlib.Path(config.workdir) / name
     if path.exists():
         previous = json.loads(path.read_text())
-        if previous.get("config") == _as_json(config):
+        if _identity(previous.get("config", {})) == _identity(_as_json(config)):
             return previous
     return None
 
@@ -250,11 +265,13 @@ def run_cell(configs, deadline=None) -> list[tuple[dict, bool]]:
     return out
 
 
-def record(protocol, cell, lr, result) -> dict:
+def record(protocol, cell, lr, result, workdir: str) -> dict:
     row = {"cell": cell, "lr": lr, "params": result["params"], "steps": result["step"],
            "of": result["config"]["train"]["steps"], "partial": result.get("partial", False),
            "seconds": round(result["seconds"], 1), "stopped": result["stopped"],
-           "seeds": result["seeds"], "workdir": result["config"]["workdir"]}
+           "seeds": result["seeds"], "workdir": workdir,
+           "impl": result["config"]["model"].get("impl"), "device": result.get("device"),
+           "matmul_precision": result.get("matmul_precision")}
     for label, where, metric in protocol["columns"]:
         row[label] = _value(result, where, metric)
     return row
@@ -335,23 +352,32 @@ def cost(args, protocol_name: str, grid) -> dict:
     from linear_jax.training import seeds
 
     rows = []
+    timed = " measured / step |" if args.time_steps else ""
     print("| cell | members | GFLOP / step | GB / step | steps | protocol TB | "
-          f"HBM floor at {args.hbm_tbps:g} TB/s (s) |\n|---|---|---|---|---|---|---|")
+          f"HBM floor at {args.hbm_tbps:g} TB/s (s) |{timed}\n|---|---|---|---|---|---|---|"
+          + "---|" * bool(timed))
     for name, runs in _by_cell(grid):
         configs = [config for _, config in runs]
-        c = seeds.step_cost(configs, args.seeds)
+        c = seeds.step_cost(configs, args.seeds, time_steps=args.time_steps)
         steps = configs[0].train.steps
         row = {"cell": name, **c, "steps": steps,
                "floor_s": steps * c["bytes_accessed"] / (args.hbm_tbps * 1e12)}
+        if "ms_per_step" in c:
+            row["measured_s"] = steps * c["ms_per_step"] / 1e3
         rows.append(row)
+        measured = f" | {c['ms_per_step']:.2f} ms" if "ms_per_step" in c else ""
         print(f"| {name} | {c['members']} | {c['flops'] / 1e9:.1f} | "
               f"{c['bytes_accessed'] / 1e9:.2f} | {steps} | "
-              f"{steps * c['bytes_accessed'] / 1e12:.1f} | {row['floor_s']:.0f} |", flush=True)
+              f"{steps * c['bytes_accessed'] / 1e12:.1f} | {row['floor_s']:.0f}{measured} |",
+              flush=True)
     device = jax.devices()[0]
     out = {"protocol": protocol_name, "platform": device.platform, "device": device.device_kind,
            "jax": jax.__version__, "hbm_tbps": args.hbm_tbps, "seeds": list(args.seeds),
-           "set": args.set, "cells": rows}
-    path = pathlib.Path(args.out) / protocol_name / f"{protocol_name}_cost_{device.platform}.json"
+           "lrs": args.lrs, "set": args.set, "time_steps": args.time_steps, "cells": rows}
+    # runs of other overrides (model.impl=auto against chunk, say) keep files of their own
+    tag = "".join(f"_{k.rsplit('.', 1)[-1]}-{v}" for k, v in sorted(args.set.items()))
+    path = (pathlib.Path(args.out) / protocol_name /
+            f"{protocol_name}_cost_{device.platform}{tag}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
     return out
@@ -387,9 +413,9 @@ def main(argv=None) -> dict:
         for name, runs in _by_cell(grid):
             results = ([(kept[c.workdir], True) for _, c in runs] if args.collect else
                        run_cell([c for _, c in runs], args.deadline))
-            for (lr, _), (result, reused) in zip(runs, results, strict=True):
+            for (lr, config), (result, reused) in zip(runs, results, strict=True):
                 i += 1
-                row = record(protocol, name, lr, result)
+                row = record(protocol, name, lr, result, config.workdir)
                 summary["runs"].append(row)
                 summary["cells"] = best_per_cell(summary["runs"], protocol.get("select"))
                 summary["seconds"] = round(time.perf_counter() - t0, 1)

@@ -46,15 +46,20 @@ def plot(runs: dict[str, list[dict]], out, metrics=("loss", "accuracy"), title=N
         raise ValueError(f"none of the metrics {metrics} appear in the runs")
     cols = min(3, len(cells))
     rows = (len(cells) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    many = len(runs) > 10
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols + 2.5 * many, 3.2 * rows),
+                             squeeze=False, layout="constrained" if many else None)
+    # past the default cycle's 10 colours two runs would share one: 20 distinct ones instead
+    colors = list(plt.cm.tab20.colors) if many else [None] * len(runs)
     for ax, (split, metric) in zip(axes.flat, cells, strict=False):
-        for label, recs in runs.items():
+        for i, (label, recs) in enumerate(runs.items()):
             pts = [(r["step"], r[metric]) for r in recs
                    if r["split"] == split and r.get("seed", "mean") == "mean"
                    and isinstance(r.get(metric), (int, float))]
             if pts:
                 marker = None if split == "train" else "."
-                ax.plot(*zip(*pts, strict=True), label=label, marker=marker)
+                ax.plot(*zip(*pts, strict=True), label=label, marker=marker,
+                        color=colors[i % len(colors)])
         ax.set_title(f"{split} {metric}")
         ax.set_xlabel("step")
         if metric == "loss":
@@ -67,10 +72,14 @@ def plot(runs: dict[str, list[dict]], out, metrics=("loss", "accuracy"), title=N
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(cells):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
+    if many:                        # a long legend beside the panels, not over the curves
+        fig.legend(*axes.flat[0].get_legend_handles_labels(), fontsize=7, loc="outside right")
+    else:
+        axes.flat[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    if not many:
+        fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
 

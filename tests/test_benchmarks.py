@@ -334,3 +334,27 @@ def test_hopper_ssm_ratios_memory_and_readme_cut():
     table = render.ssm_table(best)
     assert "| sel | mosaic_gpu[a] | 1.000 / 2.000 (0.50x) | 3.000 / 4.000 (0.75x) |" in table[4]
     assert len(render.ssm_table(every)) == 2 + 3                     # chunk_memory: no timing row
+
+
+def test_vmap_check_compares_auto_with_the_chunk_form_and_can_fail(tmp_path, monkeypatch):
+    """On a CPU "auto" is the chunk form: every row passes; an "auto" that computes something
+    else (a scaled output) fails its row."""
+    from experiments.benchmarks import common, vmap_gpu
+
+    monkeypatch.setattr(common, "RESULTS", str(tmp_path))
+    argv = ["--ops", "gla", "delta_rule", "--widths", "16", "--members", "2", "--B", "1",
+            "--T", "70", "--reps", "1"]
+    rows = vmap_gpu.main(argv)
+    assert [(r["op"], r["auto"], r["ok"]) for r in rows] == [("gla", "chunk", True),
+                                                             ("delta_rule", "chunk", True)]
+    assert max(rows[0]["errors"]["auto"].values()) < 2e-2
+    call = vmap_gpu.call
+
+    def wrong(op, impl):
+        f = call(op, impl)
+        return (lambda x: jax.tree.map(lambda a: 1.1 * a, f(x))) if impl == "auto" else f
+
+    monkeypatch.setattr(vmap_gpu, "call", wrong)
+    rows = vmap_gpu.main(argv[:2] + argv[3:])
+    assert [r["ok"] for r in rows] == [False] and rows[0]["errors"]["auto"]["o"] > 0.05
+    assert (tmp_path / "vmap_cpu.json").exists()

@@ -3,6 +3,7 @@ protocol runs its smoke cell (--quick) end to end into its JSON and table; a sec
 the finished cell, and --collect rebuilds the summary from it."""
 
 import json
+import shutil
 
 import pytest
 from flax import nnx
@@ -172,3 +173,29 @@ def test_cost_compiles_every_cell_and_trains_nothing(tmp_path):
     assert row["flops"] > 0 and row["bytes_accessed"] > 0 and row["members"] == 2
     assert row["floor_s"] == pytest.approx(row["steps"] * row["bytes_accessed"] / 3.35e12)
     assert [p.name for p in (tmp_path / "mqar").iterdir()] == ["mqar_cost_cpu.json"]
+
+
+def test_cost_times_the_step_and_names_its_overrides(tmp_path):
+    out = paper_protocols.main(["--protocol=mqar", "--quick", "--cost", "--time-steps=2",
+                                "--set=model.impl=chunk", f"--out={tmp_path}"])
+    (row,) = out["cells"]
+    assert row["ms_per_step"] > 0 and row["compile_s"] > 0
+    assert row["measured_s"] == pytest.approx(row["steps"] * row["ms_per_step"] / 1e3)
+    assert out["set"] == {"model.impl": "chunk"} and out["time_steps"] == 2
+    assert [p.name for p in (tmp_path / "mqar").iterdir()] == ["mqar_cost_cpu_impl-chunk.json"]
+
+
+def test_a_run_moved_or_computed_by_another_impl_is_the_same_run(tmp_path):
+    """A run trained under another directory (a lent machine's) and brought back, or by another
+    implementation of the mixer, is collected and reused; one of another config is not."""
+    argv = ["--protocol=mqar", "--quick", "--steps=2"]
+    there = paper_protocols.main(argv + [f"--out={tmp_path / 'there'}", "--set=model.impl=chunk"])
+    shutil.copytree(tmp_path / "there" / "mqar", tmp_path / "here" / "mqar")
+    here = paper_protocols.main(argv + [f"--out={tmp_path / 'here'}", "--collect",
+                                        "--set=model.impl=auto"])
+    (row,) = here["cells"]
+    assert row["workdir"].startswith(str(tmp_path / "here")) and row["impl"] == "chunk"
+    assert row["accuracy"] == there["cells"][0]["accuracy"]
+    with pytest.raises(SystemExit, match="no finished cell"):
+        paper_protocols.main(argv + [f"--out={tmp_path / 'here'}", "--collect",
+                                     "--set=model.d_model=8"])

@@ -117,17 +117,35 @@ def train_sweep(configs, seeds, *, devices=None, deadline=None) -> list[dict]:
     return results
 
 
-def step_cost(configs, seeds, *, devices=None) -> dict:
-    """XLA's cost analysis of the sweep's compiled train step on this backend, training nothing:
-    {"flops", "bytes_accessed", "members", "params"} per step (bytes as XLA counts them for
-    its fusions: a bound to plan device time by, not a measurement)."""
+def step_cost(configs, seeds, *, devices=None, time_steps: int = 0) -> dict:
+    """XLA's cost analysis of the sweep's compiled train step on this backend: {"flops",
+    "bytes_accessed", "members", "params"} per step (bytes as XLA counts them for its fusions:
+    a bound to plan device time by, not a measurement; a Pallas kernel's custom call counts
+    nothing). With `time_steps` > 0 also "ms_per_step", measured: the median over three rounds
+    of `time_steps` steps run back to back on one batch, after one warm-up step (a Pallas
+    kernel's time is in it, the batches' drawing is not)."""
     with _sweep(configs, seeds, devices) as sw:
         batch = _stacked(sw.sources, 0, sw.device, len(configs))
-        cost = sw.train_step.lower(sw.states, batch).compile().cost_analysis()
+        t0 = time.perf_counter()
+        compiled = sw.train_step.lower(sw.states, batch).compile()
+        compile_s = time.perf_counter() - t0
+        cost = compiled.cost_analysis()
+        out = {"members": len(configs) * len(sw.seeds), "params": sw.num_params,
+               "compile_s": compile_s}
+        if time_steps > 0:
+            states, m = compiled(sw.states, batch)          # donates sw.states
+            jax.block_until_ready(m)
+            rounds = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                for _ in range(time_steps):
+                    states, m = compiled(states, batch)
+                jax.block_until_ready((states, m))
+                rounds.append(1e3 * (time.perf_counter() - t0) / time_steps)
+            out["ms_per_step"] = float(np.median(rounds))
     cost = cost[0] if isinstance(cost, list) else cost
     return {"flops": float(cost.get("flops", 0.0)),
-            "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
-            "members": len(configs) * len(sw.seeds), "params": sw.num_params}
+            "bytes_accessed": float(cost.get("bytes accessed", 0.0)), **out}
 
 
 @contextlib.contextmanager
