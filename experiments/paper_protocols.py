@@ -27,7 +27,8 @@ ran as separate processes, each of which rewrites the summary with its own cells
 `--lrs` trains a subset of a sweep's learning rates (the others are not run, and a cell's best is
 then the best of those). `--deadline=S` stops training S seconds after the start, at the last
 evaluation before it (`seeds.train_sweep`): the cut runs are written to `partial.json`, not
-`result.json`, so a later call trains them again from the start, and the table marks them
+`result.json`, so a later call trains them again from the start (and keeps the earlier cut when
+its own stops at an earlier step), and the table marks them
 ("5000 of 25000, cut") where no finished run of the cell exists.
 
 `--cost` trains nothing either: it compiles each cell's train step (the lrs and seeds it would
@@ -246,10 +247,14 @@ def run_cell(configs, deadline=None) -> list[tuple[dict, bool]]:
 
     previous = [finished(c) for c in configs]
     todo = [c for c, p in zip(configs, previous, strict=True) if p is None]
+    cut_before = {}            # workdir: (an earlier cut run, its metrics.jsonl)
     for c in todo:
         workdir = pathlib.Path(c.workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "metrics.jsonl").unlink(missing_ok=True)
+        older, metrics = _saved_as(c, "partial.json"), workdir / "metrics.jsonl"
+        if older is not None and metrics.exists():
+            cut_before[c.workdir] = (older, metrics.read_bytes())
+        metrics.unlink(missing_ok=True)
         (workdir / "config.json").write_text(json.dumps(_as_json(c), indent=2) + "\n")
     trained = iter(seeds.train_sweep(todo, todo[0].seeds, deadline=deadline) if todo else [])
     out = []
@@ -258,6 +263,12 @@ def run_cell(configs, deadline=None) -> list[tuple[dict, bool]]:
             out.append((p, True))
             continue
         result = {**next(trained), **_where(), "config": _as_json(c)}
+        older, metrics = cut_before.get(c.workdir, (None, None))
+        if result.get("partial") and older is not None and older["step"] >= result["step"]:
+            # an earlier call got further before its cut: keep that run and its metrics
+            (pathlib.Path(c.workdir) / "metrics.jsonl").write_bytes(metrics)
+            out.append((older, True))
+            continue
         name = "partial.json" if result.get("partial") else "result.json"
         (pathlib.Path(c.workdir) / "partial.json").unlink(missing_ok=True)
         (pathlib.Path(c.workdir) / name).write_text(json.dumps(result, indent=2) + "\n")
@@ -325,7 +336,7 @@ def plot_state_size(cells: list[dict], configs, out: pathlib.Path) -> list[pathl
         vocab = data.make_source(config.task, split="train", batch_size=1, seed=0).vocab_size
         t = config.task.seq_len
         points.setdefault(t, []).append({
-            "mixer": config.model.mixer, "accuracy": row["accuracy"][0],
+            "mixer": row["cell"].rsplit("-", 2)[0], "accuracy": row["accuracy"][0],
             "d_model": f"{config.model.d_model}{'*' if row.get('partial') else ''}",
             "state_size": mqar_sweep.state_size_per_layer(config.model, vocab, t)})
     written = []

@@ -199,3 +199,27 @@ def test_a_run_moved_or_computed_by_another_impl_is_the_same_run(tmp_path):
     with pytest.raises(SystemExit, match="no finished cell"):
         paper_protocols.main(argv + [f"--out={tmp_path / 'here'}", "--collect",
                                      "--set=model.d_model=8"])
+
+
+def test_a_shorter_cut_keeps_the_earlier_one_that_got_further(tmp_path, monkeypatch):
+    """A run cut at step 2 by a later call leaves the earlier cut at step 4 (its partial.json and
+    its metrics) in place; a cut that gets further replaces it."""
+    from linear_jax.training import seeds
+
+    args = paper_protocols.parse_args(["--protocol=mqar", "--quick", f"--out={tmp_path}"])
+    ((_, _, config),) = paper_protocols.cell_configs(args, paper_protocols.importlib.import_module(
+        "experiments.configs.paper_mqar"), paper_protocols.PROTOCOLS["mqar"])
+    metrics = tmp_path / "mqar" / config.workdir.split("/")[-1] / "metrics.jsonl"
+
+    def cut_at(step):
+        def train_sweep(configs, seeds_, deadline=None):
+            metrics.write_text(f"step {step}\n")
+            return [{"step": step, "partial": True, "seeds": list(seeds_)}]
+        monkeypatch.setattr(seeds, "train_sweep", train_sweep)
+        ((result, reused),) = paper_protocols.run_cell([config])
+        partial = json.loads((metrics.parent / "partial.json").read_text())
+        return result["step"], reused, partial["step"], metrics.read_text()
+
+    assert cut_at(4) == (4, False, 4, "step 4\n")
+    assert cut_at(2) == (4, True, 4, "step 4\n")
+    assert cut_at(6) == (6, False, 6, "step 6\n")

@@ -10,15 +10,16 @@ only (`task.gather`). The cell after the colon is `<mixer>-d<width>-T<len>`:
 
     python -m experiments.train --config=experiments/configs/paper_mqar.py:based-d128-T256
 
-Mixers: softmax attention (RoPE, one head as Zoology's), linear attention, Based, GLA, DeltaNet,
-Gated DeltaNet and Mamba-2 (two heads); every mixer but attention has a short convolution of width
-4 (its own, or `CONV`), and the initialisation is d_model^-1/2.
+Mixers: softmax attention as Zoology's (one head, learned absolute positions, no RoPE), the same
+attention with RoPE in place of the learned positions (`attention_rope`, ours), linear attention,
+Based, GLA, DeltaNet, Gated DeltaNet and Mamba-2 (two heads); every mixer but attention has a short
+convolution of width 4 (its own, or `CONV`), and the initialisation is d_model^-1/2.
 """
 
 from experiments.configs.base import base_config
 
-MIXER_NAMES = ("attention", "linear_attention", "based", "gla", "deltanet", "gated_deltanet",
-               "mamba2")
+MIXER_NAMES = ("attention", "attention_rope", "linear_attention", "based", "gla", "deltanet",
+               "gated_deltanet", "mamba2")
 WIDTHS = (64, 128, 256, 512)
 SETTINGS = {256: 16, 512: 64}                  # sequence length -> key-value pairs
 BATCH = {256: 256, 512: 128}                    # sequence length -> rows per batch (Zoology's)
@@ -27,9 +28,12 @@ CELLS = tuple(f"{m}-d{d}-T{t}" for t in SETTINGS for m in MIXER_NAMES for d in W
 LRS = (1e-4, 4.6e-4, 2.2e-3, 1e-2)               # np.logspace(-4, -2, 4), rounded
 # mixers with no short convolution by default (DeltaNet, Gated DeltaNet, Mamba-2 have one)
 CONV = {"linear_attention": {"conv_size": 4}, "based": {"conv_size": 4}, "gla": {"conv_size": 4}}
-# Zoology's attention has one head (its figure-2 configs); it also has learned absolute positions
-# and dropout 0.1, where ours has RoPE and no dropout
-HEADS = {"attention": 1}
+# Zoology's attention has one head and learned absolute positions (its figure-2 configs set
+# max_position_embeddings to the sequence length for attention alone, and its attention has no
+# rotary embedding); also dropout 0.1, which ours does not have. `attention_rope` is that model with
+# RoPE in place of the learned positions.
+HEADS = {"attention": 1, "attention_rope": 1}
+MIXER = {"attention_rope": "attention"}        # cell name -> the layer it uses
 # the GPU linear_attention kernel runs out of shared memory at Based's feature width 273
 IMPL = {"based": "chunk"}
 
@@ -45,10 +49,14 @@ def get_config(cell: str = "based-d128-T256"):
     c.task.update(name="mqar", seq_len=seq_len, params={
         "num_kv_pairs": SETTINGS[seq_len], "num_keys": 4096, "num_values": 4095})   # vocab 8192
     c.task.gather = True
-    c.model.update(d_model=d_model, num_layers=2, num_heads=HEADS.get(mixer, 2), mixer=mixer,
+    layer = MIXER.get(mixer, mixer)
+    c.model.update(d_model=d_model, num_layers=2, num_heads=HEADS.get(mixer, 2), mixer=layer,
                    ffn="none",
                    init_std=d_model ** -0.5, impl=IMPL.get(mixer, "auto"),
-                   mixer_options={mixer: CONV.get(mixer, {})})
+                   mixer_options={layer: CONV.get(mixer, {})})
+    if mixer == "attention":
+        c.model.max_positions = seq_len
+        c.model.mixer_options = {"attention": {"rope_theta": None}}
     batch = BATCH[seq_len]
     c.train.update(steps=EPOCHS * EXAMPLES // batch, batch_size=batch, lr=1e-3,
                    warmup_steps=200, weight_decay=0.1, checkpoint_every=0, progress=False,

@@ -257,6 +257,9 @@ def family_for(config: LMConfig) -> Family:
     if config.norm != "rms":
         raise ValueError(f"save: every checkpoint family has block norms; this LMConfig has "
                          f"norm={config.norm!r}")
+    if config.max_positions:
+        raise ValueError(f"save: no checkpoint family has learned absolute positions; this "
+                         f"LMConfig has max_positions={config.max_positions}")
     if config.hub_format is not None:
         family = FAMILIES.get(config.hub_format)
         if family is None or not family.matches(config):

@@ -41,6 +41,23 @@ from linear_jax.layers.common import DEFAULT_STD, dense, heads, merge_heads, new
 from linear_jax.parallel import dispatch
 
 
+def documents(pos, segment_ids, cache=None):
+    """Document number and start position of every new token ([B, T] each) at positions pos
+    [B, T], from `segment_ids` (a change starts a document) and an attention layer's cache (the
+    documents before them). Also how `LM` finds the in-document positions it embeds."""
+    B, T = pos.shape
+    doc0 = jnp.zeros((B, 1), jnp.int32) if cache is None else cache["doc_last"][:, None]
+    start0 = jnp.zeros((B, 1), jnp.int32) if cache is None else cache["start"][:, None]
+    if segment_ids is None:     # no resets; a cumsum of constants would be folded slowly
+        return jnp.broadcast_to(doc0, (B, T)), jnp.broadcast_to(start0, (B, T))
+    first = jnp.zeros((B, 1), bool) if cache is None else \
+        (segment_ids[:, :1] != cache["seg"][:, None]) & (cache["index"] > 0)
+    reset = jnp.concatenate([first, segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    doc = doc0 + jnp.cumsum(reset, 1, dtype=jnp.int32)
+    start = jax.lax.cummax(jnp.where(reset, pos, start0), axis=1)
+    return doc, start
+
+
 def rope(x, pos, theta: float):
     """Rotates pairs (x_i, x_{i + d/2}) of x [B, T, H, d] by pos [B, T] * theta^(-2i/d)."""
     d = x.shape[-1] // 2
@@ -108,20 +125,6 @@ class Attention(nnx.Module):
                 "index": jnp.zeros((), jnp.int32), "doc_last": zb(), "start": zb(),
                 "seg": new_seg(batch_size)}
 
-    def _docs(self, pos, segment_ids, cache):
-        """Document number and start position of every new token ([B, T] each)."""
-        B, T = pos.shape
-        doc0 = jnp.zeros((B, 1), jnp.int32) if cache is None else cache["doc_last"][:, None]
-        start0 = jnp.zeros((B, 1), jnp.int32) if cache is None else cache["start"][:, None]
-        if segment_ids is None:     # no resets; a cumsum of constants would be folded slowly
-            return jnp.broadcast_to(doc0, (B, T)), jnp.broadcast_to(start0, (B, T))
-        first = jnp.zeros((B, 1), bool) if cache is None else \
-            (segment_ids[:, :1] != cache["seg"][:, None]) & (cache["index"] > 0)
-        reset = jnp.concatenate([first, segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
-        doc = doc0 + jnp.cumsum(reset, 1, dtype=jnp.int32)
-        start = jax.lax.cummax(jnp.where(reset, pos, start0), axis=1)
-        return doc, start
-
     def _mask(self, pos_q, doc_q, pos_k, doc_k, start_q):
         """bool [B, 1, Tq, Tk]: causal, same document, inside the window / block."""
         m = (pos_k[:, None, :] <= pos_q[:, :, None]) & (doc_k[:, None, :] == doc_q[:, :, None])
@@ -152,7 +155,7 @@ class Attention(nnx.Module):
         B, T = q.shape[:2]
         index = 0 if cache is None else cache["index"]
         pos = jnp.broadcast_to(index + jnp.arange(T, dtype=jnp.int32), (B, T))
-        doc, start = self._docs(pos, segment_ids, cache)
+        doc, start = documents(pos, segment_ids, cache)
         q, k = self._rope(q, pos - start), self._rope(k, pos - start)
         attend = partial(jax.nn.dot_product_attention, implementation=self.implementation)
         if sp:

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from linear_jax.layers.attention import Attention, rope
+from linear_jax.layers.attention import Attention, documents, rope
 from linear_jax.layers.common import (
     DEFAULT_STD,
     RMSNorm,
@@ -152,7 +152,7 @@ class MLA(Attention):
         c = self.kv_a_norm(c)
         index = 0 if cache is None else cache["index"]
         pos = jnp.broadcast_to(index + jnp.arange(T, dtype=jnp.int32), (B, T))
-        doc, start = self._docs(pos, segment_ids, cache)
+        doc, start = documents(pos, segment_ids, cache)
         if self.rope_theta is not None:
             q = jnp.concatenate([q[..., :self.n], rope(q[..., self.n:], pos - start,
                                                        self.rope_theta)], -1)

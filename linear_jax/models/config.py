@@ -10,8 +10,11 @@ expert of that width, gated per token by a sigmoid), or none (`ffn="none"`: bloc
 norm and one mixer, as Mamba and Mamba-2 stack them). The MLP's gate activation is
 `ffn_activation` ("silu": SwiGLU; "gelu_tanh": GeGLU, Gemma's) and `ffn_bias` gives its three
 projections biases (both for `ffn="mlp"` only). `embed_scale` multiplies the embeddings on the
-way in (Gemma: sqrt(d_model)). `ffn_layers` lists "mlp" or "moe" per layer
-instead of `moe_every` (DeepSeek's and Kimi Linear's first dense layers); experts are `moe_d_ff`
+way in (Gemma: sqrt(d_model)). `max_positions` > 0 adds a learned embedding of each token's
+position in its document, for up to that many positions (GPT-2's; Zoology's attention baseline
+has them in place of RoPE, `mixer_options={"attention": {"rope_theta": None}}`). `ffn_layers`
+lists "mlp" or "moe" per layer instead of `moe_every` (DeepSeek's and Kimi Linear's first dense
+layers); experts are `moe_d_ff`
 wide when given (else `d_ff`, as the MLPs); `moe_options` are the MoE's own arguments (its router:
 `scoring`, `score_bias`, `groups`, `topk_groups`, `renormalize`, `scale`; `shared_gate`).
 
@@ -94,6 +97,7 @@ class LMConfig:
     ffn_activation: str = "silu"             # the MLP's gate: "silu" (SwiGLU), "gelu_tanh" (GeGLU)
     ffn_bias: bool = False                   # biases on the MLP's projections
     embed_scale: float | None = None         # h = scale * embed(tokens) (Gemma: sqrt(d_model))
+    max_positions: int = 0                   # learned absolute positions for so many tokens
     ffn_layers: tuple[str, ...] | None = None    # per layer "mlp" | "moe" (overrides moe_every)
     moe_d_ff: int | None = None              # expert width; None: d_ff's
     moe_options: Mapping[str, Any] | tuple = ()
@@ -135,6 +139,9 @@ class LMConfig:
             raise ValueError(f"LMConfig: norm must be 'rms' or 'none' (the latter with "
                              f"residual='pre'), got {self.norm!r} with "
                              f"residual={self.residual!r}")
+        if not isinstance(self.max_positions, int) or self.max_positions < 0:
+            raise ValueError(f"LMConfig: max_positions must be an int >= 0 (0: no learned "
+                             f"positions), got {self.max_positions!r}")
         if self.remat not in REMATS:
             raise ValueError(f"LMConfig: remat must be one of {REMATS}, got {self.remat!r}")
         if self.layers is not None:

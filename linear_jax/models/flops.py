@@ -108,6 +108,7 @@ def active_params(model) -> int:
     count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
     total = count(nnx.state(model, nnx.Param))
     total -= c.vocab_size * c.d_model                    # the embedding lookup
+    total -= c.max_positions * c.d_model                 # the learned positions' lookup
     total += c.vocab_size * c.d_model if c.tie_embeddings else 0      # the tied head
     for i in range(c.num_layers):
         if c.layer_ffn(i) == "moe":                      # (E - k) experts idle per token

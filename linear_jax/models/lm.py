@@ -1,6 +1,6 @@
 """A decoder-only language model over any stack of token mixers.
 
-    h = embed(tokens) [* embed_scale]
+    h = embed(tokens) [* embed_scale] [+ pos_embed(position in its document)]
     for each layer: h = h + mixer(RMSNorm(h)); h = h + ffn(RMSNorm(h))     (pre-norm residual)
     logits = RMSNorm(h) E^T  (tied)  or  RMSNorm(h) W_head     [-> c tanh(logits / c)]
 
@@ -19,8 +19,13 @@ matrix); logits float32 [B, T, vocab]; the cache is a list of one entry per laye
 aux is the MoE load-balancing loss averaged over MoE layers (0 without MoE), for the trainer to
 weight. `seq_parallel` (`linear_jax.parallel.SeqParallel`) is handed to every mixer: their
 time-mixing ops run split along T over its mesh axis, everything else is per token
-(docs/sequence_parallel.md). Parameters: V D (+ V D untied head) + D + sum over layers
-(2 D + mixer + ffn).
+(docs/sequence_parallel.md). Parameters: V D (+ V D untied head) (+ max_positions D) + D + sum
+over layers (2 D + mixer + ffn).
+
+Learned positions (`max_positions`) count from each document's start (`segment_ids`); with a cache
+they continue from a softmax-attention layer's, whose KV cache holds the position reached, so a
+model with them decodes only with such a layer. A position past `max_positions` raises where it
+is known and gives NaN logits under `jit`, as a full KV cache does.
 
 Layers as a scan: consecutive layers of the same structure are held as one `Stack`
 (`linear_jax.models.stack`), run as one `lax.scan` without a cache and layer by layer with one.
@@ -35,7 +40,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from linear_jax.layers import MIXERS, make_mixer
-from linear_jax.layers.attention import Attention
+from linear_jax.layers.attention import Attention, documents
 from linear_jax.layers.common import RMSNorm, param
 from linear_jax.layers.ffn import MLP, MoE
 from linear_jax.layers.shared_moe import SharedExpertMoE
@@ -112,6 +117,8 @@ class LM(nnx.Module):
         pdt = jnp.dtype(c.param_dtype)
         init = nnx.initializers.normal(c.init_std)
         self.embed = param(rngs, init, (c.vocab_size, c.d_model), ("vocab", "embed"), pdt)
+        self.pos_embed = (param(rngs, init, (c.max_positions, c.d_model), (None, "embed"), pdt)
+                          if c.max_positions else None)
         # built one by one, in order (the same draws as an unstacked model), then stacked by runs
         blocks = [Block(c, i, rngs=rngs) for i in range(c.num_layers)]
         graphdefs = [nnx.graphdef(b) for b in blocks]
@@ -201,6 +208,28 @@ class LM(nnx.Module):
                 over = (index + T > size) if over is None else over | (index + T > size)
         return over
 
+    def _positions(self, shape, segment_ids, cache):
+        """The learned embeddings [B, T, D] of the new tokens' positions in their documents
+        (`attention.documents`), NaN past `max_positions`."""
+        B, T = shape
+        L = self.config.max_positions
+        at = None
+        if cache is not None:
+            at = next((i for i in range(self.config.num_layers)
+                       if isinstance(self.layer_mixer(i), Attention)), None)
+            if at is None:
+                raise ValueError("LM: learned positions (max_positions) continue from a softmax-"
+                                 "attention layer's cache, and this model has none to decode "
+                                 "with")
+        index = 0 if at is None else cache[at]["index"]
+        if T > L or (not isinstance(index, jax.core.Tracer) and int(index) + T > L):
+            raise ValueError(f"LM: {T} token(s) from position {index} reach past the "
+                             f"max_positions={L} learned positions")
+        pos = jnp.broadcast_to(index + jnp.arange(T, dtype=jnp.int32), (B, T))
+        _, start = documents(pos, segment_ids, None if at is None else cache[at])
+        return jnp.take(self.pos_embed[...], pos - start, axis=0, mode="fill",
+                        fill_value=jnp.nan)
+
     # -- forward ---------------------------------------------------------------------------------
     def __call__(self, tokens, *, segment_ids=None, cache=None, seq_parallel=None,
                  positions=None):
@@ -224,6 +253,8 @@ class LM(nnx.Module):
             h = h.astype(self.dtype)
         if self.config.embed_scale is not None:
             h = h * jnp.asarray(self.config.embed_scale, h.dtype)
+        if self.pos_embed is not None:
+            h = h + self._positions(h.shape[:2], segment_ids, cache).astype(h.dtype)
         kw = dict(segment_ids=segment_ids, seq_parallel=seq_parallel)
         new, aux, start = [], jnp.zeros((), jnp.float32), 0
         # a scan's carry keeps its structure: v_first exists from the first layer on
