@@ -59,6 +59,22 @@ def test_sharded_8_devices_matches_single_device(tmp_path, single_device_run):
     assert a[4] < a[1]                                        # it trains
 
 
+def test_gathered_positions_train_the_same_sequence_parallel(tmp_path):
+    """`task.gather` (batches carry the scored positions; the head runs on those rows only) on a
+    sequence-parallel mesh, where the rows are gathered from an activation split along T: the
+    same losses as on one device."""
+    steps = {"train__steps": 2, "train__checkpoint_every": 0, "eval__every": 2,
+             "task__gather": True}
+    one = loop.train(tiny(tmp_path / "one", mesh__data=1, **steps), devices=jax.devices()[:1])
+    seq = loop.train(tiny(tmp_path / "seq", mesh__data=1, mesh__seq=2, **steps),
+                     devices=jax.devices()[:2])
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "seq")
+    assert sorted(a) == sorted(b) == [1, 2]
+    np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5)
+    np.testing.assert_allclose(seq["eval"]["eval"]["loss"], one["eval"]["eval"]["loss"],
+                               rtol=1e-5)
+
+
 # the subprocesses compile as the tests do (tests/conftest.py: without LLVM's optimisations, about
 # half the compile time), on their own devices
 XLA_FLAGS = "--xla_backend_optimization_level=0"
