@@ -240,6 +240,8 @@ for s in "$@"; do case $s in
     # Waits until every protobg launch has ended or PROTO_WAIT (default 480) s have passed, then
     # brings back what is there: the logs, and the results written since the first launch
     # (finished cells' result.json, cut ones' partial.json, every run's metrics so far).
+    if [ ! -d /tmp/protobg ]; then       # a fresh machine: the held one went back, its jobs with it
+      echo "== protowait: no protobg launch on this machine"; continue; fi
     W=${PROTO_WAIT:-480}; t=$SECONDS
     while ls /tmp/protobg/running* >/dev/null 2>&1 && [ $((SECONDS - t)) -lt "$W" ]; do sleep 5; done
     echo "== protowait ($(date +%T)) after $((SECONDS - t)) s: $(ls /tmp/protobg/running* 2>/dev/null | wc -l) launches running"
