@@ -34,6 +34,7 @@ CONV = {"linear_attention": {"conv_size": 4}, "based": {"conv_size": 4}, "gla": 
 # RoPE in place of the learned positions.
 HEADS = {"attention": 1, "attention_rope": 1}
 MIXER = {"attention_rope": "attention"}        # cell name -> the layer it uses
+LEARNED_POSITIONS = ("attention",)             # these replace RoPE by `max_positions`
 # the GPU linear_attention kernel runs out of shared memory at Based's feature width 273
 IMPL = {"based": "chunk"}
 
@@ -50,13 +51,14 @@ def get_config(cell: str = "based-d128-T256"):
         "num_kv_pairs": SETTINGS[seq_len], "num_keys": 4096, "num_values": 4095})   # vocab 8192
     c.task.gather = True
     layer = MIXER.get(mixer, mixer)
+    options = dict(CONV.get(mixer, {}))
+    if mixer in LEARNED_POSITIONS:
+        options["rope_theta"] = None
+        c.model.max_positions = seq_len
     c.model.update(d_model=d_model, num_layers=2, num_heads=HEADS.get(mixer, 2), mixer=layer,
                    ffn="none",
                    init_std=d_model ** -0.5, impl=IMPL.get(mixer, "auto"),
-                   mixer_options={layer: CONV.get(mixer, {})})
-    if mixer == "attention":
-        c.model.max_positions = seq_len
-        c.model.mixer_options = {"attention": {"rope_theta": None}}
+                   mixer_options={layer: options})
     batch = BATCH[seq_len]
     c.train.update(steps=EPOCHS * EXAMPLES // batch, batch_size=batch, lr=1e-3,
                    warmup_steps=200, weight_decay=0.1, checkpoint_every=0, progress=False,
