@@ -248,13 +248,19 @@ def plot(cells: list[dict], out, title: str, chance: float | None = None) -> Non
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for mixer in dict.fromkeys(c["mixer"] for c in cells):
-        pts = sorted((c["state_size"], c["accuracy"], c["d_model"]) for c in cells
-                     if c["mixer"] == mixer and c.get("accuracy") is not None)
+        pts = sorted((c["state_size"], c["accuracy"], c["d_model"], bool(c.get("cut")))
+                     for c in cells if c["mixer"] == mixer and c.get("accuracy") is not None)
         if not pts:
             continue
-        xs, ys, ds = zip(*pts, strict=True)
-        (line,) = ax.plot(xs, ys, marker="o", label=mixer)
-        for x, y, d in pts:
+        # the line joins finished runs only: a run cut before its end is a hollow marker, so a
+        # cell stopped early does not read as the trend
+        done = [p for p in pts if not p[3]]
+        (line,) = ax.plot([p[0] for p in done], [p[1] for p in done], marker="o", label=mixer)
+        cut = [p for p in pts if p[3]]
+        if cut:
+            ax.plot([p[0] for p in cut], [p[1] for p in cut], ls="none", marker="o",
+                    mfc="none", color=line.get_color())
+        for x, y, d, _ in pts:
             ax.annotate(str(d), (x, y), fontsize=6, color=line.get_color(),
                         textcoords="offset points", xytext=(3, -8))
     if chance is not None:

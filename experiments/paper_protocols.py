@@ -22,7 +22,11 @@ interrupted run picks up where it stopped. Everything goes to
 
 `--collect` trains nothing: it writes the JSON and the table from the cells already finished under
 `<out>/<protocol>/` (the same `--cells`, `--set` and `--steps` select them), for grids whose cells
-ran as separate processes, each of which rewrites the summary with its own cells only.
+ran as separate processes, each of which rewrites the summary with its own cells only. With
+`--salvage=DEVICE[,PRECISION]` it first rebuilds the partial.json of runs that were killed before
+they could write one (a lent machine taken back mid-run) from their metrics.jsonl, at the last
+step every seed was evaluated (`salvage`; the table says "lost" where it says "cut" for a
+deadline, and has no time for them).
 
 `--lrs` trains a subset of a sweep's learning rates (the others are not run, and a cell's best is
 then the best of those). `--deadline=S` stops training S seconds after the start, at the last
@@ -116,6 +120,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="--cost: also time this many steps per round, three rounds (ms_per_step)")
     p.add_argument("--collect", action="store_true",
                    help="train nothing: summarise the cells already finished in --out")
+    p.add_argument("--salvage", metavar="DEVICE[,PRECISION]",
+                   help="--collect: first rebuild partial.json of runs killed without one (a "
+                        "machine taken back) from their metrics.jsonl, recording that they ran "
+                        "on DEVICE with float32 matmuls at PRECISION (`salvage`)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every cell, e.g. --set=model.impl=chunk (a "
                         "kernel that will not run vmapped) or --set=eval.batch_size=8")
@@ -128,6 +136,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.cells = [c for c in args.cells.split(",") if c]
     args.lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
     args.deadline = None if args.deadline is None else time.monotonic() + args.deadline
+    if args.salvage and not args.collect:
+        p.error("--salvage goes with --collect")
     if args.quick:
         args.seeds = args.seeds[:2]
     return args
@@ -239,6 +249,64 @@ def saved(config) -> dict | None:
     return finished(config) or _saved_as(config, "partial.json")
 
 
+def salvage(config, where: dict) -> dict | None:
+    """partial.json of a run killed before it could write one (a lent machine taken back mid-run:
+    no deadline fired), rebuilt from its `metrics.jsonl` at the last step where every seed's
+    every eval split was logged; its train values are those logged at or before that step.
+    `where`: the device and matmul precision it ran with, which the metrics do not say. Not
+    written where a result.json exists, where `config.json` is another config's, or where a
+    partial.json got as far; returns what it wrote, else None."""
+    workdir = pathlib.Path(config.workdir)
+    metrics, stored = workdir / "metrics.jsonl", workdir / "config.json"
+    if finished(config) or not metrics.exists() or not stored.exists():
+        return None
+    ran = json.loads(stored.read_text())             # the run's own config (its impl, workdir)
+    if _identity(ran) != _identity(_as_json(config)):
+        return None
+    members = [*config.seeds, "mean"]
+    logged: dict[tuple, dict] = {}                   # (step, split, seed) -> values
+    for line in metrics.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            logged[r["step"], r["split"], r["seed"]] = {
+                k: v for k, v in r.items() if k not in ("step", "split", "seed")}
+    splits = sorted({sp for _, sp, _ in logged if sp != "train"})
+    complete = [s for s in sorted({s for s, sp, _ in logged if sp != "train"})
+                if all((s, sp, m) in logged for sp in splits for m in members)]
+    older = _saved_as(config, "partial.json")
+    if not complete or (older is not None and older["step"] >= complete[-1]):
+        return None
+    step = complete[-1]
+    train_at = max((s for s, sp, _ in logged if sp == "train" and s <= step), default=None)
+    train = lambda m: logged.get((train_at, "train", m), {})
+    result = {
+        "seeds": list(config.seeds), "step": step, "train": train("mean"),
+        "eval": {sp: logged[step, sp, "mean"] for sp in splits},
+        "stopped": f"lost: killed after the evaluation at step {step} of "
+                   f"{config.train.steps} (the machine went away); rebuilt from metrics.jsonl",
+        "per_seed": [{"seed": s, "train": train(s), "stopped": None,
+                      "eval": {sp: logged[step, sp, s] for sp in splits}}
+                     for s in config.seeds],
+        "partial": True, "lost": True, "seconds": None, "params": _num_params(config),
+        **where, "config": ran}
+    (workdir / "partial.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _num_params(config) -> int:
+    """The model's parameter count, from shapes alone (nothing is initialised)."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from linear_jax.models import LM
+    from linear_jax.training import data, loop
+
+    vocab = data.make_source(config.task, split="train", batch_size=1, seed=0).vocab_size
+    model = nnx.eval_shape(lambda: LM(loop.lm_config(config.model, vocab), rngs=nnx.Rngs(0)))
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
 def run_cell(configs, deadline=None) -> list[tuple[dict, bool]]:
     """(result.json's content, whether it was reused) of each run of one cell: its learning
     rates (one config each), the unfinished ones trained together with every seed
@@ -279,7 +347,8 @@ def run_cell(configs, deadline=None) -> list[tuple[dict, bool]]:
 def record(protocol, cell, lr, result, workdir: str) -> dict:
     row = {"cell": cell, "lr": lr, "params": result["params"], "steps": result["step"],
            "of": result["config"]["train"]["steps"], "partial": result.get("partial", False),
-           "seconds": round(result["seconds"], 1), "stopped": result["stopped"],
+           "seconds": None if result["seconds"] is None else round(result["seconds"], 1),
+           "lost": result.get("lost", False), "stopped": result["stopped"],
            "seeds": result["seeds"], "workdir": workdir,
            "impl": result["config"]["model"].get("impl"), "device": result.get("device"),
            "matmul_precision": result.get("matmul_precision")}
@@ -315,16 +384,19 @@ def table(protocol, rows: list[dict]) -> str:
              "|---|---|" + "---|" * len(labels) + "---|---|---|"]
     for r in rows:
         lr = "" if r["lr"] is None else f"{r['lr']:g}"
-        steps = f"{r['steps']} of {r['of']}, cut" if r.get("partial") else r["steps"]
+        end = "lost" if r.get("lost") else "cut"
+        steps = f"{r['steps']} of {r['of']}, {end}" if r.get("partial") else r["steps"]
+        took = "—" if r["seconds"] is None else f"{r['seconds']:.0f}"
         lines.append(f"| {r['cell']} | {lr} | " + " | ".join(cell(r[x]) for x in labels)
-                     + f" | {r['params']:,} | {steps} | {r['seconds']:.0f} |")
+                     + f" | {r['params']:,} | {steps} | {took} |")
     return "\n".join(lines)
 
 
 def plot_state_size(cells: list[dict], configs, out: pathlib.Path) -> list[pathlib.Path]:
     """Zoology's picture: per sequence length, `<protocol>_T<len>.png` with each mixer's accuracy
     against its recurrent state per layer (floats; attention: its KV cache at that length), one
-    point per width; a run cut before its end (`partial`) is labelled with a star. `configs`: the
+    point per width; a run cut before its end (`partial`) is a hollow marker off the line, labelled
+    with a star. `configs`: the
     grid's configs, the row's run found by its workdir."""
     from experiments import mqar_sweep
     from linear_jax.training import data
@@ -338,12 +410,13 @@ def plot_state_size(cells: list[dict], configs, out: pathlib.Path) -> list[pathl
         points.setdefault(t, []).append({
             "mixer": row["cell"].rsplit("-", 2)[0], "accuracy": row["accuracy"][0],
             "d_model": f"{config.model.d_model}{'*' if row.get('partial') else ''}",
+            "cut": bool(row.get("partial")),
             "state_size": mqar_sweep.state_size_per_layer(config.model, vocab, t)})
     written = []
     for t, pts in sorted(points.items()):
         path = out / f"{out.name}_T{t}.png"
         mqar_sweep.plot(pts, path, f"MQAR, {t} tokens: best lr per cell, mean of the seeds "
-                                   "(* cut early)")
+                                   "(hollow, *: cut early)")
         written.append(path)
     return written
 
@@ -404,6 +477,11 @@ def main(argv=None) -> dict:
     module = importlib.import_module(f"experiments.configs.{protocol['config']}")
     grid = cell_configs(args, module, protocol)
     kept = {}
+    if args.salvage:
+        device, _, precision = args.salvage.partition(",")
+        for *_, c in grid:
+            if salvage(c, {"device": device, "matmul_precision": precision or None}):
+                print(f"salvaged {pathlib.Path(c.workdir).name} from its metrics.jsonl")
     if args.collect:                       # {workdir: its saved run}, each read once
         kept = {c.workdir: saved(c) for _, _, c in grid}
         grid = [g for g in grid if kept[g[2].workdir] is not None]

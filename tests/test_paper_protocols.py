@@ -138,7 +138,8 @@ def test_a_cells_learning_rates_train_together_and_are_reused(tmp_path):
 
 def test_a_deadline_leaves_a_cut_run_that_is_trained_again(tmp_path):
     """--deadline stops at the last evaluation before it: the run goes to partial.json (marked in
-    the table), is not reused as finished, and a later call trains it to its end."""
+    the table), is not reused as finished, and a later call trains it to its end; --salvage
+    rebuilds a killed run's partial.json from its metrics."""
     argv = ["--protocol=mqar", "--quick", f"--out={tmp_path}", "--steps=4",
             "--set=eval.every=2"]
     cut = paper_protocols.main(argv + ["--deadline=0"])
@@ -153,6 +154,41 @@ def test_a_deadline_leaves_a_cut_run_that_is_trained_again(tmp_path):
     (row,) = full["cells"]
     assert not row["partial"] and row["steps"] == 4 and row["stopped"] is None
     assert (workdir / "result.json").exists() and not (workdir / "partial.json").exists()
+
+    # a run killed before it could write either file (a lent machine taken back) is rebuilt
+    # from its metrics.jsonl by --salvage, at the last step where every seed was evaluated
+    where = "--salvage=Some GPU,tensorfloat32"
+    with pytest.raises(SystemExit):
+        paper_protocols.main(argv + [where])                        # only with --collect
+    ((_, _, config),) = paper_protocols.cell_configs(
+        paper_protocols.parse_args(argv), paper_protocols.importlib.import_module(
+            "experiments.configs.paper_mqar"), paper_protocols.PROTOCOLS["mqar"])
+    assert paper_protocols.salvage(config, {}) is None             # it finished
+    (workdir / "result.json").unlink()
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(x) for x in lines]
+    at = lambda step, seed: next(r for r in records if r["step"] == step and r["split"] == "eval"
+                                 and r["seed"] == seed)
+    (workdir / "metrics.jsonl").write_text("\n".join(
+        x for x, r in zip(lines, records, strict=True)
+        if (r["step"], r["split"], r["seed"]) != (4, "eval", 1)) + "\n")
+    lost = paper_protocols.main(argv + ["--collect", where])
+    (row,) = lost["cells"]
+    assert row["partial"] and row["lost"] and row["steps"] == 2 and row["seconds"] is None
+    assert row["params"] == full["cells"][0]["params"]
+    assert (row["device"], row["matmul_precision"]) == ("Some GPU", "tensorfloat32")
+    assert row["accuracy"][0] == at(2, "mean")["accuracy"]
+    result = json.loads((workdir / "partial.json").read_text())
+    assert result["config"] == json.loads((workdir / "config.json").read_text())  # the run's own
+    assert [r["eval"]["eval"]["loss"] for r in result["per_seed"]] == [
+        at(2, 0)["loss"], at(2, 1)["loss"]]
+    assert "| 2 of 4, lost | — |" in (tmp_path / "mqar" / "mqar.md").read_text()
+    assert paper_protocols.salvage(config, {}) is None             # partial.json got as far
+    (workdir / "partial.json").unlink()
+    stored = json.loads((workdir / "config.json").read_text())
+    stored["train"]["lr"] *= 2
+    (workdir / "config.json").write_text(json.dumps(stored))
+    assert paper_protocols.salvage(config, {}) is None             # another config's metrics
 
 
 def test_lrs_trains_a_subset_of_the_sweep_under_the_sweeps_names():
