@@ -46,8 +46,9 @@
 #   protocols experiments.paper_protocols jobs, at most PROTO_P (default 4) processes at a time
 #             sharing the GPU, the rest queued (PROTO_JOBS: lines "protocol|cells|more flags|mem|
 #             precision", default the list in the step, one cell per job; mem, optional, is that
-#             job's share of the GPU's memory, else PROTO_MEM, default 0.15: keep PROTO_P x the
-#             shares below 0.9; precision, optional, that job's JAX_DEFAULT_MATMUL_PRECISION).
+#             job's share of the GPU's memory, a fraction or GiB ("9G", `share`), else PROTO_MEM,
+#             default 0.15: keep the shares of the jobs at once below 0.9 of the GPU; precision,
+#             optional, that job's JAX_DEFAULT_MATMUL_PRECISION).
 #             PROTO_S (default 540) is the step's wall limit: every job stops training 25 s before
 #             it (paper_protocols --deadline: a cut run is kept as partial.json) and is killed at it;
 #             a queued job starts only while at least PROTO_MIN_S (default 300) s are left. Every
@@ -114,6 +115,13 @@ fast_flags() { [ -n "${FAST_FLAGS+x}" ] && return 0; FAST_FLAGS=${XLA_FLAGS:-}
   if XLA_FLAGS="$FAST_FLAGS $f" JAX_PLATFORMS=cpu python3 -c "import jax; jax.devices()" >/dev/null 2>&1
   then FAST_FLAGS="${FAST_FLAGS:+$FAST_FLAGS }$f"; else echo "   this XLA rejects $f: its defaults kept"; fi
   echo "   XLA_FLAGS of the small-model steps: '$FAST_FLAGS'"; }
+# a job's share of the GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION) from "0.12" (a fraction, as
+# is) or "9G" (GiB, over this GPU's total): shares in GiB hold on an H100 and an H200 alike (session
+# 25 lost five jobs to fractions set for an H200's 141 GB that the H100 it got could not give)
+share() { case $1 in
+  *G) awk -v g="${1%G}" -v t="$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits \
+        | head -n 1)" 'BEGIN { printf "%.3f", g * 1024 / t }' ;;
+  *) echo "$1" ;; esac; }
 export PROBE_T=2048,8192,32768
 for s in "$@"; do case $s in
   anchors)
@@ -207,7 +215,7 @@ for s in "$@"; do case $s in
       while IFS='|' read -r proto cells extra mem prec; do
         [ -n "$proto" ] || continue; i=$((i+1))
         while [ "$(jobs -rp | wc -l)" -ge "$P" ]; do wait -n; done
-        left=$((end - SECONDS)); mem=${mem:-${PROTO_MEM:-0.15}}
+        left=$((end - SECONDS)); mem=$(share "${mem:-${PROTO_MEM:-0.15}}")
         if [ "$left" -lt "${PROTO_MIN_S:-300}" ]; then
           echo "   $pn$i $proto|$cells: not started ($left s left)"; continue; fi
         prec=${prec:-float32}

@@ -254,6 +254,20 @@ def test_kernel_bisect_finds_and_compiles_every_kernel_of_kda():
     kernel_bisect.compile_alone(eqn)
 
 
+def test_kernel_bisect_reaches_a_kernel_its_op_declines():
+    """--kernel calls the Triton delta kernels directly: gated_delta_rule at K = V = 256, which
+    the registry no longer gives them (`accepts_gated`), still yields their programs to bisect."""
+    from experiments.benchmarks import kernel_bisect
+
+    progs = kernel_bisect.programs("gated_delta_rule", 1, 32, 1, 256, jnp.bfloat16,
+                                   kernel="triton")
+    names = {kernel_bisect.kernel_name(e).split(" at ")[0]
+             for e in kernel_bisect.pallas_calls(progs["grad"])}
+    assert {"delta_backward_states", "delta_backward_wy"} <= names
+    with pytest.raises(ValueError, match="delta-rule ops"):
+        kernel_bisect.programs("gla", 1, 32, 1, 64, jnp.bfloat16, kernel="triton")
+
+
 def test_sync_ms_interleaves_the_functions():
     """common.sync_ms calls the functions in turn, rep by rep, and gives one median each."""
     calls = []

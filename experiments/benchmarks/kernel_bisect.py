@@ -25,6 +25,7 @@ import numpy as np
 
 from experiments.benchmarks import check_gpu, common
 from experiments.benchmarks.kernel_checks import tail
+from linear_jax.ops import registry
 
 
 def pallas_calls(jaxpr) -> list:
@@ -57,8 +58,11 @@ def compile_alone(eqn) -> None:
     jax.jit(lambda *a: eqn.primitive.bind(*a, **eqn.params)).lower(*args).compile()
 
 
-def programs(op, B, T, H, D, dtype, config=None) -> dict:
-    """The op's primal and gradient programs as jaxprs, on check_gpu's inputs."""
+def programs(op, B, T, H, D, dtype, config=None, kernel=None) -> dict:
+    """The op's primal and gradient programs as jaxprs, on check_gpu's inputs. `kernel` (a
+    backend, delta-rule ops only): that kernel's entry called directly, past the registry's
+    `accepts`, to bisect a kernel its op declines at these shapes (gated_delta_rule's Triton
+    kernels past K = 128)."""
     rng = np.random.default_rng(0)
     f = lambda *s: jnp.asarray(rng.standard_normal(s), dtype)          # noqa: E731
     x = dict(q=f(B, T, H, D), k=f(B, T, H, D), v=f(B, T, H, D),
@@ -72,8 +76,18 @@ def programs(op, B, T, H, D, dtype, config=None) -> dict:
     seg = jnp.asarray(np.arange(T)[None].repeat(B, 0) // max(1, T // 3), jnp.int32)
     names = [n for n in ("q", "k", "v", "g", "beta", "S0") if n in x]
 
+    if kernel is not None:
+        if op not in check_gpu.DELTA:
+            raise ValueError(f"kernel_bisect: --kernel is for the delta-rule ops "
+                             f"{sorted(check_gpu.DELTA)}, got --op {op}")
+        entry = next(k for k in registry.record(op).kernels if k.backend == kernel)
+        fn, cfg = registry.load(entry.fn), config or registry.load(entry.config)()
+
     def run(d):
         a = dict(x, **d)
+        if kernel is not None:
+            return fn(a["q"], a["k"], a["v"], a.get("g"), a["beta"], scale=D ** -0.5,
+                      initial_state=a["S0"], segment_ids=seg, chunk_size=64, config=cfg)
         extra = (a["beta"],) if "beta" in a else ()
         return check_gpu.OPS[op](a["q"], a["k"], a["v"], a.get("g"), *extra,
                                  initial_state=a["S0"], segment_ids=seg, impl="pallas",
@@ -95,11 +109,14 @@ def main(argv=None) -> int:
     p.add_argument("--D", type=int, default=64)
     p.add_argument("--B", type=int, default=2)
     p.add_argument("--H", type=int, default=4)
+    p.add_argument("--kernel", choices=["triton"],
+                   help="call that kernel directly, past its op's accepts (delta-rule ops)")
     a = p.parse_args(argv)
     dev = jax.devices()[0]
     print("device", dev.device_kind, "jax", jax.__version__)
     rows, seen = [], set()
-    for phase, jaxpr in programs(a.op, a.B, a.T, a.H, a.D, getattr(jnp, a.dtype)).items():
+    for phase, jaxpr in programs(a.op, a.B, a.T, a.H, a.D, getattr(jnp, a.dtype),
+                                   kernel=a.kernel).items():
         for eqn in pallas_calls(jaxpr):
             name = kernel_name(eqn)
             shapes = [f"{v.aval.dtype}{list(v.aval.shape)}" for v in eqn.invars]

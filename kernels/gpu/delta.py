@@ -83,6 +83,20 @@ def _core(ctx: Ctx, scale: float):
     return common.custom_vjp(fwd, bwd)
 
 
+def accepts_gated(q, k, v, *rest) -> str | None:
+    """Whether the Triton kernels take Gated DeltaNet at these widths (None) or why not: K and V
+    at most 128. Past that, with the scalar gate, the backward does not launch on a GPU: at K = V =
+    256 on an H100 it asked 238,596 bytes of shared memory, where 232,448 are available (session
+    25's vmap check, `benchmarks/NOTES.md`); without the gate (delta_rule) it fits and passes. The
+    registry asks this first, so "auto" takes the chunk form there."""
+    K, V = q.shape[-1], v.shape[-1]
+    if K > 128 or V > 128:
+        return (f"the Triton kernels take gated_delta_rule with K and V of at most 128 (past it "
+                f"their backward needs more shared memory than a GPU has), got K={K}, V={V}; "
+                f"use impl='chunk'")
+    return None
+
+
 def delta(q, k, v, g, beta, *, scale, initial_state, segment_ids, chunk_size, config=None):
     """The op-level entry of delta_rule (g None), gated_delta_rule (g [B, T, H]) and kda (g
     [B, T, H, K]), heads expanded, plus the kernel config (the registry always passes one; None

@@ -110,8 +110,15 @@ _KERNELS = (registry.Kernel("mosaic_gpu", "linear_jax.kernels.gpu.hopper.delta:d
 registry.register(registry.OpRecord(
     "delta_rule", reference=delta_rule_recurrent, chunk=delta_rule_chunk, kernels=_KERNELS,
     seq_parallel="linear_jax.parallel.delta:delta_rule"))
+# the same kernels, but the Triton ones decline K or V past 128 with the gate (`accepts_gated`)
+_GATED_KERNELS = (_KERNELS[0],
+                  registry.Kernel("triton", "linear_jax.kernels.gpu.delta:delta",
+                                  "linear_jax.kernels.configs:TritonChunkConfig",
+                                  accepts="linear_jax.kernels.gpu.delta:accepts_gated"),
+                  _KERNELS[2])
 registry.register(registry.OpRecord(
-    "gated_delta_rule", reference=delta_rule_recurrent, chunk=delta_rule_chunk, kernels=_KERNELS,
+    "gated_delta_rule", reference=delta_rule_recurrent, chunk=delta_rule_chunk,
+    kernels=_GATED_KERNELS,
     seq_parallel="linear_jax.parallel.delta:gated_delta_rule"))
 
 
