@@ -395,9 +395,8 @@ def table(protocol, rows: list[dict]) -> str:
 def plot_state_size(cells: list[dict], configs, out: pathlib.Path) -> list[pathlib.Path]:
     """Zoology's picture: per sequence length, `<protocol>_T<len>.png` with each mixer's accuracy
     against its recurrent state per layer (floats; attention: its KV cache at that length), one
-    point per width; a run cut before its end (`partial`) is a hollow marker off the line, labelled
-    with a star. `configs`: the
-    grid's configs, the row's run found by its workdir."""
+    point per width; a run cut before its end (`partial`) is a hollow marker off the line,
+    labelled with a star. `configs`: the grid's configs, the row's run found by its workdir."""
     from experiments import mqar_sweep
     from linear_jax.training import data
 

@@ -27,6 +27,8 @@ below, called as `fn(q, k, v, g, beta, ...)` with heads expanded and g None for 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -112,9 +114,8 @@ registry.register(registry.OpRecord(
     seq_parallel="linear_jax.parallel.delta:delta_rule"))
 # the same kernels, but the Triton ones decline K or V past 128 with the gate (`accepts_gated`)
 _GATED_KERNELS = (_KERNELS[0],
-                  registry.Kernel("triton", "linear_jax.kernels.gpu.delta:delta",
-                                  "linear_jax.kernels.configs:TritonChunkConfig",
-                                  accepts="linear_jax.kernels.gpu.delta:accepts_gated"),
+                  dataclasses.replace(_KERNELS[1],
+                                      accepts="linear_jax.kernels.gpu.delta:accepts_gated"),
                   _KERNELS[2])
 registry.register(registry.OpRecord(
     "gated_delta_rule", reference=delta_rule_recurrent, chunk=delta_rule_chunk,
