@@ -6,7 +6,11 @@ over [1e-4, 1e-2]), its batch sizes (256 rows at 256 tokens, 128 at 512) and its
 training (64 epochs of 100,000 sequences: 25,000 steps at 256 tokens, 50,000 at 512), stopped
 early once every seed's eval accuracy reaches 0.99. Zoology draws a fixed training set of 100,000
 sequences and repeats it; here every batch is fresh. The head is applied to the query positions
-only (`task.gather`). The cell after the colon is `<mixer>-d<width>-T<len>`:
+only (`task.gather`). The queries sit at uniformly drawn slots after the pairs, with the blank 0
+between them; Zoology's generator draws the slots from a power law and fills the gaps with random
+tokens: `task.params.power_a=0.01` and `random_non_queries=True` (`synthetic.mqar`), left out of
+the grid so that its runs stay the same experiment. The cell after the colon is
+`<mixer>-d<width>-T<len>`:
 
     python -m experiments.train --config=experiments/configs/paper_mqar.py:based-d128-T256
 

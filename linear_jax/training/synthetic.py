@@ -52,8 +52,17 @@ def _smallest(r: np.ndarray, n: int) -> np.ndarray:
     return np.take_along_axis(idx, np.argsort(np.take_along_axis(r, idx, 1), axis=1), 1)
 
 
-def mqar(rng, batch, seq_len, num_kv_pairs=8, num_keys=None, num_values=None):
-    """Keys are ids [1, 1 + num_keys), values [1 + num_keys, 1 + num_keys + num_values)."""
+def mqar(rng, batch, seq_len, num_kv_pairs=8, num_keys=None, num_values=None, power_a=None,
+         random_non_queries=False):
+    """Keys are ids [1, 1 + num_keys), values [1 + num_keys, 1 + num_keys + num_values).
+
+    The queries take n of the (seq_len - 2n) // 2 even slots after the pairs: uniformly (power_a
+    None), or as Zoology's generator draws them, slot i (from 1) with probability proportional to
+    i^(power_a - 1), without replacement (Zoology's default power_a = 0.01 favours the slots
+    right after the pairs; 1 is uniform). `random_non_queries`: every token that is neither a
+    pair's nor a query's is a random id of the whole vocabulary, 0 included (Zoology's default),
+    not the blank 0. Zoology also draws its values without replacement; here they repeat, as a
+    row's 16 of 4095 values rarely do."""
     n = num_kv_pairs
     nk, nv = num_keys or 4 * n, num_values or 4 * n
     if seq_len < 4 * n:
@@ -65,13 +74,24 @@ def mqar(rng, batch, seq_len, num_kv_pairs=8, num_keys=None, num_values=None):
     tokens[:, 0:2 * n:2], tokens[:, 1:2 * n:2] = keys, values
     # Each pair is queried once, in random order, at distinct even offsets after the context.
     slots = (seq_len - 2 * n) // 2
-    pos = 2 * n + 2 * np.sort(_smallest(rng.random((batch, slots)), n), axis=1)
+    if power_a is None:
+        chosen = _smallest(rng.random((batch, slots)), n)
+    else:
+        # n draws without replacement with probabilities p = the n largest of log p + Gumbel
+        # noise (the same distribution as drawing one at a time and renormalising)
+        logp = (power_a - 1.0) * np.log(np.arange(1, slots + 1))
+        chosen = _smallest(-(logp + rng.gumbel(size=(batch, slots))), n)
+    pos = 2 * n + 2 * np.sort(chosen, axis=1)
     order = np.argsort(rng.random((batch, n)), axis=1)
     rows = np.arange(batch)[:, None]
     tokens[rows, pos] = keys[rows, order]
     targets[rows, pos] = values[rows, order]
     mask = np.zeros(tokens.shape, np.float32)
     mask[rows, pos] = 1.0
+    if random_non_queries:
+        filler = mask == 0
+        filler[:, :2 * n] = False
+        tokens[filler] = rng.integers(0, 1 + nk + nv, int(filler.sum()))
     return _batch(tokens, targets, mask)
 
 

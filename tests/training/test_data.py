@@ -48,6 +48,48 @@ def test_mqar_answers_recoverable():
             assert tgt[t] == table[tok[t]]
 
 
+@pytest.mark.parametrize("options", [dict(power_a=0.01), dict(random_non_queries=True),
+                                     dict(power_a=0.01, random_non_queries=True)])
+def test_mqar_zoology_options_keep_the_answers(options):
+    """Zoology's query gaps and random filler tokens leave every query answerable from the pairs;
+    without the options the batches are those the committed runs trained on."""
+    n, vocab = 8, synthetic.vocab_size("mqar", num_kv_pairs=8)
+    b = _gen("mqar", num_kv_pairs=n, **options)
+    for tok, tgt, m in zip(b["tokens"], b["targets"], b["mask"], strict=True):
+        table = dict(zip(tok[0:2 * n:2], tok[1:2 * n:2], strict=True))
+        queries = np.flatnonzero(m)
+        assert len(queries) == n and queries.min() >= 2 * n and (queries % 2 == 0).all()
+        assert sorted(tok[queries]) == sorted(table)
+        assert all(tgt[t] == table[tok[t]] for t in queries)
+        rest = np.setdiff1d(np.arange(2 * n, len(tok)), queries)
+        assert tok.min() >= 0 and tok.max() < vocab
+        assert (tok[rest] != 0).any() == options.get("random_non_queries", False)
+    plain = _gen("mqar", num_kv_pairs=n)
+    off = _gen("mqar", num_kv_pairs=n, power_a=None, random_non_queries=False)
+    assert all(np.array_equal(plain[k], off[k]) for k in plain)
+
+
+def test_mqar_power_law_gaps_are_zoologys_draws():
+    """The queries' slots: each slot's chance of holding a query equals that of drawing n slots
+    one at a time without replacement with P(slot i) ~ i^(a - 1), as Zoology's generator does
+    (numpy's choice), within sampling error; a = 1 is uniform."""
+    rows, seq_len, n = 4000, 64, 8
+    slots = (seq_len - 2 * n) // 2
+    rng = np.random.default_rng(0)
+    for a in (0.01, 1.0):
+        b = synthetic.mqar(np.random.default_rng(1), rows, seq_len, num_kv_pairs=n, power_a=a)
+        ours = b["mask"][:, 2 * n::2].mean(axis=0)
+        p = np.arange(1, slots + 1) ** (a - 1.0)
+        ref = np.zeros(slots)
+        for _ in range(rows):
+            ref[rng.choice(slots, size=n, replace=False, p=p / p.sum())] += 1 / rows
+        np.testing.assert_allclose(ours, ref, atol=0.035)
+        if a == 1.0:
+            np.testing.assert_allclose(ours, n / slots, atol=0.035)
+        else:
+            assert ours[0] > 2 * ours[-1]
+
+
 def test_state_tracking_targets():
     b = _gen("parity")
     np.testing.assert_array_equal(b["targets"] - 1, np.cumsum(b["tokens"] - 1, axis=1) % 2)
