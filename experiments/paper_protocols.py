@@ -299,11 +299,10 @@ def _num_params(config) -> int:
     import numpy as np
     from flax import nnx
 
-    from linear_jax.models import LM
     from linear_jax.training import data, loop
 
     vocab = data.make_source(config.task, split="train", batch_size=1, seed=0).vocab_size
-    model = nnx.eval_shape(lambda: LM(loop.lm_config(config.model, vocab), rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(loop.build_model(config.model, vocab, seed=0))
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 

@@ -81,7 +81,9 @@ def programs(op, B, T, H, D, dtype, config=None, kernel=None) -> dict:
             raise ValueError(f"kernel_bisect: --kernel is for the delta-rule ops "
                              f"{sorted(check_gpu.DELTA)}, got --op {op}")
         entry = next(k for k in registry.record(op).kernels if k.backend == kernel)
-        fn, cfg = registry.load(entry.fn), config or registry.load(entry.config)()
+        # the config the registry would give it: the passed one, else its device default
+        fn = registry.load(entry.fn)
+        cfg = config or registry.load(entry.config).default(jax.devices()[0])
 
     def run(d):
         a = dict(x, **d)
