@@ -6,7 +6,8 @@
 # are packed into $OUT/results.tgz (the device tool brings back at most 8 files).
 #   anchors   fla and jla on this device -> benchmarks/anchors/<device>-anchors.json
 #   jla       jla alone, merged into that file (the timing steps after it compare with this run's jla)
-#   check     check_gpu, the full grid (every kernel vs the float32 reference, fwd + bwd)
+#   check     check_gpu, the full grid (every kernel vs the float32 reference, fwd + bwd; CHECK_ARGS:
+#             its flags, e.g. "--ops gated_delta_rule --widths 256")
 #   quick     check_gpu --quick (T=100 fp32 D=64 and T=2048 bf16 D=128)
 #   ops       ops_gpu: the four chunk ops, impl=pallas, T in {2048, 8192, 32768}, profiled
 #   sweep     ops_gpu tilings at T=2048
@@ -130,7 +131,7 @@ for s in "$@"; do case $s in
     step anchors 60 python3 -m experiments.benchmarks.anchors $LOGS/*.json ;;
   jla) TAIL=3 OUT=$LOGS step jla "${JLA_S:-150}" python3 benchmarks/anchors/probe_jla.py
        step anchors 60 python3 -m experiments.benchmarks.anchors $LOGS/jla.json ;;   # read by the steps after
-  check) step check "${CHECK_S:-420}" python3 -m experiments.benchmarks.check_gpu ;;
+  check) step check "${CHECK_S:-420}" python3 -m experiments.benchmarks.check_gpu ${CHECK_ARGS:-} ;;
   quick) step quick "${CHECK_S:-150}" python3 -m experiments.benchmarks.check_gpu --quick ;;
   ops) TAIL=120 step ops "${OPS_S:-420}" python3 -m experiments.benchmarks.ops_gpu --impls pallas --profile \
          --reps "${REPS:-20}" --tag "$TAG" ;;

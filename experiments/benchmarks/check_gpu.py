@@ -6,10 +6,10 @@ Ops: linear_attention, simple_gla, gla, delta_rule, gated_delta_rule, kda.
 Against the float32 XLA chunk form (HIGHEST-precision dots) and, where T is short, the lax.scan
 reference: outputs, final states (under differentiation, from the forward alone, and from the
 forward forced into the one-pass form) and the gradients of q, k, v, g and the initial state, with
-packed documents and an initial state, at T in {100, 2048, 8192} and K = V in {64, 128} (float32
-inputs), and bf16 inputs at T = 2048 (compared with the reference run on the same bf16 values).
-Fresh random inputs per case. Writes benchmarks/results/check_gpu_<device>.json; exits 1 on any
-failure.
+packed documents and an initial state, at T in {100, 2048, 8192} and K = V in {64, 128}
+(`--widths`) with float32 inputs, and bf16 inputs at T = 2048 (compared with the reference run on
+the same bf16 values). Fresh random inputs per case. Writes
+benchmarks/results/check_gpu_<device>.json; exits 1 on any failure.
 """
 
 from __future__ import annotations
@@ -90,9 +90,10 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--ops", nargs="+", default=list(OPS))
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--widths", type=int, nargs="+", default=[64, 128], help="K = V of the grid")
     a = p.parse_args(argv)
-    grid = [(T, D, "float32") for T in (100, 2048, 8192) for D in (64, 128)]
-    grid += [(2048, D, "bfloat16") for D in (64, 128)]
+    grid = [(T, D, "float32") for T in (100, 2048, 8192) for D in a.widths]
+    grid += [(2048, D, "bfloat16") for D in a.widths]
     if a.quick:
         grid = [(100, 64, "float32"), (2048, 128, "bfloat16")]
     grid = [c for c in grid if c[2] in a.dtypes]

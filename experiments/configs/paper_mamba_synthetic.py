@@ -34,6 +34,9 @@ def get_config(cell: str = "induction_heads-mamba"):
                    mixer_options={mixer: {"conv_size": 4} if mixer == "gla" else {}})
     c.train.update(steps=4000, batch_size=64, lr=1e-3, warmup_steps=200, weight_decay=0.1,
                    checkpoint_every=0, progress=False, log_every=100)
-    # 16 rows: softmax attention at 8192 tokens holds 3 seeds x 16 x 2 heads x 8192^2 scores
-    c.eval.update(every=1000, batches=4, batch_size=16, seq_lens=EVAL_LENGTHS[task])
+    # 64 test sequences per length, 16 rows at a time; softmax attention's scores at 8192 tokens
+    # are 3 seeds x rows x 2 heads x 8192^2 floats (36 GiB asked at 16 rows on an H100, session
+    # 26), so its rows go 4 at a time
+    rows = 4 if mixer == "attention" and EVAL_LENGTHS[task] else 16
+    c.eval.update(every=1000, batches=64 // rows, batch_size=rows, seq_lens=EVAL_LENGTHS[task])
     return c

@@ -86,21 +86,32 @@ def _step(ctx, *, reverse, delta, scale):
         ch = Chunk(ctx, n, doc_ref)
         decay, e_in, e_out, a = gate_rows(ctx, ch, g_ref, n * C, pairs=delta and reverse)
         x, y = x_ref[rows, :], y_ref[rows, :]
-        xw = x.astype(F32) * (scale * e_in if reverse else e_out)
+        e_x = scale * e_in if reverse else e_out
         if not delta:
             # bf16/fp16 operands, float32 accumulation: the gated rows are <= |x| in size
-            return (a * S + ctx.dot(xw.astype(y.dtype), y, ta=True),)
+            return (a * S + ctx.dot((x.astype(F32) * e_x).astype(y.dtype), y, ta=True),)
         k_ref, w_ref = ins[4:6]
         W = w_ref[rows, :].astype(F32)
+        # Without a vector gate the factors scale rows, so each goes on the [C, BV] side of its
+        # product, not on a [C, Kp] query or key tile: every dot then reads the same q and k
+        # tiles. (At K = 256 in float32 the reverse pass with the scaled tiles asked 280,596 B of
+        # shared memory, where an H100 has 232,448; the gate-free pass, whose factors fold away,
+        # fit. Session 26.) A vector gate's factors are per channel and stay on the keys.
+        vec = ctx.kind == "vector"
+        xf = x.astype(F32)
         if not reverse:                                   # x = k, y = U: u and keys in float32
             u = y - ctx.dot(W, S)
             outs[1][rows, :] = u.astype(outs[1].dtype)
-            return (a * S + ctx.dot(xw, u, ta=True),)
+            return (a * S + (ctx.dot(xf * e_x, u, ta=True) if vec else
+                             ctx.dot(xf, u * e_x, ta=True)),)
         k = k_ref[rows, :]                                # x = q, y = do
+        kf, yf = k.astype(F32), y.astype(F32)
         A = ins[6][rows, :] if decay is None else ctx.dot(x, k, tb=True) * scale * decay
-        du = ctx.dot(A.astype(x.dtype), y, ta=True) + ctx.dot(k.astype(F32) * e_out, S)
+        du = ctx.dot(A.astype(x.dtype), y, ta=True) + (
+            ctx.dot(kf * e_out, S) if vec else e_out * ctx.dot(kf, S))
         outs[1][rows, :] = du.astype(outs[1].dtype)
-        return (a * S + ctx.dot(xw, y.astype(F32), ta=True) - ctx.dot(W, du, ta=True),)
+        dS = ctx.dot(xf * e_x, yf, ta=True) if vec else ctx.dot(xf, yf * e_x, ta=True)
+        return (a * S + dS - ctx.dot(W, du, ta=True),)
 
     return step
 

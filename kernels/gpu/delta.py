@@ -85,14 +85,17 @@ def _core(ctx: Ctx, scale: float):
 
 def accepts_gated(q, k, v, *rest) -> str | None:
     """Whether the Triton kernels take Gated DeltaNet at these widths (None) or why not: K and V
-    at most 128. Past that, with the scalar gate, the backward does not launch on a GPU: at K = V =
-    256 on an H100 it asked 238,596 bytes of shared memory, where 232,448 are available (session
-    25's vmap check, `benchmarks/NOTES.md`); without the gate (delta_rule) it fits and passes. The
-    registry asks this first, so "auto" takes the chunk form there."""
+    at most 128. Past that, with the scalar gate, the backward did not launch on an H100: the
+    reverse state pass (`chunk_state`, delta_state_bwd) asked 238,596 bytes of shared memory at
+    MQAR's shapes and 280,596 at check_gpu's (K = V = 256, float32), where 232,448 are available
+    (sessions 25 and 26, `benchmarks/NOTES.md`); without the gate (delta_rule) it fits and
+    passes. Session 26 moved the gate's row factors off the [C, K] tiles of that pass, which is
+    not yet checked on a GPU: until it is, the registry asks this first, so "auto" takes the
+    chunk form there."""
     K, V = q.shape[-1], v.shape[-1]
     if K > 128 or V > 128:
         return (f"the Triton kernels take gated_delta_rule with K and V of at most 128 (past it "
-                f"their backward needs more shared memory than a GPU has), got K={K}, V={V}; "
+                f"their backward needed more shared memory than a GPU has), got K={K}, V={V}; "
                 f"use impl='chunk'")
     return None
 

@@ -97,8 +97,10 @@ def _backward_states(ctx, q, k, g, G, R, doc, hs, dhs, u, du, do, *, scale):
         dq_ref[...] = ((ctx.dot(dAd, kt) + dqg * e_in) * scale).astype(dq_ref.dtype)
         dk_ref[...] = (ctx.dot(dAd, qt, ta=True) * scale + dkg * e_out).astype(dk_ref.dtype)
         if ctx.kind == "scalar":
-            P = jnp.where(kb == 0, dA * ctx.dot(q_ref[...], k_ref[...], tb=True) * scale * decay,
-                          0.0)                                    # the pairs count once
+            # this K tile's share of the pairs: q k^T is a sum over the K tiles and the routing is
+            # linear, so each tile routes its own and `backward` sums the tiles' dg; no program
+            # holds whole [C, Kp] rows of q and k as dot operands (128 KiB at K = 256 in float32)
+            P = dA * ctx.dot(qt, kt, tb=True) * scale * decay
             dg_ref[...] = ch.exact_grad(P, rowsum(dqg * e_in * qt.astype(F32)) * scale,
                                         rowsum(dkg * e_out * kt.astype(F32)),
                                         a * jnp.sum(hd).reshape(1, 1))
