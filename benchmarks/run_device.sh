@@ -194,17 +194,17 @@ for s in "$@"; do case $s in
         (cd /tmp/mqar && find . -name '*.json' -o -name '*.png' -o -name '*.jsonl' | grep -v checkpoints \
           | tar cf - -T - | (mkdir -p $LOGS/mqar && cd $LOGS/mqar && tar xf -)) ;;
   protocols|protorun)
-    # Default: the modular-arithmetic-with-brackets column of Grazzi et al.'s Table 3 (parity and
-    # the column without brackets are done: experiments/results/protocols/state_tracking/), one
-    # cell (5000 steps of 256, 3 seeds vmapped) per job, 4 at a time. Measured on one H200
-    # (session 22, wall time per job, compiles included): with 4 processes the Mamba cells take
-    # 470-520 s (0.3 of the memory each: Mamba with eigenvalues in [-1, 1] scans E N = 4096
-    # channels per layer, `Mamba.signed_scan`), DeltaNet 313-323 s, mLSTM 221 s, the Transformer
-    # 171 s; with 8 processes the Mamba cells do not finish in 500 s. Hence PROTO_S 540 (the
-    # device's 600 s per call less the setup) and the Mamba cells first. protorun: the same
-    # scheduler as protobg launches it (into PROTO_OUT, logs in PROTO_LOGDIR as <PROTO_NAME>i).
-    jobs=$(printf 'state_tracking|modular_arithmetic_brackets-%s\n' "mamba_11||0.3" "mamba_01||0.3" \
-      deltanet_11 deltanet_01 mlstm transformer)
+    # Default: the DeltaProduct grid (S3 and S5, n_h 1-4, 5000 steps of 128, 3 seeds vmapped),
+    # one cell per job, 4 at a time, the S5 cells first (the state-tracking columns are done:
+    # experiments/results/protocols/state_tracking/). Measured (wall time per job, compiles
+    # included): state tracking with 4 processes on an H200 (session 22), the Mamba cells 470-520
+    # s (0.3 of the memory each: Mamba with eigenvalues in [-1, 1] scans E N = 4096 channels per
+    # layer, `Mamba.signed_scan`), DeltaNet 313-323 s, mLSTM 221 s, the Transformer 171 s; with 7
+    # processes on an H100 (session 26) the Mamba cells reached 4000 of 5000 steps in ~1050 s.
+    # DeltaProduct S3 with 4 processes on an H100 (session 23): 2000-4000 steps in 235 s. Hence
+    # PROTO_S 540 (the device's 600 s per call less the setup). protorun: the same scheduler as
+    # protobg launches it (into PROTO_OUT, logs in PROTO_LOGDIR as <PROTO_NAME>i).
+    jobs=$(printf 'deltaproduct|%s\n' s5-nh4 s5-nh3 s5-nh2 s5-nh1 s3-nh4 s3-nh3 s3-nh2 s3-nh1)
     fast_flags
     ( export XLA_FLAGS=$FAST_FLAGS
       out=${PROTO_OUT:-experiments/results/protocols}; plogs=${PROTO_LOGDIR:-$LOGS}; pn=${PROTO_NAME:-proto}

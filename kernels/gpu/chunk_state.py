@@ -95,7 +95,7 @@ def _step(ctx, *, reverse, delta, scale):
         # Without a vector gate the factors scale rows, so each goes on the [C, BV] side of its
         # product, not on a [C, Kp] query or key tile: every dot then reads the same q and k
         # tiles. (At K = 256 in float32 the reverse pass with the scaled tiles asked 280,596 B of
-        # shared memory, where an H100 has 232,448; the gate-free pass, whose factors fold away,
+        # shared memory, where an H100 has 232,448; the gate-free pass, with no factors to apply,
         # fit. Session 26.) A vector gate's factors are per channel and stay on the keys.
         vec = ctx.kind == "vector"
         xf = x.astype(F32)
