@@ -66,9 +66,9 @@ PROTOCOLS = {
                      "scaled_accuracy")] + [
             (f"scaled acc. T={t}", ("eval", s), "scaled_accuracy") for t, s in
             ((40, "eval"), (64, "eval_len64"), (128, "eval_len128"), (256, "eval_len256"))],
-        "quick": {"task.seq_len": 12}},
+        "quick": {"task.seq_len": 12}, "curves": True},
     "deltaproduct": {
-        "config": "paper_deltaproduct", "quick_cell": "s3-nh2", "best": True,
+        "config": "paper_deltaproduct", "quick_cell": "s3-nh2", "best": True, "curves": True,
         "columns": [(f"scaled acc. T={t}", ("eval", s), "scaled_accuracy") for t, s in
                     ((128, "eval"), (256, "eval_len256"), (512, "eval_len512"))],
         "quick": {"task.seq_len": 12}},
@@ -81,7 +81,7 @@ PROTOCOLS = {
         "config": "paper_mamba_synthetic", "quick_cell": "induction_heads-s4d",
         "columns": [("accuracy (train length)", ("eval", "eval"), "accuracy")] + [
             (f"accuracy T={t}", ("eval", f"eval_len{t}"), "accuracy") for t in (512, 2048, 8192)],
-        "quick": {"task.seq_len": 16}},
+        "quick": {"task.seq_len": 16}, "curves": True},
     "icl_regression": {
         "config": "paper_icl_regression", "quick_cell": "lsa",
         "columns": [("trained LSA, MSE", ("eval", "eval"), "loss"),
@@ -91,7 +91,7 @@ PROTOCOLS = {
     "lm_mixers": {
         "config": "lm_mixers", "quick_cell": "linear_attention",
         "columns": [("eval loss (nats/byte)", ("eval", "eval"), "loss")],
-        "quick": {"task.seq_len": 32}},
+        "quick": {"task.seq_len": 32}, "curves": True},
 }
 QUICK = {"model.d_model": 16, "model.num_layers": 1, "train.steps": 2, "train.batch_size": 4,
          "train.warmup_steps": 1, "train.log_every": 1, "eval.every": 2, "eval.batches": 1,
@@ -419,6 +419,32 @@ def plot_state_size(cells: list[dict], configs, out: pathlib.Path) -> list[pathl
     return written
 
 
+def plot_curves(protocol: dict, cells: list[dict], out: pathlib.Path) -> list[pathlib.Path]:
+    """The training curves of the protocol's metrics, each run the mean over its seeds, one
+    figure per task (`<task>_curves.png`: the cells whose names share the part before the first
+    "-", labelled by the rest) or, where the names have no "-", one for the protocol
+    (`<protocol>_curves.png`); one panel per split. Cells without metrics are left out."""
+    from experiments import plot
+    from linear_jax.training.metrics import read_jsonl
+
+    metrics = list(dict.fromkeys(metric for *_, metric in protocol["columns"]))
+    groups: dict[str, dict] = {}
+    for row in cells:
+        task, _, rest = row["cell"].partition("-")
+        group, label = (task, rest) if rest else (out.name, task)
+        path = pathlib.Path(row["workdir"]) / "metrics.jsonl"
+        if path.exists():
+            groups.setdefault(group, {})[label + (" (cut)" if row["partial"] else "")] = (
+                read_jsonl(path))
+    written = []
+    for group, runs in groups.items():
+        path = out / f"{group}_curves.png"
+        plot.plot(runs, path, metrics, title=f"{out.name}, {group}: mean of "
+                                             f"{len(cells[0]['seeds'])} seeds")
+        written.append(path)
+    return written
+
+
 def _by_cell(grid):
     """[(cell, [(lr, config), ...])] in grid order, a cell's learning rates together."""
     cells = {}
@@ -517,6 +543,8 @@ def main(argv=None) -> dict:
         logging.set_verbosity(verbosity)
     if protocol.get("plot") == "state_size":
         plot_state_size(summary["cells"], [c for _, _, c in grid], out)
+    if protocol.get("curves"):
+        plot_curves(protocol, summary["cells"], out)
     print(table(protocol, summary["cells"]))
     return summary
 

@@ -34,7 +34,9 @@ _TABLE = flags.DEFINE_bool("table", False, "Print a markdown table of the runs' 
 def panels(runs: dict[str, list[dict]], metrics) -> list[tuple[str, str]]:
     """(split, metric) pairs present in any run: train first, then the eval splits."""
     found = {(r["split"], m) for recs in runs.values() for r in recs for m in metrics if m in r}
-    length = lambda split: int(split[len("eval_len"):]) if split.startswith("eval_len") else 0
+    # eval_len<T>, or eval_len<lo>-<hi> for a test set of mixed lengths: ordered by its shortest
+    length = lambda split: (int(split[len("eval_len"):].split("-")[0])
+                            if split.startswith("eval_len") else 0)
     order = lambda p: (p[0] != "train", length(p[0]), p[0], metrics.index(p[1]))
     return sorted(found, key=order)
 

@@ -51,6 +51,9 @@ def test_quick_protocol_writes_json_and_table(tmp_path, capsys, name):
     assert "[1/1]" in capsys.readouterr().out
     if paper_protocols.PROTOCOLS[name].get("plot"):
         assert (tmp_path / name / f"{name}_T{result['config']['task']['seq_len']}.png").exists()
+    if paper_protocols.PROTOCOLS[name].get("curves"):
+        task, _, rest = cell["cell"].partition("-")
+        assert (tmp_path / name / f"{task if rest else name}_curves.png").exists()
     assert paper_protocols.main(argv)["runs"][0]["steps"] == summary["runs"][0]["steps"]
     (tmp_path / name / f"{name}.json").unlink()
     collected = paper_protocols.main(argv + ["--collect"])
