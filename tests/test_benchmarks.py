@@ -371,3 +371,20 @@ def test_vmap_check_compares_auto_with_the_chunk_form_and_can_fail(tmp_path, mon
     rows = vmap_gpu.main(argv)
     assert [r["ok"] for r in rows] == [False] and rows[0]["errors"]["auto"]["o"] > 0.05
     assert (tmp_path / "vmap_cpu.json").exists()
+
+
+def test_kernel_smem_captures_each_kernel_and_its_stages():
+    """kernel_smem lowers each Triton kernel of an op to Triton IR on the CPU, with the warps and
+    stages it was given: the delta passes go unpipelined (1 stage) past K = 128, where two
+    stages asked more shared memory than an H100 has, and keep the configured 2 up to 128."""
+    from experiments.benchmarks import kernel_smem
+
+    def stages(D):
+        rows = kernel_smem.kernels("gated_delta_rule", 1, 32, 1, D, jnp.float32)
+        assert all(r["ttir"].startswith("module") and "tt.func" in r["ttir"] for r in rows)
+        return {r["kernel"]: r["num_stages"] for r in rows}
+
+    wide, narrow = stages(256), stages(64)
+    assert {"delta_state_fwd", "delta_state_bwd", "delta_backward_wy"} <= set(wide)
+    assert wide["delta_state_fwd"] == wide["delta_state_bwd"] == 1
+    assert narrow["delta_state_fwd"] == narrow["delta_state_bwd"] == 2

@@ -86,32 +86,21 @@ def _step(ctx, *, reverse, delta, scale):
         ch = Chunk(ctx, n, doc_ref)
         decay, e_in, e_out, a = gate_rows(ctx, ch, g_ref, n * C, pairs=delta and reverse)
         x, y = x_ref[rows, :], y_ref[rows, :]
-        e_x = scale * e_in if reverse else e_out
+        xw = x.astype(F32) * (scale * e_in if reverse else e_out)
         if not delta:
             # bf16/fp16 operands, float32 accumulation: the gated rows are <= |x| in size
-            return (a * S + ctx.dot((x.astype(F32) * e_x).astype(y.dtype), y, ta=True),)
+            return (a * S + ctx.dot(xw.astype(y.dtype), y, ta=True),)
         k_ref, w_ref = ins[4:6]
         W = w_ref[rows, :].astype(F32)
-        # Without a vector gate the factors scale rows, so each goes on the [C, BV] side of its
-        # product, not on a [C, Kp] query or key tile: every dot then reads the same q and k
-        # tiles. (At K = 256 in float32 the reverse pass with the scaled tiles asked 280,596 B of
-        # shared memory, where an H100 has 232,448; the gate-free pass, with no factors to apply,
-        # fit. Session 26.) A vector gate's factors are per channel and stay on the keys.
-        vec = ctx.kind == "vector"
-        xf = x.astype(F32)
         if not reverse:                                   # x = k, y = U: u and keys in float32
             u = y - ctx.dot(W, S)
             outs[1][rows, :] = u.astype(outs[1].dtype)
-            return (a * S + (ctx.dot(xf * e_x, u, ta=True) if vec else
-                             ctx.dot(xf, u * e_x, ta=True)),)
+            return (a * S + ctx.dot(xw, u, ta=True),)
         k = k_ref[rows, :]                                # x = q, y = do
-        kf, yf = k.astype(F32), y.astype(F32)
         A = ins[6][rows, :] if decay is None else ctx.dot(x, k, tb=True) * scale * decay
-        du = ctx.dot(A.astype(x.dtype), y, ta=True) + (
-            ctx.dot(kf * e_out, S) if vec else e_out * ctx.dot(kf, S))
+        du = ctx.dot(A.astype(x.dtype), y, ta=True) + ctx.dot(k.astype(F32) * e_out, S)
         outs[1][rows, :] = du.astype(outs[1].dtype)
-        dS = ctx.dot(xf * e_x, yf, ta=True) if vec else ctx.dot(xf, yf * e_x, ta=True)
-        return (a * S + dS - ctx.dot(W, du, ta=True),)
+        return (a * S + ctx.dot(xw, y.astype(F32), ta=True) - ctx.dot(W, du, ta=True),)
 
     return step
 
@@ -147,7 +136,13 @@ def state_pass(ctx, x, y, G, doc, S0, *, reverse, scale=1.0, state_dtype, k=None
             ins.append((A, common.spec(H, Tp, C)))
         outs.append((jax.ShapeDtypeStruct((B, Tp, H, Vp), y_dtype), ys))
     family = "delta" if delta else "decay"
+    # Triton's pipelining (stages > 1) keeps each loop load's buffer twice in shared memory, and
+    # the delta passes load whole [C, Kp] rows of k, W (and q): past Kp = 128 they go unpipelined.
+    # Compiled for sm_90 from this CPU (`experiments/benchmarks/kernel_smem.py`, Triton 3.9, K = V
+    # = 256, float32, B 2 H 4): Gated DeltaNet's reverse pass asked 272,148 B with 2 stages (the
+    # H100 has 232,448; on the device it asked 280,596 B, session 26) and 139,264 B with 1.
+    stages = 1 if delta and Kp > 128 else cfg.stages_state
     return sequential(ctx, _step(ctx, reverse=reverse, delta=delta, scale=scale), ins=ins,
                       carry=[(S0, st)], outs=outs, grid=grid, N=N, reverse=reverse,
-                      warps=cfg.warps_state, stages=cfg.stages_state,
+                      warps=cfg.warps_state, stages=stages,
                       name=f"{family}_state_{'bwd' if reverse else 'fwd'}")

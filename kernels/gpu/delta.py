@@ -89,9 +89,10 @@ def accepts_gated(q, k, v, *rest) -> str | None:
     reverse state pass (`chunk_state`, delta_state_bwd) asked 238,596 bytes of shared memory at
     MQAR's shapes and 280,596 at check_gpu's (K = V = 256, float32), where 232,448 are available
     (sessions 25 and 26, `benchmarks/NOTES.md`); without the gate (delta_rule) it fits and
-    passes. Session 26 moved the gate's row factors off the [C, K] tiles of that pass, which is
-    not yet checked on a GPU: until it is, the registry asks this first, so "auto" takes the
-    chunk form there."""
+    passes. Since session 26 the delta passes run unpipelined past K = 128 (`chunk_state`):
+    compiled for sm_90 on a CPU (`experiments/benchmarks/kernel_smem.py`) every kernel then asks
+    at most 147,456 bytes at K = V = 256. Not yet run on a GPU: until it is, the registry asks
+    this first, so "auto" takes the chunk form there."""
     K, V = q.shape[-1], v.shape[-1]
     if K > 128 or V > 128:
         return (f"the Triton kernels take gated_delta_rule with K and V of at most 128 (past it "
