@@ -52,10 +52,39 @@ def kernel_name(eqn) -> str:
     return src or str(eqn.params.get("name") or eqn.params.get("name_and_src_info") or "?")
 
 
+def alone(eqn):
+    """The one kernel `eqn` as its own jitted program, and its inputs' shapes."""
+    args = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
+    return jax.jit(lambda *a: eqn.primitive.bind(*a, **eqn.params)), args
+
+
 def compile_alone(eqn) -> None:
     """Lower and compile the one kernel `eqn` as its own jitted program."""
-    args = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
-    jax.jit(lambda *a: eqn.primitive.bind(*a, **eqn.params)).lower(*args).compile()
+    fn, args = alone(eqn)
+    fn.lower(*args).compile()
+
+
+def distinct_kernels(progs: dict):
+    """(phase, eqn, name, input shapes) of every Pallas call of `programs`' jaxprs, each kernel
+    at each set of input shapes once (the primal's kernels recur in the gradient)."""
+    seen = set()
+    for phase, jaxpr in progs.items():
+        for eqn in pallas_calls(jaxpr):
+            name = kernel_name(eqn)
+            shapes = [f"{v.aval.dtype}{list(v.aval.shape)}" for v in eqn.invars]
+            if (name, tuple(shapes)) not in seen:
+                seen.add((name, tuple(shapes)))
+                yield phase, eqn, name, shapes
+
+
+def case_args(p, *, op, ops, dtype, D) -> None:
+    """The flags of the traced case (op, dtype, T, D, B, H), with these defaults."""
+    p.add_argument("--op", default=op, choices=sorted(ops))
+    p.add_argument("--dtype", default=dtype)
+    p.add_argument("--T", type=int, default=2048)
+    p.add_argument("--D", type=int, default=D)
+    p.add_argument("--B", type=int, default=2)
+    p.add_argument("--H", type=int, default=4)
 
 
 def programs(op, B, T, H, D, dtype, config=None, kernel=None) -> dict:
@@ -105,38 +134,26 @@ def programs(op, B, T, H, D, dtype, config=None, kernel=None) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--op", default="kda", choices=sorted(check_gpu.OPS))
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--T", type=int, default=2048)
-    p.add_argument("--D", type=int, default=64)
-    p.add_argument("--B", type=int, default=2)
-    p.add_argument("--H", type=int, default=4)
+    case_args(p, op="kda", ops=check_gpu.OPS, dtype="bfloat16", D=64)
     p.add_argument("--kernel", choices=["triton"],
                    help="call that kernel directly, past its op's accepts (delta-rule ops)")
     a = p.parse_args(argv)
     dev = jax.devices()[0]
     print("device", dev.device_kind, "jax", jax.__version__)
-    rows, seen = [], set()
-    for phase, jaxpr in programs(a.op, a.B, a.T, a.H, a.D, getattr(jnp, a.dtype),
-                                   kernel=a.kernel).items():
-        for eqn in pallas_calls(jaxpr):
-            name = kernel_name(eqn)
-            shapes = [f"{v.aval.dtype}{list(v.aval.shape)}" for v in eqn.invars]
-            key = (name, tuple(shapes))
-            if key in seen:
-                continue
-            seen.add(key)
-            t0 = time.perf_counter()
-            try:
-                compile_alone(eqn)
-                err = None
-            except Exception as e:  # noqa: BLE001 - a kernel that fails is this script's finding
-                err = tail(e, 12)
-            rows.append(dict(op=a.op, dtype=a.dtype, T=a.T, D=a.D, phase=phase, kernel=name,
-                             inputs=shapes, ok=err is None, error=err,
-                             seconds=round(time.perf_counter() - t0, 2)))
-            print(f"{'ok  ' if err is None else 'FAIL'} {phase:<6} {name}  {' '.join(shapes)[:160]}"
-                  + (f"\n{err}" if err else ""), flush=True)
+    rows = []
+    progs = programs(a.op, a.B, a.T, a.H, a.D, getattr(jnp, a.dtype), kernel=a.kernel)
+    for phase, eqn, name, shapes in distinct_kernels(progs):
+        t0 = time.perf_counter()
+        try:
+            compile_alone(eqn)
+            err = None
+        except Exception as e:  # noqa: BLE001 - a kernel that fails is this script's finding
+            err = tail(e, 12)
+        rows.append(dict(op=a.op, dtype=a.dtype, T=a.T, D=a.D, phase=phase, kernel=name,
+                         inputs=shapes, ok=err is None, error=err,
+                         seconds=round(time.perf_counter() - t0, 2)))
+        print(f"{'ok  ' if err is None else 'FAIL'} {phase:<6} {name}  {' '.join(shapes)[:160]}"
+              + (f"\n{err}" if err else ""), flush=True)
     bad = sum(not r["ok"] for r in rows)
     path = common.write_json(common.device_file("kernel_bisect"), rows,
                              op=a.op, dtype=a.dtype, failures=bad)

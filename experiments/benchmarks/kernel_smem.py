@@ -24,7 +24,6 @@ import pathlib
 import sys
 import tempfile
 
-import jax
 import jax.numpy as jnp
 
 from experiments.benchmarks import check_gpu, common, kernel_bisect
@@ -56,23 +55,17 @@ def kernels(op, B, T, H, D, dtype, kernel="triton") -> list[dict]:
     """Every distinct Triton kernel of the op's primal and gradient: phase, name, its Triton IR
     (text) and the num_warps / num_stages it was given."""
     config = TritonChunkConfig(interpret=False)        # the compiled lowering, also on a CPU
-    rows, seen = [], set()
-    for phase, jaxpr in kernel_bisect.programs(op, B, T, H, D, dtype, config=config,
-                                               kernel=kernel).items():
-        for eqn in kernel_bisect.pallas_calls(jaxpr):
-            name = kernel_bisect.kernel_name(eqn).split(" at ")[0]
-            args = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
-            if (name, tuple(map(str, args))) in seen:
-                continue
-            seen.add((name, tuple(map(str, args))))
-            found: list[str] = []
-            fn = jax.jit(lambda *a, eqn=eqn: eqn.primitive.bind(*a, **eqn.params))
-            with _capturing_ttir(found):
-                fn.trace(*args).lower(lowering_platforms=("cuda",))
-            params = eqn.params["compiler_params"]
-            params = params.get("triton", params) if isinstance(params, dict) else params
-            rows.append(dict(phase=phase, kernel=name, ttir=found[-1],
-                             num_warps=params.num_warps, num_stages=params.num_stages))
+    rows = []
+    progs = kernel_bisect.programs(op, B, T, H, D, dtype, config=config, kernel=kernel)
+    for phase, eqn, name, _ in kernel_bisect.distinct_kernels(progs):
+        found: list[str] = []
+        fn, args = kernel_bisect.alone(eqn)
+        with _capturing_ttir(found):
+            fn.trace(*args).lower(lowering_platforms=("cuda",))
+        params = eqn.params["compiler_params"]
+        params = params.get("triton", params) if isinstance(params, dict) else params
+        rows.append(dict(phase=phase, kernel=name.split(" at ")[0], ttir=found[-1],
+                         num_warps=params.num_warps, num_stages=params.num_stages))
     return rows
 
 
@@ -92,12 +85,8 @@ def shared_bytes(ttir: str, num_warps: int, num_stages: int, arch: int = 90) -> 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--op", default="gated_delta_rule", choices=sorted(check_gpu.DELTA))
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--T", type=int, default=2048)
-    p.add_argument("--D", type=int, default=256)
-    p.add_argument("--B", type=int, default=2)
-    p.add_argument("--H", type=int, default=4)
+    kernel_bisect.case_args(p, op="gated_delta_rule", ops=check_gpu.DELTA, dtype="float32",
+                            D=256)
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--limit", type=int, default=H100_SMEM)
     a = p.parse_args(argv)
