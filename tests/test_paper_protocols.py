@@ -238,6 +238,13 @@ def test_a_run_moved_or_computed_by_another_impl_is_the_same_run(tmp_path):
     with pytest.raises(SystemExit, match="no finished cell"):
         paper_protocols.main(argv + [f"--out={tmp_path / 'here'}", "--collect",
                                      "--set=model.d_model=8"])
+    # the same number of test sequences in smaller batches is the same run; fewer is not
+    cut = lambda rows, n: [f"--set=eval.batch_size={rows}", f"--set=eval.batches={n}"]  # noqa: E731
+    (row,) = paper_protocols.main(argv + [f"--out={tmp_path / 'here'}", "--collect",
+                                          *cut(2, 2)])["cells"]
+    assert row["accuracy"] == there["cells"][0]["accuracy"]
+    with pytest.raises(SystemExit, match="no finished cell"):
+        paper_protocols.main(argv + [f"--out={tmp_path / 'here'}", "--collect", *cut(2, 1)])
 
 
 def test_a_shorter_cut_keeps_the_earlier_one_that_got_further(tmp_path, monkeypatch):

@@ -90,8 +90,8 @@ def case_args(p, *, op, ops, dtype, D) -> None:
 def programs(op, B, T, H, D, dtype, config=None, kernel=None) -> dict:
     """The op's primal and gradient programs as jaxprs, on check_gpu's inputs. `kernel` (a
     backend, delta-rule ops only): that kernel's entry called directly, past the registry's
-    `accepts`, to bisect a kernel its op declines at these shapes (gated_delta_rule's Triton
-    kernels past K = 128)."""
+    `accepts` and its choice, to bisect a kernel the op would not pick or declines at these
+    shapes (gated_delta_rule's Triton kernels at K = 256, where they once failed at launch)."""
     rng = np.random.default_rng(0)
     f = lambda *s: jnp.asarray(rng.standard_normal(s), dtype)          # noqa: E731
     x = dict(q=f(B, T, H, D), k=f(B, T, H, D), v=f(B, T, H, D),

@@ -34,6 +34,18 @@ from linear_jax.kernels.gpu import common
 from linear_jax.kernels.gpu.common import F32, Chunk
 
 
+def row_stages(stages: int, Kp: int) -> int:
+    """Pipeline stages for a pass that loads whole [C, Kp] rows (the delta passes' k, W and q, the
+    one-pass forward's q and k): 1 past Kp = 128, else `stages`.
+
+    Triton's pipelining (stages > 1) keeps each loop load's buffer twice in shared memory. Compiled
+    for sm_90 from a CPU (`experiments/benchmarks/kernel_smem.py`, Triton 3.9, K = V = 256,
+    float32), with 2 stages Gated DeltaNet's reverse state pass asked 272,148 B at B 2 H 4 (280,596
+    B on an H100, session 26) and its one-pass forward 239,892 B at T 128, B 1 H 1, where the
+    H100 gives a block 232,448; with 1 stage, 139,264 B and 131,080 B."""
+    return 1 if Kp > 128 else stages
+
+
 def sequential(ctx, step, *, ins, carry, outs, grid, N, reverse, warps, stages, name):
     """Walks the chunks in order (reverse: backwards) with `step(n, carry, in_refs, out_refs, pids)
     -> carry` over float32 state tiles (pids: the program ids, read outside the loop, where
@@ -136,12 +148,7 @@ def state_pass(ctx, x, y, G, doc, S0, *, reverse, scale=1.0, state_dtype, k=None
             ins.append((A, common.spec(H, Tp, C)))
         outs.append((jax.ShapeDtypeStruct((B, Tp, H, Vp), y_dtype), ys))
     family = "delta" if delta else "decay"
-    # Triton's pipelining (stages > 1) keeps each loop load's buffer twice in shared memory, and
-    # the delta passes load whole [C, Kp] rows of k, W (and q): past Kp = 128 they go unpipelined.
-    # Compiled for sm_90 from this CPU (`experiments/benchmarks/kernel_smem.py`, Triton 3.9, K = V
-    # = 256, float32, B 2 H 4): Gated DeltaNet's reverse pass asked 272,148 B with 2 stages (the
-    # H100 has 232,448; on the device it asked 280,596 B, session 26) and 139,264 B with 1.
-    stages = 1 if delta and Kp > 128 else cfg.stages_state
+    stages = row_stages(cfg.stages_state, Kp) if delta else cfg.stages_state
     return sequential(ctx, _step(ctx, reverse=reverse, delta=delta, scale=scale), ins=ins,
                       carry=[(S0, st)], outs=outs, grid=grid, N=N, reverse=reverse,
                       warps=cfg.warps_state, stages=stages,

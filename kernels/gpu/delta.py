@@ -83,24 +83,6 @@ def _core(ctx: Ctx, scale: float):
     return common.custom_vjp(fwd, bwd)
 
 
-def accepts_gated(q, k, v, *rest) -> str | None:
-    """Whether the Triton kernels take Gated DeltaNet at these widths (None) or why not: K and V
-    at most 128. Past that, with the scalar gate, the backward did not launch on an H100: the
-    reverse state pass (`chunk_state`, delta_state_bwd) asked 238,596 bytes of shared memory at
-    MQAR's shapes and 280,596 at check_gpu's (K = V = 256, float32), where 232,448 are available
-    (sessions 25 and 26, `benchmarks/NOTES.md`); without the gate (delta_rule) it fits and
-    passes. Since session 26 the delta passes run unpipelined past K = 128 (`chunk_state`):
-    compiled for sm_90 on a CPU (`experiments/benchmarks/kernel_smem.py`) every kernel then asks
-    at most 147,456 bytes at K = V = 256. Not yet run on a GPU: until it is, the registry asks
-    this first, so "auto" takes the chunk form there."""
-    K, V = q.shape[-1], v.shape[-1]
-    if K > 128 or V > 128:
-        return (f"the Triton kernels take gated_delta_rule with K and V of at most 128 (past it "
-                f"their backward needed more shared memory than a GPU has), got K={K}, V={V}; "
-                f"use impl='chunk'")
-    return None
-
-
 def delta(q, k, v, g, beta, *, scale, initial_state, segment_ids, chunk_size, config=None):
     """The op-level entry of delta_rule (g None), gated_delta_rule (g [B, T, H]) and kda (g
     [B, T, H, K]), heads expanded, plus the kernel config (the registry always passes one; None

@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 
 from linear_jax.kernels.configs import TritonChunkConfig
 from linear_jax.kernels.gpu import common
-from linear_jax.kernels.gpu.chunk_state import gate_rows, sequential
+from linear_jax.kernels.gpu.chunk_state import gate_rows, row_stages, sequential
 from linear_jax.kernels.gpu.common import F32, Chunk
 
 
@@ -115,8 +115,9 @@ def forward(ctx, q, k, v, G, doc, S0, *, scale, A=None, Tm=None, beta=None, resi
                      (jax.ShapeDtypeStruct((B, Tp, H, Kp), common.half_dtype(cd)), seq(Kp))]
     kind = {"none": "delta", "scalar": "gated_delta", "vector": "kda"}[ctx.kind] if delta else (
         ctx.kind)
+    stages = row_stages(cfg.stages_fused, Kp) if delta else cfg.stages_fused
     o, *res, S = sequential(ctx, step, ins=ins, carry=[(S0, common.state_spec(H, Kp, BV, v=0))],
                             outs=outs, grid=(B * H, Vp // BV), N=N, reverse=False,
-                            warps=cfg.warps_fused, stages=cfg.stages_fused,
+                            warps=cfg.warps_fused, stages=stages,
                             name=f"{kind}_fused_fwd")
     return (o, S, *res)

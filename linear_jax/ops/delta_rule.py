@@ -27,8 +27,6 @@ below, called as `fn(q, k, v, g, beta, ...)` with heads expanded and g None for 
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 
@@ -112,14 +110,9 @@ _KERNELS = (registry.Kernel("mosaic_gpu", "linear_jax.kernels.gpu.hopper.delta:d
 registry.register(registry.OpRecord(
     "delta_rule", reference=delta_rule_recurrent, chunk=delta_rule_chunk, kernels=_KERNELS,
     seq_parallel="linear_jax.parallel.delta:delta_rule"))
-# the same kernels, but the Triton ones decline K or V past 128 with the gate (`accepts_gated`)
-_GATED_KERNELS = (_KERNELS[0],
-                  dataclasses.replace(_KERNELS[1],
-                                      accepts="linear_jax.kernels.gpu.delta:accepts_gated"),
-                  _KERNELS[2])
 registry.register(registry.OpRecord(
     "gated_delta_rule", reference=delta_rule_recurrent, chunk=delta_rule_chunk,
-    kernels=_GATED_KERNELS,
+    kernels=_KERNELS,
     seq_parallel="linear_jax.parallel.delta:gated_delta_rule"))
 
 
