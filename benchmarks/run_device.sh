@@ -194,17 +194,23 @@ for s in "$@"; do case $s in
         (cd /tmp/mqar && find . -name '*.json' -o -name '*.png' -o -name '*.jsonl' | grep -v checkpoints \
           | tar cf - -T - | (mkdir -p $LOGS/mqar && cd $LOGS/mqar && tar xf -)) ;;
   protocols|protorun)
-    # Default: the DeltaProduct grid (S3 and S5, n_h 1-4, 5000 steps of 128, 3 seeds vmapped),
-    # one cell per job, 4 at a time, the S5 cells first (the state-tracking columns are done:
-    # experiments/results/protocols/state_tracking/). Measured (wall time per job, compiles
+    # Default: the cells left (session 27): DeltaProduct S5 n_h = 3 (its 512-token evaluation in
+    # batches of 32: 128 rows asked 8.1 GiB at n_h = 4), selective copying with Mamba to its 4000
+    # steps, MQAR attention d256 to 25,000 (one lr) and Gated DeltaNet d512 through "auto" (the
+    # Triton kernels at head width 256), 4 at a time. Measured (wall time per job, compiles
     # included): state tracking with 4 processes on an H200 (session 22), the Mamba cells 470-520
     # s (0.3 of the memory each: Mamba with eigenvalues in [-1, 1] scans E N = 4096 channels per
     # layer, `Mamba.signed_scan`), DeltaNet 313-323 s, mLSTM 221 s, the Transformer 171 s; with 7
     # processes on an H100 (session 26) the Mamba cells reached 4000 of 5000 steps in ~1050 s.
-    # DeltaProduct S3 with 4 processes on an H100 (session 23): 2000-4000 steps in 235 s. Hence
-    # PROTO_S 540 (the device's 600 s per call less the setup). protorun: the same scheduler as
-    # protobg launches it (into PROTO_OUT, logs in PROTO_LOGDIR as <PROTO_NAME>i).
-    jobs=$(printf 'deltaproduct|%s\n' s5-nh4 s5-nh3 s5-nh2 s5-nh1 s3-nh4 s3-nh3 s3-nh2 s3-nh1)
+    # DeltaProduct with 3 processes on an H100 (session 27): 5000 steps in 313-343 s; MQAR
+    # attention d64 / d128 with 7: 25,000 steps in 1019 / 1102 s. Hence PROTO_S 540 (the
+    # device's 600 s per call less the setup) cuts the long cells: run them under protobg.
+    # protorun: the same scheduler as protobg launches it (into PROTO_OUT, logs in PROTO_LOGDIR
+    # as <PROTO_NAME>i).
+    jobs="deltaproduct|s5-nh3|--set=eval.batch_size=32 --set=eval.batches=16|10G|float32
+mamba_synthetic|selective_copy-mamba||8G|float32
+mqar|^attention-d256-T256|--lrs=0.0022|7G|tensorfloat32
+mqar|^gated_deltanet-d512-T256|--lrs=0.0022 --set=model.impl=auto|20G|tensorfloat32"
     fast_flags
     ( export XLA_FLAGS=$FAST_FLAGS
       out=${PROTO_OUT:-experiments/results/protocols}; plogs=${PROTO_LOGDIR:-$LOGS}; pn=${PROTO_NAME:-proto}
