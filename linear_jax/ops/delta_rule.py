@@ -104,7 +104,8 @@ _KERNELS = (registry.Kernel("mosaic_gpu", "linear_jax.kernels.gpu.hopper.delta:d
                             min_capability=(9, 0), max_capability=(9, 0),
                             accepts="linear_jax.kernels.gpu.hopper.common:accepts"),
             registry.Kernel("triton", "linear_jax.kernels.gpu.delta:delta",
-                            "linear_jax.kernels.configs:TritonChunkConfig"),
+                            "linear_jax.kernels.configs:TritonChunkConfig",
+                            accepts="linear_jax.kernels.gpu.delta:accepts"),
             registry.Kernel("tpu", "linear_jax.kernels.tpu.delta_rule:delta_rule",
                             "linear_jax.kernels.configs:TpuConfig"))
 registry.register(registry.OpRecord(

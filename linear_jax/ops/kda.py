@@ -56,7 +56,8 @@ registry.register(registry.OpRecord(
     # check_gpu's full grid passes (H200 sessions 8 and 11, H100 session 17) and the kernels beat
     # the chunk form 5x forward and 13x fwd+bwd at T = 2048 on an H100 (benchmarks/NOTES.md)
     kernels=(registry.Kernel("triton", "linear_jax.kernels.gpu.delta:delta",
-                             "linear_jax.kernels.configs:TritonChunkConfig"),),
+                             "linear_jax.kernels.configs:TritonChunkConfig",
+                             accepts="linear_jax.kernels.gpu.delta:accepts"),),
     seq_parallel="linear_jax.parallel.rank_one:kda"))
 
 

@@ -206,10 +206,11 @@ def test_kernels_decline_inputs_and_checked_kernels_come_first(on, monkeypatch):
     assert registry.resolve("fake2", "pallas:mosaic_gpu", 8, args=(bf16,)).is_kernel
 
 
-def test_gated_delta_rule_past_128_takes_the_triton_kernels_on_a_gpu(on):
+def test_delta_rule_ops_take_the_triton_kernels_to_256_on_a_gpu(on):
     """Gated DeltaNet at K = V = 256 goes to the Triton kernels on a GPU as the gate-free delta
     rule does: their delta passes run unpipelined past K = 128 (`chunk_state.row_stages`), which
-    brought the backward under an H100's shared memory (run there vmapped at MQAR's d512)."""
+    brought the backward under an H100's shared memory (run there vmapped at MQAR's d512). Past
+    256 they decline (`kernels/gpu/delta.py:accepts`)."""
     on("gpu", (9, 0))
     arrays = lambda d, dt=jnp.bfloat16: (jnp.zeros((1, 8, 1, d), dt),) * 3
     for op in ("gated_delta_rule", "delta_rule"):
@@ -218,6 +219,11 @@ def test_gated_delta_rule_past_128_takes_the_triton_kernels_on_a_gpu(on):
                                 args=arrays(256, jnp.float32)).impl == "pallas:triton"
     assert registry.resolve("gated_delta_rule", "auto", 64, args=arrays(128)).impl == \
         "pallas:mosaic_gpu"
+    # past 256 every delta-rule op's Triton kernels decline: their key rows outgrow shared memory
+    for op in ("gated_delta_rule", "delta_rule", "kda"):
+        assert registry.resolve(op, "auto", 64, args=arrays(512)).impl == "chunk"
+        with pytest.raises(ValueError, match=rf"{op}: impl='pallas:triton'.*K=512, V=512"):
+            registry.resolve(op, "pallas:triton", 64, args=arrays(512))
 
 
 def test_records_are_checked():
