@@ -254,7 +254,7 @@ def test_kernel_bisect_finds_and_compiles_every_kernel_of_kda():
     kernel_bisect.compile_alone(eqn)
 
 
-def test_kernel_bisect_reaches_a_kernel_its_op_declines():
+def test_kernel_bisect_calls_a_delta_kernel_past_the_registry():
     """--kernel calls a delta-rule op's Triton kernels directly, past the registry's choice:
     gated_delta_rule at K = V = 256 yields their programs to bisect."""
     from experiments.benchmarks import kernel_bisect

@@ -35,8 +35,9 @@ from linear_jax.kernels.gpu.common import F32, Chunk
 
 
 def row_stages(stages: int, Kp: int) -> int:
-    """Pipeline stages for a pass that loads whole [C, Kp] rows (the delta passes' k, W and q, the
-    one-pass forward's q and k): 1 past Kp = 128, else `stages`.
+    """Pipeline stages for a delta-rule pass that loads whole [C, Kp] rows (the state passes' k, W
+    and q; the one-pass forward's q, k and W): 1 past Kp = 128, else `stages`. The decay family's
+    one-pass forward also loads whole q and k rows but keeps its stages: not measured past 128.
 
     Triton's pipelining (stages > 1) keeps each loop load's buffer twice in shared memory. Compiled
     for sm_90 from a CPU (`experiments/benchmarks/kernel_smem.py`, Triton 3.9, K = V = 256,
