@@ -375,20 +375,24 @@ def test_vmap_check_compares_auto_with_the_chunk_form_and_can_fail(tmp_path, mon
 
 def test_kernel_smem_captures_each_kernel_and_its_stages():
     """kernel_smem lowers each Triton kernel of an op to Triton IR on the CPU, with the warps and
-    stages it was given: the delta passes and the one-pass forward go unpipelined (1 stage) past
-    K = 128, where two stages asked more shared memory than an H100 has, and keep the configured
-    stages up to 128."""
+    stages it was given: the delta passes and every one-pass forward (gla's too) go unpipelined
+    (1 stage) past K = 128, where two stages asked more shared memory than an H100 has, and keep
+    the configured stages up to 128; the decay family's state passes keep theirs at 256."""
     from experiments.benchmarks import kernel_smem
 
-    def stages(D):
-        rows = kernel_smem.kernels("gated_delta_rule", 1, 32, 1, D, jnp.float32)
+    def stages(op, D):
+        rows = kernel_smem.kernels(op, 1, 32, 1, D, jnp.float32)
         assert all(r["ttir"].startswith("module") and "tt.func" in r["ttir"] for r in rows)
         return {r["kernel"]: r["num_stages"] for r in rows}
 
-    wide, narrow = stages(256), stages(64)
+    cfg = TritonChunkConfig()
+    assert min(cfg.stages_state, cfg.stages_fused) > 1
+    wide, narrow = stages("gated_delta_rule", 256), stages("gated_delta_rule", 64)
     passes = ("delta_state_fwd", "delta_state_bwd", "gated_delta_fused_fwd")
     assert {*passes, "delta_backward_wy"} <= set(wide)
-    cfg = TritonChunkConfig()
     assert [wide[p] for p in passes] == [1, 1, 1]
     assert [narrow[p] for p in passes] == [cfg.stages_state] * 2 + [cfg.stages_fused]
-    assert min(cfg.stages_state, cfg.stages_fused) > 1
+    wide, narrow = stages("gla", 256), stages("gla", 64)
+    passes = ("vector_fused_fwd", "decay_state_fwd", "decay_state_bwd")
+    assert [wide[p] for p in passes] == [1, cfg.stages_state, cfg.stages_state]
+    assert [narrow[p] for p in passes] == [cfg.stages_fused] + [cfg.stages_state] * 2

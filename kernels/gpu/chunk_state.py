@@ -35,15 +35,16 @@ from linear_jax.kernels.gpu.common import F32, Chunk
 
 
 def row_stages(stages: int, Kp: int) -> int:
-    """Pipeline stages for a delta-rule pass that loads whole [C, Kp] rows (the state passes' k, W
-    and q; the one-pass forward's q, k and W): 1 past Kp = 128, else `stages`. The decay family's
-    one-pass forward also loads whole q and k rows but keeps its stages: not measured past 128.
+    """Pipeline stages for a pass that loads whole [C, Kp] rows (the delta state passes' k, W and
+    q; every one-pass forward's q and k, and W in the delta rule's): 1 past Kp = 128, else `stages`.
 
     Triton's pipelining (stages > 1) keeps each loop load's buffer twice in shared memory. Compiled
     for sm_90 from a CPU (`experiments/benchmarks/kernel_smem.py`, Triton 3.9, K = V = 256,
     float32), with 2 stages Gated DeltaNet's reverse state pass asked 272,148 B at B 2 H 4 (280,596
-    B on an H100, session 26) and its one-pass forward 239,892 B at T 128, B 1 H 1, where the
-    H100 gives a block 232,448; with 1 stage, 139,264 B and 131,080 B."""
+    B on an H100, session 26), its one-pass forward 239,892 B and gla's 284,420 B at T 128, B 1
+    H 1, where the H100 gives a block 232,448; with 1 stage, 139,264, 131,080 and 86,016 B.
+    simple_gla's one-pass forward, 218,900 B with 2 stages (131,080 with 1), was under by less
+    than the device's Triton adds (8,448 B more on the H100 than here in session 26)."""
     return 1 if Kp > 128 else stages
 
 
