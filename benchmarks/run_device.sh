@@ -194,23 +194,33 @@ for s in "$@"; do case $s in
         (cd /tmp/mqar && find . -name '*.json' -o -name '*.png' -o -name '*.jsonl' | grep -v checkpoints \
           | tar cf - -T - | (mkdir -p $LOGS/mqar && cd $LOGS/mqar && tar xf -)) ;;
   protocols|protorun)
-    # Default: the cells left (session 27): DeltaProduct S5 n_h = 3 (its 512-token evaluation in
-    # batches of 32: 128 rows asked 8.1 GiB at n_h = 4), selective copying with Mamba to its 4000
-    # steps, MQAR attention d256 to 25,000 (one lr) and Gated DeltaNet d512 through "auto" (the
-    # Triton kernels at head width 256), 4 at a time. Measured (wall time per job, compiles
-    # included): state tracking with 4 processes on an H200 (session 22), the Mamba cells 470-520
-    # s (0.3 of the memory each: Mamba with eigenvalues in [-1, 1] scans E N = 4096 channels per
-    # layer, `Mamba.signed_scan`), DeltaNet 313-323 s, mLSTM 221 s, the Transformer 171 s; with 7
-    # processes on an H100 (session 26) the Mamba cells reached 4000 of 5000 steps in ~1050 s.
-    # DeltaProduct with 3 processes on an H100 (session 27): 5000 steps in 313-343 s; MQAR
-    # attention d64 / d128 with 7: 25,000 steps in 1019 / 1102 s. Hence PROTO_S 540 (the
-    # device's 600 s per call less the setup) cuts the long cells: run them under protobg.
+    # Default: the cells left (session 28): Gated DeltaNet d512 through "auto" with 50 GiB (its
+    # train step asked 43.7 GiB and ran out of memory in a 20 GiB share), MQAR attention
+    # d256 to 25,000 steps (one lr), linear attention d128 / d256 through "auto" (the Triton
+    # kernels: 4x the chunk form vmapped), the 512-token cells cut early (DeltaNet and Gated
+    # DeltaNet d64, GLA d128), DeltaProduct S5 n_h = 3 (its 512-token evaluation in batches of
+    # 32: 128 rows asked 8.1 GiB at n_h = 4) and selective copying with Mamba to its 4000 steps.
+    # Measured (wall time per job, compiles included): state tracking with 4 processes on an H200
+    # (session 22), the Mamba cells 470-520 s (0.3 of the memory each: Mamba with eigenvalues in
+    # [-1, 1] scans E N = 4096 channels per layer, `Mamba.signed_scan`), DeltaNet 313-323 s, mLSTM
+    # 221 s, the Transformer 171 s; with 7 processes on an H100 (session 26) the Mamba cells
+    # reached 4000 of 5000 steps in ~1050 s. DeltaProduct with 3 processes on an H100 (session
+    # 27): 5000 steps in 313-343 s; MQAR attention d64 / d128 with 7: 25,000 steps in 1019 / 1102
+    # s; MQAR at 512 tokens through "auto" with 4 (session 28): DeltaNet / Gated DeltaNet d128 to
+    # their early stop at 1,500 steps in 80 / 102 s, GLA d128 27,000 steps in 505 s. Hence PROTO_S
+    # 540 (the device's 600 s per call less the setup) cuts the long cells: run them under protobg.
     # protorun: the same scheduler as protobg launches it (into PROTO_OUT, logs in PROTO_LOGDIR
     # as <PROTO_NAME>i).
-    jobs="deltaproduct|s5-nh3|--set=eval.batch_size=32 --set=eval.batches=16|10G|float32
-mamba_synthetic|selective_copy-mamba||8G|float32
+    A="--lrs=0.0022 --set=model.impl=auto"
+    jobs="mqar|^gated_deltanet-d512-T256|$A|50G|tensorfloat32
 mqar|^attention-d256-T256|--lrs=0.0022|7G|tensorfloat32
-mqar|^gated_deltanet-d512-T256|--lrs=0.0022 --set=model.impl=auto|20G|tensorfloat32"
+mqar|^linear_attention-d128-T256|$A|6G|tensorfloat32
+mqar|^linear_attention-d256-T256|$A|7G|tensorfloat32
+mqar|^deltanet-d64-T512|$A|5G|tensorfloat32
+mqar|^gated_deltanet-d64-T512|$A|8G|tensorfloat32
+mqar|^gla-d128-T512|$A|7G|tensorfloat32
+deltaproduct|s5-nh3|--set=eval.batch_size=32 --set=eval.batches=16|10G|float32
+mamba_synthetic|selective_copy-mamba||8G|float32"
     fast_flags
     ( export XLA_FLAGS=$FAST_FLAGS
       out=${PROTO_OUT:-experiments/results/protocols}; plogs=${PROTO_LOGDIR:-$LOGS}; pn=${PROTO_NAME:-proto}
