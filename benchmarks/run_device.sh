@@ -9,6 +9,12 @@
 #   check     check_gpu, the full grid (every kernel vs the float32 reference, fwd + bwd; CHECK_ARGS:
 #             its flags, e.g. "--ops gated_delta_rule --widths 256")
 #   quick     check_gpu --quick (T=100 fp32 D=64 and T=2048 bf16 D=128)
+#   checksplit  check_gpu's grid as one process per (op of CHECK_OPS, case), all at once, each cut
+#             at CHECK_S (default 420) s with CHECKS_MEM (default 0.1) of the memory, under FAST_XLA
+#             (below: the kernels are Pallas calls, untouched; the reference's dots go to cuBLAS
+#             unautotuned) at CHECK_WIDTHS (default 256); JSON check_gpu_<device>_split_<op>_<T>_
+#             <dtype>.json. At K = 256 one case took 127-184 s in one process beside other jobs
+#             (sessions 27, 28), so the serial grid of two ops does not fit a call
 #   ops       ops_gpu: the four chunk ops, impl=pallas, T in {2048, 8192, 32768}, profiled
 #   sweep     ops_gpu tilings at T=2048
 #   opskda    ops_gpu --ops kda: KDA's Triton kernels against its chunk form (what its "auto" waits for)
@@ -73,7 +79,7 @@
 #             TP_FAST_COMPILE=1 also under FAST_XLA below (off by default: its tokens/s would then
 #             not compare with the runs before)
 #   s5        S5 state tracking with DeltaProduct (S5_ARGS: extra --config flags) -> logs/s5
-# FAST_XLA: the mqar, protocols and s5 steps (small models, compile-bound) add
+# FAST_XLA: the mqar, protocols and s5 steps (small models, compile-bound) and checksplit add
 #   --xla_gpu_autotune_level=0 --xla_gpu_enable_triton_gemm=false to XLA_FLAGS: no autotuning and
 #   cuBLAS for every dot. In the 10-process protocols run (jax 0.11.2, 16 cores) single Triton GEMM
 #   fusions ("gemm_fusion_dot.*", autotuned) took 2m38s-3m21s each to compile. FAST_COMPILE=0
@@ -133,6 +139,18 @@ for s in "$@"; do case $s in
        step anchors 60 python3 -m experiments.benchmarks.anchors $LOGS/jla.json ;;   # read by the steps after
   check) step check "${CHECK_S:-420}" python3 -m experiments.benchmarks.check_gpu ${CHECK_ARGS:-} ;;
   quick) step quick "${CHECK_S:-150}" python3 -m experiments.benchmarks.check_gpu --quick ;;
+  checksplit)
+    fast_flags
+    ( export XLA_FLAGS=$FAST_FLAGS XLA_PYTHON_CLIENT_MEM_FRACTION=${CHECKS_MEM:-0.1}
+      echo "== checksplit ($(date +%T))"
+      for op in ${CHECK_OPS:-gated_delta_rule gla}; do
+        for c in 100:float32 2048:float32 8192:float32 2048:bfloat16; do t=${c%:*} dt=${c#*:}
+          RESULTS_TAG=split_${op}_${t}_$dt pstep check_${op}_${t}_$dt "${CHECK_S:-420}" \
+            python3 -m experiments.benchmarks.check_gpu --ops $op --widths ${CHECK_WIDTHS:-256} \
+            --lengths $t --dtypes $dt
+        done; done; wait )
+    for f in $LOGS/check_*_*.log; do [ -f "$f" ] || continue
+      echo "== ${f##*/} rc=$(cat ${f%.log}.rc) ($(date +%T))"; tail -n 2 "$f"; done ;;
   ops) TAIL=120 step ops "${OPS_S:-420}" python3 -m experiments.benchmarks.ops_gpu --impls pallas --profile \
          --reps "${REPS:-20}" --tag "$TAG" ;;
   opskda) TAIL=20 step opskda "${OPS_S:-240}" python3 -m experiments.benchmarks.ops_gpu --ops kda \

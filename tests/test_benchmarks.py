@@ -396,3 +396,16 @@ def test_kernel_smem_captures_each_kernel_and_its_stages():
     passes = ("vector_fused_fwd", "decay_state_fwd", "decay_state_bwd")
     assert [wide[p] for p in passes] == [1, cfg.stages_state, cfg.stages_state]
     assert [narrow[p] for p in passes] == [cfg.stages_fused] + [cfg.stages_state] * 2
+
+
+def test_check_gpu_cases_split_by_length_and_dtype():
+    """check_gpu's grid, cut by --lengths and --dtypes so that one process per case can run."""
+    from experiments.benchmarks import check_gpu
+
+    full = check_gpu.cases([256], ["float32", "bfloat16"], [100, 2048, 8192])
+    assert full == [(100, 256, "float32"), (2048, 256, "float32"), (8192, 256, "float32"),
+                    (2048, 256, "bfloat16")]
+    assert check_gpu.cases([256], ["bfloat16"], [100, 2048, 8192]) == [(2048, 256, "bfloat16")]
+    assert check_gpu.cases([256], ["float32", "bfloat16"], [8192]) == [(8192, 256, "float32")]
+    assert check_gpu.cases([64, 128], ["float32"], [100]) == [(100, 64, "float32"),
+                                                              (100, 128, "float32")]

@@ -85,18 +85,27 @@ def case(op, B, T, H, D, dtype, seed, ref_impl):
     return errs
 
 
+def cases(widths, dtypes, lengths, quick=False) -> list[tuple[int, int, str]]:
+    """The grid's (T, K = V, dtype) cases: float32 at every T, bf16 at T = 2048, each width;
+    --quick two of them; only the dtypes and lengths asked for."""
+    grid = [(T, D, "float32") for T in (100, 2048, 8192) for D in widths]
+    grid += [(2048, D, "bfloat16") for D in widths]
+    if quick:
+        grid = [(100, 64, "float32"), (2048, 128, "bfloat16")]
+    return [c for c in grid if c[2] in dtypes and c[0] in lengths]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--ops", nargs="+", default=list(OPS))
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--widths", type=int, nargs="+", default=[64, 128], help="K = V of the grid")
+    p.add_argument("--lengths", type=int, nargs="+", default=[100, 2048, 8192],
+                   help="the grid's T values kept (bf16 runs at 2048 only): one process per "
+                        "case splits a slow grid across the host's cores")
     a = p.parse_args(argv)
-    grid = [(T, D, "float32") for T in (100, 2048, 8192) for D in a.widths]
-    grid += [(2048, D, "bfloat16") for D in a.widths]
-    if a.quick:
-        grid = [(100, 64, "float32"), (2048, 128, "bfloat16")]
-    grid = [c for c in grid if c[2] in a.dtypes]
+    grid = cases(a.widths, a.dtypes, a.lengths, a.quick)
     rows, bad, seed = [], 0, 0
     dev = jax.devices()[0].device_kind.replace(" ", "_")
     save = lambda: common.write_json(f"check_gpu_{dev}.json", rows, failures=bad, tolerances=TOL)
