@@ -212,8 +212,9 @@ for s in "$@"; do case $s in
         (cd /tmp/mqar && find . -name '*.json' -o -name '*.png' -o -name '*.jsonl' | grep -v checkpoints \
           | tar cf - -T - | (mkdir -p $LOGS/mqar && cd $LOGS/mqar && tar xf -)) ;;
   protocols|protorun)
-    # Default: the cells left (session 28): Gated DeltaNet d512 through "auto" with 50 GiB (its
-    # train step asked 43.7 GiB and ran out of memory in a 20 GiB share), MQAR attention
+    # Default: the cells left (session 28): Gated DeltaNet d512 with 50 GiB (its value heads, 512
+    # wide, are past the Triton kernels' 256, so "auto" is the chunk form, whose train step asked
+    # 43.7 GiB and ran out of memory in a 20 GiB share), MQAR attention
     # d256 to 25,000 steps (one lr), linear attention d128 / d256 through "auto" (the Triton
     # kernels: 4x the chunk form vmapped), the 512-token cells cut early (DeltaNet and Gated
     # DeltaNet d64, GLA d128), DeltaProduct S5 n_h = 3 (its 512-token evaluation in batches of

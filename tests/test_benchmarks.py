@@ -256,14 +256,16 @@ def test_kernel_bisect_finds_and_compiles_every_kernel_of_kda():
 
 def test_kernel_bisect_calls_a_delta_kernel_past_the_registry():
     """--kernel calls a delta-rule op's Triton kernels directly, past the registry's choice:
-    gated_delta_rule at K = V = 256 yields their programs to bisect."""
+    gated_delta_rule at K = 256, V = 512 (the Gated DeltaNet layer's heads at d_model 512), which
+    the registry declines, yields their programs to bisect, on values 512 wide."""
     from experiments.benchmarks import kernel_bisect
 
     progs = kernel_bisect.programs("gated_delta_rule", 1, 32, 1, 256, jnp.bfloat16,
-                                   kernel="triton")
-    names = {kernel_bisect.kernel_name(e).split(" at ")[0]
-             for e in kernel_bisect.pallas_calls(progs["grad"])}
+                                   kernel="triton", V=512)
+    calls = kernel_bisect.pallas_calls(progs["grad"])
+    names = {kernel_bisect.kernel_name(e).split(" at ")[0] for e in calls}
     assert {"delta_backward_states", "delta_backward_wy"} <= names
+    assert any(v.aval.shape[-1] == 512 for e in calls for v in e.invars)
     with pytest.raises(ValueError, match="delta-rule ops"):
         kernel_bisect.programs("gla", 1, 32, 1, 64, jnp.bfloat16, kernel="triton")
 

@@ -82,20 +82,23 @@ def case_args(p, *, op, ops, dtype, D) -> None:
     p.add_argument("--op", default=op, choices=sorted(ops))
     p.add_argument("--dtype", default=dtype)
     p.add_argument("--T", type=int, default=2048)
-    p.add_argument("--D", type=int, default=D)
+    p.add_argument("--D", type=int, default=D, help="K (and V unless --V)")
+    p.add_argument("--V", type=int, default=None, help="the value width, if not D")
     p.add_argument("--B", type=int, default=2)
     p.add_argument("--H", type=int, default=4)
 
 
-def programs(op, B, T, H, D, dtype, config=None, kernel=None) -> dict:
-    """The op's primal and gradient programs as jaxprs, on check_gpu's inputs. `kernel` (a
+def programs(op, B, T, H, D, dtype, config=None, kernel=None, V=None) -> dict:
+    """The op's primal and gradient programs as jaxprs, on check_gpu's inputs (K = D, V = `V`,
+    default D: Gated DeltaNet's layer has V = 2 K). `kernel` (a
     backend, delta-rule ops only): that kernel's entry called directly, past the registry's
     `accepts` and its choice, to bisect a kernel the op would not pick or declines at these
     shapes (gated_delta_rule's Triton kernels at K = 256, where they once failed at launch)."""
     rng = np.random.default_rng(0)
     f = lambda *s: jnp.asarray(rng.standard_normal(s), dtype)          # noqa: E731
-    x = dict(q=f(B, T, H, D), k=f(B, T, H, D), v=f(B, T, H, D),
-             S0=jnp.zeros((B, H, D, D), jnp.float32))
+    V = V or D
+    x = dict(q=f(B, T, H, D), k=f(B, T, H, D), v=f(B, T, H, V),
+             S0=jnp.zeros((B, H, D, V), jnp.float32))
     gate = {"simple_gla": (B, T, H), "gla": (B, T, H, D), "gated_delta_rule": (B, T, H),
             "kda": (B, T, H, D)}.get(op)
     if gate is not None:
@@ -141,7 +144,7 @@ def main(argv=None) -> int:
     dev = jax.devices()[0]
     print("device", dev.device_kind, "jax", jax.__version__)
     rows = []
-    progs = programs(a.op, a.B, a.T, a.H, a.D, getattr(jnp, a.dtype), kernel=a.kernel)
+    progs = programs(a.op, a.B, a.T, a.H, a.D, getattr(jnp, a.dtype), kernel=a.kernel, V=a.V)
     for phase, eqn, name, shapes in distinct_kernels(progs):
         t0 = time.perf_counter()
         try:

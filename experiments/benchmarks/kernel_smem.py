@@ -51,7 +51,7 @@ def _capturing_ttir(found: list):
         registration.lowering.lower_jaxpr_to_triton_module = lower
 
 
-def kernels(op, B, T, H, D, dtype) -> list[dict]:
+def kernels(op, B, T, H, D, dtype, V=None) -> list[dict]:
     """Every distinct Triton kernel of the op's primal and gradient: phase, name, its Triton IR
     (text) and the num_warps / num_stages it was given."""
     config = TritonChunkConfig(interpret=False)        # the compiled lowering, also on a CPU
@@ -59,7 +59,7 @@ def kernels(op, B, T, H, D, dtype) -> list[dict]:
     # the delta-rule ops' Triton kernels are called directly, past their `accepts`, to measure
     # the widths those decline; the other ops reach theirs through impl="pallas" with this config
     kernel = "triton" if op in check_gpu.DELTA else None
-    progs = kernel_bisect.programs(op, B, T, H, D, dtype, config=config, kernel=kernel)
+    progs = kernel_bisect.programs(op, B, T, H, D, dtype, config=config, kernel=kernel, V=V)
     for phase, eqn, name, _ in kernel_bisect.distinct_kernels(progs):
         found: list[str] = []
         fn, args = kernel_bisect.alone(eqn)
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--limit", type=int, default=H100_SMEM)
     a = p.parse_args(argv)
-    rows = kernels(a.op, a.B, a.T, a.H, a.D, getattr(jnp, a.dtype))
+    rows = kernels(a.op, a.B, a.T, a.H, a.D, getattr(jnp, a.dtype), V=a.V)
     for r in rows:
         r["shared"] = shared_bytes(r.pop("ttir"), r["num_warps"], r["num_stages"], a.arch)
         r["ok"] = r["shared"] <= a.limit
@@ -101,9 +101,10 @@ def main(argv=None) -> int:
               f"{r['num_warps']} stages {r['num_stages']}: {r['shared']:,} B", flush=True)
     over = sum(not r["ok"] for r in rows)
     import triton
-    path = common.write_json(f"kernel_smem_{a.op}_B{a.B}_T{a.T}_H{a.H}_D{a.D}_{a.dtype}.json",
+    wide = f"_V{a.V}" if a.V and a.V != a.D else ""
+    path = common.write_json(f"kernel_smem_{a.op}_B{a.B}_T{a.T}_H{a.H}_D{a.D}{wide}_{a.dtype}.json",
                              rows, op=a.op,
-                             B=a.B, T=a.T, H=a.H, D=a.D, dtype=a.dtype, arch=a.arch,
+                             B=a.B, T=a.T, H=a.H, D=a.D, V=a.V or a.D, dtype=a.dtype, arch=a.arch,
                              limit=a.limit, triton=triton.__version__, over=over)
     print(f"{len(rows)} kernels, {over} over {a.limit:,} B; wrote {path}")
     return 1 if over else 0
