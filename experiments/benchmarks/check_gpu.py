@@ -46,21 +46,22 @@ def rel(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def case(op, B, T, H, D, dtype, seed, ref_impl):
+def case(op, B, T, H, D, dtype, seed, ref_impl, V=None):
+    V = V or D
     rng = np.random.default_rng(seed)
     f = lambda *s: jnp.asarray(rng.standard_normal(s), dtype)
     unit = lambda x: (x / jnp.linalg.norm(x.astype(jnp.float32), axis=-1, keepdims=True)).astype(
         x.dtype)
     logsig = lambda s: jnp.asarray(-np.logaddexp(0.0, -rng.standard_normal(s) - 2.0), jnp.float32)
-    x = dict(q=f(B, T, H, D), k=unit(f(B, T, H, D)), v=f(B, T, H, D),
-             S0=jnp.asarray(rng.standard_normal((B, H, D, D)), jnp.float32))
+    x = dict(q=f(B, T, H, D), k=unit(f(B, T, H, D)), v=f(B, T, H, V),
+             S0=jnp.asarray(rng.standard_normal((B, H, D, V)), jnp.float32))
     x["g"] = {"simple_gla": logsig((B, T, H)), "gla": logsig((B, T, H, D)) / 4,
               "gated_delta_rule": logsig((B, T, H)), "kda": logsig((B, T, H, D)) / 4}.get(op)
     if op in DELTA:
         x["beta"] = jax.nn.sigmoid(jnp.asarray(rng.standard_normal((B, T, H)), jnp.float32))
     seg = jnp.asarray(np.cumsum(rng.uniform(size=(B, T)) < 1 / 300, axis=1) % 3, jnp.int32)
-    do = jnp.asarray(rng.standard_normal((B, T, H, D)), jnp.float32)
-    dS = jnp.asarray(rng.standard_normal((B, H, D, D)), jnp.float32)
+    do = jnp.asarray(rng.standard_normal((B, T, H, V)), jnp.float32)
+    dS = jnp.asarray(rng.standard_normal((B, H, D, V)), jnp.float32)
     names = [n for n in ("q", "k", "v", "g", "beta", "S0") if x.get(n) is not None]
 
     def run(impl, d, config=None):
@@ -104,6 +105,8 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=[100, 2048, 8192],
                    help="the grid's T values kept (bf16 runs at 2048 only): one process per "
                         "case splits a slow grid across the host's cores")
+    p.add_argument("--expand-v", type=float, default=1.0,
+                   help="V = expand_v K (Gated DeltaNet's layer: 2)")
     a = p.parse_args(argv)
     grid = cases(a.widths, a.dtypes, a.lengths, a.quick)
     rows, bad, seed = [], 0, 0
@@ -113,20 +116,22 @@ def main(argv=None) -> int:
         for T, D, dt in grid if op != "linear_attention" else grid[:1] + grid[-1:]:
             seed += 1
             B, H = (2, 4) if T <= 2048 else (1, 4)
+            V = int(D * a.expand_v)
             ref = "recurrent" if T <= 2048 else "chunk"
             t0 = time.perf_counter()
             try:
-                errs = case(op, B, T, H, D, getattr(jnp, dt), seed, ref)
+                errs = case(op, B, T, H, D, getattr(jnp, dt), seed, ref, V)
                 worst = max(errs.values())
                 ok = worst <= TOL[dt]
                 err = None
             except Exception as e:  # a kernel that fails to compile is a failure, reported
                 errs, worst, ok, err = {}, float("inf"), False, f"{type(e).__name__}: {e}"[:600]
             bad += not ok
-            rows.append(dict(op=op, B=B, T=T, H=H, K=D, V=D, dtype=dt, reference=ref, errors=errs,
+            rows.append(dict(op=op, B=B, T=T, H=H, K=D, V=V, dtype=dt, reference=ref, errors=errs,
                              worst=worst, tol=TOL[dt], ok=ok, error=err,
                              seconds=time.perf_counter() - t0))
-            print(f"{'ok  ' if ok else 'FAIL'} {op:<17} T={T:<5} D={D:<4} {dt:<9} vs {ref:<9} "
+            print(f"{'ok  ' if ok else 'FAIL'} {op:<17} T={T:<5} K={D:<4} V={V:<4} {dt:<9} "
+                  f"vs {ref:<9} "
                   f"worst {worst:.2e} " + " ".join(f"{k}={v:.1e}" for k, v in errs.items())
                   + (f"  {err}" if err else ""), flush=True)
             save()  # after every case: a run cut off at its time limit still leaves its rows
