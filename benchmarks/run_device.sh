@@ -13,8 +13,8 @@
 #             at CHECK_S (default 420) s with CHECKS_MEM (default 0.1) of the memory, under FAST_XLA
 #             (below: the kernels are Pallas calls, untouched; the reference's dots go to cuBLAS
 #             unautotuned) at CHECK_WIDTHS (default 256); JSON check_gpu_<device>_split_<op>_<T>_
-#             <dtype>.json; CHECK_EXTRA: more flags (e.g. "--expand-v 2": V = 2 K, Gated DeltaNet's
-#             heads). At K = 256 one case took 127-184 s in one process beside other jobs
+#             <dtype><CHECK_TAG>.json; CHECK_EXTRA: more flags (e.g. "--expand-v 2": V = 2 K, Gated
+#             DeltaNet's heads; give such a run its CHECK_TAG, e.g. _v2). At K = 256 one case took 127-184 s in one process beside other jobs
 #             (sessions 27, 28), so the serial grid of two ops does not fit a call
 #   ops       ops_gpu: the four chunk ops, impl=pallas, T in {2048, 8192, 32768}, profiled
 #   sweep     ops_gpu tilings at T=2048
@@ -146,7 +146,8 @@ for s in "$@"; do case $s in
       echo "== checksplit ($(date +%T))"
       for op in ${CHECK_OPS:-gated_delta_rule gla}; do
         for c in 100:float32 2048:float32 8192:float32 2048:bfloat16; do t=${c%:*} dt=${c#*:}
-          RESULTS_TAG=split_${op}_${t}_$dt pstep check_${op}_${t}_$dt "${CHECK_S:-420}" \
+          n=${op}_${t}_$dt${CHECK_TAG:-}
+          RESULTS_TAG=split_$n pstep check_$n "${CHECK_S:-420}" \
             python3 -m experiments.benchmarks.check_gpu --ops $op --widths ${CHECK_WIDTHS:-256} \
             --lengths $t --dtypes $dt ${CHECK_EXTRA:-}
         done; done; wait )
