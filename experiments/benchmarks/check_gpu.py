@@ -87,7 +87,7 @@ def case(op, B, T, H, D, dtype, seed, ref_impl, V=None):
 
 
 def cases(widths, dtypes, lengths, quick=False) -> list[tuple[int, int, str]]:
-    """The grid's (T, K = V, dtype) cases: float32 at every T, bf16 at T = 2048, each width;
+    """The grid's (T, K, dtype) cases: float32 at every T, bf16 at T = 2048, each width;
     --quick two of them; only the dtypes and lengths asked for."""
     grid = [(T, D, "float32") for T in (100, 2048, 8192) for D in widths]
     grid += [(2048, D, "bfloat16") for D in widths]
