@@ -210,7 +210,7 @@ def test_delta_rule_ops_take_the_triton_kernels_to_256_on_a_gpu(on):
     """Gated DeltaNet at K = V = 256 goes to the Triton kernels on a GPU as the gate-free delta
     rule does: their delta passes run unpipelined past K = 128 (`chunk_state.row_stages`), which
     brought the backward under an H100's shared memory (run there vmapped at MQAR's d512). Past
-    256 they decline (`kernels/gpu/delta.py:accepts`)."""
+    K = 256 they decline (`kernels/gpu/delta.py:accepts`); V is tiled and free."""
     on("gpu", (9, 0))
     arrays = lambda d, dt=jnp.bfloat16: (jnp.zeros((1, 8, 1, d), dt),) * 3
     for op in ("gated_delta_rule", "delta_rule"):
@@ -219,7 +219,12 @@ def test_delta_rule_ops_take_the_triton_kernels_to_256_on_a_gpu(on):
                                 args=arrays(256, jnp.float32)).impl == "pallas:triton"
     assert registry.resolve("gated_delta_rule", "auto", 64, args=arrays(128)).impl == \
         "pallas:mosaic_gpu"
-    # past 256 every delta-rule op's Triton kernels decline: their key rows outgrow shared memory
+    # values are tiled, so V past 256 is taken: Gated DeltaNet's layer at d512 has K = 256, V = 512
+    # (its check on an H100: benchmarks/results/check_gpu_*_split_gated_delta_rule_*_v2.json)
+    wide_v = (jnp.zeros((1, 8, 1, 256), jnp.float32),) * 2 + (jnp.zeros((1, 8, 1, 512)),)
+    for op in ("gated_delta_rule", "delta_rule", "kda"):
+        assert registry.resolve(op, "auto", 64, args=wide_v).impl == "pallas:triton"
+    # past K = 256 every delta-rule op's Triton kernels decline: key rows outgrow shared memory
     for op in ("gated_delta_rule", "delta_rule", "kda"):
         assert registry.resolve(op, "auto", 64, args=arrays(512)).impl == "chunk"
         with pytest.raises(ValueError, match=rf"{op}: impl='pallas:triton'.*K=512, V=512"):
