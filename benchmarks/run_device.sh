@@ -10,12 +10,17 @@
 #             its flags, e.g. "--ops gated_delta_rule --widths 256")
 #   quick     check_gpu --quick (T=100 fp32 D=64 and T=2048 bf16 D=128)
 #   checksplit  check_gpu's grid as one process per (op of CHECK_OPS, case), all at once, each cut
-#             at CHECK_S (default 420) s with CHECKS_MEM (default 0.1) of the memory, under FAST_XLA
-#             (below: the kernels are Pallas calls, untouched; the reference's dots go to cuBLAS
-#             unautotuned) at CHECK_WIDTHS (default 256); JSON check_gpu_<device>_split_<op>_<T>_
-#             <dtype><CHECK_TAG>.json; CHECK_EXTRA: more flags (e.g. "--expand-v 2": V = 2 K, Gated
-#             DeltaNet's heads; give such a run its CHECK_TAG, e.g. _v2). At K = 256 one case took 127-184 s in one process beside other jobs
-#             (sessions 27, 28), so the serial grid of two ops does not fit a call
+#             at CHECK_S (default 420) s, under FAST_XLA (below: the kernels are Pallas calls,
+#             untouched; the reference's dots go to cuBLAS unautotuned) at CHECK_WIDTHS (default
+#             256); JSON check_gpu_<device>_split_<op>_<T>_<dtype><CHECK_TAG>.json; CHECK_EXTRA: more
+#             flags (e.g. "--expand-v 2": V = 2 K, Gated DeltaNet's heads; give such a run its
+#             CHECK_TAG, e.g. _v2). CHECK_CASES: "T:dtype:memory" per case, memory as in `share`.
+#             The T = 2048 cases differentiate the lax.scan reference, whose residuals are one
+#             allocation of 17.1 GiB for Gated DeltaNet at K = V = 256 (34.1 at V = 512) and 13.1
+#             for gla (session 29, H100; 4-5 GiB shares ran out of memory): the defaults give them
+#             24G, and a V = 2 K run needs ~50G with little else on the GPU (its float32 case
+#             failed to launch a kernel at 57 GiB beside 21 GiB of other jobs). At K = 256 one case
+#             took 24-280 s beside 11 others (sessions 27-29), so the serial grid does not fit a call
 #   ops       ops_gpu: the four chunk ops, impl=pallas, T in {2048, 8192, 32768}, profiled
 #   sweep     ops_gpu tilings at T=2048
 #   opskda    ops_gpu --ops kda: KDA's Triton kernels against its chunk form (what its "auto" waits for)
@@ -142,12 +147,12 @@ for s in "$@"; do case $s in
   quick) step quick "${CHECK_S:-150}" python3 -m experiments.benchmarks.check_gpu --quick ;;
   checksplit)
     fast_flags
-    ( export XLA_FLAGS=$FAST_FLAGS XLA_PYTHON_CLIENT_MEM_FRACTION=${CHECKS_MEM:-0.1}
+    ( export XLA_FLAGS=$FAST_FLAGS
       echo "== checksplit ($(date +%T))"
       for op in ${CHECK_OPS:-gated_delta_rule gla}; do
-        for c in 100:float32 2048:float32 8192:float32 2048:bfloat16; do t=${c%:*} dt=${c#*:}
-          n=${op}_${t}_$dt${CHECK_TAG:-}
-          RESULTS_TAG=split_$n pstep check_$n "${CHECK_S:-420}" \
+        for c in ${CHECK_CASES:-100:float32:6G 2048:float32:24G 8192:float32:8G 2048:bfloat16:24G}; do
+          IFS=: read -r t dt mem <<< "$c"; n=${op}_${t}_$dt${CHECK_TAG:-}
+          XLA_PYTHON_CLIENT_MEM_FRACTION=$(share "$mem") RESULTS_TAG=split_$n pstep check_$n "${CHECK_S:-420}" \
             python3 -m experiments.benchmarks.check_gpu --ops $op --widths ${CHECK_WIDTHS:-256} \
             --lengths $t --dtypes $dt ${CHECK_EXTRA:-}
         done; done; wait )
@@ -214,13 +219,15 @@ for s in "$@"; do case $s in
         (cd /tmp/mqar && find . -name '*.json' -o -name '*.png' -o -name '*.jsonl' | grep -v checkpoints \
           | tar cf - -T - | (mkdir -p $LOGS/mqar && cd $LOGS/mqar && tar xf -)) ;;
   protocols|protorun)
-    # Default: the cells left (session 28): Gated DeltaNet d512 with 50 GiB (its value heads, 512
-    # wide, are past the Triton kernels' 256, so "auto" is the chunk form, whose train step asked
-    # 43.7 GiB and ran out of memory in a 20 GiB share), MQAR attention
-    # d256 to 25,000 steps (one lr), linear attention d128 / d256 through "auto" (the Triton
-    # kernels: 4x the chunk form vmapped), the 512-token cells cut early (DeltaNet and Gated
-    # DeltaNet d64, GLA d128), DeltaProduct S5 n_h = 3 (its 512-token evaluation in batches of
-    # 32: 128 rows asked 8.1 GiB at n_h = 4) and selective copying with Mamba to its 4000 steps.
+    # Default: the cells left (session 29): Gated DeltaNet d512 (its value heads, 512 wide, are
+    # taken by the Triton kernels since session 29's check; its chunk form asked 43.7 GiB), GLA
+    # d512 through "auto" (gla's Triton kernels at K = 256 passed the same check), linear attention
+    # d128 / d256 and Mamba-2 d128 / d256 through "auto" (the Triton kernels vmapped; their earlier
+    # runs were the chunk form, cut early), the 512-token cells cut early (DeltaNet d64 at 40,500,
+    # Gated DeltaNet d64 at 7,500, GLA d128 at 27,000: a rerun starts from step 0 and replaces the
+    # cut run only if it gets further), DeltaProduct S5 n_h = 3 (its 512-token evaluation in
+    # batches of 32: 128 rows asked 8.1 GiB at n_h = 4) and selective copying with Mamba to its
+    # 4000 steps.
     # Measured (wall time per job, compiles included): state tracking with 4 processes on an H200
     # (session 22), the Mamba cells 470-520 s (0.3 of the memory each: Mamba with eigenvalues in
     # [-1, 1] scans E N = 4096 channels per layer, `Mamba.signed_scan`), DeltaNet 313-323 s, mLSTM
@@ -228,15 +235,19 @@ for s in "$@"; do case $s in
     # reached 4000 of 5000 steps in ~1050 s. DeltaProduct with 3 processes on an H100 (session
     # 27): 5000 steps in 313-343 s; MQAR attention d64 / d128 with 7: 25,000 steps in 1019 / 1102
     # s; MQAR at 512 tokens through "auto" with 4 (session 28): DeltaNet / Gated DeltaNet d128 to
-    # their early stop at 1,500 steps in 80 / 102 s, GLA d128 27,000 steps in 505 s. Hence PROTO_S
+    # their early stop at 1,500 steps in 80 / 102 s, GLA d128 27,000 steps in 505 s; with 3 beside
+    # 12 check processes on an H100 (session 29): attention d256 25,000 steps in 1008 s, DeltaNet d64
+    # at 512 tokens 40,500 steps in 1364 s, GLA d128 at 512 only 25,500 in 1370 s. Hence PROTO_S
     # 540 (the device's 600 s per call less the setup) cuts the long cells: run them under protobg.
     # protorun: the same scheduler as protobg launches it (into PROTO_OUT, logs in PROTO_LOGDIR
     # as <PROTO_NAME>i).
     A="--lrs=0.0022 --set=model.impl=auto"
-    jobs="mqar|^gated_deltanet-d512-T256|$A|50G|tensorfloat32
-mqar|^attention-d256-T256|--lrs=0.0022|7G|tensorfloat32
+    jobs="mqar|^gated_deltanet-d512-T256|$A|40G|tensorfloat32
+mqar|^gla-d512-T256|$A|14G|tensorfloat32
 mqar|^linear_attention-d128-T256|$A|6G|tensorfloat32
 mqar|^linear_attention-d256-T256|$A|7G|tensorfloat32
+mqar|^mamba2-d128-T256|$A|8G|tensorfloat32
+mqar|^mamba2-d256-T256|$A|10G|tensorfloat32
 mqar|^deltanet-d64-T512|$A|5G|tensorfloat32
 mqar|^gated_deltanet-d64-T512|$A|8G|tensorfloat32
 mqar|^gla-d128-T512|$A|7G|tensorfloat32
