@@ -9,7 +9,9 @@
 #   check     check_gpu, the full grid (every kernel vs the float32 reference, fwd + bwd; CHECK_ARGS:
 #             its flags, e.g. "--ops gated_delta_rule --widths 256")
 #   quick     check_gpu --quick (T=100 fp32 D=64 and T=2048 bf16 D=128)
-#   checksplit  check_gpu's grid as one process per (op of CHECK_OPS, case), all at once, each cut
+#   checksplit  check_gpu's grid as one process per (op of CHECK_OPS, default simple_gla and
+#             linear_attention: at K = 256 the two left unchecked by session 29; Based's compact
+#             map runs there), case), all at once, each cut
 #             at CHECK_S (default 420) s, under FAST_XLA (below: the kernels are Pallas calls,
 #             untouched; the reference's dots go to cuBLAS unautotuned) at CHECK_WIDTHS (default
 #             256); JSON check_gpu_<device>_split_<op>_<T>_<dtype><CHECK_TAG>.json; CHECK_EXTRA: more
@@ -149,7 +151,7 @@ for s in "$@"; do case $s in
     fast_flags
     ( export XLA_FLAGS=$FAST_FLAGS
       echo "== checksplit ($(date +%T))"
-      for op in ${CHECK_OPS:-gated_delta_rule gla}; do
+      for op in ${CHECK_OPS:-simple_gla linear_attention}; do
         for c in ${CHECK_CASES:-100:float32:6G 2048:float32:24G 8192:float32:8G 2048:bfloat16:24G}; do
           IFS=: read -r t dt mem <<< "$c"; n=${op}_${t}_$dt${CHECK_TAG:-}
           XLA_PYTHON_CLIENT_MEM_FRACTION=$(share "$mem") RESULTS_TAG=split_$n pstep check_$n "${CHECK_S:-420}" \
@@ -225,7 +227,9 @@ for s in "$@"; do case $s in
     # d128 / d256 and Mamba-2 d128 / d256 through "auto" (the Triton kernels vmapped; their earlier
     # runs were the chunk form, cut early), the 512-token cells cut early (DeltaNet d64 at 40,500,
     # Gated DeltaNet d64 at 7,500, GLA d128 at 27,000: a rerun starts from step 0 and replaces the
-    # cut run only if it gets further), DeltaProduct S5 n_h = 3 (its 512-token evaluation in
+    # cut run only if it gets further), Based d64-d256 through "auto" (its compact map, 153
+    # features: the linear-attention Triton kernels at K = 256, once `checksplit` passes them; the
+    # full map's runs, the chunk form, were cut at 1,000-2,000 steps), DeltaProduct S5 n_h = 3 (its 512-token evaluation in
     # batches of 32: 128 rows asked 8.1 GiB at n_h = 4) and selective copying with Mamba to its
     # 4000 steps.
     # Measured (wall time per job, compiles included): state tracking with 4 processes on an H200
@@ -251,6 +255,9 @@ mqar|^mamba2-d256-T256|$A|10G|tensorfloat32
 mqar|^deltanet-d64-T512|$A|5G|tensorfloat32
 mqar|^gated_deltanet-d64-T512|$A|8G|tensorfloat32
 mqar|^gla-d128-T512|$A|7G|tensorfloat32
+mqar|^based-d64-T256|$A|6G|tensorfloat32
+mqar|^based-d128-T256|$A|8G|tensorfloat32
+mqar|^based-d256-T256|$A|10G|tensorfloat32
 deltaproduct|s5-nh3|--set=eval.batch_size=32 --set=eval.batches=16|10G|float32
 mamba_synthetic|selective_copy-mamba||8G|float32"
     fast_flags

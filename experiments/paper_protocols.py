@@ -213,12 +213,19 @@ def _identity(config: dict) -> dict:
     """What makes two runs the same experiment: the config but for where its files were written
     (a run done on a lent machine under another directory and brought back is the same run) and
     which implementation computed the mixer (`model.impl`: the kernels, the chunk form and the
-    reference compute one function, tested against each other), and how the test sequences were
+    reference compute one function, tested against each other) or whether Based's Taylor map
+    keeps each product of its quadratic block once (`compact`: the same phi(q) . phi(k), so the
+    same function, in fewer state rows; `tests/layers/test_compact_features.py`), and how the
+    test sequences were
     cut into batches: `eval.batch_size` x `eval.batches` sequences are the same test set size
     however they are cut (a long-sequence eval that runs out of memory beside other jobs is run
     in smaller batches; the draw then differs, the distribution and the count do not)."""
     config = {k: v for k, v in config.items() if k != "workdir"}
     config["model"] = {k: v for k, v in config.get("model", {}).items() if k != "impl"}
+    if "mixer_options" in config["model"]:
+        config["model"]["mixer_options"] = {
+            m: {k: v for k, v in (o or {}).items() if k != "compact"}
+            for m, o in config["model"]["mixer_options"].items()}
     ev = dict(config.get("eval", {}))
     if "batch_size" in ev and "batches" in ev:
         ev["sequences"] = ev.pop("batch_size") * ev.pop("batches")

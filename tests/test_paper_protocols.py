@@ -235,6 +235,10 @@ def test_a_run_moved_or_computed_by_another_impl_is_the_same_run(tmp_path):
     (row,) = here["cells"]
     assert row["workdir"].startswith(str(tmp_path / "here")) and row["impl"] == "chunk"
     assert row["accuracy"] == there["cells"][0]["accuracy"]
+    # Based's full Taylor map computes the function of its compact one (the quick cell's)
+    (row,) = paper_protocols.main(argv + [f"--out={tmp_path / 'here'}", "--collect",
+                                          "--set=model.mixer_options.based.compact=False"])["cells"]
+    assert row["accuracy"] == there["cells"][0]["accuracy"]
     with pytest.raises(SystemExit, match="no finished cell"):
         paper_protocols.main(argv + [f"--out={tmp_path / 'here'}", "--collect",
                                      "--set=model.d_model=8"])
