@@ -190,6 +190,28 @@ class Padded:
         return pad_time(x.astype(F32), self.Tp, mode=mode)
 
 
+MAX_K = 256
+
+
+def accepts(q, k, v, *rest) -> str | None:
+    """Whether the Triton chunk kernels take these widths (None) or why not: K at most `MAX_K`.
+    Every family has passes that hold whole [C, K] key rows (K is one tile, for q k^T), and past
+    K = 256 these outgrow shared memory even unpipelined. Compiled for sm_90 on a CPU
+    (`experiments/benchmarks/kernel_smem.py`, float32, K = V = 512), where an H100 gives a block
+    232,448 B: the delta rule's one-pass forward asked 262,152 B, its output kernel 262,144 and
+    its reverse state pass 270,336 (session 27); simple_gla's one-pass forward 262,152 and its
+    output kernel 262,144 (session 29). At 256 every kernel of every op asks at most 163,840 B
+    and has passed its device check (gla and Gated DeltaNet on an H100, session 29). Values are
+    tiled, so V is free: at K = 256, V = 512 (Gated DeltaNet's layer at d512) every delta kernel
+    asked at most 147,456 B (session 28) and passed its check (session 29). "auto" takes the chunk
+    form past 256; naming the kernel raises this message."""
+    K, V = q.shape[-1], v.shape[-1]
+    if K > MAX_K:
+        return (f"the Triton kernels take K of at most {MAX_K} (past it the key rows ask more "
+                f"shared memory than a GPU has), got K={K}, V={V}; use impl='chunk'")
+    return None
+
+
 def entry(q, v, segment_ids, chunk_size, config):
     """(Padded, doc [B, Tp] int32) of an op entry: the config at the op's chunk size (None: the
     device default; the registry always passes one) and the edge-padded document index."""

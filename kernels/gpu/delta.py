@@ -83,23 +83,6 @@ def _core(ctx: Ctx, scale: float):
     return common.custom_vjp(fwd, bwd)
 
 
-def accepts(q, k, v, *rest) -> str | None:
-    """Whether the Triton kernels take the delta rule at these widths (None) or why not: K at
-    most 256. Every pass holds whole [C, K] key rows (the delta passes: `chunk_state`), and past
-    K = 256 they outgrow shared memory even unpipelined: compiled for sm_90 on a CPU
-    (`experiments/benchmarks/kernel_smem.py`, Gated DeltaNet, K = V = 512, float32, session 27)
-    the one-pass forward asked 262,152 B, the output kernel 262,144 and the reverse state pass
-    270,336, where an H100 gives a block 232,448 (at 256: at most 147,456; it ran on an H100).
-    Values are tiled, so V is free: at K = 256, V = 512 (Gated DeltaNet's layer at d512, whose
-    value heads are twice its key heads) every kernel asked at most 147,456 B as well (session
-    28), and `check_gpu --expand-v 2` checks those shapes on the device."""
-    K, V = q.shape[-1], v.shape[-1]
-    if K > 256:
-        return (f"the Triton kernels take the delta rule with K of at most 256 (past it the key "
-                f"rows ask more shared memory than a GPU has), got K={K}, V={V}; use impl='chunk'")
-    return None
-
-
 def delta(q, k, v, g, beta, *, scale, initial_state, segment_ids, chunk_size, config=None):
     """The op-level entry of delta_rule (g None), gated_delta_rule (g [B, T, H]) and kda (g
     [B, T, H, K]), heads expanded, plus the kernel config (the registry always passes one; None

@@ -55,7 +55,8 @@ registry.register(registry.OpRecord(
                              min_capability=(9, 0), max_capability=(9, 0),
                              accepts="linear_jax.kernels.gpu.hopper.common:accepts"),
              registry.Kernel("triton", "linear_jax.kernels.gpu.decay:decay",
-                             "linear_jax.kernels.configs:TritonChunkConfig"),
+                             "linear_jax.kernels.configs:TritonChunkConfig",
+                             accepts="linear_jax.kernels.gpu.common:accepts"),
              registry.Kernel("tpu", "linear_jax.kernels.tpu.simple_gla:simple_gla",
                              "linear_jax.kernels.configs:TpuConfig")),
     seq_parallel="linear_jax.parallel.decay:simple_gla"))

@@ -210,7 +210,7 @@ def test_delta_rule_ops_take_the_triton_kernels_to_256_on_a_gpu(on):
     """Gated DeltaNet at K = V = 256 goes to the Triton kernels on a GPU as the gate-free delta
     rule does: their delta passes run unpipelined past K = 128 (`chunk_state.row_stages`), which
     brought the backward under an H100's shared memory (run there vmapped at MQAR's d512). Past
-    K = 256 they decline (`kernels/gpu/delta.py:accepts`); V is tiled and free."""
+    K = 256 they decline (`kernels/gpu/common.py:accepts`); V is tiled and free."""
     on("gpu", (9, 0))
     arrays = lambda d, dt=jnp.bfloat16: (jnp.zeros((1, 8, 1, d), dt),) * 3
     for op in ("gated_delta_rule", "delta_rule"):
@@ -229,6 +229,21 @@ def test_delta_rule_ops_take_the_triton_kernels_to_256_on_a_gpu(on):
         assert registry.resolve(op, "auto", 64, args=arrays(512)).impl == "chunk"
         with pytest.raises(ValueError, match=rf"{op}: impl='pallas:triton'.*K=512, V=512"):
             registry.resolve(op, "pallas:triton", 64, args=arrays(512))
+
+
+def test_decay_ops_take_the_triton_kernels_to_256_on_a_gpu(on):
+    """simple_gla, gla and the ops on their kernels (linear_attention, ssd) go to the Triton kernels
+    up to K = 256 (Based's compact Taylor map: 153 features) and decline past it, where their
+    one-pass forward and output kernel ask more shared memory than a GPU has: "auto" takes the chunk
+    form instead of failing at launch, and naming the kernel says why."""
+    on("gpu", (9, 0))
+    arrays = lambda d: (jnp.zeros((1, 8, 1, d), jnp.float32),) * 2 + (jnp.zeros((1, 8, 1, 64)),)
+    for op in ("simple_gla", "gla", "linear_attention", "ssd"):
+        for d in (153, 256):
+            assert registry.resolve(op, "auto", 64, args=arrays(d)).impl == "pallas:triton", op
+        assert registry.resolve(op, "auto", 64, args=arrays(273)).impl == "chunk", op
+        with pytest.raises(ValueError, match=rf"{op}: impl='pallas:triton'.*K=273, V=64"):
+            registry.resolve(op, "pallas:triton", 64, args=arrays(273))
 
 
 def test_records_are_checked():
