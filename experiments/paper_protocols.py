@@ -216,10 +216,10 @@ def _identity(config: dict) -> dict:
     reference compute one function, tested against each other) or whether Based's Taylor map
     keeps each product of its quadratic block once (`compact`: the same phi(q) . phi(k), so the
     same function, in fewer state rows; `tests/layers/test_compact_features.py`), and how the
-    test sequences were
-    cut into batches: `eval.batch_size` x `eval.batches` sequences are the same test set size
-    however they are cut (a long-sequence eval that runs out of memory beside other jobs is run
-    in smaller batches; the draw then differs, the distribution and the count do not)."""
+    test sequences were cut into batches: `eval.batch_size` x `eval.batches` sequences are the
+    same test set size however they are cut (a long-sequence eval that runs out of memory beside
+    other jobs is run in smaller batches; the draw then differs, the distribution and the count
+    do not)."""
     config = {k: v for k, v in config.items() if k != "workdir"}
     config["model"] = {k: v for k, v in config.get("model", {}).items() if k != "impl"}
     if "mixer_options" in config["model"]:
