@@ -2,13 +2,13 @@ import os
 
 import pytest
 
-# Tests run on CPU; 8 host devices let the sharding tests build meshes (subsets of them).
-# Compiling dominates the suite and its arrays are tiny: XLA's CPU backend without LLVM's
-# optimisations compiles in about half the time (the smoke tests and a contract sample took 0.5x
-# and 0.6x as long) and computes the same functions, rounded differently in places.
+from tests.utils import FAST_COMPILE_XLA_FLAGS
+
+# Tests run on CPU; 8 host devices let the sharding tests build meshes (subsets of them), and XLA
+# compiles for speed, not for fast code (`FAST_COMPILE_XLA_FLAGS`: compiling dominates the suite).
 # (linear_jax adds its own XLA CPU workaround flag on import: linear_jax/_compat.py.)
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
-                                   "--xla_backend_optimization_level=0")
+                                   + FAST_COMPILE_XLA_FLAGS)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 

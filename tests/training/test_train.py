@@ -15,6 +15,7 @@ from experiments.configs.quickstart import get_config
 from linear_jax.training import loop
 from linear_jax.training.mesh import ConfigError
 from linear_jax.training.metrics import read_jsonl
+from tests.utils import FAST_COMPILE_XLA_FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = {"task.seq_len": 32, "task.params.num_kv_pairs": 4, "model.d_model": 32,
@@ -75,9 +76,9 @@ def test_gathered_positions_train_the_same_sequence_parallel(tmp_path):
                                rtol=1e-5)
 
 
-# the subprocesses compile as the tests do (tests/conftest.py: without LLVM's optimisations, about
-# half the compile time), on their own devices
-XLA_FLAGS = "--xla_backend_optimization_level=0"
+# the subprocesses compile as the tests do (tests/utils.py: about half the compile time), on their
+# own devices
+XLA_FLAGS = FAST_COMPILE_XLA_FLAGS
 
 
 def _env():
