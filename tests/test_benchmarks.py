@@ -411,3 +411,7 @@ def test_check_gpu_cases_split_by_length_and_dtype():
     assert check_gpu.cases([256], ["float32", "bfloat16"], [8192]) == [(8192, 256, "float32")]
     assert check_gpu.cases([64, 128], ["float32"], [100]) == [(100, 64, "float32"),
                                                               (100, 128, "float32")]
+    assert check_gpu.op_cases("gla", full) == full
+    assert check_gpu.op_cases("linear_attention", full) == [full[0], full[-1]]
+    one = check_gpu.cases([256], ["float32"], [2048])
+    assert check_gpu.op_cases("linear_attention", one) == one   # once, not twice

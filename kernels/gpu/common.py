@@ -200,9 +200,9 @@ def accepts(q, k, v, *rest) -> str | None:
     (`experiments/benchmarks/kernel_smem.py`, float32, K = V = 512), where an H100 gives a block
     232,448 B: the delta rule's one-pass forward asked 262,152 B, its output kernel 262,144 and
     its reverse state pass 270,336 (session 27); simple_gla's one-pass forward 262,152 and its
-    output kernel 262,144 (session 29). At 256 every kernel of every op asks at most 163,840 B;
-    gla's and Gated DeltaNet's passed their device checks there (H100, session 29), simple_gla's
-    and linear attention's await theirs (`run_device.sh checksplit`). Values are
+    output kernel 262,144 (session 29). At 256 every kernel of every op asks at most 163,840 B,
+    and the kernels of gla and Gated DeltaNet (H100, session 29), simple_gla and linear attention
+    (session 30) passed their device checks there (`check_gpu`). Values are
     tiled, so V is free: at K = 256, V = 512 (Gated DeltaNet's layer at d512) every delta kernel
     asked at most 147,456 B (session 28) and passed its check (session 29). "auto" takes the chunk
     form past 256; naming the kernel raises this message."""
