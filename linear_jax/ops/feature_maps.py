@@ -59,9 +59,10 @@ def _outer(z, compact: bool):
     D = z.shape[-1]
     if not compact:
         return (z[..., :, None] * z[..., None, :]).reshape(*z.shape[:-1], D * D)
-    a, b = jnp.triu_indices(D)
-    w = jnp.where(a == b, 1.0, math.sqrt(2.0))
-    return z[..., a] * z[..., b] * w
+    # row i of the upper triangle, (i, i) then (i, j > i) weighted by sqrt(2): slices, where
+    # index arrays (z[..., a] * z[..., b]) differentiate into scatter-adds
+    w = lambda n: jnp.asarray([1.0] + [math.sqrt(2.0)] * (n - 1), z.dtype)
+    return jnp.concatenate([z[..., i:i + 1] * z[..., i:] * w(D - i) for i in range(D)], axis=-1)
 
 
 def taylor_features(x, *, compact=False):
