@@ -10,8 +10,8 @@
 #             its flags, e.g. "--ops gated_delta_rule --widths 256")
 #   quick     check_gpu --quick (T=100 fp32 D=64 and T=2048 bf16 D=128)
 #   checksplit  check_gpu's grid as one process per (op of CHECK_OPS, default simple_gla and
-#             linear_attention: at K = 256 the two left unchecked by session 29; Based's compact
-#             map runs there), case), all at once, each cut
+#             linear_attention, which passed at K = 256 in session 30 with CHECK_WAVES=1 and the
+#             cases at 4G / 16G / 6G / 16G, beside 3 training jobs), case), all at once, each cut
 #             at CHECK_S (default 420) s, under FAST_XLA (below: the kernels are Pallas calls,
 #             untouched; the reference's dots go to cuBLAS unautotuned) at CHECK_WIDTHS (default
 #             256); JSON check_gpu_<device>_split_<op>_<T>_<dtype><CHECK_TAG>.json; CHECK_EXTRA: more
@@ -22,7 +22,9 @@
 #             for gla (session 29, H100; 4-5 GiB shares ran out of memory): the defaults give them
 #             24G, and a V = 2 K run needs ~50G with little else on the GPU (its float32 case
 #             failed to launch a kernel at 57 GiB beside 21 GiB of other jobs). At K = 256 one case
-#             took 24-280 s beside 11 others (sessions 27-29), so the serial grid does not fit a call
+#             took 24-280 s beside 11 others (sessions 27-29), so the serial grid does not fit a call.
+#             CHECK_WAVES=1: one op's cases at a time (each op's shares freed before the next's),
+#             CHECK_S then per op
 #   ops       ops_gpu: the four chunk ops, impl=pallas, T in {2048, 8192, 32768}, profiled
 #   sweep     ops_gpu tilings at T=2048
 #   opskda    ops_gpu --ops kda: KDA's Triton kernels against its chunk form (what its "auto" waits for)
@@ -97,7 +99,9 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-/tmp/out}; LOGS=/tmp/logs; mkdir -p "$OUT" "$LOGS"; touch /tmp/stamp
 # The package as users get it: kernels/ lands as linear_jax.kernels (pyproject's package-dir). The
 # device has no internet but has setuptools and wheel, hence no index and no build isolation.
-if ! python3 -m pip install -q --no-deps --no-build-isolation --no-index -e .; then
+# PROTO_TREE (protobg's own copy of the tree, below): no install, the link alone
+if [ -n "${PROTO_TREE:-}" ]; then [ -e linear_jax/kernels ] || ln -s ../kernels linear_jax/kernels
+elif ! python3 -m pip install -q --no-deps --no-build-isolation --no-index -e .; then
   # fallback, only when that install fails: the link makes `import linear_jax.kernels` find
   # kernels/ from the source tree (PYTHONPATH above) as the install would
   echo "pip install -e . failed; linking linear_jax/kernels -> ../kernels"
@@ -157,7 +161,7 @@ for s in "$@"; do case $s in
           XLA_PYTHON_CLIENT_MEM_FRACTION=$(share "$mem") RESULTS_TAG=split_$n pstep check_$n "${CHECK_S:-420}" \
             python3 -m experiments.benchmarks.check_gpu --ops $op --widths ${CHECK_WIDTHS:-256} \
             --lengths $t --dtypes $dt ${CHECK_EXTRA:-}
-        done; done; wait )
+        done; [ "${CHECK_WAVES:-0}" = 1 ] && wait; done; wait )
     for f in $LOGS/check_*_*.log; do [ -f "$f" ] || continue
       echo "== ${f##*/} rc=$(cat ${f%.log}.rc) ($(date +%T))"; tail -n 2 "$f"; done ;;
   ops) TAIL=120 step ops "${OPS_S:-420}" python3 -m experiments.benchmarks.ops_gpu --impls pallas --profile \
@@ -221,17 +225,18 @@ for s in "$@"; do case $s in
         (cd /tmp/mqar && find . -name '*.json' -o -name '*.png' -o -name '*.jsonl' | grep -v checkpoints \
           | tar cf - -T - | (mkdir -p $LOGS/mqar && cd $LOGS/mqar && tar xf -)) ;;
   protocols|protorun)
-    # Default: the cells left (session 29): Gated DeltaNet d512 (its value heads, 512 wide, are
-    # taken by the Triton kernels since session 29's check; its chunk form asked 43.7 GiB), GLA
-    # d512 through "auto" (gla's Triton kernels at K = 256 passed the same check), linear attention
-    # d128 / d256 and Mamba-2 d128 / d256 through "auto" (the Triton kernels vmapped; their earlier
-    # runs were the chunk form, cut early), the 512-token cells cut early (DeltaNet d64 at 40,500,
-    # Gated DeltaNet d64 at 7,500, GLA d128 at 27,000: a rerun starts from step 0 and replaces the
-    # cut run only if it gets further), Based d64-d256 through "auto" (its compact map, 153
-    # features: the linear-attention Triton kernels at K = 256, once `checksplit` passes them; the
-    # full map's runs, the chunk form, were cut at 1,000-2,000 steps), DeltaProduct S5 n_h = 3 (its 512-token evaluation in
-    # batches of 32: 128 rows asked 8.1 GiB at n_h = 4) and selective copying with Mamba to its
-    # 4000 steps.
+    # Default: the cells left (session 30): Gated DeltaNet d512 (its value heads, 512 wide, taken
+    # by the Triton kernels since session 29's check; "auto" asked 17.19 GiB at once in a 16 GiB
+    # share, session 30; its chunk form asked 43.7), Mamba-2 d256 (10.52 GiB in a 10 GiB share)
+    # and d128 through "auto" (their earlier runs were the chunk form, cut early), linear
+    # attention d128 / d256, the 512-token cells cut early (DeltaNet d64 at 40,500, Gated DeltaNet
+    # d64 at 7,500, GLA d128 at 27,000: a rerun starts from step 0 and replaces the cut run only if
+    # it gets further), Based d64-d256 through "auto" (its compact map, 153 features: the
+    # linear-attention Triton kernels at K = 256, checked in session 30; asked 6.81 / 8.10 / 10.69
+    # GiB in shares of 6 / 8 / 10, and at ~2 s a step reached only 400-500 steps in ~1000 s while
+    # its map was built from index arrays, now from slices: the full map's chunk-form runs were cut
+    # at 1,000-2,000 steps) and DeltaProduct S5 n_h = 3 (its 512-token evaluation in batches of 32:
+    # 128 rows asked 8.1 GiB at n_h = 4).
     # Measured (wall time per job, compiles included): state tracking with 4 processes on an H200
     # (session 22), the Mamba cells 470-520 s (0.3 of the memory each: Mamba with eigenvalues in
     # [-1, 1] scans E N = 4096 channels per layer, `Mamba.signed_scan`), DeltaNet 313-323 s, mLSTM
@@ -241,25 +246,26 @@ for s in "$@"; do case $s in
     # s; MQAR at 512 tokens through "auto" with 4 (session 28): DeltaNet / Gated DeltaNet d128 to
     # their early stop at 1,500 steps in 80 / 102 s, GLA d128 27,000 steps in 505 s; with 3 beside
     # 12 check processes on an H100 (session 29): attention d256 25,000 steps in 1008 s, DeltaNet d64
-    # at 512 tokens 40,500 steps in 1364 s, GLA d128 at 512 only 25,500 in 1370 s. Hence PROTO_S
+    # at 512 tokens 40,500 steps in 1364 s, GLA d128 at 512 only 25,500 in 1370 s; with 2-3 beside
+    # 8 check processes (session 30): GLA d512 to its early stop at 3,000 steps in 354 s, Gated
+    # DeltaNet d256 at 512 tokens at 1,500 in 249 s, selective copying with Mamba 4000 steps in
+    # 712 s. Hence PROTO_S
     # 540 (the device's 600 s per call less the setup) cuts the long cells: run them under protobg.
     # protorun: the same scheduler as protobg launches it (into PROTO_OUT, logs in PROTO_LOGDIR
     # as <PROTO_NAME>i).
     A="--lrs=0.0022 --set=model.impl=auto"
-    jobs="mqar|^gated_deltanet-d512-T256|$A|40G|tensorfloat32
-mqar|^gla-d512-T256|$A|14G|tensorfloat32
+    jobs="mqar|^gated_deltanet-d512-T256|$A|24G|tensorfloat32
+mqar|^mamba2-d256-T256|$A|14G|tensorfloat32
+mqar|^based-d128-T256|$A|12G|tensorfloat32
+mqar|^based-d256-T256|$A|15G|tensorfloat32
+mqar|^based-d64-T256|$A|10G|tensorfloat32
+mqar|^mamba2-d128-T256|$A|12G|tensorfloat32
 mqar|^linear_attention-d128-T256|$A|6G|tensorfloat32
 mqar|^linear_attention-d256-T256|$A|7G|tensorfloat32
-mqar|^mamba2-d128-T256|$A|8G|tensorfloat32
-mqar|^mamba2-d256-T256|$A|10G|tensorfloat32
 mqar|^deltanet-d64-T512|$A|5G|tensorfloat32
 mqar|^gated_deltanet-d64-T512|$A|8G|tensorfloat32
 mqar|^gla-d128-T512|$A|7G|tensorfloat32
-mqar|^based-d64-T256|$A|6G|tensorfloat32
-mqar|^based-d128-T256|$A|8G|tensorfloat32
-mqar|^based-d256-T256|$A|10G|tensorfloat32
-deltaproduct|s5-nh3|--set=eval.batch_size=32 --set=eval.batches=16|10G|float32
-mamba_synthetic|selective_copy-mamba||8G|float32"
+deltaproduct|s5-nh3|--set=eval.batch_size=32 --set=eval.batches=16|10G|float32"
     fast_flags
     ( export XLA_FLAGS=$FAST_FLAGS
       out=${PROTO_OUT:-experiments/results/protocols}; plogs=${PROTO_LOGDIR:-$LOGS}; pn=${PROTO_NAME:-proto}
@@ -295,10 +301,15 @@ mamba_synthetic|selective_copy-mamba||8G|float32"
     [ -d /tmp/protobg/results ] || { cp -a experiments/results/protocols /tmp/protobg/results
                                      sleep 1; touch /tmp/protobg/stamp; }
     n=$(ls /tmp/protobg/ | grep -c '^launch'); touch /tmp/protobg/launch$n /tmp/protobg/running$n
-    PROTO_OUT=/tmp/protobg/results PROTO_LOGDIR=/tmp/protobg/logs PROTO_NAME=b${n}_ OUT=/tmp/protobg/out \
+    # the jobs run from a copy of the tree: each device call copies the tree in afresh, and a job
+    # importing a module while that happens fails (session 30: "No module named
+    # 'linear_jax.kernels.gpu'" in a job started 30 s before the next call)
+    tree=/tmp/protobg/tree$n; rm -rf "$tree"; mkdir -p "$tree"
+    tar cf - --exclude=./.git --exclude=./runs . | tar xf - -C "$tree"
+    (cd "$tree" && PROTO_TREE=1 PROTO_OUT=/tmp/protobg/results PROTO_LOGDIR=/tmp/protobg/logs \
+      PROTO_NAME=b${n}_ OUT=/tmp/protobg/out \
       setsid nohup bash -c "bash benchmarks/run_device.sh protorun; rm -f /tmp/protobg/running$n" \
-      > /tmp/protobg/scheduler$n.log 2>&1 < /dev/null &
-    disown -a      # this call's later `wait`s must not wait for it
+      > /tmp/protobg/scheduler$n.log 2>&1 < /dev/null &)      # this call's later `wait`s must not wait for it
     echo "== protobg ($(date +%T)): launch $n, PROTO_S ${PROTO_S:-540}" ;;
   protowait)
     # Waits until every protobg launch has ended or PROTO_WAIT (default 480) s have passed, then
