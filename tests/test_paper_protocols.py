@@ -273,3 +273,41 @@ def test_a_shorter_cut_keeps_the_earlier_one_that_got_further(tmp_path, monkeypa
     assert cut_at(4) == (4, False, 4, "step 4\n")
     assert cut_at(2) == (4, True, 4, "step 4\n")
     assert cut_at(6) == (6, False, 6, "step 6\n")
+
+
+def _mean_std_pairs(obj, out: set) -> set:
+    """Every (value, value_std) pair of numbers in a result JSON, at any depth."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            std = obj.get(f"{k}_std")
+            if isinstance(v, (int, float)) and isinstance(std, (int, float)):
+                out.add((float(v), float(std)))
+            _mean_std_pairs(v, out)
+    elif isinstance(obj, list):
+        for v in obj:
+            _mean_std_pairs(v, out)
+    return out
+
+
+def _decimals(s: str) -> float:
+    return 10.0 ** -len(s.partition(".")[2])
+
+
+@pytest.mark.parametrize("readme", ["README.md", "experiments/README.md"])
+def test_every_mean_and_std_a_readme_states_is_in_a_committed_result(readme):
+    """Issue 19's honesty rule: a "mean ± std" in the READMEs is read from a committed result
+    JSON under experiments/results, at the digits printed (0.6 of the last digit: a value
+    rounded from a table's four digits to three may be off by half a digit twice)."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    found = set()
+    for f in (root / "experiments" / "results").rglob("*.json"):
+        _mean_std_pairs(json.loads(f.read_text()), found)
+    stated = re.findall(r"(-?\d+\.\d+) ?± ?(\d+\.\d+)", (root / readme).read_text())
+    assert len(stated) >= (1 if readme == "README.md" else 50)
+    missing = [f"{m} ± {s}" for m, s in stated
+               if not any(abs(a - float(m)) <= 0.6 * _decimals(m)
+                          and abs(b - float(s)) <= 0.6 * _decimals(s) for a, b in found)]
+    assert not missing, f"{readme} states {missing}, which no result JSON holds"
