@@ -235,8 +235,9 @@ for s in "$@"; do case $s in
     # linear-attention Triton kernels at K = 256, checked in session 30; asked 6.81 / 8.10 / 10.69
     # GiB in shares of 6 / 8 / 10, and at ~2 s a step reached only 400-500 steps in ~1000 s while
     # its map was built from index arrays, now from slices: the full map's chunk-form runs were cut
-    # at 1,000-2,000 steps) and DeltaProduct S5 n_h = 3 (its 512-token evaluation in batches of 32:
-    # 128 rows asked 8.1 GiB at n_h = 4).
+    # at 1,000-2,000 steps), DeltaProduct S5 n_h = 3 (its 512-token evaluation in batches of 32:
+    # 128 rows asked 8.1 GiB at n_h = 4) and Zoology's attention d64 / d128 on Zoology's data (the
+    # grid's runs left one seed of three on the plateau at each width).
     # Measured (wall time per job, compiles included): state tracking with 4 processes on an H200
     # (session 22), the Mamba cells 470-520 s (0.3 of the memory each: Mamba with eigenvalues in
     # [-1, 1] scans E N = 4096 channels per layer, `Mamba.signed_scan`), DeltaNet 313-323 s, mLSTM
@@ -254,6 +255,8 @@ for s in "$@"; do case $s in
     # protorun: the same scheduler as protobg launches it (into PROTO_OUT, logs in PROTO_LOGDIR
     # as <PROTO_NAME>i).
     A="--lrs=0.0022 --set=model.impl=auto"
+    # Zoology's own query gaps (power law) and fillers (random tokens), results apart (zoology_data/)
+    Z="--lrs=0.0022 --set=task.params.power_a=0.01 --set=task.params.random_non_queries=True --out={out}/zoology_data"
     jobs="mqar|^gated_deltanet-d512-T256|$A|24G|tensorfloat32
 mqar|^mamba2-d256-T256|$A|14G|tensorfloat32
 mqar|^based-d128-T256|$A|12G|tensorfloat32
@@ -265,7 +268,9 @@ mqar|^linear_attention-d256-T256|$A|7G|tensorfloat32
 mqar|^deltanet-d64-T512|$A|5G|tensorfloat32
 mqar|^gated_deltanet-d64-T512|$A|8G|tensorfloat32
 mqar|^gla-d128-T512|$A|7G|tensorfloat32
-deltaproduct|s5-nh3|--set=eval.batch_size=32 --set=eval.batches=16|10G|float32"
+deltaproduct|s5-nh3|--set=eval.batch_size=32 --set=eval.batches=16|10G|float32
+mqar|^attention-d64-T256|$Z|6G|tensorfloat32
+mqar|^attention-d128-T256|$Z|7G|tensorfloat32"
     fast_flags
     ( export XLA_FLAGS=$FAST_FLAGS
       out=${PROTO_OUT:-experiments/results/protocols}; plogs=${PROTO_LOGDIR:-$LOGS}; pn=${PROTO_NAME:-proto}
@@ -280,7 +285,7 @@ deltaproduct|s5-nh3|--set=eval.batch_size=32 --set=eval.batches=16|10G|float32"
         left=$((end - SECONDS)); mem=$(share "${mem:-${PROTO_MEM:-0.15}}")
         if [ "$left" -lt "${PROTO_MIN_S:-300}" ]; then
           echo "   $pn$i $proto|$cells: not started ($left s left)"; continue; fi
-        prec=${prec:-float32}
+        prec=${prec:-float32}; extra=${extra//\{out\}/$out}     # "{out}": this step's results folder
         echo "   $pn$i $proto|$cells|$extra, memory $mem, $prec matmuls, at +$((L - left)) s"
         JAX_DEFAULT_MATMUL_PRECISION=$prec XLA_PYTHON_CLIENT_MEM_FRACTION=$mem pjob $pn$i "$left" python3 -m experiments.paper_protocols \
           --protocol="$proto" --cells="$cells" --out="$out" --set=model.impl=chunk \

@@ -311,3 +311,28 @@ def test_every_mean_and_std_a_readme_states_is_in_a_committed_result(readme):
                if not any(abs(a - float(m)) <= 0.6 * _decimals(m)
                           and abs(b - float(s)) <= 0.6 * _decimals(s) for a, b in found)]
     assert not missing, f"{readme} states {missing}, which no result JSON holds"
+
+
+def test_the_device_scripts_default_jobs_name_cells_that_exist():
+    """benchmarks/run_device.sh's default protocol jobs ("protocol|cells|flags|memory|precision"):
+    each parses as paper_protocols would run it and picks at least one cell, at one learning rate
+    (a typo there costs a device call), with a memory share in GiB and a known precision."""
+    import importlib
+    import pathlib
+    import re
+
+    script = (pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "run_device.sh").read_text()
+    flags = dict(re.findall(r'^    ([AZ])="([^"]*)"$', script, re.M))
+    jobs = re.search(r'^    jobs="(.*?)"$', script, re.M | re.S).group(1)
+    lines = [ln for ln in jobs.splitlines() if ln.strip()]
+    assert len(lines) >= 10
+    for line in lines:
+        proto, cells, extra, mem, prec = line.split("|")
+        extra = re.sub(r"\$([AZ])", lambda m: flags[m.group(1)], extra).replace("{out}", "/unused")
+        args = paper_protocols.parse_args([f"--protocol={proto}", f"--cells={cells}",
+                                           "--out=/unused", *extra.split()])
+        protocol = paper_protocols.PROTOCOLS[proto]
+        module = importlib.import_module(f"experiments.configs.{protocol['config']}")
+        grid = paper_protocols.cell_configs(args, module, protocol)
+        assert len(grid) == 1, (line, [name for name, _, _ in grid])
+        assert re.fullmatch(r"\d+G", mem) and prec in ("float32", "tensorfloat32"), line
