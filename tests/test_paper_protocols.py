@@ -321,7 +321,8 @@ def test_the_device_scripts_default_jobs_name_cells_that_exist():
     import pathlib
     import re
 
-    script = (pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "run_device.sh").read_text()
+    root = pathlib.Path(__file__).resolve().parents[1]
+    script = (root / "benchmarks" / "run_device.sh").read_text()
     flags = dict(re.findall(r'^    ([AZ])="([^"]*)"$', script, re.M))
     jobs = re.search(r'^    jobs="(.*?)"$', script, re.M | re.S).group(1)
     lines = [ln for ln in jobs.splitlines() if ln.strip()]
