@@ -81,8 +81,9 @@
 #   protowait wait for the protobg jobs (at most PROTO_WAIT s), then bring back their logs and results
 #             (under logs/protobg and logs/protocols)
 #   vmap      vmap_gpu: each op's "auto" against its chunk form under jax.vmap at MQAR's shapes
-#   cost      paper_protocols --cost --time-steps per line of COST_JOBS, all at once (COST_VMAP=1:
-#             the vmap step beside them): measured ms per train step, JSON under logs/cost
+#   cost      paper_protocols --cost --time-steps per line of COST_JOBS (its mem as in `share`), all
+#             at once (COST_VMAP=1: the vmap step beside them): measured ms per train step, JSON
+#             under logs/cost
 #   throughput  the training run of the Hopper kernel issue: lm_shakespeare at d_model 1024, 12 layers,
 #             8 heads, T 2048, batch 16, TP_STEPS steps, per "mixer:impl" of TP_RUNS (tokens/s and
 #             MFU in each run's result.json, brought back under logs/tp_<mixer>_<impl>); with
@@ -338,7 +339,7 @@ mqar|^attention-d128-T256|$Z|7G|tensorfloat32"
     # beside them, all at once (compiles are CPU-bound); each cut at COST_S s. JSON: logs/cost
     fast_flags; i=0; echo "== cost ($(date +%T))"
     while IFS='|' read -r proto cells extra mem; do [ -n "$proto" ] || continue; i=$((i+1))
-      XLA_FLAGS=$FAST_FLAGS XLA_PYTHON_CLIENT_MEM_FRACTION=${mem:-0.12} pstep cost$i "${COST_S:-400}" \
+      XLA_FLAGS=$FAST_FLAGS XLA_PYTHON_CLIENT_MEM_FRACTION=$(share "${mem:-0.12}") pstep cost$i "${COST_S:-400}" \
         python3 -m experiments.paper_protocols --protocol="$proto" --cells="$cells" --cost \
         --time-steps="${COST_STEPS:-10}" --out=/tmp/cost $extra
     done <<< "${COST_JOBS:-}"
