@@ -43,10 +43,25 @@ def _batch(tokens, targets, mask) -> dict[str, np.ndarray]:
             "mask": mask.astype(np.float32)}
 
 
-def _smallest(r: np.ndarray, n: int) -> np.ndarray:
+def _smallest(r: np.ndarray, n: int, uniform: bool = False) -> np.ndarray:
     """`np.argsort(r, axis=1)[:, :n]` (the columns of each row's n smallest values, in order)
-    without sorting whole rows: at Zoology's 4096 keys the full sort was most of a batch's cost."""
-    if n >= r.shape[1]:
+    without sorting whole rows: at Zoology's 4096 keys the full sort was most of a batch's cost.
+    `uniform` (r drawn uniformly from [0, 1), n at most 1/8 of a row): only the values below
+    4 n / cols are sorted, about 4 n a row, where a row's n smallest almost surely lie (a row with
+    fewer sends every row the general way); the argpartition of 256 rows of 4096 was 3/4 of an
+    MQAR batch's time."""
+    B, cols = r.shape
+    if uniform and 8 * n <= cols:
+        flat = np.flatnonzero(r < 4.0 * n / cols)          # row-major: grouped by row
+        rows = flat // cols
+        counts = np.bincount(rows, minlength=B)
+        if counts.min() >= n:
+            # by value, then (stable) by row: each row's candidates in increasing order
+            by_value = np.argsort(r.ravel()[flat])
+            order = by_value[np.argsort(rows[by_value], kind="stable")]
+            starts = np.cumsum(counts) - counts
+            return (flat[order] % cols)[starts[:, None] + np.arange(n)]
+    if n >= cols:
         return np.argsort(r, axis=1)[:, :n]
     idx = np.argpartition(r, n, axis=1)[:, :n]
     return np.take_along_axis(idx, np.argsort(np.take_along_axis(r, idx, 1), axis=1), 1)
@@ -67,7 +82,7 @@ def mqar(rng, batch, seq_len, num_kv_pairs=8, num_keys=None, num_values=None, po
     nk, nv = num_keys or 4 * n, num_values or 4 * n
     if seq_len < 4 * n:
         raise ValueError(f"mqar: seq_len={seq_len} must be >= 4 * num_kv_pairs = {4 * n}")
-    keys = 1 + _smallest(rng.random((batch, nk)), n)                    # distinct per row
+    keys = 1 + _smallest(rng.random((batch, nk)), n, uniform=True)      # distinct per row
     values = 1 + nk + rng.integers(0, nv, (batch, n))
     tokens = np.zeros((batch, seq_len), np.int64)
     targets = np.zeros_like(tokens)
@@ -75,7 +90,7 @@ def mqar(rng, batch, seq_len, num_kv_pairs=8, num_keys=None, num_values=None, po
     # Each pair is queried once, in random order, at distinct even offsets after the context.
     slots = (seq_len - 2 * n) // 2
     if power_a is None:
-        chosen = _smallest(rng.random((batch, slots)), n)
+        chosen = _smallest(rng.random((batch, slots)), n, uniform=True)
     else:
         # n draws without replacement with probabilities p = the n largest of log p + Gumbel
         # noise (the same distribution as drawing one at a time and renormalising)

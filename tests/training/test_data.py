@@ -28,11 +28,17 @@ def test_generators_deterministic_and_in_vocab(name):
     assert a["mask"].sum() > 0 and set(np.unique(a["mask"])) <= {0.0, 1.0}
 
 
-@pytest.mark.parametrize("cols,n", [(4096, 16), (112, 16), (9, 8), (9, 9), (5, 7)])
-def test_smallest_is_the_head_of_argsort(cols, n):
-    """MQAR's batches are the same as with the full sort, so committed runs stay reproducible."""
+@pytest.mark.parametrize("cols,n", [(4096, 16), (4096, 64), (112, 16), (128, 16), (9, 8),
+                                    (9, 9), (5, 7)])
+@pytest.mark.parametrize("uniform", [False, True])
+def test_smallest_is_the_head_of_argsort(cols, n, uniform):
+    """MQAR's batches are the same as with the full sort, so committed runs stay reproducible; the
+    uniform path too, also where a row has too few values below its threshold (the last row
+    here, all 0.9), which sends the batch the general way."""
     r = np.random.default_rng(cols + n).random((13, cols))
-    np.testing.assert_array_equal(synthetic._smallest(r, n), np.argsort(r, axis=1)[:, :n])
+    np.testing.assert_array_equal(synthetic._smallest(r, n, uniform), np.argsort(r, axis=1)[:, :n])
+    r[-1] = 0.9 + 0.01 * r[-1]
+    np.testing.assert_array_equal(synthetic._smallest(r, n, uniform), np.argsort(r, axis=1)[:, :n])
 
 
 def test_mqar_answers_recoverable():
