@@ -3,6 +3,8 @@ protocol runs its smoke cell (--quick) end to end into its JSON and table; a sec
 the finished cell, and --collect rebuilds the summary from it."""
 
 import json
+import pathlib
+import re
 import shutil
 
 import pytest
@@ -10,6 +12,8 @@ from flax import nnx
 
 from experiments import paper_protocols
 from linear_jax.training import data, loop
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_every_cell_of_every_protocol_builds():
@@ -298,14 +302,10 @@ def test_every_mean_and_std_a_readme_states_is_in_a_committed_result(readme):
     """Issue 19's honesty rule: a "mean ± std" in the READMEs is read from a committed result
     JSON under experiments/results, at the digits printed (0.6 of the last digit: a value
     rounded from a table's four digits to three may be off by half a digit twice)."""
-    import pathlib
-    import re
-
-    root = pathlib.Path(__file__).resolve().parents[1]
     found = set()
-    for f in (root / "experiments" / "results").rglob("*.json"):
+    for f in (ROOT / "experiments" / "results").rglob("*.json"):
         _mean_std_pairs(json.loads(f.read_text()), found)
-    stated = re.findall(r"(-?\d+\.\d+) ?± ?(\d+\.\d+)", (root / readme).read_text())
+    stated = re.findall(r"(-?\d+\.\d+) ?± ?(\d+\.\d+)", (ROOT / readme).read_text())
     assert len(stated) >= (1 if readme == "README.md" else 50)
     missing = [f"{m} ± {s}" for m, s in stated
                if not any(abs(a - float(m)) <= 0.6 * _decimals(m)
@@ -317,12 +317,7 @@ def test_the_device_scripts_default_jobs_name_cells_that_exist():
     """benchmarks/run_device.sh's default protocol jobs ("protocol|cells|flags|memory|precision"):
     each parses as paper_protocols would run it and picks at least one cell, at one learning rate
     (a typo there costs a device call), with a memory share in GiB and a known precision."""
-    import importlib
-    import pathlib
-    import re
-
-    root = pathlib.Path(__file__).resolve().parents[1]
-    script = (root / "benchmarks" / "run_device.sh").read_text()
+    script = (ROOT / "benchmarks" / "run_device.sh").read_text()
     flags = dict(re.findall(r'^    ([AZ])="([^"]*)"$', script, re.M))
     jobs = re.search(r'^    jobs="(.*?)"$', script, re.M | re.S).group(1)
     lines = [ln for ln in jobs.splitlines() if ln.strip()]
@@ -333,7 +328,8 @@ def test_the_device_scripts_default_jobs_name_cells_that_exist():
         args = paper_protocols.parse_args([f"--protocol={proto}", f"--cells={cells}",
                                            "--out=/unused", *extra.split()])
         protocol = paper_protocols.PROTOCOLS[proto]
-        module = importlib.import_module(f"experiments.configs.{protocol['config']}")
+        module = paper_protocols.importlib.import_module(
+            f"experiments.configs.{protocol['config']}")
         grid = paper_protocols.cell_configs(args, module, protocol)
         assert len(grid) == 1, (line, [name for name, _, _ in grid])
         assert re.fullmatch(r"\d+G", mem) and prec in ("float32", "tensorfloat32"), line
