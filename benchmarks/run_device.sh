@@ -64,7 +64,8 @@
 #             sharing the GPU, the rest queued (PROTO_JOBS: lines "protocol|cells|more flags|mem|
 #             precision", default the list in the step, one cell per job; mem, optional, is that
 #             job's share of the GPU's memory, a fraction or GiB ("9G", `share`), else PROTO_MEM,
-#             default 0.15: keep the shares of the jobs at once below 0.9 of the GPU; precision,
+#             default 0.15; a job waits until its share fits beside the running jobs' (of every
+#             protobg launch) within PROTO_MEM_MAX, default 0.9 of the GPU; precision,
 #             optional, that job's JAX_DEFAULT_MATMUL_PRECISION).
 #             PROTO_S (default 540) is the step's wall limit: every job stops training 25 s before
 #             it (paper_protocols --deadline: a cut run is kept as partial.json) and is killed at it;
@@ -226,19 +227,17 @@ for s in "$@"; do case $s in
         (cd /tmp/mqar && find . -name '*.json' -o -name '*.png' -o -name '*.jsonl' | grep -v checkpoints \
           | tar cf - -T - | (mkdir -p $LOGS/mqar && cd $LOGS/mqar && tar xf -)) ;;
   protocols|protorun)
-    # Default: the cells left (session 30): Gated DeltaNet d512 (its value heads, 512 wide, taken
-    # by the Triton kernels since session 29's check; "auto" asked 17.19 GiB at once in a 16 GiB
-    # share, session 30; its chunk form asked 43.7), Mamba-2 d256 (10.52 GiB in a 10 GiB share)
-    # and d128 through "auto" (their earlier runs were the chunk form, cut early), linear
-    # attention d128 / d256, the 512-token cells cut early (DeltaNet d64 at 40,500, Gated DeltaNet
-    # d64 at 7,500, GLA d128 at 27,000: a rerun starts from step 0 and replaces the cut run only if
-    # it gets further), Based d64-d256 through "auto" (its compact map, 153 features: the
-    # linear-attention Triton kernels at K = 256, checked in session 30; asked 6.81 / 8.10 / 10.69
-    # GiB in shares of 6 / 8 / 10, and at ~2 s a step reached only 400-500 steps in ~1000 s while
-    # its map was built from index arrays, now from slices: the full map's chunk-form runs were cut
-    # at 1,000-2,000 steps), DeltaProduct S5 n_h = 3 (its 512-token evaluation in batches of 32:
-    # 128 rows asked 8.1 GiB at n_h = 4) and Zoology's attention d64 / d128 on Zoology's data (the
-    # grid's runs left one seed of three on the plateau at each width).
+    # Default: the cells left (session 31): Based d128 / d256 / d64 through "auto" (its compact
+    # map, 153 features: the linear-attention Triton kernels at K = 256, checked in session 30;
+    # at ~2 s a step in session 30 while the map was built from index arrays, now from slices; the
+    # full map's chunk-form runs were cut at 1,000-2,000 steps; session 31's d128 job found the GPU
+    # full), linear attention d256 (a 7 GiB share could not hold its 7.93 GiB allocation) and
+    # d128, linear attention and Mamba-2 d64 on Zoology's data (attention solved it there at every
+    # width, session 31: does the data move the recurrent mixers too?), the 512-token cells cut
+    # early (DeltaNet d64 at 40,500, Gated DeltaNet d64 at 7,500, GLA d128 at 27,000: a rerun
+    # starts from step 0 and replaces the cut run only if it gets further), DeltaProduct S5 n_h =
+    # 3 (its 512-token evaluation in batches of 32: 128 rows asked 8.1 GiB at n_h = 4) and Mamba-2
+    # d256 (cut at 1,500 in session 31 at ~0.7 s a step: a run to its end wants a session).
     # Measured (wall time per job, compiles included): state tracking with 4 processes on an H200
     # (session 22), the Mamba cells 470-520 s (0.3 of the memory each: Mamba with eigenvalues in
     # [-1, 1] scans E N = 4096 channels per layer, `Mamba.signed_scan`), DeltaNet 313-323 s, mLSTM
@@ -258,37 +257,42 @@ for s in "$@"; do case $s in
     A="--lrs=0.0022 --set=model.impl=auto"
     # Zoology's own query gaps (power law) and fillers (random tokens), results apart (zoology_data/)
     Z="--lrs=0.0022 --set=task.params.power_a=0.01 --set=task.params.random_non_queries=True --out={out}/zoology_data"
-    jobs="mqar|^gated_deltanet-d512-T256|$A|24G|tensorfloat32
-mqar|^mamba2-d256-T256|$A|14G|tensorfloat32
-mqar|^based-d128-T256|$A|12G|tensorfloat32
+    jobs="mqar|^based-d128-T256|$A|12G|tensorfloat32
 mqar|^based-d256-T256|$A|15G|tensorfloat32
+mqar|^linear_attention-d256-T256|$A|12G|tensorfloat32
 mqar|^based-d64-T256|$A|10G|tensorfloat32
-mqar|^mamba2-d128-T256|$A|12G|tensorfloat32
-mqar|^linear_attention-d128-T256|$A|6G|tensorfloat32
-mqar|^linear_attention-d256-T256|$A|7G|tensorfloat32
+mqar|^linear_attention-d128-T256|$A|8G|tensorfloat32
+mqar|^linear_attention-d64-T256|$Z --set=model.impl=auto|6G|tensorfloat32
+mqar|^mamba2-d64-T256|$Z --set=model.impl=auto|10G|tensorfloat32
 mqar|^deltanet-d64-T512|$A|5G|tensorfloat32
 mqar|^gated_deltanet-d64-T512|$A|8G|tensorfloat32
 mqar|^gla-d128-T512|$A|7G|tensorfloat32
 deltaproduct|s5-nh3|--set=eval.batch_size=32 --set=eval.batches=16|10G|float32
-mqar|^attention-d64-T256|$Z|6G|tensorfloat32
-mqar|^attention-d128-T256|$Z|7G|tensorfloat32"
+mqar|^mamba2-d256-T256|$A|14G|tensorfloat32"
     fast_flags
     ( export XLA_FLAGS=$FAST_FLAGS
       out=${PROTO_OUT:-experiments/results/protocols}; plogs=${PROTO_LOGDIR:-$LOGS}; pn=${PROTO_NAME:-proto}
       L=${PROTO_S:-540}; P=${PROTO_P:-4}; end=$((SECONDS + L)); i=0
       echo "== protocols ($(date +%T)): $P processes at a time, cut at $L s"
-      pjob() { local name=$1 limit=$2 t0=$SECONDS; shift 2
+      # a running job's share lives in <job>.mem (in the logs folder, which protobg's launches
+      # share) until it ends: a job starts only when its share fits beside every running one
+      pjob() { local name=$1 limit=$2 mem=$3 t0=$SECONDS; shift 3; echo "$mem" > "$plogs/$name.mem"
         ( timeout "$limit" "$@" > "$plogs/$name.log" 2>&1; echo $? > "$plogs/$name.rc"
-          echo $((SECONDS - t0)) > "$plogs/$name.s" ) & }
+          echo $((SECONDS - t0)) > "$plogs/$name.s"; rm -f "$plogs/$name.mem" ) & }
+      over() { cat "$plogs"/*.mem 2>/dev/null | awk -v m="$1" -v x="${PROTO_MEM_MAX:-0.9}" \
+        '{ u += $1 } END { exit !(u + m > x) }'; }
       while IFS='|' read -r proto cells extra mem prec; do
         [ -n "$proto" ] || continue; i=$((i+1))
         while [ "$(jobs -rp | wc -l)" -ge "$P" ]; do wait -n; done
-        left=$((end - SECONDS)); mem=$(share "${mem:-${PROTO_MEM:-0.15}}")
+        mem=$(share "${mem:-${PROTO_MEM:-0.15}}")
+        # session 31: two jobs queued behind ended ones found the GPU full (shares of 0.97 in all)
+        while over "$mem" && [ $((end - SECONDS)) -ge "${PROTO_MIN_S:-300}" ]; do sleep 5; done
+        left=$((end - SECONDS))
         if [ "$left" -lt "${PROTO_MIN_S:-300}" ]; then
           echo "   $pn$i $proto|$cells: not started ($left s left)"; continue; fi
         prec=${prec:-float32}; extra=${extra//\{out\}/$out}     # "{out}": this step's results folder
         echo "   $pn$i $proto|$cells|$extra, memory $mem, $prec matmuls, at +$((L - left)) s"
-        JAX_DEFAULT_MATMUL_PRECISION=$prec XLA_PYTHON_CLIENT_MEM_FRACTION=$mem pjob $pn$i "$left" python3 -m experiments.paper_protocols \
+        JAX_DEFAULT_MATMUL_PRECISION=$prec XLA_PYTHON_CLIENT_MEM_FRACTION=$mem pjob $pn$i "$left" "$mem" python3 -m experiments.paper_protocols \
           --protocol="$proto" --cells="$cells" --out="$out" --set=model.impl=chunk \
           --deadline=$((left - 25)) $extra
       done <<< "${PROTO_JOBS:-$jobs}"
