@@ -98,7 +98,7 @@
 #   keeps XLA's defaults; flags this XLA does not know are dropped (checked on its CPU client).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-OUT=${OUT:-/tmp/out}; LOGS=/tmp/logs; mkdir -p "$OUT" "$LOGS"; touch /tmp/stamp
+OUT=${OUT:-/tmp/out}; LOGS=${LOGS:-/tmp/logs}; mkdir -p "$OUT" "$LOGS"; touch /tmp/stamp
 # The package as users get it: kernels/ lands as linear_jax.kernels (pyproject's package-dir). The
 # device has no internet but has setuptools and wheel, hence no index and no build isolation.
 # PROTO_TREE (protobg's own copy of the tree, below): no install, the link alone
@@ -370,4 +370,4 @@ mqar|^mamba2-d256-T256|$A|14G|tensorfloat32"
   *) echo "unknown step $s"; exit 2 ;;
 esac; done
 find benchmarks/results benchmarks/anchors -name '*.json' -newer /tmp/stamp > /tmp/new
-tar czf "$OUT/results.tgz" -T /tmp/new -C /tmp logs && tar tzf "$OUT/results.tgz"
+tar czf "$OUT/results.tgz" -T /tmp/new -C "${LOGS%/*}" "${LOGS##*/}" && tar tzf "$OUT/results.tgz"

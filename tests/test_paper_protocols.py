@@ -3,9 +3,11 @@ protocol runs its smoke cell (--quick) end to end into its JSON and table; a sec
 the finished cell, and --collect rebuilds the summary from it."""
 
 import json
+import os
 import pathlib
 import re
 import shutil
+import subprocess
 
 import pytest
 from flax import nnx
@@ -333,3 +335,34 @@ def test_the_device_scripts_default_jobs_name_cells_that_exist():
         grid = paper_protocols.cell_configs(args, module, protocol)
         assert len(grid) == 1, (line, [name for name, _, _ in grid])
         assert re.fullmatch(r"\d+G", mem) and prec in ("float32", "tensorfloat32"), line
+
+
+def test_the_device_scheduler_starts_a_job_only_when_its_memory_share_fits(tmp_path):
+    """benchmarks/run_device.sh's protocols scheduler, with `python3` replaced by a stub that
+    logs each job's start and end: at PROTO_MEM_MAX 0.9 the second job (share 0.5) waits for
+    the first (0.5) to end, and the third (0.3) fits beside the second at once."""
+    (tmp_path / "benchmarks").mkdir()
+    shutil.copy(ROOT / "benchmarks" / "run_device.sh", tmp_path / "benchmarks")
+    stub, log = tmp_path / "bin" / "python3", tmp_path / "jobs.log"
+    stub.parent.mkdir()
+    stub.write_text('#!/usr/bin/env bash\ncase "$*" in *paper_protocols*)\n'
+                    f'  echo "start $(date +%s.%N) $*" >> {log}; sleep 1\n'
+                    f'  echo "end $(date +%s.%N) $*" >> {log} ;;\nesac\n')
+    stub.chmod(0o755)
+    jobs = "\n".join(f"mqar|^{c}|--quick|{m}|float32"
+                     for c, m in (("one", 0.5), ("two", 0.5), ("three", 0.3)))
+    env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "PROTO_JOBS": jobs,
+           "PROTO_P": "3", "PROTO_S": "60", "PROTO_MIN_S": "10", "PROTO_MEM_MAX": "0.9",
+           "PROTO_TREE": "1", "FAST_COMPILE": "0", "OUT": str(tmp_path / "out"),
+           "LOGS": str(tmp_path / "logs"), "PROTO_LOGDIR": str(tmp_path / "logs")}
+    subprocess.run(["bash", "benchmarks/run_device.sh", "protorun"], cwd=tmp_path, env=env,
+                   capture_output=True, timeout=60, check=False)
+    times = {}
+    for line in log.read_text().splitlines():
+        what, t, *args = line.split()
+        cell = next(a for a in args if a.startswith("--cells=")).removeprefix("--cells=^")
+        times[what, cell] = float(t)
+    assert len(times) == 6, times
+    assert times["start", "two"] >= times["end", "one"]
+    assert times["start", "three"] < times["end", "two"]
+    assert not list((tmp_path / "logs").glob("*.mem"))     # every share released at its end
