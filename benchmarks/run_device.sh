@@ -370,4 +370,4 @@ mqar|^mamba2-d256-T256|$A|14G|tensorfloat32"
   *) echo "unknown step $s"; exit 2 ;;
 esac; done
 find benchmarks/results benchmarks/anchors -name '*.json' -newer /tmp/stamp > /tmp/new
-tar czf "$OUT/results.tgz" -T /tmp/new -C "${LOGS%/*}" "${LOGS##*/}" && tar tzf "$OUT/results.tgz"
+tar czf "$OUT/results.tgz" -T /tmp/new -C "$(dirname "$LOGS")" "$(basename "$LOGS")" && tar tzf "$OUT/results.tgz"
