@@ -31,6 +31,8 @@
 #   scans     scans_gpu: check + timings of the selective-scan kernel (SCANS_ARGS: its flags)
 #   elementwise  elementwise_gpu: check + timings of the hgrn / diagonal_scan kernels (ELEMENTWISE_ARGS)
 #   mlstm     mlstm_gpu: check + timings of the mLSTM kernel
+#   normaliser  normaliser_gpu: linear attention's normaliser apart from the kernel against the
+#             column of ones it replaced (NORM_ARGS: its flags)
 #   hopper    hopper_gpu: the Mosaic GPU simple_gla kernels, checks + timings beside jla
 #             (HOPPER_VARIANTS: HopperChunkConfig variants, default "default,run1,serial,approx")
 #   hopperdelta  hopper_delta_gpu --quick: the Mosaic GPU delta / gated delta kernels
@@ -211,6 +213,7 @@ for s in "$@"; do case $s in
   host) TAIL=20 step host "${HOST_S:-240}" python3 -m experiments.benchmarks.host_overhead ${HOST_ARGS:-} ;;
   bwd) TAIL=60 step bwd "${BWD_S:-300}" python3 -m experiments.benchmarks.bwd_gpu ${BWD_ARGS:-} ;;
   mlstm) step mlstm "${MLSTM_S:-150}" python3 -m experiments.benchmarks.mlstm_gpu ;;
+  normaliser) TAIL=20 step normaliser "${NORM_S:-240}" python3 -m experiments.benchmarks.normaliser_gpu ${NORM_ARGS:-} ;;
   mqar) train_env; fast_flags; mkdir -p /tmp/mqar
         runs=${MQAR_RUNS:-experiments/results/mqar_sweep/runs}; [ -d "$runs" ] && cp -r "$runs" /tmp/mqar/
         # a cell is mostly compilation (host CPUs), so processes sharing the GPU finish more cells
@@ -227,17 +230,17 @@ for s in "$@"; do case $s in
         (cd /tmp/mqar && find . -name '*.json' -o -name '*.png' -o -name '*.jsonl' | grep -v checkpoints \
           | tar cf - -T - | (mkdir -p $LOGS/mqar && cd $LOGS/mqar && tar xf -)) ;;
   protocols|protorun)
-    # Default: the cells left (session 31): Based d128 / d256 / d64 through "auto" (its compact
-    # map, 153 features: the linear-attention Triton kernels at K = 256, checked in session 30;
-    # at ~2 s a step in session 30 while the map was built from index arrays, now from slices; the
-    # full map's chunk-form runs were cut at 1,000-2,000 steps; session 31's d128 job found the GPU
-    # full), linear attention d256 (a 7 GiB share could not hold its 7.93 GiB allocation) and
-    # d128, linear attention and Mamba-2 d64 on Zoology's data (attention solved it there at every
-    # width, session 31: does the data move the recurrent mixers too?), the 512-token cells cut
-    # early (DeltaNet d64 at 40,500, Gated DeltaNet d64 at 7,500, GLA d128 at 27,000: a rerun
-    # starts from step 0 and replaces the cut run only if it gets further), DeltaProduct S5 n_h =
-    # 3 (its 512-token evaluation in batches of 32: 128 rows asked 8.1 GiB at n_h = 4) and Mamba-2
-    # d256 (cut at 1,500 in session 31 at ~0.7 s a step: a run to its end wants a session).
+    # Default: the cells left (session 32). Mamba-2, GLA and Based d64 on Zoology's data (session
+    # 31-32: attention solves it at every width there, linear attention d64 rose from 0.08 on the
+    # grid's data to 0.48 at a cut 11,000: does the data move the gated and Taylor mixers too?),
+    # Based d128 (cut at 9,000 in session 32 with one seed of three at 0.66; ~0.13 s a step beside
+    # 5 jobs, where session 30 measured ~2 s: a run to 25,000 wants a session of its own), the
+    # 512-token cells cut early (DeltaNet d64 at 40,500, Gated DeltaNet d64 at 7,500, GLA d128 at
+    # 27,000: a rerun starts from step 0 and replaces the cut run only if it gets further),
+    # DeltaProduct S5 n_h = 3 (its 512-token evaluation in batches of 32: 128 rows asked 8.1 GiB
+    # at n_h = 4), Based and linear attention d512 (not run; Based d256 ran in 15G), Mamba-2 d256
+    # (cut at 1,500 in session 31 at ~0.7 s a step) and linear attention d64 on Zoology's data
+    # (cut at 11,000).
     # Measured (wall time per job, compiles included): state tracking with 4 processes on an H200
     # (session 22), the Mamba cells 470-520 s (0.3 of the memory each: Mamba with eigenvalues in
     # [-1, 1] scans E N = 4096 channels per layer, `Mamba.signed_scan`), DeltaNet 313-323 s, mLSTM
@@ -250,25 +253,27 @@ for s in "$@"; do case $s in
     # at 512 tokens 40,500 steps in 1364 s, GLA d128 at 512 only 25,500 in 1370 s; with 2-3 beside
     # 8 check processes (session 30): GLA d512 to its early stop at 3,000 steps in 354 s, Gated
     # DeltaNet d256 at 512 tokens at 1,500 in 249 s, selective copying with Mamba 4000 steps in
-    # 712 s. Hence PROTO_S
+    # 712 s; with 4 beside 4 ten-seed LM jobs (session 32, the normaliser apart from the kernels):
+    # Based d256 to its early stop at 2,000 steps in 473 s, d64 at 7,000 in 790 s, d128 9,000 in
+    # 1143 s; linear attention d256 9,000 in 1132 s, d128 11,500 in 664 s. Hence PROTO_S
     # 540 (the device's 600 s per call less the setup) cuts the long cells: run them under protobg.
     # protorun: the same scheduler as protobg launches it (into PROTO_OUT, logs in PROTO_LOGDIR
     # as <PROTO_NAME>i).
     A="--lrs=0.0022 --set=model.impl=auto"
     # Zoology's own query gaps (power law) and fillers (random tokens), results apart (zoology_data/)
     Z="--lrs=0.0022 --set=task.params.power_a=0.01 --set=task.params.random_non_queries=True --out={out}/zoology_data"
-    jobs="mqar|^based-d128-T256|$A|12G|tensorfloat32
-mqar|^based-d256-T256|$A|15G|tensorfloat32
-mqar|^linear_attention-d256-T256|$A|12G|tensorfloat32
-mqar|^based-d64-T256|$A|10G|tensorfloat32
-mqar|^linear_attention-d128-T256|$A|8G|tensorfloat32
-mqar|^linear_attention-d64-T256|$Z --set=model.impl=auto|6G|tensorfloat32
-mqar|^mamba2-d64-T256|$Z --set=model.impl=auto|10G|tensorfloat32
+    jobs="mqar|^mamba2-d64-T256|$Z --set=model.impl=auto|10G|tensorfloat32
+mqar|^based-d128-T256|$A|12G|tensorfloat32
+mqar|^gla-d64-T256|$Z --set=model.impl=auto|6G|tensorfloat32
+mqar|^based-d64-T256|$Z --set=model.impl=auto|10G|tensorfloat32
 mqar|^deltanet-d64-T512|$A|5G|tensorfloat32
 mqar|^gated_deltanet-d64-T512|$A|8G|tensorfloat32
 mqar|^gla-d128-T512|$A|7G|tensorfloat32
 deltaproduct|s5-nh3|--set=eval.batch_size=32 --set=eval.batches=16|10G|float32
-mqar|^mamba2-d256-T256|$A|14G|tensorfloat32"
+mqar|^based-d512-T256|$A|24G|tensorfloat32
+mqar|^linear_attention-d512-T256|$A|20G|tensorfloat32
+mqar|^mamba2-d256-T256|$A|14G|tensorfloat32
+mqar|^linear_attention-d64-T256|$Z --set=model.impl=auto|6G|tensorfloat32"
     fast_flags
     ( export XLA_FLAGS=$FAST_FLAGS
       out=${PROTO_OUT:-experiments/results/protocols}; plogs=${PROTO_LOGDIR:-$LOGS}; pn=${PROTO_NAME:-proto}

@@ -415,3 +415,19 @@ def test_check_gpu_cases_split_by_length_and_dtype():
     assert check_gpu.op_cases("linear_attention", full) == [full[0], full[-1]]
     one = check_gpu.cases([256], ["float32"], [2048])
     assert check_gpu.op_cases("linear_attention", one) == one   # once, not twice
+
+
+def test_normaliser_benchmark_runs_and_its_check_can_fail(monkeypatch):
+    """--quick on the CPU: split and column agree and every form is timed; a split form that
+    computes something else (a scaled output) fails the check and the script exits 1."""
+    from experiments.benchmarks import normaliser_gpu as nb
+
+    assert nb.main(["--quick", "--shapes", "tiny"]) == 0
+    run = nb.run
+
+    def wrong(form, x, seg):
+        o, S = run(form, x, seg)
+        return (1.01 * o, S) if form == "split" else (o, S)
+
+    monkeypatch.setattr(nb, "run", wrong)
+    assert nb.main(["--quick", "--shapes", "tiny"]) == 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from linear_jax import ops
-from tests.ops.specs import OpSpec, cast_like, narrow_kernels, resets, strong_log_decays
+from tests.ops.specs import OpSpec, cast_like, resets, strong_log_decays
 from tests.utils import log_sigmoid_gates
 
 H, K, V = 2, 12, 10
@@ -73,10 +73,7 @@ SPECS = [
     OpSpec("linear_attention[normalize]", ops.linear_attention, _make_la_norm,
            lambda a, S0, seg: decay_reference(a["q"], a["k"], a["v"], None, S0, seg, K**-0.5,
                                               normalize=True),
-           lambda a: _state(a)[:3] + (V + 1,), diff_args=("q", "k", "v"),
-           narrow=narrow_kernels("linear_attention", "a kernel sees linear_attention's ungated "
-                                 "call with V + 1 float32 value columns (mixed input dtypes are "
-                                 "ssd's case): nothing its other cases do not run")),
+           lambda a: _state(a)[:3] + (V + 1,), diff_args=("q", "k", "v")),
     OpSpec("simple_gla", ops.simple_gla, _make_sgla,
            lambda a, S0, seg: decay_reference(a["q"], a["k"], a["v"], a["g"], S0, seg, K**-0.5),
            _state, diff_args=("q", "k", "v", "g"), strong=_strong),

@@ -104,6 +104,19 @@ def test_linear_attention_normalize_is_a_ratio():
     np.testing.assert_allclose(np.asarray(S[..., -1]), k.sum(1), rtol=1e-5)
 
 
+def test_normalised_float16_survives_a_numerator_past_its_range():
+    # the unnormalised numerator sum_s (q.k_s) v_s reaches ~2e6 here, past float16's 65504; the
+    # ratio is ~v. The numerator must be formed in float32 for float16 inputs.
+    rng = np.random.default_rng(4)
+    q, k = (np.exp(0.2 * rng.standard_normal((1, 300, 1, 8))).astype(np.float16) for _ in range(2))
+    v = (1000 + 100 * rng.standard_normal((1, 300, 1, 4))).astype(np.float16)
+    o16, _ = linear_attention_jit(q, k, v, normalize=True, scale=1.0, impl="chunk")
+    o32, _ = linear_attention_jit(*(x.astype(np.float32) for x in (q, k, v)), normalize=True,
+                                  scale=1.0, impl="chunk")
+    assert o16.dtype == jnp.float16 and bool(jnp.all(jnp.isfinite(o16)))
+    assert_close(o16.astype(jnp.float32), o32, 2e-3, "float16 normalised output")
+
+
 def test_grouped_heads_equal_repeated_heads():
     rng = np.random.default_rng(3)
     q, k = (rng.standard_normal((2, 20, 2, 8)).astype(np.float32) for _ in range(2))
