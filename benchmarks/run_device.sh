@@ -31,8 +31,8 @@
 #   scans     scans_gpu: check + timings of the selective-scan kernel (SCANS_ARGS: its flags)
 #   elementwise  elementwise_gpu: check + timings of the hgrn / diagonal_scan kernels (ELEMENTWISE_ARGS)
 #   mlstm     mlstm_gpu: check + timings of the mLSTM kernel
-#   normaliser  normaliser_gpu: linear attention's normaliser apart from the kernel against the
-#             column of ones it replaced (NORM_ARGS: its flags)
+#   normaliser  normaliser_gpu: linear attention's normaliser as the op computes it (a column of
+#             ones in v) against z apart from the kernel (NORM_ARGS: its flags)
 #   hopper    hopper_gpu: the Mosaic GPU simple_gla kernels, checks + timings beside jla
 #             (HOPPER_VARIANTS: HopperChunkConfig variants, default "default,run1,serial,approx")
 #   hopperdelta  hopper_delta_gpu --quick: the Mosaic GPU delta / gated delta kernels
@@ -253,7 +253,7 @@ for s in "$@"; do case $s in
     # at 512 tokens 40,500 steps in 1364 s, GLA d128 at 512 only 25,500 in 1370 s; with 2-3 beside
     # 8 check processes (session 30): GLA d512 to its early stop at 3,000 steps in 354 s, Gated
     # DeltaNet d256 at 512 tokens at 1,500 in 249 s, selective copying with Mamba 4000 steps in
-    # 712 s; with 4 beside 4 ten-seed LM jobs (session 32, the normaliser apart from the kernels):
+    # 712 s; with 4 beside 4 ten-seed LM jobs (session 32, z apart from the kernels, since undone):
     # Based d256 to its early stop at 2,000 steps in 473 s, d64 at 7,000 in 790 s, d128 9,000 in
     # 1143 s; linear attention d256 9,000 in 1132 s, d128 11,500 in 664 s. Hence PROTO_S
     # 540 (the device's 600 s per call less the setup) cuts the long cells: run them under protobg.

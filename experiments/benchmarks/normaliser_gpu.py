@@ -1,25 +1,32 @@
-"""Linear attention's normaliser on the device: apart from the kernel (the op) or as a column of
-ones appended to v (the op before session 32), with the plain numerator as the floor of the first.
+"""Linear attention's normaliser on the device: as a column of ones appended to v (the op) or
+apart from the kernel (a candidate), with the plain numerator as the floor of the second.
 
     python -m experiments.benchmarks.normaliser_gpu                # the device
     python -m experiments.benchmarks.normaliser_gpu --quick        # CPU, seconds: the script runs
 
 Forms, each jitted with every input an argument and impl "auto":
-  split      `linear_attention(normalize=True)`: the numerator through `simple_gla` at V values
-             in v's dtype, z = running sum of k by an element-wise scan in float32;
-  column     `simple_gla(q, k, [v, 1])` in float32 at V + 1 values, then o[:V] / (o[V] + eps):
-             what the op computed before (Based d128 at V = 64 hands the kernels 65 columns);
-  numerator  `linear_attention(normalize=False)`: the split's kernel call alone.
+  column     `linear_attention(normalize=True)`: `simple_gla(q, k, [v, 1])` in float32 at V + 1
+             values, then o[:V] / (o[V] + eps) (Based d128 at V = 64 hands the kernels 65 columns,
+             padded to 80; bf16 inputs never reach the Hopper kernels);
+  split      the numerator through `linear_attention(normalize=False)` at V values in v's dtype, z
+             a running sum of k by an element-wise scan in float32 (`chunk_scan`, a = 1);
+  numerator  the split's kernel call alone.
+The split is not the op because it is less exact where the kernel can cancel to ~0 (ReBased:
+`tests/ops/test_decay_family.py::test_normaliser_shares_the_numerators_products`); this script
+measures what it would buy where the kernel stays away from 0 (Based's Taylor kernel >= 1/2, elu
++ 1), to decide whether such maps should take it.
+
 Shapes: the MQAR cells whose step time this is about (Based d128: K = 153 compact Taylor
 features, V = 64; linear attention d256: K = V = 128; batch 256 x 3 seeds, T = 256, 2 heads,
-float32 as those runs train) and a bf16 language-model shape (B = 8, T = 2048, H = 16,
-K = V = 128), where the split hands the Hopper kernels bf16 and the column form float32.
+float32) and a bf16 language-model shape (B = 8, T = 2048, H = 16, K = V = 128), where the split
+hands the Hopper kernels bf16 and the column form float32.
 
 Before timing, split and column are compared (output, final state, gradients of q, k, v and
-the initial state): a relative error above --tol prints FAIL and the script exits 1. Timings are
-median ms of the forward and of forward + backward, the forms interleaved (`common.sync_ms`),
-beside the shape's floor (`common.decay_family_cost`, no gate, the numerator's bytes and FLOPs).
-Writes benchmarks/results/normaliser_gpu_<device>.json.
+the initial state) on positive features: a relative error above --tol prints FAIL and the script
+exits 1. Timings are median ms of the forward and of forward + backward, the forms interleaved
+(`common.sync_ms`), beside the shape's floor (`common.decay_family_cost`, no gate, the
+numerator's bytes and FLOPs). Writes benchmarks/results/normaliser_gpu_<device>.json after every
+shape.
 """
 
 from __future__ import annotations
@@ -33,8 +40,8 @@ import numpy as np
 
 from experiments.benchmarks import common
 from experiments.benchmarks.scans_gpu import rel
+from linear_jax.ops.common.elementwise_chunk import chunk_scan
 from linear_jax.ops.linear_attention import linear_attention
-from linear_jax.ops.simple_gla import simple_gla
 
 SHAPES = {  # name: (B, T, H, K, V, dtype)
     "based_d128": (768, 256, 2, 153, 64, "float32"),
@@ -60,15 +67,18 @@ def inputs(B, T, H, K, V, dtype, seed=0):
 
 def run(form, x, seg):
     q, k, v, S0 = x["q"], x["k"], x["v"], x["S0"]
-    if form == "split":
+    if form == "column":
         return linear_attention(q, k, v, normalize=True, scale=1.0, initial_state=S0,
                                 segment_ids=seg)
+    o, S = linear_attention(q, k, v, scale=1.0, initial_state=S0[..., :-1], segment_ids=seg)
     if form == "numerator":
-        return linear_attention(q, k, v, scale=1.0, initial_state=S0[..., :-1], segment_ids=seg)
-    ones = jnp.ones(v.shape[:-1] + (1,), jnp.float32)
-    o, S = simple_gla(q, k, jnp.concatenate([v.astype(jnp.float32), ones], -1), None, scale=1.0,
-                      initial_state=S0, segment_ids=seg)
-    return (o[..., :-1] / (o[..., -1:] + EPS)).astype(v.dtype), S
+        return o, S
+    kf = k.astype(jnp.float32)
+    z, zT = chunk_scan(jnp.ones_like(kf), kf, initial_state=S0[..., -1], segment_ids=seg,
+                       chunk_size=64)
+    den = jnp.einsum("bthk,bthk->bth", q.astype(jnp.float32), z, precision="highest")
+    o = o.astype(jnp.float32) / (den[..., None] + EPS)
+    return o.astype(v.dtype), jnp.concatenate([S, zT[..., None]], -1)
 
 
 def fns(form):

@@ -157,10 +157,7 @@ def linear_attention(q, k, v, *, normalize=False, eps=1e-6, axis_name="seq", mes
                      batch_axes=None, head_axes=None, scale=None, initial_state=None,
                      segment_ids=None, chunk_size=64, impl="auto", config=None,
                      mode=DEFAULT_MODE, staging="auto"):
-    """Sequence-parallel `linear_jax.ops.linear_attention` (arguments as `simple_gla`).
-
-    The normaliser z rides through the state passing as a float32 value column of ones, so the
-    shards exchange one state; the single-device op computes z apart from its kernel call."""
+    """Sequence-parallel `linear_jax.ops.linear_attention` (arguments as `simple_gla`)."""
     V = v.shape[-1]
     if normalize:
         ones = jnp.ones(v.shape[:-1] + (1,), jnp.float32)

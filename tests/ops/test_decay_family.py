@@ -117,6 +117,35 @@ def test_normalised_float16_survives_a_numerator_past_its_range():
     assert_close(o16.astype(jnp.float32), o32, 2e-3, "float16 normalised output")
 
 
+def test_normaliser_shares_the_numerators_products():
+    """ReBased's kernel (z_q . z_k)^2 through signed compact features cancels to ~0 at some
+    pairs; numerator and denominator must come from the same rounded products for the ratio's
+    gradients to stay accurate. Against float64 on this draw: the column form's dq, dk 1.5e-3; z
+    computed apart from the kernel (a running sum of k beside a call at V) gave 3.8e-1."""
+    from linear_jax.ops.feature_maps import rebased_features
+
+    rng = np.random.default_rng(0)
+    B, T, H, d, V = 2, 64, 2, 16, 8
+    phi = lambda x: rebased_features(jnp.asarray(x), jnp.ones(d), jnp.zeros(d), compact=True)
+    q, k = (phi(rng.standard_normal((B, T, H, d)).astype(np.float32)) for _ in range(2))
+    v = rng.standard_normal((B, T, H, V)).astype(np.float32)
+    seg = np.cumsum(rng.uniform(size=(B, T)) < 0.1, axis=1).astype(np.int32)
+    w = rng.standard_normal((B, T, H, V)).astype(np.float32)
+    loss = lambda o: jnp.sum(o * w)
+    dq, dk = jax.grad(lambda q, k: loss(linear_attention_jit(
+        q, k, v, normalize=True, scale=1.0, segment_ids=seg, impl="chunk", chunk_size=16)[0]),
+        argnums=(0, 1))(q, k)
+    same = (seg[:, :, None] == seg[:, None, :]) & np.tri(T, dtype=bool)
+    with jax.enable_x64(True):
+        def exact(q, k):
+            a = jnp.einsum("bthk,bshk->bhts", q, k) * same[:, None]
+            o = jnp.einsum("bhts,bshv->bthv", a, v.astype(np.float64))
+            return loss(o / (jnp.sum(a, -1).transpose(0, 2, 1)[..., None] + 1e-6))
+        rq, rk = jax.grad(exact, argnums=(0, 1))(*(np.asarray(x, np.float64) for x in (q, k)))
+        assert_close(dq, np.asarray(rq), 1e-2, "dq")
+        assert_close(dk, np.asarray(rk), 1e-2, "dk")
+
+
 def test_grouped_heads_equal_repeated_heads():
     rng = np.random.default_rng(3)
     q, k = (rng.standard_normal((2, 20, 2, 8)).astype(np.float32) for _ in range(2))
