@@ -32,7 +32,8 @@
 #   elementwise  elementwise_gpu: check + timings of the hgrn / diagonal_scan kernels (ELEMENTWISE_ARGS)
 #   mlstm     mlstm_gpu: check + timings of the mLSTM kernel
 #   normaliser  normaliser_gpu: linear attention's normaliser as the op computes it (a column of
-#             ones in v) against z apart from the kernel (NORM_ARGS: its flags)
+#             ones in v's dtype) against that column in float32 (the op before session 33) and z
+#             apart from the kernel, checks and timings (NORM_ARGS: its flags)
 #   hopper    hopper_gpu: the Mosaic GPU simple_gla kernels, checks + timings beside jla
 #             (HOPPER_VARIANTS: HopperChunkConfig variants, default "default,run1,serial,approx")
 #   hopperdelta  hopper_delta_gpu --quick: the Mosaic GPU delta / gated delta kernels
@@ -230,17 +231,18 @@ for s in "$@"; do case $s in
         (cd /tmp/mqar && find . -name '*.json' -o -name '*.png' -o -name '*.jsonl' | grep -v checkpoints \
           | tar cf - -T - | (mkdir -p $LOGS/mqar && cd $LOGS/mqar && tar xf -)) ;;
   protocols|protorun)
-    # Default: the cells left (session 32). Mamba-2, GLA and Based d64 on Zoology's data (session
-    # 31-32: attention solves it at every width there, linear attention d64 rose from 0.08 on the
-    # grid's data to 0.48 at a cut 11,000: does the data move the gated and Taylor mixers too?),
-    # Based d128 (cut at 9,000 in session 32 with one seed of three at 0.66; ~0.13 s a step beside
-    # 5 jobs, where session 30 measured ~2 s: a run to 25,000 wants a session of its own), the
+    # Default: the cells left (session 33). Parity with the authors' optimizer ($O: no weight
+    # decay, b2 0.999, 2,000 warmup steps, a floor of 0.001 of the rate, no clipping; at 20k steps
+    # with ours, DeltaNet and Mamba [-1, 1] lost their length generalisation after an early peak),
+    # Based d512 and d128 with the normaliser's column in v's dtype (the float32 column made the
+    # Triton kernels multiply in IEEE float32: d512 ran ~5 s a step in session 33 and left no
+    # evaluation), Mamba-2 d256 through the chunk form (172 ms a step against 388 through "auto",
+    # session 33), linear attention d512, Mamba-2, GLA and Based d64 on Zoology's data, the
     # 512-token cells cut early (DeltaNet d64 at 40,500, Gated DeltaNet d64 at 7,500, GLA d128 at
     # 27,000: a rerun starts from step 0 and replaces the cut run only if it gets further),
-    # DeltaProduct S5 n_h = 3 (its 512-token evaluation in batches of 32: 128 rows asked 8.1 GiB
-    # at n_h = 4), Based and linear attention d512 (not run; Based d256 ran in 15G), Mamba-2 d256
-    # (cut at 1,500 in session 31 at ~0.7 s a step) and linear attention d64 on Zoology's data
-    # (cut at 11,000).
+    # DeltaProduct S5 n_h = 3 (its 512-token evaluation in batches of 32) and linear attention d64
+    # on Zoology's data (cut at 11,000). Run `normaliser` first: it checks the Mosaic GPU kernels
+    # at V + 1 = 33 and 65, which "auto" now gives linear attention d64 and d128.
     # Measured (wall time per job, compiles included): state tracking with 4 processes on an H200
     # (session 22), the Mamba cells 470-520 s (0.3 of the memory each: Mamba with eigenvalues in
     # [-1, 1] scans E N = 4096 channels per layer, `Mamba.signed_scan`), DeltaNet 313-323 s, mLSTM
@@ -262,17 +264,21 @@ for s in "$@"; do case $s in
     A="--lrs=0.0022 --set=model.impl=auto"
     # Zoology's own query gaps (power law) and fillers (random tokens), results apart (zoology_data/)
     Z="--lrs=0.0022 --set=task.params.power_a=0.01 --set=task.params.random_non_queries=True --out={out}/zoology_data"
-    jobs="mqar|^mamba2-d64-T256|$Z --set=model.impl=auto|10G|tensorfloat32
+    # the authors' optimizer for the state-tracking cells, results apart
+    O="--steps=20000 --set=train.weight_decay=0.0 --set=train.b2=0.999 --set=train.warmup_steps=2000 --set=train.min_lr_ratio=0.001 --set=train.clip_norm=0.0 --out={out}/parity_20k_their_optimizer"
+    jobs="state_tracking|^parity-deltanet_11|$O|6G|float32
+mqar|^based-d512-T256|$A|24G|tensorfloat32
 mqar|^based-d128-T256|$A|12G|tensorfloat32
+state_tracking|^parity-mamba_11|$O|14G|float32
+mqar|^mamba2-d256-T256|--lrs=0.0022|14G|tensorfloat32
+mqar|^linear_attention-d512-T256|$A|20G|tensorfloat32
+mqar|^mamba2-d64-T256|$Z --set=model.impl=auto|10G|tensorfloat32
 mqar|^gla-d64-T256|$Z --set=model.impl=auto|6G|tensorfloat32
 mqar|^based-d64-T256|$Z --set=model.impl=auto|10G|tensorfloat32
 mqar|^deltanet-d64-T512|$A|5G|tensorfloat32
 mqar|^gated_deltanet-d64-T512|$A|8G|tensorfloat32
 mqar|^gla-d128-T512|$A|7G|tensorfloat32
 deltaproduct|s5-nh3|--set=eval.batch_size=32 --set=eval.batches=16|10G|float32
-mqar|^based-d512-T256|$A|24G|tensorfloat32
-mqar|^linear_attention-d512-T256|$A|20G|tensorfloat32
-mqar|^mamba2-d256-T256|$A|14G|tensorfloat32
 mqar|^linear_attention-d64-T256|$Z --set=model.impl=auto|6G|tensorfloat32"
     fast_flags
     ( export XLA_FLAGS=$FAST_FLAGS

@@ -418,8 +418,9 @@ def test_check_gpu_cases_split_by_length_and_dtype():
 
 
 def test_normaliser_benchmark_runs_and_its_check_can_fail(monkeypatch):
-    """--quick on the CPU: split and column agree and every form is timed; a split form that
-    computes something else (a scaled output) fails the check and the script exits 1."""
+    """--quick on the CPU: split and column_f32 agree with column and every form is timed; a
+    split form that computes something else (a scaled output) fails the check and the script
+    exits 1."""
     from experiments.benchmarks import normaliser_gpu as nb
 
     assert nb.main(["--quick", "--shapes", "tiny"]) == 0

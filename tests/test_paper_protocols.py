@@ -145,6 +145,20 @@ def test_a_cells_learning_rates_train_together_and_are_reused(tmp_path):
     assert [r for r, _ in again] == [r for r, _ in runs]
 
 
+def test_a_deadline_before_the_first_evaluation_still_leaves_one(tmp_path):
+    """A cell too slow to reach its first scheduled evaluation before the deadline (session 33:
+    Based d512 at ~5 s a step, evaluations every 500 steps, killed with nothing) evaluates at the
+    last step it can instead, once a step's time is known (after step 2; step 1 compiles)."""
+    argv = ["--protocol=mqar", "--quick", f"--out={tmp_path}", "--steps=6",
+            "--set=eval.every=6", "--deadline=0"]
+    (row,) = paper_protocols.main(argv)["cells"]
+    assert row["partial"] and (row["steps"], row["of"]) == (3, 6)
+    assert row["stopped"] == "deadline: cut at step 3 of 6"
+    workdir = tmp_path / "mqar" / row["workdir"].split("/")[-1]
+    evals = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in evals if r["split"] == "eval" and r["seed"] == "mean"] == [3]
+
+
 def test_a_deadline_leaves_a_cut_run_that_is_trained_again(tmp_path):
     """--deadline stops at the last evaluation before it: the run goes to partial.json (marked in
     the table), is not reused as finished, and a later call trains it to its end; --salvage
@@ -320,13 +334,13 @@ def test_the_device_scripts_default_jobs_name_cells_that_exist():
     each parses as paper_protocols would run it and picks at least one cell, at one learning rate
     (a typo there costs a device call), with a memory share in GiB and a known precision."""
     script = (ROOT / "benchmarks" / "run_device.sh").read_text()
-    flags = dict(re.findall(r'^    ([AZ])="([^"]*)"$', script, re.M))
+    flags = dict(re.findall(r'^    ([AOZ])="([^"]*)"$', script, re.M))
     jobs = re.search(r'^    jobs="(.*?)"$', script, re.M | re.S).group(1)
     lines = [ln for ln in jobs.splitlines() if ln.strip()]
     assert len(lines) >= 10
     for line in lines:
         proto, cells, extra, mem, prec = line.split("|")
-        extra = re.sub(r"\$([AZ])", lambda m: flags[m.group(1)], extra).replace("{out}", "/unused")
+        extra = re.sub(r"\$([AOZ])", lambda m: flags[m.group(1)], extra).replace("{out}", "/unused")
         args = paper_protocols.parse_args([f"--protocol={proto}", f"--cells={cells}",
                                            "--out=/unused", *extra.split()])
         protocol = paper_protocols.PROTOCOLS[proto]

@@ -1,32 +1,36 @@
-"""Linear attention's normaliser on the device: as a column of ones appended to v (the op) or
-apart from the kernel (a candidate), with the plain numerator as the floor of the second.
+"""Linear attention's normaliser on the device: the column of ones in v's dtype (the op), the
+same column in float32 (the op until session 33), and z apart from the kernel (a candidate), with
+the plain numerator as the floor.
 
     python -m experiments.benchmarks.normaliser_gpu                # the device
     python -m experiments.benchmarks.normaliser_gpu --quick        # CPU, seconds: the script runs
 
 Forms, each jitted with every input an argument and impl "auto":
-  column     `linear_attention(normalize=True)`: `simple_gla(q, k, [v, 1])` in float32 at V + 1
-             values, then o[:V] / (o[V] + eps) (Based d128 at V = 64 hands the kernels 65 columns,
-             padded to 80; bf16 inputs never reach the Hopper kernels);
-  split      the numerator through `linear_attention(normalize=False)` at V values in v's dtype, z
-             a running sum of k by an element-wise scan in float32 (`chunk_scan`, a = 1);
-  numerator  the split's kernel call alone.
+  column      `linear_attention(normalize=True)`: `simple_gla(q, k, [v, 1])` at V + 1 values in
+              v's dtype, then o[:V] / (o[V] + eps);
+  column_f32  the op before: v and the column in float32, so every kernel input is float32 and
+              the Triton kernels multiply in IEEE float32 (Based's MQAR step at d512 took ~5 s on
+              an H100 this way, session 33);
+  split       the numerator through `linear_attention(normalize=False)` at V values, z a running
+              sum of k by an element-wise scan in float32 (`chunk_scan`, a = 1);
+  numerator   the split's kernel call alone.
 The split is not the op because it is less exact where the kernel can cancel to ~0 (ReBased:
-`tests/ops/test_decay_family.py::test_normaliser_shares_the_numerators_products`); this script
-measures what it would buy where the kernel stays away from 0 (Based's Taylor kernel >= 1/2, elu
-+ 1), to decide whether such maps should take it.
+`tests/ops/test_decay_family.py::test_normaliser_shares_the_numerators_products`).
 
-Shapes: the MQAR cells whose step time this is about (Based d128: K = 153 compact Taylor
-features, V = 64; linear attention d256: K = V = 128; batch 256 x 3 seeds, T = 256, 2 heads,
-float32) and a bf16 language-model shape (B = 8, T = 2048, H = 16, K = V = 128), where the split
-hands the Hopper kernels bf16 and the column form float32.
+Shapes: the MQAR cells whose step time this is about, in bfloat16 as the models run them (Based
+d128 / d512: K = 153 compact Taylor features, V = 64 / 256; linear attention d64 / d128 / d256:
+K = V = 32 / 64 / 128; batch 256 x 3 seeds, T = 256, 2 heads) and a language-model shape (B = 8,
+T = 2048, H = 16, K = V = 128). On an H100 "auto" takes the Mosaic GPU kernels where K and V + 1
+are at most 128 (linear attention d64 and d128: V + 1 = 33 and 65, padded to 64 and 128, which
+the device has not checked before this script: its check is their check) and the Triton kernels
+elsewhere.
 
-Before timing, split and column are compared (output, final state, gradients of q, k, v and
-the initial state) on positive features: a relative error above --tol prints FAIL and the script
-exits 1. Timings are median ms of the forward and of forward + backward, the forms interleaved
-(`common.sync_ms`), beside the shape's floor (`common.decay_family_cost`, no gate, the
-numerator's bytes and FLOPs). Writes benchmarks/results/normaliser_gpu_<device>.json after every
-shape.
+Before timing, split and column_f32 are compared with column (output, final state, gradients of
+q, k, v and the initial state) on positive features: a relative error above --tol prints FAIL
+and the script exits 1. Timings are median ms of the forward and of forward + backward, the
+forms interleaved (`common.sync_ms`), beside the shape's floor (`common.decay_family_cost`, no
+gate, the numerator's bytes and FLOPs). Writes benchmarks/results/normaliser_gpu_<device>.json
+after every shape.
 """
 
 from __future__ import annotations
@@ -44,12 +48,15 @@ from linear_jax.ops.common.elementwise_chunk import chunk_scan
 from linear_jax.ops.linear_attention import linear_attention
 
 SHAPES = {  # name: (B, T, H, K, V, dtype)
-    "based_d128": (768, 256, 2, 153, 64, "float32"),
-    "linear_attention_d256": (768, 256, 2, 128, 128, "float32"),
+    "based_d128": (768, 256, 2, 153, 64, "bfloat16"),
+    "based_d512": (768, 256, 2, 153, 256, "bfloat16"),
+    "linear_attention_d64": (768, 256, 2, 32, 32, "bfloat16"),
+    "linear_attention_d128": (768, 256, 2, 64, 64, "bfloat16"),
+    "linear_attention_d256": (768, 256, 2, 128, 128, "bfloat16"),
     "lm_bf16": (8, 2048, 16, 128, 128, "bfloat16"),
 }
 QUICK = {"tiny": (2, 40, 2, 9, 6, "float32"), "tiny_bf16": (2, 40, 2, 9, 6, "bfloat16")}
-FORMS = ("split", "column", "numerator")
+FORMS = ("column", "column_f32", "split", "numerator")
 EPS = 1e-6
 
 
@@ -67,9 +74,11 @@ def inputs(B, T, H, K, V, dtype, seed=0):
 
 def run(form, x, seg):
     q, k, v, S0 = x["q"], x["k"], x["v"], x["S0"]
-    if form == "column":
-        return linear_attention(q, k, v, normalize=True, scale=1.0, initial_state=S0,
+    if form in ("column", "column_f32"):
+        vin = v if form == "column" else v.astype(jnp.float32)
+        o, S = linear_attention(q, k, vin, normalize=True, scale=1.0, initial_state=S0,
                                 segment_ids=seg)
+        return o.astype(v.dtype), S
     o, S = linear_attention(q, k, v, scale=1.0, initial_state=S0[..., :-1], segment_ids=seg)
     if form == "numerator":
         return o, S
@@ -91,14 +100,17 @@ def fns(form):
 
 
 def check(name, compiled, x, seg, tol) -> dict:
-    """split against column; `compiled`: {form: (forward, value_and_grad)}, each jitted once."""
-    (o, S), (_, g) = compiled["split"][0](x, seg), compiled["split"][1](x, seg)
+    """split and column_f32 against column; `compiled`: {form: (forward, value_and_grad)}, each
+    jitted once."""
     (ro, rS), (_, rg) = compiled["column"][0](x, seg), compiled["column"][1](x, seg)
-    errs = {"o": rel(o, ro), "final_state": rel(S, rS),
-            **{f"d{n}": rel(g[n], rg[n]) for n in ("q", "k", "v", "S0")}}
+    errs = {}
+    for form in ("split", "column_f32"):
+        (o, S), (_, g) = compiled[form][0](x, seg), compiled[form][1](x, seg)
+        errs.update({f"{form}_o": rel(o, ro), f"{form}_final_state": rel(S, rS),
+                     **{f"{form}_d{n}": rel(g[n], rg[n]) for n in ("q", "k", "v", "S0")}})
     worst = max(errs.values())
     ok = bool(worst <= tol)
-    print(f"check {name}: split vs column, max rel err {worst:.2e} "
+    print(f"check {name}: split and column_f32 vs column, max rel err {worst:.2e} "
           f"{'ok' if ok else 'FAIL ' + str(errs)}", flush=True)
     return {"shape": name, "errors": errs, "ok": ok}
 
@@ -106,7 +118,7 @@ def check(name, compiled, x, seg, tol) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--shapes", nargs="*", help=f"names among {sorted(SHAPES)} (default: all)")
-    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--reps", type=int, default=10)
     p.add_argument("--tol", type=float, default=None,
                    help="relative error allowed (default 1e-4 float32, 2e-2 bf16)")
     p.add_argument("--quick", action="store_true")

@@ -11,6 +11,10 @@ Oswald et al. 2023, whose one layer can carry out a step of gradient descent in 
 Defaults: key and value head dim d_model / num_heads, no output gate, no short conv, scale 1
 with the normaliser (it cancels) and K^-1/2 without.
 Based, ReBased and Hedgehog are this layer with another feature map (`features`, `feature_width`).
+The op runs in the model's dtype (bfloat16 reaches the kernels' matrix units), except for a map
+whose feature products can cancel to ~0 (`float32_op`, ReBased's): there rounding the numerator and
+the normaliser to bfloat16 apart costs the gradients of q and k their accuracy, so the map and the
+op run in float32 and the output goes back to the model's dtype.
 
 Parameters: 4 D^2 (q, k, v, o with H K = H V = D) [+ V output norm when normalize=False].
 State: [B, H, F, V] float32 (F the feature width), [B, H, F, V + 1] with the normaliser.
@@ -26,6 +30,8 @@ from linear_jax.parallel.dispatch import recurrence
 
 
 class LinearAttention(QKVMixer):
+    float32_op = False
+
     def __init__(self, d_model: int, num_heads: int, *, head_dim: int | None = None,
                  key_dim: int | None = None, normalize: bool = True,
                  feature_map: str = "elu_plus_one", **kw):
@@ -50,9 +56,12 @@ class LinearAttention(QKVMixer):
         return {"state": jnp.zeros((batch_size, self.H, F, V), jnp.float32)}
 
     def mix(self, x, q, k, v, states, segment_ids, seq_parallel=None):
+        dtype = v.dtype
+        if self.float32_op:
+            q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
         q, k = self.features(q, k)
         o, S = recurrence("linear_attention", q, k, v, normalize=self.normalize,
                           scale=1.0 if self.normalize else None, initial_state=states["state"],
                           segment_ids=segment_ids, seq_parallel=seq_parallel,
                           **dict(self.op_kw))
-        return o, {"state": S}
+        return o.astype(dtype), {"state": S}

@@ -29,6 +29,7 @@ from jax import lax
 from linear_jax import _compat, ops
 from linear_jax.ops.common.chunking import doc_index
 from linear_jax.ops.common.heads import default_scale, repeat_heads
+from linear_jax.ops.linear_attention import normalised, with_ones_column
 from linear_jax.parallel import zeco
 from linear_jax.parallel.affine import affine_shard
 from linear_jax.parallel.mesh import resolved_impl, run_on_mesh
@@ -159,15 +160,9 @@ def linear_attention(q, k, v, *, normalize=False, eps=1e-6, axis_name="seq", mes
                      mode=DEFAULT_MODE, staging="auto"):
     """Sequence-parallel `linear_jax.ops.linear_attention` (arguments as `simple_gla`)."""
     V = v.shape[-1]
-    if normalize:
-        ones = jnp.ones(v.shape[:-1] + (1,), jnp.float32)
-        v_in = jnp.concatenate([v.astype(jnp.float32), ones], axis=-1)
-    else:
-        v_in = v
-    o, S = simple_gla(q, k, v_in, None, axis_name=axis_name, mesh=mesh, batch_axes=batch_axes,
-                      head_axes=head_axes, scale=scale, initial_state=initial_state,
-                      segment_ids=segment_ids, chunk_size=chunk_size, impl=impl, config=config,
-                      mode=mode, staging=staging)
-    if normalize:
-        o = o[..., :V] / (o[..., V:] + eps)
-    return o.astype(v.dtype), S
+    o, S = simple_gla(q, k, with_ones_column(v) if normalize else v, None, axis_name=axis_name,
+                      mesh=mesh, batch_axes=batch_axes, head_axes=head_axes, scale=scale,
+                      initial_state=initial_state, segment_ids=segment_ids,
+                      chunk_size=chunk_size, impl=impl, config=config, mode=mode,
+                      staging=staging)
+    return (normalised(o, V, eps, v.dtype) if normalize else o.astype(v.dtype)), S

@@ -29,7 +29,10 @@ one lr reaches the target (that lr's result says so; the others say they were cu
 `deadline` (a `time.monotonic()` value) ends a run early at the last evaluation that the next
 interval of evaluations would carry past it: the result is then marked `"partial": True`, its
 `stopped` says at which step, and its values are those of that evaluation (a wall-clock budget,
-as on a lent GPU, leaves a measured point instead of nothing).
+as on a lent GPU, leaves a measured point instead of nothing). Where no scheduled evaluation can
+be reached in time (a slow cell's first interval), the run evaluates at the last step before the
+deadline instead, at the step time measured so far and an evaluation as long as the last one
+(before the first: twice the first step, which holds the compile).
 """
 
 from __future__ import annotations
@@ -257,6 +260,34 @@ class _Group:
         return all(r["eval"]["eval"].get("accuracy", 0.0) >= target for r in self.per_seed)
 
 
+class _Clock:
+    """Wall time of the steps and evaluations so far, for the deadline's forced evaluation."""
+
+    def __init__(self, start: float):
+        self.start, self.first = start, None     # first: (time, step) once step 1 was read
+        self.step_s, self.eval_s, self.evals_s = None, None, 0.0
+
+    def stepped(self, s: int, now: float) -> None:
+        """Step s's metrics were read at `now` (steps 1..s done)."""
+        if self.first is None:
+            self.first = (now, s)
+        elif s > self.first[1]:
+            self.step_s = (now - self.first[0] - self.evals_s) / (s - self.first[1])
+
+    def evaluated(self, seconds: float) -> None:
+        self.eval_s = seconds
+        self.evals_s += seconds if self.first is not None else 0.0
+
+    def must_evaluate(self, now: float, to_next: int, deadline: float) -> bool:
+        """Whether to evaluate now: the scheduled evaluation `to_next` steps away ends past the
+        deadline, and so would one more step and an evaluation."""
+        if self.step_s is None:
+            return False
+        eval_s = self.eval_s if self.eval_s is not None else 2 * (self.first[0] - self.start)
+        return (now + to_next * self.step_s + eval_s > deadline
+                and now + self.step_s + eval_s > deadline)
+
+
 def _run(configs, seeds, states, sources, evals, train_step, eval_step, device,
          deadline=None) -> list[dict]:
     tr, ev = configs[0].train, configs[0].eval
@@ -274,17 +305,25 @@ def _run(configs, seeds, states, sources, evals, train_step, eval_step, device,
 
     pending, t_start = None, time.perf_counter()
     t_eval = time.monotonic()                    # the last evaluation's end
+    clock = _Clock(time.monotonic())
     batches = _Prefetched(sources, device, G)
     try:
         for s in range(tr.steps):
             states, m = train_step(states, batches(s))
             if pending is not None:             # the previous step's metrics, read one step late
                 record(*jax.device_get(pending))
+                clock.stepped(s, time.monotonic())
             pending = (s + 1, m)
+            forced = False
             if (s + 1) % ev.every and s + 1 != tr.steps:
-                continue
+                next_eval = min((s + 1) // ev.every * ev.every + ev.every, tr.steps)
+                forced = deadline is not None and clock.must_evaluate(
+                    time.monotonic(), next_eval - s - 1, deadline)
+                if not forced:
+                    continue
             record(*jax.device_get(pending))
             pending = None
+            t_eval_start = time.monotonic()
             for name in evals[0]:
                 values = _evaluate(eval_step, states, [e[name] for e in evals], ev.batches,
                                    device, G)
@@ -309,7 +348,9 @@ def _run(configs, seeds, states, sources, evals, train_step, eval_step, device,
                         f"had every seed at eval accuracy >= {target}")
                 break
             now = time.monotonic()
-            if deadline is not None and s + 1 < tr.steps and 2 * now - t_eval > deadline:
+            clock.evaluated(now - t_eval_start)
+            late = deadline is not None and s + 1 < tr.steps and 2 * now - t_eval > deadline
+            if forced or late:
                 for g in groups:
                     g.result.update(partial=True, stopped=f"deadline: cut at step {s + 1} of "
                                                           f"{tr.steps}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -121,7 +122,9 @@ def test_normaliser_shares_the_numerators_products():
     """ReBased's kernel (z_q . z_k)^2 through signed compact features cancels to ~0 at some
     pairs; numerator and denominator must come from the same rounded products for the ratio's
     gradients to stay accurate. Against float64 on this draw: the column form's dq, dk 1.5e-3; z
-    computed apart from the kernel (a running sum of k beside a call at V) gave 3.8e-1."""
+    computed apart from the kernel (a running sum of k beside a call at V) gave 3.8e-1. In
+    bfloat16 the column gives 6.6e-2 here (numerator and z rounded apart before the ratio),
+    which is why the ReBased layer runs the op in float32 (`LinearAttention.float32_op`)."""
     from linear_jax.ops.feature_maps import rebased_features
 
     rng = np.random.default_rng(0)
@@ -144,6 +147,57 @@ def test_normaliser_shares_the_numerators_products():
         rq, rk = jax.grad(exact, argnums=(0, 1))(*(np.asarray(x, np.float64) for x in (q, k)))
         assert_close(dq, np.asarray(rq), 1e-2, "dq")
         assert_close(dk, np.asarray(rk), 1e-2, "dk")
+
+
+@pytest.mark.parametrize("dtype,column", [(jnp.bfloat16, jnp.bfloat16),
+                                          (jnp.float32, jnp.float32),
+                                          (jnp.float16, jnp.float32)])
+def test_normaliser_column_is_in_vs_dtype_but_float16s(monkeypatch, dtype, column):
+    """bfloat16 inputs must reach the kernels as bfloat16: a float32 column made every kernel
+    input float32, which the Triton kernels multiply in IEEE float32 on the CUDA cores (Based's
+    MQAR step at d512 ~5 s on an H100). float16 keeps a float32 column: the unnormalised
+    numerator outgrows its range (the test above)."""
+    module = importlib.import_module("linear_jax.ops.linear_attention")
+    seen = []
+
+    def spy(q, k, v, g, **kw):
+        seen.append(v.dtype)
+        return simple_gla(q, k, v, g, **kw)
+    monkeypatch.setattr(module, "simple_gla", spy)
+    q, k, v = (jnp.ones((1, 5, 1, 3), dtype) for _ in range(3))
+    o, _ = module.linear_attention(q, k, v, normalize=True, impl="chunk")
+    assert seen == [jnp.dtype(column)] and o.dtype == dtype
+
+
+def test_normalised_bfloat16_positive_kernel_against_float64():
+    """Based's Taylor kernel (>= 1/2, so z never cancels) with the column in bfloat16: output and
+    every gradient within bfloat16's tolerance of float64 on the same rounded inputs (measured:
+    o 2.9e-3, dq 6.2e-3, dk 5.3e-3, dv 3.7e-3)."""
+    from linear_jax.ops.feature_maps import taylor_features
+
+    rng = np.random.default_rng(0)
+    B, T, H, d, V = 2, 100, 2, 16, 8
+    q, k = (taylor_features(jnp.asarray(rng.standard_normal((B, T, H, d)), jnp.float32),
+                            compact=True).astype(jnp.bfloat16) for _ in range(2))
+    v = jnp.asarray(rng.standard_normal((B, T, H, V)), jnp.bfloat16)
+    seg = np.cumsum(rng.uniform(size=(B, T)) < 0.05, axis=1).astype(np.int32)
+    w = rng.standard_normal((B, T, H, V)).astype(np.float32)
+    f = lambda q, k, v: linear_attention_jit(q, k, v, normalize=True, scale=1.0, segment_ids=seg,
+                                             impl="chunk", chunk_size=16)[0]
+    o = f(q, k, v)
+    grads = jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32) * w), argnums=(0, 1, 2))(q, k, v)
+    same = (seg[:, :, None] == seg[:, None, :]) & np.tri(T, dtype=bool)
+    with jax.enable_x64(True):
+        def exact(q, k, v):
+            a = jnp.einsum("bthk,bshk->bhts", q, k) * same[:, None]
+            o = jnp.einsum("bhts,bshv->bthv", a, v)
+            return o / (jnp.sum(a, -1).transpose(0, 2, 1)[..., None] + 1e-6)
+        x64 = [np.asarray(x.astype(jnp.float32), np.float64) for x in (q, k, v)]
+        ro = np.asarray(exact(*x64))
+        rg = jax.grad(lambda *a: jnp.sum(exact(*a) * w), argnums=(0, 1, 2))(*x64)
+        assert_close(o.astype(jnp.float32), ro, 1e-2, "o")
+        for name, a, b in zip(("dq", "dk", "dv"), grads, rg, strict=True):
+            assert_close(a.astype(jnp.float32), np.asarray(b), 1e-2, name)
 
 
 def test_grouped_heads_equal_repeated_heads():

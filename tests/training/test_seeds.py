@@ -74,3 +74,19 @@ def test_learning_rate_sweep_vmapped_equals_its_runs_apart(tmp_path):
         seeds.train_sweep([tiny(tmp_path / "x", **run), tiny(tmp_path / "y",
                                                              **{**run, "train__steps": 2})],
                           [0], devices=device)
+
+
+def test_the_deadline_clock_trains_on_until_one_more_step_and_an_evaluation_would_not_fit():
+    """A slow cell (5 s a step, its first step with the compile 60 s, no evaluation yet: one is
+    guessed at 120 s) whose next evaluation is 497 steps away trains on while a step and an
+    evaluation still fit before the deadline, and evaluates once they would not."""
+    clock = seeds._Clock(0.0)
+    clock.stepped(1, 60.0)
+    assert not clock.must_evaluate(61.0, 497, deadline=0.0)     # no step time known yet
+    clock.stepped(2, 65.0)
+    assert clock.step_s == 5.0
+    assert not clock.must_evaluate(65.0, 497, deadline=65.0 + 1000)
+    assert clock.must_evaluate(65.0, 497, deadline=65.0 + 124)
+    assert not clock.must_evaluate(65.0, 10, deadline=65.0 + 171)    # the evaluation fits
+    clock.evaluated(30.0)                                      # measured: 30 s, not 120
+    assert not clock.must_evaluate(65.0, 497, deadline=65.0 + 36)
