@@ -14,6 +14,8 @@ Forms, each jitted with every input an argument and impl "auto":
   split       the numerator through `linear_attention(normalize=False)` at V values, z a running
               sum of k by an element-wise scan in float32 (`chunk_scan`, a = 1);
   numerator   the split's kernel call alone.
+`--forms` picks them (column always; default column, column_f32, split: on the device each form
+is two compiles of tens of seconds per shape, and sessions 32 and 33 ran out their limits).
 The split is not the op because it is less exact where the kernel can cancel to ~0 (ReBased:
 `tests/ops/test_decay_family.py::test_normaliser_shares_the_numerators_products`).
 
@@ -47,16 +49,17 @@ from experiments.benchmarks.scans_gpu import rel
 from linear_jax.ops.common.elementwise_chunk import chunk_scan
 from linear_jax.ops.linear_attention import linear_attention
 
-SHAPES = {  # name: (B, T, H, K, V, dtype)
-    "based_d128": (768, 256, 2, 153, 64, "bfloat16"),
+SHAPES = {  # name: (B, T, H, K, V, dtype), in the order they run (JSON after each)
     "based_d512": (768, 256, 2, 153, 256, "bfloat16"),
-    "linear_attention_d64": (768, 256, 2, 32, 32, "bfloat16"),
     "linear_attention_d128": (768, 256, 2, 64, 64, "bfloat16"),
+    "based_d128": (768, 256, 2, 153, 64, "bfloat16"),
+    "linear_attention_d64": (768, 256, 2, 32, 32, "bfloat16"),
     "linear_attention_d256": (768, 256, 2, 128, 128, "bfloat16"),
     "lm_bf16": (8, 2048, 16, 128, 128, "bfloat16"),
 }
 QUICK = {"tiny": (2, 40, 2, 9, 6, "float32"), "tiny_bf16": (2, 40, 2, 9, 6, "bfloat16")}
 FORMS = ("column", "column_f32", "split", "numerator")
+DEFAULT_FORMS = ("column", "column_f32", "split")
 EPS = 1e-6
 
 
@@ -100,17 +103,18 @@ def fns(form):
 
 
 def check(name, compiled, x, seg, tol) -> dict:
-    """split and column_f32 against column; `compiled`: {form: (forward, value_and_grad)}, each
-    jitted once."""
+    """split and column_f32 (those of them timed) against column; `compiled`: {form: (forward,
+    value_and_grad)}, each jitted once."""
     (ro, rS), (_, rg) = compiled["column"][0](x, seg), compiled["column"][1](x, seg)
     errs = {}
-    for form in ("split", "column_f32"):
+    for form in [f for f in ("split", "column_f32") if f in compiled]:
         (o, S), (_, g) = compiled[form][0](x, seg), compiled[form][1](x, seg)
         errs.update({f"{form}_o": rel(o, ro), f"{form}_final_state": rel(S, rS),
                      **{f"{form}_d{n}": rel(g[n], rg[n]) for n in ("q", "k", "v", "S0")}})
-    worst = max(errs.values())
+    worst = max(errs.values(), default=0.0)
     ok = bool(worst <= tol)
-    print(f"check {name}: split and column_f32 vs column, max rel err {worst:.2e} "
+    others = ", ".join(f for f in compiled if f not in ("column", "numerator")) or "nothing"
+    print(f"check {name}: {others} vs column, max rel err {worst:.2e} "
           f"{'ok' if ok else 'FAIL ' + str(errs)}", flush=True)
     return {"shape": name, "errors": errs, "ok": ok}
 
@@ -118,11 +122,17 @@ def check(name, compiled, x, seg, tol) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--shapes", nargs="*", help=f"names among {sorted(SHAPES)} (default: all)")
+    p.add_argument("--forms", nargs="*", default=list(DEFAULT_FORMS),
+                   help=f"among {FORMS}, column always (default: {' '.join(DEFAULT_FORMS)}; each "
+                        f"form is two compiles per shape)")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--tol", type=float, default=None,
                    help="relative error allowed (default 1e-4 float32, 2e-2 bf16)")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
+    forms = ["column"] + [f for f in FORMS if f in args.forms and f != "column"]
+    if set(args.forms) - set(FORMS):
+        p.error(f"--forms: unknown {sorted(set(args.forms) - set(FORMS))}; among {FORMS}")
     table = QUICK if args.quick else SHAPES
     names = args.shapes or list(table)
     reps = 2 if args.quick else args.reps
@@ -137,16 +147,16 @@ def main(argv=None) -> int:
         # one jit per form and pass, shared by the check and the timing: on the device each
         # compile of these shapes takes tens of seconds (session 32's run was cut at 200 s while
         # compiling them twice)
-        compiled = {f: fns(f) for f in FORMS}
+        compiled = {f: fns(f) for f in forms}
         checks.append(check(name, compiled, x, seg, tol))
         if not checks[-1]["ok"]:
             continue
-        fwd = common.sync_ms([compiled[f][0] for f in FORMS], x, seg, reps=reps)
-        both = common.sync_ms([compiled[f][1] for f in FORMS], x, seg, reps=reps)
+        fwd = common.sync_ms([compiled[f][0] for f in forms], x, seg, reps=reps)
+        both = common.sync_ms([compiled[f][1] for f in forms], x, seg, reps=reps)
         itemsize = jnp.dtype(dtype).itemsize
         cost = common.decay_family_cost(B, T, H, K, V, 64, "none", itemsize)
         floor = common.floor_ms(cost, ceil)
-        for form, f_ms, b_ms in zip(FORMS, fwd, both, strict=True):
+        for form, f_ms, b_ms in zip(forms, fwd, both, strict=True):
             rows.append({"shape": name, "B": B, "T": T, "H": H, "K": K, "V": V, "dtype": dtype,
                          "form": form, "fwd_ms": f_ms, "fwdbwd_ms": b_ms,
                          "floor_fwd_ms": floor})
