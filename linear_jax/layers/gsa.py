@@ -50,9 +50,11 @@ class GSA(QKVMixer):
         flat = lambda a: a.reshape(a.shape[:2] + (self.H * self.m,) + a.shape[4:])
         run = partial(dict, segment_ids=segment_ids, seq_parallel=seq_parallel,
                       **dict(self.op_kw))
-        s, S_keys = recurrence("simple_gla", q, k, flat(write)[..., None], flat(g),
-                               initial_state=states["keys"], **run())
-        p = jax.nn.softmax(s.reshape(g.shape).astype(jnp.float32), axis=-1)
-        o, S_values = recurrence("gla", p, write, v, g, scale=1.0,
+        # the slot weights (1 - alpha, p) go to the kernels in the model's dtype: float32 there
+        # would make every kernel input float32, which the Triton kernels multiply in IEEE float32
+        s, S_keys = recurrence("simple_gla", q, k, flat(write)[..., None].astype(q.dtype),
+                               flat(g), initial_state=states["keys"], **run())
+        p = jax.nn.softmax(s.reshape(g.shape).astype(jnp.float32), axis=-1).astype(q.dtype)
+        o, S_values = recurrence("gla", p, write.astype(q.dtype), v, g, scale=1.0,
                                  initial_state=states["values"], **run())
         return o, {"keys": S_keys, "values": S_values}

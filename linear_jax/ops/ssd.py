@@ -10,8 +10,12 @@ state h [B, H, N, P] float32; y [B, T, H, P] in x's dtype. Layers hold A = -exp(
 
 This is `simple_gla` with q = C, k = B, v = x * dt, g = dt * A and scale 1 (grouped B and C are
 that op's grouped q and k), so SSD runs on simple GLA's recurrent, chunk and kernel paths (its
-record names `kernels_of="simple_gla"`); the skip D x is added here. Everything after the argument
-checks runs in float32.
+record names `kernels_of="simple_gla"`); the skip D x is added here. The gates and the skip run in
+float32; v = x * dt is formed in float32 and handed to the kernels in x's dtype (float32 for
+float16 x, as linear attention's normaliser column): in float32 it made every kernel input
+float32, which the Triton kernels multiply in IEEE float32 on the CUDA cores and the Mosaic GPU
+kernels refuse, so "auto" ran Mamba-2's MQAR step at d256 in 388 ms on an H100 where the chunk
+form took 172 (session 33).
 """
 
 from __future__ import annotations
@@ -83,7 +87,7 @@ def ssd(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=True, *, initial_state
     _checks.check_chunk_size(chunk_size)
     f32 = lambda a: a.astype(jnp.float32)
     dt = step_size(dt, dt_bias, dt_softplus)
-    v = f32(x) * dt[..., None]
+    v = scaled_values(x, dt)
     choice = registry.resolve("ssd", impl, T, config, args=(C, B, v))
     o, h = simple_gla(C, B, v, dt * f32(A), scale=1.0, initial_state=initial_state,
                       segment_ids=segment_ids, chunk_size=chunk_size, impl=choice.impl,
@@ -91,3 +95,9 @@ def ssd(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=True, *, initial_state
     if D is not None:
         o = o + f32(D)[:, None] * f32(x)
     return o.astype(x.dtype), h
+
+
+def scaled_values(x, dt):
+    """v = x * dt, formed in float32, in x's dtype (float32 for float16 x): the kernels' values."""
+    dtype = jnp.float32 if x.dtype == jnp.float16 else x.dtype
+    return (x.astype(jnp.float32) * dt[..., None]).astype(dtype)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from linear_jax.ops.common.gates import step_size
+from linear_jax.ops.ssd import scaled_values
 from linear_jax.parallel.decay import DEFAULT_MODE, simple_gla
 
 
@@ -18,7 +19,7 @@ def ssd(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=True, *, axis_name="se
     Returns `(y [B,T,H,P], final_state [B,H,N,P] float32)`."""
     f32 = lambda a: a.astype(jnp.float32)
     dt = step_size(dt, dt_bias, dt_softplus)
-    o, h = simple_gla(C, B, f32(x) * dt[..., None], dt * f32(A), axis_name=axis_name, mesh=mesh,
+    o, h = simple_gla(C, B, scaled_values(x, dt), dt * f32(A), axis_name=axis_name, mesh=mesh,
                       batch_axes=batch_axes, head_axes=head_axes, scale=1.0,
                       initial_state=initial_state, segment_ids=segment_ids,
                       chunk_size=chunk_size, impl=impl, config=config, mode=mode,
