@@ -363,6 +363,8 @@ def test_vmap_check_compares_auto_with_the_chunk_form_and_can_fail(tmp_path, mon
     rows = vmap_gpu.main(argv)
     assert [(r["op"], r["auto"], r["ok"]) for r in rows] == [("gla", "chunk", True)]
     assert max(rows[0]["errors"]["auto"].values()) < 2e-2
+    (ssd,) = vmap_gpu.main(["--ops", "ssd", *argv[2:]])      # Mamba-2's own shapes: N 16, P 2K
+    assert (ssd["ok"], ssd["K"], ssd["V"]) == (True, 16, 16)
     call = vmap_gpu.call
 
     def wrong(op, impl):

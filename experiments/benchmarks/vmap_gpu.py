@@ -1,7 +1,8 @@
 """The ops' kernels under `jax.vmap`, as the multi-seed trainer runs them (`training.seeds`: the
 train step vmapped over seeds and learning rates): each op's "auto" choice against its chunk form,
 both vmapped over a leading members axis, at the paper-protocol shapes (MQAR at Zoology's setup:
-3 members, 256 rows of 256 tokens, 2 heads of width d_model / 2, bfloat16 as the models compute).
+3 members, 256 rows of 256 tokens, 2 heads of width d_model / 2, bfloat16 as the models compute;
+`ssd`: Mamba-2 itself, 2 heads of P = d_model values and d_state 16, as the MQAR cells run it).
 
     python -m experiments.benchmarks.vmap_gpu [--widths 64 128 256 512] [--members 3] [--B 256]
 
@@ -36,6 +37,8 @@ def inputs(op: str, M, B, T, H, K, dtype, key) -> tuple[dict, tuple]:
     """(arrays with a leading members axis, the names differentiated)."""
     ks = iter(jax.random.split(key, 8))
     r = lambda *s: jax.random.normal(next(ks), (M, B, T, H) + s, f32)   # noqa: E731
+    if op == "ssd":
+        return ssd_inputs(M, B, T, H, 2 * K, dtype, ks)
     q, k, v = r(K), r(K), r(K)
     x = {"q": q.astype(dtype), "k": k.astype(dtype), "v": v.astype(dtype)}
     if op in ("delta_rule", "gated_delta_rule"):
@@ -51,6 +54,17 @@ def inputs(op: str, M, B, T, H, K, dtype, key) -> tuple[dict, tuple]:
     return x, names
 
 
+def ssd_inputs(M, B, T, H, P, dtype, ks, N=16):
+    """Mamba-2 at MQAR's setup (expand 2, H heads of P = 2 d_model / H, d_state N = 16, one group
+    of B and C) under the names the rows use: q = C, k = B, v = x, g = dt before its softplus."""
+    r = lambda *s: jax.random.normal(next(ks), (M, B, T) + s, f32)      # noqa: E731
+    x = {"q": r(1, N).astype(dtype), "k": r(1, N).astype(dtype), "v": r(H, P).astype(dtype),
+         "g": r(H) - 2.0, "A": -jnp.exp(jax.random.normal(next(ks), (M, H), f32))}
+    x["do"] = r(H, P).astype(dtype)
+    x["dS"] = jax.random.normal(next(ks), (M, B, H, N, P), f32)
+    return x, ("q", "k", "v", "g")
+
+
 def call(op: str, impl: str):
     def f(x):
         a = {n: x[n] for n in ("q", "k", "v")}
@@ -58,6 +72,8 @@ def call(op: str, impl: str):
             return ops.linear_attention(**a, impl=impl)
         if op == "gla":
             return ops.gla(**a, g=x["g"], impl=impl)
+        if op == "ssd":                             # x, dt, A, B, C (inputs' names above)
+            return ops.ssd(x["v"], x["g"], x["A"], x["k"], x["q"], impl=impl)
         if op == "simple_gla":                      # Mamba-2's SSD runs on it
             return ops.simple_gla(**a, g=x["g"], impl=impl)
         if op == "delta_rule":
@@ -77,8 +93,8 @@ def row(op, d, args) -> dict:
     x, names = inputs(op, M, B, T, H, K, jnp.bfloat16, jax.random.key(d))
     one = {n: v[0] for n, v in x.items()}
     choice = registry.resolve(op, "auto", T, None, args=(one["q"], one["k"], one["v"]))
-    out = {"op": op, "d_model": d, "members": M, "B": B, "T": T, "H": H, "K": K,
-           "auto": choice.impl}
+    out = {"op": op, "d_model": d, "members": M, "B": B, "T": T, "H": H,
+           "K": one["q"].shape[-1], "V": one["v"].shape[-1], "auto": choice.impl}
     xf = kc.as_float32(x)
     g_r, (o_r, S_r) = vmapped(op, "chunk", names)(xf, *[xf[n] for n in names])
     errors = {}
@@ -104,7 +120,7 @@ def row(op, d, args) -> dict:
 
 def main(argv=None) -> list:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    names = ["linear_attention", "simple_gla", "gla", "delta_rule", "gated_delta_rule"]
+    names = ["linear_attention", "simple_gla", "gla", "delta_rule", "gated_delta_rule", "ssd"]
     p.add_argument("--ops", nargs="*", choices=names, default=names)
     p.add_argument("--widths", type=int, nargs="*", default=[64, 128, 256, 512])
     p.add_argument("--members", type=int, default=3)
