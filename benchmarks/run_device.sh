@@ -87,7 +87,8 @@
 #   vmap      vmap_gpu: each op's "auto" against its chunk form under jax.vmap at MQAR's shapes
 #   cost      paper_protocols --cost --time-steps per line of COST_JOBS (its mem as in `share`), all
 #             at once (COST_VMAP=1: the vmap step beside them): measured ms per train step, JSON
-#             under logs/cost
+#             under logs/cost; a line's flags may add --profile=N (device busy time against wall
+#             time, per step, from a jax.profiler trace)
 #   throughput  the training run of the Hopper kernel issue: lm_shakespeare at d_model 1024, 12 layers,
 #             8 heads, T 2048, batch 16, TP_STEPS steps, per "mixer:impl" of TP_RUNS (tokens/s and
 #             MFU in each run's result.json, brought back under logs/tp_<mixer>_<impl>); with

@@ -118,6 +118,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="--cost: the HBM bandwidth (TB/s) its time floor is computed at")
     p.add_argument("--time-steps", type=int, default=0,
                    help="--cost: also time this many steps per round, three rounds (ms_per_step)")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="--cost: also trace this many steps under jax.profiler: the device's "
+                        "busy time and kernels per step beside the wall time (`trace`)")
     p.add_argument("--collect", action="store_true",
                    help="train nothing: summarise the cells already finished in --out")
     p.add_argument("--salvage", metavar="DEVICE[,PRECISION]",
@@ -480,7 +483,8 @@ def cost(args, protocol_name: str, grid) -> dict:
           + "---|" * bool(timed))
     for name, runs in _by_cell(grid):
         configs = [config for _, config in runs]
-        c = seeds.step_cost(configs, args.seeds, time_steps=args.time_steps)
+        c = seeds.step_cost(configs, args.seeds, time_steps=args.time_steps,
+                            trace=_profiler(args.profile) if args.profile else None)
         steps = configs[0].train.steps
         row = {"cell": name, **c, "steps": steps,
                "floor_s": steps * c["bytes_accessed"] / (args.hbm_tbps * 1e12)}
@@ -488,6 +492,11 @@ def cost(args, protocol_name: str, grid) -> dict:
             row["measured_s"] = steps * c["ms_per_step"] / 1e3
         rows.append(row)
         measured = f" | {c['ms_per_step']:.2f} ms" if "ms_per_step" in c else ""
+        if "trace" in c:
+            t = c["trace"]
+            print(f"{name}: {t['steps']} steps traced, {t['wall_ms']:.2f} ms a step of wall time, "
+                  f"the device busy {t['device_ms']:.2f} ms in {t['kernels']} distinct kernels; "
+                  f"longest:\n{t['top']}", flush=True)
         print(f"| {name} | {c['members']} | {c['flops'] / 1e9:.1f} | "
               f"{c['bytes_accessed'] / 1e9:.2f} | {steps} | "
               f"{steps * c['bytes_accessed'] / 1e12:.1f} | {row['floor_s']:.0f}{measured} |",
@@ -495,7 +504,8 @@ def cost(args, protocol_name: str, grid) -> dict:
     device = jax.devices()[0]
     out = {"protocol": protocol_name, "platform": device.platform, "device": device.device_kind,
            "jax": jax.__version__, "hbm_tbps": args.hbm_tbps, "seeds": list(args.seeds),
-           "lrs": args.lrs, "set": args.set, "time_steps": args.time_steps, "cells": rows}
+           "lrs": args.lrs, "set": args.set, "time_steps": args.time_steps,
+           "profile": args.profile, "cells": rows}
     # runs of other overrides (model.impl=auto against chunk, say) keep files of their own
     tag = "".join(f"_{k.rsplit('.', 1)[-1]}-{v}" for k, v in sorted(args.set.items()))
     path = (pathlib.Path(args.out) / protocol_name /
@@ -503,6 +513,29 @@ def cost(args, protocol_name: str, grid) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
     return out
+
+
+def _profiler(steps: int):
+    """`seeds.step_cost`'s trace: `steps` steps under jax.profiler (`benchmarks.profile`), the
+    device's busy time a step (the sum of its kernels' times) against the wall time a step. Where
+    the first is far below the second, the step waits on launches and the host, not arithmetic."""
+    def trace(step, batch) -> dict:
+        import time
+
+        import jax
+
+        from experiments.benchmarks import profile
+
+        t0 = time.perf_counter()
+        for _ in range(steps):                 # each step waited on, as the traced ones are
+            jax.block_until_ready(step(batch))
+        wall_ms = 1e3 * (time.perf_counter() - t0) / steps
+        dev, host = profile.trace_times(step, batch, reps=steps)
+        return {"steps": steps, "wall_ms": wall_ms, "device_ms": sum(dev.values()) / 1e3,
+                "kernels": len(dev), "top": profile.format_times(dev),
+                "kernel_us": dict(list(dev.items())[:20]),
+                "host_us": dict(list(host.items())[:12])}
+    return trace
 
 
 def main(argv=None) -> dict:

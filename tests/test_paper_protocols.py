@@ -244,6 +244,18 @@ def test_cost_times_the_step_and_names_its_overrides(tmp_path):
     assert [p.name for p in (tmp_path / "mqar").iterdir()] == ["mqar_cost_cpu_impl-chunk.json"]
 
 
+def test_cost_profiles_the_step(tmp_path):
+    """--profile traces steps under jax.profiler: the wall time a step beside the device's busy
+    time (0 on a CPU, which has no device plane; the host's events are there)."""
+    out = paper_protocols.main(["--protocol=mqar", "--quick", "--cost", "--profile=2",
+                                f"--out={tmp_path}"])
+    (row,) = out["cells"]
+    t = row["trace"]
+    assert t["steps"] == 2 and t["wall_ms"] > 0 and out["profile"] == 2
+    assert (t["device_ms"], t["kernels"]) == (0.0, 0) and t["host_us"]
+    assert "ms_per_step" not in row
+
+
 def test_a_run_moved_or_computed_by_another_impl_is_the_same_run(tmp_path):
     """A run trained under another directory (a lent machine's) and brought back, or by another
     implementation of the mixer, is collected and reused; one of another config is not."""

@@ -120,13 +120,15 @@ def train_sweep(configs, seeds, *, devices=None, deadline=None) -> list[dict]:
     return results
 
 
-def step_cost(configs, seeds, *, devices=None, time_steps: int = 0) -> dict:
+def step_cost(configs, seeds, *, devices=None, time_steps: int = 0, trace=None) -> dict:
     """XLA's cost analysis of the sweep's compiled train step on this backend: {"flops",
     "bytes_accessed", "members", "params"} per step (bytes as XLA counts them for its fusions:
     a bound to plan device time by, not a measurement; a Pallas kernel's custom call counts
     nothing). With `time_steps` > 0 also "ms_per_step", measured: the median over three rounds
     of `time_steps` steps run back to back on one batch, after one warm-up step (a Pallas
-    kernel's time is in it, the batches' drawing is not)."""
+    kernel's time is in it, the batches' drawing is not). `trace(step, batch)`, if given, is
+    called with a one-argument step (it carries the state from call to call) and its result
+    kept as "trace": e.g. a profiler's per-kernel times of a few steps."""
     with _sweep(configs, seeds, devices) as sw:
         batch = _stacked(sw.sources, 0, sw.device, len(configs))
         t0 = time.perf_counter()
@@ -135,9 +137,10 @@ def step_cost(configs, seeds, *, devices=None, time_steps: int = 0) -> dict:
         cost = compiled.cost_analysis()
         out = {"members": len(configs) * len(sw.seeds), "params": sw.num_params,
                "compile_s": compile_s}
-        if time_steps > 0:
+        if time_steps > 0 or trace is not None:
             states, m = compiled(sw.states, batch)          # donates sw.states
             jax.block_until_ready(m)
+        if time_steps > 0:
             rounds = []
             for _ in range(3):
                 t0 = time.perf_counter()
@@ -146,6 +149,13 @@ def step_cost(configs, seeds, *, devices=None, time_steps: int = 0) -> dict:
                 jax.block_until_ready((states, m))
                 rounds.append(1e3 * (time.perf_counter() - t0) / time_steps)
             out["ms_per_step"] = float(np.median(rounds))
+        if trace is not None:
+            box = [states]
+
+            def one(batch):
+                box[0], metrics_ = compiled(box[0], batch)
+                return metrics_
+            out["trace"] = trace(one, batch)
     cost = cost[0] if isinstance(cost, list) else cost
     return {"flops": float(cost.get("flops", 0.0)),
             "bytes_accessed": float(cost.get("bytes accessed", 0.0)), **out}
