@@ -106,15 +106,15 @@ def check(name, compiled, x, seg, tol) -> dict:
     """split and column_f32 (those of them timed) against column; `compiled`: {form: (forward,
     value_and_grad)}, each jitted once."""
     (ro, rS), (_, rg) = compiled["column"][0](x, seg), compiled["column"][1](x, seg)
+    compared = [f for f in ("split", "column_f32") if f in compiled]
     errs = {}
-    for form in [f for f in ("split", "column_f32") if f in compiled]:
+    for form in compared:
         (o, S), (_, g) = compiled[form][0](x, seg), compiled[form][1](x, seg)
         errs.update({f"{form}_o": rel(o, ro), f"{form}_final_state": rel(S, rS),
                      **{f"{form}_d{n}": rel(g[n], rg[n]) for n in ("q", "k", "v", "S0")}})
     worst = max(errs.values(), default=0.0)
     ok = bool(worst <= tol)
-    others = ", ".join(f for f in compiled if f not in ("column", "numerator")) or "nothing"
-    print(f"check {name}: {others} vs column, max rel err {worst:.2e} "
+    print(f"check {name}: {', '.join(compared) or 'nothing'} vs column, max rel err {worst:.2e} "
           f"{'ok' if ok else 'FAIL ' + str(errs)}", flush=True)
     return {"shape": name, "errors": errs, "ok": ok}
 

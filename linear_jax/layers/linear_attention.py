@@ -58,7 +58,7 @@ class LinearAttention(QKVMixer):
     def mix(self, x, q, k, v, states, segment_ids, seq_parallel=None):
         dtype = v.dtype
         if self.float32_op:
-            q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+            q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
         q, k = self.features(q, k)
         o, S = recurrence("linear_attention", q, k, v, normalize=self.normalize,
                           scale=1.0 if self.normalize else None, initial_state=states["state"],

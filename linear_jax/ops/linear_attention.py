@@ -36,6 +36,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from linear_jax.ops import _checks, registry
+from linear_jax.ops.common.dtypes import kernel_values_dtype
 from linear_jax.ops.simple_gla import simple_gla
 
 registry.register(registry.OpRecord(
@@ -63,7 +64,7 @@ def linear_attention(q, k, v, *, normalize=False, eps=1e-6, scale=None, initial_
 
 def with_ones_column(v):
     """[v, 1] along the value axis: the normaliser's column, in v's dtype (float32 for float16)."""
-    dtype = jnp.float32 if v.dtype == jnp.float16 else v.dtype
+    dtype = kernel_values_dtype(v.dtype)
     return jnp.concatenate([v.astype(dtype), jnp.ones(v.shape[:-1] + (1,), dtype)], axis=-1)
 
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from linear_jax.ops import _checks, registry
+from linear_jax.ops.common.dtypes import kernel_values_dtype
 from linear_jax.ops.common.gates import step_size
 from linear_jax.ops.simple_gla import simple_gla
 
@@ -99,5 +100,4 @@ def ssd(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=True, *, initial_state
 
 def scaled_values(x, dt):
     """v = x * dt, formed in float32, in x's dtype (float32 for float16 x): the kernels' values."""
-    dtype = jnp.float32 if x.dtype == jnp.float16 else x.dtype
-    return (x.astype(jnp.float32) * dt[..., None]).astype(dtype)
+    return (x.astype(jnp.float32) * dt[..., None]).astype(kernel_values_dtype(x.dtype))
