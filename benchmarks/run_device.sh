@@ -34,6 +34,10 @@
 #   normaliser  normaliser_gpu: linear attention's normaliser as the op computes it (a column of
 #             ones in v's dtype) against that column in float32 (the op before session 33) and z
 #             apart from the kernel, checks and timings (NORM_ARGS: its flags)
+#   f32dots   f32_dots_gpu: the Triton kernels' float32 products, IEEE against 3xTF32
+#             (TritonChunkConfig.f32_dots), checked and timed beside the chunk form at the parity
+#             and LM shapes, with full float32 matmuls in XLA (F32_ARGS: its flags); the float32
+#             grid under 3xTF32: CHECK_ARGS="--dtypes float32 --f32-dots tf32x3" with `check`
 #   hopper    hopper_gpu: the Mosaic GPU simple_gla kernels, checks + timings beside jla
 #             (HOPPER_VARIANTS: HopperChunkConfig variants, default "default,run1,serial,approx")
 #   hopperdelta  hopper_delta_gpu --quick: the Mosaic GPU delta / gated delta kernels
@@ -215,6 +219,8 @@ for s in "$@"; do case $s in
   host) TAIL=20 step host "${HOST_S:-240}" python3 -m experiments.benchmarks.host_overhead ${HOST_ARGS:-} ;;
   bwd) TAIL=60 step bwd "${BWD_S:-300}" python3 -m experiments.benchmarks.bwd_gpu ${BWD_ARGS:-} ;;
   mlstm) step mlstm "${MLSTM_S:-150}" python3 -m experiments.benchmarks.mlstm_gpu ;;
+  f32dots) JAX_DEFAULT_MATMUL_PRECISION=float32 TAIL=20 step f32dots "${F32_S:-300}" \
+             python3 -m experiments.benchmarks.f32_dots_gpu ${F32_ARGS:-} ;;
   normaliser) TAIL=20 step normaliser "${NORM_S:-240}" python3 -m experiments.benchmarks.normaliser_gpu ${NORM_ARGS:-} ;;
   mqar) train_env; fast_flags; mkdir -p /tmp/mqar
         runs=${MQAR_RUNS:-experiments/results/mqar_sweep/runs}; [ -d "$runs" ] && cp -r "$runs" /tmp/mqar/

@@ -115,6 +115,13 @@ class TritonChunkConfig:
       a second pass over the value tiles once the gate factors and the pair spans are formed (only
       the loop's accumulators live in it); "loop", inside the one value loop, from A and the gate
       factors formed before it (the kernel's structure before the exact backward).
+    f32_dots: the products of float32 inputs (bf16 / fp16 inputs multiply on their own type):
+      "ieee", IEEE float32 on the CUDA cores; "tf32x3", float32-accurate products on the tensor
+      cores, three tf32 products of the split operands (as the UT inverse and the 0/1 span
+      products already run). On an H100 a float32 DeltaNet parity step (K = V = 32, T = 40,
+      B x H = 3072) through the IEEE kernels took 86 ms where the chunk form took 15 (session 34,
+      not under the same sharing of the GPU): which is faster, and whether "tf32x3" keeps the
+      float32 checks, the device decides (`experiments/benchmarks/f32_dots_gpu.py`).
     """
 
     chunk: int = 64
@@ -141,12 +148,14 @@ class TritonChunkConfig:
     block_k_intra: int = 32
     warps_intra_bwd: int = 4
     dv_pass: str = "after"
+    f32_dots: str = "ieee"
     interpret: bool | None = None
 
     def __post_init__(self):
         name = type(self).__name__
         for f, allowed in (("spans", ("scan", "dot")), ("gla_bwd", ("rows", "dots", "fold")),
-                           ("gla_diag", ("scan", "loop")), ("dv_pass", ("after", "loop"))):
+                           ("gla_diag", ("scan", "loop")), ("dv_pass", ("after", "loop")),
+                           ("f32_dots", ("ieee", "tf32x3"))):
             if getattr(self, f) not in allowed:
                 raise ValueError(f"{name}.{f} must be one of {allowed}, got {getattr(self, f)!r}")
         for f in ("chunk", "sub_chunk", "block_k", "block_v", "block_v_out", "block_k_bwd",

@@ -434,3 +434,24 @@ def test_normaliser_benchmark_runs_and_its_check_can_fail(monkeypatch):
 
     monkeypatch.setattr(nb, "run", wrong)
     assert nb.main(["--quick", "--shapes", "tiny"]) == 1
+
+
+def test_f32_dots_benchmark_runs_and_its_check_can_fail(monkeypatch, tmp_path):
+    """--quick on the CPU (interpret mode computes 3xTF32 as IEEE float32): both kernel forms
+    agree with the chunk form and every form is timed; a tf32x3 form that computes something
+    else (a scaled output) fails the check and the script exits 1."""
+    from experiments.benchmarks import common
+    from experiments.benchmarks import f32_dots_gpu as fd
+
+    monkeypatch.setattr(common, "RESULTS", str(tmp_path))
+    assert fd.main(["--quick", "--ops", "delta_rule"]) == 0
+    rows = json.loads(next(tmp_path.glob("f32_dots_*.json")).read_text())["rows"]
+    assert {f"{f}_fwdbwd_ms" for f in fd.FORMS} <= set(rows[0]) and rows[0]["ok"]
+    call = fd.call
+
+    def wrong(op, form, quick=False):
+        f = call(op, form, quick)
+        return (lambda x: (lambda o, S: (1.01 * o, S))(*f(x))) if form == "tf32x3" else f
+
+    monkeypatch.setattr(fd, "call", wrong)
+    assert fd.main(["--quick", "--ops", "delta_rule"]) == 1

@@ -8,8 +8,9 @@ reference: outputs, final states (under differentiation, from the forward alone,
 forward forced into the one-pass form) and the gradients of q, k, v, g and the initial state, with
 packed documents and an initial state, at T in {100, 2048, 8192} and K = V in {64, 128}
 (`--widths`) with float32 inputs, and bf16 inputs at T = 2048 (compared with the reference run on
-the same bf16 values). Fresh random inputs per case. Writes
-benchmarks/results/check_gpu_<device>.json; exits 1 on any failure.
+the same bf16 values). Fresh random inputs per case. `--f32-dots tf32x3` runs the Triton kernels
+with their float32 products as 3xTF32 (`TritonChunkConfig.f32_dots`; its JSON is tagged _tf32x3).
+Writes benchmarks/results/check_gpu_<device>.json; exits 1 on any failure.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ def rel(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def case(op, B, T, H, D, dtype, seed, ref_impl, V=None):
+def case(op, B, T, H, D, dtype, seed, ref_impl, V=None, kernel=None):
+    """Relative errors of the kernels against `ref_impl`; kernel: the Triton config the kernels
+    run with (None: the default)."""
     V = V or D
     rng = np.random.default_rng(seed)
     f = lambda *s: jnp.asarray(rng.standard_normal(s), dtype)
@@ -73,14 +76,17 @@ def case(op, B, T, H, D, dtype, seed, ref_impl, V=None):
 
     vg = lambda impl: jax.jit(jax.value_and_grad(lambda d: run(impl, d), has_aux=True))
     d = {n: x[n] for n in names}
-    (_, (o, S)), g = vg("pallas")(d)
+    vk = jax.jit(jax.value_and_grad(lambda d: run("pallas", d, kernel and (kernel,)),
+                                    has_aux=True))
+    (_, (o, S)), g = vk(d)
     (_, (ro, rS)), rg = vg(ref_impl)({n: v.astype(jnp.float32) for n, v in d.items()})
     errs = {"o": rel(o, ro), "S": rel(S, rS), **{f"d{n}": rel(g[n], rg[n]) for n in names}}
     # the forward alone keeps no residuals and may take the one-pass form: check it as chosen and
     # forced (at these sizes the choice is the two-pass form except at T = 100); the forced
     # config is the Triton kernel's, in a tuple so that another kernel keeps its defaults
-    fused = dataclasses.replace(TritonChunkConfig.default(jax.devices()[0]), fused_fwd=True)
-    for tag, config in (("primal", None), ("fused", (fused,))):
+    base = kernel or TritonChunkConfig.default(jax.devices()[0])
+    fused = dataclasses.replace(base, fused_fwd=True)
+    for tag, config in (("primal", kernel and (kernel,)), ("fused", (fused,))):
         po, pS = jax.jit(lambda d: run("pallas", d, config)[1])(d)
         errs[f"o_{tag}"], errs[f"S_{tag}"] = rel(po, ro), rel(pS, rS)
     return errs
@@ -113,11 +119,17 @@ def main(argv=None) -> int:
                         "case splits a slow grid across the host's cores")
     p.add_argument("--expand-v", type=float, default=1.0,
                    help="V = expand_v K (Gated DeltaNet's layer: 2)")
+    p.add_argument("--f32-dots", choices=["ieee", "tf32x3"], default=None,
+                   help="the Triton kernels' float32 products (TritonChunkConfig.f32_dots; "
+                        "default: the config's)")
     a = p.parse_args(argv)
     grid = cases(a.widths, a.dtypes, a.lengths, a.quick)
+    kernel = None if a.f32_dots is None else TritonChunkConfig(f32_dots=a.f32_dots)
     rows, bad, seed = [], 0, 0
     dev = jax.devices()[0].device_kind.replace(" ", "_")
-    save = lambda: common.write_json(f"check_gpu_{dev}.json", rows, failures=bad, tolerances=TOL)
+    tag = f"_{a.f32_dots}" if a.f32_dots else ""
+    save = lambda: common.write_json(f"check_gpu_{dev}{tag}.json", rows, failures=bad,
+                                     tolerances=TOL, f32_dots=a.f32_dots)
     for op in a.ops:
         for T, D, dt in op_cases(op, grid):
             seed += 1
@@ -126,7 +138,7 @@ def main(argv=None) -> int:
             ref = "recurrent" if T <= 2048 else "chunk"
             t0 = time.perf_counter()
             try:
-                errs = case(op, B, T, H, D, getattr(jnp, dt), seed, ref, V)
+                errs = case(op, B, T, H, D, getattr(jnp, dt), seed, ref, V, kernel)
                 worst = max(errs.values())
                 ok = worst <= TOL[dt]
                 err = None

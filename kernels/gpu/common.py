@@ -21,7 +21,8 @@ throughput, which they have to spare. The document index is `doc_index(segment_i
 `[B, T]`, edge-padded.
 
 Matmul precision: bf16 / fp16 inputs run dots on their own type with float32 accumulation;
-float32 inputs run IEEE float32 dots (Triton's float32 default is tf32). The 0/1 mask products of
+float32 inputs run IEEE float32 dots (Triton's float32 default is tf32), or with the config's
+`f32_dots="tf32x3"` float32-accurate products on the tensor cores. The 0/1 mask products of
 the gate spans run on the tensor cores: 3xTF32 (float32-accurate) for float32 inputs, tf32 for
 bf16 / fp16 (below those inputs' own rounding).
 """
@@ -58,6 +59,9 @@ class Ctx:
         return self.cfg.chunk
 
     def dot(self, a, b, **kw):
+        if self.f32 and self.cfg.f32_dots == "tf32x3":
+            return dot(a.astype(F32), b.astype(F32), split_tf32=True,
+                       interpret=interpret(self.cfg), **kw)
         return dot(a, b, exact=self.f32, **kw)
 
     def mask_dot(self, m, x):

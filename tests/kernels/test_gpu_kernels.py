@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 from linear_jax import ops
 from linear_jax.kernels.configs import TritonChunkConfig
@@ -141,7 +142,10 @@ VARIANTS = {"default": ({}, ("simple_gla", "gla", "gated_delta_rule", "kda")),
             "rows": (dict(gla_bwd="rows"), ("gla",)),
             "dv1": (dict(dv_pass="loop"), ("linear_attention", "simple_gla", "gla")),
             "old": (dict(gla_bwd="fold", dv_pass="loop", gla_diag="loop", block_k_intra=128),
-                    ("gla",))}
+                    ("gla",)),
+            # interpret mode computes 3xTF32 as IEEE float32: this holds the plumbing, the
+            # device holds the numerics (`experiments/benchmarks/f32_dots_gpu.py`)
+            "tf32x3": (dict(f32_dots="tf32x3"), ("gla", "gated_delta_rule"))}
 
 
 @pytest.mark.parametrize("op, variant", [
@@ -154,7 +158,7 @@ def test_variants_strong_chunk64(op, variant):
     default case's program (the same lowered module) on the same inputs."""
     over, _ = VARIANTS[variant]
     primal = (variant == "default" or op not in VARIANTS["default"][1]
-              or (op in DELTA and "spans" in over))
+              or (op in DELTA and "spans" in over) or "f32_dots" in over)
     rng = np.random.default_rng(8)
     _check(op, _inputs(rng, op, jnp.float32, t=70, gates="uniform"), segments(rng, B, 70, p=0.03),
            1e-5, 1e-5, chunk=64, config=TritonChunkConfig(**over), primal=primal)
@@ -220,6 +224,32 @@ def test_config():
         TritonChunkConfig(dv_pass="first")
     with pytest.raises(ValueError, match="gla_bwd"):
         TritonChunkConfig(gla_bwd="folded")
+    with pytest.raises(ValueError, match="f32_dots"):
+        TritonChunkConfig(f32_dots="tf32")
+
+
+@pytest.mark.parametrize("f32_dots, f32, want", [
+    ("ieee", True, lax.Precision.HIGHEST),
+    ("tf32x3", True, lax.DotAlgorithmPreset.TF32_TF32_F32_X3),
+    ("tf32x3", False, None), ("ieee", False, None)])
+def test_float32_dots(f32_dots, f32, want):
+    """The products a compiled kernel body asks for (`Ctx.dot`): float32 inputs as the config's
+    f32_dots says (interpret mode, the CPU's, computes both as IEEE float32, so the jaxpr is
+    where they differ), bf16 inputs on their own type whatever it says."""
+    from linear_jax.kernels.gpu.common import Ctx
+    ctx = Ctx(TritonChunkConfig(f32_dots=f32_dots, interpret=False), f32=f32)
+    dt = jnp.float32 if f32 else jnp.bfloat16
+    a, b = jnp.ones((16, 32), dt), jnp.ones((16, 32), dt)
+    eqn = jax.make_jaxpr(lambda a, b: ctx.dot(a, b, tb=True))(a, b).jaxpr.eqns[-1]
+    assert eqn.primitive.name == "dot_general"
+    prec = eqn.params["precision"]
+    got = prec[0] if isinstance(prec, tuple) else prec
+    if want is None:
+        assert got in (None, lax.Precision.DEFAULT), prec
+    else:
+        assert got == want, prec
+    if f32_dots == "tf32x3" and f32:
+        assert all(v.aval.dtype == jnp.float32 for v in eqn.invars)
 
 
 @pytest.mark.parametrize("op", ["simple_gla", "gla", "gated_delta_rule", "kda"])  # each form

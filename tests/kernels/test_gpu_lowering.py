@@ -31,6 +31,17 @@ CASES = [(gate,) + shape for gate in ("none", "scalar", "vector", "delta", "gate
 @pytest.mark.parametrize("case", CASES,
                          ids=lambda c: f"{c[0]}-{jnp.dtype(c[1]).name}-T{c[3]}-{c[4]}x{c[5]}")
 def test_lowers_to_triton(case, fused):
+    _lowers(case, fused)
+
+
+@pytest.mark.parametrize("gate", ["none", "vector", "gated_delta", "kda"])
+def test_float32_tf32x3_lowers(gate):
+    """`f32_dots="tf32x3"`: every kernel of the forward and backward lowers for float32 inputs
+    with its products as 3xTF32 (Triton's tf32x3 dots take float32 operands only)."""
+    _lowers((gate,) + SHAPES[1], False, f32_dots="tf32x3")
+
+
+def _lowers(case, fused, **config):
     gate, dtype, B, T, K, V = case
     H = 2
     sds = jax.ShapeDtypeStruct
@@ -43,7 +54,7 @@ def test_lowers_to_triton(case, fused):
 
     def loss(q, k, v, g, S0, seg, beta):
         kw = dict(scale=K**-0.5, initial_state=S0, segment_ids=seg, chunk_size=64,
-                  config=TritonChunkConfig(fused_fwd=fused, interpret=False))
+                  config=TritonChunkConfig(fused_fwd=fused, interpret=False, **config))
         if is_delta:
             o, S = delta.delta(q, k, v, g, beta, **kw)
         else:

@@ -101,13 +101,15 @@ def test_extreme_gates():
     _check(x, None, 16, 1e-5, with_state=False, grad_ref="chunk")
 
 
-@pytest.mark.parametrize("shape", [(jnp.bfloat16, 1, 300, 64, 48), (jnp.float32, 2, 100, 128, 128)],
-                         ids=["bf16-T300-64x48", "f32-T100-128x128"])
+@pytest.mark.parametrize("shape", [(jnp.bfloat16, 1, 300, 64, 48, "ieee"),
+                                   (jnp.float32, 2, 100, 128, 128, "ieee"),
+                                   (jnp.float32, 2, 100, 128, 128, "tf32x3")],
+                         ids=["bf16-T300-64x48", "f32-T100-128x128", "f32-tf32x3"])
 def test_lowers_to_triton(shape):
     """The forward alone and under jax.grad, through a config with interpret=False. T = 300 (padded
     to 320, not a power of two: whole-T blocks are only read in chunks), V = 48 (three value tiles
-    of 16); and float32 at K = V = 128."""
-    dt, B, T, K, V = shape
+    of 16); and float32 at K = V = 128, its products IEEE and 3xTF32 (`f32_dots`)."""
+    dt, B, T, K, V, f32_dots = shape
     H = 2
     sds = jax.ShapeDtypeStruct
     args = (sds((B, T, H, K), dt), sds((B, T, H, K), dt), sds((B, T, H, V), dt),
@@ -117,7 +119,8 @@ def test_lowers_to_triton(shape):
 
     def loss(q, k, v, i, f, s0, seg):
         h, S = gpu_mlstm.mlstm(q, k, v, i, f, scale=K**-0.5, initial_state=s0, segment_ids=seg,
-                               chunk_size=64, eps=1e-6, config=TritonChunkConfig(interpret=False))
+                               chunk_size=64, eps=1e-6,
+                               config=TritonChunkConfig(interpret=False, f32_dots=f32_dots))
         return jnp.sum(h.astype(jnp.float32)) + sum(jnp.sum(s) for s in S)
 
     lower = lambda f: export.export(
