@@ -239,11 +239,11 @@ for s in "$@"; do case $s in
           | tar cf - -T - | (mkdir -p $LOGS/mqar && cd $LOGS/mqar && tar xf -)) ;;
   protocols|protorun)
     # Default: the cells left (session 34). Parity at the config's training, the authors' since
-    # session 34 (20k steps, their AdamW, bfloat16 compute; with their optimizer in float32,
-    # DeltaNet and Mamba [-1, 1] kept the length generalisation that ours lost at 20k steps),
-    # into results/protocols/authors_training/ (the runs at the earlier settings stay where they
-    # are); in float32 alone on an H100 a step was 14.9 ms (DeltaNet) / 35.9 ms (Mamba), so these
-    # want few jobs beside them. Then linear
+    # session 34 (20k steps, their AdamW; with it DeltaNet and Mamba [-1, 1] kept the length
+    # generalisation that ours lost at 20k steps, both cut at 14,000 / 6,000: a rerun replaces a
+    # cut run only if it gets further), into results/protocols/authors_training/ (the runs at the
+    # earlier settings stay where they are); alone on an H100 a step was 14.9 ms (DeltaNet) /
+    # 35.9 ms (Mamba), so these want few jobs beside them. Then linear
     # attention d512 (cut at 1,000 in session 34), the d64 cells on Zoology's data (linear
     # attention; GLA and Mamba-2, cut at 5,000 / 9,000), DeltaProduct S5 n_h = 3 (its 512-token
     # evaluation in batches of 32) and the 512-token cells cut early (DeltaNet d64 at 40,500,

@@ -115,20 +115,19 @@ def test_state_tracking_eigenvalue_ranges_reach_the_layers():
             assert mixer.beta_max == (2.0 if extended else 1.0)
 
 
-@pytest.mark.parametrize("out, steps, earlier, n", [
-    ("", 5000, True, 18), ("parity_20k", 20000, True, 3),
-    ("parity_20k_their_optimizer", None, False, 2)])
-def test_the_committed_state_tracking_runs_collect_under_their_settings(out, steps, earlier, n):
-    """The config's defaults are the authors' training; the runs made before it (the library's
-    AdamW, float32) are still the committed runs of their configs: `EARLIER` (and --steps) as
-    --set overrides names each of them (finished or cut), and the defaults name none."""
+@pytest.mark.parametrize("out, steps, n", [("", 5000, 18), ("parity_20k", 20000, 3),
+                                           ("authors_training", None, 2)])
+def test_the_committed_state_tracking_runs_collect_under_their_settings(out, steps, n):
+    """The config's defaults are the authors' training, whose runs collect as they are; the runs
+    made before it (the library's AdamW) are still the committed runs of their configs: `EARLIER`
+    and --steps as overrides name each of them (finished or cut), and the defaults none."""
     from experiments.configs import paper_state_tracking as st
 
     root = ROOT / "experiments" / "results" / "protocols" / out
     base = [f"--out={root}", "--protocol=state_tracking", "--collect", "--set=model.impl=chunk"]
-    extra = [f"--set={k}={v}" for k, v in st.EARLIER.items()] if earlier else [
-        "--set=model.dtype=float32"]
-    for flags, want in ((extra + ([f"--steps={steps}"] if steps else []), n), ([], 0)):
+    earlier = [f"--set={k}={v}" for k, v in st.EARLIER.items()] + [f"--steps={steps}"]
+    cases = ((earlier, n), ([], 0)) if steps else (([], n), (earlier[:-1], 0))
+    for flags, want in cases:
         args = paper_protocols.parse_args(base + flags)
         grid = paper_protocols.cell_configs(args, st, paper_protocols.PROTOCOLS["state_tracking"])
         assert sum(paper_protocols.saved(c) is not None for _, _, c in grid) == want, flags
