@@ -74,11 +74,12 @@ def case(op, B, T, H, D, dtype, seed, ref_impl, V=None, kernel=None):
                        segment_ids=seg, impl=impl, config=config)
         return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(S * dS), (o, S)
 
-    vg = lambda impl: jax.jit(jax.value_and_grad(lambda d: run(impl, d), has_aux=True))
+    # the kernel config in a tuple, so that another backend's kernel keeps its defaults
+    configs = kernel and (kernel,)
+    vg = lambda impl, config=None: jax.jit(jax.value_and_grad(lambda d: run(impl, d, config),
+                                                              has_aux=True))
     d = {n: x[n] for n in names}
-    vk = jax.jit(jax.value_and_grad(lambda d: run("pallas", d, kernel and (kernel,)),
-                                    has_aux=True))
-    (_, (o, S)), g = vk(d)
+    (_, (o, S)), g = vg("pallas", configs)(d)
     (_, (ro, rS)), rg = vg(ref_impl)({n: v.astype(jnp.float32) for n, v in d.items()})
     errs = {"o": rel(o, ro), "S": rel(S, rS), **{f"d{n}": rel(g[n], rg[n]) for n in names}}
     # the forward alone keeps no residuals and may take the one-pass form: check it as chosen and
@@ -86,7 +87,7 @@ def case(op, B, T, H, D, dtype, seed, ref_impl, V=None, kernel=None):
     # config is the Triton kernel's, in a tuple so that another kernel keeps its defaults
     base = kernel or TritonChunkConfig.default(jax.devices()[0])
     fused = dataclasses.replace(base, fused_fwd=True)
-    for tag, config in (("primal", kernel and (kernel,)), ("fused", (fused,))):
+    for tag, config in (("primal", configs), ("fused", (fused,))):
         po, pS = jax.jit(lambda d: run("pallas", d, config)[1])(d)
         errs[f"o_{tag}"], errs[f"S_{tag}"] = rel(po, ro), rel(pS, rS)
     return errs

@@ -31,9 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.benchmarks import common
+from experiments.benchmarks import common, vmap_gpu
 from experiments.benchmarks import kernel_checks as kc
-from linear_jax import ops
 from linear_jax.kernels.configs import TritonChunkConfig
 
 f32 = jnp.float32
@@ -63,21 +62,11 @@ def inputs(op, B, T, H, K, V, seed=0) -> tuple[dict, tuple]:
 
 
 def call(op, form, quick=False):
-    impl = "chunk" if form == "chunk" else "pallas:triton"
-    config = None if form == "chunk" else TritonChunkConfig(
-        f32_dots=form, interpret=True if quick else None)
-
-    def f(x):
-        a = {n: x[n] for n in ("q", "k", "v")}
-        kw = dict(impl=impl, config=config)
-        if op == "linear_attention":
-            return ops.linear_attention(**a, **kw)
-        if op in ("simple_gla", "gla"):
-            return getattr(ops, op)(**a, g=x["g"], **kw)
-        if op == "delta_rule":
-            return ops.delta_rule(**a, beta=x["beta"], **kw)
-        return ops.gated_delta_rule(**a, g=x["g"], beta=x["beta"], **kw)
-    return f
+    """f(x) -> (o, S) of `op` through `form` (`vmap_gpu.call`, whose input names these share)."""
+    if form == "chunk":
+        return vmap_gpu.call(op, "chunk")
+    return vmap_gpu.call(op, "pallas:triton", TritonChunkConfig(
+        f32_dots=form, interpret=True if quick else None))
 
 
 def row(op, name, shape, args) -> dict:

@@ -65,20 +65,22 @@ def ssd_inputs(M, B, T, H, P, dtype, ks, N=16):
     return x, ("q", "k", "v", "g")
 
 
-def call(op: str, impl: str):
+def call(op: str, impl: str, config=None):
+    """f(x) -> (o, S) of `op` on the arrays of x (named as `inputs` names them)."""
     def f(x):
         a = {n: x[n] for n in ("q", "k", "v")}
+        kw = dict(impl=impl, config=config)
         if op == "linear_attention":
-            return ops.linear_attention(**a, impl=impl)
+            return ops.linear_attention(**a, **kw)
         if op == "gla":
-            return ops.gla(**a, g=x["g"], impl=impl)
+            return ops.gla(**a, g=x["g"], **kw)
         if op == "ssd":                             # x, dt, A, B, C (inputs' names above)
-            return ops.ssd(x["v"], x["g"], x["A"], x["k"], x["q"], impl=impl)
+            return ops.ssd(x["v"], x["g"], x["A"], x["k"], x["q"], **kw)
         if op == "simple_gla":                      # Mamba-2's SSD runs on it
-            return ops.simple_gla(**a, g=x["g"], impl=impl)
+            return ops.simple_gla(**a, g=x["g"], **kw)
         if op == "delta_rule":
-            return ops.delta_rule(**a, beta=x["beta"], impl=impl)
-        return ops.gated_delta_rule(**a, g=x["g"], beta=x["beta"], impl=impl)
+            return ops.delta_rule(**a, beta=x["beta"], **kw)
+        return ops.gated_delta_rule(**a, g=x["g"], beta=x["beta"], **kw)
     return f
 
 
