@@ -87,7 +87,11 @@
 #             next calls while the machine is held (each call within 30 s of the last); PROTO_S
 #             counts from the launch; results in /tmp/protobg/results
 #   protowait wait for the protobg jobs (at most PROTO_WAIT s), then bring back their logs and results
-#             (under logs/protobg and logs/protocols)
+#             (under logs/protobg and logs/protocols); PROTO_CKPT ("<dir>/<protocol>/<cell> ..."
+#             under the results, e.g. authors_training/state_tracking/parity-mamba_01): those cut
+#             cells' newest checkpoints in $OUT/ckpt.tar.NN, 15 MiB pieces (a file back is at most
+#             16 MiB). Here: `cat ckpt.tar.* | tar xf - -C experiments/results/protocols` (ignored
+#             by git); a later session carries one such checkpoints folder and the cell resumes
 #   vmap      vmap_gpu: each op's "auto" against its chunk form under jax.vmap at MQAR's shapes
 #   cost      paper_protocols --cost --time-steps per line of COST_JOBS (its mem as in `share`), all
 #             at once (COST_VMAP=1: the vmap step beside them): measured ms per train step, JSON
@@ -351,7 +355,13 @@ mqar|^deltanet-d64-T512|$A|5G|tensorfloat32"
       echo "-- $f rc=$(cat $n.rc 2>/dev/null || echo running) $(cat $n.s 2>/dev/null) s"; tail -n 3 "$f" | cut -c1-300; done
     mkdir -p $LOGS/protobg && cp /tmp/protobg/logs/* /tmp/protobg/scheduler*.log $LOGS/protobg/
     (cd /tmp/protobg/results && find . -newer /tmp/protobg/stamp -type f ! -path '*checkpoints*' | tar cf - -T -) \
-      | (mkdir -p $LOGS/protocols && cd $LOGS/protocols && tar xf -) ;;
+      | (mkdir -p $LOGS/protocols && cd $LOGS/protocols && tar xf -)
+    ck=$(cd /tmp/protobg/results && for c in ${PROTO_CKPT:-}; do
+           n=$(ls "$c/checkpoints" 2>/dev/null | grep -E '^[0-9]+$' | sort -n | tail -n 1)
+           [ -n "$n" ] && echo "$c/checkpoints/$n"; done)
+    if [ -n "$ck" ]; then rm -f "$OUT"/ckpt.tar.*
+      (cd /tmp/protobg/results && tar cf - $ck) | split -b 15M -d - "$OUT/ckpt.tar."
+      echo "   checkpoints back: $(echo $ck) in $(ls "$OUT" | grep -c '^ckpt.tar')" piece\(s\); fi ;;
   vmap) TAIL=40 step vmap "${VMAP_S:-240}" python3 -m experiments.benchmarks.vmap_gpu ${VMAP_ARGS:-} ;;
   cost)
     # paper_protocols --cost --time-steps (COST_STEPS, default 10) on this GPU, each line of

@@ -31,9 +31,11 @@ deadline, and has no time for them).
 `--lrs` trains a subset of a sweep's learning rates (the others are not run, and a cell's best is
 then the best of those). `--deadline=S` stops training S seconds after the start, at the last
 evaluation before it (`seeds.train_sweep`): the cut runs are written to `partial.json`, not
-`result.json`, so a later call trains them again from the start (and keeps the earlier cut when
-its own stops at an earlier step), and the table marks them
-("5000 of 25000, cut") where no finished run of the cell exists.
+`result.json`, and the table marks them ("5000 of 25000, cut") where no finished run of the cell
+exists. A later call resumes a cut run from its checkpoint (`<cell>/checkpoints`, saved at the
+cut and every `train.checkpoint_every` steps by the configs that set it: the state-tracking,
+DeltaProduct and Mamba synthetic ones), else trains it again from the start (and keeps the
+earlier cut when its own stops at an earlier step).
 
 `--cost` trains nothing either: it compiles each cell's train step (the lrs and seeds it would
 train together) and prints XLA's cost analysis per step, FLOPs and bytes accessed, with the
@@ -222,8 +224,11 @@ def _identity(config: dict) -> dict:
     test sequences were cut into batches: `eval.batch_size` x `eval.batches` sequences are the
     same test set size however they are cut (a long-sequence eval that runs out of memory beside
     other jobs is run in smaller batches; the draw then differs, the distribution and the count
-    do not)."""
+    do not), or how often its checkpoints were saved (`train.checkpoint_every`,
+    `train.keep_checkpoints`: where a cut run resumes from, not what it computes)."""
     config = {k: v for k, v in config.items() if k != "workdir"}
+    config["train"] = {k: v for k, v in config.get("train", {}).items()
+                       if k not in ("checkpoint_every", "keep_checkpoints")}
     config["model"] = {k: v for k, v in config.get("model", {}).items() if k != "impl"}
     if "mixer_options" in config["model"]:
         config["model"]["mixer_options"] = {
@@ -338,9 +343,11 @@ def run_cell(configs, deadline=None) -> list[tuple[dict, bool]]:
         older, metrics = _saved_as(c, "partial.json"), workdir / "metrics.jsonl"
         if older is not None and metrics.exists():
             cut_before[c.workdir] = (older, metrics.read_bytes())
-        metrics.unlink(missing_ok=True)
         (workdir / "config.json").write_text(json.dumps(_as_json(c), indent=2) + "\n")
-    trained = iter(seeds.train_sweep(todo, todo[0].seeds, deadline=deadline) if todo else [])
+    # a cut run whose checkpoint is there resumes from it (seeds.py); one of another config is
+    # removed (the cell's workdir is the protocol's own)
+    trained = iter(seeds.train_sweep(todo, todo[0].seeds, deadline=deadline,
+                                      fresh_if_stale=True) if todo else [])
     out = []
     for c, p in zip(configs, previous, strict=True):
         if p is not None:

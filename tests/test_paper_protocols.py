@@ -312,7 +312,7 @@ def test_a_shorter_cut_keeps_the_earlier_one_that_got_further(tmp_path, monkeypa
     metrics = tmp_path / "mqar" / config.workdir.split("/")[-1] / "metrics.jsonl"
 
     def cut_at(step):
-        def train_sweep(configs, seeds_, deadline=None):
+        def train_sweep(configs, seeds_, deadline=None, fresh_if_stale=False):
             metrics.write_text(f"step {step}\n")
             return [{"step": step, "partial": True, "seeds": list(seeds_)}]
         monkeypatch.setattr(seeds, "train_sweep", train_sweep)

@@ -31,6 +31,6 @@ def get_config(cell: str = "s3-nh2"):
                    mixer_options={"delta_product": {"num_householder": int(nh), "gated": False,
                                                     "allow_neg_eigval": True}})
     c.train.update(steps=5000, batch_size=128, lr=1e-3, warmup_steps=200, weight_decay=0.1,
-                   checkpoint_every=0, progress=False, log_every=100)
+                   checkpoint_every=1000, keep_checkpoints=1, progress=False, log_every=100)
     c.eval.update(every=1000, batches=4, batch_size=128, seq_lens=(256, 512))
     return c

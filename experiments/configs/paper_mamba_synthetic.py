@@ -33,7 +33,7 @@ def get_config(cell: str = "induction_heads-mamba"):
                    init_std=64 ** -0.5,
                    mixer_options={mixer: {"conv_size": 4} if mixer == "gla" else {}})
     c.train.update(steps=4000, batch_size=64, lr=1e-3, warmup_steps=200, weight_decay=0.1,
-                   checkpoint_every=0, progress=False, log_every=100)
+                   checkpoint_every=1000, keep_checkpoints=1, progress=False, log_every=100)
     # 64 test sequences per length, 16 rows at a time; softmax attention's scores at 8192 tokens
     # are 3 seeds x rows x 2 heads x 8192^2 floats (36 GiB asked at 16 rows on an H100, session
     # 26), so its rows go 4 at a time

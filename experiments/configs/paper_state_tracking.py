@@ -54,7 +54,7 @@ def get_config(cell: str = "parity-deltanet_11"):
                    init_std=128 ** -0.5, mixer_options={mixer: options})
     c.train.update(steps=STEPS[task], batch_size=256, lr=1e-3, warmup_steps=2000,
                    weight_decay=0.0, b2=0.999, min_lr_ratio=0.001, clip_norm=0.0,
-                   checkpoint_every=0, progress=False, log_every=100)
+                   checkpoint_every=1000, keep_checkpoints=1, progress=False, log_every=100)
     c.eval.update(every=1000, batches=4, batch_size=128, seq_lens=(64, 128, 256),
                   length_range=(40, 256))
     return c

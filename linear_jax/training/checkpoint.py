@@ -32,13 +32,16 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, step: int, state, data_position: int, *, force: bool = False) -> bool:
-        """Starts an asynchronous save when `step` is due (or `force`); returns whether it did."""
+    def save(self, step: int, state, data_position: int, *, force: bool = False,
+             meta: dict | None = None) -> bool:
+        """Starts an asynchronous save when `step` is due (or `force`); returns whether it did.
+        `meta` (JSON) is saved beside the data position: what a resumed run must also restore
+        (`read_meta`)."""
         if not force and (self.every <= 0 or step % self.every):
             return False
+        data = {"position": int(data_position), **({"meta": meta} if meta is not None else {})}
         saved = self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave({"position": int(data_position)})), force=force)
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)), force=force)
         if saved:
             logging.info("checkpoint: saving step %d (async)", step)
         return saved
@@ -55,6 +58,12 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         logging.info("checkpoint: restored step %d", step)
         return restored["state"], int(restored["data"]["position"]), step
+
+    def read_meta(self, step: int) -> dict | None:
+        """The `meta` saved with checkpoint `step` (None if it had none)."""
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            data=ocp.args.JsonRestore()))
+        return restored["data"].get("meta")
 
     def close(self) -> None:
         """Waits for pending saves and releases the manager."""

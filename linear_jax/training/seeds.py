@@ -16,8 +16,18 @@ over seeds, and the extremes `<metric>_min`, `<metric>_max`). `result.json` (wri
 `experiments/train.py`) has the same: `per_seed` and the mean / std in `train`, `eval` and
 `baseline`. A seed whose loss turns non-finite is reported (`per_seed[i]["stopped"]`) while the
 others go on; `train.stop_accuracy` > 0 ends the run at the first evaluation where every seed's
-eval accuracy reaches it (early stopping). Multi-seed runs keep no checkpoints: a run restarts from
-step 0.
+eval accuracy reaches it (early stopping).
+
+With `train.checkpoint_every` > 0 the stacked states are saved in `<workdir of the first
+config>/checkpoints` (orbax, asynchronously) at the first evaluation at or past each multiple of
+it, at a deadline's cut and where the run ends, with what the records need to go on (each seed's
+last evaluation, the mean of the last train step, the seconds so far). A run that finds a
+checkpoint there resumes from it: the same batches (a step's batch is a function of its index),
+the same states, `metrics.jsonl` cut back to the checkpoint's step, so a run cut or killed and
+resumed logs what one uninterrupted run logs (`tests/training/test_seeds.py`). A checkpoint of
+another config (the configs but for `workdir`, `model.impl` and how checkpoints are kept, the
+seeds) is refused with a `ConfigError`, or, with `fresh_if_stale`, removed and the run started
+over.
 
 `train_sweep(configs, seeds)` trains a learning-rate sweep the same way: configs that differ only
 in `train.lr` (and `workdir`), every (lr, seed) pair one member of the vmapped step. AdamW's update
@@ -39,7 +49,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import json
 import pathlib
+import shutil
 import time
 import types
 
@@ -49,8 +61,8 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from linear_jax.training import data, evaluation, loop, metrics, optim, sharding, step
-from linear_jax.training.mesh import mesh_from_config
+from linear_jax.training import checkpoint, data, evaluation, loop, metrics, optim, sharding, step
+from linear_jax.training.mesh import ConfigError, mesh_from_config
 
 
 def aggregate(values: list[dict]) -> dict:
@@ -80,10 +92,11 @@ def _states(model_config, tx, seeds):
     return graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
 
-def train_seeds(config, seeds, *, devices=None, deadline=None) -> dict:
+def train_seeds(config, seeds, *, devices=None, deadline=None, fresh_if_stale=False) -> dict:
     """Trains `config` once per seed in `seeds`, vmapped, in `config.workdir`; returns the
     result (per seed and mean / std)."""
-    return train_sweep([config], seeds, devices=devices, deadline=deadline)[0]
+    return train_sweep([config], seeds, devices=devices, deadline=deadline,
+                       fresh_if_stale=fresh_if_stale)[0]
 
 
 def _check_sweep(configs) -> None:
@@ -101,14 +114,14 @@ def _check_sweep(configs) -> None:
                          f"{[c.train.lr for c in configs]}")
 
 
-def train_sweep(configs, seeds, *, devices=None, deadline=None) -> list[dict]:
+def train_sweep(configs, seeds, *, devices=None, deadline=None,
+                fresh_if_stale=False) -> list[dict]:
     """Trains every config of a learning-rate sweep (module docstring) once per seed, all
     vmapped together; returns one result per config, as `train_seeds` would."""
-    with _sweep(configs, seeds, devices) as sw:
+    with _sweep(configs, seeds, devices, resume="fresh" if fresh_if_stale else "strict") as sw:
         logging.info("%d seeds %s x %d learning rates, %s parameters each, vmapped on %s",
                      len(sw.seeds), sw.seeds, len(configs), f"{sw.num_params:,}", sw.device)
-        results = _run(configs, sw.seeds, sw.states, sw.sources, sw.evals, sw.train_step,
-                       sw.eval_step, sw.device, deadline)
+        results = _run(configs, sw, deadline)
     # a baseline (e.g. tuned GD on the eval tasks) depends on the task and seed, not on the lr
     refs = [evaluation.baseline(configs[0], seed) for seed in sw.seeds]
     for result in results:
@@ -161,10 +174,53 @@ def step_cost(configs, seeds, *, devices=None, time_steps: int = 0, trace=None) 
             "bytes_accessed": float(cost.get("bytes accessed", 0.0)), **out}
 
 
+def _identity(configs, seeds) -> dict:
+    """What a checkpoint must have been saved by to be resumed: the configs but for where they
+    write, which implementation computes the mixer and how checkpoints are kept, and the seeds."""
+    out = []
+    for c in configs:
+        d = json.loads(c.to_json_best_effort())
+        d.pop("workdir", None)
+        d.get("model", {}).pop("impl", None)
+        for key in ("checkpoint_every", "keep_checkpoints", "progress"):
+            d.get("train", {}).pop(key, None)
+        out.append(d)
+    return {"configs": out, "seeds": list(seeds)}
+
+
+def _resume(configs, seeds, states, mode: str):
+    """(checkpointer, states, (step, meta) or None) for the sweep's checkpoints (module
+    docstring); (None, states, None) when `train.checkpoint_every` is 0."""
+    tr = configs[0].train
+    if tr.checkpoint_every <= 0:
+        return None, states, None
+    directory = pathlib.Path(configs[0].workdir) / "checkpoints"
+    ckpt = checkpoint.Checkpointer(directory, every=tr.checkpoint_every,
+                                   keep=tr.keep_checkpoints)
+    at = ckpt.latest_step()
+    if at is None:
+        return ckpt, states, None
+    meta = ckpt.read_meta(at)
+    if meta is None or meta.get("identity") != _identity(configs, seeds):
+        if mode != "fresh":
+            ckpt.close()
+            raise ConfigError(f"{directory} holds a checkpoint of another config or other seeds "
+                              f"(use another workdir, or remove it)")
+        logging.warning("%s: a checkpoint of another config; starting over", directory)
+        ckpt.close()
+        shutil.rmtree(directory)
+        return _resume(configs, seeds, states, mode)
+    target = checkpoint.abstract(states, jax.tree.map(lambda x: x.sharding, states))
+    restored, _, at = ckpt.restore(target)
+    logging.info("resuming %d seeds x %d configs at step %d", len(seeds), len(configs), at)
+    return ckpt, restored, (at, meta)
+
+
 @contextlib.contextmanager
-def _sweep(configs, seeds, devices):
+def _sweep(configs, seeds, devices, resume: str | None = None):
     """What a sweep trains with, under its mesh: the seeds' sources and eval sets, the stacked
-    states (member g * S + i: config g, seed i) and the vmapped, jitted steps."""
+    states (member g * S + i: config g, seed i) and the vmapped, jitted steps; with `resume`
+    ("strict" or "fresh": what a stale checkpoint gets) the checkpointer and where to start."""
     _check_sweep(configs)
     config = configs[0]
     tr, seeds = config.train, [int(s) for s in seeds]
@@ -187,9 +243,17 @@ def _sweep(configs, seeds, devices):
             graphdef, tx, microbatches=tr.microbatches, aux_weight=tr.aux_loss_weight,
             lr_schedule=optim.schedule(tr))), donate_argnums=0)
         eval_step = jax.jit(jax.vmap(step.make_eval_step(graphdef)))
-        yield types.SimpleNamespace(seeds=seeds, device=device, sources=sources, evals=evals,
-                                    states=states, num_params=num_params,
-                                    train_step=train_step, eval_step=eval_step)
+        ckpt, start = None, None
+        if resume is not None:
+            ckpt, states, start = _resume(configs, seeds, states, resume)
+        try:
+            yield types.SimpleNamespace(seeds=seeds, device=device, sources=sources,
+                                        evals=evals, states=states, num_params=num_params,
+                                        train_step=train_step, eval_step=eval_step, ckpt=ckpt,
+                                        start=start)
+        finally:
+            if ckpt is not None:
+                ckpt.close()
 
 
 def _stack(batches, device, copies: int):
@@ -235,12 +299,24 @@ def _evaluate(eval_step, states, sources, num_batches: int, device, copies: int)
 class _Group:
     """The records of one config of a sweep: its metrics.jsonl, per-seed values, result."""
 
-    def __init__(self, config, seeds):
+    def __init__(self, config, seeds, start: int | None = None, saved: dict | None = None):
         self.config, self.seeds = config, seeds
-        self.writer = metrics.JsonlWriter(pathlib.Path(config.workdir) / "metrics.jsonl")
+        self.writer = metrics.JsonlWriter(pathlib.Path(config.workdir) / "metrics.jsonl",
+                                          resume_step=start)
         self.per_seed = [{"seed": s, "train": {}, "eval": {}, "stopped": None} for s in seeds]
-        self.result = {"seeds": seeds, "step": 0, "train": {}, "eval": {}, "stopped": None,
-                       "per_seed": self.per_seed}
+        self.result = {"seeds": seeds, "step": start or 0, "train": {}, "eval": {},
+                       "stopped": None, "per_seed": self.per_seed}
+        if saved is not None:                  # resumed: the records as the checkpoint left them
+            self.per_seed[:] = saved["per_seed"]
+            self.result.update(train=saved["train"], eval=saved["eval"],
+                               stopped=saved["stopped"])
+
+    def saved(self) -> dict:
+        """What a checkpoint keeps of the records; `stopped` only where the run ended (early
+        stop, every seed non-finite), not where a deadline cut it."""
+        stopped = None if self.result.get("partial") else self.result["stopped"]
+        return {"per_seed": self.per_seed, "train": self.result["train"],
+                "eval": self.result["eval"], "stopped": stopped}
 
     def write(self, s, split, values: list[dict]) -> dict:
         for seed, v in zip(self.seeds, values, strict=True):
@@ -298,12 +374,16 @@ class _Clock:
                 and now + self.step_s + eval_s > deadline)
 
 
-def _run(configs, seeds, states, sources, evals, train_step, eval_step, device,
-         deadline=None) -> list[dict]:
+def _run(configs, sw, deadline=None) -> list[dict]:
     tr, ev = configs[0].train, configs[0].eval
-    groups = [_Group(c, seeds) for c in configs]
+    seeds, states, sources, evals, device = sw.seeds, sw.states, sw.sources, sw.evals, sw.device
+    start, meta = sw.start or (0, None)
+    groups = [_Group(c, seeds, start if meta else None, meta["groups"][g] if meta else None)
+              for g, c in enumerate(configs)]
     S, G = len(seeds), len(groups)
-    progress = metrics.Progress(0, tr.steps, enabled=tr.progress)
+    progress = metrics.Progress(start, tr.steps, enabled=tr.progress)
+    before = meta["seconds"] if meta else 0.0          # the seconds of the runs resumed
+    end = start if groups[0].result["stopped"] else tr.steps     # a resumed run that had ended
 
     def of(g, values):                         # member g * S + i: config g, seed i
         return values[g * S:(g + 1) * S]
@@ -313,13 +393,25 @@ def _run(configs, seeds, states, sources, evals, train_step, eval_step, device,
         for g, group in enumerate(groups):
             group.record(s, of(g, values), progress if g == 0 else None)
 
+    saved_at = start
+
+    def save(s: int, force: bool) -> None:
+        nonlocal saved_at
+        every = tr.checkpoint_every
+        if sw.ckpt is None or not (force or s // every > saved_at // every):
+            return
+        sw.ckpt.save(s, states, s, force=True, meta={
+            "identity": _identity(configs, seeds), "groups": [g.saved() for g in groups],
+            "seconds": before + time.perf_counter() - t_start})
+        saved_at = s
+
     pending, t_start = None, time.perf_counter()
     t_eval = time.monotonic()                    # the last evaluation's end
     clock = _Clock(time.monotonic())
     batches = _Prefetched(sources, device, G)
     try:
-        for s in range(tr.steps):
-            states, m = train_step(states, batches(s))
+        for s in range(start, end):
+            states, m = sw.train_step(states, batches(s))
             if pending is not None:             # the previous step's metrics, read one step late
                 record(*jax.device_get(pending))
                 clock.stepped(s, time.monotonic())
@@ -335,7 +427,7 @@ def _run(configs, seeds, states, sources, evals, train_step, eval_step, device,
             pending = None
             t_eval_start = time.monotonic()
             for name in evals[0]:
-                values = _evaluate(eval_step, states, [e[name] for e in evals], ev.batches,
+                values = _evaluate(sw.eval_step, states, [e[name] for e in evals], ev.batches,
                                    device, G)
                 for g, group in enumerate(groups):
                     for r, v in zip(group.per_seed, of(g, values), strict=True):
@@ -347,6 +439,7 @@ def _run(configs, seeds, states, sources, evals, train_step, eval_step, device,
             if all(r["stopped"] for g in groups for r in g.per_seed):
                 for g in groups:
                     g.result["stopped"] = "nan"
+                save(s + 1, force=True)
                 break
             target = tr.get("stop_accuracy", 0.0)
             done = [g for g in groups if target and g.solved(target)]
@@ -356,6 +449,7 @@ def _run(configs, seeds, states, sources, evals, train_step, eval_step, device,
                         f"every seed at eval accuracy >= {target}" if g in done else
                         f"cut at step {s + 1}: lr {done[0].config.train.lr:g} of its sweep "
                         f"had every seed at eval accuracy >= {target}")
+                save(s + 1, force=True)
                 break
             now = time.monotonic()
             clock.evaluated(now - t_eval_start)
@@ -365,12 +459,14 @@ def _run(configs, seeds, states, sources, evals, train_step, eval_step, device,
                     g.result.update(partial=True, stopped=f"deadline: cut at step {s + 1} of "
                                                           f"{tr.steps}")
                 logging.warning("deadline: cut at step %d of %d", s + 1, tr.steps)
+                save(s + 1, force=True)
                 break
+            save(s + 1, force=s + 1 == tr.steps)
             t_eval = now
     finally:
         batches.close()
         progress.close()
-    seconds = time.perf_counter() - t_start
+    seconds = before + time.perf_counter() - t_start
     for g in groups:
         g.result["seconds"] = seconds
     return [g.result for g in groups]

@@ -1,11 +1,14 @@
 """Multi-seed training (linear_jax/training/seeds.py): two seeds vmapped in one run give each
 seed's single run, step by step; the records and the mean / std are where the docs say."""
 
+import json
+import time
+
 import jax
 import numpy as np
 import pytest
 
-from linear_jax.training import loop, seeds
+from linear_jax.training import ConfigError, loop, seeds
 from linear_jax.training.metrics import read_jsonl
 from tests.training.test_train import tiny
 
@@ -74,6 +77,58 @@ def test_learning_rate_sweep_vmapped_equals_its_runs_apart(tmp_path):
         seeds.train_sweep([tiny(tmp_path / "x", **run), tiny(tmp_path / "y",
                                                              **{**run, "train__steps": 2})],
                           [0], devices=device)
+
+
+def _records(workdir):
+    return [(r["step"], r["split"], r["seed"], r["loss"]) for r in
+            read_jsonl(workdir / "metrics.jsonl")]
+
+
+def test_a_cut_sweep_resumed_from_its_checkpoint_logs_what_one_uninterrupted_run_logs(tmp_path):
+    """Two lrs x two seeds: a deadline already past cuts the run at its first evaluation (step
+    2), which saves a checkpoint; the next call resumes there and ends at step 4 with the
+    metrics, evaluations and result of a run never cut, and a finished run resumed trains no
+    more. A checkpoint of another config is refused, or removed with `fresh_if_stale`."""
+    device = jax.devices()[:1]
+    run = {**STEPS, "train__steps": 4, "eval__every": 2, "train__checkpoint_every": 2,
+           "train__log_every": 1, "train__warmup_steps": 1}
+    lrs = (1e-2, 3e-3)
+
+    def sweep(name, **kw):
+        return seeds.train_sweep([tiny(tmp_path / f"{name}{lr}", train__lr=lr, **run)
+                                  for lr in lrs], [3, 5], devices=device, **kw)
+
+    whole = sweep("whole")
+    cut = sweep("cut", deadline=time.monotonic())
+    assert [r["step"] for r in cut] == [2, 2] and all(r["partial"] for r in cut)
+    assert (tmp_path / f"cut{lrs[0]}" / "checkpoints").is_dir()
+    # a mark in a record before the cut: a resumed run keeps those records, one started over
+    # would write them again
+    log = tmp_path / f"cut{lrs[0]}" / "metrics.jsonl"
+    lines = log.read_text().splitlines()
+    lines[0] = json.dumps({**json.loads(lines[0]), "loss": 123.0})
+    log.write_text("\n".join(lines) + "\n")
+    resumed = sweep("cut")
+    assert _records(tmp_path / f"cut{lrs[0]}")[0][3] == 123.0
+    for lr, a, b in zip(lrs, whole, resumed, strict=True):
+        assert b["step"] == 4 and not b.get("partial")
+        got, want = _records(tmp_path / f"cut{lr}"), _records(tmp_path / f"whole{lr}")
+        assert [r[:3] for r in got] == [r[:3] for r in want]
+        assert [r[3] for r in got if r[0] > 2] == pytest.approx(
+            [r[3] for r in want if r[0] > 2], rel=1e-6)
+        for x, y in zip(a["per_seed"], b["per_seed"], strict=True):
+            assert x["eval"]["eval"]["loss"] == pytest.approx(y["eval"]["eval"]["loss"], rel=1e-6)
+        assert b["eval"]["eval"]["loss"] == pytest.approx(a["eval"]["eval"]["loss"], rel=1e-6)
+    assert sweep("cut")[0]["eval"] == resumed[0]["eval"]        # ended: nothing more to train
+    assert len(_records(tmp_path / f"cut{lrs[0]}")) == len(_records(tmp_path / f"whole{lrs[0]}"))
+    other = {**run, "train__steps": 6}
+    with pytest.raises(ConfigError, match="another config"):
+        seeds.train_sweep([tiny(tmp_path / f"cut{lr}", train__lr=lr, **other) for lr in lrs],
+                          [3, 5], devices=device)
+    fresh = seeds.train_sweep([tiny(tmp_path / f"cut{lr}", train__lr=lr, **other)
+                               for lr in lrs], [3, 5], devices=device, fresh_if_stale=True)
+    assert fresh[0]["step"] == 6
+    assert [r[0] for r in _records(tmp_path / f"cut{lrs[0]}") if r[1] == "train"][:2] == [1, 1]
 
 
 def test_the_deadline_clock_trains_on_until_one_more_step_and_an_evaluation_would_not_fit():
