@@ -118,10 +118,14 @@ class TritonChunkConfig:
     f32_dots: the products of float32 inputs (bf16 / fp16 inputs multiply on their own type):
       "ieee", IEEE float32 on the CUDA cores; "tf32x3", float32-accurate products on the tensor
       cores, three tf32 products of the split operands (as the UT inverse and the 0/1 span
-      products already run). On an H100 a float32 DeltaNet parity step (K = V = 32, T = 40,
-      B x H = 3072) through the IEEE kernels took 86 ms where the chunk form took 15 (session 34,
-      not under the same sharing of the GPU): which is faster, and whether "tf32x3" keeps the
-      float32 checks, the device decides (`experiments/benchmarks/f32_dots_gpu.py`).
+      products already run). Measured on an H100 alone (session 35, one forward + backward;
+      `experiments/benchmarks/f32_dots_gpu.py`, `benchmarks/results/f32_dots_NVIDIA_H100_80GB_
+      HBM3.json`): "tf32x3" is within 3.7e-7 to 8.2e-7 of the chunk form under float32 matmuls
+      where "ieee" is within 1.8e-7 to 8.3e-7, and 1.2x to 12x faster (the delta rule at B = 8,
+      T = 2048, 16 heads of 128: 14.7 against 180.9 ms); but at that shape Gated DeltaNet's
+      backward under "tf32x3" asked 246,788 B of shared memory where an H100 has 232,448, and the
+      full float32 check grid has not run under it, so "ieee" stays the default. "auto" leaves
+      float32 inputs to the chunk form (`kernels/gpu/common.py:auto_declines`).
     """
 
     chunk: int = 64

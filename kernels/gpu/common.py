@@ -217,6 +217,23 @@ def accepts(q, k, v, *rest) -> str | None:
     return None
 
 
+def auto_declines(q, k, v, *rest) -> str | None:
+    """Why "auto" leaves these inputs to the chunk form (None: it takes the kernels): float32. The
+    kernels multiply float32 on the CUDA cores (`TritonChunkConfig.f32_dots="ieee"`, the default),
+    and on an H100 (session 35, alone on the GPU, one forward + backward, float32 in and the chunk
+    form under float32 matmul precision; `benchmarks/results/f32_dots_NVIDIA_H100_80GB_HBM3.json`)
+    the chunk form was faster in 7 of the 9 cells measured: at the language-model shape (B = 8,
+    T = 2048, 16 heads of K = V = 128) the delta rule 12.2 ms against 180.9, simple_gla 6.7 against
+    79.3, gla 22.3 against 60.2, linear attention 5.4 against 82.5; at the parity protocol's (768
+    rows, T = 40, 4 heads of 32) the delta rule 2.7 against 10.7 and Gated DeltaNet 3.2 against
+    9.8, where gla (4.5 against 2.3) and simple_gla (1.1 against 1.0) were the exceptions. bf16 and
+    fp16 inputs reach the tensor cores and keep the kernels; naming them runs them on float32."""
+    if jnp.result_type(q, v) not in (jnp.bfloat16, jnp.float16):
+        return ("float32 inputs: the Triton kernels multiply them on the CUDA cores, slower than "
+                "the chunk form (measured on an H100)")
+    return None
+
+
 def entry(q, v, segment_ids, chunk_size, config):
     """(Padded, doc [B, Tp] int32) of an op entry: the config at the op's chunk size (None: the
     device default; the registry always passes one) and the edge-padded document index."""

@@ -105,7 +105,8 @@ _KERNELS = (registry.Kernel("mosaic_gpu", "linear_jax.kernels.gpu.hopper.delta:d
                             accepts="linear_jax.kernels.gpu.hopper.common:accepts"),
             registry.Kernel("triton", "linear_jax.kernels.gpu.delta:delta",
                             "linear_jax.kernels.configs:TritonChunkConfig",
-                            accepts="linear_jax.kernels.gpu.common:accepts"),
+                            accepts="linear_jax.kernels.gpu.common:accepts",
+                            auto_declines="linear_jax.kernels.gpu.common:auto_declines"),
             registry.Kernel("tpu", "linear_jax.kernels.tpu.delta_rule:delta_rule",
                             "linear_jax.kernels.configs:TpuConfig"))
 registry.register(registry.OpRecord(

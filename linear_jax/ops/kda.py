@@ -57,7 +57,8 @@ registry.register(registry.OpRecord(
     # the chunk form 5x forward and 13x fwd+bwd at T = 2048 on an H100 (benchmarks/NOTES.md)
     kernels=(registry.Kernel("triton", "linear_jax.kernels.gpu.delta:delta",
                              "linear_jax.kernels.configs:TritonChunkConfig",
-                             accepts="linear_jax.kernels.gpu.common:accepts"),),
+                             accepts="linear_jax.kernels.gpu.common:accepts",
+                             auto_declines="linear_jax.kernels.gpu.common:auto_declines"),),
     seq_parallel="linear_jax.parallel.rank_one:kda"))
 
 

@@ -16,7 +16,9 @@ adding a kernel is adding a `Kernel` line to its op's record.
                       "tpu" (Mosaic TPU);
   "auto"              one step (T == 1, decoding) takes the reference, which is the same function
                       without chunk padding; on an accelerator the device's kernel when one exists
-                      and has passed its device check (`Kernel.auto`), else the chunk form; on a
+                      and has passed its device check (`Kernel.auto`) and does not leave these
+                      inputs to the chunk form (`Kernel.auto_declines`: float32 inputs of the
+                      Triton chunk kernels), else the chunk form; on a
                       CPU the chunk form, except for the element-wise scans (a vector state),
                       whose plain `lax.scan` is faster there forward and backward (measured:
                       benchmarks/results/scans_xla_cpu.json).
@@ -69,6 +71,9 @@ class Kernel:
     accepts: "module:function" called with the op's leading arrays (q, k, v for the chunk
       family), returning None when the kernel takes them or a reason (a dtype or size it does
       not support): "auto" and bare "pallas" then pass over it, "pallas:<backend>" raises it.
+    auto_declines: "module:function" with the same arguments, returning None or why "auto" leaves
+      these inputs to the chunk form though the kernel takes them (measured slower there, e.g. the
+      Triton kernels' float32 products on the CUDA cores); bare and named "pallas" still run it.
     """
 
     backend: str
@@ -78,14 +83,15 @@ class Kernel:
     min_capability: tuple[int, int] | None = None
     max_capability: tuple[int, int] | None = None
     accepts: str | None = None
+    auto_declines: str | None = None
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ValueError(f"Kernel: backend must be one of {tuple(BACKENDS)}, got "
                              f"{self.backend!r}")
-        for field in ("fn", "config", "accepts"):
+        for field in ("fn", "config", "accepts", "auto_declines"):
             path = getattr(self, field)
-            if field == "accepts" and path is None:
+            if field in ("accepts", "auto_declines") and path is None:
                 continue
             if not isinstance(path, str) or path.count(":") != 1:
                 raise ValueError(f"Kernel: {field} must be a 'module:attribute' string, got "
@@ -173,11 +179,14 @@ def runs_here(kernel: Kernel) -> bool:
             and (kernel.max_capability is None or cc <= kernel.max_capability))
 
 
-def refusal(kernel: Kernel, args) -> str | None:
-    """Why `kernel` cannot take the op's arrays `args` (None: it can, or no arrays were given)."""
-    if kernel.accepts is None or not args:
+def refusal(kernel: Kernel, args, *, auto: bool = False) -> str | None:
+    """Why `kernel` cannot take the op's arrays `args` (None: it can, or no arrays were given);
+    with `auto`, also why "auto" leaves them to the chunk form (`Kernel.auto_declines`)."""
+    if not args:
         return None
-    return load(kernel.accepts)(*args)
+    hooks = (kernel.accepts, kernel.auto_declines if auto else None)
+    return next((r for h in hooks if h is not None for r in [load(h)(*args)] if r is not None),
+                None)
 
 
 def default_kernel(rec: OpRecord, *, auto: bool = False, args=()) -> Kernel | None:
@@ -192,7 +201,7 @@ def default_kernel(rec: OpRecord, *, auto: bool = False, args=()) -> Kernel | No
             return None
         by_backend = {k.backend: k for k in rec.kernels}
         return next((by_backend[b] for b in _CPU_ORDER if b in by_backend), None)
-    usable = [k for k in rec.kernels if runs_here(k) and refusal(k, args) is None]
+    usable = [k for k in rec.kernels if runs_here(k) and refusal(k, args, auto=auto) is None]
     checked = [k for k in usable if k.auto]
     if checked:
         return checked[0]

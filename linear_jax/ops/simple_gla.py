@@ -56,7 +56,8 @@ registry.register(registry.OpRecord(
                              accepts="linear_jax.kernels.gpu.hopper.common:accepts"),
              registry.Kernel("triton", "linear_jax.kernels.gpu.decay:decay",
                              "linear_jax.kernels.configs:TritonChunkConfig",
-                             accepts="linear_jax.kernels.gpu.common:accepts"),
+                             accepts="linear_jax.kernels.gpu.common:accepts",
+                             auto_declines="linear_jax.kernels.gpu.common:auto_declines"),
              registry.Kernel("tpu", "linear_jax.kernels.tpu.simple_gla:simple_gla",
                              "linear_jax.kernels.configs:TpuConfig")),
     seq_parallel="linear_jax.parallel.decay:simple_gla"))

@@ -221,7 +221,8 @@ def test_delta_rule_ops_take_the_triton_kernels_to_256_on_a_gpu(on):
         "pallas:mosaic_gpu"
     # values are tiled, so V past 256 is taken: Gated DeltaNet's layer at d512 has K = 256, V = 512
     # (its check on an H100: benchmarks/results/check_gpu_*_split_gated_delta_rule_*_v2.json)
-    wide_v = (jnp.zeros((1, 8, 1, 256), jnp.float32),) * 2 + (jnp.zeros((1, 8, 1, 512)),)
+    wide_v = (jnp.zeros((1, 8, 1, 256), jnp.bfloat16),) * 2 + (
+        jnp.zeros((1, 8, 1, 512), jnp.bfloat16),)
     for op in ("gated_delta_rule", "delta_rule", "kda"):
         assert registry.resolve(op, "auto", 64, args=wide_v).impl == "pallas:triton"
     # past K = 256 every delta-rule op's Triton kernels decline: key rows outgrow shared memory
@@ -237,13 +238,34 @@ def test_decay_ops_take_the_triton_kernels_to_256_on_a_gpu(on):
     one-pass forward and output kernel ask more shared memory than a GPU has: "auto" takes the chunk
     form instead of failing at launch, and naming the kernel says why."""
     on("gpu", (9, 0))
-    arrays = lambda d: (jnp.zeros((1, 8, 1, d), jnp.float32),) * 2 + (jnp.zeros((1, 8, 1, 64)),)
+    arrays = lambda d: ((jnp.zeros((1, 8, 1, d), jnp.bfloat16),) * 2
+                        + (jnp.zeros((1, 8, 1, 64), jnp.bfloat16),))
     for op in ("simple_gla", "gla", "linear_attention", "ssd"):
         for d in (153, 256):
             assert registry.resolve(op, "auto", 64, args=arrays(d)).impl == "pallas:triton", op
         assert registry.resolve(op, "auto", 64, args=arrays(273)).impl == "chunk", op
         with pytest.raises(ValueError, match=rf"{op}: impl='pallas:triton'.*K=273, V=64"):
             registry.resolve(op, "pallas:triton", 64, args=arrays(273))
+
+
+@pytest.mark.parametrize("op", ["simple_gla", "gla", "linear_attention", "ssd", "delta_rule",
+                                "gated_delta_rule", "kda"])
+def test_auto_leaves_float32_inputs_of_the_triton_chunk_kernels_to_the_chunk_form(on, op):
+    """Their float32 products run on the CUDA cores, slower than the chunk form in 7 of the 9
+    cells measured on an H100 (`kernels/gpu/common.py:auto_declines`): "auto" takes the chunk form
+    for float32 and the kernels for bf16 / fp16 (at K = 256, past the Mosaic GPU kernels' widths,
+    so Triton is the kernel in question); named, the Triton kernels still run float32."""
+    on("gpu", (9, 0))
+    for dt, want in ((jnp.float32, "chunk"), (jnp.bfloat16, "pallas:triton"),
+                     (jnp.float16, "pallas:triton")):
+        args = (jnp.zeros((1, 8, 1, 256), dt),) * 3
+        assert registry.resolve(op, "auto", 64, args=args).impl == want, (op, dt)
+    args = (jnp.zeros((1, 8, 1, 256), jnp.float32),) * 3
+    for impl in ("pallas", "pallas:triton"):
+        assert registry.resolve(op, impl, 64, args=args).impl == "pallas:triton"
+    # one float32 operand among bf16 makes the kernels compute in float32: declined too
+    mixed = (jnp.zeros((1, 8, 1, 256), jnp.bfloat16),) * 2 + (jnp.zeros((1, 8, 1, 256)),)
+    assert registry.resolve(op, "auto", 64, args=mixed).impl == "chunk"
 
 
 def test_records_are_checked():
