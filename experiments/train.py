@@ -7,8 +7,8 @@
 
 Any config field can be overridden with `--config.<path>=<value>`. `--config.seeds="(0,1,2)"`
 trains those seeds together, vmapped on one device (`linear_jax.training.seeds`; per-seed and
-mean / std metrics, no checkpoints). Running again with the same
-workdir resumes from its newest checkpoint. Metrics go to `<workdir>/metrics.jsonl`
+mean / std metrics; their stacked states checkpointed at evaluations). Running again with the
+same workdir resumes from its newest checkpoint. Metrics go to `<workdir>/metrics.jsonl`
 (`python -m experiments.plot <workdir> ...` draws them); the config to `<workdir>/config.json`;
 the final metrics, throughput (step time, tokens/s, MFU) and compile time to
 `<workdir>/result.json`. `--config.train.progress=False` logs a line every `train.log_every`
