@@ -123,9 +123,11 @@ class TritonChunkConfig:
       HBM3.json`): "tf32x3" is within 3.7e-7 to 8.2e-7 of the chunk form under float32 matmuls
       where "ieee" is within 1.8e-7 to 8.3e-7, and 1.2x to 12x faster (the delta rule at B = 8,
       T = 2048, 16 heads of 128: 14.7 against 180.9 ms); but at that shape Gated DeltaNet's
-      backward under "tf32x3" asked 246,788 B of shared memory where an H100 has 232,448, and the
-      full float32 check grid has not run under it, so "ieee" stays the default. "auto" leaves
-      float32 inputs to the chunk form (`kernels/gpu/common.py:auto_declines`).
+      fwd + bwd under "tf32x3" asked 246,788 B of shared memory where an H100 has 232,448 (its
+      delta passes now run unpipelined there under "tf32x3", `chunk_state.row_stages`, not yet
+      run on the device), and the full float32 check grid has not run under it, so "ieee" stays
+      the default. "auto" leaves float32 inputs to the chunk form
+      (`kernels/gpu/common.py:auto_declines`).
     """
 
     chunk: int = 64

@@ -10,9 +10,11 @@ check_gpu inputs, compiled lowering forced) to Triton IR on the CPU, with the nu
 num_stages the kernel was given, and compiles each for sm_90 with the `triton` package. Triton's
 version is not the one inside the device's XLA, so the bytes differ a little from the device's
 (session 26: Gated DeltaNet's reverse state pass, 272,148 B here against 280,596 B on an H100):
-a kernel near the limit still needs the device. Prints one line a kernel and writes
-benchmarks/results/kernel_smem_<op>_B<B>_T<T>_H<H>_D<D>_<dtype>.json; exits 1 when one is over
-`--limit`.
+a kernel near the limit still needs the device. `--f32-dots tf32x3` builds the kernels with
+3xTF32 float32 products, where the two differ more: at B 8, H 16, K = V = 128 the delta rule's
+passes with 2 stages asked up to 279,556 B here and ran on an H100 (session 35). Prints one
+line a kernel and writes benchmarks/results/kernel_smem_<op>_B<B>_T<T>_H<H>_D<D>_<dtype>[_tf32x3]
+.json; exits 1 when one is over `--limit`.
 """
 
 from __future__ import annotations
@@ -51,10 +53,11 @@ def _capturing_ttir(found: list):
         registration.lowering.lower_jaxpr_to_triton_module = lower
 
 
-def kernels(op, B, T, H, D, dtype, V=None) -> list[dict]:
+def kernels(op, B, T, H, D, dtype, V=None, f32_dots="ieee") -> list[dict]:
     """Every distinct Triton kernel of the op's primal and gradient: phase, name, its Triton IR
     (text) and the num_warps / num_stages it was given."""
-    config = TritonChunkConfig(interpret=False)        # the compiled lowering, also on a CPU
+    # the compiled lowering, also on a CPU
+    config = TritonChunkConfig(interpret=False, f32_dots=f32_dots)
     rows = []
     # the delta-rule ops' Triton kernels are called directly, past their `accepts`, to measure
     # the widths those decline; the other ops reach theirs through impl="pallas" with this config
@@ -92,8 +95,10 @@ def main(argv=None) -> int:
                             D=256)
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--limit", type=int, default=H100_SMEM)
+    p.add_argument("--f32-dots", default="ieee", choices=("ieee", "tf32x3"),
+                   help="TritonChunkConfig.f32_dots (float32 inputs only)")
     a = p.parse_args(argv)
-    rows = kernels(a.op, a.B, a.T, a.H, a.D, getattr(jnp, a.dtype), V=a.V)
+    rows = kernels(a.op, a.B, a.T, a.H, a.D, getattr(jnp, a.dtype), V=a.V, f32_dots=a.f32_dots)
     for r in rows:
         r["shared"] = shared_bytes(r.pop("ttir"), r["num_warps"], r["num_stages"], a.arch)
         r["ok"] = r["shared"] <= a.limit
@@ -102,10 +107,13 @@ def main(argv=None) -> int:
     over = sum(not r["ok"] for r in rows)
     import triton
     wide = f"_V{a.V}" if a.V and a.V != a.D else ""
-    path = common.write_json(f"kernel_smem_{a.op}_B{a.B}_T{a.T}_H{a.H}_D{a.D}{wide}_{a.dtype}.json",
+    dots = "_tf32x3" if a.f32_dots == "tf32x3" else ""
+    path = common.write_json(f"kernel_smem_{a.op}_B{a.B}_T{a.T}_H{a.H}_D{a.D}{wide}_{a.dtype}"
+                             f"{dots}.json",
                              rows, op=a.op,
                              B=a.B, T=a.T, H=a.H, D=a.D, V=a.V or a.D, dtype=a.dtype, arch=a.arch,
-                             limit=a.limit, triton=triton.__version__, over=over)
+                             limit=a.limit, f32_dots=a.f32_dots, triton=triton.__version__,
+                             over=over)
     print(f"{len(rows)} kernels, {over} over {a.limit:,} B; wrote {path}")
     return 1 if over else 0
 

@@ -34,7 +34,7 @@ from linear_jax.kernels.gpu import common
 from linear_jax.kernels.gpu.common import F32, Chunk
 
 
-def row_stages(stages: int, Kp: int) -> int:
+def row_stages(stages: int, Kp: int, split: bool = False) -> int:
     """Pipeline stages for a pass that loads whole [C, Kp] rows (the delta state passes' k, W and
     q; every one-pass forward's q and k, and W in the delta rule's): 1 past Kp = 128, else `stages`.
 
@@ -44,8 +44,13 @@ def row_stages(stages: int, Kp: int) -> int:
     B on an H100, session 26), its one-pass forward 239,892 B and gla's 284,420 B at T 128, B 1
     H 1, where the H100 gives a block 232,448; with 1 stage, 139,264, 131,080 and 86,016 B.
     simple_gla's one-pass forward, 218,900 B with 2 stages (131,080 with 1), was under by less
-    than the device's Triton adds (8,448 B more on the H100 than here in session 26)."""
-    return 1 if Kp > 128 else stages
+    than the device's Triton adds (8,448 B more on the H100 than here in session 26).
+
+    `split` (float32 products as 3xTF32, `TritonChunkConfig.f32_dots="tf32x3"`): 1 from Kp = 128.
+    On an H100 Gated DeltaNet's fwd + bwd at B 8, H 16, K = V = 128 under 3xTF32 asked 246,788 B
+    (session 35; IEEE passed there); here its reverse state pass asks 280,340 B with 2 stages and
+    its one-pass forward 264,468 (149,268 and 166,164 under IEEE)."""
+    return 1 if Kp > 128 or (split and Kp >= 128) else stages
 
 
 def sequential(ctx, step, *, ins, carry, outs, grid, N, reverse, warps, stages, name):
@@ -150,7 +155,8 @@ def state_pass(ctx, x, y, G, doc, S0, *, reverse, scale=1.0, state_dtype, k=None
             ins.append((A, common.spec(H, Tp, C)))
         outs.append((jax.ShapeDtypeStruct((B, Tp, H, Vp), y_dtype), ys))
     family = "delta" if delta else "decay"
-    stages = row_stages(cfg.stages_state, Kp) if delta else cfg.stages_state
+    split = ctx.f32 and cfg.f32_dots == "tf32x3"
+    stages = row_stages(cfg.stages_state, Kp, split) if delta else cfg.stages_state
     return sequential(ctx, _step(ctx, reverse=reverse, delta=delta, scale=scale), ins=ins,
                       carry=[(S0, st)], outs=outs, grid=grid, N=N, reverse=reverse,
                       warps=cfg.warps_state, stages=stages,

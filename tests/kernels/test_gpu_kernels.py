@@ -278,3 +278,29 @@ def test_one_value_pass_tiled_over_k(op, over):
     rng = np.random.default_rng(9)
     _check(op, _inputs(rng, op, jnp.float32, t=21, gates="uniform"), segments(rng, B, 21, p=0.08),
            1e-5, 1e-5, config=TritonChunkConfig(block_k=16, block_k_bwd=16, **over))
+
+
+@pytest.mark.parametrize("op", ["delta_rule", "gated_delta_rule"])
+def test_the_delta_row_passes_run_unpipelined_at_k128_under_3xtf32(op):
+    """At K = 128 the delta rule's state passes and one-pass forward keep their 2 stages under IEEE
+    float32 products and run unpipelined (1 stage) under 3xTF32, whose split operands took Gated
+    DeltaNet's fwd + bwd past an H100's shared memory at B 8, H 16 (`chunk_state.row_stages`);
+    bf16 inputs keep theirs whatever f32_dots says."""
+    from experiments.benchmarks import kernel_bisect
+
+    def stages(f32_dots, dtype):
+        config = TritonChunkConfig(interpret=False, f32_dots=f32_dots)
+        progs = kernel_bisect.programs(op, 8, 128, 16, 128, dtype, config=config,
+                                       kernel="triton")
+        out = {}
+        for _, eqn, name, _ in kernel_bisect.distinct_kernels(progs):
+            params = eqn.params["compiler_params"]
+            params = params.get("triton", params) if isinstance(params, dict) else params
+            out[name.split(" at ")[0]] = params.num_stages
+        return {k: v for k, v in out.items() if "_state_" in k or k.endswith("fused_fwd")}
+
+    ieee, split = stages("ieee", jnp.float32), stages("tf32x3", jnp.float32)
+    assert {"delta_state_fwd", "delta_state_bwd"} <= set(ieee) and set(ieee) == set(split)
+    assert set(ieee.values()) == {2} and set(split.values()) == {1}, (ieee, split)
+    assert stages("tf32x3", jnp.bfloat16) == stages("ieee", jnp.bfloat16)
+    assert set(stages("ieee", jnp.bfloat16).values()) == {2}
