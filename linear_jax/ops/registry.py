@@ -184,9 +184,10 @@ def refusal(kernel: Kernel, args, *, auto: bool = False) -> str | None:
     with `auto`, also why "auto" leaves them to the chunk form (`Kernel.auto_declines`)."""
     if not args:
         return None
-    hooks = (kernel.accepts, kernel.auto_declines if auto else None)
-    return next((r for h in hooks if h is not None for r in [load(h)(*args)] if r is not None),
-                None)
+    for hook in (kernel.accepts, kernel.auto_declines if auto else None):
+        if hook is not None and (reason := load(hook)(*args)) is not None:
+            return reason
+    return None
 
 
 def default_kernel(rec: OpRecord, *, auto: bool = False, args=()) -> Kernel | None:

@@ -299,17 +299,17 @@ def _evaluate(eval_step, states, sources, num_batches: int, device, copies: int)
 class _Group:
     """The records of one config of a sweep: its metrics.jsonl, per-seed values, result."""
 
-    def __init__(self, config, seeds, start: int | None = None, saved: dict | None = None):
+    def __init__(self, config, seeds, start: int | None = None, restored: dict | None = None):
         self.config, self.seeds = config, seeds
         self.writer = metrics.JsonlWriter(pathlib.Path(config.workdir) / "metrics.jsonl",
                                           resume_step=start)
         self.per_seed = [{"seed": s, "train": {}, "eval": {}, "stopped": None} for s in seeds]
         self.result = {"seeds": seeds, "step": start or 0, "train": {}, "eval": {},
                        "stopped": None, "per_seed": self.per_seed}
-        if saved is not None:                  # resumed: the records as the checkpoint left them
-            self.per_seed[:] = saved["per_seed"]
-            self.result.update(train=saved["train"], eval=saved["eval"],
-                               stopped=saved["stopped"])
+        if restored is not None:             # resumed: the records as the checkpoint left them
+            self.per_seed[:] = restored["per_seed"]
+            self.result.update(train=restored["train"], eval=restored["eval"],
+                               stopped=restored["stopped"])
 
     def saved(self) -> dict:
         """What a checkpoint keeps of the records; `stopped` only where the run ended (early
