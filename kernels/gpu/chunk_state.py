@@ -155,8 +155,7 @@ def state_pass(ctx, x, y, G, doc, S0, *, reverse, scale=1.0, state_dtype, k=None
             ins.append((A, common.spec(H, Tp, C)))
         outs.append((jax.ShapeDtypeStruct((B, Tp, H, Vp), y_dtype), ys))
     family = "delta" if delta else "decay"
-    split = ctx.f32 and cfg.f32_dots == "tf32x3"
-    stages = row_stages(cfg.stages_state, Kp, split) if delta else cfg.stages_state
+    stages = row_stages(cfg.stages_state, Kp, ctx.split_dots) if delta else cfg.stages_state
     return sequential(ctx, _step(ctx, reverse=reverse, delta=delta, scale=scale), ins=ins,
                       carry=[(S0, st)], outs=outs, grid=grid, N=N, reverse=reverse,
                       warps=cfg.warps_state, stages=stages,

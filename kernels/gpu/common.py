@@ -58,8 +58,13 @@ class Ctx:
     def C(self) -> int:
         return self.cfg.chunk
 
+    @property
+    def split_dots(self) -> bool:
+        """Whether float32 products run as 3xTF32 (`TritonChunkConfig.f32_dots`)."""
+        return self.f32 and self.cfg.f32_dots == "tf32x3"
+
     def dot(self, a, b, **kw):
-        if self.f32 and self.cfg.f32_dots == "tf32x3":
+        if self.split_dots:
             return dot(a.astype(F32), b.astype(F32), split_tf32=True,
                        interpret=interpret(self.cfg), **kw)
         return dot(a, b, exact=self.f32, **kw)
@@ -217,6 +222,12 @@ def accepts(q, k, v, *rest) -> str | None:
     return None
 
 
+def compute_dtype(q, v):
+    """The type the kernels multiply in: bf16 / fp16 as given, anything else float32."""
+    dt = jnp.result_type(q, v)
+    return dt if dt in (jnp.bfloat16, jnp.float16) else F32
+
+
 def auto_declines(q, k, v, *rest) -> str | None:
     """Why "auto" leaves these inputs to the chunk form (None: it takes the kernels): float32. The
     kernels multiply float32 on the CUDA cores (`TritonChunkConfig.f32_dots="ieee"`, the default),
@@ -228,7 +239,7 @@ def auto_declines(q, k, v, *rest) -> str | None:
     rows, T = 40, 4 heads of 32) the delta rule 2.7 against 10.7 and Gated DeltaNet 3.2 against
     9.8, where gla (4.5 against 2.3) and simple_gla (1.1 against 1.0) were the exceptions. bf16 and
     fp16 inputs reach the tensor cores and keep the kernels; naming them runs them on float32."""
-    if jnp.result_type(q, v) not in (jnp.bfloat16, jnp.float16):
+    if compute_dtype(q, v) == F32:
         return ("float32 inputs: the Triton kernels multiply them on the CUDA cores, slower than "
                 "the chunk form (measured on an H100)")
     return None
@@ -240,9 +251,8 @@ def entry(q, v, segment_ids, chunk_size, config):
     cfg = (config or TritonChunkConfig.default()).for_chunk(chunk_size)
     B, T, _, K = q.shape
     C = cfg.chunk
-    dt = jnp.result_type(q, v)
-    dt = dt if dt in (jnp.bfloat16, jnp.float16) else F32
-    p = Padded(cfg, T, -(-T // C) * C, next_pow2(K), -(-v.shape[-1] // 16) * 16, dt)
+    p = Padded(cfg, T, -(-T // C) * C, next_pow2(K), -(-v.shape[-1] // 16) * 16,
+               compute_dtype(q, v))
     doc = (jnp.zeros((B, p.Tp), jnp.int32) if segment_ids is None else
            pad_time(doc_index(segment_ids), p.Tp, mode="edge").astype(jnp.int32))
     return p, doc

@@ -115,7 +115,7 @@ def forward(ctx, q, k, v, G, doc, S0, *, scale, A=None, Tm=None, beta=None, resi
                      (jax.ShapeDtypeStruct((B, Tp, H, Kp), common.half_dtype(cd)), seq(Kp))]
     kind = {"none": "delta", "scalar": "gated_delta", "vector": "kda"}[ctx.kind] if delta else (
         ctx.kind)
-    stages = row_stages(cfg.stages_fused, Kp, ctx.f32 and cfg.f32_dots == "tf32x3")
+    stages = row_stages(cfg.stages_fused, Kp, ctx.split_dots)
     o, *res, S = sequential(ctx, step, ins=ins, carry=[(S0, common.state_spec(H, Kp, BV, v=0))],
                             outs=outs, grid=(B * H, Vp // BV), N=N, reverse=False,
                             warps=cfg.warps_fused, stages=stages,
