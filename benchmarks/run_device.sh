@@ -242,10 +242,10 @@ for s in "$@"; do case $s in
         (cd /tmp/mqar && find . -name '*.json' -o -name '*.png' -o -name '*.jsonl' | grep -v checkpoints \
           | tar cf - -T - | (mkdir -p $LOGS/mqar && cd $LOGS/mqar && tar xf -)) ;;
   protocols|protorun)
-    # Default: the cells left (session 34). Parity at the config's training, the authors' since
+    # Default: the cells left (session 36). Parity at the config's training, the authors' since
     # session 34 (20k steps, their AdamW; with it DeltaNet and Mamba [-1, 1] kept the length
-    # generalisation that ours lost at 20k steps, both cut at 14,000 / 6,000: a rerun replaces a
-    # cut run only if it gets further), into results/protocols/authors_training/ (the runs at the
+    # generalisation that ours lost at 20k steps; a rerun replaces a cut run only if it gets
+    # further, and resumes from the cell's checkpoint where one is there), into results/protocols/authors_training/ (the runs at the
     # earlier settings stay where they are); alone on an H100 a step was 14.9 ms (DeltaNet) /
     # 35.9 ms (Mamba), so these want few jobs beside them. Then linear
     # attention d512 (cut at 1,000 in session 34), the d64 cells on Zoology's data (linear
@@ -274,16 +274,19 @@ for s in "$@"; do case $s in
     # Zoology's own query gaps (power law) and fillers (random tokens), results apart (zoology_data/)
     Z="--lrs=0.0022 --set=task.params.power_a=0.01 --set=task.params.random_non_queries=True --out={out}/zoology_data"
     # the state-tracking cells at the config's (the authors') training, results apart; with
-    # 3 at once on an H100 (session 35) DeltaNet parity ran its 20,000 steps in ~1,010 s and
-    # DeltaNet modular arithmetic 31,000 of its 100,000 in 1,199 s (checkpointed: carry
-    # experiments/results/protocols/authors_training/state_tracking/modular_arithmetic-
-    # deltanet_11/checkpoints and it resumes at 31,000)
+    # 3 at once on an H100 (session 35) DeltaNet parity ran its 20,000 steps in ~1,010 s; in
+    # session 36, 3 at once, DeltaNet modular arithmetic went from 31,000 to 54,000 of its
+    # 100,000 steps in 1,177 s and the Mamba parity cells to 10,000 of 20,000 in ~1,140 s. The
+    # three are checkpointed under experiments/results/protocols/authors_training/state_tracking/
+    # <cell>/checkpoints (ignored by git): carry one per call (14 / 17 / 17 MB) and it resumes.
+    # The first launch takes modular arithmetic (carried) with the mLSTM and Transformer cells,
+    # which start from 0; later calls launch the Mamba cells (PROTO_JOBS), each carrying its own.
     O="--out={out}/authors_training"
     jobs="state_tracking|^modular_arithmetic-deltanet_11|$O|6G|float32
-state_tracking|^parity-mamba_11|$O|14G|float32
-state_tracking|^parity-mamba_01|$O|14G|float32
 state_tracking|^parity-mlstm|$O|6G|float32
 state_tracking|^parity-transformer|$O|6G|float32
+state_tracking|^parity-mamba_11|$O|14G|float32
+state_tracking|^parity-mamba_01|$O|14G|float32
 mqar|^linear_attention-d512-T256|$A|20G|tensorfloat32
 mqar|^linear_attention-d64-T256|$Z --set=model.impl=auto|6G|tensorfloat32
 mqar|^gla-d64-T256|$Z --set=model.impl=auto|6G|tensorfloat32
@@ -330,9 +333,16 @@ mqar|^deltanet-d64-T512|$A|5G|tensorfloat32"
     # calls. Results go to /tmp/protobg/results (seeded once with this tree's
     # experiments/results/protocols: cells done there are reused), logs to /tmp/protobg/logs as
     # b<launch>_<job>; a later launch adds its jobs beside the running ones. protowait collects.
+    # A later launch also takes the checkpoints its call carried that the results lack: a call
+    # carries one cut cell's checkpoints at most (the tree is ~46 of its 64 MiB), so cells that
+    # resume are launched one call each.
     mkdir -p /tmp/protobg/logs
-    [ -d /tmp/protobg/results ] || { cp -a experiments/results/protocols /tmp/protobg/results
-                                     sleep 1; touch /tmp/protobg/stamp; }
+    if [ ! -d /tmp/protobg/results ]; then cp -a experiments/results/protocols /tmp/protobg/results
+      sleep 1; touch /tmp/protobg/stamp
+    else (cd experiments/results/protocols && find . -type d -name checkpoints -prune | while read -r d; do
+            [ -e "/tmp/protobg/results/$d" ] && continue; echo "   resumable: ${d%/checkpoints}"
+            mkdir -p "/tmp/protobg/results/${d%/checkpoints}" && cp -a "$d" "/tmp/protobg/results/$d"; done)
+    fi
     n=$(ls /tmp/protobg/ | grep -c '^launch'); touch /tmp/protobg/launch$n /tmp/protobg/running$n
     # the jobs run from a copy of the tree: each device call copies the tree in afresh, and a job
     # importing a module while that happens fails (session 30: "No module named
