@@ -28,8 +28,8 @@ CASES = [
     ("lane", 1, 200, 2, 100, 48, False, True),       # delta_rule; K, V padded to 128, 64
 ]
 # tests/conftest.py runs a case's tests together (pytest-xdist hands a worker consecutive tests),
-# so the default config's exports, which test_prep_inverse_blocks_exports reads again, are made
-# once (`_export` keeps the last few)
+# so the default config's exports, which test_two_level_walk_exports and
+# test_prep_inverse_blocks_exports read again, are made once (`_export` keeps the last few)
 GROUP_BY = "case"
 
 
@@ -95,19 +95,19 @@ def test_three_walk_stages_do_not_fit_at_128():
         jax.export.export(jax.jit(f), platforms=["cuda"])(x, b)
 
 
-@pytest.mark.parametrize("split", [False, True], ids=["joint", "split"])
-def test_forward_walk_exports_in_both_arrangements(split):
-    """The walk's value blocks as consumers of one CTA per (b, h), or a CTA each (B H V/64 = 16
-    fits the SMs, so the other cases above take the split grid by default)."""
-    text = _export(CASES[0], False, walk_split=split).mlir_module()
-    assert "delta_walk" in text and "delta_prep" in text
-
-
 @pytest.mark.parametrize("grad", [False, True], ids=["fwd", "bwd"])
-def test_two_level_walk_exports(grad):
+@pytest.mark.parametrize("case", [CASES[0]], ids=["K128"])
+def test_two_level_walk_exports(case, grad):
     """Four pieces: the state pass over [M | E] (a CTA per block of 64 of the K + V columns), the
-    scan, the output pass from each piece's entering state; documents and an initial state."""
-    text = _export(("lane", 1, 4096, 4, 128, 128, True, True), grad, pieces=4).mlir_module()
+    scan, the output pass from each piece's entering state; documents and an initial state. The
+    default config takes four pieces at the anchor case (B H = 8 sequences of 32 chunks), so these
+    are test_delta_exports_for_cuda's exports of it (`_export` keeps them), its value blocks in a
+    CTA each (the split arrangement: B H P V/64 = 64 fits the SMs)."""
+    sem, B, T, H, K, V, gated, extras = case
+    cfg = HopperDeltaConfig()
+    assert cfg.pieces_for(B * H, K, V, T // 64, 132) == 4
+    assert cfg.split_walk(B * H * 4, V // 64, 132)
+    text = _export(case, grad).mlir_module()
     assert "delta_walk_state" in text and "delta_walk" in text
     if grad:      # the reverse walk in pieces too
         assert "delta_walk_rev_state" in text
@@ -123,17 +123,22 @@ def test_pieces_follow_the_step_count():
         HopperDeltaConfig(pieces=3)
 
 
-@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "bwd"])
 @pytest.mark.parametrize("case", [CASES[0], CASES[1]], ids=["K128", "K64"])
-def test_prep_two_ctas_exports(case, grad):
-    """The UT prep as CTAs of one warpgroup, two to an SM (`prep_two_ctas`): A, -W, U (and T
-    under differentiation) stored from the input slots and tiles they were computed in; at
-    K = 128 A's tile aliased with the q slot (`plgpu.RefUnion`), at K = 64 the q slot itself."""
-    text = _export(case, grad, prep_two_ctas=True, stages_prep=1,
-                   prep_inverse="doubling").mlir_module()
-    assert text.count("mosaic_gpu") >= (4 if grad else 2), "expected the Mosaic GPU kernels"
+def test_prep_two_ctas_exports(case):
+    """The UT prep as CTAs of one warpgroup, two to an SM (`prep_two_ctas`): A, -W, U stored from
+    the input slots and tiles they were computed in; at K = 128 A's tile aliased with the q slot
+    (`plgpu.RefUnion`), at K = 64 the q slot itself. The forward (T not stored): the backward's
+    prep, which stores T too, is exported (alone) at both K by
+    test_prep_two_ctas_grid_and_shared_memory, and no kernel after the prep reads these config
+    fields (the backward's are those of test_delta_exports_for_cuda). At K = 128 also the forward
+    walk's value blocks as the consumers of one CTA per (b, h) (`walk_split=False`; every other
+    K = V = 128 export here takes the split grid, a CTA each; at V = 64 there is one block)."""
+    text = _export(case, False, prep_two_ctas=True, stages_prep=1, prep_inverse="doubling",
+                   walk_split=False).mlir_module()
+    assert text.count("mosaic_gpu") >= 2, "expected the Mosaic GPU kernels"
     assert text.count("delta_prep") == text.count("delta_prep_two_ctas") > 0, \
         "expected the two-CTA prep in place of the default one"
+    assert "delta_walk" in text
     assert not cast_round_trips(text), "a float32 -> 16-bit -> float32 cast in XLA (lowering.py)"
 
 
@@ -141,7 +146,9 @@ def test_prep_two_ctas_exports(case, grad):
 def test_prep_two_ctas_grid_and_shared_memory(K, monkeypatch):
     """Twice the CTAs of the default prep (`programs` of them), one warpgroup each, and SMEM for
     two an SM: 81.75 KB at K = V = 128, 57.75 KB at 64, T included (the prep of one CTA an SM,
-    by doubling: 179.5 and 115.5 KB), gated with documents (the most gate rows)."""
+    by doubling: 179.5 and 115.5 KB), gated with documents (the most gate rows). Their exports
+    are also the lowering of both UT kernels by doubling with T stored (the backward's) at both K,
+    which test_prep_two_ctas_exports and test_prep_inverse_blocks_exports leave to them."""
     seen = {}
     launch, check = hopper_delta.launch, hopper_delta.check_smem
 
@@ -203,34 +210,61 @@ def test_prep_two_ctas_config_is_checked():
                              prep_inverse="doubling").prep_two_ctas
 
 
-def _kernel_asm(text):
-    """The Mosaic GPU kernels of an exported module as MLIR text, one per custom call."""
+def _kernels(text):
+    """(serialized module, MLIR text or None) of every Mosaic GPU kernel of an exported module, in
+    order: the text (without debug info) of the UT kernels only, printing the others is most of
+    the cost; `_asm` prints any of them."""
     from jax._src.lib.mlir import ir
-    return custom_call_payloads(text, "module", lambda bc: ir.Module.parse(
-        ir.StringAttr(bc["module"]).value_bytes).operation.get_asm(enable_debug_info=False))
+
+    def read(bc):
+        raw = ir.StringAttr(bc["module"]).value_bytes
+        module = ir.Module.parse(raw)
+        prep = any("delta_prep" in str(op.attributes["sym_name"]) for op in module.body.operations
+                   if "sym_name" in op.attributes)
+        return raw, module.operation.get_asm(enable_debug_info=False) if prep else None
+
+    return custom_call_payloads(text, "module", read)
 
 
-@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "bwd"])
-@pytest.mark.parametrize("case", [CASES[0], CASES[1]], ids=["K128", "K64"])
+def _asm(raw):
+    from jax._src.interpreters import mlir
+    from jax._src.lib.mlir import ir
+
+    ctx = mlir.make_ir_context()
+    ctx.allow_unregistered_dialects = True
+    with ctx:
+        return ir.Module.parse(raw).operation.get_asm(enable_debug_info=False)
+
+
+# (case, grad): the backward at K = 128 (every kernel of the two-level forward and backward beside
+# the UT one compared) and the forward at K = 64 (the UT kernel without T); the doubling's UT kernel
+# of the other two is exported alone by test_prep_two_ctas_grid_and_shared_memory (K = 128 and 64,
+# with T), and no kernel but the UT one reads prep_inverse
+@pytest.mark.parametrize("case, grad", [(CASES[0], True), (CASES[1], False)],
+                         ids=["K128-bwd", "K64-fwd"])
 def test_prep_inverse_blocks_exports(case, grad):
     """`prep_inverse="blocks"` (the default) against "doubling": the UT kernel solves the
     16 x 16 diagonal blocks by forward substitution (120 FMAs a column: 16 steps, 15 + 14 + ..
     + 1 updates) and merges them with the doubling's last two steps (b = 16, 32) only; the
     kernels other than the UT one unchanged."""
     text = _export(case, grad).mlir_module()              # the default: "blocks"
-    base = _kernel_asm(_export(case, grad, prep_inverse="doubling").mlir_module())
-    blocks = _kernel_asm(text)
+    base = _kernels(_export(case, grad, prep_inverse="doubling").mlir_module())
+    blocks = _kernels(text)
     assert len(base) == len(blocks) >= (4 if grad else 2)
-    preps = [i for i, k in enumerate(blocks) if "delta_prep" in k]
+    preps = [i for i, (_, k) in enumerate(blocks) if k is not None]
     assert len(preps) == 1, "expected one UT kernel"
-    fmas = blocks[preps[0]].count("math.fma")
+    p = preps[0]
+    assert base[p][1] is not None
+    fmas = blocks[p][1].count("math.fma")
     assert fmas == 120, fmas
-    assert base[preps[0]].count("math.fma") == 0
+    assert base[p][1].count("math.fma") == 0
     # two merge steps of two products instead of five doubling steps: 6 wgmma groups fewer
     wg = lambda k: k.count("wgmma.commit.group")  # noqa: E731
-    assert wg(base[preps[0]]) - wg(blocks[preps[0]]) == 6
-    assert [k for i, k in enumerate(base) if i != preps[0]] == \
-        [k for i, k in enumerate(blocks) if i != preps[0]]
+    assert wg(base[p][1]) - wg(blocks[p][1]) == 6
+    # the same serialized module (what its kernel_hash hashes) is the same kernel; else the texts
+    for i, ((a, _), (b, _)) in enumerate(zip(base, blocks, strict=True)):
+        if i != p:
+            assert a == b or _asm(a) == _asm(b), i
     assert not cast_round_trips(text)
 
 

@@ -1,9 +1,12 @@
 """The Hopper (Mosaic GPU) kernels of the selective scan and of mLSTM lower for CUDA, forward and
 backward, checked from a CPU host (`jax.export(..., platforms=["cuda"])` runs the Pallas -> Mosaic
-GPU lowering; PTX assembly happens on the device only). Two shapes each: the anchor tile sizes
-and a padded one with every optional input. Only the default "lane" semantics: the one
-"warpgroup" export case of the suite is in tests/kernels/test_hopper_lowering.py (no default
-config uses it, and its exports here were the slowest tests of the suite)."""
+GPU lowering; PTX assembly happens on the device only). Each kernel lowers at a shape without and
+one with every optional input. Lowering the kernels is what these tests cost, so no export
+repeats another's: a backward export also lowers the forward kernel that saves the residuals,
+and the forward alone (nothing saved) is exported once per forward kernel. Only the default
+"lane" semantics: the one "warpgroup" export case of the suite is in
+tests/kernels/test_hopper_lowering.py (no default config uses it, and its exports here were the
+slowest tests of the suite)."""
 
 from __future__ import annotations
 
@@ -20,34 +23,35 @@ bf = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)     # noqa: E731
 fs = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)      # noqa: E731
 
 TILE = dict(per_thread_forward=False, per_thread_backward=False)
-# (semantics, B, T, D, N, G, every optional input (z, D, bias, softplus, h0, segment ids), config)
+THREADS = dict(per_thread_forward=True, per_thread_backward=True)
+# (semantics, B, T, D, N, G, every optional input (z, D, bias, softplus, h0, segment ids), config,
+# exports). A backward export lowers the forward kernel with its saved states too; a forward
+# export (the states not saved) is kept once per forward kernel. Chunk 8 outside the default
+# config: the lowered kernel unrolls the chunk's steps (and the N state rows), so a chunk of 8
+# lowers the same code at half the cost of 16; each kernel keeps one Np = 16 shape.
 SELECTIVE = [
-    # the tile kernels: the anchor's N, no extras; T, N padded, two groups, every extra
-    ("lane", 1, 256, 128, 16, 1, False, dict(**TILE)),
-    ("lane", 1, 100, 128, 12, 2, True, dict(chunk=8, stages=2, **TILE)),
-    # the forward with one channel per thread: the anchor's N, and every extra with documents
-    ("lane", 1, 256, 128, 16, 1, False, dict(per_thread_forward=True, per_thread_backward=False,
-                                             thread_channels=128)),
-    ("lane", 1, 100, 256, 12, 2, True, dict(chunk=8, stages=2, per_thread_forward=True,
-                                            per_thread_backward=False, thread_channels=128)),
-    # the backward with one channel per thread (no auto barriers): the anchor's N after the
-    # per-thread forward, and every extra with documents after the tile forward, N = 8
-    ("lane", 1, 256, 128, 16, 1, False, dict(per_thread_forward=True, per_thread_backward=True,
-                                             thread_channels=128)),
-    ("lane", 1, 100, 256, 8, 2, True, dict(chunk=8, stages=2, per_thread_forward=False,
-                                           per_thread_backward=True, thread_channels=128)),
+    # the tile kernels: the anchor's N, no extras; N = 8, T padded, two groups, every extra
+    ("lane", 1, 256, 128, 16, 1, False, dict(chunk=8, **TILE), ("fwd", "bwd")),
+    ("lane", 1, 100, 128, 8, 2, True, dict(chunk=8, stages=2, **TILE), ("bwd",)),
+    # both per-thread kernels at one channel per thread (128 channels a CTA; the backward without
+    # auto barriers): the anchor's N, no extras; every extra with documents, N = 8, T padded, two
+    # groups (the per-thread forward and the per-thread backward with extras were two cases, each
+    # beside a tile kernel, and a third paired the per-thread forward with the tile backward)
+    ("lane", 1, 256, 128, 16, 1, False, dict(chunk=8, **THREADS, thread_channels=128),
+     ("fwd", "bwd")),
+    ("lane", 1, 100, 256, 8, 2, True, dict(chunk=8, stages=2, **THREADS, thread_channels=128),
+     ("bwd",)),
     # both per-thread kernels at 64 and 32 channels a CTA (two and four threads a channel:
-    # per-thread loads, stores and shuffles through inline_mgpu): the anchor's N at 64, every
-    # extra with documents at 32
-    ("lane", 1, 256, 128, 16, 1, False, dict(per_thread_forward=True, per_thread_backward=True,
-                                             thread_channels=64)),
-    ("lane", 1, 100, 128, 12, 2, True, dict(chunk=8, stages=2, per_thread_forward=True,
-                                            per_thread_backward=True, thread_channels=32)),
+    # per-thread loads, stores and shuffles through inline_mgpu): the default config (64, chunk
+    # 16, three stages) at the anchor's N; every extra with documents at 32, N padded to 16
+    ("lane", 1, 256, 128, 16, 1, False, dict(**THREADS, thread_channels=64), ("fwd", "bwd")),
+    ("lane", 1, 100, 128, 12, 2, True, dict(chunk=8, stages=2, **THREADS, thread_channels=32),
+     ("fwd", "bwd")),
 ]
 
 
 def _export_selective(case, grad):
-    sem, B, T, D, N, G, extras, over = case
+    sem, B, T, D, N, G, extras, over, _ = case
     cfg = HopperSelectiveConfig(interpret=False, semantics=sem, **over)
     structs = [bf(B, T, D), bf(B, T, D), fs(D, N), fs(B, T, G, N), fs(B, T, G, N)]
     if extras:
@@ -69,12 +73,15 @@ def _export_selective(case, grad):
     return jax.export.export(jax.jit(fn), platforms=["cuda"])(*structs)
 
 
-@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "bwd"])
-@pytest.mark.parametrize("case", SELECTIVE,
-                         ids=lambda c: f"{c[0]}-T{c[2]}-D{c[3]}N{c[4]}G{c[5]}" + "-extras" * c[6]
-                         + "-threads" * c[7].get("per_thread_forward", False)
-                         + "-tbwd" * c[7].get("per_thread_backward", False)
-                         + f"-c{c[7].get('thread_channels', 128)}" * ("thread_channels" in c[7]))
+def _selective_id(c):
+    return (f"{c[0]}-T{c[2]}-D{c[3]}N{c[4]}G{c[5]}" + "-extras" * c[6]
+            + "-threads" * c[7].get("per_thread_forward", False)
+            + "-tbwd" * c[7].get("per_thread_backward", False)
+            + f"-c{c[7].get('thread_channels', 128)}" * ("thread_channels" in c[7]))
+
+
+@pytest.mark.parametrize("case,grad", [(c, g == "bwd") for c in SELECTIVE for g in c[8]],
+                         ids=[f"{_selective_id(c)}-{g}" for c in SELECTIVE for g in c[8]])
 def test_selective_exports_for_cuda(case, grad):
     exp = _export_selective(case, grad)
     text = exp.mlir_module()
@@ -133,35 +140,44 @@ def _export_mlstm(case, grad, **fields):
     return jax.export.export(jax.jit(fn), platforms=["cuda"])(*structs)
 
 
-@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "bwd"])
-@pytest.mark.parametrize("case", MLSTM, ids=lambda c: f"{c[0]}-T{c[2]}-K{c[4]}V{c[5]}-L{c[7]}"
-                         + "-h0-docs" * c[6])
-def test_mlstm_exports_for_cuda(case, grad):
-    """The unfused kernels (output kernel after the chunk states' scan in XLA)."""
-    text = _export_mlstm(case, grad, fused_forward=False, states="scan").mlir_module()
+def _mlstm_id(c):
+    return f"T{c[2]}-K{c[4]}V{c[5]}-L{c[7]}" + "-h0-docs" * c[6]
+
+
+# (case, states, grad): each shape's backward (its kernels and the output kernel saving its
+# operands), the forward alone (nothing saved) once. states="matmul" (no serial loop in XLA,
+# forward or backward; it was a test of its own, exporting the same kernels again at the anchor
+# and at L = 256, forward and backward) at the anchor and at L = 256; the serial scan at L = 64
+# (every shape had it, forward and backward).
+UNFUSED = [(MLSTM[0], "matmul", False), (MLSTM[0], "matmul", True), (MLSTM[1], "matmul", True),
+           (MLSTM[2], "scan", True)]
+
+
+@pytest.mark.parametrize("case,states,grad", UNFUSED,
+                         ids=[f"lane-{_mlstm_id(c)}-{s}-{'bwd' if g else 'fwd'}"
+                              for c, s, g in UNFUSED])
+def test_mlstm_exports_for_cuda(case, states, grad):
+    """The unfused kernels (output kernel after the chunk states in XLA); states="matmul": no
+    serial loop in XLA."""
+    text = _export_mlstm(case, grad, fused_forward=False, states=states).mlir_module()
     names = ("mlstm_out", "mlstm_bwd_queries", "mlstm_bwd_keys") if grad else ("mlstm_out",)
     for name in names:
         assert name in text, name
+    assert ("stablehlo.while" in text) == (states == "scan")
     assert not cast_round_trips(text), "a float32 -> 16-bit -> float32 cast in XLA (lowering.py)"
 
 
-@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "bwd"])
-@pytest.mark.parametrize("case", MLSTM[:2], ids=lambda c: f"T{c[2]}-L{c[7]}" + "-h0-docs" * c[6])
-def test_mlstm_states_matmul_exports_for_cuda(case, grad):
-    """HopperMlstmConfig(states="matmul"): the same kernels, and no serial loop in XLA (the
-    chunk states as one product, forward and backward)."""
-    text = _export_mlstm(case, grad, fused_forward=False, states="matmul").mlir_module()
-    names = ("mlstm_out", "mlstm_bwd_queries", "mlstm_bwd_keys") if grad else ("mlstm_out",)
-    for name in names:
-        assert name in text, name
-    assert "stablehlo.while" not in text
-    assert not cast_round_trips(text), "a float32 -> 16-bit -> float32 cast in XLA (lowering.py)"
+# (case, states, grad): each shape's backward, with the default states="auto" (the matmul form
+# at these few chunks), at L = 256 with "scan" (XLA's VJP of the serial loop; every shape had
+# both, over the same kernels); the forward alone once, with "scan": it never forms the chunk
+# states, whatever `states` (it was exported at every shape with both, the same program twice;
+# the other shapes lower the fused kernel in their backward, with the residuals)
+FUSED = [(MLSTM[0], "auto", True), (MLSTM[1], "scan", False), (MLSTM[1], "scan", True),
+         (MLSTM[2], "auto", True)]
 
 
-@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "bwd"])
-@pytest.mark.parametrize("states", ["scan", "auto"])
-@pytest.mark.parametrize("case", MLSTM, ids=lambda c: f"T{c[2]}-K{c[4]}V{c[5]}-L{c[7]}"
-                         + "-h0-docs" * c[6])
+@pytest.mark.parametrize("case,states,grad", FUSED,
+                         ids=[f"{_mlstm_id(c)}-{s}-{'bwd' if g else 'fwd'}" for c, s, g in FUSED])
 def test_mlstm_fused_exports_for_cuda(case, states, grad):
     """HopperMlstmConfig(fused_forward=True), the default with states="auto" (the matmul form
     at these few chunks): the forward is the one fused kernel (no unfused output kernel; no
@@ -172,8 +188,7 @@ def test_mlstm_fused_exports_for_cuda(case, states, grad):
     assert "mlstm_fused" in text and "mlstm_out" not in text
     for name in ("mlstm_bwd_queries", "mlstm_bwd_keys") if grad else ():
         assert name in text, name
-    if not grad or states == "auto":
-        assert "stablehlo.while" not in text
+    assert ("stablehlo.while" in text) == (grad and states == "scan")
     assert not cast_round_trips(text), "a float32 -> 16-bit -> float32 cast in XLA (lowering.py)"
 
 
