@@ -88,6 +88,7 @@ PROTOCOLS = {
         "config": "paper_icl_regression", "quick_cell": "lsa",
         "columns": [("trained LSA, MSE", ("eval", "eval"), "loss"),
                     ("GD, one step per layer, MSE", ("baseline", "gd"), "loss"),
+                    ("GD++, one step per layer, MSE", ("baseline", "gdpp"), "loss"),
                     ("predicting 0, MSE", ("baseline", "zero"), "loss")],
         "quick": {}},
     "lm_mixers": {
@@ -129,6 +130,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="--collect: first rebuild partial.json of runs killed without one (a "
                         "machine taken back) from their metrics.jsonl, recording that they ran "
                         "on DEVICE with float32 matmuls at PRECISION (`salvage`)")
+    p.add_argument("--rebaseline", action="store_true",
+                   help="--collect: first recompute the task's baselines of every finished run "
+                        "(`evaluation.baseline`, per seed, on the run's own evaluation tasks) and "
+                        "write them into its result: a baseline added later needs no retraining")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every cell, e.g. --set=model.impl=chunk (a "
                         "kernel that will not run vmapped) or --set=eval.batch_size=8")
@@ -141,8 +146,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.cells = [c for c in args.cells.split(",") if c]
     args.lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
     args.deadline = None if args.deadline is None else time.monotonic() + args.deadline
-    if args.salvage and not args.collect:
-        p.error("--salvage goes with --collect")
+    if (args.salvage or args.rebaseline) and not args.collect:
+        p.error("--salvage and --rebaseline go with --collect")
     if args.quick:
         args.seeds = args.seeds[:2]
     return args
@@ -225,7 +230,8 @@ def _identity(config: dict) -> dict:
     same test set size however they are cut (a long-sequence eval that runs out of memory beside
     other jobs is run in smaller batches; the draw then differs, the distribution and the count
     do not), or how often its checkpoints were saved (`train.checkpoint_every`,
-    `train.keep_checkpoints`: where a cut run resumes from, not what it computes)."""
+    `train.keep_checkpoints`: where a cut run resumes from, not what it computes). An empty
+    `eval.length_range` is the same as none, which runs made before it existed have."""
     config = {k: v for k, v in config.items() if k != "workdir"}
     config["train"] = {k: v for k, v in config.get("train", {}).items()
                        if k not in ("checkpoint_every", "keep_checkpoints")}
@@ -237,7 +243,9 @@ def _identity(config: dict) -> dict:
     ev = dict(config.get("eval", {}))
     if "batch_size" in ev and "batches" in ev:
         ev["sequences"] = ev.pop("batch_size") * ev.pop("batches")
-        config["eval"] = ev
+    if not ev.get("length_range"):      # none, as in runs made before the field existed
+        ev.pop("length_range", None)
+    config["eval"] = ev
     return config
 
 
@@ -269,6 +277,17 @@ def _where() -> dict:
 def saved(config) -> dict | None:
     """The finished run of `config`, else a run of it cut by a deadline (`partial.json`)."""
     return finished(config) or _saved_as(config, "partial.json")
+
+
+def rebaseline(config, result: dict) -> dict:
+    """`result` (the saved run of `config`) with its baselines recomputed for its seeds, written
+    back where it was read from (result.json, else partial.json)."""
+    from linear_jax.training import evaluation, seeds
+
+    seeds.attach_baselines(result, [evaluation.baseline(config, s) for s in result["seeds"]])
+    name = "result.json" if finished(config) is not None else "partial.json"
+    (pathlib.Path(config.workdir) / name).write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def salvage(config, where: dict) -> dict | None:
@@ -563,6 +582,9 @@ def main(argv=None) -> dict:
     if args.collect:                       # {workdir: its saved run}, each read once
         kept = {c.workdir: saved(c) for _, _, c in grid}
         grid = [g for g in grid if kept[g[2].workdir] is not None]
+    if args.rebaseline:
+        for *_, c in grid:
+            rebaseline(c, kept[c.workdir])
     if not grid:
         which = "finished cell" if args.collect else "cell"
         sys.exit(f"error: no {which} of {args.protocol} matches --cells={','.join(args.cells)}")

@@ -301,6 +301,31 @@ def test_a_run_moved_or_computed_by_another_impl_is_the_same_run(tmp_path):
         paper_protocols.main(argv + [f"--out={tmp_path / 'here'}", "--collect", *cut(2, 1)])
 
 
+def test_rebaseline_writes_the_tasks_baselines_into_runs_made_before_them(tmp_path):
+    """A finished run whose result predates a baseline (here: none at all) and whose config
+    predates `eval.length_range` is still the same run; --collect --rebaseline recomputes the
+    baselines on its own evaluation tasks, per seed, and writes them into its result."""
+    argv = ["--protocol=icl_regression", "--quick", f"--out={tmp_path}"]
+    (row,) = paper_protocols.main(argv)["runs"]
+    path = pathlib.Path(row["workdir"]) / "result.json"
+    result = json.loads(path.read_text())
+    assert set(result["baseline"]) == {"gd", "gdpp", "zero"}
+    old = json.loads(path.read_text())
+    del old["baseline"], old["config"]["eval"]["length_range"]
+    for seed in old["per_seed"]:
+        del seed["baseline"]
+    path.write_text(json.dumps(old))
+    (row,) = paper_protocols.main(argv + ["--collect"])["runs"]
+    assert row["GD++, one step per layer, MSE"][0] is None        # the same run, no baseline
+    with pytest.raises(SystemExit):
+        paper_protocols.main(argv + ["--rebaseline"])               # it needs --collect
+    (row,) = paper_protocols.main(argv + ["--collect", "--rebaseline"])["runs"]
+    again = json.loads(path.read_text())
+    assert again["baseline"] == result["baseline"]
+    assert [s["baseline"] for s in again["per_seed"]] == [s["baseline"] for s in result["per_seed"]]
+    assert row["GD++, one step per layer, MSE"][0] == result["baseline"]["gdpp"]["loss"]
+
+
 def test_a_shorter_cut_keeps_the_earlier_one_that_got_further(tmp_path, monkeypatch):
     """A run cut at step 2 by a later call leaves the earlier cut at step 4 (its partial.json and
     its metrics) in place; a cut that gets further replaces it."""

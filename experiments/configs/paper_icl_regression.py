@@ -3,9 +3,10 @@ by Gradient Descent*): x in R^10 uniform in [-1, 1]^10, w ~ N(0, I), N = 10 exam
 and a query per sequence, real-valued tokens (x_i, y_i) read in linearly
 (`training/regression.py`), K layers of linear self-attention (identity feature map, no
 normaliser, no MLP, no norms: h + LSA(h) per layer), the squared error of y at the query. Its
-baseline, reported beside it in `result.json` (`baseline.gd`), is K steps of gradient descent on
-the same evaluation tasks with the step sizes fitted on held-out tasks; `baseline.zero` is the
-loss of predicting 0. Cells: `lsa` (K = 1), `lsa-2layers`, `lsa-3layers`.
+baselines, reported beside it in `result.json`, are K steps of gradient descent on the same
+evaluation tasks with the step sizes fitted on held-out tasks (`baseline.gd`), K steps of the
+paper's GD++ fitted there too (`baseline.gdpp`), and predicting 0 (`baseline.zero`). Cells:
+`lsa` (K = 1), `lsa-2layers`, `lsa-3layers`.
 
     python -m experiments.train --config=experiments/configs/paper_icl_regression.py:lsa
 """

@@ -68,8 +68,8 @@ def describe(evals: dict[str, dict]) -> str:
 
 def baseline(config, seed: int):
     """The task's own reference predictors scored on the evaluation tasks of `eval` (the same
-    batches the model is evaluated on), or None. For linear regression: `gd`, as many steps of
-    gradient descent as the model has layers, step sizes fitted on held-out tasks
+    batches the model is evaluated on), or None. For linear regression: `gd` and `gdpp`, as many
+    steps of gradient descent / of GD++ as the model has layers, fitted on held-out tasks
     (`regression.baselines`), and `zero`, predicting y = 0 (the loss before any learning)."""
     from linear_jax.training import regression
 

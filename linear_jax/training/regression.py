@@ -15,6 +15,19 @@ are what the paper's construction of K linear self-attention layers computes (K 
 eta_1 b . x_q). `baselines` fits the step sizes eta_1..eta_K on held-out tasks and scores them
 on the evaluation tasks. y_hat is affine in each eta_k when the others are held, so the fit is
 exact coordinate descent (closed form per coordinate; for K = 1 the least-squares optimum).
+
+GD++, the paper's account of what deeper trained models do, adds to each layer's step on the
+targets a step on the inputs, x_j <- (I - gamma_k (1/N) sum_i x_i x_i^T) x_j for every token,
+the query's included (a curvature correction: it shrinks the spread of A's eigenvalues). Both
+come from the same layer's tokens; with the inputs at P_k x (P_1 = I, all P_k polynomials in A,
+so symmetric and commuting with it) the layer is a preconditioned GD step in the original
+coordinates,
+
+    w_{k+1} = w_k - eta_k P_k^2 (A w_k - b),    P_{k+1} = (I - gamma_k P_k A P_k) P_k,
+
+and y_hat = w_K . x_q as before; gamma_K acts after the last step, so K - 1 of them count.
+`baselines` fits (eta, gamma) on the same held-out tasks, from GD's step sizes and gamma = 0, so
+on those tasks GD++ is at least as good as GD; for K = 1 the two are the same predictor.
 """
 
 from __future__ import annotations
@@ -73,13 +86,48 @@ def fit_step_sizes(A, b, x_q, y_q, steps: int, *, sweeps: int = 200, tol: float 
     return etas
 
 
+def gdpp_predict(step_sizes, gammas, A, b, x_q) -> np.ndarray:
+    """y_hat of len(step_sizes) GD++ steps from w = 0 (the module docstring), per query;
+    `gammas` holds one input step per GD step but the last (zeros: `gd_predict`)."""
+    if len(gammas) != len(step_sizes) - 1:
+        raise ValueError(f"gdpp_predict: {len(step_sizes)} steps need {len(step_sizes) - 1} "
+                         f"gammas, got {len(gammas)}")
+    w, P = np.zeros_like(b), np.broadcast_to(np.eye(b.shape[-1]), A.shape)
+    for k, eta in enumerate(step_sizes):
+        P2 = P @ P
+        w = w - eta * np.einsum("mij,mj->mi", P2, np.einsum("mij,mj->mi", A, w) - b)
+        if k < len(gammas):
+            P = P - gammas[k] * (P @ A @ P2)
+    return np.einsum("mi,mi->m", w, x_q)
+
+
+def fit_gdpp(A, b, x_q, y_q, step_sizes) -> tuple[np.ndarray, np.ndarray]:
+    """(eta, gamma) of GD++ that minimise the mean squared error on these tasks, from GD's
+    `step_sizes` and gamma = 0 (BFGS; the loss is a polynomial in a handful of scalars)."""
+    import scipy.optimize
+
+    K = len(step_sizes)
+    loss = lambda z: float(np.mean((gdpp_predict(z[:K], z[K:], A, b, x_q) - y_q) ** 2))
+    z0 = np.concatenate([np.asarray(step_sizes, np.float64), np.zeros(K - 1)])
+    z = scipy.optimize.minimize(loss, z0, method="BFGS", options={"gtol": 1e-10}).x
+    z = z if loss(z) <= loss(z0) else z0
+    return z[:K], z[K:]
+
+
 def baselines(tune_batches, eval_batches, steps: int = 1) -> dict:
     """The reference predictors scored on `eval_batches` (lists of batches), each loss the mean
     squared error, as the model's eval loss: `gd`, `steps` steps of GD with their step sizes
-    fitted on `tune_batches` ({"steps", "step_sizes", "loss"}), and `zero`, predicting y = 0
+    fitted on `tune_batches` ({"steps", "step_sizes", "loss"}), `gdpp`, `steps` steps of GD++
+    fitted there too ({"steps", "step_sizes", "gammas", "loss"}), and `zero`, predicting y = 0
     ({"loss"}: the loss before any learning)."""
-    etas = fit_step_sizes(*_tasks(tune_batches), steps)
+    tune = _tasks(tune_batches)
+    etas = fit_step_sizes(*tune, steps)
+    pp_etas, gammas = fit_gdpp(*tune, etas)
     A, b, x_q, y_q = _tasks(eval_batches)
+    mse = lambda pred: float(np.mean((pred - y_q) ** 2))
     return {"gd": {"steps": steps, "step_sizes": [float(e) for e in etas],
-                   "loss": float(np.mean((gd_predict(etas, A, b, x_q) - y_q) ** 2))},
+                   "loss": mse(gd_predict(etas, A, b, x_q))},
+            "gdpp": {"steps": steps, "step_sizes": [float(e) for e in pp_etas],
+                     "gammas": [float(g) for g in gammas],
+                     "loss": mse(gdpp_predict(pp_etas, gammas, A, b, x_q))},
             "zero": {"loss": float(np.mean(y_q ** 2))}}

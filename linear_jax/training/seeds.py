@@ -126,11 +126,18 @@ def train_sweep(configs, seeds, *, devices=None, deadline=None,
     refs = [evaluation.baseline(configs[0], seed) for seed in sw.seeds]
     for result in results:
         result["params"] = sw.num_params
-        if refs[0] is not None:
-            for r, ref in zip(result["per_seed"], refs, strict=True):
-                r["baseline"] = ref
-            result["baseline"] = {k: aggregate([ref[k] for ref in refs]) for k in refs[0]}
+        attach_baselines(result, refs)
     return results
+
+
+def attach_baselines(result: dict, refs: list) -> dict:
+    """Puts each seed's baseline (`evaluation.baseline`, in `result["seeds"]`' order) into its
+    `per_seed` entry and their mean / std into `result["baseline"]`; none where refs are None."""
+    if refs and refs[0] is not None:
+        for r, ref in zip(result["per_seed"], refs, strict=True):
+            r["baseline"] = ref
+        result["baseline"] = {k: aggregate([ref[k] for ref in refs]) for k in refs[0]}
+    return result
 
 
 def step_cost(configs, seeds, *, devices=None, time_steps: int = 0, trace=None) -> dict:

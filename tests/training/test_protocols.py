@@ -154,6 +154,40 @@ def test_gd_baseline_with_k_steps_is_gradient_descent_with_fitted_step_sizes():
             assert loss(moved) > loss(gd["step_sizes"])
 
 
+def test_gdpp_is_the_papers_layers_on_tokens_and_fits_at_least_as_well_as_gd():
+    """GD++ in closed form (a preconditioned GD on w) is the layers as the paper writes them on
+    the tokens: each layer moves every token's y slot by -eta (1/N) sum_i y_i x_i . x_j and its x
+    by -gamma (1/N) sum_i x_i x_i^T x_j, both from that layer's tokens; y_hat = -(query's y)."""
+    batches = lambda split: [_source("linear_regression", split, seq_len=11,
+                                     params={"dim": 10}).batch(i) for i in range(4)]
+    tune, ev = batches("tune"), batches("eval")
+    etas, gammas = [1.3, 0.7, 0.5], [0.4, -0.2]
+    A, b, x_q, _ = regression._tasks(ev)
+    got = regression.gdpp_predict(etas, gammas, A, b, x_q)
+    for r in range(3):
+        tokens = ev[0]["tokens"][r].astype(np.float64)
+        x, y = tokens[:, :10].copy(), tokens[:, 10].copy()
+        for k, eta in enumerate(etas):
+            xc, yc = x[:10].copy(), y[:10].copy()
+            y = y - eta * x @ (xc.T @ yc) / 10
+            x = x - (gammas[k] if k < 2 else 0.0) * x @ (xc.T @ xc) / 10
+        np.testing.assert_allclose(got[r], -y[10], rtol=1e-10)
+    np.testing.assert_allclose(regression.gdpp_predict(etas, [0.0, 0.0], A, b, x_q),
+                               regression.gd_predict(etas, A, b, x_q), rtol=1e-12)
+    with pytest.raises(ValueError, match="3 steps need 2 gammas, got 1"):
+        regression.gdpp_predict(etas, [0.1], A, b, x_q)
+    # fitted on the tuning tasks from GD's step sizes: never worse there; one step is GD itself
+    A, b, x_q, y_q = regression._tasks(tune)
+    mse = lambda pred: np.mean((pred - y_q) ** 2)
+    two = regression.baselines(tune, ev, 2)
+    pp, gd = two["gdpp"], two["gd"]
+    assert len(pp["gammas"]) == 1 and pp["gammas"][0] != 0.0
+    assert (mse(regression.gdpp_predict(pp["step_sizes"], pp["gammas"], A, b, x_q))
+            < 0.99 * mse(regression.gd_predict(gd["step_sizes"], A, b, x_q)))
+    one = regression.baselines(tune, ev, 1)
+    assert one["gdpp"]["gammas"] == [] and np.isclose(one["gdpp"]["loss"], one["gd"]["loss"])
+
+
 def test_induction_heads_answer_is_what_followed_the_first_trigger():
     b = _source("induction_heads", seq_len=32).batch(0)
     trigger = 17
