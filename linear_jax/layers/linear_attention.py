@@ -44,7 +44,7 @@ class LinearAttention(QKVMixer):
         if feature_map not in ("elu_plus_one", "identity"):
             raise ValueError(f"LinearAttention: feature_map must be 'elu_plus_one' or 'identity', "
                              f"got {feature_map!r}")
-        if prefix < 0 or (prefix and (normalize or kw.get("num_kv_heads", num_heads)
+        if prefix < 0 or (prefix and (normalize or (kw.get("num_kv_heads") or num_heads)
                                       != num_heads)):
             raise ValueError(f"LinearAttention: prefix={prefix} must be >= 0, and a prefix needs "
                              f"normalize=False and num_kv_heads == num_heads (got normalize="

@@ -52,3 +52,6 @@ def test_prefix_refuses_what_it_cannot_compute():
         LinearAttention(16, 2, prefix=4, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="prefix=-1"):
         _layer(-1)
+    with pytest.raises(ValueError, match="num_kv_heads == num_heads"):
+        _layer(4, num_kv_heads=1)
+    assert _layer(4, num_kv_heads=None).prefix == 4      # None is one key head per head
