@@ -116,7 +116,7 @@ def test_state_tracking_eigenvalue_ranges_reach_the_layers():
 
 
 @pytest.mark.parametrize("out, steps, n", [("", 5000, 18), ("parity_20k", 20000, 3),
-                                           ("authors_training", None, 5)])
+                                           ("authors_training", None, 7)])
 def test_the_committed_state_tracking_runs_collect_under_their_settings(out, steps, n):
     """The config's defaults are the authors' training, whose runs collect as they are; the runs
     made before it (the library's AdamW) are still the committed runs of their configs: `EARLIER`
