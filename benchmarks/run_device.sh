@@ -30,7 +30,8 @@
 #   opskda    ops_gpu --ops kda: KDA's Triton kernels against its chunk form (what its "auto" waits for)
 #   scans     scans_gpu: check + timings of the selective-scan kernel (SCANS_ARGS: its flags)
 #   elementwise  elementwise_gpu: check + timings of the hgrn / diagonal_scan kernels (ELEMENTWISE_ARGS)
-#   mlstm     mlstm_gpu: check + timings of the mLSTM kernel
+#   mlstm     mlstm_gpu: check + timings of the mLSTM kernel (MLSTM_ARGS: its flags, e.g.
+#             "--f32-dots tf32x3": the check of float32 under 3xTF32 alone)
 #   normaliser  normaliser_gpu: linear attention's normaliser as the op computes it (a column of
 #             ones in v's dtype) against that column in float32 (the op before session 33) and z
 #             apart from the kernel, checks and timings (NORM_ARGS: its flags)
@@ -222,7 +223,7 @@ for s in "$@"; do case $s in
             --keep $LOGS/sass ${REPORT_ARGS:-} ;;
   host) TAIL=20 step host "${HOST_S:-240}" python3 -m experiments.benchmarks.host_overhead ${HOST_ARGS:-} ;;
   bwd) TAIL=60 step bwd "${BWD_S:-300}" python3 -m experiments.benchmarks.bwd_gpu ${BWD_ARGS:-} ;;
-  mlstm) step mlstm "${MLSTM_S:-150}" python3 -m experiments.benchmarks.mlstm_gpu ;;
+  mlstm) step mlstm "${MLSTM_S:-150}" python3 -m experiments.benchmarks.mlstm_gpu ${MLSTM_ARGS:-} ;;
   f32dots) JAX_DEFAULT_MATMUL_PRECISION=float32 TAIL=20 step f32dots "${F32_S:-300}" \
              python3 -m experiments.benchmarks.f32_dots_gpu ${F32_ARGS:-} ;;
   normaliser) TAIL=20 step normaliser "${NORM_S:-240}" python3 -m experiments.benchmarks.normaliser_gpu ${NORM_ARGS:-} ;;

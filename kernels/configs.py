@@ -122,12 +122,14 @@ class TritonChunkConfig:
       `experiments/benchmarks/f32_dots_gpu.py`, `benchmarks/results/f32_dots_NVIDIA_H100_80GB_
       HBM3.json`): "tf32x3" is within 3.7e-7 to 8.2e-7 of the chunk form under float32 matmuls
       where "ieee" is within 1.8e-7 to 8.3e-7, and 1.2x to 12x faster (the delta rule at B = 8,
-      T = 2048, 16 heads of 128: 14.7 against 180.9 ms); but at that shape Gated DeltaNet's
-      fwd + bwd under "tf32x3" asked 246,788 B of shared memory where an H100 has 232,448 (its
-      delta passes now run unpipelined there under "tf32x3", `chunk_state.row_stages`, not yet
-      run on the device), and the full float32 check grid has not run under it, so "ieee" stays
-      the default. "auto" leaves float32 inputs to the chunk form
-      (`kernels/gpu/common.py:auto_declines`).
+      T = 2048, 16 heads of 128: 14.7 against 180.9 ms). Gated DeltaNet's fwd + bwd there, first
+      over the H100's shared memory, runs with its delta passes unpipelined
+      (`chunk_state.row_stages`; session 36: 21.1 against 186.3 ms), and the float32 check grid
+      of the six chunk ops passed under "tf32x3" (sessions 36 and 38, every row within 8.2e-7 of
+      the recurrent or chunk form: `benchmarks/results/check_gpu_NVIDIA_H100_80GB_HBM3_tf32x3
+      {,_delta}.json`). The mLSTM kernels read this config too and have not yet run float32
+      under "tf32x3" on a device, so "ieee" stays the default until they have. "auto" leaves
+      float32 inputs to the chunk form (`kernels/gpu/common.py:auto_declines`).
     """
 
     chunk: int = 64

@@ -455,3 +455,30 @@ def test_f32_dots_benchmark_runs_and_its_check_can_fail(monkeypatch, tmp_path):
 
     monkeypatch.setattr(fd, "call", wrong)
     assert fd.main(["--quick", "--ops", "delta_rule"]) == 1
+
+
+def test_mlstm_check_under_named_float32_products(monkeypatch, tmp_path):
+    """mlstm_gpu --f32-dots: the check alone, of the Triton kernel under that config (interpret
+    mode on the CPU), tagged in its file name and JSON, no timings; a kernel that computes
+    something else fails it and the script exits 1."""
+    from experiments.benchmarks import common
+    from experiments.benchmarks import mlstm_gpu as mg
+
+    monkeypatch.setattr(common, "RESULTS", str(tmp_path))
+    seen, op = [], mg.mlstm
+
+    def spy(*args, impl, config=None, **kw):
+        seen.append((impl, getattr(config, "f32_dots", None)))
+        h, state = op(*args, impl=impl, config=config, **kw)
+        return (1.01 * h if impl == "pallas:triton" and wrong else h), state
+
+    wrong = False
+    monkeypatch.setattr(mg, "mlstm", spy)
+    assert mg.main(["--quick", "--f32-dots", "tf32x3"]) == 0
+    out = json.loads((tmp_path / f"mlstm_gpu_{jax.devices()[0].device_kind}_tf32x3.json"
+                      .replace(" ", "_")).read_text())
+    assert out["f32_dots"] == "tf32x3" and out["rows"] == []
+    assert out["checks"] and all(r["ok"] for r in out["checks"])
+    assert ("pallas:triton", "tf32x3") in seen and ("chunk", None) in seen
+    wrong = True
+    assert mg.main(["--quick", "--f32-dots", "tf32x3"]) == 1

@@ -17,6 +17,10 @@
    op's `chunk_size`; impl "pallas:triton"), recorded as impl "pallas[name]"; the chunk is
    otherwise the op's chunk_size (--chunk).
 
+--f32-dots ieee|tf32x3: the check alone, of the Triton kernel (impl="pallas:triton") with its
+float32 products as named (`TritonChunkConfig.f32_dots`), written to
+benchmarks/results/mlstm_gpu_<device>_<f32_dots>.json; no timings.
+
 --quick: tiny shapes, 2 reps, checked against the chunk form only, pallas timed alone (runs in
 interpret mode on a CPU in seconds).
 """
@@ -77,14 +81,14 @@ def _forward(impl, chunk, config=None):
                                         config=config))
 
 
-def check(shapes, chunk, tol, recurrent_up_to=1000) -> list:
+def check(shapes, chunk, tol, recurrent_up_to=1000, impl="pallas", config=None) -> list:
     rows = []
     for s, (B, T, Hk, H, K, V) in enumerate(shapes):
         x, seg = inputs(B, T, Hk, H, K, V, jnp.float32, seed=s)
         rng = np.random.default_rng(100 + s)
         cot = tuple(jnp.asarray(rng.standard_normal(a.shape), jnp.float32)
                     for a in (x["v"], x["C0"], x["n0"], x["m0"]))
-        (_, (h, S)), g = _fwd_bwd("pallas", chunk, cot)(x, seg)
+        (_, (h, S)), g = _fwd_bwd(impl, chunk, cot, config)(x, seg)
         for ref in ("chunk",) + (("recurrent",) if T <= recurrent_up_to else ()):
             (_, (rh, rS)), rg = _fwd_bwd(ref, chunk, cot)(x, seg)
             errs = {"h": rel(h, rh),
@@ -155,6 +159,8 @@ def main(argv=None) -> int:
     p.add_argument("--tol", type=float, default=1e-4, help="float32 relative-error bound")
     p.add_argument("--sweep", nargs="*", default=None, metavar="NAME",
                    help=f"also time these kernel configs (all if none named): {', '.join(SWEEP)}")
+    p.add_argument("--f32-dots", choices=("ieee", "tf32x3"), default=None,
+                   help="check only the Triton kernel with these float32 products")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 2 reps")
     a = p.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes]
@@ -165,15 +171,23 @@ def main(argv=None) -> int:
     sweep = list(SWEEP) if a.sweep == [] else (a.sweep or [])
     dev = jax.devices()[0].device_kind.replace(" ", "_")
     print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
-    check_rows, rows = check(checks, a.chunk, a.tol, 0 if a.quick else 1000), []
+    kernel = {} if a.f32_dots is None else dict(
+        impl="pallas:triton", config=TritonChunkConfig(f32_dots=a.f32_dots,
+                                                       interpret=True if a.quick else None))
+    check_rows, rows = check(checks, a.chunk, a.tol, 0 if a.quick else 1000, **kernel), []
+    tag = f"_{a.f32_dots}" if a.f32_dots else ""
     save = lambda: common.write_json(
-        f"mlstm_gpu_{dev}.json", rows, checks=check_rows, check_tol=a.tol, quick=a.quick,
+        f"mlstm_gpu_{dev}{tag}.json", rows, checks=check_rows, check_tol=a.tol, quick=a.quick,
+        f32_dots=a.f32_dots,
         floor="max(HBM bytes / copy bandwidth, FLOPs / float32 matmul rate), both measured")
     if not all(r["ok"] for r in check_rows):
         save()
         print("FAILED: impl='pallas' disagrees with the XLA forms (see FAIL lines above)",
               file=sys.stderr)
         return 1
+    if a.f32_dots:
+        print(f"wrote {save()}")
+        return 0
     ceil = common.measure_ceilings(*((1 << 22, 256) if a.quick else ()))
     impls = ["pallas"] if a.quick else ["pallas", "chunk"]
     time_shapes(shapes, a.heads, a.dim, a.chunk, a.reps, impls, sweep, rows, save, ceil)
