@@ -277,17 +277,22 @@ for s in "$@"; do case $s in
     # the state-tracking cells at the config's (the authors') training, results apart; with
     # 3 at once on an H100 (session 35) DeltaNet parity ran its 20,000 steps in ~1,010 s; in
     # session 36, 3 at once, DeltaNet modular arithmetic went from 31,000 to 54,000 of its
-    # 100,000 steps in 1,177 s and the Mamba parity cells to 10,000 of 20,000 in ~1,140 s. The
-    # three are checkpointed under experiments/results/protocols/authors_training/state_tracking/
-    # <cell>/checkpoints (ignored by git): carry one per call (14 / 17 / 17 MB) and it resumes.
-    # The first launch takes modular arithmetic (carried) with the mLSTM and Transformer cells,
-    # which start from 0; later calls launch the Mamba cells (PROTO_JOBS), each carrying its own.
+    # 100,000 steps in 1,177 s and the Mamba parity cells to 10,000 of 20,000 in ~1,140 s; in
+    # session 38, 4 at once, parity Mamba [-1, 1] its last 10,000 steps in 1,024 s, mLSTM and the
+    # Transformer all 20,000 in 777 / 522 s, modular arithmetic 54,000 -> 78,000 in 767 s. Cut
+    # cells are checkpointed under experiments/results/protocols/authors_training/state_tracking/
+    # <cell>/checkpoints (ignored by git): carry one per call (14-17 MB; the tree is ~48 of the
+    # 64 MiB a call takes) and it resumes. The first launch takes modular arithmetic DeltaNet
+    # [-1, 1] (carried, at 78,000) with the other modular arithmetic cells from 0; a later call
+    # launches parity Mamba [0, 1] (PROTO_JOBS), carrying its checkpoint (10,000).
     O="--out={out}/authors_training"
     jobs="state_tracking|^modular_arithmetic-deltanet_11|$O|6G|float32
-state_tracking|^parity-mlstm|$O|6G|float32
-state_tracking|^parity-transformer|$O|6G|float32
-state_tracking|^parity-mamba_11|$O|14G|float32
+state_tracking|^modular_arithmetic-deltanet_01|$O|6G|float32
+state_tracking|^modular_arithmetic-mamba_11|$O|14G|float32
+state_tracking|^modular_arithmetic-mlstm|$O|6G|float32
+state_tracking|^modular_arithmetic-transformer|$O|6G|float32
 state_tracking|^parity-mamba_01|$O|14G|float32
+state_tracking|^modular_arithmetic-mamba_01|$O|14G|float32
 mqar|^linear_attention-d512-T256|$A|20G|tensorfloat32
 mqar|^linear_attention-d64-T256|$Z --set=model.impl=auto|6G|tensorfloat32
 mqar|^gla-d64-T256|$Z --set=model.impl=auto|6G|tensorfloat32
