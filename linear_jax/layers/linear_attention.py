@@ -92,13 +92,15 @@ class LinearAttention(QKVMixer):
         return o.astype(dtype), {"state": S}
 
     def _mix_prefix(self, q, k, v, S0, dtype):
-        """The prefix's final state read by every prefix query, then the recurrence after it."""
+        """The prefix's final state (S0 + its k v^T, one product) read by every prefix query,
+        then the recurrence after it."""
         P, scale = self.prefix, q.shape[-1] ** -0.5
-        run = lambda a, b, c, S: recurrence("linear_attention", a, b, c, normalize=False,
-                                            scale=scale, initial_state=S, **dict(self.op_kw))
-        _, S = run(q[:, :P], k[:, :P], v[:, :P], S0)
+        S = S0 + jnp.einsum("bshk,bshv->bhkv", k[:, :P], v[:, :P],
+                            preferred_element_type=jnp.float32)
         o = jnp.einsum("bthk,bhkv->bthv", q[:, :P].astype(jnp.float32) * scale, S)
         if q.shape[1] > P:
-            rest, S = run(q[:, P:], k[:, P:], v[:, P:], S)
+            rest, S = recurrence("linear_attention", q[:, P:], k[:, P:], v[:, P:],
+                                 normalize=False, scale=scale, initial_state=S,
+                                 **dict(self.op_kw))
             o = jnp.concatenate([o, rest.astype(jnp.float32)], axis=1)
         return o.astype(dtype), {"state": S}
