@@ -387,6 +387,8 @@ def run_cell(configs, deadline=None) -> list[tuple[dict, bool]]:
 
 
 def record(protocol, cell, lr, result, workdir: str) -> dict:
+    # the rate the run trained at, swept or not (a `--set=train.lr=...` run reads as such)
+    lr = result["config"]["train"]["lr"] if lr is None else lr
     row = {"cell": cell, "lr": lr, "params": result["params"], "steps": result["step"],
            "of": result["config"]["train"]["steps"], "partial": result.get("partial", False),
            "seconds": None if result["seconds"] is None else round(result["seconds"], 1),

@@ -147,6 +147,14 @@ def test_deltaproduct_householder_steps_reach_the_layer():
 
 
 @pytest.mark.smoke
+def test_a_rate_set_on_the_command_line_is_the_rate_the_table_names(tmp_path):
+    """Without a sweep the row's lr is the config's, so a `--set=train.lr=...` run says so."""
+    argv = ["--protocol=icl_regression", "--quick", f"--out={tmp_path}", "--set=train.lr=0.0042"]
+    (row,) = paper_protocols.main(argv)["cells"]
+    assert row["lr"] == pytest.approx(0.0042)
+    assert "| 0.0042 |" in (tmp_path / "icl_regression" / "icl_regression.md").read_text()
+
+
 def test_a_cells_learning_rates_train_together_and_are_reused(tmp_path):
     args = paper_protocols.parse_args(["--protocol=mqar", "--quick", f"--out={tmp_path}"])
     module = paper_protocols.importlib.import_module("experiments.configs.paper_mqar")
