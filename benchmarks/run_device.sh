@@ -284,11 +284,15 @@ for s in "$@"; do case $s in
     # <cell>/checkpoints (ignored by git): carry one per call (14-17 MB; the tree is ~48 of the
     # 64 MiB a call takes) and it resumes. The first launch takes modular arithmetic DeltaNet
     # [-1, 1] (carried, at 78,000) with the other modular arithmetic cells from 0; a later call
-    # launches parity Mamba [0, 1] (PROTO_JOBS), carrying its checkpoint (10,000).
+    # launches parity Mamba [0, 1] (PROTO_JOBS), carrying its checkpoint (10,000). The 3-layer
+    # in-context regression cell at 50,000 steps and two rates is small (T = 11) and queues in the
+    # fourth slot: on the CPU 10,000 steps took ~48 min, on the GPU far less.
     O="--out={out}/authors_training"
     jobs="state_tracking|^modular_arithmetic-deltanet_11|$O|6G|float32
 state_tracking|^modular_arithmetic-deltanet_01|$O|6G|float32
 state_tracking|^modular_arithmetic-mamba_11|$O|14G|float32
+icl_regression|^lsa-3layers-bidir|--steps=50000 --set=train.lr=1e-3 --out={out}/icl_regression_50k_lr1e-3|3G|float32
+icl_regression|^lsa-3layers-bidir|--steps=50000 --set=train.lr=3e-3 --out={out}/icl_regression_50k_lr3e-3|3G|float32
 state_tracking|^modular_arithmetic-mlstm|$O|6G|float32
 state_tracking|^modular_arithmetic-transformer|$O|6G|float32
 state_tracking|^parity-mamba_01|$O|14G|float32
