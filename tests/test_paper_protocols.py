@@ -155,6 +155,7 @@ def test_a_rate_set_on_the_command_line_is_the_rate_the_table_names(tmp_path):
     assert "| 0.0042 |" in (tmp_path / "icl_regression" / "icl_regression.md").read_text()
 
 
+@pytest.mark.smoke
 def test_a_cells_learning_rates_train_together_and_are_reused(tmp_path):
     args = paper_protocols.parse_args(["--protocol=mqar", "--quick", f"--out={tmp_path}"])
     module = paper_protocols.importlib.import_module("experiments.configs.paper_mqar")
